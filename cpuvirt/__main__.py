@@ -1,0 +1,3 @@
+from cpuvirt.cli import main
+
+raise SystemExit(main())
