@@ -1,0 +1,132 @@
+"""The `cpuvirt` command (DESIGN.md section 6).
+
+Exit status: the guest's debug-exit value; 124 instruction budget exhausted; 125 triple fault; 126
+halted forever; 2 usage or input error (one line, no traceback); 1 internal error.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from cpuvirt import __version__
+from cpuvirt.errors import CpuvirtError
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text.replace("_", ""), 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, status 2
+        self.exit(2, f"cpuvirt: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="cpuvirt", description="Run x86 guests under every classic CPU-virtualization technique.")
+    p.add_argument("--version", action="version", version=f"cpuvirt {__version__}")
+    sub = p.add_subparsers(dest="verb", required=True, parser_class=_Parser)
+
+    r = sub.add_parser("run", help="run a guest (bundled name or Multiboot image path)")
+    r.add_argument("guest")
+    r.add_argument("--mode", default="native", help="native (default); trap, full, para, hw are planned")
+    r.add_argument("--mem", type=_int, default=32, metavar="MiB", help="guest RAM in MiB (default 32)")
+    r.add_argument("--trace", metavar="FILE", help="write an exit trace (JSON Lines, cpuvirt-trace/1)")
+    r.add_argument("--max-insns", type=_int, default=None, metavar="N",
+                   help="instruction budget (default 1e9; 0 = unlimited); outcome 'budget', status 124")
+    r.add_argument("--append", default="", metavar="CMDLINE", help="kernel command line")
+    r.add_argument("--quiet", "-q", action="store_true", help="no summary on stderr")
+
+    sub.add_parser("guests", help="list the bundled guests")
+    b = sub.add_parser("build", help="assemble the bundled guests into Multiboot images")
+    b.add_argument("--out", default=None, help="output directory (default guests/build)")
+
+    t = sub.add_parser("trace", help="read exit traces")
+    tsub = t.add_subparsers(dest="trace_verb", required=True, parser_class=_Parser)
+    ts = tsub.add_parser("show", help="print a trace readably")
+    ts.add_argument("file")
+    ts.add_argument("--kind", action="append", help="only events of this kind (repeatable)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except CpuvirtError as e:
+        print(f"cpuvirt: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cpuvirt: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 1
+    except Exception as e:  # an internal error is still one line unless asked for more
+        if os.environ.get("CPUVIRT_DEBUG"):
+            raise
+        print(f"cpuvirt: internal error: {type(e).__name__}: {e} (set CPUVIRT_DEBUG=1 for a traceback)",
+              file=sys.stderr)
+        return 1
+
+
+def _dispatch(args) -> int:
+    if args.verb == "run":
+        return _run(args)
+    if args.verb == "guests":
+        from cpuvirt.toolchain.build import list_guests
+        for g in list_guests():
+            pv = "  [pv build]" if g.has_pv else ""
+            print(f"{g.name:<12} {g.description}{pv}")
+        return 0
+    if args.verb == "build":
+        from cpuvirt.toolchain.build import build_all
+        for path in build_all(args.out):
+            print(path)
+        return 0
+    if args.verb == "trace":
+        from cpuvirt.trace.show import show
+        show(args.file, sys.stdout, kinds=args.kind)
+        return 0
+    raise CpuvirtError(f"unknown verb {args.verb}")
+
+
+def _run(args) -> int:
+    from cpuvirt.runner import DEFAULT_MAX_INSNS, run_guest
+
+    stdout = sys.stdout.buffer
+
+    def console(byte: int) -> None:
+        stdout.write(bytes((byte,)))
+        if byte == 10:
+            stdout.flush()
+
+    max_insns = DEFAULT_MAX_INSNS if args.max_insns is None else args.max_insns
+    if max_insns < 0:
+        raise CpuvirtError("--max-insns must be >= 0")
+    res = run_guest(args.guest, args.mode, args.mem, max_insns, args.trace, console, args.append)
+    stdout.flush()
+    if not args.quiet:
+        print(format_summary(res), file=sys.stderr)
+    return res.status
+
+
+def format_summary(res) -> str:
+    from cpuvirt.machine.clock import TSC_HZ
+    lines = [f"cpuvirt: {res.guest} under {res.mode}: {res.outcome}, status {res.status}"
+             + (f" ({res.message})" if res.message and res.outcome != "exit" else "")]
+    us = res.icount * 1_000_000 / TSC_HZ
+    lines.append(f"  virtual time   {res.icount:,} cycles = instructions retired ({us:,.1f} us at 1 GHz)")
+    ev = ", ".join(f"{k} {v}" for k, v in res.counts.items()) or "none"
+    lines.append(f"  events         {ev}")
+    m = res.mmu
+    lines.append(f"  memory         {m['fills']} TLB fills, {m['walks']} walks ({m['walk_refs']} refs), "
+                 f"{m['faults']} faults, {m['unbacked']} unbacked")
+    mips = res.icount / res.wall_s / 1e6 if res.wall_s > 0 else 0.0
+    lines.append(f"  wall time      {res.wall_s:.3f} s ({mips:,.1f} MIPS)")
+    if res.vga:
+        lines.append("  VGA text at exit:")
+        lines.extend("    | " + row for row in res.vga.splitlines())
+    return "\n".join(lines)

@@ -1,0 +1,169 @@
+"""Event delivery through the guest IDT, done by cpuvirt because Unicorn never does it.
+
+SDM Vol. 3A chapter 6: interrupt and trap gates (6.11, 6.12.1), the privilege check for `int n`
+(6.12.1.1), the stack switch through the TSS on a privilege change (6.12.1, 7.2.1), error codes
+(6.13), and the double-fault / triple-fault rules of table 6-5 (6.15, interrupt 8).
+"""
+from __future__ import annotations
+
+import struct
+from enum import IntEnum
+
+from cpuvirt.cpu import regs as R
+from cpuvirt.memory.mmu import GuestPageFault
+
+
+class Vector(IntEnum):
+    DE = 0; DB = 1; NMI = 2; BP = 3; OF = 4; BR = 5; UD = 6; NM = 7; DF = 8
+    TS = 10; NP = 11; SS = 12; GP = 13; PF = 14; MF = 16; AC = 17; MC = 18; XM = 19
+
+
+MNEMONIC = {v.value: "#" + v.name for v in Vector}
+HAS_ERROR_CODE = frozenset((8, 10, 11, 12, 13, 14, 17))
+CONTRIBUTORY = frozenset((0, 10, 11, 12, 13))
+
+GATE_TASK, GATE_INT32, GATE_TRAP32 = 0x5, 0xE, 0xF
+
+
+class DeliveryFault(Exception):
+    """Delivering an event raised another exception (SDM table 6-5 decides what follows)."""
+
+    def __init__(self, vector: int, error_code: int = 0, cr2: int | None = None):
+        super().__init__(f"{MNEMONIC.get(vector, vector)} during delivery")
+        self.vector, self.error_code, self.cr2 = vector, error_code, cr2
+
+
+class TripleFault(Exception):
+    """A fault while delivering #DF: the processor shuts down (the run ends `triple_fault`)."""
+
+
+class Unsupported(Exception):
+    """An architectural feature cpuvirt does not implement yet (named in the message)."""
+
+
+def _is_double_fault(first: int, second: int) -> bool:
+    if first == Vector.PF:
+        return second == Vector.PF or second in CONTRIBUTORY
+    return first in CONTRIBUTORY and second in CONTRIBUTORY
+
+
+class EventDelivery:
+    """Pushes the frame and loads CS:EIP (and SS:ESP) the way the CPU would, then returns."""
+
+    def __init__(self, uc, regs: R.Regs, mmu):
+        self.uc = uc
+        self.regs = regs
+        self.mmu = mmu
+
+    def deliver(self, vector: int, return_eip: int, error_code: int | None = None,
+                soft: bool = False, external: bool = False) -> int:
+        """Deliver one event, applying the #DF and triple-fault rules; returns the vector delivered."""
+        try:
+            self._deliver(vector, return_eip, error_code, soft, external)
+            return vector
+        except DeliveryFault as f:
+            if vector == Vector.DF:
+                raise TripleFault(f"{MNEMONIC.get(f.vector, f.vector)} while delivering #DF") from None
+            if f.cr2 is not None:
+                self.regs.write(R.CR2, f.cr2)
+            if _is_double_fault(vector, f.vector):
+                return self.deliver(Vector.DF, return_eip, 0)
+            return self.deliver(f.vector, return_eip, f.error_code if f.vector in HAS_ERROR_CODE else None)
+
+    # -- one delivery attempt ----------------------------------------------------------------------
+    def _read(self, gva: int, size: int) -> bytes:
+        try:
+            return self.mmu.read_linear(gva, size, user=False)
+        except GuestPageFault as pf:
+            raise DeliveryFault(Vector.PF, pf.error_code, pf.gva) from None
+
+    def _descriptor(self, selector: int, ext: int) -> tuple[int, int]:
+        _, base, limit, _ = self.regs.table(R.LDTR if selector & 4 else R.GDTR)
+        index = selector & ~7
+        if index == 0 and not selector & 4:
+            raise DeliveryFault(Vector.GP, ext)
+        if index + 7 > limit:
+            raise DeliveryFault(Vector.GP, (selector & ~3) | ext)
+        return struct.unpack("<II", self._read(base + index, 8))
+
+    def _deliver(self, vector: int, return_eip: int, error_code: int | None, soft: bool, external: bool):
+        regs = self.regs
+        ext = 1 if external else 0
+        _, idt_base, idt_limit, _ = regs.table(R.IDTR)
+        if vector * 8 + 7 > idt_limit:
+            raise DeliveryFault(Vector.GP, vector * 8 + 2 + ext)
+        lo, hi = struct.unpack("<II", self._read(idt_base + vector * 8, 8))
+        gate_type = (hi >> 8) & 0x1F
+        gate_dpl = (hi >> 13) & 3
+        cpl = regs.read(R.CS) & 3
+        if gate_type not in (GATE_INT32, GATE_TRAP32):
+            if gate_type == GATE_TASK and hi & 0x8000:
+                raise Unsupported(f"task gate at IDT vector {vector} (hardware task switch)")
+            raise DeliveryFault(Vector.GP, vector * 8 + 2 + ext)
+        if soft and gate_dpl < cpl:
+            raise DeliveryFault(Vector.GP, vector * 8 + 2)
+        if not hi & 0x8000:
+            raise DeliveryFault(Vector.NP, vector * 8 + 2 + ext)
+        selector = lo >> 16
+        offset = (lo & 0xFFFF) | (hi & 0xFFFF0000)
+        dlo, dhi = self._descriptor(selector, ext)
+        if not (dhi >> 11) & 1 or not (dhi >> 12) & 1:       # must be a code segment
+            raise DeliveryFault(Vector.GP, (selector & ~3) | ext)
+        code_dpl = (dhi >> 13) & 3
+        if code_dpl > cpl:
+            raise DeliveryFault(Vector.GP, (selector & ~3) | ext)
+        if not dhi & 0x8000:
+            raise DeliveryFault(Vector.NP, (selector & ~3) | ext)
+        conforming = (dhi >> 10) & 1
+        new_cpl = cpl if conforming else code_dpl
+
+        eflags = regs.read(R.EFLAGS)
+        old_cs = regs.read(R.CS)
+        frame = [return_eip, old_cs, eflags]                 # pushed in this order: EIP lowest
+        if new_cpl < cpl:
+            tr_sel, tss_base, tss_limit, _ = regs.table(R.TR)
+            slot = 4 + 8 * new_cpl
+            if slot + 5 > tss_limit:
+                raise DeliveryFault(Vector.TS, (tr_sel & ~3) | ext)
+            new_esp, new_ss = struct.unpack("<IH", self._read(tss_base + slot, 6))
+            if new_ss & ~3 == 0:
+                raise DeliveryFault(Vector.TS, ext)
+            frame += [regs.read(R.ESP), regs.read(R.SS)]
+            esp = new_esp
+        else:
+            new_ss = None
+            esp = regs.read(R.ESP)
+        if error_code is not None:
+            frame.insert(0, error_code)
+        data = struct.pack(f"<{len(frame)}I", *frame)
+        esp = (esp - len(data)) & 0xFFFFFFFF
+        try:
+            self.mmu.write_linear(esp, data, user=False)
+        except GuestPageFault as pf:
+            raise DeliveryFault(Vector.PF, pf.error_code, pf.gva) from None
+
+        new_flags = eflags & ~(R.EFLAGS_TF | R.EFLAGS_NT | R.EFLAGS_RF | R.EFLAGS_VM)
+        if gate_type == GATE_INT32:
+            new_flags &= ~R.EFLAGS_IF
+        if new_ss is not None:
+            self.load_stack_segment(new_ss & ~3 | new_cpl, cpl, new_cpl)
+        regs.write(R.ESP, esp)
+        if (old_cs & ~3) != (selector & ~3) or new_cpl != cpl:
+            regs.write(R.CS, (selector & ~3) | new_cpl)
+        regs.write(R.EFLAGS, new_flags)
+        regs.write(R.EIP, offset)
+
+    def load_stack_segment(self, ss: int, cpl: int, new_cpl: int) -> None:
+        """Load SS for a more privileged ring from a hook.
+
+        The engine checks SS.RPL against the current CPL, which is still the old one; with CR0.PE
+        cleared for a moment the load is a real-mode one that sets CPL 0, and the protected-mode
+        reload that follows gives SS its real descriptor (UNICORN-NOTES.md, "Going back to ring 0").
+        """
+        regs = self.regs
+        if new_cpl < cpl:
+            cr0 = regs.read(R.CR0)
+            regs.write(R.CR0, cr0 & ~0x80000001)
+            regs.write(R.SS, ss)
+            regs.write(R.CR0, cr0)
+        regs.write(R.SS, ss)

@@ -1,0 +1,97 @@
+"""What Unicorn keeps inside its saved context that cpuvirt needs, and the escalation workaround.
+
+Unicorn never marks a fault handed to a hook as delivered (unicorn issue #1883): the second
+contributory fault in one Uc arrives as #DF and the third silently ends emulation. The fix is to
+clear QEMU's `old_exception` in the CPU state after each fault we deliver ourselves, through
+context_save/context_restore. The same saved state also holds the fault's `error_code` and whether it
+came from `int n` (`exception_is_int`), which the hook is not told.
+
+The offsets of those fields in the context blob depend on the Unicorn build, so they are found once
+per process by running two tiny probes and diffing the blobs (never hard-coded).
+"""
+from __future__ import annotations
+
+import ctypes
+import struct
+from dataclasses import dataclass
+from functools import lru_cache
+
+from unicorn import UC_ARCH_X86, UC_HOOK_INTR, UC_MODE_32, Uc
+from unicorn import x86_const as X
+
+
+@dataclass(frozen=True)
+class ContextLayout:
+    error_code: int
+    exception_is_int: int
+    old_exception: int
+    size: int
+
+
+def _blob(ctx) -> bytes:
+    return bytes(ctypes.string_at(ctx.context, ctx.size))
+
+
+def _fault_blob(code: bytes) -> tuple[bytes, bytes]:
+    """Run `code` at CPL 0 on a flat GDT; return the context before and inside the INTR hook."""
+    uc = Uc(UC_ARCH_X86, UC_MODE_32)
+    uc.mem_map(0, 0x10000)
+    gdt = b"\0" * 8 + struct.pack("<QQ", 0x00CF9A000000FFFF, 0x00CF92000000FFFF)
+    uc.mem_write(0x1000, gdt)
+    uc.reg_write(X.UC_X86_REG_GDTR, (0, 0x1000, len(gdt) - 1, 0))
+    uc.reg_write(X.UC_X86_REG_CS, 0x08)
+    uc.reg_write(X.UC_X86_REG_SS, 0x10)
+    uc.reg_write(X.UC_X86_REG_ESP, 0x8000)
+    uc.mem_write(0x2000, code)
+    before = _blob(uc.context_save())
+    seen = {}
+
+    def hook(u, intno, _):
+        seen["blob"] = _blob(u.context_save())
+        u.emu_stop()
+
+    uc.hook_add(UC_HOOK_INTR, hook)
+    uc.emu_start(0x2000, 0x2000 + len(code) + 16)
+    return before, seen["blob"]
+
+
+@lru_cache(maxsize=1)
+def context_layout() -> ContextLayout:
+    # mov ax, 0x1234; mov ds, ax  -> #GP(0x1234): error_code 0x1234, old_exception 13, is_int 0
+    b0, gp = _fault_blob(bytes.fromhex("66b83412" "8ed8"))
+    # int 0x30 -> is_int 1, error_code 0, old_exception untouched
+    _, soft = _fault_blob(bytes.fromhex("cd30"))
+    ints = lambda b, i: struct.unpack_from("<i", b, i)[0]
+    err = [i for i in range(0, len(b0) - 3, 4) if ints(gp, i) == 0x1234 and ints(b0, i) == 0 and ints(soft, i) == 0]
+    isint = [i for i in range(0, len(b0) - 3, 4) if ints(soft, i) == 1 and ints(gp, i) == 0 and ints(b0, i) == 0]
+    old = [i for i in range(0, len(b0) - 3, 4) if ints(b0, i) == -1 and ints(gp, i) == 13 and ints(soft, i) == -1]
+    # exception_is_int sits right after error_code in QEMU's CPUX86State (EAX also holds 0x1234).
+    err = [i for i in err if i + 4 in isint]
+    if len(err) != 1 or len(old) != 1:
+        raise RuntimeError(f"cannot locate fault fields in this Unicorn's context (candidates {err} {isint} {old})")
+    return ContextLayout(err[0], err[0] + 4, old[0], len(b0))
+
+
+class FaultState:
+    """Per-Uc access to the in-flight fault's details, reusing one context buffer."""
+
+    __slots__ = ("uc", "layout", "_ctx")
+
+    def __init__(self, uc):
+        self.uc = uc
+        self.layout = context_layout()
+        self._ctx = uc.context_save()
+
+    def take(self) -> tuple[int, bool]:
+        """Return (error_code, from_int_n) of the fault being handled, and mark it delivered."""
+        ctx = self._ctx
+        self.uc.context_update(ctx)
+        addr = ctypes.cast(ctx.context, ctypes.c_void_p).value
+        lay = self.layout
+        error_code = ctypes.c_int32.from_address(addr + lay.error_code).value & 0xFFFFFFFF
+        is_int = ctypes.c_int32.from_address(addr + lay.exception_is_int).value != 0
+        slot = ctypes.c_int32.from_address(addr + lay.old_exception)
+        if slot.value != -1:
+            slot.value = -1
+            self.uc.context_restore(ctx)
+        return error_code, is_int

@@ -1,0 +1,63 @@
+"""Guest register access straight through libunicorn.
+
+The Python wrapper's reg_read/reg_write cost about 1.8 us each; calling uc_reg_read/uc_reg_write
+through ctypes costs about 0.5 us (UNICORN-NOTES.md, "Costs"). Exit paths are mostly register
+traffic, so every handler reads through this class and only what it needs.
+"""
+from __future__ import annotations
+
+import ctypes
+
+from unicorn import x86_const as X
+from unicorn.unicorn_py3 import unicorn as _ucmod
+
+_uclib = _ucmod.uclib
+
+EAX, ECX, EDX, EBX = X.UC_X86_REG_EAX, X.UC_X86_REG_ECX, X.UC_X86_REG_EDX, X.UC_X86_REG_EBX
+ESP, EBP, ESI, EDI = X.UC_X86_REG_ESP, X.UC_X86_REG_EBP, X.UC_X86_REG_ESI, X.UC_X86_REG_EDI
+EIP, EFLAGS = X.UC_X86_REG_EIP, X.UC_X86_REG_EFLAGS
+CS, SS, DS, ES, FS, GS = (X.UC_X86_REG_CS, X.UC_X86_REG_SS, X.UC_X86_REG_DS, X.UC_X86_REG_ES,
+                          X.UC_X86_REG_FS, X.UC_X86_REG_GS)
+CR0, CR2, CR3, CR4 = X.UC_X86_REG_CR0, X.UC_X86_REG_CR2, X.UC_X86_REG_CR3, X.UC_X86_REG_CR4
+GDTR, IDTR, LDTR, TR = X.UC_X86_REG_GDTR, X.UC_X86_REG_IDTR, X.UC_X86_REG_LDTR, X.UC_X86_REG_TR
+
+# The eight general registers in ModRM / exit-qualification order (SDM Vol. 3C table 28-3).
+GPR_ORDER = (EAX, ECX, EDX, EBX, ESP, EBP, ESI, EDI)
+GPR_NAMES = ("eax", "ecx", "edx", "ebx", "esp", "ebp", "esi", "edi")
+
+EFLAGS_CF, EFLAGS_TF, EFLAGS_IF, EFLAGS_DF = 1 << 0, 1 << 8, 1 << 9, 1 << 10
+EFLAGS_IOPL, EFLAGS_NT, EFLAGS_RF, EFLAGS_VM = 3 << 12, 1 << 14, 1 << 16, 1 << 17
+
+
+class Regs:
+    """Fast scalar register access for one Uc; table registers (GDTR, TR...) go through the wrapper."""
+
+    __slots__ = ("uc", "_h", "_buf", "_pbuf", "_rr", "_rw")
+
+    def __init__(self, uc):
+        self.uc = uc
+        self._h = uc._uch
+        self._buf = ctypes.c_uint64()
+        self._pbuf = ctypes.byref(self._buf)
+        self._rr = _uclib.uc_reg_read
+        self._rw = _uclib.uc_reg_write
+
+    def read(self, reg: int) -> int:
+        self._rr(self._h, reg, self._pbuf)
+        return self._buf.value
+
+    def write(self, reg: int, value: int) -> None:
+        self._buf.value = value & 0xFFFFFFFF
+        if self._rw(self._h, reg, self._pbuf):
+            # Segment loads can fail (the engine checks the descriptor); surface that as an error.
+            raise RuntimeError(f"engine refused register write {reg}={value:#x}")
+
+    def cpl(self) -> int:
+        return self.read(CS) & 3
+
+    def table(self, reg: int) -> tuple[int, int, int, int]:
+        """(selector, base, limit, flags) of GDTR, IDTR, LDTR or TR."""
+        return self.uc.reg_read(reg)
+
+    def set_table(self, reg: int, value: tuple[int, int, int, int]) -> None:
+        self.uc.reg_write(reg, value)

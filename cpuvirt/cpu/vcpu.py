@@ -1,0 +1,265 @@
+"""The virtual CPU's life in one loop: enter the guest, see why it stopped, dispatch, repeat.
+
+Exits that need no stop (I/O, exceptions, `int n`, rdtsc) are handled inside Unicorn's hooks, so they
+cost a hook call and not a stop/restart (~4 us). The engine stops only for a refused TLB fill (a page
+fault), the clock's deadline (timer interrupts, budget), `hlt`, and the end of the run.
+"""
+from __future__ import annotations
+
+import ctypes
+import time
+from collections import Counter
+
+from unicorn import (UC_HOOK_INSN, UC_HOOK_INSN_INVALID, UC_HOOK_INTR, UC_HOOK_TLB_FILL, UcError)
+from unicorn import x86_const as X
+from unicorn.unicorn_py3 import unicorn as _ucmod
+
+from cpuvirt.cpu import regs as R
+from cpuvirt.cpu.events import MNEMONIC, EventDelivery, TripleFault, Unsupported, Vector
+from cpuvirt.cpu.quirks import FaultState
+from cpuvirt.machine.clock import NEVER
+
+EXIT_BUDGET, EXIT_TRIPLE_FAULT, EXIT_HALTED, EXIT_ERROR = 124, 125, 126, 1
+POLL_INSNS = 1000   # while an interrupt waits for IF=1, look again this often (instructions)
+_RDTSC_CB = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
+
+
+class Outcome:
+    __slots__ = ("kind", "status", "message")
+
+    def __init__(self, kind: str, status: int, message: str = ""):
+        self.kind, self.status, self.message = kind, status, message
+
+
+class Vcpu:
+    def __init__(self, machine, trace=None, max_insns: int = 0):
+        self.m = machine
+        self.uc = machine.uc
+        self.regs = machine.regs
+        self.mmu = machine.mmu
+        self.clock = machine.clock
+        self.delivery = EventDelivery(self.uc, self.regs, self.mmu)
+        self.faults = FaultState(self.uc)
+        self.trace = trace
+        self.budget = max_insns or NEVER
+        self.outcome: Outcome | None = None
+        self.counts: Counter = Counter()
+        self._disasm = None
+        self._insn_cache: dict[tuple[int, bytes], str] = {}
+        self.error: BaseException | None = None
+
+    # -- the run loop --------------------------------------------------------------------------------
+    def run(self, entry: int) -> Outcome:
+        uc, regs, clock = self.uc, self.regs, self.clock
+        eip = entry
+        while self.outcome is None:
+            clock.arm(self._next_deadline())
+            try:
+                uc.emu_start(eip, 0)
+                stopped_by_fault = False
+            except UcError as e:
+                stopped_by_fault = True
+                engine_error = e
+            if self.error is not None:
+                raise self.error
+            if self.outcome is not None:
+                break
+            eip = regs.read(R.EIP)
+            if stopped_by_fault:
+                pending = self.mmu.take_pending()
+                if pending is None:
+                    self.finish("error", EXIT_ERROR, f"engine error at {eip:#x}: {engine_error}")
+                elif pending.unbacked_fetch:
+                    self.finish("error", EXIT_ERROR,
+                                f"guest fetched code from unbacked memory at {pending.gva:#x}")
+                else:
+                    self.page_fault(pending.gva, pending.access, pending.error_code, eip)
+            elif clock.expired():
+                self.on_deadline(eip)
+            else:
+                self.on_hlt(eip)
+            eip = regs.read(R.EIP)
+        return self.outcome
+
+    def finish(self, kind: str, status: int, message: str = "") -> None:
+        if self.outcome is None:
+            self.outcome = Outcome(kind, status, message)
+            self.uc.emu_stop()
+
+    def _next_deadline(self) -> int:
+        d = self.m.pit.next_deadline()
+        d = NEVER if d is None else d
+        if self.m.pic.pending_vector() is not None:
+            d = min(d, self.clock.now + POLL_INSNS)
+        return min(d, self.budget)
+
+    # -- time: timer interrupts, budget, hlt -------------------------------------------------------
+    def on_deadline(self, eip: int) -> None:
+        if self.clock.now >= self.budget:
+            self.finish("budget", EXIT_BUDGET, f"instruction budget of {self.budget} exhausted")
+            return
+        self.m.pit.update()
+        self.inject_pending_interrupt(eip)
+
+    def inject_pending_interrupt(self, eip: int) -> bool:
+        pic = self.m.pic
+        if pic.pending_vector() is None or not self.regs.read(R.EFLAGS) & R.EFLAGS_IF:
+            return False
+        vector = pic.acknowledge()
+        self.record("interrupt", f"IRQ vector {vector:#x}", vector, eip, {}, "delivered through the guest IDT")
+        self.deliver(vector, eip, external=True)
+        return True
+
+    def on_hlt(self, eip: int) -> None:
+        hlt_eip = (eip - 1) & 0xFFFFFFFF
+        if_set = self.regs.read(R.EFLAGS) & R.EFLAGS_IF
+        self.record("hlt", "HLT", None, hlt_eip, {"if": bool(if_set)}, "idle until the next interrupt")
+        if not if_set:
+            self.finish("halted", EXIT_HALTED, f"hlt at {hlt_eip:#x} with interrupts disabled: nothing can wake the CPU")
+            return
+        if self.inject_pending_interrupt(eip):
+            return
+        deadline = self.m.pit.next_deadline()
+        if deadline is None or deadline >= self.budget:
+            if deadline is None:
+                self.finish("halted", EXIT_HALTED, f"hlt at {hlt_eip:#x} with no timer armed: nothing can wake the CPU")
+            else:
+                self.finish("budget", EXIT_BUDGET, f"instruction budget of {self.budget} exhausted while halted")
+            return
+        self.clock.now = max(self.clock.now, deadline)
+        self.m.pit.update()
+        if not self.inject_pending_interrupt(eip):
+            self.finish("halted", EXIT_HALTED, f"hlt at {hlt_eip:#x}: the timer fired but its IRQ is masked")
+
+    # -- faults and interrupts ---------------------------------------------------------------------
+    def page_fault(self, gva: int, access: int, error_code: int, eip: int) -> None:
+        self.regs.write(R.CR2, gva)
+        self.record("page_fault", "#PF", 14, eip,
+                    {"cr2": f"{gva:#x}", "error_code": error_code, "access": ("read", "write", "fetch")[access],
+                     "fault": "true"}, "delivered #PF through the guest IDT")
+        self.deliver(Vector.PF, eip, error_code)
+
+    def deliver(self, vector: int, return_eip: int, error_code: int | None = None,
+                soft: bool = False, external: bool = False) -> None:
+        try:
+            self.delivery.deliver(vector, return_eip, error_code, soft, external)
+        except TripleFault as tf:
+            self.record("exception", "TRIPLE_FAULT", None, return_eip, {"why": str(tf)}, "shutdown")
+            self.finish("triple_fault", EXIT_TRIPLE_FAULT, f"triple fault at {return_eip:#x}: {tf}")
+        except Unsupported as u:
+            self.finish("error", EXIT_ERROR, f"unsupported at {return_eip:#x}: {u}")
+
+    def hook_intr(self, uc, intno, _data):
+        """Every exception and `int n` the engine raises (it never delivers them itself)."""
+        try:
+            error_code, soft = self.faults.take()
+            eip = self.regs.read(R.EIP)
+            if soft or intno in (Vector.BP, Vector.OF):
+                # int n / int3 / into: EIP is already past the instruction; no error code.
+                insn_len = 1 if intno == Vector.BP and not soft else 2
+                name = f"int {intno:#x}" if soft else MNEMONIC.get(intno, str(intno))
+                self.record("exception" if not soft else "trap", name, intno, eip - insn_len,
+                            {"vector": intno, "software": soft}, "delivered through the guest IDT")
+                self.deliver(intno, eip, soft=soft)
+            else:
+                ec = error_code if intno in (8, 10, 11, 12, 13, 14, 17) else None
+                detail = {"vector": intno} if ec is None else {"vector": intno, "error_code": ec}
+                self.record("exception", MNEMONIC.get(intno, f"vector {intno}"), intno, eip, detail,
+                            "delivered through the guest IDT")
+                self.deliver(intno, eip, ec)
+        except BaseException as e:   # never let an exception unwind through the engine
+            self.error = e
+            uc.emu_stop()
+
+    def hook_invalid(self, uc, _data) -> bool:
+        try:
+            eip = self.regs.read(R.EIP)
+            self.record("exception", "#UD", 6, eip, {"vector": 6}, "delivered through the guest IDT")
+            self.deliver(Vector.UD, eip)
+        except BaseException as e:
+            self.error = e
+            uc.emu_stop()
+        return True
+
+    # -- devices -----------------------------------------------------------------------------------
+    def hook_in(self, uc, port, size, _data):
+        if self.outcome is not None:
+            return 0
+        try:
+            value = self.m.bus.read(port, size)
+            if self.trace is not None or True:
+                self.counts["io"] += 1
+                if self.trace is not None:
+                    self._io_event(port, size, "in", value)
+            return value
+        except BaseException as e:
+            self.error = e
+            uc.emu_stop()
+            return 0
+
+    def hook_out(self, uc, port, size, value, _data):
+        if self.outcome is not None:
+            return
+        try:
+            self.counts["io"] += 1
+            if self.trace is not None:
+                self._io_event(port, size, "out", value)
+            self.m.bus.write(port, size, value)
+        except BaseException as e:
+            self.error = e
+            uc.emu_stop()
+
+    def _io_event(self, port, size, direction, value):
+        eip = self._io_eip()
+        self.trace.event(self.clock.now, self.regs.cpl(), "io", direction.upper(), None, eip,
+                         self.insn_at(eip), {"port": f"{port:#x}", "size": size, "value": f"{value:#x}"},
+                         "emulated by the device model")
+
+    def _io_eip(self) -> int:
+        return self.regs.read(R.EIP)
+
+    def rdtsc(self, _uc, _data) -> int:
+        now = self.clock.now
+        self.regs.write(R.EAX, now & 0xFFFFFFFF)
+        self.regs.write(R.EDX, (now >> 32) & 0xFFFFFFFF)
+        return 1
+
+    # -- hooks -------------------------------------------------------------------------------------
+    def install_hooks(self) -> None:
+        uc = self.uc
+        uc.hook_add(UC_HOOK_TLB_FILL, self.mmu.fill)
+        uc.hook_add(UC_HOOK_INTR, self.hook_intr)
+        uc.hook_add(UC_HOOK_INSN_INVALID, self.hook_invalid)
+        uc.hook_add(UC_HOOK_INSN, self.hook_in, None, 1, 0, X.UC_X86_INS_IN)
+        uc.hook_add(UC_HOOK_INSN, self.hook_out, None, 1, 0, X.UC_X86_INS_OUT)
+        self._rdtsc_cb = _RDTSC_CB(self.rdtsc)
+        self._rdtsc_hook = ctypes.c_size_t()
+        err = _ucmod.uclib.uc_hook_add(uc._uch, ctypes.byref(self._rdtsc_hook), UC_HOOK_INSN,
+                                       ctypes.cast(self._rdtsc_cb, ctypes.c_void_p), None,
+                                       ctypes.c_uint64(1), ctypes.c_uint64(0), ctypes.c_int(X.UC_X86_INS_RDTSC))
+        if err:
+            raise RuntimeError(f"cannot hook rdtsc (uc error {err})")
+
+    # -- recording -----------------------------------------------------------------------------------
+    def record(self, kind: str, reason: str, code, eip: int, detail: dict, action: str) -> None:
+        self.counts[kind] += 1
+        if self.trace is not None:
+            self.trace.event(self.clock.now, self.regs.cpl(), kind, reason, code, eip, self.insn_at(eip),
+                             detail, action)
+
+    def insn_at(self, eip: int) -> str:
+        code = self.mmu.fetch_bytes(eip, 15)
+        if code is None:
+            return "(not mapped)"
+        text = self._insn_cache.get((eip, code))
+        if text is None:
+            if self._disasm is None:
+                from capstone import CS_ARCH_X86, CS_MODE_32, Cs
+                self._disasm = Cs(CS_ARCH_X86, CS_MODE_32)
+            for _, _, mnem, ops in self._disasm.disasm_lite(code, eip, 1):
+                text = f"{mnem} {ops}".strip()
+                break
+            else:
+                text = "(bad)"
+            self._insn_cache[(eip, code)] = text
+        return text

@@ -1,0 +1,94 @@
+"""Deterministic virtual time, driven by guest execution only (DESIGN.md section 2).
+
+The rate: one guest instruction retired is one cycle of a 1 GHz virtual CPU (TSC_HZ). Instructions
+are counted per translated block by a C block hook (_vclock.c); `hlt` jumps time forward to the next
+timer deadline. The PIT derives its 1.193182 MHz from the same count, so every run of the same image
+and options sees the same interrupts at the same instructions.
+"""
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+
+from unicorn import UC_HOOK_BLOCK
+from unicorn.unicorn_py3 import unicorn as _ucmod
+
+TSC_HZ = 1_000_000_000
+NEVER = (1 << 64) - 1
+
+_COUNT_CB = ctypes.CFUNCTYPE(ctypes.c_uint32, ctypes.c_uint64, ctypes.c_uint32)
+
+
+class _Entry(ctypes.Structure):
+    _fields_ = [("key", ctypes.c_uint64), ("count", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
+
+
+class _State(ctypes.Structure):
+    """Mirror of vclock_t in _vclock.c (checked against vclock_sizeof at load)."""
+
+    _fields_ = [
+        ("now", ctypes.c_uint64), ("deadline", ctypes.c_uint64), ("blocks", ctypes.c_uint64),
+        ("last_block", ctypes.c_uint64), ("last_count", ctypes.c_uint64), ("misses", ctypes.c_uint64),
+        ("stopped", ctypes.c_uint32), ("pad", ctypes.c_uint32),
+        ("emu_stop", ctypes.c_void_p), ("count_cb", ctypes.c_void_p),
+        ("table", _Entry * (1 << 16)),
+    ]
+
+
+def _lib():
+    spec = importlib.util.find_spec("cpuvirt.machine._vclock")
+    if spec is None or spec.origin is None:
+        raise RuntimeError("cpuvirt's C clock hook is not built: run `pip install -e .` again")
+    lib = ctypes.CDLL(spec.origin)
+    lib.vclock_sizeof.restype = ctypes.c_size_t
+    if lib.vclock_sizeof() != ctypes.sizeof(_State):
+        raise RuntimeError("cpuvirt's C clock hook does not match clock.py: rebuild with `pip install -e .`")
+    return lib
+
+
+class VirtualClock:
+    """The guest's clock; `count_block(address, size)` tells how many instructions a new block holds."""
+
+    def __init__(self, uc, count_block):
+        lib = _lib()
+        self._state = _State()
+        self._state.deadline = NEVER
+        self._state.emu_stop = ctypes.cast(_ucmod.uclib.uc_emu_stop, ctypes.c_void_p).value
+        self._count_cb = _COUNT_CB(count_block)  # kept alive as long as the clock
+        self._state.count_cb = ctypes.cast(self._count_cb, ctypes.c_void_p).value
+        self._hook = ctypes.c_size_t()
+        err = _ucmod.uclib.uc_hook_add(
+            uc._uch, ctypes.byref(self._hook), UC_HOOK_BLOCK,
+            ctypes.cast(lib.vclock_block_hook, ctypes.c_void_p),
+            ctypes.cast(ctypes.pointer(self._state), ctypes.c_void_p),
+            ctypes.c_uint64(1), ctypes.c_uint64(0))
+        if err:
+            raise RuntimeError(f"cannot install the clock hook (uc error {err})")
+
+    @property
+    def now(self) -> int:
+        return self._state.now
+
+    @now.setter
+    def now(self, value: int) -> None:
+        self._state.now = value
+
+    @property
+    def deadline(self) -> int:
+        return self._state.deadline
+
+    def arm(self, deadline: int) -> None:
+        """Stop the engine at the first block boundary at or after `deadline`."""
+        self._state.deadline = deadline
+        self._state.stopped = 0
+
+    def expired(self) -> bool:
+        return bool(self._state.stopped)
+
+    @property
+    def blocks(self) -> int:
+        return self._state.blocks
+
+    @property
+    def new_blocks(self) -> int:
+        return self._state.misses

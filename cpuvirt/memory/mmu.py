@@ -1,0 +1,182 @@
+"""The memory-translation module: Unicorn's TLB-fill hook is its single entry (DESIGN.md section 4).
+
+Unicorn (UC_TLB_VIRTUAL) asks, once per page and access kind until a flush, which host-physical frame
+and permissions back a linear address. `Mmu` answers through a *strategy* (the guest walk over a p2m
+in native mode; shadow paging, direct paging and EPT in the other modes), so the walk itself is
+written once (walk.py). A refused fill is remembered here and becomes a guest #PF (or, in hw mode, a
+VM exit) in the run loop.
+
+Execute permission is granted only to frames the guest has fetched from ("lazy W^X"): Unicorn makes
+every store to an executable page take a slow path (~10x, UNICORN-NOTES.md "Performance traps").
+Stores to a page that has served fetches still go through QEMU's code-page tracking, so
+self-modifying code is caught.
+"""
+from __future__ import annotations
+
+from unicorn import UC_PROT_EXEC, UC_PROT_READ, UC_PROT_WRITE
+
+from cpuvirt.cpu import regs as R
+from cpuvirt.memory.p2m import UNBACKED_HPA, P2m
+from cpuvirt.memory.types import CR0_PG, Access
+from cpuvirt.memory.walk import Fault, walk
+
+PAGE = 0x1000
+PAGE_MASK = ~0xFFF & 0xFFFFFFFF
+_RW = UC_PROT_READ | UC_PROT_WRITE
+
+
+class GuestPageFault(Exception):
+    """A guest-linear access made by the hypervisor itself (event delivery) faulted."""
+
+    def __init__(self, gva: int, error_code: int):
+        super().__init__(f"#PF at {gva:#x} error {error_code:#x}")
+        self.gva = gva
+        self.error_code = error_code
+
+
+class PendingFault:
+    __slots__ = ("gva", "access", "error_code", "unbacked_fetch")
+
+    def __init__(self, gva, access, error_code, unbacked_fetch=False):
+        self.gva, self.access, self.error_code, self.unbacked_fetch = gva, access, error_code, unbacked_fetch
+
+
+class MmuCounters:
+    __slots__ = ("fills", "walks", "walk_refs", "faults", "unbacked")
+
+    def __init__(self):
+        self.fills = self.walks = self.walk_refs = self.faults = self.unbacked = 0
+
+    def as_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.__slots__}
+
+
+class GuestWalk:
+    """Native strategy: the guest's own page tables over a flat p2m (no hypervisor in between)."""
+
+    def __init__(self, mmu: "Mmu"):
+        self.mmu = mmu
+
+    def gva_to_gpa(self, gva, access, user, side_effects=True):
+        m = self.mmu
+        regs = m.regs
+        cr0 = regs.read(R.CR0)
+        if not cr0 & CR0_PG:
+            return gva, True
+        t = walk(gva, access, user, cr0, regs.read(R.CR3), regs.read(R.CR4),
+                 m.read_gpa32, m.write_gpa32 if side_effects else None)
+        c = m.counters
+        c.walks += 1
+        c.walk_refs += t.refs
+        if type(t) is Fault:
+            return None, t.error_code
+        return t.gpa, (t.writable and (t.dirty or access == Access.WRITE))
+
+
+class Mmu:
+    def __init__(self, uc, regs: R.Regs, p2m: P2m):
+        self.uc = uc
+        self.regs = regs
+        self.p2m = p2m
+        self.strategy = GuestWalk(self)
+        self.counters = MmuCounters()
+        self.code_frames: set[int] = set()   # host frames that have served a fetch (lazy W^X)
+        self.pending: PendingFault | None = None
+        self.unbacked_seen: set[int] = set()  # guest-physical pages reported as unbacked
+        self.on_unbacked = None               # callback(gpa) once per page
+
+    # -- guest-physical access for walkers (GPA -> HPA, never outside RAM) --------------------
+    def read_gpa32(self, gpa: int) -> int:
+        hpa = self.p2m.gpa_to_hpa(gpa)
+        if hpa is None:
+            return 0xFFFFFFFF
+        return int.from_bytes(self.uc.mem_read(hpa, 4), "little")
+
+    def write_gpa32(self, gpa: int, value: int) -> None:
+        hpa = self.p2m.gpa_to_hpa(gpa)
+        if hpa is not None:
+            self.uc.mem_write(hpa, value.to_bytes(4, "little"))
+
+    # -- the TLB-fill hook -----------------------------------------------------------------------
+    def fill(self, uc, vaddr, access, entry, _data) -> bool:
+        acc = access - 16  # UC_MEM_READ=16, WRITE=17, FETCH=18 -> Access
+        self.counters.fills += 1
+        user = (self.regs.read(R.CS) & 3) == 3
+        gpa, ok = self.strategy.gva_to_gpa(vaddr, acc, user)
+        if gpa is None:
+            self.counters.faults += 1
+            self.pending = PendingFault(vaddr, acc, ok)
+            return False
+        hpa = self.p2m.gpa_to_hpa(gpa & PAGE_MASK)
+        if hpa is None:
+            self._note_unbacked(gpa)
+            if acc == Access.FETCH:
+                self.pending = PendingFault(vaddr, acc, 0, unbacked_fetch=True)
+                return False
+            entry.paddr = UNBACKED_HPA
+            entry.perms = _RW
+            return True
+        perms = UC_PROT_READ | UC_PROT_WRITE if ok else UC_PROT_READ
+        if acc == Access.FETCH:
+            self.code_frames.add(hpa)
+            perms |= UC_PROT_EXEC
+        elif hpa in self.code_frames:
+            perms |= UC_PROT_EXEC
+        entry.paddr = hpa
+        entry.perms = perms
+        return True
+
+    def _note_unbacked(self, gpa: int) -> None:
+        self.counters.unbacked += 1
+        page = gpa & PAGE_MASK
+        if page not in self.unbacked_seen:
+            self.unbacked_seen.add(page)
+            if self.on_unbacked:
+                self.on_unbacked(page)
+
+    def take_pending(self) -> PendingFault | None:
+        p, self.pending = self.pending, None
+        return p
+
+    # -- linear access by the hypervisor (event delivery, disassembly) ----------------------------
+    def gva_to_hpa(self, gva: int, access: int, user: bool, side_effects: bool = True) -> int | None:
+        """Host-physical address of a guest-linear byte, or raise GuestPageFault; None = unbacked."""
+        gpa, ok = self.strategy.gva_to_gpa(gva, access, user, side_effects)
+        if gpa is None:
+            raise GuestPageFault(gva, ok)
+        if access == Access.WRITE and not ok and side_effects:
+            # A read-only translation: the walk already decided whether this write may go ahead.
+            gpa2, ok2 = self.strategy.gva_to_gpa(gva, Access.WRITE, user, side_effects)
+            if gpa2 is None:
+                raise GuestPageFault(gva, ok2)
+        return self.p2m.gpa_to_hpa(gpa)
+
+    def read_linear(self, gva: int, size: int, user: bool = False, side_effects: bool = True) -> bytes:
+        out = bytearray()
+        while size:
+            n = min(size, PAGE - (gva & 0xFFF))
+            hpa = self.gva_to_hpa(gva, Access.READ, user, side_effects)
+            out += b"\xff" * n if hpa is None else self.uc.mem_read(hpa, n)
+            gva = (gva + n) & 0xFFFFFFFF
+            size -= n
+        return bytes(out)
+
+    def write_linear(self, gva: int, data: bytes, user: bool = False) -> None:
+        # Translate every page first, so that a fault leaves memory untouched (as the CPU's pushes do).
+        chunks = []
+        off = 0
+        while off < len(data):
+            n = min(len(data) - off, PAGE - (gva & 0xFFF))
+            chunks.append((self.gva_to_hpa(gva, Access.WRITE, user), off, n))
+            gva = (gva + n) & 0xFFFFFFFF
+            off += n
+        for hpa, off, n in chunks:
+            if hpa is not None:
+                self.uc.mem_write(hpa, data[off:off + n])
+
+    def fetch_bytes(self, gva: int, size: int) -> bytes | None:
+        """Code bytes at a linear address without side effects (disassembly, block counting)."""
+        try:
+            return self.read_linear(gva, size, user=False, side_effects=False)
+        except GuestPageFault:
+            return None

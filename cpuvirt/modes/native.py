@@ -1,0 +1,22 @@
+"""Mode `native`: the guest kernel at ring 0 on the bare simulated PC, with no hypervisor between.
+
+It is the reference every other mode is compared with, for console output and for speed: the guest's
+own page tables are walked over a flat p2m, devices are reached through I/O hooks, and events go
+through the guest's IDT exactly as the CPU would deliver them.
+"""
+from __future__ import annotations
+
+from cpuvirt.cpu.vcpu import Vcpu
+
+
+class NativeMode:
+    name = "native"
+    description = "ring 0 on the bare simulated PC (the reference)"
+
+    def __init__(self, machine, trace=None, max_insns: int = 0):
+        self.machine = machine
+        self.vcpu = Vcpu(machine, trace=trace, max_insns=max_insns)
+        self.vcpu.install_hooks()
+
+    def run(self, entry: int):
+        return self.vcpu.run(entry)

@@ -1,0 +1,115 @@
+"""One run of one guest under one mode: load, boot, run, summarise. Used by the CLI and the tests."""
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass, field
+
+from cpuvirt.errors import CpuvirtError, MultibootError
+from cpuvirt.loader.multiboot import MULTIBOOT_BOOTLOADER_MAGIC, build_boot_info, check_fits, load_image
+from cpuvirt.machine.machine import MAX_MEM_MIB, MIN_MEM_MIB, Machine
+from cpuvirt.machine.vga import render_text
+from cpuvirt.modes import get_mode
+from cpuvirt.trace.format import TraceWriter
+from cpuvirt.cpu import regs as R
+
+BOOT_GDT_GPA = 0x500   # BIOS data area: free at Multiboot entry, below anything a loader places
+DEFAULT_MAX_INSNS = 1_000_000_000
+
+
+@dataclass
+class RunResult:
+    guest: str
+    mode: str
+    outcome: str
+    status: int
+    message: str
+    console: bytes
+    icount: int
+    counts: dict
+    mmu: dict
+    wall_s: float
+    vga: str = ""
+    unhandled_ports: list = field(default_factory=list)
+
+
+def resolve_guest(guest: str, mode: str) -> tuple[str, bytes]:
+    """A bundled guest's name, or a path to a Multiboot image -> (display name, image bytes)."""
+    if os.sep in guest or guest.endswith((".elf", ".bin", ".img")) or os.path.exists(guest):
+        try:
+            with open(guest, "rb") as f:
+                return os.path.basename(guest), f.read()
+        except OSError as e:
+            raise CpuvirtError(f"{guest}: {e.strerror}") from None
+    from cpuvirt.toolchain.build import build_guest
+    return guest, build_guest(guest, pv=(mode == "para"))
+
+
+def run_guest(guest: str, mode: str = "native", mem_mib: int = 32, max_insns: int = DEFAULT_MAX_INSNS,
+              trace_path: str | None = None, console=None, cmdline: str = "") -> RunResult:
+    mode_cls = get_mode(mode)
+    if not MIN_MEM_MIB <= mem_mib <= MAX_MEM_MIB:
+        raise CpuvirtError(f"--mem must be between {MIN_MEM_MIB} and {MAX_MEM_MIB} MiB (got {mem_mib})")
+    name, data = resolve_guest(guest, mode)
+    image = load_image(data, name)
+    check_fits(image, mem_mib << 20)
+    boot = build_boot_info(image, mem_mib << 20, cmdline)
+
+    out = bytearray()
+    exit_value = []
+    unhandled = []
+
+    def on_console(byte: int) -> None:
+        out.append(byte)
+        if console is not None:
+            console(byte)
+
+    trace_file = open(trace_path, "w", encoding="utf-8") if trace_path else None
+    try:
+        trace = None
+        if trace_file:
+            trace = TraceWriter(trace_file, name, hashlib.sha256(data).hexdigest(), mode,
+                                {"mem_mib": mem_mib, "max_insns": max_insns, "cmdline": cmdline})
+        machine = Machine(mem_mib, on_console=on_console, on_exit=None, on_unhandled_io=None)
+        hv = mode_cls(machine, trace=trace, max_insns=max_insns)
+        vcpu = hv.vcpu
+
+        def on_exit(value: int) -> None:
+            exit_value.append(value)
+            vcpu.record("io", "DEBUG_EXIT", None, vcpu.regs.read(R.EIP), {"port": "0xf4", "value": value},
+                        "machine powered off")
+            vcpu.finish("exit", value)
+
+        def on_unhandled(port, size, is_write, value) -> None:
+            unhandled.append(port)
+            eip = vcpu.regs.read(R.EIP)
+            vcpu.record("unhandled_io", "OUT" if is_write else "IN", None, eip,
+                        {"port": f"{port:#x}", "size": size}, "ignored (reads all-ones); reported once per port")
+
+        machine.debug_exit.on_exit = on_exit
+        machine.bus.on_unhandled = on_unhandled
+        machine.mmu.on_unbacked = lambda gpa: vcpu.record(
+            "unbacked_memory", "UNBACKED", None, vcpu.regs.read(R.EIP), {"gpa": f"{gpa:#x}"},
+            "reads all-ones, writes dropped; reported once per page")
+
+        for gpa, blob in image.segments:
+            machine.write_gpa(gpa, blob)
+        for gpa, blob in boot.blobs:
+            machine.write_gpa(gpa, blob)
+        machine.set_flat_protected_mode(BOOT_GDT_GPA)
+        machine.regs.write(R.EAX, MULTIBOOT_BOOTLOADER_MAGIC)
+        machine.regs.write(R.EBX, boot.address)
+
+        t0 = time.perf_counter()
+        outcome = hv.run(image.entry)
+        wall = time.perf_counter() - t0
+        counts = dict(sorted(vcpu.counts.items()))
+        if trace:
+            trace.footer(outcome.kind, outcome.status, machine.clock.now, counts, wall)
+        vga = render_text(machine.vga_text())
+        return RunResult(name, mode, outcome.kind, outcome.status, outcome.message, bytes(out),
+                         machine.clock.now, counts, machine.mmu.counters.as_dict(), wall, vga, unhandled)
+    finally:
+        if trace_file:
+            trace_file.close()

@@ -1,0 +1,29 @@
+"""`cpuvirt trace show`: one readable line per event, with the instruction that caused it."""
+from __future__ import annotations
+
+from cpuvirt.trace.format import read_trace
+
+
+def _detail(d: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in d.items())
+
+
+def show(path: str, out, kinds=None) -> None:
+    t = read_trace(path)
+    h = t.header
+    out.write(f"# {h.get('guest')} under {h.get('mode')} (cpuvirt {h.get('cpuvirt')}, "
+              f"image sha256 {str(h.get('image_sha256'))[:16]}...)\n")
+    out.write(f"{'seq':>6} {'icount':>12} cpl {'kind':<13} {'reason':<18} {'eip':>10}  {'instruction':<28} detail -> action\n")
+    for e in t.events:
+        if kinds and e["kind"] not in kinds:
+            continue
+        code = "" if e["code"] is None else f"({e['code']})"
+        reason = f"{e['reason']}{code}"
+        out.write(f"{e['seq']:>6} {e['icount']:>12} {e['cpl']:>3} {e['kind']:<13} {reason:<18} {e['eip']:>10}  "
+                  f"{e['insn']:<28} {_detail(e['detail'])} -> {e['action']}\n")
+    f = t.footer
+    if f is None:
+        out.write("# no footer: the run did not finish (the trace is a prefix)\n")
+    else:
+        counts = ", ".join(f"{k} {v}" for k, v in f.get("counts", {}).items())
+        out.write(f"# outcome {f['outcome']}, status {f['status']}, {f['icount']} instructions; {counts}\n")
