@@ -83,7 +83,8 @@ def _dispatch(args) -> int:
         return 0
     if args.verb == "build":
         from cpuvirt.toolchain.build import build_all
-        for path in build_all(args.out):
+        from cpuvirt.toolchain.build import guest_source_dir
+        for path in build_all(args.out or guest_source_dir() / "build"):
             print(path)
         return 0
     if args.verb == "trace":

@@ -13,7 +13,7 @@ from cpuvirt.machine.bus import PortBus
 from cpuvirt.machine.clock import TSC_HZ, VirtualClock
 from cpuvirt.machine.debug_exit import DebugExit
 from cpuvirt.machine.pic import Pic8259Pair
-from cpuvirt.machine.pit import Pit
+from cpuvirt.machine.pit import Pit8254
 from cpuvirt.machine.post import PostPort
 from cpuvirt.machine.uart import Uart16550
 from cpuvirt.memory.mmu import Mmu
@@ -44,14 +44,18 @@ class Machine:
         self.bus = PortBus(on_unhandled=on_unhandled_io)
         self.uart = Uart16550(on_output=on_console)
         self.pic = Pic8259Pair()
-        self.pit = Pit(now=lambda: self.clock.now, tsc_hz=TSC_HZ, raise_irq=self.pic.raise_irq)
+        self.pit = Pit8254(now=lambda: self.clock.now, tsc_hz=TSC_HZ,
+                           raise_irq=self.pic.raise_irq, lower_irq=self.pic.lower_irq)
+        # Guests boot under QEMU after SeaBIOS: start from the state it leaves the PIC and PIT in.
+        self.pic.bios_setup()
+        self.pit.bios_setup()
         self.debug_exit = DebugExit(on_exit=on_exit)
         self.bus.register(COM1, 8, self.uart)
         self.bus.register(PIC_MASTER, 2, self.pic)
         self.bus.register(PIC_SLAVE, 2, self.pic)
         self.bus.register(PIT_PORT, 4, self.pit)
         self.bus.register(POST, 1, PostPort())
-        self.bus.register(DEBUG_EXIT, 4, self.debug_exit)
+        self.bus.register(DEBUG_EXIT, 4, self.debug_exit, wide=True)
         self._insn_counter = None
 
     # -- guest-physical memory ---------------------------------------------------------------------
