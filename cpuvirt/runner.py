@@ -77,13 +77,13 @@ def run_guest(guest: str, mode: str = "native", mem_mib: int = 32, max_insns: in
 
         def on_exit(value: int) -> None:
             exit_value.append(value)
-            vcpu.record("io", "DEBUG_EXIT", None, vcpu.regs.read(R.EIP), {"port": "0xf4", "value": value},
+            vcpu.record("io", "DEBUG_EXIT", None, vcpu.io_site()[0], {"port": "0xf4", "value": value},
                         "machine powered off")
             vcpu.finish("exit", value)
 
         def on_unhandled(port, size, is_write, value) -> None:
             unhandled.append(port)
-            eip = vcpu.regs.read(R.EIP)
+            eip = vcpu.io_site()[0]
             vcpu.record("unhandled_io", "OUT" if is_write else "IN", None, eip,
                         {"port": f"{port:#x}", "size": size}, "ignored (reads all-ones); reported once per port")
 

@@ -21,6 +21,11 @@ from cpuvirt.machine.clock import NEVER
 
 EXIT_BUDGET, EXIT_TRIPLE_FAULT, EXIT_HALTED, EXIT_ERROR = 124, 125, 126, 1
 POLL_INSNS = 1000   # while an interrupt waits for IF=1, look again this often (instructions)
+_IO_MNEMONICS = frozenset(("in", "out", "insb", "insw", "insd", "outsb", "outsw", "outsd"))
+_BLOCK_ENDERS = frozenset(("jmp", "call", "ret", "iret", "iretd", "hlt", "int", "int3", "into", "ljmp", "lcall",
+                           "retf", "sysenter", "syscall", "ud2", "loop", "loope", "loopne", "jecxz")
+                          + tuple("j" + c for c in ("a", "ae", "b", "be", "e", "ne", "g", "ge", "l", "le",
+                                                      "o", "no", "p", "np", "s", "ns")))
 _RDTSC_CB = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
 
 
@@ -47,6 +52,8 @@ class Vcpu:
         self._disasm = None
         self._insn_cache: dict[tuple[int, bytes], str] = {}
         self.error: BaseException | None = None
+        self._io_block, self._io_index = -1, 0
+        self._io_sites: dict = {}
 
     # -- the run loop --------------------------------------------------------------------------------
     def run(self, entry: int) -> Outcome:
@@ -210,13 +217,50 @@ class Vcpu:
             uc.emu_stop()
 
     def _io_event(self, port, size, direction, value):
-        eip = self._io_eip()
+        eip = self.io_site()[0]
         self.trace.event(self.clock.now, self.regs.cpl(), "io", direction.upper(), None, eip,
                          self.insn_at(eip), {"port": f"{port:#x}", "size": size, "value": f"{value:#x}"},
                          "emulated by the device model")
 
-    def _io_eip(self) -> int:
-        return self.regs.read(R.EIP)
+    def io_site(self) -> tuple[int, int]:
+        """(address, length) of the in/out instruction whose hook is running.
+
+        The engine does not update EIP before an I/O hook, so the instruction is found instead in the
+        block now running (the clock hook saw it start): the k-th I/O hook call since the block began
+        belongs to the k-th in/out/ins/outs of the block; a rep-string I/O instruction keeps its place.
+        """
+        clock = self.clock
+        blocks = clock.blocks
+        sites = self._block_io_sites(clock.last_block)
+        if blocks != self._io_block:
+            self._io_block, self._io_index = blocks, 0
+        elif self._io_index < len(sites) - 1 and not sites[self._io_index][2]:
+            self._io_index += 1
+        if not sites:
+            return self.regs.read(R.EIP), 0
+        addr, length, _ = sites[self._io_index]
+        return addr, length
+
+    def _block_io_sites(self, block: int) -> list[tuple[int, int, bool]]:
+        code = self.mmu.fetch_bytes(block, 256) or b""
+        key = (block, code)
+        sites = self._io_sites.get(key)
+        if sites is None:
+            sites = []
+            for addr, size, mnem, _ in self._cs().disasm_lite(code, block):
+                m = mnem.split()[-1]
+                if m in _IO_MNEMONICS:
+                    sites.append((addr, size, mnem.startswith("rep")))
+                if m in _BLOCK_ENDERS:
+                    break
+            self._io_sites[key] = sites
+        return sites
+
+    def _cs(self):
+        if self._disasm is None:
+            from capstone import CS_ARCH_X86, CS_MODE_32, Cs
+            self._disasm = Cs(CS_ARCH_X86, CS_MODE_32)
+        return self._disasm
 
     def rdtsc(self, _uc, _data) -> int:
         now = self.clock.now
@@ -253,10 +297,7 @@ class Vcpu:
             return "(not mapped)"
         text = self._insn_cache.get((eip, code))
         if text is None:
-            if self._disasm is None:
-                from capstone import CS_ARCH_X86, CS_MODE_32, Cs
-                self._disasm = Cs(CS_ARCH_X86, CS_MODE_32)
-            for _, _, mnem, ops in self._disasm.disasm_lite(code, eip, 1):
+            for _, _, mnem, ops in self._cs().disasm_lite(code, eip, 1):
                 text = f"{mnem} {ops}".strip()
                 break
             else:

@@ -1,0 +1,102 @@
+"""The bundled guests: list them, build one, build them all.
+
+A guest is ``guests/NAME.S`` (shared code in ``guests/include/*.inc``). Its first lines carry a
+``# description: one line`` comment. A guest whose source (or an include it uses) tests ``PV`` in a
+conditional has a paravirtualized build as well (``PV`` = 1); every build defines ``PV`` (0 or 1).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from cpuvirt.errors import CpuvirtError
+from cpuvirt.toolchain.assemble import Assembly
+from cpuvirt.toolchain.image import build_image
+from cpuvirt.toolchain.preprocess import Preprocessed, preprocess
+
+_DESCRIPTION_RE = re.compile(r"^\s*#\s*description:\s*(.*?)\s*$", re.I)
+
+
+@dataclass(frozen=True)
+class GuestInfo:
+    name: str
+    description: str
+    has_pv: bool
+    source: Path
+
+
+def guest_source_dir() -> Path:
+    """Where the guest sources are: $CPUVIRT_GUESTS, or ``guests/`` at the top of the repository."""
+    env = os.environ.get("CPUVIRT_GUESTS")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2] / "guests"
+
+
+def include_dir() -> Path:
+    return guest_source_dir() / "include"
+
+
+def _description(path: Path) -> str:
+    with path.open(encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            m = _DESCRIPTION_RE.match(line)
+            if m:
+                return m.group(1)
+            if i >= 20:
+                break
+    return ""
+
+
+def _preprocess(path: Path, pv: bool) -> Preprocessed:
+    return preprocess(path, {"PV": int(pv)}, [include_dir()])
+
+
+def _has_pv(path: Path) -> bool:
+    return any("PV" in _preprocess(path, pv).condition_names for pv in (False, True))
+
+
+def list_guests() -> list[GuestInfo]:
+    """The bundled guests, sorted by name."""
+    d = guest_source_dir()
+    if not d.is_dir():
+        return []
+    return [GuestInfo(p.stem, _description(p), _has_pv(p), p) for p in sorted(d.glob("*.S"))]
+
+
+def _source(name: str) -> Path:
+    path = guest_source_dir() / f"{name}.S"
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", name) or not path.is_file():
+        names = ", ".join(g.name for g in list_guests())
+        raise CpuvirtError(f"unknown guest '{name}' (bundled guests: {names})")
+    return path
+
+
+def assemble_guest(name: str, pv: bool = False) -> tuple[bytes, Assembly]:
+    """Build a bundled guest: (image bytes, the assembly with its symbols and line map)."""
+    path = _source(name)
+    pre = _preprocess(path, pv)
+    if pv and "PV" not in pre.condition_names and not _has_pv(path):
+        raise CpuvirtError(f"guest '{name}' has no paravirtualized build (its source never tests PV)")
+    return build_image(pre.lines)
+
+
+def build_guest(name: str, pv: bool = False) -> bytes:
+    """The Multiboot image of a bundled guest (its PV build with pv=True)."""
+    return assemble_guest(name, pv)[0]
+
+
+def build_all(outdir: Path | str) -> list[Path]:
+    """Write NAME.bin (and NAME.pv.bin for PV-capable guests) into outdir; return the paths."""
+    out = Path(outdir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    for g in list_guests():
+        for pv in (False, True) if g.has_pv else (False,):
+            p = out / f"{g.name}{'.pv' if pv else ''}.bin"
+            p.write_bytes(build_guest(g.name, pv))
+            written.append(p)
+    return written
