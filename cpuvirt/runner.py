@@ -106,7 +106,7 @@ def run_guest(guest: str, mode: str = "native", mem_mib: int = 32, max_insns: in
         wall = time.perf_counter() - t0
         counts = dict(sorted(vcpu.counts.items()))
         if trace:
-            trace.footer(outcome.kind, outcome.status, machine.clock.now, counts, wall)
+            trace.footer(outcome.kind, outcome.status, machine.clock.now, counts)
         vga = render_text(machine.vga_text())
         return RunResult(name, mode, outcome.kind, outcome.status, outcome.message, bytes(out),
                          machine.clock.now, counts, machine.mmu.counters.as_dict(), wall, vga, unhandled)

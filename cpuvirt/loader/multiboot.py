@@ -381,8 +381,13 @@ def _load_elf(data: bytes, offset: int, flags: int, where: str) -> KernelImage:
 
 def _check_placement(image: KernelImage, where: str) -> None:
     """Refuse loading into memory that is not RAM or that the boot information needs."""
-    ranges = [(gpa, gpa + len(blob)) for gpa, blob in image.segments]
-    ranges += [(gpa, gpa + n) for gpa, n in image.bss]
+    ranges = []
+    for start, end in sorted([(gpa, gpa + len(blob)) for gpa, blob in image.segments]
+                             + [(gpa, gpa + n) for gpa, n in image.bss]):
+        if ranges and ranges[-1][1] == start:
+            ranges[-1] = (ranges[-1][0], end)       # a segment's file part and its bss
+        else:
+            ranges.append((start, end))
     for lo, hi, what in _FORBIDDEN:
         for start, end in ranges:
             if start < hi and end > lo:

@@ -9,7 +9,8 @@ What this adds to keystone:
   table of ``.long`` label values, read back and cut off. That gives the line map (address ->
   file:line), the symbol table, and the exact instruction boundaries.
 - Sections: ``.text``, ``.data``/``.rodata`` and ``.bss`` (or ``.section .NAME``). Statements are
-  laid out text, then data, then bss, each in source order. ``.bss`` may hold only labels,
+  laid out text, then data, then bss, each in source order. The current section is per source
+  file and every file starts in ``.text``: an include's sections do not leak into the includer. ``.bss`` may hold only labels,
   ``.align``/``.balign`` and ``.zero``/``.skip``/``.space``; it is not stored in the image (the
   Multiboot loader zeroes it). ``__bss_start`` and ``__bss_end`` label its bounds.
 - Keystone's silent mis-encodings cannot get through (see guests/README.md):
@@ -134,8 +135,9 @@ class Assembly:
 def split_statements(lines: Iterable[SourceLine]) -> list[Statement]:
     """Split lines into statements (``;``-separated), peel labels, classify, rewrite, section them."""
     out: list[Statement] = []
-    section = "text"
+    sections: dict[str, str] = {}  # the current section is per source file; each file starts in .text
     for sl in lines:
+        section = sections.get(sl.file, "text")
         text = strip_comment(sl.text)
         for part in split_top_level(text, ";"):
             part = part.strip()
@@ -153,7 +155,7 @@ def split_statements(lines: Iterable[SourceLine]) -> list[Statement]:
             first = part.split(None, 1)[0].lower()
             rest = part[len(first):].strip()
             if first in _SECTIONS or (first == ".section" and rest.lower() in _SECTIONS):
-                section = _SECTIONS[first if first in _SECTIONS else rest.lower()]
+                section = sections[sl.file] = _SECTIONS[first if first in _SECTIONS else rest.lower()]
                 continue
             if first in _FORBIDDEN_DIRECTIVES:
                 raise GuestBuildError(f"{sl.where}: {first} not allowed: {_FORBIDDEN_DIRECTIVES[first]}")

@@ -1,7 +1,7 @@
 """Exit traces, format cpuvirt-trace/1 (DESIGN.md section 5): JSON Lines written as events happen.
 
 A header line, one line per event, a footer line. Events never hold wall-clock times (they would break
-determinism); the footer's `wall_s` is the only one and readers that compare runs ignore it.
+determinism); not even the footer has one, so two runs give byte-identical traces.
 """
 from __future__ import annotations
 
@@ -33,9 +33,11 @@ class TraceWriter:
                     "detail": detail or {}, "action": action})
         self.seq += 1
 
-    def footer(self, outcome: str, status: int, icount: int, counts: dict, wall_s: float) -> None:
+    def footer(self, outcome: str, status: int, icount: int, counts: dict) -> None:
+        # No wall-clock time here (DESIGN.md puts wall_s in the footer): two runs must give
+        # byte-identical traces, so wall time is only in the run summary on stderr.
         self._line({"type": "footer", "outcome": outcome, "status": status, "icount": icount,
-                    "counts": counts, "wall_s": round(wall_s, 3)})
+                    "counts": counts})
         self.stream.flush()
 
 

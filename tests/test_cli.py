@@ -1,0 +1,92 @@
+"""End to end: the `cpuvirt` command as a user runs it, one test per verb and per documented outcome."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from cpuvirt.cli import main
+
+
+def cpuvirt(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "cpuvirt", *map(str, args)], capture_output=True, timeout=120, **kw)
+
+
+def test_run_hello_prints_console_and_summary():
+    p = cpuvirt("run", "hello")
+    assert p.returncode == 0
+    assert b"PASS hello" in p.stdout
+    assert b"FAIL" not in p.stdout
+    err = p.stderr.decode()
+    assert "hello under native: exit, status 0" in err
+    assert "virtual time" in err and "events" in err and "wall time" in err
+    assert "Hello, VGA text buffer!" in err          # the VGA text buffer is shown at exit
+
+
+def test_guests_lists_every_bundled_guest_once():
+    p = cpuvirt("guests")
+    assert p.returncode == 0
+    names = [line.split()[0] for line in p.stdout.decode().splitlines()]
+    assert "hello" in names and len(names) == len(set(names))
+
+
+def test_build_writes_images(tmp_path):
+    p = cpuvirt("build", "--out", tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "hello.bin").read_bytes()[:0x2000].find(b"\x02\xb0\xad\x1b") >= 0
+
+
+def test_trace_written_and_shown(tmp_path):
+    trace = tmp_path / "run.jsonl"
+    p = cpuvirt("run", "hello", "--trace", trace, "-q")
+    assert p.returncode == 0
+    lines = [json.loads(l) for l in trace.read_text().splitlines()]
+    assert lines[0]["type"] == "header" and lines[0]["format"] == "cpuvirt-trace/1"
+    assert lines[-1]["type"] == "footer" and lines[-1]["outcome"] == "exit"
+    outs = [e for e in lines[1:-1] if e["kind"] == "io" and e["detail"].get("port") == "0x3f8"]
+    assert outs and all(e["insn"].startswith("out") for e in outs)   # each event names its real instruction
+    shown = cpuvirt("trace", "show", trace)
+    assert shown.returncode == 0
+    assert b"out dx, al" in shown.stdout and b"outcome exit" in shown.stdout
+
+
+def test_two_runs_give_byte_identical_traces(tmp_path):
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    for t in (a, b):
+        assert main(["run", "hello", "--trace", str(t), "-q"]) == 0
+    assert a.read_bytes() == b.read_bytes()
+
+
+@pytest.mark.parametrize("guest,status,outcome", [
+    ("spin", 124, "budget"), ("triple", 125, "triple_fault"), ("halt_cli", 126, "halted")])
+def test_documented_outcomes(test_guest, guest, status, outcome):
+    p = cpuvirt("run", test_guest(guest), "--max-insns", "2000000")
+    assert p.returncode == status, p.stderr
+    assert f": {outcome}, status {status}".encode() in p.stderr
+    assert b"Traceback" not in p.stderr
+
+
+def one_line_error(p):
+    assert p.returncode == 2, (p.returncode, p.stderr)
+    err = p.stderr.decode().strip()
+    assert "\n" not in err and "Traceback" not in err and err.startswith("cpuvirt: ")
+    return err
+
+
+def test_bad_inputs_get_one_line(tmp_path):
+    assert "No such file" in one_line_error(cpuvirt("run", tmp_path / "missing.elf"))
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"this is not a kernel" * 100)
+    assert "Multiboot header" in one_line_error(cpuvirt("run", junk))
+    elf = tmp_path / "trunc.elf"
+    hello = cpuvirt("build", "--out", tmp_path)
+    assert hello.returncode == 0
+    elf.write_bytes(b"\x7fELF\x01\x01\x01" + b"\0" * 9 + b"\x02\x00\x03\x00")   # truncated ELF header
+    one_line_error(cpuvirt("run", elf))
+    assert "unknown guest" in one_line_error(cpuvirt("run", "no-such-guest"))
+    assert "unknown mode" in one_line_error(cpuvirt("run", "hello", "--mode", "warp"))
+    assert "not implemented yet" in one_line_error(cpuvirt("run", "hello", "--mode", "hw"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"type": "header", "format": "cpuvirt-trace/1"}\n{not json\n')
+    assert "bad.jsonl:2" in one_line_error(cpuvirt("trace", "show", bad))
+    assert "--mem" in one_line_error(cpuvirt("run", "hello", "--mem", "1"))
