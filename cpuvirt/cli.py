@@ -118,8 +118,8 @@ def format_summary(res) -> str:
     from cpuvirt.machine.clock import TSC_HZ
     lines = [f"cpuvirt: {res.guest} under {res.mode}: {res.outcome}, status {res.status}"
              + (f" ({res.message})" if res.message and res.outcome != "exit" else "")]
-    us = res.icount * 1_000_000 / TSC_HZ
-    lines.append(f"  virtual time   {res.icount:,} cycles = instructions retired ({us:,.1f} us at 1 GHz)")
+    us = res.vtime * 1_000_000 / TSC_HZ
+    lines.append(f"  virtual time   {res.vtime:,} cycles ({us:,.1f} us at 1 GHz); {res.icount:,} instructions retired")
     ev = ", ".join(f"{k} {v}" for k, v in res.counts.items()) or "none"
     lines.append(f"  events         {ev}")
     m = res.mmu

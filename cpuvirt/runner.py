@@ -27,6 +27,7 @@ class RunResult:
     message: str
     console: bytes
     icount: int
+    vtime: int
     counts: dict
     mmu: dict
     wall_s: float
@@ -106,10 +107,10 @@ def run_guest(guest: str, mode: str = "native", mem_mib: int = 32, max_insns: in
         wall = time.perf_counter() - t0
         counts = dict(sorted(vcpu.counts.items()))
         if trace:
-            trace.footer(outcome.kind, outcome.status, machine.clock.now, counts)
+            trace.footer(outcome.kind, outcome.status, machine.clock.instructions, counts)
         vga = render_text(machine.vga_text())
         return RunResult(name, mode, outcome.kind, outcome.status, outcome.message, bytes(out),
-                         machine.clock.now, counts, machine.mmu.counters.as_dict(), wall, vga, unhandled)
+                         machine.clock.instructions, machine.clock.now, counts, machine.mmu.counters.as_dict(), wall, vga, unhandled)
     finally:
         if trace_file:
             trace_file.close()

@@ -20,6 +20,7 @@ from cpuvirt.cpu.quirks import FaultState
 from cpuvirt.machine.clock import NEVER
 
 EXIT_BUDGET, EXIT_TRIPLE_FAULT, EXIT_HALTED, EXIT_ERROR = 124, 125, 126, 1
+IO_CYCLES = 1000    # a port access costs 1 us of virtual time, as an ISA bus cycle does on a PC
 POLL_INSNS = 1000   # while an interrupt waits for IF=1, look again this often (instructions)
 _IO_MNEMONICS = frozenset(("in", "out", "insb", "insw", "insd", "outsb", "outsw", "outsd"))
 _BLOCK_ENDERS = frozenset(("jmp", "call", "ret", "iret", "iretd", "hlt", "int", "int3", "into", "ljmp", "lcall",
@@ -133,7 +134,8 @@ class Vcpu:
             else:
                 self.finish("budget", EXIT_BUDGET, f"instruction budget of {self.budget} exhausted while halted")
             return
-        self.clock.now = max(self.clock.now, deadline)
+        if deadline > self.clock.now:
+            self.clock.advance(deadline - self.clock.now)
         self.m.pit.update()
         if not self.inject_pending_interrupt(eip):
             self.finish("halted", EXIT_HALTED, f"hlt at {hlt_eip:#x}: the timer fired but its IRQ is masked")
@@ -193,11 +195,11 @@ class Vcpu:
         if self.outcome is not None:
             return 0
         try:
+            self.clock.advance(IO_CYCLES)
             value = self.m.bus.read(port, size)
-            if self.trace is not None or True:
-                self.counts["io"] += 1
-                if self.trace is not None:
-                    self._io_event(port, size, "in", value)
+            self.counts["io"] += 1
+            if self.trace is not None:
+                self._io_event(port, size, "in", value)
             return value
         except BaseException as e:
             self.error = e
@@ -208,6 +210,7 @@ class Vcpu:
         if self.outcome is not None:
             return
         try:
+            self.clock.advance(IO_CYCLES)
             self.counts["io"] += 1
             if self.trace is not None:
                 self._io_event(port, size, "out", value)
@@ -218,7 +221,7 @@ class Vcpu:
 
     def _io_event(self, port, size, direction, value):
         eip = self.io_site()[0]
-        self.trace.event(self.clock.now, self.regs.cpl(), "io", direction.upper(), None, eip,
+        self.trace.event(self.clock.instructions, self.regs.cpl(), "io", direction.upper(), None, eip,
                          self.insn_at(eip), {"port": f"{port:#x}", "size": size, "value": f"{value:#x}"},
                          "emulated by the device model")
 
@@ -288,7 +291,7 @@ class Vcpu:
     def record(self, kind: str, reason: str, code, eip: int, detail: dict, action: str) -> None:
         self.counts[kind] += 1
         if self.trace is not None:
-            self.trace.event(self.clock.now, self.regs.cpl(), kind, reason, code, eip, self.insn_at(eip),
+            self.trace.event(self.clock.instructions, self.regs.cpl(), kind, reason, code, eip, self.insn_at(eip),
                              detail, action)
 
     def insn_at(self, eip: int) -> str:

@@ -2,7 +2,7 @@
 
 The rate: one guest instruction retired is one cycle of a 1 GHz virtual CPU (TSC_HZ). Instructions
 are counted per translated block by a C block hook (_vclock.c); `hlt` jumps time forward to the next
-timer deadline. The PIT derives its 1.193182 MHz from the same count, so every run of the same image
+timer deadline, and a port access adds 1 us (IO_CYCLES in vcpu.py), as an ISA bus cycle takes. The PIT derives its 1.193182 MHz from the same count, so every run of the same image
 and options sees the same interrupts at the same instructions.
 """
 from __future__ import annotations
@@ -65,9 +65,21 @@ class VirtualClock:
         if err:
             raise RuntimeError(f"cannot install the clock hook (uc error {err})")
 
+    extra = 0   # cycles that are not instructions: port accesses and time skipped in hlt
+
     @property
     def now(self) -> int:
         return self._state.now
+
+    @property
+    def instructions(self) -> int:
+        """Instructions retired (per block: a block cut short by a fault counts whole)."""
+        return self._state.now - self.extra
+
+    def advance(self, cycles: int) -> None:
+        """Spend virtual time that is not instructions (an I/O bus cycle, an idle hlt)."""
+        self._state.now += cycles
+        self.extra += cycles
 
     @now.setter
     def now(self, value: int) -> None:

@@ -14,7 +14,8 @@ What this adds to keystone:
   ``.align``/``.balign`` and ``.zero``/``.skip``/``.space``; it is not stored in the image (the
   Multiboot loader zeroes it). ``__bss_start`` and ``__bss_end`` label its bounds.
 - Keystone's silent mis-encodings cannot get through (see guests/README.md):
-    * rewritten before keystone sees them: ``push LABEL`` (keystone: FIXUP_INVALID) -> ``68`` + imm32;
+    * rewritten before keystone sees them: ``push IMMEDIATE`` -> ``68`` + imm32 (keystone fails on
+      ``push LABEL`` and encodes ``push 0xFF80``..``push 0xFFFF`` as ``6A xx``, pushing 0xFFFFFFxx);
       ``iret`` -> ``iretd``; ``pushf``/``popf`` -> ``pushfd``/
       ``popfd``; ``push cs|ds|es|ss`` and ``pop ds|es|ss`` -> their one-byte 32-bit opcodes;
       ``jmp SEL:OFF`` / ``ljmp SEL:OFF`` / ``jmp far SEL:OFF`` -> ``EA`` + 32-bit offset + selector;
@@ -23,7 +24,7 @@ What this adds to keystone:
     * verified after assembly: every instruction statement is decoded with capstone; any 0x66
       operand-size prefix on a statement that names no 16-bit operand (``ax``.. or ``word``) is an
       error at its file:line, and so is any 16-bit form of a descriptor-table load/store, far
-      jump or iret.
+      jump or iret, and any ``6A`` (push imm8) left in an instruction statement.
 """
 
 from __future__ import annotations
@@ -65,8 +66,6 @@ _HINTS = [
      "keystone 0.9.2 cannot encode an indirect far jump/call; use `retf` on a pushed CS:EIP, or "
      ".byte 0xFF, 0x2D; .long ADDR (jmp fword ptr [ADDR])"),
     (re.compile(r"\boffset\b", re.I), "keystone rejects `offset`; a bare label is its address: mov eax, label"),
-    (re.compile(r"^\s*push\s+[A-Za-z_.$][\w.$]*\s*$"),
-     "keystone cannot push a label's address; load it into a register and push that"),
     (re.compile(r"^\s*\d+\s*:"), "numeric local labels are not supported; use a unique name"),
     (re.compile(r"\\x"), "keystone does not understand \\x escapes in strings; use octal (\\101)"),
     (re.compile(r"(>>|<<)"),
@@ -194,13 +193,11 @@ _REGISTERS = {
 }
 
 
-def _is_symbolic_immediate(operand: str) -> bool:
-    """An immediate operand naming a symbol (not a register, memory or size keyword)."""
-    if "[" in operand or "ptr" in operand.lower() or operand.startswith(("'", '"')):
+def _is_immediate(operand: str) -> bool:
+    """An immediate operand (a number, symbol or expression: not a register or memory)."""
+    if not operand or "[" in operand or "ptr" in operand.lower():
         return False
     names = _IDENT_RE.findall(re.sub(r"\b(0[xX][0-9a-fA-F]+|\d+)\b", " ", operand))
-    if not names:
-        return False
     return not any(w.lower() in _REGISTERS or w.lower() in ("dword", "word", "byte") for w in names)
 
 
@@ -221,8 +218,9 @@ def _rewrite(st: Statement) -> None:
             sel, off = m.group(1).strip(), m.group(2).strip()
             # keystone: ljmp SEL:OFF = 66 EA off16 sel (a 16-bit far jump); jmp SEL:LABEL is rejected
             st.asm = f".byte 0xEA; .long {off}; .word {sel}"
-    elif mnem == "push" and len(words) >= 2 and _is_symbolic_immediate(text[4:].strip()):
-        # keystone: push LABEL is FIXUP_INVALID; push imm32 is 68 + 4 bytes
+    elif mnem == "push" and len(words) >= 2 and _is_immediate(text[4:].strip()):
+        # keystone: push LABEL is FIXUP_INVALID, and push 0xFF80..0xFFFF becomes 6A xx (push imm8,
+        # sign-extended: it pushes 0xFFFFFFxx). Always emit push imm32: 68 + 4 bytes.
         st.asm = f".byte 0x68; .long {text[4:].strip()}"
     elif mnem in _DESC_TABLE:
         st.fix = "drop66"  # keystone: lgdt etc. get a 66 prefix (24-bit base); removed after assembly
@@ -400,9 +398,14 @@ def check_encodings(asm: Assembly) -> list[str]:
             raw = bytes(insn.bytes)
             pre = _prefixes(raw)
             opcode = raw[len(pre) :]
+            hexb = raw.hex(" ")
+            if opcode[:1] == b"\x6a" and 0x66 not in pre:
+                problems.append(
+                    f"{s.where}: `{s.source}` assembled as {hexb} (push imm8): keystone mis-encodes "
+                    "push 0xFF80..0xFFFF this way; the toolchain should have emitted push imm32"
+                )
             if 0x66 not in pre:
                 continue
-            hexb = raw.hex(" ")
             mn = insn.mnemonic
             if mn in _DESC_TABLE:
                 problems.append(f"{s.where}: `{s.source}` assembled as {hexb}: 16-bit {mn} (24-bit base)")
