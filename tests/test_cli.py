@@ -90,3 +90,12 @@ def test_bad_inputs_get_one_line(tmp_path):
     bad.write_text('{"type": "header", "format": "cpuvirt-trace/1"}\n{not json\n')
     assert "bad.jsonl:2" in one_line_error(cpuvirt("trace", "show", bad))
     assert "--mem" in one_line_error(cpuvirt("run", "hello", "--mem", "1"))
+
+
+def test_fault_storm_every_fault_delivered(test_guest):
+    """Hundreds of faults in one run: the escalation workaround keeps each one a plain fault."""
+    from cpuvirt.runner import run_guest
+    res = run_guest(str(test_guest("fault_storm")))
+    assert res.outcome == "exit" and res.status == 0, (res.message, res.console)
+    assert res.console.count(b"PASS") == 3
+    assert res.counts["exception"] == 400
