@@ -15,6 +15,7 @@ from unicorn import x86_const as X
 from unicorn.unicorn_py3 import unicorn as _ucmod
 
 from cpuvirt.cpu import regs as R
+from cpuvirt.cpu.faultaddr import fault_address
 from cpuvirt.cpu.events import MNEMONIC, EventDelivery, TripleFault, Unsupported, Vector
 from cpuvirt.cpu.quirks import FaultState
 from cpuvirt.machine.clock import NEVER
@@ -81,7 +82,12 @@ class Vcpu:
                     self.finish("error", EXIT_ERROR,
                                 f"guest fetched code from unbacked memory at {pending.gva:#x}")
                 else:
-                    self.page_fault(pending.gva, pending.access, pending.error_code, eip)
+                    gva = pending.gva
+                    if pending.access != 2:   # a data access: the engine gave only its page
+                        gva = fault_address(self.mmu.fetch_bytes(eip, 15), eip, gva & 0xFFFFF000, self.regs)
+                    elif (eip & 0xFFFFF000) == (gva & 0xFFFFF000):
+                        gva = eip             # a fetch faults at the instruction (or its next page)
+                    self.page_fault(gva, pending.access, pending.error_code, eip)
             elif clock.expired():
                 self.on_deadline(eip)
             else:

@@ -1,0 +1,57 @@
+"""The exact linear address of a page fault, for CR2.
+
+Unicorn tells the TLB-fill hook only the page of a refused access. The CPU reports the exact
+linear address (SDM Vol. 3A 4.7), so on that (rare) path the faulting instruction is decoded and
+the addresses it touches are computed from its operands and the registers; the one on the faulting
+page is the answer. An access that straddles into the faulting page faults at that page's first byte.
+"""
+from __future__ import annotations
+
+from capstone import CS_ARCH_X86, CS_MODE_32, Cs
+from capstone.x86 import X86_OP_MEM, X86_REG_INVALID
+
+from cpuvirt.cpu import regs as R
+
+_cs = None
+_CS_REG = {}
+
+
+def _decoder():
+    global _cs
+    if _cs is None:
+        _cs = Cs(CS_ARCH_X86, CS_MODE_32)
+        _cs.detail = True
+        from capstone import x86_const as C
+        _CS_REG.update({C.X86_REG_EAX: R.EAX, C.X86_REG_ECX: R.ECX, C.X86_REG_EDX: R.EDX, C.X86_REG_EBX: R.EBX,
+                        C.X86_REG_ESP: R.ESP, C.X86_REG_EBP: R.EBP, C.X86_REG_ESI: R.ESI, C.X86_REG_EDI: R.EDI})
+    return _cs
+
+
+def fault_address(code: bytes | None, eip: int, page: int, regs: R.Regs) -> int:
+    if not code:
+        return page
+    cs = _decoder()
+    insn = next(cs.disasm(code, eip, 1), None)
+    if insn is None:
+        return page
+    candidates = []
+    for op in insn.operands:
+        if op.type == X86_OP_MEM:
+            m = op.mem
+            ea = m.disp
+            if m.base != X86_REG_INVALID and m.base in _CS_REG:
+                ea += regs.read(_CS_REG[m.base])
+            if m.index != X86_REG_INVALID and m.index in _CS_REG:
+                ea += regs.read(_CS_REG[m.index]) * m.scale
+            candidates.append((ea & 0xFFFFFFFF, op.size or 4))
+    esp = regs.read(R.ESP)
+    # Implicit accesses: the stack (push/pop/call/ret/iret/pushad, event frames) and string operands.
+    candidates += [((esp - d) & 0xFFFFFFFF, 4) for d in (4, 8, 12, 16, 20, 24, 28, 32, 2)]
+    candidates += [(esp, 4), (regs.read(R.ESI), 4), (regs.read(R.EDI), 4)]
+    for ea, size in candidates:
+        if ea & ~0xFFF & 0xFFFFFFFF == page:
+            return ea
+    for ea, size in candidates:
+        if ea & ~0xFFF & 0xFFFFFFFF != page and ((ea + size - 1) & ~0xFFF & 0xFFFFFFFF) == page:
+            return page
+    return page
