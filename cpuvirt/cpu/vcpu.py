@@ -55,6 +55,7 @@ class Vcpu:
         self._insn_cache: dict[tuple[int, bytes], str] = {}
         self.error: BaseException | None = None
         self._io_block, self._io_index = -1, 0
+        self._intr_depth = 0
         self._io_sites: dict = {}
 
     # -- the run loop --------------------------------------------------------------------------------
@@ -166,6 +167,13 @@ class Vcpu:
 
     def hook_intr(self, uc, intno, _data):
         """Every exception and `int n` the engine raises (it never delivers them itself)."""
+        if self._intr_depth:
+            # The engine raised a fault while we were delivering one (known bug: the SS/CS reload
+            # of a ring 3 -> ring 0 delivery inside this hook). End the run cleanly, never recurse.
+            self.finish("error", EXIT_ERROR, f"re-entrant fault (vector {intno}) during event delivery: "
+                        "ring-3 -> ring-0 delivery is a known bug (docs/design.md)")
+            return
+        self._intr_depth += 1
         try:
             error_code, soft = self.faults.take()
             eip = self.regs.read(R.EIP)
@@ -185,6 +193,8 @@ class Vcpu:
         except BaseException as e:   # never let an exception unwind through the engine
             self.error = e
             uc.emu_stop()
+        finally:
+            self._intr_depth -= 1
 
     def hook_invalid(self, uc, _data) -> bool:
         try:

@@ -21,7 +21,10 @@ from __future__ import annotations
 
 import io
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+from elftools.elf.elffile import ELFFile
 
 from cpuvirt.errors import MultibootError
 
@@ -105,7 +108,7 @@ class KernelImage:
     flags: int
     name: str = ""
     kind: str = "elf"
-    """"elf" or "aout-kludge": which spec 3.1.3 layout was used."""
+    """Which layout was loaded: "elf", or "aout-kludge" (the spec 3.1.3 address fields)."""
     header_offset: int = 0
     warnings: list[str] = field(default_factory=list)
     """Things QEMU warns about but boots anyway (for example the ignored video-mode request)."""
@@ -171,7 +174,7 @@ def check_fits(image: KernelImage, mem_bytes: int) -> None:
 
 
 def build_boot_info(image: KernelImage, mem_bytes: int, cmdline: str = "",
-                    modules: list[tuple[bytes, str]] | tuple = ()) -> BootInfo:
+                    modules: Sequence[tuple[bytes, str]] = ()) -> BootInfo:
     """Lay out multiboot_info (spec 3.3) and everything it points to, as QEMU does.
 
     multiboot_info sits at 0x9500 and the memory map at 0x9000 (QEMU's addresses). Above the
@@ -338,7 +341,6 @@ def _load_elf(data: bytes, offset: int, flags: int, where: str) -> KernelImage:
             f"{where}truncated ELF: the program headers ({e_phnum} at offset {e_phoff:#x}) run "
             f"past the end of the file ({len(data)} bytes)")
     try:
-        from elftools.elf.elffile import ELFFile
         elf = ELFFile(io.BytesIO(data))
         entry = elf.header["e_entry"]
         loads = [(seg["p_paddr"], seg["p_offset"], seg["p_filesz"], seg["p_memsz"])

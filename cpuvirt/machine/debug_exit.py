@@ -17,7 +17,7 @@ class DebugExit:
     """Ports 0xF4-0xF7, taking 1-, 2- and 4-byte writes (register it with `wide=True`).
 
     A write stores the value in `value` and calls `on_exit(value & 0xFF)`, the low byte being
-    what a process exit status can carry; the machine stops after the current instruction.
+    what a process exit status can carry. The machine is to stop after the writing instruction.
     """
 
     def __init__(self, on_exit: Callable[[int], None]):

@@ -96,7 +96,7 @@ _tuple_new = tuple.__new__
 _WRITE = int(Access.WRITE)
 _FETCH = int(Access.FETCH)
 _PAGE_MASK = 0xFFFFF000            # bits 31:12 of an entry or of CR3
-_LARGE_MASK = 0xFFFFF000           # bits 31:22 of a 4 MiB PDE
+_LARGE_MASK = 0xFFC00000           # bits 31:22 of a 4 MiB PDE
 _PSE36_BITS = 0x001FE000           # bits 20:13 of a 4 MiB PDE = address bits 39:32
 _PSE36_SHIFT = 32 - 13
 _LARGE_RSVD = 1 << 21              # reserved in a 4 MiB PDE (SDM table 4-4, MAXPHYADDR = 40)
@@ -136,7 +136,7 @@ def walk(gva: int, access: Access, user: bool, cr0: int, cr3: int, cr4: int,
     if pde & PTE_PS and cr4 & CR4_PSE:
         # 4 MiB page: the PDE is the leaf.
         if pde & _LARGE_RSVD:
-            return _fault(PFEC_P | PFEC_RSVD, access, user, cr4, 1)
+            return _fault(PFEC_RSVD, access, user, cr4, 1)
         refs = 1
         large = True
         leaf = rights = pde

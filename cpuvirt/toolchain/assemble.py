@@ -3,28 +3,31 @@
 What this adds to keystone:
 
 - Errors as ``file:line: message``: keystone reports a statement index at best; on failure we find
-  the first failing statement by assembling prefixes (unknown symbols resolved to a dummy value),
+  the first failing statement by assembling prefixes (completed with the labels defined later),
   and name undefined symbols ourselves.
 - An address for every statement: each statement gets a hidden label and the assembler appends a
   table of ``.long`` label values, read back and cut off. That gives the line map (address ->
   file:line), the symbol table, and the exact instruction boundaries.
 - Sections: ``.text``, ``.data``/``.rodata`` and ``.bss`` (or ``.section .NAME``). Statements are
   laid out text, then data, then bss, each in source order. The current section is per source
-  file and every file starts in ``.text``: an include's sections do not leak into the includer. ``.bss`` may hold only labels,
-  ``.align``/``.balign`` and ``.zero``/``.skip``/``.space``; it is not stored in the image (the
-  Multiboot loader zeroes it). ``__bss_start`` and ``__bss_end`` label its bounds.
+  file and every file starts in ``.text``: an include's sections do not leak into the includer.
+  ``.bss`` may hold only labels, ``.align``/``.balign`` and ``.zero``/``.skip``/``.space``; it is not
+  stored in the image (the Multiboot loader zeroes it). ``__bss_start``/``__bss_end`` bound it.
 - Keystone's silent mis-encodings cannot get through (see guests/README.md):
-    * rewritten before keystone sees them: ``push IMMEDIATE`` -> ``68`` + imm32 (keystone fails on
-      ``push LABEL`` and encodes ``push 0xFF80``..``push 0xFFFF`` as ``6A xx``, pushing 0xFFFFFFxx);
-      ``iret`` -> ``iretd``; ``pushf``/``popf`` -> ``pushfd``/
+    * rewritten before keystone sees them: ``iret`` -> ``iretd``; ``pushf``/``popf`` -> ``pushfd``/
       ``popfd``; ``push cs|ds|es|ss`` and ``pop ds|es|ss`` -> their one-byte 32-bit opcodes;
       ``jmp SEL:OFF`` / ``ljmp SEL:OFF`` / ``jmp far SEL:OFF`` -> ``EA`` + 32-bit offset + selector;
+      ``push IMMEDIATE`` -> ``68`` + imm32 (keystone rejects ``push LABEL`` and encodes
+      ``push 0xFF80``..``push 0xFFFF`` as ``6A xx``, which pushes 0xFFFFFFxx); ``[rep] movsd``
+      (rejected: taken for the SSE2 instruction) -> ``[rep] movs dword ptr es:[edi], dword ptr [esi]``;
     * fixed after assembly: ``lgdt/lidt/sgdt/sidt`` lose keystone's 0x66 prefix (the instruction
       moves to the statement's address, a ``nop`` pads the freed byte);
     * verified after assembly: every instruction statement is decoded with capstone; any 0x66
       operand-size prefix on a statement that names no 16-bit operand (``ax``.. or ``word``) is an
       error at its file:line, and so is any 16-bit form of a descriptor-table load/store, far
       jump or iret, and any ``6A`` (push imm8) left in an instruction statement.
+- Never a keystone ``sym_resolver``: once a ``Ks`` that had one is freed, keystone 0.9.2 is corrupted
+  for the whole process (``.zero 104`` then emits 260 bytes, in every other ``Ks``).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 from capstone import CS_ARCH_X86, CS_MODE_32, Cs
-from keystone import KS_ARCH_X86, KS_MODE_32, Ks, KsError
+from keystone import KS_ARCH_X86, KS_ERR_ASM_SYMBOL_MISSING, KS_MODE_32, Ks, KsError
 
 from cpuvirt.errors import GuestBuildError
 from cpuvirt.toolchain.preprocess import SourceLine, split_top_level, strip_comment
@@ -69,7 +72,7 @@ _HINTS = [
     (re.compile(r"^\s*\d+\s*:"), "numeric local labels are not supported; use a unique name"),
     (re.compile(r"\\x"), "keystone does not understand \\x escapes in strings; use octal (\\101)"),
     (re.compile(r"(>>|<<)"),
-     "keystone cannot shift, divide or multiply a label's address; compute it at run time"),
+     "keystone cannot shift a label's address; compute such values at run time"),
 ]
 
 
@@ -105,6 +108,7 @@ class Assembly:
     bss_start: int
     bss_end: int
     _starts: list[int] = field(default_factory=list, repr=False)
+    _emitted: list[Statement] = field(default_factory=list, repr=False)
 
     @property
     def load_bytes(self) -> bytes:
@@ -206,7 +210,10 @@ def _rewrite(st: Statement) -> None:
     text = st.source
     words = text.split()
     mnem = words[0].lower()
-    if mnem in ("iret", "iretw") and len(words) == 1:
+    if [w.lower() for w in words[-1:]] == ["movsd"] and all(w.lower() in ("rep", "repe", "repz") for w in words[:-1]):
+        # keystone rejects the string-move movsd (it takes it for the SSE2 movsd)
+        st.asm = " ".join(words[:-1] + ["movs dword ptr es:[edi], dword ptr [esi]"])
+    elif mnem in ("iret", "iretw") and len(words) == 1:
         st.asm = "iretd"  # keystone: iret = 66 CF, the 16-bit return
     elif mnem in ("pushf", "popf") and len(words) == 1:
         st.asm = mnem + "d"  # keystone: pushf/popf = 66 9C/9D, a 16-bit push/pop
@@ -249,47 +256,54 @@ def _source_for(stmts: Sequence[Statement], tail: str = "") -> str:
     return "\n".join(parts) + ("\n" + tail if tail else "")
 
 
+_ASSIGN_RE = re.compile(r"^\s*(?:\.set|\.equ)\s+([A-Za-z_.$][\w.$]*)\s*,|^\s*([A-Za-z_.$][\w.$]*)\s*=")
+_OPERAND_KEYWORDS = {"byte", "word", "dword", "fword", "qword", "tbyte", "ptr", "short", "near", "far"}
+
+
 def _locate_error(stmts: list[Statement], base: int, err: KsError) -> GuestBuildError:
-    """Find the statement that makes keystone fail and say file:line: why."""
-    ks = _ks()
-    asked: list[str] = []
+    """Find the statement that makes keystone fail and say file:line: why.
 
-    def resolver(sym, value):
-        name = sym.decode() if isinstance(sym, bytes) else sym
-        asked.append(name)
-        value[0] = base
-        return True
-
-    ks.sym_resolver = resolver
+    Bisects over prefixes of the program; each prefix is completed with definitions of the labels
+    (and assignments) that only come later, so that forward references do not fail. The first
+    failing prefix ends at the culprit. (Keystone's own sym_resolver is not used: setting one
+    corrupts keystone for the rest of the process; see guests/README.md.)
+    """
+    labels = [s.label for s in stmts if s.label]
+    assigns = [s for s in stmts if s.kind == "directive" and _ASSIGN_RE.match(s.asm)]
 
     def fails(k: int) -> KsError | None:
+        prefix = stmts[: k + 1]
+        have = {s.label for s in prefix if s.label}
+        tail = [f"{name}:" for name in labels if name not in have]
+        tail += [s.asm for s in assigns if s.index > prefix[-1].index]
         try:
-            ks.asm(_source_for(stmts[: k + 1]), base)
+            _ks().asm(_source_for(prefix, "\n".join(tail)), base)
             return None
         except KsError as e:
             return e
 
-    last_err = fails(len(stmts) - 1)
-    if last_err is not None:
-        lo, hi = 0, len(stmts) - 1  # invariant: prefix hi fails
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if fails(mid) is not None:
-                hi = mid
-            else:
-                lo = mid + 1
-        st = stmts[hi]
-        e = fails(hi) or last_err
-        return GuestBuildError(f"{st.where}: {_with_hint(st, str(e))} in `{st.source}`")
-    # everything assembles once unknown symbols have a value: the error is an undefined symbol
-    undefined = [a for a in dict.fromkeys(asked) if not a.startswith("__cv_")]
-    for name in undefined:
-        rx = re.compile(r"(?<![\w.$])" + re.escape(name) + r"(?![\w.$])")
-        for st in stmts:
-            if st.kind != "label" and rx.search(st.asm):
-                return GuestBuildError(f"{st.where}: undefined symbol '{name}' in `{st.source}`")
-    where = stmts[0].where if stmts else "<source>:1"
-    return GuestBuildError(f"{where}: {err} (keystone gave no location)")
+    if not stmts or fails(len(stmts) - 1) is None:
+        where = stmts[0].where if stmts else "<source>:1"
+        return GuestBuildError(f"{where}: {err} (keystone gave no location)")
+    lo, hi = 0, len(stmts) - 1  # invariant: the prefix ending at hi fails
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if fails(mid) is not None:
+            hi = mid
+        else:
+            lo = mid + 1
+    st = stmts[hi]
+    e = fails(hi) or err
+    if getattr(e, "errno", None) == KS_ERR_ASM_SYMBOL_MISSING:
+        known = set(labels) | {m.group(1) or m.group(2) for s in assigns for m in [_ASSIGN_RE.match(s.asm)]}
+        words = _IDENT_RE.findall(re.sub(r"\b(0[xX][0-9a-fA-F]+|\d+)\b|\"[^\"]*\"|'[^']*'", " ", st.asm))
+        unknown = [
+            w for w in words[1:]
+            if w not in known and w.lower() not in _REGISTERS and w.lower() not in _OPERAND_KEYWORDS
+        ]
+        if unknown:
+            return GuestBuildError(f"{st.where}: undefined symbol '{unknown[0]}' in `{st.source}`")
+    return GuestBuildError(f"{st.where}: {_with_hint(st, str(e))} in `{st.source}`")
 
 
 def assemble(lines: Iterable[SourceLine], base: int) -> Assembly:

@@ -35,6 +35,8 @@ _ROOT = Path(__file__).resolve().parents[2]
 DIRECTIVES = ("include", "define", "undef", "ifdef", "ifndef", "if", "elif", "else", "endif", "error")
 _DIRECTIVE_RE = re.compile(r"^\s*#(" + "|".join(DIRECTIVES) + r")\b(.*)$", re.S)
 _IDENT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# a string or character literal (opaque), or an identifier not preceded by a word character
+_TOKEN_RE = re.compile(r"\"(?:\\.|[^\"\\])*\"?|'(?:\\.|[^'\\])*'|(?<![\w.$])([A-Za-z_]\w*)")
 _MAX_INCLUDE_DEPTH = 32
 _MAX_EXPANSION_DEPTH = 64
 
@@ -101,6 +103,8 @@ def _skip_literal(text: str, i: int) -> int:
 
 def strip_comment(text: str, keep_paste: bool = False) -> str:
     """Remove a ``#`` or ``//`` comment (outside literals). With keep_paste, ``##`` is not a comment."""
+    if "#" not in text and "/" not in text:
+        return text.rstrip()
     i = 0
     n = len(text)
     while i < n:
@@ -126,6 +130,8 @@ def strip_comment(text: str, keep_paste: bool = False) -> str:
 
 def split_top_level(text: str, sep: str) -> list[str]:
     """Split on sep outside literals and outside (), []."""
+    if sep not in text:
+        return [text]
     parts, depth, cur, i = [], 0, [], 0
     while i < len(text):
         c = text[i]
@@ -441,51 +447,44 @@ class Preprocessor:
     def _expand(self, text: str, active: frozenset, depth: int) -> str:
         if depth > _MAX_EXPANSION_DEPTH:
             raise ValueError("macro expansion nested too deeply")
-        if not any(name in text for name in self.macros):
+        macros = self.macros
+        if not any(w in macros for w in _IDENT_RE.findall(text)):
             return text
         out: list[str] = []
-        i = 0
+        pos = 0
         n = len(text)
-        while i < n:
-            c = text[i]
-            if c in "\"'":
-                j = _skip_literal(text, i)
-                out.append(text[i:j])
-                i = j
+        while True:
+            m = _TOKEN_RE.search(text, pos)
+            if m is None:
+                out.append(text[pos:])
+                break
+            out.append(text[pos : m.start()])
+            word = m.group(1)
+            pos = m.end()
+            macro = macros.get(word) if word else None
+            if macro is None or word in active:
+                out.append(m.group(0))
                 continue
-            m = _IDENT_RE.match(text, i)
-            if m and (i == 0 or not (text[i - 1].isalnum() or text[i - 1] == "_")):
-                word = m.group(0)
-                i = m.end()
-                macro = self.macros.get(word)
-                if macro is None or word in active:
-                    out.append(word)
-                    continue
-                if macro.params is None:
-                    out.append(self._expand(macro.body, active | {word}, depth + 1))
-                    continue
-                j = i
-                while j < n and text[j] in " \t":
-                    j += 1
-                if j >= n or text[j] != "(":
-                    out.append(word)  # a function-like macro's name without arguments is left alone
-                    continue
-                args, i = self._parse_args(text, j, word)
-                if len(args) == 1 and args[0].strip() == "" and not macro.params:
-                    args = []
-                if len(args) != len(macro.params):
-                    raise ValueError(
-                        f"macro {word} takes {len(macro.params)} argument(s), got {len(args)}"
-                    )
-                self._uniq += 1
-                mapping = {p: a.strip() for p, a in zip(macro.params, args)}
-                mapping["__UNIQ__"] = str(self._uniq)
-                body = _replace_words(macro.body, mapping)
-                body = re.sub(r"\s*##\s*", "", body)
-                out.append(self._expand(body, active | {word}, depth + 1))
+            if macro.params is None:
+                out.append(self._expand(macro.body, active | {word}, depth + 1))
                 continue
-            out.append(c)
-            i += 1
+            j = pos
+            while j < n and text[j] in " \t":
+                j += 1
+            if j >= n or text[j] != "(":
+                out.append(word)  # a function-like macro's name without arguments is left alone
+                continue
+            args, pos = self._parse_args(text, j, word)
+            if len(args) == 1 and args[0].strip() == "" and not macro.params:
+                args = []
+            if len(args) != len(macro.params):
+                raise ValueError(f"macro {word} takes {len(macro.params)} argument(s), got {len(args)}")
+            self._uniq += 1
+            mapping = {p: a.strip() for p, a in zip(macro.params, args)}
+            mapping["__UNIQ__"] = str(self._uniq)
+            body = _replace_words(macro.body, mapping)
+            body = re.sub(r"\s*##\s*", "", body)
+            out.append(self._expand(body, active | {word}, depth + 1))
         return "".join(out)
 
     @staticmethod

@@ -1,0 +1,75 @@
+# description: event-cost benchmark kernel: N x (an I/O exit | a #PF round trip), or the bare loop
+#
+# EVENT selects the loop body, run N times:
+#   0  nop; nop                  the bare I/O loop (the baseline of 1)
+#   1  out 0x80, al              one I/O exit per iteration (port 0x80: the POST port, writes ignored)
+#   2  clear PTE.P, invlpg, load one #PF per iteration; the handler sets PTE.P, invlpg, returns: retry
+#   3  rewrite PTE (P kept), invlpg, load: the same loop without the fault (the baseline of 2)
+# Prints "events EVENT=<e> N=<n>" and exits with status 0.
+#include "kernel.inc"
+#include "paging.inc"
+
+#ifndef EVENT
+#define EVENT 1
+#endif
+#ifndef N
+#define N 100000
+#endif
+#define TARGET 0x00200000               // an identity-mapped data page
+#define TARGET_PTE_OFF 0x800          // 4 * (TARGET >> 12): its PTE's offset in page_table_low
+
+.text
+main:
+#if EVENT >= 2
+    SET_HANDLER(VEC_PF, pf_handler)
+    mov edi, page_dir
+    mov esi, page_table_low
+    mov eax, PTE_P | PTE_W
+    call paging_identity_4m
+    mov eax, page_dir
+    call paging_enable
+#endif
+    mov edi, page_table_low
+    mov ecx, N
+    xor eax, eax
+events_loop:
+#if EVENT == 0
+    nop
+    nop
+#elif EVENT == 1
+    out POST_PORT, al
+#elif EVENT == 2
+    and dword ptr [edi + TARGET_PTE_OFF], ~PTE_P
+    invlpg [TARGET]
+    mov eax, dword ptr [TARGET]
+#else
+    and dword ptr [edi + TARGET_PTE_OFF], ~PTE_A
+    invlpg [TARGET]
+    mov eax, dword ptr [TARGET]
+#endif
+    dec ecx
+    jnz events_loop
+    mov esi, done_text
+    call puts
+    mov eax, EVENT
+    call print_dec
+    mov esi, n_text
+    call puts
+    mov eax, N
+    call print_dec
+    call newline
+    ret
+
+pf_handler:
+    inc dword ptr [pf_count]
+    mov eax, page_table_low
+    or dword ptr [eax + TARGET_PTE_OFF], PTE_P
+    mov eax, cr2
+    invlpg [eax]
+    ret
+
+.data
+done_text: .asciz "events EVENT="
+n_text:    .asciz " N="
+.align 4
+pf_count:  .long 0

@@ -1,0 +1,15 @@
+"""Run every bench script in turn (compute, events, startup); each prints ratios, then raw figures."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import compute  # noqa: E402
+import events  # noqa: E402
+import startup  # noqa: E402
+
+if __name__ == "__main__":
+    for mod in (compute, events, startup):
+        mod.main([])
+        print()

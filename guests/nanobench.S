@@ -1,0 +1,202 @@
+# description: nanobenchmarks of Adams & Agesen 2006: N iterations of each operation, each ending in "done <op>"
+#
+# Each benchmark is a tight loop of N_ITER iterations of one operation; the guest prints
+# "done <op>" after each loop and nothing else, so that a host can time the phases (or count the
+# exits between two lines) without the output depending on time. The operations:
+#   syscall     int 0x80 round trip from ring 3 (SYS_NOP)
+#   in, out     port 0x80 (the POST port)
+#   cli_sti     cli; sti
+#   pushf_popf  pushfd; popfd
+#   cr3         mov cr3, eax (a reload of the current directory: a full non-global TLB flush)
+#   call_ret    call to a function that returns
+#   pgfault     a #PF on a page whose PTE was made not-present; the handler sets P and the
+#               access is retried
+#   divzero     div by zero; the #DE handler skips the div
+#   ptemod      flip a PTE's R/W bit, then invlpg the page
+#   cpuid       leaf 0
+#   rdtsc
+#include "kernel.inc"
+#include "paging.inc"
+#include "user.inc"
+
+#define N_ITER      5000
+#define BENCH_PAGE  0x00380000          // the page whose PTE pgfault and ptemod change
+
+# print "done <op>"
+#define DONE(OP) PUSH_STRING(OP) ; call report_done ; add esp, 4
+
+.text
+main:
+    call user_init
+    SET_HANDLER(VEC_DE, divzero_handler)
+    SET_HANDLER(VEC_PF, pgfault_handler)
+    mov edi, page_dir
+    mov esi, page_table_low
+    mov eax, PTE_P | PTE_W | PTE_U
+    call paging_identity_4m
+    mov eax, page_dir
+    call paging_enable
+
+    # --- syscall --------------------------------------------------------------------------------
+    mov eax, user_syscall_loop
+    mov edx, user_stack_top
+    call run_user
+    test eax, eax
+    jz bench_syscall_ok
+    FAIL("syscall", "the ring-3 loop did not exit with 0")
+bench_syscall_ok:
+    DONE("syscall")
+
+    # --- in / out ---------------------------------------------------------------------------------
+    mov esi, N_ITER
+bench_in:
+    in al, POST_PORT
+    dec esi
+    jnz bench_in
+    DONE("in")
+    mov esi, N_ITER
+bench_out:
+    out POST_PORT, al
+    dec esi
+    jnz bench_out
+    DONE("out")
+
+    # --- cli_sti (every 8259 line is masked: no interrupt arrives) -----------------------------------
+    mov esi, N_ITER
+bench_cli_sti:
+    cli
+    sti
+    dec esi
+    jnz bench_cli_sti
+    cli
+    DONE("cli_sti")
+
+    # --- pushf_popf ---------------------------------------------------------------------------------
+    mov esi, N_ITER
+bench_pushf_popf:
+    pushfd
+    popfd
+    dec esi
+    jnz bench_pushf_popf
+    DONE("pushf_popf")
+
+    # --- cr3 ------------------------------------------------------------------------------------------
+    mov eax, cr3
+    mov esi, N_ITER
+bench_cr3:
+    mov cr3, eax
+    dec esi
+    jnz bench_cr3
+    DONE("cr3")
+
+    # --- call_ret ---------------------------------------------------------------------------------------
+    mov esi, N_ITER
+bench_call_ret:
+    call bench_leaf
+    dec esi
+    jnz bench_call_ret
+    DONE("call_ret")
+
+    # --- pgfault ------------------------------------------------------------------------------------------
+    mov edi, BENCH_PAGE
+    mov esi, N_ITER
+bench_pgfault:
+    and dword ptr [page_table_low + 4 * (BENCH_PAGE >> 12)], ~PTE_P
+    invlpg [edi]
+    mov eax, dword ptr [edi]            # #PF, the handler sets P, the load is retried
+    dec esi
+    jnz bench_pgfault
+    cmp dword ptr [pgfault_count], N_ITER
+    je bench_pgfault_ok
+    FAIL("pgfault", "the number of page faults is not N")
+bench_pgfault_ok:
+    DONE("pgfault")
+
+    # --- divzero ------------------------------------------------------------------------------------------
+    xor ecx, ecx
+    mov esi, N_ITER
+bench_divzero:
+    div ecx                             # #DE; the handler skips these 2 bytes
+    dec esi
+    jnz bench_divzero
+    cmp dword ptr [divzero_count], N_ITER
+    je bench_divzero_ok
+    FAIL("divzero", "the number of #DE is not N")
+bench_divzero_ok:
+    DONE("divzero")
+
+    # --- ptemod -------------------------------------------------------------------------------------------
+    mov edi, BENCH_PAGE
+    mov esi, N_ITER
+bench_ptemod:
+    xor dword ptr [page_table_low + 4 * (BENCH_PAGE >> 12)], PTE_W
+    invlpg [edi]
+    dec esi
+    jnz bench_ptemod
+    DONE("ptemod")
+
+    # --- cpuid ----------------------------------------------------------------------------------------------
+    mov esi, N_ITER
+bench_cpuid:
+    xor eax, eax
+    cpuid
+    dec esi
+    jnz bench_cpuid
+    DONE("cpuid")
+
+    # --- rdtsc ----------------------------------------------------------------------------------------------
+    mov esi, N_ITER
+bench_rdtsc:
+    rdtsc
+    dec esi
+    jnz bench_rdtsc
+    DONE("rdtsc")
+    ret
+
+bench_leaf:
+    ret
+
+# #PF: the page was made not-present on purpose; make it present again. No invlpg: the CPU does
+# not cache not-present translations, and a #PF invalidates the faulting address's entries.
+pgfault_handler:
+    mov eax, cr2
+    cmp eax, BENCH_PAGE
+    jne isr_unexpected
+    inc dword ptr [pgfault_count]
+    or dword ptr [page_table_low + 4 * (BENCH_PAGE >> 12)], PTE_P
+    ret
+
+# #DE: skip the 2-byte div ecx.
+divzero_handler:
+    inc dword ptr [divzero_count]
+    add dword ptr [ebx + FRAME_EIP], 2
+    ret
+
+# report_done(op): "done op\n".
+report_done:
+    push esi
+    mov esi, done_prefix
+    call puts
+    mov esi, dword ptr [esp + 8]
+    call puts
+    call newline
+    pop esi
+    ret
+
+# ring 3: N_ITER null system calls, then exit(0).
+user_syscall_loop:
+    mov esi, N_ITER
+user_syscall_next:
+    mov eax, SYS_NOP
+    int 0x80
+    dec esi
+    jnz user_syscall_next
+    mov eax, SYS_EXIT
+    xor ebx, ebx
+    int 0x80
+
+.data
+done_prefix:   .asciz "done "
+.align 4
+pgfault_count: .long 0
+divzero_count: .long 0
