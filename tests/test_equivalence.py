@@ -11,20 +11,7 @@ from cpuvirt.runner import run_guest
 from cpuvirt.toolchain.build import build_guest, list_guests
 from tests.conftest import requires_qemu
 
-# Known bug (see docs/design.md, "Known problems"): an `int 0x80` from ring 3 is delivered from
-# inside the engine's exception hook, where reloading SS/CS for the ring change faults again; the
-# usermode guest therefore does not finish in native mode yet. strict=True: fixing it fails this mark.
-KNOWN_BROKEN = {g: "ring 3 -> ring 0 event delivery from inside the INTR hook re-faults" for g in ("usermode", "nanobench")}
-GUESTS = [g.name for g in list_guests() if g.name not in KNOWN_BROKEN]
-
-
-@pytest.mark.parametrize("guest", sorted(KNOWN_BROKEN))
-def test_known_broken_guest_still_fails(guest):
-    """Run in a subprocess (the engine may crash); when this starts passing, remove it from KNOWN_BROKEN."""
-    import sys
-    p = subprocess.run([sys.executable, "-m", "cpuvirt", "run", guest, "--max-insns", "50000000"],
-                       capture_output=True, timeout=120)
-    assert p.returncode != 0, "fixed? take it out of KNOWN_BROKEN"
+GUESTS = [g.name for g in list_guests()]
 QEMU = ["qemu-system-i386", "-nodefaults", "-nographic", "-monitor", "none", "-serial", "stdio", "-no-reboot",
         "-m", "32", "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04", "-fw_cfg", "name=etc/sercon-port,string=0"]
 

@@ -56,12 +56,18 @@ class EventDelivery:
         self.mmu = mmu
 
     def deliver(self, vector: int, return_eip: int, error_code: int | None = None,
-                soft: bool = False, external: bool = False) -> int:
-        """Deliver one event, applying the #DF and triple-fault rules; returns the vector delivered."""
+                soft: bool = False, external: bool = False, fault_eip: int | None = None) -> int:
+        """Deliver one event, applying the #DF and triple-fault rules; returns the vector delivered.
+
+        `fault_eip` is where a fault raised by the delivery itself returns to: the `int n`
+        instruction for a software interrupt (its #GP is a fault), else `return_eip`.
+        """
         try:
             self._deliver(vector, return_eip, error_code, soft, external)
             return vector
         except DeliveryFault as f:
+            if fault_eip is not None:
+                return_eip = fault_eip
             if vector == Vector.DF:
                 raise TripleFault(f"{MNEMONIC.get(f.vector, f.vector)} while delivering #DF") from None
             if f.cr2 is not None:

@@ -32,23 +32,29 @@ EFLAGS_IOPL, EFLAGS_NT, EFLAGS_RF, EFLAGS_VM = 3 << 12, 1 << 14, 1 << 16, 1 << 1
 class Regs:
     """Fast scalar register access for one Uc; table registers (GDTR, TR...) go through the wrapper."""
 
-    __slots__ = ("uc", "_h", "_buf", "_pbuf", "_rr", "_rw")
+    __slots__ = ("uc", "_h", "_buf", "_pbuf", "_wbuf", "_pwbuf", "_rr", "_rw")
 
     def __init__(self, uc):
         self.uc = uc
         self._h = uc._uch
         self._buf = ctypes.c_uint64()
         self._pbuf = ctypes.byref(self._buf)
+        # Writes need a buffer of their own: a segment-register write makes the engine read the
+        # descriptor through the TLB-fill hook, which reads registers, and the engine re-reads the
+        # selector from the caller's buffer after that.
+        self._wbuf = ctypes.c_uint64()
+        self._pwbuf = ctypes.byref(self._wbuf)
         self._rr = _uclib.uc_reg_read
         self._rw = _uclib.uc_reg_write
 
     def read(self, reg: int) -> int:
+        self._buf.value = 0      # segment registers fill only 16 bits of the buffer
         self._rr(self._h, reg, self._pbuf)
         return self._buf.value
 
     def write(self, reg: int, value: int) -> None:
-        self._buf.value = value & 0xFFFFFFFF
-        if self._rw(self._h, reg, self._pbuf):
+        self._wbuf.value = value & 0xFFFFFFFF
+        if self._rw(self._h, reg, self._pwbuf):
             # Segment loads can fail (the engine checks the descriptor); surface that as an error.
             raise RuntimeError(f"engine refused register write {reg}={value:#x}")
 

@@ -156,9 +156,9 @@ class Vcpu:
         self.deliver(Vector.PF, eip, error_code)
 
     def deliver(self, vector: int, return_eip: int, error_code: int | None = None,
-                soft: bool = False, external: bool = False) -> None:
+                soft: bool = False, external: bool = False, fault_eip: int | None = None) -> None:
         try:
-            self.delivery.deliver(vector, return_eip, error_code, soft, external)
+            self.delivery.deliver(vector, return_eip, error_code, soft, external, fault_eip)
         except TripleFault as tf:
             self.record("exception", "TRIPLE_FAULT", None, return_eip, {"why": str(tf)}, "shutdown")
             self.finish("triple_fault", EXIT_TRIPLE_FAULT, f"triple fault at {return_eip:#x}: {tf}")
@@ -168,10 +168,10 @@ class Vcpu:
     def hook_intr(self, uc, intno, _data):
         """Every exception and `int n` the engine raises (it never delivers them itself)."""
         if self._intr_depth:
-            # The engine raised a fault while we were delivering one (known bug: the SS/CS reload
-            # of a ring 3 -> ring 0 delivery inside this hook). End the run cleanly, never recurse.
-            self.finish("error", EXIT_ERROR, f"re-entrant fault (vector {intno}) during event delivery: "
-                        "ring-3 -> ring-0 delivery is a known bug (docs/design.md)")
+            # The engine raised a fault while cpuvirt was delivering one (a register load refused):
+            # that is a cpuvirt bug, so end the run with a clear message instead of recursing.
+            self.finish("error", EXIT_ERROR, f"internal: the engine raised vector {intno} while cpuvirt "
+                        "was delivering an event")
             return
         self._intr_depth += 1
         try:
@@ -179,11 +179,13 @@ class Vcpu:
             eip = self.regs.read(R.EIP)
             if soft or intno in (Vector.BP, Vector.OF):
                 # int n / int3 / into: EIP is already past the instruction; no error code.
-                insn_len = 1 if intno == Vector.BP and not soft else 2
+                prev = self.mmu.fetch_bytes((eip - 1) & 0xFFFFFFFF, 1)
+                insn_len = 1 if prev in (b"\xcc", b"\xce") else 2     # int3 / into, or int n
+                start = (eip - insn_len) & 0xFFFFFFFF
                 name = f"int {intno:#x}" if soft else MNEMONIC.get(intno, str(intno))
-                self.record("exception" if not soft else "trap", name, intno, eip - insn_len,
+                self.record("exception" if not soft else "trap", name, intno, start,
                             {"vector": intno, "software": soft}, "delivered through the guest IDT")
-                self.deliver(intno, eip, soft=soft)
+                self.deliver(intno, eip, soft=soft, fault_eip=start)
             else:
                 ec = error_code if intno in (8, 10, 11, 12, 13, 14, 17) else None
                 detail = {"vector": intno} if ec is None else {"vector": intno, "error_code": ec}

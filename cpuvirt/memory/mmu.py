@@ -101,7 +101,9 @@ class Mmu:
     def fill(self, uc, vaddr, access, entry, _data) -> bool:
         acc = access - 16  # UC_MEM_READ=16, WRITE=17, FETCH=18 -> Access
         self.counters.fills += 1
-        user = (self.regs.read(R.CS) & 3) == 3
+        # CPL from SS, not CS: they agree except mid-way through a ring change done from a hook,
+        # where SS is loaded first and the descriptor reads that follow are supervisor accesses.
+        user = (self.regs.read(R.SS) & 3) == 3
         gpa, ok = self.strategy.gva_to_gpa(vaddr, acc, user)
         if gpa is None:
             self.counters.faults += 1
