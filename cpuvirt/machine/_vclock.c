@@ -4,7 +4,7 @@
  *
  * Time is counted in guest instructions, per translated block: the first time a block (address,
  * size) is seen, the hook asks Python (count_cb) how many instructions it holds and caches the
- * answer in an open-addressed table; every later execution is a table hit. When the clock reaches
+ * answer in a small direct-mapped cache; every later execution is a table hit. When the clock reaches
  * the deadline (next timer event, instruction budget, or a "poll soon" request) the hook calls
  * uc_emu_stop, whose address Python hands over at start-up so this file does not link Unicorn.
  *
@@ -18,17 +18,19 @@
 typedef int (*emu_stop_fn)(void *uc);
 typedef uint32_t (*count_fn)(uint64_t address, uint32_t size);
 
-#define TABLE_BITS 16
+#define TABLE_BITS 14
 #define TABLE_SIZE (1u << TABLE_BITS)
 
+/* A direct-mapped cache of block -> instruction count: 8-byte entries, 128 KiB, so that it stays
+ * in cache; a block that collides is simply counted again by Python (rare: blocks are few). */
 typedef struct {
-    uint64_t key;      /* (address << 16) | size, 0 = empty */
-    uint32_t count;
-    uint32_t pad;
+    uint32_t address;
+    uint16_t size;     /* 0 = empty */
+    uint16_t count;
 } entry_t;
 
 typedef struct {
-    uint64_t now;          /* instructions retired (virtual cycles) */
+    uint64_t now;          /* virtual cycles: instructions retired + time spent outside them */
     uint64_t deadline;     /* stop when now >= deadline */
     uint64_t blocks;       /* blocks executed */
     uint64_t last_block;   /* address of the block that ran last */
@@ -45,21 +47,19 @@ size_t vclock_sizeof(void) { return sizeof(vclock_t); }
 
 void vclock_block_hook(void *uc, uint64_t address, uint32_t size, void *user_data) {
     vclock_t *s = (vclock_t *)user_data;
-    uint64_t key = (address << 16) | (size & 0xFFFF);
-    uint32_t h = (uint32_t)((key * 0x9E3779B97F4A7C15ull) >> (64 - TABLE_BITS));
-    uint32_t count = 0;
-    for (uint32_t i = 0; i < TABLE_SIZE; i++) {
-        entry_t *e = &s->table[(h + i) & (TABLE_SIZE - 1)];
-        if (e->key == key) { count = e->count; break; }
-        if (e->key == 0) {
-            count = s->count_cb ? s->count_cb(address, size) : 1;
-            e->key = key;
-            e->count = count;
-            s->misses++;
-            break;
-        }
+    uint32_t a = (uint32_t)address;
+    entry_t *e = &s->table[(a ^ (a >> TABLE_BITS)) & (TABLE_SIZE - 1)];
+    uint32_t count;
+    if (e->address == a && e->size == size) {
+        count = e->count;
+    } else {
+        count = s->count_cb ? s->count_cb(address, size) : 1;
+        if (count == 0) count = 1;
+        e->address = a;
+        e->size = (uint16_t)size;
+        e->count = (uint16_t)count;
+        s->misses++;
     }
-    if (count == 0) count = 1;  /* table full: still deterministic */
     s->now += count;
     s->blocks++;
     s->last_block = address;

@@ -20,7 +20,7 @@ _COUNT_CB = ctypes.CFUNCTYPE(ctypes.c_uint32, ctypes.c_uint64, ctypes.c_uint32)
 
 
 class _Entry(ctypes.Structure):
-    _fields_ = [("key", ctypes.c_uint64), ("count", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
+    _fields_ = [("address", ctypes.c_uint32), ("size", ctypes.c_uint16), ("count", ctypes.c_uint16)]
 
 
 class _State(ctypes.Structure):
@@ -31,7 +31,7 @@ class _State(ctypes.Structure):
         ("last_block", ctypes.c_uint64), ("last_count", ctypes.c_uint64), ("misses", ctypes.c_uint64),
         ("stopped", ctypes.c_uint32), ("pad", ctypes.c_uint32),
         ("emu_stop", ctypes.c_void_p), ("count_cb", ctypes.c_void_p),
-        ("table", _Entry * (1 << 16)),
+        ("table", _Entry * (1 << 14)),
     ]
 
 
