@@ -27,23 +27,39 @@ def _decoder():
     return _cs
 
 
+_forms: dict[tuple[int, bytes], list] = {}
+
+
+def _memory_operands(code: bytes, eip: int) -> list:
+    """[(base reg, index reg, scale, disp, size)] of the instruction, decoded once per site."""
+    key = (eip, code)
+    forms = _forms.get(key)
+    if forms is None:
+        forms = []
+        insn = next(_decoder().disasm(code, eip, 1), None)
+        for op in insn.operands if insn is not None else ():
+            if op.type == X86_OP_MEM:
+                m = op.mem
+                forms.append((_CS_REG.get(m.base) if m.base != X86_REG_INVALID else None,
+                              _CS_REG.get(m.index) if m.index != X86_REG_INVALID else None,
+                              m.scale, m.disp, op.size or 4))
+        if len(_forms) > 4096:
+            _forms.clear()
+        _forms[key] = forms
+    return forms
+
+
 def fault_address(code: bytes | None, eip: int, page: int, regs: R.Regs) -> int:
     if not code:
         return page
-    cs = _decoder()
-    insn = next(cs.disasm(code, eip, 1), None)
-    if insn is None:
-        return page
     candidates = []
-    for op in insn.operands:
-        if op.type == X86_OP_MEM:
-            m = op.mem
-            ea = m.disp
-            if m.base != X86_REG_INVALID and m.base in _CS_REG:
-                ea += regs.read(_CS_REG[m.base])
-            if m.index != X86_REG_INVALID and m.index in _CS_REG:
-                ea += regs.read(_CS_REG[m.index]) * m.scale
-            candidates.append((ea & 0xFFFFFFFF, op.size or 4))
+    for base, index, scale, disp, size in _memory_operands(code, eip):
+        ea = disp
+        if base is not None:
+            ea += regs.read(base)
+        if index is not None:
+            ea += regs.read(index) * scale
+        candidates.append((ea & 0xFFFFFFFF, size))
     esp = regs.read(R.ESP)
     # Implicit accesses: the stack (push/pop/call/ret/iret/pushad, event frames) and string operands.
     candidates += [((esp - d) & 0xFFFFFFFF, 4) for d in (4, 8, 12, 16, 20, 24, 28, 32, 2)]

@@ -29,10 +29,16 @@ EFLAGS_CF, EFLAGS_TF, EFLAGS_IF, EFLAGS_DF = 1 << 0, 1 << 8, 1 << 9, 1 << 10
 EFLAGS_IOPL, EFLAGS_NT, EFLAGS_RF, EFLAGS_VM = 3 << 12, 1 << 14, 1 << 16, 1 << 17
 
 
+class _Mmr(ctypes.Structure):
+    """uc_x86_mmr: a descriptor-table register as libunicorn passes it."""
+    _fields_ = [("selector", ctypes.c_uint16), ("base", ctypes.c_uint64), ("limit", ctypes.c_uint32),
+                ("flags", ctypes.c_uint32)]
+
+
 class Regs:
     """Fast scalar register access for one Uc; table registers (GDTR, TR...) go through the wrapper."""
 
-    __slots__ = ("uc", "_h", "_buf", "_pbuf", "_wbuf", "_pwbuf", "_rr", "_rw")
+    __slots__ = ("uc", "_h", "_buf", "_pbuf", "_wbuf", "_pwbuf", "_rr", "_rw", "_mmr", "_pmmr")
 
     def __init__(self, uc):
         self.uc = uc
@@ -44,6 +50,8 @@ class Regs:
         # selector from the caller's buffer after that.
         self._wbuf = ctypes.c_uint64()
         self._pwbuf = ctypes.byref(self._wbuf)
+        self._mmr = _Mmr()
+        self._pmmr = ctypes.byref(self._mmr)
         self._rr = _uclib.uc_reg_read
         self._rw = _uclib.uc_reg_write
 
@@ -63,7 +71,9 @@ class Regs:
 
     def table(self, reg: int) -> tuple[int, int, int, int]:
         """(selector, base, limit, flags) of GDTR, IDTR, LDTR or TR."""
-        return self.uc.reg_read(reg)
+        m = self._mmr
+        self._rr(self._h, reg, self._pmmr)
+        return m.selector, m.base, m.limit, m.flags
 
     def set_table(self, reg: int, value: tuple[int, int, int, int]) -> None:
         self.uc.reg_write(reg, value)

@@ -74,6 +74,7 @@ class Vcpu:
                 raise self.error
             if self.outcome is not None:
                 break
+            self.mmu.crs = None
             eip = regs.read(R.EIP)
             if stopped_by_fault:
                 pending = self.mmu.take_pending()
@@ -174,6 +175,7 @@ class Vcpu:
                         "was delivering an event")
             return
         self._intr_depth += 1
+        self.mmu.crs = None
         try:
             error_code, soft = self.faults.take()
             eip = self.regs.read(R.EIP)
@@ -199,6 +201,7 @@ class Vcpu:
             self._intr_depth -= 1
 
     def hook_invalid(self, uc, _data) -> bool:
+        self.mmu.crs = None
         try:
             eip = self.regs.read(R.EIP)
             self.record("exception", "#UD", 6, eip, {"vector": 6}, "delivered through the guest IDT")
@@ -212,6 +215,7 @@ class Vcpu:
     def hook_in(self, uc, port, size, _data):
         if self.outcome is not None:
             return 0
+        self.mmu.crs = None
         try:
             self.clock.advance(IO_CYCLES)
             value = self.m.bus.read(port, size)
@@ -227,6 +231,7 @@ class Vcpu:
     def hook_out(self, uc, port, size, value, _data):
         if self.outcome is not None:
             return
+        self.mmu.crs = None
         try:
             self.clock.advance(IO_CYCLES)
             self.counts["io"] += 1

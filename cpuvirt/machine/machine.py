@@ -12,6 +12,7 @@ from cpuvirt.cpu.regs import Regs
 from cpuvirt.machine.bus import PortBus
 from cpuvirt.machine.clock import TSC_HZ, VirtualClock
 from cpuvirt.machine.debug_exit import DebugExit
+from cpuvirt.machine.hostmem import HostRegion
 from cpuvirt.machine.pic import Pic8259Pair
 from cpuvirt.machine.pit import Pit8254
 from cpuvirt.machine.post import PostPort
@@ -33,12 +34,12 @@ class Machine:
         # (which would be a guest fetch through our TLB-fill hook at the end of every run).
         uc.ctl_exits_enabled(True)
         uc.ctl_set_exits([])
-        uc.mem_map(RAM_HPA, self.mem_bytes)
+        self.ram = HostRegion(uc, RAM_HPA, self.mem_bytes)
         uc.mmio_map(UNBACKED_HPA, 0x1000, lambda *_: 0xFFFFFFFF, None, lambda *_: None, None)
         uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
         self.regs = Regs(uc)
         self.p2m = P2m(self.mem_bytes)
-        self.mmu = Mmu(uc, self.regs, self.p2m)
+        self.mmu = Mmu(uc, self.regs, self.p2m, self.ram)
         self.clock = VirtualClock(uc, self._count_block)
 
         self.bus = PortBus(on_unhandled=on_unhandled_io)
@@ -62,10 +63,10 @@ class Machine:
     def write_gpa(self, gpa: int, data: bytes) -> None:
         if gpa < 0 or gpa + len(data) > self.mem_bytes:
             raise ValueError(f"{gpa:#x}+{len(data):#x} is outside guest RAM")
-        self.uc.mem_write(RAM_HPA + gpa, bytes(data))
+        self.ram.write(RAM_HPA + gpa, bytes(data))
 
     def read_gpa(self, gpa: int, size: int) -> bytes:
-        return bytes(self.uc.mem_read(RAM_HPA + gpa, size))
+        return self.ram.read(RAM_HPA + gpa, size)
 
     def vga_text(self) -> bytes:
         return self.read_gpa(VGA_TEXT, 80 * 25 * 2) if self.mem_bytes > VGA_TEXT + 4000 else b""
@@ -73,6 +74,7 @@ class Machine:
     # -- the clock asks how many instructions a newly seen block holds -----------------------------
     def _count_block(self, address: int, size: int) -> int:
         try:
+            self.mmu.crs = None          # a fresh hypervisor entry: CRs may have changed
             code = self.mmu.fetch_bytes(address, size)
             if not code:
                 return 1

@@ -59,12 +59,10 @@ class GuestWalk:
 
     def gva_to_gpa(self, gva, access, user, side_effects=True):
         m = self.mmu
-        regs = m.regs
-        cr0 = regs.read(R.CR0)
+        cr0, cr3, cr4 = m.crs or m.load_crs()
         if not cr0 & CR0_PG:
             return gva, True
-        t = walk(gva, access, user, cr0, regs.read(R.CR3), regs.read(R.CR4),
-                 m.read_gpa32, m.write_gpa32 if side_effects else None)
+        t = walk(gva, access, user, cr0, cr3, cr4, m.read_gpa32, m.write_gpa32 if side_effects else None)
         c = m.counters
         c.walks += 1
         c.walk_refs += t.refs
@@ -74,8 +72,9 @@ class GuestWalk:
 
 
 class Mmu:
-    def __init__(self, uc, regs: R.Regs, p2m: P2m):
+    def __init__(self, uc, regs: R.Regs, p2m: P2m, ram):
         self.uc = uc
+        self.ram = ram                        # HostRegion behind guest RAM (direct access)
         self.regs = regs
         self.p2m = p2m
         self.strategy = GuestWalk(self)
@@ -84,22 +83,34 @@ class Mmu:
         self.pending: PendingFault | None = None
         self.unbacked_seen: set[int] = set()  # guest-physical pages reported as unbacked
         self.on_unbacked = None               # callback(gpa) once per page
+        self.crs: tuple[int, int, int] | None = None   # CR0, CR3, CR4 snapshot, see load_crs
+
+    def load_crs(self) -> tuple[int, int, int]:
+        """Read CR0/CR3/CR4 once per hypervisor entry: the guest cannot change them while a hook
+        runs, so every walk of one exit shares them. Each hook entry calls forget_crs() first."""
+        r = self.regs
+        self.crs = crs = (r.read(R.CR0), r.read(R.CR3), r.read(R.CR4))
+        return crs
+
+    def forget_crs(self) -> None:
+        self.crs = None
 
     # -- guest-physical access for walkers (GPA -> HPA, never outside RAM) --------------------
     def read_gpa32(self, gpa: int) -> int:
         hpa = self.p2m.gpa_to_hpa(gpa)
-        if hpa is None:
+        if hpa is None or not self.ram.contains(hpa, 4):
             return 0xFFFFFFFF
-        return int.from_bytes(self.uc.mem_read(hpa, 4), "little")
+        return self.ram.read32(hpa)
 
     def write_gpa32(self, gpa: int, value: int) -> None:
         hpa = self.p2m.gpa_to_hpa(gpa)
-        if hpa is not None:
-            self.uc.mem_write(hpa, value.to_bytes(4, "little"))
+        if hpa is not None and self.ram.contains(hpa, 4):
+            self.ram.write32(hpa, value)
 
     # -- the TLB-fill hook -----------------------------------------------------------------------
     def fill(self, uc, vaddr, access, entry, _data) -> bool:
         acc = access - 16  # UC_MEM_READ=16, WRITE=17, FETCH=18 -> Access
+        self.crs = None
         self.counters.fills += 1
         # CPL from SS, not CS: they agree except mid-way through a ring change done from a hook,
         # where SS is loaded first and the descriptor reads that follow are supervisor accesses.
@@ -158,7 +169,7 @@ class Mmu:
         while size:
             n = min(size, PAGE - (gva & 0xFFF))
             hpa = self.gva_to_hpa(gva, Access.READ, user, side_effects)
-            out += b"\xff" * n if hpa is None else self.uc.mem_read(hpa, n)
+            out += b"\xff" * n if hpa is None else self.ram.read(hpa, n)
             gva = (gva + n) & 0xFFFFFFFF
             size -= n
         return bytes(out)
@@ -174,7 +185,7 @@ class Mmu:
             off += n
         for hpa, off, n in chunks:
             if hpa is not None:
-                self.uc.mem_write(hpa, data[off:off + n])
+                self.ram.write(hpa, data[off:off + n])
 
     def fetch_bytes(self, gva: int, size: int) -> bytes | None:
         """Code bytes at a linear address without side effects (disassembly, block counting)."""
