@@ -103,9 +103,9 @@ class Vcpu:
             self.uc.emu_stop()
 
     def _next_deadline(self) -> int:
-        d = self.m.pit.next_deadline()
+        d = self.m.next_timer_deadline()
         d = NEVER if d is None else d
-        if self.m.pic.pending_vector() is not None:
+        if self.m.pending_interrupt() is not None:
             d = min(d, self.clock.now + POLL_INSNS)
         return min(d, self.budget)
 
@@ -114,14 +114,14 @@ class Vcpu:
         if self.clock.now >= self.budget:
             self.finish("budget", EXIT_BUDGET, f"instruction budget of {self.budget} exhausted")
             return
-        self.m.pit.update()
+        self.m.update_timers()
         self.inject_pending_interrupt(eip)
 
     def inject_pending_interrupt(self, eip: int) -> bool:
-        pic = self.m.pic
-        if pic.pending_vector() is None or not self.regs.read(R.EFLAGS) & R.EFLAGS_IF:
+        m = self.m
+        if m.pending_interrupt() is None or not self.regs.read(R.EFLAGS) & R.EFLAGS_IF:
             return False
-        vector = pic.acknowledge()
+        vector = m.acknowledge_interrupt()
         self.record("interrupt", f"IRQ vector {vector:#x}", vector, eip, {}, "delivered through the guest IDT")
         self.deliver(vector, eip, external=True)
         return True
@@ -135,7 +135,7 @@ class Vcpu:
             return
         if self.inject_pending_interrupt(eip):
             return
-        deadline = self.m.pit.next_deadline()
+        deadline = self.m.next_timer_deadline()
         if deadline is None or deadline >= self.budget:
             if deadline is None:
                 self.finish("halted", EXIT_HALTED, f"hlt at {hlt_eip:#x} with no timer armed: nothing can wake the CPU")
@@ -144,7 +144,7 @@ class Vcpu:
             return
         if deadline > self.clock.now:
             self.clock.advance(deadline - self.clock.now)
-        self.m.pit.update()
+        self.m.update_timers()
         if not self.inject_pending_interrupt(eip):
             self.finish("halted", EXIT_HALTED, f"hlt at {hlt_eip:#x}: the timer fired but its IRQ is masked")
 

@@ -59,6 +59,25 @@ class Machine:
         self.bus.register(DEBUG_EXIT, 4, self.debug_exit, wide=True)
         self._insn_counter = None
 
+    # -- what the CPU sees of the interrupt controllers and timers ---------------------------------
+    # The vCPU knows only these four calls, so that interrupt controllers and timers (the 8259 and
+    # PIT now, a local APIC later) are added here without touching the run loop.
+    def next_timer_deadline(self) -> int | None:
+        """Virtual time of the next timer event, or None if no timer is armed."""
+        return self.pit.next_deadline()
+
+    def update_timers(self) -> None:
+        """Let every timer catch up with virtual time (raising its interrupt lines)."""
+        self.pit.update()
+
+    def pending_interrupt(self) -> int | None:
+        """The vector the CPU's INTR line would deliver now, or None."""
+        return self.pic.pending_vector()
+
+    def acknowledge_interrupt(self) -> int:
+        """The INTA cycle: the vector to deliver (the controller marks it in service)."""
+        return self.pic.acknowledge()
+
     # -- guest-physical memory ---------------------------------------------------------------------
     def write_gpa(self, gpa: int, data: bytes) -> None:
         if gpa < 0 or gpa + len(data) > self.mem_bytes:
