@@ -36,8 +36,9 @@ typedef struct {
     uint64_t last_block;   /* address of the block that ran last */
     uint64_t last_count;   /* its instruction count */
     uint64_t misses;       /* blocks counted by Python */
+    uint64_t extra;        /* cycles that were not instructions (I/O, idle, deadline rounding) */
     uint32_t stopped;      /* set when the hook stopped the engine */
-    uint32_t pad;
+    uint32_t discard;      /* set by Python's count_cb when it stopped the engine itself */
     emu_stop_fn emu_stop;
     count_fn count_cb;
     entry_t table[TABLE_SIZE];
@@ -60,14 +61,26 @@ void vclock_block_hook(void *uc, uint64_t address, uint32_t size, void *user_dat
         e->count = (uint16_t)count;
         s->misses++;
     }
+    if (s->discard) {
+        /* Python stopped the engine before this block (to retranslate it): it runs again later. */
+        s->discard = 0;
+        return;
+    }
+    if (s->now + count > s->deadline && !s->stopped) {
+        /* Stop before this block: it does not run now, so it is not counted; time moves to the
+         * deadline (the rounding is recorded as non-instruction cycles). */
+        if (s->deadline > s->now) {
+            s->extra += s->deadline - s->now;
+            s->now = s->deadline;
+        }
+        s->stopped = 1;
+        s->emu_stop(uc);
+        return;
+    }
     s->now += count;
     s->blocks++;
     s->last_block = address;
     s->last_count = count;
-    if (s->now >= s->deadline && !s->stopped) {
-        s->stopped = 1;
-        s->emu_stop(uc);
-    }
 }
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_vclock", NULL, -1, NULL};

@@ -29,7 +29,7 @@ class _State(ctypes.Structure):
     _fields_ = [
         ("now", ctypes.c_uint64), ("deadline", ctypes.c_uint64), ("blocks", ctypes.c_uint64),
         ("last_block", ctypes.c_uint64), ("last_count", ctypes.c_uint64), ("misses", ctypes.c_uint64),
-        ("stopped", ctypes.c_uint32), ("pad", ctypes.c_uint32),
+        ("extra", ctypes.c_uint64), ("stopped", ctypes.c_uint32), ("discard", ctypes.c_uint32),
         ("emu_stop", ctypes.c_void_p), ("count_cb", ctypes.c_void_p),
         ("table", _Entry * (1 << 14)),
     ]
@@ -65,8 +65,6 @@ class VirtualClock:
         if err:
             raise RuntimeError(f"cannot install the clock hook (uc error {err})")
 
-    extra = 0   # cycles that are not instructions: port accesses and time skipped in hlt
-
     @property
     def now(self) -> int:
         return self._state.now
@@ -74,12 +72,16 @@ class VirtualClock:
     @property
     def instructions(self) -> int:
         """Instructions retired (per block: a block cut short by a fault counts whole)."""
-        return self._state.now - self.extra
+        return self._state.now - self._state.extra
 
     def advance(self, cycles: int) -> None:
         """Spend virtual time that is not instructions (an I/O bus cycle, an idle hlt)."""
         self._state.now += cycles
-        self.extra += cycles
+        self._state.extra += cycles
+
+    def discard_current_block(self) -> None:
+        """Called from count_block when it stops the engine itself: the block will run later."""
+        self._state.discard = 1
 
     @now.setter
     def now(self, value: int) -> None:
