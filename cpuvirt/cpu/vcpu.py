@@ -54,6 +54,7 @@ class Vcpu:
         self._disasm = None
         self._insn_cache: dict[tuple[int, bytes], str] = {}
         self.error: BaseException | None = None
+        self.intercepts = None    # an Intercepts, for modes that must see non-trapping instructions
         self._io_block, self._io_index = -1, 0
         self._intr_depth = 0
         self._io_sites: dict = {}
@@ -76,6 +77,13 @@ class Vcpu:
                 break
             self.mmu.crs = None
             eip = regs.read(R.EIP)
+            if self.intercepts is not None and self.intercepts.retranslate:
+                # A new block held an instruction without its hook: drop its translation and rerun it.
+                for address, size in self.intercepts.retranslate:
+                    uc.ctl_remove_cache(address, address + size)
+                self.intercepts.retranslate.clear()
+                if not stopped_by_fault and not clock.expired():
+                    continue
             if stopped_by_fault:
                 pending = self.mmu.take_pending()
                 if pending is None:
@@ -293,6 +301,28 @@ class Vcpu:
         self.regs.write(R.EAX, now & 0xFFFFFFFF)
         self.regs.write(R.EDX, (now >> 32) & 0xFFFFFFFF)
         return 1
+
+    def enable_intercepts(self, wanted: frozenset[str], on_hit) -> None:
+        """Make the instructions in `wanted` visible (see cpu/intercept.py); on_hit runs before each."""
+        from cpuvirt.cpu.intercept import Intercepts
+
+        def guarded(address, size, mnem, ops):
+            self.mmu.crs = None
+            try:
+                on_hit(address, size, mnem, ops)
+            except BaseException as e:   # never let an exception unwind through the engine
+                self.error = e
+                self.uc.emu_stop()
+
+        ic = self.intercepts = Intercepts(self.uc, self.mmu, wanted, guarded)
+        self.mmu.on_code_frame = ic.scan_frame
+
+        def observe(insns):
+            if ic.check_block(insns):
+                ic.retranslate.append((insns[0][0], sum(i[1] for i in insns)))
+                return True
+            return False
+        self.m.block_observer = observe
 
     # -- hooks -------------------------------------------------------------------------------------
     def install_hooks(self) -> None:

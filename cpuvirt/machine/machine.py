@@ -58,6 +58,7 @@ class Machine:
         self.bus.register(POST, 1, PostPort())
         self.bus.register(DEBUG_EXIT, 4, self.debug_exit, wide=True)
         self._insn_counter = None
+        self.block_observer = None   # callback(insns) -> True to stop and retranslate the block
 
     # -- what the CPU sees of the interrupt controllers and timers ---------------------------------
     # The vCPU knows only these four calls, so that interrupt controllers and timers (the 8259 and
@@ -100,8 +101,11 @@ class Machine:
             if self._insn_counter is None:
                 from capstone import CS_ARCH_X86, CS_MODE_32, Cs
                 self._insn_counter = Cs(CS_ARCH_X86, CS_MODE_32)
-            n = sum(1 for _ in self._insn_counter.disasm_lite(code, address))
-            return max(n, 1)
+            insns = list(self._insn_counter.disasm_lite(code, address))
+            if self.block_observer is not None and self.block_observer(insns):
+                self.clock.discard_current_block()
+                self.uc.emu_stop()
+            return max(len(insns), 1)
         except Exception:   # never let an exception cross into C
             return 1
 

@@ -83,6 +83,7 @@ class Mmu:
         self.pending: PendingFault | None = None
         self.unbacked_seen: set[int] = set()  # guest-physical pages reported as unbacked
         self.on_unbacked = None               # callback(gpa) once per page
+        self.on_code_frame = None             # callback(linear page, hpa) on fetch fills (intercepts)
         self.crs: tuple[int, int, int] | None = None   # CR0, CR3, CR4 snapshot, see load_crs
 
     def load_crs(self) -> tuple[int, int, int]:
@@ -133,6 +134,8 @@ class Mmu:
         if acc == Access.FETCH:
             self.code_frames.add(hpa)
             perms |= UC_PROT_EXEC
+            if self.on_code_frame is not None:
+                self.on_code_frame(vaddr & PAGE_MASK, hpa)
         elif hpa in self.code_frames:
             perms |= UC_PROT_EXEC
         entry.paddr = hpa

@@ -1,0 +1,114 @@
+"""Seeing sensitive instructions that do not trap in the engine (DESIGN.md section 3).
+
+At ring 0 Unicorn executes `mov cr3`, `hlt`, `invlpg`, `lgdt`, `rdmsr`... without telling anyone, yet a
+VMCS control, or a deprivileging hypervisor, must see them. The way used here:
+
+- When a (linear page, host frame) pair first serves a fetch, the page is scanned: a regular expression
+  finds the opcode bytes of the wanted instructions, capstone decodes from each hit (and from the prefix
+  bytes before it), and a one-address UC_HOOK_CODE is put on every decoded instance. A hook on an offset
+  that is never executed never fires, so decoding at every candidate offset cannot hide an instruction.
+  Hooks are added before the engine translates the page, so they apply from the first execution.
+- Self-modifying code and code copied in at run time: every new block goes through the clock's
+  block-count callback, which decodes it anyway; an instance found there without a hook gets one, and the
+  engine is stopped before the block runs so that it is translated again with the hook (`retranslate`).
+- A hook that fires re-checks the instruction (its size, or its bytes when the size differs) because
+  the same linear address may hold other code after a CR3 switch or a rewrite.
+"""
+from __future__ import annotations
+
+import re
+
+from capstone import CS_ARCH_X86, CS_MODE_32, Cs
+from unicorn import UC_HOOK_CODE
+
+# The opcode bytes that start each sensitive instruction, after any prefixes (SDM Vol. 2 opcode map).
+OPCODES = {
+    "hlt": rb"\xf4",
+    "mov_cr": rb"\x0f[\x20\x22]", "mov_dr": rb"\x0f[\x21\x23]", "clts": rb"\x0f\x06",
+    "group7": rb"\x0f\x01",          # sgdt sidt lgdt lidt smsw lmsw invlpg vmcall monitor mwait ...
+    "group6": rb"\x0f\x00",          # sldt str lldt ltr verr verw
+    "msr": rb"\x0f[\x30\x32]", "rdpmc": rb"\x0f\x33", "cache": rb"\x0f[\x08\x09]",
+    "pause": rb"\xf3\x90",
+}
+PREFIXES = frozenset(b"\x66\x67\xf2\xf3\x2e\x3e\x26\x36\x64\x65\xf0")
+
+def _is_wanted(mnem: str, ops: str, wanted: frozenset[str]) -> bool:
+    if mnem in wanted:
+        return mnem != "mov" or ("cr" in ops or "dr" in ops)
+    return False
+
+
+class Intercepts:
+    """One-address code hooks on the instructions in `wanted` (capstone mnemonics; "mov" means a mov
+    to or from a control or debug register). `on_hit(address, size, mnemonic, op_str)` runs before the
+    instruction executes; it may move EIP past it (the instruction is then skipped) or leave it to run."""
+
+    def __init__(self, uc, mmu, wanted: frozenset[str], on_hit):
+        self.uc = uc
+        self.mmu = mmu
+        self.wanted = wanted
+        self.on_hit = on_hit
+        self.sites: dict[int, tuple[int, str, str]] = {}   # linear address -> (size, mnemonic, operands)
+        self.scanned: set[tuple[int, int]] = set()
+        self.retranslate: list[tuple[int, int]] = []
+        self.scans = self.hooks = 0
+        self._cs = Cs(CS_ARCH_X86, CS_MODE_32)
+        self._pattern = re.compile(b"|".join(OPCODES.values()))
+
+    # -- scanning ----------------------------------------------------------------------------------
+    def scan_frame(self, page: int, hpa: int) -> None:
+        """Called by the MMU when a (linear page, host frame) first serves a fetch."""
+        key = (page, hpa)
+        if key in self.scanned:
+            return
+        self.scanned.add(key)
+        self.scans += 1
+        data = self.mmu.ram.read(hpa, 0x1000) if self.mmu.ram.contains(hpa, 0x1000) else b""
+        if not data:
+            return
+        # Let an instruction that starts near the end of the page be decoded whole.
+        tail = self.mmu.fetch_bytes((page + 0x1000) & 0xFFFFFFFF, 15) or b""
+        code = data + tail
+        starts = set()
+        for m in self._pattern.finditer(data):
+            k = m.start()
+            starts.add(k)
+            j = k - 1
+            while j >= 0 and k - j <= 4 and data[j] in PREFIXES:
+                starts.add(j)
+                j -= 1
+        for start in sorted(starts):
+            for addr, size, mnem, ops in self._cs.disasm_lite(code[start:start + 15], page + start, 1):
+                if _is_wanted(mnem, ops, self.wanted):
+                    self._hook(addr, size, mnem, ops)
+
+    def check_block(self, insns) -> bool:
+        """Called with a newly seen block's instructions; True if one lacked a hook (retranslate it)."""
+        missing = False
+        for addr, size, mnem, ops in insns:
+            if _is_wanted(mnem, ops, self.wanted) and addr not in self.sites:
+                self._hook(addr, size, mnem, ops)
+                missing = True
+        return missing
+
+    def _hook(self, addr: int, size: int, mnem: str, ops: str) -> None:
+        if addr in self.sites:
+            self.sites[addr] = (size, mnem, ops)
+            return
+        self.sites[addr] = (size, mnem, ops)
+        self.hooks += 1
+        self.uc.hook_add(UC_HOOK_CODE, self._hit, None, addr, addr)
+
+    # -- a hooked instruction is about to run ----------------------------------------------------------
+    def _hit(self, uc, address, size, _data) -> None:
+        site = self.sites.get(address)
+        if site is None or site[0] != size:
+            code = self.mmu.fetch_bytes(address, 15) or b""
+            site = None
+            for _, sz, mnem, ops in self._cs.disasm_lite(code, address, 1):
+                site = (sz, mnem, ops)
+            if site is None:
+                return
+            self.sites[address] = site
+        if _is_wanted(site[1], site[2], self.wanted):
+            self.on_hit(address, site[0], site[1], site[2])
