@@ -182,4 +182,4 @@ def walk(gva: int, access: Access, user: bool, cr0: int, cr3: int, cr4: int,
         gpa = (leaf & _PAGE_MASK) | (gva & 0xFFF)
     return _tuple_new(Translation, (
         gpa, gpa & ~0xFFF, writable, (rights & PTE_US) != 0, large, (leaf & PTE_D) != 0,
-        (leaf & PTE_G) != 0, refs))
+        (leaf & PTE_G) != 0 and (cr4 & CR4_PGE) != 0, refs))
