@@ -20,6 +20,14 @@ def _int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
 
 
+def _module(text: str) -> tuple[str, str | None]:
+    """FILE[,CMDLINE]: the file, and everything after the first comma as its command line."""
+    path, comma, args = text.partition(",")
+    if not path:
+        raise argparse.ArgumentTypeError(f"no file name in --module {text!r}")
+    return path, args if comma else None
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, status 2
         self.exit(2, f"cpuvirt: {message}\n")
@@ -32,13 +40,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="run a guest (bundled name or Multiboot image path)")
     r.add_argument("guest")
-    r.add_argument("--mode", default="native", help="native (default); trap, full, para, hw are planned")
+    r.add_argument("--mode", default="native", help="native (default) or hw; trap, full, para are planned")
     r.add_argument("--mem", type=_int, default=32, metavar="MiB", help="guest RAM in MiB (default 32)")
     r.add_argument("--trace", metavar="FILE", help="write an exit trace (JSON Lines, cpuvirt-trace/1)")
     r.add_argument("--max-insns", type=_int, default=None, metavar="N",
                    help="instruction budget (default 1e9; 0 = unlimited); outcome 'budget', status 124")
     r.add_argument("--append", default="", metavar="CMDLINE", help="kernel command line")
+    r.add_argument("--module", action="append", default=[], type=_module, metavar="FILE[,CMDLINE]",
+                   help="a Multiboot module with its command line (repeatable; as QEMU's -initrd 'FILE CMDLINE')")
     r.add_argument("--quiet", "-q", action="store_true", help="no summary on stderr")
+    r.add_argument("--stats", action="store_true", help="per-exit-reason table, like kvm_stat (hw), or events by kind")
+    _vmx_options(r)
+    r.add_argument("--dump-vmcs-on", metavar="REASON", help="hw: dump the VMCS to stderr at the first exit of REASON")
+
+    v = sub.add_parser("vmcs", help="hw mode: run a guest until a chosen VM exit and print the VMCS")
+    v.add_argument("guest")
+    at = v.add_mutually_exclusive_group(required=True)
+    at.add_argument("--at-exit", type=_int, metavar="N", help="the Nth VM exit (1 = the first)")
+    at.add_argument("--dump-vmcs-on", metavar="REASON", help="the first exit of this reason (name or number)")
+    v.add_argument("--mem", type=_int, default=32, metavar="MiB")
+    _vmx_options(v)
 
     sub.add_parser("guests", help="list the bundled guests")
     b = sub.add_parser("build", help="assemble the bundled guests into Multiboot images")
@@ -75,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(args) -> int:
     if args.verb == "run":
         return _run(args)
+    if args.verb == "vmcs":
+        return _vmcs(args)
     if args.verb == "guests":
         from cpuvirt.toolchain.build import list_guests
         for g in list_guests():
@@ -94,6 +117,56 @@ def _dispatch(args) -> int:
     raise CpuvirtError(f"unknown verb {args.verb}")
 
 
+def _vmx_options(p) -> None:
+    p.add_argument("--vmx", action="append", default=[], metavar="NAME=VALUE",
+                   help="hw: set a VMX control by its SDM name, e.g. hlt_exiting=0, io_bitmap=0x3f8,0x80 (repeatable)")
+    p.add_argument("--no-ept", action="store_true", help="hw: shadow paging instead of EPT (not built yet)")
+
+
+def _reason(text: str):
+    from cpuvirt.modes.hw.exits import ExitReason
+    try:
+        return ExitReason(int(text, 0))
+    except ValueError:
+        pass
+    try:
+        return ExitReason[text.upper()]
+    except KeyError:
+        raise CpuvirtError(f"unknown exit reason {text!r} (e.g. CPUID, IO_INSTRUCTION, 30)") from None
+
+
+def _hw_options(args, dump_on=None) -> dict | None:
+    if args.mode != "hw":
+        if args.vmx or args.no_ept or getattr(args, "dump_vmcs_on", None):
+            raise CpuvirtError("--vmx, --no-ept and --dump-vmcs-on apply to --mode hw")
+        return None
+    return {"vmx": args.vmx, "ept": not args.no_ept, "dump_on": dump_on}
+
+
+def _vmcs(args) -> int:
+    from cpuvirt.runner import DEFAULT_MAX_INSNS, run_guest
+    args.mode = "hw"
+    want = _reason(args.dump_vmcs_on) if args.dump_vmcs_on else None
+    if args.at_exit is not None and args.at_exit < 1:
+        raise CpuvirtError("--at-exit counts from 1")
+    shown = []
+
+    def dump_on(cpu, x):
+        if shown or (want is not None and x.reason != want) or (want is None and cpu.exits != args.at_exit):
+            return
+        shown.append(x)
+        print(f"VM exit #{cpu.exits}: {x.reason.name} ({int(x.reason)}) at {x.rip:#x}  {x.insn}  -> {x.action}")
+        print(cpu.vmcs.dump())
+        cpu.finish("stopped", 0, "stopped after dumping the VMCS")
+
+    res = run_guest(args.guest, "hw", args.mem, DEFAULT_MAX_INSNS, None, None, "", mode_options=_hw_options(args, dump_on))
+    if not shown:
+        what = want.name if want is not None else f"#{args.at_exit}"
+        raise CpuvirtError(f"the guest ended ({res.outcome}) after {sum(r[2] for r in res.exit_stats)} exits, "
+                           f"before exit {what}")
+    return 0
+
+
 def _run(args) -> int:
     from cpuvirt.runner import DEFAULT_MAX_INSNS, run_guest
 
@@ -107,11 +180,40 @@ def _run(args) -> int:
     max_insns = DEFAULT_MAX_INSNS if args.max_insns is None else args.max_insns
     if max_insns < 0:
         raise CpuvirtError("--max-insns must be >= 0")
-    res = run_guest(args.guest, args.mode, args.mem, max_insns, args.trace, console, args.append)
+    dump_on = None
+    if args.dump_vmcs_on:
+        want = _reason(args.dump_vmcs_on)
+        done = []
+
+        def dump_on(cpu, x):
+            if not done and x.reason == want:
+                done.append(1)
+                stdout.flush()
+                print(f"VM exit #{cpu.exits}: {x.reason.name} ({int(x.reason)}) at {x.rip:#x}  {x.insn}  -> {x.action}\n"
+                      f"{cpu.vmcs.dump()}", file=sys.stderr)
+    res = run_guest(args.guest, args.mode, args.mem, max_insns, args.trace, console, args.append,
+                    modules=args.module, mode_options=_hw_options(args, dump_on))
     stdout.flush()
     if not args.quiet:
         print(format_summary(res), file=sys.stderr)
+    if args.stats:
+        print(format_stats(res), file=sys.stderr)
     return res.status
+
+
+def format_stats(res) -> str:
+    """kvm_stat's shape: one row per exit reason, busiest first."""
+    if res.exit_stats:
+        lines = [f"  {'exit reason':<28} {'count':>9} {'share':>7} {'mean handler':>14}"]
+        for name, number, count, share, mean_us in res.exit_stats:
+            lines.append(f"  {name + f' ({number})':<28} {count:>9} {share:>7.1%} {mean_us:>11.1f} us")
+        lines.append(f"  {'total':<28} {sum(r[2] for r in res.exit_stats):>9}")
+        return "\n".join(lines)
+    total = sum(res.counts.values()) or 1
+    lines = [f"  {'event kind':<28} {'count':>9} {'share':>7}"]
+    for kind, n in sorted(res.counts.items(), key=lambda kv: -kv[1]):
+        lines.append(f"  {kind:<28} {n:>9} {n / total:>7.1%}")
+    return "\n".join(lines)
 
 
 def format_summary(res) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from cpuvirt.errors import CpuvirtError, MultibootError
@@ -13,6 +14,7 @@ from cpuvirt.machine.vga import render_text
 from cpuvirt.modes import get_mode
 from cpuvirt.trace.format import TraceWriter
 from cpuvirt.cpu import regs as R
+from cpuvirt.cpu.mmiosite import MmioSites
 
 BOOT_GDT_GPA = 0x500   # BIOS data area: free at Multiboot entry, below anything a loader places
 DEFAULT_MAX_INSNS = 1_000_000_000
@@ -33,6 +35,7 @@ class RunResult:
     wall_s: float
     vga: str = ""
     unhandled_ports: list = field(default_factory=list)
+    exit_stats: list = field(default_factory=list)
 
 
 def resolve_guest(guest: str, mode: str) -> tuple[str, bytes]:
@@ -47,15 +50,37 @@ def resolve_guest(guest: str, mode: str) -> tuple[str, bytes]:
     return guest, build_guest(guest, pv=(mode == "para"))
 
 
+def load_modules(modules: Sequence[tuple[str, str | None]]) -> list[tuple[bytes, str]]:
+    """Read each Multiboot module: [(contents, module string)]; a file that cannot be read is a
+    CpuvirtError naming it."""
+    loaded = []
+    for path, args in modules:
+        try:
+            with open(path, "rb") as f:
+                blob = f.read()
+        except OSError as e:
+            raise CpuvirtError(f"--module {path}: {e.strerror}") from None
+        loaded.append((blob, path if args is None else f"{path} {args}"))
+    return loaded
+
+
 def run_guest(guest: str, mode: str = "native", mem_mib: int = 32, max_insns: int = DEFAULT_MAX_INSNS,
-              trace_path: str | None = None, console=None, cmdline: str = "") -> RunResult:
+              trace_path: str | None = None, console=None, cmdline: str = "",
+              mode_options: dict | None = None, modules: Sequence[tuple[str, str | None]] = ()) -> RunResult:
+    """One run. `mode_options` go to the mode (hw: vmx=[NAME=VALUE...], ept=bool, dump_on=callback).
+
+    `modules` are Multiboot modules as (file, command line or None), loaded and described as QEMU's
+    `-initrd 'file cmdline,...'` does: the module's string is the file name as given, then a space
+    and its command line when it has one. The kernel's command line starts with `guest` as given
+    (QEMU's is the -kernel argument), then a space and `cmdline`.
+    """
     mode_cls = get_mode(mode)
     if not MIN_MEM_MIB <= mem_mib <= MAX_MEM_MIB:
         raise CpuvirtError(f"--mem must be between {MIN_MEM_MIB} and {MAX_MEM_MIB} MiB (got {mem_mib})")
     name, data = resolve_guest(guest, mode)
     image = load_image(data, name)
     check_fits(image, mem_mib << 20)
-    boot = build_boot_info(image, mem_mib << 20, cmdline)
+    boot = build_boot_info(image, mem_mib << 20, cmdline, load_modules(modules), kernel_name=guest)
 
     out = bytearray()
     exit_value = []
@@ -69,11 +94,15 @@ def run_guest(guest: str, mode: str = "native", mem_mib: int = 32, max_insns: in
     trace_file = open(trace_path, "w", encoding="utf-8") if trace_path else None
     try:
         trace = None
-        if trace_file:
-            trace = TraceWriter(trace_file, name, hashlib.sha256(data).hexdigest(), mode,
-                                {"mem_mib": mem_mib, "max_insns": max_insns, "cmdline": cmdline})
         machine = Machine(mem_mib, on_console=on_console, on_exit=None, on_unhandled_io=None)
-        hv = mode_cls(machine, trace=trace, max_insns=max_insns)
+        hv = mode_cls(machine, trace=None, max_insns=max_insns, **(mode_options or {}))
+        if trace_file:
+            options = {"mem_mib": mem_mib, "max_insns": max_insns, "cmdline": cmdline}
+            if modules:
+                options["modules"] = [string for _, _, string in boot.modules]
+            if hasattr(hv, "settings"):
+                options["vmx"] = hv.settings.as_dict()
+            trace = hv.vcpu.trace = TraceWriter(trace_file, name, hashlib.sha256(data).hexdigest(), mode, options)
         vcpu = hv.vcpu
 
         def on_exit(value: int) -> None:
@@ -93,6 +122,14 @@ def run_guest(guest: str, mode: str = "native", mem_mib: int = 32, max_insns: in
         machine.mmu.on_unbacked = lambda gpa: vcpu.record(
             "unbacked_memory", "UNBACKED", None, vcpu.regs.read(R.EIP), {"gpa": f"{gpa:#x}"},
             "reads all-ones, writes dropped; reported once per page")
+        mmio_sites = MmioSites(machine.mmu, machine.regs, machine.clock)
+
+        def on_mmio(gpa, size, is_write, value) -> None:
+            eip = mmio_sites.site(gpa, is_write) if vcpu.trace is not None else 0
+            vcpu.record("mmio", "WRITE" if is_write else "READ", None, eip,
+                        {"gpa": f"{gpa:#x}", "size": size, "value": f"{value:#x}"}, "emulated by the device model")
+
+        machine.mmio.on_access = on_mmio
 
         for gpa, blob in image.segments:
             machine.write_gpa(gpa, blob)
@@ -101,6 +138,7 @@ def run_guest(guest: str, mode: str = "native", mem_mib: int = 32, max_insns: in
         machine.set_flat_protected_mode(BOOT_GDT_GPA)
         machine.regs.write(R.EAX, MULTIBOOT_BOOTLOADER_MAGIC)
         machine.regs.write(R.EBX, boot.address)
+        hv.boot()
 
         t0 = time.perf_counter()
         outcome = hv.run(image.entry)
@@ -109,8 +147,10 @@ def run_guest(guest: str, mode: str = "native", mem_mib: int = 32, max_insns: in
         if trace:
             trace.footer(outcome.kind, outcome.status, machine.clock.instructions, counts)
         vga = render_text(machine.vga_text())
+        stats = vcpu.summary_stats() if hasattr(vcpu, "summary_stats") else []
         return RunResult(name, mode, outcome.kind, outcome.status, outcome.message, bytes(out),
-                         machine.clock.instructions, machine.clock.now, counts, machine.mmu.counters.as_dict(), wall, vga, unhandled)
+                         machine.clock.instructions, machine.clock.now, counts, machine.mmu.counters.as_dict(), wall, vga,
+                         unhandled, stats)
     finally:
         if trace_file:
             trace_file.close()

@@ -85,7 +85,10 @@ def test_bad_inputs_get_one_line(tmp_path):
     one_line_error(cpuvirt("run", elf))
     assert "unknown guest" in one_line_error(cpuvirt("run", "no-such-guest"))
     assert "unknown mode" in one_line_error(cpuvirt("run", "hello", "--mode", "warp"))
-    assert "not implemented yet" in one_line_error(cpuvirt("run", "hello", "--mode", "hw"))
+    assert "not implemented yet" in one_line_error(cpuvirt("run", "hello", "--mode", "trap"))
+    assert "apply to --mode hw" in one_line_error(cpuvirt("run", "hello", "--vmx", "hlt_exiting=0"))
+    assert "not a VMX control" in one_line_error(cpuvirt("run", "hello", "--mode", "hw", "--vmx", "warp_drive=1"))
+    assert "shadow-paging" in one_line_error(cpuvirt("run", "hello", "--mode", "hw", "--no-ept"))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"type": "header", "format": "cpuvirt-trace/1"}\n{not json\n')
     assert "bad.jsonl:2" in one_line_error(cpuvirt("trace", "show", bad))

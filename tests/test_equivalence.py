@@ -8,23 +8,25 @@ import subprocess
 import pytest
 
 from cpuvirt.runner import run_guest
-from cpuvirt.toolchain.build import build_guest, list_guests
+from cpuvirt.toolchain.build import build_guest, guest_source_dir, list_guests
 from tests.conftest import requires_qemu
+from tests.guest_args import in_guest_dir, qemu_args, run_kwargs
 
 GUESTS = [g.name for g in list_guests()]
 QEMU = ["qemu-system-i386", "-nodefaults", "-nographic", "-monitor", "none", "-serial", "stdio", "-no-reboot",
         "-m", "32", "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04", "-fw_cfg", "name=etc/sercon-port,string=0"]
 
 
-def qemu_console(image_path) -> tuple[bytes, int]:
-    p = subprocess.run(QEMU + ["-kernel", str(image_path)], capture_output=True, timeout=60,
-                       stdin=subprocess.DEVNULL)
+def qemu_console(image_path, extra=(), cwd=None) -> tuple[bytes, int]:
+    p = subprocess.run(QEMU + ["-kernel", str(image_path), *extra], capture_output=True, timeout=60,
+                       stdin=subprocess.DEVNULL, cwd=cwd)
     return p.stdout, p.returncode
 
 
 @pytest.mark.parametrize("guest", GUESTS)
 def test_native_passes(guest):
-    res = run_guest(guest)
+    with in_guest_dir():            # module paths in tests/guest_args.py are relative to it
+        res = run_guest(guest, **run_kwargs(guest))
     assert res.outcome == "exit" and res.status == 0, (res.outcome, res.message, res.console[-300:])
     assert b"FAIL" not in res.console
 
@@ -34,7 +36,8 @@ def test_native_passes(guest):
 def test_native_console_equals_qemu(guest, tmp_path):
     image = tmp_path / f"{guest}.bin"
     image.write_bytes(build_guest(guest))
-    ours = run_guest(str(image))
-    theirs, qemu_status = qemu_console(image)
+    with in_guest_dir():
+        ours = run_guest(str(image), **run_kwargs(guest))
+    theirs, qemu_status = qemu_console(image, qemu_args(guest), cwd=guest_source_dir())
     assert qemu_status == (ours.status << 1) | 1          # isa-debug-exit: QEMU exits with (v << 1) | 1
     assert ours.console == theirs

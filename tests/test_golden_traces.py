@@ -11,16 +11,18 @@ import pytest
 
 from cpuvirt.runner import run_guest
 from cpuvirt.toolchain.build import list_guests
+from tests.guest_args import in_guest_dir, run_kwargs
 
 TRACES = Path(__file__).resolve().parent.parent / "traces"
-MODES = ["native"]
+MODES = ["native", "hw"]
 
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("guest", [g.name for g in list_guests()])
 def test_trace_matches_golden(guest, mode, tmp_path):
     fresh = tmp_path / "t.jsonl"
-    run_guest(guest, mode, trace_path=str(fresh))
+    with in_guest_dir():            # guests with modules (tests/guest_args.py) name them relatively
+        run_guest(guest, mode, trace_path=str(fresh), **run_kwargs(guest))
     data = fresh.read_bytes()
     golden = TRACES / f"{guest}.{mode}.jsonl.gz"
     if os.environ.get("CPUVIRT_REGEN_TRACES"):

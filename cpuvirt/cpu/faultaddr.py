@@ -71,3 +71,17 @@ def fault_address(code: bytes | None, eip: int, page: int, regs: R.Regs) -> int:
         if ea & ~0xFFF & 0xFFFFFFFF != page and ((ea + size - 1) & ~0xFFF & 0xFFFFFFFF) == page:
             return page
     return page
+
+
+def operand_address(code: bytes | None, eip: int, regs: R.Regs) -> int | None:
+    """The linear address of the instruction's first memory operand (flat segments), or None."""
+    if not code:
+        return None
+    for base, index, scale, disp, _ in _memory_operands(code, eip):
+        ea = disp
+        if base is not None:
+            ea += regs.read(base)
+        if index is not None:
+            ea += regs.read(index) * scale
+        return ea & 0xFFFFFFFF
+    return None

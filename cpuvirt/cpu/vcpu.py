@@ -62,8 +62,12 @@ class Vcpu:
     # -- the run loop --------------------------------------------------------------------------------
     def run(self, entry: int) -> Outcome:
         uc, regs, clock = self.uc, self.regs, self.clock
-        eip = entry
+        regs.write(R.EIP, entry)
         while self.outcome is None:
+            self.before_entry()
+            if self.outcome is not None:
+                break
+            eip = regs.read(R.EIP)
             clock.arm(self._next_deadline())
             try:
                 uc.emu_start(eip, 0)
@@ -88,22 +92,33 @@ class Vcpu:
                 pending = self.mmu.take_pending()
                 if pending is None:
                     self.finish("error", EXIT_ERROR, f"engine error at {eip:#x}: {engine_error}")
-                elif pending.unbacked_fetch:
-                    self.finish("error", EXIT_ERROR,
-                                f"guest fetched code from unbacked memory at {pending.gva:#x}")
                 else:
-                    gva = pending.gva
-                    if pending.access != 2:   # a data access: the engine gave only its page
-                        gva = fault_address(self.mmu.fetch_bytes(eip, 15), eip, gva & 0xFFFFF000, self.regs)
-                    elif (eip & 0xFFFFF000) == (gva & 0xFFFFF000):
-                        gva = eip             # a fetch faults at the instruction (or its next page)
-                    self.page_fault(gva, pending.access, pending.error_code, eip)
+                    self.on_refused_fill(pending, eip)
             elif clock.expired():
                 self.on_deadline(eip)
             else:
                 self.on_hlt(eip)
             eip = regs.read(R.EIP)
         return self.outcome
+
+    def before_entry(self) -> None:
+        """Called before each return to the guest; modes with exits due now (hw) override it."""
+
+    def on_refused_fill(self, pending, eip: int) -> None:
+        """The TLB-fill hook refused an access: a guest page fault (modes add other kinds)."""
+        if pending.unbacked_fetch:
+            self.finish("error", EXIT_ERROR, f"guest fetched code from unbacked memory at {pending.gva:#x}")
+            return
+        self.page_fault(self.exact_linear(pending, eip), pending.access, pending.error_code, eip)
+
+    def exact_linear(self, pending, eip: int) -> int:
+        """The faulting linear address (the fill hook is told only its page)."""
+        gva = pending.gva
+        if pending.access != 2:   # a data access: decode the instruction's operands
+            return fault_address(self.mmu.fetch_bytes(eip, 15), eip, gva & 0xFFFFF000, self.regs)
+        if (eip & 0xFFFFF000) == (gva & 0xFFFFF000):
+            return eip             # a fetch faults at the instruction (or its next page)
+        return gva
 
     def finish(self, kind: str, status: int, message: str = "") -> None:
         if self.outcome is None:
@@ -112,8 +127,12 @@ class Vcpu:
 
     def _next_deadline(self) -> int:
         d = self.m.next_timer_deadline()
-        d = NEVER if d is None else d
-        if self.m.pending_interrupt() is not None:
+        # A deadline already due was handled (update_timers); what it raised waits in the
+        # controller and is covered by the poll below.
+        d = NEVER if d is None or d <= self.clock.now else d
+        if self.m.pending_nmi():
+            d = self.clock.now              # an NMI ignores IF: take it at the next block boundary
+        elif self.m.pending_interrupt() is not None:
             d = min(d, self.clock.now + POLL_INSNS)
         return min(d, self.budget)
 
@@ -127,6 +146,12 @@ class Vcpu:
 
     def inject_pending_interrupt(self, eip: int) -> bool:
         m = self.m
+        if m.pending_nmi():
+            # NMI (vector 2) is not masked by IF and goes before INTR (SDM 6.9, priority 5 vs 6).
+            m.acknowledge_nmi()
+            self.record("interrupt", "NMI", Vector.NMI, eip, {}, "delivered through the guest IDT")
+            self.deliver(Vector.NMI, eip, external=True)
+            return True
         if m.pending_interrupt() is None or not self.regs.read(R.EFLAGS) & R.EFLAGS_IF:
             return False
         vector = m.acknowledge_interrupt()
@@ -186,27 +211,29 @@ class Vcpu:
         self.mmu.crs = None
         try:
             error_code, soft = self.faults.take()
-            eip = self.regs.read(R.EIP)
-            if soft or intno in (Vector.BP, Vector.OF):
-                # int n / int3 / into: EIP is already past the instruction; no error code.
-                prev = self.mmu.fetch_bytes((eip - 1) & 0xFFFFFFFF, 1)
-                insn_len = 1 if prev in (b"\xcc", b"\xce") else 2     # int3 / into, or int n
-                start = (eip - insn_len) & 0xFFFFFFFF
-                name = f"int {intno:#x}" if soft else MNEMONIC.get(intno, str(intno))
-                self.record("exception" if not soft else "trap", name, intno, start,
-                            {"vector": intno, "software": soft}, "delivered through the guest IDT")
-                self.deliver(intno, eip, soft=soft, fault_eip=start)
-            else:
-                ec = error_code if intno in (8, 10, 11, 12, 13, 14, 17) else None
-                detail = {"vector": intno} if ec is None else {"vector": intno, "error_code": ec}
-                self.record("exception", MNEMONIC.get(intno, f"vector {intno}"), intno, eip, detail,
-                            "delivered through the guest IDT")
-                self.deliver(intno, eip, ec)
+            self._deliver_engine_event(intno, error_code, soft, self.regs.read(R.EIP))
         except BaseException as e:   # never let an exception unwind through the engine
             self.error = e
             uc.emu_stop()
         finally:
             self._intr_depth -= 1
+
+    def _deliver_engine_event(self, intno: int, error_code: int, soft: bool, eip: int) -> None:
+        """Deliver what the engine raised: `int n`/int3/into (EIP already past them) or a fault."""
+        if soft or intno in (Vector.BP, Vector.OF):
+            prev = self.mmu.fetch_bytes((eip - 1) & 0xFFFFFFFF, 1)
+            insn_len = 1 if prev in (b"\xcc", b"\xce") else 2     # int3 / into, or int n
+            start = (eip - insn_len) & 0xFFFFFFFF
+            name = f"int {intno:#x}" if soft else MNEMONIC.get(intno, str(intno))
+            self.record("exception" if not soft else "interrupt", name, intno, start,
+                        {"vector": intno, "software": soft}, "delivered through the guest IDT")
+            self.deliver(intno, eip, soft=soft, fault_eip=start)
+        else:
+            ec = error_code if intno in (8, 10, 11, 12, 13, 14, 17) else None
+            detail = {"vector": intno} if ec is None else {"vector": intno, "error_code": ec}
+            self.record("exception", MNEMONIC.get(intno, f"vector {intno}"), intno, eip, detail,
+                        "delivered through the guest IDT")
+            self.deliver(intno, eip, ec)
 
     def hook_invalid(self, uc, _data) -> bool:
         self.mmu.crs = None
@@ -339,6 +366,23 @@ class Vcpu:
                                        ctypes.c_uint64(1), ctypes.c_uint64(0), ctypes.c_int(X.UC_X86_INS_RDTSC))
         if err:
             raise RuntimeError(f"cannot hook rdtsc (uc error {err})")
+        uc.hook_add(UC_HOOK_INSN, self.hook_cpuid, None, 1, 0, X.UC_X86_INS_CPUID)
+
+    def hook_cpuid(self, uc, _data) -> bool:
+        """CPUID answers with cpuvirt's CPU model (cpu/cpuid.py, through the machine), in every mode,
+        never with the engine's own CPU. Returning True keeps the registers written here."""
+        self.mmu.crs = None
+        try:
+            regs = self.regs
+            eax, ebx, ecx, edx = self.m.cpuid(regs.read(R.EAX), regs.read(R.ECX))
+            regs.write(R.EAX, eax)
+            regs.write(R.EBX, ebx)
+            regs.write(R.ECX, ecx)
+            regs.write(R.EDX, edx)
+        except BaseException as e:
+            self.error = e
+            uc.emu_stop()
+        return True
 
     # -- recording -----------------------------------------------------------------------------------
     def record(self, kind: str, reason: str, code, eip: int, detail: dict, action: str) -> None:

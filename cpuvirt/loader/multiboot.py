@@ -174,7 +174,7 @@ def check_fits(image: KernelImage, mem_bytes: int) -> None:
 
 
 def build_boot_info(image: KernelImage, mem_bytes: int, cmdline: str = "",
-                    modules: Sequence[tuple[bytes, str]] = ()) -> BootInfo:
+                    modules: Sequence[tuple[bytes, str]] = (), kernel_name: str | None = None) -> BootInfo:
     """Lay out multiboot_info (spec 3.3) and everything it points to, as QEMU does.
 
     multiboot_info sits at 0x9500 and the memory map at 0x9000 (QEMU's addresses). Above the
@@ -183,13 +183,16 @@ def build_boot_info(image: KernelImage, mem_bytes: int, cmdline: str = "",
     page aligned (spec 3.1.2 bit 0). A module's string is what it was given with, e.g.
     "initrd.img arg" (QEMU passes each `-initrd` item whole). The kernel command line is, as
     under QEMU, the kernel's name, a space, then `cmdline` ("k.elf " when no -append);
-    without a name it is just `cmdline`. QEMU aligns relative to the load address; here the
-    alignment is absolute, which is the same for a page-aligned kernel and spec-correct for others.
+    without a name it is just `cmdline`. The name is `kernel_name` when given (QEMU uses the
+    -kernel argument as typed, path included), else `image.name`. QEMU aligns relative to the load
+    address; here the alignment is absolute, which is the same for a page-aligned kernel and
+    spec-correct for others.
     """
     where = _where(image)
     if mem_bytes < 2 * 1024 * 1024:
         raise MultibootError(f"{where}at least 2 MiB of RAM is needed, not {mem_bytes} bytes")
-    kernel_cmdline = f"{image.name} {cmdline}" if image.name else cmdline
+    name = image.name if kernel_name is None else kernel_name
+    kernel_cmdline = f"{name} {cmdline}" if name else cmdline
     mod_strings = [_c_string(s, "module string", where) for _, s in modules]
     kernel_str = _c_string(kernel_cmdline, "command line", where)
     loader_str = _c_string(BOOT_LOADER_NAME, "boot loader name", where)

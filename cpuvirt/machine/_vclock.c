@@ -39,6 +39,8 @@ typedef struct {
     uint64_t extra;        /* cycles that were not instructions (I/O, idle, deadline rounding) */
     uint32_t stopped;      /* set when the hook stopped the engine */
     uint32_t discard;      /* set by Python's count_cb when it stopped the engine itself */
+    uint32_t stop_next;    /* stop before the next block (the deadline was armed in the past) */
+    uint32_t pad2;
     emu_stop_fn emu_stop;
     count_fn count_cb;
     entry_t table[TABLE_SIZE];
@@ -66,16 +68,25 @@ void vclock_block_hook(void *uc, uint64_t address, uint32_t size, void *user_dat
         s->discard = 0;
         return;
     }
-    if (s->now + count > s->deadline && !s->stopped) {
-        /* Stop before this block: it does not run now, so it is not counted; time moves to the
-         * deadline (the rounding is recorded as non-instruction cycles). */
-        if (s->deadline > s->now) {
-            s->extra += s->deadline - s->now;
-            s->now = s->deadline;
-        }
+    if (s->stop_next) {
+        s->stop_next = 0;
         s->stopped = 1;
         s->emu_stop(uc);
         return;
+    }
+    if (s->now + count > s->deadline && !s->stopped) {
+        if (s->deadline > s->now) {
+            /* Stop before this block: it does not run now, so it is not counted; time moves to the
+             * deadline (the rounding is recorded as non-instruction cycles). */
+            s->extra += s->deadline - s->now;
+            s->now = s->deadline;
+            s->stopped = 1;
+            s->emu_stop(uc);
+            return;
+        }
+        /* Armed with a deadline already past: run this block, stop before the next, so that
+         * every entry makes progress. */
+        s->stop_next = 1;
     }
     s->now += count;
     s->blocks++;

@@ -30,6 +30,7 @@ class _State(ctypes.Structure):
         ("now", ctypes.c_uint64), ("deadline", ctypes.c_uint64), ("blocks", ctypes.c_uint64),
         ("last_block", ctypes.c_uint64), ("last_count", ctypes.c_uint64), ("misses", ctypes.c_uint64),
         ("extra", ctypes.c_uint64), ("stopped", ctypes.c_uint32), ("discard", ctypes.c_uint32),
+        ("stop_next", ctypes.c_uint32), ("pad2", ctypes.c_uint32),
         ("emu_stop", ctypes.c_void_p), ("count_cb", ctypes.c_void_p),
         ("table", _Entry * (1 << 14)),
     ]
@@ -95,6 +96,14 @@ class VirtualClock:
         """Stop the engine at the first block boundary at or after `deadline`."""
         self._state.deadline = deadline
         self._state.stopped = 0
+        self._state.stop_next = 0
+
+    def pull_in(self, deadline: int) -> None:
+        """Stop no later than `deadline` (a device changed state while the guest runs: an APIC
+        timer was armed, an interrupt became deliverable). Unlike arm() it never postpones the
+        stop, and it leaves a stop already requested in place."""
+        if deadline < self._state.deadline:
+            self._state.deadline = deadline
 
     def expired(self) -> bool:
         return bool(self._state.stopped)

@@ -1,6 +1,7 @@
-"""pc-lite: one Uc, guest RAM at a host offset, the PC devices on the port bus, the virtual clock.
+"""pc-lite: one Uc, guest RAM at a host offset, the PC devices on the port and MMIO buses, the virtual clock.
 
 DESIGN.md section 2. The machine knows nothing of virtualization modes: it is what a bare PC would be.
+The CPU's interrupt source is the local APIC, with the 8259 pair behind its LINT0 pin (docs/platform.md).
 """
 from __future__ import annotations
 
@@ -8,17 +9,21 @@ import struct
 
 from unicorn import UC_ARCH_X86, UC_MODE_32, UC_TLB_VIRTUAL, Uc
 
+from cpuvirt.cpu import cpuid as _cpuid
 from cpuvirt.cpu.regs import Regs
+from cpuvirt.machine.apic import APIC_BASE_GPA, APIC_SIZE, MSR_IA32_APIC_BASE, ApicReservedBits, LocalApic
 from cpuvirt.machine.bus import PortBus
 from cpuvirt.machine.clock import TSC_HZ, VirtualClock
 from cpuvirt.machine.debug_exit import DebugExit
+from cpuvirt.machine.fw_cfg import FW_CFG_PORT_SEL, FwCfg
+from cpuvirt.machine.mmio import MmioBus
 from cpuvirt.machine.hostmem import HostRegion
 from cpuvirt.machine.pic import Pic8259Pair
 from cpuvirt.machine.pit import Pit8254
 from cpuvirt.machine.post import PostPort
 from cpuvirt.machine.uart import Uart16550
 from cpuvirt.memory.mmu import Mmu
-from cpuvirt.memory.p2m import RAM_HPA, UNBACKED_HPA, P2m
+from cpuvirt.memory.p2m import MMIO_HPA, RAM_HPA, UNBACKED_HPA, P2m
 
 MIB = 1 << 20
 MIN_MEM_MIB, MAX_MEM_MIB = 2, 512
@@ -26,8 +31,32 @@ VGA_TEXT = 0xB8000
 COM1, PIC_MASTER, PIC_SLAVE, PIT_PORT, POST, DEBUG_EXIT = 0x3F8, 0x20, 0xA0, 0x40, 0x80, 0xF4
 
 
+class _Replans:
+    """A port device whose accesses can change the CPU's interrupt state (the 8259, the 8254)."""
+
+    __slots__ = ("device", "machine")
+
+    def __init__(self, device, machine: "Machine"):
+        self.device, self.machine = device, machine
+
+    def read(self, port: int, size: int) -> int:
+        self.machine.pit.update()
+        value = self.device.read(port, size)
+        self.machine._interrupts_changed()
+        return value
+
+    def write(self, port: int, size: int, value: int) -> None:
+        self.machine.pit.update()
+        self.device.write(port, size, value)
+        self.machine._interrupts_changed()
+
+
+class MsrFault(Exception):
+    """rdmsr/wrmsr of an MSR the machine does not implement, or a reserved bit written: #GP(0)."""
+
+
 class Machine:
-    def __init__(self, mem_mib: int = 32, on_console=None, on_exit=None, on_unhandled_io=None):
+    def __init__(self, mem_mib: int = 32, on_console=None, on_exit=None, on_unhandled_io=None, on_mmio=None):
         self.mem_bytes = mem_mib * MIB
         uc = self.uc = Uc(UC_ARCH_X86, UC_MODE_32)
         # Stop only when cpuvirt says so: with an empty exit list Unicorn never looks up `until - 1`
@@ -52,32 +81,131 @@ class Machine:
         self.pit.bios_setup()
         self.debug_exit = DebugExit(on_exit=on_exit)
         self.bus.register(COM1, 8, self.uart)
-        self.bus.register(PIC_MASTER, 2, self.pic)
-        self.bus.register(PIC_SLAVE, 2, self.pic)
-        self.bus.register(PIT_PORT, 4, self.pit)
+        # The 8259 and 8254 change what the CPU sees: their port accesses catch the PIT up first
+        # (an edge latched while IRQ 0 was masked shows in the IRR) and re-plan the next stop after.
+        self.bus.register(PIC_MASTER, 2, _Replans(self.pic, self))
+        self.bus.register(PIC_SLAVE, 2, _Replans(self.pic, self))
+        self.bus.register(PIT_PORT, 4, _Replans(self.pit, self))
         self.bus.register(POST, 1, PostPort())
         self.bus.register(DEBUG_EXIT, 4, self.debug_exit, wide=True)
+        self.fw_cfg = FwCfg(self.mem_bytes)
+        self.bus.register(FW_CFG_PORT_SEL, 2, self.fw_cfg, wide=True)
+
+        self.mmio = MmioBus(on_access=on_mmio)
+        self._next_mmio_hpa = MMIO_HPA
+        self._mmio_callbacks = []          # Unicorn keeps only pointers: keep the closures alive
+        self.apic = LocalApic(now=lambda: self.clock.now, on_change=self._interrupts_changed)
+        self.apic.bios_setup()
+        self.map_mmio(APIC_BASE_GPA, APIC_SIZE, self.apic)
         self._insn_counter = None
         self.block_observer = None   # callback(insns) -> True to stop and retranslate the block
 
     # -- what the CPU sees of the interrupt controllers and timers ---------------------------------
-    # The vCPU knows only these four calls, so that interrupt controllers and timers (the 8259 and
-    # PIT now, a local APIC later) are added here without touching the run loop.
+    # The vCPU knows only these calls, so that interrupt controllers and timers are added here
+    # without touching the run loop. The local APIC is the CPU's interrupt source; the 8259 pair
+    # sits behind its LINT0 pin (virtual-wire mode) and reaches the CPU while LINT0 is unmasked in
+    # ExtINT mode, or directly while the APIC is globally disabled. ExtINT interrupts ignore the
+    # APIC's priorities, so the 8259 is asked first (SDM 10.5.1; QEMU's apic_get_interrupt).
     def next_timer_deadline(self) -> int | None:
-        """Virtual time of the next timer event, or None if no timer is armed."""
-        return self.pit.next_deadline()
+        """Virtual time of the next timer event that can interrupt the CPU, or None.
+
+        The PIT counts only while IRQ 0 can reach the CPU (unmasked at the master 8259, and the
+        8259 connected): an edge it makes while masked would only latch the IRR, which every 8259
+        and 8254 port access catches up on first (_Replans), so no stop is needed for it, and a
+        CPU halted waiting for the APIC timer is not woken by a PIT edge it cannot take.
+        """
+        apic = self.apic.next_deadline()
+        pit = None
+        if not self.pic.master.imr & 1 and self.apic.pic_connected():
+            pit = self.pit.next_deadline()
+        if pit is None or apic is None:
+            return apic if pit is None else pit
+        return min(pit, apic)
 
     def update_timers(self) -> None:
         """Let every timer catch up with virtual time (raising its interrupt lines)."""
         self.pit.update()
+        self.apic.update()
 
     def pending_interrupt(self) -> int | None:
         """The vector the CPU's INTR line would deliver now, or None."""
-        return self.pic.pending_vector()
+        if self.apic.pic_connected():
+            vector = self.pic.pending_vector()
+            if vector is not None:
+                return vector
+        return self.apic.pending_vector()
 
     def acknowledge_interrupt(self) -> int:
         """The INTA cycle: the vector to deliver (the controller marks it in service)."""
-        return self.pic.acknowledge()
+        if self.apic.pic_connected() and self.pic.pending_vector() is not None:
+            return self.pic.acknowledge()
+        return self.apic.acknowledge()
+
+    def pending_nmi(self) -> bool:
+        """Is an NMI waiting (a self-NMI through the APIC's ICR)? NMIs ignore EFLAGS.IF."""
+        return self.apic.nmi_pending
+
+    def acknowledge_nmi(self) -> None:
+        """The CPU takes the NMI (vector 2). NMI blocking until the next iret is not modelled."""
+        self.apic.take_nmi()
+
+    def _interrupts_changed(self) -> None:
+        """A device changed its interrupt state while the guest runs (an APIC register write, a
+        timer armed): make the engine stop in time for the CPU to look again. A deliverable
+        interrupt or NMI stops it at the next block boundary, a new timer at its deadline."""
+        clock = self.clock
+        self.pit.update()                  # an edge due while IRQ 0 could not interrupt: latch it now
+        deadline = self.next_timer_deadline()
+        if self.apic.nmi_pending or self.pending_interrupt() is not None:
+            deadline = clock.now
+        if deadline is not None:
+            clock.pull_in(deadline)
+
+    # -- model-specific registers and CPUID -----------------------------------------------------------
+    # The vCPU (or, in hw mode, the exit handlers) ask the machine, which owns the APIC.
+    def rdmsr(self, msr: int) -> int:
+        """The MSRs the platform implements: IA32_APIC_BASE (0x1B). Others raise MsrFault (#GP)."""
+        if msr == MSR_IA32_APIC_BASE:
+            return self.apic.read_base_msr()
+        raise MsrFault(f"rdmsr of unimplemented MSR {msr:#x}")
+
+    def wrmsr(self, msr: int, value: int) -> None:
+        if msr == MSR_IA32_APIC_BASE:
+            try:
+                self.apic.write_base_msr(value)
+            except ApicReservedBits as e:
+                raise MsrFault(str(e)) from None
+            return
+        raise MsrFault(f"wrmsr of unimplemented MSR {msr:#x}")
+
+    def cpuid(self, leaf: int, subleaf: int = 0) -> tuple[int, int, int, int]:
+        """CPUID as the platform's CPU model answers it (cpu/cpuid.py; APIC bit per IA32_APIC_BASE)."""
+        return _cpuid.cpuid(leaf, subleaf, apic_enabled=self.apic.hw_enabled)
+
+    # -- memory-mapped devices ---------------------------------------------------------------------
+    def map_mmio(self, gpa: int, size: int, device) -> None:
+        """Put `device` on the MMIO bus at guest-physical gpa .. gpa + size - 1 (whole pages).
+
+        The range gets a Unicorn MMIO region at the next free host-physical address, and the p2m
+        maps the guest-physical pages to it, so that a guest access goes TLB-fill hook -> region
+        callback -> MmioBus -> device, with no hook anywhere else.
+        """
+        hpa = self._next_mmio_hpa
+        if hpa + size > UNBACKED_HPA:
+            raise ValueError("no host-physical room left for MMIO ranges")
+        self.mmio.register(gpa, size, device)
+        bus = self.mmio
+
+        def read(_uc, offset, width, _data):
+            return bus.read(gpa + offset, width)
+
+        def write(_uc, offset, width, value, _data):
+            bus.write(gpa + offset, width, value)
+
+        self._mmio_callbacks.append((read, write))
+        self.uc.mmio_map(hpa, size, read, None, write, None)
+        self.p2m.add_mmio(gpa, size, hpa)
+        self._next_mmio_hpa = hpa + size
 
     # -- guest-physical memory ---------------------------------------------------------------------
     def write_gpa(self, gpa: int, data: bytes) -> None:

@@ -34,6 +34,26 @@ class GuestPageFault(Exception):
         self.error_code = error_code
 
 
+class NestedFault(Exception):
+    """The second dimension (EPT) refused a guest-physical access: in hw mode, a VM exit."""
+
+    def __init__(self, detail, gpa: int, final: bool = False):
+        super().__init__(f"nested fault at GPA {gpa:#x}")
+        self.detail, self.gpa, self.final = detail, gpa, final
+        self.gva = None
+        self.access = None
+        self.error_code = 0
+        self.unbacked_fetch = False
+
+    def with_linear(self, gva: int, access: int, gpa: int | None = None, final: bool | None = None):
+        self.gva, self.access = gva, access
+        if gpa is not None:
+            self.gpa = gpa | (gva & 0xFFF) if not gpa & 0xFFF else gpa
+        if final is not None:
+            self.final = final
+        return self
+
+
 class PendingFault:
     __slots__ = ("gva", "access", "error_code", "unbacked_fetch")
 
@@ -52,10 +72,17 @@ class MmuCounters:
 
 
 class GuestWalk:
-    """Native strategy: the guest's own page tables over a flat p2m (no hypervisor in between)."""
+    """Native strategy: the guest's own page tables over a flat p2m (no hypervisor in between).
+
+    A strategy answers two questions: gva_to_gpa (the guest's walk) and gpa_to_hpa (what backs a
+    guest-physical page); other strategies (EPT, shadow and direct paging) answer them differently.
+    """
 
     def __init__(self, mmu: "Mmu"):
         self.mmu = mmu
+
+    def gpa_to_hpa(self, gpa: int, access: int):
+        return self.mmu.p2m.gpa_to_hpa(gpa)
 
     def gva_to_gpa(self, gva, access, user, side_effects=True):
         m = self.mmu
@@ -116,13 +143,28 @@ class Mmu:
         # CPL from SS, not CS: they agree except mid-way through a ring change done from a hook,
         # where SS is loaded first and the descriptor reads that follow are supervisor accesses.
         user = (self.regs.read(R.SS) & 3) == 3
-        gpa, ok = self.strategy.gva_to_gpa(vaddr, acc, user)
+        try:
+            gpa, ok = self.strategy.gva_to_gpa(vaddr, acc, user)
+        except NestedFault as nf:            # the 2-D walk faulted on a guest paging structure
+            self.pending = nf.with_linear(vaddr, acc)
+            return False
         if gpa is None:
             self.counters.faults += 1
             self.pending = PendingFault(vaddr, acc, ok)
             return False
-        hpa = self.p2m.gpa_to_hpa(gpa & PAGE_MASK)
+        try:
+            hpa = self.strategy.gpa_to_hpa(gpa & PAGE_MASK, acc)
+        except NestedFault as nf:            # the final guest-physical address is not mapped
+            self.pending = nf.with_linear(vaddr, acc, gpa=gpa, final=True)
+            return False
         if hpa is None:
+            mmio = self.p2m.mmio_to_hpa(gpa & PAGE_MASK)
+            if mmio is not None and acc != Access.FETCH:
+                # A device's registers (the MMIO bus): read, and write if the guest's translation
+                # allows it; never execute (a fetch from them ends the run, like unbacked memory).
+                entry.paddr = mmio
+                entry.perms = _RW if ok else UC_PROT_READ
+                return True
             self._note_unbacked(gpa)
             if acc == Access.FETCH:
                 self.pending = PendingFault(vaddr, acc, 0, unbacked_fetch=True)
@@ -165,7 +207,8 @@ class Mmu:
             gpa2, ok2 = self.strategy.gva_to_gpa(gva, Access.WRITE, user, side_effects)
             if gpa2 is None:
                 raise GuestPageFault(gva, ok2)
-        return self.p2m.gpa_to_hpa(gpa)
+        page = self.strategy.gpa_to_hpa(gpa & PAGE_MASK, access)
+        return None if page is None else page | (gpa & 0xFFF)
 
     def read_linear(self, gva: int, size: int, user: bool = False, side_effects: bool = True) -> bytes:
         out = bytearray()
@@ -194,5 +237,5 @@ class Mmu:
         """Code bytes at a linear address without side effects (disassembly, block counting)."""
         try:
             return self.read_linear(gva, size, user=False, side_effects=False)
-        except GuestPageFault:
+        except (GuestPageFault, NestedFault):
             return None

@@ -6,10 +6,11 @@ user asking for one is told plainly that it is not built yet.
 from __future__ import annotations
 
 from cpuvirt.errors import CpuvirtError
+from cpuvirt.modes.hw import HwMode
 from cpuvirt.modes.native import NativeMode
 
-MODES = {"native": NativeMode}
-PLANNED = ("trap", "full", "para", "hw")
+MODES = {"native": NativeMode, "hw": HwMode}
+PLANNED = ("trap", "full", "para")
 
 
 def get_mode(name: str):

@@ -18,5 +18,8 @@ class NativeMode:
         self.vcpu = Vcpu(machine, trace=trace, max_insns=max_insns)
         self.vcpu.install_hooks()
 
+    def boot(self) -> None:
+        """Nothing between the loader and the guest."""
+
     def run(self, entry: int):
         return self.vcpu.run(entry)

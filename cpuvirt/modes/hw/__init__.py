@@ -1,0 +1,32 @@
+"""Mode `hw`: the unmodified guest at ring 0 in simulated VMX non-root operation (Intel VT-x).
+
+`vmcs.py` holds the VMCS, `exits.py` the exit reasons and exit-information encodings, `controls.py`
+the execution controls by their SDM names, `vmx.py` the processor (when it exits, VM entry and its
+checks, event injection) and `handlers.py` the root-mode hypervisor, organised as KVM's VMX code is.
+"""
+from __future__ import annotations
+
+from cpuvirt.errors import CpuvirtError
+from cpuvirt.modes.hw.controls import VmxSettings
+from cpuvirt.modes.hw.vmx import VmxCpu
+
+
+class HwMode:
+    name = "hw"
+    description = "ring 0 in simulated VMX non-root operation: VM exits, VMCS controls, EPT"
+
+    def __init__(self, machine, trace=None, max_insns: int = 0, vmx: list[str] | None = None,
+                 ept: bool = True, dump_on=None):
+        settings = VmxSettings(vmx, ept=ept)
+        if not settings.bits["enable_ept"]:
+            raise CpuvirtError("--no-ept needs the shadow-paging strategy, which is not built yet "
+                               "(issue 4: full virtualization); hw mode runs with EPT only for now")
+        self.machine = machine
+        self.settings = settings
+        self.vcpu = VmxCpu(machine, settings, trace=trace, max_insns=max_insns, dump_on=dump_on)
+
+    def boot(self) -> None:
+        self.vcpu.guest_entry()
+
+    def run(self, entry: int):
+        return self.vcpu.run(entry)

@@ -1,0 +1,287 @@
+"""The root-mode hypervisor: one handler per basic exit reason, as KVM's kvm_vmx_exit_handlers[].
+
+Each handler reads the exit information it needs (vmread), emulates, advances GUEST_RIP by the
+instruction length when it completed the instruction itself, and says what it did (`x.action`, shown
+in the trace). Events for the guest are injected through the VM-entry interruption-information field,
+never delivered directly: the processor does that at the next VM entry.
+"""
+from __future__ import annotations
+
+from cpuvirt.cpu import regs as R
+from cpuvirt.cpu.events import HAS_ERROR_CODE, Vector
+from cpuvirt.modes.hw import exits as E
+from cpuvirt.modes.hw.exits import ExitReason
+from cpuvirt.modes.hw.vmcs import Field as F
+from cpuvirt.modes.hw.vmx import EXIT_HYPERVISOR_STOP, Exit
+
+# KVM hypercalls (Documentation/virt/kvm/x86/hypercalls.rst, include/uapi/linux/kvm_para.h).
+KVM_HC_VAPIC_POLL_IRQ, KVM_HC_KICK_CPU, KVM_HC_CLOCK_PAIRING = 1, 5, 9
+KVM_HC_SEND_IPI, KVM_HC_SCHED_YIELD, KVM_HC_MAP_GPA_RANGE = 10, 11, 12
+KVM_ENOSYS, KVM_EINVAL = 1000, 22
+HYPERCALL_NAMES = {1: "KVM_HC_VAPIC_POLL_IRQ", 5: "KVM_HC_KICK_CPU", 9: "KVM_HC_CLOCK_PAIRING",
+                   10: "KVM_HC_SEND_IPI", 11: "KVM_HC_SCHED_YIELD", 12: "KVM_HC_MAP_GPA_RANGE"}
+
+
+class RootHypervisor:
+    def __init__(self, cpu):
+        self.cpu = cpu
+        self.vmcs = cpu.vmcs
+        self.handlers = {
+            ExitReason.EXCEPTION_NMI: self.handle_exception_nmi,
+            ExitReason.EXTERNAL_INTERRUPT: self.handle_external_interrupt,
+            ExitReason.TRIPLE_FAULT: self.handle_triple_fault,
+            ExitReason.INTERRUPT_WINDOW: self.handle_interrupt_window,
+            ExitReason.CPUID: self.handle_cpuid,
+            ExitReason.HLT: self.handle_hlt,
+            ExitReason.INVD: self.handle_skip,
+            ExitReason.INVLPG: self.handle_invlpg,
+            ExitReason.RDPMC: self.handle_execute,
+            ExitReason.RDTSC: self.handle_rdtsc,
+            ExitReason.VMCALL: self.handle_vmcall,
+            ExitReason.CR_ACCESS: self.handle_cr,
+            ExitReason.DR_ACCESS: self.handle_execute,
+            ExitReason.IO_INSTRUCTION: self.handle_io,
+            ExitReason.MSR_READ: self.handle_rdmsr,
+            ExitReason.MSR_WRITE: self.handle_wrmsr,
+            ExitReason.MWAIT: self.handle_skip,
+            ExitReason.MONITOR: self.handle_skip,
+            ExitReason.PAUSE: self.handle_skip,
+            ExitReason.GDTR_IDTR: self.handle_execute,
+            ExitReason.LDTR_TR: self.handle_execute,
+            ExitReason.EPT_VIOLATION: self.handle_ept_violation,
+            ExitReason.EPT_MISCONFIG: self.handle_ept_misconfig,
+            ExitReason.WBINVD: self.handle_skip,
+        }
+        for name in E.VMX_INSTRUCTIONS.values():
+            if name is not ExitReason.VMCALL:
+                self.handlers[name] = self.handle_vmx_instruction
+
+    # -- helpers ----------------------------------------------------------------------------------------
+    def skip_instruction(self, x: Exit) -> None:
+        """KVM's kvm_skip_emulated_instruction: RIP += the exit's instruction length."""
+        self.vmcs.vmwrite(F.GUEST_RIP, x.rip + self.vmcs.vmread(F.VM_EXIT_INSTRUCTION_LEN))
+
+    def inject(self, vector: int, kind: int, error_code: int | None = None, length: int = 0) -> None:
+        self.vmcs.vmwrite(F.VM_ENTRY_INTR_INFO_FIELD, E.intr_info(vector, kind, error_code is not None))
+        if error_code is not None:
+            self.vmcs.vmwrite(F.VM_ENTRY_EXCEPTION_ERROR_CODE, error_code)
+        self.vmcs.vmwrite(F.VM_ENTRY_INSTRUCTION_LEN, length)
+
+    def guest_interruptible(self) -> bool:
+        return bool(self.vmcs.vmread(F.GUEST_RFLAGS) & R.EFLAGS_IF)
+
+    # -- handlers ----------------------------------------------------------------------------------------
+    def handle_exception_nmi(self, x: Exit) -> None:
+        """Reflect the exception to the guest (KVM: handle_exception_nmi -> kvm_queue_exception)."""
+        info = self.vmcs.vmread(F.VM_EXIT_INTR_INFO)
+        vector, kind = info & 0xFF, (info >> 8) & 7
+        code = self.vmcs.vmread(F.VM_EXIT_INTR_ERROR_CODE) if info & E.INTR_INFO_DELIVER_CODE else None
+        if vector == Vector.PF:
+            # The processor did not touch CR2: the hypervisor sets it from the exit qualification.
+            self.cpu.regs.write(R.CR2, self.vmcs.vmread(F.EXIT_QUALIFICATION))
+        if kind == E.INTR_TYPE_NMI:
+            self.inject(Vector.NMI, E.INTR_TYPE_NMI)               # the guest's own (virtual) NMI
+        elif kind == E.INTR_TYPE_SOFT_EXCEPTION:
+            self.inject(vector, kind, None, self.vmcs.vmread(F.VM_EXIT_INSTRUCTION_LEN))
+        else:
+            self.inject(vector, E.INTR_TYPE_HW_EXCEPTION, code if vector in HAS_ERROR_CODE else None)
+        x.action = f"reflected {x.detail.get('name', vector)} to the guest (VM-entry injection)"
+
+    def handle_external_interrupt(self, x: Exit) -> None:
+        """The emulated PIC has a request for the guest: inject it, or wait for the interrupt window."""
+        if self.guest_interruptible():
+            vector = self.cpu.m.acknowledge_interrupt()
+            self.inject(vector, E.INTR_TYPE_EXT_INTR)
+            x.action = f"injected external interrupt vector {vector:#x}"
+        else:
+            self.cpu.set_ctl("interrupt_window_exiting", True)
+            x.action = "guest has IF=0: requested interrupt-window exiting"
+
+    def handle_interrupt_window(self, x: Exit) -> None:
+        self.cpu.set_ctl("interrupt_window_exiting", False)
+        if self.cpu.m.pending_interrupt() is not None:
+            vector = self.cpu.m.acknowledge_interrupt()
+            self.inject(vector, E.INTR_TYPE_EXT_INTR)
+            x.action = f"window open: injected external interrupt vector {vector:#x}"
+        else:
+            x.action = "window open, nothing pending"
+
+    def handle_triple_fault(self, x: Exit) -> None:
+        self.cpu.finish("triple_fault", 125, f"triple fault at {x.rip:#x}: {x.detail.get('why', '')}")
+        x.action = "shut the guest down (KVM_EXIT_SHUTDOWN)"
+
+    def handle_cpuid(self, x: Exit) -> None:
+        model = getattr(self.cpu.m, "cpuid", None)
+        if model is None:
+            x.action = "executed CPUID on the guest's behalf (engine's model)"
+            return
+        regs = self.cpu.regs
+        eax, ebx, ecx, edx = model(regs.read(R.EAX), regs.read(R.ECX))
+        for reg, val in ((R.EAX, eax), (R.EBX, ebx), (R.ECX, ecx), (R.EDX, edx)):
+            regs.write(reg, val)
+        x.value = True
+        x.action = f"emulated CPUID: {eax:#x} {ebx:#x} {ecx:#x} {edx:#x}"
+
+    def handle_hlt(self, x: Exit) -> None:
+        self.skip_instruction(x)
+        x.block = True
+        x.action = "skipped hlt; vCPU blocked until an interrupt (kvm_vcpu_halt)"
+
+    def handle_invlpg(self, x: Exit) -> None:
+        x.action = f"invalidated {self.vmcs.vmread(F.EXIT_QUALIFICATION):#x} (executed for the guest)"
+
+    def handle_rdtsc(self, x: Exit) -> None:
+        tsc = self.cpu.clock.now
+        if self.cpu.ctl("use_tsc_offsetting"):
+            tsc = (tsc + self.vmcs.vmread(F.TSC_OFFSET)) & 0xFFFFFFFFFFFFFFFF
+        x.value = tsc
+        x.action = f"returned TSC {tsc}"
+
+    def handle_vmcall(self, x: Exit) -> None:
+        """The KVM hypercall ABI: number in EAX, arguments in EBX, ECX, EDX, ESI, result in EAX."""
+        regs = self.cpu.regs
+        nr = regs.read(R.EAX)
+        if nr in (KVM_HC_VAPIC_POLL_IRQ, KVM_HC_KICK_CPU, KVM_HC_SCHED_YIELD):
+            ret = 0                      # one vCPU: nothing to poll, kick or yield to
+        elif nr == KVM_HC_SEND_IPI:
+            ret = -KVM_EINVAL            # no other vCPU to send to
+        else:
+            ret = -KVM_ENOSYS
+        regs.write(R.EAX, ret & 0xFFFFFFFF)
+        self.skip_instruction(x)
+        x.detail.update({"hypercall": HYPERCALL_NAMES.get(nr, f"unknown ({nr})"), "nr": nr,
+                         "args": [f"{regs.read(r):#x}" for r in (R.EBX, R.ECX, R.EDX, R.ESI)], "ret": ret})
+        x.action = f"hypercall {HYPERCALL_NAMES.get(nr, nr)} -> {ret}"
+
+    def handle_vmx_instruction(self, x: Exit) -> None:
+        """No nested virtualization: like KVM without `nested`, answer with #UD."""
+        self.inject(Vector.UD, E.INTR_TYPE_HW_EXCEPTION)
+        x.action = "no nested VMX: injected #UD"
+
+    def handle_cr(self, x: Exit) -> None:
+        """KVM's handle_cr: MOV to CR0/CR3/CR4 updates the guest's view (read shadow) and real value."""
+        q = self.vmcs.vmread(F.EXIT_QUALIFICATION)
+        cr, access, gpr = q & 0xF, (q >> 4) & 3, R.GPR_ORDER[(q >> 8) & 7]
+        regs = self.cpu.regs
+        if access == E.CR_MOV_TO:
+            value = regs.read(gpr)
+            if cr == 0:
+                self.vmcs.vmwrite(F.CR0_READ_SHADOW, value)
+                self.vmcs.vmwrite(F.GUEST_CR0, value | (1 << 5))       # keep CR0.NE, as KVM does
+            elif cr == 4:
+                self.vmcs.vmwrite(F.CR4_READ_SHADOW, value)
+                self.vmcs.vmwrite(F.GUEST_CR4, value)
+            elif cr == 3:
+                self.vmcs.vmwrite(F.GUEST_CR3, value)
+            x.action = f"CR{cr} <- {value:#x}"
+        elif access == E.CR_MOV_FROM:
+            value = self.vmcs.vmread(F.GUEST_CR3) if cr == 3 else 0
+            regs.write(gpr, value)
+            x.action = f"{R.GPR_NAMES[(q >> 8) & 7]} <- CR{cr} ({value:#x})"
+        elif access == E.CR_CLTS:
+            self.vmcs.vmwrite(F.CR0_READ_SHADOW, self.vmcs.vmread(F.CR0_READ_SHADOW) & ~8)
+            self.vmcs.vmwrite(F.GUEST_CR0, self.vmcs.vmread(F.GUEST_CR0) & ~8)
+            x.action = "CR0.TS cleared"
+        else:
+            data = q >> 16 & 0xF
+            shadow = self.vmcs.vmread(F.CR0_READ_SHADOW)
+            new = (shadow & ~0xE) | (data & 0xF) | (shadow & 1)      # LMSW cannot clear PE
+            self.vmcs.vmwrite(F.CR0_READ_SHADOW, new)
+            self.vmcs.vmwrite(F.GUEST_CR0, (self.vmcs.vmread(F.GUEST_CR0) & ~0xF) | (new & 0xF))
+            x.action = f"LMSW: CR0 low bits <- {data:#x}"
+        self.skip_instruction(x)
+
+    def handle_io(self, x: Exit) -> None:
+        """Emulate the port access in the device model (KVM: kvm_fast_pio, or an exit to user space)."""
+        q = self.vmcs.vmread(F.EXIT_QUALIFICATION)
+        port, size, is_in = q >> 16, (q & 7) + 1, bool(q & 8)
+        bus = self.cpu.m.bus
+        if is_in:
+            x.value = bus.read(port, size)
+            x.action = f"emulated in from {port:#x} -> {x.value:#x}"
+        else:
+            bus.write(port, size, x.value if x.value is not None else int(x.operands or 0))
+            x.action = f"emulated out to {port:#x}"
+
+    def handle_rdmsr(self, x: Exit) -> None:
+        regs = self.cpu.regs
+        msr = regs.read(R.ECX)
+        value = self._machine_msr("rdmsr", msr)
+        if msr == 0x10:                               # IA32_TIME_STAMP_COUNTER
+            value = self.cpu.clock.now
+        if value is None:
+            x.action = f"MSR {msr:#x}: executed for the guest"
+            return
+        regs.write(R.EAX, value & 0xFFFFFFFF)
+        regs.write(R.EDX, value >> 32 & 0xFFFFFFFF)
+        self.skip_instruction(x)
+        x.action = f"MSR {msr:#x} -> {value:#x}"
+
+    def handle_wrmsr(self, x: Exit) -> None:
+        regs = self.cpu.regs
+        msr = regs.read(R.ECX)
+        value = regs.read(R.EAX) | regs.read(R.EDX) << 32
+        if self._machine_msr("wrmsr", msr, value) is not None:
+            self.skip_instruction(x)
+            x.action = f"MSR {msr:#x} <- {value:#x}"
+        else:
+            x.action = f"MSR {msr:#x} <- {value:#x}: executed for the guest"
+
+    def _machine_msr(self, op: str, msr: int, *value):
+        """The machine's MSR model (APIC base...), or None for an MSR it leaves to the engine."""
+        fn = getattr(self.cpu.m, op, None)
+        if fn is None:
+            return None
+        try:
+            result = fn(msr, *value)
+        except Exception as e:                  # the model does not implement this MSR
+            if type(e).__name__ != "MsrFault":
+                raise
+            return None
+        return True if value and result is None else result
+
+    def handle_execute(self, x: Exit) -> None:
+        """Let the instruction run once on the guest's behalf (it has no hidden effect to emulate here)."""
+        x.action = "executed for the guest"
+
+    def handle_skip(self, x: Exit) -> None:
+        self.skip_instruction(x)
+        x.action = "nothing to do (no caches, one vCPU): skipped"
+
+    def handle_ept_violation(self, x: Exit) -> None:
+        cpu = self.cpu
+        gpa = self.vmcs.vmread(F.GUEST_PHYSICAL_ADDRESS)
+        page = gpa & ~0xFFF
+        m = cpu.m
+        if getattr(m, "mmio", None) is not None and m.mmio.find(gpa) is not None:
+            # A device register: KVM's handle_ept_violation -> kvm_mmu_page_fault -> emulation.
+            from cpuvirt.cpu.emulate import emulate_mmio
+            from cpuvirt.cpu.events import Unsupported
+            try:
+                length, what = emulate_mmio(cpu.mmu.fetch_bytes(x.rip, 15), x.rip, cpu.regs, gpa,
+                                            m.mmio.read, m.mmio.write)
+            except Unsupported as u:
+                cpu.finish("error", 1, str(u))
+                x.action = "cannot emulate"
+                return
+            self.vmcs.vmwrite(F.GUEST_RIP, x.rip + length)
+            x.action = what
+            return
+        if cpu.settings.lazy_ept and page < cpu.m.mem_bytes:
+            from cpuvirt.memory.p2m import RAM_HPA
+            cpu.ept.map(page, RAM_HPA + page)
+            x.action = f"allocated guest page {page:#x} on demand; retry"
+            return
+        cpu.finish("ept_violation", EXIT_HYPERVISOR_STOP,
+                   f"EPT violation at guest-physical {gpa:#x} (linear {self.vmcs.vmread(F.GUEST_LINEAR_ADDRESS):#x}, "
+                   f"{x.detail.get('access')}): outside guest RAM and emulated MMIO")
+        x.action = "no memory there: the hypervisor stops the guest"
+
+    def handle_ept_misconfig(self, x: Exit) -> None:
+        self.cpu.finish("ept_misconfig", EXIT_HYPERVISOR_STOP,
+                        f"EPT misconfiguration at guest-physical {self.vmcs.vmread(F.GUEST_PHYSICAL_ADDRESS):#x}")
+        x.action = "misconfigured EPT entry: the hypervisor stops the guest"
+
+    def unhandled(self, x: Exit) -> None:
+        self.cpu.finish("error", 1, f"no handler for exit reason {x.reason.name} ({int(x.reason)})")
+        x.action = "no handler"

@@ -1,0 +1,707 @@
+"""The simulated processor in VMX non-root operation: when it exits, what it records, how it re-enters.
+
+The guest runs at ring 0 in the engine. Each place where a real VT-x processor would consult the VMCS
+is a hook here: I/O, CPUID, RDTSC and exceptions arrive through the engine's hooks; instructions that
+do not trap in the engine (mov to/from CR, hlt, invlpg, lgdt, rdmsr...) through one-address intercepts
+(cpu/intercept.py); TLB fills go through the 2-D walk (memory/nested.py). When the controls say so, the
+processor performs a VM exit: it fills the exit-information fields, hands the exit to the root-mode
+handler (handlers.py, KVM's table), then performs a VM entry: checks the guest state (SDM 26.3), loads
+the fields the handler changed, and injects the event the handler asked for (SDM 26.6).
+
+Rules followed, by SDM Vol. 3C section: 25.1.3 (instructions that exit conditionally, CR0/CR4 masks and
+read shadows), 25.2 (other causes: exception bitmap, #PF error-code mask/match, external interrupts,
+interrupt window), 28.2 (exit-information fields), 26.3 (entry checks), 26.6 (event injection).
+"""
+from __future__ import annotations
+
+import ctypes
+import time
+from collections import Counter, defaultdict
+
+from unicorn import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH, UC_HOOK_INSN
+from unicorn import x86_const as X
+
+from cpuvirt.cpu import regs as R
+from cpuvirt.cpu.events import HAS_ERROR_CODE, MNEMONIC, Vector
+from cpuvirt.cpu.faultaddr import operand_address
+from cpuvirt.cpu.vcpu import EXIT_ERROR, Vcpu
+from cpuvirt.machine.clock import NEVER
+from cpuvirt.machine.hostmem import HostRegion
+from cpuvirt.memory.ept import EPT_R, EPT_W, EPT_X, Ept, HvAllocator
+from cpuvirt.memory.mmu import NestedFault
+from cpuvirt.memory.nested import EptWalk
+from cpuvirt.memory.p2m import HV_HPA, RAM_HPA
+from cpuvirt.modes.hw import exits as E
+from cpuvirt.modes.hw.controls import CONTROLS, VmxSettings
+from cpuvirt.modes.hw.exits import ExitReason
+from cpuvirt.modes.hw.vmcs import Field as F
+from cpuvirt.modes.hw.vmcs import Vmcs
+
+HV_SIZE = 8 << 20
+EXIT_HYPERVISOR_STOP = 123   # the hypervisor could not go on (failed VM entry, unhandled EPT violation)
+
+# The simulated IA32_VMX_CR0_FIXED0/1 and CR4_FIXED0/1 (SDM appendix A.7, A.8), with "unrestricted
+# guest": CR0.PE and CR0.PG may be 0, CR0.NE must be 1; CR4 has no fixed bits here.
+CR0_FIXED0 = 1 << 5
+CR0_PE, CR0_NE, CR0_PG = 1, 1 << 5, 1 << 31
+RFLAGS_RESERVED_ZERO = (1 << 3) | (1 << 5) | (1 << 15) | 0xFFC00000
+
+SENSITIVE = frozenset(("hlt", "mov", "clts", "lmsw", "smsw", "invlpg", "lgdt", "lidt", "sgdt", "sidt",
+                       "lldt", "ltr", "sldt", "str", "rdmsr", "wrmsr", "rdpmc", "wbinvd", "invd", "pause",
+                       "monitor", "mwait"))
+_RDTSC_CB = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
+_GPR = {n: r for n, r in zip(R.GPR_NAMES, R.GPR_ORDER)}
+
+
+class Exit:
+    """One VM exit as the root-mode handler sees it."""
+
+    __slots__ = ("reason", "qualification", "length", "rip", "insn", "detail", "value", "action",
+                 "implicit_rip", "block", "mnemonic", "operands")
+
+    def __init__(self, reason, qualification, length, rip, insn, detail, implicit_rip, mnemonic="", operands=""):
+        self.reason, self.qualification, self.length, self.rip = reason, qualification, length, rip
+        self.insn, self.detail, self.implicit_rip = insn, detail, implicit_rip
+        self.mnemonic, self.operands = mnemonic, operands
+        self.value = None      # IN result, CPUID/RDTSC "done by handler" marker
+        self.action = ""
+        self.block = False     # the handler parks the vCPU until an interrupt (HLT)
+
+
+class EntryFailure(Exception):
+    def __init__(self, why: str, qualification: int = 0):
+        super().__init__(why)
+        self.qualification = qualification
+
+
+class VmxCpu(Vcpu):
+    def __init__(self, machine, settings: VmxSettings, trace=None, max_insns: int = 0, dump_on=None):
+        super().__init__(machine, trace=trace, max_insns=max_insns)
+        from cpuvirt.modes.hw.handlers import RootHypervisor
+        self.settings = settings
+        self.vmcs = Vmcs()
+        self._bind_live_fields()
+        self.hv_mem = HostRegion(self.uc, HV_HPA, HV_SIZE)   # hypervisor-only host memory
+        self.alloc = HvAllocator(self.hv_mem)
+        self.exits = 0
+        self.stats: Counter = Counter()
+        self.handler_time: dict = defaultdict(float)
+        self.dump_on = dump_on        # (exit number or reason name) -> callback(dump text)
+        self.hypervisor = RootHypervisor(self)
+        self._io_forms: dict = {}
+        self._launch()
+
+    # -- VMLAUNCH: the hypervisor's set-up, then the first entry ---------------------------------------
+    def _launch(self) -> None:
+        self.install_hooks()
+        v, s = self.vmcs, self.settings
+        io_a, io_b, msr = self.alloc.page(), self.alloc.page(), self.alloc.page()
+        for port in s.io_ports:
+            page = io_a if port < 0x8000 else io_b
+            off = (port & 0x7FFF) >> 3
+            self.hv_mem.view[page - HV_HPA + off] |= 1 << (port & 7)
+        for m in s.msrs:
+            for base in (0, 2048):                        # read bitmap, write bitmap (SDM 25.6.9)
+                if m <= 0x1FFF:
+                    bit = m
+                elif 0xC0000000 <= m <= 0xC0001FFF:
+                    bit = m - 0xC0000000 + 8192
+                else:
+                    continue
+                self.hv_mem.view[msr - HV_HPA + base + bit // 8] |= 1 << (bit % 8)
+        v.vmwrite(F.IO_BITMAP_A, io_a)
+        v.vmwrite(F.IO_BITMAP_B, io_b)
+        v.vmwrite(F.MSR_BITMAP, msr)
+        v.vmwrite(F.VMCS_LINK_POINTER, 0xFFFFFFFFFFFFFFFF)      # no shadow VMCS (SDM 26.3.1.5)
+        s.apply(v)
+        if s.bits["enable_ept"]:
+            self.ept = Ept(self.hv_mem, self.alloc)
+            if not s.lazy_ept:
+                self.ept.map_range(0, RAM_HPA, self.m.mem_bytes)
+            v.vmwrite(F.EPT_POINTER, self.ept.eptp)
+        self.enable_intercepts(SENSITIVE, self.on_sensitive)
+        self.uc.hook_add(UC_HOOK_INSN, self.hook_cpuid, None, 1, 0, X.UC_X86_INS_CPUID)
+
+    def guest_entry(self) -> None:
+        """Called once the loader has set the boot state: the hypervisor's view of the guest's CRs."""
+        v = self.vmcs
+        cr0 = self.regs.read(R.CR0)
+        v.vmwrite(F.CR0_READ_SHADOW, cr0)
+        v.vmwrite(F.CR4_READ_SHADOW, self.regs.read(R.CR4))
+        v.vmwrite(F.GUEST_CR0, cr0 | CR0_FIXED0)         # KVM too forces CR0.NE behind the shadow
+        v.vmwrite(F.GUEST_ACTIVITY_STATE, 0)
+        if self.settings.bits["enable_ept"]:
+            # From VMLAUNCH on, every guest-physical access goes through EPT (the loader before it
+            # wrote guest memory from the host side); drop what the engine cached before.
+            self.mmu.strategy = EptWalk(self.mmu, self.ept)
+            self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
+        self.vm_entry(None)
+
+    def _bind_live_fields(self) -> None:
+        regs, v = self.regs, self.vmcs
+
+        def scalar(field, reg):
+            v.bind_live(field, lambda: regs.read(reg), lambda val: regs.write(reg, val))
+
+        def table(field, reg, index):
+            def write(val):
+                t = list(regs.table(reg))
+                t[index] = val
+                regs.set_table(reg, tuple(t))
+            v.bind_live(field, lambda: regs.table(reg)[index], write)
+
+        for field, reg in ((F.GUEST_RIP, R.EIP), (F.GUEST_RSP, R.ESP), (F.GUEST_RFLAGS, R.EFLAGS),
+                           (F.GUEST_CR0, R.CR0), (F.GUEST_CR3, R.CR3), (F.GUEST_CR4, R.CR4),
+                           (F.GUEST_CS_SELECTOR, R.CS), (F.GUEST_SS_SELECTOR, R.SS), (F.GUEST_DS_SELECTOR, R.DS),
+                           (F.GUEST_ES_SELECTOR, R.ES), (F.GUEST_FS_SELECTOR, R.FS), (F.GUEST_GS_SELECTOR, R.GS)):
+            scalar(field, reg)
+        table(F.GUEST_GDTR_BASE, R.GDTR, 1)
+        table(F.GUEST_GDTR_LIMIT, R.GDTR, 2)
+        table(F.GUEST_IDTR_BASE, R.IDTR, 1)
+        table(F.GUEST_IDTR_LIMIT, R.IDTR, 2)
+        table(F.GUEST_TR_SELECTOR, R.TR, 0)
+        table(F.GUEST_TR_BASE, R.TR, 1)
+        table(F.GUEST_LDTR_SELECTOR, R.LDTR, 0)
+
+    # -- controls --------------------------------------------------------------------------------------
+    def ctl(self, name: str) -> bool:
+        field, bit = CONTROLS[name]
+        return bool(self.vmcs._values[field] >> bit & 1)
+
+    def set_ctl(self, name: str, on: bool) -> None:
+        field, bit = CONTROLS[name]
+        word = self.vmcs._values[field]
+        self.vmcs.vmwrite(field, word | (1 << bit) if on else word & ~(1 << bit))
+
+    def _bitmap_bit(self, field: F, bit: int) -> bool:
+        page = self.vmcs._values[field]
+        return bool(self.hv_mem.view[page - HV_HPA + bit // 8] >> (bit % 8) & 1)
+
+    # -- VM exit and VM entry -------------------------------------------------------------------------
+    def vm_exit(self, reason: ExitReason, rip: int, *, qualification: int = 0, length: int = 0, insn: str | None = None,
+                intr_info: int = 0, intr_error: int | None = None, gpa: int | None = None, gla: int | None = None,
+                instr_info: int = 0, detail: dict | None = None, implicit_rip: bool = False,
+                mnemonic: str = "", operands: str = "") -> Exit:
+        v = self.vmcs
+        v.on_exit()
+        w = v._values
+        w[F.VM_EXIT_REASON] = int(reason)
+        w[F.EXIT_QUALIFICATION] = qualification
+        w[F.VM_EXIT_INSTRUCTION_LEN] = length
+        w[F.VM_EXIT_INTR_INFO] = intr_info
+        w[F.VM_EXIT_INTR_ERROR_CODE] = intr_error or 0
+        w[F.VMX_INSTRUCTION_INFO] = instr_info
+        if gpa is not None:
+            w[F.GUEST_PHYSICAL_ADDRESS] = gpa
+        if gla is not None:
+            w[F.GUEST_LINEAR_ADDRESS] = gla
+        # The guest's RIP at the exit: the instruction (or, for I/O, CPUID and RDTSC, whose hooks
+        # run inside the engine before it has moved EIP, the instruction the engine is completing).
+        w[F.GUEST_RIP] = rip
+        v._cache[F.GUEST_RIP] = rip
+        self.exits += 1
+        self.stats[reason] += 1
+        x = Exit(reason, qualification, length, rip, insn if insn is not None else self.insn_at(rip),
+                 detail or {}, implicit_rip, mnemonic, operands)
+        t0 = time.perf_counter()
+        handler = self.hypervisor.handlers.get(reason, self.hypervisor.unhandled)
+        handler(x)
+        self.handler_time[reason] += time.perf_counter() - t0
+        if x.block:
+            self._blocked = True
+        if self.trace is not None:
+            d = dict(x.detail)
+            if reason == ExitReason.IO_INSTRUCTION and x.value is not None:
+                d["value"] = f"{x.value:#x}"
+            if length:
+                d["instruction_length"] = length
+            self.trace.event(self.clock.instructions, 0, "vmexit", reason.name, int(reason), rip, x.insn, d, x.action)
+        if self.dump_on is not None:
+            self.dump_on(self, x)
+        if self.outcome is None:
+            self.vm_entry(x)
+        return x
+
+    def vm_entry(self, x: Exit | None) -> None:
+        v = self.vmcs
+        if x is not None and x.implicit_rip:
+            v.dirty.discard(F.GUEST_RIP)      # the engine finishes the instruction itself
+        try:
+            self._entry_checks()
+        except EntryFailure as ef:
+            v._values[F.VM_EXIT_REASON] = E.ENTRY_FAILURE | ExitReason.ENTRY_FAIL_GUEST_STATE
+            v._values[F.EXIT_QUALIFICATION] = ef.qualification
+            rip = v.vmread(F.GUEST_RIP)
+            self.stats[ExitReason.ENTRY_FAIL_GUEST_STATE] += 1
+            self.record("entry_failure", "ENTRY_FAIL_GUEST_STATE", E.ENTRY_FAILURE | 33, rip, {"why": str(ef)},
+                        "VM entry failed: the hypervisor stops the guest")
+            self.finish("entry_failure", EXIT_HYPERVISOR_STOP, f"VM entry failed (exit reason 0x80000021): {ef}")
+            return
+        info = v._values[F.VM_ENTRY_INTR_INFO_FIELD]
+        # The RIP to inject at: what the handler wrote, else what the exit saved (for int3 the
+        # engine's EIP is already past the instruction). Read before loading clears the exit's cache.
+        rip = v.vmread(F.GUEST_RIP) if info & E.INTR_INFO_VALID else 0
+        v.load_dirty()
+        if info & E.INTR_INFO_VALID:
+            v._values[F.VM_ENTRY_INTR_INFO_FIELD] = info & ~E.INTR_INFO_VALID
+            vector, kind = info & 0xFF, (info >> 8) & 7
+            code = v._values[F.VM_ENTRY_EXCEPTION_ERROR_CODE] if info & E.INTR_INFO_DELIVER_CODE else None
+            eip = rip
+            soft = kind in (E.INTR_TYPE_SOFT_INTR, E.INTR_TYPE_SOFT_EXCEPTION, E.INTR_TYPE_PRIV_SW_EXCEPTION)
+            ret = (eip + v._values[F.VM_ENTRY_INSTRUCTION_LEN]) & 0xFFFFFFFF if soft else eip
+            self.deliver(vector, ret, code, soft=False, external=kind == E.INTR_TYPE_EXT_INTR)
+
+    def _entry_checks(self) -> None:
+        """SDM 26.3.1: the guest-state checks, on every field the hypervisor wrote since the exit.
+
+        Fields it did not write still hold what the processor saved, which passed these checks at the
+        last entry; reading them back from the engine mid-block (e.g. RFLAGS inside an I/O hook,
+        where the engine has not materialised its lazy flags) would not be reliable anyway.
+        """
+        v = self.vmcs
+        dirty = v.dirty
+        if F.GUEST_CR0 in dirty:
+            cr0 = v.vmread(F.GUEST_CR0)
+            if cr0 & CR0_FIXED0 != CR0_FIXED0:
+                raise EntryFailure(f"GUEST_CR0 {cr0:#x} lacks a bit IA32_VMX_CR0_FIXED0 requires (NE)")
+            if cr0 & CR0_PG and not cr0 & CR0_PE:
+                raise EntryFailure(f"GUEST_CR0 {cr0:#x} has PG set without PE")
+        if F.GUEST_RFLAGS in dirty:
+            rflags = v.vmread(F.GUEST_RFLAGS)
+            if not rflags & 2 or rflags & RFLAGS_RESERVED_ZERO:
+                raise EntryFailure(f"GUEST_RFLAGS {rflags:#x}: bit 1 must be 1 and reserved bits 0")
+            if rflags & R.EFLAGS_VM:
+                raise EntryFailure("GUEST_RFLAGS.VM = 1: virtual-8086 guests are not supported")
+        if dirty & {F.GUEST_CS_SELECTOR, F.GUEST_SS_SELECTOR}:
+            if (v.vmread(F.GUEST_CS_SELECTOR) ^ v.vmread(F.GUEST_SS_SELECTOR)) & 3:
+                raise EntryFailure("CS.RPL differs from SS.RPL")
+        info = v._values[F.VM_ENTRY_INTR_INFO_FIELD]
+        if info & E.INTR_INFO_VALID:
+            vector, kind = info & 0xFF, (info >> 8) & 7
+            if info & 0x7FFFF000 or kind == 1:
+                raise EntryFailure(f"VM-entry interruption information {info:#x}: reserved bits or type")
+            if kind == E.INTR_TYPE_NMI and vector != 2 or kind == E.INTR_TYPE_HW_EXCEPTION and vector > 31:
+                raise EntryFailure(f"VM-entry interruption information {info:#x}: bad vector for its type")
+            if info & E.INTR_INFO_DELIVER_CODE and (kind != E.INTR_TYPE_HW_EXCEPTION or vector not in HAS_ERROR_CODE):
+                raise EntryFailure(f"VM-entry interruption information {info:#x}: error code for a vector without one")
+        if v._values[F.GUEST_ACTIVITY_STATE] not in (0, 1):
+            raise EntryFailure("guest activity state must be active or HLT")
+
+    # -- sensitive instructions (one-address intercepts; EIP is the instruction) ---------------------------
+    def on_sensitive(self, address: int, size: int, mnem: str, ops: str) -> None:
+        if self.outcome is not None:
+            return
+        if mnem == "mov":
+            self._mov_cr_dr(address, size, ops)
+        elif mnem == "hlt":
+            if self.ctl("hlt_exiting"):
+                self.vm_exit(ExitReason.HLT, address, length=size, mnemonic=mnem)
+        elif mnem == "invlpg":
+            if self.ctl("invlpg_exiting"):
+                la = self._operand_address(address)
+                self.vm_exit(ExitReason.INVLPG, address, qualification=la, length=size,
+                             detail={"linear_address": f"{la:#x}"}, mnemonic=mnem)
+        elif mnem in E.GDTR_IDTR_INSTRUCTIONS or mnem in E.LDTR_TR_INSTRUCTIONS:
+            if self.ctl("activate_secondary_controls") and self.ctl("descriptor_table_exiting"):
+                reason = ExitReason.GDTR_IDTR if mnem in E.GDTR_IDTR_INSTRUCTIONS else ExitReason.LDTR_TR
+                self.vm_exit(reason, address, length=size, instr_info=E.descriptor_instruction_info(mnem),
+                             detail={"instruction": mnem}, mnemonic=mnem, operands=ops)
+        elif mnem in ("rdmsr", "wrmsr"):
+            ecx = self.regs.read(R.ECX)
+            if self._msr_exits(ecx, mnem == "wrmsr"):
+                reason = ExitReason.MSR_WRITE if mnem == "wrmsr" else ExitReason.MSR_READ
+                self.vm_exit(reason, address, length=size, detail={"msr": f"{ecx:#x}"}, mnemonic=mnem)
+        elif mnem == "clts":
+            v = self.vmcs._values
+            if v[F.CR0_GUEST_HOST_MASK] & 8 and v[F.CR0_READ_SHADOW] & 8:
+                self.vm_exit(ExitReason.CR_ACCESS, address, length=size, qualification=E.cr_qualification(0, E.CR_CLTS),
+                             detail=E.decode_cr_qualification(E.cr_qualification(0, E.CR_CLTS)), mnemonic=mnem)
+        elif mnem == "smsw":
+            self._smsw(address, size, ops)
+        elif mnem == "lmsw":
+            self._lmsw(address, size, ops)
+        elif mnem == "rdpmc":
+            if self.ctl("rdpmc_exiting"):
+                self.vm_exit(ExitReason.RDPMC, address, length=size, mnemonic=mnem)
+        elif mnem == "wbinvd":
+            if self.ctl("activate_secondary_controls") and self.ctl("wbinvd_exiting"):
+                self.vm_exit(ExitReason.WBINVD, address, length=size, mnemonic=mnem)
+        elif mnem == "invd":
+            self.vm_exit(ExitReason.INVD, address, length=size, mnemonic=mnem)       # always exits
+        elif mnem == "pause":
+            if self.ctl("pause_exiting"):
+                self.vm_exit(ExitReason.PAUSE, address, length=size, mnemonic=mnem)
+        elif mnem == "monitor":
+            if self.ctl("monitor_exiting"):
+                self.vm_exit(ExitReason.MONITOR, address, length=size, mnemonic=mnem)
+        elif mnem == "mwait":
+            if self.ctl("mwait_exiting"):
+                self.vm_exit(ExitReason.MWAIT, address, length=size, mnemonic=mnem)
+        if self.outcome is not None or self._blocked:
+            self.uc.emu_stop()
+
+    def _mov_cr_dr(self, address: int, size: int, ops: str) -> None:
+        dst, _, src = (t.strip() for t in ops.partition(","))
+        to_cr = dst.startswith("cr")
+        if dst.startswith("dr") or src.startswith("dr"):
+            if self.ctl("mov_dr_exiting"):
+                dr, reg, direction = (int(dst[2:]), src, 0) if dst.startswith("dr") else (int(src[2:]), dst, 1)
+                q = dr | (direction << 4) | (R.GPR_NAMES.index(reg) << 8)
+                self.vm_exit(ExitReason.DR_ACCESS, address, qualification=q, length=size,
+                             detail={"dr": dr, "direction": "MOV from DR" if direction else "MOV to DR", "register": reg},
+                             mnemonic="mov", operands=ops)
+            return
+        cr = int((dst if to_cr else src)[2:])
+        reg = src if to_cr else dst
+        if reg not in _GPR:
+            return
+        v = self.vmcs._values
+        if to_cr:
+            value = self.regs.read(_GPR[reg])
+            exits = False
+            if cr == 0:
+                exits = bool(v[F.CR0_GUEST_HOST_MASK] & (value ^ v[F.CR0_READ_SHADOW]))
+            elif cr == 4:
+                exits = bool(v[F.CR4_GUEST_HOST_MASK] & (value ^ v[F.CR4_READ_SHADOW]))
+            elif cr == 3:
+                exits = self.ctl("cr3_load_exiting") and not self._cr3_target(value)
+            if exits:
+                q = E.cr_qualification(cr, E.CR_MOV_TO, R.GPR_NAMES.index(reg))
+                d = E.decode_cr_qualification(q)
+                d["value"] = f"{value:#x}"
+                self.vm_exit(ExitReason.CR_ACCESS, address, qualification=q, length=size, detail=d, mnemonic="mov", operands=ops)
+            elif cr in (0, 4):
+                # No exit: the processor writes the guest-owned bits and keeps the host-owned ones.
+                field, mask = (F.GUEST_CR0, v[F.CR0_GUEST_HOST_MASK]) if cr == 0 else (F.GUEST_CR4, v[F.CR4_GUEST_HOST_MASK])
+                real = self.regs.read(R.CR0 if cr == 0 else R.CR4)
+                self.regs.write(R.CR0 if cr == 0 else R.CR4, (value & ~mask) | (real & mask))
+                self.regs.write(R.EIP, address + size)
+        else:
+            if cr == 3 and self.ctl("cr3_store_exiting"):
+                q = E.cr_qualification(3, E.CR_MOV_FROM, R.GPR_NAMES.index(reg))
+                self.vm_exit(ExitReason.CR_ACCESS, address, qualification=q, length=size,
+                             detail=E.decode_cr_qualification(q), mnemonic="mov", operands=ops)
+            elif cr in (0, 4):
+                # A read sees the read shadow for host-owned bits (SDM 25.3): emulated, no exit.
+                mask = v[F.CR0_GUEST_HOST_MASK if cr == 0 else F.CR4_GUEST_HOST_MASK]
+                if mask:
+                    shadow = v[F.CR0_READ_SHADOW if cr == 0 else F.CR4_READ_SHADOW]
+                    real = self.regs.read(R.CR0 if cr == 0 else R.CR4)
+                    self.regs.write(_GPR[reg], (real & ~mask) | (shadow & mask))
+                    self.regs.write(R.EIP, address + size)
+
+    def _cr3_target(self, value: int) -> bool:
+        v = self.vmcs._values
+        n = min(v[F.CR3_TARGET_COUNT], 4)
+        return any(v[F.CR3_TARGET_VALUE0 + 2 * i] == value for i in range(n))
+
+    def _smsw(self, address: int, size: int, ops: str) -> None:
+        v = self.vmcs._values
+        mask = v[F.CR0_GUEST_HOST_MASK] & 0xFFFF
+        reg = ops.strip()
+        if mask and (reg in _GPR or "e" + reg in _GPR):
+            real = self.regs.read(R.CR0)
+            val = ((real & ~mask) | (v[F.CR0_READ_SHADOW] & mask)) & 0xFFFF
+            # Like the engine (and QEMU): the 16-bit MSW, the register's upper half unchanged.
+            full = _GPR[reg if reg.startswith("e") else "e" + reg]
+            self.regs.write(full, (self.regs.read(full) & 0xFFFF0000) | val)
+            self.regs.write(R.EIP, address + size)
+
+    def _lmsw(self, address: int, size: int, ops: str) -> None:
+        reg = ops.strip()
+        if reg not in ("ax", "bx", "cx", "dx", "si", "di", "bp", "sp"):
+            return                                          # memory operand: executed as is
+        value = self.regs.read(_GPR["e" + reg]) & 0xFFFF
+        v = self.vmcs._values
+        mask, shadow = v[F.CR0_GUEST_HOST_MASK] & 0xF, v[F.CR0_READ_SHADOW] & 0xF
+        # SDM 25.1.3: LMSW exits if it would set PE against a clear shadow bit, or change MP/EM/TS.
+        if (mask & 1 and not shadow & 1 and value & 1) or (mask & 0xE & (value ^ shadow)):
+            q = E.cr_qualification(0, E.CR_LMSW, lmsw_data=value)
+            self.vm_exit(ExitReason.CR_ACCESS, address, qualification=q, length=size,
+                         detail=E.decode_cr_qualification(q), mnemonic="lmsw", operands=ops)
+
+    def _msr_exits(self, msr: int, write: bool) -> bool:
+        if not self.ctl("use_msr_bitmaps"):
+            return True
+        if msr <= 0x1FFF:
+            bit = msr
+        elif 0xC0000000 <= msr <= 0xC0001FFF:
+            bit = msr - 0xC0000000 + 8192
+        else:
+            return True
+        return self._bitmap_bit(F.MSR_BITMAP, bit + (2048 * 8 if write else 0))
+
+    def _operand_address(self, address: int) -> int:
+        la = operand_address(self.mmu.fetch_bytes(address, 15), address, self.regs)
+        return 0 if la is None else la
+
+    # -- I/O, CPUID, RDTSC (engine hooks) ------------------------------------------------------------
+    def _io_exits(self, port: int, size: int) -> bool:
+        if self.ctl("use_io_bitmaps"):
+            for p in range(port, port + size):
+                p &= 0xFFFF
+                if self._bitmap_bit(F.IO_BITMAP_A if p < 0x8000 else F.IO_BITMAP_B, p & 0x7FFF):
+                    return True
+            return False
+        return self.ctl("unconditional_io_exiting")
+
+    def _io_form(self, addr: int) -> tuple[bool, bool, bool]:
+        """(string, rep, immediate) of the I/O instruction at addr."""
+        form = self._io_forms.get(addr)
+        if form is None:
+            code = self.mmu.fetch_bytes(addr, 15) or b""
+            form = (False, False, False)
+            for _, _, mnem, ops in self._cs().disasm_lite(code, addr, 1):
+                string = mnem.split()[-1].startswith(("ins", "outs"))
+                form = (string, mnem.startswith("rep"), not string and "dx" not in ops.split(",")[0 if mnem.startswith("out") else -1])
+            self._io_forms[addr] = form
+        return form
+
+    def _io(self, port: int, size: int, is_in: bool, value: int = 0) -> int:
+        self.clock.advance(1000)
+        addr, length = self.io_site()
+        if not self._io_exits(port, size):
+            self.counts["io"] += 1
+            if self.trace is not None:
+                self._io_event(port, size, "in" if is_in else "out", value)
+            if is_in:
+                return self.m.bus.read(port, size)
+            self.m.bus.write(port, size, value)
+            return 0
+        string, rep, imm = self._io_form(addr)
+        q = E.io_qualification(port, size, is_in, string, rep, imm)
+        d = E.decode_io_qualification(q)
+        if not is_in:
+            d["value"] = f"{value:#x}"
+        x = self.vm_exit(ExitReason.IO_INSTRUCTION, addr, qualification=q, length=length, detail=d,
+                         implicit_rip=True, operands=f"{value}")
+        return x.value if is_in and x.value is not None else 0
+
+    def hook_in(self, uc, port, size, _data):
+        if self.outcome is not None:
+            return 0
+        self.mmu.crs = None
+        try:
+            return self._io(port, size, True)
+        except BaseException as e:
+            self.error = e
+            uc.emu_stop()
+            return 0
+
+    def hook_out(self, uc, port, size, value, _data):
+        if self.outcome is not None:
+            return
+        self.mmu.crs = None
+        try:
+            self._io(port, size, False, value)
+            if self.outcome is not None:
+                uc.emu_stop()
+        except BaseException as e:
+            self.error = e
+            uc.emu_stop()
+
+    def hook_cpuid(self, uc, _data) -> int:
+        """CPUID always exits (SDM 25.1.2)."""
+        if self.outcome is not None:
+            return 0
+        self.mmu.crs = None
+        try:
+            eax, ecx = self.regs.read(R.EAX), self.regs.read(R.ECX)
+            x = self.vm_exit(ExitReason.CPUID, self._insn_site(), length=2, implicit_rip=True,
+                             detail={"leaf": f"{eax:#x}", "subleaf": f"{ecx:#x}"})
+            return 1 if x.value else 0
+        except BaseException as e:
+            self.error = e
+            uc.emu_stop()
+            return 0
+
+    def _insn_site(self) -> int:
+        """Address of the instruction whose engine hook is running (EIP is stale there): found in the
+        running block, like I/O (cpuid and rdtsc end their blocks in the engine's translation)."""
+        clock = self.clock
+        code = self.mmu.fetch_bytes(clock.last_block, 256) or b""
+        last = clock.last_block
+        for addr, _, mnem, _ in self._cs().disasm_lite(code, clock.last_block):
+            last = addr
+            if mnem in ("cpuid", "rdtsc", "rdtscp"):
+                return addr
+        return last
+
+    def rdtsc(self, _uc, _data) -> int:
+        self.mmu.crs = None
+        try:
+            tsc = self.clock.now
+            if self.ctl("rdtsc_exiting"):
+                x = self.vm_exit(ExitReason.RDTSC, self._insn_site(), length=2, implicit_rip=True)
+                tsc = x.value if x.value is not None else tsc
+            elif self.ctl("use_tsc_offsetting"):
+                tsc = (tsc + self.vmcs._values[F.TSC_OFFSET]) & 0xFFFFFFFFFFFFFFFF
+            self.regs.write(R.EAX, tsc & 0xFFFFFFFF)
+            self.regs.write(R.EDX, tsc >> 32)
+        except BaseException as e:
+            self.error = e
+            self.uc.emu_stop()
+        return 1
+
+    # -- exceptions ----------------------------------------------------------------------------------------
+    def _exception_exits(self, vector: int, error_code: int | None = None) -> bool:
+        bitmap = self.vmcs._values[F.EXCEPTION_BITMAP]
+        if vector != Vector.PF:
+            return bool(bitmap >> vector & 1)
+        v = self.vmcs._values
+        match = (error_code & v[F.PAGE_FAULT_ERROR_CODE_MASK]) == v[F.PAGE_FAULT_ERROR_CODE_MATCH]
+        return match if bitmap >> 14 & 1 else not match
+
+    def _exception_exit(self, vector: int, rip: int, error_code: int | None, kind: int, length: int = 0,
+                        qualification: int = 0) -> None:
+        info = E.intr_info(vector, kind, error_code is not None)
+        d = E.decode_intr_info(info)
+        d["name"] = MNEMONIC.get(vector, str(vector))
+        if error_code is not None:
+            d["error_code"] = error_code
+        if vector == Vector.PF:
+            d["linear_address"] = f"{qualification:#x}"
+        self.vm_exit(ExitReason.EXCEPTION_NMI, rip, qualification=qualification, length=length, intr_info=info,
+                     intr_error=error_code, detail=d)
+
+    def hook_intr(self, uc, intno, data):
+        if self._intr_depth or self.outcome is not None:
+            return super().hook_intr(uc, intno, data)
+        error_code, soft = self.faults.take()
+        eip = self.regs.read(R.EIP)
+        hw = not soft and intno not in (Vector.BP, Vector.OF)
+        if soft and intno not in (Vector.BP, Vector.OF) or not self._exception_exits(intno):
+            return self._direct(uc, intno, error_code, soft, eip)
+        self._intr_depth += 1
+        self.mmu.crs = None
+        try:
+            if hw:
+                ec = error_code if intno in HAS_ERROR_CODE else None
+                self._exception_exit(intno, eip, ec, E.INTR_TYPE_HW_EXCEPTION)
+            else:                                   # int3 / into: software exceptions, EIP after them
+                self._exception_exit(intno, eip - 1, None, E.INTR_TYPE_SOFT_EXCEPTION, length=1)
+        except BaseException as e:
+            self.error = e
+            uc.emu_stop()
+        finally:
+            self._intr_depth -= 1
+        if self.outcome is not None or self._blocked:
+            uc.emu_stop()
+
+    def _direct(self, uc, intno, error_code, soft, eip):
+        """No exit: the processor delivers the event through the guest IDT itself (as Vcpu does)."""
+        self._intr_depth += 1
+        self.mmu.crs = None
+        try:
+            Vcpu._deliver_engine_event(self, intno, error_code, soft, eip)
+        except BaseException as e:
+            self.error = e
+            uc.emu_stop()
+        finally:
+            self._intr_depth -= 1
+
+    def hook_invalid(self, uc, _data) -> bool:
+        self.mmu.crs = None
+        try:
+            eip = self.regs.read(R.EIP)
+            code = self.mmu.fetch_bytes(eip, 15) or b""
+            mnem, ops, length = "", "", 0
+            for _, length, mnem, ops in self._cs().disasm_lite(code, eip, 1):
+                pass
+            reason = E.VMX_INSTRUCTIONS.get(mnem)
+            if reason is not None:
+                self.vm_exit(reason, eip, length=length, mnemonic=mnem, operands=ops)
+            elif self._exception_exits(Vector.UD):
+                self._exception_exit(Vector.UD, eip, None, E.INTR_TYPE_HW_EXCEPTION)
+            else:
+                self.record("exception", "#UD", 6, eip, {"vector": 6}, "delivered through the guest IDT")
+                self.deliver(Vector.UD, eip)
+            if self.outcome is not None or self._blocked:
+                uc.emu_stop()
+        except BaseException as e:
+            self.error = e
+            uc.emu_stop()
+        return True
+
+    # -- refused TLB fills: guest #PF or EPT violation -----------------------------------------------
+    def on_refused_fill(self, pending, eip: int) -> None:
+        if isinstance(pending, NestedFault):
+            self._ept_exit(pending, eip)
+            return
+        if pending.unbacked_fetch:
+            return super().on_refused_fill(pending, eip)
+        gva = self.exact_linear(pending, eip)
+        if self._exception_exits(Vector.PF, pending.error_code):
+            self._exception_exit(Vector.PF, eip, pending.error_code, E.INTR_TYPE_HW_EXCEPTION, qualification=gva)
+        else:
+            self.page_fault(gva, pending.access, pending.error_code, eip)
+
+    def _ept_exit(self, nf: NestedFault, eip: int) -> None:
+        viol = nf.detail
+        bit = {0: EPT_R, 1: EPT_W, 2: EPT_X}[nf.access]
+        gla = self.exact_linear(nf, eip) if nf.final else nf.gva
+        if nf.final:          # the fill hook saw only the page: the exact address comes from the operand
+            nf.gpa = (nf.gpa & ~0xFFF) | (gla & 0xFFF)
+        if viol.misconfig:
+            self.vm_exit(ExitReason.EPT_MISCONFIG, eip, gpa=nf.gpa, detail={"gpa": f"{nf.gpa:#x}"})
+            return
+        q = E.ept_qualification(bit, viol.perms, True, nf.final)
+        d = E.decode_ept_qualification(q)
+        d.update({"gpa": f"{nf.gpa:#x}", "gla": f"{gla:#x}"})
+        self.vm_exit(ExitReason.EPT_VIOLATION, eip, qualification=q, gpa=nf.gpa, gla=gla, detail=d)
+
+    # -- interrupts, the interrupt window, HLT -------------------------------------------------------------
+    _blocked = False
+
+    def _next_deadline(self) -> int:
+        d = super()._next_deadline()
+        if self.ctl("interrupt_window_exiting"):
+            d = min(d, self.clock.now + 1000)
+        return d
+
+    def before_entry(self) -> None:
+        """Exits due before the next guest instruction (SDM 25.2): the interrupt window."""
+        if self.ctl("interrupt_window_exiting") and self.regs.read(R.EFLAGS) & R.EFLAGS_IF:
+            self.vm_exit(ExitReason.INTERRUPT_WINDOW, self.regs.read(R.EIP))
+
+    def inject_pending_interrupt(self, eip: int) -> bool:
+        m = self.m
+        if getattr(m, "pending_nmi", None) is not None and m.pending_nmi():
+            if not self.ctl("nmi_exiting"):
+                return super().inject_pending_interrupt(eip)      # delivered to the guest directly
+            m.acknowledge_nmi()
+            info = E.intr_info(Vector.NMI, E.INTR_TYPE_NMI, False)
+            d = E.decode_intr_info(info)
+            d["name"] = "NMI"
+            self.vm_exit(ExitReason.EXCEPTION_NMI, eip, intr_info=info, detail=d)
+            return True
+        if m.pending_interrupt() is None:
+            return False
+        if not self.ctl("external_interrupt_exiting"):
+            return super().inject_pending_interrupt(eip)
+        if self.vmcs._values[F.VM_ENTRY_INTR_INFO_FIELD] & E.INTR_INFO_VALID or self.ctl("interrupt_window_exiting"):
+            return False
+        x = self.vm_exit(ExitReason.EXTERNAL_INTERRUPT, eip)
+        return x.action.startswith("injected")
+
+    def on_hlt(self, eip: int) -> None:
+        self._blocked = False
+        super().on_hlt(eip)
+
+    def deliver(self, vector, return_eip, error_code=None, soft=False, external=False, fault_eip=None):
+        from cpuvirt.cpu.events import TripleFault, Unsupported
+        try:
+            self.delivery.deliver(vector, return_eip, error_code, soft, external, fault_eip)
+        except TripleFault as tf:
+            self.vm_exit(ExitReason.TRIPLE_FAULT, return_eip, detail={"why": str(tf)})
+        except Unsupported as u:
+            self.finish("error", EXIT_ERROR, f"unsupported at {return_eip:#x}: {u}")
+
+    def summary_stats(self) -> list[tuple[str, int, int, float, float]]:
+        """kvm_stat-like rows: (reason, number, count, share, mean handler time in us)."""
+        total = sum(self.stats.values()) or 1
+        rows = []
+        for reason, n in self.stats.most_common():
+            mean = self.handler_time[reason] / n * 1e6 if n else 0.0
+            rows.append((reason.name, int(reason), n, n / total, mean))
+        return rows
