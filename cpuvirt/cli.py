@@ -1,6 +1,6 @@
 """The `cpuvirt` command (DESIGN.md section 6).
 
-Exit status: the guest's debug-exit value; 124 instruction budget exhausted; 125 triple fault; 126
+Exit status: the guest's debug-exit value; 123 hypervisor stopped the guest (hw); 124 instruction budget exhausted; 125 triple fault; 126
 halted forever; 2 usage or input error (one line, no traceback); 1 internal error.
 """
 from __future__ import annotations
