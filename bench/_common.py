@@ -11,7 +11,10 @@ from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
 GUEST_DIR = BENCH_DIR / "guests"
+REPO_DIR = BENCH_DIR.parent
 sys.path.insert(0, str(BENCH_DIR))
+# Measure the tree these scripts live in, whatever `pip install -e` currently points at.
+sys.path.insert(0, str(REPO_DIR))
 
 QEMU = "qemu-system-i386"
 QEMU_ARGS = ["-nodefaults", "-nographic", "-monitor", "none", "-serial", "stdio", "-no-reboot", "-m", "32",

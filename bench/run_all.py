@@ -1,4 +1,4 @@
-"""Run every bench script in turn (compute, events, startup); each prints ratios, then raw figures."""
+"""Run every bench script in turn (compute, events, hw, startup); each prints ratios, then raw figures."""
 from __future__ import annotations
 
 import sys
@@ -7,9 +7,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import compute  # noqa: E402
 import events  # noqa: E402
+import hw  # noqa: E402
 import startup  # noqa: E402
 
 if __name__ == "__main__":
-    for mod in (compute, events, startup):
+    for mod in (compute, events, hw, startup):
         mod.main([])
         print()

@@ -7,13 +7,16 @@ import argparse
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def best(cmd, repeat):
     b = None
     for _ in range(repeat):
         t = time.perf_counter()
-        p = subprocess.run(cmd, capture_output=True)
+        p = subprocess.run(cmd, capture_output=True, cwd=REPO)   # -m: this tree, not the installed one
         s = time.perf_counter() - t
         if p.returncode != 0:
             raise RuntimeError(f"{cmd}: exit {p.returncode}: {p.stderr.decode()[-500:]}")

@@ -5,6 +5,12 @@
 #   1  out 0x80, al              one I/O exit per iteration (port 0x80: the POST port, writes ignored)
 #   2  clear PTE.P, invlpg, load one #PF per iteration; the handler sets PTE.P, invlpg, returns: retry
 #   3  rewrite PTE (P kept), invlpg, load: the same loop without the fault (the baseline of 2)
+#   4  xor eax, eax; cpuid        one CPUID per iteration (always a VM exit in hw mode; baseline 0)
+#   5  a store to each of N pages from FRESH_A, then one to each of N pages from FRESH_B: under
+#      hw --vmx lazy_ept=1 the second pass is N EPT violations (first touches of fresh pages)
+#   6  the same two passes, both over the pages from FRESH_A: the second pass touches pages the
+#      first already mapped (the baseline of 5; both pay the first pass's N violations)
+#   EVENT 5/6 need 2 * N pages of RAM above FRESH_A (16 MiB): run them with --mem 64 for N <= 6144.
 # Prints "events EVENT=<e> N=<n>" and exits with status 0.
 #include "kernel.inc"
 #include "paging.inc"
@@ -17,10 +23,16 @@
 #endif
 #define TARGET 0x00200000               // an identity-mapped data page
 #define TARGET_PTE_OFF 0x800          // 4 * (TARGET >> 12): its PTE's offset in page_table_low
+#define FRESH_A 0x01000000              // EVENT 5/6: guest-physical pages nobody touched (paging off)
+#if EVENT == 5
+#define FRESH_B (FRESH_A + N * 4096)
+#else
+#define FRESH_B FRESH_A
+#endif
 
 .text
 main:
-#if EVENT >= 2
+#if EVENT == 2 || EVENT == 3
     SET_HANDLER(VEC_PF, pf_handler)
     mov edi, page_dir
     mov esi, page_table_low
@@ -28,6 +40,23 @@ main:
     call paging_identity_4m
     mov eax, page_dir
     call paging_enable
+#endif
+#if EVENT >= 5
+    mov edi, FRESH_A
+    mov ecx, N
+touch_a:
+    mov dword ptr [edi], ecx
+    add edi, 4096
+    dec ecx
+    jnz touch_a
+    mov edi, FRESH_B
+    mov ecx, N
+touch_b:
+    mov dword ptr [edi], ecx
+    add edi, 4096
+    dec ecx
+    jnz touch_b
+    jmp events_done
 #endif
     mov edi, page_table_low
     mov ecx, N
@@ -38,6 +67,11 @@ events_loop:
     nop
 #elif EVENT == 1
     out POST_PORT, al
+#elif EVENT == 4
+    push ecx
+    xor eax, eax
+    cpuid
+    pop ecx
 #elif EVENT == 2
     and dword ptr [edi + TARGET_PTE_OFF], ~PTE_P
     invlpg [TARGET]
@@ -49,6 +83,7 @@ events_loop:
 #endif
     dec ecx
     jnz events_loop
+events_done:
     mov esi, done_text
     call puts
     mov eax, EVENT

@@ -49,17 +49,23 @@ def _memory_operands(code: bytes, eip: int) -> list:
     return forms
 
 
-def fault_address(code: bytes | None, eip: int, page: int, regs: R.Regs) -> int:
-    if not code:
-        return page
-    candidates = []
+def _operand_addresses(code: bytes, eip: int, regs: R.Regs) -> list[tuple[int, int]]:
+    """[(linear address, size)] of the instruction's explicit memory operands (flat segments)."""
+    out = []
     for base, index, scale, disp, size in _memory_operands(code, eip):
         ea = disp
         if base is not None:
             ea += regs.read(base)
         if index is not None:
             ea += regs.read(index) * scale
-        candidates.append((ea & 0xFFFFFFFF, size))
+        out.append((ea & 0xFFFFFFFF, size))
+    return out
+
+
+def fault_address(code: bytes | None, eip: int, page: int, regs: R.Regs) -> int:
+    if not code:
+        return page
+    candidates = _operand_addresses(code, eip, regs)
     esp = regs.read(R.ESP)
     # Implicit accesses: the stack (push/pop/call/ret/iret/pushad, event frames) and string operands.
     candidates += [((esp - d) & 0xFFFFFFFF, 4) for d in (4, 8, 12, 16, 20, 24, 28, 32, 2)]
@@ -75,13 +81,5 @@ def fault_address(code: bytes | None, eip: int, page: int, regs: R.Regs) -> int:
 
 def operand_address(code: bytes | None, eip: int, regs: R.Regs) -> int | None:
     """The linear address of the instruction's first memory operand (flat segments), or None."""
-    if not code:
-        return None
-    for base, index, scale, disp, _ in _memory_operands(code, eip):
-        ea = disp
-        if base is not None:
-            ea += regs.read(base)
-        if index is not None:
-            ea += regs.read(index) * scale
-        return ea & 0xFFFFFFFF
-    return None
+    operands = _operand_addresses(code, eip, regs) if code else []
+    return operands[0][0] if operands else None

@@ -58,6 +58,7 @@ class Vcpu:
         self._io_block, self._io_index = -1, 0
         self._intr_depth = 0
         self._io_sites: dict = {}
+        machine.on_new_block = self.forget_block
 
     # -- the run loop --------------------------------------------------------------------------------
     def run(self, entry: int) -> Outcome:
@@ -252,12 +253,7 @@ class Vcpu:
             return 0
         self.mmu.crs = None
         try:
-            self.clock.advance(IO_CYCLES)
-            value = self.m.bus.read(port, size)
-            self.counts["io"] += 1
-            if self.trace is not None:
-                self._io_event(port, size, "in", value)
-            return value
+            return self.port_io(port, size, True)
         except BaseException as e:
             self.error = e
             uc.emu_stop()
@@ -268,14 +264,26 @@ class Vcpu:
             return
         self.mmu.crs = None
         try:
-            self.clock.advance(IO_CYCLES)
-            self.counts["io"] += 1
-            if self.trace is not None:
-                self._io_event(port, size, "out", value)
-            self.m.bus.write(port, size, value)
+            self.port_io(port, size, False, value)
+            if self.outcome is not None:
+                uc.emu_stop()
         except BaseException as e:
             self.error = e
             uc.emu_stop()
+
+    def port_io(self, port: int, size: int, is_in: bool, value: int = 0) -> int:
+        """A port access reaching the devices (modes decide first whether it exits)."""
+        self.clock.advance(IO_CYCLES)
+        self.counts["io"] += 1
+        if is_in:
+            value = self.m.bus.read(port, size)
+            if self.trace is not None:
+                self._io_event(port, size, "in", value)
+            return value
+        if self.trace is not None:
+            self._io_event(port, size, "out", value)
+        self.m.bus.write(port, size, value)
+        return 0
 
     def _io_event(self, port, size, direction, value):
         eip = self.io_site()[0]
@@ -303,10 +311,11 @@ class Vcpu:
         return addr, length
 
     def _block_io_sites(self, block: int) -> list[tuple[int, int, bool]]:
-        code = self.mmu.fetch_bytes(block, 256) or b""
-        key = (block, code)
-        sites = self._io_sites.get(key)
+        """The I/O instructions of the block at `block`, decoded once per translation of it (the
+        machine drops the entry when the engine translates a new block there: forget_block)."""
+        sites = self._io_sites.get(block)
         if sites is None:
+            code = self.mmu.fetch_bytes(block, 256) or b""
             sites = []
             for addr, size, mnem, _ in self._cs().disasm_lite(code, block):
                 m = mnem.split()[-1]
@@ -314,8 +323,12 @@ class Vcpu:
                     sites.append((addr, size, mnem.startswith("rep")))
                 if m in _BLOCK_ENDERS:
                     break
-            self._io_sites[key] = sites
+            self._io_sites[block] = sites
         return sites
+
+    def forget_block(self, address: int) -> None:
+        """The engine translated a new block at `address`: its code may have changed."""
+        self._io_sites.pop(address, None)
 
     def _cs(self):
         if self._disasm is None:

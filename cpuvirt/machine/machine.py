@@ -99,6 +99,7 @@ class Machine:
         self.map_mmio(APIC_BASE_GPA, APIC_SIZE, self.apic)
         self._insn_counter = None
         self.block_observer = None   # callback(insns) -> True to stop and retranslate the block
+        self.on_new_block = None     # callback(address): caches keyed by block must drop it
 
     # -- what the CPU sees of the interrupt controllers and timers ---------------------------------
     # The vCPU knows only these calls, so that interrupt controllers and timers are added here
@@ -230,6 +231,8 @@ class Machine:
                 from capstone import CS_ARCH_X86, CS_MODE_32, Cs
                 self._insn_counter = Cs(CS_ARCH_X86, CS_MODE_32)
             insns = list(self._insn_counter.disasm_lite(code, address))
+            if self.on_new_block is not None:
+                self.on_new_block(address)
             if self.block_observer is not None and self.block_observer(insns):
                 self.clock.discard_current_block()
                 self.uc.emu_stop()

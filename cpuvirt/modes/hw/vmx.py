@@ -89,6 +89,7 @@ class VmxCpu(Vcpu):
         self.dump_on = dump_on        # (exit number or reason name) -> callback(dump text)
         self.hypervisor = RootHypervisor(self)
         self._io_forms: dict = {}
+        self._sites: dict = {}
         self._launch()
 
     # -- VMLAUNCH: the hypervisor's set-up, then the first entry ---------------------------------------
@@ -120,7 +121,6 @@ class VmxCpu(Vcpu):
                 self.ept.map_range(0, RAM_HPA, self.m.mem_bytes)
             v.vmwrite(F.EPT_POINTER, self.ept.eptp)
         self.enable_intercepts(SENSITIVE, self.on_sensitive)
-        self.uc.hook_add(UC_HOOK_INSN, self.hook_cpuid, None, 1, 0, X.UC_X86_INS_CPUID)
 
     def guest_entry(self) -> None:
         """Called once the loader has set the boot state: the hypervisor's view of the guest's CRs."""
@@ -457,17 +457,12 @@ class VmxCpu(Vcpu):
             self._io_forms[addr] = form
         return form
 
-    def _io(self, port: int, size: int, is_in: bool, value: int = 0) -> int:
+    def port_io(self, port: int, size: int, is_in: bool, value: int = 0) -> int:
+        """IN/OUT in non-root operation: an IO_INSTRUCTION exit when the controls say so (SDM 25.1.3)."""
+        if not self._io_exits(port, size):
+            return super().port_io(port, size, is_in, value)     # straight to the device
         self.clock.advance(1000)
         addr, length = self.io_site()
-        if not self._io_exits(port, size):
-            self.counts["io"] += 1
-            if self.trace is not None:
-                self._io_event(port, size, "in" if is_in else "out", value)
-            if is_in:
-                return self.m.bus.read(port, size)
-            self.m.bus.write(port, size, value)
-            return 0
         string, rep, imm = self._io_form(addr)
         q = E.io_qualification(port, size, is_in, string, rep, imm)
         d = E.decode_io_qualification(q)
@@ -476,29 +471,6 @@ class VmxCpu(Vcpu):
         x = self.vm_exit(ExitReason.IO_INSTRUCTION, addr, qualification=q, length=length, detail=d,
                          implicit_rip=True, operands=f"{value}")
         return x.value if is_in and x.value is not None else 0
-
-    def hook_in(self, uc, port, size, _data):
-        if self.outcome is not None:
-            return 0
-        self.mmu.crs = None
-        try:
-            return self._io(port, size, True)
-        except BaseException as e:
-            self.error = e
-            uc.emu_stop()
-            return 0
-
-    def hook_out(self, uc, port, size, value, _data):
-        if self.outcome is not None:
-            return
-        self.mmu.crs = None
-        try:
-            self._io(port, size, False, value)
-            if self.outcome is not None:
-                uc.emu_stop()
-        except BaseException as e:
-            self.error = e
-            uc.emu_stop()
 
     def hook_cpuid(self, uc, _data) -> int:
         """CPUID always exits (SDM 25.1.2)."""
@@ -516,16 +488,23 @@ class VmxCpu(Vcpu):
             return 0
 
     def _insn_site(self) -> int:
-        """Address of the instruction whose engine hook is running (EIP is stale there): found in the
-        running block, like I/O (cpuid and rdtsc end their blocks in the engine's translation)."""
-        clock = self.clock
-        code = self.mmu.fetch_bytes(clock.last_block, 256) or b""
-        last = clock.last_block
-        for addr, _, mnem, _ in self._cs().disasm_lite(code, clock.last_block):
-            last = addr
-            if mnem in ("cpuid", "rdtsc", "rdtscp"):
-                return addr
-        return last
+        """Address of the cpuid/rdtsc whose engine hook is running (EIP is stale there): the first
+        one in the running block (both end their blocks in the engine), cached per block."""
+        block = self.clock.last_block
+        site = self._sites.get(block)
+        if site is None:
+            code = self.mmu.fetch_bytes(block, 256) or b""
+            site = block
+            for addr, _, mnem, _ in self._cs().disasm_lite(code, block):
+                site = addr
+                if mnem in ("cpuid", "rdtsc", "rdtscp"):
+                    break
+            self._sites[block] = site
+        return site
+
+    def forget_block(self, address: int) -> None:
+        super().forget_block(address)
+        self._sites.pop(address, None)
 
     def rdtsc(self, _uc, _data) -> int:
         self.mmu.crs = None
