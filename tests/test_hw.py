@@ -159,14 +159,81 @@ def test_vmcall_serves_the_kvm_hypercall_abi(vmexits, tmp_path):
 
 
 def test_interrupt_window_when_guest_cannot_take_the_interrupt(test_guest, tmp_path):
-    res, exits = run_hw("interrupts", tmp_path)
+    # IRQ 0 becomes pending while the guest runs with IF = 0: EXTERNAL_INTERRUPT finds the guest not
+    # interruptible, the hypervisor asks for the window, and INTERRUPT_WINDOW injects it after sti.
+    res, exits = run_hw(test_guest("window"), tmp_path)
     assert_passes(res)
     r = reasons(exits)
-    # The `interrupts` guest masks IF while the PIT keeps firing: the hypervisor must wait for the window.
-    assert "EXTERNAL_INTERRUPT" in r
-    if "INTERRUPT_WINDOW" in r:
-        w = r.index("INTERRUPT_WINDOW")
-        assert "EXTERNAL_INTERRUPT" in r[:w]
+    first = r.index("EXTERNAL_INTERRUPT")
+    assert exits[first]["action"] == "guest has IF=0: requested interrupt-window exiting"
+    window = r.index("INTERRUPT_WINDOW")
+    assert window > first and exits[window]["action"].startswith("window open: injected external interrupt")
+    # Without external-interrupt exiting there is no exit at all: the processor delivers it.
+    res, exits = run_hw(test_guest("window"), tmp_path, "external_interrupt_exiting=0", name="direct")
+    assert_passes(res)
+    assert not {"EXTERNAL_INTERRUPT", "INTERRUPT_WINDOW"} & set(reasons(exits))
+
+
+def test_triple_fault_exits_and_shuts_down(test_guest, tmp_path):
+    res, exits = run_hw(test_guest("triple"), tmp_path)
+    assert res.outcome == "triple_fault" and res.status == 125
+    assert exits[-1]["reason"] == "TRIPLE_FAULT" and exits[-1]["code"] == 2
+
+
+def test_ept_misconfig_is_its_own_exit():
+    from cpuvirt.memory.ept import EPT_W
+    from cpuvirt.memory.p2m import RAM_HPA
+    m = Machine(8)
+    hw = HwMode(m)
+    from cpuvirt.memory.mmu import NestedFault
+    hw.boot()
+    hw.vcpu.ept.write_entry(0x5000, RAM_HPA + 0x5000 | EPT_W)      # writable but not readable
+    bad = hw.vcpu.ept.translate(0x5000, 1)
+    assert bad.misconfig
+    assert hw.vcpu.ept.translate(0x6000, 1) == RAM_HPA + 0x6000
+    hw.vcpu.on_refused_fill(NestedFault(bad, 0x5000, final=True).with_linear(0x5000, 0), 0x100000)
+    assert hw.vcpu.outcome.kind == "ept_misconfig" and hw.vcpu.outcome.status == 123
+    assert hw.vcpu.stats[ExitReason.EPT_MISCONFIG] == 1
+
+
+def test_two_dimensional_walk_makes_14_references():
+    """A 2-level guest walk over 4-level EPT: (2+1) * (4+1) - 1 = 14 entry reads for one translation."""
+    import struct
+    from cpuvirt.cpu import regs as R
+    from cpuvirt.memory.types import Access
+    m = Machine(8)
+    hw = HwMode(m)
+    hw.boot()
+    pd, pt = 0x10000, 0x11000
+    m.write_gpa(pd + 4 * (0x400000 >> 22), struct.pack("<I", pt | 0x63))
+    m.write_gpa(pt + 4 * ((0x400000 >> 12) & 0x3FF), struct.pack("<I", 0x200000 | 0x63))
+    m.regs.write(R.CR3, pd)
+    m.regs.write(R.CR0, 0x80000031)
+    m.mmu.crs = None
+    ept, c = hw.vcpu.ept, m.mmu.counters
+    before_ept, before_refs = ept.refs, c.walk_refs
+    gpa, ok = m.mmu.strategy.gva_to_gpa(0x400123, Access.READ, False)
+    hpa = m.mmu.strategy.gpa_to_hpa(gpa & ~0xFFF, Access.READ)
+    assert gpa == 0x200123
+    assert ept.refs - before_ept == 12           # 4 for the PDE's GPA, 4 for the PTE's, 4 for the data page
+    assert c.walk_refs - before_refs == 14       # plus the 2 guest entries themselves
+
+
+def test_c_elf_kernel_under_hw(tmp_path):
+    from tests.test_elf_kernel import SRC
+    import shutil
+    import subprocess
+    if shutil.which("gcc") is None:
+        pytest.skip("no gcc")
+    out = tmp_path / "kernel.elf"
+    p = subprocess.run(["gcc", "-m32", "-ffreestanding", "-fno-pie", "-no-pie", "-nostdlib", "-O2",
+                        "-fno-stack-protector", "-T", str(SRC / "link.ld"), "-Wl,--build-id=none", "-o", str(out),
+                        str(SRC / "boot.S"), str(SRC / "kernel.c")], capture_output=True, text=True)
+    if p.returncode:
+        pytest.skip("gcc -m32 cannot build here")
+    hw = run_guest(str(out), "hw")
+    assert hw.outcome == "exit" and hw.status == 0
+    assert hw.console == run_guest(str(out)).console
 
 
 def test_lazy_ept_allocates_on_violation(tmp_path):

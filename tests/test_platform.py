@@ -258,3 +258,11 @@ def test_512_mib_boots():
     p = cpuvirt("run", "hello", "--mem", "512", "-q")
     assert p.returncode == 0 and b"PASS hello" in p.stdout
     assert cpuvirt("run", "hello", "--mem", "513", "-q").returncode == 2
+
+
+@pytest.mark.parametrize("mode,vmx", [("native", []), ("hw", []), ("hw", ["msr_bitmap=0x1b"])])
+def test_ia32_apic_base_reaches_the_platform_in_every_mode(test_guest, mode, vmx):
+    from cpuvirt.runner import run_guest
+    res = run_guest(str(test_guest("apic_base_msr")), mode, mode_options={"vmx": vmx} if mode == "hw" else None)
+    assert res.outcome == "exit" and res.status == 0, res.console
+    assert b"PASS IA32_APIC_BASE" in res.console

@@ -271,6 +271,29 @@ class Vcpu:
             self.error = e
             uc.emu_stop()
 
+    def msr_instruction(self, address: int, size: int, mnem: str) -> bool:
+        """rdmsr/wrmsr of an MSR the machine models (IA32_APIC_BASE): done here, the instruction
+        skipped; a reserved bit written is #GP(0). False: the engine executes it (its own MSRs)."""
+        regs, m = self.regs, self.m
+        msr = regs.read(R.ECX)
+        if not m.implements_msr(msr):
+            return False
+        from cpuvirt.machine.machine import MsrFault
+        try:
+            if mnem == "rdmsr":
+                value = m.rdmsr(msr)
+                regs.write(R.EAX, value & 0xFFFFFFFF)
+                regs.write(R.EDX, value >> 32 & 0xFFFFFFFF)
+            else:
+                m.wrmsr(msr, regs.read(R.EAX) | regs.read(R.EDX) << 32)
+        except MsrFault as f:
+            self.record("exception", "#GP", 13, address, {"vector": 13, "error_code": 0, "msr": f"{msr:#x}",
+                                                           "why": str(f)}, "delivered through the guest IDT")
+            self.deliver(Vector.GP, address, 0)
+            return True
+        regs.write(R.EIP, address + size)
+        return True
+
     def port_io(self, port: int, size: int, is_in: bool, value: int = 0) -> int:
         """A port access reaching the devices (modes decide first whether it exits)."""
         self.clock.advance(IO_CYCLES)

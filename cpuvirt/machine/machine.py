@@ -164,6 +164,10 @@ class Machine:
 
     # -- model-specific registers and CPUID -----------------------------------------------------------
     # The vCPU (or, in hw mode, the exit handlers) ask the machine, which owns the APIC.
+    def implements_msr(self, msr: int) -> bool:
+        """MSRs the platform models itself; the engine keeps the others (TSC, SYSENTER_*, ...)."""
+        return msr == MSR_IA32_APIC_BASE
+
     def rdmsr(self, msr: int) -> int:
         """The MSRs the platform implements: IA32_APIC_BASE (0x1B). Others raise MsrFault (#GP)."""
         if msr == MSR_IA32_APIC_BASE:

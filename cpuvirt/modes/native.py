@@ -17,6 +17,11 @@ class NativeMode:
         self.machine = machine
         self.vcpu = Vcpu(machine, trace=trace, max_insns=max_insns)
         self.vcpu.install_hooks()
+        # rdmsr/wrmsr of the MSRs the platform models (IA32_APIC_BASE) must reach the machine; the
+        # engine would answer them itself. Only their sites get a hook.
+        vcpu = self.vcpu
+        self.vcpu.enable_intercepts(frozenset(("rdmsr", "wrmsr")),
+                                    lambda address, size, mnem, ops: vcpu.msr_instruction(address, size, mnem))
 
     def boot(self) -> None:
         """Nothing between the loader and the guest."""

@@ -311,6 +311,8 @@ class VmxCpu(Vcpu):
             if self._msr_exits(ecx, mnem == "wrmsr"):
                 reason = ExitReason.MSR_WRITE if mnem == "wrmsr" else ExitReason.MSR_READ
                 self.vm_exit(reason, address, length=size, detail={"msr": f"{ecx:#x}"}, mnemonic=mnem)
+            else:
+                self.msr_instruction(address, size, mnem)        # passed through to the platform
         elif mnem == "clts":
             v = self.vmcs._values
             if v[F.CR0_GUEST_HOST_MASK] & 8 and v[F.CR0_READ_SHADOW] & 8:
@@ -658,8 +660,14 @@ class VmxCpu(Vcpu):
             return False
         if not self.ctl("external_interrupt_exiting"):
             return super().inject_pending_interrupt(eip)
-        if self.vmcs._values[F.VM_ENTRY_INTR_INFO_FIELD] & E.INTR_INFO_VALID or self.ctl("interrupt_window_exiting"):
+        if self.vmcs._values[F.VM_ENTRY_INTR_INFO_FIELD] & E.INTR_INFO_VALID:
             return False
+        if self.ctl("interrupt_window_exiting"):
+            # Waiting for the window (e.g. woken from HLT with IF = 1): it is open now or not at all.
+            if not self.regs.read(R.EFLAGS) & R.EFLAGS_IF:
+                return False
+            x = self.vm_exit(ExitReason.INTERRUPT_WINDOW, eip)
+            return x.action.startswith("window open: injected")
         x = self.vm_exit(ExitReason.EXTERNAL_INTERRUPT, eip)
         return x.action.startswith("injected")
 
