@@ -7,7 +7,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from cpuvirt.errors import CpuvirtError, MultibootError
+from cpuvirt.errors import CpuvirtError
 from cpuvirt.loader.multiboot import MULTIBOOT_BOOTLOADER_MAGIC, build_boot_info, check_fits, load_image
 from cpuvirt.machine.machine import MAX_MEM_MIB, MIN_MEM_MIB, Machine
 from cpuvirt.machine.vga import render_text

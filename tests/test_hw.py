@@ -200,6 +200,7 @@ def test_two_dimensional_walk_makes_14_references():
     """A 2-level guest walk over 4-level EPT: (2+1) * (4+1) - 1 = 14 entry reads for one translation."""
     import struct
     from cpuvirt.cpu import regs as R
+    from cpuvirt.memory.p2m import RAM_HPA
     from cpuvirt.memory.types import Access
     m = Machine(8)
     hw = HwMode(m)
@@ -214,7 +215,7 @@ def test_two_dimensional_walk_makes_14_references():
     before_ept, before_refs = ept.refs, c.walk_refs
     gpa, ok = m.mmu.strategy.gva_to_gpa(0x400123, Access.READ, False)
     hpa = m.mmu.strategy.gpa_to_hpa(gpa & ~0xFFF, Access.READ)
-    assert gpa == 0x200123
+    assert gpa == 0x200123 and hpa == RAM_HPA + 0x200000
     assert ept.refs - before_ept == 12           # 4 for the PDE's GPA, 4 for the PTE's, 4 for the data page
     assert c.walk_refs - before_refs == 14       # plus the 2 guest entries themselves
 

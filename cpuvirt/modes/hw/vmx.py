@@ -14,18 +14,15 @@ interrupt window), 28.2 (exit-information fields), 26.3 (entry checks), 26.6 (ev
 """
 from __future__ import annotations
 
-import ctypes
 import time
 from collections import Counter, defaultdict
 
-from unicorn import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH, UC_HOOK_INSN
-from unicorn import x86_const as X
+from unicorn import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH
 
 from cpuvirt.cpu import regs as R
 from cpuvirt.cpu.events import HAS_ERROR_CODE, MNEMONIC, Vector
 from cpuvirt.cpu.faultaddr import operand_address
 from cpuvirt.cpu.vcpu import EXIT_ERROR, Vcpu
-from cpuvirt.machine.clock import NEVER
 from cpuvirt.machine.hostmem import HostRegion
 from cpuvirt.memory.ept import EPT_R, EPT_W, EPT_X, Ept, HvAllocator
 from cpuvirt.memory.mmu import NestedFault
@@ -49,7 +46,6 @@ RFLAGS_RESERVED_ZERO = (1 << 3) | (1 << 5) | (1 << 15) | 0xFFC00000
 SENSITIVE = frozenset(("hlt", "mov", "clts", "lmsw", "smsw", "invlpg", "lgdt", "lidt", "sgdt", "sidt",
                        "lldt", "ltr", "sldt", "str", "rdmsr", "wrmsr", "rdpmc", "wbinvd", "invd", "pause",
                        "monitor", "mwait"))
-_RDTSC_CB = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
 _GPR = {n: r for n, r in zip(R.GPR_NAMES, R.GPR_ORDER)}
 
 
