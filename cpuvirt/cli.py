@@ -65,6 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build", help="assemble the bundled guests into Multiboot images")
     b.add_argument("--out", default=None, help="output directory (default guests/build)")
 
+    c = sub.add_parser("compare", help="align traces (or runs of one guest) site by site: what each technique did")
+    c.add_argument("items", nargs="+", metavar="TRACE|GUEST",
+                   help="two or more trace files, or one guest to run under --modes")
+    c.add_argument("--modes", default="native,hw", help="with a guest: the modes to run (default native,hw)")
+    c.add_argument("--limit", type=_int, default=None, metavar="N", help="show at most N sites")
+    c.add_argument("--vmx", action="append", default=[], metavar="NAME=VALUE", help="with a guest: hw controls")
+
     t = sub.add_parser("trace", help="read exit traces")
     tsub = t.add_subparsers(dest="trace_verb", required=True, parser_class=_Parser)
     ts = tsub.add_parser("show", help="print a trace readably")
@@ -98,6 +105,8 @@ def _dispatch(args) -> int:
         return _run(args)
     if args.verb == "vmcs":
         return _vmcs(args)
+    if args.verb == "compare":
+        return _compare(args)
     if args.verb == "guests":
         from cpuvirt.toolchain.build import list_guests
         for g in list_guests():
@@ -164,6 +173,28 @@ def _vmcs(args) -> int:
         what = want.name if want is not None else f"#{args.at_exit}"
         raise CpuvirtError(f"the guest ended ({res.outcome}) after {sum(r[2] for r in res.exit_stats)} exits, "
                            f"before exit {what}")
+    return 0
+
+
+def _compare(args) -> int:
+    from cpuvirt.trace.compare import compare_files
+    if len(args.items) >= 2:
+        compare_files(args.items, sys.stdout, args.limit)
+        return 0
+    import tempfile
+    from cpuvirt.runner import DEFAULT_MAX_INSNS, run_guest
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if len(modes) < 2:
+        raise CpuvirtError("--modes needs at least two modes, e.g. native,hw")
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = []
+        for mode in modes:
+            path = f"{tmp}/{mode}.jsonl"
+            opts = {"vmx": args.vmx} if mode == "hw" else None
+            res = run_guest(args.items[0], mode, 32, DEFAULT_MAX_INSNS, path, None, "", mode_options=opts)
+            print(f"# {mode}: {res.outcome}, status {res.status}, {res.icount:,} instructions", file=sys.stderr)
+            paths.append(path)
+        compare_files(paths, sys.stdout, args.limit)
     return 0
 
 

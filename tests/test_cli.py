@@ -102,3 +102,21 @@ def test_fault_storm_every_fault_delivered(test_guest):
     assert res.outcome == "exit" and res.status == 0, (res.message, res.console)
     assert res.console.count(b"PASS") == 3
     assert res.counts["exception"] == 400
+
+
+def test_compare_aligns_sites_across_modes(tmp_path):
+    p = cpuvirt("compare", "paging", "--modes", "native,hw")
+    assert p.returncode == 0, p.stderr
+    rows = p.stdout.decode().splitlines()
+    assert rows[0].split()[:4] == ["eip", "instruction", "native", "hw"]
+    cr0 = [r for r in rows if "mov cr0, eax" in r]
+    assert cr0 and all("CR_ACCESS" in r for r in cr0)          # hw exits where native just runs it
+    assert all(r.split("mov cr0, eax")[1].split()[0] == "-" for r in cr0)
+    out = [r for r in rows if "out 0xf4, al" in r]
+    assert out and "io debug_exit" in out[0] and "IO_INSTRUCTION" in out[0]
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    assert main(["run", "hello", "--trace", str(a), "-q"]) == 0
+    assert main(["run", "hello", "--mode", "hw", "--trace", str(b), "-q"]) == 0
+    files = cpuvirt("compare", a, b)
+    assert files.returncode == 0 and b"native" in files.stdout and b"hw" in files.stdout
+    assert "at least two" in one_line_error(cpuvirt("compare", a, "--modes", "native"))
