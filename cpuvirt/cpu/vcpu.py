@@ -89,6 +89,7 @@ class Vcpu:
                 if not stopped_by_fault and not clock.expired():
                     continue
             if stopped_by_fault:
+                self.left_block_at(eip)
                 pending = self.mmu.take_pending()
                 if pending is None:
                     self.finish("error", EXIT_ERROR, f"engine error at {eip:#x}: {engine_error}")
@@ -100,6 +101,18 @@ class Vcpu:
                 self.on_hlt(eip)
             eip = regs.read(R.EIP)
         return self.outcome
+
+    def left_block_at(self, boundary: int) -> None:
+        """Execution leaves the running block early: the instructions from `boundary` on did not
+        retire, so they come off the count (the clock counted the whole block when it began)."""
+        entry = self.m.block_insns.get(self.clock.last_block)
+        if entry is None:
+            return
+        addrs, end = entry
+        if addrs[0] <= boundary < end:
+            n = sum(1 for a in addrs if a >= boundary)
+            if n:
+                self.clock.unretire(n)
 
     def before_entry(self) -> None:
         """Called before each return to the guest; modes with exits due now (hw) override it."""
@@ -211,7 +224,9 @@ class Vcpu:
         self.mmu.crs = None
         try:
             error_code, soft = self.faults.take()
-            self._deliver_engine_event(intno, error_code, soft, self.regs.read(R.EIP))
+            eip = self.regs.read(R.EIP)
+            self.left_block_at(eip)
+            self._deliver_engine_event(intno, error_code, soft, eip)
         except BaseException as e:   # never let an exception unwind through the engine
             self.error = e
             uc.emu_stop()
@@ -239,6 +254,7 @@ class Vcpu:
         self.mmu.crs = None
         try:
             eip = self.regs.read(R.EIP)
+            self.left_block_at(eip)
             self.record("exception", "#UD", 6, eip, {"vector": 6}, "delivered through the guest IDT")
             self.deliver(Vector.UD, eip)
         except BaseException as e:
@@ -372,6 +388,10 @@ class Vcpu:
             self.mmu.crs = None
             try:
                 on_hit(address, size, mnem, ops)
+                after = self.regs.read(R.EIP)
+                if after != address:
+                    # Emulated and skipped (it retired), or an event delivered instead (it did not).
+                    self.left_block_at(address + size if after == address + size else address)
             except BaseException as e:   # never let an exception unwind through the engine
                 self.error = e
                 self.uc.emu_stop()

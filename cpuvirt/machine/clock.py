@@ -80,6 +80,10 @@ class VirtualClock:
         self._state.now += cycles
         self._state.extra += cycles
 
+    def unretire(self, n: int) -> None:
+        """Take back n instructions of the running block that did not retire (it was left early)."""
+        self._state.now -= n
+
     def discard_current_block(self) -> None:
         """Called from count_block when it stops the engine itself: the block will run later."""
         self._state.discard = 1

@@ -100,6 +100,7 @@ class Machine:
         self._insn_counter = None
         self.block_observer = None   # callback(insns) -> True to stop and retranslate the block
         self.on_new_block = None     # callback(address): caches keyed by block must drop it
+        self.block_insns: dict[int, tuple] = {}   # block -> (instruction addresses, end address)
 
     # -- what the CPU sees of the interrupt controllers and timers ---------------------------------
     # The vCPU knows only these calls, so that interrupt controllers and timers are added here
@@ -237,6 +238,9 @@ class Machine:
             insns = list(self._insn_counter.disasm_lite(code, address))
             if self.on_new_block is not None:
                 self.on_new_block(address)
+            if insns:
+                last = insns[-1]
+                self.block_insns[address] = (tuple(i[0] for i in insns), last[0] + last[1])
             if self.block_observer is not None and self.block_observer(insns):
                 self.clock.discard_current_block()
                 self.uc.emu_stop()

@@ -265,6 +265,7 @@ class RootHypervisor:
                 x.action = "cannot emulate"
                 return
             self.vmcs.vmwrite(F.GUEST_RIP, x.rip + length)
+            cpu.clock.unretire(-1)          # the emulated access retired the instruction
             x.action = what
             return
         if cpu.settings.lazy_ept and page < cpu.m.mem_bytes:

@@ -546,6 +546,7 @@ class VmxCpu(Vcpu):
             return super().hook_intr(uc, intno, data)
         error_code, soft = self.faults.take()
         eip = self.regs.read(R.EIP)
+        self.left_block_at(eip)
         hw = not soft and intno not in (Vector.BP, Vector.OF)
         if soft and intno not in (Vector.BP, Vector.OF) or not self._exception_exits(intno):
             return self._direct(uc, intno, error_code, soft, eip)
@@ -581,6 +582,7 @@ class VmxCpu(Vcpu):
         self.mmu.crs = None
         try:
             eip = self.regs.read(R.EIP)
+            self.left_block_at(eip)
             code = self.mmu.fetch_bytes(eip, 15) or b""
             mnem, ops, length = "", "", 0
             for _, length, mnem, ops in self._cs().disasm_lite(code, eip, 1):
