@@ -16,7 +16,7 @@ import struct
 from dataclasses import dataclass
 from functools import lru_cache
 
-from unicorn import UC_ARCH_X86, UC_HOOK_INTR, UC_MODE_32, Uc
+from unicorn import UC_ARCH_X86, UC_HOOK_BLOCK, UC_HOOK_INTR, UC_MODE_32, Uc
 from unicorn import x86_const as X
 
 
@@ -26,6 +26,10 @@ class ContextLayout:
     exception_is_int: int
     old_exception: int
     size: int
+    hflags: int          # QEMU's env->hflags; bit 3 (HF_INHIBIT_IRQ) is the sti / mov ss shadow
+
+
+HF_INHIBIT_IRQ = 1 << 3
 
 
 def _blob(ctx) -> bytes:
@@ -55,6 +59,31 @@ def _fault_blob(code: bytes) -> tuple[bytes, bytes]:
     return before, seen["blob"]
 
 
+def _shadow_offset() -> int:
+    """Run `nop; sti; nop; nop`: the engine ends the block after sti and runs the next instruction
+    alone with HF_INHIBIT_IRQ set; the only field differing by exactly that bit is hflags."""
+    uc = Uc(UC_ARCH_X86, UC_MODE_32)
+    uc.mem_map(0, 0x10000)
+    gdt = b"\0" * 8 + struct.pack("<QQ", 0x00CF9A000000FFFF, 0x00CF92000000FFFF)
+    uc.mem_write(0x1000, gdt)
+    uc.reg_write(X.UC_X86_REG_GDTR, (0, 0x1000, len(gdt) - 1, 0))
+    uc.reg_write(X.UC_X86_REG_CS, 0x08)
+    uc.reg_write(X.UC_X86_REG_SS, 0x10)
+    uc.mem_write(0x2000, bytes.fromhex("90fb909090f4"))
+    blobs = []
+    uc.hook_add(UC_HOOK_BLOCK, lambda u, a, s, d: blobs.append(_blob(u.context_save())))
+    uc.emu_start(0x2000, 0x2005)
+    if len(blobs) < 3:
+        raise RuntimeError("cannot locate the interrupt-shadow flag in this Unicorn's context")
+    before, shadow, after = blobs[:3]
+    ints = lambda b, i: struct.unpack_from("<I", b, i)[0]
+    found = [i for i in range(0, len(before) - 3, 4)
+             if ints(shadow, i) ^ ints(before, i) == HF_INHIBIT_IRQ and ints(after, i) == ints(before, i)]
+    if len(found) != 1:
+        raise RuntimeError(f"cannot locate the interrupt-shadow flag in this Unicorn's context ({found})")
+    return found[0]
+
+
 @lru_cache(maxsize=1)
 def context_layout() -> ContextLayout:
     # mov ax, 0x1234; mov ds, ax  -> #GP(0x1234): error_code 0x1234, old_exception 13, is_int 0
@@ -69,7 +98,7 @@ def context_layout() -> ContextLayout:
     err = [i for i in err if i + 4 in isint]
     if len(err) != 1 or len(old) != 1:
         raise RuntimeError(f"cannot locate fault fields in this Unicorn's context (candidates {err} {isint} {old})")
-    return ContextLayout(err[0], err[0] + 4, old[0], len(b0))
+    return ContextLayout(err[0], err[0] + 4, old[0], len(b0), _shadow_offset())
 
 
 class FaultState:
@@ -95,3 +124,21 @@ class FaultState:
             slot.value = -1
             self.uc.context_restore(ctx)
         return error_code, is_int
+
+    def clear_interrupt_shadow(self) -> None:
+        """The shadowed instruction was completed by the hypervisor (emulated and skipped): the
+        shadow is over, though the engine, which never ran it, still holds the flag."""
+        ctx = self._ctx
+        self.uc.context_update(ctx)
+        addr = ctypes.cast(ctx.context, ctypes.c_void_p).value
+        slot = ctypes.c_uint32.from_address(addr + self.layout.hflags)
+        if slot.value & HF_INHIBIT_IRQ:
+            slot.value &= ~HF_INHIBIT_IRQ
+            self.uc.context_restore(ctx)
+
+    def interrupt_shadow(self) -> bool:
+        """True right after sti or mov ss (SDM 6.8.3): no interrupt before the next instruction."""
+        ctx = self._ctx
+        self.uc.context_update(ctx)
+        addr = ctypes.cast(ctx.context, ctypes.c_void_p).value
+        return bool(ctypes.c_uint32.from_address(addr + self.layout.hflags).value & HF_INHIBIT_IRQ)

@@ -56,6 +56,7 @@ class Vcpu:
         self.intercepts = None    # an Intercepts, for modes that must see non-trapping instructions
         self._io_block, self._io_index = -1, 0
         self._intr_depth = 0
+        self._after_one_block = False
         self._io_sites: dict = {}
         machine.on_new_block = self.forget_block
 
@@ -147,6 +148,9 @@ class Vcpu:
             d = self.clock.now              # an NMI ignores IF: take it at the next block boundary
         elif self.m.pending_interrupt() is not None:
             d = min(d, self.clock.now + POLL_INSNS)
+        if self._after_one_block:
+            self._after_one_block = False
+            d = self.clock.now              # already due: the clock stops after the next block
         return min(d, self.budget)
 
     # -- time: timer interrupts, budget, hlt -------------------------------------------------------
@@ -166,6 +170,11 @@ class Vcpu:
             self.deliver(Vector.NMI, eip, external=True)
             return True
         if m.pending_interrupt() is None or not self.regs.read(R.EFLAGS) & R.EFLAGS_IF:
+            return False
+        if self.faults.interrupt_shadow():
+            # Right after sti / mov ss: the next instruction runs first (the engine gives it a block
+            # of its own, so "stop after one block" is exact).
+            self._after_one_block = True
             return False
         vector = m.acknowledge_interrupt()
         self.record("interrupt", f"IRQ vector {vector:#x}", vector, eip, {}, "delivered through the guest IDT")
@@ -392,6 +401,8 @@ class Vcpu:
                 if after != address:
                     # Emulated and skipped (it retired), or an event delivered instead (it did not).
                     self.left_block_at(address + size if after == address + size else address)
+                    if after == address + size:
+                        self.faults.clear_interrupt_shadow()
             except BaseException as e:   # never let an exception unwind through the engine
                 self.error = e
                 self.uc.emu_stop()

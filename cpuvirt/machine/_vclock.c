@@ -39,7 +39,7 @@ typedef struct {
     uint64_t extra;        /* cycles that were not instructions (I/O, idle, deadline rounding) */
     uint32_t stopped;      /* set when the hook stopped the engine */
     uint32_t discard;      /* set by Python's count_cb when it stopped the engine itself */
-    uint32_t stop_next;    /* stop before the next block (the deadline was armed in the past) */
+    uint32_t stop_next;    /* 2: run one block then stop (armed with a deadline already due); 1: stop now */
     uint32_t pad2;
     emu_stop_fn emu_stop;
     count_fn count_cb;
@@ -68,25 +68,25 @@ void vclock_block_hook(void *uc, uint64_t address, uint32_t size, void *user_dat
         s->discard = 0;
         return;
     }
-    if (s->stop_next) {
+    if (s->stop_next == 1) {
+        /* Python asked for exactly one more block (a deadline already due when armed). */
         s->stop_next = 0;
         s->stopped = 1;
         s->emu_stop(uc);
         return;
     }
-    if (s->now + count > s->deadline && !s->stopped) {
+    if (s->stop_next == 2) {
+        s->stop_next = 1;                  /* run this block, stop before the next */
+    } else if (s->now + count > s->deadline && !s->stopped) {
+        /* The deadline falls inside this block: stop before it. It does not run now, so it is not
+         * counted; time moves to the deadline (the rounding is recorded as non-instruction time). */
         if (s->deadline > s->now) {
-            /* Stop before this block: it does not run now, so it is not counted; time moves to the
-             * deadline (the rounding is recorded as non-instruction cycles). */
             s->extra += s->deadline - s->now;
             s->now = s->deadline;
-            s->stopped = 1;
-            s->emu_stop(uc);
-            return;
         }
-        /* Armed with a deadline already past: run this block, stop before the next, so that
-         * every entry makes progress. */
-        s->stop_next = 1;
+        s->stopped = 1;
+        s->emu_stop(uc);
+        return;
     }
     s->now += count;
     s->blocks++;

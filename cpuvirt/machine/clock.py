@@ -97,10 +97,16 @@ class VirtualClock:
         return self._state.deadline
 
     def arm(self, deadline: int) -> None:
-        """Stop the engine at the first block boundary at or after `deadline`."""
-        self._state.deadline = deadline
-        self._state.stopped = 0
-        self._state.stop_next = 0
+        """Stop the engine at the last block boundary before `deadline` is crossed; a deadline
+        already due means: run exactly one block, then stop (every entry makes progress)."""
+        st = self._state
+        st.stopped = 0
+        if deadline <= st.now:
+            st.deadline = NEVER
+            st.stop_next = 2
+        else:
+            st.deadline = deadline
+            st.stop_next = 0
 
     def pull_in(self, deadline: int) -> None:
         """Stop no later than `deadline` (a device changed state while the guest runs: an APIC

@@ -68,7 +68,8 @@ class RootHypervisor:
         self.vmcs.vmwrite(F.VM_ENTRY_INSTRUCTION_LEN, length)
 
     def guest_interruptible(self) -> bool:
-        return bool(self.vmcs.vmread(F.GUEST_RFLAGS) & R.EFLAGS_IF)
+        """RFLAGS.IF and no blocking by STI / MOV SS (GUEST_INTERRUPTIBILITY_INFO bits 0-1)."""
+        return bool(self.vmcs.vmread(F.GUEST_RFLAGS) & R.EFLAGS_IF) and not self.vmcs.vmread(F.GUEST_INTERRUPTIBILITY_INFO) & 3
 
     # -- handlers ----------------------------------------------------------------------------------------
     def handle_exception_nmi(self, x: Exit) -> None:

@@ -639,8 +639,12 @@ class VmxCpu(Vcpu):
         return d
 
     def before_entry(self) -> None:
-        """Exits due before the next guest instruction (SDM 25.2): the interrupt window."""
+        """Exits due before the next guest instruction (SDM 25.2): the interrupt window, which is
+        open when RFLAGS.IF = 1 and no STI / MOV SS shadow blocks interrupts."""
         if self.ctl("interrupt_window_exiting") and self.regs.read(R.EFLAGS) & R.EFLAGS_IF:
+            if self.faults.interrupt_shadow():
+                self._after_one_block = True
+                return
             self.vm_exit(ExitReason.INTERRUPT_WINDOW, self.regs.read(R.EIP))
 
     def inject_pending_interrupt(self, eip: int) -> bool:
@@ -662,11 +666,15 @@ class VmxCpu(Vcpu):
             return False
         if self.ctl("interrupt_window_exiting"):
             # Waiting for the window (e.g. woken from HLT with IF = 1): it is open now or not at all.
-            if not self.regs.read(R.EFLAGS) & R.EFLAGS_IF:
+            if not self.regs.read(R.EFLAGS) & R.EFLAGS_IF or self.faults.interrupt_shadow():
                 return False
             x = self.vm_exit(ExitReason.INTERRUPT_WINDOW, eip)
             return x.action.startswith("window open: injected")
+        # The processor records blocking by STI/MOV SS in the guest-state area (SDM 24.4.2).
+        self.vmcs._values[F.GUEST_INTERRUPTIBILITY_INFO] = 1 if self.faults.interrupt_shadow() else 0
         x = self.vm_exit(ExitReason.EXTERNAL_INTERRUPT, eip)
+        if self.vmcs._values[F.GUEST_INTERRUPTIBILITY_INFO] & 3 and self.ctl("interrupt_window_exiting"):
+            self._after_one_block = True    # the window opens after the shadowed instruction
         return x.action.startswith("injected")
 
     def on_hlt(self, eip: int) -> None:
