@@ -245,7 +245,11 @@ class VmxCpu(Vcpu):
             eip = rip
             soft = kind in (E.INTR_TYPE_SOFT_INTR, E.INTR_TYPE_SOFT_EXCEPTION, E.INTR_TYPE_PRIV_SW_EXCEPTION)
             ret = (eip + v._values[F.VM_ENTRY_INSTRUCTION_LEN]) & 0xFFFFFFFF if soft else eip
-            self.deliver(vector, ret, code, soft=False, external=kind == E.INTR_TYPE_EXT_INTR)
+            # Injected software interrupts and exceptions (types 4, 6) get the gate-DPL check, as
+            # `int n` would; a privileged software exception (type 5) does not (SDM 26.6.1.1).
+            dpl_check = kind in (E.INTR_TYPE_SOFT_INTR, E.INTR_TYPE_SOFT_EXCEPTION)
+            self.deliver(vector, ret, code, soft=dpl_check, external=kind == E.INTR_TYPE_EXT_INTR,
+                         fault_eip=eip if dpl_check else None)
 
     def _entry_checks(self) -> None:
         """SDM 26.3.1: the guest-state checks, on every field the hypervisor wrote since the exit.
