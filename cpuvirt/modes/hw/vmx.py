@@ -197,8 +197,9 @@ class VmxCpu(Vcpu):
         v._cache[F.GUEST_RIP] = rip
         self.exits += 1
         self.stats[reason] += 1
-        x = Exit(reason, qualification, length, rip, insn if insn is not None else self.insn_at(rip),
-                 detail or {}, implicit_rip, mnemonic, operands)
+        if insn is None:
+            insn = self.insn_at(rip) if self.trace is not None or self.dump_on is not None else ""
+        x = Exit(reason, qualification, length, rip, insn, detail or {}, implicit_rip, mnemonic, operands)
         t0 = time.perf_counter()
         handler = self.hypervisor.handlers.get(reason, self.hypervisor.unhandled)
         handler(x)
@@ -467,9 +468,11 @@ class VmxCpu(Vcpu):
         addr, length = self.io_site()
         string, rep, imm = self._io_form(addr)
         q = E.io_qualification(port, size, is_in, string, rep, imm)
-        d = E.decode_io_qualification(q)
-        if not is_in:
-            d["value"] = f"{value:#x}"
+        d = None
+        if self.trace is not None:          # decoded only for a reader
+            d = E.decode_io_qualification(q)
+            if not is_in:
+                d["value"] = f"{value:#x}"
         x = self.vm_exit(ExitReason.IO_INSTRUCTION, addr, qualification=q, length=length, detail=d,
                          implicit_rip=True, operands=f"{value}")
         return x.value if is_in and x.value is not None else 0
@@ -482,7 +485,7 @@ class VmxCpu(Vcpu):
         try:
             eax, ecx = self.regs.read(R.EAX), self.regs.read(R.ECX)
             x = self.vm_exit(ExitReason.CPUID, self._insn_site(), length=2, implicit_rip=True,
-                             detail={"leaf": f"{eax:#x}", "subleaf": f"{ecx:#x}"})
+                             detail={"leaf": f"{eax:#x}", "subleaf": f"{ecx:#x}"} if self.trace is not None else None)
             return 1 if x.value else 0
         except BaseException as e:
             self.error = e
