@@ -120,3 +120,35 @@ def test_compare_aligns_sites_across_modes(tmp_path):
     files = cpuvirt("compare", a, b)
     assert files.returncode == 0 and b"native" in files.stdout and b"hw" in files.stdout
     assert "at least two" in one_line_error(cpuvirt("compare", a, "--modes", "native"))
+
+
+def test_run_stats_is_a_kvm_stat_table():
+    p = cpuvirt("run", "interrupts", "--mode", "hw", "--stats", "-q")
+    assert p.returncode == 0
+    rows = p.stderr.decode().splitlines()
+    assert rows[0].split()[:4] == ["exit", "reason", "count", "share"]
+    assert any(r.split()[:2] == ["HLT", "(12)"] for r in rows)
+    assert rows[-1].split()[0] == "total"
+    native = cpuvirt("run", "hello", "--stats", "-q")
+    assert native.returncode == 0 and b"event kind" in native.stderr
+
+
+def test_vmcs_verb_dumps_the_vmcs_at_a_chosen_exit():
+    p = cpuvirt("vmcs", "paging", "--dump-vmcs-on", "CR_ACCESS")
+    assert p.returncode == 0, p.stderr
+    out = p.stdout.decode()
+    assert out.splitlines()[0].startswith("VM exit #") and "CR_ACCESS (28)" in out.splitlines()[0]
+    for group in ("guest state:", "host state:", "control:", "exit information:"):
+        assert group in out
+    assert "0x4402  VM_EXIT_REASON                   0x0000001c" in out
+    assert "0x2800  VMCS_LINK_POINTER                0xffffffffffffffff" in out
+    third = cpuvirt("vmcs", "hello", "--at-exit", "3")
+    assert third.returncode == 0 and third.stdout.startswith(b"VM exit #3: IO_INSTRUCTION (30)")
+    assert "before exit" in one_line_error(cpuvirt("vmcs", "hello", "--at-exit", "100000"))
+    assert "unknown exit reason" in one_line_error(cpuvirt("vmcs", "hello", "--dump-vmcs-on", "WARP"))
+
+
+def test_run_dump_vmcs_on_goes_to_stderr_and_the_run_continues():
+    p = cpuvirt("run", "hello", "--mode", "hw", "--dump-vmcs-on", "IO_INSTRUCTION", "-q")
+    assert p.returncode == 0 and b"PASS hello" in p.stdout
+    assert p.stderr.count(b"VM exit #") == 1 and b"GUEST_RIP" in p.stderr
