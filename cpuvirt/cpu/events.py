@@ -112,7 +112,7 @@ class EventDelivery:
             raise DeliveryFault(Vector.NP, vector * 8 + 2 + ext)
         selector = lo >> 16
         offset = (lo & 0xFFFF) | (hi & 0xFFFF0000)
-        dlo, dhi = self._descriptor(selector, ext)
+        _, dhi = self._descriptor(selector, ext)
         if not (dhi >> 11) & 1 or not (dhi >> 12) & 1:       # must be a code segment
             raise DeliveryFault(Vector.GP, (selector & ~3) | ext)
         code_dpl = (dhi >> 13) & 3

@@ -51,7 +51,6 @@ class Intercepts:
         self.sites: dict[int, tuple[int, str, str]] = {}   # linear address -> (size, mnemonic, operands)
         self.scanned: set[tuple[int, int]] = set()
         self.retranslate: list[tuple[int, int]] = []
-        self.scans = self.hooks = 0
         self._cs = Cs(CS_ARCH_X86, CS_MODE_32)
         self._pattern = re.compile(b"|".join(OPCODES.values()))
 
@@ -62,7 +61,6 @@ class Intercepts:
         if key in self.scanned:
             return
         self.scanned.add(key)
-        self.scans += 1
         data = self.mmu.ram.read(hpa, 0x1000) if self.mmu.ram.contains(hpa, 0x1000) else b""
         if not data:
             return
@@ -96,7 +94,6 @@ class Intercepts:
             self.sites[addr] = (size, mnem, ops)
             return
         self.sites[addr] = (size, mnem, ops)
-        self.hooks += 1
         self.uc.hook_add(UC_HOOK_CODE, self._hit, None, addr, addr)
 
     # -- a hooked instruction is about to run ----------------------------------------------------------

@@ -36,8 +36,8 @@ def _blob(ctx) -> bytes:
     return bytes(ctypes.string_at(ctx.context, ctx.size))
 
 
-def _fault_blob(code: bytes) -> tuple[bytes, bytes]:
-    """Run `code` at CPL 0 on a flat GDT; return the context before and inside the INTR hook."""
+def _probe_uc(code: bytes):
+    """A small engine at CPL 0 on a flat GDT with `code` at 0x2000, for the probes below."""
     uc = Uc(UC_ARCH_X86, UC_MODE_32)
     uc.mem_map(0, 0x10000)
     gdt = b"\0" * 8 + struct.pack("<QQ", 0x00CF9A000000FFFF, 0x00CF92000000FFFF)
@@ -47,6 +47,12 @@ def _fault_blob(code: bytes) -> tuple[bytes, bytes]:
     uc.reg_write(X.UC_X86_REG_SS, 0x10)
     uc.reg_write(X.UC_X86_REG_ESP, 0x8000)
     uc.mem_write(0x2000, code)
+    return uc
+
+
+def _fault_blob(code: bytes) -> tuple[bytes, bytes]:
+    """Run `code`; return the context before and inside the INTR hook."""
+    uc = _probe_uc(code)
     before = _blob(uc.context_save())
     seen = {}
 
@@ -62,14 +68,7 @@ def _fault_blob(code: bytes) -> tuple[bytes, bytes]:
 def _shadow_offset() -> int:
     """Run `nop; sti; nop; nop`: the engine ends the block after sti and runs the next instruction
     alone with HF_INHIBIT_IRQ set; the only field differing by exactly that bit is hflags."""
-    uc = Uc(UC_ARCH_X86, UC_MODE_32)
-    uc.mem_map(0, 0x10000)
-    gdt = b"\0" * 8 + struct.pack("<QQ", 0x00CF9A000000FFFF, 0x00CF92000000FFFF)
-    uc.mem_write(0x1000, gdt)
-    uc.reg_write(X.UC_X86_REG_GDTR, (0, 0x1000, len(gdt) - 1, 0))
-    uc.reg_write(X.UC_X86_REG_CS, 0x08)
-    uc.reg_write(X.UC_X86_REG_SS, 0x10)
-    uc.mem_write(0x2000, bytes.fromhex("90fb909090f4"))
+    uc = _probe_uc(bytes.fromhex("90fb909090f4"))
     blobs = []
     uc.hook_add(UC_HOOK_BLOCK, lambda u, a, s, d: blobs.append(_blob(u.context_save())))
     uc.emu_start(0x2000, 0x2005)

@@ -126,7 +126,3 @@ class VirtualClock:
     def last_block(self) -> int:
         """Address of the block that is running (hooks called now belong to it)."""
         return self._state.last_block
-
-    @property
-    def new_blocks(self) -> int:
-        return self._state.misses

@@ -55,7 +55,6 @@ class Ept:
         self.alloc = alloc
         self.pml4 = alloc.page()
         self.refs = 0          # entry reads by the processor's walks
-        self.leaves = 0
 
     @property
     def eptp(self) -> int:
@@ -75,8 +74,6 @@ class Ept:
                 _Q.pack_into(r.buf, slot - r.hpa, entry)
             table = entry & _ADDR
         slot = table + ((gpa >> 12) & 0x1FF) * 8
-        if not _Q.unpack_from(r.buf, slot - r.hpa)[0] & EPT_RWX:
-            self.leaves += 1
         _Q.pack_into(r.buf, slot - r.hpa, (hpa & _ADDR) | EPT_MT_WB | perms)
 
     def map_range(self, gpa: int, hpa: int, size: int, perms: int = EPT_RWX) -> None:
@@ -84,11 +81,6 @@ class Ept:
             self.map(gpa + off, hpa + off, perms)
 
     # -- processor side: the walk ---------------------------------------------------------------------
-    def unmap(self, gpa: int) -> None:
-        """Drop the leaf for `gpa` (tests, and handlers that make a page fault again)."""
-        self.map(gpa, 0, 0)
-        self.leaves -= 1
-
     def write_entry(self, gpa: int, value: int) -> None:
         """Write a raw leaf entry (tests: make a misconfigured entry on purpose)."""
         self.map(gpa, value & _ADDR, value & EPT_RWX)

@@ -115,13 +115,10 @@ class Mmu:
 
     def load_crs(self) -> tuple[int, int, int]:
         """Read CR0/CR3/CR4 once per hypervisor entry: the guest cannot change them while a hook
-        runs, so every walk of one exit shares them. Each hook entry calls forget_crs() first."""
+        runs, so every walk of one exit shares them. Each entry (hook, stop) sets `crs` to None first."""
         r = self.regs
         self.crs = crs = (r.read(R.CR0), r.read(R.CR3), r.read(R.CR4))
         return crs
-
-    def forget_crs(self) -> None:
-        self.crs = None
 
     # -- guest-physical access for walkers (GPA -> HPA, never outside RAM) --------------------
     def read_gpa32(self, gpa: int) -> int:

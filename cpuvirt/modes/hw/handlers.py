@@ -201,7 +201,7 @@ class RootHypervisor:
             x.value = bus.read(port, size)
             x.action = f"emulated in from {port:#x} -> {x.value:#x}"
         else:
-            bus.write(port, size, x.value if x.value is not None else int(x.operands or 0))
+            bus.write(port, size, x.value)
             x.action = f"emulated out to {port:#x}"
 
     def handle_rdmsr(self, x: Exit) -> None:

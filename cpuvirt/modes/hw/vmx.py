@@ -53,13 +53,14 @@ class Exit:
     """One VM exit as the root-mode handler sees it."""
 
     __slots__ = ("reason", "qualification", "length", "rip", "insn", "detail", "value", "action",
-                 "implicit_rip", "block", "mnemonic", "operands")
+                 "implicit_rip", "block")
 
-    def __init__(self, reason, qualification, length, rip, insn, detail, implicit_rip, mnemonic="", operands=""):
+    def __init__(self, reason, qualification, length, rip, insn, detail, implicit_rip, value=None):
         self.reason, self.qualification, self.length, self.rip = reason, qualification, length, rip
         self.insn, self.detail, self.implicit_rip = insn, detail, implicit_rip
-        self.mnemonic, self.operands = mnemonic, operands
-        self.value = None      # IN result, CPUID/RDTSC "done by handler" marker
+        # In: the value an OUT writes. Out: what the handler produced (IN result, RDTSC value,
+        # or True when it answered CPUID itself).
+        self.value = value
         self.action = ""
         self.block = False     # the handler parks the vCPU until an interrupt (HLT)
 
@@ -177,7 +178,7 @@ class VmxCpu(Vcpu):
     def vm_exit(self, reason: ExitReason, rip: int, *, qualification: int = 0, length: int = 0, insn: str | None = None,
                 intr_info: int = 0, intr_error: int | None = None, gpa: int | None = None, gla: int | None = None,
                 instr_info: int = 0, detail: dict | None = None, implicit_rip: bool = False,
-                mnemonic: str = "", operands: str = "") -> Exit:
+                value: int | None = None) -> Exit:
         v = self.vmcs
         v.on_exit()
         w = v._values
@@ -199,7 +200,8 @@ class VmxCpu(Vcpu):
         self.stats[reason] += 1
         if insn is None:
             insn = self.insn_at(rip) if self.trace is not None or self.dump_on is not None else ""
-        x = Exit(reason, qualification, length, rip, insn, detail or {}, implicit_rip, mnemonic, operands)
+        x = Exit(reason, qualification, length, rip, insn, detail or {}, implicit_rip,
+                 None if reason != ExitReason.IO_INSTRUCTION or qualification & 8 else value)
         t0 = time.perf_counter()
         handler = self.hypervisor.handlers.get(reason, self.hypervisor.unhandled)
         handler(x)
@@ -296,50 +298,50 @@ class VmxCpu(Vcpu):
             self._mov_cr_dr(address, size, ops)
         elif mnem == "hlt":
             if self.ctl("hlt_exiting"):
-                self.vm_exit(ExitReason.HLT, address, length=size, mnemonic=mnem)
+                self.vm_exit(ExitReason.HLT, address, length=size)
         elif mnem == "invlpg":
             if self.ctl("invlpg_exiting"):
                 la = self._operand_address(address)
                 self.vm_exit(ExitReason.INVLPG, address, qualification=la, length=size,
-                             detail={"linear_address": f"{la:#x}"}, mnemonic=mnem)
+                             detail={"linear_address": f"{la:#x}"})
         elif mnem in E.GDTR_IDTR_INSTRUCTIONS or mnem in E.LDTR_TR_INSTRUCTIONS:
             if self.ctl("activate_secondary_controls") and self.ctl("descriptor_table_exiting"):
                 reason = ExitReason.GDTR_IDTR if mnem in E.GDTR_IDTR_INSTRUCTIONS else ExitReason.LDTR_TR
                 self.vm_exit(reason, address, length=size, instr_info=E.descriptor_instruction_info(mnem),
-                             detail={"instruction": mnem}, mnemonic=mnem, operands=ops)
+                             detail={"instruction": mnem})
         elif mnem in ("rdmsr", "wrmsr"):
             ecx = self.regs.read(R.ECX)
             if self._msr_exits(ecx, mnem == "wrmsr"):
                 reason = ExitReason.MSR_WRITE if mnem == "wrmsr" else ExitReason.MSR_READ
-                self.vm_exit(reason, address, length=size, detail={"msr": f"{ecx:#x}"}, mnemonic=mnem)
+                self.vm_exit(reason, address, length=size, detail={"msr": f"{ecx:#x}"})
             else:
                 self.msr_instruction(address, size, mnem)        # passed through to the platform
         elif mnem == "clts":
             v = self.vmcs._values
             if v[F.CR0_GUEST_HOST_MASK] & 8 and v[F.CR0_READ_SHADOW] & 8:
                 self.vm_exit(ExitReason.CR_ACCESS, address, length=size, qualification=E.cr_qualification(0, E.CR_CLTS),
-                             detail=E.decode_cr_qualification(E.cr_qualification(0, E.CR_CLTS)), mnemonic=mnem)
+                             detail=E.decode_cr_qualification(E.cr_qualification(0, E.CR_CLTS)))
         elif mnem == "smsw":
             self._smsw(address, size, ops)
         elif mnem == "lmsw":
             self._lmsw(address, size, ops)
         elif mnem == "rdpmc":
             if self.ctl("rdpmc_exiting"):
-                self.vm_exit(ExitReason.RDPMC, address, length=size, mnemonic=mnem)
+                self.vm_exit(ExitReason.RDPMC, address, length=size)
         elif mnem == "wbinvd":
             if self.ctl("activate_secondary_controls") and self.ctl("wbinvd_exiting"):
-                self.vm_exit(ExitReason.WBINVD, address, length=size, mnemonic=mnem)
+                self.vm_exit(ExitReason.WBINVD, address, length=size)
         elif mnem == "invd":
-            self.vm_exit(ExitReason.INVD, address, length=size, mnemonic=mnem)       # always exits
+            self.vm_exit(ExitReason.INVD, address, length=size)       # always exits
         elif mnem == "pause":
             if self.ctl("pause_exiting"):
-                self.vm_exit(ExitReason.PAUSE, address, length=size, mnemonic=mnem)
+                self.vm_exit(ExitReason.PAUSE, address, length=size)
         elif mnem == "monitor":
             if self.ctl("monitor_exiting"):
-                self.vm_exit(ExitReason.MONITOR, address, length=size, mnemonic=mnem)
+                self.vm_exit(ExitReason.MONITOR, address, length=size)
         elif mnem == "mwait":
             if self.ctl("mwait_exiting"):
-                self.vm_exit(ExitReason.MWAIT, address, length=size, mnemonic=mnem)
+                self.vm_exit(ExitReason.MWAIT, address, length=size)
         if self.outcome is not None or self._blocked:
             self.uc.emu_stop()
 
@@ -351,8 +353,7 @@ class VmxCpu(Vcpu):
                 dr, reg, direction = (int(dst[2:]), src, 0) if dst.startswith("dr") else (int(src[2:]), dst, 1)
                 q = dr | (direction << 4) | (R.GPR_NAMES.index(reg) << 8)
                 self.vm_exit(ExitReason.DR_ACCESS, address, qualification=q, length=size,
-                             detail={"dr": dr, "direction": "MOV from DR" if direction else "MOV to DR", "register": reg},
-                             mnemonic="mov", operands=ops)
+                             detail={"dr": dr, "direction": "MOV from DR" if direction else "MOV to DR", "register": reg})
             return
         cr = int((dst if to_cr else src)[2:])
         reg = src if to_cr else dst
@@ -372,7 +373,7 @@ class VmxCpu(Vcpu):
                 q = E.cr_qualification(cr, E.CR_MOV_TO, R.GPR_NAMES.index(reg))
                 d = E.decode_cr_qualification(q)
                 d["value"] = f"{value:#x}"
-                self.vm_exit(ExitReason.CR_ACCESS, address, qualification=q, length=size, detail=d, mnemonic="mov", operands=ops)
+                self.vm_exit(ExitReason.CR_ACCESS, address, qualification=q, length=size, detail=d)
             elif cr in (0, 4):
                 # No exit: the processor writes the guest-owned bits and keeps the host-owned ones.
                 field, mask = (F.GUEST_CR0, v[F.CR0_GUEST_HOST_MASK]) if cr == 0 else (F.GUEST_CR4, v[F.CR4_GUEST_HOST_MASK])
@@ -383,7 +384,7 @@ class VmxCpu(Vcpu):
             if cr == 3 and self.ctl("cr3_store_exiting"):
                 q = E.cr_qualification(3, E.CR_MOV_FROM, R.GPR_NAMES.index(reg))
                 self.vm_exit(ExitReason.CR_ACCESS, address, qualification=q, length=size,
-                             detail=E.decode_cr_qualification(q), mnemonic="mov", operands=ops)
+                             detail=E.decode_cr_qualification(q))
             elif cr in (0, 4):
                 # A read sees the read shadow for host-owned bits (SDM 25.3): emulated, no exit.
                 mask = v[F.CR0_GUEST_HOST_MASK if cr == 0 else F.CR4_GUEST_HOST_MASK]
@@ -421,7 +422,7 @@ class VmxCpu(Vcpu):
         if (mask & 1 and not shadow & 1 and value & 1) or (mask & 0xE & (value ^ shadow)):
             q = E.cr_qualification(0, E.CR_LMSW, lmsw_data=value)
             self.vm_exit(ExitReason.CR_ACCESS, address, qualification=q, length=size,
-                         detail=E.decode_cr_qualification(q), mnemonic="lmsw", operands=ops)
+                         detail=E.decode_cr_qualification(q))
 
     def _msr_exits(self, msr: int, write: bool) -> bool:
         if not self.ctl("use_msr_bitmaps"):
@@ -474,7 +475,7 @@ class VmxCpu(Vcpu):
             if not is_in:
                 d["value"] = f"{value:#x}"
         x = self.vm_exit(ExitReason.IO_INSTRUCTION, addr, qualification=q, length=length, detail=d,
-                         implicit_rip=True, operands=f"{value}")
+                         implicit_rip=True, value=value)
         return x.value if is_in and x.value is not None else 0
 
     def hook_cpuid(self, uc, _data) -> int:
@@ -596,7 +597,7 @@ class VmxCpu(Vcpu):
                 pass
             reason = E.VMX_INSTRUCTIONS.get(mnem)
             if reason is not None:
-                self.vm_exit(reason, eip, length=length, mnemonic=mnem, operands=ops)
+                self.vm_exit(reason, eip, length=length)
             elif self._exception_exits(Vector.UD):
                 self._exception_exit(Vector.UD, eip, None, E.INTR_TYPE_HW_EXCEPTION)
             else:
