@@ -1,0 +1,137 @@
+"""Adams & Agesen's nanobenchmarks under every mode, beside the paper's figures (DESIGN.md section 7).
+
+Runs guests/nanobench.S (its PV build under `para`) with N_ITER iterations per operation under each
+registered mode. The guest prints "done <op>" after each loop and nothing else; the host stamps the
+wall clock when a line's first byte arrives (end of that phase) and when its newline arrives (start of
+the next), so the printing itself is not timed. Per operation: (phase time) / N_ITER, in microseconds,
+then as a multiple of native and of a bare Unicorn hook call measured in the same run
+(bench/events.py's unit). The paper's columns are cycles on a 2006 CPU: compare the ratios, not the units.
+usage: python bench/nanobench.py [--n N] [--modes native,hw,...] [--repeat R]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+import events  # noqa: E402
+import rawuc  # noqa: E402
+
+OPS = ("syscall", "in", "out", "cli_sti", "pushf_popf", "cr3", "call_ret", "pgfault", "divzero", "ptemod",
+       "cpuid", "rdtsc")
+# Adams & Agesen 2006, section 6 (REFERENCE.md section 2): (native, software VMM, hardware VMM) in cycles,
+# as far as the paper gives them; None where it does not.
+PAPER = {
+    "syscall": ("base", "+~2000", "native"),
+    "in": (3209, "~15x faster", 15826),
+    "call_ret": (11, 51, 11),
+    "pgfault": (1093, 3927, 11242),
+    "divzero": (889, 3223, 1014),
+    "ptemod": ("1 store", 391, 12733),
+}
+
+
+def build(n: int, pv: bool) -> bytes:
+    from cpuvirt.toolchain.build import guest_source_dir, include_dir
+    from cpuvirt.toolchain.image import build_image
+    from cpuvirt.toolchain.preprocess import preprocess
+    pre = preprocess(guest_source_dir() / "nanobench.S", {"PV": int(pv), "N_ITER": n}, [include_dir()])
+    return build_image(pre.lines)[0]
+
+
+def phases(path: str, mode: str) -> tuple[dict, object]:
+    """{op: seconds} for one run of the image under `mode`."""
+    from cpuvirt.runner import run_guest
+    stamps = []          # (time, byte) for line starts and ends
+    line = bytearray()
+    start = [None]
+
+    def console(byte: int) -> None:
+        now = time.perf_counter()
+        if not line:
+            stamps.append(("end", now))
+        line.append(byte)
+        if byte == 10:
+            stamps.append(("line", bytes(line).decode().strip(), now))
+            line.clear()
+
+    start[0] = time.perf_counter()
+    r = run_guest(path, mode=mode, max_insns=0, console=console)
+    if r.outcome != "exit" or r.status != 0:
+        raise RuntimeError(f"nanobench under {mode}: {r.outcome} {r.status} {r.message} {r.console[-300:]!r}")
+    out, begin, ended = {}, start[0], None   # the first phase (syscall) also holds the boot: ~1 ms
+    for s in stamps:
+        if s[0] == "end":
+            ended = s[1]
+        else:
+            _, text, now = s
+            if text.startswith("done "):
+                out[text[5:]] = ended - begin
+            begin = now
+    return out, r
+
+
+def main(argv=None) -> dict:
+    from cpuvirt.modes import MODES
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=20_000, help="iterations per operation")
+    ap.add_argument("--modes", default=",".join(MODES), help="modes to run (default: every registered one)")
+    ap.add_argument("--repeat", type=int, default=3, help="best of this many runs per mode")
+    a = ap.parse_args(argv)
+    modes = [m for m in a.modes.split(",") if m]
+
+    from cpuvirt.toolchain.build import list_guests
+    has_pv = any(g.name == "nanobench" and g.has_pv for g in list_guests())
+    paths = {False: C.write_temp(build(a.n, False), f"nanobench{a.n}")}
+    if has_pv:
+        paths[True] = C.write_temp(build(a.n, True), f"nanobench{a.n}.pv")
+
+    # The unit: a bare Unicorn hook call (an OUT hook that returns at once), as in bench/events.py.
+    io_imgs = {e: C.build("events", EVENT=e, N=100_000) for e in (0, 1)}
+    hook_us, _, _ = events.per_event(lambda img: rawuc.run(img, events.bare_out_hook)[1], io_imgs[1], io_imgs[0],
+                                     100_000, a.repeat)
+
+    best: dict[str, dict] = {}
+    skipped = {}
+    for mode in modes:
+        pv = mode == "para"
+        if pv and not has_pv:
+            skipped[mode] = "nanobench has no PV build"
+            continue
+        for _ in range(a.repeat):
+            try:
+                ph, _ = phases(paths[pv], mode)
+            except Exception as e:  # a mode that cannot run the guest yet is reported, not fatal
+                skipped[mode] = str(e).splitlines()[0][:120]
+                break
+            cur = best.setdefault(mode, {})
+            for op, s in ph.items():
+                cur[op] = min(cur.get(op, s), s)
+
+    C.header(f"nanobench: {a.n} iterations per operation; us per operation (x native) [x bare hook call "
+             f"{hook_us:.2f} us]")
+    shown = [m for m in modes if m in best]
+    print(f"{'op':<11}" + "".join(f"{m:>24}" for m in shown) + "   paper: native / BT / VT-x (cycles)")
+    for op in OPS:
+        nat = best.get("native", {}).get(op)
+        cells = []
+        for m in shown:
+            s = best[m].get(op)
+            if s is None:
+                cells.append(f"{'-':>24}")
+                continue
+            us = s / a.n * 1e6
+            rel = f"x{us / (nat / a.n * 1e6):.1f}" if nat else "-"
+            cells.append(f"{us:8.2f} ({rel:>6}) [{us / hook_us:5.1f}]")
+        paper = PAPER.get(op)
+        print(f"{op:<11}" + "".join(cells) + ("   " + " / ".join(str(x) for x in paper) if paper else ""))
+    for m, why in skipped.items():
+        print(f"  {m}: skipped ({why})")
+    return {"hook_us": hook_us, "modes": {m: {op: s / a.n * 1e6 for op, s in ph.items()} for m, ph in best.items()}}
+
+
+if __name__ == "__main__":
+    main()
