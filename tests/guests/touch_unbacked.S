@@ -1,4 +1,4 @@
-# description: reads guest-physical memory beyond its RAM (hw: an EPT violation the hypervisor cannot serve)
+# description: reads guest-physical memory beyond its RAM (hw: an EPT violation, emulated as unassigned memory: all-ones)
 #include "kernel.inc"
 .text
 main:
