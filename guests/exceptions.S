@@ -3,6 +3,9 @@
 # Faults report the address OF the faulting instruction (so it can be restarted); traps report
 # the address of the NEXT instruction. Each handler records what it saw in the trap frame;
 # the #DE and #UD handlers then skip the faulting instruction by advancing the saved EIP.
+#if PV
+#define PARAVIRT 1                      // this guest has a paravirtualized build (guests/include/pvops.inc)
+#endif
 #include "kernel.inc"
 
 #define MARK 0x5A5A1234                 // a value that must survive the exception in esi
@@ -92,8 +95,7 @@ ud_handler:
 
 # (shared tail) accumulate EFLAGS.IF as seen inside handlers.
 note_if:
-    pushfd
-    pop eax
+    SAVE_FL                             # PV: IF is the virtual one (evtchn_upcall_mask)
     and eax, EFLAGS_IF
     or dword ptr [handler_if], eax
     ret

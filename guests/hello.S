@@ -1,6 +1,9 @@
 # description: prints a greeting on COM1 and in the VGA text buffer, then PASS hello
 #
 # The smallest guest: boot, say hello on the serial console and on the screen, exit 0.
+#if PV
+#define PARAVIRT 1                      // this guest has a paravirtualized build (guests/include/pvops.inc)
+#endif
 #include "kernel.inc"
 
 #define VGA_ATTR 0x1F00                 // white on blue

@@ -6,6 +6,9 @@
 # show or change exactly what a real ring 0 would. On hardware, or under a hypervisor that
 # handles them (binary translation, paravirtualization, VT-x), every check passes; under a
 # deprivileging trap-and-emulate monitor (the guest kernel really at ring 1) they FAIL.
+#if PV
+#define PARAVIRT 1                      // this guest has a paravirtualized build (guests/include/pvops.inc)
+#endif
 #include "kernel.inc"
 
 .text
@@ -13,6 +16,15 @@ main:
     # All 8259 lines are masked (kernel.inc), so turning IF on here lets no interrupt in.
 
     # --- popf must change IF ------------------------------------------------------------------------
+#if PV
+    # PV: IF is evtchn_upcall_mask; popf/pushf are the pvops RESTORE_FL/SAVE_FL (pvops.inc)
+    IRQ_DISABLE
+    SAVE_FL
+    or eax, EFLAGS_IF
+    RESTORE_FL                          # IF := 1 through the PV popf
+    SAVE_FL
+    IRQ_DISABLE
+#else
     cli
     pushfd
     or dword ptr [esp], EFLAGS_IF
@@ -20,8 +32,17 @@ main:
     pushfd
     pop eax
     cli
+#endif
     and eax, EFLAGS_IF
     CHECK_EQ("popf sets IF: pushf then shows IF = 1", eax, EFLAGS_IF)
+#if PV
+    IRQ_ENABLE
+    SAVE_FL
+    and eax, ~EFLAGS_IF
+    RESTORE_FL                          # IF := 0 through the PV popf
+    SAVE_FL
+    IRQ_DISABLE
+#else
     sti
     pushfd
     and dword ptr [esp], ~EFLAGS_IF
@@ -29,19 +50,20 @@ main:
     pushfd
     pop eax
     cli
+#endif
     and eax, EFLAGS_IF
     CHECK_EQ("popf clears IF: pushf then shows IF = 0", eax, 0)
 
     # --- descriptor-table registers ------------------------------------------------------------------
-    sgdt [sgdt_buf]
+    SGDT(sgdt_buf)
     CHECK_MEM_EQ("sgdt returns the base and limit loaded with lgdt", sgdt_buf, gdtr, 6)
-    sidt [sidt_buf]
+    SIDT(sidt_buf)
     CHECK_MEM_EQ("sidt returns the base and limit loaded with lidt", sidt_buf, idtr, 6)
 
     # --- smsw ------------------------------------------------------------------------------------------
-    smsw eax
+    smsw eax                            # PV too: the real machine status word...
     and eax, 0xFFFF
-    mov edx, cr0
+    READ_CR0(edx)                       # ...against the (virtual, under PV) CR0
     and edx, 0xFFFF
     CHECK_EQ("smsw equals the low 16 bits of CR0", eax, edx)
 
@@ -56,15 +78,15 @@ main:
 
     # --- task register and LDT register -----------------------------------------------------------------
     xor eax, eax
-    str ax
+    STR_AX
     CHECK_EQ("str returns the selector loaded with ltr (0x28)", eax, TSS_SEL)
     mov ax, LDT_SEL
-    lldt ax
+    LLDT_AX
     xor eax, eax
-    sldt ax
+    SLDT_AX
     CHECK_EQ("sldt returns the selector loaded with lldt (0x30)", eax, LDT_SEL)
     xor eax, eax
-    lldt ax
+    LLDT_AX
     ret
 
 .data

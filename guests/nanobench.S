@@ -15,6 +15,9 @@
 #   ptemod      flip a PTE's R/W bit, then invlpg the page
 #   cpuid       leaf 0
 #   rdtsc
+#if PV
+#define PARAVIRT 1                      // this guest has a paravirtualized build (guests/include/pvops.inc)
+#endif
 #include "kernel.inc"
 #include "paging.inc"
 #include "user.inc"
@@ -50,6 +53,10 @@ bench_syscall_ok:
     DONE("syscall")
 
     # --- in / out ---------------------------------------------------------------------------------
+#if PV
+    mov eax, 1                          # PV: a kernel with an I/O grant (physdev_op set_iopl 1)
+    call pv_set_iopl                    # does its port I/O directly, as Xen's dom0 does
+#endif
     mov esi, N_ITER
 bench_in:
     in al, POST_PORT
@@ -61,32 +68,41 @@ bench_out:
     out POST_PORT, al
     dec esi
     jnz bench_out
+#if PV
+    xor eax, eax                        # the grant goes again: IOPL 0
+    call pv_set_iopl
+#endif
     DONE("out")
 
     # --- cli_sti (every 8259 line is masked: no interrupt arrives) -----------------------------------
     mov esi, N_ITER
 bench_cli_sti:
-    cli
-    sti
+    IRQ_DISABLE                         # PV: evtchn_upcall_mask writes (pvops.inc)
+    IRQ_ENABLE
     dec esi
     jnz bench_cli_sti
-    cli
+    IRQ_DISABLE
     DONE("cli_sti")
 
     # --- pushf_popf ---------------------------------------------------------------------------------
     mov esi, N_ITER
 bench_pushf_popf:
+#if PV
+    SAVE_FL                             # PV: the flags with the virtual IF, and back
+    RESTORE_FL
+#else
     pushfd
     popfd
+#endif
     dec esi
     jnz bench_pushf_popf
     DONE("pushf_popf")
 
     # --- cr3 ------------------------------------------------------------------------------------------
-    mov eax, cr3
+    READ_CR3(eax)
     mov esi, N_ITER
 bench_cr3:
-    mov cr3, eax
+    WRITE_CR3(eax)                      # PV: MMUEXT_NEW_BASEPTR
     dec esi
     jnz bench_cr3
     DONE("cr3")
@@ -103,8 +119,15 @@ bench_call_ret:
     mov edi, BENCH_PAGE
     mov esi, N_ITER
 bench_pgfault:
+#if PV
+    mov eax, dword ptr [page_table_low + 4 * (BENCH_PAGE >> 12)]
+    and eax, ~PTE_P
+    mov ebx, edi
+    call pv_update_va                   # PV: PTE write + invlpg in one update_va_mapping
+#else
     and dword ptr [page_table_low + 4 * (BENCH_PAGE >> 12)], ~PTE_P
     invlpg [edi]
+#endif
     mov eax, dword ptr [edi]            # #PF, the handler sets P, the load is retried
     dec esi
     jnz bench_pgfault
@@ -131,8 +154,15 @@ bench_divzero_ok:
     mov edi, BENCH_PAGE
     mov esi, N_ITER
 bench_ptemod:
+#if PV
+    mov eax, dword ptr [page_table_low + 4 * (BENCH_PAGE >> 12)]
+    xor eax, PTE_W
+    mov ebx, edi
+    call pv_update_va                   # PV: PTE write + invlpg in one update_va_mapping
+#else
     xor dword ptr [page_table_low + 4 * (BENCH_PAGE >> 12)], PTE_W
     invlpg [edi]
+#endif
     dec esi
     jnz bench_ptemod
     DONE("ptemod")
@@ -161,11 +191,20 @@ bench_leaf:
 # #PF: the page was made not-present on purpose; make it present again. No invlpg: the CPU does
 # not cache not-present translations, and a #PF invalidates the faulting address's entries.
 pgfault_handler:
-    mov eax, cr2
+    READ_CR2
     cmp eax, BENCH_PAGE
     jne isr_unexpected
     inc dword ptr [pgfault_count]
+#if PV
+    push edi
+    mov edi, page_table_low + 4 * (BENCH_PAGE >> 12)
+    mov eax, dword ptr [edi]
+    or eax, PTE_P
+    call pv_set_pte                     # PV: mmu_update
+    pop edi
+#else
     or dword ptr [page_table_low + 4 * (BENCH_PAGE >> 12)], PTE_P
+#endif
     ret
 
 # #DE: skip the 2-byte div ecx.

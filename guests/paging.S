@@ -7,6 +7,9 @@
 #   0xD0000000-0xD03FFFFF  a page table with no present entry: pages are mapped on demand
 #   0xE0000000-0xE03FFFFF  -> 0x00400000, a second 4 MiB page
 # Address space 2 (page_dir2): the same, except 0xC0000000 -> FRAME_B.
+#if PV
+#define PARAVIRT 1                      // this guest has a paravirtualized build (guests/include/pvops.inc)
+#endif
 #include "kernel.inc"
 #include "paging.inc"
 
@@ -30,6 +33,27 @@ main:
     mov esi, page_table_low
     mov eax, PTE_P | PTE_W
     call paging_identity_4m
+#if PV
+    # PV: the tables are still ordinary frames here, written directly, with machine frames
+    and dword ptr [page_table_low + 4 * (RO_PAGE >> 12)], ~PTE_W                # read-only
+    mov eax, pt_high
+    call pv_machine_address
+    or eax, PTE_P | PTE_W
+    mov dword ptr [page_dir + 4 * (HIGH_VA >> 22)], eax
+    mov eax, FRAME_A | PTE_P | PTE_W
+    call pv_machine_pte
+    mov dword ptr [pt_high], eax
+    mov eax, pt_demand
+    call pv_machine_address
+    or eax, PTE_P | PTE_W
+    mov dword ptr [page_dir + 4 * (DEMAND_VA >> 22)], eax
+    mov eax, BIG_PA | PDE_PS | PTE_P | PTE_W
+    call pv_machine_pte
+    mov dword ptr [page_dir + 4 * (BIG_PA >> 22)], eax
+    mov dword ptr [page_dir + 4 * (BIG_VA >> 22)], eax
+
+    # --- turn paging on (PV: CR4.PSE is always set under direct paging) -------------------------
+#else
     mov dword ptr [page_table_low + 4 * (RO_PAGE >> 12)], RO_PAGE | PTE_P       # read-only
     mov eax, pt_high
     or eax, PTE_P | PTE_W
@@ -45,12 +69,13 @@ main:
     mov eax, cr4
     or eax, CR4_PSE
     mov cr4, eax
+#endif
     mov eax, page_dir
     call paging_enable
-    mov eax, cr0
+    READ_CR0(eax)
     and eax, CR0_PG | CR0_WP
     CHECK_EQ("CR0.PG and CR0.WP are set, and the identity-mapped code runs on", eax, CR0_PG | CR0_WP)
-    mov eax, cr3
+    READ_CR3(eax)
     mov edx, page_dir
     CHECK_EQ("CR3 reads back the page directory", eax, edx)
 
@@ -85,18 +110,28 @@ main:
     mov esi, page_dir
     mov ecx, 1024
     rep movsd
+#if PV
+    mov eax, pt_high2                           # PV: still ordinary frames: direct writes
+    call pv_machine_address
+    or eax, PTE_P | PTE_W
+    mov dword ptr [page_dir2 + 4 * (HIGH_VA >> 22)], eax
+    mov eax, FRAME_B | PTE_P | PTE_W
+    call pv_machine_pte
+    mov dword ptr [pt_high2], eax
+#else
     mov eax, pt_high2
     or eax, PTE_P | PTE_W
     mov dword ptr [page_dir2 + 4 * (HIGH_VA >> 22)], eax
     mov dword ptr [pt_high2], FRAME_B | PTE_P | PTE_W
+#endif
     mov dword ptr [FRAME_A], 0xAAAAAAAA
     mov dword ptr [FRAME_B], 0xBBBBBBBB
     mov eax, dword ptr [HIGH_VA]                # address space 1: frame A
     mov edx, page_dir2
-    mov cr3, edx
+    WRITE_CR3(edx)
     mov ecx, dword ptr [HIGH_VA]                # address space 2: frame B
     mov edx, page_dir
-    mov cr3, edx
+    WRITE_CR3(edx)
     mov edx, dword ptr [HIGH_VA]                # back in 1
     CHECK_EQ("address space 1 maps 0xC0000000 to frame A", eax, 0xAAAAAAAA)
     CHECK_EQ("after mov cr3 to space 2, 0xC0000000 maps to frame B", ecx, 0xBBBBBBBB)
@@ -105,14 +140,28 @@ main:
     # --- PTE change + invlpg -------------------------------------------------------------------------
     mov dword ptr [FRAME_C], 0xCCCCCCCC
     mov eax, dword ptr [HIGH_VA]                # make sure the old translation is in the TLB
+#if PV
+    mov edi, pt_high                            # PV: a validated update (mmu_update)
+    mov eax, FRAME_C | PTE_P | PTE_W
+    call pv_machine_pte
+    call pv_set_pte
+#else
     mov dword ptr [pt_high], FRAME_C | PTE_P | PTE_W
+#endif
     mov eax, HIGH_VA
-    invlpg [eax]
+    INVLPG(eax)
     mov eax, dword ptr [HIGH_VA]
     CHECK_EQ("after a PTE change and invlpg the new frame is visible", eax, 0xCCCCCCCC)
+#if PV
+    mov edi, pt_high
+    mov eax, FRAME_A | PTE_P | PTE_W
+    call pv_machine_pte
+    call pv_set_pte
+#else
     mov dword ptr [pt_high], FRAME_A | PTE_P | PTE_W
+#endif
     mov eax, HIGH_VA
-    invlpg [eax]
+    INVLPG(eax)
 
     # --- 4 MiB pages -------------------------------------------------------------------------------------
     mov dword ptr [BIG_VA + 0x3FF004], 0x55B16B16
@@ -139,11 +188,11 @@ pf_handler:
     inc dword ptr [pf_count]
     cmp dword ptr [pf_count], PF_LIMIT
     ja isr_unexpected
-    mov eax, cr2
+    READ_CR2
     mov dword ptr [pf_cr2], eax
     mov edx, dword ptr [ebx + FRAME_ERROR]
     mov dword ptr [pf_error], edx
-    mov edi, cr3
+    READ_CR3(edi)
     and edi, 0xFFFFF000
     call pte_address                    # eax = &PTE for CR2
     test edx, PF_P
@@ -151,13 +200,27 @@ pf_handler:
     mov edx, dword ptr [pf_next_frame]
     add dword ptr [pf_next_frame], 0x1000
     or edx, PTE_P | PTE_W
+#if PV
+    mov edi, eax                        # PV: mmu_update, with the frame's machine address
+    mov eax, edx
+    call pv_machine_pte
+    call pv_set_pte
+#else
     mov dword ptr [eax], edx
+#endif
     jmp pf_flush
 pf_make_writable:
+#if PV
+    mov edi, eax
+    mov eax, dword ptr [edi]
+    or eax, PTE_W
+    call pv_set_pte
+#else
     or dword ptr [eax], PTE_W
+#endif
 pf_flush:
     mov eax, dword ptr [pf_cr2]
-    invlpg [eax]
+    INVLPG(eax)
     ret
 
 .data

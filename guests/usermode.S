@@ -3,6 +3,9 @@
 # The kernel runs user tasks with run_user (user.inc): iretd to CS 0x1B / SS 0x23 with IF = 0,
 # IOPL = 0. Events from ring 3 switch to the ring-0 stack named by TSS.SS0:ESP0. Paging is on: the
 # first 4 MiB are identity-mapped and user-accessible, except SUPER_PAGE (U/S = 0).
+#if PV
+#define PARAVIRT 1                      // this guest has a paravirtualized build (guests/include/pvops.inc)
+#endif
 #include "kernel.inc"
 #include "paging.inc"
 #include "user.inc"
@@ -20,7 +23,11 @@ main:
     mov esi, page_table_low
     mov eax, PTE_P | PTE_W | PTE_U
     call paging_identity_4m
+#if PV
+    and dword ptr [page_table_low + 4 * (SUPER_PAGE >> 12)], ~PTE_U     # PV: the PTE holds an mfn
+#else
     mov dword ptr [page_table_low + 4 * (SUPER_PAGE >> 12)], SUPER_PAGE | PTE_P | PTE_W
+#endif
     mov eax, page_dir
     call paging_enable
     mov dword ptr [SUPER_PAGE], 0x5EC2E700

@@ -19,7 +19,8 @@ NANOBENCH_OPS = [
     "ptemod", "cpuid", "rdtsc",
 ]
 
-BUILDS = [(g.name, pv) for g in list_guests() for pv in ((False, True) if g.has_pv else (False,))]
+# PV builds need the para hypervisor's ABI (hypercall page, start_info): QEMU cannot boot them.
+BUILDS = [(g.name, False) for g in list_guests()]
 
 
 @pytest.mark.parametrize("name,pv", BUILDS, ids=[f"{n}{'.pv' if pv else ''}" for n, pv in BUILDS])

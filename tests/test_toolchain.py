@@ -428,8 +428,12 @@ def test_no_16_bit_descriptor_far_jump_or_iret_in_any_guest(built):
                 if op[:1] == b"\xcf":
                     assert 0x66 not in prefixes, (name, pv, s.where, raw.hex(" "))
                 assert raw[:2] != b"\x66\xcf" and raw[:2] != b"\x66\xea", (name, s.where)
-        # every guest loads a GDT and IDT, far-jumps to reload CS and returns from interrupts
-        assert all(seen.values()), (name, seen)
+        # every guest loads a GDT and IDT, far-jumps to reload CS and returns from interrupts; a PV
+        # build (guests/include/pvops.inc) loads the tables through hypercalls instead
+        if pv:
+            assert seen["ljmp"] and seen["iretd"] and not (seen["lgdt"] or seen["lidt"]), (name, seen)
+        else:
+            assert all(seen.values()), (name, seen)
 
 
 def test_toolchain_check_is_clean_for_every_guest(built):
