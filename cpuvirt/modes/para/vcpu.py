@@ -1,0 +1,407 @@
+"""The PV vCPU: the run loop of Vcpu with Xen's event model instead of the hardware IDT.
+
+`int 0x82` from ring 1 is a hypercall, dispatched inside the interrupt hook without stopping the
+engine. Exceptions and `int n` are "bounced" through the guest's virtual trap table (set_trap_table)
+with a hardware-like frame at ring 1; event-channel upcalls go to the set_callbacks address when
+evtchn_upcall_pending and not evtchn_upcall_mask (polled as native mode polls IF).
+"""
+from __future__ import annotations
+
+import ctypes
+import re
+import struct
+
+from unicorn import UC_HOOK_INTR
+from unicorn.unicorn_py3 import unicorn as _ucmod
+
+from cpuvirt.cpu import regs as R
+from cpuvirt.cpu.events import HAS_ERROR_CODE, MNEMONIC
+from cpuvirt.cpu.vcpu import EXIT_HALTED, POLL_INSNS, Vcpu
+from cpuvirt.machine.clock import NEVER
+from cpuvirt.memory.direct import EFAULT, Refused
+from cpuvirt.memory.mmu import GuestPageFault
+from cpuvirt.modes.para.events import VIRQ_TIMER
+from cpuvirt.modes.para.hypercalls import HYPERCALLS
+
+_INTR_CB = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_void_p)
+EXIT_HV_STOP = 123
+HYPERCALL_VECTOR = 0x82
+_EPERM = -1
+_IO = ("in", "out", "insb", "insw", "insd", "outsb", "outsw", "outsd")
+IO_MNEMONICS = frozenset(_IO + tuple("rep " + m for m in _IO if m[-1] in "bwd" and m not in ("in", "out")))
+_IO_PATTERN = re.compile(rb"[\xe4-\xe7\xec-\xef\x6c-\x6f]")
+PRIVILEGED = frozenset(("cli", "sti", "hlt", "lgdt", "lidt", "lldt", "ltr", "lmsw", "clts", "invlpg", "invd",
+                        "wbinvd", "rdmsr", "wrmsr", "rdpmc", "mov", "in", "out", "insb", "insw", "insd",
+                        "outsb", "outsw", "outsd", "iretd", "popfd"))
+NOT_PV = ("privileged instruction in a guest that is not paravirtualized "
+          "(run it with --mode native/hw/full, or build its PV version)")
+
+
+class ParaVcpu(Vcpu):
+    def __init__(self, machine, paging, trace=None, max_insns: int = 0):
+        super().__init__(machine, trace=trace, max_insns=max_insns)
+        self.paging = paging
+        self.events = None                 # EventChannels, once the shared-info page exists (boot)
+        self.hypercall_va = 0
+        self.trap_table: dict[int, tuple[int, int, int]] = {}
+        self.trap_table_set = False
+        self.kernel_stack: tuple[int, int] | None = None
+        self.event_callback: tuple[int, int] | None = None
+        self.failsafe_callback = None
+        self.timer: int | None = None
+        self.iopl = 0
+        self.detail: dict | None = None
+        self.a = (0, 0, 0, 0, 0)            # EBX, ECX, EDX, ESI, EDI of the hypercall being handled
+        ids = (R.EAX, R.CS, R.EBX, R.ECX, R.EDX, R.ESI, R.EDI)
+        self._batch = (ctypes.c_uint64 * 7)()
+        self._batch_ids = (ctypes.c_int * 7)(*ids)
+        self._batch_ptrs = (ctypes.c_void_p * 7)(*(ctypes.addressof(self._batch) + 8 * i for i in range(7)))
+        self._read_batch = _ucmod.uclib.uc_reg_read_batch
+        self._uch = self.uc._uch
+
+    # -- hooks ---------------------------------------------------------------------------------
+    def install_hooks(self) -> None:
+        super().install_hooks()
+        # The interrupt hook straight through ctypes: a hypercall skips the wrapper's two Python
+        # frames (the round trip is mostly Python; bench/para.py).
+        self.uc.hook_del(self._intr_hook)
+        self._intr_cb = _INTR_CB(self._intr)
+        self._intr_handle = ctypes.c_size_t()
+        err = _ucmod.uclib.uc_hook_add(self.uc._uch, ctypes.byref(self._intr_handle), UC_HOOK_INTR,
+                                       ctypes.cast(self._intr_cb, ctypes.c_void_p), None,
+                                       ctypes.c_uint64(1), ctypes.c_uint64(0))
+        if err:
+            raise RuntimeError(f"cannot hook interrupts (uc error {err})")
+        # in/out never fault in the engine: hook every instance and make it a #GP unless granted.
+        self.enable_intercepts(IO_MNEMONICS, self._io_instruction)
+        self.intercepts._pattern = _IO_PATTERN
+
+    def _intr(self, _uc, intno, _data) -> None:
+        if intno != HYPERCALL_VECTOR:
+            self.hook_intr(self.uc, intno, None)
+            return
+        try:
+            self.hypercall()
+        except BaseException as e:          # never let an exception unwind through the engine
+            self.error = e
+            self.uc.emu_stop()
+
+    def hypercall(self) -> None:
+        """int 0x82: EAX = number, EBX.. = arguments, EAX = result; EIP is already past the int.
+        EAX, CS and the five argument registers come in one batched read (an engine call costs
+        far more than the Python around it), and EAX goes back in one write."""
+        regs = self.regs
+        self._read_batch(self._uch, self._batch_ids, self._batch_ptrs, 7)
+        b = self._batch
+        nr = b[0]
+        self.a = (b[2], b[3], b[4], b[5], b[6])
+        self.counts["hypercall"] += 1
+        tracing = self.trace is not None
+        if tracing:
+            self.detail = {}
+        entry = HYPERCALLS.get(nr)
+        if b[1] & 3 == 3:
+            result = _EPERM
+            if tracing:
+                self.detail["refused"] = "hypercall from ring 3"
+        elif entry is None:
+            result = -38
+        else:
+            try:
+                result = entry[1](self)
+            except Refused as r:
+                result = -r.errno
+                if tracing:
+                    self.detail["refused"] = r.why
+        if result is not None:
+            regs.write(R.EAX, result & 0xFFFFFFFF)
+        if self.paging.tlb_dirty:
+            self.paging.flush_tlb()
+        if tracing:
+            self._trace_hypercall(nr, entry, result)
+        ev = self.events
+        if ev.buf[ev.off] and not ev.buf[ev.off + 1] and self.outcome is None:   # deliverable()
+            self.upcall(regs.read(R.EIP))
+
+    def _trace_hypercall(self, nr, entry, result) -> None:
+        eip = (self.regs.read(R.EIP) - 2) & 0xFFFFFFFF
+        if nr == 23:
+            eip = (self.hypercall_va + 23 * 32 + 6) & 0xFFFFFFFF
+        detail = dict(self.detail or {})
+        detail["result"] = result if result is not None else "resumed"
+        self.trace.event(self.clock.instructions, self.regs.cpl(), "hypercall",
+                         entry[0] if entry else f"unknown ({nr})", nr, eip, "int 0x82", detail,
+                         "refused" if isinstance(result, int) and result < 0 else "done")
+        self.detail = None
+
+    # -- helpers for the hypercall handlers ---------------------------------------------------------
+    def note(self, **kw) -> None:
+        if self.detail is not None:
+            self.detail.update(kw)
+
+    def refused(self, why: str) -> None:
+        if self.detail is not None:
+            self.detail["refused"] = why
+
+    def refuse(self, errno: int, why: str) -> int:
+        self.refused(why)
+        return -errno
+
+    def gread(self, va: int, n: int) -> bytes:
+        """Read guest-virtual memory with the kernel's rights; an unmapped pointer is -EFAULT."""
+        try:
+            return self.mmu.read_linear(va, n, user=False)
+        except GuestPageFault:
+            raise Refused(EFAULT, f"pointer {va:#x}+{n}: not mapped") from None
+
+    def gwrite(self, va: int, data: bytes) -> None:
+        try:
+            self.mmu.write_linear(va, data, user=False)
+        except GuestPageFault:
+            raise Refused(EFAULT, f"pointer {va:#x}+{len(data)}: not mapped writable") from None
+
+    def descriptor(self, selector: int) -> int | None:
+        """The current GDT's descriptor for `selector`, or None (beyond the limit, null, LDT)."""
+        _, _, limit, _ = self.regs.table(R.GDTR)
+        index = selector & ~7
+        if selector & 4 or index == 0 or index + 7 > limit:
+            return None
+        frames = self.paging.gdt_frames
+        if index >> 12 >= len(frames):
+            return None
+        ram = self.m.ram
+        return struct.unpack_from("<Q", ram.buf, (frames[index >> 12] << 12) - ram.hpa + (index & 0xFFF))[0]
+
+    def check_code_selector(self, sel: int) -> str:
+        d = self.descriptor(sel)
+        if d is None:
+            return f"selector {sel:#x} is not in the GDT"
+        if not (d >> 47) & 1 or (d >> 43) & 3 != 3 or (d >> 45) & 3 != 1:
+            return f"selector {sel:#x} is not a present DPL-1 code segment"
+        return ""
+
+    def check_stack_selector(self, sel: int) -> str:
+        d = self.descriptor(sel)
+        if sel & 3 != 1 or d is None or not (d >> 47) & 1 or (d >> 43) & 3 != 2 or not (d >> 41) & 1 \
+                or (d >> 45) & 3 != 1:
+            return f"ss {sel:#x} is not a writable DPL-1 data selector with RPL 1"
+        return ""
+
+    def flush_tlb(self) -> None:
+        """CR3 = the current L2: the write also drops the engine's whole TLB."""
+        self.regs.write(R.CR3, self.paging.base)
+
+    # -- time and blocking ---------------------------------------------------------------------
+    def set_timer(self, deadline: int | None) -> None:
+        self.timer = deadline
+        if deadline is not None:
+            if deadline <= self.clock.now:
+                self._fire_timer()          # already past: pending now, delivered on the way back
+            else:
+                self.clock.pull_in(deadline)
+
+    def _fire_timer(self) -> None:
+        if self.timer is not None and self.clock.now >= self.timer:
+            self.timer = None
+            port = self.events.virq_port.get(VIRQ_TIMER)
+            self.events.raise_virq(VIRQ_TIMER)
+            self.record("event_channel", "VIRQ_TIMER", VIRQ_TIMER, self.regs.read(R.EIP),
+                        {"port": port, "mask": self.events.mask},
+                        "port set pending" if port is not None else "timer expired, VIRQ_TIMER not bound")
+
+    def block(self) -> int:
+        """SCHEDOP_block: unmask events and sleep until one is pending (virtual time jumps)."""
+        ev = self.events
+        ev.mask = 0
+        if ev.pending():
+            return 0
+        if self.timer is None:
+            self.finish("halted", EXIT_HALTED, "sched_op(SCHEDOP_block) with no timer set and no event "
+                        "pending: nothing can wake the vCPU")
+            return 0
+        if self.timer >= self.budget:
+            from cpuvirt.cpu.vcpu import EXIT_BUDGET
+            self.finish("budget", EXIT_BUDGET, f"instruction budget of {self.budget} exhausted while blocked")
+            return 0
+        if self.timer > self.clock.now:
+            self.clock.advance(self.timer - self.clock.now)
+        self._fire_timer()
+        if not ev.pending():
+            self.finish("halted", EXIT_HALTED, "sched_op(SCHEDOP_block): the timer fired but VIRQ_TIMER is "
+                        "not bound or its port is masked: nothing can wake the vCPU")
+        return 0
+
+    def shutdown(self, status: int, reason: str) -> None:
+        if self.trace is not None:
+            self.detail["action"] = f"machine powered off, status {status}"
+        self.finish("exit", status, reason)
+
+    def crash(self, why: str) -> None:
+        self.finish("error", EXIT_HV_STOP, f"para: domain crashed: {why}")
+
+    def _next_deadline(self) -> int:
+        now = self.clock.now
+        d = NEVER if self.timer is None else max(self.timer, now)
+        if self.events is not None and self.events.pending() and self.events.mask:
+            d = min(d, now + POLL_INSNS)
+        return min(d, self.budget)
+
+    def on_deadline(self, eip: int) -> None:
+        if self.clock.now >= self.budget:
+            from cpuvirt.cpu.vcpu import EXIT_BUDGET
+            self.finish("budget", EXIT_BUDGET, f"instruction budget of {self.budget} exhausted")
+            return
+        self._fire_timer()
+
+    def before_entry(self) -> None:
+        if self.events is not None and self.events.deliverable():
+            self.upcall(self.regs.read(R.EIP))
+
+    def on_hlt(self, eip: int) -> None:
+        # The kernel runs at ring 1, where hlt is a #GP: the engine returning here is a bug.
+        self.finish("error", 1, f"internal: the engine halted at {eip:#x} at ring {self.regs.cpl()}")
+
+    # -- bouncing events to the guest ----------------------------------------------------------------
+    def upcall(self, return_eip: int) -> None:
+        if self.event_callback is None:
+            self.crash("an event is pending and unmasked but no event callback is registered (set_callbacks)")
+            return
+        self.record("upcall", "evtchn_upcall", None, return_eip, {"callback": f"{self.event_callback[1]:#x}"},
+                    "upcall delivered to the event callback")
+        cs, eip = self.event_callback
+        self.bounce(cs, eip, return_eip, None, True, "upcall")
+
+    def bounce(self, cs: int, eip: int, return_eip: int, error_code: int | None, mask_events: bool,
+               what: str) -> None:
+        """Deliver to the guest at ring 1 like a hardware gate, with Xen's virtual IF and mask."""
+        regs, ev = self.regs, self.events
+        old_cs = regs.read(R.CS)
+        cpl = old_cs & 3
+        eflags = regs.read(R.EFLAGS)
+        mask = ev.mask
+        saved = (eflags & ~R.EFLAGS_IF) | (0 if mask else R.EFLAGS_IF)
+        frame = [return_eip, (old_cs & 0xFFFF) | (mask << 16), saved]
+        if cpl == 3:
+            if self.kernel_stack is None:
+                self.crash(f"{what} from ring 3 at {return_eip:#x} with no kernel stack (stack_switch)")
+                return
+            ss, esp = self.kernel_stack
+            frame += [regs.read(R.ESP), regs.read(R.SS)]
+        else:
+            ss, esp = None, regs.read(R.ESP)
+        if error_code is not None:
+            frame.insert(0, error_code)
+        data = struct.pack(f"<{len(frame)}I", *frame)
+        esp = (esp - len(data)) & 0xFFFFFFFF
+        try:
+            self.mmu.write_linear(esp, data, user=False)
+        except GuestPageFault as pf:
+            self.crash(f"{what} at {return_eip:#x}: the ring-1 stack at {esp:#x} is not writable "
+                       f"(#PF {pf.error_code:#x} at {pf.gva:#x})")
+            return
+        try:
+            if ss is not None:
+                self._enter_ring1_stack(ss)
+            regs.write(R.ESP, esp)
+            if cpl == 3 or old_cs != cs:
+                regs.write(R.CS, cs)
+        except RuntimeError as e:
+            self.crash(f"{what} at {return_eip:#x}: {e}")
+            return
+        regs.write(R.EFLAGS, (eflags & ~(R.EFLAGS_TF | R.EFLAGS_NT | R.EFLAGS_RF | R.EFLAGS_VM)) | R.EFLAGS_IF)
+        regs.write(R.EIP, eip)
+        if mask_events:
+            ev.mask = 1
+
+    def _enter_ring1_stack(self, ss: int) -> None:
+        """Load the ring-1 SS from ring 3 inside a hook. The engine checks SS.RPL against the CPL it
+        keeps in hflags (taken from SS's DPL), so the CPL field is set to 1 first, in the saved
+        context, as the gate's privilege change would (the same context trick as quirks.py)."""
+        import ctypes
+        faults = self.faults
+        ctx = faults._ctx
+        self.uc.context_update(ctx)
+        addr = ctypes.cast(ctx.context, ctypes.c_void_p).value
+        slot = ctypes.c_uint32.from_address(addr + faults.layout.hflags)
+        slot.value = (slot.value & ~3) | 1
+        self.uc.context_restore(ctx)
+        self.regs.write(R.SS, ss)
+
+    def trap(self, vector: int, return_eip: int, error_code: int | None, insn_eip: int, soft: bool = False) -> None:
+        """An exception or `int n` of the guest: through its trap table, or the run stops."""
+        entry = self.trap_table.get(vector)
+        if not self.trap_table_set:
+            insn = self.insn_at(insn_eip)
+            if vector == 13 and not soft and insn.split()[0] in PRIVILEGED:
+                self.finish("error", EXIT_HV_STOP, f"para: {insn} at {insn_eip:#x}: {NOT_PV}")
+            else:
+                name = f"int {vector:#x}" if soft else MNEMONIC.get(vector, f"vector {vector}")
+                self.crash(f"{name} at {insn_eip:#x} ({insn}) before any set_trap_table")
+            return
+        if entry is None:
+            name = f"int {vector:#x}" if soft else MNEMONIC.get(vector, f"vector {vector}")
+            self.crash(f"{name} at {insn_eip:#x} ({self.insn_at(insn_eip)}): no trap_info entry for vector {vector}")
+            return
+        flags, cs, address = entry
+        if soft and (flags & 3) < self.regs.cpl():
+            # int n through an entry whose DPL is below CPL: #GP(vector * 8 + 2), as a gate would.
+            return self.trap(13, insn_eip, vector * 8 + 2, insn_eip)
+        self.bounce(cs, address, return_eip, error_code, bool(flags & 4), MNEMONIC.get(vector, f"int {vector:#x}"))
+
+    # -- what the engine raises ---------------------------------------------------------------------
+    def _deliver_engine_event(self, intno: int, error_code: int, soft: bool, eip: int) -> None:
+        if soft or intno in (3, 4):
+            prev = self.mmu.fetch_bytes((eip - 1) & 0xFFFFFFFF, 1)
+            insn_len = 1 if prev in (b"\xcc", b"\xce") else 2
+            start = (eip - insn_len) & 0xFFFFFFFF
+            self.record("interrupt" if soft else "exception", f"int {intno:#x}" if soft else MNEMONIC[intno], intno,
+                        start, {"vector": intno, "software": soft}, "bounced through the trap table")
+            self.trap(intno, eip, None, start, soft=soft)
+            return
+        ec = error_code if intno in HAS_ERROR_CODE else None
+        detail = {"vector": intno} if ec is None else {"vector": intno, "error_code": ec}
+        self.record("exception", MNEMONIC.get(intno, f"vector {intno}"), intno, eip, detail,
+                    "bounced through the trap table")
+        self.trap(intno, eip, ec, eip)
+
+    def hook_invalid(self, uc, _data) -> bool:
+        self.mmu.crs = None
+        try:
+            eip = self.regs.read(R.EIP)
+            self.left_block_at(eip)
+            self.record("exception", "#UD", 6, eip, {"vector": 6}, "bounced through the trap table")
+            self.trap(6, eip, None, eip)
+        except BaseException as e:
+            self.error = e
+            uc.emu_stop()
+        return True
+
+    def page_fault(self, gva: int, access: int, error_code: int, eip: int) -> None:
+        self.events.set_cr2(gva)
+        self.record("page_fault", "#PF", 14, eip,
+                    {"cr2": f"{gva:#x}", "error_code": error_code, "access": ("read", "write", "fetch")[access],
+                     "fault": "true"}, "bounced through the trap table (CR2 in vcpu_info.arch.cr2)")
+        self.trap(14, eip, error_code, eip)
+
+    def _io_instruction(self, address: int, size: int, mnem: str, ops: str) -> None:
+        """in/out: allowed at ring 1 after physdev_op(set_iopl), else #GP(0) to the guest."""
+        if self._io_allowed():
+            return                                   # executes; the I/O hooks reach the devices
+        self.record("exception", "#GP", 13, address, {"vector": 13, "error_code": 0, "why": "port I/O without IOPL"},
+                    "bounced through the trap table")
+        self.trap(13, address, 0, address)
+
+    def _io_allowed(self) -> bool:
+        """CPL <= the granted IOPL (the CPL is read only when the grant is 1 or 2)."""
+        iopl = self.iopl
+        return iopl == 3 or (iopl != 0 and self.regs.cpl() <= iopl)
+
+    def hook_in(self, uc, port, size, _data):
+        if not self._io_allowed():                     # an unhooked site (never expected): deny
+            return 0xFFFFFFFF
+        return super().hook_in(uc, port, size, _data)
+
+    def hook_out(self, uc, port, size, value, _data):
+        if not self._io_allowed():
+            return None
+        return super().hook_out(uc, port, size, value, _data)
