@@ -1,0 +1,974 @@
+"""Deprivileging (ring compression), shared by modes `trap` and `full`: docs/deprivileging.md.
+
+The guest kernel (virtual CPL 0) runs at real CPL 1, guest user code at CPL 3. What the guest believes
+(CR0-4, GDTR, IDTR, LDTR, TR, IOPL, CPL 0) is kept in a `VirtualCpu`, Python state the guest can never
+address. The real CPU holds only what the engine needs: the guest's own GDT in the real GDTR (so native
+descriptor loads read the guest's descriptors), the hypervisor's IDTR/TR/LDTR and CR0, and IF (which the
+engine never uses to deliver anything, so it carries the guest's IF).
+
+Ring-0 descriptors cannot be loaded at CPL 1, so every guest-kernel segment load is done here from a
+SHADOW GDT (the guest's descriptors, DPL 0 made DPL 1) in hypervisor memory, reached through a linear
+window that the TLB-fill hook serves only while the hypervisor itself loads a segment (the real GDTR
+points at the window for the load, then back; the engine's TLB is flushed so no entry for the window
+survives into guest execution).
+
+`DeprivilegedVcpu` is the Vcpu every deprivileging mode builds on: event delivery through the guest's
+IDT in the guest's view (`RingCompressedDelivery`), the emulation of privileged instructions
+(`emulate_at`), segment loads (`load_segment`, `load_cs_ss`), the I/O privilege check the engine does
+not do, and page faults with the virtual CR2. Modes decide when to call it (trap: on #GP; full: from
+translator callouts) and where kernel code runs (`enter_kernel`).
+"""
+from __future__ import annotations
+
+import ctypes
+import struct
+
+from unicorn import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH, UC_PROT_READ, UC_PROT_WRITE
+
+from cpuvirt.cpu import regs as R
+from cpuvirt.cpu.events import (
+    GATE_INT32,
+    GATE_TASK,
+    GATE_TRAP32,
+    HAS_ERROR_CODE,
+    DeliveryFault,
+    EventDelivery,
+    TripleFault,
+    Unsupported,
+    Vector,
+    _is_double_fault,
+)
+from cpuvirt.cpu.faultaddr import operand_address
+from cpuvirt.cpu.quirks import HF_INHIBIT_IRQ
+from cpuvirt.cpu.vcpu import EXIT_ERROR, Vcpu
+from cpuvirt.machine.hostmem import HostRegion
+from cpuvirt.memory.ept import HvAllocator
+from cpuvirt.memory.mmu import GuestPageFault
+from cpuvirt.memory.p2m import HV_HPA
+
+KERNEL_RING = 1                   # the real ring of the guest kernel (virtual CPL 0)
+HV_SIZE = 8 << 20                 # hypervisor-only host memory (shadow GDT; full mode's translation cache)
+SHADOW_GDT_WINDOW = 0xFFF00000    # linear window of the shadow GDT, served only during a hypervisor load
+SHADOW_GDT_BYTES = 0x10000        # a GDT's largest size (limit 0xFFFF)
+# The hypervisor's CR0 (what `smsw` shows natively): PE MP ET NE WP PG. Its low 16 bits differ from a
+# guest's usual PE|ET (0x11), which is what makes the smsw hole visible.
+HV_CR0 = 0x80010033
+HV_IDTR = (0, 0xFFC00000, 0x7FF, 0)   # the hypervisor's IDTR (the engine never uses it): `sidt` shows it
+CR0_PE, CR0_TS, CR0_PG, CR0_WP = 1, 1 << 3, 1 << 31, 1 << 16
+CR4_PSE, CR4_PGE = 1 << 4, 1 << 7
+SREGS = {"es": R.ES, "cs": R.CS, "ss": R.SS, "ds": R.DS, "fs": R.FS, "gs": R.GS}
+_REG32 = dict(zip(R.GPR_NAMES, R.GPR_ORDER))
+_REG16 = {n[1:]: r for n, r in _REG32.items()}
+_REG8 = {"al": (R.EAX, 0), "cl": (R.ECX, 0), "dl": (R.EDX, 0), "bl": (R.EBX, 0),
+         "ah": (R.EAX, 8), "ch": (R.ECX, 8), "dh": (R.EDX, 8), "bh": (R.EBX, 8)}
+
+
+class GuestFault(Exception):
+    """Emulating an instruction raised an exception the guest must see (delivered through its IDT)."""
+
+    def __init__(self, vector: int, error_code: int | None = None, cr2: int | None = None):
+        super().__init__(f"vector {vector} error {error_code}")
+        self.vector, self.error_code, self.cr2 = vector, error_code, cr2
+
+
+class SegCache:
+    """A system-segment register as the guest loaded it (LDTR, TR): selector and cached base/limit."""
+
+    __slots__ = ("base", "limit", "selector")
+
+    def __init__(self, selector: int = 0, base: int = 0, limit: int = 0):
+        self.selector, self.base, self.limit = selector, base, limit
+
+    def __repr__(self):
+        return f"SegCache({self.selector:#x}, {self.base:#x}, {self.limit:#x})"
+
+
+class VirtualCpu:
+    """What the guest believes about the privileged CPU state (never in guest-addressable memory).
+
+    CPL, IF and the guest-view selectors are not stored: CPL is derived from the real CS (real ring 1
+    = virtual 0), IF is the real EFLAGS.IF, and a kernel selector is the real one with RPL 0
+    (`DeprivilegedVcpu.guest_selector`)."""
+
+    __slots__ = ("cr0", "cr2", "cr3", "cr4", "dr", "gdtr", "idtr", "iopl", "ldtr", "tr")
+
+    def __init__(self):
+        self.cr0, self.cr2, self.cr3, self.cr4 = 0x11, 0, 0, 0
+        self.dr = [0, 0, 0, 0, 0, 0, 0xFFFF0FF0, 0x400]   # DR0-7 at reset (no breakpoint is armed)
+        self.gdtr = (0, 0)            # (base, limit)
+        self.idtr = (0, 0x3FF)
+        self.ldtr = SegCache()
+        self.tr = SegCache()
+        self.iopl = 0
+
+    def crs(self) -> tuple[int, int, int]:
+        return self.cr0, self.cr3, self.cr4
+
+
+class ShadowGdt:
+    """The guest GDT as the real CPU must see it for hypervisor loads: DPL-0 code/data descriptors made
+    DPL 1. Kept coherent on demand: each entry is copied from the guest's GDT right before it is loaded,
+    so guest writes to its GDT need no tracking."""
+
+    def __init__(self, hv_mem: HostRegion, alloc: HvAllocator):
+        self.hv_mem = hv_mem
+        self.hpa = alloc.page()
+        for _ in range(SHADOW_GDT_BYTES // 0x1000 - 1):
+            alloc.page()
+
+    @staticmethod
+    def compress(lo: int, hi: int) -> tuple[int, int]:
+        """A guest descriptor as the shadow holds it: a DPL-0 code or data segment becomes DPL 1."""
+        if hi & (1 << 12) and (hi >> 13) & 3 == 0:     # S = 1 (code/data) and DPL 0
+            hi |= 1 << 13
+        return lo, hi
+
+    def put(self, index: int, lo: int, hi: int) -> None:
+        lo, hi = self.compress(lo, hi)
+        self.hv_mem.write(self.hpa + index * 8, struct.pack("<II", lo, hi))
+
+
+class RingCompressedDelivery(EventDelivery):
+    """IDT delivery in the guest's view: the guest's IDT, GDT and TSS from the VirtualCpu, privilege
+    rules against the virtual CPL, a frame holding guest-view CS/EFLAGS; the handler then runs at real
+    ring 1 (its code and stack segments loaded from the shadow GDT) and starts at `enter_kernel`."""
+
+    def __init__(self, vcpu: DeprivilegedVcpu):
+        super().__init__(vcpu.uc, vcpu.regs, vcpu.mmu)
+        self.vcpu = vcpu
+
+    def deliver(self, vector, return_eip, error_code=None, soft=False, external=False, fault_eip=None) -> int:
+        try:
+            self._deliver(vector, return_eip, error_code, soft, external)
+            return vector
+        except DeliveryFault as f:
+            if fault_eip is not None:
+                return_eip = fault_eip
+            if vector == Vector.DF:
+                raise TripleFault(f"vector {f.vector} while delivering #DF") from None
+            if f.cr2 is not None:
+                self.vcpu.v.cr2 = f.cr2
+            if _is_double_fault(vector, f.vector):
+                return self.deliver(Vector.DF, return_eip, 0)
+            return self.deliver(f.vector, return_eip, f.error_code if f.vector in HAS_ERROR_CODE else None)
+
+    def _descriptor(self, selector: int, ext: int) -> tuple[int, int]:
+        try:
+            return self.vcpu.descriptor(selector, ext)
+        except GuestFault as g:
+            raise DeliveryFault(g.vector, g.error_code or 0, g.cr2) from None
+
+    def _deliver(self, vector, return_eip, error_code, soft, external):
+        vc, regs, v = self.vcpu, self.regs, self.vcpu.v
+        ext = 1 if external else 0
+        idt_base, idt_limit = v.idtr
+        if vector * 8 + 7 > idt_limit:
+            raise DeliveryFault(Vector.GP, vector * 8 + 2 + ext)
+        lo, hi = struct.unpack("<II", self._read(idt_base + vector * 8, 8))
+        gate_type = (hi >> 8) & 0x1F
+        gate_dpl = (hi >> 13) & 3
+        cpl = vc.vcpl()
+        if gate_type not in (GATE_INT32, GATE_TRAP32):
+            if gate_type == GATE_TASK and hi & 0x8000:
+                raise Unsupported(f"task gate at IDT vector {vector} (hardware task switch)")
+            raise DeliveryFault(Vector.GP, vector * 8 + 2 + ext)
+        if soft and gate_dpl < cpl:
+            raise DeliveryFault(Vector.GP, vector * 8 + 2)
+        if not hi & 0x8000:
+            raise DeliveryFault(Vector.NP, vector * 8 + 2 + ext)
+        selector = lo >> 16
+        offset = (lo & 0xFFFF) | (hi & 0xFFFF0000)
+        _, dhi = self._descriptor(selector, ext)
+        if not (dhi >> 11) & 1 or not (dhi >> 12) & 1:
+            raise DeliveryFault(Vector.GP, (selector & ~3) | ext)
+        code_dpl = (dhi >> 13) & 3
+        if code_dpl > cpl:
+            raise DeliveryFault(Vector.GP, (selector & ~3) | ext)
+        if not dhi & 0x8000:
+            raise DeliveryFault(Vector.NP, (selector & ~3) | ext)
+        new_cpl = cpl if (dhi >> 10) & 1 else code_dpl
+
+        eflags = vc.guest_eflags()
+        frame = [return_eip, vc.guest_selector(regs.read(R.CS)), eflags]
+        if new_cpl < cpl:
+            tr = v.tr
+            slot = 4 + 8 * new_cpl
+            if slot + 5 > tr.limit:
+                raise DeliveryFault(Vector.TS, (tr.selector & ~3) | ext)
+            new_esp, new_ss = struct.unpack("<IH", self._read(tr.base + slot, 6))
+            if new_ss & ~3 == 0:
+                raise DeliveryFault(Vector.TS, ext)
+            frame += [regs.read(R.ESP), vc.guest_selector(regs.read(R.SS))]
+            esp = new_esp
+        else:
+            new_ss = None
+            esp = regs.read(R.ESP)
+        if error_code is not None:
+            frame.insert(0, error_code)
+        data = struct.pack(f"<{len(frame)}I", *frame)
+        esp = (esp - len(data)) & 0xFFFFFFFF
+        try:
+            self.mmu.write_linear(esp, data, user=False)
+        except GuestPageFault as pf:
+            raise DeliveryFault(Vector.PF, pf.error_code, pf.gva) from None
+
+        new_flags = eflags & ~(R.EFLAGS_TF | R.EFLAGS_NT | R.EFLAGS_RF | R.EFLAGS_VM)
+        if gate_type == GATE_INT32:
+            new_flags &= ~R.EFLAGS_IF
+        new_cs = (selector & ~3) | new_cpl
+        if new_ss is not None:
+            vc.load_cs_ss(new_cs, (new_ss & ~3) | new_cpl, new_cpl)
+        elif (vc.guest_selector(regs.read(R.CS)) & ~3) != (selector & ~3):
+            vc.load_cs_ss(new_cs, None, new_cpl)
+        regs.write(R.ESP, esp)
+        vc.set_guest_eflags(new_flags)
+        if new_cpl == 0:
+            vc.enter_kernel(offset)
+        else:
+            regs.write(R.EIP, offset)
+
+
+class DeprivilegedVcpu(Vcpu):
+    """A Vcpu whose guest kernel runs at ring 1 against a VirtualCpu (docs/deprivileging.md, "API").
+
+    Subclasses set `event_kind` ("trap" or "callout": the trace kind of each emulation) and may override
+    `enter_kernel(guest_eip)` (where guest-kernel code really runs) and `real_iopl(vcpl)`."""
+
+    event_kind = "trap"
+
+    def __init__(self, machine, trace=None, max_insns: int = 0):
+        super().__init__(machine, trace=trace, max_insns=max_insns)
+        self.v = VirtualCpu()
+        self.hv_mem = HostRegion(self.uc, HV_HPA, HV_SIZE)
+        self.alloc = HvAllocator(self.hv_mem)
+        self.shadow = ShadowGdt(self.hv_mem, self.alloc)
+        self.delivery = RingCompressedDelivery(self)
+        self._window_on = False
+        self._window_touched = True        # unknown at start: flush before the first window use
+        self._cplctx = self.uc.context_save()
+        self._decoded: dict[tuple[int, bytes], tuple[int, str, str]] = {}
+        self._gdtr_mmr = R._Mmr()
+        self._io_site_once = None
+        self._rtlb: dict[int, int] = {}          # linear page -> host frame, for the hypervisor's reads
+        self._loaded: dict[int, tuple[int, int, int]] = {}   # segment register -> (real selector, lo, hi)
+        mmu = self.mmu
+        if hasattr(mmu, "crs_source"):
+            mmu.crs_source = self.v.crs
+        else:
+            def load_crs():
+                mmu.crs = crs = self.v.crs()
+                return crs
+            mmu.load_crs = load_crs
+        inner_fill = mmu.fill
+
+        def fill(uc, vaddr, access, entry, data):
+            if SHADOW_GDT_WINDOW <= vaddr < SHADOW_GDT_WINDOW + SHADOW_GDT_BYTES:
+                if self._window_on and access != 18:       # never a fetch
+                    entry.paddr = self.shadow.hpa + ((vaddr - SHADOW_GDT_WINDOW) & ~0xFFF)
+                    entry.perms = UC_PROT_READ | UC_PROT_WRITE
+                    return True
+                self._window_touched = True                # the guest's own page there is cached now
+            return inner_fill(uc, vaddr, access, entry, data)
+        mmu.fill = fill                                    # install_hooks registers mmu.fill
+
+    # -- the guest's view ------------------------------------------------------------------------------
+    def vcpl(self) -> int:
+        """The CPL the guest believes in: real ring 1 is its ring 0."""
+        cpl = self.regs.read(R.CS) & 3
+        return 0 if cpl == KERNEL_RING else cpl
+
+    @staticmethod
+    def guest_selector(real: int) -> int:
+        """A real selector as the guest sees it: RPL 1 (ring compression) shows as RPL 0."""
+        return real & ~3 if real & 3 == KERNEL_RING else real
+
+    def real_iopl(self, vcpl: int) -> int:
+        """The real IOPL while the guest runs at `vcpl` (trap: always 0, so cli/sti trap)."""
+        return 0
+
+    def guest_eflags(self) -> int:
+        """EFLAGS as the guest sees it: the real flags (IF included) with the virtual IOPL."""
+        return (self.regs.read(R.EFLAGS) & ~R.EFLAGS_IOPL) | (self.v.iopl << 12)
+
+    def set_guest_eflags(self, image: int) -> None:
+        """Load an EFLAGS image the guest may load at its current (virtual) privilege."""
+        self.v.iopl = (image >> 12) & 3
+        real = (image & ~R.EFLAGS_IOPL) | (self.real_iopl(self.vcpl()) << 12) | 2
+        self.regs.write(R.EFLAGS, real)
+
+    def enter_kernel(self, guest_eip: int) -> None:
+        """Make guest-kernel code run from `guest_eip` (trap: in place; full: its translation)."""
+        self.regs.write(R.EIP, guest_eip)
+
+    # -- descriptors and segment loads --------------------------------------------------------------
+    def read_guest(self, gva: int, size: int) -> bytes:
+        """Guest-linear read with supervisor rights, as the CPU's own accesses; #PF becomes GuestFault.
+
+        Translations are cached per page like a TLB (dropped on CR3/CR0/CR4 writes and invlpg): the
+        hypervisor reads the same descriptor-table and code pages on every trap."""
+        off = gva & 0xFFF
+        if off + size <= 0x1000:
+            hpa = self._rtlb.get(gva >> 12)
+            if hpa is None:
+                try:
+                    hpa = self.mmu.gva_to_hpa(gva & ~0xFFF, 0, False)
+                except GuestPageFault as pf:
+                    raise GuestFault(Vector.PF, pf.error_code, (pf.gva & ~0xFFF) | off) from None
+                if hpa is None or not self.mmu.ram.contains(hpa, 0x1000):
+                    return self._read_slow(gva, size)
+                self._rtlb[gva >> 12] = hpa
+            return self.mmu.ram.read(hpa + off, size)
+        return self._read_slow(gva, size)
+
+    def _read_slow(self, gva: int, size: int) -> bytes:
+        try:
+            return self.mmu.read_linear(gva, size, user=False)
+        except GuestPageFault as pf:
+            raise GuestFault(Vector.PF, pf.error_code, pf.gva) from None
+
+    def fetch_guest(self, eip: int, size: int = 15) -> bytes | None:
+        """Code bytes for decoding (no fault: None if unmapped)."""
+        try:
+            return self.read_guest(eip, size)
+        except GuestFault:
+            return self.mmu.fetch_bytes(eip, size)
+
+    def write_guest(self, gva: int, data: bytes) -> None:
+        try:
+            self.mmu.write_linear(gva, data, user=False)
+        except GuestPageFault as pf:
+            raise GuestFault(Vector.PF, pf.error_code, pf.gva) from None
+
+    def descriptor(self, selector: int, ext: int = 0) -> tuple[int, int]:
+        """The guest's descriptor for `selector` (GDT or LDT, the guest's view); #GP if out of limits."""
+        if selector & 4:
+            base, limit = self.v.ldtr.base, self.v.ldtr.limit
+            if not self.v.ldtr.selector & ~3:
+                raise GuestFault(Vector.GP, (selector & ~3) | ext)
+        else:
+            base, limit = self.v.gdtr
+            if not selector & ~7:
+                raise GuestFault(Vector.GP, ext)
+        index = selector & ~7
+        if index + 7 > limit:
+            raise GuestFault(Vector.GP, (selector & ~3) | ext)
+        return struct.unpack("<II", self.read_guest(base + index, 8))
+
+    def _set_accessed(self, selector: int, hi: int) -> None:
+        """The CPU sets the descriptor's accessed bit when it loads a segment (SDM 3.4.5)."""
+        if not hi & (1 << 8) and not selector & 4:
+            self.write_guest(self.v.gdtr[0] + (selector & ~7) + 4, struct.pack("<I", hi | (1 << 8)))
+
+    def _set_engine_cpl(self, ring: int) -> None:
+        """Set the engine's CPL (QEMU's hflags) so that SS of that ring may be loaded next; the SS load
+        then sets CPL from its descriptor anyway. Needed because the engine checks SS.RPL = CPL."""
+        ctx = self._cplctx
+        self.uc.context_update(ctx)
+        addr = ctypes.cast(ctx.context, ctypes.c_void_p).value
+        slot = ctypes.c_uint32.from_address(addr + self.faults.layout.hflags)
+        if slot.value & 3 != ring:
+            slot.value = (slot.value & ~3) | ring
+            self.uc.context_restore(ctx)
+
+    def set_interrupt_shadow(self) -> None:
+        """An emulated sti / mov ss / pop ss: no interrupt before the next instruction (SDM 6.8.3)."""
+        ctx = self._cplctx
+        self.uc.context_update(ctx)
+        addr = ctypes.cast(ctx.context, ctypes.c_void_p).value
+        slot = ctypes.c_uint32.from_address(addr + self.faults.layout.hflags)
+        if not slot.value & HF_INHIBIT_IRQ:
+            slot.value |= HF_INHIBIT_IRQ
+            self.uc.context_restore(ctx)
+
+    def hv_load(self, loads, ring: int | None = None, desc: tuple[int, int] | None = None) -> None:
+        """Load real segment registers from the shadow GDT: `loads` = [(register, guest selector,
+        real selector)]. `ring` first moves the engine to that ring (a CS/SS ring change); `desc` is
+        the guest descriptor of a single load when the caller has just read it."""
+        regs, uc = self.regs, self.uc
+        todo = []
+        for reg, sel, real in loads:
+            if sel & 4:
+                raise Unsupported(f"loading an LDT selector ({sel:#x}) into a segment register at ring 1")
+            lo, hi = desc if desc is not None else self.descriptor(sel) if sel & ~3 else (0, 0)
+            if ring is None and self._loaded.get(reg) == (real, lo, hi) and regs.read(reg) == real:
+                continue          # the same descriptor is already loaded there: nothing would change
+            self.shadow.put(sel >> 3, lo, hi)
+            todo.append((reg, real, lo, hi))
+        if not todo:
+            return
+        _, base, limit, _ = regs.table(R.GDTR)
+        if self._window_touched:
+            uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
+            self._window_touched = False
+        self._set_gdtr(SHADOW_GDT_WINDOW, self.v.gdtr[1])
+        self._window_on = True
+        try:
+            if ring is not None:
+                self._set_engine_cpl(ring)
+            for reg, real, lo, hi in todo:
+                regs.write(reg, real)
+                self._loaded[reg] = (real, lo, hi | (1 << 8))
+        finally:
+            self._window_on = False
+            self._set_gdtr(base, limit)
+            uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
+            self.mmu.crs = None
+
+    def _set_gdtr(self, base: int, limit: int) -> None:
+        """GDTR straight through libunicorn (the wrapper's tuple path costs several microseconds)."""
+        m = self._gdtr_mmr
+        m.selector, m.base, m.limit, m.flags = 0, base, limit, 0
+        if R._uclib.uc_reg_write(self.uc._uch, R.GDTR, ctypes.byref(m)):
+            raise RuntimeError("engine refused a GDTR write")
+
+    def load_segment(self, name: str, selector: int) -> None:
+        """`mov sreg` / `pop sreg` by the guest at its virtual CPL: the checks of SDM 5.7/5.10 in the
+        guest's view (GuestFault for the guest), then the real load (ring-0 SS gets RPL 1)."""
+        reg = SREGS[name]
+        cpl = self.vcpl()
+        if cpl == 0:
+            selector = self.guest_selector(selector)   # RPL 1 is the compressed ring 0 (read natively)
+        rpl = selector & 3
+        if not selector & ~3:
+            if name == "ss":
+                raise GuestFault(Vector.GP, 0)
+            self.regs.write(reg, selector)            # a null data selector loads anywhere
+            return
+        lo, hi = self.descriptor(selector)
+        dpl = (hi >> 13) & 3
+        code, s = (hi >> 11) & 1, (hi >> 12) & 1
+        if not s:
+            raise GuestFault(Vector.GP, selector & ~3)
+        if name == "ss":
+            if code or not (hi >> 9) & 1 or rpl != cpl or dpl != cpl:
+                raise GuestFault(Vector.GP, selector & ~3)
+            if not hi & 0x8000:
+                raise GuestFault(Vector.SS, selector & ~3)
+        else:
+            if code and not (hi >> 9) & 1:             # execute-only code
+                raise GuestFault(Vector.GP, selector & ~3)
+            if (not code or not (hi >> 10) & 1) and dpl < max(cpl, rpl):
+                raise GuestFault(Vector.GP, selector & ~3)
+            if not hi & 0x8000:
+                raise GuestFault(Vector.NP, selector & ~3)
+        self._set_accessed(selector, hi)
+        real = selector | KERNEL_RING if name == "ss" and cpl == 0 else selector
+        if dpl == 0:
+            self.hv_load([(reg, selector, real)], desc=(lo, hi | (1 << 8)))
+        else:
+            self.regs.write(reg, real)
+
+    def load_cs_ss(self, cs: int, ss: int | None, vcpl: int) -> None:
+        """Make CS (and SS) the guest selectors `cs`/`ss` at virtual CPL `vcpl` (descriptors already
+        checked by the caller): ring-0 ones become ring-1 ones from the shadow GDT."""
+        ring = KERNEL_RING if vcpl == 0 else vcpl
+        real = lambda sel: (sel & ~3) | ring if sel & 3 == 0 and vcpl == 0 else sel
+        loads = []
+        if ss is not None:
+            loads.append((R.SS, ss, real(ss)))
+        loads.append((R.CS, cs, real(cs)))
+        for sel in (cs, ss):
+            if sel is not None:
+                self._set_accessed(sel, self.descriptor(sel)[1])
+        self.hv_load(loads, ring if ss is not None else None)
+
+    # -- the privileged instructions, emulated against the VirtualCpu -------------------------------
+    def decode(self, eip: int) -> tuple[int, str, str] | None:
+        """(length, mnemonic, operands) of the guest instruction at eip, decoded once per site."""
+        code = self.fetch_guest(eip, 15)
+        if not code:
+            return None
+        key = (eip, code)
+        d = self._decoded.get(key)
+        if d is None:
+            for _, size, mnem, ops in self._cs().disasm_lite(code, eip, 1):
+                d = (size, mnem, ops)
+            if d is None:
+                return None
+            if len(self._decoded) > 8192:
+                self._decoded.clear()
+            self._decoded[key] = d
+        return d
+
+    def emulate_at(self, eip: int, decoded=None) -> int | None:
+        """Emulate the guest-kernel instruction at `eip` if it is one this core emulates; returns its
+        length (EIP is then set: past it, or wherever it went), or None (not ours: the caller delivers
+        the fault). A fault the instruction raises in the guest's view is delivered here."""
+        d = decoded or self.decode(eip)
+        if d is None:
+            return None
+        size, mnem, ops = d
+        handler = _EMULATE.get(mnem)
+        if handler is None:
+            return None
+        try:
+            done = handler(self, eip, size, ops)
+        except Unsupported as u:
+            self.finish("error", EXIT_ERROR, f"unsupported at {eip:#x} ({mnem} {ops}): {u}")
+            return size
+        except GuestFault as g:
+            self.record(self.event_kind, mnem, 13, eip, {"fault": g.vector}, "emulated: raised a fault in the guest")
+            if g.cr2 is not None:
+                self.v.cr2 = g.cr2
+            self.deliver(g.vector, eip, g.error_code if g.vector in HAS_ERROR_CODE else None)
+            return size
+        if done is False:
+            return None
+        return size
+
+    def emulated(self, eip: int, mnem: str, detail: dict, action: str = "emulated against the virtual CPU") -> None:
+        self.record(self.event_kind, mnem, 13, eip, detail, action)
+
+    # operand helpers
+    def read_operand(self, eip: int, op: str, size: int = 4) -> int:
+        op = op.strip()
+        if op in _REG32:
+            return self.regs.read(_REG32[op])
+        if op in _REG16:
+            return self.regs.read(_REG16[op]) & 0xFFFF
+        if op in _REG8:
+            reg, shift = _REG8[op]
+            return (self.regs.read(reg) >> shift) & 0xFF
+        if "[" in op:
+            addr = self.memory_operand(eip)
+            return int.from_bytes(self.read_guest(addr, size), "little")
+        return int(op, 0)
+
+    def memory_operand(self, eip: int) -> int:
+        addr = operand_address(self.mmu.fetch_bytes(eip, 15), eip, self.regs)
+        if addr is None:
+            raise Unsupported(f"cannot find the memory operand of the instruction at {eip:#x}")
+        return addr
+
+    def write_reg(self, name: str, value: int) -> None:
+        if name in _REG32:
+            self.regs.write(_REG32[name], value)
+        elif name in _REG16:
+            r = _REG16[name]
+            self.regs.write(r, (self.regs.read(r) & ~0xFFFF) | (value & 0xFFFF))
+        else:
+            raise Unsupported(f"register operand {name}")
+
+    def flush_guest_tlb(self) -> None:
+        """The guest's translations changed (CR3, CR0.PG/WP, CR4.PSE/PGE, invlpg)."""
+        self.mmu.crs = None
+        self._rtlb.clear()
+        flush = getattr(self.mmu.strategy, "flush", None)
+        if flush is not None:
+            flush()
+        self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
+
+    def write_cr(self, n: int, value: int) -> None:
+        v = self.v
+        value &= 0xFFFFFFFF
+        if n == 0:
+            if not value & CR0_PE:
+                raise Unsupported("the guest cleared CR0.PE (real mode is not supported under deprivileging)")
+            old, v.cr0 = v.cr0, value | 0x10          # ET is hard-wired to 1
+            if (old ^ value) & (CR0_PG | CR0_WP | CR0_PE):
+                self.flush_guest_tlb()
+        elif n == 2:
+            v.cr2 = value
+        elif n == 3:
+            v.cr3 = value
+            switch = getattr(self.mmu.strategy, "on_cr3_write", None)
+            if switch is not None:
+                self.mmu.crs = None
+                self._rtlb.clear()
+                switch(value)                      # shadow paging: its root for this CR3 (flushes the engine)
+            else:
+                self.flush_guest_tlb()
+        elif n == 4:
+            old, v.cr4 = v.cr4, value
+            if (old ^ value) & (CR4_PSE | CR4_PGE):
+                self.flush_guest_tlb()
+        else:
+            raise GuestFault(Vector.UD)
+
+    def read_cr(self, n: int) -> int:
+        v = self.v
+        if n in (0, 2, 3, 4):
+            return (v.cr0, 0, v.cr2, v.cr3, v.cr4)[n]
+        raise GuestFault(Vector.UD)
+
+    def _system_segment(self, selector: int, types: tuple[int, ...]) -> tuple[int, int, int, int]:
+        """(base, limit, lo, hi) of a GDT system descriptor of one of `types` for lldt/ltr; #GP/#NP."""
+        if selector & 4:
+            raise GuestFault(Vector.GP, selector & ~3)
+        lo, hi = self.descriptor(selector)
+        if hi & (1 << 12) or (hi >> 8) & 0xF not in types:
+            raise GuestFault(Vector.GP, selector & ~3)
+        if not hi & 0x8000:
+            raise GuestFault(Vector.NP, selector & ~3)
+        base = (lo >> 16) | ((hi & 0xFF) << 16) | (hi & 0xFF000000)
+        limit = (lo & 0xFFFF) | (hi & 0xF0000)
+        if hi & (1 << 23):
+            limit = (limit << 12) | 0xFFF
+        return base, limit, lo, hi
+
+    def iret(self, eip: int) -> None:
+        """iretd by the guest kernel (virtual CPL 0), in the guest's view (SDM IRET, protected mode)."""
+        regs = self.regs
+        esp = regs.read(R.ESP)
+        new_eip, cs, flags = struct.unpack("<III", self.read_guest(esp, 12))
+        cs = self.guest_selector(cs & 0xFFFF)       # a CS the guest read natively (RPL 1) is its ring 0
+        if flags & R.EFLAGS_NT:
+            raise Unsupported("iret with EFLAGS.NT (a task return)")
+        if flags & R.EFLAGS_VM:
+            raise Unsupported("iret to virtual-8086 mode")
+        rpl = cs & 3
+        _, hi = self.descriptor(cs)
+        if not (hi >> 11) & 1 or not (hi >> 12) & 1 or rpl == 1 or rpl == 2:
+            raise GuestFault(Vector.GP, cs & ~3)
+        if not hi & 0x8000:
+            raise GuestFault(Vector.NP, cs & ~3)
+        if rpl == 0:
+            self.load_cs_ss(cs, None, 0)
+            regs.write(R.ESP, (esp + 12) & 0xFFFFFFFF)
+            self.set_guest_eflags(flags)
+            self.enter_kernel(new_eip)
+            return
+        new_esp, ss = struct.unpack("<II", self.read_guest(esp + 12, 8))
+        ss = self.guest_selector(ss & 0xFFFF)
+        _, shi = self.descriptor(ss)
+        if (ss & 3) != 3 or (shi >> 13) & 3 != 3 or (shi >> 11) & 1 or not (shi >> 9) & 1:
+            raise GuestFault(Vector.GP, ss & ~3)
+        self.load_cs_ss(cs, ss, 3)
+        regs.write(R.ESP, new_esp)
+        self.set_guest_eflags(flags)
+        regs.write(R.EIP, new_eip)
+        # Data segments the outer ring may not use are nulled (SDM IRET, RETURN-TO-OUTER-PRIVILEGE-LEVEL).
+        for reg in (R.ES, R.DS, R.FS, R.GS):
+            sel = regs.read(reg)
+            if sel & ~3:
+                try:
+                    _, dhi = self.descriptor(sel)
+                except GuestFault:
+                    regs.write(reg, 0)
+                    continue
+                conforming_code = (dhi >> 11) & 1 and (dhi >> 10) & 1
+                if not conforming_code and (dhi >> 13) & 3 < 3:
+                    regs.write(reg, 0)
+
+    def far_transfer(self, eip: int, size: int, selector: int, offset: int, call: bool) -> None:
+        """ljmp/lcall to a code segment at the same (virtual) privilege; other targets are #GP."""
+        selector = self.guest_selector(selector)
+        _, hi = self.descriptor(selector)
+        cpl = self.vcpl()
+        dpl = (hi >> 13) & 3
+        if not (hi >> 12) & 1 or not (hi >> 11) & 1:
+            raise Unsupported(f"far jmp/call through a gate or TSS ({selector:#x})")
+        conforming = (hi >> 10) & 1
+        if (conforming and dpl > cpl) or (not conforming and (dpl != cpl or (selector & 3) > cpl)):
+            raise GuestFault(Vector.GP, selector & ~3)
+        if not hi & 0x8000:
+            raise GuestFault(Vector.NP, selector & ~3)
+        if call:
+            esp = (self.regs.read(R.ESP) - 8) & 0xFFFFFFFF
+            self.write_guest(esp, struct.pack("<II", (eip + size) & 0xFFFFFFFF,
+                                              self.guest_selector(self.regs.read(R.CS))))
+            self.regs.write(R.ESP, esp)
+        self.load_cs_ss((selector & ~3) | cpl, None, cpl)
+        if cpl == 0:
+            self.enter_kernel(offset)
+        else:
+            self.regs.write(R.EIP, offset)
+
+    def retf(self, eip: int, imm: int) -> None:
+        regs = self.regs
+        esp = regs.read(R.ESP)
+        new_eip, cs = struct.unpack("<II", self.read_guest(esp, 8))
+        cs = self.guest_selector(cs & 0xFFFF)
+        cpl = self.vcpl()
+        _, hi = self.descriptor(cs)
+        if not (hi >> 11) & 1 or not (hi >> 12) & 1 or (cs & 3) < cpl:
+            raise GuestFault(Vector.GP, cs & ~3)
+        if (cs & 3) == cpl:
+            self.load_cs_ss(cs, None, cpl)
+            regs.write(R.ESP, (esp + 8 + imm) & 0xFFFFFFFF)
+            if cpl == 0:
+                self.enter_kernel(new_eip)
+            else:
+                regs.write(R.EIP, new_eip)
+            return
+        new_esp, ss = struct.unpack("<II", self.read_guest(esp + 8 + imm, 8))
+        self.load_cs_ss(cs, ss & 0xFFFF, cs & 3)
+        regs.write(R.ESP, (new_esp + imm) & 0xFFFFFFFF)
+        regs.write(R.EIP, new_eip)
+
+    def msr(self, eip: int, size: int, write: bool) -> None:
+        regs, m = self.regs, self.m
+        msr = regs.read(R.ECX)
+        from cpuvirt.machine.machine import MsrFault
+        try:
+            if m.implements_msr(msr):
+                if write:
+                    m.wrmsr(msr, regs.read(R.EAX) | regs.read(R.EDX) << 32)
+                else:
+                    value = m.rdmsr(msr)
+                    regs.write(R.EAX, value & 0xFFFFFFFF)
+                    regs.write(R.EDX, value >> 32 & 0xFFFFFFFF)
+            elif write:
+                self.uc.msr_write(msr, regs.read(R.EAX) | regs.read(R.EDX) << 32)
+            else:
+                value = self.uc.msr_read(msr)
+                regs.write(R.EAX, value & 0xFFFFFFFF)
+                regs.write(R.EDX, value >> 32 & 0xFFFFFFFF)
+        except MsrFault:
+            raise GuestFault(Vector.GP, 0) from None
+
+    # -- what the engine hands the hypervisor ---------------------------------------------------------
+    def page_fault(self, gva: int, access: int, error_code: int, eip: int) -> None:
+        """A guest #PF: CR2 is the virtual one (the real CR2 is the hypervisor's)."""
+        self.v.cr2 = gva
+        self.record("page_fault", "#PF", 14, eip,
+                    {"cr2": f"{gva:#x}", "error_code": error_code, "access": ("read", "write", "fetch")[access],
+                     "fault": "true"}, "delivered #PF through the guest IDT")
+        self.deliver(Vector.PF, eip, error_code)
+
+    def port_io(self, port: int, size: int, is_in: bool, value: int = 0) -> int:
+        """Port I/O: the engine checks no I/O privilege, so it is done here. At virtual CPL 0 it is a
+        trap (recorded, then done by the device model); at CPL 3 without IOPL 3 the code hook
+        (`_io_gate`) has already raised #GP, so only an I/O that slipped past it is dropped here."""
+        cpl = self.vcpl()
+        if cpl == 0:
+            if self.trace is not None:
+                site = self.io_site()
+                self._io_site_once = site              # the io event that follows names the same site
+                eip = site[0]
+                self.record(self.event_kind, "in" if is_in else "out", None, eip,
+                            {"port": f"{port:#x}", "size": size}, "emulated: port I/O through the device model")
+            else:
+                self.counts[self.event_kind] += 1
+        elif cpl > self.v.iopl:
+            self.record("unhandled_io", "IN" if is_in else "OUT", None, self.io_site()[0],
+                        {"port": f"{port:#x}", "size": size, "cpl": cpl, "iopl": self.v.iopl},
+                        "above IOPL and missed by the I/O gate: not performed (no #GP delivered)")
+            return (1 << (8 * size)) - 1 if is_in else 0
+        try:
+            return super().port_io(port, size, is_in, value)
+        finally:
+            self._io_site_once = None
+
+    def io_site(self) -> tuple[int, int]:
+        site = self._io_site_once
+        if site is not None:
+            self._io_site_once = None
+            return site
+        return super().io_site()
+
+    def io_gate(self, address: int, size: int, mnem: str, ops: str) -> None:
+        """Code hook before every in/out/ins/outs: at CPL 3 with virtual IOPL < 3 the guest gets #GP(0)
+        and the instruction does not run (the TSS I/O bitmap is not consulted)."""
+        if self.vcpl() == 3 and self.v.iopl < 3:
+            self.record("exception", "#GP", 13, address, {"vector": 13, "error_code": 0, "why": "I/O above IOPL"},
+                        "delivered through the guest IDT")
+            self.deliver(Vector.GP, address, 0)
+
+    def enable_io_gate(self) -> None:
+        """Put a code hook on every in/out the guest runs (blocks are checked as they are translated)."""
+        from cpuvirt.cpu.intercept import Intercepts
+        wanted = frozenset(("in", "out", "insb", "insw", "insd", "outsb", "outsw", "outsd",
+                            "rep insb", "rep insw", "rep insd", "rep outsb", "rep outsw", "rep outsd"))
+        self.enable_intercepts(wanted, self.io_gate)
+        self.mmu.on_code_frame = None        # the page scan knows no in/out opcodes: the block check finds them
+        assert isinstance(self.intercepts, Intercepts)
+
+    # -- boot ----------------------------------------------------------------------------------------
+    def deprivilege(self) -> None:
+        """Take the loader's state (flat protected mode at ring 0) into the VirtualCpu and drop the
+        guest to ring 1: the hypervisor's CR0/IDTR/TR/LDTR in the real CPU, the guest's GDT in GDTR."""
+        regs, v = self.regs, self.v
+        v.cr0 = regs.read(R.CR0) | 0x10
+        v.cr3 = regs.read(R.CR3)
+        v.cr4 = regs.read(R.CR4)
+        _, base, limit, _ = regs.table(R.GDTR)
+        v.gdtr = (base, limit)
+        _, base, limit, _ = regs.table(R.IDTR)
+        v.idtr = (base, limit)
+        v.iopl = (regs.read(R.EFLAGS) >> 12) & 3
+        sels = {name: regs.read(reg) for name, reg in SREGS.items()}
+        regs.write(R.CR0, HV_CR0)            # the real CR4 stays the engine's (OSFXSR...: SSE works)
+        regs.set_table(R.IDTR, HV_IDTR)
+        self.load_cs_ss(sels["cs"], sels["ss"], 0)
+        self.hv_load([(SREGS[n], sels[n], sels[n]) for n in ("ds", "es", "fs", "gs") if sels[n] & ~3])
+        self.set_guest_eflags(regs.read(R.EFLAGS) | (v.iopl << 12))
+        self.mmu.crs = None
+        self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
+
+
+# -- one function per emulated mnemonic: (vcpu, eip, size, operands) -> None, or False = not emulated --
+def _cli(c, eip, size, ops):
+    c.regs.write(R.EFLAGS, c.regs.read(R.EFLAGS) & ~R.EFLAGS_IF)
+    c.emulated(eip, "cli", {"if": 0})
+    c.regs.write(R.EIP, eip + size)
+
+
+def _sti(c, eip, size, ops):
+    flags = c.regs.read(R.EFLAGS)
+    c.regs.write(R.EFLAGS, flags | R.EFLAGS_IF)
+    c.emulated(eip, "sti", {"if": 1})
+    c.regs.write(R.EIP, eip + size)
+    if not flags & R.EFLAGS_IF:
+        c.set_interrupt_shadow()
+
+
+def _mov(c, eip, size, ops):
+    dst, src = (o.strip() for o in ops.split(",", 1))
+    if dst.startswith("cr"):
+        value = c.read_operand(eip, src)
+        c.write_cr(int(dst[2:]), value)
+        c.emulated(eip, "mov", {"cr": int(dst[2:]), "value": f"{value:#x}"})
+    elif src.startswith("cr"):
+        value = c.read_cr(int(src[2:]))
+        c.write_reg(dst, value)
+        c.emulated(eip, "mov", {"cr": int(src[2:]), "value": f"{value:#x}"})
+    elif dst.startswith("dr") or src.startswith("dr"):
+        # Debug registers: kept as the guest wrote them (hardware breakpoints are not modelled, as in
+        # every mode); DR4/DR5 are DR6/DR7 while CR4.DE is clear.
+        n = int((dst if dst.startswith("dr") else src)[2:])
+        if n in (4, 5):
+            if c.v.cr4 & (1 << 3):
+                raise GuestFault(Vector.UD)
+            n += 2
+        if dst.startswith("dr"):
+            c.v.dr[n] = c.read_operand(eip, src) & 0xFFFFFFFF
+        else:
+            c.write_reg(dst, c.v.dr[n])
+        c.emulated(eip, "mov", {"dr": n})
+    elif dst in SREGS and dst != "cs":
+        sel = c.read_operand(eip, src, 2) & 0xFFFF
+        c.load_segment(dst, sel)
+        c.emulated(eip, "mov", {"sreg": dst, "selector": f"{sel:#x}"})
+        c.regs.write(R.EIP, eip + size)
+        if dst == "ss":
+            c.set_interrupt_shadow()
+        return
+    else:
+        return False
+    c.regs.write(R.EIP, eip + size)
+
+
+def _pop(c, eip, size, ops):
+    name = ops.strip()
+    if name not in SREGS or name == "cs":
+        return False
+    esp = c.regs.read(R.ESP)
+    sel = int.from_bytes(c.read_guest(esp, 2), "little")
+    c.load_segment(name, sel)
+    c.regs.write(R.ESP, (esp + 4) & 0xFFFFFFFF)
+    c.emulated(eip, "pop", {"sreg": name, "selector": f"{sel:#x}"})
+    c.regs.write(R.EIP, eip + size)
+    if name == "ss":
+        c.set_interrupt_shadow()
+
+
+def _hlt(c, eip, size, ops):
+    c.emulated(eip, "hlt", {"if": bool(c.regs.read(R.EFLAGS) & R.EFLAGS_IF)}, "emulated: idle until an interrupt")
+    c.regs.write(R.EIP, eip + size)
+    c.faults.clear_interrupt_shadow()
+    c.on_hlt(eip + size)
+
+
+def _table_load(c, eip, size, ops, which):
+    addr = c.memory_operand(eip)
+    limit, base = struct.unpack("<HI", c.read_guest(addr, 6))
+    if which == "lgdt":
+        c.v.gdtr = (base, limit)
+        c.regs.set_table(R.GDTR, (0, base, limit, 0))
+    else:
+        c.v.idtr = (base, limit)
+    c.emulated(eip, which, {"base": f"{base:#x}", "limit": f"{limit:#x}"})
+    c.regs.write(R.EIP, eip + size)
+
+
+def _lldt(c, eip, size, ops):
+    sel = c.read_operand(eip, ops, 2) & 0xFFFF
+    if not sel & ~3:
+        c.v.ldtr = SegCache(sel, 0, 0)
+    else:
+        base, limit, _, _ = c._system_segment(sel, (2,))
+        c.v.ldtr = SegCache(sel, base, limit)
+    c.emulated(eip, "lldt", {"selector": f"{sel:#x}"})
+    c.regs.write(R.EIP, eip + size)
+
+
+def _ltr(c, eip, size, ops):
+    sel = c.read_operand(eip, ops, 2) & 0xFFFF
+    if not sel & ~3:
+        raise GuestFault(Vector.GP, 0)
+    base, limit, _, hi = c._system_segment(sel, (1, 9))
+    c.write_guest(c.v.gdtr[0] + (sel & ~7) + 4, struct.pack("<I", hi | (2 << 8)))   # mark it busy
+    c.v.tr = SegCache(sel, base, limit)
+    c.emulated(eip, "ltr", {"selector": f"{sel:#x}", "base": f"{base:#x}", "limit": f"{limit:#x}"})
+    c.regs.write(R.EIP, eip + size)
+
+
+def _invlpg(c, eip, size, ops):
+    addr = c.memory_operand(eip)
+    inv = getattr(c.mmu.strategy, "invlpg", None)
+    c._rtlb.pop(addr >> 12, None)
+    c.mmu.crs = None
+    if inv is not None:
+        inv(addr)                                  # shadow paging: drop the entry, flush the engine
+    else:
+        c.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
+    c.emulated(eip, "invlpg", {"address": f"{addr:#x}"})
+    c.regs.write(R.EIP, eip + size)
+
+
+def _clts(c, eip, size, ops):
+    c.v.cr0 &= ~CR0_TS
+    c.emulated(eip, "clts", {})
+    c.regs.write(R.EIP, eip + size)
+
+
+def _lmsw(c, eip, size, ops):
+    value = c.read_operand(eip, ops, 2) & 0xF
+    cr0 = c.v.cr0
+    c.write_cr(0, (cr0 & ~0xE) | value | (cr0 & CR0_PE))   # lmsw cannot clear PE
+    c.emulated(eip, "lmsw", {"value": f"{value:#x}"})
+    c.regs.write(R.EIP, eip + size)
+
+
+def _nop(c, eip, size, ops):
+    c.emulated(eip, "wbinvd" if size == 2 else "invd", {})
+    c.regs.write(R.EIP, eip + size)
+
+
+def _msr(c, eip, size, ops, write):
+    c.msr(eip, size, write)
+    c.emulated(eip, "wrmsr" if write else "rdmsr", {"msr": f"{c.regs.read(R.ECX):#x}"})
+    c.regs.write(R.EIP, eip + size)
+
+
+def _iretd(c, eip, size, ops):
+    c.emulated(eip, "iretd", {})
+    c.iret(eip)
+
+
+def _ljmp(c, eip, size, ops, call=False):
+    if "[" in ops:
+        addr = c.memory_operand(eip)
+        offset, sel = struct.unpack("<IH", c.read_guest(addr, 6))
+    else:
+        a, b = ops.replace(",", ":").split(":")
+        sel, offset = int(a.strip(), 0), int(b.strip(), 0)
+    c.emulated(eip, "lcall" if call else "ljmp", {"selector": f"{sel:#x}", "offset": f"{offset:#x}"})
+    c.far_transfer(eip, size, sel, offset, call)
+
+
+def _retf(c, eip, size, ops):
+    c.emulated(eip, "retf", {})
+    c.retf(eip, int(ops, 0) if ops.strip() else 0)
+
+
+_EMULATE = {
+    "cli": _cli, "sti": _sti, "mov": _mov, "pop": _pop, "hlt": _hlt,
+    "lgdt": lambda c, e, s, o: _table_load(c, e, s, o, "lgdt"),
+    "lidt": lambda c, e, s, o: _table_load(c, e, s, o, "lidt"),
+    "lldt": _lldt, "ltr": _ltr, "invlpg": _invlpg, "clts": _clts, "lmsw": _lmsw,
+    "wbinvd": _nop, "invd": _nop,
+    "rdmsr": lambda c, e, s, o: _msr(c, e, s, o, False), "wrmsr": lambda c, e, s, o: _msr(c, e, s, o, True),
+    "iretd": _iretd, "ljmp": _ljmp, "lcall": lambda c, e, s, o: _ljmp(c, e, s, o, True), "retf": _retf,
+}

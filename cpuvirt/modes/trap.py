@@ -1,0 +1,109 @@
+"""Mode `trap`: naive trap-and-emulate (docs/deprivileging.md).
+
+The guest kernel runs in place at ring 1 (cpu/deprivilege.py). What faults there (privileged
+instructions: #GP from the engine, EIP at the instruction) is emulated against the virtual CPU;
+port I/O is checked against the virtual CPL/IOPL in the I/O path (the engine checks nothing). What
+does not fault at ring 1 (popf, pushf, sgdt, sidt, sldt, str, smsw, mov from cs, push cs, lar, lsl,
+verr, verw) runs natively and shows the truth of ring 1: Popek & Goldberg's x86 holes, on purpose.
+"""
+from __future__ import annotations
+
+from cpuvirt.cpu import regs as R
+from cpuvirt.cpu.deprivilege import KERNEL_RING, SREGS, DeprivilegedVcpu
+from cpuvirt.cpu.events import Vector
+from cpuvirt.cpu.vcpu import EXIT_ERROR
+from cpuvirt.memory.shadow import ShadowPaging
+
+
+class TrapVcpu(DeprivilegedVcpu):
+    event_kind = "trap"
+
+    def __init__(self, machine, trace=None, max_insns: int = 0):
+        super().__init__(machine, trace=trace, max_insns=max_insns)
+        self._sites: dict[int, tuple] = {}
+
+    def hook_intr(self, uc, intno, _data):
+        """A #GP at ring 1 is the guest kernel's privileged instruction: emulate it; every other event
+        (and a #GP that is not one) goes to the guest through its IDT."""
+        if self._intr_depth:
+            self.finish("error", EXIT_ERROR, f"internal: the engine raised vector {intno} while cpuvirt "
+                        "was delivering an event")
+            return
+        self._intr_depth += 1
+        self.mmu.crs = None
+        try:
+            error_code, soft = self.faults.take()
+            eip = self.regs.read(R.EIP)
+            if intno == Vector.GP and not soft and self.regs.read(R.CS) & 3 == KERNEL_RING:
+                d = self._trap_site(eip)
+                if d is not None:
+                    self._retired(eip, d[0])
+                    self.emulate_at(eip, d)
+                    return
+            self.left_block_at(eip)
+            self._deliver_engine_event(intno, error_code, soft, eip)
+        except BaseException as e:   # never let an exception unwind through the engine
+            self.error = e
+            uc.emu_stop()
+        finally:
+            self._intr_depth -= 1
+
+
+    def _trap_site(self, eip: int):
+        """The decoded instruction at eip if a #GP there is a trap to emulate, else None; decided once
+        per (site, code bytes)."""
+        code = self.fetch_guest(eip, 15)
+        site = self._sites.get(eip)
+        if site is None or site[0] != code:
+            d = self.decode(eip)
+            site = (code, d if d is not None and _trapped(d[1], d[2]) else None)
+            self._sites[eip] = site
+        return site[1]
+
+    def _retired(self, eip: int, size: int) -> None:
+        """The emulated instruction retires, once: the rest of the running block did not. The engine
+        cuts a block short at an instruction that faults at translation time (lgdt at CPL 1, before
+        its displacement is read), so the clock may not have counted the instruction itself."""
+        entry = self.m.block_insns.get(self.clock.last_block)
+        if entry is None:
+            return
+        addrs, end = entry
+        n = sum(1 for a in addrs if a > eip) if addrs[0] <= eip < end else 0
+        if eip not in addrs:
+            n -= 1
+        if n:
+            self.clock.unretire(n)
+
+
+_TRAPPED = frozenset(("cli", "sti", "hlt", "lgdt", "lidt", "lldt", "ltr", "invlpg", "clts", "lmsw",
+                      "wbinvd", "invd", "rdmsr", "wrmsr", "iretd", "ljmp", "lcall", "retf"))
+
+
+def _trapped(mnem: str, ops: str) -> bool:
+    """Is this #GP at ring 1 a privileged instruction trap-and-emulate handles (vs a real guest #GP)?"""
+    if mnem in _TRAPPED:
+        return True
+    first = ops.split(",")[0].strip()
+    if mnem == "mov":
+        return "cr" in ops or "dr" in ops or (first in SREGS and first != "cs")
+    return mnem == "pop" and first in SREGS and first != "cs"
+
+
+class TrapMode:
+    name = "trap"
+    description = "naive trap-and-emulate: the kernel in place at ring 1; the x86 holes go unseen"
+
+    def __init__(self, machine, trace=None, max_insns: int = 0):
+        self.machine = machine
+        self.vcpu = TrapVcpu(machine, trace=trace, max_insns=max_insns)
+        self.shadow = ShadowPaging(machine.mmu)       # installs itself as the memory strategy
+        self.shadow.attach(self.vcpu)
+        self.vcpu.install_hooks()
+        self.vcpu.enable_io_gate()
+
+    def boot(self) -> None:
+        """The loader left ring 0: drop the guest kernel to ring 1 under its virtual CPU."""
+        self.vcpu.deprivilege()
+
+    def run(self, entry: int):
+        return self.vcpu.run(entry)
