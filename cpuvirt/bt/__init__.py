@@ -1,0 +1,1 @@
+"""Binary translation of guest kernel code (mode `full`): docs/binary-translation.md."""

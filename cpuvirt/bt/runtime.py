@@ -1,0 +1,141 @@
+"""The glue between translated code and the hypervisor: callouts, chaining, inline-cache fills.
+
+One UC_HOOK_CODE covers the TC's callout area. Translated code reaches a callout by jumping to its slot;
+the hook (`hook_callout`) reads the slot's Site and:
+- chain: translates the target (or finds it), patches the jump that led here, continues there;
+- ret / jmp_ind / call_ind (an inline-cache miss): finds the guest target on the stack, does what the
+  branch does to ESP and the stack, fills an inline-cache entry, continues at the target's translation;
+- sensitive / adaptive: hands the guest instruction to the hypervisor (`on_callout`), which emulates it
+  (guest registers, guest EIP), then continues at the translation of the new guest EIP.
+The engine is never stopped for any of these.
+"""
+from __future__ import annotations
+
+from unicorn import UC_HOOK_CODE
+
+from cpuvirt.bt.tcache import CALLOUT_SLOTS, Block, TCache
+from cpuvirt.bt.translate import GuestCode, TranslateFault, Translator
+from cpuvirt.cpu import regs as R
+
+
+class BtRuntime:
+    def __init__(self, uc, regs: R.Regs, tc: TCache, code: GuestCode, read32, write32):
+        self.uc = uc
+        self.regs = regs
+        self.tc = tc
+        self.translator = Translator(tc, code)
+        self.read32, self.write32 = read32, write32
+        self.on_callout = None          # callback(site) for sensitive instructions: emulate, set guest EIP
+        self.on_fetch_fault = None      # callback(TranslateFault, guest_eip)
+        self.on_error = None            # callback(exception) raised inside the hook
+        self.is_kernel = lambda: True   # is the guest now at virtual CPL 0 (its code runs translated)?
+        self.current = None             # the Site being served (the hypervisor's view of "where")
+        self._hook = uc.hook_add(UC_HOOK_CODE, self.hook_callout, None, tc.base, tc.base + CALLOUT_SLOTS - 1)
+
+    # -- guest EIP -> TC --------------------------------------------------------------------------------
+    def lookup(self, geip: int) -> int:
+        """TC address of the translation of a guest EIP, translating on demand."""
+        c = self.tc.counters
+        c.lookups += 1
+        b = self.tc.blocks.get(geip)
+        if b is None or not b.alive:
+            c.misses += 1
+            b = self.translator.translate(geip)
+        return b.tc
+
+    def enter(self, geip: int | None = None) -> bool:
+        """Point EIP at the translation of the guest EIP in EIP (or `geip`), if the guest kernel runs;
+        False when the code cannot be fetched (a #PF was delivered instead)."""
+        regs = self.regs
+        while True:
+            eip = regs.read(R.EIP) if geip is None else geip
+            if not self.is_kernel() or self.tc.contains(eip):
+                if geip is not None:
+                    regs.write(R.EIP, eip)
+                return True
+            try:
+                regs.write(R.EIP, self.lookup(eip))
+                return True
+            except TranslateFault as f:
+                regs.write(R.EIP, eip)
+                if self.on_fetch_fault is None:
+                    raise
+                self.on_fetch_fault(f, eip)     # delivers #PF: EIP is now the handler's (guest) EIP
+                geip = None
+
+    def install_stub(self, geip: int, code: bytes) -> int:
+        """A hand-written fragment standing for the translation of `geip` (tests, exits)."""
+        b = Block(geip)
+        b.tc = self.tc.emit(code)
+        b.tc_end = self.tc.next
+        self.tc.add(b)
+        return b.tc
+
+    # -- the callout hook ---------------------------------------------------------------------------------
+    def hook_callout(self, uc, address, _size, _data) -> None:
+        site = self.tc.site_at(address)
+        if site is None or not self.is_kernel():
+            return                      # guest user code at these linear addresses: not ours
+        self.current = site
+        try:
+            self._serve(site)
+        except BaseException as e:      # never let an exception unwind through the engine
+            if self.on_error is None:
+                raise
+            self.on_error(e)
+        finally:
+            self.current = None
+
+    def _serve(self, site) -> None:
+        regs, tc, c = self.regs, self.tc, self.tc.counters
+        kind = site.kind
+        if kind == "chain":
+            flushes = c.flushes
+            try:
+                dest = self.lookup(site.target)
+            except TranslateFault as f:
+                self._fetch_fault(f, site.target)
+                return
+            if c.flushes == flushes:        # after a flush the jump that led here is gone
+                c.chain_patches += 1
+                tc.patch_rel32(site.patch_at, dest)
+            regs.write(R.EIP, dest)
+            return
+        if kind in ("ret", "jmp_ind", "call_ind"):
+            c.ic_misses += 1
+            esp = regs.read(R.ESP)
+            target = self.read32(esp)
+            if kind == "ret":
+                regs.write(R.ESP, (esp + 4 + site.pop) & 0xFFFFFFFF)
+            elif kind == "jmp_ind":
+                regs.write(R.ESP, (esp + 4) & 0xFFFFFFFF)
+            else:
+                self.write32(esp, site.ret_addr)
+            flushes = c.flushes
+            try:
+                dest = self.lookup(target)
+            except TranslateFault as f:
+                self._fetch_fault(f, target)
+                return
+            if c.flushes == flushes:
+                self.translator.fill_ic(site, target, dest)
+            regs.write(R.EIP, dest)
+            return
+        # a sensitive instruction: the hypervisor emulates it (guest registers, guest EIP) and says
+        # where the guest kernel goes on, or None when it set EIP itself (an event, iret, a stop)
+        c.callouts += 1
+        nxt = self.on_callout(site)
+        if nxt is None:
+            self.enter()
+            return
+        try:
+            regs.write(R.EIP, self.lookup(nxt))
+        except TranslateFault as f:
+            self._fetch_fault(f, nxt)
+
+    def _fetch_fault(self, f: TranslateFault, geip: int) -> None:
+        self.regs.write(R.EIP, geip)
+        if self.on_fetch_fault is None:
+            raise f
+        self.on_fetch_fault(f, geip)
+        self.enter()

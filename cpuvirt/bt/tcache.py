@@ -1,0 +1,187 @@
+"""The translation cache (TC): translated guest-kernel code in hypervisor memory (Adams & Agesen 2006).
+
+Layout of the TC's linear window W (fetched by translated code only; see modes/full.py for how the
+TLB-fill hook keeps the guest out of it):
+
+- W .. W + CALLOUT_SLOTS: the callout area, one byte (int3) per callout site. One UC_HOOK_CODE covers
+  the whole area: translated code reaches a callout by jumping to its slot, the hook looks up the site
+  by slot and moves EIP on, so a callout costs one hook call and never an engine stop.
+- the rest: code fragments, bump-allocated; when full, everything is flushed (as early VMware did).
+
+Translated code is never read as data: chaining and inline caches are patched into the code itself
+(`patch`), which needs the engine's translation of the patched range dropped (ctl_remove_cache).
+"""
+from __future__ import annotations
+
+import bisect
+import struct
+
+CALLOUT_SLOTS = 0x10000
+TC_SIZE = 0x200000            # 2 MiB: slots + code
+INT3 = 0xCC
+
+
+class Counters:
+    __slots__ = ("translations", "bytes", "chained", "chain_patches", "lookups", "misses", "ic_misses",
+                 "callouts", "evictions", "flushes", "invalidations", "code_stores", "adaptive")
+
+    def __init__(self):
+        for k in self.__slots__:
+            setattr(self, k, 0)
+
+    def as_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.__slots__}
+
+
+class Insn:
+    """One guest instruction and what it became."""
+    __slots__ = ("geip", "size", "text", "kind", "tc", "tc_end", "esp_fix")
+
+    def __init__(self, geip, size, text, kind):
+        self.geip, self.size, self.text, self.kind = geip, size, text, kind
+        self.tc = self.tc_end = 0
+        self.esp_fix: dict[int, int] = {}     # TC address inside the sequence -> ESP correction on a fault
+
+
+class Block:
+    """A translated unit: at most 12 guest instructions, or up to a terminator."""
+    __slots__ = ("geip", "gend", "tc", "tc_end", "insns", "frames", "source", "deps", "alive", "sites",
+                 "starts")
+
+    def __init__(self, geip):
+        self.geip = geip
+        self.gend = geip
+        self.tc = self.tc_end = 0
+        self.insns: list[Insn] = []
+        self.frames: set[int] = set()          # guest-physical frames the code came from
+        self.source: list[tuple[int, bytes]] = []   # (guest-physical address, bytes) translated from
+        self.deps: set[str] = set()            # virtual-CPU fields baked in as immediates
+        self.alive = True
+        self.sites: list[int] = []             # callout slots owned
+        self.starts: dict[int, Insn] = {}      # TC address -> guest instruction starting there
+
+    def insn_at(self, tc_addr: int):
+        """(Insn, esp correction) for a TC address inside this block, or (None, 0)."""
+        for ins in self.insns:
+            if ins.tc <= tc_addr < ins.tc_end:
+                return ins, ins.esp_fix.get(tc_addr, 0)
+        return None, 0
+
+
+class Site:
+    """A callout slot's meaning: `kind` and its arguments."""
+    __slots__ = ("kind", "block", "insn", "target", "patch_at", "ic", "ic_next", "ret_addr", "pop", "raw",
+                 "after_sti")
+
+    def __init__(self, kind, block=None, insn=None, target=None, patch_at=None):
+        self.kind, self.block, self.insn, self.target, self.patch_at = kind, block, insn, target, patch_at
+        self.ic: list[int] = []      # TC addresses of inline-cache entries (indirect branches, ret)
+        self.ic_next = 0
+        self.ret_addr = None
+        self.pop = 0
+        self.raw = b""
+        self.after_sti = False
+
+
+class TCache:
+    """Code memory plus the maps guest EIP -> block and TC address -> block."""
+
+    def __init__(self, write, base: int, size: int = TC_SIZE, remove_cache=None):
+        self._write = write                   # write(linear TC address, bytes): to the TC's backing
+        self.remove_cache = remove_cache      # drop the engine's translations of [lo, hi)
+        self.base = base
+        self.size = size
+        self.code_base = base + CALLOUT_SLOTS
+        self.end = base + size
+        self.counters = Counters()
+        self.reset()
+
+    def reset(self) -> None:
+        self.next = self.code_base
+        self.blocks: dict[int, Block] = {}     # guest EIP -> live block
+        self.order: list[Block] = []           # by TC address (bump order)
+        self.tc_starts: list[int] = []
+        self.sites: list[Site | None] = []
+        self._write(self.base, bytes([INT3]) * CALLOUT_SLOTS)
+
+    def contains(self, addr: int) -> bool:
+        return self.base <= addr < self.end
+
+    def in_code(self, addr: int) -> bool:
+        return self.code_base <= addr < self.next
+
+    # -- allocation ----------------------------------------------------------------------------------
+    def room(self, nbytes: int, nslots: int) -> bool:
+        return self.next + nbytes <= self.end and len(self.sites) + nslots <= CALLOUT_SLOTS
+
+    def flush(self) -> None:
+        """Drop every translation (the TC is full, or a test asks)."""
+        self.counters.flushes += 1
+        self.counters.evictions += sum(1 for b in self.order if b.alive)
+        for b in self.order:
+            b.alive = False
+        used_hi = self.next
+        self.reset()
+        if self.remove_cache is not None:
+            # the callout slots always hold the same bytes: only code fragments are dropped
+            self.remove_cache(self.code_base, used_hi)
+
+    def new_site(self, site: Site) -> int:
+        self.sites.append(site)
+        return self.base + len(self.sites) - 1
+
+    def site_at(self, addr: int) -> Site | None:
+        i = addr - self.base
+        return self.sites[i] if 0 <= i < len(self.sites) else None
+
+    def emit(self, data: bytes) -> int:
+        addr = self.next
+        self._write(addr, data)
+        self.next += len(data)
+        self.counters.bytes += len(data)
+        return addr
+
+    def patch(self, addr: int, data: bytes) -> None:
+        self._write(addr, data)
+        if self.remove_cache is not None:
+            self.remove_cache(addr, addr + len(data))
+
+    def patch_rel32(self, at: int, target: int) -> None:
+        """Point the rel32 field at `at` (the last 4 bytes of a jmp/jcc) to `target`."""
+        self.patch(at, struct.pack("<i", target - (at + 4)))
+
+    def add(self, block: Block) -> None:
+        self.blocks[block.geip] = block
+        self.order.append(block)
+        self.tc_starts.append(block.tc)
+        self.counters.translations += 1
+
+    # -- lookups ---------------------------------------------------------------------------------------
+    def block_at(self, tc_addr: int) -> Block | None:
+        i = bisect.bisect_right(self.tc_starts, tc_addr) - 1
+        if i < 0:
+            return None
+        b = self.order[i]
+        return b if b.tc <= tc_addr < b.tc_end else None
+
+    def guest_eip(self, tc_addr: int) -> tuple[int, int, bool] | None:
+        """(guest EIP, ESP correction, at an instruction start) for a TC address, or None. At a
+        callout slot the guest is about to run the site's instruction (a chain: the target; an
+        indirect branch: its target is still pushed, 4 bytes below the guest's ESP)."""
+        if self.base <= tc_addr < self.code_base:
+            site = self.site_at(tc_addr)
+            if site is None:
+                return None
+            if site.kind == "chain":
+                return site.target, 0, True
+            return site.insn.geip, 4 if site.kind in ("jmp_ind", "call_ind") else 0, True
+        b = self.block_at(tc_addr)
+        if b is None:
+            return None
+        ins = b.starts.get(tc_addr)
+        if ins is not None:
+            return ins.geip, 0, True
+        ins, fix = b.insn_at(tc_addr)
+        if ins is None:
+            return None
+        return ins.geip, fix, False

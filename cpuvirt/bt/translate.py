@@ -1,0 +1,412 @@
+"""The translator: guest kernel code -> code fragments in the translation cache (Adams & Agesen 2006).
+
+On demand, one block at a time: at most MAX_INSNS guest instructions, or up to a terminator (a
+branch, a callout) or the end of the guest page. Each guest instruction becomes one of:
+
+- IDENT: copied unchanged (32-bit code has no PC-relative data addressing, so this is most code).
+- chain: a direct branch becomes a jmp/jcc to the target's translation; until the target exists it
+  points at a callout slot that translates it and patches the jump (chaining).
+- inline: an indirect branch or `ret` becomes an inline cache in code (compare the target with up to
+  IC_ENTRIES guest addresses, jump to their translations; a miss is a callout that fills an entry);
+  cli/sti/popf run natively (real IOPL 1 carries the virtual IF); pushf is rewritten so the image shows
+  the virtual IOPL; reads of virtual-CPU state (mov from CR0/3/4, sgdt, sidt, sldt, str, smsw,
+  mov r/m from cs/ss, push cs/ss) become stores of the current virtual value as an immediate, and the
+  block records the field it depends on.
+- callout: everything else that is sensitive jumps to a callout slot; the hypervisor emulates it.
+"""
+from __future__ import annotations
+
+import struct
+
+from capstone import CS_ARCH_X86, CS_MODE_32, Cs
+
+from cpuvirt.bt.tcache import Block, Insn, Site, TCache
+
+MAX_INSNS = 12
+IC_ENTRIES = 4
+IC_CMP_SIZE = 12       # mov ecx, [esp + 4]; lea ecx, [ecx - G]; jecxz hit
+IC_HIT_SIZE = 13       # pop ecx; lea esp, [esp + k] | mov [esp], RET; jmp T
+PREFIXES = frozenset(b"\x66\x67\xf2\xf3\x2e\x3e\x26\x36\x64\x65\xf0")
+IOPL_MASK = 0x3000
+
+IDENT, INLINE, CALLOUT, CHAIN = "IDENT", "inline", "callout", "chain"
+
+
+class TranslateFault(Exception):
+    """The guest code itself cannot be fetched (a #PF on instruction fetch at `gva`)."""
+
+    def __init__(self, gva: int, error_code: int):
+        super().__init__(f"instruction fetch fault at {gva:#x}")
+        self.gva, self.error_code = gva, error_code
+
+
+def _rel32(at_end: int, target: int) -> bytes:
+    return struct.pack("<i", (target - at_end + 0x80000000) % 0x100000000 - 0x80000000)
+
+
+def _imm32(v: int) -> bytes:
+    return struct.pack("<I", v & 0xFFFFFFFF)
+
+
+def _parse_modrm(b: bytes, i: int):
+    """(mod, reg, rm, sib_byte_or_None, disp, disp_size, length of modrm+sib+disp)."""
+    modrm = b[i]
+    mod, reg, rm = modrm >> 6, (modrm >> 3) & 7, modrm & 7
+    n = 1
+    sib = None
+    if mod != 3 and rm == 4:
+        sib = b[i + 1]
+        n += 1
+    if mod == 1:
+        dsize = 1
+    elif mod == 2 or (mod == 0 and rm == 5) or (mod == 0 and sib is not None and sib & 7 == 5):
+        dsize = 4
+    else:
+        dsize = 0
+    raw = b[i + n:i + n + dsize]
+    disp = struct.unpack("<b", raw)[0] if dsize == 1 else (struct.unpack("<i", raw)[0] if dsize == 4 else 0)
+    return mod, reg, rm, sib, disp, dsize, n + dsize
+
+
+def _encode_mem(reg: int, mod: int, rm: int, sib, disp: int, dsize: int, add: int) -> bytes:
+    """A ModRM memory operand with `reg` in the reg field and the displacement increased by `add`."""
+    disp += add
+    absolute = (mod == 0 and rm == 5) or (mod == 0 and sib is not None and sib & 7 == 5)
+    if absolute:
+        out = bytes([(0 << 6) | (reg << 3) | rm]) + (bytes([sib]) if sib is not None else b"")
+        return out + _imm32(disp)
+    if mod == 0 and disp == 0:
+        nmod, d = 0, b""
+    elif -128 <= disp <= 127:
+        nmod, d = 1, struct.pack("<b", disp)
+    else:
+        nmod, d = 2, struct.pack("<i", disp)
+    return bytes([(nmod << 6) | (reg << 3) | rm]) + (bytes([sib]) if sib is not None else b"") + d
+
+
+class GuestCode:
+    """What the translator needs from the hypervisor."""
+
+    def fetch(self, gva: int, size: int) -> tuple[bytes, list[int]]:
+        """Up to `size` code bytes at a guest-linear address, with the guest-physical frames they
+        came from; stops early at a page that cannot be fetched (raise TranslateFault if none can)."""
+        raise NotImplementedError
+
+    def virtual(self, field: str) -> int:
+        """Current value of a virtual-CPU field: cr0 cr3 cr4 gdtr_base gdtr_limit idtr_base idtr_limit
+        ldtr tr cs ss iopl."""
+        raise NotImplementedError
+
+
+class Translator:
+    def __init__(self, tc: TCache, code: GuestCode, callout_kinds: frozenset[str] | None = None):
+        self.tc = tc
+        self.code = code
+        self.cs = Cs(CS_ARCH_X86, CS_MODE_32)
+        self.adaptive: set[int] = set()        # guest EIPs retranslated as callouts (adaptive BT)
+        self.trace_translate = None            # callback(block) when translations are traced
+        self.on_block = None                   # callback(block) for every new translation
+        self._after_sti = False
+
+    # -- the entry point ---------------------------------------------------------------------------------
+    def translate(self, geip: int) -> Block:
+        tc = self.tc
+        if not tc.room(4096, 64):
+            tc.flush()
+        blk = Block(geip)
+        data, frames = self.code.fetch(geip, MAX_INSNS * 15)
+        if not data:
+            raise TranslateFault(geip, 0)
+        blk.frames.update(frames)
+        # Stop at the end of the first page: the next page may map elsewhere or fault later.
+        page_end = (geip | 0xFFF) + 1
+        out = bytearray()
+        tc_start = tc.next
+        pending: list[tuple[int, int, str]] = []     # (offset in out of a rel32, guest target, kind)
+        insns = self.cs.disasm_lite(data, geip)      # lazily: only up to the block's end is decoded
+        count = 0
+        next_eip = geip
+        terminated = False
+        for addr, size, mnem, ops in insns:
+            if count >= MAX_INSNS or (addr >= page_end and count):
+                break
+            raw = data[addr - geip:addr - geip + size]
+            ins = Insn(addr, size, f"{mnem} {ops}".strip(), IDENT)
+            ins.tc = tc_start + len(out)
+            self._after_sti = bool(blk.insns) and blk.insns[-1].text == "sti"
+            ends = self._one(blk, ins, raw, mnem, ops, out, pending, tc_start)
+            terminated = ends is True
+            ins.tc_end = tc_start + len(out)
+            blk.insns.append(ins)
+            blk.starts[ins.tc] = ins
+            count += 1
+            next_eip = (addr + size) & 0xFFFFFFFF
+            if ends:
+                break
+        if not blk.insns:
+            # Not even one whole instruction could be fetched: the next page faults.
+            raise TranslateFault(page_end & 0xFFFFFFFF, 0)
+        if not terminated:
+            ins = Insn(next_eip, 0, "(fall through)", CHAIN)
+            ins.tc = tc_start + len(out)
+            out += b"\xe9\0\0\0\0"
+            pending.append((len(out) - 4, next_eip, "chain"))
+            ins.tc_end = tc_start + len(out)
+            blk.insns.append(ins)
+        blk.gend = next_eip
+        # The guest bytes the block came from, by guest-physical span, for coherence checks.
+        total = (next_eip - geip) & 0xFFFFFFFF
+        first = min(total, page_end - geip)
+        blk.source = [(frames[0] | (geip & 0xFFF), data[:first])]
+        if total > first and len(frames) > 1:
+            blk.source.append((frames[1], data[first:total]))
+        # Link exits: to the target's translation if it exists, else to a chain callout.
+        for off, target, _ in pending:
+            at = tc_start + off
+            t = tc.blocks.get(target)
+            if t is not None and t.alive:
+                dest = t.tc
+                tc.counters.chained += 1
+            else:
+                dest = tc.new_site(Site("chain", blk, None, target, at))
+                blk.sites.append(dest)
+            out[off:off + 4] = _rel32(at + 4, dest)
+        blk.tc = tc.emit(bytes(out))
+        assert blk.tc == tc_start
+        blk.tc_end = tc.next
+        tc.add(blk)
+        if self.on_block is not None:
+            self.on_block(blk)
+        if self.trace_translate is not None:
+            self.trace_translate(blk)
+        return blk
+
+    # -- one guest instruction -----------------------------------------------------------------------------
+    def _one(self, blk, ins, raw: bytes, mnem: str, ops: str, out: bytearray, pending, tc_start) -> bool:
+        """Append the translation of one instruction; True if it ends the block."""
+        p = 0
+        while p < len(raw) and raw[p] in PREFIXES:
+            p += 1
+        prefixes = raw[:p]
+        op = raw[p] if p < len(raw) else 0
+        op2 = raw[p + 1] if p + 1 < len(raw) else None
+        nxt = (ins.geip + ins.size) & 0xFFFFFFFF
+        here = lambda: tc_start + len(out)
+
+        if ins.geip in self.adaptive:
+            return self._callout(blk, ins, raw, out, "adaptive")
+        # -- direct control flow ------------------------------------------------------------------
+        if op in (0xE9, 0xEB) and not prefixes:
+            target = (nxt + (struct.unpack("<i", raw[p + 1:p + 5])[0] if op == 0xE9 else
+                             struct.unpack("<b", raw[p + 1:p + 2])[0])) & 0xFFFFFFFF
+            ins.kind = CHAIN
+            out += b"\xe9\0\0\0\0"
+            pending.append((len(out) - 4, target, "jmp"))
+            return True
+        if (0x70 <= op <= 0x7F or (op == 0x0F and op2 is not None and 0x80 <= op2 <= 0x8F)) and not prefixes:
+            if op == 0x0F:
+                cc, disp = op2 & 0xF, struct.unpack("<i", raw[p + 2:p + 6])[0]
+            else:
+                cc, disp = op & 0xF, struct.unpack("<b", raw[p + 1:p + 2])[0]
+            target = (nxt + disp) & 0xFFFFFFFF
+            ins.kind = CHAIN
+            out += bytes([0x0F, 0x80 | cc]) + b"\0\0\0\0"
+            pending.append((len(out) - 4, target, "jcc"))
+            out += b"\xe9\0\0\0\0"
+            pending.append((len(out) - 4, nxt, "fall"))
+            return True
+        if op in (0xE0, 0xE1, 0xE2, 0xE3) and not prefixes:
+            target = (nxt + struct.unpack("<b", raw[p + 1:p + 2])[0]) & 0xFFFFFFFF
+            ins.kind = CHAIN
+            out += bytes([op, 5]) + b"\xe9\0\0\0\0"
+            pending.append((len(out) - 4, nxt, "fall"))
+            out += b"\xe9\0\0\0\0"
+            pending.append((len(out) - 4, target, "loop"))
+            return True
+        if op == 0xE8 and not prefixes:
+            target = (nxt + struct.unpack("<i", raw[p + 1:p + 5])[0]) & 0xFFFFFFFF
+            ins.kind = CHAIN
+            out += b"\x68" + _imm32(nxt)               # push the guest return address
+            out += b"\xe9\0\0\0\0"
+            pending.append((len(out) - 4, target, "call"))
+            return True
+        # -- indirect control flow: inline caches ----------------------------------------------------------
+        if op in (0xC3, 0xC2) and not prefixes:
+            pop = struct.unpack("<H", raw[p + 1:p + 3])[0] if op == 0xC2 else 0
+            ins.kind = INLINE
+            self._inline_cache(blk, ins, raw, out, tc_start, "ret", pop=pop)
+            return True
+        if op == 0xFF and op2 is not None and (op2 >> 3) & 7 in (2, 4) and 0x66 not in prefixes \
+                and 0x67 not in prefixes:
+            is_call = (op2 >> 3) & 7 == 2
+            ins.kind = INLINE
+            # push r/m32 (same operand, /6) puts the target on the stack: the lookup compares it.
+            start = here()
+            out += prefixes + bytes([0xFF, (op2 & 0xC7) | (6 << 3)]) + raw[p + 2:]
+            ins.esp_fix[start] = 0
+            self._inline_cache(blk, ins, raw, out, tc_start, "call_ind" if is_call else "jmp_ind",
+                               ret_addr=nxt, esp_base=4)
+            return True
+        # -- sensitive instructions --------------------------------------------------------------------
+        if op in (0xFA, 0xFB, 0x9D) and not prefixes:
+            # cli / sti / popf: real IF = virtual IF, real IOPL 1 lets them run natively at ring 1.
+            ins.kind = INLINE
+            out += raw
+            # popf may open the interrupt window: end the block there (falling through), so the run
+            # loop's poll sees a guest-instruction boundary soon after. After sti the engine ends its
+            # block itself (the interrupt shadow covers the next instruction, which stays in this block).
+            return "fall" if op == 0x9D else False
+        if op == 0x9C and not prefixes:
+            ins.kind = INLINE
+            iopl = self.code.virtual("iopl")
+            blk.deps.add("iopl")
+            start = here()
+            # Real IOPL is exactly 1 while translated code runs: the pushed image becomes the virtual
+            # IOPL by adding a constant, with lea, which leaves EFLAGS alone (no popf either).
+            seq = b"\x9c\x51\x8b\x4c\x24\x04" + b"\x8d\x89" + _imm32((iopl << 12) - 0x1000)
+            seq += b"\x89\x4c\x24\x04\x59"
+            out += seq
+            ins.esp_fix[start + 1] = 4        # the push ecx faults with ESP already 4 lower
+            return False
+        if op == 0x0F and op2 == 0x20:           # mov r32, crN
+            cr = (raw[p + 2] >> 3) & 7
+            rm = raw[p + 2] & 7
+            if cr in (0, 3, 4):
+                ins.kind = INLINE
+                blk.deps.add(f"cr{cr}")
+                out += bytes([0xB8 + rm]) + _imm32(self.code.virtual(f"cr{cr}"))
+                return False
+            return self._callout(blk, ins, raw, out, "sensitive")
+        if op == 0x0F and op2 in (0x00, 0x01) and p + 2 < len(raw):
+            reg = (raw[p + 2] >> 3) & 7
+            mod = raw[p + 2] >> 6
+            if op2 == 0x01 and reg in (0, 1) and mod != 3 and 0x67 not in prefixes:   # sgdt / sidt m
+                name = "gdtr" if reg == 0 else "idtr"
+                blk.deps.add(name)
+                ins.kind = INLINE
+                m = _parse_modrm(raw, p + 2)
+                segs = bytes(b for b in prefixes if b not in (0x66, 0x67, 0xF2, 0xF3, 0xF0))
+                limit, base = self.code.virtual(name + "_limit"), self.code.virtual(name + "_base")
+                # the dword first: a fault on it leaves memory untouched
+                out += segs + b"\xc7" + _encode_mem(0, m[0], m[2], m[3], m[4], m[5], 2) + _imm32(base)
+                out += segs + b"\x66\xc7" + _encode_mem(0, m[0], m[2], m[3], m[4], m[5], 0) + struct.pack("<H", limit & 0xFFFF)
+                return False
+            if (op2 == 0x00 and reg in (0, 1)) or (op2 == 0x01 and reg == 4):     # sldt / str / smsw
+                field = {(0, 0): "ldtr", (0, 1): "tr", (1, 4): "cr0"}[(op2, reg)]
+                blk.deps.add(field)
+                value = self.code.virtual(field)
+                ins.kind = INLINE
+                return self._store_imm(raw, p, prefixes, out, value, word_mem=True)
+            return self._callout(blk, ins, raw, out, "sensitive")
+        if op == 0x8C and p + 1 < len(raw) and (raw[p + 1] >> 3) & 7 in (1, 2):   # mov r/m, cs|ss
+            field = "cs" if (raw[p + 1] >> 3) & 7 == 1 else "ss"
+            blk.deps.add(field)
+            ins.kind = INLINE
+            return self._store_imm(raw, p - 1, prefixes, out, self.code.virtual(field), word_mem=True)
+        if op in (0x0E, 0x16) and not prefixes:        # push cs / push ss
+            field = "cs" if op == 0x0E else "ss"
+            blk.deps.add(field)
+            ins.kind = INLINE
+            out += b"\x68" + _imm32(self.code.virtual(field))
+            return False
+        if self._is_sensitive(op, op2, raw, p, mnem):
+            return self._callout(blk, ins, raw, out, "sensitive")
+        out += raw
+        return mnem in ("ud2",)
+
+    @staticmethod
+    def _is_sensitive(op, op2, raw, p, mnem) -> bool:
+        if op in (0xF4, 0xCF, 0xCD, 0xCC, 0xCE, 0xE4, 0xE5, 0xE6, 0xE7, 0xEC, 0xED, 0xEE, 0xEF,
+                  0x8E, 0x1F, 0x07, 0x17, 0xEA, 0x9A, 0xCA, 0xCB, 0xF1, 0x6C, 0x6D, 0x6E, 0x6F):
+            return True
+        if op == 0xFF and op2 is not None and (op2 >> 3) & 7 in (2, 3, 4, 5):
+            return True      # indirect near with 16-bit forms, and far indirect jmp/call
+        if op == 0xC2 or op == 0xC3:
+            return True      # ret with prefixes
+        if op in (0x70, 0xEB, 0xE9, 0xE8) or 0x70 <= op <= 0x7F or 0xE0 <= op <= 0xE3:
+            return True      # branches with odd prefixes: let the hypervisor do them
+        if op == 0x0F and op2 is not None:
+            if op2 in (0x00, 0x01, 0x06, 0x08, 0x09, 0x20, 0x21, 0x22, 0x23, 0x30, 0x32, 0x33, 0xA1,
+                       0xA9, 0xA2, 0x31, 0x02, 0x03, 0x34, 0x35, 0x05, 0x07):
+                return True
+            if 0x80 <= op2 <= 0x8F:
+                return True
+        return False
+
+    def _store_imm(self, raw, p, prefixes, out, value, word_mem) -> bool:
+        """Replace an instruction whose ModRM (at raw[p + 2]) names the destination with a store of
+        `value`: a 16-bit store to memory, or a register load (32-bit, or 16-bit under 0x66)."""
+        m = _parse_modrm(raw, p + 2)
+        mod, rm = m[0], m[2]
+        segs = bytes(b for b in prefixes if b not in (0x66, 0x67, 0xF2, 0xF3, 0xF0))
+        if mod == 3:
+            if 0x66 in prefixes:
+                out += b"\x66" + bytes([0xB8 + rm]) + struct.pack("<H", value & 0xFFFF)
+            else:
+                out += bytes([0xB8 + rm]) + _imm32(value)
+        else:
+            out += segs + b"\x66\xc7" + _encode_mem(0, mod, rm, m[3], m[4], m[5], 0) + struct.pack("<H", value & 0xFFFF)
+        return False
+
+    def _callout(self, blk, ins, raw, out, kind) -> bool:
+        ins.kind = CALLOUT
+        site = Site(kind, blk, ins)
+        site.raw = raw
+        site.after_sti = self._after_sti       # `sti; hlt`: its slot is still inside the sti shadow
+        slot = self.tc.new_site(site)
+        blk.sites.append(slot)
+        at = self.tc.next + len(out) + 5
+        out += b"\xe9" + _rel32(at, slot)
+        return True
+
+    def _inline_cache(self, blk, ins, raw, out, tc_start, kind, pop=0, ret_addr=None, esp_base=0):
+        """An inline cache that leaves EFLAGS alone (no cmp, no popf, which ends the engine's block):
+
+            push ecx                               ; the guest target is now at [esp + 4]
+            IC_ENTRIES x: mov ecx, [esp + 4]; lea ecx, [ecx - G_k]; jecxz hit_k
+            pop ecx; jmp <miss callout>
+            hit_k: pop ecx; <ret: lea esp, [esp + 4 + n] | jmp: lea esp, [esp + 4] | call: mov [esp], RET>;
+                   jmp <translation of G_k>
+
+        An empty entry compares with 0 and its hit stub jumps to the miss path, so a match on it is
+        only slower. ESP is `esp_base` below the guest's at the push."""
+        tc = self.tc
+        base = tc_start + len(out)
+        out += b"\x51"                                     # push ecx
+        ins.esp_fix[base] = esp_base
+        site = Site(kind, blk, ins)
+        site.raw, site.pop, site.ret_addr = raw, pop, ret_addr
+        first = base + 1
+        miss = first + IC_ENTRIES * IC_CMP_SIZE
+        hits = miss + 6
+        for k in range(IC_ENTRIES):
+            e = first + k * IC_CMP_SIZE
+            site.ic.append(e)
+            hit = hits + k * IC_HIT_SIZE
+            if k == 0:
+                ins.esp_fix[e] = esp_base + 4            # the guest's stack read (ret) can fault
+            out += b"\x8b\x4c\x24\x04" + b"\x8d\x89" + _imm32(0) + b"\xe3" + bytes([hit - (e + IC_CMP_SIZE)])
+        slot = tc.new_site(site)
+        blk.sites.append(slot)
+        out += b"\x59" + b"\xe9" + _rel32(miss + 6, slot)  # pop ecx; jmp miss callout
+        for k in range(IC_ENTRIES):
+            hit = hits + k * IC_HIT_SIZE
+            out += b"\xe9" + _rel32(hit + 5, miss) + b"\xcc" * (IC_HIT_SIZE - 5)
+
+    def fill_ic(self, site: Site, target: int, dest: int) -> None:
+        """Put (guest target -> TC dest) into the next inline-cache entry of a site (round robin)."""
+        k = site.ic_next % IC_ENTRIES
+        site.ic_next += 1
+        e = site.ic[k]
+        hit = site.ic[0] + IC_ENTRIES * IC_CMP_SIZE + 6 + k * IC_HIT_SIZE
+        code = b"\x59"                                               # pop ecx
+        if site.kind == "ret":
+            code += b"\x8d\xa4\x24" + _imm32(4 + site.pop)         # lea esp, [esp + 4 + n]
+        elif site.kind == "jmp_ind":
+            code += b"\x8d\xa4\x24" + _imm32(4)
+        else:
+            code += b"\xc7\x04\x24" + _imm32(site.ret_addr)        # mov [esp], guest return address
+        code += b"\xe9" + _rel32(hit + len(code) + 5, dest)
+        assert len(code) == IC_HIT_SIZE
+        self.tc.patch(hit, code)
+        self.tc.patch(e + 6, _imm32(-target))                        # lea ecx, [ecx - target]
