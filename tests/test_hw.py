@@ -250,11 +250,15 @@ def test_lazy_ept_allocates_on_violation(tmp_path):
     assert any(e["detail"]["access"] == "write" for e in ept)
 
 
-def test_access_outside_ram_is_a_clear_ept_violation_outcome(test_guest, tmp_path):
+def test_access_outside_ram_is_an_ept_violation_emulated_as_unassigned_memory(test_guest, tmp_path):
+    """pc-lite: memory that is neither RAM nor a device reads all-ones and drops writes, in every mode
+    (the `hostile` guest sweeps all of it). Under EPT each such access is an EPT violation the root
+    handler emulates, as KVM hands it to QEMU's unassigned region; the guest goes on."""
     res, exits = run_hw(test_guest("touch_unbacked"), tmp_path)
-    assert res.outcome == "ept_violation" and res.status == 123
-    assert "guest-physical 0x7000000" in res.message
-    assert exits[-1]["reason"] == "EPT_VIOLATION" and exits[-1]["detail"]["access"] == "read"
+    assert res.outcome == "exit" and res.status == 0, res.message
+    ept = [e for e in exits if e["reason"] == "EPT_VIOLATION"]
+    assert len(ept) == 1 and ept[0]["detail"]["access"] == "read" and ept[0]["detail"]["gpa"] == "0x7000000"
+    assert "reads all-ones" in ept[0]["action"] and "0xffffffff" in ept[0]["action"]
 
 
 def test_vm_entry_failure_is_reported_not_a_crash():
@@ -284,9 +288,20 @@ def test_vmcs_encodings_carry_width_and_kind():
     assert v.vmread(Field.GUEST_CS_SELECTOR) == 0x2345          # a 16-bit field keeps 16 bits
 
 
-def test_no_ept_says_it_needs_shadow_paging():
-    with pytest.raises(CpuvirtError, match="shadow-paging"):
-        HwMode(Machine(8), ept=False)
+def test_no_ept_runs_on_shadow_paging(vmexits, tmp_path):
+    """--no-ept: KVM's shadow-MMU controls; the exits guest still passes, with CR3 loads, INVLPG and
+    #PF exiting (more exits than with EPT, none of them an EPT violation)."""
+    trace = tmp_path / "noept.jsonl"
+    res = run_guest(str(vmexits), "hw", trace_path=str(trace), mode_options={"ept": False})
+    assert_passes(res)
+    exits = [json.loads(line) for line in trace.read_text().splitlines()]
+    header = exits[0]
+    assert "enable_ept" not in header["options"]["vmx"] and header["options"]["vmx"]["invlpg_exiting"] == 1
+    got = reasons([e for e in exits if e.get("kind") == "vmexit"])
+    assert "INVLPG" in got and "EPT_VIOLATION" not in got
+    assert any(e["detail"].get("fault") == "hidden" for e in exits if e.get("reason") == "EXCEPTION_NMI")
+    with pytest.raises(CpuvirtError, match="contradict"):
+        HwMode(Machine(8), vmx=["enable_ept=1"], ept=False)
 
 
 @pytest.mark.parametrize("guest", [g.name for g in list_guests()])

@@ -62,3 +62,109 @@ def emulate_mmio(code: bytes, eip: int, regs, gpa: int, read, write) -> tuple[in
         _set(regs, insn.reg_name(ops[0].reg), value & 0xFFFFFFFF)
         return insn.size, f"emulated `{text}`: read {value & 0xFFFFFFFF:#x} from the device"
     raise Unsupported(f"MMIO access by `{text}` at {eip:#x}: only mov/movzx/movsx are emulated")
+
+
+# -- stores into write-protected (traced) guest pages --------------------------------------------------
+_LOGIC = ("or", "and", "xor")
+
+
+def _parity(v: int) -> bool:
+    return bin(v & 0xFF).count("1") % 2 == 0
+
+
+_store_forms: dict = {}
+
+
+def _store_form(code: bytes, eip: int):
+    """The decoded store at eip, once per site (capstone with details costs tens of microseconds)."""
+    key = (eip, code)
+    form = _store_forms.get(key)
+    if form is not None:
+        return form
+    insn = next(_cs.disasm(code or b"", eip, 1), None)
+    if insn is None:
+        raise Unsupported(f"cannot decode the store at {eip:#x}")
+    m, ops = insn.mnemonic, insn.operands
+    text = f"{m} {insn.op_str}".strip()
+    if m.startswith("lock "):
+        m = m[5:]
+    # A lock prefix changes nothing with one vCPU; rep forms are not emulated.
+    if insn.prefix[0] in (0xF2, 0xF3):
+        raise Unsupported(f"store by `{text}` at {eip:#x}: rep forms are not emulated")
+    if m in ("stosb", "stosw", "stosd"):
+        form = ("stos", insn.size, {"stosb": 1, "stosw": 2, "stosd": 4}[m], None, None, text)
+    elif len(ops) == 2 and ops[0].type == X86_OP_MEM and m in ("mov", "xchg", "or", "and", "xor", "cmpxchg"):
+        src = ops[1]
+        if src.type == X86_OP_REG and insn.reg_name(src.reg) in _REGS:
+            operand = ("reg", insn.reg_name(src.reg))
+        elif src.type == X86_OP_IMM and m not in ("xchg", "cmpxchg"):
+            operand = ("imm", src.imm)
+        else:
+            raise Unsupported(f"store by `{text}` at {eip:#x}: unsupported source operand")
+        form = (m, insn.size, ops[0].size, operand[0], operand[1], text)
+    else:
+        raise Unsupported(f"store by `{text}` at {eip:#x}: not an emulated form")
+    if len(_store_forms) > 4096:
+        _store_forms.clear()
+    _store_forms[key] = form
+    return form
+
+
+def emulate_store(code: bytes, eip: int, regs, read, write) -> tuple[int, int, int, int, str]:
+    """Emulate a store that hit a traced page (KVM's "emulate on write to a shadowed page").
+
+    Forms: `mov [m], reg/imm`, `or/and/xor [m], reg/imm`, `xchg [m], reg`, `cmpxchg [m], reg` (lock
+    or not), `stosb/w/d` (no rep). Segments are taken as flat, as everywhere in cpuvirt.
+    `read(gva, size)` / `write(gva, size, value)` access guest-linear memory with the guest's
+    rights (they may raise the hypervisor's GuestPageFault; nothing is changed then). Returns
+    (instruction length, gva, size, value written, what was done); anything else is `Unsupported`.
+    """
+    from cpuvirt.cpu.faultaddr import _operand_addresses
+    m, length, size, src_kind, src, text = _store_form(code, eip)
+    mask = (1 << 8 * size) - 1
+    if m == "stos":
+        gva = regs.read(R.EDI)
+        value = regs.read(R.EAX) & mask
+        write(gva, size, value)
+        step = -size if regs.read(R.EFLAGS) & R.EFLAGS_DF else size
+        regs.write(R.EDI, (gva + step) & 0xFFFFFFFF)
+        return length, gva, size, value, f"emulated `{text}`"
+    gva = _operand_addresses(code, eip, regs)[0][0]
+    operand = (_get(regs, src) if src_kind == "reg" else src) & mask
+    if m == "mov":
+        write(gva, size, operand)
+        return length, gva, size, operand, f"emulated `{text}`"
+    if m == "xchg":
+        old = read(gva, size)
+        write(gva, size, operand)
+        _set(regs, src, old)
+        return length, gva, size, operand, f"emulated `{text}`"
+    if m == "cmpxchg":
+        acc_name = {1: "al", 2: "ax", 4: "eax"}[size]
+        acc, old = _get(regs, acc_name), read(gva, size)
+        value = operand if acc == old else old
+        write(gva, size, value)           # the processor always writes (SDM: CMPXCHG)
+        if acc != old:
+            _set(regs, acc_name, old)
+        # Flags of CMP acc, [m].
+        res = (acc - old) & mask
+        top = 8 * size - 1
+        fl = regs.read(R.EFLAGS) & ~(0x1 | 0x4 | 0x10 | 0x40 | 0x80 | 0x800)
+        fl |= (0x1 if acc < old else 0) | (0x4 if _parity(res) else 0) | (0x10 if (acc ^ old ^ res) & 0x10 else 0)
+        fl |= (0x40 if res == 0 else 0) | (0x80 if res >> top & 1 else 0)
+        fl |= 0x800 if ((acc ^ old) & (acc ^ res)) >> top & 1 else 0
+        regs.write(R.EFLAGS, fl)
+        return length, gva, size, value, f"emulated `{text}`"
+    old = read(gva, size)
+    value = (old | operand) if m == "or" else (old & operand) if m == "and" else (old ^ operand)
+    write(gva, size, value)
+    # CF = OF = 0; SF, ZF, PF from the result; AF is undefined (left as it was).
+    fl = regs.read(R.EFLAGS) & ~(0x1 | 0x4 | 0x40 | 0x80 | 0x800)
+    if _parity(value):
+        fl |= 0x4
+    if value == 0:
+        fl |= 0x40
+    if value >> (8 * size - 1) & 1:
+        fl |= 0x80
+    regs.write(R.EFLAGS, fl)
+    return length, gva, size, value, f"emulated `{text}`"

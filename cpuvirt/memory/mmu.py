@@ -17,10 +17,12 @@ from unicorn import UC_PROT_EXEC, UC_PROT_READ, UC_PROT_WRITE
 
 from cpuvirt.cpu import regs as R
 from cpuvirt.memory.p2m import UNBACKED_HPA, P2m
+from cpuvirt.memory.traces import Traces, TracedWrite
 from cpuvirt.memory.types import CR0_PG, Access
 from cpuvirt.memory.walk import Fault, walk
 
 PAGE = 0x1000
+GUEST = 2            # the `side_effects` value of a guest access through the fill hook
 PAGE_MASK = ~0xFFF & 0xFFFFFFFF
 _RW = UC_PROT_READ | UC_PROT_WRITE
 
@@ -52,6 +54,15 @@ class NestedFault(Exception):
         if final is not None:
             self.final = final
         return self
+
+
+class RefusedFill(Exception):
+    """A strategy refuses a fill with something other than a guest #PF (e.g. a shadow miss that
+    hw --no-ept turns into a #PF VM exit); `pending` is what the run loop gets."""
+
+    def __init__(self, pending):
+        super().__init__("fill refused")
+        self.pending = pending
 
 
 class PendingFault:
@@ -112,10 +123,15 @@ class Mmu:
         self.on_unbacked = None               # callback(gpa) once per page
         self.on_code_frame = None             # callback(linear page, hpa) on fetch fills (intercepts)
         self.crs: tuple[int, int, int] | None = None   # CR0, CR3, CR4 snapshot, see load_crs
+        self.crs_source = None                # callable -> (cr0, cr3, cr4): the guest's virtual CRs
+        self.traces = Traces(uc)              # write-traced guest frames (shadow paging, translator)
 
     def load_crs(self) -> tuple[int, int, int]:
         """Read CR0/CR3/CR4 once per hypervisor entry: the guest cannot change them while a hook
         runs, so every walk of one exit shares them. Each entry (hook, stop) sets `crs` to None first."""
+        if self.crs_source is not None:
+            self.crs = crs = self.crs_source()
+            return crs
         r = self.regs
         self.crs = crs = (r.read(R.CR0), r.read(R.CR3), r.read(R.CR4))
         return crs
@@ -141,9 +157,13 @@ class Mmu:
         # where SS is loaded first and the descriptor reads that follow are supervisor accesses.
         user = (self.regs.read(R.SS) & 3) == 3
         try:
-            gpa, ok = self.strategy.gva_to_gpa(vaddr, acc, user)
+            # side_effects=GUEST (2, truthy): a guest access; shadow paging fills its tables only then.
+            gpa, ok = self.strategy.gva_to_gpa(vaddr, acc, user, GUEST)
         except NestedFault as nf:            # the 2-D walk faulted on a guest paging structure
             self.pending = nf.with_linear(vaddr, acc)
+            return False
+        except RefusedFill as rf:
+            self.pending = rf.pending
             return False
         if gpa is None:
             self.counters.faults += 1
@@ -170,6 +190,13 @@ class Mmu:
             entry.perms = _RW
             return True
         perms = UC_PROT_READ | UC_PROT_WRITE if ok else UC_PROT_READ
+        if self.traces.frames and (gpa & PAGE_MASK) in self.traces.frames:
+            # A write-traced frame (a guest page table, translated code) is never mapped writable:
+            # a store to it comes back here and goes to the trace owners, not to the guest.
+            if acc == Access.WRITE:
+                self.pending = TracedWrite(vaddr, gpa & PAGE_MASK)
+                return False
+            perms = UC_PROT_READ
         if acc == Access.FETCH:
             self.code_frames.add(hpa)
             perms |= UC_PROT_EXEC
@@ -229,6 +256,11 @@ class Mmu:
         for hpa, off, n in chunks:
             if hpa is not None:
                 self.ram.write(hpa, data[off:off + n])
+        if self.traces.frames:
+            base = self.p2m.ram_hpa
+            for hpa, off, n in chunks:
+                if hpa is not None and ((hpa - base) & PAGE_MASK) in self.traces.frames:
+                    self.traces.hv_wrote((gva - len(data) + off) & 0xFFFFFFFF, hpa - base, n)
 
     def fetch_bytes(self, gva: int, size: int) -> bytes | None:
         """Code bytes at a linear address without side effects (disassembly, block counting)."""

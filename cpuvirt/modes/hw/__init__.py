@@ -6,21 +6,18 @@ checks, event injection) and `handlers.py` the root-mode hypervisor, organised a
 """
 from __future__ import annotations
 
-from cpuvirt.errors import CpuvirtError
 from cpuvirt.modes.hw.controls import VmxSettings
 from cpuvirt.modes.hw.vmx import VmxCpu
 
 
 class HwMode:
     name = "hw"
-    description = "ring 0 in simulated VMX non-root operation: VM exits, VMCS controls, EPT"
+    description = "ring 0 in simulated VMX non-root operation: VM exits, VMCS controls, EPT (or shadow paging)"
 
     def __init__(self, machine, trace=None, max_insns: int = 0, vmx: list[str] | None = None,
                  ept: bool = True, dump_on=None):
+        # Without EPT (--no-ept, or --vmx enable_ept=0) guest memory is virtualized by shadow paging.
         settings = VmxSettings(vmx, ept=ept)
-        if not settings.bits["enable_ept"]:
-            raise CpuvirtError("--no-ept needs the shadow-paging strategy, which is not built yet "
-                               "(issue 4: full virtualization); hw mode runs with EPT only for now")
         self.machine = machine
         self.settings = settings
         self.vcpu = VmxCpu(machine, settings, trace=trace, max_insns=max_insns, dump_on=dump_on)

@@ -56,6 +56,19 @@ KVM_PRESET = {
     "cr4_guest_host_mask": 0xFFFFFFFF & ~(CR4_PGE | CR4_PCE | CR4_TSD | CR4_DE | CR4_PVI | CR4_OSFXSR | CR4_OSXMMEXCPT),
 }
 
+CR4_PSE, CR4_SMEP = 1 << 4, 1 << 20
+
+# Without EPT KVM runs the guest on shadow page tables (arch/x86/kvm/vmx/vmx.c): CR3 loads and stores,
+# INVLPG and #PF exit (exec_control keeps CR3_LOAD/STORE_EXITING and INVLPG_EXITING, which it drops
+# only with enable_ept; update_exception_bitmap keeps PF_VECTOR), and the paging bits of CR0 (WP) and
+# CR4 (PGE, PSE, SMEP: X86_CR4_TLBFLUSH_BITS) are host-owned, so changing one exits.
+KVM_SHADOW_PRESET = {
+    "enable_ept": 0, "cr3_load_exiting": 1, "cr3_store_exiting": 1, "invlpg_exiting": 1,
+    "exception_bitmap": KVM_PRESET["exception_bitmap"] | (1 << 14),
+    "cr0_guest_host_mask": 0xFFFFFFFF & ~CR0_TS,
+    "cr4_guest_host_mask": KVM_PRESET["cr4_guest_host_mask"] | CR4_PGE | CR4_PSE | CR4_SMEP,
+}
+
 
 class VmxSettings:
     """The controls a run starts with: the preset plus the user's overrides."""
@@ -71,14 +84,23 @@ class VmxSettings:
         self.lazy_ept = False
         for name, value in KVM_PRESET.items():
             self._set(name, value)
+        # `--vmx enable_ept=0` asks for shadow paging as --no-ept does: KVM's shadow-MMU preset first,
+        # then the user's overrides on top of it.
+        if any(i.partition("=")[0].strip().lower() == "enable_ept" and i.partition("=")[2].strip() in ("0", "0x0")
+               for i in overrides or ()):
+            ept = False
+        if not ept:
+            for name, value in KVM_SHADOW_PRESET.items():
+                self._set(name, value)
         for item in overrides or ():
             name, _, text = item.partition("=")
             name = name.strip().lower()
             if not _:
                 raise CpuvirtError(f"--vmx {item!r}: expected NAME=VALUE")
             self._set(name, self._parse(name, text.strip()))
-        if not ept:
-            self.bits["enable_ept"] = 0
+        if not ept and self.bits["enable_ept"]:
+            raise CpuvirtError("--no-ept and --vmx enable_ept=1 contradict each other")
+        self.shadow_paging = not self.bits["enable_ept"]
 
     @staticmethod
     def _number(name: str, text: str) -> int:

@@ -77,6 +77,10 @@ class RootHypervisor:
         info = self.vmcs.vmread(F.VM_EXIT_INTR_INFO)
         vector, kind = info & 0xFF, (info >> 8) & 7
         code = self.vmcs.vmread(F.VM_EXIT_INTR_ERROR_CODE) if info & E.INTR_INFO_DELIVER_CODE else None
+        if vector == Vector.PF and self.cpu.shadow is not None and kind == E.INTR_TYPE_HW_EXCEPTION:
+            code = self.shadow_page_fault(x, code)
+            if code is None:
+                return
         if vector == Vector.PF:
             # The processor did not touch CR2: the hypervisor sets it from the exit qualification.
             self.cpu.regs.write(R.CR2, self.vmcs.vmread(F.EXIT_QUALIFICATION))
@@ -87,6 +91,41 @@ class RootHypervisor:
         else:
             self.inject(vector, E.INTR_TYPE_HW_EXCEPTION, code if vector in HAS_ERROR_CODE else None)
         x.action = f"reflected {x.detail.get('name', vector)} to the guest (VM-entry injection)"
+
+    def shadow_page_fault(self, x: Exit, hw_code: int) -> int | None:
+        """KVM's kvm_mmu_page_fault on shadow page tables: walk the guest's tables for the faulting
+        address. A hidden fault fills the shadow and resumes; a write the guest may make to one of its
+        write-protected page tables is emulated (ptemod); a true fault returns the guest's own error
+        code, to be injected."""
+        cpu = self.cpu
+        gva = self.vmcs.vmread(F.EXIT_QUALIFICATION)
+        access = 1 if hw_code & 2 else (cpu.pf_access if cpu.pf_access != 1 else 0)
+        kind, value = cpu.shadow.page_fault(gva, access, bool(hw_code & 4))
+        if kind == "hidden":
+            x.detail["fault"] = "hidden"
+            x.action = "hidden #PF: shadow entry filled from the guest's page tables; resumed"
+            return None
+        if kind == "traced":
+            from cpuvirt.memory.traces import TraceError, TracedWrite
+            tw = TracedWrite(gva, value, eip=x.rip)
+            try:
+                cpu.mmu.traces.dispatch(tw, cpu)
+            except TraceError as e:
+                cpu.finish("error", 1, str(e))
+                x.action = "cannot emulate"
+                return None
+            x.detail["fault"] = "ptemod"
+            rip = cpu.regs.read(R.EIP)
+            if tw.done and rip != x.rip:
+                self.vmcs.vmwrite(F.GUEST_RIP, rip)
+                cpu.clock.unretire(-1)          # the emulated store retired the instruction
+                x.action = "write to a write-protected shadowed page table: emulated, shadow updated, skipped"
+            else:
+                x.action = "write to a shadowed page table not emulated: frame unshadowed, store re-executed"
+            return None
+        x.detail["fault"] = "true"
+        x.detail["guest_error_code"] = value
+        return value
 
     def handle_external_interrupt(self, x: Exit) -> None:
         """The emulated PIC has a request for the guest: inject it, or wait for the interrupt window."""
@@ -129,7 +168,12 @@ class RootHypervisor:
         x.action = "skipped hlt; vCPU blocked until an interrupt (kvm_vcpu_halt)"
 
     def handle_invlpg(self, x: Exit) -> None:
-        x.action = f"invalidated {self.vmcs.vmread(F.EXIT_QUALIFICATION):#x} (executed for the guest)"
+        la = self.vmcs.vmread(F.EXIT_QUALIFICATION)
+        if self.cpu.shadow is not None:
+            self.cpu.shadow.invlpg(la, flush_engine=False)     # the engine executes the invlpg
+            x.action = f"invalidated {la:#x}: shadow entry dropped (kvm_mmu_invlpg), executed for the guest"
+            return
+        x.action = f"invalidated {la:#x} (executed for the guest)"
 
     def handle_rdtsc(self, x: Exit) -> None:
         tsc = self.cpu.clock.now
@@ -174,6 +218,9 @@ class RootHypervisor:
                 self.vmcs.vmwrite(F.GUEST_CR4, value)
             elif cr == 3:
                 self.vmcs.vmwrite(F.GUEST_CR3, value)
+                if self.cpu.shadow is not None:
+                    # KVM: kvm_mmu_new_pgd, a cached root; the engine flushes its TLB on the CR3 load.
+                    self.cpu.shadow.on_cr3_write(value, flush_engine=False)
             x.action = f"CR{cr} <- {value:#x}"
         elif access == E.CR_MOV_FROM:
             value = self.vmcs.vmread(F.GUEST_CR3) if cr == 3 else 0
@@ -273,6 +320,23 @@ class RootHypervisor:
             from cpuvirt.memory.p2m import RAM_HPA
             cpu.ept.map(page, RAM_HPA + page)
             x.action = f"allocated guest page {page:#x} on demand; retry"
+            return
+        if page >= cpu.m.mem_bytes and not self.vmcs.vmread(F.EXIT_QUALIFICATION) & 4:
+            # Unassigned guest-physical memory reads all-ones and drops writes (pc-lite), emulated
+            # access by access as KVM hands it to QEMU's unassigned region (no EPT entry: mapping
+            # a sweep of the 4 GiB space would exhaust the hypervisor's memory with EPT tables).
+            from cpuvirt.cpu.emulate import emulate_mmio
+            from cpuvirt.cpu.events import Unsupported
+            try:
+                length, what = emulate_mmio(cpu.mmu.fetch_bytes(x.rip, 15), x.rip, cpu.regs, gpa,
+                                            lambda _gpa, size: (1 << 8 * size) - 1, lambda *_: None)
+            except Unsupported as u:
+                cpu.finish("error", 1, str(u))
+                x.action = "cannot emulate"
+                return
+            self.vmcs.vmwrite(F.GUEST_RIP, x.rip + length)
+            cpu.clock.unretire(-1)
+            x.action = f"unassigned guest-physical memory (reads all-ones, writes dropped): {what}"
             return
         cpu.finish("ept_violation", EXIT_HYPERVISOR_STOP,
                    f"EPT violation at guest-physical {gpa:#x} (linear {self.vmcs.vmread(F.GUEST_LINEAR_ADDRESS):#x}, "

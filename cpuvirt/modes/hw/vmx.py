@@ -26,6 +26,9 @@ from cpuvirt.cpu.vcpu import EXIT_ERROR, Vcpu
 from cpuvirt.machine.hostmem import HostRegion
 from cpuvirt.memory.ept import EPT_R, EPT_W, EPT_X, Ept, HvAllocator
 from cpuvirt.memory.mmu import NestedFault
+from cpuvirt.memory.shadow import ShadowMiss
+from cpuvirt.memory.traces import TracedWrite
+from cpuvirt.memory.types import PFEC_P, PFEC_U, PFEC_W
 from cpuvirt.memory.nested import EptWalk
 from cpuvirt.memory.p2m import HV_HPA, RAM_HPA
 from cpuvirt.modes.hw import exits as E
@@ -86,6 +89,8 @@ class VmxCpu(Vcpu):
         self.dump_on = dump_on        # (exit number or reason name) -> callback(dump text)
         self.hypervisor = RootHypervisor(self)
         self._io_forms: dict = {}
+        self.shadow = None
+        self.pf_access = 0      # access kind of the last shadow #PF (the handler walks for it)
         self._sites: dict = {}
         self._launch()
 
@@ -117,6 +122,12 @@ class VmxCpu(Vcpu):
             if not s.lazy_ept:
                 self.ept.map_range(0, RAM_HPA, self.m.mem_bytes)
             v.vmwrite(F.EPT_POINTER, self.ept.eptp)
+            self.shadow = None
+        else:
+            # KVM without EPT: shadow page tables, filled on #PF exits (memory/shadow.py).
+            from cpuvirt.memory.shadow import ShadowPaging
+            self.shadow = ShadowPaging(self.mmu, exit_on_miss=True)
+            self.shadow.attach(self)
         self.enable_intercepts(SENSITIVE, self.on_sensitive)
 
     def guest_entry(self) -> None:
@@ -131,7 +142,7 @@ class VmxCpu(Vcpu):
             # From VMLAUNCH on, every guest-physical access goes through EPT (the loader before it
             # wrote guest memory from the host side); drop what the engine cached before.
             self.mmu.strategy = EptWalk(self.mmu, self.ept)
-            self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
+        self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
         self.vm_entry(None)
 
     def _bind_live_fields(self) -> None:
@@ -618,6 +629,18 @@ class VmxCpu(Vcpu):
         if pending.unbacked_fetch:
             return super().on_refused_fill(pending, eip)
         gva = self.exact_linear(pending, eip)
+        if self.shadow is not None and isinstance(pending, (ShadowMiss, TracedWrite)):
+            # The shadow page table refused the access (not present, or write-protected because the
+            # frame is a traced guest page table): a hardware #PF, which exits if the bitmap says so.
+            code = pending.error_code
+            if isinstance(pending, TracedWrite):
+                code = PFEC_P | PFEC_W | (PFEC_U if (self.regs.read(R.SS) & 3) == 3 else 0)
+            self.pf_access = pending.access
+            if self._exception_exits(Vector.PF, code):
+                self._exception_exit(Vector.PF, eip, code, E.INTR_TYPE_HW_EXCEPTION, qualification=gva)
+            else:        # a hypervisor that does not intercept #PF: the guest sees the shadow's fault
+                self.page_fault(gva, pending.access, code, eip)
+            return
         if self._exception_exits(Vector.PF, pending.error_code):
             self._exception_exit(Vector.PF, eip, pending.error_code, E.INTR_TYPE_HW_EXCEPTION, qualification=gva)
         else:

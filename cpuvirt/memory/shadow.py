@@ -1,0 +1,407 @@
+"""Shadow paging: the guest's page tables cached as GVA -> GPA/HPA entries the hypervisor keeps coherent.
+
+A memory-translation strategy (DESIGN.md 4; Adams & Agesen 2006; KVM's shadow MMU without EPT). Fills
+are answered from a shadow table per guest address space (keyed by the guest's CR3, 8 roots, LRU),
+built lazily: a fill that misses walks the guest's tables (walk.py, A/D bits as the hardware sets them)
+and inserts the entry, a *hidden* fault the guest never sees; a walk that faults is a *true* fault,
+delivered to the guest with its own CR2 and error code. Every guest page-table page a shadow entry was
+derived from (its PD and PT frame) is write-traced (memory/traces.py): a guest store to one is
+emulated here, the entries derived from the written PDE/PTE are zapped, and the instruction is
+skipped (a `ptemod`). Stores that cannot be emulated fall back to zap-and-untrace: the frame is left
+unsynchronised, as KVM's unsync pages are, until the next CR3 write or invlpg, which the guest must
+issue anyway for a changed PTE to take effect on real hardware.
+
+The shadow tables are Python structures (a dict per root: GVA page -> entry, plus a reverse map from
+each guest PDE/PTE address to the entries derived from it); they model the shadow page tables, live
+only in the hypervisor, and no guest address reaches them. The engine's TLB, filled from them, plays
+the part of the hardware TLB over the shadow tables.
+
+With `exit_on_miss` (hw --no-ept) the fill does not walk: a shadow miss refuses the fill with a
+`ShadowMiss`, which the simulated processor turns into a #PF VM exit; the root-mode handler then calls
+`page_fault`, which walks, fills the shadow (hidden) or reports a true fault to inject, as KVM's
+kvm_mmu_page_fault does.
+"""
+from __future__ import annotations
+
+from collections import Counter, OrderedDict
+
+from unicorn import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH
+
+from cpuvirt.cpu import regs as R
+from cpuvirt.memory.mmu import GuestPageFault, RefusedFill
+from cpuvirt.memory.types import (
+    CR0_PG, CR0_WP, CR4_PGE, CR4_PSE, CR4_SMEP, PFEC_P, PFEC_U, PFEC_W, PTE_P, PTE_PS, PTE_RW, PTE_US, Access,
+)
+from cpuvirt.memory.walk import Fault, walk
+
+PAGE_MASK = 0xFFFFF000
+KIND = "pt"                       # the trace kind of guest page-table frames
+_MODE0 = CR0_PG | CR0_WP          # CR0 and CR4 bits a shadow entry depends on: a change drops all
+_MODE4 = CR4_PSE | CR4_PGE | CR4_SMEP
+_WRITE, _FETCH = int(Access.WRITE), int(Access.FETCH)
+GUEST = 2                         # `side_effects` from Mmu.fill: a guest access, which fills the shadow
+
+
+class GuestStoreFault(GuestPageFault):
+    """guest_store was refused by the guest's own mapping: deliver this #PF (gva, error_code)."""
+
+
+class ShadowMiss:
+    """A fill the shadow cannot answer (hw --no-ept): the hardware #PF a shadow page table gives."""
+
+    __slots__ = ("gva", "access", "error_code", "unbacked_fetch")
+
+    def __init__(self, gva: int, access: int, error_code: int):
+        self.gva, self.access, self.error_code, self.unbacked_fetch = gva, access, error_code, False
+
+
+class ShadowCounters:
+    __slots__ = ("hidden_faults", "true_faults", "shadow_hits", "ptemods", "ptemod_fallbacks", "guest_stores",
+                 "cr3_switches", "root_hits", "root_misses", "root_evictions", "invlpgs", "flushes", "zapped",
+                 "traced_frames")
+
+    def __init__(self):
+        for k in self.__slots__:
+            setattr(self, k, 0)
+
+    def as_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.__slots__}
+
+
+class _Root:
+    """The shadow page table of one guest address space: GVA page -> entry.
+
+    An entry is (gpa_page, rights, dirty, pde_addr, pte_addr): rights = U/S and R/W combined over
+    the path, dirty = the leaf's D bit when it was walked, and the guest-physical addresses of the
+    PDE and PTE it derives from (pte_addr -1 for a 4 MiB page).
+    """
+
+    __slots__ = ("cr3", "entries")
+
+    def __init__(self, cr3: int):
+        self.cr3 = cr3
+        self.entries: dict[int, tuple] = {}
+
+
+class ShadowPaging:
+    """The strategy; see the module docstring and docs/shadow-paging.md (API)."""
+
+    def __init__(self, mmu, max_roots: int = 8, exit_on_miss: bool = False, verbose: bool = False):
+        self.mmu = mmu
+        self.uc = mmu.uc
+        self.max_roots = max_roots
+        self.exit_on_miss = exit_on_miss
+        self.verbose = verbose            # record hidden faults as trace events (off: they would flood)
+        self.roots: OrderedDict[int, _Root] = OrderedDict()
+        self.rmap: dict[int, set] = {}    # guest PDE/PTE address -> {(root cr3, gva page)}
+        self.frame_refs: Counter = Counter()   # guest frame -> shadow entries derived from entries in it
+        self.traced: set[int] = set()     # frames this strategy traces
+        self.unsync: set[int] = set()     # frames untraced by the fallback until the next CR3 write/invlpg
+        self.traced_writes: Counter = Counter()   # guest EIP -> traced writes (ptemods) it made
+        self.counters = ShadowCounters()
+        self.vcpu = None
+        self._mode = None
+        self._cur_key: int | None = None
+        self._cur: _Root | None = None
+        mmu.strategy = self
+
+    def attach(self, vcpu) -> None:
+        """Trace events (page_fault: ptemod, hidden faults when verbose) go through vcpu.record."""
+        self.vcpu = vcpu
+
+    # -- the strategy interface ------------------------------------------------------------------------
+    def gpa_to_hpa(self, gpa: int, access: int):
+        return self.mmu.p2m.gpa_to_hpa(gpa)
+
+    def gva_to_gpa(self, gva, access, user, side_effects=True):
+        m = self.mmu
+        cr0, cr3, cr4 = m.crs or m.load_crs()
+        if not cr0 & CR0_PG:
+            return gva, True
+        mode = (cr0 & _MODE0) | (cr4 & _MODE4)
+        if mode != self._mode:
+            if self._mode is not None:
+                self._drop_all()
+            self._mode = mode
+        key = cr3 & PAGE_MASK
+        root = self._cur if key == self._cur_key else self._select(key)
+        e = root.entries.get(gva & PAGE_MASK)
+        code = 0
+        if e is not None:
+            rights, dirty = e[1], e[2]
+            if user:
+                writable = rights & PTE_RW
+                allowed = rights & PTE_US and (access != _WRITE or writable)
+            else:
+                writable = rights & PTE_RW or not cr0 & CR0_WP
+                allowed = (access != _WRITE or writable) and not (
+                    access == _FETCH and cr4 & CR4_SMEP and rights & PTE_US)
+            if allowed and (dirty or access != _WRITE):
+                if side_effects == GUEST:
+                    self.counters.shadow_hits += 1
+                return e[0] | (gva & 0xFFF), bool(writable and dirty)
+            code = PFEC_P
+        if side_effects != GUEST:
+            # The hypervisor's own access (event delivery, disassembly): a walk, no shadow fill.
+            t = walk(gva, access, user, cr0, cr3, cr4, m.read_gpa32, m.write_gpa32 if side_effects else None)
+            m.counters.walks += 1
+            m.counters.walk_refs += t.refs
+            if type(t) is Fault:
+                return None, t.error_code
+            return t.gpa, (t.writable and (t.dirty or access == _WRITE))
+        if self.exit_on_miss:
+            if user:
+                code |= PFEC_U
+            if access == _WRITE:
+                code |= PFEC_W
+            raise RefusedFill(ShadowMiss(gva, access, code))
+        return self._resolve(gva, access, user, cr0, cr3, cr4)
+
+    # -- filling --------------------------------------------------------------------------------------------
+    def page_fault(self, gva: int, access: int, user: bool) -> tuple[str, int | None]:
+        """A #PF the shadow raised (hw --no-ept): walk the guest's tables, as kvm_mmu_page_fault does.
+
+        Returns ("hidden", gpa) when the shadow was filled (resume the guest), ("true", error code)
+        for a fault to inject, ("traced", gpa) for a write the guest may make to a write-protected
+        page-table page (emulate it: mmu.traces.dispatch)."""
+        cr0, cr3, cr4 = self.mmu.crs or self.mmu.load_crs()
+        if not cr0 & CR0_PG:
+            return "hidden", gva
+        gpa, ok = self._resolve(gva, access, user, cr0, cr3, cr4)
+        if gpa is None:
+            return "true", ok
+        if access == _WRITE and (gpa & PAGE_MASK) in self.mmu.traces.frames:
+            self.counters.hidden_faults -= 1      # the walk was part of a ptemod, not a hidden fault
+            return "traced", gpa
+        return "hidden", gpa
+
+    def _resolve(self, gva, access, user, cr0, cr3, cr4):
+        m = self.mmu
+        t = walk(gva, access, user, cr0, cr3, cr4, m.read_gpa32, m.write_gpa32)
+        mc = m.counters
+        mc.walks += 1
+        mc.walk_refs += t.refs
+        c = self.counters
+        if type(t) is Fault:
+            c.true_faults += 1
+            return None, t.error_code
+        key = cr3 & PAGE_MASK
+        root = self._cur if key == self._cur_key else self._select(key)
+        pde_addr = key | ((gva >> 20) & 0xFFC)
+        pde = m.read_gpa32(pde_addr)
+        if t.large:
+            pte_addr, rights = -1, pde
+        else:
+            pte_addr = (pde & PAGE_MASK) | ((gva >> 10) & 0xFFC)
+            rights = pde & m.read_gpa32(pte_addr)
+        page = gva & PAGE_MASK
+        if page in root.entries:
+            self._unlink(key, page, root.entries.pop(page))
+        root.entries[page] = (t.page_gpa, rights & (PTE_US | PTE_RW), t.dirty, pde_addr, pte_addr)
+        self._link(pde_addr, key, page)
+        if pte_addr >= 0:
+            self._link(pte_addr, key, page)
+        c.hidden_faults += 1
+        if self.verbose and self.vcpu is not None:
+            self.vcpu.record("page_fault", "#PF", 14, self.mmu.regs.read(R.EIP),
+                             {"fault": "hidden", "cr2": f"{gva:#x}", "access": ("read", "write", "fetch")[access],
+                              "gpa": f"{t.gpa:#x}"}, "shadow entry filled; the guest never sees this fault")
+        return t.gpa, (t.writable and (t.dirty or access == _WRITE))
+
+    def _link(self, addr: int, key: int, page: int) -> None:
+        s = self.rmap.get(addr)
+        if s is None:
+            s = self.rmap[addr] = set()
+        s.add((key, page))
+        frame = addr & PAGE_MASK
+        self.frame_refs[frame] += 1
+        if frame not in self.traced and frame not in self.unsync:
+            self.traced.add(frame)
+            self.counters.traced_frames = len(self.traced)
+            self.mmu.traces.trace_frame(frame, KIND, self._on_write)
+
+    def _unlink(self, key: int, page: int, e: tuple) -> None:
+        for addr in (e[3], e[4]):
+            if addr < 0:
+                continue
+            s = self.rmap.get(addr)
+            if s is not None:
+                s.discard((key, page))
+                if not s:
+                    del self.rmap[addr]
+            frame = addr & PAGE_MASK
+            n = self.frame_refs[frame] - 1
+            if n > 0:
+                self.frame_refs[frame] = n
+            else:
+                self.frame_refs.pop(frame, None)
+
+    # -- address spaces -----------------------------------------------------------------------------------
+    def _select(self, key: int) -> _Root:
+        root = self.roots.get(key)
+        c = self.counters
+        if root is None:
+            c.root_misses += 1
+            root = self.roots[key] = _Root(key)
+            while len(self.roots) > self.max_roots:
+                # The evicted space's frames stay traced until a write finds nothing derived from them.
+                old_key, old = self.roots.popitem(last=False)
+                for page, e in old.entries.items():
+                    self._unlink(old_key, page, e)
+                c.root_evictions += 1
+        else:
+            c.root_hits += 1
+            self.roots.move_to_end(key)
+        self._cur_key, self._cur = key, root
+        return root
+
+    def on_cr3_write(self, cr3: int, flush_engine: bool = True) -> None:
+        """The guest loaded CR3: select (or start) that address space's shadow and flush the engine
+        TLB (flush_engine=False when the engine loads the real CR3 itself, which flushes it)."""
+        self.counters.cr3_switches += 1
+        self._resync()
+        key = cr3 & PAGE_MASK
+        if key == self._cur_key:
+            self.counters.root_hits += 1
+        else:
+            self._select(key)
+        if flush_engine:
+            self._flush_engine()
+
+    def invlpg(self, gva: int, flush_engine: bool = True) -> None:
+        """The guest invalidated one page: drop its shadow entry in the current address space (and
+        the engine's TLB, unless the engine executes the invlpg itself: flush_engine=False)."""
+        self.counters.invlpgs += 1
+        if self._cur is not None:
+            page = gva & PAGE_MASK
+            e = self._cur.entries.pop(page, None)
+            if e is not None:
+                self._unlink(self._cur_key, page, e)
+        if flush_engine:
+            self._flush_engine()
+
+    def flush(self) -> None:
+        """Drop every shadow entry of every address space (and the engine's TLB)."""
+        self.counters.flushes += 1
+        self._drop_all()
+        self._flush_engine()
+
+    def _drop_all(self) -> None:
+        self.roots.clear()
+        self.rmap.clear()
+        self.frame_refs.clear()
+        self.mmu.traces.untrace_all(KIND)
+        self.traced.clear()
+        self.counters.traced_frames = 0
+        self.unsync.clear()
+        self._cur_key = self._cur = None
+
+    def _resync(self) -> None:
+        """Unsynchronised frames (the fallback left them untraced): zap what derives from them; the
+        next walk through them traces them again."""
+        for frame in self.unsync:
+            self._zap_range(frame, 0x1000)
+        self.unsync.clear()
+
+    def _flush_engine(self) -> None:
+        self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
+
+    def _zap_range(self, gpa: int, size: int) -> int:
+        """Drop the shadow entries derived from guest PDEs/PTEs in gpa .. gpa + size - 1."""
+        n = 0
+        for addr in range(gpa & ~3, gpa + size, 4):
+            keys = self.rmap.get(addr)
+            if not keys:
+                continue
+            for key, page in list(keys):
+                root = self.roots.get(key)
+                e = root.entries.pop(page, None) if root is not None else None
+                if e is not None:
+                    self._unlink(key, page, e)
+                    n += 1
+            self.rmap.pop(addr, None)
+        self.counters.zapped += n
+        return n
+
+    # -- traced writes (ptemod) -----------------------------------------------------------------------
+    def _on_write(self, tw) -> bool:
+        if tw.done:                        # written already (by an emulation, or by the hypervisor)
+            if self._zap_range(tw.gpa, tw.size or 4):
+                self._flush_engine()
+            return False
+        eip = tw.eip
+        self.traced_writes[eip] += 1
+        m = self.mmu
+        regs = m.regs
+        user = (regs.read(R.SS) & 3) == 3
+        from cpuvirt.cpu.emulate import emulate_store
+        from cpuvirt.cpu.events import Unsupported
+
+        def read(gva, size):
+            return int.from_bytes(m.read_linear(gva, size, user), "little")
+
+        def write(gva, size, value):
+            m.write_linear(gva, value.to_bytes(size, "little"), user)   # zaps through traces.hv_wrote
+
+        try:
+            length, gva, size, value, what = emulate_store(m.fetch_bytes(eip, 15), eip, regs, read, write)
+        except (Unsupported, GuestPageFault) as why:
+            self._fallback(tw, str(why))
+            return False
+        frame = tw.gpa & PAGE_MASK
+        if not self.frame_refs.get(frame) and frame in self.traced:
+            # No shadow entry derives from this frame any more: it is not a page table we cache.
+            self.traced.discard(frame)
+            self.counters.traced_frames = len(self.traced)
+            m.traces.untrace_frame(frame, KIND)
+        # The store's own hv_wrote zapped (and flushed the engine TLB for) what derived from it.
+        regs.write(R.EIP, (eip + length) & 0xFFFFFFFF)
+        self.counters.ptemods += 1
+        if self.vcpu is not None and not self.exit_on_miss:
+            self.vcpu.record("page_fault", "ptemod", 14, eip,
+                             {"fault": "hidden", "gva": f"{gva:#x}", "gpa": f"{tw.gpa & PAGE_MASK | gva & 0xFFF:#x}",
+                              "size": size, "value": f"{value:#x}"},
+                             f"{what} into a traced page-table page; shadow entries updated")
+        return True
+
+    def _fallback(self, tw, why: str) -> None:
+        """Zap-and-untrace: the store re-executes natively; the frame stays unsynchronised until the
+        next CR3 write or invlpg (the guest must issue one for its change to count)."""
+        frame = tw.gpa & PAGE_MASK
+        self._zap_range(frame, 0x1000)
+        self.traced.discard(frame)
+        self.counters.traced_frames = len(self.traced)
+        self.mmu.traces.untrace_frame(frame, KIND)
+        self.unsync.add(frame)
+        self.counters.ptemod_fallbacks += 1
+        self._flush_engine()
+        if self.vcpu is not None:
+            self.vcpu.record("page_fault", "ptemod", 14, tw.eip, {"fault": "hidden", "gva": f"{tw.gva:#x}",
+                                                                  "fallback": why},
+                             "cannot emulate: zapped the frame's shadow entries and untraced it; the store re-executes")
+
+    def guest_store(self, gva: int, size: int, value: int, user: bool = False) -> None:
+        """A guest store done by the hypervisor (the translator's callout): the guest's rights, A/D
+        bits, and coherent shadows; raises GuestStoreFault for the caller to deliver."""
+        try:
+            self.mmu.write_linear(gva, (value & ((1 << 8 * size) - 1)).to_bytes(size, "little"), user)
+        except GuestPageFault as pf:
+            raise GuestStoreFault(pf.gva, pf.error_code) from None
+        self.counters.guest_stores += 1
+
+    # -- inspection -----------------------------------------------------------------------------------------
+    def dump(self) -> str:
+        lines = []
+        for key, root in self.roots.items():
+            mark = " (current)" if key == self._cur_key else ""
+            lines.append(f"root CR3={key:#010x}{mark}: {len(root.entries)} entries")
+            for page in sorted(root.entries):
+                gpa, rights, dirty, pde_addr, pte_addr = root.entries[page]
+                hpa = self.mmu.p2m.gpa_to_hpa(gpa)
+                r = ("U" if rights & PTE_US else "S") + ("W" if rights & PTE_RW else "R") + ("D" if dirty else "-")
+                src = f"PDE@{pde_addr:#x}" + (f" PTE@{pte_addr:#x}" if pte_addr >= 0 else " (4 MiB)")
+                lines.append(f"  {page:#010x} -> GPA {gpa:#010x} HPA {hpa if hpa is None else hex(hpa)} {r} {src}")
+        lines.append(f"traced frames: {', '.join(f'{f:#x}' for f in sorted(self.traced)) or 'none'}")
+        if self.unsync:
+            lines.append(f"unsynchronised frames: {', '.join(f'{f:#x}' for f in sorted(self.unsync))}")
+        return "\n".join(lines)
