@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="run a guest (bundled name or Multiboot image path)")
     r.add_argument("guest")
-    r.add_argument("--mode", default="native", help="native (default) or hw; trap, full, para are planned")
+    r.add_argument("--mode", default="native", help="native (default), trap (ring-1 trap-and-emulate), para (a PV build: Xen-style hypercalls), full (binary translation) or hw")
     r.add_argument("--mem", type=_int, default=32, metavar="MiB", help="guest RAM in MiB (default 32)")
     r.add_argument("--trace", metavar="FILE", help="write an exit trace (JSON Lines, cpuvirt-trace/1)")
     r.add_argument("--max-insns", type=_int, default=None, metavar="N",
@@ -71,6 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--modes", default="native,hw", help="with a guest: the modes to run (default native,hw)")
     c.add_argument("--limit", type=_int, default=None, metavar="N", help="show at most N sites")
     c.add_argument("--vmx", action="append", default=[], metavar="NAME=VALUE", help="with a guest: hw controls")
+
+    bt = sub.add_parser("bt", help="full mode: show guest blocks beside their binary translation")
+    bt.add_argument("guest")
+    bt.add_argument("--at", type=_int, default=None, metavar="ADDR", help="the block starting at this guest EIP")
+    bt.add_argument("--blocks", type=_int, default=3, metavar="N", help="without --at: the first N blocks translated")
+    bt.add_argument("--mem", type=_int, default=32, metavar="MiB")
+    bt.add_argument("--max-insns", type=_int, default=50_000_000, metavar="N", help="budget of the run first made")
+    bt.add_argument("--trace", metavar="FILE", help="also write the run's trace, with a `translate` event per block")
 
     t = sub.add_parser("trace", help="read exit traces")
     tsub = t.add_subparsers(dest="trace_verb", required=True, parser_class=_Parser)
@@ -119,6 +127,14 @@ def _dispatch(args) -> int:
         for path in build_all(args.out or guest_source_dir() / "build"):
             print(path)
         return 0
+    if args.verb == "bt":
+        from cpuvirt.bt.show import show
+        if args.blocks < 0 or args.max_insns < 0:
+            raise CpuvirtError("--blocks and --max-insns must be >= 0")
+        text, _ = show(args.guest, at=args.at, blocks=args.blocks, max_insns=args.max_insns, mem_mib=args.mem,
+                       trace_path=args.trace)
+        sys.stdout.write(text)
+        return 0
     if args.verb == "trace":
         from cpuvirt.trace.show import show
         show(args.file, sys.stdout, kinds=args.kind)
@@ -129,7 +145,7 @@ def _dispatch(args) -> int:
 def _vmx_options(p) -> None:
     p.add_argument("--vmx", action="append", default=[], metavar="NAME=VALUE",
                    help="hw: set a VMX control by its SDM name, e.g. hlt_exiting=0, io_bitmap=0x3f8,0x80 (repeatable)")
-    p.add_argument("--no-ept", action="store_true", help="hw: shadow paging instead of EPT (not built yet)")
+    p.add_argument("--no-ept", action="store_true", help="hw: shadow paging instead of EPT (KVM's shadow MMU: CR3, INVLPG and #PF exit)")
 
 
 def _reason(text: str):
@@ -258,6 +274,12 @@ def format_summary(res) -> str:
     m = res.mmu
     lines.append(f"  memory         {m['fills']} TLB fills, {m['walks']} walks ({m['walk_refs']} refs), "
                  f"{m['faults']} faults, {m['unbacked']} unbacked")
+    sh = m.get("shadow")
+    if sh:
+        lines.append(f"  shadow paging  {sh['hidden_faults']} hidden faults, {sh['true_faults']} true faults, "
+                     f"{sh['ptemods']} ptemods ({sh['ptemod_fallbacks']} not emulated), {sh['cr3_switches']} CR3 switches "
+                     f"(roots: {sh['root_hits']} reused, {sh['root_misses']} new, {sh['root_evictions']} evicted), "
+                     f"{sh['traced_frames']} traced page-table frames")
     mips = res.icount / res.wall_s / 1e6 if res.wall_s > 0 else 0.0
     lines.append(f"  wall time      {res.wall_s:.3f} s ({mips:,.1f} MIPS)")
     if res.vga:

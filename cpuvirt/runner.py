@@ -138,6 +138,8 @@ def run_guest(guest: str, mode: str = "native", mem_mib: int = 32, max_insns: in
         machine.set_flat_protected_mode(BOOT_GDT_GPA)
         machine.regs.write(R.EAX, MULTIBOOT_BOOTLOADER_MAGIC)
         machine.regs.write(R.EBX, boot.address)
+        if hasattr(hv, "set_image"):
+            hv.set_image(image, boot)     # para: its start pages go above the image and modules
         hv.boot()
 
         t0 = time.perf_counter()
@@ -148,8 +150,12 @@ def run_guest(guest: str, mode: str = "native", mem_mib: int = 32, max_insns: in
             trace.footer(outcome.kind, outcome.status, machine.clock.instructions, counts)
         vga = render_text(machine.vga_text())
         stats = vcpu.summary_stats() if hasattr(vcpu, "summary_stats") else []
+        mmu_stats = machine.mmu.counters.as_dict()
+        shadow = getattr(machine.mmu.strategy, "counters", None)     # shadow paging's own counters
+        if shadow is not None:
+            mmu_stats["shadow"] = shadow.as_dict()
         return RunResult(name, mode, outcome.kind, outcome.status, outcome.message, bytes(out),
-                         machine.clock.instructions, machine.clock.now, counts, machine.mmu.counters.as_dict(), wall, vga,
+                         machine.clock.instructions, machine.clock.now, counts, mmu_stats, wall, vga,
                          unhandled, stats)
     finally:
         if trace_file:

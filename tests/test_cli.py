@@ -85,10 +85,10 @@ def test_bad_inputs_get_one_line(tmp_path):
     one_line_error(cpuvirt("run", elf))
     assert "unknown guest" in one_line_error(cpuvirt("run", "no-such-guest"))
     assert "unknown mode" in one_line_error(cpuvirt("run", "hello", "--mode", "warp"))
-    assert "not implemented yet" in one_line_error(cpuvirt("run", "hello", "--mode", "trap"))
+    assert "unknown mode" in one_line_error(cpuvirt("run", "hello", "--mode", "bogus"))
     assert "apply to --mode hw" in one_line_error(cpuvirt("run", "hello", "--vmx", "hlt_exiting=0"))
     assert "not a VMX control" in one_line_error(cpuvirt("run", "hello", "--mode", "hw", "--vmx", "warp_drive=1"))
-    assert "shadow-paging" in one_line_error(cpuvirt("run", "hello", "--mode", "hw", "--no-ept"))
+    assert "contradict" in one_line_error(cpuvirt("run", "hello", "--mode", "hw", "--no-ept", "--vmx", "enable_ept=1"))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"type": "header", "format": "cpuvirt-trace/1"}\n{not json\n')
     assert "bad.jsonl:2" in one_line_error(cpuvirt("trace", "show", bad))
@@ -131,6 +131,16 @@ def test_run_stats_is_a_kvm_stat_table():
     assert rows[-1].split()[0] == "total"
     native = cpuvirt("run", "hello", "--stats", "-q")
     assert native.returncode == 0 and b"event kind" in native.stderr
+
+
+def test_run_no_ept_shadow_paging_stats():
+    p = cpuvirt("run", "paging", "--mode", "hw", "--no-ept", "--stats")
+    native = cpuvirt("run", "paging")
+    assert p.returncode == 0 and p.stdout == native.stdout
+    err = p.stderr.decode()
+    pf = [r.split() for r in err.splitlines() if r.split()[:2] == ["EXCEPTION_NMI", "(0)"]]
+    assert pf and int(pf[0][2]) > 0                              # shadow misses and true #PFs exit
+    assert "shadow paging" in err and "hidden faults" in err and "EPT_VIOLATION" not in err
 
 
 def test_vmcs_verb_dumps_the_vmcs_at_a_chosen_exit():

@@ -14,7 +14,7 @@ from cpuvirt.toolchain.build import list_guests
 from tests.guest_args import in_guest_dir, run_kwargs
 
 TRACES = Path(__file__).resolve().parent.parent / "traces"
-MODES = ["native", "hw"]
+MODES = ["native", "hw", "trap", "full"]
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -33,3 +33,9 @@ def test_trace_matches_golden(guest, mode, tmp_path):
     for n, (w, g) in enumerate(zip(want, got), 1):
         assert g == w, f"{golden.name} line {n} differs:\n  golden: {w}\n  now:    {g}"
     assert len(got) == len(want), f"{golden.name}: {len(want)} lines golden, {len(got)} now"
+
+
+@pytest.mark.parametrize("guest", [g.name for g in list_guests() if g.has_pv])
+def test_para_trace_matches_golden(guest, tmp_path):
+    """Mode para runs the PV build, so only guests that have one (traces/GUEST.para.jsonl.gz)."""
+    test_trace_matches_golden(guest, "para", tmp_path)

@@ -18,6 +18,7 @@ from cpuvirt.cpu.faultaddr import fault_address
 from cpuvirt.cpu.events import MNEMONIC, EventDelivery, TripleFault, Unsupported, Vector
 from cpuvirt.cpu.quirks import FaultState
 from cpuvirt.machine.clock import NEVER
+from cpuvirt.memory.traces import TraceError, TracedWrite
 
 EXIT_BUDGET, EXIT_TRIPLE_FAULT, EXIT_HALTED, EXIT_ERROR = 124, 125, 126, 1
 IO_CYCLES = 1000    # a port access costs 1 us of virtual time, as an ISA bus cycle does on a PC
@@ -123,7 +124,23 @@ class Vcpu:
         if pending.unbacked_fetch:
             self.finish("error", EXIT_ERROR, f"guest fetched code from unbacked memory at {pending.gva:#x}")
             return
+        if type(pending) is TracedWrite:
+            self.traced_write(pending, eip)
+            return
         self.page_fault(self.exact_linear(pending, eip), pending.access, pending.error_code, eip)
+
+    def traced_write(self, tw, eip: int) -> None:
+        """A store to a write-traced guest frame (memory/traces.py): its owners emulate or untrace."""
+        gva = self.exact_linear(tw, eip)
+        tw.gpa = (tw.gpa & ~0xFFF) | (gva & 0xFFF)
+        tw.gva, tw.eip = gva, eip
+        try:
+            self.mmu.traces.dispatch(tw, self)
+        except TraceError as e:
+            self.finish("error", EXIT_ERROR, str(e))
+            return
+        if tw.done and self.regs.read(R.EIP) != eip:
+            self.clock.unretire(-1)     # emulated and skipped: the instruction retired
 
     def exact_linear(self, pending, eip: int) -> int:
         """The faulting linear address (the fill hook is told only its page)."""
@@ -421,7 +438,7 @@ class Vcpu:
     def install_hooks(self) -> None:
         uc = self.uc
         uc.hook_add(UC_HOOK_TLB_FILL, self.mmu.fill)
-        uc.hook_add(UC_HOOK_INTR, self.hook_intr)
+        self._intr_hook = uc.hook_add(UC_HOOK_INTR, self.hook_intr)   # para replaces it (modes/para)
         uc.hook_add(UC_HOOK_INSN_INVALID, self.hook_invalid)
         uc.hook_add(UC_HOOK_INSN, self.hook_in, None, 1, 0, X.UC_X86_INS_IN)
         uc.hook_add(UC_HOOK_INSN, self.hook_out, None, 1, 0, X.UC_X86_INS_OUT)

@@ -12,7 +12,10 @@ from cpuvirt.errors import CpuvirtError
 
 MODES = {
     "native": "cpuvirt.modes.native:NativeMode",
+    "trap": "cpuvirt.modes.trap:TrapMode",
     "hw": "cpuvirt.modes.hw:HwMode",
+    "para": "cpuvirt.modes.para:ParaMode",
+    "full": "cpuvirt.modes.full:FullMode",
 }
 PLANNED = tuple(m for m in ("trap", "full", "para") if m not in MODES)
 
