@@ -280,6 +280,14 @@ def format_summary(res) -> str:
                      f"{sh['ptemods']} ptemods ({sh['ptemod_fallbacks']} not emulated), {sh['cr3_switches']} CR3 switches "
                      f"(roots: {sh['root_hits']} reused, {sh['root_misses']} new, {sh['root_evictions']} evicted), "
                      f"{sh['traced_frames']} traced page-table frames")
+    bt = m.get("translation")
+    if bt:
+        tc = bt["tc"]
+        lines.append(f"  translation    {tc['translations']} blocks ({tc['bytes']:,} bytes), {tc['chained']} chained "
+                     f"jumps, {tc['callouts']} callouts, {tc['lookups']} lookups ({tc['misses']} misses, "
+                     f"{tc['ic_misses']} inline-cache misses), {tc['invalidations']} invalidations, "
+                     f"{tc['flushes']} flushes; {bt['code_page_faults']} stores into code pages, "
+                     f"{bt['adaptive_stores']} stores made callouts (adaptive)")
     mips = res.icount / res.wall_s / 1e6 if res.wall_s > 0 else 0.0
     lines.append(f"  wall time      {res.wall_s:.3f} s ({mips:,.1f} MIPS)")
     if res.vga:

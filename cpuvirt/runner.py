@@ -154,6 +154,9 @@ def run_guest(guest: str, mode: str = "native", mem_mib: int = 32, max_insns: in
         shadow = getattr(machine.mmu.strategy, "counters", None)     # shadow paging's own counters
         if shadow is not None:
             mmu_stats["shadow"] = shadow.as_dict()
+        tcache = getattr(hv, "translation_stats", None)       # full: the translation cache's counters
+        if tcache is not None:
+            mmu_stats["translation"] = tcache()
         return RunResult(name, mode, outcome.kind, outcome.status, outcome.message, bytes(out),
                          machine.clock.instructions, machine.clock.now, counts, mmu_stats, wall, vga,
                          unhandled, stats)

@@ -162,3 +162,16 @@ def test_run_dump_vmcs_on_goes_to_stderr_and_the_run_continues():
     p = cpuvirt("run", "hello", "--mode", "hw", "--dump-vmcs-on", "IO_INSTRUCTION", "-q")
     assert p.returncode == 0 and b"PASS hello" in p.stdout
     assert p.stderr.count(b"VM exit #") == 1 and b"GUEST_RIP" in p.stderr
+
+
+def test_run_full_stats_show_the_translation_cache():
+    p = cpuvirt("run", "paging", "--mode", "full", "--stats")
+    assert p.returncode == 0 and p.stdout == cpuvirt("run", "paging").stdout
+    err = p.stderr.decode()
+    tline = next(r for r in err.splitlines() if r.strip().startswith("translation "))
+    blocks = int(tline.split()[1])
+    callouts = int(tline.split("chained jumps, ")[1].split()[0])
+    events = dict(kv.rsplit(" ", 1) for kv in next(r for r in err.splitlines() if r.strip().startswith("events"))
+                  .split("events", 1)[1].strip().split(", "))
+    assert blocks > 0
+    assert callouts == int(events["callout"])       # every callout is one trace-counted event
