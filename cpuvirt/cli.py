@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a Multiboot module with its command line (repeatable; as QEMU's -initrd 'FILE CMDLINE')")
     r.add_argument("--quiet", "-q", action="store_true", help="no summary on stderr")
     r.add_argument("--stats", action="store_true", help="per-exit-reason table, like kvm_stat (hw), or events by kind")
+    r.add_argument("--verbose-trace", action="store_true",
+                   help="with --trace: also record each translated block (full) and each hidden shadow-paging "
+                        "fault (trap, full, hw --no-ept); large traces")
     _vmx_options(r)
     r.add_argument("--dump-vmcs-on", metavar="REASON", help="hw: dump the VMCS to stderr at the first exit of REASON")
 
@@ -238,8 +241,13 @@ def _run(args) -> int:
                 stdout.flush()
                 print(f"VM exit #{cpu.exits}: {x.reason.name} ({int(x.reason)}) at {x.rip:#x}  {x.insn}  -> {x.action}\n"
                       f"{cpu.vmcs.dump()}", file=sys.stderr)
+    if args.verbose_trace and not args.trace:
+        raise CpuvirtError("--verbose-trace needs --trace FILE")
+    options = _hw_options(args, dump_on)
+    if args.verbose_trace and args.mode == "full":
+        options = {"verbose": True}
     res = run_guest(args.guest, args.mode, args.mem, max_insns, args.trace, console, args.append,
-                    modules=args.module, mode_options=_hw_options(args, dump_on))
+                    modules=args.module, mode_options=options, verbose_trace=args.verbose_trace)
     stdout.flush()
     if not args.quiet:
         print(format_summary(res), file=sys.stderr)

@@ -66,7 +66,8 @@ def load_modules(modules: Sequence[tuple[str, str | None]]) -> list[tuple[bytes,
 
 def run_guest(guest: str, mode: str = "native", mem_mib: int = 32, max_insns: int = DEFAULT_MAX_INSNS,
               trace_path: str | None = None, console=None, cmdline: str = "",
-              mode_options: dict | None = None, modules: Sequence[tuple[str, str | None]] = ()) -> RunResult:
+              mode_options: dict | None = None, modules: Sequence[tuple[str, str | None]] = (),
+              verbose_trace: bool = False) -> RunResult:
     """One run. `mode_options` go to the mode (hw: vmx=[NAME=VALUE...], ept=bool, dump_on=callback).
 
     `modules` are Multiboot modules as (file, command line or None), loaded and described as QEMU's
@@ -96,6 +97,8 @@ def run_guest(guest: str, mode: str = "native", mem_mib: int = 32, max_insns: in
         trace = None
         machine = Machine(mem_mib, on_console=on_console, on_exit=None, on_unhandled_io=None)
         hv = mode_cls(machine, trace=None, max_insns=max_insns, **(mode_options or {}))
+        if verbose_trace and hasattr(machine.mmu.strategy, "verbose"):
+            machine.mmu.strategy.verbose = True        # shadow paging: hidden faults become trace events
         if trace_file:
             options = {"mem_mib": mem_mib, "max_insns": max_insns, "cmdline": cmdline}
             if modules:

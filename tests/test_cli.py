@@ -175,3 +175,17 @@ def test_run_full_stats_show_the_translation_cache():
                   .split("events", 1)[1].strip().split(", "))
     assert blocks > 0
     assert callouts == int(events["callout"])       # every callout is one trace-counted event
+
+
+def test_verbose_trace_adds_translations_and_hidden_faults(tmp_path):
+    from cpuvirt.trace.format import read_trace
+    def kinds(mode, *extra):
+        path = tmp_path / f"{mode}{len(extra)}.jsonl"
+        p = cpuvirt("run", "paging", "--mode", mode, "--trace", str(path), *extra)
+        assert p.returncode == 0, p.stderr
+        return [(e["kind"] if e["reason"] != "ptemod" else "ptemod", (e.get("detail") or {}).get("fault"))
+                for e in read_trace(str(path)).events]
+    plain, verbose = kinds("full"), kinds("full", "--verbose-trace")
+    assert ("translate", None) not in plain and ("translate", None) in verbose
+    assert ("page_fault", "hidden") not in kinds("trap") and ("page_fault", "hidden") in kinds("trap", "--verbose-trace")
+    assert "needs --trace" in one_line_error(cpuvirt("run", "hello", "--verbose-trace"))
