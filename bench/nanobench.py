@@ -77,7 +77,7 @@ def phases(path: str, mode: str) -> tuple[dict, object]:
 def main(argv=None) -> dict:
     from cpuvirt.modes import MODES
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=20_000, help="iterations per operation")
+    ap.add_argument("--n", type=int, default=5_000, help="iterations per operation")
     ap.add_argument("--modes", default=",".join(MODES), help="modes to run (default: every registered one)")
     ap.add_argument("--repeat", type=int, default=3, help="best of this many runs per mode")
     a = ap.parse_args(argv)

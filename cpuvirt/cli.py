@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--mem", type=_int, default=32, metavar="MiB", help="guest RAM in MiB (default 32)")
     r.add_argument("--trace", metavar="FILE", help="write an exit trace (JSON Lines, cpuvirt-trace/1)")
     r.add_argument("--max-insns", type=_int, default=None, metavar="N",
-                   help="instruction budget (default 1e9; 0 = unlimited); outcome 'budget', status 124")
+                   help="budget in virtual cycles: one per instruction, plus 1000 per port access and idle time in hlt (default 1e9; 0 = unlimited); outcome 'budget', status 124")
     r.add_argument("--append", default="", metavar="CMDLINE", help="kernel command line")
     r.add_argument("--module", action="append", default=[], type=_module, metavar="FILE[,CMDLINE]",
                    help="a Multiboot module with its command line (repeatable; as QEMU's -initrd 'FILE CMDLINE')")

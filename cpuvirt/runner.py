@@ -92,7 +92,10 @@ def run_guest(guest: str, mode: str = "native", mem_mib: int = 32, max_insns: in
         if console is not None:
             console(byte)
 
-    trace_file = open(trace_path, "w", encoding="utf-8") if trace_path else None
+    try:
+        trace_file = open(trace_path, "w", encoding="utf-8") if trace_path else None
+    except OSError as e:
+        raise CpuvirtError(f"--trace {trace_path}: {e.strerror}") from None
     try:
         trace = None
         machine = Machine(mem_mib, on_console=on_console, on_exit=None, on_unhandled_io=None)

@@ -2,10 +2,13 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from cpuvirt.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def cpuvirt(*args, **kw):
@@ -189,3 +192,27 @@ def test_verbose_trace_adds_translations_and_hidden_faults(tmp_path):
     assert ("translate", None) not in plain and ("translate", None) in verbose
     assert ("page_fault", "hidden") not in kinds("trap") and ("page_fault", "hidden") in kinds("trap", "--verbose-trace")
     assert "needs --trace" in one_line_error(cpuvirt("run", "hello", "--verbose-trace"))
+
+
+def test_trace_show_reads_the_bundled_gzip_traces_and_stdin():
+    golden = str(REPO / "traces" / "hello.native.jsonl.gz")
+    p = cpuvirt("trace", "show", golden, "--kind", "io")
+    assert p.returncode == 0 and b"DEBUG_EXIT" in p.stdout
+    import gzip
+    raw = gzip.decompress((REPO / "traces" / "hello.native.jsonl.gz").read_bytes())
+    q = subprocess.run([sys.executable, "-m", "cpuvirt", "trace", "show", "-", "--kind", "io"], input=raw,
+                       capture_output=True, timeout=120)
+    assert q.returncode == 0 and q.stdout == p.stdout
+
+
+def test_unwritable_trace_path_is_an_input_error():
+    assert "--trace /nonexistent-dir/x.jsonl" in one_line_error(
+        cpuvirt("run", "hello", "--trace", "/nonexistent-dir/x.jsonl"))
+
+
+def test_writing_a_trace_does_not_change_the_statistics(tmp_path):
+    for mode in ("native", "hw", "para"):
+        plain = cpuvirt("run", "paging", "--mode", mode).stderr.decode()
+        traced = cpuvirt("run", "paging", "--mode", mode, "--trace", str(tmp_path / "t.jsonl")).stderr.decode()
+        line = lambda err: next(r for r in err.splitlines() if r.strip().startswith("memory"))  # noqa: E731
+        assert line(plain) == line(traced), mode

@@ -128,7 +128,7 @@ def test_unmodified_image_is_refused(tmp_path):
     assert (res.outcome, res.status) == ("error", 123)
     assert res.message.startswith("para: cli at 0x")
     assert "privileged instruction in a guest that is not paravirtualized" in res.message
-    assert "--mode native/hw/full" in res.message
+    assert "--mode native/trap/full/hw" in res.message
 
 
 def test_cli_run_para_and_refusal(tmp_path):

@@ -173,7 +173,7 @@ class Vcpu:
     # -- time: timer interrupts, budget, hlt -------------------------------------------------------
     def on_deadline(self, eip: int) -> None:
         if self.clock.now >= self.budget:
-            self.finish("budget", EXIT_BUDGET, f"instruction budget of {self.budget} exhausted")
+            self.finish("budget", EXIT_BUDGET, f"budget of {self.budget:,} cycles exhausted (--max-insns: instructions plus I/O and idle time)")
             return
         self.m.update_timers()
         self.inject_pending_interrupt(eip)
@@ -212,7 +212,7 @@ class Vcpu:
             if deadline is None:
                 self.finish("halted", EXIT_HALTED, f"hlt at {hlt_eip:#x} with no timer armed: nothing can wake the CPU")
             else:
-                self.finish("budget", EXIT_BUDGET, f"instruction budget of {self.budget} exhausted while halted")
+                self.finish("budget", EXIT_BUDGET, f"budget of {self.budget:,} cycles exhausted (--max-insns: instructions plus I/O and idle time) while halted")
             return
         if deadline > self.clock.now:
             self.clock.advance(deadline - self.clock.now)

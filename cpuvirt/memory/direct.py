@@ -84,9 +84,10 @@ class DirectPaging:
             code = PFEC_P if i < len(frames) else 0
             return None, code | (PFEC_W if access == _WRITE else 0) | (PFEC_U if user else 0)
         t = walk(gva, access, user, _CR0, self.base, _CR4, self._read, self._write if side_effects else None)
-        c = self.walk_counter
-        c.walks += 1
-        c.walk_refs += t.refs
+        if side_effects:        # a look without side effects (disassembly for a trace) is not the guest's
+            c = self.walk_counter
+            c.walks += 1
+            c.walk_refs += t.refs
         if type(t) is Fault:
             return None, t.error_code
         mfn = t.gpa >> 12

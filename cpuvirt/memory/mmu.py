@@ -101,9 +101,10 @@ class GuestWalk:
         if not cr0 & CR0_PG:
             return gva, True
         t = walk(gva, access, user, cr0, cr3, cr4, m.read_gpa32, m.write_gpa32 if side_effects else None)
-        c = m.counters
-        c.walks += 1
-        c.walk_refs += t.refs
+        if side_effects:        # a look without side effects (disassembly for a trace) is not the guest's
+            c = m.counters
+            c.walks += 1
+            c.walk_refs += t.refs
         if type(t) is Fault:
             return None, t.error_code
         return t.gpa, (t.writable and (t.dirty or access == Access.WRITE))
@@ -263,8 +264,13 @@ class Mmu:
                     self.traces.hv_wrote((gva - len(data) + off) & 0xFFFFFFFF, hpa - base, n)
 
     def fetch_bytes(self, gva: int, size: int) -> bytes | None:
-        """Code bytes at a linear address without side effects (disassembly, block counting)."""
+        """Code bytes at a linear address without side effects (disassembly, block counting): not the
+        guest's doing, so its walks are not in the counters (a trace must not change the statistics)."""
+        c = self.counters
+        walks, refs = c.walks, c.walk_refs
         try:
             return self.read_linear(gva, size, user=False, side_effects=False)
         except (GuestPageFault, NestedFault):
             return None
+        finally:
+            c.walks, c.walk_refs = walks, refs

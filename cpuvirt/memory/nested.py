@@ -43,9 +43,10 @@ class EptWalk:
             return gva, True
         before = self.ept.refs
         t = walk(gva, access, user, cr0, cr3, cr4, self.read32, self.write32 if side_effects else None)
-        c = m.counters
-        c.walks += 1
-        c.walk_refs += t.refs + (self.ept.refs - before)
+        if side_effects:        # a look without side effects (disassembly for a trace) is not the guest's
+            c = m.counters
+            c.walks += 1
+            c.walk_refs += t.refs + (self.ept.refs - before)
         if type(t) is Fault:
             return None, t.error_code
         return t.gpa, (t.writable and (t.dirty or access == Access.WRITE))

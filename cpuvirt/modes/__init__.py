@@ -10,12 +10,12 @@ import importlib
 
 from cpuvirt.errors import CpuvirtError
 
-MODES = {
+MODES = {      # in DESIGN.md's order: the reference, then the techniques from naive to hardware
     "native": "cpuvirt.modes.native:NativeMode",
     "trap": "cpuvirt.modes.trap:TrapMode",
-    "hw": "cpuvirt.modes.hw:HwMode",
-    "para": "cpuvirt.modes.para:ParaMode",
     "full": "cpuvirt.modes.full:FullMode",
+    "para": "cpuvirt.modes.para:ParaMode",
+    "hw": "cpuvirt.modes.hw:HwMode",
 }
 PLANNED = tuple(m for m in ("trap", "full", "para") if m not in MODES)
 
@@ -26,4 +26,5 @@ def get_mode(name: str):
         return getattr(importlib.import_module(module), cls)
     if name in PLANNED:
         raise CpuvirtError(f"mode '{name}' is not implemented yet (available: {', '.join(MODES)})")
-    raise CpuvirtError(f"unknown mode '{name}' (modes: {', '.join(MODES)}; planned: {', '.join(PLANNED)})")
+    planned = f"; planned: {', '.join(PLANNED)}" if PLANNED else ""
+    raise CpuvirtError(f"unknown mode '{name}' (modes: {', '.join(MODES)}{planned})")

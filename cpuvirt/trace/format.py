@@ -52,13 +52,22 @@ _EVENT_KEYS = ("seq", "icount", "cpl", "kind", "reason", "code", "eip", "insn", 
 
 
 def read_trace(path: str) -> Trace:
+    """A trace file, gzip-compressed (the golden traces under traces/) or not; "-" reads stdin."""
+    import gzip
+    import io
+    import sys
     try:
-        with open(path, encoding="utf-8") as f:
+        if path == "-":
+            return _parse("<stdin>", io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8"))
+        with open(path, "rb") as raw:
+            gz = raw.read(2) == b"\x1f\x8b"
+        opener = gzip.open if gz else open
+        with opener(path, "rt", encoding="utf-8") as f:
             return _parse(path, f)
     except OSError as e:
-        raise TraceFormatError(f"{path}: cannot read trace: {e.strerror}") from None
-    except UnicodeDecodeError:
-        raise TraceFormatError(f"{path}: not a cpuvirt trace (not UTF-8 text)") from None
+        raise TraceFormatError(f"{path}: cannot read trace: {e.strerror or e}") from None
+    except (UnicodeDecodeError, EOFError):
+        raise TraceFormatError(f"{path}: not a cpuvirt trace (not UTF-8 text, or a truncated gzip file)") from None
 
 
 def _parse(path: str, lines: Iterator[str]) -> Trace:

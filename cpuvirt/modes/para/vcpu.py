@@ -34,7 +34,7 @@ PRIVILEGED = frozenset(("cli", "sti", "hlt", "lgdt", "lidt", "lldt", "ltr", "lms
                         "wbinvd", "rdmsr", "wrmsr", "rdpmc", "mov", "in", "out", "insb", "insw", "insd",
                         "outsb", "outsw", "outsd", "iretd", "popfd"))
 NOT_PV = ("privileged instruction in a guest that is not paravirtualized "
-          "(run it with --mode native/hw/full, or build its PV version)")
+          "(run it with --mode native/trap/full/hw, or build its PV version)")
 
 
 class ParaVcpu(Vcpu):
@@ -221,7 +221,7 @@ class ParaVcpu(Vcpu):
             return 0
         if self.timer >= self.budget:
             from cpuvirt.cpu.vcpu import EXIT_BUDGET
-            self.finish("budget", EXIT_BUDGET, f"instruction budget of {self.budget} exhausted while blocked")
+            self.finish("budget", EXIT_BUDGET, f"budget of {self.budget:,} cycles exhausted (--max-insns: instructions plus I/O and idle time) while blocked")
             return 0
         if self.timer > self.clock.now:
             self.clock.advance(self.timer - self.clock.now)
@@ -249,7 +249,7 @@ class ParaVcpu(Vcpu):
     def on_deadline(self, eip: int) -> None:
         if self.clock.now >= self.budget:
             from cpuvirt.cpu.vcpu import EXIT_BUDGET
-            self.finish("budget", EXIT_BUDGET, f"instruction budget of {self.budget} exhausted")
+            self.finish("budget", EXIT_BUDGET, f"budget of {self.budget:,} cycles exhausted (--max-insns: instructions plus I/O and idle time)")
             return
         self._fire_timer()
 
