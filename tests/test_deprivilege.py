@@ -431,3 +431,42 @@ def test_engine_raises_gp_at_ring_1(name):
 @pytest.mark.parametrize("name", SILENT_AT_RING_1)
 def test_engine_runs_the_holes_at_ring_1_silently(name):
     assert _ring1_engine(bytes.fromhex(SILENT_AT_RING_1[name])) == []
+
+
+@pytest.mark.parametrize("mode", ["trap", "full"])
+def test_direct_segment_loads_equal_the_engines_own(mode, monkeypatch):
+    """`_load_direct` writes the engine's segment caches without the shadow-GDT window: each load must
+    leave the six segment caches and hflags exactly as the engine's own load through the window does
+    (run both from the same state, compare, keep the engine's)."""
+    import ctypes
+
+    from cpuvirt.cpu import deprivilege as D
+    from cpuvirt.cpu.quirks import HF_INHIBIT_IRQ
+    off = D.segs_offset()
+    assert off is not None
+    direct = D.DeprivilegedVcpu._load_direct
+    checked = []
+
+    def state(vcpu):
+        c = vcpu.uc.context_save()
+        a = ctypes.cast(c.context, ctypes.c_void_p).value
+        hflags = ctypes.c_uint32.from_address(a + vcpu.faults.layout.hflags).value & ~HF_INHIBIT_IRQ
+        return ctypes.string_at(a + off, 6 * 24), hflags
+
+    def both(self, todo, ring):
+        start = self.uc.context_save()
+        if not direct(self, todo, ring):
+            return False
+        got = state(self)
+        self.uc.context_restore(start)
+        self._load_window(todo, ring)
+        assert got == state(self), f"direct load {todo} ring {ring} differs from the engine's"
+        checked.append(ring)
+        return True
+
+    monkeypatch.setattr(D.DeprivilegedVcpu, "_load_direct", both)
+    r = run_guest("usermode", mode)
+    assert r.outcome == "exit"
+    assert {1, None} <= set(checked)           # ring changes into the kernel, data-segment loads
+    if mode == "full":
+        assert 3 in checked                    # iret to user code is a callout under full

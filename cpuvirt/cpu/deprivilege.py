@@ -7,10 +7,11 @@ descriptor loads read the guest's descriptors), the hypervisor's IDTR/TR/LDTR an
 engine never uses to deliver anything, so it carries the guest's IF).
 
 Ring-0 descriptors cannot be loaded at CPL 1, so every guest-kernel segment load is done here from a
-SHADOW GDT (the guest's descriptors, DPL 0 made DPL 1) in hypervisor memory, reached through a linear
-window that the TLB-fill hook serves only while the hypervisor itself loads a segment (the real GDTR
-points at the window for the load, then back; the engine's TLB is flushed so no entry for the window
-survives into guest execution).
+SHADOW descriptor (the guest's, DPL 0 made DPL 1): written straight into the engine's segment cache in
+its saved context (`_load_direct`, as the engine's own load would leave it), or, where that is not
+possible, loaded by the engine from a SHADOW GDT in hypervisor memory reached through a linear window
+that the TLB-fill hook serves only during that load (the real GDTR points at the window for the load,
+then back; the engine's TLB is flushed so no entry for the window survives into guest execution).
 
 `DeprivilegedVcpu` is the Vcpu every deprivileging mode builds on: event delivery through the guest's
 IDT in the guest's view (`RingCompressedDelivery`), the emulation of privileged instructions
@@ -40,6 +41,7 @@ from cpuvirt.cpu.events import (
 )
 from cpuvirt.cpu.faultaddr import operand_address
 from cpuvirt.cpu.quirks import HF_INHIBIT_IRQ
+from cpuvirt.cpu.regs import _uclib
 from cpuvirt.cpu.vcpu import EXIT_ERROR, Vcpu
 from cpuvirt.machine.hostmem import HostRegion
 from cpuvirt.memory.ept import HvAllocator
@@ -61,6 +63,50 @@ _REG32 = dict(zip(R.GPR_NAMES, R.GPR_ORDER))
 _REG16 = {n[1:]: r for n, r in _REG32.items()}
 _REG8 = {"al": (R.EAX, 0), "cl": (R.ECX, 0), "dl": (R.EDX, 0), "bl": (R.EBX, 0),
          "ah": (R.EAX, 8), "ch": (R.ECX, 8), "dh": (R.EDX, 8), "bh": (R.EBX, 8)}
+
+
+class _SegmentCache(ctypes.Structure):
+    """QEMU's SegmentCache (the hidden part of a segment register) as the saved context holds it."""
+    _fields_ = [("selector", ctypes.c_uint32), ("base", ctypes.c_uint64), ("limit", ctypes.c_uint32),
+                ("flags", ctypes.c_uint32)]
+
+
+_SEG_INDEX = {R.ES: 0, R.CS: 1, R.SS: 2, R.DS: 3, R.FS: 4, R.GS: 5}   # QEMU's R_ES..R_GS
+_HF_CS32, _HF_SS32, _HF_ADDSEG = 1 << 4, 1 << 5, 1 << 6
+_segs_offset_cache: list = []
+
+
+def segs_offset() -> int | None:
+    """Offset of env->segs[] in the saved context, found once per process by loading DS with a
+    distinctive descriptor on a probe engine (never hard-coded); None if it cannot be found."""
+    if _segs_offset_cache:
+        return _segs_offset_cache[0]
+    from unicorn import UC_ARCH_X86, UC_MODE_32, Uc
+    from unicorn import x86_const as X
+    off = None
+    try:
+        uc = Uc(UC_ARCH_X86, UC_MODE_32)
+        uc.mem_map(0, 0x10000)
+        lo, hi = 0xCDEF1234, 0x12CB92AB         # base 0x12abcdef, limit 0xb1234 pages, DPL 0 data
+        gdt = b"\0" * 8 + struct.pack("<QQII", 0x00CF9A000000FFFF, 0x00CF92000000FFFF, lo, hi)
+        uc.mem_write(0x1000, gdt)
+        uc.reg_write(X.UC_X86_REG_GDTR, (0, 0x1000, len(gdt) - 1, 0))
+        uc.reg_write(X.UC_X86_REG_CS, 0x08)
+        uc.reg_write(X.UC_X86_REG_SS, 0x10)
+        uc.reg_write(X.UC_X86_REG_DS, 0x18)
+        ctx = uc.context_save()
+        blob = bytes(ctypes.string_at(ctx.context, ctx.size))
+        want = struct.pack("<I4xQII", 0x18, 0x12ABCDEF, 0xB1234FFF, hi | (1 << 8))
+        found = [i for i in range(0, len(blob) - 23, 4) if blob[i:i + 4] == want[:4] and blob[i + 8:i + 24] == want[8:]]
+        if len(found) == 1 and found[0] >= 3 * 24:
+            cand = found[0] - 3 * 24
+            cs = struct.unpack_from("<I4xQII", blob, cand + 24)
+            if cs == (0x08, 0, 0xFFFFFFFF, 0x00CF9B00):
+                off = cand
+    except Exception:        # noqa: BLE001 - no direct loads then: the shadow-GDT window does them
+        off = None
+    _segs_offset_cache.append(off)
+    return off
 
 
 class GuestFault(Exception):
@@ -246,11 +292,20 @@ class DeprivilegedVcpu(Vcpu):
         self._window_on = False
         self._window_touched = True        # unknown at start: flush before the first window use
         self._cplctx = self.uc.context_save()
+        self._cplflags = ctypes.c_uint32.from_address(                      # its hflags, viewed once
+            ctypes.cast(self._cplctx.context, ctypes.c_void_p).value + self.faults.layout.hflags)
         self._decoded: dict[tuple[int, bytes], tuple[int, str, str]] = {}
         self._gdtr_mmr = R._Mmr()
         self._io_site_once = None
         self._rtlb: dict[int, int] = {}          # linear page -> host frame, for the hypervisor's reads
         self._loaded: dict[int, tuple[int, int, int]] = {}   # segment register -> (real selector, lo, hi)
+        self._direct = None                      # views into a saved context for direct segment loads
+        off = segs_offset()
+        if off is not None:
+            ctx = self.uc.context_save()
+            addr = ctypes.cast(ctx.context, ctypes.c_void_p).value
+            self._direct = (ctx, ctx.context, (_SegmentCache * 6).from_address(addr + off),
+                            ctypes.c_uint32.from_address(addr + self.faults.layout.hflags))
         mmu = self.mmu
         if hasattr(mmu, "crs_source"):
             mmu.crs_source = self.v.crs
@@ -363,28 +418,28 @@ class DeprivilegedVcpu(Vcpu):
         """Set the engine's CPL (QEMU's hflags) so that SS of that ring may be loaded next; the SS load
         then sets CPL from its descriptor anyway. Needed because the engine checks SS.RPL = CPL."""
         ctx = self._cplctx
-        self.uc.context_update(ctx)
-        addr = ctypes.cast(ctx.context, ctypes.c_void_p).value
-        slot = ctypes.c_uint32.from_address(addr + self.faults.layout.hflags)
+        h = self.uc._uch
+        _uclib.uc_context_save(h, ctx.context)
+        slot = self._cplflags
         if slot.value & 3 != ring:
             slot.value = (slot.value & ~3) | ring
-            self.uc.context_restore(ctx)
+            _uclib.uc_context_restore(h, ctx.context)
 
     def set_interrupt_shadow(self) -> None:
         """An emulated sti / mov ss / pop ss: no interrupt before the next instruction (SDM 6.8.3)."""
         ctx = self._cplctx
-        self.uc.context_update(ctx)
-        addr = ctypes.cast(ctx.context, ctypes.c_void_p).value
-        slot = ctypes.c_uint32.from_address(addr + self.faults.layout.hflags)
+        h = self.uc._uch
+        _uclib.uc_context_save(h, ctx.context)
+        slot = self._cplflags
         if not slot.value & HF_INHIBIT_IRQ:
             slot.value |= HF_INHIBIT_IRQ
-            self.uc.context_restore(ctx)
+            _uclib.uc_context_restore(h, ctx.context)
 
     def hv_load(self, loads, ring: int | None = None, desc: tuple[int, int] | None = None) -> None:
         """Load real segment registers from the shadow GDT: `loads` = [(register, guest selector,
         real selector)]. `ring` first moves the engine to that ring (a CS/SS ring change); `desc` is
         the guest descriptor of a single load when the caller has just read it."""
-        regs, uc = self.regs, self.uc
+        regs = self.regs
         todo = []
         for reg, sel, real in loads:
             if sel & 4:
@@ -392,10 +447,18 @@ class DeprivilegedVcpu(Vcpu):
             lo, hi = desc if desc is not None else self.descriptor(sel) if sel & ~3 else (0, 0)
             if ring is None and self._loaded.get(reg) == (real, lo, hi) and regs.read(reg) == real:
                 continue          # the same descriptor is already loaded there: nothing would change
-            self.shadow.put(sel >> 3, lo, hi)
             todo.append((reg, real, lo, hi))
         if not todo:
             return
+        if self._direct is None or not self._load_direct(todo, ring):
+            self._load_window(todo, ring)
+
+    def _load_window(self, todo, ring: int | None) -> None:
+        """The loads of `hv_load` done by the engine itself, from the shadow GDT through the window
+        (the fallback of `_load_direct`, and what tests check it against)."""
+        regs, uc = self.regs, self.uc
+        for reg, real, lo, hi in todo:
+            self.shadow.put(real >> 3, lo, hi)
         _, base, limit, _ = regs.table(R.GDTR)
         if self._window_touched:
             uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
@@ -413,6 +476,49 @@ class DeprivilegedVcpu(Vcpu):
             self._set_gdtr(base, limit)
             uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
             self.mmu.crs = None
+
+    def _load_direct(self, todo, ring: int | None) -> bool:
+        """The loads of `hv_load` written straight into the engine's segment caches (saved context),
+        as its own load from the shadow GDT would leave them (QEMU helper_load_seg and
+        cpu_x86_load_seg_cache: the engine's checks, base, limit, flags = shadow descriptor | accessed,
+        hflags CPL/CS32/SS32/ADDSEG): no window, no GDTR switch, no TLB flush. False: not a case done
+        here (null or LDT selector), nothing changed."""
+        for _, real, _, _ in todo:
+            if not real & ~3 or real & 4:
+                return False
+        _, cptr, segs, hflags = self._direct
+        h = self.uc._uch
+        _uclib.uc_context_save(h, cptr)
+        hf = hflags.value
+        if ring is not None:
+            hf = (hf & ~3) | ring
+        limit = self.v.gdtr[1]
+        for reg, real, lo, hi in todo:
+            _, shi = ShadowGdt.compress(lo, hi)
+            cpl, rpl, dpl = hf & 3, real & 3, (shi >> 13) & 3
+            if ((real & ~7) + 7 > limit or not shi & (1 << 12) or not shi & 0x8000
+                    or (reg == R.SS and (shi & (1 << 11) or not shi & (1 << 9) or rpl != cpl or dpl != cpl))
+                    or (reg != R.SS and ((shi >> 9) & 5 == 4 or ((not shi & (1 << 11) or not shi & (1 << 10))
+                                                                  and (dpl < cpl or dpl < rpl))))):
+                raise RuntimeError(f"engine refused register write {reg}={real:#x}")
+            sc = segs[_SEG_INDEX[reg]]
+            sc.selector = real
+            sc.base = (lo >> 16) | ((shi & 0xFF) << 16) | (shi & 0xFF000000)
+            lim = (lo & 0xFFFF) | (shi & 0xF0000)
+            sc.limit = (lim << 12) | 0xFFF if shi & (1 << 23) else lim
+            sc.flags = shi | (1 << 8)
+            if reg == R.CS:
+                hf = (hf & ~_HF_CS32) | ((shi >> 22) & 1) << 4
+            elif reg == R.SS:
+                hf = (hf & ~3) | dpl
+            hf = (hf & ~(_HF_SS32 | _HF_ADDSEG)) | ((segs[2].flags >> 22) & 1) << 5
+            if not hf & _HF_CS32 or segs[0].base | segs[2].base | segs[3].base:
+                hf |= _HF_ADDSEG
+            self._loaded[reg] = (real, lo, hi | (1 << 8))
+        hflags.value = hf
+        _uclib.uc_context_restore(h, cptr)
+        self.mmu.crs = None
+        return True
 
     def _set_gdtr(self, base: int, limit: int) -> None:
         """GDTR straight through libunicorn (the wrapper's tuple path costs several microseconds)."""
@@ -732,19 +838,27 @@ class DeprivilegedVcpu(Vcpu):
         (`_io_gate`) has already raised #GP, so only an I/O that slipped past it is dropped here."""
         cpl = self.vcpl()
         if cpl == 0:
-            if self.trace is not None:
-                site = self.io_site()
-                self._io_site_once = site              # the io event that follows names the same site
-                eip = site[0]
-                self.record(self.event_kind, "in" if is_in else "out", None, eip,
-                            {"port": f"{port:#x}", "size": size}, "emulated: port I/O through the device model")
-            else:
-                self.counts[self.event_kind] += 1
-        elif cpl > self.v.iopl:
+            return self.kernel_port_io(port, size, is_in, value)
+        if cpl > self.v.iopl:
             self.record("unhandled_io", "IN" if is_in else "OUT", None, self.io_site()[0],
                         {"port": f"{port:#x}", "size": size, "cpl": cpl, "iopl": self.v.iopl},
                         "above IOPL and missed by the I/O gate: not performed (no #GP delivered)")
             return (1 << (8 * size)) - 1 if is_in else 0
+        try:
+            return super().port_io(port, size, is_in, value)
+        finally:
+            self._io_site_once = None
+
+    def kernel_port_io(self, port: int, size: int, is_in: bool, value: int = 0) -> int:
+        """Port I/O at virtual CPL 0 (the caller knows the CPL: full mode's callouts): a trap event,
+        then the device model."""
+        if self.trace is not None:
+            site = self.io_site()
+            self._io_site_once = site              # the io event that follows names the same site
+            self.record(self.event_kind, "in" if is_in else "out", None, site[0],
+                        {"port": f"{port:#x}", "size": size}, "emulated: port I/O through the device model")
+        else:
+            self.counts[self.event_kind] += 1
         try:
             return super().port_io(port, size, is_in, value)
         finally:
@@ -800,14 +914,20 @@ class DeprivilegedVcpu(Vcpu):
 # -- one function per emulated mnemonic: (vcpu, eip, size, operands) -> None, or False = not emulated --
 def _cli(c, eip, size, ops):
     c.regs.write(R.EFLAGS, c.regs.read(R.EFLAGS) & ~R.EFLAGS_IF)
-    c.emulated(eip, "cli", {"if": 0})
+    if c.trace is None:
+        c.counts[c.event_kind] += 1                 # what `emulated` records when no trace is written
+    else:
+        c.emulated(eip, "cli", {"if": 0})
     c.regs.write(R.EIP, eip + size)
 
 
 def _sti(c, eip, size, ops):
     flags = c.regs.read(R.EFLAGS)
     c.regs.write(R.EFLAGS, flags | R.EFLAGS_IF)
-    c.emulated(eip, "sti", {"if": 1})
+    if c.trace is None:
+        c.counts[c.event_kind] += 1
+    else:
+        c.emulated(eip, "sti", {"if": 1})
     c.regs.write(R.EIP, eip + size)
     if not flags & R.EFLAGS_IF:
         c.set_interrupt_shadow()
@@ -839,7 +959,10 @@ def _mov(c, eip, size, ops):
     elif dst in SREGS and dst != "cs":
         sel = c.read_operand(eip, src, 2) & 0xFFFF
         c.load_segment(dst, sel)
-        c.emulated(eip, "mov", {"sreg": dst, "selector": f"{sel:#x}"})
+        if c.trace is None:
+            c.counts[c.event_kind] += 1
+        else:
+            c.emulated(eip, "mov", {"sreg": dst, "selector": f"{sel:#x}"})
         c.regs.write(R.EIP, eip + size)
         if dst == "ss":
             c.set_interrupt_shadow()
@@ -857,7 +980,10 @@ def _pop(c, eip, size, ops):
     sel = int.from_bytes(c.read_guest(esp, 2), "little")
     c.load_segment(name, sel)
     c.regs.write(R.ESP, (esp + 4) & 0xFFFFFFFF)
-    c.emulated(eip, "pop", {"sreg": name, "selector": f"{sel:#x}"})
+    if c.trace is None:
+        c.counts[c.event_kind] += 1
+    else:
+        c.emulated(eip, "pop", {"sreg": name, "selector": f"{sel:#x}"})
     c.regs.write(R.EIP, eip + size)
     if name == "ss":
         c.set_interrupt_shadow()

@@ -103,22 +103,27 @@ def context_layout() -> ContextLayout:
 class FaultState:
     """Per-Uc access to the in-flight fault's details, reusing one context buffer."""
 
-    __slots__ = ("uc", "layout", "_ctx")
+    __slots__ = ("_ctx", "_fields", "layout", "uc")
 
     def __init__(self, uc):
         self.uc = uc
         self.layout = context_layout()
         self._ctx = uc.context_save()
+        # views into the saved context, made once (the buffer does not move): error_code,
+        # exception_is_int, old_exception
+        addr = ctypes.cast(self._ctx.context, ctypes.c_void_p).value
+        lay = self.layout
+        self._fields = (ctypes.c_int32.from_address(addr + lay.error_code),
+                        ctypes.c_int32.from_address(addr + lay.exception_is_int),
+                        ctypes.c_int32.from_address(addr + lay.old_exception))
 
     def take(self) -> tuple[int, bool]:
         """Return (error_code, from_int_n) of the fault being handled, and mark it delivered."""
         ctx = self._ctx
         self.uc.context_update(ctx)
-        addr = ctypes.cast(ctx.context, ctypes.c_void_p).value
-        lay = self.layout
-        error_code = ctypes.c_int32.from_address(addr + lay.error_code).value & 0xFFFFFFFF
-        is_int = ctypes.c_int32.from_address(addr + lay.exception_is_int).value != 0
-        slot = ctypes.c_int32.from_address(addr + lay.old_exception)
+        err, isint, slot = self._fields
+        error_code = err.value & 0xFFFFFFFF
+        is_int = isint.value != 0
         if slot.value != -1:
             slot.value = -1
             self.uc.context_restore(ctx)

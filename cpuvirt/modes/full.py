@@ -154,6 +154,8 @@ class FullVcpu(DeprivilegedVcpu):
         self._page_frame: dict[int, int] = {}          # linear code page -> guest frame it came from
         self._dirty: set[int] = set()                  # code frames written since they were checked
         self._frame_blocks: dict[int, list] = {}       # guest frame -> blocks translated from it
+        self._frame_index: dict[int, dict] = {}        # guest frame -> gpa >> 6 -> [(seq, block)] there
+        self._block_seq = 0
         self.rt.translator.on_block = self._new_block
         self._vsnap: dict[str, object] = {}
         self.traced_stores: dict[int, int] = {}        # guest EIP -> traced-page faults (adaptive BT)
@@ -171,6 +173,10 @@ class FullVcpu(DeprivilegedVcpu):
             return inner(uc, vaddr, access, entry, data)
         self.mmu.fill = fill
         self._mmio_decode = False
+        self._prefix_len: dict = {}                     # (callout site, bytes) -> prefix length
+        self._cpuid_in = R.Batch(self.uc, (R.EAX, R.ECX))
+        self._cpuid_out = R.Batch(self.uc, (R.EAX, R.EBX, R.ECX, R.EDX))
+        self._rdtsc_out = R.Batch(self.uc, (R.EAX, R.EDX))
         self._guest_fetch_bytes = self.mmu.fetch_bytes
         self.mmu.fetch_bytes = self._fetch_bytes
         # The clock counts each new engine block's instructions: TC blocks are decoded from the TC.
@@ -209,10 +215,13 @@ class FullVcpu(DeprivilegedVcpu):
 
     def _snapshot(self) -> dict:
         v = self.v
+        cs = self.regs.read(R.CS)
+        if cs & 3 == KERNEL_RING:                      # virtual CPL 0: CS and SS as they are now
+            ss = self.regs.read(R.SS)
+        else:
+            cs, ss = self._vsnap.get("cs"), self._vsnap.get("ss")
         return {"cr0": v.cr0, "cr3": v.cr3, "cr4": v.cr4, "gdtr": v.gdtr, "idtr": v.idtr,
-                "ldtr": v.ldtr.selector, "tr": v.tr.selector, "iopl": v.iopl,
-                "cs": self.regs.read(R.CS) if self.vcpl() == 0 else self._vsnap.get("cs"),
-                "ss": self.regs.read(R.SS) if self.vcpl() == 0 else self._vsnap.get("ss")}
+                "ldtr": v.ldtr.selector, "tr": v.tr.selector, "iopl": v.iopl, "cs": cs, "ss": ss}
 
     def _virtual_changed(self) -> None:
         """After a callout: drop translations that baked in a virtual-CPU value that changed, and
@@ -247,11 +256,20 @@ class FullVcpu(DeprivilegedVcpu):
                     invalidate(self.tc, b)
 
     def _new_block(self, blk) -> None:
+        self._block_seq += 1
+        entry = (self._block_seq, blk)
         for frame in blk.frames:
             blocks = self._frame_blocks.setdefault(frame, [])
             if len(blocks) >= 64:
                 blocks[:] = [b for b in blocks if b.alive]
             blocks.append(blk)
+            index = self._frame_index.setdefault(frame, {})
+            for sgpa, raw in blk.source:
+                for k in range(sgpa >> 6, ((sgpa + len(raw) - 1) >> 6) + 1 if raw else sgpa >> 6):
+                    lst = index.setdefault(k, [])
+                    if len(lst) >= 64:
+                        lst[:] = [e for e in lst if e[1].alive]
+                    lst.append(entry)
 
     def _note_page(self, page: int, frame: int) -> None:
         self._page_frame[page] = frame
@@ -335,7 +353,18 @@ class FullVcpu(DeprivilegedVcpu):
         """The guest bytes at gpa .. gpa + size - 1 were written: drop translations that changed."""
         ram, p2m = self.mmu.ram, self.mmu.p2m
         end = gpa + size
-        for b in self._frame_blocks.get(gpa & 0xFFFFF000, ()):
+        blocks = self._frame_blocks.get(gpa & 0xFFFFF000, ())
+        first, last = gpa >> 6, (end - 1) >> 6
+        if blocks and last - first < 64:
+            # only the blocks whose source bytes share a 64-byte line with the write, in the order
+            # they were translated (the order of `blocks`): the others cannot overlap it
+            index = self._frame_index.get(gpa & 0xFFFFF000, {})
+            found = {}
+            for k in range(first, last + 1):
+                for seq, b in index.get(k, ()):
+                    found[seq] = b
+            blocks = [found[k] for k in sorted(found)]
+        for b in blocks:
             if not b.alive:
                 continue
             for sgpa, raw in b.source:
@@ -506,7 +535,7 @@ class FullVcpu(DeprivilegedVcpu):
             self.settle()
             return
         if self.clock.now >= self.budget:
-            self.finish("budget", 124, f"instruction budget of {self.budget} exhausted")
+            self.finish("budget", 124, f"budget of {self.budget:,} cycles exhausted (--max-insns: instructions plus I/O and idle time)")
             return
         self.m.update_timers()
         pending = self.m.pending_nmi() or self.m.pending_interrupt() is not None
@@ -538,7 +567,7 @@ class FullVcpu(DeprivilegedVcpu):
         if site.kind == "adaptive":
             self._adaptive_store(geip)
             return None
-        fast = self._special(geip, ins, site.raw)
+        fast = self._special(geip, ins, site)
         if fast is not False:
             return fast
         self.regs.write(R.EIP, geip)
@@ -551,15 +580,30 @@ class FullVcpu(DeprivilegedVcpu):
             self.check_code_mappings()
         return None
 
-    def _special(self, geip, ins, raw):
+    def _special(self, geip, ins, site):
         """Callouts the core does not emulate: int n / int3 / into, in/out, cpuid, rdtsc. Returns the
         next guest EIP, None (an event was delivered: EIP is set), or False (not one of them)."""
-        p = 0
-        while p < len(raw) and raw[p] in (0x66, 0xF3, 0xF2, 0x2E, 0x3E, 0x26, 0x36, 0x64, 0x65, 0xF0):
-            p += 1
+        raw = site.raw
+        key = (site, raw)
+        p = self._prefix_len.get(key)
+        if p is None:
+            p = 0
+            while p < len(raw) and raw[p] in (0x66, 0xF3, 0xF2, 0x2E, 0x3E, 0x26, 0x36, 0x64, 0x65, 0xF0):
+                p += 1
+            if len(self._prefix_len) > 8192:
+                self._prefix_len.clear()
+            self._prefix_len[key] = p
         op = raw[p]
         regs = self.regs
         nxt = (geip + ins.size) & 0xFFFFFFFF
+        if op == 0x0F and raw[p + 1] == 0xA2:
+            leaf, subleaf = self._cpuid_in.read()
+            if self.trace is None:
+                self.counts[self.event_kind] += 1
+            else:
+                self.record(self.event_kind, "cpuid", None, geip, {"leaf": f"{leaf:#x}"}, "emulated: the CPU model")
+            self._cpuid_out.write(*self.m.cpuid(leaf, subleaf))
+            return nxt
         if op in (0xCD, 0xCC, 0xCE):
             if op == 0xCE and not regs.read(R.EFLAGS) & 0x800:
                 return nxt
@@ -574,27 +618,22 @@ class FullVcpu(DeprivilegedVcpu):
             port = raw[p + 1] if op < 0xE8 else regs.read(R.EDX) & 0xFFFF
             is_in = op in (0xE4, 0xE5, 0xEC, 0xED)
             mask = (1 << (8 * size)) - 1
-            if is_in:
-                value = self.port_io(port, size, True) & mask
+            if is_in:        # a callout runs at virtual CPL 0 (hook_callout checked it)
+                value = self.kernel_port_io(port, size, True) & mask
                 eax = regs.read(R.EAX)
                 regs.write(R.EAX, (eax & ~mask) | value)
             else:
-                self.port_io(port, size, False, regs.read(R.EAX) & mask)
+                self.kernel_port_io(port, size, False, regs.read(R.EAX) & mask)
             if self.outcome is not None:
                 return None
             return nxt
-        if op == 0x0F and raw[p + 1] == 0xA2:
-            self.record(self.event_kind, "cpuid", None, geip, {"leaf": f"{regs.read(R.EAX):#x}"},
-                        "emulated: the CPU model")
-            eax, ebx, ecx, edx = self.m.cpuid(regs.read(R.EAX), regs.read(R.ECX))
-            for r, val in ((R.EAX, eax), (R.EBX, ebx), (R.ECX, ecx), (R.EDX, edx)):
-                regs.write(r, val)
-            return nxt
         if op == 0x0F and raw[p + 1] == 0x31:
-            self.record(self.event_kind, "rdtsc", None, geip, {}, "emulated: the virtual clock")
+            if self.trace is None:
+                self.counts[self.event_kind] += 1
+            else:
+                self.record(self.event_kind, "rdtsc", None, geip, {}, "emulated: the virtual clock")
             now = self.clock.now
-            regs.write(R.EAX, now & 0xFFFFFFFF)
-            regs.write(R.EDX, (now >> 32) & 0xFFFFFFFF)
+            self._rdtsc_out.write(now & 0xFFFFFFFF, (now >> 32) & 0xFFFFFFFF)
             return nxt
         return False
 
@@ -626,8 +665,9 @@ class FullVcpu(DeprivilegedVcpu):
 
     # -- I/O sites, MMIO sites, events and the clock see TC addresses --------------------------------------
     def record(self, kind, reason, code, eip, detail, action) -> None:
-        # The runner finds the EIP of these two in the engine's state (the running block): a TC address.
-        if kind in ("mmio", "unbacked_memory") and self.tc.in_code(eip) and self.rt.is_kernel():
+        # The runner (mmio, unbacked memory) and shadow paging (hidden faults) take the EIP from the
+        # engine's state (the running block): a TC address, shown as the guest EIP it translates.
+        if kind in ("mmio", "unbacked_memory", "page_fault") and self.tc.in_code(eip) and self.rt.is_kernel():
             g = self.tc.guest_eip(eip)
             if g is not None:
                 eip = g[0]
@@ -732,6 +772,10 @@ class FullMode:
         from cpuvirt.memory.shadow import ShadowPaging
         self.shadow = ShadowPaging(machine.mmu)       # installs itself as the memory strategy
         self.shadow.attach(self.vcpu)
+
+    def translation_stats(self) -> dict:
+        """The translation cache's counters, for `run --stats` (runner.RunResult.mmu["translation"])."""
+        return self.vcpu.stats()
 
     def boot(self) -> None:
         vcpu, mmio = self.vcpu, self.machine.mmio
