@@ -27,18 +27,7 @@ import struct
 from unicorn import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH, UC_PROT_READ, UC_PROT_WRITE
 
 from cpuvirt.cpu import regs as R
-from cpuvirt.cpu.events import (
-    GATE_INT32,
-    GATE_TASK,
-    GATE_TRAP32,
-    HAS_ERROR_CODE,
-    DeliveryFault,
-    EventDelivery,
-    TripleFault,
-    Unsupported,
-    Vector,
-    _is_double_fault,
-)
+from cpuvirt.cpu.events import HAS_ERROR_CODE, DeliveryFault, EventDelivery, Unsupported, Vector
 from cpuvirt.cpu.faultaddr import operand_address
 from cpuvirt.cpu.quirks import HF_INHIBIT_IRQ
 from cpuvirt.cpu.regs import _uclib
@@ -183,91 +172,40 @@ class RingCompressedDelivery(EventDelivery):
         super().__init__(vcpu.uc, vcpu.regs, vcpu.mmu)
         self.vcpu = vcpu
 
-    def deliver(self, vector, return_eip, error_code=None, soft=False, external=False, fault_eip=None) -> int:
-        try:
-            self._deliver(vector, return_eip, error_code, soft, external)
-            return vector
-        except DeliveryFault as f:
-            if fault_eip is not None:
-                return_eip = fault_eip
-            if vector == Vector.DF:
-                raise TripleFault(f"vector {f.vector} while delivering #DF") from None
-            if f.cr2 is not None:
-                self.vcpu.v.cr2 = f.cr2
-            if _is_double_fault(vector, f.vector):
-                return self.deliver(Vector.DF, return_eip, 0)
-            return self.deliver(f.vector, return_eip, f.error_code if f.vector in HAS_ERROR_CODE else None)
-
     def _descriptor(self, selector: int, ext: int) -> tuple[int, int]:
         try:
             return self.vcpu.descriptor(selector, ext)
         except GuestFault as g:
             raise DeliveryFault(g.vector, g.error_code or 0, g.cr2) from None
 
-    def _deliver(self, vector, return_eip, error_code, soft, external):
-        vc, regs, v = self.vcpu, self.regs, self.vcpu.v
-        ext = 1 if external else 0
-        idt_base, idt_limit = v.idtr
-        if vector * 8 + 7 > idt_limit:
-            raise DeliveryFault(Vector.GP, vector * 8 + 2 + ext)
-        lo, hi = struct.unpack("<II", self._read(idt_base + vector * 8, 8))
-        gate_type = (hi >> 8) & 0x1F
-        gate_dpl = (hi >> 13) & 3
-        cpl = vc.vcpl()
-        if gate_type not in (GATE_INT32, GATE_TRAP32):
-            if gate_type == GATE_TASK and hi & 0x8000:
-                raise Unsupported(f"task gate at IDT vector {vector} (hardware task switch)")
-            raise DeliveryFault(Vector.GP, vector * 8 + 2 + ext)
-        if soft and gate_dpl < cpl:
-            raise DeliveryFault(Vector.GP, vector * 8 + 2)
-        if not hi & 0x8000:
-            raise DeliveryFault(Vector.NP, vector * 8 + 2 + ext)
-        selector = lo >> 16
-        offset = (lo & 0xFFFF) | (hi & 0xFFFF0000)
-        _, dhi = self._descriptor(selector, ext)
-        if not (dhi >> 11) & 1 or not (dhi >> 12) & 1:
-            raise DeliveryFault(Vector.GP, (selector & ~3) | ext)
-        code_dpl = (dhi >> 13) & 3
-        if code_dpl > cpl:
-            raise DeliveryFault(Vector.GP, (selector & ~3) | ext)
-        if not dhi & 0x8000:
-            raise DeliveryFault(Vector.NP, (selector & ~3) | ext)
-        new_cpl = cpl if (dhi >> 10) & 1 else code_dpl
+    def _idt(self) -> tuple[int, int]:
+        return self.vcpu.v.idtr
 
-        eflags = vc.guest_eflags()
-        frame = [return_eip, vc.guest_selector(regs.read(R.CS)), eflags]
-        if new_cpl < cpl:
-            tr = v.tr
-            slot = 4 + 8 * new_cpl
-            if slot + 5 > tr.limit:
-                raise DeliveryFault(Vector.TS, (tr.selector & ~3) | ext)
-            new_esp, new_ss = struct.unpack("<IH", self._read(tr.base + slot, 6))
-            if new_ss & ~3 == 0:
-                raise DeliveryFault(Vector.TS, ext)
-            frame += [regs.read(R.ESP), vc.guest_selector(regs.read(R.SS))]
-            esp = new_esp
-        else:
-            new_ss = None
-            esp = regs.read(R.ESP)
-        if error_code is not None:
-            frame.insert(0, error_code)
-        data = struct.pack(f"<{len(frame)}I", *frame)
-        esp = (esp - len(data)) & 0xFFFFFFFF
-        try:
-            self.mmu.write_linear(esp, data, user=False)
-        except GuestPageFault as pf:
-            raise DeliveryFault(Vector.PF, pf.error_code, pf.gva) from None
+    def _tss(self) -> tuple[int, int, int]:
+        tr = self.vcpu.v.tr
+        return tr.selector, tr.base, tr.limit
 
-        new_flags = eflags & ~(R.EFLAGS_TF | R.EFLAGS_NT | R.EFLAGS_RF | R.EFLAGS_VM)
-        if gate_type == GATE_INT32:
-            new_flags &= ~R.EFLAGS_IF
+    def _cpl(self) -> int:
+        return self.vcpu.vcpl()
+
+    def _eflags(self) -> int:
+        return self.vcpu.guest_eflags()
+
+    def _view(self, selector: int) -> int:
+        return self.vcpu.guest_selector(selector)
+
+    def _set_cr2(self, cr2: int) -> None:
+        self.vcpu.v.cr2 = cr2
+
+    def _enter(self, selector, new_ss, cpl, new_cpl, old_cs, esp, flags, offset) -> None:
+        vc, regs = self.vcpu, self.regs
         new_cs = (selector & ~3) | new_cpl
         if new_ss is not None:
             vc.load_cs_ss(new_cs, (new_ss & ~3) | new_cpl, new_cpl)
-        elif (vc.guest_selector(regs.read(R.CS)) & ~3) != (selector & ~3):
+        elif (old_cs & ~3) != (selector & ~3):
             vc.load_cs_ss(new_cs, None, new_cpl)
         regs.write(R.ESP, esp)
-        vc.set_guest_eflags(new_flags)
+        vc.set_guest_eflags(flags)
         if new_cpl == 0:
             vc.enter_kernel(offset)
         else:

@@ -71,10 +71,45 @@ class EventDelivery:
             if vector == Vector.DF:
                 raise TripleFault(f"{MNEMONIC.get(f.vector, f.vector)} while delivering #DF") from None
             if f.cr2 is not None:
-                self.regs.write(R.CR2, f.cr2)
+                self._set_cr2(f.cr2)
             if _is_double_fault(vector, f.vector):
                 return self.deliver(Vector.DF, return_eip, 0)
             return self.deliver(f.vector, return_eip, f.error_code if f.vector in HAS_ERROR_CODE else None)
+
+    # -- where the processor state comes from and goes to: the real registers here; a deprivileging
+    # -- monitor's virtual CPU in RingCompressedDelivery (cpu/deprivilege.py) --------------------------
+    def _idt(self) -> tuple[int, int]:
+        _, base, limit, _ = self.regs.table(R.IDTR)
+        return base, limit
+
+    def _tss(self) -> tuple[int, int, int]:
+        selector, base, limit, _ = self.regs.table(R.TR)
+        return selector, base, limit
+
+    def _cpl(self) -> int:
+        return self.regs.read(R.CS) & 3
+
+    def _eflags(self) -> int:
+        return self.regs.read(R.EFLAGS)
+
+    def _view(self, selector: int) -> int:
+        """The selector as the guest sees it (in a frame, in a comparison)."""
+        return selector
+
+    def _set_cr2(self, cr2: int) -> None:
+        self.regs.write(R.CR2, cr2)
+
+    def _enter(self, selector: int, new_ss: int | None, cpl: int, new_cpl: int, old_cs: int, esp: int,
+               flags: int, offset: int) -> None:
+        """Load the handler's CS (and SS on a privilege change), ESP, EFLAGS and EIP."""
+        regs = self.regs
+        if new_ss is not None:
+            self.load_stack_segment(new_ss & ~3 | new_cpl, cpl, new_cpl)
+        regs.write(R.ESP, esp)
+        if (old_cs & ~3) != (selector & ~3) or new_cpl != cpl:
+            regs.write(R.CS, (selector & ~3) | new_cpl)
+        regs.write(R.EFLAGS, flags)
+        regs.write(R.EIP, offset)
 
     # -- one delivery attempt ----------------------------------------------------------------------
     def _read(self, gva: int, size: int) -> bytes:
@@ -95,13 +130,13 @@ class EventDelivery:
     def _deliver(self, vector: int, return_eip: int, error_code: int | None, soft: bool, external: bool):
         regs = self.regs
         ext = 1 if external else 0
-        _, idt_base, idt_limit, _ = regs.table(R.IDTR)
+        idt_base, idt_limit = self._idt()
         if vector * 8 + 7 > idt_limit:
             raise DeliveryFault(Vector.GP, vector * 8 + 2 + ext)
         lo, hi = struct.unpack("<II", self._read(idt_base + vector * 8, 8))
         gate_type = (hi >> 8) & 0x1F
         gate_dpl = (hi >> 13) & 3
-        cpl = regs.read(R.CS) & 3
+        cpl = self._cpl()
         if gate_type not in (GATE_INT32, GATE_TRAP32):
             if gate_type == GATE_TASK and hi & 0x8000:
                 raise Unsupported(f"task gate at IDT vector {vector} (hardware task switch)")
@@ -123,18 +158,18 @@ class EventDelivery:
         conforming = (dhi >> 10) & 1
         new_cpl = cpl if conforming else code_dpl
 
-        eflags = regs.read(R.EFLAGS)
-        old_cs = regs.read(R.CS)
+        eflags = self._eflags()
+        old_cs = self._view(regs.read(R.CS))
         frame = [return_eip, old_cs, eflags]                 # pushed in this order: EIP lowest
         if new_cpl < cpl:
-            tr_sel, tss_base, tss_limit, _ = regs.table(R.TR)
+            tr_sel, tss_base, tss_limit = self._tss()
             slot = 4 + 8 * new_cpl
             if slot + 5 > tss_limit:
                 raise DeliveryFault(Vector.TS, (tr_sel & ~3) | ext)
             new_esp, new_ss = struct.unpack("<IH", self._read(tss_base + slot, 6))
             if new_ss & ~3 == 0:
                 raise DeliveryFault(Vector.TS, ext)
-            frame += [regs.read(R.ESP), regs.read(R.SS)]
+            frame += [regs.read(R.ESP), self._view(regs.read(R.SS))]
             esp = new_esp
         else:
             new_ss = None
@@ -151,13 +186,7 @@ class EventDelivery:
         new_flags = eflags & ~(R.EFLAGS_TF | R.EFLAGS_NT | R.EFLAGS_RF | R.EFLAGS_VM)
         if gate_type == GATE_INT32:
             new_flags &= ~R.EFLAGS_IF
-        if new_ss is not None:
-            self.load_stack_segment(new_ss & ~3 | new_cpl, cpl, new_cpl)
-        regs.write(R.ESP, esp)
-        if (old_cs & ~3) != (selector & ~3) or new_cpl != cpl:
-            regs.write(R.CS, (selector & ~3) | new_cpl)
-        regs.write(R.EFLAGS, new_flags)
-        regs.write(R.EIP, offset)
+        self._enter(selector, new_ss, cpl, new_cpl, old_cs, esp, new_flags, offset)
 
     def load_stack_segment(self, ss: int, cpl: int, new_cpl: int) -> None:
         """Load SS for a more privileged ring from a hook.
