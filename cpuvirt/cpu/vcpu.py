@@ -250,14 +250,18 @@ class Vcpu:
         self.mmu.crs = None
         try:
             error_code, soft = self.faults.take()
-            eip = self.regs.read(R.EIP)
-            self.left_block_at(eip)
-            self._deliver_engine_event(intno, error_code, soft, eip)
+            self.on_engine_event(intno, error_code, soft, self.regs.read(R.EIP))
         except BaseException as e:   # never let an exception unwind through the engine
             self.error = e
             uc.emu_stop()
         finally:
             self._intr_depth -= 1
+
+    def on_engine_event(self, intno: int, error_code: int, soft: bool, eip: int) -> None:
+        """What the engine raised, EIP as it left it: modes that emulate some of it (trap's #GP) or
+        run the guest elsewhere (full's translation cache) override this."""
+        self.left_block_at(eip)
+        self._deliver_engine_event(intno, error_code, soft, eip)
 
     def _deliver_engine_event(self, intno: int, error_code: int, soft: bool, eip: int) -> None:
         """Deliver what the engine raised: `int n`/int3/into (EIP already past them) or a fault."""

@@ -435,25 +435,11 @@ class FullVcpu(DeprivilegedVcpu):
         self.regs.write(R.EIP, geip)
         return geip
 
-    def hook_intr(self, uc, intno, _data):
-        if self._intr_depth:
-            self.finish("error", EXIT_ERROR, f"internal: the engine raised vector {intno} while cpuvirt "
-                        "was delivering an event")
-            return
-        self._intr_depth += 1
-        self.mmu.crs = None
-        try:
-            error_code, soft = self.faults.take()
-            eip = self.regs.read(R.EIP)
-            self.left_block_at(eip)
-            geip = self.guest_position(eip)
-            self._deliver_engine_event(intno, error_code, soft, geip)
-            self.settle()
-        except BaseException as e:
-            self.error = e
-            uc.emu_stop()
-        finally:
-            self._intr_depth -= 1
+    def on_engine_event(self, intno, error_code, soft, eip) -> None:
+        """A fault or `int n` in translated code is the guest's, at the guest EIP it translates."""
+        self.left_block_at(eip)
+        self._deliver_engine_event(intno, error_code, soft, self.guest_position(eip))
+        self.settle()
 
     def hook_invalid(self, uc, _data) -> bool:
         self.mmu.crs = None

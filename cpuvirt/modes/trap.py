@@ -11,7 +11,6 @@ from __future__ import annotations
 from cpuvirt.cpu import regs as R
 from cpuvirt.cpu.deprivilege import KERNEL_RING, SREGS, DeprivilegedVcpu
 from cpuvirt.cpu.events import Vector
-from cpuvirt.cpu.vcpu import EXIT_ERROR
 from cpuvirt.memory.shadow import ShadowPaging
 
 
@@ -22,32 +21,17 @@ class TrapVcpu(DeprivilegedVcpu):
         super().__init__(machine, trace=trace, max_insns=max_insns)
         self._sites: dict[int, tuple] = {}
 
-    def hook_intr(self, uc, intno, _data):
+    def on_engine_event(self, intno, error_code, soft, eip) -> None:
         """A #GP at ring 1 is the guest kernel's privileged instruction: emulate it; every other event
         (and a #GP that is not one) goes to the guest through its IDT."""
-        if self._intr_depth:
-            self.finish("error", EXIT_ERROR, f"internal: the engine raised vector {intno} while cpuvirt "
-                        "was delivering an event")
-            return
-        self._intr_depth += 1
-        self.mmu.crs = None
-        try:
-            error_code, soft = self.faults.take()
-            eip = self.regs.read(R.EIP)
-            if intno == Vector.GP and not soft and self.regs.read(R.CS) & 3 == KERNEL_RING:
-                d = self._trap_site(eip)
-                if d is not None:
-                    self._retired(eip, d[0])
-                    self.emulate_at(eip, d)
-                    return
-            self.left_block_at(eip)
-            self._deliver_engine_event(intno, error_code, soft, eip)
-        except BaseException as e:   # never let an exception unwind through the engine
-            self.error = e
-            uc.emu_stop()
-        finally:
-            self._intr_depth -= 1
-
+        if intno == Vector.GP and not soft and self.regs.read(R.CS) & 3 == KERNEL_RING:
+            d = self._trap_site(eip)
+            if d is not None:
+                self._retired(eip, d[0])
+                self.emulate_at(eip, d)
+                return
+        self.left_block_at(eip)
+        self._deliver_engine_event(intno, error_code, soft, eip)
 
     def _trap_site(self, eip: int):
         """The decoded instruction at eip if a #GP there is a trap to emulate, else None; decided once
