@@ -17,6 +17,7 @@ branch, a callout) or the end of the guest page. Each guest instruction becomes 
 from __future__ import annotations
 
 import struct
+from typing import Protocol
 
 from capstone import CS_ARCH_X86, CS_MODE_32, Cs
 
@@ -84,18 +85,18 @@ def _encode_mem(reg: int, mod: int, rm: int, sib, disp: int, dsize: int, add: in
     return bytes([(nmod << 6) | (reg << 3) | rm]) + (bytes([sib]) if sib is not None else b"") + d
 
 
-class GuestCode:
-    """What the translator needs from the hypervisor."""
+class GuestCode(Protocol):
+    """What the translator needs from the hypervisor (full mode's `_Code`, the tests' bare engine)."""
 
     def fetch(self, gva: int, size: int) -> tuple[bytes, list[int]]:
         """Up to `size` code bytes at a guest-linear address, with the guest-physical frames they
         came from; stops early at a page that cannot be fetched (raise TranslateFault if none can)."""
-        raise NotImplementedError
+        ...
 
     def virtual(self, field: str) -> int:
         """Current value of a virtual-CPU field: cr0 cr3 cr4 gdtr_base gdtr_limit idtr_base idtr_limit
         ldtr tr cs ss iopl."""
-        raise NotImplementedError
+        ...
 
 
 class Translator:
