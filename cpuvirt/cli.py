@@ -205,6 +205,14 @@ def _compare(args) -> int:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if len(modes) < 2:
         raise CpuvirtError("--modes needs at least two modes, e.g. native,hw")
+    from cpuvirt.modes import get_mode
+    from cpuvirt.runner import resolve_guest
+    for mode in modes:            # every input error before the first (possibly long) run
+        get_mode(mode)
+    if "para" in modes:
+        resolve_guest(args.items[0], "para")
+    if args.vmx and "hw" not in modes:
+        raise CpuvirtError("--vmx applies to the hw mode, which is not among --modes")
     with tempfile.TemporaryDirectory() as tmp:
         paths = []
         for mode in modes:
@@ -249,6 +257,8 @@ def _run(args) -> int:
     res = run_guest(args.guest, args.mode, args.mem, max_insns, args.trace, console, args.append,
                     modules=args.module, mode_options=options, verbose_trace=args.verbose_trace)
     stdout.flush()
+    if args.dump_vmcs_on and not done:
+        print(f"cpuvirt: no {args.dump_vmcs_on} exit happened in this run: no VMCS dumped", file=sys.stderr)
     if not args.quiet:
         print(format_summary(res), file=sys.stderr)
     if args.stats:

@@ -216,3 +216,19 @@ def test_writing_a_trace_does_not_change_the_statistics(tmp_path):
         traced = cpuvirt("run", "paging", "--mode", mode, "--trace", str(tmp_path / "t.jsonl")).stderr.decode()
         line = lambda err: next(r for r in err.splitlines() if r.strip().startswith("memory"))  # noqa: E731
         assert line(plain) == line(traced), mode
+
+
+def test_compare_checks_its_inputs_before_running_anything():
+    import time
+    t = time.perf_counter()
+    assert "unknown mode 'bogus'" in one_line_error(cpuvirt("compare", "nanobench", "--modes", "native,bogus"))
+    assert "no paravirtualized build" in one_line_error(cpuvirt("compare", "apic", "--modes", "native,para"))
+    assert "--vmx" in one_line_error(cpuvirt("compare", "hello", "--modes", "native,trap", "--vmx", "hlt_exiting=0"))
+    assert time.perf_counter() - t < 30        # none of them ran nanobench first
+
+
+def test_told_when_nothing_matched():
+    p = cpuvirt("run", "hello", "--mode", "hw", "--dump-vmcs-on", "CPUID", "-q")
+    assert p.returncode == 0 and b"no CPUID exit happened" in p.stderr
+    golden = str(REPO / "traces" / "hello.native.jsonl.gz")
+    assert b"no event of kind 'bogus'" in cpuvirt("trace", "show", golden, "--kind", "bogus").stdout

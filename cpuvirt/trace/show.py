@@ -21,6 +21,10 @@ def show(path: str, out, kinds=None) -> None:
         reason = f"{e['reason']}{code}"
         out.write(f"{e['seq']:>6} {e['icount']:>12} {e['cpl']:>3} {e['kind']:<13} {reason:<18} {e['eip']:>10}  "
                   f"{e['insn']:<28} {_detail(e['detail'])} -> {e['action']}\n")
+    present = {e["kind"] for e in t.events}
+    for k in kinds or ():
+        if k not in present:
+            out.write(f"# no event of kind {k!r} in this trace (kinds here: {', '.join(sorted(present)) or 'none'})\n")
     f = t.footer
     if f is None:
         out.write("# no footer: the run did not finish (the trace is a prefix)\n")
