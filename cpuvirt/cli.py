@@ -184,7 +184,7 @@ def _vmcs(args) -> int:
             return
         shown.append(x)
         print(f"VM exit #{cpu.exits}: {x.reason.name} ({int(x.reason)}) at {x.rip:#x}  {x.insn}  -> {x.action}")
-        print(cpu.vmcs.dump())
+        print(x.vmcs_at_exit)
         cpu.finish("stopped", 0, "stopped after dumping the VMCS")
 
     res = run_guest(args.guest, "hw", args.mem, DEFAULT_MAX_INSNS, None, None, "", mode_options=_hw_options(args, dump_on))
@@ -248,7 +248,7 @@ def _run(args) -> int:
                 done.append(1)
                 stdout.flush()
                 print(f"VM exit #{cpu.exits}: {x.reason.name} ({int(x.reason)}) at {x.rip:#x}  {x.insn}  -> {x.action}\n"
-                      f"{cpu.vmcs.dump()}", file=sys.stderr)
+                      f"{x.vmcs_at_exit}", file=sys.stderr)
     if args.verbose_trace and not args.trace:
         raise CpuvirtError("--verbose-trace needs --trace FILE")
     options = _hw_options(args, dump_on)

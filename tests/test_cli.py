@@ -232,3 +232,12 @@ def test_told_when_nothing_matched():
     assert p.returncode == 0 and b"no CPUID exit happened" in p.stderr
     golden = str(REPO / "traces" / "hello.native.jsonl.gz")
     assert b"no event of kind 'bogus'" in cpuvirt("trace", "show", golden, "--kind", "bogus").stdout
+
+
+def test_vmcs_dump_shows_the_state_at_the_exit_not_after_the_handler():
+    out = cpuvirt("vmcs", "paging", "--dump-vmcs-on", "CR_ACCESS").stdout.decode().splitlines()
+    at = int(out[0].split(" at ")[1].split()[0], 16)          # "VM exit #N: CR_ACCESS (28) at 0x...  mov cr4, eax"
+    new_cr4 = int(out[0].rsplit("<- ", 1)[1], 16)
+    field = {r.split()[1]: int(r.split()[2], 16) for r in out if len(r.split()) == 3 and r.split()[1].startswith("GUEST_")}
+    assert field["GUEST_RIP"] == at                            # not past the mov to CR4
+    assert field["GUEST_CR4"] != new_cr4                       # the old value: the handler has not run yet

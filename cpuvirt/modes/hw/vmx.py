@@ -56,7 +56,7 @@ class Exit:
     """One VM exit as the root-mode handler sees it."""
 
     __slots__ = ("reason", "qualification", "length", "rip", "insn", "detail", "value", "action",
-                 "implicit_rip", "block")
+                 "implicit_rip", "block", "vmcs_at_exit")
 
     def __init__(self, reason, qualification, length, rip, insn, detail, implicit_rip, value=None):
         self.reason, self.qualification, self.length, self.rip = reason, qualification, length, rip
@@ -66,6 +66,7 @@ class Exit:
         self.value = value
         self.action = ""
         self.block = False     # the handler parks the vCPU until an interrupt (HLT)
+        self.vmcs_at_exit = ""  # the VMCS as the exit left it, before the handler ran (for a dump)
 
 
 class EntryFailure(Exception):
@@ -213,6 +214,8 @@ class VmxCpu(Vcpu):
             insn = self.insn_at(rip) if self.trace is not None or self.dump_on is not None else ""
         x = Exit(reason, qualification, length, rip, insn, detail or {}, implicit_rip,
                  None if reason != ExitReason.IO_INSTRUCTION or qualification & 8 else value)
+        if self.dump_on is not None:
+            x.vmcs_at_exit = v.dump()          # the state at the exit, not after the handler emulated it
         t0 = time.perf_counter()
         handler = self.hypervisor.handlers.get(reason, self.hypervisor.unhandled)
         handler(x)
