@@ -210,6 +210,7 @@ class VmxCpu(Vcpu):
         v._cache[F.GUEST_RIP] = rip
         self.exits += 1
         self.stats[reason] += 1
+        self.counts["vmexit"] += 1
         if insn is None:
             insn = self.insn_at(rip) if self.trace is not None or self.dump_on is not None else ""
         x = Exit(reason, qualification, length, rip, insn, detail or {}, implicit_rip,
