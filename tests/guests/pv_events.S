@@ -10,52 +10,34 @@ main:
     xor edx, edx
     xor esi, esi
     HC(4)
-    mov ebx, 0
-    mov esi, n_cb
-    call expect
+    EXPECT(0, n_cb)
     # bind VIRQ_TIMER: port 2 (port 1 is the console)
     mov ebx, 1
     mov ecx, bind_arg
     HC(32)
-    mov ebx, 0
-    mov esi, n_bind
-    call expect
+    EXPECT(0, n_bind)
     mov eax, dword ptr [bind_arg + 8]
-    mov ebx, 2
-    mov esi, n_port
-    call expect
+    EXPECT(2, n_port)
     mov ebx, 1
     mov ecx, bind_arg
     HC(32)
-    mov ebx, -17
-    mov esi, n_bind2
-    call expect
+    EXPECT(-17, n_bind2)
 
     # one-shot timer 100 us ahead, then block: exactly one upcall, events unmasked afterwards
     call timer_soon
     mov ebx, 1
     xor ecx, ecx
     HC(29)
-    mov ebx, 0
-    mov esi, n_block
-    call expect
+    EXPECT(0, n_block)
     mov eax, dword ptr [ticks]
-    mov ebx, 1
-    mov esi, n_tick1
-    call expect
+    EXPECT(1, n_tick1)
     mov eax, dword ptr [saved_if]
-    mov ebx, 0x200
-    mov esi, n_savedif
-    call expect
+    EXPECT(0x200, n_savedif)
     mov eax, dword ptr [in_mask]
-    mov ebx, 1
-    mov esi, n_inmask
-    call expect
+    EXPECT(1, n_inmask)
     mov eax, dword ptr [shared_info]
     movzx eax, byte ptr [eax + MASK]
-    mov ebx, 0
-    mov esi, n_unmasked
-    call expect
+    EXPECT(0, n_unmasked)
 
     # masked: the event stays pending and no upcall runs
     mov eax, dword ptr [shared_info]
@@ -65,9 +47,7 @@ wait_pending:
     cmp byte ptr [eax + PENDING], 0
     je wait_pending
     mov eax, dword ptr [ticks]
-    mov ebx, 1
-    mov esi, n_masked
-    call expect
+    EXPECT(1, n_masked)
     # unmask with a plain write: delivered within the polling interval, without a hypercall
     mov eax, dword ptr [shared_info]
     xor ecx, ecx
@@ -80,15 +60,11 @@ spin:
     jne spin
 spin_done:
     mov eax, dword ptr [ticks]
-    mov ebx, 2
-    mov esi, n_polled
-    call expect
+    EXPECT(2, n_polled)
     xor eax, eax
     cmp ecx, 1000
     setb al
-    mov ebx, 1
-    mov esi, n_prompt
-    call expect
+    EXPECT(1, n_prompt)
 
     # forced: mask, wait pending, unmask, any hypercall delivers before it returns
     mov eax, dword ptr [shared_info]
@@ -102,34 +78,26 @@ wait_pending2:
     mov ebx, 0
     HC(17)
     mov eax, dword ptr [ticks]
-    mov ebx, 3
-    mov esi, n_forced
-    call expect
+    EXPECT(3, n_forced)
 
     # a timeout already past fires at once
     mov ebx, 1
     xor ecx, ecx
     HC(15)
     mov eax, dword ptr [ticks]
-    mov ebx, 4
-    mov esi, n_past
-    call expect
+    EXPECT(4, n_past)
 
     # event_channel_op send: the console port is fine, a VIRQ port is -EINVAL
     mov dword ptr [port_arg], 1
     mov ebx, 4
     mov ecx, port_arg
     HC(32)
-    mov ebx, 0
-    mov esi, n_send1
-    call expect
+    EXPECT(0, n_send1)
     mov dword ptr [port_arg], 2
     mov ebx, 4
     mov ecx, port_arg
     HC(32)
-    mov ebx, -EINVAL
-    mov esi, n_send2
-    call expect
+    EXPECT(-EINVAL, n_send2)
     # an upcall while ring 3 runs: onto the stack_switch stack, frame with the user SS:ESP, and
     # the iret hypercall back to ring 3
     mov ebx, trap_table
@@ -149,17 +117,11 @@ wait_pending2:
 back_from_user:
     mov eax, dword ptr [upcall_cs]
     and eax, 0xFFFF
-    mov ebx, 0x2B
-    mov esi, n_u_upcall
-    call expect
+    EXPECT(0x2B, n_u_upcall)
     mov eax, dword ptr [upcall_ss]
-    mov ebx, 0x33
-    mov esi, n_u_ss
-    call expect
+    EXPECT(0x33, n_u_ss)
     mov eax, dword ptr [ticks]
-    mov ebx, 5
-    mov esi, n_u_ticks
-    call expect
+    EXPECT(5, n_u_ticks)
     xor eax, eax
     ret
 

@@ -6,13 +6,9 @@ main:
     call print
     mov ebx, 0
     HC(17)
-    mov ebx, 0x00040011
-    mov esi, n_version
-    call expect
+    EXPECT(0x00040011, n_version)
     HC(99)
-    mov ebx, -ENOSYS
-    mov esi, n_enosys
-    call expect
+    EXPECT(-ENOSYS, n_enosys)
     xor eax, eax
     ret
 .data

@@ -1,25 +1,12 @@
 # description: para-mode security test: a hostile PV guest maps frames it does not own, makes its page tables writable, installs ring-0 and system descriptors, passes bad pointers and hypercall numbers; every attempt must get the right errno and change nothing
 #include "pv_rt.inc"
-#define P 1
-#define RW 2
-#define US 4
-#define PS 0x80
-#define EXPECT(want, name) mov ebx, want ; mov esi, name ; call expect
 .text
 main:
     call rt_init_iret
     mov ebx, trap_table
     HC(0)
-    mov eax, 2
-    call free_page
-    mov dword ptr [f_va], eax
-    call mfn_of
-    mov dword ptr [f_mfn], eax
-    mov eax, 3
-    call free_page
-    mov dword ptr [g_va], eax
-    call mfn_of
-    mov dword ptr [g_mfn], eax
+    FREE_FRAME(2, f_va, f_mfn)
+    FREE_FRAME(3, g_va, g_mfn)
     mov eax, dword ptr [start_info]
     mov eax, dword ptr [eax + SI_PT_BASE]
     mov dword ptr [l2_va], eax

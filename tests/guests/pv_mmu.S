@@ -1,8 +1,5 @@
 # description: para-mode test: direct paging: a new page table through validated updates, type rules (a page table never writable), pin/unpin, NEW_BASEPTR to a copied directory, and a ring-3 round trip (stack_switch, iret hypercall, int 0x80, ring-3 hypercall refused)
 #include "pv_rt.inc"
-#define P 1
-#define RW 2
-#define US 4
 #define NEWVA 0x40000000
 .text
 main:
@@ -10,21 +7,9 @@ main:
     mov ebx, trap_table
     HC(0)
     # frames: T = new L1 (free 1), F = data frame (free 2), N = new L2 (free 3)
-    mov eax, 1
-    call free_page
-    mov dword ptr [t_va], eax
-    call mfn_of
-    mov dword ptr [t_mfn], eax
-    mov eax, 2
-    call free_page
-    mov dword ptr [f_va], eax
-    call mfn_of
-    mov dword ptr [f_mfn], eax
-    mov eax, 3
-    call free_page
-    mov dword ptr [n_va], eax
-    call mfn_of
-    mov dword ptr [n_mfn], eax
+    FREE_FRAME(1, t_va, t_mfn)
+    FREE_FRAME(2, f_va, f_mfn)
+    FREE_FRAME(3, n_va, n_mfn)
     mov eax, dword ptr [start_info]
     mov eax, dword ptr [eax + SI_PT_BASE]
     mov dword ptr [l2_va], eax
@@ -49,52 +34,38 @@ main:
     shl ecx, 12
     or ecx, P | RW | US
     call mmu1
-    mov ebx, -EINVAL
-    mov esi, n_l1_writable
-    call expect
+    EXPECT(-EINVAL, n_l1_writable)
     # make T read-only, then hook it: validated as an L1
     mov ebx, dword ptr [t_va]
     mov ecx, dword ptr [t_mfn]
     shl ecx, 12
     or ecx, P | US
     call uva
-    mov ebx, 0
-    mov esi, n_t_ro
-    call expect
+    EXPECT(0, n_t_ro)
     call l2_slot_ma
     mov ebx, eax
     mov ecx, dword ptr [t_mfn]
     shl ecx, 12
     or ecx, P | RW | US
     call mmu1
-    mov ebx, 0
-    mov esi, n_hook
-    call expect
+    EXPECT(0, n_hook)
     mov eax, dword ptr [mmu_done]
-    mov ebx, 1
-    mov esi, n_done
-    call expect
+    EXPECT(1, n_done)
     # the same frame through both addresses
     mov edi, dword ptr [f_va]
     mov dword ptr [edi], 0xCAFEBABE
     mov eax, dword ptr [NEWVA]
-    mov ebx, 0xCAFEBABE
-    mov esi, n_alias
-    call expect
+    EXPECT(0xCAFEBABE, n_alias)
     mov dword ptr [NEWVA + 4], 0x12345678
     mov eax, dword ptr [edi + 4]
-    mov ebx, 0x12345678
-    mov esi, n_alias2
-    call expect
+    EXPECT(0x12345678, n_alias2)
     # T is a page table now: it can be mapped read-only only
     mov ebx, dword ptr [t_va]
     mov ecx, dword ptr [t_mfn]
     shl ecx, 12
     or ecx, P | RW | US
     call uva
-    mov ebx, -EINVAL
-    mov esi, n_t_rw
-    call expect
+    EXPECT(-EINVAL, n_t_rw)
     # an entry of T mapping the page directory writable is refused; read-only is fine
     mov ebx, dword ptr [t_mfn]
     shl ebx, 12
@@ -103,13 +74,9 @@ main:
     shl ecx, 12
     or ecx, P | RW
     call mmu1
-    mov ebx, -EINVAL
-    mov esi, n_l2_rw
-    call expect
+    EXPECT(-EINVAL, n_l2_rw)
     mov eax, dword ptr [mmu_done]
-    mov ebx, 0
-    mov esi, n_done0
-    call expect
+    EXPECT(0, n_done0)
     mov ebx, dword ptr [t_mfn]
     shl ebx, 12
     add ebx, 4
@@ -117,9 +84,7 @@ main:
     shl ecx, 12
     or ecx, P
     call mmu1
-    mov ebx, 0
-    mov esi, n_l2_ro
-    call expect
+    EXPECT(0, n_l2_ro)
     mov eax, dword ptr [NEWVA + 0x1000 + 4 * (NEWVA >> 22)]
     and eax, 0xFFFFF000
     mov ebx, dword ptr [t_mfn]
@@ -139,59 +104,43 @@ main:
 pt_write_site:
     mov dword ptr [edi], 0
     mov eax, dword ptr [last_vec]
-    mov ebx, 14
-    mov esi, n_pt_write
-    call expect
+    EXPECT(14, n_pt_write)
 
     # pin T (it is also referenced), pin twice refused, unhook, T stays an L1 while pinned
     mov ebx, 0
     mov ecx, dword ptr [t_mfn]
     call ext1
-    mov ebx, 0
-    mov esi, n_pin
-    call expect
+    EXPECT(0, n_pin)
     mov ebx, 0
     mov ecx, dword ptr [t_mfn]
     call ext1
-    mov ebx, -EINVAL
-    mov esi, n_pin2
-    call expect
+    EXPECT(-EINVAL, n_pin2)
     call l2_slot_ma
     mov ebx, eax
     xor ecx, ecx
     call mmu1
-    mov ebx, 0
-    mov esi, n_unhook
-    call expect
+    EXPECT(0, n_unhook)
     mov ebx, dword ptr [t_va]
     mov ecx, dword ptr [t_mfn]
     shl ecx, 12
     or ecx, P | RW | US
     call uva
-    mov ebx, -EINVAL
-    mov esi, n_pinned_rw
-    call expect
+    EXPECT(-EINVAL, n_pinned_rw)
     mov ebx, 4
     mov ecx, dword ptr [t_mfn]
     call ext1
-    mov ebx, 0
-    mov esi, n_unpin
-    call expect
+    EXPECT(0, n_unpin)
     mov ebx, 4
     mov ecx, dword ptr [t_mfn]
     call ext1
-    mov ebx, -EINVAL
-    mov esi, n_unpin2
-    call expect
+    EXPECT(-EINVAL, n_unpin2)
     # unreferenced and unpinned: an ordinary frame again
     mov ebx, dword ptr [t_va]
     mov ecx, dword ptr [t_mfn]
     shl ecx, 12
     or ecx, P | RW | US
     call uva
-    mov ebx, 0
-    mov esi, n_released
-    call expect
+    EXPECT(0, n_released)
 
     # NEW_BASEPTR: copy the directory into N, make N read-only, switch, keep running
     mov esi, dword ptr [l2_va]
@@ -203,35 +152,25 @@ pt_write_site:
     shl ecx, 12
     or ecx, P | US
     call uva
-    mov ebx, 0
-    mov esi, n_n_ro
-    call expect
+    EXPECT(0, n_n_ro)
     mov ebx, 5
     mov ecx, dword ptr [f_mfn]
     call ext1
-    mov ebx, -EINVAL
-    mov esi, n_base_bad
-    call expect
+    EXPECT(-EINVAL, n_base_bad)
     mov ebx, 5
     mov ecx, dword ptr [n_mfn]
     call ext1
-    mov ebx, 0
-    mov esi, n_base
-    call expect
+    EXPECT(0, n_base)
     mov ebx, 5
     mov ecx, dword ptr [l2_mfn]
     call ext1
-    mov ebx, 0
-    mov esi, n_base_back
-    call expect
+    EXPECT(0, n_base_back)
 
     # ring 3 and back
     mov ebx, 0x21
     mov ecx, kstack_top
     HC(3)
-    mov ebx, 0
-    mov esi, n_ss
-    call expect
+    EXPECT(0, n_ss)
     mov dword ptr [kesp], esp
     push 0x33
     push ustack_top
@@ -241,22 +180,14 @@ pt_write_site:
     IRET
 back_in_kernel:
     mov eax, dword ptr [u_result]
-    mov ebx, -EPERM
-    mov esi, n_u_hc
-    call expect
+    EXPECT(-EPERM, n_u_hc)
     mov eax, dword ptr [u_cs]
     and eax, 0xFFFF
-    mov ebx, 0x2B
-    mov esi, n_u_cs
-    call expect
+    EXPECT(0x2B, n_u_cs)
     mov eax, dword ptr [u_esp]
-    mov ebx, ustack_top
-    mov esi, n_u_esp
-    call expect
+    EXPECT(ustack_top, n_u_esp)
     mov eax, dword ptr [u_gp]
-    mov ebx, 1
-    mov esi, n_u_gp
-    call expect
+    EXPECT(1, n_u_gp)
     xor eax, eax
     ret
 

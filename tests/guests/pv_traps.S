@@ -5,85 +5,57 @@ main:
     call rt_init_iret
     mov ebx, trap_table
     HC(0)
-    mov ebx, 0
-    mov esi, n_stt
-    call expect
+    EXPECT(0, n_stt)
 
     # cli at ring 1: #GP(0), saved EIP = the cli
     mov dword ptr [last_vec], 0xFF
 cli_site:
     cli
     mov eax, dword ptr [last_vec]
-    mov ebx, 13
-    mov esi, n_cli_vec
-    call expect
+    EXPECT(13, n_cli_vec)
     mov eax, dword ptr [last_ec]
-    mov ebx, 0
-    mov esi, n_cli_ec
-    call expect
+    EXPECT(0, n_cli_ec)
     mov eax, dword ptr [last_eip]
-    mov ebx, cli_site
-    mov esi, n_cli_eip
-    call expect
+    EXPECT(cli_site, n_cli_eip)
     # saved CS: ring-1 code selector in the low 16 bits, saved upcall mask (1) in bits 16-23
     mov eax, dword ptr [last_cs]
-    mov ebx, 0x10019
-    mov esi, n_cli_cs
-    call expect
+    EXPECT(0x10019, n_cli_cs)
     # saved EFLAGS.IF = !mask = 0
     mov eax, dword ptr [last_fl]
     and eax, 0x200
-    mov ebx, 0
-    mov esi, n_cli_if
-    call expect
+    EXPECT(0, n_cli_if)
 
     # out without I/O privilege: #GP
     mov dword ptr [last_vec], 0xFF
 out_site:
     out 0x80, al
     mov eax, dword ptr [last_vec]
-    mov ebx, 13
-    mov esi, n_out
-    call expect
+    EXPECT(13, n_out)
     mov eax, dword ptr [last_eip]
-    mov ebx, out_site
-    mov esi, n_out_eip
-    call expect
+    EXPECT(out_site, n_out_eip)
 
     # physdev_op(set_iopl, 1): then in from port 0x80 reads 0xFF (the POST port), no fault
     mov ebx, 6
     mov ecx, iopl_arg
     HC(33)
-    mov ebx, 0
-    mov esi, n_iopl
-    call expect
+    EXPECT(0, n_iopl)
     mov dword ptr [last_vec], 0xFF
     xor eax, eax
     in al, 0x80
-    mov ebx, 0xFF
-    mov esi, n_in
-    call expect
+    EXPECT(0xFF, n_in)
     mov eax, dword ptr [last_vec]
-    mov ebx, 0xFF
-    mov esi, n_in_nofault
-    call expect
+    EXPECT(0xFF, n_in_nofault)
 
     # #PF beyond RAM: CR2 in vcpu_info.arch.cr2, error code 0 (not present, read, supervisor)
     mov dword ptr [last_vec], 0xFF
 pf_site:
     mov eax, dword ptr [0x7000123]
     mov eax, dword ptr [last_vec]
-    mov ebx, 14
-    mov esi, n_pf
-    call expect
+    EXPECT(14, n_pf)
     mov eax, dword ptr [last_cr2]
-    mov ebx, 0x7000123
-    mov esi, n_pf_cr2
-    call expect
+    EXPECT(0x7000123, n_pf_cr2)
     mov eax, dword ptr [last_ec]
-    mov ebx, 0
-    mov esi, n_pf_ec
-    call expect
+    EXPECT(0, n_pf_ec)
 
     # write to the hypercall page (read-only): #PF error code 3 (present, write)
     mov dword ptr [last_vec], 0xFF
@@ -91,33 +63,25 @@ pf_site:
 wp_site:
     mov dword ptr [ebx], 0
     mov eax, dword ptr [last_ec]
-    mov ebx, 3
-    mov esi, n_wp
-    call expect
+    EXPECT(3, n_wp)
 
     # int 0x80 (entry DPL 3) from ring 1, returning a value in eax through iret
     mov eax, 5
     int 0x80
-    mov ebx, 0x1234
-    mov esi, n_int80
-    call expect
+    EXPECT(0x1234, n_int80)
 
     # int 0x81 through an entry with DPL 0: #GP(0x81 * 8 + 2)
     mov dword ptr [last_vec], 0xFF
 int81_site:
     int 0x81
     mov eax, dword ptr [last_ec]
-    mov ebx, 0x81 * 8 + 2
-    mov esi, n_int81
-    call expect
+    EXPECT(0x81 * 8 + 2, n_int81)
 
     # ud2: #UD
     mov dword ptr [last_vec], 0xFF
     ud2
     mov eax, dword ptr [last_vec]
-    mov ebx, 6
-    mov esi, n_ud
-    call expect
+    EXPECT(6, n_ud)
     xor eax, eax
     ret
 
