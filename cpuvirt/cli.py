@@ -65,8 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     _vmx_options(v)
 
     sub.add_parser("guests", help="list the bundled guests")
-    b = sub.add_parser("build", help="assemble the bundled guests into Multiboot images")
-    b.add_argument("--out", default=None, help="output directory (default guests/build)")
+    b = sub.add_parser("build", help="assemble guests into Multiboot images: the bundled ones, or the files named")
+    b.add_argument("sources", nargs="*", metavar="FILE.S", help="guest source files (default: every bundled guest)")
+    b.add_argument("--out", "-o", default=None,
+                   help="output directory (default guests/build); with one FILE.S, the image file (default FILE.bin)")
+    b.add_argument("--pv", action="store_true", help="with FILE.S: its paravirtualized build (PV = 1)")
 
     c = sub.add_parser("compare", help="align traces (or runs of one guest) site by site: what each technique did")
     c.add_argument("items", nargs="+", metavar="TRACE|GUEST",
@@ -125,11 +128,7 @@ def _dispatch(args) -> int:
             print(f"{g.name:<12} {g.description}{pv}")
         return 0
     if args.verb == "build":
-        from cpuvirt.toolchain.build import build_all
-        from cpuvirt.toolchain.build import guest_source_dir
-        for path in build_all(args.out or guest_source_dir() / "build"):
-            print(path)
-        return 0
+        return _build(args)
     if args.verb == "bt":
         from cpuvirt.bt.show import show
         if args.blocks < 0 or args.max_insns < 0:
@@ -143,6 +142,32 @@ def _dispatch(args) -> int:
         show(args.file, sys.stdout, kinds=args.kind)
         return 0
     raise CpuvirtError(f"unknown verb {args.verb}")
+
+
+def _build(args) -> int:
+    from pathlib import Path
+    from cpuvirt.toolchain.build import build_all, build_source, guest_source_dir
+    try:
+        if not args.sources:
+            if args.pv:
+                raise CpuvirtError("--pv applies to FILE.S; the bundled PV builds are made with the rest")
+            for path in build_all(args.out or guest_source_dir() / "build"):
+                print(path)
+            return 0
+        single = len(args.sources) == 1 and args.out is not None and not Path(args.out).is_dir()
+        for source in args.sources:
+            image = build_source(source, pv=args.pv)
+            suffix = ".pv.bin" if args.pv else ".bin"
+            if single:
+                out = Path(args.out)
+            else:
+                folder = Path(args.out) if args.out else Path(source).parent
+                out = folder / (Path(source).stem + suffix)
+            out.write_bytes(image)
+            print(out)
+    except OSError as e:            # an unwritable --out is the user's input, not cpuvirt's bug
+        raise CpuvirtError(f"{e.filename or args.out}: {e.strerror}") from None
+    return 0
 
 
 def _vmx_options(p) -> None:
@@ -261,6 +286,9 @@ def _run(args) -> int:
         print(f"cpuvirt: no {args.dump_vmcs_on} exit happened in this run: no VMCS dumped", file=sys.stderr)
     if not args.quiet:
         print(format_summary(res), file=sys.stderr)
+    elif res.outcome != "exit":     # -q silences the summary, never why a run stopped abnormally
+        print(f"cpuvirt: {res.guest} under {res.mode}: {res.outcome}, status {res.status}"
+              + (f" ({res.message})" if res.message else ""), file=sys.stderr)
     if args.stats:
         print(format_stats(res), file=sys.stderr)
     return res.status

@@ -1,8 +1,11 @@
 """One run of one guest under one mode: load, boot, run, summarise. Used by the CLI and the tests."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import signal
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -38,8 +41,53 @@ class RunResult:
     exit_stats: list = field(default_factory=list)
 
 
+EXIT_INTERRUPTED = 130     # as a shell reports a process ended by SIGINT (128 + 2)
+
+
+@contextlib.contextmanager
+def stop_on_sigint(vcpu):
+    """Ctrl-C ends the run as an outcome ("interrupted", status 130) with the trace footer written.
+
+    Python runs a signal handler only between bytecodes of the main thread, which may be inside an
+    engine hook (where a KeyboardInterrupt would unwind through C) or never, while translated guest
+    code runs without Python. So the handler does nothing, and a thread woken through the signal
+    wakeup fd stops the engine: uc_emu_stop is meant to be called from another thread, and the
+    engine releases the GIL while it runs.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    old_handler = signal.signal(signal.SIGINT, lambda *_: None)
+    old_fd = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+
+    def watch() -> None:
+        while True:
+            data = os.read(r, 64)
+            if not data or data == b"\xff":       # closed, or told to go: the run is over
+                return
+            if signal.SIGINT in data:
+                vcpu.finish("interrupted", EXIT_INTERRUPTED, "interrupted (Ctrl-C)")
+
+    watcher = threading.Thread(target=watch, name="cpuvirt-sigint", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        signal.set_wakeup_fd(old_fd)
+        signal.signal(signal.SIGINT, old_handler)
+        os.write(w, b"\xff")
+        watcher.join()
+        os.close(r)
+        os.close(w)
+
+
 def resolve_guest(guest: str, mode: str) -> tuple[str, bytes]:
     """A bundled guest's name, or a path to a Multiboot image -> (display name, image bytes)."""
+    if guest.endswith(".S"):
+        from cpuvirt.toolchain.build import build_source
+        return os.path.basename(guest), build_source(guest, pv=(mode == "para"))
     if os.sep in guest or guest.endswith((".elf", ".bin", ".img")) or os.path.exists(guest):
         try:
             with open(guest, "rb") as f:
@@ -149,7 +197,8 @@ def run_guest(guest: str, mode: str = "native", mem_mib: int = 32, max_insns: in
         hv.boot()
 
         t0 = time.perf_counter()
-        outcome = hv.run(image.entry)
+        with stop_on_sigint(vcpu):
+            outcome = hv.run(image.entry)
         wall = time.perf_counter() - t0
         counts = dict(sorted(vcpu.counts.items()))
         if trace:

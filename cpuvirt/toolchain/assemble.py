@@ -52,6 +52,7 @@ _INTRINSIC16 = {
     "pushfw", "popfw", "iret", "pushaw", "popaw", "retfw",
 }
 _DESC_TABLE = {"lgdt", "lidt", "sgdt", "sidt"}
+_ATT_RE = re.compile(r"%[a-z]|\$-?[\w(]|^\s*[a-z]+[bwl]\s+[$%]", re.I)
 _BSS_DIRECTIVES = {".align", ".balign", ".p2align", ".zero", ".skip", ".space"}
 _SECTIONS = {".text": "text", ".data": "data", ".rodata": "data", ".bss": "bss"}
 _FORBIDDEN_DIRECTIVES = {
@@ -403,6 +404,14 @@ def _prefixes(raw: bytes) -> bytes:
 def check_encodings(asm: Assembly) -> list[str]:
     """Decode every instruction statement; return ``file:line: problem`` strings (empty: all good)."""
     problems: list[str] = []
+    for s in asm.statements:
+        # keystone drops what it cannot parse as an instruction without an error (AT&T operands
+        # among it): a check placed after such a line would pass on code that was never there.
+        if s.kind == "insn" and not s.size:
+            hint = (" (AT&T syntax? guests are written in Intel syntax: `inc eax`, `mov eax, 5`)"
+                    if _ATT_RE.search(s.source) else "")
+            problems.append(f"{s.where}: `{s.source}` assembled to no bytes: keystone did not "
+                            f"understand it{hint}")
     for s in asm.instructions():
         off = s.addr - asm.base
         region = asm.code[off : off + s.size]

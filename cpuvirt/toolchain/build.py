@@ -86,6 +86,18 @@ def assemble_guest(name: str, pv: bool = False) -> tuple[bytes, Assembly]:
     return build_image(pre.lines)
 
 
+def build_source(path: Path | str, pv: bool = False) -> bytes:
+    """The Multiboot image of one guest source file anywhere (``cpuvirt run mine.S``): the bundled
+    includes are found first, then the file's own folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise CpuvirtError(f"{path}: no such guest source file")
+    pre = preprocess(path, {"PV": int(pv)}, [include_dir(), path.resolve().parent])
+    if pv and "PV" not in pre.condition_names:
+        raise CpuvirtError(f"{path}: no paravirtualized build (the source never tests PV; see guests/README.md)")
+    return build_image(pre.lines)[0]
+
+
 def build_guest(name: str, pv: bool = False) -> bytes:
     """The Multiboot image of a bundled guest (its PV build with pv=True)."""
     return assemble_guest(name, pv)[0]
