@@ -1,4 +1,28 @@
-"""Only for the C virtual-clock hook; all metadata is in pyproject.toml."""
-from setuptools import Extension, setup
+"""The C virtual-clock hook, and the guest sources shipped inside the package; metadata is in pyproject.toml."""
+import shutil
+from pathlib import Path
 
-setup(ext_modules=[Extension("cpuvirt.machine._vclock", ["cpuvirt/machine/_vclock.c"], extra_compile_args=["-O2"])])
+from setuptools import Extension, setup
+from setuptools.command.build_py import build_py
+
+GUESTS = Path(__file__).resolve().parent / "guests"
+
+
+class build_py_with_guests(build_py):
+    """A wheel or a plain `pip install .` carries the bundled guests and their includes (as
+    cpuvirt/_guests), so `cpuvirt guests` and `cpuvirt run hello` work without the repository.
+    An editable install reads guests/ in the checkout instead (cpuvirt/toolchain/build.py)."""
+
+    def run(self):
+        super().run()
+        if self.editable_mode:
+            return
+        target = Path(self.build_lib) / "cpuvirt" / "_guests"
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(GUESTS, target, ignore=shutil.ignore_patterns("build", "__pycache__"))
+
+
+setup(
+    ext_modules=[Extension("cpuvirt.machine._vclock", ["cpuvirt/machine/_vclock.c"], extra_compile_args=["-O2"])],
+    cmdclass={"build_py": build_py_with_guests},
+)

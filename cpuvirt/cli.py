@@ -122,7 +122,8 @@ def _dispatch(args) -> int:
     if args.verb == "compare":
         return _compare(args)
     if args.verb == "guests":
-        from cpuvirt.toolchain.build import list_guests
+        from cpuvirt.toolchain.build import guest_source_dir, list_guests
+        print(f"# bundled guests, from {guest_source_dir()}", file=sys.stderr)
         for g in list_guests():
             pv = "  [pv build]" if g.has_pv else ""
             print(f"{g.name:<12} {g.description}{pv}")

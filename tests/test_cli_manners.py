@@ -109,3 +109,25 @@ def test_ctrl_c_ends_the_run_cleanly(tmp_path, mode, guest):
         footer = json.loads(trace.read_text().splitlines()[-1])
         if footer["type"] == "footer":          # a signal before the trace's header is possible only at start
             assert footer["outcome"] == "interrupted" and footer["status"] == 130
+
+
+def test_an_installed_package_carries_its_guests(tmp_path):
+    """A plain (non-editable) install has no checkout beside it: the guests travel in the package."""
+    import shutil
+    from pathlib import Path
+    import cpuvirt.machine
+    repo = Path(__file__).resolve().parents[1]
+    lib = tmp_path / "lib"
+    p = subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(lib)], cwd=repo,
+                       capture_output=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    for so in Path(cpuvirt.machine.__file__).parent.glob("_vclock*.so"):
+        shutil.copy(so, lib / "cpuvirt" / "machine")
+    env = {"PYTHONPATH": str(lib), "PATH": "/usr/bin:/bin"}
+    run = lambda *a: subprocess.run([sys.executable, "-m", "cpuvirt", *a], cwd=tmp_path, env=env,
+                                    capture_output=True, timeout=120)
+    p = run("guests")
+    assert p.returncode == 0 and str(lib / "cpuvirt" / "_guests") in p.stderr.decode()
+    assert b"hello " in p.stdout and b"paging " in p.stdout
+    p = run("run", "hello", "-q")
+    assert p.returncode == 0 and b"PASS hello" in p.stdout

@@ -29,11 +29,16 @@ class GuestInfo:
 
 
 def guest_source_dir() -> Path:
-    """Where the guest sources are: $CPUVIRT_GUESTS, or ``guests/`` at the top of the repository."""
+    """Where the guest sources are: $CPUVIRT_GUESTS; else ``guests/`` of the checkout cpuvirt runs
+    from (an editable install); else the copy an installed package carries (``cpuvirt/_guests``)."""
     env = os.environ.get("CPUVIRT_GUESTS")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[2] / "guests"
+    package = Path(__file__).resolve().parents[1]
+    checkout = package.parent / "guests"
+    if (checkout / "include").is_dir():
+        return checkout
+    return package / "_guests"
 
 
 def include_dir() -> Path:
