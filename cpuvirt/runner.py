@@ -44,43 +44,59 @@ class RunResult:
 EXIT_INTERRUPTED = 130     # as a shell reports a process ended by SIGINT (128 + 2)
 
 
-@contextlib.contextmanager
-def stop_on_sigint(vcpu):
+class SigintStop:
     """Ctrl-C ends the run as an outcome ("interrupted", status 130) with the trace footer written.
 
     Python runs a signal handler only between bytecodes of the main thread, which may be inside an
-    engine hook (where a KeyboardInterrupt would unwind through C) or never, while translated guest
-    code runs without Python. So the handler does nothing, and a thread woken through the signal
-    wakeup fd stops the engine: uc_emu_stop is meant to be called from another thread, and the
-    engine releases the GIL while it runs.
+    engine hook (where a KeyboardInterrupt would unwind through C) or never, while guest code runs
+    without Python. So the handler does nothing, and a thread woken through the signal wakeup fd
+    stops the engine: uc_emu_stop is meant to be called from another thread, and the engine
+    releases the GIL while it runs. A Ctrl-C before the vCPU exists stops it as soon as it does.
     """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    r, w = os.pipe()
-    os.set_blocking(w, False)
-    old_handler = signal.signal(signal.SIGINT, lambda *_: None)
-    old_fd = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
 
-    def watch() -> None:
+    def __init__(self):
+        self.vcpu = None
+        self.pending = False
+
+    def attach(self, vcpu) -> None:
+        self.vcpu = vcpu
+        if self.pending:
+            self._stop()
+
+    def _stop(self) -> None:
+        self.vcpu.finish("interrupted", EXIT_INTERRUPTED, "interrupted (Ctrl-C)")
+
+    def _watch(self, r: int) -> None:
         while True:
             data = os.read(r, 64)
             if not data or data == b"\xff":       # closed, or told to go: the run is over
                 return
             if signal.SIGINT in data:
-                vcpu.finish("interrupted", EXIT_INTERRUPTED, "interrupted (Ctrl-C)")
+                if self.vcpu is None:
+                    self.pending = True
+                else:
+                    self._stop()
 
-    watcher = threading.Thread(target=watch, name="cpuvirt-sigint", daemon=True)
-    watcher.start()
-    try:
-        yield
-    finally:
-        signal.set_wakeup_fd(old_fd)
-        signal.signal(signal.SIGINT, old_handler)
-        os.write(w, b"\xff")
-        watcher.join()
-        os.close(r)
-        os.close(w)
+    @contextlib.contextmanager
+    def installed(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        r, w = os.pipe()
+        os.set_blocking(w, False)
+        old_handler = signal.signal(signal.SIGINT, lambda *_: None)
+        old_fd = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        watcher = threading.Thread(target=self._watch, args=(r,), name="cpuvirt-sigint", daemon=True)
+        watcher.start()
+        try:
+            yield self
+        finally:
+            signal.set_wakeup_fd(old_fd)
+            signal.signal(signal.SIGINT, old_handler)
+            os.write(w, b"\xff")
+            watcher.join()
+            os.close(r)
+            os.close(w)
 
 
 def resolve_guest(guest: str, mode: str) -> tuple[str, bytes]:
@@ -140,9 +156,12 @@ def run_guest(guest: str, mode: str = "native", mem_mib: int = 32, max_insns: in
         if console is not None:
             console(byte)
 
+    stack = contextlib.ExitStack()
+    sigint = stack.enter_context(SigintStop().installed())   # from here on Ctrl-C is an outcome
     try:
         trace_file = open(trace_path, "w", encoding="utf-8") if trace_path else None
     except OSError as e:
+        stack.close()
         raise CpuvirtError(f"--trace {trace_path}: {e.strerror}") from None
     try:
         trace = None
@@ -196,9 +215,9 @@ def run_guest(guest: str, mode: str = "native", mem_mib: int = 32, max_insns: in
             hv.set_image(image, boot)     # para: its start pages go above the image and modules
         hv.boot()
 
+        sigint.attach(vcpu)       # not before: a mode's boot may run the engine itself (para)
         t0 = time.perf_counter()
-        with stop_on_sigint(vcpu):
-            outcome = hv.run(image.entry)
+        outcome = hv.run(image.entry)
         wall = time.perf_counter() - t0
         counts = dict(sorted(vcpu.counts.items()))
         if trace:
@@ -216,5 +235,6 @@ def run_guest(guest: str, mode: str = "native", mem_mib: int = 32, max_insns: in
                          machine.clock.instructions, machine.clock.now, counts, mmu_stats, wall, vga,
                          unhandled, stats)
     finally:
+        stack.close()
         if trace_file:
             trace_file.close()
