@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--module", action="append", default=[], type=_module, metavar="FILE[,CMDLINE]",
                    help="a Multiboot module with its command line (repeatable; as QEMU's -initrd 'FILE CMDLINE')")
     r.add_argument("--quiet", "-q", action="store_true", help="no summary on stderr")
+    r.add_argument("--summary", metavar="FILE", help="also write the run's summary as JSON (for scripts and labs)")
     r.add_argument("--stats", action="store_true", help="per-exit-reason table, like kvm_stat (hw), or events by kind")
     r.add_argument("--verbose-trace", action="store_true",
                    help="with --trace: also record each translated block (full) and each hidden shadow-paging "
@@ -85,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--mem", type=_int, default=32, metavar="MiB")
     bt.add_argument("--max-insns", type=_int, default=50_000_000, metavar="N", help="budget of the run first made")
     bt.add_argument("--trace", metavar="FILE", help="also write the run's trace, with a `translate` event per block")
+
+    lab = sub.add_parser("lab", help="run a lab: its commands, their output, and checks of your answers")
+    lab.add_argument("name", nargs="?", help="the lab (name or number); none: list the labs")
+    lab.add_argument("--answer", action="append", default=[], metavar="Q=VALUE", help="check an answer (repeatable)")
+    lab.add_argument("--write-doc", metavar="DIR", help="write the lab's handout with this run's observations into DIR")
+    lab.add_argument("--quiet", "-q", action="store_true", help="do not show the commands' output")
 
     t = sub.add_parser("trace", help="read exit traces")
     tsub = t.add_subparsers(dest="trace_verb", required=True, parser_class=_Parser)
@@ -138,11 +145,53 @@ def _dispatch(args) -> int:
                        trace_path=args.trace)
         sys.stdout.write(text)
         return 0
+    if args.verb == "lab":
+        return _lab(args)
     if args.verb == "trace":
         from cpuvirt.trace.show import show
         show(args.file, sys.stdout, kinds=args.kind)
         return 0
     raise CpuvirtError(f"unknown verb {args.verb}")
+
+
+def _lab(args) -> int:
+    from pathlib import Path
+    from cpuvirt import labs
+    if not args.name:
+        for lab in labs.all_labs():
+            print(f"{lab.number}  {lab.name:<8} {lab.title}")
+        return 0
+    lab = labs.get_lab(args.name)
+    answers = {}
+    for item in args.answer:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise CpuvirtError(f"--answer {item!r}: write Q=VALUE, e.g. q1=8")
+        answers[key] = value
+    if args.write_doc and not Path(args.write_doc).is_dir():
+        raise CpuvirtError(f"--write-doc {args.write_doc}: no such folder")
+    known = {q.key for q in lab.questions}
+    for key in answers:              # every input error before the (possibly long) run
+        if key not in known:
+            raise CpuvirtError(f"lab {lab.name} has no question {key!r} (questions: {', '.join(sorted(known))})")
+    echo = None if args.quiet else (lambda text: (sys.stdout.write(text), sys.stdout.flush()))
+    if echo:
+        echo(f"Lab {lab.number}: {lab.title}\n")
+    outputs, observed = labs.run_lab(lab, echo=echo)
+    if args.write_doc:
+        path = Path(args.write_doc) / labs.doc_name(lab)
+        path.write_text(labs.render_markdown(lab, outputs, observed))
+        print(f"wrote {path}")
+    wrong = 0
+    for key, ok, message in labs.check_answers(lab, observed, answers):
+        print(f"{key}: {message}")
+        wrong += not ok
+    if not answers and not args.write_doc:
+        print("\nQuestions:")
+        for q in lab.questions:
+            print(f"  {q.key}. {' '.join(q.text.split())}")
+        print(f"Check a numeric answer with: cpuvirt lab {lab.name} --answer q1=N")
+    return 1 if wrong else 0
 
 
 def _build(args) -> int:
@@ -275,6 +324,8 @@ def _run(args) -> int:
                 stdout.flush()
                 print(f"VM exit #{cpu.exits}: {x.reason.name} ({int(x.reason)}) at {x.rip:#x}  {x.insn}  -> {x.action}\n"
                       f"{x.vmcs_at_exit}", file=sys.stderr)
+    if args.summary and not os.access(os.path.dirname(os.path.abspath(args.summary)), os.W_OK):
+        raise CpuvirtError(f"--summary {args.summary}: its folder does not exist or is not writable")
     if args.verbose_trace and not args.trace:
         raise CpuvirtError("--verbose-trace needs --trace FILE")
     options = _hw_options(args, dump_on)
@@ -292,7 +343,23 @@ def _run(args) -> int:
               + (f" ({res.message})" if res.message else ""), file=sys.stderr)
     if args.stats:
         print(format_stats(res), file=sys.stderr)
+    if args.summary:
+        write_summary_json(res, args.summary)
     return res.status
+
+
+def write_summary_json(res, path: str) -> None:
+    """Every figure of the summary, machine-readable: the RunResult, the console as text."""
+    import dataclasses
+    import json
+    data = dataclasses.asdict(res)
+    data["console"] = res.console.decode("utf-8", "replace")
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+            f.write("\n")
+    except OSError as e:
+        raise CpuvirtError(f"--summary {path}: {e.strerror}") from None
 
 
 def format_stats(res) -> str:
