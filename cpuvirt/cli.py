@@ -87,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--max-insns", type=_int, default=50_000_000, metavar="N", help="budget of the run first made")
     bt.add_argument("--trace", metavar="FILE", help="also write the run's trace, with a `translate` event per block")
 
+    ng = sub.add_parser("new-guest", help="write a skeleton guest (assembler, or C with --c) that PASSes in every mode")
+    ng.add_argument("name")
+    ng.add_argument("--c", action="store_true", help="a C kernel (NAME/ with a Makefile; needs gcc -m32) instead of NAME.S")
+    ng.add_argument("--dir", default=".", help="where to write it (default: here)")
+
     lab = sub.add_parser("lab", help="run a lab: its commands, their output, and checks of your answers")
     lab.add_argument("name", nargs="?", help="the lab (name or number); none: list the labs")
     lab.add_argument("--answer", action="append", default=[], metavar="Q=VALUE", help="check an answer (repeatable)")
@@ -144,6 +149,14 @@ def _dispatch(args) -> int:
         text, _ = show(args.guest, at=args.at, blocks=args.blocks, max_insns=args.max_insns, mem_mib=args.mem,
                        trace_path=args.trace)
         sys.stdout.write(text)
+        return 0
+    if args.verb == "new-guest":
+        from cpuvirt.toolchain.newguest import new_guest
+        for path in new_guest(args.name, args.dir, c=args.c):
+            print(path)
+        print(f"next: cd {args.dir} && make -C {args.name} && cpuvirt run {args.name}/{args.name}.elf" if args.c
+              else f"next: cpuvirt run {os.path.join(args.dir, args.name)}.S --mode native   (or trap, full, para, hw)",
+              file=sys.stderr)
         return 0
     if args.verb == "lab":
         return _lab(args)
