@@ -58,6 +58,8 @@ translator decodes it and writes a translated block into a **translation cache**
 The guest's code pages are write-traced: a store into a page that was translated invalidates the
 translations made from it (self-modifying code stays correct). In cpuvirt the guest kernel runs at ring 1
 and the TC sits in an execute-only window the guest cannot read or write.
+
+![Guest code, the translator and the translation cache](../diagrams/translation-cache.svg)
 """,
     steps=[
         Step("cpuvirt bt hello --blocks 2",

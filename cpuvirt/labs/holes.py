@@ -52,6 +52,10 @@ and `mov ax, cs` or `push cs` reveal the real privilege level in the selector's 
 cpuvirt's `trap` mode is that naive VMM: the guest kernel runs at ring 1 in place, and only what faults
 is emulated. The bundled guest `holes` checks each of these instructions from (what it believes is)
 ring 0 and prints PASS or FAIL for each.
+
+![Which ring runs what in each mode](../diagrams/privilege-layouts.svg)
+
+![The life of mov cr3, eax in each mode](../diagrams/sensitive-instruction.svg)
 """,
     steps=[
         Step("cpuvirt run holes --summary native.json",

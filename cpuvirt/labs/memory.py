@@ -44,6 +44,8 @@ processor can walk only one set of tables at a time. Three answers:
 - **Direct paging** (`para`): the guest's tables hold host frame numbers and are read-only to the guest;
   every update is a hypercall the hypervisor validates.
 
+![EPT's two-dimensional walk](../diagrams/two-dimensional-walk.svg)
+
 The `paging` guest builds page tables, switches address spaces, takes demand faults and changes PTEs.
 The summary's `memory` line counts **TLB fills** (pages the processor had to translate), **walks** and
 their memory **refs**.
