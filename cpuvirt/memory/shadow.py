@@ -169,6 +169,7 @@ class ShadowPaging:
             return "hidden", gva
         gpa, ok = self._resolve(gva, access, user, cr0, cr3, cr4)
         if gpa is None:
+            self.mmu.counters.faults += 1      # as Mmu.fill counts the true faults it finds itself
             return "true", ok
         if access == _WRITE and (gpa & PAGE_MASK) in self.mmu.traces.frames:
             self.counters.hidden_faults -= 1      # the walk was part of a ptemod, not a hidden fault
