@@ -48,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--append", default="", metavar="CMDLINE", help="kernel command line")
     r.add_argument("--module", action="append", default=[], type=_module, metavar="FILE[,CMDLINE]",
                    help="a Multiboot module with its command line (repeatable; as QEMU's -initrd 'FILE CMDLINE')")
+    r.add_argument("--device", action="append", default=[], metavar="virtio-net[,mac=M][,peer=P]",
+                   help="a PCI device, in slot order from 00:02.0 (repeatable); peer loopback (default: echo "
+                        "every frame) or user (answers ARP and ping for 10.0.2.2 as QEMU's -netdev user does)")
+    r.add_argument("--pcap", metavar="FILE", help="write every frame the devices send and receive to a pcap file")
     r.add_argument("--quiet", "-q", action="store_true", help="no summary on stderr")
     r.add_argument("--stats", action="store_true", help="per-exit-reason table, like kvm_stat (hw), or events by kind")
     r.add_argument("--verbose-trace", action="store_true",
@@ -254,8 +258,13 @@ def _run(args) -> int:
     options = _hw_options(args, dump_on)
     if args.verbose_trace and args.mode == "full":
         options = {"verbose": True}
+    from cpuvirt.virtio.setup import parse_device
+    devices = [parse_device(text) for text in args.device]
+    if args.pcap and not devices:
+        raise CpuvirtError("--pcap needs a --device virtio-net to capture")
     res = run_guest(args.guest, args.mode, args.mem, max_insns, args.trace, console, args.append,
-                    modules=args.module, mode_options=options, verbose_trace=args.verbose_trace)
+                    modules=args.module, mode_options=options, verbose_trace=args.verbose_trace,
+                    devices=devices, pcap_path=args.pcap)
     stdout.flush()
     if args.dump_vmcs_on and not done:
         print(f"cpuvirt: no {args.dump_vmcs_on} exit happened in this run: no VMCS dumped", file=sys.stderr)
@@ -306,6 +315,11 @@ def format_summary(res) -> str:
                      f"{tc['ic_misses']} inline-cache misses), {tc['invalidations']} invalidations, "
                      f"{tc['flushes']} flushes; {bt['code_page_faults']} stores into code pages, "
                      f"{bt['adaptive_stores']} stores made callouts (adaptive)")
+    for d in res.devices:
+        lines.append(f"  {d['name']} 00:{d['slot']:02x}.0 {d['mac']}: tx {d['tx_frames']} frames "
+                     f"({d['tx_dropped']} dropped), rx {d['rx_frames']} ({d['rx_dropped']} dropped), "
+                     f"{d['notifications']} notifications, {d['interrupts']} interrupts, "
+                     f"{d['needs_reset']} DEVICE_NEEDS_RESET")
     mips = res.icount / res.wall_s / 1e6 if res.wall_s > 0 else 0.0
     lines.append(f"  wall time      {res.wall_s:.3f} s ({mips:,.1f} MIPS)")
     if res.vga:
