@@ -417,6 +417,7 @@ msix_setup:
     mov ecx, eax
     or ecx, 0x80000000                  # message control bit 15: MSI-X enable
     and ecx, 0xBFFFFFFF                 # function mask off
+    mov eax, dword ptr [msix_cap]
     call pci_write
     mov esi, msix_text
     call puts
@@ -689,7 +690,7 @@ rx_frame_ip:
     cmp dword ptr [ping_icmp_sum], 0
     jne rx_frame_done
     mov eax, dword ptr [esi + 38]       # id, seq
-    cmp eax, 0x01004E44                 # id 0x4e44 ("ND"), seq 1, in network order
+    cmp eax, 0x0100444E                 # id 0x4e44 ("ND"), seq 1, in network order
     jne rx_frame_done
     push esi
     lea esi, [esi + 42]
