@@ -288,13 +288,13 @@ virtio_no_msix:
     mov edx, 1
     mov edi, txq
     call setup_queue
-    mov ax, 2                           # queue 2 does not exist (no control queue negotiated)
+    mov ax, 3                           # 0 rx, 1 tx, 2 control: there is no queue 3
     mov ecx, VIRTIO_QUEUE_SEL
     call vio_out16
     mov ecx, VIRTIO_QUEUE_NUM
     call vio_in16
     movzx eax, ax
-    CHECK_EQ("queue 2 (control) is absent: its size reads 0", eax, 0)
+    CHECK_EQ("queue 3 does not exist: its size reads 0", eax, 0)
     # the MAC and link status from the device configuration
     mov esi, mac_text
     call puts

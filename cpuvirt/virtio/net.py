@@ -1,6 +1,7 @@
 """virtio-net, legacy (virtio 1.x specification 5.1; Linux uapi/linux/virtio_net.h).
 
-Queue 0 receives, queue 1 transmits (no control queue). Every frame on either queue is preceded by
+Queue 0 receives, queue 1 transmits; queue 2 is the control queue, which exists (64 entries, as in
+QEMU) but does nothing, since VIRTIO_NET_F_CTRL_VQ is not offered. Every frame on either queue is preceded by
 the 10-byte legacy `virtio_net_hdr` (flags, gso_type, hdr_len, gso_size, csum_start, csum_offset;
 no num_buffers without MRG_RXBUF). Offered features: MAC (5), STATUS (16), INDIRECT_DESC (28),
 EVENT_IDX (29); no checksum or segmentation offload, so the header the device writes is all zeros
@@ -23,8 +24,9 @@ from cpuvirt.virtio.virtqueue import RingError
 F_MAC, F_STATUS, F_MRG_RXBUF, F_CTRL_VQ = 5, 16, 15, 17
 NET_S_LINK_UP = 1
 HDR_LEN = 10
-RX, TX = 0, 1
+RX, TX, CTRL = 0, 1, 2
 QUEUE_SIZE = 256                 # QEMU's default rx_queue_size and tx_queue_size
+CTRL_QUEUE_SIZE = 64
 MAX_FRAME = 65535 + 14           # what QEMU's virtio-net accepts at most (an IP datagram in Ethernet)
 BACKLOG = 256                    # frames waiting for receive buffers, at most
 DEFAULT_MAC = bytes.fromhex("525400123456")    # QEMU's default NIC address, 52:54:00:12:34:56
@@ -52,7 +54,7 @@ class VirtioNet(VirtioDevice):
     pci_device_id = 0x1000           # transitional virtio-net
     virtio_id = 1                    # subsystem device ID: network card
     class_code = 0x020000            # network controller, Ethernet
-    queue_sizes = (QUEUE_SIZE, QUEUE_SIZE)
+    queue_sizes = (QUEUE_SIZE, QUEUE_SIZE, CTRL_QUEUE_SIZE)
     nvectors = 3                     # QEMU: 2 * queue pairs + 1 (config)
     feature_names = {F_MAC: "MAC", F_STATUS: "STATUS", F_MRG_RXBUF: "MRG_RXBUF", F_CTRL_VQ: "CTRL_VQ"}
 
@@ -98,6 +100,8 @@ class VirtioNet(VirtioDevice):
                 self._transmit(t.queues[TX].ring)
             elif queue == RX:
                 self._flush_backlog()
+            else:
+                self._trace("CONTROL", {"queue": queue}, "ignored: VIRTIO_NET_F_CTRL_VQ was not offered")
         except RingError as e:
             t.broken(f"queue {queue}: {e}")
 
