@@ -12,6 +12,11 @@
 # peer=user) answers ARP and the ping; a loopback peer returns every frame unchanged. `quiet` on the
 # command line leaves out the burst's per-frame lines.
 #
+# For bench/virtio.py: `bench` sends the same frames printing nothing after initialisation (no frame
+# lines, no checks); `bench com1` writes the same frames' bytes through COM1 instead (polled, a byte at
+# a time: the ISA way); `bench noframes` stops after initialisation (the baseline both are measured
+# against).
+#
 # PV build (--mode para): the kernel gets its ports with physdev_op(set_iopl 1) and does its PCI and
 # virtio register accesses directly, as Xen's dom0 does; para delivers no device interrupts to a PV
 # guest (docs/pv-abi.md 7), so it polls the used ring instead, and says so in the two lines about
@@ -81,11 +86,15 @@ main_found:
     cmp dword ptr [fail_count], 0
     jne main_done
     call post_rx_buffers
+    cmp dword ptr [noframes], 0
+    jne main_done
     call send_arp
     call send_ping
     call send_chained
     call send_indirect
     call send_burst
+    cmp dword ptr [bench], 0
+    jne main_done
     call wait_loopback_echoes
     call report
 main_done:
@@ -108,8 +117,20 @@ parse_cmdline_loop:
     mov dword ptr [use_msix], 1
 parse_cmdline_quiet:
     cmp eax, 0x65697571                 # "quie"
-    jne parse_cmdline_next
+    jne parse_cmdline_bench
     mov dword ptr [quiet], 1
+parse_cmdline_bench:
+    cmp eax, 0x636E6562                 # "benc"
+    jne parse_cmdline_com1
+    mov dword ptr [bench], 1
+parse_cmdline_com1:
+    cmp eax, 0x316D6F63                 # "com1"
+    jne parse_cmdline_noframes
+    mov dword ptr [com1], 1
+parse_cmdline_noframes:
+    cmp eax, 0x72666F6E                 # "nofr"
+    jne parse_cmdline_next
+    mov dword ptr [noframes], 1
 parse_cmdline_next:
     inc esi
     jmp parse_cmdline_loop
@@ -562,6 +583,8 @@ kick_rx:
     xor edx, edx
     jmp kick_common
 kick_tx:
+    cmp dword ptr [com1], 0             # bench com1: nothing in the ring to kick for
+    jne kick_tx_none
     pushad
     mov ebx, txq
     mov esi, tx_kicked
@@ -593,6 +616,7 @@ kick_now:
     inc dword ptr [notifies]
 kick_none:
     popad
+kick_tx_none:
     ret
 
 # wait_rx: handle every frame the device has returned; if none, sleep until an interrupt.
@@ -693,6 +717,8 @@ rx_frame_classify:
     mov dword ptr [arp_answered], 1
     mov edi, rx_arp_text
     call print_frame_line
+    cmp dword ptr [bench], 0
+    jne rx_frame_done
     mov esi, is_at_text
     call puts
     mov esi, peer_mac
@@ -742,6 +768,8 @@ rx_frame_done:
 
 # print_frame_line: "rx <len> bytes, sum 0x<inet checksum of the frame>: <text at edi>"
 print_frame_line:
+    cmp dword ptr [bench], 0          # bench: nothing printed after init
+    jne print_frame_line_skip
     pushad
     mov ebx, esi
     mov edx, ecx
@@ -761,10 +789,13 @@ print_frame_line:
     call puts
     call newline
     popad
+print_frame_line_skip:
     ret
 
 # print_frame_line_icmp: as above, but the sum is over the ICMP message only (QEMU's IP id varies).
 print_frame_line_icmp:
+    cmp dword ptr [bench], 0          # bench: nothing printed after init
+    jne print_frame_line_icmp_skip
     pushad
     mov ebx, esi
     mov edx, ecx
@@ -784,6 +815,7 @@ print_frame_line_icmp:
     call puts
     call newline
     popad
+print_frame_line_icmp_skip:
     ret
 
 # ---------------------------------------------------------------------------------------------
@@ -864,6 +896,8 @@ tx_buffer:
 
 # send_simple: esi = frame, ecx = length; one descriptor holding header + frame. No kick.
 send_simple:
+    cmp dword ptr [com1], 0
+    jne com1_frame
     pushad
     mov dword ptr [tx_last_ptr], esi
     mov dword ptr [tx_last_len], ecx
@@ -896,6 +930,8 @@ send_simple:
 
 # print_tx_line: esi = frame, ecx = length, edi = text.
 print_tx_line:
+    cmp dword ptr [bench], 0          # bench: nothing printed after init
+    jne print_tx_line_skip
     pushad
     mov ebx, esi
     mov edx, ecx
@@ -915,6 +951,7 @@ print_tx_line:
     call puts
     call newline
     popad
+print_tx_line_skip:
     ret
 
 send_arp:
@@ -932,9 +969,14 @@ send_arp:
     mov edi, tx_arp_text
     call print_tx_line
     call send_simple
+    cmp dword ptr [com1], 0
+    jne send_arp_done
     call kick_tx
     call wait_rx
+    cmp dword ptr [bench], 0
+    jne send_arp_done
     CHECK_EQ("the ARP request for 10.0.2.2 was answered (a reply, or the frame itself from a loopback peer)", dword ptr [rx_count], 1)
+send_arp_done:
     popad
     ret
 
@@ -970,13 +1012,18 @@ send_ping_mac:
     mov edi, tx_ping_text
     call print_tx_line
     call send_simple
+    cmp dword ptr [com1], 0
+    jne send_ping_done
     call kick_tx
     call wait_rx
+    cmp dword ptr [bench], 0
+    jne send_ping_done
     mov eax, dword ptr [ping_answered]
     or eax, dword ptr [rx_echoes]
     setnz al
     movzx eax, al
     CHECK_EQ("the ICMP echo request to 10.0.2.2 was answered (a valid echo reply, or the frame itself)", eax, 1)
+send_ping_done:
     popad
     ret
 
@@ -1017,6 +1064,12 @@ send_chained:
     mov esi, scratch
     mov edi, tx_chain_text
     call print_tx_line
+    cmp dword ptr [com1], 0
+    je send_chained_ring
+    call com1_frame
+    popad
+    ret
+send_chained_ring:
     mov dword ptr [tx_last_ptr], esi
     mov dword ptr [tx_last_len], ecx
     mov ecx, 3
@@ -1080,6 +1133,11 @@ send_indirect:
     mov esi, scratch
     mov edi, tx_indirect_text
     call print_tx_line
+    cmp dword ptr [com1], 0
+    je send_indirect_ring
+    call com1_frame
+    jmp send_indirect_done
+send_indirect_ring:
     mov dword ptr [tx_last_ptr], esi
     mov dword ptr [tx_last_len], ecx
     mov ecx, 1
@@ -1161,6 +1219,8 @@ send_burst_drain:
     jmp send_burst_drain
 send_burst_done:
     mov dword ptr [in_burst], 0
+    cmp dword ptr [bench], 0
+    jne send_burst_silent
     mov esi, burst_text
     call puts
     mov eax, BURST
@@ -1170,6 +1230,19 @@ send_burst_done:
     mov eax, dword ptr [desc_next]
     call print_dec
     call newline
+send_burst_silent:
+    popad
+    ret
+
+# com1_frame: esi = frame, ecx = length: the frame's bytes through COM1, polled (bench com1).
+com1_frame:
+    pushad
+com1_frame_loop:
+    mov al, byte ptr [esi]
+    call putc
+    inc esi
+    dec ecx
+    jnz com1_frame_loop
     popad
     ret
 
@@ -1379,3 +1452,6 @@ arp_answered:    .zero 4
 ping_answered:   .zero 4
 ping_icmp_sum:   .zero 4
 in_burst:        .zero 4
+bench:           .zero 4
+com1:            .zero 4
+noframes:        .zero 4
