@@ -8,12 +8,14 @@ netdemo (guests/netdemo.S) with `--device virtio-net,peer=user` is run three way
   - `bench noframes`: initialisation only, the baseline subtracted from both.
 Per frame = (run - baseline) / 304. "Exits" are the interventions of the mode's own kind (native:
 I/O hook calls; trap: traps; full: callouts; hw: VM exits; para: hypercalls and granted port I/O),
-plus delivered interrupts. Host time is the run loop's wall time, best of --repeat runs.
+plus delivered interrupts. Host time is the run loop's wall time, best of --repeat runs, each after a
+gc.collect() (otherwise the collection of earlier runs' machines lands inside a later run's timing).
 usage: python bench/virtio.py [--repeat R] [--modes native,trap,full,hw,para]
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 from pathlib import Path
 
@@ -31,6 +33,7 @@ NIC = [DeviceSpec("virtio-net", peer="user")]
 def run(mode: str, cmdline: str, repeat: int):
     best = None
     for _ in range(repeat):
+        gc.collect()            # the previous runs' machines are freed now, not inside this one's timing
         r = run_guest("netdemo", mode, cmdline=cmdline, devices=NIC, max_insns=0)
         if r.outcome != "exit" or r.status != 0:
             raise SystemExit(f"netdemo {mode} '{cmdline}': {r.outcome} {r.status} {r.message}")
