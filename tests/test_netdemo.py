@@ -127,6 +127,14 @@ def test_each_mode_shows_its_own_notify_path(mode, kind, tmp_path):
         pytest.fail("no NOTIFY event")
 
 
+def test_hw_io_bitmap_lets_every_port_but_the_notify_register_through():
+    """With use_io_bitmaps and only BAR0 + 16 in the bitmap, the kicks are the only I/O exits."""
+    res = run_guest("netdemo", "hw", cmdline="quiet", devices=USER, mode_options={"vmx": ["io_bitmap=0xc010"]})
+    assert res.status == 0 and res.console == native(USER).console
+    io_exits = {name: count for name, _, count, _, _ in res.exit_stats}.get("IO_INSTRUCTION")
+    assert io_exits == res.devices[0]["notifications"] == 7
+
+
 def cli(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "cpuvirt", *args], capture_output=True, text=True, timeout=120,
                           cwd=cwd)

@@ -11,7 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cpuvirt.runner import run_guest
 from cpuvirt.virtio.backend import Loopback, UserNet, inet_checksum
+from cpuvirt.virtio.setup import DeviceSpec
 from cpuvirt.virtio.net import HDR_LEN, VirtioNet
 from cpuvirt.virtio.transport import (DEVICE_NEEDS_RESET, F_EVENT_IDX, F_INDIRECT_DESC, ISR_CONFIG,
                                       VirtioPciLegacy)
@@ -438,3 +440,63 @@ def test_fuzz_random_rings_never_escape_the_ring_rules():
                 diff = [i for i in range(page, page + 4096) if before[i] != mem[i]]
                 assert all(any(lo <= i < hi for lo, hi in allowed) for i in diff), (round_, hex(diff[0]))
     assert outcomes["ok"] > 100 and outcomes["reset"] > 100, outcomes
+
+
+# -- DMA and the hypervisor's own bookkeeping ----------------------------------------------------------------
+def test_device_writes_tell_the_owners_of_traced_frames():
+    """A device writing into a write-traced frame (a shadowed page table, translated code) is a store the
+    guest's page-table traces never see: its owners are told, as for the hypervisor's own stores."""
+    from cpuvirt.machine.machine import Machine
+    m = Machine(8)
+    seen = []
+    m.mmu.traces.trace_frame(0x5000, "test", lambda tw: seen.append((tw.gpa, tw.size, tw.done)))
+    m.dma_write(0x5008, b"abcd")
+    m.dma_write(0x7000, b"abcd")                                # not traced: nobody told
+    assert seen == [(0x5008, 4, True)] and m.read_gpa(0x5008, 4) == b"abcd"
+
+
+def test_para_typed_frames_are_never_written_by_a_device(monkeypatch):
+    """Under direct paging the guest's page tables, GDT and hypercall page are safe only because
+    nothing writes them unvalidated: a receive buffer posted over one makes the device need a reset
+    and leaves the frame untouched (Xen keeps such frames out of a device's IOMMU mappings)."""
+    import cpuvirt.virtio.setup as setup
+    from cpuvirt.memory.direct import L1, DirectPaging
+    captured = []
+    real = setup.attach_devices
+
+    def spy(machine, *args, **kwargs):
+        captured.append(machine)
+        return real(machine, *args, **kwargs)
+
+    monkeypatch.setattr(setup, "attach_devices", spy)
+    res = run_guest("hello", "para", devices=[DeviceSpec("virtio-net")])
+    assert res.status == 0
+    m = captured[0]
+    paging = m.mmu.strategy
+    assert isinstance(paging, DirectPaging) and m.mmu.dma_guard == paging.dma_refusal
+    hypercall_frames = [p for p in range(paging.nr_pages) if paging.count[p] and paging.type[p] == 5]
+    assert hypercall_frames and m.dma_refusal(hypercall_frames[0] << 12, 4) is not None
+
+    # the device itself, over a machine whose frame 0x300 is an L1 table
+    from cpuvirt.machine.machine import Machine
+    m = Machine(8)
+    paging = DirectPaging(m.mmu, 2048, m.ram.hpa)
+    paging.type[0x300], paging.count[0x300] = L1, 1
+    m.mmu.dma_guard = paging.dma_refusal
+    (t,), _ = setup.attach_devices(m, [DeviceSpec("virtio-net")])
+    t.write_config(4, 2, 7)
+    for status in (0, 1, 3):
+        t.io_write(18, 1, status)
+    for q, pfn in ((0, 0x10), (1, 0x20)):
+        t.io_write(14, 2, q)
+        t.io_write(8, 4, pfn)
+    t.io_write(18, 1, 7)
+    rx, tx = Driver(bytearray(), 256, 0x10), Driver(bytearray(), 256, 0x20)
+    desc = struct.pack("<QIHH", 0x300000, 2048, DESC_F_WRITE, 0)
+    m.write_gpa(rx.desc, desc)
+    m.write_gpa(rx.avail + 4, b"\0\0")
+    m.write_gpa(rx.avail + 2, b"\1\0")
+    before = m.read_gpa(0x300000, 4096)
+    t.device.receive(ARP)
+    assert t.device_status & DEVICE_NEEDS_RESET and m.read_gpa(0x300000, 4096) == before
+    assert t.counters["needs_reset"] == 1

@@ -70,10 +70,10 @@ class _Elcr:
 class _PortWindow:
     """A PCI I/O BAR on the port bus: the region sees offsets from the BAR's base."""
 
-    __slots__ = ("base", "region", "machine")
+    __slots__ = ("base", "region")
 
-    def __init__(self, base: int, region, machine: "Machine"):
-        self.base, self.region, self.machine = base, region, machine
+    def __init__(self, base: int, region):
+        self.base, self.region = base, region
 
     def read(self, port: int, size: int) -> int:
         return self.region.read(port - self.base, size)
@@ -265,7 +265,7 @@ class Machine:
     # -- the PCI bus's view of the machine (machine/pci.py, Platform) --------------------------------
     def map_io(self, base: int, size: int, device) -> None:
         """A PCI I/O BAR decodes at base: its region gets the ports (offsets from base)."""
-        self.bus.register(base, size, _PortWindow(base, device, self), wide=True)
+        self.bus.register(base, size, _PortWindow(base, device), wide=True)
 
     def unmap_io(self, base: int, size: int) -> None:
         self.bus.unregister(base, size)
@@ -334,6 +334,19 @@ class Machine:
         if gpa < 0 or gpa + len(data) > self.mem_bytes:
             raise ValueError(f"{gpa:#x}+{len(data):#x} is outside guest RAM")
         self.ram.write(RAM_HPA + gpa, bytes(data))
+
+    def dma_refusal(self, gpa: int, size: int) -> str | None:
+        """Why a bus-mastering device may not write there (para's typed frames), or None."""
+        guard = self.mmu.dma_guard
+        return None if guard is None else guard(gpa, size)
+
+    def dma_write(self, gpa: int, data: bytes) -> None:
+        """A device writes guest RAM (DMA): as write_gpa, and whoever derived state from a
+        write-traced frame there (shadow page tables, the translator) drops it, as for the
+        hypervisor's own stores. Call dma_refusal first."""
+        self.write_gpa(gpa, data)
+        if self.mmu.traces.frames:
+            self.mmu.traces.hv_wrote(gpa, gpa, len(data))
 
     def read_gpa(self, gpa: int, size: int) -> bytes:
         return self.ram.read(RAM_HPA + gpa, size)

@@ -98,7 +98,7 @@ class UserNet(Backend):
         total = struct.unpack_from("!H", ip, 2)[0]
         if ihl < 20 or total < ihl + 8 or total > len(ip) or ip[9] != 1 or inet_checksum(ip[:ihl]):
             return None
-        if ip[16:20] not in (SLIRP_HOST_IP, SLIRP_DNS_IP) or ip[20 - 20 + ihl] != 8:
+        if ip[16:20] not in (SLIRP_HOST_IP, SLIRP_DNS_IP) or ip[ihl] != 8:
             return None
         icmp = bytearray(ip[ihl:total])
         if inet_checksum(bytes(icmp)):

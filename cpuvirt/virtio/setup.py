@@ -64,7 +64,7 @@ def attach_devices(machine, specs, trace=None, pcap_path: str | None = None):
             pcap = PcapWriter(pcap_path, lambda: machine.clock.now)
         except OSError as e:
             raise CpuvirtError(f"--pcap {pcap_path}: {e.strerror}") from None
-    ram = GuestRam(machine.mem_bytes, machine.read_gpa, machine.write_gpa)
+    ram = GuestRam(machine.mem_bytes, machine.read_gpa, machine.dma_write, machine.dma_refusal)
     transports = []
     for n, spec in enumerate(specs):
         mac = spec.mac or DEFAULT_MAC[:5] + bytes(((DEFAULT_MAC[5] + n) & 0xFF,))

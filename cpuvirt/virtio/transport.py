@@ -385,7 +385,8 @@ class VirtioPciLegacy(PciFunction):
         was = self.msix_enabled
         super().write_config(offset, size, value)
         if was != self.msix_enabled:
-            self.set_intx(False) if self.msix_enabled else None
+            if self.msix_enabled:
+                self.set_intx(False)            # MSI-X replaces INTx (PCI 3.0 6.8.2)
             self.trace("MSIX", {"device": self.name, "enabled": self.msix_enabled},
                        "MSI-X on: registers 20/22 are the vectors, config moves to 24" if self.msix_enabled
                        else "MSI-X off: INTx, config at 20")

@@ -33,23 +33,31 @@ class RingError(Exception):
 
 
 class GuestRam:
-    """Guest-physical RAM as a bus-mastering device reaches it: 0 .. size - 1, nothing else."""
+    """Guest-physical RAM as a bus-mastering device reaches it: 0 .. size - 1, nothing else, and for
+    writes not the frames `refusal(gpa, size) -> reason | None` names (para's typed frames)."""
 
-    __slots__ = ("size", "_read", "_write")
+    __slots__ = ("size", "_read", "_write", "_refusal")
 
-    def __init__(self, size: int, read, write):
-        self.size, self._read, self._write = size, read, write
+    def __init__(self, size: int, read, write, refusal=None):
+        self.size, self._read, self._write, self._refusal = size, read, write, refusal
 
     def check(self, gpa: int, length: int) -> None:
         if gpa < 0 or length < 0 or gpa + length > self.size:
             raise GuestMemoryError(f"{gpa:#x}+{length:#x} is outside guest RAM (0..{self.size - 1:#x})")
+
+    def check_writable(self, gpa: int, length: int) -> None:
+        self.check(gpa, length)
+        if self._refusal is not None:
+            why = self._refusal(gpa, length)
+            if why is not None:
+                raise GuestMemoryError(f"{gpa:#x}+{length:#x}: {why}")
 
     def read(self, gpa: int, length: int) -> bytes:
         self.check(gpa, length)
         return self._read(gpa, length) if length else b""
 
     def write(self, gpa: int, data: bytes) -> None:
-        self.check(gpa, len(data))
+        self.check_writable(gpa, len(data))
         if data:
             self._write(gpa, bytes(data))
 
@@ -109,7 +117,7 @@ class SplitQueue:
         try:
             mem.check(desc, 16 * size)
             mem.check(avail, 6 + 2 * size)
-            mem.check(used, 6 + 8 * size)
+            mem.check_writable(used, 6 + 8 * size)
         except GuestMemoryError as e:
             raise RingError(f"ring outside guest RAM: {e}") from None
         self.last_avail = 0          # free-running: the next available entry to consume
@@ -167,8 +175,8 @@ class SplitQueue:
                 self._check_buffer(addr, length, index)
                 table, limit, index, indirect, seen = addr, length // 16, 0, True, 0
                 continue
-            self._check_buffer(addr, length, index)
             writable = bool(flags & DESC_F_WRITE)
+            self._check_buffer(addr, length, index, writable)
             if seen_writable and not writable:
                 raise RingError(f"descriptor {index} is device-readable after a device-writable one")
             seen_writable |= writable
@@ -179,9 +187,12 @@ class SplitQueue:
                 raise RingError(f"descriptor {index} points to next {nxt}, outside its table ({limit})")
             index = nxt
 
-    def _check_buffer(self, addr: int, length: int, index: int) -> None:
+    def _check_buffer(self, addr: int, length: int, index: int, writable: bool = False) -> None:
         try:
-            self.mem.check(addr, length)
+            if writable:
+                self.mem.check_writable(addr, length)
+            else:
+                self.mem.check(addr, length)
         except GuestMemoryError as e:
             raise RingError(f"descriptor {index}: buffer {e}") from None
 
@@ -189,7 +200,10 @@ class SplitQueue:
     def push(self, head: int, written: int) -> None:
         """Return a chain to the driver with `written` bytes written into its device-writable part."""
         slot = self.used + 4 + 8 * (self.used_idx % self.size)
-        self.mem.write(slot, struct.pack("<II", head, written))
+        try:
+            self.mem.write(slot, struct.pack("<II", head, written))
+        except GuestMemoryError as e:          # the ring's frame changed type since it was set up
+            raise RingError(str(e)) from None
         self.used_idx = (self.used_idx + 1) & 0xFFFF
         self._put_u16(self.used + 2, self.used_idx)
 
@@ -220,7 +234,10 @@ class SplitQueue:
             if not writable or done >= len(data):
                 continue
             n = min(length, len(data) - done)
-            self.mem.write(addr, data[done:done + n])
+            try:
+                self.mem.write(addr, data[done:done + n])
+            except GuestMemoryError as e:      # checked when the chain was walked; typed since
+                raise RingError(str(e)) from None
             done += n
         return done
 
