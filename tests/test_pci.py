@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cpuvirt.machine.machine import Machine
+from tests.conftest import requires_qemu
 from cpuvirt.virtio.setup import DeviceSpec, attach_devices
 
 
@@ -51,7 +52,7 @@ def test_mechanism_1_enable_bit_absent_functions_and_access_widths():
 
 def test_virtio_net_header_as_under_qemu_and_slots_follow_device_order():
     m, (a, b) = machine_with(2)
-    for slot, line, io in ((2, 10, 0xC000), (3, 11, 0xC040)):
+    for slot, line, io in ((2, 10, 0xC000), (3, 11, 0xC020)):
         assert cfg_read(m, slot, 0) == 0x10001AF4
         assert cfg_read(m, slot, 4) == 0x00100103               # status: capability list; I/O, memory, SERR
         assert cfg_read(m, slot, 8) == 0x02000000
@@ -67,7 +68,7 @@ def test_bar_sizing_and_a_moved_bar_moves_the_device():
     m, (t,) = machine_with(1)
     assert m.bus.read(0xC000, 4) == t.device.host_features()
     cfg_write(m, 2, 0x10, 0xFFFFFFFF)
-    assert cfg_read(m, 2, 0x10) == 0xFFFFFFC1                   # 64 bytes of I/O space
+    assert cfg_read(m, 2, 0x10) == 0xFFFFFFE1                   # 32 bytes of I/O space
     assert m.bus.read(0xC000, 4) == 0xFFFFFFFF                  # not decoded while being sized
     cfg_write(m, 2, 0x10, 0xD000)
     assert cfg_read(m, 2, 0x10) == 0xD001
@@ -84,6 +85,33 @@ def test_bar_sizing_and_a_moved_bar_moves_the_device():
     assert m.mmio.find(0xFEB00000) is None and m.p2m.mmio_to_hpa(0xFEB00000) is None
 
 
+def test_expansion_rom_bar_is_sized_and_assigned_as_seabios_does_but_not_decoded():
+    m, _ = machine_with(2)
+    assert [cfg_read(m, s, 0x30) for s in (2, 3)] == [0xFEB40000, 0xFEB80000]   # 256 KiB each, disabled
+    assert [cfg_read(m, s, 0x14) for s in (2, 3)] == [0xFEBC0000, 0xFEBC1000]   # then the MSI-X BARs
+    cfg_write(m, 2, 0x30, 0xFFFFFFFF)
+    assert cfg_read(m, 2, 0x30) == 0xFFFC0001
+    assert m.mmio.find(0xFFFC0000) is None
+
+
+@requires_qemu
+@pytest.mark.parametrize("nics", [1, 2])
+def test_bus_0_reads_as_under_qemu(nics, test_guest):
+    """tests/guests/pciprobe.S dumps every function's header, capability list and BAR size masks: the
+    same bytes under QEMU 7.2 + SeaBIOS with the same NICs."""
+    from cpuvirt.runner import run_guest
+    from tests.qemu import run_under_qemu
+    image = test_guest("pciprobe")
+    ours = run_guest(str(image), devices=[DeviceSpec("virtio-net")] * nics)
+    extra = []
+    for i in range(nics):
+        extra += ["-netdev", f"user,id=n{i}", "-device", f"virtio-net-pci,netdev=n{i},disable-modern=on"]
+    theirs, status = run_under_qemu(image, timeout=30, extra=extra)
+    assert ours.status == 0 and status == 1
+    assert ours.console == theirs
+    assert ours.console.count(b"\ndev ") + ours.console.startswith(b"dev ") == 2 + nics
+
+
 def test_command_register_turns_decoding_off_and_on():
     m, (t,) = machine_with(1)
     cfg_write(m, 2, 4, 0x0000, 2)
@@ -98,7 +126,7 @@ def test_capability_list_is_msix_with_its_table_and_pba_in_bar1():
     cap = cfg_read(m, 2, 0x34, 1)
     header = cfg_read(m, 2, cap)
     assert header & 0xFF == 0x11 and (header >> 8) & 0xFF == 0     # MSI-X, end of list
-    assert (header >> 16) & 0x7FF == 2                              # 3 vectors
+    assert (header >> 16) & 0x7FF == 3                              # 4 vectors, as QEMU's
     assert cfg_read(m, 2, cap + 4) == 0x00000001                    # table: BAR1 offset 0
     assert cfg_read(m, 2, cap + 8) == 0x00000801                    # PBA: BAR1 offset 0x800
     cfg_write(m, 2, cap + 4, 0x12345678)                            # read-only

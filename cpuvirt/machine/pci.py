@@ -86,6 +86,7 @@ class PciFunction:
         self.config = bytearray(256)
         self.wmask = bytearray(256)
         self.bars: dict[int, Bar] = {}
+        self.rom_size = 0                   # expansion ROM BAR (0x30): sized and assigned, never decoded
         self.bus: PciBus | None = None
         self.slot = -1
         self.intx_level = False
@@ -107,6 +108,12 @@ class PciFunction:
         bar = self.bars[index] = Bar(index, io, size, region)
         self._write_bar_raw(index, 0)
         return bar
+
+    def add_rom_bar(self, size: int) -> None:
+        """An expansion ROM BAR (spec 6.2.5.2) of `size` bytes: software sizes it and the firmware
+        assigns it (disabled) as for a real ROM; cpuvirt has no ROM image, so it is never decoded."""
+        self.rom_size = size
+        struct.pack_into("<I", self.wmask, ROM_ADDRESS, (~(size - 1) & 0xFFFFFFFF) | 1)
 
     def add_capability(self, cap_id: int, body: bytes, wmask: bytes, at: int) -> int:
         """Chain a capability (spec 6.7) at config offset `at`: id, next pointer, then `body`."""
@@ -332,21 +339,26 @@ class PciBus:
         interrupt line, turn on I/O, memory and SERR in every command register."""
         for i, irq in enumerate(PIIX_PIRQ_IRQS):
             self.isa.config[PIIX_PIRQRC + i] = irq
-        bars = [(f, b) for _, f in sorted(self.functions.items()) for b in f.bars.values()]
-        io = sorted((fb for fb in bars if fb[1].io), key=lambda fb: -fb[1].size)
-        mem = sorted((fb for fb in bars if not fb[1].io), key=lambda fb: -fb[1].size)
+        functions = [f for _, f in sorted(self.functions.items())]
+        io = sorted(((f, b.index, b.size) for f in functions for b in f.bars.values() if b.io),
+                    key=lambda r: -r[2])
+        mem = sorted([(f, b.index, b.size) for f in functions for b in f.bars.values() if not b.io]
+                     + [(f, "rom", f.rom_size) for f in functions if f.rom_size], key=lambda r: -r[2])
         address = IO_WINDOW_BASE
-        for function, bar in io:
-            address = (address + bar.size - 1) & ~(bar.size - 1)
-            function._write_bar_raw(bar.index, address)
-            address += bar.size
+        for function, index, size in io:
+            address = (address + size - 1) & ~(size - 1)
+            function._write_bar_raw(index, address)
+            address += size
         if mem:
-            total = sum(b.size for _, b in mem)
-            align = max(b.size for _, b in mem)
+            total = sum(size for _, _, size in mem)
+            align = max(size for _, _, size in mem)
             address = (MEM_WINDOW_TOP - total) & ~(align - 1)
-            for function, bar in mem:
-                function._write_bar_raw(bar.index, address)
-                address += bar.size
+            for function, index, size in mem:
+                if index == "rom":
+                    struct.pack_into("<I", function.config, ROM_ADDRESS, address)      # assigned, disabled
+                else:
+                    function._write_bar_raw(index, address)
+                address += size
         for slot, function in sorted(self.functions.items()):
             if function.config[INTERRUPT_PIN]:
                 function.config[INTERRUPT_LINE] = PIIX_PIRQ_IRQS[self.pirq_of(function)]

@@ -55,7 +55,7 @@ class VirtioNet(VirtioDevice):
     virtio_id = 1                    # subsystem device ID: network card
     class_code = 0x020000            # network controller, Ethernet
     queue_sizes = (QUEUE_SIZE, QUEUE_SIZE, CTRL_QUEUE_SIZE)
-    nvectors = 3                     # QEMU: 2 * queue pairs + 1 (config)
+    nvectors = 4                     # as QEMU's virtio-net-pci: 2 * queue pairs + 2 (config, control)
     feature_names = {F_MAC: "MAC", F_STATUS: "STATUS", F_MRG_RXBUF: "MRG_RXBUF", F_CTRL_VQ: "CTRL_VQ"}
 
     def __init__(self, mac: bytes = DEFAULT_MAC, backend=None, capture=None):

@@ -2,7 +2,7 @@
 and MSI-X (virtio 1.x specification 4.1.4.8 "Legacy Interfaces: A Note on PCI Device Layout"; Linux
 uapi/linux/virtio_pci.h; QEMU hw/virtio/virtio-pci.c for what a guest observes).
 
-BAR0 (I/O, 64 bytes as QEMU sizes it for virtio-net), little-endian:
+BAR0 (I/O, 32 bytes as QEMU sizes it for virtio-net), little-endian:
 
     0  device features (R32)    4  driver features (RW32)   8  queue PFN (RW32)
     12 queue size (R16)         14 queue select (RW16)      16 queue notify (W16)
@@ -39,7 +39,8 @@ ISR_QUEUE, ISR_CONFIG = 1, 2
 F_NOTIFY_ON_EMPTY, F_ANY_LAYOUT, F_INDIRECT_DESC, F_EVENT_IDX, F_BAD_FEATURE = 24, 27, 28, 29, 30
 
 VIRTIO_VENDOR = 0x1AF4
-IO_BAR_SIZE = 64
+IO_BAR_SIZE = 32
+ROM_SIZE = 0x40000               # QEMU's virtio-net option ROM (iPXE) BAR: sized, assigned, not decoded here
 MSIX_BAR_SIZE = 4096
 MSIX_PBA_OFFSET = 0x800
 MSIX_CAP = 0x40
@@ -131,6 +132,7 @@ class VirtioPciLegacy(PciFunction):
         self.nvectors = device.nvectors
         self.add_bar(0, True, IO_BAR_SIZE, _IoRegion(self))
         self.add_bar(1, False, MSIX_BAR_SIZE, _MsixRegion(self))
+        self.add_rom_bar(ROM_SIZE)
         # MSI-X capability (PCI 3.0 6.8.2): message control (table size - 1), table BIR 1 offset 0,
         # PBA BIR 1 offset 0x800. Only the enable and function-mask bits are writable.
         body = struct.pack("<HII", self.nvectors - 1, 1, MSIX_PBA_OFFSET | 1)
