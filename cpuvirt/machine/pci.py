@@ -48,6 +48,10 @@ FIRST_DEVICE_SLOT = 2
 MAX_SLOTS = 32
 
 
+def _overlaps(offset: int, size: int, lo: int, n: int) -> bool:
+    return offset < lo + n and offset + size > lo
+
+
 class Platform(Protocol):
     """What the bus needs from the machine: put regions on its buses, raise ISA IRQs, MSI."""
 
@@ -107,6 +111,7 @@ class PciFunction:
     def add_bar(self, index: int, io: bool, size: int, region) -> Bar:
         bar = self.bars[index] = Bar(index, io, size, region)
         self._write_bar_raw(index, 0)
+        struct.pack_into("<I", self.wmask, BAR0 + 4 * index, ~(size - 1) & 0xFFFFFFFF)   # type bits read-only
         return bar
 
     def add_rom_bar(self, size: int) -> None:
@@ -154,25 +159,16 @@ class PciFunction:
         return int.from_bytes(self.config[offset:offset + size], "little")
 
     def write_config(self, offset: int, size: int, value: int) -> None:
+        """Write the bits `wmask` allows (a BAR's are its address bits above its size: writing all
+        ones reads back the size mask), then apply what a command or BAR write changes."""
         for i in range(size):
             at = offset + i
-            byte = (value >> (8 * i)) & 0xFF
-            if BAR0 <= at < BAR0 + 24 and (at - BAR0) // 4 in self.bars:
-                continue                          # below, as whole registers
             mask = self.wmask[at]
-            self.config[at] = (self.config[at] & ~mask) | (byte & mask)
-        for index in self.bars:
-            lo = BAR0 + 4 * index
-            if offset < lo + 4 and offset + size > lo:
-                old = bytearray(self.config[lo:lo + 4])
-                for i in range(size):
-                    if lo <= offset + i < lo + 4:
-                        old[offset + i - lo] = (value >> (8 * i)) & 0xFF
-                self._write_bar_raw(index, struct.unpack("<I", old)[0])
-        if offset <= COMMAND + 1 and offset + size > COMMAND or any(
-                offset < BAR0 + 4 * i + 4 and offset + size > BAR0 + 4 * i for i in self.bars):
+            self.config[at] = (self.config[at] & ~mask) | ((value >> (8 * i)) & mask)
+        command = _overlaps(offset, size, COMMAND, 2)
+        if command or any(_overlaps(offset, size, BAR0 + 4 * i, 4) for i in self.bars):
             self.update_mappings()
-        if offset <= COMMAND + 1 and offset + size > COMMAND:
+        if command:
             self._drive_intx()
 
     def update_mappings(self) -> None:
