@@ -500,3 +500,25 @@ def test_para_typed_frames_are_never_written_by_a_device(monkeypatch):
     t.device.receive(ARP)
     assert t.device_status & DEVICE_NEEDS_RESET and m.read_gpa(0x300000, 4096) == before
     assert t.counters["needs_reset"] == 1
+
+
+HOSTILE_CONSOLE = b"""descriptor at the APIC page: status 0x47
+looping chain: status 0x47
+available index ahead: status 0x47
+buffer past the end of RAM: status 0x47
+queue PFN beyond RAM: status 0x43
+kick of a queue never set up: status 0x07
+DRIVER_OK right after reset: status 0x44
+PASS the device survived every broken ring
+"""
+
+
+@pytest.mark.parametrize("mode", ["native", "trap", "full", "hw"])
+def test_a_hostile_driver_meets_the_defined_outcomes_in_every_mode(mode, test_guest):
+    """tests/guests/virtio_hostile.S breaks the rules one after the other from inside a guest: each
+    case ends in DEVICE_NEEDS_RESET (0x40) or an ignored kick, and the run ends normally."""
+    res = run_guest(str(test_guest("virtio_hostile")), mode, devices=[DeviceSpec("virtio-net")])
+    assert (res.outcome, res.status) == ("exit", 0), res.message
+    assert res.console == HOSTILE_CONSOLE
+    d, = res.devices
+    assert d["needs_reset"] == 6 and d["ignored_notifications"] >= 1
