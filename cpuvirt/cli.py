@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--modes", default="native,hw", help="with a guest: the modes to run (default native,hw)")
     c.add_argument("--limit", type=_int, default=None, metavar="N", help="show at most N sites")
     c.add_argument("--vmx", action="append", default=[], metavar="NAME=VALUE", help="with a guest: hw controls")
+    c.add_argument("--device", action="append", default=[], metavar="virtio-net[,mac=M][,peer=P]",
+                   help="with a guest: PCI devices, as for run")
+    c.add_argument("--append", default="", metavar="CMDLINE", help="with a guest: its kernel command line")
 
     bt = sub.add_parser("bt", help="full mode: show guest blocks beside their binary translation")
     bt.add_argument("guest")
@@ -217,12 +220,15 @@ def _compare(args) -> int:
         resolve_guest(args.items[0], "para")
     if args.vmx and "hw" not in modes:
         raise CpuvirtError("--vmx applies to the hw mode, which is not among --modes")
+    from cpuvirt.virtio.setup import parse_device
+    devices = [parse_device(text) for text in args.device]
     with tempfile.TemporaryDirectory() as tmp:
         paths = []
         for mode in modes:
             path = f"{tmp}/{mode}.jsonl"
             opts = {"vmx": args.vmx} if mode == "hw" else None
-            res = run_guest(args.items[0], mode, 32, DEFAULT_MAX_INSNS, path, None, "", mode_options=opts)
+            res = run_guest(args.items[0], mode, 32, DEFAULT_MAX_INSNS, path, None, args.append, mode_options=opts,
+                            devices=devices)
             print(f"# {mode}: {res.outcome}, status {res.status}, {res.icount:,} instructions", file=sys.stderr)
             paths.append(path)
         compare_files(paths, sys.stdout, args.limit)

@@ -155,6 +155,13 @@ def test_cli_device_and_pcap(tmp_path):
     assert "DRIVER_OK" in shown and "NOTIFY" in shown and kinds == {"virtio"}
 
 
+def test_cli_compare_with_a_device_shows_the_kick_site_in_both_modes():
+    p = cli("compare", "netdemo", "--modes", "native,hw", "--device", "virtio-net,peer=user", "--append", "quiet")
+    assert p.returncode == 0, p.stderr
+    kick = next(line for line in p.stdout.splitlines() if "virtio TX x304" in line)
+    assert "out dx, ax" in kick and "io out x" in kick and "IO_INSTRUCTION x" in kick
+
+
 @pytest.mark.parametrize("args,message", [
     (["--device", "virtio-blk"], "unknown device 'virtio-blk'"),
     (["--device", "virtio-net,mac=52:54"], "bad MAC address"),
