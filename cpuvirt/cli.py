@@ -48,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--append", default="", metavar="CMDLINE", help="kernel command line")
     r.add_argument("--module", action="append", default=[], type=_module, metavar="FILE[,CMDLINE]",
                    help="a Multiboot module with its command line (repeatable; as QEMU's -initrd 'FILE CMDLINE')")
+    r.add_argument("--device", action="append", default=[], metavar="virtio-net[,mac=M][,peer=P]",
+                   help="a PCI device, in slot order from 00:02.0 (repeatable); peer loopback (default: echo "
+                        "every frame) or user (answers ARP and ping for 10.0.2.2 as QEMU's -netdev user does)")
+    r.add_argument("--pcap", metavar="FILE", help="write every frame the devices send and receive to a pcap file")
     r.add_argument("--quiet", "-q", action="store_true", help="no summary on stderr")
     r.add_argument("--summary", metavar="FILE", help="also write the run's summary as JSON (for scripts and labs)")
     r.add_argument("--stats", action="store_true", help="per-exit-reason table, like kvm_stat (hw), or events by kind")
@@ -78,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--modes", default="native,hw", help="with a guest: the modes to run (default native,hw)")
     c.add_argument("--limit", type=_int, default=None, metavar="N", help="show at most N sites")
     c.add_argument("--vmx", action="append", default=[], metavar="NAME=VALUE", help="with a guest: hw controls")
+    c.add_argument("--device", action="append", default=[], metavar="virtio-net[,mac=M][,peer=P]",
+                   help="with a guest: PCI devices, as for run")
+    c.add_argument("--append", default="", metavar="CMDLINE", help="with a guest: its kernel command line")
 
     bt = sub.add_parser("bt", help="full mode: show guest blocks beside their binary translation")
     bt.add_argument("guest")
@@ -301,12 +308,15 @@ def _compare(args) -> int:
         resolve_guest(args.items[0], "para")
     if args.vmx and "hw" not in modes:
         raise CpuvirtError("--vmx applies to the hw mode, which is not among --modes")
+    from cpuvirt.virtio.setup import parse_device
+    devices = [parse_device(text) for text in args.device]
     with tempfile.TemporaryDirectory() as tmp:
         paths = []
         for mode in modes:
             path = f"{tmp}/{mode}.jsonl"
             opts = {"vmx": args.vmx} if mode == "hw" else None
-            res = run_guest(args.items[0], mode, 32, DEFAULT_MAX_INSNS, path, None, "", mode_options=opts)
+            res = run_guest(args.items[0], mode, 32, DEFAULT_MAX_INSNS, path, None, args.append, mode_options=opts,
+                            devices=devices)
             print(f"# {mode}: {res.outcome}, status {res.status}, {res.icount:,} instructions", file=sys.stderr)
             paths.append(path)
         compare_files(paths, sys.stdout, args.limit)
@@ -344,8 +354,13 @@ def _run(args) -> int:
     options = _hw_options(args, dump_on)
     if args.verbose_trace and args.mode == "full":
         options = {"verbose": True}
+    from cpuvirt.virtio.setup import parse_device
+    devices = [parse_device(text) for text in args.device]
+    if args.pcap and not devices:
+        raise CpuvirtError("--pcap needs a --device virtio-net to capture")
     res = run_guest(args.guest, args.mode, args.mem, max_insns, args.trace, console, args.append,
-                    modules=args.module, mode_options=options, verbose_trace=args.verbose_trace)
+                    modules=args.module, mode_options=options, verbose_trace=args.verbose_trace,
+                    devices=devices, pcap_path=args.pcap)
     stdout.flush()
     if args.dump_vmcs_on and not done:
         print(f"cpuvirt: no {args.dump_vmcs_on} exit happened in this run: no VMCS dumped", file=sys.stderr)
@@ -415,6 +430,11 @@ def format_summary(res) -> str:
                      f"{tc['ic_misses']} inline-cache misses), {tc['invalidations']} invalidations, "
                      f"{tc['flushes']} flushes; {bt['code_page_faults']} stores into code pages, "
                      f"{bt['adaptive_stores']} stores made callouts (adaptive)")
+    for d in res.devices:
+        lines.append(f"  {d['name']} 00:{d['slot']:02x}.0 {d['mac']}: tx {d['tx_frames']} frames "
+                     f"({d['tx_dropped']} dropped), rx {d['rx_frames']} ({d['rx_dropped']} dropped), "
+                     f"{d['notifications']} notifications, {d['interrupts']} interrupts, "
+                     f"{d['needs_reset']} DEVICE_NEEDS_RESET")
     mips = res.icount / res.wall_s / 1e6 if res.wall_s > 0 else 0.0
     lines.append(f"  wall time      {res.wall_s:.3f} s ({mips:,.1f} MIPS)")
     if res.vga:

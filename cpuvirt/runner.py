@@ -21,6 +21,8 @@ from cpuvirt.cpu.mmiosite import MmioSites
 
 BOOT_GDT_GPA = 0x500   # BIOS data area: free at Multiboot entry, below anything a loader places
 DEFAULT_MAX_INSNS = 1_000_000_000
+_PCI_ACTIONS = {"CONFIG_READ": "configuration space read", "CONFIG_WRITE": "configuration space written",
+                "BAR_MAPPED": "the BAR decodes here: the device's registers moved", "BAR_CONFLICT": "not decoded"}
 
 
 @dataclass
@@ -39,6 +41,14 @@ class RunResult:
     vga: str = ""
     unhandled_ports: list = field(default_factory=list)
     exit_stats: list = field(default_factory=list)
+    devices: list = field(default_factory=list)
+
+
+def _device_summary(transport) -> dict:
+    """What a device did in the run (the CLI prints it in the summary)."""
+    dev = transport.device
+    return {"name": dev.name, "slot": transport.slot, "mac": ":".join(f"{b:02x}" for b in dev.mac),
+            **transport.counters, **dev.counters}
 
 
 EXIT_INTERRUPTED = 130     # as a shell reports a process ended by SIGINT (128 + 2)
@@ -131,9 +141,10 @@ def load_modules(modules: Sequence[tuple[str, str | None]]) -> list[tuple[bytes,
 def run_guest(guest: str, mode: str = "native", mem_mib: int = 32, max_insns: int = DEFAULT_MAX_INSNS,
               trace_path: str | None = None, console=None, cmdline: str = "",
               mode_options: dict | None = None, modules: Sequence[tuple[str, str | None]] = (),
-              verbose_trace: bool = False) -> RunResult:
+              verbose_trace: bool = False, devices: Sequence = (), pcap_path: str | None = None) -> RunResult:
     """One run. `mode_options` go to the mode (hw: vmx=[NAME=VALUE...], ept=bool, dump_on=callback).
 
+    `devices` are PCI devices (virtio/setup.py DeviceSpec) in slot order; `pcap_path` captures their frames.
     `modules` are Multiboot modules as (file, command line or None), loaded and described as QEMU's
     `-initrd 'file cmdline,...'` does: the module's string is the file name as given, then a space
     and its command line when it has one. The kernel's command line starts with `guest` as given
@@ -163,6 +174,7 @@ def run_guest(guest: str, mode: str = "native", mem_mib: int = 32, max_insns: in
     except OSError as e:
         stack.close()
         raise CpuvirtError(f"--trace {trace_path}: {e.strerror}") from None
+    pcap = None
     try:
         trace = None
         machine = Machine(mem_mib, on_console=on_console, on_exit=None, on_unhandled_io=None)
@@ -175,6 +187,8 @@ def run_guest(guest: str, mode: str = "native", mem_mib: int = 32, max_insns: in
                 options["modules"] = [string for _, _, string in boot.modules]
             if hasattr(hv, "settings"):
                 options["vmx"] = hv.settings.as_dict()
+            if devices:
+                options["devices"] = [spec.as_dict() for spec in devices]
             trace = hv.vcpu.trace = TraceWriter(trace_file, name, hashlib.sha256(data).hexdigest(), mode, options)
         vcpu = hv.vcpu
 
@@ -203,6 +217,17 @@ def run_guest(guest: str, mode: str = "native", mem_mib: int = 32, max_insns: in
                         {"gpa": f"{gpa:#x}", "size": size, "value": f"{value:#x}"}, "emulated by the device model")
 
         machine.mmio.on_access = on_mmio
+
+        def device_site() -> int:
+            return vcpu.io_site()[0] if vcpu.trace is not None else 0
+
+        from cpuvirt.virtio.setup import attach_devices
+        transports, pcap = attach_devices(
+            machine, devices, lambda reason, detail, action: vcpu.record("virtio", reason, None, device_site(),
+                                                                        detail, action), pcap_path)
+        machine.pci.firmware_setup()          # as SeaBIOS leaves the bus, before the guest runs
+        machine.pci.on_event = lambda reason, detail: vcpu.record(
+            "pci", reason, None, device_site(), detail, _PCI_ACTIONS.get(reason, "done"))
 
         for gpa, blob in image.segments:
             machine.write_gpa(gpa, blob)
@@ -233,8 +258,10 @@ def run_guest(guest: str, mode: str = "native", mem_mib: int = 32, max_insns: in
             mmu_stats["translation"] = tcache()
         return RunResult(name, mode, outcome.kind, outcome.status, outcome.message, bytes(out),
                          machine.clock.instructions, machine.clock.now, counts, mmu_stats, wall, vga,
-                         unhandled, stats)
+                         unhandled, stats, [_device_summary(t) for t in transports])
     finally:
         stack.close()
         if trace_file:
             trace_file.close()
+        if pcap is not None:
+            pcap.close()

@@ -11,17 +11,26 @@ import contextlib
 import os
 
 from cpuvirt.toolchain.build import guest_source_dir
+from cpuvirt.virtio.setup import DeviceSpec
+
+# netdemo meets the same peer on both: cpuvirt's peer=user answers as QEMU's user network does.
+QEMU_VIRTIO_NET = ["-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0,disable-modern=on"]
 
 RUN_ARGS = {
     "apic": {"cmdline": "apic.test=1 console=ttyS0",
              "modules": [("apic.module", "mod-arg-1 mod-arg-2")]},
+    "netdemo": {"cmdline": "quiet", "devices": [DeviceSpec("virtio-net", peer="user")],
+                "qemu": QEMU_VIRTIO_NET},
 }
 
 
 def run_kwargs(guest: str) -> dict:
     """Keyword arguments for cpuvirt.runner.run_guest."""
     args = RUN_ARGS.get(guest, {})
-    return {"cmdline": args.get("cmdline", ""), "modules": list(args.get("modules", ()))}
+    kwargs = {"cmdline": args.get("cmdline", ""), "modules": list(args.get("modules", ()))}
+    if args.get("devices"):
+        kwargs["devices"] = list(args["devices"])
+    return kwargs
 
 
 def qemu_args(guest: str) -> list[str]:
@@ -32,7 +41,7 @@ def qemu_args(guest: str) -> list[str]:
         out += ["-initrd", ",".join(f"{f} {a}" if a is not None else f for f, a in args["modules"])]
     if "cmdline" in args:
         out += ["-append", args["cmdline"]]
-    return out
+    return out + list(args.get("qemu", ()))
 
 
 @contextlib.contextmanager

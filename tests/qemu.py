@@ -19,11 +19,11 @@ def qemu_available() -> bool:
     return shutil.which(QEMU) is not None
 
 
-def qemu_command(image_path: Path | str) -> list[str]:
-    return [QEMU, *QEMU_ARGS, "-kernel", str(image_path)]
+def qemu_command(image_path: Path | str, extra=()) -> list[str]:
+    return [QEMU, *QEMU_ARGS, *extra, "-kernel", str(image_path)]
 
 
-def run_under_qemu(image_path: Path | str, timeout: float = 20) -> tuple[bytes, int]:
+def run_under_qemu(image_path: Path | str, timeout: float = 20, extra=()) -> tuple[bytes, int]:
     """Boot image_path; return (the guest's COM1 output, QEMU's exit status).
 
     A debug-exit write of v gives status (v << 1) | 1, so a guest reporting success (0) gives 1.
@@ -32,7 +32,7 @@ def run_under_qemu(image_path: Path | str, timeout: float = 20) -> tuple[bytes, 
     """
     try:
         p = subprocess.run(
-            qemu_command(image_path), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            qemu_command(image_path, extra), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, timeout=timeout, check=False,
         )
     except subprocess.TimeoutExpired as e:

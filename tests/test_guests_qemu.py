@@ -27,7 +27,8 @@ BUILDS = [(g.name, False) for g in list_guests()]
 def test_guest_passes_under_qemu(name, pv, tmp_path):
     image = tmp_path / f"{name}.bin"
     image.write_bytes(build_guest(name, pv))
-    out, status = run_under_qemu(image, timeout=20)
+    from tests.guest_args import RUN_ARGS
+    out, status = run_under_qemu(image, timeout=20, extra=RUN_ARGS.get(name, {}).get("qemu", ()))
     text = out.decode("utf-8", "replace")
     assert status != 124, f"{name}: QEMU timed out; output so far:\n{text}"
     lines = text.splitlines()

@@ -306,9 +306,11 @@ def test_no_ept_runs_on_shadow_paging(vmexits, tmp_path):
 
 @pytest.mark.parametrize("guest", [g.name for g in list_guests()])
 def test_every_bundled_guest_passes_in_hw_with_native_output(guest):
-    hw = run_guest(guest, "hw")
+    from tests.guest_args import RUN_ARGS, run_kwargs
+    kwargs = run_kwargs(guest) if "devices" in RUN_ARGS.get(guest, {}) else {}   # netdemo needs its NIC
+    hw = run_guest(guest, "hw", **kwargs)
     assert hw.outcome == "exit" and hw.status == 0, (hw.outcome, hw.message)
-    assert hw.console == run_guest(guest).console
+    assert hw.console == run_guest(guest, **kwargs).console
 
 
 @pytest.mark.parametrize("guest", [g.name for g in list_guests() if g.name != "apic"])
@@ -317,4 +319,6 @@ def test_hw_retires_exactly_the_instructions_native_does(guest):
     are taken off the count: the same guest retires the same number of instructions in both modes.
     (apic is left out: its MMIO reads see block-granular time under native but exact time under hw,
     where each access is an exit, so its timer-polling loops legitimately run a different length.)"""
-    assert run_guest(guest, "hw").icount == run_guest(guest).icount
+    from tests.guest_args import RUN_ARGS, run_kwargs
+    kwargs = run_kwargs(guest) if "devices" in RUN_ARGS.get(guest, {}) else {}
+    assert run_guest(guest, "hw", **kwargs).icount == run_guest(guest, **kwargs).icount

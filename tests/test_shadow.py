@@ -343,9 +343,11 @@ def test_every_bundled_guest_in_hw_no_ept_gives_the_native_console(guest, tmp_pa
         pre = preprocess(guest_source_dir() / "nanobench.S", {"N_ITER": 500, "PV": 0}, [include_dir()])
         guest = str(tmp_path / "nanobench.bin")
         (tmp_path / "nanobench.bin").write_bytes(build_image(pre.lines)[0])
-    res = run_guest(guest, "hw", mode_options={"ept": False})
+    from tests.guest_args import RUN_ARGS, run_kwargs
+    kwargs = run_kwargs(guest) if "devices" in RUN_ARGS.get(guest, {}) else {}   # netdemo needs its NIC
+    res = run_guest(guest, "hw", mode_options={"ept": False}, **kwargs)
     assert (res.outcome, res.status) == ("exit", 0), (res.outcome, res.message)
-    assert res.console == run_guest(guest).console
+    assert res.console == run_guest(guest, **kwargs).console
 
 
 # -- the store emulator agrees with the engine ---------------------------------------------------------

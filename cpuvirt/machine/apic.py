@@ -358,6 +358,10 @@ class LocalApic:
         self.irr |= bit
         self.tmr = self.tmr | bit if level else self.tmr & ~bit
 
+    def receive_message(self, vector: int, level: bool = False) -> None:
+        """A fixed interrupt message from the bus (an MSI/MSI-X write to 0xFEExxxxx, SDM 10.11)."""
+        self._accept(vector, level)
+
     def _error(self, bits: int) -> None:
         """Record an APIC error (SDM 10.5.3) and raise the LVT error interrupt for a new one."""
         new = bits & ~self.esr_pending

@@ -46,6 +46,12 @@ class PortBus:
             if wide:
                 self._wide.add(port)
 
+    def unregister(self, first_port: int, count: int) -> None:
+        """Take the ports first_port .. first_port + count - 1 back (a PCI BAR moved or was disabled)."""
+        for port in range(first_port, first_port + count):
+            self._devices.pop(port, None)
+            self._wide.discard(port)
+
     def read(self, port: int, size: int) -> int:
         device = self._devices.get(port)
         if device is None:

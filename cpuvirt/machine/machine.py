@@ -18,7 +18,8 @@ from cpuvirt.machine.debug_exit import DebugExit
 from cpuvirt.machine.fw_cfg import FW_CFG_PORT_SEL, FwCfg
 from cpuvirt.machine.mmio import MmioBus
 from cpuvirt.machine.hostmem import HostRegion
-from cpuvirt.machine.pic import Pic8259Pair
+from cpuvirt.machine.pci import CONFIG_ADDRESS, CONFIG_DATA, PIIX_PIRQ_IRQS, PciBus
+from cpuvirt.machine.pic import ELCR_PORT, Pic8259Pair
 from cpuvirt.machine.pit import Pit8254
 from cpuvirt.machine.post import PostPort
 from cpuvirt.machine.uart import Uart16550
@@ -49,6 +50,46 @@ class _Replans:
         self.machine.pit.update()
         self.device.write(port, size, value)
         self.machine._interrupts_changed()
+
+
+class _Elcr:
+    """The PIIX3's edge/level control registers at 0x4D0/0x4D1 (they live in the 8259 model)."""
+
+    __slots__ = ("pic",)
+
+    def __init__(self, pic: Pic8259Pair):
+        self.pic = pic
+
+    def read(self, port: int, size: int) -> int:
+        return self.pic.read_elcr(port, size)
+
+    def write(self, port: int, size: int, value: int) -> None:
+        self.pic.write_elcr(port, size, value & 0xFF)
+
+
+class _PortWindow:
+    """A PCI I/O BAR on the port bus: the region sees offsets from the BAR's base."""
+
+    __slots__ = ("base", "region")
+
+    def __init__(self, base: int, region):
+        self.base, self.region = base, region
+
+    def read(self, port: int, size: int) -> int:
+        return self.region.read(port - self.base, size)
+
+    def write(self, port: int, size: int, value: int) -> None:
+        self.region.write(port - self.base, size, value)
+
+
+class _MmioWindow:
+    """A device region that may move in guest-physical space (a PCI memory BAR): one Unicorn MMIO
+    region at a fixed host-physical address, whose callbacks add the current guest-physical base."""
+
+    __slots__ = ("gpa", "hpa", "size", "callbacks")
+
+    def __init__(self, hpa: int, size: int):
+        self.gpa, self.hpa, self.size, self.callbacks = None, hpa, size, None
 
 
 class MsrFault(Exception):
@@ -90,6 +131,14 @@ class Machine:
         self.bus.register(DEBUG_EXIT, 4, self.debug_exit, wide=True)
         self.fw_cfg = FwCfg(self.mem_bytes)
         self.bus.register(FW_CFG_PORT_SEL, 2, self.fw_cfg, wide=True)
+        # SeaBIOS makes the PCI interrupt lines (PIIX3 PIRQA-D -> IRQ 10, 11) level-triggered.
+        self.pic.bios_setup_elcr(PIIX_PIRQ_IRQS)
+        self.bus.register(ELCR_PORT, 2, _Replans(_Elcr(self.pic), self))
+        # PCI bus 0 (machine/pci.py): the host and ISA bridges; devices are added before boot.
+        self.pci = PciBus(self)
+        self.bus.register(CONFIG_ADDRESS, 4, self.pci, wide=True)
+        self.bus.register(CONFIG_DATA, 4, self.pci, wide=True)
+        self._windows: dict[int, _MmioWindow] = {}     # id(region) -> its window
 
         self.mmio = MmioBus(on_access=on_mmio)
         self._next_mmio_hpa = MMIO_HPA
@@ -213,11 +262,91 @@ class Machine:
         self.p2m.add_mmio(gpa, size, hpa)
         self._next_mmio_hpa = hpa + size
 
+    # -- the PCI bus's view of the machine (machine/pci.py, Platform) --------------------------------
+    def map_io(self, base: int, size: int, device) -> None:
+        """A PCI I/O BAR decodes at base: its region gets the ports (offsets from base)."""
+        self.bus.register(base, size, _PortWindow(base, device), wide=True)
+
+    def unmap_io(self, base: int, size: int) -> None:
+        self.bus.unregister(base, size)
+
+    def map_mem(self, base: int, size: int, device) -> None:
+        """A PCI memory BAR decodes at base (whole pages, outside RAM); the engine's TLB is flushed
+        so that no stale translation reaches the old place."""
+        if base < self.mem_bytes or base & 0xFFF or size & 0xFFF:
+            raise ValueError(f"{base:#x}+{size:#x} overlaps RAM or is not page-aligned")
+        window = self._windows.get(id(device))
+        if window is None:
+            hpa = self._next_mmio_hpa
+            if hpa + size > UNBACKED_HPA:
+                raise ValueError("no host-physical room left for MMIO ranges")
+            self._next_mmio_hpa = hpa + size
+            window = self._windows[id(device)] = _MmioWindow(hpa, size)
+            bus = self.mmio
+
+            def read(_uc, offset, width, _data):
+                return bus.read(window.gpa + offset, width)
+
+            def write(_uc, offset, width, value, _data):
+                bus.write(window.gpa + offset, width, value)
+
+            window.callbacks = (read, write)
+            self.uc.mmio_map(hpa, size, read, None, write, None)
+        self.mmio.register(base, size, device)
+        window.gpa = base
+        self.p2m.add_mmio(base, size, window.hpa)
+        self._flush_engine_tlb()
+
+    def unmap_mem(self, base: int, size: int) -> None:
+        self.mmio.unregister(base)
+        self.p2m.remove_mmio(base)
+        self._flush_engine_tlb()
+
+    def _flush_engine_tlb(self) -> None:
+        from unicorn import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH
+        self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
+
+    def set_isa_irq(self, irq: int, level: bool) -> None:
+        """A PCI INTx line routed to ISA IRQ `irq` changes level (the PIIX3 drives the 8259)."""
+        self.pit.update()
+        if level:
+            self.pic.raise_irq(irq)
+        else:
+            self.pic.lower_irq(irq)
+        self._interrupts_changed()
+
+    def send_msi(self, address: int, data: int) -> bool:
+        """An MSI/MSI-X message write (SDM Vol. 3A 10.11): to 0xFEExxxxx it is an interrupt for the
+        local APIC; fixed and lowest-priority delivery to APIC ID 0 (or broadcast) are accepted.
+        False: the message went nowhere (another address or destination, or a mode not modelled)."""
+        if address >> 20 != 0xFEE:
+            return False
+        dest = (address >> 12) & 0xFF
+        mode = (data >> 8) & 7
+        if dest not in (self.apic.id >> 24, 0xFF) or mode not in (0, 1):
+            return False
+        self.apic.receive_message(data & 0xFF, level=bool(data & 0x8000))
+        self._interrupts_changed()
+        return True
+
     # -- guest-physical memory ---------------------------------------------------------------------
     def write_gpa(self, gpa: int, data: bytes) -> None:
         if gpa < 0 or gpa + len(data) > self.mem_bytes:
             raise ValueError(f"{gpa:#x}+{len(data):#x} is outside guest RAM")
         self.ram.write(RAM_HPA + gpa, bytes(data))
+
+    def dma_refusal(self, gpa: int, size: int) -> str | None:
+        """Why a bus-mastering device may not write there (para's typed frames), or None."""
+        guard = self.mmu.dma_guard
+        return None if guard is None else guard(gpa, size)
+
+    def dma_write(self, gpa: int, data: bytes) -> None:
+        """A device writes guest RAM (DMA): as write_gpa, and whoever derived state from a
+        write-traced frame there (shadow page tables, the translator) drops it, as for the
+        hypervisor's own stores. Call dma_refusal first."""
+        self.write_gpa(gpa, data)
+        if self.mmu.traces.frames:
+            self.mmu.traces.hv_wrote(gpa, gpa, len(data))
 
     def read_gpa(self, gpa: int, size: int) -> bytes:
         return self.ram.read(RAM_HPA + gpa, size)

@@ -47,6 +47,10 @@ class MmioBus:
         self.ranges.append((gpa, gpa + size, device))
         self.ranges.sort(key=lambda r: r[0])
 
+    def unregister(self, gpa: int) -> None:
+        """Remove the range that starts at gpa (a PCI memory BAR moved or was disabled)."""
+        self.ranges = [r for r in self.ranges if r[0] != gpa]
+
     def find(self, gpa: int) -> tuple[int, MmioDevice] | None:
         """(range base, device) of the range holding gpa, or None."""
         for lo, hi, device in self.ranges:

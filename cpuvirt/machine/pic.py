@@ -4,14 +4,19 @@ Follows the Intel 8259A data sheet (Programmable Interrupt Controller, order 231
 initialization command words ICW1-ICW4, operation command words OCW1 (mask), OCW2 (EOI and
 rotation), OCW3 (register read select, poll, special mask), fully nested priority with
 rotation, and the INTA sequence that moves a request from IRR to ISR. Where the data sheet
-leaves room, QEMU's i8259 is followed, since QEMU is cpuvirt's reference machine. Edge
-triggered only: ICW1's LTIM bit (level mode) is accepted and ignored, as QEMU ignores it.
+leaves room, QEMU's i8259 is followed, since QEMU is cpuvirt's reference machine. ICW1's LTIM
+bit (level mode) is accepted and ignored, as QEMU ignores it; the trigger mode of each IRQ is
+the PIIX3's edge/level control register instead (ELCR, ports 0x4D0/0x4D1, as QEMU's i8259 has
+it): a level-triggered request follows its line and stays in the IRR after INTA while the line
+is high (PCI INTx, shared and level-sensitive).
 """
 
 from __future__ import annotations
 
 MASTER_BASE = 0x20
 SLAVE_BASE = 0xA0
+ELCR_PORT = 0x4D0                # ELCR1 (IRQ 0-7), ELCR2 (IRQ 8-15) at 0x4D1
+ELCR_MASK = (0xF8, 0xDE)         # IRQ 0, 1, 2 and 8, 13 are always edge-triggered (QEMU's elcr_mask)
 CASCADE_IRQ = 2
 SPURIOUS_IRQ = 7
 
@@ -42,6 +47,7 @@ class Pic8259:
     def __init__(self, is_master: bool):
         self.is_master = is_master
         self.line = 0             # levels of IR0-7 last seen, for edge detection
+        self.elcr = 0             # level-triggered IRs (not touched by ICW1, as in QEMU)
         self.reset()
 
     def reset(self) -> None:
@@ -87,7 +93,8 @@ class Pic8259:
                 self.priority_add = (irq + 1) & 7
         else:
             self.isr |= bit
-        self.irr &= ~bit
+        if not self.elcr & bit:
+            self.irr &= ~bit                     # a level-triggered request stays while its line is high
 
     def write_command(self, value: int) -> None:
         if value & 0x10:                         # ICW1
@@ -154,7 +161,14 @@ class Pic8259:
 
     def set_line(self, irq: int, high: bool) -> None:
         bit = 1 << irq
-        if high:
+        if self.elcr & bit:                      # level-triggered: IRR follows the line
+            if high:
+                self.irr |= bit
+                self.line |= bit
+            else:
+                self.irr &= ~bit
+                self.line &= ~bit
+        elif high:
             if not self.line & bit:
                 self.irr |= bit                  # rising edge: latch the request
             self.line |= bit
@@ -185,6 +199,20 @@ class Pic8259Pair:
             for p, v in ((port, 0x11), (port + 1, vector), (port + 1, cascade), (port + 1, 0x01),
                          (port + 1, imr)):
                 self.write(p, 1, v)
+
+    def bios_setup_elcr(self, levels: tuple[int, ...]) -> None:
+        """SeaBIOS (pciinit.c, piix_isa_bridge_setup) makes the PCI IRQs level-triggered."""
+        for irq in levels:
+            chip = self.master if irq < 8 else self.slave
+            chip.elcr |= (1 << (irq & 7)) & ELCR_MASK[irq >= 8]
+
+    def read_elcr(self, port: int, size: int) -> int:
+        return (self.master if port == ELCR_PORT else self.slave).elcr
+
+    def write_elcr(self, port: int, size: int, value: int) -> None:
+        index = port != ELCR_PORT
+        (self.slave if index else self.master).elcr = value & ELCR_MASK[index]
+        self._update()
 
     def raise_irq(self, irq: int) -> None:
         if irq < 8:

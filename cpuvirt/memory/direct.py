@@ -121,6 +121,14 @@ class DirectPaging:
         off = (mfn << 12) - self.ram.hpa
         return struct.unpack_from("<1024I", self.ram.buf, off)
 
+    def dma_refusal(self, gpa: int, size: int) -> str | None:
+        """Why a device may not write guest-physical gpa .. gpa + size - 1, or None: only frames of
+        no type or writable type may be written behind the hypervisor's back (Mmu.dma_guard)."""
+        for p in range(gpa >> 12, min((gpa + max(size, 1) - 1) >> 12, self.nr_pages - 1) + 1):
+            if self.count[p] and self.type[p] not in (NONE, WRITABLE):
+                return f"frame {p:#x} is a typed {TYPE_NAMES[self.type[p]]} frame of direct paging"
+        return None
+
     def type_of(self, mfn: int) -> str:
         p = mfn - self.base_mfn
         return TYPE_NAMES[self.type[p]] if self.count[p] else "none"

@@ -126,6 +126,10 @@ class Mmu:
         self.crs: tuple[int, int, int] | None = None   # CR0, CR3, CR4 snapshot, see load_crs
         self.crs_source = None                # callable -> (cr0, cr3, cr4): the guest's virtual CRs
         self.traces = Traces(uc)              # write-traced guest frames (shadow paging, translator)
+        # Frames a bus-mastering device may not write, as callback(gpa, size) -> reason or None: set
+        # by a strategy whose safety rests on frame types (para's direct paging: page tables, GDT,
+        # hypercall page), as Xen's IOMMU mappings leave such frames out.
+        self.dma_guard = None
 
     def load_crs(self) -> tuple[int, int, int]:
         """Read CR0/CR3/CR4 once per hypervisor entry: the guest cannot change them while a hook

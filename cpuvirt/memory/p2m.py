@@ -38,6 +38,10 @@ class P2m:
             raise ValueError(f"MMIO range {gpa:#x}+{size:#x} overlaps guest RAM")
         self.mmio.append((gpa, gpa + size, hpa))
 
+    def remove_mmio(self, gpa: Gpa) -> None:
+        """Unmap the device range that starts at gpa."""
+        self.mmio = [m for m in self.mmio if m[0] != gpa]
+
     def mmio_to_hpa(self, gpa: Gpa) -> Hpa | None:
         for lo, hi, hpa in self.mmio:
             if lo <= gpa < hi:

@@ -82,6 +82,7 @@ class ParaMode:
         paging.pin(self.mfn(lay.l2), L2)
         paging.on_flush = vcpu.flush_tlb
         m.mmu.strategy = paging
+        m.mmu.dma_guard = paging.dma_refusal      # devices (virtio) never write typed frames
 
         vcpu.events = EventChannels(m.ram, RAM_HPA + lay.shared_info)
         vcpu.hypercall_va = lay.hypercall

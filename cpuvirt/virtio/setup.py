@@ -1,0 +1,75 @@
+"""`--device` specifications and putting the devices on a machine's PCI bus (QEMU's `-device` order)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cpuvirt.errors import CpuvirtError
+from cpuvirt.virtio.backend import PEERS
+from cpuvirt.virtio.net import DEFAULT_MAC, VirtioNet, parse_mac
+from cpuvirt.virtio.pcap import PcapWriter
+from cpuvirt.virtio.transport import VirtioPciLegacy
+from cpuvirt.virtio.virtqueue import GuestRam
+
+DEVICE_TYPES = ("virtio-net",)
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    kind: str
+    mac: bytes | None = None
+    peer: str = "loopback"
+
+    def as_dict(self) -> dict:
+        d = {"device": self.kind, "peer": self.peer}
+        if self.mac is not None:
+            d["mac"] = ":".join(f"{b:02x}" for b in self.mac)
+        return d
+
+
+def parse_device(text: str) -> DeviceSpec:
+    """`virtio-net[,mac=52:54:00:12:34:56][,peer=loopback|user]` -> DeviceSpec, or CpuvirtError."""
+    kind, *options = text.split(",")
+    if kind not in DEVICE_TYPES:
+        raise CpuvirtError(f"--device {text}: unknown device {kind!r} (known: {', '.join(DEVICE_TYPES)})")
+    mac, peer = None, "loopback"
+    for option in options:
+        key, eq, value = option.partition("=")
+        if not eq or not value:
+            raise CpuvirtError(f"--device {text}: option {option!r} is not KEY=VALUE")
+        if key == "mac":
+            try:
+                mac = parse_mac(value)
+            except ValueError as e:
+                raise CpuvirtError(f"--device {text}: {e}") from None
+        elif key == "peer":
+            if value not in PEERS:
+                raise CpuvirtError(f"--device {text}: unknown peer {value!r} (known: {', '.join(PEERS)})")
+            peer = value
+        else:
+            raise CpuvirtError(f"--device {text}: unknown option {key!r} (known: mac, peer)")
+    return DeviceSpec(kind, mac, peer)
+
+
+def attach_devices(machine, specs, trace=None, pcap_path: str | None = None):
+    """Add each device to the PCI bus in order (slots 2, 3, ...); returns (transports, pcap writer).
+
+    Without mac=, NIC n gets QEMU's default address with n added to the last byte
+    (qemu_macaddr_default_if_unset). `trace(reason, detail, action)` receives the device events.
+    """
+    pcap = None
+    if pcap_path is not None:
+        if not specs:
+            raise CpuvirtError("--pcap needs a --device virtio-net to capture")
+        try:
+            pcap = PcapWriter(pcap_path, lambda: machine.clock.now)
+        except OSError as e:
+            raise CpuvirtError(f"--pcap {pcap_path}: {e.strerror}") from None
+    ram = GuestRam(machine.mem_bytes, machine.read_gpa, machine.dma_write, machine.dma_refusal)
+    transports = []
+    for n, spec in enumerate(specs):
+        mac = spec.mac or DEFAULT_MAC[:5] + bytes(((DEFAULT_MAC[5] + n) & 0xFF,))
+        device = VirtioNet(mac, PEERS[spec.peer](), pcap.record if pcap else None)
+        transport = VirtioPciLegacy(device, ram, trace)
+        machine.pci.add(transport)
+        transports.append(transport)
+    return transports, pcap
