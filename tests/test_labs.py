@@ -42,7 +42,7 @@ def test_answers_are_checked_against_the_run():
 def test_lab_cli_lists_and_refuses_bad_input():
     run = lambda *a: subprocess.run([sys.executable, "-m", "cpuvirt", "lab", *a], capture_output=True, timeout=60)
     p = run()
-    assert p.returncode == 0 and all(n in p.stdout.decode() for n in ("holes", "bt", "para", "vtx", "memory"))
+    assert p.returncode == 0 and all(n in p.stdout.decode() for n in ("holes", "bt", "para", "vtx", "memory", "virtio"))
     for bad in (["nope"], ["holes", "--answer", "q99=1"], ["holes", "--answer", "q1"], ["holes", "--write-doc", "/nonexistent"]):
         p = run(*bad)
         assert p.returncode == 2 and p.stderr.decode().count("\n") == 1, bad

@@ -22,7 +22,7 @@ from typing import Callable
 
 from cpuvirt.errors import CpuvirtError
 
-LAB_MODULES = ("holes", "bt", "para", "vtx", "memory")
+LAB_MODULES = ("holes", "bt", "para", "vtx", "memory", "virtio")
 
 
 @dataclass
@@ -120,7 +120,7 @@ def run_lab(lab: Lab, folder: Path | None = None, echo=None) -> tuple[list[Outpu
             if echo:
                 echo(f"\n[{i}/{len(lab.steps)}] $ {step.command}\n")
             out = run_step(step, where)
-            if echo:
+            if echo and step.show_lines:
                 echo(_quote(out, step.show_lines * 3))
             observed.update(step.observe(out))
             outputs.append(out)
@@ -178,7 +178,7 @@ def render_markdown(lab: Lab, outputs: list[Output], observed: dict) -> str:
            f"Work in an empty folder. `cpuvirt lab {lab.name}` runs all of these for you and shows their output.", ""]
     for i, (step, out) in enumerate(zip(lab.steps, outputs), 1):
         md += [f"{i}. {step.text.strip()}", "", "   ```sh", f"   {step.command}", "   ```", ""]
-        quoted = _quote(out, step.show_lines)
+        quoted = _quote(out, step.show_lines) if step.show_lines else ""
         if quoted.strip():
             md += ["   ```text"] + [f"   {line}" for line in quoted.rstrip("\n").splitlines()] + ["   ```", ""]
         if step.expect:
