@@ -49,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--module", action="append", default=[], type=_module, metavar="FILE[,CMDLINE]",
                    help="a Multiboot module with its command line (repeatable; as QEMU's -initrd 'FILE CMDLINE')")
     r.add_argument("--quiet", "-q", action="store_true", help="no summary on stderr")
-    r.add_argument("--stats", action="store_true", help="per-exit-reason table, like kvm_stat (hw), or events by kind")
+    r.add_argument("--stats", action="store_true",
+                   help="per-exit-reason table, like kvm_stat (hw), and modelled cycles by event kind and reason")
+    _costs_option(r)
     r.add_argument("--verbose-trace", action="store_true",
                    help="with --trace: also record each translated block (full) and each hidden shadow-paging "
                         "fault (trap, full, hw --no-ept); large traces")
@@ -86,12 +88,23 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--max-insns", type=_int, default=50_000_000, metavar="N", help="budget of the run first made")
     bt.add_argument("--trace", metavar="FILE", help="also write the run's trace, with a `translate` event per block")
 
+    co = sub.add_parser("costs", help="show a cost table (modelled cycles per event, with sources)")
+    co.add_argument("table", nargs="?", default=None, metavar="NAME|FILE", help="a preset or a TOML/JSON file "
+                    "(default p4-2006)")
+    co.add_argument("--json", action="store_true", help="the table as JSON")
+
     t = sub.add_parser("trace", help="read exit traces")
     tsub = t.add_subparsers(dest="trace_verb", required=True, parser_class=_Parser)
     ts = tsub.add_parser("show", help="print a trace readably")
     ts.add_argument("file")
     ts.add_argument("--kind", action="append", help="only events of this kind (repeatable)")
     return p
+
+
+def _costs_option(p) -> None:
+    p.add_argument("--costs", default=None, metavar="NAME|FILE",
+                   help="cost table for modelled cycles: a preset (p4-2006 default, nehalem, amd-2020) or a "
+                        "TOML/JSON file; see `cpuvirt costs`")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,11 +150,30 @@ def _dispatch(args) -> int:
                        trace_path=args.trace)
         sys.stdout.write(text)
         return 0
+    if args.verb == "costs":
+        return _costs(args)
     if args.verb == "trace":
         from cpuvirt.trace.show import show
         show(args.file, sys.stdout, kinds=args.kind)
         return 0
     raise CpuvirtError(f"unknown verb {args.verb}")
+
+
+def _costs(args) -> int:
+    import json
+    from cpuvirt import costs
+    t = costs.load(args.table)
+    if args.json:
+        print(json.dumps({"name": t.name, "description": t.description,
+                          "costs": {k: {"cycles": e.cycles, "source": e.source} for k, e in t.entries.items()}},
+                         indent=1))
+        return 0
+    print(f"# {t.name}: {t.description}")
+    print(f"# presets: {', '.join(costs.presets())}; keys: KIND, KIND:REASON, either with @MODE (most specific wins)")
+    w = max(len(k) for k in t.entries)
+    for k, e in t.entries.items():
+        print(f"{k:<{w}} {e.cycles:>8g}  {e.source}")
+    return 0
 
 
 def _build(args) -> int:
@@ -260,6 +292,8 @@ def _run(args) -> int:
         if byte == 10:
             stdout.flush()
 
+    from cpuvirt import costs
+    table = costs.load(args.costs)            # a bad --costs is an input error before the run
     max_insns = DEFAULT_MAX_INSNS if args.max_insns is None else args.max_insns
     if max_insns < 0:
         raise CpuvirtError("--max-insns must be >= 0")
@@ -284,32 +318,47 @@ def _run(args) -> int:
     stdout.flush()
     if args.dump_vmcs_on and not done:
         print(f"cpuvirt: no {args.dump_vmcs_on} exit happened in this run: no VMCS dumped", file=sys.stderr)
+    modelled = costs.model(res.tally, table, res.mode)
     if not args.quiet:
-        print(format_summary(res), file=sys.stderr)
+        print(format_summary(res, modelled), file=sys.stderr)
     elif res.outcome != "exit":     # -q silences the summary, never why a run stopped abnormally
         print(f"cpuvirt: {res.guest} under {res.mode}: {res.outcome}, status {res.status}"
               + (f" ({res.message})" if res.message else ""), file=sys.stderr)
     if args.stats:
-        print(format_stats(res), file=sys.stderr)
+        print(format_stats(res, modelled), file=sys.stderr)
     return res.status
 
 
-def format_stats(res) -> str:
-    """kvm_stat's shape: one row per exit reason, busiest first."""
+def format_stats(res, modelled=None) -> str:
+    """kvm_stat's shape (hw: one row per exit reason, busiest first), then the modelled cycles by
+    event kind and reason, each with the cost charged and its source."""
+    lines = []
     if res.exit_stats:
-        lines = [f"  {'exit reason':<28} {'count':>9} {'share':>7} {'mean handler':>14}"]
+        lines.append(f"  {'exit reason':<28} {'count':>9} {'share':>7} {'mean handler':>14}")
         for name, number, count, share, mean_us in res.exit_stats:
             lines.append(f"  {name + f' ({number})':<28} {count:>9} {share:>7.1%} {mean_us:>11.1f} us")
         lines.append(f"  {'total':<28} {sum(r[2] for r in res.exit_stats):>9}")
-        return "\n".join(lines)
-    total = sum(res.counts.values()) or 1
-    lines = [f"  {'event kind':<28} {'count':>9} {'share':>7}"]
-    for kind, n in sorted(res.counts.items(), key=lambda kv: -kv[1]):
-        lines.append(f"  {kind:<28} {n:>9} {n / total:>7.1%}")
+    if modelled is None:
+        from cpuvirt import costs
+        modelled = costs.model(res.tally, costs.load(), res.mode)
+    lines.append(format_cost_rows(modelled))
     return "\n".join(lines)
 
 
-def format_summary(res) -> str:
+def format_cost_rows(m, source_width: int = 60) -> str:
+    total = m.total or 1
+    lines = [f"  {'event (kind:reason)':<28} {'count':>11} {'each':>7} {'modelled cycles':>16} {'share':>6}  "
+             f"source ({m.table})"]
+    for r in m.rows:
+        src = r.source if len(r.source) <= source_width else r.source[:source_width - 3] + "..."
+        lines.append(f"  {r.key[:28]:<28} {r.count:>11,} {r.each:>7g} {r.cycles:>16,.0f} {r.cycles / total:>6.1%}  {src}")
+    lines.append(f"  {'total':<28} {'':>11} {'':>7} {m.total:>16,.0f}")
+    if m.uncosted:
+        lines.append(f"  not in the cost table (charged 0): {', '.join(m.uncosted)}")
+    return "\n".join(lines)
+
+
+def format_summary(res, modelled=None) -> str:
     from cpuvirt.machine.clock import TSC_HZ
     lines = [f"cpuvirt: {res.guest} under {res.mode}: {res.outcome}, status {res.status}"
              + (f" ({res.message})" if res.message and res.outcome != "exit" else "")]
@@ -317,6 +366,10 @@ def format_summary(res) -> str:
     lines.append(f"  virtual time   {res.vtime:,} cycles ({us:,.1f} us at 1 GHz); {res.icount:,} instructions retired")
     ev = ", ".join(f"{k} {v}" for k, v in res.counts.items()) or "none"
     lines.append(f"  events         {ev}")
+    if modelled is not None:
+        from cpuvirt.costs import format_shares
+        lines.append(f"  modelled       {modelled.total:,.0f} cycles ({modelled.table} cost table): "
+                     f"{format_shares(modelled)}")
     m = res.mmu
     lines.append(f"  memory         {m['fills']} TLB fills, {m['walks']} walks ({m['walk_refs']} refs), "
                  f"{m['faults']} faults, {m['unbacked']} unbacked")

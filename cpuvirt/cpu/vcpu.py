@@ -51,6 +51,7 @@ class Vcpu:
         self.budget = max_insns or NEVER
         self.outcome: Outcome | None = None
         self.counts: Counter = Counter()
+        self.reasons: Counter = Counter()    # (kind, reason) -> n: the cost model's view (cpuvirt/costs)
         self._disasm = None
         self._insn_cache: dict[tuple[int, bytes], str] = {}
         self.error: BaseException | None = None
@@ -474,6 +475,7 @@ class Vcpu:
     # -- recording -----------------------------------------------------------------------------------
     def record(self, kind: str, reason: str, code, eip: int, detail: dict, action: str) -> None:
         self.counts[kind] += 1
+        self.reasons[kind, reason] += 1
         if self.trace is not None:
             self.trace.event(self.clock.instructions, self.regs.cpl(), kind, reason, code, eip, self.insn_at(eip),
                              detail, action)
