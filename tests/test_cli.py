@@ -133,7 +133,7 @@ def test_run_stats_is_a_kvm_stat_table():
     assert any(r.split()[:2] == ["HLT", "(12)"] for r in rows)
     assert rows[-1].split()[0] == "total"
     native = cpuvirt("run", "hello", "--stats", "-q")
-    assert native.returncode == 0 and b"event kind" in native.stderr
+    assert native.returncode == 0 and b"event (kind:reason)" in native.stderr and b"io:DEBUG_EXIT" in native.stderr
 
 
 def test_run_no_ept_shadow_paging_stats():
