@@ -76,9 +76,19 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compare", help="align traces (or runs of one guest) site by site: what each technique did")
     c.add_argument("items", nargs="+", metavar="TRACE|GUEST",
                    help="two or more trace files, or one guest to run under --modes")
-    c.add_argument("--modes", default="native,hw", help="with a guest: the modes to run (default native,hw)")
+    c.add_argument("--modes", default="native,hw",
+                   help="with a guest: the modes to run, each MODE[:NAME=VALUE...] (hw controls, e.g. hw:ept=0); "
+                        "default native,hw")
     c.add_argument("--limit", type=_int, default=None, metavar="N", help="show at most N sites")
-    c.add_argument("--vmx", action="append", default=[], metavar="NAME=VALUE", help="with a guest: hw controls")
+    c.add_argument("--vmx", action="append", default=[], metavar="NAME=VALUE", help="with a guest: hw controls for every hw run")
+    c.add_argument("--site", action="append", default=[], metavar="SYMBOL|ADDR|FILE:LINE",
+                   help="only the sites at this symbol (symbol+offset), address or source line (repeatable)")
+    c.add_argument("--image", metavar="FILE", help="with trace files: the image they were made from (symbols)")
+    c.add_argument("--max-insns", type=_int, default=None, metavar="N", help="with a guest: budget of each run")
+    c.add_argument("--wide", action="store_true", help="one line per site, a column per run (wider than 100)")
+    c.add_argument("--csv", action="store_true", help="the site table as CSV")
+    c.add_argument("--json", action="store_true", help="summary and sites as JSON")
+    _costs_option(c)
 
     bt = sub.add_parser("bt", help="full mode: show guest blocks beside their binary translation")
     bt.add_argument("guest")
@@ -253,33 +263,63 @@ def _vmcs(args) -> int:
 
 
 def _compare(args) -> int:
-    from cpuvirt.trace.compare import compare_files
+    from cpuvirt import costs, modespec
+    from cpuvirt.runner import DEFAULT_MAX_INSNS
+    from cpuvirt.trace import compare as C
+    table = costs.load(args.costs)
     if len(args.items) >= 2:
-        compare_files(args.items, sys.stdout, args.limit)
-        return 0
-    import tempfile
-    from cpuvirt.runner import DEFAULT_MAX_INSNS, run_guest
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    if len(modes) < 2:
-        raise CpuvirtError("--modes needs at least two modes, e.g. native,hw")
-    from cpuvirt.modes import get_mode
-    from cpuvirt.runner import resolve_guest
-    for mode in modes:            # every input error before the first (possibly long) run
-        get_mode(mode)
-    if "para" in modes:
-        resolve_guest(args.items[0], "para")
-    if args.vmx and "hw" not in modes:
-        raise CpuvirtError("--vmx applies to the hw mode, which is not among --modes")
-    with tempfile.TemporaryDirectory() as tmp:
-        paths = []
-        for mode in modes:
-            path = f"{tmp}/{mode}.jsonl"
-            opts = {"vmx": args.vmx} if mode == "hw" else None
-            res = run_guest(args.items[0], mode, 32, DEFAULT_MAX_INSNS, path, None, "", mode_options=opts)
-            print(f"# {mode}: {res.outcome}, status {res.status}, {res.icount:,} instructions", file=sys.stderr)
-            paths.append(path)
-        compare_files(paths, sys.stdout, args.limit)
+        cols = C.trace_columns(args.items, args.image)
+    else:
+        specs = modespec.parse_list(args.modes)    # every input error before the first (possibly long) run
+        if len(specs) < 2:
+            raise CpuvirtError("--modes needs at least two modes, e.g. native,hw")
+        if args.vmx and not any(s.mode == "hw" for s in specs):
+            raise CpuvirtError("--vmx applies to the hw mode, which is not among --modes")
+        if args.vmx:
+            from cpuvirt.modes.hw.controls import VmxSettings
+            VmxSettings(args.vmx)
+        if args.image:
+            raise CpuvirtError("--image applies to trace files (a guest's symbols come with it)")
+        budget = DEFAULT_MAX_INSNS if args.max_insns is None else args.max_insns
+        cols = C.run_columns(args.items[0], specs, budget, extra_vmx=args.vmx)
+        for c in cols:
+            if c.ran:
+                print(f"# {c.label}: {c.result.outcome}, status {c.result.status}, {c.result.icount:,} instructions",
+                      file=sys.stderr)
+    sites = C.build_sites(cols)
+    if args.site:
+        sites = _select_sites(cols, sites, args.site)
+    summary = C.summary_rows(cols, table)
+    if args.json:
+        sys.stdout.write(C.as_json(cols, sites, summary) + "\n")
+    elif args.csv:
+        sys.stdout.write(C.as_csv(cols, sites))
+    else:
+        sys.stdout.write(C.format_text(cols, sites, summary, wide=args.wide, limit=args.limit))
     return 0
+
+
+def _select_sites(cols, sites, wanted: list[str]):
+    """--site: symbols (with +offset), addresses or FILE:LINE, resolved through the runs' symbols."""
+    ref = next((c for c in cols if c.ran), None)
+    keep = []
+    for text in wanted:
+        if ":" in text and text.rsplit(":", 1)[1].isdigit():
+            match = [s for s in sites if s.key[0] == "line" and (s.where == text or s.where.endswith("/" + text))]
+        else:
+            addr = ref.symbols.resolve(text) if ref is not None else int(text, 0)
+            targets = {addr}
+            match = []
+            for s in sites:
+                if s.key[0] == "addr" and s.key[1] in targets:
+                    match.append(s)
+                elif s.key[0] == "line" and ref is not None and ref.symbols.line(addr) == s.where:
+                    match.append(s)
+        if not match:
+            raise CpuvirtError(f"--site {text}: no site there (a site is where some run had an event or executed "
+                               "a sensitive instruction)")
+        keep.extend(m for m in match if m not in keep)
+    return keep
 
 
 def _run(args) -> int:
