@@ -441,12 +441,15 @@ def format_text(cols: list[Column], sites: list[Site], summary: list[dict], widt
     out.append(f"== sites ({len(sites)}: every place a technique acted, and the sensitive instructions the runs "
                f"executed)")
     if wide:
-        cw = 36
-        head = f"{'where':<24} {'symbol':<22} {'instruction':<26} " + " ".join(f"{c.label[:cw]:<{cw}}" for c in cols)
-        out.append(head)
+        ws = [max([len(c.label)] + [len(s_cell(s.cells[i])) for s in shown]) for i, c in enumerate(cols)]
+        ww = max([5] + [len(s.where) for s in shown])
+        sw = max([6] + [len(s.symbol) for s in shown])
+        iw = max([11] + [len(s.insn) for s in shown])
+        out.append(f"{'where':<{ww}} {'symbol':<{sw}} {'instruction':<{iw}} "
+                   + " ".join(f"{c.label:<{w}}" for c, w in zip(cols, ws)).rstrip())
         for s in shown:
-            cells = " ".join(f"{s_cell(cell)[:cw]:<{cw}}" for cell in s.cells)
-            out.append(f"{s.where[-24:]:<24} {s.symbol[:22]:<22} {s.insn[:26]:<26} {cells}")
+            cells = " ".join(f"{s_cell(cell):<{w}}" for cell, w in zip(s.cells, ws))
+            out.append(f"{s.where:<{ww}} {s.symbol:<{sw}} {s.insn:<{iw}} {cells}".rstrip())
     else:
         lw = max((len(c.label) for c in cols), default=4)
         for s in shown:
