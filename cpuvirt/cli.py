@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     bt = sub.add_parser("bt", help="full mode: show guest blocks beside their binary translation")
     bt.add_argument("guest")
-    bt.add_argument("--at", type=_int, default=None, metavar="ADDR", help="the block starting at this guest EIP")
+    bt.add_argument("--at", default=None, metavar="ADDR|SYMBOL", help="the block starting at this guest EIP (a number, "
+                    "a symbol or symbol+offset)")
     bt.add_argument("--blocks", type=_int, default=3, metavar="N", help="without --at: the first N blocks translated")
     bt.add_argument("--mem", type=_int, default=32, metavar="MiB")
     bt.add_argument("--max-insns", type=_int, default=50_000_000, metavar="N", help="budget of the run first made")
@@ -108,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     ts = tsub.add_parser("show", help="print a trace readably")
     ts.add_argument("file")
     ts.add_argument("--kind", action="append", help="only events of this kind (repeatable)")
+    ts.add_argument("--image", metavar="FILE", help="the image the trace was made from, for symbols and lines "
+                    "(bundled guests are found by name; the sha256 must match)")
     return p
 
 
@@ -156,7 +159,11 @@ def _dispatch(args) -> int:
         from cpuvirt.bt.show import show
         if args.blocks < 0 or args.max_insns < 0:
             raise CpuvirtError("--blocks and --max-insns must be >= 0")
-        text, _ = show(args.guest, at=args.at, blocks=args.blocks, max_insns=args.max_insns, mem_mib=args.mem,
+        at = None
+        if args.at is not None:
+            from cpuvirt.trace.symbols import for_guest
+            at = for_guest(args.guest, "full").resolve(args.at)
+        text, _ = show(args.guest, at=at, blocks=args.blocks, max_insns=args.max_insns, mem_mib=args.mem,
                        trace_path=args.trace)
         sys.stdout.write(text)
         return 0
@@ -164,7 +171,7 @@ def _dispatch(args) -> int:
         return _costs(args)
     if args.verb == "trace":
         from cpuvirt.trace.show import show
-        show(args.file, sys.stdout, kinds=args.kind)
+        show(args.file, sys.stdout, kinds=args.kind, image=args.image)
         return 0
     raise CpuvirtError(f"unknown verb {args.verb}")
 
@@ -245,12 +252,16 @@ def _vmcs(args) -> int:
     if args.at_exit is not None and args.at_exit < 1:
         raise CpuvirtError("--at-exit counts from 1")
     shown = []
+    from cpuvirt.trace.symbols import for_guest
+    syms = for_guest(args.guest, "hw")
 
     def dump_on(cpu, x):
         if shown or (want is not None and x.reason != want) or (want is None and cpu.exits != args.at_exit):
             return
         shown.append(x)
-        print(f"VM exit #{cpu.exits}: {x.reason.name} ({int(x.reason)}) at {x.rip:#x}  {x.insn}  -> {x.action}")
+        where = syms.describe(x.rip)
+        print(f"VM exit #{cpu.exits}: {x.reason.name} ({int(x.reason)}) at {x.rip:#x}"
+              f"{' (' + where + ')' if where else ''}  {x.insn}  -> {x.action}")
         print(x.vmcs_at_exit)
         cpu.finish("stopped", 0, "stopped after dumping the VMCS")
 
