@@ -99,6 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--max-insns", type=_int, default=50_000_000, metavar="N", help="budget of the run first made")
     bt.add_argument("--trace", metavar="FILE", help="also write the run's trace, with a `translate` event per block")
 
+    be = sub.add_parser("bench", help="Adams & Agesen's nanobenchmarks per mode: host time, events and modelled "
+                        "cycles per operation, the paper's cycles beside")
+    be.add_argument("--modes", default=None, metavar="MODE[:NAME=VALUE],...",
+                    help="modes to run (default native,trap,full,para,hw,hw:ept=0; hw:ept=0 is the paper's "
+                         "first-generation VT-x, which had no EPT)")
+    be.add_argument("--n", type=_int, default=2000, metavar="N", help="iterations per operation (default 2000)")
+    be.add_argument("--json", action="store_true", help="the results as JSON")
+    _costs_option(be)
+
     co = sub.add_parser("costs", help="show a cost table (modelled cycles per event, with sources)")
     co.add_argument("table", nargs="?", default=None, metavar="NAME|FILE", help="a preset or a TOML/JSON file "
                     "(default p4-2006)")
@@ -169,11 +178,39 @@ def _dispatch(args) -> int:
         return 0
     if args.verb == "costs":
         return _costs(args)
+    if args.verb == "bench":
+        return _bench(args)
     if args.verb == "trace":
         from cpuvirt.trace.show import show
         show(args.file, sys.stdout, kinds=args.kind, image=args.image)
         return 0
     raise CpuvirtError(f"unknown verb {args.verb}")
+
+
+def _progress(i: int, total: int, what: str) -> None:
+    """A progress bar on stderr, when it is a terminal."""
+    if not sys.stderr.isatty():
+        return
+    width = 30
+    done = width * i // max(total, 1)
+    end = "\n" if i >= total else ""
+    sys.stderr.write(f"\r[{'#' * done}{'.' * (width - done)}] {i}/{total} {what:<24}{end}")
+    sys.stderr.flush()
+
+
+def _bench(args) -> int:
+    import json
+    from cpuvirt import costs, modespec, nanobench
+    table = costs.load(args.costs)
+    specs = modespec.parse_list(args.modes or nanobench.DEFAULT_MODES)
+    if not 1 <= args.n <= 10_000_000:
+        raise CpuvirtError("--n must be between 1 and 10,000,000")
+    result = nanobench.measure(specs, args.n, table, progress=_progress)
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        sys.stdout.write(nanobench.format_tables(result, specs))
+    return 0
 
 
 def _costs(args) -> int:

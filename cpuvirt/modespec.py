@@ -15,10 +15,11 @@ from cpuvirt.errors import CpuvirtError
 class ModeSpec:
     mode: str
     vmx: tuple[str, ...] = field(default=())
+    given: tuple[str, ...] = field(default=())     # the settings as the user wrote them (for the label)
 
     @property
     def label(self) -> str:
-        return " ".join((self.mode,) + self.vmx)
+        return " ".join((self.mode,) + (self.given or self.vmx))
 
     def options(self, extra_vmx=()) -> dict | None:
         if self.mode != "hw":
@@ -30,7 +31,7 @@ def parse(text: str) -> ModeSpec:
     from cpuvirt.modes import get_mode
     mode, *settings = [p.strip() for p in text.strip().split(":")]
     get_mode(mode)                       # an unknown mode is an input error naming the known ones
-    vmx = []
+    vmx, given = [], []
     for s in settings:
         name, eq, value = s.partition("=")
         if not eq or not name:
@@ -38,10 +39,11 @@ def parse(text: str) -> ModeSpec:
         if mode != "hw":
             raise CpuvirtError(f"mode {text!r}: settings apply to hw (VMX controls) only")
         vmx.append(f"{'enable_ept' if name == 'ept' else name}={value}")
+        given.append(f"{name}={value}")
     if vmx:
         from cpuvirt.modes.hw.controls import VmxSettings
         VmxSettings(vmx)                 # bad names and values are input errors before any run
-    return ModeSpec(mode, tuple(vmx))
+    return ModeSpec(mode, tuple(vmx), tuple(given))
 
 
 def parse_list(text: str) -> list[ModeSpec]:

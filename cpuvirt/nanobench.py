@@ -103,3 +103,90 @@ def write_images(n: int, folder) -> dict[bool, str]:
         p.write_bytes(build(n, pv))
         out[pv] = str(p)
     return out
+
+
+# -- cpuvirt bench ---------------------------------------------------------------------------------------------
+DEFAULT_MODES = "native,trap,full,para,hw,hw:ept=0"
+
+
+def paper_column(spec) -> int | None:
+    """Which of the paper's columns a run corresponds to: native, BT (full), first-generation VT-x
+    (hw without EPT, as the paper's CPU had none)."""
+    if spec.mode == "native":
+        return 0
+    if spec.mode == "full":
+        return 1
+    if spec.mode == "hw" and any(v.startswith("enable_ept=0") for v in spec.vmx):
+        return 2
+    return None
+
+
+def measure(specs, n: int, table, progress=None) -> dict:
+    """Run every ModeSpec; {label: {op: {host_ns, events, modelled_cycles, by_kind}}} per operation,
+    and the modes that could not run with why."""
+    import tempfile
+    from cpuvirt import costs
+    from cpuvirt.toolchain.build import list_guests
+    has_pv = any(g.name == "nanobench" and g.has_pv for g in list_guests())
+    out, skipped = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        imgs = write_images(n, tmp) if has_pv else {False: None}
+        if not has_pv:
+            from pathlib import Path
+            p = Path(tmp) / "nb.bin"
+            p.write_bytes(build(n, False))
+            imgs[False] = str(p)
+        for i, spec in enumerate(specs):
+            if progress:
+                progress(i, len(specs), spec.label)
+            if spec.mode == "para" and not has_pv:
+                skipped[spec.label] = "nanobench has no PV build"
+                continue
+            try:
+                phases, _ = run_phases(imgs[spec.mode == "para"], spec)
+            except CpuvirtError as e:
+                skipped[spec.label] = str(e)
+                continue
+            row = {}
+            for op in OPS:
+                p = phases.get(op)
+                if p is None:
+                    continue
+                m = costs.model(p.tally, table, spec.mode)
+                row[op] = {"host_ns": round(p.host_s / n * 1e9, 1), "events": round(p.events() / n, 3),
+                           "modelled_cycles": round(m.total / n, 1),
+                           "by_kind": {k: round(v / n, 1) for k, v in m.by_kind().items()}}
+            out[spec.label] = row
+        if progress:
+            progress(len(specs), len(specs), "done")
+    return {"n": n, "cost_table": table.name, "modes": out, "skipped": skipped,
+            "paper": {op: list(v) for op, v in PAPER.items()},
+            "paper_columns": {s.label: paper_column(s) for s in specs}}
+
+
+def format_tables(result: dict, specs) -> str:
+    """A table per mode, then modelled cycles per operation side by side with the paper's."""
+    lines = [f"# nanobench: {result['n']} iterations per operation; modelled cycles by the "
+             f"{result['cost_table']} cost table (an accounting view: the guest's own clock is unchanged)"]
+    for spec in specs:
+        label = spec.label
+        if label in result["skipped"]:
+            lines.append(f"\n== {label}: not run ({result['skipped'][label]})")
+            continue
+        col = result["paper_columns"].get(label)
+        what = {0: "paper: native", 1: "paper: BT", 2: "paper: VT-x"}.get(col, "")
+        lines.append(f"\n== {label}")
+        lines.append(f"{'op':<11} {'host ns/op':>11} {'events/op':>10} {'modelled cyc/op':>16} {what:>14}")
+        for op, r in result["modes"][label].items():
+            paper = PAPER.get(op, (None, None, None))[col] if col is not None and op in PAPER else ""
+            lines.append(f"{op:<11} {r['host_ns']:>11,.0f} {r['events']:>10.2f} {r['modelled_cycles']:>16,.0f} "
+                         f"{str(paper) if paper is not None else '':>14}")
+    shown = [s.label for s in specs if s.label in result["modes"]]
+    lines.append("\n== modelled cycles per operation, every mode (paper: native / BT / VT-x)")
+    w = max([8] + [len(x) for x in shown])
+    lines.append(f"{'op':<11}" + "".join(f"{x:>{w + 1}}" for x in shown) + "   paper")
+    for op in OPS:
+        cells = "".join(f"{result['modes'][x].get(op, {}).get('modelled_cycles', 0):>{w + 1},.0f}" for x in shown)
+        paper = " / ".join(str(v) for v in PAPER[op]) if op in PAPER else ""
+        lines.append(f"{op:<11}{cells}   {paper}")
+    return "\n".join(lines) + "\n"

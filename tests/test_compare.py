@@ -81,7 +81,7 @@ def test_runs_of_one_mode_are_labelled_by_their_settings_csv_and_json(tmp_path):
     p = cpuvirt("compare", "paging", "--modes", "hw,hw:ept=0", "--csv")
     assert p.returncode == 0, p.stderr
     rows = list(csv.reader(io.StringIO(p.stdout.decode())))
-    assert rows[0] == ["where", "symbol", "instruction", "class", "hw", "hw enable_ept=0"]
+    assert rows[0] == ["where", "symbol", "instruction", "class", "hw", "hw ept=0"]
     cr3 = [r for r in rows if r[2] == "mov cr3, edx"]
     assert cr3 and all(r[4] == "no exit: cr3_load_exiting=0" and r[5].startswith("VM exit CR_ACCESS") for r in cr3)
     j = json.loads(cpuvirt("compare", "hello", "--modes", "native,full", "--json").stdout)
