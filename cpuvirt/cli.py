@@ -108,6 +108,16 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--json", action="store_true", help="the results as JSON")
     _costs_option(be)
 
+    sw = sub.add_parser("sweep", help="hw: run a guest under every combination of VMX control values, in parallel")
+    sw.add_argument("guest")
+    sw.add_argument("--vmx", action="append", default=[], metavar="NAME=V1,V2",
+                    help="a control and the values to try (repeatable; io_bitmap/msr_bitmap alternatives split on '|')")
+    sw.add_argument("--modes", default="hw", help="hw is swept; other modes listed run once as references (default hw)")
+    sw.add_argument("--max-insns", type=_int, default=None, metavar="N")
+    sw.add_argument("--jobs", type=_int, default=None, metavar="N", help="parallel processes (default: one per core)")
+    sw.add_argument("--json", action="store_true")
+    _costs_option(sw)
+
     co = sub.add_parser("costs", help="show a cost table (modelled cycles per event, with sources)")
     co.add_argument("table", nargs="?", default=None, metavar="NAME|FILE", help="a preset or a TOML/JSON file "
                     "(default p4-2006)")
@@ -180,6 +190,8 @@ def _dispatch(args) -> int:
         return _costs(args)
     if args.verb == "bench":
         return _bench(args)
+    if args.verb == "sweep":
+        return _sweep(args)
     if args.verb == "trace":
         from cpuvirt.trace.show import show
         show(args.file, sys.stdout, kinds=args.kind, image=args.image)
@@ -196,6 +208,34 @@ def _progress(i: int, total: int, what: str) -> None:
     end = "\n" if i >= total else ""
     sys.stderr.write(f"\r[{'#' * done}{'.' * (width - done)}] {i}/{total} {what:<24}{end}")
     sys.stderr.flush()
+
+
+def _sweep(args) -> int:
+    import json
+    from cpuvirt import costs, sweep
+    from cpuvirt.modes import get_mode
+    from cpuvirt.runner import DEFAULT_MAX_INSNS
+    table = costs.load(args.costs)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    for m in modes:
+        get_mode(m)
+    if not args.vmx:
+        raise CpuvirtError("sweep needs at least one --vmx NAME=V1,V2")
+    if "hw" not in modes:
+        raise CpuvirtError("--vmx sweeps the hw mode, which is not among --modes")
+    if args.jobs is not None and args.jobs < 1:
+        raise CpuvirtError("--jobs must be >= 1")
+    axes = sweep.parse_axes(args.vmx)
+    budget = DEFAULT_MAX_INSNS if args.max_insns is None else args.max_insns
+    rows = sweep.sweep(args.guest, axes, modes, budget, args.jobs)
+    text = sweep.format_table(rows, table)
+    if args.json:
+        for r in rows:
+            r.pop("tally", None)
+        print(json.dumps({"guest": args.guest, "cost_table": table.name, "runs": rows}, indent=1))
+    else:
+        sys.stdout.write(text)
+    return 0
 
 
 def _bench(args) -> int:
