@@ -118,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--json", action="store_true")
     _costs_option(sw)
 
+    vx = sub.add_parser("vmx", help="hw: the VMX controls cpuvirt simulates")
+    vsub = vx.add_subparsers(dest="vmx_verb", required=True, parser_class=_Parser)
+    vc = vsub.add_parser("controls", help="every control: SDM name, field and bit, default per preset, effect")
+    vc.add_argument("--json", action="store_true")
+
     co = sub.add_parser("costs", help="show a cost table (modelled cycles per event, with sources)")
     co.add_argument("table", nargs="?", default=None, metavar="NAME|FILE", help="a preset or a TOML/JSON file "
                     "(default p4-2006)")
@@ -192,6 +197,8 @@ def _dispatch(args) -> int:
         return _bench(args)
     if args.verb == "sweep":
         return _sweep(args)
+    if args.verb == "vmx":
+        return _vmx_controls(args)
     if args.verb == "trace":
         from cpuvirt.trace.show import show
         show(args.file, sys.stdout, kinds=args.kind, image=args.image)
@@ -208,6 +215,29 @@ def _progress(i: int, total: int, what: str) -> None:
     end = "\n" if i >= total else ""
     sys.stderr.write(f"\r[{'#' * done}{'.' * (width - done)}] {i}/{total} {what:<24}{end}")
     sys.stderr.flush()
+
+
+def _vmx_controls(args) -> int:
+    import json
+    from cpuvirt.modes.hw.controls import CONTROLS, PIN, PRIMARY, VmxSettings
+    from cpuvirt.modes.hw.explain import EFFECT, SDM_NAMES
+    ept, shadow = VmxSettings([]).bits, VmxSettings([], ept=False).bits
+    field = {PIN: "pin-based", PRIMARY: "primary"}
+    rows = [{"name": n, "sdm_name": SDM_NAMES.get(n, n), "field": field.get(f, "secondary"), "bit": b,
+             "default": ept[n], "default_no_ept": shadow[n], "effect": EFFECT.get(n, "")}
+            for n, (f, b) in CONTROLS.items()]
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print("# VM-execution controls cpuvirt simulates (SDM Vol. 3C 25.6); set with --vmx NAME=0|1.")
+    print("# default: KVM's setup with EPT; no-ept: KVM's shadow-MMU setup (--no-ept)")
+    print(f"{'name':<28} {'SDM name':<29} {'field':<10} {'bit':>3} {'default':>7} {'no-ept':>6}")
+    for r in rows:
+        print(f"{r['name']:<28} {r['sdm_name']:<29} {r['field']:<10} {r['bit']:>3} {r['default']:>7} "
+              f"{r['default_no_ept']:>6}")
+        import textwrap
+        print(textwrap.fill(r["effect"], 100, initial_indent="    ", subsequent_indent="    "))
+    return 0
 
 
 def _sweep(args) -> int:
