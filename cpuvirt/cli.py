@@ -123,6 +123,14 @@ def build_parser() -> argparse.ArgumentParser:
     vc = vsub.add_parser("controls", help="every control: SDM name, field and bit, default per preset, effect")
     vc.add_argument("--json", action="store_true")
 
+    rp = sub.add_parser("report", help="one self-contained HTML page: compare summary, sites, plots (needs matplotlib)")
+    rp.add_argument("guest")
+    rp.add_argument("--modes", default="native,trap,full,para,hw", metavar="MODE[:NAME=VALUE],...")
+    rp.add_argument("-o", "--output", required=True, metavar="FILE.html")
+    rp.add_argument("--bench", type=_int, default=None, metavar="N", help="also the nanobench table, N iterations")
+    rp.add_argument("--max-insns", type=_int, default=None, metavar="N")
+    _costs_option(rp)
+
     co = sub.add_parser("costs", help="show a cost table (modelled cycles per event, with sources)")
     co.add_argument("table", nargs="?", default=None, metavar="NAME|FILE", help="a preset or a TOML/JSON file "
                     "(default p4-2006)")
@@ -199,6 +207,8 @@ def _dispatch(args) -> int:
         return _sweep(args)
     if args.verb == "vmx":
         return _vmx_controls(args)
+    if args.verb == "report":
+        return _report(args)
     if args.verb == "trace":
         from cpuvirt.trace.show import show
         show(args.file, sys.stdout, kinds=args.kind, image=args.image)
@@ -215,6 +225,30 @@ def _progress(i: int, total: int, what: str) -> None:
     end = "\n" if i >= total else ""
     sys.stderr.write(f"\r[{'#' * done}{'.' * (width - done)}] {i}/{total} {what:<24}{end}")
     sys.stderr.flush()
+
+
+def _report(args) -> int:
+    from cpuvirt import costs, modespec, nanobench, report
+    from cpuvirt.runner import DEFAULT_MAX_INSNS
+    from cpuvirt.trace import compare as C
+    table = costs.load(args.costs)
+    specs = modespec.parse_list(args.modes)
+    report._plt()                                 # matplotlib missing: say so before running anything
+    try:
+        out = open(args.output, "w", encoding="utf-8")
+    except OSError as e:
+        raise CpuvirtError(f"-o {args.output}: {e.strerror}") from None
+    with out:
+        budget = DEFAULT_MAX_INSNS if args.max_insns is None else args.max_insns
+        cols = C.run_columns(args.guest, specs, budget)
+        sites = C.build_sites(cols)
+        summary = C.summary_rows(cols, table)
+        bench = None
+        if args.bench:
+            bench = nanobench.measure(specs, args.bench, table, progress=_progress)
+        out.write(report.render(args.guest, cols, sites, summary, bench, specs))
+    print(args.output)
+    return 0
 
 
 def _vmx_controls(args) -> int:
