@@ -54,7 +54,7 @@ def events_by_reason_plot(cols) -> str:
     for cnt in per.values():
         total.update(cnt)
     top = [k for k, _ in total.most_common(12)]
-    fig, ax = plt.subplots(figsize=(9, 0.4 * len(top) * max(1, len(ran)) / 2 + 1.5))
+    fig, ax = plt.subplots(figsize=(9, 0.3 * len(top) + 1.5))
     h = 0.8 / max(1, len(ran))
     for i, c in enumerate(ran):
         ax.barh([j + i * h for j in range(len(top))], [per[c.label][k] for k in top], height=h, label=c.label)
