@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     at = v.add_mutually_exclusive_group(required=True)
     at.add_argument("--at-exit", type=_int, metavar="N", help="the Nth VM exit (1 = the first)")
     at.add_argument("--dump-vmcs-on", metavar="REASON", help="the first exit of this reason (name or number)")
+    at.add_argument("--at-rip", metavar="ADDR|SYMBOL", help="the first exit at this guest RIP (symbol, symbol+offset, "
+                    "or number)")
     v.add_argument("--mem", type=_int, default=32, metavar="MiB")
     _vmx_options(v)
 
@@ -197,7 +199,7 @@ def _dispatch(args) -> int:
             at = for_guest(args.guest, "full").resolve(args.at)
         text, _ = show(args.guest, at=at, blocks=args.blocks, max_insns=args.max_insns, mem_mib=args.mem,
                        trace_path=args.trace)
-        sys.stdout.write(text)
+        sys.stdout.write(_annotate_guest_blocks(text, args.guest))
         return 0
     if args.verb == "costs":
         return _costs(args)
@@ -334,6 +336,18 @@ def _costs(args) -> int:
     return 0
 
 
+def _annotate_guest_blocks(text: str, guest: str) -> str:
+    """`guest 0x0010072f..` block headers of `bt`, followed by the block's symbol and source line."""
+    import re
+    from cpuvirt.trace.symbols import for_guest
+    syms = for_guest(guest, "full")
+
+    def note(m):
+        where = syms.describe(int(m.group(1), 16))
+        return m.group(0) + (f"  [{where}]" if where else "")
+    return re.sub(r"^guest (0x[0-9a-f]+)\.\.\S+.*$", note, text, flags=re.M)
+
+
 def _build(args) -> int:
     from pathlib import Path
     from cpuvirt.toolchain.build import build_all, build_source, guest_source_dir
@@ -395,9 +409,15 @@ def _vmcs(args) -> int:
     shown = []
     from cpuvirt.trace.symbols import for_guest
     syms = for_guest(args.guest, "hw")
+    rip = syms.resolve(args.at_rip) if args.at_rip else None
 
     def dump_on(cpu, x):
-        if shown or (want is not None and x.reason != want) or (want is None and cpu.exits != args.at_exit):
+        if shown:
+            return
+        if rip is not None:
+            if x.rip != rip:
+                return
+        elif (want is not None and x.reason != want) or (want is None and cpu.exits != args.at_exit):
             return
         shown.append(x)
         where = syms.describe(x.rip)
@@ -408,7 +428,7 @@ def _vmcs(args) -> int:
 
     res = run_guest(args.guest, "hw", args.mem, DEFAULT_MAX_INSNS, None, None, "", mode_options=_hw_options(args, dump_on))
     if not shown:
-        what = want.name if want is not None else f"#{args.at_exit}"
+        what = want.name if want is not None else (f"at {args.at_rip}" if rip is not None else f"#{args.at_exit}")
         raise CpuvirtError(f"the guest ended ({res.outcome}) after {sum(r[2] for r in res.exit_stats)} exits, "
                            f"before exit {what}")
     return 0

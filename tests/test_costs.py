@@ -106,6 +106,7 @@ def test_bad_cost_table_is_one_line_input_error(tmp_path, content, suffix):
 def test_trap_events_are_counted_by_reason_without_a_trace():
     r = run_guest("nanobench", "trap", max_insns=0)
     assert r.tally["trap:cli"] >= 5000 and r.tally["trap:sti"] >= 5000
+    assert r.tally["trap:mov cr3"] >= 5000 and r.tally["trap:mov sreg"] > 0     # not lumped as "mov"
     assert r.tally["hidden_fault"] > 0 and r.tally["ptemod"] > 0
     f = run_guest("nanobench", "full", max_insns=0)
     assert f.tally["callout:cpuid"] >= 5000 and f.tally["translate:IDENT"] > 0

@@ -40,9 +40,12 @@ def test_bt_and_vmcs_accept_and_show_symbols():
     p = cpuvirt("bt", "hello", "--at", "main")
     assert p.returncode == 0, p.stderr
     assert f"guest {for_guest('hello').resolve('main'):#010x}" in p.stdout.decode()
+    assert "[main guests/hello.S:13]" in p.stdout.decode()              # the block's symbol and line
     assert b"unknown symbol" in cpuvirt("bt", "hello", "--at", "no_such_label").stderr
     v = cpuvirt("vmcs", "paging", "--dump-vmcs-on", "CR_ACCESS")
     assert v.returncode == 0 and b"(main+0x66 guests/paging.S:71)" in v.stdout.splitlines()[0]
+    r = cpuvirt("vmcs", "paging", "--at-rip", "main+0x66")                 # the exit at a symbol
+    assert r.returncode == 0 and r.stdout.splitlines()[0] == v.stdout.splitlines()[0]
 
 
 @pytest.fixture(scope="module")

@@ -902,7 +902,7 @@ def _mov(c, eip, size, ops):
         c.load_segment(dst, sel)
         if c.trace is None:
             c.counts[c.event_kind] += 1
-            c.reasons[c.event_kind, "mov"] += 1
+            c.reasons[c.event_kind, "mov sreg"] += 1
         else:
             c.emulated(eip, "mov", {"sreg": dst, "selector": f"{sel:#x}"})
         c.regs.write(R.EIP, eip + size)
