@@ -106,5 +106,17 @@ def test_compare_trace_files_with_symbols(tmp_path):
     p = cpuvirt("compare", a, b, "--wide")
     assert p.returncode == 0, p.stderr
     out = p.stdout.decode()
-    assert "console" in out and "n/a (trace file)" in out
+    assert "console" in out and " n/a " in out
     assert any("serial_init" in l and "VM exit IO_INSTRUCTION" in l for l in out.splitlines())
+
+
+def test_trace_files_of_one_mode_are_labelled_by_the_controls_that_differ(tmp_path):
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    assert cpuvirt("run", "interrupts", "--mode", "hw", "--trace", a, "-q").returncode == 0
+    assert cpuvirt("run", "interrupts", "--mode", "hw", "--vmx", "hlt_exiting=0", "--trace", b, "-q").returncode == 0
+    p = cpuvirt("compare", a, b, "--csv")
+    assert p.returncode == 0, p.stderr
+    rows = list(csv.reader(io.StringIO(p.stdout.decode())))
+    assert rows[0][4:] == ["hw hlt_exiting=1", "hw hlt_exiting=0"]
+    hlt = [r for r in rows if r[2] == "hlt"]
+    assert hlt and all(r[4].startswith("VM exit HLT") for r in hlt)

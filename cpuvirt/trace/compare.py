@@ -391,7 +391,7 @@ def summary_rows(cols: list[Column], table) -> list[dict]:
             row["pass"], row["fail"] = c.console.count(b"PASS"), c.console.count(b"FAIL")
             row["console"] = "reference" if c is ref else ("same" if c.console == ref.console else "differs")
         else:
-            row["console"] = "n/a (trace file)"
+            row["console"] = "n/a"              # a trace does not hold the console
         rows.append(row)
     return rows
 
