@@ -15,11 +15,14 @@ def cpuvirt(*args):
 
 def blocks(text: str) -> dict[str, dict[str, str]]:
     """Narrow layout -> {site header: {run label: cell}}."""
-    out, cur = {}, None
+    out, cur, last = {}, None, None
     for line in text.split("== sites", 1)[1].splitlines()[1:]:
-        if line.startswith("    "):
+        if line.startswith("     "):                      # a wrapped cell continues
+            out[cur][last] += " " + line.strip()
+        elif line.startswith("    "):
             label, _, cell = line.strip().partition("  ")
-            out[cur][label.strip()] = cell.strip()
+            last = label.strip()
+            out[cur][last] = cell.strip()
         elif line.strip() and not line.startswith("#"):
             cur = line
             out[cur] = {}
@@ -63,7 +66,10 @@ def test_para_aligned_with_native_by_source_line():
     b = blocks(p.stdout.decode())
     cr3 = next(v for k, v in b.items() if "paging.S:131" in k and "mov cr3, edx" in k)
     assert cr3["native"] == "ran natively"
-    assert cr3["para"].startswith("PV build:") and "call pv_write_cr3" in cr3["para"]
+    assert cr3["para"].startswith("PV build: hypercall") and "mmuext_op" in cr3["para"]
+    assert "(call pv_write_cr3)" in cr3["para"]
+    invlpg = next(v for k, v in b.items() if "paging.S:152" in k and "invlpg" in k)
+    assert invlpg["para"] == "PV build: hypercall mmuext_op (call pv_invlpg)"
     assert cr3["hw"] == "no exit: cr3_load_exiting=0"
     assert any("hypercall mmu_update" in v.get("para", "") for v in b.values())
 

@@ -13,7 +13,11 @@ image has no line information), and per run what happened there:
   FAIL lines the reference does not (the guest's own checks).
 
 Sites align across builds of one source (para's PV build against native) by file:line, so the para
-column shows what the PV build has on the line where native has the privileged instruction.
+column shows what the PV build has on the line where native has the privileged instruction, and when
+that is a call to a PV-ops function, the hypercalls that function can make (read from the PV build's
+own source: its HYPERCALL(NR) sites and the pv_* functions it calls). The hypercalls themselves are
+rows of their own at the hypercall page, with their counts. Compared trace files carry no record of
+the code that ran without an event, so their table lists the event sites only.
 A mode the guest cannot run in is a column that says why. Runs of one mode are labelled by their
 settings ("hw enable_ept=0").
 """
@@ -273,7 +277,7 @@ def build_sites(cols: list[Column]) -> list[Site]:
             continue
         for k in events:
             if k[0] == "line" and c.symbols.statements.get(k[1]) and i not in insn_at[k]:
-                insn_at[k][i] = "; ".join(c.symbols.statements[k[1]])
+                insn_at[k][i] = _pv_line(c, c.symbols.statements[k[1]])
                 addrs_at[k][i].add(-1)
     verdicts = [_verdicts(c, ref if c is not ref else None) for c in cols]
     sites = []
@@ -293,6 +297,20 @@ def build_sites(cols: list[Column]) -> list[Site]:
     sites.sort(key=lambda s: (0, s.where.rsplit(":", 1)[0], int(s.where.rsplit(":", 1)[1]))
                if s.key[0] == "line" else (1, "", s.key[1]))
     return sites
+
+
+def _pv_line(c: Column, texts: list[str]) -> str:
+    """What the PV build has on a line: 'hypercall mmuext_op (call pv_invlpg)' when it calls a PV-ops
+    function that makes hypercalls (read from its source), else its instructions."""
+    from cpuvirt.costs import _hypercall_name
+    nrs, calls = [], []
+    for t in texts:
+        if t.startswith("call pv_"):
+            calls.append(t)
+            nrs += [n for n in c.symbols.hypercalls_of(t.split()[1]) if n not in nrs]
+    if nrs:
+        return f"hypercall {' | '.join(_hypercall_name(n) for n in nrs)} ({'; '.join(calls)})"
+    return "; ".join(texts)
 
 
 def _named(c: Column, text: str) -> str:
@@ -334,7 +352,7 @@ def _cell(c: Column, counter: Counter, addrs: set, text: str | None, ref_insn: s
     own = text or ref_insn
     mnem = own.split()[0] if own else ""
     if c.mode == "para" and text and text != ref_insn:
-        return (f"PV build: {text}", 0)
+        return ((f"PV build: {text}" if not text.startswith("hypercall ") else f"PV build: {text}"), 0)
     if c.mode == "para" and text:
         return ("ran natively at ring 1" + (" (hole)" if klass == "hole" else ""), 0)
     if c.mode == "native":
@@ -456,7 +474,10 @@ def format_text(cols: list[Column], sites: list[Site], summary: list[dict], widt
             tag = f"  [{s.klass}]" if s.klass else ""
             out.append(f"{s.where}  {s.symbol}  {s.insn}{tag}"[:width])
             for c, cell in zip(cols, s.cells):
-                out.append(f"    {c.label:<{lw}}  {s_cell(cell)}"[:width])
+                import textwrap
+                lines = textwrap.wrap(s_cell(cell), max(20, width - lw - 6), break_on_hyphens=False) or ["-"]
+                out.append(f"    {c.label:<{lw}}  {lines[0]}")
+                out.extend(f"    {'':<{lw}}  {more}" for more in lines[1:])
     if limit and len(sites) > limit:
         out.append(f"# ... {len(sites) - limit} more sites (--limit)")
     return "\n".join(out) + "\n"

@@ -30,6 +30,7 @@ class Symbols:
         self.source = source
         self.end = end                       # addresses at or past it belong to no symbol here
         self.statements: dict[str, list[str]] = {}    # file:line -> the instructions written there
+        self.code: list[tuple[int, str]] = []          # (address, source) of every instruction (assembler)
 
     def name(self, addr: int) -> str | None:
         k = bisect.bisect_right(self._addrs, addr) - 1
@@ -72,11 +73,38 @@ class Symbols:
             raise CpuvirtError(f"{text!r}: the offset after '+' must be a number") from None
 
 
+    def hypercalls_of(self, function: str, depth: int = 4) -> list[int]:
+        """Hypercall numbers a PV-ops function can make: its `HYPERCALL(NR)` sites (`add eax, 32 * NR`)
+        and those of the pv_* functions it calls, read from the source up to its first `ret`."""
+        import re
+        found: list[int] = []
+        seen: set[str] = set()
+        starts = [a for a, _ in self.code]
+
+        def walk(name: str, d: int) -> None:
+            if name in seen or d < 0 or name not in self.by_name:
+                return
+            seen.add(name)
+            k = bisect.bisect_left(starts, self.by_name[name])
+            for _, text in self.code[k:k + 200]:
+                m = re.fullmatch(r"add eax, 32 \* \(?(\d+)\)?", text.strip())
+                if m and int(m.group(1)) not in found:
+                    found.append(int(m.group(1)))
+                m = re.fullmatch(r"call (pv_\w+)", text.strip())
+                if m:
+                    walk(m.group(1), d - 1)
+                if text.strip() == "ret":
+                    break
+        walk(function, depth)
+        return found
+
+
 NONE = Symbols({})
 
 
 def from_assembly(asm, source: str = "") -> Symbols:
     s = Symbols(asm.symbols, asm.locate, source, asm.bss_end)
+    s.code = sorted((st.addr, st.source) for st in asm.instructions())
     for st in asm.instructions():
         s.statements.setdefault(f"{st.file}:{st.line}", []).append(st.source)
     return s
