@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --trace: also record each translated block (full) and each hidden shadow-paging "
                         "fault (trap, full, hw --no-ept); large traces")
     _vmx_options(r)
-    r.add_argument("--dump-vmcs-on", metavar="REASON", help="hw: dump the VMCS to stderr at the first exit of REASON")
+    r.add_argument("--dump-vmcs-on", metavar="REASON|SYMBOL", help="hw: dump the VMCS to stderr at the first exit of "
+                   "REASON, or the first exit at a guest symbol (symbol+offset)")
 
     v = sub.add_parser("vmcs", help="hw mode: run a guest until a chosen VM exit and print the VMCS")
     v.add_argument("guest")
@@ -511,14 +512,25 @@ def _run(args) -> int:
         raise CpuvirtError("--max-insns must be >= 0")
     dump_on = None
     if args.dump_vmcs_on:
-        want = _reason(args.dump_vmcs_on)
+        # An exit reason, or a guest address (symbol, symbol+offset, FILE:LINE is not taken): the first
+        # exit of that reason, or at that RIP.
+        from cpuvirt.trace.symbols import for_guest
+        syms = for_guest(args.guest, "hw")
+        try:
+            want, rip = _reason(args.dump_vmcs_on), None
+        except CpuvirtError:
+            if args.dump_vmcs_on.split("+")[0] not in syms.by_name:
+                raise
+            want, rip = None, syms.resolve(args.dump_vmcs_on)
         done = []
 
         def dump_on(cpu, x):
-            if not done and x.reason == want:
+            if not done and (x.reason == want if rip is None else x.rip == rip):
                 done.append(1)
                 stdout.flush()
-                print(f"VM exit #{cpu.exits}: {x.reason.name} ({int(x.reason)}) at {x.rip:#x}  {x.insn}  -> {x.action}\n"
+                where = syms.describe(x.rip)
+                print(f"VM exit #{cpu.exits}: {x.reason.name} ({int(x.reason)}) at {x.rip:#x}"
+                      f"{' (' + where + ')' if where else ''}  {x.insn}  -> {x.action}\n"
                       f"{x.vmcs_at_exit}", file=sys.stderr)
     if args.verbose_trace and not args.trace:
         raise CpuvirtError("--verbose-trace needs --trace FILE")

@@ -46,6 +46,8 @@ def test_bt_and_vmcs_accept_and_show_symbols():
     assert v.returncode == 0 and b"(main+0x66 guests/paging.S:71)" in v.stdout.splitlines()[0]
     r = cpuvirt("vmcs", "paging", "--at-rip", "main+0x66")                 # the exit at a symbol
     assert r.returncode == 0 and r.stdout.splitlines()[0] == v.stdout.splitlines()[0]
+    d = cpuvirt("run", "paging", "--mode", "hw", "--dump-vmcs-on", "main+0x66", "-q")
+    assert d.returncode == 0 and d.stderr.splitlines()[0] == v.stdout.splitlines()[0]
 
 
 @pytest.fixture(scope="module")
