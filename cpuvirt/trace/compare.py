@@ -127,7 +127,6 @@ def _verdicts(col: Column, ref: Column | None) -> tuple[bool, str]:
 # -- gathering runs ------------------------------------------------------------------------------------------
 def run_columns(guest: str, specs, max_insns: int, mem_mib: int = 32, extra_vmx=()) -> list[Column]:
     """Run `guest` under each ModeSpec, with a trace, the executed code and (full) the translations."""
-    import hashlib  # noqa: F401  (kept near its use in symbols)
     from cpuvirt.runner import resolve_guest, run_guest
     from cpuvirt.trace.symbols import for_guest
     cols = []
