@@ -20,26 +20,9 @@ import _common as C  # noqa: E402
 import events  # noqa: E402
 import rawuc  # noqa: E402
 
-OPS = ("syscall", "in", "out", "cli_sti", "pushf_popf", "cr3", "call_ret", "pgfault", "divzero", "ptemod",
-       "cpuid", "rdtsc")
-# Adams & Agesen 2006, section 6 (REFERENCE.md section 2): (native, software VMM, hardware VMM) in cycles,
-# as far as the paper gives them; None where it does not.
-PAPER = {
-    "syscall": ("base", "+~2000", "native"),
-    "in": (3209, "~15x faster", 15826),
-    "call_ret": (11, 51, 11),
-    "pgfault": (1093, 3927, 11242),
-    "divzero": (889, 3223, 1014),
-    "ptemod": ("1 store", 391, 12733),
-}
-
-
-def build(n: int, pv: bool) -> bytes:
-    from cpuvirt.toolchain.build import guest_source_dir, include_dir
-    from cpuvirt.toolchain.image import build_image
-    from cpuvirt.toolchain.preprocess import preprocess
-    pre = preprocess(guest_source_dir() / "nanobench.S", {"PV": int(pv), "N_ITER": n}, [include_dir()])
-    return build_image(pre.lines)[0]
+# The operations, the paper's figures and the image builder are shared with `cpuvirt bench`
+# (cpuvirt/nanobench.py), which reports the same phases in events and modelled cycles.
+from cpuvirt.nanobench import OPS, PAPER, build  # noqa: E402
 
 
 def phases(path: str, mode: str) -> tuple[dict, object]:

@@ -54,18 +54,23 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--pcap", metavar="FILE", help="write every frame the devices send and receive to a pcap file")
     r.add_argument("--quiet", "-q", action="store_true", help="no summary on stderr")
     r.add_argument("--summary", metavar="FILE", help="also write the run's summary as JSON (for scripts and labs)")
-    r.add_argument("--stats", action="store_true", help="per-exit-reason table, like kvm_stat (hw), or events by kind")
+    r.add_argument("--stats", action="store_true",
+                   help="per-exit-reason table, like kvm_stat (hw), and modelled cycles by event kind and reason")
+    _costs_option(r)
     r.add_argument("--verbose-trace", action="store_true",
                    help="with --trace: also record each translated block (full) and each hidden shadow-paging "
                         "fault (trap, full, hw --no-ept); large traces")
     _vmx_options(r)
-    r.add_argument("--dump-vmcs-on", metavar="REASON", help="hw: dump the VMCS to stderr at the first exit of REASON")
+    r.add_argument("--dump-vmcs-on", metavar="REASON|SYMBOL", help="hw: dump the VMCS to stderr at the first exit of "
+                   "REASON, or the first exit at a guest symbol (symbol+offset)")
 
     v = sub.add_parser("vmcs", help="hw mode: run a guest until a chosen VM exit and print the VMCS")
     v.add_argument("guest")
     at = v.add_mutually_exclusive_group(required=True)
     at.add_argument("--at-exit", type=_int, metavar="N", help="the Nth VM exit (1 = the first)")
     at.add_argument("--dump-vmcs-on", metavar="REASON", help="the first exit of this reason (name or number)")
+    at.add_argument("--at-rip", metavar="ADDR|SYMBOL", help="the first exit at this guest RIP (symbol, symbol+offset, "
+                    "or number)")
     v.add_argument("--mem", type=_int, default=32, metavar="MiB")
     _vmx_options(v)
 
@@ -79,16 +84,27 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compare", help="align traces (or runs of one guest) site by site: what each technique did")
     c.add_argument("items", nargs="+", metavar="TRACE|GUEST",
                    help="two or more trace files, or one guest to run under --modes")
-    c.add_argument("--modes", default="native,hw", help="with a guest: the modes to run (default native,hw)")
+    c.add_argument("--modes", default="native,hw",
+                   help="with a guest: the modes to run, each MODE[:NAME=VALUE...] (hw controls, e.g. hw:ept=0); "
+                        "default native,hw")
     c.add_argument("--limit", type=_int, default=None, metavar="N", help="show at most N sites")
-    c.add_argument("--vmx", action="append", default=[], metavar="NAME=VALUE", help="with a guest: hw controls")
+    c.add_argument("--vmx", action="append", default=[], metavar="NAME=VALUE", help="with a guest: hw controls for every hw run")
+    c.add_argument("--site", action="append", default=[], metavar="SYMBOL|ADDR|FILE:LINE",
+                   help="only the sites at this symbol (symbol+offset), address or source line (repeatable)")
+    c.add_argument("--image", metavar="FILE", help="with trace files: the image they were made from (symbols)")
+    c.add_argument("--max-insns", type=_int, default=None, metavar="N", help="with a guest: budget of each run")
+    c.add_argument("--wide", action="store_true", help="one line per site, a column per run (wider than 100)")
+    c.add_argument("--csv", action="store_true", help="the site table as CSV")
+    c.add_argument("--json", action="store_true", help="summary and sites as JSON")
+    _costs_option(c)
     c.add_argument("--device", action="append", default=[], metavar="virtio-net[,mac=M][,peer=P]",
                    help="with a guest: PCI devices, as for run")
     c.add_argument("--append", default="", metavar="CMDLINE", help="with a guest: its kernel command line")
 
     bt = sub.add_parser("bt", help="full mode: show guest blocks beside their binary translation")
     bt.add_argument("guest")
-    bt.add_argument("--at", type=_int, default=None, metavar="ADDR", help="the block starting at this guest EIP")
+    bt.add_argument("--at", default=None, metavar="ADDR|SYMBOL", help="the block starting at this guest EIP (a number, "
+                    "a symbol or symbol+offset)")
     bt.add_argument("--blocks", type=_int, default=3, metavar="N", help="without --at: the first N blocks translated")
     bt.add_argument("--mem", type=_int, default=32, metavar="MiB")
     bt.add_argument("--max-insns", type=_int, default=50_000_000, metavar="N", help="budget of the run first made")
@@ -104,13 +120,57 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("--answer", action="append", default=[], metavar="Q=VALUE", help="check an answer (repeatable)")
     lab.add_argument("--write-doc", metavar="DIR", help="write the lab's handout with this run's observations into DIR")
     lab.add_argument("--quiet", "-q", action="store_true", help="do not show the commands' output")
+    be = sub.add_parser("bench", help="Adams & Agesen's nanobenchmarks per mode: host time, events and modelled "
+                        "cycles per operation, the paper's cycles beside")
+    be.add_argument("--modes", default=None, metavar="MODE[:NAME=VALUE],...",
+                    help="modes to run (default native,trap,full,para,hw,hw:ept=0; hw:ept=0 is the paper's "
+                         "first-generation VT-x, which had no EPT)")
+    be.add_argument("--n", type=_int, default=2000, metavar="N", help="iterations per operation (default 2000)")
+    be.add_argument("--json", action="store_true", help="the results as JSON")
+    _costs_option(be)
+
+    sw = sub.add_parser("sweep", help="hw: run a guest under every combination of VMX control values, in parallel")
+    sw.add_argument("guest")
+    sw.add_argument("--vmx", action="append", default=[], metavar="NAME=V1,V2",
+                    help="a control and the values to try (repeatable; io_bitmap/msr_bitmap alternatives split on '|')")
+    sw.add_argument("--modes", default="hw", help="hw is swept; other modes listed run once as references (default hw)")
+    sw.add_argument("--max-insns", type=_int, default=None, metavar="N")
+    sw.add_argument("--jobs", type=_int, default=None, metavar="N", help="parallel processes (default: one per core)")
+    sw.add_argument("--json", action="store_true")
+    _costs_option(sw)
+
+    vx = sub.add_parser("vmx", help="hw: the VMX controls cpuvirt simulates")
+    vsub = vx.add_subparsers(dest="vmx_verb", required=True, parser_class=_Parser)
+    vc = vsub.add_parser("controls", help="every control: SDM name, field and bit, default per preset, effect")
+    vc.add_argument("--json", action="store_true")
+
+    rp = sub.add_parser("report", help="one self-contained HTML page: compare summary, sites, plots (needs matplotlib)")
+    rp.add_argument("guest")
+    rp.add_argument("--modes", default="native,trap,full,para,hw", metavar="MODE[:NAME=VALUE],...")
+    rp.add_argument("-o", "--output", required=True, metavar="FILE.html")
+    rp.add_argument("--bench", type=_int, default=None, metavar="N", help="also the nanobench table, N iterations")
+    rp.add_argument("--max-insns", type=_int, default=None, metavar="N")
+    _costs_option(rp)
+
+    co = sub.add_parser("costs", help="show a cost table (modelled cycles per event, with sources)")
+    co.add_argument("table", nargs="?", default=None, metavar="NAME|FILE", help="a preset or a TOML/JSON file "
+                    "(default p4-2006)")
+    co.add_argument("--json", action="store_true", help="the table as JSON")
 
     t = sub.add_parser("trace", help="read exit traces")
     tsub = t.add_subparsers(dest="trace_verb", required=True, parser_class=_Parser)
     ts = tsub.add_parser("show", help="print a trace readably")
     ts.add_argument("file")
     ts.add_argument("--kind", action="append", help="only events of this kind (repeatable)")
+    ts.add_argument("--image", metavar="FILE", help="the image the trace was made from, for symbols and lines "
+                    "(bundled guests are found by name; the sha256 must match)")
     return p
+
+
+def _costs_option(p) -> None:
+    p.add_argument("--costs", default=None, metavar="NAME|FILE",
+                   help="cost table for modelled cycles: a preset (p4-2006 default, nehalem, amd-2020) or a "
+                        "TOML/JSON file; see `cpuvirt costs`")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,9 +213,13 @@ def _dispatch(args) -> int:
         from cpuvirt.bt.show import show
         if args.blocks < 0 or args.max_insns < 0:
             raise CpuvirtError("--blocks and --max-insns must be >= 0")
-        text, _ = show(args.guest, at=args.at, blocks=args.blocks, max_insns=args.max_insns, mem_mib=args.mem,
+        at = None
+        if args.at is not None:
+            from cpuvirt.trace.symbols import for_guest
+            at = for_guest(args.guest, "full").resolve(args.at)
+        text, _ = show(args.guest, at=at, blocks=args.blocks, max_insns=args.max_insns, mem_mib=args.mem,
                        trace_path=args.trace)
-        sys.stdout.write(text)
+        sys.stdout.write(_annotate_guest_blocks(text, args.guest))
         return 0
     if args.verb == "new-guest":
         from cpuvirt.toolchain.newguest import new_guest
@@ -167,9 +231,19 @@ def _dispatch(args) -> int:
         return 0
     if args.verb == "lab":
         return _lab(args)
+    if args.verb == "costs":
+        return _costs(args)
+    if args.verb == "bench":
+        return _bench(args)
+    if args.verb == "sweep":
+        return _sweep(args)
+    if args.verb == "vmx":
+        return _vmx_controls(args)
+    if args.verb == "report":
+        return _report(args)
     if args.verb == "trace":
         from cpuvirt.trace.show import show
-        show(args.file, sys.stdout, kinds=args.kind)
+        show(args.file, sys.stdout, kinds=args.kind, image=args.image)
         return 0
     raise CpuvirtError(f"unknown verb {args.verb}")
 
@@ -212,6 +286,134 @@ def _lab(args) -> int:
             print(f"  {q.key}. {' '.join(q.text.split())}")
         print(f"Check a numeric answer with: cpuvirt lab {lab.name} --answer q1=N")
     return 1 if wrong else 0
+def _progress(i: int, total: int, what: str) -> None:
+    """A progress bar on stderr, when it is a terminal."""
+    if not sys.stderr.isatty():
+        return
+    width = 30
+    done = width * i // max(total, 1)
+    end = "\n" if i >= total else ""
+    sys.stderr.write(f"\r[{'#' * done}{'.' * (width - done)}] {i}/{total} {what:<24}{end}")
+    sys.stderr.flush()
+
+
+def _report(args) -> int:
+    from cpuvirt import costs, modespec, nanobench, report
+    from cpuvirt.runner import DEFAULT_MAX_INSNS
+    from cpuvirt.trace import compare as C
+    table = costs.load(args.costs)
+    specs = modespec.parse_list(args.modes)
+    report._plt()                                 # matplotlib missing: say so before running anything
+    try:
+        out = open(args.output, "w", encoding="utf-8")
+    except OSError as e:
+        raise CpuvirtError(f"-o {args.output}: {e.strerror}") from None
+    with out:
+        budget = DEFAULT_MAX_INSNS if args.max_insns is None else args.max_insns
+        cols = C.run_columns(args.guest, specs, budget)
+        sites = C.build_sites(cols)
+        summary = C.summary_rows(cols, table)
+        bench = None
+        if args.bench:
+            bench = nanobench.measure(specs, args.bench, table, progress=_progress)
+        out.write(report.render(args.guest, cols, sites, summary, bench, specs))
+    print(args.output)
+    return 0
+
+
+def _vmx_controls(args) -> int:
+    import json
+    from cpuvirt.modes.hw.controls import CONTROLS, PIN, PRIMARY, VmxSettings
+    from cpuvirt.modes.hw.explain import EFFECT, SDM_NAMES
+    ept, shadow = VmxSettings([]).bits, VmxSettings([], ept=False).bits
+    field = {PIN: "pin-based", PRIMARY: "primary"}
+    rows = [{"name": n, "sdm_name": SDM_NAMES.get(n, n), "field": field.get(f, "secondary"), "bit": b,
+             "default": ept[n], "default_no_ept": shadow[n], "effect": EFFECT.get(n, "")}
+            for n, (f, b) in CONTROLS.items()]
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print("# VM-execution controls cpuvirt simulates (SDM Vol. 3C 25.6); set with --vmx NAME=0|1.")
+    print("# default: KVM's setup with EPT; no-ept: KVM's shadow-MMU setup (--no-ept)")
+    print(f"{'name':<28} {'SDM name':<29} {'field':<10} {'bit':>3} {'default':>7} {'no-ept':>6}")
+    for r in rows:
+        print(f"{r['name']:<28} {r['sdm_name']:<29} {r['field']:<10} {r['bit']:>3} {r['default']:>7} "
+              f"{r['default_no_ept']:>6}")
+        import textwrap
+        print(textwrap.fill(r["effect"], 100, initial_indent="    ", subsequent_indent="    "))
+    return 0
+
+
+def _sweep(args) -> int:
+    import json
+    from cpuvirt import costs, sweep
+    from cpuvirt.modes import get_mode
+    from cpuvirt.runner import DEFAULT_MAX_INSNS
+    table = costs.load(args.costs)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    for m in modes:
+        get_mode(m)
+    if not args.vmx:
+        raise CpuvirtError("sweep needs at least one --vmx NAME=V1,V2")
+    if "hw" not in modes:
+        raise CpuvirtError("--vmx sweeps the hw mode, which is not among --modes")
+    if args.jobs is not None and args.jobs < 1:
+        raise CpuvirtError("--jobs must be >= 1")
+    axes = sweep.parse_axes(args.vmx)
+    budget = DEFAULT_MAX_INSNS if args.max_insns is None else args.max_insns
+    rows = sweep.sweep(args.guest, axes, modes, budget, args.jobs)
+    text = sweep.format_table(rows, table)
+    if args.json:
+        for r in rows:
+            r.pop("tally", None)
+        print(json.dumps({"guest": args.guest, "cost_table": table.name, "runs": rows}, indent=1))
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _bench(args) -> int:
+    import json
+    from cpuvirt import costs, modespec, nanobench
+    table = costs.load(args.costs)
+    specs = modespec.parse_list(args.modes or nanobench.DEFAULT_MODES)
+    if not 1 <= args.n <= 10_000_000:
+        raise CpuvirtError("--n must be between 1 and 10,000,000")
+    result = nanobench.measure(specs, args.n, table, progress=_progress)
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        sys.stdout.write(nanobench.format_tables(result, specs))
+    return 0
+
+
+def _costs(args) -> int:
+    import json
+    from cpuvirt import costs
+    t = costs.load(args.table)
+    if args.json:
+        print(json.dumps({"name": t.name, "description": t.description,
+                          "costs": {k: {"cycles": e.cycles, "source": e.source} for k, e in t.entries.items()}},
+                         indent=1))
+        return 0
+    print(f"# {t.name}: {t.description}")
+    print(f"# presets: {', '.join(costs.presets())}; keys: KIND, KIND:REASON, either with @MODE (most specific wins)")
+    w = max(len(k) for k in t.entries)
+    for k, e in t.entries.items():
+        print(f"{k:<{w}} {e.cycles:>8g}  {e.source}")
+    return 0
+
+
+def _annotate_guest_blocks(text: str, guest: str) -> str:
+    """`guest 0x0010072f..` block headers of `bt`, followed by the block's symbol and source line."""
+    import re
+    from cpuvirt.trace.symbols import for_guest
+    syms = for_guest(guest, "full")
+
+    def note(m):
+        where = syms.describe(int(m.group(1), 16))
+        return m.group(0) + (f"  [{where}]" if where else "")
+    return re.sub(r"^guest (0x[0-9a-f]+)\.\.\S+.*$", note, text, flags=re.M)
 
 
 def _build(args) -> int:
@@ -273,54 +475,93 @@ def _vmcs(args) -> int:
     if args.at_exit is not None and args.at_exit < 1:
         raise CpuvirtError("--at-exit counts from 1")
     shown = []
+    from cpuvirt.trace.symbols import for_guest
+    syms = for_guest(args.guest, "hw")
+    rip = syms.resolve(args.at_rip) if args.at_rip else None
 
     def dump_on(cpu, x):
-        if shown or (want is not None and x.reason != want) or (want is None and cpu.exits != args.at_exit):
+        if shown:
+            return
+        if rip is not None:
+            if x.rip != rip:
+                return
+        elif (want is not None and x.reason != want) or (want is None and cpu.exits != args.at_exit):
             return
         shown.append(x)
-        print(f"VM exit #{cpu.exits}: {x.reason.name} ({int(x.reason)}) at {x.rip:#x}  {x.insn}  -> {x.action}")
+        where = syms.describe(x.rip)
+        print(f"VM exit #{cpu.exits}: {x.reason.name} ({int(x.reason)}) at {x.rip:#x}"
+              f"{' (' + where + ')' if where else ''}  {x.insn}  -> {x.action}")
         print(x.vmcs_at_exit)
         cpu.finish("stopped", 0, "stopped after dumping the VMCS")
 
     res = run_guest(args.guest, "hw", args.mem, DEFAULT_MAX_INSNS, None, None, "", mode_options=_hw_options(args, dump_on))
     if not shown:
-        what = want.name if want is not None else f"#{args.at_exit}"
+        what = want.name if want is not None else (f"at {args.at_rip}" if rip is not None else f"#{args.at_exit}")
         raise CpuvirtError(f"the guest ended ({res.outcome}) after {sum(r[2] for r in res.exit_stats)} exits, "
                            f"before exit {what}")
     return 0
 
 
 def _compare(args) -> int:
-    from cpuvirt.trace.compare import compare_files
+    from cpuvirt import costs, modespec
+    from cpuvirt.runner import DEFAULT_MAX_INSNS
+    from cpuvirt.trace import compare as C
+    table = costs.load(args.costs)
     if len(args.items) >= 2:
-        compare_files(args.items, sys.stdout, args.limit)
-        return 0
-    import tempfile
-    from cpuvirt.runner import DEFAULT_MAX_INSNS, run_guest
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    if len(modes) < 2:
-        raise CpuvirtError("--modes needs at least two modes, e.g. native,hw")
-    from cpuvirt.modes import get_mode
-    from cpuvirt.runner import resolve_guest
-    for mode in modes:            # every input error before the first (possibly long) run
-        get_mode(mode)
-    if "para" in modes:
-        resolve_guest(args.items[0], "para")
-    if args.vmx and "hw" not in modes:
-        raise CpuvirtError("--vmx applies to the hw mode, which is not among --modes")
-    from cpuvirt.virtio.setup import parse_device
-    devices = [parse_device(text) for text in args.device]
-    with tempfile.TemporaryDirectory() as tmp:
-        paths = []
-        for mode in modes:
-            path = f"{tmp}/{mode}.jsonl"
-            opts = {"vmx": args.vmx} if mode == "hw" else None
-            res = run_guest(args.items[0], mode, 32, DEFAULT_MAX_INSNS, path, None, args.append, mode_options=opts,
-                            devices=devices)
-            print(f"# {mode}: {res.outcome}, status {res.status}, {res.icount:,} instructions", file=sys.stderr)
-            paths.append(path)
-        compare_files(paths, sys.stdout, args.limit)
+        cols = C.trace_columns(args.items, args.image)
+    else:
+        specs = modespec.parse_list(args.modes)    # every input error before the first (possibly long) run
+        if len(specs) < 2:
+            raise CpuvirtError("--modes needs at least two modes, e.g. native,hw")
+        if args.vmx and not any(s.mode == "hw" for s in specs):
+            raise CpuvirtError("--vmx applies to the hw mode, which is not among --modes")
+        if args.vmx:
+            from cpuvirt.modes.hw.controls import VmxSettings
+            VmxSettings(args.vmx)
+        if args.image:
+            raise CpuvirtError("--image applies to trace files (a guest's symbols come with it)")
+        budget = DEFAULT_MAX_INSNS if args.max_insns is None else args.max_insns
+        from cpuvirt.virtio.setup import parse_device
+        devices = [parse_device(text) for text in args.device]
+        cols = C.run_columns(args.items[0], specs, budget, extra_vmx=args.vmx, cmdline=args.append, devices=devices)
+        for c in cols:
+            if c.ran:
+                print(f"# {c.label}: {c.result.outcome}, status {c.result.status}, {c.result.icount:,} instructions",
+                      file=sys.stderr)
+    sites = C.build_sites(cols)
+    if args.site:
+        sites = _select_sites(cols, sites, args.site)
+    summary = C.summary_rows(cols, table)
+    if args.json:
+        sys.stdout.write(C.as_json(cols, sites, summary) + "\n")
+    elif args.csv:
+        sys.stdout.write(C.as_csv(cols, sites))
+    else:
+        sys.stdout.write(C.format_text(cols, sites, summary, wide=args.wide, limit=args.limit))
     return 0
+
+
+def _select_sites(cols, sites, wanted: list[str]):
+    """--site: symbols (with +offset), addresses or FILE:LINE, resolved through the runs' symbols."""
+    ref = next((c for c in cols if c.ran), None)
+    keep = []
+    for text in wanted:
+        if ":" in text and text.rsplit(":", 1)[1].isdigit():
+            match = [s for s in sites if s.key[0] == "line" and (s.where == text or s.where.endswith("/" + text))]
+        else:
+            addr = ref.symbols.resolve(text) if ref is not None else int(text, 0)
+            targets = {addr}
+            match = []
+            for s in sites:
+                if s.key[0] == "addr" and s.key[1] in targets:
+                    match.append(s)
+                elif s.key[0] == "line" and ref is not None and ref.symbols.line(addr) == s.where:
+                    match.append(s)
+        if not match:
+            raise CpuvirtError(f"--site {text}: no site there (a site is where some run had an event or executed "
+                               "a sensitive instruction)")
+        keep.extend(m for m in match if m not in keep)
+    return keep
 
 
 def _run(args) -> int:
@@ -333,19 +574,32 @@ def _run(args) -> int:
         if byte == 10:
             stdout.flush()
 
+    from cpuvirt import costs
+    table = costs.load(args.costs)            # a bad --costs is an input error before the run
     max_insns = DEFAULT_MAX_INSNS if args.max_insns is None else args.max_insns
     if max_insns < 0:
         raise CpuvirtError("--max-insns must be >= 0")
     dump_on = None
     if args.dump_vmcs_on:
-        want = _reason(args.dump_vmcs_on)
+        # An exit reason, or a guest address (symbol, symbol+offset, FILE:LINE is not taken): the first
+        # exit of that reason, or at that RIP.
+        from cpuvirt.trace.symbols import for_guest
+        syms = for_guest(args.guest, "hw")
+        try:
+            want, rip = _reason(args.dump_vmcs_on), None
+        except CpuvirtError:
+            if args.dump_vmcs_on.split("+")[0] not in syms.by_name:
+                raise
+            want, rip = None, syms.resolve(args.dump_vmcs_on)
         done = []
 
         def dump_on(cpu, x):
-            if not done and x.reason == want:
+            if not done and (x.reason == want if rip is None else x.rip == rip):
                 done.append(1)
                 stdout.flush()
-                print(f"VM exit #{cpu.exits}: {x.reason.name} ({int(x.reason)}) at {x.rip:#x}  {x.insn}  -> {x.action}\n"
+                where = syms.describe(x.rip)
+                print(f"VM exit #{cpu.exits}: {x.reason.name} ({int(x.reason)}) at {x.rip:#x}"
+                      f"{' (' + where + ')' if where else ''}  {x.insn}  -> {x.action}\n"
                       f"{x.vmcs_at_exit}", file=sys.stderr)
     if args.summary and not os.access(os.path.dirname(os.path.abspath(args.summary)), os.W_OK):
         raise CpuvirtError(f"--summary {args.summary}: its folder does not exist or is not writable")
@@ -364,13 +618,14 @@ def _run(args) -> int:
     stdout.flush()
     if args.dump_vmcs_on and not done:
         print(f"cpuvirt: no {args.dump_vmcs_on} exit happened in this run: no VMCS dumped", file=sys.stderr)
+    modelled = costs.model(res.tally, table, res.mode)
     if not args.quiet:
-        print(format_summary(res), file=sys.stderr)
+        print(format_summary(res, modelled), file=sys.stderr)
     elif res.outcome != "exit":     # -q silences the summary, never why a run stopped abnormally
         print(f"cpuvirt: {res.guest} under {res.mode}: {res.outcome}, status {res.status}"
               + (f" ({res.message})" if res.message else ""), file=sys.stderr)
     if args.stats:
-        print(format_stats(res), file=sys.stderr)
+        print(format_stats(res, modelled), file=sys.stderr)
     if args.summary:
         write_summary_json(res, args.summary)
     return res.status
@@ -390,22 +645,38 @@ def write_summary_json(res, path: str) -> None:
         raise CpuvirtError(f"--summary {path}: {e.strerror}") from None
 
 
-def format_stats(res) -> str:
-    """kvm_stat's shape: one row per exit reason, busiest first."""
+
+
+def format_stats(res, modelled=None) -> str:
+    """kvm_stat's shape (hw: one row per exit reason, busiest first), then the modelled cycles by
+    event kind and reason, each with the cost charged and its source."""
+    lines = []
     if res.exit_stats:
-        lines = [f"  {'exit reason':<28} {'count':>9} {'share':>7} {'mean handler':>14}"]
+        lines.append(f"  {'exit reason':<28} {'count':>9} {'share':>7} {'mean handler':>14}")
         for name, number, count, share, mean_us in res.exit_stats:
             lines.append(f"  {name + f' ({number})':<28} {count:>9} {share:>7.1%} {mean_us:>11.1f} us")
         lines.append(f"  {'total':<28} {sum(r[2] for r in res.exit_stats):>9}")
-        return "\n".join(lines)
-    total = sum(res.counts.values()) or 1
-    lines = [f"  {'event kind':<28} {'count':>9} {'share':>7}"]
-    for kind, n in sorted(res.counts.items(), key=lambda kv: -kv[1]):
-        lines.append(f"  {kind:<28} {n:>9} {n / total:>7.1%}")
+    if modelled is None:
+        from cpuvirt import costs
+        modelled = costs.model(res.tally, costs.load(), res.mode)
+    lines.append(format_cost_rows(modelled))
     return "\n".join(lines)
 
 
-def format_summary(res) -> str:
+def format_cost_rows(m, source_width: int = 60) -> str:
+    total = m.total or 1
+    lines = [f"  {'event (kind:reason)':<28} {'count':>11} {'each':>7} {'modelled cycles':>16} {'share':>6}  "
+             f"source ({m.table})"]
+    for r in m.rows:
+        src = r.source if len(r.source) <= source_width else r.source[:source_width - 3] + "..."
+        lines.append(f"  {r.key[:28]:<28} {r.count:>11,} {r.each:>7g} {r.cycles:>16,.0f} {r.cycles / total:>6.1%}  {src}")
+    lines.append(f"  {'total':<28} {'':>11} {'':>7} {m.total:>16,.0f}")
+    if m.uncosted:
+        lines.append(f"  not in the cost table (charged 0): {', '.join(m.uncosted)}")
+    return "\n".join(lines)
+
+
+def format_summary(res, modelled=None) -> str:
     from cpuvirt.machine.clock import TSC_HZ
     lines = [f"cpuvirt: {res.guest} under {res.mode}: {res.outcome}, status {res.status}"
              + (f" ({res.message})" if res.message and res.outcome != "exit" else "")]
@@ -413,6 +684,10 @@ def format_summary(res) -> str:
     lines.append(f"  virtual time   {res.vtime:,} cycles ({us:,.1f} us at 1 GHz); {res.icount:,} instructions retired")
     ev = ", ".join(f"{k} {v}" for k, v in res.counts.items()) or "none"
     lines.append(f"  events         {ev}")
+    if modelled is not None:
+        from cpuvirt.costs import format_shares
+        lines.append(f"  modelled       {modelled.total:,.0f} cycles ({modelled.table} cost table): "
+                     f"{format_shares(modelled)}")
     m = res.mmu
     lines.append(f"  memory         {m['fills']} TLB fills, {m['walks']} walks ({m['walk_refs']} refs), "
                  f"{m['faults']} faults, {m['unbacked']} unbacked")

@@ -42,6 +42,7 @@ class RunResult:
     unhandled_ports: list = field(default_factory=list)
     exit_stats: list = field(default_factory=list)
     devices: list = field(default_factory=list)
+    tally: dict = field(default_factory=dict)      # events for the cost model (cpuvirt/costs)
 
 
 def _device_summary(transport) -> dict:
@@ -141,10 +142,12 @@ def load_modules(modules: Sequence[tuple[str, str | None]]) -> list[tuple[bytes,
 def run_guest(guest: str, mode: str = "native", mem_mib: int = 32, max_insns: int = DEFAULT_MAX_INSNS,
               trace_path: str | None = None, console=None, cmdline: str = "",
               mode_options: dict | None = None, modules: Sequence[tuple[str, str | None]] = (),
-              verbose_trace: bool = False, devices: Sequence = (), pcap_path: str | None = None) -> RunResult:
+              verbose_trace: bool = False, devices: Sequence = (), pcap_path: str | None = None,
+              on_start=None) -> RunResult:
     """One run. `mode_options` go to the mode (hw: vmx=[NAME=VALUE...], ept=bool, dump_on=callback).
 
     `devices` are PCI devices (virtio/setup.py DeviceSpec) in slot order; `pcap_path` captures their frames.
+    `on_start(hv)` is called once the mode is built (bench takes cost tallies during the run).
     `modules` are Multiboot modules as (file, command line or None), loaded and described as QEMU's
     `-initrd 'file cmdline,...'` does: the module's string is the file name as given, then a space
     and its command line when it has one. The kernel's command line starts with `guest` as given
@@ -239,6 +242,8 @@ def run_guest(guest: str, mode: str = "native", mem_mib: int = 32, max_insns: in
         if hasattr(hv, "set_image"):
             hv.set_image(image, boot)     # para: its start pages go above the image and modules
         hv.boot()
+        if on_start is not None:
+            on_start(hv)
 
         sigint.attach(vcpu)       # not before: a mode's boot may run the engine itself (para)
         t0 = time.perf_counter()
@@ -256,9 +261,10 @@ def run_guest(guest: str, mode: str = "native", mem_mib: int = 32, max_insns: in
         tcache = getattr(hv, "translation_stats", None)       # full: the translation cache's counters
         if tcache is not None:
             mmu_stats["translation"] = tcache()
+        from cpuvirt.costs import tally_of
         return RunResult(name, mode, outcome.kind, outcome.status, outcome.message, bytes(out),
                          machine.clock.instructions, machine.clock.now, counts, mmu_stats, wall, vga,
-                         unhandled, stats, [_device_summary(t) for t in transports])
+                         unhandled, stats, [_device_summary(t) for t in transports], dict(tally_of(vcpu, machine.mmu)))
     finally:
         stack.close()
         if trace_file:

@@ -115,7 +115,7 @@ def test_cli_runs_trap_with_trace_and_stats(tmp_path):
     assert p.returncode == 1                        # the holes FAIL under trap: the guest's own status
     assert p.stdout.decode() == HOLES_TRAP.format(idt=_idt_bytes())
     err = p.stderr.decode()
-    assert "holes under trap: exit, status 1" in err and "trap" in err.split("event kind")[1]
+    assert "holes under trap: exit, status 1" in err and "trap:cli" in err.split("event (kind:reason)")[1]
     header = json.loads(trace.read_text().splitlines()[0])
     assert header["mode"] == "trap" and header["type"] == "header"
 

@@ -797,6 +797,7 @@ class DeprivilegedVcpu(Vcpu):
                         {"port": f"{port:#x}", "size": size}, "emulated: port I/O through the device model")
         else:
             self.counts[self.event_kind] += 1
+            self.reasons[self.event_kind, "in" if is_in else "out"] += 1
         try:
             return super().port_io(port, size, is_in, value)
         finally:
@@ -854,6 +855,7 @@ def _cli(c, eip, size, ops):
     c.regs.write(R.EFLAGS, c.regs.read(R.EFLAGS) & ~R.EFLAGS_IF)
     if c.trace is None:
         c.counts[c.event_kind] += 1                 # what `emulated` records when no trace is written
+        c.reasons[c.event_kind, "cli"] += 1
     else:
         c.emulated(eip, "cli", {"if": 0})
     c.regs.write(R.EIP, eip + size)
@@ -864,6 +866,7 @@ def _sti(c, eip, size, ops):
     c.regs.write(R.EFLAGS, flags | R.EFLAGS_IF)
     if c.trace is None:
         c.counts[c.event_kind] += 1
+        c.reasons[c.event_kind, "sti"] += 1
     else:
         c.emulated(eip, "sti", {"if": 1})
     c.regs.write(R.EIP, eip + size)
@@ -899,6 +902,7 @@ def _mov(c, eip, size, ops):
         c.load_segment(dst, sel)
         if c.trace is None:
             c.counts[c.event_kind] += 1
+            c.reasons[c.event_kind, "mov sreg"] += 1
         else:
             c.emulated(eip, "mov", {"sreg": dst, "selector": f"{sel:#x}"})
         c.regs.write(R.EIP, eip + size)
@@ -920,6 +924,7 @@ def _pop(c, eip, size, ops):
     c.regs.write(R.ESP, (esp + 4) & 0xFFFFFFFF)
     if c.trace is None:
         c.counts[c.event_kind] += 1
+        c.reasons[c.event_kind, "pop"] += 1
     else:
         c.emulated(eip, "pop", {"sreg": name, "selector": f"{sel:#x}"})
     c.regs.write(R.EIP, eip + size)

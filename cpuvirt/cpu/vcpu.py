@@ -51,6 +51,7 @@ class Vcpu:
         self.budget = max_insns or NEVER
         self.outcome: Outcome | None = None
         self.counts: Counter = Counter()
+        self.reasons: Counter = Counter()    # (kind, reason) -> n: the cost model's view (cpuvirt/costs)
         self._disasm = None
         self._insn_cache: dict[tuple[int, bytes], str] = {}
         self.error: BaseException | None = None
@@ -474,6 +475,7 @@ class Vcpu:
     # -- recording -----------------------------------------------------------------------------------
     def record(self, kind: str, reason: str, code, eip: int, detail: dict, action: str) -> None:
         self.counts[kind] += 1
+        self.reasons[kind, reason if reason != "mov" else _mov_reason(detail)] += 1
         if self.trace is not None:
             self.trace.event(self.clock.instructions, self.regs.cpl(), kind, reason, code, eip, self.insn_at(eip),
                              detail, action)
@@ -491,3 +493,12 @@ class Vcpu:
                 text = "(bad)"
             self._insn_cache[(eip, code)] = text
         return text
+
+
+def _mov_reason(detail: dict) -> str:
+    """The cost model's reason for an emulated `mov`: which register (mov cr3, mov dr7, mov sreg)."""
+    if "cr" in detail:
+        return f"mov cr{detail['cr']}"
+    if "dr" in detail:
+        return f"mov dr{detail['dr']}"
+    return "mov sreg" if "sreg" in detail else "mov"

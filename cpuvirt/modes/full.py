@@ -257,6 +257,8 @@ class FullVcpu(DeprivilegedVcpu):
 
     def _new_block(self, blk) -> None:
         self._block_seq += 1
+        for ins in blk.insns:       # the cost model's translation counts (per translation, not per run)
+            self.reasons["translate", ins.kind] += ins.size > 0
         entry = (self._block_seq, blk)
         for frame in blk.frames:
             blocks = self._frame_blocks.setdefault(frame, [])
@@ -586,6 +588,7 @@ class FullVcpu(DeprivilegedVcpu):
             leaf, subleaf = self._cpuid_in.read()
             if self.trace is None:
                 self.counts[self.event_kind] += 1
+                self.reasons[self.event_kind, "cpuid"] += 1
             else:
                 self.record(self.event_kind, "cpuid", None, geip, {"leaf": f"{leaf:#x}"}, "emulated: the CPU model")
             self._cpuid_out.write(*self.m.cpuid(leaf, subleaf))
@@ -616,6 +619,7 @@ class FullVcpu(DeprivilegedVcpu):
         if op == 0x0F and raw[p + 1] == 0x31:
             if self.trace is None:
                 self.counts[self.event_kind] += 1
+                self.reasons[self.event_kind, "rdtsc"] += 1
             else:
                 self.record(self.event_kind, "rdtsc", None, geip, {}, "emulated: the virtual clock")
             now = self.clock.now

@@ -8,19 +8,29 @@ def _detail(d: dict) -> str:
     return " ".join(f"{k}={v}" for k, v in d.items())
 
 
-def show(path: str, out, kinds=None) -> None:
+def _where(syms, eip: str) -> str:
+    w = syms.describe(int(eip, 16)) if syms.source else ""
+    return f"  @ {w}" if w else ""
+
+
+def show(path: str, out, kinds=None, image: str | None = None) -> None:
+    from cpuvirt.trace.symbols import for_trace
     t = read_trace(path)
     h = t.header
+    syms = for_trace(h, image)
     out.write(f"# {h.get('guest')} under {h.get('mode')} (cpuvirt {h.get('cpuvirt')}, "
               f"image sha256 {str(h.get('image_sha256'))[:16]}...)\n")
-    out.write(f"{'seq':>6} {'icount':>12} cpl {'kind':<13} {'reason':<18} {'eip':>10}  {'instruction':<28} detail -> action\n")
+    if syms.source:
+        out.write(f"# symbols and lines from {syms.source} (sha256 matches)\n")
+    out.write(f"{'seq':>6} {'icount':>12} cpl {'kind':<13} {'reason':<18} {'eip':>10}  {'instruction':<28} detail -> action"
+              f"{'  @ symbol file:line' if syms.source else ''}\n")
     for e in t.events:
         if kinds and e["kind"] not in kinds:
             continue
         code = "" if e["code"] is None else f"({e['code']})"
         reason = f"{e['reason']}{code}"
         out.write(f"{e['seq']:>6} {e['icount']:>12} {e['cpl']:>3} {e['kind']:<13} {reason:<18} {e['eip']:>10}  "
-                  f"{e['insn']:<28} {_detail(e['detail'])} -> {e['action']}\n")
+                  f"{e['insn']:<28} {_detail(e['detail'])} -> {e['action']}{_where(syms, e['eip'])}\n")
     present = {e["kind"] for e in t.events}
     for k in kinds or ():
         if k not in present:

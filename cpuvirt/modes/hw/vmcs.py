@@ -188,7 +188,7 @@ class Vmcs:
         self._cache.clear()
         return written
 
-    def dump(self) -> str:
+    def dump(self) -> str:  # noqa: D401 (the control fields also name their set bits: _set_bits)
         """Every field, grouped as the SDM groups them, with its encoding."""
         lines = []
         for k in (2, 3, 0, 1):
@@ -200,5 +200,15 @@ class Vmcs:
                         continue
                     v = self.vmread(f)
                     w = width(f.value)
-                    lines.append(f"  {f.value:#06x}  {f.name:<32} {v:#0{w // 4 + 2}x}")
+                    lines.append(f"  {f.value:#06x}  {f.name:<32} {v:#0{w // 4 + 2}x}{_set_bits(f, v)}")
         return "\n".join(lines)
+
+
+def _set_bits(f, value: int) -> str:
+    """For a VM-execution control field: the names of its set bits (controls.CONTROLS), others by number."""
+    from cpuvirt.modes.hw.controls import CONTROLS
+    names = {bit: name for name, (field, bit) in CONTROLS.items() if field == f}
+    if not names:
+        return ""
+    bits = [names.get(b, f"bit{b}") for b in range(32) if value >> b & 1]
+    return "  " + (" ".join(bits) if bits else "(none)")

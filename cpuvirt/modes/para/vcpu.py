@@ -96,6 +96,7 @@ class ParaVcpu(Vcpu):
         nr = b[0]
         self.a = (b[2], b[3], b[4], b[5], b[6])
         self.counts["hypercall"] += 1
+        self.reasons["hypercall", nr] += 1
         tracing = self.trace is not None
         if tracing:
             self.detail = {}
