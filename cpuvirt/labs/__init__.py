@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 import shlex
 import subprocess
 import sys
@@ -135,7 +136,16 @@ def _quote(out: Output, max_lines: int) -> str:
     if len(text) > max_lines:
         text = text[: max_lines - 1] + [f"... ({len(text) - max_lines + 1} more lines)"]
     # wall-clock figures differ from run to run: a document shows them as "...".
-    text = [_hide_wall(line) for line in text]
+    hidden, in_table = [], False
+    for line in text:
+        if in_table and line.strip() and not line.startswith("  "):
+            line = re.sub(r"(\s)[\d.]+$", r"\1 ...", line)      # compare's summary: its "host s" column
+        else:
+            in_table = False
+        if line.rstrip().endswith("host s"):
+            in_table = True
+        hidden.append(_hide_wall(line))
+    text = hidden
     return "\n".join(text) + ("\n" if text else "") + (f"(exit status {out.status})\n" if out.status else "")
 
 

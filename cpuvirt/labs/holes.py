@@ -74,11 +74,16 @@ ring 0 and prints PASS or FAIL for each.
                     "of them is at a failing check's instruction: the holes never reached the VMM.",
              show_lines=14),
         Step("cpuvirt compare holes --modes native,trap,full,hw --limit 30",
-             "Line up what each technique did at each sensitive instruction of the same guest.",
-             expect="Under `trap` each `lgdt`, `lidt`, `ltr` or `cli` is a trap; at the holes' sites there is "
-                    "no row at all, since nothing happened there. `full` shows callouts at the same sites; "
-                    "`hw` shows VM exits only where its controls ask for them.",
-             show_lines=30),
+             "Line up what each technique did: a summary per run (checks passed, console against native's, "
+             "instructions, modelled cycles), then every sensitive instruction the guest executed.",
+             expect="Under `trap` the console differs from native's; each privileged instruction (`cli`, "
+                    "`lgdt`, `lidt`, `ltr`) is a trap.", show_lines=36),
+        Step("cpuvirt compare holes --modes native,trap,full,hw --site main+0x9 --site main+0x7a",
+             "Look at two holes by their place in the source (`popfd` and `sidt` in `main`; `--site` takes a "
+             "symbol, an address or file:line).",
+             expect="Under `trap` both ran natively and were WRONG: nothing reached the VMM. `full` translated "
+                    "them inline; under `hw` they ran in guest mode with no exit (the `sidt` row names the control, "
+                    "`descriptor_table_exiting`, that would make it exit).", show_lines=44),
         Step("cpuvirt run holes --mode full -q --summary full.json",
              "Binary translation: the guest kernel's code is never run in place; each block is translated "
              "first, and sensitive instructions (holes included) are rewritten.",
