@@ -16,7 +16,10 @@
 #include <string.h>
 
 typedef int (*emu_stop_fn)(void *uc);
+typedef int (*reg_read_fn)(void *uc, int regid, void *value);
 typedef uint32_t (*count_fn)(uint64_t address, uint32_t size);
+
+#define EFLAGS_IF 0x200u
 
 #define TABLE_BITS 14
 #define TABLE_SIZE (1u << TABLE_BITS)
@@ -43,6 +46,14 @@ typedef struct {
     uint32_t pad2;
     emu_stop_fn emu_stop;
     count_fn count_cb;
+    /* The interrupt window (see vclock_if_hook): */
+    reg_read_fn reg_read;  /* uc_reg_read */
+    int32_t eflags_reg;    /* UC_X86_REG_EFLAGS */
+    uint32_t watch_if;     /* 1 while an interrupt waits for EFLAGS.IF = 1 */
+    uint32_t check_if;     /* look at IF at the start of the check_if-th next block (0: do not) */
+    uint32_t pad3;
+    uint64_t window_checks;  /* times IF was looked at */
+    uint64_t window_stops;   /* times it was found set (the engine stopped for the window) */
     entry_t table[TABLE_SIZE];
 } vclock_t;
 
@@ -68,6 +79,19 @@ void vclock_block_hook(void *uc, uint64_t address, uint32_t size, void *user_dat
         s->discard = 0;
         return;
     }
+    if (s->check_if && --s->check_if == 0) {
+        /* An instruction that may have set IF (sti, popf, iret, or the hypervisor) ran before this
+         * block: if IF is now 1 the interrupt window is open, and the waiting interrupt goes before
+         * this block's first instruction. */
+        uint64_t flags = 0;
+        s->window_checks++;
+        if (s->reg_read(uc, s->eflags_reg, &flags) == 0 && (flags & EFLAGS_IF) && !s->stopped) {
+            s->window_stops++;
+            s->stopped = 1;
+            s->emu_stop(uc);
+            return;
+        }
+    }
     if (s->stop_next == 1) {
         /* Python asked for exactly one more block (a deadline already due when armed). */
         s->stop_next = 0;
@@ -92,6 +116,24 @@ void vclock_block_hook(void *uc, uint64_t address, uint32_t size, void *user_dat
     s->blocks++;
     s->last_block = address;
     s->last_count = count;
+}
+
+/*
+ * One-address code hooks on the instructions that can set IF: they run before the instruction, so
+ * they only ask the block hook to look at IF once it has run. Every one of them ends its engine
+ * block (QEMU ends a block after sti, popf and iret), so "the next block" starts at the next
+ * instruction boundary, where hardware would take the interrupt. After sti the interrupt shadow
+ * covers one more instruction, which the engine runs as a block of its own: look one block later.
+ * They cost a flag test while nothing waits for the window.
+ */
+void vclock_if_hook(void *uc, uint64_t address, uint32_t size, void *user_data) {
+    vclock_t *s = (vclock_t *)user_data;
+    if (s->watch_if) s->check_if = 1;
+}
+
+void vclock_sti_hook(void *uc, uint64_t address, uint32_t size, void *user_data) {
+    vclock_t *s = (vclock_t *)user_data;
+    if (s->watch_if) s->check_if = 2;
 }
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_vclock", NULL, -1, NULL};
