@@ -59,25 +59,26 @@ typedef struct {
 
 size_t vclock_sizeof(void) { return sizeof(vclock_t); }
 
-void vclock_block_hook(void *uc, uint64_t address, uint32_t size, void *user_data) {
-    vclock_t *s = (vclock_t *)user_data;
-    uint32_t a = (uint32_t)address;
-    entry_t *e = &s->table[(a ^ (a >> TABLE_BITS)) & (TABLE_SIZE - 1)];
-    uint32_t count;
-    if (e->address == a && e->size == size) {
-        count = e->count;
-    } else {
-        count = s->count_cb ? s->count_cb(address, size) : 1;
-        if (count == 0) count = 1;
-        e->address = a;
-        e->size = (uint16_t)size;
-        e->count = (uint16_t)count;
-        s->misses++;
-    }
+#define LIKELY(x) __builtin_expect(!!(x), 1)
+#define UNLIKELY(x) __builtin_expect(!!(x), 0)
+
+static uint32_t count_miss(vclock_t *s, entry_t *e, uint64_t address, uint32_t size) {
+    uint32_t count = s->count_cb ? s->count_cb(address, size) : 1;
+    if (count == 0) count = 1;
+    e->address = (uint32_t)address;
+    e->size = (uint16_t)size;
+    e->count = (uint16_t)count;
+    s->misses++;
+    return count;
+}
+
+/* The slow path: a stop requested by Python, a window check, the deadline. Returns 1 if this block
+ * must not run now (the engine was stopped before it). */
+static int block_slow(vclock_t *s, void *uc, uint32_t count) {
     if (s->discard) {
         /* Python stopped the engine before this block (to retranslate it): it runs again later. */
         s->discard = 0;
-        return;
+        return 1;
     }
     if (s->check_if && --s->check_if == 0) {
         /* An instruction that may have set IF (sti, popf, iret, or the hypervisor) ran before this
@@ -89,7 +90,7 @@ void vclock_block_hook(void *uc, uint64_t address, uint32_t size, void *user_dat
             s->window_stops++;
             s->stopped = 1;
             s->emu_stop(uc);
-            return;
+            return 1;
         }
     }
     if (s->stop_next == 1) {
@@ -97,7 +98,7 @@ void vclock_block_hook(void *uc, uint64_t address, uint32_t size, void *user_dat
         s->stop_next = 0;
         s->stopped = 1;
         s->emu_stop(uc);
-        return;
+        return 1;
     }
     if (s->stop_next == 2) {
         s->stop_next = 1;                  /* run this block, stop before the next */
@@ -110,7 +111,20 @@ void vclock_block_hook(void *uc, uint64_t address, uint32_t size, void *user_dat
         }
         s->stopped = 1;
         s->emu_stop(uc);
-        return;
+        return 1;
+    }
+    return 0;
+}
+
+/* Every block, so the common path is short: one table hit, one test of the rare conditions (the
+ * `pending` word is nonzero while any of them is set), one compare with the deadline. */
+void vclock_block_hook(void *uc, uint64_t address, uint32_t size, void *user_data) {
+    vclock_t *s = (vclock_t *)user_data;
+    uint32_t a = (uint32_t)address;
+    entry_t *e = &s->table[(a ^ (a >> TABLE_BITS)) & (TABLE_SIZE - 1)];
+    uint32_t count = LIKELY(e->address == a && e->size == size) ? e->count : count_miss(s, e, address, size);
+    if (UNLIKELY((s->discard | s->check_if | s->stop_next) != 0 || s->now + count > s->deadline)) {
+        if (block_slow(s, uc, count)) return;
     }
     s->now += count;
     s->blocks++;
