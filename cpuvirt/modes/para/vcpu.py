@@ -54,6 +54,7 @@ class ParaVcpu(Vcpu):
         self.iopl = 0
         self.shared_info_ma = 0            # set at boot, with events
         self._mask_traced = False
+        self._in_upcall = False             # from an upcall to the guest's next hypercall (its iret)
         self.detail: dict | None = None
         self.a = (0, 0, 0, 0, 0)            # EBX, ECX, EDX, ESI, EDI of the hypercall being handled
         ids = (R.EAX, R.CS, R.EBX, R.ECX, R.EDX, R.ESI, R.EDI)
@@ -95,6 +96,7 @@ class ParaVcpu(Vcpu):
         EAX, CS and the five argument registers come in one batched read (an engine call costs
         far more than the Python around it), and EAX goes back in one write."""
         regs = self.regs
+        self._in_upcall = False
         self._read_batch(self._uch, self._batch_ids, self._batch_ptrs, 7)
         b = self._batch
         nr = b[0]
@@ -255,8 +257,11 @@ class ParaVcpu(Vcpu):
     WINDOW_HOOKS = False            # the kernel runs at ring 1: its sti/popf/iret never set the real IF
 
     def waits_for_window(self) -> bool:
+        # Not inside the event callback: it runs masked with evtchn_upcall_pending still set until it
+        # clears it, and returns through the iret hypercall (which unmasks and delivers what is
+        # pending); watching there would trap its acknowledging stores for nothing.
         ev = self.events
-        waiting = ev is not None and ev.mask != 0 and ev.pending()
+        waiting = ev is not None and not self._in_upcall and ev.mask != 0 and ev.pending()
         if waiting != self._mask_traced:
             traces = self.mmu.traces
             if waiting:
@@ -317,6 +322,7 @@ class ParaVcpu(Vcpu):
                     "upcall delivered to the event callback")
         cs, eip = self.event_callback
         self.bounce(cs, eip, return_eip, None, True, "upcall")
+        self._in_upcall = True
 
     def bounce(self, cs: int, eip: int, return_eip: int, error_code: int | None, mask_events: bool,
                what: str) -> None:
