@@ -63,6 +63,7 @@ class VirtualClock:
         self._state.eflags_reg = UC_X86_REG_EFLAGS
         self._uc = uc
         self._lib = lib
+        self._watching = False
         self._if_hooks: dict[int, int] = {}     # address -> 1 (IF-setting) or 2 (sti) of each window hook
         self._count_cb = _COUNT_CB(count_block)  # kept alive as long as the clock
         self._state.count_cb = ctypes.cast(self._count_cb, ctypes.c_void_p).value
@@ -128,6 +129,10 @@ class VirtualClock:
     def watch_if(self, on: bool) -> None:
         """While on, the window hooks make the block hook look at IF after each instruction that may
         set it, and stop the engine at the boundary where IF became 1."""
+        on = bool(on)
+        if on is self._watching:
+            return                  # a look still requested is harmless: one EFLAGS read
+        self._watching = on
         st = self._state
         st.watch_if = 1 if on else 0
         st.check_if = 0
