@@ -39,6 +39,18 @@ def parse_multiboot(data: bytes) -> tuple[list[tuple[int, bytes]], int]:
     return [(load_addr, data[start:end])], entry
 
 
+def parse_elf(data: bytes) -> tuple[list[tuple[int, bytes]], int]:
+    """(segments, entry) of an ELF32 kernel: its PT_LOAD segments (file bytes; .bss stays zero RAM)."""
+    entry, phoff = struct.unpack_from("<II", data, 24)[0], struct.unpack_from("<I", data, 28)[0]
+    phentsize, phnum = struct.unpack_from("<HH", data, 42)
+    segments = []
+    for i in range(phnum):
+        p_type, off, _vaddr, paddr, filesz = struct.unpack_from("<5I", data, phoff + i * phentsize)
+        if p_type == 1 and filesz:
+            segments.append((paddr, data[off:off + filesz]))
+    return segments, entry
+
+
 def make_uc(image: bytes, on_out_port=None):
     """A ready-to-start engine and its console; on_out_port(port) may handle extra ports."""
     uc = Uc(UC_ARCH_X86, UC_MODE_32)
@@ -46,7 +58,7 @@ def make_uc(image: bytes, on_out_port=None):
     uc.ctl_set_exits([])
     uc.mem_map(0, RAM)
     uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
-    segments, entry = parse_multiboot(image)
+    segments, entry = parse_elf(image) if image[:4] == b"\x7fELF" else parse_multiboot(image)
     for gpa, blob in segments:
         uc.mem_write(gpa, blob)
     gdt = struct.pack("<QQQ", 0, 0x00CF9A000000FFFF, 0x00CF92000000FFFF)

@@ -2,7 +2,8 @@
 
 Exits that need no stop (I/O, exceptions, `int n`, rdtsc) are handled inside Unicorn's hooks, so they
 cost a hook call and not a stop/restart (~4 us). The engine stops only for a refused TLB fill (a page
-fault), the clock's deadline (timer interrupts, budget), `hlt`, and the end of the run.
+fault), the clock's deadline (timer interrupts, budget), the interrupt window opening (IF set to 1 while
+an interrupt waits: an event, never polled), `hlt`, and the end of the run.
 """
 from __future__ import annotations
 
@@ -22,7 +23,9 @@ from cpuvirt.memory.traces import TraceError, TracedWrite
 
 EXIT_BUDGET, EXIT_TRIPLE_FAULT, EXIT_HALTED, EXIT_ERROR = 124, 125, 126, 1
 IO_CYCLES = 1000    # a port access costs 1 us of virtual time, as an ISA bus cycle does on a PC
-POLL_INSNS = 1000   # while an interrupt waits for IF=1, look again this often (instructions)
+# The instructions that can set EFLAGS.IF in the guest's own code (capstone mnemonics): each gets a
+# window hook (clock.hook_if_setter) the first time a block holding it runs.
+IF_SETTERS = frozenset(("sti", "popf", "popfd", "iret", "iretd"))
 _IO_MNEMONICS = frozenset(("in", "out", "insb", "insw", "insd", "outsb", "outsw", "outsd"))
 _BLOCK_ENDERS = frozenset(("jmp", "call", "ret", "iret", "iretd", "hlt", "int", "int3", "into", "ljmp", "lcall",
                            "retf", "sysenter", "syscall", "ud2", "loop", "loope", "loopne", "jecxz")
@@ -60,18 +63,22 @@ class Vcpu:
         self._intr_depth = 0
         self._after_one_block = False
         self._io_sites: dict = {}
+        self._window_retranslate: list[tuple[int, int]] = []
+        self._window_ready = False
         machine.on_new_block = self.forget_block
 
     # -- the run loop --------------------------------------------------------------------------------
     def run(self, entry: int) -> Outcome:
         uc, regs, clock = self.uc, self.regs, self.clock
         regs.write(R.EIP, entry)
+        self.watch_if_setters()
         while self.outcome is None:
             self.before_entry()
             if self.outcome is not None:
                 break
             eip = regs.read(R.EIP)
             clock.arm(self._next_deadline())
+            clock.watch_if(self.waits_for_window())
             try:
                 uc.emu_start(eip, 0)
                 stopped_by_fault = False
@@ -89,6 +96,13 @@ class Vcpu:
                 for address, size in self.intercepts.retranslate:
                     uc.ctl_remove_cache(address, address + size)
                 self.intercepts.retranslate.clear()
+                if not stopped_by_fault and not clock.expired():
+                    continue
+            if self._window_retranslate:
+                # A new block held an IF-setting instruction without its window hook: the same.
+                for address, size in self._window_retranslate:
+                    uc.ctl_remove_cache(address, address + size)
+                self._window_retranslate.clear()
                 if not stopped_by_fault and not clock.expired():
                     continue
             if stopped_by_fault:
@@ -160,16 +174,46 @@ class Vcpu:
     def _next_deadline(self) -> int:
         d = self.m.next_timer_deadline()
         # A deadline already due was handled (update_timers); what it raised waits in the
-        # controller and is covered by the poll below.
+        # controller: deliverable now, or when the window opens (waits_for_window).
         d = NEVER if d is None or d <= self.clock.now else d
         if self.m.pending_nmi():
             d = self.clock.now              # an NMI ignores IF: take it at the next block boundary
-        elif self.m.pending_interrupt() is not None:
-            d = min(d, self.clock.now + POLL_INSNS)
+        elif self.m.pending_interrupt() is not None and self.regs.read(R.EFLAGS) & R.EFLAGS_IF:
+            d = self.clock.now              # deliverable (not taken at the last stop): the next boundary
         if self._after_one_block:
             self._after_one_block = False
             d = self.clock.now              # already due: the clock stops after the next block
         return min(d, self.budget)
+
+    # -- the interrupt window ----------------------------------------------------------------------
+    WINDOW_HOOKS = True         # sti/popf/iret in the guest's own code can set the real IF
+
+    def waits_for_window(self) -> bool:
+        """Does something wait for EFLAGS.IF = 1 (an interrupt pending while IF = 0)? Then the window
+        hooks are live for this entry: the engine stops where IF becomes 1, and nowhere else."""
+        return self.m.pending_interrupt() is not None and not self.regs.read(R.EFLAGS) & R.EFLAGS_IF
+
+    def watch_if_setters(self) -> None:
+        """Give every sti/popf/iret the guest runs a window hook: the clock's block-count callback
+        sees each new block's instructions; one holding an unhooked IF-setter is translated again
+        with its hook (the engine is stopped before the block runs, as for intercepts)."""
+        if self._window_ready or not self.WINDOW_HOOKS:
+            return
+        self._window_ready = True
+        m, clock = self.m, self.clock
+        inner = m.block_observer
+
+        def observe(insns):
+            missing = False
+            for addr, size, mnem, _ in insns:
+                if mnem in IF_SETTERS and clock.hook_if_setter(addr, mnem == "sti"):
+                    missing = True
+            if missing:
+                self._window_retranslate.append((insns[0][0], sum(i[1] for i in insns)))
+            if inner is not None and inner(insns):
+                return True
+            return missing
+        m.block_observer = observe
 
     # -- time: timer interrupts, budget, hlt -------------------------------------------------------
     def on_deadline(self, eip: int) -> None:
@@ -257,6 +301,7 @@ class Vcpu:
             uc.emu_stop()
         finally:
             self._intr_depth -= 1
+            self.clock.if_may_have_changed()
 
     def on_engine_event(self, intno: int, error_code: int, soft: bool, eip: int) -> None:
         """What the engine raised, EIP as it left it: modes that emulate some of it (trap's #GP) or
@@ -291,6 +336,7 @@ class Vcpu:
         except BaseException as e:
             self.error = e
             uc.emu_stop()
+        self.clock.if_may_have_changed()
         return True
 
     # -- devices -----------------------------------------------------------------------------------
@@ -425,6 +471,7 @@ class Vcpu:
                     self.left_block_at(address + size if after == address + size else address)
                     if after == address + size:
                         self.faults.clear_interrupt_shadow()
+                self.clock.if_may_have_changed()
             except BaseException as e:   # never let an exception unwind through the engine
                 self.error = e
                 self.uc.emu_stop()

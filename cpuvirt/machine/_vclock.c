@@ -16,7 +16,10 @@
 #include <string.h>
 
 typedef int (*emu_stop_fn)(void *uc);
+typedef int (*reg_read_fn)(void *uc, int regid, void *value);
 typedef uint32_t (*count_fn)(uint64_t address, uint32_t size);
+
+#define EFLAGS_IF 0x200u
 
 #define TABLE_BITS 14
 #define TABLE_SIZE (1u << TABLE_BITS)
@@ -43,37 +46,59 @@ typedef struct {
     uint32_t pad2;
     emu_stop_fn emu_stop;
     count_fn count_cb;
+    /* The interrupt window (see vclock_if_hook): */
+    reg_read_fn reg_read;  /* uc_reg_read */
+    int32_t eflags_reg;    /* UC_X86_REG_EFLAGS */
+    uint32_t watch_if;     /* 1 while an interrupt waits for EFLAGS.IF = 1 */
+    uint32_t check_if;     /* look at IF at the start of the check_if-th next block (0: do not) */
+    uint32_t pad3;
+    uint64_t window_checks;  /* times IF was looked at */
+    uint64_t window_stops;   /* times it was found set (the engine stopped for the window) */
     entry_t table[TABLE_SIZE];
 } vclock_t;
 
 size_t vclock_sizeof(void) { return sizeof(vclock_t); }
 
-void vclock_block_hook(void *uc, uint64_t address, uint32_t size, void *user_data) {
-    vclock_t *s = (vclock_t *)user_data;
-    uint32_t a = (uint32_t)address;
-    entry_t *e = &s->table[(a ^ (a >> TABLE_BITS)) & (TABLE_SIZE - 1)];
-    uint32_t count;
-    if (e->address == a && e->size == size) {
-        count = e->count;
-    } else {
-        count = s->count_cb ? s->count_cb(address, size) : 1;
-        if (count == 0) count = 1;
-        e->address = a;
-        e->size = (uint16_t)size;
-        e->count = (uint16_t)count;
-        s->misses++;
-    }
+#define LIKELY(x) __builtin_expect(!!(x), 1)
+#define UNLIKELY(x) __builtin_expect(!!(x), 0)
+
+static uint32_t count_miss(vclock_t *s, entry_t *e, uint64_t address, uint32_t size) {
+    uint32_t count = s->count_cb ? s->count_cb(address, size) : 1;
+    if (count == 0) count = 1;
+    e->address = (uint32_t)address;
+    e->size = (uint16_t)size;
+    e->count = (uint16_t)count;
+    s->misses++;
+    return count;
+}
+
+/* The slow path: a stop requested by Python, a window check, the deadline. Returns 1 if this block
+ * must not run now (the engine was stopped before it). */
+static int block_slow(vclock_t *s, void *uc, uint32_t count) {
     if (s->discard) {
         /* Python stopped the engine before this block (to retranslate it): it runs again later. */
         s->discard = 0;
-        return;
+        return 1;
+    }
+    if (s->check_if && --s->check_if == 0) {
+        /* An instruction that may have set IF (sti, popf, iret, or the hypervisor) ran before this
+         * block: if IF is now 1 the interrupt window is open, and the waiting interrupt goes before
+         * this block's first instruction. */
+        uint64_t flags = 0;
+        s->window_checks++;
+        if (s->reg_read(uc, s->eflags_reg, &flags) == 0 && (flags & EFLAGS_IF) && !s->stopped) {
+            s->window_stops++;
+            s->stopped = 1;
+            s->emu_stop(uc);
+            return 1;
+        }
     }
     if (s->stop_next == 1) {
         /* Python asked for exactly one more block (a deadline already due when armed). */
         s->stop_next = 0;
         s->stopped = 1;
         s->emu_stop(uc);
-        return;
+        return 1;
     }
     if (s->stop_next == 2) {
         s->stop_next = 1;                  /* run this block, stop before the next */
@@ -86,12 +111,43 @@ void vclock_block_hook(void *uc, uint64_t address, uint32_t size, void *user_dat
         }
         s->stopped = 1;
         s->emu_stop(uc);
-        return;
+        return 1;
+    }
+    return 0;
+}
+
+/* Every block, so the common path is short: one table hit, one test of the rare conditions (the
+ * `pending` word is nonzero while any of them is set), one compare with the deadline. */
+void vclock_block_hook(void *uc, uint64_t address, uint32_t size, void *user_data) {
+    vclock_t *s = (vclock_t *)user_data;
+    uint32_t a = (uint32_t)address;
+    entry_t *e = &s->table[(a ^ (a >> TABLE_BITS)) & (TABLE_SIZE - 1)];
+    uint32_t count = LIKELY(e->address == a && e->size == size) ? e->count : count_miss(s, e, address, size);
+    if (UNLIKELY((s->discard | s->check_if | s->stop_next) != 0 || s->now + count > s->deadline)) {
+        if (block_slow(s, uc, count)) return;
     }
     s->now += count;
     s->blocks++;
     s->last_block = address;
     s->last_count = count;
+}
+
+/*
+ * One-address code hooks on the instructions that can set IF: they run before the instruction, so
+ * they only ask the block hook to look at IF once it has run. Every one of them ends its engine
+ * block (QEMU ends a block after sti, popf and iret), so "the next block" starts at the next
+ * instruction boundary, where hardware would take the interrupt. After sti the interrupt shadow
+ * covers one more instruction, which the engine runs as a block of its own: look one block later.
+ * They cost a flag test while nothing waits for the window.
+ */
+void vclock_if_hook(void *uc, uint64_t address, uint32_t size, void *user_data) {
+    vclock_t *s = (vclock_t *)user_data;
+    if (s->watch_if) s->check_if = 1;
+}
+
+void vclock_sti_hook(void *uc, uint64_t address, uint32_t size, void *user_data) {
+    vclock_t *s = (vclock_t *)user_data;
+    if (s->watch_if) s->check_if = 2;
 }
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_vclock", NULL, -1, NULL};

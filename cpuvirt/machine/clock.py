@@ -10,7 +10,8 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 
-from unicorn import UC_HOOK_BLOCK
+from unicorn import UC_HOOK_BLOCK, UC_HOOK_CODE
+from unicorn.x86_const import UC_X86_REG_EFLAGS
 from unicorn.unicorn_py3 import unicorn as _ucmod
 
 TSC_HZ = 1_000_000_000
@@ -32,6 +33,9 @@ class _State(ctypes.Structure):
         ("extra", ctypes.c_uint64), ("stopped", ctypes.c_uint32), ("discard", ctypes.c_uint32),
         ("stop_next", ctypes.c_uint32), ("pad2", ctypes.c_uint32),
         ("emu_stop", ctypes.c_void_p), ("count_cb", ctypes.c_void_p),
+        ("reg_read", ctypes.c_void_p), ("eflags_reg", ctypes.c_int32), ("watch_if", ctypes.c_uint32),
+        ("check_if", ctypes.c_uint32), ("pad3", ctypes.c_uint32),
+        ("window_checks", ctypes.c_uint64), ("window_stops", ctypes.c_uint64),
         ("table", _Entry * (1 << 14)),
     ]
 
@@ -55,6 +59,12 @@ class VirtualClock:
         self._state = _State()
         self._state.deadline = NEVER
         self._state.emu_stop = ctypes.cast(_ucmod.uclib.uc_emu_stop, ctypes.c_void_p).value
+        self._state.reg_read = ctypes.cast(_ucmod.uclib.uc_reg_read, ctypes.c_void_p).value
+        self._state.eflags_reg = UC_X86_REG_EFLAGS
+        self._uc = uc
+        self._lib = lib
+        self._watching = False
+        self._if_hooks: dict[int, int] = {}     # address -> 1 (IF-setting) or 2 (sti) of each window hook
         self._count_cb = _COUNT_CB(count_block)  # kept alive as long as the clock
         self._state.count_cb = ctypes.cast(self._count_cb, ctypes.c_void_p).value
         self._hook = ctypes.c_size_t()
@@ -114,6 +124,47 @@ class VirtualClock:
         stop, and it leaves a stop already requested in place."""
         if deadline < self._state.deadline:
             self._state.deadline = deadline
+
+    # -- the interrupt window (no polling: see _vclock.c, vclock_if_hook) --------------------------
+    def watch_if(self, on: bool) -> None:
+        """While on, the window hooks make the block hook look at IF after each instruction that may
+        set it, and stop the engine at the boundary where IF became 1."""
+        on = bool(on)
+        if on is self._watching:
+            return                  # a look still requested is harmless: one EFLAGS read
+        self._watching = on
+        st = self._state
+        st.watch_if = 1 if on else 0
+        st.check_if = 0
+
+    def if_may_have_changed(self) -> None:
+        """The hypervisor may have set IF from a hook (an emulated sti/iret, a VM entry): look at it
+        at the next block boundary, if something waits for it."""
+        st = self._state
+        if st.watch_if and not st.check_if:
+            st.check_if = 1
+
+    def hook_if_setter(self, address: int, sti: bool) -> bool:
+        """Put a window hook on the instruction at `address` (sti, or popf/iret); False if it has
+        one already. It applies to blocks translated from now on."""
+        kind = 2 if sti else 1
+        if self._if_hooks.get(address) == kind:
+            return False
+        self._if_hooks[address] = kind
+        h = ctypes.c_size_t()
+        fn = self._lib.vclock_sti_hook if sti else self._lib.vclock_if_hook
+        err = _ucmod.uclib.uc_hook_add(
+            self._uc._uch, ctypes.byref(h), UC_HOOK_CODE, ctypes.cast(fn, ctypes.c_void_p),
+            ctypes.cast(ctypes.pointer(self._state), ctypes.c_void_p),
+            ctypes.c_uint64(address), ctypes.c_uint64(address))
+        if err:
+            raise RuntimeError(f"cannot hook {address:#x} for the interrupt window (uc error {err})")
+        return True
+
+    @property
+    def window_stats(self) -> tuple[int, int]:
+        """(times IF was looked at, times the window was found open)."""
+        return self._state.window_checks, self._state.window_stops
 
     def expired(self) -> bool:
         return bool(self._state.stopped)

@@ -73,13 +73,21 @@ class PendingFault:
 
 
 class MmuCounters:
-    __slots__ = ("fills", "walks", "walk_refs", "faults", "unbacked")
+    __slots__ = ("fills", "walks", "walk_refs", "faults", "unbacked", "fast")
+    FIELDS = ("fills", "walks", "walk_refs", "faults", "unbacked")
 
     def __init__(self):
         self.fills = self.walks = self.walk_refs = self.faults = self.unbacked = 0
+        self.fast = None        # a FastFill (memory/fastfill.py): the fills it answered count too
 
     def as_dict(self) -> dict:
-        return {k: getattr(self, k) for k in self.__slots__}
+        d = {k: getattr(self, k) for k in self.FIELDS}
+        if self.fast is not None:
+            fills, walks, refs = self.fast.counts()
+            d["fills"] += fills
+            d["walks"] += walks
+            d["walk_refs"] += refs
+        return d
 
 
 class GuestWalk:
@@ -204,6 +212,8 @@ class Mmu:
             perms = UC_PROT_READ
         if acc == Access.FETCH:
             self.code_frames.add(hpa)
+            if self.counters.fast is not None:
+                self.counters.fast.code_frame(hpa)
             perms |= UC_PROT_EXEC
             if self.on_code_frame is not None:
                 self.on_code_frame(vaddr & PAGE_MASK, hpa)

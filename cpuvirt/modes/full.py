@@ -20,7 +20,7 @@ from unicorn import UC_PROT_EXEC
 from cpuvirt.bt.coherence import invalidate
 from cpuvirt.bt.runtime import BtRuntime
 from cpuvirt.bt.tcache import CALLOUT_SLOTS, TC_SIZE, TCache
-from cpuvirt.bt.translate import GuestCode, TranslateFault
+from cpuvirt.bt.translate import INLINE, GuestCode, TranslateFault
 from cpuvirt.cpu import regs as R
 from cpuvirt.cpu.deprivilege import KERNEL_RING, SHADOW_GDT_WINDOW, DeprivilegedVcpu
 from cpuvirt.cpu.events import Vector
@@ -145,7 +145,7 @@ class FullVcpu(DeprivilegedVcpu):
                          remove_cache=self._remove_cache)
         self.code = _Code(self)
         self.rt = BtRuntime(self.uc, self.regs, self.tc, self.code, self._read32, self._write32)
-        self.rt.on_callout = self._callout
+        self.rt.on_callout = self._callout_then_window
         self.rt.on_fetch_fault = self._fetch_fault
         self.rt.on_error = self._hook_error
         self.rt.is_kernel = lambda: self.regs.read(R.CS) & 3 == KERNEL_RING
@@ -256,6 +256,10 @@ class FullVcpu(DeprivilegedVcpu):
                     invalidate(self.tc, b)
 
     def _new_block(self, blk) -> None:
+        for ins in blk.insns:
+            if ins.text in ("sti", "popfd") and ins.kind == INLINE:
+                # run natively in the TC: its window hook goes on the TC copy (vcpu.py, IF_SETTERS)
+                self.clock.hook_if_setter(ins.tc, ins.text == "sti")
         self._block_seq += 1
         for ins in blk.insns:       # the cost model's translation counts (per translation, not per run)
             self.reasons["translate", ins.kind] += ins.size > 0
@@ -546,6 +550,12 @@ class FullVcpu(DeprivilegedVcpu):
             self.regs.write(R.ESP, esp)
 
     # -- callouts ------------------------------------------------------------------------------------
+    def _callout_then_window(self, site) -> int | None:
+        try:
+            return self._callout(site)
+        finally:
+            self.clock.if_may_have_changed()      # an emulated iret/popf may have set IF
+
     def _callout(self, site) -> int | None:
         """Emulate the guest instruction of a callout; returns the guest EIP to go on at (the next
         instruction) or None when the emulation set EIP and the ring itself."""

@@ -7,6 +7,7 @@ through the guest's IDT exactly as the CPU would deliver them.
 from __future__ import annotations
 
 from cpuvirt.cpu.vcpu import Vcpu
+from cpuvirt.memory.fastfill import FastFill
 
 
 class NativeMode:
@@ -16,6 +17,7 @@ class NativeMode:
     def __init__(self, machine, trace=None, max_insns: int = 0):
         self.machine = machine
         self.vcpu = Vcpu(machine, trace=trace, max_insns=max_insns)
+        FastFill.install(machine.mmu)          # first: common TLB fills in C, the rest in Mmu.fill
         self.vcpu.install_hooks()
         # rdmsr/wrmsr of the MSRs the platform models (IA32_APIC_BASE) must reach the machine; the
         # engine would answer them itself. Only their sites get a hook.

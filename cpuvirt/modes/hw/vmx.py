@@ -667,11 +667,12 @@ class VmxCpu(Vcpu):
     # -- interrupts, the interrupt window, HLT -------------------------------------------------------------
     _blocked = False
 
-    def _next_deadline(self) -> int:
-        d = super()._next_deadline()
-        if self.ctl("interrupt_window_exiting"):
-            d = min(d, self.clock.now + 1000)
-        return d
+    def waits_for_window(self) -> bool:
+        """Interrupt-window exiting (SDM 25.2) waits for IF = 1 like a pending interrupt does: the
+        window hooks stop the engine where IF becomes 1, and before_entry takes the exit."""
+        if self.ctl("interrupt_window_exiting") and not self.regs.read(R.EFLAGS) & R.EFLAGS_IF:
+            return True
+        return super().waits_for_window()
 
     def before_entry(self) -> None:
         """Exits due before the next guest instruction (SDM 25.2): the interrupt window, which is

@@ -85,6 +85,7 @@ class ParaMode:
         m.mmu.dma_guard = paging.dma_refusal      # devices (virtio) never write typed frames
 
         vcpu.events = EventChannels(m.ram, RAM_HPA + lay.shared_info)
+        vcpu.shared_info_ma = RAM_HPA + lay.shared_info     # its machine address (direct paging)
         vcpu.hypercall_va = lay.hypercall
         regs.set_table(R.GDTR, (0, 0xFC000000, len(S.BOOT_GDT) * 8 - 1, 0))
         regs.write(R.CR4, 0x10)

@@ -3,7 +3,9 @@
 `int 0x82` from ring 1 is a hypercall, dispatched inside the interrupt hook without stopping the
 engine. Exceptions and `int n` are "bounced" through the guest's virtual trap table (set_trap_table)
 with a hardware-like frame at ring 1; event-channel upcalls go to the set_callbacks address when
-evtchn_upcall_pending and not evtchn_upcall_mask (polled as native mode polls IF).
+evtchn_upcall_pending and not evtchn_upcall_mask. While an event waits behind the mask, the shared-info
+frame is write-traced, so the store that clears the mask is emulated and the upcall follows it at once
+(the mask is para's IF, and it is not polled either).
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from unicorn.unicorn_py3 import unicorn as _ucmod
 
 from cpuvirt.cpu import regs as R
 from cpuvirt.cpu.events import HAS_ERROR_CODE, MNEMONIC
-from cpuvirt.cpu.vcpu import EXIT_HALTED, POLL_INSNS, Vcpu
+from cpuvirt.cpu.vcpu import EXIT_HALTED, Vcpu
 from cpuvirt.machine.clock import NEVER
 from cpuvirt.memory.direct import EFAULT, Refused
 from cpuvirt.memory.mmu import GuestPageFault
@@ -50,6 +52,9 @@ class ParaVcpu(Vcpu):
         self.failsafe_callback = None
         self.timer: int | None = None
         self.iopl = 0
+        self.shared_info_ma = 0            # set at boot, with events
+        self._mask_traced = False
+        self._in_upcall = False             # from an upcall to the guest's next hypercall (its iret)
         self.detail: dict | None = None
         self.a = (0, 0, 0, 0, 0)            # EBX, ECX, EDX, ESI, EDI of the hypercall being handled
         ids = (R.EAX, R.CS, R.EBX, R.ECX, R.EDX, R.ESI, R.EDI)
@@ -91,6 +96,7 @@ class ParaVcpu(Vcpu):
         EAX, CS and the five argument registers come in one batched read (an engine call costs
         far more than the Python around it), and EAX goes back in one write."""
         regs = self.regs
+        self._in_upcall = False
         self._read_batch(self._uch, self._batch_ids, self._batch_ptrs, 7)
         b = self._batch
         nr = b[0]
@@ -243,9 +249,55 @@ class ParaVcpu(Vcpu):
     def _next_deadline(self) -> int:
         now = self.clock.now
         d = NEVER if self.timer is None else max(self.timer, now)
-        if self.events is not None and self.events.pending() and self.events.mask:
-            d = min(d, now + POLL_INSNS)
+        if self._after_one_block:
+            self._after_one_block = False
+            d = now
         return min(d, self.budget)
+
+    # -- the upcall mask is para's IF: a store that clears it opens the window ----------------------
+    WINDOW_HOOKS = False            # the kernel runs at ring 1: its sti/popf/iret never set the real IF
+
+    def waits_for_window(self) -> bool:
+        # Not inside the event callback: it runs masked with evtchn_upcall_pending still set until it
+        # clears it, and returns through the iret hypercall (which unmasks and delivers what is
+        # pending); watching there would trap its acknowledging stores for nothing.
+        ev = self.events
+        waiting = ev is not None and not self._in_upcall and ev.mask != 0 and ev.pending()
+        if waiting != self._mask_traced:
+            traces = self.mmu.traces
+            if waiting:
+                traces.trace_frame(self.shared_info_ma, "upcall_mask", self._shared_info_written)
+            else:
+                traces.untrace_frame(self.shared_info_ma, "upcall_mask")
+            self._mask_traced = waiting
+        return False
+
+    def _shared_info_written(self, tw) -> bool:
+        """A guest store to the shared-info page while an event waits behind the mask: done here, so
+        that when it clears evtchn_upcall_mask the upcall goes right after it (before_entry). A
+        store form the emulator does not know untraces the page and runs natively; the upcall
+        then goes after the block that holds it."""
+        if tw.done or tw.eip is None:
+            return False
+        from cpuvirt.cpu.emulate import emulate_store
+        from cpuvirt.cpu.events import Unsupported
+        mmu = self.mmu
+
+        def read(gva, size):
+            return int.from_bytes(mmu.read_linear(gva, size, False), "little")
+
+        def write(gva, size, value):
+            mmu.write_linear(gva, value.to_bytes(size, "little"), False)
+
+        try:
+            length = emulate_store(mmu.fetch_bytes(tw.eip, 15), tw.eip, self.regs, read, write)[0]
+        except (Unsupported, GuestPageFault):
+            self.mmu.traces.untrace_frame(self.shared_info_ma, "upcall_mask")
+            self._mask_traced = False
+            self._after_one_block = True
+            return False
+        self.regs.write(R.EIP, (tw.eip + length) & 0xFFFFFFFF)
+        return True
 
     def on_deadline(self, eip: int) -> None:
         if self.clock.now >= self.budget:
@@ -271,6 +323,7 @@ class ParaVcpu(Vcpu):
                     "upcall delivered to the event callback")
         cs, eip = self.event_callback
         self.bounce(cs, eip, return_eip, None, True, "upcall")
+        self._in_upcall = True
 
     def bounce(self, cs: int, eip: int, return_eip: int, error_code: int | None, mask_events: bool,
                what: str) -> None:

@@ -1,0 +1,105 @@
+/*
+ * The common TLB fill of native mode in C: a guest page walk (32-bit paging, SDM 4.3) that needs no
+ * side effect, over guest RAM. Mmu.fill (memory/mmu.py) stays the one complete fill: this hook runs
+ * first and answers only when the answer is certain and changes nothing: a read or write (not a
+ * fetch), entries present with A (and D for a write) already set, rights that allow the access, a
+ * frame inside guest RAM. Anything else (a fault, an A/D update, a fetch, paging structures or a
+ * frame outside RAM, a 4 MiB page above 4 GiB) returns false, and Unicorn calls the next fill
+ * hook, the Python one, with the same request. Walks of long loops over fresh pages (kvm-unit-tests'
+ * sieve makes tens of millions) then cost a C call instead of a Python walk.
+ *
+ * Built as a Python extension only so that setuptools compiles it; memory/fastfill.py loads it with
+ * ctypes. The state is owned by Python and arrives as the hook's user_data.
+ */
+#include <Python.h>
+#include <stdint.h>
+
+typedef int (*reg_read_fn)(void *uc, int regid, void *value);
+
+typedef struct {
+    uint64_t paddr;
+    uint32_t perms;
+} tlb_entry_t;
+
+typedef struct {
+    const uint8_t *ram;      /* guest RAM, guest-physical 0 */
+    uint64_t ram_bytes;
+    uint64_t ram_hpa;        /* where the engine sees guest RAM (p2m.RAM_HPA) */
+    const uint8_t *code;     /* one byte per RAM frame: nonzero once it served a fetch (lazy W^X) */
+    reg_read_fn reg_read;
+    int32_t cr0, cr3, cr4, ss;   /* Unicorn register ids */
+    uint32_t enabled;
+    uint32_t pad;
+    uint64_t fills, walks, walk_refs;   /* what the C path answered (added to Mmu.counters) */
+} fastfill_t;
+
+size_t fastfill_sizeof(void) { return sizeof(fastfill_t); }
+
+#define PROT_READ 1
+#define PROT_WRITE 2
+#define PROT_EXEC 4
+#define MEM_READ 16
+#define MEM_WRITE 17
+#define P 0x1u
+#define RW 0x2u
+#define US 0x4u
+#define A 0x20u
+#define D 0x40u
+#define PS 0x80u
+#define CR0_PG 0x80000000u
+#define CR0_WP 0x10000u
+#define CR4_PSE 0x10u
+
+static inline int read_entry(const fastfill_t *s, uint64_t gpa, uint32_t *out) {
+    if (gpa + 4 > s->ram_bytes) return 0;
+    *out = *(const uint32_t *)(s->ram + gpa);
+    return 1;
+}
+
+int fastfill_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *user_data) {
+    fastfill_t *s = (fastfill_t *)user_data;
+    uint64_t cr0 = 0, cr3 = 0, cr4 = 0, ss = 0, gpa;
+    uint32_t pde, leaf, rights, refs;
+    int write = type == MEM_WRITE, user, writable, ok;
+    if (!s->enabled || (type != MEM_READ && type != MEM_WRITE)) return 0;
+    if (s->reg_read(uc, s->cr0, &cr0)) return 0;
+    if (!(cr0 & CR0_PG)) {
+        gpa = vaddr & 0xFFFFF000u;
+        ok = 1;
+        refs = 0;
+    } else {
+        if (s->reg_read(uc, s->cr3, &cr3) || s->reg_read(uc, s->cr4, &cr4) || s->reg_read(uc, s->ss, &ss))
+            return 0;
+        user = (ss & 3) == 3;
+        if (!read_entry(s, (cr3 & 0xFFFFF000u) | ((vaddr >> 20) & 0xFFC), &pde) || !(pde & P)) return 0;
+        if ((pde & PS) && (cr4 & CR4_PSE)) {
+            if (pde & 0x003FE000u) return 0;          /* reserved bit 21, or PSE-36 bits: Python */
+            leaf = rights = pde;
+            gpa = (pde & 0xFFC00000u) | (vaddr & 0x003FF000u);
+            refs = 1;
+        } else {
+            if (!(pde & A)) return 0;                 /* the walk would set PDE.A */
+            if (!read_entry(s, (pde & 0xFFFFF000u) | ((vaddr >> 10) & 0xFFC), &leaf) || !(leaf & P)) return 0;
+            rights = pde & leaf;
+            gpa = leaf & 0xFFFFF000u;
+            refs = 2;
+        }
+        if (user && !(rights & US)) return 0;
+        writable = (rights & RW) || (!user && !(cr0 & CR0_WP));
+        if (write ? (!writable || (leaf & (A | D)) != (A | D)) : !(leaf & A)) return 0;
+        ok = writable && ((leaf & D) || write);
+    }
+    if (gpa >= s->ram_bytes) return 0;                /* MMIO or unbacked: Python */
+    e->paddr = s->ram_hpa + gpa;
+    e->perms = PROT_READ | (ok ? PROT_WRITE : 0) | (s->code[gpa >> 12] ? PROT_EXEC : 0);
+    s->fills++;
+    if (refs) {
+        s->walks++;
+        s->walk_refs += refs;
+    }
+    return 1;
+}
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_tlbfill", NULL, -1, NULL};
+
+PyMODINIT_FUNC PyInit__tlbfill(void) { return PyModule_Create(&module); }

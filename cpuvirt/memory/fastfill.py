@@ -1,0 +1,82 @@
+"""Native mode's common TLB fills in C (_tlbfill.c): the Python fill (Mmu.fill) stays the complete one.
+
+The C hook is registered before Mmu.fill and answers only side-effect-free hits of the guest walk
+(entries present, A/D already set, rights allow the access, a RAM frame, not a fetch); for anything else
+it declines and Unicorn calls Mmu.fill with the same request. Its fills and walks are added to the
+MMU's counters. Optional: without the built extension every fill is Python's, with the same results.
+"""
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+
+from unicorn import UC_HOOK_TLB_FILL
+from unicorn.unicorn_py3 import unicorn as _ucmod
+from unicorn.x86_const import UC_X86_REG_CR0, UC_X86_REG_CR3, UC_X86_REG_CR4, UC_X86_REG_SS
+
+
+class _State(ctypes.Structure):
+    """Mirror of fastfill_t (checked against fastfill_sizeof at load)."""
+
+    _fields_ = [
+        ("ram", ctypes.c_void_p), ("ram_bytes", ctypes.c_uint64), ("ram_hpa", ctypes.c_uint64),
+        ("code", ctypes.c_void_p), ("reg_read", ctypes.c_void_p),
+        ("cr0", ctypes.c_int32), ("cr3", ctypes.c_int32), ("cr4", ctypes.c_int32), ("ss", ctypes.c_int32),
+        ("enabled", ctypes.c_uint32), ("pad", ctypes.c_uint32),
+        ("fills", ctypes.c_uint64), ("walks", ctypes.c_uint64), ("walk_refs", ctypes.c_uint64),
+    ]
+
+
+def _lib():
+    spec = importlib.util.find_spec("cpuvirt.memory._tlbfill")
+    if spec is None or spec.origin is None:
+        return None
+    lib = ctypes.CDLL(spec.origin)
+    lib.fastfill_sizeof.restype = ctypes.c_size_t
+    return lib if lib.fastfill_sizeof() == ctypes.sizeof(_State) else None
+
+
+class FastFill:
+    """Install with `FastFill.install(mmu)` before Mmu.fill is hooked (Unicorn asks the fill hooks in
+    the order they were added); None if the extension is not built."""
+
+    def __init__(self, lib, mmu):
+        self.mmu = mmu
+        ram = mmu.ram
+        self.code = (ctypes.c_uint8 * max(1, ram.size >> 12))()   # lazy W^X, one byte per RAM frame
+        st = self._state = _State()
+        st.ram = ctypes.addressof(ctypes.c_char.from_buffer(ram.buf))
+        st.ram_bytes = mmu.p2m.ram_bytes
+        st.ram_hpa = mmu.p2m.ram_hpa
+        st.code = ctypes.addressof(self.code)
+        st.reg_read = ctypes.cast(_ucmod.uclib.uc_reg_read, ctypes.c_void_p).value
+        st.cr0, st.cr3, st.cr4, st.ss = UC_X86_REG_CR0, UC_X86_REG_CR3, UC_X86_REG_CR4, UC_X86_REG_SS
+        st.enabled = 1
+        self._hook = ctypes.c_size_t()
+        err = _ucmod.uclib.uc_hook_add(mmu.uc._uch, ctypes.byref(self._hook), UC_HOOK_TLB_FILL,
+                                       ctypes.cast(lib.fastfill_hook, ctypes.c_void_p),
+                                       ctypes.cast(ctypes.pointer(st), ctypes.c_void_p),
+                                       ctypes.c_uint64(1), ctypes.c_uint64(0))
+        if err:
+            raise RuntimeError(f"cannot install the C TLB fill (uc error {err})")
+
+    @classmethod
+    def install(cls, mmu) -> "FastFill | None":
+        lib = _lib()
+        if lib is None or mmu.ram.hpa != mmu.p2m.ram_hpa or mmu.p2m.ram_bytes > mmu.ram.size:
+            return None
+        fast = cls(lib, mmu)
+        for hpa in mmu.code_frames:
+            fast.code_frame(hpa)
+        mmu.counters.fast = fast
+        return fast
+
+    def code_frame(self, hpa: int) -> None:
+        """Mmu.fill granted execute to this host frame: the C path grants it too from now on."""
+        frame = (hpa - self._state.ram_hpa) >> 12
+        if 0 <= frame < len(self.code):
+            self.code[frame] = 1
+
+    def counts(self) -> tuple[int, int, int]:
+        st = self._state
+        return st.fills, st.walks, st.walk_refs

@@ -1,0 +1,67 @@
+"""Native mode's C TLB fill (memory/_tlbfill.c) against the Python fill (Mmu.fill), on the same states.
+
+For random page-directory and page-table entries (present, R/W, U/S, A, D, PS bits), frames in RAM,
+beyond it and in the APIC page, CR0.WP, CR4.PSE and read/write accesses at CPL 0 (the engine refuses
+a ring-3 SS outside a ring change, so CPL 3 is covered by the golden traces instead): whenever the C fill answers, Mmu.fill must answer the same frame
+and permissions, and the C fill must have changed nothing (no A/D bit: those cases are Python's). The
+C fill must also answer a good share of them, or the test would pass with it switched off.
+"""
+import ctypes
+import random
+
+import pytest
+
+from cpuvirt.cpu import regs as R
+from cpuvirt.machine.machine import Machine
+from cpuvirt.memory.fastfill import FastFill, _lib
+from cpuvirt.modes import get_mode
+
+pytestmark = pytest.mark.skipif(_lib() is None, reason="the C TLB fill is not built (python setup.py build_ext --inplace)")
+
+PD, PT, DATA = 0x10000, 0x11000, 0x200000
+MEM = 8 << 20
+
+
+class Entry(ctypes.Structure):
+    _fields_ = [("paddr", ctypes.c_uint64), ("perms", ctypes.c_uint32)]
+
+
+def test_c_fill_agrees_with_the_python_fill():
+    m = Machine(MEM >> 20)
+    hv = get_mode("native")(m)
+    mmu = m.mmu
+    fast = mmu.counters.fast
+    assert isinstance(fast, FastFill)
+    hook = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int, ctypes.POINTER(Entry),
+                            ctypes.c_void_p)(ctypes.cast(_lib().fastfill_hook, ctypes.c_void_p).value)
+    state = ctypes.cast(ctypes.pointer(fast._state), ctypes.c_void_p)
+    rng = random.Random(12)
+    answered = 0
+    m.set_flat_protected_mode(0x500)
+    mmu.fill(m.uc, DATA + 0x7000, 18, Entry(), None)        # paging off: a fetch makes a code frame
+    for i in range(3000):
+        pde_bits = rng.choice((0, 1)) | rng.getrandbits(1) << 1 | rng.getrandbits(1) << 2 \
+            | rng.getrandbits(1) << 5 | rng.getrandbits(1) << 6 | rng.getrandbits(1) << 7
+        pte_bits = rng.choice((0, 1, 1)) | rng.getrandbits(1) << 1 | rng.getrandbits(1) << 2 \
+            | rng.getrandbits(1) << 5 | rng.getrandbits(1) << 6
+        frame = rng.choice((DATA, DATA + 0x7000, MEM + 0x1000, 0xFEE00000))
+        large_frame = rng.choice((0, 0x400000, 0x1000000))
+        pde = (large_frame | pde_bits) if pde_bits & 0x80 else (PT | pde_bits)
+        m.write_gpa(PD, pde.to_bytes(4, "little"))
+        m.write_gpa(PT, (frame | pte_bits).to_bytes(4, "little"))
+        cr0 = 0x80000011 | (rng.getrandbits(1) << 16)
+        cr4 = rng.getrandbits(1) << 4
+        m.regs.write(R.CR3, PD)
+        m.regs.write(R.CR4, cr4)
+        m.regs.write(R.CR0, cr0)
+        mmu.crs = None
+        access = rng.choice((16, 17))
+        before = (m.read_gpa(PD, 4), m.read_gpa(PT, 4))
+        e = Entry()
+        if hook(m.uc._uch, 0, access, ctypes.byref(e), state):
+            answered += 1
+            assert (m.read_gpa(PD, 4), m.read_gpa(PT, 4)) == before, "the C fill changed a paging entry"
+            p = Entry()
+            assert mmu.fill(m.uc, 0, access, p, None)
+            assert (e.paddr, e.perms) == (p.paddr, p.perms), (hex(pde), hex(pte_bits), hex(cr0), cr4, access)
+    assert answered > 100, answered
