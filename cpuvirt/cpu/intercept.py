@@ -32,8 +32,25 @@ OPCODES = {
 }
 PREFIXES = frozenset(b"\x66\x67\xf2\xf3\x2e\x3e\x26\x36\x64\x65\xf0")
 
+# Far transfers that may change privilege or task (cpu/tasks.py): jmp/call ptr16:32 (EA, 9A),
+# jmp/call m16:32 (FF /5, FF /3: a memory ModRM, reg field 5 or 3) and iret (CF). Every mode sees them.
+_FAR_MODRM = bytes(b for b in range(0xC0) if (b >> 3) & 7 in (3, 5))
+FAR_PATTERN = rb"[\x9a\xea\xcf]|\xff[" + b"".join(b"\\x%02x" % b for b in _FAR_MODRM) + rb"]"
+FAR_TRANSFERS = frozenset(("ljmp", "lcall", "jmp", "call", "iret", "iretd"))
+
+
+def is_far_transfer(mnem: str, ops: str) -> bool:
+    """capstone's names: ljmp/lcall (direct, or 16-bit indirect), `jmp ptr [m]` / `call ptr [m]`
+    (32-bit indirect far: a near indirect one says `dword ptr`), iret/iretd."""
+    if mnem in ("jmp", "call"):
+        return ops.startswith("ptr ")
+    return mnem in FAR_TRANSFERS
+
+
 def _is_wanted(mnem: str, ops: str, wanted: frozenset[str]) -> bool:
     if mnem in wanted:
+        if mnem in ("jmp", "call"):
+            return ops.startswith("ptr ")
         return mnem != "mov" or ("cr" in ops or "dr" in ops)
     return False
 
@@ -52,7 +69,7 @@ class Intercepts:
         self.scanned: set[tuple[int, int]] = set()
         self.retranslate: list[tuple[int, int]] = []
         self._cs = Cs(CS_ARCH_X86, CS_MODE_32)
-        self._pattern = re.compile(b"|".join(OPCODES.values()))
+        self._pattern = re.compile(b"|".join(OPCODES.values()) + b"|" + FAR_PATTERN)
 
     # -- scanning ----------------------------------------------------------------------------------
     def scan_frame(self, page: int, hpa: int) -> None:

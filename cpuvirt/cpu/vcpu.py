@@ -15,7 +15,8 @@ from unicorn.unicorn_py3 import unicorn as _ucmod
 
 from cpuvirt.cpu import regs as R
 from cpuvirt.cpu.faultaddr import fault_address
-from cpuvirt.cpu.events import MNEMONIC, EventDelivery, TripleFault, Unsupported, Vector
+from cpuvirt.cpu.events import MNEMONIC, DeliveryFault, EventDelivery, TripleFault, Unsupported, Vector
+from cpuvirt.cpu.tasks import CpuView
 from cpuvirt.cpu.quirks import FaultState
 from cpuvirt.machine.clock import NEVER
 from cpuvirt.memory.traces import TraceError, TracedWrite
@@ -46,6 +47,7 @@ class Vcpu:
         self.mmu = machine.mmu
         self.clock = machine.clock
         self.delivery = EventDelivery(self.uc, self.regs, self.mmu)
+        self.delivery.view = self.view = CpuView(self)
         self.faults = FaultState(self.uc)
         self.trace = trace
         self.budget = max_insns or NEVER
@@ -411,13 +413,17 @@ class Vcpu:
         return 1
 
     def enable_intercepts(self, wanted: frozenset[str], on_hit) -> None:
-        """Make the instructions in `wanted` visible (see cpu/intercept.py); on_hit runs before each."""
-        from cpuvirt.cpu.intercept import Intercepts
+        """Make the instructions in `wanted` visible (see cpu/intercept.py); on_hit runs before each.
+        Far jmp/call and iret are always added: cpuvirt decides gates and task switches (far_site)."""
+        from cpuvirt.cpu.intercept import FAR_TRANSFERS, Intercepts, is_far_transfer
 
         def guarded(address, size, mnem, ops):
             self.mmu.crs = None
             try:
-                on_hit(address, size, mnem, ops)
+                if mnem in FAR_TRANSFERS and is_far_transfer(mnem, ops):
+                    self.far_site(address, size, mnem)
+                else:
+                    on_hit(address, size, mnem, ops)
                 after = self.regs.read(R.EIP)
                 if after != address:
                     # Emulated and skipped (it retired), or an event delivered instead (it did not).
@@ -428,7 +434,7 @@ class Vcpu:
                 self.error = e
                 self.uc.emu_stop()
 
-        ic = self.intercepts = Intercepts(self.uc, self.mmu, wanted, guarded)
+        ic = self.intercepts = Intercepts(self.uc, self.mmu, wanted | FAR_TRANSFERS, guarded)
         self.mmu.on_code_frame = ic.scan_frame
 
         def observe(insns):
@@ -437,6 +443,117 @@ class Vcpu:
                 return True
             return False
         self.m.block_observer = observe
+
+    # -- far transfers: call gates, task switches, iret (cpu/tasks.py) -----------------------------
+    def far_site(self, address: int, size: int, mnem: str) -> None:
+        """Before a far jmp/call or an iret: what may change privilege or task is done here, by
+        cpuvirt; an ordinary far transfer is left to the engine (it returns without acting)."""
+        if self.outcome is not None:
+            return
+        from cpuvirt.cpu import tasks
+        try:
+            if mnem.startswith("iret"):
+                self.iret_site(address, size, mnem == "iretd")
+                return
+            target = self.far_pointer(address)
+            if target is None:
+                return
+            sel, offset, call = target
+            if not sel & ~3:
+                return                          # the engine raises #GP(0)
+            try:
+                _, hi = tasks.descriptor(self.view, sel)
+            except DeliveryFault:
+                return                          # outside its table: the engine raises that #GP
+            if hi & (1 << 12):
+                return                          # a code segment: an ordinary far transfer
+            self.record("transfer", "lcall" if call else "ljmp", None, address,
+                        {"selector": f"{sel:#x}", "type": (hi >> 8) & 0xF},
+                        "through a gate or to a task, done by cpuvirt")
+            tasks.far_transfer(self.view, sel, offset, call, address, (address + size) & 0xFFFFFFFF)
+            self.clock.unretire(-1)             # it retired (the hook's caller counts it out)
+            self.after_transfer()
+        except DeliveryFault as f:
+            self.transfer_fault(address, f)
+
+    def iret_site(self, address: int, size: int, wide: bool) -> None:
+        """iret: with EFLAGS.NT a task return (done here); an image with EFLAGS.VM = 1 is honoured
+        only at CPL 0 (SDM IRET): at CPL > 0 the engine would enter V86 anyway, so the bit is
+        cleared in the image first and the engine does the protected-mode return."""
+        from cpuvirt.cpu import tasks
+        regs = self.regs
+        eflags = regs.read(R.EFLAGS)
+        if eflags & R.EFLAGS_VM:
+            return                              # a V86 iret: IOPL 3, or the engine's #GP(0)
+        if eflags & R.EFLAGS_NT:
+            self.record("transfer", "iret", None, address, {"nt": 1}, "task return, done by cpuvirt")
+            tasks.task_return(self.view, (address + size) & 0xFFFFFFFF)
+            self.clock.unretire(-1)
+            self.after_transfer()
+            return
+        if wide:
+            self.iret_to_v86(address)
+
+    def iret_to_v86(self, address: int) -> None:
+        """An iretd whose EFLAGS image may have VM set: the engine honours it at any CPL."""
+        if self.view.cpl() == 0:
+            return                              # as hardware: the engine enters V86 mode
+        self.strip_vm_image(address)
+
+    def strip_vm_image(self, address: int) -> None:
+        esp = self.regs.read(R.ESP)
+        try:
+            image = int.from_bytes(self.view.read(esp + 8, 4), "little")
+        except DeliveryFault:
+            return                              # the engine's iret faults the same way
+        if image & R.EFLAGS_VM:
+            self.record("transfer", "iretd", None, address, {"eflags": f"{image:#x}"},
+                        "EFLAGS.VM ignored at CPL > 0 (cleared in the image)")
+            self.view.write(esp + 8, (image & ~R.EFLAGS_VM).to_bytes(4, "little"))
+
+    def far_pointer(self, address: int) -> tuple[int, int, bool] | None:
+        """(selector, offset, is_call) of the far jmp/call at `address` (operand read as the CPU
+        would: a #PF on it is the guest's)."""
+        from cpuvirt.cpu.faultaddr import operand_address
+        from cpuvirt.cpu.intercept import PREFIXES
+        code = self.mmu.fetch_bytes(address, 15)
+        if not code:
+            return None
+        p, o16 = 0, False
+        while p < len(code) - 1 and code[p] in PREFIXES:
+            o16 |= code[p] == 0x66
+            p += 1
+        n = 2 if o16 else 4
+        op = code[p]
+        if op in (0x9A, 0xEA):
+            offset = int.from_bytes(code[p + 1:p + 1 + n], "little")
+            return int.from_bytes(code[p + 1 + n:p + 3 + n], "little"), offset, op == 0x9A
+        if op == 0xFF and p + 1 < len(code):
+            addr = operand_address(code, address, self.regs)
+            if addr is None:
+                return None
+            raw = self.view.read(addr, n + 2)
+            return int.from_bytes(raw[n:], "little"), int.from_bytes(raw[:n], "little"), (code[p + 1] >> 3) & 7 == 3
+        return None
+
+    def switch_task(self, view, sel: int, reason: int, next_eip: int, ext: int = 0) -> None:
+        """A hardware task switch (cpu/tasks.py); hw makes it a TASK_SWITCH VM exit first."""
+        from cpuvirt.cpu import tasks
+        tasks.switch_task(view, sel, reason, next_eip, ext)
+
+    def after_transfer(self) -> None:
+        """After a gate or task switch done by cpuvirt (full mode drops translations it invalidated)."""
+
+    def transfer_fault(self, address: int, f: DeliveryFault) -> None:
+        """A fault raised by a far transfer or task switch: to the guest, at the instruction (or, after
+        a task switch's commit point, in the new task)."""
+        eip = f.eip if f.eip is not None else address
+        ec = f.error_code if f.vector in (8, 10, 11, 12, 13, 14, 17) else None
+        if f.cr2 is not None:
+            self.delivery._set_cr2(f.cr2)
+        self.record("exception", MNEMONIC.get(f.vector, str(f.vector)), f.vector, eip,
+                    {"vector": f.vector, "error_code": ec}, "delivered through the guest IDT")
+        self.deliver(f.vector, eip, ec)
 
     # -- hooks -------------------------------------------------------------------------------------
     def install_hooks(self) -> None:
