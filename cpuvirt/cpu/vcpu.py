@@ -470,7 +470,7 @@ class Vcpu:
             self.record("transfer", "lcall" if call else "ljmp", None, address,
                         {"selector": f"{sel:#x}", "type": (hi >> 8) & 0xF},
                         "through a gate or to a task, done by cpuvirt")
-            tasks.far_transfer(self.view, sel, offset, call, address, (address + size) & 0xFFFFFFFF)
+            self.system_transfer(address, size, sel, offset, call)
             self.clock.unretire(-1)             # it retired (the hook's caller counts it out)
             self.after_transfer()
         except DeliveryFault as f:
@@ -487,7 +487,7 @@ class Vcpu:
             return                              # a V86 iret: IOPL 3, or the engine's #GP(0)
         if eflags & R.EFLAGS_NT:
             self.record("transfer", "iret", None, address, {"nt": 1}, "task return, done by cpuvirt")
-            tasks.task_return(self.view, (address + size) & 0xFFFFFFFF)
+            self.task_return(address, size)
             self.clock.unretire(-1)
             self.after_transfer()
             return
@@ -535,6 +535,16 @@ class Vcpu:
             raw = self.view.read(addr, n + 2)
             return int.from_bytes(raw[n:], "little"), int.from_bytes(raw[:n], "little"), (code[p + 1] >> 3) & 7 == 3
         return None
+
+    def system_transfer(self, address: int, size: int, sel: int, offset: int, call: bool) -> None:
+        """A far jmp/call to a call gate, TSS or task gate (cpu/tasks.py)."""
+        from cpuvirt.cpu import tasks
+        tasks.far_transfer(self.view, sel, offset, call, address, (address + size) & 0xFFFFFFFF)
+
+    def task_return(self, address: int, size: int) -> None:
+        """iret with EFLAGS.NT: back to the previous task."""
+        from cpuvirt.cpu import tasks
+        tasks.task_return(self.view, (address + size) & 0xFFFFFFFF)
 
     def switch_task(self, view, sel: int, reason: int, next_eip: int, ext: int = 0) -> None:
         """A hardware task switch (cpu/tasks.py); hw makes it a TASK_SWITCH VM exit first."""

@@ -1,0 +1,55 @@
+"""Privilege-changing control transfers are decided by cpuvirt, never by the engine (cpu/tasks.py).
+
+tests/guests/gates.S writes call gates, TSS descriptors and an IDT task gate into its own tables and
+uses them from ring 0 and ring 3, returns with iret/NT, tries iretd with EFLAGS.VM = 1 from ring 3
+and enters V86 mode from ring 0. Before cpu/tasks.py the engine performed these itself: the host
+process died with SIGABRT (a call gate needing a TSS stack) or the run ended "unsupported" (status 1),
+and under trap a ring-0 task reached real CPL 0. Every mode must now run it exactly as native does;
+under deprivileging the code that believes it runs at CPL 0 reads the guest's CR0, never the
+hypervisor's (which it would see at real ring 0).
+"""
+from __future__ import annotations
+
+import pytest
+
+from cpuvirt.runner import run_guest
+
+MODES = ("native", "hw", "trap", "full")
+
+
+@pytest.fixture(scope="module")
+def gates(test_guest):
+    return str(test_guest("gates"))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_gates_and_task_switches_run_as_on_hardware(gates, mode):
+    r = run_guest(gates, mode, max_insns=20_000_000)
+    console = r.console.decode()
+    assert "FAIL" not in console, console
+    assert console.count("PASS") == 25, console
+    assert (r.outcome, r.status) == ("exit", 0), r.message
+
+
+def test_gates_console_is_identical_in_every_mode(gates):
+    outs = {m: run_guest(gates, m, max_insns=20_000_000).console for m in MODES}
+    assert len(set(outs.values())) == 1
+
+
+def test_deprivileged_task_never_runs_at_real_ring_0(gates, monkeypatch):
+    """The real CPL right after every task switch under trap and full: ring 1 or 3, never 0."""
+    from cpuvirt.cpu import regs as R
+    from cpuvirt.cpu import tasks
+    seen = []
+    inner = tasks.switch_task
+
+    def spy(view, *a, **k):
+        inner(view, *a, **k)
+        seen.append(view.regs.read(R.CS) & 3)
+
+    monkeypatch.setattr(tasks, "switch_task", spy)
+    for mode in ("trap", "full"):
+        seen.clear()
+        r = run_guest(gates, mode, max_insns=20_000_000)
+        assert r.status == 0, r.console.decode()
+        assert len(seen) == 8 and set(seen) == {1, 3}, (mode, seen)
