@@ -53,3 +53,13 @@ def test_deprivileged_task_never_runs_at_real_ring_0(gates, monkeypatch):
         r = run_guest(gates, mode, max_insns=20_000_000)
         assert r.status == 0, r.console.decode()
         assert len(seen) == 8 and set(seen) == {1, 3}, (mode, seen)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_tss_outside_ram_is_a_guest_fault(test_guest, mode):
+    """Item 6: a TSS whose base lies outside RAM, then `int 0x80` from ring 3. Unbacked memory reads
+    all-ones, so SS0 = 0xFFFF: #TS, whose delivery needs that stack again (#DF), then a triple
+    fault, as on hardware; it used to end as an internal error (status 1)."""
+    r = run_guest(str(test_guest("tss_outside")), mode, max_insns=5_000_000)
+    assert (r.outcome, r.status) == ("triple_fault", 125), r.message
+    assert "#TS while delivering #DF" in r.message

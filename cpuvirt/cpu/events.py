@@ -10,7 +10,7 @@ import struct
 from enum import IntEnum
 
 from cpuvirt.cpu import regs as R
-from cpuvirt.memory.mmu import GuestPageFault
+from cpuvirt.memory.mmu import GuestPageFault, NestedFault
 
 
 class Vector(IntEnum):
@@ -121,6 +121,16 @@ class EventDelivery:
             return self.mmu.read_linear(gva, size, user=False)
         except GuestPageFault as pf:
             raise DeliveryFault(Vector.PF, pf.error_code, pf.gva) from None
+        except NestedFault:
+            return b"\xff" * size        # guest-physical memory with nothing behind it (hw, EPT)
+
+    def _write(self, gva: int, data: bytes) -> None:
+        try:
+            self.mmu.write_linear(gva, data, user=False)
+        except GuestPageFault as pf:
+            raise DeliveryFault(Vector.PF, pf.error_code, pf.gva) from None
+        except NestedFault:
+            pass                          # dropped, as a write to unbacked memory is
 
     def _descriptor(self, selector: int, ext: int) -> tuple[int, int]:
         _, base, limit, _ = self.regs.table(R.LDTR if selector & 4 else R.GDTR)
@@ -176,22 +186,11 @@ class EventDelivery:
         frame = [return_eip, old_cs, eflags]                 # pushed in this order: EIP lowest
         if v86:
             # The V86 frame also holds the real-mode segment values, which the handler gets null.
-            tr_sel, tss_base, tss_limit = self._tss()
-            if 4 + 5 > tss_limit:
-                raise DeliveryFault(Vector.TS, (tr_sel & ~3) | ext)
-            new_esp, new_ss = struct.unpack("<IH", self._read(tss_base + 4, 6))
-            if new_ss & ~3 == 0:
-                raise DeliveryFault(Vector.TS, ext)
+            new_ss, new_esp = self._stack_from_tss(0, ext)
             frame += [regs.read(R.ESP), regs.read(R.SS)] + [regs.read(r) for r in (R.ES, R.DS, R.FS, R.GS)]
             esp = new_esp
         elif new_cpl < cpl:
-            tr_sel, tss_base, tss_limit = self._tss()
-            slot = 4 + 8 * new_cpl
-            if slot + 5 > tss_limit:
-                raise DeliveryFault(Vector.TS, (tr_sel & ~3) | ext)
-            new_esp, new_ss = struct.unpack("<IH", self._read(tss_base + slot, 6))
-            if new_ss & ~3 == 0:
-                raise DeliveryFault(Vector.TS, ext)
+            new_ss, new_esp = self._stack_from_tss(new_cpl, ext)
             frame += [regs.read(R.ESP), self._view(regs.read(R.SS))]
             esp = new_esp
         else:
@@ -201,10 +200,7 @@ class EventDelivery:
             frame.insert(0, error_code)
         data = struct.pack(f"<{len(frame)}I", *frame)
         esp = (esp - len(data)) & 0xFFFFFFFF
-        try:
-            self.mmu.write_linear(esp, data, user=False)
-        except GuestPageFault as pf:
-            raise DeliveryFault(Vector.PF, pf.error_code, pf.gva) from None
+        self._write(esp, data)
 
         new_flags = eflags & ~(R.EFLAGS_TF | R.EFLAGS_NT | R.EFLAGS_RF | R.EFLAGS_VM)
         if gate_type == GATE_INT32:
@@ -216,6 +212,26 @@ class EventDelivery:
         if v86:
             for reg in (R.ES, R.DS, R.FS, R.GS):
                 regs.write(reg, 0)
+
+    def _stack_from_tss(self, dpl: int, ext: int) -> tuple[int, int]:
+        """SS:ESP for ring `dpl` from the current TSS, with the checks of SDM 6.12.1 (#TS, #SS)."""
+        tr_sel, tss_base, tss_limit = self._tss()
+        slot = 4 + 8 * dpl
+        if slot + 5 > tss_limit:
+            raise DeliveryFault(Vector.TS, (tr_sel & ~3) | ext)
+        new_esp, new_ss = struct.unpack("<IH", self._read(tss_base + slot, 6))
+        if new_ss & ~3 == 0:
+            raise DeliveryFault(Vector.TS, ext)
+        try:
+            _, hi = self._descriptor(new_ss, ext)
+        except DeliveryFault as f:
+            raise DeliveryFault(Vector.TS, (new_ss & ~3) | ext) if f.vector == Vector.GP else f from None
+        if (new_ss & 3) != dpl or (hi >> 13) & 3 != dpl or not hi & (1 << 12) or hi & (1 << 11) \
+                or not hi & (1 << 9):
+            raise DeliveryFault(Vector.TS, (new_ss & ~3) | ext)
+        if not hi & 0x8000:
+            raise DeliveryFault(Vector.SS, (new_ss & ~3) | ext)
+        return new_ss, new_esp
 
     def _task_gate(self, tss: int, return_eip: int, error_code: int | None, ext: int) -> None:
         """An IDT task gate: a task switch (SDM 6.11, 7.3), then the error code, if any, is pushed on

@@ -20,7 +20,7 @@ import struct
 
 from cpuvirt.cpu import regs as R
 from cpuvirt.cpu.events import DeliveryFault, Vector
-from cpuvirt.memory.mmu import GuestPageFault
+from cpuvirt.memory.mmu import GuestPageFault, NestedFault
 
 # System-descriptor types (SDM Vol. 3A table 3-2).
 TSS16_AVAILABLE, LDT, TSS16_BUSY, CALL_GATE16, TASK_GATE = 1, 2, 3, 4, 5
@@ -71,12 +71,16 @@ class CpuView:
             return self.mmu.read_linear(gva & 0xFFFFFFFF, size, user=False)
         except GuestPageFault as pf:
             raise DeliveryFault(Vector.PF, pf.error_code, pf.gva) from None
+        except NestedFault:
+            return b"\xff" * size        # nothing behind that guest-physical address (hw, EPT)
 
     def write(self, gva: int, data: bytes) -> None:
         try:
             self.mmu.write_linear(gva & 0xFFFFFFFF, data, user=False)
         except GuestPageFault as pf:
             raise DeliveryFault(Vector.PF, pf.error_code, pf.gva) from None
+        except NestedFault:
+            pass
 
     # -- registers --------------------------------------------------------------------------------
     def cpl(self) -> int:
