@@ -735,6 +735,9 @@ class DeprivilegedVcpu(Vcpu):
             else:
                 self.flush_guest_tlb()
         elif n == 4:
+            from cpuvirt.cpu.cpuid import CR4_RESERVED
+            if value & ~v.cr4 & CR4_RESERVED:
+                raise GuestFault(Vector.GP, 0)
             old, v.cr4 = v.cr4, value
             if (old ^ value) & (CR4_PSE | CR4_PGE):
                 self.flush_guest_tlb()
@@ -945,9 +948,14 @@ class DeprivilegedVcpu(Vcpu):
         return super().io_site()
 
     def io_gate(self, address: int, size: int, mnem: str, ops: str) -> None:
-        """Code hook before every in/out/ins/outs: at CPL 3 with virtual IOPL < 3 the guest gets #GP(0)
-        and the instruction does not run (the TSS I/O bitmap is not consulted)."""
-        if self.vcpl() == 3 and self.v.iopl < 3:
+        """Code hook before every in/out/ins/outs: at CPL 3 (V86 included) without I/O permission
+        (virtual IOPL, then the guest TSS's I/O bitmap: cpu/ioperm.py) the guest gets #GP(0) and the
+        instruction does not run."""
+        if self.vcpl() != 3:
+            return
+        from cpuvirt.cpu.ioperm import io_operands, io_permitted
+        port, width = io_operands(mnem, ops, self.regs)
+        if not io_permitted(self.view, port, width):
             self.record("exception", "#GP", 13, address, {"vector": 13, "error_code": 0, "why": "I/O above IOPL"},
                         "delivered through the guest IDT")
             self.deliver(Vector.GP, address, 0)

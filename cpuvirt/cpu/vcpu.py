@@ -25,6 +25,7 @@ EXIT_BUDGET, EXIT_TRIPLE_FAULT, EXIT_HALTED, EXIT_ERROR = 124, 125, 126, 1
 IO_CYCLES = 1000    # a port access costs 1 us of virtual time, as an ISA bus cycle does on a PC
 POLL_INSNS = 1000   # while an interrupt waits for IF=1, look again this often (instructions)
 _IO_MNEMONICS = frozenset(("in", "out", "insb", "insw", "insd", "outsb", "outsw", "outsd"))
+IO_INSTRUCTIONS = _IO_MNEMONICS | frozenset("rep " + m for m in _IO_MNEMONICS if m not in ("in", "out"))
 _BLOCK_ENDERS = frozenset(("jmp", "call", "ret", "iret", "iretd", "hlt", "int", "int3", "into", "ljmp", "lcall",
                            "retf", "sysenter", "syscall", "ud2", "loop", "loope", "loopne", "jecxz")
                           + tuple("j" + c for c in ("a", "ae", "b", "be", "e", "ne", "g", "ge", "l", "le",
@@ -535,6 +536,33 @@ class Vcpu:
             raw = self.view.read(addr, n + 2)
             return int.from_bytes(raw[n:], "little"), int.from_bytes(raw[:n], "little"), (code[p + 1] >> 3) & 7 == 3
         return None
+
+    def io_gate(self, address: int, size: int, mnem: str, ops: str) -> None:
+        """Before an in/out/ins/outs: #GP(0) when the I/O permission check fails (cpu/ioperm.py);
+        at CPL 0 outside V86 mode it always passes (two register reads)."""
+        regs = self.regs
+        if not regs.read(R.CS) & 3 and not regs.read(R.EFLAGS) & R.EFLAGS_VM:
+            return
+        from cpuvirt.cpu.ioperm import io_operands, io_permitted
+        port, width = io_operands(mnem, ops, regs)
+        if not io_permitted(self.view, port, width):
+            self.record("exception", "#GP", 13, address, {"vector": 13, "error_code": 0, "port": f"{port:#x}",
+                                                          "why": "I/O not permitted (IOPL, TSS bitmap)"},
+                        "delivered through the guest IDT")
+            self.deliver(Vector.GP, address, 0)
+
+    def cr4_gate(self, address: int, size: int, ops: str) -> None:
+        """mov to CR4 setting a bit the CPU model does not have: #GP(0) (SDM Vol. 3A 2.5)."""
+        from cpuvirt.cpu.cpuid import CR4_RESERVED
+        dst, _, src = (t.strip() for t in ops.partition(","))
+        if dst != "cr4" or src not in R.GPR_NAMES:
+            return
+        value = self.regs.read(R.GPR_ORDER[R.GPR_NAMES.index(src)])
+        # bits newly set (the engine starts with some of its own above bit 11: they stay)
+        if value & ~self.regs.read(R.CR4) & CR4_RESERVED and self.regs.cpl() == 0:
+            self.record("exception", "#GP", 13, address, {"vector": 13, "error_code": 0,
+                                                          "why": "reserved CR4 bit"}, "delivered through the guest IDT")
+            self.deliver(Vector.GP, address, 0)
 
     def system_transfer(self, address: int, size: int, sel: int, offset: int, call: bool) -> None:
         """A far jmp/call to a call gate, TSS or task gate (cpu/tasks.py)."""

@@ -46,7 +46,8 @@ CR0_FIXED0 = 1 << 5
 CR0_PE, CR0_ET, CR0_NE, CR0_PG = 1, 1 << 4, 1 << 5, 1 << 31
 RFLAGS_RESERVED_ZERO = (1 << 3) | (1 << 5) | (1 << 15) | 0xFFC00000
 
-SENSITIVE = frozenset(("hlt", "mov", "clts", "lmsw", "smsw", "invlpg", "lgdt", "lidt", "sgdt", "sidt",
+from cpuvirt.cpu.vcpu import IO_INSTRUCTIONS  # noqa: E402
+SENSITIVE = IO_INSTRUCTIONS | frozenset(("hlt", "mov", "clts", "lmsw", "smsw", "invlpg", "lgdt", "lidt", "sgdt", "sidt",
                        "lldt", "ltr", "sldt", "str", "rdmsr", "wrmsr", "rdpmc", "wbinvd", "invd", "pause",
                        "monitor", "mwait"))
 _GPR = {n: r for n, r in zip(R.GPR_NAMES, R.GPR_ORDER)}
@@ -316,7 +317,13 @@ class VmxCpu(Vcpu):
             return
         if mnem in PRIVILEGED and self.regs.cpl() != 0:
             return                       # the engine raises #GP(0): no exit for it to take first
+        if mnem in IO_INSTRUCTIONS:
+            self.io_gate(address, size, mnem, ops)     # I/O permission before any I/O exit
+            return
         if mnem == "mov":
+            self.cr4_gate(address, size, ops)
+            if self.regs.read(R.EIP) != address:
+                return
             self._mov_cr_dr(address, size, ops)
         elif mnem == "hlt":
             if self.ctl("hlt_exiting"):
