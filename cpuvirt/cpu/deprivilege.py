@@ -770,6 +770,7 @@ class DeprivilegedVcpu(Vcpu):
         a task return with EFLAGS.NT (cpu/tasks.py), a return to virtual-8086 mode with VM in the
         image, else a protected-mode return."""
         regs = self.regs
+        self.unblock_nmi()
         if regs.read(R.EFLAGS) & R.EFLAGS_NT:
             from cpuvirt.cpu import tasks
             try:

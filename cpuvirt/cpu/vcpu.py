@@ -60,6 +60,7 @@ class Vcpu:
         self.intercepts = None    # an Intercepts, for modes that must see non-trapping instructions
         self._io_block, self._io_index = -1, 0
         self._intr_depth = 0
+        self.nmi_blocked = False    # from an NMI's delivery to the next iret (SDM 6.7.1)
         self._after_one_block = False
         self._io_sites: dict = {}
         machine.on_new_block = self.forget_block
@@ -164,7 +165,7 @@ class Vcpu:
         # A deadline already due was handled (update_timers); what it raised waits in the
         # controller and is covered by the poll below.
         d = NEVER if d is None or d <= self.clock.now else d
-        if self.m.pending_nmi():
+        if self.m.pending_nmi() and not self.nmi_blocked:
             d = self.clock.now              # an NMI ignores IF: take it at the next block boundary
         elif self.m.pending_interrupt() is not None:
             d = min(d, self.clock.now + POLL_INSNS)
@@ -183,9 +184,11 @@ class Vcpu:
 
     def inject_pending_interrupt(self, eip: int) -> bool:
         m = self.m
-        if m.pending_nmi():
-            # NMI (vector 2) is not masked by IF and goes before INTR (SDM 6.9, priority 5 vs 6).
+        if m.pending_nmi() and not self.nmi_blocked:
+            # NMI (vector 2) is not masked by IF and goes before INTR (SDM 6.9, priority 5 vs 6);
+            # further NMIs are blocked until the next iret (SDM 6.7.1).
             m.acknowledge_nmi()
+            self.nmi_blocked = True
             self.record("interrupt", "NMI", Vector.NMI, eip, {}, "delivered through the guest IDT")
             self.deliver(Vector.NMI, eip, external=True)
             return True
@@ -481,8 +484,8 @@ class Vcpu:
         """iret: with EFLAGS.NT a task return (done here); an image with EFLAGS.VM = 1 is honoured
         only at CPL 0 (SDM IRET): at CPL > 0 the engine would enter V86 anyway, so the bit is
         cleared in the image first and the engine does the protected-mode return."""
-        from cpuvirt.cpu import tasks
         regs = self.regs
+        self.unblock_nmi()
         eflags = regs.read(R.EFLAGS)
         if eflags & R.EFLAGS_VM:
             return                              # a V86 iret: IOPL 3, or the engine's #GP(0)
@@ -494,6 +497,14 @@ class Vcpu:
             return
         if wide:
             self.iret_to_v86(address)
+
+    def unblock_nmi(self) -> None:
+        """An iret ends NMI blocking, even one that faults (SDM 6.7.1): an NMI that waited is taken
+        right after it (the iret ends its block, so the clock stops at the next instruction)."""
+        if self.nmi_blocked:
+            self.nmi_blocked = False
+            if self.m.pending_nmi():
+                self.clock.pull_in(self.clock.now)
 
     def iret_to_v86(self, address: int) -> None:
         """An iretd whose EFLAGS image may have VM set: the engine honours it at any CPL."""

@@ -272,6 +272,8 @@ class VmxCpu(Vcpu):
             # Injected software interrupts and exceptions (types 4, 6) get the gate-DPL check, as
             # `int n` would; a privileged software exception (type 5) does not (SDM 26.6.1.1).
             dpl_check = kind in (E.INTR_TYPE_SOFT_INTR, E.INTR_TYPE_SOFT_EXCEPTION)
+            if kind == E.INTR_TYPE_NMI:
+                self.nmi_blocked = True          # blocked until the guest's next iret (SDM 6.7.1)
             self.deliver(vector, ret, code, soft=dpl_check, external=kind == E.INTR_TYPE_EXT_INTR,
                          fault_eip=eip if dpl_check else None)
 
@@ -725,7 +727,7 @@ class VmxCpu(Vcpu):
 
     def inject_pending_interrupt(self, eip: int) -> bool:
         m = self.m
-        if getattr(m, "pending_nmi", None) is not None and m.pending_nmi():
+        if getattr(m, "pending_nmi", None) is not None and m.pending_nmi() and not self.nmi_blocked:
             if not self.ctl("nmi_exiting"):
                 return super().inject_pending_interrupt(eip)      # delivered to the guest directly
             m.acknowledge_nmi()
