@@ -28,7 +28,7 @@ def test_gates_and_task_switches_run_as_on_hardware(gates, mode):
     r = run_guest(gates, mode, max_insns=20_000_000)
     console = r.console.decode()
     assert "FAIL" not in console, console
-    assert console.count("PASS") == 25, console
+    assert console.count("PASS") == 26, console
     assert (r.outcome, r.status) == ("exit", 0), r.message
 
 
@@ -53,7 +53,7 @@ def test_deprivileged_task_never_runs_at_real_ring_0(gates, monkeypatch):
         seen.clear()
         r = run_guest(gates, mode, max_insns=20_000_000)
         assert r.status == 0, r.console.decode()
-        assert len(seen) == 8 and set(seen) == {1, 3}, (mode, seen)
+        assert len(seen) == 10 and set(seen) == {1, 3}, (mode, seen)
 
 
 @pytest.mark.parametrize("mode", MODES)

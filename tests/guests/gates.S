@@ -110,11 +110,15 @@ main:
     and eax, 0x200
     CHECK_EQ("task 4's TSS is no longer busy after its iret", eax, 0)
 
+    .byte 0xFF, 0x1D                    # lcall ptr [tss4_ptr] (FF /3: far, memory operand)
+    .long tss4_ptr
+    CHECK_EQ("lcall m16:32 to a TSS ran task 4 again", dword ptr [t4_ran], 2)
+
     # --- 4: int n through an IDT task gate -----------------------------------------------------------
     mov dword ptr [idt + 8 * VEC_TASK], TSS4_SEL << 16
     mov dword ptr [idt + 8 * VEC_TASK + 4], 0xE500   # P, DPL 3, type 5 (task gate)
     int VEC_TASK
-    CHECK_EQ("int n through a task gate ran task 4 again", dword ptr [t4_ran], 2)
+    CHECK_EQ("int n through a task gate ran task 4 again", dword ptr [t4_ran], 3)
     clts
 
     # --- 5: from ring 3, ljmp to a DPL-3 TSS whose task has ring-0 code -------------------------
@@ -282,6 +286,8 @@ big_gdt_end:
 big_gdtr:
     .word big_gdt_end - big_gdt - 1
     .long big_gdt
+tss4_ptr: .long 0
+    .word TSS4_SEL
 kernel_cr0: .long 0
 g_cr0: .long 0
 g_esp: .long 0
