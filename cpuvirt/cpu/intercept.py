@@ -51,13 +51,16 @@ def _is_wanted(mnem: str, ops: str, wanted: frozenset[str]) -> bool:
     if mnem in wanted:
         if mnem in ("jmp", "call"):
             return ops.startswith("ptr ")
-        return mnem != "mov" or ("cr" in ops or "dr" in ops)
+        if mnem == "mov":
+            return ("cr" in ops or "dr" in ops) and ("mov cr4" not in wanted or ops.startswith("cr4,"))
+        return True
     return False
 
 
 class Intercepts:
     """One-address code hooks on the instructions in `wanted` (capstone mnemonics; "mov" means a mov
-    to or from a control or debug register). `on_hit(address, size, mnemonic, op_str)` runs before the
+    to or from a control or debug register; adding "mov cr4" narrows that to mov to CR4).
+    `on_hit(address, size, mnemonic, op_str)` runs before the
     instruction executes; it may move EIP past it (the instruction is then skipped) or leave it to run."""
 
     def __init__(self, uc, mmu, wanted: frozenset[str], on_hit):

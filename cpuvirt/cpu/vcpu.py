@@ -7,6 +7,7 @@ fault), the clock's deadline (timer interrupts, budget), `hlt`, and the end of t
 from __future__ import annotations
 
 import ctypes
+import struct
 from collections import Counter
 
 from unicorn import (UC_HOOK_INSN, UC_HOOK_INSN_INVALID, UC_HOOK_INTR, UC_HOOK_TLB_FILL, UcError)
@@ -61,6 +62,8 @@ class Vcpu:
         self._io_block, self._io_index = -1, 0
         self._intr_depth = 0
         self.nmi_blocked = False    # from an NMI's delivery to the next iret (SDM 6.7.1)
+        self.io_gate_armed = True   # in/out hooked for the I/O permission check (lazy in native, hw)
+        self._flush_translations = False
         self._after_one_block = False
         self._io_sites: dict = {}
         machine.on_new_block = self.forget_block
@@ -70,6 +73,10 @@ class Vcpu:
         uc, regs, clock = self.uc, self.regs, self.clock
         regs.write(R.EIP, entry)
         while self.outcome is None:
+            if self._flush_translations:
+                # New intercepts (the I/O gate): translations made without their hooks go.
+                self._flush_translations = False
+                uc.ctl_flush_tb()
             self.before_entry()
             if self.outcome is not None:
                 break
@@ -416,10 +423,19 @@ class Vcpu:
         self.regs.write(R.EDX, (now >> 32) & 0xFFFFFFFF)
         return 1
 
-    def enable_intercepts(self, wanted: frozenset[str], on_hit) -> None:
+    def enable_intercepts(self, wanted: frozenset[str], on_hit, lazy_io: bool = False) -> None:
         """Make the instructions in `wanted` visible (see cpu/intercept.py); on_hit runs before each.
-        Far jmp/call and iret are always added: cpuvirt decides gates and task switches (far_site)."""
+        Far jmp/call and iret are always added: cpuvirt decides gates and task switches (far_site).
+
+        `lazy_io`: the in/out of `wanted` get their hooks only once the guest runs outside CPL 0
+        (arm_io_gate): at CPL 0 the I/O permission check always passes, and a code hook on every
+        in/out would triple the cost of an I/O exit. Code at another CPL (or in V86 mode) is always
+        translated anew (the engine's translations are keyed by CPL), so the first block translated
+        there arms the gate before it runs, however the guest got there (iret, retf, sysexit...)."""
         from cpuvirt.cpu.intercept import FAR_TRANSFERS, Intercepts, is_far_transfer
+        if lazy_io:
+            self.io_gate_armed = False
+            wanted = wanted - IO_INSTRUCTIONS
 
         def guarded(address, size, mnem, ops):
             self.mmu.crs = None
@@ -442,6 +458,10 @@ class Vcpu:
         self.mmu.on_code_frame = ic.scan_frame
 
         def observe(insns):
+            if not self.io_gate_armed and self.regs.cpl() != 0:
+                self.arm_io_gate()              # then this block is translated again, with hooks
+                ic.retranslate.append((insns[0][0], sum(i[1] for i in insns)))
+                return True
             if ic.check_block(insns):
                 ic.retranslate.append((insns[0][0], sum(i[1] for i in insns)))
                 return True
@@ -495,8 +515,19 @@ class Vcpu:
             self.clock.unretire(-1)
             self.after_transfer()
             return
-        if wide:
-            self.iret_to_v86(address)
+        if wide and regs.read(R.CS) & 3:
+            self.iret_to_v86(address)           # at CPL 0 (native, hw) VM=1 is honoured: nothing to do
+
+    def arm_io_gate(self) -> None:
+        """The guest runs outside CPL 0 (or in V86 mode): from now on every in/out is checked. Its
+        translations, made without those hooks, are dropped before the engine runs again."""
+        if self.io_gate_armed:
+            return
+        from cpuvirt.cpu.vcpu import IO_INSTRUCTIONS as io
+        self.io_gate_armed = True
+        ic = self.intercepts
+        ic.wanted = ic.wanted | io
+        self._flush_translations = True
 
     def unblock_nmi(self) -> None:
         """An iret ends NMI blocking, even one that faults (SDM 6.7.1): an NMI that waited is taken

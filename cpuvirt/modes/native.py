@@ -29,7 +29,7 @@ class NativeMode:
                 vcpu.cr4_gate(address, size, ops)
             else:
                 vcpu.msr_instruction(address, size, mnem)
-        self.vcpu.enable_intercepts(frozenset(("rdmsr", "wrmsr", "mov")) | IO_INSTRUCTIONS, on_hit)
+        self.vcpu.enable_intercepts(frozenset(("rdmsr", "wrmsr", "mov", "mov cr4")) | IO_INSTRUCTIONS, on_hit, lazy_io=True)
 
     def boot(self) -> None:
         """Nothing between the loader and the guest."""

@@ -135,7 +135,7 @@ class VmxCpu(Vcpu):
             from cpuvirt.memory.shadow import ShadowPaging
             self.shadow = ShadowPaging(self.mmu, exit_on_miss=True)
             self.shadow.attach(self)
-        self.enable_intercepts(SENSITIVE, self.on_sensitive)
+        self.enable_intercepts(SENSITIVE, self.on_sensitive, lazy_io=True)
 
     def guest_entry(self) -> None:
         """Called once the loader has set the boot state: the hypervisor's view of the guest's CRs."""
