@@ -21,7 +21,7 @@ PREDICTED = {
                             "needs exact interrupt windows (issue 12)",
     ("eventinj", "hw"): "same as native (issue 12)",
     ("eventinj", "trap"): "same as native (issue 12)",
-    ("eventinj", "full"): "`into` is not emulated by the translator (issue 10, item 9)",
+    ("eventinj", "full"): "same as native (issue 12)",
     ("umip", "trap"): "the `mov r, cs` hole: the kernel sees RPL 1 and expects #GP from mov cr0 "
                       "(docs/deprivileging.md)",
 }

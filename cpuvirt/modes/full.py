@@ -578,7 +578,7 @@ class FullVcpu(DeprivilegedVcpu):
         p = self._prefix_len.get(key)
         if p is None:
             p = 0
-            while p < len(raw) and raw[p] in (0x66, 0xF3, 0xF2, 0x2E, 0x3E, 0x26, 0x36, 0x64, 0x65, 0xF0):
+            while p < len(raw) and raw[p] in (0x66, 0x67, 0xF3, 0xF2, 0x2E, 0x3E, 0x26, 0x36, 0x64, 0x65, 0xF0):
                 p += 1
             if len(self._prefix_len) > 8192:
                 self._prefix_len.clear()
