@@ -76,3 +76,14 @@ def test_io_permission_bitmap_and_cr4_reserved_bits(test_guest, mode):
     assert "FAIL" not in console and console.count("PASS") == 6, console
     assert "X" not in console.replace("EXPECT", "")          # the denied out never reached COM1
     assert (r.outcome, r.status) == ("exit", 0)
+
+
+def test_para_iretd_with_vm_does_not_enter_v86(test_guest):
+    """Item 4 (para): the engine honours EFLAGS.VM in an iretd image at any CPL, and from V86 mode
+    `int 0x82` used to pass as a kernel hypercall (its CS RPL was not 3). VM is honoured only at
+    CPL 0, which a PV guest never has: tests/guests/pv_v86.S's ring-1 iretd with VM = 1 must return
+    in protected mode (the run used to crash the domain executing garbage as 16-bit code)."""
+    r = run_guest(str(test_guest("pv_v86")), "para", max_insns=1_000_000)
+    console = r.console.decode()
+    assert console.count("PASS") == 3 and "FAIL" not in console, console
+    assert (r.outcome, r.status) == ("exit", 0), r.message
