@@ -87,3 +87,25 @@ def test_para_iretd_with_vm_does_not_enter_v86(test_guest):
     console = r.console.decode()
     assert console.count("PASS") == 3 and "FAIL" not in console, console
     assert (r.outcome, r.status) == ("exit", 0), r.message
+
+
+def _build(tmp_path, name: str, **defines) -> str:
+    from cpuvirt.toolchain.build import include_dir
+    from cpuvirt.toolchain.image import build_image
+    from cpuvirt.toolchain.preprocess import preprocess
+    from tests.conftest import TEST_GUESTS
+    pre = preprocess(TEST_GUESTS / f"{name}.S", {k: "1" for k in defines}, [include_dir()])
+    path = tmp_path / f"{name}-{'-'.join(defines)}.bin"
+    path.write_bytes(build_image(pre.lines)[0])
+    return str(path)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_call_gate_needing_an_unusable_tss(tmp_path, mode):
+    """Item 1's first finding: a call gate the guest wrote, called from ring 3 when the TSS cannot
+    give a stack (here it lies outside RAM: SS0 reads 0xFFFF). The engine performed such calls itself
+    (SIGABRT with a null TR, an internal error here); cpuvirt checks the stack as hardware does:
+    #TS, whose delivery needs the same stack (#DF), then shutdown. From ring 0 the same gate works."""
+    r = run_guest(_build(tmp_path, "tss_outside", CALL_GATE=1), mode, max_insns=5_000_000)
+    assert r.console.decode().count("PASS") == 1, r.console.decode()
+    assert (r.outcome, r.status) == ("triple_fault", 125), r.message

@@ -1,6 +1,7 @@
 # description: hostile TSS: its base (or its ESP0) outside RAM, then an interrupt from ring 3
 #
-# Build with -D ESP0_OUTSIDE to keep the TSS in RAM and point ESP0 outside RAM instead. As on
+# With -D CALL_GATE, ring 3 calls through a call gate instead (the engine used to abort the host
+# process when such a gate needed a stack from an unusable TSS). Build with -D ESP0_OUTSIDE to keep the TSS in RAM and point ESP0 outside RAM instead. As on
 # hardware, reads of unbacked memory give all-ones and writes are dropped: a base outside RAM reads
 # SS0 = 0xFFFF (#TS, then #DF, then a triple fault); an ESP0 outside RAM loses the pushed frame.
 #include "kernel.inc"
@@ -25,10 +26,26 @@ main:
     mov ecx, 103
     mov dl, 0x89
     call set_system_descriptor
+    mov eax, gate_target                # GDT 8: a DPL-3 call gate to ring-0 code
+    and eax, 0xFFFF
+    or eax, KERNEL_CS << 16
+    mov dword ptr [big_gdt + 8 * 8], eax
+    mov eax, gate_target
+    and eax, 0xFFFF0000
+    or eax, 0xEC00
+    mov dword ptr [big_gdt + 8 * 8 + 4], eax
     lgdt [big_gdtr]
     mov ax, 0x38
     ltr ax
+#ifdef CALL_GATE
+    .byte 0x9A                          # from ring 0 the gate needs no stack: it works
+    .long 0
+    .word 0x40
+    CHECK_EQ("a call gate from ring 0 works without a usable TSS", dword ptr [gate_calls], 1)
+    mov eax, user_gate                  # from ring 3 it needs SS0:ESP0 from the TSS: #TS, #DF, shutdown
+#else
     mov eax, user_int
+#endif
     mov edx, user_stack_top
     call run_user_keep_esp0
 #endif
@@ -45,6 +62,18 @@ run_user_keep_esp0:
     push eax
     iretd
 
+gate_target:
+    inc dword ptr [gate_calls]
+    retf
+
+user_gate:
+    .byte 0x9A
+    .long 0
+    .word 0x43
+    mov eax, SYS_EXIT
+    mov ebx, 8
+    int 0x80
+
 user_int:
     mov eax, SYS_NOP
     int 0x80
@@ -53,9 +82,10 @@ user_int:
     int 0x80
 
 .data
+gate_calls: .long 0
 .align 8
 big_gdt:
-    .zero 8 * 8
+    .zero 9 * 8
 big_gdt_end:
 .align 4
     .word 0
