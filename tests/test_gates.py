@@ -109,3 +109,19 @@ def test_call_gate_needing_an_unusable_tss(tmp_path, mode):
     r = run_guest(_build(tmp_path, "tss_outside", CALL_GATE=1), mode, max_insns=5_000_000)
     assert r.console.decode().count("PASS") == 1, r.console.decode()
     assert (r.outcome, r.status) == ("triple_fault", 125), r.message
+
+
+@pytest.mark.parametrize("mode", ("native", "hw", "full"))
+def test_cr0_reads_smsw_and_lmsw_with_memory_operands(test_guest, mode):
+    """hw used to let `smsw m16` and `lmsw m16` bypass the CR0 guest/host mask and read shadow (the
+    guest saw NE, which the hypervisor forces behind the shadow) and read CR0 without ET."""
+    r = run_guest(str(test_guest("crread")), mode, max_insns=5_000_000)
+    console = r.console.decode()
+    assert console.count("PASS") == 6 and "FAIL" not in console, console
+
+
+def test_cr0_reads_under_trap_fail_only_at_the_smsw_hole(test_guest):
+    r = run_guest(str(test_guest("crread")), "trap", max_insns=5_000_000)
+    fails = [ln.split(":")[0] for ln in r.console.decode().splitlines() if ln.startswith("FAIL")]
+    assert fails == ["FAIL smsw ax gives CR0's low 16 bits", "FAIL smsw to memory gives the same bits",
+                     "FAIL and smsw to memory shows it"]
