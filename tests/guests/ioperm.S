@@ -43,6 +43,13 @@ main:
     call run_user_io
     CHECK_EQ("ring 3, IOPL 0: in from the next port (denied) raises #GP", eax, USER_KILLED | VEC_GP)
 
+    mov eax, user_mov_cr0
+    call run_user_io
+    CHECK_EQ("ring 3: mov from cr0 raises #GP (no exit, no emulation)", eax, USER_KILLED | VEC_GP)
+    mov eax, user_hlt
+    call run_user_io
+    CHECK_EQ("ring 3: hlt raises #GP", eax, USER_KILLED | VEC_GP)
+
     SET_HANDLER(VEC_GP, cr4_gp)
     mov eax, cr4
     mov dword ptr [cr4_before], eax
@@ -92,6 +99,16 @@ user_out_insn:
     out dx, al
     mov eax, SYS_EXIT
     mov ebx, 6
+    int 0x80
+user_mov_cr0:
+    mov eax, cr0
+    mov eax, SYS_EXIT
+    mov ebx, 9
+    int 0x80
+user_hlt:
+    hlt
+    mov eax, SYS_EXIT
+    mov ebx, 10
     int 0x80
 user_in81:
     in al, 0x81
