@@ -7,7 +7,6 @@ fault), the clock's deadline (timer interrupts, budget), `hlt`, and the end of t
 from __future__ import annotations
 
 import ctypes
-import struct
 from collections import Counter
 
 from unicorn import (UC_HOOK_INSN, UC_HOOK_INSN_INVALID, UC_HOOK_INTR, UC_HOOK_TLB_FILL, UcError)
