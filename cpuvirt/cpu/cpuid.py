@@ -34,6 +34,9 @@ FPU, PSE, TSC, MSR, CX8, APIC, PGE, CMOV = (1 << 0, 1 << 3, 1 << 4, 1 << 5, 1 <<
                                             1 << 15)
 LEAF1_EDX = FPU | PSE | TSC | MSR | CX8 | APIC | PGE | CMOV
 LEAF1_EAX = (FAMILY << 8) | (MODEL << 4) | STEPPING
+# CR4 bits this model refuses (#GP on mov to CR4): LA57 (12), VMXE (13) and everything above, none
+# of which CPUID offers (no leaf 7, no VMX). Bits 0-11 are accepted as the engine implements them.
+CR4_RESERVED = 0xFFFFF000
 
 _BRAND_REGS = struct.unpack("<12I", BRAND.ljust(48, b"\0"))
 

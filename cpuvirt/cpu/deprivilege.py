@@ -30,6 +30,7 @@ from cpuvirt.cpu import regs as R
 from cpuvirt.cpu.events import HAS_ERROR_CODE, DeliveryFault, EventDelivery, Unsupported, Vector
 from cpuvirt.cpu.faultaddr import operand_address
 from cpuvirt.cpu.quirks import HF_INHIBIT_IRQ
+from cpuvirt.cpu.tasks import CpuView
 from cpuvirt.cpu.regs import _uclib
 from cpuvirt.cpu.vcpu import EXIT_ERROR, Vcpu
 from cpuvirt.machine.hostmem import HostRegion
@@ -101,9 +102,11 @@ def segs_offset() -> int | None:
 class GuestFault(Exception):
     """Emulating an instruction raised an exception the guest must see (delivered through its IDT)."""
 
-    def __init__(self, vector: int, error_code: int | None = None, cr2: int | None = None):
+    def __init__(self, vector: int, error_code: int | None = None, cr2: int | None = None,
+                 eip: int | None = None):
         super().__init__(f"vector {vector} error {error_code}")
         self.vector, self.error_code, self.cr2 = vector, error_code, cr2
+        self.eip = eip            # set when it arose in a new task (after a task switch's commit point)
 
 
 class SegCache:
@@ -212,6 +215,89 @@ class RingCompressedDelivery(EventDelivery):
             regs.write(R.EIP, offset)
 
 
+class VirtualView(CpuView):
+    """What a far transfer or task switch sees under deprivileging (cpu/tasks.py): the guest's GDT,
+    LDT, TR, CR0/CR3 and CPL from the virtual CPU; CS/SS loaded ring-compressed (a new task or gate
+    target at virtual CPL 0 runs at real ring 1, never 0)."""
+
+    def read(self, gva: int, size: int) -> bytes:
+        try:
+            return self.vcpu.read_guest(gva & 0xFFFFFFFF, size)
+        except GuestFault as g:
+            raise DeliveryFault(g.vector, g.error_code or 0, g.cr2) from None
+
+    def write(self, gva: int, data: bytes) -> None:
+        try:
+            self.vcpu.write_guest(gva & 0xFFFFFFFF, data)
+        except GuestFault as g:
+            raise DeliveryFault(g.vector, g.error_code or 0, g.cr2) from None
+
+    def cpl(self) -> int:
+        return self.vcpu.vcpl()
+
+    def eflags(self) -> int:
+        return self.vcpu.guest_eflags()
+
+    def set_eflags(self, value: int) -> None:
+        self.vcpu.set_guest_eflags(value)
+
+    def selector(self, reg: int) -> int:
+        real = self.regs.read(reg)
+        return real if self.regs.read(R.EFLAGS) & R.EFLAGS_VM else self.vcpu.guest_selector(real)
+
+    def gdtr(self) -> tuple[int, int]:
+        return self.vcpu.v.gdtr
+
+    def ldtr(self) -> tuple[int, int, int]:
+        t = self.vcpu.v.ldtr
+        return t.selector, t.base, t.limit
+
+    def tr(self) -> tuple[int, int, int]:
+        t = self.vcpu.v.tr
+        return t.selector, t.base, t.limit
+
+    def set_tr(self, sel: int, base: int, limit: int, hi: int) -> None:
+        self.vcpu.v.tr = SegCache(sel, base, limit)
+
+    def set_ldtr(self, sel: int, base: int, limit: int, hi: int) -> None:
+        self.vcpu.v.ldtr = SegCache(sel, base, limit)
+
+    def paging(self) -> bool:
+        return bool(self.vcpu.v.cr0 & CR0_PG)
+
+    def set_cr3(self, value: int) -> None:
+        self.vcpu.write_cr(3, value)
+
+    def set_task_switched(self) -> None:
+        self.vcpu.v.cr0 |= CR0_TS
+
+    def load(self, cs, ss, cpl, eip, esp, data=None) -> None:
+        c, regs = self.vcpu, self.regs
+        names = {R.DS: "ds", R.ES: "es", R.FS: "fs", R.GS: "gs"}
+        c.load_cs_ss(cs, ss, cpl)
+        regs.write(R.ESP, esp)
+        try:
+            for reg, sel in (data or {}).items():
+                c.load_segment(names[reg], sel)
+        except GuestFault as g:
+            raise DeliveryFault(g.vector, g.error_code or 0, g.cr2) from None
+        c.set_guest_eflags(c.guest_eflags())       # the real IOPL of the new ring
+        self.entered = eip
+        if cpl == 0:
+            c.enter_kernel(eip)
+        else:
+            regs.write(R.EIP, eip)
+
+    def load_v86(self, sels, eip, esp) -> None:
+        regs = self.regs
+        for reg in (R.SS, R.CS, R.DS, R.ES, R.FS, R.GS):
+            regs.write(reg, sels[reg])
+        self.vcpu._loaded.clear()
+        regs.write(R.ESP, esp)
+        regs.write(R.EIP, eip)
+        self.entered = eip
+
+
 class DeprivilegedVcpu(Vcpu):
     """A Vcpu whose guest kernel runs at ring 1 against a VirtualCpu (docs/deprivileging.md, "API").
 
@@ -227,6 +313,7 @@ class DeprivilegedVcpu(Vcpu):
         self.alloc = HvAllocator(self.hv_mem)
         self.shadow = ShadowGdt(self.hv_mem, self.alloc)
         self.delivery = RingCompressedDelivery(self)
+        self.delivery.view = self.view = VirtualView(self)
         self._window_on = False
         self._window_touched = True        # unknown at start: flush before the first window use
         self._cplctx = self.uc.context_save()
@@ -266,8 +353,13 @@ class DeprivilegedVcpu(Vcpu):
 
     # -- the guest's view ------------------------------------------------------------------------------
     def vcpl(self) -> int:
-        """The CPL the guest believes in: real ring 1 is its ring 0."""
+        """The CPL the guest believes in: real ring 1 is its ring 0; in virtual-8086 mode it is 3
+        whatever CS holds (real ring 0 is never used otherwise)."""
         cpl = self.regs.read(R.CS) & 3
+        if cpl == 3:
+            return 3
+        if self.regs.read(R.EFLAGS) & R.EFLAGS_VM:
+            return 3
         return 0 if cpl == KERNEL_RING else cpl
 
     @staticmethod
@@ -286,12 +378,31 @@ class DeprivilegedVcpu(Vcpu):
     def set_guest_eflags(self, image: int) -> None:
         """Load an EFLAGS image the guest may load at its current (virtual) privilege."""
         self.v.iopl = (image >> 12) & 3
+        if image & R.EFLAGS_VM:
+            # V86 code really runs at CPL 3: its IOPL-sensitive instructions act on the real IF
+            # (the virtual one) or raise #GP as the guest's IOPL says; I/O goes through the gate.
+            self.regs.write(R.EFLAGS, image | 2)
+            return
         real = (image & ~R.EFLAGS_IOPL) | (self.real_iopl(self.vcpl()) << 12) | 2
         self.regs.write(R.EFLAGS, real)
 
     def enter_kernel(self, guest_eip: int) -> None:
         """Make guest-kernel code run from `guest_eip` (trap: in place; full: its translation)."""
         self.regs.write(R.EIP, guest_eip)
+
+    def iret_to_v86(self, address: int) -> None:
+        """An iretd with VM in its image: at virtual CPL 0 a return to V86 mode (emulated, since the
+        engine runs it at ring 1), at CPL 3 the bit is ignored as on hardware."""
+        if self.vcpl() != 0:
+            self.strip_vm_image(address)
+            return
+        esp = self.regs.read(R.ESP)
+        try:
+            image = int.from_bytes(self.read_guest(esp + 8, 4), "little")
+        except GuestFault:
+            return
+        if image & R.EFLAGS_VM:
+            self.emulate_at(address)
 
     # -- descriptors and segment loads --------------------------------------------------------------
     def read_guest(self, gva: int, size: int) -> bytes:
@@ -554,7 +665,8 @@ class DeprivilegedVcpu(Vcpu):
             self.record(self.event_kind, mnem, 13, eip, {"fault": g.vector}, "emulated: raised a fault in the guest")
             if g.cr2 is not None:
                 self.v.cr2 = g.cr2
-            self.deliver(g.vector, eip, g.error_code if g.vector in HAS_ERROR_CODE else None)
+            self.deliver(g.vector, g.eip if g.eip is not None else eip,
+                         g.error_code if g.vector in HAS_ERROR_CODE else None)
             return size
         if done is False:
             return None
@@ -623,6 +735,9 @@ class DeprivilegedVcpu(Vcpu):
             else:
                 self.flush_guest_tlb()
         elif n == 4:
+            from cpuvirt.cpu.cpuid import CR4_RESERVED
+            if value & ~v.cr4 & CR4_RESERVED:
+                raise GuestFault(Vector.GP, 0)
             old, v.cr4 = v.cr4, value
             if (old ^ value) & (CR4_PSE | CR4_PGE):
                 self.flush_guest_tlb()
@@ -650,16 +765,32 @@ class DeprivilegedVcpu(Vcpu):
             limit = (limit << 12) | 0xFFF
         return base, limit, lo, hi
 
-    def iret(self, eip: int) -> None:
-        """iretd by the guest kernel (virtual CPL 0), in the guest's view (SDM IRET, protected mode)."""
+    def iret(self, eip: int, size: int = 1) -> None:
+        """iretd by the guest kernel (virtual CPL 0), in the guest's view (SDM IRET, protected mode):
+        a task return with EFLAGS.NT (cpu/tasks.py), a return to virtual-8086 mode with VM in the
+        image, else a protected-mode return."""
         regs = self.regs
+        self.unblock_nmi()
+        if regs.read(R.EFLAGS) & R.EFLAGS_NT:
+            from cpuvirt.cpu import tasks
+            try:
+                tasks.task_return(self.view, (eip + size) & 0xFFFFFFFF)
+            except DeliveryFault as f:
+                raise GuestFault(f.vector, f.error_code, f.cr2, f.eip) from None
+            return
         esp = regs.read(R.ESP)
         new_eip, cs, flags = struct.unpack("<III", self.read_guest(esp, 12))
-        cs = self.guest_selector(cs & 0xFFFF)       # a CS the guest read natively (RPL 1) is its ring 0
-        if flags & R.EFLAGS_NT:
-            raise Unsupported("iret with EFLAGS.NT (a task return)")
         if flags & R.EFLAGS_VM:
-            raise Unsupported("iret to virtual-8086 mode")
+            # RETURN-TO-VIRTUAL-8086-MODE: the segment values are real-mode ones, CPL becomes 3.
+            new_esp, ss, es, ds, fs, gs = struct.unpack("<6I", self.read_guest(esp + 12, 24))
+            self.set_guest_eflags(flags)
+            for reg, value in ((R.SS, ss), (R.CS, cs), (R.ES, es), (R.DS, ds), (R.FS, fs), (R.GS, gs)):
+                regs.write(reg, value & 0xFFFF)
+            self._loaded.clear()
+            regs.write(R.ESP, new_esp)
+            regs.write(R.EIP, new_eip & 0xFFFF)
+            return
+        cs = self.guest_selector(cs & 0xFFFF)       # a CS the guest read natively (RPL 1) is its ring 0
         rpl = cs & 3
         _, hi = self.descriptor(cs)
         if not (hi >> 11) & 1 or not (hi >> 12) & 1 or rpl == 1 or rpl == 2:
@@ -700,8 +831,16 @@ class DeprivilegedVcpu(Vcpu):
         _, hi = self.descriptor(selector)
         cpl = self.vcpl()
         dpl = (hi >> 13) & 3
-        if not (hi >> 12) & 1 or not (hi >> 11) & 1:
-            raise Unsupported(f"far jmp/call through a gate or TSS ({selector:#x})")
+        if not (hi >> 12) & 1:
+            # a call gate, TSS or task gate: cpu/tasks.py, in the guest's view
+            from cpuvirt.cpu import tasks
+            try:
+                tasks.far_transfer(self.view, selector, offset, call, eip, (eip + size) & 0xFFFFFFFF)
+            except DeliveryFault as f:
+                raise GuestFault(f.vector, f.error_code, f.cr2, f.eip) from None
+            return
+        if not (hi >> 11) & 1:
+            raise GuestFault(Vector.GP, selector & ~3)
         conforming = (hi >> 10) & 1
         if (conforming and dpl > cpl) or (not conforming and (dpl != cpl or (selector & 3) > cpl)):
             raise GuestFault(Vector.GP, selector & ~3)
@@ -811,9 +950,14 @@ class DeprivilegedVcpu(Vcpu):
         return super().io_site()
 
     def io_gate(self, address: int, size: int, mnem: str, ops: str) -> None:
-        """Code hook before every in/out/ins/outs: at CPL 3 with virtual IOPL < 3 the guest gets #GP(0)
-        and the instruction does not run (the TSS I/O bitmap is not consulted)."""
-        if self.vcpl() == 3 and self.v.iopl < 3:
+        """Code hook before every in/out/ins/outs: at CPL 3 (V86 included) without I/O permission
+        (virtual IOPL, then the guest TSS's I/O bitmap: cpu/ioperm.py) the guest gets #GP(0) and the
+        instruction does not run."""
+        if self.vcpl() != 3:
+            return
+        from cpuvirt.cpu.ioperm import io_operands, io_permitted
+        port, width = io_operands(mnem, ops, self.regs)
+        if not io_permitted(self.view, port, width):
             self.record("exception", "#GP", 13, address, {"vector": 13, "error_code": 0, "why": "I/O above IOPL"},
                         "delivered through the guest IDT")
             self.deliver(Vector.GP, address, 0)
@@ -1013,7 +1157,14 @@ def _msr(c, eip, size, ops, write):
 
 def _iretd(c, eip, size, ops):
     c.emulated(eip, "iretd", {})
-    c.iret(eip)
+    c.iret(eip, size)
+
+
+def _far_indirect(c, eip, size, ops, call):
+    """jmp/call m16:32 (capstone: `jmp ptr [m]`); a near indirect one is not emulated here."""
+    if not ops.startswith("ptr "):
+        return False
+    return _ljmp(c, eip, size, ops, call)
 
 
 def _ljmp(c, eip, size, ops, call=False):
@@ -1040,4 +1191,6 @@ _EMULATE = {
     "wbinvd": _nop, "invd": _nop,
     "rdmsr": lambda c, e, s, o: _msr(c, e, s, o, False), "wrmsr": lambda c, e, s, o: _msr(c, e, s, o, True),
     "iretd": _iretd, "ljmp": _ljmp, "lcall": lambda c, e, s, o: _ljmp(c, e, s, o, True), "retf": _retf,
+    "jmp": lambda c, e, s, o: _far_indirect(c, e, s, o, False),
+    "call": lambda c, e, s, o: _far_indirect(c, e, s, o, True),
 }

@@ -10,7 +10,7 @@ import struct
 from enum import IntEnum
 
 from cpuvirt.cpu import regs as R
-from cpuvirt.memory.mmu import GuestPageFault
+from cpuvirt.memory.mmu import GuestPageFault, NestedFault
 
 
 class Vector(IntEnum):
@@ -31,6 +31,7 @@ class DeliveryFault(Exception):
     def __init__(self, vector: int, error_code: int = 0, cr2: int | None = None):
         super().__init__(f"{MNEMONIC.get(vector, vector)} during delivery")
         self.vector, self.error_code, self.cr2 = vector, error_code, cr2
+        self.eip: int | None = None     # set when it arose in a new task (after a task switch's commit)
 
 
 class TripleFault(Exception):
@@ -54,6 +55,7 @@ class EventDelivery:
         self.uc = uc
         self.regs = regs
         self.mmu = mmu
+        self.view = None      # the vCPU's tasks.CpuView: task gates switch tasks through it
 
     def deliver(self, vector: int, return_eip: int, error_code: int | None = None,
                 soft: bool = False, external: bool = False, fault_eip: int | None = None) -> int:
@@ -68,6 +70,8 @@ class EventDelivery:
         except DeliveryFault as f:
             if fault_eip is not None:
                 return_eip = fault_eip
+            if f.eip is not None:
+                return_eip = f.eip          # the fault belongs to the task switched to
             if vector == Vector.DF:
                 raise TripleFault(f"{MNEMONIC.get(f.vector, f.vector)} while delivering #DF") from None
             if f.cr2 is not None:
@@ -87,7 +91,7 @@ class EventDelivery:
         return selector, base, limit
 
     def _cpl(self) -> int:
-        return self.regs.read(R.CS) & 3
+        return self.regs.cpl()
 
     def _eflags(self) -> int:
         return self.regs.read(R.EFLAGS)
@@ -117,6 +121,16 @@ class EventDelivery:
             return self.mmu.read_linear(gva, size, user=False)
         except GuestPageFault as pf:
             raise DeliveryFault(Vector.PF, pf.error_code, pf.gva) from None
+        except NestedFault:
+            return b"\xff" * size        # guest-physical memory with nothing behind it (hw, EPT)
+
+    def _write(self, gva: int, data: bytes) -> None:
+        try:
+            self.mmu.write_linear(gva, data, user=False)
+        except GuestPageFault as pf:
+            raise DeliveryFault(Vector.PF, pf.error_code, pf.gva) from None
+        except NestedFault:
+            pass                          # dropped, as a write to unbacked memory is
 
     def _descriptor(self, selector: int, ext: int) -> tuple[int, int]:
         _, base, limit, _ = self.regs.table(R.LDTR if selector & 4 else R.GDTR)
@@ -137,9 +151,14 @@ class EventDelivery:
         gate_type = (hi >> 8) & 0x1F
         gate_dpl = (hi >> 13) & 3
         cpl = self._cpl()
+        if gate_type == GATE_TASK:
+            if soft and gate_dpl < cpl:
+                raise DeliveryFault(Vector.GP, vector * 8 + 2)
+            if not hi & 0x8000:
+                raise DeliveryFault(Vector.NP, vector * 8 + 2 + ext)
+            self._task_gate(lo >> 16, return_eip, error_code, ext)
+            return
         if gate_type not in (GATE_INT32, GATE_TRAP32):
-            if gate_type == GATE_TASK and hi & 0x8000:
-                raise Unsupported(f"task gate at IDT vector {vector} (hardware task switch)")
             raise DeliveryFault(Vector.GP, vector * 8 + 2 + ext)
         if soft and gate_dpl < cpl:
             raise DeliveryFault(Vector.GP, vector * 8 + 2)
@@ -159,16 +178,19 @@ class EventDelivery:
         new_cpl = cpl if conforming else code_dpl
 
         eflags = self._eflags()
-        old_cs = self._view(regs.read(R.CS))
+        v86 = bool(eflags & R.EFLAGS_VM)
+        if v86 and new_cpl != 0:
+            # From virtual-8086 mode only to a ring-0 handler (SDM 6.12.1, interrupt from V86 mode).
+            raise DeliveryFault(Vector.GP, (selector & ~3) | ext)
+        old_cs = regs.read(R.CS) if v86 else self._view(regs.read(R.CS))
         frame = [return_eip, old_cs, eflags]                 # pushed in this order: EIP lowest
-        if new_cpl < cpl:
-            tr_sel, tss_base, tss_limit = self._tss()
-            slot = 4 + 8 * new_cpl
-            if slot + 5 > tss_limit:
-                raise DeliveryFault(Vector.TS, (tr_sel & ~3) | ext)
-            new_esp, new_ss = struct.unpack("<IH", self._read(tss_base + slot, 6))
-            if new_ss & ~3 == 0:
-                raise DeliveryFault(Vector.TS, ext)
+        if v86:
+            # The V86 frame also holds the real-mode segment values, which the handler gets null.
+            new_ss, new_esp = self._stack_from_tss(0, ext)
+            frame += [regs.read(R.ESP), regs.read(R.SS)] + [regs.read(r) for r in (R.ES, R.DS, R.FS, R.GS)]
+            esp = new_esp
+        elif new_cpl < cpl:
+            new_ss, new_esp = self._stack_from_tss(new_cpl, ext)
             frame += [regs.read(R.ESP), self._view(regs.read(R.SS))]
             esp = new_esp
         else:
@@ -178,15 +200,49 @@ class EventDelivery:
             frame.insert(0, error_code)
         data = struct.pack(f"<{len(frame)}I", *frame)
         esp = (esp - len(data)) & 0xFFFFFFFF
-        try:
-            self.mmu.write_linear(esp, data, user=False)
-        except GuestPageFault as pf:
-            raise DeliveryFault(Vector.PF, pf.error_code, pf.gva) from None
+        self._write(esp, data)
 
         new_flags = eflags & ~(R.EFLAGS_TF | R.EFLAGS_NT | R.EFLAGS_RF | R.EFLAGS_VM)
         if gate_type == GATE_INT32:
             new_flags &= ~R.EFLAGS_IF
+        if v86:
+            # Out of V86 first: segment loads are protected-mode ones again.
+            regs.write(R.EFLAGS, regs.read(R.EFLAGS) & ~R.EFLAGS_VM)
         self._enter(selector, new_ss, cpl, new_cpl, old_cs, esp, new_flags, offset)
+        if v86:
+            for reg in (R.ES, R.DS, R.FS, R.GS):
+                regs.write(reg, 0)
+
+    def _stack_from_tss(self, dpl: int, ext: int) -> tuple[int, int]:
+        """SS:ESP for ring `dpl` from the current TSS, with the checks of SDM 6.12.1 (#TS, #SS)."""
+        tr_sel, tss_base, tss_limit = self._tss()
+        slot = 4 + 8 * dpl
+        if slot + 5 > tss_limit:
+            raise DeliveryFault(Vector.TS, (tr_sel & ~3) | ext)
+        new_esp, new_ss = struct.unpack("<IH", self._read(tss_base + slot, 6))
+        if new_ss & ~3 == 0:
+            raise DeliveryFault(Vector.TS, ext)
+        try:
+            _, hi = self._descriptor(new_ss, ext)
+        except DeliveryFault as f:
+            raise DeliveryFault(Vector.TS, (new_ss & ~3) | ext) if f.vector == Vector.GP else f from None
+        if (new_ss & 3) != dpl or (hi >> 13) & 3 != dpl or not hi & (1 << 12) or hi & (1 << 11) \
+                or not hi & (1 << 9):
+            raise DeliveryFault(Vector.TS, (new_ss & ~3) | ext)
+        if not hi & 0x8000:
+            raise DeliveryFault(Vector.SS, (new_ss & ~3) | ext)
+        return new_ss, new_esp
+
+    def _task_gate(self, tss: int, return_eip: int, error_code: int | None, ext: int) -> None:
+        """An IDT task gate: a task switch (SDM 6.11, 7.3), then the error code, if any, is pushed on
+        the new task's stack."""
+        from cpuvirt.cpu import tasks
+        view = self.view
+        if view is None:
+            raise Unsupported("task gates in this mode")
+        view.vcpu.switch_task(view, tss, tasks.INT, return_eip, ext)
+        if error_code is not None:
+            tasks.push_error_code(view, error_code)
 
     def load_stack_segment(self, ss: int, cpl: int, new_cpl: int) -> None:
         """Load SS for a more privileged ring from a hook.

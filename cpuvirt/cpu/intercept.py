@@ -32,15 +32,35 @@ OPCODES = {
 }
 PREFIXES = frozenset(b"\x66\x67\xf2\xf3\x2e\x3e\x26\x36\x64\x65\xf0")
 
+# Far transfers that may change privilege or task (cpu/tasks.py): jmp/call ptr16:32 (EA, 9A),
+# jmp/call m16:32 (FF /5, FF /3: a memory ModRM, reg field 5 or 3) and iret (CF). Every mode sees them.
+_FAR_MODRM = bytes(b for b in range(0xC0) if (b >> 3) & 7 in (3, 5))
+FAR_PATTERN = rb"[\x9a\xea\xcf]|\xff[" + b"".join(b"\\x%02x" % b for b in _FAR_MODRM) + rb"]"
+FAR_TRANSFERS = frozenset(("ljmp", "lcall", "jmp", "call", "iret", "iretd"))
+
+
+def is_far_transfer(mnem: str, ops: str) -> bool:
+    """capstone's names: ljmp/lcall (direct, or 16-bit indirect), `jmp ptr [m]` / `call ptr [m]`
+    (32-bit indirect far: a near indirect one says `dword ptr`), iret/iretd."""
+    if mnem in ("jmp", "call"):
+        return ops.startswith("ptr ")
+    return mnem in FAR_TRANSFERS
+
+
 def _is_wanted(mnem: str, ops: str, wanted: frozenset[str]) -> bool:
     if mnem in wanted:
-        return mnem != "mov" or ("cr" in ops or "dr" in ops)
+        if mnem in ("jmp", "call"):
+            return ops.startswith("ptr ")
+        if mnem == "mov":
+            return ("cr" in ops or "dr" in ops) and ("mov cr4" not in wanted or ops.startswith("cr4,"))
+        return True
     return False
 
 
 class Intercepts:
     """One-address code hooks on the instructions in `wanted` (capstone mnemonics; "mov" means a mov
-    to or from a control or debug register). `on_hit(address, size, mnemonic, op_str)` runs before the
+    to or from a control or debug register; adding "mov cr4" narrows that to mov to CR4).
+    `on_hit(address, size, mnemonic, op_str)` runs before the
     instruction executes; it may move EIP past it (the instruction is then skipped) or leave it to run."""
 
     def __init__(self, uc, mmu, wanted: frozenset[str], on_hit):
@@ -52,7 +72,7 @@ class Intercepts:
         self.scanned: set[tuple[int, int]] = set()
         self.retranslate: list[tuple[int, int]] = []
         self._cs = Cs(CS_ARCH_X86, CS_MODE_32)
-        self._pattern = re.compile(b"|".join(OPCODES.values()))
+        self._pattern = re.compile(b"|".join(OPCODES.values()) + b"|" + FAR_PATTERN)
 
     # -- scanning ----------------------------------------------------------------------------------
     def scan_frame(self, page: int, hpa: int) -> None:

@@ -146,3 +146,15 @@ class FaultState:
         self.uc.context_update(ctx)
         addr = ctypes.cast(ctx.context, ctypes.c_void_p).value
         return bool(ctypes.c_uint32.from_address(addr + self.layout.hflags).value & HF_INHIBIT_IRQ)
+
+    def set_cpl(self, ring: int) -> None:
+        """Set the engine's CPL (the low bits of QEMU's hflags) so that a stack segment of that ring
+        may be loaded next from a hook: the engine checks SS.RPL against the CPL it holds, and the SS
+        load then sets the CPL from its descriptor anyway."""
+        ctx = self._ctx
+        self.uc.context_update(ctx)
+        addr = ctypes.cast(ctx.context, ctypes.c_void_p).value
+        slot = ctypes.c_uint32.from_address(addr + self.layout.hflags)
+        if slot.value & 3 != ring:
+            slot.value = (slot.value & ~3) | ring
+            self.uc.context_restore(ctx)

@@ -67,7 +67,12 @@ class Regs:
             raise RuntimeError(f"engine refused register write {reg}={value:#x}")
 
     def cpl(self) -> int:
-        return self.read(CS) & 3
+        """The current privilege level: CS.RPL, except in virtual-8086 mode, where it is 3 whatever
+        CS holds (a real-mode style segment value there; SDM 20.2.1)."""
+        cpl = self.read(CS) & 3
+        if cpl != 3 and self.read(EFLAGS) & EFLAGS_VM:
+            return 3
+        return cpl
 
     def table(self, reg: int) -> tuple[int, int, int, int]:
         """(selector, base, limit, flags) of GDTR, IDTR, LDTR or TR."""

@@ -16,7 +16,8 @@ from unicorn.unicorn_py3 import unicorn as _ucmod
 
 from cpuvirt.cpu import regs as R
 from cpuvirt.cpu.faultaddr import fault_address
-from cpuvirt.cpu.events import MNEMONIC, EventDelivery, TripleFault, Unsupported, Vector
+from cpuvirt.cpu.events import MNEMONIC, DeliveryFault, EventDelivery, TripleFault, Unsupported, Vector
+from cpuvirt.cpu.tasks import CpuView
 from cpuvirt.cpu.quirks import FaultState
 from cpuvirt.machine.clock import NEVER
 from cpuvirt.memory.traces import TraceError, TracedWrite
@@ -27,6 +28,7 @@ IO_CYCLES = 1000    # a port access costs 1 us of virtual time, as an ISA bus cy
 # window hook (clock.hook_if_setter) the first time a block holding it runs.
 IF_SETTERS = frozenset(("sti", "popf", "popfd", "iret", "iretd"))
 _IO_MNEMONICS = frozenset(("in", "out", "insb", "insw", "insd", "outsb", "outsw", "outsd"))
+IO_INSTRUCTIONS = _IO_MNEMONICS | frozenset("rep " + m for m in _IO_MNEMONICS if m not in ("in", "out"))
 _BLOCK_ENDERS = frozenset(("jmp", "call", "ret", "iret", "iretd", "hlt", "int", "int3", "into", "ljmp", "lcall",
                            "retf", "sysenter", "syscall", "ud2", "loop", "loope", "loopne", "jecxz")
                           + tuple("j" + c for c in ("a", "ae", "b", "be", "e", "ne", "g", "ge", "l", "le",
@@ -49,6 +51,7 @@ class Vcpu:
         self.mmu = machine.mmu
         self.clock = machine.clock
         self.delivery = EventDelivery(self.uc, self.regs, self.mmu)
+        self.delivery.view = self.view = CpuView(self)
         self.faults = FaultState(self.uc)
         self.trace = trace
         self.budget = max_insns or NEVER
@@ -61,6 +64,9 @@ class Vcpu:
         self.intercepts = None    # an Intercepts, for modes that must see non-trapping instructions
         self._io_block, self._io_index = -1, 0
         self._intr_depth = 0
+        self.nmi_blocked = False    # from an NMI's delivery to the next iret (SDM 6.7.1)
+        self.io_gate_armed = True   # in/out hooked for the I/O permission check (lazy in native, hw)
+        self._flush_translations = False
         self._after_one_block = False
         self._io_sites: dict = {}
         self._window_retranslate: list[tuple[int, int]] = []
@@ -73,6 +79,10 @@ class Vcpu:
         regs.write(R.EIP, entry)
         self.watch_if_setters()
         while self.outcome is None:
+            if self._flush_translations:
+                # New intercepts (the I/O gate): translations made without their hooks go.
+                self._flush_translations = False
+                uc.ctl_flush_tb()
             self.before_entry()
             if self.outcome is not None:
                 break
@@ -176,7 +186,7 @@ class Vcpu:
         # A deadline already due was handled (update_timers); what it raised waits in the
         # controller: deliverable now, or when the window opens (waits_for_window).
         d = NEVER if d is None or d <= self.clock.now else d
-        if self.m.pending_nmi():
+        if self.m.pending_nmi() and not self.nmi_blocked:
             d = self.clock.now              # an NMI ignores IF: take it at the next block boundary
         elif self.m.pending_interrupt() is not None and self.regs.read(R.EFLAGS) & R.EFLAGS_IF:
             d = self.clock.now              # deliverable (not taken at the last stop): the next boundary
@@ -225,9 +235,11 @@ class Vcpu:
 
     def inject_pending_interrupt(self, eip: int) -> bool:
         m = self.m
-        if m.pending_nmi():
-            # NMI (vector 2) is not masked by IF and goes before INTR (SDM 6.9, priority 5 vs 6).
+        if m.pending_nmi() and not self.nmi_blocked:
+            # NMI (vector 2) is not masked by IF and goes before INTR (SDM 6.9, priority 5 vs 6);
+            # further NMIs are blocked until the next iret (SDM 6.7.1).
             m.acknowledge_nmi()
+            self.nmi_blocked = True
             self.record("interrupt", "NMI", Vector.NMI, eip, {}, "delivered through the guest IDT")
             self.deliver(Vector.NMI, eip, external=True)
             return True
@@ -457,14 +469,27 @@ class Vcpu:
         self.regs.write(R.EDX, (now >> 32) & 0xFFFFFFFF)
         return 1
 
-    def enable_intercepts(self, wanted: frozenset[str], on_hit) -> None:
-        """Make the instructions in `wanted` visible (see cpu/intercept.py); on_hit runs before each."""
-        from cpuvirt.cpu.intercept import Intercepts
+    def enable_intercepts(self, wanted: frozenset[str], on_hit, lazy_io: bool = False) -> None:
+        """Make the instructions in `wanted` visible (see cpu/intercept.py); on_hit runs before each.
+        Far jmp/call and iret are always added: cpuvirt decides gates and task switches (far_site).
+
+        `lazy_io`: the in/out of `wanted` get their hooks only once the guest runs outside CPL 0
+        (arm_io_gate): at CPL 0 the I/O permission check always passes, and a code hook on every
+        in/out would triple the cost of an I/O exit. Code at another CPL (or in V86 mode) is always
+        translated anew (the engine's translations are keyed by CPL), so the first block translated
+        there arms the gate before it runs, however the guest got there (iret, retf, sysexit...)."""
+        from cpuvirt.cpu.intercept import FAR_TRANSFERS, Intercepts, is_far_transfer
+        if lazy_io:
+            self.io_gate_armed = False
+            wanted = wanted - IO_INSTRUCTIONS
 
         def guarded(address, size, mnem, ops):
             self.mmu.crs = None
             try:
-                on_hit(address, size, mnem, ops)
+                if mnem in FAR_TRANSFERS and is_far_transfer(mnem, ops):
+                    self.far_site(address, size, mnem)
+                else:
+                    on_hit(address, size, mnem, ops)
                 after = self.regs.read(R.EIP)
                 if after != address:
                     # Emulated and skipped (it retired), or an event delivered instead (it did not).
@@ -476,15 +501,186 @@ class Vcpu:
                 self.error = e
                 self.uc.emu_stop()
 
-        ic = self.intercepts = Intercepts(self.uc, self.mmu, wanted, guarded)
+        ic = self.intercepts = Intercepts(self.uc, self.mmu, wanted | FAR_TRANSFERS, guarded)
         self.mmu.on_code_frame = ic.scan_frame
 
         def observe(insns):
+            if not self.io_gate_armed and self.regs.cpl() != 0:
+                self.arm_io_gate()              # then this block is translated again, with hooks
+                ic.retranslate.append((insns[0][0], sum(i[1] for i in insns)))
+                return True
             if ic.check_block(insns):
                 ic.retranslate.append((insns[0][0], sum(i[1] for i in insns)))
                 return True
             return False
         self.m.block_observer = observe
+
+    # -- far transfers: call gates, task switches, iret (cpu/tasks.py) -----------------------------
+    def far_site(self, address: int, size: int, mnem: str) -> None:
+        """Before a far jmp/call or an iret: what may change privilege or task is done here, by
+        cpuvirt; an ordinary far transfer is left to the engine (it returns without acting)."""
+        if self.outcome is not None:
+            return
+        from cpuvirt.cpu import tasks
+        try:
+            if mnem.startswith("iret"):
+                self.iret_site(address, size, mnem == "iretd")
+                return
+            target = self.far_pointer(address)
+            if target is None:
+                return
+            sel, offset, call = target
+            if not sel & ~3:
+                return                          # the engine raises #GP(0)
+            try:
+                _, hi = tasks.descriptor(self.view, sel)
+            except DeliveryFault:
+                return                          # outside its table: the engine raises that #GP
+            if hi & (1 << 12):
+                return                          # a code segment: an ordinary far transfer
+            self.record("transfer", "lcall" if call else "ljmp", None, address,
+                        {"selector": f"{sel:#x}", "type": (hi >> 8) & 0xF},
+                        "through a gate or to a task, done by cpuvirt")
+            self.system_transfer(address, size, sel, offset, call)
+            self.clock.unretire(-1)             # it retired (the hook's caller counts it out)
+            self.after_transfer()
+        except DeliveryFault as f:
+            self.transfer_fault(address, f)
+
+    def iret_site(self, address: int, size: int, wide: bool) -> None:
+        """iret: with EFLAGS.NT a task return (done here); an image with EFLAGS.VM = 1 is honoured
+        only at CPL 0 (SDM IRET): at CPL > 0 the engine would enter V86 anyway, so the bit is
+        cleared in the image first and the engine does the protected-mode return."""
+        regs = self.regs
+        self.unblock_nmi()
+        eflags = regs.read(R.EFLAGS)
+        if eflags & R.EFLAGS_VM:
+            return                              # a V86 iret: IOPL 3, or the engine's #GP(0)
+        if eflags & R.EFLAGS_NT:
+            self.record("transfer", "iret", None, address, {"nt": 1}, "task return, done by cpuvirt")
+            self.task_return(address, size)
+            self.clock.unretire(-1)
+            self.after_transfer()
+            return
+        if wide and regs.read(R.CS) & 3:
+            self.iret_to_v86(address)           # at CPL 0 (native, hw) VM=1 is honoured: nothing to do
+
+    def arm_io_gate(self) -> None:
+        """The guest runs outside CPL 0 (or in V86 mode): from now on every in/out is checked. Its
+        translations, made without those hooks, are dropped before the engine runs again."""
+        if self.io_gate_armed:
+            return
+        from cpuvirt.cpu.vcpu import IO_INSTRUCTIONS as io
+        self.io_gate_armed = True
+        ic = self.intercepts
+        ic.wanted = ic.wanted | io
+        self._flush_translations = True
+
+    def unblock_nmi(self) -> None:
+        """An iret ends NMI blocking, even one that faults (SDM 6.7.1): an NMI that waited is taken
+        right after it (the iret ends its block, so the clock stops at the next instruction)."""
+        if self.nmi_blocked:
+            self.nmi_blocked = False
+            if self.m.pending_nmi():
+                self.clock.pull_in(self.clock.now)
+
+    def iret_to_v86(self, address: int) -> None:
+        """An iretd whose EFLAGS image may have VM set: the engine honours it at any CPL."""
+        if self.view.cpl() == 0:
+            return                              # as hardware: the engine enters V86 mode
+        self.strip_vm_image(address)
+
+    def strip_vm_image(self, address: int) -> None:
+        esp = self.regs.read(R.ESP)
+        try:
+            image = int.from_bytes(self.view.read(esp + 8, 4), "little")
+        except DeliveryFault:
+            return                              # the engine's iret faults the same way
+        if image & R.EFLAGS_VM:
+            self.record("transfer", "iretd", None, address, {"eflags": f"{image:#x}"},
+                        "EFLAGS.VM ignored at CPL > 0 (cleared in the image)")
+            self.view.write(esp + 8, (image & ~R.EFLAGS_VM).to_bytes(4, "little"))
+
+    def far_pointer(self, address: int) -> tuple[int, int, bool] | None:
+        """(selector, offset, is_call) of the far jmp/call at `address` (operand read as the CPU
+        would: a #PF on it is the guest's)."""
+        from cpuvirt.cpu.faultaddr import operand_address
+        from cpuvirt.cpu.intercept import PREFIXES
+        code = self.mmu.fetch_bytes(address, 15)
+        if not code:
+            return None
+        p, o16 = 0, False
+        while p < len(code) - 1 and code[p] in PREFIXES:
+            o16 |= code[p] == 0x66
+            p += 1
+        n = 2 if o16 else 4
+        op = code[p]
+        if op in (0x9A, 0xEA):
+            offset = int.from_bytes(code[p + 1:p + 1 + n], "little")
+            return int.from_bytes(code[p + 1 + n:p + 3 + n], "little"), offset, op == 0x9A
+        if op == 0xFF and p + 1 < len(code):
+            addr = operand_address(code, address, self.regs)
+            if addr is None:
+                return None
+            raw = self.view.read(addr, n + 2)
+            return int.from_bytes(raw[n:], "little"), int.from_bytes(raw[:n], "little"), (code[p + 1] >> 3) & 7 == 3
+        return None
+
+    def io_gate(self, address: int, size: int, mnem: str, ops: str) -> None:
+        """Before an in/out/ins/outs: #GP(0) when the I/O permission check fails (cpu/ioperm.py);
+        at CPL 0 outside V86 mode it always passes (two register reads)."""
+        regs = self.regs
+        if not regs.read(R.CS) & 3 and not regs.read(R.EFLAGS) & R.EFLAGS_VM:
+            return
+        from cpuvirt.cpu.ioperm import io_operands, io_permitted
+        port, width = io_operands(mnem, ops, regs)
+        if not io_permitted(self.view, port, width):
+            self.record("exception", "#GP", 13, address, {"vector": 13, "error_code": 0, "port": f"{port:#x}",
+                                                          "why": "I/O not permitted (IOPL, TSS bitmap)"},
+                        "delivered through the guest IDT")
+            self.deliver(Vector.GP, address, 0)
+
+    def cr4_gate(self, address: int, size: int, ops: str) -> None:
+        """mov to CR4 setting a bit the CPU model does not have: #GP(0) (SDM Vol. 3A 2.5)."""
+        from cpuvirt.cpu.cpuid import CR4_RESERVED
+        dst, _, src = (t.strip() for t in ops.partition(","))
+        if dst != "cr4" or src not in R.GPR_NAMES:
+            return
+        value = self.regs.read(R.GPR_ORDER[R.GPR_NAMES.index(src)])
+        # bits newly set (the engine starts with some of its own above bit 11: they stay)
+        if value & ~self.regs.read(R.CR4) & CR4_RESERVED and self.regs.cpl() == 0:
+            self.record("exception", "#GP", 13, address, {"vector": 13, "error_code": 0,
+                                                          "why": "reserved CR4 bit"}, "delivered through the guest IDT")
+            self.deliver(Vector.GP, address, 0)
+
+    def system_transfer(self, address: int, size: int, sel: int, offset: int, call: bool) -> None:
+        """A far jmp/call to a call gate, TSS or task gate (cpu/tasks.py)."""
+        from cpuvirt.cpu import tasks
+        tasks.far_transfer(self.view, sel, offset, call, address, (address + size) & 0xFFFFFFFF)
+
+    def task_return(self, address: int, size: int) -> None:
+        """iret with EFLAGS.NT: back to the previous task."""
+        from cpuvirt.cpu import tasks
+        tasks.task_return(self.view, (address + size) & 0xFFFFFFFF)
+
+    def switch_task(self, view, sel: int, reason: int, next_eip: int, ext: int = 0) -> None:
+        """A hardware task switch (cpu/tasks.py); hw makes it a TASK_SWITCH VM exit first."""
+        from cpuvirt.cpu import tasks
+        tasks.switch_task(view, sel, reason, next_eip, ext)
+
+    def after_transfer(self) -> None:
+        """After a gate or task switch done by cpuvirt (full mode drops translations it invalidated)."""
+
+    def transfer_fault(self, address: int, f: DeliveryFault) -> None:
+        """A fault raised by a far transfer or task switch: to the guest, at the instruction (or, after
+        a task switch's commit point, in the new task)."""
+        eip = f.eip if f.eip is not None else address
+        ec = f.error_code if f.vector in (8, 10, 11, 12, 13, 14, 17) else None
+        if f.cr2 is not None:
+            self.delivery._set_cr2(f.cr2)
+        self.record("exception", MNEMONIC.get(f.vector, str(f.vector)), f.vector, eip,
+                    {"vector": f.vector, "error_code": ec}, "delivered through the guest IDT")
+        self.deliver(f.vector, eip, ec)
 
     # -- hooks -------------------------------------------------------------------------------------
     def install_hooks(self) -> None:

@@ -148,7 +148,7 @@ class FullVcpu(DeprivilegedVcpu):
         self.rt.on_callout = self._callout_then_window
         self.rt.on_fetch_fault = self._fetch_fault
         self.rt.on_error = self._hook_error
-        self.rt.is_kernel = lambda: self.regs.read(R.CS) & 3 == KERNEL_RING
+        self.rt.is_kernel = lambda: self.vcpl() == 0
         if verbose:
             self.rt.translator.trace_translate = self._record_translate
         self._page_frame: dict[int, int] = {}          # linear code page -> guest frame it came from
@@ -194,6 +194,10 @@ class FullVcpu(DeprivilegedVcpu):
             self.regs.write(R.EIP, self.rt.lookup(guest_eip))
         except TranslateFault:
             self.regs.write(R.EIP, guest_eip)           # settled (the fetch #PF delivered) before entry
+
+    def after_transfer(self) -> None:
+        """A gate or task switch from user code changed virtual-CPU state translations baked in."""
+        self._virtual_changed()
 
     def virtual_field(self, field: str) -> int:
         v = self.v
@@ -586,7 +590,7 @@ class FullVcpu(DeprivilegedVcpu):
         p = self._prefix_len.get(key)
         if p is None:
             p = 0
-            while p < len(raw) and raw[p] in (0x66, 0xF3, 0xF2, 0x2E, 0x3E, 0x26, 0x36, 0x64, 0x65, 0xF0):
+            while p < len(raw) and raw[p] in (0x66, 0x67, 0xF3, 0xF2, 0x2E, 0x3E, 0x26, 0x36, 0x64, 0x65, 0xF0):
                 p += 1
             if len(self._prefix_len) > 8192:
                 self._prefix_len.clear()

@@ -6,7 +6,7 @@ through the guest's IDT exactly as the CPU would deliver them.
 """
 from __future__ import annotations
 
-from cpuvirt.cpu.vcpu import Vcpu
+from cpuvirt.cpu.vcpu import IO_INSTRUCTIONS, Vcpu
 from cpuvirt.memory.fastfill import FastFill
 
 
@@ -21,9 +21,17 @@ class NativeMode:
         self.vcpu.install_hooks()
         # rdmsr/wrmsr of the MSRs the platform models (IA32_APIC_BASE) must reach the machine; the
         # engine would answer them itself. Only their sites get a hook.
+        # in/out: the I/O permission check the engine does not make; mov to CR4: its reserved bits.
         vcpu = self.vcpu
-        self.vcpu.enable_intercepts(frozenset(("rdmsr", "wrmsr")),
-                                    lambda address, size, mnem, ops: vcpu.msr_instruction(address, size, mnem))
+
+        def on_hit(address, size, mnem, ops):
+            if mnem in IO_INSTRUCTIONS:
+                vcpu.io_gate(address, size, mnem, ops)
+            elif mnem == "mov":
+                vcpu.cr4_gate(address, size, ops)
+            else:
+                vcpu.msr_instruction(address, size, mnem)
+        self.vcpu.enable_intercepts(frozenset(("rdmsr", "wrmsr", "mov", "mov cr4")) | IO_INSTRUCTIONS, on_hit, lazy_io=True)
 
     def boot(self) -> None:
         """Nothing between the loader and the guest."""

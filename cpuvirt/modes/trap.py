@@ -24,7 +24,7 @@ class TrapVcpu(DeprivilegedVcpu):
     def on_engine_event(self, intno, error_code, soft, eip) -> None:
         """A #GP at ring 1 is the guest kernel's privileged instruction: emulate it; every other event
         (and a #GP that is not one) goes to the guest through its IDT."""
-        if intno == Vector.GP and not soft and self.regs.read(R.CS) & 3 == KERNEL_RING:
+        if intno == Vector.GP and not soft and self.vcpl() == 0:
             d = self._trap_site(eip)
             if d is not None:
                 self._retired(eip, d[0])

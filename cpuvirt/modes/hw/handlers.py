@@ -51,6 +51,7 @@ class RootHypervisor:
             ExitReason.EPT_VIOLATION: self.handle_ept_violation,
             ExitReason.EPT_MISCONFIG: self.handle_ept_misconfig,
             ExitReason.WBINVD: self.handle_skip,
+            ExitReason.TASK_SWITCH: self.handle_task_switch,
         }
         for name in E.VMX_INSTRUCTIONS.values():
             if name is not ExitReason.VMCALL:
@@ -238,6 +239,10 @@ class RootHypervisor:
             self.vmcs.vmwrite(F.GUEST_CR0, (self.vmcs.vmread(F.GUEST_CR0) & ~0xF) | (new & 0xF))
             x.action = f"LMSW: CR0 low bits <- {data:#x}"
         self.skip_instruction(x)
+
+    def handle_task_switch(self, x: Exit) -> None:
+        """KVM's handle_task_switch: emulate the hardware task switch (the guest's TSS, GDT, CR3)."""
+        x.action = self.cpu.perform_task_switch()
 
     def handle_io(self, x: Exit) -> None:
         """Emulate the port access in the device model (KVM: kvm_fast_pio, or an exit to user space)."""

@@ -43,13 +43,18 @@ EXIT_HYPERVISOR_STOP = 123   # the hypervisor could not go on (failed VM entry, 
 # The simulated IA32_VMX_CR0_FIXED0/1 and CR4_FIXED0/1 (SDM appendix A.7, A.8), with "unrestricted
 # guest": CR0.PE and CR0.PG may be 0, CR0.NE must be 1; CR4 has no fixed bits here.
 CR0_FIXED0 = 1 << 5
-CR0_PE, CR0_NE, CR0_PG = 1, 1 << 5, 1 << 31
+CR0_PE, CR0_ET, CR0_NE, CR0_PG = 1, 1 << 4, 1 << 5, 1 << 31
 RFLAGS_RESERVED_ZERO = (1 << 3) | (1 << 5) | (1 << 15) | 0xFFC00000
 
-SENSITIVE = frozenset(("hlt", "mov", "clts", "lmsw", "smsw", "invlpg", "lgdt", "lidt", "sgdt", "sidt",
+from cpuvirt.cpu.vcpu import IO_INSTRUCTIONS  # noqa: E402
+SENSITIVE = IO_INSTRUCTIONS | frozenset(("hlt", "mov", "clts", "lmsw", "smsw", "invlpg", "lgdt", "lidt", "sgdt", "sidt",
                        "lldt", "ltr", "sldt", "str", "rdmsr", "wrmsr", "rdpmc", "wbinvd", "invd", "pause",
                        "monitor", "mwait"))
 _GPR = {n: r for n, r in zip(R.GPR_NAMES, R.GPR_ORDER)}
+# Privileged instructions: at CPL > 0 they raise #GP(0) before any VM exit is considered (SDM Vol. 3C
+# 25.1.1, exceptions take priority over exits); the engine raises that #GP itself when they run.
+PRIVILEGED = frozenset(("hlt", "mov", "clts", "lmsw", "invlpg", "lgdt", "lidt", "lldt", "ltr", "rdmsr",
+                        "wrmsr", "wbinvd", "invd", "monitor", "mwait"))
 
 
 class Exit:
@@ -93,6 +98,7 @@ class VmxCpu(Vcpu):
         self.shadow = None
         self.pf_access = 0      # access kind of the last shadow #PF (the handler walks for it)
         self._sites: dict = {}
+        self._task = None
         self._launch()
 
     # -- VMLAUNCH: the hypervisor's set-up, then the first entry ---------------------------------------
@@ -129,7 +135,7 @@ class VmxCpu(Vcpu):
             from cpuvirt.memory.shadow import ShadowPaging
             self.shadow = ShadowPaging(self.mmu, exit_on_miss=True)
             self.shadow.attach(self)
-        self.enable_intercepts(SENSITIVE, self.on_sensitive)
+        self.enable_intercepts(SENSITIVE, self.on_sensitive, lazy_io=True)
 
     def guest_entry(self) -> None:
         """Called once the loader has set the boot state: the hypervisor's view of the guest's CRs."""
@@ -266,6 +272,8 @@ class VmxCpu(Vcpu):
             # Injected software interrupts and exceptions (types 4, 6) get the gate-DPL check, as
             # `int n` would; a privileged software exception (type 5) does not (SDM 26.6.1.1).
             dpl_check = kind in (E.INTR_TYPE_SOFT_INTR, E.INTR_TYPE_SOFT_EXCEPTION)
+            if kind == E.INTR_TYPE_NMI:
+                self.nmi_blocked = True          # blocked until the guest's next iret (SDM 6.7.1)
             self.deliver(vector, ret, code, soft=dpl_check, external=kind == E.INTR_TYPE_EXT_INTR,
                          fault_eip=eip if dpl_check else None)
 
@@ -309,7 +317,15 @@ class VmxCpu(Vcpu):
     def on_sensitive(self, address: int, size: int, mnem: str, ops: str) -> None:
         if self.outcome is not None:
             return
+        if mnem in PRIVILEGED and self.regs.cpl() != 0:
+            return                       # the engine raises #GP(0): no exit for it to take first
+        if mnem in IO_INSTRUCTIONS:
+            self.io_gate(address, size, mnem, ops)     # I/O permission before any I/O exit
+            return
         if mnem == "mov":
+            self.cr4_gate(address, size, ops)
+            if self.regs.read(R.EIP) != address:
+                return
             self._mov_cr_dr(address, size, ops)
         elif mnem == "hlt":
             if self.ctl("hlt_exiting"):
@@ -403,10 +419,13 @@ class VmxCpu(Vcpu):
             elif cr in (0, 4):
                 # A read sees the read shadow for host-owned bits (SDM 25.3): emulated, no exit.
                 mask = v[F.CR0_GUEST_HOST_MASK if cr == 0 else F.CR4_GUEST_HOST_MASK]
-                if mask:
+                if mask or cr == 0:
                     shadow = v[F.CR0_READ_SHADOW if cr == 0 else F.CR4_READ_SHADOW]
                     real = self.regs.read(R.CR0 if cr == 0 else R.CR4)
-                    self.regs.write(_GPR[reg], (real & ~mask) | (shadow & mask))
+                    value = (real & ~mask) | (shadow & mask)
+                    if cr == 0:
+                        value |= CR0_ET           # hard-wired to 1 (the engine's CR0 lacks it)
+                    self.regs.write(_GPR[reg], value)
                     self.regs.write(R.EIP, address + size)
 
     def _cr3_target(self, value: int) -> bool:
@@ -415,29 +434,53 @@ class VmxCpu(Vcpu):
         return any(v[F.CR3_TARGET_VALUE0 + 2 * i] == value for i in range(n))
 
     def _smsw(self, address: int, size: int, ops: str) -> None:
+        """SMSW reads CR0 through the guest/host mask and read shadow (SDM 25.3), register or memory."""
         v = self.vmcs._values
         mask = v[F.CR0_GUEST_HOST_MASK] & 0xFFFF
         reg = ops.strip()
-        if mask and (reg in _GPR or "e" + reg in _GPR):
-            real = self.regs.read(R.CR0)
-            val = ((real & ~mask) | (v[F.CR0_READ_SHADOW] & mask)) & 0xFFFF
+        real = self.regs.read(R.CR0)
+        val = ((real & ~mask) | (v[F.CR0_READ_SHADOW] & mask) | CR0_ET) & 0xFFFF
+        if reg in _GPR or "e" + reg in _GPR:
             # Like the engine (and QEMU): the 16-bit MSW, the register's upper half unchanged.
             full = _GPR[reg if reg.startswith("e") else "e" + reg]
             self.regs.write(full, (self.regs.read(full) & 0xFFFF0000) | val)
             self.regs.write(R.EIP, address + size)
+        elif "[" in reg:
+            from cpuvirt.memory.mmu import GuestPageFault
+            la = self._operand_address(address)
+            try:
+                self.mmu.write_linear(la, val.to_bytes(2, "little"), user=self.regs.cpl() == 3)
+            except GuestPageFault as pf:
+                self.page_fault(pf.gva, 1, pf.error_code, address)
+                return
+            self.regs.write(R.EIP, address + size)
 
     def _lmsw(self, address: int, size: int, ops: str) -> None:
         reg = ops.strip()
-        if reg not in ("ax", "bx", "cx", "dx", "si", "di", "bp", "sp"):
-            return                                          # memory operand: executed as is
-        value = self.regs.read(_GPR["e" + reg]) & 0xFFFF
+        memory = reg not in ("ax", "bx", "cx", "dx", "si", "di", "bp", "sp")
+        if memory:
+            from cpuvirt.memory.mmu import GuestPageFault
+            try:
+                value = int.from_bytes(self.mmu.read_linear(self._operand_address(address), 2), "little")
+            except GuestPageFault as pf:
+                self.page_fault(pf.gva, 0, pf.error_code, address)
+                return
+        else:
+            value = self.regs.read(_GPR["e" + reg]) & 0xFFFF
         v = self.vmcs._values
         mask, shadow = v[F.CR0_GUEST_HOST_MASK] & 0xF, v[F.CR0_READ_SHADOW] & 0xF
         # SDM 25.1.3: LMSW exits if it would set PE against a clear shadow bit, or change MP/EM/TS.
         if (mask & 1 and not shadow & 1 and value & 1) or (mask & 0xE & (value ^ shadow)):
-            q = E.cr_qualification(0, E.CR_LMSW, lmsw_data=value)
+            q = E.cr_qualification(0, E.CR_LMSW, lmsw_memory=memory, lmsw_data=value)
             self.vm_exit(ExitReason.CR_ACCESS, address, qualification=q, length=size,
                          detail=E.decode_cr_qualification(q))
+        elif mask & 0xF:
+            # No exit: the guest-owned bits change, the host-owned ones keep their value (SDM 25.3).
+            real = self.regs.read(R.CR0)
+            low = (real & 0xF & mask) | (value & 0xF & ~mask) | (real & 1)   # PE is never cleared
+            new = (real & ~0xF) | low
+            self.regs.write(R.CR0, new)
+            self.regs.write(R.EIP, address + size)
 
     def _msr_exits(self, msr: int, write: bool) -> bool:
         if not self.ctl("use_msr_bitmaps"):
@@ -685,7 +728,7 @@ class VmxCpu(Vcpu):
 
     def inject_pending_interrupt(self, eip: int) -> bool:
         m = self.m
-        if getattr(m, "pending_nmi", None) is not None and m.pending_nmi():
+        if getattr(m, "pending_nmi", None) is not None and m.pending_nmi() and not self.nmi_blocked:
             if not self.ctl("nmi_exiting"):
                 return super().inject_pending_interrupt(eip)      # delivered to the guest directly
             m.acknowledge_nmi()
@@ -725,6 +768,32 @@ class VmxCpu(Vcpu):
             self.vm_exit(ExitReason.TRIPLE_FAULT, return_eip, detail={"why": str(tf)})
         except Unsupported as u:
             self.finish("error", EXIT_ERROR, f"unsupported at {return_eip:#x}: {u}")
+
+    def switch_task(self, view, sel: int, reason: int, next_eip: int, ext: int = 0) -> None:
+        """Task switches cause VM exits unconditionally (SDM 25.1.2): TASK_SWITCH, qualification =
+        the new TSS selector and its source (28.2.1); the handler performs the switch (KVM's
+        kvm_task_switch), and a fault it raises is delivered as the processor would."""
+        q = (sel & 0xFFFF) | (reason << 30)
+        source = ("CALL", "IRET", "JMP", "task gate in IDT")[reason]
+        self._task = (view, sel, reason, next_eip, ext, None)
+        self.vm_exit(ExitReason.TASK_SWITCH, self.regs.read(R.EIP), qualification=q,
+                     detail={"selector": f"{sel:#x}", "source": source})
+        fault = self._task[5]
+        self._task = None
+        if fault is not None:
+            raise fault
+
+    def perform_task_switch(self) -> str:
+        """For the root-mode handler: switch tasks as the exit described (cpu/tasks.py)."""
+        from cpuvirt.cpu import tasks
+        from cpuvirt.cpu.events import DeliveryFault
+        view, sel, reason, next_eip, ext, _ = self._task
+        try:
+            tasks.switch_task(view, sel, reason, next_eip, ext)
+        except DeliveryFault as f:
+            self._task = (view, sel, reason, next_eip, ext, f)
+            return f"task switch to {sel:#x} raised {MNEMONIC.get(f.vector, f.vector)}"
+        return f"switched to the task of TSS {sel:#x}"
 
     def summary_stats(self) -> list[tuple[str, int, int, float, float]]:
         """kvm_stat-like rows: (reason, number, count, share, mean handler time in us)."""

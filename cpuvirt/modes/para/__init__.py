@@ -105,7 +105,9 @@ class ParaMode:
         regs.write(R.ESP, esp)
         eax, ebx = regs.read(R.EAX), regs.read(R.EBX)
         now = m.clock.now
+        observer, m.block_observer = m.block_observer, None    # the hypervisor's own iretd: no intercept
         m.uc.emu_start(lay.hypercall + S.IRET_STUB, 0, 0, 1)
+        m.block_observer = observer
         m.clock.now = now
         if regs.cpl() != 1:
             raise RuntimeError("para: could not enter ring 1")

@@ -57,10 +57,10 @@ class ParaVcpu(Vcpu):
         self._in_upcall = False             # from an upcall to the guest's next hypercall (its iret)
         self.detail: dict | None = None
         self.a = (0, 0, 0, 0, 0)            # EBX, ECX, EDX, ESI, EDI of the hypercall being handled
-        ids = (R.EAX, R.CS, R.EBX, R.ECX, R.EDX, R.ESI, R.EDI)
-        self._batch = (ctypes.c_uint64 * 7)()
-        self._batch_ids = (ctypes.c_int * 7)(*ids)
-        self._batch_ptrs = (ctypes.c_void_p * 7)(*(ctypes.addressof(self._batch) + 8 * i for i in range(7)))
+        ids = (R.EAX, R.CS, R.EBX, R.ECX, R.EDX, R.ESI, R.EDI, R.EFLAGS)
+        self._batch = (ctypes.c_uint64 * 8)()
+        self._batch_ids = (ctypes.c_int * 8)(*ids)
+        self._batch_ptrs = (ctypes.c_void_p * 8)(*(ctypes.addressof(self._batch) + 8 * i for i in range(8)))
         self._read_batch = _ucmod.uclib.uc_reg_read_batch
         self._uch = self.uc._uch
 
@@ -79,7 +79,8 @@ class ParaVcpu(Vcpu):
             raise RuntimeError(f"cannot hook interrupts (uc error {err})")
         # in/out never fault in the engine: hook every instance and make it a #GP unless granted.
         self.enable_intercepts(IO_MNEMONICS, self._io_instruction)
-        self.intercepts._pattern = _IO_PATTERN
+        from cpuvirt.cpu.intercept import FAR_PATTERN
+        self.intercepts._pattern = re.compile(_IO_PATTERN.pattern + b"|" + FAR_PATTERN)
 
     def _intr(self, _uc, intno, _data) -> None:
         if intno != HYPERCALL_VECTOR:
@@ -97,7 +98,7 @@ class ParaVcpu(Vcpu):
         far more than the Python around it), and EAX goes back in one write."""
         regs = self.regs
         self._in_upcall = False
-        self._read_batch(self._uch, self._batch_ids, self._batch_ptrs, 7)
+        self._read_batch(self._uch, self._batch_ids, self._batch_ptrs, 8)
         b = self._batch
         nr = b[0]
         self.a = (b[2], b[3], b[4], b[5], b[6])
@@ -107,10 +108,11 @@ class ParaVcpu(Vcpu):
         if tracing:
             self.detail = {}
         entry = HYPERCALLS.get(nr)
-        if b[1] & 3 == 3:
+        if b[1] & 3 != 1 or b[7] & R.EFLAGS_VM:
+            # Only the kernel (ring 1) may call the hypervisor: in V86 mode CPL is 3 whatever CS says.
             result = _EPERM
             if tracing:
-                self.detail["refused"] = "hypercall from ring 3"
+                self.detail["refused"] = "hypercall from ring 3" if not b[7] & R.EFLAGS_VM else "hypercall from V86 mode"
         elif entry is None:
             result = -38
         else:
@@ -401,6 +403,24 @@ class ParaVcpu(Vcpu):
             # int n through an entry whose DPL is below CPL: #GP(vector * 8 + 2), as a gate would.
             return self.trap(13, insn_eip, vector * 8 + 2, insn_eip)
         self.bounce(cs, address, return_eip, error_code, bool(flags & 4), MNEMONIC.get(vector, f"int {vector:#x}"))
+
+    # -- far transfers: a PV guest has no hardware tasks or call gates ---------------------------------
+    def system_transfer(self, address: int, size: int, sel: int, offset: int, call: bool) -> None:
+        """A far jmp/call to a system descriptor (a call gate or TSS that reached the guest's GDT or
+        LDT): refused with #GP(selector), as Xen refuses such descriptors; the engine never sees it."""
+        from cpuvirt.cpu.events import DeliveryFault
+        raise DeliveryFault(13, sel & ~3)
+
+    def task_return(self, address: int, size: int) -> None:
+        """iret with EFLAGS.NT: there is no previous task under para: #GP(0)."""
+        from cpuvirt.cpu.events import DeliveryFault
+        raise DeliveryFault(13, 0)
+
+    def transfer_fault(self, address: int, f) -> None:
+        ec = f.error_code if f.vector in HAS_ERROR_CODE else None
+        self.record("exception", MNEMONIC.get(f.vector, str(f.vector)), f.vector, address,
+                    {"vector": f.vector, "error_code": ec}, "bounced through the guest's trap table")
+        self.trap(f.vector, address, ec, address)
 
     # -- what the engine raises ---------------------------------------------------------------------
     def _deliver_engine_event(self, intno: int, error_code: int, soft: bool, eip: int) -> None:
