@@ -143,6 +143,9 @@ def test_pv_interrupts_uses_the_timer_event_channel(tmp_path):
     fired = [e for e in events if e.get("kind") == "event_channel"]
     assert len(fired) == 6 and all(e["reason"] == "VIRQ_TIMER" and e["detail"]["port"] == port
                                     for e in fired)
+    # the sixth fires while the port is masked in evtchn_mask: it only latches
+    assert [e["detail"]["port_masked"] for e in fired] == [0] * 5 + [1]
+    assert fired[5]["action"] == "port set pending, masked: latched, no upcall"
     upcalls = [e for e in events if e.get("kind") == "upcall"]
     assert len(upcalls) == 6
     slot = int(by("sched_op")[0]["eip"], 16) - 5            # the slot's int 0x82 is at +5, ret at +7
