@@ -100,8 +100,12 @@ timer_woke:
     inc ecx
 elapsed_checked:
     CHECK_EQ("the 5th upcall comes 50 ms of system time after the timer was first set", ecx, 1)
-    mov eax, dword ptr [timer_port]
-    CHECK_EQ("the upcall finds VIRQ_TIMER's port in evtchn_pending_sel and evtchn_pending", dword ptr [first_port], eax)
+    mov eax, dword ptr [first_port]
+    cmp dword ptr [stray_events], 0
+    je port_checked
+    mov eax, 0xFFFFFFFF                 # an event on another port as well: not the timer's alone
+port_checked:
+    CHECK_EQ("the upcall finds VIRQ_TIMER's port in evtchn_pending_sel and evtchn_pending", eax, dword ptr [timer_port])
     CHECK_EQ("the upcall masked events in the handler (evtchn_upcall_mask = 1: IF = 0)", dword ptr [handler_if], 0)
     CHECK_EQ("the saved state has events enabled (EFLAGS.IF = 1, saved upcall mask 0)", dword ptr [saved_if], EFLAGS_IF)
     CHECK_EQ("an upcall in sched_op(SCHEDOP_block) returns to the instruction after its int 0x82", dword ptr [eip_mismatches], 0)
