@@ -52,7 +52,18 @@ INTERRUPTS = [
      "PV build also unmasks it, which the native one cannot usefully do with its PIT still running"),
 ]
 
-DIFFERENCES = {"interrupts": INTERRUPTS}
+# netdemo (the virtio-net guest, on its own branch until merged: this entry is inert without it): its
+# PV build polls the used ring, since para delivers no device interrupts (pv-abi.md 7), and says so.
+NETDEMO = [
+    ("interrupts: INTx through the 8259, IRQ 10",
+     ["interrupts: none (para delivers no device interrupts): the driver polls the used ring"],
+     "no device interrupts under para"),
+    ("PASS receive interrupts were delivered",
+     ["PASS receive completions were seen by polling the used ring (para: no device interrupts)"],
+     "no device interrupts under para: completions are polled"),
+]
+
+DIFFERENCES = {"interrupts": INTERRUPTS, "netdemo": NETDEMO}
 
 
 def expected_pv_console(guest: str, native_console: bytes) -> bytes:
