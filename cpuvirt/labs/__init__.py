@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -104,8 +105,12 @@ def run_step(step: Step, folder: Path) -> Output:
     argv = shlex.split(step.command)
     if argv[0] != "cpuvirt":
         raise CpuvirtError(f"lab step is not a cpuvirt command: {step.command}")
+    # The step runs in the lab folder, where `python -m cpuvirt` would import whichever cpuvirt is
+    # installed: put the package running this lab first on the path, so the steps run the same code.
+    root = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(d for d in (root, os.environ.get("PYTHONPATH")) if d))
     p = subprocess.run([sys.executable, "-m", "cpuvirt", *argv[1:]], cwd=folder, capture_output=True,
-                       timeout=600)
+                       timeout=600, env=env)
     return Output(argv, p.returncode, p.stdout.decode("utf-8", "replace"), p.stderr.decode("utf-8", "replace"),
                   folder)
 

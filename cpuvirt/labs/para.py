@@ -19,6 +19,23 @@ def _native(out: Output) -> dict:
     return {"native_io": s["counts"].get("io", 0), "native_pass": len(out.lines("PASS "))}
 
 
+def _irq_native(out: Output) -> dict:
+    counts = out.summary("irq-native.json")["counts"]
+    return {"irq_native_pass": len(out.lines("PASS ")), "irq_native_interrupts": counts.get("interrupt", 0),
+            "irq_native_io": counts.get("io", 0)}
+
+
+def _irq_para(out: Output) -> dict:
+    events = out.events("irq-para.jsonl")
+    kinds = Counter(e["kind"] for e in events)
+    calls = Counter(e["reason"] for e in events if e["kind"] == "hypercall")
+    blocks = sum(1 for e in events if e["reason"] == "sched_op" and e["detail"].get("cmd") == "block")
+    return {"irq_para_pass": len(out.lines("PASS ")), "irq_upcalls": kinds.get("upcall", 0),
+            "irq_virq": kinds.get("event_channel", 0), "irq_timer_ops": calls.get("set_timer_op", 0),
+            "irq_evtchn_ops": calls.get("event_channel_op", 0), "irq_blocks": blocks,
+            "irq_para_io": kinds.get("io", 0)}
+
+
 def _unmodified(out: Output) -> dict:
     first = (out.stderr.splitlines() or [""])[0]
     why = first.split(" (", 1)[-1]
@@ -44,6 +61,12 @@ Interrupt masking needs no hypercall: the guest writes a flag (`evtchn_upcall_ma
 with the hypervisor. Page tables are the guest's own, holding machine frame numbers, but read-only to it:
 every update is a validated `mmu_update` or `update_va_mapping` (**direct paging**).
 
+A PV guest owns no interrupt controller and no timer chip. Its interrupts are **event channels**: ports
+whose pending and mask bits are bitmaps in the shared page. It binds a virtual IRQ (`VIRQ_TIMER`) to a
+port, sets one-shot deadlines with `set_timer_op`, idles with `sched_op(SCHEDOP_block)`, and receives
+each event as an **upcall**: the hypervisor jumps to the callback the guest registered (`set_callbacks`)
+with events masked; the callback finds the port in the bitmaps and clears its pending bit, the PV EOI.
+
 cpuvirt's bundled guests that opt in have a PV build made from the same source: every privileged
 operation is a macro of `guests/include/pvops.inc` with a native body and a PV body (Linux calls the same
 idea *paravirt-ops*). `cpuvirt run GUEST --mode para` runs the PV build. docs/pv-abi.md is the ABI.
@@ -58,6 +81,21 @@ idea *paravirt-ops*). `cpuvirt run GUEST --mode para` runs the PV build. docs/pv
         Step("cpuvirt trace show para.jsonl --kind hypercall", "Read the hypercalls in order: set-up "
              "(`set_trap_table`, `set_gdt`, `stack_switch`), page-table updates, the console, `iret` "
              "back to ring 3.", show_lines=16),
+        Step("cpuvirt run interrupts -q --summary irq-native.json", "Run `interrupts` natively: it programs "
+             "the 8259A interrupt controller and the 8254 timer (100 Hz), waits with `sti; hlt` for five "
+             "ticks and acknowledges each with an EOI.", _irq_native,
+             "{irq_native_pass} PASS, {irq_native_interrupts} timer interrupts through IDT vector 0x20 and "
+             "{irq_native_io} port accesses (PIC, PIT and the polled UART)."),
+        Step("cpuvirt run interrupts --mode para -q --trace irq-para.jsonl", "Run its PV build. Put the two "
+             "consoles side by side: each line about the 8259A or the 8254 names its paravirtual counterpart "
+             "(guests/interrupts.S has a table of them).", _irq_para,
+             "{irq_para_pass} PASS: {irq_evtchn_ops} `event_channel_op` (bind VIRQ_TIMER, then unmask), "
+             "{irq_timer_ops} `set_timer_op`, {irq_blocks} `sched_op(block)`, {irq_virq} VIRQ_TIMER "
+             "firings and {irq_upcalls} upcalls, and {irq_para_io} port accesses.", show_lines=14),
+        Step("cpuvirt trace show irq-para.jsonl --kind upcall --kind event_channel", "Follow the timer: "
+             "each deadline sets the port pending, then an upcall enters the callback (its EIP is where the "
+             "guest was: the `ret` after `int 0x82` in the block hypercall's slot). The sixth firing comes "
+             "while the port is masked (`port_masked=1`): no upcall until the guest unmasks it.", show_lines=16),
         Step("cpuvirt build --out images", "Build the bundled guests' images (native and PV builds) into a "
              "folder `images`.", show_lines=3),
         Step("cpuvirt run images/hello.bin --mode para",
@@ -72,6 +110,10 @@ idea *paravirt-ops*). `cpuvirt run GUEST --mode para` runs the PV build. docs/pv
                        "hypercall? What must the guest check right after unmasking?"),
         Question("q4", "Why must every page-table update be validated by the hypervisor under direct paging? "
                        "What could a guest do with one writable page-table page?"),
+        Question("q5", "How many upcalls does the PV `interrupts` receive in all?", lambda o: o["irq_upcalls"]),
+        Question("q6", "In the PV `interrupts`, what replaces the EOI, and what would happen if its handler "
+                       "left it out (docs/pv-abi.md 5.2)? Why is `sched_op(SCHEDOP_block)` not two "
+                       "operations, as `sti; hlt` is?"),
     ],
     extend="""
 Write a small PV guest: opt in with `#if PV` / `#define PARAVIRT 1` before including `kernel.inc` (see

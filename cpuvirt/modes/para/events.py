@@ -86,6 +86,11 @@ class EventChannels:
         if self._word(EVTCHN_PENDING, w) & (1 << bit):
             self._notify(w, bit)
 
+    def port_masked(self, port: int) -> bool:
+        """The port's evtchn_mask bit (the guest's to set)."""
+        w, bit = divmod(port, 32)
+        return bool(self._word(EVTCHN_MASK, w) & (1 << bit))
+
     def bind_virq(self, virq: int) -> int | None:
         """The lowest free port (Xen's get_free_port), or None when all NR_PORTS are in use."""
         port = next((p for p in range(CONSOLE_PORT + 1, NR_PORTS) if p not in self.port_virq), None)

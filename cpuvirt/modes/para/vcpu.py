@@ -214,9 +214,13 @@ class ParaVcpu(Vcpu):
             self.timer = None
             port = self.events.virq_port.get(VIRQ_TIMER)
             self.events.raise_virq(VIRQ_TIMER)
-            self.record("event_channel", "VIRQ_TIMER", VIRQ_TIMER, self.regs.read(R.EIP),
-                        {"port": port, "mask": self.events.mask},
-                        "port set pending" if port is not None else "timer expired, VIRQ_TIMER not bound")
+            detail = {"port": port, "mask": self.events.mask}
+            action = "timer expired, VIRQ_TIMER not bound"
+            if port is not None:
+                masked = self.events.port_masked(port)
+                detail["port_masked"] = int(masked)
+                action = "port set pending, masked: latched, no upcall" if masked else "port set pending"
+            self.record("event_channel", "VIRQ_TIMER", VIRQ_TIMER, self.regs.read(R.EIP), detail, action)
 
     def block(self) -> int:
         """SCHEDOP_block: unmask events and sleep until one is pending (virtual time jumps)."""
