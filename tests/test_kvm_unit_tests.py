@@ -17,11 +17,6 @@ pytestmark = pytest.mark.skipif(not KUT or not (Path(KUT) / "x86").is_dir(),
                                 reason="KUT_DIR does not point at a kvm-unit-tests i386 build")
 TARGETS = ("taskswitch", "eventinj", "umip", "cmpxchg8b", "setjmp", "smptest", "dummy")
 PREDICTED = {
-    ("eventinj", "native"): "vec 32/33, vec 32/int $33: delivery in a 1-instruction window (sti; nop; cli) "
-                            "needs exact interrupt windows (issue 12)",
-    ("eventinj", "hw"): "same as native (issue 12)",
-    ("eventinj", "trap"): "same as native (issue 12)",
-    ("eventinj", "full"): "same as native (issue 12)",
     ("umip", "trap"): "the `mov r, cs` hole: the kernel sees RPL 1 and expects #GP from mov cr0 "
                       "(docs/deprivileging.md)",
 }
