@@ -31,7 +31,7 @@ from cpuvirt.cpu.events import HAS_ERROR_CODE, DeliveryFault, EventDelivery, Uns
 from cpuvirt.cpu.faultaddr import operand_address
 from cpuvirt.cpu.quirks import HF_INHIBIT_IRQ
 from cpuvirt.cpu.regs import _uclib
-from cpuvirt.cpu.vcpu import EXIT_ERROR, Vcpu
+from cpuvirt.cpu.vcpu import EXIT_HYPERVISOR_STOP, Vcpu
 from cpuvirt.machine.hostmem import HostRegion
 from cpuvirt.memory.ept import HvAllocator
 from cpuvirt.memory.mmu import GuestPageFault
@@ -548,7 +548,7 @@ class DeprivilegedVcpu(Vcpu):
         try:
             done = handler(self, eip, size, ops)
         except Unsupported as u:
-            self.finish("error", EXIT_ERROR, f"unsupported at {eip:#x} ({mnem} {ops}): {u}")
+            self.finish("error", EXIT_HYPERVISOR_STOP, f"unsupported at {eip:#x} ({mnem} {ops}): {u}")
             return size
         except GuestFault as g:
             self.record(self.event_kind, mnem, 13, eip, {"fault": g.vector}, "emulated: raised a fault in the guest")
@@ -764,6 +764,7 @@ class DeprivilegedVcpu(Vcpu):
     # -- what the engine hands the hypervisor ---------------------------------------------------------
     def page_fault(self, gva: int, access: int, error_code: int, eip: int) -> None:
         """A guest #PF: CR2 is the virtual one (the real CR2 is the hypervisor's)."""
+        self.charge_fault(access)
         self.v.cr2 = gva
         self.record("page_fault", "#PF", 14, eip,
                     {"cr2": f"{gva:#x}", "error_code": error_code, "access": ("read", "write", "fetch")[access],

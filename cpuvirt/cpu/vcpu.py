@@ -19,9 +19,12 @@ from cpuvirt.cpu.events import MNEMONIC, EventDelivery, TripleFault, Unsupported
 from cpuvirt.cpu.quirks import FaultState
 from cpuvirt.machine.clock import NEVER
 from cpuvirt.memory.traces import TraceError, TracedWrite
+from cpuvirt.status import BUDGET as EXIT_BUDGET, HALTED as EXIT_HALTED, HYPERVISOR_STOP as EXIT_HYPERVISOR_STOP
+from cpuvirt.status import INTERNAL_ERROR as EXIT_ERROR, TRIPLE_FAULT as EXIT_TRIPLE_FAULT
 
-EXIT_BUDGET, EXIT_TRIPLE_FAULT, EXIT_HALTED, EXIT_ERROR = 124, 125, 126, 1
 IO_CYCLES = 1000    # a port access costs 1 us of virtual time, as an ISA bus cycle does on a PC
+FETCH_FAULT_CYCLES = 100   # a fault on an instruction fetch retires nothing: it costs this much time,
+                           # so a handler whose own code faults spends the budget (docs/security.md)
 POLL_INSNS = 1000   # while an interrupt waits for IF=1, look again this often (instructions)
 _IO_MNEMONICS = frozenset(("in", "out", "insb", "insw", "insd", "outsb", "outsw", "outsd"))
 _BLOCK_ENDERS = frozenset(("jmp", "call", "ret", "iret", "iretd", "hlt", "int", "int3", "into", "ljmp", "lcall",
@@ -66,6 +69,11 @@ class Vcpu:
         uc, regs, clock = self.uc, self.regs, self.clock
         regs.write(R.EIP, entry)
         while self.outcome is None:
+            if clock.now >= self.budget:
+                # Time spent outside instructions (faults that retire nothing, hypervisor work)
+                # reaches the budget too: every turn of this loop makes progress or spends it.
+                self.finish("budget", EXIT_BUDGET, self.budget_message())
+                break
             self.before_entry()
             if self.outcome is not None:
                 break
@@ -122,7 +130,7 @@ class Vcpu:
     def on_refused_fill(self, pending, eip: int) -> None:
         """The TLB-fill hook refused an access: a guest page fault (modes add other kinds)."""
         if pending.unbacked_fetch:
-            self.finish("error", EXIT_ERROR, f"guest fetched code from unbacked memory at {pending.gva:#x}")
+            self.stop_unbacked_fetch(self.exact_linear(pending, eip))
             return
         if type(pending) is TracedWrite:
             self.traced_write(pending, eip)
@@ -151,6 +159,16 @@ class Vcpu:
             return eip             # a fetch faults at the instruction (or its next page)
         return gva
 
+    def stop_unbacked_fetch(self, gva: int) -> None:
+        """Code fetched where the machine has no RAM (unbacked or device memory): the hypervisor
+        stops the guest, in every mode alike (docs/security.md, "Outcomes")."""
+        self.finish("error", EXIT_HYPERVISOR_STOP, f"guest fetched code from unbacked memory at {gva:#x} "
+                    "(no RAM there: cpuvirt does not execute from device or unassigned memory)")
+
+    def budget_message(self, when: str = "") -> str:
+        return (f"budget of {self.budget:,} cycles exhausted (--max-insns: instructions plus I/O, idle "
+                f"time and hypervisor work){when}")
+
     def finish(self, kind: str, status: int, message: str = "") -> None:
         if self.outcome is None:
             self.outcome = Outcome(kind, status, message)
@@ -173,7 +191,7 @@ class Vcpu:
     # -- time: timer interrupts, budget, hlt -------------------------------------------------------
     def on_deadline(self, eip: int) -> None:
         if self.clock.now >= self.budget:
-            self.finish("budget", EXIT_BUDGET, f"budget of {self.budget:,} cycles exhausted (--max-insns: instructions plus I/O and idle time)")
+            self.finish("budget", EXIT_BUDGET, self.budget_message())
             return
         self.m.update_timers()
         self.inject_pending_interrupt(eip)
@@ -212,7 +230,7 @@ class Vcpu:
             if deadline is None:
                 self.finish("halted", EXIT_HALTED, f"hlt at {hlt_eip:#x} with no timer armed: nothing can wake the CPU")
             else:
-                self.finish("budget", EXIT_BUDGET, f"budget of {self.budget:,} cycles exhausted (--max-insns: instructions plus I/O and idle time) while halted")
+                self.finish("budget", EXIT_BUDGET, self.budget_message(" while halted"))
             return
         if deadline > self.clock.now:
             self.clock.advance(deadline - self.clock.now)
@@ -221,7 +239,14 @@ class Vcpu:
             self.finish("halted", EXIT_HALTED, f"hlt at {hlt_eip:#x}: the timer fired but its IRQ is masked")
 
     # -- faults and interrupts ---------------------------------------------------------------------
+    def charge_fault(self, access: int) -> None:
+        """A #PF on an instruction fetch retires nothing: charge its delivery to the clock, so a
+        guest whose handler itself cannot be fetched spends its budget instead of looping free."""
+        if access == 2:
+            self.clock.advance(FETCH_FAULT_CYCLES)
+
     def page_fault(self, gva: int, access: int, error_code: int, eip: int) -> None:
+        self.charge_fault(access)
         self.regs.write(R.CR2, gva)
         self.record("page_fault", "#PF", 14, eip,
                     {"cr2": f"{gva:#x}", "error_code": error_code, "access": ("read", "write", "fetch")[access],
@@ -236,7 +261,7 @@ class Vcpu:
             self.record("exception", "TRIPLE_FAULT", None, return_eip, {"why": str(tf)}, "shutdown")
             self.finish("triple_fault", EXIT_TRIPLE_FAULT, f"triple fault at {return_eip:#x}: {tf}")
         except Unsupported as u:
-            self.finish("error", EXIT_ERROR, f"unsupported at {return_eip:#x}: {u}")
+            self.finish("error", EXIT_HYPERVISOR_STOP, f"unsupported at {return_eip:#x}: {u}")
 
     def hook_intr(self, uc, intno, _data):
         """Every exception and `int n` the engine raises (it never delivers them itself)."""

@@ -24,7 +24,7 @@ from cpuvirt.bt.translate import GuestCode, TranslateFault
 from cpuvirt.cpu import regs as R
 from cpuvirt.cpu.deprivilege import KERNEL_RING, SHADOW_GDT_WINDOW, DeprivilegedVcpu
 from cpuvirt.cpu.events import Vector
-from cpuvirt.cpu.vcpu import EXIT_ERROR
+from cpuvirt.cpu.vcpu import EXIT_BUDGET, EXIT_ERROR, EXIT_HYPERVISOR_STOP
 from cpuvirt.machine.clock import _COUNT_CB
 from cpuvirt.memory.mmu import GuestPageFault
 from cpuvirt.memory.types import Access
@@ -410,11 +410,16 @@ class FullVcpu(DeprivilegedVcpu):
         # Frames written since last checked: stop after one block (the store runs in it), check then.
         return min(d, self.clock.now) if self._dirty else d
 
-    def _fetch_fault(self, f: TranslateFault, geip: int) -> None:
+    def _fetch_fault(self, f: TranslateFault, geip: int) -> bool:
+        """The translator cannot fetch the guest's code: #PF, or a stop for unbacked memory. False
+        when the run ends (stopped, or the budget spent by faults that retire nothing)."""
         if f.error_code is None:
-            self.finish("error", EXIT_ERROR, f"guest fetched code from unbacked memory at {f.gva:#x}")
-            return
+            self.stop_unbacked_fetch(f.gva)
+            return False
         self.page_fault(f.gva, Access.FETCH, f.error_code, geip)
+        if self.outcome is None and self.clock.now >= self.budget:
+            self.finish("budget", EXIT_BUDGET, self.budget_message())
+        return self.outcome is None
 
     def _hook_error(self, e: BaseException) -> None:
         self.error = e
@@ -491,7 +496,7 @@ class FullVcpu(DeprivilegedVcpu):
             self.settle()
             return
         if pending.unbacked_fetch:
-            self.finish("error", EXIT_ERROR, f"guest fetched code from unbacked memory at {pending.gva:#x}")
+            self.stop_unbacked_fetch(pending.gva)
             return
         self.page_fault(gva, pending.access, pending.error_code, geip)
         self.settle()
@@ -521,7 +526,7 @@ class FullVcpu(DeprivilegedVcpu):
             self.settle()
             return
         if self.clock.now >= self.budget:
-            self.finish("budget", 124, f"budget of {self.budget:,} cycles exhausted (--max-insns: instructions plus I/O and idle time)")
+            self.finish("budget", EXIT_BUDGET, self.budget_message())
             return
         self.m.update_timers()
         pending = self.m.pending_nmi() or self.m.pending_interrupt() is not None
@@ -558,7 +563,7 @@ class FullVcpu(DeprivilegedVcpu):
             return fast
         self.regs.write(R.EIP, geip)
         if self.emulate_at(geip) is None:
-            self.finish("error", EXIT_ERROR, f"full: no emulation for the guest-kernel instruction "
+            self.finish("error", EXIT_HYPERVISOR_STOP, f"full: no emulation for the guest-kernel instruction "
                         f"'{ins.text}' at {geip:#x}")
             return None
         self._virtual_changed()
