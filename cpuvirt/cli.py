@@ -308,6 +308,9 @@ def format_summary(res) -> str:
                      f"{tc['ic_misses']} inline-cache misses), {tc['invalidations']} invalidations, "
                      f"{tc['flushes']} flushes; {bt['code_page_faults']} stores into code pages, "
                      f"{bt['adaptive_stores']} stores made callouts (adaptive)")
+    if res.console_dropped:
+        lines.append(f"  console        {res.console_dropped:,} bytes streamed but not kept in the run record "
+                     "(its first 64 KiB and last 1 MiB are)")
     mips = res.icount / res.wall_s / 1e6 if res.wall_s > 0 else 0.0
     lines.append(f"  wall time      {res.wall_s:.3f} s ({mips:,.1f} MIPS)")
     if res.vga:

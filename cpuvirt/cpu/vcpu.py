@@ -514,5 +514,7 @@ class Vcpu:
                 break
             else:
                 text = "(bad)"
+            if len(self._insn_cache) >= 65536:      # bounded: a guest may run code at any address
+                self._insn_cache.clear()
             self._insn_cache[(eip, code)] = text
         return text

@@ -71,6 +71,7 @@ class DirectPaging:
         self.on_flush = None                   # callback: drop the engine's TLB
         self.tlb_dirty = False                 # flush before the guest runs again
         self.walk_counter = mmu.counters
+        self.work = 0                          # entries validated or released since the hypercall began
 
     # -- the strategy (Mmu.fill asks these) ------------------------------------------------------
     def gva_to_gpa(self, gva, access, user, side_effects=True):
@@ -158,6 +159,8 @@ class DirectPaging:
         if n == 0:
             t = self.type[p]
             self.type[p] = NONE
+            if t in (L1, L2):
+                self.work += 1024
             if t == L1:
                 for e in self.entries(mfn):
                     self.put_l1e(e)
@@ -167,6 +170,7 @@ class DirectPaging:
 
     def _validate(self, mfn: int, get, put, limit: int = 1024) -> None:
         ents = self.entries(mfn)
+        self.work += 1024
         done = []
         try:
             for i, e in enumerate(ents):
@@ -201,6 +205,7 @@ class DirectPaging:
             return
         if e & PTE_PS:
             first = (e >> 12) & ~0x3FF
+            self.work += 1024
             if e & (0xFF << 13):
                 raise Refused(EINVAL, "4 MiB page above 4 GiB (PSE-36 bits set)")
             if e & PTE_RW:
@@ -225,6 +230,7 @@ class DirectPaging:
         if e & PTE_PS:
             if e & PTE_RW:
                 first = (e >> 12) & ~0x3FF
+                self.work += 1024
                 for mfn in range(first, first + 1024):
                     self.put_type(mfn)
             return

@@ -143,6 +143,7 @@ class FullVcpu(DeprivilegedVcpu):
         self._hv_fetch = False
         self.tc = TCache(lambda a, d: hv.write(base_hpa + (a - TC_WINDOW), bytes(d)), TC_WINDOW,
                          remove_cache=self._remove_cache)
+        self.tc.on_flush = self._forget_translations
         self.code = _Code(self)
         self.rt = BtRuntime(self.uc, self.regs, self.tc, self.code, self._read32, self._write32)
         self.rt.on_callout = self._callout
@@ -270,6 +271,29 @@ class FullVcpu(DeprivilegedVcpu):
                     if len(lst) >= 64:
                         lst[:] = [e for e in lst if e[1].alive]
                     lst.append(entry)
+
+    def _forget_translations(self) -> None:
+        """The TC was flushed: every block is dead, so what was kept per block and per code page
+        goes too (without this, dead blocks stayed referenced and host memory grew with every
+        translation ever made). Code frames are untraced; they are traced again when translated."""
+        traces = self.mmu.traces
+        for frame in self._frame_blocks:
+            if frame in traces and CODE in traces.kinds(frame):
+                traces.untrace_frame(frame, CODE)
+        for page, frame in self._page_frame.items():
+            if frame in traces and CODE in traces.kinds(frame):
+                traces.untrace_frame(frame, CODE)
+        self._frame_blocks.clear()
+        self._frame_index.clear()
+        self._page_frame.clear()
+        self._dirty.clear()
+        self._prefix_len.clear()
+        lo, hi = TC_WINDOW, TC_WINDOW + TC_SIZE
+        for table in (self.m.block_insns, self._io_sites):
+            for a in [a for a in table if lo <= a < hi]:
+                del table[a]
+        if len(self.traced_stores) > 65536:
+            self.traced_stores.clear()
 
     def _note_page(self, page: int, frame: int) -> None:
         self._page_frame[page] = frame

@@ -21,7 +21,7 @@ from cpuvirt.machine.clock import NEVER
 from cpuvirt.memory.direct import EFAULT, Refused
 from cpuvirt.memory.mmu import GuestPageFault
 from cpuvirt.modes.para.events import VIRQ_TIMER
-from cpuvirt.modes.para.hypercalls import HYPERCALLS
+from cpuvirt.modes.para.hypercalls import ENTRY_CYCLES, HYPERCALL_CYCLES, HYPERCALLS
 
 _INTR_CB = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_void_p)
 HYPERCALL_VECTOR = 0x82
@@ -99,6 +99,8 @@ class ParaVcpu(Vcpu):
         if tracing:
             self.detail = {}
         entry = HYPERCALLS.get(nr)
+        self.paging.work = 0
+        self.clock.advance(HYPERCALL_CYCLES)
         if b[1] & 3 == 3:
             result = _EPERM
             if tracing:
@@ -114,6 +116,8 @@ class ParaVcpu(Vcpu):
                     self.detail["refused"] = r.why
         if result is not None:
             regs.write(R.EAX, result & 0xFFFFFFFF)
+        if self.paging.work:
+            self.clock.advance(ENTRY_CYCLES * self.paging.work)   # page-table entries validated/released
         if self.paging.tlb_dirty:
             self.paging.flush_tlb()
         if tracing:
@@ -134,6 +138,10 @@ class ParaVcpu(Vcpu):
         self.detail = None
 
     # -- helpers for the hypercall handlers ---------------------------------------------------------
+    def charge(self, cycles: int) -> None:
+        """Hypervisor work done for the guest, charged to its budget (hypercalls.py: the cost model)."""
+        self.clock.advance(cycles)
+
     def note(self, **kw) -> None:
         if self.detail is not None:
             self.detail.update(kw)
