@@ -479,6 +479,77 @@ class Vcpu:
         if err:
             raise RuntimeError(f"cannot hook rdtsc (uc error {err})")
         uc.hook_add(UC_HOOK_INSN, self.hook_cpuid, None, 1, 0, X.UC_X86_INS_CPUID)
+        uc.hook_add(UC_HOOK_INSN, self.hook_syscall, None, 1, 0, X.UC_X86_INS_SYSCALL)
+        uc.hook_add(UC_HOOK_INSN, self.hook_sysenter, None, 1, 0, X.UC_X86_INS_SYSENTER)
+
+    def _hooked_system_call(self, second: int) -> tuple[int, int]:
+        """(address, length) of the syscall (0F 05) or sysenter (0F 34) whose hook is running.
+
+        The engine does not update EIP before these hooks (it holds the start of the running
+        block), but each of them ends its block: it is the block's last instruction."""
+        entry = self.m.block_insns.get(self.clock.last_block)
+        candidates = [entry[0][-1]] if entry else []
+        candidates.append(self.regs.read(R.EIP))
+        for eip in candidates:
+            code = self.mmu.fetch_bytes(eip, 15) or b""
+            p = 0
+            while p < len(code) - 1 and code[p] in (0x66, 0x67, 0xF2, 0xF3, 0x2E, 0x3E, 0x26, 0x36, 0x64, 0x65):
+                p += 1
+            if code[p:p + 2] == bytes((0x0F, second)):
+                return eip, p + 2
+        raise RuntimeError(f"internal: no {'sysenter' if second == 0x34 else 'syscall'} at the hooked "
+                           f"block {self.clock.last_block:#x}")
+
+    def hook_syscall(self, uc, _data) -> None:
+        """syscall: the CPU model reports no SYSCALL and EFER.SCE is never set, so #UD as on QEMU
+        (the engine alone treats it as a no-op). The engine adds the instruction's length to the
+        EIP this hook leaves: EIP is set that much before where the delivery left it."""
+        self.mmu.crs = None
+        try:
+            eip, length = self._hooked_system_call(0x05)
+            self.left_block_at(eip)
+            self.invalid_opcode(eip)
+            self.regs.write(R.EIP, (self.regs.read(R.EIP) - length) & 0xFFFFFFFF)
+        except BaseException as e:
+            self.error = e
+            uc.emu_stop()
+
+    def hook_sysenter(self, uc, _data) -> None:
+        """sysenter, done here in every mode (the engine alone treats it as a no-op, and under
+        deprivileging its transfer would load a real ring-0 CS); see hook_syscall for EIP."""
+        self.mmu.crs = None
+        try:
+            eip, length = self._hooked_system_call(0x34)
+            self.left_block_at(eip)
+            self.sysenter(eip)
+            self.regs.write(R.EIP, (self.regs.read(R.EIP) - length) & 0xFFFFFFFF)
+        except BaseException as e:
+            self.error = e
+            uc.emu_stop()
+
+    def sysenter_msrs(self) -> tuple[int, int, int]:
+        """IA32_SYSENTER_CS, _ESP, _EIP (deprivileging keeps them in the virtual CPU)."""
+        return self.uc.msr_read(0x174), self.uc.msr_read(0x175), self.uc.msr_read(0x176)
+
+    def sysenter(self, eip: int) -> None:
+        """SDM SYSENTER, as QEMU does it: #GP(0) while IA32_SYSENTER_CS is null, else to CPL 0 at
+        IA32_SYSENTER_EIP/ESP with CS = IA32_SYSENTER_CS, SS = CS + 8, VM, IF and RF cleared."""
+        cs, esp, target = self.sysenter_msrs()
+        cs &= 0xFFFC
+        if not cs:
+            self.record("exception", "#GP", 13, eip, {"vector": 13, "error_code": 0,
+                                                      "why": "sysenter with IA32_SYSENTER_CS null"},
+                        "delivered through the guest IDT")
+            self.deliver(Vector.GP, eip, 0)
+            return
+        d = self.delivery
+        flags = d._eflags() & ~(R.EFLAGS_VM | R.EFLAGS_IF | R.EFLAGS_RF)
+        d._enter(cs, cs + 8, d._cpl(), 0, self.regs.read(R.CS), esp & 0xFFFFFFFF, flags, target & 0xFFFFFFFF)
+
+    def invalid_opcode(self, eip: int) -> None:
+        """#UD for the instruction at `eip` (modes that run code elsewhere map `eip` first)."""
+        self.record("exception", "#UD", 6, eip, {"vector": 6}, "delivered through the guest IDT")
+        self.deliver(Vector.UD, eip)
 
     def hook_cpuid(self, uc, _data) -> bool:
         """CPUID answers with cpuvirt's CPU model (cpu/cpuid.py, through the machine), in every mode,

@@ -642,6 +642,17 @@ class FullVcpu(DeprivilegedVcpu):
             if self.outcome is not None:
                 return None
             return nxt
+        if op == 0x0F and (raw[p + 1] in (0x05, 0x07) or (raw[p + 1] == 0x01 and p + 2 < len(raw)
+                                                          and raw[p + 2] >> 6 == 3 and (raw[p + 2] >> 3) & 7 not in (4, 6))):
+            # syscall, sysret, and the 0F 01 register forms this CPU model does not have (vmcall,
+            # vmlaunch, monitor, mwait, xgetbv, rdtscp, swapgs...): #UD, as native gives
+            self.invalid_opcode(geip)
+            return None
+        if op == 0xF1:
+            # icebp: #DB as a trap (EIP after it), as the engine raises it under native
+            self.record("exception", "#DB", 1, geip, {"vector": 1}, "delivered through the guest IDT")
+            self.deliver(1, nxt)
+            return None
         if op == 0x0F and raw[p + 1] == 0x31:
             if self.trace is None:
                 self.counts[self.event_kind] += 1
