@@ -152,9 +152,12 @@ class DirectPaging:
         if n < 0:
             raise AssertionError(f"type count of mfn {mfn:#x} below zero")
         self.count[p] = n
-        if self.type[p] == WRITABLE:
-            # A writable mapping went away: the engine's TLB may still hold it, and the frame may
-            # become a page table before the guest runs again. Flushed before it does (flush_tlb).
+        if self.type[p] == WRITABLE or (n == 0 and self.type[p] != NONE):
+            # A protection goes away: a writable mapping (the engine's TLB may still hold it, and
+            # the frame may become a page table), or the last use of a page-table or descriptor
+            # frame (the frame may become writable while the engine still holds translations
+            # through it: the GDT/LDT window's, or those walked through a table). The engine's
+            # TLB is flushed before the guest runs again (flush_tlb, at the end of the hypercall).
             self.tlb_dirty = True
         if n == 0:
             t = self.type[p]
@@ -305,7 +308,10 @@ class DirectPaging:
         self.ldt_frames = self._set_desc_frames(mfns, self.ldt_frames)
 
     def _set_desc_frames(self, mfns: list[int], old: list[int]) -> list[int]:
-        """Type the new descriptor-table frames (Xen's PGT_seg_desc_page), then release the old."""
+        """Type the new descriptor-table frames (Xen's PGT_seg_desc_page), then release the old.
+        The window shows other frames from now on: the engine's TLB entries for it are dropped
+        (put_type marks the TLB dirty as the old frames lose their type)."""
+        self.tlb_dirty = True
         done = []
         try:
             for mfn in mfns:
