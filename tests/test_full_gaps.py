@@ -50,3 +50,15 @@ def test_native_and_full_print_what_qemu_prints(image, native):
     from tests.qemu import run_under_qemu
     out, _ = run_under_qemu(image)
     assert out.decode() == native
+
+
+def test_fpu_instruction_pointer_is_the_guests(tmp_path):
+    """Issue 10, item 8: fnstenv / fnsave / fstenv after an x87 instruction store its address and
+    CS. Under full the instruction ran in the translation cache (0xFF01....) at ring 1: the stored
+    pointer must be the guest's address and selector, as native shows (tests/guests/fpu_ip.S)."""
+    image = build("fpu_ip", tmp_path)
+    native = run_guest(str(image), "native")
+    assert (native.outcome, native.status) == ("exit", 0), native.console.decode()
+    full = run_guest(str(image), "full", max_insns=50_000_000)
+    assert full.console == native.console, full.console.decode()
+    assert b"0xff0" not in full.console

@@ -86,6 +86,21 @@ def _encode_mem(reg: int, mod: int, rm: int, sib, disp: int, dsize: int, add: in
     return bytes([(nmod << 6) | (reg << 3) | rm]) + (bytes([sib]) if sib is not None else b"") + d
 
 
+def _stores_fpu_pointers(raw: bytes, p: int, prefixes: bytes) -> bool:
+    """D9 /6 (fnstenv), DD /6 (fnsave), with or without a 9B wait, and 0F AE /0 (fxsave), to memory,
+    in their 32-bit formats (the 16-bit ones, under 0x66, are left alone)."""
+    if 0x66 in prefixes:
+        return False
+    if p < len(raw) and raw[p] == 0x9B:
+        p += 1
+    if p + 1 >= len(raw):
+        return False
+    op, modrm = raw[p], raw[p + 1]
+    if op in (0xD9, 0xDD):
+        return modrm >> 6 != 3 and (modrm >> 3) & 7 == 6
+    return op == 0x0F and modrm == 0xAE and p + 2 < len(raw) and raw[p + 2] >> 6 != 3 and (raw[p + 2] >> 3) & 7 == 0
+
+
 class GuestCode(Protocol):
     """What the translator needs from the hypervisor (full mode's `_Code`, the tests' bare engine)."""
 
@@ -314,6 +329,11 @@ class Translator:
             ins.kind = INLINE
             out += b"\x68" + _imm32(self.code.virtual(field))
             return False
+        if _stores_fpu_pointers(raw, p, prefixes):
+            # fnstenv/fstenv/fnsave/fsave/fxsave store the last x87 instruction's address, which is
+            # where it ran: in the TC. The store runs here, then a callout rewrites that field.
+            out += raw
+            return self._callout(blk, ins, raw, out, "fpu_env")
         if self._is_sensitive(op, op2, raw, p, mnem):
             return self._callout(blk, ins, raw, out, "sensitive")
         out += raw

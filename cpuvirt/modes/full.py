@@ -582,6 +582,9 @@ class FullVcpu(DeprivilegedVcpu):
         if site.kind == "adaptive":
             self._adaptive_store(geip)
             return None
+        if site.kind == "fpu_env":
+            self._fpu_pointers_to_guest(geip, site.raw)
+            return (geip + ins.size) & 0xFFFFFFFF
         fast = self._special(geip, ins, site)
         if fast is not False:
             return fast
@@ -662,6 +665,28 @@ class FullVcpu(DeprivilegedVcpu):
             self._rdtsc_out.write(now & 0xFFFFFFFF, (now >> 32) & 0xFFFFFFFF)
             return nxt
         return False
+
+    def _fpu_pointers_to_guest(self, geip: int, raw: bytes) -> None:
+        """After the guest kernel's fnstenv/fnsave/fxsave (done natively in the TC): the stored
+        x87 instruction pointer is where the last x87 instruction ran, a TC address; it becomes the
+        guest EIP it translates, and FCS the guest's selector (SDM Vol. 1 8.1.8, figures 8-9/8-10 for
+        the 32-bit protected-mode layouts; table 10-2 for fxsave's)."""
+        fx = raw.lstrip(b"\x9b\x2e\x3e\x26\x36\x64\x65")[:1] == b"\x0f"
+        fip_at, fcs_at = (8, 12) if fx else (12, 16)
+        try:
+            addr = self.memory_operand(geip)
+            fip, fcs = struct.unpack("<IH", self.read_guest(addr + fip_at, 4) + self.read_guest(addr + fcs_at, 2))
+            g = self.tc.guest_eip(fip) if self.tc.in_code(fip) else None
+            if g is not None:
+                self.write_guest(addr + fip_at, struct.pack("<I", g[0]))
+            self.write_guest(addr + fcs_at, struct.pack("<H", self.guest_selector(fcs)))
+        except GuestPageFault:
+            return                       # the store itself would have faulted first: not reached
+        if self.trace is None:
+            self.counts[self.event_kind] += 1
+        else:
+            self.record(self.event_kind, "fpu_pointers", None, geip, {"fip": f"{fip:#x}"},
+                        "the stored x87 instruction pointer shown as the guest's")
 
     def _adaptive_store(self, geip: int) -> None:
         """The store of an adaptive callout, done through shadow paging's guest_store."""
