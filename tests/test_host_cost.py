@@ -139,3 +139,25 @@ def test_input_too_large_on_the_command_line_is_one_line(tmp_path):
         p = run_cli(*args, timeout=60)
         err = p.stderr.decode().strip()
         assert p.returncode == status.BAD_INPUT and "\n" not in err and "larger than" in err, err
+
+
+@pytest.mark.parametrize("mode", ["trap", "full"])
+def test_shadow_entries_per_address_space_are_capped(monkeypatch, mode):
+    """Shadow paging keeps at most MAX_ROOT_ENTRIES entries per address space (a guest mapping all
+    4 GiB would otherwise cost about a million entries per space, times 8 spaces): here the cap is
+    lowered to 8 and the bundled `paging` guest must still pass every check."""
+    from cpuvirt.memory import shadow
+    monkeypatch.setattr(shadow, "MAX_ROOT_ENTRIES", 8)
+    seen = []
+    real = shadow.ShadowPaging._resolve
+
+    def spy(self, *a):
+        out = real(self, *a)
+        seen.append(max((len(r.entries) for r in self.roots.values()), default=0))
+        return out
+    monkeypatch.setattr(shadow.ShadowPaging, "_resolve", spy)
+    res = run_guest("paging", mode)
+    assert (res.outcome, res.status) == ("exit", 0), (res.message, res.console.decode()[-500:])
+    assert b"FAIL" not in res.console
+    assert res.mmu["shadow"]["root_trims"] > 0
+    assert max(seen) <= 8
