@@ -161,3 +161,17 @@ def test_shadow_entries_per_address_space_are_capped(monkeypatch, mode):
     assert b"FAIL" not in res.console
     assert res.mmu["shadow"]["root_trims"] > 0
     assert max(seen) <= 8
+
+
+def test_decoded_block_caches_are_capped(out_dir, monkeypatch):
+    """Tables keyed by guest code addresses are caches with a cap (cpuvirt/limits.py): 4000 distinct
+    blocks with the cap lowered to 256 keep at most 256 entries, and the guest still passes."""
+    from cpuvirt import limits
+    monkeypatch.setattr(limits, "CACHE_ENTRIES", 256)
+    seen = []
+    res = run_guest(str(build("many_blocks", out_dir, N=4000)), "full",
+                    mode_options={"observer": seen.append})
+    assert (res.outcome, res.status) == ("exit", 0), (res.message, res.console)
+    m = seen[0].machine
+    assert res.icount > 4000 and 0 < len(m.block_insns) <= 256
+    assert len(seen[0].vcpu._io_sites) <= 256

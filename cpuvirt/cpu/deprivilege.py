@@ -26,6 +26,7 @@ import struct
 
 from unicorn import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH, UC_PROT_READ, UC_PROT_WRITE
 
+from cpuvirt import limits
 from cpuvirt.cpu import regs as R
 from cpuvirt.cpu.events import HAS_ERROR_CODE, DeliveryFault, EventDelivery, Unsupported, Vector
 from cpuvirt.cpu.faultaddr import operand_address
@@ -313,7 +314,7 @@ class DeprivilegedVcpu(Vcpu):
                     raise GuestFault(Vector.PF, pf.error_code, (pf.gva & ~0xFFF) | off) from None
                 if hpa is None or not self.mmu.ram.contains(hpa, 0x1000):
                     return self._read_slow(gva, size)
-                self._rtlb[gva >> 12] = hpa
+                limits.put(self._rtlb, gva >> 12, hpa)
             return self.mmu.ram.read(hpa + off, size)
         return self._read_slow(gva, size)
 

@@ -13,6 +13,7 @@ from unicorn import (UC_HOOK_INSN, UC_HOOK_INSN_INVALID, UC_HOOK_INTR, UC_HOOK_T
 from unicorn import x86_const as X
 from unicorn.unicorn_py3 import unicorn as _ucmod
 
+from cpuvirt import limits
 from cpuvirt.cpu import regs as R
 from cpuvirt.cpu.faultaddr import fault_address
 from cpuvirt.cpu.events import MNEMONIC, EventDelivery, TripleFault, Unsupported, Vector
@@ -416,7 +417,7 @@ class Vcpu:
                     sites.append((addr, size, mnem.startswith("rep")))
                 if m in _BLOCK_ENDERS:
                     break
-            self._io_sites[block] = sites
+            limits.put(self._io_sites, block, sites)
         return sites
 
     def forget_block(self, address: int) -> None:

@@ -340,6 +340,8 @@ class ShadowPaging:
                 self._flush_engine()
             return False
         eip = tw.eip
+        if len(self.traced_writes) >= MAX_ROOT_ENTRIES and eip not in self.traced_writes:
+            self.traced_writes.clear()             # statistics only: bounded like the rest
         self.traced_writes[eip] += 1
         m = self.mmu
         regs = m.regs

@@ -17,13 +17,14 @@ import struct
 
 from unicorn import UC_PROT_EXEC
 
+from cpuvirt import limits
 from cpuvirt.bt.coherence import invalidate
 from cpuvirt.bt.runtime import BtRuntime
 from cpuvirt.bt.tcache import CALLOUT_SLOTS, TC_SIZE, TCache
 from cpuvirt.bt.translate import GuestCode, TranslateFault
 from cpuvirt.cpu import regs as R
-from cpuvirt.cpu.deprivilege import KERNEL_RING, SHADOW_GDT_WINDOW, DeprivilegedVcpu
-from cpuvirt.cpu.events import Vector
+from cpuvirt.cpu.deprivilege import KERNEL_RING, SHADOW_GDT_WINDOW, DeprivilegedVcpu, GuestFault
+from cpuvirt.cpu.events import Unsupported, Vector
 from cpuvirt.cpu.vcpu import EXIT_BUDGET, EXIT_ERROR, EXIT_HYPERVISOR_STOP
 from cpuvirt.machine.clock import _COUNT_CB
 from cpuvirt.memory.mmu import GuestPageFault
@@ -294,6 +295,8 @@ class FullVcpu(DeprivilegedVcpu):
                 del table[a]
         if len(self.traced_stores) > 65536:
             self.traced_stores.clear()
+        if len(self.rt.translator.adaptive) > 65536:      # guest EIPs made adaptive: an optimization
+            self.rt.translator.adaptive.clear()
 
     def _note_page(self, page: int, frame: int) -> None:
         self._page_frame[page] = frame
@@ -680,7 +683,7 @@ class FullVcpu(DeprivilegedVcpu):
             if g is not None:
                 self.write_guest(addr + fip_at, struct.pack("<I", g[0]))
             self.write_guest(addr + fcs_at, struct.pack("<H", self.guest_selector(fcs)))
-        except GuestPageFault:
+        except (GuestFault, GuestPageFault, Unsupported):
             return                       # the store itself would have faulted first: not reached
         if self.trace is None:
             self.counts[self.event_kind] += 1
@@ -753,7 +756,7 @@ class FullVcpu(DeprivilegedVcpu):
                     sites.append((addr, size, mnem.startswith("rep")))
                 if m in _BLOCK_ENDERS:
                     break
-            self._io_sites[block] = sites
+            limits.put(self._io_sites, block, sites)
         return sites
 
     def tc_bytes(self, addr: int, n: int) -> bytes:
@@ -770,7 +773,7 @@ class FullVcpu(DeprivilegedVcpu):
             self.forget_block(address)
             if insns:
                 last = insns[-1]
-                self.m.block_insns[address] = (tuple(i[0] for i in insns), last[0] + last[1])
+                limits.put(self.m.block_insns, address, (tuple(i[0] for i in insns), last[0] + last[1]))
             return max(len(insns), 1)
         except Exception:   # never let an exception cross into C
             return 1
