@@ -1,7 +1,8 @@
 """The `cpuvirt` command (DESIGN.md section 6).
 
-Exit status: the guest's debug-exit value; 123 hypervisor stopped the guest (hw); 124 instruction budget exhausted; 125 triple fault; 126
-halted forever; 2 usage or input error (one line, no traceback); 1 internal error.
+Exit status (defined once in cpuvirt/status.py): the guest's debug-exit value; 123 the hypervisor stopped
+the guest (the reason on one line); 124 budget exhausted; 125 triple fault; 126 halted forever; 2 usage or
+input error (one line, no traceback); 1 internal error (a cpuvirt bug, never a guest's doing).
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import sys
 
 from cpuvirt import __version__
 from cpuvirt.errors import CpuvirtError
+from cpuvirt.status import BAD_INPUT, INTERNAL_ERROR
 
 
 def _int(text: str) -> int:
@@ -179,18 +181,18 @@ def main(argv: list[str] | None = None) -> int:
         return _dispatch(args)
     except CpuvirtError as e:
         print(f"cpuvirt: {e}", file=sys.stderr)
-        return 2
+        return BAD_INPUT
     except KeyboardInterrupt:
         print("cpuvirt: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
-        return 1
+        return INTERNAL_ERROR
     except Exception as e:  # an internal error is still one line unless asked for more
         if os.environ.get("CPUVIRT_DEBUG"):
             raise
         print(f"cpuvirt: internal error: {type(e).__name__}: {e} (set CPUVIRT_DEBUG=1 for a traceback)",
               file=sys.stderr)
-        return 1
+        return INTERNAL_ERROR
 
 
 def _dispatch(args) -> int:
@@ -710,6 +712,9 @@ def format_summary(res, modelled=None) -> str:
                      f"({d['tx_dropped']} dropped), rx {d['rx_frames']} ({d['rx_dropped']} dropped), "
                      f"{d['notifications']} notifications, {d['interrupts']} interrupts, "
                      f"{d['needs_reset']} DEVICE_NEEDS_RESET")
+    if res.console_dropped:
+        lines.append(f"  console        {res.console_dropped:,} bytes streamed but not kept in the run record "
+                     "(its first 64 KiB and last 1 MiB are)")
     mips = res.icount / res.wall_s / 1e6 if res.wall_s > 0 else 0.0
     lines.append(f"  wall time      {res.wall_s:.3f} s ({mips:,.1f} MIPS)")
     if res.vga:

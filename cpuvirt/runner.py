@@ -10,6 +10,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from cpuvirt import status
 from cpuvirt.errors import CpuvirtError
 from cpuvirt.loader.multiboot import MULTIBOOT_BOOTLOADER_MAGIC, build_boot_info, check_fits, load_image
 from cpuvirt.machine.machine import MAX_MEM_MIB, MIN_MEM_MIB, Machine
@@ -23,6 +24,10 @@ BOOT_GDT_GPA = 0x500   # BIOS data area: free at Multiboot entry, below anything
 DEFAULT_MAX_INSNS = 1_000_000_000
 _PCI_ACTIONS = {"CONFIG_READ": "configuration space read", "CONFIG_WRITE": "configuration space written",
                 "BAR_MAPPED": "the BAR decodes here: the device's registers moved", "BAR_CONFLICT": "not decoded"}
+# RunResult.console keeps the first CONSOLE_HEAD and the last CONSOLE_TAIL bytes the guest wrote
+# (docs/security.md, "Bounds"); all of it is streamed to the `console` callback as it is written.
+CONSOLE_HEAD = 64 << 10
+CONSOLE_TAIL = 1 << 20
 
 
 @dataclass
@@ -43,6 +48,7 @@ class RunResult:
     exit_stats: list = field(default_factory=list)
     devices: list = field(default_factory=list)
     tally: dict = field(default_factory=dict)      # events for the cost model (cpuvirt/costs)
+    console_dropped: int = 0     # bytes written between the kept head and tail (not in `console`)
 
 
 def _device_summary(transport) -> dict:
@@ -50,9 +56,6 @@ def _device_summary(transport) -> dict:
     dev = transport.device
     return {"name": dev.name, "slot": transport.slot, "mac": ":".join(f"{b:02x}" for b in dev.mac),
             **transport.counters, **dev.counters}
-
-
-EXIT_INTERRUPTED = 130     # as a shell reports a process ended by SIGINT (128 + 2)
 
 
 class SigintStop:
@@ -75,7 +78,7 @@ class SigintStop:
             self._stop()
 
     def _stop(self) -> None:
-        self.vcpu.finish("interrupted", EXIT_INTERRUPTED, "interrupted (Ctrl-C)")
+        self.vcpu.finish("interrupted", status.INTERRUPTED, "interrupted (Ctrl-C)")
 
     def _watch(self, r: int) -> None:
         while True:
@@ -110,31 +113,69 @@ class SigintStop:
             os.close(w)
 
 
-def resolve_guest(guest: str, mode: str) -> tuple[str, bytes]:
-    """A bundled guest's name, or a path to a Multiboot image -> (display name, image bytes)."""
+class ConsoleRecord:
+    """The guest's console as RunResult keeps it: head and tail, bounded whatever the guest prints."""
+
+    __slots__ = ("buf", "dropped")
+
+    def __init__(self):
+        self.buf = bytearray()
+        self.dropped = 0
+
+    def append(self, byte: int) -> None:
+        buf = self.buf
+        buf.append(byte)
+        if len(buf) > CONSOLE_HEAD + 2 * CONSOLE_TAIL:      # amortized: one cut per CONSOLE_TAIL bytes
+            cut = len(buf) - CONSOLE_TAIL
+            self.dropped += cut - CONSOLE_HEAD
+            del buf[CONSOLE_HEAD:cut]
+
+    def kept(self) -> bytes:
+        buf = self.buf
+        if self.dropped and len(buf) > CONSOLE_HEAD + CONSOLE_TAIL:
+            self.dropped += len(buf) - CONSOLE_HEAD - CONSOLE_TAIL
+            del buf[CONSOLE_HEAD:len(buf) - CONSOLE_TAIL]
+        return bytes(buf)
+
+
+def read_input(path: str, limit: int, what: str) -> bytes:
+    """A user's input file, refused before it is read when it cannot fit in `limit` bytes (guest
+    RAM): os.stat first, then at most limit + 1 bytes read (a file that grows, or a device such as
+    /dev/zero, is refused the same way). Errors are CpuvirtError lines naming `what`."""
+    too_big = f"{what}: larger than the guest's {limit >> 20} MiB of RAM; give more memory (--mem)"
+    try:
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size > limit:
+                raise CpuvirtError(too_big)
+            data = f.read(limit + 1)
+    except OSError as e:
+        raise CpuvirtError(f"{what}: {e.strerror}") from None
+    if len(data) > limit:
+        raise CpuvirtError(too_big)
+    return data
+
+
+def resolve_guest(guest: str, mode: str, mem_bytes: int = MAX_MEM_MIB << 20) -> tuple[str, bytes]:
+    """A bundled guest's name, or a path to a Multiboot image -> (display name, image bytes). An
+    image file larger than guest RAM is refused without being read."""
     if guest.endswith(".S"):
         from cpuvirt.toolchain.build import build_source
         return os.path.basename(guest), build_source(guest, pv=(mode == "para"))
     if os.sep in guest or guest.endswith((".elf", ".bin", ".img")) or os.path.exists(guest):
-        try:
-            with open(guest, "rb") as f:
-                return os.path.basename(guest), f.read()
-        except OSError as e:
-            raise CpuvirtError(f"{guest}: {e.strerror}") from None
+        return os.path.basename(guest), read_input(guest, mem_bytes, guest)
     from cpuvirt.toolchain.build import build_guest
     return guest, build_guest(guest, pv=(mode == "para"))
 
 
-def load_modules(modules: Sequence[tuple[str, str | None]]) -> list[tuple[bytes, str]]:
-    """Read each Multiboot module: [(contents, module string)]; a file that cannot be read is a
-    CpuvirtError naming it."""
+def load_modules(modules: Sequence[tuple[str, str | None]], mem_bytes: int = MAX_MEM_MIB << 20) -> list[tuple[bytes, str]]:
+    """Read each Multiboot module: [(contents, module string)]; a file that cannot be read, or that
+    (with the modules before it) cannot fit in guest RAM, is a CpuvirtError naming it, and a file
+    too large is never read."""
     loaded = []
+    room = mem_bytes
     for path, args in modules:
-        try:
-            with open(path, "rb") as f:
-                blob = f.read()
-        except OSError as e:
-            raise CpuvirtError(f"--module {path}: {e.strerror}") from None
+        blob = read_input(path, room, f"--module {path}")
+        room -= len(blob)
         loaded.append((blob, path if args is None else f"{path} {args}"))
     return loaded
 
@@ -156,17 +197,18 @@ def run_guest(guest: str, mode: str = "native", mem_mib: int = 32, max_insns: in
     mode_cls = get_mode(mode)
     if not MIN_MEM_MIB <= mem_mib <= MAX_MEM_MIB:
         raise CpuvirtError(f"--mem must be between {MIN_MEM_MIB} and {MAX_MEM_MIB} MiB (got {mem_mib})")
-    name, data = resolve_guest(guest, mode)
+    name, data = resolve_guest(guest, mode, mem_mib << 20)
     image = load_image(data, name)
     check_fits(image, mem_mib << 20)
-    boot = build_boot_info(image, mem_mib << 20, cmdline, load_modules(modules), kernel_name=guest)
+    boot = build_boot_info(image, mem_mib << 20, cmdline, load_modules(modules, mem_mib << 20), kernel_name=guest)
 
-    out = bytearray()
+    record = ConsoleRecord()
+    keep = record.append
     exit_value = []
     unhandled = []
 
     def on_console(byte: int) -> None:
-        out.append(byte)
+        keep(byte)
         if console is not None:
             console(byte)
 
@@ -262,9 +304,11 @@ def run_guest(guest: str, mode: str = "native", mem_mib: int = 32, max_insns: in
         if tcache is not None:
             mmu_stats["translation"] = tcache()
         from cpuvirt.costs import tally_of
-        return RunResult(name, mode, outcome.kind, outcome.status, outcome.message, bytes(out),
+        kept = record.kept()
+        return RunResult(name, mode, outcome.kind, outcome.status, outcome.message, kept,
                          machine.clock.instructions, machine.clock.now, counts, mmu_stats, wall, vga,
-                         unhandled, stats, [_device_summary(t) for t in transports], dict(tally_of(vcpu, machine.mmu)))
+                         unhandled, stats, [_device_summary(t) for t in transports], dict(tally_of(vcpu, machine.mmu)),
+                         record.dropped)
     finally:
         stack.close()
         if trace_file:

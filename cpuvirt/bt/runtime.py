@@ -26,7 +26,7 @@ class BtRuntime:
         self.translator = Translator(tc, code)
         self.read32, self.write32 = read32, write32
         self.on_callout = None          # callback(site) for sensitive instructions: emulate, set guest EIP
-        self.on_fetch_fault = None      # callback(TranslateFault, guest_eip)
+        self.on_fetch_fault = None      # callback(TranslateFault, guest_eip) -> False when the run stops
         self.on_error = None            # callback(exception) raised inside the hook
         self.is_kernel = lambda: True   # is the guest now at virtual CPL 0 (its code runs translated)?
         self.current = None             # the Site being served (the hypervisor's view of "where")
@@ -44,8 +44,9 @@ class BtRuntime:
         return b.tc
 
     def enter(self, geip: int | None = None) -> bool:
-        """Point EIP at the translation of the guest EIP in EIP (or `geip`), if the guest kernel runs;
-        False when the code cannot be fetched (a #PF was delivered instead)."""
+        """Point EIP at the translation of the guest EIP in EIP (or `geip`), if the guest kernel runs.
+        A fetch fault is delivered (on_fetch_fault) and the handler entered in turn; each delivery
+        spends budget, and the loop ends as soon as on_fetch_fault says the run stops (False)."""
         regs = self.regs
         while True:
             eip = regs.read(R.EIP) if geip is None else geip
@@ -60,7 +61,8 @@ class BtRuntime:
                 regs.write(R.EIP, eip)
                 if self.on_fetch_fault is None:
                     raise
-                self.on_fetch_fault(f, eip)     # delivers #PF: EIP is now the handler's (guest) EIP
+                if not self.on_fetch_fault(f, eip):   # delivers #PF: EIP is now the handler's (guest) EIP
+                    return False
                 geip = None
 
     def install_stub(self, geip: int, code: bytes) -> int:
@@ -137,5 +139,5 @@ class BtRuntime:
         self.regs.write(R.EIP, geip)
         if self.on_fetch_fault is None:
             raise f
-        self.on_fetch_fault(f, geip)
-        self.enter()
+        if self.on_fetch_fault(f, geip):
+            self.enter()

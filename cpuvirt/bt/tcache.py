@@ -89,6 +89,7 @@ class TCache:
     def __init__(self, write, base: int, size: int = TC_SIZE, remove_cache=None):
         self._write = write                   # write(linear TC address, bytes): to the TC's backing
         self.remove_cache = remove_cache      # drop the engine's translations of [lo, hi)
+        self.on_flush = None                  # callback(): drop what the hypervisor keeps per translation
         self.base = base
         self.size = size
         self.code_base = base + CALLOUT_SLOTS
@@ -122,6 +123,8 @@ class TCache:
             b.alive = False
         used_hi = self.next
         self.reset()
+        if self.on_flush is not None:
+            self.on_flush()          # bookkeeping per block goes with the blocks: bounded by the TC
         if self.remove_cache is not None:
             # the callout slots always hold the same bytes: only code fragments are dropped
             self.remove_cache(self.code_base, used_hi)

@@ -31,6 +31,7 @@ PREFIXES = frozenset(b"\x66\x67\xf2\xf3\x2e\x3e\x26\x36\x64\x65\xf0")
 IOPL_MASK = 0x3000
 
 IDENT, INLINE, CALLOUT, CHAIN = "IDENT", "inline", "callout", "chain"
+_BRANCH_HINTS = frozenset((0x2E, 0x3E, 0xF2, 0xF3))
 
 
 class TranslateFault(Exception):
@@ -83,6 +84,21 @@ def _encode_mem(reg: int, mod: int, rm: int, sib, disp: int, dsize: int, add: in
     else:
         nmod, d = 2, struct.pack("<i", disp)
     return bytes([(nmod << 6) | (reg << 3) | rm]) + (bytes([sib]) if sib is not None else b"") + d
+
+
+def _stores_fpu_pointers(raw: bytes, p: int, prefixes: bytes) -> bool:
+    """D9 /6 (fnstenv), DD /6 (fnsave), with or without a 9B wait, and 0F AE /0 (fxsave), to memory,
+    in their 32-bit formats (the 16-bit ones, under 0x66, are left alone)."""
+    if 0x66 in prefixes:
+        return False
+    if p < len(raw) and raw[p] == 0x9B:
+        p += 1
+    if p + 1 >= len(raw):
+        return False
+    op, modrm = raw[p], raw[p + 1]
+    if op in (0xD9, 0xDD):
+        return modrm >> 6 != 3 and (modrm >> 3) & 7 == 6
+    return op == 0x0F and modrm == 0xAE and p + 2 < len(raw) and raw[p + 2] >> 6 != 3 and (raw[p + 2] >> 3) & 7 == 0
 
 
 class GuestCode(Protocol):
@@ -189,6 +205,9 @@ class Translator:
         while p < len(raw) and raw[p] in PREFIXES:
             p += 1
         prefixes = raw[:p]
+        # Branch hints (cs/ds on jcc), bnd and `rep ret` change nothing a branch does in 32-bit code
+        # without MPX/CET: such branches are translated as unprefixed ones (compilers emit them).
+        hints_only = not prefixes or set(prefixes) <= _BRANCH_HINTS
         op = raw[p] if p < len(raw) else 0
         op2 = raw[p + 1] if p + 1 < len(raw) else None
         nxt = (ins.geip + ins.size) & 0xFFFFFFFF
@@ -197,14 +216,14 @@ class Translator:
         if ins.geip in self.adaptive:
             return self._callout(blk, ins, raw, out, "adaptive")
         # -- direct control flow ------------------------------------------------------------------
-        if op in (0xE9, 0xEB) and not prefixes:
+        if op in (0xE9, 0xEB) and hints_only:
             target = (nxt + (struct.unpack("<i", raw[p + 1:p + 5])[0] if op == 0xE9 else
                              struct.unpack("<b", raw[p + 1:p + 2])[0])) & 0xFFFFFFFF
             ins.kind = CHAIN
             out += b"\xe9\0\0\0\0"
             pending.append((len(out) - 4, target, "jmp"))
             return True
-        if (0x70 <= op <= 0x7F or (op == 0x0F and op2 is not None and 0x80 <= op2 <= 0x8F)) and not prefixes:
+        if (0x70 <= op <= 0x7F or (op == 0x0F and op2 is not None and 0x80 <= op2 <= 0x8F)) and hints_only:
             if op == 0x0F:
                 cc, disp = op2 & 0xF, struct.unpack("<i", raw[p + 2:p + 6])[0]
             else:
@@ -216,7 +235,7 @@ class Translator:
             out += b"\xe9\0\0\0\0"
             pending.append((len(out) - 4, nxt, "fall"))
             return True
-        if op in (0xE0, 0xE1, 0xE2, 0xE3) and not prefixes:
+        if op in (0xE0, 0xE1, 0xE2, 0xE3) and hints_only:
             target = (nxt + struct.unpack("<b", raw[p + 1:p + 2])[0]) & 0xFFFFFFFF
             ins.kind = CHAIN
             out += bytes([op, 5]) + b"\xe9\0\0\0\0"
@@ -224,7 +243,7 @@ class Translator:
             out += b"\xe9\0\0\0\0"
             pending.append((len(out) - 4, target, "loop"))
             return True
-        if op == 0xE8 and not prefixes:
+        if op == 0xE8 and hints_only:
             target = (nxt + struct.unpack("<i", raw[p + 1:p + 5])[0]) & 0xFFFFFFFF
             ins.kind = CHAIN
             out += b"\x68" + _imm32(nxt)               # push the guest return address
@@ -232,7 +251,7 @@ class Translator:
             pending.append((len(out) - 4, target, "call"))
             return True
         # -- indirect control flow: inline caches ----------------------------------------------------------
-        if op in (0xC3, 0xC2) and not prefixes:
+        if op in (0xC3, 0xC2) and hints_only:
             pop = struct.unpack("<H", raw[p + 1:p + 3])[0] if op == 0xC2 else 0
             ins.kind = INLINE
             self._inline_cache(blk, ins, raw, out, tc_start, "ret", pop=pop)
@@ -310,6 +329,11 @@ class Translator:
             ins.kind = INLINE
             out += b"\x68" + _imm32(self.code.virtual(field))
             return False
+        if _stores_fpu_pointers(raw, p, prefixes):
+            # fnstenv/fstenv/fnsave/fsave/fxsave store the last x87 instruction's address, which is
+            # where it ran: in the TC. The store runs here, then a callout rewrites that field.
+            out += raw
+            return self._callout(blk, ins, raw, out, "fpu_env")
         if self._is_sensitive(op, op2, raw, p, mnem):
             return self._callout(blk, ins, raw, out, "sensitive")
         out += raw
@@ -318,7 +342,7 @@ class Translator:
     @staticmethod
     def _is_sensitive(op, op2, raw, p, mnem) -> bool:
         if op in (0xF4, 0xCF, 0xCD, 0xCC, 0xCE, 0xE4, 0xE5, 0xE6, 0xE7, 0xEC, 0xED, 0xEE, 0xEF,
-                  0x8E, 0x1F, 0x07, 0x17, 0xEA, 0x9A, 0xCA, 0xCB, 0xF1, 0x6C, 0x6D, 0x6E, 0x6F):
+                  0x8E, 0x1F, 0x07, 0x17, 0xEA, 0x9A, 0xCA, 0xCB, 0xF1):
             return True
         if op == 0xFF and op2 is not None and (op2 >> 3) & 7 in (2, 3, 4, 5):
             return True      # indirect near with 16-bit forms, and far indirect jmp/call

@@ -26,19 +26,21 @@ import struct
 
 from unicorn import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH, UC_PROT_READ, UC_PROT_WRITE
 
+from cpuvirt import limits
 from cpuvirt.cpu import regs as R
 from cpuvirt.cpu.events import HAS_ERROR_CODE, DeliveryFault, EventDelivery, Unsupported, Vector
 from cpuvirt.cpu.faultaddr import operand_address
 from cpuvirt.cpu.quirks import HF_INHIBIT_IRQ
 from cpuvirt.cpu.tasks import CpuView
 from cpuvirt.cpu.regs import _uclib
-from cpuvirt.cpu.vcpu import EXIT_ERROR, Vcpu
+from cpuvirt.cpu.vcpu import EXIT_HYPERVISOR_STOP, Vcpu
 from cpuvirt.machine.hostmem import HostRegion
 from cpuvirt.memory.ept import HvAllocator
 from cpuvirt.memory.mmu import GuestPageFault
 from cpuvirt.memory.p2m import HV_HPA
 
 KERNEL_RING = 1                   # the real ring of the guest kernel (virtual CPL 0)
+SYSENTER_MSRS = (0x174, 0x175, 0x176)   # IA32_SYSENTER_CS, _ESP, _EIP: kept in the VirtualCpu
 HV_SIZE = 8 << 20                 # hypervisor-only host memory (shadow GDT; full mode's translation cache)
 SHADOW_GDT_WINDOW = 0xFFF00000    # linear window of the shadow GDT, served only during a hypervisor load
 SHADOW_GDT_BYTES = 0x10000        # a GDT's largest size (limit 0xFFFF)
@@ -128,7 +130,7 @@ class VirtualCpu:
     = virtual 0), IF is the real EFLAGS.IF, and a kernel selector is the real one with RPL 0
     (`DeprivilegedVcpu.guest_selector`)."""
 
-    __slots__ = ("cr0", "cr2", "cr3", "cr4", "dr", "gdtr", "idtr", "iopl", "ldtr", "tr")
+    __slots__ = ("cr0", "cr2", "cr3", "cr4", "dr", "gdtr", "idtr", "iopl", "ldtr", "tr", "sysenter")
 
     def __init__(self):
         self.cr0, self.cr2, self.cr3, self.cr4 = 0x11, 0, 0, 0
@@ -138,6 +140,9 @@ class VirtualCpu:
         self.ldtr = SegCache()
         self.tr = SegCache()
         self.iopl = 0
+        # IA32_SYSENTER_CS/ESP/EIP (MSRs 0x174-0x176): virtual, never the engine's, whose own
+        # sysenter would enter real ring 0 (it is hooked and emulated instead: `_sysenter`)
+        self.sysenter = [0, 0, 0]
 
     def crs(self) -> tuple[int, int, int]:
         return self.cr0, self.cr3, self.cr4
@@ -420,7 +425,7 @@ class DeprivilegedVcpu(Vcpu):
                     raise GuestFault(Vector.PF, pf.error_code, (pf.gva & ~0xFFF) | off) from None
                 if hpa is None or not self.mmu.ram.contains(hpa, 0x1000):
                     return self._read_slow(gva, size)
-                self._rtlb[gva >> 12] = hpa
+                limits.put(self._rtlb, gva >> 12, hpa)
             return self.mmu.ram.read(hpa + off, size)
         return self._read_slow(gva, size)
 
@@ -659,7 +664,7 @@ class DeprivilegedVcpu(Vcpu):
         try:
             done = handler(self, eip, size, ops)
         except Unsupported as u:
-            self.finish("error", EXIT_ERROR, f"unsupported at {eip:#x} ({mnem} {ops}): {u}")
+            self.finish("error", EXIT_HYPERVISOR_STOP, f"unsupported at {eip:#x} ({mnem} {ops}): {u}")
             return size
         except GuestFault as g:
             self.record(self.event_kind, mnem, 13, eip, {"fault": g.vector}, "emulated: raised a fault in the guest")
@@ -884,7 +889,13 @@ class DeprivilegedVcpu(Vcpu):
         msr = regs.read(R.ECX)
         from cpuvirt.machine.machine import MsrFault
         try:
-            if m.implements_msr(msr):
+            if msr in SYSENTER_MSRS:
+                if write:
+                    self.v.sysenter[msr - SYSENTER_MSRS[0]] = regs.read(R.EAX)
+                else:
+                    regs.write(R.EAX, self.v.sysenter[msr - SYSENTER_MSRS[0]])
+                    regs.write(R.EDX, 0)
+            elif m.implements_msr(msr):
                 if write:
                     m.wrmsr(msr, regs.read(R.EAX) | regs.read(R.EDX) << 32)
                 else:
@@ -901,8 +912,12 @@ class DeprivilegedVcpu(Vcpu):
             raise GuestFault(Vector.GP, 0) from None
 
     # -- what the engine hands the hypervisor ---------------------------------------------------------
+    def sysenter_msrs(self) -> tuple[int, int, int]:
+        return tuple(self.v.sysenter)
+
     def page_fault(self, gva: int, access: int, error_code: int, eip: int) -> None:
         """A guest #PF: CR2 is the virtual one (the real CR2 is the hypervisor's)."""
+        self.charge_fault(access)
         self.v.cr2 = gva
         self.record("page_fault", "#PF", 14, eip,
                     {"cr2": f"{gva:#x}", "error_code": error_code, "access": ("read", "write", "fetch")[access],
@@ -1183,6 +1198,81 @@ def _retf(c, eip, size, ops):
     c.retf(eip, int(ops, 0) if ops.strip() else 0)
 
 
+def segment_query(c, sel: int, what: str) -> tuple[bool, int, int]:
+    """lar / lsl / verr / verw in the guest's view (SDM Vol. 2A, LAR, LSL, VERR/VERW): whether the
+    selector passes at the virtual CPL, and the guest's descriptor (lo, hi). Never a fault."""
+    if not sel & ~3 and not sel & 4:
+        return False, 0, 0
+    try:
+        lo, hi = c.descriptor(sel)
+    except GuestFault:
+        return False, 0, 0
+    typ, dpl = (hi >> 8) & 0xF, (hi >> 13) & 3
+    privileged = dpl < c.vcpl() or dpl < sel & 3
+    if hi & (1 << 12):                                    # a code or data segment
+        code = typ & 8
+        if privileged and not (code and typ & 4):        # conforming code skips the DPL check
+            return False, lo, hi
+        if what == "verr":
+            return (not code or bool(typ & 2)), lo, hi
+        if what == "verw":
+            return (not code and bool(typ & 2)), lo, hi
+        return True, lo, hi
+    valid = {"lar": (1, 2, 3, 4, 5, 9, 0xB, 0xC), "lsl": (1, 2, 3, 9, 0xB)}.get(what, ())
+    return (typ in valid and not privileged), lo, hi
+
+
+def _set_zf(c, on: bool) -> None:
+    flags = c.regs.read(R.EFLAGS)
+    c.regs.write(R.EFLAGS, flags | 0x40 if on else flags & ~0x40)
+
+
+def _lar_lsl(c, eip, size, ops, what):
+    dst, src = (o.strip() for o in ops.split(","))
+    sel = c.read_operand(eip, src, 2) & 0xFFFF
+    ok, lo, hi = segment_query(c, sel, what)
+    if ok:
+        if what == "lar":
+            value = hi & (0x00F0FF00 if dst in _REG32 else 0xFF00)
+        else:
+            value = (lo & 0xFFFF) | (hi & 0xF0000)
+            if hi & (1 << 23):
+                value = (value << 12) | 0xFFF
+        c.write_reg(dst, value)
+    _set_zf(c, ok)
+    c.emulated(eip, what, {"selector": f"{sel:#x}", "zf": ok}, "emulated against the guest's descriptor tables")
+    c.regs.write(R.EIP, eip + size)
+
+
+def _verr_verw(c, eip, size, ops, what):
+    sel = c.read_operand(eip, ops, 2) & 0xFFFF
+    ok, _, _ = segment_query(c, sel, what)
+    _set_zf(c, ok)
+    c.emulated(eip, what, {"selector": f"{sel:#x}", "zf": ok}, "emulated against the guest's descriptor tables")
+    c.regs.write(R.EIP, eip + size)
+
+
+def _sysenter(c, eip, size, ops):
+    """full's kernel: Vcpu.sysenter against the virtual MSRs (CS and SS descriptors from the guest's
+    GDT, as the ring-compressed delivery loads them)."""
+    cs, esp, target = c.v.sysenter
+    c.emulated(eip, "sysenter", {"cs": f"{cs:#x}", "eip": f"{target:#x}", "esp": f"{esp:#x}"})
+    c.sysenter(eip)
+
+
+def _sysexit(c, eip, size, ops):
+    """SDM SYSEXIT: from virtual CPL 0 to CPL 3 at EDX/ECX, CS = IA32_SYSENTER_CS + 16, SS = + 24."""
+    cs = c.v.sysenter[0] & 0xFFFC
+    if not cs or c.vcpl() != 0:
+        raise GuestFault(Vector.GP, 0)
+    regs = c.regs
+    c.emulated(eip, "sysexit", {"eip": f"{regs.read(R.EDX):#x}", "esp": f"{regs.read(R.ECX):#x}"})
+    c.load_cs_ss((cs + 16) | 3, (cs + 24) | 3, 3)
+    regs.write(R.ESP, regs.read(R.ECX))
+    c.set_guest_eflags(c.guest_eflags())       # the real IOPL of ring 3
+    regs.write(R.EIP, regs.read(R.EDX))
+
+
 _EMULATE = {
     "cli": _cli, "sti": _sti, "mov": _mov, "pop": _pop, "hlt": _hlt,
     "lgdt": lambda c, e, s, o: _table_load(c, e, s, o, "lgdt"),
@@ -1193,4 +1283,7 @@ _EMULATE = {
     "iretd": _iretd, "ljmp": _ljmp, "lcall": lambda c, e, s, o: _ljmp(c, e, s, o, True), "retf": _retf,
     "jmp": lambda c, e, s, o: _far_indirect(c, e, s, o, False),
     "call": lambda c, e, s, o: _far_indirect(c, e, s, o, True),
+    "lar": lambda c, e, s, o: _lar_lsl(c, e, s, o, "lar"), "lsl": lambda c, e, s, o: _lar_lsl(c, e, s, o, "lsl"),
+    "verr": lambda c, e, s, o: _verr_verw(c, e, s, o, "verr"), "verw": lambda c, e, s, o: _verr_verw(c, e, s, o, "verw"),
+    "sysenter": _sysenter, "sysexit": _sysexit,
 }

@@ -17,6 +17,7 @@ from capstone import CS_AC_READ, CS_AC_WRITE
 from capstone import x86_const as C
 from capstone.x86 import X86_OP_MEM, X86_REG_INVALID
 
+from cpuvirt import limits
 from cpuvirt.cpu import regs as R
 
 _REG = {C.X86_REG_EAX: R.EAX, C.X86_REG_ECX: R.ECX, C.X86_REG_EDX: R.EDX, C.X86_REG_EBX: R.EBX,
@@ -78,5 +79,5 @@ class MmioSites:
                     break
             if len(self._blocks) > 4096:
                 self._blocks.clear()
-            self._blocks[key] = insns
+            limits.put(self._blocks, key, insns)
         return insns

@@ -14,6 +14,7 @@ from unicorn import (UC_HOOK_INSN, UC_HOOK_INSN_INVALID, UC_HOOK_INTR, UC_HOOK_T
 from unicorn import x86_const as X
 from unicorn.unicorn_py3 import unicorn as _ucmod
 
+from cpuvirt import limits
 from cpuvirt.cpu import regs as R
 from cpuvirt.cpu.faultaddr import fault_address
 from cpuvirt.cpu.events import MNEMONIC, DeliveryFault, EventDelivery, TripleFault, Unsupported, Vector
@@ -21,12 +22,15 @@ from cpuvirt.cpu.tasks import CpuView
 from cpuvirt.cpu.quirks import FaultState
 from cpuvirt.machine.clock import NEVER
 from cpuvirt.memory.traces import TraceError, TracedWrite
+from cpuvirt.status import BUDGET as EXIT_BUDGET, HALTED as EXIT_HALTED, HYPERVISOR_STOP as EXIT_HYPERVISOR_STOP
+from cpuvirt.status import INTERNAL_ERROR as EXIT_ERROR, TRIPLE_FAULT as EXIT_TRIPLE_FAULT
 
-EXIT_BUDGET, EXIT_TRIPLE_FAULT, EXIT_HALTED, EXIT_ERROR = 124, 125, 126, 1
 IO_CYCLES = 1000    # a port access costs 1 us of virtual time, as an ISA bus cycle does on a PC
 # The instructions that can set EFLAGS.IF in the guest's own code (capstone mnemonics): each gets a
 # window hook (clock.hook_if_setter) the first time a block holding it runs.
 IF_SETTERS = frozenset(("sti", "popf", "popfd", "iret", "iretd"))
+FETCH_FAULT_CYCLES = 100   # a fault on an instruction fetch retires nothing: it costs this much time,
+                           # so a handler whose own code faults spends the budget (docs/security.md)
 _IO_MNEMONICS = frozenset(("in", "out", "insb", "insw", "insd", "outsb", "outsw", "outsd"))
 IO_INSTRUCTIONS = _IO_MNEMONICS | frozenset("rep " + m for m in _IO_MNEMONICS if m not in ("in", "out"))
 _BLOCK_ENDERS = frozenset(("jmp", "call", "ret", "iret", "iretd", "hlt", "int", "int3", "into", "ljmp", "lcall",
@@ -83,6 +87,11 @@ class Vcpu:
                 # New intercepts (the I/O gate): translations made without their hooks go.
                 self._flush_translations = False
                 uc.ctl_flush_tb()
+            if clock.now >= self.budget:
+                # Time spent outside instructions (faults that retire nothing, hypervisor work)
+                # reaches the budget too: every turn of this loop makes progress or spends it.
+                self.finish("budget", EXIT_BUDGET, self.budget_message())
+                break
             self.before_entry()
             if self.outcome is not None:
                 break
@@ -147,7 +156,7 @@ class Vcpu:
     def on_refused_fill(self, pending, eip: int) -> None:
         """The TLB-fill hook refused an access: a guest page fault (modes add other kinds)."""
         if pending.unbacked_fetch:
-            self.finish("error", EXIT_ERROR, f"guest fetched code from unbacked memory at {pending.gva:#x}")
+            self.stop_unbacked_fetch(self.exact_linear(pending, eip))
             return
         if type(pending) is TracedWrite:
             self.traced_write(pending, eip)
@@ -175,6 +184,16 @@ class Vcpu:
         if (eip & 0xFFFFF000) == (gva & 0xFFFFF000):
             return eip             # a fetch faults at the instruction (or its next page)
         return gva
+
+    def stop_unbacked_fetch(self, gva: int) -> None:
+        """Code fetched where the machine has no RAM (unbacked or device memory): the hypervisor
+        stops the guest, in every mode alike (docs/security.md, "Outcomes")."""
+        self.finish("error", EXIT_HYPERVISOR_STOP, f"guest fetched code from unbacked memory at {gva:#x} "
+                    "(no RAM there: cpuvirt does not execute from device or unassigned memory)")
+
+    def budget_message(self, when: str = "") -> str:
+        return (f"budget of {self.budget:,} cycles exhausted (--max-insns: instructions plus I/O, idle "
+                f"time and hypervisor work){when}")
 
     def finish(self, kind: str, status: int, message: str = "") -> None:
         if self.outcome is None:
@@ -228,7 +247,7 @@ class Vcpu:
     # -- time: timer interrupts, budget, hlt -------------------------------------------------------
     def on_deadline(self, eip: int) -> None:
         if self.clock.now >= self.budget:
-            self.finish("budget", EXIT_BUDGET, f"budget of {self.budget:,} cycles exhausted (--max-insns: instructions plus I/O and idle time)")
+            self.finish("budget", EXIT_BUDGET, self.budget_message())
             return
         self.m.update_timers()
         self.inject_pending_interrupt(eip)
@@ -269,7 +288,7 @@ class Vcpu:
             if deadline is None:
                 self.finish("halted", EXIT_HALTED, f"hlt at {hlt_eip:#x} with no timer armed: nothing can wake the CPU")
             else:
-                self.finish("budget", EXIT_BUDGET, f"budget of {self.budget:,} cycles exhausted (--max-insns: instructions plus I/O and idle time) while halted")
+                self.finish("budget", EXIT_BUDGET, self.budget_message(" while halted"))
             return
         if deadline > self.clock.now:
             self.clock.advance(deadline - self.clock.now)
@@ -278,7 +297,14 @@ class Vcpu:
             self.finish("halted", EXIT_HALTED, f"hlt at {hlt_eip:#x}: the timer fired but its IRQ is masked")
 
     # -- faults and interrupts ---------------------------------------------------------------------
+    def charge_fault(self, access: int) -> None:
+        """A #PF on an instruction fetch retires nothing: charge its delivery to the clock, so a
+        guest whose handler itself cannot be fetched spends its budget instead of looping free."""
+        if access == 2:
+            self.clock.advance(FETCH_FAULT_CYCLES)
+
     def page_fault(self, gva: int, access: int, error_code: int, eip: int) -> None:
+        self.charge_fault(access)
         self.regs.write(R.CR2, gva)
         self.record("page_fault", "#PF", 14, eip,
                     {"cr2": f"{gva:#x}", "error_code": error_code, "access": ("read", "write", "fetch")[access],
@@ -293,7 +319,7 @@ class Vcpu:
             self.record("exception", "TRIPLE_FAULT", None, return_eip, {"why": str(tf)}, "shutdown")
             self.finish("triple_fault", EXIT_TRIPLE_FAULT, f"triple fault at {return_eip:#x}: {tf}")
         except Unsupported as u:
-            self.finish("error", EXIT_ERROR, f"unsupported at {return_eip:#x}: {u}")
+            self.finish("error", EXIT_HYPERVISOR_STOP, f"unsupported at {return_eip:#x}: {u}")
 
     def hook_intr(self, uc, intno, _data):
         """Every exception and `int n` the engine raises (it never delivers them itself)."""
@@ -450,7 +476,7 @@ class Vcpu:
                     sites.append((addr, size, mnem.startswith("rep")))
                 if m in _BLOCK_ENDERS:
                     break
-            self._io_sites[block] = sites
+            limits.put(self._io_sites, block, sites)
         return sites
 
     def forget_block(self, address: int) -> None:
@@ -698,6 +724,77 @@ class Vcpu:
         if err:
             raise RuntimeError(f"cannot hook rdtsc (uc error {err})")
         uc.hook_add(UC_HOOK_INSN, self.hook_cpuid, None, 1, 0, X.UC_X86_INS_CPUID)
+        uc.hook_add(UC_HOOK_INSN, self.hook_syscall, None, 1, 0, X.UC_X86_INS_SYSCALL)
+        uc.hook_add(UC_HOOK_INSN, self.hook_sysenter, None, 1, 0, X.UC_X86_INS_SYSENTER)
+
+    def _hooked_system_call(self, second: int) -> tuple[int, int]:
+        """(address, length) of the syscall (0F 05) or sysenter (0F 34) whose hook is running.
+
+        The engine does not update EIP before these hooks (it holds the start of the running
+        block), but each of them ends its block: it is the block's last instruction."""
+        entry = self.m.block_insns.get(self.clock.last_block)
+        candidates = [entry[0][-1]] if entry else []
+        candidates.append(self.regs.read(R.EIP))
+        for eip in candidates:
+            code = self.mmu.fetch_bytes(eip, 15) or b""
+            p = 0
+            while p < len(code) - 1 and code[p] in (0x66, 0x67, 0xF2, 0xF3, 0x2E, 0x3E, 0x26, 0x36, 0x64, 0x65):
+                p += 1
+            if code[p:p + 2] == bytes((0x0F, second)):
+                return eip, p + 2
+        raise RuntimeError(f"internal: no {'sysenter' if second == 0x34 else 'syscall'} at the hooked "
+                           f"block {self.clock.last_block:#x}")
+
+    def hook_syscall(self, uc, _data) -> None:
+        """syscall: the CPU model reports no SYSCALL and EFER.SCE is never set, so #UD as on QEMU
+        (the engine alone treats it as a no-op). The engine adds the instruction's length to the
+        EIP this hook leaves: EIP is set that much before where the delivery left it."""
+        self.mmu.crs = None
+        try:
+            eip, length = self._hooked_system_call(0x05)
+            self.left_block_at(eip)
+            self.invalid_opcode(eip)
+            self.regs.write(R.EIP, (self.regs.read(R.EIP) - length) & 0xFFFFFFFF)
+        except BaseException as e:
+            self.error = e
+            uc.emu_stop()
+
+    def hook_sysenter(self, uc, _data) -> None:
+        """sysenter, done here in every mode (the engine alone treats it as a no-op, and under
+        deprivileging its transfer would load a real ring-0 CS); see hook_syscall for EIP."""
+        self.mmu.crs = None
+        try:
+            eip, length = self._hooked_system_call(0x34)
+            self.left_block_at(eip)
+            self.sysenter(eip)
+            self.regs.write(R.EIP, (self.regs.read(R.EIP) - length) & 0xFFFFFFFF)
+        except BaseException as e:
+            self.error = e
+            uc.emu_stop()
+
+    def sysenter_msrs(self) -> tuple[int, int, int]:
+        """IA32_SYSENTER_CS, _ESP, _EIP (deprivileging keeps them in the virtual CPU)."""
+        return self.uc.msr_read(0x174), self.uc.msr_read(0x175), self.uc.msr_read(0x176)
+
+    def sysenter(self, eip: int) -> None:
+        """SDM SYSENTER, as QEMU does it: #GP(0) while IA32_SYSENTER_CS is null, else to CPL 0 at
+        IA32_SYSENTER_EIP/ESP with CS = IA32_SYSENTER_CS, SS = CS + 8, VM, IF and RF cleared."""
+        cs, esp, target = self.sysenter_msrs()
+        cs &= 0xFFFC
+        if not cs:
+            self.record("exception", "#GP", 13, eip, {"vector": 13, "error_code": 0,
+                                                      "why": "sysenter with IA32_SYSENTER_CS null"},
+                        "delivered through the guest IDT")
+            self.deliver(Vector.GP, eip, 0)
+            return
+        d = self.delivery
+        flags = d._eflags() & ~(R.EFLAGS_VM | R.EFLAGS_IF | R.EFLAGS_RF)
+        d._enter(cs, cs + 8, d._cpl(), 0, self.regs.read(R.CS), esp & 0xFFFFFFFF, flags, target & 0xFFFFFFFF)
+
+    def invalid_opcode(self, eip: int) -> None:
+        """#UD for the instruction at `eip` (modes that run code elsewhere map `eip` first)."""
+        self.record("exception", "#UD", 6, eip, {"vector": 6}, "delivered through the guest IDT")
+        self.deliver(Vector.UD, eip)
 
     def hook_cpuid(self, uc, _data) -> bool:
         """CPUID answers with cpuvirt's CPU model (cpu/cpuid.py, through the machine), in every mode,
@@ -734,6 +831,8 @@ class Vcpu:
                 break
             else:
                 text = "(bad)"
+            if len(self._insn_cache) >= 65536:      # bounded: a guest may run code at any address
+                self._insn_cache.clear()
             self._insn_cache[(eip, code)] = text
         return text
 

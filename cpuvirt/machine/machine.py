@@ -9,6 +9,7 @@ import struct
 
 from unicorn import UC_ARCH_X86, UC_MODE_32, UC_TLB_VIRTUAL, Uc
 
+from cpuvirt import limits
 from cpuvirt.cpu import cpuid as _cpuid
 from cpuvirt.cpu.regs import Regs
 from cpuvirt.machine.apic import APIC_BASE_GPA, APIC_SIZE, MSR_IA32_APIC_BASE, ApicReservedBits, LocalApic
@@ -369,7 +370,7 @@ class Machine:
                 self.on_new_block(address)
             if insns:
                 last = insns[-1]
-                self.block_insns[address] = (tuple(i[0] for i in insns), last[0] + last[1])
+                limits.put(self.block_insns, address, (tuple(i[0] for i in insns), last[0] + last[1]))
             if self.block_observer is not None and self.block_observer(insns):
                 self.clock.discard_current_block()
                 self.uc.emu_stop()

@@ -71,6 +71,7 @@ class DirectPaging:
         self.on_flush = None                   # callback: drop the engine's TLB
         self.tlb_dirty = False                 # flush before the guest runs again
         self.walk_counter = mmu.counters
+        self.work = 0                          # entries validated or released since the hypercall began
 
     # -- the strategy (Mmu.fill asks these) ------------------------------------------------------
     def gva_to_gpa(self, gva, access, user, side_effects=True):
@@ -159,13 +160,18 @@ class DirectPaging:
         if n < 0:
             raise AssertionError(f"type count of mfn {mfn:#x} below zero")
         self.count[p] = n
-        if self.type[p] == WRITABLE:
-            # A writable mapping went away: the engine's TLB may still hold it, and the frame may
-            # become a page table before the guest runs again. Flushed before it does (flush_tlb).
+        if self.type[p] == WRITABLE or (n == 0 and self.type[p] != NONE):
+            # A protection goes away: a writable mapping (the engine's TLB may still hold it, and
+            # the frame may become a page table), or the last use of a page-table or descriptor
+            # frame (the frame may become writable while the engine still holds translations
+            # through it: the GDT/LDT window's, or those walked through a table). The engine's
+            # TLB is flushed before the guest runs again (flush_tlb, at the end of the hypercall).
             self.tlb_dirty = True
         if n == 0:
             t = self.type[p]
             self.type[p] = NONE
+            if t in (L1, L2):
+                self.work += 1024
             if t == L1:
                 for e in self.entries(mfn):
                     self.put_l1e(e)
@@ -175,6 +181,7 @@ class DirectPaging:
 
     def _validate(self, mfn: int, get, put, limit: int = 1024) -> None:
         ents = self.entries(mfn)
+        self.work += 1024
         done = []
         try:
             for i, e in enumerate(ents):
@@ -209,6 +216,7 @@ class DirectPaging:
             return
         if e & PTE_PS:
             first = (e >> 12) & ~0x3FF
+            self.work += 1024
             if e & (0xFF << 13):
                 raise Refused(EINVAL, "4 MiB page above 4 GiB (PSE-36 bits set)")
             if e & PTE_RW:
@@ -233,6 +241,7 @@ class DirectPaging:
         if e & PTE_PS:
             if e & PTE_RW:
                 first = (e >> 12) & ~0x3FF
+                self.work += 1024
                 for mfn in range(first, first + 1024):
                     self.put_type(mfn)
             return
@@ -307,7 +316,10 @@ class DirectPaging:
         self.ldt_frames = self._set_desc_frames(mfns, self.ldt_frames)
 
     def _set_desc_frames(self, mfns: list[int], old: list[int]) -> list[int]:
-        """Type the new descriptor-table frames (Xen's PGT_seg_desc_page), then release the old."""
+        """Type the new descriptor-table frames (Xen's PGT_seg_desc_page), then release the old.
+        The window shows other frames from now on: the engine's TLB entries for it are dropped
+        (put_type marks the TLB dirty as the old frames lose their type)."""
+        self.tlb_dirty = True
         done = []
         try:
             for mfn in mfns:

@@ -36,6 +36,7 @@ from cpuvirt.memory.walk import Fault, walk
 
 PAGE_MASK = 0xFFFFF000
 KIND = "pt"                       # the trace kind of guest page-table frames
+MAX_ROOT_ENTRIES = 1 << 16        # shadow entries per address space (256 MiB mapped); then it starts again
 _MODE0 = CR0_PG | CR0_WP          # CR0 and CR4 bits a shadow entry depends on: a change drops all
 _MODE4 = CR4_PSE | CR4_PGE | CR4_SMEP
 _WRITE, _FETCH = int(Access.WRITE), int(Access.FETCH)
@@ -57,7 +58,7 @@ class ShadowMiss:
 
 class ShadowCounters:
     __slots__ = ("hidden_faults", "true_faults", "shadow_hits", "ptemods", "ptemod_fallbacks", "guest_stores",
-                 "cr3_switches", "root_hits", "root_misses", "root_evictions", "invlpgs", "flushes", "zapped",
+                 "cr3_switches", "root_hits", "root_misses", "root_evictions", "root_trims", "invlpgs", "flushes", "zapped",
                  "traced_frames")
 
     def __init__(self):
@@ -198,6 +199,15 @@ class ShadowPaging:
         page = gva & PAGE_MASK
         if page in root.entries:
             self._unlink(key, page, root.entries.pop(page))
+        elif len(root.entries) >= MAX_ROOT_ENTRIES:
+            # Bounded host memory (docs/security.md): a space that has shadowed this many pages
+            # starts again, as a CR3 reload would. The engine's TLB entries made from the dropped
+            # entries stay until the guest's own invlpg / CR3 write, as on hardware: they map
+            # frames of guest RAM only, and a frame traced later flushes them (memory/traces.py).
+            for old_page, e in root.entries.items():
+                self._unlink(key, old_page, e)
+            root.entries.clear()
+            c.root_trims += 1
         root.entries[page] = (t.page_gpa, rights & (PTE_US | PTE_RW), t.dirty, pde_addr, pte_addr)
         self._link(pde_addr, key, page)
         if pte_addr >= 0:
@@ -331,6 +341,8 @@ class ShadowPaging:
                 self._flush_engine()
             return False
         eip = tw.eip
+        if len(self.traced_writes) >= MAX_ROOT_ENTRIES and eip not in self.traced_writes:
+            self.traced_writes.clear()             # statistics only: bounded like the rest
         self.traced_writes[eip] += 1
         m = self.mmu
         regs = m.regs

@@ -17,14 +17,15 @@ import struct
 
 from unicorn import UC_PROT_EXEC
 
+from cpuvirt import limits
 from cpuvirt.bt.coherence import invalidate
 from cpuvirt.bt.runtime import BtRuntime
 from cpuvirt.bt.tcache import CALLOUT_SLOTS, TC_SIZE, TCache
 from cpuvirt.bt.translate import INLINE, GuestCode, TranslateFault
 from cpuvirt.cpu import regs as R
-from cpuvirt.cpu.deprivilege import KERNEL_RING, SHADOW_GDT_WINDOW, DeprivilegedVcpu
-from cpuvirt.cpu.events import Vector
-from cpuvirt.cpu.vcpu import EXIT_ERROR
+from cpuvirt.cpu.deprivilege import KERNEL_RING, SHADOW_GDT_WINDOW, DeprivilegedVcpu, GuestFault
+from cpuvirt.cpu.events import Unsupported, Vector
+from cpuvirt.cpu.vcpu import EXIT_BUDGET, EXIT_ERROR, EXIT_HYPERVISOR_STOP
 from cpuvirt.machine.clock import _COUNT_CB
 from cpuvirt.memory.mmu import GuestPageFault
 from cpuvirt.memory.types import Access
@@ -143,6 +144,7 @@ class FullVcpu(DeprivilegedVcpu):
         self._hv_fetch = False
         self.tc = TCache(lambda a, d: hv.write(base_hpa + (a - TC_WINDOW), bytes(d)), TC_WINDOW,
                          remove_cache=self._remove_cache)
+        self.tc.on_flush = self._forget_translations
         self.code = _Code(self)
         self.rt = BtRuntime(self.uc, self.regs, self.tc, self.code, self._read32, self._write32)
         self.rt.on_callout = self._callout_then_window
@@ -280,6 +282,31 @@ class FullVcpu(DeprivilegedVcpu):
                     if len(lst) >= 64:
                         lst[:] = [e for e in lst if e[1].alive]
                     lst.append(entry)
+
+    def _forget_translations(self) -> None:
+        """The TC was flushed: every block is dead, so what was kept per block and per code page
+        goes too (without this, dead blocks stayed referenced and host memory grew with every
+        translation ever made). Code frames are untraced; they are traced again when translated."""
+        traces = self.mmu.traces
+        for frame in self._frame_blocks:
+            if frame in traces and CODE in traces.kinds(frame):
+                traces.untrace_frame(frame, CODE)
+        for page, frame in self._page_frame.items():
+            if frame in traces and CODE in traces.kinds(frame):
+                traces.untrace_frame(frame, CODE)
+        self._frame_blocks.clear()
+        self._frame_index.clear()
+        self._page_frame.clear()
+        self._dirty.clear()
+        self._prefix_len.clear()
+        lo, hi = TC_WINDOW, TC_WINDOW + TC_SIZE
+        for table in (self.m.block_insns, self._io_sites):
+            for a in [a for a in table if lo <= a < hi]:
+                del table[a]
+        if len(self.traced_stores) > 65536:
+            self.traced_stores.clear()
+        if len(self.rt.translator.adaptive) > 65536:      # guest EIPs made adaptive: an optimization
+            self.rt.translator.adaptive.clear()
 
     def _note_page(self, page: int, frame: int) -> None:
         self._page_frame[page] = frame
@@ -420,11 +447,16 @@ class FullVcpu(DeprivilegedVcpu):
         # Frames written since last checked: stop after one block (the store runs in it), check then.
         return min(d, self.clock.now) if self._dirty else d
 
-    def _fetch_fault(self, f: TranslateFault, geip: int) -> None:
+    def _fetch_fault(self, f: TranslateFault, geip: int) -> bool:
+        """The translator cannot fetch the guest's code: #PF, or a stop for unbacked memory. False
+        when the run ends (stopped, or the budget spent by faults that retire nothing)."""
         if f.error_code is None:
-            self.finish("error", EXIT_ERROR, f"guest fetched code from unbacked memory at {f.gva:#x}")
-            return
+            self.stop_unbacked_fetch(f.gva)
+            return False
         self.page_fault(f.gva, Access.FETCH, f.error_code, geip)
+        if self.outcome is None and self.clock.now >= self.budget:
+            self.finish("budget", EXIT_BUDGET, self.budget_message())
+        return self.outcome is None
 
     def _hook_error(self, e: BaseException) -> None:
         self.error = e
@@ -501,7 +533,7 @@ class FullVcpu(DeprivilegedVcpu):
             self.settle()
             return
         if pending.unbacked_fetch:
-            self.finish("error", EXIT_ERROR, f"guest fetched code from unbacked memory at {pending.gva:#x}")
+            self.stop_unbacked_fetch(pending.gva)
             return
         self.page_fault(gva, pending.access, pending.error_code, geip)
         self.settle()
@@ -531,7 +563,7 @@ class FullVcpu(DeprivilegedVcpu):
             self.settle()
             return
         if self.clock.now >= self.budget:
-            self.finish("budget", 124, f"budget of {self.budget:,} cycles exhausted (--max-insns: instructions plus I/O and idle time)")
+            self.finish("budget", EXIT_BUDGET, self.budget_message())
             return
         self.m.update_timers()
         pending = self.m.pending_nmi() or self.m.pending_interrupt() is not None
@@ -569,12 +601,15 @@ class FullVcpu(DeprivilegedVcpu):
         if site.kind == "adaptive":
             self._adaptive_store(geip)
             return None
+        if site.kind == "fpu_env":
+            self._fpu_pointers_to_guest(geip, site.raw)
+            return (geip + ins.size) & 0xFFFFFFFF
         fast = self._special(geip, ins, site)
         if fast is not False:
             return fast
         self.regs.write(R.EIP, geip)
         if self.emulate_at(geip) is None:
-            self.finish("error", EXIT_ERROR, f"full: no emulation for the guest-kernel instruction "
+            self.finish("error", EXIT_HYPERVISOR_STOP, f"full: no emulation for the guest-kernel instruction "
                         f"'{ins.text}' at {geip:#x}")
             return None
         self._virtual_changed()
@@ -630,6 +665,17 @@ class FullVcpu(DeprivilegedVcpu):
             if self.outcome is not None:
                 return None
             return nxt
+        if op == 0x0F and (raw[p + 1] in (0x05, 0x07) or (raw[p + 1] == 0x01 and p + 2 < len(raw)
+                                                          and raw[p + 2] >> 6 == 3 and (raw[p + 2] >> 3) & 7 not in (4, 6))):
+            # syscall, sysret, and the 0F 01 register forms this CPU model does not have (vmcall,
+            # vmlaunch, monitor, mwait, xgetbv, rdtscp, swapgs...): #UD, as native gives
+            self.invalid_opcode(geip)
+            return None
+        if op == 0xF1:
+            # icebp: #DB as a trap (EIP after it), as the engine raises it under native
+            self.record("exception", "#DB", 1, geip, {"vector": 1}, "delivered through the guest IDT")
+            self.deliver(1, nxt)
+            return None
         if op == 0x0F and raw[p + 1] == 0x31:
             if self.trace is None:
                 self.counts[self.event_kind] += 1
@@ -640,6 +686,28 @@ class FullVcpu(DeprivilegedVcpu):
             self._rdtsc_out.write(now & 0xFFFFFFFF, (now >> 32) & 0xFFFFFFFF)
             return nxt
         return False
+
+    def _fpu_pointers_to_guest(self, geip: int, raw: bytes) -> None:
+        """After the guest kernel's fnstenv/fnsave/fxsave (done natively in the TC): the stored
+        x87 instruction pointer is where the last x87 instruction ran, a TC address; it becomes the
+        guest EIP it translates, and FCS the guest's selector (SDM Vol. 1 8.1.8, figures 8-9/8-10 for
+        the 32-bit protected-mode layouts; table 10-2 for fxsave's)."""
+        fx = raw.lstrip(b"\x9b\x2e\x3e\x26\x36\x64\x65")[:1] == b"\x0f"
+        fip_at, fcs_at = (8, 12) if fx else (12, 16)
+        try:
+            addr = self.memory_operand(geip)
+            fip, fcs = struct.unpack("<IH", self.read_guest(addr + fip_at, 4) + self.read_guest(addr + fcs_at, 2))
+            g = self.tc.guest_eip(fip) if self.tc.in_code(fip) else None
+            if g is not None:
+                self.write_guest(addr + fip_at, struct.pack("<I", g[0]))
+            self.write_guest(addr + fcs_at, struct.pack("<H", self.guest_selector(fcs)))
+        except (GuestFault, GuestPageFault, Unsupported):
+            return                       # the store itself would have faulted first: not reached
+        if self.trace is None:
+            self.counts[self.event_kind] += 1
+        else:
+            self.record(self.event_kind, "fpu_pointers", None, geip, {"fip": f"{fip:#x}"},
+                        "the stored x87 instruction pointer shown as the guest's")
 
     def _adaptive_store(self, geip: int) -> None:
         """The store of an adaptive callout, done through shadow paging's guest_store."""
@@ -706,7 +774,7 @@ class FullVcpu(DeprivilegedVcpu):
                     sites.append((addr, size, mnem.startswith("rep")))
                 if m in _BLOCK_ENDERS:
                     break
-            self._io_sites[block] = sites
+            limits.put(self._io_sites, block, sites)
         return sites
 
     def tc_bytes(self, addr: int, n: int) -> bytes:
@@ -723,7 +791,7 @@ class FullVcpu(DeprivilegedVcpu):
             self.forget_block(address)
             if insns:
                 last = insns[-1]
-                self.m.block_insns[address] = (tuple(i[0] for i in insns), last[0] + last[1])
+                limits.put(self.m.block_insns, address, (tuple(i[0] for i in insns), last[0] + last[1]))
             return max(len(insns), 1)
         except Exception:   # never let an exception cross into C
             return 1

@@ -8,6 +8,7 @@ verr, verw) runs natively and shows the truth of ring 1: Popek & Goldberg's x86 
 """
 from __future__ import annotations
 
+from cpuvirt import limits
 from cpuvirt.cpu import regs as R
 from cpuvirt.cpu.deprivilege import KERNEL_RING, SREGS, DeprivilegedVcpu
 from cpuvirt.cpu.events import Vector
@@ -41,7 +42,7 @@ class TrapVcpu(DeprivilegedVcpu):
         if site is None or site[0] != code:
             d = self.decode(eip)
             site = (code, d if d is not None and _trapped(d[1], d[2]) else None)
-            self._sites[eip] = site
+            limits.put(self._sites, eip, site)
         return site[1]
 
     def _retired(self, eip: int, size: int) -> None:

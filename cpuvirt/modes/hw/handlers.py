@@ -12,7 +12,8 @@ from cpuvirt.cpu.events import HAS_ERROR_CODE, Vector
 from cpuvirt.modes.hw import exits as E
 from cpuvirt.modes.hw.exits import ExitReason
 from cpuvirt.modes.hw.vmcs import Field as F
-from cpuvirt.modes.hw.vmx import EXIT_HYPERVISOR_STOP, Exit
+from cpuvirt.cpu.vcpu import EXIT_ERROR, EXIT_HYPERVISOR_STOP, EXIT_TRIPLE_FAULT
+from cpuvirt.modes.hw.vmx import Exit
 
 # KVM hypercalls (Documentation/virt/kvm/x86/hypercalls.rst, include/uapi/linux/kvm_para.h).
 KVM_HC_VAPIC_POLL_IRQ, KVM_HC_KICK_CPU, KVM_HC_CLOCK_PAIRING = 1, 5, 9
@@ -112,7 +113,7 @@ class RootHypervisor:
             try:
                 cpu.mmu.traces.dispatch(tw, cpu)
             except TraceError as e:
-                cpu.finish("error", 1, str(e))
+                cpu.finish("error", EXIT_ERROR, str(e))
                 x.action = "cannot emulate"
                 return None
             x.detail["fault"] = "ptemod"
@@ -148,7 +149,7 @@ class RootHypervisor:
             x.action = "window open, nothing pending"
 
     def handle_triple_fault(self, x: Exit) -> None:
-        self.cpu.finish("triple_fault", 125, f"triple fault at {x.rip:#x}: {x.detail.get('why', '')}")
+        self.cpu.finish("triple_fault", EXIT_TRIPLE_FAULT, f"triple fault at {x.rip:#x}: {x.detail.get('why', '')}")
         x.action = "shut the guest down (KVM_EXIT_SHUTDOWN)"
 
     def handle_cpuid(self, x: Exit) -> None:
@@ -314,7 +315,7 @@ class RootHypervisor:
                 length, what = emulate_mmio(cpu.mmu.fetch_bytes(x.rip, 15), x.rip, cpu.regs, gpa,
                                             m.mmio.read, m.mmio.write)
             except Unsupported as u:
-                cpu.finish("error", 1, str(u))
+                cpu.finish("error", EXIT_HYPERVISOR_STOP, f"hw: {u}")
                 x.action = "cannot emulate"
                 return
             self.vmcs.vmwrite(F.GUEST_RIP, x.rip + length)
@@ -336,7 +337,7 @@ class RootHypervisor:
                 length, what = emulate_mmio(cpu.mmu.fetch_bytes(x.rip, 15), x.rip, cpu.regs, gpa,
                                             lambda _gpa, size: (1 << 8 * size) - 1, lambda *_: None)
             except Unsupported as u:
-                cpu.finish("error", 1, str(u))
+                cpu.finish("error", EXIT_HYPERVISOR_STOP, f"hw: {u}")
                 x.action = "cannot emulate"
                 return
             self.vmcs.vmwrite(F.GUEST_RIP, x.rip + length)
@@ -354,5 +355,5 @@ class RootHypervisor:
         x.action = "misconfigured EPT entry: the hypervisor stops the guest"
 
     def unhandled(self, x: Exit) -> None:
-        self.cpu.finish("error", 1, f"no handler for exit reason {x.reason.name} ({int(x.reason)})")
+        self.cpu.finish("error", EXIT_HYPERVISOR_STOP, f"hw: no handler for exit reason {x.reason.name} ({int(x.reason)})")
         x.action = "no handler"

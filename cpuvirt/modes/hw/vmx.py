@@ -22,7 +22,7 @@ from unicorn import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH
 from cpuvirt.cpu import regs as R
 from cpuvirt.cpu.events import HAS_ERROR_CODE, MNEMONIC, Vector
 from cpuvirt.cpu.faultaddr import operand_address
-from cpuvirt.cpu.vcpu import EXIT_ERROR, Vcpu
+from cpuvirt.cpu.vcpu import EXIT_HYPERVISOR_STOP, Vcpu
 from cpuvirt.machine.hostmem import HostRegion
 from cpuvirt.memory.ept import EPT_R, EPT_W, EPT_X, Ept, HvAllocator
 from cpuvirt.memory.mmu import NestedFault
@@ -38,7 +38,6 @@ from cpuvirt.modes.hw.vmcs import Field as F
 from cpuvirt.modes.hw.vmcs import Vmcs
 
 HV_SIZE = 8 << 20
-EXIT_HYPERVISOR_STOP = 123   # the hypervisor could not go on (failed VM entry, unhandled EPT violation)
 
 # The simulated IA32_VMX_CR0_FIXED0/1 and CR4_FIXED0/1 (SDM appendix A.7, A.8), with "unrestricted
 # guest": CR0.PE and CR0.PG may be 0, CR0.NE must be 1; CR4 has no fixed bits here.
@@ -767,7 +766,7 @@ class VmxCpu(Vcpu):
         except TripleFault as tf:
             self.vm_exit(ExitReason.TRIPLE_FAULT, return_eip, detail={"why": str(tf)})
         except Unsupported as u:
-            self.finish("error", EXIT_ERROR, f"unsupported at {return_eip:#x}: {u}")
+            self.finish("error", EXIT_HYPERVISOR_STOP, f"unsupported at {return_eip:#x}: {u}")
 
     def switch_task(self, view, sel: int, reason: int, next_eip: int, ext: int = 0) -> None:
         """Task switches cause VM exits unconditionally (SDM 25.1.2): TASK_SWITCH, qualification =

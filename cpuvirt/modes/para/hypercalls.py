@@ -39,6 +39,18 @@ XENVER_version = 0
 XEN_VERSION = 0x00040011
 MAX_BATCH = 1 << 16
 ENOSPC = 28
+MMU_UPDATE_PREEMPTED = 1 << 31   # xen.h: set in `count` when a batch is continued (hypercall continuation)
+
+# The cost model (docs/security.md, "Bounds"): the hypervisor's work for a hypercall is charged to
+# the guest's virtual-cycle budget, in proportion to what was done, so a guest cannot make the host
+# spend time the budget does not pay for. One unit of Python work (about 0.2-1 us of host time) is
+# charged about as much virtual time, as a port access is (IO_CYCLES).
+HYPERCALL_CYCLES = 1000          # every hypercall: the trap into the hypervisor and back
+REQUEST_CYCLES = 100             # each mmu_update / mmuext_op request examined
+ENTRY_CYCLES = 100               # each page-table entry validated or released (a full L1: 1024)
+CONSOLE_BYTE_CYCLES = 100        # each byte console_io writes
+PREEMPT_WORK = 1 << 16           # entries: a batch that did this much is continued (Xen's
+                                 # hypercall_preempt_check): the guest re-issues the rest
 _MMUEXT_NAMES = {0: "PIN_L1_TABLE", 1: "PIN_L2_TABLE", 4: "UNPIN_TABLE", 5: "NEW_BASEPTR", 6: "TLB_FLUSH_LOCAL",
                  7: "INVLPG_LOCAL", 13: "SET_LDT"}
 
@@ -74,16 +86,46 @@ def set_trap_table(cpu) -> int:
     return 0
 
 
-def mmu_update(cpu) -> int:
+def _batch_start(cpu, count: int, done_ptr: int) -> tuple[int, int]:
+    """(count without the continuation flag, requests done by the earlier parts of this batch)."""
+    if not count & MMU_UPDATE_PREEMPTED:
+        return count, 0
+    count &= ~MMU_UPDATE_PREEMPTED
+    if not done_ptr:
+        return count, 0
+    return count, struct.unpack("<I", cpu.gread(done_ptr, 4))[0]
+
+
+def _preempted(cpu, nr: int, item: int, i: int, count: int, done: int, done_ptr: int) -> bool:
+    """After request i of a batch: if the batch has done PREEMPT_WORK entries and requests remain,
+    continue it as Xen does (hypercall_create_continuation): the arguments are advanced, EIP goes
+    back to the `int 0x82`, and the guest re-issues the rest (timers and the budget are checked
+    in between). True when the batch was continued."""
+    if i + 1 >= count or cpu.paging.work < PREEMPT_WORK:
+        return False
+    regs = cpu.regs
+    if done_ptr:
+        cpu.gwrite(done_ptr, struct.pack("<I", done))
+    regs.write(R.EAX, nr)
+    regs.write(R.EBX, _u32(cpu.a[0] + item * (i + 1)))
+    regs.write(R.ECX, (count - i - 1) | MMU_UPDATE_PREEMPTED)
+    regs.write(R.EIP, _u32(regs.read(R.EIP) - 2))
+    cpu.note(preempted_after=i + 1, continued=count - i - 1)
+    return True
+
+
+def mmu_update(cpu) -> int | None:
     req, count, done_ptr, dom = cpu.a[0], cpu.a[1], cpu.a[2], cpu.a[3]
     if dom != DOMID_SELF:
         cpu.note(domid=dom, refused="only DOMID_SELF")
         return -EPERM
+    count, done = _batch_start(cpu, count, done_ptr)
     if count > MAX_BATCH:
         return -EINVAL
-    done, rc, log = 0, 0, []
+    rc, log = 0, []
     try:
         for i in range(count):
+            cpu.charge(REQUEST_CYCLES)
             ptr, val = struct.unpack("<QQ", cpu.gread(req + 16 * i, 16))
             if ptr & 3 != MMU_NORMAL_PT_UPDATE:
                 raise Refused(ENOSYS, f"command {ptr & 3} (only MMU_NORMAL_PT_UPDATE)")
@@ -95,6 +137,9 @@ def mmu_update(cpu) -> int:
             done += 1
             if cpu.trace is not None and len(log) < 16:
                 log.append(f"[{ptr & ~3:#x}] = {val:#x} ({kind})")
+            if _preempted(cpu, 1, 16, i, count, done, done_ptr):
+                cpu.note(req=f"{req:#x}", count=count, done=done, updates=log)
+                return None
     except Refused as r:
         rc = -r.errno
         cpu.refused(r.why)
@@ -244,6 +289,7 @@ def console_io(cpu) -> int:
     if count > 1 << 20:
         return cpu.refuse(EINVAL, f"count {count} too large")
     data = cpu.gread(buf, count)
+    cpu.charge(CONSOLE_BYTE_CYCLES * count)
     cpu.note(count=count, buffer=f"{buf:#x}")
     out = cpu.m.uart.on_output
     for b in data:
@@ -268,16 +314,18 @@ def iret(cpu) -> None:
     return
 
 
-def mmuext_op(cpu) -> int:
+def mmuext_op(cpu) -> int | None:
     ops, count, done_ptr, dom = cpu.a[0], cpu.a[1], cpu.a[2], cpu.a[3]
     if dom != DOMID_SELF:
         return cpu.refuse(EPERM, "only DOMID_SELF")
+    count, done = _batch_start(cpu, count, done_ptr)
     if count > MAX_BATCH:
         return -EINVAL
     paging = cpu.paging
-    done, rc, log = 0, 0, []
+    rc, log = 0, []
     try:
         for i in range(count):
+            cpu.charge(REQUEST_CYCLES)
             cmd, arg1, arg2 = struct.unpack("<III", cpu.gread(ops + 12 * i, 12))
             if cmd == MMUEXT_PIN_L1_TABLE:
                 paging.pin(arg1, L1)
@@ -296,6 +344,9 @@ def mmuext_op(cpu) -> int:
             done += 1
             if cpu.trace is not None and len(log) < 16:
                 log.append(f"{_MMUEXT_NAMES.get(cmd, cmd)} {arg1:#x}")
+            if _preempted(cpu, 26, 12, i, count, done, done_ptr):
+                cpu.note(ops=log, count=count, done=done)
+                return None
     except Refused as r:
         rc = -r.errno
         cpu.refused(r.why)

@@ -18,15 +18,14 @@ from unicorn.unicorn_py3 import unicorn as _ucmod
 
 from cpuvirt.cpu import regs as R
 from cpuvirt.cpu.events import HAS_ERROR_CODE, MNEMONIC
-from cpuvirt.cpu.vcpu import EXIT_HALTED, Vcpu
+from cpuvirt.cpu.vcpu import EXIT_BUDGET, EXIT_ERROR, EXIT_HALTED, EXIT_HYPERVISOR_STOP, Vcpu
 from cpuvirt.machine.clock import NEVER
 from cpuvirt.memory.direct import EFAULT, Refused
 from cpuvirt.memory.mmu import GuestPageFault
 from cpuvirt.modes.para.events import VIRQ_TIMER
-from cpuvirt.modes.para.hypercalls import HYPERCALLS
+from cpuvirt.modes.para.hypercalls import ENTRY_CYCLES, HYPERCALL_CYCLES, HYPERCALLS
 
 _INTR_CB = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_void_p)
-EXIT_HV_STOP = 123
 HYPERCALL_VECTOR = 0x82
 _EPERM = -1
 _IO = ("in", "out", "insb", "insw", "insd", "outsb", "outsw", "outsd")
@@ -108,6 +107,8 @@ class ParaVcpu(Vcpu):
         if tracing:
             self.detail = {}
         entry = HYPERCALLS.get(nr)
+        self.paging.work = 0
+        self.clock.advance(HYPERCALL_CYCLES)
         if b[1] & 3 != 1 or b[7] & R.EFLAGS_VM:
             # Only the kernel (ring 1) may call the hypervisor: in V86 mode CPL is 3 whatever CS says.
             result = _EPERM
@@ -124,6 +125,8 @@ class ParaVcpu(Vcpu):
                     self.detail["refused"] = r.why
         if result is not None:
             regs.write(R.EAX, result & 0xFFFFFFFF)
+        if self.paging.work:
+            self.clock.advance(ENTRY_CYCLES * self.paging.work)   # page-table entries validated/released
         if self.paging.tlb_dirty:
             self.paging.flush_tlb()
         if tracing:
@@ -144,6 +147,10 @@ class ParaVcpu(Vcpu):
         self.detail = None
 
     # -- helpers for the hypercall handlers ---------------------------------------------------------
+    def charge(self, cycles: int) -> None:
+        """Hypervisor work done for the guest, charged to its budget (hypercalls.py: the cost model)."""
+        self.clock.advance(cycles)
+
     def note(self, **kw) -> None:
         if self.detail is not None:
             self.detail.update(kw)
@@ -233,8 +240,7 @@ class ParaVcpu(Vcpu):
                         "pending: nothing can wake the vCPU")
             return 0
         if self.timer >= self.budget:
-            from cpuvirt.cpu.vcpu import EXIT_BUDGET
-            self.finish("budget", EXIT_BUDGET, f"budget of {self.budget:,} cycles exhausted (--max-insns: instructions plus I/O and idle time) while blocked")
+            self.finish("budget", EXIT_BUDGET, self.budget_message(" while blocked"))
             return 0
         if self.timer > self.clock.now:
             self.clock.advance(self.timer - self.clock.now)
@@ -250,7 +256,7 @@ class ParaVcpu(Vcpu):
         self.finish("exit", status, reason)
 
     def crash(self, why: str) -> None:
-        self.finish("error", EXIT_HV_STOP, f"para: domain crashed: {why}")
+        self.finish("error", EXIT_HYPERVISOR_STOP, f"para: domain crashed: {why}")
 
     def _next_deadline(self) -> int:
         now = self.clock.now
@@ -307,8 +313,7 @@ class ParaVcpu(Vcpu):
 
     def on_deadline(self, eip: int) -> None:
         if self.clock.now >= self.budget:
-            from cpuvirt.cpu.vcpu import EXIT_BUDGET
-            self.finish("budget", EXIT_BUDGET, f"budget of {self.budget:,} cycles exhausted (--max-insns: instructions plus I/O and idle time)")
+            self.finish("budget", EXIT_BUDGET, self.budget_message())
             return
         self._fire_timer()
 
@@ -318,7 +323,7 @@ class ParaVcpu(Vcpu):
 
     def on_hlt(self, eip: int) -> None:
         # The kernel runs at ring 1, where hlt is a #GP: the engine returning here is a bug.
-        self.finish("error", 1, f"internal: the engine halted at {eip:#x} at ring {self.regs.cpl()}")
+        self.finish("error", EXIT_ERROR, f"internal: the engine halted at {eip:#x} at ring {self.regs.cpl()}")
 
     # -- bouncing events to the guest ----------------------------------------------------------------
     def upcall(self, return_eip: int) -> None:
@@ -393,7 +398,7 @@ class ParaVcpu(Vcpu):
         if not self.trap_table_set:
             insn = self.insn_at(insn_eip)
             if vector == 13 and not soft and insn.split()[0] in PRIVILEGED:
-                self.finish("error", EXIT_HV_STOP, f"para: {insn} at {insn_eip:#x}: {NOT_PV}")
+                self.finish("error", EXIT_HYPERVISOR_STOP, f"para: {insn} at {insn_eip:#x}: {NOT_PV}")
             else:
                 name = f"int {vector:#x}" if soft else MNEMONIC.get(vector, f"vector {vector}")
                 self.crash(f"{name} at {insn_eip:#x} ({insn}) before any set_trap_table")
@@ -455,6 +460,7 @@ class ParaVcpu(Vcpu):
         return True
 
     def page_fault(self, gva: int, access: int, error_code: int, eip: int) -> None:
+        self.charge_fault(access)
         self.events.set_cr2(gva)
         self.record("page_fault", "#PF", 14, eip,
                     {"cr2": f"{gva:#x}", "error_code": error_code, "access": ("read", "write", "fetch")[access],

@@ -1,0 +1,177 @@
+"""Host cost is bounded and paid by the guest's budget (issue 10, item 5; docs/security.md "Bounds").
+
+Measured through counters (virtual time, hypercall counts, bytes kept), never wall-clock time.
+"""
+import pytest
+
+from cpuvirt import runner, status
+from cpuvirt.modes.para import hypercalls as H
+from cpuvirt.runner import run_guest
+from tests.hostile import build
+
+
+
+@pytest.fixture(scope="module")
+def out_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cost")
+
+
+@pytest.mark.parametrize("case,hypercall", [(1, "mmu_update"), (2, "mmuext_op")])
+def test_huge_page_table_batch_ends_by_budget_in_bounded_hypercalls(out_dir, case, hypercall):
+    """65,536 requests, each validating or releasing a whole L1 (67 M entries, about 25 s of host
+    time if done at once): the batch is continued every PREEMPT_WORK entries and each part is
+    charged, so a 50 M-cycle budget ends it after a handful of continuations."""
+    budget = 50_000_000
+    res = run_guest(str(build("pv_cost", out_dir, CASE=case)), "para", max_insns=budget)
+    assert (res.outcome, res.status) == ("budget", status.BUDGET), (res.message, res.console)
+    per_part = H.PREEMPT_WORK * H.ENTRY_CYCLES               # what one part is charged at least
+    assert res.counts["hypercall"] <= 4 + budget // per_part + 1, res.counts
+    assert res.vtime >= budget
+    # the overshoot is at most one part (PREEMPT_WORK entries plus one request's table: 2048)
+    most = (H.PREEMPT_WORK + 2048) * H.ENTRY_CYCLES + 64 * H.REQUEST_CYCLES + H.HYPERCALL_CYCLES
+    assert res.vtime - budget <= most + 100_000
+
+
+def test_continued_batch_completes_with_every_request_done(out_dir):
+    """The continuation is Xen's: with budget enough, the same batch completes and reports all of
+    its requests done (success_count accumulated across the parts)."""
+    n = 1024
+    res = run_guest(str(build("pv_cost", out_dir, CASE=2, NREQ=n)), "para", max_insns=0)
+    assert (res.outcome, res.status) == ("exit", 0), (res.message, res.console)
+    assert b"PASS every request done" in res.console and b"FAIL" not in res.console
+    # each pin/unpin pair validates and releases 1024 entries: all of it charged
+    assert res.vtime >= n * 1024 * H.ENTRY_CYCLES
+    assert res.counts["hypercall"] >= n * 1024 // H.PREEMPT_WORK
+
+
+def test_console_flood_is_streamed_and_the_run_record_bounded(out_dir):
+    """3 MiB through console_io: every byte reaches the console callback, RunResult.console keeps
+    the first CONSOLE_HEAD and the last CONSOLE_TAIL bytes, and each byte is charged."""
+    streamed = bytearray(b"")
+    count = [0]
+
+    def console(byte):
+        count[0] += 1
+        if len(streamed) < 16:
+            streamed.append(byte)
+
+    res = run_guest(str(build("pv_cost", out_dir, CASE=3, COUNT=3)), "para", max_insns=0, console=console)
+    assert (res.outcome, res.status) == ("exit", 0), res.message
+    total = count[0]
+    assert total > 3 << 20
+    assert len(res.console) == runner.CONSOLE_HEAD + runner.CONSOLE_TAIL
+    assert res.console_dropped == total - len(res.console)
+    assert res.console.endswith(b"PASS 1 MiB written\n")            # the tail is the newest output
+    assert res.console[:len(streamed)] == bytes(streamed)
+    assert res.vtime >= 3 * (1 << 20) * H.CONSOLE_BYTE_CYCLES
+
+
+def test_console_record_keeps_head_and_tail():
+    rec = runner.ConsoleRecord()
+    n = runner.CONSOLE_HEAD + 3 * runner.CONSOLE_TAIL + 12345
+    most = 0
+    for i in range(n):
+        rec.append(i & 0xFF)
+        if i & 0xFFF == 0:
+            most = max(most, len(rec.buf))
+    assert most <= runner.CONSOLE_HEAD + 2 * runner.CONSOLE_TAIL
+    kept = rec.kept()
+    assert kept[:runner.CONSOLE_HEAD] == bytes(i & 0xFF for i in range(runner.CONSOLE_HEAD))
+    assert kept[runner.CONSOLE_HEAD:] == bytes(i & 0xFF for i in range(n - runner.CONSOLE_TAIL, n))
+    assert rec.dropped == n - len(kept)
+
+
+def test_full_translator_bookkeeping_shrinks_when_the_cache_is_flushed(out_dir):
+    """Under full, 4000 distinct blocks through a translation cache shrunk to 64 KiB of code (so it
+    is flushed many times): after the run, what the hypervisor keeps per translation must describe
+    live translations only (it used to keep every translation ever made: 1.4 GB after 221,288)."""
+    from cpuvirt.bt.tcache import CALLOUT_SLOTS
+    seen = []
+
+    def observer(mode):
+        tc = mode.vcpu.tc
+        tc.end = tc.base + CALLOUT_SLOTS + 0x10000
+        seen.append(mode)
+
+    res = run_guest(str(build("many_blocks", out_dir, N=4000)), "full", mode_options={"observer": observer})
+    assert (res.outcome, res.status) == ("exit", 0), (res.message, res.console)
+    v = seen[0].vcpu
+    tc = v.tc
+    assert tc.counters.flushes >= 3 and tc.counters.translations >= 4000, tc.counters.as_dict()
+    alive = sum(1 for b in tc.order if b.alive)
+    kept = {id(b) for bs in v._frame_blocks.values() for b in bs}
+    kept |= {id(e[1]) for index in v._frame_index.values() for lst in index.values() for e in lst}
+    assert len(kept) <= len(tc.order) and len(tc.order) < 4000 // 3, (len(kept), len(tc.order))
+    assert alive <= len(tc.order)
+    tc_blocks = [a for a in v.m.block_insns if tc.base <= a < tc.base + 0x200000]
+    assert len(tc_blocks) <= len(tc.order) + len(tc.sites) + 64
+
+
+@pytest.mark.parametrize("what", ["module", "image"])
+def test_input_larger_than_ram_is_refused_without_being_read(tmp_path, what):
+    """A 2.5 GiB (sparse) file as a module or as the kernel image: exit 2, one line, and nothing
+    close to its size allocated (it used to be read whole first: 2.6 GB RSS)."""
+    import tracemalloc
+    from cpuvirt.errors import CpuvirtError
+    big = tmp_path / "big.img"
+    with open(big, "wb") as f:
+        f.truncate(2600 << 20)
+    tracemalloc.start()
+    try:
+        with pytest.raises(CpuvirtError) as e:
+            if what == "module":
+                run_guest("hello", modules=[(str(big), None)])
+            else:
+                run_guest(str(big))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert "larger than the guest's 32 MiB of RAM" in str(e.value) and "\n" not in str(e.value)
+    assert peak < 64 << 20, peak
+
+
+def test_input_too_large_on_the_command_line_is_one_line(tmp_path):
+    from tests.hostile import run_cli
+    big = tmp_path / "big.img"
+    with open(big, "wb") as f:
+        f.truncate(40 << 20)
+    for args in (("run", "hello", "--module", big), ("run", big)):
+        p = run_cli(*args, timeout=60)
+        err = p.stderr.decode().strip()
+        assert p.returncode == status.BAD_INPUT and "\n" not in err and "larger than" in err, err
+
+
+@pytest.mark.parametrize("mode", ["trap", "full"])
+def test_shadow_entries_per_address_space_are_capped(monkeypatch, mode):
+    """Shadow paging keeps at most MAX_ROOT_ENTRIES entries per address space (a guest mapping all
+    4 GiB would otherwise cost about a million entries per space, times 8 spaces): here the cap is
+    lowered to 8 and the bundled `paging` guest must still pass every check."""
+    from cpuvirt.memory import shadow
+    monkeypatch.setattr(shadow, "MAX_ROOT_ENTRIES", 8)
+    seen = []
+    real = shadow.ShadowPaging._resolve
+
+    def spy(self, *a):
+        out = real(self, *a)
+        seen.append(max((len(r.entries) for r in self.roots.values()), default=0))
+        return out
+    monkeypatch.setattr(shadow.ShadowPaging, "_resolve", spy)
+    res = run_guest("paging", mode)
+    assert (res.outcome, res.status) == ("exit", 0), (res.message, res.console.decode()[-500:])
+    assert b"FAIL" not in res.console
+    assert res.mmu["shadow"]["root_trims"] > 0
+    assert max(seen) <= 8
+
+
+def test_decoded_block_caches_are_capped(out_dir, monkeypatch):
+    """Tables keyed by guest code addresses are caches with a cap (cpuvirt/limits.py): 4000 distinct
+    blocks with the cap lowered to 256 keep at most 256 entries, and the guest still passes."""
+    from cpuvirt import limits
+    monkeypatch.setattr(limits, "CACHE_ENTRIES", 256)
+    seen = []
+    res = run_guest(str(build("many_blocks", out_dir, N=4000)), "full",
+                    mode_options={"observer": seen.append})
+    assert (res.outcome, res.status) == ("exit", 0), (res.message, res.console)
+    m = seen[0].machine
+    assert res.icount > 4000 and 0 < len(m.block_insns) <= 256
+    assert len(seen[0].vcpu._io_sites) <= 256
