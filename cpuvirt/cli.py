@@ -48,9 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--append", default="", metavar="CMDLINE", help="kernel command line")
     r.add_argument("--module", action="append", default=[], type=_module, metavar="FILE[,CMDLINE]",
                    help="a Multiboot module with its command line (repeatable; as QEMU's -initrd 'FILE CMDLINE')")
-    r.add_argument("--device", action="append", default=[], metavar="virtio-net[,mac=M][,peer=P]",
+    r.add_argument("--device", action="append", default=[], metavar="virtio-net[,mac=M][,peer=P][,backend=B]",
                    help="a PCI device, in slot order from 00:02.0 (repeatable); peer loopback (default: echo "
-                        "every frame) or user (answers ARP and ping for 10.0.2.2 as QEMU's -netdev user does)")
+                        "every frame) or user (answers ARP and ping for 10.0.2.2 as QEMU's -netdev user does); backend "
+                        "userspace (default: the device model serves the rings), vhost (an in-hypervisor worker "
+                        "behind an ioeventfd and irqfd) or vhost-user (a separate backend process; socket=PATH to "
+                        "use one already listening)")
     r.add_argument("--pcap", metavar="FILE", help="write every frame the devices send and receive to a pcap file")
     r.add_argument("--quiet", "-q", action="store_true", help="no summary on stderr")
     r.add_argument("--summary", metavar="FILE", help="also write the run's summary as JSON (for scripts and labs)")
@@ -82,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--modes", default="native,hw", help="with a guest: the modes to run (default native,hw)")
     c.add_argument("--limit", type=_int, default=None, metavar="N", help="show at most N sites")
     c.add_argument("--vmx", action="append", default=[], metavar="NAME=VALUE", help="with a guest: hw controls")
-    c.add_argument("--device", action="append", default=[], metavar="virtio-net[,mac=M][,peer=P]",
+    c.add_argument("--device", action="append", default=[], metavar="virtio-net[,mac=M][,peer=P][,backend=B]",
                    help="with a guest: PCI devices, as for run")
     c.add_argument("--append", default="", metavar="CMDLINE", help="with a guest: its kernel command line")
 

@@ -1,0 +1,95 @@
+"""The vhost backend (cpuvirt/virtio/vhost.py): the same guest output as the userspace device model,
+kicks consumed by registered ioeventfds, interrupts through irqfds, hostile rings still contained."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cpuvirt.machine.bus import PortBus
+from cpuvirt.runner import run_guest
+from cpuvirt.virtio.setup import DeviceSpec, parse_device
+from cpuvirt.errors import CpuvirtError
+from tests.test_virtio import HOSTILE_CONSOLE
+
+USER = DeviceSpec("virtio-net", peer="user")
+VHOST_USER_PEER = DeviceSpec("virtio-net", peer="user", backend="vhost")
+
+
+def _virtio_events(path):
+    with open(path) as f:
+        return [e for e in map(json.loads, f) if e.get("kind") == "virtio"]
+
+
+@pytest.mark.parametrize("mode", ["native", "trap", "full", "hw"])
+@pytest.mark.parametrize("cmdline", ["quiet", "quiet msix"])
+def test_vhost_gives_the_userspace_console(mode, cmdline):
+    ours = run_guest("netdemo", mode, cmdline=cmdline, devices=[VHOST_USER_PEER])
+    ref = run_guest("netdemo", mode, cmdline=cmdline, devices=[USER])
+    assert (ours.outcome, ours.status) == ("exit", 0), ours.console.decode()[-300:]
+    assert ours.console == ref.console
+    d, = ours.devices
+    assert d["tx_frames"] == 304 and d["rx_frames"] == 2 and d["notifications"] >= 1
+
+
+def test_kicks_take_the_ioeventfd_and_interrupts_the_irqfd(tmp_path):
+    vh, us = tmp_path / "vh.jsonl", tmp_path / "us.jsonl"
+    run_guest("netdemo", cmdline="quiet", devices=[VHOST_USER_PEER], trace_path=str(vh))
+    run_guest("netdemo", cmdline="quiet", devices=[USER], trace_path=str(us))
+    ev, ref = _virtio_events(vh), _virtio_events(us)
+    kicks = [e for e in ev if e["reason"] == "NOTIFY"]
+    assert kicks and all(e["detail"].get("via") == "ioeventfd" for e in kicks)
+    assert not any(e["detail"].get("via") == "ioeventfd" for e in ref if e["reason"] == "NOTIFY")
+    irqs = [e for e in ev if e["reason"] == "INTERRUPT" and "isr" in e["detail"]]
+    assert irqs and all(e["detail"]["path"] == "irqfd" for e in irqs)
+    setup, = [e for e in ev if e["reason"] == "VHOST_SETUP"]
+    assert setup["detail"]["regions"] == ["0x0+0x2000000"] and len(setup["detail"]["vrings"]) == 2
+    # the frames themselves are the same, in the same order
+    frames = lambda evs: [(e["reason"], e["detail"]["frame"]) for e in evs if e["reason"] in ("TX", "RX")]
+    assert frames(ev) == frames(ref)
+
+
+def test_vhost_trace_is_deterministic(tmp_path):
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    for p in (a, b):
+        run_guest("netdemo", cmdline="quiet", devices=[VHOST_USER_PEER], trace_path=str(p))
+    strip = lambda p: [l for l in p.read_text().splitlines() if '"wall' not in l]
+    assert strip(a) == strip(b)
+
+
+@pytest.mark.parametrize("mode", ["native", "hw"])
+def test_a_hostile_driver_is_contained_under_vhost(mode, test_guest):
+    res = run_guest(str(test_guest("virtio_hostile")), mode, devices=[DeviceSpec("virtio-net", backend="vhost")])
+    assert (res.outcome, res.status) == ("exit", 0), res.message
+    assert res.console == HOSTILE_CONSOLE
+    assert res.devices[0]["needs_reset"] == 6
+
+
+def test_ioeventfd_matches_port_size_and_value_only():
+    hits, writes = [], []
+
+    class Dev:
+        def read(self, port, size):
+            return 0
+
+        def write(self, port, size, value):
+            writes.append((port, size, value))
+
+    bus = PortBus()
+    bus.register(0xC000, 32, Dev(), wide=True)
+    bus.add_ioeventfd(0xC010, 2, 1, lambda: hits.append(1))
+    bus.write(0xC010, 2, 1)
+    bus.write(0xC010, 2, 0)
+    bus.write(0xC010, 4, 1)
+    assert hits == [1] and writes == [(0xC010, 2, 0), (0xC010, 4, 1)]
+    bus.remove_ioeventfd(0xC010, 2, 1)
+    bus.write(0xC010, 2, 1)
+    assert hits == [1] and writes[-1] == (0xC010, 2, 1)
+
+
+def test_backend_option_is_checked():
+    assert parse_device("virtio-net,backend=vhost").backend == "vhost"
+    with pytest.raises(CpuvirtError, match="unknown backend"):
+        parse_device("virtio-net,backend=kernel")
+    with pytest.raises(CpuvirtError, match="socket= is for"):
+        parse_device("virtio-net,socket=/tmp/x")
