@@ -108,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("--write-doc", metavar="DIR", help="write the lab's handout with this run's observations into DIR")
     lab.add_argument("--quiet", "-q", action="store_true", help="do not show the commands' output")
 
+    vu = sub.add_parser("vhost-user-backend", help="a vhost-user virtio-net backend process on a Unix socket "
+                        "(for --device virtio-net,backend=vhost-user,socket=PATH or QEMU's -netdev vhost-user)")
+    vu.add_argument("--socket", required=True, metavar="PATH", help="the Unix socket to listen on")
+    vu.add_argument("--peer", default="loopback", choices=("loopback", "user"), help="where frames go (default loopback)")
+    vu.add_argument("--verbose", "-v", action="store_true", help="log every frame on stderr")
+
     t = sub.add_parser("trace", help="read exit traces")
     tsub = t.add_subparsers(dest="trace_verb", required=True, parser_class=_Parser)
     ts = tsub.add_parser("show", help="print a trace readably")
@@ -170,6 +176,9 @@ def _dispatch(args) -> int:
         return 0
     if args.verb == "lab":
         return _lab(args)
+    if args.verb == "vhost-user-backend":
+        from cpuvirt.virtio.vhost_user_backend import serve
+        return serve(args.socket, args.peer, verbose=args.verbose)
     if args.verb == "trace":
         from cpuvirt.trace.show import show
         show(args.file, sys.stdout, kinds=args.kind)

@@ -175,9 +175,11 @@ def run_guest(guest: str, mode: str = "native", mem_mib: int = 32, max_insns: in
         stack.close()
         raise CpuvirtError(f"--trace {trace_path}: {e.strerror}") from None
     pcap = None
+    transports = []
     try:
         trace = None
-        machine = Machine(mem_mib, on_console=on_console, on_exit=None, on_unhandled_io=None)
+        machine = Machine(mem_mib, on_console=on_console, on_exit=None, on_unhandled_io=None,
+                          shared_ram=any(getattr(d, "backend", "") == "vhost-user" for d in devices))
         hv = mode_cls(machine, trace=None, max_insns=max_insns, **(mode_options or {}))
         if verbose_trace and hasattr(machine.mmu.strategy, "verbose"):
             machine.mmu.strategy.verbose = True        # shadow paging: hidden faults become trace events
@@ -260,6 +262,10 @@ def run_guest(guest: str, mode: str = "native", mem_mib: int = 32, max_insns: in
                          machine.clock.instructions, machine.clock.now, counts, mmu_stats, wall, vga,
                          unhandled, stats, [_device_summary(t) for t in transports])
     finally:
+        for t in transports:
+            close = getattr(t.device, "close", None)
+            if close is not None:           # a vhost-user backend process is stopped with the run
+                close()
         stack.close()
         if trace_file:
             trace_file.close()

@@ -93,3 +93,36 @@ def test_backend_option_is_checked():
         parse_device("virtio-net,backend=kernel")
     with pytest.raises(CpuvirtError, match="socket= is for"):
         parse_device("virtio-net,socket=/tmp/x")
+
+
+# -- vhost-user: a backend process on a Unix socket ----------------------------------------------------
+VHU = DeviceSpec("virtio-net", peer="user", backend="vhost-user")
+
+
+@pytest.mark.parametrize("mode", ["native", "hw"])
+def test_vhost_user_gives_the_userspace_console(mode):
+    ours = run_guest("netdemo", mode, cmdline="quiet", devices=[VHU])
+    ref = run_guest("netdemo", mode, cmdline="quiet", devices=[USER])
+    assert (ours.outcome, ours.status) == ("exit", 0), ours.console.decode()[-300:]
+    assert ours.console == ref.console
+    d, = ours.devices
+    assert d["tx_frames"] == 304 and d["rx_frames"] == 2
+
+
+def test_vhost_user_trace_is_deterministic_and_kicks_go_to_the_process(tmp_path):
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    for p in (a, b):
+        run_guest("netdemo", cmdline="quiet msix", devices=[VHU], trace_path=str(p))
+    strip = lambda p: [l for l in p.read_text().splitlines() if '"wall' not in l]
+    assert strip(a) == strip(b)
+    ev = _virtio_events(a)
+    kicks = [e for e in ev if e["reason"] == "NOTIFY"]
+    assert kicks and all(e["detail"]["via"] == "vhost-user" for e in kicks)
+    irqs = [e for e in ev if e["reason"] == "INTERRUPT" and "vector" in e["detail"]]
+    assert irqs and all(e["detail"]["path"] == "call eventfd" for e in irqs)
+
+
+def test_a_hostile_driver_is_contained_under_vhost_user(test_guest):
+    res = run_guest(str(test_guest("virtio_hostile")), devices=[DeviceSpec("virtio-net", backend="vhost-user")])
+    assert (res.outcome, res.status) == ("exit", 0), res.message
+    assert res.console == HOSTILE_CONSOLE

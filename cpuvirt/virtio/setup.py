@@ -80,8 +80,24 @@ def attach_devices(machine, specs, trace=None, pcap_path: str | None = None):
             pcap = PcapWriter(pcap_path, lambda: machine.clock.now)
         except OSError as e:
             raise CpuvirtError(f"--pcap {pcap_path}: {e.strerror}") from None
-    ram = GuestRam(machine.mem_bytes, machine.read_gpa, machine.dma_write, machine.dma_refusal)
+    if pcap is not None and any(spec.backend == "vhost-user" for spec in specs):
+        pcap.close()
+        raise CpuvirtError("--pcap: frames of a vhost-user NIC never pass through cpuvirt; capture them on the "
+                           "backend (cpuvirt vswitch --pcap)")
     transports = []
+    try:
+        _attach(machine, specs, trace, pcap, transports)
+    except BaseException:
+        for t in transports:
+            close = getattr(t.device, "close", None)
+            if close is not None:
+                close()
+        raise
+    return transports, pcap
+
+
+def _attach(machine, specs, trace, pcap, transports) -> None:
+    ram = GuestRam(machine.mem_bytes, machine.read_gpa, machine.dma_write, machine.dma_refusal)
     for n, spec in enumerate(specs):
         mac = spec.mac or DEFAULT_MAC[:5] + bytes(((DEFAULT_MAC[5] + n) & 0xFF,))
         capture = pcap.record if pcap else None
@@ -94,4 +110,3 @@ def attach_devices(machine, specs, trace=None, pcap_path: str | None = None):
         transport = VirtioPciLegacy(device, ram, trace)
         machine.pci.add(transport)
         transports.append(transport)
-    return transports, pcap
