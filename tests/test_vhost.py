@@ -126,3 +126,93 @@ def test_a_hostile_driver_is_contained_under_vhost_user(test_guest):
     res = run_guest(str(test_guest("virtio_hostile")), devices=[DeviceSpec("virtio-net", backend="vhost-user")])
     assert (res.outcome, res.status) == ("exit", 0), res.message
     assert res.console == HOSTILE_CONSOLE
+
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from cpuvirt.virtio import vhost_user as vu
+
+
+def _start_backend(tmp_path, peer="user"):
+    path = str(tmp_path / "backend.sock")
+    proc = subprocess.Popen([sys.executable, "-m", "cpuvirt", "vhost-user-backend", "--socket", path, "--peer", peer])
+    deadline = time.monotonic() + 10
+    while not os.path.exists(path):
+        assert proc.poll() is None and time.monotonic() < deadline, "the backend did not start"
+        time.sleep(0.02)
+    return proc, path
+
+
+def _stop(proc):
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_killing_the_backend_turns_the_link_down_and_the_guest_goes_on(tmp_path):
+    """The backend is killed (and reaped) when the guest prints its ARP line: the next kick finds the
+    socket closed, the device reports link down with a configuration interrupt, netdemo reads the
+    status and ends with its FAIL line instead of waiting for ever."""
+    proc, path = _start_backend(tmp_path)
+    try:
+        out = bytearray()
+
+        def console(byte):
+            out.append(byte)
+            if out.endswith(b"\n") and out.splitlines()[-1].startswith(b"peer: 10.0.2.2") and proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait(5)
+
+        trace = tmp_path / "t.jsonl"
+        res = run_guest("netdemo", cmdline="quiet", console=console, trace_path=str(trace),
+                        devices=[DeviceSpec("virtio-net", peer="user", backend="vhost-user", socket=path)])
+    finally:
+        _stop(proc)
+    assert (res.outcome, res.status) == ("exit", 1), res.message
+    assert res.console.endswith(b"FAIL link: the device reports link down (config status bit 0 clear): "
+                                b"no reply can come\n")
+    ev = _virtio_events(trace)
+    down = [i for i, e in enumerate(ev) if e["reason"] == "LINK_DOWN"]
+    assert len(down) == 1
+    assert ev[down[0] + 1]["reason"] == "INTERRUPT" and ev[down[0] + 1]["detail"]["isr"] == 2
+
+
+def test_a_malformed_message_closes_the_connection_and_the_backend_serves_the_next(tmp_path):
+    proc, path = _start_backend(tmp_path)
+    try:
+        for bad in (vu.HEADER.pack(vu.GET_FEATURES, 0x2, 0),                  # version 2
+                    vu.HEADER.pack(vu.GET_FEATURES, 0x1, 1 << 20),            # payload of a megabyte
+                    vu.HEADER.pack(vu.SET_VRING_NUM, 0x1, 4) + b"\0" * 4,     # a state payload of 4 bytes
+                    vu.HEADER.pack(vu.SET_VRING_NUM, 0x1, 8) + vu.STATE.pack(7, 256),   # no ring 7
+                    vu.HEADER.pack(999, 0x1, 0)):                             # no such request
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(10)
+            s.connect(path)
+            s.sendall(bad)
+            assert s.recv(64) == b"", bad                 # closed without a reply
+            s.close()
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(10)
+        s.connect(path)
+        vu.send_message(s, vu.GET_FEATURES)
+        request, flags, body, fds = vu.recv_message(s)
+        assert (request, flags) == (vu.GET_FEATURES, vu.VERSION | vu.FLAG_REPLY)
+        assert vu.U64.unpack(body)[0] >> vu.F_PROTOCOL_FEATURES & 1
+        s.close()
+        assert proc.poll() is None
+    finally:
+        _stop(proc)
+
+
+def test_vhost_user_refuses_pcap_with_one_line(tmp_path):
+    with pytest.raises(CpuvirtError, match="never pass through cpuvirt"):
+        run_guest("netdemo", devices=[VHU], pcap_path=str(tmp_path / "x.pcap"))
