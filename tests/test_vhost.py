@@ -216,3 +216,28 @@ def test_a_malformed_message_closes_the_connection_and_the_backend_serves_the_ne
 def test_vhost_user_refuses_pcap_with_one_line(tmp_path):
     with pytest.raises(CpuvirtError, match="never pass through cpuvirt"):
         run_guest("netdemo", devices=[VHU], pcap_path=str(tmp_path / "x.pcap"))
+
+
+from tests.qemu import qemu_available, run_under_qemu  # noqa: E402
+from cpuvirt.toolchain.build import build_guest  # noqa: E402
+
+
+@pytest.mark.skipif(not qemu_available(), reason="qemu-system-i386 is not on PATH")
+def test_qemu_as_frontend_of_cpuvirts_backend_process(tmp_path):
+    """QEMU's -netdev vhost-user drives cpuvirt's backend process (guest RAM a shared memfd): its
+    netdemo prints what cpuvirt's netdemo prints with the user peer in-process."""
+    image = tmp_path / "netdemo.bin"
+    image.write_bytes(build_guest("netdemo"))
+    proc, path = _start_backend(tmp_path)
+    try:
+        extra = ["-m", "32", "-object", "memory-backend-memfd,id=mem,size=32M,share=on", "-numa", "node,memdev=mem",
+                 "-chardev", f"socket,id=c0,path={path}", "-netdev", "vhost-user,id=n0,chardev=c0",
+                 "-device", "virtio-net-pci,netdev=n0,disable-modern=on", "-append", "quiet"]
+        theirs, status = run_under_qemu(image, timeout=60, extra=extra)
+        assert proc.poll() is None                      # QEMU's exit closed the connection, nothing else
+    finally:
+        _stop(proc)
+    ours = run_guest(str(image), cmdline="quiet", devices=[USER])
+    assert status == 1, theirs.decode()[-400:]
+    assert theirs == ours.console
+    assert b"rx 64 bytes, sum 0xba07: ARP reply from 10.0.2.2" in theirs
