@@ -114,6 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
     vu.add_argument("--peer", default="loopback", choices=("loopback", "user"), help="where frames go (default loopback)")
     vu.add_argument("--verbose", "-v", action="store_true", help="log every frame on stderr")
 
+    vs = sub.add_parser("vswitch", help="a learning Ethernet switch process: vhost-user, Unix datagram, UDP "
+                        "(QEMU -netdev dgram) and user-network ports")
+    vs.add_argument("--port", action="append", default=[], metavar="SPEC",
+                    help="vhost-user:SOCKET, unix:PATH, udp:LOCAL_PORT:REMOTE_PORT (127.0.0.1) or user (repeatable)")
+    vs.add_argument("--pcap", metavar="FILE", help="record every frame the switch receives")
+    vs.add_argument("--verbose", "-v", action="store_true", help="log connections and frames on stderr")
+
     t = sub.add_parser("trace", help="read exit traces")
     tsub = t.add_subparsers(dest="trace_verb", required=True, parser_class=_Parser)
     ts = tsub.add_parser("show", help="print a trace readably")
@@ -176,6 +183,9 @@ def _dispatch(args) -> int:
         return 0
     if args.verb == "lab":
         return _lab(args)
+    if args.verb == "vswitch":
+        from cpuvirt.net.switch import main as vswitch
+        return vswitch(args.port, args.pcap, args.verbose)
     if args.verb == "vhost-user-backend":
         from cpuvirt.virtio.vhost_user_backend import serve
         return serve(args.socket, args.peer, verbose=args.verbose)
