@@ -241,3 +241,10 @@ def test_qemu_as_frontend_of_cpuvirts_backend_process(tmp_path):
     assert status == 1, theirs.decode()[-400:]
     assert theirs == ours.console
     assert b"rx 64 bytes, sum 0xba07: ARP reply from 10.0.2.2" in theirs
+
+
+def test_a_socket_nobody_listens_on_is_one_line_and_status_2(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "cpuvirt", "run", "netdemo", "--device",
+                        f"virtio-net,backend=vhost-user,socket={tmp_path / 'none.sock'}"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "No such file" in r.stderr

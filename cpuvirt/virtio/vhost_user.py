@@ -154,7 +154,11 @@ class VhostUserNet(VirtioDevice):
                 [sys.executable, "-m", "cpuvirt", "vhost-user-backend", "--socket", socket_path, "--peer", peer],
                 stdin=subprocess.DEVNULL)
         self.socket_path = socket_path
-        self._connect()
+        try:
+            self._connect()
+        except CpuvirtError:
+            self.close()
+            raise
         self._handshake()
 
     # -- the connection --------------------------------------------------------------------------------
@@ -170,7 +174,7 @@ class VhostUserNet(VirtioDevice):
                 s.close()
                 if self.process is not None and self.process.poll() is not None:
                     raise CpuvirtError(f"vhost-user backend exited with status {self.process.returncode}") from None
-                if time.monotonic() > deadline:
+                if self.process is None or time.monotonic() > deadline:     # a given socket: no listener, no run
                     raise CpuvirtError(f"vhost-user socket {self.socket_path}: {e.strerror}") from None
                 time.sleep(0.02)
 
