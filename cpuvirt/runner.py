@@ -151,6 +151,11 @@ def run_guest(guest: str, mode: str = "native", mem_mib: int = 32, max_insns: in
     (QEMU's is the -kernel argument), then a space and `cmdline`.
     """
     mode_cls = get_mode(mode)
+    if mode == "para" and any(getattr(d, "backend", "") == "vhost-user" for d in devices):
+        # The backend process writes guest RAM behind the hypervisor: it cannot honour direct
+        # paging's typed frames (a receive buffer over a page table would be written unvalidated).
+        raise CpuvirtError("--device ...,backend=vhost-user is refused in para mode: the backend process would "
+                           "write guest frames direct paging has typed (page tables) without validation")
     if not MIN_MEM_MIB <= mem_mib <= MAX_MEM_MIB:
         raise CpuvirtError(f"--mem must be between {MIN_MEM_MIB} and {MAX_MEM_MIB} MiB (got {mem_mib})")
     name, data = resolve_guest(guest, mode)

@@ -248,3 +248,9 @@ def test_a_socket_nobody_listens_on_is_one_line_and_status_2(tmp_path):
                         f"virtio-net,backend=vhost-user,socket={tmp_path / 'none.sock'}"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "No such file" in r.stderr
+
+
+def test_vhost_user_is_refused_under_para():
+    """A backend process cannot honour direct paging's typed frames: para refuses it up front."""
+    with pytest.raises(CpuvirtError, match="refused in para mode"):
+        run_guest("netdemo", "para", devices=[VHU])
