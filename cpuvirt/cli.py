@@ -50,9 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--append", default="", metavar="CMDLINE", help="kernel command line")
     r.add_argument("--module", action="append", default=[], type=_module, metavar="FILE[,CMDLINE]",
                    help="a Multiboot module with its command line (repeatable; as QEMU's -initrd 'FILE CMDLINE')")
-    r.add_argument("--device", action="append", default=[], metavar="virtio-net[,mac=M][,peer=P]",
+    r.add_argument("--device", action="append", default=[], metavar="virtio-net[,mac=M][,peer=P][,backend=B]",
                    help="a PCI device, in slot order from 00:02.0 (repeatable); peer loopback (default: echo "
-                        "every frame) or user (answers ARP and ping for 10.0.2.2 as QEMU's -netdev user does)")
+                        "every frame) or user (answers ARP and ping for 10.0.2.2 as QEMU's -netdev user does); backend "
+                        "userspace (default: the device model serves the rings), vhost (an in-hypervisor worker "
+                        "behind an ioeventfd and irqfd) or vhost-user (a separate backend process; socket=PATH to "
+                        "use one already listening)")
     r.add_argument("--pcap", metavar="FILE", help="write every frame the devices send and receive to a pcap file")
     r.add_argument("--quiet", "-q", action="store_true", help="no summary on stderr")
     r.add_argument("--summary", metavar="FILE", help="also write the run's summary as JSON (for scripts and labs)")
@@ -99,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--csv", action="store_true", help="the site table as CSV")
     c.add_argument("--json", action="store_true", help="summary and sites as JSON")
     _costs_option(c)
-    c.add_argument("--device", action="append", default=[], metavar="virtio-net[,mac=M][,peer=P]",
+    c.add_argument("--device", action="append", default=[], metavar="virtio-net[,mac=M][,peer=P][,backend=B]",
                    help="with a guest: PCI devices, as for run")
     c.add_argument("--append", default="", metavar="CMDLINE", help="with a guest: its kernel command line")
 
@@ -158,6 +161,19 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("table", nargs="?", default=None, metavar="NAME|FILE", help="a preset or a TOML/JSON file "
                     "(default p4-2006)")
     co.add_argument("--json", action="store_true", help="the table as JSON")
+
+    vu = sub.add_parser("vhost-user-backend", help="a vhost-user virtio-net backend process on a Unix socket "
+                        "(for --device virtio-net,backend=vhost-user,socket=PATH or QEMU's -netdev vhost-user)")
+    vu.add_argument("--socket", required=True, metavar="PATH", help="the Unix socket to listen on")
+    vu.add_argument("--peer", default="loopback", choices=("loopback", "user"), help="where frames go (default loopback)")
+    vu.add_argument("--verbose", "-v", action="store_true", help="log every frame on stderr")
+
+    vs = sub.add_parser("vswitch", help="a learning Ethernet switch process: vhost-user, Unix datagram, UDP "
+                        "(QEMU -netdev dgram) and user-network ports")
+    vs.add_argument("--port", action="append", default=[], metavar="SPEC",
+                    help="vhost-user:SOCKET, unix:PATH, udp:LOCAL_PORT:REMOTE_PORT (127.0.0.1) or user (repeatable)")
+    vs.add_argument("--pcap", metavar="FILE", help="record every frame the switch receives")
+    vs.add_argument("--verbose", "-v", action="store_true", help="log connections and frames on stderr")
 
     t = sub.add_parser("trace", help="read exit traces")
     tsub = t.add_subparsers(dest="trace_verb", required=True, parser_class=_Parser)
@@ -243,6 +259,12 @@ def _dispatch(args) -> int:
         return _vmx_controls(args)
     if args.verb == "report":
         return _report(args)
+    if args.verb == "vswitch":
+        from cpuvirt.net.switch import main as vswitch
+        return vswitch(args.port, args.pcap, args.verbose)
+    if args.verb == "vhost-user-backend":
+        from cpuvirt.virtio.vhost_user_backend import serve
+        return serve(args.socket, args.peer, verbose=args.verbose)
     if args.verb == "trace":
         from cpuvirt.trace.show import show
         show(args.file, sys.stdout, kinds=args.kind, image=args.image)

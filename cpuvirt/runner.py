@@ -195,6 +195,11 @@ def run_guest(guest: str, mode: str = "native", mem_mib: int = 32, max_insns: in
     (QEMU's is the -kernel argument), then a space and `cmdline`.
     """
     mode_cls = get_mode(mode)
+    if mode == "para" and any(getattr(d, "backend", "") == "vhost-user" for d in devices):
+        # The backend process writes guest RAM behind the hypervisor: it cannot honour direct
+        # paging's typed frames (a receive buffer over a page table would be written unvalidated).
+        raise CpuvirtError("--device ...,backend=vhost-user is refused in para mode: the backend process would "
+                           "write guest frames direct paging has typed (page tables) without validation")
     if not MIN_MEM_MIB <= mem_mib <= MAX_MEM_MIB:
         raise CpuvirtError(f"--mem must be between {MIN_MEM_MIB} and {MAX_MEM_MIB} MiB (got {mem_mib})")
     name, data = resolve_guest(guest, mode, mem_mib << 20)
@@ -220,9 +225,11 @@ def run_guest(guest: str, mode: str = "native", mem_mib: int = 32, max_insns: in
         stack.close()
         raise CpuvirtError(f"--trace {trace_path}: {e.strerror}") from None
     pcap = None
+    transports = []
     try:
         trace = None
-        machine = Machine(mem_mib, on_console=on_console, on_exit=None, on_unhandled_io=None)
+        machine = Machine(mem_mib, on_console=on_console, on_exit=None, on_unhandled_io=None,
+                          shared_ram=any(getattr(d, "backend", "") == "vhost-user" for d in devices))
         hv = mode_cls(machine, trace=None, max_insns=max_insns, **(mode_options or {}))
         if verbose_trace and hasattr(machine.mmu.strategy, "verbose"):
             machine.mmu.strategy.verbose = True        # shadow paging: hidden faults become trace events
@@ -310,6 +317,10 @@ def run_guest(guest: str, mode: str = "native", mem_mib: int = 32, max_insns: in
                          unhandled, stats, [_device_summary(t) for t in transports], dict(tally_of(vcpu, machine.mmu)),
                          record.dropped)
     finally:
+        for t in transports:
+            close = getattr(t.device, "close", None)
+            if close is not None:           # a vhost-user backend process is stopped with the run
+                close()
         stack.close()
         if trace_file:
             trace_file.close()

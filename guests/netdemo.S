@@ -530,6 +530,10 @@ intx_handler:
     mov edx, dword ptr [iobase]
     add edx, VIRTIO_ISR
     in al, dx
+    test al, 2                          # ISR bit 1: the configuration changed (link status)
+    jz intx_handler_queue
+    mov dword ptr [config_changed], 1
+intx_handler_queue:
     inc dword ptr [interrupts]
     mov al, PIC_EOI
     cmp dword ptr [irq], 8
@@ -636,9 +640,21 @@ wait_rx_take:
     movzx eax, word ptr [rxq + USED_IDX]
     cmp ax, word ptr [rx_seen]
     jne wait_rx_take
+    cmp dword ptr [config_changed], 0
+    jne wait_rx_config
     sti
     hlt                                 # sti's shadow covers hlt: an interrupt cannot be lost
     jmp wait_rx_check
+wait_rx_config:
+    sti
+    mov dword ptr [config_changed], 0   # a configuration interrupt: is the link still up?
+    mov ecx, dword ptr [cfg_off]
+    add ecx, 6
+    call vio_in16
+    test al, 1
+    jnz wait_rx_check
+    FAIL("link", "the device reports link down (config status bit 0 clear): no reply can come")
+    jmp kernel_exit
 wait_rx_take:
     sti
 #endif
@@ -1435,6 +1451,7 @@ notifies:        .zero 4
 rx_avail:        .zero 4
 rx_kicked:       .zero 4
 rx_seen:         .zero 4
+config_changed:  .zero 4
 rx_count:        .zero 4
 rx_echoes:       .zero 4
 rx_other:        .zero 4

@@ -33,6 +33,15 @@ class PortBus:
         self.unhandled_counts: dict[int, int] = {}
         self._devices: dict[int, PortDevice] = {}
         self._wide: set[int] = set()
+        self._ioeventfds: dict[tuple[int, int, int], Callable[[], None]] = {}
+
+    def add_ioeventfd(self, port: int, size: int, value: int, notifier: Callable[[], None]) -> None:
+        """KVM's ioeventfd with datamatch: a write of exactly `size` bytes of `value` to `port` calls
+        `notifier` and nothing else (no device `write`). Registered ahead of time by a vhost set-up."""
+        self._ioeventfds[(port, size, value)] = notifier
+
+    def remove_ioeventfd(self, port: int, size: int, value: int) -> None:
+        self._ioeventfds.pop((port, size, value), None)
 
     def register(self, first_port: int, count: int, device: PortDevice, wide: bool = False) -> None:
         """Give `device` the ports first_port .. first_port + count - 1."""
@@ -64,6 +73,11 @@ class PortBus:
         return value
 
     def write(self, port: int, size: int, value: int) -> None:
+        if self._ioeventfds:
+            notifier = self._ioeventfds.get((port, size, value))
+            if notifier is not None:
+                notifier()
+                return
         device = self._devices.get(port)
         if device is None:
             self._unhandled(port, size, True, value)

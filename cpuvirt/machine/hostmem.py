@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import os
 import struct
 
 from unicorn import UC_PROT_ALL
@@ -19,13 +20,21 @@ _U32 = struct.Struct("<I")
 class HostRegion:
     """One buffer at one host-physical base."""
 
-    __slots__ = ("hpa", "size", "buf", "view", "end")
+    __slots__ = ("hpa", "size", "buf", "view", "end", "fd", "host_address")
 
-    def __init__(self, uc, hpa: int, size: int):
+    def __init__(self, uc, hpa: int, size: int, shared: bool = False):
+        """`shared`: back the buffer with a memfd mapped MAP_SHARED, so that another process (a
+        vhost-user backend) can map the same pages from the file descriptor `fd`."""
         self.hpa, self.size, self.end = hpa, size, hpa + size
-        self.buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self.fd = None
+        if shared:
+            self.fd = os.memfd_create("cpuvirt-guest-ram", os.MFD_CLOEXEC)
+            os.ftruncate(self.fd, size)
+            self.buf = mmap.mmap(self.fd, size, flags=mmap.MAP_SHARED)
+        else:
+            self.buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self.view = memoryview(self.buf)
-        addr = ctypes.addressof(ctypes.c_char.from_buffer(self.buf))
+        addr = self.host_address = ctypes.addressof(ctypes.c_char.from_buffer(self.buf))
         uc.mem_map_ptr(hpa, size, UC_PROT_ALL, addr)
 
     def contains(self, hpa: int, size: int = 1) -> bool:

@@ -98,14 +98,15 @@ class MsrFault(Exception):
 
 
 class Machine:
-    def __init__(self, mem_mib: int = 32, on_console=None, on_exit=None, on_unhandled_io=None, on_mmio=None):
+    def __init__(self, mem_mib: int = 32, on_console=None, on_exit=None, on_unhandled_io=None, on_mmio=None,
+                 shared_ram: bool = False):
         self.mem_bytes = mem_mib * MIB
         uc = self.uc = Uc(UC_ARCH_X86, UC_MODE_32)
         # Stop only when cpuvirt says so: with an empty exit list Unicorn never looks up `until - 1`
         # (which would be a guest fetch through our TLB-fill hook at the end of every run).
         uc.ctl_exits_enabled(True)
         uc.ctl_set_exits([])
-        self.ram = HostRegion(uc, RAM_HPA, self.mem_bytes)
+        self.ram = HostRegion(uc, RAM_HPA, self.mem_bytes, shared=shared_ram)   # shared: a memfd (vhost-user)
         uc.mmio_map(UNBACKED_HPA, 0x1000, lambda *_: 0xFFFFFFFF, None, lambda *_: None, None)
         uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
         self.regs = Regs(uc)

@@ -8,9 +8,12 @@ from cpuvirt.virtio.backend import PEERS
 from cpuvirt.virtio.net import DEFAULT_MAC, VirtioNet, parse_mac
 from cpuvirt.virtio.pcap import PcapWriter
 from cpuvirt.virtio.transport import VirtioPciLegacy
+from cpuvirt.virtio.vhost import VhostNet
+from cpuvirt.virtio.vhost_user import VhostUserNet
 from cpuvirt.virtio.virtqueue import GuestRam
 
 DEVICE_TYPES = ("virtio-net",)
+BACKENDS = ("userspace", "vhost", "vhost-user")
 
 
 @dataclass(frozen=True)
@@ -18,20 +21,25 @@ class DeviceSpec:
     kind: str
     mac: bytes | None = None
     peer: str = "loopback"
+    backend: str = "userspace"
+    socket: str | None = None          # vhost-user: a backend already listening there (else one is started)
 
     def as_dict(self) -> dict:
         d = {"device": self.kind, "peer": self.peer}
+        if self.backend != "userspace":
+            d["backend"] = self.backend
         if self.mac is not None:
             d["mac"] = ":".join(f"{b:02x}" for b in self.mac)
         return d
 
 
 def parse_device(text: str) -> DeviceSpec:
-    """`virtio-net[,mac=52:54:00:12:34:56][,peer=loopback|user]` -> DeviceSpec, or CpuvirtError."""
+    """`virtio-net[,mac=52:54:00:12:34:56][,peer=loopback|user][,backend=userspace|vhost|vhost-user]
+    [,socket=PATH]` -> DeviceSpec, or CpuvirtError."""
     kind, *options = text.split(",")
     if kind not in DEVICE_TYPES:
         raise CpuvirtError(f"--device {text}: unknown device {kind!r} (known: {', '.join(DEVICE_TYPES)})")
-    mac, peer = None, "loopback"
+    mac, peer, backend, socket = None, "loopback", "userspace", None
     for option in options:
         key, eq, value = option.partition("=")
         if not eq or not value:
@@ -45,9 +53,17 @@ def parse_device(text: str) -> DeviceSpec:
             if value not in PEERS:
                 raise CpuvirtError(f"--device {text}: unknown peer {value!r} (known: {', '.join(PEERS)})")
             peer = value
+        elif key == "backend":
+            if value not in BACKENDS:
+                raise CpuvirtError(f"--device {text}: unknown backend {value!r} (known: {', '.join(BACKENDS)})")
+            backend = value
+        elif key == "socket":
+            socket = value
         else:
-            raise CpuvirtError(f"--device {text}: unknown option {key!r} (known: mac, peer)")
-    return DeviceSpec(kind, mac, peer)
+            raise CpuvirtError(f"--device {text}: unknown option {key!r} (known: mac, peer, backend, socket)")
+    if socket is not None and backend != "vhost-user":
+        raise CpuvirtError(f"--device {text}: socket= is for backend=vhost-user")
+    return DeviceSpec(kind, mac, peer, backend, socket)
 
 
 def attach_devices(machine, specs, trace=None, pcap_path: str | None = None):
@@ -64,12 +80,33 @@ def attach_devices(machine, specs, trace=None, pcap_path: str | None = None):
             pcap = PcapWriter(pcap_path, lambda: machine.clock.now)
         except OSError as e:
             raise CpuvirtError(f"--pcap {pcap_path}: {e.strerror}") from None
-    ram = GuestRam(machine.mem_bytes, machine.read_gpa, machine.dma_write, machine.dma_refusal)
+    if pcap is not None and any(spec.backend == "vhost-user" for spec in specs):
+        pcap.close()
+        raise CpuvirtError("--pcap: frames of a vhost-user NIC never pass through cpuvirt; capture them on the "
+                           "backend (cpuvirt vswitch --pcap)")
     transports = []
+    try:
+        _attach(machine, specs, trace, pcap, transports)
+    except BaseException:
+        for t in transports:
+            close = getattr(t.device, "close", None)
+            if close is not None:
+                close()
+        raise
+    return transports, pcap
+
+
+def _attach(machine, specs, trace, pcap, transports) -> None:
+    ram = GuestRam(machine.mem_bytes, machine.read_gpa, machine.dma_write, machine.dma_refusal)
     for n, spec in enumerate(specs):
         mac = spec.mac or DEFAULT_MAC[:5] + bytes(((DEFAULT_MAC[5] + n) & 0xFF,))
-        device = VirtioNet(mac, PEERS[spec.peer](), pcap.record if pcap else None)
+        capture = pcap.record if pcap else None
+        if spec.backend == "vhost":
+            device = VhostNet(mac, PEERS[spec.peer](), capture, machine)
+        elif spec.backend == "vhost-user":
+            device = VhostUserNet(mac, spec.peer, spec.socket, capture, machine)
+        else:
+            device = VirtioNet(mac, PEERS[spec.peer](), capture)
         transport = VirtioPciLegacy(device, ram, trace)
         machine.pci.add(transport)
         transports.append(transport)
-    return transports, pcap

@@ -170,6 +170,9 @@ class VirtioPciLegacy(PciFunction):
             return
         self.counters["needs_reset"] += 1
         self.device_status |= DEVICE_NEEDS_RESET
+        stop = getattr(self.device, "stop", None)
+        if stop is not None:                   # a vhost backend gives the rings back
+            stop()
         self.trace("DEVICE_NEEDS_RESET", {"device": self.name, "why": why},
                    "device stopped until the driver resets it (status 0)")
         self._interrupt(ISR_CONFIG, self.config_vector)
@@ -341,15 +344,22 @@ class VirtioPciLegacy(PciFunction):
         self.device.notify(index)
 
     # -- interrupts ------------------------------------------------------------------------------------
-    def queue_interrupt(self, index: int) -> None:
+    def queue_interrupt(self, index: int, path: str | None = None) -> None:
+        """A used-buffer interrupt; `path` names a registered injector it came through (irqfd, call)."""
         q = self.queues[index]
-        self._interrupt(ISR_QUEUE, q.vector, queue=index)
+        self._interrupt(ISR_QUEUE, q.vector, queue=index, path=path)
 
-    def _interrupt(self, isr_bit: int, vector: int, queue: int | None = None) -> None:
+    def config_interrupt(self, path: str | None = None) -> None:
+        """The configuration changed (link status): ISR bit 1 or the config vector."""
+        self._interrupt(ISR_CONFIG, self.config_vector, path=path)
+
+    def _interrupt(self, isr_bit: int, vector: int, queue: int | None = None, path: str | None = None) -> None:
         """Used-buffer or configuration-change notification (spec 4.1.4.5): MSI-X when enabled,
         otherwise the ISR bit and INTx (level: it stays up until the driver reads the ISR)."""
         self.counters["interrupts"] += 1
         what = {"queue": queue} if queue is not None else {"config": True}
+        if path is not None:
+            what["path"] = path
         if self.msix_enabled:
             if vector == NO_VECTOR:
                 self.trace("INTERRUPT", {**what, "via": "MSI-X", "vector": "NO_VECTOR"}, "suppressed: no vector")
@@ -382,6 +392,12 @@ class VirtioPciLegacy(PciFunction):
             control = struct.unpack_from("<I", self.msix_table, 16 * vector + 12)[0]
             if not control & MSIX_VECTOR_MASKED:
                 self._msix_send(vector, {"pending": True})
+
+    def update_mappings(self) -> None:
+        super().update_mappings()
+        moved = getattr(getattr(self, "device", None), "bars_moved", None)
+        if moved is not None:                  # registered notifiers follow BAR0
+            moved()
 
     def write_config(self, offset: int, size: int, value: int) -> None:
         was = self.msix_enabled
