@@ -705,7 +705,10 @@ def format_summary(res, modelled=None) -> str:
     lines = [f"cpuvirt: {res.guest} under {res.mode}: {res.outcome}, status {res.status}"
              + (f" ({res.message})" if res.message and res.outcome != "exit" else "")]
     us = res.vtime * 1_000_000 / TSC_HZ
-    lines.append(f"  virtual time   {res.vtime:,} cycles ({us:,.1f} us at 1 GHz); {res.icount:,} instructions retired")
+    # Under full the processor runs translations, whose instructions differ from the guest's (a call
+    # becomes push + jmp, a callout replaces a sensitive instruction): say what the figure counts.
+    what = "instructions retired (of the translated code)" if res.mode == "full" else "instructions retired"
+    lines.append(f"  virtual time   {res.vtime:,} cycles ({us:,.1f} us at 1 GHz); {res.icount:,} {what}")
     ev = ", ".join(f"{k} {v}" for k, v in res.counts.items()) or "none"
     lines.append(f"  events         {ev}")
     if modelled is not None:
