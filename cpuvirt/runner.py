@@ -67,13 +67,19 @@ def load_modules(modules: Sequence[tuple[str, str | None]]) -> list[tuple[bytes,
 def run_guest(guest: str, mode: str = "native", mem_mib: int = 32, max_insns: int = DEFAULT_MAX_INSNS,
               trace_path: str | None = None, console=None, cmdline: str = "",
               mode_options: dict | None = None, modules: Sequence[tuple[str, str | None]] = (),
-              verbose_trace: bool = False) -> RunResult:
+              verbose_trace: bool = False, input_data: bytes | None = None, input_prompt: bytes | None = None,
+              input_terminal: int | None = None, rtc_base=None) -> RunResult:
     """One run. `mode_options` go to the mode (hw: vmx=[NAME=VALUE...], ept=bool, dump_on=callback).
 
     `modules` are Multiboot modules as (file, command line or None), loaded and described as QEMU's
     `-initrd 'file cmdline,...'` does: the module's string is the file name as given, then a space
     and its command line when it has one. The kernel's command line starts with `guest` as given
     (QEMU's is the -kernel argument), then a space and `cmdline`.
+
+    COM1's receiver gets `input_data` (scripted, paced on the virtual clock; with `input_prompt`,
+    line by line after each prompt, and the run ends with outcome `input_end` when the prompt follows
+    the last line), or what is typed on the terminal whose descriptor is `input_terminal`
+    (machine/serial_input.py). `rtc_base` is the date the CMOS clock starts from (machine/rtc.py).
     """
     mode_cls = get_mode(mode)
     if not MIN_MEM_MIB <= mem_mib <= MAX_MEM_MIB:
@@ -87,10 +93,14 @@ def run_guest(guest: str, mode: str = "native", mem_mib: int = 32, max_insns: in
     exit_value = []
     unhandled = []
 
+    source = []
+
     def on_console(byte: int) -> None:
         out.append(byte)
         if console is not None:
             console(byte)
+        if source:
+            source[0].console_output(byte)
 
     try:
         trace_file = open(trace_path, "w", encoding="utf-8") if trace_path else None
@@ -98,7 +108,8 @@ def run_guest(guest: str, mode: str = "native", mem_mib: int = 32, max_insns: in
         raise CpuvirtError(f"--trace {trace_path}: {e.strerror}") from None
     try:
         trace = None
-        machine = Machine(mem_mib, on_console=on_console, on_exit=None, on_unhandled_io=None)
+        extra = {} if rtc_base is None else {"rtc_base": rtc_base}
+        machine = Machine(mem_mib, on_console=on_console, on_exit=None, on_unhandled_io=None, **extra)
         hv = mode_cls(machine, trace=None, max_insns=max_insns, **(mode_options or {}))
         if verbose_trace and hasattr(machine.mmu.strategy, "verbose"):
             machine.mmu.strategy.verbose = True        # shadow paging: hidden faults become trace events
@@ -137,6 +148,8 @@ def run_guest(guest: str, mode: str = "native", mem_mib: int = 32, max_insns: in
 
         machine.mmio.on_access = on_mmio
 
+        for gpa, blob in machine.bios_tables():
+            machine.write_gpa(gpa, blob)
         for gpa, blob in image.segments:
             machine.write_gpa(gpa, blob)
         for gpa, blob in boot.blobs:
@@ -144,6 +157,17 @@ def run_guest(guest: str, mode: str = "native", mem_mib: int = 32, max_insns: in
         machine.set_flat_protected_mode(BOOT_GDT_GPA)
         machine.regs.write(R.EAX, MULTIBOOT_BOOTLOADER_MAGIC)
         machine.regs.write(R.EBX, boot.address)
+        if input_data is not None or input_terminal is not None:
+            from cpuvirt.machine.serial_input import ScriptedInput, TerminalInput
+            now = lambda: machine.clock.now       # noqa: E731
+            if input_terminal is not None:
+                src = TerminalInput(input_terminal, machine.uart, now)
+            else:
+                src = ScriptedInput(input_data, machine.uart, now, prompt=input_prompt)
+                src.on_finished = lambda: vcpu.finish(
+                    "input_end", 0, "the scripted input is consumed and the guest prompted again")
+            source.append(src)
+            machine.attach_input(src)
         if hasattr(hv, "set_image"):
             hv.set_image(image, boot)     # para: its start pages go above the image and modules
         hv.boot()
