@@ -18,6 +18,7 @@ from cpuvirt.cpu.mmiosite import MmioSites
 
 BOOT_GDT_GPA = 0x500   # BIOS data area: free at Multiboot entry, below anything a loader places
 DEFAULT_MAX_INSNS = 1_000_000_000
+EXIT_INTERRUPTED = 130
 
 
 @dataclass
@@ -64,11 +65,34 @@ def load_modules(modules: Sequence[tuple[str, str | None]]) -> list[tuple[bytes,
     return loaded
 
 
+class _sigint_ends:
+    """Ctrl-C (SIGINT) during the run ends it as an outcome, `interrupted` with status 130, so that
+    the summary and the trace's footer are still written (the handler runs at the next hook)."""
+
+    def __init__(self, vcpu):
+        self.vcpu, self.saved = vcpu, None
+
+    def __enter__(self):
+        import signal
+        import threading
+        if self.vcpu is not None and threading.current_thread() is threading.main_thread():
+            vcpu = self.vcpu
+            self.saved = signal.signal(signal.SIGINT, lambda *_: vcpu.finish(
+                "interrupted", EXIT_INTERRUPTED, "interrupted (Ctrl-C)"))
+        return self
+
+    def __exit__(self, *exc):
+        if self.saved is not None:
+            import signal
+            signal.signal(signal.SIGINT, self.saved)
+        return False
+
+
 def run_guest(guest: str, mode: str = "native", mem_mib: int = 32, max_insns: int = DEFAULT_MAX_INSNS,
               trace_path: str | None = None, console=None, cmdline: str = "",
               mode_options: dict | None = None, modules: Sequence[tuple[str, str | None]] = (),
               verbose_trace: bool = False, input_data: bytes | None = None, input_prompt: bytes | None = None,
-              input_terminal: int | None = None, rtc_base=None) -> RunResult:
+              input_terminal: int | None = None, rtc_base=None, interruptible: bool = False) -> RunResult:
     """One run. `mode_options` go to the mode (hw: vmx=[NAME=VALUE...], ept=bool, dump_on=callback).
 
     `modules` are Multiboot modules as (file, command line or None), loaded and described as QEMU's
@@ -173,7 +197,8 @@ def run_guest(guest: str, mode: str = "native", mem_mib: int = 32, max_insns: in
         hv.boot()
 
         t0 = time.perf_counter()
-        outcome = hv.run(image.entry)
+        with _sigint_ends(vcpu if interruptible else None):
+            outcome = hv.run(image.entry)
         wall = time.perf_counter() - t0
         counts = dict(sorted(vcpu.counts.items()))
         if trace:

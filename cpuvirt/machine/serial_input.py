@@ -14,7 +14,8 @@ instruction:
   QEMU driven the same way.
 - `TerminalInput`: an interactive terminal (stdin is a TTY). The terminal is put in cbreak mode
   (no line editing or echo on the host side: the guest echoes; Ctrl-C still interrupts), and it is
-  polled without blocking every `poll` virtual cycles while the receiver is empty. Interactive runs
+  polled without blocking every `poll` virtual cycles while the receiver is empty and the guest has
+  receive interrupts enabled. Interactive runs
   are not reproducible, by nature.
 """
 from __future__ import annotations
@@ -22,6 +23,8 @@ from __future__ import annotations
 import os
 import select
 from typing import Callable
+
+from cpuvirt.machine.uart import IER_RDI
 
 GAP_CYCLES = 100_000            # 0.1 ms of virtual time between a byte taken and the next one
 POLL_CYCLES = 2_000_000         # a terminal is looked at every 2 ms of virtual time
@@ -91,7 +94,11 @@ class TerminalInput:
         self.on_finished = None
 
     def deadline(self) -> int | None:
-        return None if self.uart.rx or self.finished else self.next_poll
+        """The next look at the terminal, while the guest listens (receive interrupts enabled) and
+        has taken what it was given; a guest that never listens is never kept waiting for a key."""
+        if self.uart.rx or self.finished or not self.uart.ier & IER_RDI:
+            return None
+        return self.next_poll
 
     def update(self) -> bool:
         now = self.now()
