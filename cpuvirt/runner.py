@@ -165,8 +165,13 @@ def run_guest(guest: str, mode: str = "native", mem_mib: int = 32, max_insns: in
             "reads all-ones, writes dropped; reported once per page")
         mmio_sites = MmioSites(machine.mmu, machine.regs, machine.clock)
 
+        event_counts = vcpu.counts
+
         def on_mmio(gpa, size, is_write, value) -> None:
-            eip = mmio_sites.site(gpa, is_write) if vcpu.trace is not None else 0
+            if vcpu.trace is None:
+                event_counts["mmio"] += 1    # the hot path of untraced runs: no event to build
+                return
+            eip = mmio_sites.site(gpa, is_write)
             vcpu.record("mmio", "WRITE" if is_write else "READ", None, eip,
                         {"gpa": f"{gpa:#x}", "size": size, "value": f"{value:#x}"}, "emulated by the device model")
 

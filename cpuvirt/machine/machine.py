@@ -256,13 +256,13 @@ class Machine:
         if hpa + size > UNBACKED_HPA:
             raise ValueError("no host-physical room left for MMIO ranges")
         self.mmio.register(gpa, size, device)
-        bus = self.mmio
+        dev_read, dev_write = self.mmio.bound(gpa)
 
         def read(_uc, offset, width, _data):
-            return bus.read(gpa + offset, width)
+            return dev_read(offset, width)
 
         def write(_uc, offset, width, value, _data):
-            bus.write(gpa + offset, width, value)
+            dev_write(offset, width, value)
 
         self._mmio_callbacks.append((read, write))
         self.uc.mmio_map(hpa, size, read, None, write, None)
