@@ -70,3 +70,54 @@ def test_xv6_usertests_pass_in_native():
     res = session("native", ["usertests"])
     assert (res.outcome, res.status) == ("input_end", 0), (res.message, res.console[-800:])
     assert b"\nALL TESTS PASSED\n$ " in res.console
+
+
+def test_xv6_interactive_on_a_terminal_and_ctrl_c_ends_the_run():
+    """A pseudo-terminal stands in for a person: type a command after the prompt, then Ctrl-C."""
+    import pty
+    import select
+    import subprocess
+    import sys
+    import time
+    master, slave = pty.openpty()
+    def controlling_terminal():          # as a login shell's child: Ctrl-C on the pty is SIGINT
+        import fcntl
+        import termios
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    p = subprocess.Popen([sys.executable, "-m", "cpuvirt", "run", str(KERNEL), "--mem", str(MEM_MIB)],
+                         stdin=slave, stdout=slave, stderr=subprocess.PIPE, close_fds=True,
+                         preexec_fn=controlling_terminal)
+    os.close(slave)
+    out = b""
+
+    def read_until(token: bytes, limit: float) -> bool:
+        nonlocal out
+        end = time.monotonic() + limit
+        while time.monotonic() < end:
+            if select.select([master], [], [], 0.2)[0]:
+                try:
+                    out += os.read(master, 4096)
+                except OSError:
+                    return False
+            if token in out:
+                return True
+        return False
+
+    try:
+        assert read_until(b"$ ", 300), out
+        os.write(master, b"echo typed by hand\n")
+        assert read_until(b"typed by hand\r\n$ ", 120), out
+        os.write(master, b"\x03")
+        status = p.wait(timeout=60)
+        import termios
+        lflag = termios.tcgetattr(master)[3]
+        assert lflag & termios.ICANON and lflag & termios.ECHO, "the terminal's settings are restored"
+    finally:
+        if p.poll() is None:
+            p.kill()
+        os.close(master)
+    err = p.stderr.read().decode()
+    assert status == 130, err
+    assert "interrupted" in err and "Traceback" not in err
