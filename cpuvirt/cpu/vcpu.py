@@ -65,7 +65,6 @@ class Vcpu:
     def run(self, entry: int) -> Outcome:
         uc, regs, clock = self.uc, self.regs, self.clock
         regs.write(R.EIP, entry)
-        stalled_at = -1
         while self.outcome is None:
             self.before_entry()
             if self.outcome is not None:
@@ -100,14 +99,8 @@ class Vcpu:
                     self.on_refused_fill(pending, eip)
             elif clock.expired():
                 self.on_deadline(eip)
-            elif self.mmu.fetch_bytes((eip - 1) & 0xFFFFFFFF, 1) == b"\xf4":
-                self.on_hlt(eip)
-            elif clock.now == stalled_at:
-                self.finish("error", EXIT_ERROR, f"internal: the engine keeps stopping at {eip:#x} with no reason")
             else:
-                # A hook stopped the engine with nothing left to do (no outcome, no deadline): the
-                # guest did not execute a hlt; resume where it is.
-                stalled_at = clock.now
+                self.on_hlt(eip)
             eip = regs.read(R.EIP)
         return self.outcome
 
