@@ -307,10 +307,10 @@ def _input_options(args) -> dict:
     except OSError:
         return opts
     if stat.S_ISFIFO(mode) or stat.S_ISREG(mode):
-        opts["input_data"] = sys.stdin.buffer.read()
+        opts["input_more"] = lambda: os.read(0, 4096)     # read as the guest asks: never blocks others
     elif os.isatty(0):
         opts["input_terminal"] = 0
-    if "input_prompt" in opts and "input_data" not in opts:
+    if "input_prompt" in opts and "input_data" not in opts and "input_more" not in opts:
         raise CpuvirtError("--input-prompt needs scripted input (--input FILE or a pipe on stdin)")
     return opts
 

@@ -92,7 +92,8 @@ def run_guest(guest: str, mode: str = "native", mem_mib: int = 32, max_insns: in
               trace_path: str | None = None, console=None, cmdline: str = "",
               mode_options: dict | None = None, modules: Sequence[tuple[str, str | None]] = (),
               verbose_trace: bool = False, input_data: bytes | None = None, input_prompt: bytes | None = None,
-              input_terminal: int | None = None, rtc_base=None, interruptible: bool = False) -> RunResult:
+              input_terminal: int | None = None, rtc_base=None, interruptible: bool = False,
+              input_more=None) -> RunResult:
     """One run. `mode_options` go to the mode (hw: vmx=[NAME=VALUE...], ept=bool, dump_on=callback).
 
     `modules` are Multiboot modules as (file, command line or None), loaded and described as QEMU's
@@ -100,7 +101,8 @@ def run_guest(guest: str, mode: str = "native", mem_mib: int = 32, max_insns: in
     and its command line when it has one. The kernel's command line starts with `guest` as given
     (QEMU's is the -kernel argument), then a space and `cmdline`.
 
-    COM1's receiver gets `input_data` (scripted, paced on the virtual clock; with `input_prompt`,
+    COM1's receiver gets `input_data` (scripted, paced on the virtual clock; then what `input_more()`
+    reads, when given, as a pipe is read; with `input_prompt`,
     line by line after each prompt, and the run ends with outcome `input_end` when the prompt follows
     the last line), or what is typed on the terminal whose descriptor is `input_terminal`
     (machine/serial_input.py). `rtc_base` is the date the CMOS clock starts from (machine/rtc.py).
@@ -186,13 +188,13 @@ def run_guest(guest: str, mode: str = "native", mem_mib: int = 32, max_insns: in
         machine.set_flat_protected_mode(BOOT_GDT_GPA)
         machine.regs.write(R.EAX, MULTIBOOT_BOOTLOADER_MAGIC)
         machine.regs.write(R.EBX, boot.address)
-        if input_data is not None or input_terminal is not None:
+        if input_data is not None or input_terminal is not None or input_more is not None:
             from cpuvirt.machine.serial_input import ScriptedInput, TerminalInput
             now = lambda: machine.clock.now       # noqa: E731
             if input_terminal is not None:
                 src = TerminalInput(input_terminal, machine.uart, now)
             else:
-                src = ScriptedInput(input_data, machine.uart, now, prompt=input_prompt)
+                src = ScriptedInput(input_data or b"", machine.uart, now, prompt=input_prompt, more=input_more)
                 src.on_finished = lambda: vcpu.finish(
                     "input_end", 0, "the scripted input is consumed and the guest prompted again")
             source.append(src)

@@ -332,3 +332,43 @@ def test_scripted_input_of_any_bytes_is_accepted(bad):
     src = ScriptedInput(bad, uart, lambda: 10**6)
     src.update()
     assert list(uart.rx) == list(bad[:1])
+
+
+def test_a_pipe_is_read_only_when_the_guest_listens_and_its_bytes_are_paced_the_same():
+    clk = Clock()
+    uart = Uart16550(on_output=lambda b: None)
+    chunks = [b"ab", b"c", b""]
+    reads = []
+
+    def more():
+        reads.append(1)
+        return chunks.pop(0)
+
+    src = ScriptedInput(b"", uart, clk, gap=10, more=more)
+    clk.t = 1000
+    assert src.deadline() is None and not src.update() and not reads, "a guest that does not listen: no read"
+    uart.write(0x3F9, 1, 0x01)                                # IER: received data available
+    got = []
+    for _ in range(10):
+        d = src.deadline()
+        if d is None:
+            break
+        clk.t = max(clk.t, d)
+        if src.update():
+            got.append(uart.read(0x3F8, 1))
+    assert bytes(got) == b"abc" and src.at_end and len(reads) == 3
+
+
+def test_cpuvirt_run_does_not_wait_on_a_pipe_the_guest_never_reads():
+    import subprocess
+    import sys
+    p = subprocess.Popen([sys.executable, "-m", "cpuvirt", "run", "hello", "-q"], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        status = p.wait(timeout=120)          # stdin stays open: never written, never closed
+    finally:
+        if p.poll() is None:
+            p.kill()
+        p.stdin.close()
+    assert status == 0, p.stderr.read()
+    assert b"hello" in p.stdout.read().lower()

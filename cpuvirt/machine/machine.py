@@ -166,9 +166,10 @@ class Machine:
 
         The timers are the local APIC's, the PIT's and the byte times of scripted or terminal input
         (serial_input.py). The PIT counts only while IRQ 0 can reach the CPU (unmasked at the master
-        8259 and the 8259 connected, or unmasked at I/O APIC pin 2): an edge it makes while masked would only latch the IRR, which every 8259
-        and 8254 port access catches up on first (_Replans), so no stop is needed for it, and a
-        CPU halted waiting for the APIC timer is not woken by a PIT edge it cannot take.
+        8259 and the 8259 connected, or unmasked at I/O APIC pin 2): an edge it makes while masked
+        would only latch the IRR, which every 8259, 8254 and I/O APIC access catches up on first
+        (_Replans), so no stop is needed for it, and a CPU halted waiting for the APIC timer is not
+        woken by a PIT edge it cannot take.
         """
         deadlines = [self.apic.next_deadline()]
         if (not self.pic.master.imr & 1 and self.apic.pic_connected()) or self.ioapic.pin_unmasked(2):

@@ -3,7 +3,8 @@
 Two sources, both asked by the machine on its timer path (`deadline()` / `update()`), never per
 instruction:
 
-- `ScriptedInput`: bytes from a file (`--input FILE`) or from a pipe on stdin, released one at a time
+- `ScriptedInput`: bytes from a file (`--input FILE`) or from a pipe on stdin (read as the guest asks for
+  them), released one at a time
   on the virtual clock, so that the same script gives the same run byte for byte. A byte is put in
   the receiver only when the guest has read the previous one (the receiver is empty) and `gap`
   virtual cycles have passed since then: a typist who waits for each key to be taken. With a
@@ -31,9 +32,16 @@ POLL_CYCLES = 2_000_000         # a terminal is looked at every 2 ms of virtual 
 
 
 class ScriptedInput:
+    """`data` is the whole script, or, with `more`, what has been read of it so far: `more()` reads
+    the next chunk (blocking; b"" at the end). A pipe is read that way, only when the guest wants a
+    byte (it has enabled receive interrupts) and the script so far is used up, so that a guest that
+    never reads its console never waits on a pipe that stays open."""
+
     def __init__(self, data: bytes, uart, now: Callable[[], int], prompt: bytes | None = None,
-                 gap: int = GAP_CYCLES):
+                 gap: int = GAP_CYCLES, more: Callable[[], bytes] | None = None):
         self.data = bytes(data)
+        self.more = more
+        self.at_end = more is None      # no more bytes will come than self.data holds
         self.uart = uart
         self.now = now
         self.prompt = prompt or None
@@ -49,15 +57,28 @@ class ScriptedInput:
     def deadline(self) -> int | None:
         """Virtual time the next byte is due, or None while none can go (the receiver still holds
         one, the guest has not prompted yet, or the script is over)."""
-        if self.pos >= len(self.data) or self.waiting_for_prompt or self.uart.rx:
+        if self.waiting_for_prompt or self.uart.rx:
+            return None
+        if self.pos >= len(self.data) and (self.at_end or not self.uart.ier & IER_RDI):
             return None
         return self.ready_at
+
+    def _read_more(self) -> None:
+        chunk = self.more()
+        if chunk:
+            self.data += chunk
+        else:
+            self.at_end = True
 
     def update(self) -> bool:
         """Feed the next byte if it is due; True when one went into the receiver."""
         due = self.deadline()
         if due is None or self.now() < due:
             return False
+        if self.pos >= len(self.data):
+            self._read_more()
+            if self.pos >= len(self.data):
+                return False
         byte = self.data[self.pos]
         self.pos += 1
         if self.prompt is not None and byte == 0x0A:
@@ -77,7 +98,9 @@ class ScriptedInput:
         if self._tail == self.prompt:
             self.waiting_for_prompt = False
             self.ready_at = max(self.ready_at, self.now() + self.gap)
-            if self.pos >= len(self.data) and not self.finished:
+            if self.pos >= len(self.data) and not self.at_end:
+                self._read_more()           # the guest waits for a line: is there one?
+            if self.pos >= len(self.data) and self.at_end and not self.finished:
                 self.finished = True
                 if self.on_finished is not None:
                     self.on_finished()
