@@ -372,3 +372,18 @@ def test_cpuvirt_run_does_not_wait_on_a_pipe_the_guest_never_reads():
         p.stdin.close()
     assert status == 0, p.stderr.read()
     assert b"hello" in p.stdout.read().lower()
+
+
+@pytest.mark.parametrize("mode,opts", [("native", None), ("trap", None), ("full", None),
+                                       ("hw", {"vmx": [], "ept": True}), ("hw", {"vmx": [], "ept": False})],
+                         ids=["native", "trap", "full", "hw-ept", "hw-noept"])
+def test_typed_bytes_reach_a_guest_through_the_io_apic_in_every_mode(test_guest, mode, opts):
+    from cpuvirt.runner import run_guest
+    path = str(test_guest("ioapic_uart"))
+    res = run_guest(path, mode, input_data=b"abc", mode_options=opts, max_insns=50_000_000)
+    assert (res.outcome, res.status) == ("exit", 0), (res.message, res.console.decode())
+    assert b"FAIL" not in res.console
+    again = run_guest(path, mode, input_data=b"abc", mode_options=opts, max_insns=50_000_000)
+    assert (again.console, again.icount) == (res.console, res.icount), "reproducible"
+    nothing = run_guest(path, mode, mode_options=opts, max_insns=50_000_000)
+    assert nothing.outcome == "halted", "with nothing typed, the guest waits for ever"
