@@ -65,6 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--verbose-trace", action="store_true",
                    help="with --trace: also record each translated block (full) and each hidden shadow-paging "
                         "fault (trap, full, hw --no-ept); large traces")
+    r.add_argument("--input", metavar="FILE",
+                   help="type FILE into COM1, one byte at a time on the virtual clock (reproducible); "
+                        "without it, a pipe on stdin is typed the same way, and a terminal is interactive")
+    r.add_argument("--input-prompt", metavar="TEXT",
+                   help="with scripted input: send each line only once the console ends with TEXT (e.g. '$ '), "
+                        "and end the run (status 0) when TEXT follows the last line")
+    r.add_argument("--rtc", metavar="DATE",
+                   help="the CMOS clock's start, YYYY-MM-DDTHH:MM:SS (default 2000-01-01T00:00:00; it then "
+                        "advances with virtual time)")
     _vmx_options(r)
     r.add_argument("--dump-vmcs-on", metavar="REASON|SYMBOL", help="hw: dump the VMCS to stderr at the first exit of "
                    "REASON, or the first exit at a guest symbol (symbol+offset)")
@@ -636,9 +645,11 @@ def _run(args) -> int:
     devices = [parse_device(text) for text in args.device]
     if args.pcap and not devices:
         raise CpuvirtError("--pcap needs a --device virtio-net to capture")
-    res = run_guest(args.guest, args.mode, args.mem, max_insns, args.trace, console, args.append,
-                    modules=args.module, mode_options=options, verbose_trace=args.verbose_trace,
-                    devices=devices, pcap_path=args.pcap)
+    inputs = _input_options(args)
+    with _terminal_mode(inputs.get("input_terminal")):
+        res = run_guest(args.guest, args.mode, args.mem, max_insns, args.trace, console, args.append,
+                        modules=args.module, mode_options=options, verbose_trace=args.verbose_trace,
+                        devices=devices, pcap_path=args.pcap, **inputs)
     stdout.flush()
     if args.dump_vmcs_on and not done:
         print(f"cpuvirt: no {args.dump_vmcs_on} exit happened in this run: no VMCS dumped", file=sys.stderr)
@@ -669,6 +680,63 @@ def write_summary_json(res, path: str) -> None:
         raise CpuvirtError(f"--summary {path}: {e.strerror}") from None
 
 
+def _input_options(args) -> dict:
+    """What COM1 receives: --input FILE, else a pipe or file on stdin (both scripted), else the
+    terminal when stdin is one (interactive), else nothing."""
+    import datetime
+    import stat
+    opts: dict = {}
+    if args.rtc:
+        try:
+            opts["rtc_base"] = datetime.datetime.fromisoformat(args.rtc).replace(tzinfo=None)
+        except ValueError:
+            raise CpuvirtError(f"--rtc: not a date and time: {args.rtc!r} (e.g. 2024-09-01T08:30:00)") from None
+        if not 1900 <= opts["rtc_base"].year <= 2099:
+            raise CpuvirtError("--rtc: the CMOS clock holds years 1900 to 2099")
+    if args.input_prompt is not None:
+        opts["input_prompt"] = args.input_prompt.encode("utf-8", "surrogateescape")
+        if not opts["input_prompt"]:
+            raise CpuvirtError("--input-prompt must not be empty")
+    if args.input:
+        try:
+            with open(args.input, "rb") as f:
+                opts["input_data"] = f.read()
+        except OSError as e:
+            raise CpuvirtError(f"--input {args.input}: {e.strerror}") from None
+        return opts
+    try:
+        mode = os.fstat(0).st_mode
+    except OSError:
+        return opts
+    if stat.S_ISFIFO(mode) or stat.S_ISREG(mode):
+        opts["input_more"] = lambda: os.read(0, 4096)     # read as the guest asks: never blocks others
+    elif os.isatty(0):
+        opts["input_terminal"] = 0
+    if "input_prompt" in opts and "input_data" not in opts and "input_more" not in opts:
+        raise CpuvirtError("--input-prompt needs scripted input (--input FILE or a pipe on stdin)")
+    return opts
+
+
+class _terminal_mode:
+    """cbreak mode on an interactive terminal for the run (the guest echoes and edits lines; Ctrl-C
+    still reaches cpuvirt), the terminal's settings restored whatever happens."""
+
+    def __init__(self, fd: int | None):
+        self.fd, self.saved = fd, None
+
+    def __enter__(self):
+        if self.fd is not None:
+            import termios
+            import tty
+            self.saved = termios.tcgetattr(self.fd)
+            tty.setcbreak(self.fd)
+        return self
+
+    def __exit__(self, *exc):
+        if self.saved is not None:
+            import termios
+            termios.tcsetattr(self.fd, termios.TCSADRAIN, self.saved)
+        return False
 
 
 def format_stats(res, modelled=None) -> str:

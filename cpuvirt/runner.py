@@ -184,7 +184,8 @@ def run_guest(guest: str, mode: str = "native", mem_mib: int = 32, max_insns: in
               trace_path: str | None = None, console=None, cmdline: str = "",
               mode_options: dict | None = None, modules: Sequence[tuple[str, str | None]] = (),
               verbose_trace: bool = False, devices: Sequence = (), pcap_path: str | None = None,
-              on_start=None) -> RunResult:
+              on_start=None, input_data: bytes | None = None, input_prompt: bytes | None = None,
+              input_terminal: int | None = None, rtc_base=None, input_more=None) -> RunResult:
     """One run. `mode_options` go to the mode (hw: vmx=[NAME=VALUE...], ept=bool, dump_on=callback).
 
     `devices` are PCI devices (virtio/setup.py DeviceSpec) in slot order; `pcap_path` captures their frames.
@@ -193,6 +194,12 @@ def run_guest(guest: str, mode: str = "native", mem_mib: int = 32, max_insns: in
     `-initrd 'file cmdline,...'` does: the module's string is the file name as given, then a space
     and its command line when it has one. The kernel's command line starts with `guest` as given
     (QEMU's is the -kernel argument), then a space and `cmdline`.
+
+    COM1's receiver gets `input_data` (scripted, paced on the virtual clock; then what `input_more()`
+    reads, when given, as a pipe is read; with `input_prompt`,
+    line by line after each prompt, and the run ends with outcome `input_end` when the prompt follows
+    the last line), or what is typed on the terminal whose descriptor is `input_terminal`
+    (machine/serial_input.py). `rtc_base` is the date the CMOS clock starts from (machine/rtc.py).
     """
     mode_cls = get_mode(mode)
     if mode == "para" and any(getattr(d, "backend", "") == "vhost-user" for d in devices):
@@ -212,10 +219,14 @@ def run_guest(guest: str, mode: str = "native", mem_mib: int = 32, max_insns: in
     exit_value = []
     unhandled = []
 
+    source = []
+
     def on_console(byte: int) -> None:
         keep(byte)
         if console is not None:
             console(byte)
+        if source:
+            source[0].console_output(byte)
 
     stack = contextlib.ExitStack()
     sigint = stack.enter_context(SigintStop().installed())   # from here on Ctrl-C is an outcome
@@ -228,8 +239,9 @@ def run_guest(guest: str, mode: str = "native", mem_mib: int = 32, max_insns: in
     transports = []
     try:
         trace = None
+        extra = {} if rtc_base is None else {"rtc_base": rtc_base}
         machine = Machine(mem_mib, on_console=on_console, on_exit=None, on_unhandled_io=None,
-                          shared_ram=any(getattr(d, "backend", "") == "vhost-user" for d in devices))
+                          shared_ram=any(getattr(d, "backend", "") == "vhost-user" for d in devices), **extra)
         hv = mode_cls(machine, trace=None, max_insns=max_insns, **(mode_options or {}))
         if verbose_trace and hasattr(machine.mmu.strategy, "verbose"):
             machine.mmu.strategy.verbose = True        # shadow paging: hidden faults become trace events
@@ -263,8 +275,13 @@ def run_guest(guest: str, mode: str = "native", mem_mib: int = 32, max_insns: in
             "reads all-ones, writes dropped; reported once per page")
         mmio_sites = MmioSites(machine.mmu, machine.regs, machine.clock)
 
+        event_counts = vcpu.counts
+
         def on_mmio(gpa, size, is_write, value) -> None:
-            eip = mmio_sites.site(gpa, is_write) if vcpu.trace is not None else 0
+            if vcpu.trace is None:
+                event_counts["mmio"] += 1    # the hot path of untraced runs: no event to build
+                return
+            eip = mmio_sites.site(gpa, is_write)
             vcpu.record("mmio", "WRITE" if is_write else "READ", None, eip,
                         {"gpa": f"{gpa:#x}", "size": size, "value": f"{value:#x}"}, "emulated by the device model")
 
@@ -281,6 +298,8 @@ def run_guest(guest: str, mode: str = "native", mem_mib: int = 32, max_insns: in
         machine.pci.on_event = lambda reason, detail: vcpu.record(
             "pci", reason, None, device_site(), detail, _PCI_ACTIONS.get(reason, "done"))
 
+        for gpa, blob in machine.bios_tables():
+            machine.write_gpa(gpa, blob)
         for gpa, blob in image.segments:
             machine.write_gpa(gpa, blob)
         for gpa, blob in boot.blobs:
@@ -288,6 +307,17 @@ def run_guest(guest: str, mode: str = "native", mem_mib: int = 32, max_insns: in
         machine.set_flat_protected_mode(BOOT_GDT_GPA)
         machine.regs.write(R.EAX, MULTIBOOT_BOOTLOADER_MAGIC)
         machine.regs.write(R.EBX, boot.address)
+        if input_data is not None or input_terminal is not None or input_more is not None:
+            from cpuvirt.machine.serial_input import ScriptedInput, TerminalInput
+            now = lambda: machine.clock.now       # noqa: E731
+            if input_terminal is not None:
+                src = TerminalInput(input_terminal, machine.uart, now)
+            else:
+                src = ScriptedInput(input_data or b"", machine.uart, now, prompt=input_prompt, more=input_more)
+                src.on_finished = lambda: vcpu.finish(
+                    "input_end", 0, "the scripted input is consumed and the guest prompted again")
+            source.append(src)
+            machine.attach_input(src)
         if hasattr(hv, "set_image"):
             hv.set_image(image, boot)     # para: its start pages go above the image and modules
         hv.boot()

@@ -38,3 +38,54 @@ def run_under_qemu(image_path: Path | str, timeout: float = 20, extra=()) -> tup
     except subprocess.TimeoutExpired as e:
         return (e.stdout or b""), TIMEOUT_STATUS
     return p.stdout, p.returncode
+
+
+XV6_QEMU_ARGS = ["-nographic", "-no-reboot", "-m", "512", "-smp", "1"]
+"""xv6 needs QEMU's default machine (no -nodefaults): with no i8042 its keyboard status port reads
+0xFF and its console loops on phantom key presses. SeaBIOS then prints on COM1 before xv6 does."""
+XV6_FIRST_LINE = b"xv6...\n"
+
+
+def qemu_xv6_session(kernel: Path | str, lines: list[str], prompt: bytes = b"$ ",
+                     timeout: float = 900) -> tuple[bytes, float, bool]:
+    """Boot an xv6 kernelmemfs under QEMU and type each line once the console ends with `prompt`,
+    as cpuvirt's `--input-prompt` does; stop when the prompt follows the last line.
+
+    Returns (console from xv6's first line on, wall seconds from the first prompt to the end,
+    whether the session completed before `timeout`).
+    """
+    import os
+    import select
+    import time
+    p = subprocess.Popen([QEMU, *XV6_QEMU_ARGS, "-kernel", str(kernel)], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    out = bytearray()
+    pending = list(lines)
+    t0 = time.monotonic()
+    first_prompt = None
+    completed = False
+    try:
+        os.set_blocking(p.stdout.fileno(), False)
+        while time.monotonic() - t0 < timeout:
+            ready, _, _ = select.select([p.stdout], [], [], 0.5)
+            if ready:
+                chunk = p.stdout.read()
+                if not chunk:
+                    break
+                out += chunk
+            if out.endswith(prompt) and XV6_FIRST_LINE in out:
+                if first_prompt is None:
+                    first_prompt = time.monotonic()
+                if not pending:
+                    completed = True
+                    break
+                p.stdin.write(pending.pop(0).encode() + b"\n")
+                p.stdin.flush()
+                out += b"\0"            # a marker: the prompt just seen is answered
+    finally:
+        p.kill()
+        p.wait()
+    console = bytes(out).replace(b"\0", b"")
+    start = console.find(XV6_FIRST_LINE)
+    wall = time.monotonic() - (first_prompt or t0)
+    return (console[start:] if start >= 0 else console), wall, completed

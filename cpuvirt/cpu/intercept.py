@@ -11,8 +11,9 @@ VMCS control, or a deprivileging hypervisor, must see them. The way used here:
 - Self-modifying code and code copied in at run time: every new block goes through the clock's
   block-count callback, which decodes it anyway; an instance found there without a hook gets one, and the
   engine is stopped before the block runs so that it is translated again with the hook (`retranslate`).
-- A hook that fires re-checks the instruction (its size, or its bytes when the size differs) because
-  the same linear address may hold other code after a CR3 switch or a rewrite.
+- A hook that fires re-checks the instruction's bytes, because the same linear address may hold other
+  code after a CR3 switch or a rewrite: xv6's processes all run at linear 0, and the `f4` inside
+  `init`'s `call` at 0x87 (decoded from 0x88: `hlt`) is `sh`'s one-byte `pop edx` at 0x88 (same size).
 """
 from __future__ import annotations
 
@@ -68,7 +69,8 @@ class Intercepts:
         self.mmu = mmu
         self.wanted = wanted
         self.on_hit = on_hit
-        self.sites: dict[int, tuple[int, str, str]] = {}   # linear address -> (size, mnemonic, operands)
+        # linear address -> (size, mnemonic, operands, the instruction's bytes)
+        self.sites: dict[int, tuple[int, str, str, bytes]] = {}
         self.scanned: set[tuple[int, int]] = set()
         self.retranslate: list[tuple[int, int]] = []
         self._cs = Cs(CS_ARCH_X86, CS_MODE_32)
@@ -98,32 +100,32 @@ class Intercepts:
         for start in sorted(starts):
             for addr, size, mnem, ops in self._cs.disasm_lite(code[start:start + 15], page + start, 1):
                 if _is_wanted(mnem, ops, self.wanted):
-                    self._hook(addr, size, mnem, ops)
+                    self._hook(addr, size, mnem, ops, code[start:start + size])
 
     def check_block(self, insns) -> bool:
         """Called with a newly seen block's instructions; True if one lacked a hook (retranslate it)."""
         missing = False
         for addr, size, mnem, ops in insns:
             if _is_wanted(mnem, ops, self.wanted) and addr not in self.sites:
-                self._hook(addr, size, mnem, ops)
+                self._hook(addr, size, mnem, ops, self.mmu.fetch_bytes(addr, size) or b"")
                 missing = True
         return missing
 
-    def _hook(self, addr: int, size: int, mnem: str, ops: str) -> None:
+    def _hook(self, addr: int, size: int, mnem: str, ops: str, code: bytes) -> None:
         if addr in self.sites:
-            self.sites[addr] = (size, mnem, ops)
+            self.sites[addr] = (size, mnem, ops, code)
             return
-        self.sites[addr] = (size, mnem, ops)
+        self.sites[addr] = (size, mnem, ops, code)
         self.uc.hook_add(UC_HOOK_CODE, self._hit, None, addr, addr)
 
     # -- a hooked instruction is about to run ----------------------------------------------------------
     def _hit(self, uc, address, size, _data) -> None:
         site = self.sites.get(address)
-        if site is None or site[0] != size:
+        if site is None or site[0] != size or (self.mmu.fetch_bytes(address, size) or b"") != site[3]:
             code = self.mmu.fetch_bytes(address, 15) or b""
             site = None
             for _, sz, mnem, ops in self._cs.disasm_lite(code, address, 1):
-                site = (sz, mnem, ops)
+                site = (sz, mnem, ops, code[:sz])
             if site is None:
                 return
             self.sites[address] = site

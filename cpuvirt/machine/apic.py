@@ -120,6 +120,7 @@ class LocalApic:
         self.on_change = on_change or (lambda: None)
         self.base_msr = APIC_BASE_GPA | APIC_BASE_BSP | APIC_BASE_ENABLE
         self.nmi_pending = False
+        self.on_level_eoi: Callable[[int], None] = lambda vector: None
         self.reset()
 
     # -- states ------------------------------------------------------------------------------------
@@ -307,7 +308,10 @@ class LocalApic:
         elif reg == EOI:
             # SDM 10.8.5: the highest in-service interrupt is done (the value written is ignored).
             if self.isr:
-                self.isr &= ~(1 << _highest(self.isr))
+                vector = _highest(self.isr)
+                self.isr &= ~(1 << vector)
+                if self.tmr >> vector & 1:
+                    self.on_level_eoi(vector)   # SDM 10.8.5: the I/O APIC hears the EOI
         elif reg == LDR:
             self.ldr = value & 0xFF000000
         elif reg == DFR:
@@ -349,6 +353,17 @@ class LocalApic:
         self.lvt[index] = value
 
     # -- interrupt acceptance --------------------------------------------------------------------------
+    def receive(self, vector: int, level: bool, dest: int, logical: bool, nmi: bool = False) -> None:
+        """An interrupt message from the I/O APIC (SDM 10.6.2 destinations; one CPU, so lowest
+        priority is fixed). Ignored while the APIC is globally disabled or not a destination."""
+        if not self.hw_enabled or not self.is_destination(dest, logical):
+            return
+        if nmi:
+            self.nmi_pending = True
+        else:
+            self._accept(vector, level)
+        self.on_change()
+
     def _accept(self, vector: int, level: bool = False) -> None:
         """A fixed interrupt arrives (SDM 10.8.3): set its IRR bit. Vectors 0-15 are illegal."""
         if vector < 16:
@@ -375,10 +390,14 @@ class LocalApic:
         shorthand = (self.icr_lo >> 18) & 3
         if shorthand:
             return shorthand != 3               # self, all including self; not all-excluding-self
-        dest = self.icr_hi >> 24
+        return self.is_destination(self.icr_hi >> 24, bool(self.icr_lo & (1 << 11)))
+
+    def is_destination(self, dest: int, logical: bool) -> bool:
+        """Does an interrupt message for `dest` (physical APIC ID, or a logical destination) reach
+        this APIC (SDM 10.6.2)? 0xFF is a broadcast in both modes."""
         if dest == 0xFF:
             return True                         # broadcast, physical or logical
-        if not self.icr_lo & (1 << 11):
+        if not logical:
             return dest == self.id              # physical destination mode
         ldr = self.ldr >> 24
         if self.dfr >> 28 == 0xF:               # flat model: a bit mask of CPUs

@@ -21,6 +21,11 @@ from cpuvirt.machine.mmio import MmioBus
 from cpuvirt.machine.hostmem import HostRegion
 from cpuvirt.machine.pci import CONFIG_ADDRESS, CONFIG_DATA, PIIX_PIRQ_IRQS, PciBus
 from cpuvirt.machine.pic import ELCR_PORT, Pic8259Pair
+from cpuvirt.machine.i8042 import DATA_PORT as I8042_DATA, STATUS_PORT as I8042_STATUS, I8042
+from cpuvirt.machine.ioapic import IOAPIC_BASE_GPA, IOAPIC_SIZE, IoApic, isa_irq_to_pin
+from cpuvirt.machine.mptable import firmware_blobs
+from cpuvirt.machine.rtc import RTC_PORT, DEFAULT_BASE as RTC_DEFAULT_BASE, CmosRtc
+from cpuvirt.machine.vga import CRTC_PORT, VgaCrtc
 from cpuvirt.machine.pit import Pit8254
 from cpuvirt.machine.post import PostPort
 from cpuvirt.machine.uart import Uart16550
@@ -34,7 +39,8 @@ COM1, PIC_MASTER, PIC_SLAVE, PIT_PORT, POST, DEBUG_EXIT = 0x3F8, 0x20, 0xA0, 0x4
 
 
 class _Replans:
-    """A port device whose accesses can change the CPU's interrupt state (the 8259, the 8254)."""
+    """A port or MMIO device whose accesses can change the CPU's interrupt state (the 8259, the
+    8254, the I/O APIC)."""
 
     __slots__ = ("device", "machine")
 
@@ -99,7 +105,7 @@ class MsrFault(Exception):
 
 class Machine:
     def __init__(self, mem_mib: int = 32, on_console=None, on_exit=None, on_unhandled_io=None, on_mmio=None,
-                 shared_ram: bool = False):
+                 shared_ram: bool = False, rtc_base=RTC_DEFAULT_BASE):
         self.mem_bytes = mem_mib * MIB
         uc = self.uc = Uc(UC_ARCH_X86, UC_MODE_32)
         # Stop only when cpuvirt says so: with an empty exit list Unicorn never looks up `until - 1`
@@ -115,10 +121,12 @@ class Machine:
         self.clock = VirtualClock(uc, self._count_block)
 
         self.bus = PortBus(on_unhandled=on_unhandled_io)
-        self.uart = Uart16550(on_output=on_console)
+        self.input = None            # serial_input.ScriptedInput / TerminalInput, set by attach_input
+        self.uart = Uart16550(on_output=on_console, raise_irq=self._uart_irq_raise,
+                              lower_irq=self._uart_irq_lower)
         self.pic = Pic8259Pair()
         self.pit = Pit8254(now=lambda: self.clock.now, tsc_hz=TSC_HZ,
-                           raise_irq=self.pic.raise_irq, lower_irq=self.pic.lower_irq)
+                           raise_irq=self._isa_irq_raise, lower_irq=self._isa_irq_lower)
         # Guests boot under QEMU after SeaBIOS: start from the state it leaves the PIC and PIT in.
         self.pic.bios_setup()
         self.pit.bios_setup()
@@ -141,6 +149,13 @@ class Machine:
         self.bus.register(CONFIG_ADDRESS, 4, self.pci, wide=True)
         self.bus.register(CONFIG_DATA, 4, self.pci, wide=True)
         self._windows: dict[int, _MmioWindow] = {}     # id(region) -> its window
+        self.rtc = CmosRtc(now=lambda: self.clock.now, mem_bytes=self.mem_bytes, base=rtc_base)
+        self.bus.register(RTC_PORT, 2, self.rtc)
+        self.i8042 = I8042()
+        self.bus.register(I8042_DATA, 1, self.i8042)
+        self.bus.register(I8042_STATUS, 1, self.i8042)
+        self.crtc = VgaCrtc()
+        self.bus.register(CRTC_PORT, 2, self.crtc)
 
         self.mmio = MmioBus(on_access=on_mmio)
         self._next_mmio_hpa = MMIO_HPA
@@ -148,10 +163,47 @@ class Machine:
         self.apic = LocalApic(now=lambda: self.clock.now, on_change=self._interrupts_changed)
         self.apic.bios_setup()
         self.map_mmio(APIC_BASE_GPA, APIC_SIZE, self.apic)
+        # The I/O APIC: ISA lines -> redirection table -> messages to the local APIC, which tells it
+        # of the EOI of a level-triggered vector. All its entries start masked, as SeaBIOS leaves them.
+        self.ioapic = IoApic(deliver=self._ioapic_message, on_change=self._interrupts_changed)
+        self.apic.on_level_eoi = self.ioapic.eoi
+        self.map_mmio(IOAPIC_BASE_GPA, IOAPIC_SIZE, _Replans(self.ioapic, self))
         self._insn_counter = None
         self.block_observer = None   # callback(insns) -> True to stop and retranslate the block
         self.on_new_block = None     # callback(address): caches keyed by block must drop it
         self.block_insns: dict[int, tuple] = {}   # block -> (instruction addresses, end address)
+
+    # -- interrupt lines -------------------------------------------------------------------------------
+    # An ISA IRQ line goes to both interrupt controllers, as on a PC: the 8259 pair (IRQ n) and the
+    # I/O APIC (pin n, IRQ 0 on pin 2). Which one reaches the CPU is the guest's choice of masks.
+    def _isa_irq_raise(self, irq: int) -> None:
+        self.pic.raise_irq(irq)
+        self.ioapic.set_irq(isa_irq_to_pin(irq), True)
+
+    def _isa_irq_lower(self, irq: int) -> None:
+        self.pic.lower_irq(irq)
+        self.ioapic.set_irq(isa_irq_to_pin(irq), False)
+
+    def _uart_irq_raise(self, irq: int) -> None:
+        self._isa_irq_raise(irq)
+        self._interrupts_changed()
+
+    def _uart_irq_lower(self, irq: int) -> None:
+        self._isa_irq_lower(irq)
+        self._interrupts_changed()
+
+    def _ioapic_message(self, vector: int, level: bool, dest: int, logical: bool, mode: int) -> None:
+        self.apic.receive(vector, level, dest, logical, nmi=(mode == 4))
+
+    def attach_input(self, source) -> None:
+        """Connect what is typed into COM1 (serial_input.py); its byte times become timer events."""
+        self.input = source
+        self._interrupts_changed()
+
+    def bios_tables(self) -> list[tuple[int, bytes]]:
+        """What the firmware leaves in RAM for the kernel to find: BDA words and the MP tables."""
+        eax, _, _, edx = self.cpuid(1)
+        return firmware_blobs(eax, edx)
 
     # -- what the CPU sees of the interrupt controllers and timers ---------------------------------
     # The vCPU knows only these calls, so that interrupt controllers and timers are added here
@@ -162,23 +214,27 @@ class Machine:
     def next_timer_deadline(self) -> int | None:
         """Virtual time of the next timer event that can interrupt the CPU, or None.
 
-        The PIT counts only while IRQ 0 can reach the CPU (unmasked at the master 8259, and the
-        8259 connected): an edge it makes while masked would only latch the IRR, which every 8259
-        and 8254 port access catches up on first (_Replans), so no stop is needed for it, and a
-        CPU halted waiting for the APIC timer is not woken by a PIT edge it cannot take.
+        The timers are the local APIC's, the PIT's and the byte times of scripted or terminal input
+        (serial_input.py). The PIT counts only while IRQ 0 can reach the CPU (unmasked at the master
+        8259 and the 8259 connected, or unmasked at I/O APIC pin 2): an edge it makes while masked
+        would only latch the IRR, which every 8259, 8254 and I/O APIC access catches up on first
+        (_Replans), so no stop is needed for it, and a CPU halted waiting for the APIC timer is not
+        woken by a PIT edge it cannot take.
         """
-        apic = self.apic.next_deadline()
-        pit = None
-        if not self.pic.master.imr & 1 and self.apic.pic_connected():
-            pit = self.pit.next_deadline()
-        if pit is None or apic is None:
-            return apic if pit is None else pit
-        return min(pit, apic)
+        deadlines = [self.apic.next_deadline()]
+        if (not self.pic.master.imr & 1 and self.apic.pic_connected()) or self.ioapic.pin_unmasked(2):
+            deadlines.append(self.pit.next_deadline())
+        if self.input is not None:
+            deadlines.append(self.input.deadline())
+        deadlines = [d for d in deadlines if d is not None]
+        return min(deadlines) if deadlines else None
 
     def update_timers(self) -> None:
         """Let every timer catch up with virtual time (raising its interrupt lines)."""
         self.pit.update()
         self.apic.update()
+        if self.input is not None:
+            self.input.update()
 
     def pending_interrupt(self) -> int | None:
         """The vector the CPU's INTR line would deliver now, or None."""
@@ -251,13 +307,13 @@ class Machine:
         if hpa + size > UNBACKED_HPA:
             raise ValueError("no host-physical room left for MMIO ranges")
         self.mmio.register(gpa, size, device)
-        bus = self.mmio
+        dev_read, dev_write = self.mmio.bound(gpa)
 
         def read(_uc, offset, width, _data):
-            return bus.read(gpa + offset, width)
+            return dev_read(offset, width)
 
         def write(_uc, offset, width, value, _data):
-            bus.write(gpa + offset, width, value)
+            dev_write(offset, width, value)
 
         self._mmio_callbacks.append((read, write))
         self.uc.mmio_map(hpa, size, read, None, write, None)

@@ -58,6 +58,35 @@ class MmioBus:
                 return lo, device
         return None
 
+    def bound(self, base: int) -> tuple[Callable[[int, int], int], Callable[[int, int, int], None]]:
+        """read(offset, size) and write(offset, size, value) for the range registered at `base`,
+        offsets counted from it: what the engine's MMIO callbacks call, with no range lookup on
+        the hot path (a kernel like xv6 reads the local APIC's ID on every spinlock). Same
+        behaviour as read()/write() at base + offset."""
+        hit = self.find(base)
+        if hit is None or hit[0] != base:
+            raise ValueError(f"no MMIO range starts at {base:#x}")
+        device = hit[1]
+
+        def read(offset: int, size: int) -> int:
+            if size > 4:
+                return self.read(base + offset, size)
+            value = device.read(offset, size)
+            if self.on_access is not None:
+                self.on_access(base + offset, size, False, value)
+            return value
+
+        def write(offset: int, size: int, value: int) -> None:
+            if size > 4:
+                self.write(base + offset, size, value)
+                return
+            value &= _MASK.get(size, 0xFFFFFFFF)
+            device.write(offset, size, value)
+            if self.on_access is not None:
+                self.on_access(base + offset, size, True, value)
+
+        return read, write
+
     def read(self, gpa: int, size: int) -> int:
         if size > 4:
             value = 0

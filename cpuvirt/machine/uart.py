@@ -44,6 +44,9 @@ class Uart16550:
     `lower_irq(irq)` on level changes. Simplifications: the receive-FIFO trigger level and
     character timeout are not modelled (data raises RDI at once), line-status and modem-status
     interrupts never occur. Loopback (MCR bit 4) returns THR bytes to RBR, as driver probes expect.
+    MCR's OUT2 does not gate the interrupt line (QEMU does not model that gate, and xv6 relies on it).
+    `on_drained()` is called when the guest reads the last byte waiting (serial_input.py paces
+    scripted input by it).
     """
 
     def __init__(self, on_output: Callable[[int], None], base: int = COM1_BASE,
@@ -55,6 +58,7 @@ class Uart16550:
         self._raise = raise_irq
         self._lower = lower_irq
         self.rx: deque[int] = deque()
+        self.on_drained: Callable[[], None] | None = None   # the guest read the last received byte
         self.ier = 0
         self.lcr = 0
         self.mcr = 0x08
@@ -77,9 +81,13 @@ class Uart16550:
         if off == 0:
             if self.lcr & LCR_DLAB:
                 return self.divisor & 0xFF
-            value = self.rx.popleft() if self.rx else 0
+            if not self.rx:
+                return 0
+            value = self.rx.popleft()
             if self.ier:
                 self._update_irq()
+            if not self.rx and self.on_drained is not None:
+                self.on_drained()
             return value
         if off == 1:
             return self.divisor >> 8 if self.lcr & LCR_DLAB else self.ier

@@ -34,3 +34,32 @@ def render_text(buffer: bytes) -> str:
     while first < len(rows) and not rows[first]:
         first += 1
     return "\n".join(rows[first:])
+
+
+CRTC_PORT = 0x3D4
+CRTC_CURSOR_HIGH, CRTC_CURSOR_LOW = 0x0E, 0x0F
+
+
+class VgaCrtc:
+    """The VGA CRT controller's index/data pair at 0x3D4/0x3D5 (colour text mode): a register file.
+
+    Text-mode kernels keep their cursor there (registers 0x0E/0x0F, the cursor location) and read it
+    back to know where to write next (xv6's cgaputc panics when it reads an impossible position, which
+    is what all-ones from an absent port gives). Only storage is modelled: nothing is drawn, the
+    registers 0x00-0x18 read back what was written (all 0 at reset), other indexes read 0.
+    """
+
+    def __init__(self):
+        self.index = 0
+        self.regs = bytearray(0x19)
+
+    def read(self, port: int, size: int) -> int:
+        if port == CRTC_PORT:
+            return self.index
+        return self.regs[self.index] if self.index < len(self.regs) else 0
+
+    def write(self, port: int, size: int, value: int) -> None:
+        if port == CRTC_PORT:
+            self.index = value & 0xFF
+        elif self.index < len(self.regs):
+            self.regs[self.index] = value & 0xFF
