@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import os
 import signal
@@ -201,6 +202,9 @@ def run_guest(guest: str, mode: str = "native", mem_mib: int = 32, max_insns: in
     the last line), or what is typed on the terminal whose descriptor is `input_terminal`
     (machine/serial_input.py). `rtc_base` is the date the CMOS clock starts from (machine/rtc.py).
     """
+    # Collect what earlier runs in this process left (their engines, hooks and callbacks) now, not at
+    # an allocation-dependent moment inside this run: a run's outcome must not depend on what ran before.
+    gc.collect()
     mode_cls = get_mode(mode)
     if mode == "para" and any(getattr(d, "backend", "") == "vhost-user" for d in devices):
         # The backend process writes guest RAM behind the hypervisor: it cannot honour direct
