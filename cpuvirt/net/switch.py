@@ -20,6 +20,7 @@ receives, once, time-stamped with the host clock.
 """
 from __future__ import annotations
 
+import abc
 import os
 import select
 import signal
@@ -35,7 +36,7 @@ from cpuvirt.virtio.vhost_user import ProtocolError
 MAX_FRAME = 65535 + 14
 
 
-class Port:
+class Port(abc.ABC):
     kind = "?"
 
     def __init__(self, number: int, spec: str):
@@ -49,8 +50,9 @@ class Port:
     def ready(self, fd) -> None:
         pass
 
+    @abc.abstractmethod
     def send(self, frame: bytes) -> None:
-        raise NotImplementedError
+        """A frame the switch forwards out of this port."""
 
     def close(self) -> None:
         pass

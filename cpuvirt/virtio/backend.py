@@ -13,6 +13,8 @@ function, `transmit(frame)` hands it one frame the guest sent.
 """
 from __future__ import annotations
 
+import abc
+
 import struct
 
 ETH_P_IP, ETH_P_ARP = 0x0800, 0x0806
@@ -32,12 +34,16 @@ def inet_checksum(data: bytes) -> int:
     return ~total & 0xFFFF
 
 
-class Backend:
+class Backend(abc.ABC):
+    """The other end of a NIC: frames the guest sent go to `transmit`; frames for the guest go to the
+    `deliver` callback the device attached."""
+
     def attach(self, deliver) -> None:
         self.deliver = deliver
 
+    @abc.abstractmethod
     def transmit(self, frame: bytes) -> None:
-        raise NotImplementedError
+        """A frame the guest sent."""
 
 
 class Loopback(Backend):

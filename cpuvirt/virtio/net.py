@@ -49,6 +49,13 @@ def mac_text(mac: bytes) -> str:
     return ":".join(f"{b:02x}" for b in mac)
 
 
+def read_net_config(mac: bytes, link_up: bool, offset: int, size: int) -> int:
+    """A read of struct virtio_net_config (virtio 5.1.4): the MAC, then the status word (link up);
+    bytes past it read 0. Every virtio-net backend's device shares this layout."""
+    config = mac + struct.pack("<H", NET_S_LINK_UP if link_up else 0)
+    return int.from_bytes(config[offset:offset + size].ljust(size, b"\0"), "little")
+
+
 class VirtioNet(VirtioDevice):
     name = "virtio-net"
     pci_device_id = 0x1000           # transitional virtio-net
@@ -73,8 +80,7 @@ class VirtioNet(VirtioDevice):
         return 1 << F_MAC | 1 << F_STATUS | 1 << F_INDIRECT_DESC | 1 << F_EVENT_IDX
 
     def read_config(self, offset: int, size: int) -> int:
-        config = self.mac + struct.pack("<H", NET_S_LINK_UP)
-        return int.from_bytes(config[offset:offset + size].ljust(size, b"\0"), "little")
+        return read_net_config(self.mac, True, offset, size)
 
     def write_config(self, offset: int, size: int, value: int) -> None:
         """The MAC is read-only here (QEMU lets a legacy driver write it; no driver needs to)."""

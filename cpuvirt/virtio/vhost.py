@@ -21,10 +21,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from cpuvirt.virtio.net import RX, TX, VirtioNet, NET_S_LINK_UP
+from cpuvirt.virtio.net import RX, TX, VirtioNet, read_net_config
 from cpuvirt.virtio.transport import F_EVENT_IDX, F_INDIRECT_DESC, QUEUE_NOTIFY, VirtioDevice
 from cpuvirt.virtio.virtqueue import GuestMemoryError, GuestRam, RingError, SplitQueue
-import struct
 
 
 @dataclass(frozen=True)
@@ -173,8 +172,7 @@ class VhostNet(VirtioDevice):
         return c
 
     def read_config(self, offset: int, size: int) -> int:
-        config = self.mac + struct.pack("<H", NET_S_LINK_UP if self.link_up else 0)
-        return int.from_bytes(config[offset:offset + size].ljust(size, b"\0"), "little")
+        return read_net_config(self.mac, self.link_up, offset, size)
 
     def write_config(self, offset: int, size: int, value: int) -> None:
         pass

@@ -34,7 +34,7 @@ import tempfile
 import time
 
 from cpuvirt.errors import CpuvirtError
-from cpuvirt.virtio.net import NET_S_LINK_UP, RX, TX, VirtioNet
+from cpuvirt.virtio.net import RX, TX, VirtioNet, read_net_config
 from cpuvirt.virtio.transport import QUEUE_NOTIFY, VirtioDevice
 
 # Requests (front-end to back-end), vhost-user.rst "Front-end message types"
@@ -213,8 +213,7 @@ class VhostUserNet(VirtioDevice):
 
     # -- the device --------------------------------------------------------------------------------
     def read_config(self, offset: int, size: int) -> int:
-        config = self.mac + struct.pack("<H", NET_S_LINK_UP if self.link_up else 0)
-        return int.from_bytes(config[offset:offset + size].ljust(size, b"\0"), "little")
+        return read_net_config(self.mac, self.link_up, offset, size)
 
     def write_config(self, offset: int, size: int, value: int) -> None:
         pass
