@@ -179,7 +179,7 @@ def check_answers(lab: Lab, observed: dict, answers: dict[str, str]) -> list[tup
         except ValueError:
             raise CpuvirtError(f"--answer {key}={given}: not a number") from None
         ok = abs(value - float(want)) <= q.tolerance * max(1.0, abs(float(want)))
-        results.append((key, ok, "right" if ok else f"not what this run shows (look again at the step that measures it)"))
+        results.append((key, ok, "right" if ok else "not what this run shows (look again at the step that measures it)"))
     return results
 
 

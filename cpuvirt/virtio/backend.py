@@ -87,7 +87,7 @@ class UserNet(Backend):
         if len(frame) < 42:
             return None
         hrd, pro, hln, pln, op = struct.unpack_from("!HHBBH", frame, 14)
-        sha, sip, tha, tip = frame[22:28], frame[28:32], frame[32:38], frame[38:42]
+        sha, sip, tip = frame[22:28], frame[28:32], frame[38:42]      # (the target MAC, 32:38, is unknown in a request)
         if (hrd, pro, hln, pln, op) != (1, ETH_P_IP, 6, 4, 1) or tip == sip:
             return None
         if tip not in (SLIRP_HOST_IP, SLIRP_DNS_IP):
