@@ -641,8 +641,10 @@ def _run(args) -> int:
     options = _hw_options(args, dump_on)
     if args.verbose_trace and args.mode == "full":
         options = {"verbose": True}
-    from cpuvirt.virtio.setup import parse_device
-    devices = [parse_device(text) for text in args.device]
+    devices = []
+    if args.device:
+        from cpuvirt.virtio.setup import parse_device
+        devices = [parse_device(text) for text in args.device]
     if args.pcap and not devices:
         raise CpuvirtError("--pcap needs a --device virtio-net to capture")
     inputs = _input_options(args)

@@ -294,10 +294,11 @@ def run_guest(guest: str, mode: str = "native", mem_mib: int = 32, max_insns: in
         def device_site() -> int:
             return vcpu.io_site()[0] if vcpu.trace is not None else 0
 
-        from cpuvirt.virtio.setup import attach_devices
-        transports, pcap = attach_devices(
-            machine, devices, lambda reason, detail, action: vcpu.record("virtio", reason, None, device_site(),
-                                                                        detail, action), pcap_path)
+        if devices or pcap_path:       # the virtio package only when asked for (start-up time)
+            from cpuvirt.virtio.setup import attach_devices
+            transports, pcap = attach_devices(
+                machine, devices, lambda reason, detail, action: vcpu.record("virtio", reason, None, device_site(),
+                                                                            detail, action), pcap_path)
         machine.pci.firmware_setup()          # as SeaBIOS leaves the bus, before the guest runs
         machine.pci.on_event = lambda reason, detail: vcpu.record(
             "pci", reason, None, device_site(), detail, _PCI_ACTIONS.get(reason, "done"))
