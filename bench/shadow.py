@@ -32,12 +32,12 @@ FIRST = 0x400000           # pages read by the hidden-fault loop (PDEs 1.. map t
 def _direct(source: str, shadow: bool, pages: int):
     """Run `source` at CODE on a bare machine with paging on (identity, 4 KiB pages over 0..(4 + pages
     / 1024) MiB); returns the run loop's wall time and the shadow (or None)."""
-    from keystone import KS_ARCH_X86, KS_MODE_32, Ks
     from cpuvirt.cpu import regs as R
     from cpuvirt.cpu.vcpu import Vcpu
     from cpuvirt.machine.machine import Machine
     from cpuvirt.memory.shadow import ShadowPaging
-    code = bytes(Ks(KS_ARCH_X86, KS_MODE_32).asm(source, CODE)[0])
+    from cpuvirt.toolchain.assemble import new_keystone
+    code = bytes(new_keystone().asm(source, CODE)[0])
     m = Machine(64)
     vcpu = Vcpu(m)
     vcpu.install_hooks()

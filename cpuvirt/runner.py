@@ -203,7 +203,8 @@ def run_guest(guest: str, mode: str = "native", mem_mib: int = 32, max_insns: in
     (machine/serial_input.py). `rtc_base` is the date the CMOS clock starts from (machine/rtc.py).
     """
     # Collect what earlier runs in this process left (their engines, hooks and callbacks) now, not at
-    # an allocation-dependent moment inside this run: a run's outcome must not depend on what ran before.
+    # an allocation-dependent moment inside this run. (The one case where a run's outcome did depend
+    # on what ran before was the assembler: see toolchain/assemble.py, new_keystone.)
     gc.collect()
     mode_cls = get_mode(mode)
     if mode == "para" and any(getattr(d, "backend", "") == "vhost-user" for d in devices):

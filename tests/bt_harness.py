@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import struct
 
-from keystone import KS_ARCH_X86, KS_MODE_32, Ks
 from unicorn import UC_ARCH_X86, UC_HOOK_INTR, UC_MODE_32, Uc, UcError
 
 from cpuvirt.bt.runtime import BtRuntime
 from cpuvirt.bt.tcache import TCache
 from cpuvirt.bt.translate import GuestCode
 from cpuvirt.cpu import regs as R
+from cpuvirt.toolchain.assemble import new_keystone
 
 CODE = 0x10000
 SCRATCH = 0x20000          # 64 KiB of data; the stack grows down from STACK
@@ -20,7 +20,7 @@ MEM = 0x400000
 GPRS = (R.EAX, R.ECX, R.EDX, R.EBX, R.ESP, R.EBP, R.ESI, R.EDI)
 FLAGS = 0x8D5 | R.EFLAGS_DF      # CF PF AF ZF SF OF DF
 
-_ks = Ks(KS_ARCH_X86, KS_MODE_32)
+_ks = new_keystone()
 
 
 def asm(text: str, address: int = CODE) -> bytes:

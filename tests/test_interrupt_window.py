@@ -10,12 +10,12 @@ import struct
 from pathlib import Path
 
 import pytest
-from keystone import KS_ARCH_X86, KS_MODE_32, Ks
 
 from cpuvirt.cpu import regs as R
 from cpuvirt.machine.machine import Machine
 from cpuvirt.modes import get_mode
 from cpuvirt.runner import run_guest
+from cpuvirt.toolchain.assemble import new_keystone
 from cpuvirt.toolchain.build import include_dir
 from cpuvirt.toolchain.image import build_image
 from cpuvirt.toolchain.preprocess import preprocess
@@ -35,7 +35,7 @@ OPENERS = {
 
 
 def assemble(src: str, base: int) -> tuple[bytes, int]:
-    ks = Ks(KS_ARCH_X86, KS_MODE_32)
+    ks = new_keystone()
     enc, _ = ks.asm(src, base)
     code = bytes(enc)
     # the label's address: assemble again up to it (0x12345678 stands for it: keystone cannot push a label)

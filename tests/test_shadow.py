@@ -226,8 +226,8 @@ COHERENCE = f"""
 def run_direct(source: str):
     """The guest code at CODE on a bare machine with paging on, under shadow paging; invlpg and
     mov-to-CR3 are told to the shadow as a trap-and-emulate hypervisor would."""
-    from keystone import KS_ARCH_X86, KS_MODE_32, Ks
-    code = bytes(Ks(KS_ARCH_X86, KS_MODE_32).asm(source, CODE)[0])
+    from cpuvirt.toolchain.assemble import new_keystone
+    code = bytes(new_keystone().asm(source, CODE)[0])
     m = Machine(8)
     vcpu = Vcpu(m)
     vcpu.install_hooks()
@@ -361,12 +361,12 @@ _FORMS = ["mov dword ptr [ebx + 8], ecx", "mov byte ptr [ebx], 0x7f", "mov word 
 @given(form=st.sampled_from(_FORMS), eax=st.integers(0, 0xFFFFFFFF), ecx=st.integers(0, 0xFFFFFFFF),
        mem=st.binary(min_size=16, max_size=16), df=st.booleans(), same=st.booleans())
 def test_emulate_store_matches_the_engine(form, eax, ecx, mem, df, same):
-    from keystone import KS_ARCH_X86, KS_MODE_32, Ks
     from unicorn import UC_ARCH_X86, UC_MODE_32, Uc
     from cpuvirt.cpu.emulate import emulate_store
+    from cpuvirt.toolchain.assemble import new_keystone
     if same:                               # cmpxchg: make the comparison succeed sometimes
         mem = eax.to_bytes(4, "little") + mem[4:]
-    code = bytes(Ks(KS_ARCH_X86, KS_MODE_32).asm(form, 0x1000)[0])
+    code = bytes(new_keystone().asm(form, 0x1000)[0])
     ucs = []
     for _ in range(2):
         uc = Uc(UC_ARCH_X86, UC_MODE_32)

@@ -26,8 +26,12 @@ What this adds to keystone:
       operand-size prefix on a statement that names no 16-bit operand (``ax``.. or ``word``) is an
       error at its file:line, and so is any 16-bit form of a descriptor-table load/store, far
       jump or iret, and any ``6A`` (push imm8) left in an instruction statement.
-- Never a keystone ``sym_resolver``: once a ``Ks`` that had one is freed, keystone 0.9.2 is corrupted
-  for the whole process (``.zero 104`` then emits 260 bytes, in every other ``Ks``).
+- Decimal numbers read as decimal, always (``new_keystone``). Keystone 0.9.2 never initializes its
+  default radix (``MCAsmInfo::Radix``): a ``Ks`` whose memory happens to hold 16 there reads every
+  number as hex (``.zero 104`` emits 260 bytes, ``PTE_LIMIT = 16`` becomes 22), and ``ks_option``
+  sets 16 on every call, whatever the option, which a later ``Ks`` then inherits from the freed
+  memory. Which one a process gets depends on its allocation history (a guest image differed between
+  two runs of one ``compare``), so every ``Ks`` is checked before use, and no option is ever set.
 """
 
 from __future__ import annotations
@@ -238,8 +242,21 @@ def _rewrite(st: Statement) -> None:
 # assembling
 
 
-def _ks() -> Ks:
-    return Ks(KS_ARCH_X86, KS_MODE_32)
+_RADIX_PROBE = (".long 10", b"\x0a\x00\x00\x00")
+
+
+def new_keystone() -> Ks:
+    """A keystone engine (x86, 32-bit, Intel syntax) that reads decimal numbers as decimal.
+
+    Keystone 0.9.2 leaves MCAsmInfo::Radix uninitialized (see the module docstring): an engine that
+    got 16 there is held (so that its memory cannot come back) while another one is made."""
+    refused = []
+    for _ in range(8):
+        ks = Ks(KS_ARCH_X86, KS_MODE_32)
+        if bytes(ks.asm(_RADIX_PROBE[0], 0)[0] or b"") == _RADIX_PROBE[1]:
+            return ks
+        refused.append(ks)
+    raise GuestBuildError("keystone reads decimal numbers as hex in every engine it made (its radix is uninitialized)")
 
 
 def _with_hint(st: Statement, msg: str) -> str:
@@ -278,7 +295,7 @@ def _locate_error(stmts: list[Statement], base: int, err: KsError) -> GuestBuild
         tail = [f"{name}:" for name in labels if name not in have]
         tail += [s.asm for s in assigns if s.index > prefix[-1].index]
         try:
-            _ks().asm(_source_for(prefix, "\n".join(tail)), base)
+            new_keystone().asm(_source_for(prefix, "\n".join(tail)), base)
             return None
         except KsError as e:
             return e
@@ -342,7 +359,7 @@ def assemble(lines: Iterable[SourceLine], base: int) -> Assembly:
         table.append(".long " + ", ".join(table_syms[k : k + 32]))
     src = _source_for(ordered, "\n".join(table))
     try:
-        enc, _ = _ks().asm(src, base)
+        enc, _ = new_keystone().asm(src, base)
     except KsError as e:
         raise _locate_error(ordered, base, e) from None
     blob = bytes(enc or b"")
