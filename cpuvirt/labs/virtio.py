@@ -1,5 +1,6 @@
-"""Lab 6: paravirtual I/O: the trip of one frame through a virtio-net device's split virtqueues, and what
-it costs in each CPU mode against an emulated serial port."""
+"""Lab 6: paravirtual I/O: the trip of one frame through a virtio-net device's split virtqueues, what it costs
+in each CPU mode against an emulated serial port, and who serves the rings (device model, vhost worker,
+vhost-user process)."""
 from collections import Counter
 
 from cpuvirt.labs import Lab, Output, Question, Step
@@ -31,6 +32,16 @@ def _exits(name: str):
     return observe
 
 
+def _backend(name: str):
+    def observe(out: Output) -> dict:
+        s = out.summary(f"{name}.json")
+        events = [e for e in out.events(f"{name}.jsonl") if e["kind"] == "virtio"]
+        notify = next(e for e in events if e["reason"] == "NOTIFY")
+        return {f"{name}_exits": sum(row[2] for row in s["exit_stats"]), f"{name}_notify": notify["action"],
+                f"{name}_used": sum(e["reason"] == "USED" for e in events)}
+    return observe
+
+
 LAB = Lab(
     name="virtio",
     title="Paravirtual I/O: one frame's trip through virtio-net",
@@ -38,6 +49,7 @@ LAB = Lab(
         "Follow a guest driver finding a PCI device and initialising a virtio device step by step.",
         "Trace one frame: descriptor, available ring, notification, device, used ring, interrupt.",
         "Measure why paravirtual I/O exists: exits per frame against the same bytes through an emulated UART.",
+        "See where the backend lives (device model, vhost worker, vhost-user process) and what changes with it.",
     ],
     background="""
 An emulated device makes the guest pay for every register access: sending one byte through the 16550
@@ -78,6 +90,20 @@ ping as QEMU's user network does. docs/virtio.md draws the rings.
              "And under trap-and-emulate, where every port access of the driver is a trap.", _card("trap"),
              "{trap_pass} PASS with {trap_notifications} notifications, as under hw ({hw_notifications}): the "
              "driver's I/O is the same; only what each notification costs differs.", show_lines=0),
+        Step("cpuvirt run netdemo --device virtio-net,backend=vhost --append bench -q --mode hw --summary vhost.json "
+             "--trace vhost.jsonl",
+             "The same run with the rings served by a vhost-style backend: the kick is matched against a notifier "
+             "registered at set-up (the ioeventfd idea) and a worker handed the memory table and ring addresses "
+             "serves the rings; the interrupt goes back through a registered injector (irqfd).",
+             _backend("vhost"), "{vhost_exits} VM exits, as with the userspace device model ({hw_exits}): the "
+             "guest's exit for the kick is the same; the trace says who took it: \"{vhost_notify}\".", show_lines=0),
+        Step("cpuvirt run netdemo --device virtio-net,backend=vhost-user --append bench -q --mode hw "
+             "--summary vhost-user.json --trace vhost-user.jsonl",
+             "And with a vhost-user backend: a separate process that mapped guest RAM from the file descriptors "
+             "sent to it over a Unix socket, and is told of kicks over an eventfd.",
+             _backend("vhost-user"), "{vhost-user_exits} VM exits again; the kick: \"{vhost-user_notify}\"; the "
+             "backend process reported {vhost-user_used} used-ring updates, which cpuvirt learns of only through "
+             "the call eventfd.", show_lines=0),
     ],
     questions=[
         Question("q1", "How many notifications did the driver send for all its frames (step 1)?",
@@ -87,8 +113,12 @@ ping as QEMU's user network does. docs/virtio.md draws the rings.
         Question("q3", "How many VM exits did the same bytes cost through COM1 (step 4)?", lambda o: o["com1_exits"]),
         Question("q4", "The burst of 300 frames is larger than the 256-entry ring. What happens to the ring "
                        "indices, and why do they never need to be reset? (Hint: they are free-running 16-bit counters.)"),
-        Question("q5", "Where would the notification go if the device model lived in the host kernel (vhost-net) "
-                       "instead of in the hypervisor's user process? Which costs would that remove?"),
+        Question("q5", "Steps 3, 6 and 7 cost the guest the same number of VM exits. On a real host, which "
+                       "costs differ between QEMU's device model, vhost-net in the host kernel and a vhost-user "
+                       "switch process (think: which thread wakes up, which address space the copy happens in, "
+                       "how many system calls per kick)?"),
+        Question("q6", "How many used-ring updates did the vhost-user backend process report (step 7)?",
+                 lambda o: o["vhost-user_used"]),
     ],
     extend="""
 Change netdemo's burst (guests/netdemo.S) to send its frames one notification each (kick after every
