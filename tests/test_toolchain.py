@@ -486,3 +486,41 @@ def test_pv_guest_gets_two_builds(tmp_path, monkeypatch):
     with pytest.raises(CpuvirtError) as e:
         build_guest("x")
     assert str(e.value) == "unknown guest 'x' (bundled guests: plain, pvdemo)"
+
+
+# --- the build cache (toolchain/cache.py) --------------------------------------------------------
+
+def test_a_cached_build_is_served_without_assembling(tmp_path, monkeypatch):
+    from cpuvirt.toolchain import build as build_mod
+    monkeypatch.setenv("CPUVIRT_CACHE", str(tmp_path))
+    first = build_guest("hello")
+    assert first == assemble_guest("hello")[0]
+    assert [p.name.split("-")[0] for p in (tmp_path / "guests").iterdir()] == ["hello"]
+
+    def no_assembler(*_a, **_k):
+        raise AssertionError("assembled although the cache holds this build")
+    monkeypatch.setattr(build_mod, "assemble_guest", no_assembler)
+    assert build_guest("hello") == first
+
+
+def test_an_edited_include_or_guest_is_rebuilt(tmp_path, monkeypatch):
+    import shutil
+    src = tmp_path / "guests"
+    shutil.copytree(guest_source_dir(), src, ignore=shutil.ignore_patterns("build", "*.bin"))
+    monkeypatch.setenv("CPUVIRT_GUESTS", str(src))
+    monkeypatch.setenv("CPUVIRT_CACHE", str(tmp_path / "cache"))
+    before = build_guest("hello")
+    source = src / "hello.S"
+    source.write_text(source.read_text().replace("PASS(\"hello\")", "PASS(\"hello, edited\")"))
+    edited = build_guest("hello")
+    assert edited != before and b"hello, edited" in edited
+    inc = src / "include" / "serial.inc"
+    inc.write_text(inc.read_text() + "\n    nop\n")
+    assert build_guest("hello") not in (before, edited)
+    assert len(list((tmp_path / "cache" / "guests").iterdir())) == 1      # earlier builds of hello removed
+
+
+@pytest.mark.parametrize("setting", ["off", "/dev/null/cannot-be-a-folder"])
+def test_no_cache_or_an_unwritable_one_still_builds(tmp_path, monkeypatch, setting):
+    monkeypatch.setenv("CPUVIRT_CACHE", setting)
+    assert build_guest("hello") == assemble_guest("hello")[0]

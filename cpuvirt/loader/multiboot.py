@@ -24,8 +24,6 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from elftools.elf.elffile import ELFFile
-
 from cpuvirt.errors import MultibootError
 
 MULTIBOOT_HEADER_MAGIC = 0x1BADB002
@@ -344,6 +342,7 @@ def _load_elf(data: bytes, offset: int, flags: int, where: str) -> KernelImage:
             f"{where}truncated ELF: the program headers ({e_phnum} at offset {e_phoff:#x}) run "
             f"past the end of the file ({len(data)} bytes)")
     try:
+        from elftools.elf.elffile import ELFFile    # only ELF kernels pay for pyelftools' import
         elf = ELFFile(io.BytesIO(data))
         entry = elf.header["e_entry"]
         loads = [(seg["p_paddr"], seg["p_offset"], seg["p_filesz"], seg["p_memsz"])

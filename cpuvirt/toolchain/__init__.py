@@ -7,20 +7,23 @@ submodule (assemble, preprocess) are deliberately not re-exported, so that the s
 reachable as attributes of this package.
 """
 
-from cpuvirt.toolchain.assemble import Assembly, Statement, check_encodings
-from cpuvirt.toolchain.build import (
-    GuestInfo,
-    assemble_guest,
-    build_all,
-    build_guest,
-    guest_source_dir,
-    list_guests,
-)
-from cpuvirt.toolchain.image import MultibootHeader, build_image, find_header, make_image
-from cpuvirt.toolchain.preprocess import SourceLine, preprocess_text
+import importlib
 
-__all__ = [
-    "Assembly", "GuestInfo", "MultibootHeader", "SourceLine", "Statement", "assemble_guest",
-    "build_all", "build_guest", "build_image", "check_encodings", "find_header", "guest_source_dir",
-    "list_guests", "make_image", "preprocess_text",
-]
+# name -> submodule; imported on first use, so that running an already-built guest does not load
+# keystone and capstone (start-up time).
+_EXPORTS = {
+    "Assembly": "assemble", "Statement": "assemble", "check_encodings": "assemble",
+    "GuestInfo": "build", "assemble_guest": "build", "build_all": "build", "build_guest": "build",
+    "guest_source_dir": "build", "list_guests": "build",
+    "MultibootHeader": "image", "build_image": "image", "find_header": "image", "make_image": "image",
+    "SourceLine": "preprocess", "preprocess_text": "preprocess",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"cpuvirt.toolchain.{_EXPORTS[name]}"), name)
+    if name in ("assemble", "build", "cache", "image", "preprocess"):
+        return importlib.import_module(f"cpuvirt.toolchain.{name}")
+    raise AttributeError(f"module 'cpuvirt.toolchain' has no attribute {name!r}")

@@ -12,10 +12,13 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from cpuvirt.errors import CpuvirtError
-from cpuvirt.toolchain.assemble import Assembly
-from cpuvirt.toolchain.image import build_image
-from cpuvirt.toolchain.preprocess import Preprocessed, preprocess
+
+if TYPE_CHECKING:
+    from cpuvirt.toolchain.assemble import Assembly
+    from cpuvirt.toolchain.preprocess import Preprocessed
 
 _DESCRIPTION_RE = re.compile(r"^\s*#\s*description:\s*(.*?)\s*$", re.I)
 
@@ -57,6 +60,7 @@ def _description(path: Path) -> str:
 
 
 def _preprocess(path: Path, pv: bool) -> Preprocessed:
+    from cpuvirt.toolchain.preprocess import preprocess
     return preprocess(path, {"PV": int(pv)}, [include_dir()])
 
 
@@ -88,6 +92,7 @@ def assemble_guest(name: str, pv: bool = False) -> tuple[bytes, Assembly]:
     pre = _preprocess(path, pv)
     if pv and "PV" not in pre.condition_names:
         raise CpuvirtError(f"guest '{name}' has no paravirtualized build (its source never tests PV)")
+    from cpuvirt.toolchain.image import build_image     # keystone and capstone: only when assembling
     return build_image(pre.lines)
 
 
@@ -97,15 +102,20 @@ def build_source(path: Path | str, pv: bool = False) -> bytes:
     path = Path(path)
     if not path.is_file():
         raise CpuvirtError(f"{path}: no such guest source file")
+    from cpuvirt.toolchain.preprocess import preprocess
     pre = preprocess(path, {"PV": int(pv)}, [include_dir(), path.resolve().parent])
     if pv and "PV" not in pre.condition_names:
         raise CpuvirtError(f"{path}: no paravirtualized build (the source never tests PV; see guests/README.md)")
+    from cpuvirt.toolchain.image import build_image
     return build_image(pre.lines)[0]
 
 
 def build_guest(name: str, pv: bool = False) -> bytes:
-    """The Multiboot image of a bundled guest (its PV build with pv=True)."""
-    return assemble_guest(name, pv)[0]
+    """The Multiboot image of a bundled guest (its PV build with pv=True), from the build cache when
+    the sources and the toolchain are unchanged since it was built (toolchain/cache.py)."""
+    from cpuvirt.toolchain.cache import cached_image
+    _source(name)
+    return cached_image(guest_source_dir(), name, pv, lambda: assemble_guest(name, pv)[0])
 
 
 def build_all(outdir: Path | str) -> list[Path]:
