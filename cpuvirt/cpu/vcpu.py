@@ -489,6 +489,10 @@ class Vcpu:
             self._disasm = Cs(CS_ARCH_X86, CS_MODE_32)
         return self._disasm
 
+    # rdtsc returns the virtual clock and nothing else happens: the C hook does exactly what rdtsc()
+    # does. A vCPU class that intercepts rdtsc (hw: RDTSC exiting, TSC offsetting) sets this False.
+    rdtsc_in_c = True
+
     def rdtsc(self, _uc, _data) -> int:
         now = self.clock.now
         self.regs.write(R.EAX, now & 0xFFFFFFFF)
@@ -716,13 +720,16 @@ class Vcpu:
         uc.hook_add(UC_HOOK_INSN_INVALID, self.hook_invalid)
         uc.hook_add(UC_HOOK_INSN, self.hook_in, None, 1, 0, X.UC_X86_INS_IN)
         uc.hook_add(UC_HOOK_INSN, self.hook_out, None, 1, 0, X.UC_X86_INS_OUT)
-        self._rdtsc_cb = _RDTSC_CB(self.rdtsc)
-        self._rdtsc_hook = ctypes.c_size_t()
-        err = _ucmod.uclib.uc_hook_add(uc._uch, ctypes.byref(self._rdtsc_hook), UC_HOOK_INSN,
-                                       ctypes.cast(self._rdtsc_cb, ctypes.c_void_p), None,
-                                       ctypes.c_uint64(1), ctypes.c_uint64(0), ctypes.c_int(X.UC_X86_INS_RDTSC))
-        if err:
-            raise RuntimeError(f"cannot hook rdtsc (uc error {err})")
+        if self.rdtsc_in_c:
+            self.clock.hook_rdtsc()          # the virtual clock, read in C: rdtsc causes no Python
+        else:
+            self._rdtsc_cb = _RDTSC_CB(self.rdtsc)
+            self._rdtsc_hook = ctypes.c_size_t()
+            err = _ucmod.uclib.uc_hook_add(uc._uch, ctypes.byref(self._rdtsc_hook), UC_HOOK_INSN,
+                                           ctypes.cast(self._rdtsc_cb, ctypes.c_void_p), None, ctypes.c_uint64(1),
+                                           ctypes.c_uint64(0), ctypes.c_int(X.UC_X86_INS_RDTSC))
+            if err:
+                raise RuntimeError(f"cannot hook rdtsc (uc error {err})")
         uc.hook_add(UC_HOOK_INSN, self.hook_cpuid, None, 1, 0, X.UC_X86_INS_CPUID)
         uc.hook_add(UC_HOOK_INSN, self.hook_syscall, None, 1, 0, X.UC_X86_INS_SYSCALL)
         uc.hook_add(UC_HOOK_INSN, self.hook_sysenter, None, 1, 0, X.UC_X86_INS_SYSENTER)

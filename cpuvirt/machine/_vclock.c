@@ -17,6 +17,7 @@
 
 typedef int (*emu_stop_fn)(void *uc);
 typedef int (*reg_read_fn)(void *uc, int regid, void *value);
+typedef int (*reg_write_fn)(void *uc, int regid, const void *value);
 typedef uint32_t (*count_fn)(uint64_t address, uint32_t size);
 
 #define EFLAGS_IF 0x200u
@@ -54,6 +55,10 @@ typedef struct {
     uint32_t pad3;
     uint64_t window_checks;  /* times IF was looked at */
     uint64_t window_stops;   /* times it was found set (the engine stopped for the window) */
+    /* rdtsc answered in C (see vclock_rdtsc_hook): */
+    reg_write_fn reg_write;  /* uc_reg_write */
+    int32_t eax_reg, edx_reg;  /* UC_X86_REG_EAX, UC_X86_REG_EDX */
+    uint64_t rdtsc_reads;    /* rdtsc instructions answered */
     entry_t table[TABLE_SIZE];
 } vclock_t;
 
@@ -148,6 +153,22 @@ void vclock_if_hook(void *uc, uint64_t address, uint32_t size, void *user_data) 
 void vclock_sti_hook(void *uc, uint64_t address, uint32_t size, void *user_data) {
     vclock_t *s = (vclock_t *)user_data;
     if (s->watch_if) s->check_if = 2;
+}
+
+/*
+ * rdtsc reads the virtual clock (the time stamp counter of a machine whose clock is its instruction
+ * count). Unicorn asks a hook for every rdtsc; answered in Python it costs two register writes through
+ * the binding, which kvm-unit-tests' delay loops do hundreds of thousands of times. Returning 1 tells the
+ * engine the instruction was handled. Modes that intercept rdtsc (hw's RDTSC exiting, TSC offsetting)
+ * keep their Python hook.
+ */
+int vclock_rdtsc_hook(void *uc, void *user_data) {
+    vclock_t *s = (vclock_t *)user_data;
+    uint64_t lo = s->now & 0xFFFFFFFFu, hi = s->now >> 32;
+    s->reg_write(uc, s->eax_reg, &lo);
+    s->reg_write(uc, s->edx_reg, &hi);
+    s->rdtsc_reads++;
+    return 1;
 }
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_vclock", NULL, -1, NULL};

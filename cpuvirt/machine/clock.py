@@ -10,8 +10,8 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 
-from unicorn import UC_HOOK_BLOCK, UC_HOOK_CODE
-from unicorn.x86_const import UC_X86_REG_EFLAGS
+from unicorn import UC_HOOK_BLOCK, UC_HOOK_CODE, UC_HOOK_INSN
+from unicorn.x86_const import UC_X86_INS_RDTSC, UC_X86_REG_EAX, UC_X86_REG_EDX, UC_X86_REG_EFLAGS
 from unicorn.unicorn_py3 import unicorn as _ucmod
 
 TSC_HZ = 1_000_000_000
@@ -36,6 +36,8 @@ class _State(ctypes.Structure):
         ("reg_read", ctypes.c_void_p), ("eflags_reg", ctypes.c_int32), ("watch_if", ctypes.c_uint32),
         ("check_if", ctypes.c_uint32), ("pad3", ctypes.c_uint32),
         ("window_checks", ctypes.c_uint64), ("window_stops", ctypes.c_uint64),
+        ("reg_write", ctypes.c_void_p), ("eax_reg", ctypes.c_int32), ("edx_reg", ctypes.c_int32),
+        ("rdtsc_reads", ctypes.c_uint64),
         ("table", _Entry * (1 << 14)),
     ]
 
@@ -61,6 +63,8 @@ class VirtualClock:
         self._state.emu_stop = ctypes.cast(_ucmod.uclib.uc_emu_stop, ctypes.c_void_p).value
         self._state.reg_read = ctypes.cast(_ucmod.uclib.uc_reg_read, ctypes.c_void_p).value
         self._state.eflags_reg = UC_X86_REG_EFLAGS
+        self._state.reg_write = ctypes.cast(_ucmod.uclib.uc_reg_write, ctypes.c_void_p).value
+        self._state.eax_reg, self._state.edx_reg = UC_X86_REG_EAX, UC_X86_REG_EDX
         self._uc = uc
         self._lib = lib
         self._watching = False
@@ -160,6 +164,17 @@ class VirtualClock:
         if err:
             raise RuntimeError(f"cannot hook {address:#x} for the interrupt window (uc error {err})")
         return True
+
+    def hook_rdtsc(self) -> None:
+        """Answer every rdtsc with the virtual clock, in C (_vclock.c, vclock_rdtsc_hook)."""
+        self._rdtsc_hook = ctypes.c_size_t()
+        err = _ucmod.uclib.uc_hook_add(
+            self._uc._uch, ctypes.byref(self._rdtsc_hook), UC_HOOK_INSN,
+            ctypes.cast(self._lib.vclock_rdtsc_hook, ctypes.c_void_p),
+            ctypes.cast(ctypes.pointer(self._state), ctypes.c_void_p),
+            ctypes.c_uint64(1), ctypes.c_uint64(0), ctypes.c_int(UC_X86_INS_RDTSC))
+        if err:
+            raise RuntimeError(f"cannot hook rdtsc (uc error {err})")
 
     @property
     def window_stats(self) -> tuple[int, int]:

@@ -569,6 +569,8 @@ class VmxCpu(Vcpu):
         super().forget_block(address)
         self._sites.pop(address, None)
 
+    rdtsc_in_c = False      # RDTSC exiting and TSC offsetting are decided here, per rdtsc
+
     def rdtsc(self, _uc, _data) -> int:
         self.mmu.crs = None
         try:
