@@ -10,7 +10,8 @@
 # APIC with `msix` on the kernel command line), prints a line per frame (length, checksum), then
 # PASS/FAIL lines. The peer decides what comes back: QEMU's user network (and cpuvirt's
 # peer=user) answers ARP and the ping; a loopback peer returns every frame unchanged. `quiet` on the
-# command line leaves out the burst's per-frame lines.
+# command line leaves out the burst's per-frame lines. `role=ping` / `role=answer` make two netdemo
+# guests on one switch talk to each other instead (include/netpeer.inc).
 #
 # For bench/virtio.py: `bench` sends the same frames printing nothing after initialisation (no frame
 # lines, no checks); `bench com1` writes the same frames' bytes through COM1 instead (polled, a byte at
@@ -88,6 +89,8 @@ main_found:
     call post_rx_buffers
     cmp dword ptr [noframes], 0
     jne main_done
+    cmp dword ptr [role], 0
+    jne main_peer
     call send_arp
     call send_ping
     call send_chained
@@ -99,9 +102,13 @@ main_found:
     call report
 main_done:
     ret
+main_peer:
+    call peer_main                      # role=ping / role=answer (include/netpeer.inc)
+    ret
 
 # ---------------------------------------------------------------------------------------------
-# Kernel command line: "msix" selects MSI-X, "quiet" drops the burst's per-frame lines.
+# Kernel command line: "msix" selects MSI-X, "quiet" drops the burst's per-frame lines; role=, ip=,
+# peer= are the peer roles' (include/netpeer.inc).
 parse_cmdline:
     pushad
     mov ebx, dword ptr [boot_info]
@@ -132,6 +139,7 @@ parse_cmdline_noframes:
     jne parse_cmdline_next
     mov dword ptr [noframes], 1
 parse_cmdline_next:
+    call peer_parse_option              # role=, ip=, peer= (include/netpeer.inc)
     inc esi
     jmp parse_cmdline_loop
 parse_cmdline_done:
@@ -695,6 +703,8 @@ handle_rx_done:
 
 # rx_frame: esi = frame, ecx = length. Print it and recognise it.
 rx_frame:
+    cmp dword ptr [role], 0
+    jne peer_rx_frame                   # a peer role classifies and answers frames itself
     pushad
     inc dword ptr [rx_count]
     mov dword ptr [rx_last_len], ecx
@@ -1050,8 +1060,9 @@ make_test_frame:
     mov ebx, eax
     mov edx, ecx
     push edi
-    mov eax, 0xFFFFFFFF
+    mov eax, dword ptr [test_dst]       # broadcast, or the peer's MAC (role=ping)
     stosd
+    mov ax, word ptr [test_dst + 4]
     stosw
     mov esi, my_mac
     movsd
@@ -1379,6 +1390,8 @@ print_mac_done:
     popad
     ret
 
+#include "netpeer.inc"
+
 .data
 found_text:      .asciz "netdemo: virtio-net at 00:"
 found_text2:     .asciz ".0\n"
@@ -1407,6 +1420,7 @@ burst_text:      .asciz "burst: "
 burst_text2:     .asciz " frames sent and returned; descriptors used in all: "
 .align 4
 peer_ip:         .byte 10, 0, 2, 2
+test_dst:        .byte 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0
 arp_frame:
     .byte 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0, 0, 0, 0x08, 0x06
     .byte 0, 1, 0x08, 0, 6, 4, 0, 1

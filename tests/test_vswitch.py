@@ -132,3 +132,99 @@ def test_a_bad_port_is_one_line_and_status_2():
     r = subprocess.run([sys.executable, "-m", "cpuvirt", "vswitch", "--port", "tap:eth0"],
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--port tap:eth0" in r.stderr
+
+
+# -- two netdemo guests talking through the switch (netdemo's peer roles, guests/include/netpeer.inc) ---
+PINGER_MAC, ANSWER_MAC = "52:54:00:00:00:01", "52:54:00:00:00:02"
+
+
+def _start_switch(ports):
+    proc = subprocess.Popen([sys.executable, "-m", "cpuvirt", "vswitch", *sum((["--port", p] for p in ports), [])])
+    deadline = time.monotonic() + 10
+    while not all(os.path.exists(p.split(":", 1)[1]) for p in ports):
+        assert proc.poll() is None and time.monotonic() < deadline, "the switch did not start"
+        time.sleep(0.02)
+    return proc
+
+
+def _stop(proc):
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _nic(backend, mac, path):
+    if backend == "vhost-user":
+        return f"virtio-net,mac={mac},backend=vhost-user,socket={path}"
+    return f"virtio-net,mac={mac},peer=unix:{path},backend={backend}"
+
+
+def exchange(image, backend, tmp_path, mode="native", pinger_trace=None):
+    """A switch with two ports, an answering netdemo (a process), a pinging one; returns both consoles
+    and the pinger's RunResult."""
+    kind = "vhost-user" if backend == "vhost-user" else "unix"
+    a, b = str(tmp_path / f"{backend}-a.sock"), str(tmp_path / f"{backend}-b.sock")
+    switch = _start_switch([f"{kind}:{a}", f"{kind}:{b}"])
+    answerer = None
+    try:
+        answerer = subprocess.Popen([sys.executable, "-m", "cpuvirt", "run", str(image), "--mode", mode,
+                                     "--device", _nic(backend, ANSWER_MAC, b), "--append", "role=answer"],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        seen = b""
+        while not seen.endswith(b"answer: waiting for frames\n"):       # the answerer is ready to receive
+            line = answerer.stdout.readline()
+            assert line, f"the answering guest ended early: {seen.decode()[-300:]}"
+            seen += line
+        spec = f"{kind}:{a}"
+        dev = (DeviceSpec("virtio-net", mac=bytes.fromhex(PINGER_MAC.replace(":", "")), backend="vhost-user", socket=a)
+               if backend == "vhost-user" else
+               DeviceSpec("virtio-net", mac=bytes.fromhex(PINGER_MAC.replace(":", "")), peer=spec, backend=backend))
+        pinger = run_guest(str(image), mode, cmdline="role=ping", devices=[dev], trace_path=pinger_trace)
+        out, err = answerer.communicate(timeout=60)
+        assert answerer.returncode == 0, err.decode()[-400:]
+        return pinger, seen + out
+    finally:
+        if answerer is not None and answerer.poll() is None:
+            answerer.kill()
+            answerer.wait()
+        _stop(switch)
+
+
+@pytest.fixture(scope="module")
+def netdemo_image(tmp_path_factory):
+    image = tmp_path_factory.mktemp("netdemo") / "netdemo.bin"
+    image.write_bytes(build_guest("netdemo"))
+    return image
+
+
+def test_two_guests_exchange_frames_under_each_backend_with_identical_output(netdemo_image, tmp_path):
+    consoles = {}
+    for backend in ("userspace", "vhost", "vhost-user"):
+        pinger, answer = exchange(netdemo_image, backend, tmp_path)
+        assert pinger.status == 0, pinger.console.decode()[-600:]
+        consoles[backend] = (pinger.console, answer)
+    ping, answer = consoles["userspace"]
+    assert all(c == (ping, answer) for c in consoles.values()), "the consoles differ between backends"
+    text = ping.decode()
+    assert "ARP reply: 10.0.2.16 is at 52:54:00:00:00:02" in text
+    assert "rx 98 bytes, sum 0x5453: ICMP echo reply from 10.0.2.16" in text
+    assert text.count("test frame back from the peer, unchanged") == 2 and "FAIL" not in text
+    answered = answer.decode()
+    assert "ARP request: who has 10.0.2.16? tell 10.0.2.15" in answered and "ICMP echo reply to 10.0.2.15" in answered
+    assert answered.count("test frame returned to its sender") == 2 and "FAIL" not in answered
+
+
+def test_the_exchange_is_deterministic_run_to_run(netdemo_image, tmp_path):
+    """Frames from the switch enter a guest only while its vCPU waits in hlt (userspace and vhost
+    backends): the pinger's console and its whole trace are the same in two runs."""
+    runs = []
+    for n in range(2):
+        trace = tmp_path / f"ping{n}.jsonl"
+        pinger, answer = exchange(netdemo_image, "userspace", tmp_path, pinger_trace=str(trace))
+        lines = trace.read_text().splitlines()[:-1]                  # the footer holds wall time
+        runs.append((pinger.console, answer, lines))
+    assert runs[0] == runs[1]

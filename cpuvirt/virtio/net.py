@@ -88,6 +88,16 @@ class VirtioNet(VirtioDevice):
     def reset(self) -> None:
         self.backlog.clear()
 
+    def wait_fds(self) -> list:
+        return self.backend.wait_fds() if self.backend is not None else []
+
+    def take_external(self) -> None:
+        self.backend.take_external()
+
+    def close(self) -> None:
+        if self.backend is not None:
+            self.backend.close()
+
     def activate(self) -> None:
         pass
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cpuvirt.errors import CpuvirtError
-from cpuvirt.virtio.backend import PEERS
+from cpuvirt.virtio.backend import PEERS, make_peer
 from cpuvirt.virtio.net import DEFAULT_MAC, VirtioNet, parse_mac
 from cpuvirt.virtio.pcap import PcapWriter
 from cpuvirt.virtio.transport import VirtioPciLegacy
@@ -34,7 +34,7 @@ class DeviceSpec:
 
 
 def parse_device(text: str) -> DeviceSpec:
-    """`virtio-net[,mac=52:54:00:12:34:56][,peer=loopback|user][,backend=userspace|vhost|vhost-user]
+    """`virtio-net[,mac=52:54:00:12:34:56][,peer=loopback|user|unix:PATH][,backend=userspace|vhost|vhost-user]
     [,socket=PATH]` -> DeviceSpec, or CpuvirtError."""
     kind, *options = text.split(",")
     if kind not in DEVICE_TYPES:
@@ -50,8 +50,8 @@ def parse_device(text: str) -> DeviceSpec:
             except ValueError as e:
                 raise CpuvirtError(f"--device {text}: {e}") from None
         elif key == "peer":
-            if value not in PEERS:
-                raise CpuvirtError(f"--device {text}: unknown peer {value!r} (known: {', '.join(PEERS)})")
+            if value not in PEERS and not (value.startswith("unix:") and len(value) > 5):
+                raise CpuvirtError(f"--device {text}: unknown peer {value!r} (known: {', '.join(PEERS)}, unix:PATH)")
             peer = value
         elif key == "backend":
             if value not in BACKENDS:
@@ -61,6 +61,9 @@ def parse_device(text: str) -> DeviceSpec:
             socket = value
         else:
             raise CpuvirtError(f"--device {text}: unknown option {key!r} (known: mac, peer, backend, socket)")
+    if backend == "vhost-user" and peer.startswith("unix:"):
+        raise CpuvirtError(f"--device {text}: a vhost-user NIC joins a switch through its vhost-user port "
+                           "(socket=PATH), not peer=unix:")
     if socket is not None and backend != "vhost-user":
         raise CpuvirtError(f"--device {text}: socket= is for backend=vhost-user")
     return DeviceSpec(kind, mac, peer, backend, socket)
@@ -101,12 +104,18 @@ def _attach(machine, specs, trace, pcap, transports) -> None:
     for n, spec in enumerate(specs):
         mac = spec.mac or DEFAULT_MAC[:5] + bytes(((DEFAULT_MAC[5] + n) & 0xFF,))
         capture = pcap.record if pcap else None
-        if spec.backend == "vhost":
-            device = VhostNet(mac, PEERS[spec.peer](), capture, machine)
-        elif spec.backend == "vhost-user":
+        if spec.backend == "vhost-user":
             device = VhostUserNet(mac, spec.peer, spec.socket, capture, machine)
         else:
-            device = VirtioNet(mac, PEERS[spec.peer](), capture)
+            try:
+                peer = make_peer(spec.peer)
+            except ValueError as e:
+                raise CpuvirtError(f"--device: {e}") from None
+            if spec.backend == "vhost":
+                device = VhostNet(mac, peer, capture, machine)
+            else:
+                device = VirtioNet(mac, peer, capture)
         transport = VirtioPciLegacy(device, ram, trace)
         machine.pci.add(transport)
+        machine.external.append(device)         # a halted vCPU waits on its sockets (Machine.wait_external)
         transports.append(transport)

@@ -246,6 +246,22 @@ class VhostNet(VirtioDevice):
     def reset(self) -> None:
         self.stop()
 
+    def wait_fds(self) -> list:
+        return self.peer.wait_fds() if self.peer is not None else []
+
+    def take_external(self) -> None:
+        """Frames from outside go to the worker's receive path (or are dropped before set-up)."""
+        if self.worker is None:
+            self.peer.attach(self._drop_unset)
+        self.peer.take_external()
+
+    def _drop_unset(self, frame: bytes) -> None:
+        self._base["rx_dropped"] += 1
+
+    def close(self) -> None:
+        if self.peer is not None:
+            self.peer.close()
+
     def bars_moved(self) -> None:
         """BAR0 moved or stopped decoding: the notifiers follow it (QEMU's memory listener does this)."""
         if self.worker is None:

@@ -328,6 +328,26 @@ class VhostUserNet(VirtioDevice):
                 self.counters["calls"] += 1
                 t.queue_interrupt(q, path="call eventfd")
 
+    def wait_fds(self) -> list:
+        """While the vCPU is halted: the call and error eventfds (another VM's frame written into a
+        receive buffer by the switch) and the socket (its end: the backend is gone)."""
+        if not self.link_up or self.sock is None or not self.started:
+            return []
+        return [self.callfd[q] for q in self.started] + [self.errfd[q] for q in self.started] + [self.sock.fileno()]
+
+    def take_external(self) -> None:
+        try:
+            ready, _, _ = select.select([self.sock], [], [], 0)
+            if ready:                          # no message comes unasked: this is the end of the connection
+                data = self.sock.recv(1, socket.MSG_PEEK)
+                self._link_down("the backend closed the connection" if not data else
+                                "the backend sent a message nobody asked for")
+                return
+        except OSError as e:
+            self._link_down(str(e))
+            return
+        self._completions()
+
     def _link_down(self, why: str) -> None:
         if not self.link_up:
             return
