@@ -163,29 +163,45 @@ def _nic(backend, mac, path):
     return f"virtio-net,mac={mac},peer=unix:{path},backend={backend}"
 
 
-def exchange(image, backend, tmp_path, mode="native", pinger_trace=None):
-    """A switch with two ports, an answering netdemo (a process), a pinging one; returns both consoles
-    and the pinger's RunResult."""
+def _qemu_vhost_user(image, mac, sock, role):
+    """QEMU itself as the vhost-user frontend of a switch port (docs/virtio.md)."""
+    from tests.qemu import qemu_command
+    return qemu_command(image, ["-object", "memory-backend-memfd,id=mem,size=32M,share=on", "-numa", "node,memdev=mem",
+                                "-chardev", f"socket,id=c0,path={sock}", "-netdev", "vhost-user,id=n0,chardev=c0",
+                                "-device", f"virtio-net-pci,netdev=n0,disable-modern=on,mac={mac}",
+                                "-append", f"role={role}"])
+
+
+def exchange(image, backend, tmp_path, mode="native", pinger_trace=None, qemu=None):
+    """A switch with two ports, an answering netdemo (a process), a pinging one; returns the pinger's
+    (console, status) and the answerer's console. `qemu` = "answer" or "ping": that side is QEMU, as a
+    vhost-user frontend (statuses are then QEMU's: (v << 1) | 1)."""
     kind = "vhost-user" if backend == "vhost-user" else "unix"
     a, b = str(tmp_path / f"{backend}-a.sock"), str(tmp_path / f"{backend}-b.sock")
     switch = _start_switch([f"{kind}:{a}", f"{kind}:{b}"])
     answerer = None
     try:
-        answerer = subprocess.Popen([sys.executable, "-m", "cpuvirt", "run", str(image), "--mode", mode,
-                                     "--device", _nic(backend, ANSWER_MAC, b), "--append", "role=answer"],
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        cmd = (_qemu_vhost_user(image, ANSWER_MAC, b, "answer") if qemu == "answer" else
+               [sys.executable, "-m", "cpuvirt", "run", str(image), "--mode", mode,
+                "--device", _nic(backend, ANSWER_MAC, b), "--append", "role=answer"])
+        answerer = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         seen = b""
         while not seen.endswith(b"answer: waiting for frames\n"):       # the answerer is ready to receive
             line = answerer.stdout.readline()
             assert line, f"the answering guest ended early: {seen.decode()[-300:]}"
             seen += line
-        spec = f"{kind}:{a}"
-        dev = (DeviceSpec("virtio-net", mac=bytes.fromhex(PINGER_MAC.replace(":", "")), backend="vhost-user", socket=a)
-               if backend == "vhost-user" else
-               DeviceSpec("virtio-net", mac=bytes.fromhex(PINGER_MAC.replace(":", "")), peer=spec, backend=backend))
-        pinger = run_guest(str(image), mode, cmdline="role=ping", devices=[dev], trace_path=pinger_trace)
+        if qemu == "ping":
+            p = subprocess.run(_qemu_vhost_user(image, PINGER_MAC, a, "ping"), stdin=subprocess.DEVNULL,
+                               capture_output=True, timeout=60)
+            pinger = (p.stdout, p.returncode)
+        else:
+            mac = bytes.fromhex(PINGER_MAC.replace(":", ""))
+            dev = (DeviceSpec("virtio-net", mac=mac, backend="vhost-user", socket=a) if backend == "vhost-user" else
+                   DeviceSpec("virtio-net", mac=mac, peer=f"unix:{a}", backend=backend))
+            r = run_guest(str(image), mode, cmdline="role=ping", devices=[dev], trace_path=pinger_trace)
+            pinger = (r.console, r.status)
         out, err = answerer.communicate(timeout=60)
-        assert answerer.returncode == 0, err.decode()[-400:]
+        assert answerer.returncode == (1 if qemu == "answer" else 0), err.decode()[-400:]
         return pinger, seen + out
     finally:
         if answerer is not None and answerer.poll() is None:
@@ -204,9 +220,9 @@ def netdemo_image(tmp_path_factory):
 def test_two_guests_exchange_frames_under_each_backend_with_identical_output(netdemo_image, tmp_path):
     consoles = {}
     for backend in ("userspace", "vhost", "vhost-user"):
-        pinger, answer = exchange(netdemo_image, backend, tmp_path)
-        assert pinger.status == 0, pinger.console.decode()[-600:]
-        consoles[backend] = (pinger.console, answer)
+        (ping, status), answer = exchange(netdemo_image, backend, tmp_path)
+        assert status == 0, ping.decode()[-600:]
+        consoles[backend] = (ping, answer)
     ping, answer = consoles["userspace"]
     assert all(c == (ping, answer) for c in consoles.values()), "the consoles differ between backends"
     text = ping.decode()
@@ -224,7 +240,19 @@ def test_the_exchange_is_deterministic_run_to_run(netdemo_image, tmp_path):
     runs = []
     for n in range(2):
         trace = tmp_path / f"ping{n}.jsonl"
-        pinger, answer = exchange(netdemo_image, "userspace", tmp_path, pinger_trace=str(trace))
+        (ping, _), answer = exchange(netdemo_image, "userspace", tmp_path, pinger_trace=str(trace))
         lines = trace.read_text().splitlines()[:-1]                  # the footer holds wall time
-        runs.append((pinger.console, answer, lines))
+        runs.append((ping, answer, lines))
     assert runs[0] == runs[1]
+
+
+@requires_qemu
+@pytest.mark.parametrize("qemu_side", ["answer", "ping"])
+def test_a_qemu_guest_and_a_cpuvirt_guest_exchange_frames(netdemo_image, tmp_path, qemu_side):
+    """QEMU as a vhost-user frontend on one switch port, cpuvirt on the other: each side's console is
+    the one it prints opposite a cpuvirt guest."""
+    (tmp_path / "ref").mkdir()
+    (ping_ref, _), answer_ref = exchange(netdemo_image, "vhost-user", tmp_path / "ref")
+    (ping, status), answer = exchange(netdemo_image, "vhost-user", tmp_path, qemu=qemu_side)
+    assert status == (1 if qemu_side == "ping" else 0), ping.decode()[-600:]
+    assert ping == ping_ref and answer == answer_ref
