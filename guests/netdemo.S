@@ -13,6 +13,10 @@
 # command line leaves out the burst's per-frame lines. `role=ping` / `role=answer` make two netdemo
 # guests on one switch talk to each other instead (include/netpeer.inc).
 #
+# Ring options (net-bench): `fixed` is DPDK's fixed available-ring mapping (slot i holds descriptor
+# i from the start, so a single-descriptor send writes only avail.idx; implies `single`), `single`
+# leaves out the chained and indirect frames, `noevent` does not negotiate EVENT_IDX.
+#
 # For bench/virtio.py: `bench` sends the same frames printing nothing after initialisation (no frame
 # lines, no checks); `bench com1` writes the same frames' bytes through COM1 instead (polled, a byte at
 # a time: the ISA way); `bench noframes` stops after initialisation (the baseline both are measured
@@ -93,8 +97,13 @@ main_found:
     jne main_peer
     call send_arp
     call send_ping
+    cmp dword ptr [single], 0           # `single` (and `fixed`): single-descriptor frames only
+    jne main_single
+    cmp dword ptr [fixed], 0
+    jne main_single
     call send_chained
     call send_indirect
+main_single:
     call send_burst
     cmp dword ptr [bench], 0
     jne main_done
@@ -136,8 +145,20 @@ parse_cmdline_com1:
     mov dword ptr [com1], 1
 parse_cmdline_noframes:
     cmp eax, 0x72666F6E                 # "nofr"
-    jne parse_cmdline_next
+    jne parse_cmdline_fixed
     mov dword ptr [noframes], 1
+parse_cmdline_fixed:
+    cmp eax, 0x65786966                 # "fixe"
+    jne parse_cmdline_noevent
+    mov dword ptr [fixed], 1
+parse_cmdline_noevent:
+    cmp eax, 0x76656F6E                 # "noev"
+    jne parse_cmdline_single
+    mov dword ptr [noevent], 1
+parse_cmdline_single:
+    cmp eax, 0x676E6973                 # "sing"
+    jne parse_cmdline_next
+    mov dword ptr [single], 1
 parse_cmdline_next:
     call peer_parse_option              # role=, ip=, peer= (include/netpeer.inc)
     inc esi
@@ -305,13 +326,16 @@ virtio_cap_done:
     call vio_in32
     mov ebx, eax
     and ebx, WANTED_FEATURES
-    mov dword ptr [features], ebx
     mov eax, ebx
+    cmp dword ptr [noevent], 0          # `noevent`: notifications and interrupts without EVENT_IDX
+    je virtio_features_write
+    and eax, ~F_EVENT_IDX
+virtio_features_write:
+    mov dword ptr [features], eax
     mov ecx, VIRTIO_GUEST_FEATURES
     call vio_out32
     mov esi, features_text
     call puts
-    mov eax, ebx
     call print_hex32
     call newline
     CHECK_EQ("device offers MAC, STATUS, INDIRECT_DESC and EVENT_IDX", ebx, WANTED_FEATURES)
@@ -575,6 +599,7 @@ post_rx_loop:
     mov word ptr [rxq + edx + 12], DESC_WRITE
     mov word ptr [rxq + edx + 14], 0
     mov word ptr [rxq + AVAIL_RING + 2 * ecx], cx
+    mov word ptr [txq + AVAIL_RING + 2 * ecx], cx   # (the transmit ring's slots too: `fixed` relies on it)
     inc ecx
     cmp ecx, QSZ
     jb post_rx_loop
@@ -688,7 +713,13 @@ handle_rx_next:
     call rx_frame
     mov eax, dword ptr [rx_avail]       # re-post buffer ebx
     and eax, QSZ - 1
+    cmp dword ptr [fixed], 0            # DPDK's fixed mapping: slot i holds buffer i already
+    je handle_rx_post
+    cmp word ptr [rxq + AVAIL_RING + 2 * eax], bx
+    je handle_rx_posted
+handle_rx_post:
     mov word ptr [rxq + AVAIL_RING + 2 * eax], bx
+handle_rx_posted:
     inc dword ptr [rx_avail]
     mov eax, dword ptr [rx_avail]
     mov word ptr [rxq + AVAIL_IDX], ax
@@ -905,7 +936,13 @@ tx_publish:
     mov byte ptr [chain_len + ebx], al
     mov ecx, dword ptr [tx_avail]
     and ecx, QSZ - 1
+    cmp dword ptr [fixed], 0            # DPDK's fixed mapping: slot i holds descriptor i already,
+    je tx_publish_write                 # so a single-descriptor send writes only the index
+    cmp word ptr [txq + AVAIL_RING + 2 * ecx], bx
+    je tx_publish_written
+tx_publish_write:
     mov word ptr [txq + AVAIL_RING + 2 * ecx], bx
+tx_publish_written:
     inc dword ptr [tx_avail]
     mov ecx, dword ptr [tx_avail]
     mov word ptr [txq + AVAIL_IDX], cx  # (x86 keeps stores in order: the entry is visible first)
@@ -1486,3 +1523,6 @@ in_burst:        .zero 4
 bench:           .zero 4
 com1:            .zero 4
 noframes:        .zero 4
+fixed:           .zero 4
+noevent:         .zero 4
+single:          .zero 4

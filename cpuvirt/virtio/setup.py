@@ -23,6 +23,7 @@ class DeviceSpec:
     peer: str = "loopback"
     backend: str = "userspace"
     socket: str | None = None          # vhost-user: a backend already listening there (else one is started)
+    cachelines: bool = False           # measurement mode: the cache-line model of the rings (cacheline.py)
 
     def as_dict(self) -> dict:
         d = {"device": self.kind, "peer": self.peer}
@@ -30,6 +31,8 @@ class DeviceSpec:
             d["backend"] = self.backend
         if self.mac is not None:
             d["mac"] = ":".join(f"{b:02x}" for b in self.mac)
+        if self.cachelines:
+            d["cachelines"] = True
         return d
 
 
@@ -39,7 +42,7 @@ def parse_device(text: str) -> DeviceSpec:
     kind, *options = text.split(",")
     if kind not in DEVICE_TYPES:
         raise CpuvirtError(f"--device {text}: unknown device {kind!r} (known: {', '.join(DEVICE_TYPES)})")
-    mac, peer, backend, socket = None, "loopback", "userspace", None
+    mac, peer, backend, socket, cachelines = None, "loopback", "userspace", None, False
     for option in options:
         key, eq, value = option.partition("=")
         if not eq or not value:
@@ -59,14 +62,22 @@ def parse_device(text: str) -> DeviceSpec:
             backend = value
         elif key == "socket":
             socket = value
+        elif key == "cachelines":
+            if value not in ("on", "off"):
+                raise CpuvirtError(f"--device {text}: cachelines= takes on or off")
+            cachelines = value == "on"
         else:
-            raise CpuvirtError(f"--device {text}: unknown option {key!r} (known: mac, peer, backend, socket)")
+            raise CpuvirtError(f"--device {text}: unknown option {key!r} (known: mac, peer, backend, socket, "
+                               "cachelines)")
     if backend == "vhost-user" and peer.startswith("unix:"):
         raise CpuvirtError(f"--device {text}: a vhost-user NIC joins a switch through its vhost-user port "
                            "(socket=PATH), not peer=unix:")
     if socket is not None and backend != "vhost-user":
         raise CpuvirtError(f"--device {text}: socket= is for backend=vhost-user")
-    return DeviceSpec(kind, mac, peer, backend, socket)
+    if cachelines and backend == "vhost-user":
+        raise CpuvirtError(f"--device {text}: cachelines=on observes the backend's ring accesses in this process; "
+                           "a vhost-user backend's are in another")
+    return DeviceSpec(kind, mac, peer, backend, socket, cachelines)
 
 
 def attach_devices(machine, specs, trace=None, pcap_path: str | None = None):
@@ -116,6 +127,12 @@ def _attach(machine, specs, trace, pcap, transports) -> None:
             else:
                 device = VirtioNet(mac, peer, capture)
         transport = VirtioPciLegacy(device, ram, trace)
+        if spec.cachelines:                      # measurement mode: who moves which ring line
+            from cpuvirt.virtio.cacheline import CacheLineModel
+            model = transport.cachelines = CacheLineModel(transport.counters)
+            model.watch_cpu(machine.uc, machine.mem_bytes)
+            transport.ram = model.device_ram(ram)
+            device.cachelines = model
         machine.pci.add(transport)
         machine.external.append(device)         # a halted vCPU waits on its sockets (Machine.wait_external)
         transports.append(transport)

@@ -157,6 +157,7 @@ class VhostNet(VirtioDevice):
         self.worker: VhostWorker | None = None
         self.registered: list = []
         self.link_up = True
+        self.cachelines = None           # cacheline.CacheLineModel: the worker's accesses are the device side's
         self._base = {"tx_frames": 0, "tx_bytes": 0, "rx_frames": 0, "rx_bytes": 0, "tx_dropped": 0,
                       "rx_dropped": 0, "notifications": 0}
 
@@ -200,6 +201,8 @@ class VhostNet(VirtioDevice):
         mem = MemoryTable(setup.mem, self.machine.dma_refusal,
                           lambda gpa, n: self.machine.mmu.traces.frames and
                           self.machine.mmu.traces.hv_wrote(gpa, gpa, n)).guest_ram()
+        if self.cachelines is not None:
+            mem = self.cachelines.device_ram(mem)
         try:
             self.worker = VhostWorker(setup, mem, self.peer, self.capture, t.trace)
         except RingError as e:
