@@ -15,7 +15,8 @@
 #
 # Ring options (net-bench): `fixed` is DPDK's fixed available-ring mapping (slot i holds descriptor
 # i from the start, so a single-descriptor send writes only avail.idx; implies `single`), `single`
-# leaves out the chained and indirect frames, `noevent` does not negotiate EVENT_IDX.
+# leaves out the chained and indirect frames, `noevent` does not negotiate EVENT_IDX, `burst=N`
+# sends N burst frames instead of BURST.
 #
 # For bench/virtio.py: `bench` sends the same frames printing nothing after initialisation (no frame
 # lines, no checks); `bench com1` writes the same frames' bytes through COM1 instead (polled, a byte at
@@ -157,8 +158,30 @@ parse_cmdline_noevent:
     mov dword ptr [noevent], 1
 parse_cmdline_single:
     cmp eax, 0x676E6973                 # "sing"
-    jne parse_cmdline_next
+    jne parse_cmdline_burst
     mov dword ptr [single], 1
+parse_cmdline_burst:
+    cmp eax, 0x73727562                 # "burst=N": frames in the burst (default BURST)
+    jne parse_cmdline_next
+    cmp byte ptr [esi + 5], '='
+    jne parse_cmdline_next
+    push esi
+    add esi, 6
+    xor ecx, ecx
+parse_cmdline_burst_digit:
+    movzx eax, byte ptr [esi]
+    sub eax, '0'
+    cmp eax, 9
+    ja parse_cmdline_burst_end
+    imul ecx, ecx, 10
+    add ecx, eax
+    inc esi
+    jmp parse_cmdline_burst_digit
+parse_cmdline_burst_end:
+    pop esi
+    test ecx, ecx
+    jz parse_cmdline_next
+    mov dword ptr [burst_n], ecx
 parse_cmdline_next:
     call peer_parse_option              # role=, ip=, peer= (include/netpeer.inc)
     inc esi
@@ -1270,7 +1293,7 @@ send_burst_quiet:
     call handle_rx
 send_burst_next:
     inc ebp
-    cmp ebp, BURST
+    cmp ebp, dword ptr [burst_n]
     jb send_burst_loop
     call kick_tx
 send_burst_drain:
@@ -1287,7 +1310,7 @@ send_burst_done:
     jne send_burst_silent
     mov esi, burst_text
     call puts
-    mov eax, BURST
+    mov eax, dword ptr [burst_n]
     call print_dec
     mov esi, burst_text2
     call puts
@@ -1473,6 +1496,7 @@ ping_data:
     .byte 0, 0
 .align 4
 desc_free:       .long QSZ
+burst_n:         .long BURST
 
 .bss
 .align 4096

@@ -10,9 +10,10 @@ leaves only the writer holding the line. Lines no one has written yet cost nothi
 are not transfers). Frame buffers are not modelled: each byte of a frame crosses once whatever the
 ring layout.
 
-The driver's accesses come from an engine memory hook over guest RAM (the engine reports host-physical
-addresses, so guest paging and the mode's memory virtualization do not matter), filtered to the rings:
-a Python call per guest load or store, which is why this is a measurement mode, never on by default.
+The driver's accesses come from an engine memory hook on each ring, added when the driver sets the ring
+up (the engine reports host-physical addresses, so guest paging and the mode's memory virtualization
+do not matter; the counts equal those of one hook over all of RAM set before the guest starts): a
+Python call per guest load or store in a ring, which is why this is a measurement mode, off by default.
 The device's accesses come from the GuestRam the ring code reads and writes through. The backend in
 another process (vhost-user) is not observed: its data path is the same code, so its accesses are
 those of the in-process backends.
@@ -36,11 +37,16 @@ class CacheLineModel:
         self.owner: dict[int, int] = {}              # line -> the side that last wrote it
         self.holders: dict[int, int] = {}            # line -> bit mask of sides with a valid copy
         self.counters = counters                     # the NIC's counters: the two KEYS are added
+        self.uc = None
+        self._hooks: list = []
         for key in self.KEYS:
             counters[key] = 0
 
     def add_ring(self, lo: int, hi: int) -> None:
         self.rings.append((lo, hi))
+        if self.uc is not None:
+            self._hooks.append(self.uc.hook_add(UC_HOOK_MEM_READ | UC_HOOK_MEM_WRITE, self._hook,
+                                                begin=RAM_HPA + lo, end=RAM_HPA + hi - 1))
 
     def touch(self, side: int, gpa: int, size: int, write: bool) -> None:
         end = gpa + size
@@ -61,13 +67,13 @@ class CacheLineModel:
                 self.holders[line] = held | bit
 
     # -- where the accesses come from ----------------------------------------------------------------
-    def watch_cpu(self, uc, mem_bytes: int) -> None:
-        """The driver side: every guest load and store, kept when it falls in a ring."""
+    def watch_cpu(self, uc) -> None:
+        """The driver side: guest loads and stores in the rings, through an engine memory hook per ring
+        (the engine reports host-physical addresses, after the TLB: guest RAM sits at RAM_HPA)."""
         def hook(_uc, access, address, size, _value, _data):
             self.touch(DRIVER, address - RAM_HPA, size, access == UC_MEM_WRITE)
         self._hook = hook                    # the engine keeps only a pointer: hold the callable
-        # The engine reports host-physical addresses (after the TLB): guest RAM sits at RAM_HPA.
-        uc.hook_add(UC_HOOK_MEM_READ | UC_HOOK_MEM_WRITE, hook, begin=RAM_HPA, end=RAM_HPA + mem_bytes - 1)
+        self.uc = uc
 
     def device_ram(self, ram: GuestRam) -> GuestRam:
         """The device side: the same RAM, every access told to the model first."""

@@ -130,7 +130,7 @@ def _attach(machine, specs, trace, pcap, transports) -> None:
         if spec.cachelines:                      # measurement mode: who moves which ring line
             from cpuvirt.virtio.cacheline import CacheLineModel
             model = transport.cachelines = CacheLineModel(transport.counters)
-            model.watch_cpu(machine.uc, machine.mem_bytes)
+            model.watch_cpu(machine.uc)
             transport.ram = model.device_ram(ram)
             device.cachelines = model
         machine.pci.add(transport)

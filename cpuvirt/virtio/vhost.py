@@ -159,7 +159,7 @@ class VhostNet(VirtioDevice):
         self.link_up = True
         self.cachelines = None           # cacheline.CacheLineModel: the worker's accesses are the device side's
         self._base = {"tx_frames": 0, "tx_bytes": 0, "rx_frames": 0, "rx_bytes": 0, "tx_dropped": 0,
-                      "rx_dropped": 0, "notifications": 0}
+                      "rx_dropped": 0, "copies": 0, "interrupts_suppressed": 0, "notifications": 0}
 
     host_features = VirtioNet.host_features
 
