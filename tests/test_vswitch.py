@@ -256,3 +256,101 @@ def test_a_qemu_guest_and_a_cpuvirt_guest_exchange_frames(netdemo_image, tmp_pat
     (ping, status), answer = exchange(netdemo_image, "vhost-user", tmp_path, qemu=qemu_side)
     assert status == (1 if qemu_side == "ping" else 0), ping.decode()[-600:]
     assert ping == ping_ref and answer == answer_ref
+
+
+# -- robustness: a port that cannot take frames never blocks the switch --------------------------------
+def test_a_full_unix_port_drops_and_counts_and_never_blocks(tmp_path):
+    """A tap-like peer that stops reading: once its socket queue is full, frames for it are dropped
+    and counted at once; the other ports still get theirs."""
+    from cpuvirt.net.switch import UnixPort
+    sw = Switch()
+    port = UnixPort(1, "unix", str(tmp_path / "p.sock"))
+    sink = _Sink(2)
+    sw.add(port)
+    sw.add(sink)
+    peer = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    peer.bind(str(tmp_path / "peer.sock"))
+    peer.sendto(b"", str(tmp_path / "p.sock"))              # the peer says where it is ...
+    port.ready(port.sock)
+    t0 = time.monotonic()
+    for n in range(2000):                                    # ... and never reads again
+        sw.input(sink, _frame("ffffffffffff", "0200000000%02x" % (n % 200)))
+    assert time.monotonic() - t0 < 5
+    assert port.counters["dropped"] > 0 and port.counters["out"] + port.counters["dropped"] == 2000
+    peer.close()                                             # the peer disappears: still no block, no error
+    sw.input(sink, _frame("ffffffffffff", "020000000001"))
+    assert port.counters["out"] + port.counters["dropped"] == 2001
+    port.close()
+
+
+def test_a_vhost_user_port_with_no_receive_buffer_backlogs_then_drops(tmp_path):
+    """A VM that posts no receive buffer: the port keeps 256 frames (the backlog) and drops the rest,
+    counted, without waiting for the VM."""
+    from cpuvirt.net.switch import VhostUserPort
+    from cpuvirt.virtio.net import BACKLOG
+    from cpuvirt.virtio.vhost import MemoryTable, MemRegion
+    from cpuvirt.virtio.vhost_user_backend import Connection
+    from cpuvirt.virtio.virtqueue import legacy_layout
+    sw = Switch()
+    port = VhostUserPort(1, "vhost-user", str(tmp_path / "vm.sock"))
+    sink = _Sink(2)
+    sw.add(port)
+    sw.add(sink)
+    a, b = socket.socketpair()
+    mem = bytearray(1 << 16)
+    conn = Connection(a, None, sw.log)
+    conn.table = MemoryTable([MemRegion(0, len(mem), memoryview(mem))])
+    conn.regions = [(0, len(mem), 0x10000000, 0, _NoMap())]
+    v = conn.vrings[0]
+    desc, avail, used = legacy_layout(8, 1)
+    v.num, v.enabled, v.addr = 8, True, (0x10000000 + desc, 0x10000000 + used, 0x10000000 + avail)
+    conn._start(v)                                           # a receive ring with nothing posted
+    conn.net.backend = _PortPeerFor(port)
+    port.conn = conn
+    t0 = time.monotonic()
+    for n in range(BACKLOG + 50):
+        sw.input(sink, _frame("ffffffffffff", "020000000002"))
+    assert time.monotonic() - t0 < 5
+    assert port.counters["out"] == BACKLOG and port.counters["dropped"] == 50
+    assert conn.net.counters["rx_dropped"] == 50
+    port.close()
+    b.close()
+
+
+class _NoMap:
+    def close(self):
+        pass
+
+
+class _PortPeerFor:
+    def __init__(self, port):
+        self.port = port
+
+    def transmit(self, frame):
+        self.port.switch.input(self.port, frame)
+
+
+def test_a_guest_waiting_for_frames_sees_the_switch_die(netdemo_image, tmp_path):
+    """The switch (its vhost-user backend) is killed while the answering guest waits in hlt: the wait
+    wakes on the socket's end, the link goes down, netdemo reports it and ends; nothing hangs."""
+    a, b = str(tmp_path / "a.sock"), str(tmp_path / "b.sock")
+    switch = _start_switch([f"vhost-user:{a}", f"vhost-user:{b}"])
+    answerer = subprocess.Popen([sys.executable, "-m", "cpuvirt", "run", str(netdemo_image), "--device",
+                                 _nic("vhost-user", ANSWER_MAC, b), "--append", "role=answer"],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        seen = b""
+        while not seen.endswith(b"answer: waiting for frames\n"):
+            line = answerer.stdout.readline()
+            assert line, seen.decode()[-300:]
+            seen += line
+        switch.kill()
+        switch.wait()
+        out, err = answerer.communicate(timeout=30)
+        assert answerer.returncode == 1, err.decode()[-300:]
+        assert b"FAIL link: the device reports link down" in out
+    finally:
+        if answerer.poll() is None:
+            answerer.kill()
+            answerer.wait()
+        _stop(switch)
