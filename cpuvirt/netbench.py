@@ -56,6 +56,9 @@ class LineRow:
     variant: str
     backend: str
     frames: int
+    kicks: float
+    interrupts: float
+    suppressed: float
     to_driver: float
     to_device: float
     total: float
@@ -173,7 +176,10 @@ def measure(modes, backends, frames: int, repeat: int, cachelines: bool, progres
                 c0 = _run("native", backend, f"bench noframes {options}", cachelines=True)
                 step(f"cache lines: {options} (baseline)")
                 n, to_driver, total, to_device = _lines(c, c0, split=True)
-                lines.append(LineRow(name, backend, n, to_driver, to_device, total))
+                d, d0 = c.devices[0], c0.devices[0]
+                per = lambda key: (d[key] - d0[key]) / n        # noqa: E731
+                lines.append(LineRow(name, backend, n, per("notifications"), per("interrupts"),
+                                     per("interrupts_suppressed"), to_driver, to_device, total))
     return rows, lines
 
 
@@ -204,10 +210,13 @@ def table(rows, lines, frames: int) -> str:
                    f"{_fmt(r.cachelines, '6.2f'):>6}")
     out.append("copies, suppr and lines: '-' for vhost-user (the backend process's own work is not seen from here)")
     if lines:
-        out += ["", "cache-line transfers per frame (native; 64-byte ring lines between the driver's and the "
-                "backend's CPU)", f"{'ring':<36} {'backend':<11} {'to driver':>9} {'to device':>9} {'total':>7}"]
+        out += ["", "ring variants, per frame (native): kicks, interrupts, EVENT_IDX suppressions, and cache-line "
+                "transfers (64-byte ring lines between the driver's and the backend's CPU)",
+                f"{'ring':<36} {'backend':<11} {'kicks':>6} {'irqs':>6} {'suppr':>6} {'to driver':>9} "
+                f"{'to device':>9} {'lines':>6}"]
         for x in lines:
-            out.append(f"{x.variant:<36} {x.backend:<11} {x.to_driver:>9.2f} {x.to_device:>9.2f} {x.total:>7.2f}")
+            out.append(f"{x.variant:<36} {x.backend:<11} {x.kicks:>6.2f} {x.interrupts:>6.2f} {x.suppressed:>6.2f} "
+                       f"{x.to_driver:>9.2f} {x.to_device:>9.2f} {x.total:>6.2f}")
     return "\n".join(out)
 
 
