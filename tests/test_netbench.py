@@ -30,7 +30,7 @@ def test_net_bench_measures_every_backend_and_the_ring_variants():
     plain = lines["split ring, no EVENT_IDX", "userspace"]
     assert fixed["to_device"] < split["to_device"] and fixed["to_driver"] == split["to_driver"]
     assert plain["to_driver"] < split["to_driver"]                        # no used_event / avail_event lines
-    assert split["kicks"] == 1.0 and plain["kicks"] == 2.0 and split["suppressed"] > plain["suppressed"] == 0
+    assert split["kicks"] == 1.0 and plain["kicks"] > 1.9 and split["suppressed"] > plain["suppressed"] == 0
     assert lines["split ring, EVENT_IDX", "vhost"]["total"] == split["total"]    # the same data path
 
 
