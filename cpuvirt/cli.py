@@ -176,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     vu.add_argument("--socket", required=True, metavar="PATH", help="the Unix socket to listen on")
     vu.add_argument("--peer", default="loopback", choices=("loopback", "user"), help="where frames go (default loopback)")
     vu.add_argument("--verbose", "-v", action="store_true", help="log every frame on stderr")
+    vu.add_argument("--report-fd", type=int, default=None, metavar="FD", help="measurement mode (cpuvirt "
+                    "starts it so with cachelines=on): after each in-band kick, the ring lines touched and the "
+                    "data path's counters, a JSON line on FD")
 
     nb = sub.add_parser("net-bench", help="per frame under each virtio-net backend and CPU mode: exits, copies, "
                         "kicks, interrupts, host time, cache-line transfers (progress on stderr)")
@@ -285,7 +288,7 @@ def _dispatch(args) -> int:
         return vswitch(args.port, args.pcap, args.verbose)
     if args.verb == "vhost-user-backend":
         from cpuvirt.virtio.vhost_user_backend import serve
-        return serve(args.socket, args.peer, verbose=args.verbose)
+        return serve(args.socket, args.peer, verbose=args.verbose, report_fd=args.report_fd)
     if args.verb == "trace":
         from cpuvirt.trace.show import show
         show(args.file, sys.stdout, kinds=args.kind, image=args.image)

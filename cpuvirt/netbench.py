@@ -7,16 +7,17 @@ difference between that run and `bench noframes` (initialisation only), divided 
 
 - exits: the mode's own exit events (native: I/O hook calls; trap: traps; full: callouts; hw: VM
   exits; para: I/O and hypercalls) plus delivered interrupts;
-- copies: frames copied out of or into guest RAM by the data path (the backend process's, for
-  vhost-user, are not seen from here);
+- copies: frames copied out of or into guest RAM by the data path (for vhost-user, as the backend
+  process reports them, in the cache-line runs);
 - kicks and interrupts: notify writes that reached the device, interrupts it raised; suppressed:
   interrupts EVENT_IDX (or NO_INTERRUPT) told the device to skip;
 - host time: the run loop's wall time (best of --repeat), and frames per second of it;
 - cache lines: ring lines moved between the driver's CPU and the backend's (virtio/cacheline.py),
   measured in a second pair of runs with the model on (its hooks would distort the time).
 
-A second table gives the cache-line transfers of DPDK's fixed available-ring mapping and of
-EVENT_IDX (native; the guest's ring accesses are the same in every mode).
+A second table gives, per ring variant (DPDK's fixed available-ring mapping, EVENT_IDX on or off), the
+kicks, interrupts, suppressions and cache-line transfers (native; the guest's ring accesses are the
+same in every mode).
 """
 from __future__ import annotations
 
@@ -149,27 +150,27 @@ def measure(modes, backends, frames: int, repeat: int, cachelines: bool, progres
             n = d["tx_frames"] - d0["tx_frames"]
             if n <= 0:
                 raise CpuvirtError(f"net-bench: no frame went through under {mode}, backend {backend}")
-            per = lambda key: (d.get(key, 0) - d0.get(key, 0)) / n        # noqa: E731
-            in_process = backend != "vhost-user"
+            per = lambda key, d=d, d0=d0: (d[key] - d0[key]) / n if key in d else None     # noqa: E731
             us = (best.wall_s - base.wall_s) / n * 1e6
             if us <= 0:                              # lost in the noise: too few frames for host time
                 us = float("nan")
-            line = None
-            if cachelines and in_process:
+            line = copies = suppressed = None
+            copies, suppressed = per("copies"), per("interrupts_suppressed")
+            if cachelines:
                 c = _run(mode, backend, burst, cachelines=True)
                 step(f"{mode} {backend} (cache lines)")
                 c0 = _run(mode, backend, "bench noframes", cachelines=True)
                 step(f"{mode} {backend} (cache lines, baseline)")
                 line = _lines(c, c0)[2]
-            elif cachelines:
-                step(f"{mode} {backend}")
-                step(f"{mode} {backend}")
-            rows.append(Row(mode, backend, n, (_exits(best, mode) - _exits(base, mode)) / n,
-                            per("copies") if in_process else None, per("notifications"), per("interrupts"),
-                            per("interrupts_suppressed") if in_process else None, None if us != us else us,
+                cd, cd0 = c.devices[0], c0.devices[0]
+                if copies is None and "copies" in cd:             # vhost-user: the backend process reports
+                    copies = (cd["copies"] - cd0["copies"]) / n
+                    suppressed = (cd["interrupts_suppressed"] - cd0["interrupts_suppressed"]) / n
+            rows.append(Row(mode, backend, n, (_exits(best, mode) - _exits(base, mode)) / n, copies,
+                            per("notifications"), per("interrupts"), suppressed, None if us != us else us,
                             None if us != us else 1e6 / us, line))
     if cachelines:
-        for backend in [b for b in backends if b != "vhost-user"]:
+        for backend in backends:
             for name, options in VARIANTS:
                 c = _run("native", backend, f"bench {options} burst={frames}", cachelines=True)
                 step(f"cache lines: {options}")
@@ -208,7 +209,8 @@ def table(rows, lines, frames: int) -> str:
                    f"{r.interrupts:>6.2f} {_fmt(r.suppressed, '6.2f'):>6} {_fmt(r.host_us, '8.1f'):>8} "
                    f"{_fmt(r.frames_per_s, '9.0f'):>9} "
                    f"{_fmt(r.cachelines, '6.2f'):>6}")
-    out.append("copies, suppr and lines: '-' for vhost-user (the backend process's own work is not seen from here)")
+    out.append("vhost-user: copies, suppressions and the backend's ring lines as its process reports them "
+               "(measured in the cache-line runs; '-' with --no-cachelines)")
     if lines:
         out += ["", "ring variants, per frame (native): kicks, interrupts, EVENT_IDX suppressions, and cache-line "
                 "transfers (64-byte ring lines between the driver's and the backend's CPU)",
@@ -236,9 +238,8 @@ def main(modes: str, backends: str, frames: int, repeat: int, as_json: bool, cac
         raise CpuvirtError("net-bench --frames: between 1 and 100000")
     if not 1 <= repeat <= 20:
         raise CpuvirtError("net-bench --repeat: between 1 and 20")
-    in_process = [b for b in backend_list if b != "vhost-user"]
     total = len(mode_list) * (1 + len(backend_list) * (2 * repeat + (2 if cachelines else 0)))
-    total += 2 * len(VARIANTS) * len(in_process) if cachelines else 0
+    total += 2 * len(VARIANTS) * len(backend_list) if cachelines else 0
     progress = Progress(total)
     try:
         rows, lines = measure(mode_list, backend_list, frames, repeat, cachelines, progress)

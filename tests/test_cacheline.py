@@ -49,6 +49,21 @@ def test_the_fixed_mapping_saves_the_device_the_available_ring_lines():
     assert to_device - to_device_f > frames            # more than a line per frame (both rings' slots)
 
 
-def test_cachelines_are_refused_for_vhost_user():
+def test_cachelines_need_a_backend_cpuvirt_started():
     with pytest.raises(CpuvirtError, match="cachelines"):
-        parse_device("virtio-net,backend=vhost-user,cachelines=on")
+        parse_device("virtio-net,backend=vhost-user,socket=/tmp/x.sock,cachelines=on")
+    assert parse_device("virtio-net,backend=vhost-user,cachelines=on").cachelines
+
+
+def test_a_vhost_user_process_reports_the_same_lines_as_the_device_model():
+    """The backend process notes the ring lines its data path touched and reports them after each
+    in-band kick: the model then counts what it counts for the in-process device model."""
+    def lines(backend):
+        r = run_guest("netdemo", cmdline="bench fixed burst=60",
+                      devices=[DeviceSpec("virtio-net", backend=backend, cachelines=True)])
+        assert r.status == 0, r.message
+        d = r.devices[0]
+        return d["cachelines_to_driver"], d["cachelines_to_device"], d["copies"], d["interrupts_suppressed"]
+    userspace, remote = lines("userspace"), lines("vhost-user")
+    assert remote[0] == userspace[0] and abs(remote[1] - userspace[1]) <= 1      # (the first receive kick)
+    assert remote[2:] == userspace[2:] and remote[2] > 0

@@ -14,9 +14,10 @@ The driver's accesses come from an engine memory hook on each ring, added when t
 up (the engine reports host-physical addresses, so guest paging and the mode's memory virtualization
 do not matter; the counts equal those of one hook over all of RAM set before the guest starts): a
 Python call per guest load or store in a ring, which is why this is a measurement mode, off by default.
-The device's accesses come from the GuestRam the ring code reads and writes through. The backend in
-another process (vhost-user) is not observed: its data path is the same code, so its accesses are
-those of the in-process backends.
+The device's accesses come from the GuestRam the ring code reads and writes through. A vhost-user backend
+process started by cpuvirt reports the ring lines its data path touched (and whether it wrote them)
+after each in-band kick, before acknowledging it (`vhost-user-backend --report-fd`); one started by
+someone else (`socket=`) cannot be observed.
 """
 from __future__ import annotations
 
@@ -62,6 +63,23 @@ class CacheLineModel:
                 self.counters[self.KEYS[side]] += 1
             if write:
                 self.owner[line] = side
+                self.holders[line] = bit
+            else:
+                self.holders[line] = held | bit
+
+    def device_lines(self, lines) -> None:
+        """A backend process's report: [line, written] for each ring line its data path touched during
+        one kick, in first-touch order (vhost_user_backend.Connection._report). While the device runs
+        the driver is stopped at its kick, so applying the lines then keeps the order of the accesses."""
+        bit = 1 << DEVICE
+        for line, written in lines:
+            if not any(lo >> LINE_SHIFT <= line <= (hi - 1) >> LINE_SHIFT for lo, hi in self.rings):
+                continue
+            held = self.holders.get(line, 0)
+            if not held & bit and self.owner.get(line, DEVICE) != DEVICE:
+                self.counters[self.KEYS[DEVICE]] += 1
+            if written:
+                self.owner[line] = DEVICE
                 self.holders[line] = bit
             else:
                 self.holders[line] = held | bit

@@ -74,9 +74,9 @@ def parse_device(text: str) -> DeviceSpec:
                            "(socket=PATH), not peer=unix:")
     if socket is not None and backend != "vhost-user":
         raise CpuvirtError(f"--device {text}: socket= is for backend=vhost-user")
-    if cachelines and backend == "vhost-user":
-        raise CpuvirtError(f"--device {text}: cachelines=on observes the backend's ring accesses in this process; "
-                           "a vhost-user backend's are in another")
+    if cachelines and socket is not None:
+        raise CpuvirtError(f"--device {text}: cachelines=on needs the ring accesses of a backend cpuvirt starts "
+                           "itself (it reports them); one listening on socket= cannot be observed")
     return DeviceSpec(kind, mac, peer, backend, socket, cachelines)
 
 
@@ -116,7 +116,7 @@ def _attach(machine, specs, trace, pcap, transports) -> None:
         mac = spec.mac or DEFAULT_MAC[:5] + bytes(((DEFAULT_MAC[5] + n) & 0xFF,))
         capture = pcap.record if pcap else None
         if spec.backend == "vhost-user":
-            device = VhostUserNet(mac, spec.peer, spec.socket, capture, machine)
+            device = VhostUserNet(mac, spec.peer, spec.socket, capture, machine, cachelines=spec.cachelines)
         else:
             try:
                 peer = make_peer(spec.peer)
