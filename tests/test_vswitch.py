@@ -354,3 +354,29 @@ def test_a_guest_waiting_for_frames_sees_the_switch_die(netdemo_image, tmp_path)
             answerer.kill()
             answerer.wait()
         _stop(switch)
+
+
+def test_a_malformed_message_closes_only_that_port_connection(tmp_path):
+    """A frontend that sends garbage to a switch port loses its connection; the switch goes on and the
+    port takes the next frontend."""
+    from cpuvirt.virtio import vhost_user as vu
+    a, b = str(tmp_path / "a.sock"), str(tmp_path / "b.sock")
+    switch = _start_switch([f"vhost-user:{a}", f"vhost-user:{b}"])
+    try:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(10)
+        s.connect(a)
+        s.sendall(vu.HEADER.pack(vu.SET_VRING_NUM, 0x1, 8) + vu.STATE.pack(7, 256))    # no ring 7
+        assert s.recv(64) == b""                                                      # closed, no reply
+        s.close()
+        for path in (a, b):                                                            # both ports still serve
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(10)
+            s.connect(path)
+            vu.send_message(s, vu.GET_FEATURES)
+            request, flags, _body, _fds = vu.recv_message(s)
+            assert (request, flags) == (vu.GET_FEATURES, vu.VERSION | vu.FLAG_REPLY)
+            s.close()
+        assert switch.poll() is None
+    finally:
+        _stop(switch)
