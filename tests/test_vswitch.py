@@ -380,3 +380,42 @@ def test_a_malformed_message_closes_only_that_port_connection(tmp_path):
         assert switch.poll() is None
     finally:
         _stop(switch)
+
+
+@requires_qemu
+def test_a_qemu_guest_on_netdev_dgram_answers_a_cpuvirt_guest(netdemo_image, tmp_path):
+    """The third check: a QEMU guest with its own emulated virtio-net on -netdev dgram (the switch's
+    UDP uplink) answers a cpuvirt guest on a unix port; both consoles are the cpuvirt pair's."""
+    from tests.qemu import qemu_command
+    (tmp_path / "ref").mkdir()
+    (ping_ref, _), answer_ref = exchange(netdemo_image, "userspace", tmp_path / "ref")
+    mine, theirs = _free_udp_port(), _free_udp_port()
+    a = str(tmp_path / "a.sock")
+    switch = subprocess.Popen([sys.executable, "-m", "cpuvirt", "vswitch", "--port", f"unix:{a}",
+                               "--port", f"udp:{mine}:{theirs}"])
+    answerer = None
+    try:
+        deadline = time.monotonic() + 10
+        while not os.path.exists(a):
+            assert switch.poll() is None and time.monotonic() < deadline
+            time.sleep(0.02)
+        answerer = subprocess.Popen(qemu_command(netdemo_image, [
+            "-netdev", f"dgram,id=n0,local.type=inet,local.host=127.0.0.1,local.port={theirs},"
+                       f"remote.type=inet,remote.host=127.0.0.1,remote.port={mine}",
+            "-device", f"virtio-net-pci,netdev=n0,disable-modern=on,mac={ANSWER_MAC}", "-append", "role=answer"]),
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        seen = b""
+        while not seen.endswith(b"answer: waiting for frames\n"):
+            line = answerer.stdout.readline()
+            assert line, seen.decode()[-300:]
+            seen += line
+        mac = bytes.fromhex(PINGER_MAC.replace(":", ""))
+        r = run_guest(str(netdemo_image), cmdline="role=ping", devices=[DeviceSpec("virtio-net", mac=mac, peer=f"unix:{a}")])
+        out, _ = answerer.communicate(timeout=60)
+        assert answerer.returncode == 1 and r.status == 0, r.console.decode()[-400:]
+        assert r.console == ping_ref and seen + out == answer_ref
+    finally:
+        if answerer is not None and answerer.poll() is None:
+            answerer.kill()
+            answerer.wait()
+        _stop(switch)
