@@ -138,8 +138,9 @@ def test_a_bad_port_is_one_line_and_status_2():
 PINGER_MAC, ANSWER_MAC = "52:54:00:00:00:01", "52:54:00:00:00:02"
 
 
-def _start_switch(ports):
-    proc = subprocess.Popen([sys.executable, "-m", "cpuvirt", "vswitch", *sum((["--port", p] for p in ports), [])])
+def _start_switch(ports, pcap=None):
+    proc = subprocess.Popen([sys.executable, "-m", "cpuvirt", "vswitch", *sum((["--port", p] for p in ports), []),
+                             *(["--pcap", str(pcap)] if pcap else [])])
     deadline = time.monotonic() + 10
     while not all(os.path.exists(p.split(":", 1)[1]) for p in ports):
         assert proc.poll() is None and time.monotonic() < deadline, "the switch did not start"
@@ -172,13 +173,13 @@ def _qemu_vhost_user(image, mac, sock, role):
                                 "-append", f"role={role}"])
 
 
-def exchange(image, backend, tmp_path, mode="native", pinger_trace=None, qemu=None):
+def exchange(image, backend, tmp_path, mode="native", pinger_trace=None, qemu=None, pcap=None):
     """A switch with two ports, an answering netdemo (a process), a pinging one; returns the pinger's
     (console, status) and the answerer's console. `qemu` = "answer" or "ping": that side is QEMU, as a
     vhost-user frontend (statuses are then QEMU's: (v << 1) | 1)."""
     kind = "vhost-user" if backend == "vhost-user" else "unix"
     a, b = str(tmp_path / f"{backend}-a.sock"), str(tmp_path / f"{backend}-b.sock")
-    switch = _start_switch([f"{kind}:{a}", f"{kind}:{b}"])
+    switch = _start_switch([f"{kind}:{a}", f"{kind}:{b}"], pcap)
     answerer = None
     try:
         cmd = (_qemu_vhost_user(image, ANSWER_MAC, b, "answer") if qemu == "answer" else
@@ -220,7 +221,7 @@ def netdemo_image(tmp_path_factory):
 def test_two_guests_exchange_frames_under_each_backend_with_identical_output(netdemo_image, tmp_path):
     consoles = {}
     for backend in ("userspace", "vhost", "vhost-user"):
-        (ping, status), answer = exchange(netdemo_image, backend, tmp_path)
+        (ping, status), answer = exchange(netdemo_image, backend, tmp_path, pcap=tmp_path / f"{backend}.pcap")
         assert status == 0, ping.decode()[-600:]
         consoles[backend] = (ping, answer)
     ping, answer = consoles["userspace"]
@@ -232,6 +233,12 @@ def test_two_guests_exchange_frames_under_each_backend_with_identical_output(net
     answered = answer.decode()
     assert "ARP request: who has 10.0.2.16? tell 10.0.2.15" in answered and "ICMP echo reply to 10.0.2.15" in answered
     assert answered.count("test frame returned to its sender") == 2 and "FAIL" not in answered
+    if shutil.which("tshark"):                     # the switch saw the eight frames, once each
+        for backend in consoles:
+            out = subprocess.run(["tshark", "-r", str(tmp_path / f"{backend}.pcap")], capture_output=True, text=True,
+                                 timeout=60).stdout
+            assert "Who has 10.0.2.16? Tell 10.0.2.15" in out and "Echo (ping) reply" in out, out
+            assert len(out.splitlines()) == 8, out
 
 
 def test_the_exchange_is_deterministic_run_to_run(netdemo_image, tmp_path):
