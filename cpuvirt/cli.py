@@ -176,6 +176,18 @@ def build_parser() -> argparse.ArgumentParser:
     vu.add_argument("--socket", required=True, metavar="PATH", help="the Unix socket to listen on")
     vu.add_argument("--peer", default="loopback", choices=("loopback", "user"), help="where frames go (default loopback)")
     vu.add_argument("--verbose", "-v", action="store_true", help="log every frame on stderr")
+    vu.add_argument("--report-fd", type=int, default=None, metavar="FD", help="measurement mode (cpuvirt "
+                    "starts it so with cachelines=on): after each in-band kick, the ring lines touched and the "
+                    "data path's counters, a JSON line on FD")
+
+    nb = sub.add_parser("net-bench", help="per frame under each virtio-net backend and CPU mode: exits, copies, "
+                        "kicks, interrupts, host time, cache-line transfers (progress on stderr)")
+    nb.add_argument("--modes", default="native,trap,full,hw", help="comma-separated (default native,trap,full,hw)")
+    nb.add_argument("--backends", default="userspace,vhost,vhost-user", help="comma-separated (default all three)")
+    nb.add_argument("--frames", type=_int, default=300, metavar="N", help="frames in the burst (default 300)")
+    nb.add_argument("--repeat", type=_int, default=1, metavar="R", help="host time: best of R runs (default 1)")
+    nb.add_argument("--no-cachelines", action="store_true", help="skip the cache-line model's runs")
+    nb.add_argument("--json", action="store_true", help="the figures as JSON on stdout")
 
     vs = sub.add_parser("vswitch", help="a learning Ethernet switch process: vhost-user, Unix datagram, UDP "
                         "(QEMU -netdev dgram) and user-network ports")
@@ -268,12 +280,15 @@ def _dispatch(args) -> int:
         return _vmx_controls(args)
     if args.verb == "report":
         return _report(args)
+    if args.verb == "net-bench":
+        from cpuvirt.netbench import main as net_bench
+        return net_bench(args.modes, args.backends, args.frames, args.repeat, args.json, not args.no_cachelines)
     if args.verb == "vswitch":
         from cpuvirt.net.switch import main as vswitch
         return vswitch(args.port, args.pcap, args.verbose)
     if args.verb == "vhost-user-backend":
         from cpuvirt.virtio.vhost_user_backend import serve
-        return serve(args.socket, args.peer, verbose=args.verbose)
+        return serve(args.socket, args.peer, verbose=args.verbose, report_fd=args.report_fd)
     if args.verb == "trace":
         from cpuvirt.trace.show import show
         show(args.file, sys.stdout, kinds=args.kind, image=args.image)

@@ -10,7 +10,13 @@
 # APIC with `msix` on the kernel command line), prints a line per frame (length, checksum), then
 # PASS/FAIL lines. The peer decides what comes back: QEMU's user network (and cpuvirt's
 # peer=user) answers ARP and the ping; a loopback peer returns every frame unchanged. `quiet` on the
-# command line leaves out the burst's per-frame lines.
+# command line leaves out the burst's per-frame lines. `role=ping` / `role=answer` make two netdemo
+# guests on one switch talk to each other instead (include/netpeer.inc).
+#
+# Ring options (net-bench): `fixed` is DPDK's fixed available-ring mapping (slot i holds descriptor
+# i from the start, so a single-descriptor send writes only avail.idx; implies `single`), `single`
+# leaves out the chained and indirect frames, `noevent` does not negotiate EVENT_IDX, `burst=N`
+# sends N burst frames instead of BURST.
 #
 # For bench/virtio.py: `bench` sends the same frames printing nothing after initialisation (no frame
 # lines, no checks); `bench com1` writes the same frames' bytes through COM1 instead (polled, a byte at
@@ -88,10 +94,17 @@ main_found:
     call post_rx_buffers
     cmp dword ptr [noframes], 0
     jne main_done
+    cmp dword ptr [role], 0
+    jne main_peer
     call send_arp
     call send_ping
+    cmp dword ptr [single], 0           # `single` (and `fixed`): single-descriptor frames only
+    jne main_single
+    cmp dword ptr [fixed], 0
+    jne main_single
     call send_chained
     call send_indirect
+main_single:
     call send_burst
     cmp dword ptr [bench], 0
     jne main_done
@@ -99,9 +112,13 @@ main_found:
     call report
 main_done:
     ret
+main_peer:
+    call peer_main                      # role=ping / role=answer (include/netpeer.inc)
+    ret
 
 # ---------------------------------------------------------------------------------------------
-# Kernel command line: "msix" selects MSI-X, "quiet" drops the burst's per-frame lines.
+# Kernel command line: "msix" selects MSI-X, "quiet" drops the burst's per-frame lines; role=, ip=,
+# peer= are the peer roles' (include/netpeer.inc).
 parse_cmdline:
     pushad
     mov ebx, dword ptr [boot_info]
@@ -129,9 +146,44 @@ parse_cmdline_com1:
     mov dword ptr [com1], 1
 parse_cmdline_noframes:
     cmp eax, 0x72666F6E                 # "nofr"
-    jne parse_cmdline_next
+    jne parse_cmdline_fixed
     mov dword ptr [noframes], 1
+parse_cmdline_fixed:
+    cmp eax, 0x65786966                 # "fixe"
+    jne parse_cmdline_noevent
+    mov dword ptr [fixed], 1
+parse_cmdline_noevent:
+    cmp eax, 0x76656F6E                 # "noev"
+    jne parse_cmdline_single
+    mov dword ptr [noevent], 1
+parse_cmdline_single:
+    cmp eax, 0x676E6973                 # "sing"
+    jne parse_cmdline_burst
+    mov dword ptr [single], 1
+parse_cmdline_burst:
+    cmp eax, 0x73727562                 # "burst=N": frames in the burst (default BURST)
+    jne parse_cmdline_next
+    cmp byte ptr [esi + 5], '='
+    jne parse_cmdline_next
+    push esi
+    add esi, 6
+    xor ecx, ecx
+parse_cmdline_burst_digit:
+    movzx eax, byte ptr [esi]
+    sub eax, '0'
+    cmp eax, 9
+    ja parse_cmdline_burst_end
+    imul ecx, ecx, 10
+    add ecx, eax
+    inc esi
+    jmp parse_cmdline_burst_digit
+parse_cmdline_burst_end:
+    pop esi
+    test ecx, ecx
+    jz parse_cmdline_next
+    mov dword ptr [burst_n], ecx
 parse_cmdline_next:
+    call peer_parse_option              # role=, ip=, peer= (include/netpeer.inc)
     inc esi
     jmp parse_cmdline_loop
 parse_cmdline_done:
@@ -297,13 +349,16 @@ virtio_cap_done:
     call vio_in32
     mov ebx, eax
     and ebx, WANTED_FEATURES
-    mov dword ptr [features], ebx
     mov eax, ebx
+    cmp dword ptr [noevent], 0          # `noevent`: notifications and interrupts without EVENT_IDX
+    je virtio_features_write
+    and eax, ~F_EVENT_IDX
+virtio_features_write:
+    mov dword ptr [features], eax
     mov ecx, VIRTIO_GUEST_FEATURES
     call vio_out32
     mov esi, features_text
     call puts
-    mov eax, ebx
     call print_hex32
     call newline
     CHECK_EQ("device offers MAC, STATUS, INDIRECT_DESC and EVENT_IDX", ebx, WANTED_FEATURES)
@@ -567,6 +622,7 @@ post_rx_loop:
     mov word ptr [rxq + edx + 12], DESC_WRITE
     mov word ptr [rxq + edx + 14], 0
     mov word ptr [rxq + AVAIL_RING + 2 * ecx], cx
+    mov word ptr [txq + AVAIL_RING + 2 * ecx], cx   # (the transmit ring's slots too: `fixed` relies on it)
     inc ecx
     cmp ecx, QSZ
     jb post_rx_loop
@@ -680,7 +736,13 @@ handle_rx_next:
     call rx_frame
     mov eax, dword ptr [rx_avail]       # re-post buffer ebx
     and eax, QSZ - 1
+    cmp dword ptr [fixed], 0            # DPDK's fixed mapping: slot i holds buffer i already
+    je handle_rx_post
+    cmp word ptr [rxq + AVAIL_RING + 2 * eax], bx
+    je handle_rx_posted
+handle_rx_post:
     mov word ptr [rxq + AVAIL_RING + 2 * eax], bx
+handle_rx_posted:
     inc dword ptr [rx_avail]
     mov eax, dword ptr [rx_avail]
     mov word ptr [rxq + AVAIL_IDX], ax
@@ -695,6 +757,8 @@ handle_rx_done:
 
 # rx_frame: esi = frame, ecx = length. Print it and recognise it.
 rx_frame:
+    cmp dword ptr [role], 0
+    jne peer_rx_frame                   # a peer role classifies and answers frames itself
     pushad
     inc dword ptr [rx_count]
     mov dword ptr [rx_last_len], ecx
@@ -895,7 +959,13 @@ tx_publish:
     mov byte ptr [chain_len + ebx], al
     mov ecx, dword ptr [tx_avail]
     and ecx, QSZ - 1
+    cmp dword ptr [fixed], 0            # DPDK's fixed mapping: slot i holds descriptor i already,
+    je tx_publish_write                 # so a single-descriptor send writes only the index
+    cmp word ptr [txq + AVAIL_RING + 2 * ecx], bx
+    je tx_publish_written
+tx_publish_write:
     mov word ptr [txq + AVAIL_RING + 2 * ecx], bx
+tx_publish_written:
     inc dword ptr [tx_avail]
     mov ecx, dword ptr [tx_avail]
     mov word ptr [txq + AVAIL_IDX], cx  # (x86 keeps stores in order: the entry is visible first)
@@ -1050,8 +1120,9 @@ make_test_frame:
     mov ebx, eax
     mov edx, ecx
     push edi
-    mov eax, 0xFFFFFFFF
+    mov eax, dword ptr [test_dst]       # broadcast, or the peer's MAC (role=ping)
     stosd
+    mov ax, word ptr [test_dst + 4]
     stosw
     mov esi, my_mac
     movsd
@@ -1222,7 +1293,7 @@ send_burst_quiet:
     call handle_rx
 send_burst_next:
     inc ebp
-    cmp ebp, BURST
+    cmp ebp, dword ptr [burst_n]
     jb send_burst_loop
     call kick_tx
 send_burst_drain:
@@ -1239,7 +1310,7 @@ send_burst_done:
     jne send_burst_silent
     mov esi, burst_text
     call puts
-    mov eax, BURST
+    mov eax, dword ptr [burst_n]
     call print_dec
     mov esi, burst_text2
     call puts
@@ -1379,6 +1450,8 @@ print_mac_done:
     popad
     ret
 
+#include "netpeer.inc"
+
 .data
 found_text:      .asciz "netdemo: virtio-net at 00:"
 found_text2:     .asciz ".0\n"
@@ -1407,6 +1480,7 @@ burst_text:      .asciz "burst: "
 burst_text2:     .asciz " frames sent and returned; descriptors used in all: "
 .align 4
 peer_ip:         .byte 10, 0, 2, 2
+test_dst:        .byte 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0
 arp_frame:
     .byte 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0, 0, 0, 0x08, 0x06
     .byte 0, 1, 0x08, 0, 6, 4, 0, 1
@@ -1422,6 +1496,7 @@ ping_data:
     .byte 0, 0
 .align 4
 desc_free:       .long QSZ
+burst_n:         .long BURST
 
 .bss
 .align 4096
@@ -1472,3 +1547,6 @@ in_burst:        .zero 4
 bench:           .zero 4
 com1:            .zero 4
 noframes:        .zero 4
+fixed:           .zero 4
+noevent:         .zero 4
+single:          .zero 4

@@ -25,6 +25,8 @@ from cpuvirt.memory.traces import TraceError, TracedWrite
 from cpuvirt.status import BUDGET as EXIT_BUDGET, HALTED as EXIT_HALTED, HYPERVISOR_STOP as EXIT_HYPERVISOR_STOP
 from cpuvirt.status import INTERNAL_ERROR as EXIT_ERROR, TRIPLE_FAULT as EXIT_TRIPLE_FAULT
 
+EXTERNAL_WAIT_S = 60.0          # host seconds a halted CPU waits for a frame from another process
+
 IO_CYCLES = 1000    # a port access costs 1 us of virtual time, as an ISA bus cycle does on a PC
 # The instructions that can set EFLAGS.IF in the guest's own code (capstone mnemonics): each gets a
 # window hook (clock.hook_if_setter) the first time a block holding it runs.
@@ -284,9 +286,17 @@ class Vcpu:
         if self.inject_pending_interrupt(eip):
             return
         deadline = self.m.next_timer_deadline()
+        while deadline is None and self.m.wait_external(EXTERNAL_WAIT_S, lambda: self.outcome is not None):
+            if self.inject_pending_interrupt(eip):     # a frame from another process woke the CPU
+                return
+            deadline = self.m.next_timer_deadline()
         if deadline is None or deadline >= self.budget:
+            if self.outcome is not None:
+                return
             if deadline is None:
-                self.finish("halted", EXIT_HALTED, f"hlt at {hlt_eip:#x} with no timer armed: nothing can wake the CPU")
+                quiet = f" (and nothing came from outside in {EXTERNAL_WAIT_S:.0f} s)" if any(src.wait_fds() for src in self.m.external) else ""
+                self.finish("halted", EXIT_HALTED, f"hlt at {hlt_eip:#x} with no timer armed: nothing can wake "
+                            f"the CPU{quiet}")
             else:
                 self.finish("budget", EXIT_BUDGET, self.budget_message(" while halted"))
             return

@@ -5,7 +5,9 @@ The CPU's interrupt source is the local APIC, with the 8259 pair behind its LINT
 """
 from __future__ import annotations
 
+import select
 import struct
+import time
 
 from unicorn import UC_ARCH_X86, UC_MODE_32, UC_TLB_VIRTUAL, Uc
 
@@ -122,6 +124,7 @@ class Machine:
 
         self.bus = PortBus(on_unhandled=on_unhandled_io)
         self.input = None            # serial_input.ScriptedInput / TerminalInput, set by attach_input
+        self.external: list = []     # devices fed from outside the machine (a NIC's sockets): wait_external
         self.uart = Uart16550(on_output=on_console, raise_irq=self._uart_irq_raise,
                               lower_irq=self._uart_irq_lower)
         self.pic = Pic8259Pair()
@@ -199,6 +202,27 @@ class Machine:
         """Connect what is typed into COM1 (serial_input.py); its byte times become timer events."""
         self.input = source
         self._interrupts_changed()
+
+    def wait_external(self, timeout: float, stopped) -> bool:
+        """The CPU halted with no timer armed: wait on the host for an event from outside the machine
+        (another process's frame on a NIC's socket or eventfd) and let the device take it, which may
+        raise an interrupt. Virtual time does not move while the CPU waits. Each source gives
+        `wait_fds()` and `take_external()`; they are served in attach order. False when no source
+        has anything to wait on, nothing came within `timeout` seconds, or `stopped()` (Ctrl-C)."""
+        end = time.monotonic() + timeout
+        while not stopped():
+            fds = [(fd, src) for src in self.external for fd in src.wait_fds()]
+            left = end - time.monotonic()
+            if not fds or left <= 0:
+                return False
+            ready, _, _ = select.select([fd for fd, _ in fds], [], [], min(left, 0.25))
+            if ready:
+                for src in self.external:
+                    if any(fd in ready for fd in src.wait_fds()):
+                        src.take_external()
+                self._interrupts_changed()
+                return True
+        return False
 
     def bios_tables(self) -> list[tuple[int, bytes]]:
         """What the firmware leaves in RAM for the kernel to find: BDA words and the MP tables."""

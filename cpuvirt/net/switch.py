@@ -5,7 +5,8 @@ Ports (`--port`, repeatable, numbered from 1 in command-line order):
   `--device virtio-net,backend=vhost-user,socket=SOCKET` or QEMU's `-netdev vhost-user`): it maps the
   VM's RAM and serves its rings itself (cpuvirt/virtio/vhost_user_backend.py);
 - `unix:PATH`: a tap-like Unix datagram socket bound at PATH, one frame per datagram; frames go back to
-  the address that last sent one;
+  the address that last sent one (an empty datagram only says where that is: cpuvirt's
+  `--device virtio-net,peer=unix:PATH` sends one at start);
 - `udp:LOCAL_PORT:REMOTE_PORT`: an uplink on 127.0.0.1 compatible with QEMU's
   `-netdev dgram,local.type=inet,local.host=127.0.0.1,local.port=REMOTE_PORT,remote.type=inet,remote.host=127.0.0.1,remote.port=LOCAL_PORT`
   (one UDP datagram per frame);
@@ -141,6 +142,9 @@ class _DatagramPort(Port):
             return
         if addr:
             self.peer = addr
+        if not frame:                    # an empty datagram: a peer saying where it is (UnixPeer)
+            self.switch.log(f"port {self.number} ({self.spec}): peer at {addr!r}", verbose=True)
+            return
         self.switch.input(self, frame)
 
     def send(self, frame: bytes) -> None:

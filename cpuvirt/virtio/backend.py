@@ -5,6 +5,9 @@ one, a switch) plug in the same way: `attach(deliver)` gives the backend the dev
 function, `transmit(frame)` hands it one frame the guest sent.
 
 - `Loopback`: every frame comes straight back to the guest, unchanged.
+- `UnixPeer` (`peer=unix:PATH`): a tap-like port of `cpuvirt vswitch`, one frame per datagram on a
+  Unix datagram socket. Frames from it are taken only while the vCPU is halted (`take_external`, through
+  Machine.wait_external), so a guest running code never sees a frame arrive under it.
 - `UserNet`: the two services of QEMU's user-mode network (libslirp) that a guest can check without
   a real network: the virtual host 10.0.2.2 (MAC 52:55:0a:00:02:02) answers ARP requests for its
   address and ICMP echo requests to it, with the frames libslirp builds (arp.c arp_input,
@@ -14,7 +17,7 @@ function, `transmit(frame)` hands it one frame the guest sent.
 from __future__ import annotations
 
 import abc
-
+import socket
 import struct
 
 ETH_P_IP, ETH_P_ARP = 0x0800, 0x0806
@@ -44,6 +47,17 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def transmit(self, frame: bytes) -> None:
         """A frame the guest sent."""
+
+    def wait_fds(self) -> list:
+        """Host descriptors a halted vCPU waits on for frames from outside (none: frames come only as
+        answers to what the guest sent)."""
+        return []
+
+    def take_external(self) -> None:
+        """A descriptor of wait_fds() is ready: deliver what came."""
+
+    def close(self) -> None:
+        pass
 
 
 class Loopback(Backend):
@@ -126,4 +140,56 @@ class UserNet(Backend):
         return dst_mac + self._host_mac(ip[16:20]) + struct.pack("!H", ETH_P_IP) + bytes(header) + bytes(icmp)
 
 
+class UnixPeer(Backend):
+    """One frame per datagram to a `cpuvirt vswitch` `unix:PATH` port. The socket is autobound (an
+    abstract address), and an empty datagram at start tells the switch where to send frames."""
+
+    name = "unix"
+
+    def __init__(self, path: str):
+        self.path = path
+        self.dropped = 0
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            self.sock.bind("")               # Linux autobind: an abstract address the switch can answer
+            self.sock.connect(path)
+            self.sock.setblocking(False)
+            self.sock.send(b"")              # hello: the switch learns this port's peer address
+        except OSError as e:
+            self.sock.close()
+            raise ValueError(f"peer=unix:{path}: {e.strerror or e} (is `cpuvirt vswitch --port unix:{path}` running?)") from None
+
+    def transmit(self, frame: bytes) -> None:
+        try:
+            self.sock.send(frame)
+        except OSError:                      # the switch is gone or its queue is full: the frame is lost
+            self.dropped += 1
+
+    def wait_fds(self) -> list:
+        return [self.sock.fileno()] if self.sock.fileno() >= 0 else []
+
+    def take_external(self) -> None:
+        while True:
+            try:
+                frame = self.sock.recv(65535 + 14 + 1)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            if frame:
+                self.deliver(frame)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 PEERS = {"loopback": Loopback, "user": UserNet}
+
+
+def make_peer(name: str) -> Backend:
+    """`loopback`, `user` or `unix:PATH` -> a peer; ValueError for anything else."""
+    if name.startswith("unix:") and len(name) > 5:
+        return UnixPeer(name[5:])
+    if name in PEERS:
+        return PEERS[name]()
+    raise ValueError(f"unknown peer {name!r} (known: {', '.join(PEERS)}, unix:PATH)")

@@ -72,7 +72,7 @@ class VirtioNet(VirtioDevice):
         self.transport = None
         self.backlog: list[bytes] = []
         self.counters = {"tx_frames": 0, "tx_bytes": 0, "rx_frames": 0, "rx_bytes": 0, "tx_dropped": 0,
-                         "rx_dropped": 0}
+                         "rx_dropped": 0, "copies": 0, "interrupts_suppressed": 0}
         if backend is not None:
             backend.attach(self.receive)
 
@@ -87,6 +87,16 @@ class VirtioNet(VirtioDevice):
 
     def reset(self) -> None:
         self.backlog.clear()
+
+    def wait_fds(self) -> list:
+        return self.backend.wait_fds() if self.backend is not None else []
+
+    def take_external(self) -> None:
+        self.backend.take_external()
+
+    def close(self) -> None:
+        if self.backend is not None:
+            self.backend.close()
 
     def activate(self) -> None:
         pass
@@ -118,6 +128,7 @@ class VirtioNet(VirtioDevice):
             if chain is None:
                 break
             data = ring.buffer_read(chain, HDR_LEN + MAX_FRAME + 1)
+            self.counters["copies"] += 1             # the frame out of guest RAM
             ring.push(chain.head, 0)
             sent += 1
             detail = {"queue": TX, "head": chain.head, "descriptors": len(chain.buffers),
@@ -147,6 +158,7 @@ class VirtioNet(VirtioDevice):
         if ring.should_interrupt():
             self.transport.queue_interrupt(queue)
         else:
+            self.counters["interrupts_suppressed"] += 1
             self._trace("INTERRUPT", {"queue": queue, "used_idx": ring.used_idx},
                         "suppressed by the driver (NO_INTERRUPT or used_event)")
 
@@ -188,6 +200,7 @@ class VirtioNet(VirtioDevice):
                                          f"{HDR_LEN + len(frame)}", detail)
                 continue
             written = ring.buffer_write(chain, bytes(HDR_LEN) + frame)
+            self.counters["copies"] += 1                 # the frame into guest RAM
             ring.push(chain.head, written)
             delivered += 1
             self.counters["rx_frames"] += 1

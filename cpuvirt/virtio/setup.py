@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cpuvirt.errors import CpuvirtError
-from cpuvirt.virtio.backend import PEERS
+from cpuvirt.virtio.backend import PEERS, make_peer
 from cpuvirt.virtio.net import DEFAULT_MAC, VirtioNet, parse_mac
 from cpuvirt.virtio.pcap import PcapWriter
 from cpuvirt.virtio.transport import VirtioPciLegacy
@@ -23,6 +23,7 @@ class DeviceSpec:
     peer: str = "loopback"
     backend: str = "userspace"
     socket: str | None = None          # vhost-user: a backend already listening there (else one is started)
+    cachelines: bool = False           # measurement mode: the cache-line model of the rings (cacheline.py)
 
     def as_dict(self) -> dict:
         d = {"device": self.kind, "peer": self.peer}
@@ -30,16 +31,18 @@ class DeviceSpec:
             d["backend"] = self.backend
         if self.mac is not None:
             d["mac"] = ":".join(f"{b:02x}" for b in self.mac)
+        if self.cachelines:
+            d["cachelines"] = True
         return d
 
 
 def parse_device(text: str) -> DeviceSpec:
-    """`virtio-net[,mac=52:54:00:12:34:56][,peer=loopback|user][,backend=userspace|vhost|vhost-user]
+    """`virtio-net[,mac=52:54:00:12:34:56][,peer=loopback|user|unix:PATH][,backend=userspace|vhost|vhost-user]
     [,socket=PATH]` -> DeviceSpec, or CpuvirtError."""
     kind, *options = text.split(",")
     if kind not in DEVICE_TYPES:
         raise CpuvirtError(f"--device {text}: unknown device {kind!r} (known: {', '.join(DEVICE_TYPES)})")
-    mac, peer, backend, socket = None, "loopback", "userspace", None
+    mac, peer, backend, socket, cachelines = None, "loopback", "userspace", None, False
     for option in options:
         key, eq, value = option.partition("=")
         if not eq or not value:
@@ -50,8 +53,8 @@ def parse_device(text: str) -> DeviceSpec:
             except ValueError as e:
                 raise CpuvirtError(f"--device {text}: {e}") from None
         elif key == "peer":
-            if value not in PEERS:
-                raise CpuvirtError(f"--device {text}: unknown peer {value!r} (known: {', '.join(PEERS)})")
+            if value not in PEERS and not (value.startswith("unix:") and len(value) > 5):
+                raise CpuvirtError(f"--device {text}: unknown peer {value!r} (known: {', '.join(PEERS)}, unix:PATH)")
             peer = value
         elif key == "backend":
             if value not in BACKENDS:
@@ -59,11 +62,22 @@ def parse_device(text: str) -> DeviceSpec:
             backend = value
         elif key == "socket":
             socket = value
+        elif key == "cachelines":
+            if value not in ("on", "off"):
+                raise CpuvirtError(f"--device {text}: cachelines= takes on or off")
+            cachelines = value == "on"
         else:
-            raise CpuvirtError(f"--device {text}: unknown option {key!r} (known: mac, peer, backend, socket)")
+            raise CpuvirtError(f"--device {text}: unknown option {key!r} (known: mac, peer, backend, socket, "
+                               "cachelines)")
+    if backend == "vhost-user" and peer.startswith("unix:"):
+        raise CpuvirtError(f"--device {text}: a vhost-user NIC joins a switch through its vhost-user port "
+                           "(socket=PATH), not peer=unix:")
     if socket is not None and backend != "vhost-user":
         raise CpuvirtError(f"--device {text}: socket= is for backend=vhost-user")
-    return DeviceSpec(kind, mac, peer, backend, socket)
+    if cachelines and socket is not None:
+        raise CpuvirtError(f"--device {text}: cachelines=on needs the ring accesses of a backend cpuvirt starts "
+                           "itself (it reports them); one listening on socket= cannot be observed")
+    return DeviceSpec(kind, mac, peer, backend, socket, cachelines)
 
 
 def attach_devices(machine, specs, trace=None, pcap_path: str | None = None):
@@ -101,12 +115,24 @@ def _attach(machine, specs, trace, pcap, transports) -> None:
     for n, spec in enumerate(specs):
         mac = spec.mac or DEFAULT_MAC[:5] + bytes(((DEFAULT_MAC[5] + n) & 0xFF,))
         capture = pcap.record if pcap else None
-        if spec.backend == "vhost":
-            device = VhostNet(mac, PEERS[spec.peer](), capture, machine)
-        elif spec.backend == "vhost-user":
-            device = VhostUserNet(mac, spec.peer, spec.socket, capture, machine)
+        if spec.backend == "vhost-user":
+            device = VhostUserNet(mac, spec.peer, spec.socket, capture, machine, cachelines=spec.cachelines)
         else:
-            device = VirtioNet(mac, PEERS[spec.peer](), capture)
+            try:
+                peer = make_peer(spec.peer)
+            except ValueError as e:
+                raise CpuvirtError(f"--device: {e}") from None
+            if spec.backend == "vhost":
+                device = VhostNet(mac, peer, capture, machine)
+            else:
+                device = VirtioNet(mac, peer, capture)
         transport = VirtioPciLegacy(device, ram, trace)
+        if spec.cachelines:                      # measurement mode: who moves which ring line
+            from cpuvirt.virtio.cacheline import CacheLineModel
+            model = transport.cachelines = CacheLineModel(transport.counters)
+            model.watch_cpu(machine.uc)
+            transport.ram = model.device_ram(ram)
+            device.cachelines = model
         machine.pci.add(transport)
+        machine.external.append(device)         # a halted vCPU waits on its sockets (Machine.wait_external)
         transports.append(transport)

@@ -141,6 +141,7 @@ class VirtioPciLegacy(PciFunction):
         for v in range(self.nvectors):
             self.msix_table[16 * v + 12] = MSIX_VECTOR_MASKED
         self.msix_pending = 0
+        self.cachelines = None           # cacheline.CacheLineModel in the measurement mode
         self.counters = {"notifications": 0, "interrupts": 0, "needs_reset": 0, "ignored_notifications": 0}
         self._reset_state()
 
@@ -318,6 +319,8 @@ class VirtioPciLegacy(PciFunction):
             self.broken(f"queue {q.index} PFN {pfn:#x}: {e}")
             return
         q.pfn, q.ring = pfn, ring
+        if self.cachelines is not None:
+            self.cachelines.add_ring(ring.desc, ring.used + 6 + 8 * q.size)
         self.trace("QUEUE_PFN", {"queue": q.index, "pfn": f"{pfn:#x}", "size": q.size,
                                  "desc": f"{ring.desc:#x}", "avail": f"{ring.avail:#x}", "used": f"{ring.used:#x}",
                                  "bytes": legacy_bytes(q.size)},

@@ -157,8 +157,9 @@ class VhostNet(VirtioDevice):
         self.worker: VhostWorker | None = None
         self.registered: list = []
         self.link_up = True
+        self.cachelines = None           # cacheline.CacheLineModel: the worker's accesses are the device side's
         self._base = {"tx_frames": 0, "tx_bytes": 0, "rx_frames": 0, "rx_bytes": 0, "tx_dropped": 0,
-                      "rx_dropped": 0, "notifications": 0}
+                      "rx_dropped": 0, "copies": 0, "interrupts_suppressed": 0, "notifications": 0}
 
     host_features = VirtioNet.host_features
 
@@ -200,6 +201,8 @@ class VhostNet(VirtioDevice):
         mem = MemoryTable(setup.mem, self.machine.dma_refusal,
                           lambda gpa, n: self.machine.mmu.traces.frames and
                           self.machine.mmu.traces.hv_wrote(gpa, gpa, n)).guest_ram()
+        if self.cachelines is not None:
+            mem = self.cachelines.device_ram(mem)
         try:
             self.worker = VhostWorker(setup, mem, self.peer, self.capture, t.trace)
         except RingError as e:
@@ -245,6 +248,22 @@ class VhostNet(VirtioDevice):
 
     def reset(self) -> None:
         self.stop()
+
+    def wait_fds(self) -> list:
+        return self.peer.wait_fds() if self.peer is not None else []
+
+    def take_external(self) -> None:
+        """Frames from outside go to the worker's receive path (or are dropped before set-up)."""
+        if self.worker is None:
+            self.peer.attach(self._drop_unset)
+        self.peer.take_external()
+
+    def _drop_unset(self, frame: bytes) -> None:
+        self._base["rx_dropped"] += 1
+
+    def close(self) -> None:
+        if self.peer is not None:
+            self.peer.close()
 
     def bars_moved(self) -> None:
         """BAR0 moved or stopped decoding: the notifiers follow it (QEMU's memory listener does this)."""

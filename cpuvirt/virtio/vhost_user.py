@@ -24,6 +24,7 @@ LINK_UP, a configuration interrupt tells the driver, and later kicks are ignored
 """
 from __future__ import annotations
 
+import json
 import os
 import select
 import socket
@@ -132,8 +133,10 @@ class VhostUserNet(VirtioDevice):
     CONNECT_TIMEOUT = 10.0
     REPLY_TIMEOUT = 10.0
 
-    def __init__(self, mac: bytes, peer: str, socket_path: str | None, capture, machine):
+    def __init__(self, mac: bytes, peer: str, socket_path: str | None, capture, machine, cachelines: bool = False):
         self.mac, self.machine = mac, machine
+        self.cachelines = None           # cacheline.CacheLineModel (set by setup.py in the measurement mode)
+        self.report_fd = None            # the backend process's reports (measurement mode)
         self.transport = None
         self.link_up = True
         self.process = None
@@ -150,9 +153,17 @@ class VhostUserNet(VirtioDevice):
         if socket_path is None:
             self.tmpdir = tempfile.TemporaryDirectory(prefix="cpuvirt-vhu-")
             socket_path = os.path.join(self.tmpdir.name, "backend.sock")
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "cpuvirt", "vhost-user-backend", "--socket", socket_path, "--peer", peer],
-                stdin=subprocess.DEVNULL)
+            command = [sys.executable, "-m", "cpuvirt", "vhost-user-backend", "--socket", socket_path, "--peer", peer]
+            report_w = None
+            if cachelines:                     # the process reports its ring lines and counters after each kick
+                self.report_fd, report_w = os.pipe()
+                os.set_blocking(self.report_fd, False)
+                command += ["--report-fd", str(report_w)]
+                self.counters.update(copies=0, interrupts_suppressed=0)
+            self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL,
+                                            pass_fds=(report_w,) if report_w is not None else ())
+            if report_w is not None:
+                os.close(report_w)
         self.socket_path = socket_path
         try:
             self._connect()
@@ -300,7 +311,33 @@ class VhostUserNet(VirtioDevice):
         except (ProtocolError, OSError) as e:
             self._link_down(str(e))
             return
+        if self.report_fd is not None:
+            self._take_report()
         self._completions()
+
+    def _take_report(self) -> None:
+        """Measurement mode: what the backend process wrote before its acknowledgement (the ring lines
+        its data path touched, in order, and its counters) goes to the cache-line model."""
+        data = b""
+        while True:
+            try:
+                chunk = os.read(self.report_fd, 65536)
+            except BlockingIOError:
+                break
+            if not chunk:
+                break
+            data += chunk
+        for line in data.splitlines():
+            try:
+                record = json.loads(line)
+                lines, counters = record["lines"], record["counters"]
+            except (ValueError, KeyError, TypeError):
+                continue
+            if self.cachelines is not None:
+                self.cachelines.device_lines(lines)
+            for key in ("copies", "interrupts_suppressed"):
+                if isinstance(counters.get(key), int):
+                    self.counters[key] = counters[key]
 
     def _completions(self) -> None:
         """After the backend acknowledged: what it completed (used indices) and which calls it made."""
@@ -327,6 +364,26 @@ class VhostUserNet(VirtioDevice):
             if called:
                 self.counters["calls"] += 1
                 t.queue_interrupt(q, path="call eventfd")
+
+    def wait_fds(self) -> list:
+        """While the vCPU is halted: the call and error eventfds (another VM's frame written into a
+        receive buffer by the switch) and the socket (its end: the backend is gone)."""
+        if not self.link_up or self.sock is None or not self.started:
+            return []
+        return [self.callfd[q] for q in self.started] + [self.errfd[q] for q in self.started] + [self.sock.fileno()]
+
+    def take_external(self) -> None:
+        try:
+            ready, _, _ = select.select([self.sock], [], [], 0)
+            if ready:                          # no message comes unasked: this is the end of the connection
+                data = self.sock.recv(1, socket.MSG_PEEK)
+                self._link_down("the backend closed the connection" if not data else
+                                "the backend sent a message nobody asked for")
+                return
+        except OSError as e:
+            self._link_down(str(e))
+            return
+        self._completions()
 
     def _link_down(self, why: str) -> None:
         if not self.link_up:
@@ -369,6 +426,9 @@ class VhostUserNet(VirtioDevice):
             self.sock.close()
             self.sock = None
         self._close_eventfds()
+        if self.report_fd is not None:
+            os.close(self.report_fd)
+            self.report_fd = None
         if self.process is not None:
             if self.process.poll() is None:
                 self.process.terminate()

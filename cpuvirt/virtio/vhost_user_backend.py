@@ -13,6 +13,7 @@ was walked and the call eventfds were written: the frontend's view of time stays
 """
 from __future__ import annotations
 
+import json
 import mmap
 import os
 import select
@@ -52,6 +53,27 @@ class _RegionRam(GuestRam):
             raise GuestMemoryError(f"{gpa:#x}+{length:#x} is not an address range")
         if length:
             self.table._find(gpa, length)
+
+
+class _ObservedRam(_RegionRam):
+    """The measurement mode's RAM: every access to a ring's bytes notes the 64-byte lines it touched
+    (and whether it wrote them), for the frontend's cache-line model (virtio/cacheline.py)."""
+
+    __slots__ = ("conn",)
+
+    def __init__(self, table: MemoryTable, conn: "Connection"):
+        super().__init__(table)
+        self.conn = conn
+        read, write = self._read, self._write
+
+        def seen_read(gpa, n):
+            conn.note(gpa, n, False)
+            return read(gpa, n)
+
+        def seen_write(gpa, data):
+            conn.note(gpa, len(data), True)
+            write(gpa, data)
+        self._read, self._write = seen_read, seen_write
 
 
 class Vring:
@@ -97,8 +119,11 @@ class _Side:
 class Connection:
     """One frontend: its memory table, its rings, and the virtio-net data path on them."""
 
-    def __init__(self, sock: socket.socket, peer, log):
+    def __init__(self, sock: socket.socket, peer, log, report_fd: int | None = None):
         self.sock, self.log = sock, log
+        self.report_fd = report_fd      # measurement mode: ring lines and counters after each in-band kick
+        self.ring_ranges: dict[int, list] = {}
+        self.touched: dict[int, bool] = {}
         self.features = 0
         self.protocol_features = 0
         self.regions: list = []         # (gpa, size, user_addr, offset, mmap)
@@ -125,6 +150,8 @@ class Connection:
         except (struct.error, ValueError) as e:
             _close_all(fds)
             raise ProtocolError(f"{REQUEST_NAMES.get(request, request)}: malformed payload ({e})") from None
+        if request == VRING_KICK and self.report_fd is not None:
+            self._report()              # before the acknowledgement: the frontend reads it right after
         if reply is not None:
             send_message(self.sock, request, reply, flags=VERSION | FLAG_REPLY)
         elif flags & FLAG_NEED_REPLY and self.protocol_features >> PROTOCOL_F_REPLY_ACK & 1:
@@ -256,16 +283,38 @@ class Connection:
             return
         try:
             desc, used, avail = (self._gpa_of(a) for a in v.addr)
-            ring = SplitQueue(_RegionRam(self.table), v.num, desc, avail, used,
+            ram = _RegionRam(self.table) if self.report_fd is None else _ObservedRam(self.table, self)
+            ring = SplitQueue(ram, v.num, desc, avail, used,
                               event_idx=bool(self.features >> F_EVENT_IDX & 1),
                               indirect=bool(self.features >> F_INDIRECT_DESC & 1))
         except RingError as e:
             self.side.broken(f"vring {v.index}: {e}")
             return
         ring.last_avail = ring.used_idx = ring.signalled_used = v.base
+        self.ring_ranges[v.index] = [(desc, desc + 16 * v.num), (avail, avail + 6 + 2 * v.num),
+                                     (used, used + 6 + 8 * v.num)]
         v.ring = ring
         self.side.queues[v.index].ring = ring
         self.side.live = True
+
+    # -- the measurement mode's report ----------------------------------------------------------------
+    def note(self, gpa: int, n: int, write: bool) -> None:
+        end = gpa + n
+        for ranges in self.ring_ranges.values():
+            for lo, hi in ranges:
+                if gpa < hi and end > lo:
+                    for line in range(max(gpa, lo) >> 6, ((min(end, hi) - 1) >> 6) + 1):
+                        self.touched[line] = self.touched.get(line, False) or write
+
+    def _report(self) -> None:
+        """One JSON line: the ring lines touched since the last report, in first-touch order, with
+        whether each was written, and the data path's counters."""
+        record = {"lines": [[line, w] for line, w in self.touched.items()], "counters": self.net.counters}
+        self.touched = {}
+        try:
+            os.write(self.report_fd, (json.dumps(record) + "\n").encode())
+        except OSError:
+            self.report_fd = None
 
     # -- the data path --------------------------------------------------------------------------------
     def serve(self, index: int) -> None:
@@ -293,7 +342,8 @@ class Connection:
         self.sock.close()
 
 
-def serve(socket_path: str, peer_name: str = "loopback", verbose: bool = False, once: bool = False) -> int:
+def serve(socket_path: str, peer_name: str = "loopback", verbose: bool = False, once: bool = False,
+          report_fd: int | None = None) -> int:
     """Listen on `socket_path` and serve frontends one after another until SIGTERM."""
     def say(text: str, verbose: bool = False) -> None:
         if verbose and not say.verbose:
@@ -314,7 +364,7 @@ def serve(socket_path: str, peer_name: str = "loopback", verbose: bool = False, 
     try:
         while True:
             sock, _ = listener.accept()
-            conn = Connection(sock, PEERS[peer_name](), say)
+            conn = Connection(sock, PEERS[peer_name](), say, report_fd)
             try:
                 while True:
                     fds = [sock] + [v.kick for v in conn.vrings if v.kick is not None]
