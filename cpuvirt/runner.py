@@ -56,7 +56,7 @@ def _device_summary(transport) -> dict:
     """What a device did in the run (the CLI prints it in the summary)."""
     dev = transport.device
     return {"name": dev.name, "slot": transport.slot, "mac": ":".join(f"{b:02x}" for b in dev.mac),
-            **transport.counters, **dev.counters}
+            "reset_name": getattr(dev, "reset_name", "DEVICE_NEEDS_RESET"), **transport.counters, **dev.counters}
 
 
 class SigintStop:
@@ -298,8 +298,8 @@ def run_guest(guest: str, mode: str = "native", mem_mib: int = 32, max_insns: in
         if devices or pcap_path:       # the virtio package only when asked for (start-up time)
             from cpuvirt.virtio.setup import attach_devices
             transports, pcap = attach_devices(
-                machine, devices, lambda reason, detail, action: vcpu.record("virtio", reason, None, device_site(),
-                                                                            detail, action), pcap_path)
+                machine, devices, lambda reason, detail, action, kind="virtio": vcpu.record(
+                    kind, reason, None, device_site(), detail, action), pcap_path)
         machine.pci.firmware_setup()          # as SeaBIOS leaves the bus, before the guest runs
         machine.pci.on_event = lambda reason, detail: vcpu.record(
             "pci", reason, None, device_site(), detail, _PCI_ACTIONS.get(reason, "done"))

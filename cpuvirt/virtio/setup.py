@@ -5,6 +5,8 @@ from dataclasses import dataclass
 
 from cpuvirt.errors import CpuvirtError
 from cpuvirt.virtio.backend import PEERS
+from cpuvirt.virtio.completion import DeviceTimer, SlowDestination, TxCompletions
+from cpuvirt.virtio.e1000 import E1000
 from cpuvirt.virtio.net import DEFAULT_MAC, VirtioNet, parse_mac
 from cpuvirt.virtio.pcap import PcapWriter
 from cpuvirt.virtio.transport import VirtioPciLegacy
@@ -12,7 +14,7 @@ from cpuvirt.virtio.vhost import VhostNet
 from cpuvirt.virtio.vhost_user import VhostUserNet
 from cpuvirt.virtio.virtqueue import GuestRam
 
-DEVICE_TYPES = ("virtio-net",)
+DEVICE_TYPES = ("virtio-net", "e1000")
 BACKENDS = ("userspace", "vhost", "vhost-user")
 
 
@@ -23,6 +25,7 @@ class DeviceSpec:
     peer: str = "loopback"
     backend: str = "userspace"
     socket: str | None = None          # vhost-user: a backend already listening there (else one is started)
+    slow: SlowDestination | None = None    # every N-th frame K virtual us late (completion.py)
 
     def as_dict(self) -> dict:
         d = {"device": self.kind, "peer": self.peer}
@@ -30,16 +33,18 @@ class DeviceSpec:
             d["backend"] = self.backend
         if self.mac is not None:
             d["mac"] = ":".join(f"{b:02x}" for b in self.mac)
+        if self.slow is not None:
+            d["slow"] = self.slow.text()
         return d
 
 
 def parse_device(text: str) -> DeviceSpec:
     """`virtio-net[,mac=52:54:00:12:34:56][,peer=loopback|user][,backend=userspace|vhost|vhost-user]
-    [,socket=PATH]` -> DeviceSpec, or CpuvirtError."""
+    [,socket=PATH][,slow=N:K]` or `e1000[,mac=...][,peer=...][,slow=N:K]` -> DeviceSpec, or CpuvirtError."""
     kind, *options = text.split(",")
     if kind not in DEVICE_TYPES:
         raise CpuvirtError(f"--device {text}: unknown device {kind!r} (known: {', '.join(DEVICE_TYPES)})")
-    mac, peer, backend, socket = None, "loopback", "userspace", None
+    mac, peer, backend, socket, slow = None, "loopback", "userspace", None, None
     for option in options:
         key, eq, value = option.partition("=")
         if not eq or not value:
@@ -59,11 +64,20 @@ def parse_device(text: str) -> DeviceSpec:
             backend = value
         elif key == "socket":
             socket = value
+        elif key == "slow":
+            try:
+                slow = SlowDestination.parse(value)
+            except ValueError as e:
+                raise CpuvirtError(f"--device {text}: {e}") from None
         else:
-            raise CpuvirtError(f"--device {text}: unknown option {key!r} (known: mac, peer, backend, socket)")
+            raise CpuvirtError(f"--device {text}: unknown option {key!r} (known: mac, peer, backend, socket, slow)")
     if socket is not None and backend != "vhost-user":
         raise CpuvirtError(f"--device {text}: socket= is for backend=vhost-user")
-    return DeviceSpec(kind, mac, peer, backend, socket)
+    if kind == "e1000" and (backend != "userspace" or socket is not None):
+        raise CpuvirtError(f"--device {text}: the e1000 has no virtio backends (backend=, socket= are for virtio-net)")
+    if slow is not None and backend != "userspace":
+        raise CpuvirtError(f"--device {text}: slow= is modelled by the userspace device model only")
+    return DeviceSpec(kind, mac, peer, backend, socket, slow)
 
 
 def attach_devices(machine, specs, trace=None, pcap_path: str | None = None):
@@ -98,15 +112,26 @@ def attach_devices(machine, specs, trace=None, pcap_path: str | None = None):
 
 def _attach(machine, specs, trace, pcap, transports) -> None:
     ram = GuestRam(machine.mem_bytes, machine.read_gpa, machine.dma_write, machine.dma_refusal)
+    trace = trace or (lambda reason, detail, action, kind="virtio": None)
     for n, spec in enumerate(specs):
         mac = spec.mac or DEFAULT_MAC[:5] + bytes(((DEFAULT_MAC[5] + n) & 0xFF,))
         capture = pcap.record if pcap else None
+        completions = None
+        if spec.slow is not None:
+            timer = DeviceTimer(lambda: machine.clock.now)
+            machine.add_device_timer(timer)
+            completions = TxCompletions(spec.kind, spec.slow, timer, trace)
+        if spec.kind == "e1000":
+            nic = E1000(mac, ram, PEERS[spec.peer](), capture, trace, completions, lambda: machine.clock.now)
+            machine.pci.add(nic)
+            transports.append(nic)
+            continue
         if spec.backend == "vhost":
             device = VhostNet(mac, PEERS[spec.peer](), capture, machine)
         elif spec.backend == "vhost-user":
             device = VhostUserNet(mac, spec.peer, spec.socket, capture, machine)
         else:
-            device = VirtioNet(mac, PEERS[spec.peer](), capture)
+            device = VirtioNet(mac, PEERS[spec.peer](), capture, completions, lambda: machine.clock.now)
         transport = VirtioPciLegacy(device, ram, trace)
         machine.pci.add(transport)
         transports.append(transport)
