@@ -298,8 +298,9 @@ def run_guest(guest: str, mode: str = "native", mem_mib: int = 32, max_insns: in
         if devices or pcap_path:       # the virtio package only when asked for (start-up time)
             from cpuvirt.virtio.setup import attach_devices
             transports, pcap = attach_devices(
-                machine, devices, lambda reason, detail, action, kind="virtio": vcpu.record(
-                    kind, reason, None, device_site(), detail, action), pcap_path)
+                machine, devices, lambda reason, detail, action, kind="virtio", mmio=None: vcpu.record(
+                    kind, reason, None, device_site() if mmio is None or vcpu.trace is None
+                    else mmio_sites.site(*mmio, advance=False), detail, action), pcap_path)
         machine.pci.firmware_setup()          # as SeaBIOS leaves the bus, before the guest runs
         machine.pci.on_event = lambda reason, detail: vcpu.record(
             "pci", reason, None, device_site(), detail, _PCI_ACTIONS.get(reason, "done"))

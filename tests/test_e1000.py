@@ -36,7 +36,7 @@ def make(slow=None, backend=None, events=None):
     guest = GuestRam(RAM, lambda g, n: bytes(mem[g:g + n]), lambda g, d: mem.__setitem__(slice(g, g + len(d)), d))
     clock = Clock()
     record = events if events is not None else []
-    trace = lambda reason, detail, action, kind="e1000": record.append((kind, reason, detail, action))  # noqa: E731
+    trace = lambda reason, detail, action, kind="e1000", **_: record.append((kind, reason, detail, action))  # noqa: E731
     timer = DeviceTimer(clock)
     completions = TxCompletions("e1000", slow, timer, trace) if slow is not None else None
     nic = E1000(MAC, guest, backend, None, trace, completions, clock)

@@ -83,6 +83,7 @@ class TxCompletions:
         self.taken = 0                   # frames taken so far (the last one's number)
         self.completed = 0               # completions so far
         self.outstanding: set[int] = set()
+        self.site = dict                 # () -> extra trace arguments naming the access being served
 
     def take(self) -> tuple[int, int]:
         """A frame is taken: (its number, the delay its destination adds in ns)."""
@@ -102,7 +103,7 @@ class TxCompletions:
             action = f"{how}, ahead of {overtaken} earlier frame(s) still in flight"
         else:
             action = how
-        self.trace("TX_COMPLETE", detail, action, kind="completion")
+        self.trace("TX_COMPLETE", detail, action, kind="completion", **self.site())
 
     def forget(self) -> None:
         """The device was reset: its frames in flight will never complete."""

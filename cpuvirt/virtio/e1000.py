@@ -148,11 +148,20 @@ class _Mmio:
         self.nic = nic
 
     def read(self, offset: int, size: int) -> int:
-        shift = 8 * (offset & 3)
-        return (self.nic.reg_read(offset & ~3) >> shift) & ((1 << 8 * size) - 1)
+        nic = self.nic
+        nic.access = (nic.bars[0].mapped or 0) + offset, False
+        try:
+            return (nic.reg_read(offset & ~3) >> 8 * (offset & 3)) & ((1 << 8 * size) - 1)
+        finally:
+            nic.access = None
 
     def write(self, offset: int, size: int, value: int) -> None:
-        self.nic.reg_write(offset & ~3, (value << 8 * (offset & 3)) & 0xFFFFFFFF)
+        nic = self.nic
+        nic.access = (nic.bars[0].mapped or 0) + offset, True
+        try:
+            nic.reg_write(offset & ~3, (value << 8 * (offset & 3)) & 0xFFFFFFFF)
+        finally:
+            nic.access = None
 
 
 class _InertIo:
@@ -177,8 +186,11 @@ class E1000(PciFunction):
         self.ram = ram
         self.backend = backend
         self.capture = capture
-        self.trace = trace or (lambda reason, detail, action, kind="e1000": None)
+        self._trace_to = trace or (lambda reason, detail, action, kind="e1000", mmio=None: None)
+        self.access = None                # (gpa, is_write) of the register access being served
         self.completions = completions    # completion.TxCompletions with a slow destination, or None
+        if completions is not None:
+            completions.site = self._site
         self.now = now
         self.device = self                # the run summary reads transport.device
         self.add_bar(0, False, MMIO_SIZE, _Mmio(self))
@@ -194,6 +206,13 @@ class E1000(PciFunction):
         self._reset()
         if backend is not None:
             backend.attach(self.receive)
+
+    def _site(self) -> dict:
+        return {} if self.access is None else {"mmio": self.access}
+
+    def trace(self, reason: str, detail: dict, action: str, kind: str = "e1000") -> None:
+        """A device event; during a register access it names the guest instruction that made it."""
+        self._trace_to(reason, detail, action, kind=kind, **self._site())
 
     # -- state ---------------------------------------------------------------------------------------
     def _reset(self) -> None:

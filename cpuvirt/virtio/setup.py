@@ -112,7 +112,7 @@ def attach_devices(machine, specs, trace=None, pcap_path: str | None = None):
 
 def _attach(machine, specs, trace, pcap, transports) -> None:
     ram = GuestRam(machine.mem_bytes, machine.read_gpa, machine.dma_write, machine.dma_refusal)
-    trace = trace or (lambda reason, detail, action, kind="virtio": None)
+    trace = trace or (lambda reason, detail, action, kind="virtio", mmio=None: None)
     for n, spec in enumerate(specs):
         mac = spec.mac or DEFAULT_MAC[:5] + bytes(((DEFAULT_MAC[5] + n) & 0xFF,))
         capture = pcap.record if pcap else None
