@@ -309,3 +309,40 @@ def test_random_registers_and_descriptors_never_raise_or_touch_memory_outside_ra
     for n in range(frames):
         nic.receive(frame(n))
     assert all(0 <= g and g + n <= RAM for g, n in reach)
+
+
+def test_frames_the_device_cannot_take_are_dropped_and_counted():
+    sent = []
+
+    class Sink(Loopback):
+        def transmit(self, f):
+            sent.append(f)
+
+    events = []
+    nic, mem, *_ = make(backend=Sink(), events=events)
+    tx_setup(nic)
+    tx_put(mem, 0, BUFS, b"\x01" * 10)                     # shorter than an Ethernet header
+    nic.reg_write(TDT, 1)
+    assert sent == [] and nic.counters["tx_dropped"] == 1 and tx_status(mem, 0) & 1 and nic.reg_read(TDH) == 1
+    struct.pack_into("<QHBBBBH", mem, TX_RING + 16, BUFS, 60, 0, 0x29, 0, 0, 0)   # CMD.DEXT: not modelled
+    nic.reg_write(TDT, 2)
+    assert any(e[1] == "RING_ERROR" and "extended" in e[2]["why"] for e in events)
+    rx_setup(nic, mem, 8, posted=0)                        # no receive descriptor given
+    nic.receive(MAC + MAC + bytes(1600))                   # longer than 1522 without RCTL.LPE
+    assert nic.counters["rx_dropped"] == 1
+    for n in range(256):
+        nic.receive(frame(n))
+    assert len(nic.backlog) == 256 and nic.counters["rx_dropped"] == 1
+    nic.receive(frame(256))                                # the backlog is full: dropped, RXO
+    assert nic.counters["rx_dropped"] == 2 and nic.regs[ICR] & 0x40
+
+
+def test_rx_ring_with_no_length_is_an_error_once_descriptors_are_given():
+    events = []
+    nic, mem, *_ = make(events=events)
+    rx_setup(nic, mem, 8, posted=0)
+    nic.reg_write(RDLEN, 0)
+    nic.receive(frame(0))                                  # head == tail: nothing given, the frame waits
+    assert nic.counters["needs_reset"] == 0 and len(nic.backlog) == 1
+    nic.reg_write(RDT, 3)
+    assert nic.counters["needs_reset"] == 1 and "no descriptors" in events[-1][2]["why"]

@@ -154,3 +154,19 @@ def test_cli_e1000_summary_line():
 def test_cli_bad_e1000_specifications_are_one_line_and_status_2(spec, message):
     p = cli("run", "hello", "--device", spec)
     assert p.returncode == 2 and message in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+@requires_qemu
+def test_pci_header_and_bar_sizes_equal_qemus(test_guest):
+    """tests/guests/pciprobe.S dumps the headers and BAR size masks: byte-identical with QEMU's e1000,
+    alone and behind a virtio-net (the firmware's BAR assignment, biggest first, across both)."""
+    image = test_guest("pciprobe")
+    for specs, extra in (([DeviceSpec("e1000")], QEMU_E1000),
+                         ([DeviceSpec("virtio-net"), DeviceSpec("e1000")],
+                          ["-netdev", "user,id=n1", "-device", "virtio-net-pci,netdev=n1,disable-modern=on"]
+                          + QEMU_E1000)):
+        ours = run_guest(str(image), devices=specs)
+        theirs, status = run_under_qemu(image, timeout=30, extra=extra)
+        assert ours.status == 0 and status == 1
+        assert ours.console == theirs
+        assert b"0x100e8086" in ours.console

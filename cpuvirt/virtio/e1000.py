@@ -527,7 +527,7 @@ class E1000(PciFunction):
         ring = self.rx
         if not self.backlog or not self.regs[RCTL] & RCTL_EN or ring.error is not None or not self.bus_master:
             return
-        if ring.count == 0 or ring.head == ring.tail:
+        if ring.head == ring.tail:
             return                                 # no descriptors given yet: the frames wait
         delivered = False
         try:
