@@ -125,7 +125,7 @@ def test_e1000_ring_completes_in_order_behind_slow_frames(tmp_path):
 
 
 def test_virtqueue_returns_later_frames_first_behind_the_same_slow_frames(tmp_path):
-    res, done = completions("virtio-net", tmp_path)
+    _, done = completions("virtio-net", tmp_path)
     frames = [d["frame"] for d in done]
     assert sorted(frames) == list(range(1, 305)) and frames != sorted(frames)
     assert any(d["overtook"] for d in done)

@@ -55,7 +55,7 @@ class SlowDestination:
     delay_us: int
 
     @classmethod
-    def parse(cls, text: str) -> "SlowDestination":
+    def parse(cls, text: str) -> SlowDestination:
         """'N:K' -> every N-th frame K virtual microseconds late (N >= 1, 0 <= K <= 1e6)."""
         n, colon, k = text.partition(":")
         try:

@@ -144,7 +144,7 @@ class _Ring:
 
 
 class _Mmio:
-    def __init__(self, nic: "E1000"):
+    def __init__(self, nic: E1000):
         self.nic = nic
 
     def read(self, offset: int, size: int) -> int:
@@ -563,7 +563,7 @@ class E1000(PciFunction):
         head, offset, i = ring.head, 0, ring.head
         for k in range(needed):
             at = ring.desc_address(i)
-            addr, _length, csum, status, errors, special = _RX_DESC.unpack(self._read(ring, at, 16))
+            addr, _length, csum, status, errors, _special = _RX_DESC.unpack(self._read(ring, at, 16))
             piece = min(bufsize, total - offset)
             data = frame[offset:offset + piece]            # the CRC bytes are counted, not written (QEMU)
             try:
@@ -573,7 +573,7 @@ class E1000(PciFunction):
             offset += piece
             last = k == needed - 1
             status = (status & ~(RXD_STAT_DD | RXD_STAT_EOP)) | (RXD_STAT_EOP | RXD_STAT_IXSM if last else 0)
-            self._write(ring, at + 8, struct.pack("<HHBB", piece, csum, status | RXD_STAT_DD, errors))
+            self._write(ring, at + 8, struct.pack("<HHBBH", piece, csum, status | RXD_STAT_DD, errors, 0))  # special: no VLAN
             i = (i + 1) % ring.count
         ring.head = i
         self.counters["rx_frames"] += 1

@@ -128,8 +128,8 @@ class VirtioNet(VirtioDevice):
                 number, delay = self.completions.take()
                 if delay:                # a slow destination: this chain is returned later, the next ones now
                     when = self.now()
-                    self.completions.timer.at(when + delay, lambda c=chain, d=data, n=number, w=when, r=ring:
-                                              self._complete_late(r, c, d, n, w, detail))
+                    self.completions.timer.at(when + delay, lambda c=chain, d=data, n=number, w=when, r=ring,
+                                              dt=detail: self._complete_late(r, c, d, n, w, dt))
                     continue
                 self.completions.complete(number, chain.head, self.now(), "returned in the used ring")
             ring.push(chain.head, 0)
