@@ -494,12 +494,6 @@ class E1000(PciFunction):
         """A frame from the peer for the guest."""
         if len(frame) < MIN_FRAME:
             frame = bytes(frame) + bytes(MIN_FRAME - len(frame))
-        if not self._accepts(frame):
-            self._drop("rx_dropped", "not for this station (receive address filter)", {"frame": len(frame)})
-            return
-        if len(frame) > MAX_STD_FRAME and not self.regs[RCTL] & RCTL_LPE:
-            self._drop("rx_dropped", f"longer than {MAX_STD_FRAME} bytes without RCTL.LPE", {"frame": len(frame)})
-            return
         if len(self.backlog) >= BACKLOG:
             self._drop("rx_dropped", f"no receive descriptor and the backlog is full ({BACKLOG} frames)",
                        {"frame": len(frame)})
@@ -507,6 +501,14 @@ class E1000(PciFunction):
             return
         self.backlog.append(bytes(frame))
         self._flush_backlog()
+
+    def _refused(self, frame: bytes) -> str | None:
+        """Why the receiver, as RCTL and the receive addresses are now, does not take the frame."""
+        if not self._accepts(frame):
+            return "not for this station (receive address filter)"
+        if len(frame) > MAX_STD_FRAME and not self.regs[RCTL] & RCTL_LPE:
+            return f"longer than {MAX_STD_FRAME} bytes without RCTL.LPE"
+        return None
 
     def _accepts(self, frame: bytes) -> bool:
         """Receive filtering (SDM 3.2.1 simplified): broadcast with BAM, our receive addresses, promiscuous."""
@@ -534,10 +536,15 @@ class E1000(PciFunction):
             ring.check(self.ram)
             while self.backlog and ring.head != ring.tail:
                 frame = self.backlog[0]
-                if not self._rx_frame(ring, frame):
-                    break
+                why = self._refused(frame)     # filtered as the receiver is set up when it takes the frame
+                if why is None:
+                    done = self._rx_frame(ring, frame)
+                    if done is None:
+                        break                  # not enough descriptors given yet: it waits
+                    delivered |= done
+                else:
+                    self._drop("rx_dropped", why, {"frame": len(frame)})
                 self.backlog.pop(0)
-                delivered = True
         except RingError as e:
             self._ring_error(ring, str(e))
         if delivered:
@@ -547,19 +554,19 @@ class E1000(PciFunction):
                 bits |= ICR_RXDMT0
             self._cause(bits, "frame received")
 
-    def _rx_frame(self, ring: _Ring, frame: bytes) -> bool:
-        """Write one frame over as many descriptors as it needs; False if they are not all there yet."""
+    def _rx_frame(self, ring: _Ring, frame: bytes) -> bool | None:
+        """Write one frame over as many descriptors as it needs: True; None if they are not all given
+        yet; False if the ring can never hold it (dropped, RXO)."""
         bufsize = rx_buffer_size(self.regs[RCTL])
         total = len(frame) + (0 if self.regs[RCTL] & RCTL_SECRC else 4)
         needed = -(-total // bufsize)
         if needed > ring.pending():
             if needed >= ring.count:
-                self.backlog.pop(0)
                 self._drop("rx_dropped", f"a {len(frame)}-byte frame needs {needed} descriptors of {bufsize} bytes, "
                                          f"more than the ring's {ring.count}", {"frame": len(frame)})
                 self._cause(ICR_RXO, "receiver overrun")
-                return True
-            return False
+                return False
+            return None
         head, offset, i = ring.head, 0, ring.head
         for k in range(needed):
             at = ring.desc_address(i)
