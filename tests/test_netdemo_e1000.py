@@ -170,3 +170,33 @@ def test_pci_header_and_bar_sizes_equal_qemus(test_guest):
         assert ours.status == 0 and status == 1
         assert ours.console == theirs
         assert b"0x100e8086" in ours.console
+
+
+def test_the_drivers_ring_order_check_catches_a_device_that_completes_out_of_order(monkeypatch):
+    """The PASS line about ring order is not free: a (deliberately wrong) e1000 that writes DD for the
+    frames behind a slow one first, as a virtqueue would return them, makes netdemo FAIL it."""
+    from cpuvirt.virtio import e1000 as E
+    from cpuvirt.virtio.completion import TxCompletions
+
+    real_take, real_done = TxCompletions.take, E.E1000._tx_done
+
+    def take_without_stalling(self):
+        number, _ = real_take(self)
+        return number, 0
+
+    def done_out_of_order(self, ring, head, indices, frame, number, taken_at):
+        if number is None or not self.slow_frame(number):
+            return real_done(self, ring, head, indices, frame, number, taken_at)
+        real_done(self, ring, head, [(i, cmd & ~E.TXD_CMD_RS) for i, cmd in indices], frame, number, taken_at)
+
+        def late():
+            for i, _ in indices:
+                at = ring.desc_address(i) + 12
+                self.ram.write(at, bytes((self.ram.read(at, 1)[0] | E.TXD_STAT_DD,)))
+        self.completions.timer.at(self.now() + 50_000, late)
+
+    monkeypatch.setattr(TxCompletions, "take", take_without_stalling)
+    monkeypatch.setattr(E.E1000, "_tx_done", done_out_of_order)
+    monkeypatch.setattr(E.E1000, "slow_frame", lambda self, n: n % 10 == 0, raising=False)
+    res = run_guest("netdemo", cmdline="quiet", devices=[DeviceSpec("e1000", peer="user", slow=SLOW)])
+    assert b"FAIL DD came back in ring order" in res.console and res.status == 1
