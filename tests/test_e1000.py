@@ -217,7 +217,7 @@ def test_virtqueue_returns_later_buffers_first_behind_the_same_slow_frame():
     from tests.test_virtio import Driver, ram
     events = []
     clock = Clock()
-    trace = lambda reason, detail, action, kind="virtio": events.append((kind, reason, detail))  # noqa: E731
+    trace = lambda reason, detail, action, kind="virtio", **_: events.append((kind, reason, detail))  # noqa: E731
     timer = DeviceTimer(clock)
     dev = VirtioNet(MAC, Loopback(), None, TxCompletions("virtio-net", SlowDestination(2, 100), timer, trace), clock)
     mem, guest = ram()

@@ -28,6 +28,7 @@ class DeviceTimer:
         self.on_change = None            # set by Machine.add_device_timer: stop the engine in time
         self._heap: list = []
         self._seq = 0
+        self.firing = False              # True while due callbacks run (their trace events say so)
 
     def at(self, when: int, callback) -> None:
         heapq.heappush(self._heap, (when, self._seq, callback))
@@ -42,7 +43,11 @@ class DeviceTimer:
         now = self.now()
         while self._heap and self._heap[0][0] <= now:
             _, _, callback = heapq.heappop(self._heap)
-            callback()
+            self.firing = True
+            try:
+                callback()
+            finally:
+                self.firing = False
 
     def cancel_all(self) -> None:
         self._heap.clear()
@@ -83,7 +88,10 @@ class TxCompletions:
         self.taken = 0                   # frames taken so far (the last one's number)
         self.completed = 0               # completions so far
         self.outstanding: set[int] = set()
-        self.site = dict                 # () -> extra trace arguments naming the access being served
+        self.site = self._timer_site     # () -> extra trace arguments naming the access being served
+
+    def _timer_site(self) -> dict:
+        return {"timer": True} if self.timer.firing else {}
 
     def take(self) -> tuple[int, int]:
         """A frame is taken: (its number, the delay its destination adds in ns)."""

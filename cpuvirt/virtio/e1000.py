@@ -208,7 +208,11 @@ class E1000(PciFunction):
             backend.attach(self.receive)
 
     def _site(self) -> dict:
-        return {} if self.access is None else {"mmio": self.access}
+        if self.access is not None:
+            return {"mmio": self.access}
+        if self.completions is not None and self.completions.timer.firing:
+            return {"timer": True}
+        return {}
 
     def trace(self, reason: str, detail: dict, action: str, kind: str = "e1000") -> None:
         """A device event; during a register access it names the guest instruction that made it."""
