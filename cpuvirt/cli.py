@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--append", default="", metavar="CMDLINE", help="kernel command line")
     r.add_argument("--module", action="append", default=[], type=_module, metavar="FILE[,CMDLINE]",
                    help="a Multiboot module with its command line (repeatable; as QEMU's -initrd 'FILE CMDLINE')")
-    r.add_argument("--device", action="append", default=[], metavar="virtio-net[,mac=M][,peer=P][,backend=B]",
+    r.add_argument("--device", action="append", default=[], metavar="virtio-net|e1000[,mac=M][,peer=P][,backend=B][,slow=N:K]",
                    help="a PCI device, in slot order from 00:02.0 (repeatable); peer loopback (default: echo "
                         "every frame) or user (answers ARP and ping for 10.0.2.2 as QEMU's -netdev user does); backend "
                         "userspace (default: the device model serves the rings), vhost (an in-hypervisor worker "
@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--csv", action="store_true", help="the site table as CSV")
     c.add_argument("--json", action="store_true", help="summary and sites as JSON")
     _costs_option(c)
-    c.add_argument("--device", action="append", default=[], metavar="virtio-net[,mac=M][,peer=P][,backend=B]",
+    c.add_argument("--device", action="append", default=[], metavar="virtio-net|e1000[,mac=M][,peer=P][,backend=B][,slow=N:K]",
                    help="with a guest: PCI devices, as for run")
     c.add_argument("--append", default="", metavar="CMDLINE", help="with a guest: its kernel command line")
 
@@ -661,7 +661,7 @@ def _run(args) -> int:
         from cpuvirt.virtio.setup import parse_device
         devices = [parse_device(text) for text in args.device]
     if args.pcap and not devices:
-        raise CpuvirtError("--pcap needs a --device virtio-net to capture")
+        raise CpuvirtError("--pcap needs a --device virtio-net or e1000 to capture")
     inputs = _input_options(args)
     with _terminal_mode(inputs.get("input_terminal")):
         res = run_guest(args.guest, args.mode, args.mem, max_insns, args.trace, console, args.append,
@@ -821,7 +821,7 @@ def format_summary(res, modelled=None) -> str:
         lines.append(f"  {d['name']} 00:{d['slot']:02x}.0 {d['mac']}: tx {d['tx_frames']} frames "
                      f"({d['tx_dropped']} dropped), rx {d['rx_frames']} ({d['rx_dropped']} dropped), "
                      f"{d['notifications']} notifications, {d['interrupts']} interrupts, "
-                     f"{d['needs_reset']} DEVICE_NEEDS_RESET")
+                     f"{d['needs_reset']} {d.get('reset_name', 'DEVICE_NEEDS_RESET')}")
     if res.console_dropped:
         lines.append(f"  console        {res.console_dropped:,} bytes streamed but not kept in the run record "
                      "(its first 64 KiB and last 1 MiB are)")

@@ -56,7 +56,7 @@ def _device_summary(transport) -> dict:
     """What a device did in the run (the CLI prints it in the summary)."""
     dev = transport.device
     return {"name": dev.name, "slot": transport.slot, "mac": ":".join(f"{b:02x}" for b in dev.mac),
-            **transport.counters, **dev.counters}
+            "reset_name": getattr(dev, "reset_name", "DEVICE_NEEDS_RESET"), **transport.counters, **dev.counters}
 
 
 class SigintStop:
@@ -295,11 +295,20 @@ def run_guest(guest: str, mode: str = "native", mem_mib: int = 32, max_insns: in
         def device_site() -> int:
             return vcpu.io_site()[0] if vcpu.trace is not None else 0
 
+        def device_event_site(mmio, timer: bool) -> int:
+            """Where a device event happened: the register access it serves (MMIO, or the port I/O
+            instruction), or, for work the device does on its own timer, where the guest was."""
+            if vcpu.trace is None:
+                return 0
+            if mmio is not None:
+                return mmio_sites.site(*mmio, advance=False)
+            return vcpu.regs.read(R.EIP) if timer else device_site()
+
         if devices or pcap_path:       # the virtio package only when asked for (start-up time)
             from cpuvirt.virtio.setup import attach_devices
             transports, pcap = attach_devices(
-                machine, devices, lambda reason, detail, action: vcpu.record("virtio", reason, None, device_site(),
-                                                                            detail, action), pcap_path)
+                machine, devices, lambda reason, detail, action, kind="virtio", mmio=None, timer=False: vcpu.record(
+                    kind, reason, None, device_event_site(mmio, timer), detail, action), pcap_path)
         machine.pci.firmware_setup()          # as SeaBIOS leaves the bus, before the guest runs
         machine.pci.on_event = lambda reason, detail: vcpu.record(
             "pci", reason, None, device_site(), detail, _PCI_ACTIONS.get(reason, "done"))

@@ -34,9 +34,10 @@ class MmioSites:
         self._blocks: dict[tuple[int, bytes], list] = {}
         self._run, self._index, self._pos = -1, 0, 0
 
-    def site(self, gpa: int, is_write: bool) -> int:
+    def site(self, gpa: int, is_write: bool, advance: bool = True) -> int:
         """Address of the instruction in the running block that accessed guest-physical `gpa`
-        (the block's start when none matches)."""
+        (the block's start when none matches). `advance=False` looks without moving past it: a
+        device naming the access it is serving, before the access's own `mmio` event."""
         clock = self.clock
         block = clock.last_block
         if clock.blocks != self._run:
@@ -56,7 +57,8 @@ class MmioSites:
                 if index is not None:
                     ea += read(index) * scale
                 if (offset - ea) & 0xFFF < size:
-                    self._index, self._pos = i, j if rep else j + 1
+                    if advance:
+                        self._index, self._pos = i, j if rep else j + 1
                     return addr
         return block
 

@@ -125,6 +125,7 @@ class Machine:
         self.bus = PortBus(on_unhandled=on_unhandled_io)
         self.input = None            # serial_input.ScriptedInput / TerminalInput, set by attach_input
         self.external: list = []     # devices fed from outside the machine (a NIC's sockets): wait_external
+        self.device_timers = []      # devices' own deadlines (virtio/completion.py DeviceTimer)
         self.uart = Uart16550(on_output=on_console, raise_irq=self._uart_irq_raise,
                               lower_irq=self._uart_irq_lower)
         self.pic = Pic8259Pair()
@@ -250,6 +251,7 @@ class Machine:
             deadlines.append(self.pit.next_deadline())
         if self.input is not None:
             deadlines.append(self.input.deadline())
+        deadlines.extend(t.deadline() for t in self.device_timers)
         deadlines = [d for d in deadlines if d is not None]
         return min(deadlines) if deadlines else None
 
@@ -259,6 +261,14 @@ class Machine:
         self.apic.update()
         if self.input is not None:
             self.input.update()
+        for t in self.device_timers:
+            t.update()
+
+    def add_device_timer(self, timer) -> None:
+        """A device's own timer (`deadline() -> int | None`, `update()`): work it does later in
+        virtual time. It calls `timer.on_change()` when it arms a deadline, to stop the engine then."""
+        timer.on_change = self._interrupts_changed
+        self.device_timers.append(timer)
 
     def pending_interrupt(self) -> int | None:
         """The vector the CPU's INTR line would deliver now, or None."""

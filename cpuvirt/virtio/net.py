@@ -65,10 +65,12 @@ class VirtioNet(VirtioDevice):
     nvectors = 4                     # as QEMU's virtio-net-pci: 2 * queue pairs + 2 (config, control)
     feature_names = {F_MAC: "MAC", F_STATUS: "STATUS", F_MRG_RXBUF: "MRG_RXBUF", F_CTRL_VQ: "CTRL_VQ"}
 
-    def __init__(self, mac: bytes = DEFAULT_MAC, backend=None, capture=None):
+    def __init__(self, mac: bytes = DEFAULT_MAC, backend=None, capture=None, completions=None, now=lambda: 0):
         self.mac = mac
         self.backend = backend
         self.capture = capture           # callback(direction, frame): the pcap writer
+        self.completions = completions   # completion.TxCompletions (a slow destination), or None
+        self.now = now
         self.transport = None
         self.backlog: list[bytes] = []
         self.counters = {"tx_frames": 0, "tx_bytes": 0, "rx_frames": 0, "rx_bytes": 0, "tx_dropped": 0,
@@ -87,6 +89,8 @@ class VirtioNet(VirtioDevice):
 
     def reset(self) -> None:
         self.backlog.clear()
+        if self.completions is not None:
+            self.completions.forget()    # chains in flight go with the rings
 
     def wait_fds(self) -> list:
         return self.backend.wait_fds() if self.backend is not None else []
@@ -129,30 +133,54 @@ class VirtioNet(VirtioDevice):
                 break
             data = ring.buffer_read(chain, HDR_LEN + MAX_FRAME + 1)
             self.counters["copies"] += 1             # the frame out of guest RAM
-            ring.push(chain.head, 0)
-            sent += 1
             detail = {"queue": TX, "head": chain.head, "descriptors": len(chain.buffers),
                       "indirect": chain.indirect, "bytes": len(data)}
-            if len(data) < HDR_LEN:
-                self._drop("tx_dropped", f"shorter than the {HDR_LEN}-byte virtio_net_hdr", detail)
-                continue
-            frame = data[HDR_LEN:]
-            if len(frame) > MAX_FRAME:
-                self._drop("tx_dropped", f"frame longer than {MAX_FRAME} bytes", detail)
-                continue
-            if len(frame) < 14:
-                self._drop("tx_dropped", "shorter than an Ethernet header", detail)
-                continue
-            self.counters["tx_frames"] += 1
-            self.counters["tx_bytes"] += len(frame)
-            self._trace("TX", {**detail, "frame": len(frame), "used_idx": ring.used_idx},
-                        "frame copied out to the peer; descriptor returned in the used ring")
-            if self.capture is not None:
-                self.capture("out", frame)
-            if self.backend is not None:
-                self.backend.transmit(frame)
+            if self.completions is not None and HDR_LEN + 14 <= len(data) <= HDR_LEN + MAX_FRAME:
+                number, delay = self.completions.take()
+                if delay:                # a slow destination: this chain is returned later, the next ones now
+                    when = self.now()
+                    self.completions.timer.at(when + delay, lambda c=chain, d=data, n=number, w=when, r=ring,
+                                              dt=detail: self._complete_late(r, c, d, n, w, dt))
+                    continue
+                self.completions.complete(number, chain.head, self.now(), "returned in the used ring")
+            ring.push(chain.head, 0)
+            sent += 1
+            self._send(ring, data, detail)
         if sent:
             self._used_update(TX, ring)
+
+    def _send(self, ring, data: bytes, detail: dict) -> None:
+        if len(data) < HDR_LEN:
+            self._drop("tx_dropped", f"shorter than the {HDR_LEN}-byte virtio_net_hdr", detail)
+            return
+        frame = data[HDR_LEN:]
+        if len(frame) > MAX_FRAME:
+            self._drop("tx_dropped", f"frame longer than {MAX_FRAME} bytes", detail)
+            return
+        if len(frame) < 14:
+            self._drop("tx_dropped", "shorter than an Ethernet header", detail)
+            return
+        self.counters["tx_frames"] += 1
+        self.counters["tx_bytes"] += len(frame)
+        self._trace("TX", {**detail, "frame": len(frame), "used_idx": ring.used_idx},
+                    "frame copied out to the peer; descriptor returned in the used ring")
+        if self.capture is not None:
+            self.capture("out", frame)
+        if self.backend is not None:
+            self.backend.transmit(frame)
+
+    def _complete_late(self, ring, chain, data: bytes, number: int, taken_at: int, detail: dict) -> None:
+        """A slow destination took the frame: its chain goes back now, after later ones (used ring order)."""
+        t = self.transport
+        if t.queues[TX].ring is not ring or not t.live:
+            return                       # the driver reset the device meanwhile
+        self.completions.complete(number, chain.head, taken_at, "returned in the used ring")
+        try:
+            ring.push(chain.head, 0)
+            self._send(ring, data, detail)
+            self._used_update(TX, ring)
+        except RingError as e:
+            t.broken(f"queue {TX}: {e}")
 
     def _used_update(self, queue: int, ring) -> None:
         if ring.should_interrupt():

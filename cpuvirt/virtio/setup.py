@@ -5,6 +5,8 @@ from dataclasses import dataclass
 
 from cpuvirt.errors import CpuvirtError
 from cpuvirt.virtio.backend import PEERS, make_peer
+from cpuvirt.virtio.completion import DeviceTimer, SlowDestination, TxCompletions
+from cpuvirt.virtio.e1000 import E1000
 from cpuvirt.virtio.net import DEFAULT_MAC, VirtioNet, parse_mac
 from cpuvirt.virtio.pcap import PcapWriter
 from cpuvirt.virtio.transport import VirtioPciLegacy
@@ -12,7 +14,7 @@ from cpuvirt.virtio.vhost import VhostNet
 from cpuvirt.virtio.vhost_user import VhostUserNet
 from cpuvirt.virtio.virtqueue import GuestRam
 
-DEVICE_TYPES = ("virtio-net",)
+DEVICE_TYPES = ("virtio-net", "e1000")
 BACKENDS = ("userspace", "vhost", "vhost-user")
 
 
@@ -24,6 +26,7 @@ class DeviceSpec:
     backend: str = "userspace"
     socket: str | None = None          # vhost-user: a backend already listening there (else one is started)
     cachelines: bool = False           # measurement mode: the cache-line model of the rings (cacheline.py)
+    slow: SlowDestination | None = None    # every N-th frame K virtual us late (completion.py)
 
     def as_dict(self) -> dict:
         d = {"device": self.kind, "peer": self.peer}
@@ -33,16 +36,19 @@ class DeviceSpec:
             d["mac"] = ":".join(f"{b:02x}" for b in self.mac)
         if self.cachelines:
             d["cachelines"] = True
+        if self.slow is not None:
+            d["slow"] = self.slow.text()
         return d
 
 
 def parse_device(text: str) -> DeviceSpec:
     """`virtio-net[,mac=52:54:00:12:34:56][,peer=loopback|user|unix:PATH][,backend=userspace|vhost|vhost-user]
-    [,socket=PATH]` -> DeviceSpec, or CpuvirtError."""
+    [,socket=PATH][,cachelines=on][,slow=N:K]` or `e1000[,mac=...][,peer=loopback|user][,slow=N:K]`
+    -> DeviceSpec, or CpuvirtError."""
     kind, *options = text.split(",")
     if kind not in DEVICE_TYPES:
         raise CpuvirtError(f"--device {text}: unknown device {kind!r} (known: {', '.join(DEVICE_TYPES)})")
-    mac, peer, backend, socket, cachelines = None, "loopback", "userspace", None, False
+    mac, peer, backend, socket, cachelines, slow = None, "loopback", "userspace", None, False, None
     for option in options:
         key, eq, value = option.partition("=")
         if not eq or not value:
@@ -66,9 +72,14 @@ def parse_device(text: str) -> DeviceSpec:
             if value not in ("on", "off"):
                 raise CpuvirtError(f"--device {text}: cachelines= takes on or off")
             cachelines = value == "on"
+        elif key == "slow":
+            try:
+                slow = SlowDestination.parse(value)
+            except ValueError as e:
+                raise CpuvirtError(f"--device {text}: {e}") from None
         else:
             raise CpuvirtError(f"--device {text}: unknown option {key!r} (known: mac, peer, backend, socket, "
-                               "cachelines)")
+                               "cachelines, slow)")
     if backend == "vhost-user" and peer.startswith("unix:"):
         raise CpuvirtError(f"--device {text}: a vhost-user NIC joins a switch through its vhost-user port "
                            "(socket=PATH), not peer=unix:")
@@ -77,7 +88,15 @@ def parse_device(text: str) -> DeviceSpec:
     if cachelines and socket is not None:
         raise CpuvirtError(f"--device {text}: cachelines=on needs the ring accesses of a backend cpuvirt starts "
                            "itself (it reports them); one listening on socket= cannot be observed")
-    return DeviceSpec(kind, mac, peer, backend, socket, cachelines)
+    if kind == "e1000" and (backend != "userspace" or socket is not None or cachelines):
+        raise CpuvirtError(f"--device {text}: the e1000 has no virtio backends or virtqueues (backend=, socket=, "
+                           "cachelines= are for virtio-net)")
+    if kind == "e1000" and peer.startswith("unix:"):
+        raise CpuvirtError(f"--device {text}: the e1000 joins the loopback or user peer; switch ports (unix:) "
+                           "are for virtio-net")
+    if slow is not None and backend != "userspace":
+        raise CpuvirtError(f"--device {text}: slow= is modelled by the userspace device model only")
+    return DeviceSpec(kind, mac, peer, backend, socket, cachelines, slow)
 
 
 def attach_devices(machine, specs, trace=None, pcap_path: str | None = None):
@@ -112,9 +131,20 @@ def attach_devices(machine, specs, trace=None, pcap_path: str | None = None):
 
 def _attach(machine, specs, trace, pcap, transports) -> None:
     ram = GuestRam(machine.mem_bytes, machine.read_gpa, machine.dma_write, machine.dma_refusal)
+    trace = trace or (lambda reason, detail, action, kind="virtio", mmio=None: None)
     for n, spec in enumerate(specs):
         mac = spec.mac or DEFAULT_MAC[:5] + bytes(((DEFAULT_MAC[5] + n) & 0xFF,))
         capture = pcap.record if pcap else None
+        completions = None
+        if spec.slow is not None:
+            timer = DeviceTimer(lambda: machine.clock.now)
+            machine.add_device_timer(timer)
+            completions = TxCompletions(spec.kind, spec.slow, timer, trace)
+        if spec.kind == "e1000":
+            nic = E1000(mac, ram, PEERS[spec.peer](), capture, trace, completions, lambda: machine.clock.now)
+            machine.pci.add(nic)
+            transports.append(nic)
+            continue
         if spec.backend == "vhost-user":
             device = VhostUserNet(mac, spec.peer, spec.socket, capture, machine, cachelines=spec.cachelines)
         else:
@@ -125,7 +155,7 @@ def _attach(machine, specs, trace, pcap, transports) -> None:
             if spec.backend == "vhost":
                 device = VhostNet(mac, peer, capture, machine)
             else:
-                device = VirtioNet(mac, peer, capture)
+                device = VirtioNet(mac, peer, capture, completions, lambda: machine.clock.now)
         transport = VirtioPciLegacy(device, ram, trace)
         if spec.cachelines:                      # measurement mode: who moves which ring line
             from cpuvirt.virtio.cacheline import CacheLineModel
