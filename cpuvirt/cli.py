@@ -244,8 +244,11 @@ def _dispatch(args) -> int:
         if args.at is not None:
             from cpuvirt.trace.symbols import for_guest
             at = for_guest(args.guest, "full").resolve(args.at)
-        text, _ = show(args.guest, at=at, blocks=args.blocks, max_insns=args.max_insns, mem_mib=args.mem,
-                       trace_path=args.trace)
+        from cpuvirt.runner import run_guest
+        holder = []
+        res = run_guest(args.guest, mode="full", mem_mib=args.mem, max_insns=args.max_insns, trace_path=args.trace,
+                        mode_options={"observer": holder.append, "verbose": bool(args.trace)})
+        text = show(args.guest, holder[0], res, at=at, blocks=args.blocks)
         sys.stdout.write(_annotate_guest_blocks(text, args.guest))
         return 0
     if args.verb == "new-guest":

@@ -18,7 +18,7 @@ from cpuvirt.machine.machine import MAX_MEM_MIB, MIN_MEM_MIB, Machine
 from cpuvirt.machine.vga import render_text
 from cpuvirt.modes import get_mode
 from cpuvirt.trace.format import TraceWriter
-from cpuvirt.cpu import regs as R
+from cpuvirt.engine import regs as R
 from cpuvirt.cpu.mmiosite import MmioSites
 
 BOOT_GDT_GPA = 0x500   # BIOS data area: free at Multiboot entry, below anything a loader places

@@ -26,3 +26,8 @@ INTERRUPTED = 130
 
 RESERVED = {INTERNAL_ERROR: "internal error", BAD_INPUT: "bad input", HYPERVISOR_STOP: "hypervisor stopped the guest",
             BUDGET: "budget exhausted", TRIPLE_FAULT: "triple fault", HALTED: "halted forever", INTERRUPTED: "interrupted"}
+
+
+class Unsupported(Exception):
+    """The guest asked for something cpuvirt refuses or does not implement (named in the message): the
+    run ends with HYPERVISOR_STOP. Raised from every floor (the x86 emulator, memory, the modes)."""

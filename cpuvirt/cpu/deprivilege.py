@@ -27,12 +27,12 @@ import struct
 from unicorn import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH, UC_PROT_READ, UC_PROT_WRITE
 
 from cpuvirt import limits
-from cpuvirt.cpu import regs as R
+from cpuvirt.engine import regs as R
 from cpuvirt.cpu.events import HAS_ERROR_CODE, DeliveryFault, EventDelivery, Unsupported, Vector
-from cpuvirt.cpu.faultaddr import operand_address
+from cpuvirt.x86.faultaddr import operand_address
 from cpuvirt.cpu.quirks import HF_INHIBIT_IRQ
 from cpuvirt.cpu.tasks import CpuView
-from cpuvirt.cpu.regs import _uclib
+from cpuvirt.engine.regs import _uclib
 from cpuvirt.cpu.vcpu import EXIT_HYPERVISOR_STOP, Vcpu
 from cpuvirt.machine.hostmem import HostRegion
 from cpuvirt.memory.ept import HvAllocator
@@ -740,7 +740,7 @@ class DeprivilegedVcpu(Vcpu):
             else:
                 self.flush_guest_tlb()
         elif n == 4:
-            from cpuvirt.cpu.cpuid import CR4_RESERVED
+            from cpuvirt.x86.cpuid import CR4_RESERVED
             if value & ~v.cr4 & CR4_RESERVED:
                 raise GuestFault(Vector.GP, 0)
             old, v.cr4 = v.cr4, value

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import struct
 
-from cpuvirt.cpu import regs as R
+from cpuvirt.engine import regs as R
 from cpuvirt.cpu.events import DeliveryFault, Vector
 from cpuvirt.memory.mmu import GuestPageFault, NestedFault
 

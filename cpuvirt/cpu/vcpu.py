@@ -15,9 +15,9 @@ from unicorn import x86_const as X
 from unicorn.unicorn_py3 import unicorn as _ucmod
 
 from cpuvirt import limits
-from cpuvirt.cpu import regs as R
-from cpuvirt.cpu.faultaddr import fault_address
-from cpuvirt.cpu.events import MNEMONIC, DeliveryFault, EventDelivery, TripleFault, Unsupported, Vector
+from cpuvirt.engine import regs as R
+from cpuvirt.x86.faultaddr import fault_address
+from cpuvirt.cpu.events import HAS_ERROR_CODE, MNEMONIC, DeliveryFault, EventDelivery, TripleFault, Unsupported, Vector
 from cpuvirt.cpu.tasks import CpuView
 from cpuvirt.cpu.quirks import FaultState
 from cpuvirt.machine.clock import NEVER
@@ -358,7 +358,7 @@ class Vcpu:
                         {"vector": intno, "software": soft}, "delivered through the guest IDT")
             self.deliver(intno, eip, soft=soft, fault_eip=start)
         else:
-            ec = error_code if intno in (8, 10, 11, 12, 13, 14, 17) else None
+            ec = error_code if intno in HAS_ERROR_CODE else None
             detail = {"vector": intno} if ec is None else {"vector": intno, "error_code": ec}
             self.record("exception", MNEMONIC.get(intno, f"vector {intno}"), intno, eip, detail,
                         "delivered through the guest IDT")
@@ -630,7 +630,7 @@ class Vcpu:
     def far_pointer(self, address: int) -> tuple[int, int, bool] | None:
         """(selector, offset, is_call) of the far jmp/call at `address` (operand read as the CPU
         would: a #PF on it is the guest's)."""
-        from cpuvirt.cpu.faultaddr import operand_address
+        from cpuvirt.x86.faultaddr import operand_address
         from cpuvirt.cpu.intercept import PREFIXES
         code = self.mmu.fetch_bytes(address, 15)
         if not code:
@@ -668,7 +668,7 @@ class Vcpu:
 
     def cr4_gate(self, address: int, size: int, ops: str) -> None:
         """mov to CR4 setting a bit the CPU model does not have: #GP(0) (SDM Vol. 3A 2.5)."""
-        from cpuvirt.cpu.cpuid import CR4_RESERVED
+        from cpuvirt.x86.cpuid import CR4_RESERVED
         dst, _, src = (t.strip() for t in ops.partition(","))
         if dst != "cr4" or src not in R.GPR_NAMES:
             return
@@ -701,7 +701,7 @@ class Vcpu:
         """A fault raised by a far transfer or task switch: to the guest, at the instruction (or, after
         a task switch's commit point, in the new task)."""
         eip = f.eip if f.eip is not None else address
-        ec = f.error_code if f.vector in (8, 10, 11, 12, 13, 14, 17) else None
+        ec = f.error_code if f.vector in HAS_ERROR_CODE else None
         if f.cr2 is not None:
             self.delivery._set_cr2(f.cr2)
         self.record("exception", MNEMONIC.get(f.vector, str(f.vector)), f.vector, eip,
@@ -797,7 +797,7 @@ class Vcpu:
         self.deliver(Vector.UD, eip)
 
     def hook_cpuid(self, uc, _data) -> bool:
-        """CPUID answers with cpuvirt's CPU model (cpu/cpuid.py, through the machine), in every mode,
+        """CPUID answers with cpuvirt's CPU model (x86/cpuid.py, through the machine), in every mode,
         never with the engine's own CPU. Returning True keeps the registers written here."""
         self.mmu.crs = None
         try:

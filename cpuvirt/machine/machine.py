@@ -10,8 +10,8 @@ import struct
 from unicorn import UC_ARCH_X86, UC_MODE_32, UC_TLB_VIRTUAL, Uc
 
 from cpuvirt import limits
-from cpuvirt.cpu import cpuid as _cpuid
-from cpuvirt.cpu.regs import Regs
+from cpuvirt.x86 import cpuid as _cpuid
+from cpuvirt.engine.regs import Regs
 from cpuvirt.machine.apic import APIC_BASE_GPA, APIC_SIZE, MSR_IA32_APIC_BASE, ApicReservedBits, LocalApic
 from cpuvirt.machine.bus import PortBus
 from cpuvirt.machine.clock import TSC_HZ, VirtualClock
@@ -292,7 +292,7 @@ class Machine:
         raise MsrFault(f"wrmsr of unimplemented MSR {msr:#x}")
 
     def cpuid(self, leaf: int, subleaf: int = 0) -> tuple[int, int, int, int]:
-        """CPUID as the platform's CPU model answers it (cpu/cpuid.py; APIC bit per IA32_APIC_BASE)."""
+        """CPUID as the platform's CPU model answers it (x86/cpuid.py; APIC bit per IA32_APIC_BASE)."""
         return _cpuid.cpuid(leaf, subleaf, apic_enabled=self.apic.hw_enabled)
 
     # -- memory-mapped devices ---------------------------------------------------------------------
@@ -445,7 +445,7 @@ class Machine:
         gdt = struct.pack("<QQQ", 0, 0x00CF9A000000FFFF, 0x00CF92000000FFFF)
         self.write_gpa(scratch_gpa, gdt)
         uc = self.uc
-        from cpuvirt.cpu import regs as R
+        from cpuvirt.engine import regs as R
         uc.reg_write(R.GDTR, (0, scratch_gpa, len(gdt) - 1, 0))
         uc.reg_write(R.CR0, 0x11)   # PE | ET
         uc.reg_write(R.CS, 0x08)

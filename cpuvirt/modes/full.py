@@ -22,7 +22,7 @@ from cpuvirt.bt.coherence import invalidate
 from cpuvirt.bt.runtime import BtRuntime
 from cpuvirt.bt.tcache import CALLOUT_SLOTS, TC_SIZE, TCache
 from cpuvirt.bt.translate import INLINE, GuestCode, TranslateFault
-from cpuvirt.cpu import regs as R
+from cpuvirt.engine import regs as R
 from cpuvirt.cpu.deprivilege import KERNEL_RING, SHADOW_GDT_WINDOW, DeprivilegedVcpu, GuestFault
 from cpuvirt.cpu.events import Unsupported, Vector
 from cpuvirt.cpu.vcpu import EXIT_BUDGET, EXIT_ERROR, EXIT_HYPERVISOR_STOP
@@ -43,10 +43,10 @@ _arith_forms: dict = {}
 
 def _arith_store(code: bytes, eip: int, regs, read, write) -> int | None:
     """`add/sub [m], reg/imm` and `inc/dec [m]` (counters kept beside code), with the flags the CPU
-    sets; None for any other instruction. Complements cpu/emulate.emulate_store."""
+    sets; None for any other instruction. Complements x86/emulate.emulate_store."""
     from capstone.x86 import X86_OP_IMM, X86_OP_MEM, X86_OP_REG
-    from cpuvirt.cpu.emulate import _get
-    from cpuvirt.cpu.faultaddr import _operand_addresses, _decoder
+    from cpuvirt.x86.emulate import _get
+    from cpuvirt.x86.faultaddr import _operand_addresses, _decoder
     key = (eip, code)
     form = _arith_forms.get(key)
     if form is None:
@@ -322,7 +322,7 @@ class FullVcpu(DeprivilegedVcpu):
         if tw.done:                          # already written (by the hypervisor, or another owner)
             self._check_range(tw.gpa, tw.size or 4)
             return False
-        from cpuvirt.cpu.emulate import emulate_store
+        from cpuvirt.x86.emulate import emulate_store
         from cpuvirt.cpu.events import Unsupported
         mmu = self.mmu
 
@@ -505,7 +505,7 @@ class FullVcpu(DeprivilegedVcpu):
         tc_eip, esp = eip, self.regs.read(R.ESP)
         code = self.tc_bytes(eip, 15)
         # the exact linear address is computed from the TC instruction, with the registers as they are
-        from cpuvirt.cpu.faultaddr import fault_address
+        from cpuvirt.x86.faultaddr import fault_address
         gva = pending.gva if pending.access == 2 else fault_address(code, eip, pending.gva & 0xFFFFF000, self.regs)
         geip = self.guest_position(eip)
         from cpuvirt.memory.traces import TracedWrite
@@ -541,7 +541,7 @@ class FullVcpu(DeprivilegedVcpu):
     def _make_adaptive(self, geip: int) -> None:
         """Adaptive BT: a store that keeps faulting on a traced page becomes a callout that does the
         store through the shadow paging (no fault at all)."""
-        from cpuvirt.cpu.emulate import _store_form
+        from cpuvirt.x86.emulate import _store_form
         from cpuvirt.cpu.events import Unsupported
         tr = self.rt.translator
         if geip in tr.adaptive or not hasattr(self.mmu.strategy, "guest_store"):
@@ -711,7 +711,7 @@ class FullVcpu(DeprivilegedVcpu):
 
     def _adaptive_store(self, geip: int) -> None:
         """The store of an adaptive callout, done through shadow paging's guest_store."""
-        from cpuvirt.cpu.emulate import emulate_store
+        from cpuvirt.x86.emulate import emulate_store
         mmu = self.mmu
 
         def read(gva, size):

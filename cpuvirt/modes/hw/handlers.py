@@ -7,13 +7,13 @@ never delivered directly: the processor does that at the next VM entry.
 """
 from __future__ import annotations
 
-from cpuvirt.cpu import regs as R
+from cpuvirt.engine import regs as R
 from cpuvirt.cpu.events import HAS_ERROR_CODE, Vector
 from cpuvirt.modes.hw import exits as E
 from cpuvirt.modes.hw.exits import ExitReason
 from cpuvirt.modes.hw.vmcs import Field as F
 from cpuvirt.cpu.vcpu import EXIT_ERROR, EXIT_HYPERVISOR_STOP, EXIT_TRIPLE_FAULT
-from cpuvirt.modes.hw.vmx import Exit
+from cpuvirt.modes.hw.exits import Exit
 
 # KVM hypercalls (Documentation/virt/kvm/x86/hypercalls.rst, include/uapi/linux/kvm_para.h).
 KVM_HC_VAPIC_POLL_IRQ, KVM_HC_KICK_CPU, KVM_HC_CLOCK_PAIRING = 1, 5, 9
@@ -309,7 +309,7 @@ class RootHypervisor:
         m = cpu.m
         if getattr(m, "mmio", None) is not None and m.mmio.find(gpa) is not None:
             # A device register: KVM's handle_ept_violation -> kvm_mmu_page_fault -> emulation.
-            from cpuvirt.cpu.emulate import emulate_mmio
+            from cpuvirt.x86.emulate import emulate_mmio
             from cpuvirt.cpu.events import Unsupported
             try:
                 length, what = emulate_mmio(cpu.mmu.fetch_bytes(x.rip, 15), x.rip, cpu.regs, gpa,
@@ -331,7 +331,7 @@ class RootHypervisor:
             # Unassigned guest-physical memory reads all-ones and drops writes (pc-lite), emulated
             # access by access as KVM hands it to QEMU's unassigned region (no EPT entry: mapping
             # a sweep of the 4 GiB space would exhaust the hypervisor's memory with EPT tables).
-            from cpuvirt.cpu.emulate import emulate_mmio
+            from cpuvirt.x86.emulate import emulate_mmio
             from cpuvirt.cpu.events import Unsupported
             try:
                 length, what = emulate_mmio(cpu.mmu.fetch_bytes(x.rip, 15), x.rip, cpu.regs, gpa,

@@ -19,9 +19,9 @@ from collections import Counter, defaultdict
 
 from unicorn import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH
 
-from cpuvirt.cpu import regs as R
+from cpuvirt.engine import regs as R
 from cpuvirt.cpu.events import HAS_ERROR_CODE, MNEMONIC, Vector
-from cpuvirt.cpu.faultaddr import operand_address
+from cpuvirt.x86.faultaddr import operand_address
 from cpuvirt.cpu.vcpu import EXIT_HYPERVISOR_STOP, Vcpu
 from cpuvirt.machine.hostmem import HostRegion
 from cpuvirt.memory.ept import EPT_R, EPT_W, EPT_X, Ept, HvAllocator
@@ -33,7 +33,7 @@ from cpuvirt.memory.nested import EptWalk
 from cpuvirt.memory.p2m import HV_HPA, RAM_HPA
 from cpuvirt.modes.hw import exits as E
 from cpuvirt.modes.hw.controls import CONTROLS, VmxSettings
-from cpuvirt.modes.hw.exits import ExitReason
+from cpuvirt.modes.hw.exits import Exit, ExitReason
 from cpuvirt.modes.hw.vmcs import Field as F
 from cpuvirt.modes.hw.vmcs import Vmcs
 
@@ -54,23 +54,6 @@ _GPR = {n: r for n, r in zip(R.GPR_NAMES, R.GPR_ORDER)}
 # 25.1.1, exceptions take priority over exits); the engine raises that #GP itself when they run.
 PRIVILEGED = frozenset(("hlt", "mov", "clts", "lmsw", "invlpg", "lgdt", "lidt", "lldt", "ltr", "rdmsr",
                         "wrmsr", "wbinvd", "invd", "monitor", "mwait"))
-
-
-class Exit:
-    """One VM exit as the root-mode handler sees it."""
-
-    __slots__ = ("reason", "qualification", "length", "rip", "insn", "detail", "value", "action",
-                 "implicit_rip", "block", "vmcs_at_exit")
-
-    def __init__(self, reason, qualification, length, rip, insn, detail, implicit_rip, value=None):
-        self.reason, self.qualification, self.length, self.rip = reason, qualification, length, rip
-        self.insn, self.detail, self.implicit_rip = insn, detail, implicit_rip
-        # In: the value an OUT writes. Out: what the handler produced (IN result, RDTSC value,
-        # or True when it answered CPUID itself).
-        self.value = value
-        self.action = ""
-        self.block = False     # the handler parks the vCPU until an interrupt (HLT)
-        self.vmcs_at_exit = ""  # the VMCS as the exit left it, before the handler ran (for a dump)
 
 
 class EntryFailure(Exception):

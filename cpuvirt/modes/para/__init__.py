@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import struct
 
-from cpuvirt.cpu import regs as R
+from cpuvirt.engine import regs as R
 from cpuvirt.memory.direct import HYPERCALL, L2, DirectPaging
 from cpuvirt.memory.p2m import RAM_HPA
 from cpuvirt.memory.types import PTE_A, PTE_D, PTE_P, PTE_RW, PTE_US

@@ -16,7 +16,7 @@ import struct
 from unicorn import UC_HOOK_INTR
 from unicorn.unicorn_py3 import unicorn as _ucmod
 
-from cpuvirt.cpu import regs as R
+from cpuvirt.engine import regs as R
 from cpuvirt.cpu.events import HAS_ERROR_CODE, MNEMONIC
 from cpuvirt.cpu.vcpu import EXIT_BUDGET, EXIT_ERROR, EXIT_HALTED, EXIT_HYPERVISOR_STOP, Vcpu
 from cpuvirt.machine.clock import NEVER
@@ -291,7 +291,7 @@ class ParaVcpu(Vcpu):
         then goes after the block that holds it."""
         if tw.done or tw.eip is None:
             return False
-        from cpuvirt.cpu.emulate import emulate_store
+        from cpuvirt.x86.emulate import emulate_store
         from cpuvirt.cpu.events import Unsupported
         mmu = self.mmu
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from capstone import CS_ARCH_X86, CS_MODE_32, Cs
 from capstone.x86 import X86_OP_MEM, X86_REG_INVALID
 
-from cpuvirt.cpu import regs as R
+from cpuvirt.engine import regs as R
 
 _cs = None
 _CS_REG = {}

@@ -9,8 +9,8 @@ from __future__ import annotations
 from capstone import CS_ARCH_X86, CS_MODE_32, Cs
 from capstone.x86 import X86_OP_IMM, X86_OP_MEM, X86_OP_REG
 
-from cpuvirt.cpu import regs as R
-from cpuvirt.cpu.events import Unsupported
+from cpuvirt.engine import regs as R
+from cpuvirt.status import Unsupported
 
 _cs = Cs(CS_ARCH_X86, CS_MODE_32)
 _cs.detail = True
@@ -119,7 +119,7 @@ def emulate_store(code: bytes, eip: int, regs, read, write) -> tuple[int, int, i
     rights (they may raise the hypervisor's GuestPageFault; nothing is changed then). Returns
     (instruction length, gva, size, value written, what was done); anything else is `Unsupported`.
     """
-    from cpuvirt.cpu.faultaddr import _operand_addresses
+    from cpuvirt.x86.faultaddr import _operand_addresses
     m, length, size, src_kind, src, text = _store_form(code, eip)
     mask = (1 << 8 * size) - 1
     if m == "stos":
