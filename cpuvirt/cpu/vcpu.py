@@ -16,6 +16,7 @@ from unicorn.unicorn_py3 import unicorn as _ucmod
 
 from cpuvirt import limits
 from cpuvirt.engine import regs as R
+from cpuvirt.engine.hooks import guarded, hook_guard
 from cpuvirt.x86.faultaddr import fault_address
 from cpuvirt.cpu.events import HAS_ERROR_CODE, MNEMONIC, DeliveryFault, EventDelivery, TripleFault, Unsupported, Vector
 from cpuvirt.cpu.tasks import CpuView
@@ -321,6 +322,7 @@ class Vcpu:
         except Unsupported as u:
             self.finish("error", EXIT_HYPERVISOR_STOP, f"unsupported at {return_eip:#x}: {u}")
 
+    @hook_guard()
     def hook_intr(self, uc, intno, _data):
         """Every exception and `int n` the engine raises (it never delivers them itself)."""
         if self._intr_depth:
@@ -334,9 +336,6 @@ class Vcpu:
         try:
             error_code, soft = self.faults.take()
             self.on_engine_event(intno, error_code, soft, self.regs.read(R.EIP))
-        except BaseException as e:   # never let an exception unwind through the engine
-            self.error = e
-            uc.emu_stop()
         finally:
             self._intr_depth -= 1
             self.clock.if_may_have_changed()
@@ -364,41 +363,31 @@ class Vcpu:
                         "delivered through the guest IDT")
             self.deliver(intno, eip, ec)
 
+    @hook_guard(returns=True)
     def hook_invalid(self, uc, _data) -> bool:
         self.mmu.crs = None
-        try:
-            eip = self.regs.read(R.EIP)
-            self.left_block_at(eip)
-            self.record("exception", "#UD", 6, eip, {"vector": 6}, "delivered through the guest IDT")
-            self.deliver(Vector.UD, eip)
-        except BaseException as e:
-            self.error = e
-            uc.emu_stop()
+        eip = self.regs.read(R.EIP)
+        self.left_block_at(eip)
+        self.record("exception", "#UD", 6, eip, {"vector": 6}, "delivered through the guest IDT")
+        self.deliver(Vector.UD, eip)
         self.clock.if_may_have_changed()
         return True
 
     # -- devices -----------------------------------------------------------------------------------
+    @hook_guard(returns=0)
     def hook_in(self, uc, port, size, _data):
         if self.outcome is not None:
             return 0
         self.mmu.crs = None
-        try:
-            return self.port_io(port, size, True)
-        except BaseException as e:
-            self.error = e
-            uc.emu_stop()
-            return 0
+        return self.port_io(port, size, True)
 
+    @hook_guard()
     def hook_out(self, uc, port, size, value, _data):
         if self.outcome is not None:
             return
         self.mmu.crs = None
-        try:
-            self.port_io(port, size, False, value)
-            if self.outcome is not None:
-                uc.emu_stop()
-        except BaseException as e:
-            self.error = e
+        self.port_io(port, size, False, value)
+        if self.outcome is not None:
             uc.emu_stop()
 
     def msr_instruction(self, address: int, size: int, mnem: str) -> bool:
@@ -509,25 +498,21 @@ class Vcpu:
             self.io_gate_armed = False
             wanted = wanted - IO_INSTRUCTIONS
 
-        def guarded(address, size, mnem, ops):
+        def hit(address, size, mnem, ops):
             self.mmu.crs = None
-            try:
-                if mnem in FAR_TRANSFERS and is_far_transfer(mnem, ops):
-                    self.far_site(address, size, mnem)
-                else:
-                    on_hit(address, size, mnem, ops)
-                after = self.regs.read(R.EIP)
-                if after != address:
-                    # Emulated and skipped (it retired), or an event delivered instead (it did not).
-                    self.left_block_at(address + size if after == address + size else address)
-                    if after == address + size:
-                        self.faults.clear_interrupt_shadow()
-                self.clock.if_may_have_changed()
-            except BaseException as e:   # never let an exception unwind through the engine
-                self.error = e
-                self.uc.emu_stop()
+            if mnem in FAR_TRANSFERS and is_far_transfer(mnem, ops):
+                self.far_site(address, size, mnem)
+            else:
+                on_hit(address, size, mnem, ops)
+            after = self.regs.read(R.EIP)
+            if after != address:
+                # Emulated and skipped (it retired), or an event delivered instead (it did not).
+                self.left_block_at(address + size if after == address + size else address)
+                if after == address + size:
+                    self.faults.clear_interrupt_shadow()
+            self.clock.if_may_have_changed()
 
-        ic = self.intercepts = Intercepts(self.uc, self.mmu, wanted | FAR_TRANSFERS, guarded)
+        ic = self.intercepts = Intercepts(self.uc, self.mmu, wanted | FAR_TRANSFERS, guarded(self, hit))
         self.mmu.on_code_frame = ic.scan_frame
 
         def observe(insns):
@@ -745,32 +730,26 @@ class Vcpu:
         raise RuntimeError(f"internal: no {'sysenter' if second == 0x34 else 'syscall'} at the hooked "
                            f"block {self.clock.last_block:#x}")
 
+    @hook_guard()
     def hook_syscall(self, uc, _data) -> None:
         """syscall: the CPU model reports no SYSCALL and EFER.SCE is never set, so #UD as on QEMU
         (the engine alone treats it as a no-op). The engine adds the instruction's length to the
         EIP this hook leaves: EIP is set that much before where the delivery left it."""
         self.mmu.crs = None
-        try:
-            eip, length = self._hooked_system_call(0x05)
-            self.left_block_at(eip)
-            self.invalid_opcode(eip)
-            self.regs.write(R.EIP, (self.regs.read(R.EIP) - length) & 0xFFFFFFFF)
-        except BaseException as e:
-            self.error = e
-            uc.emu_stop()
+        eip, length = self._hooked_system_call(0x05)
+        self.left_block_at(eip)
+        self.invalid_opcode(eip)
+        self.regs.write(R.EIP, (self.regs.read(R.EIP) - length) & 0xFFFFFFFF)
 
+    @hook_guard()
     def hook_sysenter(self, uc, _data) -> None:
         """sysenter, done here in every mode (the engine alone treats it as a no-op, and under
         deprivileging its transfer would load a real ring-0 CS); see hook_syscall for EIP."""
         self.mmu.crs = None
-        try:
-            eip, length = self._hooked_system_call(0x34)
-            self.left_block_at(eip)
-            self.sysenter(eip)
-            self.regs.write(R.EIP, (self.regs.read(R.EIP) - length) & 0xFFFFFFFF)
-        except BaseException as e:
-            self.error = e
-            uc.emu_stop()
+        eip, length = self._hooked_system_call(0x34)
+        self.left_block_at(eip)
+        self.sysenter(eip)
+        self.regs.write(R.EIP, (self.regs.read(R.EIP) - length) & 0xFFFFFFFF)
 
     def sysenter_msrs(self) -> tuple[int, int, int]:
         """IA32_SYSENTER_CS, _ESP, _EIP (deprivileging keeps them in the virtual CPU)."""
@@ -796,20 +775,17 @@ class Vcpu:
         self.record("exception", "#UD", 6, eip, {"vector": 6}, "delivered through the guest IDT")
         self.deliver(Vector.UD, eip)
 
+    @hook_guard(returns=True)
     def hook_cpuid(self, uc, _data) -> bool:
         """CPUID answers with cpuvirt's CPU model (x86/cpuid.py, through the machine), in every mode,
         never with the engine's own CPU. Returning True keeps the registers written here."""
         self.mmu.crs = None
-        try:
-            regs = self.regs
-            eax, ebx, ecx, edx = self.m.cpuid(regs.read(R.EAX), regs.read(R.ECX))
-            regs.write(R.EAX, eax)
-            regs.write(R.EBX, ebx)
-            regs.write(R.ECX, ecx)
-            regs.write(R.EDX, edx)
-        except BaseException as e:
-            self.error = e
-            uc.emu_stop()
+        regs = self.regs
+        eax, ebx, ecx, edx = self.m.cpuid(regs.read(R.EAX), regs.read(R.ECX))
+        regs.write(R.EAX, eax)
+        regs.write(R.EBX, ebx)
+        regs.write(R.ECX, ecx)
+        regs.write(R.EDX, edx)
         return True
 
     # -- recording -----------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from cpuvirt.bt.runtime import BtRuntime
 from cpuvirt.bt.tcache import CALLOUT_SLOTS, TC_SIZE, TCache
 from cpuvirt.bt.translate import INLINE, GuestCode, TranslateFault
 from cpuvirt.engine import regs as R
+from cpuvirt.engine.hooks import hook_guard
 from cpuvirt.cpu.deprivilege import KERNEL_RING, SHADOW_GDT_WINDOW, DeprivilegedVcpu, GuestFault
 from cpuvirt.cpu.events import Unsupported, Vector
 from cpuvirt.cpu.vcpu import EXIT_BUDGET, EXIT_ERROR, EXIT_HYPERVISOR_STOP
@@ -483,18 +484,15 @@ class FullVcpu(DeprivilegedVcpu):
         self._deliver_engine_event(intno, error_code, soft, self.guest_position(eip))
         self.settle()
 
+    @hook_guard(returns=True)
     def hook_invalid(self, uc, _data) -> bool:
         self.mmu.crs = None
-        try:
-            eip = self.regs.read(R.EIP)
-            self.left_block_at(eip)
-            geip = self.guest_position(eip)
-            self.record("exception", "#UD", 6, geip, {"vector": 6}, "delivered through the guest IDT")
-            self.deliver(Vector.UD, geip)
-            self.settle()
-        except BaseException as e:
-            self.error = e
-            uc.emu_stop()
+        eip = self.regs.read(R.EIP)
+        self.left_block_at(eip)
+        geip = self.guest_position(eip)
+        self.record("exception", "#UD", 6, geip, {"vector": 6}, "delivered through the guest IDT")
+        self.deliver(Vector.UD, geip)
+        self.settle()
         return True
 
     def on_refused_fill(self, pending, eip: int) -> None:

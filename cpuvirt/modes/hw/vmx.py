@@ -20,6 +20,7 @@ from collections import Counter, defaultdict
 from unicorn import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH
 
 from cpuvirt.engine import regs as R
+from cpuvirt.engine.hooks import hook_guard
 from cpuvirt.cpu.events import HAS_ERROR_CODE, MNEMONIC, Vector
 from cpuvirt.x86.faultaddr import operand_address
 from cpuvirt.cpu.vcpu import EXIT_HYPERVISOR_STOP, Vcpu
@@ -518,20 +519,16 @@ class VmxCpu(Vcpu):
                          implicit_rip=True, value=value)
         return x.value if is_in and x.value is not None else 0
 
+    @hook_guard(returns=0)
     def hook_cpuid(self, uc, _data) -> int:
         """CPUID always exits (SDM 25.1.2)."""
         if self.outcome is not None:
             return 0
         self.mmu.crs = None
-        try:
-            eax, ecx = self.regs.read(R.EAX), self.regs.read(R.ECX)
-            x = self.vm_exit(ExitReason.CPUID, self._insn_site(), length=2, implicit_rip=True,
-                             detail={"leaf": f"{eax:#x}", "subleaf": f"{ecx:#x}"} if self.trace is not None else None)
-            return 1 if x.value else 0
-        except BaseException as e:
-            self.error = e
-            uc.emu_stop()
-            return 0
+        eax, ecx = self.regs.read(R.EAX), self.regs.read(R.ECX)
+        x = self.vm_exit(ExitReason.CPUID, self._insn_site(), length=2, implicit_rip=True,
+                         detail={"leaf": f"{eax:#x}", "subleaf": f"{ecx:#x}"} if self.trace is not None else None)
+        return 1 if x.value else 0
 
     def _insn_site(self) -> int:
         """Address of the cpuid/rdtsc whose engine hook is running (EIP is stale there): the first
@@ -552,20 +549,17 @@ class VmxCpu(Vcpu):
         super().forget_block(address)
         self._sites.pop(address, None)
 
+    @hook_guard(returns=1)
     def rdtsc(self, _uc, _data) -> int:
         self.mmu.crs = None
-        try:
-            tsc = self.clock.now
-            if self.ctl("rdtsc_exiting"):
-                x = self.vm_exit(ExitReason.RDTSC, self._insn_site(), length=2, implicit_rip=True)
-                tsc = x.value if x.value is not None else tsc
-            elif self.ctl("use_tsc_offsetting"):
-                tsc = (tsc + self.vmcs._values[F.TSC_OFFSET]) & 0xFFFFFFFFFFFFFFFF
-            self.regs.write(R.EAX, tsc & 0xFFFFFFFF)
-            self.regs.write(R.EDX, tsc >> 32)
-        except BaseException as e:
-            self.error = e
-            self.uc.emu_stop()
+        tsc = self.clock.now
+        if self.ctl("rdtsc_exiting"):
+            x = self.vm_exit(ExitReason.RDTSC, self._insn_site(), length=2, implicit_rip=True)
+            tsc = x.value if x.value is not None else tsc
+        elif self.ctl("use_tsc_offsetting"):
+            tsc = (tsc + self.vmcs._values[F.TSC_OFFSET]) & 0xFFFFFFFFFFFFFFFF
+        self.regs.write(R.EAX, tsc & 0xFFFFFFFF)
+        self.regs.write(R.EDX, tsc >> 32)
         return 1
 
     # -- exceptions ----------------------------------------------------------------------------------------
@@ -589,6 +583,7 @@ class VmxCpu(Vcpu):
         self.vm_exit(ExitReason.EXCEPTION_NMI, rip, qualification=qualification, length=length, intr_info=info,
                      intr_error=error_code, detail=d)
 
+    @hook_guard()
     def hook_intr(self, uc, intno, data):
         if self._intr_depth or self.outcome is not None:
             return super().hook_intr(uc, intno, data)
@@ -606,47 +601,39 @@ class VmxCpu(Vcpu):
                 self._exception_exit(intno, eip, ec, E.INTR_TYPE_HW_EXCEPTION)
             else:                                   # int3 / into: software exceptions, EIP after them
                 self._exception_exit(intno, eip - 1, None, E.INTR_TYPE_SOFT_EXCEPTION, length=1)
-        except BaseException as e:
-            self.error = e
-            uc.emu_stop()
         finally:
             self._intr_depth -= 1
         if self.outcome is not None or self._blocked:
             uc.emu_stop()
 
+    @hook_guard()
     def _direct(self, uc, intno, error_code, soft, eip):
         """No exit: the processor delivers the event through the guest IDT itself (as Vcpu does)."""
         self._intr_depth += 1
         self.mmu.crs = None
         try:
             Vcpu._deliver_engine_event(self, intno, error_code, soft, eip)
-        except BaseException as e:
-            self.error = e
-            uc.emu_stop()
         finally:
             self._intr_depth -= 1
 
+    @hook_guard(returns=True)
     def hook_invalid(self, uc, _data) -> bool:
         self.mmu.crs = None
-        try:
-            eip = self.regs.read(R.EIP)
-            self.left_block_at(eip)
-            code = self.mmu.fetch_bytes(eip, 15) or b""
-            mnem, ops, length = "", "", 0
-            for _, length, mnem, ops in self._cs().disasm_lite(code, eip, 1):
-                pass
-            reason = E.VMX_INSTRUCTIONS.get(mnem)
-            if reason is not None:
-                self.vm_exit(reason, eip, length=length)
-            elif self._exception_exits(Vector.UD):
-                self._exception_exit(Vector.UD, eip, None, E.INTR_TYPE_HW_EXCEPTION)
-            else:
-                self.record("exception", "#UD", 6, eip, {"vector": 6}, "delivered through the guest IDT")
-                self.deliver(Vector.UD, eip)
-            if self.outcome is not None or self._blocked:
-                uc.emu_stop()
-        except BaseException as e:
-            self.error = e
+        eip = self.regs.read(R.EIP)
+        self.left_block_at(eip)
+        code = self.mmu.fetch_bytes(eip, 15) or b""
+        mnem, ops, length = "", "", 0
+        for _, length, mnem, ops in self._cs().disasm_lite(code, eip, 1):
+            pass
+        reason = E.VMX_INSTRUCTIONS.get(mnem)
+        if reason is not None:
+            self.vm_exit(reason, eip, length=length)
+        elif self._exception_exits(Vector.UD):
+            self._exception_exit(Vector.UD, eip, None, E.INTR_TYPE_HW_EXCEPTION)
+        else:
+            self.record("exception", "#UD", 6, eip, {"vector": 6}, "delivered through the guest IDT")
+            self.deliver(Vector.UD, eip)
+        if self.outcome is not None or self._blocked:
             uc.emu_stop()
         return True
 

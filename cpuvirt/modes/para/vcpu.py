@@ -17,6 +17,7 @@ from unicorn import UC_HOOK_INTR
 from unicorn.unicorn_py3 import unicorn as _ucmod
 
 from cpuvirt.engine import regs as R
+from cpuvirt.engine.hooks import hook_guard
 from cpuvirt.cpu.events import HAS_ERROR_CODE, MNEMONIC
 from cpuvirt.cpu.vcpu import EXIT_BUDGET, EXIT_ERROR, EXIT_HALTED, EXIT_HYPERVISOR_STOP, Vcpu
 from cpuvirt.machine.clock import NEVER
@@ -81,15 +82,12 @@ class ParaVcpu(Vcpu):
         from cpuvirt.cpu.intercept import FAR_PATTERN
         self.intercepts._pattern = re.compile(_IO_PATTERN.pattern + b"|" + FAR_PATTERN)
 
+    @hook_guard()
     def _intr(self, _uc, intno, _data) -> None:
         if intno != HYPERCALL_VECTOR:
             self.hook_intr(self.uc, intno, None)
             return
-        try:
-            self.hypercall()
-        except BaseException as e:          # never let an exception unwind through the engine
-            self.error = e
-            self.uc.emu_stop()
+        self.hypercall()
 
     def hypercall(self) -> None:
         """int 0x82: EAX = number, EBX.. = arguments, EAX = result; EIP is already past the int.
@@ -447,16 +445,13 @@ class ParaVcpu(Vcpu):
                     "bounced through the trap table")
         self.trap(intno, eip, ec, eip)
 
+    @hook_guard(returns=True)
     def hook_invalid(self, uc, _data) -> bool:
         self.mmu.crs = None
-        try:
-            eip = self.regs.read(R.EIP)
-            self.left_block_at(eip)
-            self.record("exception", "#UD", 6, eip, {"vector": 6}, "bounced through the trap table")
-            self.trap(6, eip, None, eip)
-        except BaseException as e:
-            self.error = e
-            uc.emu_stop()
+        eip = self.regs.read(R.EIP)
+        self.left_block_at(eip)
+        self.record("exception", "#UD", 6, eip, {"vector": 6}, "bounced through the trap table")
+        self.trap(6, eip, None, eip)
         return True
 
     def page_fault(self, gva: int, access: int, error_code: int, eip: int) -> None:
