@@ -17,6 +17,7 @@ from cpuvirt.loader.multiboot import MULTIBOOT_BOOTLOADER_MAGIC, build_boot_info
 from cpuvirt.machine.machine import MAX_MEM_MIB, MIN_MEM_MIB, Machine
 from cpuvirt.machine.vga import render_text
 from cpuvirt.modes import get_mode
+from cpuvirt.modes.base import Mode
 from cpuvirt.trace.format import TraceWriter
 from cpuvirt.engine import regs as R
 from cpuvirt.cpu.mmiosite import MmioSites
@@ -247,14 +248,14 @@ def run_guest(guest: str, mode: str = "native", mem_mib: int = 32, max_insns: in
         extra = {} if rtc_base is None else {"rtc_base": rtc_base}
         machine = Machine(mem_mib, on_console=on_console, on_exit=None, on_unhandled_io=None,
                           shared_ram=any(getattr(d, "backend", "") == "vhost-user" for d in devices), **extra)
-        hv = mode_cls(machine, trace=None, max_insns=max_insns, **(mode_options or {}))
-        if verbose_trace and hasattr(machine.mmu.strategy, "verbose"):
-            machine.mmu.strategy.verbose = True        # shadow paging: hidden faults become trace events
+        hv: Mode = mode_cls(machine, trace=None, max_insns=max_insns, **(mode_options or {}))
+        if verbose_trace and hv.shadow is not None:
+            hv.shadow.verbose = True        # shadow paging: hidden faults become trace events
         if trace_file:
             options = {"mem_mib": mem_mib, "max_insns": max_insns, "cmdline": cmdline}
             if modules:
                 options["modules"] = [string for _, _, string in boot.modules]
-            if hasattr(hv, "settings"):
+            if hv.settings is not None:
                 options["vmx"] = hv.settings.as_dict()
             if devices:
                 options["devices"] = [spec.as_dict() for spec in devices]
@@ -324,8 +325,7 @@ def run_guest(guest: str, mode: str = "native", mem_mib: int = 32, max_insns: in
                     "input_end", 0, "the scripted input is consumed and the guest prompted again")
             source.append(src)
             machine.attach_input(src)
-        if hasattr(hv, "set_image"):
-            hv.set_image(image, boot)     # para: its start pages go above the image and modules
+        hv.set_image(image, boot)     # para: its start pages go above the image and modules
         hv.boot()
         if on_start is not None:
             on_start(hv)
@@ -338,14 +338,13 @@ def run_guest(guest: str, mode: str = "native", mem_mib: int = 32, max_insns: in
         if trace:
             trace.footer(outcome.kind, outcome.status, machine.clock.instructions, counts)
         vga = render_text(machine.vga_text())
-        stats = vcpu.summary_stats() if hasattr(vcpu, "summary_stats") else []
+        stats = hv.summary_stats()
         mmu_stats = machine.mmu.counters.as_dict()
-        shadow = getattr(machine.mmu.strategy, "counters", None)     # shadow paging's own counters
-        if shadow is not None:
-            mmu_stats["shadow"] = shadow.as_dict()
-        tcache = getattr(hv, "translation_stats", None)       # full: the translation cache's counters
-        if tcache is not None:
-            mmu_stats["translation"] = tcache()
+        if hv.shadow is not None:
+            mmu_stats["shadow"] = hv.shadow.counters.as_dict()     # shadow paging's own counters
+        translation = hv.translation_stats()       # full: the translation cache's counters
+        if translation is not None:
+            mmu_stats["translation"] = translation
         from cpuvirt.costs import tally_of
         kept = record.kept()
         return RunResult(name, mode, outcome.kind, outcome.status, outcome.message, kept,

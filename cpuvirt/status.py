@@ -16,13 +16,21 @@ cpuvirt bug. Any other value is the guest's isa-debug-exit value (port 0xF4).
 """
 from __future__ import annotations
 
-INTERNAL_ERROR = 1
-BAD_INPUT = 2
-HYPERVISOR_STOP = 123
-BUDGET = 124
-TRIPLE_FAULT = 125
-HALTED = 126
-INTERRUPTED = 130
+from enum import IntEnum
+
+
+class Status(IntEnum):
+    """The exit statuses cpuvirt itself gives (table above); any other is the guest's own value."""
+    INTERNAL_ERROR = 1
+    BAD_INPUT = 2
+    HYPERVISOR_STOP = 123
+    BUDGET = 124
+    TRIPLE_FAULT = 125
+    HALTED = 126
+    INTERRUPTED = 130
+
+
+INTERNAL_ERROR, BAD_INPUT, HYPERVISOR_STOP, BUDGET, TRIPLE_FAULT, HALTED, INTERRUPTED = Status
 
 RESERVED = {INTERNAL_ERROR: "internal error", BAD_INPUT: "bad input", HYPERVISOR_STOP: "hypervisor stopped the guest",
             BUDGET: "budget exhausted", TRIPLE_FAULT: "triple fault", HALTED: "halted forever", INTERRUPTED: "interrupted"}

@@ -30,6 +30,7 @@ from cpuvirt.cpu.vcpu import EXIT_BUDGET, EXIT_ERROR, EXIT_HYPERVISOR_STOP
 from cpuvirt.machine.clock import _COUNT_CB
 from cpuvirt.memory.mmu import GuestPageFault
 from cpuvirt.memory.types import Access
+from cpuvirt.modes.base import Mode
 
 TC_WINDOW = 0xFF000000            # linear window of the translation cache (execute-only, CPL 1)
 assert TC_WINDOW + TC_SIZE <= SHADOW_GDT_WINDOW
@@ -826,7 +827,7 @@ class FullVcpu(DeprivilegedVcpu):
                 "adaptive_stores": self.adaptive_stores, "code_page_faults": self.code_page_faults}
 
 
-class FullMode:
+class FullMode(Mode):
     name = "full"
     description = "binary translation: kernel code translated into a TC at ring 1, user code direct"
 
@@ -862,6 +863,3 @@ class FullMode:
             mmio.on_access = on_access
         self.vcpu.deprivilege()
         self.vcpu._vsnap = self.vcpu._snapshot()
-
-    def run(self, entry: int):
-        return self.vcpu.run(entry)

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from cpuvirt.cpu.vcpu import IO_INSTRUCTIONS, Vcpu
 from cpuvirt.memory.fastfill import FastFill
+from cpuvirt.modes.base import Mode
 
 
-class NativeMode:
+class NativeMode(Mode):
     name = "native"
     description = "ring 0 on the bare simulated PC (the reference)"
 
@@ -35,6 +36,3 @@ class NativeMode:
 
     def boot(self) -> None:
         """Nothing between the loader and the guest."""
-
-    def run(self, entry: int):
-        return self.vcpu.run(entry)

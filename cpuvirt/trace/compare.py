@@ -162,7 +162,7 @@ def run_columns(guest: str, specs, max_insns: int, mem_mib: int = 32, extra_vmx=
                                   if ins.size}
                 for addr in hv.vcpu.rt.translator.adaptive:
                     col.translated[addr] = "callout (adaptive)"
-            if hasattr(hv, "settings"):
+            if hv.settings is not None:
                 col.controls = dict(hv.settings.bits)
     return cols
 

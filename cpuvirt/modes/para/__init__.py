@@ -13,6 +13,7 @@ from cpuvirt.engine import regs as R
 from cpuvirt.memory.direct import HYPERCALL, L2, DirectPaging
 from cpuvirt.memory.p2m import RAM_HPA
 from cpuvirt.memory.types import PTE_A, PTE_D, PTE_P, PTE_RW, PTE_US
+from cpuvirt.modes.base import Mode
 from cpuvirt.modes.para import startinfo as S
 from cpuvirt.modes.para.events import EventChannels
 from cpuvirt.modes.para.vcpu import ParaVcpu
@@ -20,7 +21,7 @@ from cpuvirt.modes.para.vcpu import ParaVcpu
 PAGE = 0x1000
 
 
-class ParaMode:
+class ParaMode(Mode):
     name = "para"
     description = "paravirtualized kernel at ring 1: Xen-style hypercalls, upcalls, direct paging"
 
