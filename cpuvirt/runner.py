@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from cpuvirt import status
+from cpuvirt.cpu.mmiosite import MmioSites
+from cpuvirt.engine import regs as R
 from cpuvirt.errors import CpuvirtError
 from cpuvirt.loader.multiboot import MULTIBOOT_BOOTLOADER_MAGIC, build_boot_info, check_fits, load_image
 from cpuvirt.machine.machine import MAX_MEM_MIB, MIN_MEM_MIB, Machine
@@ -19,8 +21,6 @@ from cpuvirt.machine.vga import render_text
 from cpuvirt.modes import get_mode
 from cpuvirt.modes.base import Mode
 from cpuvirt.trace.format import TraceWriter
-from cpuvirt.engine import regs as R
-from cpuvirt.cpu.mmiosite import MmioSites
 
 BOOT_GDT_GPA = 0x500   # BIOS data area: free at Multiboot entry, below anything a loader places
 DEFAULT_MAX_INSNS = 1_000_000_000
@@ -169,7 +169,8 @@ def resolve_guest(guest: str, mode: str, mem_bytes: int = MAX_MEM_MIB << 20) -> 
     return guest, build_guest(guest, pv=(mode == "para"))
 
 
-def load_modules(modules: Sequence[tuple[str, str | None]], mem_bytes: int = MAX_MEM_MIB << 20) -> list[tuple[bytes, str]]:
+def load_modules(modules: Sequence[tuple[str, str | None]],
+                 mem_bytes: int = MAX_MEM_MIB << 20) -> list[tuple[bytes, str]]:
     """Read each Multiboot module: [(contents, module string)]; a file that cannot be read, or that
     (with the modules before it) cannot fit in guest RAM, is a CpuvirtError naming it, and a file
     too large is never read."""

@@ -50,7 +50,7 @@ def format_block(tc, blk, tc_bytes) -> str:
         left = f"{ins.geip:#010x}  {ins.text}" if ins.size else "(end of block: fall through)"
         code = tc_bytes(ins.tc, ins.tc_end - ins.tc)
         tcl = []
-        for addr, size, mnem, ops in _cs.disasm_lite(code, ins.tc):
+        for addr, _size, mnem, ops in _cs.disasm_lite(code, ins.tc):
             if mnem == "int3":
                 continue          # padding of empty inline-cache entries
             text = f"{addr:#010x}  {mnem} {ops}".rstrip()

@@ -13,7 +13,6 @@ from cpuvirt.memory.mmu import GuestPageFault, NestedFault
 from cpuvirt.status import Unsupported  # noqa: F401  (re-exported: the modes import it from here)
 from cpuvirt.x86.vectors import CONTRIBUTORY, HAS_ERROR_CODE, MNEMONIC, Vector  # noqa: F401  (re-exported)
 
-
 GATE_TASK, GATE_INT32, GATE_TRAP32 = 0x5, 0xE, 0xF
 
 

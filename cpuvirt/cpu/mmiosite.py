@@ -12,8 +12,7 @@ again). Decoding is done once per block; only traced runs pay for it.
 """
 from __future__ import annotations
 
-from capstone import CS_ARCH_X86, CS_MODE_32, Cs
-from capstone import CS_AC_READ, CS_AC_WRITE
+from capstone import CS_AC_READ, CS_AC_WRITE, CS_ARCH_X86, CS_MODE_32, Cs
 from capstone import x86_const as C
 from capstone.x86 import X86_OP_MEM, X86_REG_INVALID
 

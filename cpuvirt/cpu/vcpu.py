@@ -10,21 +10,24 @@ from __future__ import annotations
 import ctypes
 from collections import Counter
 
-from unicorn import (UC_HOOK_INSN, UC_HOOK_INSN_INVALID, UC_HOOK_INTR, UC_HOOK_TLB_FILL, UcError)
+from unicorn import UC_HOOK_INSN, UC_HOOK_INSN_INVALID, UC_HOOK_INTR, UC_HOOK_TLB_FILL, UcError
 from unicorn import x86_const as X
 from unicorn.unicorn_py3 import unicorn as _ucmod
 
 from cpuvirt import limits
+from cpuvirt.cpu.events import HAS_ERROR_CODE, MNEMONIC, DeliveryFault, EventDelivery, TripleFault, Unsupported, Vector
+from cpuvirt.cpu.quirks import FaultState
+from cpuvirt.cpu.tasks import CpuView
 from cpuvirt.engine import regs as R
 from cpuvirt.engine.hooks import guarded, hook_guard
-from cpuvirt.x86.faultaddr import fault_address
-from cpuvirt.cpu.events import HAS_ERROR_CODE, MNEMONIC, DeliveryFault, EventDelivery, TripleFault, Unsupported, Vector
-from cpuvirt.cpu.tasks import CpuView
-from cpuvirt.cpu.quirks import FaultState
 from cpuvirt.machine.clock import NEVER
-from cpuvirt.memory.traces import TraceError, TracedWrite
-from cpuvirt.status import BUDGET as EXIT_BUDGET, HALTED as EXIT_HALTED, HYPERVISOR_STOP as EXIT_HYPERVISOR_STOP
-from cpuvirt.status import INTERNAL_ERROR as EXIT_ERROR, TRIPLE_FAULT as EXIT_TRIPLE_FAULT
+from cpuvirt.memory.traces import TracedWrite, TraceError
+from cpuvirt.status import BUDGET as EXIT_BUDGET
+from cpuvirt.status import HALTED as EXIT_HALTED
+from cpuvirt.status import HYPERVISOR_STOP as EXIT_HYPERVISOR_STOP
+from cpuvirt.status import INTERNAL_ERROR as EXIT_ERROR
+from cpuvirt.status import TRIPLE_FAULT as EXIT_TRIPLE_FAULT
+from cpuvirt.x86.faultaddr import fault_address
 
 IO_CYCLES = 1000    # a port access costs 1 us of virtual time, as an ISA bus cycle does on a PC
 # The instructions that can set EFLAGS.IF in the guest's own code (capstone mnemonics): each gets a
@@ -235,7 +238,7 @@ class Vcpu:
 
         def observe(insns):
             missing = False
-            for addr, size, mnem, _ in insns:
+            for addr, _size, mnem, _ in insns:
                 if mnem in IF_SETTERS and clock.hook_if_setter(addr, mnem == "sti"):
                     missing = True
             if missing:
@@ -280,7 +283,8 @@ class Vcpu:
         if_set = self.regs.read(R.EFLAGS) & R.EFLAGS_IF
         self.record("hlt", "HLT", None, hlt_eip, {"if": bool(if_set)}, "idle until the next interrupt")
         if not if_set:
-            self.finish("halted", EXIT_HALTED, f"hlt at {hlt_eip:#x} with interrupts disabled: nothing can wake the CPU")
+            self.finish("halted", EXIT_HALTED,
+                        f"hlt at {hlt_eip:#x} with interrupts disabled: nothing can wake the CPU")
             return
         if self.inject_pending_interrupt(eip):
             return
@@ -615,8 +619,8 @@ class Vcpu:
     def far_pointer(self, address: int) -> tuple[int, int, bool] | None:
         """(selector, offset, is_call) of the far jmp/call at `address` (operand read as the CPU
         would: a #PF on it is the guest's)."""
-        from cpuvirt.x86.faultaddr import operand_address
         from cpuvirt.cpu.intercept import PREFIXES
+        from cpuvirt.x86.faultaddr import operand_address
         code = self.mmu.fetch_bytes(address, 15)
         if not code:
             return None

@@ -10,27 +10,30 @@ import struct
 from unicorn import UC_ARCH_X86, UC_MODE_32, UC_TLB_VIRTUAL, Uc
 
 from cpuvirt import limits
-from cpuvirt.x86 import cpuid as _cpuid
 from cpuvirt.engine.regs import Regs
 from cpuvirt.machine.apic import APIC_BASE_GPA, APIC_SIZE, MSR_IA32_APIC_BASE, ApicReservedBits, LocalApic
 from cpuvirt.machine.bus import PortBus
 from cpuvirt.machine.clock import TSC_HZ, VirtualClock
 from cpuvirt.machine.debug_exit import DebugExit
 from cpuvirt.machine.fw_cfg import FW_CFG_PORT_SEL, FwCfg
-from cpuvirt.machine.mmio import MmioBus
 from cpuvirt.machine.hostmem import HostRegion
+from cpuvirt.machine.i8042 import DATA_PORT as I8042_DATA
+from cpuvirt.machine.i8042 import I8042
+from cpuvirt.machine.i8042 import STATUS_PORT as I8042_STATUS
+from cpuvirt.machine.ioapic import IOAPIC_BASE_GPA, IOAPIC_SIZE, IoApic, isa_irq_to_pin
+from cpuvirt.machine.mmio import MmioBus
+from cpuvirt.machine.mptable import firmware_blobs
 from cpuvirt.machine.pci import CONFIG_ADDRESS, CONFIG_DATA, PIIX_PIRQ_IRQS, PciBus
 from cpuvirt.machine.pic import ELCR_PORT, Pic8259Pair
-from cpuvirt.machine.i8042 import DATA_PORT as I8042_DATA, STATUS_PORT as I8042_STATUS, I8042
-from cpuvirt.machine.ioapic import IOAPIC_BASE_GPA, IOAPIC_SIZE, IoApic, isa_irq_to_pin
-from cpuvirt.machine.mptable import firmware_blobs
-from cpuvirt.machine.rtc import RTC_PORT, DEFAULT_BASE as RTC_DEFAULT_BASE, CmosRtc
-from cpuvirt.machine.vga import CRTC_PORT, VgaCrtc
 from cpuvirt.machine.pit import Pit8254
 from cpuvirt.machine.post import PostPort
+from cpuvirt.machine.rtc import DEFAULT_BASE as RTC_DEFAULT_BASE
+from cpuvirt.machine.rtc import RTC_PORT, CmosRtc
 from cpuvirt.machine.uart import Uart16550
+from cpuvirt.machine.vga import CRTC_PORT, VgaCrtc
 from cpuvirt.memory.mmu import Mmu
 from cpuvirt.memory.p2m import MMIO_HPA, RAM_HPA, UNBACKED_HPA, P2m
+from cpuvirt.x86 import cpuid as _cpuid
 
 MIB = 1 << 20
 MIN_MEM_MIB, MAX_MEM_MIB = 2, 512

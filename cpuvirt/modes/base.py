@@ -9,17 +9,23 @@ of status.Status or the guest's debug-exit value).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
+
+if TYPE_CHECKING:
+    from cpuvirt.cpu.vcpu import Outcome, Vcpu
+    from cpuvirt.machine.machine import Machine
+    from cpuvirt.memory.shadow import ShadowPaging
+    from cpuvirt.modes.hw.controls import VmxSettings
 
 
 class Mode(ABC):
     name: ClassVar[str]             # as given to --mode
     description: ClassVar[str]      # one line for `cpuvirt modes`
 
-    machine: object                 # the Machine it runs on (machine/machine.py)
-    vcpu: object                    # its Vcpu (cpu/vcpu.py) or a subclass: the run loop and exit handlers
-    shadow: object = None           # the ShadowPaging strategy (memory/shadow.py) when the mode uses one
-    settings: object = None         # hw: its VmxSettings, recorded in the trace header
+    machine: Machine                # the Machine it runs on (machine/machine.py)
+    vcpu: Vcpu                      # its Vcpu (cpu/vcpu.py) or a subclass: the run loop and exit handlers
+    shadow: ShadowPaging | None = None   # the shadow pager (memory/shadow.py) when the mode uses one
+    settings: VmxSettings | None = None  # hw: its VMX controls, recorded in the trace header
 
     def set_image(self, image, boot) -> None:
         """Where the loader placed the image and boot information, before boot() (para puts its
@@ -30,7 +36,7 @@ class Mode(ABC):
         """Between the loader and the guest's first instruction (trap/full: deprivilege the kernel;
         hw: the first VM entry; para: the PV start pages)."""
 
-    def run(self, entry: int):
+    def run(self, entry: int) -> Outcome:
         """Run the guest from `entry` to its Outcome."""
         return self.vcpu.run(entry)
 

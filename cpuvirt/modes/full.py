@@ -22,11 +22,11 @@ from cpuvirt.bt.coherence import invalidate
 from cpuvirt.bt.runtime import BtRuntime
 from cpuvirt.bt.tcache import CALLOUT_SLOTS, TC_SIZE, TCache
 from cpuvirt.bt.translate import INLINE, GuestCode, TranslateFault
-from cpuvirt.engine import regs as R
-from cpuvirt.engine.hooks import hook_guard
 from cpuvirt.cpu.deprivilege import KERNEL_RING, SHADOW_GDT_WINDOW, DeprivilegedVcpu, GuestFault
 from cpuvirt.cpu.events import Unsupported, Vector
 from cpuvirt.cpu.vcpu import EXIT_BUDGET, EXIT_ERROR, EXIT_HYPERVISOR_STOP
+from cpuvirt.engine import regs as R
+from cpuvirt.engine.hooks import hook_guard
 from cpuvirt.machine.clock import _COUNT_CB
 from cpuvirt.memory.mmu import GuestPageFault
 from cpuvirt.memory.types import Access
@@ -47,8 +47,9 @@ def _arith_store(code: bytes, eip: int, regs, read, write) -> int | None:
     """`add/sub [m], reg/imm` and `inc/dec [m]` (counters kept beside code), with the flags the CPU
     sets; None for any other instruction. Complements x86/emulate.emulate_store."""
     from capstone.x86 import X86_OP_IMM, X86_OP_MEM, X86_OP_REG
+
     from cpuvirt.x86.emulate import _get
-    from cpuvirt.x86.faultaddr import _operand_addresses, _decoder
+    from cpuvirt.x86.faultaddr import _decoder, _operand_addresses
     key = (eip, code)
     form = _arith_forms.get(key)
     if form is None:
@@ -293,7 +294,7 @@ class FullVcpu(DeprivilegedVcpu):
         for frame in self._frame_blocks:
             if frame in traces and CODE in traces.kinds(frame):
                 traces.untrace_frame(frame, CODE)
-        for page, frame in self._page_frame.items():
+        for frame in self._page_frame.values():
             if frame in traces and CODE in traces.kinds(frame):
                 traces.untrace_frame(frame, CODE)
         self._frame_blocks.clear()
@@ -324,8 +325,8 @@ class FullVcpu(DeprivilegedVcpu):
         if tw.done:                          # already written (by the hypervisor, or another owner)
             self._check_range(tw.gpa, tw.size or 4)
             return False
-        from cpuvirt.x86.emulate import emulate_store
         from cpuvirt.cpu.events import Unsupported
+        from cpuvirt.x86.emulate import emulate_store
         mmu = self.mmu
 
         def read(gva, size):
@@ -540,8 +541,8 @@ class FullVcpu(DeprivilegedVcpu):
     def _make_adaptive(self, geip: int) -> None:
         """Adaptive BT: a store that keeps faulting on a traced page becomes a callout that does the
         store through the shadow paging (no fault at all)."""
-        from cpuvirt.x86.emulate import _store_form
         from cpuvirt.cpu.events import Unsupported
+        from cpuvirt.x86.emulate import _store_form
         tr = self.rt.translator
         if geip in tr.adaptive or not hasattr(self.mmu.strategy, "guest_store"):
             return
@@ -664,8 +665,9 @@ class FullVcpu(DeprivilegedVcpu):
             if self.outcome is not None:
                 return None
             return nxt
-        if op == 0x0F and (raw[p + 1] in (0x05, 0x07) or (raw[p + 1] == 0x01 and p + 2 < len(raw)
-                                                          and raw[p + 2] >> 6 == 3 and (raw[p + 2] >> 3) & 7 not in (4, 6))):
+        if op == 0x0F and (raw[p + 1] in (0x05, 0x07) or (
+                raw[p + 1] == 0x01 and p + 2 < len(raw)
+                and raw[p + 2] >> 6 == 3 and (raw[p + 2] >> 3) & 7 not in (4, 6))):
             # syscall, sysret, and the 0F 01 register forms this CPU model does not have (vmcall,
             # vmlaunch, monitor, mwait, xgetbv, rdtscp, swapgs...): #UD, as native gives
             self.invalid_opcode(geip)

@@ -32,7 +32,8 @@ class NativeMode(Mode):
                 vcpu.cr4_gate(address, size, ops)
             else:
                 vcpu.msr_instruction(address, size, mnem)
-        self.vcpu.enable_intercepts(frozenset(("rdmsr", "wrmsr", "mov", "mov cr4")) | IO_INSTRUCTIONS, on_hit, lazy_io=True)
+        self.vcpu.enable_intercepts(frozenset(("rdmsr", "wrmsr", "mov", "mov cr4")) | IO_INSTRUCTIONS, on_hit,
+                                    lazy_io=True)
 
     def boot(self) -> None:
         """Nothing between the loader and the guest."""

@@ -9,8 +9,7 @@ verr, verw) runs natively and shows the truth of ring 1: Popek & Goldberg's x86 
 from __future__ import annotations
 
 from cpuvirt import limits
-from cpuvirt.engine import regs as R
-from cpuvirt.cpu.deprivilege import KERNEL_RING, SREGS, DeprivilegedVcpu
+from cpuvirt.cpu.deprivilege import SREGS, DeprivilegedVcpu
 from cpuvirt.cpu.events import Vector
 from cpuvirt.memory.shadow import ShadowPaging
 from cpuvirt.modes.base import Mode

@@ -6,9 +6,9 @@ Ports (`--port`, repeatable, numbered from 1 in command-line order):
   VM's RAM and serves its rings itself (cpuvirt/virtio/vhost_user_backend.py);
 - `unix:PATH`: a tap-like Unix datagram socket bound at PATH, one frame per datagram; frames go back to
   the address that last sent one;
-- `udp:LOCAL_PORT:REMOTE_PORT`: an uplink on 127.0.0.1 compatible with QEMU's
-  `-netdev dgram,local.type=inet,local.host=127.0.0.1,local.port=REMOTE_PORT,remote.type=inet,remote.host=127.0.0.1,remote.port=LOCAL_PORT`
-  (one UDP datagram per frame);
+- `udp:LOCAL_PORT:REMOTE_PORT`: an uplink on 127.0.0.1 compatible with QEMU's `-netdev dgram,`
+  `local.type=inet,local.host=127.0.0.1,local.port=REMOTE_PORT,`
+  `remote.type=inet,remote.host=127.0.0.1,remote.port=LOCAL_PORT` (one UDP datagram per frame);
 - `user`: the services of QEMU's user network (10.0.2.2 answers ARP and ping, as backend.py's
   UserNet) as a port of the switch.
 

@@ -14,7 +14,6 @@ function, `transmit(frame)` hands it one frame the guest sent.
 from __future__ import annotations
 
 import abc
-
 import struct
 
 ETH_P_IP, ETH_P_ARP = 0x0800, 0x0806

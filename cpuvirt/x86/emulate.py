@@ -19,7 +19,8 @@ _cs.detail = True
 _REGS = {}
 for full, names in ((R.EAX, ("eax", "ax", "al", "ah")), (R.ECX, ("ecx", "cx", "cl", "ch")),
                     (R.EDX, ("edx", "dx", "dl", "dh")), (R.EBX, ("ebx", "bx", "bl", "bh"))):
-    _REGS[names[0]], _REGS[names[1]], _REGS[names[2]], _REGS[names[3]] = (full, 0, 4), (full, 0, 2), (full, 0, 1), (full, 8, 1)
+    for name, shift, width in zip(names, (0, 0, 0, 8), (4, 2, 1, 1)):
+        _REGS[name] = (full, shift, width)
 for full, n32, n16 in ((R.ESP, "esp", "sp"), (R.EBP, "ebp", "bp"), (R.ESI, "esi", "si"), (R.EDI, "edi", "di")):
     _REGS[n32], _REGS[n16] = (full, 0, 4), (full, 0, 2)
 

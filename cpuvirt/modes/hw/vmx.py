@@ -19,24 +19,24 @@ from collections import Counter, defaultdict
 
 from unicorn import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH
 
+from cpuvirt.cpu.events import HAS_ERROR_CODE, MNEMONIC, Vector
+from cpuvirt.cpu.vcpu import EXIT_HYPERVISOR_STOP, Vcpu
 from cpuvirt.engine import regs as R
 from cpuvirt.engine.hooks import hook_guard
-from cpuvirt.cpu.events import HAS_ERROR_CODE, MNEMONIC, Vector
-from cpuvirt.x86.faultaddr import operand_address
-from cpuvirt.cpu.vcpu import EXIT_HYPERVISOR_STOP, Vcpu
 from cpuvirt.machine.hostmem import HostRegion
 from cpuvirt.memory.ept import EPT_R, EPT_W, EPT_X, Ept, HvAllocator
 from cpuvirt.memory.mmu import NestedFault
+from cpuvirt.memory.nested import EptWalk
+from cpuvirt.memory.p2m import HV_HPA, RAM_HPA
 from cpuvirt.memory.shadow import ShadowMiss
 from cpuvirt.memory.traces import TracedWrite
 from cpuvirt.memory.types import PFEC_P, PFEC_U, PFEC_W
-from cpuvirt.memory.nested import EptWalk
-from cpuvirt.memory.p2m import HV_HPA, RAM_HPA
 from cpuvirt.modes.hw import exits as E
 from cpuvirt.modes.hw.controls import CONTROLS, VmxSettings
 from cpuvirt.modes.hw.exits import Exit, ExitReason
 from cpuvirt.modes.hw.vmcs import Field as F
 from cpuvirt.modes.hw.vmcs import Vmcs
+from cpuvirt.x86.faultaddr import operand_address
 
 HV_SIZE = 8 << 20
 
@@ -47,6 +47,7 @@ CR0_PE, CR0_ET, CR0_NE, CR0_PG = 1, 1 << 4, 1 << 5, 1 << 31
 RFLAGS_RESERVED_ZERO = (1 << 3) | (1 << 5) | (1 << 15) | 0xFFC00000
 
 from cpuvirt.cpu.vcpu import IO_INSTRUCTIONS  # noqa: E402
+
 SENSITIVE = IO_INSTRUCTIONS | frozenset(("hlt", "mov", "clts", "lmsw", "smsw", "invlpg", "lgdt", "lidt", "sgdt", "sidt",
                        "lldt", "ltr", "sldt", "str", "rdmsr", "wrmsr", "rdpmc", "wbinvd", "invd", "pause",
                        "monitor", "mwait"))
@@ -367,7 +368,8 @@ class VmxCpu(Vcpu):
                 dr, reg, direction = (int(dst[2:]), src, 0) if dst.startswith("dr") else (int(src[2:]), dst, 1)
                 q = dr | (direction << 4) | (R.GPR_NAMES.index(reg) << 8)
                 self.vm_exit(ExitReason.DR_ACCESS, address, qualification=q, length=size,
-                             detail={"dr": dr, "direction": "MOV from DR" if direction else "MOV to DR", "register": reg})
+                             detail={"dr": dr, "direction": "MOV from DR" if direction else "MOV to DR",
+                                     "register": reg})
             return
         cr = int((dst if to_cr else src)[2:])
         reg = src if to_cr else dst
@@ -390,7 +392,8 @@ class VmxCpu(Vcpu):
                 self.vm_exit(ExitReason.CR_ACCESS, address, qualification=q, length=size, detail=d)
             elif cr in (0, 4):
                 # No exit: the processor writes the guest-owned bits and keeps the host-owned ones.
-                field, mask = (F.GUEST_CR0, v[F.CR0_GUEST_HOST_MASK]) if cr == 0 else (F.GUEST_CR4, v[F.CR4_GUEST_HOST_MASK])
+                field, mask = ((F.GUEST_CR0, v[F.CR0_GUEST_HOST_MASK]) if cr == 0
+                               else (F.GUEST_CR4, v[F.CR4_GUEST_HOST_MASK]))
                 real = self.regs.read(R.CR0 if cr == 0 else R.CR4)
                 self.regs.write(R.CR0 if cr == 0 else R.CR4, (value & ~mask) | (real & mask))
                 self.regs.write(R.EIP, address + size)
@@ -498,7 +501,8 @@ class VmxCpu(Vcpu):
             form = (False, False, False)
             for _, _, mnem, ops in self._cs().disasm_lite(code, addr, 1):
                 string = mnem.split()[-1].startswith(("ins", "outs"))
-                form = (string, mnem.startswith("rep"), not string and "dx" not in ops.split(",")[0 if mnem.startswith("out") else -1])
+                form = (string, mnem.startswith("rep"),
+                        not string and "dx" not in ops.split(",")[0 if mnem.startswith("out") else -1])
             self._io_forms[addr] = form
         return form
 
@@ -622,9 +626,7 @@ class VmxCpu(Vcpu):
         eip = self.regs.read(R.EIP)
         self.left_block_at(eip)
         code = self.mmu.fetch_bytes(eip, 15) or b""
-        mnem, ops, length = "", "", 0
-        for _, length, mnem, ops in self._cs().disasm_lite(code, eip, 1):
-            pass
+        _, length, mnem, _ = next(self._cs().disasm_lite(code, eip, 1), (eip, 0, "", ""))
         reason = E.VMX_INSTRUCTIONS.get(mnem)
         if reason is not None:
             self.vm_exit(reason, eip, length=length)

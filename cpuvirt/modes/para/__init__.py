@@ -60,7 +60,8 @@ class ParaMode(Mode):
         m.write_gpa(lay.shared_info, S.shared_info())
         m.write_gpa(lay.hypercall, S.hypercall_page())
         m.write_gpa(lay.gdt, S.boot_gdt())
-        m.write_gpa(lay.mfn_list, struct.pack(f"<{self.nr_pages}I", *range(RAM_HPA >> 12, (RAM_HPA >> 12) + self.nr_pages)))
+        first_mfn = RAM_HPA >> 12
+        m.write_gpa(lay.mfn_list, struct.pack(f"<{self.nr_pages}I", *range(first_mfn, first_mfn + self.nr_pages)))
         # Initial page tables: all RAM 1:1, 4 KiB pages; the frames that must stay read-only are.
         readonly = {lay.hypercall >> 12, lay.gdt >> 12, lay.l2 >> 12} | {a >> 12 for a in lay.l1}
         for i, l1 in enumerate(lay.l1):

@@ -16,10 +16,10 @@ import struct
 from unicorn import UC_HOOK_INTR
 from unicorn.unicorn_py3 import unicorn as _ucmod
 
-from cpuvirt.engine import regs as R
-from cpuvirt.engine.hooks import hook_guard
 from cpuvirt.cpu.events import HAS_ERROR_CODE, MNEMONIC
 from cpuvirt.cpu.vcpu import EXIT_BUDGET, EXIT_ERROR, EXIT_HALTED, EXIT_HYPERVISOR_STOP, Vcpu
+from cpuvirt.engine import regs as R
+from cpuvirt.engine.hooks import hook_guard
 from cpuvirt.machine.clock import NEVER
 from cpuvirt.memory.direct import EFAULT, Refused
 from cpuvirt.memory.mmu import GuestPageFault
@@ -111,7 +111,8 @@ class ParaVcpu(Vcpu):
             # Only the kernel (ring 1) may call the hypervisor: in V86 mode CPL is 3 whatever CS says.
             result = _EPERM
             if tracing:
-                self.detail["refused"] = "hypercall from ring 3" if not b[7] & R.EFLAGS_VM else "hypercall from V86 mode"
+                self.detail["refused"] = ("hypercall from ring 3" if not b[7] & R.EFLAGS_VM
+                                          else "hypercall from V86 mode")
         elif entry is None:
             result = -38
         else:
@@ -289,8 +290,8 @@ class ParaVcpu(Vcpu):
         then goes after the block that holds it."""
         if tw.done or tw.eip is None:
             return False
-        from cpuvirt.x86.emulate import emulate_store
         from cpuvirt.cpu.events import Unsupported
+        from cpuvirt.x86.emulate import emulate_store
         mmu = self.mmu
 
         def read(gva, size):
