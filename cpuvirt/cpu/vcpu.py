@@ -10,7 +10,7 @@ from __future__ import annotations
 import ctypes
 from collections import Counter
 
-from unicorn import UC_HOOK_INSN, UC_HOOK_INSN_INVALID, UC_HOOK_INTR, UC_HOOK_TLB_FILL, UcError
+from unicorn import UC_HOOK_INSN, UC_HOOK_TLB_FILL, UcError
 from unicorn import x86_const as X
 from unicorn.unicorn_py3 import unicorn as _ucmod
 
@@ -19,7 +19,7 @@ from cpuvirt.cpu.events import HAS_ERROR_CODE, MNEMONIC, DeliveryFault, EventDel
 from cpuvirt.cpu.quirks import FaultState
 from cpuvirt.cpu.tasks import CpuView
 from cpuvirt.engine import regs as R
-from cpuvirt.engine.hooks import guarded, hook_guard
+from cpuvirt.engine.hooks import EngineHooks
 from cpuvirt.machine.clock import NEVER
 from cpuvirt.memory.traces import TracedWrite, TraceError
 from cpuvirt.status import BUDGET as EXIT_BUDGET
@@ -69,6 +69,7 @@ class Vcpu:
         self._disasm = None
         self._insn_cache: dict[tuple[int, bytes], str] = {}
         self.error: BaseException | None = None
+        self.hooks = EngineHooks(self)      # every engine hook is added through it, under the one guard
         self.intercepts = None    # an Intercepts, for modes that must see non-trapping instructions
         self._io_block, self._io_index = -1, 0
         self._intr_depth = 0
@@ -326,7 +327,6 @@ class Vcpu:
         except Unsupported as u:
             self.finish("error", EXIT_HYPERVISOR_STOP, f"unsupported at {return_eip:#x}: {u}")
 
-    @hook_guard()
     def hook_intr(self, uc, intno, _data):
         """Every exception and `int n` the engine raises (it never delivers them itself)."""
         if self._intr_depth:
@@ -367,7 +367,6 @@ class Vcpu:
                         "delivered through the guest IDT")
             self.deliver(intno, eip, ec)
 
-    @hook_guard(returns=True)
     def hook_invalid(self, uc, _data) -> bool:
         self.mmu.crs = None
         eip = self.regs.read(R.EIP)
@@ -378,14 +377,12 @@ class Vcpu:
         return True
 
     # -- devices -----------------------------------------------------------------------------------
-    @hook_guard(returns=0)
     def hook_in(self, uc, port, size, _data):
         if self.outcome is not None:
             return 0
         self.mmu.crs = None
         return self.port_io(port, size, True)
 
-    @hook_guard()
     def hook_out(self, uc, port, size, value, _data):
         if self.outcome is not None:
             return
@@ -516,7 +513,7 @@ class Vcpu:
                     self.faults.clear_interrupt_shadow()
             self.clock.if_may_have_changed()
 
-        ic = self.intercepts = Intercepts(self.uc, self.mmu, wanted | FAR_TRANSFERS, guarded(self, hit))
+        ic = self.intercepts = Intercepts(self.hooks, self.mmu, wanted | FAR_TRANSFERS, hit)
         self.mmu.on_code_frame = ic.scan_frame
 
         def observe(insns):
@@ -700,11 +697,12 @@ class Vcpu:
     # -- hooks -------------------------------------------------------------------------------------
     def install_hooks(self) -> None:
         uc = self.uc
+        hooks = self.hooks                  # each under the one guard (engine/hooks.py)
         uc.hook_add(UC_HOOK_TLB_FILL, self.mmu.fill)
-        self._intr_hook = uc.hook_add(UC_HOOK_INTR, self.hook_intr)   # para replaces it (modes/para)
-        uc.hook_add(UC_HOOK_INSN_INVALID, self.hook_invalid)
-        uc.hook_add(UC_HOOK_INSN, self.hook_in, None, 1, 0, X.UC_X86_INS_IN)
-        uc.hook_add(UC_HOOK_INSN, self.hook_out, None, 1, 0, X.UC_X86_INS_OUT)
+        self._intr_hook = hooks.intr(self.hook_intr)   # para replaces it (modes/para)
+        hooks.invalid(self.hook_invalid)
+        hooks.port_in(self.hook_in)
+        hooks.port_out(self.hook_out)
         self._rdtsc_cb = _RDTSC_CB(self.rdtsc)
         self._rdtsc_hook = ctypes.c_size_t()
         err = _ucmod.uclib.uc_hook_add(uc._uch, ctypes.byref(self._rdtsc_hook), UC_HOOK_INSN,
@@ -712,9 +710,9 @@ class Vcpu:
                                        ctypes.c_uint64(1), ctypes.c_uint64(0), ctypes.c_int(X.UC_X86_INS_RDTSC))
         if err:
             raise RuntimeError(f"cannot hook rdtsc (uc error {err})")
-        uc.hook_add(UC_HOOK_INSN, self.hook_cpuid, None, 1, 0, X.UC_X86_INS_CPUID)
-        uc.hook_add(UC_HOOK_INSN, self.hook_syscall, None, 1, 0, X.UC_X86_INS_SYSCALL)
-        uc.hook_add(UC_HOOK_INSN, self.hook_sysenter, None, 1, 0, X.UC_X86_INS_SYSENTER)
+        hooks.cpuid(self.hook_cpuid)
+        hooks.system_call(X.UC_X86_INS_SYSCALL, self.hook_syscall)
+        hooks.system_call(X.UC_X86_INS_SYSENTER, self.hook_sysenter)
 
     def _hooked_system_call(self, second: int) -> tuple[int, int]:
         """(address, length) of the syscall (0F 05) or sysenter (0F 34) whose hook is running.
@@ -734,7 +732,6 @@ class Vcpu:
         raise RuntimeError(f"internal: no {'sysenter' if second == 0x34 else 'syscall'} at the hooked "
                            f"block {self.clock.last_block:#x}")
 
-    @hook_guard()
     def hook_syscall(self, uc, _data) -> None:
         """syscall: the CPU model reports no SYSCALL and EFER.SCE is never set, so #UD as on QEMU
         (the engine alone treats it as a no-op). The engine adds the instruction's length to the
@@ -745,7 +742,6 @@ class Vcpu:
         self.invalid_opcode(eip)
         self.regs.write(R.EIP, (self.regs.read(R.EIP) - length) & 0xFFFFFFFF)
 
-    @hook_guard()
     def hook_sysenter(self, uc, _data) -> None:
         """sysenter, done here in every mode (the engine alone treats it as a no-op, and under
         deprivileging its transfer would load a real ring-0 CS); see hook_syscall for EIP."""
@@ -779,7 +775,6 @@ class Vcpu:
         self.record("exception", "#UD", 6, eip, {"vector": 6}, "delivered through the guest IDT")
         self.deliver(Vector.UD, eip)
 
-    @hook_guard(returns=True)
     def hook_cpuid(self, uc, _data) -> bool:
         """CPUID answers with cpuvirt's CPU model (x86/cpuid.py, through the machine), in every mode,
         never with the engine's own CPU. Returning True keeps the registers written here."""

@@ -26,7 +26,6 @@ from cpuvirt.cpu.deprivilege import KERNEL_RING, SHADOW_GDT_WINDOW, Deprivileged
 from cpuvirt.cpu.events import Unsupported, Vector
 from cpuvirt.cpu.vcpu import EXIT_BUDGET, EXIT_ERROR, EXIT_HYPERVISOR_STOP
 from cpuvirt.engine import regs as R
-from cpuvirt.engine.hooks import hook_guard
 from cpuvirt.machine.clock import _COUNT_CB
 from cpuvirt.memory.mmu import GuestPageFault
 from cpuvirt.memory.types import Access
@@ -486,7 +485,6 @@ class FullVcpu(DeprivilegedVcpu):
         self._deliver_engine_event(intno, error_code, soft, self.guest_position(eip))
         self.settle()
 
-    @hook_guard(returns=True)
     def hook_invalid(self, uc, _data) -> bool:
         self.mmu.crs = None
         eip = self.regs.read(R.EIP)

@@ -523,7 +523,6 @@ class VmxCpu(Vcpu):
                          implicit_rip=True, value=value)
         return x.value if is_in and x.value is not None else 0
 
-    @hook_guard(returns=0)
     def hook_cpuid(self, uc, _data) -> int:
         """CPUID always exits (SDM 25.1.2)."""
         if self.outcome is not None:
@@ -587,7 +586,6 @@ class VmxCpu(Vcpu):
         self.vm_exit(ExitReason.EXCEPTION_NMI, rip, qualification=qualification, length=length, intr_info=info,
                      intr_error=error_code, detail=d)
 
-    @hook_guard()
     def hook_intr(self, uc, intno, data):
         if self._intr_depth or self.outcome is not None:
             return super().hook_intr(uc, intno, data)
@@ -610,7 +608,6 @@ class VmxCpu(Vcpu):
         if self.outcome is not None or self._blocked:
             uc.emu_stop()
 
-    @hook_guard()
     def _direct(self, uc, intno, error_code, soft, eip):
         """No exit: the processor delivers the event through the guest IDT itself (as Vcpu does)."""
         self._intr_depth += 1
@@ -620,7 +617,6 @@ class VmxCpu(Vcpu):
         finally:
             self._intr_depth -= 1
 
-    @hook_guard(returns=True)
     def hook_invalid(self, uc, _data) -> bool:
         self.mmu.crs = None
         eip = self.regs.read(R.EIP)

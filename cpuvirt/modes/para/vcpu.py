@@ -13,20 +13,17 @@ import ctypes
 import re
 import struct
 
-from unicorn import UC_HOOK_INTR
 from unicorn.unicorn_py3 import unicorn as _ucmod
 
 from cpuvirt.cpu.events import HAS_ERROR_CODE, MNEMONIC
 from cpuvirt.cpu.vcpu import EXIT_BUDGET, EXIT_ERROR, EXIT_HALTED, EXIT_HYPERVISOR_STOP, Vcpu
 from cpuvirt.engine import regs as R
-from cpuvirt.engine.hooks import hook_guard
 from cpuvirt.machine.clock import NEVER
 from cpuvirt.memory.direct import EFAULT, Refused
 from cpuvirt.memory.mmu import GuestPageFault
 from cpuvirt.modes.para.events import VIRQ_TIMER
 from cpuvirt.modes.para.hypercalls import ENTRY_CYCLES, HYPERCALL_CYCLES, HYPERCALLS
 
-_INTR_CB = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_void_p)
 HYPERCALL_VECTOR = 0x82
 _EPERM = -1
 _IO = ("in", "out", "insb", "insw", "insd", "outsb", "outsw", "outsd")
@@ -67,22 +64,14 @@ class ParaVcpu(Vcpu):
     # -- hooks ---------------------------------------------------------------------------------
     def install_hooks(self) -> None:
         super().install_hooks()
-        # The interrupt hook straight through ctypes: a hypercall skips the wrapper's two Python
-        # frames (the round trip is mostly Python; bench/para.py).
-        self.uc.hook_del(self._intr_hook)
-        self._intr_cb = _INTR_CB(self._intr)
-        self._intr_handle = ctypes.c_size_t()
-        err = _ucmod.uclib.uc_hook_add(self.uc._uch, ctypes.byref(self._intr_handle), UC_HOOK_INTR,
-                                       ctypes.cast(self._intr_cb, ctypes.c_void_p), None,
-                                       ctypes.c_uint64(1), ctypes.c_uint64(0))
-        if err:
-            raise RuntimeError(f"cannot hook interrupts (uc error {err})")
+        # int 0x82 is a hypercall, anything else an event for the trap table.
+        self.hooks.remove(self._intr_hook)
+        self._intr_hook = self.hooks.intr(self._intr)
         # in/out never fault in the engine: hook every instance and make it a #GP unless granted.
         self.enable_intercepts(IO_MNEMONICS, self._io_instruction)
         from cpuvirt.cpu.intercept import FAR_PATTERN
         self.intercepts._pattern = re.compile(_IO_PATTERN.pattern + b"|" + FAR_PATTERN)
 
-    @hook_guard()
     def _intr(self, _uc, intno, _data) -> None:
         if intno != HYPERCALL_VECTOR:
             self.hook_intr(self.uc, intno, None)
@@ -446,7 +435,6 @@ class ParaVcpu(Vcpu):
                     "bounced through the trap table")
         self.trap(intno, eip, ec, eip)
 
-    @hook_guard(returns=True)
     def hook_invalid(self, uc, _data) -> bool:
         self.mmu.crs = None
         eip = self.regs.read(R.EIP)
