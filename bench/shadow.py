@@ -32,7 +32,7 @@ FIRST = 0x400000           # pages read by the hidden-fault loop (PDEs 1.. map t
 def _direct(source: str, shadow: bool, pages: int):
     """Run `source` at CODE on a bare machine with paging on (identity, 4 KiB pages over 0..(4 + pages
     / 1024) MiB); returns the run loop's wall time and the shadow (or None)."""
-    from cpuvirt.cpu import regs as R
+    from cpuvirt.engine import regs as R
     from cpuvirt.cpu.vcpu import Vcpu
     from cpuvirt.machine.machine import Machine
     from cpuvirt.memory.shadow import ShadowPaging

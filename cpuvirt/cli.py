@@ -42,15 +42,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="run a guest (bundled name or Multiboot image path)")
     r.add_argument("guest")
-    r.add_argument("--mode", default="native", help="native (default), trap (ring-1 trap-and-emulate), para (a PV build: Xen-style hypercalls), full (binary translation) or hw")
+    r.add_argument("--mode", default="native", help="native (default), trap (ring-1 trap-and-emulate), "
+                   "para (a PV build: Xen-style hypercalls), full (binary translation) or hw")
     r.add_argument("--mem", type=_int, default=32, metavar="MiB", help="guest RAM in MiB (default 32)")
     r.add_argument("--trace", metavar="FILE", help="write an exit trace (JSON Lines, cpuvirt-trace/1)")
     r.add_argument("--max-insns", type=_int, default=None, metavar="N",
-                   help="budget in virtual cycles: one per instruction, plus 1000 per port access and idle time in hlt (default 1e9; 0 = unlimited); outcome 'budget', status 124")
+                   help="budget in virtual cycles: one per instruction, plus 1000 per port access and idle time "
+                   "in hlt (default 1e9; 0 = unlimited); outcome 'budget', status 124")
     r.add_argument("--append", default="", metavar="CMDLINE", help="kernel command line")
     r.add_argument("--module", action="append", default=[], type=_module, metavar="FILE[,CMDLINE]",
                    help="a Multiboot module with its command line (repeatable; as QEMU's -initrd 'FILE CMDLINE')")
-    r.add_argument("--device", action="append", default=[], metavar="virtio-net|e1000[,mac=M][,peer=P][,backend=B][,slow=N:K]",
+    r.add_argument("--device", action="append", default=[], metavar="virtio-net|e1000[,mac=M][,peer=P][,backend=B]"
+                   "[,slow=N:K]",
                    help="a PCI device, in slot order from 00:02.0 (repeatable); peer loopback (default: echo "
                         "every frame) or user (answers ARP and ping for 10.0.2.2 as QEMU's -netdev user does); backend "
                         "userspace (default: the device model serves the rings), vhost (an in-hypervisor worker "
@@ -102,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with a guest: the modes to run, each MODE[:NAME=VALUE...] (hw controls, e.g. hw:ept=0); "
                         "default native,hw")
     c.add_argument("--limit", type=_int, default=None, metavar="N", help="show at most N sites")
-    c.add_argument("--vmx", action="append", default=[], metavar="NAME=VALUE", help="with a guest: hw controls for every hw run")
+    c.add_argument("--vmx", action="append", default=[], metavar="NAME=VALUE",
+                   help="with a guest: hw controls for every hw run")
     c.add_argument("--site", action="append", default=[], metavar="SYMBOL|ADDR|FILE:LINE",
                    help="only the sites at this symbol (symbol+offset), address or source line (repeatable)")
     c.add_argument("--image", metavar="FILE", help="with trace files: the image they were made from (symbols)")
@@ -111,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--csv", action="store_true", help="the site table as CSV")
     c.add_argument("--json", action="store_true", help="summary and sites as JSON")
     _costs_option(c)
-    c.add_argument("--device", action="append", default=[], metavar="virtio-net|e1000[,mac=M][,peer=P][,backend=B][,slow=N:K]",
+    c.add_argument("--device", action="append", default=[], metavar="virtio-net|e1000[,mac=M][,peer=P][,backend=B]"
+                   "[,slow=N:K]",
                    help="with a guest: PCI devices, as for run")
     c.add_argument("--append", default="", metavar="CMDLINE", help="with a guest: its kernel command line")
 
@@ -126,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ng = sub.add_parser("new-guest", help="write a skeleton guest (assembler, or C with --c) that PASSes in every mode")
     ng.add_argument("name")
-    ng.add_argument("--c", action="store_true", help="a C kernel (NAME/ with a Makefile; needs gcc -m32) instead of NAME.S")
+    ng.add_argument("--c", action="store_true",
+                    help="a C kernel (NAME/ with a Makefile; needs gcc -m32) instead of NAME.S")
     ng.add_argument("--dir", default=".", help="where to write it (default: here)")
 
     lab = sub.add_parser("lab", help="run a lab: its commands, their output, and checks of your answers")
@@ -174,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     vu = sub.add_parser("vhost-user-backend", help="a vhost-user virtio-net backend process on a Unix socket "
                         "(for --device virtio-net,backend=vhost-user,socket=PATH or QEMU's -netdev vhost-user)")
     vu.add_argument("--socket", required=True, metavar="PATH", help="the Unix socket to listen on")
-    vu.add_argument("--peer", default="loopback", choices=("loopback", "user"), help="where frames go (default loopback)")
+    vu.add_argument("--peer", default="loopback", choices=("loopback", "user"),
+                    help="where frames go (default loopback)")
     vu.add_argument("--verbose", "-v", action="store_true", help="log every frame on stderr")
     vu.add_argument("--report-fd", type=int, default=None, metavar="FD", help="measurement mode (cpuvirt "
                     "starts it so with cachelines=on): after each in-band kick, the ring lines touched and the "
@@ -256,8 +263,11 @@ def _dispatch(args) -> int:
         if args.at is not None:
             from cpuvirt.trace.symbols import for_guest
             at = for_guest(args.guest, "full").resolve(args.at)
-        text, _ = show(args.guest, at=at, blocks=args.blocks, max_insns=args.max_insns, mem_mib=args.mem,
-                       trace_path=args.trace)
+        from cpuvirt.runner import run_guest
+        holder = []
+        res = run_guest(args.guest, mode="full", mem_mib=args.mem, max_insns=args.max_insns, trace_path=args.trace,
+                        mode_options={"observer": holder.append, "verbose": bool(args.trace)})
+        text = show(args.guest, holder[0], res, at=at, blocks=args.blocks)
         sys.stdout.write(_annotate_guest_blocks(text, args.guest))
         return 0
     if args.verb == "new-guest":
@@ -298,6 +308,7 @@ def _dispatch(args) -> int:
 
 def _lab(args) -> int:
     from pathlib import Path
+
     from cpuvirt import labs
     if not args.name:
         for lab in labs.all_labs():
@@ -371,6 +382,7 @@ def _report(args) -> int:
 
 def _vmx_controls(args) -> int:
     import json
+
     from cpuvirt.modes.hw.controls import CONTROLS, PIN, PRIMARY, VmxSettings
     from cpuvirt.modes.hw.explain import EFFECT, SDM_NAMES
     ept, shadow = VmxSettings([]).bits, VmxSettings([], ept=False).bits
@@ -394,6 +406,7 @@ def _vmx_controls(args) -> int:
 
 def _sweep(args) -> int:
     import json
+
     from cpuvirt import costs, sweep
     from cpuvirt.modes import get_mode
     from cpuvirt.runner import DEFAULT_MAX_INSNS
@@ -422,6 +435,7 @@ def _sweep(args) -> int:
 
 def _bench(args) -> int:
     import json
+
     from cpuvirt import costs, modespec, nanobench
     table = costs.load(args.costs)
     specs = modespec.parse_list(args.modes or nanobench.DEFAULT_MODES)
@@ -437,6 +451,7 @@ def _bench(args) -> int:
 
 def _costs(args) -> int:
     import json
+
     from cpuvirt import costs
     t = costs.load(args.table)
     if args.json:
@@ -455,6 +470,7 @@ def _costs(args) -> int:
 def _annotate_guest_blocks(text: str, guest: str) -> str:
     """`guest 0x0010072f..` block headers of `bt`, followed by the block's symbol and source line."""
     import re
+
     from cpuvirt.trace.symbols import for_guest
     syms = for_guest(guest, "full")
 
@@ -466,6 +482,7 @@ def _annotate_guest_blocks(text: str, guest: str) -> str:
 
 def _build(args) -> int:
     from pathlib import Path
+
     from cpuvirt.toolchain.build import build_all, build_source, guest_source_dir
     try:
         if not args.sources:
@@ -493,7 +510,8 @@ def _build(args) -> int:
 def _vmx_options(p) -> None:
     p.add_argument("--vmx", action="append", default=[], metavar="NAME=VALUE",
                    help="hw: set a VMX control by its SDM name, e.g. hlt_exiting=0, io_bitmap=0x3f8,0x80 (repeatable)")
-    p.add_argument("--no-ept", action="store_true", help="hw: shadow paging instead of EPT (KVM's shadow MMU: CR3, INVLPG and #PF exit)")
+    p.add_argument("--no-ept", action="store_true",
+                   help="hw: shadow paging instead of EPT (KVM's shadow MMU: CR3, INVLPG and #PF exit)")
 
 
 def _reason(text: str):
@@ -542,7 +560,8 @@ def _vmcs(args) -> int:
         print(x.vmcs_at_exit)
         cpu.finish("stopped", 0, "stopped after dumping the VMCS")
 
-    res = run_guest(args.guest, "hw", args.mem, DEFAULT_MAX_INSNS, None, None, "", mode_options=_hw_options(args, dump_on))
+    res = run_guest(args.guest, "hw", args.mem, DEFAULT_MAX_INSNS, None, None, "",
+                    mode_options=_hw_options(args, dump_on))
     if not shown:
         what = want.name if want is not None else (f"at {args.at_rip}" if rip is not None else f"#{args.at_exit}")
         raise CpuvirtError(f"the guest ended ({res.outcome}) after {sum(r[2] for r in res.exit_stats)} exits, "
@@ -778,7 +797,8 @@ def format_cost_rows(m, source_width: int = 60) -> str:
              f"source ({m.table})"]
     for r in m.rows:
         src = r.source if len(r.source) <= source_width else r.source[:source_width - 3] + "..."
-        lines.append(f"  {r.key[:28]:<28} {r.count:>11,} {r.each:>7g} {r.cycles:>16,.0f} {r.cycles / total:>6.1%}  {src}")
+        lines.append(f"  {r.key[:28]:<28} {r.count:>11,} {r.each:>7g} {r.cycles:>16,.0f} "
+                     f"{r.cycles / total:>6.1%}  {src}")
     lines.append(f"  {'total':<28} {'':>11} {'':>7} {m.total:>16,.0f}")
     if m.uncosted:
         lines.append(f"  not in the cost table (charged 0): {', '.join(m.uncosted)}")
@@ -806,7 +826,8 @@ def format_summary(res, modelled=None) -> str:
     sh = m.get("shadow")
     if sh:
         lines.append(f"  shadow paging  {sh['hidden_faults']} hidden faults, {sh['true_faults']} true faults, "
-                     f"{sh['ptemods']} ptemods ({sh['ptemod_fallbacks']} not emulated), {sh['cr3_switches']} CR3 switches "
+                     f"{sh['ptemods']} ptemods ({sh['ptemod_fallbacks']} not emulated), "
+                     f"{sh['cr3_switches']} CR3 switches "
                      f"(roots: {sh['root_hits']} reused, {sh['root_misses']} new, {sh['root_evictions']} evicted), "
                      f"{sh['traced_frames']} traced page-table frames")
     bt = m.get("translation")

@@ -44,7 +44,7 @@ class Phase:
     tally: Counter            # events during the phase
 
     def events(self) -> int:
-        from cpuvirt.costs import INSTRUCTION, WALK_REF, VMENTRY
+        from cpuvirt.costs import INSTRUCTION, VMENTRY, WALK_REF
         return sum(n for k, n in self.tally.items() if k not in (INSTRUCTION, WALK_REF, VMENTRY))
 
 
@@ -125,6 +125,7 @@ def measure(specs, n: int, table, progress=None) -> dict:
     """Run every ModeSpec; {label: {op: {host_ns, events, modelled_cycles, by_kind}}} per operation,
     and the modes that could not run with why."""
     import tempfile
+
     from cpuvirt import costs
     from cpuvirt.toolchain.build import list_guests
     has_pv = any(g.name == "nanobench" and g.has_pv for g in list_guests())

@@ -93,6 +93,7 @@ def _image(pv: bool) -> str:
         import atexit
         import os
         import tempfile
+
         from cpuvirt.toolchain.build import build_guest
         fd, path = tempfile.mkstemp(prefix="netdemo-", suffix=".pv.bin" if pv else ".bin")
         with os.fdopen(fd, "wb") as f:
@@ -150,7 +151,7 @@ def measure(modes, backends, frames: int, repeat: int, cachelines: bool, progres
             n = d["tx_frames"] - d0["tx_frames"]
             if n <= 0:
                 raise CpuvirtError(f"net-bench: no frame went through under {mode}, backend {backend}")
-            per = lambda key, d=d, d0=d0: (d[key] - d0[key]) / n if key in d else None     # noqa: E731
+            per = lambda key, d=d, d0=d0, n=n: (d[key] - d0[key]) / n if key in d else None     # noqa: E731
             us = (best.wall_s - base.wall_s) / n * 1e6
             if us <= 0:                              # lost in the noise: too few frames for host time
                 us = float("nan")
@@ -178,7 +179,7 @@ def measure(modes, backends, frames: int, repeat: int, cachelines: bool, progres
                 step(f"cache lines: {options} (baseline)")
                 n, to_driver, total, to_device = _lines(c, c0, split=True)
                 d, d0 = c.devices[0], c0.devices[0]
-                per = lambda key: (d[key] - d0[key]) / n        # noqa: E731
+                per = lambda key, d=d, d0=d0, n=n: (d[key] - d0[key]) / n        # noqa: E731
                 lines.append(LineRow(name, backend, n, per("notifications"), per("interrupts"),
                                      per("interrupts_suppressed"), to_driver, to_device, total))
     return rows, lines

@@ -12,14 +12,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from cpuvirt import status
+from cpuvirt.cpu.mmiosite import MmioSites
+from cpuvirt.engine import regs as R
 from cpuvirt.errors import CpuvirtError
 from cpuvirt.loader.multiboot import MULTIBOOT_BOOTLOADER_MAGIC, build_boot_info, check_fits, load_image
 from cpuvirt.machine.machine import MAX_MEM_MIB, MIN_MEM_MIB, Machine
 from cpuvirt.machine.vga import render_text
 from cpuvirt.modes import get_mode
+from cpuvirt.modes.base import Mode
 from cpuvirt.trace.format import TraceWriter
-from cpuvirt.cpu import regs as R
-from cpuvirt.cpu.mmiosite import MmioSites
 
 BOOT_GDT_GPA = 0x500   # BIOS data area: free at Multiboot entry, below anything a loader places
 DEFAULT_MAX_INSNS = 1_000_000_000
@@ -168,7 +169,8 @@ def resolve_guest(guest: str, mode: str, mem_bytes: int = MAX_MEM_MIB << 20) -> 
     return guest, build_guest(guest, pv=(mode == "para"))
 
 
-def load_modules(modules: Sequence[tuple[str, str | None]], mem_bytes: int = MAX_MEM_MIB << 20) -> list[tuple[bytes, str]]:
+def load_modules(modules: Sequence[tuple[str, str | None]],
+                 mem_bytes: int = MAX_MEM_MIB << 20) -> list[tuple[bytes, str]]:
     """Read each Multiboot module: [(contents, module string)]; a file that cannot be read, or that
     (with the modules before it) cannot fit in guest RAM, is a CpuvirtError naming it, and a file
     too large is never read."""
@@ -247,14 +249,14 @@ def run_guest(guest: str, mode: str = "native", mem_mib: int = 32, max_insns: in
         extra = {} if rtc_base is None else {"rtc_base": rtc_base}
         machine = Machine(mem_mib, on_console=on_console, on_exit=None, on_unhandled_io=None,
                           shared_ram=any(getattr(d, "backend", "") == "vhost-user" for d in devices), **extra)
-        hv = mode_cls(machine, trace=None, max_insns=max_insns, **(mode_options or {}))
-        if verbose_trace and hasattr(machine.mmu.strategy, "verbose"):
-            machine.mmu.strategy.verbose = True        # shadow paging: hidden faults become trace events
+        hv: Mode = mode_cls(machine, trace=None, max_insns=max_insns, **(mode_options or {}))
+        if verbose_trace and hv.shadow is not None:
+            hv.shadow.verbose = True        # shadow paging: hidden faults become trace events
         if trace_file:
             options = {"mem_mib": mem_mib, "max_insns": max_insns, "cmdline": cmdline}
             if modules:
                 options["modules"] = [string for _, _, string in boot.modules]
-            if hasattr(hv, "settings"):
+            if hv.settings is not None:
                 options["vmx"] = hv.settings.as_dict()
             if devices:
                 options["devices"] = [spec.as_dict() for spec in devices]
@@ -333,8 +335,7 @@ def run_guest(guest: str, mode: str = "native", mem_mib: int = 32, max_insns: in
                     "input_end", 0, "the scripted input is consumed and the guest prompted again")
             source.append(src)
             machine.attach_input(src)
-        if hasattr(hv, "set_image"):
-            hv.set_image(image, boot)     # para: its start pages go above the image and modules
+        hv.set_image(image, boot)     # para: its start pages go above the image and modules
         hv.boot()
         if on_start is not None:
             on_start(hv)
@@ -347,14 +348,13 @@ def run_guest(guest: str, mode: str = "native", mem_mib: int = 32, max_insns: in
         if trace:
             trace.footer(outcome.kind, outcome.status, machine.clock.instructions, counts)
         vga = render_text(machine.vga_text())
-        stats = vcpu.summary_stats() if hasattr(vcpu, "summary_stats") else []
+        stats = hv.summary_stats()
         mmu_stats = machine.mmu.counters.as_dict()
-        shadow = getattr(machine.mmu.strategy, "counters", None)     # shadow paging's own counters
-        if shadow is not None:
-            mmu_stats["shadow"] = shadow.as_dict()
-        tcache = getattr(hv, "translation_stats", None)       # full: the translation cache's counters
-        if tcache is not None:
-            mmu_stats["translation"] = tcache()
+        if hv.shadow is not None:
+            mmu_stats["shadow"] = hv.shadow.counters.as_dict()     # shadow paging's own counters
+        translation = hv.translation_stats()       # full: the translation cache's counters
+        if translation is not None:
+            mmu_stats["translation"] = translation
         from cpuvirt.costs import tally_of
         kept = record.kept()
         return RunResult(name, mode, outcome.kind, outcome.status, outcome.message, kept,

@@ -42,7 +42,8 @@ def _one(job) -> dict:
     guest, mode, vmx, max_insns = job
     from cpuvirt.runner import run_guest
     try:
-        r = run_guest(guest, mode, 32, max_insns, None, None, "", mode_options={"vmx": list(vmx)} if mode == "hw" else None)
+        r = run_guest(guest, mode, 32, max_insns, None, None, "",
+                      mode_options={"vmx": list(vmx)} if mode == "hw" else None)
     except CpuvirtError as e:
         return {"mode": mode, "vmx": list(vmx), "error": str(e)}
     return {"mode": mode, "vmx": list(vmx), "outcome": r.outcome, "status": r.status, "instructions": r.icount,
@@ -59,7 +60,8 @@ def sweep(guest: str, axes, modes: list[str], max_insns: int, jobs: int | None =
     work = []
     for mode in modes:
         resolve_guest(guest, mode)
-        work.extend([(guest, "hw", vmx, max_insns) for vmx in combos] if mode == "hw" else [(guest, mode, (), max_insns)])
+        work.extend([(guest, "hw", vmx, max_insns) for vmx in combos] if mode == "hw"
+                    else [(guest, mode, (), max_insns)])
     jobs = jobs or os.cpu_count() or 1
     if jobs == 1 or len(work) == 1:
         return [_one(w) for w in work]
@@ -69,6 +71,7 @@ def sweep(guest: str, axes, modes: list[str], max_insns: int, jobs: int | None =
 
 def format_table(rows: list[dict], table) -> str:
     from collections import Counter
+
     from cpuvirt import costs
     w = max([3] + [len(" ".join([r["mode"]] + r["vmx"])) for r in rows])
     lines = [f"{'run':<{w}} {'outcome':<10} {'console':<12} {'instructions':>12} {'exits':>7} {'modelled':>12}"]
@@ -84,7 +87,8 @@ def format_table(rows: list[dict], table) -> str:
         lines.append(f"{label:<{w}} {r['outcome'] + ' ' + str(r['status']):<10} {r['console_sha']:<12} "
                      f"{r['instructions']:>12,} {exits:>7,} {m.total:>12,.0f}")
         if r["exits"]:
-            detail.append(f"  {label}: " + ", ".join(f"{k} {v}" for k, v in sorted(r["exits"].items(), key=lambda kv: -kv[1])))
+            by_count = sorted(r["exits"].items(), key=lambda kv: -kv[1])
+            detail.append(f"  {label}: " + ", ".join(f"{k} {v}" for k, v in by_count))
     if detail:
         lines.append(f"exits by reason (modelled cycles: {table.name} cost table):")
         lines.extend(detail)

@@ -9,7 +9,7 @@ from unicorn import UC_ARCH_X86, UC_HOOK_INTR, UC_MODE_32, Uc, UcError
 from cpuvirt.bt.runtime import BtRuntime
 from cpuvirt.bt.tcache import TCache
 from cpuvirt.bt.translate import GuestCode
-from cpuvirt.cpu import regs as R
+from cpuvirt.engine import regs as R
 from cpuvirt.toolchain.assemble import new_keystone
 
 CODE = 0x10000

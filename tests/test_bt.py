@@ -6,7 +6,7 @@ import struct
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cpuvirt.cpu import regs as R
+from cpuvirt.engine import regs as R
 from tests.bt_harness import CODE, SCRATCH, STACK, Translated, asm, run_native, state
 
 REGS = ("eax", "ecx", "edx", "esi", "edi", "ebp")      # ebx stays the scratch pointer, esp the stack

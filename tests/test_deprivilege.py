@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from cpuvirt.cpu import regs as R
+from cpuvirt.engine import regs as R
 from cpuvirt.cpu.deprivilege import HV_CR0, SHADOW_GDT_WINDOW, ShadowGdt, VirtualCpu
 from cpuvirt.machine.machine import Machine
 from cpuvirt.runner import BOOT_GDT_GPA, run_guest

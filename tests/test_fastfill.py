@@ -11,7 +11,7 @@ import random
 
 import pytest
 
-from cpuvirt.cpu import regs as R
+from cpuvirt.engine import regs as R
 from cpuvirt.machine.machine import Machine
 from cpuvirt.memory.fastfill import FastFill, _lib
 from cpuvirt.modes import get_mode

@@ -39,7 +39,7 @@ def test_gates_console_is_identical_in_every_mode(gates):
 
 def test_deprivileged_task_never_runs_at_real_ring_0(gates, monkeypatch):
     """The real CPL right after every task switch under trap and full: ring 1 or 3, never 0."""
-    from cpuvirt.cpu import regs as R
+    from cpuvirt.engine import regs as R
     from cpuvirt.cpu import tasks
     seen = []
     inner = tasks.switch_task

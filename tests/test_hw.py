@@ -199,7 +199,7 @@ def test_ept_misconfig_is_its_own_exit():
 def test_two_dimensional_walk_makes_14_references():
     """A 2-level guest walk over 4-level EPT: (2+1) * (4+1) - 1 = 14 entry reads for one translation."""
     import struct
-    from cpuvirt.cpu import regs as R
+    from cpuvirt.engine import regs as R
     from cpuvirt.memory.p2m import RAM_HPA
     from cpuvirt.memory.types import Access
     m = Machine(8)

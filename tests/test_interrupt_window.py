@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cpuvirt.cpu import regs as R
+from cpuvirt.engine import regs as R
 from cpuvirt.machine.machine import Machine
 from cpuvirt.modes import get_mode
 from cpuvirt.runner import run_guest

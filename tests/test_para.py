@@ -77,7 +77,7 @@ def test_direct_paging_and_ring3(test_guest, tmp_path):
 
 def test_entry_state_and_start_info(tmp_path):
     """What the guest is started with, read from the machine after boot (docs/pv-abi.md 1-2)."""
-    from cpuvirt.cpu import regs as R
+    from cpuvirt.engine import regs as R
     from cpuvirt.loader.multiboot import build_boot_info, load_image
     from cpuvirt.modes.para import ParaMode
     image = load_image(build_guest("hello", pv=True), "hello")

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from cpuvirt.cpu import cpuid as C
+from cpuvirt.x86 import cpuid as C
 from cpuvirt.machine.bus import PortBus
 from cpuvirt.machine.fw_cfg import FwCfg
 from cpuvirt.machine.machine import Machine, MsrFault

@@ -8,7 +8,7 @@ import struct
 
 import pytest
 
-from cpuvirt.cpu import regs as R
+from cpuvirt.engine import regs as R
 from cpuvirt.loader.multiboot import build_boot_info, load_image
 from cpuvirt.machine.machine import Machine
 from cpuvirt.modes.para import ParaMode

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cpuvirt.cpu import regs as R
+from cpuvirt.engine import regs as R
 from cpuvirt.cpu.vcpu import Vcpu
 from cpuvirt.machine.machine import Machine
 from cpuvirt.memory.mmu import GUEST, GuestWalk
@@ -233,7 +233,7 @@ def run_direct(source: str):
     vcpu.install_hooks()
     shadow = ShadowPaging(m.mmu)
     shadow.attach(vcpu)
-    from cpuvirt.cpu.faultaddr import operand_address
+    from cpuvirt.x86.faultaddr import operand_address
 
     def on_hit(address, size, mnem, ops):
         if mnem == "invlpg":
@@ -362,7 +362,7 @@ _FORMS = ["mov dword ptr [ebx + 8], ecx", "mov byte ptr [ebx], 0x7f", "mov word 
        mem=st.binary(min_size=16, max_size=16), df=st.booleans(), same=st.booleans())
 def test_emulate_store_matches_the_engine(form, eax, ecx, mem, df, same):
     from unicorn import UC_ARCH_X86, UC_MODE_32, Uc
-    from cpuvirt.cpu.emulate import emulate_store
+    from cpuvirt.x86.emulate import emulate_store
     from cpuvirt.toolchain.assemble import new_keystone
     if same:                               # cmpxchg: make the comparison succeed sometimes
         mem = eax.to_bytes(4, "little") + mem[4:]

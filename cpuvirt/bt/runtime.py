@@ -15,7 +15,7 @@ from unicorn import UC_HOOK_CODE
 
 from cpuvirt.bt.tcache import CALLOUT_SLOTS, Block, TCache
 from cpuvirt.bt.translate import GuestCode, TranslateFault, Translator
-from cpuvirt.cpu import regs as R
+from cpuvirt.engine import regs as R
 
 
 class BtRuntime:

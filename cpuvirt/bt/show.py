@@ -50,7 +50,7 @@ def format_block(tc, blk, tc_bytes) -> str:
         left = f"{ins.geip:#010x}  {ins.text}" if ins.size else "(end of block: fall through)"
         code = tc_bytes(ins.tc, ins.tc_end - ins.tc)
         tcl = []
-        for addr, size, mnem, ops in _cs.disasm_lite(code, ins.tc):
+        for addr, _size, mnem, ops in _cs.disasm_lite(code, ins.tc):
             if mnem == "int3":
                 continue          # padding of empty inline-cache entries
             text = f"{addr:#010x}  {mnem} {ops}".rstrip()
@@ -68,17 +68,11 @@ def format_block(tc, blk, tc_bytes) -> str:
     return "\n".join(lines)
 
 
-def show(guest: str, at: int | None = None, blocks: int = 3, max_insns: int = 50_000_000,
-         mem_mib: int = 32, cmdline: str = "", modules=(), trace_path: str | None = None) -> tuple[str, object]:
-    """Run `guest` under full mode, then format the block at guest EIP `at` (translated now if the run
-    never reached it) or the first `blocks` blocks translated. `trace_path`: also write the run's
-    trace, with a `translate` event per block."""
+def show(guest: str, mode, res, at: int | None = None, blocks: int = 3) -> str:
+    """Format what a finished full-mode run of `guest` translated: the block at guest EIP `at`
+    (translated now if the run never reached it) or the first `blocks` blocks translated. The caller
+    runs the guest (the `cpuvirt bt` command): the translator's floor never imports the runner."""
     from cpuvirt.bt.translate import TranslateFault
-    from cpuvirt.runner import run_guest
-    holder = []
-    res = run_guest(guest, mode="full", mem_mib=mem_mib, max_insns=max_insns, cmdline=cmdline, modules=modules,
-                    trace_path=trace_path, mode_options={"observer": holder.append, "verbose": bool(trace_path)})
-    mode = holder[0]
     vcpu = mode.vcpu
     tc = vcpu.tc
     out = [f"{guest} under full: {res.outcome} (status {res.status}); "
@@ -98,4 +92,4 @@ def show(guest: str, at: int | None = None, blocks: int = 3, max_insns: int = 50
     for blk in chosen:
         out.append("")
         out.append(format_block(tc, blk, vcpu.tc_bytes))
-    return "\n".join(out) + "\n", res
+    return "\n".join(out) + "\n"

@@ -211,7 +211,8 @@ class Translator:
         op = raw[p] if p < len(raw) else 0
         op2 = raw[p + 1] if p + 1 < len(raw) else None
         nxt = (ins.geip + ins.size) & 0xFFFFFFFF
-        here = lambda: tc_start + len(out)
+        def here():
+            return tc_start + len(out)
 
         if ins.geip in self.adaptive:
             return self._callout(blk, ins, raw, out, "adaptive")
@@ -309,7 +310,8 @@ class Translator:
                 limit, base = self.code.virtual(name + "_limit"), self.code.virtual(name + "_base")
                 # the dword first: a fault on it leaves memory untouched
                 out += segs + b"\xc7" + _encode_mem(0, m[0], m[2], m[3], m[4], m[5], 2) + _imm32(base)
-                out += segs + b"\x66\xc7" + _encode_mem(0, m[0], m[2], m[3], m[4], m[5], 0) + struct.pack("<H", limit & 0xFFFF)
+                out += (segs + b"\x66\xc7" + _encode_mem(0, m[0], m[2], m[3], m[4], m[5], 0)
+                        + struct.pack("<H", limit & 0xFFFF))
                 return False
             if (op2 == 0x00 and reg in (0, 1)) or (op2 == 0x01 and reg == 4):     # sldt / str / smsw
                 field = {(0, 0): "ldtr", (0, 1): "tr", (1, 4): "cr0"}[(op2, reg)]

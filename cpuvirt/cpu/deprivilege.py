@@ -27,17 +27,17 @@ import struct
 from unicorn import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH, UC_PROT_READ, UC_PROT_WRITE
 
 from cpuvirt import limits
-from cpuvirt.cpu import regs as R
 from cpuvirt.cpu.events import HAS_ERROR_CODE, DeliveryFault, EventDelivery, Unsupported, Vector
-from cpuvirt.cpu.faultaddr import operand_address
 from cpuvirt.cpu.quirks import HF_INHIBIT_IRQ
 from cpuvirt.cpu.tasks import CpuView
-from cpuvirt.cpu.regs import _uclib
 from cpuvirt.cpu.vcpu import EXIT_HYPERVISOR_STOP, Vcpu
+from cpuvirt.engine import regs as R
+from cpuvirt.engine.regs import _uclib
 from cpuvirt.machine.hostmem import HostRegion
 from cpuvirt.memory.ept import HvAllocator
 from cpuvirt.memory.mmu import GuestPageFault
 from cpuvirt.memory.p2m import HV_HPA
+from cpuvirt.x86.faultaddr import operand_address
 
 KERNEL_RING = 1                   # the real ring of the guest kernel (virtual CPL 0)
 SYSENTER_MSRS = (0x174, 0x175, 0x176)   # IA32_SYSENTER_CS, _ESP, _EIP: kept in the VirtualCpu
@@ -511,7 +511,7 @@ class DeprivilegedVcpu(Vcpu):
         """The loads of `hv_load` done by the engine itself, from the shadow GDT through the window
         (the fallback of `_load_direct`, and what tests check it against)."""
         regs, uc = self.regs, self.uc
-        for reg, real, lo, hi in todo:
+        for _reg, real, lo, hi in todo:
             self.shadow.put(real >> 3, lo, hi)
         _, base, limit, _ = regs.table(R.GDTR)
         if self._window_touched:
@@ -622,7 +622,8 @@ class DeprivilegedVcpu(Vcpu):
         """Make CS (and SS) the guest selectors `cs`/`ss` at virtual CPL `vcpl` (descriptors already
         checked by the caller): ring-0 ones become ring-1 ones from the shadow GDT."""
         ring = KERNEL_RING if vcpl == 0 else vcpl
-        real = lambda sel: (sel & ~3) | ring if sel & 3 == 0 and vcpl == 0 else sel
+        def real(sel):
+            return (sel & ~3) | ring if sel & 3 == 0 and vcpl == 0 else sel
         loads = []
         if ss is not None:
             loads.append((R.SS, ss, real(ss)))
@@ -740,7 +741,7 @@ class DeprivilegedVcpu(Vcpu):
             else:
                 self.flush_guest_tlb()
         elif n == 4:
-            from cpuvirt.cpu.cpuid import CR4_RESERVED
+            from cpuvirt.x86.cpuid import CR4_RESERVED
             if value & ~v.cr4 & CR4_RESERVED:
                 raise GuestFault(Vector.GP, 0)
             old, v.cr4 = v.cr4, value
@@ -1284,6 +1285,7 @@ _EMULATE = {
     "jmp": lambda c, e, s, o: _far_indirect(c, e, s, o, False),
     "call": lambda c, e, s, o: _far_indirect(c, e, s, o, True),
     "lar": lambda c, e, s, o: _lar_lsl(c, e, s, o, "lar"), "lsl": lambda c, e, s, o: _lar_lsl(c, e, s, o, "lsl"),
-    "verr": lambda c, e, s, o: _verr_verw(c, e, s, o, "verr"), "verw": lambda c, e, s, o: _verr_verw(c, e, s, o, "verw"),
+    "verr": lambda c, e, s, o: _verr_verw(c, e, s, o, "verr"),
+    "verw": lambda c, e, s, o: _verr_verw(c, e, s, o, "verw"),
     "sysenter": _sysenter, "sysexit": _sysexit,
 }

@@ -7,20 +7,11 @@ SDM Vol. 3A chapter 6: interrupt and trap gates (6.11, 6.12.1), the privilege ch
 from __future__ import annotations
 
 import struct
-from enum import IntEnum
 
-from cpuvirt.cpu import regs as R
+from cpuvirt.engine import regs as R
 from cpuvirt.memory.mmu import GuestPageFault, NestedFault
-
-
-class Vector(IntEnum):
-    DE = 0; DB = 1; NMI = 2; BP = 3; OF = 4; BR = 5; UD = 6; NM = 7; DF = 8
-    TS = 10; NP = 11; SS = 12; GP = 13; PF = 14; MF = 16; AC = 17; MC = 18; XM = 19
-
-
-MNEMONIC = {v.value: "#" + v.name for v in Vector}
-HAS_ERROR_CODE = frozenset((8, 10, 11, 12, 13, 14, 17))
-CONTRIBUTORY = frozenset((0, 10, 11, 12, 13))
+from cpuvirt.status import Unsupported  # noqa: F401  (re-exported: the modes import it from here)
+from cpuvirt.x86.vectors import CONTRIBUTORY, HAS_ERROR_CODE, MNEMONIC, Vector  # noqa: F401  (re-exported)
 
 GATE_TASK, GATE_INT32, GATE_TRAP32 = 0x5, 0xE, 0xF
 
@@ -36,10 +27,6 @@ class DeliveryFault(Exception):
 
 class TripleFault(Exception):
     """A fault while delivering #DF: the processor shuts down (the run ends `triple_fault`)."""
-
-
-class Unsupported(Exception):
-    """An architectural feature cpuvirt does not implement yet (named in the message)."""
 
 
 def _is_double_fault(first: int, second: int) -> bool:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import re
 
 from capstone import CS_ARCH_X86, CS_MODE_32, Cs
-from unicorn import UC_HOOK_CODE
 
 # The opcode bytes that start each sensitive instruction, after any prefixes (SDM Vol. 2 opcode map).
 OPCODES = {
@@ -64,8 +63,8 @@ class Intercepts:
     `on_hit(address, size, mnemonic, op_str)` runs before the
     instruction executes; it may move EIP past it (the instruction is then skipped) or leave it to run."""
 
-    def __init__(self, uc, mmu, wanted: frozenset[str], on_hit):
-        self.uc = uc
+    def __init__(self, hooks, mmu, wanted: frozenset[str], on_hit):
+        self.hooks = hooks              # the owner's EngineHooks: each site's code hook runs under the guard
         self.mmu = mmu
         self.wanted = wanted
         self.on_hit = on_hit
@@ -116,7 +115,7 @@ class Intercepts:
             self.sites[addr] = (size, mnem, ops, code)
             return
         self.sites[addr] = (size, mnem, ops, code)
-        self.uc.hook_add(UC_HOOK_CODE, self._hit, None, addr, addr)
+        self.hooks.code(self._hit, addr, addr)
 
     # -- a hooked instruction is about to run ----------------------------------------------------------
     def _hit(self, uc, address, size, _data) -> None:

@@ -7,8 +7,8 @@ within the TSS limit). Not allowed: #GP(0), before the access and before any VM 
 """
 from __future__ import annotations
 
-from cpuvirt.cpu import regs as R
 from cpuvirt.cpu.events import DeliveryFault
+from cpuvirt.engine import regs as R
 
 _SIZES = {"al": 1, "ax": 2, "eax": 4}
 

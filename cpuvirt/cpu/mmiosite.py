@@ -12,13 +12,12 @@ again). Decoding is done once per block; only traced runs pay for it.
 """
 from __future__ import annotations
 
-from capstone import CS_ARCH_X86, CS_MODE_32, Cs
-from capstone import CS_AC_READ, CS_AC_WRITE
+from capstone import CS_AC_READ, CS_AC_WRITE, CS_ARCH_X86, CS_MODE_32, Cs
 from capstone import x86_const as C
 from capstone.x86 import X86_OP_MEM, X86_REG_INVALID
 
 from cpuvirt import limits
-from cpuvirt.cpu import regs as R
+from cpuvirt.engine import regs as R
 
 _REG = {C.X86_REG_EAX: R.EAX, C.X86_REG_ECX: R.ECX, C.X86_REG_EDX: R.EDX, C.X86_REG_EBX: R.EBX,
         C.X86_REG_ESP: R.ESP, C.X86_REG_EBP: R.EBP, C.X86_REG_ESI: R.ESI, C.X86_REG_EDI: R.EDI}

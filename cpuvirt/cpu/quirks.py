@@ -75,7 +75,8 @@ def _shadow_offset() -> int:
     if len(blobs) < 3:
         raise RuntimeError("cannot locate the interrupt-shadow flag in this Unicorn's context")
     before, shadow, after = blobs[:3]
-    ints = lambda b, i: struct.unpack_from("<I", b, i)[0]
+    def ints(b, i):
+        return struct.unpack_from("<I", b, i)[0]
     found = [i for i in range(0, len(before) - 3, 4)
              if ints(shadow, i) ^ ints(before, i) == HF_INHIBIT_IRQ and ints(after, i) == ints(before, i)]
     if len(found) != 1:
@@ -89,7 +90,8 @@ def context_layout() -> ContextLayout:
     b0, gp = _fault_blob(bytes.fromhex("66b83412" "8ed8"))
     # int 0x30 -> is_int 1, error_code 0, old_exception untouched
     _, soft = _fault_blob(bytes.fromhex("cd30"))
-    ints = lambda b, i: struct.unpack_from("<i", b, i)[0]
+    def ints(b, i):
+        return struct.unpack_from("<i", b, i)[0]
     err = [i for i in range(0, len(b0) - 3, 4) if ints(gp, i) == 0x1234 and ints(b0, i) == 0 and ints(soft, i) == 0]
     isint = [i for i in range(0, len(b0) - 3, 4) if ints(soft, i) == 1 and ints(gp, i) == 0 and ints(b0, i) == 0]
     old = [i for i in range(0, len(b0) - 3, 4) if ints(b0, i) == -1 and ints(gp, i) == 13 and ints(soft, i) == -1]

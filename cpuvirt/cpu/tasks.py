@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import struct
 
-from cpuvirt.cpu import regs as R
 from cpuvirt.cpu.events import DeliveryFault, Vector
+from cpuvirt.engine import regs as R
 from cpuvirt.memory.mmu import GuestPageFault, NestedFault
 
 # System-descriptor types (SDM Vol. 3A table 3-2).

@@ -10,20 +10,24 @@ from __future__ import annotations
 import ctypes
 from collections import Counter
 
-from unicorn import (UC_HOOK_INSN, UC_HOOK_INSN_INVALID, UC_HOOK_INTR, UC_HOOK_TLB_FILL, UcError)
+from unicorn import UC_HOOK_INSN, UC_HOOK_TLB_FILL, UcError
 from unicorn import x86_const as X
 from unicorn.unicorn_py3 import unicorn as _ucmod
 
 from cpuvirt import limits
-from cpuvirt.cpu import regs as R
-from cpuvirt.cpu.faultaddr import fault_address
-from cpuvirt.cpu.events import MNEMONIC, DeliveryFault, EventDelivery, TripleFault, Unsupported, Vector
-from cpuvirt.cpu.tasks import CpuView
+from cpuvirt.cpu.events import HAS_ERROR_CODE, MNEMONIC, DeliveryFault, EventDelivery, TripleFault, Unsupported, Vector
 from cpuvirt.cpu.quirks import FaultState
+from cpuvirt.cpu.tasks import CpuView
+from cpuvirt.engine import regs as R
+from cpuvirt.engine.hooks import EngineHooks
 from cpuvirt.machine.clock import NEVER
-from cpuvirt.memory.traces import TraceError, TracedWrite
-from cpuvirt.status import BUDGET as EXIT_BUDGET, HALTED as EXIT_HALTED, HYPERVISOR_STOP as EXIT_HYPERVISOR_STOP
-from cpuvirt.status import INTERNAL_ERROR as EXIT_ERROR, TRIPLE_FAULT as EXIT_TRIPLE_FAULT
+from cpuvirt.memory.traces import TracedWrite, TraceError
+from cpuvirt.status import BUDGET as EXIT_BUDGET
+from cpuvirt.status import HALTED as EXIT_HALTED
+from cpuvirt.status import HYPERVISOR_STOP as EXIT_HYPERVISOR_STOP
+from cpuvirt.status import INTERNAL_ERROR as EXIT_ERROR
+from cpuvirt.status import TRIPLE_FAULT as EXIT_TRIPLE_FAULT
+from cpuvirt.x86.faultaddr import fault_address
 
 EXTERNAL_WAIT_S = 60.0          # host seconds a halted CPU waits for a frame from another process
 
@@ -67,6 +71,7 @@ class Vcpu:
         self._disasm = None
         self._insn_cache: dict[tuple[int, bytes], str] = {}
         self.error: BaseException | None = None
+        self.hooks = EngineHooks(self)      # every engine hook is added through it, under the one guard
         self.intercepts = None    # an Intercepts, for modes that must see non-trapping instructions
         self._io_block, self._io_index = -1, 0
         self._intr_depth = 0
@@ -236,7 +241,7 @@ class Vcpu:
 
         def observe(insns):
             missing = False
-            for addr, size, mnem, _ in insns:
+            for addr, _size, mnem, _ in insns:
                 if mnem in IF_SETTERS and clock.hook_if_setter(addr, mnem == "sti"):
                     missing = True
             if missing:
@@ -281,7 +286,8 @@ class Vcpu:
         if_set = self.regs.read(R.EFLAGS) & R.EFLAGS_IF
         self.record("hlt", "HLT", None, hlt_eip, {"if": bool(if_set)}, "idle until the next interrupt")
         if not if_set:
-            self.finish("halted", EXIT_HALTED, f"hlt at {hlt_eip:#x} with interrupts disabled: nothing can wake the CPU")
+            self.finish("halted", EXIT_HALTED,
+                        f"hlt at {hlt_eip:#x} with interrupts disabled: nothing can wake the CPU")
             return
         if self.inject_pending_interrupt(eip):
             return
@@ -294,7 +300,8 @@ class Vcpu:
             if self.outcome is not None:
                 return
             if deadline is None:
-                quiet = f" (and nothing came from outside in {EXTERNAL_WAIT_S:.0f} s)" if any(src.wait_fds() for src in self.m.external) else ""
+                waited = any(src.wait_fds() for src in self.m.external)
+                quiet = f" (and nothing came from outside in {EXTERNAL_WAIT_S:.0f} s)" if waited else ""
                 self.finish("halted", EXIT_HALTED, f"hlt at {hlt_eip:#x} with no timer armed: nothing can wake "
                             f"the CPU{quiet}")
             else:
@@ -344,9 +351,6 @@ class Vcpu:
         try:
             error_code, soft = self.faults.take()
             self.on_engine_event(intno, error_code, soft, self.regs.read(R.EIP))
-        except BaseException as e:   # never let an exception unwind through the engine
-            self.error = e
-            uc.emu_stop()
         finally:
             self._intr_depth -= 1
             self.clock.if_may_have_changed()
@@ -368,7 +372,7 @@ class Vcpu:
                         {"vector": intno, "software": soft}, "delivered through the guest IDT")
             self.deliver(intno, eip, soft=soft, fault_eip=start)
         else:
-            ec = error_code if intno in (8, 10, 11, 12, 13, 14, 17) else None
+            ec = error_code if intno in HAS_ERROR_CODE else None
             detail = {"vector": intno} if ec is None else {"vector": intno, "error_code": ec}
             self.record("exception", MNEMONIC.get(intno, f"vector {intno}"), intno, eip, detail,
                         "delivered through the guest IDT")
@@ -376,14 +380,10 @@ class Vcpu:
 
     def hook_invalid(self, uc, _data) -> bool:
         self.mmu.crs = None
-        try:
-            eip = self.regs.read(R.EIP)
-            self.left_block_at(eip)
-            self.record("exception", "#UD", 6, eip, {"vector": 6}, "delivered through the guest IDT")
-            self.deliver(Vector.UD, eip)
-        except BaseException as e:
-            self.error = e
-            uc.emu_stop()
+        eip = self.regs.read(R.EIP)
+        self.left_block_at(eip)
+        self.record("exception", "#UD", 6, eip, {"vector": 6}, "delivered through the guest IDT")
+        self.deliver(Vector.UD, eip)
         self.clock.if_may_have_changed()
         return True
 
@@ -392,23 +392,14 @@ class Vcpu:
         if self.outcome is not None:
             return 0
         self.mmu.crs = None
-        try:
-            return self.port_io(port, size, True)
-        except BaseException as e:
-            self.error = e
-            uc.emu_stop()
-            return 0
+        return self.port_io(port, size, True)
 
     def hook_out(self, uc, port, size, value, _data):
         if self.outcome is not None:
             return
         self.mmu.crs = None
-        try:
-            self.port_io(port, size, False, value)
-            if self.outcome is not None:
-                uc.emu_stop()
-        except BaseException as e:
-            self.error = e
+        self.port_io(port, size, False, value)
+        if self.outcome is not None:
             uc.emu_stop()
 
     def msr_instruction(self, address: int, size: int, mnem: str) -> bool:
@@ -523,25 +514,21 @@ class Vcpu:
             self.io_gate_armed = False
             wanted = wanted - IO_INSTRUCTIONS
 
-        def guarded(address, size, mnem, ops):
+        def hit(address, size, mnem, ops):
             self.mmu.crs = None
-            try:
-                if mnem in FAR_TRANSFERS and is_far_transfer(mnem, ops):
-                    self.far_site(address, size, mnem)
-                else:
-                    on_hit(address, size, mnem, ops)
-                after = self.regs.read(R.EIP)
-                if after != address:
-                    # Emulated and skipped (it retired), or an event delivered instead (it did not).
-                    self.left_block_at(address + size if after == address + size else address)
-                    if after == address + size:
-                        self.faults.clear_interrupt_shadow()
-                self.clock.if_may_have_changed()
-            except BaseException as e:   # never let an exception unwind through the engine
-                self.error = e
-                self.uc.emu_stop()
+            if mnem in FAR_TRANSFERS and is_far_transfer(mnem, ops):
+                self.far_site(address, size, mnem)
+            else:
+                on_hit(address, size, mnem, ops)
+            after = self.regs.read(R.EIP)
+            if after != address:
+                # Emulated and skipped (it retired), or an event delivered instead (it did not).
+                self.left_block_at(address + size if after == address + size else address)
+                if after == address + size:
+                    self.faults.clear_interrupt_shadow()
+            self.clock.if_may_have_changed()
 
-        ic = self.intercepts = Intercepts(self.uc, self.mmu, wanted | FAR_TRANSFERS, guarded)
+        ic = self.intercepts = Intercepts(self.hooks, self.mmu, wanted | FAR_TRANSFERS, hit)
         self.mmu.on_code_frame = ic.scan_frame
 
         def observe(insns):
@@ -644,8 +631,8 @@ class Vcpu:
     def far_pointer(self, address: int) -> tuple[int, int, bool] | None:
         """(selector, offset, is_call) of the far jmp/call at `address` (operand read as the CPU
         would: a #PF on it is the guest's)."""
-        from cpuvirt.cpu.faultaddr import operand_address
         from cpuvirt.cpu.intercept import PREFIXES
+        from cpuvirt.x86.faultaddr import operand_address
         code = self.mmu.fetch_bytes(address, 15)
         if not code:
             return None
@@ -682,7 +669,7 @@ class Vcpu:
 
     def cr4_gate(self, address: int, size: int, ops: str) -> None:
         """mov to CR4 setting a bit the CPU model does not have: #GP(0) (SDM Vol. 3A 2.5)."""
-        from cpuvirt.cpu.cpuid import CR4_RESERVED
+        from cpuvirt.x86.cpuid import CR4_RESERVED
         dst, _, src = (t.strip() for t in ops.partition(","))
         if dst != "cr4" or src not in R.GPR_NAMES:
             return
@@ -715,7 +702,7 @@ class Vcpu:
         """A fault raised by a far transfer or task switch: to the guest, at the instruction (or, after
         a task switch's commit point, in the new task)."""
         eip = f.eip if f.eip is not None else address
-        ec = f.error_code if f.vector in (8, 10, 11, 12, 13, 14, 17) else None
+        ec = f.error_code if f.vector in HAS_ERROR_CODE else None
         if f.cr2 is not None:
             self.delivery._set_cr2(f.cr2)
         self.record("exception", MNEMONIC.get(f.vector, str(f.vector)), f.vector, eip,
@@ -725,11 +712,12 @@ class Vcpu:
     # -- hooks -------------------------------------------------------------------------------------
     def install_hooks(self) -> None:
         uc = self.uc
+        hooks = self.hooks                  # each under the one guard (engine/hooks.py)
         uc.hook_add(UC_HOOK_TLB_FILL, self.mmu.fill)
-        self._intr_hook = uc.hook_add(UC_HOOK_INTR, self.hook_intr)   # para replaces it (modes/para)
-        uc.hook_add(UC_HOOK_INSN_INVALID, self.hook_invalid)
-        uc.hook_add(UC_HOOK_INSN, self.hook_in, None, 1, 0, X.UC_X86_INS_IN)
-        uc.hook_add(UC_HOOK_INSN, self.hook_out, None, 1, 0, X.UC_X86_INS_OUT)
+        self._intr_hook = hooks.intr(self.hook_intr)   # para replaces it (modes/para)
+        hooks.invalid(self.hook_invalid)
+        hooks.port_in(self.hook_in)
+        hooks.port_out(self.hook_out)
         if self.rdtsc_in_c:
             self.clock.hook_rdtsc()          # the virtual clock, read in C: rdtsc causes no Python
         else:
@@ -740,9 +728,9 @@ class Vcpu:
                                            ctypes.c_uint64(0), ctypes.c_int(X.UC_X86_INS_RDTSC))
             if err:
                 raise RuntimeError(f"cannot hook rdtsc (uc error {err})")
-        uc.hook_add(UC_HOOK_INSN, self.hook_cpuid, None, 1, 0, X.UC_X86_INS_CPUID)
-        uc.hook_add(UC_HOOK_INSN, self.hook_syscall, None, 1, 0, X.UC_X86_INS_SYSCALL)
-        uc.hook_add(UC_HOOK_INSN, self.hook_sysenter, None, 1, 0, X.UC_X86_INS_SYSENTER)
+        hooks.cpuid(self.hook_cpuid)
+        hooks.system_call(X.UC_X86_INS_SYSCALL, self.hook_syscall)
+        hooks.system_call(X.UC_X86_INS_SYSENTER, self.hook_sysenter)
 
     def _hooked_system_call(self, second: int) -> tuple[int, int]:
         """(address, length) of the syscall (0F 05) or sysenter (0F 34) whose hook is running.
@@ -767,27 +755,19 @@ class Vcpu:
         (the engine alone treats it as a no-op). The engine adds the instruction's length to the
         EIP this hook leaves: EIP is set that much before where the delivery left it."""
         self.mmu.crs = None
-        try:
-            eip, length = self._hooked_system_call(0x05)
-            self.left_block_at(eip)
-            self.invalid_opcode(eip)
-            self.regs.write(R.EIP, (self.regs.read(R.EIP) - length) & 0xFFFFFFFF)
-        except BaseException as e:
-            self.error = e
-            uc.emu_stop()
+        eip, length = self._hooked_system_call(0x05)
+        self.left_block_at(eip)
+        self.invalid_opcode(eip)
+        self.regs.write(R.EIP, (self.regs.read(R.EIP) - length) & 0xFFFFFFFF)
 
     def hook_sysenter(self, uc, _data) -> None:
         """sysenter, done here in every mode (the engine alone treats it as a no-op, and under
         deprivileging its transfer would load a real ring-0 CS); see hook_syscall for EIP."""
         self.mmu.crs = None
-        try:
-            eip, length = self._hooked_system_call(0x34)
-            self.left_block_at(eip)
-            self.sysenter(eip)
-            self.regs.write(R.EIP, (self.regs.read(R.EIP) - length) & 0xFFFFFFFF)
-        except BaseException as e:
-            self.error = e
-            uc.emu_stop()
+        eip, length = self._hooked_system_call(0x34)
+        self.left_block_at(eip)
+        self.sysenter(eip)
+        self.regs.write(R.EIP, (self.regs.read(R.EIP) - length) & 0xFFFFFFFF)
 
     def sysenter_msrs(self) -> tuple[int, int, int]:
         """IA32_SYSENTER_CS, _ESP, _EIP (deprivileging keeps them in the virtual CPU)."""
@@ -814,19 +794,15 @@ class Vcpu:
         self.deliver(Vector.UD, eip)
 
     def hook_cpuid(self, uc, _data) -> bool:
-        """CPUID answers with cpuvirt's CPU model (cpu/cpuid.py, through the machine), in every mode,
+        """CPUID answers with cpuvirt's CPU model (x86/cpuid.py, through the machine), in every mode,
         never with the engine's own CPU. Returning True keeps the registers written here."""
         self.mmu.crs = None
-        try:
-            regs = self.regs
-            eax, ebx, ecx, edx = self.m.cpuid(regs.read(R.EAX), regs.read(R.ECX))
-            regs.write(R.EAX, eax)
-            regs.write(R.EBX, ebx)
-            regs.write(R.ECX, ecx)
-            regs.write(R.EDX, edx)
-        except BaseException as e:
-            self.error = e
-            uc.emu_stop()
+        regs = self.regs
+        eax, ebx, ecx, edx = self.m.cpuid(regs.read(R.EAX), regs.read(R.ECX))
+        regs.write(R.EAX, eax)
+        regs.write(R.EBX, ebx)
+        regs.write(R.ECX, ecx)
+        regs.write(R.EDX, edx)
         return True
 
     # -- recording -----------------------------------------------------------------------------------

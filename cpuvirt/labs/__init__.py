@@ -98,7 +98,7 @@ def get_lab(name: str) -> Lab:
     for lab in all_labs():
         if name in (lab.name, str(lab.number)):
             return lab
-    raise CpuvirtError(f"unknown lab {name!r} (labs: {', '.join(l.name for l in all_labs())})")
+    raise CpuvirtError(f"unknown lab {name!r} (labs: {', '.join(lab.name for lab in all_labs())})")
 
 
 def run_step(step: Step, folder: Path) -> Output:
@@ -179,7 +179,8 @@ def check_answers(lab: Lab, observed: dict, answers: dict[str, str]) -> list[tup
         except ValueError:
             raise CpuvirtError(f"--answer {key}={given}: not a number") from None
         ok = abs(value - float(want)) <= q.tolerance * max(1.0, abs(float(want)))
-        results.append((key, ok, "right" if ok else "not what this run shows (look again at the step that measures it)"))
+        results.append((key, ok,
+                        "right" if ok else "not what this run shows (look again at the step that measures it)"))
     return results
 
 

@@ -94,7 +94,8 @@ and the TC sits in an execute-only window the guest cannot read or write.
         Question("q3", "Why is `cli` inline but `lgdt` a callout? What would `popf` have to do if the translated "
                        "code ran with IOPL 0?"),
         Question("q4", "Chaining avoids hypervisor entries between blocks. Which instructions cannot be chained, "
-                       "and what does the translator do for them (look for inline caches in docs/binary-translation.md)?"),
+                       "and what does the translator do for them "
+                       "(look for inline caches in docs/binary-translation.md)?"),
     ],
     extend="""
 Write a guest whose inner loop is pure computation (no sensitive instructions) and one whose loop does

@@ -34,7 +34,8 @@ LAB = Lab(
     goals=[
         "State Popek and Goldberg's condition for trap-and-emulate, and find the x86 instructions that break it.",
         "Run one guest under naive trap-and-emulate and read, from its own checks and from the trace, what went wrong.",
-        "See how binary translation, paravirtualization and VT-x each close the same holes, and what each costs in events.",
+        "See how binary translation, paravirtualization and VT-x each close the same holes, "
+        "and what each costs in events.",
     ],
     background="""
 A virtual machine monitor (VMM) must give the guest an *equivalent* machine, keep *control* of the real

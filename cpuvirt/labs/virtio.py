@@ -112,7 +112,8 @@ ping as QEMU's user network does. docs/virtio.md draws the rings.
                  lambda o: o["hw_exits"]),
         Question("q3", "How many VM exits did the same bytes cost through COM1 (step 4)?", lambda o: o["com1_exits"]),
         Question("q4", "The burst of 300 frames is larger than the 256-entry ring. What happens to the ring "
-                       "indices, and why do they never need to be reset? (Hint: they are free-running 16-bit counters.)"),
+                       "indices, and why do they never need to be reset? "
+                       "(Hint: they are free-running 16-bit counters.)"),
         Question("q5", "Steps 3, 6 and 7 cost the guest the same number of VM exits. On a real host, which "
                        "costs differ between QEMU's device model, vhost-net in the host kernel and a vhost-user "
                        "switch process (think: which thread wakes up, which address space the copy happens in, "

@@ -342,7 +342,7 @@ def _load_elf(data: bytes, offset: int, flags: int, where: str) -> KernelImage:
             f"{where}truncated ELF: the program headers ({e_phnum} at offset {e_phoff:#x}) run "
             f"past the end of the file ({len(data)} bytes)")
     try:
-        from elftools.elf.elffile import ELFFile    # only ELF kernels pay for pyelftools' import
+        from elftools.elf.elffile import ELFFile  # only ELF kernels pay for pyelftools' import
         elf = ELFFile(io.BytesIO(data))
         entry = elf.header["e_entry"]
         loads = [(seg["p_paddr"], seg["p_offset"], seg["p_filesz"], seg["p_memsz"])

@@ -2,8 +2,9 @@
 
 The rate: one guest instruction retired is one cycle of a 1 GHz virtual CPU (TSC_HZ). Instructions
 are counted per translated block by a C block hook (_vclock.c); `hlt` jumps time forward to the next
-timer deadline, and a port access adds 1 us (IO_CYCLES in vcpu.py), as an ISA bus cycle takes. The PIT derives its 1.193182 MHz from the same count, so every run of the same image
-and options sees the same interrupts at the same instructions.
+timer deadline, and a port access adds 1 us (IO_CYCLES in vcpu.py), as an ISA bus cycle takes. The
+PIT derives its 1.193182 MHz from the same count, so every run of the same image and options sees
+the same interrupts at the same instructions.
 """
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import ctypes
 import importlib.util
 
 from unicorn import UC_HOOK_BLOCK, UC_HOOK_CODE, UC_HOOK_INSN
-from unicorn.x86_const import UC_X86_INS_RDTSC, UC_X86_REG_EAX, UC_X86_REG_EDX, UC_X86_REG_EFLAGS
 from unicorn.unicorn_py3 import unicorn as _ucmod
+from unicorn.x86_const import UC_X86_INS_RDTSC, UC_X86_REG_EAX, UC_X86_REG_EDX, UC_X86_REG_EFLAGS
 
 TSC_HZ = 1_000_000_000
 NEVER = (1 << 64) - 1

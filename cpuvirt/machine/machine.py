@@ -12,27 +12,30 @@ import time
 from unicorn import UC_ARCH_X86, UC_MODE_32, UC_TLB_VIRTUAL, Uc
 
 from cpuvirt import limits
-from cpuvirt.cpu import cpuid as _cpuid
-from cpuvirt.cpu.regs import Regs
+from cpuvirt.engine.regs import Regs
 from cpuvirt.machine.apic import APIC_BASE_GPA, APIC_SIZE, MSR_IA32_APIC_BASE, ApicReservedBits, LocalApic
 from cpuvirt.machine.bus import PortBus
 from cpuvirt.machine.clock import TSC_HZ, VirtualClock
 from cpuvirt.machine.debug_exit import DebugExit
 from cpuvirt.machine.fw_cfg import FW_CFG_PORT_SEL, FwCfg
-from cpuvirt.machine.mmio import MmioBus
 from cpuvirt.machine.hostmem import HostRegion
+from cpuvirt.machine.i8042 import DATA_PORT as I8042_DATA
+from cpuvirt.machine.i8042 import I8042
+from cpuvirt.machine.i8042 import STATUS_PORT as I8042_STATUS
+from cpuvirt.machine.ioapic import IOAPIC_BASE_GPA, IOAPIC_SIZE, IoApic, isa_irq_to_pin
+from cpuvirt.machine.mmio import MmioBus
+from cpuvirt.machine.mptable import firmware_blobs
 from cpuvirt.machine.pci import CONFIG_ADDRESS, CONFIG_DATA, PIIX_PIRQ_IRQS, PciBus
 from cpuvirt.machine.pic import ELCR_PORT, Pic8259Pair
-from cpuvirt.machine.i8042 import DATA_PORT as I8042_DATA, STATUS_PORT as I8042_STATUS, I8042
-from cpuvirt.machine.ioapic import IOAPIC_BASE_GPA, IOAPIC_SIZE, IoApic, isa_irq_to_pin
-from cpuvirt.machine.mptable import firmware_blobs
-from cpuvirt.machine.rtc import RTC_PORT, DEFAULT_BASE as RTC_DEFAULT_BASE, CmosRtc
-from cpuvirt.machine.vga import CRTC_PORT, VgaCrtc
 from cpuvirt.machine.pit import Pit8254
 from cpuvirt.machine.post import PostPort
+from cpuvirt.machine.rtc import DEFAULT_BASE as RTC_DEFAULT_BASE
+from cpuvirt.machine.rtc import RTC_PORT, CmosRtc
 from cpuvirt.machine.uart import Uart16550
+from cpuvirt.machine.vga import CRTC_PORT, VgaCrtc
 from cpuvirt.memory.mmu import Mmu
 from cpuvirt.memory.p2m import MMIO_HPA, RAM_HPA, UNBACKED_HPA, P2m
+from cpuvirt.x86 import cpuid as _cpuid
 
 MIB = 1 << 20
 MIN_MEM_MIB, MAX_MEM_MIB = 2, 512
@@ -326,7 +329,7 @@ class Machine:
         raise MsrFault(f"wrmsr of unimplemented MSR {msr:#x}")
 
     def cpuid(self, leaf: int, subleaf: int = 0) -> tuple[int, int, int, int]:
-        """CPUID as the platform's CPU model answers it (cpu/cpuid.py; APIC bit per IA32_APIC_BASE)."""
+        """CPUID as the platform's CPU model answers it (x86/cpuid.py; APIC bit per IA32_APIC_BASE)."""
         return _cpuid.cpuid(leaf, subleaf, apic_enabled=self.apic.hw_enabled)
 
     # -- memory-mapped devices ---------------------------------------------------------------------
@@ -479,7 +482,7 @@ class Machine:
         gdt = struct.pack("<QQQ", 0, 0x00CF9A000000FFFF, 0x00CF92000000FFFF)
         self.write_gpa(scratch_gpa, gdt)
         uc = self.uc
-        from cpuvirt.cpu import regs as R
+        from cpuvirt.engine import regs as R
         uc.reg_write(R.GDTR, (0, scratch_gpa, len(gdt) - 1, 0))
         uc.reg_write(R.CR0, 0x11)   # PE | ET
         uc.reg_write(R.CS, 0x08)

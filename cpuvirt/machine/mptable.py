@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import struct
 
-from cpuvirt.machine.apic import APIC_BASE_GPA, VERSION as LAPIC_VERSION
+from cpuvirt.machine.apic import APIC_BASE_GPA
+from cpuvirt.machine.apic import VERSION as LAPIC_VERSION
 from cpuvirt.machine.ioapic import IOAPIC_BASE_GPA, IOAPIC_ID, IOAPIC_VERSION, isa_irq_to_pin
 
 FLOATING_POINTER_GPA = 0xF5BA0

@@ -355,7 +355,7 @@ class PciBus:
                 else:
                     function._write_bar_raw(index, address)
                 address += size
-        for slot, function in sorted(self.functions.items()):
+        for _slot, function in sorted(self.functions.items()):
             if function.config[INTERRUPT_PIN]:
                 function.config[INTERRUPT_LINE] = PIIX_PIRQ_IRQS[self.pirq_of(function)]
             cmd = function.command | COMMAND_IO | COMMAND_MEMORY | COMMAND_SERR

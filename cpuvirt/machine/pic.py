@@ -193,7 +193,7 @@ class Pic8259Pair:
     def bios_setup(self) -> None:
         """Leave the pair as SeaBIOS does under QEMU: vectors 0x08 and 0x70, ICW4 8086 mode,
         IMR 0xB8 / 0x8E. Call it to reproduce the state a QEMU guest starts in."""
-        for chip, port, vector, cascade, imr in (
+        for _chip, port, vector, cascade, imr in (
                 (self.master, MASTER_BASE, BIOS_MASTER_VECTOR, 0x04, BIOS_MASTER_IMR),
                 (self.slave, SLAVE_BASE, BIOS_SLAVE_VECTOR, 0x02, BIOS_SLAVE_IMR)):
             for p, v in ((port, 0x11), (port + 1, vector), (port + 1, cascade), (port + 1, 0x01),

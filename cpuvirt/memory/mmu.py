@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from unicorn import UC_PROT_EXEC, UC_PROT_READ, UC_PROT_WRITE
 
-from cpuvirt.cpu import regs as R
+from cpuvirt.engine import regs as R
 from cpuvirt.memory.p2m import UNBACKED_HPA, P2m
-from cpuvirt.memory.traces import Traces, TracedWrite
+from cpuvirt.memory.traces import TracedWrite, Traces
 from cpuvirt.memory.types import CR0_PG, Access
 from cpuvirt.memory.walk import Fault, walk
 

@@ -27,10 +27,20 @@ from collections import Counter, OrderedDict
 
 from unicorn import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH
 
-from cpuvirt.cpu import regs as R
+from cpuvirt.engine import regs as R
 from cpuvirt.memory.mmu import GuestPageFault, RefusedFill
 from cpuvirt.memory.types import (
-    CR0_PG, CR0_WP, CR4_PGE, CR4_PSE, CR4_SMEP, PFEC_P, PFEC_U, PFEC_W, PTE_P, PTE_PS, PTE_RW, PTE_US, Access,
+    CR0_PG,
+    CR0_WP,
+    CR4_PGE,
+    CR4_PSE,
+    CR4_SMEP,
+    PFEC_P,
+    PFEC_U,
+    PFEC_W,
+    PTE_RW,
+    PTE_US,
+    Access,
 )
 from cpuvirt.memory.walk import Fault, walk
 
@@ -58,8 +68,8 @@ class ShadowMiss:
 
 class ShadowCounters:
     __slots__ = ("hidden_faults", "true_faults", "shadow_hits", "ptemods", "ptemod_fallbacks", "guest_stores",
-                 "cr3_switches", "root_hits", "root_misses", "root_evictions", "root_trims", "invlpgs", "flushes", "zapped",
-                 "traced_frames")
+                 "cr3_switches", "root_hits", "root_misses", "root_evictions", "root_trims", "invlpgs", "flushes",
+                 "zapped", "traced_frames")
 
     def __init__(self):
         for k in self.__slots__:
@@ -347,8 +357,8 @@ class ShadowPaging:
         m = self.mmu
         regs = m.regs
         user = (regs.read(R.SS) & 3) == 3
-        from cpuvirt.cpu.emulate import emulate_store
-        from cpuvirt.cpu.events import Unsupported
+        from cpuvirt.status import Unsupported
+        from cpuvirt.x86.emulate import emulate_store
 
         def read(gva, size):
             return int.from_bytes(m.read_linear(gva, size, user), "little")

@@ -49,8 +49,24 @@ from __future__ import annotations
 from typing import Callable, NamedTuple
 
 from cpuvirt.memory.types import (
-    CR0_PG, CR0_WP, CR4_PGE, CR4_PSE, CR4_SMEP, PFEC_I, PFEC_P, PFEC_RSVD, PFEC_U, PFEC_W,
-    PTE_A, PTE_D, PTE_G, PTE_P, PTE_PS, PTE_RW, PTE_US, Access,
+    CR0_PG,
+    CR0_WP,
+    CR4_PGE,
+    CR4_PSE,
+    CR4_SMEP,
+    PFEC_I,
+    PFEC_P,
+    PFEC_RSVD,
+    PFEC_U,
+    PFEC_W,
+    PTE_A,
+    PTE_D,
+    PTE_G,
+    PTE_P,
+    PTE_PS,
+    PTE_RW,
+    PTE_US,
+    Access,
 )
 
 __all__ = ["Translation", "Fault", "walk"]

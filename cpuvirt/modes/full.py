@@ -22,13 +22,14 @@ from cpuvirt.bt.coherence import invalidate
 from cpuvirt.bt.runtime import BtRuntime
 from cpuvirt.bt.tcache import CALLOUT_SLOTS, TC_SIZE, TCache
 from cpuvirt.bt.translate import INLINE, GuestCode, TranslateFault
-from cpuvirt.cpu import regs as R
 from cpuvirt.cpu.deprivilege import KERNEL_RING, SHADOW_GDT_WINDOW, DeprivilegedVcpu, GuestFault
 from cpuvirt.cpu.events import Unsupported, Vector
 from cpuvirt.cpu.vcpu import EXIT_BUDGET, EXIT_ERROR, EXIT_HYPERVISOR_STOP
+from cpuvirt.engine import regs as R
 from cpuvirt.machine.clock import _COUNT_CB
 from cpuvirt.memory.mmu import GuestPageFault
 from cpuvirt.memory.types import Access
+from cpuvirt.modes.base import Mode
 
 TC_WINDOW = 0xFF000000            # linear window of the translation cache (execute-only, CPL 1)
 assert TC_WINDOW + TC_SIZE <= SHADOW_GDT_WINDOW
@@ -43,10 +44,11 @@ _arith_forms: dict = {}
 
 def _arith_store(code: bytes, eip: int, regs, read, write) -> int | None:
     """`add/sub [m], reg/imm` and `inc/dec [m]` (counters kept beside code), with the flags the CPU
-    sets; None for any other instruction. Complements cpu/emulate.emulate_store."""
+    sets; None for any other instruction. Complements x86/emulate.emulate_store."""
     from capstone.x86 import X86_OP_IMM, X86_OP_MEM, X86_OP_REG
-    from cpuvirt.cpu.emulate import _get
-    from cpuvirt.cpu.faultaddr import _operand_addresses, _decoder
+
+    from cpuvirt.x86.emulate import _get
+    from cpuvirt.x86.faultaddr import _decoder, _operand_addresses
     key = (eip, code)
     form = _arith_forms.get(key)
     if form is None:
@@ -291,7 +293,7 @@ class FullVcpu(DeprivilegedVcpu):
         for frame in self._frame_blocks:
             if frame in traces and CODE in traces.kinds(frame):
                 traces.untrace_frame(frame, CODE)
-        for page, frame in self._page_frame.items():
+        for frame in self._page_frame.values():
             if frame in traces and CODE in traces.kinds(frame):
                 traces.untrace_frame(frame, CODE)
         self._frame_blocks.clear()
@@ -322,8 +324,8 @@ class FullVcpu(DeprivilegedVcpu):
         if tw.done:                          # already written (by the hypervisor, or another owner)
             self._check_range(tw.gpa, tw.size or 4)
             return False
-        from cpuvirt.cpu.emulate import emulate_store
         from cpuvirt.cpu.events import Unsupported
+        from cpuvirt.x86.emulate import emulate_store
         mmu = self.mmu
 
         def read(gva, size):
@@ -485,16 +487,12 @@ class FullVcpu(DeprivilegedVcpu):
 
     def hook_invalid(self, uc, _data) -> bool:
         self.mmu.crs = None
-        try:
-            eip = self.regs.read(R.EIP)
-            self.left_block_at(eip)
-            geip = self.guest_position(eip)
-            self.record("exception", "#UD", 6, geip, {"vector": 6}, "delivered through the guest IDT")
-            self.deliver(Vector.UD, geip)
-            self.settle()
-        except BaseException as e:
-            self.error = e
-            uc.emu_stop()
+        eip = self.regs.read(R.EIP)
+        self.left_block_at(eip)
+        geip = self.guest_position(eip)
+        self.record("exception", "#UD", 6, geip, {"vector": 6}, "delivered through the guest IDT")
+        self.deliver(Vector.UD, geip)
+        self.settle()
         return True
 
     def on_refused_fill(self, pending, eip: int) -> None:
@@ -505,7 +503,7 @@ class FullVcpu(DeprivilegedVcpu):
         tc_eip, esp = eip, self.regs.read(R.ESP)
         code = self.tc_bytes(eip, 15)
         # the exact linear address is computed from the TC instruction, with the registers as they are
-        from cpuvirt.cpu.faultaddr import fault_address
+        from cpuvirt.x86.faultaddr import fault_address
         gva = pending.gva if pending.access == 2 else fault_address(code, eip, pending.gva & 0xFFFFF000, self.regs)
         geip = self.guest_position(eip)
         from cpuvirt.memory.traces import TracedWrite
@@ -541,8 +539,8 @@ class FullVcpu(DeprivilegedVcpu):
     def _make_adaptive(self, geip: int) -> None:
         """Adaptive BT: a store that keeps faulting on a traced page becomes a callout that does the
         store through the shadow paging (no fault at all)."""
-        from cpuvirt.cpu.emulate import _store_form
         from cpuvirt.cpu.events import Unsupported
+        from cpuvirt.x86.emulate import _store_form
         tr = self.rt.translator
         if geip in tr.adaptive or not hasattr(self.mmu.strategy, "guest_store"):
             return
@@ -665,8 +663,9 @@ class FullVcpu(DeprivilegedVcpu):
             if self.outcome is not None:
                 return None
             return nxt
-        if op == 0x0F and (raw[p + 1] in (0x05, 0x07) or (raw[p + 1] == 0x01 and p + 2 < len(raw)
-                                                          and raw[p + 2] >> 6 == 3 and (raw[p + 2] >> 3) & 7 not in (4, 6))):
+        if op == 0x0F and (raw[p + 1] in (0x05, 0x07) or (
+                raw[p + 1] == 0x01 and p + 2 < len(raw)
+                and raw[p + 2] >> 6 == 3 and (raw[p + 2] >> 3) & 7 not in (4, 6))):
             # syscall, sysret, and the 0F 01 register forms this CPU model does not have (vmcall,
             # vmlaunch, monitor, mwait, xgetbv, rdtscp, swapgs...): #UD, as native gives
             self.invalid_opcode(geip)
@@ -711,7 +710,7 @@ class FullVcpu(DeprivilegedVcpu):
 
     def _adaptive_store(self, geip: int) -> None:
         """The store of an adaptive callout, done through shadow paging's guest_store."""
-        from cpuvirt.cpu.emulate import emulate_store
+        from cpuvirt.x86.emulate import emulate_store
         mmu = self.mmu
 
         def read(gva, size):
@@ -828,7 +827,7 @@ class FullVcpu(DeprivilegedVcpu):
                 "adaptive_stores": self.adaptive_stores, "code_page_faults": self.code_page_faults}
 
 
-class FullMode:
+class FullMode(Mode):
     name = "full"
     description = "binary translation: kernel code translated into a TC at ring 1, user code direct"
 
@@ -864,6 +863,3 @@ class FullMode:
             mmio.on_access = on_access
         self.vcpu.deprivilege()
         self.vcpu._vsnap = self.vcpu._snapshot()
-
-    def run(self, entry: int):
-        return self.vcpu.run(entry)

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from cpuvirt.cpu.vcpu import IO_INSTRUCTIONS, Vcpu
 from cpuvirt.memory.fastfill import FastFill
+from cpuvirt.modes.base import Mode
 
 
-class NativeMode:
+class NativeMode(Mode):
     name = "native"
     description = "ring 0 on the bare simulated PC (the reference)"
 
@@ -31,10 +32,8 @@ class NativeMode:
                 vcpu.cr4_gate(address, size, ops)
             else:
                 vcpu.msr_instruction(address, size, mnem)
-        self.vcpu.enable_intercepts(frozenset(("rdmsr", "wrmsr", "mov", "mov cr4")) | IO_INSTRUCTIONS, on_hit, lazy_io=True)
+        self.vcpu.enable_intercepts(frozenset(("rdmsr", "wrmsr", "mov", "mov cr4")) | IO_INSTRUCTIONS, on_hit,
+                                    lazy_io=True)
 
     def boot(self) -> None:
         """Nothing between the loader and the guest."""
-
-    def run(self, entry: int):
-        return self.vcpu.run(entry)

@@ -9,10 +9,10 @@ verr, verw) runs natively and shows the truth of ring 1: Popek & Goldberg's x86 
 from __future__ import annotations
 
 from cpuvirt import limits
-from cpuvirt.cpu import regs as R
-from cpuvirt.cpu.deprivilege import KERNEL_RING, SREGS, DeprivilegedVcpu
+from cpuvirt.cpu.deprivilege import SREGS, DeprivilegedVcpu
 from cpuvirt.cpu.events import Vector
 from cpuvirt.memory.shadow import ShadowPaging
+from cpuvirt.modes.base import Mode
 
 
 class TrapVcpu(DeprivilegedVcpu):
@@ -74,7 +74,7 @@ def _trapped(mnem: str, ops: str) -> bool:
     return mnem == "pop" and first in SREGS and first != "cs"
 
 
-class TrapMode:
+class TrapMode(Mode):
     name = "trap"
     description = "naive trap-and-emulate: the kernel in place at ring 1; the x86 holes go unseen"
 
@@ -89,6 +89,3 @@ class TrapMode:
     def boot(self) -> None:
         """The loader left ring 0: drop the guest kernel to ring 1 under its virtual CPU."""
         self.vcpu.deprivilege()
-
-    def run(self, entry: int):
-        return self.vcpu.run(entry)

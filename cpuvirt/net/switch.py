@@ -7,9 +7,9 @@ Ports (`--port`, repeatable, numbered from 1 in command-line order):
 - `unix:PATH`: a tap-like Unix datagram socket bound at PATH, one frame per datagram; frames go back to
   the address that last sent one (an empty datagram only says where that is: cpuvirt's
   `--device virtio-net,peer=unix:PATH` sends one at start);
-- `udp:LOCAL_PORT:REMOTE_PORT`: an uplink on 127.0.0.1 compatible with QEMU's
-  `-netdev dgram,local.type=inet,local.host=127.0.0.1,local.port=REMOTE_PORT,remote.type=inet,remote.host=127.0.0.1,remote.port=LOCAL_PORT`
-  (one UDP datagram per frame);
+- `udp:LOCAL_PORT:REMOTE_PORT`: an uplink on 127.0.0.1 compatible with QEMU's `-netdev dgram,`
+  `local.type=inet,local.host=127.0.0.1,local.port=REMOTE_PORT,`
+  `remote.type=inet,remote.host=127.0.0.1,remote.port=LOCAL_PORT` (one UDP datagram per frame);
 - `user`: the services of QEMU's user network (10.0.2.2 answers ARP and ping, as backend.py's
   UserNet) as a port of the switch.
 

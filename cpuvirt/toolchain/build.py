@@ -11,7 +11,6 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from cpuvirt.errors import CpuvirtError
@@ -92,7 +91,7 @@ def assemble_guest(name: str, pv: bool = False) -> tuple[bytes, Assembly]:
     pre = _preprocess(path, pv)
     if pv and "PV" not in pre.condition_names:
         raise CpuvirtError(f"guest '{name}' has no paravirtualized build (its source never tests PV)")
-    from cpuvirt.toolchain.image import build_image     # keystone and capstone: only when assembling
+    from cpuvirt.toolchain.image import build_image  # keystone and capstone: only when assembling
     return build_image(pre.lines)
 
 

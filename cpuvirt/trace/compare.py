@@ -162,7 +162,7 @@ def run_columns(guest: str, specs, max_insns: int, mem_mib: int = 32, extra_vmx=
                                   if ins.size}
                 for addr in hv.vcpu.rt.translator.adaptive:
                     col.translated[addr] = "callout (adaptive)"
-            if hasattr(hv, "settings"):
+            if hv.settings is not None:
                 col.controls = dict(hv.settings.bits)
     return cols
 
@@ -184,7 +184,7 @@ def _executed(hv) -> dict:
         code = vcpu.mmu.fetch_bytes(start, min(end - start, 4096)) if hasattr(vcpu.mmu, "fetch_bytes") else None
         if not code:
             continue
-        for addr, size, mnem, ops in cs.disasm_lite(code, start):
+        for addr, _size, mnem, ops in cs.disasm_lite(code, start):
             if addr in addrs:
                 out[addr] = f"{mnem} {ops}".strip()
     return out
@@ -216,7 +216,8 @@ def _label_by_difference(cols: list[Column]) -> None:
         keys = set().union(*(c.controls for c in same))
         differ = sorted(k for k in keys if len({c.controls.get(k, 0) for c in same}) > 1)
         for i, c in enumerate(same):
-            c.label = " ".join([mode] + [f"{k}={c.controls.get(k, 0)}" for k in differ]) if differ else f"{mode}#{i + 1}"
+            c.label = (" ".join([mode] + [f"{k}={c.controls.get(k, 0)}" for k in differ]) if differ
+                       else f"{mode}#{i + 1}")
 
 
 # -- the table ------------------------------------------------------------------------------------------------
@@ -445,7 +446,7 @@ def format_text(cols: list[Column], sites: list[Site], summary: list[dict], widt
         host = f"{r['host_s']:.2f}" if r["host_s"] is not None else "-"
         out.append(f"{r['run']:<22} {str(r['outcome']) + ' ' + str(r['status']):<12} {pf:>9} {r['console']:<10} "
                    f"{r['instructions']:>12,} {_short(r['modelled_cycles']):>10} {host:>7}")
-    for r, c in zip(summary, cols):
+    for r, _c in zip(summary, cols):
         if r["ran"]:
             shares = ", ".join(f"{k} {v:.0%}" for k, v in r["shares"].items() if v >= 0.005)
             events = ", ".join(f"{k} {v}" for k, v in r["events"].items()) or "none"

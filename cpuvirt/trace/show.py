@@ -22,7 +22,8 @@ def show(path: str, out, kinds=None, image: str | None = None) -> None:
               f"image sha256 {str(h.get('image_sha256'))[:16]}...)\n")
     if syms.source:
         out.write(f"# symbols and lines from {syms.source} (sha256 matches)\n")
-    out.write(f"{'seq':>6} {'icount':>12} cpl {'kind':<13} {'reason':<18} {'eip':>10}  {'instruction':<28} detail -> action"
+    out.write(f"{'seq':>6} {'icount':>12} cpl {'kind':<13} {'reason':<18} {'eip':>10}  {'instruction':<28} "
+              "detail -> action"
               f"{'  @ symbol file:line' if syms.source else ''}\n")
     for e in t.events:
         if kinds and e["kind"] not in kinds:

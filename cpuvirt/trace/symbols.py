@@ -113,6 +113,7 @@ def from_assembly(asm, source: str = "") -> Symbols:
 def from_elf(data: bytes, source: str = "") -> Symbols:
     """Symbol table and (with -g) DWARF line info of an ELF image."""
     import io
+
     from elftools.common.exceptions import ELFError
     from elftools.elf.elffile import ELFFile
     from elftools.elf.sections import SymbolTableSection

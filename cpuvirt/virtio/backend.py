@@ -157,7 +157,8 @@ class UnixPeer(Backend):
             self.sock.send(b"")              # hello: the switch learns this port's peer address
         except OSError as e:
             self.sock.close()
-            raise ValueError(f"peer=unix:{path}: {e.strerror or e} (is `cpuvirt vswitch --port unix:{path}` running?)") from None
+            raise ValueError(f"peer=unix:{path}: {e.strerror or e} "
+                             f"(is `cpuvirt vswitch --port unix:{path}` running?)") from None
 
     def transmit(self, frame: bytes) -> None:
         try:

@@ -584,7 +584,8 @@ class E1000(PciFunction):
             offset += piece
             last = k == needed - 1
             status = (status & ~(RXD_STAT_DD | RXD_STAT_EOP)) | (RXD_STAT_EOP | RXD_STAT_IXSM if last else 0)
-            self._write(ring, at + 8, struct.pack("<HHBBH", piece, csum, status | RXD_STAT_DD, errors, 0))  # special: no VLAN
+            # the last 0: the special field (no VLAN)
+            self._write(ring, at + 8, struct.pack("<HHBBH", piece, csum, status | RXD_STAT_DD, errors, 0))
             i = (i + 1) % ring.count
         ring.head = i
         self.counters["rx_frames"] += 1

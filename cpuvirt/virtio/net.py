@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import struct
 
-from cpuvirt.virtio.transport import (F_EVENT_IDX, F_INDIRECT_DESC, VirtioDevice)
+from cpuvirt.virtio.transport import F_EVENT_IDX, F_INDIRECT_DESC, VirtioDevice
 from cpuvirt.virtio.virtqueue import RingError
 
 F_MAC, F_STATUS, F_MRG_RXBUF, F_CTRL_VQ = 5, 16, 15, 17

@@ -261,7 +261,8 @@ class VirtioPciLegacy(PciFunction):
     def _write_status(self, value: int) -> None:
         old = self.device_status
         if value == 0:
-            self.trace("STATUS", {"device": self.name, "status": "0 (reset)"}, "device reset: queues and features cleared")
+            self.trace("STATUS", {"device": self.name, "status": "0 (reset)"},
+                       "device reset: queues and features cleared")
             self.device.reset()
             self._reset_state()
             return

@@ -25,13 +25,43 @@ import sys
 from cpuvirt.virtio.backend import PEERS
 from cpuvirt.virtio.net import VirtioNet
 from cpuvirt.virtio.transport import F_EVENT_IDX, F_INDIRECT_DESC
-from cpuvirt.virtio.vhost import MemRegion, MemoryTable
+from cpuvirt.virtio.vhost import MemoryTable, MemRegion
 from cpuvirt.virtio.vhost_user import (
-    ADDR, FLAG_NEED_REPLY, FLAG_REPLY, F_PROTOCOL_FEATURES, GET_FEATURES, GET_PROTOCOL_FEATURES, GET_QUEUE_NUM,
-    GET_VRING_BASE, PROTOCOL_F_INBAND_NOTIFICATIONS, PROTOCOL_F_MQ, PROTOCOL_F_REPLY_ACK, REGION, RESET_OWNER,
-    REQUEST_NAMES, SET_FEATURES, SET_MEM_TABLE, SET_OWNER, SET_PROTOCOL_FEATURES, SET_VRING_ADDR,
-    SET_VRING_BASE, SET_VRING_CALL, SET_VRING_ENABLE, SET_VRING_ERR, SET_VRING_KICK, SET_VRING_NUM, STATE, U64,
-    VERSION, VRING_KICK, VRING_NOFD, ProtocolError, _close_all, recv_message, send_message)
+    ADDR,
+    F_PROTOCOL_FEATURES,
+    FLAG_NEED_REPLY,
+    FLAG_REPLY,
+    GET_FEATURES,
+    GET_PROTOCOL_FEATURES,
+    GET_QUEUE_NUM,
+    GET_VRING_BASE,
+    PROTOCOL_F_INBAND_NOTIFICATIONS,
+    PROTOCOL_F_MQ,
+    PROTOCOL_F_REPLY_ACK,
+    REGION,
+    REQUEST_NAMES,
+    RESET_OWNER,
+    SET_FEATURES,
+    SET_MEM_TABLE,
+    SET_OWNER,
+    SET_PROTOCOL_FEATURES,
+    SET_VRING_ADDR,
+    SET_VRING_BASE,
+    SET_VRING_CALL,
+    SET_VRING_ENABLE,
+    SET_VRING_ERR,
+    SET_VRING_KICK,
+    SET_VRING_NUM,
+    STATE,
+    U64,
+    VERSION,
+    VRING_KICK,
+    VRING_NOFD,
+    ProtocolError,
+    _close_all,
+    recv_message,
+    send_message,
+)
 from cpuvirt.virtio.virtqueue import GuestMemoryError, GuestRam, RingError, SplitQueue
 
 FEATURES = (1 << 5 | 1 << 16 | 1 << 28 | 1 << 29 | 1 << F_PROTOCOL_FEATURES)   # MAC STATUS INDIRECT EVENT_IDX

@@ -6,11 +6,12 @@ checks, event injection) and `handlers.py` the root-mode hypervisor, organised a
 """
 from __future__ import annotations
 
+from cpuvirt.modes.base import Mode
 from cpuvirt.modes.hw.controls import VmxSettings
 from cpuvirt.modes.hw.vmx import VmxCpu
 
 
-class HwMode:
+class HwMode(Mode):
     name = "hw"
     description = "ring 0 in simulated VMX non-root operation: VM exits, VMCS controls, EPT (or shadow paging)"
 
@@ -22,8 +23,13 @@ class HwMode:
         self.settings = settings
         self.vcpu = VmxCpu(machine, settings, trace=trace, max_insns=max_insns, dump_on=dump_on)
 
+    @property
+    def shadow(self):
+        """The shadow pager when EPT is off (--no-ept), else None."""
+        return self.vcpu.shadow
+
     def boot(self) -> None:
         self.vcpu.guest_entry()
 
-    def run(self, entry: int):
-        return self.vcpu.run(entry)
+    def summary_stats(self) -> list[tuple[str, int, int, float, float]]:
+        return self.vcpu.summary_stats()

@@ -9,7 +9,8 @@ from __future__ import annotations
 from cpuvirt.errors import CpuvirtError
 from cpuvirt.modes.hw.vmcs import Field, Vmcs
 
-PIN, PRIMARY, SECONDARY = Field.PIN_BASED_VM_EXEC_CONTROL, Field.CPU_BASED_VM_EXEC_CONTROL, Field.SECONDARY_VM_EXEC_CONTROL
+PIN, PRIMARY, SECONDARY = (Field.PIN_BASED_VM_EXEC_CONTROL, Field.CPU_BASED_VM_EXEC_CONTROL,
+                           Field.SECONDARY_VM_EXEC_CONTROL)
 
 # name -> (VMCS field, bit)
 CONTROLS: dict[str, tuple[Field, int]] = {
@@ -41,7 +42,8 @@ SETTINGS = ("exception_bitmap", "io_bitmap", "msr_bitmap", "cr0_guest_host_mask"
             "pf_error_code_mask", "pf_error_code_match", "tsc_offset", "lazy_ept")
 
 CR0_TS, CR0_WP = 1 << 3, 1 << 16
-CR4_PGE, CR4_PCE, CR4_TSD, CR4_DE, CR4_PVI, CR4_OSFXSR, CR4_OSXMMEXCPT = 1 << 7, 1 << 8, 1 << 2, 1 << 3, 1 << 1, 1 << 9, 1 << 10
+CR4_PGE, CR4_PCE, CR4_TSD, CR4_DE, CR4_PVI, CR4_OSFXSR, CR4_OSXMMEXCPT = (1 << 7, 1 << 8, 1 << 2, 1 << 3, 1 << 1,
+                                                                          1 << 9, 1 << 10)
 
 # What KVM sets up for a guest with EPT (arch/x86/kvm/vmx/vmx.c, setup_vmcs_config and
 # init_vmcs): HLT, MOV-DR, unconditional I/O, MWAIT/MONITOR and RDPMC exiting; no CR3 or INVLPG exiting

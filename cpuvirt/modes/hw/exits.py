@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from enum import IntEnum
 
-from cpuvirt.cpu.regs import GPR_NAMES
+from cpuvirt.engine.regs import GPR_NAMES
 
 
 class ExitReason(IntEnum):
@@ -162,3 +162,20 @@ def descriptor_instruction_info(mnemonic: str) -> int:
         if mnemonic in table:
             return table.index(mnemonic) << 28
     return 0
+
+
+class Exit:
+    """One VM exit as the root-mode handler sees it."""
+
+    __slots__ = ("reason", "qualification", "length", "rip", "insn", "detail", "value", "action",
+                 "implicit_rip", "block", "vmcs_at_exit")
+
+    def __init__(self, reason, qualification, length, rip, insn, detail, implicit_rip, value=None):
+        self.reason, self.qualification, self.length, self.rip = reason, qualification, length, rip
+        self.insn, self.detail, self.implicit_rip = insn, detail, implicit_rip
+        # In: the value an OUT writes. Out: what the handler produced (IN result, RDTSC value,
+        # or True when it answered CPUID itself).
+        self.value = value
+        self.action = ""
+        self.block = False     # the handler parks the vCPU until an interrupt (HLT)
+        self.vmcs_at_exit = ""  # the VMCS as the exit left it, before the handler ran (for a dump)

@@ -7,13 +7,12 @@ never delivered directly: the processor does that at the next VM entry.
 """
 from __future__ import annotations
 
-from cpuvirt.cpu import regs as R
 from cpuvirt.cpu.events import HAS_ERROR_CODE, Vector
-from cpuvirt.modes.hw import exits as E
-from cpuvirt.modes.hw.exits import ExitReason
-from cpuvirt.modes.hw.vmcs import Field as F
 from cpuvirt.cpu.vcpu import EXIT_ERROR, EXIT_HYPERVISOR_STOP, EXIT_TRIPLE_FAULT
-from cpuvirt.modes.hw.vmx import Exit
+from cpuvirt.engine import regs as R
+from cpuvirt.modes.hw import exits as E
+from cpuvirt.modes.hw.exits import Exit, ExitReason
+from cpuvirt.modes.hw.vmcs import Field as F
 
 # KVM hypercalls (Documentation/virt/kvm/x86/hypercalls.rst, include/uapi/linux/kvm_para.h).
 KVM_HC_VAPIC_POLL_IRQ, KVM_HC_KICK_CPU, KVM_HC_CLOCK_PAIRING = 1, 5, 9
@@ -71,7 +70,8 @@ class RootHypervisor:
 
     def guest_interruptible(self) -> bool:
         """RFLAGS.IF and no blocking by STI / MOV SS (GUEST_INTERRUPTIBILITY_INFO bits 0-1)."""
-        return bool(self.vmcs.vmread(F.GUEST_RFLAGS) & R.EFLAGS_IF) and not self.vmcs.vmread(F.GUEST_INTERRUPTIBILITY_INFO) & 3
+        return (bool(self.vmcs.vmread(F.GUEST_RFLAGS) & R.EFLAGS_IF)
+                and not self.vmcs.vmread(F.GUEST_INTERRUPTIBILITY_INFO) & 3)
 
     # -- handlers ----------------------------------------------------------------------------------------
     def handle_exception_nmi(self, x: Exit) -> None:
@@ -108,7 +108,7 @@ class RootHypervisor:
             x.action = "hidden #PF: shadow entry filled from the guest's page tables; resumed"
             return None
         if kind == "traced":
-            from cpuvirt.memory.traces import TraceError, TracedWrite
+            from cpuvirt.memory.traces import TracedWrite, TraceError
             tw = TracedWrite(gva, value, eip=x.rip)
             try:
                 cpu.mmu.traces.dispatch(tw, cpu)
@@ -309,8 +309,8 @@ class RootHypervisor:
         m = cpu.m
         if getattr(m, "mmio", None) is not None and m.mmio.find(gpa) is not None:
             # A device register: KVM's handle_ept_violation -> kvm_mmu_page_fault -> emulation.
-            from cpuvirt.cpu.emulate import emulate_mmio
             from cpuvirt.cpu.events import Unsupported
+            from cpuvirt.x86.emulate import emulate_mmio
             try:
                 length, what = emulate_mmio(cpu.mmu.fetch_bytes(x.rip, 15), x.rip, cpu.regs, gpa,
                                             m.mmio.read, m.mmio.write)
@@ -331,8 +331,8 @@ class RootHypervisor:
             # Unassigned guest-physical memory reads all-ones and drops writes (pc-lite), emulated
             # access by access as KVM hands it to QEMU's unassigned region (no EPT entry: mapping
             # a sweep of the 4 GiB space would exhaust the hypervisor's memory with EPT tables).
-            from cpuvirt.cpu.emulate import emulate_mmio
             from cpuvirt.cpu.events import Unsupported
+            from cpuvirt.x86.emulate import emulate_mmio
             try:
                 length, what = emulate_mmio(cpu.mmu.fetch_bytes(x.rip, 15), x.rip, cpu.regs, gpa,
                                             lambda _gpa, size: (1 << 8 * size) - 1, lambda *_: None)
@@ -355,5 +355,6 @@ class RootHypervisor:
         x.action = "misconfigured EPT entry: the hypervisor stops the guest"
 
     def unhandled(self, x: Exit) -> None:
-        self.cpu.finish("error", EXIT_HYPERVISOR_STOP, f"hw: no handler for exit reason {x.reason.name} ({int(x.reason)})")
+        self.cpu.finish("error", EXIT_HYPERVISOR_STOP,
+                        f"hw: no handler for exit reason {x.reason.name} ({int(x.reason)})")
         x.action = "no handler"

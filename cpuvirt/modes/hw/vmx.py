@@ -19,23 +19,24 @@ from collections import Counter, defaultdict
 
 from unicorn import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH
 
-from cpuvirt.cpu import regs as R
 from cpuvirt.cpu.events import HAS_ERROR_CODE, MNEMONIC, Vector
-from cpuvirt.cpu.faultaddr import operand_address
 from cpuvirt.cpu.vcpu import EXIT_HYPERVISOR_STOP, Vcpu
+from cpuvirt.engine import regs as R
+from cpuvirt.engine.hooks import hook_guard
 from cpuvirt.machine.hostmem import HostRegion
 from cpuvirt.memory.ept import EPT_R, EPT_W, EPT_X, Ept, HvAllocator
 from cpuvirt.memory.mmu import NestedFault
+from cpuvirt.memory.nested import EptWalk
+from cpuvirt.memory.p2m import HV_HPA, RAM_HPA
 from cpuvirt.memory.shadow import ShadowMiss
 from cpuvirt.memory.traces import TracedWrite
 from cpuvirt.memory.types import PFEC_P, PFEC_U, PFEC_W
-from cpuvirt.memory.nested import EptWalk
-from cpuvirt.memory.p2m import HV_HPA, RAM_HPA
 from cpuvirt.modes.hw import exits as E
 from cpuvirt.modes.hw.controls import CONTROLS, VmxSettings
-from cpuvirt.modes.hw.exits import ExitReason
+from cpuvirt.modes.hw.exits import Exit, ExitReason
 from cpuvirt.modes.hw.vmcs import Field as F
 from cpuvirt.modes.hw.vmcs import Vmcs
+from cpuvirt.x86.faultaddr import operand_address
 
 HV_SIZE = 8 << 20
 
@@ -46,6 +47,7 @@ CR0_PE, CR0_ET, CR0_NE, CR0_PG = 1, 1 << 4, 1 << 5, 1 << 31
 RFLAGS_RESERVED_ZERO = (1 << 3) | (1 << 5) | (1 << 15) | 0xFFC00000
 
 from cpuvirt.cpu.vcpu import IO_INSTRUCTIONS  # noqa: E402
+
 SENSITIVE = IO_INSTRUCTIONS | frozenset(("hlt", "mov", "clts", "lmsw", "smsw", "invlpg", "lgdt", "lidt", "sgdt", "sidt",
                        "lldt", "ltr", "sldt", "str", "rdmsr", "wrmsr", "rdpmc", "wbinvd", "invd", "pause",
                        "monitor", "mwait"))
@@ -54,23 +56,6 @@ _GPR = {n: r for n, r in zip(R.GPR_NAMES, R.GPR_ORDER)}
 # 25.1.1, exceptions take priority over exits); the engine raises that #GP itself when they run.
 PRIVILEGED = frozenset(("hlt", "mov", "clts", "lmsw", "invlpg", "lgdt", "lidt", "lldt", "ltr", "rdmsr",
                         "wrmsr", "wbinvd", "invd", "monitor", "mwait"))
-
-
-class Exit:
-    """One VM exit as the root-mode handler sees it."""
-
-    __slots__ = ("reason", "qualification", "length", "rip", "insn", "detail", "value", "action",
-                 "implicit_rip", "block", "vmcs_at_exit")
-
-    def __init__(self, reason, qualification, length, rip, insn, detail, implicit_rip, value=None):
-        self.reason, self.qualification, self.length, self.rip = reason, qualification, length, rip
-        self.insn, self.detail, self.implicit_rip = insn, detail, implicit_rip
-        # In: the value an OUT writes. Out: what the handler produced (IN result, RDTSC value,
-        # or True when it answered CPUID itself).
-        self.value = value
-        self.action = ""
-        self.block = False     # the handler parks the vCPU until an interrupt (HLT)
-        self.vmcs_at_exit = ""  # the VMCS as the exit left it, before the handler ran (for a dump)
 
 
 class EntryFailure(Exception):
@@ -383,7 +368,8 @@ class VmxCpu(Vcpu):
                 dr, reg, direction = (int(dst[2:]), src, 0) if dst.startswith("dr") else (int(src[2:]), dst, 1)
                 q = dr | (direction << 4) | (R.GPR_NAMES.index(reg) << 8)
                 self.vm_exit(ExitReason.DR_ACCESS, address, qualification=q, length=size,
-                             detail={"dr": dr, "direction": "MOV from DR" if direction else "MOV to DR", "register": reg})
+                             detail={"dr": dr, "direction": "MOV from DR" if direction else "MOV to DR",
+                                     "register": reg})
             return
         cr = int((dst if to_cr else src)[2:])
         reg = src if to_cr else dst
@@ -406,7 +392,8 @@ class VmxCpu(Vcpu):
                 self.vm_exit(ExitReason.CR_ACCESS, address, qualification=q, length=size, detail=d)
             elif cr in (0, 4):
                 # No exit: the processor writes the guest-owned bits and keeps the host-owned ones.
-                field, mask = (F.GUEST_CR0, v[F.CR0_GUEST_HOST_MASK]) if cr == 0 else (F.GUEST_CR4, v[F.CR4_GUEST_HOST_MASK])
+                field, mask = ((F.GUEST_CR0, v[F.CR0_GUEST_HOST_MASK]) if cr == 0
+                               else (F.GUEST_CR4, v[F.CR4_GUEST_HOST_MASK]))
                 real = self.regs.read(R.CR0 if cr == 0 else R.CR4)
                 self.regs.write(R.CR0 if cr == 0 else R.CR4, (value & ~mask) | (real & mask))
                 self.regs.write(R.EIP, address + size)
@@ -514,7 +501,8 @@ class VmxCpu(Vcpu):
             form = (False, False, False)
             for _, _, mnem, ops in self._cs().disasm_lite(code, addr, 1):
                 string = mnem.split()[-1].startswith(("ins", "outs"))
-                form = (string, mnem.startswith("rep"), not string and "dx" not in ops.split(",")[0 if mnem.startswith("out") else -1])
+                form = (string, mnem.startswith("rep"),
+                        not string and "dx" not in ops.split(",")[0 if mnem.startswith("out") else -1])
             self._io_forms[addr] = form
         return form
 
@@ -540,15 +528,10 @@ class VmxCpu(Vcpu):
         if self.outcome is not None:
             return 0
         self.mmu.crs = None
-        try:
-            eax, ecx = self.regs.read(R.EAX), self.regs.read(R.ECX)
-            x = self.vm_exit(ExitReason.CPUID, self._insn_site(), length=2, implicit_rip=True,
-                             detail={"leaf": f"{eax:#x}", "subleaf": f"{ecx:#x}"} if self.trace is not None else None)
-            return 1 if x.value else 0
-        except BaseException as e:
-            self.error = e
-            uc.emu_stop()
-            return 0
+        eax, ecx = self.regs.read(R.EAX), self.regs.read(R.ECX)
+        x = self.vm_exit(ExitReason.CPUID, self._insn_site(), length=2, implicit_rip=True,
+                         detail={"leaf": f"{eax:#x}", "subleaf": f"{ecx:#x}"} if self.trace is not None else None)
+        return 1 if x.value else 0
 
     def _insn_site(self) -> int:
         """Address of the cpuid/rdtsc whose engine hook is running (EIP is stale there): the first
@@ -571,20 +554,17 @@ class VmxCpu(Vcpu):
 
     rdtsc_in_c = False      # RDTSC exiting and TSC offsetting are decided here, per rdtsc
 
+    @hook_guard(returns=1)
     def rdtsc(self, _uc, _data) -> int:
         self.mmu.crs = None
-        try:
-            tsc = self.clock.now
-            if self.ctl("rdtsc_exiting"):
-                x = self.vm_exit(ExitReason.RDTSC, self._insn_site(), length=2, implicit_rip=True)
-                tsc = x.value if x.value is not None else tsc
-            elif self.ctl("use_tsc_offsetting"):
-                tsc = (tsc + self.vmcs._values[F.TSC_OFFSET]) & 0xFFFFFFFFFFFFFFFF
-            self.regs.write(R.EAX, tsc & 0xFFFFFFFF)
-            self.regs.write(R.EDX, tsc >> 32)
-        except BaseException as e:
-            self.error = e
-            self.uc.emu_stop()
+        tsc = self.clock.now
+        if self.ctl("rdtsc_exiting"):
+            x = self.vm_exit(ExitReason.RDTSC, self._insn_site(), length=2, implicit_rip=True)
+            tsc = x.value if x.value is not None else tsc
+        elif self.ctl("use_tsc_offsetting"):
+            tsc = (tsc + self.vmcs._values[F.TSC_OFFSET]) & 0xFFFFFFFFFFFFFFFF
+        self.regs.write(R.EAX, tsc & 0xFFFFFFFF)
+        self.regs.write(R.EDX, tsc >> 32)
         return 1
 
     # -- exceptions ----------------------------------------------------------------------------------------
@@ -625,9 +605,6 @@ class VmxCpu(Vcpu):
                 self._exception_exit(intno, eip, ec, E.INTR_TYPE_HW_EXCEPTION)
             else:                                   # int3 / into: software exceptions, EIP after them
                 self._exception_exit(intno, eip - 1, None, E.INTR_TYPE_SOFT_EXCEPTION, length=1)
-        except BaseException as e:
-            self.error = e
-            uc.emu_stop()
         finally:
             self._intr_depth -= 1
         if self.outcome is not None or self._blocked:
@@ -639,33 +616,24 @@ class VmxCpu(Vcpu):
         self.mmu.crs = None
         try:
             Vcpu._deliver_engine_event(self, intno, error_code, soft, eip)
-        except BaseException as e:
-            self.error = e
-            uc.emu_stop()
         finally:
             self._intr_depth -= 1
 
     def hook_invalid(self, uc, _data) -> bool:
         self.mmu.crs = None
-        try:
-            eip = self.regs.read(R.EIP)
-            self.left_block_at(eip)
-            code = self.mmu.fetch_bytes(eip, 15) or b""
-            mnem, ops, length = "", "", 0
-            for _, length, mnem, ops in self._cs().disasm_lite(code, eip, 1):
-                pass
-            reason = E.VMX_INSTRUCTIONS.get(mnem)
-            if reason is not None:
-                self.vm_exit(reason, eip, length=length)
-            elif self._exception_exits(Vector.UD):
-                self._exception_exit(Vector.UD, eip, None, E.INTR_TYPE_HW_EXCEPTION)
-            else:
-                self.record("exception", "#UD", 6, eip, {"vector": 6}, "delivered through the guest IDT")
-                self.deliver(Vector.UD, eip)
-            if self.outcome is not None or self._blocked:
-                uc.emu_stop()
-        except BaseException as e:
-            self.error = e
+        eip = self.regs.read(R.EIP)
+        self.left_block_at(eip)
+        code = self.mmu.fetch_bytes(eip, 15) or b""
+        _, length, mnem, _ = next(self._cs().disasm_lite(code, eip, 1), (eip, 0, "", ""))
+        reason = E.VMX_INSTRUCTIONS.get(mnem)
+        if reason is not None:
+            self.vm_exit(reason, eip, length=length)
+        elif self._exception_exits(Vector.UD):
+            self._exception_exit(Vector.UD, eip, None, E.INTR_TYPE_HW_EXCEPTION)
+        else:
+            self.record("exception", "#UD", 6, eip, {"vector": 6}, "delivered through the guest IDT")
+            self.deliver(Vector.UD, eip)
+        if self.outcome is not None or self._blocked:
             uc.emu_stop()
         return True
 

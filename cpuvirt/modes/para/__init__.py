@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import struct
 
-from cpuvirt.cpu import regs as R
+from cpuvirt.engine import regs as R
 from cpuvirt.memory.direct import HYPERCALL, L2, DirectPaging
 from cpuvirt.memory.p2m import RAM_HPA
 from cpuvirt.memory.types import PTE_A, PTE_D, PTE_P, PTE_RW, PTE_US
+from cpuvirt.modes.base import Mode
 from cpuvirt.modes.para import startinfo as S
 from cpuvirt.modes.para.events import EventChannels
 from cpuvirt.modes.para.vcpu import ParaVcpu
@@ -20,7 +21,7 @@ from cpuvirt.modes.para.vcpu import ParaVcpu
 PAGE = 0x1000
 
 
-class ParaMode:
+class ParaMode(Mode):
     name = "para"
     description = "paravirtualized kernel at ring 1: Xen-style hypercalls, upcalls, direct paging"
 
@@ -59,7 +60,8 @@ class ParaMode:
         m.write_gpa(lay.shared_info, S.shared_info())
         m.write_gpa(lay.hypercall, S.hypercall_page())
         m.write_gpa(lay.gdt, S.boot_gdt())
-        m.write_gpa(lay.mfn_list, struct.pack(f"<{self.nr_pages}I", *range(RAM_HPA >> 12, (RAM_HPA >> 12) + self.nr_pages)))
+        first_mfn = RAM_HPA >> 12
+        m.write_gpa(lay.mfn_list, struct.pack(f"<{self.nr_pages}I", *range(first_mfn, first_mfn + self.nr_pages)))
         # Initial page tables: all RAM 1:1, 4 KiB pages; the frames that must stay read-only are.
         readonly = {lay.hypercall >> 12, lay.gdt >> 12, lay.l2 >> 12} | {a >> 12 for a in lay.l1}
         for i, l1 in enumerate(lay.l1):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import struct
 
-from cpuvirt.cpu import regs as R
+from cpuvirt.engine import regs as R
 from cpuvirt.memory.direct import (
     EEXIST,
     EFAULT,

@@ -13,19 +13,17 @@ import ctypes
 import re
 import struct
 
-from unicorn import UC_HOOK_INTR
 from unicorn.unicorn_py3 import unicorn as _ucmod
 
-from cpuvirt.cpu import regs as R
 from cpuvirt.cpu.events import HAS_ERROR_CODE, MNEMONIC
 from cpuvirt.cpu.vcpu import EXIT_BUDGET, EXIT_ERROR, EXIT_HALTED, EXIT_HYPERVISOR_STOP, Vcpu
+from cpuvirt.engine import regs as R
 from cpuvirt.machine.clock import NEVER
 from cpuvirt.memory.direct import EFAULT, Refused
 from cpuvirt.memory.mmu import GuestPageFault
 from cpuvirt.modes.para.events import VIRQ_TIMER
 from cpuvirt.modes.para.hypercalls import ENTRY_CYCLES, HYPERCALL_CYCLES, HYPERCALLS
 
-_INTR_CB = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_void_p)
 HYPERCALL_VECTOR = 0x82
 _EPERM = -1
 _IO = ("in", "out", "insb", "insw", "insd", "outsb", "outsw", "outsd")
@@ -66,16 +64,9 @@ class ParaVcpu(Vcpu):
     # -- hooks ---------------------------------------------------------------------------------
     def install_hooks(self) -> None:
         super().install_hooks()
-        # The interrupt hook straight through ctypes: a hypercall skips the wrapper's two Python
-        # frames (the round trip is mostly Python; bench/para.py).
-        self.uc.hook_del(self._intr_hook)
-        self._intr_cb = _INTR_CB(self._intr)
-        self._intr_handle = ctypes.c_size_t()
-        err = _ucmod.uclib.uc_hook_add(self.uc._uch, ctypes.byref(self._intr_handle), UC_HOOK_INTR,
-                                       ctypes.cast(self._intr_cb, ctypes.c_void_p), None,
-                                       ctypes.c_uint64(1), ctypes.c_uint64(0))
-        if err:
-            raise RuntimeError(f"cannot hook interrupts (uc error {err})")
+        # int 0x82 is a hypercall, anything else an event for the trap table.
+        self.hooks.remove(self._intr_hook)
+        self._intr_hook = self.hooks.intr(self._intr)
         # in/out never fault in the engine: hook every instance and make it a #GP unless granted.
         self.enable_intercepts(IO_MNEMONICS, self._io_instruction)
         from cpuvirt.cpu.intercept import FAR_PATTERN
@@ -85,11 +76,7 @@ class ParaVcpu(Vcpu):
         if intno != HYPERCALL_VECTOR:
             self.hook_intr(self.uc, intno, None)
             return
-        try:
-            self.hypercall()
-        except BaseException as e:          # never let an exception unwind through the engine
-            self.error = e
-            self.uc.emu_stop()
+        self.hypercall()
 
     def hypercall(self) -> None:
         """int 0x82: EAX = number, EBX.. = arguments, EAX = result; EIP is already past the int.
@@ -113,7 +100,8 @@ class ParaVcpu(Vcpu):
             # Only the kernel (ring 1) may call the hypervisor: in V86 mode CPL is 3 whatever CS says.
             result = _EPERM
             if tracing:
-                self.detail["refused"] = "hypercall from ring 3" if not b[7] & R.EFLAGS_VM else "hypercall from V86 mode"
+                self.detail["refused"] = ("hypercall from ring 3" if not b[7] & R.EFLAGS_VM
+                                          else "hypercall from V86 mode")
         elif entry is None:
             result = -38
         else:
@@ -291,8 +279,8 @@ class ParaVcpu(Vcpu):
         then goes after the block that holds it."""
         if tw.done or tw.eip is None:
             return False
-        from cpuvirt.cpu.emulate import emulate_store
         from cpuvirt.cpu.events import Unsupported
+        from cpuvirt.x86.emulate import emulate_store
         mmu = self.mmu
 
         def read(gva, size):
@@ -449,14 +437,10 @@ class ParaVcpu(Vcpu):
 
     def hook_invalid(self, uc, _data) -> bool:
         self.mmu.crs = None
-        try:
-            eip = self.regs.read(R.EIP)
-            self.left_block_at(eip)
-            self.record("exception", "#UD", 6, eip, {"vector": 6}, "bounced through the trap table")
-            self.trap(6, eip, None, eip)
-        except BaseException as e:
-            self.error = e
-            uc.emu_stop()
+        eip = self.regs.read(R.EIP)
+        self.left_block_at(eip)
+        self.record("exception", "#UD", 6, eip, {"vector": 6}, "bounced through the trap table")
+        self.trap(6, eip, None, eip)
         return True
 
     def page_fault(self, gva: int, access: int, error_code: int, eip: int) -> None:

@@ -9,8 +9,8 @@ from __future__ import annotations
 from capstone import CS_ARCH_X86, CS_MODE_32, Cs
 from capstone.x86 import X86_OP_IMM, X86_OP_MEM, X86_OP_REG
 
-from cpuvirt.cpu import regs as R
-from cpuvirt.cpu.events import Unsupported
+from cpuvirt.engine import regs as R
+from cpuvirt.status import Unsupported
 
 _cs = Cs(CS_ARCH_X86, CS_MODE_32)
 _cs.detail = True
@@ -19,7 +19,8 @@ _cs.detail = True
 _REGS = {}
 for full, names in ((R.EAX, ("eax", "ax", "al", "ah")), (R.ECX, ("ecx", "cx", "cl", "ch")),
                     (R.EDX, ("edx", "dx", "dl", "dh")), (R.EBX, ("ebx", "bx", "bl", "bh"))):
-    _REGS[names[0]], _REGS[names[1]], _REGS[names[2]], _REGS[names[3]] = (full, 0, 4), (full, 0, 2), (full, 0, 1), (full, 8, 1)
+    for name, shift, width in zip(names, (0, 0, 0, 8), (4, 2, 1, 1)):
+        _REGS[name] = (full, shift, width)
 for full, n32, n16 in ((R.ESP, "esp", "sp"), (R.EBP, "ebp", "bp"), (R.ESI, "esi", "si"), (R.EDI, "edi", "di")):
     _REGS[n32], _REGS[n16] = (full, 0, 4), (full, 0, 2)
 
@@ -119,7 +120,7 @@ def emulate_store(code: bytes, eip: int, regs, read, write) -> tuple[int, int, i
     rights (they may raise the hypervisor's GuestPageFault; nothing is changed then). Returns
     (instruction length, gva, size, value written, what was done); anything else is `Unsupported`.
     """
-    from cpuvirt.cpu.faultaddr import _operand_addresses
+    from cpuvirt.x86.faultaddr import _operand_addresses
     m, length, size, src_kind, src, text = _store_form(code, eip)
     mask = (1 << 8 * size) - 1
     if m == "stos":

@@ -10,10 +10,10 @@ from __future__ import annotations
 from capstone import CS_ARCH_X86, CS_MODE_32, Cs
 from capstone.x86 import X86_OP_MEM, X86_REG_INVALID
 
-from cpuvirt.cpu import regs as R
+from cpuvirt.engine import regs as R
 
 _cs = None
-_CS_REG = {}
+_CS_REG: dict[int, int] = {}
 
 
 def _decoder():
@@ -70,7 +70,7 @@ def fault_address(code: bytes | None, eip: int, page: int, regs: R.Regs) -> int:
     # Implicit accesses: the stack (push/pop/call/ret/iret/pushad, event frames) and string operands.
     candidates += [((esp - d) & 0xFFFFFFFF, 4) for d in (4, 8, 12, 16, 20, 24, 28, 32, 2)]
     candidates += [(esp, 4), (regs.read(R.ESI), 4), (regs.read(R.EDI), 4)]
-    for ea, size in candidates:
+    for ea, _size in candidates:
         if ea & ~0xFFF & 0xFFFFFFFF == page:
             return ea
     for ea, size in candidates:

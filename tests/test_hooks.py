@@ -1,0 +1,33 @@
+"""The one hook guard (engine/hooks.py): an exception raised inside any engine hook stops the engine and
+comes out of the run as itself, in every mode, instead of unwinding through libunicorn (where ctypes
+would print it and let the guest run on)."""
+from __future__ import annotations
+
+import pytest
+
+from cpuvirt.cpu.vcpu import Vcpu
+from cpuvirt.modes.hw.vmx import VmxCpu
+from cpuvirt.modes.para.vcpu import ParaVcpu
+from cpuvirt.runner import run_guest
+
+
+class Boom(Exception):
+    pass
+
+
+def _boom(*_args, **_kwargs):
+    raise Boom("raised inside a hook")
+
+
+# (mode, class, method): what the guest's first port write or hypercall reaches from its hook.
+CASES = [("native", Vcpu, "port_io"),           # the OUT hook
+         ("trap", Vcpu, "port_io"),             # the intercept (code) hook of the I/O gate
+         ("para", ParaVcpu, "hypercall"),       # the interrupt hook (int 0x82)
+         ("hw", VmxCpu, "port_io")]             # the OUT hook, then an IO_INSTRUCTION exit
+
+
+@pytest.mark.parametrize("mode,cls,method", CASES, ids=[c[0] for c in CASES])
+def test_an_exception_in_a_hook_ends_the_run_as_itself(monkeypatch, mode, cls, method):
+    monkeypatch.setattr(cls, method, _boom)
+    with pytest.raises(Boom):
+        run_guest("hello", mode=mode)

@@ -1,0 +1,26 @@
+"""ruff over cpuvirt/ with the project's rules (pyproject.toml, [tool.ruff]): pyflakes' real bugs
+(undefined names, unused imports), bugbear's traps, import order and width; and mypy over the subset
+[tool.mypy] lists. Each is skipped where its tool is not installed (both are in the `test` extra, so
+CI has them)."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.skipif(shutil.which("ruff") is None, reason="ruff is not installed (pip install ruff)")
+def test_ruff_check_is_clean():
+    p = subprocess.run(["ruff", "check", "--no-cache", "cpuvirt"], cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout + p.stderr
+
+
+@pytest.mark.skipif(shutil.which("mypy") is None, reason="mypy is not installed (pip install mypy)")
+def test_mypy_is_clean_on_its_subset():
+    """The files listed under [tool.mypy] in pyproject.toml (the lower floors, the Mode contract)."""
+    p = subprocess.run(["mypy", "--no-incremental"], cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout + p.stderr
