@@ -16,6 +16,7 @@ from cpuvirt.errors import CpuvirtError
 from cpuvirt.loader.multiboot import MULTIBOOT_BOOTLOADER_MAGIC, build_boot_info, check_fits, load_image
 from cpuvirt.machine.machine import MAX_MEM_MIB, MIN_MEM_MIB, Machine
 from cpuvirt.machine.vga import render_text
+from cpuvirt.machine.testdev import TestdevSpec, attach_testdev
 from cpuvirt.modes import get_mode
 from cpuvirt.trace.format import TraceWriter
 from cpuvirt.cpu import regs as R
@@ -295,10 +296,12 @@ def run_guest(guest: str, mode: str = "native", mem_mib: int = 32, max_insns: in
         def device_site() -> int:
             return vcpu.io_site()[0] if vcpu.trace is not None else 0
 
-        if devices or pcap_path:       # the virtio package only when asked for (start-up time)
+        attach_testdev(machine, devices)       # --device pc-testdev: a machine device, not PCI
+        pci_devices = [d for d in devices if d.kind != TestdevSpec.kind]
+        if pci_devices or pcap_path:       # the virtio package only when asked for (start-up time)
             from cpuvirt.virtio.setup import attach_devices
             transports, pcap = attach_devices(
-                machine, devices, lambda reason, detail, action: vcpu.record("virtio", reason, None, device_site(),
+                machine, pci_devices, lambda reason, detail, action: vcpu.record("virtio", reason, None, device_site(),
                                                                             detail, action), pcap_path)
         machine.pci.firmware_setup()          # as SeaBIOS leaves the bus, before the guest runs
         machine.pci.on_event = lambda reason, detail: vcpu.record(

@@ -158,6 +158,7 @@ class Machine:
         self.bus.register(CRTC_PORT, 2, self.crtc)
 
         self.mmio = MmioBus(on_access=on_mmio)
+        self.mmu.devices = self.mmio         # the hypervisor's linear accesses reach device registers
         self._next_mmio_hpa = MMIO_HPA
         self._mmio_callbacks = []          # Unicorn keeps only pointers: keep the closures alive
         self.apic = LocalApic(now=lambda: self.clock.now, on_change=self._interrupts_changed)
