@@ -29,7 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-TARGETS = ("taskswitch", "eventinj", "umip", "cmpxchg8b", "setjmp", "smptest", "dummy", "emulator")
+TARGETS = ("taskswitch", "eventinj", "umip", "cmpxchg8b", "setjmp", "smptest", "dummy", "emulator", "realmode")
 # Checks the reference itself fails (QEMU 7.2 TCG): a run whose only FAIL lines are these is "PASS*".
 REFERENCE_FAILS = {
     "emulator": frozenset(("FAIL: no fep: #DB suppressed after MOV SS",      # TCG raises the single-step

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 
 from cpuvirt import status
 from cpuvirt.errors import CpuvirtError
-from cpuvirt.loader.multiboot import MULTIBOOT_BOOTLOADER_MAGIC, build_boot_info, check_fits, load_image
+from cpuvirt.loader.multiboot import (MULTIBOOT_BOOTLOADER_MAGIC, build_boot_info, check_fits, load_image,
+                                      overwritten_boot_info)
 from cpuvirt.machine.machine import MAX_MEM_MIB, MIN_MEM_MIB, Machine
 from cpuvirt.machine.vga import render_text
 from cpuvirt.machine.testdev import TestdevSpec, attach_testdev
@@ -309,10 +310,12 @@ def run_guest(guest: str, mode: str = "native", mem_mib: int = 32, max_insns: in
 
         for gpa, blob in machine.bios_tables():
             machine.write_gpa(gpa, blob)
+        for gpa, blob in boot.blobs:         # then the kernel over them, as QEMU's option ROM does
+            machine.write_gpa(gpa, blob)
         for gpa, blob in image.segments:
             machine.write_gpa(gpa, blob)
-        for gpa, blob in boot.blobs:
-            machine.write_gpa(gpa, blob)
+        for gpa, n in overwritten_boot_info(image, boot.blobs):
+            machine.write_gpa(gpa, bytes(n))
         machine.set_flat_protected_mode(BOOT_GDT_GPA)
         machine.regs.write(R.EAX, MULTIBOOT_BOOTLOADER_MAGIC)
         machine.regs.write(R.EBX, boot.address)

@@ -336,6 +336,11 @@ class RootHypervisor:
         from cpuvirt.cpu.events import Unsupported
         from cpuvirt.memory.mmu import GuestPageFault
         cpu = self.cpu
+        if not cpu.regs.read(R.CR0) & 1 or cpu.regs.read(R.EFLAGS) & R.EFLAGS_VM:
+            cpu.finish("error", EXIT_HYPERVISOR_STOP, f"hw: MMIO access at {x.rip:#x} from 16-bit code (real or "
+                       "virtual-8086 mode): the instruction emulator decodes 32-bit code only")
+            x.action = "cannot emulate"
+            return
         ctx = Context(cpu.regs, _GuestLinear(cpu.mmu, cpu.regs.read(R.SS) & 3 == 3), io=cpu.m.bus, cr0=self._guest_cr0)
         try:
             length, done, text = emulate(cpu.mmu.fetch_bytes(x.rip, 15), x.rip, ctx)
