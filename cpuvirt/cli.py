@@ -787,6 +787,7 @@ def format_summary(res, modelled=None) -> str:
     from cpuvirt.machine.clock import TSC_HZ
     lines = [f"cpuvirt: {res.guest} under {res.mode}: {res.outcome}, status {res.status}"
              + (f" ({res.message})" if res.message and res.outcome != "exit" else "")]
+    lines += [f"  warning        {w}" for w in getattr(res, "warnings", ())]
     us = res.vtime * 1_000_000 / TSC_HZ
     # Under full the processor runs translations, whose instructions differ from the guest's (a call
     # becomes push + jmp, a callout replaces a sensitive instruction): say what the figure counts.

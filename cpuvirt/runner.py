@@ -52,6 +52,7 @@ class RunResult:
     devices: list = field(default_factory=list)
     tally: dict = field(default_factory=dict)      # events for the cost model (cpuvirt/costs)
     console_dropped: int = 0     # bytes written between the kept head and tail (not in `console`)
+    warnings: list = field(default_factory=list)   # the loader's (image.warnings): shown in the summary
 
 
 def _device_summary(transport) -> dict:
@@ -357,7 +358,7 @@ def run_guest(guest: str, mode: str = "native", mem_mib: int = 32, max_insns: in
         return RunResult(name, mode, outcome.kind, outcome.status, outcome.message, kept,
                          machine.clock.instructions, machine.clock.now, counts, mmu_stats, wall, vga,
                          unhandled, stats, [_device_summary(t) for t in transports], dict(tally_of(vcpu, machine.mmu)),
-                         record.dropped)
+                         record.dropped, list(image.warnings))
     finally:
         for t in transports:
             close = getattr(t.device, "close", None)
