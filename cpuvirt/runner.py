@@ -277,6 +277,8 @@ def run_guest(guest: str, mode: str = "native", mem_mib: int = 32, max_insns: in
                         {"port": f"{port:#x}", "size": size}, "ignored (reads all-ones); reported once per port")
 
         machine.debug_exit.on_exit = on_exit
+        machine.on_reset = lambda why: vcpu.finish(
+            "reset", status.TRIPLE_FAULT, f"the guest reset the machine ({why}); QEMU with -no-reboot powers off here")
         machine.bus.on_unhandled = on_unhandled
         machine.mmu.on_unbacked = lambda gpa: vcpu.record(
             "unbacked_memory", "UNBACKED", None, vcpu.regs.read(R.EIP), {"gpa": f"{gpa:#x}"},
