@@ -81,10 +81,11 @@ class Context:
     forms need (`io` for ins/outs: read(port, size)/write(port, size, value); `cr0()` for smsw,
     the CR0 the guest sees)."""
 
-    __slots__ = ("regs", "mem", "io", "cr0")
+    __slots__ = ("regs", "mem", "io", "cr0", "note")
 
     def __init__(self, regs, mem, io=None, cr0=None):
         self.regs, self.mem, self.io, self.cr0 = regs, mem, io, cr0
+        self.note = ""               # what a move did, for the trace ("read 0x1 (4 bytes) from the device")
 
     # -- operands -------------------------------------------------------------------------------
     def ea(self, op: Op) -> int:
@@ -165,7 +166,12 @@ def _mov(c: Context, f: Form) -> None:
         if c.ea(mem) & 15:
             raise EmulatedFault(13, 0)          # a 16-byte aligned move of unaligned memory: #GP(0)
     c.probe(dst)
-    c.set(dst, c.get(src))
+    value = c.get(src)
+    c.set(dst, value)
+    if dst.kind == "mem":
+        c.note = f"wrote {value:#x} ({dst.size} bytes) to the device"
+    elif src.kind == "mem":
+        c.note = f"read {value:#x} ({src.size} bytes) from the device"
 
 
 def _movx(c: Context, f: Form) -> None:
@@ -174,6 +180,7 @@ def _movx(c: Context, f: Form) -> None:
     if f.mnemonic == "movsx" and v >> (8 * src.size - 1):
         v -= 1 << 8 * src.size
     c.set(dst, v)
+    c.note = f"read {v & 0xFFFFFFFF:#x} from the device"
 
 
 _ALU = {"add", "or", "adc", "sbb", "and", "sub", "xor", "cmp", "test"}
@@ -499,13 +506,14 @@ def decode(code: bytes, eip: int) -> Form:
 
 
 def emulate(code: bytes, eip: int, ctx: Context) -> tuple[int, bool, str]:
-    """Carry out the instruction at eip. Returns (length, finished, text): not finished means a rep
-    string instruction did REP_CHUNK iterations and must run again from eip (registers updated).
-    Raises EmulatedFault, the memory accessor's page fault, or Unsupported (nothing was changed
-    then, except by completed rep iterations)."""
+    """Carry out the instruction at eip. Returns (length, finished, what was done): not finished
+    means a rep string instruction did REP_CHUNK iterations and must run again from eip (registers
+    updated). Raises EmulatedFault, the memory accessor's page fault, or Unsupported (nothing was
+    changed then, except by completed rep iterations)."""
     form = decode(code, eip)
+    ctx.note = ""
     if form.fn is _string:
         done = _string(ctx, form)
-        return form.length, done, form.text
+        return form.length, done, f"emulated `{form.text}`" if done else f"emulated part of `{form.text}`"
     form.fn(ctx, form)
-    return form.length, True, form.text
+    return form.length, True, f"emulated `{form.text}`" + (f": {ctx.note}" if ctx.note else "")

@@ -283,9 +283,12 @@ class Mmu:
                 raise GuestPageFault(gva, ok2)
         if self.devices is not None and self.p2m.mmio_to_hpa(gpa & PAGE_MASK) is not None:
             return None, gpa
-        if gpa >= self.p2m.ram_bytes:
-            return None, None              # unassigned guest-physical memory (EPT has no entry for it)
-        page = self.strategy.gpa_to_hpa(gpa & PAGE_MASK, access)
+        try:
+            page = self.strategy.gpa_to_hpa(gpa & PAGE_MASK, access)
+        except NestedFault:
+            if gpa < self.p2m.ram_bytes:
+                raise
+            return None, None              # unassigned guest-physical memory: EPT has no entry for it
         return (None if page is None else page | (gpa & 0xFFF)), None
 
     def check_linear(self, gva: int, size: int, user: bool = False) -> None:

@@ -360,9 +360,9 @@ class RootHypervisor:
         if done:
             self.vmcs.vmwrite(F.GUEST_RIP, x.rip + length)
             cpu.clock.unretire(-1)          # the emulated access retired the instruction
-            x.action = f"{what}emulated `{text}`"
+            x.action = f"{what}{text}"
         else:
-            x.action = f"{what}emulated part of `{text}`; re-entered to continue"
+            x.action = f"{what}{text}; re-entered to continue"
 
     def _guest_cr0(self) -> int:
         """CR0 as the guest reads it: through the guest/host mask and read shadow (SDM 25.3)."""
