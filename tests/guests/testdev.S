@@ -91,6 +91,14 @@ main:
     sub eax, IOMEM + 0x100
     CHECK_EQ("repne scasb stops after the match", eax, 27)
 
+    # a long rep: under hw, 1,024 iterations per exit, re-entered until done
+    mov edi, IOMEM + 0x400
+    mov eax, 0x600DF00D
+    mov ecx, 15000
+    rep stosd
+    mov eax, dword ptr [IOMEM + 0x400 + 4 * 14999]
+    CHECK_EQ("rep stosd of 15000 dwords to [mmio]", eax, 0x600DF00D)
+
     # a 16-byte SSE load and store
     mov eax, cr4
     or eax, 0x200                       # OSFXSR

@@ -357,6 +357,7 @@ class RootHypervisor:
             self.inject(f.vector, E.INTR_TYPE_HW_EXCEPTION, f.error_code if f.vector in HAS_ERROR_CODE else None)
             x.action = f"{what}emulation raised vector {f.vector}: injected"
             return
+        # Virtual time as native counts it: one instruction, however many iterations a rep made.
         if done:
             self.vmcs.vmwrite(F.GUEST_RIP, x.rip + length)
             cpu.clock.unretire(-1)          # the emulated access retired the instruction
