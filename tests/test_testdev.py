@@ -68,11 +68,11 @@ def test_the_iomem_area_is_64_kib_of_little_endian_scratch(machine):
 
 
 @pytest.mark.parametrize("mode,options", [("native", None), ("trap", None), ("full", None), ("hw", None),
-                                          ("hw", {"ept": False})])
+                                          ("hw", {"ept": False}), ("hw", {"vmx": ["lazy_ept=1"]})])
 def test_the_testdev_guest_passes_in_every_mode(testdev_image, mode, options):
     r = run_guest(str(testdev_image), mode, mode_options=options, devices=[TestdevSpec()])
     assert (r.outcome, r.status) == ("exit", 0), r.console.decode()
-    assert b"FAIL" not in r.console and r.console.count(b"PASS") == 21
+    assert b"FAIL" not in r.console and r.console.count(b"PASS") == 22
 
 
 def test_without_the_device_the_guest_fails(testdev_image):

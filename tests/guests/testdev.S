@@ -91,6 +91,13 @@ main:
     sub eax, IOMEM + 0x100
     CHECK_EQ("repne scasb stops after the match", eax, 27)
 
+    # device memory to a RAM page nothing touched yet (hw --vmx lazy_ept=1: not yet in EPT either)
+    mov esi, IOMEM + 0x100
+    mov edi, 0x380000
+    mov ecx, 37
+    rep movsb
+    CHECK_MEM_EQ("rep movsb from [mmio] to a fresh RAM page", 0x380000, pattern, 37)
+
     # a long rep: under hw, 1,024 iterations per exit, re-entered until done
     mov edi, IOMEM + 0x400
     mov eax, 0x600DF00D

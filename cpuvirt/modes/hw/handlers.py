@@ -332,9 +332,9 @@ class RootHypervisor:
         operands reach RAM, device registers and unassigned memory as the guest's accesses would.
         A #PF or #GP it raises is injected; a rep string instruction done in part is re-entered at
         the same RIP (its registers say how far it got); a form not emulated stops the guest."""
-        from cpuvirt.cpu.emulator import Context, EmulatedFault, emulate
+        from cpuvirt.cpu.emulator import Context, EmulatedFault
         from cpuvirt.cpu.events import Unsupported
-        from cpuvirt.memory.mmu import GuestPageFault
+        from cpuvirt.memory.mmu import GuestPageFault, NestedFault
         cpu = self.cpu
         if not cpu.regs.read(R.CR0) & 1 or cpu.regs.read(R.EFLAGS) & R.EFLAGS_VM:
             cpu.finish("error", EXIT_HYPERVISOR_STOP, f"hw: MMIO access at {x.rip:#x} from 16-bit code (real or "
@@ -343,7 +343,12 @@ class RootHypervisor:
             return
         ctx = Context(cpu.regs, _GuestLinear(cpu.mmu, cpu.regs.read(R.SS) & 3 == 3), io=cpu.m.bus, cr0=self._guest_cr0)
         try:
-            length, done, text = emulate(cpu.mmu.fetch_bytes(x.rip, 15), x.rip, ctx)
+            length, done, text = self._emulate_mapping_lazily(x, ctx)
+        except NestedFault as nf:
+            cpu.finish("ept_violation", EXIT_HYPERVISOR_STOP, f"hw: emulating the instruction at {x.rip:#x}: "
+                       f"EPT refuses guest-physical {nf.gpa:#x}")
+            x.action = "cannot emulate"
+            return
         except Unsupported as u:
             cpu.finish("error", EXIT_HYPERVISOR_STOP, f"hw: MMIO access {u}")
             x.action = "cannot emulate"
@@ -364,6 +369,25 @@ class RootHypervisor:
             x.action = f"{what}{text}"
         else:
             x.action = f"{what}{text}; re-entered to continue"
+
+    def _emulate_mapping_lazily(self, x: Exit, ctx):
+        """emulate(), mapping on demand (lazy_ept) the guest RAM pages its operands or the guest's page
+        tables touch. Written operands are translated first and a rep string instruction resumes from
+        its registers, so a retry repeats at most the device reads of the interrupted step (cmps
+        between a device and an unmapped RAM page)."""
+        from cpuvirt.cpu.emulator import emulate
+        from cpuvirt.memory.mmu import NestedFault
+        from cpuvirt.memory.p2m import RAM_HPA
+        cpu = self.cpu
+        for _ in range(8):                  # at most 8 distinct pages: two operands, each walk's tables
+            try:
+                return emulate(cpu.mmu.fetch_bytes(x.rip, 15), x.rip, ctx)
+            except NestedFault as nf:
+                page = nf.gpa & ~0xFFF
+                if not (cpu.settings.lazy_ept and page < cpu.m.mem_bytes):
+                    raise
+                cpu.ept.map(page, RAM_HPA + page)
+        return emulate(cpu.mmu.fetch_bytes(x.rip, 15), x.rip, ctx)
 
     def _guest_cr0(self) -> int:
         """CR0 as the guest reads it: through the guest/host mask and read shadow (SDM 25.3)."""
