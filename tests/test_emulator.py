@@ -25,12 +25,10 @@ FORMS = [
     ("mov eax, dword ptr [ebx + esi*4]", ALL), ("mov al, byte ptr [ebx + 5]", ALL), ("mov byte ptr [ebx + 3], ah", ALL),
     ("movzx ecx, byte ptr [ebx + 1]", ALL), ("movzx edx, word ptr [ebx]", ALL), ("movsx ecx, byte ptr [ebx + 7]", ALL),
     ("movsx dx, byte ptr [ebx]", ALL), ("movsx eax, word ptr [ebx + 6]", ALL),
-    *((f"{op} dword ptr [ebx + 4], ecx", ALL if op not in ("or", "and", "xor", "test") else ALL & ~0x10)
-      for op in ("add", "or", "adc", "sbb", "and", "sub", "xor", "cmp", "test")),
-    *((f"{op} byte ptr [ebx + 1], 0x85", ALL if op not in ("or", "and", "xor", "test") else ALL & ~0x10)
-      for op in ("add", "or", "adc", "sbb", "and", "sub", "xor", "cmp", "test")),
-    *((f"{op} ax, word ptr [ebx + 2]", ALL if op not in ("or", "and", "xor") else ALL & ~0x10)
-      for op in ("add", "sub", "adc", "sbb", "or", "and", "xor", "cmp")),
+    # after or/and/xor/test the SDM leaves AF undefined; the emulator clears it, as the engine does
+    *((f"{op} dword ptr [ebx + 4], ecx", ALL) for op in ("add", "or", "adc", "sbb", "and", "sub", "xor", "cmp", "test")),
+    *((f"{op} byte ptr [ebx + 1], 0x85", ALL) for op in ("add", "or", "adc", "sbb", "and", "sub", "xor", "cmp", "test")),
+    *((f"{op} ax, word ptr [ebx + 2]", ALL) for op in ("add", "sub", "adc", "sbb", "or", "and", "xor", "cmp")),
     ("add dword ptr [ebx], 0xfffffffd", ALL), ("sub word ptr [ebx], 1", ALL), ("cmp dword ptr [ebx], -5", ALL),
     ("inc dword ptr [ebx + 4]", ALL), ("dec dword ptr [ebx]", ALL), ("lock inc byte ptr [ebx]", ALL),
     ("lock dec byte ptr [ebx + 2]", ALL), ("inc word ptr [ebx]", ALL), ("not dword ptr [ebx]", ALL),

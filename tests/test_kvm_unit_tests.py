@@ -88,3 +88,14 @@ def test_realmode_native_fails_only_where_the_engine_differs():
     fails = {ln.strip() for ln in console.splitlines() if ln.startswith("FAIL:")}
     assert fails == {"FAIL: rflags.rf", "FAIL: smsw"}, console[-2000:]
     assert console.count("PASS:") == 125 and r.outcome == "exit"
+
+
+@pytest.mark.parametrize("mode", ("native", "hw", "full", "trap"))
+def test_init_resets_through_port_0x92_where_qemu_no_reboot_powers_off(mode):
+    from cpuvirt.runner import run_guest
+    flat = Path(KUT) / "x86" / "init.flat"
+    if not flat.exists():
+        pytest.skip(f"{flat} is not built")
+    r = run_guest(str(flat), mode, mem_mib=128, max_insns=_runner().BUDGET)
+    assert (r.outcome, r.status) == ("reset", 125) and "port 0x92" in r.message
+    assert r.console.endswith(b"testing port 92 init... ")

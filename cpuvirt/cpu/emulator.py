@@ -13,8 +13,10 @@ mov, movzx, movsx, the 16-byte SSE moves (movdqu/movdqa/movups/movaps/movupd/mov
 sbb/and/sub/xor/cmp/test, inc/dec/not/neg, xchg, cmpxchg, xadd, bt/bts/btr/btc, bsf/bsr, imul (two
 and three operands), shld/shrd, the string instructions movs/stos/lods/cmps/scas/ins/outs with or
 without rep (at most REP_CHUNK iterations per call; the rest on re-execution, as KVM does), smsw and
-ltr with a memory operand. Flags are the engine's (QEMU's) where the SDM leaves them undefined
-(tests/test_emulator.py checks every form against Unicorn executing it on RAM). Segments are flat.
+ltr with a memory operand. The flags the SDM defines are exact; of the undefined ones, AF after a
+logic operation is cleared as the engine clears it, the others (after bt, bsf/bsr, imul, shld/shrd)
+are computed as the table's functions say, not checked against the engine. tests/test_emulator.py
+runs every form against Unicorn executing it on RAM. Segments are flat.
 Anything else raises `Unsupported` naming the instruction ("by `TEXT` at EIP: why").
 """
 from __future__ import annotations
