@@ -341,7 +341,8 @@ class RootHypervisor:
                        "virtual-8086 mode): the instruction emulator decodes 32-bit code only")
             x.action = "cannot emulate"
             return
-        ctx = Context(cpu.regs, _GuestLinear(cpu.mmu, cpu.regs.read(R.SS) & 3 == 3), io=cpu.m.bus, cr0=self._guest_cr0)
+        ctx = Context(cpu.regs, _GuestLinear(cpu.mmu, cpu.regs.read(R.SS) & 3 == 3), io=_ChargedPorts(cpu),
+                      cr0=self._guest_cr0)
         try:
             length, done, text = self._emulate_mapping_lazily(x, ctx)
         except NestedFault as nf:
@@ -420,3 +421,23 @@ class _GuestLinear:
 
     def probe(self, gva: int, size: int) -> None:
         self.mmu.check_linear(gva, size, self.user)
+
+
+class _ChargedPorts:
+    """The port bus for an emulated ins/outs: each element is a port access, charged IO_CYCLES of
+    virtual time as every port access is (cpu/vcpu.py port_io, and hw's IO_INSTRUCTION exits)."""
+
+    __slots__ = ("cpu",)
+
+    def __init__(self, cpu):
+        self.cpu = cpu
+
+    def read(self, port: int, size: int) -> int:
+        from cpuvirt.cpu.vcpu import IO_CYCLES
+        self.cpu.clock.advance(IO_CYCLES)
+        return self.cpu.m.bus.read(port, size)
+
+    def write(self, port: int, size: int, value: int) -> None:
+        from cpuvirt.cpu.vcpu import IO_CYCLES
+        self.cpu.clock.advance(IO_CYCLES)
+        self.cpu.m.bus.write(port, size, value)
