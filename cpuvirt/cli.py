@@ -30,6 +30,23 @@ def _module(text: str) -> tuple[str, str | None]:
     return path, args if comma else None
 
 
+def _parse_devices(texts) -> list:
+    """--device values: pc-testdev (a machine device, machine/testdev.py) or a PCI device (virtio/setup.py)."""
+    from cpuvirt.machine.testdev import TestdevSpec
+    devices = []
+    for text in texts:
+        if text.split(",")[0] == TestdevSpec.kind:
+            if text != TestdevSpec.kind:
+                raise CpuvirtError(f"--device {text}: pc-testdev takes no options")
+            if TestdevSpec() in devices:
+                raise CpuvirtError("--device pc-testdev is given twice (the machine has one)")
+            devices.append(TestdevSpec())
+            continue
+        from cpuvirt.virtio.setup import parse_device
+        devices.append(parse_device(text))
+    return devices
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, status 2
         self.exit(2, f"cpuvirt: {message}\n")
@@ -52,9 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--append", default="", metavar="CMDLINE", help="kernel command line")
     r.add_argument("--module", action="append", default=[], type=_module, metavar="FILE[,CMDLINE]",
                    help="a Multiboot module with its command line (repeatable; as QEMU's -initrd 'FILE CMDLINE')")
-    r.add_argument("--device", action="append", default=[], metavar="virtio-net|e1000[,mac=M][,peer=P][,backend=B]"
-                   "[,slow=N:K]",
-                   help="a PCI device, in slot order from 00:02.0 (repeatable); peer loopback (default: echo "
+    r.add_argument("--device", action="append", default=[],
+                   metavar="virtio-net|e1000[,mac=M][,peer=P][,backend=B][,slow=N:K]|pc-testdev",
+                   help="a PCI device, in slot order from 00:02.0 (repeatable), or pc-testdev (QEMU's test device "
+                        "for test kernels: docs/platform.md); peer loopback (default: echo "
                         "every frame) or user (answers ARP and ping for 10.0.2.2 as QEMU's -netdev user does); backend "
                         "userspace (default: the device model serves the rings), vhost (an in-hypervisor worker "
                         "behind an ioeventfd and irqfd) or vhost-user (a separate backend process; socket=PATH to "
@@ -588,8 +606,7 @@ def _compare(args) -> int:
         if args.image:
             raise CpuvirtError("--image applies to trace files (a guest's symbols come with it)")
         budget = DEFAULT_MAX_INSNS if args.max_insns is None else args.max_insns
-        from cpuvirt.virtio.setup import parse_device
-        devices = [parse_device(text) for text in args.device]
+        devices = _parse_devices(args.device)
         cols = C.run_columns(args.items[0], specs, budget, extra_vmx=args.vmx, cmdline=args.append, devices=devices)
         for c in cols:
             if c.ran:
@@ -675,10 +692,7 @@ def _run(args) -> int:
     options = _hw_options(args, dump_on)
     if args.verbose_trace and args.mode == "full":
         options = {"verbose": True}
-    devices = []
-    if args.device:
-        from cpuvirt.virtio.setup import parse_device
-        devices = [parse_device(text) for text in args.device]
+    devices = _parse_devices(args.device)
     if args.pcap and not devices:
         raise CpuvirtError("--pcap needs a --device virtio-net or e1000 to capture")
     inputs = _input_options(args)
@@ -809,6 +823,7 @@ def format_summary(res, modelled=None) -> str:
     from cpuvirt.machine.clock import TSC_HZ
     lines = [f"cpuvirt: {res.guest} under {res.mode}: {res.outcome}, status {res.status}"
              + (f" ({res.message})" if res.message and res.outcome != "exit" else "")]
+    lines += [f"  warning        {w}" for w in getattr(res, "warnings", ())]
     us = res.vtime * 1_000_000 / TSC_HZ
     # Under full the processor runs translations, whose instructions differ from the guest's (a call
     # becomes push + jmp, a callout replaces a sensitive instruction): say what the figure counts.

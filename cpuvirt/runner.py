@@ -15,8 +15,15 @@ from cpuvirt import status
 from cpuvirt.cpu.mmiosite import MmioSites
 from cpuvirt.engine import regs as R
 from cpuvirt.errors import CpuvirtError
-from cpuvirt.loader.multiboot import MULTIBOOT_BOOTLOADER_MAGIC, build_boot_info, check_fits, load_image
+from cpuvirt.loader.multiboot import (
+    MULTIBOOT_BOOTLOADER_MAGIC,
+    build_boot_info,
+    check_fits,
+    load_image,
+    overwritten_boot_info,
+)
 from cpuvirt.machine.machine import MAX_MEM_MIB, MIN_MEM_MIB, Machine
+from cpuvirt.machine.testdev import TestdevSpec, attach_testdev
 from cpuvirt.machine.vga import render_text
 from cpuvirt.modes import get_mode
 from cpuvirt.modes.base import Mode
@@ -51,6 +58,7 @@ class RunResult:
     devices: list = field(default_factory=list)
     tally: dict = field(default_factory=dict)      # events for the cost model (cpuvirt/costs)
     console_dropped: int = 0     # bytes written between the kept head and tail (not in `console`)
+    warnings: list = field(default_factory=list)   # the loader's (image.warnings): shown in the summary
 
 
 def _device_summary(transport) -> dict:
@@ -276,6 +284,8 @@ def run_guest(guest: str, mode: str = "native", mem_mib: int = 32, max_insns: in
                         {"port": f"{port:#x}", "size": size}, "ignored (reads all-ones); reported once per port")
 
         machine.debug_exit.on_exit = on_exit
+        machine.on_reset = lambda why: vcpu.finish(
+            "reset", status.TRIPLE_FAULT, f"the guest reset the machine ({why}); QEMU with -no-reboot powers off here")
         machine.bus.on_unhandled = on_unhandled
         machine.mmu.on_unbacked = lambda gpa: vcpu.record(
             "unbacked_memory", "UNBACKED", None, vcpu.regs.read(R.EIP), {"gpa": f"{gpa:#x}"},
@@ -306,10 +316,12 @@ def run_guest(guest: str, mode: str = "native", mem_mib: int = 32, max_insns: in
                 return mmio_sites.site(*mmio, advance=False)
             return vcpu.regs.read(R.EIP) if timer else device_site()
 
-        if devices or pcap_path:       # the virtio package only when asked for (start-up time)
+        attach_testdev(machine, devices)       # --device pc-testdev: a machine device, not PCI
+        pci_devices = [d for d in devices if d.kind != TestdevSpec.kind]
+        if pci_devices or pcap_path:       # the virtio package only when asked for (start-up time)
             from cpuvirt.virtio.setup import attach_devices
             transports, pcap = attach_devices(
-                machine, devices, lambda reason, detail, action, kind="virtio", mmio=None, timer=False: vcpu.record(
+                machine, pci_devices, lambda reason, detail, action, kind="virtio", mmio=None, timer=False: vcpu.record(
                     kind, reason, None, device_event_site(mmio, timer), detail, action), pcap_path)
         machine.pci.firmware_setup()          # as SeaBIOS leaves the bus, before the guest runs
         machine.pci.on_event = lambda reason, detail: vcpu.record(
@@ -317,10 +329,12 @@ def run_guest(guest: str, mode: str = "native", mem_mib: int = 32, max_insns: in
 
         for gpa, blob in machine.bios_tables():
             machine.write_gpa(gpa, blob)
+        for gpa, blob in boot.blobs:         # then the kernel over them, as QEMU's option ROM does
+            machine.write_gpa(gpa, blob)
         for gpa, blob in image.segments:
             machine.write_gpa(gpa, blob)
-        for gpa, blob in boot.blobs:
-            machine.write_gpa(gpa, blob)
+        for gpa, n in overwritten_boot_info(image, boot.blobs):
+            machine.write_gpa(gpa, bytes(n))
         machine.set_flat_protected_mode(BOOT_GDT_GPA)
         machine.regs.write(R.EAX, MULTIBOOT_BOOTLOADER_MAGIC)
         machine.regs.write(R.EBX, boot.address)
@@ -360,7 +374,7 @@ def run_guest(guest: str, mode: str = "native", mem_mib: int = 32, max_insns: in
         return RunResult(name, mode, outcome.kind, outcome.status, outcome.message, kept,
                          machine.clock.instructions, machine.clock.now, counts, mmu_stats, wall, vga,
                          unhandled, stats, [_device_summary(t) for t in transports], dict(tally_of(vcpu, machine.mmu)),
-                         record.dropped)
+                         record.dropped, list(image.warnings))
     finally:
         for t in transports:
             close = getattr(t.device, "close", None)

@@ -8,7 +8,9 @@ cpuvirt bug. Any other value is the guest's isa-debug-exit value (port 0xF4).
 | the guest's value | exit | the guest wrote it to isa-debug-exit (para: SCHEDOP_shutdown) |
 | 123 HYPERVISOR_STOP | error, entry_failure, ept_violation, ... | the hypervisor stopped the guest (see below) |
 | 124 BUDGET | budget | the virtual-cycle budget (--max-insns) ran out; hypervisor work is charged to it too |
-| 125 TRIPLE_FAULT | triple_fault | shutdown after a fault while delivering #DF |
+| 125 TRIPLE_FAULT | triple_fault, reset | the machine resets: shutdown after a fault while delivering #DF, |
+|                  |                     | or a reset the guest asked for (port 0x92, 0xCF9, the 8042:       |
+|                  |                     | machine/reset.py); QEMU with -no-reboot powers off at both        |
 | 126 HALTED | halted | hlt (or SCHEDOP_block) with nothing able to wake the CPU |
 | 2 BAD_INPUT | - | bad command line or input file: one line, no traceback |
 | 130 INTERRUPTED | interrupted | Ctrl-C (SIGINT, 128 + 2): the run stops at once, the trace gets its footer |

@@ -43,3 +43,59 @@ def test_kvm_unit_test_passes(name, mode, request):
     append, mem = k.test_options(build, name)
     verdict, _, why = k.run_cpuvirt(flat, mode, append, mem)
     assert verdict == "PASS", why
+
+
+# `emulator` (with pc-testdev): the FAIL lines each mode must print, no more and no fewer. QEMU 7.2
+# TCG itself fails the two MOV SS / POP SS checks (bench/kvm_unit_tests.py REFERENCE_FAILS).
+_MOVAPS = "FAIL: unaligned movaps exception"       # the engine checks no SSE alignment (docs)
+_MOV_SS = {"FAIL: no fep: #DB suppressed after MOV SS", "FAIL: no fep: #DB suppressed after POP SS"}
+EMULATOR_FAILS = {
+    "native": {_MOVAPS} | _MOV_SS,
+    "hw": {_MOVAPS} | _MOV_SS,
+    "full": {_MOVAPS},     # no #DB after MOV SS / POP SS here, as the SDM says for Intel (why: not investigated)
+    # the smsw hole (CR0 read without trapping), then the str hole: `str` reads the real TR (0),
+    # so `ltr` of it raises #GP and the test stops there (docs/deprivileging.md)
+    "trap": {"FAIL: smsw (1)", _MOVAPS},
+}
+
+
+@pytest.mark.parametrize("mode", ("native", "hw", "full", "trap"))
+def test_emulator_fails_only_where_predicted(mode):
+    from cpuvirt.machine.testdev import TestdevSpec
+    from cpuvirt.runner import run_guest
+    flat = Path(KUT) / "x86" / "emulator.flat"
+    if not flat.exists():
+        pytest.skip(f"{flat} is not built")
+    r = run_guest(str(flat), mode, mem_mib=128, max_insns=_runner().BUDGET, devices=[TestdevSpec()])
+    console = r.console.decode(errors="replace")
+    fails = {ln.strip() for ln in console.splitlines() if ln.startswith("FAIL:")}
+    assert fails == EMULATOR_FAILS[mode], console[-2000:]
+    if mode == "trap":
+        assert "Unhandled exception 13 #GP(0)" in console
+    else:
+        assert "SUMMARY: 86 tests" in console and console.count("PASS:") >= 81
+
+
+def test_realmode_native_fails_only_where_the_engine_differs():
+    """realmode (loaded at 0x8000, over the boot-information area, as QEMU loads it; interrupts through
+    the IVT): every check passes but two where Unicorn 2.1.3 and QEMU 7.2 differ (docs/kvm-unit-tests.md)."""
+    from cpuvirt.runner import run_guest
+    flat = Path(KUT) / "x86" / "realmode.flat"
+    if not flat.exists():
+        pytest.skip(f"{flat} is not built")
+    r = run_guest(str(flat), "native", mem_mib=128, max_insns=_runner().BUDGET)
+    console = r.console.decode(errors="replace")
+    fails = {ln.strip() for ln in console.splitlines() if ln.startswith("FAIL:")}
+    assert fails == {"FAIL: rflags.rf", "FAIL: smsw"}, console[-2000:]
+    assert console.count("PASS:") == 125 and r.outcome == "exit"
+
+
+@pytest.mark.parametrize("mode", ("native", "hw", "full", "trap"))
+def test_init_resets_through_port_0x92_where_qemu_no_reboot_powers_off(mode):
+    from cpuvirt.runner import run_guest
+    flat = Path(KUT) / "x86" / "init.flat"
+    if not flat.exists():
+        pytest.skip(f"{flat} is not built")
+    r = run_guest(str(flat), mode, mem_mib=128, max_insns=_runner().BUDGET)
+    assert (r.outcome, r.status) == ("reset", 125) and "port 0x92" in r.message
+    assert r.console.endswith(b"testing port 92 init... ")

@@ -277,8 +277,6 @@ def test_kludge_refusals():
 
 @pytest.mark.parametrize("addr, what", [
     (0x0, "page 0"),
-    (0x8F00, "boot-information area"),
-    (0x9500, "boot-information area"),
     (0x9FC00, "640 KiB - 1 MiB hole"),
     (0xB8000, "640 KiB - 1 MiB hole"),
     (0xFFF00, "640 KiB - 1 MiB hole"),
@@ -286,6 +284,33 @@ def test_kludge_refusals():
 def test_refuses_loading_where_there_is_no_ram_or_boot_info(addr, what):
     message = error_of(make_elf([(addr, CODE, 0x200)], addr))
     assert "overlapping" in message and what in message
+
+
+@pytest.mark.parametrize("addr", [0x8F00, 0x9500])
+def test_a_kernel_over_the_boot_information_loads_as_under_qemu_with_a_warning(addr):
+    """QEMU's option ROM writes the memory map and multiboot_info, then copies the kernel over them
+    (kvm-unit-tests' realmode.flat loads at 0x8000-0xDA2F): the kernel's bytes and zeroed bss win."""
+    from cpuvirt.loader.multiboot import overwritten_boot_info
+    image = load_image(make_elf([(addr, CODE, 0x800)], addr))
+    assert any("boot-information area" in w for w in image.warnings)
+    boot = build_boot_info(image, 32 * MiB)
+    (bss_at, bss_len), = image.bss
+    expected = [(max(bss_at, at), min(bss_at + bss_len, at + len(blob)) - max(bss_at, at))
+                for at, blob in ((0x9000, b"m" * 144), (0x9500, b"i" * 88))
+                if at < bss_at + bss_len and at + len(blob) > bss_at]
+    assert expected and overwritten_boot_info(image, boot.blobs) == expected
+
+
+def test_a_kernel_over_the_boot_information_sees_its_own_bytes_there(tmp_path):
+    """End to end: a kernel whose bss covers 0x9500 reads zero there (multiboot_info's flags are gone),
+    as under QEMU."""
+    from cpuvirt.runner import run_guest
+    # mov eax, [0x9500]; out 0xF4, al  (the debug-exit status is the low byte of the dword at 0x9500)
+    code = bytes.fromhex("a100950000") + bytes.fromhex("e6f4") + bytes.fromhex("f4")
+    path = tmp_path / "low.elf"
+    path.write_bytes(make_elf([(0x8000, code, 0x2000)], 0x8000))
+    r = run_guest(str(path))
+    assert (r.outcome, r.status) == ("exit", 0)
 
 
 def test_low_memory_kernels_load_as_under_qemu():

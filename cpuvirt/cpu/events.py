@@ -2,7 +2,8 @@
 
 SDM Vol. 3A chapter 6: interrupt and trap gates (6.11, 6.12.1), the privilege check for `int n`
 (6.12.1.1), the stack switch through the TSS on a privilege change (6.12.1, 7.2.1), error codes
-(6.13), and the double-fault / triple-fault rules of table 6-5 (6.15, interrupt 8).
+(6.13), and the double-fault / triple-fault rules of table 6-5 (6.15, interrupt 8); in real-address
+mode (CR0.PE = 0), the interrupt vector table (20.1.4).
 """
 from __future__ import annotations
 
@@ -128,9 +129,33 @@ class EventDelivery:
             raise DeliveryFault(Vector.GP, (selector & ~3) | ext)
         return struct.unpack("<II", self._read(base + index, 8))
 
+    def _real_mode(self) -> bool:
+        return not self.regs.read(R.CR0) & 1
+
+    def _deliver_real(self, vector: int, return_eip: int) -> None:
+        """Real-address mode (SDM Vol. 3A 20.1.4): the IVT entry at IDTR.base + 4 * vector holds IP and
+        CS; FLAGS, CS and IP are pushed as words at SS:SP; IF, TF, AC and RF are cleared. No error code."""
+        regs = self.regs
+        base, limit = self._idt()
+        if vector * 4 + 3 > limit:
+            raise DeliveryFault(Vector.GP, 0)
+        ip, cs = struct.unpack("<HH", self._read(base + vector * 4, 4))
+        sp = regs.read(R.ESP)
+        new_sp = (sp - 6) & 0xFFFF
+        flags = regs.read(R.EFLAGS)
+        self._write(((regs.read(R.SS) << 4) + new_sp) & 0xFFFFFFFF,
+                    struct.pack("<HHH", return_eip & 0xFFFF, regs.read(R.CS), flags & 0xFFFF))
+        regs.write(R.ESP, (sp & ~0xFFFF) | new_sp)
+        regs.write(R.EFLAGS, flags & ~(R.EFLAGS_IF | R.EFLAGS_TF | R.EFLAGS_RF | (1 << 18)))
+        regs.write(R.CS, cs)
+        regs.write(R.EIP, ip)
+
     def _deliver(self, vector: int, return_eip: int, error_code: int | None, soft: bool, external: bool):
         regs = self.regs
         ext = 1 if external else 0
+        if self._real_mode():
+            self._deliver_real(vector, return_eip)
+            return
         idt_base, idt_limit = self._idt()
         if vector * 8 + 7 > idt_limit:
             raise DeliveryFault(Vector.GP, vector * 8 + 2 + ext)

@@ -77,14 +77,17 @@ LOW_MEMORY_END = 0x9FC00
 """End of conventional RAM; from here to 1 MiB are the EBDA, VGA memory and the BIOS ROM."""
 HIGH_MEMORY = 0x100000
 
+_BOOT_INFO = (MMAP_ADDR, MBI_ADDR + MBI_SIZE, "the boot-information area 0x9000-0x9557 (QEMU's too)")
 _FORBIDDEN = (
     (0, PAGE, "page 0 (real-mode IVT and BIOS data area)"),
-    (MMAP_ADDR, MBI_ADDR + MBI_SIZE, "the boot-information area 0x9000-0x9557 (QEMU's too)"),
     (LOW_MEMORY_END, HIGH_MEMORY, "the 640 KiB - 1 MiB hole (EBDA, VGA, BIOS ROM)"),
 )
-"""Guest-physical ranges nothing may be loaded into. QEMU loads a kernel anywhere, but one over
-its boot information is corrupted (measured: a kernel at 0x8000 with bss over 0x9500 saw flags 0),
-the hole is not RAM, and page 0 is refused so that a null pointer never lands in the kernel."""
+"""Guest-physical ranges no kernel may be loaded into: the hole is not RAM, and page 0 is refused
+so that a null pointer never lands in the kernel. A kernel over the boot-information area loads,
+as under QEMU, whose option ROM writes the memory map and multiboot_info first and then copies the
+kernel (file bytes and zeroed bss) over them (measured: a kernel at 0x8000 with bss over 0x9500 saw
+flags 0; kvm-unit-tests' realmode.flat, at 0x8000-0xDA2F, runs): the kernel's bytes win, with a
+warning. The command line and modules, placed above the kernel, may overlap none of these."""
 
 _U32 = 1 << 32
 
@@ -224,7 +227,7 @@ def build_boot_info(image: KernelImage, mem_bytes: int, cmdline: str = "",
         raise MultibootError(
             f"{where}kernel, command line and modules need RAM up to {end:#x}, beyond the "
             f"{mem_bytes // (1024 * 1024)} MiB of RAM; give more memory")
-    for lo, hi, what in _FORBIDDEN:
+    for lo, hi, what in (*_FORBIDDEN, _BOOT_INFO):
         if info_base < hi and end > lo:
             raise MultibootError(f"{where}the command line and modules, placed above the "
                                  f"kernel at {info_base:#x}-{end - 1:#x}, would overlap {what}")
@@ -397,6 +400,25 @@ def _check_placement(image: KernelImage, where: str) -> None:
             if start < hi and end > lo:
                 raise MultibootError(f"{where}the kernel would load at {start:#x}-{end - 1:#x}, "
                                      f"overlapping {what}")
+    lo, hi, _ = _BOOT_INFO
+    for start, end in ranges:
+        if start < hi and end > lo:
+            image.warnings.append(f"the kernel loads at {start:#x}-{end - 1:#x}, over the boot-information "
+                                  f"area {lo:#x}-{hi - 1:#x}: as under QEMU, its bytes replace the memory map "
+                                  "and multiboot_info there")
+            break
+
+
+def overwritten_boot_info(image: KernelImage, blobs) -> list[tuple[int, int]]:
+    """The (gpa, length) ranges of the kernel's bss that lie over boot-information blobs: zeroed after
+    the blobs are written, as QEMU's option ROM copies the kernel (bss included) after them."""
+    out = []
+    for gpa, n in image.bss:
+        for at, blob in blobs:
+            lo, hi = max(gpa, at), min(gpa + n, at + len(blob))
+            if lo < hi:
+                out.append((lo, hi - lo))
+    return out
 
 
 def _c_string(text: str, what: str, where: str) -> bytes:

@@ -29,6 +29,7 @@ from cpuvirt.machine.pci import CONFIG_ADDRESS, CONFIG_DATA, PIIX_PIRQ_IRQS, Pci
 from cpuvirt.machine.pic import ELCR_PORT, Pic8259Pair
 from cpuvirt.machine.pit import Pit8254
 from cpuvirt.machine.post import PostPort
+from cpuvirt.machine.reset import PORT92, Port92, ResetControl
 from cpuvirt.machine.rtc import DEFAULT_BASE as RTC_DEFAULT_BASE
 from cpuvirt.machine.rtc import RTC_PORT, CmosRtc
 from cpuvirt.machine.uart import Uart16550
@@ -153,18 +154,22 @@ class Machine:
         self.bus.register(ELCR_PORT, 2, _Replans(_Elcr(self.pic), self))
         # PCI bus 0 (machine/pci.py): the host and ISA bridges; devices are added before boot.
         self.pci = PciBus(self)
-        self.bus.register(CONFIG_ADDRESS, 4, self.pci, wide=True)
+        # A reset request (port 0x92, 0xCF9, the 8042) calls on_reset(why): the runner ends the run.
+        self.on_reset = None
+        self.bus.register(CONFIG_ADDRESS, 4, ResetControl(self.pci, self._reset), wide=True)
+        self.bus.register(PORT92, 1, Port92(self._reset))
         self.bus.register(CONFIG_DATA, 4, self.pci, wide=True)
         self._windows: dict[int, _MmioWindow] = {}     # id(region) -> its window
         self.rtc = CmosRtc(now=lambda: self.clock.now, mem_bytes=self.mem_bytes, base=rtc_base)
         self.bus.register(RTC_PORT, 2, self.rtc)
-        self.i8042 = I8042()
+        self.i8042 = I8042(on_reset=self._reset)
         self.bus.register(I8042_DATA, 1, self.i8042)
         self.bus.register(I8042_STATUS, 1, self.i8042)
         self.crtc = VgaCrtc()
         self.bus.register(CRTC_PORT, 2, self.crtc)
 
         self.mmio = MmioBus(on_access=on_mmio)
+        self.mmu.devices = self.mmio         # the hypervisor's linear accesses reach device registers
         self._next_mmio_hpa = MMIO_HPA
         self._mmio_callbacks = []          # Unicorn keeps only pointers: keep the closures alive
         self.apic = LocalApic(now=lambda: self.clock.now, on_change=self._interrupts_changed)
@@ -179,6 +184,10 @@ class Machine:
         self.block_observer = None   # callback(insns) -> True to stop and retranslate the block
         self.on_new_block = None     # callback(address): caches keyed by block must drop it
         self.block_insns: dict[int, tuple] = {}   # block -> (instruction addresses, end address)
+
+    def _reset(self, why: str) -> None:
+        if self.on_reset is not None:
+            self.on_reset(why)
 
     # -- interrupt lines -------------------------------------------------------------------------------
     # An ISA IRQ line goes to both interrupt controllers, as on a PC: the 8259 pair (IRQ n) and the

@@ -27,6 +27,24 @@ PAGE_MASK = ~0xFFF & 0xFFFFFFFF
 _RW = UC_PROT_READ | UC_PROT_WRITE
 
 
+def _pieces(gpa: int, n: int):
+    """A device access of n bytes as accesses of 4, 2 or 1 naturally aligned bytes, low address first."""
+    end = gpa + n
+    while gpa < end:
+        size = 4 if not gpa & 3 and end - gpa >= 4 else 2 if not gpa & 1 and end - gpa >= 2 else 1
+        yield gpa, size
+        gpa += size
+
+
+def _device_bytes(read, gpa: int, n: int) -> bytes:
+    return b"".join(read(a, size).to_bytes(size, "little") for a, size in _pieces(gpa, n))
+
+
+def _device_write(write, gpa: int, data: bytes) -> None:
+    for a, size in _pieces(gpa, len(data)):
+        write(a, size, int.from_bytes(data[a - gpa:a - gpa + size], "little"))
+
+
 class GuestPageFault(Exception):
     """A guest-linear access made by the hypervisor itself (event delivery) faulted."""
 
@@ -138,6 +156,9 @@ class Mmu:
         # by a strategy whose safety rests on frame types (para's direct paging: page tables, GDT,
         # hypercall page), as Xen's IOMMU mappings leave such frames out.
         self.dma_guard = None
+        # The MMIO bus (machine/mmio.py), when the hypervisor's own linear accesses (event delivery,
+        # emulated instructions) must reach device registers as the guest's would.
+        self.devices = None
 
     def load_crs(self) -> tuple[int, int, int]:
         """Read CR0/CR3/CR4 once per hypervisor entry: the guest cannot change them while a hook
@@ -249,12 +270,46 @@ class Mmu:
         page = self.strategy.gpa_to_hpa(gpa & PAGE_MASK, access)
         return None if page is None else page | (gpa & 0xFFF)
 
+    def _locate(self, gva: int, access: int, user: bool, side_effects: bool = True):
+        """What backs a guest-linear byte: (hpa, None) for RAM, (None, gpa) for a device register
+        (the MMIO bus in `devices`), (None, None) for unbacked memory; or raise GuestPageFault."""
+        gpa, ok = self.strategy.gva_to_gpa(gva, access, user, side_effects)
+        if gpa is None:
+            raise GuestPageFault(gva, ok)
+        if access == Access.WRITE and not ok and side_effects:
+            # A read-only translation: the walk already decided whether this write may go ahead.
+            gpa2, ok2 = self.strategy.gva_to_gpa(gva, Access.WRITE, user, side_effects)
+            if gpa2 is None:
+                raise GuestPageFault(gva, ok2)
+        if self.devices is not None and self.p2m.mmio_to_hpa(gpa & PAGE_MASK) is not None:
+            return None, gpa
+        try:
+            page = self.strategy.gpa_to_hpa(gpa & PAGE_MASK, access)
+        except NestedFault:
+            if gpa < self.p2m.ram_bytes:
+                raise
+            return None, None              # unassigned guest-physical memory: EPT has no entry for it
+        return (None if page is None else page | (gpa & 0xFFF)), None
+
+    def check_linear(self, gva: int, size: int, user: bool = False) -> None:
+        """Translate every page of a store about to be made (raise GuestPageFault first, write nothing)."""
+        end = gva + size
+        while gva < end:
+            self._locate(gva & 0xFFFFFFFF, Access.WRITE, user)
+            gva = (gva | 0xFFF) + 1
+
     def read_linear(self, gva: int, size: int, user: bool = False, side_effects: bool = True) -> bytes:
+        """Bytes at a guest-linear address as the CPU would read them: RAM, device registers (each
+        a device access, in pieces of at most 4 naturally sized bytes; only with side effects), or
+        all-ones. Raises GuestPageFault."""
         out = bytearray()
         while size:
             n = min(size, PAGE - (gva & 0xFFF))
-            hpa = self.gva_to_hpa(gva, Access.READ, user, side_effects)
-            out += b"\xff" * n if hpa is None else self.ram.read(hpa, n)
+            hpa, gpa = self._locate(gva, Access.READ, user, side_effects)
+            if gpa is not None and side_effects:
+                out += _device_bytes(self.devices.read, gpa, n)
+            else:
+                out += b"\xff" * n if hpa is None else self.ram.read(hpa, n)
             gva = (gva + n) & 0xFFFFFFFF
             size -= n
         return bytes(out)
@@ -265,15 +320,17 @@ class Mmu:
         off = 0
         while off < len(data):
             n = min(len(data) - off, PAGE - (gva & 0xFFF))
-            chunks.append((self.gva_to_hpa(gva, Access.WRITE, user), off, n))
+            chunks.append((*self._locate(gva, Access.WRITE, user), off, n))
             gva = (gva + n) & 0xFFFFFFFF
             off += n
-        for hpa, off, n in chunks:
-            if hpa is not None:
+        for hpa, gpa, off, n in chunks:
+            if gpa is not None:
+                _device_write(self.devices.write, gpa, data[off:off + n])
+            elif hpa is not None:
                 self.ram.write(hpa, data[off:off + n])
         if self.traces.frames:
             base = self.p2m.ram_hpa
-            for hpa, off, n in chunks:
+            for hpa, _, off, n in chunks:
                 if hpa is not None and ((hpa - base) & PAGE_MASK) in self.traces.frames:
                     self.traces.hv_wrote((gva - len(data) + off) & 0xFFFFFFFF, hpa - base, n)
 

@@ -1,8 +1,7 @@
-"""Instruction emulation for MMIO: what KVM's x86 emulator does when an access hits a device.
+"""Stores into write-traced guest pages: what KVM's emulator does for a write to a shadowed page table.
 
-Only the forms device drivers use on registers are emulated: `mov` between a general register (or an
-immediate) and memory, and `movzx`/`movsx` loads. The memory operand is the device register at the
-guest-physical address the exit reported. Anything else is `Unsupported`, named in the message.
+The few store forms kernels use on page tables (mov, or/and/xor, xchg, cmpxchg, stos), decoded once
+per site. Instructions that touch device memory go to the general emulator, cpu/emulator.py.
 """
 from __future__ import annotations
 
@@ -34,35 +33,6 @@ def _set(regs, name, value):
     full, shift, width = _REGS[name]
     mask = ((1 << 8 * width) - 1) << shift
     regs.write(full, (regs.read(full) & ~mask) | ((value << shift) & mask))
-
-
-def emulate_mmio(code: bytes, eip: int, regs, gpa: int, read, write) -> tuple[int, str]:
-    """Emulate the instruction at eip against device callbacks; returns (length, what was done)."""
-    insn = next(_cs.disasm(code or b"", eip, 1), None)
-    if insn is None:
-        raise Unsupported(f"cannot decode the MMIO access at {eip:#x}")
-    ops = insn.operands
-    text = f"{insn.mnemonic} {insn.op_str}"
-    if insn.mnemonic == "mov" and len(ops) == 2:
-        dst, src = ops
-        if dst.type == X86_OP_MEM and src.type in (X86_OP_REG, X86_OP_IMM):
-            size = dst.size
-            value = _get(regs, insn.reg_name(src.reg)) if src.type == X86_OP_REG else src.imm
-            value &= (1 << 8 * size) - 1
-            write(gpa, size, value)
-            return insn.size, f"emulated `{text}`: wrote {value:#x} ({size} bytes) to the device"
-        if dst.type == X86_OP_REG and src.type == X86_OP_MEM:
-            value = read(gpa, src.size)
-            _set(regs, insn.reg_name(dst.reg), value)
-            return insn.size, f"emulated `{text}`: read {value:#x} ({src.size} bytes) from the device"
-    if insn.mnemonic in ("movzx", "movsx") and len(ops) == 2 and ops[1].type == X86_OP_MEM:
-        size = ops[1].size
-        value = read(gpa, size)
-        if insn.mnemonic == "movsx" and value >> (8 * size - 1):
-            value -= 1 << 8 * size
-        _set(regs, insn.reg_name(ops[0].reg), value & 0xFFFFFFFF)
-        return insn.size, f"emulated `{text}`: read {value & 0xFFFFFFFF:#x} from the device"
-    raise Unsupported(f"MMIO access by `{text}` at {eip:#x}: only mov/movzx/movsx are emulated")
 
 
 # -- stores into write-protected (traced) guest pages --------------------------------------------------

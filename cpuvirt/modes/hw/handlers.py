@@ -309,18 +309,7 @@ class RootHypervisor:
         m = cpu.m
         if getattr(m, "mmio", None) is not None and m.mmio.find(gpa) is not None:
             # A device register: KVM's handle_ept_violation -> kvm_mmu_page_fault -> emulation.
-            from cpuvirt.cpu.events import Unsupported
-            from cpuvirt.x86.emulate import emulate_mmio
-            try:
-                length, what = emulate_mmio(cpu.mmu.fetch_bytes(x.rip, 15), x.rip, cpu.regs, gpa,
-                                            m.mmio.read, m.mmio.write)
-            except Unsupported as u:
-                cpu.finish("error", EXIT_HYPERVISOR_STOP, f"hw: {u}")
-                x.action = "cannot emulate"
-                return
-            self.vmcs.vmwrite(F.GUEST_RIP, x.rip + length)
-            cpu.clock.unretire(-1)          # the emulated access retired the instruction
-            x.action = what
+            self.emulate_instruction(x, "")
             return
         if cpu.settings.lazy_ept and page < cpu.m.mem_bytes:
             from cpuvirt.memory.p2m import RAM_HPA
@@ -331,23 +320,80 @@ class RootHypervisor:
             # Unassigned guest-physical memory reads all-ones and drops writes (pc-lite), emulated
             # access by access as KVM hands it to QEMU's unassigned region (no EPT entry: mapping
             # a sweep of the 4 GiB space would exhaust the hypervisor's memory with EPT tables).
-            from cpuvirt.cpu.events import Unsupported
-            from cpuvirt.x86.emulate import emulate_mmio
-            try:
-                length, what = emulate_mmio(cpu.mmu.fetch_bytes(x.rip, 15), x.rip, cpu.regs, gpa,
-                                            lambda _gpa, size: (1 << 8 * size) - 1, lambda *_: None)
-            except Unsupported as u:
-                cpu.finish("error", EXIT_HYPERVISOR_STOP, f"hw: {u}")
-                x.action = "cannot emulate"
-                return
-            self.vmcs.vmwrite(F.GUEST_RIP, x.rip + length)
-            cpu.clock.unretire(-1)
-            x.action = f"unassigned guest-physical memory (reads all-ones, writes dropped): {what}"
+            self.emulate_instruction(x, "unassigned guest-physical memory (reads all-ones, writes dropped): ")
             return
         cpu.finish("ept_violation", EXIT_HYPERVISOR_STOP,
                    f"EPT violation at guest-physical {gpa:#x} (linear {self.vmcs.vmread(F.GUEST_LINEAR_ADDRESS):#x}, "
                    f"{x.detail.get('access')}): outside guest RAM and emulated MMIO")
         x.action = "no memory there: the hypervisor stops the guest"
+
+    def emulate_instruction(self, x: Exit, what: str) -> None:
+        """Carry out the guest instruction at RIP in the hypervisor (cpu/emulator.py): its memory
+        operands reach RAM, device registers and unassigned memory as the guest's accesses would.
+        A #PF or #GP it raises is injected; a rep string instruction done in part is re-entered at
+        the same RIP (its registers say how far it got); a form not emulated stops the guest."""
+        from cpuvirt.cpu.emulator import Context, EmulatedFault
+        from cpuvirt.cpu.events import Unsupported
+        from cpuvirt.memory.mmu import GuestPageFault, NestedFault
+        cpu = self.cpu
+        if not cpu.regs.read(R.CR0) & 1 or cpu.regs.read(R.EFLAGS) & R.EFLAGS_VM:
+            cpu.finish("error", EXIT_HYPERVISOR_STOP, f"hw: MMIO access at {x.rip:#x} from 16-bit code (real or "
+                       "virtual-8086 mode): the instruction emulator decodes 32-bit code only")
+            x.action = "cannot emulate"
+            return
+        ctx = Context(cpu.regs, _GuestLinear(cpu.mmu, cpu.regs.read(R.SS) & 3 == 3), io=_ChargedPorts(cpu),
+                      cr0=self._guest_cr0)
+        try:
+            length, done, text = self._emulate_mapping_lazily(x, ctx)
+        except NestedFault as nf:
+            cpu.finish("ept_violation", EXIT_HYPERVISOR_STOP, f"hw: emulating the instruction at {x.rip:#x}: "
+                       f"EPT refuses guest-physical {nf.gpa:#x}")
+            x.action = "cannot emulate"
+            return
+        except Unsupported as u:
+            cpu.finish("error", EXIT_HYPERVISOR_STOP, f"hw: MMIO access {u}")
+            x.action = "cannot emulate"
+            return
+        except GuestPageFault as pf:
+            cpu.regs.write(R.CR2, pf.gva)
+            self.inject(Vector.PF, E.INTR_TYPE_HW_EXCEPTION, pf.error_code)
+            x.action = f"{what}emulation raised #PF at {pf.gva:#x}: injected"
+            return
+        except EmulatedFault as f:
+            self.inject(f.vector, E.INTR_TYPE_HW_EXCEPTION, f.error_code if f.vector in HAS_ERROR_CODE else None)
+            x.action = f"{what}emulation raised vector {f.vector}: injected"
+            return
+        # Virtual time as native counts it: one instruction, however many iterations a rep made.
+        if done:
+            self.vmcs.vmwrite(F.GUEST_RIP, x.rip + length)
+            cpu.clock.unretire(-1)          # the emulated access retired the instruction
+            x.action = f"{what}{text}"
+        else:
+            x.action = f"{what}{text}; re-entered to continue"
+
+    def _emulate_mapping_lazily(self, x: Exit, ctx):
+        """emulate(), mapping on demand (lazy_ept) the guest RAM pages its operands or the guest's page
+        tables touch. Written operands are translated first and a rep string instruction resumes from
+        its registers, so a retry repeats at most the device reads of the interrupted step (cmps
+        between a device and an unmapped RAM page)."""
+        from cpuvirt.cpu.emulator import emulate
+        from cpuvirt.memory.mmu import NestedFault
+        from cpuvirt.memory.p2m import RAM_HPA
+        cpu = self.cpu
+        for _ in range(8):                  # at most 8 distinct pages: two operands, each walk's tables
+            try:
+                return emulate(cpu.mmu.fetch_bytes(x.rip, 15), x.rip, ctx)
+            except NestedFault as nf:
+                page = nf.gpa & ~0xFFF
+                if not (cpu.settings.lazy_ept and page < cpu.m.mem_bytes):
+                    raise
+                cpu.ept.map(page, RAM_HPA + page)
+        return emulate(cpu.mmu.fetch_bytes(x.rip, 15), x.rip, ctx)
+
+    def _guest_cr0(self) -> int:
+        """CR0 as the guest reads it: through the guest/host mask and read shadow (SDM 25.3)."""
+        mask = self.vmcs.vmread(F.CR0_GUEST_HOST_MASK)
+        return (self.cpu.regs.read(R.CR0) & ~mask) | (self.vmcs.vmread(F.CR0_READ_SHADOW) & mask) | 0x10
 
     def handle_ept_misconfig(self, x: Exit) -> None:
         self.cpu.finish("ept_misconfig", EXIT_HYPERVISOR_STOP,
@@ -358,3 +404,41 @@ class RootHypervisor:
         self.cpu.finish("error", EXIT_HYPERVISOR_STOP,
                         f"hw: no handler for exit reason {x.reason.name} ({int(x.reason)})")
         x.action = "no handler"
+
+
+class _GuestLinear:
+    """Guest-linear memory for the instruction emulator, at the guest's privilege (user or not)."""
+
+    __slots__ = ("mmu", "user")
+
+    def __init__(self, mmu, user: bool):
+        self.mmu, self.user = mmu, user
+
+    def read(self, gva: int, size: int) -> int:
+        return int.from_bytes(self.mmu.read_linear(gva, size, self.user), "little")
+
+    def write(self, gva: int, size: int, value: int) -> None:
+        self.mmu.write_linear(gva, value.to_bytes(size, "little"), self.user)
+
+    def probe(self, gva: int, size: int) -> None:
+        self.mmu.check_linear(gva, size, self.user)
+
+
+class _ChargedPorts:
+    """The port bus for an emulated ins/outs: each element is a port access, charged IO_CYCLES of
+    virtual time as every port access is (cpu/vcpu.py port_io, and hw's IO_INSTRUCTION exits)."""
+
+    __slots__ = ("cpu",)
+
+    def __init__(self, cpu):
+        self.cpu = cpu
+
+    def read(self, port: int, size: int) -> int:
+        from cpuvirt.cpu.vcpu import IO_CYCLES
+        self.cpu.clock.advance(IO_CYCLES)
+        return self.cpu.m.bus.read(port, size)
+
+    def write(self, port: int, size: int, value: int) -> None:
+        from cpuvirt.cpu.vcpu import IO_CYCLES
+        self.cpu.clock.advance(IO_CYCLES)
+        self.cpu.m.bus.write(port, size, value)
