@@ -257,8 +257,9 @@ class Mmu:
         return p
 
     # -- linear access by the hypervisor (event delivery, disassembly) ----------------------------
-    def gva_to_hpa(self, gva: int, access: int, user: bool, side_effects: bool = True) -> int | None:
-        """Host-physical address of a guest-linear byte, or raise GuestPageFault; None = unbacked."""
+    def _gva_to_gpa(self, gva: int, access: int, user: bool, side_effects: bool) -> int:
+        """Guest-physical address of a guest-linear byte as the CPU's own access would find it, or
+        raise GuestPageFault."""
         gpa, ok = self.strategy.gva_to_gpa(gva, access, user, side_effects)
         if gpa is None:
             raise GuestPageFault(gva, ok)
@@ -267,20 +268,18 @@ class Mmu:
             gpa2, ok2 = self.strategy.gva_to_gpa(gva, Access.WRITE, user, side_effects)
             if gpa2 is None:
                 raise GuestPageFault(gva, ok2)
+        return gpa
+
+    def gva_to_hpa(self, gva: int, access: int, user: bool, side_effects: bool = True) -> int | None:
+        """Host-physical address of a guest-linear byte, or raise GuestPageFault; None = unbacked."""
+        gpa = self._gva_to_gpa(gva, access, user, side_effects)
         page = self.strategy.gpa_to_hpa(gpa & PAGE_MASK, access)
         return None if page is None else page | (gpa & 0xFFF)
 
     def _locate(self, gva: int, access: int, user: bool, side_effects: bool = True):
         """What backs a guest-linear byte: (hpa, None) for RAM, (None, gpa) for a device register
         (the MMIO bus in `devices`), (None, None) for unbacked memory; or raise GuestPageFault."""
-        gpa, ok = self.strategy.gva_to_gpa(gva, access, user, side_effects)
-        if gpa is None:
-            raise GuestPageFault(gva, ok)
-        if access == Access.WRITE and not ok and side_effects:
-            # A read-only translation: the walk already decided whether this write may go ahead.
-            gpa2, ok2 = self.strategy.gva_to_gpa(gva, Access.WRITE, user, side_effects)
-            if gpa2 is None:
-                raise GuestPageFault(gva, ok2)
+        gpa = self._gva_to_gpa(gva, access, user, side_effects)
         if self.devices is not None and self.p2m.mmio_to_hpa(gpa & PAGE_MASK) is not None:
             return None, gpa
         try:
