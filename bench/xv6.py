@@ -1,7 +1,7 @@
 """xv6 under every mode, beside QEMU: outcome, console equality, wall time, events by kind.
 
     python bench/xv6.py XV6_DIR [--modes native,trap,full,hw,hw-noept] [--session quick|full|usertests]
-                                [--max-insns N] [--no-qemu]
+                                [--max-insns N] [--no-qemu | --qemu-seconds S] [--console-dir DIR]
 
 XV6_DIR is an xv6-public checkout where `make kernelmemfs` has run (docs/xv6.md), or the kernel file
 itself. Each mode runs the same scripted session through COM1, one line per shell prompt (cpuvirt's
@@ -9,6 +9,10 @@ itself. Each mode runs the same scripted session through COM1, one line per shel
 and its console, from xv6's first line on, is the reference. Wall times are measured here, in one
 run, on whatever else the machine is doing: compare the ratios, not the seconds. QEMU's time is from
 its first prompt (SeaBIOS's boot excluded); cpuvirt's is its run loop, boot included.
+
+Per mode: the outcome (and, for a session with usertests, whether it printed ALL TESTS PASSED),
+whether the console is QEMU's byte for byte, the wall time and its ratio to QEMU's, and the events
+by kind, each with its most frequent reasons (trap cli, VM exit EPT_VIOLATION...).
 """
 from __future__ import annotations
 
@@ -41,6 +45,9 @@ def main() -> int:
     ap.add_argument("--max-insns", type=lambda s: int(s.replace("_", ""), 0), default=0,
                     help="budget per run (default 0: none)")
     ap.add_argument("--no-qemu", action="store_true")
+    ap.add_argument("--qemu-seconds", type=float, default=None, metavar="S",
+                    help="QEMU's time for this session measured earlier (QEMU is then not run; no console check)")
+    ap.add_argument("--console-dir", metavar="DIR", help="write each mode's console to DIR/MODE.txt")
     args = ap.parse_args()
     kernel = Path(args.xv6)
     if kernel.is_dir():
@@ -56,13 +63,16 @@ def main() -> int:
     lines = SESSIONS[args.session]
     script = "".join(f"{line}\n" for line in lines).encode()
 
-    reference, qemu_s = None, None
-    if not args.no_qemu and qemu_available():
+    reference, qemu_s = None, args.qemu_seconds
+    if args.console_dir:
+        Path(args.console_dir).mkdir(parents=True, exist_ok=True)
+    if not args.no_qemu and qemu_s is None and qemu_available():
         reference, qemu_s, completed = qemu_xv6_session(kernel, lines)
         print(f"qemu      {'completed' if completed else 'TIMED OUT'}  {qemu_s:8.1f} s  "
               f"({len(reference)} console bytes)", flush=True)
 
-    print(f"{'mode':<9} {'outcome':<11} {'status':>6} {'console':<9} {'wall s':>8} {'x qemu':>7} "
+    usertests = "usertests" in lines
+    print(f"{'mode':<9} {'outcome':<11} {'status':>6} {'usertests':<10} {'console':<9} {'wall s':>8} {'x qemu':>7} "
           f"{'MIPS':>6}  events")
     worst = 0
     for name in modes:
@@ -75,15 +85,18 @@ def main() -> int:
             same = "-"
         else:
             same = "same" if res.console == reference else "DIFFERS"
+        passed = b"ALL TESTS PASSED" in res.console
         ok = res.outcome == "input_end" and same != "DIFFERS"
-        if args.session != "quick":
-            ok = ok and (b"ALL TESTS PASSED" in res.console)
+        if usertests:
+            ok = ok and passed
         worst = worst or (0 if ok else 1)
         ratio = f"{wall / qemu_s:7.1f}" if qemu_s else "      -"
         mips = res.icount / wall / 1e6 if wall else 0
-        events = ", ".join(f"{k} {v}" for k, v in sorted(res.counts.items(), key=lambda kv: -kv[1]))
-        print(f"{name:<9} {res.outcome:<11} {res.status:>6} {same:<9} {wall:8.1f} {ratio} {mips:6.1f}  {events}",
-              flush=True)
+        ut = ("PASSED" if passed else "NOT PASSED") if usertests else "-"
+        print(f"{name:<9} {res.outcome:<11} {res.status:>6} {ut:<10} {same:<9} {wall:8.1f} {ratio} {mips:6.1f}  "
+              f"{events_by_kind(res)}", flush=True)
+        if args.console_dir:
+            (Path(args.console_dir) / f"{name}.txt").write_bytes(res.console)
         if same == "DIFFERS":
             a, b = res.console, reference
             at = next((i for i in range(min(len(a), len(b))) if a[i] != b[i]), min(len(a), len(b)))
@@ -91,6 +104,25 @@ def main() -> int:
         if res.outcome != "input_end":
             print(f"          {res.message}; console tail {res.console[-200:]!r}")
     return worst
+
+
+def events_by_kind(res, reasons: int = 3) -> str:
+    """'trap 58698 (cli 36547, sti 20571, out 955), interrupt 60 (...)': kinds by count, each with
+    its most frequent reasons from the run's tally."""
+    by_kind: dict[str, list] = {}
+    for key, n in res.tally.items():
+        kind, _, reason = key.partition(":")
+        if reason:
+            by_kind.setdefault(kind, []).append((n, reason))
+    parts = []
+    for kind, n in sorted(res.counts.items(), key=lambda kv: -kv[1]):
+        split = by_kind.get(kind, [])
+        top = sorted(split, reverse=True)[:reasons]
+        # Reasons only where the tally splits the kind (io's has only the debug exit, say).
+        detail = f" ({', '.join(f'{r} {c}' for c, r in top)})" if len(split) > 1 and \
+            sum(c for c, _ in split) >= n // 2 else ""
+        parts.append(f"{kind} {n}{detail}")
+    return ", ".join(parts) or "none"
 
 
 if __name__ == "__main__":

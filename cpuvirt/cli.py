@@ -137,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "[,slow=N:K]",
                    help="with a guest: PCI devices, as for run")
     c.add_argument("--append", default="", metavar="CMDLINE", help="with a guest: its kernel command line")
+    c.add_argument("--mem", type=_int, default=32, metavar="MiB", help="with a guest: RAM of each run (default 32; "
+                   "xv6 needs 256)")
+    c.add_argument("--input", metavar="FILE", help="with a guest: type FILE into COM1 in every run, as for run")
+    c.add_argument("--input-prompt", metavar="TEXT", help="with --input: send each line after TEXT (e.g. '$ '), "
+                   "as for run")
 
     bt = sub.add_parser("bt", help="full mode: show guest blocks beside their binary translation")
     bt.add_argument("guest")
@@ -605,9 +610,21 @@ def _compare(args) -> int:
             VmxSettings(args.vmx)
         if args.image:
             raise CpuvirtError("--image applies to trace files (a guest's symbols come with it)")
+        inputs = {}
+        if args.input_prompt is not None and not args.input:
+            raise CpuvirtError("--input-prompt needs --input FILE")
+        if args.input:
+            try:
+                with open(args.input, "rb") as f:
+                    inputs["input_data"] = f.read()
+            except OSError as e:
+                raise CpuvirtError(f"--input {args.input}: {e.strerror}") from None
+            if args.input_prompt:
+                inputs["input_prompt"] = args.input_prompt.encode("utf-8", "surrogateescape")
         budget = DEFAULT_MAX_INSNS if args.max_insns is None else args.max_insns
         devices = _parse_devices(args.device)
-        cols = C.run_columns(args.items[0], specs, budget, extra_vmx=args.vmx, cmdline=args.append, devices=devices)
+        cols = C.run_columns(args.items[0], specs, budget, args.mem, extra_vmx=args.vmx, cmdline=args.append,
+                             devices=devices, inputs=inputs)
         for c in cols:
             if c.ran:
                 print(f"# {c.label}: {c.result.outcome}, status {c.result.status}, {c.result.icount:,} instructions",

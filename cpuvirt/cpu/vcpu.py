@@ -368,8 +368,11 @@ class Vcpu:
             insn_len = 1 if prev in (b"\xcc", b"\xce") else 2     # int3 / into, or int n
             start = (eip - insn_len) & 0xFFFFFFFF
             name = f"int {intno:#x}" if soft else MNEMONIC.get(intno, str(intno))
-            self.record("exception" if not soft else "interrupt", name, intno, start,
-                        {"vector": intno, "software": soft}, "delivered through the guest IDT")
+            detail = {"vector": intno, "software": soft}
+            if insn_len == 2:               # `int n`: EAX is the system-call number by OS convention
+                detail["eax"] = f"{self.regs.read(R.EAX):#x}"
+            self.record("exception" if not soft else "interrupt", name, intno, start, detail,
+                        "delivered through the guest IDT")
             self.deliver(intno, eip, soft=soft, fault_eip=start)
         else:
             ec = error_code if intno in HAS_ERROR_CODE else None

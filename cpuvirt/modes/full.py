@@ -645,8 +645,10 @@ class FullVcpu(DeprivilegedVcpu):
                 return nxt
             # int3 and into are software interrupts too (gate DPL checked), as the engine reports them
             vector = raw[p + 1] if op == 0xCD else (3 if op == 0xCC else 4)
-            self.record("interrupt", f"int {vector:#x}", vector, geip, {"vector": vector, "software": True},
-                        "delivered through the guest IDT")
+            detail = {"vector": vector, "software": True}
+            if op == 0xCD:                  # `int n`: EAX is the system-call number by OS convention
+                detail["eax"] = f"{regs.read(R.EAX):#x}"
+            self.record("interrupt", f"int {vector:#x}", vector, geip, detail, "delivered through the guest IDT")
             self.deliver(vector, nxt, soft=True, fault_eip=geip)
             return None
         if op in (0xE4, 0xE5, 0xE6, 0xE7, 0xEC, 0xED, 0xEE, 0xEF):

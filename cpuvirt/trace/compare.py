@@ -126,9 +126,10 @@ def _verdicts(col: Column, ref: Column | None) -> tuple[bool, str]:
 
 # -- gathering runs ------------------------------------------------------------------------------------------
 def run_columns(guest: str, specs, max_insns: int, mem_mib: int = 32, extra_vmx=(), cmdline: str = "",
-                devices=()) -> list[Column]:
+                devices=(), inputs=None) -> list[Column]:
     """Run `guest` under each ModeSpec, with a trace, the executed code and (full) the translations.
-    `cmdline` and `devices` (PCI devices, as `run --device`) are the same for every run."""
+    `cmdline`, `devices` (PCI devices, as `run --device`) and `inputs` (COM1's scripted input:
+    input_data, input_prompt) are the same for every run."""
     from cpuvirt.runner import resolve_guest, run_guest
     from cpuvirt.trace.symbols import for_guest
     cols = []
@@ -148,7 +149,7 @@ def run_columns(guest: str, specs, max_insns: int, mem_mib: int = 32, extra_vmx=
                 opts = {"observer": held.append, "verbose": True}
             try:
                 res = run_guest(guest, spec.mode, mem_mib, max_insns, path, None, cmdline, mode_options=opts or None,
-                                on_start=held.append, devices=devices)
+                                on_start=held.append, devices=devices, **(inputs or {}))
             except CpuvirtError as e:
                 col.why_not = str(e)
                 continue
@@ -229,14 +230,31 @@ class Site:
     insn: str                         # the reference build's instruction(s) there
     klass: str | None
     cells: list = field(default_factory=list)     # per column: (text, count)
+    meaning: str = ""                 # what it is in the kernel's own terms (an xv6 kernel: trace/xv6.py)
 
 
 def _key(col: Column, addr: int, by_line: bool) -> tuple:
     if by_line:
         loc = col.symbols.line(addr)
         if loc:
+            if col.symbols.inlined:         # C: x86.h's lcr3 line is in switchuvm and in switchkvm
+                name = col.symbols.name(addr)
+                return ("line", loc, name.split("+", 1)[0] if name else "")
             return ("line", loc)
     return ("addr", addr)
+
+
+def _os_site(col: Column, e: dict):
+    """A kernel's own row for the event (an xv6 system call, IRQ, user page fault), or None."""
+    if col.symbols.kernel is None:
+        return None
+    from cpuvirt.trace import xv6
+    return xv6.site(col.symbols.kernel, e)
+
+
+def _meaning(col: Column, e: dict) -> str:
+    k = col.symbols.kernel
+    return (k.meaning(e, col.symbols) or "") if k is not None else ""
 
 
 def build_sites(cols: list[Column]) -> list[Site]:
@@ -246,6 +264,8 @@ def build_sites(cols: list[Column]) -> list[Site]:
     events: dict[tuple, list[Counter]] = defaultdict(lambda: [Counter() for _ in cols])
     addrs_at: dict[tuple, dict[int, set]] = defaultdict(lambda: defaultdict(set))
     insn_at: dict[tuple, dict[int, str]] = defaultdict(dict)
+    os_rows: dict[tuple, tuple[str, str, str]] = {}     # kernel rows: key -> (where, symbol, instruction)
+    meanings: dict[tuple, str] = {}
     for i, c in enumerate(cols):
         if c.trace is None:
             continue
@@ -253,10 +273,17 @@ def build_sites(cols: list[Column]) -> list[Site]:
             if e["kind"] == "translate":
                 continue
             a = int(e["eip"], 16)
-            k = _key(c, a, by_line)
+            row = _os_site(c, e)
+            if row is not None:
+                k = row[0]
+                os_rows.setdefault(k, row[1:])
+            else:
+                k = _key(c, a, by_line)
+                addrs_at[k][i].add(a)
+                insn_at[k].setdefault(i, e["insn"])
             events[k][i][_label(e)] += 1
-            addrs_at[k][i].add(a)
-            insn_at[k].setdefault(i, e["insn"])
+            if k not in meanings and c.symbols.kernel is not None:
+                meanings[k] = _meaning(c, e)
     # Sensitive instructions each run executed, events or not.
     for i, c in enumerate(cols):
         if i > 0 and c.trace is not None and cols[0].trace is not None \
@@ -265,7 +292,11 @@ def build_sites(cols: list[Column]) -> list[Site]:
         for a, text in c.executed.items():
             if sensitive_class(text) is None:
                 continue
+            if c.symbols.kernel is not None and not c.symbols.owns(a):
+                continue                                # a user program's (its system calls have rows)
             k = _key(c, a, by_line)
+            if k not in meanings and c.symbols.kernel is not None:
+                meanings[k] = _meaning(c, {"kind": "", "reason": "", "eip": f"{a:#x}", "insn": text})
             addrs_at[k][i].add(a)
             insn_at[k].setdefault(i, text)
             events[k]                                   # the row exists
@@ -284,6 +315,15 @@ def build_sites(cols: list[Column]) -> list[Site]:
     verdicts = [_verdicts(c, ref if c is not ref else None) for c in cols]
     sites = []
     for k, counters in events.items():
+        if k in os_rows:
+            where, symbol, insn = os_rows[k]
+            site = Site(k, where, symbol, insn, "other" if insn.startswith("int") else None,
+                        meaning=meanings.get(k, ""))
+            for i, c in enumerate(cols):
+                site.cells.append(_cell(c, counters[i], set(), None, insn, None, verdicts[i])
+                                  if counters[i] or not c.ran else ("-", 0))
+            sites.append(site)
+            continue
         texts = insn_at[k]
         insn = texts.get(ref_i) or next(iter(texts.values()), "?")
         klass = sensitive_class(insn) or next((sensitive_class(t) for t in texts.values() if sensitive_class(t)), None)
@@ -291,13 +331,14 @@ def build_sites(cols: list[Column]) -> list[Site]:
         owner = cols[ref_i] if addrs_at[k].get(ref_i) else next(
             (cols[j] for j in addrs_at[k] if addrs_at[k][j]), cols[ref_i])
         where = k[1] if k[0] == "line" else f"{k[1]:#x}"
-        site = Site(k, where, owner.symbols.name(first_addr) or f"{first_addr:#x}", insn, klass)
+        site = Site(k, where, owner.symbols.name(first_addr) or f"{first_addr:#x}", insn, klass,
+                    meaning=meanings.get(k, ""))
         for i, c in enumerate(cols):
             addrs = addrs_at[k].get(i) or (addrs_at[k].get(ref_i, set()) if same_image[i] else set())
             site.cells.append(_cell(c, counters[i], addrs, texts.get(i), insn, klass, verdicts[i]))
         sites.append(site)
-    sites.sort(key=lambda s: (0, s.where.rsplit(":", 1)[0], int(s.where.rsplit(":", 1)[1]))
-               if s.key[0] == "line" else (1, "", s.key[1]))
+    sites.sort(key=lambda s: (0, s.where.rsplit(":", 1)[0], int(s.where.rsplit(":", 1)[1]), s.key[2:])
+               if s.key[0] == "line" else (1, "", s.key[1:]) if s.key[0] == "os" else (2, "", s.key[1]))
     return sites
 
 
@@ -475,6 +516,8 @@ def format_text(cols: list[Column], sites: list[Site], summary: list[dict], widt
         for s in shown:
             tag = f"  [{s.klass}]" if s.klass else ""
             out.append(f"{s.where}  {s.symbol}  {s.insn}{tag}"[:width])
+            if s.meaning:
+                out.append(f"    = {s.meaning}"[:width])
             for c, cell in zip(cols, s.cells):
                 import textwrap
                 lines = textwrap.wrap(s_cell(cell), max(20, width - lw - 6), break_on_hyphens=False) or ["-"]
@@ -492,6 +535,7 @@ def s_cell(cell) -> str:
 def as_json(cols, sites, summary) -> str:
     return json.dumps({"runs": summary,
                        "sites": [{"where": s.where, "symbol": s.symbol, "instruction": s.insn, "class": s.klass,
+                                  **({"meaning": s.meaning} if s.meaning else {}),
                                   "runs": {c.label: {"what": cell[0], "events": cell[1]}
                                            for c, cell in zip(cols, s.cells)}} for s in sites]}, indent=1)
 

@@ -13,6 +13,12 @@ def _where(syms, eip: str) -> str:
     return f"  @ {w}" if w else ""
 
 
+def _meaning(syms, e: dict) -> str:
+    """What the event is in the kernel's own terms (an xv6 kernel: `xv6: system call write (16)`)."""
+    said = syms.kernel.meaning(e, syms) if syms.kernel is not None else None
+    return f"  {syms.kernel.name}: {said}" if said else ""
+
+
 def show(path: str, out, kinds=None, image: str | None = None) -> None:
     from cpuvirt.trace.symbols import for_trace
     t = read_trace(path)
@@ -22,6 +28,9 @@ def show(path: str, out, kinds=None, image: str | None = None) -> None:
               f"image sha256 {str(h.get('image_sha256'))[:16]}...)\n")
     if syms.source:
         out.write(f"# symbols and lines from {syms.source} (sha256 matches)\n")
+    if syms.kernel is not None:
+        out.write(f"# an {syms.kernel.name} kernel: its system calls ({len(syms.kernel.syscalls)}, from its "
+                  "syscalls[] table), interrupt vectors, page faults and context switches are named\n")
     out.write(f"{'seq':>6} {'icount':>12} cpl {'kind':<13} {'reason':<18} {'eip':>10}  {'instruction':<28} "
               "detail -> action"
               f"{'  @ symbol file:line' if syms.source else ''}\n")
@@ -31,7 +40,8 @@ def show(path: str, out, kinds=None, image: str | None = None) -> None:
         code = "" if e["code"] is None else f"({e['code']})"
         reason = f"{e['reason']}{code}"
         out.write(f"{e['seq']:>6} {e['icount']:>12} {e['cpl']:>3} {e['kind']:<13} {reason:<18} {e['eip']:>10}  "
-                  f"{e['insn']:<28} {_detail(e['detail'])} -> {e['action']}{_where(syms, e['eip'])}\n")
+                  f"{e['insn']:<28} {_detail(e['detail'])} -> {e['action']}{_meaning(syms, e)}"
+                  f"{_where(syms, e['eip'])}\n")
     present = {e["kind"] for e in t.events}
     for k in kinds or ():
         if k not in present:

@@ -20,7 +20,8 @@ from cpuvirt.errors import CpuvirtError
 class Symbols:
     """Nearest-symbol and line lookups over one image."""
 
-    def __init__(self, symbols: dict[str, int], lines=None, source: str = "", end: int | None = None):
+    def __init__(self, symbols: dict[str, int], lines=None, source: str = "", end: int | None = None,
+                 ranges: list[tuple[int, int]] | None = None):
         # Internal assembler names (__bss_start...) are kept for resolving but not preferred for naming.
         self.by_name = dict(symbols)
         named = sorted((a, n) for n, a in symbols.items() if not n.startswith("__"))
@@ -29,13 +30,35 @@ class Symbols:
         self._lines = lines                  # callable addr -> (file, line) | None
         self.source = source
         self.end = end                       # addresses at or past it belong to no symbol here
+        self.ranges = ranges                 # ELF: the loaded segments [start, end); other addresses are not ours
+        # ELF: (start, end, +delta) physical load address -> link address
+        self.aliases: list[tuple[int, int, int]] = []
+        self.inlined = False                 # ELF from C: one file:line (an inline helper) serves many functions
+        self.kernel = None                   # a kernel's own names for its events (trace/xv6.py), if recognised
         self.statements: dict[str, list[str]] = {}    # file:line -> the instructions written there
         self.code: list[tuple[int, str]] = []          # (address, source) of every instruction (assembler)
 
+    def _linked(self, addr: int) -> int:
+        """A kernel linked high runs its first instructions at its physical load address (xv6's
+        `entry` at 0x10000c before paging is on): name those by the address they were linked at."""
+        if self.ranges is not None and not any(lo <= addr < hi for lo, hi in self.ranges):
+            for lo, hi, delta in self.aliases:
+                if lo <= addr < hi:
+                    return addr + delta
+        return addr
+
+    def owns(self, addr: int) -> bool:
+        """The address is in this image (or it has no segment map to tell)."""
+        addr = self._linked(addr)
+        return self.ranges is None or any(lo <= addr < hi for lo, hi in self.ranges)
+
     def name(self, addr: int) -> str | None:
+        addr = self._linked(addr)
         k = bisect.bisect_right(self._addrs, addr) - 1
         if k < 0 or (self.end is not None and addr >= self.end):
             return None
+        if self.ranges is not None and not any(lo <= addr < hi for lo, hi in self.ranges):
+            return None                      # e.g. an xv6 user program's code at 0 is not the kernel's
         off = addr - self._addrs[k]
         if off > 0x10000:                    # too far to be inside that symbol
             return None
@@ -48,7 +71,7 @@ class Symbols:
     def line(self, addr: int) -> str | None:
         if self._lines is None:
             return None
-        loc = self._lines(addr)
+        loc = self._lines(self._linked(addr))
         return f"{loc[0]}:{loc[1]}" if loc else None
 
     def describe(self, addr: int) -> str:
@@ -119,13 +142,21 @@ def from_elf(data: bytes, source: str = "") -> Symbols:
     from elftools.elf.sections import SymbolTableSection
     try:
         elf = ELFFile(io.BytesIO(data))
-        syms = {}
+        syms, sizes = {}, {}
         for sec in elf.iter_sections():
             if isinstance(sec, SymbolTableSection):
                 for s in sec.iter_symbols():
+                    # Absolute symbols (xv6's _binary_entryother_size = 0x8a) are numbers, not addresses.
                     if s.name and s["st_info"]["type"] in ("STT_FUNC", "STT_OBJECT", "STT_NOTYPE") \
-                            and s["st_shndx"] != "SHN_UNDEF":
+                            and s["st_shndx"] not in ("SHN_UNDEF", "SHN_ABS"):
                         syms.setdefault(s.name, s["st_value"])
+                        sizes.setdefault(s.name, s["st_size"])
+        loads = [seg for seg in elf.iter_segments() if seg["p_type"] == "PT_LOAD" and seg["p_memsz"]]
+        ranges = [(seg["p_vaddr"], seg["p_vaddr"] + seg["p_memsz"]) for seg in loads]
+        aliases = [(seg["p_paddr"], seg["p_paddr"] + seg["p_memsz"], seg["p_vaddr"] - seg["p_paddr"])
+                   for seg in loads if seg["p_paddr"] != seg["p_vaddr"]]
+        from cpuvirt.trace import xv6
+        kernel = xv6.detect(elf, syms, sizes)
         rows = []
         if elf.has_dwarf_info():
             dwarf = elf.get_dwarf_info()
@@ -142,7 +173,7 @@ def from_elf(data: bytes, source: str = "") -> Symbols:
                     idx = st.file if ver >= 5 else st.file - 1
                     name = files[idx].name.decode(errors="replace") if 0 <= idx < len(files) else "?"
                     rows.append((st.address, os.path.basename(name), st.line))
-        rows.sort()
+        rows.sort(key=lambda r: r[0])     # stable: of the rows at one address (inlined code), the last holds
     except (ELFError, ValueError, KeyError, IndexError):
         return NONE
     starts = [r[0] for r in rows]
@@ -153,7 +184,11 @@ def from_elf(data: bytes, source: str = "") -> Symbols:
             return None
         return rows[k][1], rows[k][2]
 
-    return Symbols(syms, lines if rows else None, source)
+    found = Symbols(syms, lines if rows else None, source, ranges=ranges or None)
+    found.kernel = kernel
+    found.aliases = aliases
+    found.inlined = bool(rows)
+    return found
 
 
 def for_image(data: bytes, source: str = "") -> Symbols:

@@ -425,8 +425,11 @@ class ParaVcpu(Vcpu):
             prev = self.mmu.fetch_bytes((eip - 1) & 0xFFFFFFFF, 1)
             insn_len = 1 if prev in (b"\xcc", b"\xce") else 2
             start = (eip - insn_len) & 0xFFFFFFFF
+            detail = {"vector": intno, "software": soft}
+            if insn_len == 2:               # `int n`: EAX is the system-call number by OS convention
+                detail["eax"] = f"{self.regs.read(R.EAX):#x}"
             self.record("interrupt" if soft else "exception", f"int {intno:#x}" if soft else MNEMONIC[intno], intno,
-                        start, {"vector": intno, "software": soft}, "bounced through the trap table")
+                        start, detail, "bounced through the trap table")
             self.trap(intno, eip, None, start, soft=soft)
             return
         ec = error_code if intno in HAS_ERROR_CODE else None
