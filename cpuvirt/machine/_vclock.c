@@ -121,8 +121,8 @@ static int block_slow(vclock_t *s, void *uc, uint32_t count) {
     return 0;
 }
 
-/* Every block, so the common path is short: one table hit, one test of the rare conditions (the
- * `pending` word is nonzero while any of them is set), one compare with the deadline. */
+/* Every block, so the common path is short: one table hit, one test of the rare conditions (discard,
+ * check_if, stop_next OR-ed together), one compare with the deadline. */
 void vclock_block_hook(void *uc, uint64_t address, uint32_t size, void *user_data) {
     vclock_t *s = (vclock_t *)user_data;
     uint32_t a = (uint32_t)address;

@@ -24,6 +24,4 @@ __all__ = sorted(_EXPORTS)
 def __getattr__(name: str):
     if name in _EXPORTS:
         return getattr(importlib.import_module(f"cpuvirt.toolchain.{_EXPORTS[name]}"), name)
-    if name in ("assemble", "build", "cache", "image", "preprocess"):
-        return importlib.import_module(f"cpuvirt.toolchain.{name}")
     raise AttributeError(f"module 'cpuvirt.toolchain' has no attribute {name!r}")

@@ -56,7 +56,10 @@ def read_net_config(mac: bytes, link_up: bool, offset: int, size: int) -> int:
     return int.from_bytes(config[offset:offset + size].ljust(size, b"\0"), "little")
 
 
-class VirtioNet(VirtioDevice):
+class VirtioNetType(VirtioDevice):
+    """What every virtio-net looks like to the guest, whichever backend serves its rings (this
+    module's device model, vhost.py, vhost_user.py): one PCI identity, queue layout and feature set."""
+
     name = "virtio-net"
     pci_device_id = 0x1000           # transitional virtio-net
     virtio_id = 1                    # subsystem device ID: network card
@@ -65,6 +68,11 @@ class VirtioNet(VirtioDevice):
     nvectors = 4                     # as QEMU's virtio-net-pci: 2 * queue pairs + 2 (config, control)
     feature_names = {F_MAC: "MAC", F_STATUS: "STATUS", F_MRG_RXBUF: "MRG_RXBUF", F_CTRL_VQ: "CTRL_VQ"}
 
+    def host_features(self) -> int:
+        return 1 << F_MAC | 1 << F_STATUS | 1 << F_INDIRECT_DESC | 1 << F_EVENT_IDX
+
+
+class VirtioNet(VirtioNetType):
     def __init__(self, mac: bytes = DEFAULT_MAC, backend=None, capture=None, completions=None, now=lambda: 0):
         self.mac = mac
         self.backend = backend
@@ -77,9 +85,6 @@ class VirtioNet(VirtioDevice):
                          "rx_dropped": 0, "copies": 0, "interrupts_suppressed": 0}
         if backend is not None:
             backend.attach(self.receive)
-
-    def host_features(self) -> int:
-        return 1 << F_MAC | 1 << F_STATUS | 1 << F_INDIRECT_DESC | 1 << F_EVENT_IDX
 
     def read_config(self, offset: int, size: int) -> int:
         return read_net_config(self.mac, True, offset, size)

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from cpuvirt.virtio.net import RX, TX, VirtioNet, read_net_config
-from cpuvirt.virtio.transport import F_EVENT_IDX, F_INDIRECT_DESC, QUEUE_NOTIFY, VirtioDevice
+from cpuvirt.virtio.net import RX, TX, VirtioNet, VirtioNetType, read_net_config
+from cpuvirt.virtio.transport import F_EVENT_IDX, F_INDIRECT_DESC, QUEUE_NOTIFY
 from cpuvirt.virtio.virtqueue import GuestMemoryError, GuestRam, RingError, SplitQueue
 
 
@@ -138,17 +138,10 @@ class VhostWorker:
             self.net.notify(queue)
 
 
-class VhostNet(VirtioDevice):
+class VhostNet(VirtioNetType):
     """virtio-net whose data path is a vhost worker: the device model keeps the registers, the
     configuration space and the set-up; after DRIVER_OK it never sees a kick or a frame."""
 
-    name = VirtioNet.name
-    pci_device_id = VirtioNet.pci_device_id
-    virtio_id = VirtioNet.virtio_id
-    class_code = VirtioNet.class_code
-    queue_sizes = VirtioNet.queue_sizes
-    nvectors = VirtioNet.nvectors
-    feature_names = VirtioNet.feature_names
     backend_name = "vhost"
 
     def __init__(self, mac: bytes, peer, capture, machine):
@@ -160,8 +153,6 @@ class VhostNet(VirtioDevice):
         self.cachelines = None           # cacheline.CacheLineModel: the worker's accesses are the device side's
         self._base = {"tx_frames": 0, "tx_bytes": 0, "rx_frames": 0, "rx_bytes": 0, "tx_dropped": 0,
                       "rx_dropped": 0, "copies": 0, "interrupts_suppressed": 0, "notifications": 0}
-
-    host_features = VirtioNet.host_features
 
     @property
     def counters(self) -> dict:

@@ -35,8 +35,8 @@ import tempfile
 import time
 
 from cpuvirt.errors import CpuvirtError
-from cpuvirt.virtio.net import RX, TX, VirtioNet, read_net_config
-from cpuvirt.virtio.transport import QUEUE_NOTIFY, VirtioDevice
+from cpuvirt.virtio.net import RX, TX, VirtioNetType, read_net_config
+from cpuvirt.virtio.transport import QUEUE_NOTIFY
 
 # Requests (front-end to back-end), vhost-user.rst "Front-end message types"
 GET_FEATURES, SET_FEATURES, SET_OWNER, RESET_OWNER, SET_MEM_TABLE = 1, 2, 3, 4, 5
@@ -118,17 +118,9 @@ def _close_all(fds) -> None:
         os.close(fd)
 
 
-class VhostUserNet(VirtioDevice):
+class VhostUserNet(VirtioNetType):
     """virtio-net whose rings are served by a vhost-user backend process."""
 
-    name = VirtioNet.name
-    pci_device_id = VirtioNet.pci_device_id
-    virtio_id = VirtioNet.virtio_id
-    class_code = VirtioNet.class_code
-    queue_sizes = VirtioNet.queue_sizes
-    nvectors = VirtioNet.nvectors
-    feature_names = VirtioNet.feature_names
-    host_features = VirtioNet.host_features
     backend_name = "vhost-user"
     CONNECT_TIMEOUT = 10.0
     REPLY_TIMEOUT = 10.0
