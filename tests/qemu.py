@@ -40,6 +40,19 @@ def run_under_qemu(image_path: Path | str, timeout: float = 20, extra=()) -> tup
     return p.stdout, p.returncode
 
 
+def assert_same_console_as_qemu(image_path: Path | str, devices, qemu_extra, cmdline: str = "",
+                                timeout: float = 30) -> bytes:
+    """Run the image under cpuvirt with `devices` and under QEMU with `qemu_extra` (its -device/-netdev
+    arguments) and the same kernel command line; both must exit 0 with the same console, returned."""
+    from cpuvirt.runner import run_guest
+    ours = run_guest(str(image_path), cmdline=cmdline, devices=devices)
+    extra = list(qemu_extra) + (["-append", cmdline] if cmdline else [])
+    theirs, status = run_under_qemu(image_path, timeout=timeout, extra=extra)
+    assert ours.status == 0 and status == 1, theirs.decode(errors="replace")[-400:]
+    assert ours.console == theirs
+    return ours.console
+
+
 XV6_QEMU_ARGS = ["-nographic", "-no-reboot", "-m", "512", "-smp", "1"]
 """xv6 needs QEMU's default machine (no -nodefaults): with no i8042 its keyboard status port reads
 0xFF and its console loops on phantom key presses. SeaBIOS then prints on COM1 before xv6 does."""

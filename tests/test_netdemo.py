@@ -13,7 +13,7 @@ from cpuvirt.runner import run_guest
 from cpuvirt.toolchain.build import build_guest
 from cpuvirt.virtio.setup import DeviceSpec
 from tests.guest_args import QEMU_VIRTIO_NET
-from tests.qemu import qemu_available, run_under_qemu
+from tests.qemu import assert_same_console_as_qemu, qemu_available
 
 LOOPBACK = [DeviceSpec("virtio-net")]
 USER = [DeviceSpec("virtio-net", peer="user")]
@@ -61,12 +61,8 @@ requires_qemu = pytest.mark.skipif(not qemu_available(), reason="qemu-system-i38
 def test_console_equals_qemus_with_the_same_peer(cmdline, tmp_path):
     image = tmp_path / "netdemo.bin"
     image.write_bytes(build_guest("netdemo"))
-    ours = run_guest(str(image), cmdline=cmdline, devices=USER)
-    extra = QEMU_VIRTIO_NET + (["-append", cmdline] if cmdline else [])
-    theirs, status = run_under_qemu(image, timeout=60, extra=extra)
-    assert ours.status == 0 and status == 1, theirs.decode()[-400:]
-    assert ours.console == theirs
-    assert b"tx 60 bytes" in ours.console                     # the per-frame lines are compared too
+    console = assert_same_console_as_qemu(image, USER, QEMU_VIRTIO_NET, cmdline, timeout=60)
+    assert b"tx 60 bytes" in console                     # the per-frame lines are compared too
 
 
 @pytest.mark.skipif(shutil.which("tshark") is None, reason="tshark is not installed")

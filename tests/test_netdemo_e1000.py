@@ -14,7 +14,7 @@ from cpuvirt.runner import run_guest
 from cpuvirt.toolchain.build import build_guest
 from cpuvirt.virtio.completion import SlowDestination
 from cpuvirt.virtio.setup import DeviceSpec
-from tests.qemu import qemu_available, run_under_qemu
+from tests.qemu import assert_same_console_as_qemu, qemu_available
 
 LOOPBACK = [DeviceSpec("e1000")]
 USER = [DeviceSpec("e1000", peer="user")]
@@ -63,13 +63,9 @@ requires_qemu = pytest.mark.skipif(not qemu_available(), reason="qemu-system-i38
 def test_console_equals_qemus_e1000_with_the_same_peer(cmdline, tmp_path):
     image = tmp_path / "netdemo.bin"
     image.write_bytes(build_guest("netdemo"))
-    ours = run_guest(str(image), cmdline=cmdline, devices=USER)
-    extra = QEMU_E1000 + (["-append", cmdline] if cmdline else [])
-    theirs, status = run_under_qemu(image, timeout=90, extra=extra)
-    assert ours.status == 0 and status == 1, theirs.decode()[-400:]
-    assert ours.console == theirs
-    assert b"PASS the peer answered the ping" in ours.console
-    assert (b"burst frame" in ours.console) == (cmdline == "")
+    console = assert_same_console_as_qemu(image, USER, QEMU_E1000, cmdline, timeout=90)
+    assert b"PASS the peer answered the ping" in console
+    assert (b"burst frame" in console) == (cmdline == "")
 
 
 def events_of(path):
@@ -165,11 +161,7 @@ def test_pci_header_and_bar_sizes_equal_qemus(test_guest):
                          ([DeviceSpec("virtio-net"), DeviceSpec("e1000")],
                           ["-netdev", "user,id=n1", "-device", "virtio-net-pci,netdev=n1,disable-modern=on"]
                           + QEMU_E1000)):
-        ours = run_guest(str(image), devices=specs)
-        theirs, status = run_under_qemu(image, timeout=30, extra=extra)
-        assert ours.status == 0 and status == 1
-        assert ours.console == theirs
-        assert b"0x100e8086" in ours.console
+        assert b"0x100e8086" in assert_same_console_as_qemu(image, specs, extra)
 
 
 def test_the_drivers_ring_order_check_catches_a_device_that_completes_out_of_order(monkeypatch):
