@@ -133,29 +133,14 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 from cpuvirt.virtio import vhost_user as vu
+from tests.procs import start_cpuvirt, stop  # noqa: E402
 
 
 def _start_backend(tmp_path, peer="user"):
     path = str(tmp_path / "backend.sock")
-    proc = subprocess.Popen([sys.executable, "-m", "cpuvirt", "vhost-user-backend", "--socket", path, "--peer", peer])
-    deadline = time.monotonic() + 10
-    while not os.path.exists(path):
-        assert proc.poll() is None and time.monotonic() < deadline, "the backend did not start"
-        time.sleep(0.02)
-    return proc, path
-
-
-def _stop(proc):
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    return start_cpuvirt(["vhost-user-backend", "--socket", path, "--peer", peer], [path], "backend"), path
 
 
 def test_killing_the_backend_turns_the_link_down_and_the_guest_goes_on(tmp_path):
@@ -176,7 +161,7 @@ def test_killing_the_backend_turns_the_link_down_and_the_guest_goes_on(tmp_path)
         res = run_guest("netdemo", cmdline="quiet", console=console, trace_path=str(trace),
                         devices=[DeviceSpec("virtio-net", peer="user", backend="vhost-user", socket=path)])
     finally:
-        _stop(proc)
+        stop(proc)
     assert (res.outcome, res.status) == ("exit", 1), res.message
     assert res.console.endswith(b"FAIL link: the device reports link down (config status bit 0 clear): "
                                 b"no reply can come\n")
@@ -210,7 +195,7 @@ def test_a_malformed_message_closes_the_connection_and_the_backend_serves_the_ne
         s.close()
         assert proc.poll() is None
     finally:
-        _stop(proc)
+        stop(proc)
 
 
 def test_vhost_user_refuses_pcap_with_one_line(tmp_path):
@@ -236,7 +221,7 @@ def test_qemu_as_frontend_of_cpuvirts_backend_process(tmp_path):
         theirs, status = run_under_qemu(image, timeout=60, extra=extra)
         assert proc.poll() is None                      # QEMU's exit closed the connection, nothing else
     finally:
-        _stop(proc)
+        stop(proc)
     ours = run_guest(str(image), cmdline="quiet", devices=[USER])
     assert status == 1, theirs.decode()[-400:]
     assert theirs == ours.console
@@ -264,7 +249,6 @@ def test_fuzz_the_vhost_user_backend_reaches_only_the_shared_regions():
     hole is never read or written (its bytes are not handed over at all: any access there would be an
     error, which must come back as a ring error), and writes land only in used rings and receive
     buffers."""
-    import os
     import random
     import socket
     import struct
@@ -337,7 +321,6 @@ class _NoMap:
 
 
 def _read_eventfd(fd):
-    import os
     try:
         return os.eventfd_read(fd)
     except BlockingIOError:

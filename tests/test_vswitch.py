@@ -16,6 +16,7 @@ from cpuvirt.runner import run_guest
 from cpuvirt.toolchain.build import build_guest
 from cpuvirt.virtio.setup import DeviceSpec
 from tests.qemu import qemu_available, run_under_qemu
+from tests.procs import start_cpuvirt, stop
 
 requires_qemu = pytest.mark.skipif(not qemu_available(), reason="qemu-system-i386 is not on PATH")
 
@@ -66,25 +67,12 @@ def switch(tmp_path):
     sock = str(tmp_path / "vm1.sock")
     mine, theirs = _free_udp_port(), _free_udp_port()
     pcap = tmp_path / "switch.pcap"
-    proc = subprocess.Popen([sys.executable, "-m", "cpuvirt", "vswitch", "--port", f"vhost-user:{sock}",
-                             "--port", f"udp:{mine}:{theirs}", "--port", "user", "--pcap", str(pcap)])
-    deadline = time.monotonic() + 10
-    while not os.path.exists(sock):
-        assert proc.poll() is None and time.monotonic() < deadline, "the switch did not start"
-        time.sleep(0.02)
-
-    def stop():
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    proc = start_cpuvirt(["vswitch", "--port", f"vhost-user:{sock}", "--port", f"udp:{mine}:{theirs}",
+                          "--port", "user", "--pcap", str(pcap)], [sock], "switch")
     try:
-        yield {"sock": sock, "udp": (mine, theirs), "pcap": pcap, "stop": stop, "proc": proc}
+        yield {"sock": sock, "udp": (mine, theirs), "pcap": pcap, "stop": lambda: stop(proc), "proc": proc}
     finally:
-        stop()
+        stop(proc)
 
 
 def _reference(image):
@@ -139,23 +127,8 @@ PINGER_MAC, ANSWER_MAC = "52:54:00:00:00:01", "52:54:00:00:00:02"
 
 
 def _start_switch(ports, pcap=None):
-    proc = subprocess.Popen([sys.executable, "-m", "cpuvirt", "vswitch", *sum((["--port", p] for p in ports), []),
-                             *(["--pcap", str(pcap)] if pcap else [])])
-    deadline = time.monotonic() + 10
-    while not all(os.path.exists(p.split(":", 1)[1]) for p in ports):
-        assert proc.poll() is None and time.monotonic() < deadline, "the switch did not start"
-        time.sleep(0.02)
-    return proc
-
-
-def _stop(proc):
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    return start_cpuvirt(["vswitch", *sum((["--port", p] for p in ports), []), *(["--pcap", str(pcap)] if pcap else [])],
+                         [p.split(":", 1)[1] for p in ports], "switch")
 
 
 def _nic(backend, mac, path):
@@ -208,7 +181,7 @@ def exchange(image, backend, tmp_path, mode="native", pinger_trace=None, qemu=No
         if answerer is not None and answerer.poll() is None:
             answerer.kill()
             answerer.wait()
-        _stop(switch)
+        stop(switch)
 
 
 @pytest.fixture(scope="module")
@@ -360,7 +333,7 @@ def test_a_guest_waiting_for_frames_sees_the_switch_die(netdemo_image, tmp_path)
         if answerer.poll() is None:
             answerer.kill()
             answerer.wait()
-        _stop(switch)
+        stop(switch)
 
 
 def test_a_malformed_message_closes_only_that_port_connection(tmp_path):
@@ -386,7 +359,7 @@ def test_a_malformed_message_closes_only_that_port_connection(tmp_path):
             s.close()
         assert switch.poll() is None
     finally:
-        _stop(switch)
+        stop(switch)
 
 
 @requires_qemu
@@ -425,4 +398,4 @@ def test_a_qemu_guest_on_netdev_dgram_answers_a_cpuvirt_guest(netdemo_image, tmp
         if answerer is not None and answerer.poll() is None:
             answerer.kill()
             answerer.wait()
-        _stop(switch)
+        stop(switch)
