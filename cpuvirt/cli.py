@@ -610,17 +610,9 @@ def _compare(args) -> int:
             VmxSettings(args.vmx)
         if args.image:
             raise CpuvirtError("--image applies to trace files (a guest's symbols come with it)")
-        inputs = {}
-        if args.input_prompt is not None and not args.input:
+        inputs = _scripted_input(args)
+        if "input_prompt" in inputs and "input_data" not in inputs:
             raise CpuvirtError("--input-prompt needs --input FILE")
-        if args.input:
-            try:
-                with open(args.input, "rb") as f:
-                    inputs["input_data"] = f.read()
-            except OSError as e:
-                raise CpuvirtError(f"--input {args.input}: {e.strerror}") from None
-            if args.input_prompt:
-                inputs["input_prompt"] = args.input_prompt.encode("utf-8", "surrogateescape")
         budget = DEFAULT_MAX_INSNS if args.max_insns is None else args.max_insns
         devices = _parse_devices(args.device)
         cols = C.run_columns(args.items[0], specs, budget, args.mem, extra_vmx=args.vmx, cmdline=args.append,
@@ -747,6 +739,22 @@ def write_summary_json(res, path: str) -> None:
         raise CpuvirtError(f"--summary {path}: {e.strerror}") from None
 
 
+def _scripted_input(args) -> dict:
+    """--input FILE and --input-prompt TEXT, as run_guest takes them (input_data, input_prompt)."""
+    opts: dict = {}
+    if args.input_prompt is not None:
+        opts["input_prompt"] = args.input_prompt.encode("utf-8", "surrogateescape")
+        if not opts["input_prompt"]:
+            raise CpuvirtError("--input-prompt must not be empty")
+    if args.input:
+        try:
+            with open(args.input, "rb") as f:
+                opts["input_data"] = f.read()
+        except OSError as e:
+            raise CpuvirtError(f"--input {args.input}: {e.strerror}") from None
+    return opts
+
+
 def _input_options(args) -> dict:
     """What COM1 receives: --input FILE, else a pipe or file on stdin (both scripted), else the
     terminal when stdin is one (interactive), else nothing."""
@@ -760,16 +768,8 @@ def _input_options(args) -> dict:
             raise CpuvirtError(f"--rtc: not a date and time: {args.rtc!r} (e.g. 2024-09-01T08:30:00)") from None
         if not 1900 <= opts["rtc_base"].year <= 2099:
             raise CpuvirtError("--rtc: the CMOS clock holds years 1900 to 2099")
-    if args.input_prompt is not None:
-        opts["input_prompt"] = args.input_prompt.encode("utf-8", "surrogateescape")
-        if not opts["input_prompt"]:
-            raise CpuvirtError("--input-prompt must not be empty")
-    if args.input:
-        try:
-            with open(args.input, "rb") as f:
-                opts["input_data"] = f.read()
-        except OSError as e:
-            raise CpuvirtError(f"--input {args.input}: {e.strerror}") from None
+    opts.update(_scripted_input(args))
+    if "input_data" in opts:
         return opts
     try:
         mode = os.fstat(0).st_mode

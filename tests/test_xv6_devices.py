@@ -387,3 +387,26 @@ def test_typed_bytes_reach_a_guest_through_the_io_apic_in_every_mode(test_guest,
     assert (again.console, again.icount) == (res.console, res.icount), "reproducible"
     nothing = run_guest(path, mode, mode_options=opts, max_insns=50_000_000)
     assert nothing.outcome == "halted", "with nothing typed, the guest waits for ever"
+
+
+def test_cli_input_file_feeds_com1_as_run_guest_does_and_bad_input_options_are_one_line(test_guest, tmp_path):
+    """`run --input FILE` is input_data=FILE's bytes (the same console); a missing file, an empty
+    prompt, and compare's prompt without a file are bad input: one line, status 2, nothing run."""
+    import subprocess
+    import sys
+
+    from cpuvirt.runner import run_guest
+    path = str(test_guest("ioapic_uart"))
+    script = tmp_path / "typed.txt"
+    script.write_bytes(b"abc")
+    cli = subprocess.run([sys.executable, "-m", "cpuvirt", "run", path, "--input", str(script), "-q"],
+                         capture_output=True, stdin=subprocess.DEVNULL, timeout=120)
+    assert cli.returncode == 0, cli.stderr.decode()
+    assert cli.stdout == run_guest(path, input_data=b"abc").console
+    for args in (["run", path, "--input", str(tmp_path / "missing.txt")],
+                 ["run", path, "--input", str(script), "--input-prompt", ""],
+                 ["compare", path, "--modes", "native,trap", "--input-prompt", "$ "]):
+        bad = subprocess.run([sys.executable, "-m", "cpuvirt", *args], capture_output=True,
+                             stdin=subprocess.DEVNULL, timeout=60)
+        err = bad.stderr.decode()
+        assert bad.returncode == 2 and err.count("\n") == 1 and "--input" in err, (args, err)
