@@ -175,3 +175,17 @@ def test_decoded_block_caches_are_capped(out_dir, monkeypatch):
     m = seen[0].machine
     assert res.icount > 4000 and 0 < len(m.block_insns) <= 256
     assert len(seen[0].vcpu._io_sites) <= 256
+
+
+def test_module_decode_caches_are_capped(monkeypatch):
+    """The per-site decode caches shared by every run in the process (the MMIO instruction emulator's
+    forms, traced-store forms, fault-address forms, full's arithmetic forms) keep at most CACHE_ENTRIES
+    entries, whatever number of distinct sites a guest makes."""
+    from cpuvirt import limits
+    from cpuvirt.cpu import emulator
+    monkeypatch.setattr(limits, "CACHE_ENTRIES", 64)
+    monkeypatch.setattr(emulator, "_forms", {})
+    code = bytes.fromhex("8b03")                  # mov eax, [ebx]
+    for eip in range(0x1000, 0x1000 + 500 * 2, 2):
+        emulator.decode(code, eip)
+    assert 0 < len(emulator._forms) <= 64

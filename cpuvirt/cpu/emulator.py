@@ -26,6 +26,7 @@ from capstone import x86_const as C
 from capstone.x86 import X86_OP_IMM, X86_OP_MEM, X86_OP_REG
 from unicorn import x86_const as U
 
+from cpuvirt import limits
 from cpuvirt.cpu.events import Unsupported
 from cpuvirt.engine import regs as R
 
@@ -505,7 +506,7 @@ def decode(code: bytes, eip: int) -> Form:
     form = Form(fn, ops, insn.size, text, rep, name)
     if len(_forms) > 4096:
         _forms.clear()
-    _forms[key] = form
+    limits.put(_forms, key, form)          # a guest can make any number of sites: capped
     return form
 
 

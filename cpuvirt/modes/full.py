@@ -67,7 +67,7 @@ def _arith_store(code: bytes, eip: int, regs, read, write) -> int | None:
                 form = (insn.mnemonic, insn.size, ops[0].size, src)
         if len(_arith_forms) > 4096:
             _arith_forms.clear()
-        _arith_forms[key] = form
+        limits.put(_arith_forms, key, form)
     if not form:
         return None
     m, length, size, src = form

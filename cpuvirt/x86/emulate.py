@@ -8,6 +8,7 @@ from __future__ import annotations
 from capstone import CS_ARCH_X86, CS_MODE_32, Cs
 from capstone.x86 import X86_OP_IMM, X86_OP_MEM, X86_OP_REG
 
+from cpuvirt import limits
 from cpuvirt.engine import regs as R
 from cpuvirt.status import Unsupported
 
@@ -77,7 +78,7 @@ def _store_form(code: bytes, eip: int):
         raise Unsupported(f"store by `{text}` at {eip:#x}: not an emulated form")
     if len(_store_forms) > 4096:
         _store_forms.clear()
-    _store_forms[key] = form
+    limits.put(_store_forms, key, form)    # a guest can make any number of sites: capped
     return form
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from capstone import CS_ARCH_X86, CS_MODE_32, Cs
 from capstone.x86 import X86_OP_MEM, X86_REG_INVALID
 
+from cpuvirt import limits
 from cpuvirt.engine import regs as R
 
 _cs = None
@@ -45,7 +46,7 @@ def _memory_operands(code: bytes, eip: int) -> list:
                               m.scale, m.disp, op.size or 4))
         if len(_forms) > 4096:
             _forms.clear()
-        _forms[key] = forms
+        limits.put(_forms, key, forms)
     return forms
 
 
