@@ -19,6 +19,7 @@ from cpuvirt.cpu.events import HAS_ERROR_CODE, MNEMONIC, DeliveryFault, EventDel
 from cpuvirt.cpu.quirks import FaultState
 from cpuvirt.cpu.tasks import CpuView
 from cpuvirt.engine import regs as R
+from cpuvirt.engine.cpuid import CpuidTable
 from cpuvirt.engine.hooks import EngineHooks
 from cpuvirt.machine.clock import NEVER
 from cpuvirt.memory.traces import TracedWrite, TraceError
@@ -496,6 +497,9 @@ class Vcpu:
     # rdtsc returns the virtual clock and nothing else happens: the C hook does exactly what rdtsc()
     # does. A vCPU class that intercepts rdtsc (hw: RDTSC exiting, TSC offsetting) sets this False.
     rdtsc_in_c = True
+    # CPUID answers with the CPU model and nothing else happens: the C hook (engine/cpuid.py) answers
+    # from the model's table. A vCPU class that intercepts CPUID (hw: always a VM exit) sets this False.
+    cpuid_in_c = True
 
     def rdtsc(self, _uc, _data) -> int:
         now = self.clock.now
@@ -731,7 +735,12 @@ class Vcpu:
                                            ctypes.c_uint64(0), ctypes.c_int(X.UC_X86_INS_RDTSC))
             if err:
                 raise RuntimeError(f"cannot hook rdtsc (uc error {err})")
-        hooks.cpuid(self.hook_cpuid)
+        if self.cpuid_in_c:
+            self.cpuid_table = CpuidTable(uc)
+            self.cpuid_table.load(*self.m.cpuid_table())
+            self.m.apic.on_base_change = lambda: self.cpuid_table.load(*self.m.cpuid_table())
+        else:
+            hooks.cpuid(self.hook_cpuid)
         hooks.system_call(X.UC_X86_INS_SYSCALL, self.hook_syscall)
         hooks.system_call(X.UC_X86_INS_SYSENTER, self.hook_sysenter)
 

@@ -121,6 +121,7 @@ class LocalApic:
         self.base_msr = APIC_BASE_GPA | APIC_BASE_BSP | APIC_BASE_ENABLE
         self.nmi_pending = False
         self.on_level_eoi: Callable[[int], None] = lambda vector: None
+        self.on_base_change: Callable[[], None] = lambda: None   # CPUID's APIC bit follows the enable
         self.reset()
 
     # -- states ------------------------------------------------------------------------------------
@@ -431,6 +432,7 @@ class LocalApic:
             raise ApicReservedBits(f"IA32_APIC_BASE: reserved bits in {value:#x}")
         was_enabled = self.hw_enabled
         self.base_msr = (value & (APIC_BASE_ADDR | APIC_BASE_ENABLE)) | (self.base_msr & APIC_BASE_BSP)
+        self.on_base_change()
         if was_enabled and not self.hw_enabled:
             self.reset()
             self.nmi_pending = False

@@ -341,6 +341,11 @@ class Machine:
         """CPUID as the platform's CPU model answers it (x86/cpuid.py; APIC bit per IA32_APIC_BASE)."""
         return _cpuid.cpuid(leaf, subleaf, apic_enabled=self.apic.hw_enabled)
 
+    def cpuid_table(self):
+        """The same answers as a table (leaf -> registers, every other leaf), for a C cpuid hook; it
+        changes when IA32_APIC_BASE does (LocalApic.on_base_change)."""
+        return _cpuid.table(apic_enabled=self.apic.hw_enabled)
+
     # -- memory-mapped devices ---------------------------------------------------------------------
     def map_mmio(self, gpa: int, size: int, device) -> None:
         """Put `device` on the MMIO bus at guest-physical gpa .. gpa + size - 1 (whole pages).

@@ -59,3 +59,11 @@ def cpuid(leaf: int, subleaf: int = 0, apic_enabled: bool = True) -> tuple[int, 
         ebx, edx, ecx = struct.unpack("<3I", VENDOR)
         return MAX_BASIC_LEAF, ebx, ecx, edx
     return LEAF1_EAX, 0, 0, LEAF1_EDX if apic_enabled else LEAF1_EDX & ~APIC
+
+
+def table(apic_enabled: bool = True) -> tuple[dict[int, tuple[int, int, int, int]], tuple[int, int, int, int]]:
+    """The whole model as (leaf -> registers, the answer for every other leaf), for a CPUID answered
+    from a table (engine/cpuid.py); `cpuid` stays the definition and tests check the two agree."""
+    leaves = {leaf: cpuid(leaf, 0, apic_enabled)
+              for leaf in [*range(MAX_BASIC_LEAF + 1), *range(0x80000000, MAX_EXTENDED_LEAF + 1)]}
+    return leaves, cpuid(MAX_BASIC_LEAF + 1, 0, apic_enabled)

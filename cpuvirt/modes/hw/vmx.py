@@ -553,6 +553,7 @@ class VmxCpu(Vcpu):
         self._sites.pop(address, None)
 
     rdtsc_in_c = False      # RDTSC exiting and TSC offsetting are decided here, per rdtsc
+    cpuid_in_c = False      # CPUID always exits
 
     @hook_guard(returns=1)
     def rdtsc(self, _uc, _data) -> int:
