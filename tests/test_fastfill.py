@@ -65,3 +65,38 @@ def test_c_fill_agrees_with_the_python_fill():
             assert mmu.fill(m.uc, 0, access, p, None)
             assert (e.paddr, e.perms) == (p.paddr, p.perms), (hex(pde), hex(pte_bits), hex(cr0), cr4, access)
     assert answered > 100, answered
+
+
+def test_c_fill_answers_fetches_only_from_pairs_python_has_seen():
+    """A fetch is answered in C only from a (linear page, frame) pair that Mmu.fill granted a fetch
+    before, with the permissions Mmu.fill gives; so the intercepts scan every pair exactly once."""
+    m = Machine(MEM >> 20)
+    hv = get_mode("native")(m)
+    mmu = m.mmu
+    fast = mmu.counters.fast
+    hook = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int, ctypes.POINTER(Entry),
+                            ctypes.c_void_p)(ctypes.cast(_lib().fastfill_hook, ctypes.c_void_p).value)
+    state = ctypes.cast(ctypes.pointer(fast._state), ctypes.c_void_p)
+    scans = []
+    mmu.on_code_frame = lambda page, hpa: scans.append((page, hpa))
+    m.set_flat_protected_mode(0x500)
+    m.write_gpa(PD, (PT | 0x27).to_bytes(4, "little"))               # P RW US A
+    m.write_gpa(PT, (DATA | 0x67).to_bytes(4, "little"))             # linear 0 -> DATA, A and D set
+    m.write_gpa(PT + 4, (DATA | 0x67).to_bytes(4, "little"))         # linear 0x1000 -> the same frame
+    m.regs.write(R.CR3, PD)
+    m.regs.write(R.CR0, 0x80000011)
+    mmu.crs = None
+    answered = fast.counts()[0]
+    e = Entry()
+    assert not hook(m.uc._uch, 0, 18, ctypes.byref(e), state)        # never fetched: Python's
+    p = Entry()
+    assert mmu.fill(m.uc, 0, 18, p, None) and scans == [(0, m.p2m.ram_hpa + DATA)]
+    for _ in range(3):
+        e = Entry()
+        assert hook(m.uc._uch, 0x123, 18, ctypes.byref(e), state)    # the same pair: C, no new scan
+        assert (e.paddr, e.perms) == (p.paddr, p.perms)
+    assert not hook(m.uc._uch, 0x1000, 18, ctypes.byref(Entry()), state)   # same frame, new page
+    assert mmu.fill(m.uc, 0x1000, 18, Entry(), None) and len(scans) == 2
+    m.write_gpa(PT, (DATA | 0x47).to_bytes(4, "little"))             # A clear: the walk must set it
+    assert not hook(m.uc._uch, 0, 18, ctypes.byref(Entry()), state)
+    assert len(scans) == 2 and fast.counts()[0] == answered + 3

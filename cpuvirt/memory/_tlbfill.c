@@ -1,12 +1,15 @@
 /*
  * The common TLB fill of native mode in C: a guest page walk (32-bit paging, SDM 4.3) that needs no
  * side effect, over guest RAM. Mmu.fill (memory/mmu.py) stays the one complete fill: this hook runs
- * first and answers only when the answer is certain and changes nothing: a read or write (not a
- * fetch), entries present with A (and D for a write) already set, rights that allow the access, a
- * frame inside guest RAM. Anything else (a fault, an A/D update, a fetch, paging structures or a
- * frame outside RAM, a 4 MiB page above 4 GiB) returns false, and Unicorn calls the next fill
+ * first and answers only when the answer is certain and changes nothing: a read or write, or a fetch
+ * from a (linear page, frame) pair that has served a fetch before (so the intercepts' scan of it is
+ * done: Mmu.fill reports each such pair through fastfill.py), entries present with A (and D for a
+ * write) already set, rights that allow the access, a frame inside guest RAM. Anything else (a
+ * fault, an A/D update, a first fetch, paging structures or a frame outside RAM, a 4 MiB page above
+ * 4 GiB) returns false, and Unicorn calls the next fill
  * hook, the Python one, with the same request. Walks of long loops over fresh pages (kvm-unit-tests'
- * sieve makes tens of millions) then cost a C call instead of a Python walk.
+ * sieve makes tens of millions) then cost a C call instead of a Python walk, and so do the refills
+ * of code after every TLB flush (a mov to CR0 or CR3: kvm-unit-tests' vmexit toggles CR0.WP in a loop).
  *
  * Built as a Python extension only so that setuptools compiles it; memory/fastfill.py loads it with
  * ctypes. The state is owned by Python and arrives as the hook's user_data.
@@ -26,6 +29,7 @@ typedef struct {
     uint64_t ram_bytes;
     uint64_t ram_hpa;        /* where the engine sees guest RAM (p2m.RAM_HPA) */
     const uint8_t *code;     /* one byte per RAM frame: nonzero once it served a fetch (lazy W^X) */
+    const uint32_t *fetched; /* per RAM frame: linear page | 1 of the last pair that served a fetch */
     reg_read_fn reg_read;
     int32_t cr0, cr3, cr4, ss;   /* Unicorn register ids */
     uint32_t enabled;
@@ -40,6 +44,7 @@ size_t fastfill_sizeof(void) { return sizeof(fastfill_t); }
 #define PROT_EXEC 4
 #define MEM_READ 16
 #define MEM_WRITE 17
+#define MEM_FETCH 18
 #define P 0x1u
 #define RW 0x2u
 #define US 0x4u
@@ -61,7 +66,7 @@ int fastfill_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *user
     uint64_t cr0 = 0, cr3 = 0, cr4 = 0, ss = 0, gpa;
     uint32_t pde, leaf, rights, refs;
     int write = type == MEM_WRITE, user, writable, ok;
-    if (!s->enabled || (type != MEM_READ && type != MEM_WRITE)) return 0;
+    if (!s->enabled || (type != MEM_READ && type != MEM_WRITE && type != MEM_FETCH)) return 0;
     if (s->reg_read(uc, s->cr0, &cr0)) return 0;
     if (!(cr0 & CR0_PG)) {
         gpa = vaddr & 0xFFFFF000u;
@@ -90,6 +95,8 @@ int fastfill_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *user
         ok = writable && ((leaf & D) || write);
     }
     if (gpa >= s->ram_bytes) return 0;                /* MMIO or unbacked: Python */
+    if (type == MEM_FETCH && s->fetched[gpa >> 12] != (((uint32_t)vaddr & 0xFFFFF000u) | 1u))
+        return 0;                                     /* a new (page, frame) pair: Python scans it */
     e->paddr = s->ram_hpa + gpa;
     e->perms = PROT_READ | (ok ? PROT_WRITE : 0) | (s->code[gpa >> 12] ? PROT_EXEC : 0);
     s->fills++;

@@ -2,7 +2,9 @@
 
 The C hook is registered before Mmu.fill and answers only side-effect-free hits of the guest walk
 (entries present, A/D already set, rights allow the access, a RAM frame, not a fetch); for anything else
-it declines and Unicorn calls Mmu.fill with the same request. Its fills and walks are added to the
+it declines and Unicorn calls Mmu.fill with the same request. A fetch is answered in C only from a
+(linear page, frame) pair that Mmu.fill has granted a fetch before (`code_frame`), so that the
+intercepts' one scan of each pair (Mmu.on_code_frame) is never skipped. Its fills and walks are added to the
 MMU's counters. Optional: without the built extension every fill is Python's, with the same results.
 """
 from __future__ import annotations
@@ -20,7 +22,7 @@ class _State(ctypes.Structure):
 
     _fields_ = [
         ("ram", ctypes.c_void_p), ("ram_bytes", ctypes.c_uint64), ("ram_hpa", ctypes.c_uint64),
-        ("code", ctypes.c_void_p), ("reg_read", ctypes.c_void_p),
+        ("code", ctypes.c_void_p), ("fetched", ctypes.c_void_p), ("reg_read", ctypes.c_void_p),
         ("cr0", ctypes.c_int32), ("cr3", ctypes.c_int32), ("cr4", ctypes.c_int32), ("ss", ctypes.c_int32),
         ("enabled", ctypes.c_uint32), ("pad", ctypes.c_uint32),
         ("fills", ctypes.c_uint64), ("walks", ctypes.c_uint64), ("walk_refs", ctypes.c_uint64),
@@ -44,11 +46,13 @@ class FastFill:
         self.mmu = mmu
         ram = mmu.ram
         self.code = (ctypes.c_uint8 * max(1, ram.size >> 12))()   # lazy W^X, one byte per RAM frame
+        self.fetched = (ctypes.c_uint32 * max(1, ram.size >> 12))()   # linear page | 1 last fetched from it
         st = self._state = _State()
         st.ram = ctypes.addressof(ctypes.c_char.from_buffer(ram.buf))
         st.ram_bytes = mmu.p2m.ram_bytes
         st.ram_hpa = mmu.p2m.ram_hpa
         st.code = ctypes.addressof(self.code)
+        st.fetched = ctypes.addressof(self.fetched)
         st.reg_read = ctypes.cast(_ucmod.uclib.uc_reg_read, ctypes.c_void_p).value
         st.cr0, st.cr3, st.cr4, st.ss = UC_X86_REG_CR0, UC_X86_REG_CR3, UC_X86_REG_CR4, UC_X86_REG_SS
         st.enabled = 1
@@ -71,11 +75,14 @@ class FastFill:
         mmu.counters.fast = fast
         return fast
 
-    def code_frame(self, hpa: int) -> None:
-        """Mmu.fill granted execute to this host frame: the C path grants it too from now on."""
+    def code_frame(self, hpa: int, page: int | None = None) -> None:
+        """Mmu.fill granted execute to this host frame (for a fetch from linear `page`, after the
+        intercepts scanned that pair): the C path grants execute, and answers fetches from `page`."""
         frame = (hpa - self._state.ram_hpa) >> 12
         if 0 <= frame < len(self.code):
             self.code[frame] = 1
+            if page is not None:
+                self.fetched[frame] = (page & 0xFFFFF000) | 1
 
     def counts(self) -> tuple[int, int, int]:
         st = self._state

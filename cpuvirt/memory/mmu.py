@@ -233,11 +233,11 @@ class Mmu:
             perms = UC_PROT_READ
         if acc == Access.FETCH:
             self.code_frames.add(hpa)
-            if self.counters.fast is not None:
-                self.counters.fast.code_frame(hpa)
             perms |= UC_PROT_EXEC
             if self.on_code_frame is not None:
                 self.on_code_frame(vaddr & PAGE_MASK, hpa)
+            if self.counters.fast is not None:      # after the scan: C may answer this pair's fetches now
+                self.counters.fast.code_frame(hpa, vaddr & PAGE_MASK)
         elif hpa in self.code_frames:
             perms |= UC_PROT_EXEC
         entry.paddr = hpa
