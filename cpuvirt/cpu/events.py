@@ -44,6 +44,7 @@ class EventDelivery:
         self.regs = regs
         self.mmu = mmu
         self.view = None      # the vCPU's tasks.CpuView: task gates switch tasks through it
+        self.fast = None      # the common case in C (cpu/fastdelivery.py), native mode only
 
     def deliver(self, vector: int, return_eip: int, error_code: int | None = None,
                 soft: bool = False, external: bool = False, fault_eip: int | None = None) -> int:
@@ -52,6 +53,8 @@ class EventDelivery:
         `fault_eip` is where a fault raised by the delivery itself returns to: the `int n`
         instruction for a software interrupt (its #GP is a fault), else `return_eip`.
         """
+        if self.fast is not None and self.fast.deliver(vector, return_eip, error_code, soft, external):
+            return vector
         try:
             self._deliver(vector, return_eip, error_code, soft, external)
             return vector

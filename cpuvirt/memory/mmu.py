@@ -91,17 +91,18 @@ class PendingFault:
 
 
 class MmuCounters:
-    __slots__ = ("fills", "walks", "walk_refs", "faults", "unbacked", "fast")
+    __slots__ = ("fills", "walks", "walk_refs", "faults", "unbacked", "fast", "walkers")
     FIELDS = ("fills", "walks", "walk_refs", "faults", "unbacked")
 
     def __init__(self):
         self.fills = self.walks = self.walk_refs = self.faults = self.unbacked = 0
         self.fast = None        # a FastFill (memory/fastfill.py): the fills it answered count too
+        self.walkers: list = []   # other C paths that walk guest tables (cpu/fastdelivery.py): theirs too
 
     def as_dict(self) -> dict:
         d = {k: getattr(self, k) for k in self.FIELDS}
-        if self.fast is not None:
-            fills, walks, refs = self.fast.counts()
+        for c in ([self.fast] if self.fast is not None else []) + self.walkers:
+            fills, walks, refs = c.counts()
             d["fills"] += fills
             d["walks"] += walks
             d["walk_refs"] += refs

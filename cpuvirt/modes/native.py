@@ -6,6 +6,7 @@ through the guest's IDT exactly as the CPU would deliver them.
 """
 from __future__ import annotations
 
+from cpuvirt.cpu.fastdelivery import FastDelivery
 from cpuvirt.cpu.vcpu import IO_INSTRUCTIONS, Vcpu
 from cpuvirt.memory.fastfill import FastFill
 from cpuvirt.modes.base import Mode
@@ -19,6 +20,7 @@ class NativeMode(Mode):
         self.machine = machine
         self.vcpu = Vcpu(machine, trace=trace, max_insns=max_insns)
         FastFill.install(machine.mmu)          # first: common TLB fills in C, the rest in Mmu.fill
+        FastDelivery.install(self.vcpu.delivery)   # common deliveries through the IDT in C
         self.vcpu.install_hooks()
         # rdmsr/wrmsr of the MSRs the platform models (IA32_APIC_BASE) must reach the machine; the
         # engine would answer them itself. Only their sites get a hook.
