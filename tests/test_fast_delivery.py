@@ -6,6 +6,8 @@ frames beyond RAM), CR0.WP/PG, CR4.PSE, CPL 0 or 3, stack pointers next to page 
 delivers, A must equal B afterwards: every register, every byte of guest RAM (the frame, the A/D bits)
 and the MMU's walk counters. When C falls back, A must be exactly as before, and Python then delivers
 on both alike. Both outcomes must occur often, or the test would pass with the C path switched off.
+The C reader behind Mmu.fetch_bytes (delivery_peek) is checked on the same states: the Python read's
+bytes whenever it answers, and no side effect.
 """
 import struct
 
@@ -45,6 +47,7 @@ def machines():
             _machines[side] = (m, hv.vcpu)
         assert isinstance(_machines["a"][1].delivery.fast, FastDelivery)
         _machines["b"][1].delivery.fast = None            # B: the Python path only
+        _machines["b"][0].mmu.peek = None
     return _machines["a"], _machines["b"]
 
 
@@ -171,7 +174,7 @@ def python_delivery(vcpu, s):
         return type(e).__name__
 
 
-seen = {"delivered": 0, "fallback": 0}
+seen = {"delivered": 0, "fallback": 0, "peeked": 0}
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
@@ -183,6 +186,14 @@ def test_c_delivery_equals_the_python_delivery(s):
     before = state(ma)
     assert before == state(mb)
     fast = va.delivery.fast
+    for gva in (s["esp"] - 8, s["esp0"] - 12, IDT + s["idt_off"] + 8 * s["vector"], GDT + s["gdt_off"] + 0x18,
+                TSS + s["tss_off"], MEM - 4, 0xFFFFFFF8):
+        # the C reader of Mmu.fetch_bytes: the same bytes as the Python read when it answers, and no side effect
+        peeked = fast.peek(gva, 12)
+        if peeked is not None:
+            seen["peeked"] += 1
+            assert peeked == mb.mmu.fetch_bytes(gva, 12), f"peek at {gva:#x}"
+    assert state(ma) == before
     delivered = fast.deliver(s["vector"], s["return_eip"], s["error_code"], s["soft"], s["external"])
     expect = python_delivery(vb, s)
     if delivered:
@@ -206,4 +217,4 @@ def test_both_outcomes_were_exercised():
     """The property above means little unless C both delivered and declined many times."""
     if seen["delivered"] + seen["fallback"] == 0:
         pytest.skip("run with the property test")
-    assert seen["delivered"] >= 60 and seen["fallback"] >= 60, seen
+    assert seen["delivered"] >= 60 and seen["fallback"] >= 60 and seen["peeked"] >= 400, seen

@@ -45,6 +45,7 @@ typedef struct {
     context_fn context_restore;
     void *context;           /* a uc_context of this engine */
     uint8_t *context_hflags; /* QEMU's env->hflags inside that context (quirks.py finds the offset) */
+    uint8_t *context_ss;     /* env->segs[R_SS].selector inside it */
     int32_t reg[R_COUNT];    /* Unicorn register ids */
     uint32_t enabled;
     uint64_t walks, walk_refs;       /* added to Mmu.counters, as the Python walk counts them */
@@ -293,11 +294,22 @@ static int deliver_pass(pass_t *w, void *uc, uint32_t vector, uint32_t return_ei
     return linear(w, p->esp, n * 4, 1, frame);        /* a fault here (#PF) is Python's to raise */
 }
 
-/* Load SS for ring 0 from a hook: the engine checks SS.RPL against the CPL it holds, still the old one.
- * As EventDelivery.load_stack_segment: CPL made 0 for a moment by clearing CR0.PE (a real-mode load),
- * then the protected-mode load that gives SS its descriptor. */
-static int load_ring0_ss(delivery_t *s, void *uc, uint32_t ss, uint32_t cr0) {
-    if (wr(s, uc, R_CR0, cr0 & ~0x80000001u) || wr(s, uc, R_SS, ss) || wr(s, uc, R_CR0, cr0)) return 1;
+/* Load SS for ring 0 from a hook (EventDelivery.load_stack_segment, FaultState.set_cpl): the engine
+ * checks SS.RPL against the CPL it holds, still the old one, so the CPL bits of QEMU's hflags are set
+ * to 0 first through a saved context, and SS's selector too: the TLB-fill hooks take an access's
+ * privilege from SS.RPL, and the load's descriptor read and accessed-bit write are supervisor
+ * accesses (SDM 5.5). The SS load then gives SS its descriptor (and sets CPL from it). */
+static int load_ring0_ss(delivery_t *s, void *uc, uint32_t ss) {
+    uint32_t hflags, sel;
+    if (s->context_save(uc, s->context)) return 1;
+    memcpy(&hflags, s->context_hflags, 4);
+    memcpy(&sel, s->context_ss, 4);
+    if ((hflags & HF_CPL_MASK) || sel != ss) {
+        hflags &= ~HF_CPL_MASK;
+        memcpy(s->context_hflags, &hflags, 4);
+        memcpy(s->context_ss, &ss, 4);
+        if (s->context_restore(uc, s->context)) return 1;
+    }
     return wr(s, uc, R_SS, ss);
 }
 
@@ -334,7 +346,7 @@ int delivery_fast(delivery_t *s, void *uc, uint32_t vector, uint32_t return_eip,
         goto fallback;
     }
     /* The handler's state (EventDelivery._enter): SS:ESP on a stack switch, CS, EFLAGS, EIP. */
-    if (p.new_ss && load_ring0_ss(s, uc, p.new_ss & ~3u, w.c.cr0)) return ENGINE_REFUSED;
+    if (p.new_ss && load_ring0_ss(s, uc, p.new_ss & ~3u)) return ENGINE_REFUSED;
     if (wr(s, uc, R_ESP, p.esp)) return ENGINE_REFUSED;
     if ((p.old_cs & ~3u) != (p.selector & ~3u) || p.new_cpl != p.cpl) {
         if (wr(s, uc, R_CS, (p.selector & ~3u) | p.new_cpl)) return ENGINE_REFUSED;
@@ -348,6 +360,38 @@ int delivery_fast(delivery_t *s, void *uc, uint32_t vector, uint32_t return_eip,
 fallback:
     s->fallbacks++;
     return FALLBACK;
+}
+
+/* Bytes at a guest-linear address as Mmu.fetch_bytes reads them (a supervisor read, SDM 4.6) but with
+ * no side effect at all: no A bit, no counter. 1 when every byte is guest RAM behind a good
+ * translation; 0 for anything else (a fault, device or unbacked memory: Python answers those). The
+ * hypervisor reads code this way to check an intercepted instruction, to find the length of an
+ * `int n`, and to decode a faulting access. */
+int delivery_peek(delivery_t *s, void *uc, uint32_t gva, uint32_t n, uint8_t *out) {
+    int err = 0;
+    pass_t w;
+    uint32_t done = 0;
+    if (n > 32) return 0;
+    w.s = s;
+    w.side = 0;
+    w.undo.n = 0;
+    w.c.cr0 = (uint32_t)rd(s, uc, R_CR0, &err);
+    if (err) return 0;
+    if (w.c.cr0 & CR0_PG) {
+        w.c.cr3 = (uint32_t)rd(s, uc, R_CR3, &err);
+        w.c.cr4 = (uint32_t)rd(s, uc, R_CR4, &err);
+        if (err) return 0;
+    }
+    while (done < n) {                 /* page by page, as the chunks of Mmu.read_linear */
+        uint32_t a = gva + done, chunk = 0x1000 - (a & 0xFFF);
+        int64_t gpa;
+        if (chunk > n - done) chunk = n - done;
+        gpa = walk(&w, a, 0);
+        if (gpa < 0 || (uint64_t)gpa + chunk > s->ram_bytes) return 0;
+        memcpy(out + done, s->ram + gpa, chunk);
+        done += chunk;
+    }
+    return 1;
 }
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_delivery", NULL, -1, NULL};
