@@ -25,6 +25,8 @@
 typedef int (*reg_read_fn)(void *uc, int regid, void *value);
 typedef int (*reg_write_fn)(void *uc, int regid, const void *value);
 typedef int (*context_fn)(void *uc, void *context);
+typedef void (*intr_fn)(void *uc, uint32_t intno, void *user_data);
+typedef void (*soft_fn)(uint32_t vector, uint32_t start, uint32_t eip);
 
 /* uc_x86_mmr: a descriptor-table register (GDTR, IDTR, LDTR, TR) as libunicorn passes it. */
 typedef struct {
@@ -50,6 +52,12 @@ typedef struct {
     uint32_t enabled;
     uint64_t walks, walk_refs;       /* added to Mmu.counters, as the Python walk counts them */
     uint64_t delivered, fallbacks;
+    /* The INTR hook (delivery_intr_hook): */
+    intr_fn python_intr;     /* the vCPU's own INTR hook (Vcpu.hook_intr, guarded): everything else */
+    soft_fn soft_done;       /* Python's bookkeeping of an `int n` delivered here (counts, the clock) */
+    uint8_t *context_is_int; /* QEMU's exception_is_int, old_exception inside `context` */
+    uint8_t *context_old_exception;
+    uint64_t soft_delivered;
 } delivery_t;
 
 size_t delivery_sizeof(void) { return sizeof(delivery_t); }
@@ -392,6 +400,40 @@ int delivery_peek(delivery_t *s, void *uc, uint32_t gva, uint32_t n, uint8_t *ou
         done += chunk;
     }
     return 1;
+}
+
+/* The vCPU's INTR hook in native mode, in front of the Python one (Vcpu.hook_intr), for the hot case
+ * of every kernel: a software interrupt (`int n`, int3, into: QEMU's exception_is_int) delivered
+ * through a gate delivery_fast takes. It does what hook_intr does for such an event: the fault is
+ * marked delivered (QEMU's old_exception = -1, the escalation workaround of quirks.FaultState.take),
+ * the frame's return address is EIP (already past the instruction), the event is delivered, and
+ * Python is told once (soft_done: the event counters and the clock's interrupt-window check; the
+ * trace is never on while this hook is). Everything else goes to the Python hook unchanged. */
+void delivery_intr_hook(void *uc, uint32_t intno, void *user_data) {
+    delivery_t *s = (delivery_t *)user_data;
+    int err = 0;
+    int32_t is_int, old;
+    uint32_t eip, start;
+    uint8_t prev;
+    if (s->context_save(uc, s->context)) goto python;
+    memcpy(&is_int, s->context_is_int, 4);
+    if (!is_int) goto python;                  /* a fault: Python (the rest of its block unretires) */
+    eip = (uint32_t)rd(s, uc, R_EIP, &err);
+    /* where the instruction starts: int3 (CC) and into (CE) are 1 byte, int n 2 (Vcpu._deliver_engine_event) */
+    if (err || !delivery_peek(s, uc, eip - 1, 1, &prev)) goto python;
+    start = eip - ((prev == 0xCC || prev == 0xCE) ? 1 : 2);
+    memcpy(&old, s->context_old_exception, 4);
+    if (old != -1) {                           /* what FaultState.take does: mark it delivered */
+        old = -1;
+        memcpy(s->context_old_exception, &old, 4);
+        if (s->context_restore(uc, s->context)) goto python;
+    }
+    if (delivery_fast(s, uc, intno, eip, 0, F_SOFT) != DELIVERED) goto python;   /* nothing changed */
+    s->soft_delivered++;
+    s->soft_done(intno, start, eip);
+    return;
+python:
+    s->python_intr(uc, intno, NULL);
 }
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_delivery", NULL, -1, NULL};

@@ -11,13 +11,16 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 
+from unicorn import UC_HOOK_INTR
 from unicorn.unicorn_py3 import unicorn as _ucmod
 
 from cpuvirt.engine import regs as R
+from cpuvirt.engine.hooks import hook_guard
 
 _REGS = (R.EAX, R.ESP, R.EIP, R.EFLAGS, R.CS, R.SS, R.CR0, R.CR3, R.CR4, R.GDTR, R.IDTR, R.TR)
 DELIVERED, ENGINE_REFUSED = 1, -1
 F_ERROR_CODE, F_SOFT, F_EXTERNAL = 1, 2, 4
+_SOFT_DONE = ctypes.CFUNCTYPE(None, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32)
 
 
 class _State(ctypes.Structure):
@@ -31,6 +34,9 @@ class _State(ctypes.Structure):
         ("reg", ctypes.c_int32 * len(_REGS)), ("enabled", ctypes.c_uint32),
         ("walks", ctypes.c_uint64), ("walk_refs", ctypes.c_uint64),
         ("delivered", ctypes.c_uint64), ("fallbacks", ctypes.c_uint64),
+        ("python_intr", ctypes.c_void_p), ("soft_done", ctypes.c_void_p),
+        ("context_is_int", ctypes.c_void_p), ("context_old_exception", ctypes.c_void_p),
+        ("soft_delivered", ctypes.c_uint64),
     ]
 
 
@@ -67,6 +73,8 @@ class FastDelivery:
         st.context = ctypes.cast(self._context.context, ctypes.c_void_p).value
         st.context_hflags = st.context + faults.layout.hflags
         st.context_ss = st.context + faults.layout.ss_selector
+        st.context_is_int = st.context + faults.layout.exception_is_int
+        st.context_old_exception = st.context + faults.layout.old_exception
         st.reg[:] = _REGS
         st.enabled = 1
         self._pstate = ctypes.cast(ctypes.pointer(st), ctypes.c_void_p)
@@ -74,6 +82,8 @@ class FastDelivery:
         self._peek = lib.delivery_peek
         self._buf = ctypes.create_string_buffer(32)
         self._uch = mmu.uc._uch
+        self._lib = lib
+        self._python_intr = None      # set once install_intr has put the C INTR hook in place
 
     @classmethod
     def install(cls, delivery) -> "FastDelivery | None":
@@ -86,6 +96,39 @@ class FastDelivery:
         mmu.counters.walkers.append(fast)
         mmu.peek = fast.peek
         return fast
+
+    def install_intr(self, vcpu) -> None:
+        """Put delivery_intr_hook in front of the vCPU's INTR hook: `int n` through a gate the C path
+        takes is then delivered without Python, but for one call that counts it (soft_done). Only
+        for the native Vcpu's own event handling, and never while tracing (an event's trace line
+        needs Python)."""
+        if vcpu.trace is not None or self._python_intr is not None:
+            return
+        st = self._state
+        self._python_intr = vcpu.hooks.intr_function(vcpu.hook_intr)
+        vcpu.hooks.remove(vcpu._intr_hook)
+
+        @hook_guard()
+        def soft_done(owner, vector: int, start: int, eip: int) -> None:
+            """What Vcpu.hook_intr does around an `int n` besides the delivery (trace off)."""
+            owner.left_block_at(eip)
+            owner.counts["interrupt"] += 1
+            owner.reasons["interrupt", f"int {vector:#x}"] += 1
+            owner.clock.if_may_have_changed()
+        self._soft_done = _SOFT_DONE(lambda vector, start, eip: soft_done(vcpu, vector, start, eip))
+        st.python_intr = ctypes.cast(self._python_intr, ctypes.c_void_p).value
+        st.soft_done = ctypes.cast(self._soft_done, ctypes.c_void_p).value
+        handle = ctypes.c_size_t()
+        err = _ucmod.uclib.uc_hook_add(self._uch, ctypes.byref(handle), UC_HOOK_INTR,
+                                       ctypes.cast(self._lib.delivery_intr_hook, ctypes.c_void_p), self._pstate,
+                                       ctypes.c_uint64(1), ctypes.c_uint64(0))
+        if err:
+            raise RuntimeError(f"cannot install the C INTR hook (uc error {err})")
+        vcpu._intr_hook = handle.value
+
+    @property
+    def soft_delivered(self) -> int:
+        return self._state.soft_delivered
 
     def peek(self, gva: int, size: int) -> bytes | None:
         """Guest RAM bytes at a linear address with no side effect (Mmu.fetch_bytes), or None when the

@@ -20,7 +20,7 @@ class NativeMode(Mode):
         self.machine = machine
         self.vcpu = Vcpu(machine, trace=trace, max_insns=max_insns)
         FastFill.install(machine.mmu)          # first: common TLB fills in C, the rest in Mmu.fill
-        FastDelivery.install(self.vcpu.delivery)   # common deliveries through the IDT in C
+        self.fast = FastDelivery.install(self.vcpu.delivery)   # common deliveries through the IDT in C
         self.vcpu.install_hooks()
         # rdmsr/wrmsr of the MSRs the platform models (IA32_APIC_BASE) must reach the machine; the
         # engine would answer them itself. Only their sites get a hook.
@@ -39,3 +39,10 @@ class NativeMode(Mode):
 
     def boot(self) -> None:
         """Nothing between the loader and the guest."""
+
+    def run(self, entry: int):
+        if self.fast is not None:
+            # `int n` from the INTR hook to its handler without Python, unless a trace is being written
+            # (it is attached after the mode is built, so this is decided here)
+            self.fast.install_intr(self.vcpu)
+        return super().run(entry)
