@@ -240,6 +240,8 @@ def test_a_guest_runs_the_same_without_the_c_path(guest, tmp_path, monkeypatch):
     assert fasts[0].delivered > 0.8 * events, (fasts[0].delivered, with_c.counts)
     if with_c.counts.get("interrupt", 0) > 100:           # the guests that make system calls
         assert fasts[0].soft_delivered > 100 and fasts[1].soft_delivered == 0
+    if with_c.counts.get("exception", 0) > 100:           # nanobench's #DE loop
+        assert fasts[0].faults_delivered > 100 and fasts[1].faults_delivered == 0
     for field in ("outcome", "status", "console", "icount", "vtime", "counts", "mmu", "tally"):
         assert getattr(with_c, field) == getattr(without, field), field
         assert getattr(traced_c, field) == getattr(traced, field), field

@@ -27,6 +27,7 @@ typedef int (*reg_write_fn)(void *uc, int regid, const void *value);
 typedef int (*context_fn)(void *uc, void *context);
 typedef void (*intr_fn)(void *uc, uint32_t intno, void *user_data);
 typedef void (*soft_fn)(uint32_t vector, uint32_t start, uint32_t eip);
+typedef void (*fault_fn)(uint32_t vector, uint32_t eip);
 
 /* uc_x86_mmr: a descriptor-table register (GDTR, IDTR, LDTR, TR) as libunicorn passes it. */
 typedef struct {
@@ -55,9 +56,12 @@ typedef struct {
     /* The INTR hook (delivery_intr_hook): */
     intr_fn python_intr;     /* the vCPU's own INTR hook (Vcpu.hook_intr, guarded): everything else */
     soft_fn soft_done;       /* Python's bookkeeping of an `int n` delivered here (counts, the clock) */
-    uint8_t *context_is_int; /* QEMU's exception_is_int, old_exception inside `context` */
+    fault_fn fault_done;     /* the same for a fault (and the block's unretired instructions) */
+    uint8_t *context_is_int; /* QEMU's exception_is_int, old_exception, error_code inside `context` */
     uint8_t *context_old_exception;
-    uint64_t soft_delivered;
+    uint8_t *context_error_code;
+    uint32_t has_error_code[8];  /* bit v: vector v pushes an error code (x86/vectors.py HAS_ERROR_CODE) */
+    uint64_t soft_delivered, faults_delivered;
 } delivery_t;
 
 size_t delivery_sizeof(void) { return sizeof(delivery_t); }
@@ -402,35 +406,52 @@ int delivery_peek(delivery_t *s, void *uc, uint32_t gva, uint32_t n, uint8_t *ou
     return 1;
 }
 
-/* The vCPU's INTR hook in native mode, in front of the Python one (Vcpu.hook_intr), for the hot case
- * of every kernel: a software interrupt (`int n`, int3, into: QEMU's exception_is_int) delivered
- * through a gate delivery_fast takes. It does what hook_intr does for such an event: the fault is
- * marked delivered (QEMU's old_exception = -1, the escalation workaround of quirks.FaultState.take),
- * the frame's return address is EIP (already past the instruction), the event is delivered, and
- * Python is told once (soft_done: the event counters and the clock's interrupt-window check; the
- * trace is never on while this hook is). Everything else goes to the Python hook unchanged. */
+/* The vCPU's INTR hook in native mode, in front of the Python one (Vcpu.hook_intr), for the hot cases
+ * of every kernel: a software interrupt (`int n`, int3, into: QEMU's exception_is_int) or a fault the
+ * engine raised (#DE, #GP...) delivered through a gate delivery_fast takes. It does what hook_intr does
+ * for such an event: the fault is marked delivered (QEMU's old_exception = -1, the escalation
+ * workaround of quirks.FaultState.take), the frame gets EIP (past an `int n`, at a fault) and the
+ * fault's error code if its vector has one (SDM 6.13), and Python is told once (soft_done,
+ * fault_done: the event counters, the instructions of the block that did not retire, the
+ * interrupt-window check; the trace is never on while this hook is). Everything else goes to the
+ * Python hook unchanged (delivery_fast changes nothing when it declines). */
 void delivery_intr_hook(void *uc, uint32_t intno, void *user_data) {
     delivery_t *s = (delivery_t *)user_data;
-    int err = 0;
+    int err = 0, flags;
     int32_t is_int, old;
-    uint32_t eip, start;
+    uint32_t eip, start = 0, error_code = 0;
     uint8_t prev;
-    if (s->context_save(uc, s->context)) goto python;
+    if (intno > 255 || s->context_save(uc, s->context)) goto python;
     memcpy(&is_int, s->context_is_int, 4);
-    if (!is_int) goto python;                  /* a fault: Python (the rest of its block unretires) */
     eip = (uint32_t)rd(s, uc, R_EIP, &err);
-    /* where the instruction starts: int3 (CC) and into (CE) are 1 byte, int n 2 (Vcpu._deliver_engine_event) */
-    if (err || !delivery_peek(s, uc, eip - 1, 1, &prev)) goto python;
-    start = eip - ((prev == 0xCC || prev == 0xCE) ? 1 : 2);
+    if (err) goto python;
+    if (is_int) {
+        /* where the instruction starts: int3 (CC) and into (CE) are 1 byte, int n 2 (Vcpu._deliver_engine_event) */
+        if (!delivery_peek(s, uc, eip - 1, 1, &prev)) goto python;
+        start = eip - ((prev == 0xCC || prev == 0xCE) ? 1 : 2);
+        flags = F_SOFT;
+    } else {
+        if (intno == 3 || intno == 4) goto python;    /* #BP, #OF not from int3/into: Python's way */
+        flags = 0;
+        if (s->has_error_code[intno >> 5] & (1u << (intno & 31))) {
+            memcpy(&error_code, s->context_error_code, 4);
+            flags = F_ERROR_CODE;
+        }
+    }
     memcpy(&old, s->context_old_exception, 4);
     if (old != -1) {                           /* what FaultState.take does: mark it delivered */
         old = -1;
         memcpy(s->context_old_exception, &old, 4);
         if (s->context_restore(uc, s->context)) goto python;
     }
-    if (delivery_fast(s, uc, intno, eip, 0, F_SOFT) != DELIVERED) goto python;   /* nothing changed */
-    s->soft_delivered++;
-    s->soft_done(intno, start, eip);
+    if (delivery_fast(s, uc, intno, eip, error_code, flags) != DELIVERED) goto python;   /* nothing changed */
+    if (is_int) {
+        s->soft_delivered++;
+        s->soft_done(intno, start, eip);
+    } else {
+        s->faults_delivered++;
+        s->fault_done(intno, eip);
+    }
     return;
 python:
     s->python_intr(uc, intno, NULL);

@@ -16,11 +16,13 @@ from unicorn.unicorn_py3 import unicorn as _ucmod
 
 from cpuvirt.engine import regs as R
 from cpuvirt.engine.hooks import hook_guard
+from cpuvirt.x86.vectors import HAS_ERROR_CODE, MNEMONIC
 
 _REGS = (R.EAX, R.ESP, R.EIP, R.EFLAGS, R.CS, R.SS, R.CR0, R.CR3, R.CR4, R.GDTR, R.IDTR, R.TR)
 DELIVERED, ENGINE_REFUSED = 1, -1
 F_ERROR_CODE, F_SOFT, F_EXTERNAL = 1, 2, 4
 _SOFT_DONE = ctypes.CFUNCTYPE(None, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32)
+_FAULT_DONE = ctypes.CFUNCTYPE(None, ctypes.c_uint32, ctypes.c_uint32)
 
 
 class _State(ctypes.Structure):
@@ -34,9 +36,10 @@ class _State(ctypes.Structure):
         ("reg", ctypes.c_int32 * len(_REGS)), ("enabled", ctypes.c_uint32),
         ("walks", ctypes.c_uint64), ("walk_refs", ctypes.c_uint64),
         ("delivered", ctypes.c_uint64), ("fallbacks", ctypes.c_uint64),
-        ("python_intr", ctypes.c_void_p), ("soft_done", ctypes.c_void_p),
+        ("python_intr", ctypes.c_void_p), ("soft_done", ctypes.c_void_p), ("fault_done", ctypes.c_void_p),
         ("context_is_int", ctypes.c_void_p), ("context_old_exception", ctypes.c_void_p),
-        ("soft_delivered", ctypes.c_uint64),
+        ("context_error_code", ctypes.c_void_p), ("has_error_code", ctypes.c_uint32 * 8),
+        ("soft_delivered", ctypes.c_uint64), ("faults_delivered", ctypes.c_uint64),
     ]
 
 
@@ -75,6 +78,9 @@ class FastDelivery:
         st.context_ss = st.context + faults.layout.ss_selector
         st.context_is_int = st.context + faults.layout.exception_is_int
         st.context_old_exception = st.context + faults.layout.old_exception
+        st.context_error_code = st.context + faults.layout.error_code
+        for v in HAS_ERROR_CODE:
+            st.has_error_code[v >> 5] |= 1 << (v & 31)
         st.reg[:] = _REGS
         st.enabled = 1
         self._pstate = ctypes.cast(ctypes.pointer(st), ctypes.c_void_p)
@@ -98,8 +104,9 @@ class FastDelivery:
         return fast
 
     def install_intr(self, vcpu) -> None:
-        """Put delivery_intr_hook in front of the vCPU's INTR hook: `int n` through a gate the C path
-        takes is then delivered without Python, but for one call that counts it (soft_done). Only
+        """Put delivery_intr_hook in front of the vCPU's INTR hook: `int n` and the faults the engine
+        raises, through a gate the C path takes, are then delivered without Python but for one call
+        that counts them (soft_done, fault_done). Only
         for the native Vcpu's own event handling, and never while tracing (an event's trace line
         needs Python)."""
         if vcpu.trace is not None or self._python_intr is not None:
@@ -115,9 +122,19 @@ class FastDelivery:
             owner.counts["interrupt"] += 1
             owner.reasons["interrupt", f"int {vector:#x}"] += 1
             owner.clock.if_may_have_changed()
+
+        @hook_guard()
+        def fault_done(owner, vector: int, eip: int) -> None:
+            """The same for a fault (Vcpu._deliver_engine_event's other branch)."""
+            owner.left_block_at(eip)
+            owner.counts["exception"] += 1
+            owner.reasons["exception", MNEMONIC.get(vector, f"vector {vector}")] += 1
+            owner.clock.if_may_have_changed()
         self._soft_done = _SOFT_DONE(lambda vector, start, eip: soft_done(vcpu, vector, start, eip))
+        self._fault_done = _FAULT_DONE(lambda vector, eip: fault_done(vcpu, vector, eip))
         st.python_intr = ctypes.cast(self._python_intr, ctypes.c_void_p).value
         st.soft_done = ctypes.cast(self._soft_done, ctypes.c_void_p).value
+        st.fault_done = ctypes.cast(self._fault_done, ctypes.c_void_p).value
         handle = ctypes.c_size_t()
         err = _ucmod.uclib.uc_hook_add(self._uch, ctypes.byref(handle), UC_HOOK_INTR,
                                        ctypes.cast(self._lib.delivery_intr_hook, ctypes.c_void_p), self._pstate,
@@ -129,6 +146,10 @@ class FastDelivery:
     @property
     def soft_delivered(self) -> int:
         return self._state.soft_delivered
+
+    @property
+    def faults_delivered(self) -> int:
+        return self._state.faults_delivered
 
     def peek(self, gva: int, size: int) -> bytes | None:
         """Guest RAM bytes at a linear address with no side effect (Mmu.fetch_bytes), or None when the
