@@ -28,6 +28,7 @@ typedef int (*context_fn)(void *uc, void *context);
 typedef void (*intr_fn)(void *uc, uint32_t intno, void *user_data);
 typedef void (*soft_fn)(uint32_t vector, uint32_t start, uint32_t eip);
 typedef void (*fault_fn)(uint32_t vector, uint32_t eip);
+typedef void (*code_fn)(void *uc, uint64_t address, uint32_t size, void *user_data);
 
 /* uc_x86_mmr: a descriptor-table register (GDTR, IDTR, LDTR, TR) as libunicorn passes it. */
 typedef struct {
@@ -62,7 +63,24 @@ typedef struct {
     uint8_t *context_error_code;
     uint32_t has_error_code[8];  /* bit v: vector v pushes an error code (x86/vectors.py HAS_ERROR_CODE) */
     uint64_t soft_delivered, faults_delivered;
+    /* The iret sites (delivery_iret_hook): */
+    uint32_t nmi_blocked;        /* Vcpu.nmi_blocked, kept equal by Python */
+    uint32_t pad;
+    uint32_t *clock_watch_if;    /* the virtual clock's watch_if and check_if (machine/_vclock.c) */
+    uint32_t *clock_check_if;
+    uint64_t irets;
 } delivery_t;
+
+/* One intercepted iret: its bytes when it was decoded, and the Python hook behind it. */
+typedef struct {
+    delivery_t *s;
+    code_fn python;          /* Intercepts._hit, guarded */
+    uint32_t size;
+    uint32_t wide;           /* iretd */
+    uint8_t bytes[16];
+} iret_site_t;
+
+size_t delivery_iret_site_sizeof(void) { return sizeof(iret_site_t); }
 
 size_t delivery_sizeof(void) { return sizeof(delivery_t); }
 
@@ -455,6 +473,30 @@ void delivery_intr_hook(void *uc, uint32_t intno, void *user_data) {
     return;
 python:
     s->python_intr(uc, intno, NULL);
+}
+
+/* In native mode every iret is intercepted (cpu/intercept.py), for what the engine would get wrong:
+ * a task return (EFLAGS.NT, SDM 7.3), the end of NMI blocking (SDM 6.7.1), and EFLAGS.VM in the image
+ * at CPL > 0 (Vcpu.iret_site). In the common case none of them applies and Python did nothing: the
+ * instruction (its bytes unchanged since it was decoded) is left to the engine, and only the
+ * interrupt-window check of the intercept's caller is made (Vcpu.enable_intercepts, `hit`). Anything
+ * else goes to the Python hook. */
+void delivery_iret_hook(void *uc, uint64_t address, uint32_t size, void *user_data) {
+    iret_site_t *site = (iret_site_t *)user_data;
+    delivery_t *s = site->s;
+    uint8_t now[16];
+    uint32_t eflags, cs;
+    int err = 0;
+    if (s->nmi_blocked || size != site->size || size > 16
+        || !delivery_peek(s, uc, (uint32_t)address, size, now) || memcmp(now, site->bytes, size)) goto python;
+    eflags = (uint32_t)rd(s, uc, R_EFLAGS, &err);
+    cs = (uint32_t)rd(s, uc, R_CS, &err);
+    if (err || (eflags & (EFLAGS_VM | EFLAGS_NT)) || (site->wide && (cs & 3))) goto python;
+    if (*s->clock_watch_if && !*s->clock_check_if) *s->clock_check_if = 1;   /* VirtualClock.if_may_have_changed */
+    s->irets++;
+    return;
+python:
+    site->python(uc, address, size, NULL);
 }
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_delivery", NULL, -1, NULL};

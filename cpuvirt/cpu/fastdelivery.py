@@ -11,7 +11,7 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 
-from unicorn import UC_HOOK_INTR
+from unicorn import UC_HOOK_CODE, UC_HOOK_INTR
 from unicorn.unicorn_py3 import unicorn as _ucmod
 
 from cpuvirt.engine import regs as R
@@ -40,7 +40,16 @@ class _State(ctypes.Structure):
         ("context_is_int", ctypes.c_void_p), ("context_old_exception", ctypes.c_void_p),
         ("context_error_code", ctypes.c_void_p), ("has_error_code", ctypes.c_uint32 * 8),
         ("soft_delivered", ctypes.c_uint64), ("faults_delivered", ctypes.c_uint64),
+        ("nmi_blocked", ctypes.c_uint32), ("pad", ctypes.c_uint32),
+        ("clock_watch_if", ctypes.c_void_p), ("clock_check_if", ctypes.c_void_p), ("irets", ctypes.c_uint64),
     ]
+
+
+class _IretSite(ctypes.Structure):
+    """Mirror of iret_site_t."""
+
+    _fields_ = [("s", ctypes.c_void_p), ("python", ctypes.c_void_p), ("size", ctypes.c_uint32),
+                ("wide", ctypes.c_uint32), ("bytes", ctypes.c_uint8 * 16)]
 
 
 def _lib():
@@ -49,7 +58,8 @@ def _lib():
         return None
     lib = ctypes.CDLL(spec.origin)
     lib.delivery_sizeof.restype = ctypes.c_size_t
-    if lib.delivery_sizeof() != ctypes.sizeof(_State):
+    lib.delivery_iret_site_sizeof.restype = ctypes.c_size_t
+    if lib.delivery_sizeof() != ctypes.sizeof(_State) or lib.delivery_iret_site_sizeof() != ctypes.sizeof(_IretSite):
         return None
     lib.delivery_fast.restype = ctypes.c_int
     lib.delivery_peek.restype = ctypes.c_int
@@ -142,6 +152,41 @@ class FastDelivery:
         if err:
             raise RuntimeError(f"cannot install the C INTR hook (uc error {err})")
         vcpu._intr_hook = handle.value
+
+    def install_iret(self, vcpu) -> None:
+        """Put delivery_iret_hook in front of every iret site the vCPU's intercepts hook from now on."""
+        clock = vcpu.clock._state
+        st = self._state
+        st.clock_watch_if = ctypes.addressof(clock) + type(clock).watch_if.offset
+        st.clock_check_if = ctypes.addressof(clock) + type(clock).check_if.offset
+        st.nmi_blocked = int(vcpu.nmi_blocked)
+        vcpu.on_nmi_blocked = self._set_nmi_blocked
+        self._sites: dict[int, tuple] = {}
+        vcpu.intercepts.fast_iret = self._iret_site
+
+    def _set_nmi_blocked(self, value: bool) -> None:
+        self._state.nmi_blocked = int(value)
+
+    def _iret_site(self, address: int, size: int, wide: bool, code: bytes, python_hook) -> None:
+        site = _IretSite()
+        site.s = ctypes.addressof(self._state)
+        site.python = ctypes.cast(python_hook, ctypes.c_void_p).value
+        site.size, site.wide = size, int(wide)
+        site.bytes[:len(code[:16])] = code[:16]
+        if len(code) != size:
+            site.size = 0                       # bytes unknown: always the Python hook
+        handle = ctypes.c_size_t()
+        err = _ucmod.uclib.uc_hook_add(self._uch, ctypes.byref(handle), UC_HOOK_CODE,
+                                       ctypes.cast(self._lib.delivery_iret_hook, ctypes.c_void_p),
+                                       ctypes.c_void_p(ctypes.addressof(site)),
+                                       ctypes.c_uint64(address), ctypes.c_uint64(address))
+        if err:
+            raise RuntimeError(f"cannot hook the iret at {address:#x} (uc error {err})")
+        self._sites[handle.value] = (site, python_hook)     # alive as long as the engine may call them
+
+    @property
+    def irets(self) -> int:
+        return self._state.irets
 
     @property
     def soft_delivered(self) -> int:

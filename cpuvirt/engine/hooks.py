@@ -126,6 +126,10 @@ class EngineHooks:
 
     def code(self, callback, begin: int, end: int) -> int:
         """UC_HOOK_CODE on [begin, end]: callback(uc, address, size, None) before each instruction there."""
+        return self._add(UC_HOOK_CODE, self.code_function(callback), begin, end)
+
+    def code_function(self, callback):
+        """The guarded ctypes function of a code hook, not added (see intr_function)."""
         owner, uc = self.owner, self.owner.uc
 
         def hook(_h, address, size, _d):
@@ -133,7 +137,7 @@ class EngineHooks:
                 callback(uc, address, size, None)
             except BaseException as e:          # noqa: B036
                 _stop(owner, e)
-        return self._add(UC_HOOK_CODE, HOOK_CODE_CFUNC(hook), begin, end)
+        return HOOK_CODE_CFUNC(hook)
 
 
 def hook_guard(returns=None):
