@@ -22,7 +22,8 @@ from cpuvirt.engine import regs as R
 from cpuvirt.machine.machine import Machine
 from cpuvirt.modes import get_mode
 
-pytestmark = pytest.mark.skipif(_lib() is None, reason="the C delivery is not built (python setup.py build_ext --inplace)")
+pytestmark = pytest.mark.skipif(_lib() is None,
+                                reason="the C delivery is not built (python setup.py build_ext --inplace)")
 
 MEM = 8 << 20
 PD, PT = 0x10000, 0x11000

@@ -328,7 +328,8 @@ static int deliver_pass(pass_t *w, void *uc, uint32_t vector, uint32_t return_ei
  * checks SS.RPL against the CPL it holds, still the old one, so the CPL bits of QEMU's hflags are set
  * to 0 first through a saved context, and SS's selector too: the TLB-fill hooks take an access's
  * privilege from SS.RPL, and the load's descriptor read and accessed-bit write are supervisor
- * accesses (SDM 5.5). The SS load then gives SS its descriptor (and sets CPL from it). */
+ * accesses (implicit supervisor-mode accesses, SDM 4.6). The SS load then gives SS its descriptor (and
+ * sets CPL from it). */
 static int load_ring0_ss(delivery_t *s, void *uc, uint32_t ss) {
     uint32_t hflags, sel;
     if (s->context_save(uc, s->context)) return 1;

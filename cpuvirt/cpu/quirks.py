@@ -174,7 +174,7 @@ class FaultState:
 
         With `ss`, SS's selector is set to it too (its descriptor cache stays until the load): the
         descriptor reads and the accessed-bit write of that load go through the TLB-fill hooks, which
-        take the privilege of an access from SS.RPL, and they are supervisor accesses (SDM 5.5)."""
+        take the privilege of an access from SS.RPL, and they are implicit supervisor-mode accesses (SDM 4.6)."""
         ctx = self._ctx
         self.uc.context_update(ctx)
         addr = ctypes.cast(ctx.context, ctypes.c_void_p).value
