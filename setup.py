@@ -1,4 +1,4 @@
-"""The C hooks (virtual clock, native TLB fill, CPUID), and the guest sources shipped inside the package; metadata is in pyproject.toml."""
+"""The C hooks (virtual clock, native TLB fill, CPUID, native event delivery), and the guest sources shipped inside the package; metadata is in pyproject.toml."""
 import shutil
 from pathlib import Path
 
@@ -25,6 +25,7 @@ class build_py_with_guests(build_py):
 setup(
     ext_modules=[Extension("cpuvirt.machine._vclock", ["cpuvirt/machine/_vclock.c"], extra_compile_args=["-O2"]),
                  Extension("cpuvirt.memory._tlbfill", ["cpuvirt/memory/_tlbfill.c"], extra_compile_args=["-O2"]),
-                 Extension("cpuvirt.engine._cpuid", ["cpuvirt/engine/_cpuid.c"], extra_compile_args=["-O2"])],
+                 Extension("cpuvirt.engine._cpuid", ["cpuvirt/engine/_cpuid.c"], extra_compile_args=["-O2"]),
+                 Extension("cpuvirt.cpu._delivery", ["cpuvirt/cpu/_delivery.c"], extra_compile_args=["-O2"])],
     cmdclass={"build_py": build_py_with_guests},
 )

@@ -136,7 +136,7 @@ def tally_of(vcpu, mmu) -> Counter:
                 continue
             t[f"vmexit:{reason.name}"] += n
         t[VMENTRY] = getattr(vcpu, "exits", 0)
-    t[WALK_REF] = mmu.counters.as_dict()["walk_refs"]      # the C fill path's walks too
+    t[WALK_REF] = mmu.counters.as_dict()["walk_refs"]    # with the walks made in C (fills, deliveries)
     shadow = getattr(mmu.strategy, "counters", None)
     if shadow is not None and hasattr(shadow, "hidden_faults"):
         t[HIDDEN_FAULT] = shadow.hidden_faults

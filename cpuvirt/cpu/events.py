@@ -44,6 +44,7 @@ class EventDelivery:
         self.regs = regs
         self.mmu = mmu
         self.view = None      # the vCPU's tasks.CpuView: task gates switch tasks through it
+        self.fast = None      # the common case in C (cpu/fastdelivery.py), native mode only
 
     def deliver(self, vector: int, return_eip: int, error_code: int | None = None,
                 soft: bool = False, external: bool = False, fault_eip: int | None = None) -> int:
@@ -52,6 +53,8 @@ class EventDelivery:
         `fault_eip` is where a fault raised by the delivery itself returns to: the `int n`
         instruction for a software interrupt (its #GP is a fault), else `return_eip`.
         """
+        if self.fast is not None and self.fast.deliver(vector, return_eip, error_code, soft, external):
+            return vector
         try:
             self._deliver(vector, return_eip, error_code, soft, external)
             return vector
@@ -259,14 +262,13 @@ class EventDelivery:
     def load_stack_segment(self, ss: int, cpl: int, new_cpl: int) -> None:
         """Load SS for a more privileged ring from a hook.
 
-        The engine checks SS.RPL against the current CPL, which is still the old one; with CR0.PE
-        cleared for a moment the load is a real-mode one that sets CPL 0, and the protected-mode
-        reload that follows gives SS its real descriptor (UNICORN-NOTES.md, "Going back to ring 0").
+        The engine checks SS.RPL against the CPL it holds, still the old one: the CPL in the engine's
+        flags and SS's selector are made the new ring's first (FaultState.set_cpl; the selector so that
+        the TLB-fill hooks take the load's descriptor accesses as the supervisor accesses they are),
+        and the SS load then gives SS its descriptor. (Clearing CR0.PE for a real-mode load instead,
+        as cpuvirt did before, flushed the engine's whole TLB at every ring change: the handler's and
+        then the interrupted code's pages were filled again on every system call.)
         """
-        regs = self.regs
         if new_cpl < cpl:
-            cr0 = regs.read(R.CR0)
-            regs.write(R.CR0, cr0 & ~0x80000001)
-            regs.write(R.SS, ss)
-            regs.write(R.CR0, cr0)
-        regs.write(R.SS, ss)
+            self.view.vcpu.faults.set_cpl(new_cpl, ss)
+        self.regs.write(R.SS, ss)

@@ -73,6 +73,8 @@ class Intercepts:
         self.scanned: set[tuple[int, int]] = set()
         self.retranslate: list[tuple[int, int]] = []
         self._cs = Cs(CS_ARCH_X86, CS_MODE_32)
+        # callable(address, size, wide, code, python_hook) adding a C hook in front of an iret site's _hit
+        self.fast_iret = None
         self._pattern = re.compile(b"|".join(OPCODES.values()) + b"|" + FAR_PATTERN)
 
     # -- scanning ----------------------------------------------------------------------------------
@@ -115,6 +117,10 @@ class Intercepts:
             self.sites[addr] = (size, mnem, ops, code)
             return
         self.sites[addr] = (size, mnem, ops, code)
+        if self.fast_iret is not None and mnem in ("iret", "iretd"):
+            # a C hook answers the common iret and hands the rest to _hit (cpu/fastdelivery.py)
+            self.fast_iret(addr, size, mnem == "iretd", code, self.hooks.code_function(self._hit))
+            return
         self.hooks.code(self._hit, addr, addr)
 
     # -- a hooked instruction is about to run ----------------------------------------------------------

@@ -27,6 +27,7 @@ class ContextLayout:
     old_exception: int
     size: int
     hflags: int          # QEMU's env->hflags; bit 3 (HF_INHIBIT_IRQ) is the sti / mov ss shadow
+    ss_selector: int     # env->segs[R_SS].selector: where the TLB-fill hook finds the CPL (SS.RPL)
 
 
 HF_INHIBIT_IRQ = 1 << 3
@@ -84,6 +85,23 @@ def _shadow_offset() -> int:
     return found[0]
 
 
+def _ss_selector_offset() -> int:
+    """Load SS with 0x10 and then with 0x18 (the same data descriptor twice): the one 32-bit field
+    that goes from 0x10 to 0x18 is SS's selector."""
+    uc = _probe_uc(b"\x90")
+    data = struct.pack("<Q", 0x00CF92000000FFFF)
+    uc.mem_write(0x1018, data)
+    uc.reg_write(X.UC_X86_REG_GDTR, (0, 0x1000, 0x1F, 0))
+    before = _blob(uc.context_save())
+    uc.reg_write(X.UC_X86_REG_SS, 0x18)
+    after = _blob(uc.context_save())
+    found = [i for i in range(0, len(before) - 3, 4)
+             if struct.unpack_from("<I", before, i)[0] == 0x10 and struct.unpack_from("<I", after, i)[0] == 0x18]
+    if len(found) != 1:
+        raise RuntimeError(f"cannot locate SS's selector in this Unicorn's context ({found})")
+    return found[0]
+
+
 @lru_cache(maxsize=1)
 def context_layout() -> ContextLayout:
     # mov ax, 0x1234; mov ds, ax  -> #GP(0x1234): error_code 0x1234, old_exception 13, is_int 0
@@ -99,7 +117,7 @@ def context_layout() -> ContextLayout:
     err = [i for i in err if i + 4 in isint]
     if len(err) != 1 or len(old) != 1:
         raise RuntimeError(f"cannot locate fault fields in this Unicorn's context (candidates {err} {isint} {old})")
-    return ContextLayout(err[0], err[0] + 4, old[0], len(b0), _shadow_offset())
+    return ContextLayout(err[0], err[0] + 4, old[0], len(b0), _shadow_offset(), _ss_selector_offset())
 
 
 class FaultState:
@@ -149,14 +167,21 @@ class FaultState:
         addr = ctypes.cast(ctx.context, ctypes.c_void_p).value
         return bool(ctypes.c_uint32.from_address(addr + self.layout.hflags).value & HF_INHIBIT_IRQ)
 
-    def set_cpl(self, ring: int) -> None:
+    def set_cpl(self, ring: int, ss: int | None = None) -> None:
         """Set the engine's CPL (the low bits of QEMU's hflags) so that a stack segment of that ring
         may be loaded next from a hook: the engine checks SS.RPL against the CPL it holds, and the SS
-        load then sets the CPL from its descriptor anyway."""
+        load then sets the CPL from its descriptor anyway.
+
+        With `ss`, SS's selector is set to it too (its descriptor cache stays until the load): the
+        descriptor reads and the accessed-bit write of that load go through the TLB-fill hooks, which
+        take the privilege of an access from SS.RPL, and they are implicit supervisor-mode accesses (SDM 4.6)."""
         ctx = self._ctx
         self.uc.context_update(ctx)
         addr = ctypes.cast(ctx.context, ctypes.c_void_p).value
         slot = ctypes.c_uint32.from_address(addr + self.layout.hflags)
-        if slot.value & 3 != ring:
+        sel = ctypes.c_uint32.from_address(addr + self.layout.ss_selector)
+        if slot.value & 3 != ring or (ss is not None and sel.value != ss):
             slot.value = (slot.value & ~3) | ring
+            if ss is not None:
+                sel.value = ss
             self.uc.context_restore(ctx)

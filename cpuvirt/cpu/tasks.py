@@ -137,7 +137,7 @@ class CpuView:
         """Load CS (and SS) at `cpl`, ESP, EIP and data segments (descriptors already checked)."""
         regs = self.regs
         if ss is not None:
-            self.vcpu.faults.set_cpl(cpl)
+            self.vcpu.faults.set_cpl(cpl, ss)     # SS.RPL too: the load's descriptor accesses are supervisor ones
             regs.write(R.SS, ss)
         regs.write(R.ESP, esp)
         regs.write(R.CS, cs)

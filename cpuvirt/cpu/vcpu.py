@@ -76,7 +76,8 @@ class Vcpu:
         self.intercepts = None    # an Intercepts, for modes that must see non-trapping instructions
         self._io_block, self._io_index = -1, 0
         self._intr_depth = 0
-        self.nmi_blocked = False    # from an NMI's delivery to the next iret (SDM 6.7.1)
+        self.on_nmi_blocked = None  # callback(bool): told of every change (native's C iret hook)
+        self._nmi_blocked = False
         self.io_gate_armed = True   # in/out hooked for the I/O permission check (lazy in native, hw)
         self._flush_translations = False
         self._after_one_block = False
@@ -84,6 +85,17 @@ class Vcpu:
         self._window_retranslate: list[tuple[int, int]] = []
         self._window_ready = False
         machine.on_new_block = self.forget_block
+
+    @property
+    def nmi_blocked(self) -> bool:
+        """From an NMI's delivery to the next iret (SDM 6.7.1)."""
+        return self._nmi_blocked
+
+    @nmi_blocked.setter
+    def nmi_blocked(self, value: bool) -> None:
+        self._nmi_blocked = value
+        if self.on_nmi_blocked is not None:
+            self.on_nmi_blocked(value)
 
     # -- the run loop --------------------------------------------------------------------------------
     def run(self, entry: int) -> Outcome:

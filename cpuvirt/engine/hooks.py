@@ -52,6 +52,11 @@ class EngineHooks:
 
     def intr(self, callback) -> int:
         """UC_HOOK_INTR: callback(uc, intno, None), every exception and `int n`."""
+        return self._add(UC_HOOK_INTR, self.intr_function(callback))
+
+    def intr_function(self, callback):
+        """The guarded ctypes function of an INTR hook, not added: a C hook that hands some events on
+        to Python calls it (cpu/fastdelivery.py); the caller keeps it alive."""
         owner, uc = self.owner, self.owner.uc
 
         def hook(_h, intno, _d):
@@ -59,7 +64,7 @@ class EngineHooks:
                 callback(uc, intno, None)
             except BaseException as e:          # noqa: B036  (KeyboardInterrupt too: the run must end cleanly)
                 _stop(owner, e)
-        return self._add(UC_HOOK_INTR, HOOK_INTR_CFUNC(hook))
+        return HOOK_INTR_CFUNC(hook)
 
     def invalid(self, callback) -> int:
         """UC_HOOK_INSN_INVALID: callback(uc, None) -> True (the hook handled #UD)."""
@@ -121,6 +126,10 @@ class EngineHooks:
 
     def code(self, callback, begin: int, end: int) -> int:
         """UC_HOOK_CODE on [begin, end]: callback(uc, address, size, None) before each instruction there."""
+        return self._add(UC_HOOK_CODE, self.code_function(callback), begin, end)
+
+    def code_function(self, callback):
+        """The guarded ctypes function of a code hook, not added (see intr_function)."""
         owner, uc = self.owner, self.owner.uc
 
         def hook(_h, address, size, _d):
@@ -128,7 +137,7 @@ class EngineHooks:
                 callback(uc, address, size, None)
             except BaseException as e:          # noqa: B036
                 _stop(owner, e)
-        return self._add(UC_HOOK_CODE, HOOK_CODE_CFUNC(hook), begin, end)
+        return HOOK_CODE_CFUNC(hook)
 
 
 def hook_guard(returns=None):

@@ -91,17 +91,18 @@ class PendingFault:
 
 
 class MmuCounters:
-    __slots__ = ("fills", "walks", "walk_refs", "faults", "unbacked", "fast")
+    __slots__ = ("fills", "walks", "walk_refs", "faults", "unbacked", "fast", "walkers")
     FIELDS = ("fills", "walks", "walk_refs", "faults", "unbacked")
 
     def __init__(self):
         self.fills = self.walks = self.walk_refs = self.faults = self.unbacked = 0
         self.fast = None        # a FastFill (memory/fastfill.py): the fills it answered count too
+        self.walkers: list = []   # other C paths that walk guest tables (cpu/fastdelivery.py): theirs too
 
     def as_dict(self) -> dict:
         d = {k: getattr(self, k) for k in self.FIELDS}
-        if self.fast is not None:
-            fills, walks, refs = self.fast.counts()
+        for c in ([self.fast] if self.fast is not None else []) + self.walkers:
+            fills, walks, refs = c.counts()
             d["fills"] += fills
             d["walks"] += walks
             d["walk_refs"] += refs
@@ -159,6 +160,9 @@ class Mmu:
         # The MMIO bus (machine/mmio.py), when the hypervisor's own linear accesses (event delivery,
         # emulated instructions) must reach device registers as the guest's would.
         self.devices = None
+        # A C reader of guest RAM through the guest's tables with no side effect (native mode:
+        # cpu/fastdelivery.py): fetch_bytes asks it first, callable(gva, size) -> bytes or None.
+        self.peek = None
 
     def load_crs(self) -> tuple[int, int, int]:
         """Read CR0/CR3/CR4 once per hypervisor entry: the guest cannot change them while a hook
@@ -336,6 +340,10 @@ class Mmu:
     def fetch_bytes(self, gva: int, size: int) -> bytes | None:
         """Code bytes at a linear address without side effects (disassembly, block counting): not the
         guest's doing, so its walks are not in the counters (a trace must not change the statistics)."""
+        if self.peek is not None and self.crs_source is None:
+            data = self.peek(gva, size)
+            if data is not None:
+                return data
         c = self.counters
         walks, refs = c.walks, c.walk_refs
         try:

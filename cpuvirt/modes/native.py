@@ -6,6 +6,7 @@ through the guest's IDT exactly as the CPU would deliver them.
 """
 from __future__ import annotations
 
+from cpuvirt.cpu.fastdelivery import FastDelivery
 from cpuvirt.cpu.vcpu import IO_INSTRUCTIONS, Vcpu
 from cpuvirt.memory.fastfill import FastFill
 from cpuvirt.modes.base import Mode
@@ -19,6 +20,7 @@ class NativeMode(Mode):
         self.machine = machine
         self.vcpu = Vcpu(machine, trace=trace, max_insns=max_insns)
         FastFill.install(machine.mmu)          # first: common TLB fills in C, the rest in Mmu.fill
+        self.fast = FastDelivery.install(self.vcpu.delivery)   # common deliveries through the IDT in C
         self.vcpu.install_hooks()
         # rdmsr/wrmsr of the MSRs the platform models (IA32_APIC_BASE) must reach the machine; the
         # engine would answer them itself. Only their sites get a hook.
@@ -34,6 +36,15 @@ class NativeMode(Mode):
                 vcpu.msr_instruction(address, size, mnem)
         self.vcpu.enable_intercepts(frozenset(("rdmsr", "wrmsr", "mov", "mov cr4")) | IO_INSTRUCTIONS, on_hit,
                                     lazy_io=True)
+        if self.fast is not None:
+            self.fast.install_iret(self.vcpu)   # the common iret (nothing for cpuvirt to do) in C
 
     def boot(self) -> None:
         """Nothing between the loader and the guest."""
+
+    def run(self, entry: int):
+        if self.fast is not None:
+            # `int n` from the INTR hook to its handler without Python, unless a trace is being written
+            # (it is attached after the mode is built, so this is decided here)
+            self.fast.install_intr(self.vcpu)
+        return super().run(entry)

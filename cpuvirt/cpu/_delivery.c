@@ -1,0 +1,505 @@
+/*
+ * The common case of event delivery through the guest IDT, in C (SDM Vol. 3A 6.12.1, "Exception- and
+ * Interrupt-Handler Procedures"). EventDelivery (cpu/events.py) stays the complete, reference path:
+ * this function answers only a protected-mode delivery through a present 32-bit interrupt or trap gate
+ * to a present, non-conforming code segment in the GDT, at the same privilege or from CPL > 0 to ring 0
+ * with the stack from the TSS, outside virtual-8086 mode, where no read of the IDT, GDT or TSS and no
+ * push of the frame faults, and every byte it touches is guest RAM. Anything else returns FALLBACK
+ * having changed nothing, and Python delivers the event (task gates, #DF rules, faults during
+ * delivery, V86, real mode, LDT selectors, conforming code, rings 1 and 2 as targets...).
+ *
+ * When it delivers, it leaves exactly the state the Python path leaves: the same registers written in
+ * the same order (segment loads make the engine read descriptors through the TLB-fill hooks, so the
+ * order is observable), the same frame, the same accessed/dirty bits set in the same order by the same
+ * walks (memory/walk.py is the model), and the same walk counters. tests/test_fast_delivery.py checks
+ * that against the Python path on random descriptor tables and page tables.
+ *
+ * The state is owned by Python (cpu/fastdelivery.py) and passed in; guest RAM is read and written
+ * directly (it is cpuvirt's own buffer, guest-physical 0 at `ram`), never outside [0, ram_bytes).
+ * Built as a Python extension only so that setuptools compiles it; Python calls it through ctypes.
+ */
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+typedef int (*reg_read_fn)(void *uc, int regid, void *value);
+typedef int (*reg_write_fn)(void *uc, int regid, const void *value);
+typedef int (*context_fn)(void *uc, void *context);
+typedef void (*intr_fn)(void *uc, uint32_t intno, void *user_data);
+typedef void (*soft_fn)(uint32_t vector, uint32_t start, uint32_t eip);
+typedef void (*fault_fn)(uint32_t vector, uint32_t eip);
+typedef void (*code_fn)(void *uc, uint64_t address, uint32_t size, void *user_data);
+
+/* uc_x86_mmr: a descriptor-table register (GDTR, IDTR, LDTR, TR) as libunicorn passes it. */
+typedef struct {
+    uint16_t selector;
+    uint64_t base;
+    uint32_t limit;
+    uint32_t flags;
+} mmr_t;
+
+enum { R_EAX, R_ESP, R_EIP, R_EFLAGS, R_CS, R_SS, R_CR0, R_CR3, R_CR4, R_GDTR, R_IDTR, R_TR, R_COUNT };
+
+typedef struct {
+    uint8_t *ram;            /* guest RAM, guest-physical 0 */
+    uint64_t ram_bytes;      /* every access stays below this */
+    reg_read_fn reg_read;
+    reg_write_fn reg_write;
+    context_fn context_save; /* uc_context_save / uc_context_restore, for the ring-0 SS load */
+    context_fn context_restore;
+    void *context;           /* a uc_context of this engine */
+    uint8_t *context_hflags; /* QEMU's env->hflags inside that context (quirks.py finds the offset) */
+    uint8_t *context_ss;     /* env->segs[R_SS].selector inside it */
+    int32_t reg[R_COUNT];    /* Unicorn register ids */
+    uint32_t enabled;
+    uint64_t walks, walk_refs;       /* added to Mmu.counters, as the Python walk counts them */
+    uint64_t delivered, fallbacks;
+    /* The INTR hook (delivery_intr_hook): */
+    intr_fn python_intr;     /* the vCPU's own INTR hook (Vcpu.hook_intr, guarded): everything else */
+    soft_fn soft_done;       /* Python's bookkeeping of an `int n` delivered here (counts, the clock) */
+    fault_fn fault_done;     /* the same for a fault (and the block's unretired instructions) */
+    uint8_t *context_is_int; /* QEMU's exception_is_int, old_exception, error_code inside `context` */
+    uint8_t *context_old_exception;
+    uint8_t *context_error_code;
+    uint32_t has_error_code[8];  /* bit v: vector v pushes an error code (x86/vectors.py HAS_ERROR_CODE) */
+    uint64_t soft_delivered, faults_delivered;
+    /* The iret sites (delivery_iret_hook): */
+    uint32_t nmi_blocked;        /* Vcpu.nmi_blocked, kept equal by Python */
+    uint32_t pad;
+    uint32_t *clock_watch_if;    /* the virtual clock's watch_if and check_if (machine/_vclock.c) */
+    uint32_t *clock_check_if;
+    uint64_t irets;
+} delivery_t;
+
+/* One intercepted iret: its bytes when it was decoded, and the Python hook behind it. */
+typedef struct {
+    delivery_t *s;
+    code_fn python;          /* Intercepts._hit, guarded */
+    uint32_t size;
+    uint32_t wide;           /* iretd */
+    uint8_t bytes[16];
+} iret_site_t;
+
+size_t delivery_iret_site_sizeof(void) { return sizeof(iret_site_t); }
+
+size_t delivery_sizeof(void) { return sizeof(delivery_t); }
+
+#define FALLBACK 0
+#define DELIVERED 1
+#define ENGINE_REFUSED (-1)    /* a register write was refused after the frame was pushed */
+
+#define F_ERROR_CODE 1
+#define F_SOFT 2               /* int n, int3, into: the gate's DPL is checked (SDM 6.12.1.1) */
+#define F_EXTERNAL 4           /* the EXT bit of error codes: only a fault path uses it */
+
+#define PTE_P 0x1u
+#define PTE_RW 0x2u
+#define PTE_A 0x20u
+#define PTE_D 0x40u
+#define PTE_PS 0x80u
+#define CR0_PE 0x1u
+#define CR0_WP 0x10000u
+#define CR0_PG 0x80000000u
+#define CR4_PSE 0x10u
+#define EFLAGS_TF 0x100u
+#define EFLAGS_IF 0x200u
+#define EFLAGS_NT 0x4000u
+#define EFLAGS_RF 0x10000u
+#define EFLAGS_VM 0x20000u
+#define GATE_INT32 0xEu
+#define GATE_TRAP32 0xFu
+#define HF_CPL_MASK 3u
+
+static uint64_t rd(delivery_t *s, void *uc, int r, int *err) {
+    uint64_t v = 0;
+    if (s->reg_read(uc, s->reg[r], &v)) *err = 1;
+    return v;
+}
+
+static int wr(delivery_t *s, void *uc, int r, uint64_t value) {
+    uint64_t v = value & 0xFFFFFFFFu;   /* a buffer per write: a segment load re-reads it (regs.py) */
+    return s->reg_write(uc, s->reg[r], &v);
+}
+
+/* ---- the guest page walk, 32-bit paging (SDM 4.3, 4.6, 4.8), supervisor accesses only ------------
+ * The same decisions as memory/walk.py for user = False: a walk that would fault, or that reaches a
+ * paging structure or a frame outside RAM, or a 4 MiB page with PSE-36 bits, returns -1 (Python then
+ * delivers, and raises the guest's #PF itself). With `side` = 0 it only looks; with `side` = 1 it sets
+ * A (and D for a write) exactly as walk.py does, logging each entry it changes (so that a pass that
+ * must fall back after all can put memory back), and counts walks and references as Mmu does. */
+typedef struct { uint32_t cr0, cr3, cr4; } crs_t;
+
+#define UNDO_MAX 32
+typedef struct {
+    uint32_t n;
+    uint64_t gpa[UNDO_MAX];
+    uint32_t old[UNDO_MAX];
+} undo_t;
+
+typedef struct {
+    delivery_t *s;
+    crs_t c;
+    int side;          /* make the accesses for real (A/D bits, counters, the frame) */
+    undo_t undo;
+} pass_t;
+
+static int entry_at(delivery_t *s, uint64_t gpa, uint32_t *out) {
+    if (gpa + 4 > s->ram_bytes) return 0;
+    memcpy(out, s->ram + gpa, 4);
+    return 1;
+}
+
+static void set_entry(pass_t *w, uint64_t gpa, uint32_t old, uint32_t value) {
+    w->undo.gpa[w->undo.n] = gpa;
+    w->undo.old[w->undo.n++] = old;
+    memcpy(w->s->ram + gpa, &value, 4);
+}
+
+static int64_t walk(pass_t *w, uint32_t gva, int write) {
+    delivery_t *s = w->s;
+    const crs_t *c = &w->c;
+    uint64_t pde_addr, leaf_addr, gpa;
+    uint32_t pde, leaf, rights, refs;
+    int large, writable;
+    if (!(c->cr0 & CR0_PG)) return gva;              /* no paging: identity, nothing counted */
+    if (w->undo.n + 2 > UNDO_MAX) return -1;
+    pde_addr = (c->cr3 & 0xFFFFF000u) | ((gva >> 20) & 0xFFC);
+    if (!entry_at(s, pde_addr, &pde) || !(pde & PTE_P)) return -1;
+    if ((pde & PTE_PS) && (c->cr4 & CR4_PSE)) {
+        if (pde & 0x003FE000u) return -1;            /* reserved bit 21 (#PF), or above 4 GiB */
+        large = 1;
+        refs = 1;
+        leaf = rights = pde;
+        leaf_addr = pde_addr;
+    } else {
+        large = 0;
+        refs = 2;
+        if (!(pde & PTE_A) && w->side) {             /* the PDE is used: accessed (SDM 4.8) */
+            set_entry(w, pde_addr, pde, pde | PTE_A);
+            pde |= PTE_A;
+            refs = 3;
+        }
+        leaf_addr = (pde & 0xFFFFF000u) | ((gva >> 10) & 0xFFC);
+        if (!entry_at(s, leaf_addr, &leaf) || !(leaf & PTE_P)) return -1;
+        rights = pde & leaf;
+    }
+    writable = (rights & PTE_RW) || !(c->cr0 & CR0_WP);   /* supervisor rights (SDM 4.6) */
+    if (write) {
+        if (!writable) return -1;
+        if ((leaf & (PTE_A | PTE_D)) != (PTE_A | PTE_D) && w->side) {
+            set_entry(w, leaf_addr, leaf, leaf | PTE_A | PTE_D);
+            leaf |= PTE_A | PTE_D;
+            refs++;
+        }
+    } else if (!(leaf & PTE_A) && w->side) {
+        set_entry(w, leaf_addr, leaf, leaf | PTE_A);
+        leaf |= PTE_A;
+        refs++;
+    }
+    gpa = large ? (leaf & 0xFFC00000u) | (gva & 0x003FFFFFu) : (leaf & 0xFFFFF000u) | (gva & 0xFFFu);
+    if (w->side) {
+        s->walks++;
+        s->walk_refs += refs;
+    }
+    return (int64_t)gpa;
+}
+
+/* A linear access of n <= 24 bytes as Mmu.read_linear / write_linear make it: one walk per page
+ * touched, low page first, every page guest RAM. A read copies the bytes into buf; a write translates
+ * all its pages first (a fault writes nothing) and copies buf out only in a pass with side effects. */
+static int linear(pass_t *w, uint32_t gva, uint32_t n, int write, uint8_t *buf) {
+    uint64_t gpas[2];
+    uint32_t sizes[2], pieces = 0, done = 0, i;
+    while (done < n) {
+        uint32_t a = gva + done, chunk = 0x1000 - (a & 0xFFF);
+        int64_t gpa;
+        if (chunk > n - done) chunk = n - done;
+        if (pieces == 2) return 0;
+        gpa = walk(w, a, write);
+        if (gpa < 0 || (uint64_t)gpa + chunk > w->s->ram_bytes) return 0;   /* a fault, or not RAM */
+        gpas[pieces] = (uint64_t)gpa;
+        sizes[pieces++] = chunk;
+        done += chunk;
+    }
+    if (write && !w->side) return 1;
+    for (i = 0, done = 0; i < pieces; done += sizes[i], i++) {
+        if (write) memcpy(w->s->ram + gpas[i], buf + done, sizes[i]);
+        else memcpy(buf + done, w->s->ram + gpas[i], sizes[i]);
+    }
+    return 1;
+}
+
+/* A read of a system table at base + offset (IDT, GDT, TSS): Python adds them without wrapping, so an
+ * access past 4 GiB is not the wrapped one: leave it to Python. */
+static int table_read(pass_t *w, uint64_t base, uint32_t offset, uint32_t n, uint8_t *buf) {
+    if (base + offset + n > 0x100000000ull) return 0;
+    return linear(w, (uint32_t)(base + offset), n, 0, buf);
+}
+
+static uint32_t le32(const uint8_t *p) {
+    uint32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+/* The high word of a GDT descriptor (SDM 3.4.5) with EventDelivery._descriptor's checks; 0: fall back
+ * (an LDT selector, a null one, one beyond the limit: Python raises or reads the LDT). */
+static int gdt_descriptor(pass_t *w, const mmr_t *gdt, uint32_t selector, uint32_t *hi) {
+    uint8_t d[8];
+    uint32_t index = selector & ~7u;
+    if ((selector & 4) || index == 0 || index + 7 > gdt->limit) return 0;
+    if (!table_read(w, gdt->base, index, 8, d)) return 0;
+    *hi = le32(d + 4);
+    return 1;
+}
+
+/* ---- one delivery -------------------------------------------------------------------------------- */
+typedef struct {
+    uint32_t selector, offset, gate_type, cpl, new_cpl, eflags, old_cs, esp, new_ss, frame_n;
+    uint32_t frame[6];
+} plan_t;
+
+/* Every check of EventDelivery._deliver, in its order, with every guest-memory access it makes, the
+ * frame pushed last (SDM 6.12.1). 0: the Python path must deliver this event. */
+static int deliver_pass(pass_t *w, void *uc, uint32_t vector, uint32_t return_eip, uint32_t error_code,
+                        int flags, plan_t *p) {
+    delivery_t *s = w->s;
+    int err = 0;
+    mmr_t idt, gdt, tr;
+    uint8_t gate[8], slot[6], frame[24];
+    uint32_t lo, hi, dhi, shi, code_dpl, i, n = 0;
+    if (s->reg_read(uc, s->reg[R_IDTR], &idt) || s->reg_read(uc, s->reg[R_GDTR], &gdt)) return 0;
+    /* The gate (SDM 6.10, 6.11): inside the IDT's limit, a present 32-bit interrupt or trap gate. */
+    if ((uint64_t)vector * 8 + 7 > idt.limit) return 0;                  /* #GP */
+    if (!table_read(w, idt.base, vector * 8, 8, gate)) return 0;
+    lo = le32(gate);
+    hi = le32(gate + 4);
+    p->gate_type = (hi >> 8) & 0x1F;
+    p->cpl = (uint32_t)rd(s, uc, R_CS, &err) & 3;
+    p->eflags = (uint32_t)rd(s, uc, R_EFLAGS, &err);
+    if (err || (p->eflags & EFLAGS_VM)) return 0;                 /* virtual-8086 mode: Python */
+    if (p->gate_type != GATE_INT32 && p->gate_type != GATE_TRAP32) return 0;   /* task gate, or #GP */
+    if ((flags & F_SOFT) && ((hi >> 13) & 3) < p->cpl) return 0;  /* int n above the gate's DPL: #GP */
+    if (!(hi & 0x8000)) return 0;                                 /* #NP */
+    p->selector = lo >> 16;
+    p->offset = (lo & 0xFFFF) | (hi & 0xFFFF0000u);
+    /* The handler's code segment (SDM 6.12.1): code, DPL <= CPL, present; conforming ones: Python. */
+    if (!gdt_descriptor(w, &gdt, p->selector, &dhi)) return 0;
+    if (!((dhi >> 11) & 1) || !((dhi >> 12) & 1)) return 0;
+    code_dpl = (dhi >> 13) & 3;
+    if (code_dpl > p->cpl || !(dhi & 0x8000) || ((dhi >> 10) & 1)) return 0;
+    p->new_cpl = code_dpl;
+    p->old_cs = (uint32_t)rd(s, uc, R_CS, &err) & 0xFFFF;
+    p->frame[n++] = return_eip;
+    p->frame[n++] = p->old_cs;
+    p->frame[n++] = p->eflags;
+    if (p->new_cpl < p->cpl) {
+        /* The stack switch from the TSS (SDM 6.12.1, 7.2.1), only to ring 0 here. */
+        uint32_t ss_slot = 4 + 8 * p->new_cpl;
+        if (p->new_cpl != 0) return 0;
+        if (s->reg_read(uc, s->reg[R_TR], &tr) || ss_slot + 5 > tr.limit) return 0;   /* #TS */
+        if (!table_read(w, tr.base, ss_slot, 6, slot)) return 0;
+        p->esp = le32(slot);
+        p->new_ss = slot[4] | (uint32_t)slot[5] << 8;
+        if ((p->new_ss & ~3u) == 0) return 0;                                      /* #TS */
+        if (!gdt_descriptor(w, &gdt, p->new_ss, &shi)) return 0;
+        /* A present, writable data segment with RPL = DPL = the new CPL (else #TS, or #SS). */
+        if ((p->new_ss & 3) != 0 || ((shi >> 13) & 3) != 0 || !(shi & (1u << 12)) || (shi & (1u << 11))
+            || !(shi & (1u << 9)) || !(shi & 0x8000)) return 0;
+        p->frame[n++] = (uint32_t)rd(s, uc, R_ESP, &err);
+        p->frame[n++] = (uint32_t)rd(s, uc, R_SS, &err) & 0xFFFF;
+    } else {
+        p->new_ss = 0;
+        p->esp = (uint32_t)rd(s, uc, R_ESP, &err);
+    }
+    if (err) return 0;
+    if (flags & F_ERROR_CODE) {                       /* the error code goes below EIP (SDM 6.13) */
+        memmove(p->frame + 1, p->frame, n * 4);
+        p->frame[0] = error_code;
+        n++;
+    }
+    p->frame_n = n;
+    p->esp -= n * 4;
+    for (i = 0; i < n; i++) memcpy(frame + 4 * i, &p->frame[i], 4);
+    return linear(w, p->esp, n * 4, 1, frame);        /* a fault here (#PF) is Python's to raise */
+}
+
+/* Load SS for ring 0 from a hook (EventDelivery.load_stack_segment, FaultState.set_cpl): the engine
+ * checks SS.RPL against the CPL it holds, still the old one, so the CPL bits of QEMU's hflags are set
+ * to 0 first through a saved context, and SS's selector too: the TLB-fill hooks take an access's
+ * privilege from SS.RPL, and the load's descriptor read and accessed-bit write are supervisor
+ * accesses (implicit supervisor-mode accesses, SDM 4.6). The SS load then gives SS its descriptor (and
+ * sets CPL from it). */
+static int load_ring0_ss(delivery_t *s, void *uc, uint32_t ss) {
+    uint32_t hflags, sel;
+    if (s->context_save(uc, s->context)) return 1;
+    memcpy(&hflags, s->context_hflags, 4);
+    memcpy(&sel, s->context_ss, 4);
+    if ((hflags & HF_CPL_MASK) || sel != ss) {
+        hflags &= ~HF_CPL_MASK;
+        memcpy(s->context_hflags, &hflags, 4);
+        memcpy(s->context_ss, &ss, 4);
+        if (s->context_restore(uc, s->context)) return 1;
+    }
+    return wr(s, uc, R_SS, ss);
+}
+
+/* Deliver `vector` with the frame's return address `return_eip` (and `error_code` with F_ERROR_CODE).
+ * DELIVERED: done, EIP is the handler's. FALLBACK: nothing changed. ENGINE_REFUSED: the engine refused
+ * a segment load after the frame was pushed (a cpuvirt bug, as the Python path's RuntimeError). */
+int delivery_fast(delivery_t *s, void *uc, uint32_t vector, uint32_t return_eip, uint32_t error_code, int flags) {
+    int err = 0;
+    pass_t w;
+    plan_t p;
+    uint32_t new_flags;
+    uint64_t walks = s->walks, refs = s->walk_refs;
+    if (!s->enabled || vector > 255) return FALLBACK;
+    w.s = s;
+    w.c.cr0 = (uint32_t)rd(s, uc, R_CR0, &err);
+    w.c.cr3 = (uint32_t)rd(s, uc, R_CR3, &err);
+    w.c.cr4 = (uint32_t)rd(s, uc, R_CR4, &err);
+    if (err || !(w.c.cr0 & CR0_PE)) goto fallback;    /* real-address mode: the IVT (SDM 20.1.4) */
+    /* Pass 1 only looks. Pass 2, run only when pass 1 went through, makes the accesses for real in the
+     * Python path's order (gate, code descriptor, TSS slot, stack descriptor, frame); it can still
+     * decide otherwise only if an A/D bit it set changed a byte it then read (a page table inside a
+     * descriptor table): then memory is put back and Python delivers. */
+    w.side = 0;
+    w.undo.n = 0;
+    if (!deliver_pass(&w, uc, vector, return_eip, error_code, flags, &p)) goto fallback;
+    w.side = 1;
+    if (!deliver_pass(&w, uc, vector, return_eip, error_code, flags, &p)) {
+        while (w.undo.n) {
+            w.undo.n--;
+            memcpy(s->ram + w.undo.gpa[w.undo.n], &w.undo.old[w.undo.n], 4);
+        }
+        s->walks = walks;
+        s->walk_refs = refs;
+        goto fallback;
+    }
+    /* The handler's state (EventDelivery._enter): SS:ESP on a stack switch, CS, EFLAGS, EIP. */
+    if (p.new_ss && load_ring0_ss(s, uc, p.new_ss & ~3u)) return ENGINE_REFUSED;
+    if (wr(s, uc, R_ESP, p.esp)) return ENGINE_REFUSED;
+    if ((p.old_cs & ~3u) != (p.selector & ~3u) || p.new_cpl != p.cpl) {
+        if (wr(s, uc, R_CS, (p.selector & ~3u) | p.new_cpl)) return ENGINE_REFUSED;
+    }
+    /* SDM 6.12.1.2: TF, NT, RF and VM cleared; IF too through an interrupt gate. */
+    new_flags = p.eflags & ~(EFLAGS_TF | EFLAGS_NT | EFLAGS_RF | EFLAGS_VM);
+    if (p.gate_type == GATE_INT32) new_flags &= ~EFLAGS_IF;
+    if (wr(s, uc, R_EFLAGS, new_flags) || wr(s, uc, R_EIP, p.offset)) return ENGINE_REFUSED;
+    s->delivered++;
+    return DELIVERED;
+fallback:
+    s->fallbacks++;
+    return FALLBACK;
+}
+
+/* Bytes at a guest-linear address as Mmu.fetch_bytes reads them (a supervisor read, SDM 4.6) but with
+ * no side effect at all: no A bit, no counter. 1 when every byte is guest RAM behind a good
+ * translation; 0 for anything else (a fault, device or unbacked memory: Python answers those). The
+ * hypervisor reads code this way to check an intercepted instruction, to find the length of an
+ * `int n`, and to decode a faulting access. */
+int delivery_peek(delivery_t *s, void *uc, uint32_t gva, uint32_t n, uint8_t *out) {
+    int err = 0;
+    pass_t w;
+    uint32_t done = 0;
+    if (n > 32) return 0;
+    w.s = s;
+    w.side = 0;
+    w.undo.n = 0;
+    w.c.cr0 = (uint32_t)rd(s, uc, R_CR0, &err);
+    if (err) return 0;
+    if (w.c.cr0 & CR0_PG) {
+        w.c.cr3 = (uint32_t)rd(s, uc, R_CR3, &err);
+        w.c.cr4 = (uint32_t)rd(s, uc, R_CR4, &err);
+        if (err) return 0;
+    }
+    while (done < n) {                 /* page by page, as the chunks of Mmu.read_linear */
+        uint32_t a = gva + done, chunk = 0x1000 - (a & 0xFFF);
+        int64_t gpa;
+        if (chunk > n - done) chunk = n - done;
+        gpa = walk(&w, a, 0);
+        if (gpa < 0 || (uint64_t)gpa + chunk > s->ram_bytes) return 0;
+        memcpy(out + done, s->ram + gpa, chunk);
+        done += chunk;
+    }
+    return 1;
+}
+
+/* The vCPU's INTR hook in native mode, in front of the Python one (Vcpu.hook_intr), for the hot cases
+ * of every kernel: a software interrupt (`int n`, int3, into: QEMU's exception_is_int) or a fault the
+ * engine raised (#DE, #GP...) delivered through a gate delivery_fast takes. It does what hook_intr does
+ * for such an event: the fault is marked delivered (QEMU's old_exception = -1, the escalation
+ * workaround of quirks.FaultState.take), the frame gets EIP (past an `int n`, at a fault) and the
+ * fault's error code if its vector has one (SDM 6.13), and Python is told once (soft_done,
+ * fault_done: the event counters, the instructions of the block that did not retire, the
+ * interrupt-window check; the trace is never on while this hook is). Everything else goes to the
+ * Python hook unchanged (delivery_fast changes nothing when it declines). */
+void delivery_intr_hook(void *uc, uint32_t intno, void *user_data) {
+    delivery_t *s = (delivery_t *)user_data;
+    int err = 0, flags;
+    int32_t is_int, old;
+    uint32_t eip, start = 0, error_code = 0;
+    uint8_t prev;
+    if (intno > 255 || s->context_save(uc, s->context)) goto python;
+    memcpy(&is_int, s->context_is_int, 4);
+    eip = (uint32_t)rd(s, uc, R_EIP, &err);
+    if (err) goto python;
+    if (is_int) {
+        /* where the instruction starts: int3 (CC) and into (CE) are 1 byte, int n 2 (Vcpu._deliver_engine_event) */
+        if (!delivery_peek(s, uc, eip - 1, 1, &prev)) goto python;
+        start = eip - ((prev == 0xCC || prev == 0xCE) ? 1 : 2);
+        flags = F_SOFT;
+    } else {
+        if (intno == 3 || intno == 4) goto python;    /* #BP, #OF not from int3/into: Python's way */
+        flags = 0;
+        if (s->has_error_code[intno >> 5] & (1u << (intno & 31))) {
+            memcpy(&error_code, s->context_error_code, 4);
+            flags = F_ERROR_CODE;
+        }
+    }
+    memcpy(&old, s->context_old_exception, 4);
+    if (old != -1) {                           /* what FaultState.take does: mark it delivered */
+        old = -1;
+        memcpy(s->context_old_exception, &old, 4);
+        if (s->context_restore(uc, s->context)) goto python;
+    }
+    if (delivery_fast(s, uc, intno, eip, error_code, flags) != DELIVERED) goto python;   /* nothing changed */
+    if (is_int) {
+        s->soft_delivered++;
+        s->soft_done(intno, start, eip);
+    } else {
+        s->faults_delivered++;
+        s->fault_done(intno, eip);
+    }
+    return;
+python:
+    s->python_intr(uc, intno, NULL);
+}
+
+/* In native mode every iret is intercepted (cpu/intercept.py), for what the engine would get wrong:
+ * a task return (EFLAGS.NT, SDM 7.3), the end of NMI blocking (SDM 6.7.1), and EFLAGS.VM in the image
+ * at CPL > 0 (Vcpu.iret_site). In the common case none of them applies and Python did nothing: the
+ * instruction (its bytes unchanged since it was decoded) is left to the engine, and only the
+ * interrupt-window check of the intercept's caller is made (Vcpu.enable_intercepts, `hit`). Anything
+ * else goes to the Python hook. */
+void delivery_iret_hook(void *uc, uint64_t address, uint32_t size, void *user_data) {
+    iret_site_t *site = (iret_site_t *)user_data;
+    delivery_t *s = site->s;
+    uint8_t now[16];
+    uint32_t eflags, cs;
+    int err = 0;
+    if (s->nmi_blocked || size != site->size || size > 16
+        || !delivery_peek(s, uc, (uint32_t)address, size, now) || memcmp(now, site->bytes, size)) goto python;
+    eflags = (uint32_t)rd(s, uc, R_EFLAGS, &err);
+    cs = (uint32_t)rd(s, uc, R_CS, &err);
+    if (err || (eflags & (EFLAGS_VM | EFLAGS_NT)) || (site->wide && (cs & 3))) goto python;
+    if (*s->clock_watch_if && !*s->clock_check_if) *s->clock_check_if = 1;   /* VirtualClock.if_may_have_changed */
+    s->irets++;
+    return;
+python:
+    site->python(uc, address, size, NULL);
+}
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_delivery", NULL, -1, NULL};
+
+PyMODINIT_FUNC PyInit__delivery(void) { return PyModule_Create(&module); }
