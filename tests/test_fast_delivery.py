@@ -276,3 +276,37 @@ def test_the_c_iret_hook_hands_nmi_unblocking_to_python():
         assert vcpu.error is None and regs.read(R.EIP) == 0x2001
         assert vcpu.nmi_blocked is False, "the iret did not end NMI blocking"
         assert fast.irets == before + (0 if blocked else 1), "the C hook answered an iret it must hand on"
+
+
+def test_the_c_cr4_hook_hands_reserved_bits_to_python(monkeypatch):
+    """A mov to CR4 is intercepted for the #GP the engine does not raise (a bit the CPU model lacks):
+    the C hook lets the common write through with no Python, and hands a write setting a reserved bit
+    (or a site whose bytes changed) to the Python gate. Checked on the engine: `mov cr4, eax; hlt`."""
+    (m, vcpu), _ = machines()
+    fast = vcpu.delivery.fast
+    uc, regs = m.uc, m.regs
+    gated = []
+    monkeypatch.setattr(vcpu, "cr4_gate", lambda address, size, ops: gated.append((address, ops)))
+    m.write_gpa(0x5000, b"\x0f\x22\xe0\xf4")                          # mov cr4, eax; hlt
+    m.write_gpa(0x5100, b"\x0f\x22\xe3\xf4")                          # mov cr4, ebx; hlt
+    for value, python in ((0x10, False), (0x90, False), (1 << 13, True), (0x10, False)):   # PSE, PGE, VMXE
+        regs.write(R.CR0, 0x11)
+        uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
+        vcpu.faults.set_cpl(0)
+        m.set_flat_protected_mode(0x500)
+        for site, reg in ((0x5000, R.EAX), (0x5100, R.EBX)):
+            regs.write(R.CR4, 0)                                      # "newly set" bits are what count
+            if site not in vcpu.intercepts.sites:
+                vcpu.intercepts._hook(site, 3, "mov", "cr4, " + ("eax" if reg == R.EAX else "ebx"),
+                                      bytes(m.read_gpa(site, 3)))
+            regs.write(reg, value)
+            before, seen = fast.cr4_passed(), len(gated)
+            uc.emu_start(site, site + 0x10, count=2)
+            assert vcpu.error is None
+            assert (len(gated) - seen, fast.cr4_passed() - before) == ((1, 0) if python else (0, 1)), \
+                (hex(value), hex(site), hex(regs.read(R.CR4)))
+    m.write_gpa(0x5000, b"\x0f\x22\xe3")                              # the site's bytes changed: Python
+    before, seen = fast.cr4_passed(), len(gated)
+    regs.write(R.EBX, 0x10)
+    uc.emu_start(0x5000, 0x5010, count=2)
+    assert (len(gated) - seen, fast.cr4_passed() - before) == (1, 0)

@@ -82,6 +82,20 @@ typedef struct {
 
 size_t delivery_iret_site_sizeof(void) { return sizeof(iret_site_t); }
 
+/* One intercepted mov to CR4 from a general register (see delivery_cr4_hook). */
+typedef struct {
+    delivery_t *s;
+    code_fn python;          /* Intercepts._hit, guarded */
+    uint32_t size;
+    int32_t src_reg;         /* the Unicorn id of the source register */
+    uint32_t reserved;       /* CR4 bits the CPU model lacks (x86/cpuid.py CR4_RESERVED) */
+    uint32_t pad;
+    uint64_t passed;         /* times the common case was answered here */
+    uint8_t bytes[16];
+} cr4_site_t;
+
+size_t delivery_cr4_site_sizeof(void) { return sizeof(cr4_site_t); }
+
 size_t delivery_sizeof(void) { return sizeof(delivery_t); }
 
 #define FALLBACK 0
@@ -495,6 +509,30 @@ void delivery_iret_hook(void *uc, uint64_t address, uint32_t size, void *user_da
     if (err || (eflags & (EFLAGS_VM | EFLAGS_NT)) || (site->wide && (cs & 3))) goto python;
     if (*s->clock_watch_if && !*s->clock_check_if) *s->clock_check_if = 1;   /* VirtualClock.if_may_have_changed */
     s->irets++;
+    return;
+python:
+    site->python(uc, address, size, NULL);
+}
+
+/* A mov to CR4 is intercepted in native mode only for the #GP the engine does not raise: a newly set
+ * bit the CPU model lacks (Vcpu.cr4_gate, SDM Vol. 3A 2.5). In the common case no such bit is set and
+ * Python did nothing: the instruction is left to the engine, with the interrupt-window check of the
+ * intercept's caller. Anything else (bytes changed since the site was decoded, a reserved bit) goes
+ * to the Python hook. kvm-unit-tests' vmexit toggles CR4.PGE about a hundred million times. */
+void delivery_cr4_hook(void *uc, uint64_t address, uint32_t size, void *user_data) {
+    cr4_site_t *site = (cr4_site_t *)user_data;
+    delivery_t *s = site->s;
+    uint8_t now[16];
+    uint64_t value = 0;
+    uint32_t cr4;
+    int err = 0;
+    if (size != site->size || size > 16 || !delivery_peek(s, uc, (uint32_t)address, size, now)
+        || memcmp(now, site->bytes, size)) goto python;
+    if (s->reg_read(uc, site->src_reg, &value)) goto python;
+    cr4 = (uint32_t)rd(s, uc, R_CR4, &err);
+    if (err || ((uint32_t)value & ~cr4 & site->reserved)) goto python;
+    if (*s->clock_watch_if && !*s->clock_check_if) *s->clock_check_if = 1;   /* VirtualClock.if_may_have_changed */
+    site->passed++;
     return;
 python:
     site->python(uc, address, size, NULL);

@@ -16,6 +16,7 @@ from unicorn.unicorn_py3 import unicorn as _ucmod
 
 from cpuvirt.engine import regs as R
 from cpuvirt.engine.hooks import hook_guard
+from cpuvirt.x86.cpuid import CR4_RESERVED
 from cpuvirt.x86.vectors import HAS_ERROR_CODE, MNEMONIC
 
 _REGS = (R.EAX, R.ESP, R.EIP, R.EFLAGS, R.CS, R.SS, R.CR0, R.CR3, R.CR4, R.GDTR, R.IDTR, R.TR)
@@ -52,6 +53,14 @@ class _IretSite(ctypes.Structure):
                 ("wide", ctypes.c_uint32), ("bytes", ctypes.c_uint8 * 16)]
 
 
+class _Cr4Site(ctypes.Structure):
+    """Mirror of cr4_site_t."""
+
+    _fields_ = [("s", ctypes.c_void_p), ("python", ctypes.c_void_p), ("size", ctypes.c_uint32),
+                ("src_reg", ctypes.c_int32), ("reserved", ctypes.c_uint32), ("pad", ctypes.c_uint32),
+                ("passed", ctypes.c_uint64), ("bytes", ctypes.c_uint8 * 16)]
+
+
 def _lib():
     spec = importlib.util.find_spec("cpuvirt.cpu._delivery")
     if spec is None or spec.origin is None:
@@ -59,7 +68,9 @@ def _lib():
     lib = ctypes.CDLL(spec.origin)
     lib.delivery_sizeof.restype = ctypes.c_size_t
     lib.delivery_iret_site_sizeof.restype = ctypes.c_size_t
-    if lib.delivery_sizeof() != ctypes.sizeof(_State) or lib.delivery_iret_site_sizeof() != ctypes.sizeof(_IretSite):
+    lib.delivery_cr4_site_sizeof.restype = ctypes.c_size_t
+    if lib.delivery_sizeof() != ctypes.sizeof(_State) or lib.delivery_iret_site_sizeof() != ctypes.sizeof(_IretSite) \
+            or lib.delivery_cr4_site_sizeof() != ctypes.sizeof(_Cr4Site):
         return None
     lib.delivery_fast.restype = ctypes.c_int
     lib.delivery_peek.restype = ctypes.c_int
@@ -153,8 +164,9 @@ class FastDelivery:
             raise RuntimeError(f"cannot install the C INTR hook (uc error {err})")
         vcpu._intr_hook = handle.value
 
-    def install_iret(self, vcpu) -> None:
-        """Put delivery_iret_hook in front of every iret site the vCPU's intercepts hook from now on."""
+    def install_sites(self, vcpu) -> None:
+        """Put a C hook in front of every iret and mov-to-CR4 site the vCPU's intercepts hook from now
+        on (delivery_iret_hook, delivery_cr4_hook): their common case needs nothing from cpuvirt."""
         clock = vcpu.clock._state
         st = self._state
         st.clock_watch_if = ctypes.addressof(clock) + type(clock).watch_if.offset
@@ -162,7 +174,32 @@ class FastDelivery:
         st.nmi_blocked = int(vcpu.nmi_blocked)
         vcpu.on_nmi_blocked = self._set_nmi_blocked
         self._sites: dict[int, tuple] = {}
-        vcpu.intercepts.fast_iret = self._iret_site
+        vcpu.intercepts.fast_site = self._site
+
+    def _site(self, address: int, size: int, mnem: str, ops: str, code: bytes, python_hook) -> bool:
+        """Hook one intercepted instruction in C if it is of a kind answered there; False if not."""
+        if mnem in ("iret", "iretd"):
+            self._iret_site(address, size, mnem == "iretd", code, python_hook)
+            return True
+        dst, _, src = (t.strip() for t in ops.partition(","))
+        if mnem == "mov" and dst == "cr4" and src in R.GPR_NAMES:
+            self._cr4_site(address, size, R.GPR_ORDER[R.GPR_NAMES.index(src)], code, python_hook)
+            return True
+        return False
+
+    def _cr4_site(self, address: int, size: int, src_reg: int, code: bytes, python_hook) -> None:
+        site = _Cr4Site()
+        site.s = ctypes.addressof(self._state)
+        site.python = ctypes.cast(python_hook, ctypes.c_void_p).value
+        site.size, site.src_reg, site.reserved = size, src_reg, CR4_RESERVED
+        site.bytes[:len(code[:16])] = code[:16]
+        if len(code) != size:
+            site.size = 0                       # bytes unknown: always the Python hook
+        self._add_site(address, site, self._lib.delivery_cr4_hook, python_hook)
+
+    def cr4_passed(self) -> int:
+        """mov-to-CR4 instructions answered in C (nothing to do)."""
+        return sum(site.passed for site, _ in self._sites.values() if isinstance(site, _Cr4Site))
 
     def _set_nmi_blocked(self, value: bool) -> None:
         self._state.nmi_blocked = int(value)
@@ -175,13 +212,15 @@ class FastDelivery:
         site.bytes[:len(code[:16])] = code[:16]
         if len(code) != size:
             site.size = 0                       # bytes unknown: always the Python hook
+        self._add_site(address, site, self._lib.delivery_iret_hook, python_hook)
+
+    def _add_site(self, address: int, site, hook, python_hook) -> None:
         handle = ctypes.c_size_t()
         err = _ucmod.uclib.uc_hook_add(self._uch, ctypes.byref(handle), UC_HOOK_CODE,
-                                       ctypes.cast(self._lib.delivery_iret_hook, ctypes.c_void_p),
-                                       ctypes.c_void_p(ctypes.addressof(site)),
+                                       ctypes.cast(hook, ctypes.c_void_p), ctypes.c_void_p(ctypes.addressof(site)),
                                        ctypes.c_uint64(address), ctypes.c_uint64(address))
         if err:
-            raise RuntimeError(f"cannot hook the iret at {address:#x} (uc error {err})")
+            raise RuntimeError(f"cannot hook the intercepted instruction at {address:#x} (uc error {err})")
         self._sites[handle.value] = (site, python_hook)     # alive as long as the engine may call them
 
     @property

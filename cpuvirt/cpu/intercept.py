@@ -74,7 +74,7 @@ class Intercepts:
         self.retranslate: list[tuple[int, int]] = []
         self._cs = Cs(CS_ARCH_X86, CS_MODE_32)
         # callable(address, size, wide, code, python_hook) adding a C hook in front of an iret site's _hit
-        self.fast_iret = None
+        self.fast_site = None   # (addr, size, mnem, ops, code, python hook) -> True if hooked in C
         self._pattern = re.compile(b"|".join(OPCODES.values()) + b"|" + FAR_PATTERN)
 
     # -- scanning ----------------------------------------------------------------------------------
@@ -117,9 +117,9 @@ class Intercepts:
             self.sites[addr] = (size, mnem, ops, code)
             return
         self.sites[addr] = (size, mnem, ops, code)
-        if self.fast_iret is not None and mnem in ("iret", "iretd"):
-            # a C hook answers the common iret and hands the rest to _hit (cpu/fastdelivery.py)
-            self.fast_iret(addr, size, mnem == "iretd", code, self.hooks.code_function(self._hit))
+        # a C hook answers the common iret or mov to CR4 and hands the rest to _hit (cpu/fastdelivery.py)
+        if self.fast_site is not None and self.fast_site(addr, size, mnem, ops, code,
+                                                         self.hooks.code_function(self._hit)):
             return
         self.hooks.code(self._hit, addr, addr)
 

@@ -37,7 +37,7 @@ class NativeMode(Mode):
         self.vcpu.enable_intercepts(frozenset(("rdmsr", "wrmsr", "mov", "mov cr4")) | IO_INSTRUCTIONS, on_hit,
                                     lazy_io=True)
         if self.fast is not None:
-            self.fast.install_iret(self.vcpu)   # the common iret (nothing for cpuvirt to do) in C
+            self.fast.install_sites(self.vcpu)  # the common iret and mov to CR4 (nothing to do) in C
 
     def boot(self) -> None:
         """Nothing between the loader and the guest."""
