@@ -122,14 +122,14 @@ class Vcpu:
                 for address, size in self.intercepts.retranslate:
                     uc.ctl_remove_cache(address, address + size)
                 self.intercepts.retranslate.clear()
-                if not stopped_by_fault and not clock.expired():
+                if not stopped_by_fault and not clock.expired() and not self.halt_requested():
                     continue
             if self._window_retranslate:
                 # A new block held an IF-setting instruction without its window hook: the same.
                 for address, size in self._window_retranslate:
                     uc.ctl_remove_cache(address, address + size)
                 self._window_retranslate.clear()
-                if not stopped_by_fault and not clock.expired():
+                if not stopped_by_fault and not clock.expired() and not self.halt_requested():
                     continue
             if stopped_by_fault:
                 self.left_block_at(eip)
@@ -144,6 +144,11 @@ class Vcpu:
                 self.on_hlt(eip)
             eip = regs.read(R.EIP)
         return self.outcome
+
+    def halt_requested(self) -> bool:
+        """Did a hook stop the engine to halt the vCPU (hw's HLT exit)? Then a retranslation
+        requested in the same run must not swallow the halt: the loop idles first."""
+        return False
 
     def left_block_at(self, boundary: int) -> None:
         """Execution leaves the running block early: the instructions from `boundary` on did not

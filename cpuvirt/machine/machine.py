@@ -24,6 +24,7 @@ from cpuvirt.machine.i8042 import I8042
 from cpuvirt.machine.i8042 import STATUS_PORT as I8042_STATUS
 from cpuvirt.machine.ioapic import IOAPIC_BASE_GPA, IOAPIC_SIZE, IoApic, isa_irq_to_pin
 from cpuvirt.machine.mmio import MmioBus
+from cpuvirt.machine.ivt import ivt_blobs
 from cpuvirt.machine.mptable import firmware_blobs
 from cpuvirt.machine.pci import CONFIG_ADDRESS, CONFIG_DATA, PIIX_PIRQ_IRQS, PciBus
 from cpuvirt.machine.pic import ELCR_PORT, Pic8259Pair
@@ -238,9 +239,10 @@ class Machine:
         return False
 
     def bios_tables(self) -> list[tuple[int, bytes]]:
-        """What the firmware leaves in RAM for the kernel to find: BDA words and the MP tables."""
+        """What the firmware leaves in RAM for the kernel to find: the real-mode IVT and its
+        handlers (machine/ivt.py), BDA words and the MP tables."""
         eax, _, _, edx = self.cpuid(1)
-        return firmware_blobs(eax, edx)
+        return ivt_blobs() + firmware_blobs(eax, edx)
 
     # -- what the CPU sees of the interrupt controllers and timers ---------------------------------
     # The vCPU knows only these calls, so that interrupt controllers and timers are added here

@@ -725,6 +725,9 @@ class VmxCpu(Vcpu):
             self._after_one_block = True    # the window opens after the shadowed instruction
         return x.action.startswith("injected")
 
+    def halt_requested(self) -> bool:
+        return self._blocked
+
     def on_hlt(self, eip: int) -> None:
         self._blocked = False
         super().on_hlt(eip)
