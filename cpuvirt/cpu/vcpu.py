@@ -537,6 +537,7 @@ class Vcpu:
             self.clock.if_may_have_changed()
 
         ic = self.intercepts = Intercepts(self.hooks, self.mmu, wanted | FAR_TRANSFERS, hit)
+        ic.code16 = lambda: not self.regs.read(R.CR0) & 1      # real-address mode: 16-bit code
         self.mmu.on_code_frame = ic.scan_frame
 
         def observe(insns):
@@ -554,8 +555,8 @@ class Vcpu:
     def far_site(self, address: int, size: int, mnem: str) -> None:
         """Before a far jmp/call or an iret: what may change privilege or task is done here, by
         cpuvirt; an ordinary far transfer is left to the engine (it returns without acting)."""
-        if self.outcome is not None:
-            return
+        if self.outcome is not None or not self.regs.read(R.CR0) & 1:
+            return                              # real-address mode has no gates, tasks or NT
         from cpuvirt.cpu import tasks
         try:
             if mnem.startswith("iret"):

@@ -19,10 +19,11 @@ from unicorn import UC_PROT_EXEC
 
 from cpuvirt import limits
 from cpuvirt.bt.coherence import invalidate
+from cpuvirt.bt.direct import PM16, REAL, WANTED, Direct16, trapped
 from cpuvirt.bt.runtime import BtRuntime
 from cpuvirt.bt.tcache import CALLOUT_SLOTS, TC_SIZE, TCache
 from cpuvirt.bt.translate import INLINE, GuestCode, TranslateFault
-from cpuvirt.cpu.deprivilege import KERNEL_RING, SHADOW_GDT_WINDOW, DeprivilegedVcpu, GuestFault
+from cpuvirt.cpu.deprivilege import HV_CR0, HV_IDTR, KERNEL_RING, SHADOW_GDT_WINDOW, DeprivilegedVcpu, GuestFault
 from cpuvirt.cpu.events import Unsupported, Vector
 from cpuvirt.cpu.vcpu import EXIT_BUDGET, EXIT_ERROR, EXIT_HYPERVISOR_STOP
 from cpuvirt.engine import regs as R
@@ -152,7 +153,10 @@ class FullVcpu(DeprivilegedVcpu):
         self.rt.on_callout = self._callout_then_window
         self.rt.on_fetch_fault = self._fetch_fault
         self.rt.on_error = self._hook_error
-        self.rt.is_kernel = lambda: self.vcpl() == 0
+        # 16-bit code (real mode, 16-bit protected mode) runs in place, never translated (bt/direct.py)
+        self.direct16 = Direct16(self, KERNEL_RING, HV_CR0, HV_IDTR)
+        self._cs16 = None
+        self.rt.is_kernel = lambda: self.direct16.state is None and self.vcpl() == 0
         if verbose:
             self.rt.translator.trace_translate = self._record_translate
         self._page_frame: dict[int, int] = {}          # linear code page -> guest frame it came from
@@ -169,8 +173,8 @@ class FullVcpu(DeprivilegedVcpu):
         tc_end = TC_WINDOW + TC_SIZE
 
         def fill(uc, vaddr, access, entry, data):
-            if TC_WINDOW <= vaddr < tc_end and access == 18 and (
-                    self._hv_fetch or self.regs.read(R.SS) & 3 == KERNEL_RING):
+            if TC_WINDOW <= vaddr < tc_end and access == 18 and (self._hv_fetch or (
+                    self.regs.read(R.SS) & 3 == KERNEL_RING and self.direct16.state is None)):
                 entry.paddr = base_hpa + ((vaddr - TC_WINDOW) & ~0xFFF)
                 entry.perms = UC_PROT_EXEC
                 return True
@@ -193,11 +197,60 @@ class FullVcpu(DeprivilegedVcpu):
         return 1 if vcpl == 0 else 0
 
     def enter_kernel(self, guest_eip: int) -> None:
-        """Guest-kernel code runs from its translation (made now if needed)."""
+        """Guest-kernel code runs from its translation (made now if needed); 16-bit code in place."""
+        if self.direct16.state is not None:
+            self.regs.write(R.EIP, guest_eip)
+            return
         try:
             self.regs.write(R.EIP, self.rt.lookup(guest_eip))
         except TranslateFault:
             self.regs.write(R.EIP, guest_eip)           # settled (the fetch #PF delivered) before entry
+
+    # -- 16-bit code runs in place (bt/direct.py) ---------------------------------------------------
+    def vcpl(self) -> int:
+        d = self.direct16
+        if d.state == REAL or (d.state == PM16 and d.from_real):
+            return 0                    # real mode has no CPL; PE set from it leaves CS at DPL 0
+        return super().vcpl()
+
+    def write_cr(self, n: int, value: int) -> None:
+        if n == 0 and self.direct16.supported and (not value & 1 or self.direct16.state == REAL):
+            if value & (1 << 31) and not value & 1:
+                raise GuestFault(Vector.GP, 0)          # PG without PE
+            self.direct16.write_cr0(value)
+            return
+        super().write_cr(n, value)
+
+    def hv_load(self, loads, ring=None, desc=None) -> None:
+        super().hv_load(loads, ring, desc)
+        if any(reg == R.CS for reg, _, _ in loads):
+            cs = self._loaded.get(R.CS)
+            self.direct16.code_segment_loaded(cs[2] if cs is not None else None)
+
+    def _cs(self):
+        if self.direct16.state is None:
+            return super()._cs()
+        if self._cs16 is None:
+            from capstone import CS_ARCH_X86, CS_MODE_16, Cs
+            self._cs16 = Cs(CS_ARCH_X86, CS_MODE_16)
+        return self._cs16
+
+    def io_gate(self, address: int, size: int, mnem: str, ops: str) -> None:
+        """The intercept hook: in/out (the core's I/O gate), and in real mode `mov` to/from a control
+        register and `lmsw`, which the engine would run at its CPL 0: emulated against the virtual CPU
+        (setting PE leaves real mode). Elsewhere they fault at ring 1 or 3 as usual."""
+        if mnem in WANTED:
+            if self.direct16.state == REAL and (mnem == "lmsw" or "cr" in ops):
+                self.emulate_at(address)
+            return
+        super().io_gate(address, size, mnem, ops)
+
+    def deliver(self, vector, return_eip, error_code=None, soft=False, external=False, fault_eip=None):
+        if self.direct16.state == REAL:
+            # the IVT the guest loaded natively (lidt in real mode) is the one interrupts use
+            _, base, limit, _ = self.regs.table(R.IDTR)
+            self.v.idtr = (base, limit)
+        super().deliver(vector, return_eip, error_code, soft, external, fault_eip)
 
     def after_transfer(self) -> None:
         """A gate or task switch from user code changed virtual-CPU state translations baked in."""
@@ -334,7 +387,7 @@ class FullVcpu(DeprivilegedVcpu):
         def write(gva, size, value):
             mmu.write_linear(gva, value.to_bytes(size, "little"), False)   # -> hv_wrote -> _check_range
 
-        if self.vcpl() == 0 and tw.eip is not None:
+        if self.vcpl() == 0 and tw.eip is not None and self.direct16.state is None:   # 32-bit forms only
             code = mmu.fetch_bytes(tw.eip, 15)
             try:
                 length = self._rep_string(code)
@@ -480,7 +533,16 @@ class FullVcpu(DeprivilegedVcpu):
         return geip
 
     def on_engine_event(self, intno, error_code, soft, eip) -> None:
-        """A fault or `int n` in translated code is the guest's, at the guest EIP it translates."""
+        """A fault or `int n` in translated code is the guest's, at the guest EIP it translates.
+        In 16-bit protected-mode code (run in place at ring 1) a #GP may be a privileged instruction:
+        emulated, as trap-and-emulate does."""
+        if intno == Vector.GP and not soft and self.direct16.state == PM16 and self.vcpl() == 0:
+            d = self.decode(eip)
+            if d is not None and trapped(d[1], d[2]):
+                self.left_block_at(eip)
+                self.emulate_at(eip, d)
+                self.settle()
+                return
         self.left_block_at(eip)
         self._deliver_engine_event(intno, error_code, soft, self.guest_position(eip))
         self.settle()
@@ -842,6 +904,7 @@ class FullMode(Mode):
             observer(self)
         self.vcpu.install_hooks()
         self.vcpu.enable_io_gate()
+        self.vcpu.intercepts.wanted |= WANTED          # real mode's way out (bt/direct.py)
         from cpuvirt.memory.shadow import ShadowPaging
         self.shadow = ShadowPaging(machine.mmu)       # installs itself as the memory strategy
         self.shadow.attach(self.vcpu)

@@ -1,0 +1,146 @@
+"""16-bit guest code under `full`: run directly in the engine, never translated (docs/binary-translation.md).
+
+The translator emits 32-bit code only. Guest-kernel code that is not 32-bit protected-mode code runs
+in place instead, in one of two states:
+
+- `REAL` (CR0.PE = 0, real-address mode, SDM Vol. 3A 20.1): the engine itself is in real mode
+  (its CR0 is the guest's, its IDTR the guest's IVT) at CPL 0. Real mode has no privilege levels, so
+  nothing is compressed: what the hypervisor must keep is the way out. The instructions that leave
+  or change the mode are intercepted before they run (`mov` to/from a control register, `lmsw`:
+  one-address hooks found by decoding each new block as 16-bit code, cpu/intercept.py) and emulated
+  against the virtual CPU. `lgdt`/`lidt`/`sgdt`/`sidt` run natively on the engine's tables, which
+  hold the guest's while in real mode and are read back when the guest leaves it. Interrupts and
+  exceptions go through the guest's IVT (cpu/events.py); I/O through the usual hooks.
+- `PM16` (CR0.PE = 1 with a 16-bit code segment, e.g. just after `mov cr0` sets PE from real mode, or
+  a far jump to a descriptor with D = 0): the code runs in place at ring 1, exactly as `trap` runs a
+  kernel: privileged instructions raise #GP and are emulated (decoded as 16-bit code); the x86 holes
+  (pushf, smsw, mov r,cs...) show ring 1, as under trap. A far transfer to a 32-bit code segment
+  ends it: the translator takes over at the target.
+
+Entering real mode keeps the segment registers' hidden parts (base, limit) as the CPU does, so "big
+real mode" (a segment loaded with a 4 GiB limit before PE is cleared) works; only the DPL of CS and
+SS, which is the engine's CPL, changes (0 in real mode, the kernel ring while PE = 1).
+"""
+from __future__ import annotations
+
+from unicorn import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH
+
+from cpuvirt.engine import regs as R
+from cpuvirt.engine.regs import _uclib
+
+REAL, PM16 = "real", "pm16"
+CR0_PE, CR0_PG = 1, 1 << 31
+_CS, _SS = 1, 2                    # QEMU's R_CS, R_SS: indexes of env->segs
+_DPL = 3 << 13
+# The real-mode intercepts (cpu/intercept.py names): mov to/from CR (and DR), lmsw.
+WANTED = frozenset(("mov", "lmsw"))
+# What a #GP at ring 1 in PM16 code may be: a privileged instruction to emulate (as trap does).
+TRAPPED = frozenset(("cli", "sti", "hlt", "lgdt", "lidt", "lldt", "ltr", "invlpg", "clts", "lmsw",
+                     "wbinvd", "invd", "rdmsr", "wrmsr", "iretd", "ljmp", "lcall", "retf"))
+
+
+def trapped(mnem: str, ops: str) -> bool:
+    if mnem in TRAPPED:
+        return True
+    first = ops.split(",")[0].strip()
+    if mnem == "mov":
+        return "cr" in ops or "dr" in ops or (first in ("ds", "es", "fs", "gs", "ss"))
+    return mnem == "pop" and first in ("ds", "es", "fs", "gs", "ss")
+
+
+class Direct16:
+    """The state machine of 16-bit execution for one FullVcpu: `state` is None (32-bit protected
+    mode: translated), REAL or PM16. `from_real`: CS still holds the cache real mode left (CPL 0)."""
+
+    def __init__(self, vcpu, kernel_ring: int, hv_cr0: int, hv_idtr: tuple):
+        self.vcpu = vcpu
+        self.kernel_ring = kernel_ring
+        self.hv_cr0, self.hv_idtr = hv_cr0, hv_idtr
+        self.state = None
+        self.from_real = False
+        self.transitions = 0
+
+    @property
+    def supported(self) -> bool:
+        return self.vcpu._direct is not None    # segment caches writable (cpu/deprivilege.segs_offset)
+
+    # -- CR0 writes that change the mode ---------------------------------------------------------------
+    def write_cr0(self, value: int) -> None:
+        """A guest CR0 write while PE is, or becomes, 0. Called for the virtual CPU's CR0 (write_cr)."""
+        c = self.vcpu
+        old = c.v.cr0
+        c.v.cr0 = (value | 0x10) & 0xFFFFFFFF
+        if not value & CR0_PE:
+            if self.state != REAL:
+                self._enter_real()
+            c.regs.write(R.CR0, c.v.cr0)        # the engine runs real mode with the guest's CR0
+        else:
+            self._leave_real()
+        if (old ^ value) & (CR0_PG | (1 << 16) | CR0_PE):
+            c.flush_guest_tlb()
+
+    def _enter_real(self) -> None:
+        c = self.vcpu
+        regs = c.regs
+        c.regs.write(R.CR0, c.v.cr0)
+        base, limit = c.v.idtr
+        regs.set_table(R.IDTR, (0, base, limit, 0))     # natively run sidt/lidt see the guest's
+        self._set_ring(0)
+        flags = regs.read(R.EFLAGS)
+        regs.write(R.EFLAGS, (flags & ~R.EFLAGS_IOPL) | (c.v.iopl << 12))
+        self.state = REAL
+        self.from_real = False
+        self._changed()
+
+    def _leave_real(self) -> None:
+        """PE set from real mode: the tables the guest loaded natively become the virtual CPU's; the
+        engine goes back to the hypervisor's CR0/IDTR, CS and SS to the kernel ring; the code segment
+        is still the 16-bit one real mode left (PM16) until a far transfer loads another."""
+        if self.state != REAL:
+            return
+        c = self.vcpu
+        regs = c.regs
+        _, base, limit, _ = regs.table(R.GDTR)
+        c.v.gdtr = (base, limit)
+        _, base, limit, _ = regs.table(R.IDTR)
+        c.v.idtr = (base, limit)
+        c.v.iopl = (regs.read(R.EFLAGS) >> 12) & 3
+        regs.write(R.CR0, self.hv_cr0)
+        regs.set_table(R.IDTR, self.hv_idtr)
+        self._set_ring(self.kernel_ring)
+        c.set_guest_eflags(c.guest_eflags())        # the real IOPL of the kernel ring
+        self.state = PM16
+        self.from_real = True
+        self._changed()
+
+    def code_segment_loaded(self, hi: int | None) -> None:
+        """The hypervisor loaded CS (a far transfer, an event, iret): its descriptor's D bit decides
+        between translation and PM16."""
+        if self.state == REAL:
+            return
+        self.from_real = False
+        new = None if hi is None or hi >> 22 & 1 else PM16
+        if new != self.state:
+            self.state = new
+            self._changed()
+
+    # -- the engine's CPL ---------------------------------------------------------------------------------
+    def _set_ring(self, ring: int) -> None:
+        """CPL (QEMU's hflags) and the DPL of the CS and SS caches, the rest of each cache kept."""
+        c = self.vcpu
+        _, cptr, segs, hflags = c._direct
+        h = c.uc._uch
+        _uclib.uc_context_save(h, cptr)
+        for i in (_CS, _SS):
+            segs[i].flags = (segs[i].flags & ~_DPL) | ring << 13
+        hflags.value = (hflags.value & ~3) | ring
+        _uclib.uc_context_restore(h, cptr)
+        c._loaded.clear()                   # the caches are no longer what hv_load last wrote
+
+    def _changed(self) -> None:
+        c = self.vcpu
+        self.transitions += 1
+        c._decoded.clear()                  # the same bytes decode otherwise in 16-bit code
+        c.mmu.crs = None
+        c._rtlb.clear()
+        c.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
