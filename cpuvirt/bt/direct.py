@@ -124,15 +124,38 @@ class Direct16:
             self.state = new
             self._changed()
 
+    def cs_base(self) -> int:
+        """The base in the engine's CS cache (16-bit code need not be flat)."""
+        c = self.vcpu
+        _, cptr, segs, _ = c._direct
+        _uclib.uc_context_save(c.uc._uch, cptr)
+        return segs[_CS].base & 0xFFFFFFFF
+
+    def emulate_trap(self, eip: int) -> bool:
+        """A #GP at ring 1 in PM16 code at offset `eip`: emulate it if it is a privileged instruction
+        (decoded as 16-bit code at its linear address). False: a real #GP, for the guest."""
+        c = self.vcpu
+        linear = (self.cs_base() + eip) & 0xFFFFFFFF
+        d = c.decode(linear)
+        if d is None or not trapped(d[1], d[2]):
+            return False
+        c.left_block_at(linear)
+        c.emulate_at(linear, d)
+        if linear != eip and c.regs.read(R.EIP) == (linear + d[0]) & 0xFFFFFFFF:
+            c.regs.write(R.EIP, (eip + d[0]) & 0xFFFFFFFF)      # skipped: an offset in CS again
+        return True
+
     # -- the engine's CPL ---------------------------------------------------------------------------------
     def _set_ring(self, ring: int) -> None:
-        """CPL (QEMU's hflags) and the DPL of the CS and SS caches, the rest of each cache kept."""
+        """CPL (QEMU's hflags), the DPL of the CS and SS caches and their selectors' RPL; base and limit
+        kept. (So `mov ax, cs` in 16-bit protected mode shows RPL 1: the ring-compression hole.)"""
         c = self.vcpu
         _, cptr, segs, hflags = c._direct
         h = c.uc._uch
         _uclib.uc_context_save(h, cptr)
         for i in (_CS, _SS):
             segs[i].flags = (segs[i].flags & ~_DPL) | ring << 13
+            segs[i].selector = (segs[i].selector & ~3) | ring   # RPL = CPL, as the checks expect
         hflags.value = (hflags.value & ~3) | ring
         _uclib.uc_context_restore(h, cptr)
         c._loaded.clear()                   # the caches are no longer what hv_load last wrote

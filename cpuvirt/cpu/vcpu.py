@@ -524,15 +524,23 @@ class Vcpu:
 
         def hit(address, size, mnem, ops):
             self.mmu.crs = None
+            # The hook's address is linear; EIP is an offset in CS, and they differ in real mode
+            # with a segment other than 0. The handlers work on the linear address (fetch, trace) and
+            # skip by writing address + size: made EIP + size here.
+            eip = self.regs.read(R.EIP)
             if mnem in FAR_TRANSFERS and is_far_transfer(mnem, ops):
                 self.far_site(address, size, mnem)
             else:
                 on_hit(address, size, mnem, ops)
             after = self.regs.read(R.EIP)
-            if after != address:
+            skipped = (eip + size) & 0xFFFFFFFF
+            if eip != address and after == (address + size) & 0xFFFFFFFF:
+                after = skipped
+                self.regs.write(R.EIP, after)
+            if after != eip:
                 # Emulated and skipped (it retired), or an event delivered instead (it did not).
-                self.left_block_at(address + size if after == address + size else address)
-                if after == address + size:
+                self.left_block_at(address + size if after == skipped else address)
+                if after == skipped:
                     self.faults.clear_interrupt_shadow()
             self.clock.if_may_have_changed()
 

@@ -19,7 +19,7 @@ from unicorn import UC_PROT_EXEC
 
 from cpuvirt import limits
 from cpuvirt.bt.coherence import invalidate
-from cpuvirt.bt.direct import PM16, REAL, WANTED, Direct16, trapped
+from cpuvirt.bt.direct import PM16, REAL, WANTED, Direct16
 from cpuvirt.bt.runtime import BtRuntime
 from cpuvirt.bt.tcache import CALLOUT_SLOTS, TC_SIZE, TCache
 from cpuvirt.bt.translate import INLINE, GuestCode, TranslateFault
@@ -135,6 +135,7 @@ class _Code(GuestCode):
 
 class FullVcpu(DeprivilegedVcpu):
     event_kind = "callout"
+    CODE16 = True
 
     def __init__(self, machine, trace=None, max_insns: int = 0, verbose: bool = False):
         super().__init__(machine, trace=trace, max_insns=max_insns)
@@ -537,10 +538,7 @@ class FullVcpu(DeprivilegedVcpu):
         In 16-bit protected-mode code (run in place at ring 1) a #GP may be a privileged instruction:
         emulated, as trap-and-emulate does."""
         if intno == Vector.GP and not soft and self.direct16.state == PM16 and self.vcpl() == 0:
-            d = self.decode(eip)
-            if d is not None and trapped(d[1], d[2]):
-                self.left_block_at(eip)
-                self.emulate_at(eip, d)
+            if self.direct16.emulate_trap(eip):
                 self.settle()
                 return
         self.left_block_at(eip)

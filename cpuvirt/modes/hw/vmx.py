@@ -307,8 +307,9 @@ class VmxCpu(Vcpu):
             self.io_gate(address, size, mnem, ops)     # I/O permission before any I/O exit
             return
         if mnem == "mov":
+            eip = self.regs.read(R.EIP)         # an offset in CS: the linear address in flat code
             self.cr4_gate(address, size, ops)
-            if self.regs.read(R.EIP) != address:
+            if self.regs.read(R.EIP) != eip:
                 return
             self._mov_cr_dr(address, size, ops)
         elif mnem == "hlt":
