@@ -13,7 +13,7 @@ from cpuvirt.engine import regs as R
 from tests.conftest import requires_qemu
 
 EXPECTED = ("real\nPASS int 0x42 through the IVT\nPASS big real mode read above 1 MiB\n"
-            "PASS CR0 read in real mode\n")
+            "PASS CR0 read in real mode\nPASS APIC register read from real mode\n")
 
 
 def _run(image, mode):

@@ -1,6 +1,8 @@
 # description: a trip through 16-bit code: a 16-bit protected-mode code segment, real-address mode
 # (an interrupt through the guest's own IVT entry, port I/O to COM1, a data segment loaded with a
-# 4 GiB limit before PE was cleared: "big real mode"), then back to 32-bit protected mode. QEMU and
+# 4 GiB limit before PE was cleared: "big real mode", used to read RAM above 1 MiB and a local APIC
+# register: device memory that hw's instruction emulator reaches from 16-bit code), then back to
+# 32-bit protected mode. QEMU and
 # native run it; full runs the 16-bit code in place (bt/direct.py); trap refuses real mode (123).
 #include "kernel.inc"
 
@@ -74,6 +76,8 @@ back32_kernel:
     CHECK_EQ("int 0x42 through the IVT", dword ptr [MAILBOX], 0x1234)
     CHECK_EQ("big real mode read above 1 MiB", dword ptr [MAILBOX + 4], 0x5A)
     CHECK_EQ("CR0 read in real mode", dword ptr [MAILBOX + 8], 0x10)
+    mov eax, dword ptr [0xFEE00030]
+    CHECK_EQ("APIC register read from real mode", dword ptr [MAILBOX + 12], eax)
     pop ebp
     pop edi
     pop esi
@@ -111,6 +115,9 @@ rm_real:
     .byte 0x66, 0xBA, 0x00, 0x00, 0x20, 0x00    # mov edx, BIG
     .byte 0x64, 0x67, 0x66, 0x0F, 0xB6, 0x02    # movzx eax, byte ptr fs:[edx]  (big real mode)
     .byte 0x66, 0xA3, 0x04, 0x7F        # mov dword ptr [MAILBOX + 4], eax
+    .byte 0x66, 0xBA, 0x30, 0x00, 0xE0, 0xFE    # mov edx, 0xFEE00030 (the local APIC's version)
+    .byte 0x64, 0x67, 0x66, 0x8B, 0x02  # mov eax, dword ptr fs:[edx]   device memory from real mode
+    .byte 0x66, 0xA3, 0x0C, 0x7F        # mov dword ptr [MAILBOX + 12], eax
     .byte 0xBA, 0xF8, 0x03              # mov dx, 0x3F8       "real" on COM1, from real mode
     .byte 0xB0, 0x72, 0xEE              # mov al, 'r' ; out dx, al
     .byte 0xB0, 0x65, 0xEE              # mov al, 'e' ; out dx, al
