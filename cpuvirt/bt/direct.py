@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from unicorn import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH
 
+from cpuvirt.cpu.events import Unsupported
 from cpuvirt.engine import regs as R
 from cpuvirt.engine.regs import _uclib
 
@@ -69,12 +70,18 @@ class Direct16:
         """A guest CR0 write while PE is, or becomes, 0. Called for the virtual CPU's CR0 (write_cr)."""
         c = self.vcpu
         old = c.v.cr0
-        c.v.cr0 = (value | 0x10) & 0xFFFFFFFF
         if not value & CR0_PE:
             if self.state != REAL:
-                self._enter_real()
+                c.v.cr0 = (value | 0x10) & 0xFFFFFFFF
+                try:
+                    self._enter_real()
+                except Unsupported:
+                    c.v.cr0 = old
+                    raise
+            c.v.cr0 = (value | 0x10) & 0xFFFFFFFF
             c.regs.write(R.CR0, c.v.cr0)        # the engine runs real mode with the guest's CR0
         else:
+            c.v.cr0 = (value | 0x10) & 0xFFFFFFFF
             self._leave_real()
         if (old ^ value) & (CR0_PG | (1 << 16) | CR0_PE):
             c.flush_guest_tlb()
@@ -82,6 +89,13 @@ class Direct16:
     def _enter_real(self) -> None:
         c = self.vcpu
         regs = c.regs
+        _, cptr, segs, _ = c._direct
+        _uclib.uc_context_save(c.uc._uch, cptr)
+        if segs[_CS].flags >> 22 & 1:
+            # 32-bit code in real mode: its `mov cr0` / `lmsw` could not be found by 16-bit decoding,
+            # and one run natively at the engine's CPL 0 would enter protected mode at real ring 0.
+            raise Unsupported("the guest cleared CR0.PE in a 32-bit code segment (real mode is run under "
+                              "full only from a 16-bit code segment, as SDM Vol. 3A 9.9.2 prescribes)")
         c.regs.write(R.CR0, c.v.cr0)
         base, limit = c.v.idtr
         regs.set_table(R.IDTR, (0, base, limit, 0))     # natively run sidt/lidt see the guest's
