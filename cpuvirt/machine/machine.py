@@ -24,8 +24,8 @@ from cpuvirt.machine.i8042 import DATA_PORT as I8042_DATA
 from cpuvirt.machine.i8042 import I8042
 from cpuvirt.machine.i8042 import STATUS_PORT as I8042_STATUS
 from cpuvirt.machine.ioapic import IOAPIC_BASE_GPA, IOAPIC_SIZE, IoApic, isa_irq_to_pin
-from cpuvirt.machine.mmio import MmioBus
 from cpuvirt.machine.ivt import ivt_blobs
+from cpuvirt.machine.mmio import MmioBus
 from cpuvirt.machine.mptable import firmware_blobs
 from cpuvirt.machine.pci import CONFIG_ADDRESS, CONFIG_DATA, PIIX_PIRQ_IRQS, PciBus
 from cpuvirt.machine.pic import ELCR_PORT, Pic8259Pair
