@@ -23,9 +23,11 @@ SS, which is the engine's CPL, changes (0 in real mode, the kernel ring while PE
 """
 from __future__ import annotations
 
+from capstone import CS_ARCH_X86, CS_MODE_16, Cs
 from unicorn import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH
 
-from cpuvirt.cpu.events import Unsupported
+from cpuvirt.cpu.deprivilege import GuestFault
+from cpuvirt.cpu.events import Unsupported, Vector
 from cpuvirt.engine import regs as R
 from cpuvirt.engine.regs import _uclib
 
@@ -181,3 +183,56 @@ class Direct16:
         c.mmu.crs = None
         c._rtlb.clear()
         c.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
+
+
+class RunsCode16:
+    """What a deprivileging vCPU overrides to run 16-bit code in place (full's FullVcpu: it sets
+    `direct16`, a Direct16, and adds WANTED to its intercepts). Placed before DeprivilegedVcpu in
+    the bases."""
+
+    CODE16 = True               # the core accepts 16-bit code segments (cpu/deprivilege.load_cs_ss)
+    _cs16 = None
+
+    def vcpl(self) -> int:
+        d = self.direct16
+        if d.state == REAL or (d.state == PM16 and d.from_real):
+            return 0                    # real mode has no CPL; PE set from it leaves CS at DPL 0
+        return super().vcpl()
+
+    def write_cr(self, n: int, value: int) -> None:
+        if n == 0 and self.direct16.supported and (not value & 1 or self.direct16.state == REAL):
+            if value & (1 << 31) and not value & 1:
+                raise GuestFault(Vector.GP, 0)          # PG without PE
+            self.direct16.write_cr0(value)
+            return
+        super().write_cr(n, value)
+
+    def hv_load(self, loads, ring=None, desc=None) -> None:
+        super().hv_load(loads, ring, desc)
+        if any(reg == R.CS for reg, _, _ in loads):
+            cs = self._loaded.get(R.CS)
+            self.direct16.code_segment_loaded(cs[2] if cs is not None else None)
+
+    def _cs(self):
+        if self.direct16.state is None:
+            return super()._cs()
+        if self._cs16 is None:
+            self._cs16 = Cs(CS_ARCH_X86, CS_MODE_16)
+        return self._cs16
+
+    def io_gate(self, address: int, size: int, mnem: str, ops: str) -> None:
+        """The intercept hook: in/out (the core's I/O gate), and in real mode `mov` to/from a control
+        register and `lmsw`, which the engine would run at its CPL 0: emulated against the virtual CPU
+        (setting PE leaves real mode). Elsewhere they fault at ring 1 or 3 as usual."""
+        if mnem in WANTED:
+            if self.direct16.state == REAL and (mnem == "lmsw" or "cr" in ops):
+                self.emulate_at(address)
+            return
+        super().io_gate(address, size, mnem, ops)
+
+    def deliver(self, vector, return_eip, error_code=None, soft=False, external=False, fault_eip=None):
+        if self.direct16.state == REAL:
+            # the IVT the guest loaded natively (lidt in real mode) is the one interrupts use
+            _, base, limit, _ = self.regs.table(R.IDTR)
+            self.v.idtr = (base, limit)
+        super().deliver(vector, return_eip, error_code, soft, external, fault_eip)

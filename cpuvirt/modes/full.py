@@ -19,7 +19,7 @@ from unicorn import UC_PROT_EXEC
 
 from cpuvirt import limits
 from cpuvirt.bt.coherence import invalidate
-from cpuvirt.bt.direct import PM16, REAL, WANTED, Direct16
+from cpuvirt.bt.direct import PM16, WANTED, Direct16, RunsCode16
 from cpuvirt.bt.runtime import BtRuntime
 from cpuvirt.bt.tcache import CALLOUT_SLOTS, TC_SIZE, TCache
 from cpuvirt.bt.translate import INLINE, GuestCode, TranslateFault
@@ -133,9 +133,8 @@ class _Code(GuestCode):
         return self.vcpu.virtual_field(field)
 
 
-class FullVcpu(DeprivilegedVcpu):
+class FullVcpu(RunsCode16, DeprivilegedVcpu):
     event_kind = "callout"
-    CODE16 = True
 
     def __init__(self, machine, trace=None, max_insns: int = 0, verbose: bool = False):
         super().__init__(machine, trace=trace, max_insns=max_insns)
@@ -156,7 +155,6 @@ class FullVcpu(DeprivilegedVcpu):
         self.rt.on_error = self._hook_error
         # 16-bit code (real mode, 16-bit protected mode) runs in place, never translated (bt/direct.py)
         self.direct16 = Direct16(self, KERNEL_RING, HV_CR0, HV_IDTR)
-        self._cs16 = None
         self.rt.is_kernel = lambda: self.direct16.state is None and self.vcpl() == 0
         if verbose:
             self.rt.translator.trace_translate = self._record_translate
@@ -206,52 +204,6 @@ class FullVcpu(DeprivilegedVcpu):
             self.regs.write(R.EIP, self.rt.lookup(guest_eip))
         except TranslateFault:
             self.regs.write(R.EIP, guest_eip)           # settled (the fetch #PF delivered) before entry
-
-    # -- 16-bit code runs in place (bt/direct.py) ---------------------------------------------------
-    def vcpl(self) -> int:
-        d = self.direct16
-        if d.state == REAL or (d.state == PM16 and d.from_real):
-            return 0                    # real mode has no CPL; PE set from it leaves CS at DPL 0
-        return super().vcpl()
-
-    def write_cr(self, n: int, value: int) -> None:
-        if n == 0 and self.direct16.supported and (not value & 1 or self.direct16.state == REAL):
-            if value & (1 << 31) and not value & 1:
-                raise GuestFault(Vector.GP, 0)          # PG without PE
-            self.direct16.write_cr0(value)
-            return
-        super().write_cr(n, value)
-
-    def hv_load(self, loads, ring=None, desc=None) -> None:
-        super().hv_load(loads, ring, desc)
-        if any(reg == R.CS for reg, _, _ in loads):
-            cs = self._loaded.get(R.CS)
-            self.direct16.code_segment_loaded(cs[2] if cs is not None else None)
-
-    def _cs(self):
-        if self.direct16.state is None:
-            return super()._cs()
-        if self._cs16 is None:
-            from capstone import CS_ARCH_X86, CS_MODE_16, Cs
-            self._cs16 = Cs(CS_ARCH_X86, CS_MODE_16)
-        return self._cs16
-
-    def io_gate(self, address: int, size: int, mnem: str, ops: str) -> None:
-        """The intercept hook: in/out (the core's I/O gate), and in real mode `mov` to/from a control
-        register and `lmsw`, which the engine would run at its CPL 0: emulated against the virtual CPU
-        (setting PE leaves real mode). Elsewhere they fault at ring 1 or 3 as usual."""
-        if mnem in WANTED:
-            if self.direct16.state == REAL and (mnem == "lmsw" or "cr" in ops):
-                self.emulate_at(address)
-            return
-        super().io_gate(address, size, mnem, ops)
-
-    def deliver(self, vector, return_eip, error_code=None, soft=False, external=False, fault_eip=None):
-        if self.direct16.state == REAL:
-            # the IVT the guest loaded natively (lidt in real mode) is the one interrupts use
-            _, base, limit, _ = self.regs.table(R.IDTR)
-            self.v.idtr = (base, limit)
-        super().deliver(vector, return_eip, error_code, soft, external, fault_eip)
 
     def after_transfer(self) -> None:
         """A gate or task switch from user code changed virtual-CPU state translations baked in."""
