@@ -29,13 +29,23 @@ def test_16bit_code_and_real_mode_run_as_on_the_cpu(test_guest, mode):
 
 
 def test_full_runs_16bit_code_in_place_and_translates_again_after(test_guest):
-    """The transitions happened (PM16 -> real -> PM16 -> 32-bit), and nothing 16-bit was translated:
-    every translated block starts outside the copied 16-bit code at 0x7000."""
+    """The transitions happened (PM16 -> real -> PM16 -> 32-bit), nothing 16-bit was translated
+    (every translated block starts outside the copied 16-bit code at 0x7000), and the 16-bit code
+    ran in protected mode only at real ring 1 (sampled at each of its instructions)."""
+    from unicorn import UC_HOOK_CODE
+
     from cpuvirt.runner import run_guest
-    seen = []
-    r = run_guest(str(test_guest("realmode16")), "full", max_insns=5_000_000,
-                  on_start=lambda hv: seen.append(hv.vcpu))
+    seen, samples = [], []
+
+    def start(hv):
+        seen.append(hv.vcpu)
+        regs = hv.vcpu.regs
+        def sample(uc, address, size, _):
+            samples.append((regs.read(R.CR0) & 1, regs.read(R.CS) & 3))
+        hv.vcpu.uc.hook_add(UC_HOOK_CODE, sample, None, 0x7000, 0x70FF)
+    r = run_guest(str(test_guest("realmode16")), "full", max_insns=5_000_000, on_start=start)
     vcpu = seen[0]
+    assert {cpl for pe, cpl in samples if pe} == {1} and {pe for pe, _ in samples} == {0, 1}
     assert r.status == 0 and vcpu.direct16.state is None
     assert vcpu.direct16.transitions >= 4
     assert not [g for g in vcpu.tc.blocks if 0x7000 <= g < 0x7100]
