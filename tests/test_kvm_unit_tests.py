@@ -76,18 +76,32 @@ def test_emulator_fails_only_where_predicted(mode):
         assert "SUMMARY: 86 tests" in console and console.count("PASS:") >= 81
 
 
-def test_realmode_native_fails_only_where_the_engine_differs():
+@pytest.mark.parametrize("mode", ("native", "hw", "full"))
+def test_realmode_fails_only_where_the_engine_differs(mode):
     """realmode (loaded at 0x8000, over the boot-information area, as QEMU loads it; interrupts through
-    the IVT): every check passes but two where Unicorn 2.1.3 and QEMU 7.2 differ (docs/kvm-unit-tests.md)."""
+    the IVT): every check passes but two where Unicorn 2.1.3 and QEMU 7.2 differ (docs/kvm-unit-tests.md),
+    in native, in hw (16-bit code through the instruction emulator, the firmware's IVT for the timer
+    tick that ends its `sti; hlt`) and in full (16-bit code run in place, bt/direct.py)."""
+    from cpuvirt.machine.testdev import TestdevSpec
     from cpuvirt.runner import run_guest
     flat = Path(KUT) / "x86" / "realmode.flat"
     if not flat.exists():
         pytest.skip(f"{flat} is not built")
-    r = run_guest(str(flat), "native", mem_mib=128, max_insns=_runner().BUDGET)
+    r = run_guest(str(flat), mode, mem_mib=128, max_insns=_runner().BUDGET, devices=[TestdevSpec()])
     console = r.console.decode(errors="replace")
     fails = {ln.strip() for ln in console.splitlines() if ln.startswith("FAIL:")}
     assert fails == {"FAIL: rflags.rf", "FAIL: smsw"}, console[-2000:]
     assert console.count("PASS:") == 125 and r.outcome == "exit"
+
+
+def test_realmode_under_trap_stops_at_its_16bit_code_segment():
+    """trap does not run 16-bit code (docs/deprivileging.md): one line, status 123, before any output."""
+    from cpuvirt.runner import run_guest
+    flat = Path(KUT) / "x86" / "realmode.flat"
+    if not flat.exists():
+        pytest.skip(f"{flat} is not built")
+    r = run_guest(str(flat), "trap", mem_mib=128, max_insns=_runner().BUDGET)
+    assert (r.outcome, r.status) == ("error", 123) and "16-bit code segment" in r.message
 
 
 @pytest.mark.parametrize("mode", ("native", "hw", "full", "trap"))

@@ -310,6 +310,7 @@ class DeprivilegedVcpu(Vcpu):
     `enter_kernel(guest_eip)` (where guest-kernel code really runs) and `real_iopl(vcpl)`."""
 
     event_kind = "trap"
+    CODE16 = False          # may the guest kernel run 16-bit code (CS.D = 0)? full: yes (bt/direct.py)
 
     def __init__(self, machine, trace=None, max_insns: int = 0):
         super().__init__(machine, trace=trace, max_insns=max_insns)
@@ -630,7 +631,11 @@ class DeprivilegedVcpu(Vcpu):
         loads.append((R.CS, cs, real(cs)))
         for sel in (cs, ss):
             if sel is not None:
-                self._set_accessed(sel, self.descriptor(sel)[1])
+                hi = self.descriptor(sel)[1]
+                if sel is cs and not hi >> 22 & 1 and not self.CODE16:
+                    raise Unsupported(f"a 16-bit code segment ({cs:#x}): 16-bit code is not supported "
+                                      "under this deprivileging (only full runs it, in place)")
+                self._set_accessed(sel, hi)
         self.hv_load(loads, ring if ss is not None else None)
 
     # -- the privileged instructions, emulated against the VirtualCpu -------------------------------

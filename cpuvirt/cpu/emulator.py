@@ -8,6 +8,14 @@ the function that carries it out. Memory operands go through `mem` (read/write/p
 addresses, which reach RAM, device registers or unbacked memory as the guest's own accesses would,
 and raise the guest's #PF); nothing is written before every written operand has been translated.
 
+16-bit code (real mode, virtual-8086 mode, a code segment with D = 0) is decoded as such (capstone's
+16-bit mode): its default operand and address sizes are 16 bits and the 0x66/0x67 prefixes select
+32. An address is the effective address (base + index * scale + displacement, truncated to the
+address size: 16-bit offsets wrap at 64 KiB, SDM Vol. 1 3.7.5) plus the base of its segment: the
+override prefix, else SS for a BP/SP base, else DS; string instructions read DS:(E)SI (overridable)
+and write ES:(E)DI, and count in CX or ECX by the address size. Segment bases come from `segs`
+(the engine's hidden segment caches); without it the segments are flat and FS/GS are refused.
+
 What is emulated (the forms a driver or kvm-unit-tests' `emulator` test uses on device memory):
 mov, movzx, movsx, the 16-byte SSE moves (movdqu/movdqa/movups/movaps/movupd/movapd), add/or/adc/
 sbb/and/sub/xor/cmp/test, inc/dec/not/neg, xchg, cmpxchg, xadd, bt/bts/btr/btc, bsf/bsr, imul (two
@@ -16,12 +24,12 @@ without rep (at most REP_CHUNK iterations per call; the rest on re-execution, as
 ltr with a memory operand. The flags the SDM defines are exact; of the undefined ones, AF after a
 logic operation is cleared as the engine clears it, the others (after bt, bsf/bsr, imul, shld/shrd)
 are computed as the table's functions say, not checked against the engine. tests/test_emulator.py
-runs every form against Unicorn executing it on RAM. Segments are flat.
+runs every form against Unicorn executing it on RAM, in 32-bit protected mode and in real mode.
 Anything else raises `Unsupported` naming the instruction ("by `TEXT` at EIP: why").
 """
 from __future__ import annotations
 
-from capstone import CS_ARCH_X86, CS_MODE_32, Cs
+from capstone import CS_ARCH_X86, CS_MODE_16, CS_MODE_32, Cs
 from capstone import x86_const as C
 from capstone.x86 import X86_OP_IMM, X86_OP_MEM, X86_OP_REG
 from unicorn import x86_const as U
@@ -37,6 +45,8 @@ DF = R.EFLAGS_DF
 
 _cs = Cs(CS_ARCH_X86, CS_MODE_32)
 _cs.detail = True
+_cs16 = Cs(CS_ARCH_X86, CS_MODE_16)
+_cs16.detail = True
 
 # capstone register -> (Unicorn full register, bit shift, width in bytes)
 _REG = {}
@@ -51,6 +61,10 @@ for _full, _n in ((R.ESP, "SP"), (R.EBP, "BP"), (R.ESI, "SI"), (R.EDI, "DI")):
 for _i in range(8):
     _REG[getattr(C, f"X86_REG_XMM{_i}")] = (getattr(U, f"UC_X86_REG_XMM{_i}"), 0, 16)
 _SEGMENT_OK = (C.X86_REG_INVALID, C.X86_REG_DS, C.X86_REG_ES, C.X86_REG_SS, C.X86_REG_CS)
+_SEG = {C.X86_REG_ES: R.ES, C.X86_REG_CS: R.CS, C.X86_REG_SS: R.SS, C.X86_REG_DS: R.DS, C.X86_REG_FS: R.FS,
+        C.X86_REG_GS: R.GS}
+_SEG_PREFIX = {0x26: R.ES, 0x2E: R.CS, 0x36: R.SS, 0x3E: R.DS, 0x64: R.FS, 0x65: R.GS}
+_STACK_BASES = (C.X86_REG_BP, C.X86_REG_EBP, C.X86_REG_SP, C.X86_REG_ESP)
 
 
 class EmulatedFault(Exception):
@@ -63,41 +77,50 @@ class EmulatedFault(Exception):
 
 class Op:
     """A typed operand: kind 'reg' (full register, shift), 'imm' (value) or 'mem' (base, index,
-    scale, disp); size in bytes."""
+    scale, disp; segment register `seg`, address size `asize` in bytes); size in bytes."""
 
-    __slots__ = ("kind", "size", "reg", "shift", "imm", "base", "index", "scale", "disp")
+    __slots__ = ("kind", "size", "reg", "shift", "imm", "base", "index", "scale", "disp", "seg", "asize")
 
-    def __init__(self, kind, size, reg=None, shift=0, imm=0, base=None, index=None, scale=1, disp=0):
+    def __init__(self, kind, size, reg=None, shift=0, imm=0, base=None, index=None, scale=1, disp=0,
+                 seg=R.DS, asize=4):
         self.kind, self.size, self.reg, self.shift, self.imm = kind, size, reg, shift, imm
         self.base, self.index, self.scale, self.disp = base, index, scale, disp
+        self.seg, self.asize = seg, asize
 
 
 class Form:
-    __slots__ = ("fn", "ops", "length", "text", "rep", "mnemonic")
+    __slots__ = ("fn", "ops", "length", "text", "rep", "mnemonic", "asize", "src_seg")
 
-    def __init__(self, fn, ops, length, text, rep, mnemonic):
+    def __init__(self, fn, ops, length, text, rep, mnemonic, asize=4, src_seg=R.DS):
         self.fn, self.ops, self.length, self.text, self.rep, self.mnemonic = fn, ops, length, text, rep, mnemonic
+        self.asize, self.src_seg = asize, src_seg     # string instructions: address size, DS:(E)SI's segment
 
 
 class Context:
     """What one emulation works on: registers, guest-linear memory, and the few machine facts some
     forms need (`io` for ins/outs: read(port, size)/write(port, size, value); `cr0()` for smsw,
-    the CR0 the guest sees)."""
+    the CR0 the guest sees; `segs(register)`, the base of a segment register, None for flat ones)."""
 
-    __slots__ = ("regs", "mem", "io", "cr0", "note")
+    __slots__ = ("regs", "mem", "io", "cr0", "note", "segs")
 
-    def __init__(self, regs, mem, io=None, cr0=None):
-        self.regs, self.mem, self.io, self.cr0 = regs, mem, io, cr0
+    def __init__(self, regs, mem, io=None, cr0=None, segs=None):
+        self.regs, self.mem, self.io, self.cr0, self.segs = regs, mem, io, cr0, segs
         self.note = ""               # what a move did, for the trace ("read 0x1 (4 bytes) from the device")
 
     # -- operands -------------------------------------------------------------------------------
+    def seg_base(self, seg: int) -> int:
+        return 0 if self.segs is None else self.segs(seg)
+
     def ea(self, op: Op) -> int:
+        """The linear address of a memory operand: segment base + offset (offset wrapped to the
+        address size)."""
         a = op.disp
         if op.base is not None:
             a += self.regs.read(op.base)
         if op.index is not None:
             a += self.regs.read(op.index) * op.scale
-        return a & 0xFFFFFFFF
+        a &= 0xFFFF if op.asize == 2 else 0xFFFFFFFF
+        return (self.seg_base(op.seg) + a) & 0xFFFFFFFF
 
     def get(self, op: Op) -> int:
         if op.kind == "reg":
@@ -283,7 +306,7 @@ def _bt(c: Context, f: Form) -> None:
         if offset >> (bits - 1):
             offset -= 1 << bits
         target = Op("mem", dst.size, base=dst.base, index=dst.index, scale=dst.scale,
-                    disp=dst.disp + (offset >> (5 if bits == 32 else 4)) * dst.size)
+                    disp=dst.disp + (offset >> (5 if bits == 32 else 4)) * dst.size, seg=dst.seg, asize=dst.asize)
         offset %= bits
     else:
         offset %= bits
@@ -400,15 +423,18 @@ def _string(c: Context, f: Form) -> bool:
     size = next(o.size for o in f.ops if o.kind == "mem")
     step = -size if regs.read(R.EFLAGS) & DF else size
     rep = f.rep
+    amask = 0xFFFF if f.asize == 2 else 0xFFFFFFFF       # (E)SI, (E)DI, (E)CX by the address size
+    src_base, dst_base = c.seg_base(f.src_seg), c.seg_base(R.ES)
     n = 0
     while True:
         if rep:
-            count = regs.read(R.ECX)
+            count = regs.read(R.ECX) & amask
             if count == 0:
                 return True
             if n == REP_CHUNK:
                 return False
-        esi, edi = regs.read(R.ESI), regs.read(R.EDI)
+        rsi, rdi = regs.read(R.ESI), regs.read(R.EDI)
+        esi, edi = (src_base + (rsi & amask)) & 0xFFFFFFFF, (dst_base + (rdi & amask)) & 0xFFFFFFFF
         if m == "movs":
             c.mem.probe(edi, size)
             c.mem.write(edi, size, c.mem.read(esi, size))
@@ -431,13 +457,13 @@ def _string(c: Context, f: Form) -> bool:
                 raise Unsupported(f"by `{f.text}`: no port bus")
             c.io.write(regs.read(R.EDX) & 0xFFFF, size, c.mem.read(esi, size))
         if m in ("movs", "lods", "cmps", "outs"):
-            regs.write(R.ESI, (esi + step) & 0xFFFFFFFF)
+            regs.write(R.ESI, (rsi & ~amask) | ((rsi + step) & amask))
         if m in ("movs", "stos", "cmps", "scas", "ins"):
-            regs.write(R.EDI, (edi + step) & 0xFFFFFFFF)
+            regs.write(R.EDI, (rdi & ~amask) | ((rdi + step) & amask))
         n += 1
         if not rep:
             return True
-        regs.write(R.ECX, (count - 1) & 0xFFFFFFFF)
+        regs.write(R.ECX, (regs.read(R.ECX) & ~amask) | ((count - 1) & amask))
         if m in ("cmps", "scas"):
             zf = regs.read(R.EFLAGS) & ZF
             if (rep == 0xF3 and not zf) or (rep == 0xF2 and zf):
@@ -459,7 +485,7 @@ for _name in ("movsb", "movsw", "movsd", "stosb", "stosw", "stosd", "lodsb", "lo
     FORMS[getattr(C, f"X86_INS_{_name.upper()}")] = (_name, _string)
 
 
-def _operand(insn, o) -> Op:
+def _operand(insn, o, asize: int = 4, flat: bool = True) -> Op:
     if o.type == X86_OP_REG:
         r = _REG.get(o.reg)
         if r is None:
@@ -471,51 +497,58 @@ def _operand(insn, o) -> Op:
         return Op("imm", o.size or 4, imm=o.imm)
     if o.type == X86_OP_MEM:
         mem = o.mem
-        if mem.segment not in _SEGMENT_OK:
+        if flat and mem.segment not in _SEGMENT_OK:
             raise Unsupported(f"by `{insn.mnemonic} {insn.op_str}` at {insn.address:#x}: "
                               f"segment override {insn.reg_name(mem.segment)} is not emulated")
         base = _REG[mem.base][0] if mem.base != C.X86_REG_INVALID else None
         index = _REG[mem.index][0] if mem.index != C.X86_REG_INVALID else None
-        return Op("mem", o.size or 4, base=base, index=index, scale=mem.scale, disp=mem.disp)
+        seg = _SEG_PREFIX.get(insn.prefix[1])
+        if seg is None:
+            seg = _SEG.get(mem.segment) or (R.SS if mem.base in _STACK_BASES else R.DS)
+        return Op("mem", o.size or 4, base=base, index=index, scale=mem.scale, disp=mem.disp, seg=seg, asize=asize)
     raise Unsupported(f"by `{insn.mnemonic} {insn.op_str}` at {insn.address:#x}: operand type {o.type} is not emulated")
 
 
 _forms: dict = {}
 
 
-def decode(code: bytes, eip: int) -> Form:
-    """The form of the instruction at eip (cached per site and bytes), or Unsupported."""
-    key = (eip, code)
+def decode(code: bytes, eip: int, code16: bool = False, flat: bool = True) -> Form:
+    """The form of the instruction at eip (cached per site, bytes and mode), or Unsupported.
+    `code16`: 16-bit code (default operand and address size 16); `flat`: no segment bases known
+    (FS/GS overrides refused)."""
+    key = (eip, code, code16, flat)
     form = _forms.get(key)
     if form is not None:
         return form
-    insn = next(_cs.disasm(code or b"", eip, 1), None)
+    insn = next((_cs16 if code16 else _cs).disasm(code or b"", eip, 1), None)
     if insn is None:
         raise Unsupported(f"at {eip:#x}: cannot decode the instruction")
     text = f"{insn.mnemonic} {insn.op_str}".strip()
     entry = FORMS.get(insn.id)
     if entry is None:
         raise Unsupported(f"by `{text}` at {eip:#x}: not an emulated instruction form")
-    if insn.prefix[3] == 0x67:
-        raise Unsupported(f"by `{text}` at {eip:#x}: 16-bit addressing is not emulated")
+    asize = 4 if code16 == (insn.prefix[3] == 0x67) else 2     # 0x67 flips the default address size
     name, fn = entry
-    ops = [_operand(insn, o) for o in insn.operands]
+    ops = [_operand(insn, o, asize, flat) for o in insn.operands]
     if fn is _string and any(o.kind == "reg" and o.size == 16 for o in ops):
         raise Unsupported(f"by `{text}` at {eip:#x}: not an emulated instruction form")   # SSE movsd/cmpsd
     rep = insn.prefix[0] if insn.prefix[0] in (0xF2, 0xF3) and fn is _string else 0
-    form = Form(fn, ops, insn.size, text, rep, name)
+    src_seg = _SEG_PREFIX.get(insn.prefix[1], R.DS)
+    if flat and src_seg in (R.FS, R.GS):
+        raise Unsupported(f"by `{text}` at {eip:#x}: segment override is not emulated")
+    form = Form(fn, ops, insn.size, text, rep, name, asize, src_seg)
     if len(_forms) > 4096:
         _forms.clear()
     limits.put(_forms, key, form)          # a guest can make any number of sites: capped
     return form
 
 
-def emulate(code: bytes, eip: int, ctx: Context) -> tuple[int, bool, str]:
+def emulate(code: bytes, eip: int, ctx: Context, code16: bool = False) -> tuple[int, bool, str]:
     """Carry out the instruction at eip. Returns (length, finished, what was done): not finished
     means a rep string instruction did REP_CHUNK iterations and must run again from eip (registers
     updated). Raises EmulatedFault, the memory accessor's page fault, or Unsupported (nothing was
     changed then, except by completed rep iterations)."""
-    form = decode(code, eip)
+    form = decode(code, eip, code16, ctx.segs is None)
     ctx.note = ""
     if form.fn is _string:
         done = _string(ctx, form)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 
-from capstone import CS_ARCH_X86, CS_MODE_32, Cs
+from capstone import CS_ARCH_X86, CS_MODE_16, CS_MODE_32, Cs
 
 # The opcode bytes that start each sensitive instruction, after any prefixes (SDM Vol. 2 opcode map).
 OPCODES = {
@@ -73,8 +73,11 @@ class Intercepts:
         self.scanned: set[tuple[int, int]] = set()
         self.retranslate: list[tuple[int, int]] = []
         self._cs = Cs(CS_ARCH_X86, CS_MODE_32)
-        # callable(address, size, wide, code, python_hook) adding a C hook in front of an iret site's _hit
-        self.fast_site = None   # (addr, size, mnem, ops, code, python hook) -> True if hooked in C
+        # (address, size, mnemonic, operands, code, python hook) -> True when it put a C hook in front
+        # of the site's _hit (cpu/fastdelivery.py: the common iret and mov to CR4)
+        self.fast_site = None
+        self._cs16 = Cs(CS_ARCH_X86, CS_MODE_16)
+        self.code16 = None              # callable: is the guest running 16-bit code now? (real mode)
         self._pattern = re.compile(b"|".join(OPCODES.values()) + b"|" + FAR_PATTERN)
 
     # -- scanning ----------------------------------------------------------------------------------
@@ -129,7 +132,8 @@ class Intercepts:
         if site is None or site[0] != size or (self.mmu.fetch_bytes(address, size) or b"") != site[3]:
             code = self.mmu.fetch_bytes(address, 15) or b""
             site = None
-            for _, sz, mnem, ops in self._cs.disasm_lite(code, address, 1):
+            cs = self._cs16 if self.code16 is not None and self.code16() else self._cs
+            for _, sz, mnem, ops in cs.disasm_lite(code, address, 1):
                 site = (sz, mnem, ops, code[:sz])
             if site is None:
                 return

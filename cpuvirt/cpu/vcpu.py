@@ -135,14 +135,14 @@ class Vcpu:
                 for address, size in self.intercepts.retranslate:
                     uc.ctl_remove_cache(address, address + size)
                 self.intercepts.retranslate.clear()
-                if not stopped_by_fault and not clock.expired():
+                if not stopped_by_fault and not clock.expired() and not self.halt_requested():
                     continue
             if self._window_retranslate:
                 # A new block held an IF-setting instruction without its window hook: the same.
                 for address, size in self._window_retranslate:
                     uc.ctl_remove_cache(address, address + size)
                 self._window_retranslate.clear()
-                if not stopped_by_fault and not clock.expired():
+                if not stopped_by_fault and not clock.expired() and not self.halt_requested():
                     continue
             if stopped_by_fault:
                 self.left_block_at(eip)
@@ -157,6 +157,11 @@ class Vcpu:
                 self.on_hlt(eip)
             eip = regs.read(R.EIP)
         return self.outcome
+
+    def halt_requested(self) -> bool:
+        """Did a hook stop the engine to halt the vCPU (hw's HLT exit)? Then a retranslation
+        requested in the same run must not swallow the halt: the loop idles first."""
+        return False
 
     def left_block_at(self, boundary: int) -> None:
         """Execution leaves the running block early: the instructions from `boundary` on did not
@@ -535,19 +540,28 @@ class Vcpu:
 
         def hit(address, size, mnem, ops):
             self.mmu.crs = None
+            # The hook's address is linear; EIP is an offset in CS, and they differ in real mode
+            # with a segment other than 0. The handlers work on the linear address (fetch, trace) and
+            # skip by writing address + size: made EIP + size here.
+            eip = self.regs.read(R.EIP)
             if mnem in FAR_TRANSFERS and is_far_transfer(mnem, ops):
                 self.far_site(address, size, mnem)
             else:
                 on_hit(address, size, mnem, ops)
             after = self.regs.read(R.EIP)
-            if after != address:
+            skipped = (eip + size) & 0xFFFFFFFF
+            if eip != address and after == (address + size) & 0xFFFFFFFF:
+                after = skipped
+                self.regs.write(R.EIP, after)
+            if after != eip:
                 # Emulated and skipped (it retired), or an event delivered instead (it did not).
-                self.left_block_at(address + size if after == address + size else address)
-                if after == address + size:
+                self.left_block_at(address + size if after == skipped else address)
+                if after == skipped:
                     self.faults.clear_interrupt_shadow()
             self.clock.if_may_have_changed()
 
         ic = self.intercepts = Intercepts(self.hooks, self.mmu, wanted | FAR_TRANSFERS, hit)
+        ic.code16 = lambda: not self.regs.read(R.CR0) & 1      # real-address mode: 16-bit code
         self.mmu.on_code_frame = ic.scan_frame
 
         def observe(insns):
@@ -565,8 +579,8 @@ class Vcpu:
     def far_site(self, address: int, size: int, mnem: str) -> None:
         """Before a far jmp/call or an iret: what may change privilege or task is done here, by
         cpuvirt; an ordinary far transfer is left to the engine (it returns without acting)."""
-        if self.outcome is not None:
-            return
+        if self.outcome is not None or not self.regs.read(R.CR0) & 1:
+            return                              # real-address mode has no gates, tasks or NT
         from cpuvirt.cpu import tasks
         try:
             if mnem.startswith("iret"):

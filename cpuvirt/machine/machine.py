@@ -12,6 +12,7 @@ import time
 from unicorn import UC_ARCH_X86, UC_MODE_32, UC_TLB_VIRTUAL, Uc
 
 from cpuvirt import limits
+from cpuvirt.engine.regs import CR0 as CR0_REG
 from cpuvirt.engine.regs import Regs
 from cpuvirt.machine.apic import APIC_BASE_GPA, APIC_SIZE, MSR_IA32_APIC_BASE, ApicReservedBits, LocalApic
 from cpuvirt.machine.bus import PortBus
@@ -23,6 +24,7 @@ from cpuvirt.machine.i8042 import DATA_PORT as I8042_DATA
 from cpuvirt.machine.i8042 import I8042
 from cpuvirt.machine.i8042 import STATUS_PORT as I8042_STATUS
 from cpuvirt.machine.ioapic import IOAPIC_BASE_GPA, IOAPIC_SIZE, IoApic, isa_irq_to_pin
+from cpuvirt.machine.ivt import ivt_blobs
 from cpuvirt.machine.mmio import MmioBus
 from cpuvirt.machine.mptable import firmware_blobs
 from cpuvirt.machine.pci import CONFIG_ADDRESS, CONFIG_DATA, PIIX_PIRQ_IRQS, PciBus
@@ -181,6 +183,7 @@ class Machine:
         self.apic.on_level_eoi = self.ioapic.eoi
         self.map_mmio(IOAPIC_BASE_GPA, IOAPIC_SIZE, _Replans(self.ioapic, self))
         self._insn_counter = None
+        self._insn_counter16 = None
         self.block_observer = None   # callback(insns) -> True to stop and retranslate the block
         self.on_new_block = None     # callback(address): caches keyed by block must drop it
         self.block_insns: dict[int, tuple] = {}   # block -> (instruction addresses, end address)
@@ -238,9 +241,10 @@ class Machine:
         return False
 
     def bios_tables(self) -> list[tuple[int, bytes]]:
-        """What the firmware leaves in RAM for the kernel to find: BDA words and the MP tables."""
+        """What the firmware leaves in RAM for the kernel to find: the real-mode IVT and its
+        handlers (machine/ivt.py), BDA words and the MP tables."""
         eax, _, _, edx = self.cpuid(1)
-        return firmware_blobs(eax, edx)
+        return ivt_blobs() + firmware_blobs(eax, edx)
 
     # -- what the CPU sees of the interrupt controllers and timers ---------------------------------
     # The vCPU knows only these calls, so that interrupt controllers and timers are added here
@@ -471,9 +475,13 @@ class Machine:
             if not code:
                 return 1
             if self._insn_counter is None:
-                from capstone import CS_ARCH_X86, CS_MODE_32, Cs
+                from capstone import CS_ARCH_X86, CS_MODE_16, CS_MODE_32, Cs
                 self._insn_counter = Cs(CS_ARCH_X86, CS_MODE_32)
-            insns = list(self._insn_counter.disasm_lite(code, address))
+                self._insn_counter16 = Cs(CS_ARCH_X86, CS_MODE_16)
+            # Real-address mode runs 16-bit code (SDM Vol. 3A 20.1): decoded as such, its instruction
+            # boundaries, counts and intercepted instructions are the CPU's.
+            counter = self._insn_counter if self.regs.read(CR0_REG) & 1 else self._insn_counter16
+            insns = list(counter.disasm_lite(code, address))
             if self.on_new_block is not None:
                 self.on_new_block(address)
             if insns:

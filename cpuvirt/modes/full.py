@@ -19,10 +19,11 @@ from unicorn import UC_PROT_EXEC
 
 from cpuvirt import limits
 from cpuvirt.bt.coherence import invalidate
+from cpuvirt.bt.direct import PM16, WANTED, Direct16, RunsCode16
 from cpuvirt.bt.runtime import BtRuntime
 from cpuvirt.bt.tcache import CALLOUT_SLOTS, TC_SIZE, TCache
 from cpuvirt.bt.translate import INLINE, GuestCode, TranslateFault
-from cpuvirt.cpu.deprivilege import KERNEL_RING, SHADOW_GDT_WINDOW, DeprivilegedVcpu, GuestFault
+from cpuvirt.cpu.deprivilege import HV_CR0, HV_IDTR, KERNEL_RING, SHADOW_GDT_WINDOW, DeprivilegedVcpu, GuestFault
 from cpuvirt.cpu.events import Unsupported, Vector
 from cpuvirt.cpu.vcpu import EXIT_BUDGET, EXIT_ERROR, EXIT_HYPERVISOR_STOP
 from cpuvirt.engine import regs as R
@@ -132,7 +133,7 @@ class _Code(GuestCode):
         return self.vcpu.virtual_field(field)
 
 
-class FullVcpu(DeprivilegedVcpu):
+class FullVcpu(RunsCode16, DeprivilegedVcpu):
     event_kind = "callout"
 
     def __init__(self, machine, trace=None, max_insns: int = 0, verbose: bool = False):
@@ -152,7 +153,9 @@ class FullVcpu(DeprivilegedVcpu):
         self.rt.on_callout = self._callout_then_window
         self.rt.on_fetch_fault = self._fetch_fault
         self.rt.on_error = self._hook_error
-        self.rt.is_kernel = lambda: self.vcpl() == 0
+        # 16-bit code (real mode, 16-bit protected mode) runs in place, never translated (bt/direct.py)
+        self.direct16 = Direct16(self, KERNEL_RING, HV_CR0, HV_IDTR)
+        self.rt.is_kernel = lambda: self.direct16.state is None and self.vcpl() == 0
         if verbose:
             self.rt.translator.trace_translate = self._record_translate
         self._page_frame: dict[int, int] = {}          # linear code page -> guest frame it came from
@@ -169,8 +172,8 @@ class FullVcpu(DeprivilegedVcpu):
         tc_end = TC_WINDOW + TC_SIZE
 
         def fill(uc, vaddr, access, entry, data):
-            if TC_WINDOW <= vaddr < tc_end and access == 18 and (
-                    self._hv_fetch or self.regs.read(R.SS) & 3 == KERNEL_RING):
+            if TC_WINDOW <= vaddr < tc_end and access == 18 and (self._hv_fetch or (
+                    self.regs.read(R.SS) & 3 == KERNEL_RING and self.direct16.state is None)):
                 entry.paddr = base_hpa + ((vaddr - TC_WINDOW) & ~0xFFF)
                 entry.perms = UC_PROT_EXEC
                 return True
@@ -193,7 +196,10 @@ class FullVcpu(DeprivilegedVcpu):
         return 1 if vcpl == 0 else 0
 
     def enter_kernel(self, guest_eip: int) -> None:
-        """Guest-kernel code runs from its translation (made now if needed)."""
+        """Guest-kernel code runs from its translation (made now if needed); 16-bit code in place."""
+        if self.direct16.state is not None:
+            self.regs.write(R.EIP, guest_eip)
+            return
         try:
             self.regs.write(R.EIP, self.rt.lookup(guest_eip))
         except TranslateFault:
@@ -334,7 +340,7 @@ class FullVcpu(DeprivilegedVcpu):
         def write(gva, size, value):
             mmu.write_linear(gva, value.to_bytes(size, "little"), False)   # -> hv_wrote -> _check_range
 
-        if self.vcpl() == 0 and tw.eip is not None:
+        if self.vcpl() == 0 and tw.eip is not None and self.direct16.state is None:   # 32-bit forms only
             code = mmu.fetch_bytes(tw.eip, 15)
             try:
                 length = self._rep_string(code)
@@ -480,7 +486,13 @@ class FullVcpu(DeprivilegedVcpu):
         return geip
 
     def on_engine_event(self, intno, error_code, soft, eip) -> None:
-        """A fault or `int n` in translated code is the guest's, at the guest EIP it translates."""
+        """A fault or `int n` in translated code is the guest's, at the guest EIP it translates.
+        In 16-bit protected-mode code (run in place at ring 1) a #GP may be a privileged instruction:
+        emulated, as trap-and-emulate does."""
+        if intno == Vector.GP and not soft and self.direct16.state == PM16 and self.vcpl() == 0:
+            if self.direct16.emulate_trap(eip):
+                self.settle()
+                return
         self.left_block_at(eip)
         self._deliver_engine_event(intno, error_code, soft, self.guest_position(eip))
         self.settle()
@@ -842,6 +854,7 @@ class FullMode(Mode):
             observer(self)
         self.vcpu.install_hooks()
         self.vcpu.enable_io_gate()
+        self.vcpu.intercepts.wanted |= WANTED          # real mode's way out (bt/direct.py)
         from cpuvirt.memory.shadow import ShadowPaging
         self.shadow = ShadowPaging(machine.mmu)       # installs itself as the memory strategy
         self.shadow.attach(self.vcpu)

@@ -23,6 +23,8 @@ HYPERCALL_NAMES = {1: "KVM_HC_VAPIC_POLL_IRQ", 5: "KVM_HC_KICK_CPU", 9: "KVM_HC_
 
 
 class RootHypervisor:
+    _segments = None            # cpu/segcache.EngineSegments, made at the first emulated instruction
+
     def __init__(self, cpu):
         self.cpu = cpu
         self.vmcs = cpu.vmcs
@@ -336,15 +338,30 @@ class RootHypervisor:
         from cpuvirt.cpu.events import Unsupported
         from cpuvirt.memory.mmu import GuestPageFault, NestedFault
         cpu = self.cpu
-        if not cpu.regs.read(R.CR0) & 1 or cpu.regs.read(R.EFLAGS) & R.EFLAGS_VM:
-            cpu.finish("error", EXIT_HYPERVISOR_STOP, f"hw: MMIO access at {x.rip:#x} from 16-bit code (real or "
-                       "virtual-8086 mode): the instruction emulator decodes 32-bit code only")
+        # Segments as the CPU forms addresses: real mode, V86 mode and 16-bit code segments are
+        # rarely flat (cpu/segcache.py); 16-bit code is decoded as such (cpu/emulator.py).
+        segs = self._segments
+        if segs is None:
+            from cpuvirt.cpu.segcache import EngineSegments
+            segs = self._segments = EngineSegments(cpu.uc)
+        code16 = not cpu.regs.read(R.CR0) & 1 or bool(cpu.regs.read(R.EFLAGS) & R.EFLAGS_VM)
+        if segs.available:
+            segs.refresh()
+            code16 = code16 or not segs.code32()
+            linear = (segs.base(R.CS) + x.rip) & 0xFFFFFFFF
+        elif code16:
+            cpu.finish("error", EXIT_HYPERVISOR_STOP, f"hw: MMIO access at {x.rip:#x} from 16-bit code: the "
+                       "engine's segment caches cannot be read, so its addresses cannot be formed")
             x.action = "cannot emulate"
             return
-        ctx = Context(cpu.regs, _GuestLinear(cpu.mmu, cpu.regs.read(R.SS) & 3 == 3), io=_ChargedPorts(cpu),
-                      cr0=self._guest_cr0)
+        else:
+            linear = x.rip
+        user = bool(cpu.regs.read(R.EFLAGS) & R.EFLAGS_VM) or (
+            bool(cpu.regs.read(R.CR0) & 1) and cpu.regs.read(R.SS) & 3 == 3)   # real mode: supervisor
+        ctx = Context(cpu.regs, _GuestLinear(cpu.mmu, user), io=_ChargedPorts(cpu),
+                      cr0=self._guest_cr0, segs=segs.base if segs.available else None)
         try:
-            length, done, text = self._emulate_mapping_lazily(x, ctx)
+            length, done, text = self._emulate_mapping_lazily(linear, code16, ctx)
         except NestedFault as nf:
             cpu.finish("ept_violation", EXIT_HYPERVISOR_STOP, f"hw: emulating the instruction at {x.rip:#x}: "
                        f"EPT refuses guest-physical {nf.gpa:#x}")
@@ -371,7 +388,7 @@ class RootHypervisor:
         else:
             x.action = f"{what}{text}; re-entered to continue"
 
-    def _emulate_mapping_lazily(self, x: Exit, ctx):
+    def _emulate_mapping_lazily(self, linear: int, code16: bool, ctx):
         """emulate(), mapping on demand (lazy_ept) the guest RAM pages its operands or the guest's page
         tables touch. Written operands are translated first and a rep string instruction resumes from
         its registers, so a retry repeats at most the device reads of the interrupted step (cmps
@@ -382,13 +399,13 @@ class RootHypervisor:
         cpu = self.cpu
         for _ in range(8):                  # at most 8 distinct pages: two operands, each walk's tables
             try:
-                return emulate(cpu.mmu.fetch_bytes(x.rip, 15), x.rip, ctx)
+                return emulate(cpu.mmu.fetch_bytes(linear, 15), linear, ctx, code16)
             except NestedFault as nf:
                 page = nf.gpa & ~0xFFF
                 if not (cpu.settings.lazy_ept and page < cpu.m.mem_bytes):
                     raise
                 cpu.ept.map(page, RAM_HPA + page)
-        return emulate(cpu.mmu.fetch_bytes(x.rip, 15), x.rip, ctx)
+        return emulate(cpu.mmu.fetch_bytes(linear, 15), linear, ctx, code16)
 
     def _guest_cr0(self) -> int:
         """CR0 as the guest reads it: through the guest/host mask and read shadow (SDM 25.3)."""

@@ -307,8 +307,9 @@ class VmxCpu(Vcpu):
             self.io_gate(address, size, mnem, ops)     # I/O permission before any I/O exit
             return
         if mnem == "mov":
+            eip = self.regs.read(R.EIP)         # an offset in CS: the linear address in flat code
             self.cr4_gate(address, size, ops)
-            if self.regs.read(R.EIP) != address:
+            if self.regs.read(R.EIP) != eip:
                 return
             self._mov_cr_dr(address, size, ops)
         elif mnem == "hlt":
@@ -725,6 +726,9 @@ class VmxCpu(Vcpu):
         if self.vmcs._values[F.GUEST_INTERRUPTIBILITY_INFO] & 3 and self.ctl("interrupt_window_exiting"):
             self._after_one_block = True    # the window opens after the shadowed instruction
         return x.action.startswith("injected")
+
+    def halt_requested(self) -> bool:
+        return self._blocked
 
     def on_hlt(self, eip: int) -> None:
         self._blocked = False
