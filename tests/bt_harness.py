@@ -11,6 +11,7 @@ from cpuvirt.bt.tcache import TCache
 from cpuvirt.bt.translate import GuestCode
 from cpuvirt.engine import regs as R
 from cpuvirt.toolchain.assemble import new_keystone
+from cpuvirt.x86.flags import EFLAGS_DF
 
 CODE = 0x10000
 SCRATCH = 0x20000          # 64 KiB of data; the stack grows down from STACK
@@ -18,7 +19,7 @@ STACK = 0x2C000
 TC_BASE = 0x100000
 MEM = 0x400000
 GPRS = (R.EAX, R.ECX, R.EDX, R.EBX, R.ESP, R.EBP, R.ESI, R.EDI)
-FLAGS = 0x8D5 | R.EFLAGS_DF      # CF PF AF ZF SF OF DF
+FLAGS = 0x8D5 | EFLAGS_DF      # CF PF AF ZF SF OF DF
 
 _ks = new_keystone()
 

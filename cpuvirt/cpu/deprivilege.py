@@ -27,17 +27,31 @@ import struct
 from unicorn import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH, UC_PROT_READ, UC_PROT_WRITE
 
 from cpuvirt import limits
-from cpuvirt.cpu.events import HAS_ERROR_CODE, DeliveryFault, EventDelivery, Unsupported, Vector
+from cpuvirt.cpu.events import EventDelivery
+from cpuvirt.cpu.faults import DeliveryFault
 from cpuvirt.cpu.quirks import HF_INHIBIT_IRQ
 from cpuvirt.cpu.tasks import CpuView
 from cpuvirt.cpu.vcpu import EXIT_HYPERVISOR_STOP, Vcpu
 from cpuvirt.engine import regs as R
+from cpuvirt.engine.hostmem import HostRegion, HvAllocator
 from cpuvirt.engine.regs import _uclib
-from cpuvirt.machine.hostmem import HostRegion
-from cpuvirt.memory.ept import HvAllocator
 from cpuvirt.memory.mmu import GuestPageFault
 from cpuvirt.memory.p2m import HV_HPA
+from cpuvirt.status import Unsupported
 from cpuvirt.x86.faultaddr import operand_address
+from cpuvirt.x86.flags import (
+    CR0_PE,
+    CR0_PG,
+    CR0_TS,
+    CR0_WP,
+    CR4_PGE,
+    CR4_PSE,
+    EFLAGS_IF,
+    EFLAGS_IOPL,
+    EFLAGS_NT,
+    EFLAGS_VM,
+)
+from cpuvirt.x86.vectors import HAS_ERROR_CODE, Vector
 
 KERNEL_RING = 1                   # the real ring of the guest kernel (virtual CPL 0)
 SYSENTER_MSRS = (0x174, 0x175, 0x176)   # IA32_SYSENTER_CS, _ESP, _EIP: kept in the VirtualCpu
@@ -48,8 +62,6 @@ SHADOW_GDT_BYTES = 0x10000        # a GDT's largest size (limit 0xFFFF)
 # guest's usual PE|ET (0x11), which is what makes the smsw hole visible.
 HV_CR0 = 0x80010033
 HV_IDTR = (0, 0xFFC00000, 0x7FF, 0)   # the hypervisor's IDTR (the engine never uses it): `sidt` shows it
-CR0_PE, CR0_TS, CR0_PG, CR0_WP = 1, 1 << 3, 1 << 31, 1 << 16
-CR4_PSE, CR4_PGE = 1 << 4, 1 << 7
 SREGS = {"es": R.ES, "cs": R.CS, "ss": R.SS, "ds": R.DS, "fs": R.FS, "gs": R.GS}
 _REG32 = dict(zip(R.GPR_NAMES, R.GPR_ORDER))
 _REG16 = {n[1:]: r for n, r in _REG32.items()}
@@ -248,7 +260,7 @@ class VirtualView(CpuView):
 
     def selector(self, reg: int) -> int:
         real = self.regs.read(reg)
-        return real if self.regs.read(R.EFLAGS) & R.EFLAGS_VM else self.vcpu.guest_selector(real)
+        return real if self.regs.read(R.EFLAGS) & EFLAGS_VM else self.vcpu.guest_selector(real)
 
     def gdtr(self) -> tuple[int, int]:
         return self.vcpu.v.gdtr
@@ -363,7 +375,7 @@ class DeprivilegedVcpu(Vcpu):
         cpl = self.regs.read(R.CS) & 3
         if cpl == 3:
             return 3
-        if self.regs.read(R.EFLAGS) & R.EFLAGS_VM:
+        if self.regs.read(R.EFLAGS) & EFLAGS_VM:
             return 3
         return 0 if cpl == KERNEL_RING else cpl
 
@@ -378,17 +390,17 @@ class DeprivilegedVcpu(Vcpu):
 
     def guest_eflags(self) -> int:
         """EFLAGS as the guest sees it: the real flags (IF included) with the virtual IOPL."""
-        return (self.regs.read(R.EFLAGS) & ~R.EFLAGS_IOPL) | (self.v.iopl << 12)
+        return (self.regs.read(R.EFLAGS) & ~EFLAGS_IOPL) | (self.v.iopl << 12)
 
     def set_guest_eflags(self, image: int) -> None:
         """Load an EFLAGS image the guest may load at its current (virtual) privilege."""
         self.v.iopl = (image >> 12) & 3
-        if image & R.EFLAGS_VM:
+        if image & EFLAGS_VM:
             # V86 code really runs at CPL 3: its IOPL-sensitive instructions act on the real IF
             # (the virtual one) or raise #GP as the guest's IOPL says; I/O goes through the gate.
             self.regs.write(R.EFLAGS, image | 2)
             return
-        real = (image & ~R.EFLAGS_IOPL) | (self.real_iopl(self.vcpl()) << 12) | 2
+        real = (image & ~EFLAGS_IOPL) | (self.real_iopl(self.vcpl()) << 12) | 2
         self.regs.write(R.EFLAGS, real)
 
     def enter_kernel(self, guest_eip: int) -> None:
@@ -406,7 +418,7 @@ class DeprivilegedVcpu(Vcpu):
             image = int.from_bytes(self.read_guest(esp + 8, 4), "little")
         except GuestFault:
             return
-        if image & R.EFLAGS_VM:
+        if image & EFLAGS_VM:
             self.emulate_at(address)
 
     # -- descriptors and segment loads --------------------------------------------------------------
@@ -777,7 +789,7 @@ class DeprivilegedVcpu(Vcpu):
         image, else a protected-mode return."""
         regs = self.regs
         self.unblock_nmi()
-        if regs.read(R.EFLAGS) & R.EFLAGS_NT:
+        if regs.read(R.EFLAGS) & EFLAGS_NT:
             from cpuvirt.cpu import tasks
             try:
                 tasks.task_return(self.view, (eip + size) & 0xFFFFFFFF)
@@ -786,7 +798,7 @@ class DeprivilegedVcpu(Vcpu):
             return
         esp = regs.read(R.ESP)
         new_eip, cs, flags = struct.unpack("<III", self.read_guest(esp, 12))
-        if flags & R.EFLAGS_VM:
+        if flags & EFLAGS_VM:
             # RETURN-TO-VIRTUAL-8086-MODE: the segment values are real-mode ones, CPL becomes 3.
             new_esp, ss, es, ds, fs, gs = struct.unpack("<6I", self.read_guest(esp + 12, 24))
             self.set_guest_eflags(flags)
@@ -1012,7 +1024,7 @@ class DeprivilegedVcpu(Vcpu):
 
 # -- one function per emulated mnemonic: (vcpu, eip, size, operands) -> None, or False = not emulated --
 def _cli(c, eip, size, ops):
-    c.regs.write(R.EFLAGS, c.regs.read(R.EFLAGS) & ~R.EFLAGS_IF)
+    c.regs.write(R.EFLAGS, c.regs.read(R.EFLAGS) & ~EFLAGS_IF)
     if c.trace is None:
         c.counts[c.event_kind] += 1                 # what `emulated` records when no trace is written
         c.reasons[c.event_kind, "cli"] += 1
@@ -1023,14 +1035,14 @@ def _cli(c, eip, size, ops):
 
 def _sti(c, eip, size, ops):
     flags = c.regs.read(R.EFLAGS)
-    c.regs.write(R.EFLAGS, flags | R.EFLAGS_IF)
+    c.regs.write(R.EFLAGS, flags | EFLAGS_IF)
     if c.trace is None:
         c.counts[c.event_kind] += 1
         c.reasons[c.event_kind, "sti"] += 1
     else:
         c.emulated(eip, "sti", {"if": 1})
     c.regs.write(R.EIP, eip + size)
-    if not flags & R.EFLAGS_IF:
+    if not flags & EFLAGS_IF:
         c.set_interrupt_shadow()
 
 
@@ -1093,7 +1105,7 @@ def _pop(c, eip, size, ops):
 
 
 def _hlt(c, eip, size, ops):
-    c.emulated(eip, "hlt", {"if": bool(c.regs.read(R.EFLAGS) & R.EFLAGS_IF)}, "emulated: idle until an interrupt")
+    c.emulated(eip, "hlt", {"if": bool(c.regs.read(R.EFLAGS) & EFLAGS_IF)}, "emulated: idle until an interrupt")
     c.regs.write(R.EIP, eip + size)
     c.faults.clear_interrupt_shadow()
     c.on_hlt(eip + size)

@@ -10,30 +10,13 @@ from __future__ import annotations
 
 import struct
 
+from cpuvirt.engine.hostmem import HvAllocator
+
 EPT_R, EPT_W, EPT_X = 1, 2, 4
 EPT_RWX = 7
 EPT_MT_WB = 6 << 3
 _ADDR = 0x000FFFFFFFFFF000
 _Q = struct.Struct("<Q")
-
-
-class HvAllocator:
-    """Bump allocator of zeroed 4 KiB pages in the hypervisor's host region."""
-
-    def __init__(self, region):
-        self.region = region
-        self.next = region.hpa
-
-    def page(self) -> int:
-        if self.next + 0x1000 > region_end(self.region):
-            raise MemoryError("hypervisor memory exhausted")
-        hpa = self.next
-        self.next += 0x1000
-        return hpa
-
-
-def region_end(region) -> int:
-    return region.hpa + region.size
 
 
 class EptViolation:

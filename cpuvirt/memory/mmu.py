@@ -18,8 +18,9 @@ from unicorn import UC_PROT_EXEC, UC_PROT_READ, UC_PROT_WRITE
 from cpuvirt.engine import regs as R
 from cpuvirt.memory.p2m import UNBACKED_HPA, P2m
 from cpuvirt.memory.traces import TracedWrite, Traces
-from cpuvirt.memory.types import CR0_PG, Access
+from cpuvirt.memory.types import Access
 from cpuvirt.memory.walk import Fault, walk
+from cpuvirt.x86.flags import CR0_PG
 
 PAGE = 0x1000
 GUEST = 2            # the `side_effects` value of a guest access through the fill hook

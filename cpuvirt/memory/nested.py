@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from cpuvirt.memory.ept import EPT_R, EPT_W, EPT_X, Ept
 from cpuvirt.memory.mmu import NestedFault
-from cpuvirt.memory.types import CR0_PG, Access
+from cpuvirt.memory.types import Access
 from cpuvirt.memory.walk import Fault, walk
+from cpuvirt.x86.flags import CR0_PG
 
 _ACCESS_BIT = {Access.READ: EPT_R, Access.WRITE: EPT_W, Access.FETCH: EPT_X}
 

@@ -29,20 +29,9 @@ from unicorn import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH
 
 from cpuvirt.engine import regs as R
 from cpuvirt.memory.mmu import GuestPageFault, RefusedFill
-from cpuvirt.memory.types import (
-    CR0_PG,
-    CR0_WP,
-    CR4_PGE,
-    CR4_PSE,
-    CR4_SMEP,
-    PFEC_P,
-    PFEC_U,
-    PFEC_W,
-    PTE_RW,
-    PTE_US,
-    Access,
-)
+from cpuvirt.memory.types import PFEC_P, PFEC_U, PFEC_W, PTE_RW, PTE_US, Access
 from cpuvirt.memory.walk import Fault, walk
+from cpuvirt.x86.flags import CR0_PG, CR0_WP, CR4_PGE, CR4_PSE, CR4_SMEP
 
 PAGE_MASK = 0xFFFFF000
 KIND = "pt"                       # the trace kind of guest page-table frames

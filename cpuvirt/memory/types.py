@@ -9,8 +9,8 @@ Three address spaces meet in the memory layer (DESIGN.md 4):
 They are ``typing.NewType`` over ``int``: free at run time, checked by a type checker at module
 borders. Inside hot paths they are plain ints.
 
-Bit names follow the Intel SDM Vol. 3A: 2.5 (control registers), 4.3 (32-bit paging entries,
-tables 4-4 to 4-6) and 4.7 (page-fault error code).
+Bit names follow the Intel SDM Vol. 3A: 4.3 (32-bit paging entries, tables 4-4 to 4-6) and 4.7
+(page-fault error code); the control-register bits are cpuvirt/x86/flags.py's.
 """
 
 from __future__ import annotations
@@ -43,14 +43,6 @@ PFEC_U = 1 << 2      # the access was a user-mode access (CPL 3)
 PFEC_RSVD = 1 << 3   # a reserved bit was set in a paging-structure entry (always with P)
 PFEC_I = 1 << 4      # instruction fetch; reported only with CR4.SMEP (or PAE+NXE, not modelled)
 
-# Control-register bits (SDM Vol. 3A 2.5).
-CR0_PE = 1 << 0      # protection enable
-CR0_WP = 1 << 16     # write protect: supervisor writes honour read-only pages
-CR0_PG = 1 << 31     # paging
-CR4_PSE = 1 << 4     # page-size extensions: 4 MiB pages in 32-bit paging
-CR4_PGE = 1 << 7     # global pages survive a CR3 write
-CR4_SMEP = 1 << 20   # supervisor-mode execution prevention
-
 # Paging-structure entry bits, 32-bit paging (SDM Vol. 3A 4.3, tables 4-4 to 4-6).
 PTE_P = 1 << 0       # present
 PTE_RW = 1 << 1      # read/write (0: read-only)
@@ -65,6 +57,5 @@ PTE_G = 1 << 8       # global (leaf entries only, with CR4.PGE)
 __all__ = [
     "Gva", "Gpa", "Hpa", "Access",
     "PFEC_P", "PFEC_W", "PFEC_U", "PFEC_RSVD", "PFEC_I",
-    "CR0_PE", "CR0_WP", "CR0_PG", "CR4_PSE", "CR4_PGE", "CR4_SMEP",
     "PTE_P", "PTE_RW", "PTE_US", "PTE_PWT", "PTE_PCD", "PTE_A", "PTE_D", "PTE_PS", "PTE_G",
 ]

@@ -49,11 +49,6 @@ from __future__ import annotations
 from typing import Callable, NamedTuple
 
 from cpuvirt.memory.types import (
-    CR0_PG,
-    CR0_WP,
-    CR4_PGE,
-    CR4_PSE,
-    CR4_SMEP,
     PFEC_I,
     PFEC_P,
     PFEC_RSVD,
@@ -68,6 +63,7 @@ from cpuvirt.memory.types import (
     PTE_US,
     Access,
 )
+from cpuvirt.x86.flags import CR0_PG, CR0_WP, CR4_PGE, CR4_PSE, CR4_SMEP
 
 __all__ = ["Translation", "Fault", "walk"]
 

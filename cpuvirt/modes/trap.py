@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from cpuvirt import limits
 from cpuvirt.cpu.deprivilege import SREGS, DeprivilegedVcpu
-from cpuvirt.cpu.events import Vector
 from cpuvirt.memory.shadow import ShadowPaging
 from cpuvirt.modes.base import Mode
+from cpuvirt.x86.vectors import Vector
 
 
 class TrapVcpu(DeprivilegedVcpu):

@@ -12,6 +12,7 @@ from cpuvirt import limits
 from cpuvirt.engine import regs as R
 from cpuvirt.status import Unsupported
 from cpuvirt.x86.faultaddr import _decoder, _operand_addresses
+from cpuvirt.x86.flags import EFLAGS_DF
 
 _cs = Cs(CS_ARCH_X86, CS_MODE_32)
 _cs.detail = True
@@ -99,7 +100,7 @@ def emulate_store(code: bytes, eip: int, regs, read, write) -> tuple[int, int, i
         gva = regs.read(R.EDI)
         value = regs.read(R.EAX) & mask
         write(gva, size, value)
-        step = -size if regs.read(R.EFLAGS) & R.EFLAGS_DF else size
+        step = -size if regs.read(R.EFLAGS) & EFLAGS_DF else size
         regs.write(R.EDI, (gva + step) & 0xFFFFFFFF)
         return length, gva, size, value, f"emulated `{text}`"
     gva = _operand_addresses(code, eip, regs)[0][0]

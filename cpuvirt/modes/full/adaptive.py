@@ -6,9 +6,9 @@ A mixin of FullVcpu (vcpu.py).
 from __future__ import annotations
 
 from cpuvirt.bt.coherence import invalidate
-from cpuvirt.cpu.events import Vector
 from cpuvirt.engine import regs as R
 from cpuvirt.memory.mmu import GuestPageFault
+from cpuvirt.x86.vectors import Vector
 
 ADAPTIVE_THRESHOLD = 4            # traced-page faults at one guest store before it becomes a callout
 
@@ -19,7 +19,7 @@ class AdaptiveStores:
     def _make_adaptive(self, geip: int) -> None:
         """Adaptive BT: a store that keeps faulting on a traced page becomes a callout that does the
         store through the shadow paging (no fault at all)."""
-        from cpuvirt.cpu.events import Unsupported
+        from cpuvirt.status import Unsupported
         from cpuvirt.x86.emulate import _store_form
         tr = self.rt.translator
         if geip in tr.adaptive or not hasattr(self.mmu.strategy, "guest_store"):

@@ -8,10 +8,10 @@ from __future__ import annotations
 import struct
 
 from cpuvirt.cpu.deprivilege import GuestFault
-from cpuvirt.cpu.events import Unsupported
 from cpuvirt.cpu.vcpu import EXIT_HYPERVISOR_STOP
 from cpuvirt.engine import regs as R
 from cpuvirt.memory.mmu import GuestPageFault
+from cpuvirt.status import Unsupported
 
 
 class Callouts:

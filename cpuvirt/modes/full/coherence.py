@@ -17,6 +17,7 @@ from cpuvirt.engine import regs as R
 from cpuvirt.memory.mmu import GuestPageFault
 from cpuvirt.memory.types import Access
 from cpuvirt.x86.emulate import arith_store
+from cpuvirt.x86.flags import EFLAGS_DF
 
 CODE = "code"                     # the write-trace kind of translated guest frames
 
@@ -128,7 +129,7 @@ class Coherence:
         if tw.done:                          # already written (by the hypervisor, or another owner)
             self._check_range(tw.gpa, tw.size or 4)
             return False
-        from cpuvirt.cpu.events import Unsupported
+        from cpuvirt.status import Unsupported
         from cpuvirt.x86.emulate import emulate_store
         mmu = self.mmu
 
@@ -174,7 +175,7 @@ class Coherence:
         regs, mmu = self.regs, self.mmu
         count = regs.read(R.ECX)
         edi, esi = regs.read(R.EDI), regs.read(R.ESI)
-        step = -size if regs.read(R.EFLAGS) & R.EFLAGS_DF else size
+        step = -size if regs.read(R.EFLAGS) & EFLAGS_DF else size
         n = count * size
         if op in (0xAA, 0xAB):
             value = (regs.read(R.EAX) & ((1 << 8 * size) - 1)).to_bytes(size, "little")

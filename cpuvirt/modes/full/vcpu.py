@@ -17,14 +17,14 @@ from cpuvirt.bt.runtime import BtRuntime
 from cpuvirt.bt.tcache import CALLOUT_SLOTS, TC_SIZE, TCache
 from cpuvirt.bt.translate import GuestCode, TranslateFault
 from cpuvirt.cpu.deprivilege import KERNEL_RING, SHADOW_GDT_WINDOW, DeprivilegedVcpu
-from cpuvirt.cpu.events import Vector
 from cpuvirt.cpu.vcpu import EXIT_BUDGET, EXIT_ERROR
 from cpuvirt.engine import regs as R
-from cpuvirt.machine.clock import _COUNT_CB
+from cpuvirt.engine.clock import _COUNT_CB
 from cpuvirt.memory.types import Access
 from cpuvirt.modes.full.adaptive import ADAPTIVE_THRESHOLD, AdaptiveStores
 from cpuvirt.modes.full.callouts import Callouts
 from cpuvirt.modes.full.coherence import CODE, Coherence
+from cpuvirt.x86.vectors import Vector
 
 TC_WINDOW = 0xFF000000            # linear window of the translation cache (execute-only, CPL 1)
 assert TC_WINDOW + TC_SIZE <= SHADOW_GDT_WINDOW
