@@ -79,10 +79,9 @@ class FullVcpu(Coherence, Callouts, AdaptiveStores, DeprivilegedVcpu):
                          remove_cache=self._remove_cache)
         self.tc.on_flush = self._forget_translations
         self.code = _Code(self)
-        self.rt = BtRuntime(self.uc, self.regs, self.tc, self.code, self._read32, self._write32)
+        self.rt = BtRuntime(self.hooks, self.regs, self.tc, self.code, self._read32, self._write32)
         self.rt.on_callout = self._callout_then_window
         self.rt.on_fetch_fault = self._fetch_fault
-        self.rt.on_error = self._hook_error
         self.rt.is_kernel = lambda: self.vcpl() == 0
         if verbose:
             self.rt.translator.trace_translate = self._record_translate
@@ -177,10 +176,6 @@ class FullVcpu(Coherence, Callouts, AdaptiveStores, DeprivilegedVcpu):
         if self.outcome is None and self.clock.now >= self.budget:
             self.finish("budget", EXIT_BUDGET, self.budget_message())
         return self.outcome is None
-
-    def _hook_error(self, e: BaseException) -> None:
-        self.error = e
-        self.uc.emu_stop()
 
     # -- where was the guest? -----------------------------------------------------------------------------
     def guest_position(self, eip: int) -> int:
