@@ -2,12 +2,14 @@
 
 Three address spaces meet in the memory layer (DESIGN.md 4):
 
-- ``Gva``: guest-virtual (linear) address, what guest instructions use;
-- ``Gpa``: guest-physical address, what the guest's page tables produce;
-- ``Hpa``: host-physical address, where cpuvirt really keeps the bytes (p2m or EPT output).
+- ``GVA``: guest-virtual (linear) address, what guest instructions use;
+- ``GPA``: guest-physical address, what the guest's page tables produce;
+- ``HPA``: host-physical address, where cpuvirt really keeps the bytes (p2m or EPT output).
 
-They are ``typing.NewType`` over ``int``: free at run time, checked by a type checker at module
-borders. Inside hot paths they are plain ints.
+They are ``typing.NewType`` over ``int``, written in the signatures at the memory layer's borders
+(walk, mmu, p2m, ept, nested, shadow) and checked by mypy where [tool.mypy] lists the module
+(tests/test_lint.py). Calling one costs a Python call, so the per-fill paths compute plain ints
+inside; the signatures carry the types.
 
 Bit names follow the Intel SDM Vol. 3A: 4.3 (32-bit paging entries, tables 4-4 to 4-6) and 4.7
 (page-fault error code); the control-register bits are cpuvirt/x86/flags.py's.
@@ -18,9 +20,9 @@ from __future__ import annotations
 from enum import IntEnum
 from typing import NewType
 
-Gva = NewType("Gva", int)
-Gpa = NewType("Gpa", int)
-Hpa = NewType("Hpa", int)
+GVA = NewType("GVA", int)
+GPA = NewType("GPA", int)
+HPA = NewType("HPA", int)
 
 
 class Access(IntEnum):
@@ -55,7 +57,7 @@ PTE_PS = 1 << 7      # page size, in a PDE: 1 = 4 MiB page when CR4.PSE = 1 (PAT
 PTE_G = 1 << 8       # global (leaf entries only, with CR4.PGE)
 
 __all__ = [
-    "Gva", "Gpa", "Hpa", "Access",
+    "GVA", "GPA", "HPA", "Access",
     "PFEC_P", "PFEC_W", "PFEC_U", "PFEC_RSVD", "PFEC_I",
     "PTE_P", "PTE_RW", "PTE_US", "PTE_PWT", "PTE_PCD", "PTE_A", "PTE_D", "PTE_PS", "PTE_G",
 ]
