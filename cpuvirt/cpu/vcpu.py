@@ -471,12 +471,16 @@ class Vcpu:
         addr, length, _ = sites[self._io_index]
         return addr, length
 
+    def _block_code(self, block: int) -> bytes:
+        """The code bytes the engine's block at `block` was decoded from (full mode's TC blocks: the TC)."""
+        return self.mmu.fetch_bytes(block, 256) or b""
+
     def _block_io_sites(self, block: int) -> list[tuple[int, int, bool]]:
         """The I/O instructions of the block at `block`, decoded once per translation of it (the
         machine drops the entry when the engine translates a new block there: forget_block)."""
         sites = self._io_sites.get(block)
         if sites is None:
-            code = self.mmu.fetch_bytes(block, 256) or b""
+            code = self._block_code(block)
             sites = []
             for addr, size, mnem, _ in self._cs().disasm_lite(code, block):
                 m = mnem.split()[-1]

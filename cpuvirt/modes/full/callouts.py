@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import struct
 
-from cpuvirt.cpu.deprivilege import GuestFault
 from cpuvirt.cpu.vcpu import EXIT_HYPERVISOR_STOP
+from cpuvirt.cpu.virtualcpu import GuestFault
 from cpuvirt.engine import regs as R
 from cpuvirt.memory.mmu import GuestPageFault
 from cpuvirt.status import Unsupported

@@ -304,21 +304,10 @@ class FullVcpu(Coherence, Callouts, AdaptiveStores, DeprivilegedVcpu):
                 return g[0], length
         return addr, length
 
-    def _block_io_sites(self, block: int):
-        if not self.tc.in_code(block):
-            return super()._block_io_sites(block)
-        sites = self._io_sites.get(block)
-        if sites is None:
-            from cpuvirt.cpu.vcpu import _BLOCK_ENDERS, _IO_MNEMONICS
-            sites = []
-            for addr, size, mnem, _ in self._cs().disasm_lite(self.tc_bytes(block, 256), block):
-                m = mnem.split()[-1]
-                if m in _IO_MNEMONICS:
-                    sites.append((addr, size, mnem.startswith("rep")))
-                if m in _BLOCK_ENDERS:
-                    break
-            limits.put(self._io_sites, block, sites)
-        return sites
+    def _block_code(self, block: int) -> bytes:
+        if self.tc.in_code(block):
+            return self.tc_bytes(block, 256)
+        return super()._block_code(block)
 
     def tc_bytes(self, addr: int, n: int) -> bytes:
         n = max(0, min(n, TC_WINDOW + TC_SIZE - addr))
