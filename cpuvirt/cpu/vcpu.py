@@ -23,6 +23,7 @@ from cpuvirt.engine import regs as R
 from cpuvirt.engine.clock import NEVER
 from cpuvirt.engine.hooks import EngineHooks
 from cpuvirt.memory.traces import TracedWrite, TraceError
+from cpuvirt.memory.types import Access
 from cpuvirt.status import BUDGET as EXIT_BUDGET
 from cpuvirt.status import HALTED as EXIT_HALTED
 from cpuvirt.status import HYPERVISOR_STOP as EXIT_HYPERVISOR_STOP
@@ -190,7 +191,7 @@ class Vcpu:
     def exact_linear(self, pending, eip: int) -> int:
         """The faulting linear address (the fill hook is told only its page)."""
         gva = pending.gva
-        if pending.access != 2:   # a data access: decode the instruction's operands
+        if pending.access != Access.FETCH:   # a data access: decode the instruction's operands
             return fault_address(self.mmu.fetch_bytes(eip, 15), eip, gva & 0xFFFFF000, self.regs)
         if (eip & 0xFFFFF000) == (gva & 0xFFFFF000):
             return eip             # a fetch faults at the instruction (or its next page)
@@ -321,7 +322,7 @@ class Vcpu:
     def charge_fault(self, access: int) -> None:
         """A #PF on an instruction fetch retires nothing: charge its delivery to the clock, so a
         guest whose handler itself cannot be fetched spends its budget instead of looping free."""
-        if access == 2:
+        if access == Access.FETCH:
             self.clock.advance(FETCH_FAULT_CYCLES)
 
     def page_fault(self, gva: int, access: int, error_code: int, eip: int) -> None:

@@ -28,7 +28,7 @@ from collections import Counter, OrderedDict
 from unicorn import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH
 
 from cpuvirt.engine import regs as R
-from cpuvirt.memory.mmu import GuestPageFault, RefusedFill
+from cpuvirt.memory.mmu import GUEST, GuestPageFault, RefusedFill  # GUEST: a guest access fills the shadow
 from cpuvirt.memory.types import GPA, GVA, HPA, PFEC_P, PFEC_U, PFEC_W, PTE_RW, PTE_US, Access
 from cpuvirt.memory.walk import Fault, walk
 from cpuvirt.x86.flags import CR0_PG, CR0_WP, CR4_PGE, CR4_PSE, CR4_SMEP
@@ -39,7 +39,6 @@ MAX_ROOT_ENTRIES = 1 << 16        # shadow entries per address space (256 MiB ma
 _MODE0 = CR0_PG | CR0_WP          # CR0 and CR4 bits a shadow entry depends on: a change drops all
 _MODE4 = CR4_PSE | CR4_PGE | CR4_SMEP
 _WRITE, _FETCH = int(Access.WRITE), int(Access.FETCH)
-GUEST = 2                         # `side_effects` from Mmu.fill: a guest access, which fills the shadow
 
 
 class GuestStoreFault(GuestPageFault):

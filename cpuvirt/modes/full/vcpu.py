@@ -217,7 +217,8 @@ class FullVcpu(Coherence, Callouts, AdaptiveStores, DeprivilegedVcpu):
         code = self.tc_bytes(eip, 15)
         # the exact linear address is computed from the TC instruction, with the registers as they are
         from cpuvirt.x86.faultaddr import fault_address
-        gva = pending.gva if pending.access == 2 else fault_address(code, eip, pending.gva & 0xFFFFF000, self.regs)
+        gva = pending.gva if pending.access == Access.FETCH else fault_address(code, eip, pending.gva & 0xFFFFF000,
+                                                                               self.regs)
         geip = self.guest_position(eip)
         from cpuvirt.memory.traces import TracedWrite
         if type(pending) is TracedWrite:
