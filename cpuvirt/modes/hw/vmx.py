@@ -52,6 +52,17 @@ SENSITIVE = IO_INSTRUCTIONS | frozenset(("hlt", "mov", "clts", "lmsw", "smsw", "
                        "lldt", "ltr", "sldt", "str", "rdmsr", "wrmsr", "rdpmc", "wbinvd", "invd", "pause",
                        "monitor", "mwait"))
 _GPR = {n: r for n, r in zip(R.GPR_NAMES, R.GPR_ORDER)}
+# The instructions that exit as a whole, with no operand to decode, when the controls named are all 1
+# (SDM Vol. 3C 25.1.3, tables 25-6 and 25-7): mnemonic -> (basic exit reason, controls); none: always.
+INSTRUCTION_EXITS: dict[str, tuple[ExitReason, tuple[str, ...]]] = {
+    "hlt": (ExitReason.HLT, ("hlt_exiting",)),
+    "rdpmc": (ExitReason.RDPMC, ("rdpmc_exiting",)),
+    "wbinvd": (ExitReason.WBINVD, ("activate_secondary_controls", "wbinvd_exiting")),
+    "invd": (ExitReason.INVD, ()),
+    "pause": (ExitReason.PAUSE, ("pause_exiting",)),
+    "monitor": (ExitReason.MONITOR, ("monitor_exiting",)),
+    "mwait": (ExitReason.MWAIT, ("mwait_exiting",)),
+}
 # Privileged instructions: at CPL > 0 they raise #GP(0) before any VM exit is considered (SDM Vol. 3C
 # 25.1.1, exceptions take priority over exits); the engine raises that #GP itself when they run.
 PRIVILEGED = frozenset(("hlt", "mov", "clts", "lmsw", "invlpg", "lgdt", "lidt", "lldt", "ltr", "rdmsr",
@@ -311,9 +322,6 @@ class VmxCpu(Vcpu):
             if self.regs.read(R.EIP) != address:
                 return
             self._mov_cr_dr(address, size, ops)
-        elif mnem == "hlt":
-            if self.ctl("hlt_exiting"):
-                self.vm_exit(ExitReason.HLT, address, length=size)
         elif mnem == "invlpg":
             if self.ctl("invlpg_exiting"):
                 la = self._operand_address(address)
@@ -340,23 +348,10 @@ class VmxCpu(Vcpu):
             self._smsw(address, size, ops)
         elif mnem == "lmsw":
             self._lmsw(address, size, ops)
-        elif mnem == "rdpmc":
-            if self.ctl("rdpmc_exiting"):
-                self.vm_exit(ExitReason.RDPMC, address, length=size)
-        elif mnem == "wbinvd":
-            if self.ctl("activate_secondary_controls") and self.ctl("wbinvd_exiting"):
-                self.vm_exit(ExitReason.WBINVD, address, length=size)
-        elif mnem == "invd":
-            self.vm_exit(ExitReason.INVD, address, length=size)       # always exits
-        elif mnem == "pause":
-            if self.ctl("pause_exiting"):
-                self.vm_exit(ExitReason.PAUSE, address, length=size)
-        elif mnem == "monitor":
-            if self.ctl("monitor_exiting"):
-                self.vm_exit(ExitReason.MONITOR, address, length=size)
-        elif mnem == "mwait":
-            if self.ctl("mwait_exiting"):
-                self.vm_exit(ExitReason.MWAIT, address, length=size)
+        elif mnem in INSTRUCTION_EXITS:             # no operand to decode: the controls decide
+            reason, controls = INSTRUCTION_EXITS[mnem]
+            if all(self.ctl(c) for c in controls):
+                self.vm_exit(reason, address, length=size)
         if self.outcome is not None or self._blocked:
             self.uc.emu_stop()
 
