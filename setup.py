@@ -23,7 +23,7 @@ class build_py_with_guests(build_py):
 
 
 setup(
-    ext_modules=[Extension("cpuvirt.machine._vclock", ["cpuvirt/machine/_vclock.c"], extra_compile_args=["-O2"]),
+    ext_modules=[Extension("cpuvirt.engine._vclock", ["cpuvirt/engine/_vclock.c"], extra_compile_args=["-O2"]),
                  Extension("cpuvirt.memory._tlbfill", ["cpuvirt/memory/_tlbfill.c"], extra_compile_args=["-O2"]),
                  Extension("cpuvirt.engine._cpuid", ["cpuvirt/engine/_cpuid.c"], extra_compile_args=["-O2"]),
                  Extension("cpuvirt.cpu._delivery", ["cpuvirt/cpu/_delivery.c"], extra_compile_args=["-O2"])],

@@ -20,7 +20,7 @@ import rawuc  # noqa: E402
 def raw_with_clock(image: bytes) -> float:
     """Bare Unicorn plus only cpuvirt's C block hook (the virtual clock): attributes the gap."""
     import time
-    from cpuvirt.machine.clock import VirtualClock
+    from cpuvirt.engine.clock import VirtualClock
     uc, entry, _ = rawuc.make_uc(image)
     clock = VirtualClock(uc, lambda address, size: 1)  # noqa: F841 (keeps the hook alive)
     t = time.perf_counter()

@@ -837,7 +837,7 @@ def format_cost_rows(m, source_width: int = 60) -> str:
 
 
 def format_summary(res, modelled=None) -> str:
-    from cpuvirt.machine.clock import TSC_HZ
+    from cpuvirt.engine.clock import TSC_HZ
     lines = [f"cpuvirt: {res.guest} under {res.mode}: {res.outcome}, status {res.status}"
              + (f" ({res.message})" if res.message and res.outcome != "exit" else "")]
     lines += [f"  warning        {w}" for w in getattr(res, "warnings", ())]

@@ -10,7 +10,9 @@ from cpuvirt.bt.runtime import BtRuntime
 from cpuvirt.bt.tcache import TCache
 from cpuvirt.bt.translate import GuestCode
 from cpuvirt.engine import regs as R
+from cpuvirt.engine.hooks import EngineHooks
 from cpuvirt.toolchain.assemble import new_keystone
+from cpuvirt.x86.flags import EFLAGS_DF
 
 CODE = 0x10000
 SCRATCH = 0x20000          # 64 KiB of data; the stack grows down from STACK
@@ -18,7 +20,7 @@ STACK = 0x2C000
 TC_BASE = 0x100000
 MEM = 0x400000
 GPRS = (R.EAX, R.ECX, R.EDX, R.EBX, R.ESP, R.EBP, R.ESI, R.EDI)
-FLAGS = 0x8D5 | R.EFLAGS_DF      # CF PF AF ZF SF OF DF
+FLAGS = 0x8D5 | EFLAGS_DF      # CF PF AF ZF SF OF DF
 
 _ks = new_keystone()
 
@@ -66,7 +68,8 @@ class Translated:
         self.tc = TCache(lambda a, d: uc.mem_write(a, bytes(d)), TC_BASE, **({"size": tc_size} if tc_size else {}),
                          remove_cache=lambda lo, hi: uc.ctl_remove_cache(lo, hi))
         self.code = BareCode(uc, virt)
-        self.rt = BtRuntime(uc, self.regs, self.tc, self.code,
+        self.error = None
+        self.rt = BtRuntime(EngineHooks(self), self.regs, self.tc, self.code,
                             lambda a: struct.unpack("<I", uc.mem_read(a, 4))[0],
                             lambda a, v: uc.mem_write(a, struct.pack("<I", v)))
         self.callouts = []
@@ -95,6 +98,8 @@ class Translated:
             self.uc.emu_start(self.regs.read(R.EIP), 0, count=count)
         except UcError as e:
             self.error = e
+        if self.error is not None and not isinstance(self.error, UcError):
+            raise self.error            # raised in a callout, kept by the hook guard
         return self
 
 

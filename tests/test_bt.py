@@ -286,7 +286,7 @@ def test_a_full_translation_cache_is_flushed_and_refilled():
        st.integers(0, 0xFFFFFFFF), st.integers(0, 0xFFFFFFFF), st.integers(0, 0x8D5))
 def test_code_page_arithmetic_stores_match_the_cpu(form, sized, mem, ecx, flags):
     """full mode's emulation of `add/sub/inc/dec [m]` into a code frame sets memory and flags as the CPU."""
-    from cpuvirt.modes.full import _arith_store
+    from cpuvirt.x86.emulate import arith_store
     text = form.format(s=sized[0], r=sized[1])
     code = asm(text + "; hlt")
     init = {R.EBX: SCRATCH, R.ECX: ecx, R.EFLAGS: 0x2 | flags}
@@ -297,7 +297,7 @@ def test_code_page_arithmetic_stores_match_the_cpu(form, sized, mem, ecx, flags)
     regs = R.Regs(uc)
     read = lambda a, n: int.from_bytes(uc.mem_read(a, n), "little")
     write = lambda a, n, v: uc.mem_write(a, v.to_bytes(n, "little"))
-    length = _arith_store(code, CODE, regs, read, write)
+    length = arith_store(code, CODE, regs, read, write)
     assert length == len(asm(text))
     assert bytes(uc.mem_read(SCRATCH + 8, 4)) == bytes(native.mem_read(SCRATCH + 8, 4)), text
     assert uc.reg_read(R.EFLAGS) & 0x8D5 == native.reg_read(R.EFLAGS) & 0x8D5, text

@@ -117,14 +117,14 @@ def test_an_installed_package_carries_its_guests(tmp_path):
     """A plain (non-editable) install has no checkout beside it: the guests travel in the package."""
     import shutil
     from pathlib import Path
-    import cpuvirt.machine
+    import cpuvirt.engine
     repo = Path(__file__).resolve().parents[1]
     lib = tmp_path / "lib"
     p = subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(lib)], cwd=repo,
                        capture_output=True, timeout=120)
     assert p.returncode == 0, p.stderr
-    for so in Path(cpuvirt.machine.__file__).parent.glob("_vclock*.so"):
-        shutil.copy(so, lib / "cpuvirt" / "machine")
+    for so in Path(cpuvirt.engine.__file__).parent.glob("_vclock*.so"):
+        shutil.copy(so, lib / "cpuvirt" / "engine")
     env = {"PYTHONPATH": str(lib), "PATH": "/usr/bin:/bin"}
     run = lambda *a: subprocess.run([sys.executable, "-m", "cpuvirt", *a], cwd=tmp_path, env=env,
                                     capture_output=True, timeout=120)

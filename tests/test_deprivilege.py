@@ -8,13 +8,14 @@ import json
 
 import pytest
 
-from cpuvirt.engine import regs as R
 from cpuvirt.cpu.deprivilege import HV_CR0, SHADOW_GDT_WINDOW, ShadowGdt, VirtualCpu
+from cpuvirt.engine import regs as R
 from cpuvirt.machine.machine import Machine
 from cpuvirt.runner import BOOT_GDT_GPA, run_guest
 from cpuvirt.toolchain.build import include_dir
 from cpuvirt.toolchain.image import build_image
 from cpuvirt.toolchain.preprocess import preprocess
+from cpuvirt.x86.flags import EFLAGS_IOPL
 
 PROBE = r"""
 # description: deprivileging probe: privileged instructions a ring-0 kernel can check
@@ -238,7 +239,7 @@ def test_boot_drops_the_kernel_to_ring_1():
     assert vcpu.v.gdtr == (BOOT_GDT_GPA, 23)
     assert regs.table(R.GDTR)[1:3] == (BOOT_GDT_GPA, 23)              # the guest's GDT is the real one
     assert vcpu.guest_selector(regs.read(R.CS)) == 0x08
-    assert vcpu.guest_eflags() & R.EFLAGS_IOPL == 0
+    assert vcpu.guest_eflags() & EFLAGS_IOPL == 0
 
 
 def test_virtual_cpu_is_not_in_guest_memory():

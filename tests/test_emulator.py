@@ -9,10 +9,11 @@ from hypothesis import strategies as st
 from unicorn import UC_ARCH_X86, UC_HOOK_INSN, UC_MODE_32, Uc
 from unicorn import x86_const as U
 
-from cpuvirt.engine import regs as R
 from cpuvirt.cpu.emulator import REP_CHUNK, Context, EmulatedFault, emulate
 from cpuvirt.cpu.events import Unsupported
+from cpuvirt.engine import regs as R
 from cpuvirt.toolchain.assemble import new_keystone
+from cpuvirt.x86.flags import EFLAGS_DF
 
 CODE, DATA, DATA_SIZE = 0x1000, 0x2000, 0x100
 ALL = 0x8D5                  # CF PF AF ZF SF OF
@@ -153,7 +154,7 @@ def test_every_form_matches_unicorn(form, gprs, count, mem, flags, df, xmm, smal
     start = middle + (-40 if df else 0) if "s" in text else DATA
     regs = {R.EAX: eax, R.ECX: ecx, R.EDX: edx, R.EBX: DATA, R.ESI: start & ~3, R.EDI: middle if text.startswith("bt")
             else (start + 44 if not df else start + 20), R.ESP: 0x8000, R.EBP: 0x9000,
-            R.EFLAGS: 0x2 | (flags & ALL) | (R.EFLAGS_DF if df else 0)}
+            R.EFLAGS: 0x2 | (flags & ALL) | (EFLAGS_DF if df else 0)}
     if text.startswith("mov eax, dword ptr [ebx + esi"):
         regs[R.ESI] = 3
     if text.startswith("bt") and "edi" not in text:
@@ -161,7 +162,7 @@ def test_every_form_matches_unicorn(form, gprs, count, mem, flags, df, xmm, smal
     ref, emu, ref_ports, emu_ports = _run_both(text, regs, mem, xmm)
     assert _state(emu) == _state(ref), text
     assert emu.reg_read(R.EFLAGS) & defined == ref.reg_read(R.EFLAGS) & defined, text
-    assert emu.reg_read(R.EFLAGS) & R.EFLAGS_DF == ref.reg_read(R.EFLAGS) & R.EFLAGS_DF
+    assert emu.reg_read(R.EFLAGS) & EFLAGS_DF == ref.reg_read(R.EFLAGS) & EFLAGS_DF
     assert emu_ports.written == ref_ports.written and emu_ports.n == ref_ports.n, text
 
 

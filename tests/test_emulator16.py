@@ -15,6 +15,7 @@ from unicorn import UC_ARCH_X86, UC_MODE_16, Uc
 from cpuvirt.cpu.emulator import Context, decode, emulate
 from cpuvirt.engine import regs as R
 from cpuvirt.toolchain.assemble import new_keystone
+from cpuvirt.x86.flags import EFLAGS_DF
 
 CODE = 0x1000
 MEM = 0x20000                    # every segment base + 16-bit offset lands in mapped memory
@@ -83,7 +84,7 @@ def test_every_16bit_form_matches_unicorn_in_real_mode(form, words, high, count,
     hi = high << 16            # upper halves: ignored by 16-bit addressing, kept by 16-bit writes
     regs = {R.EAX: hi | ax, R.EBX: hi | bx, R.ESI: hi | si, R.EDI: hi | di, R.EBP: hi | bp, R.EDX: hi | dx,
             R.ECX: hi | (count if text.split()[0] in ("rep", "repe", "repne") else words[0] & 0x1F),
-            R.ESP: 0x7000, R.EFLAGS: 0x2 | (flags & ALL) | (R.EFLAGS_DF if df else 0)}
+            R.ESP: 0x7000, R.EFLAGS: 0x2 | (flags & ALL) | (EFLAGS_DF if df else 0)}
     if "e" in text.split("[")[-1].split("]")[0]:
         regs.update({R.EBX: bx, R.ESI: si & 0x3FFF, R.EBP: bp})   # 32-bit addressing: stay in memory
     ref, emu = _machine(code, regs, mem), _machine(code, regs, mem)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from cpuvirt.machine.hostmem import HostRegion
+from cpuvirt.engine.hostmem import HostRegion
 from cpuvirt.memory.p2m import HV_HPA
 from cpuvirt.modes.full import ADAPTIVE_THRESHOLD, TC_WINDOW
 from cpuvirt.bt.tcache import CALLOUT_SLOTS, TC_SIZE

@@ -1,4 +1,5 @@
-"""The floors of cpuvirt (docs/design.md, "Floors"): no import runs upward, no cycle between parts.
+"""The floors of cpuvirt (docs/design.md, "Floors"): no import runs upward, no cycle between parts, nor
+between the modules of one part.
 
 Every module under cpuvirt/ is parsed with `ast` (nothing is imported), and each import, at module level
 or inside a function, becomes an arrow between the two parts (the top-level subpackages and modules of
@@ -20,7 +21,7 @@ PKG = Path(__file__).resolve().parent.parent / "cpuvirt"
 FLOORS: list[tuple[str, ...]] = [
     ("errors", "status", "limits", "__init__"),   # the ground: user errors, exit statuses, cache caps
     ("engine",),                                  # libunicorn below the wrapper: registers, the hook guard
-    ("x86",),                                     # stateless architecture facts and decoders
+    ("x86", "xen"),                               # stateless architecture facts and decoders; the Xen PV ABI
     ("memory",),                                  # the guest walk, the TLB-fill hook and its strategies
     ("machine", "loader", "toolchain", "trace.format"),  # pc-lite; Multiboot; guest builds; the trace format
     ("cpu", "virtio"),                            # the vCPU run loop and event delivery; virtio devices
@@ -139,6 +140,26 @@ def test_no_cycle_between_parts():
     assert not bad, "\n".join(detail)
 
 
+def module_cycles(root: Path = PKG) -> list[str]:
+    """Every cycle of imports between modules, inside a part too (cpu/events.py <-> cpu/tasks.py),
+    each as its modules and the import lines that close it."""
+    found = imports(root)
+    edges = {(me, target) for me, target, _, _ in found if me != target}
+    out = []
+    for c in cycles(edges):
+        lines = [f"{me}:{line} imports {target}" + (" (inside a function)" if deferred else "")
+                 for me, target, line, deferred in found if me in c and target in c and me != target]
+        out.append(f"cycle {' <-> '.join(c)}: " + "; ".join(lines))
+    return out
+
+
+def test_no_cycle_between_modules():
+    """No two modules import each other, even within one package: a cycle there is as hard to read as one
+    between floors (which module is the lower one?) and only import order keeps it working."""
+    bad = module_cycles()
+    assert not bad, "\n".join(bad)
+
+
 def test_no_import_runs_upward():
     upward = [w for (a, b), ws in sorted(arrows().items()) if FLOOR[b] >= FLOOR[a] for w in ws]
     assert not upward, "imports against the floors (docs/design.md, \"Floors\"):\n" + "\n".join(upward)
@@ -172,3 +193,16 @@ def test_a_cycle_is_caught(tmp_path):
     assert ("memory", "cpu") in found and "(inside a function)" in found[("memory", "cpu")][0]
     assert any({"cpu", "memory"} <= set(c) for c in cycles(found))
     assert FLOOR["cpu"] > FLOOR["memory"]      # so test_no_import_runs_upward names that line too
+
+
+def test_a_cycle_inside_a_package_is_caught(tmp_path):
+    """The module-level check reads the code too: tasks.py importing events.py back, in a function, is a cycle."""
+    import shutil
+    copy = tmp_path / "cpuvirt"
+    shutil.copytree(PKG, copy, ignore=shutil.ignore_patterns("__pycache__", "*.so", "*.c"))
+    assert module_cycles(copy) == []
+    faults = copy / "cpu" / "faults.py"
+    faults.write_text(faults.read_text() + "\n\ndef _late():\n    from cpuvirt.cpu.events import EventDelivery  # noqa\n")
+    bad = module_cycles(copy)
+    assert len(bad) == 1 and "cpuvirt.cpu.events" in bad[0] and "cpuvirt.cpu.faults" in bad[0], bad
+    assert "cpuvirt/cpu/faults.py" not in bad[0] and "(inside a function)" in bad[0]

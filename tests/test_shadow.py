@@ -8,15 +8,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cpuvirt.engine import regs as R
 from cpuvirt.cpu.vcpu import Vcpu
+from cpuvirt.engine import regs as R
 from cpuvirt.machine.machine import Machine
 from cpuvirt.memory.mmu import GUEST, GuestWalk
 from cpuvirt.memory.shadow import GuestStoreFault, ShadowPaging
-from cpuvirt.memory.traces import TraceError, TracedWrite
-from cpuvirt.memory.types import CR0_PG, CR0_WP, CR4_PSE
+from cpuvirt.memory.traces import TracedWrite, TraceError
 from cpuvirt.runner import run_guest
 from cpuvirt.toolchain.build import list_guests
+from cpuvirt.x86.flags import CR0_PG, CR0_WP, CR4_PSE, EFLAGS_DF
 
 PE_PG = CR0_PG | 1
 PD1, PD2, PT_BASE = 0x100000, 0x101000, 0x102000      # property tests: 2 directories, 4 page tables
@@ -362,8 +362,9 @@ _FORMS = ["mov dword ptr [ebx + 8], ecx", "mov byte ptr [ebx], 0x7f", "mov word 
        mem=st.binary(min_size=16, max_size=16), df=st.booleans(), same=st.booleans())
 def test_emulate_store_matches_the_engine(form, eax, ecx, mem, df, same):
     from unicorn import UC_ARCH_X86, UC_MODE_32, Uc
-    from cpuvirt.x86.emulate import emulate_store
+
     from cpuvirt.toolchain.assemble import new_keystone
+    from cpuvirt.x86.emulate import emulate_store
     if same:                               # cmpxchg: make the comparison succeed sometimes
         mem = eax.to_bytes(4, "little") + mem[4:]
     code = bytes(new_keystone().asm(form, 0x1000)[0])
@@ -374,7 +375,7 @@ def test_emulate_store_matches_the_engine(form, eax, ecx, mem, df, same):
         uc.mem_write(0x1000, code)
         uc.mem_write(0x2000, mem)
         for reg, v in ((R.EAX, eax), (R.ECX, ecx), (R.EBX, 0x2000), (R.EDI, 0x2004),
-                       (R.EFLAGS, 0x2 | (R.EFLAGS_DF if df else 0))):
+                       (R.EFLAGS, 0x2 | (EFLAGS_DF if df else 0))):
             uc.reg_write(reg, v)
         ucs.append(uc)
     ucs[0].emu_start(0x1000, 0x1000 + len(code))

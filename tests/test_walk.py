@@ -17,10 +17,11 @@ from hypothesis import strategies as st
 from cpuvirt.memory import types as T
 from cpuvirt.memory.types import Access
 from cpuvirt.memory.walk import Fault, Translation, walk
+from cpuvirt.x86 import flags as F
 
 READ, WRITE, FETCH = Access.READ, Access.WRITE, Access.FETCH
-PG = T.CR0_PG | T.CR0_PE
-PG_WP = PG | T.CR0_WP
+PG = F.CR0_PG | F.CR0_PE
+PG_WP = PG | F.CR0_WP
 P, RW, US, A, D, PS, G = T.PTE_P, T.PTE_RW, T.PTE_US, T.PTE_A, T.PTE_D, T.PTE_PS, T.PTE_G
 
 
@@ -42,7 +43,7 @@ class Memory:
         self.writes.append((gpa, value))
         self.words[gpa] = value
 
-    def walk(self, gva, access=READ, user=False, cr0=PG_WP, cr3=0x1000, cr4=T.CR4_PSE, probe=False):
+    def walk(self, gva, access=READ, user=False, cr0=PG_WP, cr3=0x1000, cr4=F.CR4_PSE, probe=False):
         self.reads = 0
         self.writes = []
         result = walk(gva, access, user, cr0, cr3, cr4, self.read32,
@@ -66,8 +67,8 @@ def tables(pde_flags=P | RW | US, pte_flags=P | RW | US, pdi=0, pti=5) -> Memory
 
 def test_constants_are_the_sdm_bit_positions():
     assert (T.PFEC_P, T.PFEC_W, T.PFEC_U, T.PFEC_RSVD, T.PFEC_I) == (1, 2, 4, 8, 16)
-    assert (T.CR0_PE, T.CR0_WP, T.CR0_PG) == (1, 1 << 16, 1 << 31)
-    assert (T.CR4_PSE, T.CR4_PGE, T.CR4_SMEP) == (1 << 4, 1 << 7, 1 << 20)
+    assert (F.CR0_PE, F.CR0_WP, F.CR0_PG) == (1, 1 << 16, 1 << 31)
+    assert (F.CR4_PSE, F.CR4_PGE, F.CR4_SMEP) == (1 << 4, 1 << 7, 1 << 20)
     assert [T.PTE_P, T.PTE_RW, T.PTE_US, T.PTE_PWT, T.PTE_PCD, T.PTE_A, T.PTE_D, T.PTE_PS,
             T.PTE_G] == [1 << b for b in range(9)]
     assert (int(READ), int(WRITE), int(FETCH)) == (0, 1, 2)
@@ -80,7 +81,7 @@ def test_constants_are_the_sdm_bit_positions():
 @pytest.mark.parametrize("user", [False, True])
 def test_paging_off_is_the_identity_with_full_rights_and_no_references(access, user):
     mem = Memory()
-    t = mem.walk(0xDEADBEEF, access, user, cr0=T.CR0_PE | T.CR0_WP, cr4=T.CR4_SMEP)
+    t = mem.walk(0xDEADBEEF, access, user, cr0=F.CR0_PE | F.CR0_WP, cr4=F.CR4_SMEP)
     assert t == Translation(0xDEADBEEF, 0xDEADB000, True, True, False, True, False, 0)
 
 
@@ -137,7 +138,7 @@ def test_read_only_page(ro_level, cr0, user, access, expect):
     if expect == "ok":
         assert isinstance(result, Translation)
         assert result.gpa == DATA | 0xABC
-        assert result.writable == (not user and not cr0 & T.CR0_WP)
+        assert result.writable == (not user and not cr0 & F.CR0_WP)
     else:
         assert result == Fault(expect, 2)
         assert mem.writes == []
@@ -160,7 +161,7 @@ def test_user_page_reports_user_and_writable_for_user():
 # --------------------------------------------------------------------------------------------
 # SMEP and the I/D bit (SDM 4.6, 4.7)
 
-SMEP = T.CR4_PSE | T.CR4_SMEP
+SMEP = F.CR4_PSE | F.CR4_SMEP
 
 
 def test_smep_supervisor_fetch_from_user_page_faults_with_id():
@@ -173,7 +174,7 @@ def test_smep_allows_what_it_does_not_forbid():
     mem = tables()
     assert isinstance(mem.walk(0x5000, FETCH, user=True, cr4=SMEP), Translation)
     assert isinstance(mem.walk(0x5000, READ, user=False, cr4=SMEP), Translation)   # no SMAP
-    assert isinstance(mem.walk(0x5000, FETCH, user=False, cr4=T.CR4_PSE), Translation)
+    assert isinstance(mem.walk(0x5000, FETCH, user=False, cr4=F.CR4_PSE), Translation)
     for pde_us, pte_us in [(US, 0), (0, US)]:      # a supervisor page: U/S = 0 at some level
         sup = tables(pde_flags=P | RW | pde_us, pte_flags=P | RW | pte_us)
         assert isinstance(sup.walk(0x5000, FETCH, user=False, cr4=SMEP), Translation)
@@ -183,7 +184,7 @@ def test_id_bit_only_with_smep_even_on_not_present_faults():
     mem = Memory()
     assert mem.walk(0x5000, FETCH, cr4=SMEP) == Fault(T.PFEC_I, 1)
     assert mem.walk(0x5000, FETCH, user=True, cr4=SMEP) == Fault(T.PFEC_I | T.PFEC_U, 1)
-    assert mem.walk(0x5000, FETCH, cr4=T.CR4_PSE) == Fault(0, 1)
+    assert mem.walk(0x5000, FETCH, cr4=F.CR4_PSE) == Fault(0, 1)
     sup = tables(pde_flags=P | RW | US | A, pte_flags=P | RW | A)
     assert sup.walk(0x5000, FETCH, user=True, cr4=SMEP) == Fault(
         T.PFEC_P | T.PFEC_U | T.PFEC_I, 2)
@@ -307,12 +308,12 @@ def test_self_mapped_page_directory():
 
 def test_global_needs_the_leaf_g_bit_and_cr4_pge():
     mem = tables(pde_flags=P | RW | US | A | G, pte_flags=P | RW | US | A)
-    assert not mem.walk(0x5000, cr4=T.CR4_PGE).global_            # G in a table PDE is ignored
+    assert not mem.walk(0x5000, cr4=F.CR4_PGE).global_            # G in a table PDE is ignored
     mem = tables(pte_flags=P | RW | US | A | G)
-    assert mem.walk(0x5000, cr4=T.CR4_PGE).global_
+    assert mem.walk(0x5000, cr4=F.CR4_PGE).global_
     assert not mem.walk(0x5000, cr4=0).global_
     big = Memory({PD: P | PS | A | G})
-    assert big.walk(0x5000, cr4=T.CR4_PSE | T.CR4_PGE).global_
+    assert big.walk(0x5000, cr4=F.CR4_PSE | F.CR4_PGE).global_
 
 
 def test_cr3_low_bits_are_ignored():
@@ -457,9 +458,9 @@ config_st = st.fixed_dictionaries({
 
 
 def registers(cfg):
-    cr0 = T.CR0_PG | T.CR0_PE | (T.CR0_WP if cfg["wp"] else 0)
-    cr4 = ((T.CR4_PSE if cfg["pse"] else 0) | (T.CR4_SMEP if cfg["smep"] else 0)
-           | (T.CR4_PGE if cfg["pge"] else 0))
+    cr0 = F.CR0_PG | F.CR0_PE | (F.CR0_WP if cfg["wp"] else 0)
+    cr4 = ((F.CR4_PSE if cfg["pse"] else 0) | (F.CR4_SMEP if cfg["smep"] else 0)
+           | (F.CR4_PGE if cfg["pge"] else 0))
     return cr0, cfg["cr3"], cr4
 
 
@@ -509,5 +510,5 @@ def test_probe_answers_like_the_real_walk_without_side_effects(words, cfg, acces
        cr4=st.integers(0, 2**32 - 1), cr3=st.integers(0, 2**32 - 1))
 def test_paging_off_never_reads_memory(gva, kind, user, cr4, cr3):
     mem = Memory()
-    t = mem.walk(gva, Access(kind), user, cr0=T.CR0_PE | T.CR0_WP, cr3=cr3, cr4=cr4)
+    t = mem.walk(gva, Access(kind), user, cr0=F.CR0_PE | F.CR0_WP, cr3=cr3, cr4=cr4)
     assert (t.gpa, t.page_gpa, t.writable, t.user, t.refs) == (gva, gva >> 12 << 12, True, True, 0)

@@ -5,6 +5,10 @@ virtual-CPU field it baked in as an immediate changes, or when the linear page i
 elsewhere. Its TC space is not reused until the next flush; its entry is overwritten with a jmp to a
 chain callout for the same guest EIP, so every chained jump that still leads there translates the guest
 code again once, after which the entry jumps straight to the new translation.
+
+This is the mechanism, on the translation cache alone; when a block must go (which guest bytes or
+virtual-CPU values it was made from, and what changed them) is the vCPU's bookkeeping, in
+modes/full/coherence.py.
 """
 from __future__ import annotations
 

@@ -30,9 +30,9 @@ from cpuvirt.cpu.deprivilege import GuestFault
 from cpuvirt.cpu.events import Unsupported, Vector
 from cpuvirt.engine import regs as R
 from cpuvirt.engine.regs import _uclib
+from cpuvirt.x86.flags import CR0_PE, CR0_PG, CR0_WP, EFLAGS_IOPL
 
 REAL, PM16 = "real", "pm16"
-CR0_PE, CR0_PG = 1, 1 << 31
 _CS, _SS = 1, 2                    # QEMU's R_CS, R_SS: indexes of env->segs
 _DPL = 3 << 13
 # The real-mode intercepts (cpu/intercept.py names): mov to/from CR (and DR), lmsw.
@@ -85,7 +85,7 @@ class Direct16:
         else:
             c.v.cr0 = (value | 0x10) & 0xFFFFFFFF
             self._leave_real()
-        if (old ^ value) & (CR0_PG | (1 << 16) | CR0_PE):
+        if (old ^ value) & (CR0_PG | CR0_WP | CR0_PE):
             c.flush_guest_tlb()
 
     def _enter_real(self) -> None:
@@ -103,7 +103,7 @@ class Direct16:
         regs.set_table(R.IDTR, (0, base, limit, 0))     # natively run sidt/lidt see the guest's
         self._set_ring(0)
         flags = regs.read(R.EFLAGS)
-        regs.write(R.EFLAGS, (flags & ~R.EFLAGS_IOPL) | (c.v.iopl << 12))
+        regs.write(R.EFLAGS, (flags & ~EFLAGS_IOPL) | (c.v.iopl << 12))
         self.state = REAL
         self.from_real = False
         self._changed()

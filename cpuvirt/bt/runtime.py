@@ -11,26 +11,26 @@ The engine is never stopped for any of these.
 """
 from __future__ import annotations
 
-from unicorn import UC_HOOK_CODE
-
 from cpuvirt.bt.tcache import CALLOUT_SLOTS, Block, TCache
 from cpuvirt.bt.translate import GuestCode, TranslateFault, Translator
 from cpuvirt.engine import regs as R
+from cpuvirt.engine.hooks import EngineHooks
 
 
 class BtRuntime:
-    def __init__(self, uc, regs: R.Regs, tc: TCache, code: GuestCode, read32, write32):
-        self.uc = uc
+    def __init__(self, hooks: EngineHooks, regs: R.Regs, tc: TCache, code: GuestCode, read32, write32):
+        """`hooks`: the owner's EngineHooks; the callout hook runs under their guard (an exception stops
+        the engine and is kept as the owner's `error`)."""
+        self.uc = hooks.owner.uc
         self.regs = regs
         self.tc = tc
         self.translator = Translator(tc, code)
         self.read32, self.write32 = read32, write32
         self.on_callout = None          # callback(site) for sensitive instructions: emulate, set guest EIP
         self.on_fetch_fault = None      # callback(TranslateFault, guest_eip) -> False when the run stops
-        self.on_error = None            # callback(exception) raised inside the hook
         self.is_kernel = lambda: True   # is the guest now at virtual CPL 0 (its code runs translated)?
         self.current = None             # the Site being served (the hypervisor's view of "where")
-        self._hook = uc.hook_add(UC_HOOK_CODE, self.hook_callout, None, tc.base, tc.base + CALLOUT_SLOTS - 1)
+        self._hook = hooks.code(self.hook_callout, tc.base, tc.base + CALLOUT_SLOTS - 1)
 
     # -- guest EIP -> TC --------------------------------------------------------------------------------
     def lookup(self, geip: int) -> int:
@@ -81,10 +81,6 @@ class BtRuntime:
         self.current = site
         try:
             self._serve(site)
-        except BaseException as e:      # never let an exception unwind through the engine
-            if self.on_error is None:
-                raise
-            self.on_error(e)
         finally:
             self.current = None
 

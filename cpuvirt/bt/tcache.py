@@ -1,6 +1,6 @@
 """The translation cache (TC): translated guest-kernel code in hypervisor memory (Adams & Agesen 2006).
 
-Layout of the TC's linear window W (fetched by translated code only; see modes/full.py for how the
+Layout of the TC's linear window W (fetched by translated code only; see modes/full/vcpu.py for how the
 TLB-fill hook keeps the guest out of it):
 
 - W .. W + CALLOUT_SLOTS: the callout area, one byte (int3) per callout site. One UC_HOOK_CODE covers

@@ -66,7 +66,7 @@ typedef struct {
     /* The iret sites (delivery_iret_hook): */
     uint32_t nmi_blocked;        /* Vcpu.nmi_blocked, kept equal by Python */
     uint32_t pad;
-    uint32_t *clock_watch_if;    /* the virtual clock's watch_if and check_if (machine/_vclock.c) */
+    uint32_t *clock_watch_if;    /* the virtual clock's watch_if and check_if (engine/_vclock.c) */
     uint32_t *clock_check_if;
     uint64_t irets;
 } delivery_t;

@@ -27,17 +27,32 @@ import struct
 from unicorn import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH, UC_PROT_READ, UC_PROT_WRITE
 
 from cpuvirt import limits
-from cpuvirt.cpu.events import HAS_ERROR_CODE, DeliveryFault, EventDelivery, Unsupported, Vector
+from cpuvirt.cpu.events import EventDelivery
+from cpuvirt.cpu.faults import DeliveryFault
+from cpuvirt.cpu.privileged import EMULATE
 from cpuvirt.cpu.quirks import HF_INHIBIT_IRQ
 from cpuvirt.cpu.tasks import CpuView
 from cpuvirt.cpu.vcpu import EXIT_HYPERVISOR_STOP, Vcpu
+from cpuvirt.cpu.virtualcpu import SREGS, GuestFault, SegCache, VirtualCpu  # noqa: F401  (re-exported)
 from cpuvirt.engine import regs as R
+from cpuvirt.engine.hostmem import HostRegion, HvAllocator
 from cpuvirt.engine.regs import _uclib
-from cpuvirt.machine.hostmem import HostRegion
-from cpuvirt.memory.ept import HvAllocator
 from cpuvirt.memory.mmu import GuestPageFault
 from cpuvirt.memory.p2m import HV_HPA
+from cpuvirt.status import Unsupported
 from cpuvirt.x86.faultaddr import operand_address
+from cpuvirt.x86.flags import (
+    CR0_PE,
+    CR0_PG,
+    CR0_TS,
+    CR0_WP,
+    CR4_PGE,
+    CR4_PSE,
+    EFLAGS_IOPL,
+    EFLAGS_NT,
+    EFLAGS_VM,
+)
+from cpuvirt.x86.vectors import HAS_ERROR_CODE, Vector
 
 KERNEL_RING = 1                   # the real ring of the guest kernel (virtual CPL 0)
 SYSENTER_MSRS = (0x174, 0x175, 0x176)   # IA32_SYSENTER_CS, _ESP, _EIP: kept in the VirtualCpu
@@ -48,9 +63,6 @@ SHADOW_GDT_BYTES = 0x10000        # a GDT's largest size (limit 0xFFFF)
 # guest's usual PE|ET (0x11), which is what makes the smsw hole visible.
 HV_CR0 = 0x80010033
 HV_IDTR = (0, 0xFFC00000, 0x7FF, 0)   # the hypervisor's IDTR (the engine never uses it): `sidt` shows it
-CR0_PE, CR0_TS, CR0_PG, CR0_WP = 1, 1 << 3, 1 << 31, 1 << 16
-CR4_PSE, CR4_PGE = 1 << 4, 1 << 7
-SREGS = {"es": R.ES, "cs": R.CS, "ss": R.SS, "ds": R.DS, "fs": R.FS, "gs": R.GS}
 _REG32 = dict(zip(R.GPR_NAMES, R.GPR_ORDER))
 _REG16 = {n[1:]: r for n, r in _REG32.items()}
 _REG8 = {"al": (R.EAX, 0), "cl": (R.ECX, 0), "dl": (R.EDX, 0), "bl": (R.EBX, 0),
@@ -99,53 +111,6 @@ def segs_offset() -> int | None:
         off = None
     _segs_offset_cache.append(off)
     return off
-
-
-class GuestFault(Exception):
-    """Emulating an instruction raised an exception the guest must see (delivered through its IDT)."""
-
-    def __init__(self, vector: int, error_code: int | None = None, cr2: int | None = None,
-                 eip: int | None = None):
-        super().__init__(f"vector {vector} error {error_code}")
-        self.vector, self.error_code, self.cr2 = vector, error_code, cr2
-        self.eip = eip            # set when it arose in a new task (after a task switch's commit point)
-
-
-class SegCache:
-    """A system-segment register as the guest loaded it (LDTR, TR): selector and cached base/limit."""
-
-    __slots__ = ("base", "limit", "selector")
-
-    def __init__(self, selector: int = 0, base: int = 0, limit: int = 0):
-        self.selector, self.base, self.limit = selector, base, limit
-
-    def __repr__(self):
-        return f"SegCache({self.selector:#x}, {self.base:#x}, {self.limit:#x})"
-
-
-class VirtualCpu:
-    """What the guest believes about the privileged CPU state (never in guest-addressable memory).
-
-    CPL, IF and the guest-view selectors are not stored: CPL is derived from the real CS (real ring 1
-    = virtual 0), IF is the real EFLAGS.IF, and a kernel selector is the real one with RPL 0
-    (`DeprivilegedVcpu.guest_selector`)."""
-
-    __slots__ = ("cr0", "cr2", "cr3", "cr4", "dr", "gdtr", "idtr", "iopl", "ldtr", "tr", "sysenter")
-
-    def __init__(self):
-        self.cr0, self.cr2, self.cr3, self.cr4 = 0x11, 0, 0, 0
-        self.dr = [0, 0, 0, 0, 0, 0, 0xFFFF0FF0, 0x400]   # DR0-7 at reset (no breakpoint is armed)
-        self.gdtr = (0, 0)            # (base, limit)
-        self.idtr = (0, 0x3FF)
-        self.ldtr = SegCache()
-        self.tr = SegCache()
-        self.iopl = 0
-        # IA32_SYSENTER_CS/ESP/EIP (MSRs 0x174-0x176): virtual, never the engine's, whose own
-        # sysenter would enter real ring 0 (it is hooked and emulated instead: `_sysenter`)
-        self.sysenter = [0, 0, 0]
-
-    def crs(self) -> tuple[int, int, int]:
-        return self.cr0, self.cr3, self.cr4
 
 
 class ShadowGdt:
@@ -248,7 +213,7 @@ class VirtualView(CpuView):
 
     def selector(self, reg: int) -> int:
         real = self.regs.read(reg)
-        return real if self.regs.read(R.EFLAGS) & R.EFLAGS_VM else self.vcpu.guest_selector(real)
+        return real if self.regs.read(R.EFLAGS) & EFLAGS_VM else self.vcpu.guest_selector(real)
 
     def gdtr(self) -> tuple[int, int]:
         return self.vcpu.v.gdtr
@@ -364,7 +329,7 @@ class DeprivilegedVcpu(Vcpu):
         cpl = self.regs.read(R.CS) & 3
         if cpl == 3:
             return 3
-        if self.regs.read(R.EFLAGS) & R.EFLAGS_VM:
+        if self.regs.read(R.EFLAGS) & EFLAGS_VM:
             return 3
         return 0 if cpl == KERNEL_RING else cpl
 
@@ -379,17 +344,17 @@ class DeprivilegedVcpu(Vcpu):
 
     def guest_eflags(self) -> int:
         """EFLAGS as the guest sees it: the real flags (IF included) with the virtual IOPL."""
-        return (self.regs.read(R.EFLAGS) & ~R.EFLAGS_IOPL) | (self.v.iopl << 12)
+        return (self.regs.read(R.EFLAGS) & ~EFLAGS_IOPL) | (self.v.iopl << 12)
 
     def set_guest_eflags(self, image: int) -> None:
         """Load an EFLAGS image the guest may load at its current (virtual) privilege."""
         self.v.iopl = (image >> 12) & 3
-        if image & R.EFLAGS_VM:
+        if image & EFLAGS_VM:
             # V86 code really runs at CPL 3: its IOPL-sensitive instructions act on the real IF
             # (the virtual one) or raise #GP as the guest's IOPL says; I/O goes through the gate.
             self.regs.write(R.EFLAGS, image | 2)
             return
-        real = (image & ~R.EFLAGS_IOPL) | (self.real_iopl(self.vcpl()) << 12) | 2
+        real = (image & ~EFLAGS_IOPL) | (self.real_iopl(self.vcpl()) << 12) | 2
         self.regs.write(R.EFLAGS, real)
 
     def enter_kernel(self, guest_eip: int) -> None:
@@ -407,7 +372,7 @@ class DeprivilegedVcpu(Vcpu):
             image = int.from_bytes(self.read_guest(esp + 8, 4), "little")
         except GuestFault:
             return
-        if image & R.EFLAGS_VM:
+        if image & EFLAGS_VM:
             self.emulate_at(address)
 
     # -- descriptors and segment loads --------------------------------------------------------------
@@ -664,7 +629,7 @@ class DeprivilegedVcpu(Vcpu):
         if d is None:
             return None
         size, mnem, ops = d
-        handler = _EMULATE.get(mnem)
+        handler = EMULATE.get(mnem)
         if handler is None:
             return None
         try:
@@ -782,7 +747,7 @@ class DeprivilegedVcpu(Vcpu):
         image, else a protected-mode return."""
         regs = self.regs
         self.unblock_nmi()
-        if regs.read(R.EFLAGS) & R.EFLAGS_NT:
+        if regs.read(R.EFLAGS) & EFLAGS_NT:
             from cpuvirt.cpu import tasks
             try:
                 tasks.task_return(self.view, (eip + size) & 0xFFFFFFFF)
@@ -791,7 +756,7 @@ class DeprivilegedVcpu(Vcpu):
             return
         esp = regs.read(R.ESP)
         new_eip, cs, flags = struct.unpack("<III", self.read_guest(esp, 12))
-        if flags & R.EFLAGS_VM:
+        if flags & EFLAGS_VM:
             # RETURN-TO-VIRTUAL-8086-MODE: the segment values are real-mode ones, CPL becomes 3.
             new_esp, ss, es, ds, fs, gs = struct.unpack("<6I", self.read_guest(esp + 12, 24))
             self.set_guest_eflags(flags)
@@ -1013,284 +978,3 @@ class DeprivilegedVcpu(Vcpu):
         self.set_guest_eflags(regs.read(R.EFLAGS) | (v.iopl << 12))
         self.mmu.crs = None
         self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
-
-
-# -- one function per emulated mnemonic: (vcpu, eip, size, operands) -> None, or False = not emulated --
-def _cli(c, eip, size, ops):
-    c.regs.write(R.EFLAGS, c.regs.read(R.EFLAGS) & ~R.EFLAGS_IF)
-    if c.trace is None:
-        c.counts[c.event_kind] += 1                 # what `emulated` records when no trace is written
-        c.reasons[c.event_kind, "cli"] += 1
-    else:
-        c.emulated(eip, "cli", {"if": 0})
-    c.regs.write(R.EIP, eip + size)
-
-
-def _sti(c, eip, size, ops):
-    flags = c.regs.read(R.EFLAGS)
-    c.regs.write(R.EFLAGS, flags | R.EFLAGS_IF)
-    if c.trace is None:
-        c.counts[c.event_kind] += 1
-        c.reasons[c.event_kind, "sti"] += 1
-    else:
-        c.emulated(eip, "sti", {"if": 1})
-    c.regs.write(R.EIP, eip + size)
-    if not flags & R.EFLAGS_IF:
-        c.set_interrupt_shadow()
-
-
-def _mov(c, eip, size, ops):
-    dst, src = (o.strip() for o in ops.split(",", 1))
-    if dst.startswith("cr"):
-        value = c.read_operand(eip, src)
-        c.write_cr(int(dst[2:]), value)
-        c.emulated(eip, "mov", {"cr": int(dst[2:]), "value": f"{value:#x}"})
-    elif src.startswith("cr"):
-        value = c.read_cr(int(src[2:]))
-        c.write_reg(dst, value)
-        c.emulated(eip, "mov", {"cr": int(src[2:]), "value": f"{value:#x}"})
-    elif dst.startswith("dr") or src.startswith("dr"):
-        # Debug registers: kept as the guest wrote them (hardware breakpoints are not modelled, as in
-        # every mode); DR4/DR5 are DR6/DR7 while CR4.DE is clear.
-        n = int((dst if dst.startswith("dr") else src)[2:])
-        if n in (4, 5):
-            if c.v.cr4 & (1 << 3):
-                raise GuestFault(Vector.UD)
-            n += 2
-        if dst.startswith("dr"):
-            c.v.dr[n] = c.read_operand(eip, src) & 0xFFFFFFFF
-        else:
-            c.write_reg(dst, c.v.dr[n])
-        c.emulated(eip, "mov", {"dr": n})
-    elif dst in SREGS and dst != "cs":
-        sel = c.read_operand(eip, src, 2) & 0xFFFF
-        c.load_segment(dst, sel)
-        if c.trace is None:
-            c.counts[c.event_kind] += 1
-            c.reasons[c.event_kind, "mov sreg"] += 1
-        else:
-            c.emulated(eip, "mov", {"sreg": dst, "selector": f"{sel:#x}"})
-        c.regs.write(R.EIP, eip + size)
-        if dst == "ss":
-            c.set_interrupt_shadow()
-        return
-    else:
-        return False
-    c.regs.write(R.EIP, eip + size)
-
-
-def _pop(c, eip, size, ops):
-    name = ops.strip()
-    if name not in SREGS or name == "cs":
-        return False
-    esp = c.regs.read(R.ESP)
-    sel = int.from_bytes(c.read_guest(esp, 2), "little")
-    c.load_segment(name, sel)
-    c.regs.write(R.ESP, (esp + 4) & 0xFFFFFFFF)
-    if c.trace is None:
-        c.counts[c.event_kind] += 1
-        c.reasons[c.event_kind, "pop"] += 1
-    else:
-        c.emulated(eip, "pop", {"sreg": name, "selector": f"{sel:#x}"})
-    c.regs.write(R.EIP, eip + size)
-    if name == "ss":
-        c.set_interrupt_shadow()
-
-
-def _hlt(c, eip, size, ops):
-    c.emulated(eip, "hlt", {"if": bool(c.regs.read(R.EFLAGS) & R.EFLAGS_IF)}, "emulated: idle until an interrupt")
-    c.regs.write(R.EIP, eip + size)
-    c.faults.clear_interrupt_shadow()
-    c.on_hlt(eip + size)
-
-
-def _table_load(c, eip, size, ops, which):
-    addr = c.memory_operand(eip)
-    limit, base = struct.unpack("<HI", c.read_guest(addr, 6))
-    if which == "lgdt":
-        c.v.gdtr = (base, limit)
-        c.regs.set_table(R.GDTR, (0, base, limit, 0))
-    else:
-        c.v.idtr = (base, limit)
-    c.emulated(eip, which, {"base": f"{base:#x}", "limit": f"{limit:#x}"})
-    c.regs.write(R.EIP, eip + size)
-
-
-def _lldt(c, eip, size, ops):
-    sel = c.read_operand(eip, ops, 2) & 0xFFFF
-    if not sel & ~3:
-        c.v.ldtr = SegCache(sel, 0, 0)
-    else:
-        base, limit, _, _ = c._system_segment(sel, (2,))
-        c.v.ldtr = SegCache(sel, base, limit)
-    c.emulated(eip, "lldt", {"selector": f"{sel:#x}"})
-    c.regs.write(R.EIP, eip + size)
-
-
-def _ltr(c, eip, size, ops):
-    sel = c.read_operand(eip, ops, 2) & 0xFFFF
-    if not sel & ~3:
-        raise GuestFault(Vector.GP, 0)
-    base, limit, _, hi = c._system_segment(sel, (1, 9))
-    c.write_guest(c.v.gdtr[0] + (sel & ~7) + 4, struct.pack("<I", hi | (2 << 8)))   # mark it busy
-    c.v.tr = SegCache(sel, base, limit)
-    c.emulated(eip, "ltr", {"selector": f"{sel:#x}", "base": f"{base:#x}", "limit": f"{limit:#x}"})
-    c.regs.write(R.EIP, eip + size)
-
-
-def _invlpg(c, eip, size, ops):
-    addr = c.memory_operand(eip)
-    inv = getattr(c.mmu.strategy, "invlpg", None)
-    c._rtlb.pop(addr >> 12, None)
-    c.mmu.crs = None
-    if inv is not None:
-        inv(addr)                                  # shadow paging: drop the entry, flush the engine
-    else:
-        c.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
-    c.emulated(eip, "invlpg", {"address": f"{addr:#x}"})
-    c.regs.write(R.EIP, eip + size)
-
-
-def _clts(c, eip, size, ops):
-    c.v.cr0 &= ~CR0_TS
-    c.emulated(eip, "clts", {})
-    c.regs.write(R.EIP, eip + size)
-
-
-def _lmsw(c, eip, size, ops):
-    value = c.read_operand(eip, ops, 2) & 0xF
-    cr0 = c.v.cr0
-    c.write_cr(0, (cr0 & ~0xE) | value | (cr0 & CR0_PE))   # lmsw cannot clear PE
-    c.emulated(eip, "lmsw", {"value": f"{value:#x}"})
-    c.regs.write(R.EIP, eip + size)
-
-
-def _nop(c, eip, size, ops):
-    c.emulated(eip, "wbinvd" if size == 2 else "invd", {})
-    c.regs.write(R.EIP, eip + size)
-
-
-def _msr(c, eip, size, ops, write):
-    c.msr(eip, size, write)
-    c.emulated(eip, "wrmsr" if write else "rdmsr", {"msr": f"{c.regs.read(R.ECX):#x}"})
-    c.regs.write(R.EIP, eip + size)
-
-
-def _iretd(c, eip, size, ops):
-    c.emulated(eip, "iretd", {})
-    c.iret(eip, size)
-
-
-def _far_indirect(c, eip, size, ops, call):
-    """jmp/call m16:32 (capstone: `jmp ptr [m]`); a near indirect one is not emulated here."""
-    if not ops.startswith("ptr "):
-        return False
-    return _ljmp(c, eip, size, ops, call)
-
-
-def _ljmp(c, eip, size, ops, call=False):
-    if "[" in ops:
-        addr = c.memory_operand(eip)
-        offset, sel = struct.unpack("<IH", c.read_guest(addr, 6))
-    else:
-        a, b = ops.replace(",", ":").split(":")
-        sel, offset = int(a.strip(), 0), int(b.strip(), 0)
-    c.emulated(eip, "lcall" if call else "ljmp", {"selector": f"{sel:#x}", "offset": f"{offset:#x}"})
-    c.far_transfer(eip, size, sel, offset, call)
-
-
-def _retf(c, eip, size, ops):
-    c.emulated(eip, "retf", {})
-    c.retf(eip, int(ops, 0) if ops.strip() else 0)
-
-
-def segment_query(c, sel: int, what: str) -> tuple[bool, int, int]:
-    """lar / lsl / verr / verw in the guest's view (SDM Vol. 2A, LAR, LSL, VERR/VERW): whether the
-    selector passes at the virtual CPL, and the guest's descriptor (lo, hi). Never a fault."""
-    if not sel & ~3 and not sel & 4:
-        return False, 0, 0
-    try:
-        lo, hi = c.descriptor(sel)
-    except GuestFault:
-        return False, 0, 0
-    typ, dpl = (hi >> 8) & 0xF, (hi >> 13) & 3
-    privileged = dpl < c.vcpl() or dpl < sel & 3
-    if hi & (1 << 12):                                    # a code or data segment
-        code = typ & 8
-        if privileged and not (code and typ & 4):        # conforming code skips the DPL check
-            return False, lo, hi
-        if what == "verr":
-            return (not code or bool(typ & 2)), lo, hi
-        if what == "verw":
-            return (not code and bool(typ & 2)), lo, hi
-        return True, lo, hi
-    valid = {"lar": (1, 2, 3, 4, 5, 9, 0xB, 0xC), "lsl": (1, 2, 3, 9, 0xB)}.get(what, ())
-    return (typ in valid and not privileged), lo, hi
-
-
-def _set_zf(c, on: bool) -> None:
-    flags = c.regs.read(R.EFLAGS)
-    c.regs.write(R.EFLAGS, flags | 0x40 if on else flags & ~0x40)
-
-
-def _lar_lsl(c, eip, size, ops, what):
-    dst, src = (o.strip() for o in ops.split(","))
-    sel = c.read_operand(eip, src, 2) & 0xFFFF
-    ok, lo, hi = segment_query(c, sel, what)
-    if ok:
-        if what == "lar":
-            value = hi & (0x00F0FF00 if dst in _REG32 else 0xFF00)
-        else:
-            value = (lo & 0xFFFF) | (hi & 0xF0000)
-            if hi & (1 << 23):
-                value = (value << 12) | 0xFFF
-        c.write_reg(dst, value)
-    _set_zf(c, ok)
-    c.emulated(eip, what, {"selector": f"{sel:#x}", "zf": ok}, "emulated against the guest's descriptor tables")
-    c.regs.write(R.EIP, eip + size)
-
-
-def _verr_verw(c, eip, size, ops, what):
-    sel = c.read_operand(eip, ops, 2) & 0xFFFF
-    ok, _, _ = segment_query(c, sel, what)
-    _set_zf(c, ok)
-    c.emulated(eip, what, {"selector": f"{sel:#x}", "zf": ok}, "emulated against the guest's descriptor tables")
-    c.regs.write(R.EIP, eip + size)
-
-
-def _sysenter(c, eip, size, ops):
-    """full's kernel: Vcpu.sysenter against the virtual MSRs (CS and SS descriptors from the guest's
-    GDT, as the ring-compressed delivery loads them)."""
-    cs, esp, target = c.v.sysenter
-    c.emulated(eip, "sysenter", {"cs": f"{cs:#x}", "eip": f"{target:#x}", "esp": f"{esp:#x}"})
-    c.sysenter(eip)
-
-
-def _sysexit(c, eip, size, ops):
-    """SDM SYSEXIT: from virtual CPL 0 to CPL 3 at EDX/ECX, CS = IA32_SYSENTER_CS + 16, SS = + 24."""
-    cs = c.v.sysenter[0] & 0xFFFC
-    if not cs or c.vcpl() != 0:
-        raise GuestFault(Vector.GP, 0)
-    regs = c.regs
-    c.emulated(eip, "sysexit", {"eip": f"{regs.read(R.EDX):#x}", "esp": f"{regs.read(R.ECX):#x}"})
-    c.load_cs_ss((cs + 16) | 3, (cs + 24) | 3, 3)
-    regs.write(R.ESP, regs.read(R.ECX))
-    c.set_guest_eflags(c.guest_eflags())       # the real IOPL of ring 3
-    regs.write(R.EIP, regs.read(R.EDX))
-
-
-_EMULATE = {
-    "cli": _cli, "sti": _sti, "mov": _mov, "pop": _pop, "hlt": _hlt,
-    "lgdt": lambda c, e, s, o: _table_load(c, e, s, o, "lgdt"),
-    "lidt": lambda c, e, s, o: _table_load(c, e, s, o, "lidt"),
-    "lldt": _lldt, "ltr": _ltr, "invlpg": _invlpg, "clts": _clts, "lmsw": _lmsw,
-    "wbinvd": _nop, "invd": _nop,
-    "rdmsr": lambda c, e, s, o: _msr(c, e, s, o, False), "wrmsr": lambda c, e, s, o: _msr(c, e, s, o, True),
-    "iretd": _iretd, "ljmp": _ljmp, "lcall": lambda c, e, s, o: _ljmp(c, e, s, o, True), "retf": _retf,
-    "jmp": lambda c, e, s, o: _far_indirect(c, e, s, o, False),
-    "call": lambda c, e, s, o: _far_indirect(c, e, s, o, True),
-    "lar": lambda c, e, s, o: _lar_lsl(c, e, s, o, "lar"), "lsl": lambda c, e, s, o: _lar_lsl(c, e, s, o, "lsl"),
-    "verr": lambda c, e, s, o: _verr_verw(c, e, s, o, "verr"),
-    "verw": lambda c, e, s, o: _verr_verw(c, e, s, o, "verw"),
-    "sysenter": _sysenter, "sysexit": _sysexit,
-}

@@ -35,13 +35,14 @@ from capstone.x86 import X86_OP_IMM, X86_OP_MEM, X86_OP_REG
 from unicorn import x86_const as U
 
 from cpuvirt import limits
-from cpuvirt.cpu.events import Unsupported
 from cpuvirt.engine import regs as R
+from cpuvirt.status import Unsupported
+from cpuvirt.x86.flags import EFLAGS_DF
 
 REP_CHUNK = 1024                 # iterations of a rep string instruction per call
 CF, PF, AF, ZF, SF, OF = 0x1, 0x4, 0x10, 0x40, 0x80, 0x800
 STATUS = CF | PF | AF | ZF | SF | OF
-DF = R.EFLAGS_DF
+DF = EFLAGS_DF
 
 _cs = Cs(CS_ARCH_X86, CS_MODE_32)
 _cs.detail = True

@@ -9,25 +9,14 @@ from __future__ import annotations
 
 import struct
 
+from cpuvirt.cpu.faults import DeliveryFault, TripleFault  # noqa: F401  (re-exported)
 from cpuvirt.engine import regs as R
 from cpuvirt.memory.mmu import GuestPageFault, NestedFault
 from cpuvirt.status import Unsupported  # noqa: F401  (re-exported: the modes import it from here)
+from cpuvirt.x86.flags import EFLAGS_AC, EFLAGS_IF, EFLAGS_NT, EFLAGS_RF, EFLAGS_TF, EFLAGS_VM
 from cpuvirt.x86.vectors import CONTRIBUTORY, HAS_ERROR_CODE, MNEMONIC, Vector  # noqa: F401  (re-exported)
 
 GATE_TASK, GATE_INT32, GATE_TRAP32 = 0x5, 0xE, 0xF
-
-
-class DeliveryFault(Exception):
-    """Delivering an event raised another exception (SDM table 6-5 decides what follows)."""
-
-    def __init__(self, vector: int, error_code: int = 0, cr2: int | None = None):
-        super().__init__(f"{MNEMONIC.get(vector, vector)} during delivery")
-        self.vector, self.error_code, self.cr2 = vector, error_code, cr2
-        self.eip: int | None = None     # set when it arose in a new task (after a task switch's commit)
-
-
-class TripleFault(Exception):
-    """A fault while delivering #DF: the processor shuts down (the run ends `triple_fault`)."""
 
 
 def _is_double_fault(first: int, second: int) -> bool:
@@ -149,7 +138,7 @@ class EventDelivery:
         self._write(((regs.read(R.SS) << 4) + new_sp) & 0xFFFFFFFF,
                     struct.pack("<HHH", return_eip & 0xFFFF, regs.read(R.CS), flags & 0xFFFF))
         regs.write(R.ESP, (sp & ~0xFFFF) | new_sp)
-        regs.write(R.EFLAGS, flags & ~(R.EFLAGS_IF | R.EFLAGS_TF | R.EFLAGS_RF | (1 << 18)))
+        regs.write(R.EFLAGS, flags & ~(EFLAGS_IF | EFLAGS_TF | EFLAGS_RF | EFLAGS_AC))
         regs.write(R.CS, cs)
         regs.write(R.EIP, ip)
 
@@ -193,7 +182,7 @@ class EventDelivery:
         new_cpl = cpl if conforming else code_dpl
 
         eflags = self._eflags()
-        v86 = bool(eflags & R.EFLAGS_VM)
+        v86 = bool(eflags & EFLAGS_VM)
         if v86 and new_cpl != 0:
             # From virtual-8086 mode only to a ring-0 handler (SDM 6.12.1, interrupt from V86 mode).
             raise DeliveryFault(Vector.GP, (selector & ~3) | ext)
@@ -217,12 +206,12 @@ class EventDelivery:
         esp = (esp - len(data)) & 0xFFFFFFFF
         self._write(esp, data)
 
-        new_flags = eflags & ~(R.EFLAGS_TF | R.EFLAGS_NT | R.EFLAGS_RF | R.EFLAGS_VM)
+        new_flags = eflags & ~(EFLAGS_TF | EFLAGS_NT | EFLAGS_RF | EFLAGS_VM)
         if gate_type == GATE_INT32:
-            new_flags &= ~R.EFLAGS_IF
+            new_flags &= ~EFLAGS_IF
         if v86:
             # Out of V86 first: segment loads are protected-mode ones again.
-            regs.write(R.EFLAGS, regs.read(R.EFLAGS) & ~R.EFLAGS_VM)
+            regs.write(R.EFLAGS, regs.read(R.EFLAGS) & ~EFLAGS_VM)
         self._enter(selector, new_ss, cpl, new_cpl, old_cs, esp, new_flags, offset)
         if v86:
             for reg in (R.ES, R.DS, R.FS, R.GS):

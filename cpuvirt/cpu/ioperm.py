@@ -7,8 +7,9 @@ within the TSS limit). Not allowed: #GP(0), before the access and before any VM 
 """
 from __future__ import annotations
 
-from cpuvirt.cpu.events import DeliveryFault
+from cpuvirt.cpu.faults import DeliveryFault
 from cpuvirt.engine import regs as R
+from cpuvirt.x86.flags import EFLAGS_VM
 
 _SIZES = {"al": 1, "ax": 2, "eax": 4}
 
@@ -26,7 +27,7 @@ def io_operands(mnem: str, ops: str, regs: R.Regs) -> tuple[int, int]:
 def io_permitted(view, port: int, size: int) -> bool:
     """May the guest, in its current state (`view`: a tasks.CpuView), access `size` ports at `port`?"""
     eflags = view.eflags()
-    if not eflags & R.EFLAGS_VM and view.cpl() <= (eflags >> 12) & 3:
+    if not eflags & EFLAGS_VM and view.cpl() <= (eflags >> 12) & 3:
         return True
     sel, base, limit = view.tr()
     if not sel & ~3 or limit < 0x67:

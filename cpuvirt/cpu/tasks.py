@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import struct
 
-from cpuvirt.cpu.events import DeliveryFault, Vector
+from cpuvirt.cpu.faults import DeliveryFault
 from cpuvirt.engine import regs as R
 from cpuvirt.memory.mmu import GuestPageFault, NestedFault
+from cpuvirt.x86.flags import CR0_TS, EFLAGS_NT, EFLAGS_VM
+from cpuvirt.x86.vectors import Vector
 
 # System-descriptor types (SDM Vol. 3A table 3-2).
 TSS16_AVAILABLE, LDT, TSS16_BUSY, CALL_GATE16, TASK_GATE = 1, 2, 3, 4, 5
@@ -31,8 +33,6 @@ BUSY = 1 << 9                 # the busy bit of a TSS descriptor's type (in its 
 # Why a task switch happens (SDM 7.3; the VMX exit qualification's source field, SDM 28.2.1).
 CALL, IRET, JMP, INT = 0, 1, 2, 3
 
-EFLAGS_VM, EFLAGS_NT = R.EFLAGS_VM, R.EFLAGS_NT
-CR0_TS = 1 << 3
 _P, _S, _CODE, _CONFORMING, _RW = 1 << 15, 1 << 12, 1 << 11, 1 << 10, 1 << 9
 
 

@@ -15,20 +15,25 @@ from unicorn import x86_const as X
 from unicorn.unicorn_py3 import unicorn as _ucmod
 
 from cpuvirt import limits
-from cpuvirt.cpu.events import HAS_ERROR_CODE, MNEMONIC, DeliveryFault, EventDelivery, TripleFault, Unsupported, Vector
+from cpuvirt.cpu.events import EventDelivery
+from cpuvirt.cpu.faults import DeliveryFault, TripleFault
 from cpuvirt.cpu.quirks import FaultState
 from cpuvirt.cpu.tasks import CpuView
 from cpuvirt.engine import regs as R
 from cpuvirt.engine.cpuid import CpuidTable
+from cpuvirt.engine.clock import NEVER
 from cpuvirt.engine.hooks import EngineHooks
-from cpuvirt.machine.clock import NEVER
 from cpuvirt.memory.traces import TracedWrite, TraceError
+from cpuvirt.memory.types import Access
 from cpuvirt.status import BUDGET as EXIT_BUDGET
 from cpuvirt.status import HALTED as EXIT_HALTED
 from cpuvirt.status import HYPERVISOR_STOP as EXIT_HYPERVISOR_STOP
 from cpuvirt.status import INTERNAL_ERROR as EXIT_ERROR
 from cpuvirt.status import TRIPLE_FAULT as EXIT_TRIPLE_FAULT
+from cpuvirt.status import Unsupported
 from cpuvirt.x86.faultaddr import fault_address
+from cpuvirt.x86.flags import EFLAGS_IF, EFLAGS_NT, EFLAGS_RF, EFLAGS_VM
+from cpuvirt.x86.vectors import HAS_ERROR_CODE, MNEMONIC, Vector
 
 EXTERNAL_WAIT_S = 60.0          # host seconds a halted CPU waits for a frame from another process
 
@@ -204,7 +209,7 @@ class Vcpu:
     def exact_linear(self, pending, eip: int) -> int:
         """The faulting linear address (the fill hook is told only its page)."""
         gva = pending.gva
-        if pending.access != 2:   # a data access: decode the instruction's operands
+        if pending.access != Access.FETCH:   # a data access: decode the instruction's operands
             return fault_address(self.mmu.fetch_bytes(eip, 15), eip, gva & 0xFFFFF000, self.regs)
         if (eip & 0xFFFFF000) == (gva & 0xFFFFF000):
             return eip             # a fetch faults at the instruction (or its next page)
@@ -232,7 +237,7 @@ class Vcpu:
         d = NEVER if d is None or d <= self.clock.now else d
         if self.m.pending_nmi() and not self.nmi_blocked:
             d = self.clock.now              # an NMI ignores IF: take it at the next block boundary
-        elif self.m.pending_interrupt() is not None and self.regs.read(R.EFLAGS) & R.EFLAGS_IF:
+        elif self.m.pending_interrupt() is not None and self.regs.read(R.EFLAGS) & EFLAGS_IF:
             d = self.clock.now              # deliverable (not taken at the last stop): the next boundary
         if self._after_one_block:
             self._after_one_block = False
@@ -245,7 +250,7 @@ class Vcpu:
     def waits_for_window(self) -> bool:
         """Does something wait for EFLAGS.IF = 1 (an interrupt pending while IF = 0)? Then the window
         hooks are live for this entry: the engine stops where IF becomes 1, and nowhere else."""
-        return self.m.pending_interrupt() is not None and not self.regs.read(R.EFLAGS) & R.EFLAGS_IF
+        return self.m.pending_interrupt() is not None and not self.regs.read(R.EFLAGS) & EFLAGS_IF
 
     def watch_if_setters(self) -> None:
         """Give every sti/popf/iret the guest runs a window hook: the clock's block-count callback
@@ -287,7 +292,7 @@ class Vcpu:
             self.record("interrupt", "NMI", Vector.NMI, eip, {}, "delivered through the guest IDT")
             self.deliver(Vector.NMI, eip, external=True)
             return True
-        if m.pending_interrupt() is None or not self.regs.read(R.EFLAGS) & R.EFLAGS_IF:
+        if m.pending_interrupt() is None or not self.regs.read(R.EFLAGS) & EFLAGS_IF:
             return False
         if self.faults.interrupt_shadow():
             # Right after sti / mov ss: the next instruction runs first (the engine gives it a block
@@ -301,7 +306,7 @@ class Vcpu:
 
     def on_hlt(self, eip: int) -> None:
         hlt_eip = (eip - 1) & 0xFFFFFFFF
-        if_set = self.regs.read(R.EFLAGS) & R.EFLAGS_IF
+        if_set = self.regs.read(R.EFLAGS) & EFLAGS_IF
         self.record("hlt", "HLT", None, hlt_eip, {"if": bool(if_set)}, "idle until the next interrupt")
         if not if_set:
             self.finish("halted", EXIT_HALTED,
@@ -335,7 +340,7 @@ class Vcpu:
     def charge_fault(self, access: int) -> None:
         """A #PF on an instruction fetch retires nothing: charge its delivery to the clock, so a
         guest whose handler itself cannot be fetched spends its budget instead of looping free."""
-        if access == 2:
+        if access == Access.FETCH:
             self.clock.advance(FETCH_FAULT_CYCLES)
 
     def page_fault(self, gva: int, access: int, error_code: int, eip: int) -> None:
@@ -485,12 +490,16 @@ class Vcpu:
         addr, length, _ = sites[self._io_index]
         return addr, length
 
+    def _block_code(self, block: int) -> bytes:
+        """The code bytes the engine's block at `block` was decoded from (full mode's TC blocks: the TC)."""
+        return self.mmu.fetch_bytes(block, 256) or b""
+
     def _block_io_sites(self, block: int) -> list[tuple[int, int, bool]]:
         """The I/O instructions of the block at `block`, decoded once per translation of it (the
         machine drops the entry when the engine translates a new block there: forget_block)."""
         sites = self._io_sites.get(block)
         if sites is None:
-            code = self.mmu.fetch_bytes(block, 256) or b""
+            code = self._block_code(block)
             sites = []
             for addr, size, mnem, _ in self._cs().disasm_lite(code, block):
                 m = mnem.split()[-1]
@@ -614,9 +623,9 @@ class Vcpu:
         regs = self.regs
         self.unblock_nmi()
         eflags = regs.read(R.EFLAGS)
-        if eflags & R.EFLAGS_VM:
+        if eflags & EFLAGS_VM:
             return                              # a V86 iret: IOPL 3, or the engine's #GP(0)
-        if eflags & R.EFLAGS_NT:
+        if eflags & EFLAGS_NT:
             self.record("transfer", "iret", None, address, {"nt": 1}, "task return, done by cpuvirt")
             self.task_return(address, size)
             self.clock.unretire(-1)
@@ -656,10 +665,10 @@ class Vcpu:
             image = int.from_bytes(self.view.read(esp + 8, 4), "little")
         except DeliveryFault:
             return                              # the engine's iret faults the same way
-        if image & R.EFLAGS_VM:
+        if image & EFLAGS_VM:
             self.record("transfer", "iretd", None, address, {"eflags": f"{image:#x}"},
                         "EFLAGS.VM ignored at CPL > 0 (cleared in the image)")
-            self.view.write(esp + 8, (image & ~R.EFLAGS_VM).to_bytes(4, "little"))
+            self.view.write(esp + 8, (image & ~EFLAGS_VM).to_bytes(4, "little"))
 
     def far_pointer(self, address: int) -> tuple[int, int, bool] | None:
         """(selector, offset, is_call) of the far jmp/call at `address` (operand read as the CPU
@@ -690,7 +699,7 @@ class Vcpu:
         """Before an in/out/ins/outs: #GP(0) when the I/O permission check fails (cpu/ioperm.py);
         at CPL 0 outside V86 mode it always passes (two register reads)."""
         regs = self.regs
-        if not regs.read(R.CS) & 3 and not regs.read(R.EFLAGS) & R.EFLAGS_VM:
+        if not regs.read(R.CS) & 3 and not regs.read(R.EFLAGS) & EFLAGS_VM:
             return
         from cpuvirt.cpu.ioperm import io_operands, io_permitted
         port, width = io_operands(mnem, ops, regs)
@@ -823,7 +832,7 @@ class Vcpu:
             self.deliver(Vector.GP, eip, 0)
             return
         d = self.delivery
-        flags = d._eflags() & ~(R.EFLAGS_VM | R.EFLAGS_IF | R.EFLAGS_RF)
+        flags = d._eflags() & ~(EFLAGS_VM | EFLAGS_IF | EFLAGS_RF)
         d._enter(cs, cs + 8, d._cpl(), 0, self.regs.read(R.CS), esp & 0xFFFFFFFF, flags, target & 0xFFFFFFFF)
 
     def invalid_opcode(self, eip: int) -> None:

@@ -24,9 +24,8 @@ GDTR, IDTR, LDTR, TR = X.UC_X86_REG_GDTR, X.UC_X86_REG_IDTR, X.UC_X86_REG_LDTR, 
 # The eight general registers in ModRM / exit-qualification order (SDM Vol. 3C table 28-3).
 GPR_ORDER = (EAX, ECX, EDX, EBX, ESP, EBP, ESI, EDI)
 GPR_NAMES = ("eax", "ecx", "edx", "ebx", "esp", "ebp", "esi", "edi")
+_EFLAGS_VM = 1 << 17      # for cpl(); the flag bits are named in cpuvirt/x86/flags.py, a floor above
 
-EFLAGS_CF, EFLAGS_TF, EFLAGS_IF, EFLAGS_DF = 1 << 0, 1 << 8, 1 << 9, 1 << 10
-EFLAGS_IOPL, EFLAGS_NT, EFLAGS_RF, EFLAGS_VM = 3 << 12, 1 << 14, 1 << 16, 1 << 17
 
 
 class _Mmr(ctypes.Structure):
@@ -70,7 +69,7 @@ class Regs:
         """The current privilege level: CS.RPL, except in virtual-8086 mode, where it is 3 whatever
         CS holds (a real-mode style segment value there; SDM 20.2.1)."""
         cpl = self.read(CS) & 3
-        if cpl != 3 and self.read(EFLAGS) & EFLAGS_VM:
+        if cpl != 3 and self.read(EFLAGS) & _EFLAGS_VM:
             return 3
         return cpl
 

@@ -27,7 +27,7 @@ SDM leaves room, or where a guest could see a difference under the reference mac
   18 of the LVT timer is reserved and reads 0).
 
 Timer rate: the APIC timer's input ("bus") clock is the virtual CPU clock itself, 1 GHz
-(BUS_HZ = machine.clock.TSC_HZ): with divide-by-1 the current count drops by one per virtual
+(BUS_HZ = engine.clock.TSC_HZ): with divide-by-1 the current count drops by one per virtual
 cycle, which is also QEMU's rate (its APIC timer counts nanoseconds of QEMU_CLOCK_VIRTUAL). Time
 is integer virtual cycles, so runs are deterministic. In periodic mode the interrupt comes every
 `initial count x divisor` cycles (SDM: the count reloads when it reaches 0; QEMU uses count + 1);

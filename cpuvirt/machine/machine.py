@@ -13,13 +13,13 @@ from unicorn import UC_ARCH_X86, UC_MODE_32, UC_TLB_VIRTUAL, Uc
 
 from cpuvirt import limits
 from cpuvirt.engine.regs import CR0 as CR0_REG
+from cpuvirt.engine.clock import TSC_HZ, VirtualClock
+from cpuvirt.engine.hostmem import HostRegion
 from cpuvirt.engine.regs import Regs
 from cpuvirt.machine.apic import APIC_BASE_GPA, APIC_SIZE, MSR_IA32_APIC_BASE, ApicReservedBits, LocalApic
 from cpuvirt.machine.bus import PortBus
-from cpuvirt.machine.clock import TSC_HZ, VirtualClock
 from cpuvirt.machine.debug_exit import DebugExit
 from cpuvirt.machine.fw_cfg import FW_CFG_PORT_SEL, FwCfg
-from cpuvirt.machine.hostmem import HostRegion
 from cpuvirt.machine.i8042 import DATA_PORT as I8042_DATA
 from cpuvirt.machine.i8042 import I8042
 from cpuvirt.machine.i8042 import STATUS_PORT as I8042_STATUS

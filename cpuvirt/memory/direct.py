@@ -14,31 +14,17 @@ from __future__ import annotations
 
 import struct
 
-from cpuvirt.memory.types import (
-    CR0_PG,
-    CR0_WP,
-    CR4_PSE,
-    PFEC_P,
-    PFEC_U,
-    PFEC_W,
-    PTE_P,
-    PTE_PS,
-    PTE_RW,
-    Access,
-)
+from cpuvirt.memory.types import PFEC_P, PFEC_U, PFEC_W, PTE_P, PTE_PS, PTE_RW, Access
 from cpuvirt.memory.walk import Fault, walk
+from cpuvirt.x86.flags import CR0_PG, CR0_WP, CR4_PSE
+from cpuvirt.xen import EINVAL, EPERM, GDT_WINDOW_FRAMES, HYPERVISOR_VIRT_START
 
-HYPERVISOR_VIRT_START = 0xFC000000
 HV_L2_SLOT = HYPERVISOR_VIRT_START >> 22          # 1008: L2 slots from here are the hypervisor's
-GDT_WINDOW_FRAMES = 16                            # GDT frames at HYPERVISOR_VIRT_START
-LDT_VIRT_START = HYPERVISOR_VIRT_START + (GDT_WINDOW_FRAMES << 12)   # then the LDT frames (16)
 
 # Frame types (Xen's PGT_none, PGT_writable_page, PGT_l1/l2_page_table, PGT_seg_desc_page) and the
 # hypercall page, which is never writable.
 NONE, WRITABLE, L1, L2, GDT, HYPERCALL = range(6)
 TYPE_NAMES = ("none", "writable", "L1", "L2", "GDT", "hypercall")
-
-EPERM, ENOENT, EFAULT, EBUSY, EEXIST, EINVAL, ENOSYS = 1, 2, 14, 16, 17, 22, 38
 
 _CR0 = CR0_PG | CR0_WP | 0x11
 _CR4 = CR4_PSE

@@ -10,30 +10,14 @@ from __future__ import annotations
 
 import struct
 
+from cpuvirt.engine.hostmem import HvAllocator
+from cpuvirt.memory.types import GPA, HPA
+
 EPT_R, EPT_W, EPT_X = 1, 2, 4
 EPT_RWX = 7
 EPT_MT_WB = 6 << 3
 _ADDR = 0x000FFFFFFFFFF000
 _Q = struct.Struct("<Q")
-
-
-class HvAllocator:
-    """Bump allocator of zeroed 4 KiB pages in the hypervisor's host region."""
-
-    def __init__(self, region):
-        self.region = region
-        self.next = region.hpa
-
-    def page(self) -> int:
-        if self.next + 0x1000 > region_end(self.region):
-            raise MemoryError("hypervisor memory exhausted")
-        hpa = self.next
-        self.next += 0x1000
-        return hpa
-
-
-def region_end(region) -> int:
-    return region.hpa + region.size
 
 
 class EptViolation:
@@ -62,7 +46,15 @@ class Ept:
         return self.pml4 | (3 << 3) | 6
 
     # -- hypervisor side ---------------------------------------------------------------------------
-    def map(self, gpa: int, hpa: int, perms: int = EPT_RWX) -> None:
+    def map(self, gpa: GPA, hpa: HPA, perms: int = EPT_RWX) -> None:
+        """Map the guest-physical page of `gpa` to the host frame of `hpa`, making tables as needed."""
+        self._map(gpa, hpa, perms)
+
+    def map_range(self, gpa: GPA, hpa: HPA, size: int, perms: int = EPT_RWX) -> None:
+        for off in range(0, size, 0x1000):
+            self._map(gpa + off, hpa + off, perms)
+
+    def _map(self, gpa: int, hpa: int, perms: int) -> None:
         table = self.pml4
         r = self.region
         for shift in (39, 30, 21):
@@ -76,16 +68,12 @@ class Ept:
         slot = table + ((gpa >> 12) & 0x1FF) * 8
         _Q.pack_into(r.buf, slot - r.hpa, (hpa & _ADDR) | EPT_MT_WB | perms)
 
-    def map_range(self, gpa: int, hpa: int, size: int, perms: int = EPT_RWX) -> None:
-        for off in range(0, size, 0x1000):
-            self.map(gpa + off, hpa + off, perms)
-
     # -- processor side: the walk ---------------------------------------------------------------------
-    def write_entry(self, gpa: int, value: int) -> None:
+    def write_entry(self, gpa: GPA, value: int) -> None:
         """Write a raw leaf entry (tests: make a misconfigured entry on purpose)."""
-        self.map(gpa, value & _ADDR, value & EPT_RWX)
+        self._map(gpa, value & _ADDR, value & EPT_RWX)
 
-    def translate(self, gpa: int, access_bit: int):
+    def translate(self, gpa: int, access_bit: int) -> int | EptViolation:
         """HPA for `gpa`, or an EptViolation; access_bit is EPT_R, EPT_W or EPT_X."""
         r = self.region
         buf, base = r.buf, r.hpa

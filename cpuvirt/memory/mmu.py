@@ -18,8 +18,9 @@ from unicorn import UC_PROT_EXEC, UC_PROT_READ, UC_PROT_WRITE
 from cpuvirt.engine import regs as R
 from cpuvirt.memory.p2m import UNBACKED_HPA, P2m
 from cpuvirt.memory.traces import TracedWrite, Traces
-from cpuvirt.memory.types import CR0_PG, Access
+from cpuvirt.memory.types import GPA, GVA, HPA, Access
 from cpuvirt.memory.walk import Fault, walk
+from cpuvirt.x86.flags import CR0_PG
 
 PAGE = 0x1000
 GUEST = 2            # the `side_effects` value of a guest access through the fill hook
@@ -119,10 +120,10 @@ class GuestWalk:
     def __init__(self, mmu: "Mmu"):
         self.mmu = mmu
 
-    def gpa_to_hpa(self, gpa: int, access: int):
+    def gpa_to_hpa(self, gpa: GPA, access: int) -> HPA | None:
         return self.mmu.p2m.gpa_to_hpa(gpa)
 
-    def gva_to_gpa(self, gva, access, user, side_effects=True):
+    def gva_to_gpa(self, gva: GVA, access, user, side_effects=True):
         m = self.mmu
         cr0, cr3, cr4 = m.crs or m.load_crs()
         if not cr0 & CR0_PG:
@@ -274,7 +275,7 @@ class Mmu:
                 raise GuestPageFault(gva, ok2)
         return gpa
 
-    def gva_to_hpa(self, gva: int, access: int, user: bool, side_effects: bool = True) -> int | None:
+    def gva_to_hpa(self, gva: GVA, access: int, user: bool, side_effects: bool = True) -> HPA | None:
         """Host-physical address of a guest-linear byte, or raise GuestPageFault; None = unbacked."""
         gpa = self._gva_to_gpa(gva, access, user, side_effects)
         page = self.strategy.gpa_to_hpa(gpa & PAGE_MASK, access)
@@ -294,14 +295,14 @@ class Mmu:
             return None, None              # unassigned guest-physical memory: EPT has no entry for it
         return (None if page is None else page | (gpa & 0xFFF)), None
 
-    def check_linear(self, gva: int, size: int, user: bool = False) -> None:
+    def check_linear(self, gva: GVA, size: int, user: bool = False) -> None:
         """Translate every page of a store about to be made (raise GuestPageFault first, write nothing)."""
         end = gva + size
         while gva < end:
             self._locate(gva & 0xFFFFFFFF, Access.WRITE, user)
             gva = (gva | 0xFFF) + 1
 
-    def read_linear(self, gva: int, size: int, user: bool = False, side_effects: bool = True) -> bytes:
+    def read_linear(self, gva: GVA, size: int, user: bool = False, side_effects: bool = True) -> bytes:
         """Bytes at a guest-linear address as the CPU would read them: RAM, device registers (each
         a device access, in pieces of at most 4 naturally sized bytes; only with side effects), or
         all-ones. Raises GuestPageFault."""
@@ -317,7 +318,7 @@ class Mmu:
             size -= n
         return bytes(out)
 
-    def write_linear(self, gva: int, data: bytes, user: bool = False) -> None:
+    def write_linear(self, gva: GVA, data: bytes, user: bool = False) -> None:
         # Translate every page first, so that a fault leaves memory untouched (as the CPU's pushes do).
         chunks = []
         off = 0
@@ -337,7 +338,7 @@ class Mmu:
                 if hpa is not None and ((hpa - base) & PAGE_MASK) in self.traces.frames:
                     self.traces.hv_wrote((gva - len(data) + off) & 0xFFFFFFFF, hpa - base, n)
 
-    def fetch_bytes(self, gva: int, size: int) -> bytes | None:
+    def fetch_bytes(self, gva: GVA, size: int) -> bytes | None:
         """Code bytes at a linear address without side effects (disassembly, block counting): not the
         guest's doing, so its walks are not in the counters (a trace must not change the statistics)."""
         if self.peek is not None and self.crs_source is None:

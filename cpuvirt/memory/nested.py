@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from cpuvirt.memory.ept import EPT_R, EPT_W, EPT_X, Ept
 from cpuvirt.memory.mmu import NestedFault
-from cpuvirt.memory.types import CR0_PG, Access
+from cpuvirt.memory.types import GPA, GVA, Access
 from cpuvirt.memory.walk import Fault, walk
+from cpuvirt.x86.flags import CR0_PG
 
 _ACCESS_BIT = {Access.READ: EPT_R, Access.WRITE: EPT_W, Access.FETCH: EPT_X}
 
@@ -36,7 +37,7 @@ class EptWalk:
         if self.ram.contains(hpa, 4):
             self.ram.write32(hpa, value)
 
-    def gva_to_gpa(self, gva, access, user, side_effects=True):
+    def gva_to_gpa(self, gva: GVA, access, user, side_effects=True):
         m = self.mmu
         cr0, cr3, cr4 = m.crs or m.load_crs()
         if not cr0 & CR0_PG:
@@ -51,7 +52,7 @@ class EptWalk:
             return None, t.error_code
         return t.gpa, (t.writable and (t.dirty or access == Access.WRITE))
 
-    def gpa_to_hpa(self, gpa: int, access: int):
+    def gpa_to_hpa(self, gpa: GPA, access: int) -> int:
         before = self.ept.refs
         hpa = self._host(gpa, _ACCESS_BIT[access], True)
         self.mmu.counters.walk_refs += self.ept.refs - before

@@ -7,7 +7,7 @@ MMIO page that reads all-ones and drops writes, so a guest can never reach host 
 """
 from __future__ import annotations
 
-from cpuvirt.memory.types import Gpa, Hpa
+from cpuvirt.memory.types import GPA, HPA
 
 RAM_HPA = 0x4000_0000        # guest RAM, up to 512 MiB
 HV_HPA = 0x2000_0000         # the hypervisor's own structures (never in any guest mapping)
@@ -30,7 +30,7 @@ class P2m:
         self.ram_hpa = ram_hpa
         self.mmio: list[tuple[int, int, int]] = []     # (first gpa, end gpa, hpa), page-aligned
 
-    def add_mmio(self, gpa: Gpa, size: int, hpa: Hpa) -> None:
+    def add_mmio(self, gpa: GPA, size: int, hpa: HPA) -> None:
         """Map the device range gpa .. gpa + size - 1 (whole pages) to host-physical hpa."""
         if gpa & 0xFFF or size & 0xFFF or hpa & 0xFFF or size <= 0:
             raise ValueError(f"MMIO range {gpa:#x}+{size:#x} -> {hpa:#x} is not page-aligned")
@@ -38,17 +38,17 @@ class P2m:
             raise ValueError(f"MMIO range {gpa:#x}+{size:#x} overlaps guest RAM")
         self.mmio.append((gpa, gpa + size, hpa))
 
-    def remove_mmio(self, gpa: Gpa) -> None:
+    def remove_mmio(self, gpa: GPA) -> None:
         """Unmap the device range that starts at gpa."""
         self.mmio = [m for m in self.mmio if m[0] != gpa]
 
-    def mmio_to_hpa(self, gpa: Gpa) -> Hpa | None:
+    def mmio_to_hpa(self, gpa: GPA) -> HPA | None:
         for lo, hi, hpa in self.mmio:
             if lo <= gpa < hi:
-                return Hpa(hpa + gpa - lo)
+                return HPA(hpa + gpa - lo)
         return None
 
-    def gpa_to_hpa(self, gpa: Gpa) -> Hpa | None:
+    def gpa_to_hpa(self, gpa: GPA) -> HPA | None:
         if 0 <= gpa < self.ram_bytes:
-            return Hpa(self.ram_hpa + gpa)
+            return HPA(self.ram_hpa + gpa)
         return None

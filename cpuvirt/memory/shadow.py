@@ -28,21 +28,10 @@ from collections import Counter, OrderedDict
 from unicorn import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH
 
 from cpuvirt.engine import regs as R
-from cpuvirt.memory.mmu import GuestPageFault, RefusedFill
-from cpuvirt.memory.types import (
-    CR0_PG,
-    CR0_WP,
-    CR4_PGE,
-    CR4_PSE,
-    CR4_SMEP,
-    PFEC_P,
-    PFEC_U,
-    PFEC_W,
-    PTE_RW,
-    PTE_US,
-    Access,
-)
+from cpuvirt.memory.mmu import GUEST, GuestPageFault, RefusedFill  # GUEST: a guest access fills the shadow
+from cpuvirt.memory.types import GPA, GVA, HPA, PFEC_P, PFEC_U, PFEC_W, PTE_RW, PTE_US, Access
 from cpuvirt.memory.walk import Fault, walk
+from cpuvirt.x86.flags import CR0_PG, CR0_WP, CR4_PGE, CR4_PSE, CR4_SMEP
 
 PAGE_MASK = 0xFFFFF000
 KIND = "pt"                       # the trace kind of guest page-table frames
@@ -50,7 +39,6 @@ MAX_ROOT_ENTRIES = 1 << 16        # shadow entries per address space (256 MiB ma
 _MODE0 = CR0_PG | CR0_WP          # CR0 and CR4 bits a shadow entry depends on: a change drops all
 _MODE4 = CR4_PSE | CR4_PGE | CR4_SMEP
 _WRITE, _FETCH = int(Access.WRITE), int(Access.FETCH)
-GUEST = 2                         # `side_effects` from Mmu.fill: a guest access, which fills the shadow
 
 
 class GuestStoreFault(GuestPageFault):
@@ -121,10 +109,10 @@ class ShadowPaging:
         self.vcpu = vcpu
 
     # -- the strategy interface ------------------------------------------------------------------------
-    def gpa_to_hpa(self, gpa: int, access: int):
+    def gpa_to_hpa(self, gpa: GPA, access: int) -> HPA | None:
         return self.mmu.p2m.gpa_to_hpa(gpa)
 
-    def gva_to_gpa(self, gva, access, user, side_effects=True):
+    def gva_to_gpa(self, gva: GVA, access, user, side_effects=True):
         m = self.mmu
         cr0, cr3, cr4 = m.crs or m.load_crs()
         if not cr0 & CR0_PG:
@@ -169,7 +157,7 @@ class ShadowPaging:
         return self._resolve(gva, access, user, cr0, cr3, cr4)
 
     # -- filling --------------------------------------------------------------------------------------------
-    def page_fault(self, gva: int, access: int, user: bool) -> tuple[str, int | None]:
+    def page_fault(self, gva: GVA, access: int, user: bool) -> tuple[str, int | None]:
         """A #PF the shadow raised (hw --no-ept): walk the guest's tables, as kvm_mmu_page_fault does.
 
         Returns ("hidden", gpa) when the shadow was filled (resume the guest), ("true", error code)
@@ -289,7 +277,7 @@ class ShadowPaging:
         if flush_engine:
             self._flush_engine()
 
-    def invlpg(self, gva: int, flush_engine: bool = True) -> None:
+    def invlpg(self, gva: GVA, flush_engine: bool = True) -> None:
         """The guest invalidated one page: drop its shadow entry in the current address space (and
         the engine's TLB, unless the engine executes the invlpg itself: flush_engine=False)."""
         self.counters.invlpgs += 1
@@ -403,7 +391,7 @@ class ShadowPaging:
                                                                   "fallback": why},
                              "cannot emulate: zapped the frame's shadow entries and untraced it; the store re-executes")
 
-    def guest_store(self, gva: int, size: int, value: int, user: bool = False) -> None:
+    def guest_store(self, gva: GVA, size: int, value: int, user: bool = False) -> None:
         """A guest store done by the hypervisor (the translator's callout): the guest's rights, A/D
         bits, and coherent shadows; raises GuestStoreFault for the caller to deliver."""
         try:

@@ -2,15 +2,17 @@
 
 Three address spaces meet in the memory layer (DESIGN.md 4):
 
-- ``Gva``: guest-virtual (linear) address, what guest instructions use;
-- ``Gpa``: guest-physical address, what the guest's page tables produce;
-- ``Hpa``: host-physical address, where cpuvirt really keeps the bytes (p2m or EPT output).
+- ``GVA``: guest-virtual (linear) address, what guest instructions use;
+- ``GPA``: guest-physical address, what the guest's page tables produce;
+- ``HPA``: host-physical address, where cpuvirt really keeps the bytes (p2m or EPT output).
 
-They are ``typing.NewType`` over ``int``: free at run time, checked by a type checker at module
-borders. Inside hot paths they are plain ints.
+They are ``typing.NewType`` over ``int``, written in the signatures at the memory layer's borders
+(walk, mmu, p2m, ept, nested, shadow) and checked by mypy where [tool.mypy] lists the module
+(tests/test_lint.py). Calling one costs a Python call, so the per-fill paths compute plain ints
+inside; the signatures carry the types.
 
-Bit names follow the Intel SDM Vol. 3A: 2.5 (control registers), 4.3 (32-bit paging entries,
-tables 4-4 to 4-6) and 4.7 (page-fault error code).
+Bit names follow the Intel SDM Vol. 3A: 4.3 (32-bit paging entries, tables 4-4 to 4-6) and 4.7
+(page-fault error code); the control-register bits are cpuvirt/x86/flags.py's.
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ from __future__ import annotations
 from enum import IntEnum
 from typing import NewType
 
-Gva = NewType("Gva", int)
-Gpa = NewType("Gpa", int)
-Hpa = NewType("Hpa", int)
+GVA = NewType("GVA", int)
+GPA = NewType("GPA", int)
+HPA = NewType("HPA", int)
 
 
 class Access(IntEnum):
@@ -43,14 +45,6 @@ PFEC_U = 1 << 2      # the access was a user-mode access (CPL 3)
 PFEC_RSVD = 1 << 3   # a reserved bit was set in a paging-structure entry (always with P)
 PFEC_I = 1 << 4      # instruction fetch; reported only with CR4.SMEP (or PAE+NXE, not modelled)
 
-# Control-register bits (SDM Vol. 3A 2.5).
-CR0_PE = 1 << 0      # protection enable
-CR0_WP = 1 << 16     # write protect: supervisor writes honour read-only pages
-CR0_PG = 1 << 31     # paging
-CR4_PSE = 1 << 4     # page-size extensions: 4 MiB pages in 32-bit paging
-CR4_PGE = 1 << 7     # global pages survive a CR3 write
-CR4_SMEP = 1 << 20   # supervisor-mode execution prevention
-
 # Paging-structure entry bits, 32-bit paging (SDM Vol. 3A 4.3, tables 4-4 to 4-6).
 PTE_P = 1 << 0       # present
 PTE_RW = 1 << 1      # read/write (0: read-only)
@@ -63,8 +57,7 @@ PTE_PS = 1 << 7      # page size, in a PDE: 1 = 4 MiB page when CR4.PSE = 1 (PAT
 PTE_G = 1 << 8       # global (leaf entries only, with CR4.PGE)
 
 __all__ = [
-    "Gva", "Gpa", "Hpa", "Access",
+    "GVA", "GPA", "HPA", "Access",
     "PFEC_P", "PFEC_W", "PFEC_U", "PFEC_RSVD", "PFEC_I",
-    "CR0_PE", "CR0_WP", "CR0_PG", "CR4_PSE", "CR4_PGE", "CR4_SMEP",
     "PTE_P", "PTE_RW", "PTE_US", "PTE_PWT", "PTE_PCD", "PTE_A", "PTE_D", "PTE_PS", "PTE_G",
 ]

@@ -49,11 +49,8 @@ from __future__ import annotations
 from typing import Callable, NamedTuple
 
 from cpuvirt.memory.types import (
-    CR0_PG,
-    CR0_WP,
-    CR4_PGE,
-    CR4_PSE,
-    CR4_SMEP,
+    GPA,
+    GVA,
     PFEC_I,
     PFEC_P,
     PFEC_RSVD,
@@ -68,6 +65,7 @@ from cpuvirt.memory.types import (
     PTE_US,
     Access,
 )
+from cpuvirt.x86.flags import CR0_PG, CR0_WP, CR4_PGE, CR4_PSE, CR4_SMEP
 
 __all__ = ["Translation", "Fault", "walk"]
 
@@ -89,8 +87,8 @@ class Translation(NamedTuple):
     ``refs``: read32 + write32 calls this walk made (a 2-D walk's cost grows with it).
     """
 
-    gpa: int
-    page_gpa: int
+    gpa: GPA
+    page_gpa: GPA
     writable: bool
     user: bool
     large: bool
@@ -131,7 +129,7 @@ def _fault(cause: int, access: int, user: bool, cr4: int, refs: int) -> Fault:
     return _tuple_new(Fault, (code, refs))
 
 
-def walk(gva: int, access: Access, user: bool, cr0: int, cr3: int, cr4: int,
+def walk(gva: GVA, access: Access, user: bool, cr0: int, cr3: int, cr4: int,
          read32: Callable[[int], int],
          write32: Callable[[int, int], None] | None) -> Translation | Fault:
     """Translate ``gva`` (a 32-bit linear address) for ``access`` at ``user`` privilege (CPL 3).

@@ -9,10 +9,11 @@ verr, verw) runs natively and shows the truth of ring 1: Popek & Goldberg's x86 
 from __future__ import annotations
 
 from cpuvirt import limits
-from cpuvirt.cpu.deprivilege import SREGS, DeprivilegedVcpu
-from cpuvirt.cpu.events import Vector
+from cpuvirt.cpu.deprivilege import DeprivilegedVcpu
+from cpuvirt.cpu.virtualcpu import SREGS
 from cpuvirt.memory.shadow import ShadowPaging
 from cpuvirt.modes.base import Mode
+from cpuvirt.x86.vectors import Vector
 
 
 class TrapVcpu(DeprivilegedVcpu):

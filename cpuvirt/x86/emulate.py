@@ -11,6 +11,8 @@ from capstone.x86 import X86_OP_IMM, X86_OP_MEM, X86_OP_REG
 from cpuvirt import limits
 from cpuvirt.engine import regs as R
 from cpuvirt.status import Unsupported
+from cpuvirt.x86.faultaddr import _decoder, _operand_addresses
+from cpuvirt.x86.flags import EFLAGS_DF
 
 _cs = Cs(CS_ARCH_X86, CS_MODE_32)
 _cs.detail = True
@@ -98,7 +100,7 @@ def emulate_store(code: bytes, eip: int, regs, read, write) -> tuple[int, int, i
         gva = regs.read(R.EDI)
         value = regs.read(R.EAX) & mask
         write(gva, size, value)
-        step = -size if regs.read(R.EFLAGS) & R.EFLAGS_DF else size
+        step = -size if regs.read(R.EFLAGS) & EFLAGS_DF else size
         regs.write(R.EDI, (gva + step) & 0xFFFFFFFF)
         return length, gva, size, value, f"emulated `{text}`"
     gva = _operand_addresses(code, eip, regs)[0][0]
@@ -140,3 +142,62 @@ def emulate_store(code: bytes, eip: int, regs, read, write) -> tuple[int, int, i
         fl |= 0x80
     regs.write(R.EFLAGS, fl)
     return length, gva, size, value, f"emulated `{text}`"
+
+
+# -- read-modify-write arithmetic on memory -----------------------------------------------------------
+_ARITH = ("add", "sub", "inc", "dec")
+_ARITH_FORMS: dict[tuple[int, bytes], tuple] = {}   # site -> (mnemonic, length, size, source), () if none
+
+
+def arith_store(code: bytes, eip: int, regs, read, write) -> int | None:
+    """`add/sub [m], reg/imm` and `inc/dec [m]` (counters kept beside code), with the flags the CPU
+    sets; None for any other instruction. Complements emulate_store (translated code's coherence,
+    cpuvirt/modes/full/coherence.py)."""
+    key = (eip, code)
+    form = _ARITH_FORMS.get(key)
+    if form is None:
+        insn = next(_decoder().disasm(code or b"", eip, 1), None)
+        form = ()
+        if insn is not None and insn.mnemonic in _ARITH and insn.operands and insn.operands[0].type == X86_OP_MEM \
+                and insn.prefix[0] not in (0xF2, 0xF3):
+            ops = insn.operands
+            src = None
+            if len(ops) == 2:
+                if ops[1].type == X86_OP_REG:
+                    src = ("reg", insn.reg_name(ops[1].reg))
+                elif ops[1].type == X86_OP_IMM:
+                    src = ("imm", ops[1].imm)
+            if len(ops) == 1 or src is not None:
+                form = (insn.mnemonic, insn.size, ops[0].size, src)
+        if len(_ARITH_FORMS) > 4096:
+            _ARITH_FORMS.clear()
+        limits.put(_ARITH_FORMS, key, form)
+    if not form:
+        return None
+    m, length, size, src = form
+    bits = 8 * size
+    mask = (1 << bits) - 1
+    b = 1 if src is None else ((_get(regs, src[1]) if src[0] == "reg" else src[1]) & mask)
+    gva = _operand_addresses(code, eip, regs)[0][0]
+    a = read(gva, size)
+    sub = m in ("sub", "dec")
+    r = (a - b if sub else a + b) & mask
+    write(gva, size, r)
+    fl = regs.read(R.EFLAGS)
+    keep_cf = m in ("inc", "dec")
+    fl &= ~(0x4 | 0x10 | 0x40 | 0x80 | 0x800 | (0 if keep_cf else 0x1))
+    if not keep_cf and ((a < b) if sub else (a + b > mask)):
+        fl |= 0x1
+    if bin(r & 0xFF).count("1") % 2 == 0:
+        fl |= 0x4
+    if (a ^ b ^ r) & 0x10:
+        fl |= 0x10
+    if r == 0:
+        fl |= 0x40
+    if r >> (bits - 1):
+        fl |= 0x80
+    sa, sb, sr = a >> (bits - 1), b >> (bits - 1), r >> (bits - 1)
+    if (sa != sb and sr != sa) if sub else (sa == sb and sr != sa):
+        fl |= 0x800
+    regs.write(R.EFLAGS, fl)
+    return length

@@ -8,6 +8,19 @@ from __future__ import annotations
 
 from cpuvirt.errors import CpuvirtError
 from cpuvirt.modes.hw.vmcs import Field, Vmcs
+from cpuvirt.x86.flags import (
+    CR0_TS,
+    CR0_WP,
+    CR4_DE,
+    CR4_OSFXSR,
+    CR4_OSXMMEXCPT,
+    CR4_PCE,
+    CR4_PGE,
+    CR4_PSE,
+    CR4_PVI,
+    CR4_SMEP,
+    CR4_TSD,
+)
 
 PIN, PRIMARY, SECONDARY = (Field.PIN_BASED_VM_EXEC_CONTROL, Field.CPU_BASED_VM_EXEC_CONTROL,
                            Field.SECONDARY_VM_EXEC_CONTROL)
@@ -41,9 +54,6 @@ CONTROLS: dict[str, tuple[Field, int]] = {
 SETTINGS = ("exception_bitmap", "io_bitmap", "msr_bitmap", "cr0_guest_host_mask", "cr4_guest_host_mask",
             "pf_error_code_mask", "pf_error_code_match", "tsc_offset", "lazy_ept")
 
-CR0_TS, CR0_WP = 1 << 3, 1 << 16
-CR4_PGE, CR4_PCE, CR4_TSD, CR4_DE, CR4_PVI, CR4_OSFXSR, CR4_OSXMMEXCPT = (1 << 7, 1 << 8, 1 << 2, 1 << 3, 1 << 1,
-                                                                          1 << 9, 1 << 10)
 
 # What KVM sets up for a guest with EPT (arch/x86/kvm/vmx/vmx.c, setup_vmcs_config and
 # init_vmcs): HLT, MOV-DR, unconditional I/O, MWAIT/MONITOR and RDPMC exiting; no CR3 or INVLPG exiting
@@ -57,8 +67,6 @@ KVM_PRESET = {
     "cr0_guest_host_mask": 0xFFFFFFFF & ~(CR0_TS | CR0_WP),
     "cr4_guest_host_mask": 0xFFFFFFFF & ~(CR4_PGE | CR4_PCE | CR4_TSD | CR4_DE | CR4_PVI | CR4_OSFXSR | CR4_OSXMMEXCPT),
 }
-
-CR4_PSE, CR4_SMEP = 1 << 4, 1 << 20
 
 # Without EPT KVM runs the guest on shadow page tables (arch/x86/kvm/vmx/vmx.c): CR3 loads and stores,
 # INVLPG and #PF exit (exec_control keeps CR3_LOAD/STORE_EXITING and INVLPG_EXITING, which it drops

@@ -7,12 +7,13 @@ never delivered directly: the processor does that at the next VM entry.
 """
 from __future__ import annotations
 
-from cpuvirt.cpu.events import HAS_ERROR_CODE, Vector
 from cpuvirt.cpu.vcpu import EXIT_ERROR, EXIT_HYPERVISOR_STOP, EXIT_TRIPLE_FAULT
 from cpuvirt.engine import regs as R
 from cpuvirt.modes.hw import exits as E
 from cpuvirt.modes.hw.exits import Exit, ExitReason
 from cpuvirt.modes.hw.vmcs import Field as F
+from cpuvirt.x86.flags import EFLAGS_IF, EFLAGS_VM
+from cpuvirt.x86.vectors import HAS_ERROR_CODE, Vector
 
 # KVM hypercalls (Documentation/virt/kvm/x86/hypercalls.rst, include/uapi/linux/kvm_para.h).
 KVM_HC_VAPIC_POLL_IRQ, KVM_HC_KICK_CPU, KVM_HC_CLOCK_PAIRING = 1, 5, 9
@@ -72,7 +73,7 @@ class RootHypervisor:
 
     def guest_interruptible(self) -> bool:
         """RFLAGS.IF and no blocking by STI / MOV SS (GUEST_INTERRUPTIBILITY_INFO bits 0-1)."""
-        return (bool(self.vmcs.vmread(F.GUEST_RFLAGS) & R.EFLAGS_IF)
+        return (bool(self.vmcs.vmread(F.GUEST_RFLAGS) & EFLAGS_IF)
                 and not self.vmcs.vmread(F.GUEST_INTERRUPTIBILITY_INFO) & 3)
 
     # -- handlers ----------------------------------------------------------------------------------------
@@ -335,8 +336,8 @@ class RootHypervisor:
         A #PF or #GP it raises is injected; a rep string instruction done in part is re-entered at
         the same RIP (its registers say how far it got); a form not emulated stops the guest."""
         from cpuvirt.cpu.emulator import Context, EmulatedFault
-        from cpuvirt.cpu.events import Unsupported
         from cpuvirt.memory.mmu import GuestPageFault, NestedFault
+        from cpuvirt.status import Unsupported
         cpu = self.cpu
         # Segments as the CPU forms addresses: real mode, V86 mode and 16-bit code segments are
         # rarely flat (cpu/segcache.py); 16-bit code is decoded as such (cpu/emulator.py).
@@ -344,7 +345,7 @@ class RootHypervisor:
         if segs is None:
             from cpuvirt.cpu.segcache import EngineSegments
             segs = self._segments = EngineSegments(cpu.uc)
-        code16 = not cpu.regs.read(R.CR0) & 1 or bool(cpu.regs.read(R.EFLAGS) & R.EFLAGS_VM)
+        code16 = not cpu.regs.read(R.CR0) & 1 or bool(cpu.regs.read(R.EFLAGS) & EFLAGS_VM)
         if segs.available:
             segs.refresh()
             code16 = code16 or not segs.code32()
@@ -356,7 +357,7 @@ class RootHypervisor:
             return
         else:
             linear = x.rip
-        user = bool(cpu.regs.read(R.EFLAGS) & R.EFLAGS_VM) or (
+        user = bool(cpu.regs.read(R.EFLAGS) & EFLAGS_VM) or (
             bool(cpu.regs.read(R.CR0) & 1) and cpu.regs.read(R.SS) & 3 == 3)   # real mode: supervisor
         ctx = Context(cpu.regs, _GuestLinear(cpu.mmu, user), io=_ChargedPorts(cpu),
                       cr0=self._guest_cr0, segs=segs.base if segs.available else None)

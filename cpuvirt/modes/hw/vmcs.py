@@ -12,6 +12,7 @@ the lazy register traffic an exit path needs (UNICORN-NOTES.md, "Costs").
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from enum import IntEnum
 
 
@@ -188,8 +189,9 @@ class Vmcs:
         self._cache.clear()
         return written
 
-    def dump(self) -> str:  # noqa: D401 (the control fields also name their set bits: _set_bits)
-        """Every field, grouped as the SDM groups them, with its encoding."""
+    def dump(self, controls: Mapping[str, tuple[Field, int]] | None = None) -> str:
+        """Every field, grouped as the SDM groups them, with its encoding; the execution-control fields
+        name their set bits from `controls` (controls.CONTROLS: name -> (field, bit))."""
         lines = []
         for k in (2, 3, 0, 1):
             lines.append(f"{KINDS[k]}:")
@@ -200,14 +202,13 @@ class Vmcs:
                         continue
                     v = self.vmread(f)
                     w = width(f.value)
-                    lines.append(f"  {f.value:#06x}  {f.name:<32} {v:#0{w // 4 + 2}x}{_set_bits(f, v)}")
+                    lines.append(f"  {f.value:#06x}  {f.name:<32} {v:#0{w // 4 + 2}x}{_set_bits(f, v, controls or {})}")
         return "\n".join(lines)
 
 
-def _set_bits(f, value: int) -> str:
-    """For a VM-execution control field: the names of its set bits (controls.CONTROLS), others by number."""
-    from cpuvirt.modes.hw.controls import CONTROLS
-    names = {bit: name for name, (field, bit) in CONTROLS.items() if field == f}
+def _set_bits(f, value: int, controls: Mapping[str, tuple[Field, int]]) -> str:
+    """For a VM-execution control field: the names of its set bits, others by number."""
+    names = {bit: name for name, (field, bit) in controls.items() if field == f}
     if not names:
         return ""
     bits = [names.get(b, f"bit{b}") for b in range(32) if value >> b & 1]

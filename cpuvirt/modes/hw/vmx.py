@@ -19,12 +19,11 @@ from collections import Counter, defaultdict
 
 from unicorn import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH
 
-from cpuvirt.cpu.events import HAS_ERROR_CODE, MNEMONIC, Vector
 from cpuvirt.cpu.vcpu import EXIT_HYPERVISOR_STOP, Vcpu
 from cpuvirt.engine import regs as R
 from cpuvirt.engine.hooks import hook_guard
-from cpuvirt.machine.hostmem import HostRegion
-from cpuvirt.memory.ept import EPT_R, EPT_W, EPT_X, Ept, HvAllocator
+from cpuvirt.engine.hostmem import HostRegion, HvAllocator
+from cpuvirt.memory.ept import EPT_R, EPT_W, EPT_X, Ept
 from cpuvirt.memory.mmu import NestedFault
 from cpuvirt.memory.nested import EptWalk
 from cpuvirt.memory.p2m import HV_HPA, RAM_HPA
@@ -37,13 +36,14 @@ from cpuvirt.modes.hw.exits import Exit, ExitReason
 from cpuvirt.modes.hw.vmcs import Field as F
 from cpuvirt.modes.hw.vmcs import Vmcs
 from cpuvirt.x86.faultaddr import operand_address
+from cpuvirt.x86.flags import CR0_ET, CR0_PE, CR0_PG, EFLAGS_IF, EFLAGS_VM
+from cpuvirt.x86.vectors import HAS_ERROR_CODE, MNEMONIC, Vector
 
 HV_SIZE = 8 << 20
 
 # The simulated IA32_VMX_CR0_FIXED0/1 and CR4_FIXED0/1 (SDM appendix A.7, A.8), with "unrestricted
 # guest": CR0.PE and CR0.PG may be 0, CR0.NE must be 1; CR4 has no fixed bits here.
 CR0_FIXED0 = 1 << 5
-CR0_PE, CR0_ET, CR0_NE, CR0_PG = 1, 1 << 4, 1 << 5, 1 << 31
 RFLAGS_RESERVED_ZERO = (1 << 3) | (1 << 5) | (1 << 15) | 0xFFC00000
 
 from cpuvirt.cpu.vcpu import IO_INSTRUCTIONS  # noqa: E402
@@ -52,6 +52,17 @@ SENSITIVE = IO_INSTRUCTIONS | frozenset(("hlt", "mov", "clts", "lmsw", "smsw", "
                        "lldt", "ltr", "sldt", "str", "rdmsr", "wrmsr", "rdpmc", "wbinvd", "invd", "pause",
                        "monitor", "mwait"))
 _GPR = {n: r for n, r in zip(R.GPR_NAMES, R.GPR_ORDER)}
+# The instructions that exit as a whole, with no operand to decode, when the controls named are all 1
+# (SDM Vol. 3C 25.1.3, tables 25-6 and 25-7): mnemonic -> (basic exit reason, controls); none: always.
+INSTRUCTION_EXITS: dict[str, tuple[ExitReason, tuple[str, ...]]] = {
+    "hlt": (ExitReason.HLT, ("hlt_exiting",)),
+    "rdpmc": (ExitReason.RDPMC, ("rdpmc_exiting",)),
+    "wbinvd": (ExitReason.WBINVD, ("activate_secondary_controls", "wbinvd_exiting")),
+    "invd": (ExitReason.INVD, ()),
+    "pause": (ExitReason.PAUSE, ("pause_exiting",)),
+    "monitor": (ExitReason.MONITOR, ("monitor_exiting",)),
+    "mwait": (ExitReason.MWAIT, ("mwait_exiting",)),
+}
 # Privileged instructions: at CPL > 0 they raise #GP(0) before any VM exit is considered (SDM Vol. 3C
 # 25.1.1, exceptions take priority over exits); the engine raises that #GP itself when they run.
 PRIVILEGED = frozenset(("hlt", "mov", "clts", "lmsw", "invlpg", "lgdt", "lidt", "lldt", "ltr", "rdmsr",
@@ -206,7 +217,7 @@ class VmxCpu(Vcpu):
         x = Exit(reason, qualification, length, rip, insn, detail or {}, implicit_rip,
                  None if reason != ExitReason.IO_INSTRUCTION or qualification & 8 else value)
         if self.dump_on is not None:
-            x.vmcs_at_exit = v.dump()          # the state at the exit, not after the handler emulated it
+            x.vmcs_at_exit = v.dump(CONTROLS)          # the state at the exit, not after the handler emulated it
         t0 = time.perf_counter()
         handler = self.hypervisor.handlers.get(reason, self.hypervisor.unhandled)
         handler(x)
@@ -280,7 +291,7 @@ class VmxCpu(Vcpu):
             rflags = v.vmread(F.GUEST_RFLAGS)
             if not rflags & 2 or rflags & RFLAGS_RESERVED_ZERO:
                 raise EntryFailure(f"GUEST_RFLAGS {rflags:#x}: bit 1 must be 1 and reserved bits 0")
-            if rflags & R.EFLAGS_VM:
+            if rflags & EFLAGS_VM:
                 raise EntryFailure("GUEST_RFLAGS.VM = 1: virtual-8086 guests are not supported")
         if dirty & {F.GUEST_CS_SELECTOR, F.GUEST_SS_SELECTOR}:
             if (v.vmread(F.GUEST_CS_SELECTOR) ^ v.vmread(F.GUEST_SS_SELECTOR)) & 3:
@@ -312,9 +323,6 @@ class VmxCpu(Vcpu):
             if self.regs.read(R.EIP) != eip:
                 return
             self._mov_cr_dr(address, size, ops)
-        elif mnem == "hlt":
-            if self.ctl("hlt_exiting"):
-                self.vm_exit(ExitReason.HLT, address, length=size)
         elif mnem == "invlpg":
             if self.ctl("invlpg_exiting"):
                 la = self._operand_address(address)
@@ -341,23 +349,10 @@ class VmxCpu(Vcpu):
             self._smsw(address, size, ops)
         elif mnem == "lmsw":
             self._lmsw(address, size, ops)
-        elif mnem == "rdpmc":
-            if self.ctl("rdpmc_exiting"):
-                self.vm_exit(ExitReason.RDPMC, address, length=size)
-        elif mnem == "wbinvd":
-            if self.ctl("activate_secondary_controls") and self.ctl("wbinvd_exiting"):
-                self.vm_exit(ExitReason.WBINVD, address, length=size)
-        elif mnem == "invd":
-            self.vm_exit(ExitReason.INVD, address, length=size)       # always exits
-        elif mnem == "pause":
-            if self.ctl("pause_exiting"):
-                self.vm_exit(ExitReason.PAUSE, address, length=size)
-        elif mnem == "monitor":
-            if self.ctl("monitor_exiting"):
-                self.vm_exit(ExitReason.MONITOR, address, length=size)
-        elif mnem == "mwait":
-            if self.ctl("mwait_exiting"):
-                self.vm_exit(ExitReason.MWAIT, address, length=size)
+        elif mnem in INSTRUCTION_EXITS:             # no operand to decode: the controls decide
+            reason, controls = INSTRUCTION_EXITS[mnem]
+            if all(self.ctl(c) for c in controls):
+                self.vm_exit(reason, address, length=size)
         if self.outcome is not None or self._blocked:
             self.uc.emu_stop()
 
@@ -684,14 +679,14 @@ class VmxCpu(Vcpu):
     def waits_for_window(self) -> bool:
         """Interrupt-window exiting (SDM 25.2) waits for IF = 1 like a pending interrupt does: the
         window hooks stop the engine where IF becomes 1, and before_entry takes the exit."""
-        if self.ctl("interrupt_window_exiting") and not self.regs.read(R.EFLAGS) & R.EFLAGS_IF:
+        if self.ctl("interrupt_window_exiting") and not self.regs.read(R.EFLAGS) & EFLAGS_IF:
             return True
         return super().waits_for_window()
 
     def before_entry(self) -> None:
         """Exits due before the next guest instruction (SDM 25.2): the interrupt window, which is
         open when RFLAGS.IF = 1 and no STI / MOV SS shadow blocks interrupts."""
-        if self.ctl("interrupt_window_exiting") and self.regs.read(R.EFLAGS) & R.EFLAGS_IF:
+        if self.ctl("interrupt_window_exiting") and self.regs.read(R.EFLAGS) & EFLAGS_IF:
             if self.faults.interrupt_shadow():
                 self._after_one_block = True
                 return
@@ -716,7 +711,7 @@ class VmxCpu(Vcpu):
             return False
         if self.ctl("interrupt_window_exiting"):
             # Waiting for the window (e.g. woken from HLT with IF = 1): it is open now or not at all.
-            if not self.regs.read(R.EFLAGS) & R.EFLAGS_IF or self.faults.interrupt_shadow():
+            if not self.regs.read(R.EFLAGS) & EFLAGS_IF or self.faults.interrupt_shadow():
                 return False
             x = self.vm_exit(ExitReason.INTERRUPT_WINDOW, eip)
             return x.action.startswith("window open: injected")
@@ -735,7 +730,8 @@ class VmxCpu(Vcpu):
         super().on_hlt(eip)
 
     def deliver(self, vector, return_eip, error_code=None, soft=False, external=False, fault_eip=None):
-        from cpuvirt.cpu.events import TripleFault, Unsupported
+        from cpuvirt.cpu.faults import TripleFault
+        from cpuvirt.status import Unsupported
         try:
             self.delivery.deliver(vector, return_eip, error_code, soft, external, fault_eip)
         except TripleFault as tf:
@@ -760,7 +756,7 @@ class VmxCpu(Vcpu):
     def perform_task_switch(self) -> str:
         """For the root-mode handler: switch tasks as the exit described (cpu/tasks.py)."""
         from cpuvirt.cpu import tasks
-        from cpuvirt.cpu.events import DeliveryFault
+        from cpuvirt.cpu.faults import DeliveryFault
         view, sel, reason, next_eip, ext, _ = self._task
         try:
             tasks.switch_task(view, sel, reason, next_eip, ext)

@@ -9,7 +9,11 @@ from __future__ import annotations
 import struct
 
 from cpuvirt.engine import regs as R
-from cpuvirt.memory.direct import (
+from cpuvirt.memory.direct import L1, L2, Refused
+from cpuvirt.modes.para.events import VIRQ_TIMER
+from cpuvirt.modes.para.startinfo import CONSOLE_PORT, IRET_STUB
+from cpuvirt.x86.flags import EFLAGS_IF
+from cpuvirt.xen import (
     EEXIST,
     EFAULT,
     EINVAL,
@@ -18,13 +22,8 @@ from cpuvirt.memory.direct import (
     EPERM,
     GDT_WINDOW_FRAMES,
     HYPERVISOR_VIRT_START,
-    L1,
-    L2,
     LDT_VIRT_START,
-    Refused,
 )
-from cpuvirt.modes.para.events import VIRQ_TIMER
-from cpuvirt.modes.para.startinfo import CONSOLE_PORT, IRET_STUB
 
 DOMID_SELF = 0x7FF0
 CONSOLEIO_write, CONSOLEIO_read = 0, 1
@@ -306,7 +305,7 @@ def iret(cpu) -> None:
     except Refused:
         cpu.crash(f"iret: the frame at {esp:#x} is not readable")
         return
-    cpu.events.mask = 0 if eflags & R.EFLAGS_IF else 1
+    cpu.events.mask = 0 if eflags & EFLAGS_IF else 1
     cpu.note(eip=f"{eip:#x}", cs=f"{cs & 0xFFFF:#x}", eflags=f"{eflags:#x}")
     regs.write(R.EAX, eax)
     regs.write(R.ESP, _u32(esp + 4))

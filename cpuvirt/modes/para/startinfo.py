@@ -89,7 +89,7 @@ def start_info(lay: Layout, nr_pages: int, mfn_of, mbi: int, cmdline: bytes, mod
         struct.pack_into("<II", si, SI_MOD_START, module[0], module[1] - module[0])
     cmd = cmdline[:MAX_GUEST_CMDLINE - 1]
     si[SI_CMD_LINE:SI_CMD_LINE + len(cmd)] = cmd
-    from cpuvirt.memory.direct import HYPERVISOR_VIRT_START
+    from cpuvirt.xen import HYPERVISOR_VIRT_START
     struct.pack_into("<8I", si, SI_EXT, lay.hypercall, lay.shared_info, lay.gdt, len(BOOT_GDT),
                      lay.first_free >> 12, HYPERVISOR_VIRT_START, mbi, lay.stack + PAGE)
     return bytes(si)

@@ -15,17 +15,18 @@ import struct
 
 from unicorn.unicorn_py3 import unicorn as _ucmod
 
-from cpuvirt.cpu.events import HAS_ERROR_CODE, MNEMONIC
 from cpuvirt.cpu.vcpu import EXIT_BUDGET, EXIT_ERROR, EXIT_HALTED, EXIT_HYPERVISOR_STOP, Vcpu
 from cpuvirt.engine import regs as R
-from cpuvirt.machine.clock import NEVER
-from cpuvirt.memory.direct import EFAULT, Refused
+from cpuvirt.engine.clock import NEVER
+from cpuvirt.memory.direct import Refused
 from cpuvirt.memory.mmu import GuestPageFault
 from cpuvirt.modes.para.events import VIRQ_TIMER
 from cpuvirt.modes.para.hypercalls import ENTRY_CYCLES, HYPERCALL_CYCLES, HYPERCALLS
+from cpuvirt.x86.flags import EFLAGS_IF, EFLAGS_NT, EFLAGS_RF, EFLAGS_TF, EFLAGS_VM
+from cpuvirt.x86.vectors import HAS_ERROR_CODE, MNEMONIC
+from cpuvirt.xen import EFAULT, EPERM
 
 HYPERCALL_VECTOR = 0x82
-_EPERM = -1
 _IO = ("in", "out", "insb", "insw", "insd", "outsb", "outsw", "outsd")
 IO_MNEMONICS = frozenset(_IO + tuple("rep " + m for m in _IO if m[-1] in "bwd" and m not in ("in", "out")))
 _IO_PATTERN = re.compile(rb"[\xe4-\xe7\xec-\xef\x6c-\x6f]")
@@ -96,11 +97,11 @@ class ParaVcpu(Vcpu):
         entry = HYPERCALLS.get(nr)
         self.paging.work = 0
         self.clock.advance(HYPERCALL_CYCLES)
-        if b[1] & 3 != 1 or b[7] & R.EFLAGS_VM:
+        if b[1] & 3 != 1 or b[7] & EFLAGS_VM:
             # Only the kernel (ring 1) may call the hypervisor: in V86 mode CPL is 3 whatever CS says.
-            result = _EPERM
+            result = -EPERM
             if tracing:
-                self.detail["refused"] = ("hypercall from ring 3" if not b[7] & R.EFLAGS_VM
+                self.detail["refused"] = ("hypercall from ring 3" if not b[7] & EFLAGS_VM
                                           else "hypercall from V86 mode")
         elif entry is None:
             result = -38
@@ -279,7 +280,7 @@ class ParaVcpu(Vcpu):
         then goes after the block that holds it."""
         if tw.done or tw.eip is None:
             return False
-        from cpuvirt.cpu.events import Unsupported
+        from cpuvirt.status import Unsupported
         from cpuvirt.x86.emulate import emulate_store
         mmu = self.mmu
 
@@ -332,7 +333,7 @@ class ParaVcpu(Vcpu):
         cpl = old_cs & 3
         eflags = regs.read(R.EFLAGS)
         mask = ev.mask
-        saved = (eflags & ~R.EFLAGS_IF) | (0 if mask else R.EFLAGS_IF)
+        saved = (eflags & ~EFLAGS_IF) | (0 if mask else EFLAGS_IF)
         frame = [return_eip, (old_cs & 0xFFFF) | (mask << 16), saved]
         if cpl == 3:
             if self.kernel_stack is None:
@@ -361,7 +362,7 @@ class ParaVcpu(Vcpu):
         except RuntimeError as e:
             self.crash(f"{what} at {return_eip:#x}: {e}")
             return
-        regs.write(R.EFLAGS, (eflags & ~(R.EFLAGS_TF | R.EFLAGS_NT | R.EFLAGS_RF | R.EFLAGS_VM)) | R.EFLAGS_IF)
+        regs.write(R.EFLAGS, (eflags & ~(EFLAGS_TF | EFLAGS_NT | EFLAGS_RF | EFLAGS_VM)) | EFLAGS_IF)
         regs.write(R.EIP, eip)
         if mask_events:
             ev.mask = 1
@@ -405,12 +406,12 @@ class ParaVcpu(Vcpu):
     def system_transfer(self, address: int, size: int, sel: int, offset: int, call: bool) -> None:
         """A far jmp/call to a system descriptor (a call gate or TSS that reached the guest's GDT or
         LDT): refused with #GP(selector), as Xen refuses such descriptors; the engine never sees it."""
-        from cpuvirt.cpu.events import DeliveryFault
+        from cpuvirt.cpu.faults import DeliveryFault
         raise DeliveryFault(13, sel & ~3)
 
     def task_return(self, address: int, size: int) -> None:
         """iret with EFLAGS.NT: there is no previous task under para: #GP(0)."""
-        from cpuvirt.cpu.events import DeliveryFault
+        from cpuvirt.cpu.faults import DeliveryFault
         raise DeliveryFault(13, 0)
 
     def transfer_fault(self, address: int, f) -> None:

@@ -53,3 +53,19 @@ class HostRegion:
     def write(self, hpa: int, data: bytes) -> None:
         off = hpa - self.hpa
         self.view[off:off + len(data)] = data
+
+
+class HvAllocator:
+    """Bump allocator of zeroed 4 KiB pages in a hypervisor region (EPT tables, the TC, the shadow
+    GDT): pages are never freed, the region's size bounds what a guest can make the hypervisor use."""
+
+    def __init__(self, region: HostRegion):
+        self.region = region
+        self.next = region.hpa
+
+    def page(self) -> int:
+        if self.next + 0x1000 > self.region.end:
+            raise MemoryError("hypervisor memory exhausted")
+        hpa = self.next
+        self.next += 0x1000
+        return hpa

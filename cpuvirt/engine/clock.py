@@ -44,7 +44,7 @@ class _State(ctypes.Structure):
 
 
 def _lib():
-    spec = importlib.util.find_spec("cpuvirt.machine._vclock")
+    spec = importlib.util.find_spec("cpuvirt.engine._vclock")
     if spec is None or spec.origin is None:
         raise RuntimeError("cpuvirt's C clock hook is not built: run `pip install -e .` again")
     lib = ctypes.CDLL(spec.origin)
@@ -85,6 +85,10 @@ class VirtualClock:
     def now(self) -> int:
         return self._state.now
 
+    @now.setter
+    def now(self, value: int) -> None:
+        self._state.now = value
+
     @property
     def instructions(self) -> int:
         """Instructions retired (per block: a block cut short by a fault counts whole)."""
@@ -102,10 +106,6 @@ class VirtualClock:
     def discard_current_block(self) -> None:
         """Called from count_block when it stops the engine itself: the block will run later."""
         self._state.discard = 1
-
-    @now.setter
-    def now(self, value: int) -> None:
-        self._state.now = value
 
     @property
     def deadline(self) -> int:

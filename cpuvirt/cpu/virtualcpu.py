@@ -1,0 +1,57 @@
+"""What a deprivileged guest believes about the privileged CPU state, kept where it can never address
+it (docs/deprivileging.md): the `VirtualCpu`, the system-segment caches of LDTR and TR, and the
+`GuestFault` an emulated instruction raises for the guest to see. Shared by the deprivileging core
+(deprivilege.py) and the emulation of privileged instructions (privileged.py).
+"""
+from __future__ import annotations
+
+from cpuvirt.engine import regs as R
+
+SREGS = {"es": R.ES, "cs": R.CS, "ss": R.SS, "ds": R.DS, "fs": R.FS, "gs": R.GS}
+
+
+class GuestFault(Exception):
+    """Emulating an instruction raised an exception the guest must see (delivered through its IDT)."""
+
+    def __init__(self, vector: int, error_code: int | None = None, cr2: int | None = None,
+                 eip: int | None = None):
+        super().__init__(f"vector {vector} error {error_code}")
+        self.vector, self.error_code, self.cr2 = vector, error_code, cr2
+        self.eip = eip            # set when it arose in a new task (after a task switch's commit point)
+
+
+class SegCache:
+    """A system-segment register as the guest loaded it (LDTR, TR): selector and cached base/limit."""
+
+    __slots__ = ("base", "limit", "selector")
+
+    def __init__(self, selector: int = 0, base: int = 0, limit: int = 0):
+        self.selector, self.base, self.limit = selector, base, limit
+
+    def __repr__(self):
+        return f"SegCache({self.selector:#x}, {self.base:#x}, {self.limit:#x})"
+
+
+class VirtualCpu:
+    """What the guest believes about the privileged CPU state (never in guest-addressable memory).
+
+    CPL, IF and the guest-view selectors are not stored: CPL is derived from the real CS (real ring 1
+    = virtual 0), IF is the real EFLAGS.IF, and a kernel selector is the real one with RPL 0
+    (`DeprivilegedVcpu.guest_selector`)."""
+
+    __slots__ = ("cr0", "cr2", "cr3", "cr4", "dr", "gdtr", "idtr", "iopl", "ldtr", "tr", "sysenter")
+
+    def __init__(self):
+        self.cr0, self.cr2, self.cr3, self.cr4 = 0x11, 0, 0, 0
+        self.dr = [0, 0, 0, 0, 0, 0, 0xFFFF0FF0, 0x400]   # DR0-7 at reset (no breakpoint is armed)
+        self.gdtr = (0, 0)            # (base, limit)
+        self.idtr = (0, 0x3FF)
+        self.ldtr = SegCache()
+        self.tr = SegCache()
+        self.iopl = 0
+        # IA32_SYSENTER_CS/ESP/EIP (MSRs 0x174-0x176): virtual, never the engine's, whose own
+        # sysenter would enter real ring 0 (it is hooked and emulated instead: `_sysenter`)
+        self.sysenter = [0, 0, 0]
+
+    def crs(self) -> tuple[int, int, int]:
+        return self.cr0, self.cr3, self.cr4

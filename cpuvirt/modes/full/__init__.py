@@ -1,0 +1,67 @@
+"""Mode `full`: VMware-style binary translation of the guest kernel (Adams & Agesen 2006; docs/binary-translation.md).
+
+The guest kernel (virtual CPL 0) never runs in place: its code is translated block by block into a
+translation cache (cpuvirt/bt) in hypervisor memory and runs from there at ring 1, with real IOPL 1 so
+that cli/sti/popf act natively on the real IF, which carries the virtual IF. Guest user code (CPL 3)
+runs directly. What the translator cannot leave native becomes a callout into this hypervisor, which
+emulates it through the shared deprivileging core (cpu/deprivilege.py).
+
+The TC is reached through a linear window (TC_WINDOW) that the TLB-fill hook serves only to fetches at
+CPL 1: any read or write there, and any access at CPL 3, is served from the guest's own mapping, as if
+the window were not there. Translated code never reads the TC as data.
+
+The package, a module per job: `vcpu.py` the vCPU (the TC window and its fill, entering translated
+code, where the guest was when the engine stopped), `callouts.py` the emulation of the instructions
+the translator hands out (cpuid, int n, in/out, rdtsc...), `coherence.py` keeping translations true
+to the guest's code and virtual-CPU state, `adaptive.py` adaptive BT's stores; the translator and the
+translation cache themselves are in cpuvirt/bt.
+"""
+from __future__ import annotations
+
+from cpuvirt.bt.direct import WANTED
+from cpuvirt.modes.base import Mode
+from cpuvirt.modes.full.adaptive import ADAPTIVE_THRESHOLD
+from cpuvirt.modes.full.coherence import CODE
+from cpuvirt.modes.full.vcpu import TC_WINDOW, FullVcpu
+
+__all__ = ["ADAPTIVE_THRESHOLD", "CODE", "TC_WINDOW", "FullMode", "FullVcpu"]
+
+
+class FullMode(Mode):
+    name = "full"
+    description = "binary translation: kernel code translated into a TC at ring 1, user code direct"
+
+    def __init__(self, machine, trace=None, max_insns: int = 0, verbose: bool = False, observer=None):
+        """`verbose`: record a `translate` event per block; `observer(mode)`: called once built (the
+        `bt` verb and tests look at the translation cache after the run)."""
+        self.machine = machine
+        self.vcpu = FullVcpu(machine, trace=trace, max_insns=max_insns, verbose=verbose)
+        if observer is not None:
+            observer(self)
+        self.vcpu.install_hooks()
+        self.vcpu.enable_io_gate()
+        self.vcpu.intercepts.wanted |= WANTED          # real mode's way out (bt/direct.py)
+        from cpuvirt.memory.shadow import ShadowPaging
+        self.shadow = ShadowPaging(machine.mmu)       # installs itself as the memory strategy
+        self.shadow.attach(self.vcpu)
+
+    def translation_stats(self) -> dict:
+        """The translation cache's counters, for `run --stats` (runner.RunResult.mmu["translation"])."""
+        return self.vcpu.stats()
+
+    def boot(self) -> None:
+        vcpu, mmio = self.vcpu, self.machine.mmio
+        inner = mmio.on_access
+        if inner is not None:
+            # The MMIO trace finds the accessing instruction by decoding the running engine block,
+            # which is TC code: let it read the TC while it does (see FullVcpu.fetch_bytes).
+            def on_access(*args):
+                vcpu._mmio_decode = True
+                try:
+                    return inner(*args)
+                finally:
+                    vcpu._mmio_decode = False
+            mmio.on_access = on_access
+        self.vcpu.deprivilege()
+        self.vcpu._vsnap = self.vcpu._snapshot()
+

@@ -1,0 +1,145 @@
+"""The callouts of mode `full`: the guest-kernel instructions the translator does not leave native,
+emulated by the hypervisor (cpuid, int n / int3 / into, in/out, rdtsc, icebp, the #UD forms, the x87
+pointers stored by fnstenv/fxsave), the rest through the deprivileging core's emulator
+(cpu/deprivilege.py). A mixin of FullVcpu (vcpu.py).
+"""
+from __future__ import annotations
+
+import struct
+
+from cpuvirt.cpu.vcpu import EXIT_HYPERVISOR_STOP
+from cpuvirt.cpu.virtualcpu import GuestFault
+from cpuvirt.engine import regs as R
+from cpuvirt.memory.mmu import GuestPageFault
+from cpuvirt.status import Unsupported
+
+
+class Callouts:
+    """What a callout runs (bt/runtime.py hands the Site here through `on_callout`)."""
+
+    def _callout_then_window(self, site) -> int | None:
+        try:
+            return self._callout(site)
+        finally:
+            self.clock.if_may_have_changed()      # an emulated iret/popf may have set IF
+
+    def _callout(self, site) -> int | None:
+        """Emulate the guest instruction of a callout; returns the guest EIP to go on at (the next
+        instruction) or None when the emulation set EIP and the ring itself."""
+        ins = site.insn
+        geip = ins.geip
+        self.mmu.crs = None
+        if site.kind == "adaptive":
+            self._adaptive_store(geip)
+            return None
+        if site.kind == "fpu_env":
+            self._fpu_pointers_to_guest(geip, site.raw)
+            return (geip + ins.size) & 0xFFFFFFFF
+        fast = self._special(geip, ins, site)
+        if fast is not False:
+            return fast
+        self.regs.write(R.EIP, geip)
+        if self.emulate_at(geip) is None:
+            self.finish("error", EXIT_HYPERVISOR_STOP, f"full: no emulation for the guest-kernel instruction "
+                        f"'{ins.text}' at {geip:#x}")
+            return None
+        self._virtual_changed()
+        if ins.text.startswith("invlpg"):
+            self.check_code_mappings()
+        return None
+
+    def _special(self, geip, ins, site):
+        """Callouts the core does not emulate: int n / int3 / into, in/out, cpuid, rdtsc. Returns the
+        next guest EIP, None (an event was delivered: EIP is set), or False (not one of them)."""
+        raw = site.raw
+        key = (site, raw)
+        p = self._prefix_len.get(key)
+        if p is None:
+            p = 0
+            while p < len(raw) and raw[p] in (0x66, 0x67, 0xF3, 0xF2, 0x2E, 0x3E, 0x26, 0x36, 0x64, 0x65, 0xF0):
+                p += 1
+            if len(self._prefix_len) > 8192:
+                self._prefix_len.clear()
+            self._prefix_len[key] = p
+        op = raw[p]
+        regs = self.regs
+        nxt = (geip + ins.size) & 0xFFFFFFFF
+        if op == 0x0F and raw[p + 1] == 0xA2:
+            leaf, subleaf = self._cpuid_in.read()
+            if self.trace is None:
+                self.counts[self.event_kind] += 1
+                self.reasons[self.event_kind, "cpuid"] += 1
+            else:
+                self.record(self.event_kind, "cpuid", None, geip, {"leaf": f"{leaf:#x}"}, "emulated: the CPU model")
+            self._cpuid_out.write(*self.m.cpuid(leaf, subleaf))
+            return nxt
+        if op in (0xCD, 0xCC, 0xCE):
+            if op == 0xCE and not regs.read(R.EFLAGS) & 0x800:
+                return nxt
+            # int3 and into are software interrupts too (gate DPL checked), as the engine reports them
+            vector = raw[p + 1] if op == 0xCD else (3 if op == 0xCC else 4)
+            detail = {"vector": vector, "software": True}
+            if op == 0xCD:                  # `int n`: EAX is the system-call number by OS convention
+                detail["eax"] = f"{regs.read(R.EAX):#x}"
+            self.record("interrupt", f"int {vector:#x}", vector, geip, detail, "delivered through the guest IDT")
+            self.deliver(vector, nxt, soft=True, fault_eip=geip)
+            return None
+        if op in (0xE4, 0xE5, 0xE6, 0xE7, 0xEC, 0xED, 0xEE, 0xEF):
+            size = 1 if op & 1 == 0 else (2 if 0x66 in raw[:p] else 4)
+            port = raw[p + 1] if op < 0xE8 else regs.read(R.EDX) & 0xFFFF
+            is_in = op in (0xE4, 0xE5, 0xEC, 0xED)
+            mask = (1 << (8 * size)) - 1
+            if is_in:        # a callout runs at virtual CPL 0 (hook_callout checked it)
+                value = self.kernel_port_io(port, size, True) & mask
+                eax = regs.read(R.EAX)
+                regs.write(R.EAX, (eax & ~mask) | value)
+            else:
+                self.kernel_port_io(port, size, False, regs.read(R.EAX) & mask)
+            if self.outcome is not None:
+                return None
+            return nxt
+        if op == 0x0F and (raw[p + 1] in (0x05, 0x07) or (
+                raw[p + 1] == 0x01 and p + 2 < len(raw)
+                and raw[p + 2] >> 6 == 3 and (raw[p + 2] >> 3) & 7 not in (4, 6))):
+            # syscall, sysret, and the 0F 01 register forms this CPU model does not have (vmcall,
+            # vmlaunch, monitor, mwait, xgetbv, rdtscp, swapgs...): #UD, as native gives
+            self.invalid_opcode(geip)
+            return None
+        if op == 0xF1:
+            # icebp: #DB as a trap (EIP after it), as the engine raises it under native
+            self.record("exception", "#DB", 1, geip, {"vector": 1}, "delivered through the guest IDT")
+            self.deliver(1, nxt)
+            return None
+        if op == 0x0F and raw[p + 1] == 0x31:
+            if self.trace is None:
+                self.counts[self.event_kind] += 1
+                self.reasons[self.event_kind, "rdtsc"] += 1
+            else:
+                self.record(self.event_kind, "rdtsc", None, geip, {}, "emulated: the virtual clock")
+            now = self.clock.now
+            self._rdtsc_out.write(now & 0xFFFFFFFF, (now >> 32) & 0xFFFFFFFF)
+            return nxt
+        return False
+
+    def _fpu_pointers_to_guest(self, geip: int, raw: bytes) -> None:
+        """After the guest kernel's fnstenv/fnsave/fxsave (done natively in the TC): the stored
+        x87 instruction pointer is where the last x87 instruction ran, a TC address; it becomes the
+        guest EIP it translates, and FCS the guest's selector (SDM Vol. 1 8.1.8, figures 8-9/8-10 for
+        the 32-bit protected-mode layouts; table 10-2 for fxsave's)."""
+        fx = raw.lstrip(b"\x9b\x2e\x3e\x26\x36\x64\x65")[:1] == b"\x0f"
+        fip_at, fcs_at = (8, 12) if fx else (12, 16)
+        try:
+            addr = self.memory_operand(geip)
+            fip, fcs = struct.unpack("<IH", self.read_guest(addr + fip_at, 4) + self.read_guest(addr + fcs_at, 2))
+            g = self.tc.guest_eip(fip) if self.tc.in_code(fip) else None
+            if g is not None:
+                self.write_guest(addr + fip_at, struct.pack("<I", g[0]))
+            self.write_guest(addr + fcs_at, struct.pack("<H", self.guest_selector(fcs)))
+        except (GuestFault, GuestPageFault, Unsupported):
+            return                       # the store itself would have faulted first: not reached
+        if self.trace is None:
+            self.counts[self.event_kind] += 1
+        else:
+            self.record(self.event_kind, "fpu_pointers", None, geip, {"fip": f"{fip:#x}"},
+                        "the stored x87 instruction pointer shown as the guest's")
+

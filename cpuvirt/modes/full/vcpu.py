@@ -1,0 +1,375 @@
+"""The vCPU of mode `full`: guest-kernel code runs from the translation cache, user code in place.
+
+The TC is reached through a linear window (TC_WINDOW) that the TLB-fill hook serves only to fetches at
+CPL 1: any read or write there, and any access at CPL 3, is served from the guest's own mapping, as if
+the window were not there. Translated code never reads the TC as data. An engine EIP inside the TC is
+shown everywhere (traces, faults, I/O sites) as the guest EIP it translates.
+"""
+from __future__ import annotations
+
+import ctypes
+import struct
+
+from unicorn import UC_PROT_EXEC
+
+from cpuvirt import limits
+from cpuvirt.bt.direct import PM16, Direct16, RunsCode16
+from cpuvirt.bt.runtime import BtRuntime
+from cpuvirt.bt.tcache import CALLOUT_SLOTS, TC_SIZE, TCache
+from cpuvirt.bt.translate import GuestCode, TranslateFault
+from cpuvirt.cpu.deprivilege import HV_CR0, HV_IDTR, KERNEL_RING, SHADOW_GDT_WINDOW, DeprivilegedVcpu
+from cpuvirt.cpu.vcpu import EXIT_BUDGET, EXIT_ERROR
+from cpuvirt.engine import regs as R
+from cpuvirt.engine.clock import _COUNT_CB
+from cpuvirt.memory.types import Access
+from cpuvirt.modes.full.adaptive import ADAPTIVE_THRESHOLD, AdaptiveStores
+from cpuvirt.modes.full.callouts import Callouts
+from cpuvirt.modes.full.coherence import CODE, Coherence
+from cpuvirt.x86.vectors import Vector
+
+TC_WINDOW = 0xFF000000            # linear window of the translation cache (execute-only, CPL 1)
+assert TC_WINDOW + TC_SIZE <= SHADOW_GDT_WINDOW
+
+
+class _Code(GuestCode):
+    """The guest's code as the translator reads it: supervisor fetches through the guest's walk."""
+
+    def __init__(self, vcpu: "FullVcpu"):
+        self.vcpu = vcpu
+
+    def fetch(self, gva, size):
+        mmu = self.vcpu.mmu
+        out = bytearray()
+        frames = []
+        while size > 0:
+            n = min(size, 0x1000 - (gva & 0xFFF))
+            gpa, ok = mmu.strategy.gva_to_gpa(gva, Access.FETCH, False, True)
+            if gpa is None:
+                if not out:
+                    raise TranslateFault(gva, ok)
+                break
+            hpa = mmu.strategy.gpa_to_hpa(gpa & 0xFFFFF000, Access.FETCH)
+            if hpa is None or not mmu.ram.contains(hpa, 0x1000):
+                if not out:
+                    raise TranslateFault(gva, None)
+                break
+            frames.append(gpa & 0xFFFFF000)
+            self.vcpu._note_page(gva & 0xFFFFF000, gpa & 0xFFFFF000)
+            out += mmu.ram.read(hpa | (gpa & 0xFFF), n)
+            gva = (gva + n) & 0xFFFFFFFF
+            size -= n
+        return bytes(out), frames
+
+    def virtual(self, field):
+        return self.vcpu.virtual_field(field)
+
+
+class FullVcpu(RunsCode16, Coherence, Callouts, AdaptiveStores, DeprivilegedVcpu):
+    event_kind = "callout"
+
+    def __init__(self, machine, trace=None, max_insns: int = 0, verbose: bool = False):
+        super().__init__(machine, trace=trace, max_insns=max_insns)
+        self.verbose = verbose
+        self.tc_hpa = self.alloc.page()
+        for _ in range(TC_SIZE // 0x1000 - 1):
+            self.alloc.page()
+        hv = self.hv_mem
+        base_hpa = self.tc_hpa
+        self._hv_fetch = False
+        self.tc = TCache(lambda a, d: hv.write(base_hpa + (a - TC_WINDOW), bytes(d)), TC_WINDOW,
+                         remove_cache=self._remove_cache)
+        self.tc.on_flush = self._forget_translations
+        self.code = _Code(self)
+        self.rt = BtRuntime(self.hooks, self.regs, self.tc, self.code, self._read32, self._write32)
+        self.rt.on_callout = self._callout_then_window
+        self.rt.on_fetch_fault = self._fetch_fault
+        # 16-bit code (real mode, 16-bit protected mode) runs in place, never translated (bt/direct.py)
+        self.direct16 = Direct16(self, KERNEL_RING, HV_CR0, HV_IDTR)
+        self.rt.is_kernel = lambda: self.direct16.state is None and self.vcpl() == 0
+        if verbose:
+            self.rt.translator.trace_translate = self._record_translate
+        self._page_frame: dict[int, int] = {}          # linear code page -> guest frame it came from
+        self._dirty: set[int] = set()                  # code frames written since they were checked
+        self._frame_blocks: dict[int, list] = {}       # guest frame -> blocks translated from it
+        self._frame_index: dict[int, dict] = {}        # guest frame -> gpa >> 6 -> [(seq, block)] there
+        self._block_seq = 0
+        self.rt.translator.on_block = self._new_block
+        self._vsnap: dict[str, object] = {}
+        self.traced_stores: dict[int, int] = {}        # guest EIP -> traced-page faults (adaptive BT)
+        self.adaptive_stores = 0                        # stores done by adaptive callouts instead
+        self.code_page_faults = 0                       # stores into frames holding translated code
+        inner = self.mmu.fill
+        tc_end = TC_WINDOW + TC_SIZE
+
+        def fill(uc, vaddr, access, entry, data):
+            if TC_WINDOW <= vaddr < tc_end and access == 18 and (self._hv_fetch or (
+                    self.regs.read(R.SS) & 3 == KERNEL_RING and self.direct16.state is None)):
+                entry.paddr = base_hpa + ((vaddr - TC_WINDOW) & ~0xFFF)
+                entry.perms = UC_PROT_EXEC
+                return True
+            return inner(uc, vaddr, access, entry, data)
+        self.mmu.fill = fill
+        self._mmio_decode = False
+        self._prefix_len: dict = {}                     # (callout site, bytes) -> prefix length
+        self._cpuid_in = R.Batch(self.uc, (R.EAX, R.ECX))
+        self._cpuid_out = R.Batch(self.uc, (R.EAX, R.EBX, R.ECX, R.EDX))
+        self._rdtsc_out = R.Batch(self.uc, (R.EAX, R.EDX))
+        self._guest_fetch_bytes = self.mmu.fetch_bytes
+        self.mmu.fetch_bytes = self._fetch_bytes
+        # The clock counts each new engine block's instructions: TC blocks are decoded from the TC.
+        clock = self.clock
+        clock._count_cb = _COUNT_CB(self._count_block)
+        clock._state.count_cb = ctypes.cast(clock._count_cb, ctypes.c_void_p).value
+
+    # -- the deprivileging core's hooks ------------------------------------------------------------
+    def real_iopl(self, vcpl: int) -> int:
+        return 1 if vcpl == 0 else 0
+
+    def enter_kernel(self, guest_eip: int) -> None:
+        """Guest-kernel code runs from its translation (made now if needed); 16-bit code in place."""
+        if self.direct16.state is not None:
+            self.regs.write(R.EIP, guest_eip)
+            return
+        try:
+            self.regs.write(R.EIP, self.rt.lookup(guest_eip))
+        except TranslateFault:
+            self.regs.write(R.EIP, guest_eip)           # settled (the fetch #PF delivered) before entry
+
+    def after_transfer(self) -> None:
+        """A gate or task switch from user code changed virtual-CPU state translations baked in."""
+        self._virtual_changed()
+
+    def virtual_field(self, field: str) -> int:
+        v = self.v
+        if field in ("cr0", "cr3", "cr4"):
+            return getattr(v, field)
+        if field in ("gdtr_base", "idtr_base"):
+            return getattr(v, field[:4])[0]
+        if field in ("gdtr_limit", "idtr_limit"):
+            return getattr(v, field[:4])[1]
+        if field in ("ldtr", "tr"):
+            return getattr(v, field).selector
+        if field == "cs":
+            return self.guest_selector(self.regs.read(R.CS))
+        if field == "ss":
+            return self.guest_selector(self.regs.read(R.SS))
+        if field == "iopl":
+            return v.iopl
+        raise KeyError(field)
+
+    # -- entering translated code ----------------------------------------------------------------------
+    def settle(self) -> None:
+        """Before the engine runs again: kernel code must run from the TC."""
+        if self.outcome is None:
+            self.rt.enter()
+
+    def before_entry(self) -> None:
+        super().before_entry()
+        self.settle()
+
+    def _next_deadline(self) -> int:
+        d = super()._next_deadline()
+        # Frames written since last checked: stop after one block (the store runs in it), check then.
+        return min(d, self.clock.now) if self._dirty else d
+
+    def _fetch_fault(self, f: TranslateFault, geip: int) -> bool:
+        """The translator cannot fetch the guest's code: #PF, or a stop for unbacked memory. False
+        when the run ends (stopped, or the budget spent by faults that retire nothing)."""
+        if f.error_code is None:
+            self.stop_unbacked_fetch(f.gva)
+            return False
+        self.page_fault(f.gva, Access.FETCH, f.error_code, geip)
+        if self.outcome is None and self.clock.now >= self.budget:
+            self.finish("budget", EXIT_BUDGET, self.budget_message())
+        return self.outcome is None
+
+    # -- where was the guest? -----------------------------------------------------------------------------
+    def guest_position(self, eip: int) -> int:
+        """Guest EIP for an engine EIP: a TC address maps to its guest instruction (ESP corrected
+        when the fault came from inside an inline sequence); any other address is the guest's own."""
+        if not (self.tc.contains(eip) and self.rt.is_kernel()):
+            return eip
+        g = self.tc.guest_eip(eip)
+        if g is None:
+            raise RuntimeError(f"internal: EIP {eip:#x} in the translation cache maps to no guest instruction")
+        geip, fix, _ = g
+        if fix:
+            self.regs.write(R.ESP, (self.regs.read(R.ESP) + fix) & 0xFFFFFFFF)
+        self.regs.write(R.EIP, geip)
+        return geip
+
+    def on_engine_event(self, intno, error_code, soft, eip) -> None:
+        """A fault or `int n` in translated code is the guest's, at the guest EIP it translates.
+        In 16-bit protected-mode code (run in place at ring 1) a #GP may be a privileged instruction:
+        emulated, as trap-and-emulate does."""
+        if intno == Vector.GP and not soft and self.direct16.state == PM16 and self.vcpl() == 0:
+            if self.direct16.emulate_trap(eip):
+                self.settle()
+                return
+        self.left_block_at(eip)
+        self._deliver_engine_event(intno, error_code, soft, self.guest_position(eip))
+        self.settle()
+
+    def hook_invalid(self, uc, _data) -> bool:
+        self.mmu.crs = None
+        eip = self.regs.read(R.EIP)
+        self.left_block_at(eip)
+        geip = self.guest_position(eip)
+        self.record("exception", "#UD", 6, geip, {"vector": 6}, "delivered through the guest IDT")
+        self.deliver(Vector.UD, geip)
+        self.settle()
+        return True
+
+    def on_refused_fill(self, pending, eip: int) -> None:
+        if not (self.tc.in_code(eip) and self.rt.is_kernel()):
+            super().on_refused_fill(pending, eip)
+            self.settle()
+            return
+        tc_eip, esp = eip, self.regs.read(R.ESP)
+        code = self.tc_bytes(eip, 15)
+        # the exact linear address is computed from the TC instruction, with the registers as they are
+        from cpuvirt.x86.faultaddr import fault_address
+        gva = pending.gva if pending.access == Access.FETCH else fault_address(code, eip, pending.gva & 0xFFFFF000,
+                                                                               self.regs)
+        geip = self.guest_position(eip)
+        from cpuvirt.memory.traces import TracedWrite
+        if type(pending) is TracedWrite:
+            pending.gpa = (pending.gpa & ~0xFFF) | (gva & 0xFFF)
+            pending.gva, pending.eip = gva, geip
+            kinds = self.mmu.traces.kinds(pending.gpa)
+            n = 0
+            if kinds - {CODE}:                 # a guest page table (shadow paging's trace)
+                n = self.traced_stores[geip] = self.traced_stores.get(geip, 0) + 1
+            else:
+                self.code_page_faults += 1
+            from cpuvirt.memory.traces import TraceError
+            try:
+                self.mmu.traces.dispatch(pending, self)
+            except TraceError as e:
+                self.finish("error", EXIT_ERROR, str(e))
+                return
+            if self.regs.read(R.EIP) == geip:
+                # not emulated (the frame was untraced): run the store again where it was
+                self.regs.write(R.EIP, tc_eip)
+                self.regs.write(R.ESP, esp)
+            elif n >= ADAPTIVE_THRESHOLD:
+                self._make_adaptive(geip)
+            self.settle()
+            return
+        if pending.unbacked_fetch:
+            self.stop_unbacked_fetch(pending.gva)
+            return
+        self.page_fault(gva, pending.access, pending.error_code, geip)
+        self.settle()
+
+    def on_deadline(self, eip: int) -> None:
+        self.check_dirty()
+        if not (self.tc.contains(eip) and self.rt.is_kernel()):
+            super().on_deadline(eip)
+            self.settle()
+            return
+        if self.clock.now >= self.budget:
+            self.finish("budget", EXIT_BUDGET, self.budget_message())
+            return
+        self.m.update_timers()
+        pending = self.m.pending_nmi() or self.m.pending_interrupt() is not None
+        if not pending:
+            return
+        g = self.tc.guest_eip(eip)
+        site = self.tc.site_at(eip)
+        if g is None or not g[2] or (site is not None and site.after_sti):
+            # inside an inline sequence, or the callout right after `sti` (still in its shadow):
+            # interrupts wait for the next guest-instruction boundary
+            self._after_one_block = True
+            return
+        geip, fix, _ = g
+        esp = self.regs.read(R.ESP)
+        if fix:
+            self.regs.write(R.ESP, (esp + fix) & 0xFFFFFFFF)
+        if self.inject_pending_interrupt(geip):
+            self.settle()
+        elif fix:
+            self.regs.write(R.ESP, esp)
+
+    # -- I/O sites, MMIO sites, events and the clock see TC addresses --------------------------------------
+    def record(self, kind, reason, code, eip, detail, action) -> None:
+        # The runner (mmio, unbacked memory) and shadow paging (hidden faults) take the EIP from the
+        # engine's state (the running block): a TC address, shown as the guest EIP it translates.
+        if kind in ("mmio", "unbacked_memory", "page_fault") and self.tc.in_code(eip) and self.rt.is_kernel():
+            g = self.tc.guest_eip(eip)
+            if g is not None:
+                eip = g[0]
+        super().record(kind, reason, code, eip, detail, action)
+
+    def _fetch_bytes(self, gva: int, size: int):
+        if self._mmio_decode and self.tc.in_code(gva):
+            return self.tc_bytes(gva, size)
+        return self._guest_fetch_bytes(gva, size)
+
+    def io_site(self) -> tuple[int, int]:
+        site = self.rt.current
+        if site is not None and site.insn is not None:
+            return site.insn.geip, site.insn.size
+        addr, length = super().io_site()
+        if self.tc.in_code(addr):
+            g = self.tc.guest_eip(addr)
+            if g is not None:
+                return g[0], length
+        return addr, length
+
+    def _block_code(self, block: int) -> bytes:
+        if self.tc.in_code(block):
+            return self.tc_bytes(block, 256)
+        return super()._block_code(block)
+
+    def tc_bytes(self, addr: int, n: int) -> bytes:
+        n = max(0, min(n, TC_WINDOW + TC_SIZE - addr))
+        return self.hv_mem.read(self.tc_hpa + (addr - TC_WINDOW), n)
+
+    def _count_block(self, address: int, size: int) -> int:
+        if not (TC_WINDOW <= address < TC_WINDOW + TC_SIZE) or self.regs.read(R.CS) & 3 != KERNEL_RING:
+            return self.m._count_block(address, size)
+        try:
+            if address < TC_WINDOW + CALLOUT_SLOTS:
+                return 1
+            insns = list(self._cs().disasm_lite(self.tc_bytes(address, size), address))
+            self.forget_block(address)
+            if insns:
+                last = insns[-1]
+                limits.put(self.m.block_insns, address, (tuple(i[0] for i in insns), last[0] + last[1]))
+            return max(len(insns), 1)
+        except Exception:   # never let an exception cross into C
+            return 1
+
+    def _remove_cache(self, lo: int, hi: int) -> None:
+        """Drop the engine's translations of TC code: the engine finds them through a fetch of the
+        window, which the fill serves to ring 1 only; at another ring it is served for this call
+        alone, then the TLB is flushed."""
+        if self.regs.read(R.SS) & 3 == KERNEL_RING:
+            self.uc.ctl_remove_cache(lo, hi)
+            return
+        self._hv_fetch = True
+        try:
+            self.uc.ctl_remove_cache(lo, hi)
+        finally:
+            self._hv_fetch = False
+            from unicorn import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH
+            self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
+
+    def _read32(self, gva: int) -> int:
+        return struct.unpack("<I", self.read_guest(gva, 4))[0]
+
+    def _write32(self, gva: int, value: int) -> None:
+        self.write_guest(gva, struct.pack("<I", value))
+
+    def _record_translate(self, blk) -> None:
+        self.record("translate", "block", None, blk.geip,
+                    {"guest_insns": sum(1 for i in blk.insns if i.size), "tc": f"{blk.tc:#x}",
+                     "tc_bytes": blk.tc_end - blk.tc,
+                     "kinds": [i.kind for i in blk.insns if i.size]}, "translated into the TC")
+
+    def stats(self) -> dict:
+        return {"tc": self.tc.counters.as_dict(), "traced_store_faults": sum(self.traced_stores.values()),
+                "adaptive_stores": self.adaptive_stores, "code_page_faults": self.code_page_faults}
+
+
