@@ -20,8 +20,8 @@ from cpuvirt.cpu.faults import DeliveryFault, TripleFault
 from cpuvirt.cpu.quirks import FaultState
 from cpuvirt.cpu.tasks import CpuView
 from cpuvirt.engine import regs as R
-from cpuvirt.engine.cpuid import CpuidTable
 from cpuvirt.engine.clock import NEVER
+from cpuvirt.engine.cpuid import CpuidTable
 from cpuvirt.engine.hooks import EngineHooks
 from cpuvirt.memory.traces import TracedWrite, TraceError
 from cpuvirt.memory.types import Access

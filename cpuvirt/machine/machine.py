@@ -12,9 +12,9 @@ import time
 from unicorn import UC_ARCH_X86, UC_MODE_32, UC_TLB_VIRTUAL, Uc
 
 from cpuvirt import limits
-from cpuvirt.engine.regs import CR0 as CR0_REG
 from cpuvirt.engine.clock import TSC_HZ, VirtualClock
 from cpuvirt.engine.hostmem import HostRegion
+from cpuvirt.engine.regs import CR0 as CR0_REG
 from cpuvirt.engine.regs import Regs
 from cpuvirt.machine.apic import APIC_BASE_GPA, APIC_SIZE, MSR_IA32_APIC_BASE, ApicReservedBits, LocalApic
 from cpuvirt.machine.bus import PortBus
