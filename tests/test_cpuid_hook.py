@@ -21,7 +21,8 @@ _CODE = 0x1000
 _engine = Uc(UC_ARCH_X86, UC_MODE_32)
 _engine.mem_map(_CODE, 0x1000)
 _engine.mem_write(_CODE, b"\x0f\xa2\x90")                  # cpuid; nop
-_table = CpuidTable(_engine)
+_table = CpuidTable.install(_engine)
+assert _table is not None, "the C cpuid hook is not built (python setup.py build_ext --inplace)"
 
 
 @settings(max_examples=300, deadline=None)
@@ -64,6 +65,13 @@ def test_c_and_python_cpuid_give_the_guest_the_same_answers(monkeypatch):
     lines = c_console.decode().splitlines()
     assert lines[1] == "0x00000001: 0x00000600 0x00000000 0x00000000 0x0000a339"
     assert lines[14] == "0x00000001: 0x00000600 0x00000000 0x00000000 0x0000a139"   # APIC bit gone
+
+
+def test_without_the_extension_python_answers_the_same(monkeypatch):
+    """As when the extension is not built: the vCPU's Python hook answers, with the same values."""
+    c_console, _ = _console("native")
+    monkeypatch.setattr(CpuidTable, "install", classmethod(lambda cls, uc: None))
+    assert _console("native") == (c_console, 0)
 
 
 @pytest.mark.parametrize("mode", ["trap", "full", "hw"])

@@ -770,10 +770,11 @@ class Vcpu:
                                            ctypes.c_uint64(0), ctypes.c_int(X.UC_X86_INS_RDTSC))
             if err:
                 raise RuntimeError(f"cannot hook rdtsc (uc error {err})")
-        if self.cpuid_in_c:
-            self.cpuid_table = CpuidTable(uc)
-            self.cpuid_table.load(*self.m.cpuid_table())
-            self.m.apic.on_base_change = lambda: self.cpuid_table.load(*self.m.cpuid_table())
+        table = CpuidTable.install(uc) if self.cpuid_in_c else None
+        if table is not None:
+            self.cpuid_table = table
+            table.load(*self.m.cpuid_table())
+            self.m.apic.on_base_change = lambda: table.load(*self.m.cpuid_table())
         else:
             hooks.cpuid(self.hook_cpuid)
         hooks.system_call(X.UC_X86_INS_SYSCALL, self.hook_syscall)

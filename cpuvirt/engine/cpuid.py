@@ -39,19 +39,22 @@ class _Table(ctypes.Structure):
 def _lib():
     spec = importlib.util.find_spec("cpuvirt.engine._cpuid")
     if spec is None or spec.origin is None:
-        raise RuntimeError("cpuvirt's C cpuid hook is not built: run `pip install -e .` again")
+        return None
     lib = ctypes.CDLL(spec.origin)
     lib.cpuid_table_sizeof.restype = ctypes.c_size_t
-    if lib.cpuid_table_sizeof() != ctypes.sizeof(_Table):
-        raise RuntimeError("cpuvirt's C cpuid hook does not match engine/cpuid.py: rebuild with `pip install -e .`")
-    return lib
+    return lib if lib.cpuid_table_sizeof() == ctypes.sizeof(_Table) else None
 
 
 class CpuidTable:
-    """One engine's cpuid hook and the table it answers from."""
+    """One engine's cpuid hook and the table it answers from; `install` gives None when the extension
+    is not built (the vCPU's Python hook answers then, with the same values)."""
 
-    def __init__(self, uc):
+    @classmethod
+    def install(cls, uc) -> "CpuidTable | None":
         lib = _lib()
+        return None if lib is None else cls(uc, lib)
+
+    def __init__(self, uc, lib):
         t = self._table = _Table()
         t.reg_read = ctypes.cast(_ucmod.uclib.uc_reg_read, ctypes.c_void_p).value
         t.reg_write = ctypes.cast(_ucmod.uclib.uc_reg_write, ctypes.c_void_p).value
