@@ -1,4 +1,4 @@
-"""The C hooks (virtual clock, native TLB fill), and the guest sources shipped inside the package; metadata is in pyproject.toml."""
+"""The C hooks (virtual clock, native TLB fill, hw's APIC-access page), and the guest sources shipped inside the package; metadata is in pyproject.toml."""
 import shutil
 from pathlib import Path
 
@@ -24,6 +24,7 @@ class build_py_with_guests(build_py):
 
 setup(
     ext_modules=[Extension("cpuvirt.machine._vclock", ["cpuvirt/machine/_vclock.c"], extra_compile_args=["-O2"]),
-                 Extension("cpuvirt.memory._tlbfill", ["cpuvirt/memory/_tlbfill.c"], extra_compile_args=["-O2"])],
+                 Extension("cpuvirt.memory._tlbfill", ["cpuvirt/memory/_tlbfill.c"], extra_compile_args=["-O2"]),
+                 Extension("cpuvirt.modes.hw._apicv", ["cpuvirt/modes/hw/_apicv.c"], extra_compile_args=["-O2"])],
     cmdclass={"build_py": build_py_with_guests},
 )
