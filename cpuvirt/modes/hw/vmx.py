@@ -28,6 +28,7 @@ from cpuvirt.engine.hooks import hook_guard
 from cpuvirt.machine.apic import APIC_BASE_GPA
 from cpuvirt.machine.hostmem import HostRegion
 from cpuvirt.memory.ept import EPT_R, EPT_W, EPT_X, Ept, HvAllocator
+from cpuvirt.memory.fastfill import EptFastFill
 from cpuvirt.memory.mmu import NestedFault
 from cpuvirt.memory.nested import EptWalk
 from cpuvirt.memory.p2m import HV_HPA, RAM_HPA
@@ -110,6 +111,7 @@ class VmxCpu(Vcpu):
         self._sites: dict = {}
         self._task = None
         self.vapic: apicv.VirtualApic | None = None
+        self.fast_fill = None                 # memory/fastfill.py EptFastFill: TLB fills under EPT in C
         self._apic_sites = None               # cpu/mmiosite.py, made on the first APIC exit
         self._apic_lengths: dict[int, int] = {}
         self.apic_access = (4, 0)             # (size, value written) of the access an APIC_ACCESS exit is for
@@ -117,7 +119,6 @@ class VmxCpu(Vcpu):
 
     # -- VMLAUNCH: the hypervisor's set-up, then the first entry ---------------------------------------
     def _launch(self) -> None:
-        self.install_hooks()
         v, s = self.vmcs, self.settings
         io_a, io_b, msr = self.alloc.page(), self.alloc.page(), self.alloc.page()
         for port in s.io_ports:
@@ -144,12 +145,16 @@ class VmxCpu(Vcpu):
                 self.ept.map_range(0, RAM_HPA, self.m.mem_bytes)
             v.vmwrite(F.EPT_POINTER, self.ept.eptp)
             self.shadow = None
-            self._setup_apic_virtualization()
+            # The common fills in C, asked before Mmu.fill (which install_hooks adds); on at VMLAUNCH.
+            self.fast_fill = EptFastFill.install(self.mmu, self.ept)
         else:
             # KVM without EPT: shadow page tables, filled on #PF exits (memory/shadow.py).
             from cpuvirt.memory.shadow import ShadowPaging
             self.shadow = ShadowPaging(self.mmu, exit_on_miss=True)
             self.shadow.attach(self)
+        self.install_hooks()
+        if s.bits["enable_ept"]:
+            self._setup_apic_virtualization()
         self.enable_intercepts(SENSITIVE, self.on_sensitive, lazy_io=True)
 
     def _setup_apic_virtualization(self) -> None:
@@ -184,6 +189,8 @@ class VmxCpu(Vcpu):
             # From VMLAUNCH on, every guest-physical access goes through EPT (the loader before it
             # wrote guest memory from the host side); drop what the engine cached before.
             self.mmu.strategy = EptWalk(self.mmu, self.ept)
+            if self.fast_fill is not None:
+                self.fast_fill.enable()
         self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
         self.vm_entry(None)
 
