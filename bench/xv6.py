@@ -33,7 +33,9 @@ SESSIONS = {
     "usertests": ["usertests"],
 }
 MODES = {"native": ("native", None), "trap": ("trap", None), "full": ("full", None),
-         "hw": ("hw", {"vmx": [], "ept": True}), "hw-noept": ("hw", {"vmx": [], "ept": False})}
+         "hw": ("hw", {"vmx": [], "ept": True}), "hw-noept": ("hw", {"vmx": [], "ept": False}),
+         # hw as before APIC virtualization: every local APIC access an EPT_VIOLATION exit
+         "hw-noapicv": ("hw", {"vmx": ["virtualize_apic_accesses=0"], "ept": True})}
 MEM_MIB = 256
 
 

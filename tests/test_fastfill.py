@@ -100,3 +100,57 @@ def test_c_fill_answers_fetches_only_from_pairs_python_has_seen():
     m.write_gpa(PT, (DATA | 0x47).to_bytes(4, "little"))             # A clear: the walk must set it
     assert not hook(m.uc._uch, 0, 18, ctypes.byref(Entry()), state)
     assert len(scans) == 2 and fast.counts()[0] == answered + 3
+
+
+def test_c_ept_fill_agrees_with_the_python_ept_walk():
+    """hw's C fill under EPT (eptfill_hook) against Mmu.fill over EptWalk: same frame and permissions
+    whenever C answers, nothing changed, the same walk and reference counts; frames include one EPT
+    maps read-only (C must decline it: an EPT entry without every right) and the APIC-access page."""
+    from cpuvirt.memory.ept import EPT_R
+    from cpuvirt.memory.fastfill import EptFastFill
+    from cpuvirt.memory.p2m import RAM_HPA
+    m = Machine(MEM >> 20)
+    hv = get_mode("hw")(m)
+    hv.boot()
+    mmu = m.mmu
+    fast = mmu.counters.fast
+    assert isinstance(fast, EptFastFill) and fast._state.enabled
+    hv.vcpu.ept.map(DATA + 0x3000, RAM_HPA + DATA + 0x3000, EPT_R)     # read-only in EPT
+    hook = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int, ctypes.POINTER(Entry),
+                            ctypes.c_void_p)(ctypes.cast(_lib().eptfill_hook, ctypes.c_void_p).value)
+    state = ctypes.cast(ctypes.pointer(fast._state), ctypes.c_void_p)
+    rng = random.Random(13)
+    answered = 0
+    for i in range(3000):
+        pde_bits = rng.choice((0, 1)) | rng.getrandbits(1) << 1 | rng.getrandbits(1) << 2 \
+            | rng.getrandbits(1) << 5 | rng.getrandbits(1) << 6 | rng.getrandbits(1) << 7
+        pte_bits = rng.choice((0, 1, 1)) | rng.getrandbits(1) << 1 | rng.getrandbits(1) << 2 \
+            | rng.getrandbits(1) << 5 | rng.getrandbits(1) << 6
+        frame = rng.choice((DATA, DATA + 0x3000, DATA + 0x7000, MEM + 0x1000, 0xFEE00000))
+        large_frame = rng.choice((0, 0x400000, 0x1000000))
+        pde = (large_frame | pde_bits) if pde_bits & 0x80 else (PT | pde_bits)
+        m.write_gpa(PD, pde.to_bytes(4, "little"))
+        m.write_gpa(PT, (frame | pte_bits).to_bytes(4, "little"))
+        paging = rng.random() < 0.9
+        cr0 = (0x80000011 if paging else 0x11) | (rng.getrandbits(1) << 16)
+        m.regs.write(R.CR3, PD)
+        m.regs.write(R.CR4, rng.getrandbits(1) << 4)
+        m.regs.write(R.CR0, cr0)
+        mmu.crs = None
+        access = rng.choice((16, 17))
+        vaddr = 0 if paging else rng.choice((DATA, DATA + 0x3000, MEM + 0x1000))
+        before = (m.read_gpa(PD, 4), m.read_gpa(PT, 4))
+        c0 = fast.counts()
+        e = Entry()
+        if hook(m.uc._uch, vaddr, access, ctypes.byref(e), state):
+            answered += 1
+            c1 = fast.counts()
+            assert (m.read_gpa(PD, 4), m.read_gpa(PT, 4)) == before, "the C fill changed a paging entry"
+            p = Entry()
+            k = mmu.counters
+            py0 = (k.fills, k.walks, k.walk_refs)
+            assert mmu.fill(m.uc, vaddr, access, p, None)
+            assert (e.paddr, e.perms) == (p.paddr, p.perms), (hex(pde), hex(pte_bits), hex(cr0), access)
+            assert tuple(b - a for a, b in zip(c0, c1)) == (k.fills - py0[0], k.walks - py0[1],
+                                                             k.walk_refs - py0[2])
+    assert answered > 100, answered

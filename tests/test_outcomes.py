@@ -50,7 +50,7 @@ def test_faulting_fault_handler_spends_the_budget(out_dir, mode):
 
 
 @pytest.mark.parametrize("case,modes,reason", [
-    (1, ("hw",), "hw: MMIO access by `fild dword ptr [0xfee00030]`"),
+    (1, ("hw",), "hw: MMIO access by `fild dword ptr [0xfec00000]`"),
     (2, ("trap", "full"), "the guest cleared CR0.PE"),   # full: only from a 16-bit code segment
 ])
 def test_refused_or_unimplemented_is_123_with_one_line(out_dir, case, modes, reason):

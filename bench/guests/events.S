@@ -10,6 +10,10 @@
 #      hw --vmx lazy_ept=1 the second pass is N EPT violations (first touches of fresh pages)
 #   6  the same two passes, both over the pages from FRESH_A: the second pass touches pages the
 #      first already mapped (the baseline of 5; both pay the first pass's N violations)
+#   7  mov eax, [0xFEE00020]        a local APIC ID read (xv6's lapicid() on every spinlock): under hw an
+#                                EPT violation, an APIC_ACCESS exit, or no exit (APIC-register virtualization)
+#   8  mov eax, [0xFEE00390]        a current-count (TMCCT) read: an exit whatever the controls
+#   9  mov [0xFEE000B0], eax        an EOI write (nothing in service): APIC_WRITE under register virtualization
 #   EVENT 5/6 need 2 * N pages of RAM above FRESH_A (16 MiB): run them with --mem 64 for N <= 6144.
 # Prints "events EVENT=<e> N=<n>" and exits with status 0.
 #include "kernel.inc"
@@ -41,7 +45,7 @@ main:
     mov eax, page_dir
     call paging_enable
 #endif
-#if EVENT >= 5
+#if EVENT == 5 || EVENT == 6
     mov edi, FRESH_A
     mov ecx, N
 touch_a:
@@ -72,6 +76,12 @@ events_loop:
     xor eax, eax
     cpuid
     pop ecx
+#elif EVENT == 7
+    mov eax, dword ptr [0xFEE00020]
+#elif EVENT == 8
+    mov eax, dword ptr [0xFEE00390]
+#elif EVENT == 9
+    mov dword ptr [0xFEE000B0], eax
 #elif EVENT == 2
     and dword ptr [edi + TARGET_PTE_OFF], ~PTE_P
     invlpg [TARGET]

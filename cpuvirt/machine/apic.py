@@ -114,7 +114,22 @@ class ApicReservedBits(ValueError):
     """A write to IA32_APIC_BASE set a reserved bit: the CPU raises #GP(0)."""
 
 
+# The registers whose values a hypervisor with APIC virtualization keeps in its virtual-APIC page for
+# reads served without a VM exit (SDM Vol. 3C 29.4.2), in the order `mirrored_values` gives them: ID,
+# version, EOI, LDR, DFR, SVR, ISR[8], TMR[8], IRR[8], ESR, ICR low and high, the 6 LVT entries,
+# initial count, divide configuration. (The TPR is not among them: while a virtual-APIC page is
+# attached it lives there, see `vtpr_page`.)
+MIRRORED = ((ID, VER, EOI, LDR, DFR, SPIV) + tuple(base + 16 * i for base in (ISR, TMR, IRR) for i in range(8))
+            + (ESR, ICR_LO, ICR_HI) + tuple(LVT_TIMER + 16 * i for i in range(6)) + (TIMER_INITIAL, TIMER_DIVIDE))
+_W = 0xFFFFFFFF
+
+
 class LocalApic:
+    # While a hypervisor's virtual-APIC page is attached (hw mode, "use TPR shadow"), the guest writes
+    # its TPR there without a VM exit, so the page is where the TPR lives (as in KVM, whose APIC
+    # registers are that page): `vtpr_page` is a writable view of the page's byte 0x80.
+    vtpr_page = None
+
     def __init__(self, now: Callable[[], int], on_change: Callable[[], None] | None = None):
         self.now = now
         self.on_change = on_change or (lambda: None)
@@ -151,6 +166,38 @@ class LocalApic:
         self.lvt[_L_LINT0] = BIOS_LINT0
         self.lvt[_L_LINT1] = BIOS_LINT1
         self.icr_lo = BIOS_ICR_LO
+
+    @property
+    def tpr(self) -> int:
+        page = self.vtpr_page
+        return self._tpr if page is None else page[0]
+
+    @tpr.setter
+    def tpr(self, value: int) -> None:
+        self._tpr = value
+        page = self.vtpr_page
+        if page is not None:
+            page[0:4] = bytes((value & 0xFF, 0, 0, 0))
+
+    def attach_vtpr(self, page) -> None:
+        """Keep the TPR in `page` (4 bytes of a virtual-APIC page at offset 0x80) from now on."""
+        tpr = self.tpr
+        self.vtpr_page = page
+        self.tpr = tpr
+
+    def mirror_key(self) -> tuple:
+        """Changes whenever `mirrored_values` does (cheaper to build: compared at every VM entry)."""
+        return (self.id, self.ldr, self.dfr, self.spiv, self.isr, self.tmr, self.irr, self.esr, self.icr_lo,
+                self.icr_hi, *self.lvt, self.initial_count, self.divide)
+
+    def mirrored_values(self) -> tuple[int, ...]:
+        """The values of the MIRRORED registers as a read would return them, with no side effect
+        (no timer catch-up): what a hypervisor copies into its virtual-APIC page."""
+        isr, tmr, irr = self.isr, self.tmr, self.irr
+        return ((self.id << 24, VERSION, 0, self.ldr, self.dfr, self.spiv)
+                + tuple((isr >> (32 * i)) & _W for i in range(8)) + tuple((tmr >> (32 * i)) & _W for i in range(8))
+                + tuple((irr >> (32 * i)) & _W for i in range(8))
+                + (self.esr, self.icr_lo, self.icr_hi, *self.lvt, self.initial_count, self.divide))
 
     @property
     def hw_enabled(self) -> bool:

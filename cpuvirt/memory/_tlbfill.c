@@ -107,6 +107,103 @@ int fastfill_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *user
     return 1;
 }
 
+/*
+ * hw mode's common TLB fill under EPT (SDM Vol. 3C 29.3): the same guest walk with every
+ * guest-physical reference (the PDE, the PTE, the final page) translated through the four EPT levels
+ * in the hypervisor's memory, as memory/nested.py's EptWalk does in Python. It answers only what
+ * changes nothing and is certain: a read or write, guest entries present with A (and D for a write)
+ * already set, every EPT entry on the way read/write/execute (what the hypervisor maps guest RAM with),
+ * every address inside guest RAM. A fault, an A/D update, a fetch, an EPT entry with fewer rights (an
+ * EPT violation, a misconfiguration, the APIC-access page), anything outside RAM: declined, and
+ * Mmu.fill does it. References are counted as the Python walk counts them: the guest walk's entries
+ * plus 4 per EPT translation, a walk only when paging is on.
+ */
+typedef struct {
+    const uint8_t *ram;      /* guest RAM, at host-physical ram_hpa */
+    uint64_t ram_bytes;
+    uint64_t ram_hpa;
+    const uint8_t *code;     /* one byte per RAM frame: nonzero once it served a fetch (lazy W^X) */
+    reg_read_fn reg_read;
+    int32_t cr0, cr3, cr4, ss;
+    uint32_t enabled;
+    uint32_t pad;
+    uint64_t fills, walks, walk_refs;
+    const uint8_t *hv;       /* the hypervisor's region (EPT tables), at host-physical hv_hpa */
+    uint64_t hv_hpa, hv_size;
+    uint64_t pml4;           /* EPT_POINTER's PML4 address */
+} eptfill_t;
+
+size_t eptfill_sizeof(void) { return sizeof(eptfill_t); }
+
+#define EPT_RWX 7u
+#define EPT_ADDR 0x000FFFFFFFFFF000ull
+
+/* gpa -> offset in guest RAM through EPT, or -1 (declined); *refs += the entries read. */
+static inline int64_t ept_ram(const eptfill_t *s, uint64_t gpa, uint32_t *refs) {
+    uint64_t table = s->pml4, entry, slot, hpa;
+    int shift;
+    for (shift = 39; shift >= 12; shift -= 9) {
+        slot = table + ((gpa >> shift) & 0x1FF) * 8;
+        if (slot < s->hv_hpa || slot + 8 > s->hv_hpa + s->hv_size) return -1;
+        entry = *(const uint64_t *)(s->hv + (slot - s->hv_hpa));
+        (*refs)++;
+        if ((entry & EPT_RWX) != EPT_RWX) return -1;
+        table = entry & EPT_ADDR;
+    }
+    hpa = table | (gpa & 0xFFF);
+    if (hpa < s->ram_hpa || hpa + 4 > s->ram_hpa + s->ram_bytes) return -1;
+    return (int64_t)(hpa - s->ram_hpa);
+}
+
+int eptfill_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *user_data) {
+    eptfill_t *s = (eptfill_t *)user_data;
+    uint64_t cr0 = 0, cr3 = 0, cr4 = 0, ss = 0, gpa;
+    uint32_t pde, leaf, rights, refs = 0, grefs = 0;
+    int64_t off;
+    int write = type == MEM_WRITE, user, writable, ok;
+    if (!s->enabled || (type != MEM_READ && type != MEM_WRITE)) return 0;
+    if (s->reg_read(uc, s->cr0, &cr0)) return 0;
+    if (!(cr0 & CR0_PG)) {
+        gpa = vaddr & 0xFFFFF000u;
+        ok = 1;
+    } else {
+        if (s->reg_read(uc, s->cr3, &cr3) || s->reg_read(uc, s->cr4, &cr4) || s->reg_read(uc, s->ss, &ss))
+            return 0;
+        user = (ss & 3) == 3;
+        off = ept_ram(s, (cr3 & 0xFFFFF000u) | ((vaddr >> 20) & 0xFFC), &refs);
+        if (off < 0) return 0;
+        pde = *(const uint32_t *)(s->ram + off);
+        if (!(pde & P)) return 0;
+        if ((pde & PS) && (cr4 & CR4_PSE)) {
+            if (pde & 0x003FE000u) return 0;
+            leaf = rights = pde;
+            gpa = (pde & 0xFFC00000u) | (vaddr & 0x003FF000u);
+            grefs = 1;
+        } else {
+            if (!(pde & A)) return 0;
+            off = ept_ram(s, (pde & 0xFFFFF000u) | ((vaddr >> 10) & 0xFFC), &refs);
+            if (off < 0) return 0;
+            leaf = *(const uint32_t *)(s->ram + off);
+            if (!(leaf & P)) return 0;
+            rights = pde & leaf;
+            gpa = leaf & 0xFFFFF000u;
+            grefs = 2;
+        }
+        if (user && !(rights & US)) return 0;
+        writable = (rights & RW) || (!user && !(cr0 & CR0_WP));
+        if (write ? (!writable || (leaf & (A | D)) != (A | D)) : !(leaf & A)) return 0;
+        ok = writable && ((leaf & D) || write);
+    }
+    off = ept_ram(s, gpa, &refs);
+    if (off < 0) return 0;
+    e->paddr = s->ram_hpa + (uint64_t)off;
+    e->perms = PROT_READ | (ok ? PROT_WRITE : 0) | (s->code[off >> 12] ? PROT_EXEC : 0);
+    s->fills++;
+    if (cr0 & CR0_PG) s->walks++;
+    s->walk_refs += refs + grefs;
+    return 1;
+}
+
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_tlbfill", NULL, -1, NULL};
 
 PyMODINIT_FUNC PyInit__tlbfill(void) { return PyModule_Create(&module); }

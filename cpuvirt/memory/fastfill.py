@@ -87,3 +87,58 @@ class FastFill:
     def counts(self) -> tuple[int, int, int]:
         st = self._state
         return st.fills, st.walks, st.walk_refs
+
+
+class _EptState(ctypes.Structure):
+    """Mirror of eptfill_t (checked against eptfill_sizeof at load)."""
+
+    _fields_ = _State._fields_ + [("hv", ctypes.c_void_p), ("hv_hpa", ctypes.c_uint64), ("hv_size", ctypes.c_uint64),
+                                  ("pml4", ctypes.c_uint64)]
+
+
+class EptFastFill(FastFill):
+    """hw mode's common TLB fills under EPT in C (eptfill_hook in _tlbfill.c): the guest walk with each
+    guest-physical reference translated through EPT, answering only what changes nothing (no A/D
+    update, EPT entries read/write/execute, RAM only); Mmu.fill (EptWalk) does everything else. Off
+    until `enable()`: before VMLAUNCH the guest's memory is not behind EPT yet."""
+
+    def __init__(self, lib, mmu, ept):
+        self.mmu = mmu
+        ram = mmu.ram
+        self.code = (ctypes.c_uint8 * max(1, ram.size >> 12))()
+        st = self._state = _EptState()
+        st.ram = ctypes.addressof(ctypes.c_char.from_buffer(ram.buf))
+        st.ram_bytes = mmu.p2m.ram_bytes
+        st.ram_hpa = mmu.p2m.ram_hpa
+        st.code = ctypes.addressof(self.code)
+        st.reg_read = ctypes.cast(_ucmod.uclib.uc_reg_read, ctypes.c_void_p).value
+        st.cr0, st.cr3, st.cr4, st.ss = UC_X86_REG_CR0, UC_X86_REG_CR3, UC_X86_REG_CR4, UC_X86_REG_SS
+        st.enabled = 0
+        region = ept.region
+        st.hv = ctypes.addressof(ctypes.c_char.from_buffer(region.buf))
+        st.hv_hpa, st.hv_size, st.pml4 = region.hpa, region.size, ept.pml4
+        self._hook = ctypes.c_size_t()
+        err = _ucmod.uclib.uc_hook_add(mmu.uc._uch, ctypes.byref(self._hook), UC_HOOK_TLB_FILL,
+                                       ctypes.cast(lib.eptfill_hook, ctypes.c_void_p),
+                                       ctypes.cast(ctypes.pointer(st), ctypes.c_void_p),
+                                       ctypes.c_uint64(1), ctypes.c_uint64(0))
+        if err:
+            raise RuntimeError(f"cannot install the C EPT TLB fill (uc error {err})")
+
+    @classmethod
+    def install(cls, mmu, ept=None) -> "EptFastFill | None":
+        lib = _lib()
+        if lib is None or not hasattr(lib, "eptfill_sizeof") or ept is None:
+            return None
+        lib.eptfill_sizeof.restype = ctypes.c_size_t
+        if lib.eptfill_sizeof() != ctypes.sizeof(_EptState) or mmu.ram.hpa != mmu.p2m.ram_hpa \
+                or mmu.p2m.ram_bytes > mmu.ram.size:
+            return None
+        fast = cls(lib, mmu, ept)
+        for hpa in mmu.code_frames:
+            fast.code_frame(hpa)
+        mmu.counters.fast = fast
+        return fast
+
+    def enable(self) -> None:
+        self._state.enabled = 1

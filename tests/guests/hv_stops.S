@@ -11,7 +11,7 @@
 main:
     PASS("start")
 #if CASE == 1
-    fild dword ptr [0xFEE00030]         # the APIC version register
+    fild dword ptr [0xFEC00000]         # the I/O APIC's IOREGSEL (the local APIC's reads are virtualized)
     fstp st(0)
     PASS("fild from MMIO")
 #elif CASE == 2

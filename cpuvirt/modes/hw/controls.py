@@ -38,6 +38,7 @@ CONTROLS: dict[str, tuple[Field, int]] = {
     "rdtsc_exiting": (PRIMARY, 12),
     "cr3_load_exiting": (PRIMARY, 15),
     "cr3_store_exiting": (PRIMARY, 16),
+    "use_tpr_shadow": (PRIMARY, 21),
     "mov_dr_exiting": (PRIMARY, 23),
     "unconditional_io_exiting": (PRIMARY, 24),
     "use_io_bitmaps": (PRIMARY, 25),
@@ -45,10 +46,13 @@ CONTROLS: dict[str, tuple[Field, int]] = {
     "monitor_exiting": (PRIMARY, 29),
     "pause_exiting": (PRIMARY, 30),
     "activate_secondary_controls": (PRIMARY, 31),
+    "virtualize_apic_accesses": (SECONDARY, 0),
     "enable_ept": (SECONDARY, 1),
     "descriptor_table_exiting": (SECONDARY, 2),
     "wbinvd_exiting": (SECONDARY, 6),
+    "apic_register_virtualization": (SECONDARY, 8),
 }
+APIC_CONTROLS = ("use_tpr_shadow", "virtualize_apic_accesses", "apic_register_virtualization")
 
 # Values that are not single bits: name -> (what it sets, how to parse it).
 SETTINGS = ("exception_bitmap", "io_bitmap", "msr_bitmap", "cr0_guest_host_mask", "cr4_guest_host_mask",
@@ -58,11 +62,16 @@ SETTINGS = ("exception_bitmap", "io_bitmap", "msr_bitmap", "cr0_guest_host_mask"
 # What KVM sets up for a guest with EPT (arch/x86/kvm/vmx/vmx.c, setup_vmcs_config and
 # init_vmcs): HLT, MOV-DR, unconditional I/O, MWAIT/MONITOR and RDPMC exiting; no CR3 or INVLPG exiting
 # (EPT makes them unnecessary); MSR bitmaps; external-interrupt and NMI exiting; #UD, #AC and #MC in
-# the exception bitmap; the guest owns CR0.TS/WP and the CR4 bits it may flip freely.
+# the exception bitmap; the guest owns CR0.TS/WP and the CR4 bits it may flip freely. On a CPU with
+# APICv (enable_apicv, every Intel server CPU since Ivy Bridge-EP) KVM also sets "use TPR shadow",
+# "virtualize APIC accesses" and "APIC-register virtualization" for a guest whose APIC is in xAPIC
+# mode (vmx_secondary_exec_control, vmx_refresh_apicv_exec_ctrl); the virtual-interrupt delivery and
+# posted-interrupt controls it sets with them are not simulated (docs/hw.md).
 KVM_PRESET = {
     "external_interrupt_exiting": 1, "nmi_exiting": 1, "hlt_exiting": 1, "mov_dr_exiting": 1,
     "unconditional_io_exiting": 1, "mwait_exiting": 1, "monitor_exiting": 1, "rdpmc_exiting": 1,
     "use_tsc_offsetting": 1, "use_msr_bitmaps": 1, "activate_secondary_controls": 1, "enable_ept": 1,
+    "use_tpr_shadow": 1, "virtualize_apic_accesses": 1, "apic_register_virtualization": 1,
     "exception_bitmap": (1 << 6) | (1 << 17) | (1 << 18),
     "cr0_guest_host_mask": 0xFFFFFFFF & ~(CR0_TS | CR0_WP),
     "cr4_guest_host_mask": 0xFFFFFFFF & ~(CR4_PGE | CR4_PCE | CR4_TSD | CR4_DE | CR4_PVI | CR4_OSFXSR | CR4_OSXMMEXCPT),
@@ -72,8 +81,11 @@ KVM_PRESET = {
 # INVLPG and #PF exit (exec_control keeps CR3_LOAD/STORE_EXITING and INVLPG_EXITING, which it drops
 # only with enable_ept; update_exception_bitmap keeps PF_VECTOR), and the paging bits of CR0 (WP) and
 # CR4 (PGE, PSE, SMEP: X86_CR4_TLBFLUSH_BITS) are host-owned, so changing one exits.
+# cpuvirt simulates APIC virtualization over EPT only, so that preset leaves its controls off (the
+# local APIC's registers are then the device's own MMIO, as before).
 KVM_SHADOW_PRESET = {
-    "enable_ept": 0, "cr3_load_exiting": 1, "cr3_store_exiting": 1, "invlpg_exiting": 1,
+    "enable_ept": 0, "use_tpr_shadow": 0, "virtualize_apic_accesses": 0, "apic_register_virtualization": 0,
+    "cr3_load_exiting": 1, "cr3_store_exiting": 1, "invlpg_exiting": 1,
     "exception_bitmap": KVM_PRESET["exception_bitmap"] | (1 << 14),
     "cr0_guest_host_mask": 0xFFFFFFFF & ~CR0_TS,
     "cr4_guest_host_mask": KVM_PRESET["cr4_guest_host_mask"] | CR4_PGE | CR4_PSE | CR4_SMEP,
@@ -111,6 +123,18 @@ class VmxSettings:
         if not ept and self.bits["enable_ept"]:
             raise CpuvirtError("--no-ept and --vmx enable_ept=1 contradict each other")
         self.shadow_paging = not self.bits["enable_ept"]
+        self._check_apic_controls()
+
+    def _check_apic_controls(self) -> None:
+        """VM entry fails on these (SDM Vol. 3C 26.2.1.1, checks on VM-execution control fields), so
+        cpuvirt refuses them up front, naming the rule."""
+        b = self.bits
+        if b["apic_register_virtualization"] and b["activate_secondary_controls"] and not b["use_tpr_shadow"]:
+            raise CpuvirtError("--vmx apic_register_virtualization=1 needs use_tpr_shadow=1 (SDM 26.2.1.1: "
+                               "VM entry fails with an invalid control field otherwise)")
+        if any(b[c] for c in APIC_CONTROLS) and not b["enable_ept"]:
+            raise CpuvirtError("--vmx use_tpr_shadow / virtualize_apic_accesses / apic_register_virtualization: "
+                               "cpuvirt simulates APIC virtualization with EPT only (not with --no-ept)")
 
     @staticmethod
     def _number(name: str, text: str) -> int:

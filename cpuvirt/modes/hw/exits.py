@@ -151,6 +151,41 @@ def decode_ept_qualification(q: int) -> dict:
     return d
 
 
+# -- APIC-access VM exits (SDM table 28-6 / 27-6: "Exit Qualification for APIC-Access VM Exits from
+#    Linear Accesses and Guest-Physical Accesses") and APIC-write VM exits (29.4.3.3) ----------------
+APIC_ACCESS_LINEAR_READ, APIC_ACCESS_LINEAR_WRITE, APIC_ACCESS_LINEAR_FETCH = 0, 1, 2
+APIC_ACCESS_LINEAR_EVENT, APIC_ACCESS_PHYSICAL_EVENT, APIC_ACCESS_PHYSICAL_INSN = 3, 10, 15
+APIC_ACCESS_TYPES = {0: "linear access for a data read during instruction execution",
+                     1: "linear access for a data write during instruction execution",
+                     2: "linear access for an instruction fetch",
+                     3: "linear access (read or write) during event delivery",
+                     10: "guest-physical access during event delivery",
+                     15: "guest-physical access for an instruction fetch or during instruction execution"}
+APIC_REGISTER_NAMES = {0x20: "ID", 0x30: "VER", 0x80: "TPR", 0x90: "APR", 0xA0: "PPR", 0xB0: "EOI", 0xC0: "RRD",
+                       0xD0: "LDR", 0xE0: "DFR", 0xF0: "SVR", 0x280: "ESR", 0x300: "ICR_LO", 0x310: "ICR_HI",
+                       0x320: "LVT_TIMER", 0x330: "LVT_THERMAL", 0x340: "LVT_PERF", 0x350: "LVT_LINT0",
+                       0x360: "LVT_LINT1", 0x370: "LVT_ERROR", 0x380: "TMICT", 0x390: "TMCCT", 0x3E0: "TDCR",
+                       **{0x100 + 16 * i: f"ISR{i}" for i in range(8)}, **{0x180 + 16 * i: f"TMR{i}" for i in range(8)},
+                       **{0x200 + 16 * i: f"IRR{i}" for i in range(8)}}
+
+
+def apic_register_name(offset: int) -> str:
+    return APIC_REGISTER_NAMES.get(offset & 0xFF0, f"reserved {offset & 0xFF0:#x}")
+
+
+def apic_access_qualification(offset: int, access_type: int) -> int:
+    return (offset & 0xFFF) | ((access_type & 0xF) << 12)
+
+
+def decode_apic_access_qualification(q: int) -> dict:
+    return {"offset": f"{q & 0xFFF:#x}", "register": apic_register_name(q & 0xFFF),
+            "access": APIC_ACCESS_TYPES.get((q >> 12) & 0xF, f"type {(q >> 12) & 0xF}")}
+
+
+def decode_apic_write_qualification(q: int) -> dict:
+    return {"offset": f"{q & 0xFFF:#x}", "register": apic_register_name(q & 0xFFF)}
+
+
 # -- descriptor-table exits: instruction information (SDM tables 28-10, 28-11) ----------------------------
 GDTR_IDTR_INSTRUCTIONS = ("sgdt", "sidt", "lgdt", "lidt")
 LDTR_TR_INSTRUCTIONS = ("sldt", "str", "lldt", "ltr")

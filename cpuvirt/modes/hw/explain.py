@@ -18,6 +18,7 @@ SDM_NAMES = {
     "rdtsc_exiting": "RDTSC exiting",
     "cr3_load_exiting": "CR3-load exiting",
     "cr3_store_exiting": "CR3-store exiting",
+    "use_tpr_shadow": "Use TPR shadow",
     "mov_dr_exiting": "MOV-DR exiting",
     "unconditional_io_exiting": "Unconditional I/O exiting",
     "use_io_bitmaps": "Use I/O bitmaps",
@@ -25,9 +26,11 @@ SDM_NAMES = {
     "monitor_exiting": "MONITOR exiting",
     "pause_exiting": "PAUSE exiting",
     "activate_secondary_controls": "Activate secondary controls",
+    "virtualize_apic_accesses": "Virtualize APIC accesses",
     "enable_ept": "Enable EPT",
     "descriptor_table_exiting": "Descriptor-table exiting",
     "wbinvd_exiting": "WBINVD exiting",
+    "apic_register_virtualization": "APIC-register virtualization",
 }
 
 EFFECT = {
@@ -56,4 +59,12 @@ EFFECT = {
                   "#PF, CR3 and INVLPG exit (KVM's shadow MMU)",
     "descriptor_table_exiting": "LGDT/LIDT/SGDT/SIDT exit (GDTR_IDTR), LLDT/LTR/SLDT/STR exit (LDTR_TR)",
     "wbinvd_exiting": "WBINVD exits (WBINVD)",
+    "use_tpr_shadow": "a virtual-APIC page (VIRTUAL_APIC_PAGE_ADDR) holds the guest's TPR: with virtualize APIC "
+                      "accesses, TPR reads and writes cost no exit (TPR_BELOW_THRESHOLD when a write lowers it "
+                      "below TPR_THRESHOLD)",
+    "virtualize_apic_accesses": "the guest's local APIC page is the APIC-access page (APIC_ACCESS_ADDR): accesses "
+                                "the processor does not virtualize exit as APIC_ACCESS instead of EPT_VIOLATION",
+    "apic_register_virtualization": "reads of most APIC registers come from the virtual-APIC page with no exit "
+                                    "(not APR, PPR, the timer's current count); writes to the others end in "
+                                    "APIC_WRITE exits",
 }

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from cpuvirt.cpu.vcpu import EXIT_ERROR, EXIT_HYPERVISOR_STOP, EXIT_TRIPLE_FAULT
 from cpuvirt.engine import regs as R
+from cpuvirt.machine.apic import APIC_BASE_GPA, TPR
 from cpuvirt.modes.hw import exits as E
 from cpuvirt.modes.hw.exits import Exit, ExitReason
 from cpuvirt.modes.hw.vmcs import Field as F
@@ -55,6 +56,9 @@ class RootHypervisor:
             ExitReason.EPT_MISCONFIG: self.handle_ept_misconfig,
             ExitReason.WBINVD: self.handle_skip,
             ExitReason.TASK_SWITCH: self.handle_task_switch,
+            ExitReason.APIC_ACCESS: self.handle_apic_access,
+            ExitReason.APIC_WRITE: self.handle_apic_write,
+            ExitReason.TPR_BELOW_THRESHOLD: self.handle_tpr_below_threshold,
         }
         for name in E.VMX_INSTRUCTIONS.values():
             if name is not ExitReason.VMCALL:
@@ -412,6 +416,48 @@ class RootHypervisor:
         """CR0 as the guest reads it: through the guest/host mask and read shadow (SDM 25.3)."""
         mask = self.vmcs.vmread(F.CR0_GUEST_HOST_MASK)
         return (self.cpu.regs.read(R.CR0) & ~mask) | (self.vmcs.vmread(F.CR0_READ_SHADOW) & mask) | 0x10
+
+    # -- APIC virtualization (modes/hw/apicv.py) -----------------------------------------------------------
+    def handle_apic_access(self, x: Exit) -> None:
+        """KVM's handle_apic_access: an access to the APIC-access page that the processor did not
+        virtualize (a register it does not serve from the virtual-APIC page, e.g. the timer's current
+        count, or every register with APIC-register virtualization off) is emulated on the local APIC.
+        The instruction's operand size and value are what KVM's emulator would decode (`apic_access`)."""
+        q = self.vmcs.vmread(F.EXIT_QUALIFICATION)
+        offset, access = q & 0xFFF, (q >> 12) & 0xF
+        size, value = self.cpu.apic_access
+        name = E.apic_register_name(offset)
+        bus = self.cpu.m.mmio
+        if access == E.APIC_ACCESS_LINEAR_READ:
+            x.value = bus.read(APIC_BASE_GPA + offset, size)
+            x.action = f"emulated read of {name} -> {x.value:#x}"
+        elif access == E.APIC_ACCESS_LINEAR_WRITE:
+            bus.write(APIC_BASE_GPA + offset, size, value)
+            x.action = f"emulated write of {value:#x} to {name}"
+        else:
+            self.cpu.finish("error", EXIT_HYPERVISOR_STOP, f"hw: APIC access of type {access} at {x.rip:#x}: "
+                            "not emulated")
+            x.action = "cannot emulate"
+
+    def handle_apic_write(self, x: Exit) -> None:
+        """KVM's handle_apic_write -> kvm_apic_write_nodecode: the processor already wrote the value
+        into the virtual-APIC page (trap-like exit, RIP past the instruction); the hypervisor completes
+        the write on the emulated APIC (EOI, ICR send, LVT, timer...). Its registers go back into the
+        page at VM entry, so the page never keeps a value the APIC would not show."""
+        offset = self.vmcs.vmread(F.EXIT_QUALIFICATION) & 0xFF0
+        vapic = self.cpu.vapic
+        vapic.pull()                              # an ICR low write sends with the ICR high in the page
+        value = vapic.read32(offset)
+        self.cpu.m.mmio.write(APIC_BASE_GPA + offset, 4, value)
+        if offset != TPR:                         # the register as the APIC now shows it (EOI reads 0...)
+            vapic.write32(offset, self.cpu.m.apic.read(offset, 4))
+        x.action = f"completed the write of {value:#x} to {E.apic_register_name(offset)} in the local APIC"
+
+    def handle_tpr_below_threshold(self, x: Exit) -> None:
+        """KVM's handle_tpr_below_threshold: the guest lowered its TPR (in the virtual-APIC page, no
+        exit) below the class of an interrupt the APIC holds: look for a deliverable interrupt again."""
+        self.cpu.m.apic.on_change()
+        x.action = "TPR lowered below a pending interrupt's class: interrupts re-evaluated"
 
     def handle_ept_misconfig(self, x: Exit) -> None:
         self.cpu.finish("ept_misconfig", EXIT_HYPERVISOR_STOP,

@@ -19,17 +19,22 @@ from collections import Counter, defaultdict
 
 from unicorn import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH
 
+from cpuvirt import limits
+from cpuvirt.cpu.mmiosite import MmioSites
 from cpuvirt.cpu.vcpu import EXIT_HYPERVISOR_STOP, Vcpu
 from cpuvirt.engine import regs as R
 from cpuvirt.engine.hooks import hook_guard
 from cpuvirt.engine.hostmem import HostRegion, HvAllocator
+from cpuvirt.machine.apic import APIC_BASE_GPA
 from cpuvirt.memory.ept import EPT_R, EPT_W, EPT_X, Ept
+from cpuvirt.memory.fastfill import EptFastFill
 from cpuvirt.memory.mmu import NestedFault
 from cpuvirt.memory.nested import EptWalk
 from cpuvirt.memory.p2m import HV_HPA, RAM_HPA
 from cpuvirt.memory.shadow import ShadowMiss
 from cpuvirt.memory.traces import TracedWrite
 from cpuvirt.memory.types import PFEC_P, PFEC_U, PFEC_W
+from cpuvirt.modes.hw import apicv
 from cpuvirt.modes.hw import exits as E
 from cpuvirt.modes.hw.controls import CONTROLS, VmxSettings
 from cpuvirt.modes.hw.exits import Exit, ExitReason
@@ -40,6 +45,9 @@ from cpuvirt.x86.flags import CR0_ET, CR0_PE, CR0_PG, EFLAGS_IF, EFLAGS_VM
 from cpuvirt.x86.vectors import HAS_ERROR_CODE, MNEMONIC, Vector
 
 HV_SIZE = 8 << 20
+# The APIC-access page: a host-physical page right after the hypervisor's region, backed by no memory
+# (the engine's MMIO callbacks of modes/hw/_apicv.c); EPT maps the guest's APIC page to it.
+APIC_ACCESS_HPA = HV_HPA + HV_SIZE
 
 # The simulated IA32_VMX_CR0_FIXED0/1 and CR4_FIXED0/1 (SDM appendix A.7, A.8), with "unrestricted
 # guest": CR0.PE and CR0.PG may be 0, CR0.NE must be 1; CR4 has no fixed bits here.
@@ -69,6 +77,25 @@ PRIVILEGED = frozenset(("hlt", "mov", "clts", "lmsw", "invlpg", "lgdt", "lidt", 
                         "wrmsr", "wbinvd", "invd", "monitor", "mwait"))
 
 
+class _BlockSites(MmioSites):
+    """MmioSites with its decode of a block kept until the engine translates a new block there
+    (forget_block), as hw keeps its CPUID/RDTSC sites: no fetch of the block's bytes per access."""
+
+    def __init__(self, mmu, regs, clock):
+        super().__init__(mmu, regs, clock)
+        self._by_block: dict[int, list] = {}
+
+    def _decode(self, block: int) -> list:
+        insns = self._by_block.get(block)
+        if insns is None:
+            insns = super()._decode(block)
+            limits.put(self._by_block, block, insns)
+        return insns
+
+    def forget(self, block: int) -> None:
+        self._by_block.pop(block, None)
+
+
 class EntryFailure(Exception):
     def __init__(self, why: str, qualification: int = 0):
         super().__init__(why)
@@ -94,11 +121,15 @@ class VmxCpu(Vcpu):
         self.pf_access = 0      # access kind of the last shadow #PF (the handler walks for it)
         self._sites: dict = {}
         self._task = None
+        self.vapic: apicv.VirtualApic | None = None
+        self.fast_fill = None                 # memory/fastfill.py EptFastFill: TLB fills under EPT in C
+        self._apic_sites = None               # cpu/mmiosite.py, made on the first APIC exit
+        self._apic_lengths: dict[int, int] = {}
+        self.apic_access = (4, 0)             # (size, value written) of the access an APIC_ACCESS exit is for
         self._launch()
 
     # -- VMLAUNCH: the hypervisor's set-up, then the first entry ---------------------------------------
     def _launch(self) -> None:
-        self.install_hooks()
         v, s = self.vmcs, self.settings
         io_a, io_b, msr = self.alloc.page(), self.alloc.page(), self.alloc.page()
         for port in s.io_ports:
@@ -125,12 +156,37 @@ class VmxCpu(Vcpu):
                 self.ept.map_range(0, RAM_HPA, self.m.mem_bytes)
             v.vmwrite(F.EPT_POINTER, self.ept.eptp)
             self.shadow = None
+            # The common fills in C, asked before Mmu.fill (which install_hooks adds); on at VMLAUNCH.
+            self.fast_fill = EptFastFill.install(self.mmu, self.ept)
         else:
             # KVM without EPT: shadow page tables, filled on #PF exits (memory/shadow.py).
             from cpuvirt.memory.shadow import ShadowPaging
             self.shadow = ShadowPaging(self.mmu, exit_on_miss=True)
             self.shadow.attach(self)
+        self.install_hooks()
+        if s.bits["enable_ept"]:
+            self._setup_apic_virtualization()
         self.enable_intercepts(SENSITIVE, self.on_sensitive, lazy_io=True)
+
+    def _setup_apic_virtualization(self) -> None:
+        """As KVM does for a guest with an in-kernel xAPIC: a virtual-APIC page (use TPR shadow) and,
+        with "virtualize APIC accesses", the APIC-access page mapped in EPT at the guest's APIC base,
+        read and write but not execute (a fetch from it is then an EPT violation, which the SDM ranks
+        before any APIC-access exit)."""
+        v, s = self.vmcs, self.settings
+        if not s.bits["use_tpr_shadow"]:
+            return
+        page = self.alloc.page()
+        v.vmwrite(F.VIRTUAL_APIC_PAGE_ADDR, page)
+        if not (s.bits["virtualize_apic_accesses"] and s.bits["activate_secondary_controls"]):
+            return                  # no CR8 in 32-bit mode: the TPR shadow alone changes nothing
+        v.vmwrite(F.APIC_ACCESS_ADDR, APIC_ACCESS_HPA)
+        self.ept.map(APIC_BASE_GPA, APIC_ACCESS_HPA, EPT_R | EPT_W)
+        off = page - HV_HPA
+        self.vapic = apicv.VirtualApic(self.uc, self.m.apic, self.hv_mem.view[off:off + 0x1000],
+                                       self.hv_mem.host_address + off, APIC_ACCESS_HPA, True,
+                                       bool(s.bits["apic_register_virtualization"]), self.apic_exit)
+        v.vmwrite(F.TPR_THRESHOLD, self.vapic.tpr_threshold)
 
     def guest_entry(self) -> None:
         """Called once the loader has set the boot state: the hypervisor's view of the guest's CRs."""
@@ -144,6 +200,8 @@ class VmxCpu(Vcpu):
             # From VMLAUNCH on, every guest-physical access goes through EPT (the loader before it
             # wrote guest memory from the host side); drop what the engine cached before.
             self.mmu.strategy = EptWalk(self.mmu, self.ept)
+            if self.fast_fill is not None:
+                self.fast_fill.enable()
         self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
         self.vm_entry(None)
 
@@ -271,6 +329,14 @@ class VmxCpu(Vcpu):
                 self.nmi_blocked = True          # blocked until the guest's next iret (SDM 6.7.1)
             self.deliver(vector, ret, code, soft=dpl_check, external=kind == E.INTR_TYPE_EXT_INTR,
                          fault_eip=eip if dpl_check else None)
+        if self.vapic is not None:
+            self._sync_vapic()
+
+    def _sync_vapic(self) -> None:
+        """The hypervisor's side of APIC virtualization before the guest runs again: the virtual-APIC
+        page shows the emulated APIC's registers, TPR_THRESHOLD is up to date."""
+        self.vapic.sync()
+        self.vmcs._values[F.TPR_THRESHOLD] = self.vapic.tpr_threshold
 
     def _entry_checks(self) -> None:
         """SDM 26.3.1: the guest-state checks, on every field the hypervisor wrote since the exit.
@@ -547,6 +613,10 @@ class VmxCpu(Vcpu):
     def forget_block(self, address: int) -> None:
         super().forget_block(address)
         self._sites.pop(address, None)
+        if self._apic_lengths:
+            self._apic_lengths.clear()      # code at an APIC-access site may have changed
+        if self._apic_sites is not None:
+            self._apic_sites.forget(address)
 
     rdtsc_in_c = False      # RDTSC exiting and TSC offsetting are decided here, per rdtsc
     cpuid_in_c = False      # CPUID always exits
@@ -563,6 +633,58 @@ class VmxCpu(Vcpu):
         self.regs.write(R.EAX, tsc & 0xFFFFFFFF)
         self.regs.write(R.EDX, tsc >> 32)
         return 1
+
+    # -- the APIC-access page (modes/hw/apicv.py, _apicv.c): what it does not virtualize exits -----------
+    @hook_guard(returns=0)
+    def apic_exit(self, kind: int, offset: int, size: int, value: int) -> int:
+        """Called by the APIC-access page's MMIO callbacks, in the middle of the guest instruction that
+        made the access (the engine completes it afterwards, as for I/O exits).
+
+        - APIC_ACCESS (44), fault-like: RIP is the instruction; the handler emulates the access on the
+          emulated APIC (KVM: handle_apic_access -> instruction emulation) and its value is the read's.
+        - APIC_WRITE (56) and TPR_BELOW_THRESHOLD (43), trap-like (SDM 29.4.3.3, 29.1.2): the write is
+          in the virtual-APIC page already; RIP is the next instruction.
+        """
+        if self.outcome is not None:
+            return 0xFFFFFFFF if kind == apicv.ACCESS_READ else 0
+        self.mmu.crs = None
+        site, length = self._apic_site(offset, kind != apicv.ACCESS_READ)
+        if kind in (apicv.ACCESS_READ, apicv.ACCESS_WRITE):
+            access = E.APIC_ACCESS_LINEAR_WRITE if kind == apicv.ACCESS_WRITE else E.APIC_ACCESS_LINEAR_READ
+            q = E.apic_access_qualification(offset, access)
+            self.apic_access = (size, value)
+            d = None
+            if self.trace is not None:
+                d = E.decode_apic_access_qualification(q)
+                d["size"] = size
+            x = self.vm_exit(ExitReason.APIC_ACCESS, site, qualification=q, length=length, detail=d,
+                             implicit_rip=True, value=value)
+            return (x.value or 0) if kind == apicv.ACCESS_READ else 0
+        next_rip = (site + length) & 0xFFFFFFFF
+        if kind == apicv.APIC_WRITE:
+            d = None
+            if self.trace is not None:
+                d = E.decode_apic_write_qualification(offset)
+                d["written_by"] = f"{site:#x}"      # trap-like: RIP is already past that instruction
+            self.vm_exit(ExitReason.APIC_WRITE, next_rip, qualification=offset & 0xFFF, detail=d, implicit_rip=True)
+        else:
+            self.vm_exit(ExitReason.TPR_BELOW_THRESHOLD, next_rip, implicit_rip=True,
+                         detail={"vtpr": f"{self.vapic.page[0x80]:#x}",
+                                 "tpr_threshold": self.vapic.tpr_threshold} if self.trace is not None else None)
+        return 0
+
+    def _apic_site(self, offset: int, is_write: bool) -> tuple[int, int]:
+        """(address, length) of the instruction whose access to the APIC page is being served: the
+        engine's EIP is the block's start inside MMIO callbacks (cpu/mmiosite.py finds the instruction)."""
+        if self._apic_sites is None:
+            self._apic_sites = _BlockSites(self.mmu, self.regs, self.clock)
+        site = self._apic_sites.site(APIC_BASE_GPA | offset, is_write)
+        length = self._apic_lengths.get(site)
+        if length is None:
+            code = self.mmu.fetch_bytes(site, 15) or b""
+            length = next((n for _, n, _, _ in self._cs().disasm_lite(code, site, 1)), 0)
+            limits.put(self._apic_lengths, site, length)
+        return site, length
 
     # -- exceptions ----------------------------------------------------------------------------------------
     def _exception_exits(self, vector: int, error_code: int | None = None) -> bool:
@@ -686,6 +808,8 @@ class VmxCpu(Vcpu):
     def before_entry(self) -> None:
         """Exits due before the next guest instruction (SDM 25.2): the interrupt window, which is
         open when RFLAGS.IF = 1 and no STI / MOV SS shadow blocks interrupts."""
+        if self.vapic is not None:
+            self._sync_vapic()         # timers and interrupt delivery changed the APIC since the last entry
         if self.ctl("interrupt_window_exiting") and self.regs.read(R.EFLAGS) & EFLAGS_IF:
             if self.faults.interrupt_shadow():
                 self._after_one_block = True
