@@ -123,6 +123,7 @@ typedef struct {
     uint64_t ram_bytes;
     uint64_t ram_hpa;
     const uint8_t *code;     /* one byte per RAM frame: nonzero once it served a fetch (lazy W^X) */
+    const uint32_t *fetched; /* as in fastfill_t (the layouts match); fetches are not answered here */
     reg_read_fn reg_read;
     int32_t cr0, cr3, cr4, ss;
     uint32_t enabled;

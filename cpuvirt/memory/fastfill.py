@@ -106,11 +106,13 @@ class EptFastFill(FastFill):
         self.mmu = mmu
         ram = mmu.ram
         self.code = (ctypes.c_uint8 * max(1, ram.size >> 12))()
+        self.fetched = (ctypes.c_uint32 * max(1, ram.size >> 12))()   # kept as FastFill does; not read in C here
         st = self._state = _EptState()
         st.ram = ctypes.addressof(ctypes.c_char.from_buffer(ram.buf))
         st.ram_bytes = mmu.p2m.ram_bytes
         st.ram_hpa = mmu.p2m.ram_hpa
         st.code = ctypes.addressof(self.code)
+        st.fetched = ctypes.addressof(self.fetched)
         st.reg_read = ctypes.cast(_ucmod.uclib.uc_reg_read, ctypes.c_void_p).value
         st.cr0, st.cr3, st.cr4, st.ss = UC_X86_REG_CR0, UC_X86_REG_CR3, UC_X86_REG_CR4, UC_X86_REG_SS
         st.enabled = 0
