@@ -9,12 +9,12 @@ Optional: without the built extension every delivery is Python's.
 from __future__ import annotations
 
 import ctypes
-import importlib.util
 
 from unicorn import UC_HOOK_CODE, UC_HOOK_INTR
 from unicorn.unicorn_py3 import unicorn as _ucmod
 
 from cpuvirt.engine import regs as R
+from cpuvirt.engine.cext import load
 from cpuvirt.engine.hooks import hook_guard
 from cpuvirt.x86.cpuid import CR4_RESERVED
 from cpuvirt.x86.vectors import HAS_ERROR_CODE, MNEMONIC
@@ -62,15 +62,9 @@ class _Cr4Site(ctypes.Structure):
 
 
 def _lib():
-    spec = importlib.util.find_spec("cpuvirt.cpu._delivery")
-    if spec is None or spec.origin is None:
-        return None
-    lib = ctypes.CDLL(spec.origin)
-    lib.delivery_sizeof.restype = ctypes.c_size_t
-    lib.delivery_iret_site_sizeof.restype = ctypes.c_size_t
-    lib.delivery_cr4_site_sizeof.restype = ctypes.c_size_t
-    if lib.delivery_sizeof() != ctypes.sizeof(_State) or lib.delivery_iret_site_sizeof() != ctypes.sizeof(_IretSite) \
-            or lib.delivery_cr4_site_sizeof() != ctypes.sizeof(_Cr4Site):
+    lib = load("cpuvirt.cpu._delivery", {"delivery_sizeof": _State, "delivery_iret_site_sizeof": _IretSite,
+                                         "delivery_cr4_site_sizeof": _Cr4Site})
+    if lib is None:
         return None
     lib.delivery_fast.restype = ctypes.c_int
     lib.delivery_peek.restype = ctypes.c_int

@@ -9,11 +9,12 @@ the same interrupts at the same instructions.
 from __future__ import annotations
 
 import ctypes
-import importlib.util
 
 from unicorn import UC_HOOK_BLOCK, UC_HOOK_CODE, UC_HOOK_INSN
 from unicorn.unicorn_py3 import unicorn as _ucmod
 from unicorn.x86_const import UC_X86_INS_RDTSC, UC_X86_REG_EAX, UC_X86_REG_EDX, UC_X86_REG_EFLAGS
+
+from cpuvirt.engine.cext import load
 
 TSC_HZ = 1_000_000_000
 NEVER = (1 << 64) - 1
@@ -44,13 +45,10 @@ class _State(ctypes.Structure):
 
 
 def _lib():
-    spec = importlib.util.find_spec("cpuvirt.engine._vclock")
-    if spec is None or spec.origin is None:
-        raise RuntimeError("cpuvirt's C clock hook is not built: run `pip install -e .` again")
-    lib = ctypes.CDLL(spec.origin)
-    lib.vclock_sizeof.restype = ctypes.c_size_t
-    if lib.vclock_sizeof() != ctypes.sizeof(_State):
-        raise RuntimeError("cpuvirt's C clock hook does not match clock.py: rebuild with `pip install -e .`")
+    lib = load("cpuvirt.engine._vclock", {"vclock_sizeof": _State})
+    if lib is None:
+        raise RuntimeError("cpuvirt's C clock hook is not built or does not match clock.py: "
+                           "run `pip install -e .` again")
     return lib
 
 

@@ -5,7 +5,6 @@ machine) and is refilled whenever the model's answers change (the APIC bit follo
 from __future__ import annotations
 
 import ctypes
-import importlib.util
 
 from unicorn import UC_HOOK_INSN
 from unicorn.unicorn_py3 import unicorn as _ucmod
@@ -16,6 +15,8 @@ from unicorn.x86_const import (
     UC_X86_REG_ECX,
     UC_X86_REG_EDX,
 )
+
+from cpuvirt.engine.cext import load
 
 MAX_LEAVES = 16
 
@@ -37,12 +38,7 @@ class _Table(ctypes.Structure):
 
 
 def _lib():
-    spec = importlib.util.find_spec("cpuvirt.engine._cpuid")
-    if spec is None or spec.origin is None:
-        return None
-    lib = ctypes.CDLL(spec.origin)
-    lib.cpuid_table_sizeof.restype = ctypes.c_size_t
-    return lib if lib.cpuid_table_sizeof() == ctypes.sizeof(_Table) else None
+    return load("cpuvirt.engine._cpuid", {"cpuid_table_sizeof": _Table})
 
 
 class CpuidTable:

@@ -10,11 +10,13 @@ MMU's counters. Optional: without the built extension every fill is Python's, wi
 from __future__ import annotations
 
 import ctypes
-import importlib.util
+from typing import Self
 
 from unicorn import UC_HOOK_TLB_FILL
 from unicorn.unicorn_py3 import unicorn as _ucmod
 from unicorn.x86_const import UC_X86_REG_CR0, UC_X86_REG_CR3, UC_X86_REG_CR4, UC_X86_REG_SS
+
+from cpuvirt.engine.cext import load
 
 
 class _State(ctypes.Structure):
@@ -30,24 +32,22 @@ class _State(ctypes.Structure):
 
 
 def _lib():
-    spec = importlib.util.find_spec("cpuvirt.memory._tlbfill")
-    if spec is None or spec.origin is None:
-        return None
-    lib = ctypes.CDLL(spec.origin)
-    lib.fastfill_sizeof.restype = ctypes.c_size_t
-    return lib if lib.fastfill_sizeof() == ctypes.sizeof(_State) else None
+    return load("cpuvirt.memory._tlbfill", {"fastfill_sizeof": _State, "eptfill_sizeof": _EptState})
 
 
 class FastFill:
     """Install with `FastFill.install(mmu)` before Mmu.fill is hooked (Unicorn asks the fill hooks in
     the order they were added); None if the extension is not built."""
 
+    STATE: type[ctypes.Structure] = _State
+    HOOK, ENABLED = "fastfill_hook", 1
+
     def __init__(self, lib, mmu):
         self.mmu = mmu
         ram = mmu.ram
         self.code = (ctypes.c_uint8 * max(1, ram.size >> 12))()   # lazy W^X, one byte per RAM frame
         self.fetched = (ctypes.c_uint32 * max(1, ram.size >> 12))()   # linear page | 1 last fetched from it
-        st = self._state = _State()
+        st = self._state = self.STATE()
         st.ram = ctypes.addressof(ctypes.c_char.from_buffer(ram.buf))
         st.ram_bytes = mmu.p2m.ram_bytes
         st.ram_hpa = mmu.p2m.ram_hpa
@@ -55,21 +55,25 @@ class FastFill:
         st.fetched = ctypes.addressof(self.fetched)
         st.reg_read = ctypes.cast(_ucmod.uclib.uc_reg_read, ctypes.c_void_p).value
         st.cr0, st.cr3, st.cr4, st.ss = UC_X86_REG_CR0, UC_X86_REG_CR3, UC_X86_REG_CR4, UC_X86_REG_SS
-        st.enabled = 1
+        st.enabled = self.ENABLED
+        self.setup(st)
         self._hook = ctypes.c_size_t()
         err = _ucmod.uclib.uc_hook_add(mmu.uc._uch, ctypes.byref(self._hook), UC_HOOK_TLB_FILL,
-                                       ctypes.cast(lib.fastfill_hook, ctypes.c_void_p),
+                                       ctypes.cast(getattr(lib, self.HOOK), ctypes.c_void_p),
                                        ctypes.cast(ctypes.pointer(st), ctypes.c_void_p),
                                        ctypes.c_uint64(1), ctypes.c_uint64(0))
         if err:
-            raise RuntimeError(f"cannot install the C TLB fill (uc error {err})")
+            raise RuntimeError(f"cannot install the C TLB fill {self.HOOK} (uc error {err})")
+
+    def setup(self, state) -> None:
+        """What a subclass's state holds beyond the guest walk's."""
 
     @classmethod
-    def install(cls, mmu) -> "FastFill | None":
+    def install(cls, mmu, *args) -> "Self | None":
         lib = _lib()
         if lib is None or mmu.ram.hpa != mmu.p2m.ram_hpa or mmu.p2m.ram_bytes > mmu.ram.size:
             return None
-        fast = cls(lib, mmu)
+        fast = cls(lib, mmu, *args)
         for hpa in mmu.code_frames:
             fast.code_frame(hpa)
         mmu.counters.fast = fast
@@ -102,45 +106,21 @@ class EptFastFill(FastFill):
     update, EPT entries read/write/execute, RAM only); Mmu.fill (EptWalk) does everything else. Off
     until `enable()`: before VMLAUNCH the guest's memory is not behind EPT yet."""
 
+    STATE = _EptState
+    HOOK, ENABLED = "eptfill_hook", 0
+
     def __init__(self, lib, mmu, ept):
-        self.mmu = mmu
-        ram = mmu.ram
-        self.code = (ctypes.c_uint8 * max(1, ram.size >> 12))()
-        self.fetched = (ctypes.c_uint32 * max(1, ram.size >> 12))()   # kept as FastFill does; not read in C here
-        st = self._state = _EptState()
-        st.ram = ctypes.addressof(ctypes.c_char.from_buffer(ram.buf))
-        st.ram_bytes = mmu.p2m.ram_bytes
-        st.ram_hpa = mmu.p2m.ram_hpa
-        st.code = ctypes.addressof(self.code)
-        st.fetched = ctypes.addressof(self.fetched)
-        st.reg_read = ctypes.cast(_ucmod.uclib.uc_reg_read, ctypes.c_void_p).value
-        st.cr0, st.cr3, st.cr4, st.ss = UC_X86_REG_CR0, UC_X86_REG_CR3, UC_X86_REG_CR4, UC_X86_REG_SS
-        st.enabled = 0
-        region = ept.region
-        st.hv = ctypes.addressof(ctypes.c_char.from_buffer(region.buf))
-        st.hv_hpa, st.hv_size, st.pml4 = region.hpa, region.size, ept.pml4
-        self._hook = ctypes.c_size_t()
-        err = _ucmod.uclib.uc_hook_add(mmu.uc._uch, ctypes.byref(self._hook), UC_HOOK_TLB_FILL,
-                                       ctypes.cast(lib.eptfill_hook, ctypes.c_void_p),
-                                       ctypes.cast(ctypes.pointer(st), ctypes.c_void_p),
-                                       ctypes.c_uint64(1), ctypes.c_uint64(0))
-        if err:
-            raise RuntimeError(f"cannot install the C EPT TLB fill (uc error {err})")
+        self.ept = ept
+        super().__init__(lib, mmu)
+
+    def setup(self, state) -> None:
+        region = self.ept.region
+        state.hv = ctypes.addressof(ctypes.c_char.from_buffer(region.buf))
+        state.hv_hpa, state.hv_size, state.pml4 = region.hpa, region.size, self.ept.pml4
 
     @classmethod
-    def install(cls, mmu, ept=None) -> "EptFastFill | None":
-        lib = _lib()
-        if lib is None or not hasattr(lib, "eptfill_sizeof") or ept is None:
-            return None
-        lib.eptfill_sizeof.restype = ctypes.c_size_t
-        if lib.eptfill_sizeof() != ctypes.sizeof(_EptState) or mmu.ram.hpa != mmu.p2m.ram_hpa \
-                or mmu.p2m.ram_bytes > mmu.ram.size:
-            return None
-        fast = cls(lib, mmu, ept)
-        for hpa in mmu.code_frames:
-            fast.code_frame(hpa)
-        mmu.counters.fast = fast
-        return fast
+    def install(cls, mmu, ept=None) -> "Self | None":
+        return None if ept is None else super().install(mmu, ept)
 
     def enable(self) -> None:
         self._state.enabled = 1

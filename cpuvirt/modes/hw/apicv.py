@@ -19,11 +19,11 @@ the page at every VM entry (only when they changed), and the registers the guest
 from __future__ import annotations
 
 import ctypes
-import importlib.util
 import struct
 
 from unicorn.unicorn_py3.unicorn import MMIO_READ_CFUNC, MMIO_WRITE_CFUNC, uclib
 
+from cpuvirt.engine.cext import load
 from cpuvirt.machine.apic import ICR_HI, MIRRORED, TPR
 
 PAGE = 0x1000
@@ -66,12 +66,7 @@ class _State(ctypes.Structure):
 
 
 def _lib():
-    spec = importlib.util.find_spec("cpuvirt.modes.hw._apicv")
-    if spec is None or spec.origin is None:
-        return None
-    lib = ctypes.CDLL(spec.origin)
-    lib.apicv_sizeof.restype = ctypes.c_size_t
-    return lib if lib.apicv_sizeof() == ctypes.sizeof(_State) else None
+    return load("cpuvirt.modes.hw._apicv", {"apicv_sizeof": _State})
 
 
 def read_virtualized(offset: int, size: int, tpr_shadow: bool, register_virt: bool) -> bool:
