@@ -611,7 +611,7 @@ def _compare(args) -> int:
         if args.image:
             raise CpuvirtError("--image applies to trace files (a guest's symbols come with it)")
         inputs = _scripted_input(args)
-        if "input_prompt" in inputs and "input_data" not in inputs:
+        if "input_prompt" in inputs and "input_file" not in inputs:
             raise CpuvirtError("--input-prompt needs --input FILE")
         budget = DEFAULT_MAX_INSNS if args.max_insns is None else args.max_insns
         devices = _parse_devices(args.device)
@@ -740,18 +740,19 @@ def write_summary_json(res, path: str) -> None:
 
 
 def _scripted_input(args) -> dict:
-    """--input FILE and --input-prompt TEXT, as run_guest takes them (input_data, input_prompt)."""
+    """--input FILE and --input-prompt TEXT, as run_guest takes them (input_file, input_prompt)."""
     opts: dict = {}
     if args.input_prompt is not None:
         opts["input_prompt"] = args.input_prompt.encode("utf-8", "surrogateescape")
         if not opts["input_prompt"]:
             raise CpuvirtError("--input-prompt must not be empty")
     if args.input:
-        try:
-            with open(args.input, "rb") as f:
-                opts["input_data"] = f.read()
+        try:                # refused here, before any run, when it cannot be read; read as the guest types
+            with open(args.input, "rb"):
+                pass
         except OSError as e:
             raise CpuvirtError(f"--input {args.input}: {e.strerror}") from None
+        opts["input_file"] = args.input
     return opts
 
 
@@ -769,7 +770,7 @@ def _input_options(args) -> dict:
         if not 1900 <= opts["rtc_base"].year <= 2099:
             raise CpuvirtError("--rtc: the CMOS clock holds years 1900 to 2099")
     opts.update(_scripted_input(args))
-    if "input_data" in opts:
+    if "input_file" in opts:
         return opts
     try:
         mode = os.fstat(0).st_mode
@@ -779,7 +780,7 @@ def _input_options(args) -> dict:
         opts["input_more"] = lambda: os.read(0, 4096)     # read as the guest asks: never blocks others
     elif os.isatty(0):
         opts["input_terminal"] = 0
-    if "input_prompt" in opts and "input_data" not in opts and "input_more" not in opts:
+    if "input_prompt" in opts and "input_file" not in opts and "input_more" not in opts:
         raise CpuvirtError("--input-prompt needs scripted input (--input FILE or a pipe on stdin)")
     return opts
 

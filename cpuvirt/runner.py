@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import hashlib
 import os
@@ -37,6 +38,7 @@ _PCI_ACTIONS = {"CONFIG_READ": "configuration space read", "CONFIG_WRITE": "conf
 # (docs/security.md, "Bounds"); all of it is streamed to the `console` callback as it is written.
 CONSOLE_HEAD = 64 << 10
 CONSOLE_TAIL = 1 << 20
+INPUT_CHUNK = 4096           # --input FILE is read this much at a time, as the guest takes it
 
 
 @dataclass
@@ -196,7 +198,8 @@ def run_guest(guest: str, mode: str = "native", mem_mib: int = 32, max_insns: in
               mode_options: dict | None = None, modules: Sequence[tuple[str, str | None]] = (),
               verbose_trace: bool = False, devices: Sequence = (), pcap_path: str | None = None,
               on_start=None, input_data: bytes | None = None, input_prompt: bytes | None = None,
-              input_terminal: int | None = None, rtc_base=None, input_more=None) -> RunResult:
+              input_terminal: int | None = None, rtc_base=None, input_more=None,
+              input_file: str | None = None) -> RunResult:
     """One run. `mode_options` go to the mode (hw: vmx=[NAME=VALUE...], ept=bool, dump_on=callback).
 
     `devices` are PCI devices (virtio/setup.py DeviceSpec) in slot order; `pcap_path` captures their frames.
@@ -207,7 +210,8 @@ def run_guest(guest: str, mode: str = "native", mem_mib: int = 32, max_insns: in
     (QEMU's is the -kernel argument), then a space and `cmdline`.
 
     COM1's receiver gets `input_data` (scripted, paced on the virtual clock; then what `input_more()`
-    reads, when given, as a pipe is read; with `input_prompt`,
+    reads, when given, as a pipe is read; `input_file` is read the same way, a chunk at a time as the
+    guest takes its bytes, so a file of any size costs no more host memory than a chunk; with `input_prompt`,
     line by line after each prompt, and the run ends with outcome `input_end` when the prompt follows
     the last line), or what is typed on the terminal whose descriptor is `input_terminal`
     (machine/serial_input.py). `rtc_base` is the date the CMOS clock starts from (machine/rtc.py).
@@ -250,6 +254,15 @@ def run_guest(guest: str, mode: str = "native", mem_mib: int = 32, max_insns: in
     except OSError as e:
         stack.close()
         raise CpuvirtError(f"--trace {trace_path}: {e.strerror}") from None
+    if input_file is not None:
+        try:
+            script = stack.enter_context(open(input_file, "rb"))
+        except OSError as e:
+            stack.close()
+            if trace_file:
+                trace_file.close()
+            raise CpuvirtError(f"--input {input_file}: {e.strerror}") from None
+        input_more = functools.partial(script.read, INPUT_CHUNK)
     pcap = None
     transports = []
     try:
@@ -344,7 +357,8 @@ def run_guest(guest: str, mode: str = "native", mem_mib: int = 32, max_insns: in
             if input_terminal is not None:
                 src = TerminalInput(input_terminal, machine.uart, now)
             else:
-                src = ScriptedInput(input_data or b"", machine.uart, now, prompt=input_prompt, more=input_more)
+                src = ScriptedInput(input_data or b"", machine.uart, now, prompt=input_prompt, more=input_more,
+                                    more_blocks=input_file is None)
                 src.on_finished = lambda: vcpu.finish(
                     "input_end", 0, "the scripted input is consumed and the guest prompted again")
             source.append(src)

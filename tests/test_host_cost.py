@@ -3,12 +3,13 @@
 Measured through counters (virtual time, hypercall counts, bytes kept), never wall-clock time.
 """
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cpuvirt import runner, status
 from cpuvirt.modes.para import hypercalls as H
 from cpuvirt.runner import run_guest
 from tests.hostile import build
-
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +113,7 @@ def test_input_larger_than_ram_is_refused_without_being_read(tmp_path, what):
     """A 2.5 GiB (sparse) file as a module or as the kernel image: exit 2, one line, and nothing
     close to its size allocated (it used to be read whole first: 2.6 GB RSS)."""
     import tracemalloc
+
     from cpuvirt.errors import CpuvirtError
     big = tmp_path / "big.img"
     with open(big, "wb") as f:
@@ -189,3 +191,69 @@ def test_module_decode_caches_are_capped(monkeypatch):
     for eip in range(0x1000, 0x1000 + 500 * 2, 2):
         emulator.decode(code, eip)
     assert 0 < len(emulator._forms) <= 64
+
+
+def test_input_file_of_any_size_is_typed_a_chunk_at_a_time(tmp_path):
+    """`run --input FILE` streams the file as the guest takes its bytes: a 3 GiB (sparse) script costs the
+    host a chunk, not 3 GiB (it used to be read whole before the run: RSS of the file's size)."""
+    import subprocess
+    import sys
+    big = tmp_path / "script.txt"
+    with open(big, "wb") as f:
+        f.truncate(3 << 30)
+    probe = ("import resource, subprocess, sys; "
+             "p = subprocess.run([sys.executable, '-m', 'cpuvirt', 'run', 'hello', '-q', '--input', sys.argv[1]], "
+             "capture_output=True); "
+             "print(p.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    p = subprocess.run([sys.executable, "-c", probe, str(big)], capture_output=True, text=True, timeout=120)
+    status_, maxrss_kib = map(int, p.stdout.split())
+    assert status_ == 0, p.stderr
+    assert maxrss_kib < 400 << 10, f"{maxrss_kib} KiB resident for a 3 GiB script"
+
+
+def _typed(src, uart, clk, prompt: bytes | None, steps: int = 400):
+    """Drive a ScriptedInput as a guest would (read each byte when it arrives, print the prompt after
+    each line): what was typed, at which virtual times, and when the script finished."""
+    seen, done = [], []
+    src.on_finished = lambda: done.append(clk.t)
+    if prompt:
+        for b in prompt:
+            src.console_output(b)
+    for _ in range(steps):
+        due = src.deadline()
+        if due is None:
+            break
+        clk.t = max(clk.t, due)
+        if src.update():
+            byte = uart.read(0x3F8, 1)
+            seen.append((clk.t, byte))
+            if prompt and byte == 0x0A:
+                for b in prompt:
+                    src.console_output(b)
+    return seen, done
+
+
+@settings(max_examples=60, deadline=None)
+@given(script=st.binary(max_size=80).map(lambda b: b.replace(b"\r", b"")), chunk=st.integers(1, 9),
+       prompt=st.sampled_from([None, b"$ "]))
+def test_a_streamed_file_is_typed_exactly_as_the_whole_script(script, chunk, prompt):
+    """ScriptedInput fed a chunk at a time from a file (more_blocks=False, as `--input FILE`) types the
+    same bytes at the same virtual times, and finishes at the same time, as when given the whole script."""
+    import io
+
+    from cpuvirt.machine.serial_input import ScriptedInput
+    from cpuvirt.machine.uart import IER_RDI, Uart16550
+    runs = []
+    for streamed in (False, True):
+        clk = type("Clock", (), {"t": 0, "__call__": lambda self: self.t})()
+        uart = Uart16550(on_output=lambda b: None)
+        uart.write(0x3F9, 1, IER_RDI)
+        if streamed:
+            f = io.BytesIO(script)
+            src = ScriptedInput(b"", uart, clk, prompt=prompt, gap=10, more=lambda f=f: f.read(chunk),
+                                more_blocks=False)
+        else:
+            src = ScriptedInput(script, uart, clk, prompt=prompt, gap=10)
+        runs.append(_typed(src, uart, clk, prompt))
+    assert runs[0] == runs[1]
+    assert [b for _, b in runs[0][0]] == list(script[:len(runs[0][0])])

@@ -3,7 +3,7 @@
 Two sources, both asked by the machine on its timer path (`deadline()` / `update()`), never per
 instruction:
 
-- `ScriptedInput`: bytes from a file (`--input FILE`) or from a pipe on stdin (read as the guest asks for
+- `ScriptedInput`: bytes from a file (`--input FILE`, a chunk at a time) or from a pipe on stdin (read as the guest asks for
   them), released one at a time
   on the virtual clock, so that the same script gives the same run byte for byte. A byte is put in
   the receiver only when the guest has read the previous one (the receiver is empty) and `gap`
@@ -38,9 +38,12 @@ class ScriptedInput:
     never reads its console never waits on a pipe that stays open."""
 
     def __init__(self, data: bytes, uart, now: Callable[[], int], prompt: bytes | None = None,
-                 gap: int = GAP_CYCLES, more: Callable[[], bytes] | None = None):
+                 gap: int = GAP_CYCLES, more: Callable[[], bytes] | None = None, more_blocks: bool = True):
         self.data = bytes(data)
         self.more = more
+        # A file's reads never block (`more_blocks=False`): it is read whenever the bytes so far are used
+        # up, so it is typed exactly as if it had been given whole as `data`, a chunk in memory at a time.
+        self.more_blocks = more_blocks
         self.at_end = more is None      # no more bytes will come than self.data holds
         self.uart = uart
         self.now = now
@@ -59,6 +62,8 @@ class ScriptedInput:
         one, the guest has not prompted yet, or the script is over)."""
         if self.waiting_for_prompt or self.uart.rx:
             return None
+        if self.pos >= len(self.data) and not self.at_end and not self.more_blocks:
+            self._read_more()
         if self.pos >= len(self.data) and (self.at_end or not self.uart.ier & IER_RDI):
             return None
         return self.ready_at
@@ -66,7 +71,8 @@ class ScriptedInput:
     def _read_more(self) -> None:
         chunk = self.more()
         if chunk:
-            self.data += chunk
+            self.data = self.data[self.pos:] + chunk    # keep only what is still to be typed
+            self.pos = 0
         else:
             self.at_end = True
 

@@ -129,7 +129,7 @@ def run_columns(guest: str, specs, max_insns: int, mem_mib: int = 32, extra_vmx=
                 devices=(), inputs=None) -> list[Column]:
     """Run `guest` under each ModeSpec, with a trace, the executed code and (full) the translations.
     `cmdline`, `devices` (PCI devices, as `run --device`) and `inputs` (COM1's scripted input:
-    input_data, input_prompt) are the same for every run."""
+    input_file, input_prompt) are the same for every run."""
     from cpuvirt.runner import resolve_guest, run_guest
     from cpuvirt.trace.symbols import for_guest
     cols = []
