@@ -29,6 +29,8 @@ typedef void (*intr_fn)(void *uc, uint32_t intno, void *user_data);
 typedef void (*soft_fn)(uint32_t vector, uint32_t start, uint32_t eip);
 typedef void (*fault_fn)(uint32_t vector, uint32_t eip);
 typedef void (*code_fn)(void *uc, uint64_t address, uint32_t size, void *user_data);
+typedef void (*pf_fn)(uint32_t eip, uint32_t access);
+typedef void (*loop_exit_fn)(void *cpu);
 
 /* uc_x86_mmr: a descriptor-table register (GDTR, IDTR, LDTR, TR) as libunicorn passes it. */
 typedef struct {
@@ -38,7 +40,8 @@ typedef struct {
     uint32_t flags;
 } mmr_t;
 
-enum { R_EAX, R_ESP, R_EIP, R_EFLAGS, R_CS, R_SS, R_CR0, R_CR3, R_CR4, R_GDTR, R_IDTR, R_TR, R_COUNT };
+enum { R_EAX, R_ESP, R_EIP, R_EFLAGS, R_CS, R_SS, R_CR0, R_CR3, R_CR4, R_GDTR, R_IDTR, R_TR,
+       R_CR2, R_ECX, R_EDX, R_EBX, R_EBP, R_ESI, R_EDI, R_COUNT };
 
 typedef struct {
     uint8_t *ram;            /* guest RAM, guest-physical 0 */
@@ -69,6 +72,13 @@ typedef struct {
     uint32_t *clock_watch_if;    /* the virtual clock's watch_if and check_if (engine/_vclock.c) */
     uint32_t *clock_check_if;
     uint64_t irets;
+    /* The native guest #PF (delivery_pf_hook): */
+    uint32_t pf_enabled;
+    uint32_t busy;               /* delivery_fast is running: its own fills are never the guest's #PF */
+    uint64_t cpu_offset;         /* where libunicorn's uc_struct holds its CPUState pointer */
+    loop_exit_fn loop_exit;      /* QEMU's cpu_loop_exit: leave the faulting instruction */
+    pf_fn pf_done;               /* Python's bookkeeping of a #PF delivered here (counts, the clock) */
+    uint64_t pf_fills, pf_faults; /* added to Mmu.counters as Mmu.fill counts a refused fill */
 } delivery_t;
 
 /* One intercepted iret: its bytes when it was decoded, and the Python hook behind it. */
@@ -536,6 +546,282 @@ void delivery_cr4_hook(void *uc, uint64_t address, uint32_t size, void *user_dat
     return;
 python:
     site->python(uc, address, size, NULL);
+}
+
+/* ---- the guest #PF under native, from the TLB fill to the handler --------------------------------
+ * Mmu.fill (memory/mmu.py) refuses a fill that the guest's walk faults; the engine then stops, and the
+ * run loop finds the exact linear address (x86/faultaddr.py), writes CR2 and delivers the #PF. This
+ * hook, between the C fill (memory/_tlbfill.c) and Mmu.fill, does all of that for the common case
+ * without stopping: the walk of memory/walk.py (the error code of SDM 4.7, PDE.A set when the PDE is
+ * used even though the PTE then faults), CR2 as x86/faultaddr.py computes it (from the memory operand
+ * of the instructions decoded below), and delivery_fast. The faulting instruction is then left the
+ * way QEMU leaves an instruction that raised its own #PF (cpu_loop_exit) and the engine goes on at the
+ * handler. Anything else (no fault, paging structures outside RAM, an instruction not decoded here, a
+ * delivery delivery_fast declines) returns false having changed nothing, and Mmu.fill does it all.
+ * tests/test_fast_delivery.py compares both paths on random page tables and accesses. */
+typedef struct {
+    uint64_t paddr;
+    uint32_t perms;
+} tlb_entry_t;
+
+#define MEM_READ 16
+#define MEM_WRITE 17
+#define MEM_FETCH 18
+#define ACC_WRITE 1
+#define ACC_FETCH 2
+#define PTE_US 0x4u
+#define PFEC_P 1u
+#define PFEC_W 2u
+#define PFEC_U 4u
+#define PFEC_RSVD 8u
+#define PFEC_I 16u
+#define CR4_SMEP 0x100000u
+#define PF_REFUSED 0xFFFFFFFFu      /* pf_done's access when the engine refused a register write */
+
+static uint32_t pf_code(uint32_t cause, int access, int user, uint32_t cr4) {
+    if (user) cause |= PFEC_U;
+    if (access == ACC_WRITE) cause |= PFEC_W;
+    else if (access == ACC_FETCH && (cr4 & CR4_SMEP)) cause |= PFEC_I;
+    return cause;
+}
+
+/* memory/walk.py's walk with side effects, decided first and made later: 1 = a fault (*ec, *refs, and
+ * *pde_a >= 0: the PDE whose A bit the walk sets), 0 = no fault, -1 = a paging structure outside RAM
+ * (Python's reader answers all-ones there: left to it). */
+static int pf_walk(delivery_t *s, const crs_t *c, uint32_t gva, int access, int user, uint32_t *ec,
+                   uint32_t *refs, int64_t *pde_a) {
+    uint64_t pde_addr, leaf_addr;
+    uint32_t pde, leaf, rights;
+    int writable;
+    *pde_a = -1;
+    if (!(c->cr0 & CR0_PG)) return 0;
+    pde_addr = (c->cr3 & 0xFFFFF000u) | ((gva >> 20) & 0xFFC);
+    if (!entry_at(s, pde_addr, &pde)) return -1;
+    *refs = 1;
+    if (!(pde & PTE_P)) {
+        *ec = pf_code(0, access, user, c->cr4);
+        return 1;
+    }
+    if ((pde & PTE_PS) && (c->cr4 & CR4_PSE)) {
+        if (pde & (1u << 21)) {
+            *ec = pf_code(PFEC_P | PFEC_RSVD, access, user, c->cr4);
+            return 1;
+        }
+        leaf = rights = pde;
+    } else {
+        *refs = 2;
+        if (!(pde & PTE_A)) {
+            *pde_a = (int64_t)pde_addr;
+            *refs = 3;
+        }
+        leaf_addr = (pde & 0xFFFFF000u) | ((gva >> 10) & 0xFFC);
+        if (!entry_at(s, leaf_addr, &leaf)) return -1;
+        if (!(leaf & PTE_P)) {
+            *ec = pf_code(0, access, user, c->cr4);
+            return 1;
+        }
+        rights = pde & leaf;
+    }
+    if (user) {
+        if (!(rights & PTE_US)) goto protection;
+        writable = (rights & PTE_RW) != 0;
+    } else {
+        writable = (rights & PTE_RW) || !(c->cr0 & CR0_WP);
+        if (access == ACC_FETCH && (rights & PTE_US) && (c->cr4 & CR4_SMEP)) goto protection;
+    }
+    if (access == ACC_WRITE && !writable) goto protection;
+    *pde_a = -1;                       /* no fault: nothing of this walk is made here */
+    return 0;
+protection:
+    *ec = pf_code(PFEC_P, access, user, c->cr4);
+    return 1;
+}
+
+/* The explicit memory operand of an instruction as capstone (32-bit mode) reports it for
+ * x86/faultaddr.py: base and index registers (-1: none), scale, displacement, size in bytes. *has = 0
+ * for an instruction of the list with no memory operand (push r, pop r, call rel32, ret...). 0: not an
+ * instruction decoded here (Python decodes it). 32-bit addressing only, as that decoder's. */
+typedef struct {
+    int base, index, has;
+    uint32_t scale, size;
+    int32_t disp;
+} memop_t;
+
+static const int gpr_reg[8] = {R_EAX, R_ECX, R_EDX, R_EBX, R_ESP, R_EBP, R_ESI, R_EDI};
+
+static int decode_memop(const uint8_t *code, memop_t *m) {
+    uint32_t i = 0, v = 4, size;
+    uint8_t op, modrm, mod, reg, rm;
+    m->has = 0;
+    for (;; i++) {                     /* operand-size and segment prefixes (flat segments) */
+        if (i >= 4) return 0;
+        if (code[i] == 0x66) v = 2;
+        else if (!(code[i] == 0x26 || code[i] == 0x2E || code[i] == 0x36 || code[i] == 0x3E || code[i] == 0x64
+                   || code[i] == 0x65)) break;
+    }
+    op = code[i++];
+    if ((op >= 0x50 && op <= 0x5F) || op == 0x68 || op == 0x6A || op == 0x9C || op == 0x9D || op == 0xC3
+        || op == 0xE8)
+        return v == 4;                 /* push/pop r, push imm, pushfd/popfd, ret, call rel32 */
+    modrm = code[i];
+    mod = modrm >> 6;
+    reg = (modrm >> 3) & 7;
+    if (op == 0x0F) {
+        op = code[i++];
+        modrm = code[i];
+        mod = modrm >> 6;
+        reg = (modrm >> 3) & 7;
+        if (op == 0xB6 || op == 0xBE) size = 1;          /* movzx, movsx r, r/m8 */
+        else if (op == 0xB7 || op == 0xBF) size = 2;     /* movzx, movsx r, r/m16 */
+        else if (op == 0xAF) size = v;                   /* imul r, r/m */
+        else return 0;
+    } else if (op < 0x40 && (op & 7) < 4) {
+        size = (op & 1) ? v : 1;                         /* add or adc sbb and sub xor cmp */
+    } else if (op >= 0x84 && op <= 0x8B) {
+        size = (op & 1) ? v : 1;                         /* test xchg mov */
+    } else if (op == 0x80 || op == 0xC0 || op == 0xD0 || op == 0xD2) {
+        if (op != 0x80 && reg == 6) return 0;
+        size = 1;
+    } else if (op == 0x81 || op == 0x83 || op == 0xC1 || op == 0xD1 || op == 0xD3) {
+        if (op != 0x81 && op != 0x83 && reg == 6) return 0;
+        size = v;
+    } else if (op == 0xC6 || op == 0xC7) {
+        if (reg != 0) return 0;
+        size = op == 0xC6 ? 1 : v;                       /* mov r/m, imm */
+    } else if (op == 0xF6 || op == 0xF7) {
+        if (reg == 1) return 0;
+        size = op == 0xF6 ? 1 : v;                       /* test not neg mul imul div idiv */
+    } else if (op == 0xFE) {
+        if (reg > 1) return 0;
+        size = 1;                                        /* inc, dec r/m8 */
+    } else if (op == 0xFF) {
+        if (reg == 3 || reg == 5 || reg == 7) return 0;  /* far call/jmp: Python */
+        size = v;                                        /* inc dec call jmp push */
+    } else if (op == 0x8F) {
+        if (reg != 0) return 0;
+        size = v;                                        /* pop r/m */
+    } else if (op == 0x69 || op == 0x6B) {
+        size = v;                                        /* imul r, r/m, imm */
+    } else {
+        return 0;
+    }
+    i++;                               /* past ModRM */
+    rm = modrm & 7;
+    if (mod == 3) return 1;            /* a register operand: no memory operand */
+    m->has = 1;
+    m->size = size;
+    m->base = m->index = -1;
+    m->scale = 1;
+    m->disp = 0;
+    if (rm == 4) {                     /* SIB */
+        uint8_t sib = code[i++], b = sib & 7, x = (sib >> 3) & 7;
+        m->scale = 1u << (sib >> 6);
+        if (x != 4) m->index = gpr_reg[x];
+        if (b == 5 && mod == 0) {
+            memcpy(&m->disp, code + i, 4);
+            return 1;
+        }
+        m->base = gpr_reg[b];
+    } else if (rm == 5 && mod == 0) {
+        memcpy(&m->disp, code + i, 4);
+        return 1;
+    } else {
+        m->base = gpr_reg[rm];
+    }
+    if (mod == 1) m->disp = (int8_t)code[i];
+    else if (mod == 2) memcpy(&m->disp, code + i, 4);
+    return 1;
+}
+
+/* The exact linear address of a #PF on `page` for CR2, as Vcpu.exact_linear and x86/faultaddr.py find
+ * it: a fetch faults at EIP when EIP is on that page, else at the page; a data access at the first
+ * candidate (the instruction's memory operand, then the stack slots and ESI/EDI it may touch) on the
+ * page, else at the page's first byte. 0: Python must find it (the code cannot be read here, or the
+ * instruction is not decoded here). */
+int delivery_fault_linear(delivery_t *s, void *uc, uint32_t eip, uint32_t page, int access, uint32_t *out) {
+    static const uint32_t below[9] = {4, 8, 12, 16, 20, 24, 28, 32, 2};
+    uint8_t code[16];
+    uint32_t ea[13], n = 0, i, esp;
+    memop_t m;
+    int err = 0;
+    if (access == ACC_FETCH) {
+        *out = (eip & 0xFFFFF000u) == page ? eip : page;
+        return 1;
+    }
+    if (!delivery_peek(s, uc, eip, 15, code) || !decode_memop(code, &m)) return 0;
+    if (m.has) {
+        uint32_t a = (uint32_t)m.disp;
+        if (m.base >= 0) a += (uint32_t)rd(s, uc, m.base, &err);
+        if (m.index >= 0) a += (uint32_t)rd(s, uc, m.index, &err) * m.scale;
+        ea[n++] = a;
+    }
+    esp = (uint32_t)rd(s, uc, R_ESP, &err);
+    for (i = 0; i < 9; i++) ea[n++] = esp - below[i];
+    ea[n++] = esp;
+    ea[n++] = (uint32_t)rd(s, uc, R_ESI, &err);
+    ea[n++] = (uint32_t)rd(s, uc, R_EDI, &err);
+    if (err) return 0;
+    for (i = 0; i < n; i++)
+        if ((ea[i] & 0xFFFFF000u) == page) {
+            *out = ea[i];
+            return 1;
+        }
+    *out = page;           /* an access straddling into the page, or none found: the page's first byte */
+    return 1;
+}
+
+int delivery_pf_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *user_data) {
+    delivery_t *s = (delivery_t *)user_data;
+    int err = 0, access, user, r;
+    crs_t c;
+    uint32_t ec = 0, refs = 0, eip, cr2, old_pde = 0, old_cr2;
+    int64_t pde_a;
+    uint64_t walks, walk_refs;
+    (void)e;
+    if (!s->pf_enabled || s->busy || type < MEM_READ || type > MEM_FETCH) return 0;
+    access = type - MEM_READ;
+    c.cr0 = (uint32_t)rd(s, uc, R_CR0, &err);
+    if (err || !(c.cr0 & CR0_PG)) return 0;
+    c.cr3 = (uint32_t)rd(s, uc, R_CR3, &err);
+    c.cr4 = (uint32_t)rd(s, uc, R_CR4, &err);
+    user = ((uint32_t)rd(s, uc, R_SS, &err) & 3) == 3;   /* CPL from SS, as Mmu.fill */
+    if (err) return 0;
+    r = pf_walk(s, &c, (uint32_t)vaddr, access, user, &ec, &refs, &pde_a);
+    if (r != 1) return 0;
+    eip = (uint32_t)rd(s, uc, R_EIP, &err);
+    if (err || !delivery_fault_linear(s, uc, eip, (uint32_t)vaddr & 0xFFFFF000u, access, &cr2)) return 0;
+    old_cr2 = (uint32_t)rd(s, uc, R_CR2, &err);
+    if (err) return 0;
+    /* Made in Python's order: the walk's PDE.A, CR2, the delivery. */
+    walks = s->walks;
+    walk_refs = s->walk_refs;
+    if (pde_a >= 0) {
+        uint32_t pde;
+        memcpy(&old_pde, s->ram + pde_a, 4);
+        pde = old_pde | PTE_A;
+        memcpy(s->ram + pde_a, &pde, 4);
+    }
+    s->walks++;
+    s->walk_refs += refs;
+    s->busy = 1;
+    r = wr(s, uc, R_CR2, cr2) ? FALLBACK : delivery_fast(s, uc, 14, eip, ec, F_ERROR_CODE);
+    s->busy = 0;
+    if (r != DELIVERED) {              /* nothing delivered: put back what this hook made, Python does it */
+        if (r == ENGINE_REFUSED) {     /* the frame is pushed: a cpuvirt bug, as in FastDelivery.deliver */
+            s->pf_enabled = 0;
+            s->pf_done(eip, PF_REFUSED);
+        }
+        if (pde_a >= 0) memcpy(s->ram + pde_a, &old_pde, 4);
+        wr(s, uc, R_CR2, old_cr2);
+        s->walks = walks;
+        s->walk_refs = walk_refs;
+        return 0;
+    }
+    s->pf_fills++;
+    s->pf_faults++;
+    s->pf_done(eip, (uint32_t)access);
+    s->loop_exit(*(void **)((uint8_t *)uc + s->cpu_offset));   /* does not return */
+    return 0;
 }
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_delivery", NULL, -1, NULL};
