@@ -328,7 +328,7 @@ ACCESSES = [
     ("ff03", "inc dword [ebx]"), ("c705{d32}78563412", "mov dword [d32], imm"), ("66890b", "mov [ebx], cx"),
     ("870b", "xchg [ebx], ecx"), ("8f03", "pop dword [ebx]"), ("50", "push eax"), ("e800000000", "call next"),
     ("c3", "ret"), ("8b83{d32}", "mov eax, [ebx+d32]"), ("f733", "div dword [ebx]"), ("ffe3", "jmp ebx"),
-    ("3e8b04{sib}", "mov eax, ds:[sib]"), ("800b01", "or byte [ebx], 1"), ("d123", "shl dword [ebx], 1"),
+    ("a1{d32}", "mov eax, moffs d32],"), ("a2{d32}", "mov moffs d32], al"), ("3e8b04{sib}", "mov eax, ds:[sib]"), ("800b01", "or byte [ebx], 1"), ("d123", "shl dword [ebx], 1"),
     ("f3a5", "rep movsd"), ("ad", "lodsd"), ("0fb10b", "cmpxchg [ebx], ecx"), ("f00103", "lock add [ebx], eax"),
     ("ff1b", "call far [ebx]"), ("ab", "stosd"),
 ]

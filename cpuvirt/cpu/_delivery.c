@@ -663,6 +663,14 @@ static int decode_memop(const uint8_t *code, memop_t *m) {
     if ((op >= 0x50 && op <= 0x5F) || op == 0x68 || op == 0x6A || op == 0x9C || op == 0x9D || op == 0xC3
         || op == 0xE8)
         return v == 4;                 /* push/pop r, push imm, pushfd/popfd, ret, call rel32 */
+    if (op >= 0xA0 && op <= 0xA3) {    /* mov al/eax, [moffs32] and back: a displacement, no ModRM */
+        m->has = 1;
+        m->size = (op & 1) ? v : 1;
+        m->base = m->index = -1;
+        m->scale = 1;
+        memcpy(&m->disp, code + i, 4);
+        return 1;
+    }
     modrm = code[i];
     mod = modrm >> 6;
     reg = (modrm >> 3) & 7;

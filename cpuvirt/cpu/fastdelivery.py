@@ -123,9 +123,10 @@ def _cpu_field() -> tuple[int, int] | None:
         if src.type != X86_OP_MEM or src.mem.index:
             continue
         for earlier in reversed(insns[:k - 1]):
-            dst, mem = earlier.operands[0] if earlier.operands else None, earlier.operands[-1] if earlier.operands else None
-            if (earlier.mnemonic == "mov" and len(earlier.operands) == 2 and dst.type == X86_OP_REG
-                    and dst.reg == src.mem.base and mem.type == X86_OP_MEM and not mem.mem.index):
+            if earlier.mnemonic != "mov" or len(earlier.operands) != 2:
+                continue
+            dst, mem = earlier.operands
+            if dst.type == X86_OP_REG and dst.reg == src.mem.base and mem.type == X86_OP_MEM and not mem.mem.index:
                 return mem.mem.disp, src.mem.disp
     return None
 
