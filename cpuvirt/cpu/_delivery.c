@@ -74,7 +74,7 @@ typedef struct {
     uint64_t irets;
     /* The native guest #PF (delivery_pf_hook): */
     uint32_t pf_enabled;
-    uint32_t busy;               /* delivery_fast is running: its own fills are never the guest's #PF */
+    uint32_t busy;               /* delivery_fast is running: its fills are never the guest's own access */
     uint64_t cpu_offset;         /* where libunicorn's uc_struct holds its CPUState pointer */
     loop_exit_fn loop_exit;      /* QEMU's cpu_loop_exit: leave the faulting instruction */
     pf_fn pf_done;               /* Python's bookkeeping of a #PF delivered here (counts, the clock) */
@@ -371,7 +371,22 @@ static int load_ring0_ss(delivery_t *s, void *uc, uint32_t ss) {
 /* Deliver `vector` with the frame's return address `return_eip` (and `error_code` with F_ERROR_CODE).
  * DELIVERED: done, EIP is the handler's. FALLBACK: nothing changed. ENGINE_REFUSED: the engine refused
  * a segment load after the frame was pushed (a cpuvirt bug, as the Python path's RuntimeError). */
+static int deliver_fast(delivery_t *s, void *uc, uint32_t vector, uint32_t return_eip, uint32_t error_code,
+                        int flags);
+
+/* Its segment loads make the engine read descriptors through the TLB-fill hooks: while it runs, a fill
+ * is never the guest's own access, and delivery_pf_hook leaves it alone (`busy`). */
 int delivery_fast(delivery_t *s, void *uc, uint32_t vector, uint32_t return_eip, uint32_t error_code, int flags) {
+    uint32_t busy = s->busy;
+    int r;
+    s->busy = 1;
+    r = deliver_fast(s, uc, vector, return_eip, error_code, flags);
+    s->busy = busy;
+    return r;
+}
+
+static int deliver_fast(delivery_t *s, void *uc, uint32_t vector, uint32_t return_eip, uint32_t error_code,
+                        int flags) {
     int err = 0;
     pass_t w;
     plan_t p;
@@ -811,9 +826,7 @@ int delivery_pf_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *u
     }
     s->walks++;
     s->walk_refs += refs;
-    s->busy = 1;
     r = wr(s, uc, R_CR2, cr2) ? FALLBACK : delivery_fast(s, uc, 14, eip, ec, F_ERROR_CODE);
-    s->busy = 0;
     if (r != DELIVERED) {              /* nothing delivered: put back what this hook made, Python does it */
         if (r == ENGINE_REFUSED) {     /* the frame is pushed: a cpuvirt bug, as in FastDelivery.deliver */
             s->pf_enabled = 0;
