@@ -79,6 +79,13 @@ typedef struct {
     loop_exit_fn loop_exit;      /* QEMU's cpu_loop_exit: leave the faulting instruction */
     pf_fn pf_done;               /* Python's bookkeeping of a #PF delivered here (counts, the clock) */
     uint64_t pf_fills, pf_faults; /* added to Mmu.counters as Mmu.fill counts a refused fill */
+    /* hw with EPT: every guest-physical reference through the EPT tables (memory/nested.py's EptWalk) */
+    uint32_t ept;                /* 0: guest-physical = offset in `ram` (native) */
+    uint32_t pad2;
+    const uint8_t *hv;           /* the hypervisor's region holding the EPT tables, at host-physical hv_hpa */
+    uint64_t hv_hpa, hv_size;
+    uint64_t pml4;               /* EPT_POINTER's PML4 address */
+    uint64_t ram_hpa;            /* where `ram` is in host-physical memory */
 } delivery_t;
 
 /* One intercepted iret: its bytes when it was decoded, and the Python hook behind it. */
@@ -156,7 +163,7 @@ typedef struct { uint32_t cr0, cr3, cr4; } crs_t;
 #define UNDO_MAX 32
 typedef struct {
     uint32_t n;
-    uint64_t gpa[UNDO_MAX];
+    uint64_t off[UNDO_MAX];    /* where in `ram` */
     uint32_t old[UNDO_MAX];
 } undo_t;
 
@@ -167,28 +174,60 @@ typedef struct {
     undo_t undo;
 } pass_t;
 
-static int entry_at(delivery_t *s, uint64_t gpa, uint32_t *out) {
-    if (gpa + 4 > s->ram_bytes) return 0;
-    memcpy(out, s->ram + gpa, 4);
+#define EPT_R 1u
+#define EPT_W 2u
+#define EPT_ADDR 0x000FFFFFFFFFF000ull
+
+/* Where guest-physical [gpa, gpa + n) is in guest RAM (an offset into `ram`) for an access needing the
+ * EPT right `bit`: itself natively; under EPT through the four levels of the tables, as Ept.translate
+ * (SDM Vol. 3C 29.3), adding to *refs the 4 entries a translation reads. -1: not guest RAM, or an entry on
+ * the way without the right (Python then has the EPT violation, the misconfiguration or the device). */
+static int64_t ram_at(const delivery_t *s, uint64_t gpa, uint32_t n, uint32_t bit, uint32_t *refs) {
+    uint64_t table, entry, slot, hpa;
+    int shift;
+    if (!s->ept) return gpa + n <= s->ram_bytes ? (int64_t)gpa : -1;
+    table = s->pml4;
+    for (shift = 39; shift >= 12; shift -= 9) {
+        slot = table + ((gpa >> shift) & 0x1FF) * 8;
+        if (slot < s->hv_hpa || slot + 8 > s->hv_hpa + s->hv_size) return -1;
+        memcpy(&entry, s->hv + (slot - s->hv_hpa), 8);
+        if (!(entry & EPT_R) || !(entry & bit)) return -1;
+        table = entry & EPT_ADDR;
+    }
+    *refs += 4;
+    hpa = table | (gpa & 0xFFF);
+    if (hpa < s->ram_hpa || hpa - s->ram_hpa + n > s->ram_bytes) return -1;
+    return (int64_t)(hpa - s->ram_hpa);
+}
+
+/* A paging-structure entry read by the walk (EptWalk.read32); 0: leave it to Python. */
+static int entry_at(delivery_t *s, uint64_t gpa, uint32_t *out, uint32_t *refs) {
+    int64_t off = ram_at(s, gpa, 4, EPT_R, refs);
+    if (off < 0) return 0;
+    memcpy(out, s->ram + off, 4);
     return 1;
 }
 
-static void set_entry(pass_t *w, uint64_t gpa, uint32_t old, uint32_t value) {
-    w->undo.gpa[w->undo.n] = gpa;
+/* The walk's A/D update of an entry (EptWalk.write32: a translation for writing of its own). */
+static int set_entry(pass_t *w, uint64_t gpa, uint32_t old, uint32_t value, uint32_t *refs) {
+    int64_t off = ram_at(w->s, gpa, 4, EPT_W, refs);
+    if (off < 0) return 0;
+    w->undo.off[w->undo.n] = (uint64_t)off;
     w->undo.old[w->undo.n++] = old;
-    memcpy(w->s->ram + gpa, &value, 4);
+    memcpy(w->s->ram + off, &value, 4);
+    return 1;
 }
 
 static int64_t walk(pass_t *w, uint32_t gva, int write) {
     delivery_t *s = w->s;
     const crs_t *c = &w->c;
     uint64_t pde_addr, leaf_addr, gpa;
-    uint32_t pde, leaf, rights, refs;
+    uint32_t pde, leaf, rights, refs, erefs = 0;
     int large, writable;
     if (!(c->cr0 & CR0_PG)) return gva;              /* no paging: identity, nothing counted */
     if (w->undo.n + 2 > UNDO_MAX) return -1;
     pde_addr = (c->cr3 & 0xFFFFF000u) | ((gva >> 20) & 0xFFC);
-    if (!entry_at(s, pde_addr, &pde) || !(pde & PTE_P)) return -1;
+    if (!entry_at(s, pde_addr, &pde, &erefs) || !(pde & PTE_P)) return -1;
     if ((pde & PTE_PS) && (c->cr4 & CR4_PSE)) {
         if (pde & 0x003FE000u) return -1;            /* reserved bit 21 (#PF), or above 4 GiB */
         large = 1;
@@ -199,48 +238,51 @@ static int64_t walk(pass_t *w, uint32_t gva, int write) {
         large = 0;
         refs = 2;
         if (!(pde & PTE_A) && w->side) {             /* the PDE is used: accessed (SDM 4.8) */
-            set_entry(w, pde_addr, pde, pde | PTE_A);
+            if (!set_entry(w, pde_addr, pde, pde | PTE_A, &erefs)) return -1;
             pde |= PTE_A;
             refs = 3;
         }
         leaf_addr = (pde & 0xFFFFF000u) | ((gva >> 10) & 0xFFC);
-        if (!entry_at(s, leaf_addr, &leaf) || !(leaf & PTE_P)) return -1;
+        if (!entry_at(s, leaf_addr, &leaf, &erefs) || !(leaf & PTE_P)) return -1;
         rights = pde & leaf;
     }
     writable = (rights & PTE_RW) || !(c->cr0 & CR0_WP);   /* supervisor rights (SDM 4.6) */
     if (write) {
         if (!writable) return -1;
         if ((leaf & (PTE_A | PTE_D)) != (PTE_A | PTE_D) && w->side) {
-            set_entry(w, leaf_addr, leaf, leaf | PTE_A | PTE_D);
+            if (!set_entry(w, leaf_addr, leaf, leaf | PTE_A | PTE_D, &erefs)) return -1;
             leaf |= PTE_A | PTE_D;
             refs++;
         }
     } else if (!(leaf & PTE_A) && w->side) {
-        set_entry(w, leaf_addr, leaf, leaf | PTE_A);
+        if (!set_entry(w, leaf_addr, leaf, leaf | PTE_A, &erefs)) return -1;
         leaf |= PTE_A;
         refs++;
     }
     gpa = large ? (leaf & 0xFFC00000u) | (gva & 0x003FFFFFu) : (leaf & 0xFFFFF000u) | (gva & 0xFFFu);
     if (w->side) {
         s->walks++;
-        s->walk_refs += refs;
+        s->walk_refs += refs + erefs;     /* under EPT its references too, as EptWalk counts them */
     }
     return (int64_t)gpa;
 }
 
 /* A linear access of n <= 24 bytes as Mmu.read_linear / write_linear make it: one walk per page
- * touched, low page first, every page guest RAM. A read copies the bytes into buf; a write translates
+ * touched, low page first, every page guest RAM (under EPT the final guest-physical address translated
+ * too, and counted, as EptWalk.gpa_to_hpa does). A read copies the bytes into buf; a write translates
  * all its pages first (a fault writes nothing) and copies buf out only in a pass with side effects. */
 static int linear(pass_t *w, uint32_t gva, uint32_t n, int write, uint8_t *buf) {
     uint64_t gpas[2];
     uint32_t sizes[2], pieces = 0, done = 0, i;
     while (done < n) {
-        uint32_t a = gva + done, chunk = 0x1000 - (a & 0xFFF);
+        uint32_t a = gva + done, chunk = 0x1000 - (a & 0xFFF), erefs = 0;
         int64_t gpa;
         if (chunk > n - done) chunk = n - done;
         if (pieces == 2) return 0;
         gpa = walk(w, a, write);
-        if (gpa < 0 || (uint64_t)gpa + chunk > w->s->ram_bytes) return 0;   /* a fault, or not RAM */
+        if (gpa >= 0) gpa = ram_at(w->s, (uint64_t)gpa, chunk, write ? EPT_W : EPT_R, &erefs);
+        if (gpa < 0) return 0;                       /* a fault, or not RAM */
+        if (w->side) w->s->walk_refs += erefs;
         gpas[pieces] = (uint64_t)gpa;
         sizes[pieces++] = chunk;
         done += chunk;
@@ -409,7 +451,7 @@ static int deliver_fast(delivery_t *s, void *uc, uint32_t vector, uint32_t retur
     if (!deliver_pass(&w, uc, vector, return_eip, error_code, flags, &p)) {
         while (w.undo.n) {
             w.undo.n--;
-            memcpy(s->ram + w.undo.gpa[w.undo.n], &w.undo.old[w.undo.n], 4);
+            memcpy(s->ram + w.undo.off[w.undo.n], &w.undo.old[w.undo.n], 4);
         }
         s->walks = walks;
         s->walk_refs = refs;
@@ -453,11 +495,12 @@ int delivery_peek(delivery_t *s, void *uc, uint32_t gva, uint32_t n, uint8_t *ou
         if (err) return 0;
     }
     while (done < n) {                 /* page by page, as the chunks of Mmu.read_linear */
-        uint32_t a = gva + done, chunk = 0x1000 - (a & 0xFFF);
+        uint32_t a = gva + done, chunk = 0x1000 - (a & 0xFFF), erefs = 0;
         int64_t gpa;
         if (chunk > n - done) chunk = n - done;
         gpa = walk(&w, a, 0);
-        if (gpa < 0 || (uint64_t)gpa + chunk > s->ram_bytes) return 0;
+        if (gpa >= 0) gpa = ram_at(s, (uint64_t)gpa, chunk, EPT_R, &erefs);
+        if (gpa < 0) return 0;
         memcpy(out + done, s->ram + gpa, chunk);
         done += chunk;
     }
@@ -606,12 +649,12 @@ static uint32_t pf_code(uint32_t cause, int access, int user, uint32_t cr4) {
 static int pf_walk(delivery_t *s, const crs_t *c, uint32_t gva, int access, int user, uint32_t *ec,
                    uint32_t *refs, int64_t *pde_a) {
     uint64_t pde_addr, leaf_addr;
-    uint32_t pde, leaf, rights;
+    uint32_t pde, leaf, rights, erefs = 0;   /* native only: no EPT references */
     int writable;
     *pde_a = -1;
     if (!(c->cr0 & CR0_PG)) return 0;
     pde_addr = (c->cr3 & 0xFFFFF000u) | ((gva >> 20) & 0xFFC);
-    if (!entry_at(s, pde_addr, &pde)) return -1;
+    if (!entry_at(s, pde_addr, &pde, &erefs)) return -1;
     *refs = 1;
     if (!(pde & PTE_P)) {
         *ec = pf_code(0, access, user, c->cr4);
@@ -630,7 +673,7 @@ static int pf_walk(delivery_t *s, const crs_t *c, uint32_t gva, int access, int 
             *refs = 3;
         }
         leaf_addr = (pde & 0xFFFFF000u) | ((gva >> 10) & 0xFFC);
-        if (!entry_at(s, leaf_addr, &leaf)) return -1;
+        if (!entry_at(s, leaf_addr, &leaf, &erefs)) return -1;
         if (!(leaf & PTE_P)) {
             *ec = pf_code(0, access, user, c->cr4);
             return 1;
@@ -801,7 +844,7 @@ int delivery_pf_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *u
     int64_t pde_a;
     uint64_t walks, walk_refs;
     (void)e;
-    if (!s->pf_enabled || s->busy || type < MEM_READ || type > MEM_FETCH) return 0;
+    if (!s->pf_enabled || s->busy || s->ept || type < MEM_READ || type > MEM_FETCH) return 0;
     access = type - MEM_READ;
     c.cr0 = (uint32_t)rd(s, uc, R_CR0, &err);
     if (err || !(c.cr0 & CR0_PG)) return 0;

@@ -1,4 +1,5 @@
-"""Native mode's common event deliveries in C (_delivery.c); EventDelivery stays the complete path.
+"""Native mode's (and hw's, under EPT) common event deliveries in C (_delivery.c); EventDelivery stays
+the complete path.
 
 The C function delivers a protected-mode event through a present 32-bit interrupt or trap gate, at
 the same privilege or into ring 0 from an outer ring, when nothing on the way faults and every byte is
@@ -51,6 +52,9 @@ class _State(ctypes.Structure):
         ("pf_enabled", ctypes.c_uint32), ("busy", ctypes.c_uint32), ("cpu_offset", ctypes.c_uint64),
         ("loop_exit", ctypes.c_void_p), ("pf_done", ctypes.c_void_p),
         ("pf_fills", ctypes.c_uint64), ("pf_faults", ctypes.c_uint64),
+        ("ept", ctypes.c_uint32), ("pad2", ctypes.c_uint32), ("hv", ctypes.c_void_p),
+        ("hv_hpa", ctypes.c_uint64), ("hv_size", ctypes.c_uint64), ("pml4", ctypes.c_uint64),
+        ("ram_hpa", ctypes.c_uint64),
     ]
 
 
@@ -166,6 +170,7 @@ class FastDelivery:
         st = self._state = _State()
         st.ram = ctypes.addressof(ctypes.c_char.from_buffer(mmu.ram.buf))
         st.ram_bytes = mmu.p2m.ram_bytes
+        st.ram_hpa = mmu.ram.hpa
         st.reg_read = ctypes.cast(_ucmod.uclib.uc_reg_read, ctypes.c_void_p).value
         st.reg_write = ctypes.cast(_ucmod.uclib.uc_reg_write, ctypes.c_void_p).value
         st.context_save = ctypes.cast(_ucmod.uclib.uc_context_save, ctypes.c_void_p).value
@@ -202,6 +207,27 @@ class FastDelivery:
         fast._add_pf_hook()
         return fast
 
+    @classmethod
+    def install_ept(cls, delivery, ept) -> "FastDelivery | None":
+        """The same C path for hw with EPT, from VMLAUNCH on (when Mmu's strategy becomes EptWalk):
+        every guest-physical reference of a delivery goes through `ept`'s tables and is counted as
+        EptWalk counts it; anything EPT does not map read/write (an EPT violation, the APIC-access
+        page, a device) is left to EventDelivery. Only the delivery: hw's exits stay Python's."""
+        mmu = delivery.mmu
+        lib = _lib()
+        if lib is None or mmu.ram.hpa != mmu.p2m.ram_hpa or mmu.p2m.ram_bytes > mmu.ram.size:
+            return None
+        fast = cls(lib, mmu, delivery.view.vcpu.faults)
+        region = ept.region
+        st = fast._state
+        fast._hv = ctypes.c_char.from_buffer(region.buf)
+        st.hv = ctypes.addressof(fast._hv)
+        st.hv_hpa, st.hv_size, st.pml4 = region.hpa, region.size, ept.pml4
+        st.ept = 1
+        delivery.fast = fast
+        mmu.counters.walkers.append(fast)
+        return fast
+
     def _add_pf_hook(self) -> None:
         """delivery_pf_hook among the TLB-fill hooks, before Mmu.fill (the vCPU adds that one later):
         off until install_intr turns it on."""
@@ -217,6 +243,7 @@ class FastDelivery:
         if err:
             raise RuntimeError(f"cannot install the C #PF hook (uc error {err})")
         self._pf_hook = handle.value
+        self.mmu.uc._callbacks[handle.value] = self     # its state lives as long as the engine may call it
 
     def install_intr(self, vcpu) -> None:
         """Put delivery_intr_hook in front of the vCPU's INTR hook: `int n` and the faults the engine
@@ -270,6 +297,7 @@ class FastDelivery:
         if err:
             raise RuntimeError(f"cannot install the C INTR hook (uc error {err})")
         vcpu._intr_hook = handle.value
+        self.mmu.uc._callbacks[handle.value] = self
 
     def install_sites(self, vcpu) -> None:
         """Put a C hook in front of every iret and mov-to-CR4 site the vCPU's intercepts hook from now
@@ -329,6 +357,7 @@ class FastDelivery:
         if err:
             raise RuntimeError(f"cannot hook the intercepted instruction at {address:#x} (uc error {err})")
         self._sites[handle.value] = (site, python_hook)     # alive as long as the engine may call them
+        self.mmu.uc._callbacks[handle.value] = self
 
     @property
     def irets(self) -> int:
