@@ -86,6 +86,10 @@ typedef struct {
     uint64_t hv_hpa, hv_size;
     uint64_t pml4;               /* EPT_POINTER's PML4 address */
     uint64_t ram_hpa;            /* where `ram` is in host-physical memory */
+    /* The virtual clock (engine/_vclock.c), for the time a fetch fault costs (Vcpu.charge_fault): */
+    const uint64_t *clock_now, *clock_deadline;
+    const uint32_t *clock_stop_next;
+    uint64_t fetch_fault_cycles;
 } delivery_t;
 
 /* One intercepted iret: its bytes when it was decoded, and the Python hook behind it. */
@@ -854,6 +858,11 @@ int delivery_pf_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *u
     if (err) return 0;
     r = pf_walk(s, &c, (uint32_t)vaddr, access, user, &ec, &refs, &pde_a);
     if (r != 1) return 0;
+    /* A fetch fault retires nothing but costs time, and a handler whose own code faults would fault
+     * again and again without a block ever starting, where the clock looks at its deadline: one that
+     * this fault's time would reach (the budget, a timer) is left to the run loop, which sees it. */
+    if (access == ACC_FETCH
+        && (*s->clock_stop_next || *s->clock_now + s->fetch_fault_cycles >= *s->clock_deadline)) return 0;
     eip = (uint32_t)rd(s, uc, R_EIP, &err);
     if (err || !delivery_fault_linear(s, uc, eip, (uint32_t)vaddr & 0xFFFFF000u, access, &cr2)) return 0;
     old_cr2 = (uint32_t)rd(s, uc, R_CR2, &err);

@@ -55,6 +55,8 @@ class _State(ctypes.Structure):
         ("ept", ctypes.c_uint32), ("pad2", ctypes.c_uint32), ("hv", ctypes.c_void_p),
         ("hv_hpa", ctypes.c_uint64), ("hv_size", ctypes.c_uint64), ("pml4", ctypes.c_uint64),
         ("ram_hpa", ctypes.c_uint64),
+        ("clock_now", ctypes.c_void_p), ("clock_deadline", ctypes.c_void_p), ("clock_stop_next", ctypes.c_void_p),
+        ("fetch_fault_cycles", ctypes.c_uint64),
     ]
 
 
@@ -286,6 +288,13 @@ class FastDelivery:
         self._fault_done = _FAULT_DONE(lambda vector, eip: fault_done(vcpu, vector, eip))
         self._pf_done = _PF_DONE(lambda eip, access: pf_done(vcpu, eip, access))
         st.pf_done = ctypes.cast(self._pf_done, ctypes.c_void_p).value
+        from cpuvirt.cpu.vcpu import FETCH_FAULT_CYCLES
+        clock = vcpu.clock._state
+        kind = type(clock)
+        st.clock_now = ctypes.addressof(clock) + kind.now.offset
+        st.clock_deadline = ctypes.addressof(clock) + kind.deadline.offset
+        st.clock_stop_next = ctypes.addressof(clock) + kind.stop_next.offset
+        st.fetch_fault_cycles = FETCH_FAULT_CYCLES
         st.pf_enabled = int(st.loop_exit is not None and hasattr(self, "_pf_hook"))
         st.python_intr = ctypes.cast(self._python_intr, ctypes.c_void_p).value
         st.soft_done = ctypes.cast(self._soft_done, ctypes.c_void_p).value
