@@ -1,5 +1,8 @@
 """Native mode's C event delivery (cpu/_delivery.c) against the Python path (EventDelivery), state for state.
 
+The guest #PF found and delivered from the TLB fill (delivery_pf_hook) is compared the same way, by
+running one faulting access on two machines through the vCPU's loop (see the second half).
+
 Two machines get the same random IDT, GDT, TSS, page tables (present, R/W, A, D, PS bits, tables and
 frames beyond RAM), CR0.WP/PG, CR4.PSE, CPL 0 or 3, stack pointers next to page ends, EFLAGS and event
 (vector, error code, `int n` or not). Machine A tries the C path; machine B delivers in Python. When C
@@ -225,9 +228,9 @@ def test_both_outcomes_were_exercised():
 def test_a_guest_runs_the_same_without_the_c_path(guest, tmp_path, monkeypatch):
     """Whole guests (system calls from ring 3, page faults, #DE, timer interrupts) under native with
     and without the C path (as when the extension is not built): the same console, virtual time,
-    event counts (by reason) and MMU counters; with a trace (no C INTR hook then, the C delivery and
-    iret hooks still) the same trace, byte for byte. And the C path did deliver most events and
-    answer the irets."""
+    event counts (by reason) and MMU counters; with a trace (no C INTR or #PF hook then, the C delivery
+    and iret hooks still) the same trace, byte for byte. And the C path did deliver most events (the
+    #PFs from the fill hook among them) and answer the irets."""
     from cpuvirt.runner import run_guest
     fasts = []
 
@@ -244,6 +247,8 @@ def test_a_guest_runs_the_same_without_the_c_path(guest, tmp_path, monkeypatch):
         assert fasts[0].soft_delivered > 100 and fasts[1].soft_delivered == 0
     if with_c.counts.get("exception", 0) > 100:           # nanobench's #DE loop
         assert fasts[0].faults_delivered > 100 and fasts[1].faults_delivered == 0
+    if with_c.counts.get("page_fault", 0) > 100:        # nanobench's #PF loop: delivery_pf_hook (off with a trace)
+        assert fasts[0].faults > 0.9 * with_c.counts["page_fault"] and fasts[1].faults == 0
     if guest == "nanobench":                              # every handler returns with iret
         assert fasts[0].irets > 10_000 and fasts[1].irets > 10_000
     for field in ("outcome", "status", "console", "icount", "vtime", "counts", "mmu", "tally"):
@@ -310,3 +315,241 @@ def test_the_c_cr4_hook_hands_reserved_bits_to_python(monkeypatch):
     regs.write(R.EBX, 0x10)
     uc.emu_start(0x5000, 0x5010, count=2)
     assert (len(gated) - seen, fast.cr4_passed() - before) == (1, 0)
+
+
+# -- the guest #PF in C (delivery_pf_hook) against the Python path (Mmu.fill, the run loop) ----------------
+D = 0x400000          # the data page of the accesses: in the second 4 MiB, mapped by PDE 1 (PT2 or a large page)
+PT2, CODE, HANDLER = 0x12000, 0x1000, 0x3000
+# (bytes, name): the faulting instruction, followed by hlt. {d8}/{d32} are filled with the scenario's
+# displacement; the C path decodes the first group, Python decodes the rest (the C path declines).
+ACCESSES = [
+    ("8b43{d8}", "mov eax, [ebx+d8]"), ("890b", "mov [ebx], ecx"), ("0144b3{d8}", "add [ebx+esi*4+d8], eax"),
+    ("0fb603", "movzx eax, byte [ebx]"), ("0fbf03", "movsx eax, word [ebx]"), ("ff33", "push dword [ebx]"),
+    ("ff03", "inc dword [ebx]"), ("c705{d32}78563412", "mov dword [d32], imm"), ("66890b", "mov [ebx], cx"),
+    ("870b", "xchg [ebx], ecx"), ("8f03", "pop dword [ebx]"), ("50", "push eax"), ("e800000000", "call next"),
+    ("c3", "ret"), ("8b83{d32}", "mov eax, [ebx+d32]"), ("f733", "div dword [ebx]"), ("ffe3", "jmp ebx"),
+    ("a1{d32}", "mov eax, moffs d32],"), ("a2{d32}", "mov moffs d32], al"), ("3e8b04{sib}", "mov eax, ds:[sib]"), ("800b01", "or byte [ebx], 1"), ("d123", "shl dword [ebx], 1"),
+    ("f3a5", "rep movsd"), ("ad", "lodsd"), ("0fb10b", "cmpxchg [ebx], ecx"), ("f00103", "lock add [ebx], eax"),
+    ("ff1b", "call far [ebx]"), ("ab", "stosd"),
+]
+
+
+@st.composite
+def pf_scenario(draw):
+    """Random paging (PDE 1 a page table or a 4 MiB page, random P/RW/US/A/D, a reserved bit, the table
+    beyond RAM), CR0.WP, CR4.PSE, CPL 0 or 3, and one access near or on the page at D."""
+    s = {}
+    s["insn"] = draw(st.integers(0, len(ACCESSES) - 1))
+    s["large"] = draw(st.booleans())
+    s["pse"] = draw(st.booleans())
+    s["pde"] = draw(st.integers(0, 0x7F)) | draw(st.sampled_from((0, 0, 0, 1 << 21)))
+    s["pte"] = draw(st.integers(0, 0x7F))
+    s["pt_outside"] = draw(st.sampled_from((False,) * 8 + (True,)))
+    s["wp"] = draw(st.booleans())
+    s["cpl3"] = draw(st.booleans())
+    s["offset"] = draw(st.sampled_from((0, 4, 0x7FC, 0xFFC, 0xFFE, 0x1000, -2, -4, 0x2000)))
+    s["d8"] = draw(st.sampled_from((0, 4, -4, 0x7C, -0x80)))
+    s["d32"] = draw(st.sampled_from((0, 0x10, -0x10, 0x1000)))
+    s["esi"] = draw(st.sampled_from((0, 1, D, D + 0xFFC, 0x50000)))
+    s["edi"] = draw(st.sampled_from((0, D + 8, 0x50000)))
+    s["esp"] = draw(st.sampled_from((0x50800,) * 4 + (D + 0x10, D + 0x1000, D + 2)))
+    return s
+
+
+def pf_set_up(m, vcpu, s):
+    """The scenario on machine m: flat segments, every gate to a `hlt` at ring 0, the instruction at CODE."""
+    uc, regs = m.uc, m.regs
+    m.mmu.ram.buf[:0x500000] = bytes(0x500000)
+    regs.write(R.CR0, 0x11)
+    regs.write(R.CR4, 0)
+    uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
+    uc.ctl_flush_tb()
+    vcpu.faults.set_cpl(0)
+    m.set_flat_protected_mode(0x500)
+    m.write_gpa(GDT, struct.pack("<8Q", *DESCRIPTORS))
+    uc.reg_write(R.GDTR, (0, GDT, 0x3F, 0))
+    gate = struct.pack("<II", (CODE0 << 16) | HANDLER, 0xEE00)          # interrupt gate, DPL 3, present
+    m.write_gpa(IDT, gate * 256)
+    uc.reg_write(R.IDTR, (0, IDT, 0x7FF, 0))
+    m.write_gpa(TSS + 4, struct.pack("<IH", STACK0 + 0x800, DATA0))
+    uc.reg_write(R.TR, (0x40, TSS, 0x67, 0x8B00))
+    m.write_gpa(HANDLER, b"\xf4")
+    code, name = ACCESSES[s["insn"]]
+    target = (D + s["offset"]) & 0xFFFFFFFF
+    code = code.format(d8=struct.pack("<b", s["d8"]).hex(), d32=struct.pack("<i", (target + s["d32"]) & 0xFFFFFFFF
+                                                                              if "d32]," in name or name.endswith("imm")
+                                                                              else s["d32"]).hex(),
+                       sib=bytes((0x33,)).hex())                        # [ebx+esi]
+    m.write_gpa(CODE, bytes.fromhex(code) + b"\xf4")
+    if s["cpl3"]:
+        vcpu.faults.set_cpl(3)
+        regs.write(R.SS, DATA3 | 3)
+        regs.write(R.CS, CODE3 | 3)
+    else:
+        regs.write(R.SS, DATA0)
+        regs.write(R.CS, CODE0)
+    for reg, value in ((R.EAX, 7), (R.ECX, 3), (R.EDX, 0), (R.EBX, target), (R.ESI, s["esi"]),
+                       (R.EDI, s["edi"]), (R.EBP, 0), (R.ESP, s["esp"]), (R.EFLAGS, 0x2), (R.EIP, CODE),
+                       (R.CR2, 0)):
+        regs.write(reg, value)
+    m.write_gpa(STACK + 0x7F0, struct.pack("<4I", CODE, CODE, CODE, CODE))
+    for page in range(0, 0x100000, 0x1000):                             # low 1 MiB: user, present, writable
+        m.write_gpa(PT + 4 * (page >> 12), struct.pack("<I", page | 0x67))
+    m.write_gpa(PD, struct.pack("<I", PT | 0x67))
+    pt2 = MEM + 0x3000 if s["pt_outside"] else PT2
+    if s["large"]:
+        m.write_gpa(PD + 4, struct.pack("<I", (0x400000 | 0x80 | s["pde"]) & ~(0x1FE000 & ~(1 << 21))))
+    else:
+        m.write_gpa(PD + 4, struct.pack("<I", pt2 | (s["pde"] & ~0x80)))
+    for i in range(3):                                                  # D - 1 page, D, D + 1 page... as drawn
+        flags = s["pte"] if i == 0 else 0x67
+        page = D + 0x1000 * i
+        m.write_gpa(PT2 + 4 * ((page >> 12) & 0x3FF), struct.pack("<I", (page + 0x10000) | flags))
+    m.write_gpa(PT2 + 4 * 0x3FF, struct.pack("<I", 0x4FF000 | s["pte"]))   # the page before D (D - 4 KiB)
+    regs.write(R.CR3, PD)
+    regs.write(R.CR4, 0x10 if s["pse"] else 0)
+    regs.write(R.CR0, 0x80000011 | (0x10000 if s["wp"] else 0))
+    uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
+    m.mmu.crs = None
+    vcpu.outcome, vcpu.error = None, None
+    vcpu.counts.clear()
+    vcpu.reasons.clear()
+    vcpu.budget = vcpu.clock.now + 100_000
+
+
+_pf_machines = {}
+
+
+def pf_machines():
+    """Two more native machines: A with delivery_pf_hook on (as `cpuvirt run` has it without a trace),
+    B with the Python path only."""
+    if not _pf_machines:
+        for side in "ab":
+            m = Machine(MEM >> 20)
+            hv = get_mode("native")(m)
+            _pf_machines[side] = (m, hv.vcpu)
+        a = _pf_machines["a"][1]
+        a.delivery.fast.install_intr(a)
+        assert a.delivery.fast._state.pf_enabled, "the C #PF path did not find its way into this libunicorn"
+        _pf_machines["b"][1].delivery.fast = None
+        _pf_machines["b"][0].mmu.peek = None
+    return _pf_machines["a"], _pf_machines["b"]
+
+
+pf_seen = {"c": 0, "python": 0, "pf": 0}
+
+
+def pf_run(m, vcpu):
+    """Run from CODE to the hlt the handler (or the instruction's end) halts at; the state after it."""
+    regs = m.regs
+    now, counters = vcpu.clock.now, m.mmu.counters.as_dict()
+    outcome = vcpu.run(CODE)
+    after = m.mmu.counters.as_dict()
+    return ([regs.read(r) for r in REGS], bytes(m.mmu.ram.buf[:0x500000]), (outcome.kind, outcome.message),
+            vcpu.clock.now - now, {k: after[k] - counters[k] for k in after}, dict(vcpu.counts), dict(vcpu.reasons))
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(s=pf_scenario())
+def test_c_page_fault_equals_the_python_page_fault(s):
+    """The same access on both machines, run by the vCPU's own loop: registers (CR2 among them), RAM
+    (the frame, A/D bits), the outcome, virtual time, the MMU's counters and the event counts equal."""
+    (ma, va), (mb, vb) = pf_machines()
+    pf_set_up(ma, va, s)
+    pf_set_up(mb, vb, s)
+    assert state(ma)[:2] == state(mb)[:2]
+    faults = va.delivery.fast.faults
+    got, want = pf_run(ma, va), pf_run(mb, vb)
+    assert va.error is None and vb.error is None
+    pf_seen["c" if va.delivery.fast.faults > faults else "python"] += 1
+    pf_seen["pf"] += bool(want[5].get("page_fault"))
+    assert got[0] == want[0], f"registers differ:\n C {[hex(v) for v in got[0]]}\n Py {[hex(v) for v in want[0]]}"
+    if got[1] != want[1]:
+        diff = next(i for i in range(len(got[1])) if got[1][i] != want[1][i])
+        pytest.fail(f"guest RAM differs first at {diff:#x}: C {got[1][diff:diff + 8].hex()} "
+                    f"Python {want[1][diff:diff + 8].hex()}")
+    assert got[2:] == want[2:]
+
+
+def test_both_page_fault_paths_were_exercised():
+    """The property above means little unless the C path delivered many #PFs and declined others."""
+    if pf_seen["c"] + pf_seen["python"] == 0:
+        pytest.skip("run with the property test")
+    assert pf_seen["c"] >= 100 and pf_seen["pf"] - pf_seen["c"] >= 50, pf_seen
+
+
+# -- hw under EPT: the same C delivery with every guest-physical reference through EPT ----------------------
+_ept_machines = {}
+
+
+def ept_machines():
+    """Two native machines whose MMU walks through EPT (hw's EptWalk over RAM mapped read/write/execute,
+    as VmxCpu maps it): A with the C delivery over the same tables (FastDelivery.install_ept), B Python."""
+    if not _ept_machines:
+        from cpuvirt.engine.hostmem import HostRegion, HvAllocator
+        from cpuvirt.memory.ept import Ept
+        from cpuvirt.memory.nested import EptWalk
+        from cpuvirt.memory.p2m import HV_HPA, RAM_HPA
+        for side in "ab":
+            m = Machine(MEM >> 20)
+            hv = get_mode("native")(m)
+            region = HostRegion(m.uc, HV_HPA, 1 << 20)
+            ept = Ept(region, HvAllocator(region))
+            ept.map_range(0, RAM_HPA, MEM)
+            m.mmu.strategy = EptWalk(m.mmu, ept)
+            m.mmu.counters.fast._state.enabled = 0        # native's C fill walks without EPT: off, as under hw
+            m.mmu.peek = None
+            hv.vcpu.delivery.fast = None
+            m.mmu.counters.walkers.clear()
+            _ept_machines[side] = (m, hv.vcpu, ept, region)
+        a = _ept_machines["a"]
+        assert isinstance(FastDelivery.install_ept(a[1].delivery, a[2]), FastDelivery)
+    return _ept_machines["a"], _ept_machines["b"]
+
+
+ept_seen = {"delivered": 0, "fallback": 0}
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(s=scenario(), hole=st.sampled_from((None,) * 3 + (IDT, TSS, STACK, STACK + 0x1000, STACK0, STACK0 + 0x1000)),
+       perms=st.sampled_from((0, 1, 5, 3)))
+def test_c_delivery_under_ept_equals_the_python_delivery(s, hole, perms):
+    """As above, with the walks through EPT and, now and then, one page that EPT maps with fewer rights
+    (none, read, read+execute) or write-only (a misconfiguration): registers, RAM and the walk counters
+    (EPT's references among them) equal when C delivers; nothing changed when it declines. (Not the
+    GDT's page nor the guest's page tables: the engine's own descriptor reads for the segment loads,
+    here outside a run, would then be refused where only a running engine can report it.)"""
+    from cpuvirt.memory.p2m import RAM_HPA
+    (ma, va, ea, _), (mb, vb, eb, _) = ept_machines()
+    set_up(ma, va, s)
+    set_up(mb, vb, s)
+    for ept in (ea, eb):
+        if hole is not None:
+            ept.write_entry(hole, (RAM_HPA + hole) | perms)
+    try:
+        before = state(ma)
+        assert before == state(mb)
+        delivered = va.delivery.fast.deliver(s["vector"], s["return_eip"], s["error_code"], s["soft"], s["external"])
+        expect = python_delivery(vb, s)
+        if delivered:
+            ept_seen["delivered"] += 1
+            assert expect == s["vector"], f"C delivered what Python ends in {expect}"
+            got, want = state(ma), state(mb)
+            assert got[0] == want[0], f"registers differ:\n C {[hex(v) for v in got[0]]}\n Py {[hex(v) for v in want[0]]}"
+            assert got[1] == want[1], "guest RAM differs"
+            assert got[2] == want[2], f"walk counters differ: C {got[2]} Python {want[2]}"
+        else:
+            ept_seen["fallback"] += 1
+            assert state(ma) == before, "the C path fell back but changed something"
+            assert python_delivery(va, s) == expect
+            assert state(ma) == state(mb)
+    finally:
+        for ept in (ea, eb):
+            if hole is not None:
+                ept.write_entry(hole, (RAM_HPA + hole) | 7)
+
+
+def test_both_ept_outcomes_were_exercised():
+    if ept_seen["delivered"] + ept_seen["fallback"] == 0:
+        pytest.skip("run with the property test")
+    assert ept_seen["delivered"] >= 40 and ept_seen["fallback"] >= 40, ept_seen

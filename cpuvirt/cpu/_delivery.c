@@ -29,6 +29,8 @@ typedef void (*intr_fn)(void *uc, uint32_t intno, void *user_data);
 typedef void (*soft_fn)(uint32_t vector, uint32_t start, uint32_t eip);
 typedef void (*fault_fn)(uint32_t vector, uint32_t eip);
 typedef void (*code_fn)(void *uc, uint64_t address, uint32_t size, void *user_data);
+typedef void (*pf_fn)(uint32_t eip, uint32_t access);
+typedef void (*loop_exit_fn)(void *cpu);
 
 /* uc_x86_mmr: a descriptor-table register (GDTR, IDTR, LDTR, TR) as libunicorn passes it. */
 typedef struct {
@@ -38,7 +40,8 @@ typedef struct {
     uint32_t flags;
 } mmr_t;
 
-enum { R_EAX, R_ESP, R_EIP, R_EFLAGS, R_CS, R_SS, R_CR0, R_CR3, R_CR4, R_GDTR, R_IDTR, R_TR, R_COUNT };
+enum { R_EAX, R_ESP, R_EIP, R_EFLAGS, R_CS, R_SS, R_CR0, R_CR3, R_CR4, R_GDTR, R_IDTR, R_TR,
+       R_CR2, R_ECX, R_EDX, R_EBX, R_EBP, R_ESI, R_EDI, R_COUNT };
 
 typedef struct {
     uint8_t *ram;            /* guest RAM, guest-physical 0 */
@@ -69,6 +72,24 @@ typedef struct {
     uint32_t *clock_watch_if;    /* the virtual clock's watch_if and check_if (engine/_vclock.c) */
     uint32_t *clock_check_if;
     uint64_t irets;
+    /* The native guest #PF (delivery_pf_hook): */
+    uint32_t pf_enabled;
+    uint32_t busy;               /* delivery_fast is running: its fills are never the guest's own access */
+    uint64_t cpu_offset;         /* where libunicorn's uc_struct holds its CPUState pointer */
+    loop_exit_fn loop_exit;      /* QEMU's cpu_loop_exit: leave the faulting instruction */
+    pf_fn pf_done;               /* Python's bookkeeping of a #PF delivered here (counts, the clock) */
+    uint64_t pf_fills, pf_faults; /* added to Mmu.counters as Mmu.fill counts a refused fill */
+    /* hw with EPT: every guest-physical reference through the EPT tables (memory/nested.py's EptWalk) */
+    uint32_t ept;                /* 0: guest-physical = offset in `ram` (native) */
+    uint32_t pad2;
+    const uint8_t *hv;           /* the hypervisor's region holding the EPT tables, at host-physical hv_hpa */
+    uint64_t hv_hpa, hv_size;
+    uint64_t pml4;               /* EPT_POINTER's PML4 address */
+    uint64_t ram_hpa;            /* where `ram` is in host-physical memory */
+    /* The virtual clock (engine/_vclock.c), for the time a fetch fault costs (Vcpu.charge_fault): */
+    const uint64_t *clock_now, *clock_deadline;
+    const uint32_t *clock_stop_next;
+    uint64_t fetch_fault_cycles;
 } delivery_t;
 
 /* One intercepted iret: its bytes when it was decoded, and the Python hook behind it. */
@@ -146,7 +167,7 @@ typedef struct { uint32_t cr0, cr3, cr4; } crs_t;
 #define UNDO_MAX 32
 typedef struct {
     uint32_t n;
-    uint64_t gpa[UNDO_MAX];
+    uint64_t off[UNDO_MAX];    /* where in `ram` */
     uint32_t old[UNDO_MAX];
 } undo_t;
 
@@ -157,28 +178,60 @@ typedef struct {
     undo_t undo;
 } pass_t;
 
-static int entry_at(delivery_t *s, uint64_t gpa, uint32_t *out) {
-    if (gpa + 4 > s->ram_bytes) return 0;
-    memcpy(out, s->ram + gpa, 4);
+#define EPT_R 1u
+#define EPT_W 2u
+#define EPT_ADDR 0x000FFFFFFFFFF000ull
+
+/* Where guest-physical [gpa, gpa + n) is in guest RAM (an offset into `ram`) for an access needing the
+ * EPT right `bit`: itself natively; under EPT through the four levels of the tables, as Ept.translate
+ * (SDM Vol. 3C 29.3), adding to *refs the 4 entries a translation reads. -1: not guest RAM, or an entry on
+ * the way without the right (Python then has the EPT violation, the misconfiguration or the device). */
+static int64_t ram_at(const delivery_t *s, uint64_t gpa, uint32_t n, uint32_t bit, uint32_t *refs) {
+    uint64_t table, entry, slot, hpa;
+    int shift;
+    if (!s->ept) return gpa + n <= s->ram_bytes ? (int64_t)gpa : -1;
+    table = s->pml4;
+    for (shift = 39; shift >= 12; shift -= 9) {
+        slot = table + ((gpa >> shift) & 0x1FF) * 8;
+        if (slot < s->hv_hpa || slot + 8 > s->hv_hpa + s->hv_size) return -1;
+        memcpy(&entry, s->hv + (slot - s->hv_hpa), 8);
+        if (!(entry & EPT_R) || !(entry & bit)) return -1;
+        table = entry & EPT_ADDR;
+    }
+    *refs += 4;
+    hpa = table | (gpa & 0xFFF);
+    if (hpa < s->ram_hpa || hpa - s->ram_hpa + n > s->ram_bytes) return -1;
+    return (int64_t)(hpa - s->ram_hpa);
+}
+
+/* A paging-structure entry read by the walk (EptWalk.read32); 0: leave it to Python. */
+static int entry_at(delivery_t *s, uint64_t gpa, uint32_t *out, uint32_t *refs) {
+    int64_t off = ram_at(s, gpa, 4, EPT_R, refs);
+    if (off < 0) return 0;
+    memcpy(out, s->ram + off, 4);
     return 1;
 }
 
-static void set_entry(pass_t *w, uint64_t gpa, uint32_t old, uint32_t value) {
-    w->undo.gpa[w->undo.n] = gpa;
+/* The walk's A/D update of an entry (EptWalk.write32: a translation for writing of its own). */
+static int set_entry(pass_t *w, uint64_t gpa, uint32_t old, uint32_t value, uint32_t *refs) {
+    int64_t off = ram_at(w->s, gpa, 4, EPT_W, refs);
+    if (off < 0) return 0;
+    w->undo.off[w->undo.n] = (uint64_t)off;
     w->undo.old[w->undo.n++] = old;
-    memcpy(w->s->ram + gpa, &value, 4);
+    memcpy(w->s->ram + off, &value, 4);
+    return 1;
 }
 
 static int64_t walk(pass_t *w, uint32_t gva, int write) {
     delivery_t *s = w->s;
     const crs_t *c = &w->c;
     uint64_t pde_addr, leaf_addr, gpa;
-    uint32_t pde, leaf, rights, refs;
+    uint32_t pde, leaf, rights, refs, erefs = 0;
     int large, writable;
     if (!(c->cr0 & CR0_PG)) return gva;              /* no paging: identity, nothing counted */
     if (w->undo.n + 2 > UNDO_MAX) return -1;
     pde_addr = (c->cr3 & 0xFFFFF000u) | ((gva >> 20) & 0xFFC);
-    if (!entry_at(s, pde_addr, &pde) || !(pde & PTE_P)) return -1;
+    if (!entry_at(s, pde_addr, &pde, &erefs) || !(pde & PTE_P)) return -1;
     if ((pde & PTE_PS) && (c->cr4 & CR4_PSE)) {
         if (pde & 0x003FE000u) return -1;            /* reserved bit 21 (#PF), or above 4 GiB */
         large = 1;
@@ -189,48 +242,51 @@ static int64_t walk(pass_t *w, uint32_t gva, int write) {
         large = 0;
         refs = 2;
         if (!(pde & PTE_A) && w->side) {             /* the PDE is used: accessed (SDM 4.8) */
-            set_entry(w, pde_addr, pde, pde | PTE_A);
+            if (!set_entry(w, pde_addr, pde, pde | PTE_A, &erefs)) return -1;
             pde |= PTE_A;
             refs = 3;
         }
         leaf_addr = (pde & 0xFFFFF000u) | ((gva >> 10) & 0xFFC);
-        if (!entry_at(s, leaf_addr, &leaf) || !(leaf & PTE_P)) return -1;
+        if (!entry_at(s, leaf_addr, &leaf, &erefs) || !(leaf & PTE_P)) return -1;
         rights = pde & leaf;
     }
     writable = (rights & PTE_RW) || !(c->cr0 & CR0_WP);   /* supervisor rights (SDM 4.6) */
     if (write) {
         if (!writable) return -1;
         if ((leaf & (PTE_A | PTE_D)) != (PTE_A | PTE_D) && w->side) {
-            set_entry(w, leaf_addr, leaf, leaf | PTE_A | PTE_D);
+            if (!set_entry(w, leaf_addr, leaf, leaf | PTE_A | PTE_D, &erefs)) return -1;
             leaf |= PTE_A | PTE_D;
             refs++;
         }
     } else if (!(leaf & PTE_A) && w->side) {
-        set_entry(w, leaf_addr, leaf, leaf | PTE_A);
+        if (!set_entry(w, leaf_addr, leaf, leaf | PTE_A, &erefs)) return -1;
         leaf |= PTE_A;
         refs++;
     }
     gpa = large ? (leaf & 0xFFC00000u) | (gva & 0x003FFFFFu) : (leaf & 0xFFFFF000u) | (gva & 0xFFFu);
     if (w->side) {
         s->walks++;
-        s->walk_refs += refs;
+        s->walk_refs += refs + erefs;     /* under EPT its references too, as EptWalk counts them */
     }
     return (int64_t)gpa;
 }
 
 /* A linear access of n <= 24 bytes as Mmu.read_linear / write_linear make it: one walk per page
- * touched, low page first, every page guest RAM. A read copies the bytes into buf; a write translates
+ * touched, low page first, every page guest RAM (under EPT the final guest-physical address translated
+ * too, and counted, as EptWalk.gpa_to_hpa does). A read copies the bytes into buf; a write translates
  * all its pages first (a fault writes nothing) and copies buf out only in a pass with side effects. */
 static int linear(pass_t *w, uint32_t gva, uint32_t n, int write, uint8_t *buf) {
     uint64_t gpas[2];
     uint32_t sizes[2], pieces = 0, done = 0, i;
     while (done < n) {
-        uint32_t a = gva + done, chunk = 0x1000 - (a & 0xFFF);
+        uint32_t a = gva + done, chunk = 0x1000 - (a & 0xFFF), erefs = 0;
         int64_t gpa;
         if (chunk > n - done) chunk = n - done;
         if (pieces == 2) return 0;
         gpa = walk(w, a, write);
-        if (gpa < 0 || (uint64_t)gpa + chunk > w->s->ram_bytes) return 0;   /* a fault, or not RAM */
+        if (gpa >= 0) gpa = ram_at(w->s, (uint64_t)gpa, chunk, write ? EPT_W : EPT_R, &erefs);
+        if (gpa < 0) return 0;                       /* a fault, or not RAM */
+        if (w->side) w->s->walk_refs += erefs;
         gpas[pieces] = (uint64_t)gpa;
         sizes[pieces++] = chunk;
         done += chunk;
@@ -361,7 +417,22 @@ static int load_ring0_ss(delivery_t *s, void *uc, uint32_t ss) {
 /* Deliver `vector` with the frame's return address `return_eip` (and `error_code` with F_ERROR_CODE).
  * DELIVERED: done, EIP is the handler's. FALLBACK: nothing changed. ENGINE_REFUSED: the engine refused
  * a segment load after the frame was pushed (a cpuvirt bug, as the Python path's RuntimeError). */
+static int deliver_fast(delivery_t *s, void *uc, uint32_t vector, uint32_t return_eip, uint32_t error_code,
+                        int flags);
+
+/* Its segment loads make the engine read descriptors through the TLB-fill hooks: while it runs, a fill
+ * is never the guest's own access, and delivery_pf_hook leaves it alone (`busy`). */
 int delivery_fast(delivery_t *s, void *uc, uint32_t vector, uint32_t return_eip, uint32_t error_code, int flags) {
+    uint32_t busy = s->busy;
+    int r;
+    s->busy = 1;
+    r = deliver_fast(s, uc, vector, return_eip, error_code, flags);
+    s->busy = busy;
+    return r;
+}
+
+static int deliver_fast(delivery_t *s, void *uc, uint32_t vector, uint32_t return_eip, uint32_t error_code,
+                        int flags) {
     int err = 0;
     pass_t w;
     plan_t p;
@@ -384,7 +455,7 @@ int delivery_fast(delivery_t *s, void *uc, uint32_t vector, uint32_t return_eip,
     if (!deliver_pass(&w, uc, vector, return_eip, error_code, flags, &p)) {
         while (w.undo.n) {
             w.undo.n--;
-            memcpy(s->ram + w.undo.gpa[w.undo.n], &w.undo.old[w.undo.n], 4);
+            memcpy(s->ram + w.undo.off[w.undo.n], &w.undo.old[w.undo.n], 4);
         }
         s->walks = walks;
         s->walk_refs = refs;
@@ -428,11 +499,12 @@ int delivery_peek(delivery_t *s, void *uc, uint32_t gva, uint32_t n, uint8_t *ou
         if (err) return 0;
     }
     while (done < n) {                 /* page by page, as the chunks of Mmu.read_linear */
-        uint32_t a = gva + done, chunk = 0x1000 - (a & 0xFFF);
+        uint32_t a = gva + done, chunk = 0x1000 - (a & 0xFFF), erefs = 0;
         int64_t gpa;
         if (chunk > n - done) chunk = n - done;
         gpa = walk(&w, a, 0);
-        if (gpa < 0 || (uint64_t)gpa + chunk > s->ram_bytes) return 0;
+        if (gpa >= 0) gpa = ram_at(s, (uint64_t)gpa, chunk, EPT_R, &erefs);
+        if (gpa < 0) return 0;
         memcpy(out + done, s->ram + gpa, chunk);
         done += chunk;
     }
@@ -536,6 +608,293 @@ void delivery_cr4_hook(void *uc, uint64_t address, uint32_t size, void *user_dat
     return;
 python:
     site->python(uc, address, size, NULL);
+}
+
+/* ---- the guest #PF under native, from the TLB fill to the handler --------------------------------
+ * Mmu.fill (memory/mmu.py) refuses a fill that the guest's walk faults; the engine then stops, and the
+ * run loop finds the exact linear address (x86/faultaddr.py), writes CR2 and delivers the #PF. This
+ * hook, between the C fill (memory/_tlbfill.c) and Mmu.fill, does all of that for the common case
+ * without stopping: the walk of memory/walk.py (the error code of SDM 4.7, PDE.A set when the PDE is
+ * used even though the PTE then faults), CR2 as x86/faultaddr.py computes it (from the memory operand
+ * of the instructions decoded below), and delivery_fast. The faulting instruction is then left the
+ * way QEMU leaves an instruction that raised its own #PF (cpu_loop_exit) and the engine goes on at the
+ * handler. Anything else (no fault, paging structures outside RAM, an instruction not decoded here, a
+ * delivery delivery_fast declines) returns false having changed nothing, and Mmu.fill does it all.
+ * tests/test_fast_delivery.py compares both paths on random page tables and accesses. */
+typedef struct {
+    uint64_t paddr;
+    uint32_t perms;
+} tlb_entry_t;
+
+#define MEM_READ 16
+#define MEM_WRITE 17
+#define MEM_FETCH 18
+#define ACC_WRITE 1
+#define ACC_FETCH 2
+#define PTE_US 0x4u
+#define PFEC_P 1u
+#define PFEC_W 2u
+#define PFEC_U 4u
+#define PFEC_RSVD 8u
+#define PFEC_I 16u
+#define CR4_SMEP 0x100000u
+#define PF_REFUSED 0xFFFFFFFFu      /* pf_done's access when the engine refused a register write */
+
+static uint32_t pf_code(uint32_t cause, int access, int user, uint32_t cr4) {
+    if (user) cause |= PFEC_U;
+    if (access == ACC_WRITE) cause |= PFEC_W;
+    else if (access == ACC_FETCH && (cr4 & CR4_SMEP)) cause |= PFEC_I;
+    return cause;
+}
+
+/* memory/walk.py's walk with side effects, decided first and made later: 1 = a fault (*ec, *refs, and
+ * *pde_a >= 0: the PDE whose A bit the walk sets), 0 = no fault, -1 = a paging structure outside RAM
+ * (Python's reader answers all-ones there: left to it). */
+static int pf_walk(delivery_t *s, const crs_t *c, uint32_t gva, int access, int user, uint32_t *ec,
+                   uint32_t *refs, int64_t *pde_a) {
+    uint64_t pde_addr, leaf_addr;
+    uint32_t pde, leaf, rights, erefs = 0;   /* native only: no EPT references */
+    int writable;
+    *pde_a = -1;
+    if (!(c->cr0 & CR0_PG)) return 0;
+    pde_addr = (c->cr3 & 0xFFFFF000u) | ((gva >> 20) & 0xFFC);
+    if (!entry_at(s, pde_addr, &pde, &erefs)) return -1;
+    *refs = 1;
+    if (!(pde & PTE_P)) {
+        *ec = pf_code(0, access, user, c->cr4);
+        return 1;
+    }
+    if ((pde & PTE_PS) && (c->cr4 & CR4_PSE)) {
+        if (pde & (1u << 21)) {
+            *ec = pf_code(PFEC_P | PFEC_RSVD, access, user, c->cr4);
+            return 1;
+        }
+        leaf = rights = pde;
+    } else {
+        *refs = 2;
+        if (!(pde & PTE_A)) {
+            *pde_a = (int64_t)pde_addr;
+            *refs = 3;
+        }
+        leaf_addr = (pde & 0xFFFFF000u) | ((gva >> 10) & 0xFFC);
+        if (!entry_at(s, leaf_addr, &leaf, &erefs)) return -1;
+        if (!(leaf & PTE_P)) {
+            *ec = pf_code(0, access, user, c->cr4);
+            return 1;
+        }
+        rights = pde & leaf;
+    }
+    if (user) {
+        if (!(rights & PTE_US)) goto protection;
+        writable = (rights & PTE_RW) != 0;
+    } else {
+        writable = (rights & PTE_RW) || !(c->cr0 & CR0_WP);
+        if (access == ACC_FETCH && (rights & PTE_US) && (c->cr4 & CR4_SMEP)) goto protection;
+    }
+    if (access == ACC_WRITE && !writable) goto protection;
+    *pde_a = -1;                       /* no fault: nothing of this walk is made here */
+    return 0;
+protection:
+    *ec = pf_code(PFEC_P, access, user, c->cr4);
+    return 1;
+}
+
+/* The explicit memory operand of an instruction as capstone (32-bit mode) reports it for
+ * x86/faultaddr.py: base and index registers (-1: none), scale, displacement, size in bytes. *has = 0
+ * for an instruction of the list with no memory operand (push r, pop r, call rel32, ret...). 0: not an
+ * instruction decoded here (Python decodes it). 32-bit addressing only, as that decoder's. */
+typedef struct {
+    int base, index, has;
+    uint32_t scale, size;
+    int32_t disp;
+} memop_t;
+
+static const int gpr_reg[8] = {R_EAX, R_ECX, R_EDX, R_EBX, R_ESP, R_EBP, R_ESI, R_EDI};
+
+static int decode_memop(const uint8_t *code, memop_t *m) {
+    uint32_t i = 0, v = 4, size;
+    uint8_t op, modrm, mod, reg, rm;
+    m->has = 0;
+    for (;; i++) {                     /* operand-size and segment prefixes (flat segments) */
+        if (i >= 4) return 0;
+        if (code[i] == 0x66) v = 2;
+        else if (!(code[i] == 0x26 || code[i] == 0x2E || code[i] == 0x36 || code[i] == 0x3E || code[i] == 0x64
+                   || code[i] == 0x65)) break;
+    }
+    op = code[i++];
+    if ((op >= 0x50 && op <= 0x5F) || op == 0x68 || op == 0x6A || op == 0x9C || op == 0x9D || op == 0xC3
+        || op == 0xE8)
+        return v == 4;                 /* push/pop r, push imm, pushfd/popfd, ret, call rel32 */
+    if (op >= 0xA0 && op <= 0xA3) {    /* mov al/eax, [moffs32] and back: a displacement, no ModRM */
+        m->has = 1;
+        m->size = (op & 1) ? v : 1;
+        m->base = m->index = -1;
+        m->scale = 1;
+        memcpy(&m->disp, code + i, 4);
+        return 1;
+    }
+    modrm = code[i];
+    mod = modrm >> 6;
+    reg = (modrm >> 3) & 7;
+    if (op == 0x0F) {
+        op = code[i++];
+        modrm = code[i];
+        mod = modrm >> 6;
+        reg = (modrm >> 3) & 7;
+        if (op == 0xB6 || op == 0xBE) size = 1;          /* movzx, movsx r, r/m8 */
+        else if (op == 0xB7 || op == 0xBF) size = 2;     /* movzx, movsx r, r/m16 */
+        else if (op == 0xAF) size = v;                   /* imul r, r/m */
+        else return 0;
+    } else if (op < 0x40 && (op & 7) < 4) {
+        size = (op & 1) ? v : 1;                         /* add or adc sbb and sub xor cmp */
+    } else if (op >= 0x84 && op <= 0x8B) {
+        size = (op & 1) ? v : 1;                         /* test xchg mov */
+    } else if (op == 0x80 || op == 0xC0 || op == 0xD0 || op == 0xD2) {
+        if (op != 0x80 && reg == 6) return 0;
+        size = 1;
+    } else if (op == 0x81 || op == 0x83 || op == 0xC1 || op == 0xD1 || op == 0xD3) {
+        if (op != 0x81 && op != 0x83 && reg == 6) return 0;
+        size = v;
+    } else if (op == 0xC6 || op == 0xC7) {
+        if (reg != 0) return 0;
+        size = op == 0xC6 ? 1 : v;                       /* mov r/m, imm */
+    } else if (op == 0xF6 || op == 0xF7) {
+        if (reg == 1) return 0;
+        size = op == 0xF6 ? 1 : v;                       /* test not neg mul imul div idiv */
+    } else if (op == 0xFE) {
+        if (reg > 1) return 0;
+        size = 1;                                        /* inc, dec r/m8 */
+    } else if (op == 0xFF) {
+        if (reg == 3 || reg == 5 || reg == 7) return 0;  /* far call/jmp: Python */
+        size = v;                                        /* inc dec call jmp push */
+    } else if (op == 0x8F) {
+        if (reg != 0) return 0;
+        size = v;                                        /* pop r/m */
+    } else if (op == 0x69 || op == 0x6B) {
+        size = v;                                        /* imul r, r/m, imm */
+    } else {
+        return 0;
+    }
+    i++;                               /* past ModRM */
+    rm = modrm & 7;
+    if (mod == 3) return 1;            /* a register operand: no memory operand */
+    m->has = 1;
+    m->size = size;
+    m->base = m->index = -1;
+    m->scale = 1;
+    m->disp = 0;
+    if (rm == 4) {                     /* SIB */
+        uint8_t sib = code[i++], b = sib & 7, x = (sib >> 3) & 7;
+        m->scale = 1u << (sib >> 6);
+        if (x != 4) m->index = gpr_reg[x];
+        if (b == 5 && mod == 0) {
+            memcpy(&m->disp, code + i, 4);
+            return 1;
+        }
+        m->base = gpr_reg[b];
+    } else if (rm == 5 && mod == 0) {
+        memcpy(&m->disp, code + i, 4);
+        return 1;
+    } else {
+        m->base = gpr_reg[rm];
+    }
+    if (mod == 1) m->disp = (int8_t)code[i];
+    else if (mod == 2) memcpy(&m->disp, code + i, 4);
+    return 1;
+}
+
+/* The exact linear address of a #PF on `page` for CR2, as Vcpu.exact_linear and x86/faultaddr.py find
+ * it: a fetch faults at EIP when EIP is on that page, else at the page; a data access at the first
+ * candidate (the instruction's memory operand, then the stack slots and ESI/EDI it may touch) on the
+ * page, else at the page's first byte. 0: Python must find it (the code cannot be read here, or the
+ * instruction is not decoded here). */
+int delivery_fault_linear(delivery_t *s, void *uc, uint32_t eip, uint32_t page, int access, uint32_t *out) {
+    static const uint32_t below[9] = {4, 8, 12, 16, 20, 24, 28, 32, 2};
+    uint8_t code[16];
+    uint32_t ea[13], n = 0, i, esp;
+    memop_t m;
+    int err = 0;
+    if (access == ACC_FETCH) {
+        *out = (eip & 0xFFFFF000u) == page ? eip : page;
+        return 1;
+    }
+    if (!delivery_peek(s, uc, eip, 15, code) || !decode_memop(code, &m)) return 0;
+    if (m.has) {
+        uint32_t a = (uint32_t)m.disp;
+        if (m.base >= 0) a += (uint32_t)rd(s, uc, m.base, &err);
+        if (m.index >= 0) a += (uint32_t)rd(s, uc, m.index, &err) * m.scale;
+        ea[n++] = a;
+    }
+    esp = (uint32_t)rd(s, uc, R_ESP, &err);
+    for (i = 0; i < 9; i++) ea[n++] = esp - below[i];
+    ea[n++] = esp;
+    ea[n++] = (uint32_t)rd(s, uc, R_ESI, &err);
+    ea[n++] = (uint32_t)rd(s, uc, R_EDI, &err);
+    if (err) return 0;
+    for (i = 0; i < n; i++)
+        if ((ea[i] & 0xFFFFF000u) == page) {
+            *out = ea[i];
+            return 1;
+        }
+    *out = page;           /* an access straddling into the page, or none found: the page's first byte */
+    return 1;
+}
+
+int delivery_pf_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *user_data) {
+    delivery_t *s = (delivery_t *)user_data;
+    int err = 0, access, user, r;
+    crs_t c;
+    uint32_t ec = 0, refs = 0, eip, cr2, old_pde = 0, old_cr2;
+    int64_t pde_a;
+    uint64_t walks, walk_refs;
+    (void)e;
+    if (!s->pf_enabled || s->busy || s->ept || type < MEM_READ || type > MEM_FETCH) return 0;
+    access = type - MEM_READ;
+    c.cr0 = (uint32_t)rd(s, uc, R_CR0, &err);
+    if (err || !(c.cr0 & CR0_PG)) return 0;
+    c.cr3 = (uint32_t)rd(s, uc, R_CR3, &err);
+    c.cr4 = (uint32_t)rd(s, uc, R_CR4, &err);
+    user = ((uint32_t)rd(s, uc, R_SS, &err) & 3) == 3;   /* CPL from SS, as Mmu.fill */
+    if (err) return 0;
+    r = pf_walk(s, &c, (uint32_t)vaddr, access, user, &ec, &refs, &pde_a);
+    if (r != 1) return 0;
+    /* A fetch fault retires nothing but costs time, and a handler whose own code faults would fault
+     * again and again without a block ever starting, where the clock looks at its deadline: one that
+     * this fault's time would reach (the budget, a timer) is left to the run loop, which sees it. */
+    if (access == ACC_FETCH
+        && (*s->clock_stop_next || *s->clock_now + s->fetch_fault_cycles >= *s->clock_deadline)) return 0;
+    eip = (uint32_t)rd(s, uc, R_EIP, &err);
+    if (err || !delivery_fault_linear(s, uc, eip, (uint32_t)vaddr & 0xFFFFF000u, access, &cr2)) return 0;
+    old_cr2 = (uint32_t)rd(s, uc, R_CR2, &err);
+    if (err) return 0;
+    /* Made in Python's order: the walk's PDE.A, CR2, the delivery. */
+    walks = s->walks;
+    walk_refs = s->walk_refs;
+    if (pde_a >= 0) {
+        uint32_t pde;
+        memcpy(&old_pde, s->ram + pde_a, 4);
+        pde = old_pde | PTE_A;
+        memcpy(s->ram + pde_a, &pde, 4);
+    }
+    s->walks++;
+    s->walk_refs += refs;
+    r = wr(s, uc, R_CR2, cr2) ? FALLBACK : delivery_fast(s, uc, 14, eip, ec, F_ERROR_CODE);
+    if (r != DELIVERED) {              /* nothing delivered: put back what this hook made, Python does it */
+        if (r == ENGINE_REFUSED) {     /* the frame is pushed: a cpuvirt bug, as in FastDelivery.deliver */
+            s->pf_enabled = 0;
+            s->pf_done(eip, PF_REFUSED);
+        }
+        if (pde_a >= 0) memcpy(s->ram + pde_a, &old_pde, 4);
+        wr(s, uc, R_CR2, old_cr2);
+        s->walks = walks;
+        s->walk_refs = walk_refs;
+        return 0;
+    }
+    s->pf_fills++;
+    s->pf_faults++;
+    s->pf_done(eip, (uint32_t)access);
+    s->loop_exit(*(void **)((uint8_t *)uc + s->cpu_offset));   /* does not return */
+    return 0;
 }
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_delivery", NULL, -1, NULL};

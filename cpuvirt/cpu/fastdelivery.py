@@ -1,4 +1,5 @@
-"""Native mode's common event deliveries in C (_delivery.c); EventDelivery stays the complete path.
+"""Native mode's (and hw's, under EPT) common event deliveries in C (_delivery.c); EventDelivery stays
+the complete path.
 
 The C function delivers a protected-mode event through a present 32-bit interrupt or trap gate, at
 the same privilege or into ring 0 from an outer ring, when nothing on the way faults and every byte is
@@ -9,8 +10,10 @@ Optional: without the built extension every delivery is Python's.
 from __future__ import annotations
 
 import ctypes
+import os
+from functools import lru_cache
 
-from unicorn import UC_HOOK_CODE, UC_HOOK_INTR
+from unicorn import UC_HOOK_CODE, UC_HOOK_INTR, UC_HOOK_TLB_FILL
 from unicorn.unicorn_py3 import unicorn as _ucmod
 
 from cpuvirt.engine import regs as R
@@ -19,11 +22,14 @@ from cpuvirt.engine.hooks import hook_guard
 from cpuvirt.x86.cpuid import CR4_RESERVED
 from cpuvirt.x86.vectors import HAS_ERROR_CODE, MNEMONIC
 
-_REGS = (R.EAX, R.ESP, R.EIP, R.EFLAGS, R.CS, R.SS, R.CR0, R.CR3, R.CR4, R.GDTR, R.IDTR, R.TR)
+_REGS = (R.EAX, R.ESP, R.EIP, R.EFLAGS, R.CS, R.SS, R.CR0, R.CR3, R.CR4, R.GDTR, R.IDTR, R.TR,
+         R.CR2, R.ECX, R.EDX, R.EBX, R.EBP, R.ESI, R.EDI)
 DELIVERED, ENGINE_REFUSED = 1, -1
 F_ERROR_CODE, F_SOFT, F_EXTERNAL = 1, 2, 4
 _SOFT_DONE = ctypes.CFUNCTYPE(None, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32)
 _FAULT_DONE = ctypes.CFUNCTYPE(None, ctypes.c_uint32, ctypes.c_uint32)
+_PF_DONE = ctypes.CFUNCTYPE(None, ctypes.c_uint32, ctypes.c_uint32)
+PF_REFUSED = 0xFFFFFFFF
 
 
 class _State(ctypes.Structure):
@@ -43,6 +49,14 @@ class _State(ctypes.Structure):
         ("soft_delivered", ctypes.c_uint64), ("faults_delivered", ctypes.c_uint64),
         ("nmi_blocked", ctypes.c_uint32), ("pad", ctypes.c_uint32),
         ("clock_watch_if", ctypes.c_void_p), ("clock_check_if", ctypes.c_void_p), ("irets", ctypes.c_uint64),
+        ("pf_enabled", ctypes.c_uint32), ("busy", ctypes.c_uint32), ("cpu_offset", ctypes.c_uint64),
+        ("loop_exit", ctypes.c_void_p), ("pf_done", ctypes.c_void_p),
+        ("pf_fills", ctypes.c_uint64), ("pf_faults", ctypes.c_uint64),
+        ("ept", ctypes.c_uint32), ("pad2", ctypes.c_uint32), ("hv", ctypes.c_void_p),
+        ("hv_hpa", ctypes.c_uint64), ("hv_size", ctypes.c_uint64), ("pml4", ctypes.c_uint64),
+        ("ram_hpa", ctypes.c_uint64),
+        ("clock_now", ctypes.c_void_p), ("clock_deadline", ctypes.c_void_p), ("clock_stop_next", ctypes.c_void_p),
+        ("fetch_fault_cycles", ctypes.c_uint64),
     ]
 
 
@@ -71,7 +85,82 @@ def _lib():
     lib.delivery_peek.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_void_p)
     lib.delivery_fast.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_uint32,
                                   ctypes.c_uint32, ctypes.c_int)
+    lib.delivery_fault_linear.restype = ctypes.c_int
+    lib.delivery_fault_linear.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_uint32,
+                                          ctypes.c_int, ctypes.c_void_p)
     return lib
+
+
+def _read_process(address: int, size: int) -> bytes | None:
+    """`size` bytes of this process at `address`, or None where nothing is mapped (never a crash)."""
+    try:
+        fd = os.open("/proc/self/mem", os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        data = os.pread(fd, size, address)
+    except (OSError, OverflowError):
+        return None
+    finally:
+        os.close(fd)
+    return data if len(data) == size else None
+
+
+@lru_cache(maxsize=1)
+def _cpu_field() -> tuple[int, int] | None:
+    """(offset of the CPUState pointer in libunicorn's uc_struct, offset of env_ptr in CPUState), read
+    from libunicorn's own code: uc_context_save ends in memcpy(context->data, uc->cpu->env_ptr, size),
+    i.e. `mov rax, [rbp + cpu]; ...; mov rsi, [rax + env_ptr]; call memcpy`. None when the code is not
+    of that shape. The caller checks the result on its engine (_engine_cpu) before trusting it."""
+    from capstone import CS_ARCH_X86, CS_MODE_64, Cs
+    from capstone.x86 import X86_OP_MEM, X86_OP_REG
+    fn = ctypes.cast(_ucmod.uclib.uc_context_save, ctypes.c_void_p).value
+    code = _read_process(fn, 0x200) if fn else None
+    if code is None:
+        return None
+    cs = Cs(CS_ARCH_X86, CS_MODE_64)
+    cs.detail = True
+    insns = list(cs.disasm(code, fn))
+    for k, insn in enumerate(insns[1:], 1):
+        prev = insns[k - 1]
+        if insn.mnemonic != "call" or prev.mnemonic != "mov" or prev.op_str.split(",")[0] != "rsi":
+            continue
+        src = prev.operands[1]
+        if src.type != X86_OP_MEM or src.mem.index:
+            continue
+        for earlier in reversed(insns[:k - 1]):
+            if earlier.mnemonic != "mov" or len(earlier.operands) != 2:
+                continue
+            dst, mem = earlier.operands
+            if dst.type == X86_OP_REG and dst.reg == src.mem.base and mem.type == X86_OP_MEM and not mem.mem.index:
+                return mem.mem.disp, src.mem.disp
+    return None
+
+
+def _engine_cpu(uc) -> tuple[int, int] | None:
+    """(offset of uc_struct's CPUState pointer, address of QEMU's cpu_loop_exit) for this engine, checked:
+    the pointer leads to the CPU state whose first field is EAX as uc_reg_read reads it. None: the #PF
+    stays Python's (the engine must stop to leave a faulting instruction)."""
+    found = _cpu_field()
+    loop_exit = getattr(_ucmod.uclib, "cpu_loop_exit_x86_64", None)
+    if found is None or loop_exit is None:
+        return None
+    cpu_off, env_off = found
+    uch = uc._uch.value
+    cpu = _read_process(uch + cpu_off, 8)
+    env = cpu and _read_process(int.from_bytes(cpu, "little") + env_off, 8)
+    if not env:
+        return None
+    eax = uc.reg_read(R.EAX)
+    try:
+        for probe in (0x5A17C0DE, 0x0BADF00D):
+            uc.reg_write(R.EAX, probe)
+            seen = _read_process(int.from_bytes(env, "little"), 4)
+            if seen is None or int.from_bytes(seen, "little") != probe:
+                return None
+    finally:
+        uc.reg_write(R.EAX, eax)
+    return cpu_off, ctypes.cast(loop_exit, ctypes.c_void_p).value
 
 
 class FastDelivery:
@@ -83,6 +172,7 @@ class FastDelivery:
         st = self._state = _State()
         st.ram = ctypes.addressof(ctypes.c_char.from_buffer(mmu.ram.buf))
         st.ram_bytes = mmu.p2m.ram_bytes
+        st.ram_hpa = mmu.ram.hpa
         st.reg_read = ctypes.cast(_ucmod.uclib.uc_reg_read, ctypes.c_void_p).value
         st.reg_write = ctypes.cast(_ucmod.uclib.uc_reg_write, ctypes.c_void_p).value
         st.context_save = ctypes.cast(_ucmod.uclib.uc_context_save, ctypes.c_void_p).value
@@ -116,7 +206,46 @@ class FastDelivery:
         delivery.fast = fast
         mmu.counters.walkers.append(fast)
         mmu.peek = fast.peek
+        fast._add_pf_hook()
         return fast
+
+    @classmethod
+    def install_ept(cls, delivery, ept) -> "FastDelivery | None":
+        """The same C path for hw with EPT, from VMLAUNCH on (when Mmu's strategy becomes EptWalk):
+        every guest-physical reference of a delivery goes through `ept`'s tables and is counted as
+        EptWalk counts it; anything EPT does not map read/write (an EPT violation, the APIC-access
+        page, a device) is left to EventDelivery. Only the delivery: hw's exits stay Python's."""
+        mmu = delivery.mmu
+        lib = _lib()
+        if lib is None or mmu.ram.hpa != mmu.p2m.ram_hpa or mmu.p2m.ram_bytes > mmu.ram.size:
+            return None
+        fast = cls(lib, mmu, delivery.view.vcpu.faults)
+        region = ept.region
+        st = fast._state
+        fast._hv = ctypes.c_char.from_buffer(region.buf)
+        st.hv = ctypes.addressof(fast._hv)
+        st.hv_hpa, st.hv_size, st.pml4 = region.hpa, region.size, ept.pml4
+        st.ept = 1
+        delivery.fast = fast
+        mmu.counters.walkers.append(fast)
+        return fast
+
+    def _add_pf_hook(self) -> None:
+        """delivery_pf_hook among the TLB-fill hooks, before Mmu.fill (the vCPU adds that one later):
+        off until install_intr turns it on."""
+        found = _engine_cpu(self.mmu.uc)
+        if found is None:
+            return
+        st = self._state
+        st.cpu_offset, st.loop_exit = found
+        handle = ctypes.c_size_t()
+        err = _ucmod.uclib.uc_hook_add(self._uch, ctypes.byref(handle), UC_HOOK_TLB_FILL,
+                                       ctypes.cast(self._lib.delivery_pf_hook, ctypes.c_void_p), self._pstate,
+                                       ctypes.c_uint64(1), ctypes.c_uint64(0))
+        if err:
+            raise RuntimeError(f"cannot install the C #PF hook (uc error {err})")
+        self._pf_hook = handle.value
+        self.mmu.uc._callbacks[handle.value] = self     # its state lives as long as the engine may call it
 
     def install_intr(self, vcpu) -> None:
         """Put delivery_intr_hook in front of the vCPU's INTR hook: `int n` and the faults the engine
@@ -145,8 +274,28 @@ class FastDelivery:
             owner.counts["exception"] += 1
             owner.reasons["exception", MNEMONIC.get(vector, f"vector {vector}")] += 1
             owner.clock.if_may_have_changed()
+        @hook_guard()
+        def pf_done(owner, eip: int, access: int) -> None:
+            """What the run loop does around a #PF besides CR2 and the delivery (Vcpu.page_fault)."""
+            if access == PF_REFUSED:
+                raise RuntimeError("engine refused a register write delivering vector 14")
+            owner.left_block_at(eip)
+            owner.charge_fault(access)
+            owner.counts["page_fault"] += 1
+            owner.reasons["page_fault", "#PF"] += 1
+            owner.clock.if_may_have_changed()
         self._soft_done = _SOFT_DONE(lambda vector, start, eip: soft_done(vcpu, vector, start, eip))
         self._fault_done = _FAULT_DONE(lambda vector, eip: fault_done(vcpu, vector, eip))
+        self._pf_done = _PF_DONE(lambda eip, access: pf_done(vcpu, eip, access))
+        st.pf_done = ctypes.cast(self._pf_done, ctypes.c_void_p).value
+        from cpuvirt.cpu.vcpu import FETCH_FAULT_CYCLES
+        clock = vcpu.clock._state
+        kind = type(clock)
+        st.clock_now = ctypes.addressof(clock) + kind.now.offset
+        st.clock_deadline = ctypes.addressof(clock) + kind.deadline.offset
+        st.clock_stop_next = ctypes.addressof(clock) + kind.stop_next.offset
+        st.fetch_fault_cycles = FETCH_FAULT_CYCLES
+        st.pf_enabled = int(st.loop_exit is not None and hasattr(self, "_pf_hook"))
         st.python_intr = ctypes.cast(self._python_intr, ctypes.c_void_p).value
         st.soft_done = ctypes.cast(self._soft_done, ctypes.c_void_p).value
         st.fault_done = ctypes.cast(self._fault_done, ctypes.c_void_p).value
@@ -157,6 +306,7 @@ class FastDelivery:
         if err:
             raise RuntimeError(f"cannot install the C INTR hook (uc error {err})")
         vcpu._intr_hook = handle.value
+        self.mmu.uc._callbacks[handle.value] = self
 
     def install_sites(self, vcpu) -> None:
         """Put a C hook in front of every iret and mov-to-CR4 site the vCPU's intercepts hook from now
@@ -216,6 +366,7 @@ class FastDelivery:
         if err:
             raise RuntimeError(f"cannot hook the intercepted instruction at {address:#x} (uc error {err})")
         self._sites[handle.value] = (site, python_hook)     # alive as long as the engine may call them
+        self.mmu.uc._callbacks[handle.value] = self
 
     @property
     def irets(self) -> int:
@@ -249,9 +400,23 @@ class FastDelivery:
         return r == DELIVERED
 
     def counts(self) -> tuple[int, int, int]:
-        """(fills, walks, walk_refs) for Mmu.counters: the walks of the events it delivered."""
+        """(fills, walks, walk_refs) for Mmu.counters: the walks of the events it delivered, and the
+        fills of the #PFs it delivered (Mmu.fill counts a refused fill as a fill)."""
         st = self._state
-        return 0, st.walks, st.walk_refs
+        return st.pf_fills, st.walks, st.walk_refs
+
+    @property
+    def faults(self) -> int:
+        """Guest #PFs found and delivered by delivery_pf_hook (Mmu.counters' `faults` counts them)."""
+        return self._state.pf_faults
+
+    def fault_linear(self, eip: int, page: int, access: int) -> int | None:
+        """The C answer to Vcpu.exact_linear for a #PF on `page` at `eip` (None: Python's to find)."""
+        out = ctypes.c_uint32()
+        if self._lib.delivery_fault_linear(self._pstate, self._uch, eip & 0xFFFFFFFF, page & 0xFFFFF000, access,
+                                           ctypes.byref(out)):
+            return out.value
+        return None
 
     @property
     def delivered(self) -> int:

@@ -107,6 +107,7 @@ class MmuCounters:
             d["fills"] += fills
             d["walks"] += walks
             d["walk_refs"] += refs
+            d["faults"] += getattr(c, "faults", 0)
         return d
 
 

@@ -20,6 +20,7 @@ from collections import Counter, defaultdict
 from unicorn import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH
 
 from cpuvirt import limits
+from cpuvirt.cpu.fastdelivery import FastDelivery
 from cpuvirt.cpu.mmiosite import MmioSites
 from cpuvirt.cpu.vcpu import EXIT_HYPERVISOR_STOP, Vcpu
 from cpuvirt.engine import regs as R
@@ -202,6 +203,8 @@ class VmxCpu(Vcpu):
             self.mmu.strategy = EptWalk(self.mmu, self.ept)
             if self.fast_fill is not None:
                 self.fast_fill.enable()
+            if self.delivery.fast is None:          # deliveries through the guest IDT in C, walks via EPT
+                FastDelivery.install_ept(self.delivery, self.ept)
         self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
         self.vm_entry(None)
 
