@@ -542,6 +542,7 @@ class Vcpu:
         in/out would triple the cost of an I/O exit. Code at another CPL (or in V86 mode) is always
         translated anew (the engine's translations are keyed by CPL), so the first block translated
         there arms the gate before it runs, however the guest got there (iret, retf, sysexit...)."""
+        from cpuvirt.cpu import ssealign
         from cpuvirt.cpu.intercept import FAR_TRANSFERS, Intercepts, is_far_transfer
         if lazy_io:
             self.io_gate_armed = False
@@ -555,6 +556,8 @@ class Vcpu:
             eip = self.regs.read(R.EIP)
             if mnem in FAR_TRANSFERS and is_far_transfer(mnem, ops):
                 self.far_site(address, size, mnem)
+            elif ssealign.is_aligned_sse(mnem, ops):
+                self.sse_align_site(address, size)
             else:
                 on_hit(address, size, mnem, ops)
             after = self.regs.read(R.EIP)
@@ -569,7 +572,8 @@ class Vcpu:
                     self.faults.clear_interrupt_shadow()
             self.clock.if_may_have_changed()
 
-        ic = self.intercepts = Intercepts(self.hooks, self.mmu, wanted | FAR_TRANSFERS, hit)
+        ic = self.intercepts = Intercepts(self.hooks, self.mmu, wanted | FAR_TRANSFERS | {ssealign.MARKER}, hit)
+        ic.sse = ssealign.SseAlign.create(self.uc, self.faults.layout.hflags)
         ic.code16 = lambda: not self.regs.read(R.CR0) & 1      # real-address mode: 16-bit code
         self.mmu.on_code_frame = ic.scan_frame
 
@@ -708,6 +712,38 @@ class Vcpu:
                                                           "why": "I/O not permitted (IOPL, TSS bitmap)"},
                         "delivered through the guest IDT")
             self.deliver(Vector.GP, address, 0)
+
+    def sse_align_site(self, address: int, size: int) -> None:
+        """A legacy-SSE instruction whose m128 operand must be 16-byte aligned (cpu/ssealign.py), seen
+        by Python when the C check did not pass it: #GP(0) if the operand is misaligned (SDM Vol. 2A
+        2.4), decoded as the CPU decodes it now (16- or 32-bit code, the segment's base)."""
+        from cpuvirt.cpu.segcache import EngineSegments
+        from cpuvirt.cpu.ssealign import misaligned_operand
+        code = self.sse_code(address, size)
+        segs = self._engine_segments
+        if segs is None:
+            segs = self._engine_segments = EngineSegments(self.uc)
+        if not code or not segs.available:
+            return
+        segs.refresh()
+        pm = self.regs.read(R.CR0) & 1 and not self.regs.read(R.EFLAGS) & EFLAGS_VM
+        linear = misaligned_operand(code, bool(pm) and segs.code32(), self.regs, segs.base)
+        if linear is None:
+            return
+        eip = self.sse_fault_eip(address)
+        self.record("exception", "#GP", 13, eip, {"vector": 13, "error_code": 0, "address": f"{linear:#x}",
+                                                  "why": "misaligned SSE operand"}, "delivered through the guest IDT")
+        self.deliver(Vector.GP, eip, 0)
+
+    _engine_segments = None
+
+    def sse_code(self, address: int, size: int) -> bytes | None:
+        """The bytes of the intercepted SSE instruction at engine address `address`."""
+        return self.mmu.fetch_bytes(address, size)
+
+    def sse_fault_eip(self, address: int) -> int:
+        """The guest EIP of a fault at engine address `address` (full maps its translation cache)."""
+        return address
 
     def cr4_gate(self, address: int, size: int, ops: str) -> None:
         """mov to CR4 setting a bit the CPU model does not have: #GP(0) (SDM Vol. 3A 2.5)."""
