@@ -35,8 +35,11 @@ from cpuvirt.x86.flags import CR0_PE, CR0_PG, CR0_WP, EFLAGS_IOPL
 REAL, PM16 = "real", "pm16"
 _CS, _SS = 1, 2                    # QEMU's R_CS, R_SS: indexes of env->segs
 _DPL = 3 << 13
-# The real-mode intercepts (cpu/intercept.py names): mov to/from CR (and DR), lmsw.
-WANTED = frozenset(("mov", "lmsw"))
+# The real-mode intercepts (cpu/intercept.py names): mov to/from CR and DR, lmsw, clts, rdmsr, wrmsr
+# (privileged: the engine would run them at its CPL 0 on its own state), and smsw (all of CR0 in a
+# 32-bit register, in any state: Vcpu.smsw_site).
+WANTED = frozenset(("mov", "lmsw", "clts", "rdmsr", "wrmsr", "smsw"))
+REAL_EMULATED = frozenset(("lmsw", "clts", "rdmsr", "wrmsr"))
 # What a #GP at ring 1 in PM16 code may be: a privileged instruction to emulate (as trap does).
 TRAPPED = frozenset(("cli", "sti", "hlt", "lgdt", "lidt", "lldt", "ltr", "invlpg", "clts", "lmsw",
                      "wbinvd", "invd", "rdmsr", "wrmsr", "iretd", "ljmp", "lcall", "retf"))
@@ -222,11 +225,17 @@ class RunsCode16:
 
     def io_gate(self, address: int, size: int, mnem: str, ops: str) -> None:
         """The intercept hook: in/out (the core's I/O gate), and in real mode `mov` to/from a control
-        register and `lmsw`, which the engine would run at its CPL 0: emulated against the virtual CPU
-        (setting PE leaves real mode). Elsewhere they fault at ring 1 or 3 as usual."""
+        or debug register, `lmsw`, `clts`, `rdmsr` and `wrmsr`, which the engine would run at its
+        CPL 0: emulated against the virtual CPU (setting PE leaves real mode). Elsewhere they fault at
+        ring 1 or 3 as usual. `smsw` with a 32-bit register: all of the virtual CR0."""
+        if mnem == "smsw":
+            self.smsw_site(address, size)
+            return
         if mnem in WANTED:
-            if self.direct16.state == REAL and (mnem == "lmsw" or "cr" in ops):
+            if self.direct16.state == REAL and (mnem in REAL_EMULATED or "cr" in ops or "dr" in ops):
                 self.emulate_at(address)
+                if self.direct16.state == REAL:
+                    self.regs.write(R.CR0, self.v.cr0)     # the engine runs real mode on the guest's CR0
             return
         super().io_gate(address, size, mnem, ops)
 

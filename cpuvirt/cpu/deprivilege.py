@@ -720,6 +720,9 @@ class DeprivilegedVcpu(Vcpu):
         else:
             raise GuestFault(Vector.UD)
 
+    def guest_cr0(self) -> int:
+        return self.v.cr0
+
     def read_cr(self, n: int) -> int:
         v = self.v
         if n in (0, 2, 3, 4):

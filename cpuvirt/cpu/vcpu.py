@@ -592,6 +592,8 @@ class Vcpu:
     def far_site(self, address: int, size: int, mnem: str) -> None:
         """Before a far jmp/call or an iret: what may change privilege or task is done here, by
         cpuvirt; an ordinary far transfer is left to the engine (it returns without acting)."""
+        if mnem.startswith("iret") and self.outcome is None:
+            self.iret_image_rf(address, size)
         if self.outcome is not None or not self.regs.read(R.CR0) & 1:
             return                              # real-address mode has no gates, tasks or NT
         from cpuvirt.cpu import tasks
@@ -736,6 +738,60 @@ class Vcpu:
         self.deliver(Vector.GP, eip, 0)
 
     _engine_segments = None
+
+    def engine_segments(self):
+        """The engine's segment caches (cpu/segcache.py), refreshed; None if they cannot be read."""
+        from cpuvirt.cpu.segcache import EngineSegments
+        segs = self._engine_segments
+        if segs is None:
+            segs = self._engine_segments = EngineSegments(self.uc)
+        if not segs.available:
+            return None
+        segs.refresh()
+        return segs
+
+    def code32(self, segs) -> bool:
+        """Does the code running now default to 32-bit operands (protected mode, outside V86, CS.D)?"""
+        return bool(self.regs.read(R.CR0) & 1) and not self.regs.read(R.EFLAGS) & EFLAGS_VM and segs.code32()
+
+    def iret_image_rf(self, address: int, size: int) -> None:
+        """An iret whose 32-bit EFLAGS image sets RF: cleared in the image before the engine pops it.
+        The engine keeps RF = 1 to the end of its translation block, and a `pushf` there stores it,
+        where the SDM says PUSHF never copies RF (nor VM) but stores them cleared. RF only suppresses
+        instruction breakpoints, which cpuvirt does not model in any mode, so clearing it changes
+        nothing else. (kvm-unit-tests realmode, `rflags.rf`.)"""
+        segs = self.engine_segments()
+        code = self.mmu.fetch_bytes(address, size)
+        if segs is None or not code:
+            return
+        prefixes = code[:-1]
+        if self.code32(segs) == (0x66 in prefixes):
+            return                              # iretw: a 16-bit image has no RF
+        esp = self.regs.read(R.ESP)
+        mask = 0xFFFFFFFF if segs.stack32() else 0xFFFF
+        linear = (segs.base(R.SS) + ((esp + 8) & mask)) & 0xFFFFFFFF
+        try:
+            image = int.from_bytes(self.view.read(linear, 4), "little")
+            if image & EFLAGS_RF:
+                self.view.write(linear, (image & ~EFLAGS_RF).to_bytes(4, "little"))
+        except DeliveryFault:
+            return                              # the engine's iret faults the same way
+
+    def smsw_site(self, address: int, size: int) -> None:
+        """`smsw r32`: all of the guest's CR0 in the register, as QEMU 7.2 stores it (the SDM leaves
+        the upper half undefined; the engine keeps the register's own). Other forms run as they are."""
+        segs = self.engine_segments()
+        code = self.mmu.fetch_bytes(address, size)
+        if segs is None or not code:
+            return
+        reg = smsw_register32(code, self.code32(segs))
+        if reg is not None:
+            self.regs.write(reg, self.guest_cr0() & 0xFFFFFFFF)
+            self.regs.write(R.EIP, (address + size) & 0xFFFFFFFF)
+
+    def guest_cr0(self) -> int:
+        """CR0 as the guest reads it (the deprivileging core and hw override it)."""
+        return self.regs.read(R.CR0)
 
     def sse_code(self, address: int, size: int) -> bytes | None:
         """The bytes of the intercepted SSE instruction at engine address `address`."""
@@ -921,3 +977,19 @@ def _mov_reason(detail: dict) -> str:
     if "dr" in detail:
         return f"mov dr{detail['dr']}"
     return "mov sreg" if "sreg" in detail else "mov"
+
+
+def smsw_register32(code: bytes, code32: bool) -> int | None:
+    """The register of an `smsw` with a 32-bit register destination (0F 01 /4, ModRM.mod = 3, 32-bit
+    operand size), or None for any other form or instruction."""
+    from cpuvirt.cpu.intercept import PREFIXES
+    p, o16 = 0, False
+    while p < len(code) and code[p] in PREFIXES:
+        o16 |= code[p] == 0x66
+        p += 1
+    if code[p:p + 2] != b"\x0f\x01" or p + 2 >= len(code):
+        return None
+    modrm = code[p + 2]
+    if modrm >> 6 != 3 or (modrm >> 3) & 7 != 4 or code32 == o16:
+        return None
+    return R.GPR_ORDER[modrm & 7]
