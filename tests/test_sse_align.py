@@ -7,11 +7,14 @@ copy of the instruction.
 """
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 
 from cpuvirt.cpu.ssealign import is_aligned_sse, misaligned_operand, operand_form
 from cpuvirt.runner import run_guest
 from cpuvirt.toolchain.assemble import new_keystone
+from tests.conftest import requires_qemu
 
 MODES = ("native", "hw", "trap", "full")
 
@@ -88,3 +91,14 @@ def test_16_bit_addressing():
     code = bytes.fromhex("0f2800")          # movaps xmm0, [bx + si] in 16-bit code
     assert misaligned_operand(code, False, _Regs(ebx=0xFFF8, esi=0x10), {R.DS: 0x10}.get) == 0x18
     assert misaligned_operand(code, False, _Regs(ebx=0xFFF0, esi=0x10), {R.DS: 0x10}.get) is None
+
+
+@requires_qemu
+def test_qemu_prints_the_same(sse_align):
+    """QEMU 7.2 TCG raises these #GPs: the guest's lines are the reference's."""
+    p = subprocess.run(["qemu-system-i386", "-nodefaults", "-nographic", "-monitor", "none", "-serial", "stdio",
+                        "-no-reboot", "-m", "32", "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
+                        "-fw_cfg", "name=etc/sercon-port,string=0", "-kernel", sse_align],
+                       stdin=subprocess.DEVNULL, capture_output=True, timeout=60, check=False)
+    ours = run_guest(sse_align, "native", max_insns=5_000_000).console
+    assert p.returncode == 1 and p.stdout == ours

@@ -239,6 +239,19 @@ class RunsCode16:
             return
         super().io_gate(address, size, mnem, ops)
 
+    def memory_operand(self, eip: int) -> int:
+        """The linear address of a 16-bit instruction's memory operand (emulated in real mode or
+        PM16): 16-bit addressing and the segment's base, which 16-bit code rarely has flat."""
+        if self.direct16.state is None:
+            return super().memory_operand(eip)
+        from cpuvirt.cpu.ssealign import operand_linear
+        segs = self.engine_segments()
+        code = self.mmu.fetch_bytes(eip, 15)
+        addr = operand_linear(code, False, self.regs, segs.base) if segs is not None and code else None
+        if addr is None:
+            raise Unsupported(f"cannot find the memory operand of the instruction at {eip:#x}")
+        return addr
+
     def deliver(self, vector, return_eip, error_code=None, soft=False, external=False, fault_eip=None):
         if self.direct16.state == REAL:
             # the IVT the guest loaded natively (lidt in real mode) is the one interrupts use

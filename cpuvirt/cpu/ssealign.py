@@ -55,14 +55,15 @@ def _decoder(code32: bool) -> Cs:
     return cs
 
 
-def operand_form(code: bytes, code32: bool = True):
+def operand_form(code: bytes, code32: bool = True, sse: bool = True):
     """(base reg, index reg, scale, disp, QEMU segment index, 32-bit addressing) of the aligned-SSE
-    instruction's m128 operand, or None if `code` is not one."""
+    instruction's m128 operand, or None if `code` is not one. With `sse` False: of any instruction's
+    first memory operand (None if it has none)."""
     insn = next(_decoder(code32).disasm(code, 0, 1), None)
-    if insn is None or not is_aligned_sse(insn.mnemonic, insn.op_str):
+    if insn is None or (sse and not is_aligned_sse(insn.mnemonic, insn.op_str)):
         return None
     for op in insn.operands:
-        if op.type == X86_OP_MEM and op.size == 16:
+        if op.type == X86_OP_MEM and (op.size == 16 or not sse):
             m = op.mem
             addr32 = code32 != (0x67 in bytes(insn.prefix))
             regs = _GPR if addr32 else _GPR16
@@ -78,18 +79,26 @@ def operand_form(code: bytes, code32: bool = True):
     return None
 
 
-def misaligned_operand(code: bytes, code32: bool, regs, seg_base) -> int | None:
-    """The linear address of the instruction's m128 operand when it is not 16-byte aligned (the
-    CPU raises #GP(0)); None when aligned or when `code` is not an aligned-SSE instruction.
-    `seg_base(segment register)` gives a segment's base as the engine holds it."""
-    form = operand_form(code, code32)
+def operand_linear(code: bytes, code32: bool, regs, seg_base) -> int | None:
+    """The linear address of the instruction's first memory operand as the CPU forms it: 16- or
+    32-bit addressing, the segment's base (`seg_base(segment register)`); None without one."""
+    form = operand_form(code, code32, sse=False)
     if form is None:
         return None
     base, index, scale, disp, seg, addr32 = form
     ea = disp + (regs.read(base) if base is not None else 0) + (regs.read(index) * scale if index is not None else 0)
     ea &= 0xFFFFFFFF if addr32 else 0xFFFF
-    linear = (seg_base(_SEG_REG[seg]) + ea) & 0xFFFFFFFF
-    return linear if linear & 15 else None
+    return (seg_base(_SEG_REG[seg]) + ea) & 0xFFFFFFFF
+
+
+def misaligned_operand(code: bytes, code32: bool, regs, seg_base) -> int | None:
+    """The linear address of the instruction's m128 operand when it is not 16-byte aligned (the
+    CPU raises #GP(0)); None when aligned or when `code` is not an aligned-SSE instruction.
+    `seg_base(segment register)` gives a segment's base as the engine holds it."""
+    if operand_form(code, code32) is None:
+        return None
+    linear = operand_linear(code, code32, regs, seg_base)
+    return linear if linear is not None and linear & 15 else None
 
 
 class _State(ctypes.Structure):

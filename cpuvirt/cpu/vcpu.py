@@ -574,12 +574,14 @@ class Vcpu:
 
         ic = self.intercepts = Intercepts(self.hooks, self.mmu, wanted | FAR_TRANSFERS | {ssealign.MARKER}, hit)
         ic.sse = ssealign.SseAlign.create(self.uc, self.faults.layout.hflags)
-        ic.code16 = lambda: not self.regs.read(R.CR0) & 1      # real-address mode: 16-bit code
+        # real-address and virtual-8086 mode: 16-bit code
+        ic.code16 = lambda: not self.regs.read(R.CR0) & 1 or bool(self.regs.read(R.EFLAGS) & EFLAGS_VM)
         self.mmu.on_code_frame = ic.scan_frame
 
         def observe(insns):
             if not self.io_gate_armed and self.regs.cpl() != 0:
                 self.arm_io_gate()              # then this block is translated again, with hooks
+                ic.check_block(insns)           # its own in/out too: the clock never asks about it again
                 ic.retranslate.append((insns[0][0], sum(i[1] for i in insns)))
                 return True
             if ic.check_block(insns):
@@ -713,7 +715,8 @@ class Vcpu:
             self.record("exception", "#GP", 13, address, {"vector": 13, "error_code": 0, "port": f"{port:#x}",
                                                           "why": "I/O not permitted (IOPL, TSS bitmap)"},
                         "delivered through the guest IDT")
-            self.deliver(Vector.GP, address, 0)
+            # the return EIP is the offset in CS (the hook's address is linear: V86 and real mode differ)
+            self.deliver(Vector.GP, self.regs.read(R.EIP), 0)
 
     def sse_align_site(self, address: int, size: int) -> None:
         """A legacy-SSE instruction whose m128 operand must be 16-byte aligned (cpu/ssealign.py), seen
@@ -798,8 +801,9 @@ class Vcpu:
         return self.mmu.fetch_bytes(address, size)
 
     def sse_fault_eip(self, address: int) -> int:
-        """The guest EIP of a fault at engine address `address` (full maps its translation cache)."""
-        return address
+        """The guest EIP of a fault at engine address `address`: EIP, the offset in CS (the address is
+        linear); full maps its translation cache."""
+        return self.regs.read(R.EIP)
 
     def cr4_gate(self, address: int, size: int, ops: str) -> None:
         """mov to CR4 setting a bit the CPU model does not have: #GP(0) (SDM Vol. 3A 2.5)."""

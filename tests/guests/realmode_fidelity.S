@@ -1,6 +1,7 @@
 # description: real-address-mode fidelity: smsw into a 32-bit register, pushfd after an iretd that
-# restored RF, and the privileged instructions real mode may run (clts, mov to DR0, wrmsr), which must
-# act on the CPU the guest sees (under full: the virtual CPU, not the engine's own state).
+# restored RF, and the privileged instructions 16-bit code may run (lidt through a based DS in 16-bit
+# protected mode; clts, mov to DR0, wrmsr in real mode), which must act on the CPU the guest sees
+# (under full: the virtual CPU, not the engine's own state).
 #
 # SDM: SMSW r32 leaves the register's upper half undefined (QEMU 7.2 and cpuvirt store all of CR0);
 # PUSHF never copies RF (bit 16): the image has it cleared (kvm-unit-tests realmode `rflags.rf`).
@@ -18,6 +19,7 @@ rm_gdt:
     .long 0x0000FFFF, 0x00CF9200        # 0x10: flat 32-bit data, 4 GiB
     .long 0x7000FFFF, 0x00009A00        # 0x18: 16-bit code, base 0x7000, limit 0xFFFF (D = 0)
     .long 0x0000FFFF, 0x00009200        # 0x20: 16-bit data, base 0, limit 0xFFFF
+    .long 0x7000FFFF, 0x00009200        # 0x28: 16-bit data, base 0x7000 (the stub's own data)
 rm_gdt_end:
 rm_gdtr:
     .word rm_gdt_end - rm_gdt - 1
@@ -49,8 +51,7 @@ main:
     sgdt [saved_gdtr]
     sidt [saved_idtr]
     mov dword ptr [saved_esp], esp
-    lgdt [rm_gdtr]
-    lidt [rm_idtr]
+    lgdt [rm_gdtr]                      # (the IVT's IDTR is loaded by the 16-bit code, from its DS)
     .byte 0xEA                          # ljmp 0x18:0 (a 16-bit code segment)
     .long 0
     .word 0x18
@@ -83,6 +84,9 @@ back32_kernel:
     mov eax, cr0
     and eax, 8
     CHECK_EQ("and CR0.TS stays clear in protected mode", eax, 0)
+    movzx eax, word ptr [MAILBOX + 28]
+    CHECK_EQ("lidt in 16-bit protected mode reads its operand through DS's base (limit)", eax, 0x3FF)
+    CHECK_EQ("lidt in 16-bit protected mode reads its operand through DS's base (base)", dword ptr [MAILBOX + 30], 0)
     mov eax, dr0
     CHECK_EQ("mov dr0 in real mode sets the DR0 protected mode reads", eax, 0x1234)
     mov ecx, 0x174                      # IA32_SYSENTER_CS
@@ -100,6 +104,12 @@ rm_stub:
     .byte 0x8E, 0xD8                    # mov ds, ax
     .byte 0x8E, 0xC0                    # mov es, ax
     .byte 0x8E, 0xD0                    # mov ss, ax
+    .byte 0xB8, 0x28, 0x00              # mov ax, 0x28        DS base 0x7000
+    .byte 0x8E, 0xD8                    # mov ds, ax
+    .byte 0x0F, 0x01, 0x1E              # lidt [pm16_idtr - rm_stub]   the IVT (SDM Vol. 3A 20.1.4)
+    .word pm16_idtr - rm_stub
+    .byte 0xB8, 0x20, 0x00              # mov ax, 0x20
+    .byte 0x8E, 0xD8                    # mov ds, ax
     .byte 0x0F, 0x20, 0xC0              # mov eax, cr0
     .byte 0x66, 0x83, 0xE0, 0xFE        # and eax, 0xFFFFFFFE
     .byte 0x0F, 0x22, 0xC0              # mov cr0, eax        real-address mode
@@ -112,6 +122,7 @@ rm_real:
     .byte 0x8E, 0xC0                    # mov es, ax
     .byte 0x8E, 0xD0                    # mov ss, ax
     .byte 0xBC, 0x00, 0x7E              # mov sp, 0x7E00
+    .byte 0x0F, 0x01, 0x0E, 0x1C, 0x7F  # sidt [MAILBOX + 28]
     .byte 0x0F, 0x20, 0xC0              # mov eax, cr0
     .byte 0x66, 0xA3, 0x08, 0x7F        # mov dword ptr [MAILBOX + 8], eax
     .byte 0x66, 0xB8, 0x78, 0x56, 0x34, 0x12    # mov eax, 0x12345678
@@ -147,4 +158,7 @@ rm_after_iret:
     .byte 0x66, 0xEA                    # ljmp 0x08:back32    (32-bit offset)
     .long back32
     .word 0x08
+pm16_idtr:
+    .word 0x3FF
+    .long 0
 rm_stub_end:
