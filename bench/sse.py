@@ -1,11 +1,12 @@
 """Cost of the SSE alignment check (cpu/ssealign.py): a loop of aligned-SSE instructions, with and without it.
 
 bench/guests/sse.S runs ITERS passes over a 4 KiB array: per element a movaps and an addps with an
-m128 operand (each checked) among six other instructions. The same image is run under native three
-ways in one process, best of R each: with the check in C (the default), with the check off (no
-site hooked: what cpuvirt did before), and with the check in Python only (the extension not used),
-and the ratios to "off" are printed. The console must be the same in all three.
-usage: python bench/sse.py [--iters N] [--repeat R] [--modes native,full,...]
+m128 operand (each checked) among six other instructions. The same image is run in each mode several
+ways in one process, best of R each: with the check off (no site hooked: what cpuvirt did before),
+with an empty C hook on each site (the engine's call of a hook alone), with the check in C (the
+default), and with --python the check in Python only (the extension not used); the ratios to "off"
+are printed. The console must be the same in all of them.
+usage: python bench/sse.py [--iters N] [--repeat R] [--modes native,full,...] [--python]
 """
 from __future__ import annotations
 
@@ -20,15 +21,20 @@ import _common as C  # noqa: E402
 def run(path: str, mode: str, how: str):
     from cpuvirt.cpu import ssealign
     from cpuvirt.runner import run_guest
-    check, create = ssealign.is_aligned_sse, ssealign.SseAlign.create
+    check, create, site = ssealign.is_aligned_sse, ssealign.SseAlign.create, ssealign.SseAlign.site
     if how == "off":
         ssealign.is_aligned_sse = lambda mnem, ops: False
     elif how == "python":
         ssealign.SseAlign.create = classmethod(lambda cls, uc, hflags: None)
+    elif how == "empty":
+        def empty_site(self, address, *args):
+            site(self, address, *args)
+            self.sites[address][0].valid = 0        # the C hook returns at once: the engine's call alone
+        ssealign.SseAlign.site = empty_site
     try:
         r = run_guest(path, mode=mode, max_insns=0)
     finally:
-        ssealign.is_aligned_sse, ssealign.SseAlign.create = check, create
+        ssealign.is_aligned_sse, ssealign.SseAlign.create, ssealign.SseAlign.site = check, create, site
     if r.outcome != "exit" or r.status != 0:
         raise RuntimeError(f"{mode}/{how}: {r.outcome} {r.status} {r.message}")
     return r
@@ -42,7 +48,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--python", action="store_true", help="also time the Python-only check (slow)")
     a = ap.parse_args(argv)
     path = C.write_temp(C.build("sse", ITERS=a.iters), f"sse{a.iters}")
-    hows = ("off", "c", "python") if a.python else ("off", "c")
+    hows = ("off", "empty", "c", "python") if a.python else ("off", "empty", "c")
     out = {}
     for mode in a.modes.split(","):
         best: dict[str, float] = {}

@@ -118,6 +118,30 @@ class _Site(ctypes.Structure):
                 ("pad", ctypes.c_uint32)]
 
 
+def _short_context(uc, ctx, need: int):
+    """A uc_context that saves only the first bytes of the CPU state (the hflags and segment caches
+    the hook reads are near its start): each save copies a few hundred bytes, not the 5.6 KiB of a
+    whole context. Unicorn 2.1.3's uc_context begins with the size of the state it copies, followed
+    by the rest of its header and then the state. That layout is not part of Unicorn's API, so it is
+    checked on this engine: the short save must copy exactly `need` bytes, equal to the whole save's,
+    and write nothing past them; None if it does not (the whole context is used then)."""
+    total = ctx.size
+    whole = bytes(ctypes.string_at(ctx.context, total))
+    data_size = int.from_bytes(whole[:8], "little")
+    header = total - data_size
+    if not 0 < header <= 256 or need <= header or need > total:
+        return None
+    buf = (ctypes.c_char * total).from_buffer_copy(whole[:header] + b"\xAA" * data_size)
+    ctypes.memmove(buf, (need - header).to_bytes(8, "little"), 8)
+    _ucmod.uclib.uc_context_save(uc._uch, buf)
+    got = bytes(buf)
+    _ucmod.uclib.uc_context_save(uc._uch, ctx.context)
+    whole = bytes(ctypes.string_at(ctx.context, total))
+    if got[header:need] != whole[header:need] or got[need:] != b"\xAA" * (total - need):
+        return None
+    return buf
+
+
 class SseAlign:
     """The C hooks of one engine. `SseAlign.create(uc, hflags_offset)` is None without the built
     extension or the context offsets (every site then has the Python hook alone)."""
@@ -130,6 +154,9 @@ class SseAlign:
         st.context_save = ctypes.cast(_ucmod.uclib.uc_context_save, ctypes.c_void_p).value
         self._context = uc.context_save()
         st.context = ctypes.cast(self._context.context, ctypes.c_void_p).value
+        self._short = _short_context(uc, self._context, max(hflags_offset + 4, segs + 6 * 24))
+        if self._short is not None:
+            st.context = ctypes.addressof(self._short)
         st.context_hflags = st.context + hflags_offset
         st.context_segs = st.context + segs
         self.sites: dict[int, tuple[_Site, int]] = {}     # address -> (site, hook handle)
