@@ -762,7 +762,11 @@ class Vcpu:
         The engine keeps RF = 1 to the end of its translation block, and a `pushf` there stores it,
         where the SDM says PUSHF never copies RF (nor VM) but stores them cleared. RF only suppresses
         instruction breakpoints, which cpuvirt does not model in any mode, so clearing it changes
-        nothing else. (kvm-unit-tests realmode, `rflags.rf`.)"""
+        nothing else. (kvm-unit-tests realmode, `rflags.rf`.) Only in real-address and virtual-8086
+        mode: there every iret reaches Python (native's C iret hook answers protected-mode ones, and
+        reading every image would cost each of them a guest page walk)."""
+        if self.regs.read(R.CR0) & 1 and not self.regs.read(R.EFLAGS) & EFLAGS_VM:
+            return
         segs = self.engine_segments()
         code = self.mmu.fetch_bytes(address, size)
         if segs is None or not code:
