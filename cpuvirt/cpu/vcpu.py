@@ -722,17 +722,12 @@ class Vcpu:
         """A legacy-SSE instruction whose m128 operand must be 16-byte aligned (cpu/ssealign.py), seen
         by Python when the C check did not pass it: #GP(0) if the operand is misaligned (SDM Vol. 2A
         2.4), decoded as the CPU decodes it now (16- or 32-bit code, the segment's base)."""
-        from cpuvirt.cpu.segcache import EngineSegments
         from cpuvirt.cpu.ssealign import misaligned_operand
         code = self.sse_code(address, size)
-        segs = self._engine_segments
-        if segs is None:
-            segs = self._engine_segments = EngineSegments(self.uc)
-        if not code or not segs.available:
+        segs = self.engine_segments()
+        if not code or segs is None:
             return
-        segs.refresh()
-        pm = self.regs.read(R.CR0) & 1 and not self.regs.read(R.EFLAGS) & EFLAGS_VM
-        linear = misaligned_operand(code, bool(pm) and segs.code32(), self.regs, segs.base)
+        linear = misaligned_operand(code, self.code32(segs), self.regs, segs.base)
         if linear is None:
             return
         eip = self.sse_fault_eip(address)
