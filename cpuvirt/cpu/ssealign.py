@@ -44,7 +44,7 @@ _SEG_REG = (R.ES, R.CS, R.SS, R.DS, R.FS, R.GS)
 _GPR = {C.X86_REG_EAX: R.EAX, C.X86_REG_ECX: R.ECX, C.X86_REG_EDX: R.EDX, C.X86_REG_EBX: R.EBX,
         C.X86_REG_ESP: R.ESP, C.X86_REG_EBP: R.EBP, C.X86_REG_ESI: R.ESI, C.X86_REG_EDI: R.EDI}
 _GPR16 = {C.X86_REG_BX: R.EBX, C.X86_REG_BP: R.EBP, C.X86_REG_SI: R.ESI, C.X86_REG_DI: R.EDI}
-_cs = {}
+_cs: dict[bool, Cs] = {}
 
 
 def _decoder(code32: bool) -> Cs:
@@ -159,7 +159,7 @@ class SseAlign:
             st.context = ctypes.addressof(self._short)
         st.context_hflags = st.context + hflags_offset
         st.context_segs = st.context + segs
-        self.sites: dict[int, tuple[_Site, int]] = {}     # address -> (site, hook handle)
+        self.sites: dict[int, tuple[_Site, int, object]] = {}     # address -> (site, hook handle, Python hook)
 
     @classmethod
     def create(cls, uc, hflags_offset: int | None) -> "SseAlign | None":

@@ -183,8 +183,8 @@ class FullVcpu(RunsCode16, Coherence, Callouts, AdaptiveStores, DeprivilegedVcpu
             self._sse_tc_python.add(ins.tc)
             self.hooks.code(self._sse_tc_hit, ins.tc, ins.tc)
 
-    _sse_tc_hook = None
-    _sse_tc_python: set[int] = set()
+    _sse_tc_hook: object = None
+    _sse_tc_python: set[int]
 
     def _sse_tc_hit(self, _uc, address: int, size: int, _data) -> None:
         if not (self.tc.in_code(address) and self.rt.is_kernel()):
