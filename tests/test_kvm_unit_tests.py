@@ -46,16 +46,16 @@ def test_kvm_unit_test_passes(name, mode, request):
 
 
 # `emulator` (with pc-testdev): the FAIL lines each mode must print, no more and no fewer. QEMU 7.2
-# TCG itself fails the two MOV SS / POP SS checks (bench/kvm_unit_tests.py REFERENCE_FAILS).
-_MOVAPS = "FAIL: unaligned movaps exception"       # the engine checks no SSE alignment (docs)
+# TCG itself fails the two MOV SS / POP SS checks (bench/kvm_unit_tests.py REFERENCE_FAILS). The
+# unaligned movaps raises #GP in every mode (cpu/ssealign.py).
 _MOV_SS = {"FAIL: no fep: #DB suppressed after MOV SS", "FAIL: no fep: #DB suppressed after POP SS"}
 EMULATOR_FAILS = {
-    "native": {_MOVAPS} | _MOV_SS,
-    "hw": {_MOVAPS} | _MOV_SS,
-    "full": {_MOVAPS},     # no #DB after MOV SS / POP SS here, as the SDM says for Intel (why: not investigated)
+    "native": _MOV_SS,
+    "hw": _MOV_SS,
+    "full": set(),         # no #DB after MOV SS / POP SS here, as the SDM says for Intel (why: not investigated)
     # the smsw hole (CR0 read without trapping), then the str hole: `str` reads the real TR (0),
     # so `ltr` of it raises #GP and the test stops there (docs/deprivileging.md)
-    "trap": {"FAIL: smsw (1)", _MOVAPS},
+    "trap": {"FAIL: smsw (1)"},
 }
 
 
@@ -77,11 +77,13 @@ def test_emulator_fails_only_where_predicted(mode):
 
 
 @pytest.mark.parametrize("mode", ("native", "hw", "full"))
-def test_realmode_fails_only_where_the_engine_differs(mode):
+def test_realmode_passes(mode):
     """realmode (loaded at 0x8000, over the boot-information area, as QEMU loads it; interrupts through
-    the IVT): every check passes but two where Unicorn 2.1.3 and QEMU 7.2 differ (docs/kvm-unit-tests.md),
-    in native, in hw (16-bit code through the instruction emulator, the firmware's IVT for the timer
-    tick that ends its `sti; hlt`) and in full (16-bit code run in place, bt/direct.py)."""
+    the IVT): all 127 checks pass as under QEMU 7.2, in native, in hw (16-bit code through the
+    instruction emulator, the firmware's IVT for the timer tick that ends its `sti; hlt`) and in full
+    (16-bit code run in place, bt/direct.py). `rflags.rf` and `smsw` used to fail in all three: the
+    engine's pushfl stored RF = 1 after an iretl that restored it, and `smswl %eax` kept EAX's upper
+    half (Vcpu.iret_image_rf, Vcpu.smsw_site)."""
     from cpuvirt.machine.testdev import TestdevSpec
     from cpuvirt.runner import run_guest
     flat = Path(KUT) / "x86" / "realmode.flat"
@@ -90,8 +92,8 @@ def test_realmode_fails_only_where_the_engine_differs(mode):
     r = run_guest(str(flat), mode, mem_mib=128, max_insns=_runner().BUDGET, devices=[TestdevSpec()])
     console = r.console.decode(errors="replace")
     fails = {ln.strip() for ln in console.splitlines() if ln.startswith("FAIL:")}
-    assert fails == {"FAIL: rflags.rf", "FAIL: smsw"}, console[-2000:]
-    assert console.count("PASS:") == 125 and r.outcome == "exit"
+    assert not fails, console[-2000:]
+    assert console.count("PASS:") == 127 and (r.outcome, r.status) == ("exit", 0)
 
 
 def test_realmode_under_trap_stops_at_its_16bit_code_segment():

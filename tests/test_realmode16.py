@@ -67,3 +67,46 @@ def test_qemu_prints_the_same(test_guest):
                         "-fw_cfg", "name=etc/sercon-port,string=0", "-kernel", str(image)],
                        stdin=subprocess.DEVNULL, capture_output=True, timeout=60, check=False)
     assert p.returncode == 1 and p.stdout.decode() == EXPECTED     # debug-exit 0 -> (0 << 1) | 1
+
+
+FIDELITY = ("PASS smsw eax in real mode stores all of CR0\n"
+            "PASS pushfd after an iretd that set RF stores RF clear\n"
+            "PASS clts in real mode clears CR0.TS\nPASS and CR0.TS stays clear in protected mode\n"
+            "PASS lidt in 16-bit protected mode reads its operand through DS's base (limit)\n"
+            "PASS lidt in 16-bit protected mode reads its operand through DS's base (base)\n"
+            "PASS mov dr0 in real mode sets the DR0 protected mode reads\n"
+            "PASS wrmsr in real mode sets the MSR protected mode reads\n")
+
+
+@pytest.mark.parametrize("mode", ("native", "full", "hw"))
+def test_real_mode_smsw_rf_and_privileged_instructions(test_guest, mode):
+    """tests/guests/realmode_fidelity.S. Before: `smsw eax` kept EAX's upper half and pushfd after an
+    iretd restoring RF stored RF = 1 in every mode (the engine's; kvm-unit-tests realmode's `smsw` and
+    `rflags.rf`); under full clts, mov to DR0 and wrmsr in real mode ran on the engine's own state
+    (the virtual CPU, which protected mode reads, never saw them), and `lidt` emulated in 16-bit
+    protected mode read its operand flat, ignoring DS's base."""
+    r = _run(test_guest("realmode_fidelity"), mode)
+    assert (r.outcome, r.status) == ("exit", 0), r.console.decode()
+    assert r.console.decode() == FIDELITY
+
+
+@requires_qemu
+def test_qemu_prints_the_same_fidelity_lines(test_guest):
+    image = test_guest("realmode_fidelity")
+    p = subprocess.run(["qemu-system-i386", "-nodefaults", "-nographic", "-monitor", "none", "-serial", "stdio",
+                        "-no-reboot", "-m", "32", "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
+                        "-fw_cfg", "name=etc/sercon-port,string=0", "-kernel", str(image)],
+                       stdin=subprocess.DEVNULL, capture_output=True, timeout=60, check=False)
+    assert p.returncode == 1 and p.stdout.decode() == FIDELITY
+
+
+@pytest.mark.parametrize("mode", ("native", "hw", "trap", "full"))
+def test_v86_code_is_decoded_as_16_bit_code(test_guest, mode):
+    """tests/guests/v86_io.S: `mov dx, 0x3F8; out dx, al` in V86 mode without I/O permission. Decoded
+    as 32-bit code (as it was for block counting) the out vanished inside a `mov edx, imm32` and was
+    never checked (native, hw: it reached COM1; trap, full: the #GP came at the next instruction), and
+    the block that armed the lazy I/O check ran unchecked (native, hw)."""
+    r = _run(test_guest("v86_io"), mode)
+    assert (r.outcome, r.status) == ("exit", 0), r.console.decode()
+    assert r.console.decode() == ("PASS out in V86 mode without I/O permission raised #GP\n"
+                                  "PASS at the out (CS:EIP)\n")

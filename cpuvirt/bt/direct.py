@@ -35,8 +35,11 @@ from cpuvirt.x86.flags import CR0_PE, CR0_PG, CR0_WP, EFLAGS_IOPL
 REAL, PM16 = "real", "pm16"
 _CS, _SS = 1, 2                    # QEMU's R_CS, R_SS: indexes of env->segs
 _DPL = 3 << 13
-# The real-mode intercepts (cpu/intercept.py names): mov to/from CR (and DR), lmsw.
-WANTED = frozenset(("mov", "lmsw"))
+# The real-mode intercepts (cpu/intercept.py names): mov to/from CR and DR, lmsw, clts, rdmsr, wrmsr
+# (privileged: the engine would run them at its CPL 0 on its own state), and smsw (all of CR0 in a
+# 32-bit register, in any state: Vcpu.smsw_site).
+WANTED = frozenset(("mov", "lmsw", "clts", "rdmsr", "wrmsr", "smsw"))
+REAL_EMULATED = frozenset(("lmsw", "clts", "rdmsr", "wrmsr"))
 # What a #GP at ring 1 in PM16 code may be: a privileged instruction to emulate (as trap does).
 TRAPPED = frozenset(("cli", "sti", "hlt", "lgdt", "lidt", "lldt", "ltr", "invlpg", "clts", "lmsw",
                      "wbinvd", "invd", "rdmsr", "wrmsr", "iretd", "ljmp", "lcall", "retf"))
@@ -222,13 +225,32 @@ class RunsCode16:
 
     def io_gate(self, address: int, size: int, mnem: str, ops: str) -> None:
         """The intercept hook: in/out (the core's I/O gate), and in real mode `mov` to/from a control
-        register and `lmsw`, which the engine would run at its CPL 0: emulated against the virtual CPU
-        (setting PE leaves real mode). Elsewhere they fault at ring 1 or 3 as usual."""
+        or debug register, `lmsw`, `clts`, `rdmsr` and `wrmsr`, which the engine would run at its
+        CPL 0: emulated against the virtual CPU (setting PE leaves real mode). Elsewhere they fault at
+        ring 1 or 3 as usual. `smsw` with a 32-bit register: all of the virtual CR0."""
+        if mnem == "smsw":
+            self.smsw_site(address, size)
+            return
         if mnem in WANTED:
-            if self.direct16.state == REAL and (mnem == "lmsw" or "cr" in ops):
+            if self.direct16.state == REAL and (mnem in REAL_EMULATED or "cr" in ops or "dr" in ops):
                 self.emulate_at(address)
+                if self.direct16.state == REAL:
+                    self.regs.write(R.CR0, self.v.cr0)     # the engine runs real mode on the guest's CR0
             return
         super().io_gate(address, size, mnem, ops)
+
+    def memory_operand(self, eip: int) -> int:
+        """The linear address of a 16-bit instruction's memory operand (emulated in real mode or
+        PM16): 16-bit addressing and the segment's base, which 16-bit code rarely has flat."""
+        if self.direct16.state is None:
+            return super().memory_operand(eip)
+        from cpuvirt.cpu.ssealign import operand_linear
+        segs = self.engine_segments()
+        code = self.mmu.fetch_bytes(eip, 15)
+        addr = operand_linear(code, False, self.regs, segs.base) if segs is not None and code else None
+        if addr is None:
+            raise Unsupported(f"cannot find the memory operand of the instruction at {eip:#x}")
+        return addr
 
     def deliver(self, vector, return_eip, error_code=None, soft=False, external=False, fault_eip=None):
         if self.direct16.state == REAL:

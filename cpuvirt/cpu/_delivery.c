@@ -563,8 +563,8 @@ python:
 }
 
 /* In native mode every iret is intercepted (cpu/intercept.py), for what the engine would get wrong:
- * a task return (EFLAGS.NT, SDM 7.3), the end of NMI blocking (SDM 6.7.1), and EFLAGS.VM in the image
- * at CPL > 0 (Vcpu.iret_site). In the common case none of them applies and Python did nothing: the
+ * a task return (EFLAGS.NT, SDM 7.3), the end of NMI blocking (SDM 6.7.1), EFLAGS.VM in the image
+ * at CPL > 0 (Vcpu.iret_site), and in real-address mode RF in the image (Vcpu.iret_image_rf). In the common case none of them applies and Python did nothing: the
  * instruction (its bytes unchanged since it was decoded) is left to the engine, and only the
  * interrupt-window check of the intercept's caller is made (Vcpu.enable_intercepts, `hit`). Anything
  * else goes to the Python hook. */
@@ -579,6 +579,7 @@ void delivery_iret_hook(void *uc, uint64_t address, uint32_t size, void *user_da
     eflags = (uint32_t)rd(s, uc, R_EFLAGS, &err);
     cs = (uint32_t)rd(s, uc, R_CS, &err);
     if (err || (eflags & (EFLAGS_VM | EFLAGS_NT)) || (site->wide && (cs & 3))) goto python;
+    if (!((uint32_t)rd(s, uc, R_CR0, &err) & CR0_PE) || err) goto python;   /* real mode: Vcpu.iret_image_rf */
     if (*s->clock_watch_if && !*s->clock_check_if) *s->clock_check_if = 1;   /* VirtualClock.if_may_have_changed */
     s->irets++;
     return;

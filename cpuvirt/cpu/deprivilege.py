@@ -720,6 +720,9 @@ class DeprivilegedVcpu(Vcpu):
         else:
             raise GuestFault(Vector.UD)
 
+    def guest_cr0(self) -> int:
+        return self.v.cr0
+
     def read_cr(self, n: int) -> int:
         v = self.v
         if n in (0, 2, 3, 4):
@@ -946,7 +949,8 @@ class DeprivilegedVcpu(Vcpu):
         if not io_permitted(self.view, port, width):
             self.record("exception", "#GP", 13, address, {"vector": 13, "error_code": 0, "why": "I/O above IOPL"},
                         "delivered through the guest IDT")
-            self.deliver(Vector.GP, address, 0)
+            # the return EIP is the offset in CS (the hook's address is linear: V86 and real mode differ)
+            self.deliver(Vector.GP, self.regs.read(R.EIP), 0)
 
     def enable_io_gate(self) -> None:
         """Put a code hook on every in/out the guest runs (blocks are checked as they are translated)."""

@@ -21,6 +21,8 @@ import re
 
 from capstone import CS_ARCH_X86, CS_MODE_16, CS_MODE_32, Cs
 
+from cpuvirt.cpu import ssealign
+
 # The opcode bytes that start each sensitive instruction, after any prefixes (SDM Vol. 2 opcode map).
 OPCODES = {
     "hlt": rb"\xf4",
@@ -48,6 +50,8 @@ def is_far_transfer(mnem: str, ops: str) -> bool:
 
 
 def _is_wanted(mnem: str, ops: str, wanted: frozenset[str]) -> bool:
+    if ssealign.MARKER in wanted and ssealign.is_aligned_sse(mnem, ops):
+        return True
     if mnem in wanted:
         if mnem in ("jmp", "call"):
             return ops.startswith("ptr ")
@@ -61,7 +65,9 @@ class Intercepts:
     """One-address code hooks on the instructions in `wanted` (capstone mnemonics; "mov" means a mov
     to or from a control or debug register; adding "mov cr4" narrows that to mov to CR4).
     `on_hit(address, size, mnemonic, op_str)` runs before the
-    instruction executes; it may move EIP past it (the instruction is then skipped) or leave it to run."""
+    instruction executes; it may move EIP past it (the instruction is then skipped) or leave it to run.
+    With ssealign.MARKER in `wanted`, the legacy-SSE instructions that require an aligned m128 operand
+    are hooked too (cpu/ssealign.py), in C when `sse` is set."""
 
     def __init__(self, hooks, mmu, wanted: frozenset[str], on_hit):
         self.hooks = hooks              # the owner's EngineHooks: each site's code hook runs under the guard
@@ -78,7 +84,8 @@ class Intercepts:
         self.fast_site = None
         self._cs16 = Cs(CS_ARCH_X86, CS_MODE_16)
         self.code16 = None              # callable: is the guest running 16-bit code now? (real mode)
-        self._pattern = re.compile(b"|".join(OPCODES.values()) + b"|" + FAR_PATTERN)
+        self.sse = None                 # ssealign.SseAlign: the C hook of aligned-SSE sites
+        self._pattern = re.compile(b"|".join(OPCODES.values()) + b"|" + FAR_PATTERN + b"|" + ssealign.OPCODE_PATTERN)
 
     # -- scanning ----------------------------------------------------------------------------------
     def scan_frame(self, page: int, hpa: int) -> None:
@@ -120,6 +127,9 @@ class Intercepts:
             self.sites[addr] = (size, mnem, ops, code)
             return
         self.sites[addr] = (size, mnem, ops, code)
+        if self.sse is not None and ssealign.is_aligned_sse(mnem, ops):
+            self.sse.site(addr, size, code, self.hooks.code_function(self._hit))
+            return
         # a C hook answers the common iret or mov to CR4 and hands the rest to _hit (cpu/fastdelivery.py)
         if self.fast_site is not None and self.fast_site(addr, size, mnem, ops, code,
                                                          self.hooks.code_function(self._hit)):

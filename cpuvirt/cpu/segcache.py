@@ -38,6 +38,10 @@ class EngineSegments:
     def base(self, reg: int) -> int:
         return self._segs[_SEG_INDEX[reg]].base & 0xFFFFFFFF
 
+    def stack32(self) -> bool:
+        """SS.B: is the stack pointer ESP (else SP)?"""
+        return bool(self._segs[_SEG_INDEX[R.SS]].flags >> 22 & 1)
+
     def code32(self) -> bool:
         """CS.D: does the code segment default to 32-bit operands and addresses?"""
         return bool(self._segs[_SEG_INDEX[R.CS]].flags >> 22 & 1)

@@ -542,6 +542,7 @@ class Vcpu:
         in/out would triple the cost of an I/O exit. Code at another CPL (or in V86 mode) is always
         translated anew (the engine's translations are keyed by CPL), so the first block translated
         there arms the gate before it runs, however the guest got there (iret, retf, sysexit...)."""
+        from cpuvirt.cpu import ssealign
         from cpuvirt.cpu.intercept import FAR_TRANSFERS, Intercepts, is_far_transfer
         if lazy_io:
             self.io_gate_armed = False
@@ -555,6 +556,8 @@ class Vcpu:
             eip = self.regs.read(R.EIP)
             if mnem in FAR_TRANSFERS and is_far_transfer(mnem, ops):
                 self.far_site(address, size, mnem)
+            elif ssealign.is_aligned_sse(mnem, ops):
+                self.sse_align_site(address, size)
             else:
                 on_hit(address, size, mnem, ops)
             after = self.regs.read(R.EIP)
@@ -569,13 +572,16 @@ class Vcpu:
                     self.faults.clear_interrupt_shadow()
             self.clock.if_may_have_changed()
 
-        ic = self.intercepts = Intercepts(self.hooks, self.mmu, wanted | FAR_TRANSFERS, hit)
-        ic.code16 = lambda: not self.regs.read(R.CR0) & 1      # real-address mode: 16-bit code
+        ic = self.intercepts = Intercepts(self.hooks, self.mmu, wanted | FAR_TRANSFERS | {ssealign.MARKER}, hit)
+        ic.sse = ssealign.SseAlign.create(self.uc, self.faults.layout.hflags)
+        # real-address and virtual-8086 mode: 16-bit code
+        ic.code16 = lambda: not self.regs.read(R.CR0) & 1 or bool(self.regs.read(R.EFLAGS) & EFLAGS_VM)
         self.mmu.on_code_frame = ic.scan_frame
 
         def observe(insns):
             if not self.io_gate_armed and self.regs.cpl() != 0:
                 self.arm_io_gate()              # then this block is translated again, with hooks
+                ic.check_block(insns)           # its own in/out too: the clock never asks about it again
                 ic.retranslate.append((insns[0][0], sum(i[1] for i in insns)))
                 return True
             if ic.check_block(insns):
@@ -588,6 +594,8 @@ class Vcpu:
     def far_site(self, address: int, size: int, mnem: str) -> None:
         """Before a far jmp/call or an iret: what may change privilege or task is done here, by
         cpuvirt; an ordinary far transfer is left to the engine (it returns without acting)."""
+        if mnem.startswith("iret") and self.outcome is None:
+            self.iret_image_rf(address, size)
         if self.outcome is not None or not self.regs.read(R.CR0) & 1:
             return                              # real-address mode has no gates, tasks or NT
         from cpuvirt.cpu import tasks
@@ -707,7 +715,94 @@ class Vcpu:
             self.record("exception", "#GP", 13, address, {"vector": 13, "error_code": 0, "port": f"{port:#x}",
                                                           "why": "I/O not permitted (IOPL, TSS bitmap)"},
                         "delivered through the guest IDT")
-            self.deliver(Vector.GP, address, 0)
+            # the return EIP is the offset in CS (the hook's address is linear: V86 and real mode differ)
+            self.deliver(Vector.GP, self.regs.read(R.EIP), 0)
+
+    def sse_align_site(self, address: int, size: int) -> None:
+        """A legacy-SSE instruction whose m128 operand must be 16-byte aligned (cpu/ssealign.py), seen
+        by Python when the C check did not pass it: #GP(0) if the operand is misaligned (SDM Vol. 2A
+        2.4), decoded as the CPU decodes it now (16- or 32-bit code, the segment's base)."""
+        from cpuvirt.cpu.ssealign import misaligned_operand
+        code = self.sse_code(address, size)
+        segs = self.engine_segments()
+        if not code or segs is None:
+            return
+        linear = misaligned_operand(code, self.code32(segs), self.regs, segs.base)
+        if linear is None:
+            return
+        eip = self.sse_fault_eip(address)
+        self.record("exception", "#GP", 13, eip, {"vector": 13, "error_code": 0, "address": f"{linear:#x}",
+                                                  "why": "misaligned SSE operand"}, "delivered through the guest IDT")
+        self.deliver(Vector.GP, eip, 0)
+
+    _engine_segments = None
+
+    def engine_segments(self):
+        """The engine's segment caches (cpu/segcache.py), refreshed; None if they cannot be read."""
+        from cpuvirt.cpu.segcache import EngineSegments
+        segs = self._engine_segments
+        if segs is None:
+            segs = self._engine_segments = EngineSegments(self.uc)
+        if not segs.available:
+            return None
+        segs.refresh()
+        return segs
+
+    def code32(self, segs) -> bool:
+        """Does the code running now default to 32-bit operands (protected mode, outside V86, CS.D)?"""
+        return bool(self.regs.read(R.CR0) & 1) and not self.regs.read(R.EFLAGS) & EFLAGS_VM and segs.code32()
+
+    def iret_image_rf(self, address: int, size: int) -> None:
+        """An iret whose 32-bit EFLAGS image sets RF: cleared in the image before the engine pops it.
+        The engine keeps RF = 1 to the end of its translation block, and a `pushf` there stores it,
+        where the SDM says PUSHF never copies RF (nor VM) but stores them cleared. RF only suppresses
+        instruction breakpoints, which cpuvirt does not model in any mode, so clearing it changes
+        nothing else. (kvm-unit-tests realmode, `rflags.rf`.) Only in real-address and virtual-8086
+        mode: there every iret reaches Python (native's C iret hook answers protected-mode ones, and
+        reading every image would cost each of them a guest page walk)."""
+        if self.regs.read(R.CR0) & 1 and not self.regs.read(R.EFLAGS) & EFLAGS_VM:
+            return
+        segs = self.engine_segments()
+        code = self.mmu.fetch_bytes(address, size)
+        if segs is None or not code:
+            return
+        prefixes = code[:-1]
+        if self.code32(segs) == (0x66 in prefixes):
+            return                              # iretw: a 16-bit image has no RF
+        esp = self.regs.read(R.ESP)
+        mask = 0xFFFFFFFF if segs.stack32() else 0xFFFF
+        linear = (segs.base(R.SS) + ((esp + 8) & mask)) & 0xFFFFFFFF
+        try:
+            image = int.from_bytes(self.view.read(linear, 4), "little")
+            if image & EFLAGS_RF:
+                self.view.write(linear, (image & ~EFLAGS_RF).to_bytes(4, "little"))
+        except DeliveryFault:
+            return                              # the engine's iret faults the same way
+
+    def smsw_site(self, address: int, size: int) -> None:
+        """`smsw r32`: all of the guest's CR0 in the register, as QEMU 7.2 stores it (the SDM leaves
+        the upper half undefined; the engine keeps the register's own). Other forms run as they are."""
+        segs = self.engine_segments()
+        code = self.mmu.fetch_bytes(address, size)
+        if segs is None or not code:
+            return
+        reg = smsw_register32(code, self.code32(segs))
+        if reg is not None:
+            self.regs.write(reg, self.guest_cr0() & 0xFFFFFFFF)
+            self.regs.write(R.EIP, (address + size) & 0xFFFFFFFF)
+
+    def guest_cr0(self) -> int:
+        """CR0 as the guest reads it (the deprivileging core and hw override it)."""
+        return self.regs.read(R.CR0)
+
+    def sse_code(self, address: int, size: int) -> bytes | None:
+        """The bytes of the intercepted SSE instruction at engine address `address`."""
+        return self.mmu.fetch_bytes(address, size)
+
+    def sse_fault_eip(self, address: int) -> int:
+        """The guest EIP of a fault at engine address `address`: EIP, the offset in CS (the address is
+        linear); full maps its translation cache."""
+        return self.regs.read(R.EIP)
 
     def cr4_gate(self, address: int, size: int, ops: str) -> None:
         """mov to CR4 setting a bit the CPU model does not have: #GP(0) (SDM Vol. 3A 2.5)."""
@@ -885,3 +980,19 @@ def _mov_reason(detail: dict) -> str:
     if "dr" in detail:
         return f"mov dr{detail['dr']}"
     return "mov sreg" if "sreg" in detail else "mov"
+
+
+def smsw_register32(code: bytes, code32: bool) -> int | None:
+    """The register of an `smsw` with a 32-bit register destination (0F 01 /4, ModRM.mod = 3, 32-bit
+    operand size), or None for any other form or instruction."""
+    from cpuvirt.cpu.intercept import PREFIXES
+    p, o16 = 0, False
+    while p < len(code) and code[p] in PREFIXES:
+        o16 |= code[p] == 0x66
+        p += 1
+    if code[p:p + 2] != b"\x0f\x01" or p + 2 >= len(code):
+        return None
+    modrm = code[p + 2]
+    if modrm >> 6 != 3 or (modrm >> 3) & 7 != 4 or code32 == o16:
+        return None
+    return R.GPR_ORDER[modrm & 7]

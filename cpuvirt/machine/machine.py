@@ -15,6 +15,7 @@ from cpuvirt import limits
 from cpuvirt.engine.clock import TSC_HZ, VirtualClock
 from cpuvirt.engine.hostmem import HostRegion
 from cpuvirt.engine.regs import CR0 as CR0_REG
+from cpuvirt.engine.regs import EFLAGS as EFLAGS_REG
 from cpuvirt.engine.regs import Regs
 from cpuvirt.machine.apic import APIC_BASE_GPA, APIC_SIZE, MSR_IA32_APIC_BASE, ApicReservedBits, LocalApic
 from cpuvirt.machine.bus import PortBus
@@ -39,6 +40,7 @@ from cpuvirt.machine.vga import CRTC_PORT, VgaCrtc
 from cpuvirt.memory.mmu import Mmu
 from cpuvirt.memory.p2m import MMIO_HPA, RAM_HPA, UNBACKED_HPA, P2m
 from cpuvirt.x86 import cpuid as _cpuid
+from cpuvirt.x86.flags import EFLAGS_VM
 
 MIB = 1 << 20
 MIN_MEM_MIB, MAX_MEM_MIB = 2, 512
@@ -478,9 +480,10 @@ class Machine:
                 from capstone import CS_ARCH_X86, CS_MODE_16, CS_MODE_32, Cs
                 self._insn_counter = Cs(CS_ARCH_X86, CS_MODE_32)
                 self._insn_counter16 = Cs(CS_ARCH_X86, CS_MODE_16)
-            # Real-address mode runs 16-bit code (SDM Vol. 3A 20.1): decoded as such, its instruction
-            # boundaries, counts and intercepted instructions are the CPU's.
-            counter = self._insn_counter if self.regs.read(CR0_REG) & 1 else self._insn_counter16
+            # Real-address and virtual-8086 mode run 16-bit code (SDM Vol. 3A 20.1, 20.2): decoded as
+            # such, its instruction boundaries, counts and intercepted instructions are the CPU's.
+            code32 = self.regs.read(CR0_REG) & 1 and not self.regs.read(EFLAGS_REG) & EFLAGS_VM
+            counter = self._insn_counter if code32 else self._insn_counter16
             insns = list(counter.disasm_lite(code, address))
             if self.on_new_block is not None:
                 self.on_new_block(address)

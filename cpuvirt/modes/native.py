@@ -24,7 +24,8 @@ class NativeMode(Mode):
         self.vcpu.install_hooks()
         # rdmsr/wrmsr of the MSRs the platform models (IA32_APIC_BASE) must reach the machine; the
         # engine would answer them itself. Only their sites get a hook.
-        # in/out: the I/O permission check the engine does not make; mov to CR4: its reserved bits.
+        # in/out: the I/O permission check the engine does not make; mov to CR4: its reserved bits;
+        # smsw: all of CR0 in a 32-bit register (the engine keeps the upper half).
         vcpu = self.vcpu
 
         def on_hit(address, size, mnem, ops):
@@ -32,9 +33,11 @@ class NativeMode(Mode):
                 vcpu.io_gate(address, size, mnem, ops)
             elif mnem == "mov":
                 vcpu.cr4_gate(address, size, ops)
+            elif mnem == "smsw":
+                vcpu.smsw_site(address, size)
             else:
                 vcpu.msr_instruction(address, size, mnem)
-        self.vcpu.enable_intercepts(frozenset(("rdmsr", "wrmsr", "mov", "mov cr4")) | IO_INSTRUCTIONS, on_hit,
+        self.vcpu.enable_intercepts(frozenset(("rdmsr", "wrmsr", "mov", "mov cr4", "smsw")) | IO_INSTRUCTIONS, on_hit,
                                     lazy_io=True)
         if self.fast is not None:
             self.fast.install_sites(self.vcpu)  # the common iret and mov to CR4 (nothing to do) in C

@@ -11,7 +11,7 @@ A mixin of FullVcpu (vcpu.py): it works on the vCPU's TC, MMU and registers.
 from __future__ import annotations
 
 from cpuvirt.bt.coherence import invalidate
-from cpuvirt.bt.translate import INLINE
+from cpuvirt.bt.translate import IDENT, INLINE
 from cpuvirt.cpu.deprivilege import KERNEL_RING
 from cpuvirt.engine import regs as R
 from cpuvirt.memory.mmu import GuestPageFault
@@ -73,6 +73,8 @@ class Coherence:
             if ins.text in ("sti", "popfd") and ins.kind == INLINE:
                 # run natively in the TC: its window hook goes on the TC copy (vcpu.py, IF_SETTERS)
                 self.clock.hook_if_setter(ins.tc, ins.text == "sti")
+            elif ins.kind == IDENT and "xmmword" in ins.text:
+                self.sse_tc_site(ins)           # the alignment check on the TC copy (vcpu.py)
         self._block_seq += 1
         for ins in blk.insns:       # the cost model's translation counts (per translation, not per run)
             self.reasons["translate", ins.kind] += ins.size > 0

@@ -110,6 +110,7 @@ class FullVcpu(RunsCode16, Coherence, Callouts, AdaptiveStores, DeprivilegedVcpu
             return inner(uc, vaddr, access, entry, data)
         self.mmu.fill = fill
         self._mmio_decode = False
+        self._sse_tc_python = set()
         self._prefix_len: dict = {}                     # (callout site, bytes) -> prefix length
         self._cpuid_in = R.Batch(self.uc, (R.EAX, R.ECX))
         self._cpuid_out = R.Batch(self.uc, (R.EAX, R.EBX, R.ECX, R.EDX))
@@ -156,6 +157,52 @@ class FullVcpu(RunsCode16, Coherence, Callouts, AdaptiveStores, DeprivilegedVcpu
         if field == "iopl":
             return v.iopl
         raise KeyError(field)
+
+    # -- aligned-SSE instructions copied into the TC (cpu/ssealign.py) ---------------------------------------
+    def sse_tc_site(self, ins) -> None:
+        """A translated block copied an instruction that may need an aligned m128 operand: its TC copy
+        gets the alignment check (the guest's own address never executes). Its Python side maps the
+        TC address back to the guest's for the #GP."""
+        from cpuvirt.cpu.ssealign import is_aligned_sse
+        mnem, _, ops = ins.text.partition(" ")
+        if not is_aligned_sse(mnem, ops):
+            return
+        ic = self.intercepts
+        if self._sse_tc_hook is None:
+            self._sse_tc_hook = self.hooks.code_function(self._sse_tc_hit)
+            inner = self.tc.on_flush
+
+            def on_flush():
+                inner()
+                if ic.sse is not None:
+                    ic.sse.invalidate(TC_WINDOW, TC_WINDOW + TC_SIZE)
+            self.tc.on_flush = on_flush
+        if ic.sse is not None:
+            ic.sse.site(ins.tc, ins.size, self.tc_bytes(ins.tc, ins.size), self._sse_tc_hook)
+        elif ins.tc not in self._sse_tc_python:
+            self._sse_tc_python.add(ins.tc)
+            self.hooks.code(self._sse_tc_hit, ins.tc, ins.tc)
+
+    _sse_tc_hook: object = None
+    _sse_tc_python: set[int]
+
+    def _sse_tc_hit(self, _uc, address: int, size: int, _data) -> None:
+        if not (self.tc.in_code(address) and self.rt.is_kernel()):
+            return
+        self.mmu.crs = None
+        self.sse_align_site(address, size)
+        if self.regs.read(R.EIP) != address:    # #GP delivered: the guest's handler runs from the TC
+            self.left_block_at(address)
+            self.settle()
+        self.clock.if_may_have_changed()
+
+    def sse_code(self, address: int, size: int) -> bytes | None:
+        if self.tc.in_code(address) and self.rt.is_kernel():
+            return self.tc_bytes(address, size)
+        return super().sse_code(address, size)
+
+    def sse_fault_eip(self, address: int) -> int:
+        return self.guest_position(address)
 
     # -- entering translated code ----------------------------------------------------------------------
     def settle(self) -> None:

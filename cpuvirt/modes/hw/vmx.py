@@ -22,7 +22,7 @@ from unicorn import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH
 from cpuvirt import limits
 from cpuvirt.cpu.fastdelivery import FastDelivery
 from cpuvirt.cpu.mmiosite import MmioSites
-from cpuvirt.cpu.vcpu import EXIT_HYPERVISOR_STOP, Vcpu
+from cpuvirt.cpu.vcpu import EXIT_HYPERVISOR_STOP, Vcpu, smsw_register32
 from cpuvirt.engine import regs as R
 from cpuvirt.engine.hooks import hook_guard
 from cpuvirt.engine.hostmem import HostRegion, HvAllocator
@@ -492,7 +492,12 @@ class VmxCpu(Vcpu):
         real = self.regs.read(R.CR0)
         val = ((real & ~mask) | (v[F.CR0_READ_SHADOW] & mask) | CR0_ET) & 0xFFFF
         if reg in _GPR or "e" + reg in _GPR:
-            # Like the engine (and QEMU): the 16-bit MSW, the register's upper half unchanged.
+            segs = self.engine_segments()
+            code = self.mmu.fetch_bytes(address, size)
+            if segs is not None and code and smsw_register32(code, self.code32(segs)) is not None:
+                self.smsw_site(address, size)   # a 32-bit register: all of CR0 (Vcpu.smsw_site)
+                return
+            # 16 bits: the MSW, the register's upper half unchanged (SDM SMSW).
             full = _GPR[reg if reg.startswith("e") else "e" + reg]
             self.regs.write(full, (self.regs.read(full) & 0xFFFF0000) | val)
             self.regs.write(R.EIP, address + size)
@@ -505,6 +510,12 @@ class VmxCpu(Vcpu):
                 self.page_fault(pf.gva, 1, pf.error_code, address)
                 return
             self.regs.write(R.EIP, address + size)
+
+    def guest_cr0(self) -> int:
+        """CR0 through the guest/host mask and the read shadow (SDM 25.3), with ET as hardware reads it."""
+        v = self.vmcs._values
+        mask = v[F.CR0_GUEST_HOST_MASK]
+        return (self.regs.read(R.CR0) & ~mask) | (v[F.CR0_READ_SHADOW] & mask) | CR0_ET
 
     def _lmsw(self, address: int, size: int, ops: str) -> None:
         reg = ops.strip()

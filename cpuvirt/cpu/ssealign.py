@@ -1,0 +1,214 @@
+"""#GP(0) for legacy-SSE instructions whose 128-bit memory operand is not 16-byte aligned.
+
+Unicorn 2.1.3 checks no SSE alignment, so cpuvirt does (SDM Vol. 2A 2.4; Vol. 1 11.6.7, "Alignment of
+128-Bit Data"): every legacy-SSE instruction with an m128 operand requires a 16-byte aligned linear
+address, except movups, movupd, movdqu, lddqu and the SSE4.2 string compares; the scalar and
+64-bit-operand forms (movss, movsd, movlps, cvtps2pd...) have no m128 operand and no requirement.
+
+The sites are found by cpu/intercept.py's page scan and block check like every other intercepted
+instruction. On each one goes a C hook (_ssealign.c, `SseAlign.site`) that computes the linear address
+from the addressing form decoded here once; only a misaligned operand, or code the C hook does not
+decode (16-bit, real-address or virtual-8086 mode), reaches Python: `misaligned_operand`, which
+decodes the instruction as the CPU sees it now and gives the address the CPU would check.
+Under `full` the translator copies these instructions unchanged into the translation cache, where
+they get the same hook (modes/full/vcpu.py).
+"""
+from __future__ import annotations
+
+import ctypes
+
+from capstone import CS_ARCH_X86, CS_MODE_16, CS_MODE_32, Cs
+from capstone import x86_const as C
+from capstone.x86 import X86_OP_MEM, X86_REG_INVALID
+from unicorn import UC_HOOK_CODE
+from unicorn.unicorn_py3 import unicorn as _ucmod
+
+from cpuvirt.engine import regs as R
+from cpuvirt.engine.cext import load
+
+# m128 operands that need no alignment (SDM Vol. 2: the instructions' own pages)
+UNALIGNED_OK = frozenset(("movups", "movupd", "movdqu", "lddqu", "pcmpestri", "pcmpestrm", "pcmpistri",
+                          "pcmpistrm"))
+# the opcode bytes a page scan looks for: two-byte 0F opcodes of the SSE/SSE2 rows and the 0F 38 / 0F 3A maps
+OPCODE_PATTERN = rb"\x0f[\x14\x15\x28\x29\x2b\x51-\x7f\xc2\xc6\xd0-\xfe\x38\x3a]"
+MARKER = "sse align"                  # in Intercepts.wanted: hook these instructions
+
+
+def is_aligned_sse(mnem: str, ops: str) -> bool:
+    """capstone's view: a legacy (non-VEX) instruction with an xmmword memory operand that must be aligned."""
+    return "xmmword ptr" in ops and mnem not in UNALIGNED_OK and not mnem.startswith("v")
+
+
+_SEG_INDEX = {C.X86_REG_ES: 0, C.X86_REG_CS: 1, C.X86_REG_SS: 2, C.X86_REG_DS: 3, C.X86_REG_FS: 4, C.X86_REG_GS: 5}
+_SEG_REG = (R.ES, R.CS, R.SS, R.DS, R.FS, R.GS)
+_GPR = {C.X86_REG_EAX: R.EAX, C.X86_REG_ECX: R.ECX, C.X86_REG_EDX: R.EDX, C.X86_REG_EBX: R.EBX,
+        C.X86_REG_ESP: R.ESP, C.X86_REG_EBP: R.EBP, C.X86_REG_ESI: R.ESI, C.X86_REG_EDI: R.EDI}
+_GPR16 = {C.X86_REG_BX: R.EBX, C.X86_REG_BP: R.EBP, C.X86_REG_SI: R.ESI, C.X86_REG_DI: R.EDI}
+_cs: dict[bool, Cs] = {}
+
+
+def _decoder(code32: bool) -> Cs:
+    cs = _cs.get(code32)
+    if cs is None:
+        cs = _cs[code32] = Cs(CS_ARCH_X86, CS_MODE_32 if code32 else CS_MODE_16)
+        cs.detail = True
+    return cs
+
+
+def operand_form(code: bytes, code32: bool = True, sse: bool = True):
+    """(base reg, index reg, scale, disp, QEMU segment index, 32-bit addressing) of the aligned-SSE
+    instruction's m128 operand, or None if `code` is not one. With `sse` False: of any instruction's
+    first memory operand (None if it has none)."""
+    insn = next(_decoder(code32).disasm(code, 0, 1), None)
+    if insn is None or (sse and not is_aligned_sse(insn.mnemonic, insn.op_str)):
+        return None
+    for op in insn.operands:
+        if op.type == X86_OP_MEM and (op.size == 16 or not sse):
+            m = op.mem
+            addr32 = code32 != (0x67 in bytes(insn.prefix))
+            regs = _GPR if addr32 else _GPR16
+            base = regs.get(m.base) if m.base != X86_REG_INVALID else None
+            index = regs.get(m.index) if m.index != X86_REG_INVALID else None
+            if (m.base != X86_REG_INVALID and base is None) or (m.index != X86_REG_INVALID and index is None):
+                return None
+            if m.segment != X86_REG_INVALID:
+                seg = _SEG_INDEX[m.segment]
+            else:
+                seg = 2 if m.base in (C.X86_REG_ESP, C.X86_REG_EBP, C.X86_REG_BP) else 3
+            return base, index, m.scale, m.disp, seg, addr32
+    return None
+
+
+def operand_linear(code: bytes, code32: bool, regs, seg_base) -> int | None:
+    """The linear address of the instruction's first memory operand as the CPU forms it: 16- or
+    32-bit addressing, the segment's base (`seg_base(segment register)`); None without one."""
+    form = operand_form(code, code32, sse=False)
+    if form is None:
+        return None
+    base, index, scale, disp, seg, addr32 = form
+    ea = disp + (regs.read(base) if base is not None else 0) + (regs.read(index) * scale if index is not None else 0)
+    ea &= 0xFFFFFFFF if addr32 else 0xFFFF
+    return (seg_base(_SEG_REG[seg]) + ea) & 0xFFFFFFFF
+
+
+def misaligned_operand(code: bytes, code32: bool, regs, seg_base) -> int | None:
+    """The linear address of the instruction's m128 operand when it is not 16-byte aligned (the
+    CPU raises #GP(0)); None when aligned or when `code` is not an aligned-SSE instruction.
+    `seg_base(segment register)` gives a segment's base as the engine holds it."""
+    if operand_form(code, code32) is None:
+        return None
+    linear = operand_linear(code, code32, regs, seg_base)
+    return linear if linear is not None and linear & 15 else None
+
+
+class _State(ctypes.Structure):
+    """Mirror of align_t."""
+
+    _fields_ = [("reg_read", ctypes.c_void_p), ("context_save", ctypes.c_void_p), ("context", ctypes.c_void_p),
+                ("context_hflags", ctypes.c_void_p), ("context_segs", ctypes.c_void_p),
+                ("checks", ctypes.c_uint64), ("passed", ctypes.c_uint64)]
+
+
+class _Site(ctypes.Structure):
+    """Mirror of align_site_t."""
+
+    _fields_ = [("s", ctypes.c_void_p), ("python", ctypes.c_void_p), ("base", ctypes.c_int32),
+                ("index", ctypes.c_int32), ("scale", ctypes.c_uint32), ("disp", ctypes.c_uint32),
+                ("seg", ctypes.c_uint32), ("size", ctypes.c_uint32), ("valid", ctypes.c_uint32),
+                ("pad", ctypes.c_uint32)]
+
+
+def _short_context(uc, ctx, need: int):
+    """A uc_context that saves only the first bytes of the CPU state (the hflags and segment caches
+    the hook reads are near its start): each save copies a few hundred bytes, not the 5.6 KiB of a
+    whole context. Unicorn 2.1.3's uc_context begins with the size of the state it copies, followed
+    by the rest of its header and then the state. That layout is not part of Unicorn's API, so it is
+    checked on this engine: the short save must copy exactly `need` bytes, equal to the whole save's,
+    and write nothing past them; None if it does not (the whole context is used then)."""
+    total = ctx.size
+    whole = bytes(ctypes.string_at(ctx.context, total))
+    data_size = int.from_bytes(whole[:8], "little")
+    header = total - data_size
+    if not 0 < header <= 256 or need <= header or need > total:
+        return None
+    buf = (ctypes.c_char * total).from_buffer_copy(whole[:header] + b"\xAA" * data_size)
+    ctypes.memmove(buf, (need - header).to_bytes(8, "little"), 8)
+    _ucmod.uclib.uc_context_save(uc._uch, buf)
+    got = bytes(buf)
+    _ucmod.uclib.uc_context_save(uc._uch, ctx.context)
+    whole = bytes(ctypes.string_at(ctx.context, total))
+    if got[header:need] != whole[header:need] or got[need:] != b"\xAA" * (total - need):
+        return None
+    return buf
+
+
+class SseAlign:
+    """The C hooks of one engine. `SseAlign.create(uc, hflags_offset)` is None without the built
+    extension or the context offsets (every site then has the Python hook alone)."""
+
+    def __init__(self, lib, uc, hflags_offset: int, segs: int):
+        self.uc = uc
+        self._lib = lib
+        st = self._state = _State()
+        st.reg_read = ctypes.cast(_ucmod.uclib.uc_reg_read, ctypes.c_void_p).value
+        st.context_save = ctypes.cast(_ucmod.uclib.uc_context_save, ctypes.c_void_p).value
+        self._context = uc.context_save()
+        st.context = ctypes.cast(self._context.context, ctypes.c_void_p).value
+        self._short = _short_context(uc, self._context, max(hflags_offset + 4, segs + 6 * 24))
+        if self._short is not None:
+            st.context = ctypes.addressof(self._short)
+        st.context_hflags = st.context + hflags_offset
+        st.context_segs = st.context + segs
+        self.sites: dict[int, tuple[_Site, int, object]] = {}     # address -> (site, hook handle, Python hook)
+
+    @classmethod
+    def create(cls, uc, hflags_offset: int | None) -> "SseAlign | None":
+        from cpuvirt.cpu.deprivilege import segs_offset
+        segs = segs_offset()
+        lib = load("cpuvirt.cpu._ssealign", {"align_sizeof": _State, "align_site_sizeof": _Site})
+        if lib is None or segs is None or hflags_offset is None:
+            return None
+        return cls(lib, uc, hflags_offset, segs)
+
+    @property
+    def checks(self) -> int:
+        return self._state.checks
+
+    @property
+    def passed(self) -> int:
+        return self._state.passed
+
+    def site(self, address: int, size: int, code: bytes, python_hook) -> None:
+        """Hook the aligned-SSE instruction `code` at `address` (decoded as 32-bit code) in C, with
+        `python_hook` behind it. A second call for the same address re-aims its hook at `code`."""
+        form = operand_form(code, True) if len(code) == size else None
+        old = self.sites.get(address)
+        site = old[0] if old is not None else _Site()
+        site.s = ctypes.addressof(self._state)
+        site.python = ctypes.cast(python_hook, ctypes.c_void_p).value
+        site.size, site.valid = size, 1
+        if form is None or not form[5]:
+            site.size = 0                       # not decodable here: always the Python hook
+        else:
+            base, index, scale, disp, seg, _ = form
+            site.base = base if base is not None else -1
+            site.index = index if index is not None else -1
+            site.scale, site.disp, site.seg = scale, disp & 0xFFFFFFFF, seg
+        if old is not None:
+            self.sites[address] = (site, old[1], python_hook)
+            return
+        handle = ctypes.c_size_t()
+        err = _ucmod.uclib.uc_hook_add(self.uc._uch, ctypes.byref(handle), UC_HOOK_CODE,
+                                       ctypes.cast(self._lib.align_hook, ctypes.c_void_p),
+                                       ctypes.c_void_p(ctypes.addressof(site)),
+                                       ctypes.c_uint64(address), ctypes.c_uint64(address))
+        if err:
+            raise RuntimeError(f"cannot hook the SSE instruction at {address:#x} (uc error {err})")
+        self.sites[address] = (site, handle.value, python_hook)   # alive as long as the engine may call them
+
+    def invalidate(self, lo: int, hi: int) -> None:
+        """The code in [lo, hi) was replaced (a translation cache flush): its hooks do nothing until
+        `site` re-aims them."""
+        for address, entry in self.sites.items():
+            if lo <= address < hi:
+                entry[0].valid = 0
