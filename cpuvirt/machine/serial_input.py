@@ -3,16 +3,14 @@
 Two sources, both asked by the machine on its timer path (`deadline()` / `update()`), never per
 instruction:
 
-- `ScriptedInput`: bytes from a file (`--input FILE`, a chunk at a time) or from a pipe on stdin (read as the guest asks for
-  them), released one at a time
-  on the virtual clock, so that the same script gives the same run byte for byte. A byte is put in
-  the receiver only when the guest has read the previous one (the receiver is empty) and `gap`
-  virtual cycles have passed since then: a typist who waits for each key to be taken. With a
-  `prompt` (`--input-prompt TEXT`), each line waits, in addition, until the guest's
-  console output ends with TEXT, as `expect` would wait; the run then ends (status 0, outcome
-  `input_end`) when the prompt comes back after the last line. That makes a scripted session's
-  console independent of how fast the guest runs, so it is the same under every mode, and under
-  QEMU driven the same way.
+- `ScriptedInput`: bytes from a file (`--input FILE`, a chunk at a time) or from a pipe on stdin (read as
+  the guest asks for them), released one at a time on the virtual clock, so that the same script gives the
+  same run byte for byte. A byte is put in the receiver only when the guest has read the previous one (the
+  receiver is empty) and `gap` virtual cycles have passed since then: a typist who waits for each key to be
+  taken. With a `prompt` (`--input-prompt TEXT`), each line waits, in addition, until the guest's console
+  output ends with TEXT, as `expect` would wait; the run then ends (status 0, outcome `input_end`) when the
+  prompt comes back after the last line. That makes a scripted session's console independent of how fast the
+  guest runs, so it is the same under every mode, and under QEMU driven the same way.
 - `TerminalInput`: an interactive terminal (stdin is a TTY). The terminal is put in cbreak mode
   (no line editing or echo on the host side: the guest echoes; Ctrl-C still interrupts), and it is
   polled without blocking every `poll` virtual cycles while the receiver is empty and the guest has
