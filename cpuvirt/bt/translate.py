@@ -199,7 +199,8 @@ class Translator:
         return blk
 
     # -- one guest instruction -----------------------------------------------------------------------------
-    def _one(self, blk, ins, raw: bytes, mnem: str, ops: str, out: bytearray, pending, tc_start) -> bool:
+    def _one(self, blk, ins, raw: bytes, mnem: str, ops: str, out: bytearray, pending,
+             tc_start) -> bool | str:
         """Append the translation of one instruction; True if it ends the block."""
         p = 0
         while p < len(raw) and raw[p] in PREFIXES:
@@ -225,7 +226,7 @@ class Translator:
             pending.append((len(out) - 4, target, "jmp"))
             return True
         if (0x70 <= op <= 0x7F or (op == 0x0F and op2 is not None and 0x80 <= op2 <= 0x8F)) and hints_only:
-            if op == 0x0F:
+            if op == 0x0F and op2 is not None:
                 cc, disp = op2 & 0xF, struct.unpack("<i", raw[p + 2:p + 6])[0]
             else:
                 cc, disp = op & 0xF, struct.unpack("<b", raw[p + 1:p + 2])[0]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import struct
+from typing import Any
 
 from unicorn import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH, UC_PROT_READ, UC_PROT_WRITE
 
@@ -292,14 +293,16 @@ class DeprivilegedVcpu(Vcpu):
             ctypes.cast(self._cplctx.context, ctypes.c_void_p).value + self.faults.layout.hflags)
         self._decoded: dict[tuple[int, bytes], tuple[int, str, str]] = {}
         self._gdtr_mmr = R._Mmr()
-        self._io_site_once = None
+        self._io_site_once: tuple[int, int] | None = None
         self._rtlb: dict[int, int] = {}          # linear page -> host frame, for the hypervisor's reads
         self._loaded: dict[int, tuple[int, int, int]] = {}   # segment register -> (real selector, lo, hi)
-        self._direct = None                      # views into a saved context for direct segment loads
+        # views into a saved context for direct segment loads: (context, its pointer, segs, hflags)
+        self._direct: tuple[Any, Any, Any, ctypes.c_uint32] | None = None
         off = segs_offset()
         if off is not None:
             ctx = self.uc.context_save()
             addr = ctypes.cast(ctx.context, ctypes.c_void_p).value
+            assert addr is not None                  # a saved context is never NULL
             self._direct = (ctx, ctx.context, (_SegmentCache * 6).from_address(addr + off),
                             ctypes.c_uint32.from_address(addr + self.faults.layout.hflags))
         mmu = self.mmu
@@ -506,6 +509,8 @@ class DeprivilegedVcpu(Vcpu):
         for _, real, _, _ in todo:
             if not real & ~3 or real & 4:
                 return False
+        if self._direct is None:
+            return False
         _, cptr, segs, hflags = self._direct
         h = self.uc._uch
         _uclib.uc_context_save(h, cptr)

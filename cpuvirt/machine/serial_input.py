@@ -64,7 +64,7 @@ class ScriptedInput:
         return self.ready_at
 
     def _read_more(self) -> None:
-        chunk = self.more()
+        chunk = self.more() if self.more is not None else b""
         if chunk:
             self.data += chunk
         else:
