@@ -34,7 +34,8 @@ class BtRuntime:
         self.read32, self.write32 = read32, write32
         # callback(site) for sensitive instructions: emulate, set guest EIP; the mode installs it
         self.on_callout: Callable[[Site], int | None] = _no_callout
-        self.on_fetch_fault = None      # callback(TranslateFault, guest_eip) -> False when the run stops
+        # callback(TranslateFault, guest_eip) -> False when the run stops
+        self.on_fetch_fault: Callable[[TranslateFault, int], bool] | None = None
         self.is_kernel = lambda: True   # is the guest now at virtual CPL 0 (its code runs translated)?
         self.current: Site | None = None   # the Site being served (the hypervisor's view of "where")
         self._hook = hooks.code(self.hook_callout, tc.base, tc.base + CALLOUT_SLOTS - 1)

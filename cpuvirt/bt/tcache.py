@@ -16,6 +16,7 @@ from __future__ import annotations
 import bisect
 import struct
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 CALLOUT_SLOTS = 0x10000
 TC_SIZE = 0x200000            # 2 MiB: slots + code
@@ -100,7 +101,7 @@ class TCache:
     def __init__(self, write, base: int, size: int = TC_SIZE, remove_cache=None):
         self._write = write                   # write(linear TC address, bytes): to the TC's backing
         self.remove_cache = remove_cache      # drop the engine's translations of [lo, hi)
-        self.on_flush = None                  # callback(): drop what the hypervisor keeps per translation
+        self.on_flush: Callable[[], None] | None = None   # drop what the hypervisor keeps per translation
         self.base = base
         self.size = size
         self.code_base = base + CALLOUT_SLOTS

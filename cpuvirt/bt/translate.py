@@ -17,7 +17,7 @@ branch, a callout) or the end of the guest page. Each guest instruction becomes 
 from __future__ import annotations
 
 import struct
-from typing import Protocol
+from typing import Callable, Protocol
 
 from capstone import CS_ARCH_X86, CS_MODE_32, Cs
 
@@ -121,8 +121,8 @@ class Translator:
         self.code = code
         self.cs = Cs(CS_ARCH_X86, CS_MODE_32)
         self.adaptive: set[int] = set()        # guest EIPs retranslated as callouts (adaptive BT)
-        self.trace_translate = None            # callback(block) when translations are traced
-        self.on_block = None                   # callback(block) for every new translation
+        self.trace_translate: Callable[[Block], None] | None = None   # when translations are traced
+        self.on_block: Callable[[Block], None] | None = None          # for every new translation
         self._after_sti = False
 
     # -- the entry point ---------------------------------------------------------------------------------

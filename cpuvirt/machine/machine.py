@@ -8,7 +8,7 @@ from __future__ import annotations
 import select
 import struct
 import time
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 from unicorn import UC_ARCH_X86, UC_MODE_32, UC_TLB_VIRTUAL, Uc
 
@@ -169,7 +169,7 @@ class Machine:
         # PCI bus 0 (machine/pci.py): the host and ISA bridges; devices are added before boot.
         self.pci = PciBus(self)
         # A reset request (port 0x92, 0xCF9, the 8042) calls on_reset(why): the runner ends the run.
-        self.on_reset = None
+        self.on_reset: Callable[[str], None] | None = None
         self.bus.register(CONFIG_ADDRESS, 4, ResetControl(self.pci, self._reset), wide=True)
         self.bus.register(PORT92, 1, Port92(self._reset))
         self.bus.register(CONFIG_DATA, 4, self.pci, wide=True)

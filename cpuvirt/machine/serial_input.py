@@ -114,7 +114,7 @@ class TerminalInput:
         self.poll = poll
         self.next_poll = poll
         self.finished = False
-        self.on_finished = None
+        self.on_finished: Callable[[], None] | None = None
 
     def deadline(self) -> int | None:
         """The next look at the terminal, while the guest listens (receive interrupts enabled) and
