@@ -72,7 +72,7 @@ class Direct16:
 
     @property
     def supported(self) -> bool:
-        return self.vcpu._direct is not None    # segment caches writable (cpu/deprivilege.segs_offset)
+        return self.vcpu._direct is not None    # segment caches writable (cpu/segcache.segs_offset)
 
     # -- CR0 writes that change the mode ---------------------------------------------------------------
     def write_cr0(self, value: int) -> None:
