@@ -9,10 +9,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from cpuvirt import __version__
 from cpuvirt.errors import CpuvirtError
 from cpuvirt.status import BAD_INPUT, INTERNAL_ERROR
+
+if TYPE_CHECKING:
+    from cpuvirt.virtio.setup import DeviceSpec
 
 
 def _int(text: str) -> int:
@@ -33,7 +37,6 @@ def _module(text: str) -> tuple[str, str | None]:
 def _parse_devices(texts) -> list:
     """--device values: pc-testdev (a machine device, machine/testdev.py) or a PCI device (virtio/setup.py)."""
     from cpuvirt.machine.testdev import TestdevSpec
-    from cpuvirt.virtio.setup import DeviceSpec, parse_device
     devices: list[TestdevSpec | DeviceSpec] = []
     for text in texts:
         if text.split(",")[0] == TestdevSpec.kind:
@@ -43,6 +46,7 @@ def _parse_devices(texts) -> list:
                 raise CpuvirtError("--device pc-testdev is given twice (the machine has one)")
             devices.append(TestdevSpec())
             continue
+        from cpuvirt.virtio.setup import parse_device  # only when a PCI device is asked for
         devices.append(parse_device(text))
     return devices
 
