@@ -163,7 +163,7 @@ def _attach(machine, specs, trace, pcap, transports) -> None:
             model = transport.cachelines = CacheLineModel(transport.counters)
             model.watch_cpu(machine.uc)
             transport.ram = model.device_ram(ram)
-            if isinstance(device, VhostUserNet):     # its backend process reports the device side
+            if isinstance(device, (VhostNet, VhostUserNet)):   # the device side is in a worker / process
                 device.cachelines = model
         machine.pci.add(transport)
         machine.external.append(device)         # a halted vCPU waits on its sockets (Machine.wait_external)
