@@ -9,10 +9,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from cpuvirt import __version__
 from cpuvirt.errors import CpuvirtError
 from cpuvirt.status import BAD_INPUT, INTERNAL_ERROR
+
+if TYPE_CHECKING:
+    from cpuvirt.virtio.setup import DeviceSpec
 
 
 def _int(text: str) -> int:
@@ -33,7 +37,7 @@ def _module(text: str) -> tuple[str, str | None]:
 def _parse_devices(texts) -> list:
     """--device values: pc-testdev (a machine device, machine/testdev.py) or a PCI device (virtio/setup.py)."""
     from cpuvirt.machine.testdev import TestdevSpec
-    devices = []
+    devices: list[TestdevSpec | DeviceSpec] = []
     for text in texts:
         if text.split(",")[0] == TestdevSpec.kind:
             if text != TestdevSpec.kind:
@@ -42,7 +46,7 @@ def _parse_devices(texts) -> list:
                 raise CpuvirtError("--device pc-testdev is given twice (the machine has one)")
             devices.append(TestdevSpec())
             continue
-        from cpuvirt.virtio.setup import parse_device
+        from cpuvirt.virtio.setup import parse_device  # only when a PCI device is asked for
         devices.append(parse_device(text))
     return devices
 
@@ -287,7 +291,7 @@ def _dispatch(args) -> int:
             from cpuvirt.trace.symbols import for_guest
             at = for_guest(args.guest, "full").resolve(args.at)
         from cpuvirt.runner import run_guest
-        holder = []
+        holder: list = []
         res = run_guest(args.guest, mode="full", mem_mib=args.mem, max_insns=args.max_insns, trace_path=args.trace,
                         mode_options={"observer": holder.append, "verbose": bool(args.trace)})
         text = show(args.guest, holder[0], res, at=at, blocks=args.blocks)
@@ -323,8 +327,8 @@ def _dispatch(args) -> int:
         from cpuvirt.virtio.vhost_user_backend import serve
         return serve(args.socket, args.peer, verbose=args.verbose, report_fd=args.report_fd)
     if args.verb == "trace":
-        from cpuvirt.trace.show import show
-        show(args.file, sys.stdout, kinds=args.kind, image=args.image)
+        from cpuvirt.trace.show import show as show_trace
+        show_trace(args.file, sys.stdout, kinds=args.kind, image=args.image)
         return 0
     raise CpuvirtError(f"unknown verb {args.verb}")
 
@@ -423,7 +427,7 @@ def _vmx_controls(args) -> int:
         print(f"{r['name']:<28} {r['sdm_name']:<29} {r['field']:<10} {r['bit']:>3} {r['default']:>7} "
               f"{r['default_no_ept']:>6}")
         import textwrap
-        print(textwrap.fill(r["effect"], 100, initial_indent="    ", subsequent_indent="    "))
+        print(textwrap.fill(str(r["effect"]), 100, initial_indent="    ", subsequent_indent="    "))
     return 0
 
 
@@ -563,7 +567,7 @@ def _vmcs(args) -> int:
     want = _reason(args.dump_vmcs_on) if args.dump_vmcs_on else None
     if args.at_exit is not None and args.at_exit < 1:
         raise CpuvirtError("--at-exit counts from 1")
-    shown = []
+    shown: list = []
     from cpuvirt.trace.symbols import for_guest
     syms = for_guest(args.guest, "hw")
     rip = syms.resolve(args.at_rip) if args.at_rip else None
@@ -618,7 +622,7 @@ def _compare(args) -> int:
         cols = C.run_columns(args.items[0], specs, budget, args.mem, extra_vmx=args.vmx, cmdline=args.append,
                              devices=devices, inputs=inputs)
         for c in cols:
-            if c.ran:
+            if c.ran and c.result is not None:
                 print(f"# {c.label}: {c.result.outcome}, status {c.result.status}, {c.result.icount:,} instructions",
                       file=sys.stderr)
     sites = C.build_sites(cols)
@@ -637,7 +641,7 @@ def _compare(args) -> int:
 def _select_sites(cols, sites, wanted: list[str]):
     """--site: symbols (with +offset), addresses or FILE:LINE, resolved through the runs' symbols."""
     ref = next((c for c in cols if c.ran), None)
-    keep = []
+    keep: list = []
     for text in wanted:
         if ":" in text and text.rsplit(":", 1)[1].isdigit():
             match = [s for s in sites if s.key[0] == "line" and (s.where == text or s.where.endswith("/" + text))]
@@ -684,7 +688,7 @@ def _run(args) -> int:
             if args.dump_vmcs_on.split("+")[0] not in syms.by_name:
                 raise
             want, rip = None, syms.resolve(args.dump_vmcs_on)
-        done = []
+        done: list = []
 
         def dump_on(cpu, x):
             if not done and (x.reason == want if rip is None else x.rip == rip):

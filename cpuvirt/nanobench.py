@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass
+from typing import Any
 
 from cpuvirt.errors import CpuvirtError
 
@@ -52,7 +53,8 @@ def run_phases(image_path: str, spec) -> tuple[dict[str, Phase], object]:
     """One run of a nanobench image under a ModeSpec: {op: Phase} and the RunResult."""
     from cpuvirt.costs import INSTRUCTION, WALK_REF, tally_of
     from cpuvirt.runner import run_guest
-    state = {"hv": None, "start": None, "line": bytearray()}
+    state: dict[str, Any] = {"hv": None, "start": None}     # the mode once booted; the phase's start
+    line = bytearray()                                        # the console line being written
     phases: dict[str, Phase] = {}
 
     def snap():
@@ -62,7 +64,6 @@ def run_phases(image_path: str, spec) -> tuple[dict[str, Phase], object]:
     pending = {}
 
     def console(byte: int) -> None:
-        line = state["line"]
         if state["hv"] is not None and len(line) < 2:
             pending[len(line)] = snap()       # at the line's first and second byte
         line.append(byte)
@@ -131,12 +132,13 @@ def measure(specs, n: int, table, progress=None) -> dict:
     has_pv = any(g.name == "nanobench" and g.has_pv for g in list_guests())
     out, skipped = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
-        imgs = write_images(n, tmp) if has_pv else {False: None}
-        if not has_pv:
+        if has_pv:
+            imgs = write_images(n, tmp)
+        else:
             from pathlib import Path
-            p = Path(tmp) / "nb.bin"
-            p.write_bytes(build(n, False))
-            imgs[False] = str(p)
+            path = Path(tmp) / "nb.bin"
+            path.write_bytes(build(n, False))
+            imgs = {False: str(path)}
         for i, spec in enumerate(specs):
             if progress:
                 progress(i, len(specs), spec.label)
@@ -150,11 +152,11 @@ def measure(specs, n: int, table, progress=None) -> dict:
                 continue
             row = {}
             for op in OPS:
-                p = phases.get(op)
-                if p is None:
+                phase = phases.get(op)
+                if phase is None:
                     continue
-                m = costs.model(p.tally, table, spec.mode)
-                row[op] = {"host_ns": round(p.host_s / n * 1e9, 1), "events": round(p.events() / n, 3),
+                m = costs.model(phase.tally, table, spec.mode)
+                row[op] = {"host_ns": round(phase.host_s / n * 1e9, 1), "events": round(phase.events() / n, 3),
                            "modelled_cycles": round(m.total / n, 1),
                            "by_kind": {k: round(v / n, 1) for k, v in m.by_kind().items()}}
             out[spec.label] = row

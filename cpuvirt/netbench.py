@@ -43,8 +43,8 @@ class Row:
     frames: int
     exits: float
     copies: float | None
-    kicks: float
-    interrupts: float
+    kicks: float | None
+    interrupts: float | None
     suppressed: float | None
     host_us: float | None                # None: the difference was lost in the noise (too few frames)
     frames_per_s: float | None
@@ -147,6 +147,7 @@ def measure(modes, backends, frames: int, repeat: int, cachelines: bool, progres
                     best = r
                 if base is None or b.wall_s < base.wall_s:
                     base = b
+            assert best is not None and base is not None        # repeat >= 1
             d, d0 = best.devices[0], base.devices[0]
             n = d["tx_frames"] - d0["tx_frames"]
             if n <= 0:

@@ -50,7 +50,7 @@ def events_by_reason_plot(cols) -> str:
     ran = [c for c in cols if c.ran and c.trace is not None]
     per = {c.label: Counter(f"{e['kind']}:{e['reason']}" for e in c.trace.events if e["kind"] != "translate")
            for c in ran}
-    total = Counter()
+    total: Counter[str] = Counter()
     for cnt in per.values():
         total.update(cnt)
     top = [k for k, _ in total.most_common(12)]

@@ -238,7 +238,7 @@ def run_guest(guest: str, mode: str = "native", mem_mib: int = 32, max_insns: in
     exit_value = []
     unhandled = []
 
-    source = []
+    source: list = []
 
     def on_console(byte: int) -> None:
         keep(byte)
@@ -326,7 +326,8 @@ def run_guest(guest: str, mode: str = "native", mem_mib: int = 32, max_insns: in
             if vcpu.trace is None:
                 return 0
             if mmio is not None:
-                return mmio_sites.site(*mmio, advance=False)
+                gpa, is_write = mmio
+                return mmio_sites.site(gpa, is_write, advance=False)
             return vcpu.regs.read(R.EIP) if timer else device_site()
 
         attach_testdev(machine, devices)       # --device pc-testdev: a machine device, not PCI
@@ -354,6 +355,7 @@ def run_guest(guest: str, mode: str = "native", mem_mib: int = 32, max_insns: in
         if input_data is not None or input_terminal is not None or input_more is not None:
             from cpuvirt.machine.serial_input import ScriptedInput, TerminalInput
             now = lambda: machine.clock.now       # noqa: E731
+            src: TerminalInput | ScriptedInput
             if input_terminal is not None:
                 src = TerminalInput(input_terminal, machine.uart, now)
             else:

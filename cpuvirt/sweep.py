@@ -57,7 +57,7 @@ def sweep(guest: str, axes, modes: list[str], max_insns: int, jobs: int | None =
     combos = combinations(axes)
     for vmx in combos:
         VmxSettings(list(vmx))                   # every bad name or value before the first run
-    work = []
+    work: list[tuple[str, str, tuple, int]] = []
     for mode in modes:
         resolve_guest(guest, mode)
         work.extend([(guest, "hw", vmx, max_insns) for vmx in combos] if mode == "hw"

@@ -443,7 +443,8 @@ def test_direct_segment_loads_equal_the_engines_own(mode, monkeypatch):
 
     from cpuvirt.cpu import deprivilege as D
     from cpuvirt.cpu.quirks import HF_INHIBIT_IRQ
-    off = D.segs_offset()
+    from cpuvirt.cpu.segcache import segs_offset
+    off = segs_offset()
     assert off is not None
     direct = D.DeprivilegedVcpu._load_direct
     checked = []

@@ -23,6 +23,8 @@ SS, which is the engine's CPL, changes (0 in real mode, the kernel ring while PE
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from capstone import CS_ARCH_X86, CS_MODE_16, Cs
 from unicorn import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH
 
@@ -31,6 +33,11 @@ from cpuvirt.cpu.events import Unsupported, Vector
 from cpuvirt.engine import regs as R
 from cpuvirt.engine.regs import _uclib
 from cpuvirt.x86.flags import CR0_PE, CR0_PG, CR0_WP, EFLAGS_IOPL
+
+if TYPE_CHECKING:       # a mixin: mypy reads its super() calls against the class it is mixed into
+    from cpuvirt.cpu.deprivilege import DeprivilegedVcpu as _VcpuBase
+else:
+    _VcpuBase = object
 
 REAL, PM16 = "real", "pm16"
 _CS, _SS = 1, 2                    # QEMU's R_CS, R_SS: indexes of env->segs
@@ -62,13 +69,13 @@ class Direct16:
         self.vcpu = vcpu
         self.kernel_ring = kernel_ring
         self.hv_cr0, self.hv_idtr = hv_cr0, hv_idtr
-        self.state = None
+        self.state: str | None = None
         self.from_real = False
         self.transitions = 0
 
     @property
     def supported(self) -> bool:
-        return self.vcpu._direct is not None    # segment caches writable (cpu/deprivilege.segs_offset)
+        return self.vcpu._direct is not None    # segment caches writable (cpu/segcache.segs_offset)
 
     # -- CR0 writes that change the mode ---------------------------------------------------------------
     def write_cr0(self, value: int) -> None:
@@ -188,10 +195,12 @@ class Direct16:
         c.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
 
 
-class RunsCode16:
+class RunsCode16(_VcpuBase):
     """What a deprivileging vCPU overrides to run 16-bit code in place (full's FullVcpu: it sets
     `direct16`, a Direct16, and adds WANTED to its intercepts). Placed before DeprivilegedVcpu in
     the bases."""
+
+    direct16: Direct16
 
     CODE16 = True               # the core accepts 16-bit code segments (cpu/deprivilege.load_cs_ss)
     _cs16 = None

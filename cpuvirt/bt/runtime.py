@@ -11,10 +11,16 @@ The engine is never stopped for any of these.
 """
 from __future__ import annotations
 
-from cpuvirt.bt.tcache import CALLOUT_SLOTS, Block, TCache
+from typing import Callable
+
+from cpuvirt.bt.tcache import CALLOUT_SLOTS, Block, Site, TCache
 from cpuvirt.bt.translate import GuestCode, TranslateFault, Translator
 from cpuvirt.engine import regs as R
 from cpuvirt.engine.hooks import EngineHooks
+
+
+def _no_callout(site: Site) -> int | None:
+    raise RuntimeError(f"{site.kind} callout before the mode installed on_callout")
 
 
 class BtRuntime:
@@ -26,10 +32,12 @@ class BtRuntime:
         self.tc = tc
         self.translator = Translator(tc, code)
         self.read32, self.write32 = read32, write32
-        self.on_callout = None          # callback(site) for sensitive instructions: emulate, set guest EIP
-        self.on_fetch_fault = None      # callback(TranslateFault, guest_eip) -> False when the run stops
+        # callback(site) for sensitive instructions: emulate, set guest EIP; the mode installs it
+        self.on_callout: Callable[[Site], int | None] = _no_callout
+        # callback(TranslateFault, guest_eip) -> False when the run stops
+        self.on_fetch_fault: Callable[[TranslateFault, int], bool] | None = None
         self.is_kernel = lambda: True   # is the guest now at virtual CPL 0 (its code runs translated)?
-        self.current = None             # the Site being served (the hypervisor's view of "where")
+        self.current: Site | None = None   # the Site being served (the hypervisor's view of "where")
         self._hook = hooks.code(self.hook_callout, tc.base, tc.base + CALLOUT_SLOTS - 1)
 
     # -- guest EIP -> TC --------------------------------------------------------------------------------

@@ -15,22 +15,34 @@ from __future__ import annotations
 
 import bisect
 import struct
+from dataclasses import asdict, dataclass
+from typing import Callable
 
 CALLOUT_SLOTS = 0x10000
 TC_SIZE = 0x200000            # 2 MiB: slots + code
 INT3 = 0xCC
 
 
+@dataclass(slots=True)
 class Counters:
-    __slots__ = ("translations", "bytes", "chained", "chain_patches", "lookups", "misses", "ic_misses",
-                 "callouts", "evictions", "flushes", "invalidations", "code_stores", "adaptive")
+    """What the translator and its cache did, by event (stats read them by name, in this order)."""
 
-    def __init__(self):
-        for k in self.__slots__:
-            setattr(self, k, 0)
+    translations: int = 0
+    bytes: int = 0
+    chained: int = 0
+    chain_patches: int = 0
+    lookups: int = 0
+    misses: int = 0
+    ic_misses: int = 0
+    callouts: int = 0
+    evictions: int = 0
+    flushes: int = 0
+    invalidations: int = 0
+    code_stores: int = 0
+    adaptive: int = 0
 
-    def as_dict(self) -> dict:
-        return {k: getattr(self, k) for k in self.__slots__}
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
 
 
 class Insn:
@@ -89,7 +101,7 @@ class TCache:
     def __init__(self, write, base: int, size: int = TC_SIZE, remove_cache=None):
         self._write = write                   # write(linear TC address, bytes): to the TC's backing
         self.remove_cache = remove_cache      # drop the engine's translations of [lo, hi)
-        self.on_flush = None                  # callback(): drop what the hypervisor keeps per translation
+        self.on_flush: Callable[[], None] | None = None   # drop what the hypervisor keeps per translation
         self.base = base
         self.size = size
         self.code_base = base + CALLOUT_SLOTS

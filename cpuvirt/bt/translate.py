@@ -17,7 +17,7 @@ branch, a callout) or the end of the guest page. Each guest instruction becomes 
 from __future__ import annotations
 
 import struct
-from typing import Protocol
+from typing import Callable, Protocol
 
 from capstone import CS_ARCH_X86, CS_MODE_32, Cs
 
@@ -121,8 +121,8 @@ class Translator:
         self.code = code
         self.cs = Cs(CS_ARCH_X86, CS_MODE_32)
         self.adaptive: set[int] = set()        # guest EIPs retranslated as callouts (adaptive BT)
-        self.trace_translate = None            # callback(block) when translations are traced
-        self.on_block = None                   # callback(block) for every new translation
+        self.trace_translate: Callable[[Block], None] | None = None   # when translations are traced
+        self.on_block: Callable[[Block], None] | None = None          # for every new translation
         self._after_sti = False
 
     # -- the entry point ---------------------------------------------------------------------------------
@@ -199,7 +199,8 @@ class Translator:
         return blk
 
     # -- one guest instruction -----------------------------------------------------------------------------
-    def _one(self, blk, ins, raw: bytes, mnem: str, ops: str, out: bytearray, pending, tc_start) -> bool:
+    def _one(self, blk, ins, raw: bytes, mnem: str, ops: str, out: bytearray, pending,
+             tc_start) -> bool | str:
         """Append the translation of one instruction; True if it ends the block."""
         p = 0
         while p < len(raw) and raw[p] in PREFIXES:
@@ -225,7 +226,7 @@ class Translator:
             pending.append((len(out) - 4, target, "jmp"))
             return True
         if (0x70 <= op <= 0x7F or (op == 0x0F and op2 is not None and 0x80 <= op2 <= 0x8F)) and hints_only:
-            if op == 0x0F:
+            if op == 0x0F and op2 is not None:
                 cc, disp = op2 & 0xF, struct.unpack("<i", raw[p + 2:p + 6])[0]
             else:
                 cc, disp = op & 0xF, struct.unpack("<b", raw[p + 1:p + 2])[0]

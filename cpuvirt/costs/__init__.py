@@ -19,7 +19,8 @@ uncosted.
 from __future__ import annotations
 
 import json
-from collections import Counter
+from collections import Counter, defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -183,7 +184,7 @@ class Modelled:
 
     def by_kind(self) -> dict[str, float]:
         """Cycles per event kind (the part before ':'), busiest first; 'instruction' included."""
-        out: Counter = Counter()
+        out: defaultdict[str, float] = defaultdict(float)
         for r in self.rows:
             out[r.key.partition(":")[0]] += r.cycles
         return dict(sorted(out.items(), key=lambda kv: -kv[1]))
@@ -196,7 +197,7 @@ class Modelled:
                 "uncosted": self.uncosted}
 
 
-def model(tally: Counter, table: CostTable, mode: str) -> Modelled:
+def model(tally: Mapping[str, int], table: CostTable, mode: str) -> Modelled:
     """Charge every tallied event by `table` for a run under `mode` (the mode's base name: hw, full...)."""
     base_mode = mode.split(":")[0].split()[0]
     m = Modelled(table.name, base_mode, 0.0)

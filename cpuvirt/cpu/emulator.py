@@ -29,6 +29,8 @@ Anything else raises `Unsupported` naming the instruction ("by `TEXT` at EIP: wh
 """
 from __future__ import annotations
 
+from typing import Callable
+
 from capstone import CS_ARCH_X86, CS_MODE_16, CS_MODE_32, Cs
 from capstone import x86_const as C
 from capstone.x86 import X86_OP_IMM, X86_OP_MEM, X86_OP_REG
@@ -474,7 +476,8 @@ def _string(c: Context, f: Form) -> bool:
 _STRING = ("movs", "stos", "lods", "cmps", "scas", "ins", "outs")
 _SSE_MOVES = ("movdqu", "movdqa", "movups", "movaps", "movupd", "movapd")
 
-FORMS = {}
+# capstone instruction id -> (mnemonic, emulator); _string alone returns whether the rep finished.
+FORMS: dict[int, tuple[str, Callable[[Context, Form], object]]] = {}
 for _name, _fn in (("mov", _mov), ("movzx", _movx), ("movsx", _movx), ("inc", _incdec), ("dec", _incdec),
                    ("not", _not), ("neg", _neg), ("xchg", _xchg), ("xadd", _xadd), ("cmpxchg", _cmpxchg),
                    ("bt", _bt), ("bts", _bt), ("btr", _bt), ("btc", _bt), ("bsf", _bsx), ("bsr", _bsx),

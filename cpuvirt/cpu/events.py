@@ -8,6 +8,7 @@ mode (CR0.PE = 0), the interrupt vector table (20.1.4).
 from __future__ import annotations
 
 import struct
+from typing import TYPE_CHECKING
 
 from cpuvirt.cpu.faults import DeliveryFault, TripleFault  # noqa: F401  (re-exported)
 from cpuvirt.engine import regs as R
@@ -15,6 +16,9 @@ from cpuvirt.memory.mmu import GuestPageFault, NestedFault
 from cpuvirt.status import Unsupported  # noqa: F401  (re-exported: the modes import it from here)
 from cpuvirt.x86.flags import EFLAGS_AC, EFLAGS_IF, EFLAGS_NT, EFLAGS_RF, EFLAGS_TF, EFLAGS_VM
 from cpuvirt.x86.vectors import CONTRIBUTORY, HAS_ERROR_CODE, MNEMONIC, Vector  # noqa: F401  (re-exported)
+
+if TYPE_CHECKING:
+    from cpuvirt.cpu.tasks import CpuView
 
 GATE_TASK, GATE_INT32, GATE_TRAP32 = 0x5, 0xE, 0xF
 
@@ -32,7 +36,7 @@ class EventDelivery:
         self.uc = uc
         self.regs = regs
         self.mmu = mmu
-        self.view = None      # the vCPU's tasks.CpuView: task gates switch tasks through it
+        self.view: CpuView | None = None    # the vCPU's tasks.CpuView: task gates switch tasks through it
         self.fast = None      # the common case in C (cpu/fastdelivery.py), native mode only
 
     def deliver(self, vector: int, return_eip: int, error_code: int | None = None,
@@ -258,6 +262,6 @@ class EventDelivery:
         as cpuvirt did before, flushed the engine's whole TLB at every ring change: the handler's and
         then the interrupted code's pages were filled again on every system call.)
         """
-        if new_cpl < cpl:
+        if new_cpl < cpl and self.view is not None:
             self.view.vcpu.faults.set_cpl(new_cpl, ss)
         self.regs.write(R.SS, ss)

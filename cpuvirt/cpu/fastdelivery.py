@@ -160,12 +160,15 @@ def _engine_cpu(uc) -> tuple[int, int] | None:
                 return None
     finally:
         uc.reg_write(R.EAX, eax)
-    return cpu_off, ctypes.cast(loop_exit, ctypes.c_void_p).value
+    address = ctypes.cast(loop_exit, ctypes.c_void_p).value
+    return None if address is None else (cpu_off, address)
 
 
 class FastDelivery:
     """`FastDelivery.install(delivery)` gives an EventDelivery over a native MMU (the guest's own page
     tables over a flat p2m, the real registers) its C path; None if the extension is not built."""
+
+    _hv: ctypes.c_char      # hw: the first byte of the hypervisor region holding the EPT tables (install_ept)
 
     def __init__(self, lib, mmu, faults):
         self.mmu = mmu

@@ -18,6 +18,7 @@ VMCS control, or a deprivileging hypervisor, must see them. The way used here:
 from __future__ import annotations
 
 import re
+from typing import Callable
 
 from capstone import CS_ARCH_X86, CS_MODE_16, CS_MODE_32, Cs
 
@@ -81,10 +82,10 @@ class Intercepts:
         self._cs = Cs(CS_ARCH_X86, CS_MODE_32)
         # (address, size, mnemonic, operands, code, python hook) -> True when it put a C hook in front
         # of the site's _hit (cpu/fastdelivery.py: the common iret and mov to CR4)
-        self.fast_site = None
+        self.fast_site: Callable[..., bool] | None = None
         self._cs16 = Cs(CS_ARCH_X86, CS_MODE_16)
-        self.code16 = None              # callable: is the guest running 16-bit code now? (real mode)
-        self.sse = None                 # ssealign.SseAlign: the C hook of aligned-SSE sites
+        self.code16: Callable[[], bool] | None = None   # is the guest running 16-bit code now? (real mode)
+        self.sse: ssealign.SseAlign | None = None     # the C hook of aligned-SSE sites
         self._pattern = re.compile(b"|".join(OPCODES.values()) + b"|" + FAR_PATTERN + b"|" + ssealign.OPCODE_PATTERN)
 
     # -- scanning ----------------------------------------------------------------------------------

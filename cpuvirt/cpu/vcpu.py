@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 from collections import Counter
+from typing import TYPE_CHECKING
 
 from unicorn import UC_HOOK_INSN, UC_HOOK_TLB_FILL, UcError
 from unicorn import x86_const as X
@@ -34,6 +35,9 @@ from cpuvirt.status import Unsupported
 from cpuvirt.x86.faultaddr import fault_address
 from cpuvirt.x86.flags import EFLAGS_IF, EFLAGS_NT, EFLAGS_RF, EFLAGS_VM
 from cpuvirt.x86.vectors import HAS_ERROR_CODE, MNEMONIC, Vector
+
+if TYPE_CHECKING:
+    from cpuvirt.cpu.intercept import Intercepts
 
 EXTERNAL_WAIT_S = 60.0          # host seconds a halted CPU waits for a frame from another process
 
@@ -78,7 +82,7 @@ class Vcpu:
         self._insn_cache: dict[tuple[int, bytes], str] = {}
         self.error: BaseException | None = None
         self.hooks = EngineHooks(self)      # every engine hook is added through it, under the one guard
-        self.intercepts = None    # an Intercepts, for modes that must see non-trapping instructions
+        self.intercepts: Intercepts | None = None   # for modes that must see non-trapping instructions
         self._io_block, self._io_index = -1, 0
         self._intr_depth = 0
         self.on_nmi_blocked = None  # callback(bool): told of every change (native's C iret hook)
@@ -161,6 +165,7 @@ class Vcpu:
             else:
                 self.on_hlt(eip)
             eip = regs.read(R.EIP)
+        assert self.outcome is not None          # the loop ends only when finish() set it
         return self.outcome
 
     def halt_requested(self) -> bool:
@@ -391,7 +396,7 @@ class Vcpu:
             insn_len = 1 if prev in (b"\xcc", b"\xce") else 2     # int3 / into, or int n
             start = (eip - insn_len) & 0xFFFFFFFF
             name = f"int {intno:#x}" if soft else MNEMONIC.get(intno, str(intno))
-            detail = {"vector": intno, "software": soft}
+            detail: dict[str, object] = {"vector": intno, "software": soft}
             if insn_len == 2:               # `int n`: EAX is the system-call number by OS convention
                 detail["eax"] = f"{self.regs.read(R.EAX):#x}"
             self.record("exception" if not soft else "interrupt", name, intno, start, detail,
@@ -650,6 +655,7 @@ class Vcpu:
         from cpuvirt.cpu.vcpu import IO_INSTRUCTIONS as io
         self.io_gate_armed = True
         ic = self.intercepts
+        assert ic is not None, "the I/O gate arms the intercepts watch_if_setters made"
         ic.wanted = ic.wanted | io
         self._flush_translations = True
 

@@ -68,7 +68,7 @@ class Step:
 class Question:
     key: str
     text: str
-    answer: Callable[[dict], object] | None = None   # a number from the observations, checked; None: discussion
+    answer: Callable[[dict], float] | None = None   # a number from the observations, checked; None: discussion
     tolerance: float = 0.0
 
 
@@ -117,9 +117,9 @@ def run_step(step: Step, folder: Path) -> Output:
 
 def run_lab(lab: Lab, folder: Path | None = None, echo=None) -> tuple[list[Output], dict]:
     """Run every step in `folder` (a fresh temporary one by default): (outputs, observations)."""
-    own = folder is None
-    tmp = tempfile.TemporaryDirectory(prefix=f"cpuvirt-lab-{lab.name}-") if own else None
-    where = Path(tmp.name) if own else folder
+    tmp = tempfile.TemporaryDirectory(prefix=f"cpuvirt-lab-{lab.name}-") if folder is None else None
+    where = Path(tmp.name) if tmp is not None else folder
+    assert where is not None
     outputs, observed = [], {}
     try:
         for i, step in enumerate(lab.steps, 1):

@@ -203,9 +203,9 @@ def build_boot_info(image: KernelImage, mem_bytes: int, cmdline: str = "",
     strings_addr = mods_addr + 16 * len(mod_strings)
     strings = bytearray()
     mod_string_addrs = []
-    for s in mod_strings:
+    for c_string in mod_strings:
         mod_string_addrs.append(strings_addr + len(strings))
-        strings += s
+        strings += c_string
     cmdline_addr = strings_addr + len(strings)
     strings += kernel_str
     loader_addr = strings_addr + len(strings)
@@ -353,7 +353,8 @@ def _load_elf(data: bytes, offset: int, flags: int, where: str) -> KernelImage:
     except Exception as exc:  # pyelftools raises many types on malformed input
         raise MultibootError(f"{where}malformed or truncated ELF ({type(exc).__name__}: {exc})") from None
 
-    segments, bss, spans = [], [], []
+    segments, bss = [], []
+    spans: list[tuple[int, int]] = []
     for paddr, p_offset, filesz, memsz in loads:
         if memsz == 0:
             continue  # QEMU's ELF loader skips empty segments too
@@ -388,7 +389,7 @@ def _load_elf(data: bytes, offset: int, flags: int, where: str) -> KernelImage:
 
 def _check_placement(image: KernelImage, where: str) -> None:
     """Refuse loading into memory that is not RAM or that the boot information needs."""
-    ranges = []
+    ranges: list[tuple[int, int]] = []
     for start, end in sorted([(gpa, gpa + len(blob)) for gpa, blob in image.segments]
                              + [(gpa, gpa + n) for gpa, n in image.bss]):
         if ranges and ranges[-1][1] == start:

@@ -158,7 +158,7 @@ class LocalApic:
         self.initial_count = 0
         self._base = self.now()                 # timer: virtual time of the last (re)load ...
         self._base_count = 0                    # ... and the count then
-        self._fire_tick = None                  # ticks after _base of the next zero crossing
+        self._fire_tick: int | None = None      # ticks after _base of the next zero crossing
 
     def bios_setup(self) -> None:
         """Leave the APIC as SeaBIOS does under QEMU (see BIOS_*)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import select
 import struct
 import time
+from typing import Any, Callable, Protocol
 
 from unicorn import UC_ARCH_X86, UC_MODE_32, UC_TLB_VIRTUAL, Uc
 
@@ -39,6 +40,7 @@ from cpuvirt.machine.uart import Uart16550
 from cpuvirt.machine.vga import CRTC_PORT, VgaCrtc
 from cpuvirt.memory.mmu import Mmu
 from cpuvirt.memory.p2m import MMIO_HPA, RAM_HPA, UNBACKED_HPA, P2m
+from cpuvirt.memory.types import GPA, GVA, HPA
 from cpuvirt.x86 import cpuid as _cpuid
 from cpuvirt.x86.flags import EFLAGS_VM
 
@@ -84,6 +86,14 @@ class _Elcr:
         self.pic.write_elcr(port, size, value & 0xFF)
 
 
+class TimedDevice(Protocol):
+    """Something with its own deadline in virtual time (scripted serial input, a device's completion
+    timer): the machine wakes for the earliest, then lets each catch up."""
+
+    def deadline(self) -> int | None: ...
+    def update(self) -> object: ...
+
+
 class _PortWindow:
     """A PCI I/O BAR on the port bus: the region sees offsets from the BAR's base."""
 
@@ -106,7 +116,9 @@ class _MmioWindow:
     __slots__ = ("gpa", "hpa", "size", "callbacks")
 
     def __init__(self, hpa: int, size: int):
-        self.gpa, self.hpa, self.size, self.callbacks = None, hpa, size, None
+        self.gpa: int = 0                 # set by map_mem before the region is reachable
+        self.hpa, self.size = hpa, size
+        self.callbacks: tuple | None = None
 
 
 class MsrFault(Exception):
@@ -124,16 +136,16 @@ class Machine:
         uc.ctl_set_exits([])
         self.ram = HostRegion(uc, RAM_HPA, self.mem_bytes, shared=shared_ram)   # shared: a memfd (vhost-user)
         uc.mmio_map(UNBACKED_HPA, 0x1000, lambda *_: 0xFFFFFFFF, None, lambda *_: None, None)
-        uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
+        uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)   # type: ignore[attr-defined]  # in 2.1.3, not in its hints
         self.regs = Regs(uc)
         self.p2m = P2m(self.mem_bytes)
         self.mmu = Mmu(uc, self.regs, self.p2m, self.ram)
         self.clock = VirtualClock(uc, self._count_block)
 
         self.bus = PortBus(on_unhandled=on_unhandled_io)
-        self.input = None            # serial_input.ScriptedInput / TerminalInput, set by attach_input
+        self.input: TimedDevice | None = None   # serial_input.ScriptedInput / TerminalInput (attach_input)
         self.external: list = []     # devices fed from outside the machine (a NIC's sockets): wait_external
-        self.device_timers = []      # devices' own deadlines (virtio/completion.py DeviceTimer)
+        self.device_timers: list[TimedDevice] = []   # devices' own deadlines (virtio/completion.py DeviceTimer)
         self.uart = Uart16550(on_output=on_console, raise_irq=self._uart_irq_raise,
                               lower_irq=self._uart_irq_lower)
         self.pic = Pic8259Pair()
@@ -159,7 +171,7 @@ class Machine:
         # PCI bus 0 (machine/pci.py): the host and ISA bridges; devices are added before boot.
         self.pci = PciBus(self)
         # A reset request (port 0x92, 0xCF9, the 8042) calls on_reset(why): the runner ends the run.
-        self.on_reset = None
+        self.on_reset: Callable[[str], None] | None = None
         self.bus.register(CONFIG_ADDRESS, 4, ResetControl(self.pci, self._reset), wide=True)
         self.bus.register(PORT92, 1, Port92(self._reset))
         self.bus.register(CONFIG_DATA, 4, self.pci, wide=True)
@@ -175,7 +187,7 @@ class Machine:
         self.mmio = MmioBus(on_access=on_mmio)
         self.mmu.devices = self.mmio         # the hypervisor's linear accesses reach device registers
         self._next_mmio_hpa = MMIO_HPA
-        self._mmio_callbacks = []          # Unicorn keeps only pointers: keep the closures alive
+        self._mmio_callbacks: list[tuple] = []   # Unicorn keeps only pointers: keep the closures alive
         self.apic = LocalApic(now=lambda: self.clock.now, on_change=self._interrupts_changed)
         self.apic.bios_setup()
         self.map_mmio(APIC_BASE_GPA, APIC_SIZE, self.apic)
@@ -184,8 +196,8 @@ class Machine:
         self.ioapic = IoApic(deliver=self._ioapic_message, on_change=self._interrupts_changed)
         self.apic.on_level_eoi = self.ioapic.eoi
         self.map_mmio(IOAPIC_BASE_GPA, IOAPIC_SIZE, _Replans(self.ioapic, self))
-        self._insn_counter = None
-        self._insn_counter16 = None
+        self._insn_counter: Any = None       # capstone Cs (32-bit), made on first use
+        self._insn_counter16: Any = None
         self.block_observer = None   # callback(insns) -> True to stop and retranslate the block
         self.on_new_block = None     # callback(address): caches keyed by block must drop it
         self.block_insns: dict[int, tuple] = {}   # block -> (instruction addresses, end address)
@@ -216,7 +228,7 @@ class Machine:
     def _ioapic_message(self, vector: int, level: bool, dest: int, logical: bool, mode: int) -> None:
         self.apic.receive(vector, level, dest, logical, nmi=(mode == 4))
 
-    def attach_input(self, source) -> None:
+    def attach_input(self, source: TimedDevice) -> None:
         """Connect what is typed into COM1 (serial_input.py); its byte times become timer events."""
         self.input = source
         self._interrupts_changed()
@@ -264,13 +276,13 @@ class Machine:
         (_Replans), so no stop is needed for it, and a CPU halted waiting for the APIC timer is not
         woken by a PIT edge it cannot take.
         """
-        deadlines = [self.apic.next_deadline()]
+        candidates = [self.apic.next_deadline()]
         if (not self.pic.master.imr & 1 and self.apic.pic_connected()) or self.ioapic.pin_unmasked(2):
-            deadlines.append(self.pit.next_deadline())
+            candidates.append(self.pit.next_deadline())
         if self.input is not None:
-            deadlines.append(self.input.deadline())
-        deadlines.extend(t.deadline() for t in self.device_timers)
-        deadlines = [d for d in deadlines if d is not None]
+            candidates.append(self.input.deadline())
+        candidates.extend(t.deadline() for t in self.device_timers)
+        deadlines = [d for d in candidates if d is not None]
         return min(deadlines) if deadlines else None
 
     def update_timers(self) -> None:
@@ -374,7 +386,7 @@ class Machine:
 
         self._mmio_callbacks.append((read, write))
         self.uc.mmio_map(hpa, size, read, None, write, None)
-        self.p2m.add_mmio(gpa, size, hpa)
+        self.p2m.add_mmio(GPA(gpa), size, HPA(hpa))
         self._next_mmio_hpa = hpa + size
 
     # -- the PCI bus's view of the machine (machine/pci.py, Platform) --------------------------------
@@ -409,12 +421,12 @@ class Machine:
             self.uc.mmio_map(hpa, size, read, None, write, None)
         self.mmio.register(base, size, device)
         window.gpa = base
-        self.p2m.add_mmio(base, size, window.hpa)
+        self.p2m.add_mmio(GPA(base), size, HPA(window.hpa))
         self._flush_engine_tlb()
 
     def unmap_mem(self, base: int, size: int) -> None:
         self.mmio.unregister(base)
-        self.p2m.remove_mmio(base)
+        self.p2m.remove_mmio(GPA(base))
         self._flush_engine_tlb()
 
     def _flush_engine_tlb(self) -> None:
@@ -473,7 +485,7 @@ class Machine:
     def _count_block(self, address: int, size: int) -> int:
         try:
             self.mmu.crs = None          # a fresh hypervisor entry: CRs may have changed
-            code = self.mmu.fetch_bytes(address, size)
+            code = self.mmu.fetch_bytes(GVA(address), size)
             if not code:
                 return 1
             if self._insn_counter is None:

@@ -21,7 +21,7 @@ send MSI messages through the bus's `platform`.
 from __future__ import annotations
 
 import struct
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 CONFIG_ADDRESS, CONFIG_DATA = 0xCF8, 0xCFC
 CONFIG_ENABLE = 1 << 31
@@ -46,6 +46,7 @@ IO_WINDOW_BASE = 0xC000
 MEM_WINDOW_TOP = 0xFEC00000
 FIRST_DEVICE_SLOT = 2
 MAX_SLOTS = 32
+_F = TypeVar("_F", bound="PciFunction")
 
 
 def _overlaps(offset: int, size: int, lo: int, n: int) -> bool:
@@ -240,7 +241,7 @@ class PciBus:
         self.isa = self.add(Piix3(), 1)
         self._irq_levels: dict[int, set] = {}
 
-    def add(self, function: PciFunction, slot: int | None = None) -> PciFunction:
+    def add(self, function: _F, slot: int | None = None) -> _F:
         if slot is None:
             slot = next((s for s in range(FIRST_DEVICE_SLOT, MAX_SLOTS) if s not in self.functions), None)
             if slot is None:
@@ -307,6 +308,8 @@ class PciBus:
         return True
 
     def unmap(self, function: PciFunction, bar: Bar) -> None:
+        if bar.mapped is None:
+            return
         if bar.io:
             self.platform.unmap_io(bar.mapped, bar.size)
         else:
@@ -338,8 +341,10 @@ class PciBus:
         functions = [f for _, f in sorted(self.functions.items())]
         io = sorted(((f, b.index, b.size) for f in functions for b in f.bars.values() if b.io),
                     key=lambda r: -r[2])
-        mem = sorted([(f, b.index, b.size) for f in functions for b in f.bars.values() if not b.io]
-                     + [(f, "rom", f.rom_size) for f in functions if f.rom_size], key=lambda r: -r[2])
+        bars: list[tuple[PciFunction, int | None, int]] = [
+            (f, b.index, b.size) for f in functions for b in f.bars.values() if not b.io]
+        # None: the expansion ROM's base register
+        mem = sorted(bars + [(f, None, f.rom_size) for f in functions if f.rom_size], key=lambda r: -r[2])
         address = IO_WINDOW_BASE
         for function, index, size in io:
             address = (address + size - 1) & ~(size - 1)
@@ -349,11 +354,11 @@ class PciBus:
             total = sum(size for _, _, size in mem)
             align = max(size for _, _, size in mem)
             address = (MEM_WINDOW_TOP - total) & ~(align - 1)
-            for function, index, size in mem:
-                if index == "rom":
+            for function, bar_index, size in mem:
+                if bar_index is None:
                     struct.pack_into("<I", function.config, ROM_ADDRESS, address)      # assigned, disabled
                 else:
-                    function._write_bar_raw(index, address)
+                    function._write_bar_raw(bar_index, address)
                 address += size
         for _slot, function in sorted(self.functions.items()):
             if function.config[INTERRUPT_PIN]:

@@ -67,7 +67,7 @@ class ScriptedInput:
         return self.ready_at
 
     def _read_more(self) -> None:
-        chunk = self.more()
+        chunk = self.more() if self.more is not None else b""
         if chunk:
             self.data = self.data[self.pos:] + chunk    # keep only what is still to be typed
             self.pos = 0
@@ -118,7 +118,7 @@ class TerminalInput:
         self.poll = poll
         self.next_poll = poll
         self.finished = False
-        self.on_finished = None
+        self.on_finished: Callable[[], None] | None = None
 
     def deadline(self) -> int | None:
         """The next look at the terminal, while the guest listens (receive interrupts enabled) and

@@ -13,6 +13,7 @@ they show the current GDT frames read-only (the engine reads descriptors through
 from __future__ import annotations
 
 import struct
+from typing import Callable
 
 from cpuvirt.memory.types import PFEC_P, PFEC_U, PFEC_W, PTE_P, PTE_PS, PTE_RW, Access
 from cpuvirt.memory.walk import Fault, walk
@@ -54,7 +55,7 @@ class DirectPaging:
         self.base = 0                          # machine address of the current L2 (0: none yet)
         self.gdt_frames: list[int] = []        # mfns shown at HYPERVISOR_VIRT_START
         self.ldt_frames: list[int] = []        # mfns shown at LDT_VIRT_START
-        self.on_flush = None                   # callback: drop the engine's TLB
+        self.on_flush: Callable[[], None] | None = None   # drop the engine's TLB
         self.tlb_dirty = False                 # flush before the guest runs again
         self.walk_counter = mmu.counters
         self.work = 0                          # entries validated or released since the hypercall began

@@ -13,6 +13,8 @@ self-modifying code is caught.
 """
 from __future__ import annotations
 
+from typing import Callable, Protocol
+
 from unicorn import UC_PROT_EXEC, UC_PROT_READ, UC_PROT_WRITE
 
 from cpuvirt.engine import regs as R
@@ -61,8 +63,8 @@ class NestedFault(Exception):
     def __init__(self, detail, gpa: int, final: bool = False):
         super().__init__(f"nested fault at GPA {gpa:#x}")
         self.detail, self.gpa, self.final = detail, gpa, final
-        self.gva = None
-        self.access = None
+        self.gva: int | None = None
+        self.access: int | None = None
         self.error_code = 0
         self.unbacked_fetch = False
 
@@ -82,6 +84,37 @@ class RefusedFill(Exception):
     def __init__(self, pending):
         super().__init__("fill refused")
         self.pending = pending
+
+
+class Refusal(Protocol):
+    """What a refused fill leaves for the run loop (`Mmu.pending`): a guest #PF (PendingFault), an EPT
+    violation (NestedFault), a store to a traced frame (TracedWrite), a shadow miss (ShadowMiss)."""
+
+    @property
+    def gva(self) -> int | None: ...
+    @property
+    def access(self) -> int | None: ...
+    @property
+    def error_code(self) -> int: ...
+    @property
+    def unbacked_fetch(self) -> bool: ...
+
+
+class DeviceRegisters(Protocol):
+    """The MMIO bus as the MMU reaches it (machine/mmio.py's MmioBus): a register access by GPA."""
+
+    def read(self, gpa: int, size: int) -> int: ...
+    def write(self, gpa: int, size: int, value: int) -> None: ...
+
+
+class Strategy(Protocol):
+    """A memory-translation strategy (GuestWalk here, shadow.py, nested.py, direct.py): what `Mmu.fill`
+    asks on every TLB miss. `gva_to_gpa` gives (gpa, writable) or (None, #PF error code); `gpa_to_hpa`
+    gives the host-physical page or None (unbacked), or raises NestedFault."""
+
+    def gva_to_gpa(self, gva: GVA, access: int, user: bool,
+                   side_effects: bool | int = True) -> tuple[int | None, int]: ...
+    def gpa_to_hpa(self, gpa: GPA, access: int) -> int | None: ...
 
 
 class PendingFault:
@@ -145,26 +178,28 @@ class Mmu:
         self.ram = ram                        # HostRegion behind guest RAM (direct access)
         self.regs = regs
         self.p2m = p2m
-        self.strategy = GuestWalk(self)
+        self.strategy: Strategy = GuestWalk(self)
         self.counters = MmuCounters()
         self.code_frames: set[int] = set()   # host frames that have served a fetch (lazy W^X)
-        self.pending: PendingFault | None = None
+        self.pending: Refusal | None = None
         self.unbacked_seen: set[int] = set()  # guest-physical pages reported as unbacked
-        self.on_unbacked = None               # callback(gpa) once per page
-        self.on_code_frame = None             # callback(linear page, hpa) on fetch fills (intercepts)
+        self.on_unbacked: Callable[[int], None] | None = None    # callback(gpa) once per page
+        # callback(linear page, hpa) on fetch fills (intercepts)
+        self.on_code_frame: Callable[[int, int], None] | None = None
         self.crs: tuple[int, int, int] | None = None   # CR0, CR3, CR4 snapshot, see load_crs
-        self.crs_source = None                # callable -> (cr0, cr3, cr4): the guest's virtual CRs
+        # callable -> (cr0, cr3, cr4): the guest's virtual CRs
+        self.crs_source: Callable[[], tuple[int, int, int]] | None = None
         self.traces = Traces(uc)              # write-traced guest frames (shadow paging, translator)
         # Frames a bus-mastering device may not write, as callback(gpa, size) -> reason or None: set
         # by a strategy whose safety rests on frame types (para's direct paging: page tables, GDT,
         # hypercall page), as Xen's IOMMU mappings leave such frames out.
-        self.dma_guard = None
+        self.dma_guard: Callable[[int, int], str | None] | None = None
         # The MMIO bus (machine/mmio.py), when the hypervisor's own linear accesses (event delivery,
         # emulated instructions) must reach device registers as the guest's would.
-        self.devices = None
+        self.devices: DeviceRegisters | None = None
         # A C reader of guest RAM through the guest's tables with no side effect (native mode:
         # cpu/fastdelivery.py): fetch_bytes asks it first, callable(gva, size) -> bytes or None.
-        self.peek = None
+        self.peek: Callable[[int, int], bytes | None] | None = None
 
     def load_crs(self) -> tuple[int, int, int]:
         """Read CR0/CR3/CR4 once per hypervisor entry: the guest cannot change them while a hook
@@ -178,13 +213,13 @@ class Mmu:
 
     # -- guest-physical access for walkers (GPA -> HPA, never outside RAM) --------------------
     def read_gpa32(self, gpa: int) -> int:
-        hpa = self.p2m.gpa_to_hpa(gpa)
+        hpa = self.p2m.gpa_to_hpa(GPA(gpa))
         if hpa is None or not self.ram.contains(hpa, 4):
             return 0xFFFFFFFF
         return self.ram.read32(hpa)
 
     def write_gpa32(self, gpa: int, value: int) -> None:
-        hpa = self.p2m.gpa_to_hpa(gpa)
+        hpa = self.p2m.gpa_to_hpa(GPA(gpa))
         if hpa is not None and self.ram.contains(hpa, 4):
             self.ram.write32(hpa, value)
 
@@ -209,13 +244,14 @@ class Mmu:
             self.counters.faults += 1
             self.pending = PendingFault(vaddr, acc, ok)
             return False
+        page = GPA(gpa & PAGE_MASK)
         try:
-            hpa = self.strategy.gpa_to_hpa(gpa & PAGE_MASK, acc)
+            hpa = self.strategy.gpa_to_hpa(page, acc)
         except NestedFault as nf:            # the final guest-physical address is not mapped
             self.pending = nf.with_linear(vaddr, acc, gpa=gpa, final=True)
             return False
         if hpa is None:
-            mmio = self.p2m.mmio_to_hpa(gpa & PAGE_MASK)
+            mmio = self.p2m.mmio_to_hpa(page)
             if mmio is not None and acc != Access.FETCH:
                 # A device's registers (the MMIO bus): read, and write if the guest's translation
                 # allows it; never execute (a fetch from them ends the run, like unbacked memory).
@@ -258,12 +294,12 @@ class Mmu:
             if self.on_unbacked:
                 self.on_unbacked(page)
 
-    def take_pending(self) -> PendingFault | None:
+    def take_pending(self) -> Refusal | None:
         p, self.pending = self.pending, None
         return p
 
     # -- linear access by the hypervisor (event delivery, disassembly) ----------------------------
-    def _gva_to_gpa(self, gva: int, access: int, user: bool, side_effects: bool) -> int:
+    def _gva_to_gpa(self, gva: GVA, access: int, user: bool, side_effects: bool) -> GPA:
         """Guest-physical address of a guest-linear byte as the CPU's own access would find it, or
         raise GuestPageFault."""
         gpa, ok = self.strategy.gva_to_gpa(gva, access, user, side_effects)
@@ -274,22 +310,23 @@ class Mmu:
             gpa2, ok2 = self.strategy.gva_to_gpa(gva, Access.WRITE, user, side_effects)
             if gpa2 is None:
                 raise GuestPageFault(gva, ok2)
-        return gpa
+        return GPA(gpa)
 
     def gva_to_hpa(self, gva: GVA, access: int, user: bool, side_effects: bool = True) -> HPA | None:
         """Host-physical address of a guest-linear byte, or raise GuestPageFault; None = unbacked."""
         gpa = self._gva_to_gpa(gva, access, user, side_effects)
-        page = self.strategy.gpa_to_hpa(gpa & PAGE_MASK, access)
-        return None if page is None else page | (gpa & 0xFFF)
+        page = self.strategy.gpa_to_hpa(GPA(gpa & PAGE_MASK), access)
+        return None if page is None else HPA(page | (gpa & 0xFFF))
 
-    def _locate(self, gva: int, access: int, user: bool, side_effects: bool = True):
+    def _locate(self, gva: GVA, access: int, user: bool,
+                side_effects: bool = True) -> tuple[int | None, GPA | None]:
         """What backs a guest-linear byte: (hpa, None) for RAM, (None, gpa) for a device register
         (the MMIO bus in `devices`), (None, None) for unbacked memory; or raise GuestPageFault."""
         gpa = self._gva_to_gpa(gva, access, user, side_effects)
-        if self.devices is not None and self.p2m.mmio_to_hpa(gpa & PAGE_MASK) is not None:
+        if self.devices is not None and self.p2m.mmio_to_hpa(GPA(gpa & PAGE_MASK)) is not None:
             return None, gpa
         try:
-            page = self.strategy.gpa_to_hpa(gpa & PAGE_MASK, access)
+            page = self.strategy.gpa_to_hpa(GPA(gpa & PAGE_MASK), access)
         except NestedFault:
             if gpa < self.p2m.ram_bytes:
                 raise
@@ -300,8 +337,8 @@ class Mmu:
         """Translate every page of a store about to be made (raise GuestPageFault first, write nothing)."""
         end = gva + size
         while gva < end:
-            self._locate(gva & 0xFFFFFFFF, Access.WRITE, user)
-            gva = (gva | 0xFFF) + 1
+            self._locate(GVA(gva & 0xFFFFFFFF), Access.WRITE, user)
+            gva = GVA((gva | 0xFFF) + 1)
 
     def read_linear(self, gva: GVA, size: int, user: bool = False, side_effects: bool = True) -> bytes:
         """Bytes at a guest-linear address as the CPU would read them: RAM, device registers (each
@@ -311,11 +348,11 @@ class Mmu:
         while size:
             n = min(size, PAGE - (gva & 0xFFF))
             hpa, gpa = self._locate(gva, Access.READ, user, side_effects)
-            if gpa is not None and side_effects:
+            if gpa is not None and side_effects and self.devices is not None:
                 out += _device_bytes(self.devices.read, gpa, n)
             else:
                 out += b"\xff" * n if hpa is None else self.ram.read(hpa, n)
-            gva = (gva + n) & 0xFFFFFFFF
+            gva = GVA((gva + n) & 0xFFFFFFFF)
             size -= n
         return bytes(out)
 
@@ -326,11 +363,12 @@ class Mmu:
         while off < len(data):
             n = min(len(data) - off, PAGE - (gva & 0xFFF))
             chunks.append((*self._locate(gva, Access.WRITE, user), off, n))
-            gva = (gva + n) & 0xFFFFFFFF
+            gva = GVA((gva + n) & 0xFFFFFFFF)
             off += n
         for hpa, gpa, off, n in chunks:
             if gpa is not None:
-                _device_write(self.devices.write, gpa, data[off:off + n])
+                if self.devices is not None:
+                    _device_write(self.devices.write, gpa, data[off:off + n])
             elif hpa is not None:
                 self.ram.write(hpa, data[off:off + n])
         if self.traces.frames:

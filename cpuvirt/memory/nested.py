@@ -13,7 +13,7 @@ from cpuvirt.memory.types import GPA, GVA, Access
 from cpuvirt.memory.walk import Fault, walk
 from cpuvirt.x86.flags import CR0_PG
 
-_ACCESS_BIT = {Access.READ: EPT_R, Access.WRITE: EPT_W, Access.FETCH: EPT_X}
+_ACCESS_BIT: dict[int, int] = {Access.READ: EPT_R, Access.WRITE: EPT_W, Access.FETCH: EPT_X}
 
 
 class EptWalk:
@@ -52,7 +52,7 @@ class EptWalk:
             return None, t.error_code
         return t.gpa, (t.writable and (t.dirty or access == Access.WRITE))
 
-    def gpa_to_hpa(self, gpa: GPA, access: int) -> int:
+    def gpa_to_hpa(self, gpa: GPA, access: int) -> int | None:
         before = self.ept.refs
         hpa = self._host(gpa, _ACCESS_BIT[access], True)
         self.mmu.counters.walk_refs += self.ept.refs - before

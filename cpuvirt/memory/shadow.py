@@ -24,6 +24,7 @@ kvm_mmu_page_fault does.
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
+from dataclasses import asdict, dataclass
 
 from unicorn import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH
 
@@ -54,17 +55,28 @@ class ShadowMiss:
         self.gva, self.access, self.error_code, self.unbacked_fetch = gva, access, error_code, False
 
 
+@dataclass(slots=True)
 class ShadowCounters:
-    __slots__ = ("hidden_faults", "true_faults", "shadow_hits", "ptemods", "ptemod_fallbacks", "guest_stores",
-                 "cr3_switches", "root_hits", "root_misses", "root_evictions", "root_trims", "invlpgs", "flushes",
-                 "zapped", "traced_frames")
+    """What the shadow did, by event (stats and traces read them by name, in this order)."""
 
-    def __init__(self):
-        for k in self.__slots__:
-            setattr(self, k, 0)
+    hidden_faults: int = 0
+    true_faults: int = 0
+    shadow_hits: int = 0
+    ptemods: int = 0
+    ptemod_fallbacks: int = 0
+    guest_stores: int = 0
+    cr3_switches: int = 0
+    root_hits: int = 0
+    root_misses: int = 0
+    root_evictions: int = 0
+    root_trims: int = 0
+    invlpgs: int = 0
+    flushes: int = 0
+    zapped: int = 0
+    traced_frames: int = 0
 
-    def as_dict(self) -> dict:
-        return {k: getattr(self, k) for k in self.__slots__}
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
 
 
 class _Root:
@@ -123,7 +135,8 @@ class ShadowPaging:
                 self._drop_all()
             self._mode = mode
         key = cr3 & PAGE_MASK
-        root = self._cur if key == self._cur_key else self._select(key)
+        cur = self._cur
+        root = cur if key == self._cur_key and cur is not None else self._select(key)
         e = root.entries.get(gva & PAGE_MASK)
         code = 0
         if e is not None:
@@ -186,7 +199,8 @@ class ShadowPaging:
             c.true_faults += 1
             return None, t.error_code
         key = cr3 & PAGE_MASK
-        root = self._cur if key == self._cur_key else self._select(key)
+        cur = self._cur
+        root = cur if key == self._cur_key and cur is not None else self._select(key)
         pde_addr = key | ((gva >> 20) & 0xFFC)
         pde = m.read_gpa32(pde_addr)
         if t.large:
@@ -281,7 +295,7 @@ class ShadowPaging:
         """The guest invalidated one page: drop its shadow entry in the current address space (and
         the engine's TLB, unless the engine executes the invlpg itself: flush_engine=False)."""
         self.counters.invlpgs += 1
-        if self._cur is not None:
+        if self._cur is not None and self._cur_key is not None:
             page = gva & PAGE_MASK
             e = self._cur.entries.pop(page, None)
             if e is not None:

@@ -46,7 +46,7 @@ exact for one vCPU (there is no other writer between the read and the write).
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, final
 
 from cpuvirt.memory.types import (
     GPA,
@@ -70,6 +70,7 @@ from cpuvirt.x86.flags import CR0_PG, CR0_WP, CR4_PGE, CR4_PSE, CR4_SMEP
 __all__ = ["Translation", "Fault", "walk"]
 
 
+@final       # final: `type(t) is Fault` then narrows a walk's result for mypy
 class Translation(NamedTuple):
     """A successful walk.
 
@@ -97,6 +98,7 @@ class Translation(NamedTuple):
     refs: int
 
 
+@final
 class Fault(NamedTuple):
     """A walk that ends in #PF: the error code to push (CR2 is the gva) and the references made."""
 

@@ -78,6 +78,7 @@ def _trapped(mnem: str, ops: str) -> bool:
 class TrapMode(Mode):
     name = "trap"
     description = "naive trap-and-emulate: the kernel in place at ring 1; the x86 holes go unseen"
+    vcpu: TrapVcpu
 
     def __init__(self, machine, trace=None, max_insns: int = 0):
         self.machine = machine

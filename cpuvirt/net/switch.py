@@ -28,21 +28,25 @@ import signal
 import socket
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from cpuvirt.errors import CpuvirtError
 from cpuvirt.virtio.backend import Backend, UserNet
 from cpuvirt.virtio.pcap import PcapWriter
 from cpuvirt.virtio.vhost_user import ProtocolError
 
+if TYPE_CHECKING:
+    from cpuvirt.virtio.vhost_user_backend import Connection
+
 MAX_FRAME = 65535 + 14
 
 
 class Port(abc.ABC):
     kind = "?"
+    switch: Switch              # the switch it is plugged into (Switch.add), before any traffic
 
     def __init__(self, number: int, spec: str):
         self.number, self.spec = number, spec
-        self.switch: "Switch | None" = None
         self.counters = {"in": 0, "out": 0, "dropped": 0}
 
     def fds(self) -> list:
@@ -80,7 +84,7 @@ class VhostUserPort(Port):
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.listener.bind(path)
         self.listener.listen(1)
-        self.conn = None
+        self.conn: Connection | None = None
 
     def fds(self) -> list:
         if self.conn is None:
@@ -94,15 +98,18 @@ class VhostUserPort(Port):
             self.conn = Connection(sock, _PortPeer(self), self.switch.log)
             self.switch.log(f"port {self.number} ({self.spec}): frontend connected", verbose=True)
             return
+        conn = self.conn
+        if conn is None:                # a listener's fd is the only one without a connection
+            return
         try:
-            if fd is self.conn.sock:
-                self.conn.handle()
+            if fd is conn.sock:
+                conn.handle()
             else:
-                self.conn.serve_pending()
+                conn.serve_pending()
         except ProtocolError as e:
             self.switch.log(f"port {self.number} ({self.spec}): connection closed: {e}",
                             verbose=str(e) == "the peer closed the connection")
-            self.conn.close()
+            conn.close()
             self.conn = None
 
     def send(self, frame: bytes) -> None:

@@ -313,7 +313,8 @@ def _locate_error(stmts: list[Statement], base: int, err: KsError) -> GuestBuild
     st = stmts[hi]
     e = fails(hi) or err
     if getattr(e, "errno", None) == KS_ERR_ASM_SYMBOL_MISSING:
-        known = set(labels) | {m.group(1) or m.group(2) for s in assigns for m in [_ASSIGN_RE.match(s.asm)]}
+        known = set(labels) | {m.group(1) or m.group(2) for s in assigns
+                               for m in [_ASSIGN_RE.match(s.asm)] if m is not None}
         words = _IDENT_RE.findall(re.sub(r"\b(0[xX][0-9a-fA-F]+|\d+)\b|\"[^\"]*\"|'[^']*'", " ", st.asm))
         unknown = [
             w for w in words[1:]

@@ -29,10 +29,15 @@ import os
 import tempfile
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from cpuvirt.errors import CpuvirtError
 from cpuvirt.trace.format import Trace, read_trace
 from cpuvirt.trace.symbols import NONE, Symbols
+
+if TYPE_CHECKING:
+    from cpuvirt.costs import Modelled
+    from cpuvirt.runner import RunResult
 
 # Sensitive instructions by class (Robin & Irvine 2000 for the holes; the rest trap at ring 1).
 HOLES = frozenset(("pushfd", "pushf", "popfd", "popf", "sgdt", "sidt", "sldt", "str", "smsw", "lar", "lsl",
@@ -82,14 +87,15 @@ class Column:
     mode: str
     vmx: tuple = ()
     trace: Trace | None = None
-    result: object = None
+    result: RunResult | None = None
     symbols: Symbols = NONE
     why_not: str = ""
     executed: dict = field(default_factory=dict)      # address -> instruction text (executed code)
     translated: dict = field(default_factory=dict)    # full: guest address -> IDENT/inline/callout/chain
     controls: dict = field(default_factory=dict)      # hw: control name -> 0/1
-    modelled: object = None
+    modelled: Modelled | None = None
     console: bytes | None = None
+    tally: Counter = field(default_factory=Counter)   # from a trace file (a run's is in its result)
 
     @property
     def ran(self) -> bool:
@@ -143,7 +149,7 @@ def run_columns(guest: str, specs, max_insns: int, mem_mib: int = 32, extra_vmx=
                 col.why_not = str(e)
                 continue
             path = os.path.join(tmp, f"{i}.jsonl")
-            held = []
+            held: list = []
             opts = spec.options(extra_vmx) or {}
             if spec.mode == "full":
                 opts = {"observer": held.append, "verbose": True}
@@ -401,7 +407,7 @@ def _cell(c: Column, counter: Counter, addrs: set, text: str | None, ref_insn: s
     if c.mode == "native":
         return ("ran natively", 0)
     if c.mode == "full":
-        kinds = {c.translated.get(a) for a in addrs} - {None}
+        kinds = {str(c.translated[a]) for a in addrs if c.translated.get(a) is not None}
         if kinds:
             k = "/".join(sorted(kinds))
             base = f"translated {k}"
@@ -437,20 +443,21 @@ def summary_rows(cols: list[Column], table) -> list[dict]:
             rows.append({"run": c.label, "ran": False, "why": c.why_not})
             continue
         res, t = c.result, c.trace
-        tally = res.tally if res is not None else getattr(c, "tally", Counter())
-        c.modelled = costs.model(Counter(tally), table, c.mode)
+        tally = res.tally if res is not None else c.tally
+        modelled = c.modelled = costs.model(Counter(tally), table, c.mode)
         footer = t.footer if t is not None else None
         outcome = res.outcome if res is not None else (footer or {}).get("outcome", "?")
         status = res.status if res is not None else (footer or {}).get("status", "?")
         icount = res.icount if res is not None else (footer or {}).get("icount", 0)
         counts = res.counts if res is not None else (footer or {}).get("counts", {})
         row = {"run": c.label, "ran": True, "outcome": outcome, "status": status, "instructions": icount,
-               "modelled_cycles": round(c.modelled.total), "cost_table": table.name,
-               "shares": {k: round(v / (c.modelled.total or 1), 4) for k, v in c.modelled.by_kind().items()},
+               "modelled_cycles": round(modelled.total), "cost_table": table.name,
+               "shares": {k: round(v / (modelled.total or 1), 4) for k, v in modelled.by_kind().items()},
                "events": dict(counts), "host_s": round(res.wall_s, 4) if res is not None else None}
         if c.console is not None:
             row["pass"], row["fail"] = c.console.count(b"PASS"), c.console.count(b"FAIL")
-            row["console"] = "reference" if c is ref else ("same" if c.console == ref.console else "differs")
+            row["console"] = ("reference" if c is ref else
+                              "same" if ref is not None and c.console == ref.console else "differs")
         else:
             row["console"] = "n/a"              # a trace does not hold the console
         rows.append(row)
@@ -458,8 +465,8 @@ def summary_rows(cols: list[Column], table) -> list[dict]:
 
 
 def _diff(ref: Column, c: Column, limit: int = 12) -> list[str]:
-    a = ref.console.decode(errors="replace").splitlines()
-    b = c.console.decode(errors="replace").splitlines()
+    a = (ref.console or b"").decode(errors="replace").splitlines()
+    b = (c.console or b"").decode(errors="replace").splitlines()
     d = list(difflib.unified_diff(a, b, ref.label, c.label, lineterm="", n=1))
     return d[:limit] + ([f"... ({len(d) - limit} more diff lines)"] if len(d) > limit else [])
 

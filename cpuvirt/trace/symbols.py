@@ -13,8 +13,12 @@ import bisect
 import hashlib
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cpuvirt.errors import CpuvirtError
+
+if TYPE_CHECKING:
+    from cpuvirt.trace.xv6 import Xv6
 
 
 class Symbols:
@@ -34,7 +38,7 @@ class Symbols:
         # ELF: (start, end, +delta) physical load address -> link address
         self.aliases: list[tuple[int, int, int]] = []
         self.inlined = False                 # ELF from C: one file:line (an inline helper) serves many functions
-        self.kernel = None                   # a kernel's own names for its events (trace/xv6.py), if recognised
+        self.kernel: Xv6 | None = None       # a kernel's own names for its events (trace/xv6.py), if recognised
         self.statements: dict[str, list[str]] = {}    # file:line -> the instructions written there
         self.code: list[tuple[int, str]] = []          # (address, source) of every instruction (assembler)
 
@@ -142,7 +146,8 @@ def from_elf(data: bytes, source: str = "") -> Symbols:
     from elftools.elf.sections import SymbolTableSection
     try:
         elf = ELFFile(io.BytesIO(data))
-        syms, sizes = {}, {}
+        syms: dict[str, int] = {}
+        sizes: dict[str, int] = {}
         for sec in elf.iter_sections():
             if isinstance(sec, SymbolTableSection):
                 for s in sec.iter_symbols():
@@ -241,7 +246,7 @@ def for_trace(header: dict, image: str | None = None) -> Symbols:
     return found
 
 
-def _bundled(guest: str, want: str) -> Symbols | None:
+def _bundled(guest: str, want: str | None) -> Symbols | None:
     from cpuvirt.toolchain.build import assemble_guest, list_guests
     name = guest[:-4] if guest.endswith(".bin") else guest
     if name not in {g.name for g in list_guests()}:

@@ -119,7 +119,7 @@ def detect(elf, syms: dict[str, int], sizes: dict[str, int]) -> Xv6 | None:
     table = _read(elf, addr, size)
     if table is None or size % 4:
         return None
-    by_addr = {}
+    by_addr: dict[int, str] = {}
     for name, a in syms.items():
         if name.startswith("sys_"):
             by_addr.setdefault(a, name[4:])

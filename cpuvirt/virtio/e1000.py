@@ -187,7 +187,7 @@ class E1000(PciFunction):
         self.backend = backend
         self.capture = capture
         self._trace_to = trace or (lambda reason, detail, action, kind="e1000", mmio=None: None)
-        self.access = None                # (gpa, is_write) of the register access being served
+        self.access: tuple[int, bool] | None = None   # (gpa, is_write) of the register access being served
         self.completions = completions    # completion.TxCompletions with a slow destination, or None
         if completions is not None:
             completions.site = self._site
@@ -232,7 +232,7 @@ class E1000(PciFunction):
         self.mta = [0] * MTA_SIZE
         self.tx = _Ring("transmit", r, TDBAL, TDBAH, TDLEN, TDH, TDT)
         self.rx = _Ring("receive", r, RDBAL, RDBAH, RDLEN, RDH, RDT)
-        self.tx_stalled = None            # (frame number, time taken) while a slow frame holds the head
+        self.tx_stalled: tuple[int, int] | None = None   # (frame number, time taken) while a slow frame holds the head
         self.posted_at: dict[int, int] = {}    # TX descriptor -> virtual time its TDT write made it the device's
 
     # -- registers -----------------------------------------------------------------------------------

@@ -79,7 +79,6 @@ class VirtioNet(VirtioNetType):
         self.capture = capture           # callback(direction, frame): the pcap writer
         self.completions = completions   # completion.TxCompletions (a slow destination), or None
         self.now = now
-        self.transport = None
         self.backlog: list[bytes] = []
         self.counters = {"tx_frames": 0, "tx_bytes": 0, "rx_frames": 0, "rx_bytes": 0, "tx_dropped": 0,
                          "rx_dropped": 0, "copies": 0, "interrupts_suppressed": 0}

@@ -7,7 +7,7 @@ from cpuvirt.errors import CpuvirtError
 from cpuvirt.virtio.backend import PEERS, make_peer
 from cpuvirt.virtio.completion import DeviceTimer, SlowDestination, TxCompletions
 from cpuvirt.virtio.e1000 import E1000
-from cpuvirt.virtio.net import DEFAULT_MAC, VirtioNet, parse_mac
+from cpuvirt.virtio.net import DEFAULT_MAC, VirtioNet, VirtioNetType, parse_mac
 from cpuvirt.virtio.pcap import PcapWriter
 from cpuvirt.virtio.transport import VirtioPciLegacy
 from cpuvirt.virtio.vhost import VhostNet
@@ -29,7 +29,7 @@ class DeviceSpec:
     slow: SlowDestination | None = None    # every N-th frame K virtual us late (completion.py)
 
     def as_dict(self) -> dict:
-        d = {"device": self.kind, "peer": self.peer}
+        d: dict[str, object] = {"device": self.kind, "peer": self.peer}
         if self.backend != "userspace":
             d["backend"] = self.backend
         if self.mac is not None:
@@ -117,7 +117,7 @@ def attach_devices(machine, specs, trace=None, pcap_path: str | None = None):
         pcap.close()
         raise CpuvirtError("--pcap: frames of a vhost-user NIC never pass through cpuvirt; capture them on the "
                            "backend (cpuvirt vswitch --pcap)")
-    transports = []
+    transports: list[VirtioPciLegacy | E1000] = []
     try:
         _attach(machine, specs, trace, pcap, transports)
     except BaseException:
@@ -145,6 +145,7 @@ def _attach(machine, specs, trace, pcap, transports) -> None:
             machine.pci.add(nic)
             transports.append(nic)
             continue
+        device: VirtioNetType
         if spec.backend == "vhost-user":
             device = VhostUserNet(mac, spec.peer, spec.socket, capture, machine, cachelines=spec.cachelines)
         else:
@@ -162,7 +163,8 @@ def _attach(machine, specs, trace, pcap, transports) -> None:
             model = transport.cachelines = CacheLineModel(transport.counters)
             model.watch_cpu(machine.uc)
             transport.ram = model.device_ram(ram)
-            device.cachelines = model
+            if isinstance(device, (VhostNet, VhostUserNet)):   # the device side is in a worker / process
+                device.cachelines = model
         machine.pci.add(transport)
         machine.external.append(device)         # a halted vCPU waits on its sockets (Machine.wait_external)
         transports.append(transport)

@@ -21,9 +21,13 @@ nothing until the driver writes status 0. Every step and every error is reported
 from __future__ import annotations
 
 import struct
+from typing import TYPE_CHECKING, Any, Protocol
 
 from cpuvirt.machine.pci import CAP_ID_MSIX, PciFunction
 from cpuvirt.virtio.virtqueue import GuestRam, RingError, SplitQueue, legacy_bytes
+
+if TYPE_CHECKING:
+    from cpuvirt.virtio.cacheline import CacheLineModel
 
 # Register offsets (virtio_pci.h)
 HOST_FEATURES, GUEST_FEATURES, QUEUE_PFN, QUEUE_NUM, QUEUE_SEL, QUEUE_NOTIFY = 0, 4, 8, 12, 14, 16
@@ -62,7 +66,8 @@ class QueueState:
 
     def __init__(self, index: int, size: int):
         self.index, self.size = index, size
-        self.pfn, self.vector, self.ring = 0, NO_VECTOR, None
+        self.pfn, self.vector = 0, NO_VECTOR
+        self.ring: SplitQueue | None = None
 
 
 class _IoRegion:
@@ -101,8 +106,23 @@ class _MsixRegion:
             t.msix_unmasked(offset // 16)
 
 
+class DeviceTransport(Protocol):
+    """What a device's data path calls on the transport it is plugged into: VirtioPciLegacy here, or
+    the worker side of a vhost / vhost-user backend (vhost.py, vhost_user_backend.py)."""
+
+    queues: list[Any]               # by queue index, each with its `ring` (a SplitQueue once set up)
+
+    @property
+    def live(self) -> bool: ...
+    def trace(self, reason: str, detail: dict, action: str) -> None: ...
+    def queue_interrupt(self, index: int) -> None: ...
+    def broken(self, why: str) -> None: ...
+
+
 class VirtioDevice:
     """What a virtio device type gives the transport (virtio-net: net.py)."""
+
+    transport: DeviceTransport      # set by the transport when the device is plugged in
 
     name = "virtio"
     pci_device_id = 0
@@ -111,8 +131,10 @@ class VirtioDevice:
     queue_sizes: tuple[int, ...] = ()
     nvectors = 1
 
-    def host_features(self) -> int: ...
-    def read_config(self, offset: int, size: int) -> int: ...
+    def host_features(self) -> int:
+        raise NotImplementedError
+    def read_config(self, offset: int, size: int) -> int:
+        raise NotImplementedError
     def write_config(self, offset: int, size: int, value: int) -> None: ...
     def notify(self, queue: int) -> None: ...
     def reset(self) -> None: ...
@@ -141,7 +163,7 @@ class VirtioPciLegacy(PciFunction):
         for v in range(self.nvectors):
             self.msix_table[16 * v + 12] = MSIX_VECTOR_MASKED
         self.msix_pending = 0
-        self.cachelines = None           # cacheline.CacheLineModel in the measurement mode
+        self.cachelines: CacheLineModel | None = None    # in the measurement mode
         self.counters = {"notifications": 0, "interrupts": 0, "needs_reset": 0, "ignored_notifications": 0}
         self._reset_state()
 
@@ -180,7 +202,7 @@ class VirtioPciLegacy(PciFunction):
 
     @property
     def live(self) -> bool:
-        return self.device_status & DRIVER_OK and not self.device_status & DEVICE_NEEDS_RESET
+        return bool(self.device_status & DRIVER_OK) and not self.device_status & DEVICE_NEEDS_RESET
 
     # -- the register block ----------------------------------------------------------------------------
     def io_read(self, offset: int, size: int) -> int:
@@ -339,7 +361,7 @@ class VirtioPciLegacy(PciFunction):
             why = "the device needs a reset" if self.device_status & DEVICE_NEEDS_RESET else "DRIVER_OK not set yet"
         elif not self.bus_master:
             why = "bus mastering is off in the PCI command register: the device may not touch memory"
-        if why is not None:
+        if why is not None or q is None or q.ring is None:
             self.counters["ignored_notifications"] += 1
             self.trace("NOTIFY", {"queue": index}, f"ignored: {why}")
             return
@@ -361,7 +383,7 @@ class VirtioPciLegacy(PciFunction):
         """Used-buffer or configuration-change notification (spec 4.1.4.5): MSI-X when enabled,
         otherwise the ISR bit and INTx (level: it stays up until the driver reads the ISR)."""
         self.counters["interrupts"] += 1
-        what = {"queue": queue} if queue is not None else {"config": True}
+        what: dict[str, object] = {"queue": queue} if queue is not None else {"config": True}
         if path is not None:
             what["path"] = path
         if self.msix_enabled:

@@ -20,10 +20,14 @@ and removes the notifiers; the device model takes the notify register back.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
 
 from cpuvirt.virtio.net import RX, TX, VirtioNet, VirtioNetType, read_net_config
-from cpuvirt.virtio.transport import F_EVENT_IDX, F_INDIRECT_DESC, QUEUE_NOTIFY
+from cpuvirt.virtio.transport import F_EVENT_IDX, F_INDIRECT_DESC, QUEUE_NOTIFY, VirtioPciLegacy
 from cpuvirt.virtio.virtqueue import GuestMemoryError, GuestRam, RingError, SplitQueue
+
+if TYPE_CHECKING:
+    from cpuvirt.virtio.cacheline import CacheLineModel
 
 
 @dataclass(frozen=True)
@@ -31,7 +35,7 @@ class MemRegion:
     """One guest-physical range and the host memory behind it (vhost_memory_region)."""
     gpa: int
     size: int
-    host: object            # a writable buffer: the host's view of these bytes
+    host: memoryview        # a writable buffer: the host's view of these bytes
 
 
 @dataclass(frozen=True)
@@ -53,7 +57,7 @@ class VhostSetup:
     call: dict = field(default_factory=dict)      # queue -> injector()
     kick: dict = field(default_factory=dict)      # queue -> (port, size, value)
     features: int = 0
-    error: object = None                          # error channel: error(queue, why)
+    error: Callable[[str], None] | None = None   # error channel: error(why)
 
 
 class MemoryTable:
@@ -143,14 +147,14 @@ class VhostNet(VirtioNetType):
     configuration space and the set-up; after DRIVER_OK it never sees a kick or a frame."""
 
     backend_name = "vhost"
+    transport: VirtioPciLegacy          # its registers and set-up stay with the guest-side transport
 
     def __init__(self, mac: bytes, peer, capture, machine):
         self.mac, self.peer, self.capture, self.machine = mac, peer, capture, machine
-        self.transport = None
         self.worker: VhostWorker | None = None
         self.registered: list = []
         self.link_up = True
-        self.cachelines = None           # cacheline.CacheLineModel: the worker's accesses are the device side's
+        self.cachelines: CacheLineModel | None = None    # the worker's accesses are the device side's
         self._base = {"tx_frames": 0, "tx_bytes": 0, "rx_frames": 0, "rx_bytes": 0, "tx_dropped": 0,
                       "rx_dropped": 0, "copies": 0, "interrupts_suppressed": 0, "notifications": 0}
 
@@ -217,11 +221,13 @@ class VhostNet(VirtioNetType):
             t.trace("NOTIFY", {"queue": queue, "via": "ioeventfd"}, "ignored: bus mastering is off in the PCI "
                     "command register: the device may not touch memory")
             return
-        ring = self.worker.side.queues[queue].ring
+        worker = self.worker
+        assert worker is not None                # its ioeventfds are registered once the worker runs
+        ring = worker.side.queues[queue].ring
         t.trace("NOTIFY", {"queue": queue, "via": "ioeventfd",
-                           "avail_idx": ring.avail_idx() if ring and self.worker.side.live else None},
+                           "avail_idx": ring.avail_idx() if ring and worker.side.live else None},
                 "kick matched a registered ioeventfd: the vhost worker walks the ring")
-        self.worker.kick(queue)
+        worker.kick(queue)
 
     def _error(self, why: str) -> None:
         self.stop()

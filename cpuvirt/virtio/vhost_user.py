@@ -33,10 +33,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import TYPE_CHECKING
 
 from cpuvirt.errors import CpuvirtError
 from cpuvirt.virtio.net import RX, TX, VirtioNetType, read_net_config
-from cpuvirt.virtio.transport import QUEUE_NOTIFY
+from cpuvirt.virtio.transport import QUEUE_NOTIFY, VirtioPciLegacy
+
+if TYPE_CHECKING:
+    from cpuvirt.virtio.cacheline import CacheLineModel
 
 # Requests (front-end to back-end), vhost-user.rst "Front-end message types"
 GET_FEATURES, SET_FEATURES, SET_OWNER, RESET_OWNER, SET_MEM_TABLE = 1, 2, 3, 4, 5
@@ -122,18 +126,18 @@ class VhostUserNet(VirtioNetType):
     """virtio-net whose rings are served by a vhost-user backend process."""
 
     backend_name = "vhost-user"
+    transport: VirtioPciLegacy          # its registers and set-up stay with the guest-side transport
     CONNECT_TIMEOUT = 10.0
     REPLY_TIMEOUT = 10.0
 
     def __init__(self, mac: bytes, peer: str, socket_path: str | None, capture, machine, cachelines: bool = False):
         self.mac, self.machine = mac, machine
-        self.cachelines = None           # cacheline.CacheLineModel (set by setup.py in the measurement mode)
-        self.report_fd = None            # the backend process's reports (measurement mode)
-        self.transport = None
+        self.cachelines: CacheLineModel | None = None    # set by setup.py in the measurement mode
+        self.report_fd: int | None = None    # the backend process's reports (measurement mode)
         self.link_up = True
         self.process = None
         self.tmpdir = None
-        self.sock = None
+        self.sock: socket.socket | None = None
         self.started: list[int] = []
         self.registered: list = []
         self.kickfd: dict[int, int] = {}
@@ -184,13 +188,15 @@ class VhostUserNet(VirtioNetType):
     def _call(self, request: int, payload: bytes = b"", fds=(), reply: bool = False, ack: bool = False):
         """Send one message; with `reply` return its payload, with `ack` wait for REPLY_ACK's u64."""
         flags = VERSION | (FLAG_NEED_REPLY if ack else 0)
-        send_message(self.sock, request, payload, fds, flags)
+        sock = self.sock
+        assert sock is not None, "a message while the link is down"      # callers check link_up
+        send_message(sock, request, payload, fds, flags)
         if not (reply or ack):
             return None
-        ready, _, _ = select.select([self.sock], [], [], self.REPLY_TIMEOUT)
+        ready, _, _ = select.select([sock], [], [], self.REPLY_TIMEOUT)
         if not ready:
             raise ProtocolError(f"no reply to {REQUEST_NAMES[request]} in {self.REPLY_TIMEOUT:.0f} s")
-        got, rflags, body, fds = recv_message(self.sock)
+        got, rflags, body, fds = recv_message(sock)
         _close_all(fds)
         if got != request or rflags != VERSION | FLAG_REPLY:
             raise ProtocolError(f"reply to {REQUEST_NAMES[request]}: request {got}, flags {rflags:#x}")
@@ -311,9 +317,10 @@ class VhostUserNet(VirtioNetType):
         """Measurement mode: what the backend process wrote before its acknowledgement (the ring lines
         its data path touched, in order, and its counters) goes to the cache-line model."""
         data = b""
-        while True:
+        fd = self.report_fd
+        while fd is not None:
             try:
-                chunk = os.read(self.report_fd, 65536)
+                chunk = os.read(fd, 65536)
             except BlockingIOError:
                 break
             if not chunk:
@@ -342,7 +349,9 @@ class VhostUserNet(VirtioNetType):
             except BlockingIOError:
                 pass
         for q in self.started:
-            used = t.queues[q].ring._u16(t.queues[q].ring.used + 2)
+            ring = t.queues[q].ring
+            assert ring is not None                    # a started queue has its ring
+            used = ring._u16(ring.used + 2)
             n = (used - self.used_seen[q]) & 0xFFFF
             self.used_seen[q] = used
             self.counters["tx_frames" if q == TX else "rx_frames"] += n
@@ -365,10 +374,13 @@ class VhostUserNet(VirtioNetType):
         return [self.callfd[q] for q in self.started] + [self.errfd[q] for q in self.started] + [self.sock.fileno()]
 
     def take_external(self) -> None:
+        sock = self.sock
+        if sock is None:                       # only after wait_fds named it: never without a socket
+            return
         try:
-            ready, _, _ = select.select([self.sock], [], [], 0)
+            ready, _, _ = select.select([sock], [], [], 0)
             if ready:                          # no message comes unasked: this is the end of the connection
-                data = self.sock.recv(1, socket.MSG_PEEK)
+                data = sock.recv(1, socket.MSG_PEEK)
                 self._link_down("the backend closed the connection" if not data else
                                 "the backend sent a message nobody asked for")
                 return

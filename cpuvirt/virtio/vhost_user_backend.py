@@ -110,9 +110,13 @@ class Vring:
     __slots__ = ("index", "num", "addr", "base", "kick", "call", "err", "enabled", "ring")
 
     def __init__(self, index: int):
-        self.index, self.num, self.addr, self.base = index, 0, None, 0
-        self.kick = self.call = self.err = None
-        self.enabled, self.ring = False, None
+        self.index, self.num, self.base = index, 0, 0
+        self.addr: tuple[int, int, int] | None = None        # desc, used, avail (guest-physical)
+        self.kick: int | None = None                         # eventfds from the frontend
+        self.call: int | None = None
+        self.err: int | None = None
+        self.enabled = False
+        self.ring: SplitQueue | None = None
 
 
 class _Side:
@@ -341,6 +345,8 @@ class Connection:
         whether each was written, and the data path's counters."""
         record = {"lines": [[line, w] for line, w in self.touched.items()], "counters": self.net.counters}
         self.touched = {}
+        if self.report_fd is None:
+            return
         try:
             os.write(self.report_fd, (json.dumps(record) + "\n").encode())
         except OSError:
@@ -375,11 +381,12 @@ class Connection:
 def serve(socket_path: str, peer_name: str = "loopback", verbose: bool = False, once: bool = False,
           report_fd: int | None = None) -> int:
     """Listen on `socket_path` and serve frontends one after another until SIGTERM."""
+    quiet = not verbose
+
     def say(text: str, verbose: bool = False) -> None:
-        if verbose and not say.verbose:
+        if verbose and quiet:
             return
         print(f"vhost-user-backend: {text}", file=sys.stderr, flush=True)
-    say.verbose = verbose
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -397,7 +404,7 @@ def serve(socket_path: str, peer_name: str = "loopback", verbose: bool = False, 
             conn = Connection(sock, PEERS[peer_name](), say, report_fd)
             try:
                 while True:
-                    fds = [sock] + [v.kick for v in conn.vrings if v.kick is not None]
+                    fds: list[socket.socket | int] = [sock] + [v.kick for v in conn.vrings if v.kick is not None]
                     ready, _, _ = select.select(fds, [], [])
                     if sock in ready:
                         conn.handle()

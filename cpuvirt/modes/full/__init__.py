@@ -30,6 +30,7 @@ __all__ = ["ADAPTIVE_THRESHOLD", "CODE", "TC_WINDOW", "FullMode", "FullVcpu"]
 class FullMode(Mode):
     name = "full"
     description = "binary translation: kernel code translated into a TC at ring 1, user code direct"
+    vcpu: FullVcpu
 
     def __init__(self, machine, trace=None, max_insns: int = 0, verbose: bool = False, observer=None):
         """`verbose`: record a `translate` event per block; `observer(mode)`: called once built (the
@@ -40,6 +41,7 @@ class FullMode(Mode):
             observer(self)
         self.vcpu.install_hooks()
         self.vcpu.enable_io_gate()
+        assert self.vcpu.intercepts is not None         # the I/O gate made them
         self.vcpu.intercepts.wanted |= WANTED          # real mode's way out (bt/direct.py)
         from cpuvirt.memory.shadow import ShadowPaging
         self.shadow = ShadowPaging(machine.mmu)       # installs itself as the memory strategy

@@ -5,16 +5,31 @@ A mixin of FullVcpu (vcpu.py).
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from cpuvirt.bt.coherence import invalidate
 from cpuvirt.engine import regs as R
 from cpuvirt.memory.mmu import GuestPageFault
 from cpuvirt.x86.vectors import Vector
 
+if TYPE_CHECKING:       # a mixin of FullVcpu (vcpu.py): mypy reads it against the deprivileging vCPU
+    from cpuvirt.bt.runtime import BtRuntime
+    from cpuvirt.bt.tcache import TCache
+    from cpuvirt.cpu.deprivilege import DeprivilegedVcpu as _VcpuBase
+else:
+    _VcpuBase = object
+
 ADAPTIVE_THRESHOLD = 4            # traced-page faults at one guest store before it becomes a callout
 
 
-class AdaptiveStores:
+class AdaptiveStores(_VcpuBase):
     """Making a store site adaptive, and doing its store when its callout runs."""
+
+    # FullVcpu's state this mixin uses (vcpu.py sets each up)
+    rt: BtRuntime
+    tc: TCache
+    traced_stores: dict[int, int]
+    adaptive_stores: int
 
     def _make_adaptive(self, geip: int) -> None:
         """Adaptive BT: a store that keeps faulting on a traced page becomes a callout that does the

@@ -6,6 +6,7 @@ pointers stored by fnstenv/fxsave), the rest through the deprivileging core's em
 from __future__ import annotations
 
 import struct
+from typing import TYPE_CHECKING, Callable
 
 from cpuvirt.cpu.vcpu import EXIT_HYPERVISOR_STOP
 from cpuvirt.cpu.virtualcpu import GuestFault
@@ -13,9 +14,23 @@ from cpuvirt.engine import regs as R
 from cpuvirt.memory.mmu import GuestPageFault
 from cpuvirt.status import Unsupported
 
+if TYPE_CHECKING:       # a mixin of FullVcpu (vcpu.py): mypy reads it against the deprivileging vCPU
+    from cpuvirt.bt.runtime import BtRuntime
+    from cpuvirt.bt.tcache import TCache
+    from cpuvirt.cpu.deprivilege import DeprivilegedVcpu as _VcpuBase
+else:
+    _VcpuBase = object
 
-class Callouts:
+
+class Callouts(_VcpuBase):
     """What a callout runs (bt/runtime.py hands the Site here through `on_callout`)."""
+
+    # FullVcpu's state this mixin uses (vcpu.py sets each up), and what its other mixins do
+    tc: TCache
+    rt: BtRuntime
+    _adaptive_store: Callable[[int], None]          # adaptive.py
+    _virtual_changed: Callable[[], None]            # coherence.py
+    check_code_mappings: Callable[[], None]         # coherence.py
 
     def _callout_then_window(self, site) -> int | None:
         try:

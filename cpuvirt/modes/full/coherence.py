@@ -10,6 +10,8 @@ A mixin of FullVcpu (vcpu.py): it works on the vCPU's TC, MMU and registers.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any, Callable
+
 from cpuvirt.bt.coherence import invalidate
 from cpuvirt.bt.translate import IDENT, INLINE
 from cpuvirt.cpu.deprivilege import KERNEL_RING
@@ -19,11 +21,33 @@ from cpuvirt.memory.types import Access
 from cpuvirt.x86.emulate import arith_store
 from cpuvirt.x86.flags import EFLAGS_DF
 
+if TYPE_CHECKING:       # a mixin of FullVcpu (vcpu.py): mypy reads it against the deprivileging vCPU
+    from cpuvirt.bt.direct import Direct16
+    from cpuvirt.bt.runtime import BtRuntime
+    from cpuvirt.bt.tcache import TCache
+    from cpuvirt.cpu.deprivilege import DeprivilegedVcpu as _VcpuBase
+else:
+    _VcpuBase = object
+
 CODE = "code"                     # the write-trace kind of translated guest frames
 
 
-class Coherence:
+class Coherence(_VcpuBase):
     """The per-frame bookkeeping of what was translated from where, and the checks that use it."""
+
+    # FullVcpu's state this mixin keeps (vcpu.py sets each up)
+    tc: TCache
+    rt: BtRuntime
+    traced_stores: dict[int, int]
+    _page_frame: dict[int, int]
+    _dirty: set[int]
+    _frame_blocks: dict[int, list]
+    _frame_index: dict[int, dict]
+    _block_seq: int
+    _vsnap: dict[str, object]
+    _prefix_len: dict
+    sse_tc_site: Callable[[Any], None]
+    direct16: Direct16
 
     # -- virtual-CPU state and mappings baked into translations --------------------------------------------
     def _snapshot(self) -> dict:

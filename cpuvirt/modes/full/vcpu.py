@@ -168,6 +168,7 @@ class FullVcpu(RunsCode16, Coherence, Callouts, AdaptiveStores, DeprivilegedVcpu
         if not is_aligned_sse(mnem, ops):
             return
         ic = self.intercepts
+        assert ic is not None           # built with the vCPU (cpu/vcpu.py)
         if self._sse_tc_hook is None:
             self._sse_tc_hook = self.hooks.code_function(self._sse_tc_hit)
             inner = self.tc.on_flush

@@ -14,6 +14,7 @@ from cpuvirt.modes.hw.vmx import VmxCpu
 class HwMode(Mode):
     name = "hw"
     description = "ring 0 in simulated VMX non-root operation: VM exits, VMCS controls, EPT (or shadow paging)"
+    vcpu: VmxCpu
 
     def __init__(self, machine, trace=None, max_insns: int = 0, vmx: list[str] | None = None,
                  ept: bool = True, dump_on=None):

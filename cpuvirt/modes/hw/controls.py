@@ -200,7 +200,7 @@ class VmxSettings:
         vmcs.vmwrite(Field.TSC_OFFSET, self.tsc_offset)
 
     def as_dict(self) -> dict:
-        d = {k: v for k, v in self.bits.items() if v}
+        d: dict[str, int | str] = {k: v for k, v in self.bits.items() if v}
         d.update({"exception_bitmap": f"{self.exception_bitmap:#x}", "cr0_guest_host_mask": f"{self.cr0_mask:#x}",
                   "cr4_guest_host_mask": f"{self.cr4_mask:#x}"})
         if self.io_ports:

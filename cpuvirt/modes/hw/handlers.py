@@ -86,7 +86,8 @@ class RootHypervisor:
         info = self.vmcs.vmread(F.VM_EXIT_INTR_INFO)
         vector, kind = info & 0xFF, (info >> 8) & 7
         code = self.vmcs.vmread(F.VM_EXIT_INTR_ERROR_CODE) if info & E.INTR_INFO_DELIVER_CODE else None
-        if vector == Vector.PF and self.cpu.shadow is not None and kind == E.INTR_TYPE_HW_EXCEPTION:
+        if (vector == Vector.PF and self.cpu.shadow is not None and kind == E.INTR_TYPE_HW_EXCEPTION
+                and code is not None):                  # a #PF always delivers its error code
             code = self.shadow_page_fault(x, code)
             if code is None:
                 return

@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import time
 from collections import Counter, defaultdict
+from typing import Any
 
 from unicorn import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH
 
 from cpuvirt import limits
 from cpuvirt.cpu.fastdelivery import FastDelivery
+from cpuvirt.cpu.faults import DeliveryFault
 from cpuvirt.cpu.mmiosite import MmioSites
-from cpuvirt.cpu.vcpu import EXIT_HYPERVISOR_STOP, Vcpu, smsw_register32
+from cpuvirt.cpu.vcpu import EXIT_HYPERVISOR_STOP, IO_INSTRUCTIONS, Vcpu
 from cpuvirt.engine import regs as R
 from cpuvirt.engine.hooks import hook_guard
 from cpuvirt.engine.hostmem import HostRegion, HvAllocator
@@ -32,16 +34,17 @@ from cpuvirt.memory.fastfill import EptFastFill
 from cpuvirt.memory.mmu import NestedFault
 from cpuvirt.memory.nested import EptWalk
 from cpuvirt.memory.p2m import HV_HPA, RAM_HPA
-from cpuvirt.memory.shadow import ShadowMiss
+from cpuvirt.memory.shadow import ShadowMiss, ShadowPaging
 from cpuvirt.memory.traces import TracedWrite
-from cpuvirt.memory.types import PFEC_P, PFEC_U, PFEC_W
+from cpuvirt.memory.types import GPA, HPA, PFEC_P, PFEC_U, PFEC_W
 from cpuvirt.modes.hw import apicv
 from cpuvirt.modes.hw import exits as E
 from cpuvirt.modes.hw.controls import CONTROLS, VmxSettings
 from cpuvirt.modes.hw.exits import Exit, ExitReason
+from cpuvirt.modes.hw.nonroot import INSTRUCTION_HANDLERS, PRIVILEGED, SENSITIVE, Sensitive
 from cpuvirt.modes.hw.vmcs import Field as F
 from cpuvirt.modes.hw.vmcs import Vmcs
-from cpuvirt.x86.faultaddr import operand_address
+from cpuvirt.x86.faultaddr import operand_address as operand_linear_address
 from cpuvirt.x86.flags import CR0_ET, CR0_PE, CR0_PG, EFLAGS_IF, EFLAGS_VM
 from cpuvirt.x86.vectors import HAS_ERROR_CODE, MNEMONIC, Vector
 
@@ -54,29 +57,6 @@ APIC_ACCESS_HPA = HV_HPA + HV_SIZE
 # guest": CR0.PE and CR0.PG may be 0, CR0.NE must be 1; CR4 has no fixed bits here.
 CR0_FIXED0 = 1 << 5
 RFLAGS_RESERVED_ZERO = (1 << 3) | (1 << 5) | (1 << 15) | 0xFFC00000
-
-from cpuvirt.cpu.vcpu import IO_INSTRUCTIONS  # noqa: E402
-
-SENSITIVE = IO_INSTRUCTIONS | frozenset(("hlt", "mov", "clts", "lmsw", "smsw", "invlpg", "lgdt", "lidt", "sgdt", "sidt",
-                       "lldt", "ltr", "sldt", "str", "rdmsr", "wrmsr", "rdpmc", "wbinvd", "invd", "pause",
-                       "monitor", "mwait"))
-_GPR = {n: r for n, r in zip(R.GPR_NAMES, R.GPR_ORDER)}
-# The instructions that exit as a whole, with no operand to decode, when the controls named are all 1
-# (SDM Vol. 3C 25.1.3, tables 25-6 and 25-7): mnemonic -> (basic exit reason, controls); none: always.
-INSTRUCTION_EXITS: dict[str, tuple[ExitReason, tuple[str, ...]]] = {
-    "hlt": (ExitReason.HLT, ("hlt_exiting",)),
-    "rdpmc": (ExitReason.RDPMC, ("rdpmc_exiting",)),
-    "wbinvd": (ExitReason.WBINVD, ("activate_secondary_controls", "wbinvd_exiting")),
-    "invd": (ExitReason.INVD, ()),
-    "pause": (ExitReason.PAUSE, ("pause_exiting",)),
-    "monitor": (ExitReason.MONITOR, ("monitor_exiting",)),
-    "mwait": (ExitReason.MWAIT, ("mwait_exiting",)),
-}
-# Privileged instructions: at CPL > 0 they raise #GP(0) before any VM exit is considered (SDM Vol. 3C
-# 25.1.1, exceptions take priority over exits); the engine raises that #GP itself when they run.
-PRIVILEGED = frozenset(("hlt", "mov", "clts", "lmsw", "invlpg", "lgdt", "lidt", "lldt", "ltr", "rdmsr",
-                        "wrmsr", "wbinvd", "invd", "monitor", "mwait"))
-
 
 class _BlockSites(MmioSites):
     """MmioSites with its decode of a block kept until the engine translates a new block there
@@ -118,13 +98,14 @@ class VmxCpu(Vcpu):
         self.dump_on = dump_on        # (exit number or reason name) -> callback(dump text)
         self.hypervisor = RootHypervisor(self)
         self._io_forms: dict = {}
-        self.shadow = None
+        self.shadow: ShadowPaging | None = None   # without EPT: KVM's shadow MMU (memory/shadow.py)
         self.pf_access = 0      # access kind of the last shadow #PF (the handler walks for it)
         self._sites: dict = {}
-        self._task = None
+        # the task switch a TASK_SWITCH exit is for: (view, selector, reason, next EIP, ext, its fault)
+        self._task: tuple[Any, int, int, int, int, DeliveryFault | None] | None = None
         self.vapic: apicv.VirtualApic | None = None
-        self.fast_fill = None                 # memory/fastfill.py EptFastFill: TLB fills under EPT in C
-        self._apic_sites = None               # cpu/mmiosite.py, made on the first APIC exit
+        self.fast_fill: EptFastFill | None = None   # memory/fastfill.py: TLB fills under EPT in C
+        self._apic_sites: _BlockSites | None = None   # cpu/mmiosite.py, made on the first APIC exit
         self._apic_lengths: dict[int, int] = {}
         self.apic_access = (4, 0)             # (size, value written) of the access an APIC_ACCESS exit is for
         self._launch()
@@ -154,14 +135,13 @@ class VmxCpu(Vcpu):
         if s.bits["enable_ept"]:
             self.ept = Ept(self.hv_mem, self.alloc)
             if not s.lazy_ept:
-                self.ept.map_range(0, RAM_HPA, self.m.mem_bytes)
+                self.ept.map_range(GPA(0), HPA(RAM_HPA), self.m.mem_bytes)
             v.vmwrite(F.EPT_POINTER, self.ept.eptp)
             self.shadow = None
             # The common fills in C, asked before Mmu.fill (which install_hooks adds); on at VMLAUNCH.
             self.fast_fill = EptFastFill.install(self.mmu, self.ept)
         else:
             # KVM without EPT: shadow page tables, filled on #PF exits (memory/shadow.py).
-            from cpuvirt.memory.shadow import ShadowPaging
             self.shadow = ShadowPaging(self.mmu, exit_on_miss=True)
             self.shadow.attach(self)
         self.install_hooks()
@@ -182,7 +162,7 @@ class VmxCpu(Vcpu):
         if not (s.bits["virtualize_apic_accesses"] and s.bits["activate_secondary_controls"]):
             return                  # no CR8 in 32-bit mode: the TPR shadow alone changes nothing
         v.vmwrite(F.APIC_ACCESS_ADDR, APIC_ACCESS_HPA)
-        self.ept.map(APIC_BASE_GPA, APIC_ACCESS_HPA, EPT_R | EPT_W)
+        self.ept.map(GPA(APIC_BASE_GPA), HPA(APIC_ACCESS_HPA), EPT_R | EPT_W)
         off = page - HV_HPA
         self.vapic = apicv.VirtualApic(self.uc, self.m.apic, self.hv_mem.view[off:off + 0x1000],
                                        self.hv_mem.host_address + off, APIC_ACCESS_HPA, True,
@@ -333,13 +313,13 @@ class VmxCpu(Vcpu):
             self.deliver(vector, ret, code, soft=dpl_check, external=kind == E.INTR_TYPE_EXT_INTR,
                          fault_eip=eip if dpl_check else None)
         if self.vapic is not None:
-            self._sync_vapic()
+            self._sync_vapic(self.vapic)
 
-    def _sync_vapic(self) -> None:
+    def _sync_vapic(self, vapic: apicv.VirtualApic) -> None:
         """The hypervisor's side of APIC virtualization before the guest runs again: the virtual-APIC
         page shows the emulated APIC's registers, TPR_THRESHOLD is up to date."""
-        self.vapic.sync()
-        self.vmcs._values[F.TPR_THRESHOLD] = self.vapic.tpr_threshold
+        vapic.sync()
+        self.vmcs._values[F.TPR_THRESHOLD] = vapic.tpr_threshold
 
     def _entry_checks(self) -> None:
         """SDM 26.3.1: the guest-state checks, on every field the hypervisor wrote since the exit.
@@ -379,6 +359,7 @@ class VmxCpu(Vcpu):
 
     # -- sensitive instructions (one-address intercepts; EIP is the instruction) ---------------------------
     def on_sensitive(self, address: int, size: int, mnem: str, ops: str) -> None:
+        """The intercept hook: a sensitive instruction is about to run in non-root operation."""
         if self.outcome is not None:
             return
         if mnem in PRIVILEGED and self.regs.cpl() != 0:
@@ -386,130 +367,18 @@ class VmxCpu(Vcpu):
         if mnem in IO_INSTRUCTIONS:
             self.io_gate(address, size, mnem, ops)     # I/O permission before any I/O exit
             return
-        if mnem == "mov":
-            eip = self.regs.read(R.EIP)         # an offset in CS: the linear address in flat code
-            self.cr4_gate(address, size, ops)
-            if self.regs.read(R.EIP) != eip:
-                return
-            self._mov_cr_dr(address, size, ops)
-        elif mnem == "invlpg":
-            if self.ctl("invlpg_exiting"):
-                la = self._operand_address(address)
-                self.vm_exit(ExitReason.INVLPG, address, qualification=la, length=size,
-                             detail={"linear_address": f"{la:#x}"})
-        elif mnem in E.GDTR_IDTR_INSTRUCTIONS or mnem in E.LDTR_TR_INSTRUCTIONS:
-            if self.ctl("activate_secondary_controls") and self.ctl("descriptor_table_exiting"):
-                reason = ExitReason.GDTR_IDTR if mnem in E.GDTR_IDTR_INSTRUCTIONS else ExitReason.LDTR_TR
-                self.vm_exit(reason, address, length=size, instr_info=E.descriptor_instruction_info(mnem),
-                             detail={"instruction": mnem})
-        elif mnem in ("rdmsr", "wrmsr"):
-            ecx = self.regs.read(R.ECX)
-            if self._msr_exits(ecx, mnem == "wrmsr"):
-                reason = ExitReason.MSR_WRITE if mnem == "wrmsr" else ExitReason.MSR_READ
-                self.vm_exit(reason, address, length=size, detail={"msr": f"{ecx:#x}"})
-            else:
-                self.msr_instruction(address, size, mnem)        # passed through to the platform
-        elif mnem == "clts":
-            v = self.vmcs._values
-            if v[F.CR0_GUEST_HOST_MASK] & 8 and v[F.CR0_READ_SHADOW] & 8:
-                self.vm_exit(ExitReason.CR_ACCESS, address, length=size, qualification=E.cr_qualification(0, E.CR_CLTS),
-                             detail=E.decode_cr_qualification(E.cr_qualification(0, E.CR_CLTS)))
-        elif mnem == "smsw":
-            self._smsw(address, size, ops)
-        elif mnem == "lmsw":
-            self._lmsw(address, size, ops)
-        elif mnem in INSTRUCTION_EXITS:             # no operand to decode: the controls decide
-            reason, controls = INSTRUCTION_EXITS[mnem]
-            if all(self.ctl(c) for c in controls):
-                self.vm_exit(reason, address, length=size)
+        handler = INSTRUCTION_HANDLERS.get(mnem)       # nonroot.py: exit or not, SDM 25.1.3
+        if handler is not None:
+            handler(self, Sensitive(address, size, mnem, ops, self.code_at(address, size)))
         if self.outcome is not None or self._blocked:
             self.uc.emu_stop()
 
-    def _mov_cr_dr(self, address: int, size: int, ops: str) -> None:
-        dst, _, src = (t.strip() for t in ops.partition(","))
-        to_cr = dst.startswith("cr")
-        if dst.startswith("dr") or src.startswith("dr"):
-            if self.ctl("mov_dr_exiting"):
-                dr, reg, direction = (int(dst[2:]), src, 0) if dst.startswith("dr") else (int(src[2:]), dst, 1)
-                q = dr | (direction << 4) | (R.GPR_NAMES.index(reg) << 8)
-                self.vm_exit(ExitReason.DR_ACCESS, address, qualification=q, length=size,
-                             detail={"dr": dr, "direction": "MOV from DR" if direction else "MOV to DR",
-                                     "register": reg})
-            return
-        cr = int((dst if to_cr else src)[2:])
-        reg = src if to_cr else dst
-        if reg not in _GPR:
-            return
-        v = self.vmcs._values
-        if to_cr:
-            value = self.regs.read(_GPR[reg])
-            exits = False
-            if cr == 0:
-                exits = bool(v[F.CR0_GUEST_HOST_MASK] & (value ^ v[F.CR0_READ_SHADOW]))
-            elif cr == 4:
-                exits = bool(v[F.CR4_GUEST_HOST_MASK] & (value ^ v[F.CR4_READ_SHADOW]))
-            elif cr == 3:
-                exits = self.ctl("cr3_load_exiting") and not self._cr3_target(value)
-            if exits:
-                q = E.cr_qualification(cr, E.CR_MOV_TO, R.GPR_NAMES.index(reg))
-                d = E.decode_cr_qualification(q)
-                d["value"] = f"{value:#x}"
-                self.vm_exit(ExitReason.CR_ACCESS, address, qualification=q, length=size, detail=d)
-            elif cr in (0, 4):
-                # No exit: the processor writes the guest-owned bits and keeps the host-owned ones.
-                field, mask = ((F.GUEST_CR0, v[F.CR0_GUEST_HOST_MASK]) if cr == 0
-                               else (F.GUEST_CR4, v[F.CR4_GUEST_HOST_MASK]))
-                real = self.regs.read(R.CR0 if cr == 0 else R.CR4)
-                self.regs.write(R.CR0 if cr == 0 else R.CR4, (value & ~mask) | (real & mask))
-                self.regs.write(R.EIP, address + size)
-        else:
-            if cr == 3 and self.ctl("cr3_store_exiting"):
-                q = E.cr_qualification(3, E.CR_MOV_FROM, R.GPR_NAMES.index(reg))
-                self.vm_exit(ExitReason.CR_ACCESS, address, qualification=q, length=size,
-                             detail=E.decode_cr_qualification(q))
-            elif cr in (0, 4):
-                # A read sees the read shadow for host-owned bits (SDM 25.3): emulated, no exit.
-                mask = v[F.CR0_GUEST_HOST_MASK if cr == 0 else F.CR4_GUEST_HOST_MASK]
-                if mask or cr == 0:
-                    shadow = v[F.CR0_READ_SHADOW if cr == 0 else F.CR4_READ_SHADOW]
-                    real = self.regs.read(R.CR0 if cr == 0 else R.CR4)
-                    value = (real & ~mask) | (shadow & mask)
-                    if cr == 0:
-                        value |= CR0_ET           # hard-wired to 1 (the engine's CR0 lacks it)
-                    self.regs.write(_GPR[reg], value)
-                    self.regs.write(R.EIP, address + size)
-
-    def _cr3_target(self, value: int) -> bool:
-        v = self.vmcs._values
-        n = min(v[F.CR3_TARGET_COUNT], 4)
-        return any(v[F.CR3_TARGET_VALUE0 + 2 * i] == value for i in range(n))
-
-    def _smsw(self, address: int, size: int, ops: str) -> None:
-        """SMSW reads CR0 through the guest/host mask and read shadow (SDM 25.3), register or memory."""
-        v = self.vmcs._values
-        mask = v[F.CR0_GUEST_HOST_MASK] & 0xFFFF
-        reg = ops.strip()
-        real = self.regs.read(R.CR0)
-        val = ((real & ~mask) | (v[F.CR0_READ_SHADOW] & mask) | CR0_ET) & 0xFFFF
-        if reg in _GPR or "e" + reg in _GPR:
-            segs = self.engine_segments()
-            code = self.mmu.fetch_bytes(address, size)
-            if segs is not None and code and smsw_register32(code, self.code32(segs)) is not None:
-                self.smsw_site(address, size)   # a 32-bit register: all of CR0 (Vcpu.smsw_site)
-                return
-            # 16 bits: the MSW, the register's upper half unchanged (SDM SMSW).
-            full = _GPR[reg if reg.startswith("e") else "e" + reg]
-            self.regs.write(full, (self.regs.read(full) & 0xFFFF0000) | val)
-            self.regs.write(R.EIP, address + size)
-        elif "[" in reg:
-            from cpuvirt.memory.mmu import GuestPageFault
-            la = self._operand_address(address)
-            try:
-                self.mmu.write_linear(la, val.to_bytes(2, "little"), user=self.regs.cpl() == 3)
-            except GuestPageFault as pf:
-                self.page_fault(pf.gva, 1, pf.error_code, address)
-                return
-            self.regs.write(R.EIP, address + size)
+    def code_at(self, address: int, size: int) -> bytes:
+        """The bytes of the intercepted instruction at address (as the intercept hook checked them)."""
+        site = self.intercepts.sites.get(address) if self.intercepts is not None else None
+        if site is not None and site[0] == size:
+            return site[3]
+        return self.mmu.fetch_bytes(address, size) or b""
 
     def guest_cr0(self) -> int:
         """CR0 through the guest/host mask and the read shadow (SDM 25.3), with ET as hardware reads it."""
@@ -517,34 +386,7 @@ class VmxCpu(Vcpu):
         mask = v[F.CR0_GUEST_HOST_MASK]
         return (self.regs.read(R.CR0) & ~mask) | (v[F.CR0_READ_SHADOW] & mask) | CR0_ET
 
-    def _lmsw(self, address: int, size: int, ops: str) -> None:
-        reg = ops.strip()
-        memory = reg not in ("ax", "bx", "cx", "dx", "si", "di", "bp", "sp")
-        if memory:
-            from cpuvirt.memory.mmu import GuestPageFault
-            try:
-                value = int.from_bytes(self.mmu.read_linear(self._operand_address(address), 2), "little")
-            except GuestPageFault as pf:
-                self.page_fault(pf.gva, 0, pf.error_code, address)
-                return
-        else:
-            value = self.regs.read(_GPR["e" + reg]) & 0xFFFF
-        v = self.vmcs._values
-        mask, shadow = v[F.CR0_GUEST_HOST_MASK] & 0xF, v[F.CR0_READ_SHADOW] & 0xF
-        # SDM 25.1.3: LMSW exits if it would set PE against a clear shadow bit, or change MP/EM/TS.
-        if (mask & 1 and not shadow & 1 and value & 1) or (mask & 0xE & (value ^ shadow)):
-            q = E.cr_qualification(0, E.CR_LMSW, lmsw_memory=memory, lmsw_data=value)
-            self.vm_exit(ExitReason.CR_ACCESS, address, qualification=q, length=size,
-                         detail=E.decode_cr_qualification(q))
-        elif mask & 0xF:
-            # No exit: the guest-owned bits change, the host-owned ones keep their value (SDM 25.3).
-            real = self.regs.read(R.CR0)
-            low = (real & 0xF & mask) | (value & 0xF & ~mask) | (real & 1)   # PE is never cleared
-            new = (real & ~0xF) | low
-            self.regs.write(R.CR0, new)
-            self.regs.write(R.EIP, address + size)
-
-    def _msr_exits(self, msr: int, write: bool) -> bool:
+    def msr_exits(self, msr: int, write: bool) -> bool:
         if not self.ctl("use_msr_bitmaps"):
             return True
         if msr <= 0x1FFF:
@@ -555,8 +397,8 @@ class VmxCpu(Vcpu):
             return True
         return self._bitmap_bit(F.MSR_BITMAP, bit + (2048 * 8 if write else 0))
 
-    def _operand_address(self, address: int) -> int:
-        la = operand_address(self.mmu.fetch_bytes(address, 15), address, self.regs)
+    def operand_address(self, address: int) -> int:
+        la = operand_linear_address(self.mmu.fetch_bytes(address, 15), address, self.regs)
         return 0 if la is None else la
 
     # -- I/O, CPUID, RDTSC (engine hooks) ------------------------------------------------------------
@@ -599,15 +441,15 @@ class VmxCpu(Vcpu):
                          implicit_rip=True, value=value)
         return x.value if is_in and x.value is not None else 0
 
-    def hook_cpuid(self, uc, _data) -> int:
+    def hook_cpuid(self, uc, _data) -> bool:
         """CPUID always exits (SDM 25.1.2)."""
         if self.outcome is not None:
-            return 0
+            return False
         self.mmu.crs = None
         eax, ecx = self.regs.read(R.EAX), self.regs.read(R.ECX)
         x = self.vm_exit(ExitReason.CPUID, self._insn_site(), length=2, implicit_rip=True,
                          detail={"leaf": f"{eax:#x}", "subleaf": f"{ecx:#x}"} if self.trace is not None else None)
-        return 1 if x.value else 0
+        return bool(x.value)
 
     def _insn_site(self) -> int:
         """Address of the cpuid/rdtsc whose engine hook is running (EIP is stale there): the first
@@ -682,17 +524,19 @@ class VmxCpu(Vcpu):
                 d["written_by"] = f"{site:#x}"      # trap-like: RIP is already past that instruction
             self.vm_exit(ExitReason.APIC_WRITE, next_rip, qualification=offset & 0xFFF, detail=d, implicit_rip=True)
         else:
+            vapic = self.vapic
             self.vm_exit(ExitReason.TPR_BELOW_THRESHOLD, next_rip, implicit_rip=True,
-                         detail={"vtpr": f"{self.vapic.page[0x80]:#x}",
-                                 "tpr_threshold": self.vapic.tpr_threshold} if self.trace is not None else None)
+                         detail={"vtpr": f"{vapic.page[0x80]:#x}", "tpr_threshold": vapic.tpr_threshold}
+                         if self.trace is not None and vapic is not None else None)
         return 0
 
     def _apic_site(self, offset: int, is_write: bool) -> tuple[int, int]:
         """(address, length) of the instruction whose access to the APIC page is being served: the
         engine's EIP is the block's start inside MMIO callbacks (cpu/mmiosite.py finds the instruction)."""
-        if self._apic_sites is None:
-            self._apic_sites = _BlockSites(self.mmu, self.regs, self.clock)
-        site = self._apic_sites.site(APIC_BASE_GPA | offset, is_write)
+        sites = self._apic_sites
+        if sites is None:
+            sites = self._apic_sites = _BlockSites(self.mmu, self.regs, self.clock)
+        site = sites.site(APIC_BASE_GPA | offset, is_write)
         length = self._apic_lengths.get(site)
         if length is None:
             code = self.mmu.fetch_bytes(site, 15) or b""
@@ -706,7 +550,7 @@ class VmxCpu(Vcpu):
         if vector != Vector.PF:
             return bool(bitmap >> vector & 1)
         v = self.vmcs._values
-        match = (error_code & v[F.PAGE_FAULT_ERROR_CODE_MASK]) == v[F.PAGE_FAULT_ERROR_CODE_MATCH]
+        match = ((error_code or 0) & v[F.PAGE_FAULT_ERROR_CODE_MASK]) == v[F.PAGE_FAULT_ERROR_CODE_MATCH]
         return match if bitmap >> 14 & 1 else not match
 
     def _exception_exit(self, vector: int, rip: int, error_code: int | None, kind: int, length: int = 0,
@@ -797,6 +641,7 @@ class VmxCpu(Vcpu):
 
     def _ept_exit(self, nf: NestedFault, eip: int) -> None:
         viol = nf.detail
+        assert nf.access is not None and nf.gva is not None      # with_linear ran in the fill hook
         bit = {0: EPT_R, 1: EPT_W, 2: EPT_X}[nf.access]
         gla = self.exact_linear(nf, eip) if nf.final else nf.gva
         if nf.final:          # the fill hook saw only the page: the exact address comes from the operand
@@ -823,7 +668,7 @@ class VmxCpu(Vcpu):
         """Exits due before the next guest instruction (SDM 25.2): the interrupt window, which is
         open when RFLAGS.IF = 1 and no STI / MOV SS shadow blocks interrupts."""
         if self.vapic is not None:
-            self._sync_vapic()         # timers and interrupt delivery changed the APIC since the last entry
+            self._sync_vapic(self.vapic)   # timers and interrupt delivery changed the APIC since the last entry
         if self.ctl("interrupt_window_exiting") and self.regs.read(R.EFLAGS) & EFLAGS_IF:
             if self.faults.interrupt_shadow():
                 self._after_one_block = True
@@ -894,7 +739,7 @@ class VmxCpu(Vcpu):
     def perform_task_switch(self) -> str:
         """For the root-mode handler: switch tasks as the exit described (cpu/tasks.py)."""
         from cpuvirt.cpu import tasks
-        from cpuvirt.cpu.faults import DeliveryFault
+        assert self._task is not None, "a TASK_SWITCH exit without a task switch"
         view, sel, reason, next_eip, ext, _ = self._task
         try:
             tasks.switch_task(view, sel, reason, next_eip, ext)

@@ -24,6 +24,7 @@ PAGE = 0x1000
 class ParaMode(Mode):
     name = "para"
     description = "paravirtualized kernel at ring 1: Xen-style hypercalls, upcalls, direct paging"
+    vcpu: ParaVcpu
 
     def __init__(self, machine, trace=None, max_insns: int = 0):
         self.machine = machine
@@ -33,8 +34,8 @@ class ParaMode(Mode):
         self.vcpu.install_hooks()
         self.top = 0x100000
         self.cmdline = b""
-        self.module = None
-        self.layout = None
+        self.module: tuple[int, int] | None = None      # the first Multiboot module: (start, end)
+        self.layout: S.Layout | None = None
 
     def set_image(self, image, boot) -> None:
         """What the loader placed (the PV pages go above it): called by the runner before boot()."""

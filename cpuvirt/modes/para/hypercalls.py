@@ -64,7 +64,7 @@ def set_trap_table(cpu) -> int:
         cpu.trap_table.clear()
         cpu.note(table="NULL (cleared)")
         return 0
-    set_ = []
+    set_: list[str] = []
     for i in range(257):
         vector, flags, cs, address = struct.unpack("<BBHI", cpu.gread(table + 8 * i, 8))
         if address == 0:
@@ -121,7 +121,7 @@ def mmu_update(cpu) -> int | None:
     count, done = _batch_start(cpu, count, done_ptr)
     if count > MAX_BATCH:
         return -EINVAL
-    rc, log = 0, []
+    rc, log = 0, list[str]()
     try:
         for i in range(count):
             cpu.charge(REQUEST_CYCLES)
@@ -321,7 +321,7 @@ def mmuext_op(cpu) -> int | None:
     if count > MAX_BATCH:
         return -EINVAL
     paging = cpu.paging
-    rc, log = 0, []
+    rc, log = 0, list[str]()
     try:
         for i in range(count):
             cpu.charge(REQUEST_CYCLES)

@@ -20,7 +20,7 @@ from cpuvirt.engine import regs as R
 from cpuvirt.engine.clock import NEVER
 from cpuvirt.memory.direct import Refused
 from cpuvirt.memory.mmu import GuestPageFault
-from cpuvirt.modes.para.events import VIRQ_TIMER
+from cpuvirt.modes.para.events import VIRQ_TIMER, EventChannels
 from cpuvirt.modes.para.hypercalls import ENTRY_CYCLES, HYPERCALL_CYCLES, HYPERCALLS
 from cpuvirt.x86.flags import EFLAGS_IF, EFLAGS_NT, EFLAGS_RF, EFLAGS_TF, EFLAGS_VM
 from cpuvirt.x86.vectors import HAS_ERROR_CODE, MNEMONIC
@@ -41,7 +41,7 @@ class ParaVcpu(Vcpu):
     def __init__(self, machine, paging, trace=None, max_insns: int = 0):
         super().__init__(machine, trace=trace, max_insns=max_insns)
         self.paging = paging
-        self.events = None                 # EventChannels, once the shared-info page exists (boot)
+        self.events: EventChannels | None = None   # once the shared-info page exists (boot)
         self.hypercall_va = 0
         self.trap_table: dict[int, tuple[int, int, int]] = {}
         self.trap_table_set = False
@@ -71,6 +71,7 @@ class ParaVcpu(Vcpu):
         # in/out never fault in the engine: hook every instance and make it a #GP unless granted.
         self.enable_intercepts(IO_MNEMONICS, self._io_instruction)
         from cpuvirt.cpu.intercept import FAR_PATTERN
+        assert self.intercepts is not None          # enable_intercepts made them
         self.intercepts._pattern = re.compile(_IO_PATTERN.pattern + b"|" + FAR_PATTERN)
 
     def _intr(self, _uc, intno, _data) -> None:
@@ -95,14 +96,14 @@ class ParaVcpu(Vcpu):
         if tracing:
             self.detail = {}
         entry = HYPERCALLS.get(nr)
+        result: int | None
         self.paging.work = 0
         self.clock.advance(HYPERCALL_CYCLES)
         if b[1] & 3 != 1 or b[7] & EFLAGS_VM:
             # Only the kernel (ring 1) may call the hypervisor: in V86 mode CPL is 3 whatever CS says.
             result = -EPERM
             if tracing:
-                self.detail["refused"] = ("hypercall from ring 3" if not b[7] & EFLAGS_VM
-                                          else "hypercall from V86 mode")
+                self.refused("hypercall from ring 3" if not b[7] & EFLAGS_VM else "hypercall from V86 mode")
         elif entry is None:
             result = -38
         else:
@@ -111,7 +112,7 @@ class ParaVcpu(Vcpu):
             except Refused as r:
                 result = -r.errno
                 if tracing:
-                    self.detail["refused"] = r.why
+                    self.refused(r.why)
         if result is not None:
             regs.write(R.EAX, result & 0xFFFFFFFF)
         if self.paging.work:
@@ -121,6 +122,7 @@ class ParaVcpu(Vcpu):
         if tracing:
             self._trace_hypercall(nr, entry, result)
         ev = self.events
+        assert ev is not None                       # boot made them before the first hypercall
         if ev.buf[ev.off] and not ev.buf[ev.off + 1] and self.outcome is None:   # deliverable()
             self.upcall(regs.read(R.EIP))
 
@@ -208,12 +210,14 @@ class ParaVcpu(Vcpu):
     def _fire_timer(self) -> None:
         if self.timer is not None and self.clock.now >= self.timer:
             self.timer = None
-            port = self.events.virq_port.get(VIRQ_TIMER)
-            self.events.raise_virq(VIRQ_TIMER)
-            detail = {"port": port, "mask": self.events.mask}
+            ev = self.events
+            assert ev is not None                   # set_timer_op is a hypercall: after boot
+            port = ev.virq_port.get(VIRQ_TIMER)
+            ev.raise_virq(VIRQ_TIMER)
+            detail = {"port": port, "mask": ev.mask}
             action = "timer expired, VIRQ_TIMER not bound"
             if port is not None:
-                masked = self.events.port_masked(port)
+                masked = ev.port_masked(port)
                 detail["port_masked"] = int(masked)
                 action = "port set pending, masked: latched, no upcall" if masked else "port set pending"
             self.record("event_channel", "VIRQ_TIMER", VIRQ_TIMER, self.regs.read(R.EIP), detail, action)
@@ -221,6 +225,7 @@ class ParaVcpu(Vcpu):
     def block(self) -> int:
         """SCHEDOP_block: unmask events and sleep until one is pending (virtual time jumps)."""
         ev = self.events
+        assert ev is not None
         ev.mask = 0
         if ev.pending():
             return 0
@@ -241,7 +246,7 @@ class ParaVcpu(Vcpu):
 
     def shutdown(self, status: int, reason: str) -> None:
         if self.trace is not None:
-            self.detail["action"] = f"machine powered off, status {status}"
+            self.note(action=f"machine powered off, status {status}")
         self.finish("exit", status, reason)
 
     def crash(self, why: str) -> None:
@@ -329,6 +334,7 @@ class ParaVcpu(Vcpu):
                what: str) -> None:
         """Deliver to the guest at ring 1 like a hardware gate, with Xen's virtual IF and mask."""
         regs, ev = self.regs, self.events
+        assert ev is not None                       # the trap table is a hypercall: after boot
         old_cs = regs.read(R.CS)
         cpl = old_cs & 3
         eflags = regs.read(R.EFLAGS)
@@ -426,7 +432,7 @@ class ParaVcpu(Vcpu):
             prev = self.mmu.fetch_bytes((eip - 1) & 0xFFFFFFFF, 1)
             insn_len = 1 if prev in (b"\xcc", b"\xce") else 2
             start = (eip - insn_len) & 0xFFFFFFFF
-            detail = {"vector": intno, "software": soft}
+            detail: dict[str, object] = {"vector": intno, "software": soft}
             if insn_len == 2:               # `int n`: EAX is the system-call number by OS convention
                 detail["eax"] = f"{self.regs.read(R.EAX):#x}"
             self.record("interrupt" if soft else "exception", f"int {intno:#x}" if soft else MNEMONIC[intno], intno,
@@ -449,6 +455,7 @@ class ParaVcpu(Vcpu):
 
     def page_fault(self, gva: int, access: int, error_code: int, eip: int) -> None:
         self.charge_fault(access)
+        assert self.events is not None
         self.events.set_cr2(gva)
         self.record("page_fault", "#PF", 14, eip,
                     {"cr2": f"{gva:#x}", "error_code": error_code, "access": ("read", "write", "fetch")[access],
