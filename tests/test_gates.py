@@ -182,12 +182,12 @@ def test_any_descriptor_ends_in_a_documented_outcome(fuzz_image, tmp_path_factor
 @pytest.mark.parametrize("variant,what", [(1, "mov ds"), (2, "int 0x30"), (3, "#DE"), (4, "mov ss")])
 @pytest.mark.parametrize("mode", MODES + ("hw-noept",))
 def test_gdt_outside_ram_ends_as_a_documented_outcome(tmp_path, mode, variant, what):
-    """A GDT loaded outside RAM, then a segment load, an interrupt or a fault. Unbacked memory reads
-    all-ones here (a present DPL-3 code segment): `mov ds` loads it and the guest goes on (its FAIL exit,
-    status 1; QEMU 7.2 reads unassigned memory as zeros, so there it faults and shuts down); an interrupt's CS does not qualify (#GP, #DF, a triple fault). hw with EPT
-    stops the guest instead where a segment load would have to be emulated on unbacked memory. Run in a
-    subprocess: a segment load the hypervisor performs on a refused fill was found to be able to crash
-    the host process, which must never happen."""
+    """A GDT loaded outside RAM, then a segment load, an interrupt or a fault. Unbacked memory reads all-ones here (a
+    present DPL-3 code segment): `mov ds` loads it and the guest goes on (its FAIL exit, status 1; QEMU 7.2
+    reads unassigned memory as zeros, so there it faults and shuts down); an interrupt's CS does not qualify
+    (#GP, #DF, a triple fault). hw with EPT stops the guest instead where a segment load would have to be
+    emulated on unbacked memory. Run in a subprocess: a segment load the hypervisor performs on a refused fill
+    was found to be able to crash the host process, which must never happen."""
     from tests.hostile import build, run_cli, summary_line
     image = build("gdt_outside", tmp_path, VARIANT=variant)
     args = ["--mode", "hw", "--no-ept"] if mode == "hw-noept" else ["--mode", mode]
