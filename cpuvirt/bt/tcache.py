@@ -23,7 +23,8 @@ INT3 = 0xCC
 
 class Counters:
     __slots__ = ("translations", "bytes", "chained", "chain_patches", "lookups", "misses", "ic_misses",
-                 "callouts", "evictions", "flushes", "invalidations", "code_stores", "adaptive")
+                 "callouts", "evictions", "flushes", "invalidations", "code_stores", "adaptive", "unadapted",
+                 "widened")
 
     def __init__(self):
         for k in self.__slots__:
@@ -70,12 +71,13 @@ class Block:
 
 class Site:
     """A callout slot's meaning: `kind` and its arguments."""
-    __slots__ = ("kind", "block", "insn", "target", "patch_at", "ic", "ic_next", "ret_addr", "pop", "raw",
+    __slots__ = ("kind", "block", "insn", "target", "patch_at", "ic", "hits", "ic_next", "ret_addr", "pop", "raw",
                  "after_sti")
 
     def __init__(self, kind, block=None, insn=None, target=None, patch_at=None):
         self.kind, self.block, self.insn, self.target, self.patch_at = kind, block, insn, target, patch_at
         self.ic: list[int] = []      # TC addresses of inline-cache entries (indirect branches, ret)
+        self.hits: list[int] = []    # TC addresses of their hit stubs
         self.ic_next = 0
         self.ret_addr = None
         self.pop = 0

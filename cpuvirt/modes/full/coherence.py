@@ -114,6 +114,9 @@ class Coherence:
             self.traced_stores.clear()
         if len(self.rt.translator.adaptive) > 65536:      # guest EIPs made adaptive: an optimization
             self.rt.translator.adaptive.clear()
+            self._untraced_run.clear()
+        if len(self._native_after) > 65536:
+            self._native_after.clear()
 
     def _note_page(self, page: int, frame: int) -> None:
         self._page_frame[page] = frame
