@@ -6,8 +6,9 @@ The way back: a site whose callouts keep storing to frames nobody traces is tran
 xv6's `mappages` is such a site: it writes the PTEs of the live page tables (traced) and, in every
 `setupkvm`, the 57,000 PTEs of a new process's kernel map into fresh, untraced frames; as a callout
 each of those stores cost a hook call and an emulation, and a fork-heavy run was made of little else.
-Each return to native doubles the run of untraced stores the next return needs (hysteresis: a site
-that alternates settles as a callout).
+Each return to native doubles the run of untraced stores the next return needs, up to 4096 (a site
+that alternates pays callouts for at most that many untraced stores per round, not for a whole
+`setupkvm`).
 A mixin of FullVcpu (vcpu.py).
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ from cpuvirt.x86.vectors import Vector
 
 ADAPTIVE_THRESHOLD = 4            # traced-page faults at one guest store before it becomes a callout
 NATIVE_AGAIN_AFTER = 64           # consecutive untraced stores by a callout before it is native again
-NATIVE_AGAIN_MAX = 1 << 16        # the doubling stops here
+NATIVE_AGAIN_MAX = 4096           # the doubling stops here: at most this many callouts per native run
 
 
 class AdaptiveStores:
