@@ -49,7 +49,7 @@ def main() -> int:
     ap.add_argument("--no-qemu", action="store_true")
     ap.add_argument("--qemu-seconds", type=float, default=None, metavar="S",
                     help="QEMU's time for this session measured earlier (QEMU is then not run; no console check)")
-    ap.add_argument("--console-dir", metavar="DIR", help="write each mode's console to DIR/MODE.txt")
+    ap.add_argument("--console-dir", metavar="DIR", help="write each mode's console to DIR/MODE.txt (QEMU's to DIR/qemu.txt)")
     args = ap.parse_args()
     kernel = Path(args.xv6)
     if kernel.is_dir():
@@ -72,6 +72,8 @@ def main() -> int:
         reference, qemu_s, completed = qemu_xv6_session(kernel, lines)
         print(f"qemu      {'completed' if completed else 'TIMED OUT'}  {qemu_s:8.1f} s  "
               f"({len(reference)} console bytes)", flush=True)
+        if args.console_dir:
+            (Path(args.console_dir) / "qemu.txt").write_bytes(reference)
 
     usertests = "usertests" in lines
     print(f"{'mode':<9} {'outcome':<11} {'status':>6} {'usertests':<10} {'console':<9} {'wall s':>8} {'x qemu':>7} "

@@ -872,9 +872,11 @@ def format_summary(res, modelled=None) -> str:
         tc = bt["tc"]
         lines.append(f"  translation    {tc['translations']} blocks ({tc['bytes']:,} bytes), {tc['chained']} chained "
                      f"jumps, {tc['callouts']} callouts, {tc['lookups']} lookups ({tc['misses']} misses, "
-                     f"{tc['ic_misses']} inline-cache misses), {tc['invalidations']} invalidations, "
+                     f"{tc['ic_misses']} inline-cache misses, {tc['widened']} caches widened), "
+                     f"{tc['invalidations']} invalidations, "
                      f"{tc['flushes']} flushes; {bt['code_page_faults']} stores into code pages, "
-                     f"{bt['adaptive_stores']} stores made callouts (adaptive)")
+                     f"{bt['adaptive_stores']} stores made callouts (adaptive; {tc['adaptive']} sites, "
+                     f"{tc['unadapted']} made native again)")
     for d in res.devices:
         lines.append(f"  {d['name']} 00:{d['slot']:02x}.0 {d['mac']}: tx {d['tx_frames']} frames "
                      f"({d['tx_dropped']} dropped), rx {d['rx_frames']} ({d['rx_dropped']} dropped), "

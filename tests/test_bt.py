@@ -138,6 +138,44 @@ def test_call_ret_through_inline_caches():
     assert t.tc.counters.ic_misses == 2
 
 
+MANY_CALLERS = """
+    mov esi, 0
+    mov ecx, 60
+again:
+    call f
+    call f
+    call f
+    call f
+    call f
+    call f
+    call f
+    call f
+    dec ecx
+    jnz again
+    hlt
+f:
+    add esi, 1
+    ret
+"""
+
+
+def test_ret_with_more_callers_than_entries_is_widened():
+    """A `ret` with 8 live return targets (xv6's mycpu has 9) missed at every call with a 4-entry
+    cache (round robin over a cycle longer than the cache); after WIDEN_AFTER misses its block is
+    translated again with IC_WIDE entries, and the calls hit from then on."""
+    from cpuvirt.bt.translate import IC_ENTRIES, IC_WIDE, WIDEN_AFTER
+    assert IC_ENTRIES < 8 <= IC_WIDE
+    code = asm(MANY_CALLERS)
+    native = run_native(code)
+    t = Translated(code).run()
+    assert state(t.uc) == state(native)
+    assert t.uc.reg_read(R.ESI) == 60 * 8
+    c = t.tc.counters
+    assert c.widened == 1
+    # the narrow cache's misses, then one per return target in the wide one (480 calls in all)
+    assert c.ic_misses <= WIDEN_AFTER + 8
+
+
 INDIRECT = """
     mov esi, 0
     mov ecx, 40

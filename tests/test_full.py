@@ -137,6 +137,69 @@ def test_adaptive_translation_stops_the_page_table_faults(tmp_path):
     assert vcpu.adaptive_stores >= n - ADAPTIVE_THRESHOLD - 1
 
 
+STORE_SITE = """
+#include "kernel.inc"
+#include "paging.inc"
+#define PAGE 0x00380000
+.text
+main:
+    mov edi, page_dir
+    mov esi, page_table_low
+    mov eax, PTE_P | PTE_W | PTE_U
+    call paging_identity_4m
+    mov eax, page_dir
+    call paging_enable
+    call into_page_table
+    mov ecx, 300                  # the same store into an ordinary page: nobody traces it
+untraced:
+    mov edi, scratch
+    mov eax, ecx
+    call store
+    dec ecx
+    jnz untraced
+    call into_page_table
+    ret
+into_page_table:                  # 20 stores of the PTE's own value into the live page table
+    mov ecx, 20
+traced:
+    mov edi, page_table_low
+    add edi, 4 * 0x380
+    mov eax, dword ptr [edi]
+    call store
+    mov eax, dword ptr [PAGE]     # the page is used through the PTE: its frame stays traced
+    dec ecx
+    jnz traced
+    ret
+store:
+    mov dword ptr [edi], eax
+    ret
+.bss
+scratch: .zero 4
+"""
+
+
+def test_adaptive_store_site_becomes_native_again(tmp_path):
+    """A store site made a callout by the page-table stores it made, which then stores to an untraced
+    page NATIVE_AGAIN_AFTER times in a row, is translated as a plain store again (xv6's mappages
+    filling a new process's page tables); back at the page table, it is made a callout again."""
+    from cpuvirt.modes.full.adaptive import NATIVE_AGAIN_AFTER
+    from cpuvirt.toolchain.build import include_dir
+    from cpuvirt.toolchain.image import build_image
+    from cpuvirt.toolchain.preprocess import preprocess
+    src = tmp_path / "storesite.S"
+    src.write_text(STORE_SITE)
+    image = tmp_path / "storesite.bin"
+    image.write_bytes(build_image(preprocess(src, {}, [include_dir()]).lines)[0])
+    res, mode = run_full(str(image))
+    assert (res.outcome, res.status) == ("exit", 0), res.message
+    vcpu = mode.vcpu
+    c = vcpu.tc.counters
+    assert (c.adaptive, c.unadapted) == (2, 1)
+    # callouts: 20 - 4 + NATIVE_AGAIN_AFTER untraced ones, then 20 - 4 again; the rest ran natively
+    assert vcpu.adaptive_stores == 2 * (20 - ADAPTIVE_THRESHOLD) + NATIVE_AGAIN_AFTER
+    assert vcpu._native_after[max(vcpu._native_after)] == 2 * NATIVE_AGAIN_AFTER
+
+
 def test_bt_verb_shows_each_kind(capsys, tmp_path):
     from cpuvirt.cli import main
     trace = tmp_path / "bt.jsonl"

@@ -5,6 +5,7 @@ the hook (`hook_callout`) reads the slot's Site and:
 - chain: translates the target (or finds it), patches the jump that led here, continues there;
 - ret / jmp_ind / call_ind (an inline-cache miss): finds the guest target on the stack, does what the
   branch does to ESP and the stack, fills an inline-cache entry, continues at the target's translation;
+  a site that keeps missing has its block invalidated, to be translated again with a wider cache;
 - sensitive / adaptive: hands the guest instruction to the hypervisor (`on_callout`), which emulates it
   (guest registers, guest EIP), then continues at the translation of the new guest EIP.
 The engine is never stopped for any of these.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from cpuvirt.bt.coherence import invalidate
 from cpuvirt.bt.tcache import CALLOUT_SLOTS, Block, Site, TCache
 from cpuvirt.bt.translate import GuestCode, TranslateFault, Translator
 from cpuvirt.engine import regs as R
@@ -125,6 +127,9 @@ class BtRuntime:
                 return
             if c.flushes == flushes:
                 self.translator.fill_ic(site, target, dest)
+                if self.translator.should_widen(site):
+                    c.widened += 1
+                    invalidate(tc, site.block)     # translated again, wide, when next reached
             regs.write(R.EIP, dest)
             return
         # a sensitive instruction: the hypervisor emulates it (guest registers, guest EIP) and says

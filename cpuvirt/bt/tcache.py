@@ -40,6 +40,8 @@ class Counters:
     invalidations: int = 0
     code_stores: int = 0
     adaptive: int = 0
+    unadapted: int = 0
+    widened: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -82,12 +84,13 @@ class Block:
 
 class Site:
     """A callout slot's meaning: `kind` and its arguments."""
-    __slots__ = ("kind", "block", "insn", "target", "patch_at", "ic", "ic_next", "ret_addr", "pop", "raw",
+    __slots__ = ("kind", "block", "insn", "target", "patch_at", "ic", "hits", "ic_next", "ret_addr", "pop", "raw",
                  "after_sti")
 
     def __init__(self, kind, block=None, insn=None, target=None, patch_at=None):
         self.kind, self.block, self.insn, self.target, self.patch_at = kind, block, insn, target, patch_at
         self.ic: list[int] = []      # TC addresses of inline-cache entries (indirect branches, ret)
+        self.hits: list[int] = []    # TC addresses of their hit stubs
         self.ic_next = 0
         self.ret_addr = None
         self.pop = 0

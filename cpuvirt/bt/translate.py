@@ -7,7 +7,9 @@ branch, a callout) or the end of the guest page. Each guest instruction becomes 
 - chain: a direct branch becomes a jmp/jcc to the target's translation; until the target exists it
   points at a callout slot that translates it and patches the jump (chaining).
 - inline: an indirect branch or `ret` becomes an inline cache in code (compare the target with up to
-  IC_ENTRIES guest addresses, jump to their translations; a miss is a callout that fills an entry);
+  IC_ENTRIES guest addresses, jump to their translations; a miss is a callout that fills an entry;
+  a site that keeps missing is translated again with IC_WIDE entries: `ret` of a function called
+  from many places, such as xv6's `mycpu`, has more live return targets than IC_ENTRIES);
   cli/sti/popf run natively (real IOPL 1 carries the virtual IF); pushf is rewritten so the image shows
   the virtual IOPL; reads of virtual-CPU state (mov from CR0/3/4, sgdt, sidt, sldt, str, smsw,
   mov r/m from cs/ss, push cs/ss) become stores of the current virtual value as an immediate, and the
@@ -25,6 +27,8 @@ from cpuvirt.bt.tcache import Block, Insn, Site, TCache
 
 MAX_INSNS = 12
 IC_ENTRIES = 4
+IC_WIDE = 16           # entries of a site widened after WIDEN_AFTER misses
+WIDEN_AFTER = 4 * IC_ENTRIES
 IC_CMP_SIZE = 12       # mov ecx, [esp + 4]; lea ecx, [ecx - G]; jecxz hit
 IC_HIT_SIZE = 13       # pop ecx; lea esp, [esp + k] | mov [esp], RET; jmp T
 PREFIXES = frozenset(b"\x66\x67\xf2\xf3\x2e\x3e\x26\x36\x64\x65\xf0")
@@ -121,6 +125,7 @@ class Translator:
         self.code = code
         self.cs = Cs(CS_ARCH_X86, CS_MODE_32)
         self.adaptive: set[int] = set()        # guest EIPs retranslated as callouts (adaptive BT)
+        self.wide_ic: set[int] = set()         # guest EIPs whose inline cache has IC_WIDE entries
         self.trace_translate: Callable[[Block], None] | None = None   # when translations are traced
         self.on_block: Callable[[Block], None] | None = None          # for every new translation
         self._after_sti = False
@@ -396,6 +401,8 @@ class Translator:
             hit_k: pop ecx; <ret: lea esp, [esp + 4 + n] | jmp: lea esp, [esp + 4] | call: mov [esp], RET>;
                    jmp <translation of G_k>
 
+        A wide site (IC_WIDE entries: its hits would be out of jecxz's reach) puts each hit after its
+        compare instead: `jecxz hit_k; jmp short <next compare>; hit_k: ...`.
         An empty entry compares with 0 and its hit stub jumps to the miss path, so a match on it is
         only slower. ESP is `esp_base` below the guest's at the push."""
         tc = self.tc
@@ -405,28 +412,34 @@ class Translator:
         site = Site(kind, blk, ins)
         site.raw, site.pop, site.ret_addr = raw, pop, ret_addr
         first = base + 1
-        miss = first + IC_ENTRIES * IC_CMP_SIZE
-        hits = miss + 6
-        for k in range(IC_ENTRIES):
-            e = first + k * IC_CMP_SIZE
+        wide = ins.geip in self.wide_ic
+        n = IC_WIDE if wide else IC_ENTRIES
+        step = IC_CMP_SIZE + 2 + IC_HIT_SIZE if wide else IC_CMP_SIZE
+        miss = first + n * step
+        for k in range(n):
+            e = first + k * step
             site.ic.append(e)
-            hit = hits + k * IC_HIT_SIZE
-            if k == 0:
-                ins.esp_fix[e] = esp_base + 4            # the guest's stack read (ret) can fault
-            out += b"\x8b\x4c\x24\x04" + b"\x8d\x89" + _imm32(0) + b"\xe3" + bytes([hit - (e + IC_CMP_SIZE)])
+            site.hits.append(e + IC_CMP_SIZE + 2 if wide else miss + 6 + k * IC_HIT_SIZE)
+        if n:
+            ins.esp_fix[first] = esp_base + 4              # the guest's stack read (ret) can fault
         slot = tc.new_site(site)
         blk.sites.append(slot)
+        empty = b"\xcc" * (IC_HIT_SIZE - 5)
+        for k in range(n):
+            e, hit = site.ic[k], site.hits[k]
+            out += b"\x8b\x4c\x24\x04" + b"\x8d\x89" + _imm32(0) + b"\xe3" + bytes([hit - (e + IC_CMP_SIZE)])
+            if wide:
+                out += b"\xeb" + bytes([IC_HIT_SIZE]) + b"\xe9" + _rel32(hit + 5, miss) + empty
         out += b"\x59" + b"\xe9" + _rel32(miss + 6, slot)  # pop ecx; jmp miss callout
-        for k in range(IC_ENTRIES):
-            hit = hits + k * IC_HIT_SIZE
-            out += b"\xe9" + _rel32(hit + 5, miss) + b"\xcc" * (IC_HIT_SIZE - 5)
+        if not wide:
+            for hit in site.hits:
+                out += b"\xe9" + _rel32(hit + 5, miss) + empty
 
     def fill_ic(self, site: Site, target: int, dest: int) -> None:
         """Put (guest target -> TC dest) into the next inline-cache entry of a site (round robin)."""
-        k = site.ic_next % IC_ENTRIES
+        k = site.ic_next % len(site.ic)
         site.ic_next += 1
-        e = site.ic[k]
-        hit = site.ic[0] + IC_ENTRIES * IC_CMP_SIZE + 6 + k * IC_HIT_SIZE
+        e, hit = site.ic[k], site.hits[k]
         code = b"\x59"                                               # pop ecx
         if site.kind == "ret":
             code += b"\x8d\xa4\x24" + _imm32(4 + site.pop)         # lea esp, [esp + 4 + n]
@@ -438,3 +451,12 @@ class Translator:
         assert len(code) == IC_HIT_SIZE
         self.tc.patch(hit, code)
         self.tc.patch(e + 6, _imm32(-target))                        # lea ecx, [ecx - target]
+
+    def should_widen(self, site: Site) -> bool:
+        """A narrow site that has missed WIDEN_AFTER times: translate it again with IC_WIDE entries."""
+        if site.ic_next < WIDEN_AFTER or len(site.ic) >= IC_WIDE or site.insn is None:
+            return False
+        if len(self.wide_ic) > 65536:                 # bounded; an optimization only
+            self.wide_ic.clear()
+        self.wide_ic.add(site.insn.geip)
+        return True

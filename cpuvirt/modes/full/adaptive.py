@@ -1,6 +1,14 @@
 """Adaptive binary translation (Adams & Agesen 2006, section 4): a guest-kernel store that keeps
 faulting on a write-traced page (a guest page table under shadow paging) is translated again as a
 callout that does the store through the shadow pager, with no fault at all.
+
+The way back: a site whose callouts keep storing to frames nobody traces is translated natively again.
+xv6's `mappages` is such a site: it writes the PTEs of the live page tables (traced) and, in every
+`setupkvm`, the 57,000 PTEs of a new process's kernel map into fresh, untraced frames; as a callout
+each of those stores cost a hook call and an emulation, and a fork-heavy run was made of little else.
+Each return to native doubles the run of untraced stores the next return needs, up to 4096 (a site
+that alternates pays callouts for at most that many untraced stores per round, not for a whole
+`setupkvm`).
 A mixin of FullVcpu (vcpu.py).
 """
 from __future__ import annotations
@@ -10,6 +18,8 @@ from typing import TYPE_CHECKING
 from cpuvirt.bt.coherence import invalidate
 from cpuvirt.engine import regs as R
 from cpuvirt.memory.mmu import GuestPageFault
+from cpuvirt.memory.shadow import KIND as PT_KIND
+from cpuvirt.memory.types import Access
 from cpuvirt.x86.vectors import Vector
 
 if TYPE_CHECKING:       # a mixin of FullVcpu (vcpu.py): mypy reads it against the deprivileging vCPU
@@ -20,6 +30,8 @@ else:
     _VcpuBase = object
 
 ADAPTIVE_THRESHOLD = 4            # traced-page faults at one guest store before it becomes a callout
+NATIVE_AGAIN_AFTER = 64           # consecutive untraced stores by a callout before it is native again
+NATIVE_AGAIN_MAX = 4096           # the doubling stops here: at most this many callouts per native run
 
 
 class AdaptiveStores(_VcpuBase):
@@ -30,6 +42,8 @@ class AdaptiveStores(_VcpuBase):
     tc: TCache
     traced_stores: dict[int, int]
     adaptive_stores: int
+    _untraced_run: dict[int, int]
+    _native_after: dict[int, int]
 
     def _make_adaptive(self, geip: int) -> None:
         """Adaptive BT: a store that keeps faulting on a traced page becomes a callout that does the
@@ -45,20 +59,40 @@ class AdaptiveStores(_VcpuBase):
             return                       # not a store the callout can do: it keeps faulting
         tr.adaptive.add(geip)
         self.tc.counters.adaptive += 1
+        self._untraced_run[geip] = 0
+        self._retranslate(geip)
+
+    def _make_native(self, geip: int) -> None:
+        """The site's recent stores all went to untraced frames: translate it as a plain store again,
+        and ask for twice as many before the next time."""
+        self.rt.translator.adaptive.discard(geip)
+        self.tc.counters.unadapted += 1
+        del self._untraced_run[geip]
+        self._native_after[geip] = min(2 * self._native_after.get(geip, NATIVE_AGAIN_AFTER), NATIVE_AGAIN_MAX)
+        self.traced_stores[geip] = 0
+        self._retranslate(geip)
+
+    def _retranslate(self, geip: int) -> None:
         for b in list(self.tc.blocks.values()):
             if any(i.geip == geip and i.size for i in b.insns):
                 invalidate(self.tc, b)
-
 
     def _adaptive_store(self, geip: int) -> None:
         """The store of an adaptive callout, done through shadow paging's guest_store."""
         from cpuvirt.x86.emulate import emulate_store
         mmu = self.mmu
+        traced = False
 
         def read(gva, size):
             return int.from_bytes(mmu.read_linear(gva, size, False), "little")
 
         def write(gva, size, value):
+            nonlocal traced
+            frames = mmu.traces.frames
+            for a in {gva, (gva + size - 1) & 0xFFFFFFFF}:
+                hpa = mmu.gva_to_hpa(a, Access.WRITE, False)      # a #PF here is the store's own
+                if hpa is not None and PT_KIND in frames.get((hpa - mmu.p2m.ram_hpa) & 0xFFFFF000, ()):
+                    traced = True
             mmu.strategy.guest_store(gva, size, value)
 
         try:
@@ -71,6 +105,11 @@ class AdaptiveStores(_VcpuBase):
             self.deliver(Vector.PF, geip, pf.error_code)
             return
         self.adaptive_stores += 1
+        if geip in self._untraced_run:
+            run = 0 if traced else self._untraced_run[geip] + 1
+            self._untraced_run[geip] = run
+            if run >= self._native_after.get(geip, NATIVE_AGAIN_AFTER):
+                self._make_native(geip)
         self.record(self.event_kind, "store", None, geip, {"address": f"{gva:#x}", "size": size,
                                                            "value": f"{value:#x}", "adaptive": True},
                     f"adaptive: {what} through the shadow page tables, no fault")

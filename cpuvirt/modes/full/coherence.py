@@ -47,6 +47,8 @@ class Coherence(_VcpuBase):
     _vsnap: dict[str, object]
     _prefix_len: dict
     sse_tc_site: Callable[[Any], None]
+    _untraced_run: dict[int, int]
+    _native_after: dict[int, int]
     direct16: Direct16
 
     # -- virtual-CPU state and mappings baked into translations --------------------------------------------
@@ -140,6 +142,9 @@ class Coherence(_VcpuBase):
             self.traced_stores.clear()
         if len(self.rt.translator.adaptive) > 65536:      # guest EIPs made adaptive: an optimization
             self.rt.translator.adaptive.clear()
+            self._untraced_run.clear()
+        if len(self._native_after) > 65536:
+            self._native_after.clear()
 
     def _note_page(self, page: int, frame: int) -> None:
         self._page_frame[page] = frame

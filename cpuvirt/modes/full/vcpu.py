@@ -97,6 +97,8 @@ class FullVcpu(RunsCode16, Coherence, Callouts, AdaptiveStores, DeprivilegedVcpu
         self._vsnap: dict[str, object] = {}
         self.traced_stores: dict[int, int] = {}        # guest EIP -> traced-page faults (adaptive BT)
         self.adaptive_stores = 0                        # stores done by adaptive callouts instead
+        self._untraced_run: dict[int, int] = {}         # adaptive guest EIP -> its stores in a row to untraced frames
+        self._native_after: dict[int, int] = {}         # guest EIP -> untraced run that makes it native again
         self.code_page_faults = 0                       # stores into frames holding translated code
         inner = self.mmu.fill
         tc_end = TC_WINDOW + TC_SIZE
