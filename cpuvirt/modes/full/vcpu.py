@@ -10,7 +10,7 @@ from __future__ import annotations
 import ctypes
 import struct
 
-from unicorn import UC_PROT_EXEC
+from unicorn import UC_MEM_FETCH, UC_PROT_EXEC
 
 from cpuvirt import limits
 from cpuvirt.bt.direct import PM16, Direct16, RunsCode16
@@ -104,7 +104,7 @@ class FullVcpu(RunsCode16, Coherence, Callouts, AdaptiveStores, DeprivilegedVcpu
         tc_end = TC_WINDOW + TC_SIZE
 
         def fill(uc, vaddr, access, entry, data):
-            if TC_WINDOW <= vaddr < tc_end and access == 18 and (self._hv_fetch or (
+            if TC_WINDOW <= vaddr < tc_end and access == UC_MEM_FETCH and (self._hv_fetch or (
                     self.regs.read(R.SS) & 3 == KERNEL_RING and self.direct16.state is None)):
                 entry.paddr = base_hpa + ((vaddr - TC_WINDOW) & ~0xFFF)
                 entry.perms = UC_PROT_EXEC
