@@ -163,7 +163,7 @@ class SseAlign:
 
     @classmethod
     def create(cls, uc, hflags_offset: int | None) -> "SseAlign | None":
-        from cpuvirt.cpu.deprivilege import segs_offset
+        from cpuvirt.cpu.segcache import segs_offset
         segs = segs_offset()
         lib = load("cpuvirt.cpu._ssealign", {"align_sizeof": _State, "align_site_sizeof": _Site})
         if lib is None or segs is None or hflags_offset is None:
