@@ -224,7 +224,7 @@ def _booted_trap():
     m.set_flat_protected_mode(BOOT_GDT_GPA)
     cr4 = m.regs.read(R.CR4)
     mode.boot()
-    assert mode.vcpu.v.cr4 == cr4 == m.regs.read(R.CR4)     # the guest sees the boot CR4, which stays real
+    assert mode.vcpu.virtual_cpu.cr4 == cr4 == m.regs.read(R.CR4)     # the guest sees the boot CR4, which stays real
     return m, mode.vcpu
 
 
@@ -235,8 +235,8 @@ def test_boot_drops_the_kernel_to_ring_1():
     assert regs.read(R.DS) == 0x10                                    # data selectors keep the guest's
     assert vcpu.vcpl() == 0
     assert regs.read(R.CR0) == HV_CR0                                 # the hypervisor's CR0
-    assert vcpu.v.cr0 == 0x11 and vcpu.v.crs()[:2] == (0x11, 0)         # what the guest believes
-    assert vcpu.v.gdtr == (BOOT_GDT_GPA, 23)
+    assert vcpu.virtual_cpu.cr0 == 0x11 and vcpu.virtual_cpu.crs()[:2] == (0x11, 0)         # what the guest believes
+    assert vcpu.virtual_cpu.gdtr == (BOOT_GDT_GPA, 23)
     assert regs.table(R.GDTR)[1:3] == (BOOT_GDT_GPA, 23)              # the guest's GDT is the real one
     assert vcpu.guest_selector(regs.read(R.CS)) == 0x08
     assert vcpu.guest_eflags() & EFLAGS_IOPL == 0

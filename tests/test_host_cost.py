@@ -104,7 +104,7 @@ def test_full_translator_bookkeeping_shrinks_when_the_cache_is_flushed(out_dir):
     kept |= {id(e[1]) for index in v._frame_index.values() for lst in index.values() for e in lst}
     assert len(kept) <= len(tc.order) and len(tc.order) < 4000 // 3, (len(kept), len(tc.order))
     assert alive <= len(tc.order)
-    tc_blocks = [a for a in v.m.block_insns if tc.base <= a < tc.base + 0x200000]
+    tc_blocks = [a for a in v.machine.block_insns if tc.base <= a < tc.base + 0x200000]
     assert len(tc_blocks) <= len(tc.order) + len(tc.sites) + 64
 
 

@@ -81,19 +81,19 @@ class Direct16:
     def write_cr0(self, value: int) -> None:
         """A guest CR0 write while PE is, or becomes, 0. Called for the virtual CPU's CR0 (write_cr)."""
         c = self.vcpu
-        old = c.v.cr0
+        old = c.virtual_cpu.cr0
         if not value & CR0_PE:
             if self.state != REAL:
-                c.v.cr0 = (value | 0x10) & 0xFFFFFFFF
+                c.virtual_cpu.cr0 = (value | 0x10) & 0xFFFFFFFF
                 try:
                     self._enter_real()
                 except Unsupported:
-                    c.v.cr0 = old
+                    c.virtual_cpu.cr0 = old
                     raise
-            c.v.cr0 = (value | 0x10) & 0xFFFFFFFF
-            c.regs.write(R.CR0, c.v.cr0)        # the engine runs real mode with the guest's CR0
+            c.virtual_cpu.cr0 = (value | 0x10) & 0xFFFFFFFF
+            c.regs.write(R.CR0, c.virtual_cpu.cr0)        # the engine runs real mode with the guest's CR0
         else:
-            c.v.cr0 = (value | 0x10) & 0xFFFFFFFF
+            c.virtual_cpu.cr0 = (value | 0x10) & 0xFFFFFFFF
             self._leave_real()
         if (old ^ value) & (CR0_PG | CR0_WP | CR0_PE):
             c.flush_guest_tlb()
@@ -108,12 +108,12 @@ class Direct16:
             # and one run natively at the engine's CPL 0 would enter protected mode at real ring 0.
             raise Unsupported("the guest cleared CR0.PE in a 32-bit code segment (real mode is run under "
                               "full only from a 16-bit code segment, as SDM Vol. 3A 9.9.2 prescribes)")
-        c.regs.write(R.CR0, c.v.cr0)
-        base, limit = c.v.idtr
+        c.regs.write(R.CR0, c.virtual_cpu.cr0)
+        base, limit = c.virtual_cpu.idtr
         regs.set_table(R.IDTR, (0, base, limit, 0))     # natively run sidt/lidt see the guest's
         self._set_ring(0)
         flags = regs.read(R.EFLAGS)
-        regs.write(R.EFLAGS, (flags & ~EFLAGS_IOPL) | (c.v.iopl << 12))
+        regs.write(R.EFLAGS, (flags & ~EFLAGS_IOPL) | (c.virtual_cpu.iopl << 12))
         self.state = REAL
         self.from_real = False
         self._changed()
@@ -127,10 +127,10 @@ class Direct16:
         c = self.vcpu
         regs = c.regs
         _, base, limit, _ = regs.table(R.GDTR)
-        c.v.gdtr = (base, limit)
+        c.virtual_cpu.gdtr = (base, limit)
         _, base, limit, _ = regs.table(R.IDTR)
-        c.v.idtr = (base, limit)
-        c.v.iopl = (regs.read(R.EFLAGS) >> 12) & 3
+        c.virtual_cpu.idtr = (base, limit)
+        c.virtual_cpu.iopl = (regs.read(R.EFLAGS) >> 12) & 3
         regs.write(R.CR0, self.hv_cr0)
         regs.set_table(R.IDTR, self.hv_idtr)
         self._set_ring(self.kernel_ring)
@@ -244,7 +244,7 @@ class RunsCode16(_VcpuBase):
             if self.direct16.state == REAL and (mnem in REAL_EMULATED or "cr" in ops or "dr" in ops):
                 self.emulate_at(address)
                 if self.direct16.state == REAL:
-                    self.regs.write(R.CR0, self.v.cr0)     # the engine runs real mode on the guest's CR0
+                    self.regs.write(R.CR0, self.virtual_cpu.cr0)     # the engine runs real mode on the guest's CR0
             return
         super().io_gate(address, size, mnem, ops)
 
@@ -265,5 +265,5 @@ class RunsCode16(_VcpuBase):
         if self.direct16.state == REAL:
             # the IVT the guest loaded natively (lidt in real mode) is the one interrupts use
             _, base, limit, _ = self.regs.table(R.IDTR)
-            self.v.idtr = (base, limit)
+            self.virtual_cpu.idtr = (base, limit)
         super().deliver(vector, return_eip, error_code, soft, external, fault_eip)

@@ -52,10 +52,10 @@ class DeprivilegedVcpu(IoGateVcpu, EmulatingVcpu):
         self.delivery.view = self.view = VirtualView(self)
         mmu = self.mmu
         if hasattr(mmu, "crs_source"):
-            mmu.crs_source = self.v.crs
+            mmu.crs_source = self.virtual_cpu.crs
         else:
             def load_crs():
-                mmu.crs = crs = self.v.crs()
+                mmu.crs = crs = self.virtual_cpu.crs()
                 return crs
             mmu.load_crs = load_crs
 
@@ -75,12 +75,12 @@ class DeprivilegedVcpu(IoGateVcpu, EmulatingVcpu):
 
     # -- what the engine hands the hypervisor ---------------------------------------------------------
     def sysenter_msrs(self) -> tuple[int, int, int]:
-        return tuple(self.v.sysenter)
+        return tuple(self.virtual_cpu.sysenter)
 
     def page_fault(self, gva: int, access: int, error_code: int, eip: int) -> None:
         """A guest #PF: CR2 is the virtual one (the real CR2 is the hypervisor's)."""
         self.charge_fault(access)
-        self.v.cr2 = gva
+        self.virtual_cpu.cr2 = gva
         self.record("page_fault", "#PF", 14, eip,
                     {"cr2": f"{gva:#x}", "error_code": error_code, "access": ("read", "write", "fetch")[access],
                      "fault": "true"}, "delivered #PF through the guest IDT")
@@ -90,7 +90,7 @@ class DeprivilegedVcpu(IoGateVcpu, EmulatingVcpu):
     def deprivilege(self) -> None:
         """Take the loader's state (flat protected mode at ring 0) into the VirtualCpu and drop the
         guest to ring 1: the hypervisor's CR0/IDTR/TR/LDTR in the real CPU, the guest's GDT in GDTR."""
-        regs, v = self.regs, self.v
+        regs, v = self.regs, self.virtual_cpu
         v.cr0 = regs.read(R.CR0) | 0x10
         v.cr3 = regs.read(R.CR3)
         v.cr4 = regs.read(R.CR4)

@@ -72,7 +72,7 @@ class EmulatingVcpu(SegmentLoadingVcpu):
         except GuestFault as g:
             self.record(self.event_kind, mnem, 13, eip, {"fault": g.vector}, "emulated: raised a fault in the guest")
             if g.cr2 is not None:
-                self.v.cr2 = g.cr2
+                self.virtual_cpu.cr2 = g.cr2
             self.deliver(g.vector, g.eip if g.eip is not None else eip,
                          g.error_code if g.vector in HAS_ERROR_CODE else None)
             return size
@@ -115,7 +115,7 @@ class EmulatingVcpu(SegmentLoadingVcpu):
 
     # -- control registers, system segments --------------------------------------------------------
     def write_cr(self, n: int, value: int) -> None:
-        v = self.v
+        v = self.virtual_cpu
         value &= 0xFFFFFFFF
         if n == 0:
             if not value & CR0_PE:
@@ -145,10 +145,10 @@ class EmulatingVcpu(SegmentLoadingVcpu):
             raise GuestFault(Vector.UD)
 
     def guest_cr0(self) -> int:
-        return self.v.cr0
+        return self.virtual_cpu.cr0
 
     def read_cr(self, n: int) -> int:
-        v = self.v
+        v = self.virtual_cpu
         if n in (0, 2, 3, 4):
             return (v.cr0, 0, v.cr2, v.cr3, v.cr4)[n]
         raise GuestFault(Vector.UD)
@@ -284,15 +284,15 @@ class EmulatingVcpu(SegmentLoadingVcpu):
         regs.write(R.EIP, new_eip)
 
     def msr(self, eip: int, size: int, write: bool) -> None:
-        regs, m = self.regs, self.m
+        regs, m = self.regs, self.machine
         msr = regs.read(R.ECX)
         from cpuvirt.machine.machine import MsrFault
         try:
             if msr in SYSENTER_MSRS:
                 if write:
-                    self.v.sysenter[msr - SYSENTER_MSRS[0]] = regs.read(R.EAX)
+                    self.virtual_cpu.sysenter[msr - SYSENTER_MSRS[0]] = regs.read(R.EAX)
                 else:
-                    regs.write(R.EAX, self.v.sysenter[msr - SYSENTER_MSRS[0]])
+                    regs.write(R.EAX, self.virtual_cpu.sysenter[msr - SYSENTER_MSRS[0]])
                     regs.write(R.EDX, 0)
             elif m.implements_msr(msr):
                 if write:

@@ -29,7 +29,7 @@ class GuestViewVcpu(Vcpu):
 
     def __init__(self, machine, trace=None, max_insns: int = 0):
         super().__init__(machine, trace=trace, max_insns=max_insns)
-        self.v = VirtualCpu()
+        self.virtual_cpu = VirtualCpu()
         self._rtlb: dict[int, int] = {}          # linear page -> host frame, for the hypervisor's reads
 
     def vcpl(self) -> int:
@@ -53,11 +53,11 @@ class GuestViewVcpu(Vcpu):
 
     def guest_eflags(self) -> int:
         """EFLAGS as the guest sees it: the real flags (IF included) with the virtual IOPL."""
-        return (self.regs.read(R.EFLAGS) & ~EFLAGS_IOPL) | (self.v.iopl << 12)
+        return (self.regs.read(R.EFLAGS) & ~EFLAGS_IOPL) | (self.virtual_cpu.iopl << 12)
 
     def set_guest_eflags(self, image: int) -> None:
         """Load an EFLAGS image the guest may load at its current (virtual) privilege."""
-        self.v.iopl = (image >> 12) & 3
+        self.virtual_cpu.iopl = (image >> 12) & 3
         if image & EFLAGS_VM:
             # V86 code really runs at CPL 3: its IOPL-sensitive instructions act on the real IF
             # (the virtual one) or raise #GP as the guest's IOPL says; I/O goes through the gate.

@@ -26,9 +26,9 @@ class IoGateVcpu(GuestViewVcpu):
         cpl = self.vcpl()
         if cpl == 0:
             return self.kernel_port_io(port, size, is_in, value)
-        if cpl > self.v.iopl:
+        if cpl > self.virtual_cpu.iopl:
             self.record("unhandled_io", "IN" if is_in else "OUT", None, self.io_site()[0],
-                        {"port": f"{port:#x}", "size": size, "cpl": cpl, "iopl": self.v.iopl},
+                        {"port": f"{port:#x}", "size": size, "cpl": cpl, "iopl": self.virtual_cpu.iopl},
                         "above IOPL and missed by the I/O gate: not performed (no #GP delivered)")
             return (1 << (8 * size)) - 1 if is_in else 0
         try:

@@ -61,13 +61,13 @@ def _mov(vcpu, eip, size, ops):
         # every mode); DR4/DR5 are DR6/DR7 while CR4.DE is clear.
         n = int((dst if dst.startswith("dr") else src)[2:])
         if n in (4, 5):
-            if vcpu.v.cr4 & CR4_DE:
+            if vcpu.virtual_cpu.cr4 & CR4_DE:
                 raise GuestFault(Vector.UD)
             n += 2
         if dst.startswith("dr"):
-            vcpu.v.dr[n] = vcpu.read_operand(eip, src) & 0xFFFFFFFF
+            vcpu.virtual_cpu.dr[n] = vcpu.read_operand(eip, src) & 0xFFFFFFFF
         else:
-            vcpu.write_reg(dst, vcpu.v.dr[n])
+            vcpu.write_reg(dst, vcpu.virtual_cpu.dr[n])
         vcpu.emulated(eip, "mov", {"dr": n})
     elif dst in SREGS and dst != "cs":
         sel = vcpu.read_operand(eip, src, 2) & 0xFFFF
@@ -115,10 +115,10 @@ def _table_load(vcpu, eip, size, ops, which):
     addr = vcpu.memory_operand(eip)
     limit, base = struct.unpack("<HI", vcpu.read_guest(addr, 6))
     if which == "lgdt":
-        vcpu.v.gdtr = (base, limit)
+        vcpu.virtual_cpu.gdtr = (base, limit)
         vcpu.regs.set_table(R.GDTR, (0, base, limit, 0))
     else:
-        vcpu.v.idtr = (base, limit)
+        vcpu.virtual_cpu.idtr = (base, limit)
     vcpu.emulated(eip, which, {"base": f"{base:#x}", "limit": f"{limit:#x}"})
     vcpu.regs.write(R.EIP, eip + size)
 
@@ -126,10 +126,10 @@ def _table_load(vcpu, eip, size, ops, which):
 def _lldt(vcpu, eip, size, ops):
     sel = vcpu.read_operand(eip, ops, 2) & 0xFFFF
     if not sel & ~3:
-        vcpu.v.ldtr = SegCache(sel, 0, 0)
+        vcpu.virtual_cpu.ldtr = SegCache(sel, 0, 0)
     else:
         base, limit, _, _ = vcpu._system_segment(sel, (2,))
-        vcpu.v.ldtr = SegCache(sel, base, limit)
+        vcpu.virtual_cpu.ldtr = SegCache(sel, base, limit)
     vcpu.emulated(eip, "lldt", {"selector": f"{sel:#x}"})
     vcpu.regs.write(R.EIP, eip + size)
 
@@ -139,8 +139,8 @@ def _ltr(vcpu, eip, size, ops):
     if not sel & ~3:
         raise GuestFault(Vector.GP, 0)
     base, limit, _, hi = vcpu._system_segment(sel, (1, 9))
-    vcpu.write_guest(vcpu.v.gdtr[0] + (sel & ~7) + 4, struct.pack("<I", hi | (2 << 8)))   # mark it busy
-    vcpu.v.tr = SegCache(sel, base, limit)
+    vcpu.write_guest(vcpu.virtual_cpu.gdtr[0] + (sel & ~7) + 4, struct.pack("<I", hi | (2 << 8)))   # mark it busy
+    vcpu.virtual_cpu.tr = SegCache(sel, base, limit)
     vcpu.emulated(eip, "ltr", {"selector": f"{sel:#x}", "base": f"{base:#x}", "limit": f"{limit:#x}"})
     vcpu.regs.write(R.EIP, eip + size)
 
@@ -159,14 +159,14 @@ def _invlpg(vcpu, eip, size, ops):
 
 
 def _clts(vcpu, eip, size, ops):
-    vcpu.v.cr0 &= ~CR0_TS
+    vcpu.virtual_cpu.cr0 &= ~CR0_TS
     vcpu.emulated(eip, "clts", {})
     vcpu.regs.write(R.EIP, eip + size)
 
 
 def _lmsw(vcpu, eip, size, ops):
     value = vcpu.read_operand(eip, ops, 2) & 0xF
-    cr0 = vcpu.v.cr0
+    cr0 = vcpu.virtual_cpu.cr0
     vcpu.write_cr(0, (cr0 & ~0xE) | value | (cr0 & CR0_PE))   # lmsw cannot clear PE
     vcpu.emulated(eip, "lmsw", {"value": f"{value:#x}"})
     vcpu.regs.write(R.EIP, eip + size)
@@ -268,14 +268,14 @@ def _verr_verw(vcpu, eip, size, ops, what):
 def _sysenter(vcpu, eip, size, ops):
     """full's kernel: Vcpu.sysenter against the virtual MSRs (CS and SS descriptors from the guest's
     GDT, as the ring-compressed delivery loads them)."""
-    cs, esp, target = vcpu.v.sysenter
+    cs, esp, target = vcpu.virtual_cpu.sysenter
     vcpu.emulated(eip, "sysenter", {"cs": f"{cs:#x}", "eip": f"{target:#x}", "esp": f"{esp:#x}"})
     vcpu.sysenter(eip)
 
 
 def _sysexit(vcpu, eip, size, ops):
     """SDM SYSEXIT: from virtual CPL 0 to CPL 3 at EDX/ECX, CS = IA32_SYSENTER_CS + 16, SS = + 24."""
-    cs = vcpu.v.sysenter[0] & 0xFFFC
+    cs = vcpu.virtual_cpu.sysenter[0] & 0xFFFC
     if not cs or vcpu.vcpl() != 0:
         raise GuestFault(Vector.GP, 0)
     regs = vcpu.regs

@@ -32,10 +32,10 @@ class RingCompressedDelivery(EventDelivery):
             raise DeliveryFault(g.vector, g.error_code or 0, g.cr2) from None
 
     def _idt(self) -> tuple[int, int]:
-        return self.vcpu.v.idtr
+        return self.vcpu.virtual_cpu.idtr
 
     def _tss(self) -> tuple[int, int, int]:
-        tr = self.vcpu.v.tr
+        tr = self.vcpu.virtual_cpu.tr
         return tr.selector, tr.base, tr.limit
 
     def _cpl(self) -> int:
@@ -48,7 +48,7 @@ class RingCompressedDelivery(EventDelivery):
         return self.vcpu.guest_selector(selector)
 
     def _set_cr2(self, cr2: int) -> None:
-        self.vcpu.v.cr2 = cr2
+        self.vcpu.virtual_cpu.cr2 = cr2
 
     def _enter(self, selector, new_ss, cpl, new_cpl, old_cs, esp, flags, offset) -> None:
         vc, regs = self.vcpu, self.regs
@@ -96,30 +96,30 @@ class VirtualView(CpuView):
         return real if self.regs.read(R.EFLAGS) & EFLAGS_VM else self.vcpu.guest_selector(real)
 
     def gdtr(self) -> tuple[int, int]:
-        return self.vcpu.v.gdtr
+        return self.vcpu.virtual_cpu.gdtr
 
     def ldtr(self) -> tuple[int, int, int]:
-        t = self.vcpu.v.ldtr
+        t = self.vcpu.virtual_cpu.ldtr
         return t.selector, t.base, t.limit
 
     def tr(self) -> tuple[int, int, int]:
-        t = self.vcpu.v.tr
+        t = self.vcpu.virtual_cpu.tr
         return t.selector, t.base, t.limit
 
     def set_tr(self, sel: int, base: int, limit: int, hi: int) -> None:
-        self.vcpu.v.tr = SegCache(sel, base, limit)
+        self.vcpu.virtual_cpu.tr = SegCache(sel, base, limit)
 
     def set_ldtr(self, sel: int, base: int, limit: int, hi: int) -> None:
-        self.vcpu.v.ldtr = SegCache(sel, base, limit)
+        self.vcpu.virtual_cpu.ldtr = SegCache(sel, base, limit)
 
     def paging(self) -> bool:
-        return bool(self.vcpu.v.cr0 & CR0_PG)
+        return bool(self.vcpu.virtual_cpu.cr0 & CR0_PG)
 
     def set_cr3(self, value: int) -> None:
         self.vcpu.write_cr(3, value)
 
     def set_task_switched(self) -> None:
-        self.vcpu.v.cr0 |= CR0_TS
+        self.vcpu.virtual_cpu.cr0 |= CR0_TS
 
     def load(self, cs, ss, cpl, eip, esp, data=None) -> None:
         c, regs = self.vcpu, self.regs

@@ -98,11 +98,11 @@ class SegmentLoadingVcpu(GuestViewVcpu):
     def descriptor(self, selector: int, ext: int = 0) -> tuple[int, int]:
         """The guest's descriptor for `selector` (GDT or LDT, the guest's view); #GP if out of limits."""
         if selector & 4:
-            base, limit = self.v.ldtr.base, self.v.ldtr.limit
-            if not self.v.ldtr.selector & ~3:
+            base, limit = self.virtual_cpu.ldtr.base, self.virtual_cpu.ldtr.limit
+            if not self.virtual_cpu.ldtr.selector & ~3:
                 raise GuestFault(Vector.GP, (selector & ~3) | ext)
         else:
-            base, limit = self.v.gdtr
+            base, limit = self.virtual_cpu.gdtr
             if not selector & ~7:
                 raise GuestFault(Vector.GP, ext)
         index = selector & ~7
@@ -113,7 +113,7 @@ class SegmentLoadingVcpu(GuestViewVcpu):
     def _set_accessed(self, selector: int, hi: int) -> None:
         """The CPU sets the descriptor's accessed bit when it loads a segment (SDM 3.4.5)."""
         if not hi & (1 << 8) and not selector & 4:
-            self.write_guest(self.v.gdtr[0] + (selector & ~7) + 4, struct.pack("<I", hi | (1 << 8)))
+            self.write_guest(self.virtual_cpu.gdtr[0] + (selector & ~7) + 4, struct.pack("<I", hi | (1 << 8)))
 
     def _set_engine_cpl(self, ring: int) -> None:
         """Set the engine's CPL (QEMU's hflags) so that SS of that ring may be loaded next; the SS load
@@ -164,7 +164,7 @@ class SegmentLoadingVcpu(GuestViewVcpu):
         if self._window_touched:
             uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
             self._window_touched = False
-        self._set_gdtr(SHADOW_GDT_WINDOW, self.v.gdtr[1])
+        self._set_gdtr(SHADOW_GDT_WINDOW, self.virtual_cpu.gdtr[1])
         self._window_on = True
         try:
             if ring is not None:
@@ -195,7 +195,7 @@ class SegmentLoadingVcpu(GuestViewVcpu):
         hf = hflags.value
         if ring is not None:
             hf = (hf & ~3) | ring
-        limit = self.v.gdtr[1]
+        limit = self.virtual_cpu.gdtr[1]
         for reg, real, lo, hi in todo:
             _, shi = ShadowGdt.compress(lo, hi)
             cpl, rpl, dpl = hf & 3, real & 3, (shi >> 13) & 3

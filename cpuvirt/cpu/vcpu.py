@@ -65,7 +65,7 @@ class Outcome:
 
 class Vcpu:
     def __init__(self, machine, trace=None, max_insns: int = 0):
-        self.m = machine
+        self.machine = machine
         self.uc = machine.uc
         self.regs = machine.regs
         self.mmu = machine.mmu
@@ -176,7 +176,7 @@ class Vcpu:
     def left_block_at(self, boundary: int) -> None:
         """Execution leaves the running block early: the instructions from `boundary` on did not
         retire, so they come off the count (the clock counted the whole block when it began)."""
-        entry = self.m.block_insns.get(self.clock.last_block)
+        entry = self.machine.block_insns.get(self.clock.last_block)
         if entry is None:
             return
         addrs, end = entry
@@ -236,13 +236,13 @@ class Vcpu:
             self.uc.emu_stop()
 
     def _next_deadline(self) -> int:
-        d = self.m.next_timer_deadline()
+        d = self.machine.next_timer_deadline()
         # A deadline already due was handled (update_timers); what it raised waits in the
         # controller: deliverable now, or when the window opens (waits_for_window).
         d = NEVER if d is None or d <= self.clock.now else d
-        if self.m.pending_nmi() and not self.nmi_blocked:
+        if self.machine.pending_nmi() and not self.nmi_blocked:
             d = self.clock.now              # an NMI ignores IF: take it at the next block boundary
-        elif self.m.pending_interrupt() is not None and self.regs.read(R.EFLAGS) & EFLAGS_IF:
+        elif self.machine.pending_interrupt() is not None and self.regs.read(R.EFLAGS) & EFLAGS_IF:
             d = self.clock.now              # deliverable (not taken at the last stop): the next boundary
         if self._after_one_block:
             self._after_one_block = False
@@ -255,7 +255,7 @@ class Vcpu:
     def waits_for_window(self) -> bool:
         """Does something wait for EFLAGS.IF = 1 (an interrupt pending while IF = 0)? Then the window
         hooks are live for this entry: the engine stops where IF becomes 1, and nowhere else."""
-        return self.m.pending_interrupt() is not None and not self.regs.read(R.EFLAGS) & EFLAGS_IF
+        return self.machine.pending_interrupt() is not None and not self.regs.read(R.EFLAGS) & EFLAGS_IF
 
     def watch_if_setters(self) -> None:
         """Give every sti/popf/iret the guest runs a window hook: the clock's block-count callback
@@ -264,7 +264,7 @@ class Vcpu:
         if self._window_ready or not self.WINDOW_HOOKS:
             return
         self._window_ready = True
-        m, clock = self.m, self.clock
+        m, clock = self.machine, self.clock
         inner = m.block_observer
 
         def observe(insns):
@@ -284,11 +284,11 @@ class Vcpu:
         if self.clock.now >= self.budget:
             self.finish("budget", EXIT_BUDGET, self.budget_message())
             return
-        self.m.update_timers()
+        self.machine.update_timers()
         self.inject_pending_interrupt(eip)
 
     def inject_pending_interrupt(self, eip: int) -> bool:
-        m = self.m
+        m = self.machine
         if m.pending_nmi() and not self.nmi_blocked:
             # NMI (vector 2) is not masked by IF and goes before INTR (SDM 6.9, priority 5 vs 6);
             # further NMIs are blocked until the next iret (SDM 6.7.1).
@@ -319,16 +319,16 @@ class Vcpu:
             return
         if self.inject_pending_interrupt(eip):
             return
-        deadline = self.m.next_timer_deadline()
-        while deadline is None and self.m.wait_external(EXTERNAL_WAIT_S, lambda: self.outcome is not None):
+        deadline = self.machine.next_timer_deadline()
+        while deadline is None and self.machine.wait_external(EXTERNAL_WAIT_S, lambda: self.outcome is not None):
             if self.inject_pending_interrupt(eip):     # a frame from another process woke the CPU
                 return
-            deadline = self.m.next_timer_deadline()
+            deadline = self.machine.next_timer_deadline()
         if deadline is None or deadline >= self.budget:
             if self.outcome is not None:
                 return
             if deadline is None:
-                waited = any(src.wait_fds() for src in self.m.external)
+                waited = any(src.wait_fds() for src in self.machine.external)
                 quiet = f" (and nothing came from outside in {EXTERNAL_WAIT_S:.0f} s)" if waited else ""
                 self.finish("halted", EXIT_HALTED, f"hlt at {hlt_eip:#x} with no timer armed: nothing can wake "
                             f"the CPU{quiet}")
@@ -337,7 +337,7 @@ class Vcpu:
             return
         if deadline > self.clock.now:
             self.clock.advance(deadline - self.clock.now)
-        self.m.update_timers()
+        self.machine.update_timers()
         if not self.inject_pending_interrupt(eip):
             self.finish("halted", EXIT_HALTED, f"hlt at {hlt_eip:#x}: the timer fired but its IRQ is masked")
 
@@ -436,7 +436,7 @@ class Vcpu:
     def msr_instruction(self, address: int, size: int, mnem: str) -> bool:
         """rdmsr/wrmsr of an MSR the machine models (IA32_APIC_BASE): done here, the instruction
         skipped; a reserved bit written is #GP(0). False: the engine executes it (its own MSRs)."""
-        regs, m = self.regs, self.m
+        regs, m = self.regs, self.machine
         msr = regs.read(R.ECX)
         if not m.implements_msr(msr):
             return False
@@ -461,13 +461,13 @@ class Vcpu:
         self.clock.advance(IO_CYCLES)
         self.counts["io"] += 1
         if is_in:
-            value = self.m.bus.read(port, size)
+            value = self.machine.bus.read(port, size)
             if self.trace is not None:
                 self._io_event(port, size, "in", value)
             return value
         if self.trace is not None:
             self._io_event(port, size, "out", value)
-        self.m.bus.write(port, size, value)
+        self.machine.bus.write(port, size, value)
         return 0
 
     def _io_event(self, port, size, direction, value):
@@ -593,7 +593,7 @@ class Vcpu:
                 ic.retranslate.append((insns[0][0], sum(i[1] for i in insns)))
                 return True
             return False
-        self.m.block_observer = observe
+        self.machine.block_observer = observe
 
     # -- far transfers: call gates, task switches, iret (cpu/tasks.py) -----------------------------
     def far_site(self, address: int, size: int, mnem: str) -> None:
@@ -664,7 +664,7 @@ class Vcpu:
         right after it (the iret ends its block, so the clock stops at the next instruction)."""
         if self.nmi_blocked:
             self.nmi_blocked = False
-            if self.m.pending_nmi():
+            if self.machine.pending_nmi():
                 self.clock.pull_in(self.clock.now)
 
     def iret_to_v86(self, address: int) -> None:
@@ -874,8 +874,8 @@ class Vcpu:
         table = CpuidTable.install(uc) if self.cpuid_in_c else None
         if table is not None:
             self.cpuid_table = table
-            table.load(*self.m.cpuid_table())
-            self.m.apic.on_base_change = lambda: table.load(*self.m.cpuid_table())
+            table.load(*self.machine.cpuid_table())
+            self.machine.apic.on_base_change = lambda: table.load(*self.machine.cpuid_table())
         else:
             hooks.cpuid(self.hook_cpuid)
         hooks.system_call(X.UC_X86_INS_SYSCALL, self.hook_syscall)
@@ -886,7 +886,7 @@ class Vcpu:
 
         The engine does not update EIP before these hooks (it holds the start of the running
         block), but each of them ends its block: it is the block's last instruction."""
-        entry = self.m.block_insns.get(self.clock.last_block)
+        entry = self.machine.block_insns.get(self.clock.last_block)
         candidates = [entry[0][-1]] if entry else []
         candidates.append(self.regs.read(R.EIP))
         for eip in candidates:
@@ -947,7 +947,7 @@ class Vcpu:
         never with the engine's own CPU. Returning True keeps the registers written here."""
         self.mmu.crs = None
         regs = self.regs
-        eax, ebx, ecx, edx = self.m.cpuid(regs.read(R.EAX), regs.read(R.ECX))
+        eax, ebx, ecx, edx = self.machine.cpuid(regs.read(R.EAX), regs.read(R.ECX))
         regs.write(R.EAX, eax)
         regs.write(R.EBX, ebx)
         regs.write(R.ECX, ecx)

@@ -50,7 +50,7 @@ class TrapVcpu(DeprivilegedVcpu):
         """The emulated instruction retires, once: the rest of the running block did not. The engine
         cuts a block short at an instruction that faults at translation time (lgdt at CPL 1, before
         its displacement is read), so the clock may not have counted the instruction itself."""
-        entry = self.m.block_insns.get(self.clock.last_block)
+        entry = self.machine.block_insns.get(self.clock.last_block)
         if entry is None:
             return
         addrs, end = entry

@@ -177,7 +177,7 @@ def run_columns(guest: str, specs, max_insns: int, mem_mib: int = 32, extra_vmx=
 def _executed(hv) -> dict:
     """Executed guest instructions (the engine translated a block there) -> text; the translation
     cache's own code (full) is not guest code and is left out."""
-    m = hv.machine if hasattr(hv, "machine") else hv.vcpu.m
+    m = hv.machine if hasattr(hv, "machine") else hv.vcpu.machine
     vcpu = hv.vcpu
     out = {}
     from capstone import CS_ARCH_X86, CS_MODE_32, Cs

@@ -98,7 +98,7 @@ class AdaptiveStores(_VcpuBase):
         try:
             length, gva, size, value, what = emulate_store(mmu.fetch_bytes(geip, 15), geip, self.regs, read, write)
         except GuestPageFault as pf:
-            self.v.cr2 = pf.gva
+            self.virtual_cpu.cr2 = pf.gva
             self.record("page_fault", "#PF", 14, geip, {"cr2": f"{pf.gva:#x}", "error_code": pf.error_code,
                                                         "access": "write", "fault": "true"},
                         "delivered #PF through the guest IDT")

@@ -86,7 +86,7 @@ class Callouts(_VcpuBase):
                 self.reasons[self.event_kind, "cpuid"] += 1
             else:
                 self.record(self.event_kind, "cpuid", None, geip, {"leaf": f"{leaf:#x}"}, "emulated: the CPU model")
-            self._cpuid_out.write(*self.m.cpuid(leaf, subleaf))
+            self._cpuid_out.write(*self.machine.cpuid(leaf, subleaf))
             return nxt
         if op in (0xCD, 0xCC, 0xCE):
             if op == 0xCE and not regs.read(R.EFLAGS) & 0x800:

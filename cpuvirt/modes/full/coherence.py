@@ -53,7 +53,7 @@ class Coherence(_VcpuBase):
 
     # -- virtual-CPU state and mappings baked into translations --------------------------------------------
     def _snapshot(self) -> dict:
-        v = self.v
+        v = self.virtual_cpu
         cs = self.regs.read(R.CS)
         if cs & 3 == KERNEL_RING:                      # virtual CPL 0: CS and SS as they are now
             ss = self.regs.read(R.SS)
@@ -135,7 +135,7 @@ class Coherence(_VcpuBase):
         self._dirty.clear()
         self._prefix_len.clear()
         lo, hi = self.tc.base, self.tc.end              # the TC window
-        for table in (self.m.block_insns, self._io_sites):
+        for table in (self.machine.block_insns, self._io_sites):
             for a in [a for a in table if lo <= a < hi]:
                 del table[a]
         if len(self.traced_stores) > 65536:

@@ -143,7 +143,7 @@ class FullVcpu(RunsCode16, Coherence, Callouts, AdaptiveStores, DeprivilegedVcpu
         self._virtual_changed()
 
     def virtual_field(self, field: str) -> int:
-        v = self.v
+        v = self.virtual_cpu
         if field in ("cr0", "cr3", "cr4"):
             return getattr(v, field)
         if field in ("gdtr_base", "idtr_base"):
@@ -321,8 +321,8 @@ class FullVcpu(RunsCode16, Coherence, Callouts, AdaptiveStores, DeprivilegedVcpu
         if self.clock.now >= self.budget:
             self.finish("budget", EXIT_BUDGET, self.budget_message())
             return
-        self.m.update_timers()
-        pending = self.m.pending_nmi() or self.m.pending_interrupt() is not None
+        self.machine.update_timers()
+        pending = self.machine.pending_nmi() or self.machine.pending_interrupt() is not None
         if not pending:
             return
         g = self.tc.guest_eip(eip)
@@ -378,7 +378,7 @@ class FullVcpu(RunsCode16, Coherence, Callouts, AdaptiveStores, DeprivilegedVcpu
 
     def _count_block(self, address: int, size: int) -> int:
         if not (TC_WINDOW <= address < TC_WINDOW + TC_SIZE) or self.regs.read(R.CS) & 3 != KERNEL_RING:
-            return self.m._count_block(address, size)
+            return self.machine._count_block(address, size)
         try:
             if address < TC_WINDOW + CALLOUT_SLOTS:
                 return 1
@@ -386,7 +386,7 @@ class FullVcpu(RunsCode16, Coherence, Callouts, AdaptiveStores, DeprivilegedVcpu
             self.forget_block(address)
             if insns:
                 last = insns[-1]
-                limits.put(self.m.block_insns, address, (tuple(i[0] for i in insns), last[0] + last[1]))
+                limits.put(self.machine.block_insns, address, (tuple(i[0] for i in insns), last[0] + last[1]))
             return max(len(insns), 1)
         except Exception:   # never let an exception cross into C
             return 1

@@ -140,7 +140,7 @@ class RootHypervisor:
     def handle_external_interrupt(self, x: Exit) -> None:
         """The emulated PIC has a request for the guest: inject it, or wait for the interrupt window."""
         if self.guest_interruptible():
-            vector = self.cpu.m.acknowledge_interrupt()
+            vector = self.cpu.machine.acknowledge_interrupt()
             self.inject(vector, E.INTR_TYPE_EXT_INTR)
             x.action = f"injected external interrupt vector {vector:#x}"
         else:
@@ -149,8 +149,8 @@ class RootHypervisor:
 
     def handle_interrupt_window(self, x: Exit) -> None:
         self.cpu.set_ctl("interrupt_window_exiting", False)
-        if self.cpu.m.pending_interrupt() is not None:
-            vector = self.cpu.m.acknowledge_interrupt()
+        if self.cpu.machine.pending_interrupt() is not None:
+            vector = self.cpu.machine.acknowledge_interrupt()
             self.inject(vector, E.INTR_TYPE_EXT_INTR)
             x.action = f"window open: injected external interrupt vector {vector:#x}"
         else:
@@ -161,7 +161,7 @@ class RootHypervisor:
         x.action = "shut the guest down (KVM_EXIT_SHUTDOWN)"
 
     def handle_cpuid(self, x: Exit) -> None:
-        model = getattr(self.cpu.m, "cpuid", None)
+        model = getattr(self.cpu.machine, "cpuid", None)
         if model is None:
             x.action = "executed CPUID on the guest's behalf (engine's model)"
             return
@@ -257,7 +257,7 @@ class RootHypervisor:
         """Emulate the port access in the device model (KVM: kvm_fast_pio, or an exit to user space)."""
         q = self.vmcs.vmread(F.EXIT_QUALIFICATION)
         port, size, is_in = q >> 16, (q & 7) + 1, bool(q & 8)
-        bus = self.cpu.m.bus
+        bus = self.cpu.machine.bus
         if is_in:
             x.value = bus.read(port, size)
             x.action = f"emulated in from {port:#x} -> {x.value:#x}"
@@ -291,7 +291,7 @@ class RootHypervisor:
 
     def _machine_msr(self, op: str, msr: int, *value):
         """The machine's MSR model (APIC base...), or None for an MSR it leaves to the engine."""
-        fn = getattr(self.cpu.m, op, None)
+        fn = getattr(self.cpu.machine, op, None)
         if fn is None:
             return None
         try:
@@ -314,17 +314,17 @@ class RootHypervisor:
         cpu = self.cpu
         gpa = self.vmcs.vmread(F.GUEST_PHYSICAL_ADDRESS)
         page = gpa & ~0xFFF
-        m = cpu.m
+        m = cpu.machine
         if getattr(m, "mmio", None) is not None and m.mmio.find(gpa) is not None:
             # A device register: KVM's handle_ept_violation -> kvm_mmu_page_fault -> emulation.
             self.emulate_instruction(x, "")
             return
-        if cpu.settings.lazy_ept and page < cpu.m.mem_bytes:
+        if cpu.settings.lazy_ept and page < cpu.machine.mem_bytes:
             from cpuvirt.memory.p2m import RAM_HPA
             cpu.ept.map(page, RAM_HPA + page)
             x.action = f"allocated guest page {page:#x} on demand; retry"
             return
-        if page >= cpu.m.mem_bytes and not self.vmcs.vmread(F.EXIT_QUALIFICATION) & 4:
+        if page >= cpu.machine.mem_bytes and not self.vmcs.vmread(F.EXIT_QUALIFICATION) & 4:
             # Unassigned guest-physical memory reads all-ones and drops writes (pc-lite), emulated
             # access by access as KVM hands it to QEMU's unassigned region (no EPT entry: mapping
             # a sweep of the 4 GiB space would exhaust the hypervisor's memory with EPT tables).
@@ -408,7 +408,7 @@ class RootHypervisor:
                 return emulate(cpu.mmu.fetch_bytes(linear, 15), linear, ctx, code16)
             except NestedFault as nf:
                 page = nf.gpa & ~0xFFF
-                if not (cpu.settings.lazy_ept and page < cpu.m.mem_bytes):
+                if not (cpu.settings.lazy_ept and page < cpu.machine.mem_bytes):
                     raise
                 cpu.ept.map(page, RAM_HPA + page)
         return emulate(cpu.mmu.fetch_bytes(linear, 15), linear, ctx, code16)
@@ -428,7 +428,7 @@ class RootHypervisor:
         offset, access = q & 0xFFF, (q >> 12) & 0xF
         size, value = self.cpu.apic_access
         name = E.apic_register_name(offset)
-        bus = self.cpu.m.mmio
+        bus = self.cpu.machine.mmio
         if access == E.APIC_ACCESS_LINEAR_READ:
             x.value = bus.read(APIC_BASE_GPA + offset, size)
             x.action = f"emulated read of {name} -> {x.value:#x}"
@@ -449,15 +449,15 @@ class RootHypervisor:
         vapic = self.cpu.vapic
         vapic.pull()                              # an ICR low write sends with the ICR high in the page
         value = vapic.read32(offset)
-        self.cpu.m.mmio.write(APIC_BASE_GPA + offset, 4, value)
+        self.cpu.machine.mmio.write(APIC_BASE_GPA + offset, 4, value)
         if offset != TPR:                         # the register as the APIC now shows it (EOI reads 0...)
-            vapic.write32(offset, self.cpu.m.apic.read(offset, 4))
+            vapic.write32(offset, self.cpu.machine.apic.read(offset, 4))
         x.action = f"completed the write of {value:#x} to {E.apic_register_name(offset)} in the local APIC"
 
     def handle_tpr_below_threshold(self, x: Exit) -> None:
         """KVM's handle_tpr_below_threshold: the guest lowered its TPR (in the virtual-APIC page, no
         exit) below the class of an interrupt the APIC holds: look for a deliverable interrupt again."""
-        self.cpu.m.apic.on_change()
+        self.cpu.machine.apic.on_change()
         x.action = "TPR lowered below a pending interrupt's class: interrupts re-evaluated"
 
     def handle_ept_misconfig(self, x: Exit) -> None:
@@ -501,9 +501,9 @@ class _ChargedPorts:
     def read(self, port: int, size: int) -> int:
         from cpuvirt.cpu.vcpu import IO_CYCLES
         self.cpu.clock.advance(IO_CYCLES)
-        return self.cpu.m.bus.read(port, size)
+        return self.cpu.machine.bus.read(port, size)
 
     def write(self, port: int, size: int, value: int) -> None:
         from cpuvirt.cpu.vcpu import IO_CYCLES
         self.cpu.clock.advance(IO_CYCLES)
-        self.cpu.m.bus.write(port, size, value)
+        self.cpu.machine.bus.write(port, size, value)

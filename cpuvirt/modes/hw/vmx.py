@@ -135,7 +135,7 @@ class VmxCpu(Vcpu):
         if s.bits["enable_ept"]:
             self.ept = Ept(self.hv_mem, self.alloc)
             if not s.lazy_ept:
-                self.ept.map_range(GPA(0), HPA(RAM_HPA), self.m.mem_bytes)
+                self.ept.map_range(GPA(0), HPA(RAM_HPA), self.machine.mem_bytes)
             v.vmwrite(F.EPT_POINTER, self.ept.eptp)
             self.shadow = None
             # The common fills in C, asked before Mmu.fill (which install_hooks adds); on at VMLAUNCH.
@@ -164,7 +164,7 @@ class VmxCpu(Vcpu):
         v.vmwrite(F.APIC_ACCESS_ADDR, APIC_ACCESS_HPA)
         self.ept.map(GPA(APIC_BASE_GPA), HPA(APIC_ACCESS_HPA), EPT_R | EPT_W)
         off = page - HV_HPA
-        self.vapic = apicv.VirtualApic(self.uc, self.m.apic, self.hv_mem.view[off:off + 0x1000],
+        self.vapic = apicv.VirtualApic(self.uc, self.machine.apic, self.hv_mem.view[off:off + 0x1000],
                                        self.hv_mem.host_address + off, APIC_ACCESS_HPA, True,
                                        bool(s.bits["apic_register_virtualization"]), self.apic_exit)
         v.vmwrite(F.TPR_THRESHOLD, self.vapic.tpr_threshold)
@@ -676,7 +676,7 @@ class VmxCpu(Vcpu):
             self.vm_exit(ExitReason.INTERRUPT_WINDOW, self.regs.read(R.EIP))
 
     def inject_pending_interrupt(self, eip: int) -> bool:
-        m = self.m
+        m = self.machine
         if getattr(m, "pending_nmi", None) is not None and m.pending_nmi() and not self.nmi_blocked:
             if not self.ctl("nmi_exiting"):
                 return super().inject_pending_interrupt(eip)      # delivered to the guest directly

@@ -160,7 +160,7 @@ def set_gdt(cpu) -> int:
     nframes = (entries + 511) // 512
     mfns = list(struct.unpack(f"<{nframes}I", cpu.gread(frames_va, 4 * nframes)))
     paging = cpu.paging
-    ram = cpu.m.ram
+    ram = cpu.machine.ram
     try:
         for mfn in mfns:
             paging.pfn(mfn)
@@ -197,7 +197,7 @@ def _set_ldt(cpu, va: int, entries: int) -> None:
         if ma is None:
             raise Refused(EINVAL, f"SET_LDT: {va + (page << 12):#x} is not mapped")
         mfns.append(ma >> 12)
-    ram = cpu.m.ram
+    ram = cpu.machine.ram
     for n in range(entries):
         d = struct.unpack_from("<Q", ram.buf, (mfns[n // 512] << 12) - ram.hpa + (n % 512) * 8)[0]
         why = _check_descriptor(d)
@@ -290,7 +290,7 @@ def console_io(cpu) -> int:
     data = cpu.gread(buf, count)
     cpu.charge(CONSOLE_BYTE_CYCLES * count)
     cpu.note(count=count, buffer=f"{buf:#x}")
-    out = cpu.m.uart.on_output
+    out = cpu.machine.uart.on_output
     for b in data:
         out(b)
     return count

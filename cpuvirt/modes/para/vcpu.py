@@ -176,7 +176,7 @@ class ParaVcpu(Vcpu):
         frames = self.paging.gdt_frames
         if index >> 12 >= len(frames):
             return None
-        ram = self.m.ram
+        ram = self.machine.ram
         return struct.unpack_from("<Q", ram.buf, (frames[index >> 12] << 12) - ram.hpa + (index & 0xFFF))[0]
 
     def check_code_selector(self, sel: int) -> str:
