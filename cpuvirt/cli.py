@@ -4,6 +4,7 @@ Exit status (defined once in cpuvirt/status.py): the guest's debug-exit value; 1
 the guest (the reason on one line); 124 budget exhausted; 125 triple fault; 126 halted forever; 2 usage or
 input error (one line, no traceback); 1 internal error (a cpuvirt bug, never a guest's doing).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,6 +38,7 @@ def _module(text: str) -> tuple[str, str | None]:
 def _parse_devices(texts) -> list:
     """--device values: pc-testdev (a machine device, machine/testdev.py) or a PCI device (virtio/setup.py)."""
     from cpuvirt.machine.testdev import TestdevSpec
+
     devices: list[TestdevSpec | DeviceSpec] = []
     for text in texts:
         if text.split(",")[0] == TestdevSpec.kind:
@@ -47,6 +49,7 @@ def _parse_devices(texts) -> list:
             devices.append(TestdevSpec())
             continue
         from cpuvirt.virtio.setup import parse_device  # only when a PCI device is asked for
+
         devices.append(parse_device(text))
     return devices
 
@@ -63,94 +66,157 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="run a guest (bundled name or Multiboot image path)")
     r.add_argument("guest")
-    r.add_argument("--mode", default="native", help="native (default), trap (ring-1 trap-and-emulate), "
-                   "para (a PV build: Xen-style hypercalls), full (binary translation) or hw")
+    r.add_argument(
+        "--mode",
+        default="native",
+        help="native (default), trap (ring-1 trap-and-emulate), "
+        "para (a PV build: Xen-style hypercalls), full (binary translation) or hw",
+    )
     r.add_argument("--mem", type=_int, default=32, metavar="MiB", help="guest RAM in MiB (default 32)")
     r.add_argument("--trace", metavar="FILE", help="write an exit trace (JSON Lines, cpuvirt-trace/1)")
-    r.add_argument("--max-insns", type=_int, default=None, metavar="N",
-                   help="budget in virtual cycles: one per instruction, plus 1000 per port access and idle time "
-                   "in hlt (default 1e9; 0 = unlimited); outcome 'budget', status 124")
+    r.add_argument(
+        "--max-insns",
+        type=_int,
+        default=None,
+        metavar="N",
+        help="budget in virtual cycles: one per instruction, plus 1000 per port access and idle time "
+        "in hlt (default 1e9; 0 = unlimited); outcome 'budget', status 124",
+    )
     r.add_argument("--append", default="", metavar="CMDLINE", help="kernel command line")
-    r.add_argument("--module", action="append", default=[], type=_module, metavar="FILE[,CMDLINE]",
-                   help="a Multiboot module with its command line (repeatable; as QEMU's -initrd 'FILE CMDLINE')")
-    r.add_argument("--device", action="append", default=[],
-                   metavar="virtio-net|e1000[,mac=M][,peer=P][,backend=B][,slow=N:K]|pc-testdev",
-                   help="a PCI device, in slot order from 00:02.0 (repeatable), or pc-testdev (QEMU's test device "
-                        "for test kernels: docs/platform.md); peer loopback (default: echo "
-                        "every frame) or user (answers ARP and ping for 10.0.2.2 as QEMU's -netdev user does); backend "
-                        "userspace (default: the device model serves the rings), vhost (an in-hypervisor worker "
-                        "behind an ioeventfd and irqfd) or vhost-user (a separate backend process; socket=PATH to "
-                        "use one already listening)")
+    r.add_argument(
+        "--module",
+        action="append",
+        default=[],
+        type=_module,
+        metavar="FILE[,CMDLINE]",
+        help="a Multiboot module with its command line (repeatable; as QEMU's -initrd 'FILE CMDLINE')",
+    )
+    r.add_argument(
+        "--device",
+        action="append",
+        default=[],
+        metavar="virtio-net|e1000[,mac=M][,peer=P][,backend=B][,slow=N:K]|pc-testdev",
+        help="a PCI device, in slot order from 00:02.0 (repeatable), or pc-testdev (QEMU's test device "
+        "for test kernels: docs/platform.md); peer loopback (default: echo "
+        "every frame) or user (answers ARP and ping for 10.0.2.2 as QEMU's -netdev user does); backend "
+        "userspace (default: the device model serves the rings), vhost (an in-hypervisor worker "
+        "behind an ioeventfd and irqfd) or vhost-user (a separate backend process; socket=PATH to "
+        "use one already listening)",
+    )
     r.add_argument("--pcap", metavar="FILE", help="write every frame the devices send and receive to a pcap file")
     r.add_argument("--quiet", "-q", action="store_true", help="no summary on stderr")
     r.add_argument("--summary", metavar="FILE", help="also write the run's summary as JSON (for scripts and labs)")
-    r.add_argument("--stats", action="store_true",
-                   help="per-exit-reason table, like kvm_stat (hw), and modelled cycles by event kind and reason")
+    r.add_argument(
+        "--stats",
+        action="store_true",
+        help="per-exit-reason table, like kvm_stat (hw), and modelled cycles by event kind and reason",
+    )
     _costs_option(r)
-    r.add_argument("--verbose-trace", action="store_true",
-                   help="with --trace: also record each translated block (full) and each hidden shadow-paging "
-                        "fault (trap, full, hw --no-ept); large traces")
-    r.add_argument("--input", metavar="FILE",
-                   help="type FILE into COM1, one byte at a time on the virtual clock (reproducible); "
-                        "without it, a pipe on stdin is typed the same way, and a terminal is interactive")
-    r.add_argument("--input-prompt", metavar="TEXT",
-                   help="with scripted input: send each line only once the console ends with TEXT (e.g. '$ '), "
-                        "and end the run (status 0) when TEXT follows the last line")
-    r.add_argument("--rtc", metavar="DATE",
-                   help="the CMOS clock's start, YYYY-MM-DDTHH:MM:SS (default 2000-01-01T00:00:00; it then "
-                        "advances with virtual time)")
+    r.add_argument(
+        "--verbose-trace",
+        action="store_true",
+        help="with --trace: also record each translated block (full) and each hidden shadow-paging "
+        "fault (trap, full, hw --no-ept); large traces",
+    )
+    r.add_argument(
+        "--input",
+        metavar="FILE",
+        help="type FILE into COM1, one byte at a time on the virtual clock (reproducible); "
+        "without it, a pipe on stdin is typed the same way, and a terminal is interactive",
+    )
+    r.add_argument(
+        "--input-prompt",
+        metavar="TEXT",
+        help="with scripted input: send each line only once the console ends with TEXT (e.g. '$ '), "
+        "and end the run (status 0) when TEXT follows the last line",
+    )
+    r.add_argument(
+        "--rtc",
+        metavar="DATE",
+        help="the CMOS clock's start, YYYY-MM-DDTHH:MM:SS (default 2000-01-01T00:00:00; it then "
+        "advances with virtual time)",
+    )
     _vmx_options(r)
-    r.add_argument("--dump-vmcs-on", metavar="REASON|SYMBOL", help="hw: dump the VMCS to stderr at the first exit of "
-                   "REASON, or the first exit at a guest symbol (symbol+offset)")
+    r.add_argument(
+        "--dump-vmcs-on",
+        metavar="REASON|SYMBOL",
+        help="hw: dump the VMCS to stderr at the first exit of "
+        "REASON, or the first exit at a guest symbol (symbol+offset)",
+    )
 
     v = sub.add_parser("vmcs", help="hw mode: run a guest until a chosen VM exit and print the VMCS")
     v.add_argument("guest")
     at = v.add_mutually_exclusive_group(required=True)
     at.add_argument("--at-exit", type=_int, metavar="N", help="the Nth VM exit (1 = the first)")
     at.add_argument("--dump-vmcs-on", metavar="REASON", help="the first exit of this reason (name or number)")
-    at.add_argument("--at-rip", metavar="ADDR|SYMBOL", help="the first exit at this guest RIP (symbol, symbol+offset, "
-                    "or number)")
+    at.add_argument(
+        "--at-rip", metavar="ADDR|SYMBOL", help="the first exit at this guest RIP (symbol, symbol+offset, or number)"
+    )
     v.add_argument("--mem", type=_int, default=32, metavar="MiB")
     _vmx_options(v)
 
     sub.add_parser("guests", help="list the bundled guests")
     b = sub.add_parser("build", help="assemble guests into Multiboot images: the bundled ones, or the files named")
     b.add_argument("sources", nargs="*", metavar="FILE.S", help="guest source files (default: every bundled guest)")
-    b.add_argument("--out", "-o", default=None,
-                   help="output directory (default guests/build); with one FILE.S, the image file (default FILE.bin)")
+    b.add_argument(
+        "--out",
+        "-o",
+        default=None,
+        help="output directory (default guests/build); with one FILE.S, the image file (default FILE.bin)",
+    )
     b.add_argument("--pv", action="store_true", help="with FILE.S: its paravirtualized build (PV = 1)")
 
     c = sub.add_parser("compare", help="align traces (or runs of one guest) site by site: what each technique did")
-    c.add_argument("items", nargs="+", metavar="TRACE|GUEST",
-                   help="two or more trace files, or one guest to run under --modes")
-    c.add_argument("--modes", default="native,hw",
-                   help="with a guest: the modes to run, each MODE[:NAME=VALUE...] (hw controls, e.g. hw:ept=0); "
-                        "default native,hw")
+    c.add_argument(
+        "items", nargs="+", metavar="TRACE|GUEST", help="two or more trace files, or one guest to run under --modes"
+    )
+    c.add_argument(
+        "--modes",
+        default="native,hw",
+        help="with a guest: the modes to run, each MODE[:NAME=VALUE...] (hw controls, e.g. hw:ept=0); "
+        "default native,hw",
+    )
     c.add_argument("--limit", type=_int, default=None, metavar="N", help="show at most N sites")
-    c.add_argument("--vmx", action="append", default=[], metavar="NAME=VALUE",
-                   help="with a guest: hw controls for every hw run")
-    c.add_argument("--site", action="append", default=[], metavar="SYMBOL|ADDR|FILE:LINE",
-                   help="only the sites at this symbol (symbol+offset), address or source line (repeatable)")
+    c.add_argument(
+        "--vmx", action="append", default=[], metavar="NAME=VALUE", help="with a guest: hw controls for every hw run"
+    )
+    c.add_argument(
+        "--site",
+        action="append",
+        default=[],
+        metavar="SYMBOL|ADDR|FILE:LINE",
+        help="only the sites at this symbol (symbol+offset), address or source line (repeatable)",
+    )
     c.add_argument("--image", metavar="FILE", help="with trace files: the image they were made from (symbols)")
     c.add_argument("--max-insns", type=_int, default=None, metavar="N", help="with a guest: budget of each run")
     c.add_argument("--wide", action="store_true", help="one line per site, a column per run (wider than 100)")
     c.add_argument("--csv", action="store_true", help="the site table as CSV")
     c.add_argument("--json", action="store_true", help="summary and sites as JSON")
     _costs_option(c)
-    c.add_argument("--device", action="append", default=[], metavar="virtio-net|e1000[,mac=M][,peer=P][,backend=B]"
-                   "[,slow=N:K]",
-                   help="with a guest: PCI devices, as for run")
+    c.add_argument(
+        "--device",
+        action="append",
+        default=[],
+        metavar="virtio-net|e1000[,mac=M][,peer=P][,backend=B][,slow=N:K]",
+        help="with a guest: PCI devices, as for run",
+    )
     c.add_argument("--append", default="", metavar="CMDLINE", help="with a guest: its kernel command line")
-    c.add_argument("--mem", type=_int, default=32, metavar="MiB", help="with a guest: RAM of each run (default 32; "
-                   "xv6 needs 256)")
+    c.add_argument(
+        "--mem", type=_int, default=32, metavar="MiB", help="with a guest: RAM of each run (default 32; xv6 needs 256)"
+    )
     c.add_argument("--input", metavar="FILE", help="with a guest: type FILE into COM1 in every run, as for run")
-    c.add_argument("--input-prompt", metavar="TEXT", help="with --input: send each line after TEXT (e.g. '$ '), "
-                   "as for run")
+    c.add_argument(
+        "--input-prompt", metavar="TEXT", help="with --input: send each line after TEXT (e.g. '$ '), as for run"
+    )
 
     bt = sub.add_parser("bt", help="full mode: show guest blocks beside their binary translation")
     bt.add_argument("guest")
-    bt.add_argument("--at", default=None, metavar="ADDR|SYMBOL", help="the block starting at this guest EIP (a number, "
-                    "a symbol or symbol+offset)")
+    bt.add_argument(
+        "--at",
+        default=None,
+        metavar="ADDR|SYMBOL",
+        help="the block starting at this guest EIP (a number, a symbol or symbol+offset)",
+    )
     bt.add_argument("--blocks", type=_int, default=3, metavar="N", help="without --at: the first N blocks translated")
     bt.add_argument("--mem", type=_int, default=32, metavar="MiB")
     bt.add_argument("--max-insns", type=_int, default=50_000_000, metavar="N", help="budget of the run first made")
@@ -158,8 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     ng = sub.add_parser("new-guest", help="write a skeleton guest (assembler, or C with --c) that PASSes in every mode")
     ng.add_argument("name")
-    ng.add_argument("--c", action="store_true",
-                    help="a C kernel (NAME/ with a Makefile; needs gcc -m32) instead of NAME.S")
+    ng.add_argument(
+        "--c", action="store_true", help="a C kernel (NAME/ with a Makefile; needs gcc -m32) instead of NAME.S"
+    )
     ng.add_argument("--dir", default=".", help="where to write it (default: here)")
 
     lab = sub.add_parser("lab", help="run a lab: its commands, their output, and checks of your answers")
@@ -167,19 +234,31 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("--answer", action="append", default=[], metavar="Q=VALUE", help="check an answer (repeatable)")
     lab.add_argument("--write-doc", metavar="DIR", help="write the lab's handout with this run's observations into DIR")
     lab.add_argument("--quiet", "-q", action="store_true", help="do not show the commands' output")
-    be = sub.add_parser("bench", help="Adams & Agesen's nanobenchmarks per mode: host time, events and modelled "
-                        "cycles per operation, the paper's cycles beside")
-    be.add_argument("--modes", default=None, metavar="MODE[:NAME=VALUE],...",
-                    help="modes to run (default native,trap,full,para,hw,hw:ept=0; hw:ept=0 is the paper's "
-                         "first-generation VT-x, which had no EPT)")
+    be = sub.add_parser(
+        "bench",
+        help="Adams & Agesen's nanobenchmarks per mode: host time, events and modelled "
+        "cycles per operation, the paper's cycles beside",
+    )
+    be.add_argument(
+        "--modes",
+        default=None,
+        metavar="MODE[:NAME=VALUE],...",
+        help="modes to run (default native,trap,full,para,hw,hw:ept=0; hw:ept=0 is the paper's "
+        "first-generation VT-x, which had no EPT)",
+    )
     be.add_argument("--n", type=_int, default=2000, metavar="N", help="iterations per operation (default 2000)")
     be.add_argument("--json", action="store_true", help="the results as JSON")
     _costs_option(be)
 
     sw = sub.add_parser("sweep", help="hw: run a guest under every combination of VMX control values, in parallel")
     sw.add_argument("guest")
-    sw.add_argument("--vmx", action="append", default=[], metavar="NAME=V1,V2",
-                    help="a control and the values to try (repeatable; io_bitmap/msr_bitmap alternatives split on '|')")
+    sw.add_argument(
+        "--vmx",
+        action="append",
+        default=[],
+        metavar="NAME=V1,V2",
+        help="a control and the values to try (repeatable; io_bitmap/msr_bitmap alternatives split on '|')",
+    )
     sw.add_argument("--modes", default="hw", help="hw is swept; other modes listed run once as references (default hw)")
     sw.add_argument("--max-insns", type=_int, default=None, metavar="N")
     sw.add_argument("--jobs", type=_int, default=None, metavar="N", help="parallel processes (default: one per core)")
@@ -200,22 +279,36 @@ def build_parser() -> argparse.ArgumentParser:
     _costs_option(rp)
 
     co = sub.add_parser("costs", help="show a cost table (modelled cycles per event, with sources)")
-    co.add_argument("table", nargs="?", default=None, metavar="NAME|FILE", help="a preset or a TOML/JSON file "
-                    "(default p4-2006)")
+    co.add_argument(
+        "table", nargs="?", default=None, metavar="NAME|FILE", help="a preset or a TOML/JSON file (default p4-2006)"
+    )
     co.add_argument("--json", action="store_true", help="the table as JSON")
 
-    vu = sub.add_parser("vhost-user-backend", help="a vhost-user virtio-net backend process on a Unix socket "
-                        "(for --device virtio-net,backend=vhost-user,socket=PATH or QEMU's -netdev vhost-user)")
+    vu = sub.add_parser(
+        "vhost-user-backend",
+        help="a vhost-user virtio-net backend process on a Unix socket "
+        "(for --device virtio-net,backend=vhost-user,socket=PATH or QEMU's -netdev vhost-user)",
+    )
     vu.add_argument("--socket", required=True, metavar="PATH", help="the Unix socket to listen on")
-    vu.add_argument("--peer", default="loopback", choices=("loopback", "user"),
-                    help="where frames go (default loopback)")
+    vu.add_argument(
+        "--peer", default="loopback", choices=("loopback", "user"), help="where frames go (default loopback)"
+    )
     vu.add_argument("--verbose", "-v", action="store_true", help="log every frame on stderr")
-    vu.add_argument("--report-fd", type=int, default=None, metavar="FD", help="measurement mode (cpuvirt "
-                    "starts it so with cachelines=on): after each in-band kick, the ring lines touched and the "
-                    "data path's counters, a JSON line on FD")
+    vu.add_argument(
+        "--report-fd",
+        type=int,
+        default=None,
+        metavar="FD",
+        help="measurement mode (cpuvirt "
+        "starts it so with cachelines=on): after each in-band kick, the ring lines touched and the "
+        "data path's counters, a JSON line on FD",
+    )
 
-    nb = sub.add_parser("net-bench", help="per frame under each virtio-net backend and CPU mode: exits, copies, "
-                        "kicks, interrupts, host time, cache-line transfers (progress on stderr)")
+    nb = sub.add_parser(
+        "net-bench",
+        help="per frame under each virtio-net backend and CPU mode: exits, copies, "
+        "kicks, interrupts, host time, cache-line transfers (progress on stderr)",
+    )
     nb.add_argument("--modes", default="native,trap,full,hw", help="comma-separated (default native,trap,full,hw)")
     nb.add_argument("--backends", default="userspace,vhost,vhost-user", help="comma-separated (default all three)")
     nb.add_argument("--frames", type=_int, default=300, metavar="N", help="frames in the burst (default 300)")
@@ -223,10 +316,18 @@ def build_parser() -> argparse.ArgumentParser:
     nb.add_argument("--no-cachelines", action="store_true", help="skip the cache-line model's runs")
     nb.add_argument("--json", action="store_true", help="the figures as JSON on stdout")
 
-    vs = sub.add_parser("vswitch", help="a learning Ethernet switch process: vhost-user, Unix datagram, UDP "
-                        "(QEMU -netdev dgram) and user-network ports")
-    vs.add_argument("--port", action="append", default=[], metavar="SPEC",
-                    help="vhost-user:SOCKET, unix:PATH, udp:LOCAL_PORT:REMOTE_PORT (127.0.0.1) or user (repeatable)")
+    vs = sub.add_parser(
+        "vswitch",
+        help="a learning Ethernet switch process: vhost-user, Unix datagram, UDP "
+        "(QEMU -netdev dgram) and user-network ports",
+    )
+    vs.add_argument(
+        "--port",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="vhost-user:SOCKET, unix:PATH, udp:LOCAL_PORT:REMOTE_PORT (127.0.0.1) or user (repeatable)",
+    )
     vs.add_argument("--pcap", metavar="FILE", help="record every frame the switch receives")
     vs.add_argument("--verbose", "-v", action="store_true", help="log connections and frames on stderr")
 
@@ -235,15 +336,23 @@ def build_parser() -> argparse.ArgumentParser:
     ts = tsub.add_parser("show", help="print a trace readably")
     ts.add_argument("file")
     ts.add_argument("--kind", action="append", help="only events of this kind (repeatable)")
-    ts.add_argument("--image", metavar="FILE", help="the image the trace was made from, for symbols and lines "
-                    "(bundled guests are found by name; the sha256 must match)")
+    ts.add_argument(
+        "--image",
+        metavar="FILE",
+        help="the image the trace was made from, for symbols and lines "
+        "(bundled guests are found by name; the sha256 must match)",
+    )
     return p
 
 
 def _costs_option(p) -> None:
-    p.add_argument("--costs", default=None, metavar="NAME|FILE",
-                   help="cost table for modelled cycles: a preset (p4-2006 default, nehalem, amd-2020) or a "
-                        "TOML/JSON file; see `cpuvirt costs`")
+    p.add_argument(
+        "--costs",
+        default=None,
+        metavar="NAME|FILE",
+        help="cost table for modelled cycles: a preset (p4-2006 default, nehalem, amd-2020) or a "
+        "TOML/JSON file; see `cpuvirt costs`",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -261,8 +370,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # an internal error is still one line unless asked for more
         if os.environ.get("CPUVIRT_DEBUG"):
             raise
-        print(f"cpuvirt: internal error: {type(e).__name__}: {e} (set CPUVIRT_DEBUG=1 for a traceback)",
-              file=sys.stderr)
+        print(
+            f"cpuvirt: internal error: {type(e).__name__}: {e} (set CPUVIRT_DEBUG=1 for a traceback)", file=sys.stderr
+        )
         return INTERNAL_ERROR
 
 
@@ -275,6 +385,7 @@ def _dispatch(args) -> int:
         return _compare(args)
     if args.verb == "guests":
         from cpuvirt.toolchain.build import guest_source_dir, list_guests
+
         print(f"# bundled guests, from {guest_source_dir()}", file=sys.stderr)
         for g in list_guests():
             pv = "  [pv build]" if g.has_pv else ""
@@ -284,26 +395,39 @@ def _dispatch(args) -> int:
         return _build(args)
     if args.verb == "bt":
         from cpuvirt.bt.show import show
+
         if args.blocks < 0 or args.max_insns < 0:
             raise CpuvirtError("--blocks and --max-insns must be >= 0")
         at = None
         if args.at is not None:
             from cpuvirt.trace.symbols import for_guest
+
             at = for_guest(args.guest, "full").resolve(args.at)
         from cpuvirt.runner import run_guest
+
         holder: list = []
-        res = run_guest(args.guest, mode="full", mem_mib=args.mem, max_insns=args.max_insns, trace_path=args.trace,
-                        mode_options={"observer": holder.append, "verbose": bool(args.trace)})
+        res = run_guest(
+            args.guest,
+            mode="full",
+            mem_mib=args.mem,
+            max_insns=args.max_insns,
+            trace_path=args.trace,
+            mode_options={"observer": holder.append, "verbose": bool(args.trace)},
+        )
         text = show(args.guest, holder[0], res, at=at, blocks=args.blocks)
         sys.stdout.write(_annotate_guest_blocks(text, args.guest))
         return 0
     if args.verb == "new-guest":
         from cpuvirt.toolchain.newguest import new_guest
+
         for path in new_guest(args.name, args.dir, c=args.c):
             print(path)
-        print(f"next: cd {args.dir} && make -C {args.name} && cpuvirt run {args.name}/{args.name}.elf" if args.c
-              else f"next: cpuvirt run {os.path.join(args.dir, args.name)}.S --mode native   (or trap, full, para, hw)",
-              file=sys.stderr)
+        print(
+            f"next: cd {args.dir} && make -C {args.name} && cpuvirt run {args.name}/{args.name}.elf"
+            if args.c
+            else f"next: cpuvirt run {os.path.join(args.dir, args.name)}.S --mode native   (or trap, full, para, hw)",
+            file=sys.stderr,
+        )
         return 0
     if args.verb == "lab":
         return _lab(args)
@@ -319,15 +443,19 @@ def _dispatch(args) -> int:
         return _report(args)
     if args.verb == "net-bench":
         from cpuvirt.netbench import main as net_bench
+
         return net_bench(args.modes, args.backends, args.frames, args.repeat, args.json, not args.no_cachelines)
     if args.verb == "vswitch":
         from cpuvirt.net.switch import main as vswitch
+
         return vswitch(args.port, args.pcap, args.verbose)
     if args.verb == "vhost-user-backend":
         from cpuvirt.virtio.vhost_user_backend import serve
+
         return serve(args.socket, args.peer, verbose=args.verbose, report_fd=args.report_fd)
     if args.verb == "trace":
         from cpuvirt.trace.show import show as show_trace
+
         show_trace(args.file, sys.stdout, kinds=args.kind, image=args.image)
         return 0
     raise CpuvirtError(f"unknown verb {args.verb}")
@@ -337,6 +465,7 @@ def _lab(args) -> int:
     from pathlib import Path
 
     from cpuvirt import labs
+
     if not args.name:
         for lab in labs.all_labs():
             print(f"{lab.number}  {lab.name:<8} {lab.title}")
@@ -351,7 +480,7 @@ def _lab(args) -> int:
     if args.write_doc and not Path(args.write_doc).is_dir():
         raise CpuvirtError(f"--write-doc {args.write_doc}: no such folder")
     known = {q.key for q in lab.questions}
-    for key in answers:              # every input error before the (possibly long) run
+    for key in answers:  # every input error before the (possibly long) run
         if key not in known:
             raise CpuvirtError(f"lab {lab.name} has no question {key!r} (questions: {', '.join(sorted(known))})")
     echo = None if args.quiet else (lambda text: (sys.stdout.write(text), sys.stdout.flush()))
@@ -372,6 +501,8 @@ def _lab(args) -> int:
             print(f"  {q.key}. {' '.join(q.text.split())}")
         print(f"Check a numeric answer with: cpuvirt lab {lab.name} --answer q1=N")
     return 1 if wrong else 0
+
+
 def _progress(i: int, total: int, what: str) -> None:
     """A progress bar on stderr, when it is a terminal."""
     if not sys.stderr.isatty():
@@ -387,9 +518,10 @@ def _report(args) -> int:
     from cpuvirt import costs, modespec, nanobench, report
     from cpuvirt.runner import DEFAULT_MAX_INSNS
     from cpuvirt.trace import compare as C
+
     table = costs.load(args.costs)
     specs = modespec.parse_list(args.modes)
-    report._plt()                                 # matplotlib missing: say so before running anything
+    report._plt()  # matplotlib missing: say so before running anything
     try:
         out = open(args.output, "w", encoding="utf-8")
     except OSError as e:
@@ -412,11 +544,21 @@ def _vmx_controls(args) -> int:
 
     from cpuvirt.modes.hw.controls import CONTROLS, PIN, PRIMARY, VmxSettings
     from cpuvirt.modes.hw.explain import EFFECT, SDM_NAMES
+
     ept, shadow = VmxSettings([]).bits, VmxSettings([], ept=False).bits
     field = {PIN: "pin-based", PRIMARY: "primary"}
-    rows = [{"name": n, "sdm_name": SDM_NAMES.get(n, n), "field": field.get(f, "secondary"), "bit": b,
-             "default": ept[n], "default_no_ept": shadow[n], "effect": EFFECT.get(n, "")}
-            for n, (f, b) in CONTROLS.items()]
+    rows = [
+        {
+            "name": n,
+            "sdm_name": SDM_NAMES.get(n, n),
+            "field": field.get(f, "secondary"),
+            "bit": b,
+            "default": ept[n],
+            "default_no_ept": shadow[n],
+            "effect": EFFECT.get(n, ""),
+        }
+        for n, (f, b) in CONTROLS.items()
+    ]
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
@@ -424,9 +566,12 @@ def _vmx_controls(args) -> int:
     print("# default: KVM's setup with EPT; no-ept: KVM's shadow-MMU setup (--no-ept)")
     print(f"{'name':<28} {'SDM name':<29} {'field':<10} {'bit':>3} {'default':>7} {'no-ept':>6}")
     for r in rows:
-        print(f"{r['name']:<28} {r['sdm_name']:<29} {r['field']:<10} {r['bit']:>3} {r['default']:>7} "
-              f"{r['default_no_ept']:>6}")
+        print(
+            f"{r['name']:<28} {r['sdm_name']:<29} {r['field']:<10} {r['bit']:>3} {r['default']:>7} "
+            f"{r['default_no_ept']:>6}"
+        )
         import textwrap
+
         print(textwrap.fill(str(r["effect"]), 100, initial_indent="    ", subsequent_indent="    "))
     return 0
 
@@ -437,6 +582,7 @@ def _sweep(args) -> int:
     from cpuvirt import costs, sweep
     from cpuvirt.modes import get_mode
     from cpuvirt.runner import DEFAULT_MAX_INSNS
+
     table = costs.load(args.costs)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     for m in modes:
@@ -464,6 +610,7 @@ def _bench(args) -> int:
     import json
 
     from cpuvirt import costs, modespec, nanobench
+
     table = costs.load(args.costs)
     specs = modespec.parse_list(args.modes or nanobench.DEFAULT_MODES)
     if not 1 <= args.n <= 10_000_000:
@@ -480,11 +627,19 @@ def _costs(args) -> int:
     import json
 
     from cpuvirt import costs
+
     t = costs.load(args.table)
     if args.json:
-        print(json.dumps({"name": t.name, "description": t.description,
-                          "costs": {k: {"cycles": e.cycles, "source": e.source} for k, e in t.entries.items()}},
-                         indent=1))
+        print(
+            json.dumps(
+                {
+                    "name": t.name,
+                    "description": t.description,
+                    "costs": {k: {"cycles": e.cycles, "source": e.source} for k, e in t.entries.items()},
+                },
+                indent=1,
+            )
+        )
         return 0
     print(f"# {t.name}: {t.description}")
     print(f"# presets: {', '.join(costs.presets())}; keys: KIND, KIND:REASON, either with @MODE (most specific wins)")
@@ -499,11 +654,13 @@ def _annotate_guest_blocks(text: str, guest: str) -> str:
     import re
 
     from cpuvirt.trace.symbols import for_guest
+
     syms = for_guest(guest, "full")
 
     def note(m):
         where = syms.describe(int(m.group(1), 16))
         return m.group(0) + (f"  [{where}]" if where else "")
+
     return re.sub(r"^guest (0x[0-9a-f]+)\.\.\S+.*$", note, text, flags=re.M)
 
 
@@ -511,6 +668,7 @@ def _build(args) -> int:
     from pathlib import Path
 
     from cpuvirt.toolchain.build import build_all, build_source, guest_source_dir
+
     try:
         if not args.sources:
             if args.pv:
@@ -529,20 +687,29 @@ def _build(args) -> int:
                 out = folder / (Path(source).stem + suffix)
             out.write_bytes(image)
             print(out)
-    except OSError as e:            # an unwritable --out is the user's input, not cpuvirt's bug
+    except OSError as e:  # an unwritable --out is the user's input, not cpuvirt's bug
         raise CpuvirtError(f"{e.filename or args.out}: {e.strerror}") from None
     return 0
 
 
 def _vmx_options(p) -> None:
-    p.add_argument("--vmx", action="append", default=[], metavar="NAME=VALUE",
-                   help="hw: set a VMX control by its SDM name, e.g. hlt_exiting=0, io_bitmap=0x3f8,0x80 (repeatable)")
-    p.add_argument("--no-ept", action="store_true",
-                   help="hw: shadow paging instead of EPT (KVM's shadow MMU: CR3, INVLPG and #PF exit)")
+    p.add_argument(
+        "--vmx",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="hw: set a VMX control by its SDM name, e.g. hlt_exiting=0, io_bitmap=0x3f8,0x80 (repeatable)",
+    )
+    p.add_argument(
+        "--no-ept",
+        action="store_true",
+        help="hw: shadow paging instead of EPT (KVM's shadow MMU: CR3, INVLPG and #PF exit)",
+    )
 
 
 def _reason(text: str):
     from cpuvirt.modes.hw.exits import ExitReason
+
     try:
         return ExitReason(int(text, 0))
     except ValueError:
@@ -563,12 +730,14 @@ def _hw_options(args, dump_on=None) -> dict | None:
 
 def _vmcs(args) -> int:
     from cpuvirt.runner import DEFAULT_MAX_INSNS, run_guest
+
     args.mode = "hw"
     want = _reason(args.dump_vmcs_on) if args.dump_vmcs_on else None
     if args.at_exit is not None and args.at_exit < 1:
         raise CpuvirtError("--at-exit counts from 1")
     shown: list = []
     from cpuvirt.trace.symbols import for_guest
+
     syms = for_guest(args.guest, "hw")
     rip = syms.resolve(args.at_rip) if args.at_rip else None
 
@@ -582,17 +751,21 @@ def _vmcs(args) -> int:
             return
         shown.append(x)
         where = syms.describe(x.rip)
-        print(f"VM exit #{cpu.exits}: {x.reason.name} ({int(x.reason)}) at {x.rip:#x}"
-              f"{' (' + where + ')' if where else ''}  {x.insn}  -> {x.action}")
+        print(
+            f"VM exit #{cpu.exits}: {x.reason.name} ({int(x.reason)}) at {x.rip:#x}"
+            f"{' (' + where + ')' if where else ''}  {x.insn}  -> {x.action}"
+        )
         print(x.vmcs_at_exit)
         cpu.finish("stopped", 0, "stopped after dumping the VMCS")
 
-    res = run_guest(args.guest, "hw", args.mem, DEFAULT_MAX_INSNS, None, None, "",
-                    mode_options=_hw_options(args, dump_on))
+    res = run_guest(
+        args.guest, "hw", args.mem, DEFAULT_MAX_INSNS, None, None, "", mode_options=_hw_options(args, dump_on)
+    )
     if not shown:
         what = want.name if want is not None else (f"at {args.at_rip}" if rip is not None else f"#{args.at_exit}")
-        raise CpuvirtError(f"the guest ended ({res.outcome}) after {sum(r[2] for r in res.exit_stats)} exits, "
-                           f"before exit {what}")
+        raise CpuvirtError(
+            f"the guest ended ({res.outcome}) after {sum(r[2] for r in res.exit_stats)} exits, before exit {what}"
+        )
     return 0
 
 
@@ -600,17 +773,19 @@ def _compare(args) -> int:
     from cpuvirt import costs, modespec
     from cpuvirt.runner import DEFAULT_MAX_INSNS
     from cpuvirt.trace import compare as C
+
     table = costs.load(args.costs)
     if len(args.items) >= 2:
         cols = C.trace_columns(args.items, args.image)
     else:
-        specs = modespec.parse_list(args.modes)    # every input error before the first (possibly long) run
+        specs = modespec.parse_list(args.modes)  # every input error before the first (possibly long) run
         if len(specs) < 2:
             raise CpuvirtError("--modes needs at least two modes, e.g. native,hw")
         if args.vmx and not any(s.mode == "hw" for s in specs):
             raise CpuvirtError("--vmx applies to the hw mode, which is not among --modes")
         if args.vmx:
             from cpuvirt.modes.hw.controls import VmxSettings
+
             VmxSettings(args.vmx)
         if args.image:
             raise CpuvirtError("--image applies to trace files (a guest's symbols come with it)")
@@ -619,12 +794,22 @@ def _compare(args) -> int:
             raise CpuvirtError("--input-prompt needs --input FILE")
         budget = DEFAULT_MAX_INSNS if args.max_insns is None else args.max_insns
         devices = _parse_devices(args.device)
-        cols = C.run_columns(args.items[0], specs, budget, args.mem, extra_vmx=args.vmx, cmdline=args.append,
-                             devices=devices, inputs=inputs)
+        cols = C.run_columns(
+            args.items[0],
+            specs,
+            budget,
+            args.mem,
+            extra_vmx=args.vmx,
+            cmdline=args.append,
+            devices=devices,
+            inputs=inputs,
+        )
         for c in cols:
             if c.ran and c.result is not None:
-                print(f"# {c.label}: {c.result.outcome}, status {c.result.status}, {c.result.icount:,} instructions",
-                      file=sys.stderr)
+                print(
+                    f"# {c.label}: {c.result.outcome}, status {c.result.status}, {c.result.icount:,} instructions",
+                    file=sys.stderr,
+                )
     sites = C.build_sites(cols)
     if args.site:
         sites = _select_sites(cols, sites, args.site)
@@ -655,8 +840,10 @@ def _select_sites(cols, sites, wanted: list[str]):
                 elif s.key[0] == "line" and ref is not None and ref.symbols.line(addr) == s.where:
                     match.append(s)
         if not match:
-            raise CpuvirtError(f"--site {text}: no site there (a site is where some run had an event or executed "
-                               "a sensitive instruction)")
+            raise CpuvirtError(
+                f"--site {text}: no site there (a site is where some run had an event or executed "
+                "a sensitive instruction)"
+            )
         keep.extend(m for m in match if m not in keep)
     return keep
 
@@ -672,7 +859,8 @@ def _run(args) -> int:
             stdout.flush()
 
     from cpuvirt import costs
-    table = costs.load(args.costs)            # a bad --costs is an input error before the run
+
+    table = costs.load(args.costs)  # a bad --costs is an input error before the run
     max_insns = DEFAULT_MAX_INSNS if args.max_insns is None else args.max_insns
     if max_insns < 0:
         raise CpuvirtError("--max-insns must be >= 0")
@@ -681,6 +869,7 @@ def _run(args) -> int:
         # An exit reason, or a guest address (symbol, symbol+offset, FILE:LINE is not taken): the first
         # exit of that reason, or at that RIP.
         from cpuvirt.trace.symbols import for_guest
+
         syms = for_guest(args.guest, "hw")
         try:
             want, rip = _reason(args.dump_vmcs_on), None
@@ -695,9 +884,13 @@ def _run(args) -> int:
                 done.append(1)
                 stdout.flush()
                 where = syms.describe(x.rip)
-                print(f"VM exit #{cpu.exits}: {x.reason.name} ({int(x.reason)}) at {x.rip:#x}"
-                      f"{' (' + where + ')' if where else ''}  {x.insn}  -> {x.action}\n"
-                      f"{x.vmcs_at_exit}", file=sys.stderr)
+                print(
+                    f"VM exit #{cpu.exits}: {x.reason.name} ({int(x.reason)}) at {x.rip:#x}"
+                    f"{' (' + where + ')' if where else ''}  {x.insn}  -> {x.action}\n"
+                    f"{x.vmcs_at_exit}",
+                    file=sys.stderr,
+                )
+
     if args.summary and not os.access(os.path.dirname(os.path.abspath(args.summary)), os.W_OK):
         raise CpuvirtError(f"--summary {args.summary}: its folder does not exist or is not writable")
     if args.verbose_trace and not args.trace:
@@ -710,18 +903,33 @@ def _run(args) -> int:
         raise CpuvirtError("--pcap needs a --device virtio-net or e1000 to capture")
     inputs = _input_options(args)
     with _terminal_mode(inputs.get("input_terminal")):
-        res = run_guest(args.guest, args.mode, args.mem, max_insns, args.trace, console, args.append,
-                        modules=args.module, mode_options=options, verbose_trace=args.verbose_trace,
-                        devices=devices, pcap_path=args.pcap, **inputs)
+        res = run_guest(
+            args.guest,
+            args.mode,
+            args.mem,
+            max_insns,
+            args.trace,
+            console,
+            args.append,
+            modules=args.module,
+            mode_options=options,
+            verbose_trace=args.verbose_trace,
+            devices=devices,
+            pcap_path=args.pcap,
+            **inputs,
+        )
     stdout.flush()
     if args.dump_vmcs_on and not done:
         print(f"cpuvirt: no {args.dump_vmcs_on} exit happened in this run: no VMCS dumped", file=sys.stderr)
     modelled = costs.model(res.tally, table, res.mode)
     if not args.quiet:
         print(format_summary(res, modelled), file=sys.stderr)
-    elif res.outcome != "exit":     # -q silences the summary, never why a run stopped abnormally
-        print(f"cpuvirt: {res.guest} under {res.mode}: {res.outcome}, status {res.status}"
-              + (f" ({res.message})" if res.message else ""), file=sys.stderr)
+    elif res.outcome != "exit":  # -q silences the summary, never why a run stopped abnormally
+        print(
+            f"cpuvirt: {res.guest} under {res.mode}: {res.outcome}, status {res.status}"
+            + (f" ({res.message})" if res.message else ""),
+            file=sys.stderr,
+        )
     if args.stats:
         print(format_stats(res, modelled), file=sys.stderr)
     if args.summary:
@@ -733,6 +941,7 @@ def write_summary_json(res, path: str) -> None:
     """Every figure of the summary, machine-readable: the RunResult, the console as text."""
     import dataclasses
     import json
+
     data = dataclasses.asdict(res)
     data["console"] = res.console.decode("utf-8", "replace")
     try:
@@ -751,7 +960,7 @@ def _scripted_input(args) -> dict:
         if not opts["input_prompt"]:
             raise CpuvirtError("--input-prompt must not be empty")
     if args.input:
-        try:                # refused here, before any run, when it cannot be read; read as the guest types
+        try:  # refused here, before any run, when it cannot be read; read as the guest types
             with open(args.input, "rb"):
                 pass
         except OSError as e:
@@ -765,6 +974,7 @@ def _input_options(args) -> dict:
     terminal when stdin is one (interactive), else nothing."""
     import datetime
     import stat
+
     opts: dict = {}
     if args.rtc:
         try:
@@ -781,7 +991,7 @@ def _input_options(args) -> dict:
     except OSError:
         return opts
     if stat.S_ISFIFO(mode) or stat.S_ISREG(mode):
-        opts["input_more"] = lambda: os.read(0, 4096)     # read as the guest asks: never blocks others
+        opts["input_more"] = lambda: os.read(0, 4096)  # read as the guest asks: never blocks others
     elif os.isatty(0):
         opts["input_terminal"] = 0
     if "input_prompt" in opts and "input_file" not in opts and "input_more" not in opts:
@@ -800,6 +1010,7 @@ class _terminal_mode:
         if self.fd is not None:
             import termios
             import tty
+
             self.saved = termios.tcgetattr(self.fd)
             tty.setcbreak(self.fd)
         return self
@@ -807,6 +1018,7 @@ class _terminal_mode:
     def __exit__(self, *exc):
         if self.saved is not None:
             import termios
+
             termios.tcsetattr(self.fd, termios.TCSADRAIN, self.saved)
         return False
 
@@ -822,6 +1034,7 @@ def format_stats(res, modelled=None) -> str:
         lines.append(f"  {'total':<28} {sum(r[2] for r in res.exit_stats):>9}")
     if modelled is None:
         from cpuvirt import costs
+
         modelled = costs.model(res.tally, costs.load(), res.mode)
     lines.append(format_cost_rows(modelled))
     return "\n".join(lines)
@@ -829,12 +1042,15 @@ def format_stats(res, modelled=None) -> str:
 
 def format_cost_rows(m, source_width: int = 60) -> str:
     total = m.total or 1
-    lines = [f"  {'event (kind:reason)':<28} {'count':>11} {'each':>7} {'modelled cycles':>16} {'share':>6}  "
-             f"source ({m.table})"]
+    lines = [
+        f"  {'event (kind:reason)':<28} {'count':>11} {'each':>7} {'modelled cycles':>16} {'share':>6}  "
+        f"source ({m.table})"
+    ]
     for r in m.rows:
-        src = r.source if len(r.source) <= source_width else r.source[:source_width - 3] + "..."
-        lines.append(f"  {r.key[:28]:<28} {r.count:>11,} {r.each:>7g} {r.cycles:>16,.0f} "
-                     f"{r.cycles / total:>6.1%}  {src}")
+        src = r.source if len(r.source) <= source_width else r.source[: source_width - 3] + "..."
+        lines.append(
+            f"  {r.key[:28]:<28} {r.count:>11,} {r.each:>7g} {r.cycles:>16,.0f} {r.cycles / total:>6.1%}  {src}"
+        )
     lines.append(f"  {'total':<28} {'':>11} {'':>7} {m.total:>16,.0f}")
     if m.uncosted:
         lines.append(f"  not in the cost table (charged 0): {', '.join(m.uncosted)}")
@@ -843,8 +1059,11 @@ def format_cost_rows(m, source_width: int = 60) -> str:
 
 def format_summary(res, modelled=None) -> str:
     from cpuvirt.engine.clock import TSC_HZ
-    lines = [f"cpuvirt: {res.guest} under {res.mode}: {res.outcome}, status {res.status}"
-             + (f" ({res.message})" if res.message and res.outcome != "exit" else "")]
+
+    lines = [
+        f"cpuvirt: {res.guest} under {res.mode}: {res.outcome}, status {res.status}"
+        + (f" ({res.message})" if res.message and res.outcome != "exit" else "")
+    ]
     lines += [f"  warning        {w}" for w in getattr(res, "warnings", ())]
     us = res.vtime * 1_000_000 / TSC_HZ
     # Under full the processor runs translations, whose instructions differ from the guest's (a call
@@ -855,36 +1074,48 @@ def format_summary(res, modelled=None) -> str:
     lines.append(f"  events         {ev}")
     if modelled is not None:
         from cpuvirt.costs import format_shares
-        lines.append(f"  modelled       {modelled.total:,.0f} cycles ({modelled.table} cost table): "
-                     f"{format_shares(modelled)}")
+
+        lines.append(
+            f"  modelled       {modelled.total:,.0f} cycles ({modelled.table} cost table): {format_shares(modelled)}"
+        )
     m = res.mmu
-    lines.append(f"  memory         {m['fills']} TLB fills, {m['walks']} walks ({m['walk_refs']} refs), "
-                 f"{m['faults']} faults, {m['unbacked']} unbacked")
+    lines.append(
+        f"  memory         {m['fills']} TLB fills, {m['walks']} walks ({m['walk_refs']} refs), "
+        f"{m['faults']} faults, {m['unbacked']} unbacked"
+    )
     sh = m.get("shadow")
     if sh:
-        lines.append(f"  shadow paging  {sh['hidden_faults']} hidden faults, {sh['true_faults']} true faults, "
-                     f"{sh['ptemods']} ptemods ({sh['ptemod_fallbacks']} not emulated), "
-                     f"{sh['cr3_switches']} CR3 switches "
-                     f"(roots: {sh['root_hits']} reused, {sh['root_misses']} new, {sh['root_evictions']} evicted), "
-                     f"{sh['traced_frames']} traced page-table frames")
+        lines.append(
+            f"  shadow paging  {sh['hidden_faults']} hidden faults, {sh['true_faults']} true faults, "
+            f"{sh['ptemods']} ptemods ({sh['ptemod_fallbacks']} not emulated), "
+            f"{sh['cr3_switches']} CR3 switches "
+            f"(roots: {sh['root_hits']} reused, {sh['root_misses']} new, {sh['root_evictions']} evicted), "
+            f"{sh['traced_frames']} traced page-table frames"
+        )
     bt = m.get("translation")
     if bt:
         tc = bt["tc"]
-        lines.append(f"  translation    {tc['translations']} blocks ({tc['bytes']:,} bytes), {tc['chained']} chained "
-                     f"jumps, {tc['callouts']} callouts, {tc['lookups']} lookups ({tc['misses']} misses, "
-                     f"{tc['ic_misses']} inline-cache misses, {tc['widened']} caches widened), "
-                     f"{tc['invalidations']} invalidations, "
-                     f"{tc['flushes']} flushes; {bt['code_page_faults']} stores into code pages, "
-                     f"{bt['adaptive_stores']} stores made callouts (adaptive; {tc['adaptive']} sites, "
-                     f"{tc['unadapted']} made native again)")
+        lines.append(
+            f"  translation    {tc['translations']} blocks ({tc['bytes']:,} bytes), {tc['chained']} chained "
+            f"jumps, {tc['callouts']} callouts, {tc['lookups']} lookups ({tc['misses']} misses, "
+            f"{tc['ic_misses']} inline-cache misses, {tc['widened']} caches widened), "
+            f"{tc['invalidations']} invalidations, "
+            f"{tc['flushes']} flushes; {bt['code_page_faults']} stores into code pages, "
+            f"{bt['adaptive_stores']} stores made callouts (adaptive; {tc['adaptive']} sites, "
+            f"{tc['unadapted']} made native again)"
+        )
     for d in res.devices:
-        lines.append(f"  {d['name']} 00:{d['slot']:02x}.0 {d['mac']}: tx {d['tx_frames']} frames "
-                     f"({d['tx_dropped']} dropped), rx {d['rx_frames']} ({d['rx_dropped']} dropped), "
-                     f"{d['notifications']} notifications, {d['interrupts']} interrupts, "
-                     f"{d['needs_reset']} {d.get('reset_name', 'DEVICE_NEEDS_RESET')}")
+        lines.append(
+            f"  {d['name']} 00:{d['slot']:02x}.0 {d['mac']}: tx {d['tx_frames']} frames "
+            f"({d['tx_dropped']} dropped), rx {d['rx_frames']} ({d['rx_dropped']} dropped), "
+            f"{d['notifications']} notifications, {d['interrupts']} interrupts, "
+            f"{d['needs_reset']} {d.get('reset_name', 'DEVICE_NEEDS_RESET')}"
+        )
     if res.console_dropped:
-        lines.append(f"  console        {res.console_dropped:,} bytes streamed but not kept in the run record "
-                     "(its first 64 KiB and last 1 MiB are)")
+        lines.append(
+            f"  console        {res.console_dropped:,} bytes streamed but not kept in the run record "
+            "(its first 64 KiB and last 1 MiB are)"
+        )
     mips = res.icount / res.wall_s / 1e6 if res.wall_s > 0 else 0.0
     lines.append(f"  wall time      {res.wall_s:.3f} s ({mips:,.1f} MIPS)")
     if res.vga:

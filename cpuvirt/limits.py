@@ -4,9 +4,10 @@ A guest can run code at any of 2^32 addresses, so every table keyed by a guest a
 blocks and sites, kept to avoid decoding twice) is a cache with a cap: when full it is emptied and
 refilled on demand. Nothing correct depends on an entry being there; a refill costs a decode.
 """
+
 from __future__ import annotations
 
-CACHE_ENTRIES = 1 << 17       # entries per cache of decoded blocks / sites / linear pages
+CACHE_ENTRIES = 1 << 17  # entries per cache of decoded blocks / sites / linear pages
 
 
 def put(table: dict, key, value) -> None:

@@ -4,6 +4,7 @@ MODE[:NAME=VALUE]...: the mode, then VMX controls (hw only; `ept=0` is short for
 `--no-ept`). Its label is the mode and the settings given, so two runs of one mode are told apart by
 the settings that differ ("hw enable_ept=0").
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from cpuvirt.errors import CpuvirtError
 class ModeSpec:
     mode: str
     vmx: tuple[str, ...] = field(default=())
-    given: tuple[str, ...] = field(default=())     # the settings as the user wrote them (for the label)
+    given: tuple[str, ...] = field(default=())  # the settings as the user wrote them (for the label)
 
     @property
     def label(self) -> str:
@@ -29,8 +30,9 @@ class ModeSpec:
 
 def parse(text: str) -> ModeSpec:
     from cpuvirt.modes import get_mode
+
     mode, *settings = [p.strip() for p in text.strip().split(":")]
-    get_mode(mode)                       # an unknown mode is an input error naming the known ones
+    get_mode(mode)  # an unknown mode is an input error naming the known ones
     vmx, given = [], []
     for s in settings:
         name, eq, value = s.partition("=")
@@ -42,7 +44,8 @@ def parse(text: str) -> ModeSpec:
         given.append(f"{name}={value}")
     if vmx:
         from cpuvirt.modes.hw.controls import VmxSettings
-        VmxSettings(vmx)                 # bad names and values are input errors before any run
+
+        VmxSettings(vmx)  # bad names and values are input errors before any run
     return ModeSpec(mode, tuple(vmx), tuple(given))
 
 

@@ -7,6 +7,7 @@ the printing (its port I/O and exits) is in no phase. At both ends the host stam
 and takes a tally of the run's events (costs.tally_of); per operation: (difference) / N.
 The first phase (syscall) also holds the boot, about 1 ms and a few hundred events.
 """
+
 from __future__ import annotations
 
 import time
@@ -16,8 +17,20 @@ from typing import Any
 
 from cpuvirt.errors import CpuvirtError
 
-OPS = ("syscall", "in", "out", "cli_sti", "pushf_popf", "cr3", "call_ret", "pgfault", "divzero", "ptemod",
-       "cpuid", "rdtsc")
+OPS = (
+    "syscall",
+    "in",
+    "out",
+    "cli_sti",
+    "pushf_popf",
+    "cr3",
+    "call_ret",
+    "pgfault",
+    "divzero",
+    "ptemod",
+    "cpuid",
+    "rdtsc",
+)
 # Adams & Agesen 2006, section 6: (native, software VMM = BT, hardware VMM = first-generation VT-x) in
 # cycles as the paper gives them (text where it gives a relation, not a number).
 PAPER = {
@@ -34,6 +47,7 @@ def build(n: int, pv: bool) -> bytes:
     from cpuvirt.toolchain.build import guest_source_dir, include_dir
     from cpuvirt.toolchain.image import build_image
     from cpuvirt.toolchain.preprocess import preprocess
+
     pre = preprocess(guest_source_dir() / "nanobench.S", {"PV": int(pv), "N_ITER": n}, [include_dir()])
     return build_image(pre.lines)[0]
 
@@ -42,10 +56,11 @@ def build(n: int, pv: bool) -> bytes:
 class Phase:
     op: str
     host_s: float
-    tally: Counter            # events during the phase
+    tally: Counter  # events during the phase
 
     def events(self) -> int:
         from cpuvirt.costs import INSTRUCTION, VMENTRY, WALK_REF
+
         return sum(n for k, n in self.tally.items() if k not in (INSTRUCTION, WALK_REF, VMENTRY))
 
 
@@ -53,8 +68,9 @@ def run_phases(image_path: str, spec) -> tuple[dict[str, Phase], object]:
     """One run of a nanobench image under a ModeSpec: {op: Phase} and the RunResult."""
     from cpuvirt.costs import INSTRUCTION, WALK_REF, tally_of
     from cpuvirt.runner import run_guest
-    state: dict[str, Any] = {"hv": None, "start": None}     # the mode once booted; the phase's start
-    line = bytearray()                                        # the console line being written
+
+    state: dict[str, Any] = {"hv": None, "start": None}  # the mode once booted; the phase's start
+    line = bytearray()  # the console line being written
     phases: dict[str, Phase] = {}
 
     def snap():
@@ -65,7 +81,7 @@ def run_phases(image_path: str, spec) -> tuple[dict[str, Phase], object]:
 
     def console(byte: int) -> None:
         if state["hv"] is not None and len(line) < 2:
-            pending[len(line)] = snap()       # at the line's first and second byte
+            pending[len(line)] = snap()  # at the line's first and second byte
         line.append(byte)
         if byte == 10:
             text = line.decode(errors="replace").strip()
@@ -88,8 +104,9 @@ def run_phases(image_path: str, spec) -> tuple[dict[str, Phase], object]:
         state["hv"] = hv
         state["start"] = snap()
 
-    r = run_guest(image_path, mode=spec.mode, max_insns=0, console=console, mode_options=spec.options(),
-                  on_start=on_start)
+    r = run_guest(
+        image_path, mode=spec.mode, max_insns=0, console=console, mode_options=spec.options(), on_start=on_start
+    )
     if r.outcome != "exit" or r.status != 0:
         raise CpuvirtError(f"nanobench under {spec.label}: {r.outcome}, status {r.status} {r.message}".strip())
     return phases, r
@@ -98,6 +115,7 @@ def run_phases(image_path: str, spec) -> tuple[dict[str, Phase], object]:
 def write_images(n: int, folder) -> dict[bool, str]:
     """The native and PV builds of nanobench with N iterations, written to `folder`."""
     from pathlib import Path
+
     out = {}
     for pv in (False, True):
         p = Path(folder) / f"nanobench{n}{'.pv' if pv else ''}.bin"
@@ -129,6 +147,7 @@ def measure(specs, n: int, table, progress=None) -> dict:
 
     from cpuvirt import costs
     from cpuvirt.toolchain.build import list_guests
+
     has_pv = any(g.name == "nanobench" and g.has_pv for g in list_guests())
     out, skipped = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -136,6 +155,7 @@ def measure(specs, n: int, table, progress=None) -> dict:
             imgs = write_images(n, tmp)
         else:
             from pathlib import Path
+
             path = Path(tmp) / "nb.bin"
             path.write_bytes(build(n, False))
             imgs = {False: str(path)}
@@ -156,21 +176,31 @@ def measure(specs, n: int, table, progress=None) -> dict:
                 if phase is None:
                     continue
                 m = costs.model(phase.tally, table, spec.mode)
-                row[op] = {"host_ns": round(phase.host_s / n * 1e9, 1), "events": round(phase.events() / n, 3),
-                           "modelled_cycles": round(m.total / n, 1),
-                           "by_kind": {k: round(v / n, 1) for k, v in m.by_kind().items()}}
+                row[op] = {
+                    "host_ns": round(phase.host_s / n * 1e9, 1),
+                    "events": round(phase.events() / n, 3),
+                    "modelled_cycles": round(m.total / n, 1),
+                    "by_kind": {k: round(v / n, 1) for k, v in m.by_kind().items()},
+                }
             out[spec.label] = row
         if progress:
             progress(len(specs), len(specs), "done")
-    return {"n": n, "cost_table": table.name, "modes": out, "skipped": skipped,
-            "paper": {op: list(v) for op, v in PAPER.items()},
-            "paper_columns": {s.label: paper_column(s) for s in specs}}
+    return {
+        "n": n,
+        "cost_table": table.name,
+        "modes": out,
+        "skipped": skipped,
+        "paper": {op: list(v) for op, v in PAPER.items()},
+        "paper_columns": {s.label: paper_column(s) for s in specs},
+    }
 
 
 def format_tables(result: dict, specs) -> str:
     """A table per mode, then modelled cycles per operation side by side with the paper's."""
-    lines = [f"# nanobench: {result['n']} iterations per operation; modelled cycles by the "
-             f"{result['cost_table']} cost table (an accounting view: the guest's own clock is unchanged)"]
+    lines = [
+        f"# nanobench: {result['n']} iterations per operation; modelled cycles by the "
+        f"{result['cost_table']} cost table (an accounting view: the guest's own clock is unchanged)"
+    ]
     for spec in specs:
         label = spec.label
         if label in result["skipped"]:
@@ -182,8 +212,10 @@ def format_tables(result: dict, specs) -> str:
         lines.append(f"{'op':<11} {'host ns/op':>11} {'events/op':>10} {'modelled cyc/op':>16} {what:>14}")
         for op, r in result["modes"][label].items():
             paper = PAPER.get(op, (None, None, None))[col] if col is not None and op in PAPER else ""
-            lines.append(f"{op:<11} {r['host_ns']:>11,.0f} {r['events']:>10.2f} {r['modelled_cycles']:>16,.0f} "
-                         f"{str(paper) if paper is not None else '':>14}")
+            lines.append(
+                f"{op:<11} {r['host_ns']:>11,.0f} {r['events']:>10.2f} {r['modelled_cycles']:>16,.0f} "
+                f"{str(paper) if paper is not None else '':>14}"
+            )
     shown = [s.label for s in specs if s.label in result["modes"]]
     lines.append("\n== modelled cycles per operation, every mode (paper: native / BT / VT-x)")
     w = max([8] + [len(x) for x in shown])

@@ -19,6 +19,7 @@ A second table gives, per ring variant (DPDK's fixed available-ring mapping, EVE
 kicks, interrupts, suppressions and cache-line transfers (native; the guest's ring accesses are the
 same in every mode).
 """
+
 from __future__ import annotations
 
 import gc
@@ -28,12 +29,21 @@ from dataclasses import asdict, dataclass
 
 from cpuvirt.errors import CpuvirtError
 
-EXIT_KINDS = {"native": ("io",), "trap": ("trap",), "full": ("callout",), "para": ("io", "hypercall"),
-              "hw": ("vmexit",)}
+EXIT_KINDS = {
+    "native": ("io",),
+    "trap": ("trap",),
+    "full": ("callout",),
+    "para": ("io", "hypercall"),
+    "hw": ("vmexit",),
+}
 BACKENDS = ("userspace", "vhost", "vhost-user")
 DEFAULT_MODES = ("native", "trap", "full", "hw")
-VARIANTS = (("split ring, EVENT_IDX", "single"), ("fixed avail mapping, EVENT_IDX", "fixed"),
-            ("split ring, no EVENT_IDX", "single noevent"), ("fixed avail mapping, no EVENT_IDX", "fixed noevent"))
+VARIANTS = (
+    ("split ring, EVENT_IDX", "single"),
+    ("fixed avail mapping, EVENT_IDX", "fixed"),
+    ("split ring, no EVENT_IDX", "single noevent"),
+    ("fixed avail mapping, no EVENT_IDX", "fixed noevent"),
+)
 
 
 @dataclass
@@ -46,7 +56,7 @@ class Row:
     kicks: float | None
     interrupts: float | None
     suppressed: float | None
-    host_us: float | None                # None: the difference was lost in the noise (too few frames)
+    host_us: float | None  # None: the difference was lost in the noise (too few frames)
     frames_per_s: float | None
     cachelines: float | None
     note: str = ""
@@ -75,12 +85,11 @@ class Progress:
         self.done += 1
         width = 30
         filled = width * self.done // self.total
-        self.stream.write(f"\rnet-bench [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
-                          f"{what:<44}")
+        self.stream.write(f"\rnet-bench [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} {what:<44}")
         self.stream.flush()
 
     def close(self) -> None:
-        self.stream.write("\r" + " " * 100 + "\r")        # the bar goes away; the table stays
+        self.stream.write("\r" + " " * 100 + "\r")  # the bar goes away; the table stays
         self.stream.flush()
 
 
@@ -95,6 +104,7 @@ def _image(pv: bool) -> str:
         import tempfile
 
         from cpuvirt.toolchain.build import build_guest
+
         fd, path = tempfile.mkstemp(prefix="netdemo-", suffix=".pv.bin" if pv else ".bin")
         with os.fdopen(fd, "wb") as f:
             f.write(build_guest("netdemo", pv))
@@ -106,12 +116,20 @@ def _image(pv: bool) -> str:
 def _run(mode: str, backend: str, cmdline: str, cachelines: bool = False):
     from cpuvirt.runner import run_guest
     from cpuvirt.virtio.setup import DeviceSpec
+
     gc.collect()
-    r = run_guest(_image(mode == "para"), mode, cmdline=cmdline, max_insns=0,
-                  devices=[DeviceSpec("virtio-net", peer="loopback", backend=backend, cachelines=cachelines)])
+    r = run_guest(
+        _image(mode == "para"),
+        mode,
+        cmdline=cmdline,
+        max_insns=0,
+        devices=[DeviceSpec("virtio-net", peer="loopback", backend=backend, cachelines=cachelines)],
+    )
     if r.outcome != "exit" or r.status != 0:
-        raise CpuvirtError(f"net-bench: netdemo '{cmdline}' under {mode}, backend {backend}: {r.outcome} "
-                           f"(status {r.status}) {r.message}")
+        raise CpuvirtError(
+            f"net-bench: netdemo '{cmdline}' under {mode}, backend {backend}: {r.outcome} "
+            f"(status {r.status}) {r.message}"
+        )
     return r
 
 
@@ -128,12 +146,26 @@ def measure(modes, backends, frames: int, repeat: int, cachelines: bool, progres
             progress.step(what)
 
     for mode in modes:
-        _run(mode, "userspace", "bench noframes")            # warm-up: the first run in a process pays extra
+        _run(mode, "userspace", "bench noframes")  # warm-up: the first run in a process pays extra
         step(f"{mode} (warm-up)")
         for backend in backends:
             if mode == "para" and backend == "vhost-user":
-                rows.append(Row(mode, backend, 0, 0, None, 0, 0, None, 0, 0, None,
-                                "refused: the backend process would write frames direct paging typed"))
+                rows.append(
+                    Row(
+                        mode,
+                        backend,
+                        0,
+                        0,
+                        None,
+                        0,
+                        0,
+                        None,
+                        0,
+                        0,
+                        None,
+                        "refused: the backend process would write frames direct paging typed",
+                    )
+                )
                 for _ in range(2 * repeat + (2 if cachelines else 0)):
                     step(f"{mode} {backend}")
                 continue
@@ -147,14 +179,14 @@ def measure(modes, backends, frames: int, repeat: int, cachelines: bool, progres
                     best = r
                 if base is None or b.wall_s < base.wall_s:
                     base = b
-            assert best is not None and base is not None        # repeat >= 1
+            assert best is not None and base is not None  # repeat >= 1
             d, d0 = best.devices[0], base.devices[0]
             n = d["tx_frames"] - d0["tx_frames"]
             if n <= 0:
                 raise CpuvirtError(f"net-bench: no frame went through under {mode}, backend {backend}")
-            per = lambda key, d=d, d0=d0, n=n: (d[key] - d0[key]) / n if key in d else None     # noqa: E731
+            per = lambda key, d=d, d0=d0, n=n: (d[key] - d0[key]) / n if key in d else None  # noqa: E731
             us = (best.wall_s - base.wall_s) / n * 1e6
-            if us <= 0:                              # lost in the noise: too few frames for host time
+            if us <= 0:  # lost in the noise: too few frames for host time
                 us = float("nan")
             line = copies = suppressed = None
             copies, suppressed = per("copies"), per("interrupts_suppressed")
@@ -165,12 +197,24 @@ def measure(modes, backends, frames: int, repeat: int, cachelines: bool, progres
                 step(f"{mode} {backend} (cache lines, baseline)")
                 line = _lines(c, c0)[2]
                 cd, cd0 = c.devices[0], c0.devices[0]
-                if copies is None and "copies" in cd:             # vhost-user: the backend process reports
+                if copies is None and "copies" in cd:  # vhost-user: the backend process reports
                     copies = (cd["copies"] - cd0["copies"]) / n
                     suppressed = (cd["interrupts_suppressed"] - cd0["interrupts_suppressed"]) / n
-            rows.append(Row(mode, backend, n, (_exits(best, mode) - _exits(base, mode)) / n, copies,
-                            per("notifications"), per("interrupts"), suppressed, None if us != us else us,
-                            None if us != us else 1e6 / us, line))
+            rows.append(
+                Row(
+                    mode,
+                    backend,
+                    n,
+                    (_exits(best, mode) - _exits(base, mode)) / n,
+                    copies,
+                    per("notifications"),
+                    per("interrupts"),
+                    suppressed,
+                    None if us != us else us,
+                    None if us != us else 1e6 / us,
+                    line,
+                )
+            )
     if cachelines:
         for backend in backends:
             for name, options in VARIANTS:
@@ -180,9 +224,20 @@ def measure(modes, backends, frames: int, repeat: int, cachelines: bool, progres
                 step(f"cache lines: {options} (baseline)")
                 n, to_driver, total, to_device = _lines(c, c0, split=True)
                 d, d0 = c.devices[0], c0.devices[0]
-                per = lambda key, d=d, d0=d0, n=n: (d[key] - d0[key]) / n        # noqa: E731
-                lines.append(LineRow(name, backend, n, per("notifications"), per("interrupts"),
-                                     per("interrupts_suppressed"), to_driver, to_device, total))
+                per = lambda key, d=d, d0=d0, n=n: (d[key] - d0[key]) / n  # noqa: E731
+                lines.append(
+                    LineRow(
+                        name,
+                        backend,
+                        n,
+                        per("notifications"),
+                        per("interrupts"),
+                        per("interrupts_suppressed"),
+                        to_driver,
+                        to_device,
+                        total,
+                    )
+                )
     return rows, lines
 
 
@@ -199,33 +254,45 @@ def _fmt(value, spec: str) -> str:
 
 
 def table(rows, lines, frames: int) -> str:
-    out = [f"netdemo: ARP, ping and a burst of {frames} frames, one kick each, echoed by a loopback peer; "
-           "per frame, initialisation subtracted",
-           f"{'mode':<7} {'backend':<11} {'exits':>6} {'copies':>6} {'kicks':>6} {'irqs':>6} {'suppr':>6} "
-           f"{'host us':>8} {'frames/s':>9} {'lines':>6}"]
+    out = [
+        f"netdemo: ARP, ping and a burst of {frames} frames, one kick each, echoed by a loopback peer; "
+        "per frame, initialisation subtracted",
+        f"{'mode':<7} {'backend':<11} {'exits':>6} {'copies':>6} {'kicks':>6} {'irqs':>6} {'suppr':>6} "
+        f"{'host us':>8} {'frames/s':>9} {'lines':>6}",
+    ]
     for r in rows:
         if r.note:
             out.append(f"{r.mode:<7} {r.backend:<11} {r.note}")
             continue
-        out.append(f"{r.mode:<7} {r.backend:<11} {r.exits:>6.2f} {_fmt(r.copies, '6.2f'):>6} {r.kicks:>6.2f} "
-                   f"{r.interrupts:>6.2f} {_fmt(r.suppressed, '6.2f'):>6} {_fmt(r.host_us, '8.1f'):>8} "
-                   f"{_fmt(r.frames_per_s, '9.0f'):>9} "
-                   f"{_fmt(r.cachelines, '6.2f'):>6}")
-    out.append("vhost-user: copies, suppressions and the backend's ring lines as its process reports them "
-               "(measured in the cache-line runs; '-' with --no-cachelines)")
+        out.append(
+            f"{r.mode:<7} {r.backend:<11} {r.exits:>6.2f} {_fmt(r.copies, '6.2f'):>6} {r.kicks:>6.2f} "
+            f"{r.interrupts:>6.2f} {_fmt(r.suppressed, '6.2f'):>6} {_fmt(r.host_us, '8.1f'):>8} "
+            f"{_fmt(r.frames_per_s, '9.0f'):>9} "
+            f"{_fmt(r.cachelines, '6.2f'):>6}"
+        )
+    out.append(
+        "vhost-user: copies, suppressions and the backend's ring lines as its process reports them "
+        "(measured in the cache-line runs; '-' with --no-cachelines)"
+    )
     if lines:
-        out += ["", "ring variants, per frame (native): kicks, interrupts, EVENT_IDX suppressions, and cache-line "
-                "transfers (64-byte ring lines between the driver's and the backend's CPU)",
-                f"{'ring':<36} {'backend':<11} {'kicks':>6} {'irqs':>6} {'suppr':>6} {'to driver':>9} "
-                f"{'to device':>9} {'lines':>6}"]
+        out += [
+            "",
+            "ring variants, per frame (native): kicks, interrupts, EVENT_IDX suppressions, and cache-line "
+            "transfers (64-byte ring lines between the driver's and the backend's CPU)",
+            f"{'ring':<36} {'backend':<11} {'kicks':>6} {'irqs':>6} {'suppr':>6} {'to driver':>9} "
+            f"{'to device':>9} {'lines':>6}",
+        ]
         for x in lines:
-            out.append(f"{x.variant:<36} {x.backend:<11} {x.kicks:>6.2f} {x.interrupts:>6.2f} {x.suppressed:>6.2f} "
-                       f"{x.to_driver:>9.2f} {x.to_device:>9.2f} {x.total:>6.2f}")
+            out.append(
+                f"{x.variant:<36} {x.backend:<11} {x.kicks:>6.2f} {x.interrupts:>6.2f} {x.suppressed:>6.2f} "
+                f"{x.to_driver:>9.2f} {x.to_device:>9.2f} {x.total:>6.2f}"
+            )
     return "\n".join(out)
 
 
 def main(modes: str, backends: str, frames: int, repeat: int, as_json: bool, cachelines: bool) -> int:
     from cpuvirt.modes import MODES
+
     mode_list = [m for m in modes.split(",") if m]
     backend_list = [b for b in backends.split(",") if b]
     for m in mode_list:
@@ -248,9 +315,18 @@ def main(modes: str, backends: str, frames: int, repeat: int, as_json: bool, cac
     finally:
         progress.close()
     if as_json:
-        print(json.dumps({"workload": "netdemo bench single, loopback peer, one kick per frame", "frames": frames,
-                          "repeat": repeat, "rows": [asdict(r) for r in rows],
-                          "cachelines": [asdict(x) for x in lines]}, indent=1))
+        print(
+            json.dumps(
+                {
+                    "workload": "netdemo bench single, loopback peer, one kick per frame",
+                    "frames": frames,
+                    "repeat": repeat,
+                    "rows": [asdict(r) for r in rows],
+                    "cachelines": [asdict(x) for x in lines],
+                },
+                indent=1,
+            )
+        )
     else:
         print(table(rows, lines, frames))
     return 0

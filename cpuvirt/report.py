@@ -5,6 +5,7 @@ cycles per mode (by event kind), a timeline of each run's events over its instru
 nanobench table when asked (--bench N). Plots are drawn by matplotlib's SVG backend and inlined, the
 style is inline too: the file opens with no network and no other file.
 """
+
 from __future__ import annotations
 
 import html
@@ -32,8 +33,9 @@ def _plt():
         raise CpuvirtError("report needs matplotlib (pip install matplotlib)") from None
     matplotlib.use("svg")
     import matplotlib.pyplot as plt
-    plt.rcParams["svg.fonttype"] = "none"         # text stays text: smaller, searchable
-    plt.rcParams["svg.hashsalt"] = "cpuvirt"       # stable ids: the same run gives the same file
+
+    plt.rcParams["svg.fonttype"] = "none"  # text stays text: smaller, searchable
+    plt.rcParams["svg.hashsalt"] = "cpuvirt"  # stable ids: the same run gives the same file
     return plt
 
 
@@ -42,14 +44,15 @@ def _svg(fig) -> str:
     fig.savefig(buf, format="svg", bbox_inches="tight", metadata={"Date": None})
     _plt().close(fig)
     text = buf.getvalue()
-    return text[text.index("<svg"):]               # drop the XML prolog and doctype: inline SVG
+    return text[text.index("<svg") :]  # drop the XML prolog and doctype: inline SVG
 
 
 def events_by_reason_plot(cols) -> str:
     plt = _plt()
     ran = [c for c in cols if c.ran and c.trace is not None]
-    per = {c.label: Counter(f"{e['kind']}:{e['reason']}" for e in c.trace.events if e["kind"] != "translate")
-           for c in ran}
+    per = {
+        c.label: Counter(f"{e['kind']}:{e['reason']}" for e in c.trace.events if e["kind"] != "translate") for c in ran
+    }
     total: Counter[str] = Counter()
     for cnt in per.values():
         total.update(cnt)
@@ -99,7 +102,7 @@ def timeline_plot(cols) -> str:
                 if e["kind"] == k:
                     xs.append(e["icount"])
                     ys.append(i)
-        ax.scatter(xs, ys, s=6, marker="|", label=k, rasterized=True)   # thousands of marks: one image
+        ax.scatter(xs, ys, s=6, marker="|", label=k, rasterized=True)  # thousands of marks: one image
     ax.set_yticks(range(len(ran)), [c.label for c in ran])
     ax.invert_yaxis()
     ax.set_xlabel("instructions retired")
@@ -115,7 +118,7 @@ def _table(head: list[str], rows: list[list], classes: list[list[str]] | None = 
         for j, v in enumerate(r):
             cls = classes[i][j] if classes else ("num" if isinstance(v, (int, float)) else "")
             text = f"{v:,}" if isinstance(v, int) else (f"{v:,.1f}" if isinstance(v, float) else str(v))
-            cells.append(f"<td class=\"{cls}\">{html.escape(text)}</td>")
+            cells.append(f'<td class="{cls}">{html.escape(text)}</td>')
         out.append("<tr>" + "".join(cells) + "</tr>")
     out.append("</tbody></table>")
     return "\n".join(out)
@@ -124,14 +127,17 @@ def _table(head: list[str], rows: list[list], classes: list[list[str]] | None = 
 def render(guest: str, cols, sites, summary, bench: dict | None = None, bench_specs=None) -> str:
     from cpuvirt import __version__
     from cpuvirt.trace.compare import _diff
+
     ref = next((c for c in cols if c.ran), None)
-    parts = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>cpuvirt report: "
-             f"{html.escape(guest)}</title><style>{_STYLE}</style></head><body>",
-             f"<h1>cpuvirt report: <code>{html.escape(guest)}</code> under "
-             f"{html.escape(', '.join(c.label for c in cols))}</h1>",
-             f"<p class=\"note\">cpuvirt {__version__}. Modelled cycles are an accounting view (instructions "
-             f"plus a published cost per event); the guest's own clock is the same in every mode.</p>"]
-    parts.append("<section id=\"summary\"><h2>Summary</h2>")
+    parts = [
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>cpuvirt report: '
+        f"{html.escape(guest)}</title><style>{_STYLE}</style></head><body>",
+        f"<h1>cpuvirt report: <code>{html.escape(guest)}</code> under "
+        f"{html.escape(', '.join(c.label for c in cols))}</h1>",
+        f'<p class="note">cpuvirt {__version__}. Modelled cycles are an accounting view (instructions '
+        f"plus a published cost per event); the guest's own clock is the same in every mode.</p>",
+    ]
+    parts.append('<section id="summary"><h2>Summary</h2>')
     rows, classes = [], []
     for r in summary:
         if not r["ran"]:
@@ -139,41 +145,67 @@ def render(guest: str, cols, sites, summary, bench: dict | None = None, bench_sp
             classes.append(["", "notrun", "", "", "", "", ""])
             continue
         shares = ", ".join(f"{k} {v:.0%}" for k, v in r["shares"].items() if v >= 0.005)
-        rows.append([r["run"], f"{r['outcome']} {r['status']}", f"{r.get('pass', '-')}/{r.get('fail', '-')}",
-                     r["console"], r["instructions"], r["modelled_cycles"], shares])
+        rows.append(
+            [
+                r["run"],
+                f"{r['outcome']} {r['status']}",
+                f"{r.get('pass', '-')}/{r.get('fail', '-')}",
+                r["console"],
+                r["instructions"],
+                r["modelled_cycles"],
+                shares,
+            ]
+        )
         classes.append(["", "", "", "wrong" if r["console"] == "differs" else "", "num", "num", ""])
-    parts.append(_table(["run", "outcome", "PASS/FAIL", "console", "instructions", "modelled cycles",
-                         "modelled cycles by kind"], rows, classes))
+    parts.append(
+        _table(
+            ["run", "outcome", "PASS/FAIL", "console", "instructions", "modelled cycles", "modelled cycles by kind"],
+            rows,
+            classes,
+        )
+    )
     for c in cols:
         if c.ran and ref is not None and c is not ref and c.console is not None and c.console != ref.console:
-            parts.append(f"<p>Console of {html.escape(c.label)} against {html.escape(ref.label)}:</p><pre>"
-                         + html.escape("\n".join(_diff(ref, c, 40))) + "</pre>")
+            parts.append(
+                f"<p>Console of {html.escape(c.label)} against {html.escape(ref.label)}:</p><pre>"
+                + html.escape("\n".join(_diff(ref, c, 40)))
+                + "</pre>"
+            )
     parts.append("</section>")
-    parts.append("<section id=\"plots\"><h2>Events and modelled cycles</h2>")
-    parts.append(f"<figure id=\"events-by-reason\">{events_by_reason_plot(cols)}</figure>")
-    parts.append(f"<figure id=\"modelled-cycles\">{modelled_cycles_plot(cols)}</figure>")
-    parts.append(f"<figure id=\"timeline\">{timeline_plot(cols)}</figure></section>")
-    parts.append("<section id=\"sites\"><h2>Sites</h2><p class=\"note\">Every place a technique acted, and the "
-                 "sensitive instructions the runs executed; WRONG marks a hole the guest's own checks caught.</p>")
+    parts.append('<section id="plots"><h2>Events and modelled cycles</h2>')
+    parts.append(f'<figure id="events-by-reason">{events_by_reason_plot(cols)}</figure>')
+    parts.append(f'<figure id="modelled-cycles">{modelled_cycles_plot(cols)}</figure>')
+    parts.append(f'<figure id="timeline">{timeline_plot(cols)}</figure></section>')
+    parts.append(
+        '<section id="sites"><h2>Sites</h2><p class="note">Every place a technique acted, and the '
+        "sensitive instructions the runs executed; WRONG marks a hole the guest's own checks caught.</p>"
+    )
     rows, classes = [], []
     for s in sites:
         row = [s.where, s.symbol, s.insn, s.klass or ""] + [cell[0] for cell in s.cells]
-        cls = ["", "", "", ""] + ["wrong" if "WRONG" in cell[0] else "event" if cell[1] else
-                                  "notrun" if cell[0] == "not run" else "" for cell in s.cells]
+        cls = ["", "", "", ""] + [
+            "wrong" if "WRONG" in cell[0] else "event" if cell[1] else "notrun" if cell[0] == "not run" else ""
+            for cell in s.cells
+        ]
         rows.append(row)
         classes.append(cls)
     parts.append(_table(["where", "symbol", "instruction", "class"] + [c.label for c in cols], rows, classes))
     parts.append("</section>")
     if bench is not None:
-        parts.append("<section id=\"nanobench\"><h2>Nanobenchmarks (modelled cycles per operation)</h2>")
+        parts.append('<section id="nanobench"><h2>Nanobenchmarks (modelled cycles per operation)</h2>')
         from cpuvirt.nanobench import OPS, PAPER
+
         shown = [s.label for s in bench_specs if s.label in bench["modes"]]
         rows = []
         for op in OPS:
-            rows.append([op] + [bench["modes"][m].get(op, {}).get("modelled_cycles", 0.0) for m in shown]
-                        + [" / ".join(str(v) for v in PAPER[op]) if op in PAPER else ""])
+            rows.append(
+                [op]
+                + [bench["modes"][m].get(op, {}).get("modelled_cycles", 0.0) for m in shown]
+                + [" / ".join(str(v) for v in PAPER[op]) if op in PAPER else ""]
+            )
         parts.append(_table(["op"] + shown + ["paper: native / BT / VT-x"], rows))
-        parts.append(f"<p class=\"note\">{bench['n']} iterations per operation, {bench['cost_table']} cost table."
-                     "</p></section>")
+        parts.append(
+            f'<p class="note">{bench["n"]} iterations per operation, {bench["cost_table"]} cost table.</p></section>'
+        )
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"

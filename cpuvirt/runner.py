@@ -1,4 +1,5 @@
 """One run of one guest under one mode: load, boot, run, summarise. Used by the CLI and the tests."""
+
 from __future__ import annotations
 
 import contextlib
@@ -30,15 +31,19 @@ from cpuvirt.modes import get_mode
 from cpuvirt.modes.base import Mode
 from cpuvirt.trace.format import TraceWriter
 
-BOOT_GDT_GPA = 0x500   # BIOS data area: free at Multiboot entry, below anything a loader places
+BOOT_GDT_GPA = 0x500  # BIOS data area: free at Multiboot entry, below anything a loader places
 DEFAULT_MAX_INSNS = 1_000_000_000
-_PCI_ACTIONS = {"CONFIG_READ": "configuration space read", "CONFIG_WRITE": "configuration space written",
-                "BAR_MAPPED": "the BAR decodes here: the device's registers moved", "BAR_CONFLICT": "not decoded"}
+_PCI_ACTIONS = {
+    "CONFIG_READ": "configuration space read",
+    "CONFIG_WRITE": "configuration space written",
+    "BAR_MAPPED": "the BAR decodes here: the device's registers moved",
+    "BAR_CONFLICT": "not decoded",
+}
 # RunResult.console keeps the first CONSOLE_HEAD and the last CONSOLE_TAIL bytes the guest wrote
 # (docs/security.md, "Bounds"); all of it is streamed to the `console` callback as it is written.
 CONSOLE_HEAD = 64 << 10
 CONSOLE_TAIL = 1 << 20
-INPUT_CHUNK = 4096           # --input FILE is read this much at a time, as the guest takes it
+INPUT_CHUNK = 4096  # --input FILE is read this much at a time, as the guest takes it
 
 
 @dataclass
@@ -58,16 +63,22 @@ class RunResult:
     unhandled_ports: list = field(default_factory=list)
     exit_stats: list = field(default_factory=list)
     devices: list = field(default_factory=list)
-    tally: dict = field(default_factory=dict)      # events for the cost model (cpuvirt/costs)
-    console_dropped: int = 0     # bytes written between the kept head and tail (not in `console`)
-    warnings: list = field(default_factory=list)   # the loader's (image.warnings): shown in the summary
+    tally: dict = field(default_factory=dict)  # events for the cost model (cpuvirt/costs)
+    console_dropped: int = 0  # bytes written between the kept head and tail (not in `console`)
+    warnings: list = field(default_factory=list)  # the loader's (image.warnings): shown in the summary
 
 
 def _device_summary(transport) -> dict:
     """What a device did in the run (the CLI prints it in the summary)."""
     dev = transport.device
-    return {"name": dev.name, "slot": transport.slot, "mac": ":".join(f"{b:02x}" for b in dev.mac),
-            "reset_name": getattr(dev, "reset_name", "DEVICE_NEEDS_RESET"), **transport.counters, **dev.counters}
+    return {
+        "name": dev.name,
+        "slot": transport.slot,
+        "mac": ":".join(f"{b:02x}" for b in dev.mac),
+        "reset_name": getattr(dev, "reset_name", "DEVICE_NEEDS_RESET"),
+        **transport.counters,
+        **dev.counters,
+    }
 
 
 class SigintStop:
@@ -95,7 +106,7 @@ class SigintStop:
     def _watch(self, r: int) -> None:
         while True:
             data = os.read(r, 64)
-            if not data or data == b"\xff":       # closed, or told to go: the run is over
+            if not data or data == b"\xff":  # closed, or told to go: the run is over
                 return
             if signal.SIGINT in data:
                 if self.vcpu is None:
@@ -137,7 +148,7 @@ class ConsoleRecord:
     def append(self, byte: int) -> None:
         buf = self.buf
         buf.append(byte)
-        if len(buf) > CONSOLE_HEAD + 2 * CONSOLE_TAIL:      # amortized: one cut per CONSOLE_TAIL bytes
+        if len(buf) > CONSOLE_HEAD + 2 * CONSOLE_TAIL:  # amortized: one cut per CONSOLE_TAIL bytes
             cut = len(buf) - CONSOLE_TAIL
             self.dropped += cut - CONSOLE_HEAD
             del buf[CONSOLE_HEAD:cut]
@@ -146,7 +157,7 @@ class ConsoleRecord:
         buf = self.buf
         if self.dropped and len(buf) > CONSOLE_HEAD + CONSOLE_TAIL:
             self.dropped += len(buf) - CONSOLE_HEAD - CONSOLE_TAIL
-            del buf[CONSOLE_HEAD:len(buf) - CONSOLE_TAIL]
+            del buf[CONSOLE_HEAD : len(buf) - CONSOLE_TAIL]
         return bytes(buf)
 
 
@@ -172,15 +183,18 @@ def resolve_guest(guest: str, mode: str, mem_bytes: int = MAX_MEM_MIB << 20) -> 
     image file larger than guest RAM is refused without being read."""
     if guest.endswith(".S"):
         from cpuvirt.toolchain.build import build_source
+
         return os.path.basename(guest), build_source(guest, pv=(mode == "para"))
     if os.sep in guest or guest.endswith((".elf", ".bin", ".img")) or os.path.exists(guest):
         return os.path.basename(guest), read_input(guest, mem_bytes, guest)
     from cpuvirt.toolchain.build import build_guest
+
     return guest, build_guest(guest, pv=(mode == "para"))
 
 
-def load_modules(modules: Sequence[tuple[str, str | None]],
-                 mem_bytes: int = MAX_MEM_MIB << 20) -> list[tuple[bytes, str]]:
+def load_modules(
+    modules: Sequence[tuple[str, str | None]], mem_bytes: int = MAX_MEM_MIB << 20
+) -> list[tuple[bytes, str]]:
     """Read each Multiboot module: [(contents, module string)]; a file that cannot be read, or that
     (with the modules before it) cannot fit in guest RAM, is a CpuvirtError naming it, and a file
     too large is never read."""
@@ -193,13 +207,27 @@ def load_modules(modules: Sequence[tuple[str, str | None]],
     return loaded
 
 
-def run_guest(guest: str, mode: str = "native", mem_mib: int = 32, max_insns: int = DEFAULT_MAX_INSNS,
-              trace_path: str | None = None, console=None, cmdline: str = "",
-              mode_options: dict | None = None, modules: Sequence[tuple[str, str | None]] = (),
-              verbose_trace: bool = False, devices: Sequence = (), pcap_path: str | None = None,
-              on_start=None, input_data: bytes | None = None, input_prompt: bytes | None = None,
-              input_terminal: int | None = None, rtc_base=None, input_more=None,
-              input_file: str | None = None) -> RunResult:
+def run_guest(
+    guest: str,
+    mode: str = "native",
+    mem_mib: int = 32,
+    max_insns: int = DEFAULT_MAX_INSNS,
+    trace_path: str | None = None,
+    console=None,
+    cmdline: str = "",
+    mode_options: dict | None = None,
+    modules: Sequence[tuple[str, str | None]] = (),
+    verbose_trace: bool = False,
+    devices: Sequence = (),
+    pcap_path: str | None = None,
+    on_start=None,
+    input_data: bytes | None = None,
+    input_prompt: bytes | None = None,
+    input_terminal: int | None = None,
+    rtc_base=None,
+    input_more=None,
+    input_file: str | None = None,
+) -> RunResult:
     """One run. `mode_options` go to the mode (hw: vmx=[NAME=VALUE...], ept=bool, dump_on=callback).
 
     `devices` are PCI devices (virtio/setup.py DeviceSpec) in slot order; `pcap_path` captures their frames.
@@ -224,8 +252,10 @@ def run_guest(guest: str, mode: str = "native", mem_mib: int = 32, max_insns: in
     if mode == "para" and any(getattr(d, "backend", "") == "vhost-user" for d in devices):
         # The backend process writes guest RAM behind the hypervisor: it cannot honour direct
         # paging's typed frames (a receive buffer over a page table would be written unvalidated).
-        raise CpuvirtError("--device ...,backend=vhost-user is refused in para mode: the backend process would "
-                           "write guest frames direct paging has typed (page tables) without validation")
+        raise CpuvirtError(
+            "--device ...,backend=vhost-user is refused in para mode: the backend process would "
+            "write guest frames direct paging has typed (page tables) without validation"
+        )
     if not MIN_MEM_MIB <= mem_mib <= MAX_MEM_MIB:
         raise CpuvirtError(f"--mem must be between {MIN_MEM_MIB} and {MAX_MEM_MIB} MiB (got {mem_mib})")
     name, data = resolve_guest(guest, mode, mem_mib << 20)
@@ -248,7 +278,7 @@ def run_guest(guest: str, mode: str = "native", mem_mib: int = 32, max_insns: in
             source[0].console_output(byte)
 
     stack = contextlib.ExitStack()
-    sigint = stack.enter_context(SigintStop().installed())   # from here on Ctrl-C is an outcome
+    sigint = stack.enter_context(SigintStop().installed())  # from here on Ctrl-C is an outcome
     try:
         trace_file = open(trace_path, "w", encoding="utf-8") if trace_path else None
     except OSError as e:
@@ -268,11 +298,17 @@ def run_guest(guest: str, mode: str = "native", mem_mib: int = 32, max_insns: in
     try:
         trace = None
         extra = {} if rtc_base is None else {"rtc_base": rtc_base}
-        machine = Machine(mem_mib, on_console=on_console, on_exit=None, on_unhandled_io=None,
-                          shared_ram=any(getattr(d, "backend", "") == "vhost-user" for d in devices), **extra)
+        machine = Machine(
+            mem_mib,
+            on_console=on_console,
+            on_exit=None,
+            on_unhandled_io=None,
+            shared_ram=any(getattr(d, "backend", "") == "vhost-user" for d in devices),
+            **extra,
+        )
         hv: Mode = mode_cls(machine, trace=None, max_insns=max_insns, **(mode_options or {}))
         if verbose_trace and hv.shadow is not None:
-            hv.shadow.verbose = True        # shadow paging: hidden faults become trace events
+            hv.shadow.verbose = True  # shadow paging: hidden faults become trace events
         if trace_file:
             options = {"mem_mib": mem_mib, "max_insns": max_insns, "cmdline": cmdline}
             if modules:
@@ -286,34 +322,53 @@ def run_guest(guest: str, mode: str = "native", mem_mib: int = 32, max_insns: in
 
         def on_exit(value: int) -> None:
             exit_value.append(value)
-            vcpu.record("io", "DEBUG_EXIT", None, vcpu.io_site()[0], {"port": "0xf4", "value": value},
-                        "machine powered off")
+            vcpu.record(
+                "io", "DEBUG_EXIT", None, vcpu.io_site()[0], {"port": "0xf4", "value": value}, "machine powered off"
+            )
             vcpu.finish("exit", value)
 
         def on_unhandled(port, size, is_write, value) -> None:
             unhandled.append(port)
             eip = vcpu.io_site()[0]
-            vcpu.record("unhandled_io", "OUT" if is_write else "IN", None, eip,
-                        {"port": f"{port:#x}", "size": size}, "ignored (reads all-ones); reported once per port")
+            vcpu.record(
+                "unhandled_io",
+                "OUT" if is_write else "IN",
+                None,
+                eip,
+                {"port": f"{port:#x}", "size": size},
+                "ignored (reads all-ones); reported once per port",
+            )
 
         machine.debug_exit.on_exit = on_exit
         machine.on_reset = lambda why: vcpu.finish(
-            "reset", status.TRIPLE_FAULT, f"the guest reset the machine ({why}); QEMU with -no-reboot powers off here")
+            "reset", status.TRIPLE_FAULT, f"the guest reset the machine ({why}); QEMU with -no-reboot powers off here"
+        )
         machine.bus.on_unhandled = on_unhandled
         machine.mmu.on_unbacked = lambda gpa: vcpu.record(
-            "unbacked_memory", "UNBACKED", None, vcpu.regs.read(R.EIP), {"gpa": f"{gpa:#x}"},
-            "reads all-ones, writes dropped; reported once per page")
+            "unbacked_memory",
+            "UNBACKED",
+            None,
+            vcpu.regs.read(R.EIP),
+            {"gpa": f"{gpa:#x}"},
+            "reads all-ones, writes dropped; reported once per page",
+        )
         mmio_sites = MmioSites(machine.mmu, machine.regs, machine.clock)
 
         event_counts = vcpu.counts
 
         def on_mmio(gpa, size, is_write, value) -> None:
             if vcpu.trace is None:
-                event_counts["mmio"] += 1    # the hot path of untraced runs: no event to build
+                event_counts["mmio"] += 1  # the hot path of untraced runs: no event to build
                 return
             eip = mmio_sites.site(gpa, is_write)
-            vcpu.record("mmio", "WRITE" if is_write else "READ", None, eip,
-                        {"gpa": f"{gpa:#x}", "size": size, "value": f"{value:#x}"}, "emulated by the device model")
+            vcpu.record(
+                "mmio",
+                "WRITE" if is_write else "READ",
+                None,
+                eip,
+                {"gpa": f"{gpa:#x}", "size": size, "value": f"{value:#x}"},
+                "emulated by the device model",
+            )
 
         machine.mmio.on_access = on_mmio
 
@@ -330,20 +385,27 @@ def run_guest(guest: str, mode: str = "native", mem_mib: int = 32, max_insns: in
                 return mmio_sites.site(gpa, is_write, advance=False)
             return vcpu.regs.read(R.EIP) if timer else device_site()
 
-        attach_testdev(machine, devices)       # --device pc-testdev: a machine device, not PCI
+        attach_testdev(machine, devices)  # --device pc-testdev: a machine device, not PCI
         pci_devices = [d for d in devices if d.kind != TestdevSpec.kind]
-        if pci_devices or pcap_path:       # the virtio package only when asked for (start-up time)
+        if pci_devices or pcap_path:  # the virtio package only when asked for (start-up time)
             from cpuvirt.virtio.setup import attach_devices
+
             transports, pcap = attach_devices(
-                machine, pci_devices, lambda reason, detail, action, kind="virtio", mmio=None, timer=False: vcpu.record(
-                    kind, reason, None, device_event_site(mmio, timer), detail, action), pcap_path)
-        machine.pci.firmware_setup()          # as SeaBIOS leaves the bus, before the guest runs
+                machine,
+                pci_devices,
+                lambda reason, detail, action, kind="virtio", mmio=None, timer=False: vcpu.record(
+                    kind, reason, None, device_event_site(mmio, timer), detail, action
+                ),
+                pcap_path,
+            )
+        machine.pci.firmware_setup()  # as SeaBIOS leaves the bus, before the guest runs
         machine.pci.on_event = lambda reason, detail: vcpu.record(
-            "pci", reason, None, device_site(), detail, _PCI_ACTIONS.get(reason, "done"))
+            "pci", reason, None, device_site(), detail, _PCI_ACTIONS.get(reason, "done")
+        )
 
         for gpa, blob in machine.bios_tables():
             machine.write_gpa(gpa, blob)
-        for gpa, blob in boot.blobs:         # then the kernel over them, as QEMU's option ROM does
+        for gpa, blob in boot.blobs:  # then the kernel over them, as QEMU's option ROM does
             machine.write_gpa(gpa, blob)
         for gpa, blob in image.segments:
             machine.write_gpa(gpa, blob)
@@ -354,23 +416,31 @@ def run_guest(guest: str, mode: str = "native", mem_mib: int = 32, max_insns: in
         machine.regs.write(R.EBX, boot.address)
         if input_data is not None or input_terminal is not None or input_more is not None:
             from cpuvirt.machine.serial_input import ScriptedInput, TerminalInput
-            now = lambda: machine.clock.now       # noqa: E731
+
+            now = lambda: machine.clock.now  # noqa: E731
             src: TerminalInput | ScriptedInput
             if input_terminal is not None:
                 src = TerminalInput(input_terminal, machine.uart, now)
             else:
-                src = ScriptedInput(input_data or b"", machine.uart, now, prompt=input_prompt, more=input_more,
-                                    more_blocks=input_file is None)
+                src = ScriptedInput(
+                    input_data or b"",
+                    machine.uart,
+                    now,
+                    prompt=input_prompt,
+                    more=input_more,
+                    more_blocks=input_file is None,
+                )
                 src.on_finished = lambda: vcpu.finish(
-                    "input_end", 0, "the scripted input is consumed and the guest prompted again")
+                    "input_end", 0, "the scripted input is consumed and the guest prompted again"
+                )
             source.append(src)
             machine.attach_input(src)
-        hv.set_image(image, boot)     # para: its start pages go above the image and modules
+        hv.set_image(image, boot)  # para: its start pages go above the image and modules
         hv.boot()
         if on_start is not None:
             on_start(hv)
 
-        sigint.attach(vcpu)       # not before: a mode's boot may run the engine itself (para)
+        sigint.attach(vcpu)  # not before: a mode's boot may run the engine itself (para)
         t0 = time.perf_counter()
         outcome = hv.run(image.entry)
         wall = time.perf_counter() - t0
@@ -381,20 +451,37 @@ def run_guest(guest: str, mode: str = "native", mem_mib: int = 32, max_insns: in
         stats = hv.summary_stats()
         mmu_stats = machine.mmu.counters.as_dict()
         if hv.shadow is not None:
-            mmu_stats["shadow"] = hv.shadow.counters.as_dict()     # shadow paging's own counters
-        translation = hv.translation_stats()       # full: the translation cache's counters
+            mmu_stats["shadow"] = hv.shadow.counters.as_dict()  # shadow paging's own counters
+        translation = hv.translation_stats()  # full: the translation cache's counters
         if translation is not None:
             mmu_stats["translation"] = translation
         from cpuvirt.costs import tally_of
+
         kept = record.kept()
-        return RunResult(name, mode, outcome.kind, outcome.status, outcome.message, kept,
-                         machine.clock.instructions, machine.clock.now, counts, mmu_stats, wall, vga,
-                         unhandled, stats, [_device_summary(t) for t in transports], dict(tally_of(vcpu, machine.mmu)),
-                         record.dropped, list(image.warnings))
+        return RunResult(
+            name,
+            mode,
+            outcome.kind,
+            outcome.status,
+            outcome.message,
+            kept,
+            machine.clock.instructions,
+            machine.clock.now,
+            counts,
+            mmu_stats,
+            wall,
+            vga,
+            unhandled,
+            stats,
+            [_device_summary(t) for t in transports],
+            dict(tally_of(vcpu, machine.mmu)),
+            record.dropped,
+            list(image.warnings),
+        )
     finally:
         for t in transports:
             close = getattr(t.device, "close", None)
-            if close is not None:           # a vhost-user backend process is stopped with the run
+            if close is not None:  # a vhost-user backend process is stopped with the run
                 close()
         stack.close()
         if trace_file:

@@ -20,6 +20,7 @@ HYPERVISOR_STOP: the guest did something the hypervisor refuses or does not impl
 instruction in a non-PV guest under para, an MMIO instruction hw cannot emulate, an unsupported
 architectural feature, a failed VM entry); the summary says which, in one line.
 """
+
 from __future__ import annotations
 
 from enum import IntEnum
@@ -27,6 +28,7 @@ from enum import IntEnum
 
 class Status(IntEnum):
     """The exit statuses cpuvirt itself gives (table above); any other is the guest's own value."""
+
     INTERNAL_ERROR = 1
     BAD_INPUT = 2
     HYPERVISOR_STOP = 123
@@ -38,9 +40,15 @@ class Status(IntEnum):
 
 INTERNAL_ERROR, BAD_INPUT, HYPERVISOR_STOP, BUDGET, TRIPLE_FAULT, HALTED, INTERRUPTED = Status
 
-RESERVED = {INTERNAL_ERROR: "internal error", BAD_INPUT: "bad input", HYPERVISOR_STOP: "hypervisor stopped the guest",
-            BUDGET: "budget exhausted", TRIPLE_FAULT: "triple fault", HALTED: "halted forever",
-            INTERRUPTED: "interrupted"}
+RESERVED = {
+    INTERNAL_ERROR: "internal error",
+    BAD_INPUT: "bad input",
+    HYPERVISOR_STOP: "hypervisor stopped the guest",
+    BUDGET: "budget exhausted",
+    TRIPLE_FAULT: "triple fault",
+    HALTED: "halted forever",
+    INTERRUPTED: "interrupted",
+}
 
 
 class Unsupported(Exception):

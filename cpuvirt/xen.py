@@ -5,6 +5,7 @@ and serves the hypervisor's part of the address space) and mode para (modes/para
 them, so they sit on a floor below both. Values as in Xen's public headers: xen/include/public/errno.h
 (hypercalls return -errno), and arch-x86/xen-x86_32.h for the 32-bit non-PAE layout.
 """
+
 from __future__ import annotations
 
 # Error numbers (public/errno.h; the same values as Linux's).
@@ -13,5 +14,5 @@ EPERM, ENOENT, EFAULT, EBUSY, EEXIST, EINVAL, ENOSYS = 1, 2, 14, 16, 17, 22, 38
 # The hypervisor's part of every address space: linear addresses from here up belong to Xen (the top
 # 64 MiB for 32-bit non-PAE guests). cpuvirt shows the guest's GDT frames there, then its LDT frames.
 HYPERVISOR_VIRT_START = 0xFC000000
-GDT_WINDOW_FRAMES = 16                            # GDT frames at HYPERVISOR_VIRT_START (8192 descriptors)
-LDT_VIRT_START = HYPERVISOR_VIRT_START + (GDT_WINDOW_FRAMES << 12)   # then the LDT frames (16)
+GDT_WINDOW_FRAMES = 16  # GDT frames at HYPERVISOR_VIRT_START (8192 descriptors)
+LDT_VIRT_START = HYPERVISOR_VIRT_START + (GDT_WINDOW_FRAMES << 12)  # then the LDT frames (16)

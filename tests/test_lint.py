@@ -1,7 +1,7 @@
 """ruff over cpuvirt/ with the project's rules (pyproject.toml, [tool.ruff]): pyflakes' real bugs
-(undefined names, unused imports), bugbear's traps, import order and width; and mypy over the whole
-package ([tool.mypy] in pyproject.toml). Each is skipped where its tool is not installed (both are in the `test` extra, so
-CI has them)."""
+(undefined names, unused imports), bugbear's traps, import order and width, and `ruff format`'s layout;
+and mypy over the whole package ([tool.mypy] in pyproject.toml). Each is skipped where its tool is not
+installed (both are in the `test` extra, so CI has them)."""
 from __future__ import annotations
 
 import shutil
@@ -16,6 +16,13 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.mark.skipif(shutil.which("ruff") is None, reason="ruff is not installed (pip install ruff)")
 def test_ruff_check_is_clean():
     p = subprocess.run(["ruff", "check", "--no-cache", "cpuvirt"], cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout + p.stderr
+
+
+@pytest.mark.skipif(shutil.which("ruff") is None, reason="ruff is not installed (pip install ruff)")
+def test_ruff_format_leaves_the_code_as_it_is():
+    """`ruff format` is the layout: run it before committing (`ruff format cpuvirt`)."""
+    p = subprocess.run(["ruff", "format", "--check", "--no-cache", "cpuvirt"], cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 0, p.stdout + p.stderr
 
 

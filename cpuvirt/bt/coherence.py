@@ -10,6 +10,7 @@ This is the mechanism, on the translation cache alone; when a block must go (whi
 virtual-CPU values it was made from, and what changed them) is the vCPU's bookkeeping, in
 modes/full/coherence.py.
 """
+
 from __future__ import annotations
 
 from cpuvirt.bt.tcache import Block, Site, TCache

@@ -21,6 +21,7 @@ Entering real mode keeps the segment registers' hidden parts (base, limit) as th
 real mode" (a segment loaded with a 4 GiB limit before PE is cleared) works; only the DPL of CS and
 SS, which is the engine's CPL, changes (0 in real mode, the kernel ring while PE = 1).
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -34,13 +35,13 @@ from cpuvirt.engine import regs as R
 from cpuvirt.engine.regs import _uclib
 from cpuvirt.x86.flags import CR0_PE, CR0_PG, CR0_WP, EFLAGS_IOPL
 
-if TYPE_CHECKING:       # a mixin: mypy reads its super() calls against the class it is mixed into
+if TYPE_CHECKING:  # a mixin: mypy reads its super() calls against the class it is mixed into
     from cpuvirt.cpu.deprivilege import DeprivilegedVcpu as _VcpuBase
 else:
     _VcpuBase = object
 
 REAL, PM16 = "real", "pm16"
-_CS, _SS = 1, 2                    # QEMU's R_CS, R_SS: indexes of env->segs
+_CS, _SS = 1, 2  # QEMU's R_CS, R_SS: indexes of env->segs
 _DPL = 3 << 13
 # The real-mode intercepts (cpu/intercept.py names): mov to/from CR and DR, lmsw, clts, rdmsr, wrmsr
 # (privileged: the engine would run them at its CPL 0 on its own state), and smsw (all of CR0 in a
@@ -48,8 +49,28 @@ _DPL = 3 << 13
 WANTED = frozenset(("mov", "lmsw", "clts", "rdmsr", "wrmsr", "smsw"))
 REAL_EMULATED = frozenset(("lmsw", "clts", "rdmsr", "wrmsr"))
 # What a #GP at ring 1 in PM16 code may be: a privileged instruction to emulate (as trap does).
-TRAPPED = frozenset(("cli", "sti", "hlt", "lgdt", "lidt", "lldt", "ltr", "invlpg", "clts", "lmsw",
-                     "wbinvd", "invd", "rdmsr", "wrmsr", "iretd", "ljmp", "lcall", "retf"))
+TRAPPED = frozenset(
+    (
+        "cli",
+        "sti",
+        "hlt",
+        "lgdt",
+        "lidt",
+        "lldt",
+        "ltr",
+        "invlpg",
+        "clts",
+        "lmsw",
+        "wbinvd",
+        "invd",
+        "rdmsr",
+        "wrmsr",
+        "iretd",
+        "ljmp",
+        "lcall",
+        "retf",
+    )
+)
 
 
 def trapped(mnem: str, ops: str) -> bool:
@@ -75,7 +96,7 @@ class Direct16:
 
     @property
     def supported(self) -> bool:
-        return self.vcpu._direct is not None    # segment caches writable (cpu/segcache.segs_offset)
+        return self.vcpu._direct is not None  # segment caches writable (cpu/segcache.segs_offset)
 
     # -- CR0 writes that change the mode ---------------------------------------------------------------
     def write_cr0(self, value: int) -> None:
@@ -91,7 +112,7 @@ class Direct16:
                     c.virtual_cpu.cr0 = old
                     raise
             c.virtual_cpu.cr0 = (value | 0x10) & 0xFFFFFFFF
-            c.regs.write(R.CR0, c.virtual_cpu.cr0)        # the engine runs real mode with the guest's CR0
+            c.regs.write(R.CR0, c.virtual_cpu.cr0)  # the engine runs real mode with the guest's CR0
         else:
             c.virtual_cpu.cr0 = (value | 0x10) & 0xFFFFFFFF
             self._leave_real()
@@ -106,11 +127,13 @@ class Direct16:
         if segs[_CS].flags >> 22 & 1:
             # 32-bit code in real mode: its `mov cr0` / `lmsw` could not be found by 16-bit decoding,
             # and one run natively at the engine's CPL 0 would enter protected mode at real ring 0.
-            raise Unsupported("the guest cleared CR0.PE in a 32-bit code segment (real mode is run under "
-                              "full only from a 16-bit code segment, as SDM Vol. 3A 9.9.2 prescribes)")
+            raise Unsupported(
+                "the guest cleared CR0.PE in a 32-bit code segment (real mode is run under "
+                "full only from a 16-bit code segment, as SDM Vol. 3A 9.9.2 prescribes)"
+            )
         c.regs.write(R.CR0, c.virtual_cpu.cr0)
         base, limit = c.virtual_cpu.idtr
-        regs.set_table(R.IDTR, (0, base, limit, 0))     # natively run sidt/lidt see the guest's
+        regs.set_table(R.IDTR, (0, base, limit, 0))  # natively run sidt/lidt see the guest's
         self._set_ring(0)
         flags = regs.read(R.EFLAGS)
         regs.write(R.EFLAGS, (flags & ~EFLAGS_IOPL) | (c.virtual_cpu.iopl << 12))
@@ -134,7 +157,7 @@ class Direct16:
         regs.write(R.CR0, self.hv_cr0)
         regs.set_table(R.IDTR, self.hv_idtr)
         self._set_ring(self.kernel_ring)
-        c.set_guest_eflags(c.guest_eflags())        # the real IOPL of the kernel ring
+        c.set_guest_eflags(c.guest_eflags())  # the real IOPL of the kernel ring
         self.state = PM16
         self.from_real = True
         self._changed()
@@ -168,7 +191,7 @@ class Direct16:
         c.left_block_at(linear)
         c.emulate_at(linear, d)
         if linear != eip and c.regs.read(R.EIP) == (linear + d[0]) & 0xFFFFFFFF:
-            c.regs.write(R.EIP, (eip + d[0]) & 0xFFFFFFFF)      # skipped: an offset in CS again
+            c.regs.write(R.EIP, (eip + d[0]) & 0xFFFFFFFF)  # skipped: an offset in CS again
         return True
 
     # -- the engine's CPL ---------------------------------------------------------------------------------
@@ -181,15 +204,15 @@ class Direct16:
         _uclib.uc_context_save(h, cptr)
         for i in (_CS, _SS):
             segs[i].flags = (segs[i].flags & ~_DPL) | ring << 13
-            segs[i].selector = (segs[i].selector & ~3) | ring   # RPL = CPL, as the checks expect
+            segs[i].selector = (segs[i].selector & ~3) | ring  # RPL = CPL, as the checks expect
         hflags.value = (hflags.value & ~3) | ring
         _uclib.uc_context_restore(h, cptr)
-        c._loaded.clear()                   # the caches are no longer what hv_load last wrote
+        c._loaded.clear()  # the caches are no longer what hv_load last wrote
 
     def _changed(self) -> None:
         c = self.vcpu
         self.transitions += 1
-        c._decoded.clear()                  # the same bytes decode otherwise in 16-bit code
+        c._decoded.clear()  # the same bytes decode otherwise in 16-bit code
         c.mmu.crs = None
         c._rtlb.clear()
         c.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
@@ -202,19 +225,19 @@ class RunsCode16(_VcpuBase):
 
     direct16: Direct16
 
-    CODE16 = True               # the core accepts 16-bit code segments (cpu/deprivilege.load_cs_ss)
+    CODE16 = True  # the core accepts 16-bit code segments (cpu/deprivilege.load_cs_ss)
     _cs16 = None
 
     def vcpl(self) -> int:
         d = self.direct16
         if d.state == REAL or (d.state == PM16 and d.from_real):
-            return 0                    # real mode has no CPL; PE set from it leaves CS at DPL 0
+            return 0  # real mode has no CPL; PE set from it leaves CS at DPL 0
         return super().vcpl()
 
     def write_cr(self, n: int, value: int) -> None:
         if n == 0 and self.direct16.supported and (not value & 1 or self.direct16.state == REAL):
             if value & (1 << 31) and not value & 1:
-                raise GuestFault(Vector.GP, 0)          # PG without PE
+                raise GuestFault(Vector.GP, 0)  # PG without PE
             self.direct16.write_cr0(value)
             return
         super().write_cr(n, value)
@@ -244,7 +267,7 @@ class RunsCode16(_VcpuBase):
             if self.direct16.state == REAL and (mnem in REAL_EMULATED or "cr" in ops or "dr" in ops):
                 self.emulate_at(address)
                 if self.direct16.state == REAL:
-                    self.regs.write(R.CR0, self.virtual_cpu.cr0)     # the engine runs real mode on the guest's CR0
+                    self.regs.write(R.CR0, self.virtual_cpu.cr0)  # the engine runs real mode on the guest's CR0
             return
         super().io_gate(address, size, mnem, ops)
 
@@ -254,6 +277,7 @@ class RunsCode16(_VcpuBase):
         if self.direct16.state is None:
             return super().memory_operand(eip)
         from cpuvirt.cpu.ssealign import operand_linear
+
         segs = self.engine_segments()
         code = self.mmu.fetch_bytes(eip, 15)
         addr = operand_linear(code, False, self.regs, segs.base) if segs is not None and code else None

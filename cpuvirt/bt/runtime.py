@@ -10,6 +10,7 @@ the hook (`hook_callout`) reads the slot's Site and:
   (guest registers, guest EIP), then continues at the translation of the new guest EIP.
 The engine is never stopped for any of these.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -38,8 +39,8 @@ class BtRuntime:
         self.on_callout: Callable[[Site], int | None] = _no_callout
         # callback(TranslateFault, guest_eip) -> False when the run stops
         self.on_fetch_fault: Callable[[TranslateFault, int], bool] | None = None
-        self.is_kernel = lambda: True   # is the guest now at virtual CPL 0 (its code runs translated)?
-        self.current: Site | None = None   # the Site being served (the hypervisor's view of "where")
+        self.is_kernel = lambda: True  # is the guest now at virtual CPL 0 (its code runs translated)?
+        self.current: Site | None = None  # the Site being served (the hypervisor's view of "where")
         self._hook = hooks.code(self.hook_callout, tc.base, tc.base + CALLOUT_SLOTS - 1)
 
     # -- guest EIP -> TC --------------------------------------------------------------------------------
@@ -71,7 +72,7 @@ class BtRuntime:
                 regs.write(R.EIP, eip)
                 if self.on_fetch_fault is None:
                     raise
-                if not self.on_fetch_fault(f, eip):   # delivers #PF: EIP is now the handler's (guest) EIP
+                if not self.on_fetch_fault(f, eip):  # delivers #PF: EIP is now the handler's (guest) EIP
                     return False
                 geip = None
 
@@ -87,7 +88,7 @@ class BtRuntime:
     def hook_callout(self, uc, address, _size, _data) -> None:
         site = self.tc.site_at(address)
         if site is None or not self.is_kernel():
-            return                      # guest user code at these linear addresses: not ours
+            return  # guest user code at these linear addresses: not ours
         self.current = site
         try:
             self._serve(site)
@@ -104,7 +105,7 @@ class BtRuntime:
             except TranslateFault as f:
                 self._fetch_fault(f, site.target)
                 return
-            if c.flushes == flushes:        # after a flush the jump that led here is gone
+            if c.flushes == flushes:  # after a flush the jump that led here is gone
                 c.chain_patches += 1
                 tc.patch_rel32(site.patch_at, dest)
             regs.write(R.EIP, dest)
@@ -129,7 +130,7 @@ class BtRuntime:
                 self.translator.fill_ic(site, target, dest)
                 if self.translator.should_widen(site):
                     c.widened += 1
-                    invalidate(tc, site.block)     # translated again, wide, when next reached
+                    invalidate(tc, site.block)  # translated again, wide, when next reached
             regs.write(R.EIP, dest)
             return
         # a sensitive instruction: the hypervisor emulates it (guest registers, guest EIP) and says

@@ -5,6 +5,7 @@ inline (rewritten in place, no hypervisor), callout (a jump into the hypervisor)
 branch, patched to jump straight to the target's translation once that exists). The block is shown as
 it stands after the run: chained jumps and filled inline caches are visible.
 """
+
 from __future__ import annotations
 
 from capstone import CS_ARCH_X86, CS_MODE_32, Cs
@@ -26,13 +27,16 @@ def describe_jump(tc, target: int) -> str:
     """What a jump inside the TC leads to: a callout slot, a block, or an inline-cache entry."""
     site = tc.site_at(target)
     if site is not None:
-        what = {"chain": f"chain callout: translate {site.target:#x} and patch this jump"
-                if site.target is not None else "chain callout",
-                "ret": "ret inline-cache miss: callout", "jmp_ind": "indirect jmp inline-cache miss: callout",
-                "call_ind": "indirect call inline-cache miss: callout",
-                "sensitive": f"callout: the hypervisor emulates `{site.insn.text}`" if site.insn else "callout",
-                "adaptive": f"adaptive callout: `{site.insn.text}` done by the hypervisor" if site.insn else "callout",
-                }.get(site.kind, site.kind)
+        what = {
+            "chain": f"chain callout: translate {site.target:#x} and patch this jump"
+            if site.target is not None
+            else "chain callout",
+            "ret": "ret inline-cache miss: callout",
+            "jmp_ind": "indirect jmp inline-cache miss: callout",
+            "call_ind": "indirect call inline-cache miss: callout",
+            "sensitive": f"callout: the hypervisor emulates `{site.insn.text}`" if site.insn else "callout",
+            "adaptive": f"adaptive callout: `{site.insn.text}` done by the hypervisor" if site.insn else "callout",
+        }.get(site.kind, site.kind)
         return f"-> {what}"
     b = tc.block_at(target)
     if b is not None and b.tc == target:
@@ -41,10 +45,13 @@ def describe_jump(tc, target: int) -> str:
 
 
 def format_block(tc, blk, tc_bytes) -> str:
-    lines = [f"guest {blk.geip:#010x}..{blk.gend:#010x}  ->  TC {blk.tc:#010x}..{blk.tc_end:#010x}"
-             f"  ({len([i for i in blk.insns if i.size])} guest instructions, {blk.tc_end - blk.tc} TC bytes"
-             + (f"; depends on {', '.join(sorted(blk.deps))}" if blk.deps else "")
-             + ("" if blk.alive else "; INVALIDATED") + ")"]
+    lines = [
+        f"guest {blk.geip:#010x}..{blk.gend:#010x}  ->  TC {blk.tc:#010x}..{blk.tc_end:#010x}"
+        f"  ({len([i for i in blk.insns if i.size])} guest instructions, {blk.tc_end - blk.tc} TC bytes"
+        + (f"; depends on {', '.join(sorted(blk.deps))}" if blk.deps else "")
+        + ("" if blk.alive else "; INVALIDATED")
+        + ")"
+    ]
     lines.append(f"  {'guest':<{W_GUEST}}  {'kind':<8} translation")
     for ins in blk.insns:
         left = f"{ins.geip:#010x}  {ins.text}" if ins.size else "(end of block: fall through)"
@@ -52,7 +59,7 @@ def format_block(tc, blk, tc_bytes) -> str:
         tcl = []
         for addr, _size, mnem, ops in _cs.disasm_lite(code, ins.tc):
             if mnem == "int3":
-                continue          # padding of empty inline-cache entries
+                continue  # padding of empty inline-cache entries
             text = f"{addr:#010x}  {mnem} {ops}".rstrip()
             if mnem.startswith("j"):
                 t = _target(ops)
@@ -73,10 +80,13 @@ def show(guest: str, mode, res, at: int | None = None, blocks: int = 3) -> str:
     (translated now if the run never reached it) or the first `blocks` blocks translated. The caller
     runs the guest (the `cpuvirt bt` command): the translator's floor never imports the runner."""
     from cpuvirt.bt.translate import TranslateFault
+
     vcpu = mode.vcpu
     tc = vcpu.tc
-    out = [f"{guest} under full: {res.outcome} (status {res.status}); "
-           + ", ".join(f"{k} {v}" for k, v in tc.counters.as_dict().items() if v)]
+    out = [
+        f"{guest} under full: {res.outcome} (status {res.status}); "
+        + ", ".join(f"{k} {v}" for k, v in tc.counters.as_dict().items() if v)
+    ]
     if at is not None:
         blk = tc.blocks.get(at)
         if blk is None:

@@ -11,6 +11,7 @@ TLB-fill hook keeps the guest out of it):
 Translated code is never read as data: chaining and inline caches are patched into the code itself
 (`patch`), which needs the engine's translation of the patched range dropped (ctl_remove_cache).
 """
+
 from __future__ import annotations
 
 import bisect
@@ -19,7 +20,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable
 
 CALLOUT_SLOTS = 0x10000
-TC_SIZE = 0x200000            # 2 MiB: slots + code
+TC_SIZE = 0x200000  # 2 MiB: slots + code
 INT3 = 0xCC
 
 
@@ -49,30 +50,31 @@ class Counters:
 
 class Insn:
     """One guest instruction and what it became."""
+
     __slots__ = ("geip", "size", "text", "kind", "tc", "tc_end", "esp_fix")
 
     def __init__(self, geip, size, text, kind):
         self.geip, self.size, self.text, self.kind = geip, size, text, kind
         self.tc = self.tc_end = 0
-        self.esp_fix: dict[int, int] = {}     # TC address inside the sequence -> ESP correction on a fault
+        self.esp_fix: dict[int, int] = {}  # TC address inside the sequence -> ESP correction on a fault
 
 
 class Block:
     """A translated unit: at most 12 guest instructions, or up to a terminator."""
-    __slots__ = ("geip", "gend", "tc", "tc_end", "insns", "frames", "source", "deps", "alive", "sites",
-                 "starts")
+
+    __slots__ = ("geip", "gend", "tc", "tc_end", "insns", "frames", "source", "deps", "alive", "sites", "starts")
 
     def __init__(self, geip):
         self.geip = geip
         self.gend = geip
         self.tc = self.tc_end = 0
         self.insns: list[Insn] = []
-        self.frames: set[int] = set()          # guest-physical frames the code came from
-        self.source: list[tuple[int, bytes]] = []   # (guest-physical address, bytes) translated from
-        self.deps: set[str] = set()            # virtual-CPU fields baked in as immediates
+        self.frames: set[int] = set()  # guest-physical frames the code came from
+        self.source: list[tuple[int, bytes]] = []  # (guest-physical address, bytes) translated from
+        self.deps: set[str] = set()  # virtual-CPU fields baked in as immediates
         self.alive = True
-        self.sites: list[int] = []             # callout slots owned
-        self.starts: dict[int, Insn] = {}      # TC address -> guest instruction starting there
+        self.sites: list[int] = []  # callout slots owned
+        self.starts: dict[int, Insn] = {}  # TC address -> guest instruction starting there
 
     def insn_at(self, tc_addr: int):
         """(Insn, esp correction) for a TC address inside this block, or (None, 0)."""
@@ -84,13 +86,26 @@ class Block:
 
 class Site:
     """A callout slot's meaning: `kind` and its arguments."""
-    __slots__ = ("kind", "block", "insn", "target", "patch_at", "ic", "hits", "ic_next", "ret_addr", "pop", "raw",
-                 "after_sti")
+
+    __slots__ = (
+        "kind",
+        "block",
+        "insn",
+        "target",
+        "patch_at",
+        "ic",
+        "hits",
+        "ic_next",
+        "ret_addr",
+        "pop",
+        "raw",
+        "after_sti",
+    )
 
     def __init__(self, kind, block=None, insn=None, target=None, patch_at=None):
         self.kind, self.block, self.insn, self.target, self.patch_at = kind, block, insn, target, patch_at
-        self.ic: list[int] = []      # TC addresses of inline-cache entries (indirect branches, ret)
-        self.hits: list[int] = []    # TC addresses of their hit stubs
+        self.ic: list[int] = []  # TC addresses of inline-cache entries (indirect branches, ret)
+        self.hits: list[int] = []  # TC addresses of their hit stubs
         self.ic_next = 0
         self.ret_addr = None
         self.pop = 0
@@ -102,9 +117,9 @@ class TCache:
     """Code memory plus the maps guest EIP -> block and TC address -> block."""
 
     def __init__(self, write, base: int, size: int = TC_SIZE, remove_cache=None):
-        self._write = write                   # write(linear TC address, bytes): to the TC's backing
-        self.remove_cache = remove_cache      # drop the engine's translations of [lo, hi)
-        self.on_flush: Callable[[], None] | None = None   # drop what the hypervisor keeps per translation
+        self._write = write  # write(linear TC address, bytes): to the TC's backing
+        self.remove_cache = remove_cache  # drop the engine's translations of [lo, hi)
+        self.on_flush: Callable[[], None] | None = None  # drop what the hypervisor keeps per translation
         self.base = base
         self.size = size
         self.code_base = base + CALLOUT_SLOTS
@@ -114,8 +129,8 @@ class TCache:
 
     def reset(self) -> None:
         self.next = self.code_base
-        self.blocks: dict[int, Block] = {}     # guest EIP -> live block
-        self.order: list[Block] = []           # by TC address (bump order)
+        self.blocks: dict[int, Block] = {}  # guest EIP -> live block
+        self.order: list[Block] = []  # by TC address (bump order)
         self.tc_starts: list[int] = []
         self.sites: list[Site | None] = []
         self._write(self.base, bytes([INT3]) * CALLOUT_SLOTS)
@@ -139,7 +154,7 @@ class TCache:
         used_hi = self.next
         self.reset()
         if self.on_flush is not None:
-            self.on_flush()          # bookkeeping per block goes with the blocks: bounded by the TC
+            self.on_flush()  # bookkeeping per block goes with the blocks: bounded by the TC
         if self.remove_cache is not None:
             # the callout slots always hold the same bytes: only code fragments are dropped
             self.remove_cache(self.code_base, used_hi)

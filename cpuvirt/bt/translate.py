@@ -16,6 +16,7 @@ branch, a callout) or the end of the guest page. Each guest instruction becomes 
   block records the field it depends on.
 - callout: everything else that is sensitive jumps to a callout slot; the hypervisor emulates it.
 """
+
 from __future__ import annotations
 
 import struct
@@ -27,10 +28,10 @@ from cpuvirt.bt.tcache import Block, Insn, Site, TCache
 
 MAX_INSNS = 12
 IC_ENTRIES = 4
-IC_WIDE = 16           # entries of a site widened after WIDEN_AFTER misses
+IC_WIDE = 16  # entries of a site widened after WIDEN_AFTER misses
 WIDEN_AFTER = 4 * IC_ENTRIES
-IC_CMP_SIZE = 12       # mov ecx, [esp + 4]; lea ecx, [ecx - G]; jecxz hit
-IC_HIT_SIZE = 13       # pop ecx; lea esp, [esp + k] | mov [esp], RET; jmp T
+IC_CMP_SIZE = 12  # mov ecx, [esp + 4]; lea ecx, [ecx - G]; jecxz hit
+IC_HIT_SIZE = 13  # pop ecx; lea esp, [esp + k] | mov [esp], RET; jmp T
 PREFIXES = frozenset(b"\x66\x67\xf2\xf3\x2e\x3e\x26\x36\x64\x65\xf0")
 IOPL_MASK = 0x3000
 
@@ -69,7 +70,7 @@ def _parse_modrm(b: bytes, i: int):
         dsize = 4
     else:
         dsize = 0
-    raw = b[i + n:i + n + dsize]
+    raw = b[i + n : i + n + dsize]
     disp = struct.unpack("<b", raw)[0] if dsize == 1 else (struct.unpack("<i", raw)[0] if dsize == 4 else 0)
     return mod, reg, rm, sib, disp, dsize, n + dsize
 
@@ -124,10 +125,10 @@ class Translator:
         self.tc = tc
         self.code = code
         self.cs = Cs(CS_ARCH_X86, CS_MODE_32)
-        self.adaptive: set[int] = set()        # guest EIPs retranslated as callouts (adaptive BT)
-        self.wide_ic: set[int] = set()         # guest EIPs whose inline cache has IC_WIDE entries
-        self.trace_translate: Callable[[Block], None] | None = None   # when translations are traced
-        self.on_block: Callable[[Block], None] | None = None          # for every new translation
+        self.adaptive: set[int] = set()  # guest EIPs retranslated as callouts (adaptive BT)
+        self.wide_ic: set[int] = set()  # guest EIPs whose inline cache has IC_WIDE entries
+        self.trace_translate: Callable[[Block], None] | None = None  # when translations are traced
+        self.on_block: Callable[[Block], None] | None = None  # for every new translation
         self._after_sti = False
 
     # -- the entry point ---------------------------------------------------------------------------------
@@ -144,15 +145,15 @@ class Translator:
         page_end = (geip | 0xFFF) + 1
         out = bytearray()
         tc_start = tc.next
-        pending: list[tuple[int, int, str]] = []     # (offset in out of a rel32, guest target, kind)
-        insns = self.cs.disasm_lite(data, geip)      # lazily: only up to the block's end is decoded
+        pending: list[tuple[int, int, str]] = []  # (offset in out of a rel32, guest target, kind)
+        insns = self.cs.disasm_lite(data, geip)  # lazily: only up to the block's end is decoded
         count = 0
         next_eip = geip
         terminated = False
         for addr, size, mnem, ops in insns:
             if count >= MAX_INSNS or (addr >= page_end and count):
                 break
-            raw = data[addr - geip:addr - geip + size]
+            raw = data[addr - geip : addr - geip + size]
             ins = Insn(addr, size, f"{mnem} {ops}".strip(), IDENT)
             ins.tc = tc_start + len(out)
             self._after_sti = bool(blk.insns) and blk.insns[-1].text == "sti"
@@ -192,7 +193,7 @@ class Translator:
             else:
                 dest = tc.new_site(Site("chain", blk, None, target, at))
                 blk.sites.append(dest)
-            out[off:off + 4] = _rel32(at + 4, dest)
+            out[off : off + 4] = _rel32(at + 4, dest)
         blk.tc = tc.emit(bytes(out))
         assert blk.tc == tc_start
         blk.tc_end = tc.next
@@ -204,8 +205,7 @@ class Translator:
         return blk
 
     # -- one guest instruction -----------------------------------------------------------------------------
-    def _one(self, blk, ins, raw: bytes, mnem: str, ops: str, out: bytearray, pending,
-             tc_start) -> bool | str:
+    def _one(self, blk, ins, raw: bytes, mnem: str, ops: str, out: bytearray, pending, tc_start) -> bool | str:
         """Append the translation of one instruction; True if it ends the block."""
         p = 0
         while p < len(raw) and raw[p] in PREFIXES:
@@ -217,6 +217,7 @@ class Translator:
         op = raw[p] if p < len(raw) else 0
         op2 = raw[p + 1] if p + 1 < len(raw) else None
         nxt = (ins.geip + ins.size) & 0xFFFFFFFF
+
         def here():
             return tc_start + len(out)
 
@@ -224,17 +225,23 @@ class Translator:
             return self._callout(blk, ins, raw, out, "adaptive")
         # -- direct control flow ------------------------------------------------------------------
         if op in (0xE9, 0xEB) and hints_only:
-            target = (nxt + (struct.unpack("<i", raw[p + 1:p + 5])[0] if op == 0xE9 else
-                             struct.unpack("<b", raw[p + 1:p + 2])[0])) & 0xFFFFFFFF
+            target = (
+                nxt
+                + (
+                    struct.unpack("<i", raw[p + 1 : p + 5])[0]
+                    if op == 0xE9
+                    else struct.unpack("<b", raw[p + 1 : p + 2])[0]
+                )
+            ) & 0xFFFFFFFF
             ins.kind = CHAIN
             out += b"\xe9\0\0\0\0"
             pending.append((len(out) - 4, target, "jmp"))
             return True
         if (0x70 <= op <= 0x7F or (op == 0x0F and op2 is not None and 0x80 <= op2 <= 0x8F)) and hints_only:
             if op == 0x0F and op2 is not None:
-                cc, disp = op2 & 0xF, struct.unpack("<i", raw[p + 2:p + 6])[0]
+                cc, disp = op2 & 0xF, struct.unpack("<i", raw[p + 2 : p + 6])[0]
             else:
-                cc, disp = op & 0xF, struct.unpack("<b", raw[p + 1:p + 2])[0]
+                cc, disp = op & 0xF, struct.unpack("<b", raw[p + 1 : p + 2])[0]
             target = (nxt + disp) & 0xFFFFFFFF
             ins.kind = CHAIN
             out += bytes([0x0F, 0x80 | cc]) + b"\0\0\0\0"
@@ -243,7 +250,7 @@ class Translator:
             pending.append((len(out) - 4, nxt, "fall"))
             return True
         if op in (0xE0, 0xE1, 0xE2, 0xE3) and hints_only:
-            target = (nxt + struct.unpack("<b", raw[p + 1:p + 2])[0]) & 0xFFFFFFFF
+            target = (nxt + struct.unpack("<b", raw[p + 1 : p + 2])[0]) & 0xFFFFFFFF
             ins.kind = CHAIN
             out += bytes([op, 5]) + b"\xe9\0\0\0\0"
             pending.append((len(out) - 4, nxt, "fall"))
@@ -251,28 +258,34 @@ class Translator:
             pending.append((len(out) - 4, target, "loop"))
             return True
         if op == 0xE8 and hints_only:
-            target = (nxt + struct.unpack("<i", raw[p + 1:p + 5])[0]) & 0xFFFFFFFF
+            target = (nxt + struct.unpack("<i", raw[p + 1 : p + 5])[0]) & 0xFFFFFFFF
             ins.kind = CHAIN
-            out += b"\x68" + _imm32(nxt)               # push the guest return address
+            out += b"\x68" + _imm32(nxt)  # push the guest return address
             out += b"\xe9\0\0\0\0"
             pending.append((len(out) - 4, target, "call"))
             return True
         # -- indirect control flow: inline caches ----------------------------------------------------------
         if op in (0xC3, 0xC2) and hints_only:
-            pop = struct.unpack("<H", raw[p + 1:p + 3])[0] if op == 0xC2 else 0
+            pop = struct.unpack("<H", raw[p + 1 : p + 3])[0] if op == 0xC2 else 0
             ins.kind = INLINE
             self._inline_cache(blk, ins, raw, out, tc_start, "ret", pop=pop)
             return True
-        if op == 0xFF and op2 is not None and (op2 >> 3) & 7 in (2, 4) and 0x66 not in prefixes \
-                and 0x67 not in prefixes:
+        if (
+            op == 0xFF
+            and op2 is not None
+            and (op2 >> 3) & 7 in (2, 4)
+            and 0x66 not in prefixes
+            and 0x67 not in prefixes
+        ):
             is_call = (op2 >> 3) & 7 == 2
             ins.kind = INLINE
             # push r/m32 (same operand, /6) puts the target on the stack: the lookup compares it.
             start = here()
-            out += prefixes + bytes([0xFF, (op2 & 0xC7) | (6 << 3)]) + raw[p + 2:]
+            out += prefixes + bytes([0xFF, (op2 & 0xC7) | (6 << 3)]) + raw[p + 2 :]
             ins.esp_fix[start] = 0
-            self._inline_cache(blk, ins, raw, out, tc_start, "call_ind" if is_call else "jmp_ind",
-                               ret_addr=nxt, esp_base=4)
+            self._inline_cache(
+                blk, ins, raw, out, tc_start, "call_ind" if is_call else "jmp_ind", ret_addr=nxt, esp_base=4
+            )
             return True
         # -- sensitive instructions --------------------------------------------------------------------
         if op in (0xFA, 0xFB, 0x9D) and not prefixes:
@@ -293,9 +306,9 @@ class Translator:
             seq = b"\x9c\x51\x8b\x4c\x24\x04" + b"\x8d\x89" + _imm32((iopl << 12) - 0x1000)
             seq += b"\x89\x4c\x24\x04\x59"
             out += seq
-            ins.esp_fix[start + 1] = 4        # the push ecx faults with ESP already 4 lower
+            ins.esp_fix[start + 1] = 4  # the push ecx faults with ESP already 4 lower
             return False
-        if op == 0x0F and op2 == 0x20:           # mov r32, crN
+        if op == 0x0F and op2 == 0x20:  # mov r32, crN
             cr = (raw[p + 2] >> 3) & 7
             rm = raw[p + 2] & 7
             if cr in (0, 3, 4):
@@ -307,7 +320,7 @@ class Translator:
         if op == 0x0F and op2 in (0x00, 0x01) and p + 2 < len(raw):
             reg = (raw[p + 2] >> 3) & 7
             mod = raw[p + 2] >> 6
-            if op2 == 0x01 and reg in (0, 1) and mod != 3 and 0x67 not in prefixes:   # sgdt / sidt m
+            if op2 == 0x01 and reg in (0, 1) and mod != 3 and 0x67 not in prefixes:  # sgdt / sidt m
                 name = "gdtr" if reg == 0 else "idtr"
                 blk.deps.add(name)
                 ins.kind = INLINE
@@ -316,22 +329,26 @@ class Translator:
                 limit, base = self.code.virtual(name + "_limit"), self.code.virtual(name + "_base")
                 # the dword first: a fault on it leaves memory untouched
                 out += segs + b"\xc7" + _encode_mem(0, m[0], m[2], m[3], m[4], m[5], 2) + _imm32(base)
-                out += (segs + b"\x66\xc7" + _encode_mem(0, m[0], m[2], m[3], m[4], m[5], 0)
-                        + struct.pack("<H", limit & 0xFFFF))
+                out += (
+                    segs
+                    + b"\x66\xc7"
+                    + _encode_mem(0, m[0], m[2], m[3], m[4], m[5], 0)
+                    + struct.pack("<H", limit & 0xFFFF)
+                )
                 return False
-            if (op2 == 0x00 and reg in (0, 1)) or (op2 == 0x01 and reg == 4):     # sldt / str / smsw
+            if (op2 == 0x00 and reg in (0, 1)) or (op2 == 0x01 and reg == 4):  # sldt / str / smsw
                 field = {(0, 0): "ldtr", (0, 1): "tr", (1, 4): "cr0"}[(op2, reg)]
                 blk.deps.add(field)
                 value = self.code.virtual(field)
                 ins.kind = INLINE
                 return self._store_imm(raw, p, prefixes, out, value, word_mem=True)
             return self._callout(blk, ins, raw, out, "sensitive")
-        if op == 0x8C and p + 1 < len(raw) and (raw[p + 1] >> 3) & 7 in (1, 2):   # mov r/m, cs|ss
+        if op == 0x8C and p + 1 < len(raw) and (raw[p + 1] >> 3) & 7 in (1, 2):  # mov r/m, cs|ss
             field = "cs" if (raw[p + 1] >> 3) & 7 == 1 else "ss"
             blk.deps.add(field)
             ins.kind = INLINE
             return self._store_imm(raw, p - 1, prefixes, out, self.code.virtual(field), word_mem=True)
-        if op in (0x0E, 0x16) and not prefixes:        # push cs / push ss
+        if op in (0x0E, 0x16) and not prefixes:  # push cs / push ss
             field = "cs" if op == 0x0E else "ss"
             blk.deps.add(field)
             ins.kind = INLINE
@@ -349,18 +366,62 @@ class Translator:
 
     @staticmethod
     def _is_sensitive(op, op2, raw, p, mnem) -> bool:
-        if op in (0xF4, 0xCF, 0xCD, 0xCC, 0xCE, 0xE4, 0xE5, 0xE6, 0xE7, 0xEC, 0xED, 0xEE, 0xEF,
-                  0x8E, 0x1F, 0x07, 0x17, 0xEA, 0x9A, 0xCA, 0xCB, 0xF1):
+        if op in (
+            0xF4,
+            0xCF,
+            0xCD,
+            0xCC,
+            0xCE,
+            0xE4,
+            0xE5,
+            0xE6,
+            0xE7,
+            0xEC,
+            0xED,
+            0xEE,
+            0xEF,
+            0x8E,
+            0x1F,
+            0x07,
+            0x17,
+            0xEA,
+            0x9A,
+            0xCA,
+            0xCB,
+            0xF1,
+        ):
             return True
         if op == 0xFF and op2 is not None and (op2 >> 3) & 7 in (2, 3, 4, 5):
-            return True      # indirect near with 16-bit forms, and far indirect jmp/call
+            return True  # indirect near with 16-bit forms, and far indirect jmp/call
         if op == 0xC2 or op == 0xC3:
-            return True      # ret with prefixes
+            return True  # ret with prefixes
         if op in (0x70, 0xEB, 0xE9, 0xE8) or 0x70 <= op <= 0x7F or 0xE0 <= op <= 0xE3:
-            return True      # branches with odd prefixes: let the hypervisor do them
+            return True  # branches with odd prefixes: let the hypervisor do them
         if op == 0x0F and op2 is not None:
-            if op2 in (0x00, 0x01, 0x06, 0x08, 0x09, 0x20, 0x21, 0x22, 0x23, 0x30, 0x32, 0x33, 0xA1,
-                       0xA9, 0xA2, 0x31, 0x02, 0x03, 0x34, 0x35, 0x05, 0x07):
+            if op2 in (
+                0x00,
+                0x01,
+                0x06,
+                0x08,
+                0x09,
+                0x20,
+                0x21,
+                0x22,
+                0x23,
+                0x30,
+                0x32,
+                0x33,
+                0xA1,
+                0xA9,
+                0xA2,
+                0x31,
+                0x02,
+                0x03,
+                0x34,
+                0x35,
+                0x05,
+                0x07,
+            ):
                 return True
             if 0x80 <= op2 <= 0x8F:
                 return True
@@ -385,7 +446,7 @@ class Translator:
         ins.kind = CALLOUT
         site = Site(kind, blk, ins)
         site.raw = raw
-        site.after_sti = self._after_sti       # `sti; hlt`: its slot is still inside the sti shadow
+        site.after_sti = self._after_sti  # `sti; hlt`: its slot is still inside the sti shadow
         slot = self.tc.new_site(site)
         blk.sites.append(slot)
         at = self.tc.next + len(out) + 5
@@ -407,7 +468,7 @@ class Translator:
         only slower. ESP is `esp_base` below the guest's at the push."""
         tc = self.tc
         base = tc_start + len(out)
-        out += b"\x51"                                     # push ecx
+        out += b"\x51"  # push ecx
         ins.esp_fix[base] = esp_base
         site = Site(kind, blk, ins)
         site.raw, site.pop, site.ret_addr = raw, pop, ret_addr
@@ -421,7 +482,7 @@ class Translator:
             site.ic.append(e)
             site.hits.append(e + IC_CMP_SIZE + 2 if wide else miss + 6 + k * IC_HIT_SIZE)
         if n:
-            ins.esp_fix[first] = esp_base + 4              # the guest's stack read (ret) can fault
+            ins.esp_fix[first] = esp_base + 4  # the guest's stack read (ret) can fault
         slot = tc.new_site(site)
         blk.sites.append(slot)
         empty = b"\xcc" * (IC_HIT_SIZE - 5)
@@ -440,23 +501,23 @@ class Translator:
         k = site.ic_next % len(site.ic)
         site.ic_next += 1
         e, hit = site.ic[k], site.hits[k]
-        code = b"\x59"                                               # pop ecx
+        code = b"\x59"  # pop ecx
         if site.kind == "ret":
-            code += b"\x8d\xa4\x24" + _imm32(4 + site.pop)         # lea esp, [esp + 4 + n]
+            code += b"\x8d\xa4\x24" + _imm32(4 + site.pop)  # lea esp, [esp + 4 + n]
         elif site.kind == "jmp_ind":
             code += b"\x8d\xa4\x24" + _imm32(4)
         else:
-            code += b"\xc7\x04\x24" + _imm32(site.ret_addr)        # mov [esp], guest return address
+            code += b"\xc7\x04\x24" + _imm32(site.ret_addr)  # mov [esp], guest return address
         code += b"\xe9" + _rel32(hit + len(code) + 5, dest)
         assert len(code) == IC_HIT_SIZE
         self.tc.patch(hit, code)
-        self.tc.patch(e + 6, _imm32(-target))                        # lea ecx, [ecx - target]
+        self.tc.patch(e + 6, _imm32(-target))  # lea ecx, [ecx - target]
 
     def should_widen(self, site: Site) -> bool:
         """A narrow site that has missed WIDEN_AFTER times: translate it again with IC_WIDE entries."""
         if site.ic_next < WIDEN_AFTER or len(site.ic) >= IC_WIDE or site.insn is None:
             return False
-        if len(self.wide_ic) > 65536:                 # bounded; an optimization only
+        if len(self.wide_ic) > 65536:  # bounded; an optimization only
             self.wide_ic.clear()
         self.wide_ic.add(site.insn.geip)
         return True

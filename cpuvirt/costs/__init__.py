@@ -16,6 +16,7 @@ Keys of a table: `KIND` (every event of a kind), `KIND:REASON` (one reason), eit
 KIND:REASON@MODE, KIND:REASON, KIND@MODE, KIND. An event with no entry costs 0 and is listed as
 uncosted.
 """
+
 from __future__ import annotations
 
 import json
@@ -69,10 +70,12 @@ def _read(path: Path) -> dict:
         if path.suffix == ".json":
             return json.loads(text)
         import tomllib
+
         return tomllib.loads(text)
     except (ValueError, json.JSONDecodeError) as e:
-        raise CpuvirtError(f"--costs {path}: not a valid {'JSON' if path.suffix == '.json' else 'TOML'} "
-                           f"cost table ({e})") from None
+        raise CpuvirtError(
+            f"--costs {path}: not a valid {'JSON' if path.suffix == '.json' else 'TOML'} cost table ({e})"
+        ) from None
 
 
 def load(spec: str | None = None, _seen: tuple = ()) -> CostTable:
@@ -96,8 +99,12 @@ def load(spec: str | None = None, _seen: tuple = ()) -> CostTable:
     for key, value in data["costs"].items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             value = {"cycles": value, "source": "(no source given)"}
-        if not isinstance(value, dict) or not isinstance(value.get("cycles"), (int, float)) \
-                or isinstance(value.get("cycles"), bool) or value["cycles"] < 0:
+        if (
+            not isinstance(value, dict)
+            or not isinstance(value.get("cycles"), (int, float))
+            or isinstance(value.get("cycles"), bool)
+            or value["cycles"] < 0
+        ):
             raise CpuvirtError(f"--costs {spec}: {key!r} needs cycles = a number >= 0")
         entries[key] = Entry(key, value["cycles"], str(value.get("source", "(no source given)")))
     if "instruction" not in entries:
@@ -108,6 +115,7 @@ def load(spec: str | None = None, _seen: tuple = ()) -> CostTable:
 # -- what a run did ------------------------------------------------------------------------------------------
 def _hypercall_name(nr) -> str:
     from cpuvirt.modes.para.hypercalls import HYPERCALLS
+
     entry = HYPERCALLS.get(nr)
     return entry[0] if entry else f"unknown_{nr}"
 
@@ -127,7 +135,7 @@ def tally_of(vcpu, mmu) -> Counter:
     vm_stats = getattr(vcpu, "stats", None)
     for kind, n in vcpu.counts.items():
         if kind == "vmexit" and isinstance(vm_stats, Counter):
-            continue                                  # by reason, below
+            continue  # by reason, below
         rest = n - attributed[kind]
         if rest > 0:
             t[kind] += rest
@@ -137,7 +145,7 @@ def tally_of(vcpu, mmu) -> Counter:
                 continue
             t[f"vmexit:{reason.name}"] += n
         t[VMENTRY] = getattr(vcpu, "exits", 0)
-    t[WALK_REF] = mmu.counters.as_dict()["walk_refs"]    # with the walks made in C (fills, deliveries)
+    t[WALK_REF] = mmu.counters.as_dict()["walk_refs"]  # with the walks made in C (fills, deliveries)
     shadow = getattr(mmu.strategy, "counters", None)
     if shadow is not None and hasattr(shadow, "hidden_faults"):
         t[HIDDEN_FAULT] = shadow.hidden_faults
@@ -190,11 +198,17 @@ class Modelled:
         return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
     def as_dict(self) -> dict:
-        return {"table": self.table, "mode": self.mode, "modelled_cycles": round(self.total),
-                "by_kind": {k: round(v) for k, v in self.by_kind().items()},
-                "rows": [{"event": r.key, "count": r.count, "cycles_each": r.each, "cycles": round(r.cycles),
-                          "source": r.source} for r in self.rows],
-                "uncosted": self.uncosted}
+        return {
+            "table": self.table,
+            "mode": self.mode,
+            "modelled_cycles": round(self.total),
+            "by_kind": {k: round(v) for k, v in self.by_kind().items()},
+            "rows": [
+                {"event": r.key, "count": r.count, "cycles_each": r.each, "cycles": round(r.cycles), "source": r.source}
+                for r in self.rows
+            ],
+            "uncosted": self.uncosted,
+        }
 
 
 def model(tally: Mapping[str, int], table: CostTable, mode: str) -> Modelled:

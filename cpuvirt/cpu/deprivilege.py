@@ -20,6 +20,7 @@ engine never uses to deliver anything, so it carries the guest's IF).
 Modes decide when to call it (trap: on #GP; full: from translator callouts) and where kernel code runs
 (`enter_kernel`).
 """
+
 from __future__ import annotations
 
 from unicorn import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH
@@ -37,7 +38,7 @@ from cpuvirt.x86.vectors import Vector
 # The hypervisor's CR0 (what `smsw` shows natively): PE MP ET NE WP PG. Its low 16 bits differ from a
 # guest's usual PE|ET (0x11), which is what makes the smsw hole visible.
 HV_CR0 = 0x80010033
-HV_IDTR = (0, 0xFFC00000, 0x7FF, 0)   # the hypervisor's IDTR (the engine never uses it): `sidt` shows it
+HV_IDTR = (0, 0xFFC00000, 0x7FF, 0)  # the hypervisor's IDTR (the engine never uses it): `sidt` shows it
 
 
 class DeprivilegedVcpu(IoGateVcpu, EmulatingVcpu):
@@ -54,9 +55,11 @@ class DeprivilegedVcpu(IoGateVcpu, EmulatingVcpu):
         if hasattr(mmu, "crs_source"):
             mmu.crs_source = self.virtual_cpu.crs
         else:
+
             def load_crs():
                 mmu.crs = crs = self.virtual_cpu.crs()
                 return crs
+
             mmu.load_crs = load_crs
 
     def iret_to_v86(self, address: int) -> None:
@@ -81,9 +84,19 @@ class DeprivilegedVcpu(IoGateVcpu, EmulatingVcpu):
         """A guest #PF: CR2 is the virtual one (the real CR2 is the hypervisor's)."""
         self.charge_fault(access)
         self.virtual_cpu.cr2 = gva
-        self.record("page_fault", "#PF", 14, eip,
-                    {"cr2": f"{gva:#x}", "error_code": error_code, "access": ("read", "write", "fetch")[access],
-                     "fault": "true"}, "delivered #PF through the guest IDT")
+        self.record(
+            "page_fault",
+            "#PF",
+            14,
+            eip,
+            {
+                "cr2": f"{gva:#x}",
+                "error_code": error_code,
+                "access": ("read", "write", "fetch")[access],
+                "fault": "true",
+            },
+            "delivered #PF through the guest IDT",
+        )
         self.deliver(Vector.PF, eip, error_code)
 
     # -- boot ----------------------------------------------------------------------------------------
@@ -100,7 +113,7 @@ class DeprivilegedVcpu(IoGateVcpu, EmulatingVcpu):
         v.idtr = (base, limit)
         v.iopl = (regs.read(R.EFLAGS) >> 12) & 3
         sels = {name: regs.read(reg) for name, reg in SREGS.items()}
-        regs.write(R.CR0, HV_CR0)            # the real CR4 stays the engine's (OSFXSR...: SSE works)
+        regs.write(R.CR0, HV_CR0)  # the real CR4 stays the engine's (OSFXSR...: SSE works)
         regs.set_table(R.IDTR, HV_IDTR)
         self.load_cs_ss(sels["cs"], sels["ss"], 0)
         self.hv_load([(SREGS[n], sels[n], sels[n]) for n in ("ds", "es", "fs", "gs") if sels[n] & ~3])

@@ -7,6 +7,7 @@ control registers (`write_cr`, `read_cr`: the guest's translations flushed when 
 system segments of lldt/ltr, the control transfers done in the guest's view (iret, far jmp/call,
 retf; gates and tasks through cpu/tasks.py) and the MSRs (SYSENTER ones kept in the VirtualCpu).
 """
+
 from __future__ import annotations
 
 import struct
@@ -22,11 +23,19 @@ from cpuvirt.x86.faultaddr import operand_address
 from cpuvirt.x86.flags import CR0_PE, CR0_PG, CR0_WP, CR4_PGE, CR4_PSE, EFLAGS_NT, EFLAGS_VM
 from cpuvirt.x86.vectors import HAS_ERROR_CODE, Vector
 
-SYSENTER_MSRS = (0x174, 0x175, 0x176)   # IA32_SYSENTER_CS, _ESP, _EIP: kept in the VirtualCpu
+SYSENTER_MSRS = (0x174, 0x175, 0x176)  # IA32_SYSENTER_CS, _ESP, _EIP: kept in the VirtualCpu
 _REG32 = dict(zip(R.GPR_NAMES, R.GPR_ORDER))
 _REG16 = {n[1:]: r for n, r in _REG32.items()}
-_REG8 = {"al": (R.EAX, 0), "cl": (R.ECX, 0), "dl": (R.EDX, 0), "bl": (R.EBX, 0),
-         "ah": (R.EAX, 8), "ch": (R.ECX, 8), "dh": (R.EDX, 8), "bh": (R.EBX, 8)}
+_REG8 = {
+    "al": (R.EAX, 0),
+    "cl": (R.ECX, 0),
+    "dl": (R.EDX, 0),
+    "bl": (R.EBX, 0),
+    "ah": (R.EAX, 8),
+    "ch": (R.ECX, 8),
+    "dh": (R.EDX, 8),
+    "bh": (R.EBX, 8),
+}
 
 
 class EmulatingVcpu(SegmentLoadingVcpu):
@@ -73,8 +82,9 @@ class EmulatingVcpu(SegmentLoadingVcpu):
             self.record(self.event_kind, mnem, 13, eip, {"fault": g.vector}, "emulated: raised a fault in the guest")
             if g.cr2 is not None:
                 self.virtual_cpu.cr2 = g.cr2
-            self.deliver(g.vector, g.eip if g.eip is not None else eip,
-                         g.error_code if g.vector in HAS_ERROR_CODE else None)
+            self.deliver(
+                g.vector, g.eip if g.eip is not None else eip, g.error_code if g.vector in HAS_ERROR_CODE else None
+            )
             return size
         if done is False:
             return None
@@ -120,7 +130,7 @@ class EmulatingVcpu(SegmentLoadingVcpu):
         if n == 0:
             if not value & CR0_PE:
                 raise Unsupported("the guest cleared CR0.PE (real mode is not supported under deprivileging)")
-            old, v.cr0 = v.cr0, value | 0x10          # ET is hard-wired to 1
+            old, v.cr0 = v.cr0, value | 0x10  # ET is hard-wired to 1
             if (old ^ value) & (CR0_PG | CR0_WP | CR0_PE):
                 self.flush_guest_tlb()
         elif n == 2:
@@ -131,11 +141,12 @@ class EmulatingVcpu(SegmentLoadingVcpu):
             if switch is not None:
                 self.mmu.crs = None
                 self._rtlb.clear()
-                switch(value)                      # shadow paging: its root for this CR3 (flushes the engine)
+                switch(value)  # shadow paging: its root for this CR3 (flushes the engine)
             else:
                 self.flush_guest_tlb()
         elif n == 4:
             from cpuvirt.x86.cpuid import CR4_RESERVED
+
             if value & ~v.cr4 & CR4_RESERVED:
                 raise GuestFault(Vector.GP, 0)
             old, v.cr4 = v.cr4, value
@@ -177,6 +188,7 @@ class EmulatingVcpu(SegmentLoadingVcpu):
         self.unblock_nmi()
         if regs.read(R.EFLAGS) & EFLAGS_NT:
             from cpuvirt.cpu import tasks
+
             try:
                 tasks.task_return(self.view, (eip + size) & 0xFFFFFFFF)
             except DeliveryFault as f:
@@ -194,7 +206,7 @@ class EmulatingVcpu(SegmentLoadingVcpu):
             regs.write(R.ESP, new_esp)
             regs.write(R.EIP, new_eip & 0xFFFF)
             return
-        cs = self.guest_selector(cs & 0xFFFF)       # a CS the guest read natively (RPL 1) is its ring 0
+        cs = self.guest_selector(cs & 0xFFFF)  # a CS the guest read natively (RPL 1) is its ring 0
         rpl = cs & 3
         _, hi = self.descriptor(cs)
         if not (hi >> 11) & 1 or not (hi >> 12) & 1 or rpl == 1 or rpl == 2:
@@ -238,6 +250,7 @@ class EmulatingVcpu(SegmentLoadingVcpu):
         if not (hi >> 12) & 1:
             # a call gate, TSS or task gate: cpu/tasks.py, in the guest's view
             from cpuvirt.cpu import tasks
+
             try:
                 tasks.far_transfer(self.view, selector, offset, call, eip, (eip + size) & 0xFFFFFFFF)
             except DeliveryFault as f:
@@ -252,8 +265,9 @@ class EmulatingVcpu(SegmentLoadingVcpu):
             raise GuestFault(Vector.NP, selector & ~3)
         if call:
             esp = (self.regs.read(R.ESP) - 8) & 0xFFFFFFFF
-            self.write_guest(esp, struct.pack("<II", (eip + size) & 0xFFFFFFFF,
-                                              self.guest_selector(self.regs.read(R.CS))))
+            self.write_guest(
+                esp, struct.pack("<II", (eip + size) & 0xFFFFFFFF, self.guest_selector(self.regs.read(R.CS)))
+            )
             self.regs.write(R.ESP, esp)
         self.load_cs_ss((selector & ~3) | cpl, None, cpl)
         if cpl == 0:
@@ -287,6 +301,7 @@ class EmulatingVcpu(SegmentLoadingVcpu):
         regs, m = self.regs, self.machine
         msr = regs.read(R.ECX)
         from cpuvirt.machine.machine import MsrFault
+
         try:
             if msr in SYSENTER_MSRS:
                 if write:

@@ -27,6 +27,7 @@ are computed as the table's functions say, not checked against the engine. tests
 runs every form against Unicorn executing it on RAM, in 32-bit protected mode and in real mode.
 Anything else raises `Unsupported` naming the instruction ("by `TEXT` at EIP: why").
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -41,7 +42,7 @@ from cpuvirt.engine import regs as R
 from cpuvirt.status import Unsupported
 from cpuvirt.x86.flags import EFLAGS_DF
 
-REP_CHUNK = 1024                 # iterations of a rep string instruction per call
+REP_CHUNK = 1024  # iterations of a rep string instruction per call
 CF, PF, AF, ZF, SF, OF = 0x1, 0x4, 0x10, 0x40, 0x80, 0x800
 STATUS = CF | PF | AF | ZF | SF | OF
 DF = EFLAGS_DF
@@ -64,8 +65,14 @@ for _full, _n in ((R.ESP, "SP"), (R.EBP, "BP"), (R.ESI, "SI"), (R.EDI, "DI")):
 for _i in range(8):
     _REG[getattr(C, f"X86_REG_XMM{_i}")] = (getattr(U, f"UC_X86_REG_XMM{_i}"), 0, 16)
 _SEGMENT_OK = (C.X86_REG_INVALID, C.X86_REG_DS, C.X86_REG_ES, C.X86_REG_SS, C.X86_REG_CS)
-_SEG = {C.X86_REG_ES: R.ES, C.X86_REG_CS: R.CS, C.X86_REG_SS: R.SS, C.X86_REG_DS: R.DS, C.X86_REG_FS: R.FS,
-        C.X86_REG_GS: R.GS}
+_SEG = {
+    C.X86_REG_ES: R.ES,
+    C.X86_REG_CS: R.CS,
+    C.X86_REG_SS: R.SS,
+    C.X86_REG_DS: R.DS,
+    C.X86_REG_FS: R.FS,
+    C.X86_REG_GS: R.GS,
+}
 _SEG_PREFIX = {0x26: R.ES, 0x2E: R.CS, 0x36: R.SS, 0x3E: R.DS, 0x64: R.FS, 0x65: R.GS}
 _STACK_BASES = (C.X86_REG_BP, C.X86_REG_EBP, C.X86_REG_SP, C.X86_REG_ESP)
 
@@ -84,8 +91,7 @@ class Op:
 
     __slots__ = ("kind", "size", "reg", "shift", "imm", "base", "index", "scale", "disp", "seg", "asize")
 
-    def __init__(self, kind, size, reg=None, shift=0, imm=0, base=None, index=None, scale=1, disp=0,
-                 seg=R.DS, asize=4):
+    def __init__(self, kind, size, reg=None, shift=0, imm=0, base=None, index=None, scale=1, disp=0, seg=R.DS, asize=4):
         self.kind, self.size, self.reg, self.shift, self.imm = kind, size, reg, shift, imm
         self.base, self.index, self.scale, self.disp = base, index, scale, disp
         self.seg, self.asize = seg, asize
@@ -96,7 +102,7 @@ class Form:
 
     def __init__(self, fn, ops, length, text, rep, mnemonic, asize=4, src_seg=R.DS):
         self.fn, self.ops, self.length, self.text, self.rep, self.mnemonic = fn, ops, length, text, rep, mnemonic
-        self.asize, self.src_seg = asize, src_seg     # string instructions: address size, DS:(E)SI's segment
+        self.asize, self.src_seg = asize, src_seg  # string instructions: address size, DS:(E)SI's segment
 
 
 class Context:
@@ -108,7 +114,7 @@ class Context:
 
     def __init__(self, regs, mem, io=None, cr0=None, segs=None):
         self.regs, self.mem, self.io, self.cr0, self.segs = regs, mem, io, cr0, segs
-        self.note = ""               # what a move did, for the trace ("read 0x1 (4 bytes) from the device")
+        self.note = ""  # what a move did, for the trace ("read 0x1 (4 bytes) from the device")
 
     # -- operands -------------------------------------------------------------------------------
     def seg_base(self, seg: int) -> int:
@@ -193,7 +199,7 @@ def _mov(c: Context, f: Form) -> None:
     if f.mnemonic in _ALIGNED:
         mem = dst if dst.kind == "mem" else src
         if c.ea(mem) & 15:
-            raise EmulatedFault(13, 0)          # a 16-byte aligned move of unaligned memory: #GP(0)
+            raise EmulatedFault(13, 0)  # a 16-byte aligned move of unaligned memory: #GP(0)
     c.probe(dst)
     value = c.get(src)
     c.set(dst, value)
@@ -229,7 +235,7 @@ def _alu(c: Context, f: Form) -> None:
         res, fl = _sub_flags(a, b, cf if m == "sbb" else 0, size)
     else:
         res = a | b if m == "or" else a ^ b if m == "xor" else a & b
-        fl = _szp(res, size)                   # CF = OF = 0; AF undefined: 0 as the engine leaves it
+        fl = _szp(res, size)  # CF = OF = 0; AF undefined: 0 as the engine leaves it
     c.flags(fl)
     if writes:
         c.set(dst, res)
@@ -243,7 +249,7 @@ def _incdec(c: Context, f: Form) -> None:
         res, fl = _add_flags(a, 1, 0, dst.size)
     else:
         res, fl = _sub_flags(a, 1, 0, dst.size)
-    c.flags(fl, STATUS & ~CF)                  # CF is not affected
+    c.flags(fl, STATUS & ~CF)  # CF is not affected
     c.set(dst, res)
 
 
@@ -293,7 +299,7 @@ def _cmpxchg(c: Context, f: Form) -> None:
     if a == old:
         c.set(dst, c.get(src))
     else:
-        c.set(dst, old)                         # the processor always writes (SDM: CMPXCHG)
+        c.set(dst, old)  # the processor always writes (SDM: CMPXCHG)
         c.set(acc, old)
 
 
@@ -308,8 +314,16 @@ def _bt(c: Context, f: Form) -> None:
         # A register bit offset reaches outside the operand: signed, in units of the operand size.
         if offset >> (bits - 1):
             offset -= 1 << bits
-        target = Op("mem", dst.size, base=dst.base, index=dst.index, scale=dst.scale,
-                    disp=dst.disp + (offset >> (5 if bits == 32 else 4)) * dst.size, seg=dst.seg, asize=dst.asize)
+        target = Op(
+            "mem",
+            dst.size,
+            base=dst.base,
+            index=dst.index,
+            scale=dst.scale,
+            disp=dst.disp + (offset >> (5 if bits == 32 else 4)) * dst.size,
+            seg=dst.seg,
+            asize=dst.asize,
+        )
         offset %= bits
     else:
         offset %= bits
@@ -331,7 +345,7 @@ def _bsx(c: Context, f: Form) -> None:
     dst, src = f.ops
     v = c.get(src)
     if v == 0:
-        c.flags(ZF, ZF)                         # destination unchanged (as the engine leaves it)
+        c.flags(ZF, ZF)  # destination unchanged (as the engine leaves it)
         return
     c.flags(0, ZF)
     c.set(dst, (v & -v).bit_length() - 1 if f.mnemonic == "bsf" else v.bit_length() - 1)
@@ -426,7 +440,7 @@ def _string(c: Context, f: Form) -> bool:
     size = next(o.size for o in f.ops if o.kind == "mem")
     step = -size if regs.read(R.EFLAGS) & DF else size
     rep = f.rep
-    amask = 0xFFFF if f.asize == 2 else 0xFFFFFFFF       # (E)SI, (E)DI, (E)CX by the address size
+    amask = 0xFFFF if f.asize == 2 else 0xFFFFFFFF  # (E)SI, (E)DI, (E)CX by the address size
     src_base, dst_base = c.seg_base(f.src_seg), c.seg_base(R.ES)
     n = 0
     while True:
@@ -478,14 +492,55 @@ _SSE_MOVES = ("movdqu", "movdqa", "movups", "movaps", "movupd", "movapd")
 
 # capstone instruction id -> (mnemonic, emulator); _string alone returns whether the rep finished.
 FORMS: dict[int, tuple[str, Callable[[Context, Form], object]]] = {}
-for _name, _fn in (("mov", _mov), ("movzx", _movx), ("movsx", _movx), ("inc", _incdec), ("dec", _incdec),
-                   ("not", _not), ("neg", _neg), ("xchg", _xchg), ("xadd", _xadd), ("cmpxchg", _cmpxchg),
-                   ("bt", _bt), ("bts", _bt), ("btr", _bt), ("btc", _bt), ("bsf", _bsx), ("bsr", _bsx),
-                   ("imul", _imul), ("shld", _shxd), ("shrd", _shxd), ("smsw", _smsw), ("ltr", _ltr),
-                   *((n, _alu) for n in _ALU), *((n, _mov) for n in _SSE_MOVES)):
+for _name, _fn in (
+    ("mov", _mov),
+    ("movzx", _movx),
+    ("movsx", _movx),
+    ("inc", _incdec),
+    ("dec", _incdec),
+    ("not", _not),
+    ("neg", _neg),
+    ("xchg", _xchg),
+    ("xadd", _xadd),
+    ("cmpxchg", _cmpxchg),
+    ("bt", _bt),
+    ("bts", _bt),
+    ("btr", _bt),
+    ("btc", _bt),
+    ("bsf", _bsx),
+    ("bsr", _bsx),
+    ("imul", _imul),
+    ("shld", _shxd),
+    ("shrd", _shxd),
+    ("smsw", _smsw),
+    ("ltr", _ltr),
+    *((n, _alu) for n in _ALU),
+    *((n, _mov) for n in _SSE_MOVES),
+):
     FORMS[getattr(C, f"X86_INS_{_name.upper()}")] = (_name, _fn)
-for _name in ("movsb", "movsw", "movsd", "stosb", "stosw", "stosd", "lodsb", "lodsw", "lodsd", "cmpsb", "cmpsw",
-              "cmpsd", "scasb", "scasw", "scasd", "insb", "insw", "insd", "outsb", "outsw", "outsd"):
+for _name in (
+    "movsb",
+    "movsw",
+    "movsd",
+    "stosb",
+    "stosw",
+    "stosd",
+    "lodsb",
+    "lodsw",
+    "lodsd",
+    "cmpsb",
+    "cmpsw",
+    "cmpsd",
+    "scasb",
+    "scasw",
+    "scasd",
+    "insb",
+    "insw",
+    "insd",
+    "outsb",
+    "outsw",
+    "outsd",
+):
     FORMS[getattr(C, f"X86_INS_{_name.upper()}")] = (_name, _string)
 
 
@@ -493,8 +548,10 @@ def _operand(insn, o, asize: int = 4, flat: bool = True) -> Op:
     if o.type == X86_OP_REG:
         r = _REG.get(o.reg)
         if r is None:
-            raise Unsupported(f"by `{insn.mnemonic} {insn.op_str}` at {insn.address:#x}: "
-                              f"register {insn.reg_name(o.reg)} is not emulated")
+            raise Unsupported(
+                f"by `{insn.mnemonic} {insn.op_str}` at {insn.address:#x}: "
+                f"register {insn.reg_name(o.reg)} is not emulated"
+            )
         full, shift, width = r
         return Op("reg", width, full, shift)
     if o.type == X86_OP_IMM:
@@ -502,8 +559,10 @@ def _operand(insn, o, asize: int = 4, flat: bool = True) -> Op:
     if o.type == X86_OP_MEM:
         mem = o.mem
         if flat and mem.segment not in _SEGMENT_OK:
-            raise Unsupported(f"by `{insn.mnemonic} {insn.op_str}` at {insn.address:#x}: "
-                              f"segment override {insn.reg_name(mem.segment)} is not emulated")
+            raise Unsupported(
+                f"by `{insn.mnemonic} {insn.op_str}` at {insn.address:#x}: "
+                f"segment override {insn.reg_name(mem.segment)} is not emulated"
+            )
         base = _REG[mem.base][0] if mem.base != C.X86_REG_INVALID else None
         index = _REG[mem.index][0] if mem.index != C.X86_REG_INVALID else None
         seg = _SEG_PREFIX.get(insn.prefix[1])
@@ -531,11 +590,11 @@ def decode(code: bytes, eip: int, code16: bool = False, flat: bool = True) -> Fo
     entry = FORMS.get(insn.id)
     if entry is None:
         raise Unsupported(f"by `{text}` at {eip:#x}: not an emulated instruction form")
-    asize = 4 if code16 == (insn.prefix[3] == 0x67) else 2     # 0x67 flips the default address size
+    asize = 4 if code16 == (insn.prefix[3] == 0x67) else 2  # 0x67 flips the default address size
     name, fn = entry
     ops = [_operand(insn, o, asize, flat) for o in insn.operands]
     if fn is _string and any(o.kind == "reg" and o.size == 16 for o in ops):
-        raise Unsupported(f"by `{text}` at {eip:#x}: not an emulated instruction form")   # SSE movsd/cmpsd
+        raise Unsupported(f"by `{text}` at {eip:#x}: not an emulated instruction form")  # SSE movsd/cmpsd
     rep = insn.prefix[0] if insn.prefix[0] in (0xF2, 0xF3) and fn is _string else 0
     src_seg = _SEG_PREFIX.get(insn.prefix[1], R.DS)
     if flat and src_seg in (R.FS, R.GS):
@@ -543,7 +602,7 @@ def decode(code: bytes, eip: int, code16: bool = False, flat: bool = True) -> Fo
     form = Form(fn, ops, insn.size, text, rep, name, asize, src_seg)
     if len(_forms) > 4096:
         _forms.clear()
-    limits.put(_forms, key, form)          # a guest can make any number of sites: capped
+    limits.put(_forms, key, form)  # a guest can make any number of sites: capped
     return form
 
 

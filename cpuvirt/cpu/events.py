@@ -5,6 +5,7 @@ SDM Vol. 3A chapter 6: interrupt and trap gates (6.11, 6.12.1), the privilege ch
 (6.13), and the double-fault / triple-fault rules of table 6-5 (6.15, interrupt 8); in real-address
 mode (CR0.PE = 0), the interrupt vector table (20.1.4).
 """
+
 from __future__ import annotations
 
 import struct
@@ -36,11 +37,18 @@ class EventDelivery:
         self.uc = uc
         self.regs = regs
         self.mmu = mmu
-        self.view: CpuView | None = None    # the vCPU's tasks.CpuView: task gates switch tasks through it
-        self.fast = None      # the common case in C (cpu/fastdelivery.py), native mode only
+        self.view: CpuView | None = None  # the vCPU's tasks.CpuView: task gates switch tasks through it
+        self.fast = None  # the common case in C (cpu/fastdelivery.py), native mode only
 
-    def deliver(self, vector: int, return_eip: int, error_code: int | None = None,
-                soft: bool = False, external: bool = False, fault_eip: int | None = None) -> int:
+    def deliver(
+        self,
+        vector: int,
+        return_eip: int,
+        error_code: int | None = None,
+        soft: bool = False,
+        external: bool = False,
+        fault_eip: int | None = None,
+    ) -> int:
         """Deliver one event, applying the #DF and triple-fault rules; returns the vector delivered.
 
         `fault_eip` is where a fault raised by the delivery itself returns to: the `int n`
@@ -55,7 +63,7 @@ class EventDelivery:
             if fault_eip is not None:
                 return_eip = fault_eip
             if f.eip is not None:
-                return_eip = f.eip          # the fault belongs to the task switched to
+                return_eip = f.eip  # the fault belongs to the task switched to
             if vector == Vector.DF:
                 raise TripleFault(f"{MNEMONIC.get(f.vector, f.vector)} while delivering #DF") from None
             if f.cr2 is not None:
@@ -87,8 +95,9 @@ class EventDelivery:
     def _set_cr2(self, cr2: int) -> None:
         self.regs.write(R.CR2, cr2)
 
-    def _enter(self, selector: int, new_ss: int | None, cpl: int, new_cpl: int, old_cs: int, esp: int,
-               flags: int, offset: int) -> None:
+    def _enter(
+        self, selector: int, new_ss: int | None, cpl: int, new_cpl: int, old_cs: int, esp: int, flags: int, offset: int
+    ) -> None:
         """Load the handler's CS (and SS on a privilege change), ESP, EFLAGS and EIP."""
         regs = self.regs
         if new_ss is not None:
@@ -106,7 +115,7 @@ class EventDelivery:
         except GuestPageFault as pf:
             raise DeliveryFault(Vector.PF, pf.error_code, pf.gva) from None
         except NestedFault:
-            return b"\xff" * size        # guest-physical memory with nothing behind it (hw, EPT)
+            return b"\xff" * size  # guest-physical memory with nothing behind it (hw, EPT)
 
     def _write(self, gva: int, data: bytes) -> None:
         try:
@@ -114,7 +123,7 @@ class EventDelivery:
         except GuestPageFault as pf:
             raise DeliveryFault(Vector.PF, pf.error_code, pf.gva) from None
         except NestedFault:
-            pass                          # dropped, as a write to unbacked memory is
+            pass  # dropped, as a write to unbacked memory is
 
     def _descriptor(self, selector: int, ext: int) -> tuple[int, int]:
         _, base, limit, _ = self.regs.table(R.LDTR if selector & 4 else R.GDTR)
@@ -139,8 +148,10 @@ class EventDelivery:
         sp = regs.read(R.ESP)
         new_sp = (sp - 6) & 0xFFFF
         flags = regs.read(R.EFLAGS)
-        self._write(((regs.read(R.SS) << 4) + new_sp) & 0xFFFFFFFF,
-                    struct.pack("<HHH", return_eip & 0xFFFF, regs.read(R.CS), flags & 0xFFFF))
+        self._write(
+            ((regs.read(R.SS) << 4) + new_sp) & 0xFFFFFFFF,
+            struct.pack("<HHH", return_eip & 0xFFFF, regs.read(R.CS), flags & 0xFFFF),
+        )
         regs.write(R.ESP, (sp & ~0xFFFF) | new_sp)
         regs.write(R.EFLAGS, flags & ~(EFLAGS_IF | EFLAGS_TF | EFLAGS_RF | EFLAGS_AC))
         regs.write(R.CS, cs)
@@ -175,7 +186,7 @@ class EventDelivery:
         selector = lo >> 16
         offset = (lo & 0xFFFF) | (hi & 0xFFFF0000)
         _, dhi = self._descriptor(selector, ext)
-        if not (dhi >> 11) & 1 or not (dhi >> 12) & 1:       # must be a code segment
+        if not (dhi >> 11) & 1 or not (dhi >> 12) & 1:  # must be a code segment
             raise DeliveryFault(Vector.GP, (selector & ~3) | ext)
         code_dpl = (dhi >> 13) & 3
         if code_dpl > cpl:
@@ -191,7 +202,7 @@ class EventDelivery:
             # From virtual-8086 mode only to a ring-0 handler (SDM 6.12.1, interrupt from V86 mode).
             raise DeliveryFault(Vector.GP, (selector & ~3) | ext)
         old_cs = regs.read(R.CS) if v86 else self._view(regs.read(R.CS))
-        frame = [return_eip, old_cs, eflags]                 # pushed in this order: EIP lowest
+        frame = [return_eip, old_cs, eflags]  # pushed in this order: EIP lowest
         if v86:
             # The V86 frame also holds the real-mode segment values, which the handler gets null.
             new_ss, new_esp = self._stack_from_tss(0, ext)
@@ -234,8 +245,7 @@ class EventDelivery:
             _, hi = self._descriptor(new_ss, ext)
         except DeliveryFault as f:
             raise DeliveryFault(Vector.TS, (new_ss & ~3) | ext) if f.vector == Vector.GP else f from None
-        if (new_ss & 3) != dpl or (hi >> 13) & 3 != dpl or not hi & (1 << 12) or hi & (1 << 11) \
-                or not hi & (1 << 9):
+        if (new_ss & 3) != dpl or (hi >> 13) & 3 != dpl or not hi & (1 << 12) or hi & (1 << 11) or not hi & (1 << 9):
             raise DeliveryFault(Vector.TS, (new_ss & ~3) | ext)
         if not hi & 0x8000:
             raise DeliveryFault(Vector.SS, (new_ss & ~3) | ext)
@@ -245,6 +255,7 @@ class EventDelivery:
         """An IDT task gate: a task switch (SDM 6.11, 7.3), then the error code, if any, is pushed on
         the new task's stack."""
         from cpuvirt.cpu import tasks
+
         view = self.view
         if view is None:
             raise Unsupported("task gates in this mode")

@@ -7,6 +7,7 @@ guest RAM; for anything else it changes nothing and EventDelivery delivers in Py
 result either way (tests/test_fast_delivery.py). Its page walks are added to the MMU's counters.
 Optional: without the built extension every delivery is Python's.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -22,8 +23,27 @@ from cpuvirt.engine.hooks import hook_guard
 from cpuvirt.x86.cpuid import CR4_RESERVED
 from cpuvirt.x86.vectors import HAS_ERROR_CODE, MNEMONIC
 
-_REGS = (R.EAX, R.ESP, R.EIP, R.EFLAGS, R.CS, R.SS, R.CR0, R.CR3, R.CR4, R.GDTR, R.IDTR, R.TR,
-         R.CR2, R.ECX, R.EDX, R.EBX, R.EBP, R.ESI, R.EDI)
+_REGS = (
+    R.EAX,
+    R.ESP,
+    R.EIP,
+    R.EFLAGS,
+    R.CS,
+    R.SS,
+    R.CR0,
+    R.CR3,
+    R.CR4,
+    R.GDTR,
+    R.IDTR,
+    R.TR,
+    R.CR2,
+    R.ECX,
+    R.EDX,
+    R.EBX,
+    R.EBP,
+    R.ESI,
+    R.EDI,
+)
 DELIVERED, ENGINE_REFUSED = 1, -1
 F_ERROR_CODE, F_SOFT, F_EXTERNAL = 1, 2, 4
 _SOFT_DONE = ctypes.CFUNCTYPE(None, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32)
@@ -36,26 +56,52 @@ class _State(ctypes.Structure):
     """Mirror of delivery_t (checked against delivery_sizeof at load)."""
 
     _fields_ = [
-        ("ram", ctypes.c_void_p), ("ram_bytes", ctypes.c_uint64),
-        ("reg_read", ctypes.c_void_p), ("reg_write", ctypes.c_void_p),
-        ("context_save", ctypes.c_void_p), ("context_restore", ctypes.c_void_p),
-        ("context", ctypes.c_void_p), ("context_hflags", ctypes.c_void_p), ("context_ss", ctypes.c_void_p),
-        ("reg", ctypes.c_int32 * len(_REGS)), ("enabled", ctypes.c_uint32),
-        ("walks", ctypes.c_uint64), ("walk_refs", ctypes.c_uint64),
-        ("delivered", ctypes.c_uint64), ("fallbacks", ctypes.c_uint64),
-        ("python_intr", ctypes.c_void_p), ("soft_done", ctypes.c_void_p), ("fault_done", ctypes.c_void_p),
-        ("context_is_int", ctypes.c_void_p), ("context_old_exception", ctypes.c_void_p),
-        ("context_error_code", ctypes.c_void_p), ("has_error_code", ctypes.c_uint32 * 8),
-        ("soft_delivered", ctypes.c_uint64), ("faults_delivered", ctypes.c_uint64),
-        ("nmi_blocked", ctypes.c_uint32), ("pad", ctypes.c_uint32),
-        ("clock_watch_if", ctypes.c_void_p), ("clock_check_if", ctypes.c_void_p), ("irets", ctypes.c_uint64),
-        ("pf_enabled", ctypes.c_uint32), ("busy", ctypes.c_uint32), ("cpu_offset", ctypes.c_uint64),
-        ("loop_exit", ctypes.c_void_p), ("pf_done", ctypes.c_void_p),
-        ("pf_fills", ctypes.c_uint64), ("pf_faults", ctypes.c_uint64),
-        ("ept", ctypes.c_uint32), ("pad2", ctypes.c_uint32), ("hv", ctypes.c_void_p),
-        ("hv_hpa", ctypes.c_uint64), ("hv_size", ctypes.c_uint64), ("pml4", ctypes.c_uint64),
+        ("ram", ctypes.c_void_p),
+        ("ram_bytes", ctypes.c_uint64),
+        ("reg_read", ctypes.c_void_p),
+        ("reg_write", ctypes.c_void_p),
+        ("context_save", ctypes.c_void_p),
+        ("context_restore", ctypes.c_void_p),
+        ("context", ctypes.c_void_p),
+        ("context_hflags", ctypes.c_void_p),
+        ("context_ss", ctypes.c_void_p),
+        ("reg", ctypes.c_int32 * len(_REGS)),
+        ("enabled", ctypes.c_uint32),
+        ("walks", ctypes.c_uint64),
+        ("walk_refs", ctypes.c_uint64),
+        ("delivered", ctypes.c_uint64),
+        ("fallbacks", ctypes.c_uint64),
+        ("python_intr", ctypes.c_void_p),
+        ("soft_done", ctypes.c_void_p),
+        ("fault_done", ctypes.c_void_p),
+        ("context_is_int", ctypes.c_void_p),
+        ("context_old_exception", ctypes.c_void_p),
+        ("context_error_code", ctypes.c_void_p),
+        ("has_error_code", ctypes.c_uint32 * 8),
+        ("soft_delivered", ctypes.c_uint64),
+        ("faults_delivered", ctypes.c_uint64),
+        ("nmi_blocked", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+        ("clock_watch_if", ctypes.c_void_p),
+        ("clock_check_if", ctypes.c_void_p),
+        ("irets", ctypes.c_uint64),
+        ("pf_enabled", ctypes.c_uint32),
+        ("busy", ctypes.c_uint32),
+        ("cpu_offset", ctypes.c_uint64),
+        ("loop_exit", ctypes.c_void_p),
+        ("pf_done", ctypes.c_void_p),
+        ("pf_fills", ctypes.c_uint64),
+        ("pf_faults", ctypes.c_uint64),
+        ("ept", ctypes.c_uint32),
+        ("pad2", ctypes.c_uint32),
+        ("hv", ctypes.c_void_p),
+        ("hv_hpa", ctypes.c_uint64),
+        ("hv_size", ctypes.c_uint64),
+        ("pml4", ctypes.c_uint64),
         ("ram_hpa", ctypes.c_uint64),
-        ("clock_now", ctypes.c_void_p), ("clock_deadline", ctypes.c_void_p), ("clock_stop_next", ctypes.c_void_p),
+        ("clock_now", ctypes.c_void_p),
+        ("clock_deadline", ctypes.c_void_p),
+        ("clock_stop_next", ctypes.c_void_p),
         ("fetch_fault_cycles", ctypes.c_uint64),
     ]
 
@@ -63,31 +109,57 @@ class _State(ctypes.Structure):
 class _IretSite(ctypes.Structure):
     """Mirror of iret_site_t."""
 
-    _fields_ = [("s", ctypes.c_void_p), ("python", ctypes.c_void_p), ("size", ctypes.c_uint32),
-                ("wide", ctypes.c_uint32), ("bytes", ctypes.c_uint8 * 16)]
+    _fields_ = [
+        ("s", ctypes.c_void_p),
+        ("python", ctypes.c_void_p),
+        ("size", ctypes.c_uint32),
+        ("wide", ctypes.c_uint32),
+        ("bytes", ctypes.c_uint8 * 16),
+    ]
 
 
 class _Cr4Site(ctypes.Structure):
     """Mirror of cr4_site_t."""
 
-    _fields_ = [("s", ctypes.c_void_p), ("python", ctypes.c_void_p), ("size", ctypes.c_uint32),
-                ("src_reg", ctypes.c_int32), ("reserved", ctypes.c_uint32), ("pad", ctypes.c_uint32),
-                ("passed", ctypes.c_uint64), ("bytes", ctypes.c_uint8 * 16)]
+    _fields_ = [
+        ("s", ctypes.c_void_p),
+        ("python", ctypes.c_void_p),
+        ("size", ctypes.c_uint32),
+        ("src_reg", ctypes.c_int32),
+        ("reserved", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+        ("passed", ctypes.c_uint64),
+        ("bytes", ctypes.c_uint8 * 16),
+    ]
 
 
 def _lib():
-    lib = load("cpuvirt.cpu._delivery", {"delivery_sizeof": _State, "delivery_iret_site_sizeof": _IretSite,
-                                         "delivery_cr4_site_sizeof": _Cr4Site})
+    lib = load(
+        "cpuvirt.cpu._delivery",
+        {"delivery_sizeof": _State, "delivery_iret_site_sizeof": _IretSite, "delivery_cr4_site_sizeof": _Cr4Site},
+    )
     if lib is None:
         return None
     lib.delivery_fast.restype = ctypes.c_int
     lib.delivery_peek.restype = ctypes.c_int
     lib.delivery_peek.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_void_p)
-    lib.delivery_fast.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_uint32,
-                                  ctypes.c_uint32, ctypes.c_int)
+    lib.delivery_fast.argtypes = (
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_uint32,
+        ctypes.c_uint32,
+        ctypes.c_uint32,
+        ctypes.c_int,
+    )
     lib.delivery_fault_linear.restype = ctypes.c_int
-    lib.delivery_fault_linear.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_uint32,
-                                          ctypes.c_int, ctypes.c_void_p)
+    lib.delivery_fault_linear.argtypes = (
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_uint32,
+        ctypes.c_uint32,
+        ctypes.c_int,
+        ctypes.c_void_p,
+    )
     return lib
 
 
@@ -114,6 +186,7 @@ def _cpu_field() -> tuple[int, int] | None:
     of that shape. The caller checks the result on its engine (_engine_cpu) before trusting it."""
     from capstone import CS_ARCH_X86, CS_MODE_64, Cs
     from capstone.x86 import X86_OP_MEM, X86_OP_REG
+
     fn = ctypes.cast(_ucmod.uclib.uc_context_save, ctypes.c_void_p).value
     code = _read_process(fn, 0x200) if fn else None
     if code is None:
@@ -128,7 +201,7 @@ def _cpu_field() -> tuple[int, int] | None:
         src = prev.operands[1]
         if src.type != X86_OP_MEM or src.mem.index:
             continue
-        for earlier in reversed(insns[:k - 1]):
+        for earlier in reversed(insns[: k - 1]):
             if earlier.mnemonic != "mov" or len(earlier.operands) != 2:
                 continue
             dst, mem = earlier.operands
@@ -168,7 +241,7 @@ class FastDelivery:
     """`FastDelivery.install(delivery)` gives an EventDelivery over a native MMU (the guest's own page
     tables over a flat p2m, the real registers) its C path; None if the extension is not built."""
 
-    _hv: ctypes.c_char      # hw: the first byte of the hypervisor region holding the EPT tables (install_ept)
+    _hv: ctypes.c_char  # hw: the first byte of the hypervisor region holding the EPT tables (install_ept)
 
     def __init__(self, lib, mmu, faults):
         self.mmu = mmu
@@ -180,7 +253,7 @@ class FastDelivery:
         st.reg_write = ctypes.cast(_ucmod.uclib.uc_reg_write, ctypes.c_void_p).value
         st.context_save = ctypes.cast(_ucmod.uclib.uc_context_save, ctypes.c_void_p).value
         st.context_restore = ctypes.cast(_ucmod.uclib.uc_context_restore, ctypes.c_void_p).value
-        self._context = mmu.uc.context_save()       # its own: the ring-0 SS load sets CPL through it
+        self._context = mmu.uc.context_save()  # its own: the ring-0 SS load sets CPL through it
         st.context = ctypes.cast(self._context.context, ctypes.c_void_p).value
         st.context_hflags = st.context + faults.layout.hflags
         st.context_ss = st.context + faults.layout.ss_selector
@@ -197,7 +270,7 @@ class FastDelivery:
         self._buf = ctypes.create_string_buffer(32)
         self._uch = mmu.uc._uch
         self._lib = lib
-        self._python_intr = None      # set once install_intr has put the C INTR hook in place
+        self._python_intr = None  # set once install_intr has put the C INTR hook in place
 
     @classmethod
     def install(cls, delivery) -> "FastDelivery | None":
@@ -242,13 +315,19 @@ class FastDelivery:
         st = self._state
         st.cpu_offset, st.loop_exit = found
         handle = ctypes.c_size_t()
-        err = _ucmod.uclib.uc_hook_add(self._uch, ctypes.byref(handle), UC_HOOK_TLB_FILL,
-                                       ctypes.cast(self._lib.delivery_pf_hook, ctypes.c_void_p), self._pstate,
-                                       ctypes.c_uint64(1), ctypes.c_uint64(0))
+        err = _ucmod.uclib.uc_hook_add(
+            self._uch,
+            ctypes.byref(handle),
+            UC_HOOK_TLB_FILL,
+            ctypes.cast(self._lib.delivery_pf_hook, ctypes.c_void_p),
+            self._pstate,
+            ctypes.c_uint64(1),
+            ctypes.c_uint64(0),
+        )
         if err:
             raise RuntimeError(f"cannot install the C #PF hook (uc error {err})")
         self._pf_hook = handle.value
-        self.mmu.uc._callbacks[handle.value] = self     # its state lives as long as the engine may call it
+        self.mmu.uc._callbacks[handle.value] = self  # its state lives as long as the engine may call it
 
     def install_intr(self, vcpu) -> None:
         """Put delivery_intr_hook in front of the vCPU's INTR hook: `int n` and the faults the engine
@@ -277,6 +356,7 @@ class FastDelivery:
             owner.counts["exception"] += 1
             owner.reasons["exception", MNEMONIC.get(vector, f"vector {vector}")] += 1
             owner.clock.if_may_have_changed()
+
         @hook_guard()
         def pf_done(owner, eip: int, access: int) -> None:
             """What the run loop does around a #PF besides CR2 and the delivery (Vcpu.page_fault)."""
@@ -287,11 +367,13 @@ class FastDelivery:
             owner.counts["page_fault"] += 1
             owner.reasons["page_fault", "#PF"] += 1
             owner.clock.if_may_have_changed()
+
         self._soft_done = _SOFT_DONE(lambda vector, start, eip: soft_done(vcpu, vector, start, eip))
         self._fault_done = _FAULT_DONE(lambda vector, eip: fault_done(vcpu, vector, eip))
         self._pf_done = _PF_DONE(lambda eip, access: pf_done(vcpu, eip, access))
         st.pf_done = ctypes.cast(self._pf_done, ctypes.c_void_p).value
         from cpuvirt.cpu.vcpu import FETCH_FAULT_CYCLES
+
         clock = vcpu.clock._state
         kind = type(clock)
         st.clock_now = ctypes.addressof(clock) + kind.now.offset
@@ -303,9 +385,15 @@ class FastDelivery:
         st.soft_done = ctypes.cast(self._soft_done, ctypes.c_void_p).value
         st.fault_done = ctypes.cast(self._fault_done, ctypes.c_void_p).value
         handle = ctypes.c_size_t()
-        err = _ucmod.uclib.uc_hook_add(self._uch, ctypes.byref(handle), UC_HOOK_INTR,
-                                       ctypes.cast(self._lib.delivery_intr_hook, ctypes.c_void_p), self._pstate,
-                                       ctypes.c_uint64(1), ctypes.c_uint64(0))
+        err = _ucmod.uclib.uc_hook_add(
+            self._uch,
+            ctypes.byref(handle),
+            UC_HOOK_INTR,
+            ctypes.cast(self._lib.delivery_intr_hook, ctypes.c_void_p),
+            self._pstate,
+            ctypes.c_uint64(1),
+            ctypes.c_uint64(0),
+        )
         if err:
             raise RuntimeError(f"cannot install the C INTR hook (uc error {err})")
         vcpu._intr_hook = handle.value
@@ -339,9 +427,9 @@ class FastDelivery:
         site.s = ctypes.addressof(self._state)
         site.python = ctypes.cast(python_hook, ctypes.c_void_p).value
         site.size, site.src_reg, site.reserved = size, src_reg, CR4_RESERVED
-        site.bytes[:len(code[:16])] = code[:16]
+        site.bytes[: len(code[:16])] = code[:16]
         if len(code) != size:
-            site.size = 0                       # bytes unknown: always the Python hook
+            site.size = 0  # bytes unknown: always the Python hook
         self._add_site(address, site, self._lib.delivery_cr4_hook, python_hook)
 
     def cr4_passed(self) -> int:
@@ -356,19 +444,25 @@ class FastDelivery:
         site.s = ctypes.addressof(self._state)
         site.python = ctypes.cast(python_hook, ctypes.c_void_p).value
         site.size, site.wide = size, int(wide)
-        site.bytes[:len(code[:16])] = code[:16]
+        site.bytes[: len(code[:16])] = code[:16]
         if len(code) != size:
-            site.size = 0                       # bytes unknown: always the Python hook
+            site.size = 0  # bytes unknown: always the Python hook
         self._add_site(address, site, self._lib.delivery_iret_hook, python_hook)
 
     def _add_site(self, address: int, site, hook, python_hook) -> None:
         handle = ctypes.c_size_t()
-        err = _ucmod.uclib.uc_hook_add(self._uch, ctypes.byref(handle), UC_HOOK_CODE,
-                                       ctypes.cast(hook, ctypes.c_void_p), ctypes.c_void_p(ctypes.addressof(site)),
-                                       ctypes.c_uint64(address), ctypes.c_uint64(address))
+        err = _ucmod.uclib.uc_hook_add(
+            self._uch,
+            ctypes.byref(handle),
+            UC_HOOK_CODE,
+            ctypes.cast(hook, ctypes.c_void_p),
+            ctypes.c_void_p(ctypes.addressof(site)),
+            ctypes.c_uint64(address),
+            ctypes.c_uint64(address),
+        )
         if err:
             raise RuntimeError(f"cannot hook the intercepted instruction at {address:#x} (uc error {err})")
-        self._sites[handle.value] = (site, python_hook)     # alive as long as the engine may call them
+        self._sites[handle.value] = (site, python_hook)  # alive as long as the engine may call them
         self.mmu.uc._callbacks[handle.value] = self
 
     @property
@@ -393,7 +487,7 @@ class FastDelivery:
     def deliver(self, vector: int, return_eip: int, error_code: int | None, soft: bool, external: bool) -> bool:
         """True when the C path delivered the event; False: nothing changed, deliver it in Python."""
         if self.mmu.traces.frames:
-            return False              # a write-traced frame may be written: Mmu.write_linear tells its owners
+            return False  # a write-traced frame may be written: Mmu.write_linear tells its owners
         flags = (F_SOFT if soft else 0) | (F_EXTERNAL if external else 0)
         if error_code is not None:
             flags |= F_ERROR_CODE
@@ -416,8 +510,9 @@ class FastDelivery:
     def fault_linear(self, eip: int, page: int, access: int) -> int | None:
         """The C answer to Vcpu.exact_linear for a #PF on `page` at `eip` (None: Python's to find)."""
         out = ctypes.c_uint32()
-        if self._lib.delivery_fault_linear(self._pstate, self._uch, eip & 0xFFFFFFFF, page & 0xFFFFF000, access,
-                                           ctypes.byref(out)):
+        if self._lib.delivery_fault_linear(
+            self._pstate, self._uch, eip & 0xFFFFFFFF, page & 0xFFFFF000, access, ctypes.byref(out)
+        ):
             return out.value
         return None
 

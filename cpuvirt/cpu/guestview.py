@@ -7,6 +7,7 @@ as the guest sees them, and guest-linear reads and writes made with the supervis
 own accesses have (a per-page cache like a TLB, dropped by `flush_guest_tlb`). The floors above it:
 segments.py (segment loads), privileged.py (emulated instructions), iogate.py, deprivilege.py.
 """
+
 from __future__ import annotations
 
 from unicorn import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH
@@ -19,18 +20,18 @@ from cpuvirt.memory.mmu import GuestPageFault
 from cpuvirt.x86.flags import EFLAGS_IOPL, EFLAGS_VM
 from cpuvirt.x86.vectors import Vector
 
-KERNEL_RING = 1                   # the real ring of the guest kernel (virtual CPL 0)
+KERNEL_RING = 1  # the real ring of the guest kernel (virtual CPL 0)
 
 
 class GuestViewVcpu(Vcpu):
     """A Vcpu whose guest kernel runs at ring 1 against a `VirtualCpu` (`v`)."""
 
-    event_kind = "trap"     # the trace kind of each emulation: "trap", or "callout" (full mode)
+    event_kind = "trap"  # the trace kind of each emulation: "trap", or "callout" (full mode)
 
     def __init__(self, machine, trace=None, max_insns: int = 0):
         super().__init__(machine, trace=trace, max_insns=max_insns)
         self.virtual_cpu = VirtualCpu()
-        self._rtlb: dict[int, int] = {}          # linear page -> host frame, for the hypervisor's reads
+        self._rtlb: dict[int, int] = {}  # linear page -> host frame, for the hypervisor's reads
 
     def vcpl(self) -> int:
         """The CPL the guest believes in: real ring 1 is its ring 0; in virtual-8086 mode it is 3

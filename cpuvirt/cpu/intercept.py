@@ -15,6 +15,7 @@ VMCS control, or a deprivileging hypervisor, must see them. The way used here:
   code after a CR3 switch or a rewrite: xv6's processes all run at linear 0, and the `f4` inside
   `init`'s `call` at 0x87 (decoded from 0x88: `hlt`) is `sh`'s one-byte `pop edx` at 0x88 (same size).
 """
+
 from __future__ import annotations
 
 import re
@@ -27,10 +28,14 @@ from cpuvirt.cpu import ssealign
 # The opcode bytes that start each sensitive instruction, after any prefixes (SDM Vol. 2 opcode map).
 OPCODES = {
     "hlt": rb"\xf4",
-    "mov_cr": rb"\x0f[\x20\x22]", "mov_dr": rb"\x0f[\x21\x23]", "clts": rb"\x0f\x06",
-    "group7": rb"\x0f\x01",          # sgdt sidt lgdt lidt smsw lmsw invlpg vmcall monitor mwait ...
-    "group6": rb"\x0f\x00",          # sldt str lldt ltr verr verw
-    "msr": rb"\x0f[\x30\x32]", "rdpmc": rb"\x0f\x33", "cache": rb"\x0f[\x08\x09]",
+    "mov_cr": rb"\x0f[\x20\x22]",
+    "mov_dr": rb"\x0f[\x21\x23]",
+    "clts": rb"\x0f\x06",
+    "group7": rb"\x0f\x01",  # sgdt sidt lgdt lidt smsw lmsw invlpg vmcall monitor mwait ...
+    "group6": rb"\x0f\x00",  # sldt str lldt ltr verr verw
+    "msr": rb"\x0f[\x30\x32]",
+    "rdpmc": rb"\x0f\x33",
+    "cache": rb"\x0f[\x08\x09]",
     "pause": rb"\xf3\x90",
 }
 PREFIXES = frozenset(b"\x66\x67\xf2\xf3\x2e\x3e\x26\x36\x64\x65\xf0")
@@ -71,7 +76,7 @@ class Intercepts:
     are hooked too (cpu/ssealign.py), in C when `sse` is set."""
 
     def __init__(self, hooks, mmu, wanted: frozenset[str], on_hit):
-        self.hooks = hooks              # the owner's EngineHooks: each site's code hook runs under the guard
+        self.hooks = hooks  # the owner's EngineHooks: each site's code hook runs under the guard
         self.mmu = mmu
         self.wanted = wanted
         self.on_hit = on_hit
@@ -84,8 +89,8 @@ class Intercepts:
         # of the site's _hit (cpu/fastdelivery.py: the common iret and mov to CR4)
         self.fast_site: Callable[..., bool] | None = None
         self._cs16 = Cs(CS_ARCH_X86, CS_MODE_16)
-        self.code16: Callable[[], bool] | None = None   # is the guest running 16-bit code now? (real mode)
-        self.sse: ssealign.SseAlign | None = None     # the C hook of aligned-SSE sites
+        self.code16: Callable[[], bool] | None = None  # is the guest running 16-bit code now? (real mode)
+        self.sse: ssealign.SseAlign | None = None  # the C hook of aligned-SSE sites
         self._pattern = re.compile(b"|".join(OPCODES.values()) + b"|" + FAR_PATTERN + b"|" + ssealign.OPCODE_PATTERN)
 
     # -- scanning ----------------------------------------------------------------------------------
@@ -110,9 +115,9 @@ class Intercepts:
                 starts.add(j)
                 j -= 1
         for start in sorted(starts):
-            for addr, size, mnem, ops in self._cs.disasm_lite(code[start:start + 15], page + start, 1):
+            for addr, size, mnem, ops in self._cs.disasm_lite(code[start : start + 15], page + start, 1):
                 if _is_wanted(mnem, ops, self.wanted):
-                    self._hook(addr, size, mnem, ops, code[start:start + size])
+                    self._hook(addr, size, mnem, ops, code[start : start + size])
 
     def check_block(self, insns) -> bool:
         """Called with a newly seen block's instructions; True if one lacked a hook (retranslate it)."""
@@ -132,8 +137,9 @@ class Intercepts:
             self.sse.site(addr, size, code, self.hooks.code_function(self._hit))
             return
         # a C hook answers the common iret or mov to CR4 and hands the rest to _hit (cpu/fastdelivery.py)
-        if self.fast_site is not None and self.fast_site(addr, size, mnem, ops, code,
-                                                         self.hooks.code_function(self._hit)):
+        if self.fast_site is not None and self.fast_site(
+            addr, size, mnem, ops, code, self.hooks.code_function(self._hit)
+        ):
             return
         self.hooks.code(self._hit, addr, addr)
 

@@ -5,6 +5,7 @@ in/out/ins/outs (`io_gate`) checks the virtual IOPL, then the guest TSS's I/O pe
 (ioperm.py), and delivers #GP(0) instead of the access. Port I/O at virtual CPL 0 is a trap event,
 then the device model (`port_io`, `kernel_port_io`).
 """
+
 from __future__ import annotations
 
 from cpuvirt.cpu.guestview import GuestViewVcpu
@@ -27,9 +28,14 @@ class IoGateVcpu(GuestViewVcpu):
         if cpl == 0:
             return self.kernel_port_io(port, size, is_in, value)
         if cpl > self.virtual_cpu.iopl:
-            self.record("unhandled_io", "IN" if is_in else "OUT", None, self.io_site()[0],
-                        {"port": f"{port:#x}", "size": size, "cpl": cpl, "iopl": self.virtual_cpu.iopl},
-                        "above IOPL and missed by the I/O gate: not performed (no #GP delivered)")
+            self.record(
+                "unhandled_io",
+                "IN" if is_in else "OUT",
+                None,
+                self.io_site()[0],
+                {"port": f"{port:#x}", "size": size, "cpl": cpl, "iopl": self.virtual_cpu.iopl},
+                "above IOPL and missed by the I/O gate: not performed (no #GP delivered)",
+            )
             return (1 << (8 * size)) - 1 if is_in else 0
         try:
             return super().port_io(port, size, is_in, value)
@@ -41,9 +47,15 @@ class IoGateVcpu(GuestViewVcpu):
         then the device model."""
         if self.trace is not None:
             site = self.io_site()
-            self._io_site_once = site              # the io event that follows names the same site
-            self.record(self.event_kind, "in" if is_in else "out", None, site[0],
-                        {"port": f"{port:#x}", "size": size}, "emulated: port I/O through the device model")
+            self._io_site_once = site  # the io event that follows names the same site
+            self.record(
+                self.event_kind,
+                "in" if is_in else "out",
+                None,
+                site[0],
+                {"port": f"{port:#x}", "size": size},
+                "emulated: port I/O through the device model",
+            )
         else:
             self.counts[self.event_kind] += 1
             self.reasons[self.event_kind, "in" if is_in else "out"] += 1
@@ -66,18 +78,42 @@ class IoGateVcpu(GuestViewVcpu):
         if self.vcpl() != 3:
             return
         from cpuvirt.cpu.ioperm import io_operands, io_permitted
+
         port, width = io_operands(mnem, ops, self.regs)
         if not io_permitted(self.view, port, width):
-            self.record("exception", "#GP", 13, address, {"vector": 13, "error_code": 0, "why": "I/O above IOPL"},
-                        "delivered through the guest IDT")
+            self.record(
+                "exception",
+                "#GP",
+                13,
+                address,
+                {"vector": 13, "error_code": 0, "why": "I/O above IOPL"},
+                "delivered through the guest IDT",
+            )
             # the return EIP is the offset in CS (the hook's address is linear: V86 and real mode differ)
             self.deliver(Vector.GP, self.regs.read(R.EIP), 0)
 
     def enable_io_gate(self) -> None:
         """Put a code hook on every in/out the guest runs (blocks are checked as they are translated)."""
         from cpuvirt.cpu.intercept import Intercepts
-        wanted = frozenset(("in", "out", "insb", "insw", "insd", "outsb", "outsw", "outsd",
-                            "rep insb", "rep insw", "rep insd", "rep outsb", "rep outsw", "rep outsd"))
+
+        wanted = frozenset(
+            (
+                "in",
+                "out",
+                "insb",
+                "insw",
+                "insd",
+                "outsb",
+                "outsw",
+                "outsd",
+                "rep insb",
+                "rep insw",
+                "rep insd",
+                "rep outsb",
+                "rep outsw",
+                "rep outsd",
+            )
+        )
         self.enable_intercepts(wanted, self.io_gate)
-        self.mmu.on_code_frame = None        # the page scan knows no in/out opcodes: the block check finds them
+        self.mmu.on_code_frame = None  # the page scan knows no in/out opcodes: the block check finds them
         assert isinstance(self.intercepts, Intercepts)

@@ -5,6 +5,7 @@ always in virtual-8086 mode, the I/O permission bitmap of the current 32-bit TSS
 base at offset 0x66; every bit of the accessed ports must be 0, and the two bytes read must lie
 within the TSS limit). Not allowed: #GP(0), before the access and before any VM exit.
 """
+
 from __future__ import annotations
 
 from cpuvirt.cpu.faults import DeliveryFault

@@ -10,6 +10,7 @@ of the same block execution stopped, that has the same direction and whose opera
 the registers now, covers the accessed byte's page offset (a `rep` string instruction may match
 again). Decoding is done once per block; only traced runs pay for it.
 """
+
 from __future__ import annotations
 
 from capstone import CS_AC_READ, CS_AC_WRITE, CS_ARCH_X86, CS_MODE_32, Cs
@@ -19,9 +20,17 @@ from capstone.x86 import X86_OP_MEM, X86_REG_INVALID
 from cpuvirt import limits
 from cpuvirt.engine import regs as R
 
-_REG = {C.X86_REG_EAX: R.EAX, C.X86_REG_ECX: R.ECX, C.X86_REG_EDX: R.EDX, C.X86_REG_EBX: R.EBX,
-        C.X86_REG_ESP: R.ESP, C.X86_REG_EBP: R.EBP, C.X86_REG_ESI: R.ESI, C.X86_REG_EDI: R.EDI}
-_BLOCK_LOOKAHEAD = 256      # bytes decoded from a block's start
+_REG = {
+    C.X86_REG_EAX: R.EAX,
+    C.X86_REG_ECX: R.ECX,
+    C.X86_REG_EDX: R.EDX,
+    C.X86_REG_EBX: R.EBX,
+    C.X86_REG_ESP: R.ESP,
+    C.X86_REG_EBP: R.EBP,
+    C.X86_REG_ESI: R.ESI,
+    C.X86_REG_EDI: R.EDI,
+}
+_BLOCK_LOOKAHEAD = 256  # bytes decoded from a block's start
 _ENDS_BLOCK = frozenset((C.X86_GRP_JUMP, C.X86_GRP_CALL, C.X86_GRP_RET, C.X86_GRP_INT, C.X86_GRP_IRET))
 
 
@@ -69,11 +78,19 @@ class MmioSites:
             insns = []
             for insn in self._cs.disasm(code, block):
                 mems = [op for op in insn.operands if op.type == X86_OP_MEM]
-                accesses = [(write, _REG.get(op.mem.base) if op.mem.base != X86_REG_INVALID else None,
-                             _REG.get(op.mem.index) if op.mem.index != X86_REG_INVALID else None,
-                             op.mem.scale, op.mem.disp, op.size or 4)
-                            for write, flag in ((False, CS_AC_READ), (True, CS_AC_WRITE))
-                            for op in mems if op.access & flag]
+                accesses = [
+                    (
+                        write,
+                        _REG.get(op.mem.base) if op.mem.base != X86_REG_INVALID else None,
+                        _REG.get(op.mem.index) if op.mem.index != X86_REG_INVALID else None,
+                        op.mem.scale,
+                        op.mem.disp,
+                        op.size or 4,
+                    )
+                    for write, flag in ((False, CS_AC_READ), (True, CS_AC_WRITE))
+                    for op in mems
+                    if op.access & flag
+                ]
                 if accesses:
                     insns.append((insn.address, accesses, insn.prefix[0] in (0xF2, 0xF3)))
                 if any(g in _ENDS_BLOCK for g in insn.groups):

@@ -7,6 +7,7 @@ instruction does at CPL 0, records the event, and sets EIP (past the instruction
 it returns False when the instruction is not one it emulates (the caller delivers the fault), and raises
 `GuestFault` for an exception the guest must see.
 """
+
 from __future__ import annotations
 
 import struct
@@ -26,7 +27,7 @@ Emulator = Callable[..., "bool | None"]
 def _cli(vcpu, eip, size, ops):
     vcpu.regs.write(R.EFLAGS, vcpu.regs.read(R.EFLAGS) & ~EFLAGS_IF)
     if vcpu.trace is None:
-        vcpu.counts[vcpu.event_kind] += 1                 # what `emulated` records when no trace is written
+        vcpu.counts[vcpu.event_kind] += 1  # what `emulated` records when no trace is written
         vcpu.reasons[vcpu.event_kind, "cli"] += 1
     else:
         vcpu.emulated(eip, "cli", {"if": 0})
@@ -139,7 +140,7 @@ def _ltr(vcpu, eip, size, ops):
     if not sel & ~3:
         raise GuestFault(Vector.GP, 0)
     base, limit, _, hi = vcpu._system_segment(sel, (1, 9))
-    vcpu.write_guest(vcpu.virtual_cpu.gdtr[0] + (sel & ~7) + 4, struct.pack("<I", hi | (2 << 8)))   # mark it busy
+    vcpu.write_guest(vcpu.virtual_cpu.gdtr[0] + (sel & ~7) + 4, struct.pack("<I", hi | (2 << 8)))  # mark it busy
     vcpu.virtual_cpu.tr = SegCache(sel, base, limit)
     vcpu.emulated(eip, "ltr", {"selector": f"{sel:#x}", "base": f"{base:#x}", "limit": f"{limit:#x}"})
     vcpu.regs.write(R.EIP, eip + size)
@@ -151,7 +152,7 @@ def _invlpg(vcpu, eip, size, ops):
     vcpu._rtlb.pop(addr >> 12, None)
     vcpu.mmu.crs = None
     if inv is not None:
-        inv(addr)                                  # shadow paging: drop the entry, flush the engine
+        inv(addr)  # shadow paging: drop the entry, flush the engine
     else:
         vcpu.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
     vcpu.emulated(eip, "invlpg", {"address": f"{addr:#x}"})
@@ -167,7 +168,7 @@ def _clts(vcpu, eip, size, ops):
 def _lmsw(vcpu, eip, size, ops):
     value = vcpu.read_operand(eip, ops, 2) & 0xF
     cr0 = vcpu.virtual_cpu.cr0
-    vcpu.write_cr(0, (cr0 & ~0xE) | value | (cr0 & CR0_PE))   # lmsw cannot clear PE
+    vcpu.write_cr(0, (cr0 & ~0xE) | value | (cr0 & CR0_PE))  # lmsw cannot clear PE
     vcpu.emulated(eip, "lmsw", {"value": f"{value:#x}"})
     vcpu.regs.write(R.EIP, eip + size)
 
@@ -222,9 +223,9 @@ def segment_query(vcpu, sel: int, what: str) -> tuple[bool, int, int]:
         return False, 0, 0
     typ, dpl = (hi >> 8) & 0xF, (hi >> 13) & 3
     privileged = dpl < vcpu.vcpl() or dpl < sel & 3
-    if hi & (1 << 12):                                    # a code or data segment
+    if hi & (1 << 12):  # a code or data segment
         code = typ & 8
-        if privileged and not (code and typ & 4):        # conforming code skips the DPL check
+        if privileged and not (code and typ & 4):  # conforming code skips the DPL check
             return False, lo, hi
         if what == "verr":
             return (not code or bool(typ & 2)), lo, hi
@@ -246,7 +247,7 @@ def _lar_lsl(vcpu, eip, size, ops, what):
     ok, lo, hi = segment_query(vcpu, sel, what)
     if ok:
         if what == "lar":
-            value = hi & (0x00F0FF00 if dst in R.GPR_NAMES else 0xFF00)   # a 32-bit destination
+            value = hi & (0x00F0FF00 if dst in R.GPR_NAMES else 0xFF00)  # a 32-bit destination
         else:
             value = (lo & 0xFFFF) | (hi & 0xF0000)
             if hi & (1 << 23):
@@ -282,19 +283,19 @@ def _sysexit(vcpu, eip, size, ops):
     vcpu.emulated(eip, "sysexit", {"eip": f"{regs.read(R.EDX):#x}", "esp": f"{regs.read(R.ECX):#x}"})
     vcpu.load_cs_ss((cs + 16) | 3, (cs + 24) | 3, 3)
     regs.write(R.ESP, regs.read(R.ECX))
-    vcpu.set_guest_eflags(vcpu.guest_eflags())       # the real IOPL of ring 3
+    vcpu.set_guest_eflags(vcpu.guest_eflags())  # the real IOPL of ring 3
     regs.write(R.EIP, regs.read(R.EDX))
 
 
 # mnemonic (as capstone names it) -> what emulates it at virtual CPL 0 (SDM Vol. 2 for each instruction)
 EMULATE: dict[str, Emulator] = {
-    "cli": _cli,                                    # IF := 0 (the real IF carries the virtual one)
-    "sti": _sti,                                    # IF := 1, with its one-instruction interrupt shadow
-    "mov": _mov,                                    # mov to/from CR0-4 and DR0-7, mov to a segment register
-    "pop": _pop,                                    # pop of a segment register
-    "hlt": _hlt,                                    # idle until an interrupt
-    "lgdt": partial(_table_load, which="lgdt"),     # the real GDTR is the guest's GDT
-    "lidt": partial(_table_load, which="lidt"),     # the virtual IDTR only
+    "cli": _cli,  # IF := 0 (the real IF carries the virtual one)
+    "sti": _sti,  # IF := 1, with its one-instruction interrupt shadow
+    "mov": _mov,  # mov to/from CR0-4 and DR0-7, mov to a segment register
+    "pop": _pop,  # pop of a segment register
+    "hlt": _hlt,  # idle until an interrupt
+    "lgdt": partial(_table_load, which="lgdt"),  # the real GDTR is the guest's GDT
+    "lidt": partial(_table_load, which="lidt"),  # the virtual IDTR only
     "lldt": _lldt,
     "ltr": _ltr,
     "invlpg": _invlpg,
@@ -304,16 +305,16 @@ EMULATE: dict[str, Emulator] = {
     "invd": _nop,
     "rdmsr": partial(_msr, write=False),
     "wrmsr": partial(_msr, write=True),
-    "iretd": _iretd,                                # through the deprivileging core's return path
-    "ljmp": _ljmp,                                  # far jump: a code segment, or a task switch
+    "iretd": _iretd,  # through the deprivileging core's return path
+    "ljmp": _ljmp,  # far jump: a code segment, or a task switch
     "lcall": partial(_ljmp, call=True),
     "retf": _retf,
-    "jmp": partial(_far_indirect, call=False),      # jmp far [m]
-    "call": partial(_far_indirect, call=True),      # call far [m]
-    "lar": partial(_lar_lsl, what="lar"),           # in the guest's view: its descriptor, the virtual CPL
+    "jmp": partial(_far_indirect, call=False),  # jmp far [m]
+    "call": partial(_far_indirect, call=True),  # call far [m]
+    "lar": partial(_lar_lsl, what="lar"),  # in the guest's view: its descriptor, the virtual CPL
     "lsl": partial(_lar_lsl, what="lsl"),
     "verr": partial(_verr_verw, what="verr"),
     "verw": partial(_verr_verw, what="verw"),
-    "sysenter": _sysenter,                          # through the virtual IA32_SYSENTER MSRs
+    "sysenter": _sysenter,  # through the virtual IA32_SYSENTER MSRs
     "sysexit": _sysexit,
 }

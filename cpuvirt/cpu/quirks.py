@@ -9,6 +9,7 @@ came from `int n` (`exception_is_int`), which the hook is not told.
 The offsets of those fields in the context blob depend on the Unicorn build, so they are found once
 per process by running two tiny probes and diffing the blobs (never hard-coded).
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -26,8 +27,8 @@ class ContextLayout:
     exception_is_int: int
     old_exception: int
     size: int
-    hflags: int          # QEMU's env->hflags; bit 3 (HF_INHIBIT_IRQ) is the sti / mov ss shadow
-    ss_selector: int     # env->segs[R_SS].selector: where the TLB-fill hook finds the CPL (SS.RPL)
+    hflags: int  # QEMU's env->hflags; bit 3 (HF_INHIBIT_IRQ) is the sti / mov ss shadow
+    ss_selector: int  # env->segs[R_SS].selector: where the TLB-fill hook finds the CPL (SS.RPL)
 
 
 HF_INHIBIT_IRQ = 1 << 3
@@ -76,10 +77,15 @@ def _shadow_offset() -> int:
     if len(blobs) < 3:
         raise RuntimeError("cannot locate the interrupt-shadow flag in this Unicorn's context")
     before, shadow, after = blobs[:3]
+
     def ints(b, i):
         return struct.unpack_from("<I", b, i)[0]
-    found = [i for i in range(0, len(before) - 3, 4)
-             if ints(shadow, i) ^ ints(before, i) == HF_INHIBIT_IRQ and ints(after, i) == ints(before, i)]
+
+    found = [
+        i
+        for i in range(0, len(before) - 3, 4)
+        if ints(shadow, i) ^ ints(before, i) == HF_INHIBIT_IRQ and ints(after, i) == ints(before, i)
+    ]
     if len(found) != 1:
         raise RuntimeError(f"cannot locate the interrupt-shadow flag in this Unicorn's context ({found})")
     return found[0]
@@ -95,8 +101,11 @@ def _ss_selector_offset() -> int:
     before = _blob(uc.context_save())
     uc.reg_write(X.UC_X86_REG_SS, 0x18)
     after = _blob(uc.context_save())
-    found = [i for i in range(0, len(before) - 3, 4)
-             if struct.unpack_from("<I", before, i)[0] == 0x10 and struct.unpack_from("<I", after, i)[0] == 0x18]
+    found = [
+        i
+        for i in range(0, len(before) - 3, 4)
+        if struct.unpack_from("<I", before, i)[0] == 0x10 and struct.unpack_from("<I", after, i)[0] == 0x18
+    ]
     if len(found) != 1:
         raise RuntimeError(f"cannot locate SS's selector in this Unicorn's context ({found})")
     return found[0]
@@ -105,11 +114,13 @@ def _ss_selector_offset() -> int:
 @lru_cache(maxsize=1)
 def context_layout() -> ContextLayout:
     # mov ax, 0x1234; mov ds, ax  -> #GP(0x1234): error_code 0x1234, old_exception 13, is_int 0
-    b0, gp = _fault_blob(bytes.fromhex("66b83412" "8ed8"))
+    b0, gp = _fault_blob(bytes.fromhex("66b834128ed8"))
     # int 0x30 -> is_int 1, error_code 0, old_exception untouched
     _, soft = _fault_blob(bytes.fromhex("cd30"))
+
     def ints(b, i):
         return struct.unpack_from("<i", b, i)[0]
+
     err = [i for i in range(0, len(b0) - 3, 4) if ints(gp, i) == 0x1234 and ints(b0, i) == 0 and ints(soft, i) == 0]
     isint = [i for i in range(0, len(b0) - 3, 4) if ints(soft, i) == 1 and ints(gp, i) == 0 and ints(b0, i) == 0]
     old = [i for i in range(0, len(b0) - 3, 4) if ints(b0, i) == -1 and ints(gp, i) == 13 and ints(soft, i) == -1]
@@ -133,9 +144,11 @@ class FaultState:
         # exception_is_int, old_exception
         addr = ctypes.cast(self._ctx.context, ctypes.c_void_p).value
         lay = self.layout
-        self._fields = (ctypes.c_int32.from_address(addr + lay.error_code),
-                        ctypes.c_int32.from_address(addr + lay.exception_is_int),
-                        ctypes.c_int32.from_address(addr + lay.old_exception))
+        self._fields = (
+            ctypes.c_int32.from_address(addr + lay.error_code),
+            ctypes.c_int32.from_address(addr + lay.exception_is_int),
+            ctypes.c_int32.from_address(addr + lay.old_exception),
+        )
 
     def take(self) -> tuple[int, bool]:
         """Return (error_code, from_int_n) of the fault being handled, and mark it delivered."""

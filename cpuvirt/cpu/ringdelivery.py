@@ -5,6 +5,7 @@
 handler at real ring 1. `VirtualView` is what far transfers and task switches (tasks.py) see: the
 guest's tables, CR0/CR3 and CPL from the VirtualCpu, CS/SS loaded ring-compressed.
 """
+
 from __future__ import annotations
 
 from cpuvirt.cpu.events import EventDelivery
@@ -131,7 +132,7 @@ class VirtualView(CpuView):
                 c.load_segment(names[reg], sel)
         except GuestFault as g:
             raise DeliveryFault(g.vector, g.error_code or 0, g.cr2) from None
-        c.set_guest_eflags(c.guest_eflags())       # the real IOPL of the new ring
+        c.set_guest_eflags(c.guest_eflags())  # the real IOPL of the new ring
         self.entered = eip
         if cpl == 0:
             c.enter_kernel(eip)

@@ -6,6 +6,7 @@ flat, or whose limits outlived a return to real mode: "big real mode") reads the
 context save per use. The caches' offset in the context is found at start-up
 (`segs_offset` below, never hard-coded); `available` is False if it could not be found.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -17,11 +18,16 @@ from cpuvirt.engine.regs import _uclib
 
 class _SegmentCache(ctypes.Structure):
     """QEMU's SegmentCache (the hidden part of a segment register) as the saved context holds it."""
-    _fields_ = [("selector", ctypes.c_uint32), ("base", ctypes.c_uint64), ("limit", ctypes.c_uint32),
-                ("flags", ctypes.c_uint32)]
+
+    _fields_ = [
+        ("selector", ctypes.c_uint32),
+        ("base", ctypes.c_uint64),
+        ("limit", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+    ]
 
 
-_SEG_INDEX = {R.ES: 0, R.CS: 1, R.SS: 2, R.DS: 3, R.FS: 4, R.GS: 5}   # QEMU's R_ES..R_GS
+_SEG_INDEX = {R.ES: 0, R.CS: 1, R.SS: 2, R.DS: 3, R.FS: 4, R.GS: 5}  # QEMU's R_ES..R_GS
 _HF_CS32, _HF_SS32, _HF_ADDSEG = 1 << 4, 1 << 5, 1 << 6
 _segs_offset_cache: list = []
 
@@ -33,11 +39,12 @@ def segs_offset() -> int | None:
         return _segs_offset_cache[0]
     from unicorn import UC_ARCH_X86, UC_MODE_32, Uc
     from unicorn import x86_const as X
+
     off = None
     try:
         uc = Uc(UC_ARCH_X86, UC_MODE_32)
         uc.mem_map(0, 0x10000)
-        lo, hi = 0xCDEF1234, 0x12CB92AB         # base 0x12abcdef, limit 0xb1234 pages, DPL 0 data
+        lo, hi = 0xCDEF1234, 0x12CB92AB  # base 0x12abcdef, limit 0xb1234 pages, DPL 0 data
         gdt = b"\0" * 8 + struct.pack("<QQII", 0x00CF9A000000FFFF, 0x00CF92000000FFFF, lo, hi)
         uc.mem_write(0x1000, gdt)
         uc.reg_write(X.UC_X86_REG_GDTR, (0, 0x1000, len(gdt) - 1, 0))
@@ -47,13 +54,15 @@ def segs_offset() -> int | None:
         ctx = uc.context_save()
         blob = bytes(ctypes.string_at(ctx.context, ctx.size))
         want = struct.pack("<I4xQII", 0x18, 0x12ABCDEF, 0xB1234FFF, hi | (1 << 8))
-        found = [i for i in range(0, len(blob) - 23, 4) if blob[i:i + 4] == want[:4] and blob[i + 8:i + 24] == want[8:]]
+        found = [
+            i for i in range(0, len(blob) - 23, 4) if blob[i : i + 4] == want[:4] and blob[i + 8 : i + 24] == want[8:]
+        ]
         if len(found) == 1 and found[0] >= 3 * 24:
             cand = found[0] - 3 * 24
             cs = struct.unpack_from("<I4xQII", blob, cand + 24)
             if cs == (0x08, 0, 0xFFFFFFFF, 0x00CF9B00):
                 off = cand
-    except Exception:        # noqa: BLE001 - no direct loads then: the shadow-GDT window does them
+    except Exception:  # noqa: BLE001 - no direct loads then: the shadow-GDT window does them
         off = None
     _segs_offset_cache.append(off)
     return off

@@ -9,6 +9,7 @@ for the load, then back; the engine's TLB is flushed so no entry for the window 
 execution). The guest's own loads (`load_segment`, `load_cs_ss`) are checked here in its view (SDM
 5.7, 5.10) first. The second floor of the deprivileging core (deprivilege.py).
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -28,9 +29,9 @@ from cpuvirt.memory.p2m import HV_HPA
 from cpuvirt.status import Unsupported
 from cpuvirt.x86.vectors import Vector
 
-HV_SIZE = 8 << 20                 # hypervisor-only host memory (shadow GDT; full mode's translation cache)
-SHADOW_GDT_WINDOW = 0xFFF00000    # linear window of the shadow GDT, served only during a hypervisor load
-SHADOW_GDT_BYTES = 0x10000        # a GDT's largest size (limit 0xFFFF)
+HV_SIZE = 8 << 20  # hypervisor-only host memory (shadow GDT; full mode's translation cache)
+SHADOW_GDT_WINDOW = 0xFFF00000  # linear window of the shadow GDT, served only during a hypervisor load
+SHADOW_GDT_BYTES = 0x10000  # a GDT's largest size (limit 0xFFFF)
 
 
 class ShadowGdt:
@@ -47,7 +48,7 @@ class ShadowGdt:
     @staticmethod
     def compress(lo: int, hi: int) -> tuple[int, int]:
         """A guest descriptor as the shadow holds it: a DPL-0 code or data segment becomes DPL 1."""
-        if hi & (1 << 12) and (hi >> 13) & 3 == 0:     # S = 1 (code/data) and DPL 0
+        if hi & (1 << 12) and (hi >> 13) & 3 == 0:  # S = 1 (code/data) and DPL 0
             hi |= 1 << 13
         return lo, hi
 
@@ -59,7 +60,7 @@ class ShadowGdt:
 class SegmentLoadingVcpu(GuestViewVcpu):
     """Segment registers loaded in the guest's view, ring-compressed (module docstring)."""
 
-    CODE16 = False          # may the guest kernel run 16-bit code (CS.D = 0)? full: yes (bt/direct.py)
+    CODE16 = False  # may the guest kernel run 16-bit code (CS.D = 0)? full: yes (bt/direct.py)
 
     def __init__(self, machine, trace=None, max_insns: int = 0):
         super().__init__(machine, trace=trace, max_insns=max_insns)
@@ -67,33 +68,39 @@ class SegmentLoadingVcpu(GuestViewVcpu):
         self.alloc = HvAllocator(self.hv_mem)
         self.shadow = ShadowGdt(self.hv_mem, self.alloc)
         self._window_on = False
-        self._window_touched = True        # unknown at start: flush before the first window use
+        self._window_touched = True  # unknown at start: flush before the first window use
         self._cplctx = self.uc.context_save()
-        self._cplflags = ctypes.c_uint32.from_address(                      # its hflags, viewed once
-            ctypes.cast(self._cplctx.context, ctypes.c_void_p).value + self.faults.layout.hflags)
+        self._cplflags = ctypes.c_uint32.from_address(  # its hflags, viewed once
+            ctypes.cast(self._cplctx.context, ctypes.c_void_p).value + self.faults.layout.hflags
+        )
         self._gdtr_mmr = R._Mmr()
-        self._loaded: dict[int, tuple[int, int, int]] = {}   # segment register -> (real selector, lo, hi)
+        self._loaded: dict[int, tuple[int, int, int]] = {}  # segment register -> (real selector, lo, hi)
         # views into a saved context for direct segment loads: (context, its pointer, segs, hflags)
         self._direct: tuple[Any, Any, Any, ctypes.c_uint32] | None = None
         off = segs_offset()
         if off is not None:
             ctx = self.uc.context_save()
             addr = ctypes.cast(ctx.context, ctypes.c_void_p).value
-            assert addr is not None                  # a saved context is never NULL
-            self._direct = (ctx, ctx.context, (_SegmentCache * 6).from_address(addr + off),
-                            ctypes.c_uint32.from_address(addr + self.faults.layout.hflags))
+            assert addr is not None  # a saved context is never NULL
+            self._direct = (
+                ctx,
+                ctx.context,
+                (_SegmentCache * 6).from_address(addr + off),
+                ctypes.c_uint32.from_address(addr + self.faults.layout.hflags),
+            )
         mmu = self.mmu
         inner_fill = mmu.fill
 
         def fill(uc, vaddr, access, entry, data):
             if SHADOW_GDT_WINDOW <= vaddr < SHADOW_GDT_WINDOW + SHADOW_GDT_BYTES:
-                if self._window_on and access != 18:       # never a fetch
+                if self._window_on and access != 18:  # never a fetch
                     entry.paddr = self.shadow.hpa + ((vaddr - SHADOW_GDT_WINDOW) & ~0xFFF)
                     entry.perms = UC_PROT_READ | UC_PROT_WRITE
                     return True
-                self._window_touched = True                # the guest's own page there is cached now
+                self._window_touched = True  # the guest's own page there is cached now
             return inner_fill(uc, vaddr, access, entry, data)
-        mmu.fill = fill                                    # install_hooks registers mmu.fill
+
+        mmu.fill = fill  # install_hooks registers mmu.fill
 
     def descriptor(self, selector: int, ext: int = 0) -> tuple[int, int]:
         """The guest's descriptor for `selector` (GDT or LDT, the guest's view); #GP if out of limits."""
@@ -147,7 +154,7 @@ class SegmentLoadingVcpu(GuestViewVcpu):
                 raise Unsupported(f"loading an LDT selector ({sel:#x}) into a segment register at ring 1")
             lo, hi = desc if desc is not None else self.descriptor(sel) if sel & ~3 else (0, 0)
             if ring is None and self._loaded.get(reg) == (real, lo, hi) and regs.read(reg) == real:
-                continue          # the same descriptor is already loaded there: nothing would change
+                continue  # the same descriptor is already loaded there: nothing would change
             todo.append((reg, real, lo, hi))
         if not todo:
             return
@@ -199,10 +206,19 @@ class SegmentLoadingVcpu(GuestViewVcpu):
         for reg, real, lo, hi in todo:
             _, shi = ShadowGdt.compress(lo, hi)
             cpl, rpl, dpl = hf & 3, real & 3, (shi >> 13) & 3
-            if ((real & ~7) + 7 > limit or not shi & (1 << 12) or not shi & 0x8000
-                    or (reg == R.SS and (shi & (1 << 11) or not shi & (1 << 9) or rpl != cpl or dpl != cpl))
-                    or (reg != R.SS and ((shi >> 9) & 5 == 4 or ((not shi & (1 << 11) or not shi & (1 << 10))
-                                                                  and (dpl < cpl or dpl < rpl))))):
+            if (
+                (real & ~7) + 7 > limit
+                or not shi & (1 << 12)
+                or not shi & 0x8000
+                or (reg == R.SS and (shi & (1 << 11) or not shi & (1 << 9) or rpl != cpl or dpl != cpl))
+                or (
+                    reg != R.SS
+                    and (
+                        (shi >> 9) & 5 == 4
+                        or ((not shi & (1 << 11) or not shi & (1 << 10)) and (dpl < cpl or dpl < rpl))
+                    )
+                )
+            ):
                 raise RuntimeError(f"engine refused register write {reg}={real:#x}")
             sc = segs[_SEG_INDEX[reg]]
             sc.selector = real
@@ -236,12 +252,12 @@ class SegmentLoadingVcpu(GuestViewVcpu):
         reg = SREGS[name]
         cpl = self.vcpl()
         if cpl == 0:
-            selector = self.guest_selector(selector)   # RPL 1 is the compressed ring 0 (read natively)
+            selector = self.guest_selector(selector)  # RPL 1 is the compressed ring 0 (read natively)
         rpl = selector & 3
         if not selector & ~3:
             if name == "ss":
                 raise GuestFault(Vector.GP, 0)
-            self.regs.write(reg, selector)            # a null data selector loads anywhere
+            self.regs.write(reg, selector)  # a null data selector loads anywhere
             return
         lo, hi = self.descriptor(selector)
         dpl = (hi >> 13) & 3
@@ -254,7 +270,7 @@ class SegmentLoadingVcpu(GuestViewVcpu):
             if not hi & 0x8000:
                 raise GuestFault(Vector.SS, selector & ~3)
         else:
-            if code and not (hi >> 9) & 1:             # execute-only code
+            if code and not (hi >> 9) & 1:  # execute-only code
                 raise GuestFault(Vector.GP, selector & ~3)
             if (not code or not (hi >> 10) & 1) and dpl < max(cpl, rpl):
                 raise GuestFault(Vector.GP, selector & ~3)
@@ -271,8 +287,10 @@ class SegmentLoadingVcpu(GuestViewVcpu):
         """Make CS (and SS) the guest selectors `cs`/`ss` at virtual CPL `vcpl` (descriptors already
         checked by the caller): ring-0 ones become ring-1 ones from the shadow GDT."""
         ring = KERNEL_RING if vcpl == 0 else vcpl
+
         def real(sel):
             return (sel & ~3) | ring if sel & 3 == 0 and vcpl == 0 else sel
+
         loads = []
         if ss is not None:
             loads.append((R.SS, ss, real(ss)))
@@ -281,7 +299,9 @@ class SegmentLoadingVcpu(GuestViewVcpu):
             if sel is not None:
                 hi = self.descriptor(sel)[1]
                 if sel is cs and not hi >> 22 & 1 and not self.CODE16:
-                    raise Unsupported(f"a 16-bit code segment ({cs:#x}): 16-bit code is not supported "
-                                      "under this deprivileging (only full runs it, in place)")
+                    raise Unsupported(
+                        f"a 16-bit code segment ({cs:#x}): 16-bit code is not supported "
+                        "under this deprivileging (only full runs it, in place)"
+                    )
                 self._set_accessed(sel, hi)
         self.hv_load(loads, ring if ss is not None else None)

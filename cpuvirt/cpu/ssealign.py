@@ -13,6 +13,7 @@ decodes the instruction as the CPU sees it now and gives the address the CPU wou
 Under `full` the translator copies these instructions unchanged into the translation cache, where
 they get the same hook (modes/full/vcpu.py).
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -27,11 +28,10 @@ from cpuvirt.engine import regs as R
 from cpuvirt.engine.cext import load
 
 # m128 operands that need no alignment (SDM Vol. 2: the instructions' own pages)
-UNALIGNED_OK = frozenset(("movups", "movupd", "movdqu", "lddqu", "pcmpestri", "pcmpestrm", "pcmpistri",
-                          "pcmpistrm"))
+UNALIGNED_OK = frozenset(("movups", "movupd", "movdqu", "lddqu", "pcmpestri", "pcmpestrm", "pcmpistri", "pcmpistrm"))
 # the opcode bytes a page scan looks for: two-byte 0F opcodes of the SSE/SSE2 rows and the 0F 38 / 0F 3A maps
 OPCODE_PATTERN = rb"\x0f[\x14\x15\x28\x29\x2b\x51-\x7f\xc2\xc6\xd0-\xfe\x38\x3a]"
-MARKER = "sse align"                  # in Intercepts.wanted: hook these instructions
+MARKER = "sse align"  # in Intercepts.wanted: hook these instructions
 
 
 def is_aligned_sse(mnem: str, ops: str) -> bool:
@@ -41,8 +41,16 @@ def is_aligned_sse(mnem: str, ops: str) -> bool:
 
 _SEG_INDEX = {C.X86_REG_ES: 0, C.X86_REG_CS: 1, C.X86_REG_SS: 2, C.X86_REG_DS: 3, C.X86_REG_FS: 4, C.X86_REG_GS: 5}
 _SEG_REG = (R.ES, R.CS, R.SS, R.DS, R.FS, R.GS)
-_GPR = {C.X86_REG_EAX: R.EAX, C.X86_REG_ECX: R.ECX, C.X86_REG_EDX: R.EDX, C.X86_REG_EBX: R.EBX,
-        C.X86_REG_ESP: R.ESP, C.X86_REG_EBP: R.EBP, C.X86_REG_ESI: R.ESI, C.X86_REG_EDI: R.EDI}
+_GPR = {
+    C.X86_REG_EAX: R.EAX,
+    C.X86_REG_ECX: R.ECX,
+    C.X86_REG_EDX: R.EDX,
+    C.X86_REG_EBX: R.EBX,
+    C.X86_REG_ESP: R.ESP,
+    C.X86_REG_EBP: R.EBP,
+    C.X86_REG_ESI: R.ESI,
+    C.X86_REG_EDI: R.EDI,
+}
 _GPR16 = {C.X86_REG_BX: R.EBX, C.X86_REG_BP: R.EBP, C.X86_REG_SI: R.ESI, C.X86_REG_DI: R.EDI}
 _cs: dict[bool, Cs] = {}
 
@@ -104,18 +112,32 @@ def misaligned_operand(code: bytes, code32: bool, regs, seg_base) -> int | None:
 class _State(ctypes.Structure):
     """Mirror of align_t."""
 
-    _fields_ = [("reg_read", ctypes.c_void_p), ("context_save", ctypes.c_void_p), ("context", ctypes.c_void_p),
-                ("context_hflags", ctypes.c_void_p), ("context_segs", ctypes.c_void_p),
-                ("checks", ctypes.c_uint64), ("passed", ctypes.c_uint64)]
+    _fields_ = [
+        ("reg_read", ctypes.c_void_p),
+        ("context_save", ctypes.c_void_p),
+        ("context", ctypes.c_void_p),
+        ("context_hflags", ctypes.c_void_p),
+        ("context_segs", ctypes.c_void_p),
+        ("checks", ctypes.c_uint64),
+        ("passed", ctypes.c_uint64),
+    ]
 
 
 class _Site(ctypes.Structure):
     """Mirror of align_site_t."""
 
-    _fields_ = [("s", ctypes.c_void_p), ("python", ctypes.c_void_p), ("base", ctypes.c_int32),
-                ("index", ctypes.c_int32), ("scale", ctypes.c_uint32), ("disp", ctypes.c_uint32),
-                ("seg", ctypes.c_uint32), ("size", ctypes.c_uint32), ("valid", ctypes.c_uint32),
-                ("pad", ctypes.c_uint32)]
+    _fields_ = [
+        ("s", ctypes.c_void_p),
+        ("python", ctypes.c_void_p),
+        ("base", ctypes.c_int32),
+        ("index", ctypes.c_int32),
+        ("scale", ctypes.c_uint32),
+        ("disp", ctypes.c_uint32),
+        ("seg", ctypes.c_uint32),
+        ("size", ctypes.c_uint32),
+        ("valid", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+    ]
 
 
 def _short_context(uc, ctx, need: int):
@@ -131,13 +153,13 @@ def _short_context(uc, ctx, need: int):
     header = total - data_size
     if not 0 < header <= 256 or need <= header or need > total:
         return None
-    buf = (ctypes.c_char * total).from_buffer_copy(whole[:header] + b"\xAA" * data_size)
+    buf = (ctypes.c_char * total).from_buffer_copy(whole[:header] + b"\xaa" * data_size)
     ctypes.memmove(buf, (need - header).to_bytes(8, "little"), 8)
     _ucmod.uclib.uc_context_save(uc._uch, buf)
     got = bytes(buf)
     _ucmod.uclib.uc_context_save(uc._uch, ctx.context)
     whole = bytes(ctypes.string_at(ctx.context, total))
-    if got[header:need] != whole[header:need] or got[need:] != b"\xAA" * (total - need):
+    if got[header:need] != whole[header:need] or got[need:] != b"\xaa" * (total - need):
         return None
     return buf
 
@@ -159,11 +181,12 @@ class SseAlign:
             st.context = ctypes.addressof(self._short)
         st.context_hflags = st.context + hflags_offset
         st.context_segs = st.context + segs
-        self.sites: dict[int, tuple[_Site, int, object]] = {}     # address -> (site, hook handle, Python hook)
+        self.sites: dict[int, tuple[_Site, int, object]] = {}  # address -> (site, hook handle, Python hook)
 
     @classmethod
     def create(cls, uc, hflags_offset: int | None) -> "SseAlign | None":
         from cpuvirt.cpu.segcache import segs_offset
+
         segs = segs_offset()
         lib = load("cpuvirt.cpu._ssealign", {"align_sizeof": _State, "align_site_sizeof": _Site})
         if lib is None or segs is None or hflags_offset is None:
@@ -188,7 +211,7 @@ class SseAlign:
         site.python = ctypes.cast(python_hook, ctypes.c_void_p).value
         site.size, site.valid = size, 1
         if form is None or not form[5]:
-            site.size = 0                       # not decodable here: always the Python hook
+            site.size = 0  # not decodable here: always the Python hook
         else:
             base, index, scale, disp, seg, _ = form
             site.base = base if base is not None else -1
@@ -198,13 +221,18 @@ class SseAlign:
             self.sites[address] = (site, old[1], python_hook)
             return
         handle = ctypes.c_size_t()
-        err = _ucmod.uclib.uc_hook_add(self.uc._uch, ctypes.byref(handle), UC_HOOK_CODE,
-                                       ctypes.cast(self._lib.align_hook, ctypes.c_void_p),
-                                       ctypes.c_void_p(ctypes.addressof(site)),
-                                       ctypes.c_uint64(address), ctypes.c_uint64(address))
+        err = _ucmod.uclib.uc_hook_add(
+            self.uc._uch,
+            ctypes.byref(handle),
+            UC_HOOK_CODE,
+            ctypes.cast(self._lib.align_hook, ctypes.c_void_p),
+            ctypes.c_void_p(ctypes.addressof(site)),
+            ctypes.c_uint64(address),
+            ctypes.c_uint64(address),
+        )
         if err:
             raise RuntimeError(f"cannot hook the SSE instruction at {address:#x} (uc error {err})")
-        self.sites[address] = (site, handle.value, python_hook)   # alive as long as the engine may call them
+        self.sites[address] = (site, handle.value, python_hook)  # alive as long as the engine may call them
 
     def invalidate(self, lo: int, hi: int) -> None:
         """The code in [lo, hi) was replaced (a translation cache flush): its hooks do nothing until

@@ -14,6 +14,7 @@ of its steps, 7.4 the back link, NT and busy flags), and the JMP/CALL/IRET pseud
 Faults are raised as DeliveryFault with the error code of SDM table 7-1; a fault after the commit
 point (the new task's state is loaded) carries `eip`, the new task's EIP, to return to.
 """
+
 from __future__ import annotations
 
 import struct
@@ -28,7 +29,7 @@ from cpuvirt.x86.vectors import Vector
 TSS16_AVAILABLE, LDT, TSS16_BUSY, CALL_GATE16, TASK_GATE = 1, 2, 3, 4, 5
 TSS32_AVAILABLE, TSS32_BUSY, CALL_GATE32 = 9, 0xB, 0xC
 TSS_TYPES = frozenset((TSS16_AVAILABLE, TSS16_BUSY, TSS32_AVAILABLE, TSS32_BUSY))
-BUSY = 1 << 9                 # the busy bit of a TSS descriptor's type (in its high dword)
+BUSY = 1 << 9  # the busy bit of a TSS descriptor's type (in its high dword)
 
 # Why a task switch happens (SDM 7.3; the VMX exit qualification's source field, SDM 28.2.1).
 CALL, IRET, JMP, INT = 0, 1, 2, 3
@@ -63,7 +64,7 @@ class CpuView:
         self.vcpu = vcpu
         self.regs = vcpu.regs
         self.mmu = vcpu.mmu
-        self.entered = 0          # the guest EIP the last load() went to
+        self.entered = 0  # the guest EIP the last load() went to
 
     # -- memory: the processor's own (supervisor) accesses ------------------------------------------
     def read(self, gva: int, size: int) -> bytes:
@@ -72,7 +73,7 @@ class CpuView:
         except GuestPageFault as pf:
             raise DeliveryFault(Vector.PF, pf.error_code, pf.gva) from None
         except NestedFault:
-            return b"\xff" * size        # nothing behind that guest-physical address (hw, EPT)
+            return b"\xff" * size  # nothing behind that guest-physical address (hw, EPT)
 
     def write(self, gva: int, data: bytes) -> None:
         try:
@@ -132,12 +133,11 @@ class CpuView:
         self.mmu.crs = None
 
     # -- loading the new context ------------------------------------------------------------------
-    def load(self, cs: int, ss: int | None, cpl: int, eip: int, esp: int,
-             data: dict[int, int] | None = None) -> None:
+    def load(self, cs: int, ss: int | None, cpl: int, eip: int, esp: int, data: dict[int, int] | None = None) -> None:
         """Load CS (and SS) at `cpl`, ESP, EIP and data segments (descriptors already checked)."""
         regs = self.regs
         if ss is not None:
-            self.vcpu.faults.set_cpl(cpl, ss)     # SS.RPL too: the load's descriptor accesses are supervisor ones
+            self.vcpu.faults.set_cpl(cpl, ss)  # SS.RPL too: the load's descriptor accesses are supervisor ones
             regs.write(R.SS, ss)
         regs.write(R.ESP, esp)
         regs.write(R.CS, cs)
@@ -178,8 +178,9 @@ def _gdt_write_hi(view: CpuView, sel: int, hi: int) -> None:
 
 
 # -- far jmp / far call -----------------------------------------------------------------------------
-def far_transfer(view: CpuView, sel: int, offset: int, call: bool, eip: int, next_eip: int,
-                 operand32: bool = True) -> bool:
+def far_transfer(
+    view: CpuView, sel: int, offset: int, call: bool, eip: int, next_eip: int, operand32: bool = True
+) -> bool:
     """A far jmp/call to `sel`:`offset` whose descriptor is a system descriptor (the caller found
     it): through a call gate, or a task switch (TSS descriptor or task gate). Returns False if the
     target is an ordinary code segment (the caller lets the engine do that transfer). Raises
@@ -245,8 +246,13 @@ def _call_gate(view: CpuView, gate_sel: int, lo: int, hi: int, call: bool, next_
         ip = next_eip & (0xFFFFFFFF if wide else 0xFFFF)
         # The new stack from its top down: SS, ESP, the parameters (their order kept), CS, EIP
         # (SDM figure 5-13); ESP then points at the EIP.
-        frame = struct.pack(pack, ip) + struct.pack(pack, old_cs) + params \
-            + struct.pack(pack, esp) + struct.pack(pack, old_ss)
+        frame = (
+            struct.pack(pack, ip)
+            + struct.pack(pack, old_cs)
+            + params
+            + struct.pack(pack, esp)
+            + struct.pack(pack, old_ss)
+        )
         top = (new_esp - len(frame)) & 0xFFFFFFFF
         view.write(top, frame)
         view.load((cs & ~3) | cdpl, new_ss, cdpl, offset, top)
@@ -345,10 +351,12 @@ def switch_task(view: CpuView, sel: int, reason: int, next_eip: int, ext: int = 
     if old32:
         view.write(old_base + 0x20, struct.pack("<II8I6I", next_eip & 0xFFFFFFFF, eflags, *gprs, *sels))
     else:
-        view.write(old_base + 0x0E, struct.pack("<HH8H4H", next_eip & 0xFFFF, eflags & 0xFFFF,
-                                                *(g & 0xFFFF for g in gprs), *sels[:4]))
+        view.write(
+            old_base + 0x0E,
+            struct.pack("<HH8H4H", next_eip & 0xFFFF, eflags & 0xFFFF, *(g & 0xFFFF for g in gprs), *sels[:4]),
+        )
     if reason in (CALL, INT):
-        view.write(new_base, struct.pack("<H", old_sel))      # the back link
+        view.write(new_base, struct.pack("<H", old_sel))  # the back link
         new_eflags |= EFLAGS_NT
     if reason != IRET:
         hi |= BUSY

@@ -5,6 +5,7 @@ cost a hook call and not a stop/restart (~4 us). The engine stops only for a ref
 fault), the clock's deadline (timer interrupts, budget), the interrupt window opening (IF set to 1 while
 an interrupt waits: an event, never polled), `hlt`, and the end of the run.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -39,20 +40,40 @@ from cpuvirt.x86.vectors import HAS_ERROR_CODE, MNEMONIC, Vector
 if TYPE_CHECKING:
     from cpuvirt.cpu.intercept import Intercepts
 
-EXTERNAL_WAIT_S = 60.0          # host seconds a halted CPU waits for a frame from another process
+EXTERNAL_WAIT_S = 60.0  # host seconds a halted CPU waits for a frame from another process
 
-IO_CYCLES = 1000    # a port access costs 1 us of virtual time, as an ISA bus cycle does on a PC
+IO_CYCLES = 1000  # a port access costs 1 us of virtual time, as an ISA bus cycle does on a PC
 # The instructions that can set EFLAGS.IF in the guest's own code (capstone mnemonics): each gets a
 # window hook (clock.hook_if_setter) the first time a block holding it runs.
 IF_SETTERS = frozenset(("sti", "popf", "popfd", "iret", "iretd"))
-FETCH_FAULT_CYCLES = 100   # a fault on an instruction fetch retires nothing: it costs this much time,
-                           # so a handler whose own code faults spends the budget (docs/security.md)
+FETCH_FAULT_CYCLES = 100  # a fault on an instruction fetch retires nothing: it costs this much time,
+# so a handler whose own code faults spends the budget (docs/security.md)
 _IO_MNEMONICS = frozenset(("in", "out", "insb", "insw", "insd", "outsb", "outsw", "outsd"))
 IO_INSTRUCTIONS = _IO_MNEMONICS | frozenset("rep " + m for m in _IO_MNEMONICS if m not in ("in", "out"))
-_BLOCK_ENDERS = frozenset(("jmp", "call", "ret", "iret", "iretd", "hlt", "int", "int3", "into", "ljmp", "lcall",
-                           "retf", "sysenter", "syscall", "ud2", "loop", "loope", "loopne", "jecxz")
-                          + tuple("j" + c for c in ("a", "ae", "b", "be", "e", "ne", "g", "ge", "l", "le",
-                                                      "o", "no", "p", "np", "s", "ns")))
+_BLOCK_ENDERS = frozenset(
+    (
+        "jmp",
+        "call",
+        "ret",
+        "iret",
+        "iretd",
+        "hlt",
+        "int",
+        "int3",
+        "into",
+        "ljmp",
+        "lcall",
+        "retf",
+        "sysenter",
+        "syscall",
+        "ud2",
+        "loop",
+        "loope",
+        "loopne",
+        "jecxz",
+    )
+    + tuple("j" + c for c in ("a", "ae", "b", "be", "e", "ne", "g", "ge", "l", "le", "o", "no", "p", "np", "s", "ns"))
+)
 _RDTSC_CB = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
 
 
@@ -77,17 +98,17 @@ class Vcpu:
         self.budget = max_insns or NEVER
         self.outcome: Outcome | None = None
         self.counts: Counter = Counter()
-        self.reasons: Counter = Counter()    # (kind, reason) -> n: the cost model's view (cpuvirt/costs)
+        self.reasons: Counter = Counter()  # (kind, reason) -> n: the cost model's view (cpuvirt/costs)
         self._disasm = None
         self._insn_cache: dict[tuple[int, bytes], str] = {}
         self.error: BaseException | None = None
-        self.hooks = EngineHooks(self)      # every engine hook is added through it, under the one guard
-        self.intercepts: Intercepts | None = None   # for modes that must see non-trapping instructions
+        self.hooks = EngineHooks(self)  # every engine hook is added through it, under the one guard
+        self.intercepts: Intercepts | None = None  # for modes that must see non-trapping instructions
         self._io_block, self._io_index = -1, 0
         self._intr_depth = 0
         self.on_nmi_blocked = None  # callback(bool): told of every change (native's C iret hook)
         self._nmi_blocked = False
-        self.io_gate_armed = True   # in/out hooked for the I/O permission check (lazy in native, hw)
+        self.io_gate_armed = True  # in/out hooked for the I/O permission check (lazy in native, hw)
         self._flush_translations = False
         self._after_one_block = False
         self._io_sites: dict = {}
@@ -165,7 +186,7 @@ class Vcpu:
             else:
                 self.on_hlt(eip)
             eip = regs.read(R.EIP)
-        assert self.outcome is not None          # the loop ends only when finish() set it
+        assert self.outcome is not None  # the loop ends only when finish() set it
         return self.outcome
 
     def halt_requested(self) -> bool:
@@ -209,26 +230,32 @@ class Vcpu:
             self.finish("error", EXIT_ERROR, str(e))
             return
         if tw.done and self.regs.read(R.EIP) != eip:
-            self.clock.unretire(-1)     # emulated and skipped: the instruction retired
+            self.clock.unretire(-1)  # emulated and skipped: the instruction retired
 
     def exact_linear(self, pending, eip: int) -> int:
         """The faulting linear address (the fill hook is told only its page)."""
         gva = pending.gva
-        if pending.access != Access.FETCH:   # a data access: decode the instruction's operands
+        if pending.access != Access.FETCH:  # a data access: decode the instruction's operands
             return fault_address(self.mmu.fetch_bytes(eip, 15), eip, gva & 0xFFFFF000, self.regs)
         if (eip & 0xFFFFF000) == (gva & 0xFFFFF000):
-            return eip             # a fetch faults at the instruction (or its next page)
+            return eip  # a fetch faults at the instruction (or its next page)
         return gva
 
     def stop_unbacked_fetch(self, gva: int) -> None:
         """Code fetched where the machine has no RAM (unbacked or device memory): the hypervisor
         stops the guest, in every mode alike (docs/security.md, "Outcomes")."""
-        self.finish("error", EXIT_HYPERVISOR_STOP, f"guest fetched code from unbacked memory at {gva:#x} "
-                    "(no RAM there: cpuvirt does not execute from device or unassigned memory)")
+        self.finish(
+            "error",
+            EXIT_HYPERVISOR_STOP,
+            f"guest fetched code from unbacked memory at {gva:#x} "
+            "(no RAM there: cpuvirt does not execute from device or unassigned memory)",
+        )
 
     def budget_message(self, when: str = "") -> str:
-        return (f"budget of {self.budget:,} cycles exhausted (--max-insns: instructions plus I/O, idle "
-                f"time and hypervisor work){when}")
+        return (
+            f"budget of {self.budget:,} cycles exhausted (--max-insns: instructions plus I/O, idle "
+            f"time and hypervisor work){when}"
+        )
 
     def finish(self, kind: str, status: int, message: str = "") -> None:
         if self.outcome is None:
@@ -241,16 +268,16 @@ class Vcpu:
         # controller: deliverable now, or when the window opens (waits_for_window).
         d = NEVER if d is None or d <= self.clock.now else d
         if self.machine.pending_nmi() and not self.nmi_blocked:
-            d = self.clock.now              # an NMI ignores IF: take it at the next block boundary
+            d = self.clock.now  # an NMI ignores IF: take it at the next block boundary
         elif self.machine.pending_interrupt() is not None and self.regs.read(R.EFLAGS) & EFLAGS_IF:
-            d = self.clock.now              # deliverable (not taken at the last stop): the next boundary
+            d = self.clock.now  # deliverable (not taken at the last stop): the next boundary
         if self._after_one_block:
             self._after_one_block = False
-            d = self.clock.now              # already due: the clock stops after the next block
+            d = self.clock.now  # already due: the clock stops after the next block
         return min(d, self.budget)
 
     # -- the interrupt window ----------------------------------------------------------------------
-    WINDOW_HOOKS = True         # sti/popf/iret in the guest's own code can set the real IF
+    WINDOW_HOOKS = True  # sti/popf/iret in the guest's own code can set the real IF
 
     def waits_for_window(self) -> bool:
         """Does something wait for EFLAGS.IF = 1 (an interrupt pending while IF = 0)? Then the window
@@ -277,6 +304,7 @@ class Vcpu:
             if inner is not None and inner(insns):
                 return True
             return missing
+
         m.block_observer = observe
 
     # -- time: timer interrupts, budget, hlt -------------------------------------------------------
@@ -314,14 +342,15 @@ class Vcpu:
         if_set = self.regs.read(R.EFLAGS) & EFLAGS_IF
         self.record("hlt", "HLT", None, hlt_eip, {"if": bool(if_set)}, "idle until the next interrupt")
         if not if_set:
-            self.finish("halted", EXIT_HALTED,
-                        f"hlt at {hlt_eip:#x} with interrupts disabled: nothing can wake the CPU")
+            self.finish(
+                "halted", EXIT_HALTED, f"hlt at {hlt_eip:#x} with interrupts disabled: nothing can wake the CPU"
+            )
             return
         if self.inject_pending_interrupt(eip):
             return
         deadline = self.machine.next_timer_deadline()
         while deadline is None and self.machine.wait_external(EXTERNAL_WAIT_S, lambda: self.outcome is not None):
-            if self.inject_pending_interrupt(eip):     # a frame from another process woke the CPU
+            if self.inject_pending_interrupt(eip):  # a frame from another process woke the CPU
                 return
             deadline = self.machine.next_timer_deadline()
         if deadline is None or deadline >= self.budget:
@@ -330,8 +359,9 @@ class Vcpu:
             if deadline is None:
                 waited = any(src.wait_fds() for src in self.machine.external)
                 quiet = f" (and nothing came from outside in {EXTERNAL_WAIT_S:.0f} s)" if waited else ""
-                self.finish("halted", EXIT_HALTED, f"hlt at {hlt_eip:#x} with no timer armed: nothing can wake "
-                            f"the CPU{quiet}")
+                self.finish(
+                    "halted", EXIT_HALTED, f"hlt at {hlt_eip:#x} with no timer armed: nothing can wake the CPU{quiet}"
+                )
             else:
                 self.finish("budget", EXIT_BUDGET, self.budget_message(" while halted"))
             return
@@ -351,13 +381,30 @@ class Vcpu:
     def page_fault(self, gva: int, access: int, error_code: int, eip: int) -> None:
         self.charge_fault(access)
         self.regs.write(R.CR2, gva)
-        self.record("page_fault", "#PF", 14, eip,
-                    {"cr2": f"{gva:#x}", "error_code": error_code, "access": ("read", "write", "fetch")[access],
-                     "fault": "true"}, "delivered #PF through the guest IDT")
+        self.record(
+            "page_fault",
+            "#PF",
+            14,
+            eip,
+            {
+                "cr2": f"{gva:#x}",
+                "error_code": error_code,
+                "access": ("read", "write", "fetch")[access],
+                "fault": "true",
+            },
+            "delivered #PF through the guest IDT",
+        )
         self.deliver(Vector.PF, eip, error_code)
 
-    def deliver(self, vector: int, return_eip: int, error_code: int | None = None,
-                soft: bool = False, external: bool = False, fault_eip: int | None = None) -> None:
+    def deliver(
+        self,
+        vector: int,
+        return_eip: int,
+        error_code: int | None = None,
+        soft: bool = False,
+        external: bool = False,
+        fault_eip: int | None = None,
+    ) -> None:
         try:
             self.delivery.deliver(vector, return_eip, error_code, soft, external, fault_eip)
         except TripleFault as tf:
@@ -371,8 +418,9 @@ class Vcpu:
         if self._intr_depth:
             # The engine raised a fault while cpuvirt was delivering one (a register load refused):
             # that is a cpuvirt bug, so end the run with a clear message instead of recursing.
-            self.finish("error", EXIT_ERROR, f"internal: the engine raised vector {intno} while cpuvirt "
-                        "was delivering an event")
+            self.finish(
+                "error", EXIT_ERROR, f"internal: the engine raised vector {intno} while cpuvirt was delivering an event"
+            )
             return
         self._intr_depth += 1
         self.mmu.crs = None
@@ -393,20 +441,27 @@ class Vcpu:
         """Deliver what the engine raised: `int n`/int3/into (EIP already past them) or a fault."""
         if soft or intno in (Vector.BP, Vector.OF):
             prev = self.mmu.fetch_bytes((eip - 1) & 0xFFFFFFFF, 1)
-            insn_len = 1 if prev in (b"\xcc", b"\xce") else 2     # int3 / into, or int n
+            insn_len = 1 if prev in (b"\xcc", b"\xce") else 2  # int3 / into, or int n
             start = (eip - insn_len) & 0xFFFFFFFF
             name = f"int {intno:#x}" if soft else MNEMONIC.get(intno, str(intno))
             detail: dict[str, object] = {"vector": intno, "software": soft}
-            if insn_len == 2:               # `int n`: EAX is the system-call number by OS convention
+            if insn_len == 2:  # `int n`: EAX is the system-call number by OS convention
                 detail["eax"] = f"{self.regs.read(R.EAX):#x}"
-            self.record("exception" if not soft else "interrupt", name, intno, start, detail,
-                        "delivered through the guest IDT")
+            self.record(
+                "exception" if not soft else "interrupt", name, intno, start, detail, "delivered through the guest IDT"
+            )
             self.deliver(intno, eip, soft=soft, fault_eip=start)
         else:
             ec = error_code if intno in HAS_ERROR_CODE else None
             detail = {"vector": intno} if ec is None else {"vector": intno, "error_code": ec}
-            self.record("exception", MNEMONIC.get(intno, f"vector {intno}"), intno, eip, detail,
-                        "delivered through the guest IDT")
+            self.record(
+                "exception",
+                MNEMONIC.get(intno, f"vector {intno}"),
+                intno,
+                eip,
+                detail,
+                "delivered through the guest IDT",
+            )
             self.deliver(intno, eip, ec)
 
     def hook_invalid(self, uc, _data) -> bool:
@@ -441,6 +496,7 @@ class Vcpu:
         if not m.implements_msr(msr):
             return False
         from cpuvirt.machine.machine import MsrFault
+
         try:
             if mnem == "rdmsr":
                 value = m.rdmsr(msr)
@@ -449,8 +505,14 @@ class Vcpu:
             else:
                 m.wrmsr(msr, regs.read(R.EAX) | regs.read(R.EDX) << 32)
         except MsrFault as f:
-            self.record("exception", "#GP", 13, address, {"vector": 13, "error_code": 0, "msr": f"{msr:#x}",
-                                                           "why": str(f)}, "delivered through the guest IDT")
+            self.record(
+                "exception",
+                "#GP",
+                13,
+                address,
+                {"vector": 13, "error_code": 0, "msr": f"{msr:#x}", "why": str(f)},
+                "delivered through the guest IDT",
+            )
             self.deliver(Vector.GP, address, 0)
             return True
         regs.write(R.EIP, address + size)
@@ -472,9 +534,17 @@ class Vcpu:
 
     def _io_event(self, port, size, direction, value):
         eip = self.io_site()[0]
-        self.trace.event(self.clock.instructions, self.regs.cpl(), "io", direction.upper(), None, eip,
-                         self.insn_at(eip), {"port": f"{port:#x}", "size": size, "value": f"{value:#x}"},
-                         "emulated by the device model")
+        self.trace.event(
+            self.clock.instructions,
+            self.regs.cpl(),
+            "io",
+            direction.upper(),
+            None,
+            eip,
+            self.insn_at(eip),
+            {"port": f"{port:#x}", "size": size, "value": f"{value:#x}"},
+            "emulated by the device model",
+        )
 
     def io_site(self) -> tuple[int, int]:
         """(address, length) of the in/out instruction whose hook is running.
@@ -522,6 +592,7 @@ class Vcpu:
     def _cs(self):
         if self._disasm is None:
             from capstone import CS_ARCH_X86, CS_MODE_32, Cs
+
             self._disasm = Cs(CS_ARCH_X86, CS_MODE_32)
         return self._disasm
 
@@ -549,6 +620,7 @@ class Vcpu:
         there arms the gate before it runs, however the guest got there (iret, retf, sysexit...)."""
         from cpuvirt.cpu import ssealign
         from cpuvirt.cpu.intercept import FAR_TRANSFERS, Intercepts, is_far_transfer
+
         if lazy_io:
             self.io_gate_armed = False
             wanted = wanted - IO_INSTRUCTIONS
@@ -585,14 +657,15 @@ class Vcpu:
 
         def observe(insns):
             if not self.io_gate_armed and self.regs.cpl() != 0:
-                self.arm_io_gate()              # then this block is translated again, with hooks
-                ic.check_block(insns)           # its own in/out too: the clock never asks about it again
+                self.arm_io_gate()  # then this block is translated again, with hooks
+                ic.check_block(insns)  # its own in/out too: the clock never asks about it again
                 ic.retranslate.append((insns[0][0], sum(i[1] for i in insns)))
                 return True
             if ic.check_block(insns):
                 ic.retranslate.append((insns[0][0], sum(i[1] for i in insns)))
                 return True
             return False
+
         self.machine.block_observer = observe
 
     # -- far transfers: call gates, task switches, iret (cpu/tasks.py) -----------------------------
@@ -602,8 +675,9 @@ class Vcpu:
         if mnem.startswith("iret") and self.outcome is None:
             self.iret_image_rf(address, size)
         if self.outcome is not None or not self.regs.read(R.CR0) & 1:
-            return                              # real-address mode has no gates, tasks or NT
+            return  # real-address mode has no gates, tasks or NT
         from cpuvirt.cpu import tasks
+
         try:
             if mnem.startswith("iret"):
                 self.iret_site(address, size, mnem == "iretd")
@@ -613,18 +687,23 @@ class Vcpu:
                 return
             sel, offset, call = target
             if not sel & ~3:
-                return                          # the engine raises #GP(0)
+                return  # the engine raises #GP(0)
             try:
                 _, hi = tasks.descriptor(self.view, sel)
             except DeliveryFault:
-                return                          # outside its table: the engine raises that #GP
+                return  # outside its table: the engine raises that #GP
             if hi & (1 << 12):
-                return                          # a code segment: an ordinary far transfer
-            self.record("transfer", "lcall" if call else "ljmp", None, address,
-                        {"selector": f"{sel:#x}", "type": (hi >> 8) & 0xF},
-                        "through a gate or to a task, done by cpuvirt")
+                return  # a code segment: an ordinary far transfer
+            self.record(
+                "transfer",
+                "lcall" if call else "ljmp",
+                None,
+                address,
+                {"selector": f"{sel:#x}", "type": (hi >> 8) & 0xF},
+                "through a gate or to a task, done by cpuvirt",
+            )
             self.system_transfer(address, size, sel, offset, call)
-            self.clock.unretire(-1)             # it retired (the hook's caller counts it out)
+            self.clock.unretire(-1)  # it retired (the hook's caller counts it out)
             self.after_transfer()
         except DeliveryFault as f:
             self.transfer_fault(address, f)
@@ -637,7 +716,7 @@ class Vcpu:
         self.unblock_nmi()
         eflags = regs.read(R.EFLAGS)
         if eflags & EFLAGS_VM:
-            return                              # a V86 iret: IOPL 3, or the engine's #GP(0)
+            return  # a V86 iret: IOPL 3, or the engine's #GP(0)
         if eflags & EFLAGS_NT:
             self.record("transfer", "iret", None, address, {"nt": 1}, "task return, done by cpuvirt")
             self.task_return(address, size)
@@ -645,7 +724,7 @@ class Vcpu:
             self.after_transfer()
             return
         if wide and regs.read(R.CS) & 3:
-            self.iret_to_v86(address)           # at CPL 0 (native, hw) VM=1 is honoured: nothing to do
+            self.iret_to_v86(address)  # at CPL 0 (native, hw) VM=1 is honoured: nothing to do
 
     def arm_io_gate(self) -> None:
         """The guest runs outside CPL 0 (or in V86 mode): from now on every in/out is checked. Its
@@ -653,6 +732,7 @@ class Vcpu:
         if self.io_gate_armed:
             return
         from cpuvirt.cpu.vcpu import IO_INSTRUCTIONS as io
+
         self.io_gate_armed = True
         ic = self.intercepts
         assert ic is not None, "the I/O gate arms the intercepts watch_if_setters made"
@@ -670,7 +750,7 @@ class Vcpu:
     def iret_to_v86(self, address: int) -> None:
         """An iretd whose EFLAGS image may have VM set: the engine honours it at any CPL."""
         if self.view.cpl() == 0:
-            return                              # as hardware: the engine enters V86 mode
+            return  # as hardware: the engine enters V86 mode
         self.strip_vm_image(address)
 
     def strip_vm_image(self, address: int) -> None:
@@ -678,10 +758,16 @@ class Vcpu:
         try:
             image = int.from_bytes(self.view.read(esp + 8, 4), "little")
         except DeliveryFault:
-            return                              # the engine's iret faults the same way
+            return  # the engine's iret faults the same way
         if image & EFLAGS_VM:
-            self.record("transfer", "iretd", None, address, {"eflags": f"{image:#x}"},
-                        "EFLAGS.VM ignored at CPL > 0 (cleared in the image)")
+            self.record(
+                "transfer",
+                "iretd",
+                None,
+                address,
+                {"eflags": f"{image:#x}"},
+                "EFLAGS.VM ignored at CPL > 0 (cleared in the image)",
+            )
             self.view.write(esp + 8, (image & ~EFLAGS_VM).to_bytes(4, "little"))
 
     def far_pointer(self, address: int) -> tuple[int, int, bool] | None:
@@ -689,6 +775,7 @@ class Vcpu:
         would: a #PF on it is the guest's)."""
         from cpuvirt.cpu.intercept import PREFIXES
         from cpuvirt.x86.faultaddr import operand_address
+
         code = self.mmu.fetch_bytes(address, 15)
         if not code:
             return None
@@ -699,8 +786,8 @@ class Vcpu:
         n = 2 if o16 else 4
         op = code[p]
         if op in (0x9A, 0xEA):
-            offset = int.from_bytes(code[p + 1:p + 1 + n], "little")
-            return int.from_bytes(code[p + 1 + n:p + 3 + n], "little"), offset, op == 0x9A
+            offset = int.from_bytes(code[p + 1 : p + 1 + n], "little")
+            return int.from_bytes(code[p + 1 + n : p + 3 + n], "little"), offset, op == 0x9A
         if op == 0xFF and p + 1 < len(code):
             addr = operand_address(code, address, self.regs)
             if addr is None:
@@ -716,11 +803,17 @@ class Vcpu:
         if not regs.read(R.CS) & 3 and not regs.read(R.EFLAGS) & EFLAGS_VM:
             return
         from cpuvirt.cpu.ioperm import io_operands, io_permitted
+
         port, width = io_operands(mnem, ops, regs)
         if not io_permitted(self.view, port, width):
-            self.record("exception", "#GP", 13, address, {"vector": 13, "error_code": 0, "port": f"{port:#x}",
-                                                          "why": "I/O not permitted (IOPL, TSS bitmap)"},
-                        "delivered through the guest IDT")
+            self.record(
+                "exception",
+                "#GP",
+                13,
+                address,
+                {"vector": 13, "error_code": 0, "port": f"{port:#x}", "why": "I/O not permitted (IOPL, TSS bitmap)"},
+                "delivered through the guest IDT",
+            )
             # the return EIP is the offset in CS (the hook's address is linear: V86 and real mode differ)
             self.deliver(Vector.GP, self.regs.read(R.EIP), 0)
 
@@ -729,6 +822,7 @@ class Vcpu:
         by Python when the C check did not pass it: #GP(0) if the operand is misaligned (SDM Vol. 2A
         2.4), decoded as the CPU decodes it now (16- or 32-bit code, the segment's base)."""
         from cpuvirt.cpu.ssealign import misaligned_operand
+
         code = self.sse_code(address, size)
         segs = self.engine_segments()
         if not code or segs is None:
@@ -737,8 +831,14 @@ class Vcpu:
         if linear is None:
             return
         eip = self.sse_fault_eip(address)
-        self.record("exception", "#GP", 13, eip, {"vector": 13, "error_code": 0, "address": f"{linear:#x}",
-                                                  "why": "misaligned SSE operand"}, "delivered through the guest IDT")
+        self.record(
+            "exception",
+            "#GP",
+            13,
+            eip,
+            {"vector": 13, "error_code": 0, "address": f"{linear:#x}", "why": "misaligned SSE operand"},
+            "delivered through the guest IDT",
+        )
         self.deliver(Vector.GP, eip, 0)
 
     _engine_segments = None
@@ -746,6 +846,7 @@ class Vcpu:
     def engine_segments(self):
         """The engine's segment caches (cpu/segcache.py), refreshed; None if they cannot be read."""
         from cpuvirt.cpu.segcache import EngineSegments
+
         segs = self._engine_segments
         if segs is None:
             segs = self._engine_segments = EngineSegments(self.uc)
@@ -774,7 +875,7 @@ class Vcpu:
             return
         prefixes = code[:-1]
         if self.code32(segs) == (0x66 in prefixes):
-            return                              # iretw: a 16-bit image has no RF
+            return  # iretw: a 16-bit image has no RF
         esp = self.regs.read(R.ESP)
         mask = 0xFFFFFFFF if segs.stack32() else 0xFFFF
         linear = (segs.base(R.SS) + ((esp + 8) & mask)) & 0xFFFFFFFF
@@ -783,7 +884,7 @@ class Vcpu:
             if image & EFLAGS_RF:
                 self.view.write(linear, (image & ~EFLAGS_RF).to_bytes(4, "little"))
         except DeliveryFault:
-            return                              # the engine's iret faults the same way
+            return  # the engine's iret faults the same way
 
     def smsw_site(self, address: int, size: int) -> None:
         """`smsw r32`: all of the guest's CR0 in the register, as QEMU 7.2 stores it (the SDM leaves
@@ -813,29 +914,39 @@ class Vcpu:
     def cr4_gate(self, address: int, size: int, ops: str) -> None:
         """mov to CR4 setting a bit the CPU model does not have: #GP(0) (SDM Vol. 3A 2.5)."""
         from cpuvirt.x86.cpuid import CR4_RESERVED
+
         dst, _, src = (t.strip() for t in ops.partition(","))
         if dst != "cr4" or src not in R.GPR_NAMES:
             return
         value = self.regs.read(R.GPR_ORDER[R.GPR_NAMES.index(src)])
         # bits newly set (the engine starts with some of its own above bit 11: they stay)
         if value & ~self.regs.read(R.CR4) & CR4_RESERVED and self.regs.cpl() == 0:
-            self.record("exception", "#GP", 13, address, {"vector": 13, "error_code": 0,
-                                                          "why": "reserved CR4 bit"}, "delivered through the guest IDT")
+            self.record(
+                "exception",
+                "#GP",
+                13,
+                address,
+                {"vector": 13, "error_code": 0, "why": "reserved CR4 bit"},
+                "delivered through the guest IDT",
+            )
             self.deliver(Vector.GP, address, 0)
 
     def system_transfer(self, address: int, size: int, sel: int, offset: int, call: bool) -> None:
         """A far jmp/call to a call gate, TSS or task gate (cpu/tasks.py)."""
         from cpuvirt.cpu import tasks
+
         tasks.far_transfer(self.view, sel, offset, call, address, (address + size) & 0xFFFFFFFF)
 
     def task_return(self, address: int, size: int) -> None:
         """iret with EFLAGS.NT: back to the previous task."""
         from cpuvirt.cpu import tasks
+
         tasks.task_return(self.view, (address + size) & 0xFFFFFFFF)
 
     def switch_task(self, view, sel: int, reason: int, next_eip: int, ext: int = 0) -> None:
         """A hardware task switch (cpu/tasks.py); hw makes it a TASK_SWITCH VM exit first."""
         from cpuvirt.cpu import tasks
+
         tasks.switch_task(view, sel, reason, next_eip, ext)
 
     def after_transfer(self) -> None:
@@ -848,27 +959,40 @@ class Vcpu:
         ec = f.error_code if f.vector in HAS_ERROR_CODE else None
         if f.cr2 is not None:
             self.delivery._set_cr2(f.cr2)
-        self.record("exception", MNEMONIC.get(f.vector, str(f.vector)), f.vector, eip,
-                    {"vector": f.vector, "error_code": ec}, "delivered through the guest IDT")
+        self.record(
+            "exception",
+            MNEMONIC.get(f.vector, str(f.vector)),
+            f.vector,
+            eip,
+            {"vector": f.vector, "error_code": ec},
+            "delivered through the guest IDT",
+        )
         self.deliver(f.vector, eip, ec)
 
     # -- hooks -------------------------------------------------------------------------------------
     def install_hooks(self) -> None:
         uc = self.uc
-        hooks = self.hooks                  # each under the one guard (engine/hooks.py)
+        hooks = self.hooks  # each under the one guard (engine/hooks.py)
         uc.hook_add(UC_HOOK_TLB_FILL, self.mmu.fill)
-        self._intr_hook = hooks.intr(self.hook_intr)   # para replaces it (modes/para)
+        self._intr_hook = hooks.intr(self.hook_intr)  # para replaces it (modes/para)
         hooks.invalid(self.hook_invalid)
         hooks.port_in(self.hook_in)
         hooks.port_out(self.hook_out)
         if self.rdtsc_in_c:
-            self.clock.hook_rdtsc()          # the virtual clock, read in C: rdtsc causes no Python
+            self.clock.hook_rdtsc()  # the virtual clock, read in C: rdtsc causes no Python
         else:
             self._rdtsc_cb = _RDTSC_CB(self.rdtsc)
             self._rdtsc_hook = ctypes.c_size_t()
-            err = _ucmod.uclib.uc_hook_add(uc._uch, ctypes.byref(self._rdtsc_hook), UC_HOOK_INSN,
-                                           ctypes.cast(self._rdtsc_cb, ctypes.c_void_p), None, ctypes.c_uint64(1),
-                                           ctypes.c_uint64(0), ctypes.c_int(X.UC_X86_INS_RDTSC))
+            err = _ucmod.uclib.uc_hook_add(
+                uc._uch,
+                ctypes.byref(self._rdtsc_hook),
+                UC_HOOK_INSN,
+                ctypes.cast(self._rdtsc_cb, ctypes.c_void_p),
+                None,
+                ctypes.c_uint64(1),
+                ctypes.c_uint64(0),
+                ctypes.c_int(X.UC_X86_INS_RDTSC),
+            )
             if err:
                 raise RuntimeError(f"cannot hook rdtsc (uc error {err})")
         table = CpuidTable.install(uc) if self.cpuid_in_c else None
@@ -894,10 +1018,11 @@ class Vcpu:
             p = 0
             while p < len(code) - 1 and code[p] in (0x66, 0x67, 0xF2, 0xF3, 0x2E, 0x3E, 0x26, 0x36, 0x64, 0x65):
                 p += 1
-            if code[p:p + 2] == bytes((0x0F, second)):
+            if code[p : p + 2] == bytes((0x0F, second)):
                 return eip, p + 2
-        raise RuntimeError(f"internal: no {'sysenter' if second == 0x34 else 'syscall'} at the hooked "
-                           f"block {self.clock.last_block:#x}")
+        raise RuntimeError(
+            f"internal: no {'sysenter' if second == 0x34 else 'syscall'} at the hooked block {self.clock.last_block:#x}"
+        )
 
     def hook_syscall(self, uc, _data) -> None:
         """syscall: the CPU model reports no SYSCALL and EFER.SCE is never set, so #UD as on QEMU
@@ -928,9 +1053,14 @@ class Vcpu:
         cs, esp, target = self.sysenter_msrs()
         cs &= 0xFFFC
         if not cs:
-            self.record("exception", "#GP", 13, eip, {"vector": 13, "error_code": 0,
-                                                      "why": "sysenter with IA32_SYSENTER_CS null"},
-                        "delivered through the guest IDT")
+            self.record(
+                "exception",
+                "#GP",
+                13,
+                eip,
+                {"vector": 13, "error_code": 0, "why": "sysenter with IA32_SYSENTER_CS null"},
+                "delivered through the guest IDT",
+            )
             self.deliver(Vector.GP, eip, 0)
             return
         d = self.delivery
@@ -959,8 +1089,9 @@ class Vcpu:
         self.counts[kind] += 1
         self.reasons[kind, reason if reason != "mov" else _mov_reason(detail)] += 1
         if self.trace is not None:
-            self.trace.event(self.clock.instructions, self.regs.cpl(), kind, reason, code, eip, self.insn_at(eip),
-                             detail, action)
+            self.trace.event(
+                self.clock.instructions, self.regs.cpl(), kind, reason, code, eip, self.insn_at(eip), detail, action
+            )
 
     def insn_at(self, eip: int) -> str:
         code = self.mmu.fetch_bytes(eip, 15)
@@ -973,7 +1104,7 @@ class Vcpu:
                 break
             else:
                 text = "(bad)"
-            if len(self._insn_cache) >= 65536:      # bounded: a guest may run code at any address
+            if len(self._insn_cache) >= 65536:  # bounded: a guest may run code at any address
                 self._insn_cache.clear()
             self._insn_cache[(eip, code)] = text
         return text
@@ -992,11 +1123,12 @@ def smsw_register32(code: bytes, code32: bool) -> int | None:
     """The register of an `smsw` with a 32-bit register destination (0F 01 /4, ModRM.mod = 3, 32-bit
     operand size), or None for any other form or instruction."""
     from cpuvirt.cpu.intercept import PREFIXES
+
     p, o16 = 0, False
     while p < len(code) and code[p] in PREFIXES:
         o16 |= code[p] == 0x66
         p += 1
-    if code[p:p + 2] != b"\x0f\x01" or p + 2 >= len(code):
+    if code[p : p + 2] != b"\x0f\x01" or p + 2 >= len(code):
         return None
     modrm = code[p + 2]
     if modrm >> 6 != 3 or (modrm >> 3) & 7 != 4 or code32 == o16:

@@ -3,6 +3,7 @@ it (docs/deprivileging.md): the `VirtualCpu`, the system-segment caches of LDTR 
 `GuestFault` an emulated instruction raises for the guest to see. Shared by the deprivileging core
 (deprivilege.py) and the emulation of privileged instructions (privileged.py).
 """
+
 from __future__ import annotations
 
 from cpuvirt.engine import regs as R
@@ -13,11 +14,10 @@ SREGS = {"es": R.ES, "cs": R.CS, "ss": R.SS, "ds": R.DS, "fs": R.FS, "gs": R.GS}
 class GuestFault(Exception):
     """Emulating an instruction raised an exception the guest must see (delivered through its IDT)."""
 
-    def __init__(self, vector: int, error_code: int | None = None, cr2: int | None = None,
-                 eip: int | None = None):
+    def __init__(self, vector: int, error_code: int | None = None, cr2: int | None = None, eip: int | None = None):
         super().__init__(f"vector {vector} error {error_code}")
         self.vector, self.error_code, self.cr2 = vector, error_code, cr2
-        self.eip = eip            # set when it arose in a new task (after a task switch's commit point)
+        self.eip = eip  # set when it arose in a new task (after a task switch's commit point)
 
 
 class SegCache:
@@ -43,8 +43,8 @@ class VirtualCpu:
 
     def __init__(self):
         self.cr0, self.cr2, self.cr3, self.cr4 = 0x11, 0, 0, 0
-        self.dr = [0, 0, 0, 0, 0, 0, 0xFFFF0FF0, 0x400]   # DR0-7 at reset (no breakpoint is armed)
-        self.gdtr = (0, 0)            # (base, limit)
+        self.dr = [0, 0, 0, 0, 0, 0, 0xFFFF0FF0, 0x400]  # DR0-7 at reset (no breakpoint is armed)
+        self.gdtr = (0, 0)  # (base, limit)
         self.idtr = (0, 0x3FF)
         self.ldtr = SegCache()
         self.tr = SegCache()

@@ -1,6 +1,7 @@
 """Loading cpuvirt's C hooks: each is a Python extension module only so that setuptools compiles it;
 Python talks to it through ctypes, and its state structures are mirrored by ctypes.Structure classes
 whose sizes must match the C ones (each C file exports a `<name>_sizeof` per structure)."""
+
 from __future__ import annotations
 
 import ctypes

@@ -6,6 +6,7 @@ timer deadline, and a port access adds 1 us (IO_CYCLES in vcpu.py), as an ISA bu
 PIT derives its 1.193182 MHz from the same count, so every run of the same image and options sees
 the same interrupts at the same instructions.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -30,15 +31,29 @@ class _State(ctypes.Structure):
     """Mirror of vclock_t in _vclock.c (checked against vclock_sizeof at load)."""
 
     _fields_ = [
-        ("now", ctypes.c_uint64), ("deadline", ctypes.c_uint64), ("blocks", ctypes.c_uint64),
-        ("last_block", ctypes.c_uint64), ("last_count", ctypes.c_uint64), ("misses", ctypes.c_uint64),
-        ("extra", ctypes.c_uint64), ("stopped", ctypes.c_uint32), ("discard", ctypes.c_uint32),
-        ("stop_next", ctypes.c_uint32), ("pad2", ctypes.c_uint32),
-        ("emu_stop", ctypes.c_void_p), ("count_cb", ctypes.c_void_p),
-        ("reg_read", ctypes.c_void_p), ("eflags_reg", ctypes.c_int32), ("watch_if", ctypes.c_uint32),
-        ("check_if", ctypes.c_uint32), ("pad3", ctypes.c_uint32),
-        ("window_checks", ctypes.c_uint64), ("window_stops", ctypes.c_uint64),
-        ("reg_write", ctypes.c_void_p), ("eax_reg", ctypes.c_int32), ("edx_reg", ctypes.c_int32),
+        ("now", ctypes.c_uint64),
+        ("deadline", ctypes.c_uint64),
+        ("blocks", ctypes.c_uint64),
+        ("last_block", ctypes.c_uint64),
+        ("last_count", ctypes.c_uint64),
+        ("misses", ctypes.c_uint64),
+        ("extra", ctypes.c_uint64),
+        ("stopped", ctypes.c_uint32),
+        ("discard", ctypes.c_uint32),
+        ("stop_next", ctypes.c_uint32),
+        ("pad2", ctypes.c_uint32),
+        ("emu_stop", ctypes.c_void_p),
+        ("count_cb", ctypes.c_void_p),
+        ("reg_read", ctypes.c_void_p),
+        ("eflags_reg", ctypes.c_int32),
+        ("watch_if", ctypes.c_uint32),
+        ("check_if", ctypes.c_uint32),
+        ("pad3", ctypes.c_uint32),
+        ("window_checks", ctypes.c_uint64),
+        ("window_stops", ctypes.c_uint64),
+        ("reg_write", ctypes.c_void_p),
+        ("eax_reg", ctypes.c_int32),
+        ("edx_reg", ctypes.c_int32),
         ("rdtsc_reads", ctypes.c_uint64),
         ("table", _Entry * (1 << 14)),
     ]
@@ -47,8 +62,9 @@ class _State(ctypes.Structure):
 def _lib():
     lib = load("cpuvirt.engine._vclock", {"vclock_sizeof": _State})
     if lib is None:
-        raise RuntimeError("cpuvirt's C clock hook is not built or does not match clock.py: "
-                           "run `pip install -e .` again")
+        raise RuntimeError(
+            "cpuvirt's C clock hook is not built or does not match clock.py: run `pip install -e .` again"
+        )
     return lib
 
 
@@ -67,15 +83,19 @@ class VirtualClock:
         self._uc = uc
         self._lib = lib
         self._watching = False
-        self._if_hooks: dict[int, int] = {}     # address -> 1 (IF-setting) or 2 (sti) of each window hook
+        self._if_hooks: dict[int, int] = {}  # address -> 1 (IF-setting) or 2 (sti) of each window hook
         self._count_cb = _COUNT_CB(count_block)  # kept alive as long as the clock
         self._state.count_cb = ctypes.cast(self._count_cb, ctypes.c_void_p).value
         self._hook = ctypes.c_size_t()
         err = _ucmod.uclib.uc_hook_add(
-            uc._uch, ctypes.byref(self._hook), UC_HOOK_BLOCK,
+            uc._uch,
+            ctypes.byref(self._hook),
+            UC_HOOK_BLOCK,
             ctypes.cast(lib.vclock_block_hook, ctypes.c_void_p),
             ctypes.cast(ctypes.pointer(self._state), ctypes.c_void_p),
-            ctypes.c_uint64(1), ctypes.c_uint64(0))
+            ctypes.c_uint64(1),
+            ctypes.c_uint64(0),
+        )
         if err:
             raise RuntimeError(f"cannot install the clock hook (uc error {err})")
 
@@ -134,7 +154,7 @@ class VirtualClock:
         set it, and stop the engine at the boundary where IF became 1."""
         on = bool(on)
         if on is self._watching:
-            return                  # a look still requested is harmless: one EFLAGS read
+            return  # a look still requested is harmless: one EFLAGS read
         self._watching = on
         st = self._state
         st.watch_if = 1 if on else 0
@@ -157,9 +177,14 @@ class VirtualClock:
         h = ctypes.c_size_t()
         fn = self._lib.vclock_sti_hook if sti else self._lib.vclock_if_hook
         err = _ucmod.uclib.uc_hook_add(
-            self._uc._uch, ctypes.byref(h), UC_HOOK_CODE, ctypes.cast(fn, ctypes.c_void_p),
+            self._uc._uch,
+            ctypes.byref(h),
+            UC_HOOK_CODE,
+            ctypes.cast(fn, ctypes.c_void_p),
             ctypes.cast(ctypes.pointer(self._state), ctypes.c_void_p),
-            ctypes.c_uint64(address), ctypes.c_uint64(address))
+            ctypes.c_uint64(address),
+            ctypes.c_uint64(address),
+        )
         if err:
             raise RuntimeError(f"cannot hook {address:#x} for the interrupt window (uc error {err})")
         return True
@@ -168,10 +193,15 @@ class VirtualClock:
         """Answer every rdtsc with the virtual clock, in C (_vclock.c, vclock_rdtsc_hook)."""
         self._rdtsc_hook = ctypes.c_size_t()
         err = _ucmod.uclib.uc_hook_add(
-            self._uc._uch, ctypes.byref(self._rdtsc_hook), UC_HOOK_INSN,
+            self._uc._uch,
+            ctypes.byref(self._rdtsc_hook),
+            UC_HOOK_INSN,
             ctypes.cast(self._lib.vclock_rdtsc_hook, ctypes.c_void_p),
             ctypes.cast(ctypes.pointer(self._state), ctypes.c_void_p),
-            ctypes.c_uint64(1), ctypes.c_uint64(0), ctypes.c_int(UC_X86_INS_RDTSC))
+            ctypes.c_uint64(1),
+            ctypes.c_uint64(0),
+            ctypes.c_int(UC_X86_INS_RDTSC),
+        )
         if err:
             raise RuntimeError(f"cannot hook rdtsc (uc error {err})")
 

@@ -2,6 +2,7 @@
 costs no Python. The table comes from the caller (the vCPU fills it from x86/cpuid.py through the
 machine) and is refilled whenever the model's answers change (the APIC bit follows IA32_APIC_BASE).
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -22,18 +23,30 @@ MAX_LEAVES = 16
 
 
 class _Leaf(ctypes.Structure):
-    _fields_ = [("leaf", ctypes.c_uint32), ("eax", ctypes.c_uint32), ("ebx", ctypes.c_uint32),
-                ("ecx", ctypes.c_uint32), ("edx", ctypes.c_uint32)]
+    _fields_ = [
+        ("leaf", ctypes.c_uint32),
+        ("eax", ctypes.c_uint32),
+        ("ebx", ctypes.c_uint32),
+        ("ecx", ctypes.c_uint32),
+        ("edx", ctypes.c_uint32),
+    ]
 
 
 class _Table(ctypes.Structure):
     """Mirror of cpuid_table_t in _cpuid.c (checked against cpuid_table_sizeof at load)."""
 
     _fields_ = [
-        ("reg_read", ctypes.c_void_p), ("reg_write", ctypes.c_void_p),
-        ("eax_reg", ctypes.c_int32), ("ebx_reg", ctypes.c_int32), ("ecx_reg", ctypes.c_int32),
-        ("edx_reg", ctypes.c_int32), ("count", ctypes.c_uint32), ("pad", ctypes.c_uint32),
-        ("answered", ctypes.c_uint64), ("fallback", _Leaf), ("leaves", _Leaf * MAX_LEAVES),
+        ("reg_read", ctypes.c_void_p),
+        ("reg_write", ctypes.c_void_p),
+        ("eax_reg", ctypes.c_int32),
+        ("ebx_reg", ctypes.c_int32),
+        ("ecx_reg", ctypes.c_int32),
+        ("edx_reg", ctypes.c_int32),
+        ("count", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+        ("answered", ctypes.c_uint64),
+        ("fallback", _Leaf),
+        ("leaves", _Leaf * MAX_LEAVES),
     ]
 
 
@@ -57,9 +70,15 @@ class CpuidTable:
         t.eax_reg, t.ebx_reg, t.ecx_reg, t.edx_reg = UC_X86_REG_EAX, UC_X86_REG_EBX, UC_X86_REG_ECX, UC_X86_REG_EDX
         self._hook = ctypes.c_size_t()
         err = _ucmod.uclib.uc_hook_add(
-            uc._uch, ctypes.byref(self._hook), UC_HOOK_INSN, ctypes.cast(lib.cpuid_hook, ctypes.c_void_p),
-            ctypes.cast(ctypes.pointer(t), ctypes.c_void_p), ctypes.c_uint64(1), ctypes.c_uint64(0),
-            ctypes.c_int(UC_X86_INS_CPUID))
+            uc._uch,
+            ctypes.byref(self._hook),
+            UC_HOOK_INSN,
+            ctypes.cast(lib.cpuid_hook, ctypes.c_void_p),
+            ctypes.cast(ctypes.pointer(t), ctypes.c_void_p),
+            ctypes.c_uint64(1),
+            ctypes.c_uint64(0),
+            ctypes.c_int(UC_X86_INS_CPUID),
+        )
         if err:
             raise RuntimeError(f"cannot hook cpuid (uc error {err})")
 
@@ -68,7 +87,7 @@ class CpuidTable:
         if len(leaves) > MAX_LEAVES:
             raise ValueError(f"a CPUID table holds at most {MAX_LEAVES} leaves")
         t = self._table
-        t.count = 0                       # no half-written table is ever looked up
+        t.count = 0  # no half-written table is ever looked up
         t.fallback = _Leaf(0, *fallback)
         for i, (leaf, regs) in enumerate(sorted(leaves.items())):
             t.leaves[i] = _Leaf(leaf, *regs)

@@ -10,6 +10,7 @@ guard: one Python frame before the callback, where the wrapper's own dispatch co
 is a handful of microseconds, so a frame shows). The callback is called as the wrapper would call it,
 `callback(uc, ..., None)` with the Uc object.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -40,8 +41,16 @@ class EngineHooks:
 
     def _add(self, htype: int, cfunc, begin: int = 1, end: int = 0, *extra) -> int:
         handle = ctypes.c_size_t()
-        err = uclib.uc_hook_add(self.owner.uc._uch, ctypes.byref(handle), htype, ctypes.cast(cfunc, ctypes.c_void_p),
-                                None, ctypes.c_uint64(begin), ctypes.c_uint64(end), *extra)
+        err = uclib.uc_hook_add(
+            self.owner.uc._uch,
+            ctypes.byref(handle),
+            htype,
+            ctypes.cast(cfunc, ctypes.c_void_p),
+            None,
+            ctypes.c_uint64(begin),
+            ctypes.c_uint64(end),
+            *extra,
+        )
         if err:
             raise RuntimeError(f"cannot add a hook of type {htype:#x} (uc error {err})")
         self.owner.uc._callbacks[handle.value] = cfunc
@@ -62,8 +71,9 @@ class EngineHooks:
         def hook(_h, intno, _d):
             try:
                 callback(uc, intno, None)
-            except BaseException as e:          # noqa: B036  (KeyboardInterrupt too: the run must end cleanly)
+            except BaseException as e:  # noqa: B036  (KeyboardInterrupt too: the run must end cleanly)
                 _stop(owner, e)
+
         return HOOK_INTR_CFUNC(hook)
 
     def invalid(self, callback) -> int:
@@ -73,9 +83,10 @@ class EngineHooks:
         def hook(_h, _d):
             try:
                 return callback(uc, None)
-            except BaseException as e:          # noqa: B036
+            except BaseException as e:  # noqa: B036
                 _stop(owner, e)
                 return True
+
         return self._add(UC_HOOK_INSN_INVALID, HOOK_INSN_INVALID_CFUNC(hook))
 
     def port_in(self, callback) -> int:
@@ -85,9 +96,10 @@ class EngineHooks:
         def hook(_h, port, size, _d):
             try:
                 return callback(uc, port, size, None)
-            except BaseException as e:          # noqa: B036
+            except BaseException as e:  # noqa: B036
                 _stop(owner, e)
                 return 0
+
         return self._add(UC_HOOK_INSN, HOOK_INSN_IN_CFUNC(hook), 1, 0, ctypes.c_int(X.UC_X86_INS_IN))
 
     def port_out(self, callback) -> int:
@@ -97,8 +109,9 @@ class EngineHooks:
         def hook(_h, port, size, value, _d):
             try:
                 callback(uc, port, size, value, None)
-            except BaseException as e:          # noqa: B036
+            except BaseException as e:  # noqa: B036
                 _stop(owner, e)
+
         return self._add(UC_HOOK_INSN, HOOK_INSN_OUT_CFUNC(hook), 1, 0, ctypes.c_int(X.UC_X86_INS_OUT))
 
     def cpuid(self, callback) -> int:
@@ -108,9 +121,10 @@ class EngineHooks:
         def hook(_h, _d):
             try:
                 return 1 if callback(uc, None) else 0
-            except BaseException as e:          # noqa: B036
+            except BaseException as e:  # noqa: B036
                 _stop(owner, e)
                 return 1
+
         return self._add(UC_HOOK_INSN, HOOK_INSN_CPUID_CFUNC(hook), 1, 0, ctypes.c_int(X.UC_X86_INS_CPUID))
 
     def system_call(self, insn: int, callback) -> int:
@@ -120,8 +134,9 @@ class EngineHooks:
         def hook(_h, _d):
             try:
                 callback(uc, None)
-            except BaseException as e:          # noqa: B036
+            except BaseException as e:  # noqa: B036
                 _stop(owner, e)
+
         return self._add(UC_HOOK_INSN, HOOK_INSN_SYSCALL_CFUNC(hook), 1, 0, ctypes.c_int(insn))
 
     def code(self, callback, begin: int, end: int) -> int:
@@ -135,21 +150,25 @@ class EngineHooks:
         def hook(_h, address, size, _d):
             try:
                 callback(uc, address, size, None)
-            except BaseException as e:          # noqa: B036
+            except BaseException as e:  # noqa: B036
                 _stop(owner, e)
+
         return HOOK_CODE_CFUNC(hook)
 
 
 def hook_guard(returns=None):
     """The same guard as a decorator, for a hook method that is added with ctypes elsewhere (the
     rdtsc hook): an exception becomes `owner.error`, the engine stops, the hook returns `returns`."""
+
     def decorate(method):
         def hook(owner, *args):
             try:
                 return method(owner, *args)
-            except BaseException as e:          # noqa: B036
+            except BaseException as e:  # noqa: B036
                 _stop(owner, e)
                 return returns
+
         hook.__name__, hook.__doc__, hook.__wrapped__ = method.__name__, method.__doc__, method
         return hook
+
     return decorate

@@ -5,6 +5,7 @@ writes it (page-table walks, event frames, A/D bits) through a memoryview, with 
 allocation per access. Writes made this way are not seen by code the engine has already translated,
 exactly like uc.mem_write from a hook; the hypervisor never writes guest code through it.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -48,11 +49,11 @@ class HostRegion:
 
     def read(self, hpa: int, size: int) -> bytes:
         off = hpa - self.hpa
-        return self.buf[off:off + size]
+        return self.buf[off : off + size]
 
     def write(self, hpa: int, data: bytes) -> None:
         off = hpa - self.hpa
-        self.view[off:off + len(data)] = data
+        self.view[off : off + len(data)] = data
 
 
 class HvAllocator:

@@ -4,6 +4,7 @@ The Python wrapper's reg_read/reg_write cost about 1.8 us each; calling uc_reg_r
 through ctypes costs about 0.5 us (UNICORN-NOTES.md, "Costs"). Exit paths are mostly register
 traffic, so every handler reads through this class and only what it needs.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -16,22 +17,32 @@ _uclib = _ucmod.uclib
 EAX, ECX, EDX, EBX = X.UC_X86_REG_EAX, X.UC_X86_REG_ECX, X.UC_X86_REG_EDX, X.UC_X86_REG_EBX
 ESP, EBP, ESI, EDI = X.UC_X86_REG_ESP, X.UC_X86_REG_EBP, X.UC_X86_REG_ESI, X.UC_X86_REG_EDI
 EIP, EFLAGS = X.UC_X86_REG_EIP, X.UC_X86_REG_EFLAGS
-CS, SS, DS, ES, FS, GS = (X.UC_X86_REG_CS, X.UC_X86_REG_SS, X.UC_X86_REG_DS, X.UC_X86_REG_ES,
-                          X.UC_X86_REG_FS, X.UC_X86_REG_GS)
+CS, SS, DS, ES, FS, GS = (
+    X.UC_X86_REG_CS,
+    X.UC_X86_REG_SS,
+    X.UC_X86_REG_DS,
+    X.UC_X86_REG_ES,
+    X.UC_X86_REG_FS,
+    X.UC_X86_REG_GS,
+)
 CR0, CR2, CR3, CR4 = X.UC_X86_REG_CR0, X.UC_X86_REG_CR2, X.UC_X86_REG_CR3, X.UC_X86_REG_CR4
 GDTR, IDTR, LDTR, TR = X.UC_X86_REG_GDTR, X.UC_X86_REG_IDTR, X.UC_X86_REG_LDTR, X.UC_X86_REG_TR
 
 # The eight general registers in ModRM / exit-qualification order (SDM Vol. 3C table 28-3).
 GPR_ORDER = (EAX, ECX, EDX, EBX, ESP, EBP, ESI, EDI)
 GPR_NAMES = ("eax", "ecx", "edx", "ebx", "esp", "ebp", "esi", "edi")
-_EFLAGS_VM = 1 << 17      # for cpl(); the flag bits are named in cpuvirt/x86/flags.py, a floor above
-
+_EFLAGS_VM = 1 << 17  # for cpl(); the flag bits are named in cpuvirt/x86/flags.py, a floor above
 
 
 class _Mmr(ctypes.Structure):
     """uc_x86_mmr: a descriptor-table register as libunicorn passes it."""
-    _fields_ = [("selector", ctypes.c_uint16), ("base", ctypes.c_uint64), ("limit", ctypes.c_uint32),
-                ("flags", ctypes.c_uint32)]
+
+    _fields_ = [
+        ("selector", ctypes.c_uint16),
+        ("base", ctypes.c_uint64),
+        ("limit", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+    ]
 
 
 class Regs:
@@ -55,7 +66,7 @@ class Regs:
         self._rw = _uclib.uc_reg_write
 
     def read(self, reg: int) -> int:
-        self._buf.value = 0      # segment registers fill only 16 bits of the buffer
+        self._buf.value = 0  # segment registers fill only 16 bits of the buffer
         self._rr(self._h, reg, self._pbuf)
         return self._buf.value
 

@@ -1,5 +1,6 @@
 """Lab 5: memory virtualization: GVA -> GPA -> HPA, shadow paging against EPT's two-dimensional walk,
 and direct paging."""
+
 from cpuvirt.labs import Lab, Output, Question, Step
 
 
@@ -7,15 +8,21 @@ def _mmu(name: str):
     def observe(out: Output) -> dict:
         s = out.summary(f"{name}.json")
         m = s["mmu"]
-        obs = {f"{name}_fills": m["fills"], f"{name}_walks": m["walks"], f"{name}_refs": m["walk_refs"],
-               f"{name}_faults": m["faults"], f"{name}_pass": len(out.lines("PASS ")),
-               f"{name}_refs_per_walk": round(m["walk_refs"] / m["walks"], 1) if m["walks"] else 0.0,
-               f"{name}_hypercalls": s["counts"].get("hypercall", 0)}
+        obs = {
+            f"{name}_fills": m["fills"],
+            f"{name}_walks": m["walks"],
+            f"{name}_refs": m["walk_refs"],
+            f"{name}_faults": m["faults"],
+            f"{name}_pass": len(out.lines("PASS ")),
+            f"{name}_refs_per_walk": round(m["walk_refs"] / m["walks"], 1) if m["walks"] else 0.0,
+            f"{name}_hypercalls": s["counts"].get("hypercall", 0),
+        }
         shadow = m.get("shadow")
         if shadow:
             for key in ("hidden_faults", "true_faults", "ptemods", "traced_frames", "cr3_switches"):
                 obs[f"{name}_{key}"] = shadow[key]
         return obs
+
     return observe
 
 
@@ -51,41 +58,71 @@ The summary's `memory` line counts **TLB fills** (pages the processor had to tra
 their memory **refs**.
 """,
     steps=[
-        Step("cpuvirt run paging -q --summary native.json", "The bare machine: one guest walk per TLB miss.",
-             _mmu("native"),
-             "{native_fills} TLB fills, {native_walks} walks, {native_refs} references ({native_refs_per_walk} "
-             "per walk: the page directory and table entries, and the A/D bits written back); "
-             "{native_faults} page faults, all the guest's own."),
-        Step("cpuvirt run paging --mode hw -q --summary ept.json", "EPT: the same walks, each reference "
-             "translated by EPT.", _mmu("ept"),
-             "{ept_walks} walks but {ept_refs} references ({ept_refs_per_walk} per walk against "
-             "{native_refs_per_walk} natively): the two-dimensional walk, plus the EPT translations of pages "
-             "touched while paging was still off. No exit was needed for any of it."),
-        Step("cpuvirt run paging --mode trap -q --summary shadow.json", "Shadow paging under "
-             "trap-and-emulate.", _mmu("shadow"),
-             "{shadow_hidden_faults} hidden faults filled the shadow, {shadow_true_faults} true faults reached "
-             "the guest, {shadow_ptemods} ptemods were emulated on {shadow_traced_frames} traced page-table "
-             "frames, over {shadow_cr3_switches} CR3 switches."),
-        Step("cpuvirt run paging --mode hw --no-ept -q --summary noept.json", "VT-x without EPT: the same "
-             "shadow paging, now driven by VM exits.", _mmu("noept"),
-             "{noept_hidden_faults} hidden and {noept_true_faults} true faults, {noept_ptemods} ptemods."),
-        Step("cpuvirt run paging --mode para -q --summary direct.json", "Direct paging: the PV build updates "
-             "its tables by hypercall.", _mmu("direct"),
-             "{direct_hypercalls} hypercalls, no hidden faults: the guest's tables are the real ones."),
+        Step(
+            "cpuvirt run paging -q --summary native.json",
+            "The bare machine: one guest walk per TLB miss.",
+            _mmu("native"),
+            "{native_fills} TLB fills, {native_walks} walks, {native_refs} references ({native_refs_per_walk} "
+            "per walk: the page directory and table entries, and the A/D bits written back); "
+            "{native_faults} page faults, all the guest's own.",
+        ),
+        Step(
+            "cpuvirt run paging --mode hw -q --summary ept.json",
+            "EPT: the same walks, each reference translated by EPT.",
+            _mmu("ept"),
+            "{ept_walks} walks but {ept_refs} references ({ept_refs_per_walk} per walk against "
+            "{native_refs_per_walk} natively): the two-dimensional walk, plus the EPT translations of pages "
+            "touched while paging was still off. No exit was needed for any of it.",
+        ),
+        Step(
+            "cpuvirt run paging --mode trap -q --summary shadow.json",
+            "Shadow paging under trap-and-emulate.",
+            _mmu("shadow"),
+            "{shadow_hidden_faults} hidden faults filled the shadow, {shadow_true_faults} true faults reached "
+            "the guest, {shadow_ptemods} ptemods were emulated on {shadow_traced_frames} traced page-table "
+            "frames, over {shadow_cr3_switches} CR3 switches.",
+        ),
+        Step(
+            "cpuvirt run paging --mode hw --no-ept -q --summary noept.json",
+            "VT-x without EPT: the same shadow paging, now driven by VM exits.",
+            _mmu("noept"),
+            "{noept_hidden_faults} hidden and {noept_true_faults} true faults, {noept_ptemods} ptemods.",
+        ),
+        Step(
+            "cpuvirt run paging --mode para -q --summary direct.json",
+            "Direct paging: the PV build updates its tables by hypercall.",
+            _mmu("direct"),
+            "{direct_hypercalls} hypercalls, no hidden faults: the guest's tables are the real ones.",
+        ),
     ],
     questions=[
-        Question("q1", "How many memory references per walk does EPT make here (one decimal)?",
-                 lambda o: o["ept_refs_per_walk"], tolerance=0.02),
-        Question("q2", "How many hidden faults did shadow paging take under `trap`?",
-                 lambda o: o["shadow_hidden_faults"]),
-        Question("q3", "How many true faults reached the guest under `trap`? Compare with the guest's own "
-                       "count of its page faults.", lambda o: o["shadow_true_faults"]),
-        Question("q4", "The formula (n+1)(m+1)-1 gives 14 references for one walk of 2-level guest tables over "
-                       "4-level EPT, yet cpuvirt measures more per walk. What else does a walk do that touches "
-                       "guest memory, and what does each such access cost under EPT? (Hint: the A and D bits; "
-                       "and why can a walk also cost less: 4 MiB pages, non-present entries.)"),
-        Question("q5", "Which technique would you choose for a guest that rewrites page tables constantly (a "
-                       "fork-heavy workload), and which for one that touches much memory with stable tables?"),
+        Question(
+            "q1",
+            "How many memory references per walk does EPT make here (one decimal)?",
+            lambda o: o["ept_refs_per_walk"],
+            tolerance=0.02,
+        ),
+        Question(
+            "q2", "How many hidden faults did shadow paging take under `trap`?", lambda o: o["shadow_hidden_faults"]
+        ),
+        Question(
+            "q3",
+            "How many true faults reached the guest under `trap`? Compare with the guest's own "
+            "count of its page faults.",
+            lambda o: o["shadow_true_faults"],
+        ),
+        Question(
+            "q4",
+            "The formula (n+1)(m+1)-1 gives 14 references for one walk of 2-level guest tables over "
+            "4-level EPT, yet cpuvirt measures more per walk. What else does a walk do that touches "
+            "guest memory, and what does each such access cost under EPT? (Hint: the A and D bits; "
+            "and why can a walk also cost less: 4 MiB pages, non-present entries.)",
+        ),
+        Question(
+            "q5",
+            "Which technique would you choose for a guest that rewrites page tables constantly (a "
+            "fork-heavy workload), and which for one that touches much memory with stable tables?",
+        ),
     ],
     extend="""
 Write a guest that maps one page and then rewrites its PTE 1,000 times in a loop (each time followed by

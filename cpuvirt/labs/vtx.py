@@ -1,5 +1,6 @@
 """Lab 4: hardware-assisted virtualization (mode `hw`, simulated VT-x): the VMCS, exit reasons, and what
 the controls change."""
+
 from cpuvirt.labs import Lab, Output, Question, Step
 
 
@@ -7,12 +8,24 @@ def _exits(name: str):
     def observe(out: Output) -> dict:
         s = out.summary(f"{name}.json")
         by_reason = {row[0]: row[2] for row in s["exit_stats"]}
-        obs = {f"{name}_exits": sum(by_reason.values()), f"{name}_pass": len(out.lines("PASS ")),
-               f"{name}_fail": len(out.lines("FAIL "))}
-        for reason in ("IO_INSTRUCTION", "CR_ACCESS", "HLT", "EXTERNAL_INTERRUPT", "EXCEPTION_NMI", "INVLPG",
-                       "EPT_VIOLATION", "CPUID"):
+        obs = {
+            f"{name}_exits": sum(by_reason.values()),
+            f"{name}_pass": len(out.lines("PASS ")),
+            f"{name}_fail": len(out.lines("FAIL ")),
+        }
+        for reason in (
+            "IO_INSTRUCTION",
+            "CR_ACCESS",
+            "HLT",
+            "EXTERNAL_INTERRUPT",
+            "EXCEPTION_NMI",
+            "INVLPG",
+            "EPT_VIOLATION",
+            "CPUID",
+        ):
             obs[f"{name}_{reason.lower()}"] = by_reason.get(reason, 0)
         return obs
+
     return observe
 
 
@@ -46,44 +59,69 @@ cpuvirt's `hw` mode simulates this with the SDM's names and numbers; its default
 and #PF exits). docs/hw.md lists what is simulated.
 """,
     steps=[
-        Step("cpuvirt run paging --mode hw -q --stats --summary base.json",
-             "Run `paging` under `hw` with KVM's default controls, with a kvm_stat-style table of exits.",
-             _exits("base"),
-             "{base_exits} exits: {base_io_instruction} IO_INSTRUCTION (the console) and {base_cr_access} "
-             "CR_ACCESS; no exit for its `mov cr3` or `invlpg`: with EPT the guest owns its page tables.",
-             show_lines=8),
-        Step("cpuvirt vmcs paging --dump-vmcs-on CR_ACCESS",
-             "Stop at the first CR_ACCESS exit and print the VMCS: the exit reason, the decoded "
-             "qualification (which CR, which register), the guest state and the controls.", _vmcs,
-             show_lines=40),
-        Step("cpuvirt run paging --mode hw -q --stats --vmx cr3_load_exiting=1 --summary cr3.json",
-             "Turn on CR3-load exiting (as hypervisors without EPT must).", _exits("cr3"),
-             "CR_ACCESS exits go from {base_cr_access} to {cr3_cr_access}: every `mov cr3` of the guest now "
-             "exits.", show_lines=8),
-        Step("cpuvirt run interrupts --mode hw -q --stats --summary irq.json",
-             "`interrupts` programs the PIT and waits with `sti; hlt` for five timer ticks.", _exits("irq"),
-             "{irq_hlt} HLT exits and {irq_external_interrupt} EXTERNAL_INTERRUPT exits (one per tick), "
-             "besides its port I/O.", show_lines=8),
-        Step("cpuvirt run interrupts --mode hw -q --stats --vmx hlt_exiting=0 --summary nohlt.json",
-             "Turn HLT exiting off: the guest's `hlt` now idles the (virtual) processor without leaving it.",
-             _exits("nohlt"),
-             "HLT exits: {nohlt_hlt}; the guest still PASSes ({nohlt_pass} checks).", show_lines=8),
-        Step("cpuvirt run paging --mode hw --no-ept -q --stats --summary noept.json",
-             "Turn EPT off: the hypervisor must keep shadow page tables, so it asks for CR3, INVLPG and page "
-             "fault exits.", _exits("noept"),
-             "{noept_exits} exits instead of {base_exits}: {noept_exception_nmi} EXCEPTION_NMI (page faults, "
-             "mostly hidden from the guest), {noept_cr_access} CR_ACCESS, {noept_invlpg} INVLPG.", show_lines=9),
+        Step(
+            "cpuvirt run paging --mode hw -q --stats --summary base.json",
+            "Run `paging` under `hw` with KVM's default controls, with a kvm_stat-style table of exits.",
+            _exits("base"),
+            "{base_exits} exits: {base_io_instruction} IO_INSTRUCTION (the console) and {base_cr_access} "
+            "CR_ACCESS; no exit for its `mov cr3` or `invlpg`: with EPT the guest owns its page tables.",
+            show_lines=8,
+        ),
+        Step(
+            "cpuvirt vmcs paging --dump-vmcs-on CR_ACCESS",
+            "Stop at the first CR_ACCESS exit and print the VMCS: the exit reason, the decoded "
+            "qualification (which CR, which register), the guest state and the controls.",
+            _vmcs,
+            show_lines=40,
+        ),
+        Step(
+            "cpuvirt run paging --mode hw -q --stats --vmx cr3_load_exiting=1 --summary cr3.json",
+            "Turn on CR3-load exiting (as hypervisors without EPT must).",
+            _exits("cr3"),
+            "CR_ACCESS exits go from {base_cr_access} to {cr3_cr_access}: every `mov cr3` of the guest now exits.",
+            show_lines=8,
+        ),
+        Step(
+            "cpuvirt run interrupts --mode hw -q --stats --summary irq.json",
+            "`interrupts` programs the PIT and waits with `sti; hlt` for five timer ticks.",
+            _exits("irq"),
+            "{irq_hlt} HLT exits and {irq_external_interrupt} EXTERNAL_INTERRUPT exits (one per tick), "
+            "besides its port I/O.",
+            show_lines=8,
+        ),
+        Step(
+            "cpuvirt run interrupts --mode hw -q --stats --vmx hlt_exiting=0 --summary nohlt.json",
+            "Turn HLT exiting off: the guest's `hlt` now idles the (virtual) processor without leaving it.",
+            _exits("nohlt"),
+            "HLT exits: {nohlt_hlt}; the guest still PASSes ({nohlt_pass} checks).",
+            show_lines=8,
+        ),
+        Step(
+            "cpuvirt run paging --mode hw --no-ept -q --stats --summary noept.json",
+            "Turn EPT off: the hypervisor must keep shadow page tables, so it asks for CR3, INVLPG and page "
+            "fault exits.",
+            _exits("noept"),
+            "{noept_exits} exits instead of {base_exits}: {noept_exception_nmi} EXCEPTION_NMI (page faults, "
+            "mostly hidden from the guest), {noept_cr_access} CR_ACCESS, {noept_invlpg} INVLPG.",
+            show_lines=9,
+        ),
     ],
     questions=[
         Question("q1", "How many VM exits did `paging` cause with the default controls?", lambda o: o["base_exits"]),
         Question("q2", "How many CR_ACCESS exits with cr3_load_exiting=1?", lambda o: o["cr3_cr_access"]),
         Question("q3", "How many EXCEPTION_NMI exits without EPT?", lambda o: o["noept_exception_nmi"]),
-        Question("q4", "Almost all exits here are IO_INSTRUCTION from the polled console. Which control would "
-                       "let the console's ports through without exits, and why might a hypervisor refuse to "
-                       "(hint: `--vmx io_bitmap=...` in docs/hw.md)?"),
-        Question("q5", "Adams and Agesen (2006) found that first-generation VT-x often lost to binary "
-                       "translation. From the exit counts here, which workloads would you expect to suffer "
-                       "most from a costly VM exit?"),
+        Question(
+            "q4",
+            "Almost all exits here are IO_INSTRUCTION from the polled console. Which control would "
+            "let the console's ports through without exits, and why might a hypervisor refuse to "
+            "(hint: `--vmx io_bitmap=...` in docs/hw.md)?",
+        ),
+        Question(
+            "q5",
+            "Adams and Agesen (2006) found that first-generation VT-x often lost to binary "
+            "translation. From the exit counts here, which workloads would you expect to suffer "
+            "most from a costly VM exit?",
+        ),
     ],
     extend="""
 Write a guest that executes `cpuid` in a loop 100 times, and run it with `--mode hw --stats`. CPUID exits

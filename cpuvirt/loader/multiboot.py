@@ -50,8 +50,7 @@ INFO_CMDLINE = 1 << 2
 INFO_MODS = 1 << 3
 INFO_MMAP = 1 << 6
 INFO_BOOT_LOADER_NAME = 1 << 9
-INFO_FLAGS = (INFO_MEMORY | INFO_BOOT_DEVICE | INFO_CMDLINE | INFO_MODS | INFO_MMAP
-              | INFO_BOOT_LOADER_NAME)
+INFO_FLAGS = INFO_MEMORY | INFO_BOOT_DEVICE | INFO_CMDLINE | INFO_MODS | INFO_MMAP | INFO_BOOT_LOADER_NAME
 """0x24F: what QEMU always sets, MODS included even with no module (mods_count is then 0)."""
 
 MMAP_ADDR = 0x9000
@@ -144,23 +143,26 @@ def load_image(data: bytes, name: str = "") -> KernelImage:
     if not data:
         raise MultibootError(f"{where}empty file")
     if len(data) >= 0x206 and data[0x202:0x206] == b"HdrS":
-        raise MultibootError(f"{where}this is a Linux kernel (\"HdrS\" at 0x202), which QEMU "
-                             "boots with the Linux protocol, not Multiboot")
+        raise MultibootError(
+            f'{where}this is a Linux kernel ("HdrS" at 0x202), which QEMU boots with the Linux protocol, not Multiboot'
+        )
     offset, flags = _find_header(data, where)
     unsupported = flags & 0xFFFF & ~_SUPPORTED_REQUIRED
     if unsupported:
         raise MultibootError(
             f"{where}Multiboot header (flags {flags:#010x}) requires features {unsupported:#06x} "
             "this loader does not support (supported: bit 0 page-aligned modules, bit 1 memory "
-            "information, bit 2 video mode is ignored)")
+            "information, bit 2 video mode is ignored)"
+        )
     if flags & FLAG_AOUT_KLUDGE:
         image = _load_kludge(data, offset, flags, where)
     else:
         image = _load_elf(data, offset, flags, where)
     image.name = name
     if flags & FLAG_VIDEO_MODE:
-        image.warnings.append("the kernel asks for a video mode (Multiboot flag bit 2); it is "
-                              "ignored, as QEMU ignores it")
+        image.warnings.append(
+            "the kernel asks for a video mode (Multiboot flag bit 2); it is ignored, as QEMU ignores it"
+        )
     _check_placement(image, where)
     return image
 
@@ -171,11 +173,17 @@ def check_fits(image: KernelImage, mem_bytes: int) -> None:
         raise MultibootError(
             f"{_where(image)}the kernel occupies guest-physical {image.lowest:#x}-"
             f"{image.highest - 1:#x}, beyond the {mem_bytes // (1024 * 1024)} MiB of RAM "
-            f"(ends at {mem_bytes:#x}); give more memory")
+            f"(ends at {mem_bytes:#x}); give more memory"
+        )
 
 
-def build_boot_info(image: KernelImage, mem_bytes: int, cmdline: str = "",
-                    modules: Sequence[tuple[bytes, str]] = (), kernel_name: str | None = None) -> BootInfo:
+def build_boot_info(
+    image: KernelImage,
+    mem_bytes: int,
+    cmdline: str = "",
+    modules: Sequence[tuple[bytes, str]] = (),
+    kernel_name: str | None = None,
+) -> BootInfo:
     """Lay out multiboot_info (spec 3.3) and everything it points to, as QEMU does.
 
     multiboot_info sits at 0x9500 and the memory map at 0x9000 (QEMU's addresses). Above the
@@ -226,29 +234,55 @@ def build_boot_info(image: KernelImage, mem_bytes: int, cmdline: str = "",
     if end > mem_bytes:
         raise MultibootError(
             f"{where}kernel, command line and modules need RAM up to {end:#x}, beyond the "
-            f"{mem_bytes // (1024 * 1024)} MiB of RAM; give more memory")
+            f"{mem_bytes // (1024 * 1024)} MiB of RAM; give more memory"
+        )
     for lo, hi, what in (*_FORBIDDEN, _BOOT_INFO):
         if info_base < hi and end > lo:
-            raise MultibootError(f"{where}the command line and modules, placed above the "
-                                 f"kernel at {info_base:#x}-{end - 1:#x}, would overlap {what}")
+            raise MultibootError(
+                f"{where}the command line and modules, placed above the "
+                f"kernel at {info_base:#x}-{end - 1:#x}, would overlap {what}"
+            )
 
     upper_end = mem_bytes - FIRMWARE_RESERVED_TOP
-    mmap = b"".join(struct.pack("<IQQI", 20, base, length, kind) for base, length, kind in (
-        (0, LOW_MEMORY_END, 1),
-        (LOW_MEMORY_END, 0xA0000 - LOW_MEMORY_END, 2),
-        (0xF0000, 0x10000, 2),
-        (HIGH_MEMORY, upper_end - HIGH_MEMORY, 1),
-        (upper_end, FIRMWARE_RESERVED_TOP, 2),
-        (0xFFFC0000, 0x40000, 2),
-    ))
+    mmap = b"".join(
+        struct.pack("<IQQI", 20, base, length, kind)
+        for base, length, kind in (
+            (0, LOW_MEMORY_END, 1),
+            (LOW_MEMORY_END, 0xA0000 - LOW_MEMORY_END, 2),
+            (0xF0000, 0x10000, 2),
+            (HIGH_MEMORY, upper_end - HIGH_MEMORY, 1),
+            (upper_end, FIRMWARE_RESERVED_TOP, 2),
+            (0xFFFC0000, 0x40000, 2),
+        )
+    )
     mbi = struct.pack(
-        "<22I", INFO_FLAGS, MEM_LOWER_KIB, (upper_end - HIGH_MEMORY) // 1024, BOOT_DEVICE,
-        cmdline_addr, len(mod_strings), mods_addr, 0, 0, 0, 0, len(mmap), MMAP_ADDR,
-        0, 0, 0, loader_addr, 0, 0, 0, 0, 0)
+        "<22I",
+        INFO_FLAGS,
+        MEM_LOWER_KIB,
+        (upper_end - HIGH_MEMORY) // 1024,
+        BOOT_DEVICE,
+        cmdline_addr,
+        len(mod_strings),
+        mods_addr,
+        0,
+        0,
+        0,
+        0,
+        len(mmap),
+        MMAP_ADDR,
+        0,
+        0,
+        0,
+        loader_addr,
+        0,
+        0,
+        0,
+        0,
+        0,
+    )
     blobs = [(MMAP_ADDR, mmap), (MBI_ADDR, mbi), (info_base, bytes(mod_list + strings))]
     blobs += mod_blobs
-    return BootInfo(address=MBI_ADDR, blobs=blobs, end=end, cmdline=kernel_cmdline,
-                    modules=placed)
+    return BootInfo(address=MBI_ADDR, blobs=blobs, end=end, cmdline=kernel_cmdline, modules=placed)
 
 
 def _find_header(data: bytes, where: str) -> tuple[int, int]:
@@ -266,90 +300,117 @@ def _find_header(data: bytes, where: str) -> tuple[int, int]:
                 bad = (pos, total)
         pos = data.find(b"\x02\xb0\xad\x1b", pos + 1, limit + 4)
     if bad is not None:
-        raise MultibootError(f"{where}Multiboot header at offset {bad[0]:#x} has a bad checksum "
-                             f"(magic + flags + checksum = {bad[1]:#010x}, must be 0 mod 2^32)")
-    raise MultibootError(f"{where}no Multiboot header (magic 0x1BADB002 at a 4-byte-aligned "
-                         "offset) in the first 8 KiB: not a Multiboot v1 kernel")
+        raise MultibootError(
+            f"{where}Multiboot header at offset {bad[0]:#x} has a bad checksum "
+            f"(magic + flags + checksum = {bad[1]:#010x}, must be 0 mod 2^32)"
+        )
+    raise MultibootError(
+        f"{where}no Multiboot header (magic 0x1BADB002 at a 4-byte-aligned "
+        "offset) in the first 8 KiB: not a Multiboot v1 kernel"
+    )
 
 
 def _load_kludge(data: bytes, offset: int, flags: int, where: str) -> KernelImage:
     """Spec 3.1.3 address fields: the file from load_addr's offset is copied to load_addr."""
     if offset + 32 > len(data):
-        raise MultibootError(f"{where}Multiboot header at offset {offset:#x} sets flag bit 16 "
-                             "but the file ends before its address fields")
+        raise MultibootError(
+            f"{where}Multiboot header at offset {offset:#x} sets flag bit 16 "
+            "but the file ends before its address fields"
+        )
     header_addr, load_addr, load_end, bss_end, entry = struct.unpack_from("<5I", data, offset + 12)
     if load_addr > header_addr:
-        raise MultibootError(f"{where}Multiboot load_addr {load_addr:#x} is above header_addr "
-                             f"{header_addr:#x}")
+        raise MultibootError(f"{where}Multiboot load_addr {load_addr:#x} is above header_addr {header_addr:#x}")
     if header_addr - load_addr > offset:
         raise MultibootError(
             f"{where}Multiboot header_addr - load_addr = {header_addr - load_addr:#x} exceeds "
-            f"the header's file offset {offset:#x}: load_addr would lie before the file's start")
+            f"the header's file offset {offset:#x}: load_addr would lie before the file's start"
+        )
     text_offset = offset - (header_addr - load_addr)
     if load_end:
         if load_end < load_addr:
-            raise MultibootError(f"{where}Multiboot load_end_addr {load_end:#x} is below "
-                                 f"load_addr {load_addr:#x}")
+            raise MultibootError(f"{where}Multiboot load_end_addr {load_end:#x} is below load_addr {load_addr:#x}")
         load_size = load_end - load_addr
         if text_offset + load_size > len(data):
             raise MultibootError(
                 f"{where}file too short: load_addr..load_end_addr needs {load_size:#x} bytes "
-                f"from file offset {text_offset:#x}, the file has {len(data):#x} bytes")
+                f"from file offset {text_offset:#x}, the file has {len(data):#x} bytes"
+            )
     else:
         load_size = len(data) - text_offset
     if load_addr + load_size > _U32:
-        raise MultibootError(f"{where}the kernel ({load_size:#x} bytes at {load_addr:#x}) does "
-                             "not fit in the 32-bit address space")
+        raise MultibootError(
+            f"{where}the kernel ({load_size:#x} bytes at {load_addr:#x}) does not fit in the 32-bit address space"
+        )
     top = load_addr + load_size
     if bss_end:
         if bss_end < top:
-            raise MultibootError(f"{where}Multiboot bss_end_addr {bss_end:#x} is below the end "
-                                 f"of the loaded data {top:#x}")
+            raise MultibootError(
+                f"{where}Multiboot bss_end_addr {bss_end:#x} is below the end of the loaded data {top:#x}"
+            )
         top = bss_end
     if not load_addr <= entry < load_addr + load_size:
         raise MultibootError(
-            f"{where}entry_addr {entry:#x} is outside the loaded image "
-            f"{load_addr:#x}-{load_addr + load_size:#x}")
-    segments = [(load_addr, bytes(data[text_offset:text_offset + load_size]))]
+            f"{where}entry_addr {entry:#x} is outside the loaded image {load_addr:#x}-{load_addr + load_size:#x}"
+        )
+    segments = [(load_addr, bytes(data[text_offset : text_offset + load_size]))]
     bss = [(load_addr + load_size, top - load_addr - load_size)] if top > load_addr + load_size else []
-    return KernelImage(segments=segments, bss=bss, entry=entry, lowest=load_addr, highest=top,
-                       flags=flags, kind="aout-kludge", header_offset=offset)
+    return KernelImage(
+        segments=segments,
+        bss=bss,
+        entry=entry,
+        lowest=load_addr,
+        highest=top,
+        flags=flags,
+        kind="aout-kludge",
+        header_offset=offset,
+    )
 
 
 def _load_elf(data: bytes, offset: int, flags: int, where: str) -> KernelImage:
     """ELF32 i386 ET_EXEC: each PT_LOAD's p_filesz bytes at p_paddr, zeros up to p_memsz."""
     if data[:4] != b"\x7fELF":
-        raise MultibootError(f"{where}not an ELF file, and the Multiboot header (flags "
-                             f"{flags:#010x}) does not set bit 16 to give load addresses")
+        raise MultibootError(
+            f"{where}not an ELF file, and the Multiboot header (flags "
+            f"{flags:#010x}) does not set bit 16 to give load addresses"
+        )
     if len(data) < 52:
-        raise MultibootError(f"{where}truncated ELF: the file ({len(data)} bytes) is shorter "
-                             "than an ELF32 header (52 bytes)")
+        raise MultibootError(
+            f"{where}truncated ELF: the file ({len(data)} bytes) is shorter than an ELF32 header (52 bytes)"
+        )
     if data[4] != 1:
-        raise MultibootError(f"{where}ELF class {data[4]} is not ELFCLASS32: give a 32-bit "
-                             "i386 kernel (QEMU: \"Cannot load x86-64 image, give a 32bit one\")")
+        raise MultibootError(
+            f"{where}ELF class {data[4]} is not ELFCLASS32: give a 32-bit "
+            'i386 kernel (QEMU: "Cannot load x86-64 image, give a 32bit one")'
+        )
     if data[5] != 1:
         raise MultibootError(f"{where}ELF data encoding {data[5]} is not little-endian")
     e_type, e_machine = struct.unpack_from("<HH", data, 16)
     if e_machine != 3:
         raise MultibootError(f"{where}ELF machine {e_machine} is not i386 (EM_386 = 3)")
     if e_type != 2:
-        raise MultibootError(f"{where}ELF type {e_type} is not an executable (ET_EXEC = 2): "
-                             "link the kernel statically at a fixed address (-static -no-pie)")
-    e_phoff, = struct.unpack_from("<I", data, 28)
+        raise MultibootError(
+            f"{where}ELF type {e_type} is not an executable (ET_EXEC = 2): "
+            "link the kernel statically at a fixed address (-static -no-pie)"
+        )
+    (e_phoff,) = struct.unpack_from("<I", data, 28)
     e_phentsize, e_phnum = struct.unpack_from("<HH", data, 42)
     if e_phnum and e_phentsize < 32:
-        raise MultibootError(f"{where}malformed ELF: program header entry size {e_phentsize} "
-                             "is smaller than 32")
+        raise MultibootError(f"{where}malformed ELF: program header entry size {e_phentsize} is smaller than 32")
     if e_phoff + e_phnum * e_phentsize > len(data):
         raise MultibootError(
             f"{where}truncated ELF: the program headers ({e_phnum} at offset {e_phoff:#x}) run "
-            f"past the end of the file ({len(data)} bytes)")
+            f"past the end of the file ({len(data)} bytes)"
+        )
     try:
         from elftools.elf.elffile import ELFFile  # only ELF kernels pay for pyelftools' import
+
         elf = ELFFile(io.BytesIO(data))
         entry = elf.header["e_entry"]
-        loads = [(seg["p_paddr"], seg["p_offset"], seg["p_filesz"], seg["p_memsz"])
-                 for seg in elf.iter_segments() if seg["p_type"] == "PT_LOAD"]
+        loads = [
+            (seg["p_paddr"], seg["p_offset"], seg["p_filesz"], seg["p_memsz"])
+            for seg in elf.iter_segments()
+            if seg["p_type"] == "PT_LOAD"
+        ]
     except Exception as exc:  # pyelftools raises many types on malformed input
         raise MultibootError(f"{where}malformed or truncated ELF ({type(exc).__name__}: {exc})") from None
 
@@ -359,54 +420,67 @@ def _load_elf(data: bytes, offset: int, flags: int, where: str) -> KernelImage:
         if memsz == 0:
             continue  # QEMU's ELF loader skips empty segments too
         if filesz > memsz:
-            raise MultibootError(f"{where}malformed ELF: a PT_LOAD segment at {paddr:#x} has "
-                                 f"p_filesz {filesz:#x} > p_memsz {memsz:#x}")
+            raise MultibootError(
+                f"{where}malformed ELF: a PT_LOAD segment at {paddr:#x} has p_filesz {filesz:#x} > p_memsz {memsz:#x}"
+            )
         if p_offset + filesz > len(data):
             raise MultibootError(
                 f"{where}truncated ELF: the segment for {paddr:#x} needs file bytes "
-                f"{p_offset:#x}-{p_offset + filesz:#x}, the file has {len(data):#x}")
+                f"{p_offset:#x}-{p_offset + filesz:#x}, the file has {len(data):#x}"
+            )
         if paddr + memsz > _U32:
-            raise MultibootError(f"{where}the PT_LOAD segment at {paddr:#x} ({memsz:#x} bytes) "
-                                 "does not fit in the 32-bit address space")
+            raise MultibootError(
+                f"{where}the PT_LOAD segment at {paddr:#x} ({memsz:#x} bytes) does not fit in the 32-bit address space"
+            )
         for lo, hi in spans:
             if paddr < hi and paddr + memsz > lo:
-                raise MultibootError(f"{where}PT_LOAD segments overlap at physical "
-                                     f"{max(lo, paddr):#x}")
+                raise MultibootError(f"{where}PT_LOAD segments overlap at physical {max(lo, paddr):#x}")
         spans.append((paddr, paddr + memsz))
         if filesz:
-            segments.append((paddr, bytes(data[p_offset:p_offset + filesz])))
+            segments.append((paddr, bytes(data[p_offset : p_offset + filesz])))
         if memsz > filesz:
             bss.append((paddr + filesz, memsz - filesz))
     if not spans:
         raise MultibootError(f"{where}the ELF has no loadable segment (no PT_LOAD with p_memsz > 0)")
     if not any(gpa <= entry < gpa + len(blob) for gpa, blob in segments):
-        raise MultibootError(f"{where}ELF entry point {entry:#x} is not inside a loaded "
-                             "segment's file data (paging is off at entry: it must be physical)")
-    return KernelImage(segments=segments, bss=bss, entry=entry,
-                       lowest=min(lo for lo, _ in spans), highest=max(hi for _, hi in spans),
-                       flags=flags, kind="elf", header_offset=offset)
+        raise MultibootError(
+            f"{where}ELF entry point {entry:#x} is not inside a loaded "
+            "segment's file data (paging is off at entry: it must be physical)"
+        )
+    return KernelImage(
+        segments=segments,
+        bss=bss,
+        entry=entry,
+        lowest=min(lo for lo, _ in spans),
+        highest=max(hi for _, hi in spans),
+        flags=flags,
+        kind="elf",
+        header_offset=offset,
+    )
 
 
 def _check_placement(image: KernelImage, where: str) -> None:
     """Refuse loading into memory that is not RAM or that the boot information needs."""
     ranges: list[tuple[int, int]] = []
-    for start, end in sorted([(gpa, gpa + len(blob)) for gpa, blob in image.segments]
-                             + [(gpa, gpa + n) for gpa, n in image.bss]):
+    for start, end in sorted(
+        [(gpa, gpa + len(blob)) for gpa, blob in image.segments] + [(gpa, gpa + n) for gpa, n in image.bss]
+    ):
         if ranges and ranges[-1][1] == start:
-            ranges[-1] = (ranges[-1][0], end)       # a segment's file part and its bss
+            ranges[-1] = (ranges[-1][0], end)  # a segment's file part and its bss
         else:
             ranges.append((start, end))
     for lo, hi, what in _FORBIDDEN:
         for start, end in ranges:
             if start < hi and end > lo:
-                raise MultibootError(f"{where}the kernel would load at {start:#x}-{end - 1:#x}, "
-                                     f"overlapping {what}")
+                raise MultibootError(f"{where}the kernel would load at {start:#x}-{end - 1:#x}, overlapping {what}")
     lo, hi, _ = _BOOT_INFO
     for start, end in ranges:
         if start < hi and end > lo:
-            image.warnings.append(f"the kernel loads at {start:#x}-{end - 1:#x}, over the boot-information "
-                                  f"area {lo:#x}-{hi - 1:#x}: as under QEMU, its bytes replace the memory map "
-                                  "and multiboot_info there")
+            image.warnings.append(
+                f"the kernel loads at {start:#x}-{end - 1:#x}, over the boot-information "
+                f"area {lo:#x}-{hi - 1:#x}: as under QEMU, its bytes replace the memory map "
+                "and multiboot_info there"
+            )
             break
 
 

@@ -44,6 +44,7 @@ The APIC never calls the CPU: the machine asks `pending_vector()` / `acknowledge
 `nmi_pending`) and learns of every state change through `on_change()`, after which it re-plans
 when the CPU next looks at its interrupt lines. `now()` is virtual time in cycles.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -54,19 +55,17 @@ BUS_HZ = 1_000_000_000
 """The timer's input clock: the 1 GHz virtual CPU clock (see the module docstring)."""
 
 MSR_IA32_APIC_BASE = 0x1B
-APIC_BASE_BSP = 1 << 8          # this is the bootstrap processor (read-only here)
-APIC_BASE_ENABLE = 1 << 11      # global enable
-APIC_BASE_ADDR = 0xFFFFF000     # bits 31:12; MAXPHYADDR is 32 (no PAE, no PSE-36 in CPUID)
+APIC_BASE_BSP = 1 << 8  # this is the bootstrap processor (read-only here)
+APIC_BASE_ENABLE = 1 << 11  # global enable
+APIC_BASE_ADDR = 0xFFFFF000  # bits 31:12; MAXPHYADDR is 32 (no PAE, no PSE-36 in CPUID)
 
-VERSION = 0x00050014            # max LVT entry 5 (6 entries) << 16 | version 0x14
+VERSION = 0x00050014  # max LVT entry 5 (6 entries) << 16 | version 0x14
 
 # Register offsets, SDM Vol. 3A table 10-1.
-ID, VER, TPR, APR, PPR, EOI, RRD, LDR, DFR, SPIV = (0x20, 0x30, 0x80, 0x90, 0xA0, 0xB0, 0xC0, 0xD0,
-                                                   0xE0, 0xF0)
+ID, VER, TPR, APR, PPR, EOI, RRD, LDR, DFR, SPIV = (0x20, 0x30, 0x80, 0x90, 0xA0, 0xB0, 0xC0, 0xD0, 0xE0, 0xF0)
 ISR, TMR, IRR, ESR = 0x100, 0x180, 0x200, 0x280
 ICR_LO, ICR_HI = 0x300, 0x310
-LVT_TIMER, LVT_THERMAL, LVT_PERF, LVT_LINT0, LVT_LINT1, LVT_ERROR = (0x320, 0x330, 0x340, 0x350,
-                                                                    0x360, 0x370)
+LVT_TIMER, LVT_THERMAL, LVT_PERF, LVT_LINT0, LVT_LINT1, LVT_ERROR = (0x320, 0x330, 0x340, 0x350, 0x360, 0x370)
 TIMER_INITIAL, TIMER_CURRENT, TIMER_DIVIDE = 0x380, 0x390, 0x3E0
 
 # LVT entries, in register order; their writable bits (SDM figure 10-8): vector 7:0, delivery
@@ -79,11 +78,11 @@ LVT_MASKED = 1 << 16
 LVT_PERIODIC = 1 << 17
 
 SPIV_ENABLE = 1 << 8
-_SPIV_WRITABLE = 0x1FF          # vector and enable; focus checking and EOI-broadcast suppression absent
+_SPIV_WRITABLE = 0x1FF  # vector and enable; focus checking and EOI-broadcast suppression absent
 
 # Delivery modes (ICR and LVT bits 10:8).
 DM_FIXED, DM_LOWEST, DM_SMI, DM_NMI, DM_INIT, DM_SIPI, DM_EXTINT = 0, 1, 2, 4, 5, 6, 7
-_ICR_LO_WRITABLE = 0xCCFFF      # vector, delivery mode, destination mode, level, trigger, shorthand
+_ICR_LO_WRITABLE = 0xCCFFF  # vector, delivery mode, destination mode, level, trigger, shorthand
 
 # Error status register bits (SDM 10.5.3).
 ESR_SEND_ILLEGAL_VECTOR = 1 << 5
@@ -119,8 +118,13 @@ class ApicReservedBits(ValueError):
 # version, EOI, LDR, DFR, SVR, ISR[8], TMR[8], IRR[8], ESR, ICR low and high, the 6 LVT entries,
 # initial count, divide configuration. (The TPR is not among them: while a virtual-APIC page is
 # attached it lives there, see `vtpr_page`.)
-MIRRORED = ((ID, VER, EOI, LDR, DFR, SPIV) + tuple(base + 16 * i for base in (ISR, TMR, IRR) for i in range(8))
-            + (ESR, ICR_LO, ICR_HI) + tuple(LVT_TIMER + 16 * i for i in range(6)) + (TIMER_INITIAL, TIMER_DIVIDE))
+MIRRORED = (
+    (ID, VER, EOI, LDR, DFR, SPIV)
+    + tuple(base + 16 * i for base in (ISR, TMR, IRR) for i in range(8))
+    + (ESR, ICR_LO, ICR_HI)
+    + tuple(LVT_TIMER + 16 * i for i in range(6))
+    + (TIMER_INITIAL, TIMER_DIVIDE)
+)
 _W = 0xFFFFFFFF
 
 
@@ -136,7 +140,7 @@ class LocalApic:
         self.base_msr = APIC_BASE_GPA | APIC_BASE_BSP | APIC_BASE_ENABLE
         self.nmi_pending = False
         self.on_level_eoi: Callable[[int], None] = lambda vector: None
-        self.on_base_change: Callable[[], None] = lambda: None   # CPUID's APIC bit follows the enable
+        self.on_base_change: Callable[[], None] = lambda: None  # CPUID's APIC bit follows the enable
         self.reset()
 
     # -- states ------------------------------------------------------------------------------------
@@ -148,17 +152,17 @@ class LocalApic:
         self.ldr = 0
         self.dfr = 0xFFFFFFFF
         self.spiv = 0xFF
-        self.irr = self.isr = self.tmr = 0      # 256-bit bitmaps, bit n = vector n
+        self.irr = self.isr = self.tmr = 0  # 256-bit bitmaps, bit n = vector n
         self.lvt = [LVT_MASKED] * 6
         self.esr = 0
-        self.esr_pending = 0                    # errors since the last ESR write
+        self.esr_pending = 0  # errors since the last ESR write
         self.icr_lo = self.icr_hi = 0
         self.divide = 0
         self._shift = _divide_shift(0)
         self.initial_count = 0
-        self._base = self.now()                 # timer: virtual time of the last (re)load ...
-        self._base_count = 0                    # ... and the count then
-        self._fire_tick: int | None = None      # ticks after _base of the next zero crossing
+        self._base = self.now()  # timer: virtual time of the last (re)load ...
+        self._base_count = 0  # ... and the count then
+        self._fire_tick: int | None = None  # ticks after _base of the next zero crossing
 
     def bios_setup(self) -> None:
         """Leave the APIC as SeaBIOS does under QEMU (see BIOS_*)."""
@@ -187,17 +191,33 @@ class LocalApic:
 
     def mirror_key(self) -> tuple:
         """Changes whenever `mirrored_values` does (cheaper to build: compared at every VM entry)."""
-        return (self.id, self.ldr, self.dfr, self.spiv, self.isr, self.tmr, self.irr, self.esr, self.icr_lo,
-                self.icr_hi, *self.lvt, self.initial_count, self.divide)
+        return (
+            self.id,
+            self.ldr,
+            self.dfr,
+            self.spiv,
+            self.isr,
+            self.tmr,
+            self.irr,
+            self.esr,
+            self.icr_lo,
+            self.icr_hi,
+            *self.lvt,
+            self.initial_count,
+            self.divide,
+        )
 
     def mirrored_values(self) -> tuple[int, ...]:
         """The values of the MIRRORED registers as a read would return them, with no side effect
         (no timer catch-up): what a hypervisor copies into its virtual-APIC page."""
         isr, tmr, irr = self.isr, self.tmr, self.irr
-        return ((self.id << 24, VERSION, 0, self.ldr, self.dfr, self.spiv)
-                + tuple((isr >> (32 * i)) & _W for i in range(8)) + tuple((tmr >> (32 * i)) & _W for i in range(8))
-                + tuple((irr >> (32 * i)) & _W for i in range(8))
-                + (self.esr, self.icr_lo, self.icr_hi, *self.lvt, self.initial_count, self.divide))
+        return (
+            (self.id << 24, VERSION, 0, self.ldr, self.dfr, self.spiv)
+            + tuple((isr >> (32 * i)) & _W for i in range(8))
+            + tuple((tmr >> (32 * i)) & _W for i in range(8))
+            + tuple((irr >> (32 * i)) & _W for i in range(8))
+            + (self.esr, self.icr_lo, self.icr_hi, *self.lvt, self.initial_count, self.divide)
+        )
 
     @property
     def hw_enabled(self) -> bool:
@@ -273,7 +293,7 @@ class LocalApic:
             return self._base_count - t
         if self._fire_tick is not None and self.lvt[_L_TIMER] & LVT_PERIODIC and self.initial_count:
             return self.initial_count - (t - self._base_count) % self.initial_count
-        return 0                                # expired one-shot, or stopped
+        return 0  # expired one-shot, or stopped
 
     def _catch_up(self, now: int) -> bool:
         tick = self._fire_tick
@@ -339,7 +359,7 @@ class LocalApic:
         if reg == TIMER_DIVIDE:
             return self.divide
         self._error(ESR_ILLEGAL_REGISTER)
-        self.on_change()                        # the LVT error interrupt may now be pending
+        self.on_change()  # the LVT error interrupt may now be pending
         return 0
 
     def write(self, offset: int, size: int, value: int) -> None:
@@ -359,7 +379,7 @@ class LocalApic:
                 vector = _highest(self.isr)
                 self.isr &= ~(1 << vector)
                 if self.tmr >> vector & 1:
-                    self.on_level_eoi(vector)   # SDM 10.8.5: the I/O APIC hears the EOI
+                    self.on_level_eoi(vector)  # SDM 10.8.5: the I/O APIC hears the EOI
         elif reg == LDR:
             self.ldr = value & 0xFF000000
         elif reg == DFR:
@@ -387,7 +407,7 @@ class LocalApic:
             self.divide = value & 0xB
             self._shift = _divide_shift(self.divide)
         elif reg in (VER, APR, PPR, RRD, TIMER_CURRENT) or ISR <= reg < ESR:
-            pass                                # read-only: the write is ignored
+            pass  # read-only: the write is ignored
         else:
             self._error(ESR_ILLEGAL_REGISTER)
         self.on_change()
@@ -395,9 +415,9 @@ class LocalApic:
     def _write_lvt(self, index: int, value: int, now: int) -> None:
         value &= _LVT_WRITABLE[index]
         if not self.spiv & SPIV_ENABLE:
-            value |= LVT_MASKED                 # SDM 10.4.7.2: masks stay set while software-disabled
+            value |= LVT_MASKED  # SDM 10.4.7.2: masks stay set while software-disabled
         if index == _L_TIMER and (value ^ self.lvt[_L_TIMER]) & LVT_PERIODIC:
-            self._rebase(now)                   # the count so far is the old mode's
+            self._rebase(now)  # the count so far is the old mode's
         self.lvt[index] = value
 
     # -- interrupt acceptance --------------------------------------------------------------------------
@@ -437,20 +457,20 @@ class LocalApic:
         """Is this CPU a destination of the IPI in the ICR (SDM 10.6.2)?"""
         shorthand = (self.icr_lo >> 18) & 3
         if shorthand:
-            return shorthand != 3               # self, all including self; not all-excluding-self
+            return shorthand != 3  # self, all including self; not all-excluding-self
         return self.is_destination(self.icr_hi >> 24, bool(self.icr_lo & (1 << 11)))
 
     def is_destination(self, dest: int, logical: bool) -> bool:
         """Does an interrupt message for `dest` (physical APIC ID, or a logical destination) reach
         this APIC (SDM 10.6.2)? 0xFF is a broadcast in both modes."""
         if dest == 0xFF:
-            return True                         # broadcast, physical or logical
+            return True  # broadcast, physical or logical
         if not logical:
-            return dest == self.id              # physical destination mode
+            return dest == self.id  # physical destination mode
         ldr = self.ldr >> 24
-        if self.dfr >> 28 == 0xF:               # flat model: a bit mask of CPUs
+        if self.dfr >> 28 == 0xF:  # flat model: a bit mask of CPUs
             return bool(dest & ldr)
-        return (dest >> 4) == (ldr >> 4) and bool(dest & ldr & 0xF)     # cluster model
+        return (dest >> 4) == (ldr >> 4) and bool(dest & ldr & 0xF)  # cluster model
 
     def _send_ipi(self) -> None:
         """ICR low was written: send the IPI it describes (SDM 10.6.1), instantly."""

@@ -26,6 +26,7 @@ genroms/..., ...), and QEMU has more numbered items (uuid, nographic, boot_menu,
 0x8000 and up: ACPI and SMBIOS tables, E820, HPET); they all read zeros here. The DMA interface
 (port 0x514) is not modelled: its ports are unhandled (read all-ones).
 """
+
 from __future__ import annotations
 
 import struct
@@ -57,7 +58,7 @@ class FwCfg:
             FW_CFG_MAX_CPUS: struct.pack("<H", cpus),
             FW_CFG_FILE_DIR: struct.pack(">I", 0),
         }
-        self.select(FW_CFG_SIGNATURE)          # QEMU's reset selects the signature
+        self.select(FW_CFG_SIGNATURE)  # QEMU's reset selects the signature
 
     def select(self, key: int) -> None:
         self.key = key & 0xFFFF

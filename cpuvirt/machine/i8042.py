@@ -11,6 +11,7 @@ holds it; both call `on_reset(why)` (machine/reset.py). 0xD0 (read output port) 
 port, 0xCF as QEMU reports it after SeaBIOS (measured: reset line and A20 high, the bits QEMU keeps
 at 1), in the data register. The data port reads the last byte the controller produced, 0 until then.
 """
+
 from __future__ import annotations
 
 DATA_PORT, STATUS_PORT = 0x60, 0x64

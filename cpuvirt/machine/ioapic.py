@@ -27,14 +27,15 @@ the low bits, a narrower write is ignored); anything else in the page reads 0 an
 The I/O APIC never calls the CPU: requests go to `deliver(vector, level, dest, logical, mode)`,
 the machine's path into the local APIC.
 """
+
 from __future__ import annotations
 
 from typing import Callable
 
 IOAPIC_BASE_GPA = 0xFEC00000
 IOAPIC_SIZE = 0x1000
-IOAPIC_ID = 0                   # what QEMU's I/O APIC reports with one CPU (its MP entry says so too)
-IOAPIC_VERSION = 0x11           # 82093AA
+IOAPIC_ID = 0  # what QEMU's I/O APIC reports with one CPU (its MP entry says so too)
+IOAPIC_VERSION = 0x11  # 82093AA
 PINS = 24
 
 IOREGSEL, IOWIN = 0x00, 0x10
@@ -48,7 +49,7 @@ RTE_POLARITY_LOW = 1 << 13
 RTE_REMOTE_IRR = 1 << 14
 RTE_LEVEL = 1 << 15
 RTE_MASKED = 1 << 16
-_RTE_WRITABLE = 0xFF00000000000000 | 0x1AFFF     # everything but delivery status and remote IRR
+_RTE_WRITABLE = 0xFF00000000000000 | 0x1AFFF  # everything but delivery status and remote IRR
 
 DM_FIXED, DM_LOWEST, DM_SMI, DM_NMI, DM_INIT, DM_EXTINT = 0, 1, 2, 4, 5, 7
 
@@ -68,8 +69,8 @@ class IoApic:
         self.id = IOAPIC_ID
         self.regsel = 0
         self.redirection = [RTE_MASKED] * PINS
-        self.irr = 0                # requests waiting to be sent, bit n = pin n
-        self.lines = 0              # input levels, bit n = pin n
+        self.irr = 0  # requests waiting to be sent, bit n = pin n
+        self.lines = 0  # input levels, bit n = pin n
 
     # -- input pins ----------------------------------------------------------------------------------
     def set_irq(self, pin: int, level: bool) -> None:
@@ -87,7 +88,7 @@ class IoApic:
             else:
                 self.irr &= ~bit
         elif level and not was:
-            self.irr |= bit         # a rising edge latches one request
+            self.irr |= bit  # a rising edge latches one request
         else:
             return
         self._service()
@@ -160,7 +161,7 @@ class IoApic:
             return
         pin, high = divmod(index - REG_TABLE, 2)
         if not 0 <= pin < PINS:
-            return                  # version, arbitration and unknown indexes are read-only
+            return  # version, arbitration and unknown indexes are read-only
         old = self.redirection[pin]
         new = (value << 32) | (old & 0xFFFFFFFF) if high else (old & ~0xFFFFFFFF) | value
         new = (new & _RTE_WRITABLE) | (old & RTE_REMOTE_IRR)
@@ -168,7 +169,7 @@ class IoApic:
             new &= ~RTE_REMOTE_IRR
         self.redirection[pin] = new
         bit = 1 << pin
-        if new & RTE_LEVEL:         # a level entry requests while its line is high
+        if new & RTE_LEVEL:  # a level entry requests while its line is high
             self.irr = self.irr | bit if self.lines & bit else self.irr & ~bit
         if self.irr & bit:
             self._service()

@@ -12,14 +12,15 @@ Modelled: those three handlers, no more. Not modelled: BIOS services (int 10h, 1
 return at once, with nothing done and no flags changed) and the BDA tick count that SeaBIOS's IRQ 0
 handler keeps at 0040:006C.
 """
+
 from __future__ import annotations
 
 import struct
 
 BIOS_SEGMENT = 0xF000
-IRET_OFFSET = 0xFF53            # F000:FF53 `iret`, every vector's default
-MASTER_EOI_OFFSET = 0xFE00      # IRQ 0-7: EOI to the master 8259, then iret
-SLAVE_EOI_OFFSET = 0xFE10       # IRQ 8-15: EOI to the slave, then to the master, then iret
+IRET_OFFSET = 0xFF53  # F000:FF53 `iret`, every vector's default
+MASTER_EOI_OFFSET = 0xFE00  # IRQ 0-7: EOI to the master 8259, then iret
+SLAVE_EOI_OFFSET = 0xFE10  # IRQ 8-15: EOI to the slave, then to the master, then iret
 MASTER_VECTORS = range(0x08, 0x10)
 SLAVE_VECTORS = range(0x70, 0x78)
 
@@ -46,5 +47,9 @@ def handler(vector: int) -> tuple[int, int]:
 def ivt_blobs() -> list[tuple[int, bytes]]:
     """(guest-physical address, bytes): the table at 0 and its three handlers in the BIOS segment."""
     table = b"".join(struct.pack("<HH", off, seg) for seg, off in (handler(v) for v in range(256)))
-    return [(0, table), (_linear(IRET_OFFSET), IRET), (_linear(MASTER_EOI_OFFSET), MASTER_EOI),
-            (_linear(SLAVE_EOI_OFFSET), SLAVE_EOI)]
+    return [
+        (0, table),
+        (_linear(IRET_OFFSET), IRET),
+        (_linear(MASTER_EOI_OFFSET), MASTER_EOI),
+        (_linear(SLAVE_EOI_OFFSET), SLAVE_EOI),
+    ]

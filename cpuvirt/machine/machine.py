@@ -3,6 +3,7 @@
 DESIGN.md section 2. The machine knows nothing of virtualization modes: it is what a bare PC would be.
 The CPU's interrupt source is the local APIC, with the 8259 pair behind its LINT0 pin (docs/platform.md).
 """
+
 from __future__ import annotations
 
 import select
@@ -116,7 +117,7 @@ class _MmioWindow:
     __slots__ = ("gpa", "hpa", "size", "callbacks")
 
     def __init__(self, hpa: int, size: int):
-        self.gpa: int = 0                 # set by map_mem before the region is reachable
+        self.gpa: int = 0  # set by map_mem before the region is reachable
         self.hpa, self.size = hpa, size
         self.callbacks: tuple | None = None
 
@@ -126,31 +127,39 @@ class MsrFault(Exception):
 
 
 class Machine:
-    def __init__(self, mem_mib: int = 32, on_console=None, on_exit=None, on_unhandled_io=None, on_mmio=None,
-                 shared_ram: bool = False, rtc_base=RTC_DEFAULT_BASE):
+    def __init__(
+        self,
+        mem_mib: int = 32,
+        on_console=None,
+        on_exit=None,
+        on_unhandled_io=None,
+        on_mmio=None,
+        shared_ram: bool = False,
+        rtc_base=RTC_DEFAULT_BASE,
+    ):
         self.mem_bytes = mem_mib * MIB
         uc = self.uc = Uc(UC_ARCH_X86, UC_MODE_32)
         # Stop only when cpuvirt says so: with an empty exit list Unicorn never looks up `until - 1`
         # (which would be a guest fetch through our TLB-fill hook at the end of every run).
         uc.ctl_exits_enabled(True)
         uc.ctl_set_exits([])
-        self.ram = HostRegion(uc, RAM_HPA, self.mem_bytes, shared=shared_ram)   # shared: a memfd (vhost-user)
+        self.ram = HostRegion(uc, RAM_HPA, self.mem_bytes, shared=shared_ram)  # shared: a memfd (vhost-user)
         uc.mmio_map(UNBACKED_HPA, 0x1000, lambda *_: 0xFFFFFFFF, None, lambda *_: None, None)
-        uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)   # type: ignore[attr-defined]  # in 2.1.3, not in its hints
+        uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)  # type: ignore[attr-defined]  # in 2.1.3, not in its hints
         self.regs = Regs(uc)
         self.p2m = P2m(self.mem_bytes)
         self.mmu = Mmu(uc, self.regs, self.p2m, self.ram)
         self.clock = VirtualClock(uc, self._count_block)
 
         self.bus = PortBus(on_unhandled=on_unhandled_io)
-        self.input: TimedDevice | None = None   # serial_input.ScriptedInput / TerminalInput (attach_input)
-        self.external: list = []     # devices fed from outside the machine (a NIC's sockets): wait_external
-        self.device_timers: list[TimedDevice] = []   # devices' own deadlines (virtio/completion.py DeviceTimer)
-        self.uart = Uart16550(on_output=on_console, raise_irq=self._uart_irq_raise,
-                              lower_irq=self._uart_irq_lower)
+        self.input: TimedDevice | None = None  # serial_input.ScriptedInput / TerminalInput (attach_input)
+        self.external: list = []  # devices fed from outside the machine (a NIC's sockets): wait_external
+        self.device_timers: list[TimedDevice] = []  # devices' own deadlines (virtio/completion.py DeviceTimer)
+        self.uart = Uart16550(on_output=on_console, raise_irq=self._uart_irq_raise, lower_irq=self._uart_irq_lower)
         self.pic = Pic8259Pair()
-        self.pit = Pit8254(now=lambda: self.clock.now, tsc_hz=TSC_HZ,
-                           raise_irq=self._isa_irq_raise, lower_irq=self._isa_irq_lower)
+        self.pit = Pit8254(
+            now=lambda: self.clock.now, tsc_hz=TSC_HZ, raise_irq=self._isa_irq_raise, lower_irq=self._isa_irq_lower
+        )
         # Guests boot under QEMU after SeaBIOS: start from the state it leaves the PIC and PIT in.
         self.pic.bios_setup()
         self.pit.bios_setup()
@@ -175,7 +184,7 @@ class Machine:
         self.bus.register(CONFIG_ADDRESS, 4, ResetControl(self.pci, self._reset), wide=True)
         self.bus.register(PORT92, 1, Port92(self._reset))
         self.bus.register(CONFIG_DATA, 4, self.pci, wide=True)
-        self._windows: dict[int, _MmioWindow] = {}     # id(region) -> its window
+        self._windows: dict[int, _MmioWindow] = {}  # id(region) -> its window
         self.rtc = CmosRtc(now=lambda: self.clock.now, mem_bytes=self.mem_bytes, base=rtc_base)
         self.bus.register(RTC_PORT, 2, self.rtc)
         self.i8042 = I8042(on_reset=self._reset)
@@ -185,9 +194,9 @@ class Machine:
         self.bus.register(CRTC_PORT, 2, self.crtc)
 
         self.mmio = MmioBus(on_access=on_mmio)
-        self.mmu.devices = self.mmio         # the hypervisor's linear accesses reach device registers
+        self.mmu.devices = self.mmio  # the hypervisor's linear accesses reach device registers
         self._next_mmio_hpa = MMIO_HPA
-        self._mmio_callbacks: list[tuple] = []   # Unicorn keeps only pointers: keep the closures alive
+        self._mmio_callbacks: list[tuple] = []  # Unicorn keeps only pointers: keep the closures alive
         self.apic = LocalApic(now=lambda: self.clock.now, on_change=self._interrupts_changed)
         self.apic.bios_setup()
         self.map_mmio(APIC_BASE_GPA, APIC_SIZE, self.apic)
@@ -196,11 +205,11 @@ class Machine:
         self.ioapic = IoApic(deliver=self._ioapic_message, on_change=self._interrupts_changed)
         self.apic.on_level_eoi = self.ioapic.eoi
         self.map_mmio(IOAPIC_BASE_GPA, IOAPIC_SIZE, _Replans(self.ioapic, self))
-        self._insn_counter: Any = None       # capstone Cs (32-bit), made on first use
+        self._insn_counter: Any = None  # capstone Cs (32-bit), made on first use
         self._insn_counter16: Any = None
-        self.block_observer = None   # callback(insns) -> True to stop and retranslate the block
-        self.on_new_block = None     # callback(address): caches keyed by block must drop it
-        self.block_insns: dict[int, tuple] = {}   # block -> (instruction addresses, end address)
+        self.block_observer = None  # callback(insns) -> True to stop and retranslate the block
+        self.on_new_block = None  # callback(address): caches keyed by block must drop it
+        self.block_insns: dict[int, tuple] = {}  # block -> (instruction addresses, end address)
 
     def _reset(self, why: str) -> None:
         if self.on_reset is not None:
@@ -327,7 +336,7 @@ class Machine:
         timer armed): make the engine stop in time for the CPU to look again. A deliverable
         interrupt or NMI stops it at the next block boundary, a new timer at its deadline."""
         clock = self.clock
-        self.pit.update()                  # an edge due while IRQ 0 could not interrupt: latch it now
+        self.pit.update()  # an edge due while IRQ 0 could not interrupt: latch it now
         deadline = self.next_timer_deadline()
         if self.apic.nmi_pending or self.pending_interrupt() is not None:
             deadline = clock.now
@@ -431,6 +440,7 @@ class Machine:
 
     def _flush_engine_tlb(self) -> None:
         from unicorn import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH
+
         self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
 
     def set_isa_irq(self, irq: int, level: bool) -> None:
@@ -484,12 +494,13 @@ class Machine:
     # -- the clock asks how many instructions a newly seen block holds -----------------------------
     def _count_block(self, address: int, size: int) -> int:
         try:
-            self.mmu.crs = None          # a fresh hypervisor entry: CRs may have changed
+            self.mmu.crs = None  # a fresh hypervisor entry: CRs may have changed
             code = self.mmu.fetch_bytes(GVA(address), size)
             if not code:
                 return 1
             if self._insn_counter is None:
                 from capstone import CS_ARCH_X86, CS_MODE_16, CS_MODE_32, Cs
+
                 self._insn_counter = Cs(CS_ARCH_X86, CS_MODE_32)
                 self._insn_counter16 = Cs(CS_ARCH_X86, CS_MODE_16)
             # Real-address and virtual-8086 mode run 16-bit code (SDM Vol. 3A 20.1, 20.2): decoded as
@@ -506,7 +517,7 @@ class Machine:
                 self.clock.discard_current_block()
                 self.uc.emu_stop()
             return max(len(insns), 1)
-        except Exception:   # never let an exception cross into C
+        except Exception:  # never let an exception cross into C
             return 1
 
     # -- boot --------------------------------------------------------------------------------------
@@ -520,8 +531,9 @@ class Machine:
         self.write_gpa(scratch_gpa, gdt)
         uc = self.uc
         from cpuvirt.engine import regs as R
+
         uc.reg_write(R.GDTR, (0, scratch_gpa, len(gdt) - 1, 0))
-        uc.reg_write(R.CR0, 0x11)   # PE | ET
+        uc.reg_write(R.CR0, 0x11)  # PE | ET
         uc.reg_write(R.CS, 0x08)
         for seg in (R.SS, R.DS, R.ES, R.FS, R.GS):
             uc.reg_write(seg, 0x10)

@@ -14,6 +14,7 @@ Guest-physical addresses that are neither RAM nor a device range never reach thi
 memory-translation module maps them to the all-ones page and reports each page once
 (`unbacked_memory`), as before.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Protocol
@@ -35,7 +36,7 @@ class MmioBus:
 
     def __init__(self, on_access: Callable[[int, int, bool, int], None] | None = None):
         self.on_access = on_access
-        self.ranges: list[tuple[int, int, MmioDevice]] = []   # (first gpa, end gpa, device), sorted
+        self.ranges: list[tuple[int, int, MmioDevice]] = []  # (first gpa, end gpa, device), sorted
 
     def register(self, gpa: int, size: int, device: MmioDevice) -> None:
         """Give `device` the guest-physical bytes gpa .. gpa + size - 1."""

@@ -18,6 +18,7 @@ there); ExtINT on LINT0 and NMI on LINT1. BDA: EBDA segment 0x9FC0, base memory 
 pc-lite has no PCI bus, so its table lists only the ISA bus (bus ID 0) and all 15 ISA IRQs (IRQ 2,
 the 8259 cascade, has none, as under SeaBIOS); the processor entry carries cpuvirt's own CPUID.
 """
+
 from __future__ import annotations
 
 import struct
@@ -55,21 +56,37 @@ def _checksummed(data: bytearray, at: int) -> bytes:
 def config_table(cpu_signature: int, cpu_features: int, isa_irqs=range(16)) -> bytes:
     """The MP configuration table: header and base entries (spec 4.2, 4.3)."""
     entries = [
-        struct.pack("<BBBBII8x", PROCESSOR, 0, LAPIC_VERSION & 0xFF, CPU_ENABLED | CPU_BSP,
-                    cpu_signature, cpu_features),
+        struct.pack(
+            "<BBBBII8x", PROCESSOR, 0, LAPIC_VERSION & 0xFF, CPU_ENABLED | CPU_BSP, cpu_signature, cpu_features
+        ),
         struct.pack("<BB6s", BUS, ISA_BUS_ID, b"ISA   "),
         struct.pack("<BBBBI", IO_APIC, IOAPIC_ID, IOAPIC_VERSION, IOAPIC_ENABLED, IOAPIC_BASE_GPA),
     ]
     for irq in isa_irqs:
         if irq == 2:
-            continue                # the 8259 cascade: not a device interrupt
-        entries.append(struct.pack("<BBHBBBB", IO_INTERRUPT, INT_VECTORED, 0, ISA_BUS_ID, irq,
-                                   IOAPIC_ID, isa_irq_to_pin(irq)))
+            continue  # the 8259 cascade: not a device interrupt
+        entries.append(
+            struct.pack("<BBHBBBB", IO_INTERRUPT, INT_VECTORED, 0, ISA_BUS_ID, irq, IOAPIC_ID, isa_irq_to_pin(irq))
+        )
     entries.append(struct.pack("<BBHBBBB", LOCAL_INTERRUPT, INT_EXTINT, 0, ISA_BUS_ID, 0, 0, 0))
     entries.append(struct.pack("<BBHBBBB", LOCAL_INTERRUPT, INT_NMI, 0, ISA_BUS_ID, 0, ALL_LOCAL_APICS, 1))
     body = b"".join(entries)
-    header = struct.pack("<4sHBB8s12sIHHIHBB", b"PCMP", 44 + len(body), SPEC_REVISION, 0, OEM_ID,
-                         PRODUCT_ID, 0, 0, len(entries), APIC_BASE_GPA, 0, 0, 0)
+    header = struct.pack(
+        "<4sHBB8s12sIHHIHBB",
+        b"PCMP",
+        44 + len(body),
+        SPEC_REVISION,
+        0,
+        OEM_ID,
+        PRODUCT_ID,
+        0,
+        0,
+        len(entries),
+        APIC_BASE_GPA,
+        0,
+        0,
+        0,
+    )
     return _checksummed(bytearray(header + body), 7)
 
 

@@ -18,6 +18,7 @@ A guest may re-program a BAR or the command register: the function's regions the
 the port and MMIO buses at once. Devices know nothing of the CPU: they call `set_intx(level)` or
 send MSI messages through the bus's `platform`.
 """
+
 from __future__ import annotations
 
 import struct
@@ -74,7 +75,7 @@ class Bar:
         if size & (size - 1) or size < (4 if io else 16):
             raise ValueError(f"BAR size {size:#x} is not a power of two of the minimum size")
         self.index, self.io, self.size, self.region = index, io, size, region
-        self.mapped: int | None = None     # the address its region is decoded at now, or None
+        self.mapped: int | None = None  # the address its region is decoded at now, or None
 
 
 class PciFunction:
@@ -84,14 +85,23 @@ class PciFunction:
     side effects handled here, so that every access goes through `read_config`/`write_config`.
     """
 
-    def __init__(self, name: str, vendor: int, device: int, class_code: int, revision: int = 0,
-                 subsystem_vendor: int = QEMU_SUBVENDOR, subsystem: int = QEMU_SUBDEVICE,
-                 header_type: int = 0, int_pin: int = 0):
+    def __init__(
+        self,
+        name: str,
+        vendor: int,
+        device: int,
+        class_code: int,
+        revision: int = 0,
+        subsystem_vendor: int = QEMU_SUBVENDOR,
+        subsystem: int = QEMU_SUBDEVICE,
+        header_type: int = 0,
+        int_pin: int = 0,
+    ):
         self.name = name
         self.config = bytearray(256)
         self.wmask = bytearray(256)
         self.bars: dict[int, Bar] = {}
-        self.rom_size = 0                   # expansion ROM BAR (0x30): sized and assigned, never decoded
+        self.rom_size = 0  # expansion ROM BAR (0x30): sized and assigned, never decoded
         self.bus: PciBus | None = None
         self.slot = -1
         self.intx_level = False
@@ -101,10 +111,14 @@ class PciFunction:
         self.config[HEADER_TYPE] = header_type
         struct.pack_into("<HH", self.config, SUBSYSTEM_VENDOR_ID, subsystem_vendor, subsystem)
         self.config[INTERRUPT_PIN] = int_pin
-        struct.pack_into("<H", self.wmask, COMMAND, COMMAND_IO | COMMAND_MEMORY | COMMAND_MASTER | COMMAND_SERR
-                         | COMMAND_INTX_DISABLE | 0x40)
-        self.wmask[0x0C] = 0xFF            # cache line size
-        self.wmask[0x0D] = 0xFF            # latency timer
+        struct.pack_into(
+            "<H",
+            self.wmask,
+            COMMAND,
+            COMMAND_IO | COMMAND_MEMORY | COMMAND_MASTER | COMMAND_SERR | COMMAND_INTX_DISABLE | 0x40,
+        )
+        self.wmask[0x0C] = 0xFF  # cache line size
+        self.wmask[0x0D] = 0xFF  # latency timer
         self.wmask[INTERRUPT_LINE] = 0xFF
         self._last_cap = CAPABILITIES_POINTER
 
@@ -112,7 +126,7 @@ class PciFunction:
     def add_bar(self, index: int, io: bool, size: int, region) -> Bar:
         bar = self.bars[index] = Bar(index, io, size, region)
         self._write_bar_raw(index, 0)
-        struct.pack_into("<I", self.wmask, BAR0 + 4 * index, ~(size - 1) & 0xFFFFFFFF)   # type bits read-only
+        struct.pack_into("<I", self.wmask, BAR0 + 4 * index, ~(size - 1) & 0xFFFFFFFF)  # type bits read-only
         return bar
 
     def add_rom_bar(self, size: int) -> None:
@@ -125,8 +139,8 @@ class PciFunction:
         """Chain a capability (spec 6.7) at config offset `at`: id, next pointer, then `body`."""
         self.config[at] = cap_id
         self.config[at + 1] = 0
-        self.config[at + 2:at + 2 + len(body)] = body
-        self.wmask[at + 2:at + 2 + len(wmask)] = wmask
+        self.config[at + 2 : at + 2 + len(body)] = body
+        self.wmask[at + 2 : at + 2 + len(wmask)] = wmask
         self.config[self._last_cap if self._last_cap == CAPABILITIES_POINTER else self._last_cap + 1] = at
         self._last_cap = at
         struct.pack_into("<H", self.config, STATUS, self.status | STATUS_CAP_LIST)
@@ -157,7 +171,7 @@ class PciFunction:
 
     # -- configuration accesses ------------------------------------------------------------------------
     def read_config(self, offset: int, size: int) -> int:
-        return int.from_bytes(self.config[offset:offset + size], "little")
+        return int.from_bytes(self.config[offset : offset + size], "little")
 
     def write_config(self, offset: int, size: int, value: int) -> None:
         """Write the bits `wmask` allows (a BAR's are its address bits above its size: writing all
@@ -218,7 +232,7 @@ class Piix3(PciFunction):
 
     def __init__(self):
         super().__init__("PIIX3", 0x8086, 0x7000, 0x060100, header_type=0x80)
-        struct.pack_into("<H", self.config, STATUS, 0x0200)          # DEVSEL medium
+        struct.pack_into("<H", self.config, STATUS, 0x0200)  # DEVSEL medium
         for i in range(4):
             self.config[PIIX_PIRQRC + i] = 0x80
             self.wmask[PIIX_PIRQRC + i] = 0x8F
@@ -234,7 +248,7 @@ class PciBus:
 
     def __init__(self, platform: Platform, on_event=None):
         self.platform = platform
-        self.on_event = on_event            # callback(reason, detail: dict) for the trace
+        self.on_event = on_event  # callback(reason, detail: dict) for the trace
         self.functions: dict[int, PciFunction] = {}
         self.config_address = 0
         self.host = self.add(HostBridge(), 0)
@@ -285,8 +299,16 @@ class PciBus:
 
     def _note(self, reason, function, offset, size, value) -> None:
         if self.on_event is not None:
-            self.on_event(reason, {"bdf": f"00:{function.slot:02x}.0", "device": function.name,
-                                   "offset": f"{offset:#04x}", "size": size, "value": f"{value:#x}"})
+            self.on_event(
+                reason,
+                {
+                    "bdf": f"00:{function.slot:02x}.0",
+                    "device": function.name,
+                    "offset": f"{offset:#04x}",
+                    "size": size,
+                    "value": f"{value:#x}",
+                },
+            )
 
     # -- regions and interrupts ------------------------------------------------------------------------
     def map(self, function: PciFunction, bar: Bar, address: int) -> bool:
@@ -298,13 +320,22 @@ class PciBus:
         except ValueError as e:
             # Overlapping another region (or RAM): not decoded, as a conflicting BAR decodes nothing useful.
             if self.on_event is not None:
-                self.on_event("BAR_CONFLICT", {"device": function.name, "bar": bar.index,
-                                               "address": f"{address:#x}", "why": str(e)})
+                self.on_event(
+                    "BAR_CONFLICT",
+                    {"device": function.name, "bar": bar.index, "address": f"{address:#x}", "why": str(e)},
+                )
             return False
         if self.on_event is not None:
-            self.on_event("BAR_MAPPED", {"device": function.name, "bar": bar.index,
-                                         "space": "io" if bar.io else "mem", "address": f"{address:#x}",
-                                         "size": f"{bar.size:#x}"})
+            self.on_event(
+                "BAR_MAPPED",
+                {
+                    "device": function.name,
+                    "bar": bar.index,
+                    "space": "io" if bar.io else "mem",
+                    "address": f"{address:#x}",
+                    "size": f"{bar.size:#x}",
+                },
+            )
         return True
 
     def unmap(self, function: PciFunction, bar: Bar) -> None:
@@ -339,10 +370,10 @@ class PciBus:
         for i, irq in enumerate(PIIX_PIRQ_IRQS):
             self.isa.config[PIIX_PIRQRC + i] = irq
         functions = [f for _, f in sorted(self.functions.items())]
-        io = sorted(((f, b.index, b.size) for f in functions for b in f.bars.values() if b.io),
-                    key=lambda r: -r[2])
+        io = sorted(((f, b.index, b.size) for f in functions for b in f.bars.values() if b.io), key=lambda r: -r[2])
         bars: list[tuple[PciFunction, int | None, int]] = [
-            (f, b.index, b.size) for f in functions for b in f.bars.values() if not b.io]
+            (f, b.index, b.size) for f in functions for b in f.bars.values() if not b.io
+        ]
         # None: the expansion ROM's base register
         mem = sorted(bars + [(f, None, f.rom_size) for f in functions if f.rom_size], key=lambda r: -r[2])
         address = IO_WINDOW_BASE
@@ -356,7 +387,7 @@ class PciBus:
             address = (MEM_WINDOW_TOP - total) & ~(align - 1)
             for function, bar_index, size in mem:
                 if bar_index is None:
-                    struct.pack_into("<I", function.config, ROM_ADDRESS, address)      # assigned, disabled
+                    struct.pack_into("<I", function.config, ROM_ADDRESS, address)  # assigned, disabled
                 else:
                     function._write_bar_raw(bar_index, address)
                 address += size

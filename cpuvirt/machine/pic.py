@@ -15,8 +15,8 @@ from __future__ import annotations
 
 MASTER_BASE = 0x20
 SLAVE_BASE = 0xA0
-ELCR_PORT = 0x4D0                # ELCR1 (IRQ 0-7), ELCR2 (IRQ 8-15) at 0x4D1
-ELCR_MASK = (0xF8, 0xDE)         # IRQ 0, 1, 2 and 8, 13 are always edge-triggered (QEMU's elcr_mask)
+ELCR_PORT = 0x4D0  # ELCR1 (IRQ 0-7), ELCR2 (IRQ 8-15) at 0x4D1
+ELCR_MASK = (0xF8, 0xDE)  # IRQ 0, 1, 2 and 8, 13 are always edge-triggered (QEMU's elcr_mask)
 CASCADE_IRQ = 2
 SPURIOUS_IRQ = 7
 
@@ -46,8 +46,8 @@ class Pic8259:
 
     def __init__(self, is_master: bool):
         self.is_master = is_master
-        self.line = 0             # levels of IR0-7 last seen, for edge detection
-        self.elcr = 0             # level-triggered IRs (not touched by ICW1, as in QEMU)
+        self.line = 0  # levels of IR0-7 last seen, for edge detection
+        self.elcr = 0  # level-triggered IRs (not touched by ICW1, as in QEMU)
         self.reset()
 
     def reset(self) -> None:
@@ -62,7 +62,7 @@ class Pic8259:
         self.read_isr = False
         self.poll = False
         self.special_mask = False
-        self.init_state = 0       # next data-port write: 0 OCW1, 1 ICW2, 2 ICW3, 3 ICW4
+        self.init_state = 0  # next data-port write: 0 OCW1, 1 ICW2, 2 ICW3, 3 ICW4
         self.icw4_needed = False
         self.single = False
         self.auto_eoi = False
@@ -94,54 +94,54 @@ class Pic8259:
         else:
             self.isr |= bit
         if not self.elcr & bit:
-            self.irr &= ~bit                     # a level-triggered request stays while its line is high
+            self.irr &= ~bit  # a level-triggered request stays while its line is high
 
     def write_command(self, value: int) -> None:
-        if value & 0x10:                         # ICW1
+        if value & 0x10:  # ICW1
             self.reset()
             self.init_state = 1
             self.icw4_needed = bool(value & 0x01)
             self.single = bool(value & 0x02)
-        elif value & 0x08:                       # OCW3
+        elif value & 0x08:  # OCW3
             if value & 0x04:
                 self.poll = True
             if value & 0x02:
                 self.read_isr = bool(value & 0x01)
             if value & 0x40:
                 self.special_mask = bool(value & 0x20)
-        else:                                    # OCW2
+        else:  # OCW2
             cmd = value >> 5
-            if cmd in (0, 4):                    # set / clear rotate in AEOI mode
+            if cmd in (0, 4):  # set / clear rotate in AEOI mode
                 self.rotate_on_auto_eoi = cmd == 4
-            elif cmd in (1, 5):                  # non-specific EOI (5: and rotate)
+            elif cmd in (1, 5):  # non-specific EOI (5: and rotate)
                 rank = _priority(self, self.isr)
                 if rank != 8:
                     irq = (rank + self.priority_add) & 7
                     self.isr &= ~(1 << irq)
                     if cmd == 5:
                         self.priority_add = (irq + 1) & 7
-            elif cmd == 3:                       # specific EOI
+            elif cmd == 3:  # specific EOI
                 self.isr &= ~(1 << (value & 7))
-            elif cmd == 6:                       # set priority: IR value & 7 becomes lowest
+            elif cmd == 6:  # set priority: IR value & 7 becomes lowest
                 self.priority_add = (value + 1) & 7
-            elif cmd == 7:                       # specific EOI and rotate
+            elif cmd == 7:  # specific EOI and rotate
                 irq = value & 7
                 self.isr &= ~(1 << irq)
                 self.priority_add = (irq + 1) & 7
 
     def write_data(self, value: int) -> None:
         state = self.init_state
-        if state == 0:                           # OCW1
+        if state == 0:  # OCW1
             self.imr = value
-        elif state == 1:                         # ICW2: T7-T3 of the vector
+        elif state == 1:  # ICW2: T7-T3 of the vector
             self.vector_base = value & 0xF8
             if not self.single:
                 self.init_state = 2
             else:
                 self.init_state = 3 if self.icw4_needed else 0
-        elif state == 2:                         # ICW3: cascade wiring, fixed on a PC
+        elif state == 2:  # ICW3: cascade wiring, fixed on a PC
             self.init_state = 3 if self.icw4_needed else 0
-        else:                                    # ICW4
+        else:  # ICW4
             self.special_fully_nested = bool(value & 0x10)
             self.auto_eoi = bool(value & 0x02)
             self.init_state = 0
@@ -161,7 +161,7 @@ class Pic8259:
 
     def set_line(self, irq: int, high: bool) -> None:
         bit = 1 << irq
-        if self.elcr & bit:                      # level-triggered: IRR follows the line
+        if self.elcr & bit:  # level-triggered: IRR follows the line
             if high:
                 self.irr |= bit
                 self.line |= bit
@@ -170,10 +170,10 @@ class Pic8259:
                 self.line &= ~bit
         elif high:
             if not self.line & bit:
-                self.irr |= bit                  # rising edge: latch the request
+                self.irr |= bit  # rising edge: latch the request
             self.line |= bit
         else:
-            self.line &= ~bit                    # IRR stays latched until INTA (QEMU)
+            self.line &= ~bit  # IRR stays latched until INTA (QEMU)
 
 
 class Pic8259Pair:
@@ -188,16 +188,16 @@ class Pic8259Pair:
     def __init__(self) -> None:
         self.master = Pic8259(is_master=True)
         self.slave = Pic8259(is_master=False)
-        self.intr = False                        # the master's INT output to the CPU
+        self.intr = False  # the master's INT output to the CPU
 
     def bios_setup(self) -> None:
         """Leave the pair as SeaBIOS does under QEMU: vectors 0x08 and 0x70, ICW4 8086 mode,
         IMR 0xB8 / 0x8E. Call it to reproduce the state a QEMU guest starts in."""
         for _chip, port, vector, cascade, imr in (
-                (self.master, MASTER_BASE, BIOS_MASTER_VECTOR, 0x04, BIOS_MASTER_IMR),
-                (self.slave, SLAVE_BASE, BIOS_SLAVE_VECTOR, 0x02, BIOS_SLAVE_IMR)):
-            for p, v in ((port, 0x11), (port + 1, vector), (port + 1, cascade), (port + 1, 0x01),
-                         (port + 1, imr)):
+            (self.master, MASTER_BASE, BIOS_MASTER_VECTOR, 0x04, BIOS_MASTER_IMR),
+            (self.slave, SLAVE_BASE, BIOS_SLAVE_VECTOR, 0x02, BIOS_SLAVE_IMR),
+        ):
+            for p, v in ((port, 0x11), (port + 1, vector), (port + 1, cascade), (port + 1, 0x01), (port + 1, imr)):
                 self.write(p, 1, v)
 
     def bios_setup_elcr(self, levels: tuple[int, ...]) -> None:

@@ -23,15 +23,28 @@ PIT_BASE = 0x40
 PIT_CONTROL = 0x43
 PIT_IRQ = 0
 
-_LSB, _MSB, _WORD = 1, 2, 3     # RW field of the control word
-_WORD_HI = 4                    # second byte of a lobyte-then-hibyte transfer
+_LSB, _MSB, _WORD = 1, 2, 3  # RW field of the control word
+_WORD_HI = 4  # second byte of a lobyte-then-hibyte transfer
 
 
 class PitChannel:
     """One counter. `load_tick` is the PIT time at which `count` was loaded."""
 
-    __slots__ = ("mode", "mode_bits", "rw", "bcd", "count", "load_tick", "null_count",
-                 "read_state", "write_state", "write_latch", "latched", "latch_state", "status")
+    __slots__ = (
+        "mode",
+        "mode_bits",
+        "rw",
+        "bcd",
+        "count",
+        "load_tick",
+        "null_count",
+        "read_state",
+        "write_state",
+        "write_latch",
+        "latched",
+        "latch_state",
+        "status",
+    )
 
     def __init__(self, load_tick: int):
         # QEMU's reset: mode 3, reload 65536, counting from power-on.
@@ -44,8 +57,8 @@ class PitChannel:
         self.read_state = self.write_state = _WORD
         self.write_latch = 0
         self.latched = 0
-        self.latch_state = 0     # 0: no count latched, else the read state of the latched count
-        self.status = -1         # -1: no status latched
+        self.latch_state = 0  # 0: no count latched, else the read state of the latched count
+        self.status = -1  # -1: no status latched
 
     def counter(self, tick: int) -> int:
         """The count register now (QEMU pit_get_count; mode 3 counts down by two)."""
@@ -81,8 +94,9 @@ class PitChannel:
 
     def latch_status(self, tick: int) -> None:
         if self.status < 0:
-            self.status = (self.out(tick) << 7 | int(self.null_count) << 6 | self.rw << 4
-                           | self.mode_bits << 1 | self.bcd)
+            self.status = (
+                self.out(tick) << 7 | int(self.null_count) << 6 | self.rw << 4 | self.mode_bits << 1 | self.bcd
+            )
 
     def read(self, tick: int) -> int:
         if self.status >= 0:
@@ -143,8 +157,9 @@ class Pit8254:
     `bios_setup()` gives what SeaBIOS leaves (mode 2, count 65536).
     """
 
-    def __init__(self, now: Callable[[], int], tsc_hz: int,
-                 raise_irq: Callable[[int], None], lower_irq: Callable[[int], None]):
+    def __init__(
+        self, now: Callable[[], int], tsc_hz: int, raise_irq: Callable[[int], None], lower_irq: Callable[[int], None]
+    ):
         if tsc_hz <= 0:
             raise ValueError("tsc_hz must be positive")
         self.now = now
@@ -153,8 +168,8 @@ class Pit8254:
         self._lower = lower_irq
         tick = self._tick()
         self.channels = (PitChannel(tick), PitChannel(tick), PitChannel(tick))
-        self._edge: int | None = None        # PIT tick of channel 0's next rising edge
-        self._deadline: int | None = None    # the same in TSC cycles
+        self._edge: int | None = None  # PIT tick of channel 0's next rising edge
+        self._deadline: int | None = None  # the same in TSC cycles
         self._arm()
 
     def bios_setup(self) -> None:
@@ -189,7 +204,7 @@ class Pit8254:
     def read(self, port: int, size: int) -> int:
         index = port - PIT_BASE
         if index == 3:
-            return 0            # the control word register is write-only; QEMU reads 0
+            return 0  # the control word register is write-only; QEMU reads 0
         return self.channels[index].read(self._tick())
 
     def write(self, port: int, size: int, value: int) -> None:

@@ -5,6 +5,7 @@ QEMU started with `-no-reboot` (DESIGN.md section 2), powers off at a reset requ
 ends the run there (outcome `reset`, status 125, as for the other reset a PC knows, the triple
 fault). Values as QEMU 7.2's hw/i386/port92.c and PIIX3 reset control, and as SeaBIOS leaves them.
 """
+
 from __future__ import annotations
 
 from typing import Callable

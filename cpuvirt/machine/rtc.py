@@ -16,6 +16,7 @@ there for memory size (0x15-0x18, 0x30-0x31, 0x34-0x35), the century (0x32) and 
 (0x5F). Not modelled: the periodic, alarm and update-ended interrupts (IRQ 8), and 12-hour mode
 (the hours register is always 24-hour).
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -42,8 +43,9 @@ def _from_bcd(v: int) -> int:
 
 
 class CmosRtc:
-    def __init__(self, now: Callable[[], int], mem_bytes: int, base: _dt.datetime = DEFAULT_BASE,
-                 hz: int = 1_000_000_000):
+    def __init__(
+        self, now: Callable[[], int], mem_bytes: int, base: _dt.datetime = DEFAULT_BASE, hz: int = 1_000_000_000
+    ):
         self.now = now
         self.hz = hz
         self.base = base
@@ -74,8 +76,16 @@ class CmosRtc:
     def read_register(self, reg: int) -> int:
         if reg in _TIME_REGS:
             t = self.clock()
-            field = {SECONDS: t.second, MINUTES: t.minute, HOURS: t.hour, WEEKDAY: t.isoweekday() % 7 + 1,
-                     DAY: t.day, MONTH: t.month, YEAR: t.year % 100, CENTURY: t.year // 100}[reg]
+            field = {
+                SECONDS: t.second,
+                MINUTES: t.minute,
+                HOURS: t.hour,
+                WEEKDAY: t.isoweekday() % 7 + 1,
+                DAY: t.day,
+                MONTH: t.month,
+                YEAR: t.year % 100,
+                CENTURY: t.year // 100,
+            }[reg]
             return self._encode(field)
         if reg == STATUS_A:
             in_update = (self.now() - self.base_time) % self.hz >= self.hz - UPDATE_CYCLE_NS * self.hz // 10**9
@@ -105,10 +115,10 @@ class CmosRtc:
                 elif reg == CENTURY:
                     t = t.replace(year=v * 100 + t.year % 100)
             except ValueError:
-                return                  # an impossible date: keep the clock as it is
+                return  # an impossible date: keep the clock as it is
             self.base, self.base_time = t, self.now() - (self.now() - self.base_time) % self.hz
         elif reg in (STATUS_C, STATUS_D):
-            pass                        # read-only
+            pass  # read-only
         elif reg == STATUS_A:
             self.ram[reg] = value & 0x7F
         else:
@@ -117,11 +127,11 @@ class CmosRtc:
     # -- ports -----------------------------------------------------------------------------------------
     def read(self, port: int, size: int) -> int:
         if port == RTC_PORT:
-            return 0xFF                 # the index register is write-only (QEMU reads 0xFF)
+            return 0xFF  # the index register is write-only (QEMU reads 0xFF)
         return self.read_register(self.index)
 
     def write(self, port: int, size: int, value: int) -> None:
         if port == RTC_PORT:
-            self.index = value & 0x7F   # bit 7: the PC's NMI mask, not part of the index
+            self.index = value & 0x7F  # bit 7: the PC's NMI mask, not part of the index
         else:
             self.write_register(self.index, value & 0xFF)

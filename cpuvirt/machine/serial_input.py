@@ -17,6 +17,7 @@ instruction:
   receive interrupts enabled. Interactive runs
   are not reproducible, by nature.
 """
+
 from __future__ import annotations
 
 import os
@@ -25,8 +26,8 @@ from typing import Callable
 
 from cpuvirt.machine.uart import IER_RDI
 
-GAP_CYCLES = 100_000            # 0.1 ms of virtual time between a byte taken and the next one
-POLL_CYCLES = 2_000_000         # a terminal is looked at every 2 ms of virtual time
+GAP_CYCLES = 100_000  # 0.1 ms of virtual time between a byte taken and the next one
+POLL_CYCLES = 2_000_000  # a terminal is looked at every 2 ms of virtual time
 
 
 class ScriptedInput:
@@ -35,14 +36,22 @@ class ScriptedInput:
     byte (it has enabled receive interrupts) and the script so far is used up, so that a guest that
     never reads its console never waits on a pipe that stays open."""
 
-    def __init__(self, data: bytes, uart, now: Callable[[], int], prompt: bytes | None = None,
-                 gap: int = GAP_CYCLES, more: Callable[[], bytes] | None = None, more_blocks: bool = True):
+    def __init__(
+        self,
+        data: bytes,
+        uart,
+        now: Callable[[], int],
+        prompt: bytes | None = None,
+        gap: int = GAP_CYCLES,
+        more: Callable[[], bytes] | None = None,
+        more_blocks: bool = True,
+    ):
         self.data = bytes(data)
         self.more = more
         # A file's reads never block (`more_blocks=False`): it is read whenever the bytes so far are used
         # up, so it is typed exactly as if it had been given whole as `data`, a chunk in memory at a time.
         self.more_blocks = more_blocks
-        self.at_end = more is None      # no more bytes will come than self.data holds
+        self.at_end = more is None  # no more bytes will come than self.data holds
         self.uart = uart
         self.now = now
         self.prompt = prompt or None
@@ -50,7 +59,7 @@ class ScriptedInput:
         self.pos = 0
         self.ready_at = gap
         self.waiting_for_prompt = self.prompt is not None
-        self.finished = False           # the last line was answered by the prompt
+        self.finished = False  # the last line was answered by the prompt
         self._tail = b""
         self.on_finished: Callable[[], None] | None = None
         uart.on_drained = self._drained
@@ -69,7 +78,7 @@ class ScriptedInput:
     def _read_more(self) -> None:
         chunk = self.more() if self.more is not None else b""
         if chunk:
-            self.data = self.data[self.pos:] + chunk    # keep only what is still to be typed
+            self.data = self.data[self.pos :] + chunk  # keep only what is still to be typed
             self.pos = 0
         else:
             self.at_end = True
@@ -98,12 +107,12 @@ class ScriptedInput:
         """The guest wrote `byte` to its console: is it now prompting for the next line?"""
         if self.prompt is None or not self.waiting_for_prompt:
             return
-        self._tail = (self._tail + bytes((byte,)))[-len(self.prompt):]
+        self._tail = (self._tail + bytes((byte,)))[-len(self.prompt) :]
         if self._tail == self.prompt:
             self.waiting_for_prompt = False
             self.ready_at = max(self.ready_at, self.now() + self.gap)
             if self.pos >= len(self.data) and not self.at_end:
-                self._read_more()           # the guest waits for a line: is there one?
+                self._read_more()  # the guest waits for a line: is there one?
             if self.pos >= len(self.data) and self.at_end and not self.finished:
                 self.finished = True
                 if self.on_finished is not None:
@@ -136,7 +145,7 @@ class TerminalInput:
             return False
         data = os.read(self.fd, 256)
         if not data:
-            self.finished = True        # end of file on the terminal: nothing more will come
+            self.finished = True  # end of file on the terminal: nothing more will come
             return False
         self.uart.feed(data)
         return True

@@ -17,11 +17,12 @@ hw/misc/pc-testdev.c (same addresses, same access rules):
 - GPA 0xFF000000-0xFF00FFFF: 64 KiB of scratch memory behind the MMIO bus (each access is a device
   access: it exits under hw and is emulated, which is what kvm-unit-tests' `emulator` test checks).
 """
+
 from __future__ import annotations
 
-TESTDEV_PORT = 0xE0               # the scratch register (wide accesses)
+TESTDEV_PORT = 0xE0  # the scratch register (wide accesses)
 FLUSH_PORT = 0xE4
-BYTE_PORT = 0xE8                  # the scratch register, byte accesses
+BYTE_PORT = 0xE8  # the scratch register, byte accesses
 IRQ_PORT, IRQ_LINES = 0x2000, 24
 IOMEM_GPA, IOMEM_SIZE = 0xFF000000, 0x10000
 
@@ -81,11 +82,11 @@ class IoMem:
         self.buf = bytearray(IOMEM_SIZE)
 
     def read(self, offset: int, size: int) -> int:
-        return int.from_bytes(self.buf[offset:offset + size].ljust(size, b"\0"), "little")
+        return int.from_bytes(self.buf[offset : offset + size].ljust(size, b"\0"), "little")
 
     def write(self, offset: int, size: int, value: int) -> None:
         end = min(offset + size, IOMEM_SIZE)
-        self.buf[offset:end] = (value & ((1 << 8 * size) - 1)).to_bytes(size, "little")[:end - offset]
+        self.buf[offset:end] = (value & ((1 << 8 * size) - 1)).to_bytes(size, "little")[: end - offset]
 
 
 class PcTestdev:

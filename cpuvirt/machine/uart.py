@@ -15,12 +15,12 @@ from typing import Callable
 COM1_BASE = 0x3F8
 COM1_IRQ = 4
 
-IER_RDI = 0x01      # received data available
-IER_THRI = 0x02     # transmitter holding register empty
+IER_RDI = 0x01  # received data available
+IER_THRI = 0x02  # transmitter holding register empty
 IIR_NO_INT = 0x01
 IIR_THRI = 0x02
 IIR_RDI = 0x04
-IIR_FIFO = 0xC0     # both FIFO-enabled bits of a 16550A with FCR bit 0 set
+IIR_FIFO = 0xC0  # both FIFO-enabled bits of a 16550A with FCR bit 0 set
 FCR_FE = 0x01
 FCR_RFR = 0x02
 FCR_XFR = 0x04
@@ -28,7 +28,7 @@ LCR_DLAB = 0x80
 MCR_LOOP = 0x10
 LSR_DR = 0x01
 LSR_THRE_TEMT = 0x60
-MSR_IDLE = 0xB0     # DCD | DSR | CTS: a terminal is attached (QEMU's reset value)
+MSR_IDLE = 0xB0  # DCD | DSR | CTS: a terminal is attached (QEMU's reset value)
 
 
 def _ignore_irq(irq: int) -> None:
@@ -49,16 +49,21 @@ class Uart16550:
     scripted input by it).
     """
 
-    def __init__(self, on_output: Callable[[int], None], base: int = COM1_BASE,
-                 raise_irq: Callable[[int], None] = _ignore_irq,
-                 lower_irq: Callable[[int], None] = _ignore_irq, irq: int = COM1_IRQ):
+    def __init__(
+        self,
+        on_output: Callable[[int], None],
+        base: int = COM1_BASE,
+        raise_irq: Callable[[int], None] = _ignore_irq,
+        lower_irq: Callable[[int], None] = _ignore_irq,
+        irq: int = COM1_IRQ,
+    ):
         self.on_output = on_output
         self.base = base
         self.irq = irq
         self._raise = raise_irq
         self._lower = lower_irq
         self.rx: deque[int] = deque()
-        self.on_drained: Callable[[], None] | None = None   # the guest read the last received byte
+        self.on_drained: Callable[[], None] | None = None  # the guest read the last received byte
         self.ier = 0
         self.lcr = 0
         self.mcr = 0x08

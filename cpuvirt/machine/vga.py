@@ -11,9 +11,11 @@ COLUMNS = 80
 ROWS = 25
 VGA_TEXT_SIZE = COLUMNS * ROWS * 2
 
-_CP437_LOW = ("\u263a\u263b\u2665\u2666\u2663\u2660\u2022\u25d8\u25cb\u25d9\u2642\u2640\u266a"
-              "\u266b\u263c\u25ba\u25c4\u2195\u203c\u00b6\u00a7\u25ac\u21a8\u2191\u2193\u2192"
-              "\u2190\u221f\u2194\u25b2\u25bc")
+_CP437_LOW = (
+    "\u263a\u263b\u2665\u2666\u2663\u2660\u2022\u25d8\u25cb\u25d9\u2642\u2640\u266a"
+    "\u266b\u263c\u25ba\u25c4\u2195\u203c\u00b6\u00a7\u25ac\u21a8\u2191\u2193\u2192"
+    "\u2190\u221f\u2194\u25b2\u25bc"
+)
 _TABLE = {0: " ", 0x7F: "\u2302", 0xFF: " "}
 _TABLE.update({i + 1: ch for i, ch in enumerate(_CP437_LOW)})
 _TABLE.update({b: bytes([b]).decode("cp437") for b in range(0x80, 0xFF)})
@@ -27,7 +29,7 @@ def render_text(buffer: bytes) -> str:
     stripped, joined by newlines (blank rows between them are kept, to keep the layout);
     "" when every cell is blank. Attributes (colours) are dropped."""
     chars = bytes(buffer[0::2]).decode("latin-1").translate(_TABLE)
-    rows = [chars[i:i + COLUMNS].rstrip(" ") for i in range(0, len(chars), COLUMNS)]
+    rows = [chars[i : i + COLUMNS].rstrip(" ") for i in range(0, len(chars), COLUMNS)]
     while rows and not rows[-1]:
         rows.pop()
     first = 0

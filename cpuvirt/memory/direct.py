@@ -10,6 +10,7 @@ The TLB-fill hook walks these tables with the shared walk (walk.py), whose "gues
 are here machine addresses. Linear addresses from HYPERVISOR_VIRT_START up are the hypervisor's:
 they show the current GDT frames read-only (the engine reads descriptors through the TLB).
 """
+
 from __future__ import annotations
 
 import struct
@@ -20,7 +21,7 @@ from cpuvirt.memory.walk import Fault, walk
 from cpuvirt.x86.flags import CR0_PG, CR0_WP, CR4_PSE
 from cpuvirt.xen import EINVAL, EPERM, GDT_WINDOW_FRAMES, HYPERVISOR_VIRT_START
 
-HV_L2_SLOT = HYPERVISOR_VIRT_START >> 22          # 1008: L2 slots from here are the hypervisor's
+HV_L2_SLOT = HYPERVISOR_VIRT_START >> 22  # 1008: L2 slots from here are the hypervisor's
 
 # Frame types (Xen's PGT_none, PGT_writable_page, PGT_l1/l2_page_table, PGT_seg_desc_page) and the
 # hypercall page, which is never writable.
@@ -52,13 +53,13 @@ class DirectPaging:
         self.type = bytearray(nr_pages)
         self.count = [0] * nr_pages
         self.pinned = bytearray(nr_pages)
-        self.base = 0                          # machine address of the current L2 (0: none yet)
-        self.gdt_frames: list[int] = []        # mfns shown at HYPERVISOR_VIRT_START
-        self.ldt_frames: list[int] = []        # mfns shown at LDT_VIRT_START
-        self.on_flush: Callable[[], None] | None = None   # drop the engine's TLB
-        self.tlb_dirty = False                 # flush before the guest runs again
+        self.base = 0  # machine address of the current L2 (0: none yet)
+        self.gdt_frames: list[int] = []  # mfns shown at HYPERVISOR_VIRT_START
+        self.ldt_frames: list[int] = []  # mfns shown at LDT_VIRT_START
+        self.on_flush: Callable[[], None] | None = None  # drop the engine's TLB
+        self.tlb_dirty = False  # flush before the guest runs again
         self.walk_counter = mmu.counters
-        self.work = 0                          # entries validated or released since the hypercall began
+        self.work = 0  # entries validated or released since the hypercall began
 
     # -- the strategy (Mmu.fill asks these) ------------------------------------------------------
     def gva_to_gpa(self, gva, access, user, side_effects=True):
@@ -72,14 +73,14 @@ class DirectPaging:
             code = PFEC_P if i < len(frames) else 0
             return None, code | (PFEC_W if access == _WRITE else 0) | (PFEC_U if user else 0)
         t = walk(gva, access, user, _CR0, self.base, _CR4, self._read, self._write if side_effects else None)
-        if side_effects:        # a look without side effects (disassembly for a trace) is not the guest's
+        if side_effects:  # a look without side effects (disassembly for a trace) is not the guest's
             c = self.walk_counter
             c.walks += 1
             c.walk_refs += t.refs
         if type(t) is Fault:
             return None, t.error_code
         mfn = t.gpa >> 12
-        if not self.base_mfn <= mfn < self.end_mfn:     # never: entries are validated; checked anyway
+        if not self.base_mfn <= mfn < self.end_mfn:  # never: entries are validated; checked anyway
             return None, PFEC_P | (PFEC_W if access == _WRITE else 0) | (PFEC_U if user else 0)
         return t.gpa, (t.writable and (t.dirty or access == _WRITE))
 
@@ -101,8 +102,9 @@ class DirectPaging:
 
     def pfn(self, mfn: int) -> int:
         if not self.base_mfn <= mfn < self.end_mfn:
-            raise Refused(EPERM, f"mfn {mfn:#x} is not the guest's (its frames are "
-                                 f"{self.base_mfn:#x}..{self.end_mfn - 1:#x})")
+            raise Refused(
+                EPERM, f"mfn {mfn:#x} is not the guest's (its frames are {self.base_mfn:#x}..{self.end_mfn - 1:#x})"
+            )
         return mfn - self.base_mfn
 
     def entries(self, mfn: int) -> tuple[int, ...]:
@@ -129,9 +131,10 @@ class DirectPaging:
             self.count[p] = n + 1
             return
         if n:
-            raise Refused(EINVAL, f"mfn {mfn:#x} is {TYPE_NAMES[have]} ({n} references), cannot become "
-                                  f"{TYPE_NAMES[want]}")
-        self.type[p], self.count[p] = want, 1     # before validating: a table that maps itself fails
+            raise Refused(
+                EINVAL, f"mfn {mfn:#x} is {TYPE_NAMES[have]} ({n} references), cannot become {TYPE_NAMES[want]}"
+            )
+        self.type[p], self.count[p] = want, 1  # before validating: a table that maps itself fails
         try:
             if want == L1:
                 self._validate(mfn, self.get_l1e, self.put_l1e)
@@ -181,8 +184,10 @@ class DirectPaging:
         except Refused as r:
             for e in done:
                 put(e)
-            raise Refused(r.errno, f"validating mfn {mfn:#x} as {'L1' if get == self.get_l1e else 'L2'}: "
-                                   f"entry {len(done)}: {r.why}") from None
+            raise Refused(
+                r.errno,
+                f"validating mfn {mfn:#x} as {'L1' if get == self.get_l1e else 'L2'}: entry {len(done)}: {r.why}",
+            ) from None
 
     # -- entries -------------------------------------------------------------------------------------
     def get_l1e(self, e: int) -> None:

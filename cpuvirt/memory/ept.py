@@ -6,6 +6,7 @@ translation ever maps, so a guest cannot read or change them. The processor side
 every entry it reads: the simulated 2-D walk of a 2-level guest over 4-level EPT makes up to
 (2+1)*(4+1)-1 = 14 references per TLB fill.
 """
+
 from __future__ import annotations
 
 import struct
@@ -30,6 +31,7 @@ class EptViolation:
 
 class EptMisconfig(EptViolation):
     """An entry the processor cannot use (write or execute-only without read: SDM 29.3.3.1)."""
+
     misconfig = True
 
 
@@ -38,7 +40,7 @@ class Ept:
         self.region = region
         self.alloc = alloc
         self.pml4 = alloc.page()
-        self.refs = 0          # entry reads by the processor's walks
+        self.refs = 0  # entry reads by the processor's walks
 
     @property
     def eptp(self) -> int:

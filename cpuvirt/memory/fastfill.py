@@ -7,6 +7,7 @@ it declines and Unicorn calls Mmu.fill with the same request. A fetch is answere
 intercepts' one scan of each pair (Mmu.on_code_frame) is never skipped. Its fills and walks are added to the
 MMU's counters. Optional: without the built extension every fill is Python's, with the same results.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -23,11 +24,21 @@ class _State(ctypes.Structure):
     """Mirror of fastfill_t (checked against fastfill_sizeof at load)."""
 
     _fields_ = [
-        ("ram", ctypes.c_void_p), ("ram_bytes", ctypes.c_uint64), ("ram_hpa", ctypes.c_uint64),
-        ("code", ctypes.c_void_p), ("fetched", ctypes.c_void_p), ("reg_read", ctypes.c_void_p),
-        ("cr0", ctypes.c_int32), ("cr3", ctypes.c_int32), ("cr4", ctypes.c_int32), ("ss", ctypes.c_int32),
-        ("enabled", ctypes.c_uint32), ("pad", ctypes.c_uint32),
-        ("fills", ctypes.c_uint64), ("walks", ctypes.c_uint64), ("walk_refs", ctypes.c_uint64),
+        ("ram", ctypes.c_void_p),
+        ("ram_bytes", ctypes.c_uint64),
+        ("ram_hpa", ctypes.c_uint64),
+        ("code", ctypes.c_void_p),
+        ("fetched", ctypes.c_void_p),
+        ("reg_read", ctypes.c_void_p),
+        ("cr0", ctypes.c_int32),
+        ("cr3", ctypes.c_int32),
+        ("cr4", ctypes.c_int32),
+        ("ss", ctypes.c_int32),
+        ("enabled", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+        ("fills", ctypes.c_uint64),
+        ("walks", ctypes.c_uint64),
+        ("walk_refs", ctypes.c_uint64),
     ]
 
 
@@ -45,8 +56,8 @@ class FastFill:
     def __init__(self, lib, mmu):
         self.mmu = mmu
         ram = mmu.ram
-        self.code = (ctypes.c_uint8 * max(1, ram.size >> 12))()   # lazy W^X, one byte per RAM frame
-        self.fetched = (ctypes.c_uint32 * max(1, ram.size >> 12))()   # linear page | 1 last fetched from it
+        self.code = (ctypes.c_uint8 * max(1, ram.size >> 12))()  # lazy W^X, one byte per RAM frame
+        self.fetched = (ctypes.c_uint32 * max(1, ram.size >> 12))()  # linear page | 1 last fetched from it
         st = self._state = self.STATE()
         st.ram = ctypes.addressof(ctypes.c_char.from_buffer(ram.buf))
         st.ram_bytes = mmu.p2m.ram_bytes
@@ -58,10 +69,15 @@ class FastFill:
         st.enabled = self.ENABLED
         self.setup(st)
         self._hook = ctypes.c_size_t()
-        err = _ucmod.uclib.uc_hook_add(mmu.uc._uch, ctypes.byref(self._hook), UC_HOOK_TLB_FILL,
-                                       ctypes.cast(getattr(lib, self.HOOK), ctypes.c_void_p),
-                                       ctypes.cast(ctypes.pointer(st), ctypes.c_void_p),
-                                       ctypes.c_uint64(1), ctypes.c_uint64(0))
+        err = _ucmod.uclib.uc_hook_add(
+            mmu.uc._uch,
+            ctypes.byref(self._hook),
+            UC_HOOK_TLB_FILL,
+            ctypes.cast(getattr(lib, self.HOOK), ctypes.c_void_p),
+            ctypes.cast(ctypes.pointer(st), ctypes.c_void_p),
+            ctypes.c_uint64(1),
+            ctypes.c_uint64(0),
+        )
         if err:
             raise RuntimeError(f"cannot install the C TLB fill {self.HOOK} (uc error {err})")
 
@@ -96,8 +112,12 @@ class FastFill:
 class _EptState(ctypes.Structure):
     """Mirror of eptfill_t (checked against eptfill_sizeof at load)."""
 
-    _fields_ = _State._fields_ + [("hv", ctypes.c_void_p), ("hv_hpa", ctypes.c_uint64), ("hv_size", ctypes.c_uint64),
-                                  ("pml4", ctypes.c_uint64)]
+    _fields_ = _State._fields_ + [
+        ("hv", ctypes.c_void_p),
+        ("hv_hpa", ctypes.c_uint64),
+        ("hv_size", ctypes.c_uint64),
+        ("pml4", ctypes.c_uint64),
+    ]
 
 
 class EptFastFill(FastFill):

@@ -11,6 +11,7 @@ every store to an executable page take a slow path (~10x, UNICORN-NOTES.md "Perf
 Stores to a page that has served fetches still go through QEMU's code-page tracking, so
 self-modifying code is caught.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Protocol
@@ -25,7 +26,7 @@ from cpuvirt.memory.walk import Fault, walk
 from cpuvirt.x86.flags import CR0_PG
 
 PAGE = 0x1000
-GUEST = 2            # the `side_effects` value of a guest access through the fill hook
+GUEST = 2  # the `side_effects` value of a guest access through the fill hook
 PAGE_MASK = ~0xFFF & 0xFFFFFFFF
 _RW = UC_PROT_READ | UC_PROT_WRITE
 
@@ -45,7 +46,7 @@ def _device_bytes(read, gpa: int, n: int) -> bytes:
 
 def _device_write(write, gpa: int, data: bytes) -> None:
     for a, size in _pieces(gpa, len(data)):
-        write(a, size, int.from_bytes(data[a - gpa:a - gpa + size], "little"))
+        write(a, size, int.from_bytes(data[a - gpa : a - gpa + size], "little"))
 
 
 class GuestPageFault(Exception):
@@ -112,8 +113,9 @@ class Strategy(Protocol):
     asks on every TLB miss. `gva_to_gpa` gives (gpa, writable) or (None, #PF error code); `gpa_to_hpa`
     gives the host-physical page or None (unbacked), or raises NestedFault."""
 
-    def gva_to_gpa(self, gva: GVA, access: int, user: bool,
-                   side_effects: bool | int = True) -> tuple[int | None, int]: ...
+    def gva_to_gpa(
+        self, gva: GVA, access: int, user: bool, side_effects: bool | int = True
+    ) -> tuple[int | None, int]: ...
     def gpa_to_hpa(self, gpa: GPA, access: int) -> int | None: ...
 
 
@@ -130,8 +132,8 @@ class MmuCounters:
 
     def __init__(self):
         self.fills = self.walks = self.walk_refs = self.faults = self.unbacked = 0
-        self.fast = None        # a FastFill (memory/fastfill.py): the fills it answered count too
-        self.walkers: list = []   # other C paths that walk guest tables (cpu/fastdelivery.py): theirs too
+        self.fast = None  # a FastFill (memory/fastfill.py): the fills it answered count too
+        self.walkers: list = []  # other C paths that walk guest tables (cpu/fastdelivery.py): theirs too
 
     def as_dict(self) -> dict:
         d = {k: getattr(self, k) for k in self.FIELDS}
@@ -163,7 +165,7 @@ class GuestWalk:
         if not cr0 & CR0_PG:
             return gva, True
         t = walk(gva, access, user, cr0, cr3, cr4, m.read_gpa32, m.write_gpa32 if side_effects else None)
-        if side_effects:        # a look without side effects (disassembly for a trace) is not the guest's
+        if side_effects:  # a look without side effects (disassembly for a trace) is not the guest's
             c = m.counters
             c.walks += 1
             c.walk_refs += t.refs
@@ -175,21 +177,21 @@ class GuestWalk:
 class Mmu:
     def __init__(self, uc, regs: R.Regs, p2m: P2m, ram):
         self.uc = uc
-        self.ram = ram                        # HostRegion behind guest RAM (direct access)
+        self.ram = ram  # HostRegion behind guest RAM (direct access)
         self.regs = regs
         self.p2m = p2m
         self.strategy: Strategy = GuestWalk(self)
         self.counters = MmuCounters()
-        self.code_frames: set[int] = set()   # host frames that have served a fetch (lazy W^X)
+        self.code_frames: set[int] = set()  # host frames that have served a fetch (lazy W^X)
         self.pending: Refusal | None = None
         self.unbacked_seen: set[int] = set()  # guest-physical pages reported as unbacked
-        self.on_unbacked: Callable[[int], None] | None = None    # callback(gpa) once per page
+        self.on_unbacked: Callable[[int], None] | None = None  # callback(gpa) once per page
         # callback(linear page, hpa) on fetch fills (intercepts)
         self.on_code_frame: Callable[[int, int], None] | None = None
-        self.crs: tuple[int, int, int] | None = None   # CR0, CR3, CR4 snapshot, see load_crs
+        self.crs: tuple[int, int, int] | None = None  # CR0, CR3, CR4 snapshot, see load_crs
         # callable -> (cr0, cr3, cr4): the guest's virtual CRs
         self.crs_source: Callable[[], tuple[int, int, int]] | None = None
-        self.traces = Traces(uc)              # write-traced guest frames (shadow paging, translator)
+        self.traces = Traces(uc)  # write-traced guest frames (shadow paging, translator)
         # Frames a bus-mastering device may not write, as callback(gpa, size) -> reason or None: set
         # by a strategy whose safety rests on frame types (para's direct paging: page tables, GDT,
         # hypercall page), as Xen's IOMMU mappings leave such frames out.
@@ -234,7 +236,7 @@ class Mmu:
         try:
             # side_effects=GUEST (2, truthy): a guest access; shadow paging fills its tables only then.
             gpa, ok = self.strategy.gva_to_gpa(vaddr, acc, user, GUEST)
-        except NestedFault as nf:            # the 2-D walk faulted on a guest paging structure
+        except NestedFault as nf:  # the 2-D walk faulted on a guest paging structure
             self.pending = nf.with_linear(vaddr, acc)
             return False
         except RefusedFill as rf:
@@ -247,7 +249,7 @@ class Mmu:
         page = GPA(gpa & PAGE_MASK)
         try:
             hpa = self.strategy.gpa_to_hpa(page, acc)
-        except NestedFault as nf:            # the final guest-physical address is not mapped
+        except NestedFault as nf:  # the final guest-physical address is not mapped
             self.pending = nf.with_linear(vaddr, acc, gpa=gpa, final=True)
             return False
         if hpa is None:
@@ -278,7 +280,7 @@ class Mmu:
             perms |= UC_PROT_EXEC
             if self.on_code_frame is not None:
                 self.on_code_frame(vaddr & PAGE_MASK, hpa)
-            if self.counters.fast is not None:      # after the scan: C may answer this pair's fetches now
+            if self.counters.fast is not None:  # after the scan: C may answer this pair's fetches now
                 self.counters.fast.code_frame(hpa, vaddr & PAGE_MASK)
         elif hpa in self.code_frames:
             perms |= UC_PROT_EXEC
@@ -318,8 +320,7 @@ class Mmu:
         page = self.strategy.gpa_to_hpa(GPA(gpa & PAGE_MASK), access)
         return None if page is None else HPA(page | (gpa & 0xFFF))
 
-    def _locate(self, gva: GVA, access: int, user: bool,
-                side_effects: bool = True) -> tuple[int | None, GPA | None]:
+    def _locate(self, gva: GVA, access: int, user: bool, side_effects: bool = True) -> tuple[int | None, GPA | None]:
         """What backs a guest-linear byte: (hpa, None) for RAM, (None, gpa) for a device register
         (the MMIO bus in `devices`), (None, None) for unbacked memory; or raise GuestPageFault."""
         gpa = self._gva_to_gpa(gva, access, user, side_effects)
@@ -330,7 +331,7 @@ class Mmu:
         except NestedFault:
             if gpa < self.p2m.ram_bytes:
                 raise
-            return None, None              # unassigned guest-physical memory: EPT has no entry for it
+            return None, None  # unassigned guest-physical memory: EPT has no entry for it
         return (None if page is None else page | (gpa & 0xFFF)), None
 
     def check_linear(self, gva: GVA, size: int, user: bool = False) -> None:
@@ -368,9 +369,9 @@ class Mmu:
         for hpa, gpa, off, n in chunks:
             if gpa is not None:
                 if self.devices is not None:
-                    _device_write(self.devices.write, gpa, data[off:off + n])
+                    _device_write(self.devices.write, gpa, data[off : off + n])
             elif hpa is not None:
-                self.ram.write(hpa, data[off:off + n])
+                self.ram.write(hpa, data[off : off + n])
         if self.traces.frames:
             base = self.p2m.ram_hpa
             for hpa, _, off, n in chunks:

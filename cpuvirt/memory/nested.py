@@ -5,6 +5,7 @@ is: the two-dimensional walk. A refusal in the second dimension is a `NestedFaul
 EptViolation, whether it hit a guest paging structure or the final address, so the processor can
 report an EPT_VIOLATION exit with the SDM's qualification bits.
 """
+
 from __future__ import annotations
 
 from cpuvirt.memory.ept import EPT_R, EPT_W, EPT_X, Ept
@@ -44,7 +45,7 @@ class EptWalk:
             return gva, True
         before = self.ept.refs
         t = walk(gva, access, user, cr0, cr3, cr4, self.read32, self.write32 if side_effects else None)
-        if side_effects:        # a look without side effects (disassembly for a trace) is not the guest's
+        if side_effects:  # a look without side effects (disassembly for a trace) is not the guest's
             c = m.counters
             c.walks += 1
             c.walk_refs += t.refs + (self.ept.refs - before)

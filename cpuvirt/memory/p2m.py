@@ -5,14 +5,15 @@ at once. Device ranges (the MMIO bus: the local APIC...) map to Unicorn MMIO reg
 up, whose callbacks reach the devices. Every other guest-physical address is unbacked: it maps to one
 MMIO page that reads all-ones and drops writes, so a guest can never reach host memory it was not given.
 """
+
 from __future__ import annotations
 
 from cpuvirt.memory.types import GPA, HPA
 
-RAM_HPA = 0x4000_0000        # guest RAM, up to 512 MiB
-HV_HPA = 0x2000_0000         # the hypervisor's own structures (never in any guest mapping)
-MMIO_HPA = 0x7000_0000       # device register windows (Machine.map_mmio), up to UNBACKED_HPA
-UNBACKED_HPA = 0x7FFF_F000   # the all-ones page
+RAM_HPA = 0x4000_0000  # guest RAM, up to 512 MiB
+HV_HPA = 0x2000_0000  # the hypervisor's own structures (never in any guest mapping)
+MMIO_HPA = 0x7000_0000  # device register windows (Machine.map_mmio), up to UNBACKED_HPA
+UNBACKED_HPA = 0x7FFF_F000  # the all-ones page
 
 
 class P2m:
@@ -28,7 +29,7 @@ class P2m:
     def __init__(self, ram_bytes: int, ram_hpa: int = RAM_HPA):
         self.ram_bytes = ram_bytes
         self.ram_hpa = ram_hpa
-        self.mmio: list[tuple[int, int, int]] = []     # (first gpa, end gpa, hpa), page-aligned
+        self.mmio: list[tuple[int, int, int]] = []  # (first gpa, end gpa, hpa), page-aligned
 
     def add_mmio(self, gpa: GPA, size: int, hpa: HPA) -> None:
         """Map the device range gpa .. gpa + size - 1 (whole pages) to host-physical hpa."""

@@ -21,6 +21,7 @@ With `exit_on_miss` (hw --no-ept) the fill does not walk: a shadow miss refuses 
 `page_fault`, which walks, fills the shadow (hidden) or reports a true fault to inject, as KVM's
 kvm_mmu_page_fault does.
 """
+
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
@@ -35,9 +36,9 @@ from cpuvirt.memory.walk import Fault, walk
 from cpuvirt.x86.flags import CR0_PG, CR0_WP, CR4_PGE, CR4_PSE, CR4_SMEP
 
 PAGE_MASK = 0xFFFFF000
-KIND = "pt"                       # the trace kind of guest page-table frames
-MAX_ROOT_ENTRIES = 1 << 16        # shadow entries per address space (256 MiB mapped); then it starts again
-_MODE0 = CR0_PG | CR0_WP          # CR0 and CR4 bits a shadow entry depends on: a change drops all
+KIND = "pt"  # the trace kind of guest page-table frames
+MAX_ROOT_ENTRIES = 1 << 16  # shadow entries per address space (256 MiB mapped); then it starts again
+_MODE0 = CR0_PG | CR0_WP  # CR0 and CR4 bits a shadow entry depends on: a change drops all
 _MODE4 = CR4_PSE | CR4_PGE | CR4_SMEP
 _WRITE, _FETCH = int(Access.WRITE), int(Access.FETCH)
 
@@ -102,13 +103,13 @@ class ShadowPaging:
         self.uc = mmu.uc
         self.max_roots = max_roots
         self.exit_on_miss = exit_on_miss
-        self.verbose = verbose            # record hidden faults as trace events (off: they would flood)
+        self.verbose = verbose  # record hidden faults as trace events (off: they would flood)
         self.roots: OrderedDict[int, _Root] = OrderedDict()
-        self.rmap: dict[int, set] = {}    # guest PDE/PTE address -> {(root cr3, gva page)}
-        self.frame_refs: Counter = Counter()   # guest frame -> shadow entries derived from entries in it
-        self.traced: set[int] = set()     # frames this strategy traces
-        self.unsync: set[int] = set()     # frames untraced by the fallback until the next CR3 write/invlpg
-        self.traced_writes: Counter = Counter()   # guest EIP -> traced writes (ptemods) it made
+        self.rmap: dict[int, set] = {}  # guest PDE/PTE address -> {(root cr3, gva page)}
+        self.frame_refs: Counter = Counter()  # guest frame -> shadow entries derived from entries in it
+        self.traced: set[int] = set()  # frames this strategy traces
+        self.unsync: set[int] = set()  # frames untraced by the fallback until the next CR3 write/invlpg
+        self.traced_writes: Counter = Counter()  # guest EIP -> traced writes (ptemods) it made
         self.counters = ShadowCounters()
         self.vcpu = None
         self._mode = None
@@ -147,7 +148,8 @@ class ShadowPaging:
             else:
                 writable = rights & PTE_RW or not cr0 & CR0_WP
                 allowed = (access != _WRITE or writable) and not (
-                    access == _FETCH and cr4 & CR4_SMEP and rights & PTE_US)
+                    access == _FETCH and cr4 & CR4_SMEP and rights & PTE_US
+                )
             if allowed and (dirty or access != _WRITE):
                 if side_effects == GUEST:
                     self.counters.shadow_hits += 1
@@ -181,10 +183,10 @@ class ShadowPaging:
             return "hidden", gva
         gpa, ok = self._resolve(gva, access, user, cr0, cr3, cr4)
         if gpa is None:
-            self.mmu.counters.faults += 1      # as Mmu.fill counts the true faults it finds itself
+            self.mmu.counters.faults += 1  # as Mmu.fill counts the true faults it finds itself
             return "true", ok
         if access == _WRITE and (gpa & PAGE_MASK) in self.mmu.traces.frames:
-            self.counters.hidden_faults -= 1      # the walk was part of a ptemod, not a hidden fault
+            self.counters.hidden_faults -= 1  # the walk was part of a ptemod, not a hidden fault
             return "traced", gpa
         return "hidden", gpa
 
@@ -226,9 +228,19 @@ class ShadowPaging:
             self._link(pte_addr, key, page)
         c.hidden_faults += 1
         if self.verbose and self.vcpu is not None:
-            self.vcpu.record("page_fault", "#PF", 14, self.mmu.regs.read(R.EIP),
-                             {"fault": "hidden", "cr2": f"{gva:#x}", "access": ("read", "write", "fetch")[access],
-                              "gpa": f"{t.gpa:#x}"}, "shadow entry filled; the guest never sees this fault")
+            self.vcpu.record(
+                "page_fault",
+                "#PF",
+                14,
+                self.mmu.regs.read(R.EIP),
+                {
+                    "fault": "hidden",
+                    "cr2": f"{gva:#x}",
+                    "access": ("read", "write", "fetch")[access],
+                    "gpa": f"{t.gpa:#x}",
+                },
+                "shadow entry filled; the guest never sees this fault",
+            )
         return t.gpa, (t.writable and (t.dirty or access == _WRITE))
 
     def _link(self, addr: int, key: int, page: int) -> None:
@@ -348,13 +360,13 @@ class ShadowPaging:
 
     # -- traced writes (ptemod) -----------------------------------------------------------------------
     def _on_write(self, tw) -> bool:
-        if tw.done:                        # written already (by an emulation, or by the hypervisor)
+        if tw.done:  # written already (by an emulation, or by the hypervisor)
             if self._zap_range(tw.gpa, tw.size or 4):
                 self._flush_engine()
             return False
         eip = tw.eip
         if len(self.traced_writes) >= MAX_ROOT_ENTRIES and eip not in self.traced_writes:
-            self.traced_writes.clear()             # statistics only: bounded like the rest
+            self.traced_writes.clear()  # statistics only: bounded like the rest
         self.traced_writes[eip] += 1
         m = self.mmu
         regs = m.regs
@@ -366,7 +378,7 @@ class ShadowPaging:
             return int.from_bytes(m.read_linear(gva, size, user), "little")
 
         def write(gva, size, value):
-            m.write_linear(gva, value.to_bytes(size, "little"), user)   # zaps through traces.hv_wrote
+            m.write_linear(gva, value.to_bytes(size, "little"), user)  # zaps through traces.hv_wrote
 
         try:
             length, gva, size, value, what = emulate_store(m.fetch_bytes(eip, 15), eip, regs, read, write)
@@ -383,10 +395,20 @@ class ShadowPaging:
         regs.write(R.EIP, (eip + length) & 0xFFFFFFFF)
         self.counters.ptemods += 1
         if self.vcpu is not None and not self.exit_on_miss:
-            self.vcpu.record("page_fault", "ptemod", 14, eip,
-                             {"fault": "hidden", "gva": f"{gva:#x}", "gpa": f"{tw.gpa & PAGE_MASK | gva & 0xFFF:#x}",
-                              "size": size, "value": f"{value:#x}"},
-                             f"{what} into a traced page-table page; shadow entries updated")
+            self.vcpu.record(
+                "page_fault",
+                "ptemod",
+                14,
+                eip,
+                {
+                    "fault": "hidden",
+                    "gva": f"{gva:#x}",
+                    "gpa": f"{tw.gpa & PAGE_MASK | gva & 0xFFF:#x}",
+                    "size": size,
+                    "value": f"{value:#x}",
+                },
+                f"{what} into a traced page-table page; shadow entries updated",
+            )
         return True
 
     def _fallback(self, tw, why: str) -> None:
@@ -401,9 +423,14 @@ class ShadowPaging:
         self.counters.ptemod_fallbacks += 1
         self._flush_engine()
         if self.vcpu is not None:
-            self.vcpu.record("page_fault", "ptemod", 14, tw.eip, {"fault": "hidden", "gva": f"{tw.gva:#x}",
-                                                                  "fallback": why},
-                             "cannot emulate: zapped the frame's shadow entries and untraced it; the store re-executes")
+            self.vcpu.record(
+                "page_fault",
+                "ptemod",
+                14,
+                tw.eip,
+                {"fault": "hidden", "gva": f"{tw.gva:#x}", "fallback": why},
+                "cannot emulate: zapped the frame's shadow entries and untraced it; the store re-executes",
+            )
 
     def guest_store(self, gva: GVA, size: int, value: int, user: bool = False) -> None:
         """A guest store done by the hypervisor (the translator's callout): the guest's rights, A/D

@@ -5,6 +5,7 @@ guest pages they derive from. A traced frame is never mapped writable by a TLB f
 to it refuses the fill with a pending `TracedWrite`, which the run loop hands to the owners here
 instead of raising a #PF. See docs/shadow-paging.md for the protocol.
 """
+
 from __future__ import annotations
 
 from unicorn import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH
@@ -40,8 +41,8 @@ class Traces:
     def __init__(self, uc):
         self.uc = uc
         self.frames: dict[int, dict] = {}
-        self.order: list[str] = []          # kinds in the order first registered (dispatch order)
-        self.writes = 0                      # traced writes dispatched (guest stores)
+        self.order: list[str] = []  # kinds in the order first registered (dispatch order)
+        self.writes = 0  # traced writes dispatched (guest stores)
 
     def __contains__(self, gpa_page: int) -> bool:
         return gpa_page in self.frames
@@ -82,7 +83,7 @@ class Traces:
         page = tw.gpa & PAGE_MASK
         owners = self.frames.get(page)
         if owners is None:
-            return                   # untraced meanwhile: the store simply re-executes
+            return  # untraced meanwhile: the store simply re-executes
         self.writes += 1
         for kind in list(self.order):
             cb = owners.get(kind)
@@ -90,9 +91,11 @@ class Traces:
                 if cb(tw):
                     tw.done = True
         if not tw.done and page in self.frames:
-            raise TraceError(f"traced write at {tw.gva:#x} (guest-physical {tw.gpa:#x}) by the instruction at "
-                             f"{tw.eip:#x}: no owner of the trace ({', '.join(self.frames[page])}) completed or "
-                             "untraced it")
+            raise TraceError(
+                f"traced write at {tw.gva:#x} (guest-physical {tw.gpa:#x}) by the instruction at "
+                f"{tw.eip:#x}: no owner of the trace ({', '.join(self.frames[page])}) completed or "
+                "untraced it"
+            )
 
     def hv_wrote(self, gva: int, gpa: int, size: int, skip: str | None = None) -> None:
         """The hypervisor stored into guest memory at gpa (event frames, emulated stores): owners of

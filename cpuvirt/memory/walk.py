@@ -70,7 +70,7 @@ from cpuvirt.x86.flags import CR0_PG, CR0_WP, CR4_PGE, CR4_PSE, CR4_SMEP
 __all__ = ["Translation", "Fault", "walk"]
 
 
-@final       # final: `type(t) is Fault` then narrows a walk's result for mypy
+@final  # final: `type(t) is Fault` then narrows a walk's result for mypy
 class Translation(NamedTuple):
     """A successful walk.
 
@@ -111,11 +111,11 @@ _tuple_new = tuple.__new__
 
 _WRITE = int(Access.WRITE)
 _FETCH = int(Access.FETCH)
-_PAGE_MASK = 0xFFFFF000            # bits 31:12 of an entry or of CR3
-_LARGE_MASK = 0xFFC00000           # bits 31:22 of a 4 MiB PDE
-_PSE36_BITS = 0x001FE000           # bits 20:13 of a 4 MiB PDE = address bits 39:32
+_PAGE_MASK = 0xFFFFF000  # bits 31:12 of an entry or of CR3
+_LARGE_MASK = 0xFFC00000  # bits 31:22 of a 4 MiB PDE
+_PSE36_BITS = 0x001FE000  # bits 20:13 of a 4 MiB PDE = address bits 39:32
 _PSE36_SHIFT = 32 - 13
-_LARGE_RSVD = 1 << 21              # reserved in a 4 MiB PDE (SDM table 4-4, MAXPHYADDR = 40)
+_LARGE_RSVD = 1 << 21  # reserved in a 4 MiB PDE (SDM table 4-4, MAXPHYADDR = 40)
 _LARGE_OFFSET = 0x003FFFFF
 
 
@@ -131,9 +131,16 @@ def _fault(cause: int, access: int, user: bool, cr4: int, refs: int) -> Fault:
     return _tuple_new(Fault, (code, refs))
 
 
-def walk(gva: GVA, access: Access, user: bool, cr0: int, cr3: int, cr4: int,
-         read32: Callable[[int], int],
-         write32: Callable[[int, int], None] | None) -> Translation | Fault:
+def walk(
+    gva: GVA,
+    access: Access,
+    user: bool,
+    cr0: int,
+    cr3: int,
+    cr4: int,
+    read32: Callable[[int], int],
+    write32: Callable[[int, int], None] | None,
+) -> Translation | Fault:
     """Translate ``gva`` (a 32-bit linear address) for ``access`` at ``user`` privilege (CPL 3).
 
     ``read32(gpa)``/``write32(gpa, value)`` read and write one 32-bit page-table entry at a
@@ -196,6 +203,16 @@ def walk(gva: GVA, access: Access, user: bool, cr0: int, cr3: int, cr4: int,
         gpa = ((leaf & _PSE36_BITS) << _PSE36_SHIFT) | (leaf & _LARGE_MASK) | (gva & _LARGE_OFFSET)
     else:
         gpa = (leaf & _PAGE_MASK) | (gva & 0xFFF)
-    return _tuple_new(Translation, (
-        gpa, gpa & ~0xFFF, writable, (rights & PTE_US) != 0, large, (leaf & PTE_D) != 0,
-        (leaf & PTE_G) != 0 and (cr4 & CR4_PGE) != 0, refs))
+    return _tuple_new(
+        Translation,
+        (
+            gpa,
+            gpa & ~0xFFF,
+            writable,
+            (rights & PTE_US) != 0,
+            large,
+            (leaf & PTE_D) != 0,
+            (leaf & PTE_G) != 0 and (cr4 & CR4_PGE) != 0,
+            refs,
+        ),
+    )

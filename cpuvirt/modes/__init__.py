@@ -4,13 +4,14 @@ DESIGN.md section 3. A mode is registered in MODES as "module:Class" (imported o
 one mode's import cost or breakage never touches the others); the modes still being built are named
 in PLANNED so that a user asking for one is told plainly that it is not built yet.
 """
+
 from __future__ import annotations
 
 import importlib
 
 from cpuvirt.errors import CpuvirtError
 
-MODES = {      # in DESIGN.md's order: the reference, then the techniques from naive to hardware
+MODES = {  # in DESIGN.md's order: the reference, then the techniques from naive to hardware
     "native": "cpuvirt.modes.native:NativeMode",
     "trap": "cpuvirt.modes.trap:TrapMode",
     "full": "cpuvirt.modes.full:FullMode",

@@ -6,6 +6,7 @@ A mode is a strategy over the same machine, vCPU core and memory module. Built a
 the image, calls `set_image` and `boot`, and `run` until an Outcome (cpu/vcpu.py; its `status` is one
 of status.Status or the guest's debug-exit value).
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -19,12 +20,12 @@ if TYPE_CHECKING:
 
 
 class Mode(ABC):
-    name: ClassVar[str]             # as given to --mode
-    description: ClassVar[str]      # one line for `cpuvirt modes`
+    name: ClassVar[str]  # as given to --mode
+    description: ClassVar[str]  # one line for `cpuvirt modes`
 
-    machine: Machine                # the Machine it runs on (machine/machine.py)
-    vcpu: Vcpu                      # its Vcpu (cpu/vcpu.py) or a subclass: the run loop and exit handlers
-    shadow: ShadowPaging | None = None   # the shadow pager (memory/shadow.py) when the mode uses one
+    machine: Machine  # the Machine it runs on (machine/machine.py)
+    vcpu: Vcpu  # its Vcpu (cpu/vcpu.py) or a subclass: the run loop and exit handlers
+    shadow: ShadowPaging | None = None  # the shadow pager (memory/shadow.py) when the mode uses one
     settings: VmxSettings | None = None  # hw: its VMX controls, recorded in the trace header
 
     def set_image(self, image, boot) -> None:

@@ -4,6 +4,7 @@ It is the reference every other mode is compared with, for console output and fo
 own page tables are walked over a flat p2m, devices are reached through I/O hooks, and events go
 through the guest's IDT exactly as the CPU would deliver them.
 """
+
 from __future__ import annotations
 
 from cpuvirt.cpu.fastdelivery import FastDelivery
@@ -19,8 +20,8 @@ class NativeMode(Mode):
     def __init__(self, machine, trace=None, max_insns: int = 0):
         self.machine = machine
         self.vcpu = Vcpu(machine, trace=trace, max_insns=max_insns)
-        FastFill.install(machine.mmu)          # first: common TLB fills in C, the rest in Mmu.fill
-        self.fast = FastDelivery.install(self.vcpu.delivery)   # common deliveries through the IDT in C
+        FastFill.install(machine.mmu)  # first: common TLB fills in C, the rest in Mmu.fill
+        self.fast = FastDelivery.install(self.vcpu.delivery)  # common deliveries through the IDT in C
         self.vcpu.install_hooks()
         # rdmsr/wrmsr of the MSRs the platform models (IA32_APIC_BASE) must reach the machine; the
         # engine would answer them itself. Only their sites get a hook.
@@ -37,8 +38,10 @@ class NativeMode(Mode):
                 vcpu.smsw_site(address, size)
             else:
                 vcpu.msr_instruction(address, size, mnem)
-        self.vcpu.enable_intercepts(frozenset(("rdmsr", "wrmsr", "mov", "mov cr4", "smsw")) | IO_INSTRUCTIONS, on_hit,
-                                    lazy_io=True)
+
+        self.vcpu.enable_intercepts(
+            frozenset(("rdmsr", "wrmsr", "mov", "mov cr4", "smsw")) | IO_INSTRUCTIONS, on_hit, lazy_io=True
+        )
         if self.fast is not None:
             self.fast.install_sites(self.vcpu)  # the common iret and mov to CR4 (nothing to do) in C
 

@@ -6,6 +6,7 @@ port I/O is checked against the virtual CPL/IOPL in the I/O path (the engine che
 does not fault at ring 1 (popf, pushf, sgdt, sidt, sldt, str, smsw, mov from cs, push cs, lar, lsl,
 verr, verw) runs natively and shows the truth of ring 1: Popek & Goldberg's x86 holes, on purpose.
 """
+
 from __future__ import annotations
 
 from cpuvirt import limits
@@ -61,8 +62,28 @@ class TrapVcpu(DeprivilegedVcpu):
             self.clock.unretire(n)
 
 
-_TRAPPED = frozenset(("cli", "sti", "hlt", "lgdt", "lidt", "lldt", "ltr", "invlpg", "clts", "lmsw",
-                      "wbinvd", "invd", "rdmsr", "wrmsr", "iretd", "ljmp", "lcall", "retf"))
+_TRAPPED = frozenset(
+    (
+        "cli",
+        "sti",
+        "hlt",
+        "lgdt",
+        "lidt",
+        "lldt",
+        "ltr",
+        "invlpg",
+        "clts",
+        "lmsw",
+        "wbinvd",
+        "invd",
+        "rdmsr",
+        "wrmsr",
+        "iretd",
+        "ljmp",
+        "lcall",
+        "retf",
+    )
+)
 
 
 def _trapped(mnem: str, ops: str) -> bool:
@@ -83,7 +104,7 @@ class TrapMode(Mode):
     def __init__(self, machine, trace=None, max_insns: int = 0):
         self.machine = machine
         self.vcpu = TrapVcpu(machine, trace=trace, max_insns=max_insns)
-        self.shadow = ShadowPaging(machine.mmu)       # installs itself as the memory strategy
+        self.shadow = ShadowPaging(machine.mmu)  # installs itself as the memory strategy
         self.shadow.attach(self.vcpu)
         self.vcpu.install_hooks()
         self.vcpu.enable_io_gate()

@@ -19,6 +19,7 @@ came from. A port that cannot take a frame (no receive buffer and a full backlog
 it and counts it; the switch never blocks on a port. `--pcap FILE` records every frame the switch
 receives, once, time-stamped with the host clock.
 """
+
 from __future__ import annotations
 
 import abc
@@ -43,7 +44,7 @@ MAX_FRAME = 65535 + 14
 
 class Port(abc.ABC):
     kind = "?"
-    switch: Switch              # the switch it is plugged into (Switch.add), before any traffic
+    switch: Switch  # the switch it is plugged into (Switch.add), before any traffic
 
     def __init__(self, number: int, spec: str):
         self.number, self.spec = number, spec
@@ -93,13 +94,14 @@ class VhostUserPort(Port):
 
     def ready(self, fd) -> None:
         from cpuvirt.virtio.vhost_user_backend import Connection
+
         if fd is self.listener:
             sock, _ = self.listener.accept()
             self.conn = Connection(sock, _PortPeer(self), self.switch.log)
             self.switch.log(f"port {self.number} ({self.spec}): frontend connected", verbose=True)
             return
         conn = self.conn
-        if conn is None:                # a listener's fd is the only one without a connection
+        if conn is None:  # a listener's fd is the only one without a connection
             return
         try:
             if fd is conn.sock:
@@ -107,8 +109,10 @@ class VhostUserPort(Port):
             else:
                 conn.serve_pending()
         except ProtocolError as e:
-            self.switch.log(f"port {self.number} ({self.spec}): connection closed: {e}",
-                            verbose=str(e) == "the peer closed the connection")
+            self.switch.log(
+                f"port {self.number} ({self.spec}): connection closed: {e}",
+                verbose=str(e) == "the peer closed the connection",
+            )
             conn.close()
             self.conn = None
 
@@ -149,7 +153,7 @@ class _DatagramPort(Port):
             return
         if addr:
             self.peer = addr
-        if not frame:                    # an empty datagram: a peer saying where it is (UnixPeer)
+        if not frame:  # an empty datagram: a peer saying where it is (UnixPeer)
             self.switch.log(f"port {self.number} ({self.spec}): peer at {addr!r}", verbose=True)
             return
         self.switch.input(self, frame)
@@ -161,7 +165,7 @@ class _DatagramPort(Port):
         try:
             self.sock.sendto(frame, self.peer)
             self.counters["out"] += 1
-        except OSError:              # the peer is gone, or its queue is full: never block the switch
+        except OSError:  # the peer is gone, or its queue is full: never block the switch
             self.counters["dropped"] += 1
 
     def close(self) -> None:
@@ -259,7 +263,7 @@ class Switch:
             self.table[bytes(src)] = port
         out = self.table.get(bytes(dst)) if not dst[0] & 1 else None
         if out is port:
-            return                       # the destination is behind the port it came from
+            return  # the destination is behind the port it came from
         if out is not None:
             out.send(frame)
             return

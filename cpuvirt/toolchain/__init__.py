@@ -12,11 +12,21 @@ import importlib
 # name -> submodule; imported on first use, so that running an already-built guest does not load
 # keystone and capstone (start-up time).
 _EXPORTS = {
-    "Assembly": "assemble", "Statement": "assemble", "check_encodings": "assemble",
-    "GuestInfo": "build", "assemble_guest": "build", "build_all": "build", "build_guest": "build",
-    "guest_source_dir": "build", "list_guests": "build",
-    "MultibootHeader": "image", "build_image": "image", "find_header": "image", "make_image": "image",
-    "SourceLine": "preprocess", "preprocess_text": "preprocess",
+    "Assembly": "assemble",
+    "Statement": "assemble",
+    "check_encodings": "assemble",
+    "GuestInfo": "build",
+    "assemble_guest": "build",
+    "build_all": "build",
+    "build_guest": "build",
+    "guest_source_dir": "build",
+    "list_guests": "build",
+    "MultibootHeader": "image",
+    "build_image": "image",
+    "find_header": "image",
+    "make_image": "image",
+    "SourceLine": "preprocess",
+    "preprocess_text": "preprocess",
 }
 __all__ = sorted(_EXPORTS)
 

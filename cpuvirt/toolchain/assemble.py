@@ -52,8 +52,21 @@ _IDENT_RE = re.compile(r"[A-Za-z_.$][\w.$]*")
 _SEGREGS = {"cs", "ds", "es", "fs", "gs", "ss"}
 _REG16_RE = re.compile(r"\b(ax|bx|cx|dx|si|di|sp|bp|word)\b", re.I)
 _INTRINSIC16 = {
-    "cwd", "cbw", "movsw", "stosw", "lodsw", "scasw", "cmpsw", "insw", "outsw",
-    "pushfw", "popfw", "iret", "pushaw", "popaw", "retfw",
+    "cwd",
+    "cbw",
+    "movsw",
+    "stosw",
+    "lodsw",
+    "scasw",
+    "cmpsw",
+    "insw",
+    "outsw",
+    "pushfw",
+    "popfw",
+    "iret",
+    "pushaw",
+    "popaw",
+    "retfw",
 }
 _DESC_TABLE = {"lgdt", "lidt", "sgdt", "sidt"}
 _ATT_RE = re.compile(r"%[a-z]|\$-?[\w(]|^\s*[a-z]+[bwl]\s+[$%]", re.I)
@@ -70,14 +83,15 @@ _FORBIDDEN_DIRECTIVES = {
 
 # hints appended to keystone's terse error messages, by statement text
 _HINTS = [
-    (re.compile(r"\b(jmp|call|ljmp|lcall)\s+(far\s+|fword\s+ptr\s+)?(fword\s+ptr\s+)?\["),
-     "keystone 0.9.2 cannot encode an indirect far jump/call; use `retf` on a pushed CS:EIP, or "
-     ".byte 0xFF, 0x2D; .long ADDR (jmp fword ptr [ADDR])"),
+    (
+        re.compile(r"\b(jmp|call|ljmp|lcall)\s+(far\s+|fword\s+ptr\s+)?(fword\s+ptr\s+)?\["),
+        "keystone 0.9.2 cannot encode an indirect far jump/call; use `retf` on a pushed CS:EIP, or "
+        ".byte 0xFF, 0x2D; .long ADDR (jmp fword ptr [ADDR])",
+    ),
     (re.compile(r"\boffset\b", re.I), "keystone rejects `offset`; a bare label is its address: mov eax, label"),
     (re.compile(r"^\s*\d+\s*:"), "numeric local labels are not supported; use a unique name"),
     (re.compile(r"\\x"), "keystone does not understand \\x escapes in strings; use octal (\\101)"),
-    (re.compile(r"(>>|<<)"),
-     "keystone cannot shift a label's address; compute such values at run time"),
+    (re.compile(r"(>>|<<)"), "keystone cannot shift a label's address; compute such values at run time"),
 ]
 
 
@@ -157,11 +171,11 @@ def split_statements(lines: Iterable[SourceLine]) -> list[Statement]:
                 if name.isdigit():
                     raise GuestBuildError(f"{sl.where}: numeric local labels are not supported; use a unique name")
                 out.append(Statement(0, name + ":", name + ":", sl.file, sl.line, "label", section, label=name))
-                part = part[m.end():].strip()
+                part = part[m.end() :].strip()
             if not part:
                 continue
             first = part.split(None, 1)[0].lower()
-            rest = part[len(first):].strip()
+            rest = part[len(first) :].strip()
             if first in _SECTIONS or (first == ".section" and rest.lower() in _SECTIONS):
                 section = sections[sl.file] = _SECTIONS[first if first in _SECTIONS else rest.lower()]
                 continue
@@ -191,14 +205,47 @@ _FARJMP_RE = re.compile(
     r"^(?:ljmp|jmp)\s+(?:far\s+)?(?:(?:d|f)word\s+ptr\s+)?([^\[\],:]+?)\s*[:,]\s*([^\[\],:]+)$", re.I
 )
 _PUSHPOP_SEG = {
-    ("push", "cs"): 0x0E, ("push", "ds"): 0x1E, ("push", "es"): 0x06, ("push", "ss"): 0x16,
-    ("pop", "ds"): 0x1F, ("pop", "es"): 0x07, ("pop", "ss"): 0x17,
+    ("push", "cs"): 0x0E,
+    ("push", "ds"): 0x1E,
+    ("push", "es"): 0x06,
+    ("push", "ss"): 0x16,
+    ("pop", "ds"): 0x1F,
+    ("pop", "es"): 0x07,
+    ("pop", "ss"): 0x17,
 }
 
 
 _REGISTERS = {
-    "eax", "ebx", "ecx", "edx", "esi", "edi", "esp", "ebp", "ax", "bx", "cx", "dx", "si", "di", "sp", "bp",
-    "al", "ah", "bl", "bh", "cl", "ch", "dl", "dh", "cs", "ds", "es", "fs", "gs", "ss",
+    "eax",
+    "ebx",
+    "ecx",
+    "edx",
+    "esi",
+    "edi",
+    "esp",
+    "ebp",
+    "ax",
+    "bx",
+    "cx",
+    "dx",
+    "si",
+    "di",
+    "sp",
+    "bp",
+    "al",
+    "ah",
+    "bl",
+    "bh",
+    "cl",
+    "ch",
+    "dl",
+    "dh",
+    "cs",
+    "ds",
+    "es",
+    "fs",
+    "gs",
+    "ss",
 }
 
 
@@ -313,11 +360,13 @@ def _locate_error(stmts: list[Statement], base: int, err: KsError) -> GuestBuild
     st = stmts[hi]
     e = fails(hi) or err
     if getattr(e, "errno", None) == KS_ERR_ASM_SYMBOL_MISSING:
-        known = set(labels) | {m.group(1) or m.group(2) for s in assigns
-                               for m in [_ASSIGN_RE.match(s.asm)] if m is not None}
+        known = set(labels) | {
+            m.group(1) or m.group(2) for s in assigns for m in [_ASSIGN_RE.match(s.asm)] if m is not None
+        }
         words = _IDENT_RE.findall(re.sub(r"\b(0[xX][0-9a-fA-F]+|\d+)\b|\"[^\"]*\"|'[^']*'", " ", st.asm))
         unknown = [
-            w for w in words[1:]
+            w
+            for w in words[1:]
             if w not in known and w.lower() not in _REGISTERS and w.lower() not in _OPERAND_KEYWORDS
         ]
         if unknown:
@@ -347,9 +396,7 @@ def assemble(lines: Iterable[SourceLine], base: int) -> Assembly:
     for s in ordered:
         if s.label:
             if s.label in seen:
-                raise GuestBuildError(
-                    f"{s.where}: label '{s.label}' already defined at {seen[s.label].where}"
-                )
+                raise GuestBuildError(f"{s.where}: label '{s.label}' already defined at {seen[s.label].where}")
             seen[s.label] = s
     labels = [s.label for s in ordered if s.label]
 
@@ -426,10 +473,12 @@ def check_encodings(asm: Assembly) -> list[str]:
         # keystone drops what it cannot parse as an instruction without an error (AT&T operands
         # among it): a check placed after such a line would pass on code that was never there.
         if s.kind == "insn" and not s.size:
-            hint = (" (AT&T syntax? guests are written in Intel syntax: `inc eax`, `mov eax, 5`)"
-                    if _ATT_RE.search(s.source) else "")
-            problems.append(f"{s.where}: `{s.source}` assembled to no bytes: keystone did not "
-                            f"understand it{hint}")
+            hint = (
+                " (AT&T syntax? guests are written in Intel syntax: `inc eax`, `mov eax, 5`)"
+                if _ATT_RE.search(s.source)
+                else ""
+            )
+            problems.append(f"{s.where}: `{s.source}` assembled to no bytes: keystone did not understand it{hint}")
     for s in asm.instructions():
         off = s.addr - asm.base
         region = asm.code[off : off + s.size]

@@ -60,6 +60,7 @@ def _description(path: Path) -> str:
 
 def _preprocess(path: Path, pv: bool) -> Preprocessed:
     from cpuvirt.toolchain.preprocess import preprocess
+
     return preprocess(path, {"PV": int(pv)}, [include_dir()])
 
 
@@ -92,6 +93,7 @@ def assemble_guest(name: str, pv: bool = False) -> tuple[bytes, Assembly]:
     if pv and "PV" not in pre.condition_names:
         raise CpuvirtError(f"guest '{name}' has no paravirtualized build (its source never tests PV)")
     from cpuvirt.toolchain.image import build_image  # keystone and capstone: only when assembling
+
     return build_image(pre.lines)
 
 
@@ -102,10 +104,12 @@ def build_source(path: Path | str, pv: bool = False) -> bytes:
     if not path.is_file():
         raise CpuvirtError(f"{path}: no such guest source file")
     from cpuvirt.toolchain.preprocess import preprocess
+
     pre = preprocess(path, {"PV": int(pv)}, [include_dir(), path.resolve().parent])
     if pv and "PV" not in pre.condition_names:
         raise CpuvirtError(f"{path}: no paravirtualized build (the source never tests PV; see guests/README.md)")
     from cpuvirt.toolchain.image import build_image
+
     return build_image(pre.lines)[0]
 
 
@@ -113,6 +117,7 @@ def build_guest(name: str, pv: bool = False) -> bytes:
     """The Multiboot image of a bundled guest (its PV build with pv=True), from the build cache when
     the sources and the toolchain are unchanged since it was built (toolchain/cache.py)."""
     from cpuvirt.toolchain.cache import cached_image
+
     _source(name)
     return cached_image(guest_source_dir(), name, pv, lambda: assemble_guest(name, pv)[0])
 

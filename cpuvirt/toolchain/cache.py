@@ -8,6 +8,7 @@ used. The cache lives in $CPUVIRT_CACHE, else $XDG_CACHE_HOME/cpuvirt, else ~/.c
 CPUVIRT_CACHE=off turns it off. A cache that cannot be written is skipped without a word (the build
 simply happens every time), and files are replaced atomically, so parallel runs never see half an image.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -36,8 +37,11 @@ def _keystone_build() -> str:
     if spec is None or spec.origin is None:
         return "none"
     folder = Path(spec.origin).parent
-    return ";".join(f"{p.name}:{p.stat().st_size}" for p in sorted(folder.rglob("*")) if p.is_file()
-                    and p.suffix in (".py", ".so", ".dylib", ".dll"))
+    return ";".join(
+        f"{p.name}:{p.stat().st_size}"
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.suffix in (".py", ".so", ".dylib", ".dll")
+    )
 
 
 def build_key(source_root: Path, name: str, pv: bool) -> str:
@@ -78,9 +82,9 @@ def cached_image(source_root: Path, name: str, pv: bool, build: Callable[[], byt
         except BaseException:
             os.unlink(tmp)
             raise
-        for old in path.parent.glob(f"{name}{'.pv' if pv else ''}-*.bin"):   # earlier builds of this guest
+        for old in path.parent.glob(f"{name}{'.pv' if pv else ''}-*.bin"):  # earlier builds of this guest
             if old != path:
                 old.unlink(missing_ok=True)
     except OSError:
-        pass        # a read-only home, a full disk: no cache, the same image
+        pass  # a read-only home, a full disk: no cache, the same image
     return image

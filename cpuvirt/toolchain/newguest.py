@@ -1,4 +1,5 @@
 """`cpuvirt new-guest NAME`: a skeleton guest that builds and PASSes in every mode it can run in."""
+
 from __future__ import annotations
 
 import re

@@ -183,8 +183,24 @@ _EXPR_TOKEN_RE = re.compile(
 )
 
 _BINARY_PRECEDENCE = {
-    "||": 1, "&&": 2, "|": 3, "^": 4, "&": 5, "==": 6, "!=": 6,
-    "<": 7, ">": 7, "<=": 7, ">=": 7, "<<": 8, ">>": 8, "+": 9, "-": 9, "*": 10, "/": 10, "%": 10,
+    "||": 1,
+    "&&": 2,
+    "|": 3,
+    "^": 4,
+    "&": 5,
+    "==": 6,
+    "!=": 6,
+    "<": 7,
+    ">": 7,
+    "<=": 7,
+    ">=": 7,
+    "<<": 8,
+    ">>": 8,
+    "+": 9,
+    "-": 9,
+    "*": 10,
+    "/": 10,
+    "%": 10,
 }
 
 
@@ -195,7 +211,7 @@ def _eval_expr(text: str) -> int:
     while pos < len(text):
         m = _EXPR_TOKEN_RE.match(text, pos)
         if not m or m.end() == pos:
-            raise ValueError(f"bad token in #if expression near {text[pos:pos + 10]!r}")
+            raise ValueError(f"bad token in #if expression near {text[pos : pos + 10]!r}")
         if m.group(1):
             tokens.append(("num", int(m.group(1), 0)))
         elif m.group(2):
@@ -242,14 +258,24 @@ def _eval_expr(text: str) -> int:
             if op in ("/", "%") and right == 0:
                 raise ValueError("division by zero in #if expression")
             left = {
-                "||": lambda a, b: int(bool(a) or bool(b)), "&&": lambda a, b: int(bool(a) and bool(b)),
-                "|": lambda a, b: a | b, "^": lambda a, b: a ^ b, "&": lambda a, b: a & b,
-                "==": lambda a, b: int(a == b), "!=": lambda a, b: int(a != b),
-                "<": lambda a, b: int(a < b), ">": lambda a, b: int(a > b),
-                "<=": lambda a, b: int(a <= b), ">=": lambda a, b: int(a >= b),
-                "<<": lambda a, b: a << b, ">>": lambda a, b: a >> b,
-                "+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b,
-                "/": lambda a, b: int(a / b), "%": lambda a, b: a - b * int(a / b),
+                "||": lambda a, b: int(bool(a) or bool(b)),
+                "&&": lambda a, b: int(bool(a) and bool(b)),
+                "|": lambda a, b: a | b,
+                "^": lambda a, b: a ^ b,
+                "&": lambda a, b: a & b,
+                "==": lambda a, b: int(a == b),
+                "!=": lambda a, b: int(a != b),
+                "<": lambda a, b: int(a < b),
+                ">": lambda a, b: int(a > b),
+                "<=": lambda a, b: int(a <= b),
+                ">=": lambda a, b: int(a >= b),
+                "<<": lambda a, b: a << b,
+                ">>": lambda a, b: a >> b,
+                "+": lambda a, b: a + b,
+                "-": lambda a, b: a - b,
+                "*": lambda a, b: a * b,
+                "/": lambda a, b: int(a / b),
+                "%": lambda a, b: a - b * int(a / b),
             }[op](left, right)  # type: ignore[index]
 
     def ternary() -> int:

@@ -21,6 +21,7 @@ the code that ran without an event, so their table lists the event sites only.
 A mode the guest cannot run in is a column that says why. Runs of one mode are labelled by their
 settings ("hw enable_ept=0").
 """
+
 from __future__ import annotations
 
 import difflib
@@ -40,21 +41,61 @@ if TYPE_CHECKING:
     from cpuvirt.runner import RunResult
 
 # Sensitive instructions by class (Robin & Irvine 2000 for the holes; the rest trap at ring 1).
-HOLES = frozenset(("pushfd", "pushf", "popfd", "popf", "sgdt", "sidt", "sldt", "str", "smsw", "lar", "lsl",
-                   "verr", "verw"))
-PRIVILEGED = frozenset(("cli", "sti", "hlt", "lgdt", "lidt", "lldt", "ltr", "invlpg", "clts", "lmsw", "wbinvd",
-                        "invd", "rdmsr", "wrmsr", "iretd", "iret", "ljmp", "lcall", "retf", "in", "out", "insb",
-                        "insd", "outsb", "outsd"))
+HOLES = frozenset(
+    ("pushfd", "pushf", "popfd", "popf", "sgdt", "sidt", "sldt", "str", "smsw", "lar", "lsl", "verr", "verw")
+)
+PRIVILEGED = frozenset(
+    (
+        "cli",
+        "sti",
+        "hlt",
+        "lgdt",
+        "lidt",
+        "lldt",
+        "ltr",
+        "invlpg",
+        "clts",
+        "lmsw",
+        "wbinvd",
+        "invd",
+        "rdmsr",
+        "wrmsr",
+        "iretd",
+        "iret",
+        "ljmp",
+        "lcall",
+        "retf",
+        "in",
+        "out",
+        "insb",
+        "insd",
+        "outsb",
+        "outsd",
+    )
+)
 OTHER = frozenset(("cpuid", "rdtsc", "int", "int3", "into"))
 
 # hw: the VM-execution control that decides whether an instruction exits (SDM Vol. 3C 25.6 / 26.1.3).
-HW_CONTROL = {"hlt": "hlt_exiting", "invlpg": "invlpg_exiting", "rdtsc": "rdtsc_exiting", "rdpmc": "rdpmc_exiting",
-              "mwait": "mwait_exiting", "monitor": "monitor_exiting", "pause": "pause_exiting",
-              "sgdt": "descriptor_table_exiting", "sidt": "descriptor_table_exiting",
-              "lgdt": "descriptor_table_exiting", "lidt": "descriptor_table_exiting",
-              "sldt": "descriptor_table_exiting", "str": "descriptor_table_exiting",
-              "lldt": "descriptor_table_exiting", "ltr": "descriptor_table_exiting",
-              "in": "unconditional_io_exiting", "out": "unconditional_io_exiting", "wbinvd": "wbinvd_exiting"}
+HW_CONTROL = {
+    "hlt": "hlt_exiting",
+    "invlpg": "invlpg_exiting",
+    "rdtsc": "rdtsc_exiting",
+    "rdpmc": "rdpmc_exiting",
+    "mwait": "mwait_exiting",
+    "monitor": "monitor_exiting",
+    "pause": "pause_exiting",
+    "sgdt": "descriptor_table_exiting",
+    "sidt": "descriptor_table_exiting",
+    "lgdt": "descriptor_table_exiting",
+    "lidt": "descriptor_table_exiting",
+    "sldt": "descriptor_table_exiting",
+    "str": "descriptor_table_exiting",
+    "lldt": "descriptor_table_exiting",
+    "ltr": "descriptor_table_exiting",
+    "in": "unconditional_io_exiting",
+    "out": "unconditional_io_exiting",
+    "wbinvd": "wbinvd_exiting",
+}
 
 
 def sensitive_class(insn: str) -> str | None:
@@ -71,7 +112,7 @@ def sensitive_class(insn: str) -> str | None:
     if mnem == "mov" and any(r in ops for r in ("cr", "dr")):
         return "privileged"
     if mnem == "mov" and ops.split(",")[-1].strip() in ("cs", "ss"):
-        return "hole"                                       # reads the selector: shows CPL 1
+        return "hole"  # reads the selector: shows CPL 1
     if mnem == "mov" and ops.split(",")[0].strip() in ("ds", "es", "fs", "gs", "ss"):
         return "privileged"
     if mnem in PRIVILEGED:
@@ -90,12 +131,12 @@ class Column:
     result: RunResult | None = None
     symbols: Symbols = NONE
     why_not: str = ""
-    executed: dict = field(default_factory=dict)      # address -> instruction text (executed code)
-    translated: dict = field(default_factory=dict)    # full: guest address -> IDENT/inline/callout/chain
-    controls: dict = field(default_factory=dict)      # hw: control name -> 0/1
+    executed: dict = field(default_factory=dict)  # address -> instruction text (executed code)
+    translated: dict = field(default_factory=dict)  # full: guest address -> IDENT/inline/callout/chain
+    controls: dict = field(default_factory=dict)  # hw: control name -> 0/1
     modelled: Modelled | None = None
     console: bytes | None = None
-    tally: Counter = field(default_factory=Counter)   # from a trace file (a run's is in its result)
+    tally: Counter = field(default_factory=Counter)  # from a trace file (a run's is in its result)
 
     @property
     def ran(self) -> bool:
@@ -131,13 +172,15 @@ def _verdicts(col: Column, ref: Column | None) -> tuple[bool, str]:
 
 
 # -- gathering runs ------------------------------------------------------------------------------------------
-def run_columns(guest: str, specs, max_insns: int, mem_mib: int = 32, extra_vmx=(), cmdline: str = "",
-                devices=(), inputs=None) -> list[Column]:
+def run_columns(
+    guest: str, specs, max_insns: int, mem_mib: int = 32, extra_vmx=(), cmdline: str = "", devices=(), inputs=None
+) -> list[Column]:
     """Run `guest` under each ModeSpec, with a trace, the executed code and (full) the translations.
     `cmdline`, `devices` (PCI devices, as `run --device`) and `inputs` (COM1's scripted input:
     input_file, input_prompt) are the same for every run."""
     from cpuvirt.runner import resolve_guest, run_guest
     from cpuvirt.trace.symbols import for_guest
+
     cols = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, spec in enumerate(specs):
@@ -154,8 +197,19 @@ def run_columns(guest: str, specs, max_insns: int, mem_mib: int = 32, extra_vmx=
             if spec.mode == "full":
                 opts = {"observer": held.append, "verbose": True}
             try:
-                res = run_guest(guest, spec.mode, mem_mib, max_insns, path, None, cmdline, mode_options=opts or None,
-                                on_start=held.append, devices=devices, **(inputs or {}))
+                res = run_guest(
+                    guest,
+                    spec.mode,
+                    mem_mib,
+                    max_insns,
+                    path,
+                    None,
+                    cmdline,
+                    mode_options=opts or None,
+                    on_start=held.append,
+                    devices=devices,
+                    **(inputs or {}),
+                )
             except CpuvirtError as e:
                 col.why_not = str(e)
                 continue
@@ -165,8 +219,9 @@ def run_columns(guest: str, specs, max_insns: int, mem_mib: int = 32, extra_vmx=
             hv = held[-1]
             col.executed = _executed(hv)
             if spec.mode == "full":
-                col.translated = {ins.geip: ins.kind for blk in hv.vcpu.tc.blocks.values() for ins in blk.insns
-                                  if ins.size}
+                col.translated = {
+                    ins.geip: ins.kind for blk in hv.vcpu.tc.blocks.values() for ins in blk.insns if ins.size
+                }
                 for addr in hv.vcpu.rt.translator.adaptive:
                     col.translated[addr] = "callout (adaptive)"
             if hv.settings is not None:
@@ -181,6 +236,7 @@ def _executed(hv) -> dict:
     vcpu = hv.vcpu
     out = {}
     from capstone import CS_ARCH_X86, CS_MODE_32, Cs
+
     cs = Cs(CS_ARCH_X86, CS_MODE_32)
     tc = getattr(vcpu, "tc", None)
     for start, (addrs, end) in list(m.block_insns.items()):
@@ -200,13 +256,21 @@ def _executed(hv) -> dict:
 def trace_columns(paths: list[str], image: str | None = None) -> list[Column]:
     from cpuvirt import costs
     from cpuvirt.trace.symbols import for_trace
+
     cols = []
     for p in paths:
         t = read_trace(p)
         mode = str(t.header.get("mode"))
         vmx = t.header.get("options", {}).get("vmx") or {}
-        cols.append(Column(mode, mode, trace=t, symbols=for_trace(t.header, image),
-                           controls={k: v for k, v in vmx.items() if isinstance(v, int)}))
+        cols.append(
+            Column(
+                mode,
+                mode,
+                trace=t,
+                symbols=for_trace(t.header, image),
+                controls={k: v for k, v in vmx.items() if isinstance(v, int)},
+            )
+        )
         cols[-1].tally = costs.tally_of_trace(t)
     _label_by_difference(cols)
     return cols
@@ -223,27 +287,28 @@ def _label_by_difference(cols: list[Column]) -> None:
         keys = set().union(*(c.controls for c in same))
         differ = sorted(k for k in keys if len({c.controls.get(k, 0) for c in same}) > 1)
         for i, c in enumerate(same):
-            c.label = (" ".join([mode] + [f"{k}={c.controls.get(k, 0)}" for k in differ]) if differ
-                       else f"{mode}#{i + 1}")
+            c.label = (
+                " ".join([mode] + [f"{k}={c.controls.get(k, 0)}" for k in differ]) if differ else f"{mode}#{i + 1}"
+            )
 
 
 # -- the table ------------------------------------------------------------------------------------------------
 @dataclass
 class Site:
     key: tuple
-    where: str                        # file:line or address
+    where: str  # file:line or address
     symbol: str
-    insn: str                         # the reference build's instruction(s) there
+    insn: str  # the reference build's instruction(s) there
     klass: str | None
-    cells: list = field(default_factory=list)     # per column: (text, count)
-    meaning: str = ""                 # what it is in the kernel's own terms (an xv6 kernel: trace/xv6.py)
+    cells: list = field(default_factory=list)  # per column: (text, count)
+    meaning: str = ""  # what it is in the kernel's own terms (an xv6 kernel: trace/xv6.py)
 
 
 def _key(col: Column, addr: int, by_line: bool) -> tuple:
     if by_line:
         loc = col.symbols.line(addr)
         if loc:
-            if col.symbols.inlined:         # C: x86.h's lcr3 line is in switchuvm and in switchkvm
+            if col.symbols.inlined:  # C: x86.h's lcr3 line is in switchuvm and in switchkvm
                 name = col.symbols.name(addr)
                 return ("line", loc, name.split("+", 1)[0] if name else "")
             return ("line", loc)
@@ -255,6 +320,7 @@ def _os_site(col: Column, e: dict):
     if col.symbols.kernel is None:
         return None
     from cpuvirt.trace import xv6
+
     return xv6.site(col.symbols.kernel, e)
 
 
@@ -270,7 +336,7 @@ def build_sites(cols: list[Column]) -> list[Site]:
     events: dict[tuple, list[Counter]] = defaultdict(lambda: [Counter() for _ in cols])
     addrs_at: dict[tuple, dict[int, set]] = defaultdict(lambda: defaultdict(set))
     insn_at: dict[tuple, dict[int, str]] = defaultdict(dict)
-    os_rows: dict[tuple, tuple[str, str, str]] = {}     # kernel rows: key -> (where, symbol, instruction)
+    os_rows: dict[tuple, tuple[str, str, str]] = {}  # kernel rows: key -> (where, symbol, instruction)
     meanings: dict[tuple, str] = {}
     for i, c in enumerate(cols):
         if c.trace is None:
@@ -292,24 +358,33 @@ def build_sites(cols: list[Column]) -> list[Site]:
                 meanings[k] = _meaning(c, e)
     # Sensitive instructions each run executed, events or not.
     for i, c in enumerate(cols):
-        if i > 0 and c.trace is not None and cols[0].trace is not None \
-                and c.trace.header.get("image_sha256") != cols[0].trace.header.get("image_sha256"):
-            continue                                    # another build: its lines are shown beside the reference's
+        if (
+            i > 0
+            and c.trace is not None
+            and cols[0].trace is not None
+            and c.trace.header.get("image_sha256") != cols[0].trace.header.get("image_sha256")
+        ):
+            continue  # another build: its lines are shown beside the reference's
         for a, text in c.executed.items():
             if sensitive_class(text) is None:
                 continue
             if c.symbols.kernel is not None and not c.symbols.owns(a):
-                continue                                # a user program's (its system calls have rows)
+                continue  # a user program's (its system calls have rows)
             k = _key(c, a, by_line)
             if k not in meanings and c.symbols.kernel is not None:
                 meanings[k] = _meaning(c, {"kind": "", "reason": "", "eip": f"{a:#x}", "insn": text})
             addrs_at[k][i].add(a)
             insn_at[k].setdefault(i, text)
-            events[k]                                   # the row exists
+            events[k]  # the row exists
     ref_i = cols.index(ref) if ref is not None else 0
     _translations_from_trace(cols, ref)
-    same_image = [c.trace is not None and ref is not None and ref.trace is not None
-                  and c.trace.header.get("image_sha256") == ref.trace.header.get("image_sha256") for c in cols]
+    same_image = [
+        c.trace is not None
+        and ref is not None
+        and ref.trace is not None
+        and c.trace.header.get("image_sha256") == ref.trace.header.get("image_sha256")
+        for c in cols
+    ]
     # Another build of the source (para's PV build): what it has on each line the table shows.
     for i, c in enumerate(cols):
         if same_image[i] or not by_line or not c.ran:
@@ -323,28 +398,43 @@ def build_sites(cols: list[Column]) -> list[Site]:
     for k, counters in events.items():
         if k in os_rows:
             where, symbol, insn = os_rows[k]
-            site = Site(k, where, symbol, insn, "other" if insn.startswith("int") else None,
-                        meaning=meanings.get(k, ""))
+            site = Site(
+                k, where, symbol, insn, "other" if insn.startswith("int") else None, meaning=meanings.get(k, "")
+            )
             for i, c in enumerate(cols):
-                site.cells.append(_cell(c, counters[i], set(), None, insn, None, verdicts[i])
-                                  if counters[i] or not c.ran else ("-", 0))
+                site.cells.append(
+                    _cell(c, counters[i], set(), None, insn, None, verdicts[i])
+                    if counters[i] or not c.ran
+                    else ("-", 0)
+                )
             sites.append(site)
             continue
         texts = insn_at[k]
         insn = texts.get(ref_i) or next(iter(texts.values()), "?")
         klass = sensitive_class(insn) or next((sensitive_class(t) for t in texts.values() if sensitive_class(t)), None)
         first_addr = min(addrs_at[k].get(ref_i) or next(iter(addrs_at[k].values()), {0}))
-        owner = cols[ref_i] if addrs_at[k].get(ref_i) else next(
-            (cols[j] for j in addrs_at[k] if addrs_at[k][j]), cols[ref_i])
+        owner = (
+            cols[ref_i]
+            if addrs_at[k].get(ref_i)
+            else next((cols[j] for j in addrs_at[k] if addrs_at[k][j]), cols[ref_i])
+        )
         where = k[1] if k[0] == "line" else f"{k[1]:#x}"
-        site = Site(k, where, owner.symbols.name(first_addr) or f"{first_addr:#x}", insn, klass,
-                    meaning=meanings.get(k, ""))
+        site = Site(
+            k, where, owner.symbols.name(first_addr) or f"{first_addr:#x}", insn, klass, meaning=meanings.get(k, "")
+        )
         for i, c in enumerate(cols):
             addrs = addrs_at[k].get(i) or (addrs_at[k].get(ref_i, set()) if same_image[i] else set())
             site.cells.append(_cell(c, counters[i], addrs, texts.get(i), insn, klass, verdicts[i]))
         sites.append(site)
-    sites.sort(key=lambda s: (0, s.where.rsplit(":", 1)[0], int(s.where.rsplit(":", 1)[1]), s.key[2:])
-               if s.key[0] == "line" else (1, "", s.key[1:]) if s.key[0] == "os" else (2, "", s.key[1]))
+    sites.sort(
+        key=lambda s: (
+            (0, s.where.rsplit(":", 1)[0], int(s.where.rsplit(":", 1)[1]), s.key[2:])
+            if s.key[0] == "line"
+            else (1, "", s.key[1:])
+            if s.key[0] == "os"
+            else (2, "", s.key[1])
+        )
+    )
     return sites
 
 
@@ -352,6 +442,7 @@ def _pv_line(c: Column, texts: list[str]) -> str:
     """What the PV build has on a line: 'hypercall mmuext_op (call pv_invlpg)' when it calls a PV-ops
     function that makes hypercalls (read from its source), else its instructions."""
     from cpuvirt.costs import _hypercall_name
+
     nrs, calls = [], []
     for t in texts:
         if t.startswith("call pv_"):
@@ -365,6 +456,7 @@ def _pv_line(c: Column, texts: list[str]) -> str:
 def _named(c: Column, text: str) -> str:
     """`call 0x10082b` -> `call pv_write_cr3` where the target is a symbol."""
     import re
+
     if not text.startswith(("call", "jmp")):
         return text
     return re.sub(r"0x[0-9a-f]+", lambda m: c.symbols.name(int(m.group(0), 16)) or m.group(0), text)
@@ -377,6 +469,7 @@ def _translations_from_trace(cols: list[Column], ref: Column | None) -> None:
         return
     order = sorted(ref.executed)
     import bisect
+
     for c in cols:
         if c.mode != "full" or c.trace is None:
             continue
@@ -385,7 +478,7 @@ def _translations_from_trace(cols: list[Column], ref: Column | None) -> None:
                 continue
             kinds = e["detail"].get("kinds", [])
             k = bisect.bisect_left(order, int(e["eip"], 16))
-            for addr, kind in zip(order[k:k + len(kinds)], kinds):
+            for addr, kind in zip(order[k : k + len(kinds)], kinds):
                 c.translated.setdefault(addr, kind)
 
 
@@ -436,6 +529,7 @@ def _cell(c: Column, counter: Counter, addrs: set, text: str | None, ref_insn: s
 # -- output ---------------------------------------------------------------------------------------------------
 def summary_rows(cols: list[Column], table) -> list[dict]:
     from cpuvirt import costs
+
     ref = next((c for c in cols if c.ran), None)
     rows = []
     for c in cols:
@@ -450,16 +544,25 @@ def summary_rows(cols: list[Column], table) -> list[dict]:
         status = res.status if res is not None else (footer or {}).get("status", "?")
         icount = res.icount if res is not None else (footer or {}).get("icount", 0)
         counts = res.counts if res is not None else (footer or {}).get("counts", {})
-        row = {"run": c.label, "ran": True, "outcome": outcome, "status": status, "instructions": icount,
-               "modelled_cycles": round(modelled.total), "cost_table": table.name,
-               "shares": {k: round(v / (modelled.total or 1), 4) for k, v in modelled.by_kind().items()},
-               "events": dict(counts), "host_s": round(res.wall_s, 4) if res is not None else None}
+        row = {
+            "run": c.label,
+            "ran": True,
+            "outcome": outcome,
+            "status": status,
+            "instructions": icount,
+            "modelled_cycles": round(modelled.total),
+            "cost_table": table.name,
+            "shares": {k: round(v / (modelled.total or 1), 4) for k, v in modelled.by_kind().items()},
+            "events": dict(counts),
+            "host_s": round(res.wall_s, 4) if res is not None else None,
+        }
         if c.console is not None:
             row["pass"], row["fail"] = c.console.count(b"PASS"), c.console.count(b"FAIL")
-            row["console"] = ("reference" if c is ref else
-                              "same" if ref is not None and c.console == ref.console else "differs")
+            row["console"] = (
+                "reference" if c is ref else "same" if ref is not None and c.console == ref.console else "differs"
+            )
         else:
-            row["console"] = "n/a"              # a trace does not hold the console
+            row["console"] = "n/a"  # a trace does not hold the console
         rows.append(row)
     return rows
 
@@ -478,43 +581,64 @@ def _short(n: float) -> str:
     return f"{n:,.0f}"
 
 
-def format_text(cols: list[Column], sites: list[Site], summary: list[dict], width: int = 100,
-                wide: bool = False, limit: int | None = None) -> str:
+def format_text(
+    cols: list[Column],
+    sites: list[Site],
+    summary: list[dict],
+    width: int = 100,
+    wide: bool = False,
+    limit: int | None = None,
+) -> str:
     out = []
     ref = next((c for c in cols if c.ran), None)
-    out.append(f"== summary (modelled cycles: {summary[0].get('cost_table', '') if summary else ''} cost table; "
-               f"reference: {ref.label if ref else 'none'})")
-    out.append(f"{'run':<22} {'outcome':<12} {'PASS/FAIL':>9} {'console':<10} {'instructions':>12} "
-               f"{'modelled':>10} {'host s':>7}")
+    out.append(
+        f"== summary (modelled cycles: {summary[0].get('cost_table', '') if summary else ''} cost table; "
+        f"reference: {ref.label if ref else 'none'})"
+    )
+    out.append(
+        f"{'run':<22} {'outcome':<12} {'PASS/FAIL':>9} {'console':<10} {'instructions':>12} "
+        f"{'modelled':>10} {'host s':>7}"
+    )
     for r in summary:
         if not r["ran"]:
-            out.append(f"{r['run']:<22} not run: {r['why']}"[:max(width, 60) if not wide else 10**6])
+            out.append(f"{r['run']:<22} not run: {r['why']}"[: max(width, 60) if not wide else 10**6])
             continue
         pf = f"{r['pass']}/{r['fail']}" if "pass" in r else "-"
         host = f"{r['host_s']:.2f}" if r["host_s"] is not None else "-"
-        out.append(f"{r['run']:<22} {str(r['outcome']) + ' ' + str(r['status']):<12} {pf:>9} {r['console']:<10} "
-                   f"{r['instructions']:>12,} {_short(r['modelled_cycles']):>10} {host:>7}")
+        out.append(
+            f"{r['run']:<22} {str(r['outcome']) + ' ' + str(r['status']):<12} {pf:>9} {r['console']:<10} "
+            f"{r['instructions']:>12,} {_short(r['modelled_cycles']):>10} {host:>7}"
+        )
     for r, _c in zip(summary, cols):
         if r["ran"]:
             shares = ", ".join(f"{k} {v:.0%}" for k, v in r["shares"].items() if v >= 0.005)
             events = ", ".join(f"{k} {v}" for k, v in r["events"].items()) or "none"
             out.append(f"  {r['run']}: cycles by kind: {shares}; events: {events}")
     for c in cols:
-        if c.ran and ref is not None and c is not ref and c.console is not None and ref.console is not None \
-                and c.console != ref.console:
+        if (
+            c.ran
+            and ref is not None
+            and c is not ref
+            and c.console is not None
+            and ref.console is not None
+            and c.console != ref.console
+        ):
             out.append(f"  console of {c.label} vs {ref.label}:")
             out.extend("    " + line for line in _diff(ref, c))
     out.append("")
     shown = sites[:limit] if limit else sites
-    out.append(f"== sites ({len(sites)}: every place a technique acted, and the sensitive instructions the runs "
-               f"executed)")
+    out.append(
+        f"== sites ({len(sites)}: every place a technique acted, and the sensitive instructions the runs executed)"
+    )
     if wide:
         ws = [max([len(c.label)] + [len(s_cell(s.cells[i])) for s in shown]) for i, c in enumerate(cols)]
         ww = max([5] + [len(s.where) for s in shown])
         sw = max([6] + [len(s.symbol) for s in shown])
         iw = max([11] + [len(s.insn) for s in shown])
-        out.append(f"{'where':<{ww}} {'symbol':<{sw}} {'instruction':<{iw}} "
-                   + " ".join(f"{c.label:<{w}}" for c, w in zip(cols, ws)).rstrip())
+        out.append(
+            f"{'where':<{ww}} {'symbol':<{sw}} {'instruction':<{iw}} "
+            + " ".join(f"{c.label:<{w}}" for c, w in zip(cols, ws)).rstrip()
+        )
         for s in shown:
             cells = " ".join(f"{s_cell(cell):<{w}}" for cell, w in zip(s.cells, ws))
             out.append(f"{s.where:<{ww}} {s.symbol:<{sw}} {s.insn:<{iw}} {cells}".rstrip())
@@ -527,6 +651,7 @@ def format_text(cols: list[Column], sites: list[Site], summary: list[dict], widt
                 out.append(f"    = {s.meaning}"[:width])
             for c, cell in zip(cols, s.cells):
                 import textwrap
+
                 lines = textwrap.wrap(s_cell(cell), max(20, width - lw - 6), break_on_hyphens=False) or ["-"]
                 out.append(f"    {c.label:<{lw}}  {lines[0]}")
                 out.extend(f"    {'':<{lw}}  {more}" for more in lines[1:])
@@ -540,16 +665,29 @@ def s_cell(cell) -> str:
 
 
 def as_json(cols, sites, summary) -> str:
-    return json.dumps({"runs": summary,
-                       "sites": [{"where": s.where, "symbol": s.symbol, "instruction": s.insn, "class": s.klass,
-                                  **({"meaning": s.meaning} if s.meaning else {}),
-                                  "runs": {c.label: {"what": cell[0], "events": cell[1]}
-                                           for c, cell in zip(cols, s.cells)}} for s in sites]}, indent=1)
+    return json.dumps(
+        {
+            "runs": summary,
+            "sites": [
+                {
+                    "where": s.where,
+                    "symbol": s.symbol,
+                    "instruction": s.insn,
+                    "class": s.klass,
+                    **({"meaning": s.meaning} if s.meaning else {}),
+                    "runs": {c.label: {"what": cell[0], "events": cell[1]} for c, cell in zip(cols, s.cells)},
+                }
+                for s in sites
+            ],
+        },
+        indent=1,
+    )
 
 
 def as_csv(cols, sites) -> str:
     import csv
     import io
+
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["where", "symbol", "instruction", "class"] + [c.label for c in cols])

@@ -3,6 +3,7 @@
 A header line, one line per event, a footer line. Events never hold wall-clock times (they would break
 determinism); not even the footer has one, so two runs give byte-identical traces.
 """
+
 from __future__ import annotations
 
 import json
@@ -12,32 +13,75 @@ from cpuvirt import __version__
 from cpuvirt.errors import TraceFormatError
 
 FORMAT = "cpuvirt-trace/1"
-KINDS = ("vmexit", "trap", "callout", "hypercall", "io", "interrupt", "exception", "page_fault",
-         "hlt", "translate", "entry_failure", "unhandled_io", "unbacked_memory")
+KINDS = (
+    "vmexit",
+    "trap",
+    "callout",
+    "hypercall",
+    "io",
+    "interrupt",
+    "exception",
+    "page_fault",
+    "hlt",
+    "translate",
+    "entry_failure",
+    "unhandled_io",
+    "unbacked_memory",
+)
 
 
 class TraceWriter:
     def __init__(self, stream: IO[str], guest: str, image_sha256: str, mode: str, options: dict):
         self.stream = stream
         self.seq = 0
-        self._line({"type": "header", "format": FORMAT, "guest": guest, "image_sha256": image_sha256,
-                    "mode": mode, "options": options, "cpuvirt": __version__})
+        self._line(
+            {
+                "type": "header",
+                "format": FORMAT,
+                "guest": guest,
+                "image_sha256": image_sha256,
+                "mode": mode,
+                "options": options,
+                "cpuvirt": __version__,
+            }
+        )
 
     def _line(self, obj: dict) -> None:
         self.stream.write(json.dumps(obj, separators=(",", ":")) + "\n")
 
-    def event(self, icount: int, cpl: int, kind: str, reason: str, code, eip: int, insn: str,
-              detail: dict | None = None, action: str = "") -> None:
-        self._line({"type": "event", "seq": self.seq, "icount": icount, "cpl": cpl, "kind": kind,
-                    "reason": reason, "code": code, "eip": f"{eip:#x}", "insn": insn,
-                    "detail": detail or {}, "action": action})
+    def event(
+        self,
+        icount: int,
+        cpl: int,
+        kind: str,
+        reason: str,
+        code,
+        eip: int,
+        insn: str,
+        detail: dict | None = None,
+        action: str = "",
+    ) -> None:
+        self._line(
+            {
+                "type": "event",
+                "seq": self.seq,
+                "icount": icount,
+                "cpl": cpl,
+                "kind": kind,
+                "reason": reason,
+                "code": code,
+                "eip": f"{eip:#x}",
+                "insn": insn,
+                "detail": detail or {},
+                "action": action,
+            }
+        )
         self.seq += 1
 
     def footer(self, outcome: str, status: int, icount: int, counts: dict) -> None:
         # No wall-clock time here (DESIGN.md puts wall_s in the footer): two runs must give
         # byte-identical traces, so wall time is only in the run summary on stderr.
-        self._line({"type": "footer", "outcome": outcome, "status": status, "icount": icount,
-                    "counts": counts})
+        self._line({"type": "footer", "outcome": outcome, "status": status, "icount": icount, "counts": counts})
         self.stream.flush()
 
 
@@ -56,6 +100,7 @@ def read_trace(path: str) -> Trace:
     import gzip
     import io
     import sys
+
     try:
         if path == "-":
             return _parse("<stdin>", io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8"))

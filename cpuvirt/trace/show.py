@@ -1,4 +1,5 @@
 """`cpuvirt trace show`: one readable line per event, with the instruction that caused it."""
+
 from __future__ import annotations
 
 from cpuvirt.trace.format import read_trace
@@ -21,27 +22,36 @@ def _meaning(syms, e: dict) -> str:
 
 def show(path: str, out, kinds=None, image: str | None = None) -> None:
     from cpuvirt.trace.symbols import for_trace
+
     t = read_trace(path)
     h = t.header
     syms = for_trace(h, image)
-    out.write(f"# {h.get('guest')} under {h.get('mode')} (cpuvirt {h.get('cpuvirt')}, "
-              f"image sha256 {str(h.get('image_sha256'))[:16]}...)\n")
+    out.write(
+        f"# {h.get('guest')} under {h.get('mode')} (cpuvirt {h.get('cpuvirt')}, "
+        f"image sha256 {str(h.get('image_sha256'))[:16]}...)\n"
+    )
     if syms.source:
         out.write(f"# symbols and lines from {syms.source} (sha256 matches)\n")
     if syms.kernel is not None:
-        out.write(f"# an {syms.kernel.name} kernel: its system calls ({len(syms.kernel.syscalls)}, from its "
-                  "syscalls[] table), interrupt vectors, page faults and context switches are named\n")
-    out.write(f"{'seq':>6} {'icount':>12} cpl {'kind':<13} {'reason':<18} {'eip':>10}  {'instruction':<28} "
-              "detail -> action"
-              f"{'  @ symbol file:line' if syms.source else ''}\n")
+        out.write(
+            f"# an {syms.kernel.name} kernel: its system calls ({len(syms.kernel.syscalls)}, from its "
+            "syscalls[] table), interrupt vectors, page faults and context switches are named\n"
+        )
+    out.write(
+        f"{'seq':>6} {'icount':>12} cpl {'kind':<13} {'reason':<18} {'eip':>10}  {'instruction':<28} "
+        "detail -> action"
+        f"{'  @ symbol file:line' if syms.source else ''}\n"
+    )
     for e in t.events:
         if kinds and e["kind"] not in kinds:
             continue
         code = "" if e["code"] is None else f"({e['code']})"
         reason = f"{e['reason']}{code}"
-        out.write(f"{e['seq']:>6} {e['icount']:>12} {e['cpl']:>3} {e['kind']:<13} {reason:<18} {e['eip']:>10}  "
-                  f"{e['insn']:<28} {_detail(e['detail'])} -> {e['action']}{_meaning(syms, e)}"
-                  f"{_where(syms, e['eip'])}\n")
+        out.write(
+            f"{e['seq']:>6} {e['icount']:>12} {e['cpl']:>3} {e['kind']:<13} {reason:<18} {e['eip']:>10}  "
+            f"{e['insn']:<28} {_detail(e['detail'])} -> {e['action']}{_meaning(syms, e)}"
+            f"{_where(syms, e['eip'])}\n"
+        )
     present = {e["kind"] for e in t.events}
     for k in kinds or ():
         if k not in present:

@@ -7,6 +7,7 @@ the guest's name, not a path or the symbols, so a trace is symbolized at show ti
 found again (the bundled guest of that name, its PV build, or a file the user names with --image)
 and used only if its sha256 is the one the trace recorded; otherwise addresses stay bare.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -24,23 +25,29 @@ if TYPE_CHECKING:
 class Symbols:
     """Nearest-symbol and line lookups over one image."""
 
-    def __init__(self, symbols: dict[str, int], lines=None, source: str = "", end: int | None = None,
-                 ranges: list[tuple[int, int]] | None = None):
+    def __init__(
+        self,
+        symbols: dict[str, int],
+        lines=None,
+        source: str = "",
+        end: int | None = None,
+        ranges: list[tuple[int, int]] | None = None,
+    ):
         # Internal assembler names (__bss_start...) are kept for resolving but not preferred for naming.
         self.by_name = dict(symbols)
         named = sorted((a, n) for n, a in symbols.items() if not n.startswith("__"))
         self._addrs = [a for a, _ in named]
         self._names = [n for _, n in named]
-        self._lines = lines                  # callable addr -> (file, line) | None
+        self._lines = lines  # callable addr -> (file, line) | None
         self.source = source
-        self.end = end                       # addresses at or past it belong to no symbol here
-        self.ranges = ranges                 # ELF: the loaded segments [start, end); other addresses are not ours
+        self.end = end  # addresses at or past it belong to no symbol here
+        self.ranges = ranges  # ELF: the loaded segments [start, end); other addresses are not ours
         # ELF: (start, end, +delta) physical load address -> link address
         self.aliases: list[tuple[int, int, int]] = []
-        self.inlined = False                 # ELF from C: one file:line (an inline helper) serves many functions
-        self.kernel: Xv6 | None = None       # a kernel's own names for its events (trace/xv6.py), if recognised
-        self.statements: dict[str, list[str]] = {}    # file:line -> the instructions written there
-        self.code: list[tuple[int, str]] = []          # (address, source) of every instruction (assembler)
+        self.inlined = False  # ELF from C: one file:line (an inline helper) serves many functions
+        self.kernel: Xv6 | None = None  # a kernel's own names for its events (trace/xv6.py), if recognised
+        self.statements: dict[str, list[str]] = {}  # file:line -> the instructions written there
+        self.code: list[tuple[int, str]] = []  # (address, source) of every instruction (assembler)
 
     def _linked(self, addr: int) -> int:
         """A kernel linked high runs its first instructions at its physical load address (xv6's
@@ -62,9 +69,9 @@ class Symbols:
         if k < 0 or (self.end is not None and addr >= self.end):
             return None
         if self.ranges is not None and not any(lo <= addr < hi for lo, hi in self.ranges):
-            return None                      # e.g. an xv6 user program's code at 0 is not the kernel's
+            return None  # e.g. an xv6 user program's code at 0 is not the kernel's
         off = addr - self._addrs[k]
-        if off > 0x10000:                    # too far to be inside that symbol
+        if off > 0x10000:  # too far to be inside that symbol
             return None
         return self._names[k] if off == 0 else f"{self._names[k]}+{off:#x}"
 
@@ -99,11 +106,11 @@ class Symbols:
         except ValueError:
             raise CpuvirtError(f"{text!r}: the offset after '+' must be a number") from None
 
-
     def hypercalls_of(self, function: str, depth: int = 4) -> list[int]:
         """Hypercall numbers a PV-ops function can make: its `HYPERCALL(NR)` sites (`add eax, 32 * NR`)
         and those of the pv_* functions it calls, read from the source up to its first `ret`."""
         import re
+
         found: list[int] = []
         seen: set[str] = set()
         starts = [a for a, _ in self.code]
@@ -113,7 +120,7 @@ class Symbols:
                 return
             seen.add(name)
             k = bisect.bisect_left(starts, self.by_name[name])
-            for _, text in self.code[k:k + 200]:
+            for _, text in self.code[k : k + 200]:
                 m = re.fullmatch(r"add eax, 32 \* \(?(\d+)\)?", text.strip())
                 if m and int(m.group(1)) not in found:
                     found.append(int(m.group(1)))
@@ -122,6 +129,7 @@ class Symbols:
                     walk(m.group(1), d - 1)
                 if text.strip() == "ret":
                     break
+
         walk(function, depth)
         return found
 
@@ -144,6 +152,7 @@ def from_elf(data: bytes, source: str = "") -> Symbols:
     from elftools.common.exceptions import ELFError
     from elftools.elf.elffile import ELFFile
     from elftools.elf.sections import SymbolTableSection
+
     try:
         elf = ELFFile(io.BytesIO(data))
         syms: dict[str, int] = {}
@@ -152,15 +161,22 @@ def from_elf(data: bytes, source: str = "") -> Symbols:
             if isinstance(sec, SymbolTableSection):
                 for s in sec.iter_symbols():
                     # Absolute symbols (xv6's _binary_entryother_size = 0x8a) are numbers, not addresses.
-                    if s.name and s["st_info"]["type"] in ("STT_FUNC", "STT_OBJECT", "STT_NOTYPE") \
-                            and s["st_shndx"] not in ("SHN_UNDEF", "SHN_ABS"):
+                    if (
+                        s.name
+                        and s["st_info"]["type"] in ("STT_FUNC", "STT_OBJECT", "STT_NOTYPE")
+                        and s["st_shndx"] not in ("SHN_UNDEF", "SHN_ABS")
+                    ):
                         syms.setdefault(s.name, s["st_value"])
                         sizes.setdefault(s.name, s["st_size"])
         loads = [seg for seg in elf.iter_segments() if seg["p_type"] == "PT_LOAD" and seg["p_memsz"]]
         ranges = [(seg["p_vaddr"], seg["p_vaddr"] + seg["p_memsz"]) for seg in loads]
-        aliases = [(seg["p_paddr"], seg["p_paddr"] + seg["p_memsz"], seg["p_vaddr"] - seg["p_paddr"])
-                   for seg in loads if seg["p_paddr"] != seg["p_vaddr"]]
+        aliases = [
+            (seg["p_paddr"], seg["p_paddr"] + seg["p_memsz"], seg["p_vaddr"] - seg["p_paddr"])
+            for seg in loads
+            if seg["p_paddr"] != seg["p_vaddr"]
+        ]
         from cpuvirt.trace import xv6
+
         kernel = xv6.detect(elf, syms, sizes)
         rows = []
         if elf.has_dwarf_info():
@@ -178,7 +194,7 @@ def from_elf(data: bytes, source: str = "") -> Symbols:
                     idx = st.file if ver >= 5 else st.file - 1
                     name = files[idx].name.decode(errors="replace") if 0 <= idx < len(files) else "?"
                     rows.append((st.address, os.path.basename(name), st.line))
-        rows.sort(key=lambda r: r[0])     # stable: of the rows at one address (inlined code), the last holds
+        rows.sort(key=lambda r: r[0])  # stable: of the rows at one address (inlined code), the last holds
     except (ELFError, ValueError, KeyError, IndexError):
         return NONE
     starts = [r[0] for r in rows]
@@ -209,11 +225,13 @@ def for_guest(guest: str, mode: str = "native") -> Symbols:
             from cpuvirt.toolchain.build import include_dir
             from cpuvirt.toolchain.image import build_image
             from cpuvirt.toolchain.preprocess import preprocess
+
             pre = preprocess(Path(guest), {"PV": int(mode == "para")}, [include_dir(), Path(guest).resolve().parent])
             return from_assembly(build_image(pre.lines)[1], guest)
         if os.sep in guest or os.path.exists(guest):
             return for_image(Path(guest).read_bytes(), guest)
         from cpuvirt.toolchain.build import assemble_guest
+
         return from_assembly(assemble_guest(guest, pv=(mode == "para"))[1], guest)
     except (CpuvirtError, OSError):
         return NONE
@@ -248,6 +266,7 @@ def for_trace(header: dict, image: str | None = None) -> Symbols:
 
 def _bundled(guest: str, want: str | None) -> Symbols | None:
     from cpuvirt.toolchain.build import assemble_guest, list_guests
+
     name = guest[:-4] if guest.endswith(".bin") else guest
     if name not in {g.name for g in list_guests()}:
         return None

@@ -10,13 +10,14 @@ What comes from the ELF: the system-call names, from xv6's own dispatch table `s
 symbol table), and the function each event is in. What xv6 defines only as C macros, and so is
 written here (xv6-public traps.h): T_SYSCALL 64, T_IRQ0 32 and the IRQ numbers of its devices.
 """
+
 from __future__ import annotations
 
 import re
 
 T_SYSCALL = 64
 T_IRQ0 = 32
-IRQS = {0: "timer", 1: "keyboard", 4: "COM1", 14: "IDE disk", 19: "LAPIC error", 31: "spurious"}   # traps.h IRQ_*
+IRQS = {0: "timer", 1: "keyboard", 4: "COM1", 14: "IDE disk", 19: "LAPIC error", 31: "spurious"}  # traps.h IRQ_*
 # The symbols that tell an xv6 kernel apart (trapasm.S, swtch.S, vm.c, syscall.c).
 SIGNATURE = ("alltraps", "trapret", "swtch", "switchuvm", "switchkvm", "syscalls")
 
@@ -40,14 +41,20 @@ WHERE = {
 }
 # Port I/O by the PC device xv6 drives there: (port, direction) -> meaning; None: either direction.
 PORTS = {
-    (0x3F8, "out"): "uartputc: a byte to COM1", (0x3F8, "in"): "uartgetc: a byte from COM1",
+    (0x3F8, "out"): "uartputc: a byte to COM1",
+    (0x3F8, "in"): "uartgetc: a byte from COM1",
     (0x3FD, "in"): "COM1 line status: room to send, a byte waiting?",
     (0x3FA, "in"): "COM1 interrupt identification",
-    (0x3D4, None): "cgaputc: the VGA cursor position", (0x3D5, None): "cgaputc: the VGA cursor position",
-    (0x20, None): "picinit: the 8259 PIC (masked)", (0x21, None): "picinit: the 8259 PIC (masked)",
-    (0xA0, None): "picinit: the 8259 PIC (masked)", (0xA1, None): "picinit: the 8259 PIC (masked)",
-    (0x64, "in"): "kbdgetc: i8042 status (is a key waiting?)", (0x60, "in"): "kbdgetc: a scan code",
-    (0x70, None): "cmostime: the CMOS clock", (0x71, None): "cmostime: the CMOS clock",
+    (0x3D4, None): "cgaputc: the VGA cursor position",
+    (0x3D5, None): "cgaputc: the VGA cursor position",
+    (0x20, None): "picinit: the 8259 PIC (masked)",
+    (0x21, None): "picinit: the 8259 PIC (masked)",
+    (0xA0, None): "picinit: the 8259 PIC (masked)",
+    (0xA1, None): "picinit: the 8259 PIC (masked)",
+    (0x64, "in"): "kbdgetc: i8042 status (is a key waiting?)",
+    (0x60, "in"): "kbdgetc: a scan code",
+    (0x70, None): "cmostime: the CMOS clock",
+    (0x71, None): "cmostime: the CMOS clock",
 }
 
 
@@ -57,7 +64,7 @@ class Xv6:
     name = "xv6"
 
     def __init__(self, syscalls: dict[int, str]):
-        self.syscalls = syscalls            # number -> name ("write"), from the image's syscalls[]
+        self.syscalls = syscalls  # number -> name ("write"), from the image's syscalls[]
 
     def syscall(self, number: int) -> str:
         name = self.syscalls.get(number)
@@ -69,8 +76,7 @@ class Xv6:
         if kind == "interrupt" and vector == T_SYSCALL and detail.get("software"):
             number = self.syscall(int(detail["eax"], 16)) if "eax" in detail else "(number not recorded)"
             return "system call " + number
-        if kind == "interrupt" and isinstance(code, int) and e["reason"].startswith("IRQ") and \
-                code - T_IRQ0 in IRQS:
+        if kind == "interrupt" and isinstance(code, int) and e["reason"].startswith("IRQ") and code - T_IRQ0 in IRQS:
             return f"{IRQS[code - T_IRQ0]} interrupt (IRQ {code - T_IRQ0}, vector {code})"
         if kind == "vmexit" and e["reason"] == "EXTERNAL_INTERRUPT":
             return "a device interrupt arrives while the guest runs: the host takes it, then injects it"
@@ -86,8 +92,11 @@ class Xv6:
             said = PORTS.get((port, direction)) or PORTS.get((port, None))
             if said:
                 return said
-        if (kind == "page_fault" and e["reason"] == "#PF") or (kind == "exception" and code == 14) or \
-                (kind == "vmexit" and detail.get("vector") == 14):
+        if (
+            (kind == "page_fault" and e["reason"] == "#PF")
+            or (kind == "exception" and code == 14)
+            or (kind == "vmexit" and detail.get("vector") == 14)
+        ):
             where = "user code" if e.get("cpl") == 3 else "the kernel"
             cr2 = detail.get("cr2") or detail.get("exit_qualification") or detail.get("gva")
             return f"page fault in {where}" + (f" at {cr2}" if cr2 else "")
@@ -125,7 +134,7 @@ def detect(elf, syms: dict[str, int], sizes: dict[str, int]) -> Xv6 | None:
             by_addr.setdefault(a, name[4:])
     calls = {}
     for n in range(size // 4):
-        target = int.from_bytes(table[4 * n:4 * n + 4], "little")
+        target = int.from_bytes(table[4 * n : 4 * n + 4], "little")
         if target and target in by_addr:
             calls[n] = by_addr[target]
     return Xv6(calls) if calls else None
@@ -138,7 +147,7 @@ def _read(elf, addr: int, size: int) -> bytes | None:
             continue
         start = seg["p_vaddr"]
         if start <= addr and addr + size <= start + seg["p_filesz"]:
-            return seg.data()[addr - start:addr - start + size]
+            return seg.data()[addr - start : addr - start + size]
     return None
 
 
@@ -165,11 +174,16 @@ def site(kernel: Xv6, e: dict) -> tuple[tuple, str, str, str] | None:
     vector = _vector_of(e)
     if vector is not None:
         irq = vector - T_IRQ0
-        return (("os", 1, vector), f"IRQ {irq}" if 0 <= irq < 32 else f"vector {vector}",
-                IRQS.get(irq, "device"), f"(interrupt, vector {vector})")
+        return (
+            ("os", 1, vector),
+            f"IRQ {irq}" if 0 <= irq < 32 else f"vector {vector}",
+            IRQS.get(irq, "device"),
+            f"(interrupt, vector {vector})",
+        )
     if e["kind"] == "vmexit" and e["reason"] == "EXTERNAL_INTERRUPT":
         return (("os", 2, 0), "interrupts", "any device", "(a device interrupt arrives)")
-    if e.get("cpl") == 3 and ((e["kind"] == "page_fault" and e["reason"] == "#PF") or
-                              (e["kind"] == "exception" and e.get("code") == 14)):
+    if e.get("cpl") == 3 and (
+        (e["kind"] == "page_fault" and e["reason"] == "#PF") or (e["kind"] == "exception" and e.get("code") == 14)
+    ):
         return (("os", 3, 0), "user page fault", "trap", "(any user instruction)")
     return None

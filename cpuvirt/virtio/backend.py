@@ -14,6 +14,7 @@ function, `transmit(frame)` hands it one frame the guest sent.
   ip_icmp.c icmp_reflect, ip_output.c: TTL 255, IP id from a counter). Everything else is dropped
   and counted, as slirp drops what it cannot forward.
 """
+
 from __future__ import annotations
 
 import abc
@@ -24,7 +25,7 @@ ETH_P_IP, ETH_P_ARP = 0x0800, 0x0806
 SLIRP_HOST_IP = bytes((10, 0, 2, 2))
 SLIRP_DNS_IP = bytes((10, 0, 2, 3))
 SLIRP_NETWORK, SLIRP_NETMASK = bytes((10, 0, 2, 0)), bytes((255, 255, 255, 0))
-SLIRP_HOST_MAC_PREFIX = bytes((0x52, 0x55))       # slirp's special_ethaddr; the last 4 bytes are the IP
+SLIRP_HOST_MAC_PREFIX = bytes((0x52, 0x55))  # slirp's special_ethaddr; the last 4 bytes are the IP
 
 
 def inet_checksum(data: bytes) -> int:
@@ -101,14 +102,14 @@ class UserNet(Backend):
         if len(frame) < 42:
             return None
         hrd, pro, hln, pln, op = struct.unpack_from("!HHBBH", frame, 14)
-        sha, sip, tip = frame[22:28], frame[28:32], frame[38:42]      # (the target MAC, 32:38, is unknown in a request)
+        sha, sip, tip = frame[22:28], frame[28:32], frame[38:42]  # (the target MAC, 32:38, is unknown in a request)
         if (hrd, pro, hln, pln, op) != (1, ETH_P_IP, 6, 4, 1) or tip == sip:
             return None
         if tip not in (SLIRP_HOST_IP, SLIRP_DNS_IP):
             return None
         mac = self._host_mac(tip)
         reply = frame[6:12] + mac + struct.pack("!HHHBBH", ETH_P_ARP, 1, ETH_P_IP, 6, 4, 2) + mac + tip + sha + sip
-        return reply.ljust(64, b"\0")            # slirp sends a 64-byte buffer, zero-padded
+        return reply.ljust(64, b"\0")  # slirp sends a 64-byte buffer, zero-padded
 
     def _icmp_echo(self, frame: bytes) -> bytes | None:
         ip = frame[14:]
@@ -123,16 +124,16 @@ class UserNet(Backend):
         icmp = bytearray(ip[ihl:total])
         if inet_checksum(bytes(icmp)):
             return None
-        icmp[0] = 0                               # ECHOREPLY
+        icmp[0] = 0  # ECHOREPLY
         struct.pack_into("!H", icmp, 2, 0)
         struct.pack_into("!H", icmp, 2, inet_checksum(bytes(icmp)))
-        header = bytearray(ip[:20])               # options are stripped (icmp_reflect)
+        header = bytearray(ip[:20])  # options are stripped (icmp_reflect)
         header[0] = 0x45
         struct.pack_into("!H", header, 2, 20 + len(icmp))
         struct.pack_into("!H", header, 4, self.ip_id)
         self.ip_id = (self.ip_id + 1) & 0xFFFF
-        struct.pack_into("!H", header, 6, struct.unpack_from("!H", header, 6)[0] & 0x4000)   # keep DF only
-        header[8] = 255                           # MAXTTL
+        struct.pack_into("!H", header, 6, struct.unpack_from("!H", header, 6)[0] & 0x4000)  # keep DF only
+        header[8] = 255  # MAXTTL
         header[12:16], header[16:20] = ip[16:20], ip[12:16]
         struct.pack_into("!H", header, 10, 0)
         struct.pack_into("!H", header, 10, inet_checksum(bytes(header)))
@@ -151,19 +152,20 @@ class UnixPeer(Backend):
         self.dropped = 0
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
-            self.sock.bind("")               # Linux autobind: an abstract address the switch can answer
+            self.sock.bind("")  # Linux autobind: an abstract address the switch can answer
             self.sock.connect(path)
             self.sock.setblocking(False)
-            self.sock.send(b"")              # hello: the switch learns this port's peer address
+            self.sock.send(b"")  # hello: the switch learns this port's peer address
         except OSError as e:
             self.sock.close()
-            raise ValueError(f"peer=unix:{path}: {e.strerror or e} "
-                             f"(is `cpuvirt vswitch --port unix:{path}` running?)") from None
+            raise ValueError(
+                f"peer=unix:{path}: {e.strerror or e} (is `cpuvirt vswitch --port unix:{path}` running?)"
+            ) from None
 
     def transmit(self, frame: bytes) -> None:
         try:
             self.sock.send(frame)
-        except OSError:                      # the switch is gone or its queue is full: the frame is lost
+        except OSError:  # the switch is gone or its queue is full: the frame is lost
             self.dropped += 1
 
     def wait_fds(self) -> list:

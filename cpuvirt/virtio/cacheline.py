@@ -19,6 +19,7 @@ process started by cpuvirt reports the ring lines its data path touched (and whe
 after each in-band kick, before acknowledging it (`vhost-user-backend --report-fd`); one started by
 someone else (`socket=`) cannot be observed.
 """
+
 from __future__ import annotations
 
 from unicorn import UC_HOOK_MEM_READ, UC_HOOK_MEM_WRITE, UC_MEM_WRITE
@@ -26,7 +27,7 @@ from unicorn import UC_HOOK_MEM_READ, UC_HOOK_MEM_WRITE, UC_MEM_WRITE
 from cpuvirt.memory.p2m import RAM_HPA
 from cpuvirt.virtio.virtqueue import GuestRam
 
-LINE_SHIFT = 6                   # 64-byte lines
+LINE_SHIFT = 6  # 64-byte lines
 DRIVER, DEVICE = 0, 1
 
 
@@ -34,10 +35,10 @@ class CacheLineModel:
     KEYS = ("cachelines_to_driver", "cachelines_to_device")
 
     def __init__(self, counters: dict):
-        self.rings: list[tuple[int, int]] = []       # [lo, hi) guest-physical ranges
-        self.owner: dict[int, int] = {}              # line -> the side that last wrote it
-        self.holders: dict[int, int] = {}            # line -> bit mask of sides with a valid copy
-        self.counters = counters                     # the NIC's counters: the two KEYS are added
+        self.rings: list[tuple[int, int]] = []  # [lo, hi) guest-physical ranges
+        self.owner: dict[int, int] = {}  # line -> the side that last wrote it
+        self.holders: dict[int, int] = {}  # line -> bit mask of sides with a valid copy
+        self.counters = counters  # the NIC's counters: the two KEYS are added
         self.uc = None
         self._hooks: list = []
         for key in self.KEYS:
@@ -46,8 +47,11 @@ class CacheLineModel:
     def add_ring(self, lo: int, hi: int) -> None:
         self.rings.append((lo, hi))
         if self.uc is not None:
-            self._hooks.append(self.uc.hook_add(UC_HOOK_MEM_READ | UC_HOOK_MEM_WRITE, self._hook,
-                                                begin=RAM_HPA + lo, end=RAM_HPA + hi - 1))
+            self._hooks.append(
+                self.uc.hook_add(
+                    UC_HOOK_MEM_READ | UC_HOOK_MEM_WRITE, self._hook, begin=RAM_HPA + lo, end=RAM_HPA + hi - 1
+                )
+            )
 
     def touch(self, side: int, gpa: int, size: int, write: bool) -> None:
         end = gpa + size
@@ -88,9 +92,11 @@ class CacheLineModel:
     def watch_cpu(self, uc) -> None:
         """The driver side: guest loads and stores in the rings, through an engine memory hook per ring
         (the engine reports host-physical addresses, after the TLB: guest RAM sits at RAM_HPA)."""
+
         def hook(_uc, access, address, size, _value, _data):
             self.touch(DRIVER, address - RAM_HPA, size, access == UC_MEM_WRITE)
-        self._hook = hook                    # the engine keeps only a pointer: hold the callable
+
+        self._hook = hook  # the engine keeps only a pointer: hold the callable
         self.uc = uc
 
     def device_ram(self, ram: GuestRam) -> GuestRam:
@@ -104,4 +110,5 @@ class CacheLineModel:
         def seen_write(gpa, data):
             self.touch(DEVICE, gpa, len(data), True)
             write(gpa, data)
+
         return GuestRam(ram.size, seen_read, seen_write, ram._refusal)

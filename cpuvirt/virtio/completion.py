@@ -14,6 +14,7 @@ order is visible in the trace; bench/nic_order.py turns the events into latency 
 `DeviceTimer` is the device's own clock work: completions due at a virtual time, which the machine
 runs when the clock reaches them (Machine.add_device_timer), even while the guest halts.
 """
+
 from __future__ import annotations
 
 import heapq
@@ -24,11 +25,11 @@ class DeviceTimer:
     """Callbacks due at virtual times (ns), run in deadline order, then in the order they were set."""
 
     def __init__(self, now):
-        self.now = now                   # () -> virtual ns
-        self.on_change = None            # set by Machine.add_device_timer: stop the engine in time
+        self.now = now  # () -> virtual ns
+        self.on_change = None  # set by Machine.add_device_timer: stop the engine in time
         self._heap: list = []
         self._seq = 0
-        self.firing = False              # True while due callbacks run (their trace events say so)
+        self.firing = False  # True while due callbacks run (their trace events say so)
 
     def at(self, when: int, callback) -> None:
         heapq.heappush(self._heap, (when, self._seq, callback))
@@ -56,6 +57,7 @@ class DeviceTimer:
 @dataclass(frozen=True)
 class SlowDestination:
     """Every `every`-th frame (the every-th, 2*every-th, ... the device takes) is delayed by `delay_us`."""
+
     every: int
     delay_us: int
 
@@ -85,10 +87,10 @@ class TxCompletions:
 
     def __init__(self, device: str, slow: SlowDestination, timer: DeviceTimer, trace):
         self.device, self.slow, self.timer, self.trace = device, slow, timer, trace
-        self.taken = 0                   # frames taken so far (the last one's number)
-        self.completed = 0               # completions so far
+        self.taken = 0  # frames taken so far (the last one's number)
+        self.completed = 0  # completions so far
         self.outstanding: set[int] = set()
-        self.site = self._timer_site     # () -> extra trace arguments naming the access being served
+        self.site = self._timer_site  # () -> extra trace arguments naming the access being served
 
     def _timer_site(self) -> dict:
         return {"timer": True} if self.timer.firing else {}
@@ -103,10 +105,17 @@ class TxCompletions:
         """Frame `frame` (taken at virtual time `taken_at`, in descriptor/chain `slot`) is given back now."""
         self.outstanding.discard(frame)
         self.completed += 1
-        overtaken = sum(1 for f in self.outstanding if f < frame)     # earlier frames still in flight
+        overtaken = sum(1 for f in self.outstanding if f < frame)  # earlier frames still in flight
         latency = self.timer.now() - taken_at
-        detail = {"device": self.device, "frame": frame, "slot": slot, "order": self.completed,
-                  "latency_ns": latency, "slow": bool(self.slow.delay_ns(frame)), "overtook": overtaken}
+        detail = {
+            "device": self.device,
+            "frame": frame,
+            "slot": slot,
+            "order": self.completed,
+            "latency_ns": latency,
+            "slow": bool(self.slow.delay_ns(frame)),
+            "overtook": overtaken,
+        }
         if overtaken:
             action = f"{how}, ahead of {overtaken} earlier frame(s) still in flight"
         else:

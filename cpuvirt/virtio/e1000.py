@@ -28,6 +28,7 @@ on a frame the device may not write) is a device error, never a host access: tha
 (a RING_ERROR event, counted) until the driver writes its control register (TCTL or RCTL) again.
 Frames the device cannot take are dropped and counted.
 """
+
 from __future__ import annotations
 
 import struct
@@ -49,7 +50,7 @@ RCTL, TCTL = 0x0100, 0x0400
 RDBAL, RDBAH, RDLEN, RDH, RDT = 0x2800, 0x2804, 0x2808, 0x2810, 0x2818
 TDBAL, TDBAH, TDLEN, TDH, TDT = 0x3800, 0x3804, 0x3808, 0x3810, 0x3818
 MTA, MTA_SIZE = 0x5200, 128
-RA, RA_ENTRIES = 0x5400, 16           # RALn at RA + 8n, RAHn at RA + 8n + 4
+RA, RA_ENTRIES = 0x5400, 16  # RALn at RA + 8n, RAHn at RA + 8n + 4
 
 CTRL_SLU, CTRL_SPD_1000, CTRL_RST = 1 << 6, 1 << 9, 1 << 26
 CTRL_SWDPIN0, CTRL_SWDPIN2 = 1 << 18, 1 << 20
@@ -70,15 +71,21 @@ TXD_STAT_DD = 0x01
 RXD_STAT_DD, RXD_STAT_EOP, RXD_STAT_IXSM = 0x01, 0x02, 0x04
 
 DESC_SIZE = 16
-MIN_FRAME = 60                   # ETH_ZLEN: shorter received frames are padded (QEMU)
-MAX_TX_FRAME = 0x10000           # QEMU's transmit buffer
-MAX_STD_FRAME = 1522             # without RCTL.LPE longer frames are dropped (with a VLAN tag)
-BACKLOG = 256                    # frames waiting for receive descriptors, at most
-ICR_NAMES = ((ICR_TXDW, "TXDW"), (ICR_TXQE, "TXQE"), (ICR_LSC, "LSC"), (ICR_RXDMT0, "RXDMT0"),
-             (ICR_RXO, "RXO"), (ICR_RXT0, "RXT0"))
+MIN_FRAME = 60  # ETH_ZLEN: shorter received frames are padded (QEMU)
+MAX_TX_FRAME = 0x10000  # QEMU's transmit buffer
+MAX_STD_FRAME = 1522  # without RCTL.LPE longer frames are dropped (with a VLAN tag)
+BACKLOG = 256  # frames waiting for receive descriptors, at most
+ICR_NAMES = (
+    (ICR_TXDW, "TXDW"),
+    (ICR_TXQE, "TXQE"),
+    (ICR_LSC, "LSC"),
+    (ICR_RXDMT0, "RXDMT0"),
+    (ICR_RXO, "RXO"),
+    (ICR_RXT0, "RXT0"),
+)
 
-_TX_DESC = struct.Struct("<QHBBBBH")     # buffer, length, CSO, CMD, STA, CSS, special
-_RX_DESC = struct.Struct("<QHHBBH")      # buffer, length, checksum, status, errors, special
+_TX_DESC = struct.Struct("<QHBBBBH")  # buffer, length, CSO, CMD, STA, CSS, special
+_RX_DESC = struct.Struct("<QHHBBH")  # buffer, length, checksum, status, errors, special
 
 
 def cause_text(bits: int) -> str:
@@ -101,7 +108,7 @@ class _Ring:
     def __init__(self, name: str, regs: dict, bal: int, bah: int, dlen: int, head: int, tail: int):
         self.name, self.regs = name, regs
         self.bal, self.bah, self.dlen, self.head_reg, self.tail_reg = bal, bah, dlen, head, tail
-        self.error: str | None = None    # set: the ring is stopped until its control register is written
+        self.error: str | None = None  # set: the ring is stopped until its control register is written
 
     @property
     def base(self) -> int:
@@ -179,28 +186,38 @@ class E1000(PciFunction):
 
     name = "e1000"
 
-    def __init__(self, mac: bytes, ram: GuestRam, backend=None, capture=None, trace=None, completions=None,
-                 now=lambda: 0):
+    def __init__(
+        self, mac: bytes, ram: GuestRam, backend=None, capture=None, trace=None, completions=None, now=lambda: 0
+    ):
         super().__init__("e1000", INTEL_VENDOR, E1000_DEV_ID_82540EM, 0x020000, revision=REVISION, int_pin=1)
         self.mac = mac
         self.ram = ram
         self.backend = backend
         self.capture = capture
         self._trace_to = trace or (lambda reason, detail, action, kind="e1000", mmio=None: None)
-        self.access: tuple[int, bool] | None = None   # (gpa, is_write) of the register access being served
-        self.completions = completions    # completion.TxCompletions with a slow destination, or None
+        self.access: tuple[int, bool] | None = None  # (gpa, is_write) of the register access being served
+        self.completions = completions  # completion.TxCompletions with a slow destination, or None
         if completions is not None:
             completions.site = self._site
         self.now = now
-        self.device = self                # the run summary reads transport.device
+        self.device = self  # the run summary reads transport.device
         self.add_bar(0, False, MMIO_SIZE, _Mmio(self))
         self.add_bar(1, True, IO_SIZE, _InertIo())
         self.add_rom_bar(ROM_SIZE)
-        words = [int.from_bytes(mac[i:i + 2], "little") for i in (0, 2, 4)] + [0] * 61
+        words = [int.from_bytes(mac[i : i + 2], "little") for i in (0, 2, 4)] + [0] * 61
         words.append((EEPROM_SUM - sum(words)) & 0xFFFF)
         self.eeprom = words
-        self.counters = {"tx_frames": 0, "tx_bytes": 0, "rx_frames": 0, "rx_bytes": 0, "tx_dropped": 0,
-                         "rx_dropped": 0, "notifications": 0, "interrupts": 0, "needs_reset": 0}
+        self.counters = {
+            "tx_frames": 0,
+            "tx_bytes": 0,
+            "rx_frames": 0,
+            "rx_bytes": 0,
+            "tx_dropped": 0,
+            "rx_dropped": 0,
+            "notifications": 0,
+            "interrupts": 0,
+            "needs_reset": 0,
+        }
         self.reset_name = "ring errors"
         self.backlog: list[bytes] = []
         self._reset()
@@ -221,32 +238,64 @@ class E1000(PciFunction):
     # -- state ---------------------------------------------------------------------------------------
     def _reset(self) -> None:
         """Power-on state (QEMU's e1000_reset_hold): the MAC in RAL0/RAH0, link up, rings empty."""
-        r = self.regs = dict.fromkeys((CTRL, STATUS, EECD, EERD, ICR, IMS, RCTL, TCTL, RDBAL, RDBAH, RDLEN, RDH,
-                                       RDT, TDBAL, TDBAH, TDLEN, TDH, TDT), 0)
+        r = self.regs = dict.fromkeys(
+            (
+                CTRL,
+                STATUS,
+                EECD,
+                EERD,
+                ICR,
+                IMS,
+                RCTL,
+                TCTL,
+                RDBAL,
+                RDBAH,
+                RDLEN,
+                RDH,
+                RDT,
+                TDBAL,
+                TDBAH,
+                TDLEN,
+                TDH,
+                TDT,
+            ),
+            0,
+        )
         r[CTRL] = CTRL_SWDPIN2 | CTRL_SWDPIN0 | CTRL_SPD_1000 | CTRL_SLU
-        r[STATUS] = (0x80000000 | STATUS_GIO_MASTER_ENABLE | STATUS_ASDV | STATUS_MTXCKOK | STATUS_SPEED_1000
-                     | STATUS_FD | STATUS_LU)
+        r[STATUS] = (
+            0x80000000
+            | STATUS_GIO_MASTER_ENABLE
+            | STATUS_ASDV
+            | STATUS_MTXCKOK
+            | STATUS_SPEED_1000
+            | STATUS_FD
+            | STATUS_LU
+        )
         self.ra = [0] * (2 * RA_ENTRIES)
         self.ra[0] = int.from_bytes(self.mac[:4], "little")
         self.ra[1] = int.from_bytes(self.mac[4:6], "little") | RAH_AV
         self.mta = [0] * MTA_SIZE
         self.tx = _Ring("transmit", r, TDBAL, TDBAH, TDLEN, TDH, TDT)
         self.rx = _Ring("receive", r, RDBAL, RDBAH, RDLEN, RDH, RDT)
-        self.tx_stalled: tuple[int, int] | None = None   # (frame number, time taken) while a slow frame holds the head
-        self.posted_at: dict[int, int] = {}    # TX descriptor -> virtual time its TDT write made it the device's
+        self.tx_stalled: tuple[int, int] | None = None  # (frame number, time taken) while a slow frame holds the head
+        self.posted_at: dict[int, int] = {}  # TX descriptor -> virtual time its TDT write made it the device's
 
     # -- registers -----------------------------------------------------------------------------------
     def reg_read(self, reg: int) -> int:
         r = self.regs
         if reg == ICR:
             value = r[ICR]
-            r[ICR] = 0                    # read to clear (SDM 13.4.17); the line falls
+            r[ICR] = 0  # read to clear (SDM 13.4.17); the line falls
             self._update_intx()
-            self.trace("ICR_READ", {"icr": cause_text(value)},
-                       "ICR cleared, INTx deasserted" if value else "nothing pending", kind="e1000")
+            self.trace(
+                "ICR_READ",
+                {"icr": cause_text(value)},
+                "ICR cleared, INTx deasserted" if value else "nothing pending",
+                kind="e1000",
+            )
             return value
         if reg == ICS:
-            return r[ICR]                 # QEMU: ICS reads as ICR, without clearing it
+            return r[ICR]  # QEMU: ICS reads as ICR, without clearing it
         if reg == EECD:
             return EECD_PRES | EECD_GNT | EECD_DO | (r[EECD] & 0x3F7)
         if reg == EERD:
@@ -272,13 +321,13 @@ class E1000(PciFunction):
     def reg_write(self, reg: int, value: int) -> None:
         r = self.regs
         if reg == CTRL:
-            r[CTRL] = value & ~CTRL_RST   # self-clearing; QEMU resets nothing on it
+            r[CTRL] = value & ~CTRL_RST  # self-clearing; QEMU resets nothing on it
         elif reg == EECD:
             r[EECD] = value
         elif reg == EERD:
             r[EERD] = value
         elif reg == ICR:
-            self._set_icr(r[ICR] & ~value)                    # write 1 to clear
+            self._set_icr(r[ICR] & ~value)  # write 1 to clear
         elif reg == ICS:
             self._cause(value, "ICS written")
         elif reg == IMS:
@@ -292,7 +341,7 @@ class E1000(PciFunction):
         elif reg == TCTL:
             self._write_tctl(value)
         elif reg in (RDLEN, TDLEN):
-            r[reg] = value & 0xFFF80      # a multiple of 128 bytes (8 descriptors), up to 1 MiB
+            r[reg] = value & 0xFFF80  # a multiple of 128 bytes (8 descriptors), up to 1 MiB
         elif reg in (RDH, TDH):
             r[reg] = value & 0xFFFF
         elif reg == RDT:
@@ -315,9 +364,17 @@ class E1000(PciFunction):
             self.rx.error = None
             self.trace("RCTL", {"rctl": f"{value:#x}"}, "receive ring error cleared", kind="e1000")
         if (value ^ was) & RCTL_EN:
-            self.trace("RCTL", {"rctl": f"{value:#x}", "buffer": rx_buffer_size(value),
-                                "strip_crc": bool(value & RCTL_SECRC), "broadcast": bool(value & RCTL_BAM)},
-                       "receiver enabled" if value & RCTL_EN else "receiver disabled", kind="e1000")
+            self.trace(
+                "RCTL",
+                {
+                    "rctl": f"{value:#x}",
+                    "buffer": rx_buffer_size(value),
+                    "strip_crc": bool(value & RCTL_SECRC),
+                    "broadcast": bool(value & RCTL_BAM),
+                },
+                "receiver enabled" if value & RCTL_EN else "receiver disabled",
+                kind="e1000",
+            )
         self._flush_backlog()
 
     def _write_tctl(self, value: int) -> None:
@@ -327,9 +384,13 @@ class E1000(PciFunction):
             self.tx.error = None
             self.trace("TCTL", {"tctl": f"{value:#x}"}, "transmit ring error cleared", kind="e1000")
         if (value ^ was) & TCTL_EN:
-            self.trace("TCTL", {"tctl": f"{value:#x}"},
-                       "transmitter enabled" if value & TCTL_EN else "transmitter disabled", kind="e1000")
-        self._transmit()                  # QEMU's set_tctl starts transmission too
+            self.trace(
+                "TCTL",
+                {"tctl": f"{value:#x}"},
+                "transmitter enabled" if value & TCTL_EN else "transmitter disabled",
+                kind="e1000",
+            )
+        self._transmit()  # QEMU's set_tctl starts transmission too
 
     # -- interrupts ----------------------------------------------------------------------------------
     def _set_icr(self, value: int) -> None:
@@ -344,9 +405,18 @@ class E1000(PciFunction):
         self._update_intx()
         if not before and r[ICR] & r[IMS]:
             self.counters["interrupts"] += 1
-            self.trace("INTERRUPT", {"cause": cause_text(bits), "icr": cause_text(r[ICR]), "ims": cause_text(r[IMS]),
-                                     "irq": self.config[0x3C], "why": why},
-                       "INTx asserted (level) until the driver reads ICR", kind="e1000")
+            self.trace(
+                "INTERRUPT",
+                {
+                    "cause": cause_text(bits),
+                    "icr": cause_text(r[ICR]),
+                    "ims": cause_text(r[IMS]),
+                    "irq": self.config[0x3C],
+                    "why": why,
+                },
+                "INTx asserted (level) until the driver reads ICR",
+                kind="e1000",
+            )
 
     def _update_intx(self) -> None:
         level = bool(self.regs[ICR] & self.regs[IMS])
@@ -356,14 +426,18 @@ class E1000(PciFunction):
     def _ring_error(self, ring: _Ring, why: str) -> None:
         ring.error = why
         self.counters["needs_reset"] += 1
-        self.trace("RING_ERROR", {"ring": ring.name, "why": why},
-                   f"the {ring.name} ring is stopped until the driver writes "
-                   f"{'TCTL' if ring is self.tx else 'RCTL'} again", kind="e1000")
+        self.trace(
+            "RING_ERROR",
+            {"ring": ring.name, "why": why},
+            f"the {ring.name} ring is stopped until the driver writes {'TCTL' if ring is self.tx else 'RCTL'} again",
+            kind="e1000",
+        )
 
     def _drop(self, counter: str, why: str, detail: dict) -> None:
         self.counters[counter] += 1
-        self.trace("DROP", {**detail, "why": why, counter: self.counters[counter]}, "frame dropped and counted",
-                   kind="e1000")
+        self.trace(
+            "DROP", {**detail, "why": why, counter: self.counters[counter]}, "frame dropped and counted", kind="e1000"
+        )
 
     # -- transmit (SDM 3.3) ----------------------------------------------------------------------------
     def _write_tdt(self, tail: int) -> None:
@@ -374,11 +448,15 @@ class E1000(PciFunction):
         if n and tail < n and old < n:
             now = self.now()
             i = old
-            while i != tail:                       # the descriptors this write gave the device
+            while i != tail:  # the descriptors this write gave the device
                 self.posted_at.setdefault(i, now)
                 i = (i + 1) % n
-        self.trace("TDT", {"tdt": tail, "tdh": self.regs[TDH], "tdlen": self.regs[TDLEN]},
-                   "the device walks the descriptors from TDH to TDT", kind="e1000")
+        self.trace(
+            "TDT",
+            {"tdt": tail, "tdh": self.regs[TDH], "tdlen": self.regs[TDLEN]},
+            "the device walks the descriptors from TDH to TDT",
+            kind="e1000",
+        )
         self._transmit()
 
     def _tx_ready(self) -> str | None:
@@ -407,7 +485,7 @@ class E1000(PciFunction):
             ring.check(self.ram)
             while ring.head != ring.tail:
                 if not self._tx_frame(ring):
-                    return                         # stalled behind a slow frame, or waiting for EOP
+                    return  # stalled behind a slow frame, or waiting for EOP
         except RingError as e:
             self._ring_error(ring, str(e))
             return
@@ -422,18 +500,20 @@ class E1000(PciFunction):
         i = head
         while True:
             if i == ring.tail:
-                return False                       # the tail cuts the frame: wait for the rest (SDM 3.3.3)
+                return False  # the tail cuts the frame: wait for the rest (SDM 3.3.3)
             addr, length, _cso, cmd, _sta, _css, _special = _TX_DESC.unpack(self._read(ring, ring.desc_address(i), 16))
             if cmd & TXD_CMD_DEXT:
-                raise RingError(f"transmit descriptor {i} is an extended (context or data) descriptor: "
-                                "only legacy descriptors are modelled")
+                raise RingError(
+                    f"transmit descriptor {i} is an extended (context or data) descriptor: "
+                    "only legacy descriptors are modelled"
+                )
             if length:
                 try:
                     chunk = self.ram.read(addr, length)
                 except GuestMemoryError as e:
                     raise RingError(f"transmit descriptor {i}: buffer {e}") from None
                 if len(data) < MAX_TX_FRAME:
-                    data += chunk[:MAX_TX_FRAME - len(data)]
+                    data += chunk[: MAX_TX_FRAME - len(data)]
             indices.append((i, cmd))
             i = (i + 1) % n
             if cmd & TXD_CMD_EOP:
@@ -444,11 +524,15 @@ class E1000(PciFunction):
             number, delay = self.completions.take()
             if delay:
                 self.tx_stalled = (number, taken_at)
-                self.trace("TX_STALL", {"frame": number, "tdh": head, "behind": ring.pending() - len(indices),
-                                        "delay_ns": delay},
-                           "slow destination: the head stays here, nothing behind it can complete", kind="e1000")
-                self.completions.timer.at(self.now() + delay,
-                                          lambda: self._tx_late(ring, head, indices, frame, number, taken_at))
+                self.trace(
+                    "TX_STALL",
+                    {"frame": number, "tdh": head, "behind": ring.pending() - len(indices), "delay_ns": delay},
+                    "slow destination: the head stays here, nothing behind it can complete",
+                    kind="e1000",
+                )
+                self.completions.timer.at(
+                    self.now() + delay, lambda: self._tx_late(ring, head, indices, frame, number, taken_at)
+                )
                 return False
             self._tx_done(ring, head, indices, frame, number, taken_at)
         else:
@@ -457,14 +541,14 @@ class E1000(PciFunction):
 
     def _tx_late(self, ring, head, indices, frame, number, taken_at) -> None:
         if ring is not self.tx or self.tx_stalled is None or self.tx_stalled[0] != number:
-            return                                 # the driver reset the ring meanwhile
+            return  # the driver reset the ring meanwhile
         self.tx_stalled = None
         try:
             self._tx_done(ring, head, indices, frame, number, taken_at)
         except RingError as e:
             self._ring_error(ring, str(e))
             return
-        self._transmit()                           # the frames queued behind it go now
+        self._transmit()  # the frames queued behind it go now
 
     def _tx_done(self, ring, head, indices, frame, number, taken_at) -> None:
         """Write DD back where RS asks, move the head past the frame, hand the frame to the peer."""
@@ -499,8 +583,9 @@ class E1000(PciFunction):
         if len(frame) < MIN_FRAME:
             frame = bytes(frame) + bytes(MIN_FRAME - len(frame))
         if len(self.backlog) >= BACKLOG:
-            self._drop("rx_dropped", f"no receive descriptor and the backlog is full ({BACKLOG} frames)",
-                       {"frame": len(frame)})
+            self._drop(
+                "rx_dropped", f"no receive descriptor and the backlog is full ({BACKLOG} frames)", {"frame": len(frame)}
+            )
             self._cause(ICR_RXO, "receiver overrun")
             return
         self.backlog.append(bytes(frame))
@@ -534,17 +619,17 @@ class E1000(PciFunction):
         if not self.backlog or not self.regs[RCTL] & RCTL_EN or ring.error is not None or not self.bus_master:
             return
         if ring.head == ring.tail:
-            return                                 # no descriptors given yet: the frames wait
+            return  # no descriptors given yet: the frames wait
         delivered = False
         try:
             ring.check(self.ram)
             while self.backlog and ring.head != ring.tail:
                 frame = self.backlog[0]
-                why = self._refused(frame)     # filtered as the receiver is set up when it takes the frame
+                why = self._refused(frame)  # filtered as the receiver is set up when it takes the frame
                 if why is None:
                     done = self._rx_frame(ring, frame)
                     if done is None:
-                        break                  # not enough descriptors given yet: it waits
+                        break  # not enough descriptors given yet: it waits
                     delivered |= done
                 else:
                     self._drop("rx_dropped", why, {"frame": len(frame)})
@@ -566,8 +651,12 @@ class E1000(PciFunction):
         needed = -(-total // bufsize)
         if needed > ring.pending():
             if needed >= ring.count:
-                self._drop("rx_dropped", f"a {len(frame)}-byte frame needs {needed} descriptors of {bufsize} bytes, "
-                                         f"more than the ring's {ring.count}", {"frame": len(frame)})
+                self._drop(
+                    "rx_dropped",
+                    f"a {len(frame)}-byte frame needs {needed} descriptors of {bufsize} bytes, "
+                    f"more than the ring's {ring.count}",
+                    {"frame": len(frame)},
+                )
                 self._cause(ICR_RXO, "receiver overrun")
                 return False
             return None
@@ -576,7 +665,7 @@ class E1000(PciFunction):
             at = ring.desc_address(i)
             addr, _length, csum, status, errors, _special = _RX_DESC.unpack(self._read(ring, at, 16))
             piece = min(bufsize, total - offset)
-            data = frame[offset:offset + piece]            # the CRC bytes are counted, not written (QEMU)
+            data = frame[offset : offset + piece]  # the CRC bytes are counted, not written (QEMU)
             try:
                 self.ram.write(addr, data)
             except GuestMemoryError as e:
@@ -590,8 +679,12 @@ class E1000(PciFunction):
         ring.head = i
         self.counters["rx_frames"] += 1
         self.counters["rx_bytes"] += len(frame)
-        self.trace("RX", {"rdh": head, "descriptors": needed, "frame": len(frame), "length": total, "next_rdh": i},
-                   "frame written into the descriptors' buffers; DD|EOP written back", kind="e1000")
+        self.trace(
+            "RX",
+            {"rdh": head, "descriptors": needed, "frame": len(frame), "length": total, "next_rdh": i},
+            "frame written into the descriptors' buffers; DD|EOP written back",
+            kind="e1000",
+        )
         if self.capture is not None:
             self.capture("in", frame)
         return True

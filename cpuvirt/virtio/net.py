@@ -14,6 +14,7 @@ the ring, copies each frame out and hands it to the peer (`Backend.transmit`); f
 notification), as QEMU's net queue does. Frames the device cannot take are dropped and counted;
 broken rings set DEVICE_NEEDS_RESET (transport.py).
 """
+
 from __future__ import annotations
 
 import struct
@@ -25,11 +26,11 @@ F_MAC, F_STATUS, F_MRG_RXBUF, F_CTRL_VQ = 5, 16, 15, 17
 NET_S_LINK_UP = 1
 HDR_LEN = 10
 RX, TX, CTRL = 0, 1, 2
-QUEUE_SIZE = 256                 # QEMU's default rx_queue_size and tx_queue_size
+QUEUE_SIZE = 256  # QEMU's default rx_queue_size and tx_queue_size
 CTRL_QUEUE_SIZE = 64
-MAX_FRAME = 65535 + 14           # what QEMU's virtio-net accepts at most (an IP datagram in Ethernet)
-BACKLOG = 256                    # frames waiting for receive buffers, at most
-DEFAULT_MAC = bytes.fromhex("525400123456")    # QEMU's default NIC address, 52:54:00:12:34:56
+MAX_FRAME = 65535 + 14  # what QEMU's virtio-net accepts at most (an IP datagram in Ethernet)
+BACKLOG = 256  # frames waiting for receive buffers, at most
+DEFAULT_MAC = bytes.fromhex("525400123456")  # QEMU's default NIC address, 52:54:00:12:34:56
 
 
 def parse_mac(text: str) -> bytes:
@@ -53,7 +54,7 @@ def read_net_config(mac: bytes, link_up: bool, offset: int, size: int) -> int:
     """A read of struct virtio_net_config (virtio 5.1.4): the MAC, then the status word (link up);
     bytes past it read 0. Every virtio-net backend's device shares this layout."""
     config = mac + struct.pack("<H", NET_S_LINK_UP if link_up else 0)
-    return int.from_bytes(config[offset:offset + size].ljust(size, b"\0"), "little")
+    return int.from_bytes(config[offset : offset + size].ljust(size, b"\0"), "little")
 
 
 class VirtioNetType(VirtioDevice):
@@ -61,11 +62,11 @@ class VirtioNetType(VirtioDevice):
     module's device model, vhost.py, vhost_user.py): one PCI identity, queue layout and feature set."""
 
     name = "virtio-net"
-    pci_device_id = 0x1000           # transitional virtio-net
-    virtio_id = 1                    # subsystem device ID: network card
-    class_code = 0x020000            # network controller, Ethernet
+    pci_device_id = 0x1000  # transitional virtio-net
+    virtio_id = 1  # subsystem device ID: network card
+    class_code = 0x020000  # network controller, Ethernet
     queue_sizes = (QUEUE_SIZE, QUEUE_SIZE, CTRL_QUEUE_SIZE)
-    nvectors = 4                     # as QEMU's virtio-net-pci: 2 * queue pairs + 2 (config, control)
+    nvectors = 4  # as QEMU's virtio-net-pci: 2 * queue pairs + 2 (config, control)
     feature_names = {F_MAC: "MAC", F_STATUS: "STATUS", F_MRG_RXBUF: "MRG_RXBUF", F_CTRL_VQ: "CTRL_VQ"}
 
     def host_features(self) -> int:
@@ -76,12 +77,20 @@ class VirtioNet(VirtioNetType):
     def __init__(self, mac: bytes = DEFAULT_MAC, backend=None, capture=None, completions=None, now=lambda: 0):
         self.mac = mac
         self.backend = backend
-        self.capture = capture           # callback(direction, frame): the pcap writer
-        self.completions = completions   # completion.TxCompletions (a slow destination), or None
+        self.capture = capture  # callback(direction, frame): the pcap writer
+        self.completions = completions  # completion.TxCompletions (a slow destination), or None
         self.now = now
         self.backlog: list[bytes] = []
-        self.counters = {"tx_frames": 0, "tx_bytes": 0, "rx_frames": 0, "rx_bytes": 0, "tx_dropped": 0,
-                         "rx_dropped": 0, "copies": 0, "interrupts_suppressed": 0}
+        self.counters = {
+            "tx_frames": 0,
+            "tx_bytes": 0,
+            "rx_frames": 0,
+            "rx_bytes": 0,
+            "tx_dropped": 0,
+            "rx_dropped": 0,
+            "copies": 0,
+            "interrupts_suppressed": 0,
+        }
         if backend is not None:
             backend.attach(self.receive)
 
@@ -94,7 +103,7 @@ class VirtioNet(VirtioNetType):
     def reset(self) -> None:
         self.backlog.clear()
         if self.completions is not None:
-            self.completions.forget()    # chains in flight go with the rings
+            self.completions.forget()  # chains in flight go with the rings
 
     def wait_fds(self) -> list:
         return self.backend.wait_fds() if self.backend is not None else []
@@ -136,15 +145,24 @@ class VirtioNet(VirtioNetType):
             if chain is None:
                 break
             data = ring.buffer_read(chain, HDR_LEN + MAX_FRAME + 1)
-            self.counters["copies"] += 1             # the frame out of guest RAM
-            detail = {"queue": TX, "head": chain.head, "descriptors": len(chain.buffers),
-                      "indirect": chain.indirect, "bytes": len(data)}
+            self.counters["copies"] += 1  # the frame out of guest RAM
+            detail = {
+                "queue": TX,
+                "head": chain.head,
+                "descriptors": len(chain.buffers),
+                "indirect": chain.indirect,
+                "bytes": len(data),
+            }
             if self.completions is not None and HDR_LEN + 14 <= len(data) <= HDR_LEN + MAX_FRAME:
                 number, delay = self.completions.take()
-                if delay:                # a slow destination: this chain is returned later, the next ones now
+                if delay:  # a slow destination: this chain is returned later, the next ones now
                     when = self.now()
-                    self.completions.timer.at(when + delay, lambda c=chain, d=data, n=number, w=when, r=ring,
-                                              dt=detail: self._complete_late(r, c, d, n, w, dt))
+                    self.completions.timer.at(
+                        when + delay,
+                        lambda c=chain, d=data, n=number, w=when, r=ring, dt=detail: self._complete_late(
+                            r, c, d, n, w, dt
+                        ),
+                    )
                     continue
                 self.completions.complete(number, chain.head, self.now(), "returned in the used ring")
             ring.push(chain.head, 0)
@@ -166,8 +184,11 @@ class VirtioNet(VirtioNetType):
             return
         self.counters["tx_frames"] += 1
         self.counters["tx_bytes"] += len(frame)
-        self._trace("TX", {**detail, "frame": len(frame), "used_idx": ring.used_idx},
-                    "frame copied out to the peer; descriptor returned in the used ring")
+        self._trace(
+            "TX",
+            {**detail, "frame": len(frame), "used_idx": ring.used_idx},
+            "frame copied out to the peer; descriptor returned in the used ring",
+        )
         if self.capture is not None:
             self.capture("out", frame)
         if self.backend is not None:
@@ -177,7 +198,7 @@ class VirtioNet(VirtioNetType):
         """A slow destination took the frame: its chain goes back now, after later ones (used ring order)."""
         t = self.transport
         if t.queues[TX].ring is not ring or not t.live:
-            return                       # the driver reset the device meanwhile
+            return  # the driver reset the device meanwhile
         self.completions.complete(number, chain.head, taken_at, "returned in the used ring")
         try:
             ring.push(chain.head, 0)
@@ -191,8 +212,11 @@ class VirtioNet(VirtioNetType):
             self.transport.queue_interrupt(queue)
         else:
             self.counters["interrupts_suppressed"] += 1
-            self._trace("INTERRUPT", {"queue": queue, "used_idx": ring.used_idx},
-                        "suppressed by the driver (NO_INTERRUPT or used_event)")
+            self._trace(
+                "INTERRUPT",
+                {"queue": queue, "used_idx": ring.used_idx},
+                "suppressed by the driver (NO_INTERRUPT or used_event)",
+            )
 
     # -- receive ----------------------------------------------------------------------------------------
     def receive(self, frame: bytes) -> None:
@@ -202,8 +226,9 @@ class VirtioNet(VirtioNetType):
             self._drop("rx_dropped", "the driver has not set the device up", {"frame": len(frame)})
             return
         if len(self.backlog) >= BACKLOG:
-            self._drop("rx_dropped", f"no receive buffer and the backlog is full ({BACKLOG} frames)",
-                       {"frame": len(frame)})
+            self._drop(
+                "rx_dropped", f"no receive buffer and the backlog is full ({BACKLOG} frames)", {"frame": len(frame)}
+            )
             return
         self.backlog.append(bytes(frame))
         try:
@@ -228,17 +253,23 @@ class VirtioNet(VirtioNetType):
             if chain.writable < HDR_LEN + len(frame):
                 ring.push(chain.head, 0)
                 delivered += 1
-                self._drop("rx_dropped", f"receive buffers hold {chain.writable} bytes, the frame needs "
-                                         f"{HDR_LEN + len(frame)}", detail)
+                self._drop(
+                    "rx_dropped",
+                    f"receive buffers hold {chain.writable} bytes, the frame needs {HDR_LEN + len(frame)}",
+                    detail,
+                )
                 continue
             written = ring.buffer_write(chain, bytes(HDR_LEN) + frame)
-            self.counters["copies"] += 1                 # the frame into guest RAM
+            self.counters["copies"] += 1  # the frame into guest RAM
             ring.push(chain.head, written)
             delivered += 1
             self.counters["rx_frames"] += 1
             self.counters["rx_bytes"] += len(frame)
-            self._trace("RX", {**detail, "written": written, "used_idx": ring.used_idx},
-                        "frame copied into the posted buffer; used ring updated")
+            self._trace(
+                "RX",
+                {**detail, "written": written, "used_idx": ring.used_idx},
+                "frame copied into the posted buffer; used ring updated",
+            )
             if self.capture is not None:
                 self.capture("in", frame)
         if delivered:

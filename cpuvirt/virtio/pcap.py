@@ -5,6 +5,7 @@ thiszone 0, sigfigs 0, snaplen, link type 1 = Ethernet), then per frame a record
 (seconds, microseconds, captured length, original length) and the bytes. Timestamps are the
 virtual clock, so a capture is byte-identical from run to run.
 """
+
 from __future__ import annotations
 
 import struct

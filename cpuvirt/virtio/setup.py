@@ -1,4 +1,5 @@
 """`--device` specifications and putting the devices on a machine's PCI bus (QEMU's `-device` order)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -24,9 +25,9 @@ class DeviceSpec:
     mac: bytes | None = None
     peer: str = "loopback"
     backend: str = "userspace"
-    socket: str | None = None          # vhost-user: a backend already listening there (else one is started)
-    cachelines: bool = False           # measurement mode: the cache-line model of the rings (cacheline.py)
-    slow: SlowDestination | None = None    # every N-th frame K virtual us late (completion.py)
+    socket: str | None = None  # vhost-user: a backend already listening there (else one is started)
+    cachelines: bool = False  # measurement mode: the cache-line model of the rings (cacheline.py)
+    slow: SlowDestination | None = None  # every N-th frame K virtual us late (completion.py)
 
     def as_dict(self) -> dict:
         d: dict[str, object] = {"device": self.kind, "peer": self.peer}
@@ -78,22 +79,30 @@ def parse_device(text: str) -> DeviceSpec:
             except ValueError as e:
                 raise CpuvirtError(f"--device {text}: {e}") from None
         else:
-            raise CpuvirtError(f"--device {text}: unknown option {key!r} (known: mac, peer, backend, socket, "
-                               "cachelines, slow)")
+            raise CpuvirtError(
+                f"--device {text}: unknown option {key!r} (known: mac, peer, backend, socket, cachelines, slow)"
+            )
     if backend == "vhost-user" and peer.startswith("unix:"):
-        raise CpuvirtError(f"--device {text}: a vhost-user NIC joins a switch through its vhost-user port "
-                           "(socket=PATH), not peer=unix:")
+        raise CpuvirtError(
+            f"--device {text}: a vhost-user NIC joins a switch through its vhost-user port "
+            "(socket=PATH), not peer=unix:"
+        )
     if socket is not None and backend != "vhost-user":
         raise CpuvirtError(f"--device {text}: socket= is for backend=vhost-user")
     if cachelines and socket is not None:
-        raise CpuvirtError(f"--device {text}: cachelines=on needs the ring accesses of a backend cpuvirt starts "
-                           "itself (it reports them); one listening on socket= cannot be observed")
+        raise CpuvirtError(
+            f"--device {text}: cachelines=on needs the ring accesses of a backend cpuvirt starts "
+            "itself (it reports them); one listening on socket= cannot be observed"
+        )
     if kind == "e1000" and (backend != "userspace" or socket is not None or cachelines):
-        raise CpuvirtError(f"--device {text}: the e1000 has no virtio backends or virtqueues (backend=, socket=, "
-                           "cachelines= are for virtio-net)")
+        raise CpuvirtError(
+            f"--device {text}: the e1000 has no virtio backends or virtqueues (backend=, socket=, "
+            "cachelines= are for virtio-net)"
+        )
     if kind == "e1000" and peer.startswith("unix:"):
-        raise CpuvirtError(f"--device {text}: the e1000 joins the loopback or user peer; switch ports (unix:) "
-                           "are for virtio-net")
+        raise CpuvirtError(
+            f"--device {text}: the e1000 joins the loopback or user peer; switch ports (unix:) are for virtio-net"
+        )
     if slow is not None and backend != "userspace":
         raise CpuvirtError(f"--device {text}: slow= is modelled by the userspace device model only")
     return DeviceSpec(kind, mac, peer, backend, socket, cachelines, slow)
@@ -115,8 +124,10 @@ def attach_devices(machine, specs, trace=None, pcap_path: str | None = None):
             raise CpuvirtError(f"--pcap {pcap_path}: {e.strerror}") from None
     if pcap is not None and any(spec.backend == "vhost-user" for spec in specs):
         pcap.close()
-        raise CpuvirtError("--pcap: frames of a vhost-user NIC never pass through cpuvirt; capture them on the "
-                           "backend (cpuvirt vswitch --pcap)")
+        raise CpuvirtError(
+            "--pcap: frames of a vhost-user NIC never pass through cpuvirt; capture them on the "
+            "backend (cpuvirt vswitch --pcap)"
+        )
     transports: list[VirtioPciLegacy | E1000] = []
     try:
         _attach(machine, specs, trace, pcap, transports)
@@ -158,13 +169,14 @@ def _attach(machine, specs, trace, pcap, transports) -> None:
             else:
                 device = VirtioNet(mac, peer, capture, completions, lambda: machine.clock.now)
         transport = VirtioPciLegacy(device, ram, trace)
-        if spec.cachelines:                      # measurement mode: who moves which ring line
+        if spec.cachelines:  # measurement mode: who moves which ring line
             from cpuvirt.virtio.cacheline import CacheLineModel
+
             model = transport.cachelines = CacheLineModel(transport.counters)
             model.watch_cpu(machine.uc)
             transport.ram = model.device_ram(ram)
-            if isinstance(device, (VhostNet, VhostUserNet)):   # the device side is in a worker / process
+            if isinstance(device, (VhostNet, VhostUserNet)):  # the device side is in a worker / process
                 device.cachelines = model
         machine.pci.add(transport)
-        machine.external.append(device)         # a halted vCPU waits on its sockets (Machine.wait_external)
+        machine.external.append(device)  # a halted vCPU waits on its sockets (Machine.wait_external)
         transports.append(transport)

@@ -18,6 +18,7 @@ vectors are accepted only after ACKNOWLEDGE | DRIVER and before DRIVER_OK. Break
 ring, sets DEVICE_NEEDS_RESET (64) and raises a configuration-change interrupt; the device then does
 nothing until the driver writes status 0. Every step and every error is reported to `trace`.
 """
+
 from __future__ import annotations
 
 import struct
@@ -44,15 +45,21 @@ F_NOTIFY_ON_EMPTY, F_ANY_LAYOUT, F_INDIRECT_DESC, F_EVENT_IDX, F_BAD_FEATURE = 2
 
 VIRTIO_VENDOR = 0x1AF4
 IO_BAR_SIZE = 32
-ROM_SIZE = 0x40000               # QEMU's virtio-net option ROM (iPXE) BAR: sized, assigned, not decoded here
+ROM_SIZE = 0x40000  # QEMU's virtio-net option ROM (iPXE) BAR: sized, assigned, not decoded here
 MSIX_BAR_SIZE = 4096
 MSIX_PBA_OFFSET = 0x800
 MSIX_CAP = 0x40
 MSIX_ENABLE, MSIX_FUNCTION_MASK = 0x8000, 0x4000
 MSIX_VECTOR_MASKED = 1
 
-_STATUS_NAMES = ((ACKNOWLEDGE, "ACKNOWLEDGE"), (DRIVER, "DRIVER"), (FEATURES_OK, "FEATURES_OK"),
-                 (DRIVER_OK, "DRIVER_OK"), (DEVICE_NEEDS_RESET, "DEVICE_NEEDS_RESET"), (FAILED, "FAILED"))
+_STATUS_NAMES = (
+    (ACKNOWLEDGE, "ACKNOWLEDGE"),
+    (DRIVER, "DRIVER"),
+    (FEATURES_OK, "FEATURES_OK"),
+    (DRIVER_OK, "DRIVER_OK"),
+    (DEVICE_NEEDS_RESET, "DEVICE_NEEDS_RESET"),
+    (FAILED, "FAILED"),
+)
 
 
 def status_text(status: int) -> str:
@@ -92,17 +99,17 @@ class _MsixRegion:
     def read(self, offset: int, size: int) -> int:
         t = self.t
         if offset < 16 * t.nvectors:
-            return int.from_bytes(t.msix_table[offset:offset + size], "little")
+            return int.from_bytes(t.msix_table[offset : offset + size], "little")
         if MSIX_PBA_OFFSET <= offset < MSIX_PBA_OFFSET + 8:
             pba = t.msix_pending.to_bytes(8, "little")
             at = offset - MSIX_PBA_OFFSET
-            return int.from_bytes(pba[at:at + size], "little")
+            return int.from_bytes(pba[at : at + size], "little")
         return 0
 
     def write(self, offset: int, size: int, value: int) -> None:
         t = self.t
         if offset < 16 * t.nvectors:
-            t.msix_table[offset:offset + size] = (value & ((1 << 8 * size) - 1)).to_bytes(size, "little")
+            t.msix_table[offset : offset + size] = (value & ((1 << 8 * size) - 1)).to_bytes(size, "little")
             t.msix_unmasked(offset // 16)
 
 
@@ -110,7 +117,7 @@ class DeviceTransport(Protocol):
     """What a device's data path calls on the transport it is plugged into: VirtioPciLegacy here, or
     the worker side of a vhost / vhost-user backend (vhost.py, vhost_user_backend.py)."""
 
-    queues: list[Any]               # by queue index, each with its `ring` (a SplitQueue once set up)
+    queues: list[Any]  # by queue index, each with its `ring` (a SplitQueue once set up)
 
     @property
     def live(self) -> bool: ...
@@ -122,7 +129,7 @@ class DeviceTransport(Protocol):
 class VirtioDevice:
     """What a virtio device type gives the transport (virtio-net: net.py)."""
 
-    transport: DeviceTransport      # set by the transport when the device is plugged in
+    transport: DeviceTransport  # set by the transport when the device is plugged in
 
     name = "virtio"
     pci_device_id = 0
@@ -133,8 +140,10 @@ class VirtioDevice:
 
     def host_features(self) -> int:
         raise NotImplementedError
+
     def read_config(self, offset: int, size: int) -> int:
         raise NotImplementedError
+
     def write_config(self, offset: int, size: int, value: int) -> None: ...
     def notify(self, queue: int) -> None: ...
     def reset(self) -> None: ...
@@ -145,8 +154,15 @@ class VirtioPciLegacy(PciFunction):
     """A legacy virtio PCI function carrying one `VirtioDevice`."""
 
     def __init__(self, device: VirtioDevice, ram: GuestRam, trace=None):
-        super().__init__(device.name, VIRTIO_VENDOR, device.pci_device_id, device.class_code,
-                         subsystem_vendor=VIRTIO_VENDOR, subsystem=device.virtio_id, int_pin=1)
+        super().__init__(
+            device.name,
+            VIRTIO_VENDOR,
+            device.pci_device_id,
+            device.class_code,
+            subsystem_vendor=VIRTIO_VENDOR,
+            subsystem=device.virtio_id,
+            int_pin=1,
+        )
         self.device = device
         self.ram = ram
         self.trace = trace or (lambda reason, detail, action: None)
@@ -158,12 +174,12 @@ class VirtioPciLegacy(PciFunction):
         # MSI-X capability (PCI 3.0 6.8.2): message control (table size - 1), table BIR 1 offset 0,
         # PBA BIR 1 offset 0x800. Only the enable and function-mask bits are writable.
         body = struct.pack("<HII", self.nvectors - 1, 1, MSIX_PBA_OFFSET | 1)
-        self.add_capability(CAP_ID_MSIX, body, b"\x00\xC0" + bytes(8), MSIX_CAP)
+        self.add_capability(CAP_ID_MSIX, body, b"\x00\xc0" + bytes(8), MSIX_CAP)
         self.msix_table = bytearray(16 * self.nvectors)
         for v in range(self.nvectors):
             self.msix_table[16 * v + 12] = MSIX_VECTOR_MASKED
         self.msix_pending = 0
-        self.cachelines: CacheLineModel | None = None    # in the measurement mode
+        self.cachelines: CacheLineModel | None = None  # in the measurement mode
         self.counters = {"notifications": 0, "interrupts": 0, "needs_reset": 0, "ignored_notifications": 0}
         self._reset_state()
 
@@ -194,10 +210,13 @@ class VirtioPciLegacy(PciFunction):
         self.counters["needs_reset"] += 1
         self.device_status |= DEVICE_NEEDS_RESET
         stop = getattr(self.device, "stop", None)
-        if stop is not None:                   # a vhost backend gives the rings back
+        if stop is not None:  # a vhost backend gives the rings back
             stop()
-        self.trace("DEVICE_NEEDS_RESET", {"device": self.name, "why": why},
-                   "device stopped until the driver resets it (status 0)")
+        self.trace(
+            "DEVICE_NEEDS_RESET",
+            {"device": self.name, "why": why},
+            "device stopped until the driver resets it (status 0)",
+        )
         self._interrupt(ISR_CONFIG, self.config_vector)
 
     @property
@@ -224,10 +243,13 @@ class VirtioPciLegacy(PciFunction):
             value = self.device_status
         elif offset == ISR:
             value = self.isr
-            self.isr = 0                       # read-to-clear, and the INTx line falls (spec 4.1.4.5)
+            self.isr = 0  # read-to-clear, and the INTx line falls (spec 4.1.4.5)
             self.set_intx(False)
-            self.trace("ISR_READ", {"device": self.name, "isr": value},
-                       "ISR cleared, INTx deasserted" if value else "nothing pending")
+            self.trace(
+                "ISR_READ",
+                {"device": self.name, "isr": value},
+                "ISR cleared, INTx deasserted" if value else "nothing pending",
+            )
         elif offset == MSI_CONFIG_VECTOR and self.msix_enabled:
             value = self.config_vector
         elif offset == MSI_QUEUE_VECTOR and self.msix_enabled:
@@ -247,9 +269,14 @@ class VirtioPciLegacy(PciFunction):
             self._notify(value & 0xFFFF)
         elif offset == QUEUE_SEL:
             self.queue_sel = value & 0xFFFF
-            self.trace("QUEUE_SELECT", {"queue": self.queue_sel,
-                                        "size": self.queues[self.queue_sel].size if self.queue(self.queue_sel) else 0},
-                       "selected" if self.queue(self.queue_sel) else "no such queue: its size reads 0")
+            self.trace(
+                "QUEUE_SELECT",
+                {
+                    "queue": self.queue_sel,
+                    "size": self.queues[self.queue_sel].size if self.queue(self.queue_sel) else 0,
+                },
+                "selected" if self.queue(self.queue_sel) else "no such queue: its size reads 0",
+            )
         elif offset == GUEST_FEATURES:
             self._write_features(value & 0xFFFFFFFF)
         elif offset == QUEUE_PFN:
@@ -261,8 +288,11 @@ class VirtioPciLegacy(PciFunction):
             q = self.queue(self.queue_sel)
             if q is not None:
                 q.vector = self._vector(value & 0xFFFF)
-                self.trace("QUEUE_VECTOR", {"queue": q.index, "vector": q.vector},
-                           "set" if q.vector != NO_VECTOR else "no vector: this queue does not interrupt")
+                self.trace(
+                    "QUEUE_VECTOR",
+                    {"queue": q.index, "vector": q.vector},
+                    "set" if q.vector != NO_VECTOR else "no vector: this queue does not interrupt",
+                )
         # writes to read-only registers (features, size, ISR) are ignored
 
     def _vector(self, value: int) -> int:
@@ -275,16 +305,19 @@ class VirtioPciLegacy(PciFunction):
         if st & DEVICE_NEEDS_RESET:
             return False
         if not st & ACKNOWLEDGE or not st & DRIVER or st & DRIVER_OK:
-            self.broken(f"{what} written with status {status_text(st)}: allowed only after "
-                        "ACKNOWLEDGE|DRIVER and before DRIVER_OK")
+            self.broken(
+                f"{what} written with status {status_text(st)}: allowed only after "
+                "ACKNOWLEDGE|DRIVER and before DRIVER_OK"
+            )
             return False
         return True
 
     def _write_status(self, value: int) -> None:
         old = self.device_status
         if value == 0:
-            self.trace("STATUS", {"device": self.name, "status": "0 (reset)"},
-                       "device reset: queues and features cleared")
+            self.trace(
+                "STATUS", {"device": self.name, "status": "0 (reset)"}, "device reset: queues and features cleared"
+            )
             self.device.reset()
             self._reset_state()
             return
@@ -305,8 +338,12 @@ class VirtioPciLegacy(PciFunction):
             self.broken(f"status bits cleared without a reset ({status_text(old)} -> {status_text(value)})")
             return
         self.device_status = value
-        action = {ACKNOWLEDGE: "the driver has seen the device", DRIVER: "the driver knows how to drive it",
-                  DRIVER_OK: "the driver is ready: the device is live", FAILED: "the driver gave up"}
+        action = {
+            ACKNOWLEDGE: "the driver has seen the device",
+            DRIVER: "the driver knows how to drive it",
+            DRIVER_OK: "the driver is ready: the device is live",
+            FAILED: "the driver gave up",
+        }
         said = [a for b, a in action.items() if step & b]
         self.trace("STATUS", {"device": self.name, "status": status_text(value)}, "; ".join(said) or "no change")
         if step & DRIVER_OK:
@@ -320,9 +357,15 @@ class VirtioPciLegacy(PciFunction):
             self.broken(f"driver features {value:#x} include bits the device did not offer ({value & ~offered:#x})")
             return
         self.guest_features = value
-        self.trace("FEATURES", {"offered": f"{offered:#x}", "accepted": f"{value:#x}",
-                                "names": feature_names(value, getattr(self.device, "feature_names", {}))},
-                   "negotiated")
+        self.trace(
+            "FEATURES",
+            {
+                "offered": f"{offered:#x}",
+                "accepted": f"{value:#x}",
+                "names": feature_names(value, getattr(self.device, "feature_names", {})),
+            },
+            "negotiated",
+        )
 
     def _write_pfn(self, pfn: int) -> None:
         q = self.queue(self.queue_sel)
@@ -336,18 +379,28 @@ class VirtioPciLegacy(PciFunction):
         if not self._setting_up(f"queue {q.index} PFN"):
             return
         try:
-            ring = SplitQueue.legacy(self.ram, q.size, pfn, event_idx=self.has(F_EVENT_IDX),
-                                     indirect=self.has(F_INDIRECT_DESC))
+            ring = SplitQueue.legacy(
+                self.ram, q.size, pfn, event_idx=self.has(F_EVENT_IDX), indirect=self.has(F_INDIRECT_DESC)
+            )
         except RingError as e:
             self.broken(f"queue {q.index} PFN {pfn:#x}: {e}")
             return
         q.pfn, q.ring = pfn, ring
         if self.cachelines is not None:
             self.cachelines.add_ring(ring.desc, ring.used + 6 + 8 * q.size)
-        self.trace("QUEUE_PFN", {"queue": q.index, "pfn": f"{pfn:#x}", "size": q.size,
-                                 "desc": f"{ring.desc:#x}", "avail": f"{ring.avail:#x}", "used": f"{ring.used:#x}",
-                                 "bytes": legacy_bytes(q.size)},
-                   "ring set up: descriptor table, available ring, used ring")
+        self.trace(
+            "QUEUE_PFN",
+            {
+                "queue": q.index,
+                "pfn": f"{pfn:#x}",
+                "size": q.size,
+                "desc": f"{ring.desc:#x}",
+                "avail": f"{ring.avail:#x}",
+                "used": f"{ring.used:#x}",
+                "bytes": legacy_bytes(q.size),
+            },
+            "ring set up: descriptor table, available ring, used ring",
+        )
 
     def _notify(self, index: int) -> None:
         self.counters["notifications"] += 1
@@ -365,8 +418,11 @@ class VirtioPciLegacy(PciFunction):
             self.counters["ignored_notifications"] += 1
             self.trace("NOTIFY", {"queue": index}, f"ignored: {why}")
             return
-        self.trace("NOTIFY", {"queue": index, "avail_idx": q.ring.avail_idx(), "last_avail": q.ring.last_avail},
-                   "the device walks the available ring")
+        self.trace(
+            "NOTIFY",
+            {"queue": index, "avail_idx": q.ring.avail_idx(), "last_avail": q.ring.last_avail},
+            "the device walks the available ring",
+        )
         self.device.notify(index)
 
     # -- interrupts ------------------------------------------------------------------------------------
@@ -394,11 +450,14 @@ class VirtioPciLegacy(PciFunction):
             return
         self.isr |= isr_bit
         self.set_intx(True)
-        self.trace("INTERRUPT", {**what, "via": "INTx", "isr": self.isr, "irq": self.config[0x3C]},
-                   "INTx asserted (level) until the driver reads the ISR")
+        self.trace(
+            "INTERRUPT",
+            {**what, "via": "INTx", "isr": self.isr, "irq": self.config[0x3C]},
+            "INTx asserted (level) until the driver reads the ISR",
+        )
 
     def _msix_send(self, vector: int, what: dict) -> None:
-        entry = self.msix_table[16 * vector:16 * vector + 16]
+        entry = self.msix_table[16 * vector : 16 * vector + 16]
         addr_lo, addr_hi, data, control = struct.unpack("<IIII", entry)
         masked = control & MSIX_VECTOR_MASKED or self.config[MSIX_CAP + 3] & (MSIX_FUNCTION_MASK >> 8)
         if masked:
@@ -407,10 +466,13 @@ class VirtioPciLegacy(PciFunction):
             return
         self.msix_pending &= ~(1 << vector)
         delivered = self.bus.platform.send_msi(addr_lo | addr_hi << 32, data) if self.bus else False
-        self.trace("INTERRUPT", {**what, "via": "MSI-X", "vector": vector, "address": f"{addr_lo:#x}",
-                                 "data": f"{data:#x}"},
-                   f"message to the local APIC: CPU vector {data & 0xFF:#x}" if delivered
-                   else "message went nowhere (not an APIC address or destination)")
+        self.trace(
+            "INTERRUPT",
+            {**what, "via": "MSI-X", "vector": vector, "address": f"{addr_lo:#x}", "data": f"{data:#x}"},
+            f"message to the local APIC: CPU vector {data & 0xFF:#x}"
+            if delivered
+            else "message went nowhere (not an APIC address or destination)",
+        )
 
     def msix_unmasked(self, vector: int) -> None:
         """A table write: if the vector is now unmasked with its bit pending, send it (PCI 3.0 6.8.2.9)."""
@@ -422,7 +484,7 @@ class VirtioPciLegacy(PciFunction):
     def update_mappings(self) -> None:
         super().update_mappings()
         moved = getattr(getattr(self, "device", None), "bars_moved", None)
-        if moved is not None:                  # registered notifiers follow BAR0
+        if moved is not None:  # registered notifiers follow BAR0
             moved()
 
     def write_config(self, offset: int, size: int, value: int) -> None:
@@ -430,13 +492,23 @@ class VirtioPciLegacy(PciFunction):
         super().write_config(offset, size, value)
         if was != self.msix_enabled:
             if self.msix_enabled:
-                self.set_intx(False)            # MSI-X replaces INTx (PCI 3.0 6.8.2)
-            self.trace("MSIX", {"device": self.name, "enabled": self.msix_enabled},
-                       "MSI-X on: registers 20/22 are the vectors, config moves to 24" if self.msix_enabled
-                       else "MSI-X off: INTx, config at 20")
+                self.set_intx(False)  # MSI-X replaces INTx (PCI 3.0 6.8.2)
+            self.trace(
+                "MSIX",
+                {"device": self.name, "enabled": self.msix_enabled},
+                "MSI-X on: registers 20/22 are the vectors, config moves to 24"
+                if self.msix_enabled
+                else "MSI-X off: INTx, config at 20",
+            )
 
 
 def feature_names(bits: int, names: dict) -> str:
-    table = {F_NOTIFY_ON_EMPTY: "NOTIFY_ON_EMPTY", F_ANY_LAYOUT: "ANY_LAYOUT", F_INDIRECT_DESC: "INDIRECT_DESC",
-             F_EVENT_IDX: "EVENT_IDX", F_BAD_FEATURE: "BAD_FEATURE", **names}
+    table = {
+        F_NOTIFY_ON_EMPTY: "NOTIFY_ON_EMPTY",
+        F_ANY_LAYOUT: "ANY_LAYOUT",
+        F_INDIRECT_DESC: "INDIRECT_DESC",
+        F_EVENT_IDX: "EVENT_IDX",
+        F_BAD_FEATURE: "BAD_FEATURE",
+        **names,
+    }
     return ",".join(table.get(b, str(b)) for b in range(32) if bits >> b & 1) or "none"

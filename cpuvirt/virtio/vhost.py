@@ -17,6 +17,7 @@ stay deterministic. A ring error goes back through the error channel (vhost's SE
 device model marks DEVICE_NEEDS_RESET. A driver reset (status 0) or a broken device stops the worker
 and removes the notifiers; the device model takes the notify register back.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -33,31 +34,34 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class MemRegion:
     """One guest-physical range and the host memory behind it (vhost_memory_region)."""
+
     gpa: int
     size: int
-    host: memoryview        # a writable buffer: the host's view of these bytes
+    host: memoryview  # a writable buffer: the host's view of these bytes
 
 
 @dataclass(frozen=True)
 class Vring:
     """What SET_VRING_NUM/ADDR/BASE carry for one queue (guest-physical here: no IOMMU)."""
+
     index: int
     num: int
     desc: int
     avail: int
     used: int
-    base: int               # the available index to start from (last_avail)
+    base: int  # the available index to start from (last_avail)
 
 
 @dataclass
 class VhostSetup:
     """The four things the device model hands the backend at DRIVER_OK, and nothing else."""
+
     mem: list
     vrings: list
-    call: dict = field(default_factory=dict)      # queue -> injector()
-    kick: dict = field(default_factory=dict)      # queue -> (port, size, value)
+    call: dict = field(default_factory=dict)  # queue -> injector()
+    kick: dict = field(default_factory=dict)  # queue -> (port, size, value)
     features: int = 0
-    error: Callable[[str], None] | None = None   # error channel: error(why)
+    error: Callable[[str], None] | None = None  # error channel: error(why)
 
 
 class MemoryTable:
@@ -78,11 +82,11 @@ class MemoryTable:
 
     def read(self, gpa: int, n: int) -> bytes:
         r, off = self._find(gpa, n)
-        return bytes(r.host[off:off + n])
+        return bytes(r.host[off : off + n])
 
     def write(self, gpa: int, data: bytes) -> None:
         r, off = self._find(gpa, len(data))
-        r.host[off:off + len(data)] = data
+        r.host[off : off + len(data)] = data
         if self.dirty is not None:
             self.dirty(gpa, len(data))
 
@@ -131,8 +135,15 @@ class VhostWorker:
 
     @staticmethod
     def _ring(mem: GuestRam, v: Vring, features: int) -> SplitQueue:
-        ring = SplitQueue(mem, v.num, v.desc, v.avail, v.used, event_idx=bool(features >> F_EVENT_IDX & 1),
-                          indirect=bool(features >> F_INDIRECT_DESC & 1))
+        ring = SplitQueue(
+            mem,
+            v.num,
+            v.desc,
+            v.avail,
+            v.used,
+            event_idx=bool(features >> F_EVENT_IDX & 1),
+            indirect=bool(features >> F_INDIRECT_DESC & 1),
+        )
         ring.last_avail = ring.used_idx = ring.signalled_used = v.base
         return ring
 
@@ -147,16 +158,25 @@ class VhostNet(VirtioNetType):
     configuration space and the set-up; after DRIVER_OK it never sees a kick or a frame."""
 
     backend_name = "vhost"
-    transport: VirtioPciLegacy          # its registers and set-up stay with the guest-side transport
+    transport: VirtioPciLegacy  # its registers and set-up stay with the guest-side transport
 
     def __init__(self, mac: bytes, peer, capture, machine):
         self.mac, self.peer, self.capture, self.machine = mac, peer, capture, machine
         self.worker: VhostWorker | None = None
         self.registered: list = []
         self.link_up = True
-        self.cachelines: CacheLineModel | None = None    # the worker's accesses are the device side's
-        self._base = {"tx_frames": 0, "tx_bytes": 0, "rx_frames": 0, "rx_bytes": 0, "tx_dropped": 0,
-                      "rx_dropped": 0, "copies": 0, "interrupts_suppressed": 0, "notifications": 0}
+        self.cachelines: CacheLineModel | None = None  # the worker's accesses are the device side's
+        self._base = {
+            "tx_frames": 0,
+            "tx_bytes": 0,
+            "rx_frames": 0,
+            "rx_bytes": 0,
+            "tx_dropped": 0,
+            "rx_dropped": 0,
+            "copies": 0,
+            "interrupts_suppressed": 0,
+            "notifications": 0,
+        }
 
     @property
     def counters(self) -> dict:
@@ -182,20 +202,30 @@ class VhostNet(VirtioNetType):
         t = self.transport
         port = t.bars[0].mapped
         setup = VhostSetup(
-            mem=[MemRegion(0, self.machine.mem_bytes, self.machine.ram.view[:self.machine.mem_bytes])],
-            vrings=[Vring(q.index, q.size, q.ring.desc, q.ring.avail, q.ring.used, 0)
-                    for q in t.queues[:2] if q.ring is not None],
+            mem=[MemRegion(0, self.machine.mem_bytes, self.machine.ram.view[: self.machine.mem_bytes])],
+            vrings=[
+                Vring(q.index, q.size, q.ring.desc, q.ring.avail, q.ring.used, 0)
+                for q in t.queues[:2]
+                if q.ring is not None
+            ],
             call={q: (lambda q=q: t.queue_interrupt(q, path="irqfd")) for q in (RX, TX)},
-            kick={q.index: (port + QUEUE_NOTIFY, 2, q.index) for q in t.queues[:2]
-                  if q.ring is not None and port is not None},
-            features=t.guest_features, error=self._error)
+            kick={
+                q.index: (port + QUEUE_NOTIFY, 2, q.index)
+                for q in t.queues[:2]
+                if q.ring is not None and port is not None
+            },
+            features=t.guest_features,
+            error=self._error,
+        )
         self.start(setup)
 
     def start(self, setup: VhostSetup) -> None:
         t = self.transport
-        mem = MemoryTable(setup.mem, self.machine.dma_refusal,
-                          lambda gpa, n: self.machine.mmu.traces.frames and
-                          self.machine.mmu.traces.hv_wrote(gpa, gpa, n)).guest_ram()
+        mem = MemoryTable(
+            setup.mem,
+            self.machine.dma_refusal,
+            lambda gpa, n: self.machine.mmu.traces.frames and self.machine.mmu.traces.hv_wrote(gpa, gpa, n),
+        ).guest_ram()
         if self.cachelines is not None:
             mem = self.cachelines.device_ram(mem)
         try:
@@ -206,27 +236,39 @@ class VhostNet(VirtioNetType):
         for q, (port, size, value) in setup.kick.items():
             self.machine.bus.add_ioeventfd(port, size, value, lambda q=q: self._kicked(q))
             self.registered.append((port, size, value))
-        t.trace("VHOST_SETUP", {"regions": [f"{r.gpa:#x}+{r.size:#x}" for r in setup.mem],
-                                "vrings": [f"{v.index}:num={v.num},desc={v.desc:#x},avail={v.avail:#x},"
-                                           f"used={v.used:#x},base={v.base}" for v in setup.vrings],
-                                "kick": [f"{q}:port={p:#x},size={s},value={v}" for q, (p, s, v) in setup.kick.items()],
-                                "call": sorted(setup.call)},
-                "memory table, ring addresses, ioeventfds and irqfds handed to the vhost worker")
+        t.trace(
+            "VHOST_SETUP",
+            {
+                "regions": [f"{r.gpa:#x}+{r.size:#x}" for r in setup.mem],
+                "vrings": [
+                    f"{v.index}:num={v.num},desc={v.desc:#x},avail={v.avail:#x},used={v.used:#x},base={v.base}"
+                    for v in setup.vrings
+                ],
+                "kick": [f"{q}:port={p:#x},size={s},value={v}" for q, (p, s, v) in setup.kick.items()],
+                "call": sorted(setup.call),
+            },
+            "memory table, ring addresses, ioeventfds and irqfds handed to the vhost worker",
+        )
 
     def _kicked(self, queue: int) -> None:
         """The ioeventfd matched: the worker runs; the device model's register block is not involved."""
         t = self.transport
         if not t.bus_master:
             t.counters["ignored_notifications"] += 1
-            t.trace("NOTIFY", {"queue": queue, "via": "ioeventfd"}, "ignored: bus mastering is off in the PCI "
-                    "command register: the device may not touch memory")
+            t.trace(
+                "NOTIFY",
+                {"queue": queue, "via": "ioeventfd"},
+                "ignored: bus mastering is off in the PCI command register: the device may not touch memory",
+            )
             return
         worker = self.worker
-        assert worker is not None                # its ioeventfds are registered once the worker runs
+        assert worker is not None  # its ioeventfds are registered once the worker runs
         ring = worker.side.queues[queue].ring
-        t.trace("NOTIFY", {"queue": queue, "via": "ioeventfd",
-                           "avail_idx": ring.avail_idx() if ring and worker.side.live else None},
-                "kick matched a registered ioeventfd: the vhost worker walks the ring")
+        t.trace(
+            "NOTIFY",
+            {"queue": queue, "via": "ioeventfd", "avail_idx": ring.avail_idx() if ring and worker.side.live else None},
+            "kick matched a registered ioeventfd: the vhost worker walks the ring",
+        )
         worker.kick(queue)
 
     def _error(self, why: str) -> None:

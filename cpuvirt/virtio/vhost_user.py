@@ -22,6 +22,7 @@ not deterministic; the trace says which mode was negotiated).
 The backend dying (EOF, reset, a broken pipe) turns the link down: net config STATUS loses
 LINK_UP, a configuration interrupt tells the driver, and later kicks are ignored and counted.
 """
+
 from __future__ import annotations
 
 import json
@@ -49,24 +50,48 @@ SET_VRING_NUM, SET_VRING_ADDR, SET_VRING_BASE, GET_VRING_BASE = 8, 9, 10, 11
 SET_VRING_KICK, SET_VRING_CALL, SET_VRING_ERR = 12, 13, 14
 GET_PROTOCOL_FEATURES, SET_PROTOCOL_FEATURES, GET_QUEUE_NUM, SET_VRING_ENABLE = 15, 16, 17, 18
 VRING_KICK = 35
-REQUEST_NAMES = {v: k for k, v in dict(
-    GET_FEATURES=1, SET_FEATURES=2, SET_OWNER=3, RESET_OWNER=4, SET_MEM_TABLE=5, SET_LOG_BASE=6, SET_LOG_FD=7,
-    SET_VRING_NUM=8, SET_VRING_ADDR=9, SET_VRING_BASE=10, GET_VRING_BASE=11, SET_VRING_KICK=12,
-    SET_VRING_CALL=13, SET_VRING_ERR=14, GET_PROTOCOL_FEATURES=15, SET_PROTOCOL_FEATURES=16, GET_QUEUE_NUM=17,
-    SET_VRING_ENABLE=18, SEND_RARP=19, NET_SET_MTU=20, SET_BACKEND_REQ_FD=21, GET_MAX_MEM_SLOTS=36,
-    GET_STATUS=40, SET_STATUS=39, VRING_KICK=35).items()}
+REQUEST_NAMES = {
+    v: k
+    for k, v in dict(
+        GET_FEATURES=1,
+        SET_FEATURES=2,
+        SET_OWNER=3,
+        RESET_OWNER=4,
+        SET_MEM_TABLE=5,
+        SET_LOG_BASE=6,
+        SET_LOG_FD=7,
+        SET_VRING_NUM=8,
+        SET_VRING_ADDR=9,
+        SET_VRING_BASE=10,
+        GET_VRING_BASE=11,
+        SET_VRING_KICK=12,
+        SET_VRING_CALL=13,
+        SET_VRING_ERR=14,
+        GET_PROTOCOL_FEATURES=15,
+        SET_PROTOCOL_FEATURES=16,
+        GET_QUEUE_NUM=17,
+        SET_VRING_ENABLE=18,
+        SEND_RARP=19,
+        NET_SET_MTU=20,
+        SET_BACKEND_REQ_FD=21,
+        GET_MAX_MEM_SLOTS=36,
+        GET_STATUS=40,
+        SET_STATUS=39,
+        VRING_KICK=35,
+    ).items()
+}
 
 VERSION, FLAG_REPLY, FLAG_NEED_REPLY = 0x1, 0x4, 0x8
-F_PROTOCOL_FEATURES = 30                  # VHOST_USER_F_PROTOCOL_FEATURES (a virtio feature bit)
+F_PROTOCOL_FEATURES = 30  # VHOST_USER_F_PROTOCOL_FEATURES (a virtio feature bit)
 PROTOCOL_F_MQ, PROTOCOL_F_REPLY_ACK, PROTOCOL_F_INBAND_NOTIFICATIONS = 0, 3, 14
-VRING_NOFD = 1 << 8                       # in KICK/CALL/ERR payloads: no fd accompanies the message
-MAX_PAYLOAD = 4096                        # larger than any message this code accepts
-MAX_FDS = 8                               # VHOST_MEMORY_BASELINE_NREGIONS
+VRING_NOFD = 1 << 8  # in KICK/CALL/ERR payloads: no fd accompanies the message
+MAX_PAYLOAD = 4096  # larger than any message this code accepts
+MAX_FDS = 8  # VHOST_MEMORY_BASELINE_NREGIONS
 HEADER = struct.Struct("<III")
 U64 = struct.Struct("<Q")
-STATE = struct.Struct("<II")              # vhost_vring_state: index, num
-ADDR = struct.Struct("<IIQQQQ")           # vhost_vring_addr: index, flags, desc, used, avail, log
-REGION = struct.Struct("<QQQQ")           # guest_addr, size, user_addr, mmap_offset
+STATE = struct.Struct("<II")  # vhost_vring_state: index, num
+ADDR = struct.Struct("<IIQQQQ")  # vhost_vring_addr: index, flags, desc, used, avail, log
+REGION = struct.Struct("<QQQQ")  # guest_addr, size, user_addr, mmap_offset
 
 
 class ProtocolError(Exception):
@@ -126,14 +151,14 @@ class VhostUserNet(VirtioNetType):
     """virtio-net whose rings are served by a vhost-user backend process."""
 
     backend_name = "vhost-user"
-    transport: VirtioPciLegacy          # its registers and set-up stay with the guest-side transport
+    transport: VirtioPciLegacy  # its registers and set-up stay with the guest-side transport
     CONNECT_TIMEOUT = 10.0
     REPLY_TIMEOUT = 10.0
 
     def __init__(self, mac: bytes, peer: str, socket_path: str | None, capture, machine, cachelines: bool = False):
         self.mac, self.machine = mac, machine
-        self.cachelines: CacheLineModel | None = None    # set by setup.py in the measurement mode
-        self.report_fd: int | None = None    # the backend process's reports (measurement mode)
+        self.cachelines: CacheLineModel | None = None  # set by setup.py in the measurement mode
+        self.report_fd: int | None = None  # the backend process's reports (measurement mode)
         self.link_up = True
         self.process = None
         self.tmpdir = None
@@ -144,20 +169,27 @@ class VhostUserNet(VirtioNetType):
         self.callfd: dict[int, int] = {}
         self.errfd: dict[int, int] = {}
         self.used_seen = {RX: 0, TX: 0}
-        self.counters = {"tx_frames": 0, "rx_frames": 0, "tx_dropped": 0, "rx_dropped": 0, "notifications": 0,
-                         "calls": 0}
+        self.counters = {
+            "tx_frames": 0,
+            "rx_frames": 0,
+            "tx_dropped": 0,
+            "rx_dropped": 0,
+            "notifications": 0,
+            "calls": 0,
+        }
         if socket_path is None:
             self.tmpdir = tempfile.TemporaryDirectory(prefix="cpuvirt-vhu-")
             socket_path = os.path.join(self.tmpdir.name, "backend.sock")
             command = [sys.executable, "-m", "cpuvirt", "vhost-user-backend", "--socket", socket_path, "--peer", peer]
             report_w = None
-            if cachelines:                     # the process reports its ring lines and counters after each kick
+            if cachelines:  # the process reports its ring lines and counters after each kick
                 self.report_fd, report_w = os.pipe()
                 os.set_blocking(self.report_fd, False)
                 command += ["--report-fd", str(report_w)]
                 self.counters.update(copies=0, interrupts_suppressed=0)
-            self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL,
-                                            pass_fds=(report_w,) if report_w is not None else ())
+            self.process = subprocess.Popen(
+                command, stdin=subprocess.DEVNULL, pass_fds=(report_w,) if report_w is not None else ()
+            )
             if report_w is not None:
                 os.close(report_w)
         self.socket_path = socket_path
@@ -181,7 +213,7 @@ class VhostUserNet(VirtioNetType):
                 s.close()
                 if self.process is not None and self.process.poll() is not None:
                     raise CpuvirtError(f"vhost-user backend exited with status {self.process.returncode}") from None
-                if self.process is None or time.monotonic() > deadline:     # a given socket: no listener, no run
+                if self.process is None or time.monotonic() > deadline:  # a given socket: no listener, no run
                     raise CpuvirtError(f"vhost-user socket {self.socket_path}: {e.strerror}") from None
                 time.sleep(0.02)
 
@@ -189,7 +221,7 @@ class VhostUserNet(VirtioNetType):
         """Send one message; with `reply` return its payload, with `ack` wait for REPLY_ACK's u64."""
         flags = VERSION | (FLAG_NEED_REPLY if ack else 0)
         sock = self.sock
-        assert sock is not None, "a message while the link is down"      # callers check link_up
+        assert sock is not None, "a message while the link is down"  # callers check link_up
         send_message(sock, request, payload, fds, flags)
         if not (reply or ack):
             return None
@@ -267,10 +299,15 @@ class VhostUserNet(VirtioNetType):
             self._link_down(str(e))
             return
         self._register()
-        t.trace("VHOST_USER_SETUP", {"regions": [f"0x0+{self.machine.mem_bytes:#x}"],
-                                     "vrings": self.started,
-                                     "kicks": "in-band VRING_KICK, acknowledged" if self.synchronous else "eventfd"},
-                "memory table (memfd), ring addresses, kick and call eventfds sent to the backend process")
+        t.trace(
+            "VHOST_USER_SETUP",
+            {
+                "regions": [f"0x0+{self.machine.mem_bytes:#x}"],
+                "vrings": self.started,
+                "kicks": "in-band VRING_KICK, acknowledged" if self.synchronous else "eventfd",
+            },
+            "memory table (memfd), ring addresses, kick and call eventfds sent to the backend process",
+        )
 
     def _register(self) -> None:
         port = self.transport.bars[0].mapped
@@ -298,9 +335,12 @@ class VhostUserNet(VirtioNetType):
             t.counters["ignored_notifications"] += 1
             t.trace("NOTIFY", {"queue": queue, "via": "ioeventfd"}, "ignored: bus mastering is off")
             return
-        t.trace("NOTIFY", {"queue": queue, "via": "vhost-user"},
-                "kick sent to the backend process" + (" (VRING_KICK, waiting for its acknowledgement)"
-                                                      if self.synchronous else " (kick eventfd)"))
+        t.trace(
+            "NOTIFY",
+            {"queue": queue, "via": "vhost-user"},
+            "kick sent to the backend process"
+            + (" (VRING_KICK, waiting for its acknowledgement)" if self.synchronous else " (kick eventfd)"),
+        )
         try:
             if self.synchronous:
                 self._call(VRING_KICK, STATE.pack(queue, 1), ack=True)
@@ -350,7 +390,7 @@ class VhostUserNet(VirtioNetType):
                 pass
         for q in self.started:
             ring = t.queues[q].ring
-            assert ring is not None                    # a started queue has its ring
+            assert ring is not None  # a started queue has its ring
             used = ring._u16(ring.used + 2)
             n = (used - self.used_seen[q]) & 0xFFFF
             self.used_seen[q] = used
@@ -360,8 +400,11 @@ class VhostUserNet(VirtioNetType):
             except BlockingIOError:
                 called = 0
             if n:
-                t.trace("USED", {"queue": q, "completed": n, "used_idx": used},
-                        "the backend returned buffers in the used ring")
+                t.trace(
+                    "USED",
+                    {"queue": q, "completed": n, "used_idx": used},
+                    "the backend returned buffers in the used ring",
+                )
             if called:
                 self.counters["calls"] += 1
                 t.queue_interrupt(q, path="call eventfd")
@@ -375,14 +418,15 @@ class VhostUserNet(VirtioNetType):
 
     def take_external(self) -> None:
         sock = self.sock
-        if sock is None:                       # only after wait_fds named it: never without a socket
+        if sock is None:  # only after wait_fds named it: never without a socket
             return
         try:
             ready, _, _ = select.select([sock], [], [], 0)
-            if ready:                          # no message comes unasked: this is the end of the connection
+            if ready:  # no message comes unasked: this is the end of the connection
                 data = sock.recv(1, socket.MSG_PEEK)
-                self._link_down("the backend closed the connection" if not data else
-                                "the backend sent a message nobody asked for")
+                self._link_down(
+                    "the backend closed the connection" if not data else "the backend sent a message nobody asked for"
+                )
                 return
         except OSError as e:
             self._link_down(str(e))
@@ -395,8 +439,11 @@ class VhostUserNet(VirtioNetType):
         self.link_up = False
         self._unregister()
         t = self.transport
-        t.trace("LINK_DOWN", {"why": why}, "the vhost-user backend is gone: net config STATUS link down, "
-                                          "configuration interrupt")
+        t.trace(
+            "LINK_DOWN",
+            {"why": why},
+            "the vhost-user backend is gone: net config STATUS link down, configuration interrupt",
+        )
         if t.live:
             t.config_interrupt(path="link down")
         if self.sock is not None:

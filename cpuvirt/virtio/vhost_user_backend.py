@@ -11,6 +11,7 @@ one); a broken ring disables the rings until the frontend sets them up again.
 Pending kicks are served before any message is handled, so an acknowledged VRING_KICK means the ring
 was walked and the call eventfds were written: the frontend's view of time stays its own.
 """
+
 from __future__ import annotations
 
 import json
@@ -64,7 +65,7 @@ from cpuvirt.virtio.vhost_user import (
 )
 from cpuvirt.virtio.virtqueue import GuestMemoryError, GuestRam, RingError, SplitQueue
 
-FEATURES = (1 << 5 | 1 << 16 | 1 << 28 | 1 << 29 | 1 << F_PROTOCOL_FEATURES)   # MAC STATUS INDIRECT EVENT_IDX
+FEATURES = 1 << 5 | 1 << 16 | 1 << 28 | 1 << 29 | 1 << F_PROTOCOL_FEATURES  # MAC STATUS INDIRECT EVENT_IDX
 PROTOCOL_FEATURES = 1 << PROTOCOL_F_MQ | 1 << PROTOCOL_F_REPLY_ACK | 1 << PROTOCOL_F_INBAND_NOTIFICATIONS
 NQUEUES = 2
 
@@ -103,6 +104,7 @@ class _ObservedRam(_RegionRam):
         def seen_write(gpa, data):
             conn.note(gpa, len(data), True)
             write(gpa, data)
+
         self._read, self._write = seen_read, seen_write
 
 
@@ -111,8 +113,8 @@ class Vring:
 
     def __init__(self, index: int):
         self.index, self.num, self.base = index, 0, 0
-        self.addr: tuple[int, int, int] | None = None        # desc, used, avail (guest-physical)
-        self.kick: int | None = None                         # eventfds from the frontend
+        self.addr: tuple[int, int, int] | None = None  # desc, used, avail (guest-physical)
+        self.kick: int | None = None  # eventfds from the frontend
         self.call: int | None = None
         self.err: int | None = None
         self.enabled = False
@@ -155,12 +157,12 @@ class Connection:
 
     def __init__(self, sock: socket.socket, peer, log, report_fd: int | None = None):
         self.sock, self.log = sock, log
-        self.report_fd = report_fd      # measurement mode: ring lines and counters after each in-band kick
+        self.report_fd = report_fd  # measurement mode: ring lines and counters after each in-band kick
         self.ring_ranges: dict[int, list] = {}
         self.touched: dict[int, bool] = {}
         self.features = 0
         self.protocol_features = 0
-        self.regions: list = []         # (gpa, size, user_addr, offset, mmap)
+        self.regions: list = []  # (gpa, size, user_addr, offset, mmap)
         self.table: MemoryTable | None = None
         self.vrings = [Vring(i) for i in range(NQUEUES)]
         self.side = _Side(self)
@@ -185,7 +187,7 @@ class Connection:
             _close_all(fds)
             raise ProtocolError(f"{REQUEST_NAMES.get(request, request)}: malformed payload ({e})") from None
         if request == VRING_KICK and self.report_fd is not None:
-            self._report()              # before the acknowledgement: the frontend reads it right after
+            self._report()  # before the acknowledgement: the frontend reads it right after
         if reply is not None:
             send_message(self.sock, request, reply, flags=VERSION | FLAG_REPLY)
         elif flags & FLAG_NEED_REPLY and self.protocol_features >> PROTOCOL_F_REPLY_ACK & 1:
@@ -290,7 +292,7 @@ class Connection:
                 os.close(fds[i])
             regions.append((gpa, size, user, offset, m))
         self.regions = regions
-        self.table = MemoryTable([MemRegion(g, s, memoryview(m)[o:o + s]) for g, s, _u, o, m in regions])
+        self.table = MemoryTable([MemRegion(g, s, memoryview(m)[o : o + s]) for g, s, _u, o, m in regions])
         self.log(f"memory table: {', '.join(f'{g:#x}+{s:#x}' for g, s, *_ in regions)}", verbose=True)
 
     def _unmap(self) -> None:
@@ -301,7 +303,7 @@ class Connection:
         for *_, m in self.regions:
             try:
                 m.close()
-            except BufferError:         # a memoryview still refers to it; dropped with the table
+            except BufferError:  # a memoryview still refers to it; dropped with the table
                 pass
         self.regions = []
 
@@ -318,15 +320,24 @@ class Connection:
         try:
             desc, used, avail = (self._gpa_of(a) for a in v.addr)
             ram = _RegionRam(self.table) if self.report_fd is None else _ObservedRam(self.table, self)
-            ring = SplitQueue(ram, v.num, desc, avail, used,
-                              event_idx=bool(self.features >> F_EVENT_IDX & 1),
-                              indirect=bool(self.features >> F_INDIRECT_DESC & 1))
+            ring = SplitQueue(
+                ram,
+                v.num,
+                desc,
+                avail,
+                used,
+                event_idx=bool(self.features >> F_EVENT_IDX & 1),
+                indirect=bool(self.features >> F_INDIRECT_DESC & 1),
+            )
         except RingError as e:
             self.side.broken(f"vring {v.index}: {e}")
             return
         ring.last_avail = ring.used_idx = ring.signalled_used = v.base
-        self.ring_ranges[v.index] = [(desc, desc + 16 * v.num), (avail, avail + 6 + 2 * v.num),
-                                     (used, used + 6 + 8 * v.num)]
+        self.ring_ranges[v.index] = [
+            (desc, desc + 16 * v.num),
+            (avail, avail + 6 + 2 * v.num),
+            (used, used + 6 + 8 * v.num),
+        ]
         v.ring = ring
         self.side.queues[v.index].ring = ring
         self.side.live = True
@@ -378,8 +389,13 @@ class Connection:
         self.sock.close()
 
 
-def serve(socket_path: str, peer_name: str = "loopback", verbose: bool = False, once: bool = False,
-          report_fd: int | None = None) -> int:
+def serve(
+    socket_path: str,
+    peer_name: str = "loopback",
+    verbose: bool = False,
+    once: bool = False,
+    report_fd: int | None = None,
+) -> int:
     """Listen on `socket_path` and serve frontends one after another until SIGTERM."""
     quiet = not verbose
 

@@ -10,6 +10,7 @@ Legacy layout (spec 2.7.2 "Legacy Interfaces"): at the page the driver wrote to 
 the descriptor table (16 bytes x N), the available ring (flags, idx, ring[N], used_event), padding
 to the next 4096 boundary, then the used ring (flags, idx, {id, len}[N], avail_event).
 """
+
 from __future__ import annotations
 
 import struct
@@ -72,6 +73,7 @@ class GuestRam:
 class Chain:
     """One descriptor chain the driver made available: its head, and its buffers in order as
     (guest-physical address, length, device-writable)."""
+
     head: int
     buffers: list
     indirect: bool = False
@@ -107,8 +109,16 @@ def need_event(event: int, new: int, old: int) -> bool:
 class SplitQueue:
     """The device's view of one split virtqueue: what it has consumed and what it has returned."""
 
-    def __init__(self, mem: GuestRam, size: int, desc: int, avail: int, used: int,
-                 event_idx: bool = False, indirect: bool = False):
+    def __init__(
+        self,
+        mem: GuestRam,
+        size: int,
+        desc: int,
+        avail: int,
+        used: int,
+        event_idx: bool = False,
+        indirect: bool = False,
+    ):
         if size < 1 or size > MAX_QUEUE_SIZE or size & (size - 1):
             raise RingError(f"queue size {size} is not a power of two up to {MAX_QUEUE_SIZE}")
         self.mem, self.size = mem, size
@@ -120,9 +130,9 @@ class SplitQueue:
             mem.check_writable(used, 6 + 8 * size)
         except GuestMemoryError as e:
             raise RingError(f"ring outside guest RAM: {e}") from None
-        self.last_avail = 0          # free-running: the next available entry to consume
-        self.used_idx = 0            # free-running: the next used entry to fill
-        self.signalled_used = 0      # used index at the last interrupt (EVENT_IDX)
+        self.last_avail = 0  # free-running: the next available entry to consume
+        self.used_idx = 0  # free-running: the next used entry to fill
+        self.signalled_used = 0  # used index at the last interrupt (EVENT_IDX)
 
     @classmethod
     def legacy(cls, mem: GuestRam, size: int, pfn: int, **features) -> "SplitQueue":
@@ -136,8 +146,10 @@ class SplitQueue:
         """Chains made available and not yet consumed; more than the queue holds is a broken ring."""
         n = (self.avail_idx() - self.last_avail) & 0xFFFF
         if n > self.size:
-            raise RingError(f"available index {self.avail_idx()} is {n} entries ahead of the device's "
-                            f"{self.last_avail & 0xFFFF}, more than the queue size {self.size}")
+            raise RingError(
+                f"available index {self.avail_idx()} is {n} entries ahead of the device's "
+                f"{self.last_avail & 0xFFFF}, more than the queue size {self.size}"
+            )
         return n
 
     def pop(self) -> Chain | None:
@@ -148,7 +160,7 @@ class SplitQueue:
         chain = self._walk(head)
         self.last_avail = (self.last_avail + 1) & 0xFFFF
         if self.event_idx:
-            self._put_u16(self.used + 4 + 8 * self.size, self.last_avail)     # avail_event
+            self._put_u16(self.used + 4 + 8 * self.size, self.last_avail)  # avail_event
         return chain
 
     def _walk(self, head: int) -> Chain:
@@ -202,7 +214,7 @@ class SplitQueue:
         slot = self.used + 4 + 8 * (self.used_idx % self.size)
         try:
             self.mem.write(slot, struct.pack("<II", head, written))
-        except GuestMemoryError as e:          # the ring's frame changed type since it was set up
+        except GuestMemoryError as e:  # the ring's frame changed type since it was set up
             raise RingError(str(e)) from None
         self.used_idx = (self.used_idx + 1) & 0xFFFF
         self._put_u16(self.used + 2, self.used_idx)
@@ -235,8 +247,8 @@ class SplitQueue:
                 continue
             n = min(length, len(data) - done)
             try:
-                self.mem.write(addr, data[done:done + n])
-            except GuestMemoryError as e:      # checked when the chain was walked; typed since
+                self.mem.write(addr, data[done : done + n])
+            except GuestMemoryError as e:  # checked when the chain was walked; typed since
                 raise RingError(str(e)) from None
             done += n
         return done

@@ -19,6 +19,7 @@ feature counts only when cpuvirt handles it too. The model, documented in docs/p
   processors do (SDM: "If a value entered for CPUID.EAX is higher than the maximum input value
   ... the data for the highest basic information leaf is returned").
 """
+
 from __future__ import annotations
 
 import struct
@@ -30,8 +31,7 @@ MAX_EXTENDED_LEAF = 0x80000004
 BRAND = b"cpuvirt virtual CPU"
 
 # CPUID.01H:EDX feature bits (SDM Vol. 2A table 3-11).
-FPU, PSE, TSC, MSR, CX8, APIC, PGE, CMOV = (1 << 0, 1 << 3, 1 << 4, 1 << 5, 1 << 8, 1 << 9, 1 << 13,
-                                            1 << 15)
+FPU, PSE, TSC, MSR, CX8, APIC, PGE, CMOV = (1 << 0, 1 << 3, 1 << 4, 1 << 5, 1 << 8, 1 << 9, 1 << 13, 1 << 15)
 LEAF1_EDX = FPU | PSE | TSC | MSR | CX8 | APIC | PGE | CMOV
 LEAF1_EAX = (FAMILY << 8) | (MODEL << 4) | STEPPING
 # CR4 bits this model refuses (#GP on mov to CR4): LA57 (12), VMXE (13) and everything above, none
@@ -51,7 +51,7 @@ def cpuid(leaf: int, subleaf: int = 0, apic_enabled: bool = True) -> tuple[int, 
             return 0, 0, 0, 0
         if leaf <= MAX_EXTENDED_LEAF:
             i = 4 * (leaf - 0x80000002)
-            return _BRAND_REGS[i:i + 4]
+            return _BRAND_REGS[i : i + 4]
         leaf = MAX_BASIC_LEAF
     elif leaf > MAX_BASIC_LEAF:
         leaf = MAX_BASIC_LEAF
@@ -64,6 +64,8 @@ def cpuid(leaf: int, subleaf: int = 0, apic_enabled: bool = True) -> tuple[int, 
 def table(apic_enabled: bool = True) -> tuple[dict[int, tuple[int, int, int, int]], tuple[int, int, int, int]]:
     """The whole model as (leaf -> registers, the answer for every other leaf), for a CPUID answered
     from a table (engine/cpuid.py); `cpuid` stays the definition and tests check the two agree."""
-    leaves = {leaf: cpuid(leaf, 0, apic_enabled)
-              for leaf in [*range(MAX_BASIC_LEAF + 1), *range(0x80000000, MAX_EXTENDED_LEAF + 1)]}
+    leaves = {
+        leaf: cpuid(leaf, 0, apic_enabled)
+        for leaf in [*range(MAX_BASIC_LEAF + 1), *range(0x80000000, MAX_EXTENDED_LEAF + 1)]
+    }
     return leaves, cpuid(MAX_BASIC_LEAF + 1, 0, apic_enabled)

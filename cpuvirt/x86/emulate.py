@@ -3,6 +3,7 @@
 The few store forms kernels use on page tables (mov, or/and/xor, xchg, cmpxchg, stos), decoded once
 per site. Instructions that touch device memory go to the general emulator, cpu/emulator.py.
 """
+
 from __future__ import annotations
 
 from capstone import CS_ARCH_X86, CS_MODE_32, Cs
@@ -19,8 +20,12 @@ _cs.detail = True
 
 # register name -> (full register, bit shift, width in bytes)
 _REGS = {}
-for full, names in ((R.EAX, ("eax", "ax", "al", "ah")), (R.ECX, ("ecx", "cx", "cl", "ch")),
-                    (R.EDX, ("edx", "dx", "dl", "dh")), (R.EBX, ("ebx", "bx", "bl", "bh"))):
+for full, names in (
+    (R.EAX, ("eax", "ax", "al", "ah")),
+    (R.ECX, ("ecx", "cx", "cl", "ch")),
+    (R.EDX, ("edx", "dx", "dl", "dh")),
+    (R.EBX, ("ebx", "bx", "bl", "bh")),
+):
     for name, shift, width in zip(names, (0, 0, 0, 8), (4, 2, 1, 1)):
         _REGS[name] = (full, shift, width)
 for full, n32, n16 in ((R.ESP, "esp", "sp"), (R.EBP, "ebp", "bp"), (R.ESI, "esi", "si"), (R.EDI, "edi", "di")):
@@ -80,7 +85,7 @@ def _store_form(code: bytes, eip: int):
         raise Unsupported(f"store by `{text}` at {eip:#x}: not an emulated form")
     if len(_store_forms) > 4096:
         _store_forms.clear()
-    limits.put(_store_forms, key, form)    # a guest can make any number of sites: capped
+    limits.put(_store_forms, key, form)  # a guest can make any number of sites: capped
     return form
 
 
@@ -94,6 +99,7 @@ def emulate_store(code: bytes, eip: int, regs, read, write) -> tuple[int, int, i
     (instruction length, gva, size, value written, what was done); anything else is `Unsupported`.
     """
     from cpuvirt.x86.faultaddr import _operand_addresses
+
     m, length, size, src_kind, src, text = _store_form(code, eip)
     mask = (1 << 8 * size) - 1
     if m == "stos":
@@ -117,7 +123,7 @@ def emulate_store(code: bytes, eip: int, regs, read, write) -> tuple[int, int, i
         acc_name = {1: "al", 2: "ax", 4: "eax"}[size]
         acc, old = _get(regs, acc_name), read(gva, size)
         value = operand if acc == old else old
-        write(gva, size, value)           # the processor always writes (SDM: CMPXCHG)
+        write(gva, size, value)  # the processor always writes (SDM: CMPXCHG)
         if acc != old:
             _set(regs, acc_name, old)
         # Flags of CMP acc, [m].
@@ -146,7 +152,7 @@ def emulate_store(code: bytes, eip: int, regs, read, write) -> tuple[int, int, i
 
 # -- read-modify-write arithmetic on memory -----------------------------------------------------------
 _ARITH = ("add", "sub", "inc", "dec")
-_ARITH_FORMS: dict[tuple[int, bytes], tuple] = {}   # site -> (mnemonic, length, size, source), () if none
+_ARITH_FORMS: dict[tuple[int, bytes], tuple] = {}  # site -> (mnemonic, length, size, source), () if none
 
 
 def arith_store(code: bytes, eip: int, regs, read, write) -> int | None:
@@ -158,8 +164,13 @@ def arith_store(code: bytes, eip: int, regs, read, write) -> int | None:
     if form is None:
         insn = next(_decoder().disasm(code or b"", eip, 1), None)
         form = ()
-        if insn is not None and insn.mnemonic in _ARITH and insn.operands and insn.operands[0].type == X86_OP_MEM \
-                and insn.prefix[0] not in (0xF2, 0xF3):
+        if (
+            insn is not None
+            and insn.mnemonic in _ARITH
+            and insn.operands
+            and insn.operands[0].type == X86_OP_MEM
+            and insn.prefix[0] not in (0xF2, 0xF3)
+        ):
             ops = insn.operands
             src = None
             if len(ops) == 2:

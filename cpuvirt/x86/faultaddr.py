@@ -5,6 +5,7 @@ linear address (SDM Vol. 3A 4.7), so on that (rare) path the faulting instructio
 the addresses it touches are computed from its operands and the registers; the one on the faulting
 page is the answer. An access that straddles into the faulting page faults at that page's first byte.
 """
+
 from __future__ import annotations
 
 from capstone import CS_ARCH_X86, CS_MODE_32, Cs
@@ -23,8 +24,19 @@ def _decoder():
         _cs = Cs(CS_ARCH_X86, CS_MODE_32)
         _cs.detail = True
         from capstone import x86_const as C
-        _CS_REG.update({C.X86_REG_EAX: R.EAX, C.X86_REG_ECX: R.ECX, C.X86_REG_EDX: R.EDX, C.X86_REG_EBX: R.EBX,
-                        C.X86_REG_ESP: R.ESP, C.X86_REG_EBP: R.EBP, C.X86_REG_ESI: R.ESI, C.X86_REG_EDI: R.EDI})
+
+        _CS_REG.update(
+            {
+                C.X86_REG_EAX: R.EAX,
+                C.X86_REG_ECX: R.ECX,
+                C.X86_REG_EDX: R.EDX,
+                C.X86_REG_EBX: R.EBX,
+                C.X86_REG_ESP: R.ESP,
+                C.X86_REG_EBP: R.EBP,
+                C.X86_REG_ESI: R.ESI,
+                C.X86_REG_EDI: R.EDI,
+            }
+        )
     return _cs
 
 
@@ -41,9 +53,15 @@ def _memory_operands(code: bytes, eip: int) -> list:
         for op in insn.operands if insn is not None else ():
             if op.type == X86_OP_MEM:
                 m = op.mem
-                forms.append((_CS_REG.get(m.base) if m.base != X86_REG_INVALID else None,
-                              _CS_REG.get(m.index) if m.index != X86_REG_INVALID else None,
-                              m.scale, m.disp, op.size or 4))
+                forms.append(
+                    (
+                        _CS_REG.get(m.base) if m.base != X86_REG_INVALID else None,
+                        _CS_REG.get(m.index) if m.index != X86_REG_INVALID else None,
+                        m.scale,
+                        m.disp,
+                        op.size or 4,
+                    )
+                )
         if len(_forms) > 4096:
             _forms.clear()
         limits.put(_forms, key, forms)

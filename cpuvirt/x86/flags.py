@@ -5,58 +5,59 @@ The IntFlag classes name the bits for people: `CR0(0x80000011)` shows as `CR0.PG
 decoder can list what is set. The module-level ints are the same values for the code that runs per
 exit or per TLB fill, where an IntFlag's operators would cost a Python call each.
 """
+
 from __future__ import annotations
 
 from enum import IntFlag
 
 
 class EFLAGS(IntFlag):
-    CF = 1 << 0       # carry
-    PF = 1 << 2       # parity (of the low byte)
-    AF = 1 << 4       # auxiliary carry (out of bit 3)
-    ZF = 1 << 6       # zero
-    SF = 1 << 7       # sign
-    TF = 1 << 8       # trap: #DB after each instruction
-    IF = 1 << 9       # maskable interrupts enabled
-    DF = 1 << 10      # string instructions go down
-    OF = 1 << 11      # signed overflow
-    IOPL = 3 << 12    # I/O privilege level (two bits)
-    NT = 1 << 14      # nested task: iret returns through the TSS back link
-    RF = 1 << 16      # resume: no instruction breakpoint on the next instruction
-    VM = 1 << 17      # virtual-8086 mode
-    AC = 1 << 18      # alignment check
-    VIF = 1 << 19     # virtual IF (VME, PVI)
-    VIP = 1 << 20     # virtual interrupt pending
-    ID = 1 << 21      # CPUID is available (the bit can be flipped)
+    CF = 1 << 0  # carry
+    PF = 1 << 2  # parity (of the low byte)
+    AF = 1 << 4  # auxiliary carry (out of bit 3)
+    ZF = 1 << 6  # zero
+    SF = 1 << 7  # sign
+    TF = 1 << 8  # trap: #DB after each instruction
+    IF = 1 << 9  # maskable interrupts enabled
+    DF = 1 << 10  # string instructions go down
+    OF = 1 << 11  # signed overflow
+    IOPL = 3 << 12  # I/O privilege level (two bits)
+    NT = 1 << 14  # nested task: iret returns through the TSS back link
+    RF = 1 << 16  # resume: no instruction breakpoint on the next instruction
+    VM = 1 << 17  # virtual-8086 mode
+    AC = 1 << 18  # alignment check
+    VIF = 1 << 19  # virtual IF (VME, PVI)
+    VIP = 1 << 20  # virtual interrupt pending
+    ID = 1 << 21  # CPUID is available (the bit can be flipped)
 
 
 class CR0(IntFlag):
-    PE = 1 << 0       # protection enable
-    MP = 1 << 1       # monitor coprocessor
-    EM = 1 << 2       # x87 emulation: x87 instructions raise #NM
-    TS = 1 << 3       # task switched: the next x87/SSE instruction raises #NM
-    ET = 1 << 4       # extension type (always 1 since the 486)
-    NE = 1 << 5       # numeric error: x87 errors as #MF rather than IRQ 13
-    WP = 1 << 16      # write protect: supervisor writes honour read-only pages
-    AM = 1 << 18      # alignment mask (with EFLAGS.AC at CPL 3)
-    NW = 1 << 29      # not write-through
-    CD = 1 << 30      # cache disable
-    PG = 1 << 31      # paging
+    PE = 1 << 0  # protection enable
+    MP = 1 << 1  # monitor coprocessor
+    EM = 1 << 2  # x87 emulation: x87 instructions raise #NM
+    TS = 1 << 3  # task switched: the next x87/SSE instruction raises #NM
+    ET = 1 << 4  # extension type (always 1 since the 486)
+    NE = 1 << 5  # numeric error: x87 errors as #MF rather than IRQ 13
+    WP = 1 << 16  # write protect: supervisor writes honour read-only pages
+    AM = 1 << 18  # alignment mask (with EFLAGS.AC at CPL 3)
+    NW = 1 << 29  # not write-through
+    CD = 1 << 30  # cache disable
+    PG = 1 << 31  # paging
 
 
 class CR4(IntFlag):
-    VME = 1 << 0          # virtual-8086 mode extensions
-    PVI = 1 << 1          # protected-mode virtual interrupts
-    TSD = 1 << 2          # time-stamp disable: rdtsc only at CPL 0
-    DE = 1 << 3           # debugging extensions
-    PSE = 1 << 4          # page-size extensions: 4 MiB pages in 32-bit paging
-    PAE = 1 << 5          # physical-address extension
-    MCE = 1 << 6          # machine-check enable
-    PGE = 1 << 7          # global pages survive a CR3 write
-    PCE = 1 << 8          # rdpmc at any CPL
-    OSFXSR = 1 << 9       # the OS supports fxsave/fxrstor
+    VME = 1 << 0  # virtual-8086 mode extensions
+    PVI = 1 << 1  # protected-mode virtual interrupts
+    TSD = 1 << 2  # time-stamp disable: rdtsc only at CPL 0
+    DE = 1 << 3  # debugging extensions
+    PSE = 1 << 4  # page-size extensions: 4 MiB pages in 32-bit paging
+    PAE = 1 << 5  # physical-address extension
+    MCE = 1 << 6  # machine-check enable
+    PGE = 1 << 7  # global pages survive a CR3 write
+    PCE = 1 << 8  # rdpmc at any CPL
+    OSFXSR = 1 << 9  # the OS supports fxsave/fxrstor
     OSXMMEXCPT = 1 << 10  # the OS handles #XM
-    SMEP = 1 << 20        # supervisor-mode execution prevention
+    SMEP = 1 << 20  # supervisor-mode execution prevention
 
 
 # The same bits as plain ints, for the paths that run often.

@@ -10,6 +10,7 @@ ESP 4, EBP 5, ESI 6, EDI 7: engine/regs.py GPR_ORDER), the number the exit quali
 Decoding is 32-bit: for these instructions the 16-bit decoding names the same registers (MOV CRn always
 moves 32 bits; SMSW/LMSW r16 and r32 are the same register) and the same register-or-memory form.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -23,11 +24,22 @@ _cs = Cs(CS_ARCH_X86, CS_MODE_32)
 _cs.detail = True
 
 # capstone register id -> encoding number, for the 32- and 16-bit general registers
-_GPR_NUMBER = {r: n for n, regs in enumerate(((C.X86_REG_EAX, C.X86_REG_AX), (C.X86_REG_ECX, C.X86_REG_CX),
-                                              (C.X86_REG_EDX, C.X86_REG_DX), (C.X86_REG_EBX, C.X86_REG_BX),
-                                              (C.X86_REG_ESP, C.X86_REG_SP), (C.X86_REG_EBP, C.X86_REG_BP),
-                                              (C.X86_REG_ESI, C.X86_REG_SI), (C.X86_REG_EDI, C.X86_REG_DI)))
-               for r in regs}
+_GPR_NUMBER = {
+    r: n
+    for n, regs in enumerate(
+        (
+            (C.X86_REG_EAX, C.X86_REG_AX),
+            (C.X86_REG_ECX, C.X86_REG_CX),
+            (C.X86_REG_EDX, C.X86_REG_DX),
+            (C.X86_REG_EBX, C.X86_REG_BX),
+            (C.X86_REG_ESP, C.X86_REG_SP),
+            (C.X86_REG_EBP, C.X86_REG_BP),
+            (C.X86_REG_ESI, C.X86_REG_SI),
+            (C.X86_REG_EDI, C.X86_REG_DI),
+        )
+    )
+    for r in regs
+}
 _CR_NUMBER = {getattr(C, f"X86_REG_CR{n}"): n for n in range(16)}
 _DR_NUMBER = {getattr(C, f"X86_REG_DR{n}"): n for n in range(16)}
 
@@ -63,8 +75,9 @@ def mov_system_register(code: bytes) -> MovSystemRegister | None:
         for reg, other, to_system in ((dst, src, True), (src, dst, False)):
             if reg in _CR_NUMBER or reg in _DR_NUMBER:
                 debug = reg in _DR_NUMBER
-                form = MovSystemRegister(debug, (_DR_NUMBER if debug else _CR_NUMBER)[reg], to_system,
-                                         _GPR_NUMBER.get(other))
+                form = MovSystemRegister(
+                    debug, (_DR_NUMBER if debug else _CR_NUMBER)[reg], to_system, _GPR_NUMBER.get(other)
+                )
                 break
     limits.put(_mov_forms, code, form)
     return form

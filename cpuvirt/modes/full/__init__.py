@@ -16,6 +16,7 @@ the translator hands out (cpuid, int n, in/out, rdtsc...), `coherence.py` keepin
 to the guest's code and virtual-CPU state, `adaptive.py` adaptive BT's stores; the translator and the
 translation cache themselves are in cpuvirt/bt.
 """
+
 from __future__ import annotations
 
 from cpuvirt.bt.direct import WANTED
@@ -41,10 +42,11 @@ class FullMode(Mode):
             observer(self)
         self.vcpu.install_hooks()
         self.vcpu.enable_io_gate()
-        assert self.vcpu.intercepts is not None         # the I/O gate made them
-        self.vcpu.intercepts.wanted |= WANTED          # real mode's way out (bt/direct.py)
+        assert self.vcpu.intercepts is not None  # the I/O gate made them
+        self.vcpu.intercepts.wanted |= WANTED  # real mode's way out (bt/direct.py)
         from cpuvirt.memory.shadow import ShadowPaging
-        self.shadow = ShadowPaging(machine.mmu)       # installs itself as the memory strategy
+
+        self.shadow = ShadowPaging(machine.mmu)  # installs itself as the memory strategy
         self.shadow.attach(self.vcpu)
 
     def translation_stats(self) -> dict:
@@ -63,7 +65,7 @@ class FullMode(Mode):
                     return inner(*args)
                 finally:
                     vcpu._mmio_decode = False
+
             mmio.on_access = on_access
         self.vcpu.deprivilege()
         self.vcpu._vsnap = self.vcpu._snapshot()
-

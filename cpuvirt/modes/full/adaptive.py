@@ -11,6 +11,7 @@ that alternates pays callouts for at most that many untraced stores per round, n
 `setupkvm`).
 A mixin of FullVcpu (vcpu.py).
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -22,16 +23,16 @@ from cpuvirt.memory.shadow import KIND as PT_KIND
 from cpuvirt.memory.types import Access
 from cpuvirt.x86.vectors import Vector
 
-if TYPE_CHECKING:       # a mixin of FullVcpu (vcpu.py): mypy reads it against the deprivileging vCPU
+if TYPE_CHECKING:  # a mixin of FullVcpu (vcpu.py): mypy reads it against the deprivileging vCPU
     from cpuvirt.bt.runtime import BtRuntime
     from cpuvirt.bt.tcache import TCache
     from cpuvirt.cpu.deprivilege import DeprivilegedVcpu as _VcpuBase
 else:
     _VcpuBase = object
 
-ADAPTIVE_THRESHOLD = 4            # traced-page faults at one guest store before it becomes a callout
-NATIVE_AGAIN_AFTER = 64           # consecutive untraced stores by a callout before it is native again
-NATIVE_AGAIN_MAX = 4096           # the doubling stops here: at most this many callouts per native run
+ADAPTIVE_THRESHOLD = 4  # traced-page faults at one guest store before it becomes a callout
+NATIVE_AGAIN_AFTER = 64  # consecutive untraced stores by a callout before it is native again
+NATIVE_AGAIN_MAX = 4096  # the doubling stops here: at most this many callouts per native run
 
 
 class AdaptiveStores(_VcpuBase):
@@ -50,13 +51,14 @@ class AdaptiveStores(_VcpuBase):
         store through the shadow paging (no fault at all)."""
         from cpuvirt.status import Unsupported
         from cpuvirt.x86.emulate import _store_form
+
         tr = self.rt.translator
         if geip in tr.adaptive or not hasattr(self.mmu.strategy, "guest_store"):
             return
         try:
             _store_form(self.mmu.fetch_bytes(geip, 15), geip)
         except Unsupported:
-            return                       # not a store the callout can do: it keeps faulting
+            return  # not a store the callout can do: it keeps faulting
         tr.adaptive.add(geip)
         self.tc.counters.adaptive += 1
         self._untraced_run[geip] = 0
@@ -80,6 +82,7 @@ class AdaptiveStores(_VcpuBase):
     def _adaptive_store(self, geip: int) -> None:
         """The store of an adaptive callout, done through shadow paging's guest_store."""
         from cpuvirt.x86.emulate import emulate_store
+
         mmu = self.mmu
         traced = False
 
@@ -90,7 +93,7 @@ class AdaptiveStores(_VcpuBase):
             nonlocal traced
             frames = mmu.traces.frames
             for a in {gva, (gva + size - 1) & 0xFFFFFFFF}:
-                hpa = mmu.gva_to_hpa(a, Access.WRITE, False)      # a #PF here is the store's own
+                hpa = mmu.gva_to_hpa(a, Access.WRITE, False)  # a #PF here is the store's own
                 if hpa is not None and PT_KIND in frames.get((hpa - mmu.p2m.ram_hpa) & 0xFFFFF000, ()):
                     traced = True
             mmu.strategy.guest_store(gva, size, value)
@@ -99,9 +102,14 @@ class AdaptiveStores(_VcpuBase):
             length, gva, size, value, what = emulate_store(mmu.fetch_bytes(geip, 15), geip, self.regs, read, write)
         except GuestPageFault as pf:
             self.virtual_cpu.cr2 = pf.gva
-            self.record("page_fault", "#PF", 14, geip, {"cr2": f"{pf.gva:#x}", "error_code": pf.error_code,
-                                                        "access": "write", "fault": "true"},
-                        "delivered #PF through the guest IDT")
+            self.record(
+                "page_fault",
+                "#PF",
+                14,
+                geip,
+                {"cr2": f"{pf.gva:#x}", "error_code": pf.error_code, "access": "write", "fault": "true"},
+                "delivered #PF through the guest IDT",
+            )
             self.deliver(Vector.PF, geip, pf.error_code)
             return
         self.adaptive_stores += 1
@@ -110,8 +118,12 @@ class AdaptiveStores(_VcpuBase):
             self._untraced_run[geip] = run
             if run >= self._native_after.get(geip, NATIVE_AGAIN_AFTER):
                 self._make_native(geip)
-        self.record(self.event_kind, "store", None, geip, {"address": f"{gva:#x}", "size": size,
-                                                           "value": f"{value:#x}", "adaptive": True},
-                    f"adaptive: {what} through the shadow page tables, no fault")
+        self.record(
+            self.event_kind,
+            "store",
+            None,
+            geip,
+            {"address": f"{gva:#x}", "size": size, "value": f"{value:#x}", "adaptive": True},
+            f"adaptive: {what} through the shadow page tables, no fault",
+        )
         self.regs.write(R.EIP, (geip + length) & 0xFFFFFFFF)
-

@@ -3,6 +3,7 @@ emulated by the hypervisor (cpuid, int n / int3 / into, in/out, rdtsc, icebp, th
 pointers stored by fnstenv/fxsave), the rest through the deprivileging core's emulator
 (cpu/deprivilege.py). A mixin of FullVcpu (vcpu.py).
 """
+
 from __future__ import annotations
 
 import struct
@@ -14,7 +15,7 @@ from cpuvirt.engine import regs as R
 from cpuvirt.memory.mmu import GuestPageFault
 from cpuvirt.status import Unsupported
 
-if TYPE_CHECKING:       # a mixin of FullVcpu (vcpu.py): mypy reads it against the deprivileging vCPU
+if TYPE_CHECKING:  # a mixin of FullVcpu (vcpu.py): mypy reads it against the deprivileging vCPU
     from cpuvirt.bt.runtime import BtRuntime
     from cpuvirt.bt.tcache import TCache
     from cpuvirt.cpu.deprivilege import DeprivilegedVcpu as _VcpuBase
@@ -28,15 +29,15 @@ class Callouts(_VcpuBase):
     # FullVcpu's state this mixin uses (vcpu.py sets each up), and what its other mixins do
     tc: TCache
     rt: BtRuntime
-    _adaptive_store: Callable[[int], None]          # adaptive.py
-    _virtual_changed: Callable[[], None]            # coherence.py
-    check_code_mappings: Callable[[], None]         # coherence.py
+    _adaptive_store: Callable[[int], None]  # adaptive.py
+    _virtual_changed: Callable[[], None]  # coherence.py
+    check_code_mappings: Callable[[], None]  # coherence.py
 
     def _callout_then_window(self, site) -> int | None:
         try:
             return self._callout(site)
         finally:
-            self.clock.if_may_have_changed()      # an emulated iret/popf may have set IF
+            self.clock.if_may_have_changed()  # an emulated iret/popf may have set IF
 
     def _callout(self, site) -> int | None:
         """Emulate the guest instruction of a callout; returns the guest EIP to go on at (the next
@@ -55,8 +56,11 @@ class Callouts(_VcpuBase):
             return fast
         self.regs.write(R.EIP, geip)
         if self.emulate_at(geip) is None:
-            self.finish("error", EXIT_HYPERVISOR_STOP, f"full: no emulation for the guest-kernel instruction "
-                        f"'{ins.text}' at {geip:#x}")
+            self.finish(
+                "error",
+                EXIT_HYPERVISOR_STOP,
+                f"full: no emulation for the guest-kernel instruction '{ins.text}' at {geip:#x}",
+            )
             return None
         self._virtual_changed()
         if ins.text.startswith("invlpg"):
@@ -94,7 +98,7 @@ class Callouts(_VcpuBase):
             # int3 and into are software interrupts too (gate DPL checked), as the engine reports them
             vector = raw[p + 1] if op == 0xCD else (3 if op == 0xCC else 4)
             detail = {"vector": vector, "software": True}
-            if op == 0xCD:                  # `int n`: EAX is the system-call number by OS convention
+            if op == 0xCD:  # `int n`: EAX is the system-call number by OS convention
                 detail["eax"] = f"{regs.read(R.EAX):#x}"
             self.record("interrupt", f"int {vector:#x}", vector, geip, detail, "delivered through the guest IDT")
             self.deliver(vector, nxt, soft=True, fault_eip=geip)
@@ -104,7 +108,7 @@ class Callouts(_VcpuBase):
             port = raw[p + 1] if op < 0xE8 else regs.read(R.EDX) & 0xFFFF
             is_in = op in (0xE4, 0xE5, 0xEC, 0xED)
             mask = (1 << (8 * size)) - 1
-            if is_in:        # a callout runs at virtual CPL 0 (hook_callout checked it)
+            if is_in:  # a callout runs at virtual CPL 0 (hook_callout checked it)
                 value = self.kernel_port_io(port, size, True) & mask
                 eax = regs.read(R.EAX)
                 regs.write(R.EAX, (eax & ~mask) | value)
@@ -113,9 +117,12 @@ class Callouts(_VcpuBase):
             if self.outcome is not None:
                 return None
             return nxt
-        if op == 0x0F and (raw[p + 1] in (0x05, 0x07) or (
-                raw[p + 1] == 0x01 and p + 2 < len(raw)
-                and raw[p + 2] >> 6 == 3 and (raw[p + 2] >> 3) & 7 not in (4, 6))):
+        if op == 0x0F and (
+            raw[p + 1] in (0x05, 0x07)
+            or (
+                raw[p + 1] == 0x01 and p + 2 < len(raw) and raw[p + 2] >> 6 == 3 and (raw[p + 2] >> 3) & 7 not in (4, 6)
+            )
+        ):
             # syscall, sysret, and the 0F 01 register forms this CPU model does not have (vmcall,
             # vmlaunch, monitor, mwait, xgetbv, rdtscp, swapgs...): #UD, as native gives
             self.invalid_opcode(geip)
@@ -151,10 +158,15 @@ class Callouts(_VcpuBase):
                 self.write_guest(addr + fip_at, struct.pack("<I", g[0]))
             self.write_guest(addr + fcs_at, struct.pack("<H", self.guest_selector(fcs)))
         except (GuestFault, GuestPageFault, Unsupported):
-            return                       # the store itself would have faulted first: not reached
+            return  # the store itself would have faulted first: not reached
         if self.trace is None:
             self.counts[self.event_kind] += 1
         else:
-            self.record(self.event_kind, "fpu_pointers", None, geip, {"fip": f"{fip:#x}"},
-                        "the stored x87 instruction pointer shown as the guest's")
-
+            self.record(
+                self.event_kind,
+                "fpu_pointers",
+                None,
+                geip,
+                {"fip": f"{fip:#x}"},
+                "the stored x87 instruction pointer shown as the guest's",
+            )

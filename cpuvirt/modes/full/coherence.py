@@ -8,6 +8,7 @@ in a virtual-CPU value (CR0, CR3, CR4, descriptor tables, CS, SS, IOPL) goes whe
 one whose linear page maps another frame goes when CR3 or the page tables say so.
 A mixin of FullVcpu (vcpu.py): it works on the vCPU's TC, MMU and registers.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable
@@ -21,7 +22,7 @@ from cpuvirt.memory.types import Access
 from cpuvirt.x86.emulate import arith_store
 from cpuvirt.x86.flags import EFLAGS_DF
 
-if TYPE_CHECKING:       # a mixin of FullVcpu (vcpu.py): mypy reads it against the deprivileging vCPU
+if TYPE_CHECKING:  # a mixin of FullVcpu (vcpu.py): mypy reads it against the deprivileging vCPU
     from cpuvirt.bt.direct import Direct16
     from cpuvirt.bt.runtime import BtRuntime
     from cpuvirt.bt.tcache import TCache
@@ -29,7 +30,7 @@ if TYPE_CHECKING:       # a mixin of FullVcpu (vcpu.py): mypy reads it against t
 else:
     _VcpuBase = object
 
-CODE = "code"                     # the write-trace kind of translated guest frames
+CODE = "code"  # the write-trace kind of translated guest frames
 
 
 class Coherence(_VcpuBase):
@@ -55,12 +56,22 @@ class Coherence(_VcpuBase):
     def _snapshot(self) -> dict:
         v = self.virtual_cpu
         cs = self.regs.read(R.CS)
-        if cs & 3 == KERNEL_RING:                      # virtual CPL 0: CS and SS as they are now
+        if cs & 3 == KERNEL_RING:  # virtual CPL 0: CS and SS as they are now
             ss = self.regs.read(R.SS)
         else:
             cs, ss = self._vsnap.get("cs"), self._vsnap.get("ss")
-        return {"cr0": v.cr0, "cr3": v.cr3, "cr4": v.cr4, "gdtr": v.gdtr, "idtr": v.idtr,
-                "ldtr": v.ldtr.selector, "tr": v.tr.selector, "iopl": v.iopl, "cs": cs, "ss": ss}
+        return {
+            "cr0": v.cr0,
+            "cr3": v.cr3,
+            "cr4": v.cr4,
+            "gdtr": v.gdtr,
+            "idtr": v.idtr,
+            "ldtr": v.ldtr.selector,
+            "tr": v.tr.selector,
+            "iopl": v.iopl,
+            "cs": cs,
+            "ss": ss,
+        }
 
     def _virtual_changed(self) -> None:
         """After a callout: drop translations that baked in a virtual-CPU value that changed, and
@@ -100,9 +111,9 @@ class Coherence(_VcpuBase):
                 # run natively in the TC: its window hook goes on the TC copy (vcpu.py, IF_SETTERS)
                 self.clock.hook_if_setter(ins.tc, ins.text == "sti")
             elif ins.kind == IDENT and "xmmword" in ins.text:
-                self.sse_tc_site(ins)           # the alignment check on the TC copy (vcpu.py)
+                self.sse_tc_site(ins)  # the alignment check on the TC copy (vcpu.py)
         self._block_seq += 1
-        for ins in blk.insns:       # the cost model's translation counts (per translation, not per run)
+        for ins in blk.insns:  # the cost model's translation counts (per translation, not per run)
             self.reasons["translate", ins.kind] += ins.size > 0
         entry = (self._block_seq, blk)
         for frame in blk.frames:
@@ -134,13 +145,13 @@ class Coherence(_VcpuBase):
         self._page_frame.clear()
         self._dirty.clear()
         self._prefix_len.clear()
-        lo, hi = self.tc.base, self.tc.end              # the TC window
+        lo, hi = self.tc.base, self.tc.end  # the TC window
         for table in (self.machine.block_insns, self._io_sites):
             for a in [a for a in table if lo <= a < hi]:
                 del table[a]
         if len(self.traced_stores) > 65536:
             self.traced_stores.clear()
-        if len(self.rt.translator.adaptive) > 65536:      # guest EIPs made adaptive: an optimization
+        if len(self.rt.translator.adaptive) > 65536:  # guest EIPs made adaptive: an optimization
             self.rt.translator.adaptive.clear()
             self._untraced_run.clear()
         if len(self._native_after) > 65536:
@@ -157,20 +168,21 @@ class Coherence(_VcpuBase):
         stos) are done here and only the translations whose bytes changed are dropped, so that data
         sharing a page with code costs one exit per store; any other store untraces the frame and
         runs again natively, and the frame is checked after the next block."""
-        if tw.done:                          # already written (by the hypervisor, or another owner)
+        if tw.done:  # already written (by the hypervisor, or another owner)
             self._check_range(tw.gpa, tw.size or 4)
             return False
         from cpuvirt.status import Unsupported
         from cpuvirt.x86.emulate import emulate_store
+
         mmu = self.mmu
 
         def read(gva, size):
             return int.from_bytes(mmu.read_linear(gva, size, False), "little")
 
         def write(gva, size, value):
-            mmu.write_linear(gva, value.to_bytes(size, "little"), False)   # -> hv_wrote -> _check_range
+            mmu.write_linear(gva, value.to_bytes(size, "little"), False)  # -> hv_wrote -> _check_range
 
-        if self.vcpl() == 0 and tw.eip is not None and self.direct16.state is None:   # 32-bit forms only
+        if self.vcpl() == 0 and tw.eip is not None and self.direct16.state is None:  # 32-bit forms only
             code = mmu.fetch_bytes(tw.eip, 15)
             try:
                 length = self._rep_string(code)
@@ -214,7 +226,7 @@ class Coherence(_VcpuBase):
             mmu.write_linear(lo, value * count, False)
         else:
             if step < 0 or (esi < edi < esi + n):
-                for k in range(count):           # backwards or overlapping: element by element
+                for k in range(count):  # backwards or overlapping: element by element
                     d = k * step
                     mmu.write_linear((edi + d) & 0xFFFFFFFF, mmu.read_linear((esi + d) & 0xFFFFFFFF, size), False)
             else:
@@ -269,4 +281,3 @@ class Coherence(_VcpuBase):
             self._frame_blocks[frame] = blocks
             if blocks:
                 traces.trace_frame(frame, CODE, self._code_written)
-

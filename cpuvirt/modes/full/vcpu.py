@@ -5,6 +5,7 @@ CPL 1: any read or write there, and any access at CPL 3, is served from the gues
 the window were not there. Translated code never reads the TC as data. An engine EIP inside the TC is
 shown everywhere (traces, faults, I/O sites) as the guest EIP it translates.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -27,7 +28,7 @@ from cpuvirt.modes.full.callouts import Callouts
 from cpuvirt.modes.full.coherence import CODE, Coherence
 from cpuvirt.x86.vectors import Vector
 
-TC_WINDOW = 0xFF000000            # linear window of the translation cache (execute-only, CPL 1)
+TC_WINDOW = 0xFF000000  # linear window of the translation cache (execute-only, CPL 1)
 assert TC_WINDOW + TC_SIZE <= SHADOW_GDT_WINDOW
 
 
@@ -76,8 +77,9 @@ class FullVcpu(RunsCode16, Coherence, Callouts, AdaptiveStores, DeprivilegedVcpu
         hv = self.hv_mem
         base_hpa = self.tc_hpa
         self._hv_fetch = False
-        self.tc = TCache(lambda a, d: hv.write(base_hpa + (a - TC_WINDOW), bytes(d)), TC_WINDOW,
-                         remove_cache=self._remove_cache)
+        self.tc = TCache(
+            lambda a, d: hv.write(base_hpa + (a - TC_WINDOW), bytes(d)), TC_WINDOW, remove_cache=self._remove_cache
+        )
         self.tc.on_flush = self._forget_translations
         self.code = _Code(self)
         self.rt = BtRuntime(self.hooks, self.regs, self.tc, self.code, self._read32, self._write32)
@@ -88,32 +90,36 @@ class FullVcpu(RunsCode16, Coherence, Callouts, AdaptiveStores, DeprivilegedVcpu
         self.rt.is_kernel = lambda: self.direct16.state is None and self.vcpl() == 0
         if verbose:
             self.rt.translator.trace_translate = self._record_translate
-        self._page_frame: dict[int, int] = {}          # linear code page -> guest frame it came from
-        self._dirty: set[int] = set()                  # code frames written since they were checked
-        self._frame_blocks: dict[int, list] = {}       # guest frame -> blocks translated from it
-        self._frame_index: dict[int, dict] = {}        # guest frame -> gpa >> 6 -> [(seq, block)] there
+        self._page_frame: dict[int, int] = {}  # linear code page -> guest frame it came from
+        self._dirty: set[int] = set()  # code frames written since they were checked
+        self._frame_blocks: dict[int, list] = {}  # guest frame -> blocks translated from it
+        self._frame_index: dict[int, dict] = {}  # guest frame -> gpa >> 6 -> [(seq, block)] there
         self._block_seq = 0
         self.rt.translator.on_block = self._new_block
         self._vsnap: dict[str, object] = {}
-        self.traced_stores: dict[int, int] = {}        # guest EIP -> traced-page faults (adaptive BT)
-        self.adaptive_stores = 0                        # stores done by adaptive callouts instead
-        self._untraced_run: dict[int, int] = {}         # adaptive guest EIP -> its stores in a row to untraced frames
-        self._native_after: dict[int, int] = {}         # guest EIP -> untraced run that makes it native again
-        self.code_page_faults = 0                       # stores into frames holding translated code
+        self.traced_stores: dict[int, int] = {}  # guest EIP -> traced-page faults (adaptive BT)
+        self.adaptive_stores = 0  # stores done by adaptive callouts instead
+        self._untraced_run: dict[int, int] = {}  # adaptive guest EIP -> its stores in a row to untraced frames
+        self._native_after: dict[int, int] = {}  # guest EIP -> untraced run that makes it native again
+        self.code_page_faults = 0  # stores into frames holding translated code
         inner = self.mmu.fill
         tc_end = TC_WINDOW + TC_SIZE
 
         def fill(uc, vaddr, access, entry, data):
-            if TC_WINDOW <= vaddr < tc_end and access == UC_MEM_FETCH and (self._hv_fetch or (
-                    self.regs.read(R.SS) & 3 == KERNEL_RING and self.direct16.state is None)):
+            if (
+                TC_WINDOW <= vaddr < tc_end
+                and access == UC_MEM_FETCH
+                and (self._hv_fetch or (self.regs.read(R.SS) & 3 == KERNEL_RING and self.direct16.state is None))
+            ):
                 entry.paddr = base_hpa + ((vaddr - TC_WINDOW) & ~0xFFF)
                 entry.perms = UC_PROT_EXEC
                 return True
             return inner(uc, vaddr, access, entry, data)
+
         self.mmu.fill = fill
         self._mmio_decode = False
         self._sse_tc_python = set()
-        self._prefix_len: dict = {}                     # (callout site, bytes) -> prefix length
+        self._prefix_len: dict = {}  # (callout site, bytes) -> prefix length
         self._cpuid_in = R.Batch(self.uc, (R.EAX, R.ECX))
         self._cpuid_out = R.Batch(self.uc, (R.EAX, R.EBX, R.ECX, R.EDX))
         self._rdtsc_out = R.Batch(self.uc, (R.EAX, R.EDX))
@@ -136,7 +142,7 @@ class FullVcpu(RunsCode16, Coherence, Callouts, AdaptiveStores, DeprivilegedVcpu
         try:
             self.regs.write(R.EIP, self.rt.lookup(guest_eip))
         except TranslateFault:
-            self.regs.write(R.EIP, guest_eip)           # settled (the fetch #PF delivered) before entry
+            self.regs.write(R.EIP, guest_eip)  # settled (the fetch #PF delivered) before entry
 
     def after_transfer(self) -> None:
         """A gate or task switch from user code changed virtual-CPU state translations baked in."""
@@ -166,11 +172,12 @@ class FullVcpu(RunsCode16, Coherence, Callouts, AdaptiveStores, DeprivilegedVcpu
         gets the alignment check (the guest's own address never executes). Its Python side maps the
         TC address back to the guest's for the #GP."""
         from cpuvirt.cpu.ssealign import is_aligned_sse
+
         mnem, _, ops = ins.text.partition(" ")
         if not is_aligned_sse(mnem, ops):
             return
         ic = self.intercepts
-        assert ic is not None           # built with the vCPU (cpu/vcpu.py)
+        assert ic is not None  # built with the vCPU (cpu/vcpu.py)
         if self._sse_tc_hook is None:
             self._sse_tc_hook = self.hooks.code_function(self._sse_tc_hit)
             inner = self.tc.on_flush
@@ -179,6 +186,7 @@ class FullVcpu(RunsCode16, Coherence, Callouts, AdaptiveStores, DeprivilegedVcpu
                 inner()
                 if ic.sse is not None:
                     ic.sse.invalidate(TC_WINDOW, TC_WINDOW + TC_SIZE)
+
             self.tc.on_flush = on_flush
         if ic.sse is not None:
             ic.sse.site(ins.tc, ins.size, self.tc_bytes(ins.tc, ins.size), self._sse_tc_hook)
@@ -194,7 +202,7 @@ class FullVcpu(RunsCode16, Coherence, Callouts, AdaptiveStores, DeprivilegedVcpu
             return
         self.mmu.crs = None
         self.sse_align_site(address, size)
-        if self.regs.read(R.EIP) != address:    # #GP delivered: the guest's handler runs from the TC
+        if self.regs.read(R.EIP) != address:  # #GP delivered: the guest's handler runs from the TC
             self.left_block_at(address)
             self.settle()
         self.clock.if_may_have_changed()
@@ -279,20 +287,26 @@ class FullVcpu(RunsCode16, Coherence, Callouts, AdaptiveStores, DeprivilegedVcpu
         code = self.tc_bytes(eip, 15)
         # the exact linear address is computed from the TC instruction, with the registers as they are
         from cpuvirt.x86.faultaddr import fault_address
-        gva = pending.gva if pending.access == Access.FETCH else fault_address(code, eip, pending.gva & 0xFFFFF000,
-                                                                               self.regs)
+
+        gva = (
+            pending.gva
+            if pending.access == Access.FETCH
+            else fault_address(code, eip, pending.gva & 0xFFFFF000, self.regs)
+        )
         geip = self.guest_position(eip)
         from cpuvirt.memory.traces import TracedWrite
+
         if type(pending) is TracedWrite:
             pending.gpa = (pending.gpa & ~0xFFF) | (gva & 0xFFF)
             pending.gva, pending.eip = gva, geip
             kinds = self.mmu.traces.kinds(pending.gpa)
             n = 0
-            if kinds - {CODE}:                 # a guest page table (shadow paging's trace)
+            if kinds - {CODE}:  # a guest page table (shadow paging's trace)
                 n = self.traced_stores[geip] = self.traced_stores.get(geip, 0) + 1
             else:
                 self.code_page_faults += 1
             from cpuvirt.memory.traces import TraceError
+
             try:
                 self.mmu.traces.dispatch(pending, self)
             except TraceError as e:
@@ -388,7 +402,7 @@ class FullVcpu(RunsCode16, Coherence, Callouts, AdaptiveStores, DeprivilegedVcpu
                 last = insns[-1]
                 limits.put(self.machine.block_insns, address, (tuple(i[0] for i in insns), last[0] + last[1]))
             return max(len(insns), 1)
-        except Exception:   # never let an exception cross into C
+        except Exception:  # never let an exception cross into C
             return 1
 
     def _remove_cache(self, lo: int, hi: int) -> None:
@@ -404,6 +418,7 @@ class FullVcpu(RunsCode16, Coherence, Callouts, AdaptiveStores, DeprivilegedVcpu
         finally:
             self._hv_fetch = False
             from unicorn import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH
+
             self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
 
     def _read32(self, gva: int) -> int:
@@ -413,13 +428,24 @@ class FullVcpu(RunsCode16, Coherence, Callouts, AdaptiveStores, DeprivilegedVcpu
         self.write_guest(gva, struct.pack("<I", value))
 
     def _record_translate(self, blk) -> None:
-        self.record("translate", "block", None, blk.geip,
-                    {"guest_insns": sum(1 for i in blk.insns if i.size), "tc": f"{blk.tc:#x}",
-                     "tc_bytes": blk.tc_end - blk.tc,
-                     "kinds": [i.kind for i in blk.insns if i.size]}, "translated into the TC")
+        self.record(
+            "translate",
+            "block",
+            None,
+            blk.geip,
+            {
+                "guest_insns": sum(1 for i in blk.insns if i.size),
+                "tc": f"{blk.tc:#x}",
+                "tc_bytes": blk.tc_end - blk.tc,
+                "kinds": [i.kind for i in blk.insns if i.size],
+            },
+            "translated into the TC",
+        )
 
     def stats(self) -> dict:
-        return {"tc": self.tc.counters.as_dict(), "traced_store_faults": sum(self.traced_stores.values()),
-                "adaptive_stores": self.adaptive_stores, "code_page_faults": self.code_page_faults}
-
-
+        return {
+            "tc": self.tc.counters.as_dict(),
+            "traced_store_faults": sum(self.traced_stores.values()),
+            "adaptive_stores": self.adaptive_stores,
+            "code_page_faults": self.code_page_faults,
+        }

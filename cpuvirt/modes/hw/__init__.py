@@ -4,6 +4,7 @@
 the execution controls by their SDM names, `vmx.py` the processor (when it exits, VM entry and its
 checks, event injection) and `handlers.py` the root-mode hypervisor, organised as KVM's VMX code is.
 """
+
 from __future__ import annotations
 
 from cpuvirt.modes.base import Mode
@@ -16,8 +17,9 @@ class HwMode(Mode):
     description = "ring 0 in simulated VMX non-root operation: VM exits, VMCS controls, EPT (or shadow paging)"
     vcpu: VmxCpu
 
-    def __init__(self, machine, trace=None, max_insns: int = 0, vmx: list[str] | None = None,
-                 ept: bool = True, dump_on=None):
+    def __init__(
+        self, machine, trace=None, max_insns: int = 0, vmx: list[str] | None = None, ept: bool = True, dump_on=None
+    ):
         # Without EPT (--no-ept, or --vmx enable_ept=0) guest memory is virtualized by shadow paging.
         settings = VmxSettings(vmx, ept=ept)
         self.machine = machine

@@ -16,6 +16,7 @@ registers. Here the emulated APIC is `machine/apic.py`'s model, so `sync` copies
 the page at every VM entry (only when they changed), and the registers the guest writes with no exit
 (the TPR, ICR high) live in the page and are read back from it.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -34,8 +35,9 @@ EXIT_CFUNC = ctypes.CFUNCTYPE(ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint32,
 
 # Registers (offset >> 4) served from the virtual-APIC page, SDM 29.4.2 and 29.4.3.1 (the same lists
 # as _apicv.c, for the Python path used when the extension is not built).
-READ_VIRTUALIZED = frozenset((0x02, 0x03, 0x08, 0x0B, 0x0D, 0x0E, 0x0F, 0x28, 0x30, 0x31, 0x38, 0x3E,
-                              *range(0x10, 0x28), *range(0x32, 0x38)))
+READ_VIRTUALIZED = frozenset(
+    (0x02, 0x03, 0x08, 0x0B, 0x0D, 0x0E, 0x0F, 0x28, 0x30, 0x31, 0x38, 0x3E, *range(0x10, 0x28), *range(0x32, 0x38))
+)
 WRITE_VIRTUALIZED = frozenset((0x02, 0x08, 0x0B, 0x0D, 0x0E, 0x0F, 0x28, 0x30, 0x31, 0x38, 0x3E, *range(0x32, 0x38)))
 
 _U32 = struct.Struct("<I")
@@ -60,9 +62,16 @@ assert list(MIRRORED) == _LOW + _HIGH
 class _State(ctypes.Structure):
     """Mirror of apicv_t (checked against apicv_sizeof at load)."""
 
-    _fields_ = [("vapic", ctypes.c_void_p), ("on_exit", ctypes.c_void_p), ("tpr_shadow", ctypes.c_uint32),
-                ("register_virt", ctypes.c_uint32), ("tpr_threshold", ctypes.c_uint32), ("pad", ctypes.c_uint32),
-                ("reads", ctypes.c_uint64), ("writes", ctypes.c_uint64)]
+    _fields_ = [
+        ("vapic", ctypes.c_void_p),
+        ("on_exit", ctypes.c_void_p),
+        ("tpr_shadow", ctypes.c_uint32),
+        ("register_virt", ctypes.c_uint32),
+        ("tpr_threshold", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+        ("reads", ctypes.c_uint64),
+        ("writes", ctypes.c_uint64),
+    ]
 
 
 def _lib():
@@ -90,8 +99,17 @@ class VirtualApic:
     """The APIC-access page (an engine MMIO region at `access_hpa`) and the virtual-APIC page (4 KiB
     of the hypervisor's memory, `page`: a writable view), for one vCPU."""
 
-    def __init__(self, uc, apic, page: memoryview, page_address: int, access_hpa: int, tpr_shadow: bool,
-                 register_virt: bool, on_exit):
+    def __init__(
+        self,
+        uc,
+        apic,
+        page: memoryview,
+        page_address: int,
+        access_hpa: int,
+        tpr_shadow: bool,
+        register_virt: bool,
+        on_exit,
+    ):
         """`page_address`: where the virtual-APIC page is in this process (the C callbacks read it)."""
         self.apic = apic
         self.page = page
@@ -99,7 +117,7 @@ class VirtualApic:
         self.tpr_shadow, self.register_virt = tpr_shadow, register_virt
         self.tpr_threshold = 0
         self._last = None
-        self._exit = EXIT_CFUNC(on_exit)              # kept alive as long as the engine may call it
+        self._exit = EXIT_CFUNC(on_exit)  # kept alive as long as the engine may call it
         self._py_on_exit = on_exit
         self._py_reads = self._py_writes = 0
         lib = _lib()
@@ -121,7 +139,7 @@ class VirtualApic:
         if err:
             raise RuntimeError(f"cannot map the APIC-access page (uc error {err})")
         if tpr_shadow:
-            apic.attach_vtpr(page[TPR:TPR + 4])
+            apic.attach_vtpr(page[TPR : TPR + 4])
         self.sync()
 
     # -- the hypervisor keeps the page consistent with its emulated APIC --------------------------------
@@ -139,8 +157,8 @@ class VirtualApic:
         key = self.apic.mirror_key()
         if force or key != self._last:
             values = self.apic.mirrored_values()
-            _LOW_S.pack_into(self.page, _LOW[0], *values[:len(_LOW)])
-            _HIGH_S.pack_into(self.page, _HIGH[0], *values[len(_LOW):])
+            _LOW_S.pack_into(self.page, _LOW[0], *values[: len(_LOW)])
+            _HIGH_S.pack_into(self.page, _HIGH[0], *values[len(_LOW) :])
             self._last = key
         if self.tpr_shadow:
             irr = self.apic.irr
@@ -163,22 +181,21 @@ class VirtualApic:
     def _read(self, offset: int, size: int) -> int:
         if read_virtualized(offset, size, self.tpr_shadow, self.register_virt):
             self._py_reads += 1
-            return int.from_bytes(self.page[offset:offset + size], "little")
+            return int.from_bytes(self.page[offset : offset + size], "little")
         return self._py_on_exit(ACCESS_READ, offset, size, 0)
 
     def _write(self, offset: int, size: int, value: int) -> None:
         if not write_virtualized(offset, size, self.tpr_shadow, self.register_virt):
             self._py_on_exit(ACCESS_WRITE, offset, size, value)
             return
-        self.page[offset:offset + size] = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+        self.page[offset : offset + size] = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
         self._py_writes += 1
         reg = offset >> 4
         if reg == TPR >> 4:
-            self.page[TPR + 1:TPR + 4] = b"\0\0\0"
+            self.page[TPR + 1 : TPR + 4] = b"\0\0\0"
             if self.page[TPR] >> 4 < self.tpr_threshold & 0xF:
                 self._py_on_exit(TPR_BELOW_THRESHOLD, TPR, size, 0)
         elif reg == ICR_HI >> 4:
-            self.page[ICR_HI:ICR_HI + 3] = b"\0\0\0"
+            self.page[ICR_HI : ICR_HI + 3] = b"\0\0\0"
         else:
             self._py_on_exit(APIC_WRITE, offset, size, value)
-

@@ -4,6 +4,7 @@ SDM Vol. 3C 25.6: pin-based (table 25-5), primary processor-based (25-6) and sec
 controls. Only controls whose behaviour cpuvirt simulates are accepted; asking for another one is an
 input error that names it, rather than a control that silently does nothing.
 """
+
 from __future__ import annotations
 
 from cpuvirt.errors import CpuvirtError
@@ -22,8 +23,11 @@ from cpuvirt.x86.flags import (
     CR4_TSD,
 )
 
-PIN, PRIMARY, SECONDARY = (Field.PIN_BASED_VM_EXEC_CONTROL, Field.CPU_BASED_VM_EXEC_CONTROL,
-                           Field.SECONDARY_VM_EXEC_CONTROL)
+PIN, PRIMARY, SECONDARY = (
+    Field.PIN_BASED_VM_EXEC_CONTROL,
+    Field.CPU_BASED_VM_EXEC_CONTROL,
+    Field.SECONDARY_VM_EXEC_CONTROL,
+)
 
 # name -> (VMCS field, bit)
 CONTROLS: dict[str, tuple[Field, int]] = {
@@ -55,8 +59,17 @@ CONTROLS: dict[str, tuple[Field, int]] = {
 APIC_CONTROLS = ("use_tpr_shadow", "virtualize_apic_accesses", "apic_register_virtualization")
 
 # Values that are not single bits: name -> (what it sets, how to parse it).
-SETTINGS = ("exception_bitmap", "io_bitmap", "msr_bitmap", "cr0_guest_host_mask", "cr4_guest_host_mask",
-            "pf_error_code_mask", "pf_error_code_match", "tsc_offset", "lazy_ept")
+SETTINGS = (
+    "exception_bitmap",
+    "io_bitmap",
+    "msr_bitmap",
+    "cr0_guest_host_mask",
+    "cr4_guest_host_mask",
+    "pf_error_code_mask",
+    "pf_error_code_match",
+    "tsc_offset",
+    "lazy_ept",
+)
 
 
 # What KVM sets up for a guest with EPT (arch/x86/kvm/vmx/vmx.c, setup_vmcs_config and
@@ -68,10 +81,21 @@ SETTINGS = ("exception_bitmap", "io_bitmap", "msr_bitmap", "cr0_guest_host_mask"
 # mode (vmx_secondary_exec_control, vmx_refresh_apicv_exec_ctrl); the virtual-interrupt delivery and
 # posted-interrupt controls it sets with them are not simulated (docs/hw.md).
 KVM_PRESET = {
-    "external_interrupt_exiting": 1, "nmi_exiting": 1, "hlt_exiting": 1, "mov_dr_exiting": 1,
-    "unconditional_io_exiting": 1, "mwait_exiting": 1, "monitor_exiting": 1, "rdpmc_exiting": 1,
-    "use_tsc_offsetting": 1, "use_msr_bitmaps": 1, "activate_secondary_controls": 1, "enable_ept": 1,
-    "use_tpr_shadow": 1, "virtualize_apic_accesses": 1, "apic_register_virtualization": 1,
+    "external_interrupt_exiting": 1,
+    "nmi_exiting": 1,
+    "hlt_exiting": 1,
+    "mov_dr_exiting": 1,
+    "unconditional_io_exiting": 1,
+    "mwait_exiting": 1,
+    "monitor_exiting": 1,
+    "rdpmc_exiting": 1,
+    "use_tsc_offsetting": 1,
+    "use_msr_bitmaps": 1,
+    "activate_secondary_controls": 1,
+    "enable_ept": 1,
+    "use_tpr_shadow": 1,
+    "virtualize_apic_accesses": 1,
+    "apic_register_virtualization": 1,
     "exception_bitmap": (1 << 6) | (1 << 17) | (1 << 18),
     "cr0_guest_host_mask": 0xFFFFFFFF & ~(CR0_TS | CR0_WP),
     "cr4_guest_host_mask": 0xFFFFFFFF & ~(CR4_PGE | CR4_PCE | CR4_TSD | CR4_DE | CR4_PVI | CR4_OSFXSR | CR4_OSXMMEXCPT),
@@ -84,8 +108,13 @@ KVM_PRESET = {
 # cpuvirt simulates APIC virtualization over EPT only, so that preset leaves its controls off (the
 # local APIC's registers are then the device's own MMIO, as before).
 KVM_SHADOW_PRESET = {
-    "enable_ept": 0, "use_tpr_shadow": 0, "virtualize_apic_accesses": 0, "apic_register_virtualization": 0,
-    "cr3_load_exiting": 1, "cr3_store_exiting": 1, "invlpg_exiting": 1,
+    "enable_ept": 0,
+    "use_tpr_shadow": 0,
+    "virtualize_apic_accesses": 0,
+    "apic_register_virtualization": 0,
+    "cr3_load_exiting": 1,
+    "cr3_store_exiting": 1,
+    "invlpg_exiting": 1,
     "exception_bitmap": KVM_PRESET["exception_bitmap"] | (1 << 14),
     "cr0_guest_host_mask": 0xFFFFFFFF & ~CR0_TS,
     "cr4_guest_host_mask": KVM_PRESET["cr4_guest_host_mask"] | CR4_PGE | CR4_PSE | CR4_SMEP,
@@ -108,8 +137,10 @@ class VmxSettings:
             self._set(name, value)
         # `--vmx enable_ept=0` asks for shadow paging as --no-ept does: KVM's shadow-MMU preset first,
         # then the user's overrides on top of it.
-        if any(i.partition("=")[0].strip().lower() == "enable_ept" and i.partition("=")[2].strip() in ("0", "0x0")
-               for i in overrides or ()):
+        if any(
+            i.partition("=")[0].strip().lower() == "enable_ept" and i.partition("=")[2].strip() in ("0", "0x0")
+            for i in overrides or ()
+        ):
             ept = False
         if not ept:
             for name, value in KVM_SHADOW_PRESET.items():
@@ -130,11 +161,15 @@ class VmxSettings:
         cpuvirt refuses them up front, naming the rule."""
         b = self.bits
         if b["apic_register_virtualization"] and b["activate_secondary_controls"] and not b["use_tpr_shadow"]:
-            raise CpuvirtError("--vmx apic_register_virtualization=1 needs use_tpr_shadow=1 (SDM 26.2.1.1: "
-                               "VM entry fails with an invalid control field otherwise)")
+            raise CpuvirtError(
+                "--vmx apic_register_virtualization=1 needs use_tpr_shadow=1 (SDM 26.2.1.1: "
+                "VM entry fails with an invalid control field otherwise)"
+            )
         if any(b[c] for c in APIC_CONTROLS) and not b["enable_ept"]:
-            raise CpuvirtError("--vmx use_tpr_shadow / virtualize_apic_accesses / apic_register_virtualization: "
-                               "cpuvirt simulates APIC virtualization with EPT only (not with --no-ept)")
+            raise CpuvirtError(
+                "--vmx use_tpr_shadow / virtualize_apic_accesses / apic_register_virtualization: "
+                "cpuvirt simulates APIC virtualization with EPT only (not with --no-ept)"
+            )
 
     @staticmethod
     def _number(name: str, text: str) -> int:
@@ -201,8 +236,13 @@ class VmxSettings:
 
     def as_dict(self) -> dict:
         d: dict[str, int | str] = {k: v for k, v in self.bits.items() if v}
-        d.update({"exception_bitmap": f"{self.exception_bitmap:#x}", "cr0_guest_host_mask": f"{self.cr0_mask:#x}",
-                  "cr4_guest_host_mask": f"{self.cr4_mask:#x}"})
+        d.update(
+            {
+                "exception_bitmap": f"{self.exception_bitmap:#x}",
+                "cr0_guest_host_mask": f"{self.cr0_mask:#x}",
+                "cr4_guest_host_mask": f"{self.cr4_mask:#x}",
+            }
+        )
         if self.io_ports:
             d["io_bitmap"] = ",".join(f"{p:#x}" for p in sorted(self.io_ports))
         if self.msrs:

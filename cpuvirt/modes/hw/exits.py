@@ -3,6 +3,7 @@
 Each encoder builds the value the processor stores, each decoder turns it back into the dict the
 trace shows, so a reader sees the same fields the SDM names.
 """
+
 from __future__ import annotations
 
 from enum import IntEnum
@@ -75,14 +76,22 @@ class ExitReason(IntEnum):
     XRSTORS = 64
 
 
-ENTRY_FAILURE = 1 << 31     # bit 31 of the exit reason: the VM entry failed
+ENTRY_FAILURE = 1 << 31  # bit 31 of the exit reason: the VM entry failed
 
 # The VMX instructions a guest may execute; each exits with its own reason (SDM 26.1.2).
 VMX_INSTRUCTIONS = {
-    "vmcall": ExitReason.VMCALL, "vmlaunch": ExitReason.VMLAUNCH, "vmresume": ExitReason.VMRESUME,
-    "vmxoff": ExitReason.VMXOFF, "vmxon": ExitReason.VMXON, "vmptrld": ExitReason.VMPTRLD,
-    "vmptrst": ExitReason.VMPTRST, "vmclear": ExitReason.VMCLEAR, "vmread": ExitReason.VMREAD,
-    "vmwrite": ExitReason.VMWRITE, "invept": ExitReason.INVEPT, "invvpid": ExitReason.INVVPID,
+    "vmcall": ExitReason.VMCALL,
+    "vmlaunch": ExitReason.VMLAUNCH,
+    "vmresume": ExitReason.VMRESUME,
+    "vmxoff": ExitReason.VMXOFF,
+    "vmxon": ExitReason.VMXON,
+    "vmptrld": ExitReason.VMPTRLD,
+    "vmptrst": ExitReason.VMPTRST,
+    "vmclear": ExitReason.VMCLEAR,
+    "vmread": ExitReason.VMREAD,
+    "vmwrite": ExitReason.VMWRITE,
+    "invept": ExitReason.INVEPT,
+    "invvpid": ExitReason.INVVPID,
     "vmfunc": ExitReason.VMFUNC,
 }
 
@@ -91,8 +100,15 @@ INTR_TYPE_EXT_INTR, INTR_TYPE_NMI, INTR_TYPE_HW_EXCEPTION = 0, 2, 3
 INTR_TYPE_SOFT_INTR, INTR_TYPE_PRIV_SW_EXCEPTION, INTR_TYPE_SOFT_EXCEPTION = 4, 5, 6
 INTR_INFO_DELIVER_CODE = 1 << 11
 INTR_INFO_VALID = 1 << 31
-INTR_TYPE_NAMES = {0: "external interrupt", 2: "NMI", 3: "hardware exception", 4: "software interrupt",
-                   5: "privileged software exception", 6: "software exception", 7: "other event"}
+INTR_TYPE_NAMES = {
+    0: "external interrupt",
+    2: "NMI",
+    3: "hardware exception",
+    4: "software interrupt",
+    5: "privileged software exception",
+    6: "software exception",
+    7: "other event",
+}
 
 
 def intr_info(vector: int, kind: int, has_error_code: bool) -> int:
@@ -100,8 +116,12 @@ def intr_info(vector: int, kind: int, has_error_code: bool) -> int:
 
 
 def decode_intr_info(info: int) -> dict:
-    return {"vector": info & 0xFF, "type": INTR_TYPE_NAMES[(info >> 8) & 7],
-            "error_code_valid": bool(info & INTR_INFO_DELIVER_CODE), "valid": bool(info & INTR_INFO_VALID)}
+    return {
+        "vector": info & 0xFF,
+        "type": INTR_TYPE_NAMES[(info >> 8) & 7],
+        "error_code_valid": bool(info & INTR_INFO_DELIVER_CODE),
+        "valid": bool(info & INTR_INFO_VALID),
+    }
 
 
 # -- control-register accesses (SDM table 28-3) --------------------------------------------------------
@@ -130,8 +150,14 @@ def io_qualification(port: int, size: int, is_in: bool, string: bool, rep: bool,
 
 
 def decode_io_qualification(q: int) -> dict:
-    return {"port": f"{q >> 16:#x}", "size": (q & 7) + 1, "direction": "in" if q & 8 else "out",
-            "string": bool(q & 16), "rep": bool(q & 32), "operand": "immediate" if q & 64 else "dx"}
+    return {
+        "port": f"{q >> 16:#x}",
+        "size": (q & 7) + 1,
+        "direction": "in" if q & 8 else "out",
+        "string": bool(q & 16),
+        "rep": bool(q & 32),
+        "operand": "immediate" if q & 64 else "dx",
+    }
 
 
 # -- EPT violations (SDM table 28-7) ----------------------------------------------------------------
@@ -155,18 +181,41 @@ def decode_ept_qualification(q: int) -> dict:
 #    Linear Accesses and Guest-Physical Accesses") and APIC-write VM exits (29.4.3.3) ----------------
 APIC_ACCESS_LINEAR_READ, APIC_ACCESS_LINEAR_WRITE, APIC_ACCESS_LINEAR_FETCH = 0, 1, 2
 APIC_ACCESS_LINEAR_EVENT, APIC_ACCESS_PHYSICAL_EVENT, APIC_ACCESS_PHYSICAL_INSN = 3, 10, 15
-APIC_ACCESS_TYPES = {0: "linear access for a data read during instruction execution",
-                     1: "linear access for a data write during instruction execution",
-                     2: "linear access for an instruction fetch",
-                     3: "linear access (read or write) during event delivery",
-                     10: "guest-physical access during event delivery",
-                     15: "guest-physical access for an instruction fetch or during instruction execution"}
-APIC_REGISTER_NAMES = {0x20: "ID", 0x30: "VER", 0x80: "TPR", 0x90: "APR", 0xA0: "PPR", 0xB0: "EOI", 0xC0: "RRD",
-                       0xD0: "LDR", 0xE0: "DFR", 0xF0: "SVR", 0x280: "ESR", 0x300: "ICR_LO", 0x310: "ICR_HI",
-                       0x320: "LVT_TIMER", 0x330: "LVT_THERMAL", 0x340: "LVT_PERF", 0x350: "LVT_LINT0",
-                       0x360: "LVT_LINT1", 0x370: "LVT_ERROR", 0x380: "TMICT", 0x390: "TMCCT", 0x3E0: "TDCR",
-                       **{0x100 + 16 * i: f"ISR{i}" for i in range(8)}, **{0x180 + 16 * i: f"TMR{i}" for i in range(8)},
-                       **{0x200 + 16 * i: f"IRR{i}" for i in range(8)}}
+APIC_ACCESS_TYPES = {
+    0: "linear access for a data read during instruction execution",
+    1: "linear access for a data write during instruction execution",
+    2: "linear access for an instruction fetch",
+    3: "linear access (read or write) during event delivery",
+    10: "guest-physical access during event delivery",
+    15: "guest-physical access for an instruction fetch or during instruction execution",
+}
+APIC_REGISTER_NAMES = {
+    0x20: "ID",
+    0x30: "VER",
+    0x80: "TPR",
+    0x90: "APR",
+    0xA0: "PPR",
+    0xB0: "EOI",
+    0xC0: "RRD",
+    0xD0: "LDR",
+    0xE0: "DFR",
+    0xF0: "SVR",
+    0x280: "ESR",
+    0x300: "ICR_LO",
+    0x310: "ICR_HI",
+    0x320: "LVT_TIMER",
+    0x330: "LVT_THERMAL",
+    0x340: "LVT_PERF",
+    0x350: "LVT_LINT0",
+    0x360: "LVT_LINT1",
+    0x370: "LVT_ERROR",
+    0x380: "TMICT",
+    0x390: "TMCCT",
+    0x3E0: "TDCR",
+    **{0x100 + 16 * i: f"ISR{i}" for i in range(8)},
+    **{0x180 + 16 * i: f"TMR{i}" for i in range(8)},
+    **{0x200 + 16 * i: f"IRR{i}" for i in range(8)},
+}
 
 
 def apic_register_name(offset: int) -> str:
@@ -178,8 +227,11 @@ def apic_access_qualification(offset: int, access_type: int) -> int:
 
 
 def decode_apic_access_qualification(q: int) -> dict:
-    return {"offset": f"{q & 0xFFF:#x}", "register": apic_register_name(q & 0xFFF),
-            "access": APIC_ACCESS_TYPES.get((q >> 12) & 0xF, f"type {(q >> 12) & 0xF}")}
+    return {
+        "offset": f"{q & 0xFFF:#x}",
+        "register": apic_register_name(q & 0xFFF),
+        "access": APIC_ACCESS_TYPES.get((q >> 12) & 0xF, f"type {(q >> 12) & 0xF}"),
+    }
 
 
 def decode_apic_write_qualification(q: int) -> dict:
@@ -202,8 +254,19 @@ def descriptor_instruction_info(mnemonic: str) -> int:
 class Exit:
     """One VM exit as the root-mode handler sees it."""
 
-    __slots__ = ("reason", "qualification", "length", "rip", "insn", "detail", "value", "action",
-                 "implicit_rip", "block", "vmcs_at_exit")
+    __slots__ = (
+        "reason",
+        "qualification",
+        "length",
+        "rip",
+        "insn",
+        "detail",
+        "value",
+        "action",
+        "implicit_rip",
+        "block",
+        "vmcs_at_exit",
+    )
 
     def __init__(self, reason, qualification, length, rip, insn, detail, implicit_rip, value=None):
         self.reason, self.qualification, self.length, self.rip = reason, qualification, length, rip
@@ -212,5 +275,5 @@ class Exit:
         # or True when it answered CPUID itself).
         self.value = value
         self.action = ""
-        self.block = False     # the handler parks the vCPU until an interrupt (HLT)
+        self.block = False  # the handler parks the vCPU until an interrupt (HLT)
         self.vmcs_at_exit = ""  # the VMCS as the exit left it, before the handler ran (for a dump)

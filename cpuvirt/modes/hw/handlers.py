@@ -5,6 +5,7 @@ instruction length when it completed the instruction itself, and says what it di
 in the trace). Events for the guest are injected through the VM-entry interruption-information field,
 never delivered directly: the processor does that at the next VM entry.
 """
+
 from __future__ import annotations
 
 from cpuvirt.cpu.vcpu import EXIT_ERROR, EXIT_HYPERVISOR_STOP, EXIT_TRIPLE_FAULT
@@ -20,12 +21,18 @@ from cpuvirt.x86.vectors import HAS_ERROR_CODE, Vector
 KVM_HC_VAPIC_POLL_IRQ, KVM_HC_KICK_CPU, KVM_HC_CLOCK_PAIRING = 1, 5, 9
 KVM_HC_SEND_IPI, KVM_HC_SCHED_YIELD, KVM_HC_MAP_GPA_RANGE = 10, 11, 12
 KVM_ENOSYS, KVM_EINVAL = 1000, 22
-HYPERCALL_NAMES = {1: "KVM_HC_VAPIC_POLL_IRQ", 5: "KVM_HC_KICK_CPU", 9: "KVM_HC_CLOCK_PAIRING",
-                   10: "KVM_HC_SEND_IPI", 11: "KVM_HC_SCHED_YIELD", 12: "KVM_HC_MAP_GPA_RANGE"}
+HYPERCALL_NAMES = {
+    1: "KVM_HC_VAPIC_POLL_IRQ",
+    5: "KVM_HC_KICK_CPU",
+    9: "KVM_HC_CLOCK_PAIRING",
+    10: "KVM_HC_SEND_IPI",
+    11: "KVM_HC_SCHED_YIELD",
+    12: "KVM_HC_MAP_GPA_RANGE",
+}
 
 
 class RootHypervisor:
-    _segments = None            # cpu/segcache.EngineSegments, made at the first emulated instruction
+    _segments = None  # cpu/segcache.EngineSegments, made at the first emulated instruction
 
     def __init__(self, cpu):
         self.cpu = cpu
@@ -77,8 +84,10 @@ class RootHypervisor:
 
     def guest_interruptible(self) -> bool:
         """RFLAGS.IF and no blocking by STI / MOV SS (GUEST_INTERRUPTIBILITY_INFO bits 0-1)."""
-        return (bool(self.vmcs.vmread(F.GUEST_RFLAGS) & EFLAGS_IF)
-                and not self.vmcs.vmread(F.GUEST_INTERRUPTIBILITY_INFO) & 3)
+        return (
+            bool(self.vmcs.vmread(F.GUEST_RFLAGS) & EFLAGS_IF)
+            and not self.vmcs.vmread(F.GUEST_INTERRUPTIBILITY_INFO) & 3
+        )
 
     # -- handlers ----------------------------------------------------------------------------------------
     def handle_exception_nmi(self, x: Exit) -> None:
@@ -86,8 +95,12 @@ class RootHypervisor:
         info = self.vmcs.vmread(F.VM_EXIT_INTR_INFO)
         vector, kind = info & 0xFF, (info >> 8) & 7
         code = self.vmcs.vmread(F.VM_EXIT_INTR_ERROR_CODE) if info & E.INTR_INFO_DELIVER_CODE else None
-        if (vector == Vector.PF and self.cpu.shadow is not None and kind == E.INTR_TYPE_HW_EXCEPTION
-                and code is not None):                  # a #PF always delivers its error code
+        if (
+            vector == Vector.PF
+            and self.cpu.shadow is not None
+            and kind == E.INTR_TYPE_HW_EXCEPTION
+            and code is not None
+        ):  # a #PF always delivers its error code
             code = self.shadow_page_fault(x, code)
             if code is None:
                 return
@@ -95,7 +108,7 @@ class RootHypervisor:
             # The processor did not touch CR2: the hypervisor sets it from the exit qualification.
             self.cpu.regs.write(R.CR2, self.vmcs.vmread(F.EXIT_QUALIFICATION))
         if kind == E.INTR_TYPE_NMI:
-            self.inject(Vector.NMI, E.INTR_TYPE_NMI)               # the guest's own (virtual) NMI
+            self.inject(Vector.NMI, E.INTR_TYPE_NMI)  # the guest's own (virtual) NMI
         elif kind == E.INTR_TYPE_SOFT_EXCEPTION:
             self.inject(vector, kind, None, self.vmcs.vmread(F.VM_EXIT_INSTRUCTION_LEN))
         else:
@@ -117,6 +130,7 @@ class RootHypervisor:
             return None
         if kind == "traced":
             from cpuvirt.memory.traces import TracedWrite, TraceError
+
             tw = TracedWrite(gva, value, eip=x.rip)
             try:
                 cpu.mmu.traces.dispatch(tw, cpu)
@@ -128,7 +142,7 @@ class RootHypervisor:
             rip = cpu.regs.read(R.EIP)
             if tw.done and rip != x.rip:
                 self.vmcs.vmwrite(F.GUEST_RIP, rip)
-                cpu.clock.unretire(-1)          # the emulated store retired the instruction
+                cpu.clock.unretire(-1)  # the emulated store retired the instruction
                 x.action = "write to a write-protected shadowed page table: emulated, shadow updated, skipped"
             else:
                 x.action = "write to a shadowed page table not emulated: frame unshadowed, store re-executed"
@@ -180,7 +194,7 @@ class RootHypervisor:
     def handle_invlpg(self, x: Exit) -> None:
         la = self.vmcs.vmread(F.EXIT_QUALIFICATION)
         if self.cpu.shadow is not None:
-            self.cpu.shadow.invlpg(la, flush_engine=False)     # the engine executes the invlpg
+            self.cpu.shadow.invlpg(la, flush_engine=False)  # the engine executes the invlpg
             x.action = f"invalidated {la:#x}: shadow entry dropped (kvm_mmu_invlpg), executed for the guest"
             return
         x.action = f"invalidated {la:#x} (executed for the guest)"
@@ -197,15 +211,21 @@ class RootHypervisor:
         regs = self.cpu.regs
         nr = regs.read(R.EAX)
         if nr in (KVM_HC_VAPIC_POLL_IRQ, KVM_HC_KICK_CPU, KVM_HC_SCHED_YIELD):
-            ret = 0                      # one vCPU: nothing to poll, kick or yield to
+            ret = 0  # one vCPU: nothing to poll, kick or yield to
         elif nr == KVM_HC_SEND_IPI:
-            ret = -KVM_EINVAL            # no other vCPU to send to
+            ret = -KVM_EINVAL  # no other vCPU to send to
         else:
             ret = -KVM_ENOSYS
         regs.write(R.EAX, ret & 0xFFFFFFFF)
         self.skip_instruction(x)
-        x.detail.update({"hypercall": HYPERCALL_NAMES.get(nr, f"unknown ({nr})"), "nr": nr,
-                         "args": [f"{regs.read(r):#x}" for r in (R.EBX, R.ECX, R.EDX, R.ESI)], "ret": ret})
+        x.detail.update(
+            {
+                "hypercall": HYPERCALL_NAMES.get(nr, f"unknown ({nr})"),
+                "nr": nr,
+                "args": [f"{regs.read(r):#x}" for r in (R.EBX, R.ECX, R.EDX, R.ESI)],
+                "ret": ret,
+            }
+        )
         x.action = f"hypercall {HYPERCALL_NAMES.get(nr, nr)} -> {ret}"
 
     def handle_vmx_instruction(self, x: Exit) -> None:
@@ -222,7 +242,7 @@ class RootHypervisor:
             value = regs.read(gpr)
             if cr == 0:
                 self.vmcs.vmwrite(F.CR0_READ_SHADOW, value)
-                self.vmcs.vmwrite(F.GUEST_CR0, value | (1 << 5))       # keep CR0.NE, as KVM does
+                self.vmcs.vmwrite(F.GUEST_CR0, value | (1 << 5))  # keep CR0.NE, as KVM does
             elif cr == 4:
                 self.vmcs.vmwrite(F.CR4_READ_SHADOW, value)
                 self.vmcs.vmwrite(F.GUEST_CR4, value)
@@ -243,7 +263,7 @@ class RootHypervisor:
         else:
             data = q >> 16 & 0xF
             shadow = self.vmcs.vmread(F.CR0_READ_SHADOW)
-            new = (shadow & ~0xE) | (data & 0xF) | (shadow & 1)      # LMSW cannot clear PE
+            new = (shadow & ~0xE) | (data & 0xF) | (shadow & 1)  # LMSW cannot clear PE
             self.vmcs.vmwrite(F.CR0_READ_SHADOW, new)
             self.vmcs.vmwrite(F.GUEST_CR0, (self.vmcs.vmread(F.GUEST_CR0) & ~0xF) | (new & 0xF))
             x.action = f"LMSW: CR0 low bits <- {data:#x}"
@@ -269,7 +289,7 @@ class RootHypervisor:
         regs = self.cpu.regs
         msr = regs.read(R.ECX)
         value = self._machine_msr("rdmsr", msr)
-        if msr == 0x10:                               # IA32_TIME_STAMP_COUNTER
+        if msr == 0x10:  # IA32_TIME_STAMP_COUNTER
             value = self.cpu.clock.now
         if value is None:
             x.action = f"MSR {msr:#x}: executed for the guest"
@@ -296,7 +316,7 @@ class RootHypervisor:
             return None
         try:
             result = fn(msr, *value)
-        except Exception as e:                  # the model does not implement this MSR
+        except Exception as e:  # the model does not implement this MSR
             if type(e).__name__ != "MsrFault":
                 raise
             return None
@@ -321,6 +341,7 @@ class RootHypervisor:
             return
         if cpu.settings.lazy_ept and page < cpu.machine.mem_bytes:
             from cpuvirt.memory.p2m import RAM_HPA
+
             cpu.ept.map(page, RAM_HPA + page)
             x.action = f"allocated guest page {page:#x} on demand; retry"
             return
@@ -330,9 +351,12 @@ class RootHypervisor:
             # a sweep of the 4 GiB space would exhaust the hypervisor's memory with EPT tables).
             self.emulate_instruction(x, "unassigned guest-physical memory (reads all-ones, writes dropped): ")
             return
-        cpu.finish("ept_violation", EXIT_HYPERVISOR_STOP,
-                   f"EPT violation at guest-physical {gpa:#x} (linear {self.vmcs.vmread(F.GUEST_LINEAR_ADDRESS):#x}, "
-                   f"{x.detail.get('access')}): outside guest RAM and emulated MMIO")
+        cpu.finish(
+            "ept_violation",
+            EXIT_HYPERVISOR_STOP,
+            f"EPT violation at guest-physical {gpa:#x} (linear {self.vmcs.vmread(F.GUEST_LINEAR_ADDRESS):#x}, "
+            f"{x.detail.get('access')}): outside guest RAM and emulated MMIO",
+        )
         x.action = "no memory there: the hypervisor stops the guest"
 
     def emulate_instruction(self, x: Exit, what: str) -> None:
@@ -343,12 +367,14 @@ class RootHypervisor:
         from cpuvirt.cpu.emulator import Context, EmulatedFault
         from cpuvirt.memory.mmu import GuestPageFault, NestedFault
         from cpuvirt.status import Unsupported
+
         cpu = self.cpu
         # Segments as the CPU forms addresses: real mode, V86 mode and 16-bit code segments are
         # rarely flat (cpu/segcache.py); 16-bit code is decoded as such (cpu/emulator.py).
         segs = self._segments
         if segs is None:
             from cpuvirt.cpu.segcache import EngineSegments
+
             segs = self._segments = EngineSegments(cpu.uc)
         code16 = not cpu.regs.read(R.CR0) & 1 or bool(cpu.regs.read(R.EFLAGS) & EFLAGS_VM)
         if segs.available:
@@ -356,21 +382,34 @@ class RootHypervisor:
             code16 = code16 or not segs.code32()
             linear = (segs.base(R.CS) + x.rip) & 0xFFFFFFFF
         elif code16:
-            cpu.finish("error", EXIT_HYPERVISOR_STOP, f"hw: MMIO access at {x.rip:#x} from 16-bit code: the "
-                       "engine's segment caches cannot be read, so its addresses cannot be formed")
+            cpu.finish(
+                "error",
+                EXIT_HYPERVISOR_STOP,
+                f"hw: MMIO access at {x.rip:#x} from 16-bit code: the "
+                "engine's segment caches cannot be read, so its addresses cannot be formed",
+            )
             x.action = "cannot emulate"
             return
         else:
             linear = x.rip
         user = bool(cpu.regs.read(R.EFLAGS) & EFLAGS_VM) or (
-            bool(cpu.regs.read(R.CR0) & 1) and cpu.regs.read(R.SS) & 3 == 3)   # real mode: supervisor
-        ctx = Context(cpu.regs, _GuestLinear(cpu.mmu, user), io=_ChargedPorts(cpu),
-                      cr0=self._guest_cr0, segs=segs.base if segs.available else None)
+            bool(cpu.regs.read(R.CR0) & 1) and cpu.regs.read(R.SS) & 3 == 3
+        )  # real mode: supervisor
+        ctx = Context(
+            cpu.regs,
+            _GuestLinear(cpu.mmu, user),
+            io=_ChargedPorts(cpu),
+            cr0=self._guest_cr0,
+            segs=segs.base if segs.available else None,
+        )
         try:
             length, done, text = self._emulate_mapping_lazily(linear, code16, ctx)
         except NestedFault as nf:
-            cpu.finish("ept_violation", EXIT_HYPERVISOR_STOP, f"hw: emulating the instruction at {x.rip:#x}: "
-                       f"EPT refuses guest-physical {nf.gpa:#x}")
+            cpu.finish(
+                "ept_violation",
+                EXIT_HYPERVISOR_STOP,
+                f"hw: emulating the instruction at {x.rip:#x}: EPT refuses guest-physical {nf.gpa:#x}",
+            )
             x.action = "cannot emulate"
             return
         except Unsupported as u:
@@ -389,7 +428,7 @@ class RootHypervisor:
         # Virtual time as native counts it: one instruction, however many iterations a rep made.
         if done:
             self.vmcs.vmwrite(F.GUEST_RIP, x.rip + length)
-            cpu.clock.unretire(-1)          # the emulated access retired the instruction
+            cpu.clock.unretire(-1)  # the emulated access retired the instruction
             x.action = f"{what}{text}"
         else:
             x.action = f"{what}{text}; re-entered to continue"
@@ -402,8 +441,9 @@ class RootHypervisor:
         from cpuvirt.cpu.emulator import emulate
         from cpuvirt.memory.mmu import NestedFault
         from cpuvirt.memory.p2m import RAM_HPA
+
         cpu = self.cpu
-        for _ in range(8):                  # at most 8 distinct pages: two operands, each walk's tables
+        for _ in range(8):  # at most 8 distinct pages: two operands, each walk's tables
             try:
                 return emulate(cpu.mmu.fetch_bytes(linear, 15), linear, ctx, code16)
             except NestedFault as nf:
@@ -436,8 +476,9 @@ class RootHypervisor:
             bus.write(APIC_BASE_GPA + offset, size, value)
             x.action = f"emulated write of {value:#x} to {name}"
         else:
-            self.cpu.finish("error", EXIT_HYPERVISOR_STOP, f"hw: APIC access of type {access} at {x.rip:#x}: "
-                            "not emulated")
+            self.cpu.finish(
+                "error", EXIT_HYPERVISOR_STOP, f"hw: APIC access of type {access} at {x.rip:#x}: not emulated"
+            )
             x.action = "cannot emulate"
 
     def handle_apic_write(self, x: Exit) -> None:
@@ -447,10 +488,10 @@ class RootHypervisor:
         page at VM entry, so the page never keeps a value the APIC would not show."""
         offset = self.vmcs.vmread(F.EXIT_QUALIFICATION) & 0xFF0
         vapic = self.cpu.vapic
-        vapic.pull()                              # an ICR low write sends with the ICR high in the page
+        vapic.pull()  # an ICR low write sends with the ICR high in the page
         value = vapic.read32(offset)
         self.cpu.machine.mmio.write(APIC_BASE_GPA + offset, 4, value)
-        if offset != TPR:                         # the register as the APIC now shows it (EOI reads 0...)
+        if offset != TPR:  # the register as the APIC now shows it (EOI reads 0...)
             vapic.write32(offset, self.cpu.machine.apic.read(offset, 4))
         x.action = f"completed the write of {value:#x} to {E.apic_register_name(offset)} in the local APIC"
 
@@ -461,13 +502,17 @@ class RootHypervisor:
         x.action = "TPR lowered below a pending interrupt's class: interrupts re-evaluated"
 
     def handle_ept_misconfig(self, x: Exit) -> None:
-        self.cpu.finish("ept_misconfig", EXIT_HYPERVISOR_STOP,
-                        f"EPT misconfiguration at guest-physical {self.vmcs.vmread(F.GUEST_PHYSICAL_ADDRESS):#x}")
+        self.cpu.finish(
+            "ept_misconfig",
+            EXIT_HYPERVISOR_STOP,
+            f"EPT misconfiguration at guest-physical {self.vmcs.vmread(F.GUEST_PHYSICAL_ADDRESS):#x}",
+        )
         x.action = "misconfigured EPT entry: the hypervisor stops the guest"
 
     def unhandled(self, x: Exit) -> None:
-        self.cpu.finish("error", EXIT_HYPERVISOR_STOP,
-                        f"hw: no handler for exit reason {x.reason.name} ({int(x.reason)})")
+        self.cpu.finish(
+            "error", EXIT_HYPERVISOR_STOP, f"hw: no handler for exit reason {x.reason.name} ({int(x.reason)})"
+        )
         x.action = "no handler"
 
 
@@ -500,10 +545,12 @@ class _ChargedPorts:
 
     def read(self, port: int, size: int) -> int:
         from cpuvirt.cpu.vcpu import IO_CYCLES
+
         self.cpu.clock.advance(IO_CYCLES)
         return self.cpu.machine.bus.read(port, size)
 
     def write(self, port: int, size: int, value: int) -> None:
         from cpuvirt.cpu.vcpu import IO_CYCLES
+
         self.cpu.clock.advance(IO_CYCLES)
         self.cpu.machine.bus.write(port, size, value)

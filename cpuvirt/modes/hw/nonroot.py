@@ -10,6 +10,7 @@ kvm_vmx_exit_handlers (the root-mode side, the hypervisor's handlers: handlers.p
 the controls, decodes the operands it needs (typed, by capstone's detail mode: x86/sysreg.py), and
 either takes the VM exit (`cpu.vm_exit`) or does what the instruction does in non-root operation.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple, Protocol
@@ -26,13 +27,53 @@ from cpuvirt.x86.flags import CR0_ET
 from cpuvirt.x86.sysreg import mov_system_register, msw_operand
 
 # What the intercept hook watches for the processor (with port I/O, which vmx.py's I/O gate takes).
-SENSITIVE = IO_INSTRUCTIONS | frozenset(("hlt", "mov", "clts", "lmsw", "smsw", "invlpg", "lgdt", "lidt", "sgdt",
-                                         "sidt", "lldt", "ltr", "sldt", "str", "rdmsr", "wrmsr", "rdpmc", "wbinvd",
-                                         "invd", "pause", "monitor", "mwait"))
+SENSITIVE = IO_INSTRUCTIONS | frozenset(
+    (
+        "hlt",
+        "mov",
+        "clts",
+        "lmsw",
+        "smsw",
+        "invlpg",
+        "lgdt",
+        "lidt",
+        "sgdt",
+        "sidt",
+        "lldt",
+        "ltr",
+        "sldt",
+        "str",
+        "rdmsr",
+        "wrmsr",
+        "rdpmc",
+        "wbinvd",
+        "invd",
+        "pause",
+        "monitor",
+        "mwait",
+    )
+)
 # Privileged instructions: at CPL > 0 they raise #GP(0) before any VM exit is considered (SDM Vol. 3C
 # 25.1.1, exceptions take priority over exits); the engine raises that #GP itself when they run.
-PRIVILEGED = frozenset(("hlt", "mov", "clts", "lmsw", "invlpg", "lgdt", "lidt", "lldt", "ltr", "rdmsr",
-                        "wrmsr", "wbinvd", "invd", "monitor", "mwait"))
+PRIVILEGED = frozenset(
+    (
+        "hlt",
+        "mov",
+        "clts",
+        "lmsw",
+        "invlpg",
+        "lgdt",
+        "lidt",
+        "lldt",
+        "ltr",
+        "rdmsr",
+        "wrmsr",
+        "wbinvd",
+        "invd",
+        "monitor",
+        "mwait",
+    )
+)
 # The instructions that exit as a whole, with no operand to decode, when the controls named are all 1
 # (SDM Vol. 3C 25.1.3, tables 25-6 and 25-7): mnemonic -> (basic exit reason, controls); none: always.
 INSTRUCTION_EXITS: dict[str, tuple[ExitReason, tuple[str, ...]]] = {
@@ -64,10 +105,23 @@ class NonRootCpu(Protocol):
     mmu: Mmu
 
     def ctl(self, name: str) -> bool: ...
-    def vm_exit(self, reason: ExitReason, rip: int, *, qualification: int = 0, length: int = 0,
-                insn: str | None = None, intr_info: int = 0, intr_error: int | None = None,
-                gpa: int | None = None, gla: int | None = None, instr_info: int = 0,
-                detail: dict | None = None, implicit_rip: bool = False, value: int | None = None) -> Exit: ...
+    def vm_exit(
+        self,
+        reason: ExitReason,
+        rip: int,
+        *,
+        qualification: int = 0,
+        length: int = 0,
+        insn: str | None = None,
+        intr_info: int = 0,
+        intr_error: int | None = None,
+        gpa: int | None = None,
+        gla: int | None = None,
+        instr_info: int = 0,
+        detail: dict | None = None,
+        implicit_rip: bool = False,
+        value: int | None = None,
+    ) -> Exit: ...
     def msr_exits(self, msr: int, write: bool) -> bool: ...
     def operand_address(self, address: int) -> int: ...
     def cr4_gate(self, address: int, size: int, ops: str) -> None: ...
@@ -91,10 +145,10 @@ def mov_system_register_access(cpu: NonRootCpu, at: Sensitive) -> None:
     """MOV to/from CR0, CR3, CR4 (SDM 25.1.3: the masks and read shadows, CR3-load/store exiting and the
     CR3-target values) and to/from DRn (MOV-DR exiting); exit qualification: SDM 27.2.1, tables 27-3, 27-4.
     A MOV to CR4 setting a bit this CPU model lacks is #GP(0) before any exit (cpu/vcpu.py cr4_gate)."""
-    eip = cpu.regs.read(R.EIP)         # an offset in CS: the linear address in flat code
+    eip = cpu.regs.read(R.EIP)  # an offset in CS: the linear address in flat code
     cpu.cr4_gate(at.address, at.size, at.ops)
     if cpu.regs.read(R.EIP) != eip:
-        return                          # the #GP was delivered
+        return  # the #GP was delivered
     form = mov_system_register(at.code)
     if form is None or form.gpr is None:
         return
@@ -103,9 +157,13 @@ def mov_system_register_access(cpu: NonRootCpu, at: Sensitive) -> None:
         if cpu.ctl("mov_dr_exiting"):
             direction = 0 if form.to_system else 1
             q = form.number | (direction << 4) | (form.gpr << 8)
-            cpu.vm_exit(ExitReason.DR_ACCESS, at.address, qualification=q, length=at.size,
-                        detail={"dr": form.number, "direction": "MOV from DR" if direction else "MOV to DR",
-                                "register": name})
+            cpu.vm_exit(
+                ExitReason.DR_ACCESS,
+                at.address,
+                qualification=q,
+                length=at.size,
+                detail={"dr": form.number, "direction": "MOV from DR" if direction else "MOV to DR", "register": name},
+            )
         return
     cr = form.number
     v = cpu.vmcs._values
@@ -131,8 +189,9 @@ def mov_system_register_access(cpu: NonRootCpu, at: Sensitive) -> None:
             _skip(cpu, at)
     elif cr == 3 and cpu.ctl("cr3_store_exiting"):
         q = E.cr_qualification(3, E.CR_MOV_FROM, form.gpr)
-        cpu.vm_exit(ExitReason.CR_ACCESS, at.address, qualification=q, length=at.size,
-                    detail=E.decode_cr_qualification(q))
+        cpu.vm_exit(
+            ExitReason.CR_ACCESS, at.address, qualification=q, length=at.size, detail=E.decode_cr_qualification(q)
+        )
     elif cr in (0, 4):
         # A read sees the read shadow for host-owned bits (SDM 25.3): emulated, no exit.
         mask = v[F.CR0_GUEST_HOST_MASK if cr == 0 else F.CR4_GUEST_HOST_MASK]
@@ -141,7 +200,7 @@ def mov_system_register_access(cpu: NonRootCpu, at: Sensitive) -> None:
             real = cpu.regs.read(R.CR0 if cr == 0 else R.CR4)
             value = (real & ~mask) | (shadow & mask)
             if cr == 0:
-                value |= CR0_ET           # hard-wired to 1 (the engine's CR0 lacks it)
+                value |= CR0_ET  # hard-wired to 1 (the engine's CR0 lacks it)
             cpu.regs.write(gpr, value)
             _skip(cpu, at)
 
@@ -158,8 +217,9 @@ def clts(cpu: NonRootCpu, at: Sensitive) -> None:
     v = cpu.vmcs._values
     if v[F.CR0_GUEST_HOST_MASK] & 8 and v[F.CR0_READ_SHADOW] & 8:
         q = E.cr_qualification(0, E.CR_CLTS)
-        cpu.vm_exit(ExitReason.CR_ACCESS, at.address, length=at.size, qualification=q,
-                    detail=E.decode_cr_qualification(q))
+        cpu.vm_exit(
+            ExitReason.CR_ACCESS, at.address, length=at.size, qualification=q, detail=E.decode_cr_qualification(q)
+        )
 
 
 def smsw(cpu: NonRootCpu, at: Sensitive) -> None:
@@ -174,15 +234,16 @@ def smsw(cpu: NonRootCpu, at: Sensitive) -> None:
     if gpr is not None:
         segs = cpu.engine_segments()
         if segs is not None and smsw_register32(at.code, cpu.code32(segs)) is not None:
-            cpu.smsw_site(at.address, at.size)    # a 32-bit register: all of CR0 (Vcpu.smsw_site)
+            cpu.smsw_site(at.address, at.size)  # a 32-bit register: all of CR0 (Vcpu.smsw_site)
             return
         full = R.GPR_ORDER[gpr]
         cpu.regs.write(full, (cpu.regs.read(full) & 0xFFFF0000) | val)
         _skip(cpu, at)
     elif memory:
         try:
-            cpu.mmu.write_linear(GVA(cpu.operand_address(at.address)), val.to_bytes(2, "little"),
-                                 user=cpu.regs.cpl() == 3)
+            cpu.mmu.write_linear(
+                GVA(cpu.operand_address(at.address)), val.to_bytes(2, "little"), user=cpu.regs.cpl() == 3
+            )
         except GuestPageFault as pf:
             cpu.page_fault(pf.gva, 1, pf.error_code, at.address)
             return
@@ -206,11 +267,12 @@ def lmsw(cpu: NonRootCpu, at: Sensitive) -> None:
     mask, shadow = v[F.CR0_GUEST_HOST_MASK] & 0xF, v[F.CR0_READ_SHADOW] & 0xF
     if (mask & 1 and not shadow & 1 and value & 1) or (mask & 0xE & (value ^ shadow)):
         q = E.cr_qualification(0, E.CR_LMSW, lmsw_memory=memory, lmsw_data=value)
-        cpu.vm_exit(ExitReason.CR_ACCESS, at.address, qualification=q, length=at.size,
-                    detail=E.decode_cr_qualification(q))
+        cpu.vm_exit(
+            ExitReason.CR_ACCESS, at.address, qualification=q, length=at.size, detail=E.decode_cr_qualification(q)
+        )
     elif mask & 0xF:
         real = cpu.regs.read(R.CR0)
-        low = (real & 0xF & mask) | (value & 0xF & ~mask) | (real & 1)   # PE is never cleared
+        low = (real & 0xF & mask) | (value & 0xF & ~mask) | (real & 1)  # PE is never cleared
         cpu.regs.write(R.CR0, (real & ~0xF) | low)
         _skip(cpu, at)
 
@@ -219,8 +281,9 @@ def invlpg(cpu: NonRootCpu, at: Sensitive) -> None:
     """INVLPG exits with INVLPG exiting; the qualification is the linear-address operand (27.2.1)."""
     if cpu.ctl("invlpg_exiting"):
         la = cpu.operand_address(at.address)
-        cpu.vm_exit(ExitReason.INVLPG, at.address, qualification=la, length=at.size,
-                    detail={"linear_address": f"{la:#x}"})
+        cpu.vm_exit(
+            ExitReason.INVLPG, at.address, qualification=la, length=at.size, detail={"linear_address": f"{la:#x}"}
+        )
 
 
 def descriptor_table(cpu: NonRootCpu, at: Sensitive) -> None:
@@ -228,8 +291,13 @@ def descriptor_table(cpu: NonRootCpu, at: Sensitive) -> None:
     control); the instruction-information field says which (SDM 27.2.5, tables 27-10, 27-11)."""
     if cpu.ctl("activate_secondary_controls") and cpu.ctl("descriptor_table_exiting"):
         reason = ExitReason.GDTR_IDTR if at.mnemonic in E.GDTR_IDTR_INSTRUCTIONS else ExitReason.LDTR_TR
-        cpu.vm_exit(reason, at.address, length=at.size, instr_info=E.descriptor_instruction_info(at.mnemonic),
-                    detail={"instruction": at.mnemonic})
+        cpu.vm_exit(
+            reason,
+            at.address,
+            length=at.size,
+            instr_info=E.descriptor_instruction_info(at.mnemonic),
+            detail={"instruction": at.mnemonic},
+        )
 
 
 def msr_access(cpu: NonRootCpu, at: Sensitive) -> None:
@@ -238,8 +306,12 @@ def msr_access(cpu: NonRootCpu, at: Sensitive) -> None:
     ecx = cpu.regs.read(R.ECX)
     write = at.mnemonic == "wrmsr"
     if cpu.msr_exits(ecx, write):
-        cpu.vm_exit(ExitReason.MSR_WRITE if write else ExitReason.MSR_READ, at.address, length=at.size,
-                    detail={"msr": f"{ecx:#x}"})
+        cpu.vm_exit(
+            ExitReason.MSR_WRITE if write else ExitReason.MSR_READ,
+            at.address,
+            length=at.size,
+            detail={"msr": f"{ecx:#x}"},
+        )
     else:
         cpu.msr_instruction(at.address, at.size, at.mnemonic)
 
@@ -253,7 +325,7 @@ def by_controls(cpu: NonRootCpu, at: Sensitive) -> None:
 
 # mnemonic (the intercept hook's, capstone's) -> what the processor does with it in non-root operation
 INSTRUCTION_HANDLERS: dict[str, Handler] = {
-    "mov": mov_system_register_access,          # mov to/from CRn, DRn (the only movs intercepted)
+    "mov": mov_system_register_access,  # mov to/from CRn, DRn (the only movs intercepted)
     "clts": clts,
     "smsw": smsw,
     "lmsw": lmsw,

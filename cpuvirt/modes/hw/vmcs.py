@@ -10,6 +10,7 @@ Guest-state fields that the simulated processor keeps in the engine's registers 
 engine only when a handler asks, and vmwrite marks them dirty so the next VM entry loads them. That is
 the lazy register traffic an exit path needs (UNICORN-NOTES.md, "Costs").
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -122,7 +123,7 @@ class Field(IntEnum):
     HOST_RIP = 0x6C16
 
 
-WIDTH_BITS = {0: 16, 1: 64, 2: 32, 3: 32}   # natural width is 32 bits on this 32-bit processor
+WIDTH_BITS = {0: 16, 1: 64, 2: 32, 3: 32}  # natural width is 32 bits on this 32-bit processor
 KINDS = ("control", "exit information", "guest state", "host state")
 
 
@@ -136,11 +137,17 @@ def kind(enc: int) -> str:
 
 # Fields the simulation does not maintain: the engine does not expose segment-descriptor caches, and
 # host state would describe the root-mode hypervisor, which is cpuvirt's own Python code.
-NOT_SIMULATED = frozenset(f.value for f in Field if (f.name.startswith("GUEST_") and
-                          (f.name.endswith(("_LIMIT", "_AR_BYTES")) or f.name.endswith("_BASE"))
-                          and f.name not in ("GUEST_GDTR_LIMIT", "GUEST_IDTR_LIMIT", "GUEST_GDTR_BASE",
-                                             "GUEST_IDTR_BASE", "GUEST_TR_BASE"))
-                          or f.name.startswith("HOST_"))
+NOT_SIMULATED = frozenset(
+    f.value
+    for f in Field
+    if (
+        f.name.startswith("GUEST_")
+        and (f.name.endswith(("_LIMIT", "_AR_BYTES")) or f.name.endswith("_BASE"))
+        and f.name
+        not in ("GUEST_GDTR_LIMIT", "GUEST_IDTR_LIMIT", "GUEST_GDTR_BASE", "GUEST_IDTR_BASE", "GUEST_TR_BASE")
+    )
+    or f.name.startswith("HOST_")
+)
 
 
 class VmcsError(Exception):
@@ -150,9 +157,9 @@ class VmcsError(Exception):
 class Vmcs:
     def __init__(self):
         self._values: dict[int, int] = {f.value: 0 for f in Field}
-        self._live: dict[int, tuple] = {}     # encoding -> (read(), write(value))
-        self.dirty: set[int] = set()          # live guest-state fields written since the last entry
-        self._cache: dict[int, int] = {}      # live values already fetched during this exit
+        self._live: dict[int, tuple] = {}  # encoding -> (read(), write(value))
+        self.dirty: set[int] = set()  # live guest-state fields written since the last entry
+        self._cache: dict[int, int] = {}  # live values already fetched during this exit
 
     def bind_live(self, field: Field, read, write) -> None:
         self._live[field.value] = (read, write)

@@ -12,6 +12,7 @@ Rules followed, by SDM Vol. 3C section: 25.1.3 (instructions that exit condition
 read shadows), 25.2 (other causes: exception bitmap, #PF error-code mask/match, external interrupts,
 interrupt window), 28.2 (exit-information fields), 26.3 (entry checks), 26.6 (event injection).
 """
+
 from __future__ import annotations
 
 import time
@@ -58,6 +59,7 @@ APIC_ACCESS_HPA = HV_HPA + HV_SIZE
 CR0_FIXED0 = 1 << 5
 RFLAGS_RESERVED_ZERO = (1 << 3) | (1 << 5) | (1 << 15) | 0xFFC00000
 
+
 class _BlockSites(MmioSites):
     """MmioSites with its decode of a block kept until the engine translates a new block there
     (forget_block), as hw keeps its CPUID/RDTSC sites: no fetch of the block's bytes per access."""
@@ -87,27 +89,28 @@ class VmxCpu(Vcpu):
     def __init__(self, machine, settings: VmxSettings, trace=None, max_insns: int = 0, dump_on=None):
         super().__init__(machine, trace=trace, max_insns=max_insns)
         from cpuvirt.modes.hw.handlers import RootHypervisor
+
         self.settings = settings
         self.vmcs = Vmcs()
         self._bind_live_fields()
-        self.hv_mem = HostRegion(self.uc, HV_HPA, HV_SIZE)   # hypervisor-only host memory
+        self.hv_mem = HostRegion(self.uc, HV_HPA, HV_SIZE)  # hypervisor-only host memory
         self.alloc = HvAllocator(self.hv_mem)
         self.exits = 0
         self.stats: Counter = Counter()
         self.handler_time: dict = defaultdict(float)
-        self.dump_on = dump_on        # (exit number or reason name) -> callback(dump text)
+        self.dump_on = dump_on  # (exit number or reason name) -> callback(dump text)
         self.hypervisor = RootHypervisor(self)
         self._io_forms: dict = {}
-        self.shadow: ShadowPaging | None = None   # without EPT: KVM's shadow MMU (memory/shadow.py)
-        self.pf_access = 0      # access kind of the last shadow #PF (the handler walks for it)
+        self.shadow: ShadowPaging | None = None  # without EPT: KVM's shadow MMU (memory/shadow.py)
+        self.pf_access = 0  # access kind of the last shadow #PF (the handler walks for it)
         self._sites: dict = {}
         # the task switch a TASK_SWITCH exit is for: (view, selector, reason, next EIP, ext, its fault)
         self._task: tuple[Any, int, int, int, int, DeliveryFault | None] | None = None
         self.vapic: apicv.VirtualApic | None = None
-        self.fast_fill: EptFastFill | None = None   # memory/fastfill.py: TLB fills under EPT in C
-        self._apic_sites: _BlockSites | None = None   # cpu/mmiosite.py, made on the first APIC exit
+        self.fast_fill: EptFastFill | None = None  # memory/fastfill.py: TLB fills under EPT in C
+        self._apic_sites: _BlockSites | None = None  # cpu/mmiosite.py, made on the first APIC exit
         self._apic_lengths: dict[int, int] = {}
-        self.apic_access = (4, 0)             # (size, value written) of the access an APIC_ACCESS exit is for
+        self.apic_access = (4, 0)  # (size, value written) of the access an APIC_ACCESS exit is for
         self._launch()
 
     # -- VMLAUNCH: the hypervisor's set-up, then the first entry ---------------------------------------
@@ -119,7 +122,7 @@ class VmxCpu(Vcpu):
             off = (port & 0x7FFF) >> 3
             self.hv_mem.view[page - HV_HPA + off] |= 1 << (port & 7)
         for m in s.msrs:
-            for base in (0, 2048):                        # read bitmap, write bitmap (SDM 25.6.9)
+            for base in (0, 2048):  # read bitmap, write bitmap (SDM 25.6.9)
                 if m <= 0x1FFF:
                     bit = m
                 elif 0xC0000000 <= m <= 0xC0001FFF:
@@ -130,7 +133,7 @@ class VmxCpu(Vcpu):
         v.vmwrite(F.IO_BITMAP_A, io_a)
         v.vmwrite(F.IO_BITMAP_B, io_b)
         v.vmwrite(F.MSR_BITMAP, msr)
-        v.vmwrite(F.VMCS_LINK_POINTER, 0xFFFFFFFFFFFFFFFF)      # no shadow VMCS (SDM 26.3.1.5)
+        v.vmwrite(F.VMCS_LINK_POINTER, 0xFFFFFFFFFFFFFFFF)  # no shadow VMCS (SDM 26.3.1.5)
         s.apply(v)
         if s.bits["enable_ept"]:
             self.ept = Ept(self.hv_mem, self.alloc)
@@ -160,13 +163,20 @@ class VmxCpu(Vcpu):
         page = self.alloc.page()
         v.vmwrite(F.VIRTUAL_APIC_PAGE_ADDR, page)
         if not (s.bits["virtualize_apic_accesses"] and s.bits["activate_secondary_controls"]):
-            return                  # no CR8 in 32-bit mode: the TPR shadow alone changes nothing
+            return  # no CR8 in 32-bit mode: the TPR shadow alone changes nothing
         v.vmwrite(F.APIC_ACCESS_ADDR, APIC_ACCESS_HPA)
         self.ept.map(GPA(APIC_BASE_GPA), HPA(APIC_ACCESS_HPA), EPT_R | EPT_W)
         off = page - HV_HPA
-        self.vapic = apicv.VirtualApic(self.uc, self.machine.apic, self.hv_mem.view[off:off + 0x1000],
-                                       self.hv_mem.host_address + off, APIC_ACCESS_HPA, True,
-                                       bool(s.bits["apic_register_virtualization"]), self.apic_exit)
+        self.vapic = apicv.VirtualApic(
+            self.uc,
+            self.machine.apic,
+            self.hv_mem.view[off : off + 0x1000],
+            self.hv_mem.host_address + off,
+            APIC_ACCESS_HPA,
+            True,
+            bool(s.bits["apic_register_virtualization"]),
+            self.apic_exit,
+        )
         v.vmwrite(F.TPR_THRESHOLD, self.vapic.tpr_threshold)
 
     def guest_entry(self) -> None:
@@ -175,7 +185,7 @@ class VmxCpu(Vcpu):
         cr0 = self.regs.read(R.CR0)
         v.vmwrite(F.CR0_READ_SHADOW, cr0)
         v.vmwrite(F.CR4_READ_SHADOW, self.regs.read(R.CR4))
-        v.vmwrite(F.GUEST_CR0, cr0 | CR0_FIXED0)         # KVM too forces CR0.NE behind the shadow
+        v.vmwrite(F.GUEST_CR0, cr0 | CR0_FIXED0)  # KVM too forces CR0.NE behind the shadow
         v.vmwrite(F.GUEST_ACTIVITY_STATE, 0)
         if self.settings.bits["enable_ept"]:
             # From VMLAUNCH on, every guest-physical access goes through EPT (the loader before it
@@ -183,7 +193,7 @@ class VmxCpu(Vcpu):
             self.mmu.strategy = EptWalk(self.mmu, self.ept)
             if self.fast_fill is not None:
                 self.fast_fill.enable()
-            if self.delivery.fast is None:          # deliveries through the guest IDT in C, walks via EPT
+            if self.delivery.fast is None:  # deliveries through the guest IDT in C, walks via EPT
                 FastDelivery.install_ept(self.delivery, self.ept)
         self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
         self.vm_entry(None)
@@ -199,12 +209,23 @@ class VmxCpu(Vcpu):
                 t = list(regs.table(reg))
                 t[index] = val
                 regs.set_table(reg, tuple(t))
+
             v.bind_live(field, lambda: regs.table(reg)[index], write)
 
-        for field, reg in ((F.GUEST_RIP, R.EIP), (F.GUEST_RSP, R.ESP), (F.GUEST_RFLAGS, R.EFLAGS),
-                           (F.GUEST_CR0, R.CR0), (F.GUEST_CR3, R.CR3), (F.GUEST_CR4, R.CR4),
-                           (F.GUEST_CS_SELECTOR, R.CS), (F.GUEST_SS_SELECTOR, R.SS), (F.GUEST_DS_SELECTOR, R.DS),
-                           (F.GUEST_ES_SELECTOR, R.ES), (F.GUEST_FS_SELECTOR, R.FS), (F.GUEST_GS_SELECTOR, R.GS)):
+        for field, reg in (
+            (F.GUEST_RIP, R.EIP),
+            (F.GUEST_RSP, R.ESP),
+            (F.GUEST_RFLAGS, R.EFLAGS),
+            (F.GUEST_CR0, R.CR0),
+            (F.GUEST_CR3, R.CR3),
+            (F.GUEST_CR4, R.CR4),
+            (F.GUEST_CS_SELECTOR, R.CS),
+            (F.GUEST_SS_SELECTOR, R.SS),
+            (F.GUEST_DS_SELECTOR, R.DS),
+            (F.GUEST_ES_SELECTOR, R.ES),
+            (F.GUEST_FS_SELECTOR, R.FS),
+            (F.GUEST_GS_SELECTOR, R.GS),
+        ):
             scalar(field, reg)
         table(F.GUEST_GDTR_BASE, R.GDTR, 1)
         table(F.GUEST_GDTR_LIMIT, R.GDTR, 2)
@@ -229,10 +250,23 @@ class VmxCpu(Vcpu):
         return bool(self.hv_mem.view[page - HV_HPA + bit // 8] >> (bit % 8) & 1)
 
     # -- VM exit and VM entry -------------------------------------------------------------------------
-    def vm_exit(self, reason: ExitReason, rip: int, *, qualification: int = 0, length: int = 0, insn: str | None = None,
-                intr_info: int = 0, intr_error: int | None = None, gpa: int | None = None, gla: int | None = None,
-                instr_info: int = 0, detail: dict | None = None, implicit_rip: bool = False,
-                value: int | None = None) -> Exit:
+    def vm_exit(
+        self,
+        reason: ExitReason,
+        rip: int,
+        *,
+        qualification: int = 0,
+        length: int = 0,
+        insn: str | None = None,
+        intr_info: int = 0,
+        intr_error: int | None = None,
+        gpa: int | None = None,
+        gla: int | None = None,
+        instr_info: int = 0,
+        detail: dict | None = None,
+        implicit_rip: bool = False,
+        value: int | None = None,
+    ) -> Exit:
         v = self.vmcs
         v.on_exit()
         w = v._values
@@ -255,10 +289,18 @@ class VmxCpu(Vcpu):
         self.counts["vmexit"] += 1
         if insn is None:
             insn = self.insn_at(rip) if self.trace is not None or self.dump_on is not None else ""
-        x = Exit(reason, qualification, length, rip, insn, detail or {}, implicit_rip,
-                 None if reason != ExitReason.IO_INSTRUCTION or qualification & 8 else value)
+        x = Exit(
+            reason,
+            qualification,
+            length,
+            rip,
+            insn,
+            detail or {},
+            implicit_rip,
+            None if reason != ExitReason.IO_INSTRUCTION or qualification & 8 else value,
+        )
         if self.dump_on is not None:
-            x.vmcs_at_exit = v.dump(CONTROLS)          # the state at the exit, not after the handler emulated it
+            x.vmcs_at_exit = v.dump(CONTROLS)  # the state at the exit, not after the handler emulated it
         t0 = time.perf_counter()
         handler = self.hypervisor.handlers.get(reason, self.hypervisor.unhandled)
         handler(x)
@@ -281,7 +323,7 @@ class VmxCpu(Vcpu):
     def vm_entry(self, x: Exit | None) -> None:
         v = self.vmcs
         if x is not None and x.implicit_rip:
-            v.dirty.discard(F.GUEST_RIP)      # the engine finishes the instruction itself
+            v.dirty.discard(F.GUEST_RIP)  # the engine finishes the instruction itself
         try:
             self._entry_checks()
         except EntryFailure as ef:
@@ -289,8 +331,14 @@ class VmxCpu(Vcpu):
             v._values[F.EXIT_QUALIFICATION] = ef.qualification
             rip = v.vmread(F.GUEST_RIP)
             self.stats[ExitReason.ENTRY_FAIL_GUEST_STATE] += 1
-            self.record("entry_failure", "ENTRY_FAIL_GUEST_STATE", E.ENTRY_FAILURE | 33, rip, {"why": str(ef)},
-                        "VM entry failed: the hypervisor stops the guest")
+            self.record(
+                "entry_failure",
+                "ENTRY_FAIL_GUEST_STATE",
+                E.ENTRY_FAILURE | 33,
+                rip,
+                {"why": str(ef)},
+                "VM entry failed: the hypervisor stops the guest",
+            )
             self.finish("entry_failure", EXIT_HYPERVISOR_STOP, f"VM entry failed (exit reason 0x80000021): {ef}")
             return
         info = v._values[F.VM_ENTRY_INTR_INFO_FIELD]
@@ -309,9 +357,15 @@ class VmxCpu(Vcpu):
             # `int n` would; a privileged software exception (type 5) does not (SDM 26.6.1.1).
             dpl_check = kind in (E.INTR_TYPE_SOFT_INTR, E.INTR_TYPE_SOFT_EXCEPTION)
             if kind == E.INTR_TYPE_NMI:
-                self.nmi_blocked = True          # blocked until the guest's next iret (SDM 6.7.1)
-            self.deliver(vector, ret, code, soft=dpl_check, external=kind == E.INTR_TYPE_EXT_INTR,
-                         fault_eip=eip if dpl_check else None)
+                self.nmi_blocked = True  # blocked until the guest's next iret (SDM 6.7.1)
+            self.deliver(
+                vector,
+                ret,
+                code,
+                soft=dpl_check,
+                external=kind == E.INTR_TYPE_EXT_INTR,
+                fault_eip=eip if dpl_check else None,
+            )
         if self.vapic is not None:
             self._sync_vapic(self.vapic)
 
@@ -363,11 +417,11 @@ class VmxCpu(Vcpu):
         if self.outcome is not None:
             return
         if mnem in PRIVILEGED and self.regs.cpl() != 0:
-            return                       # the engine raises #GP(0): no exit for it to take first
+            return  # the engine raises #GP(0): no exit for it to take first
         if mnem in IO_INSTRUCTIONS:
-            self.io_gate(address, size, mnem, ops)     # I/O permission before any I/O exit
+            self.io_gate(address, size, mnem, ops)  # I/O permission before any I/O exit
             return
-        handler = INSTRUCTION_HANDLERS.get(mnem)       # nonroot.py: exit or not, SDM 25.1.3
+        handler = INSTRUCTION_HANDLERS.get(mnem)  # nonroot.py: exit or not, SDM 25.1.3
         if handler is not None:
             handler(self, Sensitive(address, size, mnem, ops, self.code_at(address, size)))
         if self.outcome is not None or self._blocked:
@@ -419,26 +473,30 @@ class VmxCpu(Vcpu):
             form = (False, False, False)
             for _, _, mnem, ops in self._cs().disasm_lite(code, addr, 1):
                 string = mnem.split()[-1].startswith(("ins", "outs"))
-                form = (string, mnem.startswith("rep"),
-                        not string and "dx" not in ops.split(",")[0 if mnem.startswith("out") else -1])
+                form = (
+                    string,
+                    mnem.startswith("rep"),
+                    not string and "dx" not in ops.split(",")[0 if mnem.startswith("out") else -1],
+                )
             self._io_forms[addr] = form
         return form
 
     def port_io(self, port: int, size: int, is_in: bool, value: int = 0) -> int:
         """IN/OUT in non-root operation: an IO_INSTRUCTION exit when the controls say so (SDM 25.1.3)."""
         if not self._io_exits(port, size):
-            return super().port_io(port, size, is_in, value)     # straight to the device
+            return super().port_io(port, size, is_in, value)  # straight to the device
         self.clock.advance(1000)
         addr, length = self.io_site()
         string, rep, imm = self._io_form(addr)
         q = E.io_qualification(port, size, is_in, string, rep, imm)
         d = None
-        if self.trace is not None:          # decoded only for a reader
+        if self.trace is not None:  # decoded only for a reader
             d = E.decode_io_qualification(q)
             if not is_in:
                 d["value"] = f"{value:#x}"
-        x = self.vm_exit(ExitReason.IO_INSTRUCTION, addr, qualification=q, length=length, detail=d,
-                         implicit_rip=True, value=value)
+        x = self.vm_exit(
+            ExitReason.IO_INSTRUCTION, addr, qualification=q, length=length, detail=d, implicit_rip=True, value=value
+        )
         return x.value if is_in and x.value is not None else 0
 
     def hook_cpuid(self, uc, _data) -> bool:
@@ -447,8 +505,13 @@ class VmxCpu(Vcpu):
             return False
         self.mmu.crs = None
         eax, ecx = self.regs.read(R.EAX), self.regs.read(R.ECX)
-        x = self.vm_exit(ExitReason.CPUID, self._insn_site(), length=2, implicit_rip=True,
-                         detail={"leaf": f"{eax:#x}", "subleaf": f"{ecx:#x}"} if self.trace is not None else None)
+        x = self.vm_exit(
+            ExitReason.CPUID,
+            self._insn_site(),
+            length=2,
+            implicit_rip=True,
+            detail={"leaf": f"{eax:#x}", "subleaf": f"{ecx:#x}"} if self.trace is not None else None,
+        )
         return bool(x.value)
 
     def _insn_site(self) -> int:
@@ -470,12 +533,12 @@ class VmxCpu(Vcpu):
         super().forget_block(address)
         self._sites.pop(address, None)
         if self._apic_lengths:
-            self._apic_lengths.clear()      # code at an APIC-access site may have changed
+            self._apic_lengths.clear()  # code at an APIC-access site may have changed
         if self._apic_sites is not None:
             self._apic_sites.forget(address)
 
-    rdtsc_in_c = False      # RDTSC exiting and TSC offsetting are decided here, per rdtsc
-    cpuid_in_c = False      # CPUID always exits
+    rdtsc_in_c = False  # RDTSC exiting and TSC offsetting are decided here, per rdtsc
+    cpuid_in_c = False  # CPUID always exits
 
     @hook_guard(returns=1)
     def rdtsc(self, _uc, _data) -> int:
@@ -513,21 +576,27 @@ class VmxCpu(Vcpu):
             if self.trace is not None:
                 d = E.decode_apic_access_qualification(q)
                 d["size"] = size
-            x = self.vm_exit(ExitReason.APIC_ACCESS, site, qualification=q, length=length, detail=d,
-                             implicit_rip=True, value=value)
+            x = self.vm_exit(
+                ExitReason.APIC_ACCESS, site, qualification=q, length=length, detail=d, implicit_rip=True, value=value
+            )
             return (x.value or 0) if kind == apicv.ACCESS_READ else 0
         next_rip = (site + length) & 0xFFFFFFFF
         if kind == apicv.APIC_WRITE:
             d = None
             if self.trace is not None:
                 d = E.decode_apic_write_qualification(offset)
-                d["written_by"] = f"{site:#x}"      # trap-like: RIP is already past that instruction
+                d["written_by"] = f"{site:#x}"  # trap-like: RIP is already past that instruction
             self.vm_exit(ExitReason.APIC_WRITE, next_rip, qualification=offset & 0xFFF, detail=d, implicit_rip=True)
         else:
             vapic = self.vapic
-            self.vm_exit(ExitReason.TPR_BELOW_THRESHOLD, next_rip, implicit_rip=True,
-                         detail={"vtpr": f"{vapic.page[0x80]:#x}", "tpr_threshold": vapic.tpr_threshold}
-                         if self.trace is not None and vapic is not None else None)
+            self.vm_exit(
+                ExitReason.TPR_BELOW_THRESHOLD,
+                next_rip,
+                implicit_rip=True,
+                detail={"vtpr": f"{vapic.page[0x80]:#x}", "tpr_threshold": vapic.tpr_threshold}
+                if self.trace is not None and vapic is not None
+                else None,
+            )
         return 0
 
     def _apic_site(self, offset: int, is_write: bool) -> tuple[int, int]:
@@ -553,8 +622,9 @@ class VmxCpu(Vcpu):
         match = ((error_code or 0) & v[F.PAGE_FAULT_ERROR_CODE_MASK]) == v[F.PAGE_FAULT_ERROR_CODE_MATCH]
         return match if bitmap >> 14 & 1 else not match
 
-    def _exception_exit(self, vector: int, rip: int, error_code: int | None, kind: int, length: int = 0,
-                        qualification: int = 0) -> None:
+    def _exception_exit(
+        self, vector: int, rip: int, error_code: int | None, kind: int, length: int = 0, qualification: int = 0
+    ) -> None:
         info = E.intr_info(vector, kind, error_code is not None)
         d = E.decode_intr_info(info)
         d["name"] = MNEMONIC.get(vector, str(vector))
@@ -562,8 +632,15 @@ class VmxCpu(Vcpu):
             d["error_code"] = error_code
         if vector == Vector.PF:
             d["linear_address"] = f"{qualification:#x}"
-        self.vm_exit(ExitReason.EXCEPTION_NMI, rip, qualification=qualification, length=length, intr_info=info,
-                     intr_error=error_code, detail=d)
+        self.vm_exit(
+            ExitReason.EXCEPTION_NMI,
+            rip,
+            qualification=qualification,
+            length=length,
+            intr_info=info,
+            intr_error=error_code,
+            detail=d,
+        )
 
     def hook_intr(self, uc, intno, data):
         if self._intr_depth or self.outcome is not None:
@@ -580,7 +657,7 @@ class VmxCpu(Vcpu):
             if hw:
                 ec = error_code if intno in HAS_ERROR_CODE else None
                 self._exception_exit(intno, eip, ec, E.INTR_TYPE_HW_EXCEPTION)
-            else:                                   # int3 / into: software exceptions, EIP after them
+            else:  # int3 / into: software exceptions, EIP after them
                 self._exception_exit(intno, eip - 1, None, E.INTR_TYPE_SOFT_EXCEPTION, length=1)
         finally:
             self._intr_depth -= 1
@@ -631,7 +708,7 @@ class VmxCpu(Vcpu):
             self.pf_access = pending.access
             if self._exception_exits(Vector.PF, code):
                 self._exception_exit(Vector.PF, eip, code, E.INTR_TYPE_HW_EXCEPTION, qualification=gva)
-            else:        # a hypervisor that does not intercept #PF: the guest sees the shadow's fault
+            else:  # a hypervisor that does not intercept #PF: the guest sees the shadow's fault
                 self.page_fault(gva, pending.access, code, eip)
             return
         if self._exception_exits(Vector.PF, pending.error_code):
@@ -641,10 +718,10 @@ class VmxCpu(Vcpu):
 
     def _ept_exit(self, nf: NestedFault, eip: int) -> None:
         viol = nf.detail
-        assert nf.access is not None and nf.gva is not None      # with_linear ran in the fill hook
+        assert nf.access is not None and nf.gva is not None  # with_linear ran in the fill hook
         bit = {0: EPT_R, 1: EPT_W, 2: EPT_X}[nf.access]
         gla = self.exact_linear(nf, eip) if nf.final else nf.gva
-        if nf.final:          # the fill hook saw only the page: the exact address comes from the operand
+        if nf.final:  # the fill hook saw only the page: the exact address comes from the operand
             nf.gpa = (nf.gpa & ~0xFFF) | (gla & 0xFFF)
         if viol.misconfig:
             self.vm_exit(ExitReason.EPT_MISCONFIG, eip, gpa=nf.gpa, detail={"gpa": f"{nf.gpa:#x}"})
@@ -668,7 +745,7 @@ class VmxCpu(Vcpu):
         """Exits due before the next guest instruction (SDM 25.2): the interrupt window, which is
         open when RFLAGS.IF = 1 and no STI / MOV SS shadow blocks interrupts."""
         if self.vapic is not None:
-            self._sync_vapic(self.vapic)   # timers and interrupt delivery changed the APIC since the last entry
+            self._sync_vapic(self.vapic)  # timers and interrupt delivery changed the APIC since the last entry
         if self.ctl("interrupt_window_exiting") and self.regs.read(R.EFLAGS) & EFLAGS_IF:
             if self.faults.interrupt_shadow():
                 self._after_one_block = True
@@ -679,7 +756,7 @@ class VmxCpu(Vcpu):
         m = self.machine
         if getattr(m, "pending_nmi", None) is not None and m.pending_nmi() and not self.nmi_blocked:
             if not self.ctl("nmi_exiting"):
-                return super().inject_pending_interrupt(eip)      # delivered to the guest directly
+                return super().inject_pending_interrupt(eip)  # delivered to the guest directly
             m.acknowledge_nmi()
             info = E.intr_info(Vector.NMI, E.INTR_TYPE_NMI, False)
             d = E.decode_intr_info(info)
@@ -702,7 +779,7 @@ class VmxCpu(Vcpu):
         self.vmcs._values[F.GUEST_INTERRUPTIBILITY_INFO] = 1 if self.faults.interrupt_shadow() else 0
         x = self.vm_exit(ExitReason.EXTERNAL_INTERRUPT, eip)
         if self.vmcs._values[F.GUEST_INTERRUPTIBILITY_INFO] & 3 and self.ctl("interrupt_window_exiting"):
-            self._after_one_block = True    # the window opens after the shadowed instruction
+            self._after_one_block = True  # the window opens after the shadowed instruction
         return x.action.startswith("injected")
 
     def halt_requested(self) -> bool:
@@ -715,6 +792,7 @@ class VmxCpu(Vcpu):
     def deliver(self, vector, return_eip, error_code=None, soft=False, external=False, fault_eip=None):
         from cpuvirt.cpu.faults import TripleFault
         from cpuvirt.status import Unsupported
+
         try:
             self.delivery.deliver(vector, return_eip, error_code, soft, external, fault_eip)
         except TripleFault as tf:
@@ -729,8 +807,12 @@ class VmxCpu(Vcpu):
         q = (sel & 0xFFFF) | (reason << 30)
         source = ("CALL", "IRET", "JMP", "task gate in IDT")[reason]
         self._task = (view, sel, reason, next_eip, ext, None)
-        self.vm_exit(ExitReason.TASK_SWITCH, self.regs.read(R.EIP), qualification=q,
-                     detail={"selector": f"{sel:#x}", "source": source})
+        self.vm_exit(
+            ExitReason.TASK_SWITCH,
+            self.regs.read(R.EIP),
+            qualification=q,
+            detail={"selector": f"{sel:#x}", "source": source},
+        )
         fault = self._task[5]
         self._task = None
         if fault is not None:
@@ -739,6 +821,7 @@ class VmxCpu(Vcpu):
     def perform_task_switch(self) -> str:
         """For the root-mode handler: switch tasks as the exit described (cpu/tasks.py)."""
         from cpuvirt.cpu import tasks
+
         assert self._task is not None, "a TASK_SWITCH exit without a task switch"
         view, sel, reason, next_eip, ext, _ = self._task
         try:

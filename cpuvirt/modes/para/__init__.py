@@ -5,6 +5,7 @@ hypercall page (`hypercalls.py`), events through a virtual trap table and event-
 (`vcpu.py`, `events.py`), direct paging with typed, reference-counted frames (memory/direct.py).
 It is fast because nothing is intercepted but what the guest asks for; it runs only modified guests.
 """
+
 from __future__ import annotations
 
 import struct
@@ -34,7 +35,7 @@ class ParaMode(Mode):
         self.vcpu.install_hooks()
         self.top = 0x100000
         self.cmdline = b""
-        self.module: tuple[int, int] | None = None      # the first Multiboot module: (start, end)
+        self.module: tuple[int, int] | None = None  # the first Multiboot module: (start, end)
         self.layout: S.Layout | None = None
 
     def set_image(self, image, boot) -> None:
@@ -54,6 +55,7 @@ class ParaMode(Mode):
         lay = self.layout = S.Layout.plan(self.top, self.nr_pages)
         if lay.first_free > m.mem_bytes:
             from cpuvirt.errors import CpuvirtError
+
             raise CpuvirtError(f"para: no room above the image ({lay.start_info:#x}) for the PV start pages")
         regs = m.regs
         mbi = regs.read(R.EBX)
@@ -85,10 +87,10 @@ class ParaMode(Mode):
         paging.pin(self.mfn(lay.l2), L2)
         paging.on_flush = vcpu.flush_tlb
         m.mmu.strategy = paging
-        m.mmu.dma_guard = paging.dma_refusal      # devices (virtio) never write typed frames
+        m.mmu.dma_guard = paging.dma_refusal  # devices (virtio) never write typed frames
 
         vcpu.events = EventChannels(m.ram, RAM_HPA + lay.shared_info)
-        vcpu.shared_info_ma = RAM_HPA + lay.shared_info     # its machine address (direct paging)
+        vcpu.shared_info_ma = RAM_HPA + lay.shared_info  # its machine address (direct paging)
         vcpu.hypercall_va = lay.hypercall
         regs.set_table(R.GDTR, (0, 0xFC000000, len(S.BOOT_GDT) * 8 - 1, 0))
         regs.write(R.CR4, 0x10)
@@ -108,7 +110,7 @@ class ParaMode(Mode):
         regs.write(R.ESP, esp)
         eax, ebx = regs.read(R.EAX), regs.read(R.EBX)
         now = m.clock.now
-        observer, m.block_observer = m.block_observer, None    # the hypervisor's own iretd: no intercept
+        observer, m.block_observer = m.block_observer, None  # the hypervisor's own iretd: no intercept
         m.uc.emu_start(lay.hypercall + S.IRET_STUB, 0, 0, 1)
         m.block_observer = observer
         m.clock.now = now

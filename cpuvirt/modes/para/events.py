@@ -3,6 +3,7 @@
 The guest masks events with a plain write of vcpu_info.evtchn_upcall_mask; the hypervisor only sets
 pending bits here and, when they are pending and unmasked, the vCPU delivers an upcall (vcpu.py).
 """
+
 from __future__ import annotations
 
 from cpuvirt.modes.para.startinfo import (
@@ -16,7 +17,7 @@ from cpuvirt.modes.para.startinfo import (
 )
 
 VIRQ_TIMER = 0
-NR_PORTS = 1024     # 32 words of 32 bits (x86_32 shared_info)
+NR_PORTS = 1024  # 32 words of 32 bits (x86_32 shared_info)
 
 
 class EventChannels:
@@ -48,16 +49,16 @@ class EventChannels:
 
     def set_cr2(self, value: int) -> None:
         o = self.off + VCPU_CR2
-        self.buf[o:o + 4] = value.to_bytes(4, "little")
+        self.buf[o : o + 4] = value.to_bytes(4, "little")
 
     # -- ports -----------------------------------------------------------------------------------------
     def _word(self, base: int, i: int) -> int:
         o = self.off + base + 4 * i
-        return int.from_bytes(self.buf[o:o + 4], "little")
+        return int.from_bytes(self.buf[o : o + 4], "little")
 
     def _set_word(self, base: int, i: int, v: int) -> None:
         o = self.off + base + 4 * i
-        self.buf[o:o + 4] = v.to_bytes(4, "little")
+        self.buf[o : o + 4] = v.to_bytes(4, "little")
 
     def raise_port(self, port: int) -> bool:
         """evtchn_set_pending: True if this made an upcall pending."""
@@ -72,8 +73,8 @@ class EventChannels:
         if self._word(EVTCHN_MASK, w) & (1 << bit):
             return False
         o = self.off
-        sel = int.from_bytes(self.buf[o + VCPU_PENDING_SEL:o + VCPU_PENDING_SEL + 4], "little")
-        self.buf[o + VCPU_PENDING_SEL:o + VCPU_PENDING_SEL + 4] = (sel | (1 << w)).to_bytes(4, "little")
+        sel = int.from_bytes(self.buf[o + VCPU_PENDING_SEL : o + VCPU_PENDING_SEL + 4], "little")
+        self.buf[o + VCPU_PENDING_SEL : o + VCPU_PENDING_SEL + 4] = (sel | (1 << w)).to_bytes(4, "little")
         if self.buf[o + VCPU_UPCALL_PENDING]:
             return False
         self.buf[o + VCPU_UPCALL_PENDING] = 1

@@ -4,6 +4,7 @@ Each handler takes the ParaVcpu, reads only the argument registers it needs, and
 for EAX (a negative errno on failure) or None when it set the guest's registers itself (iret). A
 handler may put the decoded arguments in `cpu.detail` for the trace (only when one is written).
 """
+
 from __future__ import annotations
 
 import struct
@@ -38,20 +39,27 @@ XENVER_version = 0
 XEN_VERSION = 0x00040011
 MAX_BATCH = 1 << 16
 ENOSPC = 28
-MMU_UPDATE_PREEMPTED = 1 << 31   # xen.h: set in `count` when a batch is continued (hypercall continuation)
+MMU_UPDATE_PREEMPTED = 1 << 31  # xen.h: set in `count` when a batch is continued (hypercall continuation)
 
 # The cost model (docs/security.md, "Bounds"): the hypervisor's work for a hypercall is charged to
 # the guest's virtual-cycle budget, in proportion to what was done, so a guest cannot make the host
 # spend time the budget does not pay for. One unit of Python work (about 0.2-1 us of host time) is
 # charged about as much virtual time, as a port access is (IO_CYCLES).
-HYPERCALL_CYCLES = 1000          # every hypercall: the trap into the hypervisor and back
-REQUEST_CYCLES = 100             # each mmu_update / mmuext_op request examined
-ENTRY_CYCLES = 100               # each page-table entry validated or released (a full L1: 1024)
-CONSOLE_BYTE_CYCLES = 100        # each byte console_io writes
-PREEMPT_WORK = 1 << 16           # entries: a batch that did this much is continued (Xen's
-                                 # hypercall_preempt_check): the guest re-issues the rest
-_MMUEXT_NAMES = {0: "PIN_L1_TABLE", 1: "PIN_L2_TABLE", 4: "UNPIN_TABLE", 5: "NEW_BASEPTR", 6: "TLB_FLUSH_LOCAL",
-                 7: "INVLPG_LOCAL", 13: "SET_LDT"}
+HYPERCALL_CYCLES = 1000  # every hypercall: the trap into the hypervisor and back
+REQUEST_CYCLES = 100  # each mmu_update / mmuext_op request examined
+ENTRY_CYCLES = 100  # each page-table entry validated or released (a full L1: 1024)
+CONSOLE_BYTE_CYCLES = 100  # each byte console_io writes
+PREEMPT_WORK = 1 << 16  # entries: a batch that did this much is continued (Xen's
+# hypercall_preempt_check): the guest re-issues the rest
+_MMUEXT_NAMES = {
+    0: "PIN_L1_TABLE",
+    1: "PIN_L2_TABLE",
+    4: "UNPIN_TABLE",
+    5: "NEW_BASEPTR",
+    6: "TLB_FLUSH_LOCAL",
+    7: "INVLPG_LOCAL",
+    13: "SET_LDT",
+}
 
 
 def _u32(x: int) -> int:
@@ -256,7 +264,7 @@ def update_va_mapping(cpu) -> int:
             raise Refused(EINVAL, "high 32 bits set (non-PAE: 32-bit entries)")
         ptr = cpu.paging.l1_entry_for(va)
         kind = cpu.paging.update_entry(ptr, lo)
-        if flags & 3:                                  # UVMF_TLB_FLUSH / UVMF_INVLPG
+        if flags & 3:  # UVMF_TLB_FLUSH / UVMF_INVLPG
             cpu.paging.flush()
     except Refused as r:
         return cpu.refuse(r.errno, r.why)
@@ -309,7 +317,7 @@ def iret(cpu) -> None:
     cpu.note(eip=f"{eip:#x}", cs=f"{cs & 0xFFFF:#x}", eflags=f"{eflags:#x}")
     regs.write(R.EAX, eax)
     regs.write(R.ESP, _u32(esp + 4))
-    regs.write(R.EIP, cpu.hypercall_va + IRET_STUB)   # the engine's iretd does the rest, checks included
+    regs.write(R.EIP, cpu.hypercall_va + IRET_STUB)  # the engine's iretd does the rest, checks included
     return
 
 
@@ -333,7 +341,7 @@ def mmuext_op(cpu) -> int | None:
             elif cmd == MMUEXT_UNPIN_TABLE:
                 paging.unpin(arg1)
             elif cmd == MMUEXT_NEW_BASEPTR:
-                paging.new_baseptr(arg1)          # CR3 is written by the flush at the end
+                paging.new_baseptr(arg1)  # CR3 is written by the flush at the end
             elif cmd in (MMUEXT_TLB_FLUSH_LOCAL, MMUEXT_INVLPG_LOCAL):
                 paging.flush()
             elif cmd == MMUEXT_SET_LDT:
@@ -390,7 +398,7 @@ def event_channel_op(cpu) -> int:
             return cpu.refuse(ENOENT, f"vcpu {vcpu}")
         if virq in ev.virq_port:
             return cpu.refuse(EEXIST, "VIRQ_TIMER is already bound")
-        cpu.gwrite(arg + 8, struct.pack("<I", 0))     # -EFAULT before binding anything
+        cpu.gwrite(arg + 8, struct.pack("<I", 0))  # -EFAULT before binding anything
         port = ev.bind_virq(virq)
         if port is None:
             return cpu.refuse(ENOSPC, "no free event channel port")

@@ -3,6 +3,7 @@
 Layouts are Xen's x86_32 ones (`struct start_info`, `struct shared_info`, the hypercall page),
 plus a small cpuvirt block in start_info (the hypercall page's address: Xen gives it by ELF note).
 """
+
 from __future__ import annotations
 
 import struct
@@ -18,7 +19,7 @@ IRET = 23
 SI_NR_PAGES, SI_SHARED_INFO, SI_FLAGS, SI_CONSOLE_MFN, SI_CONSOLE_EVTCHN = 32, 36, 40, 52, 56
 SI_PT_BASE, SI_NR_PT_FRAMES, SI_MFN_LIST, SI_MOD_START, SI_MOD_LEN, SI_CMD_LINE = 60, 64, 68, 72, 76, 80
 MAX_GUEST_CMDLINE = 1024
-SI_EXT = 0x800     # cpuvirt block: hypercall_page, shared_info_va, boot_gdt_va, boot_gdt_entries,
+SI_EXT = 0x800  # cpuvirt block: hypercall_page, shared_info_va, boot_gdt_va, boot_gdt_entries,
 #                    first_free_pfn, hypervisor_virt_start, multiboot_info, boot_stack_top
 
 # shared_info offsets (xen.h, arch-x86/xen-x86_32.h): vcpu_info[0] first, 64 bytes each
@@ -29,11 +30,15 @@ CONSOLE_PORT = 1
 
 # Boot GDT selectors: Xen's FLAT_RING1_CS... without the 0xe000 private-slice base.
 FLAT_RING1_CS, FLAT_RING1_DS, FLAT_RING3_CS, FLAT_RING3_DS = 0x19, 0x21, 0x2B, 0x33
-BOOT_GDT = (0, 0, 0,
-            0x00CFBA000000FFFF,     # 0x18: code, DPL 1, accessed bit set below
-            0x00CFB2000000FFFF,     # 0x20: data, DPL 1
-            0x00CFFA000000FFFF,     # 0x28: code, DPL 3
-            0x00CFF2000000FFFF)     # 0x30: data, DPL 3
+BOOT_GDT = (
+    0,
+    0,
+    0,
+    0x00CFBA000000FFFF,  # 0x18: code, DPL 1, accessed bit set below
+    0x00CFB2000000FFFF,  # 0x20: data, DPL 1
+    0x00CFFA000000FFFF,  # 0x28: code, DPL 3
+    0x00CFF2000000FFFF,
+)  # 0x30: data, DPL 3
 DESC_ACCESSED = 1 << 40
 
 
@@ -45,9 +50,9 @@ def hypercall_page() -> bytes:
             code = b"\x50\xb8" + struct.pack("<I", nr) + bytes((0xCD, HYPERCALL_VECTOR))
         else:
             code = b"\xb8" + struct.pack("<I", nr) + bytes((0xCD, HYPERCALL_VECTOR, 0xC3))
-        page[nr * 32:nr * 32 + len(code)] = code
+        page[nr * 32 : nr * 32 + len(code)] = code
     # An `iretd` the iret hypercall resumes at (after slot 127: never a hypercall entry).
-    page[IRET_STUB:IRET_STUB + 1] = b"\xcf"
+    page[IRET_STUB : IRET_STUB + 1] = b"\xcf"
     return bytes(page)
 
 
@@ -57,6 +62,7 @@ IRET_STUB = IRET * 32 + 16
 @dataclass
 class Layout:
     """Guest-physical addresses (= virtual at entry: 1:1) of the pages the hypervisor builds."""
+
     start_info: int
     shared_info: int
     hypercall: int
@@ -75,23 +81,44 @@ class Layout:
         mfn_pages = (nr_pages * 4 + PAGE - 1) // PAGE
         l1 = [a + (6 + i) * PAGE for i in range(nr_l1)]
         mfn_list = a + (6 + nr_l1) * PAGE
-        return Layout(a, a + PAGE, a + 2 * PAGE, a + 3 * PAGE, a + 4 * PAGE, a + 5 * PAGE, l1, mfn_list,
-                      mfn_list + mfn_pages * PAGE)
+        return Layout(
+            a,
+            a + PAGE,
+            a + 2 * PAGE,
+            a + 3 * PAGE,
+            a + 4 * PAGE,
+            a + 5 * PAGE,
+            l1,
+            mfn_list,
+            mfn_list + mfn_pages * PAGE,
+        )
 
 
 def start_info(lay: Layout, nr_pages: int, mfn_of, mbi: int, cmdline: bytes, module) -> bytes:
     si = bytearray(PAGE)
-    si[0:len(XEN_MAGIC)] = XEN_MAGIC
+    si[0 : len(XEN_MAGIC)] = XEN_MAGIC
     struct.pack_into("<II", si, SI_NR_PAGES, nr_pages, mfn_of(lay.shared_info) << 12)
     struct.pack_into("<I", si, SI_CONSOLE_EVTCHN, CONSOLE_PORT)
     struct.pack_into("<III", si, SI_PT_BASE, lay.l2, 1 + len(lay.l1), lay.mfn_list)
     if module is not None:
         struct.pack_into("<II", si, SI_MOD_START, module[0], module[1] - module[0])
-    cmd = cmdline[:MAX_GUEST_CMDLINE - 1]
-    si[SI_CMD_LINE:SI_CMD_LINE + len(cmd)] = cmd
+    cmd = cmdline[: MAX_GUEST_CMDLINE - 1]
+    si[SI_CMD_LINE : SI_CMD_LINE + len(cmd)] = cmd
     from cpuvirt.xen import HYPERVISOR_VIRT_START
-    struct.pack_into("<8I", si, SI_EXT, lay.hypercall, lay.shared_info, lay.gdt, len(BOOT_GDT),
-                     lay.first_free >> 12, HYPERVISOR_VIRT_START, mbi, lay.stack + PAGE)
+
+    struct.pack_into(
+        "<8I",
+        si,
+        SI_EXT,
+        lay.hypercall,
+        lay.shared_info,
+        lay.gdt,
+        len(BOOT_GDT),
+        lay.first_free >> 12,
+        HYPERVISOR_VIRT_START,
+        mbi,
+        lay.stack + PAGE,
+    )
     return bytes(si)
 
 

@@ -7,6 +7,7 @@ evtchn_upcall_pending and not evtchn_upcall_mask. While an event waits behind th
 frame is write-traced, so the store that clears the mask is emulated and the upcall follows it at once
 (the mask is para's IF, and it is not polled either).
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -30,18 +31,47 @@ HYPERCALL_VECTOR = 0x82
 _IO = ("in", "out", "insb", "insw", "insd", "outsb", "outsw", "outsd")
 IO_MNEMONICS = frozenset(_IO + tuple("rep " + m for m in _IO if m[-1] in "bwd" and m not in ("in", "out")))
 _IO_PATTERN = re.compile(rb"[\xe4-\xe7\xec-\xef\x6c-\x6f]")
-PRIVILEGED = frozenset(("cli", "sti", "hlt", "lgdt", "lidt", "lldt", "ltr", "lmsw", "clts", "invlpg", "invd",
-                        "wbinvd", "rdmsr", "wrmsr", "rdpmc", "mov", "in", "out", "insb", "insw", "insd",
-                        "outsb", "outsw", "outsd", "iretd", "popfd"))
-NOT_PV = ("privileged instruction in a guest that is not paravirtualized "
-          "(run it with --mode native/trap/full/hw, or build its PV version)")
+PRIVILEGED = frozenset(
+    (
+        "cli",
+        "sti",
+        "hlt",
+        "lgdt",
+        "lidt",
+        "lldt",
+        "ltr",
+        "lmsw",
+        "clts",
+        "invlpg",
+        "invd",
+        "wbinvd",
+        "rdmsr",
+        "wrmsr",
+        "rdpmc",
+        "mov",
+        "in",
+        "out",
+        "insb",
+        "insw",
+        "insd",
+        "outsb",
+        "outsw",
+        "outsd",
+        "iretd",
+        "popfd",
+    )
+)
+NOT_PV = (
+    "privileged instruction in a guest that is not paravirtualized "
+    "(run it with --mode native/trap/full/hw, or build its PV version)"
+)
 
 
 class ParaVcpu(Vcpu):
     def __init__(self, machine, paging, trace=None, max_insns: int = 0):
         super().__init__(machine, trace=trace, max_insns=max_insns)
         self.paging = paging
-        self.events: EventChannels | None = None   # once the shared-info page exists (boot)
+        self.events: EventChannels | None = None  # once the shared-info page exists (boot)
         self.hypercall_va = 0
         self.trap_table: dict[int, tuple[int, int, int]] = {}
         self.trap_table_set = False
@@ -50,11 +80,11 @@ class ParaVcpu(Vcpu):
         self.failsafe_callback = None
         self.timer: int | None = None
         self.iopl = 0
-        self.shared_info_ma = 0            # set at boot, with events
+        self.shared_info_ma = 0  # set at boot, with events
         self._mask_traced = False
-        self._in_upcall = False             # from an upcall to the guest's next hypercall (its iret)
+        self._in_upcall = False  # from an upcall to the guest's next hypercall (its iret)
         self.detail: dict | None = None
-        self.a = (0, 0, 0, 0, 0)            # EBX, ECX, EDX, ESI, EDI of the hypercall being handled
+        self.a = (0, 0, 0, 0, 0)  # EBX, ECX, EDX, ESI, EDI of the hypercall being handled
         ids = (R.EAX, R.CS, R.EBX, R.ECX, R.EDX, R.ESI, R.EDI, R.EFLAGS)
         self._batch = (ctypes.c_uint64 * 8)()
         self._batch_ids = (ctypes.c_int * 8)(*ids)
@@ -71,7 +101,8 @@ class ParaVcpu(Vcpu):
         # in/out never fault in the engine: hook every instance and make it a #GP unless granted.
         self.enable_intercepts(IO_MNEMONICS, self._io_instruction)
         from cpuvirt.cpu.intercept import FAR_PATTERN
-        assert self.intercepts is not None          # enable_intercepts made them
+
+        assert self.intercepts is not None  # enable_intercepts made them
         self.intercepts._pattern = re.compile(_IO_PATTERN.pattern + b"|" + FAR_PATTERN)
 
     def _intr(self, _uc, intno, _data) -> None:
@@ -116,14 +147,14 @@ class ParaVcpu(Vcpu):
         if result is not None:
             regs.write(R.EAX, result & 0xFFFFFFFF)
         if self.paging.work:
-            self.clock.advance(ENTRY_CYCLES * self.paging.work)   # page-table entries validated/released
+            self.clock.advance(ENTRY_CYCLES * self.paging.work)  # page-table entries validated/released
         if self.paging.tlb_dirty:
             self.paging.flush_tlb()
         if tracing:
             self._trace_hypercall(nr, entry, result)
         ev = self.events
-        assert ev is not None                       # boot made them before the first hypercall
-        if ev.buf[ev.off] and not ev.buf[ev.off + 1] and self.outcome is None:   # deliverable()
+        assert ev is not None  # boot made them before the first hypercall
+        if ev.buf[ev.off] and not ev.buf[ev.off + 1] and self.outcome is None:  # deliverable()
             self.upcall(regs.read(R.EIP))
 
     def _trace_hypercall(self, nr, entry, result) -> None:
@@ -132,9 +163,17 @@ class ParaVcpu(Vcpu):
             eip = (self.hypercall_va + 23 * 32 + 6) & 0xFFFFFFFF
         detail = dict(self.detail or {})
         detail["result"] = result if result is not None else "resumed"
-        self.trace.event(self.clock.instructions, self.regs.cpl(), "hypercall",
-                         entry[0] if entry else f"unknown ({nr})", nr, eip, "int 0x82", detail,
-                         "refused" if isinstance(result, int) and result < 0 else "done")
+        self.trace.event(
+            self.clock.instructions,
+            self.regs.cpl(),
+            "hypercall",
+            entry[0] if entry else f"unknown ({nr})",
+            nr,
+            eip,
+            "int 0x82",
+            detail,
+            "refused" if isinstance(result, int) and result < 0 else "done",
+        )
         self.detail = None
 
     # -- helpers for the hypercall handlers ---------------------------------------------------------
@@ -189,8 +228,14 @@ class ParaVcpu(Vcpu):
 
     def check_stack_selector(self, sel: int) -> str:
         d = self.descriptor(sel)
-        if sel & 3 != 1 or d is None or not (d >> 47) & 1 or (d >> 43) & 3 != 2 or not (d >> 41) & 1 \
-                or (d >> 45) & 3 != 1:
+        if (
+            sel & 3 != 1
+            or d is None
+            or not (d >> 47) & 1
+            or (d >> 43) & 3 != 2
+            or not (d >> 41) & 1
+            or (d >> 45) & 3 != 1
+        ):
             return f"ss {sel:#x} is not a writable DPL-1 data selector with RPL 1"
         return ""
 
@@ -203,7 +248,7 @@ class ParaVcpu(Vcpu):
         self.timer = deadline
         if deadline is not None:
             if deadline <= self.clock.now:
-                self._fire_timer()          # already past: pending now, delivered on the way back
+                self._fire_timer()  # already past: pending now, delivered on the way back
             else:
                 self.clock.pull_in(deadline)
 
@@ -211,7 +256,7 @@ class ParaVcpu(Vcpu):
         if self.timer is not None and self.clock.now >= self.timer:
             self.timer = None
             ev = self.events
-            assert ev is not None                   # set_timer_op is a hypercall: after boot
+            assert ev is not None  # set_timer_op is a hypercall: after boot
             port = ev.virq_port.get(VIRQ_TIMER)
             ev.raise_virq(VIRQ_TIMER)
             detail = {"port": port, "mask": ev.mask}
@@ -230,8 +275,11 @@ class ParaVcpu(Vcpu):
         if ev.pending():
             return 0
         if self.timer is None:
-            self.finish("halted", EXIT_HALTED, "sched_op(SCHEDOP_block) with no timer set and no event "
-                        "pending: nothing can wake the vCPU")
+            self.finish(
+                "halted",
+                EXIT_HALTED,
+                "sched_op(SCHEDOP_block) with no timer set and no event pending: nothing can wake the vCPU",
+            )
             return 0
         if self.timer >= self.budget:
             self.finish("budget", EXIT_BUDGET, self.budget_message(" while blocked"))
@@ -240,8 +288,12 @@ class ParaVcpu(Vcpu):
             self.clock.advance(self.timer - self.clock.now)
         self._fire_timer()
         if not ev.pending():
-            self.finish("halted", EXIT_HALTED, "sched_op(SCHEDOP_block): the timer fired but VIRQ_TIMER is "
-                        "not bound or its port is masked: nothing can wake the vCPU")
+            self.finish(
+                "halted",
+                EXIT_HALTED,
+                "sched_op(SCHEDOP_block): the timer fired but VIRQ_TIMER is "
+                "not bound or its port is masked: nothing can wake the vCPU",
+            )
         return 0
 
     def shutdown(self, status: int, reason: str) -> None:
@@ -261,7 +313,7 @@ class ParaVcpu(Vcpu):
         return min(d, self.budget)
 
     # -- the upcall mask is para's IF: a store that clears it opens the window ----------------------
-    WINDOW_HOOKS = False            # the kernel runs at ring 1: its sti/popf/iret never set the real IF
+    WINDOW_HOOKS = False  # the kernel runs at ring 1: its sti/popf/iret never set the real IF
 
     def waits_for_window(self) -> bool:
         # Not inside the event callback: it runs masked with evtchn_upcall_pending still set until it
@@ -287,6 +339,7 @@ class ParaVcpu(Vcpu):
             return False
         from cpuvirt.status import Unsupported
         from cpuvirt.x86.emulate import emulate_store
+
         mmu = self.mmu
 
         def read(gva, size):
@@ -324,17 +377,22 @@ class ParaVcpu(Vcpu):
         if self.event_callback is None:
             self.crash("an event is pending and unmasked but no event callback is registered (set_callbacks)")
             return
-        self.record("upcall", "evtchn_upcall", None, return_eip, {"callback": f"{self.event_callback[1]:#x}"},
-                    "upcall delivered to the event callback")
+        self.record(
+            "upcall",
+            "evtchn_upcall",
+            None,
+            return_eip,
+            {"callback": f"{self.event_callback[1]:#x}"},
+            "upcall delivered to the event callback",
+        )
         cs, eip = self.event_callback
         self.bounce(cs, eip, return_eip, None, True, "upcall")
         self._in_upcall = True
 
-    def bounce(self, cs: int, eip: int, return_eip: int, error_code: int | None, mask_events: bool,
-               what: str) -> None:
+    def bounce(self, cs: int, eip: int, return_eip: int, error_code: int | None, mask_events: bool, what: str) -> None:
         """Deliver to the guest at ring 1 like a hardware gate, with Xen's virtual IF and mask."""
         regs, ev = self.regs, self.events
-        assert ev is not None                       # the trap table is a hypercall: after boot
+        assert ev is not None  # the trap table is a hypercall: after boot
         old_cs = regs.read(R.CS)
         cpl = old_cs & 3
         eflags = regs.read(R.EFLAGS)
@@ -356,8 +414,10 @@ class ParaVcpu(Vcpu):
         try:
             self.mmu.write_linear(esp, data, user=False)
         except GuestPageFault as pf:
-            self.crash(f"{what} at {return_eip:#x}: the ring-1 stack at {esp:#x} is not writable "
-                       f"(#PF {pf.error_code:#x} at {pf.gva:#x})")
+            self.crash(
+                f"{what} at {return_eip:#x}: the ring-1 stack at {esp:#x} is not writable "
+                f"(#PF {pf.error_code:#x} at {pf.gva:#x})"
+            )
             return
         try:
             if ss is not None:
@@ -378,6 +438,7 @@ class ParaVcpu(Vcpu):
         keeps in hflags (taken from SS's DPL), so the CPL field is set to 1 first, in the saved
         context, as the gate's privilege change would (the same context trick as quirks.py)."""
         import ctypes
+
         faults = self.faults
         ctx = faults._ctx
         self.uc.context_update(ctx)
@@ -413,17 +474,25 @@ class ParaVcpu(Vcpu):
         """A far jmp/call to a system descriptor (a call gate or TSS that reached the guest's GDT or
         LDT): refused with #GP(selector), as Xen refuses such descriptors; the engine never sees it."""
         from cpuvirt.cpu.faults import DeliveryFault
+
         raise DeliveryFault(13, sel & ~3)
 
     def task_return(self, address: int, size: int) -> None:
         """iret with EFLAGS.NT: there is no previous task under para: #GP(0)."""
         from cpuvirt.cpu.faults import DeliveryFault
+
         raise DeliveryFault(13, 0)
 
     def transfer_fault(self, address: int, f) -> None:
         ec = f.error_code if f.vector in HAS_ERROR_CODE else None
-        self.record("exception", MNEMONIC.get(f.vector, str(f.vector)), f.vector, address,
-                    {"vector": f.vector, "error_code": ec}, "bounced through the guest's trap table")
+        self.record(
+            "exception",
+            MNEMONIC.get(f.vector, str(f.vector)),
+            f.vector,
+            address,
+            {"vector": f.vector, "error_code": ec},
+            "bounced through the guest's trap table",
+        )
         self.trap(f.vector, address, ec, address)
 
     # -- what the engine raises ---------------------------------------------------------------------
@@ -433,16 +502,23 @@ class ParaVcpu(Vcpu):
             insn_len = 1 if prev in (b"\xcc", b"\xce") else 2
             start = (eip - insn_len) & 0xFFFFFFFF
             detail: dict[str, object] = {"vector": intno, "software": soft}
-            if insn_len == 2:               # `int n`: EAX is the system-call number by OS convention
+            if insn_len == 2:  # `int n`: EAX is the system-call number by OS convention
                 detail["eax"] = f"{self.regs.read(R.EAX):#x}"
-            self.record("interrupt" if soft else "exception", f"int {intno:#x}" if soft else MNEMONIC[intno], intno,
-                        start, detail, "bounced through the trap table")
+            self.record(
+                "interrupt" if soft else "exception",
+                f"int {intno:#x}" if soft else MNEMONIC[intno],
+                intno,
+                start,
+                detail,
+                "bounced through the trap table",
+            )
             self.trap(intno, eip, None, start, soft=soft)
             return
         ec = error_code if intno in HAS_ERROR_CODE else None
         detail = {"vector": intno} if ec is None else {"vector": intno, "error_code": ec}
-        self.record("exception", MNEMONIC.get(intno, f"vector {intno}"), intno, eip, detail,
-                    "bounced through the trap table")
+        self.record(
+            "exception", MNEMONIC.get(intno, f"vector {intno}"), intno, eip, detail, "bounced through the trap table"
+        )
         self.trap(intno, eip, ec, eip)
 
     def hook_invalid(self, uc, _data) -> bool:
@@ -457,17 +533,33 @@ class ParaVcpu(Vcpu):
         self.charge_fault(access)
         assert self.events is not None
         self.events.set_cr2(gva)
-        self.record("page_fault", "#PF", 14, eip,
-                    {"cr2": f"{gva:#x}", "error_code": error_code, "access": ("read", "write", "fetch")[access],
-                     "fault": "true"}, "bounced through the trap table (CR2 in vcpu_info.arch.cr2)")
+        self.record(
+            "page_fault",
+            "#PF",
+            14,
+            eip,
+            {
+                "cr2": f"{gva:#x}",
+                "error_code": error_code,
+                "access": ("read", "write", "fetch")[access],
+                "fault": "true",
+            },
+            "bounced through the trap table (CR2 in vcpu_info.arch.cr2)",
+        )
         self.trap(14, eip, error_code, eip)
 
     def _io_instruction(self, address: int, size: int, mnem: str, ops: str) -> None:
         """in/out: allowed at ring 1 after physdev_op(set_iopl), else #GP(0) to the guest."""
         if self._io_allowed():
-            return                                   # executes; the I/O hooks reach the devices
-        self.record("exception", "#GP", 13, address, {"vector": 13, "error_code": 0, "why": "port I/O without IOPL"},
-                    "bounced through the trap table")
+            return  # executes; the I/O hooks reach the devices
+        self.record(
+            "exception",
+            "#GP",
+            13,
+            address,
+            {"vector": 13, "error_code": 0, "why": "port I/O without IOPL"},
+            "bounced through the trap table",
+        )
         self.trap(13, address, 0, address)
 
     def _io_allowed(self) -> bool:
@@ -476,7 +568,7 @@ class ParaVcpu(Vcpu):
         return iopl == 3 or (iopl != 0 and self.regs.cpl() <= iopl)
 
     def hook_in(self, uc, port, size, _data):
-        if not self._io_allowed():                     # an unhooked site (never expected): deny
+        if not self._io_allowed():  # an unhooked site (never expected): deny
             return 0xFFFFFFFF
         return super().hook_in(uc, port, size, _data)
 
