@@ -34,6 +34,7 @@ from cpuvirt.cpu.events import Unsupported, Vector
 from cpuvirt.engine import regs as R
 from cpuvirt.engine.regs import _uclib
 from cpuvirt.x86.flags import CR0_PE, CR0_PG, CR0_WP, EFLAGS_IOPL
+from cpuvirt.x86.privilege import CPL0_ONLY, FAR_TRANSFERS, IOPL_SENSITIVE
 
 if TYPE_CHECKING:  # a mixin: mypy reads its super() calls against the class it is mixed into
     from cpuvirt.cpu.deprivilege import DeprivilegedVcpu as _VcpuBase
@@ -49,28 +50,7 @@ _DPL = 3 << 13
 WANTED = frozenset(("mov", "lmsw", "clts", "rdmsr", "wrmsr", "smsw"))
 REAL_EMULATED = frozenset(("lmsw", "clts", "rdmsr", "wrmsr"))
 # What a #GP at ring 1 in PM16 code may be: a privileged instruction to emulate (as trap does).
-TRAPPED = frozenset(
-    (
-        "cli",
-        "sti",
-        "hlt",
-        "lgdt",
-        "lidt",
-        "lldt",
-        "ltr",
-        "invlpg",
-        "clts",
-        "lmsw",
-        "wbinvd",
-        "invd",
-        "rdmsr",
-        "wrmsr",
-        "iretd",
-        "ljmp",
-        "lcall",
-        "retf",
-    )
-)
+TRAPPED = CPL0_ONLY | IOPL_SENSITIVE | FAR_TRANSFERS
 
 
 def trapped(mnem: str, ops: str) -> bool:

@@ -14,6 +14,7 @@ from cpuvirt.cpu.deprivilege import DeprivilegedVcpu
 from cpuvirt.cpu.virtualcpu import SREGS
 from cpuvirt.memory.shadow import ShadowPaging
 from cpuvirt.modes.base import Mode
+from cpuvirt.x86.privilege import CPL0_ONLY, FAR_TRANSFERS, IOPL_SENSITIVE
 from cpuvirt.x86.vectors import Vector
 
 
@@ -62,28 +63,7 @@ class TrapVcpu(DeprivilegedVcpu):
             self.clock.unretire(n)
 
 
-_TRAPPED = frozenset(
-    (
-        "cli",
-        "sti",
-        "hlt",
-        "lgdt",
-        "lidt",
-        "lldt",
-        "ltr",
-        "invlpg",
-        "clts",
-        "lmsw",
-        "wbinvd",
-        "invd",
-        "rdmsr",
-        "wrmsr",
-        "iretd",
-        "ljmp",
-        "lcall",
-        "retf",
-    )
-)
+_TRAPPED = CPL0_ONLY | IOPL_SENSITIVE | FAR_TRANSFERS
 
 
 def _trapped(mnem: str, ops: str) -> bool:

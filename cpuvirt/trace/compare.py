@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 from cpuvirt.errors import CpuvirtError
 from cpuvirt.trace.format import Trace, read_trace
 from cpuvirt.trace.symbols import NONE, Symbols
+from cpuvirt.x86.privilege import CPL0_ONLY, FAR_TRANSFERS, IO, IOPL_SENSITIVE
 
 if TYPE_CHECKING:
     from cpuvirt.costs import Modelled
@@ -44,35 +45,7 @@ if TYPE_CHECKING:
 HOLES = frozenset(
     ("pushfd", "pushf", "popfd", "popf", "sgdt", "sidt", "sldt", "str", "smsw", "lar", "lsl", "verr", "verw")
 )
-PRIVILEGED = frozenset(
-    (
-        "cli",
-        "sti",
-        "hlt",
-        "lgdt",
-        "lidt",
-        "lldt",
-        "ltr",
-        "invlpg",
-        "clts",
-        "lmsw",
-        "wbinvd",
-        "invd",
-        "rdmsr",
-        "wrmsr",
-        "iretd",
-        "iret",
-        "ljmp",
-        "lcall",
-        "retf",
-        "in",
-        "out",
-        "insb",
-        "insd",
-        "outsb",
-        "outsd",
-    )
-)
+PRIVILEGED = CPL0_ONLY | IOPL_SENSITIVE | FAR_TRANSFERS | IO | {"iret"}
 OTHER = frozenset(("cpuid", "rdtsc", "int", "int3", "into"))
 
 # hw: the VM-execution control that decides whether an instruction exits (SDM Vol. 3C 25.6 / 26.1.3).

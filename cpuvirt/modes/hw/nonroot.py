@@ -24,6 +24,7 @@ from cpuvirt.modes.hw.exits import Exit, ExitReason
 from cpuvirt.modes.hw.vmcs import Field as F
 from cpuvirt.modes.hw.vmcs import Vmcs
 from cpuvirt.x86.flags import CR0_ET
+from cpuvirt.x86.privilege import CPL0_ONLY
 from cpuvirt.x86.sysreg import mov_system_register, msw_operand
 
 # What the intercept hook watches for the processor (with port I/O, which vmx.py's I/O gate takes).
@@ -55,25 +56,7 @@ SENSITIVE = IO_INSTRUCTIONS | frozenset(
 )
 # Privileged instructions: at CPL > 0 they raise #GP(0) before any VM exit is considered (SDM Vol. 3C
 # 25.1.1, exceptions take priority over exits); the engine raises that #GP itself when they run.
-PRIVILEGED = frozenset(
-    (
-        "hlt",
-        "mov",
-        "clts",
-        "lmsw",
-        "invlpg",
-        "lgdt",
-        "lidt",
-        "lldt",
-        "ltr",
-        "rdmsr",
-        "wrmsr",
-        "wbinvd",
-        "invd",
-        "monitor",
-        "mwait",
-    )
-)
+PRIVILEGED = CPL0_ONLY | {"mov", "monitor", "mwait"}
 # The instructions that exit as a whole, with no operand to decode, when the controls named are all 1
 # (SDM Vol. 3C 25.1.3, tables 25-6 and 25-7): mnemonic -> (basic exit reason, controls); none: always.
 INSTRUCTION_EXITS: dict[str, tuple[ExitReason, tuple[str, ...]]] = {

@@ -24,6 +24,7 @@ from cpuvirt.memory.mmu import GuestPageFault
 from cpuvirt.modes.para.events import VIRQ_TIMER, EventChannels
 from cpuvirt.modes.para.hypercalls import ENTRY_CYCLES, HYPERCALL_CYCLES, HYPERCALLS
 from cpuvirt.x86.flags import EFLAGS_IF, EFLAGS_NT, EFLAGS_RF, EFLAGS_TF, EFLAGS_VM
+from cpuvirt.x86.privilege import CPL0_ONLY, IO, IOPL_SENSITIVE
 from cpuvirt.x86.vectors import HAS_ERROR_CODE, MNEMONIC
 from cpuvirt.xen import EFAULT, EPERM
 
@@ -31,36 +32,7 @@ HYPERCALL_VECTOR = 0x82
 _IO = ("in", "out", "insb", "insw", "insd", "outsb", "outsw", "outsd")
 IO_MNEMONICS = frozenset(_IO + tuple("rep " + m for m in _IO if m[-1] in "bwd" and m not in ("in", "out")))
 _IO_PATTERN = re.compile(rb"[\xe4-\xe7\xec-\xef\x6c-\x6f]")
-PRIVILEGED = frozenset(
-    (
-        "cli",
-        "sti",
-        "hlt",
-        "lgdt",
-        "lidt",
-        "lldt",
-        "ltr",
-        "lmsw",
-        "clts",
-        "invlpg",
-        "invd",
-        "wbinvd",
-        "rdmsr",
-        "wrmsr",
-        "rdpmc",
-        "mov",
-        "in",
-        "out",
-        "insb",
-        "insw",
-        "insd",
-        "outsb",
-        "outsw",
-        "outsd",
-        "iretd",
-        "popfd",
-    )
-)
+PRIVILEGED = CPL0_ONLY | IOPL_SENSITIVE | IO | {"rdpmc", "mov", "iretd", "popfd"}
 NOT_PV = (
     "privileged instruction in a guest that is not paravirtualized "
     "(run it with --mode native/trap/full/hw, or build its PV version)"
