@@ -84,19 +84,7 @@ class DeprivilegedVcpu(IoGateVcpu, EmulatingVcpu):
         """A guest #PF: CR2 is the virtual one (the real CR2 is the hypervisor's)."""
         self.charge_fault(access)
         self.virtual_cpu.cr2 = gva
-        self.record(
-            "page_fault",
-            "#PF",
-            14,
-            eip,
-            {
-                "cr2": f"{gva:#x}",
-                "error_code": error_code,
-                "access": ("read", "write", "fetch")[access],
-                "fault": "true",
-            },
-            "delivered #PF through the guest IDT",
-        )
+        self.record_page_fault(gva, access, error_code, eip)
         self.deliver(Vector.PF, eip, error_code)
 
     # -- boot ----------------------------------------------------------------------------------------

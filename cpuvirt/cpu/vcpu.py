@@ -381,6 +381,13 @@ class Vcpu:
     def page_fault(self, gva: int, access: int, error_code: int, eip: int) -> None:
         self.charge_fault(access)
         self.regs.write(R.CR2, gva)
+        self.record_page_fault(gva, access, error_code, eip)
+        self.deliver(Vector.PF, eip, error_code)
+
+    def record_page_fault(
+        self, gva: int, access: int, error_code: int, eip: int, action: str = "delivered #PF through the guest IDT"
+    ) -> None:
+        """The trace row of a guest #PF, the same in every mode (only where it goes differs: `action`)."""
         self.record(
             "page_fault",
             "#PF",
@@ -392,9 +399,8 @@ class Vcpu:
                 "access": ("read", "write", "fetch")[access],
                 "fault": "true",
             },
-            "delivered #PF through the guest IDT",
+            action,
         )
-        self.deliver(Vector.PF, eip, error_code)
 
     def deliver(
         self,

@@ -102,14 +102,7 @@ class AdaptiveStores(_VcpuBase):
             length, gva, size, value, what = emulate_store(mmu.fetch_bytes(geip, 15), geip, self.regs, read, write)
         except GuestPageFault as pf:
             self.virtual_cpu.cr2 = pf.gva
-            self.record(
-                "page_fault",
-                "#PF",
-                14,
-                geip,
-                {"cr2": f"{pf.gva:#x}", "error_code": pf.error_code, "access": "write", "fault": "true"},
-                "delivered #PF through the guest IDT",
-            )
+            self.record_page_fault(pf.gva, 1, pf.error_code, geip)  # 1: a write
             self.deliver(Vector.PF, geip, pf.error_code)
             return
         self.adaptive_stores += 1

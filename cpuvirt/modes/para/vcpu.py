@@ -505,18 +505,8 @@ class ParaVcpu(Vcpu):
         self.charge_fault(access)
         assert self.events is not None
         self.events.set_cr2(gva)
-        self.record(
-            "page_fault",
-            "#PF",
-            14,
-            eip,
-            {
-                "cr2": f"{gva:#x}",
-                "error_code": error_code,
-                "access": ("read", "write", "fetch")[access],
-                "fault": "true",
-            },
-            "bounced through the trap table (CR2 in vcpu_info.arch.cr2)",
+        self.record_page_fault(
+            gva, access, error_code, eip, "bounced through the trap table (CR2 in vcpu_info.arch.cr2)"
         )
         self.trap(14, eip, error_code, eip)
 
