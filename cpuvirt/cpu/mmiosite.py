@@ -19,17 +19,9 @@ from capstone.x86 import X86_OP_MEM, X86_REG_INVALID
 
 from cpuvirt import limits
 from cpuvirt.engine import regs as R
+from cpuvirt.x86.faultaddr import capstone_gprs
 
-_REG = {
-    C.X86_REG_EAX: R.EAX,
-    C.X86_REG_ECX: R.ECX,
-    C.X86_REG_EDX: R.EDX,
-    C.X86_REG_EBX: R.EBX,
-    C.X86_REG_ESP: R.ESP,
-    C.X86_REG_EBP: R.EBP,
-    C.X86_REG_ESI: R.ESI,
-    C.X86_REG_EDI: R.EDI,
-}
+_REG = capstone_gprs()
 _BLOCK_LOOKAHEAD = 256  # bytes decoded from a block's start
 _ENDS_BLOCK = frozenset((C.X86_GRP_JUMP, C.X86_GRP_CALL, C.X86_GRP_RET, C.X86_GRP_INT, C.X86_GRP_IRET))
 

@@ -26,6 +26,7 @@ from unicorn.unicorn_py3 import unicorn as _ucmod
 
 from cpuvirt.engine import regs as R
 from cpuvirt.engine.cext import load
+from cpuvirt.x86.faultaddr import capstone_gprs
 
 # m128 operands that need no alignment (SDM Vol. 2: the instructions' own pages)
 UNALIGNED_OK = frozenset(("movups", "movupd", "movdqu", "lddqu", "pcmpestri", "pcmpestrm", "pcmpistri", "pcmpistrm"))
@@ -41,16 +42,7 @@ def is_aligned_sse(mnem: str, ops: str) -> bool:
 
 _SEG_INDEX = {C.X86_REG_ES: 0, C.X86_REG_CS: 1, C.X86_REG_SS: 2, C.X86_REG_DS: 3, C.X86_REG_FS: 4, C.X86_REG_GS: 5}
 _SEG_REG = (R.ES, R.CS, R.SS, R.DS, R.FS, R.GS)
-_GPR = {
-    C.X86_REG_EAX: R.EAX,
-    C.X86_REG_ECX: R.ECX,
-    C.X86_REG_EDX: R.EDX,
-    C.X86_REG_EBX: R.EBX,
-    C.X86_REG_ESP: R.ESP,
-    C.X86_REG_EBP: R.EBP,
-    C.X86_REG_ESI: R.ESI,
-    C.X86_REG_EDI: R.EDI,
-}
+_GPR = capstone_gprs()
 _GPR16 = {C.X86_REG_BX: R.EBX, C.X86_REG_BP: R.EBP, C.X86_REG_SI: R.ESI, C.X86_REG_DI: R.EDI}
 _cs: dict[bool, Cs] = {}
 

@@ -18,11 +18,10 @@ _cs = None
 _CS_REG: dict[int, int] = {}
 
 
-def _decoder():
-    global _cs
-    if _cs is None:
-        _cs = Cs(CS_ARCH_X86, CS_MODE_32)
-        _cs.detail = True
+def capstone_gprs() -> dict[int, int]:
+    """capstone's ids of the eight 32-bit general registers -> the engine's (engine/regs.py), for reading
+    a decoded operand's base and index (capstone's constants are loaded on first use)."""
+    if not _CS_REG:
         from capstone import x86_const as C
 
         _CS_REG.update(
@@ -37,6 +36,15 @@ def _decoder():
                 C.X86_REG_EDI: R.EDI,
             }
         )
+    return _CS_REG
+
+
+def _decoder():
+    global _cs
+    if _cs is None:
+        _cs = Cs(CS_ARCH_X86, CS_MODE_32)
+        _cs.detail = True
+        capstone_gprs()
     return _cs
 
 
