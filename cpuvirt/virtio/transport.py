@@ -21,6 +21,7 @@ nothing until the driver writes status 0. Every step and every error is reported
 
 from __future__ import annotations
 
+import abc
 import struct
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -126,8 +127,9 @@ class DeviceTransport(Protocol):
     def broken(self, why: str) -> None: ...
 
 
-class VirtioDevice:
-    """What a virtio device type gives the transport (virtio-net: net.py)."""
+class VirtioDevice(abc.ABC):
+    """What a virtio device type gives the transport (virtio-net: net.py): each type must say its feature
+    bits and serve its configuration space; the rest are optional hooks."""
 
     transport: DeviceTransport  # set by the transport when the device is plugged in
 
@@ -138,11 +140,11 @@ class VirtioDevice:
     queue_sizes: tuple[int, ...] = ()
     nvectors = 1
 
-    def host_features(self) -> int:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def host_features(self) -> int: ...
 
-    def read_config(self, offset: int, size: int) -> int:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def read_config(self, offset: int, size: int) -> int: ...
 
     def write_config(self, offset: int, size: int, value: int) -> None: ...
     def notify(self, queue: int) -> None: ...
