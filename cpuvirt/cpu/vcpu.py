@@ -892,17 +892,20 @@ class Vcpu:
         except DeliveryFault:
             return  # the engine's iret faults the same way
 
-    def smsw_site(self, address: int, size: int) -> None:
+    def smsw_site(self, address: int, size: int) -> bool:
         """`smsw r32`: all of the guest's CR0 in the register, as QEMU 7.2 stores it (the SDM leaves
-        the upper half undefined; the engine keeps the register's own). Other forms run as they are."""
+        the upper half undefined; the engine keeps the register's own); True when done. Other forms
+        are left to run as they are (False)."""
         segs = self.engine_segments()
         code = self.mmu.fetch_bytes(address, size)
         if segs is None or not code:
-            return
+            return False
         reg = smsw_register32(code, self.code32(segs))
-        if reg is not None:
-            self.regs.write(reg, self.guest_cr0() & 0xFFFFFFFF)
-            self.regs.write(R.EIP, (address + size) & 0xFFFFFFFF)
+        if reg is None:
+            return False
+        self.regs.write(reg, self.guest_cr0() & 0xFFFFFFFF)
+        self.regs.write(R.EIP, (address + size) & 0xFFFFFFFF)
+        return True
 
     def guest_cr0(self) -> int:
         """CR0 as the guest reads it (the deprivileging core and hw override it)."""

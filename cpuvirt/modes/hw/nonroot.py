@@ -13,9 +13,9 @@ either takes the VM exit (`cpu.vm_exit`) or does what the instruction does in no
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Protocol
+from typing import Callable, NamedTuple, Protocol
 
-from cpuvirt.cpu.vcpu import IO_INSTRUCTIONS, smsw_register32
+from cpuvirt.cpu.vcpu import IO_INSTRUCTIONS
 from cpuvirt.engine import regs as R
 from cpuvirt.memory.mmu import GuestPageFault, Mmu
 from cpuvirt.memory.types import GVA
@@ -110,9 +110,7 @@ class NonRootCpu(Protocol):
     def cr4_gate(self, address: int, size: int, ops: str) -> None: ...
     def msr_instruction(self, address: int, size: int, mnem: str) -> bool: ...
     def page_fault(self, gva: int, access: int, error_code: int, eip: int) -> None: ...
-    def engine_segments(self) -> Any: ...
-    def code32(self, segs: Any) -> bool: ...
-    def smsw_site(self, address: int, size: int) -> None: ...
+    def smsw_site(self, address: int, size: int) -> bool: ...
 
 
 Handler = Callable[[NonRootCpu, Sensitive], None]
@@ -215,9 +213,7 @@ def smsw(cpu: NonRootCpu, at: Sensitive) -> None:
     val = ((real & ~mask) | (v[F.CR0_READ_SHADOW] & mask) | CR0_ET) & 0xFFFF
     memory, gpr = msw_operand(at.code)
     if gpr is not None:
-        segs = cpu.engine_segments()
-        if segs is not None and smsw_register32(at.code, cpu.code32(segs)) is not None:
-            cpu.smsw_site(at.address, at.size)  # a 32-bit register: all of CR0 (Vcpu.smsw_site)
+        if cpu.smsw_site(at.address, at.size):  # a 32-bit register: all of CR0, through guest_cr0
             return
         full = R.GPR_ORDER[gpr]
         cpu.regs.write(full, (cpu.regs.read(full) & 0xFFFF0000) | val)
