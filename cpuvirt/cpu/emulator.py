@@ -572,6 +572,14 @@ def _operand(insn, o, asize: int = 4, flat: bool = True) -> Op:
     raise Unsupported(f"by `{insn.mnemonic} {insn.op_str}` at {insn.address:#x}: operand type {o.type} is not emulated")
 
 
+def memory_operand(insn, o, code16: bool) -> Op:
+    """Operand `o` of capstone's `insn` (a memory operand) as the CPU addresses it in 16-bit code or not:
+    its registers, the address size the mode and a 0x67 prefix give, its segment (an override, else SS for
+    a stack base, else DS). `Context.ea` gives its linear address. Unsupported for a register not modelled."""
+    asize = 4 if code16 == (insn.prefix[3] == 0x67) else 2
+    return _operand(insn, o, asize, flat=False)
+
+
 _forms: dict = {}
 
 

@@ -19,14 +19,14 @@ from __future__ import annotations
 import ctypes
 
 from capstone import CS_ARCH_X86, CS_MODE_16, CS_MODE_32, Cs
-from capstone import x86_const as C
-from capstone.x86 import X86_OP_MEM, X86_REG_INVALID
+from capstone.x86 import X86_OP_MEM
 from unicorn import UC_HOOK_CODE
 from unicorn.unicorn_py3 import unicorn as _ucmod
 
+from cpuvirt.cpu.emulator import Context, Op, memory_operand
 from cpuvirt.engine import regs as R
 from cpuvirt.engine.cext import load
-from cpuvirt.x86.faultaddr import capstone_gprs
+from cpuvirt.status import Unsupported
 
 # m128 operands that need no alignment (SDM Vol. 2: the instructions' own pages)
 UNALIGNED_OK = frozenset(("movups", "movupd", "movdqu", "lddqu", "pcmpestri", "pcmpestrm", "pcmpistri", "pcmpistrm"))
@@ -40,10 +40,7 @@ def is_aligned_sse(mnem: str, ops: str) -> bool:
     return "xmmword ptr" in ops and mnem not in UNALIGNED_OK and not mnem.startswith("v")
 
 
-_SEG_INDEX = {C.X86_REG_ES: 0, C.X86_REG_CS: 1, C.X86_REG_SS: 2, C.X86_REG_DS: 3, C.X86_REG_FS: 4, C.X86_REG_GS: 5}
-_SEG_REG = (R.ES, R.CS, R.SS, R.DS, R.FS, R.GS)
-_GPR = capstone_gprs()
-_GPR16 = {C.X86_REG_BX: R.EBX, C.X86_REG_BP: R.EBP, C.X86_REG_SI: R.ESI, C.X86_REG_DI: R.EDI}
+_SEG_REG = (R.ES, R.CS, R.SS, R.DS, R.FS, R.GS)  # QEMU's segment order (R_ES..R_GS), as the C hook indexes
 _cs: dict[bool, Cs] = {}
 
 
@@ -55,50 +52,47 @@ def _decoder(code32: bool) -> Cs:
     return cs
 
 
-def operand_form(code: bytes, code32: bool = True, sse: bool = True):
-    """(base reg, index reg, scale, disp, QEMU segment index, 32-bit addressing) of the aligned-SSE
-    instruction's m128 operand, or None if `code` is not one. With `sse` False: of any instruction's
-    first memory operand (None if it has none)."""
+def _memory_operand(code: bytes, code32: bool, sse: bool) -> Op | None:
+    """The aligned-SSE instruction's m128 operand (with `sse` False: any instruction's first memory
+    operand), as the instruction emulator types operands; None if there is none to check."""
     insn = next(_decoder(code32).disasm(code, 0, 1), None)
     if insn is None or (sse and not is_aligned_sse(insn.mnemonic, insn.op_str)):
         return None
-    for op in insn.operands:
-        if op.type == X86_OP_MEM and (op.size == 16 or not sse):
-            m = op.mem
-            addr32 = code32 != (0x67 in bytes(insn.prefix))
-            regs = _GPR if addr32 else _GPR16
-            base = regs.get(m.base) if m.base != X86_REG_INVALID else None
-            index = regs.get(m.index) if m.index != X86_REG_INVALID else None
-            if (m.base != X86_REG_INVALID and base is None) or (m.index != X86_REG_INVALID and index is None):
+    for o in insn.operands:
+        if o.type == X86_OP_MEM and (o.size == 16 or not sse):
+            try:
+                return memory_operand(insn, o, not code32)
+            except Unsupported:
                 return None
-            if m.segment != X86_REG_INVALID:
-                seg = _SEG_INDEX[m.segment]
-            else:
-                seg = 2 if m.base in (C.X86_REG_ESP, C.X86_REG_EBP, C.X86_REG_BP) else 3
-            return base, index, m.scale, m.disp, seg, addr32
     return None
+
+
+def operand_form(code: bytes, code32: bool = True, sse: bool = True):
+    """(base reg, index reg, scale, disp, QEMU segment index, 32-bit addressing) of the aligned-SSE
+    instruction's m128 operand, or None if `code` is not one (the C hook's form of the operand). With
+    `sse` False: of any instruction's first memory operand (None if it has none)."""
+    op = _memory_operand(code, code32, sse)
+    if op is None:
+        return None
+    return op.base, op.index, op.scale, op.disp, _SEG_REG.index(op.seg), op.asize == 4
 
 
 def operand_linear(code: bytes, code32: bool, regs, seg_base) -> int | None:
     """The linear address of the instruction's first memory operand as the CPU forms it: 16- or
     32-bit addressing, the segment's base (`seg_base(segment register)`); None without one."""
-    form = operand_form(code, code32, sse=False)
-    if form is None:
-        return None
-    base, index, scale, disp, seg, addr32 = form
-    ea = disp + (regs.read(base) if base is not None else 0) + (regs.read(index) * scale if index is not None else 0)
-    ea &= 0xFFFFFFFF if addr32 else 0xFFFF
-    return (seg_base(_SEG_REG[seg]) + ea) & 0xFFFFFFFF
+    op = _memory_operand(code, code32, sse=False)
+    return None if op is None else Context(regs, None, segs=seg_base).ea(op)
 
 
 def misaligned_operand(code: bytes, code32: bool, regs, seg_base) -> int | None:
     """The linear address of the instruction's m128 operand when it is not 16-byte aligned (the
     CPU raises #GP(0)); None when aligned or when `code` is not an aligned-SSE instruction.
     `seg_base(segment register)` gives a segment's base as the engine holds it."""
-    if operand_form(code, code32) is None:
+    op = _memory_operand(code, code32, sse=True)
+    if op is None:
         return None
-    linear = operand_linear(code, code32, regs, seg_base)
-    return linear if linear is not None and linear & 15 else None
+    linear = Context(regs, None, segs=seg_base).ea(op)
+    return linear if linear & 15 else None
 
 
 class _State(ctypes.Structure):
