@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 TARGETS = ("taskswitch", "eventinj", "umip", "cmpxchg8b", "setjmp", "smptest", "dummy", "emulator", "realmode", "init",
-           "la57")
+           "la57", "hpet_read_test")
 # QEMU's CPU model where its default (qemu32) will not do: QEMU 7.2 hangs in la57 after the test sets
 # CR4.LA57 on qemu32; unittests.cfg asks for `-cpu max,host-phys-bits` (host-phys-bits is KVM's).
 QEMU_CPU = {"la57": "max"}

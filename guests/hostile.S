@@ -27,8 +27,8 @@
 #   RAM end - 4 GiB      outside RAM: a pattern is written and must never read back; reads give one
 #                        fill value (cpuvirt: all-ones; QEMU: zeros), except in the firmware ROM
 #                        (top 1 MiB: BIOS bytes under QEMU)
-#   SKIPPED device pages, which have side effects: the IO-APIC (0xFEC00000, absent in cpuvirt,
-#   registers under QEMU), the HPET (0xFED00000 under QEMU) and the local APIC with QEMU's MSI window
+#   SKIPPED device pages, which have side effects: the IO-APIC (0xFEC00000), the HPET (0xFED00000)
+#   and the local APIC with QEMU's MSI window
 #   (0xFEE00000-0xFEEFFFFF: under QEMU a store there sends an MSI).
 # The output is the same under QEMU and cpuvirt: no addresses, no counts, no values read.
 #

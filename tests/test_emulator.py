@@ -58,6 +58,8 @@ FORMS = [
     ("rep movsb", ALL), ("rep movs dword ptr es:[edi], dword ptr [esi]", ALL), ("rep stosw", ALL), ("rep stosb", ALL), ("repe cmpsb", ALL),
     ("repne cmpsw", ALL), ("repe scasb", ALL), ("repne scasd", ALL), ("rep lodsb", ALL),
     ("insb", ALL), ("rep insw", ALL), ("outsb", ALL), ("rep outsd", ALL),
+    ("push dword ptr [ebx + 4]", ALL), ("push word ptr [ebx + 2]", ALL), ("pop dword ptr [ebx + 8]", ALL),
+    ("pop word ptr [ebx]", ALL), ("pop dword ptr [esp + 4]", ALL), ("push dword ptr [esp + 8]", ALL),
 ]
 
 
@@ -155,6 +157,8 @@ def test_every_form_matches_unicorn(form, gprs, count, mem, flags, df, xmm, smal
     regs = {R.EAX: eax, R.ECX: ecx, R.EDX: edx, R.EBX: DATA, R.ESI: start & ~3, R.EDI: middle if text.startswith("bt")
             else (start + 44 if not df else start + 20), R.ESP: 0x8000, R.EBP: 0x9000,
             R.EFLAGS: 0x2 | (flags & ALL) | (EFLAGS_DF if df else 0)}
+    if text.startswith(("push", "pop")):
+        regs[R.ESP] = middle                # the stack inside the data
     if text.startswith("mov eax, dword ptr [ebx + esi"):
         regs[R.ESI] = 3
     if text.startswith("bt") and "edi" not in text:
@@ -211,7 +215,7 @@ def test_a_fault_on_the_written_operand_comes_before_any_read():
     assert seen == []
 
 
-@pytest.mark.parametrize("text", ["push dword ptr [ebx]", "fld dword ptr [ebx]", "mov dword ptr fs:[ebx], eax",
+@pytest.mark.parametrize("text", ["call dword ptr [ebx]", "fld dword ptr [ebx]", "mov dword ptr fs:[ebx], eax",
                                   "movsd xmm0, qword ptr [ebx]", "lgdt [ebx]"])
 def test_other_instructions_are_unsupported_and_named(text):
     code = bytes(new_keystone().asm(text, CODE)[0])

@@ -15,7 +15,7 @@ import pytest
 KUT = os.environ.get("KUT_DIR")
 pytestmark = pytest.mark.skipif(not KUT or not (Path(KUT) / "x86").is_dir(),
                                 reason="KUT_DIR does not point at a kvm-unit-tests i386 build")
-TARGETS = ("taskswitch", "eventinj", "umip", "cmpxchg8b", "setjmp", "smptest", "dummy")
+TARGETS = ("taskswitch", "eventinj", "umip", "cmpxchg8b", "setjmp", "smptest", "dummy", "hpet_read_test")
 PREDICTED = {
     ("umip", "trap"): "the `mov r, cs` hole: the kernel sees RPL 1 and expects #GP from mov cr0 "
                       "(docs/deprivileging.md)",

@@ -108,7 +108,7 @@ def test_mmio_bus_splits_8_byte_accesses():
 
 
 def test_unmapped_gpa_reads_all_ones_and_is_recorded_once_at_512_mib(test_guest, tmp_path):
-    """Page 0 and the top of 512 MiB are RAM; the HPET window (nothing there) reads all-ones,
+    """Page 0 and the top of 512 MiB are RAM; a page of the PCI hole (nothing there) reads all-ones,
     ignores writes and is reported once; the APIC's register is an `mmio` event at its instruction."""
     trace = tmp_path / "t.jsonl"
     res = run_guest(str(test_guest("memory")), mem_mib=512, trace_path=str(trace))
@@ -116,7 +116,7 @@ def test_unmapped_gpa_reads_all_ones_and_is_recorded_once_at_512_mib(test_guest,
     assert b"FAIL" not in res.console
     events = [json.loads(line) for line in trace.read_text().splitlines()[1:-1]]
     unbacked = [e for e in events if e["kind"] == "unbacked_memory"]
-    assert [e["detail"]["gpa"] for e in unbacked] == ["0xfed00000"]
+    assert [e["detail"]["gpa"] for e in unbacked] == ["0xfeb00000"]
     assert res.mmu["unbacked"] >= 2
     mmio = [e for e in events if e["kind"] == "mmio"]
     assert [(e["reason"], e["detail"]) for e in mmio] == [

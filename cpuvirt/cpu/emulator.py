@@ -98,11 +98,12 @@ class Op:
 
 
 class Form:
-    __slots__ = ("fn", "ops", "length", "text", "rep", "mnemonic", "asize", "src_seg")
+    __slots__ = ("fn", "ops", "length", "text", "rep", "mnemonic", "asize", "src_seg", "code16")
 
-    def __init__(self, fn, ops, length, text, rep, mnemonic, asize=4, src_seg=R.DS):
+    def __init__(self, fn, ops, length, text, rep, mnemonic, asize=4, src_seg=R.DS, code16=False):
         self.fn, self.ops, self.length, self.text, self.rep, self.mnemonic = fn, ops, length, text, rep, mnemonic
         self.asize, self.src_seg = asize, src_seg  # string instructions: address size, DS:(E)SI's segment
+        self.code16 = code16  # push/pop: (E)SP's width
 
 
 class Context:
@@ -284,6 +285,42 @@ def _xadd(c: Context, f: Form) -> None:
     c.flags(fl)
     c.set(src, a)
     c.set(dst, res)
+
+
+def _stack_mask(f: Form) -> int:
+    """(E)SP's width: 16 bits for 16-bit code (real mode, a 16-bit segment), else 32. The stack's
+    own size is SS.B; the two agree for every stack the emulated guests use."""
+    return 0xFFFF if f.code16 else 0xFFFFFFFF
+
+
+def _push(c: Context, f: Form) -> None:
+    """push r/m (a device register pushed, or a push onto a stack in device memory)."""
+    (src,) = f.ops
+    value = c.get(src)
+    mask = _stack_mask(f)
+    esp = c.regs.read(R.ESP)
+    top = (esp - src.size) & mask
+    addr = (c.seg_base(R.SS) + top) & 0xFFFFFFFF
+    c.mem.probe(addr, src.size)
+    c.mem.write(addr, src.size, value)
+    c.regs.write(R.ESP, (esp & ~mask) | top)
+    c.note = f"pushed {value:#x} ({src.size} bytes)"
+
+
+def _pop(c: Context, f: Form) -> None:
+    """pop r/m: ESP is incremented before a destination addressed through it is computed (SDM: POP)."""
+    (dst,) = f.ops
+    mask = _stack_mask(f)
+    esp = c.regs.read(R.ESP)
+    value = c.mem.read((c.seg_base(R.SS) + (esp & mask)) & 0xFFFFFFFF, dst.size)
+    c.regs.write(R.ESP, (esp & ~mask) | ((esp + dst.size) & mask))
+    try:
+        c.probe(dst)
+    except BaseException:
+        c.regs.write(R.ESP, esp)  # a fault on the destination leaves ESP as it was
+        raise
+    c.set(dst, value)
+    c.note = f"popped {value:#x} ({dst.size} bytes)"
 
 
 _ACC = {1: Op("reg", 1, R.EAX), 2: Op("reg", 2, R.EAX), 4: Op("reg", 4, R.EAX)}
@@ -514,6 +551,8 @@ for _name, _fn in (
     ("shrd", _shxd),
     ("smsw", _smsw),
     ("ltr", _ltr),
+    ("push", _push),
+    ("pop", _pop),
     *((n, _alu) for n in _ALU),
     *((n, _mov) for n in _SSE_MOVES),
 ):
@@ -607,7 +646,7 @@ def decode(code: bytes, eip: int, code16: bool = False, flat: bool = True) -> Fo
     src_seg = _SEG_PREFIX.get(insn.prefix[1], R.DS)
     if flat and src_seg in (R.FS, R.GS):
         raise Unsupported(f"by `{text}` at {eip:#x}: segment override is not emulated")
-    form = Form(fn, ops, insn.size, text, rep, name, asize, src_seg)
+    form = Form(fn, ops, insn.size, text, rep, name, asize, src_seg, code16)
     if len(_forms) > 4096:
         _forms.clear()
     limits.put(_forms, key, form)  # a guest can make any number of sites: capped

@@ -23,6 +23,7 @@ from cpuvirt.machine.apic import APIC_BASE_GPA, APIC_SIZE, MSR_IA32_APIC_BASE, A
 from cpuvirt.machine.bus import PortBus
 from cpuvirt.machine.debug_exit import DebugExit
 from cpuvirt.machine.fw_cfg import FW_CFG_PORT_SEL, FwCfg
+from cpuvirt.machine.hpet import HPET_BASE_GPA, HPET_SIZE, Hpet
 from cpuvirt.machine.i8042 import DATA_PORT as I8042_DATA
 from cpuvirt.machine.i8042 import I8042
 from cpuvirt.machine.i8042 import STATUS_PORT as I8042_STATUS
@@ -158,7 +159,7 @@ class Machine:
         self.uart = Uart16550(on_output=on_console, raise_irq=self._uart_irq_raise, lower_irq=self._uart_irq_lower)
         self.pic = Pic8259Pair()
         self.pit = Pit8254(
-            now=lambda: self.clock.now, tsc_hz=TSC_HZ, raise_irq=self._isa_irq_raise, lower_irq=self._isa_irq_lower
+            now=lambda: self.clock.now, tsc_hz=TSC_HZ, raise_irq=self._pit_irq_raise, lower_irq=self._pit_irq_lower
         )
         # Guests boot under QEMU after SeaBIOS: start from the state it leaves the PIC and PIT in.
         self.pic.bios_setup()
@@ -205,6 +206,10 @@ class Machine:
         self.ioapic = IoApic(deliver=self._ioapic_message, on_change=self._interrupts_changed)
         self.apic.on_level_eoi = self.ioapic.eoi
         self.map_mmio(IOAPIC_BASE_GPA, IOAPIC_SIZE, _Replans(self.ioapic, self))
+        # The HPET (machine/hpet.py), as QEMU's pc has one; in legacy replacement mode it takes IRQ 0
+        # from the 8254.
+        self.hpet = Hpet(now=lambda: self.clock.now, tsc_hz=TSC_HZ, set_gsi=self._set_gsi, send_msi=self.send_msi)
+        self.map_mmio(HPET_BASE_GPA, HPET_SIZE, _Replans(self.hpet, self))
         self._insn_counter: Any = None  # capstone Cs (32-bit), made on first use
         self._insn_counter16: Any = None
         self.block_observer = None  # callback(insns) -> True to stop and retranslate the block
@@ -225,6 +230,21 @@ class Machine:
     def _isa_irq_lower(self, irq: int) -> None:
         self.pic.lower_irq(irq)
         self.ioapic.set_irq(isa_irq_to_pin(irq), False)
+
+    def _pit_irq_raise(self, irq: int) -> None:
+        if not self.hpet.legacy:  # the HPET's legacy replacement route disconnects the 8254
+            self._isa_irq_raise(irq)
+
+    def _pit_irq_lower(self, irq: int) -> None:
+        if not self.hpet.legacy:
+            self._isa_irq_lower(irq)
+
+    def _set_gsi(self, gsi: int, level: bool) -> None:
+        """A global system interrupt below 16 is an ISA line: the 8259 input and the I/O APIC pin."""
+        if level:
+            self._isa_irq_raise(gsi)
+        else:
+            self._isa_irq_lower(gsi)
 
     def _uart_irq_raise(self, irq: int) -> None:
         self._isa_irq_raise(irq)
@@ -278,15 +298,18 @@ class Machine:
     def next_timer_deadline(self) -> int | None:
         """Virtual time of the next timer event that can interrupt the CPU, or None.
 
-        The timers are the local APIC's, the PIT's and the byte times of scripted or terminal input
-        (serial_input.py). The PIT counts only while IRQ 0 can reach the CPU (unmasked at the master
-        8259 and the 8259 connected, or unmasked at I/O APIC pin 2): an edge it makes while masked
+        The timers are the local APIC's, the HPET's (those with their interrupt enabled), the PIT's and
+        the byte times of scripted or terminal input (serial_input.py). The PIT counts only while IRQ 0
+        can reach the CPU (unmasked at the master 8259 and the 8259 connected, or unmasked at I/O APIC
+        pin 2) and no HPET has taken IRQ 0 (legacy replacement): an edge it makes while masked
         would only latch the IRR, which every 8259, 8254 and I/O APIC access catches up on first
         (_Replans), so no stop is needed for it, and a CPU halted waiting for the APIC timer is not
         woken by a PIT edge it cannot take.
         """
-        candidates = [self.apic.next_deadline()]
-        if (not self.pic.master.imr & 1 and self.apic.pic_connected()) or self.ioapic.pin_unmasked(2):
+        candidates = [self.apic.next_deadline(), self.hpet.next_deadline()]
+        if not self.hpet.legacy and (
+            (not self.pic.master.imr & 1 and self.apic.pic_connected()) or self.ioapic.pin_unmasked(2)
+        ):
             candidates.append(self.pit.next_deadline())
         if self.input is not None:
             candidates.append(self.input.deadline())
@@ -298,6 +321,7 @@ class Machine:
         """Let every timer catch up with virtual time (raising its interrupt lines)."""
         self.pit.update()
         self.apic.update()
+        self.hpet.update()
         if self.input is not None:
             self.input.update()
         for t in self.device_timers:

@@ -1,7 +1,7 @@
 # description: page 0 and the top of RAM are usable; unbacked guest-physical memory reads all-ones; the APIC answers by MMIO
 #include "kernel.inc"
 
-#define UNBACKED    0xFED00000          // the HPET window under QEMU: no device there in pc-lite
+#define UNBACKED    0xFEB00000          // in the PCI hole, below the I/O APIC: no device there
 #define APIC_VER    0xFEE00030
 
 .text
