@@ -257,7 +257,7 @@ class Hpet:
         return (value >> 32 if high else value) & _M32
 
     def _write32(self, word: int, value: int) -> None:
-        high, reg = word & 4, word & ~7
+        high, reg = bool(word & 4), word & ~7
         if reg == HPET_CFG and not high:
             self._write_config(value)
         elif reg == HPET_STATUS and not high:
