@@ -14,6 +14,7 @@ from __future__ import annotations
 import pytest
 
 from cpuvirt.runner import run_guest
+from tests.conftest import requires_qemu
 
 MODES = ("native", "hw", "trap", "full")
 
@@ -177,6 +178,42 @@ def test_any_descriptor_ends_in_a_documented_outcome(fuzz_image, tmp_path_factor
     allowed_stops = ("guest fetched code from unbacked memory", "MMIO access by")
     assert r.outcome in ("exit", "triple_fault", "budget", "halted") or \
         any(s in r.message for s in allowed_stops), (mode, hex(desc[0]), hex(desc[1]), action, r.outcome, r.message)
+
+
+UNMAPPED_GDT = [(1, "mov ds, ax"), (2, "int 0x30"), (3, "div edx"), (4, "iretd"), (5, "ltr ax")]
+
+
+@pytest.mark.parametrize("variant,what", UNMAPPED_GDT)
+@pytest.mark.parametrize("mode", MODES + ("hw-noept",))
+def test_an_unmapped_gdt_page_ends_in_a_triple_fault(tmp_path, mode, variant, what):
+    """The GDT's page made not present, then an instruction that needs a descriptor from it (the engine's segment
+    load, the hypervisor's delivery through the IDT, an iret, ltr): on hardware #PF, then #DF, then shutdown, each
+    delivery needing the GDT again. Every mode must take that path at the instruction itself; the hypervisor's own
+    reads of the table through a refused fill are the path found able to crash the host, so a subprocess."""
+    import json
+
+    from tests.hostile import build, run_cli, summary_line
+    image = build("gdt_unmapped", tmp_path, VARIANT=variant)
+    trace = tmp_path / "t.jsonl"
+    args = ["--mode", "hw", "--no-ept"] if mode == "hw-noept" else ["--mode", mode]
+    p = run_cli("run", image, *args, "--max-insns", 5_000_000, "--trace", trace)
+    line = summary_line(p)
+    assert p.returncode == 125 and "#PF while delivering #DF" in line, line
+    assert p.stdout == b"PASS GDT page unmapped\n"
+    events = [json.loads(x) for x in trace.read_text().splitlines()[1:]]
+    # after the PASS line's last byte, the next event is at the variant's instruction (nothing before it faulted)
+    last_out = max(i for i, e in enumerate(events) if e.get("detail", {}).get("port") == "0x3f8")
+    assert events[last_out + 1]["insn"] == what, events[last_out + 1]
+
+
+@requires_qemu
+@pytest.mark.parametrize("variant,what", UNMAPPED_GDT)
+def test_an_unmapped_gdt_page_shuts_qemu_down_too(tmp_path, variant, what):
+    from tests.hostile import build
+    from tests.qemu import run_under_qemu
+    image = build("gdt_unmapped", tmp_path, VARIANT=variant)
+    out, _ = run_under_qemu(image)
+    assert out == b"PASS GDT page unmapped\n"
 
 
 @pytest.mark.parametrize("variant,what", [(1, "mov ds"), (2, "int 0x30"), (3, "#DE"), (4, "mov ss")])
