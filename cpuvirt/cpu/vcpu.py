@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ctypes
 from collections import Counter
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from unicorn import UC_HOOK_INSN, UC_HOOK_TLB_FILL, UcError
 from unicorn import x86_const as X
@@ -97,8 +97,9 @@ class Vcpu:
         self.trace = trace
         self.budget = max_insns or NEVER
         self.outcome: Outcome | None = None
-        self.counts: Counter = Counter()
-        self.reasons: Counter = Counter()  # (kind, reason) -> n: the cost model's view (cpuvirt/costs)
+        self._counts: Counter = Counter()
+        self._reasons: Counter = Counter()
+        self.fold_counts: Callable[[], None] | None = None  # adds events counted in C (native's EventBooks)
         self._disasm = None
         self._insn_cache: dict[tuple[int, bytes], str] = {}
         self.error: BaseException | None = None
@@ -115,6 +116,20 @@ class Vcpu:
         self._window_retranslate: list[tuple[int, int]] = []
         self._window_ready = False
         machine.on_new_block = self.forget_block
+
+    @property
+    def counts(self) -> Counter:
+        """Events by kind (the summary's counts)."""
+        if self.fold_counts is not None:
+            self.fold_counts()
+        return self._counts
+
+    @property
+    def reasons(self) -> Counter:
+        """(kind, reason) -> n: the cost model's view (cpuvirt/costs)."""
+        if self.fold_counts is not None:
+            self.fold_counts()
+        return self._reasons
 
     @property
     def nmi_blocked(self) -> bool:
@@ -527,7 +542,7 @@ class Vcpu:
     def port_io(self, port: int, size: int, is_in: bool, value: int = 0) -> int:
         """A port access reaching the devices (modes decide first whether it exits)."""
         self.clock.advance(IO_CYCLES)
-        self.counts["io"] += 1
+        self._counts["io"] += 1
         if is_in:
             value = self.machine.bus.read(port, size)
             if self.trace is not None:
@@ -1095,8 +1110,8 @@ class Vcpu:
 
     # -- recording -----------------------------------------------------------------------------------
     def record(self, kind: str, reason: str, code, eip: int, detail: dict, action: str) -> None:
-        self.counts[kind] += 1
-        self.reasons[kind, reason if reason != "mov" else _mov_reason(detail)] += 1
+        self._counts[kind] += 1
+        self._reasons[kind, reason if reason != "mov" else _mov_reason(detail)] += 1
         if self.trace is not None:
             self.trace.event(
                 self.clock.instructions, self.regs.cpl(), kind, reason, code, eip, self.insn_at(eip), detail, action
