@@ -317,6 +317,7 @@ class EventBooks:
     def __init__(self, lib, vcpu):
         self._lib = lib
         self.vcpu = vcpu
+        self.folded = 0  # events counted in C, added to the vCPU's counters so far
         b = self._books = _Books()
         self._pbooks = ctypes.c_void_p(ctypes.addressof(b))
         clock = vcpu.clock._state
@@ -351,11 +352,6 @@ class EventBooks:
         """Events left to Python because their block was not in the copy."""
         return self._books.misses
 
-    def counted(self) -> int:
-        """Events counted in C and not yet folded into the vCPU's counters."""
-        b = self._books
-        return sum(b.soft) + sum(b.fault) + sum(b.pf)
-
     def fold(self) -> None:
         """Add the events counted in C to Vcpu.counts and Vcpu.reasons (the keys soft_done,
         fault_done and pf_done use), and start counting from zero."""
@@ -364,21 +360,33 @@ class EventBooks:
             return
         b.pending = 0
         counts, reasons = self.vcpu._counts, self.vcpu._reasons
+        total = 0
         for vector, n in enumerate(b.soft):
             if n:
                 b.soft[vector] = 0
                 counts["interrupt"] += n
                 reasons["interrupt", f"int {vector:#x}"] += n
+                total += n
         for vector, n in enumerate(b.fault):
             if n:
                 b.fault[vector] = 0
                 counts["exception"] += n
                 reasons["exception", MNEMONIC.get(vector, f"vector {vector}")] += n
+                total += n
         n = b.pf[0] + b.pf[1] + b.pf[2]
         if n:
             b.pf[0] = b.pf[1] = b.pf[2] = 0
             counts["page_fault"] += n
             reasons["page_fault", "#PF"] += n
+            total += n
+        self.folded += total
+
+    def entry(self, address: int) -> tuple[tuple[int, ...], int] | None:
+        """The copy's entry for the block at `address` (Machine.block_insns' form), or None."""
+        b = self._books.block[(address ^ (address >> 12)) & (BOOK_SLOTS - 1)]
+        if b.n == 0 or b.address != address & 0xFFFFFFFF:
+            return None
+        return tuple(b.first + b.offset[k] for k in range(b.n)), b.end
 
 
 def _io_instructions() -> frozenset[str]:
@@ -392,6 +400,8 @@ class FastDelivery:
     tables over a flat p2m, the real registers) its C path; None if the extension is not built."""
 
     _hv: ctypes.c_char  # hw: the first byte of the hypervisor region holding the EPT tables (install_ept)
+    keep_books = True  # the events' bookkeeping in C too (EventBooks); False: Python's callbacks do it
+    books: EventBooks | None = None
 
     def __init__(self, lib, mmu, faults):
         self.mmu = mmu
@@ -534,9 +544,10 @@ class FastDelivery:
         st.python_intr = ctypes.cast(self._python_intr, ctypes.c_void_p).value
         st.soft_done = ctypes.cast(self._soft_done, ctypes.c_void_p).value
         st.fault_done = ctypes.cast(self._fault_done, ctypes.c_void_p).value
-        self.books = EventBooks(self._lib, vcpu)
-        st.books = self.books.address
-        vcpu.fold_counts = self.books.fold
+        if self.keep_books:
+            self.books = EventBooks(self._lib, vcpu)
+            st.books = self.books.address
+            vcpu.fold_counts = self.books.fold
         handle = ctypes.c_size_t()
         err = _ucmod.uclib.uc_hook_add(
             self._uch,
