@@ -75,3 +75,25 @@ def test_a_guest_counts_the_same_with_the_books_in_c(guest, monkeypatch):
     events = sum(with_books.counts.get(k, 0) for k in ("exception", "interrupt", "page_fault"))
     if guest == "nanobench":  # 5,000 each of int 0x80, #DE and #PF: all but the first of each in C
         assert a.delivery.fast.books.folded > 0.95 * events, (a.delivery.fast.books.folded, events)
+
+
+@pytest.mark.parametrize("guest", ["nanobench", "interrupts", "apic"])
+def test_a_guest_runs_the_same_with_port_io_timed_in_c(guest, monkeypatch):
+    """in/out with the access's time spent by the C hook (VirtualClock.hook_port_io, Vcpu.timed_in and
+    timed_out) and with the Python hooks (hook_in, hook_out, port_io): the same console, instructions,
+    virtual time (the PIT reads the clock during the access), event counts and MMU counters."""
+    from cpuvirt.cpu.vcpu import Vcpu
+    from cpuvirt.runner import run_guest
+
+    vcpus = []
+
+    def run():
+        return run_guest(guest, "native", on_start=lambda hv: vcpus.append(hv.vcpu))
+
+    timed = run()
+    monkeypatch.setattr(Vcpu, "time_port_io_in_c", lambda self: None)
+    python = run()
+    assert hasattr(vcpus[0].clock, "_port_io") and not hasattr(vcpus[1].clock, "_port_io")
+    assert timed.counts.get("io", 0) > 100
+    for field in ("outcome", "status", "console", "icount", "vtime", "counts", "mmu", "tally"):
+        assert getattr(timed, field) == getattr(python, field), field

@@ -24,7 +24,7 @@ from cpuvirt.cpu.tasks import CpuView
 from cpuvirt.engine import regs as R
 from cpuvirt.engine.clock import NEVER
 from cpuvirt.engine.cpuid import CpuidTable
-from cpuvirt.engine.hooks import EngineHooks
+from cpuvirt.engine.hooks import EngineHooks, hook_guard
 from cpuvirt.memory.traces import TracedWrite, TraceError
 from cpuvirt.memory.types import Access
 from cpuvirt.status import BUDGET as EXIT_BUDGET
@@ -508,6 +508,37 @@ class Vcpu:
         self.port_io(port, size, False, value)
         if self.outcome is not None:
             uc.emu_stop()
+
+    def time_port_io_in_c(self) -> None:
+        """Native without a trace: the in/out hooks become C ones that spend the access's time
+        (VirtualClock.hook_port_io) and call timed_in / timed_out for the device."""
+        if self.trace is not None or type(self).port_io is not Vcpu.port_io:
+            return
+        for handle in self._port_hooks:
+            self.hooks.remove(handle)
+        self._port_hooks = self.clock.hook_port_io(self.timed_in, self.timed_out, IO_CYCLES)
+
+    @hook_guard(returns=0)
+    def timed_in(self, port: int, size: int) -> int:
+        """hook_in and port_io (no trace) after the C hook spent the access's time."""
+        if self.outcome is not None:
+            self.clock.advance(-IO_CYCLES)  # as hook_in: nothing once the run has ended
+            return 0
+        self.mmu.crs = None
+        self._counts["io"] += 1
+        return self.machine.bus.read(port, size)
+
+    @hook_guard()
+    def timed_out(self, port: int, size: int, value: int) -> None:
+        """hook_out and port_io (no trace) after the C hook spent the access's time."""
+        if self.outcome is not None:
+            self.clock.advance(-IO_CYCLES)
+            return
+        self.mmu.crs = None
+        self._counts["io"] += 1
+        self.machine.bus.write(port, size, value)
+        if self.outcome is not None:
+            self.uc.emu_stop()
 
     def msr_instruction(self, address: int, size: int, mnem: str) -> bool:
         """rdmsr/wrmsr of an MSR the machine models (IA32_APIC_BASE): done here, the instruction
@@ -1000,8 +1031,7 @@ class Vcpu:
         uc.hook_add(UC_HOOK_TLB_FILL, self.mmu.fill)
         self._intr_hook = hooks.intr(self.hook_intr)  # para replaces it (modes/para)
         hooks.invalid(self.hook_invalid)
-        hooks.port_in(self.hook_in)
-        hooks.port_out(self.hook_out)
+        self._port_hooks = (hooks.port_in(self.hook_in), hooks.port_out(self.hook_out))
         if self.rdtsc_in_c:
             self.clock.hook_rdtsc()  # the virtual clock, read in C: rdtsc causes no Python
         else:
