@@ -115,6 +115,7 @@ class Vcpu:
         self._io_sites: dict = {}
         self._window_retranslate: list[tuple[int, int]] = []
         self._window_ready = False
+        self._port_hooks: tuple[int, int] = (0, 0)  # the in/out hooks (install_hooks)
         machine.on_new_block = self.forget_block
 
     @property
