@@ -116,6 +116,7 @@ class Vcpu:
         self._window_retranslate: list[tuple[int, int]] = []
         self._window_ready = False
         self._port_hooks: tuple[int, int] = (0, 0)  # the in/out hooks (install_hooks)
+        self._port_io_in_c = False  # time_port_io_in_c made them C's
         machine.on_new_block = self.forget_block
 
     @property
@@ -513,8 +514,9 @@ class Vcpu:
     def time_port_io_in_c(self) -> None:
         """Native without a trace: the in/out hooks become C ones that spend the access's time
         (VirtualClock.hook_port_io) and call timed_in / timed_out for the device."""
-        if self.trace is not None or type(self).port_io is not Vcpu.port_io:
+        if self.trace is not None or type(self).port_io is not Vcpu.port_io or self._port_io_in_c:
             return
+        self._port_io_in_c = True
         for handle in self._port_hooks:
             self.hooks.remove(handle)
         self._port_hooks = self.clock.hook_port_io(self.timed_in, self.timed_out, IO_CYCLES)

@@ -251,6 +251,7 @@ class VirtualClock:
             if err:
                 raise RuntimeError(f"cannot hook port I/O (uc error {err})")
             handles.append(h.value)
+            self._uc._callbacks[h.value] = self  # as the binding keeps its own: Uc.hook_del finds it
         return handles[0], handles[1]
 
     @property
