@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from cpuvirt.cpu.vcpu import Vcpu
+from cpuvirt.machine.bus import PortBus
 from cpuvirt.modes.hw.vmx import VmxCpu
 from cpuvirt.modes.para.vcpu import ParaVcpu
 from cpuvirt.runner import run_guest
@@ -20,7 +21,7 @@ def _boom(*_args, **_kwargs):
 
 
 # (mode, class, method): what the guest's first port write or hypercall reaches from its hook.
-CASES = [("native", Vcpu, "port_io"),           # the OUT hook
+CASES = [("native", PortBus, "write"),          # the C OUT hook's Python call (Vcpu.timed_out)
          ("trap", Vcpu, "port_io"),             # the intercept (code) hook of the I/O gate
          ("para", ParaVcpu, "hypercall"),       # the interrupt hook (int 0x82)
          ("hw", VmxCpu, "port_io")]             # the OUT hook, then an IO_INSTRUCTION exit

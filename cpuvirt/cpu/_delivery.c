@@ -90,6 +90,7 @@ typedef struct {
     const uint64_t *clock_now, *clock_deadline;
     const uint32_t *clock_stop_next;
     uint64_t fetch_fault_cycles;
+    struct books *books;         /* native's event bookkeeping in C (delivery_books_*), or NULL */
 } delivery_t;
 
 /* One intercepted iret: its bytes when it was decoded, and the Python hook behind it. */
@@ -116,6 +117,18 @@ typedef struct {
 } cr4_site_t;
 
 size_t delivery_cr4_site_sizeof(void) { return sizeof(cr4_site_t); }
+
+/* One intercepted in/out/ins/outs (see delivery_io_hook). */
+typedef struct {
+    delivery_t *s;
+    code_fn python;          /* Intercepts._hit, guarded */
+    uint32_t size;
+    uint32_t pad;
+    uint64_t passed;         /* times the common case was answered here */
+    uint8_t bytes[16];
+} io_site_t;
+
+size_t delivery_io_site_sizeof(void) { return sizeof(io_site_t); }
 
 size_t delivery_sizeof(void) { return sizeof(delivery_t); }
 
@@ -511,6 +524,142 @@ int delivery_peek(delivery_t *s, void *uc, uint32_t gva, uint32_t n, uint8_t *ou
     return 1;
 }
 
+/*
+ * Native's bookkeeping of an event delivered in C, in C as well (cpu/fastdelivery.py EventBooks): what
+ * the Python callbacks soft_done, fault_done and pf_done do besides the delivery (Vcpu.left_block_at,
+ * the event counters, Vcpu.charge_fault, VirtualClock.if_may_have_changed), so that an `int n` system
+ * call, a fault or a #PF delivered here runs no Python at all.
+ *
+ * left_block_at takes the instructions of the running block that did not retire off the clock; their
+ * addresses are decoded by Python when the clock first counts the block (Machine.block_insns). That
+ * table is mirrored here as Python puts and drops its entries (machine/blocks.py BlockInsns), in a
+ * direct-mapped cache: a block it does not hold (evicted by another, or longer than BOOK_MAX_INSNS
+ * instructions) leaves the event to the Python callback, as before, so the two can never disagree.
+ * The counters are per vector; Python adds them to Vcpu.counts and Vcpu.reasons when they are read
+ * (Vcpu.counts). The first event of each kind still goes to Python, which puts its counters' keys in
+ * the order the Python path puts them (the summary prints them in that order).
+ */
+#define BOOK_SLOTS 4096u
+#define BOOK_MAX_INSNS 58
+
+typedef struct {
+    uint64_t end;                     /* the address after the block's last instruction */
+    uint32_t address;                 /* the block's key in Machine.block_insns */
+    uint32_t first;                   /* its first instruction's address */
+    uint16_t n;                       /* instructions; 0: the slot is empty */
+    uint16_t offset[BOOK_MAX_INSNS];  /* each instruction's address - first */
+    uint16_t pad[3];
+} book_block_t;
+
+typedef struct books {
+    uint64_t *clock_now, *clock_extra;   /* the virtual clock's (engine/_vclock.c) */
+    const uint64_t *clock_last_block;
+    uint32_t *clock_watch_if, *clock_check_if;
+    uint64_t pending;                    /* events counted here since Python last took the counters */
+    uint64_t soft[256], fault[256];      /* `int n` by vector, faults by vector */
+    uint64_t pf[3];                      /* #PF by access (read, write, fetch) */
+    uint64_t misses;                     /* events left to Python: their block was not in the cache */
+    uint8_t soft_seen[256], fault_seen[256];
+    uint32_t pf_seen, pad;
+    book_block_t block[BOOK_SLOTS];
+} books_t;
+
+size_t delivery_books_sizeof(void) { return sizeof(books_t); }
+
+static book_block_t *book_slot(books_t *b, uint32_t address) {
+    return &b->block[(address ^ (address >> 12)) & (BOOK_SLOTS - 1)];
+}
+
+/* Machine.block_insns[address] = (addrs, end): the same entry here, or none for that address when it
+ * does not fit (Python's then answers). Returns 1 when stored. */
+int delivery_books_put(books_t *b, uint32_t address, const uint32_t *addrs, uint32_t n, uint64_t end) {
+    book_block_t *e = book_slot(b, address);
+    uint32_t k;
+    if (e->address == address) e->n = 0;
+    if (n == 0 || n > BOOK_MAX_INSNS) return 0;
+    for (k = 0; k < n; k++)
+        if (addrs[k] < addrs[0] || addrs[k] - addrs[0] > 0xFFFFu) return 0;
+    e->n = 0;
+    e->address = address;
+    e->first = addrs[0];
+    e->end = end;
+    for (k = 0; k < n; k++) e->offset[k] = (uint16_t)(addrs[k] - addrs[0]);
+    e->n = (uint16_t)n;
+    return 1;
+}
+
+/* del Machine.block_insns[address] */
+void delivery_books_drop(books_t *b, uint32_t address) {
+    book_block_t *e = book_slot(b, address);
+    if (e->address == address) e->n = 0;
+}
+
+/* Machine.block_insns.clear() */
+void delivery_books_clear(books_t *b) {
+    uint32_t k;
+    for (k = 0; k < BOOK_SLOTS; k++) b->block[k].n = 0;
+}
+
+/* Vcpu.left_block_at(boundary): 1 when done here (the block is in the cache), 0: Python's to do. */
+static int books_left_block_at(books_t *b, uint32_t boundary) {
+    uint64_t last = *b->clock_last_block;
+    const book_block_t *e = book_slot(b, (uint32_t)last);
+    uint32_t k, n = 0;
+    if (e->n == 0 || e->address != last) {
+        b->misses++;
+        return 0;
+    }
+    if (e->first <= boundary && boundary < e->end) {
+        for (k = 0; k < e->n; k++)
+            if (e->first + (uint64_t)e->offset[k] >= boundary) n++;
+        *b->clock_now -= n;       /* VirtualClock.unretire */
+    }
+    return 1;
+}
+
+/* VirtualClock.if_may_have_changed, and the counters to fold. */
+static void books_done(books_t *b) {
+    if (*b->clock_watch_if && !*b->clock_check_if) *b->clock_check_if = 1;
+    b->pending++;
+}
+
+static void books_soft(delivery_t *s, uint32_t vector, uint32_t start, uint32_t eip) {
+    books_t *b = s->books;
+    if (b && b->soft_seen[vector] && books_left_block_at(b, eip)) {
+        b->soft[vector]++;
+        books_done(b);
+        return;
+    }
+    s->soft_done(vector, start, eip);
+    if (b) b->soft_seen[vector] = 1;
+}
+
+static void books_fault(delivery_t *s, uint32_t vector, uint32_t eip) {
+    books_t *b = s->books;
+    if (b && b->fault_seen[vector] && books_left_block_at(b, eip)) {
+        b->fault[vector]++;
+        books_done(b);
+        return;
+    }
+    s->fault_done(vector, eip);
+    if (b) b->fault_seen[vector] = 1;
+}
+
+static void books_pf(delivery_t *s, uint32_t eip, uint32_t access) {
+    books_t *b = s->books;
+    if (b && b->pf_seen && access < 3 && books_left_block_at(b, eip)) {
+        if (access == 2) {        /* Vcpu.charge_fault: a fetch fault retires nothing but costs time */
+            *b->clock_now += s->fetch_fault_cycles;
+            *b->clock_extra += s->fetch_fault_cycles;
+        }
+        b->pf[access]++;
+        books_done(b);
+        return;
+    }
+    s->pf_done(eip, access);
+    if (b) b->pf_seen = 1;
+}
+
 /* The vCPU's INTR hook in native mode, in front of the Python one (Vcpu.hook_intr), for the hot cases
  * of every kernel: a software interrupt (`int n`, int3, into: QEMU's exception_is_int) or a fault the
  * engine raised (#DE, #GP...) delivered through a gate delivery_fast takes. It does what hook_intr does
@@ -552,10 +701,10 @@ void delivery_intr_hook(void *uc, uint32_t intno, void *user_data) {
     if (delivery_fast(s, uc, intno, eip, error_code, flags) != DELIVERED) goto python;   /* nothing changed */
     if (is_int) {
         s->soft_delivered++;
-        s->soft_done(intno, start, eip);
+        books_soft(s, intno, start, eip);
     } else {
         s->faults_delivered++;
-        s->fault_done(intno, eip);
+        books_fault(s, intno, eip);
     }
     return;
 python:
@@ -893,9 +1042,32 @@ int delivery_pf_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *u
     }
     s->pf_fills++;
     s->pf_faults++;
-    s->pf_done(eip, (uint32_t)access);
+    books_pf(s, eip, (uint32_t)access);
     s->loop_exit(*(void **)((uint8_t *)uc + s->cpu_offset));   /* does not return */
     return 0;
+}
+
+/* Once the guest has run outside ring 0, every in/out/ins/outs is intercepted in native mode for the
+ * I/O permission check the engine does not make (Vcpu.io_gate, SDM Vol. 1 19.5). At CPL 0 outside
+ * virtual-8086 mode the check always passes and Python did nothing: the instruction (its bytes unchanged
+ * since it was decoded) is left to the engine and its device hook, with only the interrupt-window check
+ * of the intercept's caller (Vcpu.enable_intercepts, `hit`). Anything else goes to the Python hook. */
+void delivery_io_hook(void *uc, uint64_t address, uint32_t size, void *user_data) {
+    io_site_t *site = (io_site_t *)user_data;
+    delivery_t *s = site->s;
+    uint8_t now[16];
+    uint32_t cs, eflags;
+    int err = 0;
+    if (size != site->size || size > 16 || !delivery_peek(s, uc, (uint32_t)address, size, now)
+        || memcmp(now, site->bytes, size)) goto python;
+    cs = (uint32_t)rd(s, uc, R_CS, &err);
+    eflags = (uint32_t)rd(s, uc, R_EFLAGS, &err);
+    if (err || (cs & 3) || (eflags & EFLAGS_VM)) goto python;
+    if (*s->clock_watch_if && !*s->clock_check_if) *s->clock_check_if = 1;   /* VirtualClock.if_may_have_changed */
+    site->passed++;
+    return;
+python:
+    site->python(uc, address, size, NULL);
 }
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_delivery", NULL, -1, NULL};

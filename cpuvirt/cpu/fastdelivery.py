@@ -103,6 +103,45 @@ class _State(ctypes.Structure):
         ("clock_deadline", ctypes.c_void_p),
         ("clock_stop_next", ctypes.c_void_p),
         ("fetch_fault_cycles", ctypes.c_uint64),
+        ("books", ctypes.c_void_p),
+    ]
+
+
+BOOK_SLOTS, BOOK_MAX_INSNS = 4096, 58
+
+
+class _BookBlock(ctypes.Structure):
+    """Mirror of book_block_t."""
+
+    _fields_ = [
+        ("end", ctypes.c_uint64),
+        ("address", ctypes.c_uint32),
+        ("first", ctypes.c_uint32),
+        ("n", ctypes.c_uint16),
+        ("offset", ctypes.c_uint16 * BOOK_MAX_INSNS),
+        ("pad", ctypes.c_uint16 * 3),
+    ]
+
+
+class _Books(ctypes.Structure):
+    """Mirror of books_t (checked against delivery_books_sizeof at load)."""
+
+    _fields_ = [
+        ("clock_now", ctypes.c_void_p),
+        ("clock_extra", ctypes.c_void_p),
+        ("clock_last_block", ctypes.c_void_p),
+        ("clock_watch_if", ctypes.c_void_p),
+        ("clock_check_if", ctypes.c_void_p),
+        ("pending", ctypes.c_uint64),
+        ("soft", ctypes.c_uint64 * 256),
+        ("fault", ctypes.c_uint64 * 256),
+        ("pf", ctypes.c_uint64 * 3),
+        ("misses", ctypes.c_uint64),
+        ("soft_seen", ctypes.c_uint8 * 256),
+        ("fault_seen", ctypes.c_uint8 * 256),
+        ("pf_seen", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+        ("block", _BookBlock * BOOK_SLOTS),
     ]
 
 
@@ -133,13 +172,44 @@ class _Cr4Site(ctypes.Structure):
     ]
 
 
+class _IoSite(ctypes.Structure):
+    """Mirror of io_site_t."""
+
+    _fields_ = [
+        ("s", ctypes.c_void_p),
+        ("python", ctypes.c_void_p),
+        ("size", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+        ("passed", ctypes.c_uint64),
+        ("bytes", ctypes.c_uint8 * 16),
+    ]
+
+
 def _lib():
     lib = load(
         "cpuvirt.cpu._delivery",
-        {"delivery_sizeof": _State, "delivery_iret_site_sizeof": _IretSite, "delivery_cr4_site_sizeof": _Cr4Site},
+        {
+            "delivery_sizeof": _State,
+            "delivery_iret_site_sizeof": _IretSite,
+            "delivery_cr4_site_sizeof": _Cr4Site,
+            "delivery_books_sizeof": _Books,
+            "delivery_io_site_sizeof": _IoSite,
+        },
     )
     if lib is None:
         return None
+    lib.delivery_books_put.restype = ctypes.c_int
+    lib.delivery_books_put.argtypes = (
+        ctypes.c_void_p,
+        ctypes.c_uint32,
+        ctypes.POINTER(ctypes.c_uint32),
+        ctypes.c_uint32,
+        ctypes.c_uint64,
+    )
+    lib.delivery_books_drop.restype = None
+    lib.delivery_books_drop.argtypes = (ctypes.c_void_p, ctypes.c_uint32)
+    lib.delivery_books_clear.restype = None
+    lib.delivery_books_clear.argtypes = (ctypes.c_void_p,)
     lib.delivery_fast.restype = ctypes.c_int
     lib.delivery_peek.restype = ctypes.c_int
     lib.delivery_peek.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_void_p)
@@ -237,11 +307,101 @@ def _engine_cpu(uc) -> tuple[int, int] | None:
     return None if address is None else (cpu_off, address)
 
 
+class EventBooks:
+    """The bookkeeping of the events native delivers in C, done in C too (_delivery.c, books_t): the
+    unretired instructions of the block an event leaves (from a copy of Machine.block_insns, kept as
+    the BlockMirror of machine/blocks.py), the time of a fetch fault, the interrupt-window check, and
+    the event counters, which `fold` adds to the vCPU's when they are read (Vcpu.counts). The first
+    event of each kind, and any whose block the copy does not hold, still go to the Python callback."""
+
+    def __init__(self, lib, vcpu):
+        self._lib = lib
+        self.vcpu = vcpu
+        self.folded = 0  # events counted in C, added to the vCPU's counters so far
+        b = self._books = _Books()
+        self._pbooks = ctypes.c_void_p(ctypes.addressof(b))
+        clock = vcpu.clock._state
+        kind, base = type(clock), ctypes.addressof(clock)
+        b.clock_now = base + kind.now.offset
+        b.clock_extra = base + kind.extra.offset
+        b.clock_last_block = base + kind.last_block.offset
+        b.clock_watch_if = base + kind.watch_if.offset
+        b.clock_check_if = base + kind.check_if.offset
+        table = vcpu.machine.block_insns
+        for address, (addrs, end) in table.items():
+            self.put(address, addrs, end)
+        table.mirror = self
+
+    @property
+    def address(self) -> int:
+        return ctypes.addressof(self._books)
+
+    # BlockMirror
+    def put(self, address: int, addrs: tuple[int, ...], end: int) -> None:
+        words = (ctypes.c_uint32 * len(addrs))(*(a & 0xFFFFFFFF for a in addrs))
+        self._lib.delivery_books_put(self._pbooks, address & 0xFFFFFFFF, words, len(addrs), end)
+
+    def drop(self, address: int) -> None:
+        self._lib.delivery_books_drop(self._pbooks, address & 0xFFFFFFFF)
+
+    def clear(self) -> None:
+        self._lib.delivery_books_clear(self._pbooks)
+
+    @property
+    def misses(self) -> int:
+        """Events left to Python because their block was not in the copy."""
+        return self._books.misses
+
+    def fold(self) -> None:
+        """Add the events counted in C to Vcpu.counts and Vcpu.reasons (the keys soft_done,
+        fault_done and pf_done use), and start counting from zero."""
+        b = self._books
+        if not b.pending:
+            return
+        b.pending = 0
+        counts, reasons = self.vcpu._counts, self.vcpu._reasons
+        total = 0
+        for vector, n in enumerate(b.soft):
+            if n:
+                b.soft[vector] = 0
+                counts["interrupt"] += n
+                reasons["interrupt", f"int {vector:#x}"] += n
+                total += n
+        for vector, n in enumerate(b.fault):
+            if n:
+                b.fault[vector] = 0
+                counts["exception"] += n
+                reasons["exception", MNEMONIC.get(vector, f"vector {vector}")] += n
+                total += n
+        n = b.pf[0] + b.pf[1] + b.pf[2]
+        if n:
+            b.pf[0] = b.pf[1] = b.pf[2] = 0
+            counts["page_fault"] += n
+            reasons["page_fault", "#PF"] += n
+            total += n
+        self.folded += total
+
+    def entry(self, address: int) -> tuple[tuple[int, ...], int] | None:
+        """The copy's entry for the block at `address` (Machine.block_insns' form), or None."""
+        b = self._books.block[(address ^ (address >> 12)) & (BOOK_SLOTS - 1)]
+        if b.n == 0 or b.address != address & 0xFFFFFFFF:
+            return None
+        return tuple(b.first + b.offset[k] for k in range(b.n)), b.end
+
+
+def _io_instructions() -> frozenset[str]:
+    from cpuvirt.cpu.vcpu import IO_INSTRUCTIONS
+
+    return IO_INSTRUCTIONS
+
+
 class FastDelivery:
     """`FastDelivery.install(delivery)` gives an EventDelivery over a native MMU (the guest's own page
     tables over a flat p2m, the real registers) its C path; None if the extension is not built."""
 
     _hv: ctypes.c_char  # hw: the first byte of the hypervisor region holding the EPT tables (install_ept)
+    keep_books = True  # the events' bookkeeping in C too (EventBooks); False: Python's callbacks do it
+    books: EventBooks | None = None
 
     def __init__(self, lib, mmu, faults):
         self.mmu = mmu
@@ -384,6 +544,10 @@ class FastDelivery:
         st.python_intr = ctypes.cast(self._python_intr, ctypes.c_void_p).value
         st.soft_done = ctypes.cast(self._soft_done, ctypes.c_void_p).value
         st.fault_done = ctypes.cast(self._fault_done, ctypes.c_void_p).value
+        if self.keep_books:
+            self.books = EventBooks(self._lib, vcpu)
+            st.books = self.books.address
+            vcpu.fold_counts = self.books.fold
         handle = ctypes.c_size_t()
         err = _ucmod.uclib.uc_hook_add(
             self._uch,
@@ -416,6 +580,9 @@ class FastDelivery:
         if mnem in ("iret", "iretd"):
             self._iret_site(address, size, mnem == "iretd", code, python_hook)
             return True
+        if mnem in _io_instructions():
+            self._io_site(address, size, code, python_hook)
+            return True
         dst, _, src = (t.strip() for t in ops.partition(","))
         if mnem == "mov" and dst == "cr4" and src in R.GPR_NAMES:
             self._cr4_site(address, size, R.GPR_ORDER[R.GPR_NAMES.index(src)], code, python_hook)
@@ -431,6 +598,20 @@ class FastDelivery:
         if len(code) != size:
             site.size = 0  # bytes unknown: always the Python hook
         self._add_site(address, site, self._lib.delivery_cr4_hook, python_hook)
+
+    def _io_site(self, address: int, size: int, code: bytes, python_hook) -> None:
+        site = _IoSite()
+        site.s = ctypes.addressof(self._state)
+        site.python = ctypes.cast(python_hook, ctypes.c_void_p).value
+        site.size = size
+        site.bytes[: len(code[:16])] = code[:16]
+        if len(code) != size:
+            site.size = 0  # bytes unknown: always the Python hook
+        self._add_site(address, site, self._lib.delivery_io_hook, python_hook)
+
+    def io_passed(self) -> int:
+        """in/out instructions whose I/O permission check passed in C (CPL 0 outside V86 mode)."""
+        return sum(site.passed for site, _ in self._sites.values() if isinstance(site, _IoSite))
 
     def cr4_passed(self) -> int:
         """mov-to-CR4 instructions answered in C (nothing to do)."""

@@ -20,6 +20,11 @@ from functools import lru_cache
 from unicorn import UC_ARCH_X86, UC_HOOK_BLOCK, UC_HOOK_INTR, UC_MODE_32, Uc
 from unicorn import x86_const as X
 
+from cpuvirt.engine.regs import bare
+
+# called with (c_void_p handle, uc_context pointer) only: no argtypes conversion (engine/regs.py bare)
+_context_save, _context_restore = bare("uc_context_save"), bare("uc_context_restore")
+
 
 @dataclass(frozen=True)
 class ContextLayout:
@@ -153,13 +158,16 @@ class FaultState:
     def take(self) -> tuple[int, bool]:
         """Return (error_code, from_int_n) of the fault being handled, and mark it delivered."""
         ctx = self._ctx
-        self.uc.context_update(ctx)
+        h = self.uc._uch
+        if _context_save(h, ctx.context):
+            raise RuntimeError("engine refused a context save")
         err, isint, slot = self._fields
         error_code = err.value & 0xFFFFFFFF
         is_int = isint.value != 0
         if slot.value != -1:
             slot.value = -1
-            self.uc.context_restore(ctx)
+            if _context_restore(h, ctx.context):
+                raise RuntimeError("engine refused a context restore")
         return error_code, is_int
 
     def clear_interrupt_shadow(self) -> None:

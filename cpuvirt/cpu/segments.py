@@ -24,10 +24,12 @@ from cpuvirt.cpu.segcache import _HF_ADDSEG, _HF_CS32, _HF_SS32, _SEG_INDEX, _Se
 from cpuvirt.cpu.virtualcpu import SREGS, GuestFault
 from cpuvirt.engine import regs as R
 from cpuvirt.engine.hostmem import HostRegion, HvAllocator
-from cpuvirt.engine.regs import _uclib
 from cpuvirt.memory.p2m import HV_HPA
 from cpuvirt.status import Unsupported
 from cpuvirt.x86.vectors import Vector
+
+# called with (c_void_p handle, uc_context pointer) only: no argtypes conversion (engine/regs.py bare)
+_context_save, _context_restore = R.bare("uc_context_save"), R.bare("uc_context_restore")
 
 HV_SIZE = 8 << 20  # hypervisor-only host memory (shadow GDT; full mode's translation cache)
 SHADOW_GDT_WINDOW = 0xFFF00000  # linear window of the shadow GDT, served only during a hypervisor load
@@ -127,21 +129,21 @@ class SegmentLoadingVcpu(GuestViewVcpu):
         then sets CPL from its descriptor anyway. Needed because the engine checks SS.RPL = CPL."""
         ctx = self._cplctx
         h = self.uc._uch
-        _uclib.uc_context_save(h, ctx.context)
+        _context_save(h, ctx.context)
         slot = self._cplflags
         if slot.value & 3 != ring:
             slot.value = (slot.value & ~3) | ring
-            _uclib.uc_context_restore(h, ctx.context)
+            _context_restore(h, ctx.context)
 
     def set_interrupt_shadow(self) -> None:
         """An emulated sti / mov ss / pop ss: no interrupt before the next instruction (SDM 6.8.3)."""
         ctx = self._cplctx
         h = self.uc._uch
-        _uclib.uc_context_save(h, ctx.context)
+        _context_save(h, ctx.context)
         slot = self._cplflags
         if not slot.value & HF_INHIBIT_IRQ:
             slot.value |= HF_INHIBIT_IRQ
-            _uclib.uc_context_restore(h, ctx.context)
+            _context_restore(h, ctx.context)
 
     def hv_load(self, loads, ring: int | None = None, desc: tuple[int, int] | None = None) -> None:
         """Load real segment registers from the shadow GDT: `loads` = [(register, guest selector,
@@ -198,7 +200,7 @@ class SegmentLoadingVcpu(GuestViewVcpu):
             return False
         _, cptr, segs, hflags = self._direct
         h = self.uc._uch
-        _uclib.uc_context_save(h, cptr)
+        _context_save(h, cptr)
         hf = hflags.value
         if ring is not None:
             hf = (hf & ~3) | ring
@@ -235,7 +237,7 @@ class SegmentLoadingVcpu(GuestViewVcpu):
                 hf |= _HF_ADDSEG
             self._loaded[reg] = (real, lo, hi | (1 << 8))
         hflags.value = hf
-        _uclib.uc_context_restore(h, cptr)
+        _context_restore(h, cptr)
         self.mmu.crs = None
         return True
 

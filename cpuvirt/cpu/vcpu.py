@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ctypes
 from collections import Counter
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from unicorn import UC_HOOK_INSN, UC_HOOK_TLB_FILL, UcError
 from unicorn import x86_const as X
@@ -24,7 +24,7 @@ from cpuvirt.cpu.tasks import CpuView
 from cpuvirt.engine import regs as R
 from cpuvirt.engine.clock import NEVER
 from cpuvirt.engine.cpuid import CpuidTable
-from cpuvirt.engine.hooks import EngineHooks
+from cpuvirt.engine.hooks import EngineHooks, hook_guard
 from cpuvirt.memory.traces import TracedWrite, TraceError
 from cpuvirt.memory.types import Access
 from cpuvirt.status import BUDGET as EXIT_BUDGET
@@ -97,8 +97,9 @@ class Vcpu:
         self.trace = trace
         self.budget = max_insns or NEVER
         self.outcome: Outcome | None = None
-        self.counts: Counter = Counter()
-        self.reasons: Counter = Counter()  # (kind, reason) -> n: the cost model's view (cpuvirt/costs)
+        self._counts: Counter = Counter()
+        self._reasons: Counter = Counter()
+        self.fold_counts: Callable[[], None] | None = None  # adds events counted in C (native's EventBooks)
         self._disasm = None
         self._insn_cache: dict[tuple[int, bytes], str] = {}
         self.error: BaseException | None = None
@@ -114,7 +115,23 @@ class Vcpu:
         self._io_sites: dict = {}
         self._window_retranslate: list[tuple[int, int]] = []
         self._window_ready = False
+        self._port_hooks: tuple[int, int] = (0, 0)  # the in/out hooks (install_hooks)
+        self._port_io_in_c = False  # time_port_io_in_c made them C's
         machine.on_new_block = self.forget_block
+
+    @property
+    def counts(self) -> Counter:
+        """Events by kind (the summary's counts)."""
+        if self.fold_counts is not None:
+            self.fold_counts()
+        return self._counts
+
+    @property
+    def reasons(self) -> Counter:
+        """(kind, reason) -> n: the cost model's view (cpuvirt/costs)."""
+        if self.fold_counts is not None:
+            self.fold_counts()
+        return self._reasons
 
     @property
     def nmi_blocked(self) -> bool:
@@ -494,6 +511,38 @@ class Vcpu:
         if self.outcome is not None:
             uc.emu_stop()
 
+    def time_port_io_in_c(self) -> None:
+        """Native without a trace: the in/out hooks become C ones that spend the access's time
+        (VirtualClock.hook_port_io) and call timed_in / timed_out for the device."""
+        if self.trace is not None or type(self).port_io is not Vcpu.port_io or self._port_io_in_c:
+            return
+        self._port_io_in_c = True
+        for handle in self._port_hooks:
+            self.hooks.remove(handle)
+        self._port_hooks = self.clock.hook_port_io(self.timed_in, self.timed_out, IO_CYCLES)
+
+    @hook_guard(returns=0)
+    def timed_in(self, port: int, size: int) -> int:
+        """hook_in and port_io (no trace) after the C hook spent the access's time."""
+        if self.outcome is not None:
+            self.clock.advance(-IO_CYCLES)  # as hook_in: nothing once the run has ended
+            return 0
+        self.mmu.crs = None
+        self._counts["io"] += 1
+        return self.machine.bus.read(port, size)
+
+    @hook_guard()
+    def timed_out(self, port: int, size: int, value: int) -> None:
+        """hook_out and port_io (no trace) after the C hook spent the access's time."""
+        if self.outcome is not None:
+            self.clock.advance(-IO_CYCLES)
+            return
+        self.mmu.crs = None
+        self._counts["io"] += 1
+        self.machine.bus.write(port, size, value)
+        if self.outcome is not None:
+            self.uc.emu_stop()
+
     def msr_instruction(self, address: int, size: int, mnem: str) -> bool:
         """rdmsr/wrmsr of an MSR the machine models (IA32_APIC_BASE): done here, the instruction
         skipped; a reserved bit written is #GP(0). False: the engine executes it (its own MSRs)."""
@@ -527,7 +576,7 @@ class Vcpu:
     def port_io(self, port: int, size: int, is_in: bool, value: int = 0) -> int:
         """A port access reaching the devices (modes decide first whether it exits)."""
         self.clock.advance(IO_CYCLES)
-        self.counts["io"] += 1
+        self._counts["io"] += 1
         if is_in:
             value = self.machine.bus.read(port, size)
             if self.trace is not None:
@@ -985,8 +1034,7 @@ class Vcpu:
         uc.hook_add(UC_HOOK_TLB_FILL, self.mmu.fill)
         self._intr_hook = hooks.intr(self.hook_intr)  # para replaces it (modes/para)
         hooks.invalid(self.hook_invalid)
-        hooks.port_in(self.hook_in)
-        hooks.port_out(self.hook_out)
+        self._port_hooks = (hooks.port_in(self.hook_in), hooks.port_out(self.hook_out))
         if self.rdtsc_in_c:
             self.clock.hook_rdtsc()  # the virtual clock, read in C: rdtsc causes no Python
         else:
@@ -1095,8 +1143,8 @@ class Vcpu:
 
     # -- recording -----------------------------------------------------------------------------------
     def record(self, kind: str, reason: str, code, eip: int, detail: dict, action: str) -> None:
-        self.counts[kind] += 1
-        self.reasons[kind, reason if reason != "mov" else _mov_reason(detail)] += 1
+        self._counts[kind] += 1
+        self._reasons[kind, reason if reason != "mov" else _mov_reason(detail)] += 1
         if self.trace is not None:
             self.trace.event(
                 self.clock.instructions, self.regs.cpl(), kind, reason, code, eip, self.insn_at(eip), detail, action

@@ -171,6 +171,39 @@ int vclock_rdtsc_hook(void *uc, void *user_data) {
     return 1;
 }
 
+/*
+ * Port I/O with the clock in C: a port access spends IO_CYCLES of virtual time (cpu/vcpu.py) before the
+ * device sees it (a device reading the clock, the PIT, sees the time after the access). The device
+ * models are Python, so the access itself still goes to Python (port_in, port_out: Vcpu.timed_in,
+ * timed_out); only the clock's update, two ctypes field writes that cost as much as the device call, is
+ * made here. Used while no trace is written (an I/O trace row is Python's).
+ */
+typedef uint32_t (*port_in_fn)(uint32_t port, uint32_t size);
+typedef void (*port_out_fn)(uint32_t port, uint32_t size, uint32_t value);
+
+typedef struct {
+    vclock_t *clock;
+    uint64_t cycles;         /* the virtual time of one port access */
+    port_in_fn port_in;
+    port_out_fn port_out;
+} port_io_t;
+
+size_t vclock_port_io_sizeof(void) { return sizeof(port_io_t); }
+
+uint32_t vclock_in_hook(void *uc, uint32_t port, int size, void *user_data) {
+    port_io_t *p = (port_io_t *)user_data;
+    p->clock->now += p->cycles;
+    p->clock->extra += p->cycles;
+    return p->port_in(port, (uint32_t)size);
+}
+
+void vclock_out_hook(void *uc, uint32_t port, int size, uint32_t value, void *user_data) {
+    port_io_t *p = (port_io_t *)user_data;
+    p->clock->now += p->cycles;
+    p->clock->extra += p->cycles;
+    p->port_out(port, (uint32_t)size, value);
+}
+
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_vclock", NULL, -1, NULL};
 
 PyMODINIT_FUNC PyInit__vclock(void) { return PyModule_Create(&module); }

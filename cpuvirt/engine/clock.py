@@ -13,7 +13,14 @@ import ctypes
 
 from unicorn import UC_HOOK_BLOCK, UC_HOOK_CODE, UC_HOOK_INSN
 from unicorn.unicorn_py3 import unicorn as _ucmod
-from unicorn.x86_const import UC_X86_INS_RDTSC, UC_X86_REG_EAX, UC_X86_REG_EDX, UC_X86_REG_EFLAGS
+from unicorn.x86_const import (
+    UC_X86_INS_IN,
+    UC_X86_INS_OUT,
+    UC_X86_INS_RDTSC,
+    UC_X86_REG_EAX,
+    UC_X86_REG_EDX,
+    UC_X86_REG_EFLAGS,
+)
 
 from cpuvirt.engine.cext import load
 
@@ -59,8 +66,23 @@ class _State(ctypes.Structure):
     ]
 
 
+_PORT_IN = ctypes.CFUNCTYPE(ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32)
+_PORT_OUT = ctypes.CFUNCTYPE(None, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32)
+
+
+class _PortIo(ctypes.Structure):
+    """Mirror of port_io_t."""
+
+    _fields_ = [
+        ("clock", ctypes.c_void_p),
+        ("cycles", ctypes.c_uint64),
+        ("port_in", ctypes.c_void_p),
+        ("port_out", ctypes.c_void_p),
+    ]
+
+
 def _lib():
-    lib = load("cpuvirt.engine._vclock", {"vclock_sizeof": _State})
+    lib = load("cpuvirt.engine._vclock", {"vclock_sizeof": _State, "vclock_port_io_sizeof": _PortIo})
     if lib is None:
         raise RuntimeError(
             "cpuvirt's C clock hook is not built or does not match clock.py: run `pip install -e .` again"
@@ -204,6 +226,33 @@ class VirtualClock:
         )
         if err:
             raise RuntimeError(f"cannot hook rdtsc (uc error {err})")
+
+    def hook_port_io(self, port_in, port_out, cycles: int) -> tuple[int, int]:
+        """`in`/`out` hooks in C that spend `cycles` of virtual time, then call port_in(port, size) ->
+        value or port_out(port, size, value) (guarded by the caller). Returns the two hook handles."""
+        io = self._port_io = _PortIo()
+        self._port_cbs = (_PORT_IN(port_in), _PORT_OUT(port_out))  # alive as long as the clock
+        io.clock = ctypes.addressof(self._state)
+        io.cycles = cycles
+        io.port_in, io.port_out = (ctypes.cast(cb, ctypes.c_void_p).value for cb in self._port_cbs)
+        handles = []
+        for fn, insn in ((self._lib.vclock_in_hook, UC_X86_INS_IN), (self._lib.vclock_out_hook, UC_X86_INS_OUT)):
+            h = ctypes.c_size_t()
+            err = _ucmod.uclib.uc_hook_add(
+                self._uc._uch,
+                ctypes.byref(h),
+                UC_HOOK_INSN,
+                ctypes.cast(fn, ctypes.c_void_p),
+                ctypes.c_void_p(ctypes.addressof(io)),
+                ctypes.c_uint64(1),
+                ctypes.c_uint64(0),
+                ctypes.c_int(insn),
+            )
+            if err:
+                raise RuntimeError(f"cannot hook port I/O (uc error {err})")
+            handles.append(h.value)
+            self._uc._callbacks[h.value] = self  # as the binding keeps its own: Uc.hook_del finds it
+        return handles[0], handles[1]
 
     @property
     def window_stats(self) -> tuple[int, int]:

@@ -20,6 +20,7 @@ from cpuvirt.engine.regs import CR0 as CR0_REG
 from cpuvirt.engine.regs import EFLAGS as EFLAGS_REG
 from cpuvirt.engine.regs import Regs
 from cpuvirt.machine.apic import APIC_BASE_GPA, APIC_SIZE, MSR_IA32_APIC_BASE, ApicReservedBits, LocalApic
+from cpuvirt.machine.blocks import BlockInsns
 from cpuvirt.machine.bus import PortBus
 from cpuvirt.machine.debug_exit import DebugExit
 from cpuvirt.machine.fw_cfg import FW_CFG_PORT_SEL, FwCfg
@@ -214,7 +215,7 @@ class Machine:
         self._insn_counter16: Any = None
         self.block_observer = None  # callback(insns) -> True to stop and retranslate the block
         self.on_new_block = None  # callback(address): caches keyed by block must drop it
-        self.block_insns: dict[int, tuple] = {}  # block -> (instruction addresses, end address)
+        self.block_insns = BlockInsns()  # block -> (instruction addresses, end address)
 
     def _reset(self, why: str) -> None:
         if self.on_reset is not None:

@@ -53,4 +53,5 @@ class NativeMode(Mode):
             # `int n` from the INTR hook to its handler without Python, unless a trace is being written
             # (it is attached after the mode is built, so this is decided here)
             self.fast.install_intr(self.vcpu)
+        self.vcpu.time_port_io_in_c()  # in/out: the access's time spent in C, the device in Python
         return super().run(entry)
