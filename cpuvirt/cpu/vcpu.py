@@ -666,6 +666,7 @@ class Vcpu:
 
         ic = self.intercepts = Intercepts(self.hooks, self.mmu, wanted | FAR_TRANSFERS | {ssealign.MARKER}, hit)
         ic.sse = ssealign.SseAlign.create(self.uc, self.faults.layout.hflags)
+        ic.on_limit = lambda why: self.finish("error", EXIT_HYPERVISOR_STOP, why)
         # real-address and virtual-8086 mode, and code segments with D = 0: 16-bit code
         ic.code16 = lambda: not self.running_code32()
         self.mmu.on_code_frame = ic.scan_frame
