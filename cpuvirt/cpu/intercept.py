@@ -14,6 +14,9 @@ VMCS control, or a deprivileging hypervisor, must see them. The way used here:
 - A hook that fires re-checks the instruction's bytes, because the same linear address may hold other
   code after a CR3 switch or a rewrite: xv6's processes all run at linear 0, and the `f4` inside
   `init`'s `call` at 0x87 (decoded from 0x88: `hlt`) is `sh`'s one-byte `pop edx` at 0x88 (same size).
+- Hooks are bounded (the engine walks all of them at every translated instruction): page scans stop
+  at limits.SCAN_SITES, the guest is stopped at limits.INTERCEPT_SITES, aligned-SSE sites have their
+  own cap (cpu/ssealign.py).
 """
 
 from __future__ import annotations

@@ -12,6 +12,14 @@ decode (16-bit, real-address or virtual-8086 mode), reaches Python: `misaligned_
 decodes the instruction as the CPU sees it now and gives the address the CPU would check.
 Under `full` the translator copies these instructions unchanged into the translation cache, where
 they get the same hook (modes/full/vcpu.py).
+
+A site follows its code: the C hook compares the instruction's bytes in the guest frame it was decoded
+from with the bytes it decoded, and hands a change to Python, which decodes it again and re-aims the
+site (cpu/intercept.py `_rehook`); a linear page that has held code from several frames has its
+sites checked in Python only. Sites are bounded (cpuvirt/limits.py SSE_SITES, docs/security.md): the
+guest's own beyond the cap get no hook (unchecked, counted in `unchecked`); translation-cache copies
+have a cap of their own and are removed at each TC flush, which full makes before a translation that
+could exceed it. `fxsave`/`fxrstor` need no hook: the engine raises their #GP(0) itself.
 """
 
 from __future__ import annotations
