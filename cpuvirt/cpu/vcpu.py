@@ -894,7 +894,9 @@ class Vcpu:
         is left as it is (a debugger's #DB handler returns with RF = 1), and the pushf difference
         stays. In every mode; native's C iret hook sends here only the irets whose image has RF."""
         segs = self.engine_segments()
-        code = self.mmu.fetch_bytes(address, size)
+        ic = self.intercepts
+        site = ic.sites.get(address) if ic is not None else None  # its bytes, checked by Intercepts._hit
+        code = site[3] if site is not None and site[0] == size else self.mmu.fetch_bytes(address, size)
         if segs is None or not code:
             return
         prefixes = code[:-1]
@@ -903,8 +905,12 @@ class Vcpu:
         esp = self.regs.read(R.ESP)
         mask = 0xFFFFFFFF if segs.stack32() else 0xFFFF
         linear = (segs.base(R.SS) + ((esp + 8) & mask)) & 0xFFFFFFFF
-        # read without side effects, as native's C hook peeks (the engine's iret reads it for real)
-        raw = self.mmu.fetch_bytes(linear, 4)
+        # read without side effects, as native's C hook peeks (the engine's iret reads it for real);
+        # hw with EPT has the same C walker (its delivery path), the Python walk costs 40 us there
+        fast = self.delivery.fast
+        raw = fast.peek(linear, 4) if fast is not None else None
+        if raw is None:
+            raw = self.mmu.fetch_bytes(linear, 4)
         if raw is None or not raw[2] & 1 or instruction_breakpoint_armed(self.regs.read(R.DR7)):
             return  # unreadable (the engine's iret faults), RF clear, or RF wanted by a breakpoint
         try:
