@@ -511,7 +511,7 @@ class Machine:
             if self.code32 is not None:
                 code32 = self.code32()
             else:
-                code32 = self.regs.read(CR0_REG) & 1 and not self.regs.read(EFLAGS_REG) & EFLAGS_VM
+                code32 = bool(self.regs.read(CR0_REG) & 1) and not self.regs.read(EFLAGS_REG) & EFLAGS_VM
             counter = self._insn_counter if code32 else self._insn_counter16
             insns = list(counter.disasm_lite(code, address))
             if self.on_new_block is not None:
