@@ -105,9 +105,16 @@ class Intercepts:
     # -- scanning ----------------------------------------------------------------------------------
     def scan_frame(self, page: int, hpa: int) -> None:
         """Called by the MMU when a (linear page, host frame) first serves a fetch."""
+        if self.note_frame(page, hpa):
+            self._scan(page, hpa)
+
+    def note_frame(self, page: int, hpa: int) -> bool:
+        """A (linear page, host frame) pair serves a fetch: True the first time. A page seen with a
+        second frame has its SSE sites checked in Python from then on (the MMU calls this alone
+        when the page scan is off: modes that find their sites by the block check)."""
         key = (page, hpa)
         if key in self.scanned:
-            return
+            return False
         limits.put(self.scanned, key, True)
         last = self.page_frame.get(page)
         limits.put(self.page_frame, page, hpa)
@@ -117,6 +124,9 @@ class Intercepts:
             limits.put(self.shared_pages, page, True)
             if self.sse is not None:
                 self.sse.python_only(page, page + 0x1000)
+        return True
+
+    def _scan(self, page: int, hpa: int) -> None:
         if len(self.hooked) >= limits.SCAN_SITES:
             return  # bounded: the blocks that run are still checked (check_block)
         data = self.mmu.ram.read(hpa, 0x1000) if self.mmu.ram.contains(hpa, 0x1000) else b""
