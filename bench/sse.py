@@ -27,9 +27,11 @@ def run(path: str, mode: str, how: str):
     elif how == "python":
         ssealign.SseAlign.create = classmethod(lambda cls, uc, hflags: None)
     elif how == "empty":
-        def empty_site(self, address, *args):
-            site(self, address, *args)
-            self.sites[address][0].valid = 0        # the C hook returns at once: the engine's call alone
+        def empty_site(self, address, *args, **kw):
+            hooked = site(self, address, *args, **kw)
+            if hooked:
+                self.sites[address][0].valid = 0    # the C hook returns at once: the engine's call alone
+            return hooked
         ssealign.SseAlign.site = empty_site
     try:
         r = run_guest(path, mode=mode, max_insns=0)

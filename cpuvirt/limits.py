@@ -15,3 +15,12 @@ def put(table: dict, key, value) -> None:
     if len(table) >= CACHE_ENTRIES and key not in table:
         table.clear()
     table[key] = value
+
+
+# One-address code hooks on intercepted instructions (cpu/intercept.py). The engine looks at every code
+# hook when it translates an instruction and each time a hooked one runs, so their number is a host
+# cost on all translation: it is bounded, not cached (a dropped hook could not be put back before its
+# instruction runs again).
+SCAN_SITES = 8192  # beyond, a newly fetched page's scan hooks nothing: only executed instances get hooks
+INTERCEPT_SITES = 32768  # beyond, the hypervisor stops the guest (status 123)
+SSE_SITES = 4096  # alignment-checked SSE sites (cpu/ssealign.py); beyond, further sites are not checked

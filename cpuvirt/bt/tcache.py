@@ -120,6 +120,7 @@ class TCache:
         self._write = write  # write(linear TC address, bytes): to the TC's backing
         self.remove_cache = remove_cache  # drop the engine's translations of [lo, hi)
         self.on_flush: Callable[[], None] | None = None  # drop what the hypervisor keeps per translation
+        self.hook_room: Callable[[int], bool] | None = None  # room for n more hooked TC instructions?
         self.base = base
         self.size = size
         self.code_base = base + CALLOUT_SLOTS
@@ -143,6 +144,8 @@ class TCache:
 
     # -- allocation ----------------------------------------------------------------------------------
     def room(self, nbytes: int, nslots: int) -> bool:
+        if self.hook_room is not None and not self.hook_room(nslots):
+            return False  # the code hooks on TC copies are at their cap: a flush frees them
         return self.next + nbytes <= self.end and len(self.sites) + nslots <= CALLOUT_SLOTS
 
     def flush(self) -> None:

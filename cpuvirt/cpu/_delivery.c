@@ -711,9 +711,28 @@ python:
     s->python_intr(uc, intno, NULL);
 }
 
+#define HF_CS32 (1u << 4)     /* QEMU's hflags: CS.D, SS.B */
+#define HF_SS32 (1u << 5)
+
+/* Does the 32-bit EFLAGS image the iretd is about to pop (SS:ESP + 8) set RF? 1 also when it cannot
+ * tell here (16-bit code or stack, an image that is not readable RAM): Python looks then. */
+static int iret_image_rf(delivery_t *s, void *uc) {
+    uint32_t hflags, esp, image;
+    uint64_t ss_base;
+    int err = 0;
+    if (s->context_save(uc, s->context)) return 1;
+    memcpy(&hflags, s->context_hflags, 4);
+    if ((hflags & (HF_CS32 | HF_SS32)) != (HF_CS32 | HF_SS32)) return 1;
+    memcpy(&ss_base, s->context_ss + 8, 8);    /* SegmentCache: selector, (pad), base */
+    esp = (uint32_t)rd(s, uc, R_ESP, &err);
+    if (err || !delivery_peek(s, uc, (uint32_t)ss_base + esp + 8, 4, (uint8_t *)&image)) return 1;
+    return (image & EFLAGS_RF) != 0;
+}
+
 /* In native mode every iret is intercepted (cpu/intercept.py), for what the engine would get wrong:
  * a task return (EFLAGS.NT, SDM 7.3), the end of NMI blocking (SDM 6.7.1), EFLAGS.VM in the image
- * at CPL > 0 (Vcpu.iret_site), and in real-address mode RF in the image (Vcpu.iret_image_rf). In the common case none of them applies and Python did nothing: the
+ * at CPL > 0 (Vcpu.iret_site), and RF in the image (Vcpu.iret_image_rf: the engine's pushf would
+ * store it). In the common case none of them applies and Python did nothing: the
  * instruction (its bytes unchanged since it was decoded) is left to the engine, and only the
  * interrupt-window check of the intercept's caller is made (Vcpu.enable_intercepts, `hit`). Anything
  * else goes to the Python hook. */
@@ -729,6 +748,7 @@ void delivery_iret_hook(void *uc, uint64_t address, uint32_t size, void *user_da
     cs = (uint32_t)rd(s, uc, R_CS, &err);
     if (err || (eflags & (EFLAGS_VM | EFLAGS_NT)) || (site->wide && (cs & 3))) goto python;
     if (!((uint32_t)rd(s, uc, R_CR0, &err) & CR0_PE) || err) goto python;   /* real mode: Vcpu.iret_image_rf */
+    if (site->wide && iret_image_rf(s, uc)) goto python;
     if (*s->clock_watch_if && !*s->clock_check_if) *s->clock_check_if = 1;   /* VirtualClock.if_may_have_changed */
     s->irets++;
     return;

@@ -11,8 +11,10 @@
  * (the engine's register interface gives no DS/ES/SS base). An aligned operand (the common case) ends
  * here; anything else goes to the Python hook behind it, which decodes the instruction again as the
  * CPU sees it and raises #GP(0) if the operand really is misaligned: real-address and virtual-8086
- * mode, 16-bit code, an instruction size that no longer matches (the code changed), and the
- * misaligned case itself.
+ * mode, 16-bit code, code that changed since it was decoded (its size, or its bytes in the guest
+ * frame it was decoded from: the site is then re-aimed at the new instruction, which may be no
+ * aligned-SSE one at all), and the misaligned case itself. A linear page that has held code from
+ * more than one frame (processes at the same address) has its sites checked in Python only.
  *
  * Built as a Python extension only so that setuptools compiles it; Python calls it through ctypes.
  */
@@ -41,7 +43,8 @@ typedef struct {
     uint64_t passed;           /* ... found aligned here */
 } align_t;
 
-/* One aligned-SSE instruction: its memory operand's addressing form, as decoded for 32-bit code. */
+/* One hooked address: the instruction decoded there, with its memory operand's addressing form when it
+ * is an aligned-SSE one decoded as 32-bit code, and the bytes it was decoded from. */
 typedef struct {
     align_t *s;
     code_fn python;            /* Intercepts._hit, guarded */
@@ -49,8 +52,10 @@ typedef struct {
     uint32_t scale, disp;
     uint32_t seg;              /* QEMU's segment index: ES CS SS DS FS GS */
     uint32_t size;             /* the instruction's length when decoded; 0: always Python */
-    uint32_t valid;            /* 0: the code at this address is no longer this instruction */
-    uint32_t pad;
+    uint32_t valid;            /* 0: the code at this address is no longer this instruction (TC flush) */
+    uint32_t check;            /* 1: an m128 operand to check; 0: the bytes are no such instruction */
+    const uint8_t *code;       /* the instruction's bytes in guest RAM (host memory), or NULL */
+    uint8_t bytes[16];         /* ... as they were when decoded */
 } align_site_t;
 
 size_t align_sizeof(void) { return sizeof(align_t); }
@@ -73,8 +78,12 @@ void align_hook(void *uc, uint64_t address, uint32_t size, void *user_data) {
     uint32_t base, index, hflags, ea;
     uint64_t seg_base;
     if (!site->valid) return;
+    /* Code rewritten since it was decoded (self-modifying code, a reused frame): Python decodes it
+     * again and re-aims this site. */
+    if (size != site->size || (site->code && memcmp(site->code, site->bytes, size))) goto python;
+    if (!site->check) return;
     s->checks++;
-    if (size != site->size || reg32(s, uc, site->base, &base) || reg32(s, uc, site->index, &index)
+    if (reg32(s, uc, site->base, &base) || reg32(s, uc, site->index, &index)
         || s->context_save(uc, s->context)) goto python;
     memcpy(&hflags, s->context_hflags, 4);
     if ((hflags & (HF_PE | HF_VM | HF_CS32)) != (HF_PE | HF_CS32)) goto python;   /* not 32-bit protected */

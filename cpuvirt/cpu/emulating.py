@@ -20,7 +20,7 @@ from cpuvirt.cpu.virtualcpu import GuestFault
 from cpuvirt.engine import regs as R
 from cpuvirt.status import Unsupported
 from cpuvirt.x86.faultaddr import operand_address
-from cpuvirt.x86.flags import CR0_PE, CR0_PG, CR0_WP, CR4_PGE, CR4_PSE, EFLAGS_NT, EFLAGS_VM
+from cpuvirt.x86.flags import CR0_PE, CR0_PG, CR0_WP, CR4_PGE, CR4_PSE, EFLAGS_NT, EFLAGS_RF, EFLAGS_VM
 from cpuvirt.x86.vectors import HAS_ERROR_CODE, Vector
 
 SYSENTER_MSRS = (0x174, 0x175, 0x176)  # IA32_SYSENTER_CS, _ESP, _EIP: kept in the VirtualCpu
@@ -183,7 +183,9 @@ class EmulatingVcpu(SegmentLoadingVcpu):
     def iret(self, eip: int, size: int = 1) -> None:
         """iretd by the guest kernel (virtual CPL 0), in the guest's view (SDM IRET, protected mode):
         a task return with EFLAGS.NT (cpu/tasks.py), a return to virtual-8086 mode with VM in the
-        image, else a protected-mode return."""
+        image, else a protected-mode return. RF is not loaded: the engine would keep it for its next
+        translation block, whose `pushf` would store it (Vcpu.iret_image_rf); breakpoints, RF's
+        purpose, are not modelled under deprivileging (the debug registers are virtual)."""
         regs = self.regs
         self.unblock_nmi()
         if regs.read(R.EFLAGS) & EFLAGS_NT:
@@ -196,6 +198,7 @@ class EmulatingVcpu(SegmentLoadingVcpu):
             return
         esp = regs.read(R.ESP)
         new_eip, cs, flags = struct.unpack("<III", self.read_guest(esp, 12))
+        flags &= ~EFLAGS_RF
         if flags & EFLAGS_VM:
             # RETURN-TO-VIRTUAL-8086-MODE: the segment values are real-mode ones, CPL becomes 3.
             new_esp, ss, es, ds, fs, gs = struct.unpack("<6I", self.read_guest(esp + 12, 24))

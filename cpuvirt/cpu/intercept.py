@@ -14,6 +14,9 @@ VMCS control, or a deprivileging hypervisor, must see them. The way used here:
 - A hook that fires re-checks the instruction's bytes, because the same linear address may hold other
   code after a CR3 switch or a rewrite: xv6's processes all run at linear 0, and the `f4` inside
   `init`'s `call` at 0x87 (decoded from 0x88: `hlt`) is `sh`'s one-byte `pop edx` at 0x88 (same size).
+- Hooks are bounded (the engine walks all of them at every translated instruction): page scans stop
+  at limits.SCAN_SITES, the guest is stopped at limits.INTERCEPT_SITES, aligned-SSE sites have their
+  own cap (cpu/ssealign.py).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Callable
 
 from capstone import CS_ARCH_X86, CS_MODE_16, CS_MODE_32, Cs
 
+from cpuvirt import limits
 from cpuvirt.cpu import ssealign
 
 # The opcode bytes that start each sensitive instruction, after any prefixes (SDM Vol. 2 opcode map).
@@ -80,9 +84,12 @@ class Intercepts:
         self.mmu = mmu
         self.wanted = wanted
         self.on_hit = on_hit
-        # linear address -> (size, mnemonic, operands, the instruction's bytes)
+        # linear address -> (size, mnemonic, operands, the instruction's bytes): a cache of decodes
         self.sites: dict[int, tuple[int, str, str, bytes]] = {}
-        self.scanned: set[tuple[int, int]] = set()
+        self.hooked: set[int] = set()  # addresses with a hook (at most limits.INTERCEPT_SITES)
+        self.scanned: dict[tuple[int, int], bool] = {}  # (linear page, host frame) pairs scanned
+        self.page_frame: dict[int, int] = {}  # linear code page -> the frame it last fetched from
+        self.shared_pages: dict[int, bool] = {}  # linear pages that held code from several frames
         self.retranslate: list[tuple[int, int]] = []
         self._cs = Cs(CS_ARCH_X86, CS_MODE_32)
         # (address, size, mnemonic, operands, code, python hook) -> True when it put a C hook in front
@@ -91,15 +98,37 @@ class Intercepts:
         self._cs16 = Cs(CS_ARCH_X86, CS_MODE_16)
         self.code16: Callable[[], bool] | None = None  # is the guest running 16-bit code now? (real mode)
         self.sse: ssealign.SseAlign | None = None  # the C hook of aligned-SSE sites
+        self.on_limit: Callable[[str], None] | None = None  # told once when limits.INTERCEPT_SITES is reached
+        self._hit_function = None  # the guarded ctypes function of _hit, made once
         self._pattern = re.compile(b"|".join(OPCODES.values()) + b"|" + FAR_PATTERN + b"|" + ssealign.OPCODE_PATTERN)
 
     # -- scanning ----------------------------------------------------------------------------------
     def scan_frame(self, page: int, hpa: int) -> None:
         """Called by the MMU when a (linear page, host frame) first serves a fetch."""
+        if self.note_frame(page, hpa):
+            self._scan(page, hpa)
+
+    def note_frame(self, page: int, hpa: int) -> bool:
+        """A (linear page, host frame) pair serves a fetch: True the first time. A page seen with a
+        second frame has its SSE sites checked in Python from then on (the MMU calls this alone
+        when the page scan is off: modes that find their sites by the block check)."""
         key = (page, hpa)
         if key in self.scanned:
-            return
-        self.scanned.add(key)
+            return False
+        limits.put(self.scanned, key, True)
+        last = self.page_frame.get(page)
+        limits.put(self.page_frame, page, hpa)
+        if last is not None and last != hpa and page not in self.shared_pages:
+            # another frame's code at this linear page (another process, a reused page): the C SSE
+            # checks compare bytes in the frame they were decoded from, which proves nothing now
+            limits.put(self.shared_pages, page, True)
+            if self.sse is not None:
+                self.sse.python_only(page, page + 0x1000)
+        return True
+
+    def _scan(self, page: int, hpa: int) -> None:
+        if len(self.hooked) >= limits.SCAN_SITES:
+            return  # bounded: the blocks that run are still checked (check_block)
         data = self.mmu.ram.read(hpa, 0x1000) if self.mmu.ram.contains(hpa, 0x1000) else b""
         if not data:
             return
@@ -117,31 +146,77 @@ class Intercepts:
         for start in sorted(starts):
             for addr, size, mnem, ops in self._cs.disasm_lite(code[start : start + 15], page + start, 1):
                 if _is_wanted(mnem, ops, self.wanted):
-                    self._hook(addr, size, mnem, ops, code[start : start + size])
+                    ptr = self._ram_pointer(hpa + start) if start + size <= 0x1000 else 0
+                    self._hook(addr, size, mnem, ops, code[start : start + size], ptr)
 
     def check_block(self, insns) -> bool:
-        """Called with a newly seen block's instructions; True if one lacked a hook (retranslate it)."""
+        """Called with a newly seen block's instructions; True if one lacked a hook (retranslate it).
+        An instance already hooked whose bytes changed is decoded again (its C check re-aimed)."""
         missing = False
         for addr, size, mnem, ops in insns:
-            if _is_wanted(mnem, ops, self.wanted) and addr not in self.sites:
-                self._hook(addr, size, mnem, ops, self.mmu.fetch_bytes(addr, size) or b"")
-                missing = True
+            if not _is_wanted(mnem, ops, self.wanted):
+                continue
+            code = self.mmu.fetch_bytes(addr, size) or b""
+            if addr not in self.hooked:
+                missing |= self._hook(addr, size, mnem, ops, code, self._code_pointer(addr, size))
+            else:
+                site = self.sites.get(addr)
+                if site is None or site[3] != code:
+                    self._rehook(addr, (size, mnem, ops, code))
         return missing
 
-    def _hook(self, addr: int, size: int, mnem: str, ops: str, code: bytes) -> None:
-        if addr in self.sites:
-            self.sites[addr] = (size, mnem, ops, code)
-            return
-        self.sites[addr] = (size, mnem, ops, code)
+    def _ram_pointer(self, hpa: int) -> int:
+        ram = self.mmu.ram
+        return ram.host_address + (hpa - ram.hpa) if ram.contains(hpa) else 0
+
+    def _code_pointer(self, addr: int, size: int) -> int:
+        """Where the instruction at linear `addr` is in host memory now (0: not one guest-RAM frame, or
+        a page that held several frames' code), found without side effects."""
+        if (addr & 0xFFF) + size > 0x1000 or (addr & ~0xFFF) in self.shared_pages:
+            return 0
+        c = self.mmu.counters
+        walks, refs = c.walks, c.walk_refs
+        try:
+            hpa = self.mmu.gva_to_hpa(addr, 2, False, side_effects=False)  # 2: a fetch
+        except Exception:  # noqa: BLE001 - a fault, a nested fault: no pointer, Python checks it
+            hpa = None
+        finally:
+            c.walks, c.walk_refs = walks, refs
+        return 0 if hpa is None or not self.mmu.ram.contains(hpa, size) else self._ram_pointer(hpa)
+
+    def _hook(self, addr: int, size: int, mnem: str, ops: str, code: bytes, code_ptr: int = 0) -> bool:
+        """Put a hook on the instance at `addr`; False when none was added (the SSE cap). At
+        limits.INTERCEPT_SITES the guest is stopped instead (`on_limit`), before the block runs."""
+        limits.put(self.sites, addr, (size, mnem, ops, code))
+        if addr in self.hooked:
+            return False
+        if len(self.hooked) >= limits.INTERCEPT_SITES:
+            if self.on_limit is not None:
+                self.on_limit(
+                    f"more than {limits.INTERCEPT_SITES:,} intercepted instruction sites "
+                    "(the hypervisor's bound on code hooks: docs/security.md)"
+                )
+            return True  # the block is dropped before it runs (check_block), and the guest stopped
+        if self._hit_function is None:
+            self._hit_function = self.hooks.code_function(self._hit)
         if self.sse is not None and ssealign.is_aligned_sse(mnem, ops):
-            self.sse.site(addr, size, code, self.hooks.code_function(self._hit))
-            return
+            if not self.sse.site(addr, size, code, self._hit_function, code_ptr):
+                return False  # beyond limits.SSE_SITES: not checked
+            self.hooked.add(addr)
+            return True
+        self.hooked.add(addr)
         # a C hook answers the common iret or mov to CR4 and hands the rest to _hit (cpu/fastdelivery.py)
-        if self.fast_site is not None and self.fast_site(
-            addr, size, mnem, ops, code, self.hooks.code_function(self._hit)
-        ):
-            return
+        if self.fast_site is not None and self.fast_site(addr, size, mnem, ops, code, self._hit_function):
+            return True
         self.hooks.code(self._hit, addr, addr)
+        return True
+
+    def _rehook(self, address: int, site: tuple[int, str, str, bytes]) -> None:
+        """The code at a hooked address changed: remember the new instruction, and re-aim its C SSE
+        check (it may be another instruction now, or an aligned-SSE one with another operand)."""
+        limits.put(self.sites, address, site)
+        if self.sse is not None and address in self.sse.sites:
+            self.sse.site(address, site[0], site[3], None, self._code_pointer(address, site[0]))
 
     # -- a hooked instruction is about to run ----------------------------------------------------------
     def _hit(self, uc, address, size, _data) -> None:
@@ -154,6 +229,6 @@ class Intercepts:
                 site = (sz, mnem, ops, code[:sz])
             if site is None:
                 return
-            self.sites[address] = site
+            self._rehook(address, site)
         if _is_wanted(site[1], site[2], self.wanted):
             self.on_hit(address, site[0], site[1], site[2])

@@ -115,5 +115,6 @@ class IoGateVcpu(GuestViewVcpu):
             )
         )
         self.enable_intercepts(wanted, self.io_gate)
-        self.mmu.on_code_frame = None  # the page scan knows no in/out opcodes: the block check finds them
         assert isinstance(self.intercepts, Intercepts)
+        # the page scan knows no in/out opcodes: the block check finds them; code frames are noted
+        self.mmu.on_code_frame = self.intercepts.note_frame

@@ -12,17 +12,27 @@ decode (16-bit, real-address or virtual-8086 mode), reaches Python: `misaligned_
 decodes the instruction as the CPU sees it now and gives the address the CPU would check.
 Under `full` the translator copies these instructions unchanged into the translation cache, where
 they get the same hook (modes/full/vcpu.py).
+
+A site follows its code: the C hook compares the instruction's bytes in the guest frame it was decoded
+from with the bytes it decoded, and hands a change to Python, which decodes it again and re-aims the
+site (cpu/intercept.py `_rehook`); a linear page that has held code from several frames has its
+sites checked in Python only. Sites are bounded (cpuvirt/limits.py SSE_SITES, docs/security.md): the
+guest's own beyond the cap get no hook (unchecked, counted in `unchecked`); translation-cache copies
+have a cap of their own and are removed at each TC flush, which full makes before a translation that
+could exceed it. `fxsave`/`fxrstor` need no hook: the engine raises their #GP(0) itself.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 
 from capstone import CS_ARCH_X86, CS_MODE_16, CS_MODE_32, Cs
 from capstone.x86 import X86_OP_MEM
 from unicorn import UC_HOOK_CODE
 from unicorn.unicorn_py3 import unicorn as _ucmod
 
+from cpuvirt import limits
 from cpuvirt.cpu.emulator import Context, Op, memory_operand
 from cpuvirt.engine import regs as R
 from cpuvirt.engine.cext import load
@@ -95,6 +105,24 @@ def misaligned_operand(code: bytes, code32: bool, regs, seg_base) -> int | None:
     return linear if linear & 15 else None
 
 
+_OTHER = ()  # _site_form: the bytes are no aligned-SSE instruction
+
+
+@functools.lru_cache(maxsize=4096)
+def _site_form(code: bytes):
+    """What the C hook needs of the whole instruction `code`, decoded as 32-bit code: the m128
+    operand's (base, index, scale, disp, segment index) with 32-bit addressing; _OTHER if it is
+    another instruction; None if only Python can check it (16-bit addressing, another length).
+    Cached: a guest's SSE sites repeat the same few encodings."""
+    insn = next(_decoder(True).disasm(code, 0, 1), None)
+    if insn is None or insn.size != len(code):
+        return None
+    if not is_aligned_sse(insn.mnemonic, insn.op_str):
+        return _OTHER
+    form = operand_form(code, True)
+    return None if form is None or not form[5] else form[:5]
+
+
 class _State(ctypes.Structure):
     """Mirror of align_t."""
 
@@ -122,7 +150,9 @@ class _Site(ctypes.Structure):
         ("seg", ctypes.c_uint32),
         ("size", ctypes.c_uint32),
         ("valid", ctypes.c_uint32),
-        ("pad", ctypes.c_uint32),
+        ("check", ctypes.c_uint32),
+        ("code", ctypes.c_void_p),
+        ("bytes", ctypes.c_uint8 * 16),
     ]
 
 
@@ -168,6 +198,10 @@ class SseAlign:
         st.context_hflags = st.context + hflags_offset
         st.context_segs = st.context + segs
         self.sites: dict[int, tuple[_Site, int, object]] = {}  # address -> (site, hook handle, Python hook)
+        self.unchecked = 0  # sites left unhooked at the cap
+        self.tc_sites = 0  # sites on translation-cache copies (full), capped apart from the guest's own
+        self._tc: set[int] = set()
+        self._graveyard: list[_Site] = []  # sites whose hooks were removed, kept until the next flush
 
     @classmethod
     def create(cls, uc, hflags_offset: int | None) -> "SseAlign | None":
@@ -187,25 +221,41 @@ class SseAlign:
     def passed(self) -> int:
         return self._state.passed
 
-    def site(self, address: int, size: int, code: bytes, python_hook) -> None:
-        """Hook the aligned-SSE instruction `code` at `address` (decoded as 32-bit code) in C, with
-        `python_hook` behind it. A second call for the same address re-aims its hook at `code`."""
-        form = operand_form(code, True) if len(code) == size else None
+    def site(
+        self, address: int, size: int, code: bytes, python_hook=None, code_ptr: int = 0, trusted: bool = False
+    ) -> bool:
+        """Hook the instruction `code` at `address` (decoded as 32-bit code) in C, with `python_hook`
+        behind it; a second call for the same address re-aims its hook at `code` (None: the same
+        Python hook), which may be no aligned-SSE instruction any more (the hook then does nothing
+        while the bytes stay). `code_ptr`: where `code` is in host memory (guest RAM), compared by
+        the hook before each use; 0 leaves the site to Python, unless `trusted` (a translation-cache
+        copy, re-aimed at each flush). False when the cap is reached (`limits.SSE_SITES`): not hooked."""
         old = self.sites.get(address)
+        if old is None and (self.tc_sites if trusted else len(self.sites) - self.tc_sites) >= limits.SSE_SITES:
+            self.unchecked += 1
+            return False
+        if python_hook is None:
+            assert old is not None, "a new site needs its Python hook"
+            python_hook = old[2]
         site = old[0] if old is not None else _Site()
         site.s = ctypes.addressof(self._state)
         site.python = ctypes.cast(python_hook, ctypes.c_void_p).value
-        site.size, site.valid = size, 1
-        if form is None or not form[5]:
-            site.size = 0  # not decodable here: always the Python hook
+        site.size, site.valid, site.check = size, 1, 1
+        site.code = code_ptr or None
+        site.bytes[:] = (code[:16] + bytes(16))[:16]
+        form = _site_form(code) if len(code) == size <= 16 and (code_ptr or trusted) else None
+        if form is None:
+            site.size = 0  # not decodable here, or its bytes cannot be compared: always the Python hook
+        elif form is _OTHER:
+            site.check = 0  # rewritten into another instruction: nothing to check while it stays
         else:
-            base, index, scale, disp, seg, _ = form
+            base, index, scale, disp, seg = form
             site.base = base if base is not None else -1
             site.index = index if index is not None else -1
             site.scale, site.disp, site.seg = scale, disp & 0xFFFFFFFF, seg
         if old is not None:
             self.sites[address] = (site, old[1], python_hook)
-            return
+            return True
         handle = ctypes.c_size_t()
         err = _ucmod.uclib.uc_hook_add(
             self.uc._uch,
@@ -219,10 +269,32 @@ class SseAlign:
         if err:
             raise RuntimeError(f"cannot hook the SSE instruction at {address:#x} (uc error {err})")
         self.sites[address] = (site, handle.value, python_hook)  # alive as long as the engine may call them
+        if trusted:
+            self.tc_sites += 1
+            self._tc.add(address)
+        return True
 
-    def invalidate(self, lo: int, hi: int) -> None:
-        """The code in [lo, hi) was replaced (a translation cache flush): its hooks do nothing until
-        `site` re-aims them."""
+    def tc_room(self, n: int) -> bool:
+        """Can n more translation-cache sites be hooked (else the translator flushes the TC first)?"""
+        return self.tc_sites + n <= limits.SSE_SITES
+
+    def python_only(self, lo: int, hi: int) -> None:
+        """The sites in [lo, hi) go to Python at every execution: their linear page has held code from
+        more than one frame, so bytes compared in one frame prove nothing about the code running."""
         for address, entry in self.sites.items():
             if lo <= address < hi:
-                entry[0].valid = 0
+                entry[0].size = 0
+
+    def invalidate(self, lo: int, hi: int) -> None:
+        """The translation cache [lo, hi) was flushed: its sites' hooks are removed (the engine's
+        translations of it are dropped too, and a new translation hooks its own copies again). The
+        engine frees removed hooks only when emu_start returns, and walks them until then: the
+        caller ends the engine run soon (full: at the next block boundary)."""
+        self._graveyard.clear()  # removed at the previous flush: the engine no longer calls them
+        for address in [a for a in self._tc if lo <= a < hi]:
+            site, handle, _ = self.sites.pop(address)
+            site.valid = 0
+            self._tc.discard(address)
+            self.tc_sites -= 1
+            _ucmod.uclib.uc_hook_del(self.uc._uch, ctypes.c_size_t(handle))
+            self._graveyard.append(site)

@@ -43,8 +43,16 @@ if TYPE_CHECKING:
 EXTERNAL_WAIT_S = 60.0  # host seconds a halted CPU waits for a frame from another process
 
 IO_CYCLES = 1000  # a port access costs 1 us of virtual time, as an ISA bus cycle does on a PC
+
+
 # The instructions that can set EFLAGS.IF in the guest's own code (capstone mnemonics): each gets a
 # window hook (clock.hook_if_setter) the first time a block holding it runs.
+def instruction_breakpoint_armed(dr7: int) -> bool:
+    """Does DR7 enable (L or G) a breakpoint whose R/W field is 00, on instruction execution (SDM
+    Vol. 3B 18.2.4)?"""
+    return any(dr7 >> (2 * i) & 3 and not dr7 >> (16 + 4 * i) & 3 for i in range(4))
+
+
 IF_SETTERS = frozenset(("sti", "popf", "popfd", "iret", "iretd"))
 FETCH_FAULT_CYCLES = 100  # a fault on an instruction fetch retires nothing: it costs this much time,
 # so a handler whose own code faults spends the budget (docs/security.md)
@@ -118,6 +126,7 @@ class Vcpu:
         self._port_hooks: tuple[int, int] = (0, 0)  # the in/out hooks (install_hooks)
         self._port_io_in_c = False  # time_port_io_in_c made them C's
         machine.on_new_block = self.forget_block
+        machine.code32 = self.running_code32  # new blocks decode as the CPU does (CS.D)
 
     @property
     def counts(self) -> Counter:
@@ -706,8 +715,9 @@ class Vcpu:
 
         ic = self.intercepts = Intercepts(self.hooks, self.mmu, wanted | FAR_TRANSFERS | {ssealign.MARKER}, hit)
         ic.sse = ssealign.SseAlign.create(self.uc, self.faults.layout.hflags)
-        # real-address and virtual-8086 mode: 16-bit code
-        ic.code16 = lambda: not self.regs.read(R.CR0) & 1 or bool(self.regs.read(R.EFLAGS) & EFLAGS_VM)
+        ic.on_limit = lambda why: self.finish("error", EXIT_HYPERVISOR_STOP, why)
+        # real-address and virtual-8086 mode, and code segments with D = 0: 16-bit code
+        ic.code16 = lambda: not self.running_code32()
         self.mmu.on_code_frame = ic.scan_frame
 
         def observe(insns):
@@ -910,22 +920,32 @@ class Vcpu:
         segs.refresh()
         return segs
 
+    def running_code32(self) -> bool:
+        """Does the code running now decode as 32-bit code: protected mode outside V86 with CS.D = 1
+        (SDM Vol. 3A 3.4.5)? Asked when a new block is counted or an intercept re-decodes; in
+        protected mode it costs one read of the engine's segment caches (D = 1 if unreadable)."""
+        if not self.regs.read(R.CR0) & 1 or self.regs.read(R.EFLAGS) & EFLAGS_VM:
+            return False
+        segs = self.engine_segments()
+        return segs is None or segs.code32()
+
     def code32(self, segs) -> bool:
         """Does the code running now default to 32-bit operands (protected mode, outside V86, CS.D)?"""
         return bool(self.regs.read(R.CR0) & 1) and not self.regs.read(R.EFLAGS) & EFLAGS_VM and segs.code32()
 
     def iret_image_rf(self, address: int, size: int) -> None:
         """An iret whose 32-bit EFLAGS image sets RF: cleared in the image before the engine pops it.
-        The engine keeps RF = 1 to the end of its translation block, and a `pushf` there stores it,
-        where the SDM says PUSHF never copies RF (nor VM) but stores them cleared. RF only suppresses
-        instruction breakpoints, which cpuvirt does not model in any mode, so clearing it changes
-        nothing else. (kvm-unit-tests realmode, `rflags.rf`.) Only in real-address and virtual-8086
-        mode: there every iret reaches Python (native's C iret hook answers protected-mode ones, and
-        reading every image would cost each of them a guest page walk)."""
-        if self.regs.read(R.CR0) & 1 and not self.regs.read(R.EFLAGS) & EFLAGS_VM:
-            return
+        The engine keeps RF = 1 to the end of its next translation block, and a `pushf` there stores
+        it, where the SDM says PUSHF never copies RF (nor VM) but stores them cleared (kvm-unit-tests
+        realmode, `rflags.rf`; tests/guests/iret_rf.S). RF's one other effect is to let the
+        instruction at the return address run past its instruction breakpoint (SDM Vol. 3B 18.3.1.1),
+        which the engine honours in native and hw: while DR7 arms an instruction breakpoint the image
+        is left as it is (a debugger's #DB handler returns with RF = 1), and the pushf difference
+        stays. In every mode; native's C iret hook sends here only the irets whose image has RF."""
         segs = self.engine_segments()
-        code = self.mmu.fetch_bytes(address, size)
+        ic = self.intercepts
+        site = ic.sites.get(address) if ic is not None else None  # its bytes, checked by Intercepts._hit
+        code = site[3] if site is not None and site[0] == size else self.mmu.fetch_bytes(address, size)
         if segs is None or not code:
             return
         prefixes = code[:-1]
@@ -934,10 +954,16 @@ class Vcpu:
         esp = self.regs.read(R.ESP)
         mask = 0xFFFFFFFF if segs.stack32() else 0xFFFF
         linear = (segs.base(R.SS) + ((esp + 8) & mask)) & 0xFFFFFFFF
+        # read without side effects, as native's C hook peeks (the engine's iret reads it for real);
+        # hw with EPT has the same C walker (its delivery path), the Python walk costs 40 us there
+        fast = self.delivery.fast
+        raw = fast.peek(linear, 4) if fast is not None else None
+        if raw is None:
+            raw = self.mmu.fetch_bytes(linear, 4)
+        if raw is None or not raw[2] & 1 or instruction_breakpoint_armed(self.regs.read(R.DR7)):
+            return  # unreadable (the engine's iret faults), RF clear, or RF wanted by a breakpoint
         try:
-            image = int.from_bytes(self.view.read(linear, 4), "little")
-            if image & EFLAGS_RF:
-                self.view.write(linear, (image & ~EFLAGS_RF).to_bytes(4, "little"))
+            self.view.write(linear, (int.from_bytes(raw, "little") & ~EFLAGS_RF).to_bytes(4, "little"))
         except DeliveryFault:
             return  # the engine's iret faults the same way
 

@@ -43,6 +43,7 @@ CS, SS, DS, ES, FS, GS = (
 )
 CR0, CR2, CR3, CR4 = X.UC_X86_REG_CR0, X.UC_X86_REG_CR2, X.UC_X86_REG_CR3, X.UC_X86_REG_CR4
 GDTR, IDTR, LDTR, TR = X.UC_X86_REG_GDTR, X.UC_X86_REG_IDTR, X.UC_X86_REG_LDTR, X.UC_X86_REG_TR
+DR7 = X.UC_X86_REG_DR7
 
 # The eight general registers in ModRM / exit-qualification order (SDM Vol. 3C table 28-3).
 GPR_ORDER = (EAX, ECX, EDX, EBX, ESP, EBP, ESI, EDI)

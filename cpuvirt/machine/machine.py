@@ -214,6 +214,7 @@ class Machine:
         self._insn_counter: Any = None  # capstone Cs (32-bit), made on first use
         self._insn_counter16: Any = None
         self.block_observer = None  # callback(insns) -> True to stop and retranslate the block
+        self.code32: Callable[[], bool] | None = None  # does the code running now decode as 32-bit?
         self.on_new_block = None  # callback(address): caches keyed by block must drop it
         self.block_insns = BlockInsns()  # block -> (instruction addresses, end address)
 
@@ -528,9 +529,14 @@ class Machine:
 
                 self._insn_counter = Cs(CS_ARCH_X86, CS_MODE_32)
                 self._insn_counter16 = Cs(CS_ARCH_X86, CS_MODE_16)
-            # Real-address and virtual-8086 mode run 16-bit code (SDM Vol. 3A 20.1, 20.2): decoded as
-            # such, its instruction boundaries, counts and intercepted instructions are the CPU's.
-            code32 = self.regs.read(CR0_REG) & 1 and not self.regs.read(EFLAGS_REG) & EFLAGS_VM
+            # Real-address and virtual-8086 mode run 16-bit code (SDM Vol. 3A 20.1, 20.2), and so does
+            # a protected-mode code segment with D = 0 (3.4.5): decoded as such, its instruction
+            # boundaries, counts and intercepted instructions are the CPU's. CS.D is in the engine's
+            # segment cache, which the vCPU reads (`code32`); without one, D = 1 is assumed.
+            if self.code32 is not None:
+                code32 = self.code32()
+            else:
+                code32 = bool(self.regs.read(CR0_REG) & 1) and not self.regs.read(EFLAGS_REG) & EFLAGS_VM
             counter = self._insn_counter if code32 else self._insn_counter16
             insns = list(counter.disasm_lite(code, address))
             if self.on_new_block is not None:

@@ -95,6 +95,20 @@ resume_7:
     mov fs, ax
     mov dword ptr [gdt + 0x20], 0x0000FFFF
     CHECK_GP("ds base 8: movaps [buf + 16] (linear 8 mod 16) raises #GP", 8)
+
+    # fxsave/fxrstor m512byte: 16-byte aligned too (SDM Vol. 2A FXSAVE, FXRSTOR: #GP(0))
+    fxsave [fxarea]
+    fxrstor [fxarea]
+    CHECK_GP("aligned fxsave, fxrstor: no #GP", 8)
+    mov dword ptr [fxarea + 512 + 8], 0x33333333
+    mov dword ptr [resume], resume_8
+    fxsave [fxarea + 8]
+resume_8:  CHECK_GP("fxsave at 8 mod 16 raises #GP", 9)
+    CHECK_EQ("and stores nothing", dword ptr [fxarea + 512 + 8], 0x33333333)
+    lea eax, [fxarea + 4]
+    mov dword ptr [resume], resume_9
+    fxrstor [eax]
+resume_9:  CHECK_GP("fxrstor [eax] with eax 4 mod 16 raises #GP", 10)
     ret
 
 gp_handler:
@@ -113,6 +127,9 @@ buf:
     .fill 32, 4, 0
 ones:
     .fill 4, 4, 0x22222222
+.align 16
+fxarea:
+    .fill 132, 4, 0
 gps: .long 0
 gp_eip: .long 0
 gp_error: .long 0

@@ -186,10 +186,16 @@ class FullVcpu(RunsCode16, Coherence, Callouts, AdaptiveStores, DeprivilegedVcpu
                 inner()
                 if ic.sse is not None:
                     ic.sse.invalidate(TC_WINDOW, TC_WINDOW + TC_SIZE)
+                    self.clock.pull_in(self.clock.now)  # the engine frees the removed hooks on return
 
             self.tc.on_flush = on_flush
+            # a translation starts with room for its copies' hooks, else the TC is flushed first
+            sse = ic.sse
+            if sse is not None:
+                self.tc.hook_room = sse.tc_room
         if ic.sse is not None:
-            ic.sse.site(ins.tc, ins.size, self.tc_bytes(ins.tc, ins.size), self._sse_tc_hook)
+            # a TC copy changes only with a flush, which re-aims every site (`invalidate` above)
+            ic.sse.site(ins.tc, ins.size, self.tc_bytes(ins.tc, ins.size), self._sse_tc_hook, trusted=True)
         elif ins.tc not in self._sse_tc_python:
             self._sse_tc_python.add(ins.tc)
             self.hooks.code(self._sse_tc_hit, ins.tc, ins.tc)
