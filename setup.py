@@ -28,6 +28,7 @@ setup(
                  Extension("cpuvirt.engine._cpuid", ["cpuvirt/engine/_cpuid.c"], extra_compile_args=["-O2"]),
                  Extension("cpuvirt.cpu._delivery", ["cpuvirt/cpu/_delivery.c"], extra_compile_args=["-O2"]),
                  Extension("cpuvirt.cpu._ssealign", ["cpuvirt/cpu/_ssealign.c"], extra_compile_args=["-O2"]),
-                 Extension("cpuvirt.modes.hw._apicv", ["cpuvirt/modes/hw/_apicv.c"], extra_compile_args=["-O2"])],
+                 Extension("cpuvirt.modes.hw._apicv", ["cpuvirt/modes/hw/_apicv.c"], extra_compile_args=["-O2"]),
+                 Extension("cpuvirt.bt._callout", ["cpuvirt/bt/_callout.c"], extra_compile_args=["-O2"])],
     cmdclass={"build_py": build_py_with_guests},
 )
