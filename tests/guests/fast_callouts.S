@@ -89,7 +89,25 @@ toggle_loop:
     CHECK_EQ("CR0 after the toggles", eax, dword ptr [cr0_base])
     mov eax, cr4
     CHECK_EQ("CR4 after the toggles", eax, dword ptr [cr4_base])
+
+    # the code after a cpuid site served in C is rewritten: the next call runs the new code
+    mov edi, 20
+smc_loop:
+    call smc_probe
+    dec edi
+    jnz smc_loop
+    CHECK_EQ("before the code is written", eax, 1)
+    mov dword ptr [smc_imm + 1], 2
+    call smc_probe
+    CHECK_EQ("the new code after the cpuid runs", eax, 2)
     PASS("fast callouts")
+    ret
+
+smc_probe:
+    xor eax, eax
+    cpuid
+smc_imm:
+    mov eax, 1
     ret
 
 set_cr0:
