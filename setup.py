@@ -1,4 +1,4 @@
-"""The C hooks (virtual clock, native TLB fill and event delivery, CPUID, hw's EPT fill and APIC-access page), and the guest sources shipped inside the package; metadata is in pyproject.toml."""
+"""The C hooks (virtual clock, native TLB fill and event delivery, CPUID, full's callout slots, hw's EPT fill and APIC-access page), and the guest sources shipped inside the package; metadata is in pyproject.toml."""
 import shutil
 from pathlib import Path
 
