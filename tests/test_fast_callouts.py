@@ -67,3 +67,24 @@ def test_a_trace_keeps_every_callout_in_python(tmp_path):
     assert traced.counts == plain.counts and traced.icount == plain.icount
 
 
+
+
+def test_a_flush_sends_every_slot_back_to_python(monkeypatch):
+    """After a TC flush slot numbers are reused by other sites: a slot still linked would be served as
+    what it was (the counts and the console would differ from the Python path's)."""
+    from cpuvirt.bt.tcache import TCache
+
+    room = TCache.room
+    calls = {"n": 0}
+
+    def flushing_room(self, nbytes, nslots):
+        calls["n"] += 1
+        return room(self, nbytes, nslots) and calls["n"] % 37 != 0  # a flush every 37 translations
+
+    monkeypatch.setattr(TCache, "room", flushing_room)
+    fast, hv = _run("full")
+    assert hv.vcpu.tc.counters.flushes > 2 and sum(_served(hv).values()) > 4 * N
+    calls["n"] = 0
+    slow, _ = _run("full", monkeypatch, python_only=True)
+    assert fast.console == slow.console
+    assert (fast.icount, fast.vtime, fast.counts) == (slow.icount, slow.vtime, slow.counts)
