@@ -44,6 +44,8 @@ class BtRuntime:
         # callback(TranslateFault, guest_eip) -> False when the run stops
         self.on_fetch_fault: Callable[[TranslateFault, int], bool] | None = None
         self.is_kernel = lambda: True  # is the guest now at virtual CPL 0 (its code runs translated)?
+        # the same, asked at a callout slot: the mode may answer it more cheaply there
+        self.is_kernel_at_slot = lambda: self.is_kernel()
         self.current: Site | None = None  # the Site being served (the hypervisor's view of "where")
         # A callout the mode served may be linked (served in C from then on: fastcallout.py): the
         # mode sets link_as to its kind while serving it, and the runtime links once it knows where
@@ -102,7 +104,7 @@ class BtRuntime:
     # -- the callout hook ---------------------------------------------------------------------------------
     def hook_callout(self, uc, address, _size, _data) -> None:
         site = self.tc.site_at(address)
-        if site is None or not self.is_kernel():
+        if site is None or not self.is_kernel_at_slot():
             return  # guest user code at these linear addresses: not ours
         self.current = site
         self._slot = address

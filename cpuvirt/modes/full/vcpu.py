@@ -98,6 +98,11 @@ class FullVcpu(RunsCode16, Coherence, Callouts, AdaptiveStores, DeprivilegedVcpu
         # 16-bit code (real mode, 16-bit protected mode) runs in place, never translated (bt/direct.py)
         self.direct16 = Direct16(self, KERNEL_RING, HV_CR0, HV_IDTR)
         self.rt.is_kernel = lambda: self.direct16.state is None and self.vcpl() == 0
+        # At a callout slot (linear 0xFF000000 and up) the CPU cannot be in virtual-8086 mode, whose
+        # linear addresses end below 0x110000: CS's RPL alone says the ring (no EFLAGS read, which
+        # costs the engine a computation of the lazy flags).
+        regs = self.regs
+        self.rt.is_kernel_at_slot = lambda: self.direct16.state is None and regs.read(R.CS) & 3 == KERNEL_RING
         if verbose:
             self.rt.translator.trace_translate = self._record_translate
         self._page_frame: dict[int, int] = {}  # linear code page -> guest frame it came from
