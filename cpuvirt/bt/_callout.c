@@ -46,7 +46,7 @@ typedef struct {
     uint32_t *check_if;
     uint64_t base;             /* linear address of slot 0 */
     int32_t eip_reg, cs_reg;   /* UC_X86_REG_EIP, UC_X86_REG_CS */
-    uint32_t kernel_ring;      /* slots serve guest-kernel code only: CS.RPL of the kernel ring */
+    uint32_t kernel_ring;      /* slots serve guest-kernel code only: CS.RPL of the kernel ring, or NO_RING */
     uint32_t enabled;          /* 0 while the guest kernel runs 16-bit code in place (bt/direct.py) */
     uint64_t served[KINDS];    /* callouts answered here, by kind */
     /* mov to CR0/CR4 (modes/full/crfast.py): the virtual CR0 and CR4 live here */
@@ -98,18 +98,25 @@ static int mov_cr(callouts_t *t, void *uc, uint8_t modrm) {
     return 1;
 }
 
+/* Python is told (its hook's data word) whether the guest kernel runs: 2 yes, 1 no (CS is read here),
+ * 3 when the table knows no kernel ring (a bare runtime: Python asks itself). */
+#define NO_RING 0xFFFFFFFFu
+#define TO_PYTHON(kernel) \
+    t->python(uc, address, size, (void *)(uintptr_t)(t->kernel_ring == NO_RING ? 3 : (kernel) ? 2 : 1))
+
 void callout_hook(void *uc, uint64_t address, uint32_t size, void *user_data) {
     callouts_t *t = (callouts_t *)user_data;
     uint64_t i = address - t->base;
-    if (i < SLOTS && t->kind[i] != PYTHON && t->enabled) {
-        uint64_t cs = 0;
-        t->reg_read(uc, t->cs_reg, &cs);
-        if ((cs & 3) == t->kernel_ring) {
+    uint64_t cs = 0;
+    t->reg_read(uc, t->cs_reg, &cs);
+    int kernel = (cs & 3) == t->kernel_ring && t->enabled;
+    if (i < SLOTS && t->kind[i] != PYTHON) {
+        if (kernel) {
             uint8_t k = t->kind[i];
             uint64_t eip = t->dest[i];
             if (k == MOV_CR0 || k == MOV_CR4) {
                 if (!mov_cr(t, uc, t->arg[i])) {
-                    t->python(uc, address, size, NULL);
+                    TO_PYTHON(1);
                     return;
                 }
             } else {
@@ -121,7 +128,7 @@ void callout_hook(void *uc, uint64_t address, uint32_t size, void *user_data) {
             return;
         }
     }
-    t->python(uc, address, size, NULL);
+    TO_PYTHON(kernel);
 }
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_callout", NULL, -1, NULL};

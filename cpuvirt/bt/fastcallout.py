@@ -32,7 +32,7 @@ PYTHON, CPUID, RDTSC, MOV_CR0, MOV_CR4 = 0, 1, 2, 3, 4
 KINDS = 5
 KIND_NAMES = {CPUID: "cpuid", RDTSC: "rdtsc", MOV_CR0: "mov cr0", MOV_CR4: "mov cr4"}
 MAX_MAP_FRAMES = 16
-NO_MAPS = 0xFFFFFFFF
+NO_MAPS = NO_RING = 0xFFFFFFFF
 
 
 class _Table(ctypes.Structure):
@@ -80,19 +80,20 @@ class FastCallouts:
     extension is not built (the Python hook then serves every slot, as before)."""
 
     @classmethod
-    def install(cls, uc, base: int, python_hook, kernel_ring: int) -> "FastCallouts | None":
-        """`python_hook`: the guarded ctypes code hook that serves every slot the C hook does not."""
+    def install(cls, uc, base: int, python_hook, kernel_ring: int | None) -> "FastCallouts | None":
+        """`python_hook`: the guarded ctypes code hook that serves every slot the C hook does not;
+        `kernel_ring`: the real ring of translated code (None: unknown, C serves no slot itself)."""
         lib = _lib()
         return None if lib is None else cls(uc, lib, base, python_hook, kernel_ring)
 
-    def __init__(self, uc, lib, base: int, python_hook, kernel_ring: int):
+    def __init__(self, uc, lib, base: int, python_hook, kernel_ring: int | None):
         t = self._table = _Table()
         t.reg_read = ctypes.cast(_ucmod.uclib.uc_reg_read, ctypes.c_void_p).value
         t.reg_write = ctypes.cast(_ucmod.uclib.uc_reg_write, ctypes.c_void_p).value
         t.python = ctypes.cast(python_hook, ctypes.c_void_p).value
         t.base = base
         t.eip_reg, t.cs_reg = UC_X86_REG_EIP, UC_X86_REG_CS
-        t.kernel_ring = kernel_ring
+        t.kernel_ring = NO_RING if kernel_ring is None else kernel_ring
         t.enabled = 1
         for i, reg in enumerate(R.GPR_ORDER):
             t.gpr_reg[i] = reg

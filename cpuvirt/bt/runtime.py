@@ -29,11 +29,18 @@ def _no_callout(site: Site) -> int | None:
 
 class BtRuntime:
     def __init__(
-        self, hooks: EngineHooks, regs: R.Regs, tc: TCache, code: GuestCode, read32, write32, kernel_ring: int = 1
+        self,
+        hooks: EngineHooks,
+        regs: R.Regs,
+        tc: TCache,
+        code: GuestCode,
+        read32,
+        write32,
+        kernel_ring: int | None = None,
     ):
         """`hooks`: the owner's EngineHooks; the callout hook runs under their guard (an exception stops
         the engine and is kept as the owner's `error`). `kernel_ring`: the real ring translated code
-        runs at (the C callout hook serves that ring only)."""
+        runs at (the C callout hook serves that ring only; None: not known, is_kernel decides)."""
         self.uc = hooks.owner.uc
         self.regs = regs
         self.tc = tc
@@ -53,7 +60,7 @@ class BtRuntime:
         self.link_as = PYTHON
         self.link_arg = 0  # the site's ModRM byte (mov to CR)
         self._slot = 0
-        python_hook = hooks.code_function(self.hook_callout)
+        python_hook = hooks.code_function_with_data(self._hook_callout_from_c)
         self.fast = FastCallouts.install(self.uc, tc.base, python_hook, kernel_ring)
         if self.fast is None:
             self._hook = hooks.code(self.hook_callout, tc.base, tc.base + CALLOUT_SLOTS - 1)
@@ -105,6 +112,19 @@ class BtRuntime:
     def hook_callout(self, uc, address, _size, _data) -> None:
         site = self.tc.site_at(address)
         if site is None or not self.is_kernel_at_slot():
+            return  # guest user code at these linear addresses: not ours
+        self.current = site
+        self._slot = address
+        try:
+            self._serve(site)
+        finally:
+            self.current = None
+
+    def _hook_callout_from_c(self, address: int, kernel) -> None:
+        """The slots the C hook hands on (fastcallout.py); `kernel` 2: the guest kernel runs (it read
+        CS's RPL, and no 16-bit code runs in place), 1: it does not, 3: ask is_kernel_at_slot."""
+        site = self.tc.site_at(address)
+        if site is None or kernel == 1 or (kernel != 2 and not self.is_kernel_at_slot()):
             return  # guest user code at these linear addresses: not ours
         self.current = site
         self._slot = address
