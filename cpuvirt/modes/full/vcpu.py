@@ -150,6 +150,17 @@ class FullVcpu(RunsCode16, Coherence, Callouts, AdaptiveStores, DeprivilegedVcpu
     def install_hooks(self) -> None:
         super().install_hooks()
         self._link_fast_callouts()  # callouts.py: cpuid and rdtsc answered in C once linked
+        if self.rt.fast is not None:
+            # where the vCPU folds events counted in C into its counters when they are read (the
+            # runner and the cost model also call sync_counts themselves)
+            before = getattr(self, "fold_counts", None)
+
+            def fold() -> None:
+                if before is not None:
+                    before()
+                self.sync_counts()
+
+            self.fold_counts = fold
 
     # -- the deprivileging core's hooks ------------------------------------------------------------
     def real_iopl(self, vcpl: int) -> int:
