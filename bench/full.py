@@ -8,6 +8,7 @@
 - callout round trip: a loop of N `cpuid` (a callout under full) minus the same loop with `nop; nop`,
   per iteration, as a multiple of a bare Unicorn hook call measured in the same run (bench/events.py);
   and `out 0x80, al` (a callout under full, an I/O hook under native) against the empty loop.
+- mov to CR0 toggling WP and mov to CR4 toggling PGE (kvm-unit-tests' vmexit), per iteration.
 The nanobenchmarks under full: `python bench/nanobench.py --modes native,trap,full`.
 usage: python bench/full.py [--rounds R] [--n N] [--trap-n N] [--repeat R]
 """
@@ -27,6 +28,11 @@ LOOP = """# description: full bench loop OP (N iterations)
 #include "kernel.inc"
 .text
 main:
+#if OP == 7
+    mov eax, cr0
+#elif OP == 8
+    mov eax, cr4
+#endif
     mov ecx, N
 bench_loop:
 #if OP == 1
@@ -50,6 +56,12 @@ bench_loop:
     pop ecx
 #elif OP == 6
     out 0x80, al
+#elif OP == 7
+    xor eax, 0x10000
+    mov cr0, eax
+#elif OP == 8
+    xor eax, 0x80
+    mov cr4, eax
 #else
     nop
 #endif
@@ -59,7 +71,8 @@ bench_loop:
 bench_f:
     ret
 """
-OPS = {"empty": 0, "call_ret": 1, "cli_sti": 2, "pushf_popf": 3, "cpuid": 4, "cpuid_base": 5, "out": 6}
+OPS = {"empty": 0, "call_ret": 1, "cli_sti": 2, "pushf_popf": 3, "cpuid": 4, "cpuid_base": 5, "out": 6, "cr0_wp": 7,
+       "cr4_pge": 8}
 
 
 def build_loop(op: str, n: int) -> bytes:
@@ -133,7 +146,11 @@ def main(argv=None) -> dict:
           f"hook call ({hook_us:.2f} us; target <= 10x)")
     print(f"`out 0x80, al`: native (an I/O hook) {out_us['native']:.2f} us = {out_us['native'] / hook_us:.1f}x, "
           f"full (a callout) {out_us['full']:.2f} us = {out_us['full'] / hook_us:.1f}x a bare hook call")
-    res.update(callout_us=callout_us, hook_us=hook_us, out_us=out_us)
+    cr_us = {op: {m: per(op, m) for m in ("native", "full")} for op in ("cr0_wp", "cr4_pge")}
+    for op, what in (("cr0_wp", "CR0 (WP toggled)"), ("cr4_pge", "CR4 (PGE toggled)")):
+        print(f"mov to {what}: native {cr_us[op]['native']:.2f} us, full (a callout) {cr_us[op]['full']:.2f} us = "
+              f"{cr_us[op]['full'] / hook_us:.1f}x a bare hook call")
+    res.update(callout_us=callout_us, hook_us=hook_us, out_us=out_us, cr_us=cr_us)
     return res
 
 

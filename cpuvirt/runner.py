@@ -444,6 +444,9 @@ def run_guest(
         t0 = time.perf_counter()
         outcome = hv.run(image.entry)
         wall = time.perf_counter() - t0
+        sync = getattr(vcpu, "sync_counts", None)  # full: callouts the C hook answered
+        if sync is not None:
+            sync()
         counts = dict(sorted(vcpu.counts.items()))
         if trace:
             trace.footer(outcome.kind, outcome.status, machine.clock.instructions, counts)

@@ -16,7 +16,7 @@ from cpuvirt.memory.shadow import GuestStoreFault, ShadowPaging
 from cpuvirt.memory.traces import TracedWrite, TraceError
 from cpuvirt.runner import run_guest
 from cpuvirt.toolchain.build import list_guests
-from cpuvirt.x86.flags import CR0_PG, CR0_WP, CR4_PSE, EFLAGS_DF
+from cpuvirt.x86.flags import CR0_PG, CR0_WP, CR4_PGE, CR4_PSE, EFLAGS_DF
 
 PE_PG = CR0_PG | 1
 PD1, PD2, PT_BASE = 0x100000, 0x101000, 0x102000      # property tests: 2 directories, 4 page tables
@@ -142,15 +142,33 @@ def test_root_cache_reuse_and_eviction():
     assert c.hidden_faults == 4 and c.root_misses == 4
 
 
-def test_paging_mode_change_drops_the_shadow():
+def test_paging_mode_change_drops_the_shadow_but_wp_and_pge_keep_it():
+    """CR0.WP and CR4.PGE do not change what a shadow entry holds (WP is applied per lookup): toggling
+    them keeps the tables (kvm-unit-tests' vmexit toggles them millions of times); CR4.PSE does not."""
     _, b, shadow, crs = _pair()
-    b.write_gpa(PD1, struct.pack("<I", 0x83 | 0x20))
+    b.write_gpa(PD1, struct.pack("<I", 0x81 | 0x20))  # a read-only 4 MiB page (P, PS, A)
     assert shadow.gva_to_gpa(0x1000, 0, False, GUEST)[0] == 0x1000
     assert shadow.roots[PD1].entries and PD1 in b.mmu.traces
-    crs.cr0 = PE_PG                  # CR0.WP cleared
+    assert shadow.gva_to_gpa(0x1000, 1, False, GUEST)[0] is None  # WP = 1: a supervisor write is refused
+    crs.cr0 = PE_PG  # CR0.WP cleared: the same entry
+    b.mmu.crs = None
+    faults = shadow.counters.hidden_faults
+    assert shadow.gva_to_gpa(0x1000, 0, False, GUEST)[0] == 0x1000
+    assert shadow.counters.hidden_faults == faults
+    assert shadow.tlb_flush(wp_set=True) is False  # no write was let through by WP = 0 yet
+    assert shadow.gva_to_gpa(0x1000, 1, False, GUEST)[0] == 0x1000  # WP = 0: the write goes through
+    faults = shadow.counters.hidden_faults
+    assert shadow.tlb_flush(wp_set=True) is True  # setting WP again must flush the engine's TLB
+    crs.cr4 = CR4_PSE | CR4_PGE
+    b.mmu.crs = None
+    assert shadow.gva_to_gpa(0x1000, 0, False, GUEST)[0] == 0x1000
+    assert shadow.counters.hidden_faults == faults
+    assert shadow.tlb_flush(wp_set=False) is False  # nothing unsynchronised: no engine flush needed
+    assert shadow.counters.root_misses == 1
+    crs.cr4 = CR4_PGE  # PSE cleared: the walk rules changed, every table goes
     b.mmu.crs = None
     shadow.gva_to_gpa(0x1000, 0, False, GUEST)
-    assert shadow.counters.hidden_faults == 2
+    assert shadow.counters.root_misses == 2
 
 
 # -- traces -----------------------------------------------------------------------------------------------

@@ -21,6 +21,8 @@ def invalidate(tc: TCache, block: Block) -> None:
     if not block.alive:
         return
     block.alive = False
+    if block.linked_slots and tc.on_invalidate is not None:
+        tc.on_invalidate(block)  # callout slots the C hook continued here from go back to Python
     if tc.blocks.get(block.geip) is block:
         del tc.blocks[block.geip]
     tc.counters.invalidations += 1

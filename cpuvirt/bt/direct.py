@@ -192,6 +192,8 @@ class Direct16:
     def _changed(self) -> None:
         c = self.vcpu
         self.transitions += 1
+        if c.rt.fast is not None:
+            c.rt.fast.enabled = self.state is None  # callout slots are the translator's only then
         c._decoded.clear()  # the same bytes decode otherwise in 16-bit code
         c.mmu.crs = None
         c._rtlb.clear()

@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Callable
 
 from cpuvirt.bt.coherence import invalidate
+from cpuvirt.bt.fastcallout import PYTHON, FastCallouts
 from cpuvirt.bt.tcache import CALLOUT_SLOTS, Block, Site, TCache
 from cpuvirt.bt.translate import GuestCode, TranslateFault, Translator
 from cpuvirt.engine import regs as R
@@ -27,9 +28,19 @@ def _no_callout(site: Site) -> int | None:
 
 
 class BtRuntime:
-    def __init__(self, hooks: EngineHooks, regs: R.Regs, tc: TCache, code: GuestCode, read32, write32):
+    def __init__(
+        self,
+        hooks: EngineHooks,
+        regs: R.Regs,
+        tc: TCache,
+        code: GuestCode,
+        read32,
+        write32,
+        kernel_ring: int | None = None,
+    ):
         """`hooks`: the owner's EngineHooks; the callout hook runs under their guard (an exception stops
-        the engine and is kept as the owner's `error`)."""
+        the engine and is kept as the owner's `error`). `kernel_ring`: the real ring translated code
+        runs at (the C callout hook serves that ring only; None: not known, is_kernel decides)."""
         self.uc = hooks.owner.uc
         self.regs = regs
         self.tc = tc
@@ -40,8 +51,21 @@ class BtRuntime:
         # callback(TranslateFault, guest_eip) -> False when the run stops
         self.on_fetch_fault: Callable[[TranslateFault, int], bool] | None = None
         self.is_kernel = lambda: True  # is the guest now at virtual CPL 0 (its code runs translated)?
+        # the same, asked at a callout slot: the mode may answer it more cheaply there
+        self.is_kernel_at_slot = lambda: self.is_kernel()
         self.current: Site | None = None  # the Site being served (the hypervisor's view of "where")
-        self._hook = hooks.code(self.hook_callout, tc.base, tc.base + CALLOUT_SLOTS - 1)
+        # A callout the mode served may be linked (served in C from then on: fastcallout.py): the
+        # mode sets link_as to its kind while serving it, and the runtime links once it knows where
+        # the guest goes on.
+        self.link_as = PYTHON
+        self.link_arg = 0  # the site's ModRM byte (mov to CR)
+        self._slot = 0
+        python_hook = hooks.code_function_with_data(self._hook_callout_from_c)
+        self.fast = FastCallouts.install(self.uc, tc.base, python_hook, kernel_ring)
+        if self.fast is None:
+            self._hook = hooks.code(self.hook_callout, tc.base, tc.base + CALLOUT_SLOTS - 1)
+        else:
+            tc.on_invalidate = self.fast.unlink
 
     # -- guest EIP -> TC --------------------------------------------------------------------------------
     def lookup(self, geip: int) -> int:
@@ -87,9 +111,23 @@ class BtRuntime:
     # -- the callout hook ---------------------------------------------------------------------------------
     def hook_callout(self, uc, address, _size, _data) -> None:
         site = self.tc.site_at(address)
-        if site is None or not self.is_kernel():
+        if site is None or not self.is_kernel_at_slot():
             return  # guest user code at these linear addresses: not ours
         self.current = site
+        self._slot = address
+        try:
+            self._serve(site)
+        finally:
+            self.current = None
+
+    def _hook_callout_from_c(self, address: int, kernel) -> None:
+        """The slots the C hook hands on (fastcallout.py); `kernel` 2: the guest kernel runs (it read
+        CS's RPL, and no 16-bit code runs in place), 1: it does not, 3: ask is_kernel_at_slot."""
+        site = self.tc.site_at(address)
+        if site is None or kernel == 1 or (kernel != 2 and not self.is_kernel_at_slot()):
+            return  # guest user code at these linear addresses: not ours
+        self.current = site
+        self._slot = address
         try:
             self._serve(site)
         finally:
@@ -136,14 +174,22 @@ class BtRuntime:
         # a sensitive instruction: the hypervisor emulates it (guest registers, guest EIP) and says
         # where the guest kernel goes on, or None when it set EIP itself (an event, iret, a stop)
         c.callouts += 1
+        self.link_as = PYTHON
         nxt = self.on_callout(site)
         if nxt is None:
             self.enter()
             return
+        flushes = c.flushes
         try:
-            regs.write(R.EIP, self.lookup(nxt))
+            dest = self.lookup(nxt)
         except TranslateFault as f:
             self._fetch_fault(f, nxt)
+            return
+        regs.write(R.EIP, dest)
+        if self.link_as != PYTHON and c.flushes == flushes and self.fast is not None:
+            b = tc.blocks.get(nxt)
+            if b is not None and b.tc == dest and site.block.alive:
+                self.fast.link(self._slot, self.link_as, dest, b, self.link_arg)
 
     def _fetch_fault(self, f: TranslateFault, geip: int) -> None:
         self.regs.write(R.EIP, geip)

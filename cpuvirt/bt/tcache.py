@@ -62,7 +62,20 @@ class Insn:
 class Block:
     """A translated unit: at most 12 guest instructions, or up to a terminator."""
 
-    __slots__ = ("geip", "gend", "tc", "tc_end", "insns", "frames", "source", "deps", "alive", "sites", "starts")
+    __slots__ = (
+        "geip",
+        "gend",
+        "tc",
+        "tc_end",
+        "insns",
+        "frames",
+        "source",
+        "deps",
+        "alive",
+        "sites",
+        "starts",
+        "linked_slots",
+    )
 
     def __init__(self, geip):
         self.geip = geip
@@ -75,6 +88,7 @@ class Block:
         self.alive = True
         self.sites: list[int] = []  # callout slots owned
         self.starts: dict[int, Insn] = {}  # TC address -> guest instruction starting there
+        self.linked_slots: set[int] | None = None  # callout slots the C hook continues here from
 
     def insn_at(self, tc_addr: int):
         """(Insn, esp correction) for a TC address inside this block, or (None, 0)."""
@@ -121,6 +135,7 @@ class TCache:
         self.remove_cache = remove_cache  # drop the engine's translations of [lo, hi)
         self.on_flush: Callable[[], None] | None = None  # drop what the hypervisor keeps per translation
         self.hook_room: Callable[[int], bool] | None = None  # room for n more hooked TC instructions?
+        self.on_invalidate: Callable[[Block], None] | None = None  # a block with linked_slots went
         self.base = base
         self.size = size
         self.code_base = base + CALLOUT_SLOTS

@@ -124,6 +124,9 @@ def tally_of(vcpu, mmu) -> Counter:
     """The run's events so far as a Counter of tally keys ("kind", "kind:reason", "walk_ref"...).
 
     Cheap enough to call at any point of a run (bench takes one per nanobenchmark phase)."""
+    sync = getattr(vcpu, "sync_counts", None)  # full: callouts the C hook answered
+    if sync is not None:
+        sync()
     t: Counter = Counter()
     t[INSTRUCTION] = vcpu.clock.instructions
     attributed: Counter = Counter()

@@ -20,7 +20,7 @@ from cpuvirt.cpu.virtualcpu import GuestFault
 from cpuvirt.engine import regs as R
 from cpuvirt.status import Unsupported
 from cpuvirt.x86.faultaddr import operand_address
-from cpuvirt.x86.flags import CR0_PE, CR0_PG, CR0_WP, CR4_PGE, CR4_PSE, EFLAGS_NT, EFLAGS_RF, EFLAGS_VM
+from cpuvirt.x86.flags import CR0_PE, CR0_PG, CR0_WP, CR4_PGE, CR4_PSE, CR4_SMEP, EFLAGS_NT, EFLAGS_RF, EFLAGS_VM
 from cpuvirt.x86.vectors import HAS_ERROR_CODE, Vector
 
 SYSENTER_MSRS = (0x174, 0x175, 0x176)  # IA32_SYSENTER_CS, _ESP, _EIP: kept in the VirtualCpu
@@ -131,8 +131,10 @@ class EmulatingVcpu(SegmentLoadingVcpu):
             if not value & CR0_PE:
                 raise Unsupported("the guest cleared CR0.PE (real mode is not supported under deprivileging)")
             old, v.cr0 = v.cr0, value | 0x10  # ET is hard-wired to 1
-            if (old ^ value) & (CR0_PG | CR0_WP | CR0_PE):
+            if (old ^ value) & (CR0_PG | CR0_PE):
                 self.flush_guest_tlb()
+            elif (old ^ value) & CR0_WP:
+                self.flush_guest_tlb(rules_changed=False, wp_set=bool(value & CR0_WP))
         elif n == 2:
             v.cr2 = value
         elif n == 3:
@@ -150,8 +152,10 @@ class EmulatingVcpu(SegmentLoadingVcpu):
             if value & ~v.cr4 & CR4_RESERVED:
                 raise GuestFault(Vector.GP, 0)
             old, v.cr4 = v.cr4, value
-            if (old ^ value) & (CR4_PSE | CR4_PGE):
+            if (old ^ value) & CR4_PSE:
                 self.flush_guest_tlb()
+            elif (old ^ value) & (CR4_PGE | CR4_SMEP):
+                self.flush_guest_tlb(rules_changed=False)
         else:
             raise GuestFault(Vector.UD)
 

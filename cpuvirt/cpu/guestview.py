@@ -110,11 +110,21 @@ class GuestViewVcpu(Vcpu):
         except GuestPageFault as pf:
             raise GuestFault(Vector.PF, pf.error_code, pf.gva) from None
 
-    def flush_guest_tlb(self) -> None:
-        """The guest's translations changed (CR3, CR0.PG/WP, CR4.PSE/PGE, invlpg)."""
+    def flush_guest_tlb(self, rules_changed: bool = True, wp_set: bool = False) -> None:
+        """The guest's translations changed (CR3, CR0.PG, CR4.PSE, invlpg): `rules_changed`; or only
+        its TLB is flushed and the rights it holds may be stale (CR0.WP, CR4.PGE/SMEP; `wp_set`: WP
+        went from 0 to 1): a shadow keeps its tables then and says whether the engine's TLB must go
+        (ShadowPaging.tlb_flush)."""
         self.mmu.crs = None
         self._rtlb.clear()
-        flush = getattr(self.mmu.strategy, "flush", None)
+        strategy = self.mmu.strategy
+        if not rules_changed:
+            tlb_flush = getattr(strategy, "tlb_flush", None)
+            if tlb_flush is not None:
+                if tlb_flush(wp_set):
+                    self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
+                return
+        flush = getattr(strategy, "flush", None)
         if flush is not None:
             flush()
         self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)

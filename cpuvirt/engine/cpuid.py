@@ -64,6 +64,7 @@ class CpuidTable:
         return None if lib is None else cls(uc, lib)
 
     def __init__(self, uc, lib):
+        self.hook_function = lib.cpuid_hook  # also called by full's C callout hook (bt/_callout.c)
         t = self._table = _Table()
         t.reg_read = ctypes.cast(_ucmod.uclib.uc_reg_read, ctypes.c_void_p).value
         t.reg_write = ctypes.cast(_ucmod.uclib.uc_reg_write, ctypes.c_void_p).value
@@ -92,6 +93,11 @@ class CpuidTable:
         for i, (leaf, regs) in enumerate(sorted(leaves.items())):
             t.leaves[i] = _Leaf(leaf, *regs)
         t.count = len(leaves)
+
+    @property
+    def pointer(self) -> ctypes.c_void_p:
+        """The table, as the hook's user data."""
+        return ctypes.cast(ctypes.pointer(self._table), ctypes.c_void_p)
 
     @property
     def answered(self) -> int:

@@ -155,6 +155,19 @@ class EngineHooks:
 
         return HOOK_CODE_CFUNC(hook)
 
+    def code_function_with_data(self, callback):
+        """As code_function, for a C hook that hands Python a word of its own (`data`, an int, or
+        None for 0): callback(address, data)."""
+        owner = self.owner
+
+        def hook(_h, address, _size, data):
+            try:
+                callback(address, data)
+            except BaseException as e:  # noqa: B036
+                _stop(owner, e)
+
+        return HOOK_CODE_CFUNC(hook)
+
 
 def hook_guard(returns=None):
     """The same guard as a decorator, for a hook method that is added with ctypes elsewhere (the

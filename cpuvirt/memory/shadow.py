@@ -33,13 +33,17 @@ from cpuvirt.engine import regs as R
 from cpuvirt.memory.mmu import GUEST, GuestPageFault, RefusedFill  # GUEST: a guest access fills the shadow
 from cpuvirt.memory.types import GPA, GVA, HPA, PFEC_P, PFEC_U, PFEC_W, PTE_RW, PTE_US, Access
 from cpuvirt.memory.walk import Fault, walk
-from cpuvirt.x86.flags import CR0_PG, CR0_WP, CR4_PGE, CR4_PSE, CR4_SMEP
+from cpuvirt.x86.flags import CR0_PG, CR0_WP, CR4_PSE, CR4_SMEP
 
 PAGE_MASK = 0xFFFFF000
 KIND = "pt"  # the trace kind of guest page-table frames
 MAX_ROOT_ENTRIES = 1 << 16  # shadow entries per address space (256 MiB mapped); then it starts again
-_MODE0 = CR0_PG | CR0_WP  # CR0 and CR4 bits a shadow entry depends on: a change drops all
-_MODE4 = CR4_PSE | CR4_PGE | CR4_SMEP
+# CR0 and CR4 bits a shadow entry depends on: a change drops all. CR0.WP and CR4.SMEP are looked at
+# on each lookup (an entry keeps the guest's raw U/S and R/W), and CR4.PGE only decides which TLB
+# entries survive a CR3 write, which the shadow, coherent by write tracing, does not need: toggling
+# them (kvm-unit-tests' vmexit does, millions of times) keeps every shadow table.
+_MODE0 = CR0_PG
+_MODE4 = CR4_PSE
 _WRITE, _FETCH = int(Access.WRITE), int(Access.FETCH)
 
 
@@ -112,6 +116,9 @@ class ShadowPaging:
         self.traced_writes: Counter = Counter()  # guest EIP -> traced writes (ptemods) it made
         self.counters = ShadowCounters()
         self.vcpu = None
+        self._engine_stale = False  # the engine's TLB may hold entries the shadow dropped (a trim)
+        self._wp_granted = False  # a supervisor write to a read-only page was let through (CR0.WP=0)
+        self.on_dirty = None  # on_dirty(wp): one of the two flags above (wp) or `unsync` was set
         self._mode = None
         self._cur_key: int | None = None
         self._cur: _Root | None = None
@@ -150,6 +157,8 @@ class ShadowPaging:
                 allowed = (access != _WRITE or writable) and not (
                     access == _FETCH and cr4 & CR4_SMEP and rights & PTE_US
                 )
+                if writable and dirty and not rights & PTE_RW and not self._wp_granted:
+                    self._granted()  # the engine's entry will let ring 1 write a read-only page
             if allowed and (dirty or access != _WRITE):
                 if side_effects == GUEST:
                     self.counters.shadow_hits += 1
@@ -222,6 +231,11 @@ class ShadowPaging:
                 self._unlink(key, old_page, e)
             root.entries.clear()
             c.root_trims += 1
+            self._engine_stale = True
+            if self.on_dirty is not None:
+                self.on_dirty(False)
+        if not user and t.writable and (t.dirty or access == _WRITE) and not rights & PTE_RW and not self._wp_granted:
+            self._granted()
         root.entries[page] = (t.page_gpa, rights & (PTE_US | PTE_RW), t.dirty, pde_addr, pte_addr)
         self._link(pde_addr, key, page)
         if pte_addr >= 0:
@@ -314,6 +328,24 @@ class ShadowPaging:
                 self._unlink(self._cur_key, page, e)
         if flush_engine:
             self._flush_engine()
+
+    def _granted(self) -> None:
+        self._wp_granted = True
+        if self.on_dirty is not None:
+            self.on_dirty(True)
+
+    def tlb_flush(self, wp_set: bool = False) -> bool:
+        """A TLB flush that changes no mapping rule (CR4.PGE or SMEP toggled, CR0.WP changed): the
+        shadow tables are kept coherent with the guest's by write tracing, so only what derives from
+        frames left unsynchronised goes (as on a CR3 write). Returns whether the engine's TLB must
+        be flushed too (the caller does it): when it may hold entries the shadow no longer has
+        (unsynchronised frames, a trimmed space), or, when WP is being set, entries that let ring-1
+        (guest supervisor) code write a read-only page because WP was clear."""
+        need = bool(self.unsync) or self._engine_stale or (wp_set and self._wp_granted)
+        self._resync()
+        if need:
+            self._engine_stale = self._wp_granted = False
+        return need
 
     def flush(self) -> None:
         """Drop every shadow entry of every address space (and the engine's TLB)."""
@@ -420,6 +452,8 @@ class ShadowPaging:
         self.counters.traced_frames = len(self.traced)
         self.mmu.traces.untrace_frame(frame, KIND)
         self.unsync.add(frame)
+        if self.on_dirty is not None:
+            self.on_dirty(False)
         self.counters.ptemod_fallbacks += 1
         self._flush_engine()
         if self.vcpu is not None:

@@ -6,21 +6,29 @@ pointers stored by fnstenv/fxsave), the rest through the deprivileging core's em
 
 from __future__ import annotations
 
+import ctypes
 import struct
 from typing import TYPE_CHECKING, Callable
 
+from cpuvirt.bt.fastcallout import CPUID, KIND_NAMES, MOV_CR0, MOV_CR4, RDTSC
 from cpuvirt.cpu.vcpu import EXIT_HYPERVISOR_STOP
 from cpuvirt.cpu.virtualcpu import GuestFault
 from cpuvirt.engine import regs as R
 from cpuvirt.memory.mmu import GuestPageFault
 from cpuvirt.status import Unsupported
+from cpuvirt.x86.cpuid import CR4_RESERVED
+from cpuvirt.x86.flags import CR0_PE
 
 if TYPE_CHECKING:  # a mixin of FullVcpu (vcpu.py): mypy reads it against the deprivileging vCPU
+    from cpuvirt.bt.direct import Direct16
     from cpuvirt.bt.runtime import BtRuntime
     from cpuvirt.bt.tcache import TCache
     from cpuvirt.cpu.deprivilege import DeprivilegedVcpu as _VcpuBase
+    from cpuvirt.modes.full.crfast import CrState
 else:
     _VcpuBase = object
+
+_CPUID, _RDTSC = 1 << CPUID, 1 << RDTSC  # bits of Callouts._fast_kinds
 
 
 class Callouts(_VcpuBase):
@@ -29,9 +37,41 @@ class Callouts(_VcpuBase):
     # FullVcpu's state this mixin uses (vcpu.py sets each up), and what its other mixins do
     tc: TCache
     rt: BtRuntime
+    direct16: Direct16
+    crfast: CrState | None  # crfast.py
     _adaptive_store: Callable[[int], None]  # adaptive.py
     _virtual_changed: Callable[[], None]  # coherence.py
     check_code_mappings: Callable[[], None]  # coherence.py
+    _fast_kinds = 0  # the callout kinds the C hook answers (_CPUID | _RDTSC)
+
+    def _link_fast_callouts(self) -> None:
+        """After install_hooks: the C callout hook answers cpuid and rdtsc sites with the engine's
+        own C answers (the CPU model's table, the virtual clock), once each site was served here."""
+        fast = self.rt.fast
+        if fast is None:
+            return
+        table = getattr(self, "cpuid_table", None)
+        if table is not None:
+            fast.answer(CPUID, table.hook_function, table.pointer)
+            self._fast_kinds |= _CPUID
+        clock = self.clock
+        if self.rdtsc_in_c:
+            fast.answer(RDTSC, clock._lib.vclock_rdtsc_hook, ctypes.cast(ctypes.pointer(clock._state), ctypes.c_void_p))
+            self._fast_kinds |= _RDTSC
+        fast.window(clock._state, type(clock._state).watch_if.offset, type(clock._state).check_if.offset)
+
+    def sync_counts(self) -> None:
+        """Add what the C callout hook served since the last call to the run's counters, as the
+        Python path counts it (an event and a reason per callout; the TC's callouts and lookups)."""
+        fast = self.rt.fast
+        if fast is None:
+            return
+        for kind, n in fast.take().items():
+            self.counts[self.event_kind] += n
+            self.reasons[self.event_kind, KIND_NAMES[kind]] += n
+            c = self.tc.counters
+            c.callouts += n
+            c.lookups += n
 
     def _callout_then_window(self, site) -> int | None:
         try:
@@ -54,6 +94,11 @@ class Callouts(_VcpuBase):
         fast = self._special(geip, ins, site)
         if fast is not False:
             return fast
+        raw = site.raw
+        if len(raw) == 3 and raw[0] == 0x0F and raw[1] == 0x22 and raw[2] >> 6 == 3:
+            nxt = self._mov_to_cr(geip, raw[2])
+            if nxt is not None:
+                return nxt
         self.regs.write(R.EIP, geip)
         if self.emulate_at(geip) is None:
             self.finish(
@@ -66,6 +111,26 @@ class Callouts(_VcpuBase):
         if ins.text.startswith("invlpg"):
             self.check_code_mappings()
         return None
+
+    def _mov_to_cr(self, geip: int, modrm: int) -> int | None:
+        """`mov crN, r32` (N = 0, 3, 4) without the instruction emulator: kvm-unit-tests' vmexit
+        toggles CR0.WP and CR4.PGE millions of times. The same write_cr, record and coherence check
+        as the core's `mov`; the cases that fault or leave protected mode (PE cleared, reserved CR4
+        bits) return None and take the core's path. Returns the next guest EIP."""
+        n = (modrm >> 3) & 7
+        if n not in (0, 3, 4) or self.direct16.state is not None:
+            return None
+        value = self.regs.read(R.GPR_ORDER[modrm & 7])
+        if (n == 0 and not value & CR0_PE) or (n == 4 and value & ~self.virtual_cpu.cr4 & CR4_RESERVED):
+            return None
+        self.write_cr(n, value)
+        self.emulated(geip, "mov", {"cr": n, "value": f"{value:#x}"})
+        self._virtual_changed()
+        cr = self.crfast
+        if cr is not None and self.trace is None and n != 3:
+            cr.arm(self.mmu.strategy)
+            self.rt.link_as, self.rt.link_arg = (MOV_CR0 if n == 0 else MOV_CR4), modrm
+        return (geip + 3) & 0xFFFFFFFF
 
     def _special(self, geip, ins, site):
         """Callouts the core does not emulate: int n / int3 / into, in/out, cpuid, rdtsc. Returns the
@@ -91,6 +156,8 @@ class Callouts(_VcpuBase):
             else:
                 self.record(self.event_kind, "cpuid", None, geip, {"leaf": f"{leaf:#x}"}, "emulated: the CPU model")
             self._cpuid_out.write(*self.machine.cpuid(leaf, subleaf))
+            if self.trace is None and self._fast_kinds & _CPUID:
+                self.rt.link_as = CPUID  # from now on the C hook answers this site (bt/fastcallout.py)
             return nxt
         if op in (0xCD, 0xCC, 0xCE):
             if op == 0xCE and not regs.read(R.EFLAGS) & 0x800:
@@ -140,6 +207,8 @@ class Callouts(_VcpuBase):
                 self.record(self.event_kind, "rdtsc", None, geip, {}, "emulated: the virtual clock")
             now = self.clock.now
             self._rdtsc_out.write(now & 0xFFFFFFFF, (now >> 32) & 0xFFFFFFFF)
+            if self.trace is None and self._fast_kinds & _RDTSC:
+                self.rt.link_as = RDTSC
             return nxt
         return False
 

@@ -20,17 +20,19 @@ from cpuvirt.engine import regs as R
 from cpuvirt.memory.mmu import GuestPageFault
 from cpuvirt.memory.types import Access
 from cpuvirt.x86.emulate import arith_store
-from cpuvirt.x86.flags import EFLAGS_DF
+from cpuvirt.x86.flags import CR0_PE, CR0_PG, CR4, CR4_PSE, CR4_SMEP, EFLAGS_DF
 
 if TYPE_CHECKING:  # a mixin of FullVcpu (vcpu.py): mypy reads it against the deprivileging vCPU
     from cpuvirt.bt.direct import Direct16
     from cpuvirt.bt.runtime import BtRuntime
     from cpuvirt.bt.tcache import TCache
     from cpuvirt.cpu.deprivilege import DeprivilegedVcpu as _VcpuBase
+    from cpuvirt.modes.full.crfast import CrState
 else:
     _VcpuBase = object
 
 CODE = "code"  # the write-trace kind of translated guest frames
+CR4_PAE = CR4.PAE.value
 
 
 class Coherence(_VcpuBase):
@@ -44,6 +46,9 @@ class Coherence(_VcpuBase):
     _dirty: set[int]
     _frame_blocks: dict[int, list]
     _frame_index: dict[int, dict]
+    _dep_blocks: dict[str, list]  # virtual-CPU field -> [(seq, block)] that baked it in
+    _maps_snap: tuple | None  # (_maps_key, [(hpa, bytes)] of the paging frames) at the last full check
+    crfast: CrState | None  # crfast.py: the C table's mov-to-CR state
     _block_seq: int
     _vsnap: dict[str, object]
     _prefix_len: dict
@@ -78,18 +83,38 @@ class Coherence(_VcpuBase):
         those whose guest page now maps another frame (CR0/CR3/CR4 writes, invlpg)."""
         snap = self._snapshot()
         old = self._vsnap
+        cr = self.crfast
+        if cr is not None and old:
+            old["cr0"], old["cr4"] = cr.t.snap[0], cr.t.snap[1]  # the C hook checked its own writes
         if snap == old:
             return
         self._vsnap = snap
+        if cr is not None:
+            cr.t.snap[0], cr.t.snap[1] = snap["cr0"], snap["cr4"]
         changed = {k for k in snap if old.get(k) != snap[k]}
         if not old:
             return
-        for b in [b for b in self.tc.blocks.values() if b.deps & changed]:
-            invalidate(self.tc, b)
+        # the live blocks that baked in a changed field, in translation order (the TC's own order)
+        found = {}
+        for field in changed:
+            deps = self._dep_blocks.pop(field, None)
+            if deps:
+                for seq, b in deps:
+                    if b.alive:
+                        found[seq] = b
+        for seq in sorted(found):
+            invalidate(self.tc, found[seq])
+        if cr is not None:
+            cr.deps(self._dep_blocks)
         if changed & {"cr0", "cr3", "cr4"}:
             self.check_code_mappings()
 
     def check_code_mappings(self, only_page: int | None = None) -> None:
+        """Drop the translations whose linear page now maps another frame (or nothing). Skipped when
+        the paging mode, CR3 and every page-table frame the last full check walked through hold what
+        they held then: the walks would find what they found (CR0.WP and CR4.PGE toggles)."""
+        if only_page is None and self._maps_unchanged():
+            return
         strategy = self.mmu.strategy
         self.mmu.crs = None
         stale = set()
@@ -104,6 +129,50 @@ class Coherence(_VcpuBase):
             for b in list(self.tc.blocks.values()):
                 if {b.geip & 0xFFFFF000, (b.gend - 1) & 0xFFFFF000} & stale:
                     invalidate(self.tc, b)
+        if only_page is None:
+            self._maps_snapshot()
+
+    def _maps_key(self) -> tuple[int, int, int]:
+        v = self.virtual_cpu
+        return v.cr0 & (CR0_PG | CR0_PE), v.cr3, v.cr4 & (CR4_PSE | CR4_PAE | CR4_SMEP)
+
+    def _set_maps(self, snap) -> None:
+        self._maps_snap = snap
+        if self.rt.fast is not None:
+            ram = self.mmu.ram
+            self.rt.fast.publish_maps(snap, lambda hpa: ram.host_address + (hpa - ram.hpa))
+
+    def _maps_snapshot(self) -> None:
+        """Keep the bytes of the page directory and page tables that map the code pages (32-bit
+        paging; PAE is walked every time)."""
+        self._set_maps(None)
+        key = self._maps_key()
+        cr0, cr3, cr4 = key
+        frames: set[int] = set()
+        if cr0 & CR0_PG:
+            if cr4 & CR4_PAE:
+                return
+            mmu = self.mmu
+            pd = cr3 & 0xFFFFF000
+            frames.add(pd)
+            for page in self._page_frame:
+                pde = mmu.read_gpa32(pd | ((page >> 20) & 0xFFC))
+                if pde & 1 and not (pde & 0x80 and cr4 & CR4_PSE):
+                    frames.add(pde & 0xFFFFF000)
+        snap = []
+        for frame in sorted(frames):
+            hpa = self.mmu.p2m.gpa_to_hpa(frame)
+            if hpa is None or not self.mmu.ram.contains(hpa, 0x1000):
+                return
+            snap.append((hpa, self.mmu.ram.read(hpa, 0x1000)))
+        self._set_maps((key, snap))
+
+    def _maps_unchanged(self) -> bool:
+        s = self._maps_snap
+        if s is None or s[0] != self._maps_key():
+            return False
+        ram = self.mmu.ram
+        return all(ram.read(hpa, 0x1000) == data for hpa, data in s[1])
 
     def _new_block(self, blk) -> None:
         for ins in blk.insns:
@@ -116,6 +185,10 @@ class Coherence(_VcpuBase):
         for ins in blk.insns:  # the cost model's translation counts (per translation, not per run)
             self.reasons["translate", ins.kind] += ins.size > 0
         entry = (self._block_seq, blk)
+        for field in blk.deps:
+            self._dep_blocks.setdefault(field, []).append(entry)
+        if blk.deps and self.crfast is not None:
+            self.crfast.deps(self._dep_blocks)
         for frame in blk.frames:
             blocks = self._frame_blocks.setdefault(frame, [])
             if len(blocks) >= 64:
@@ -140,9 +213,15 @@ class Coherence(_VcpuBase):
         for frame in self._page_frame.values():
             if frame in traces and CODE in traces.kinds(frame):
                 traces.untrace_frame(frame, CODE)
+        if self.rt.fast is not None:
+            self.rt.fast.clear()  # slot numbers are reused: every slot goes back to Python
         self._frame_blocks.clear()
         self._frame_index.clear()
+        self._dep_blocks.clear()
         self._page_frame.clear()
+        self._set_maps(None)
+        if self.crfast is not None:
+            self.crfast.deps(self._dep_blocks)
         self._dirty.clear()
         self._prefix_len.clear()
         lo, hi = self.tc.base, self.tc.end  # the TC window
@@ -158,6 +237,8 @@ class Coherence(_VcpuBase):
             self._native_after.clear()
 
     def _note_page(self, page: int, frame: int) -> None:
+        if self._page_frame.get(page) != frame and self._maps_snap is not None:
+            self._set_maps(None)  # a page the last snapshot did not cover
         self._page_frame[page] = frame
         if frame not in self.mmu.traces or CODE not in self.mmu.traces.kinds(frame):
             self.mmu.traces.trace_frame(frame, CODE, self._code_written)

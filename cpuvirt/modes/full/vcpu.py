@@ -26,6 +26,7 @@ from cpuvirt.memory.types import Access
 from cpuvirt.modes.full.adaptive import ADAPTIVE_THRESHOLD, AdaptiveStores
 from cpuvirt.modes.full.callouts import Callouts
 from cpuvirt.modes.full.coherence import CODE, Coherence
+from cpuvirt.modes.full.crfast import CrState, CrVirtualCpu, HvTlb
 from cpuvirt.x86.vectors import Vector
 
 TC_WINDOW = 0xFF000000  # linear window of the translation cache (execute-only, CPL 1)
@@ -82,18 +83,34 @@ class FullVcpu(RunsCode16, Coherence, Callouts, AdaptiveStores, DeprivilegedVcpu
         )
         self.tc.on_flush = self._forget_translations
         self.code = _Code(self)
-        self.rt = BtRuntime(self.hooks, self.regs, self.tc, self.code, self._read32, self._write32)
+        self.rt = BtRuntime(self.hooks, self.regs, self.tc, self.code, self._read32, self._write32, KERNEL_RING)
         self.rt.on_callout = self._callout_then_window
+        # mov to CR0/CR4 served in C (crfast.py): CR0 and CR4 live in the C callout table
+        self.crfast: CrState | None = None
+        if self.rt.fast is not None:
+            table = self.rt.fast.table
+            self.crfast = CrState(table)
+            self.virtual_cpu = CrVirtualCpu(table.cr, self.virtual_cpu)
+            if getattr(self.mmu, "crs_source", None) is not None:
+                self.mmu.crs_source = self.virtual_cpu.crs
+            self._rtlb = HvTlb(table)
         self.rt.on_fetch_fault = self._fetch_fault
         # 16-bit code (real mode, 16-bit protected mode) runs in place, never translated (bt/direct.py)
         self.direct16 = Direct16(self, KERNEL_RING, HV_CR0, HV_IDTR)
         self.rt.is_kernel = lambda: self.direct16.state is None and self.vcpl() == 0
+        # At a callout slot (linear 0xFF000000 and up) the CPU cannot be in virtual-8086 mode, whose
+        # linear addresses end below 0x110000: CS's RPL alone says the ring (no EFLAGS read, which
+        # costs the engine a computation of the lazy flags).
+        regs = self.regs
+        self.rt.is_kernel_at_slot = lambda: self.direct16.state is None and regs.read(R.CS) & 3 == KERNEL_RING
         if verbose:
             self.rt.translator.trace_translate = self._record_translate
         self._page_frame: dict[int, int] = {}  # linear code page -> guest frame it came from
         self._dirty: set[int] = set()  # code frames written since they were checked
         self._frame_blocks: dict[int, list] = {}  # guest frame -> blocks translated from it
         self._frame_index: dict[int, dict] = {}  # guest frame -> gpa >> 6 -> [(seq, block)] there
+        self._dep_blocks: dict[str, list] = {}  # virtual-CPU field -> [(seq, block)] that baked it in
+        self._maps_snap = None  # coherence.py: the paging frames at the last full mapping check
         self._block_seq = 0
         self.rt.translator.on_block = self._new_block
         self._vsnap: dict[str, object] = {}
@@ -129,6 +146,21 @@ class FullVcpu(RunsCode16, Coherence, Callouts, AdaptiveStores, DeprivilegedVcpu
         clock = self.clock
         clock._count_cb = _COUNT_CB(self._count_block)
         clock._state.count_cb = ctypes.cast(clock._count_cb, ctypes.c_void_p).value
+
+    def install_hooks(self) -> None:
+        super().install_hooks()
+        self._link_fast_callouts()  # callouts.py: cpuid and rdtsc answered in C once linked
+        if self.rt.fast is not None:
+            # where the vCPU folds events counted in C into its counters when they are read (the
+            # runner and the cost model also call sync_counts themselves)
+            before = getattr(self, "fold_counts", None)
+
+            def fold() -> None:
+                if before is not None:
+                    before()
+                self.sync_counts()
+
+            self.fold_counts = fold
 
     # -- the deprivileging core's hooks ------------------------------------------------------------
     def real_iopl(self, vcpl: int) -> int:
@@ -449,6 +481,7 @@ class FullVcpu(RunsCode16, Coherence, Callouts, AdaptiveStores, DeprivilegedVcpu
         )
 
     def stats(self) -> dict:
+        self.sync_counts()
         return {
             "tc": self.tc.counters.as_dict(),
             "traced_store_faults": sum(self.traced_stores.values()),

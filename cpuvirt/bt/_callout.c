@@ -1,0 +1,136 @@
+/*
+ * The callout hook of mode `full` (bt/runtime.py), in C: one UC_HOOK_CODE over the translation
+ * cache's callout slots that answers the callouts needing nothing but the CPU model or the virtual
+ * clock (`cpuid`, `rdtsc`) without Python, and hands every other slot to the Python hook.
+ *
+ * Translated code reaches a callout by jumping to its slot (one int3 byte). The hypervisor serves it
+ * and writes EIP: the translation of the next guest instruction. Once Python has served a cpuid or
+ * rdtsc site and found that translation, it "links" the slot: kind[slot] says what the instruction
+ * is and dest[slot] where to go on. A linked slot is then served here, exactly as Python would serve
+ * it (the same answer from the same model, the same EIP, the same look at the interrupt window), and
+ * the engine's blocks and the virtual clock see the same thing: the slot is still a block of its own.
+ * Python unlinks a slot whenever its destination stops being the live translation (invalidated,
+ * flushed) and counts what was served here into its own counters (fastcallout.py).
+ *
+ * Built as a Python extension module only so that setuptools compiles it; Python talks to it through
+ * ctypes (cpuvirt/bt/fastcallout.py mirrors the structure and checks its size).
+ */
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+typedef int (*reg_read_fn)(void *uc, int regid, void *value);
+typedef int (*reg_write_fn)(void *uc, int regid, const void *value);
+typedef void (*code_fn)(void *uc, uint64_t address, uint32_t size, void *user_data);
+typedef int (*insn_fn)(void *uc, void *user_data);
+
+#define SLOTS 0x10000
+
+enum { PYTHON = 0, CPUID = 1, RDTSC = 2, MOV_CR0 = 3, MOV_CR4 = 4, KINDS = 5 };
+
+#define CR0_ET 0x10u
+#define CR0_WP 0x10000u
+#define CR4_PGE 0x80u
+#define MAX_MAP_FRAMES 16
+#define NO_MAPS 0xFFFFFFFFu
+#define MAPS_CR0 0x80000001u  /* PG | PE: the bits a walk depends on (coherence.py _maps_key) */
+#define MAPS_CR4 0x00100030u  /* SMEP | PAE | PSE */
+
+typedef struct {
+    reg_read_fn reg_read;      /* uc_reg_read */
+    reg_write_fn reg_write;    /* uc_reg_write */
+    code_fn python;            /* the guarded Python callout hook */
+    insn_fn answer[KINDS];     /* CPUID: _cpuid.c's cpuid_hook; RDTSC: _vclock.c's vclock_rdtsc_hook */
+    void *answer_data[KINDS];  /* their tables (the CPU model's leaves, the clock) */
+    uint32_t *watch_if;        /* the clock's interrupt-window flags (vclock_t) */
+    uint32_t *check_if;
+    uint64_t base;             /* linear address of slot 0 */
+    int32_t eip_reg, cs_reg;   /* UC_X86_REG_EIP, UC_X86_REG_CS */
+    uint32_t kernel_ring;      /* slots serve guest-kernel code only: CS.RPL of the kernel ring, or NO_RING */
+    uint32_t enabled;          /* 0 while the guest kernel runs 16-bit code in place (bt/direct.py) */
+    uint64_t served[KINDS];    /* callouts answered here, by kind */
+    /* mov to CR0/CR4 (modes/full/crfast.py): the virtual CR0 and CR4 live here */
+    int32_t gpr_reg[8];        /* UC_X86_REG_EAX.. in ModRM order */
+    uint32_t cr[2];            /* the virtual CR0, CR4 (VirtualCpu reads them here) */
+    uint32_t snap[2];          /* CR0, CR4 as the translations' coherence check last saw them */
+    uint32_t deps[2];          /* a translation baked CR0 / CR4 in: Python serves the write */
+    uint32_t shadow_ok;        /* shadow paging needs no engine flush for a TLB flush */
+    uint32_t wp_granted;       /* ... except when WP is set: a write was let through by WP = 0 */
+    uint32_t rtlb_gen;         /* bumped for each flush of the hypervisor's own TLB done here */
+    uint32_t maps_n;           /* page-table frames of the code-mapping snapshot, or NO_MAPS */
+    uint32_t maps_cr0, maps_cr4;  /* the snapshot's paging-mode bits (CR0.PG|PE, CR4.PSE|PAE|SMEP) */
+    uint32_t pad;
+    uint8_t *maps_live[MAX_MAP_FRAMES];  /* the frames in guest RAM */
+    uint8_t *maps_copy[MAX_MAP_FRAMES];  /* what they held at the last full check */
+    uint8_t kind[SLOTS];
+    uint8_t arg[SLOTS];        /* the ModRM byte of a mov to CR */
+    uint32_t dest[SLOTS];      /* EIP to go on at (a TC address) */
+} callouts_t;
+
+size_t callouts_sizeof(void) { return sizeof(callouts_t); }
+
+/*
+ * A mov to CR0 or CR4 that changes nothing but CR0.WP or CR4.PGE (or nothing), in the state where the
+ * Python path would do nothing else than store it, count it and go on: no translation baked the
+ * register in, shadow paging needs no flush of the engine's TLB (kept coherent by write tracing; when
+ * WP is set, no write was let through by WP = 0), and the page
+ * tables the code mappings were last checked against are unchanged (so that check would find nothing).
+ * Returns 0 when Python must serve it.
+ */
+static int mov_cr(callouts_t *t, void *uc, uint8_t modrm) {
+    int n = ((modrm >> 3) & 7) == 0 ? 0 : 1;
+    uint64_t value = 0;
+    t->reg_read(uc, t->gpr_reg[modrm & 7], &value);
+    uint32_t new = n == 0 ? ((uint32_t)value | CR0_ET) : (uint32_t)value;
+    uint32_t old = t->cr[n];
+    uint32_t allowed = n == 0 ? CR0_WP : CR4_PGE;
+    if (((new ^ old) & ~allowed) || t->deps[n] || !t->shadow_ok) return 0;
+    if (n == 0 && (new & ~old & CR0_WP) && t->wp_granted) return 0;
+    if (new != t->snap[n]) {
+        if (t->maps_n == NO_MAPS || t->maps_n > MAX_MAP_FRAMES) return 0;
+        if ((t->cr[0] & MAPS_CR0) != t->maps_cr0 || (t->cr[1] & MAPS_CR4) != t->maps_cr4) return 0;
+        for (uint32_t f = 0; f < t->maps_n; f++)
+            if (memcmp(t->maps_live[f], t->maps_copy[f], 4096) != 0) return 0;
+        t->snap[n] = new;
+    }
+    if (new != old) t->rtlb_gen++; /* flush_guest_tlb: the hypervisor's TLB (crfast.HvTlb) */
+    t->cr[n] = new;
+    return 1;
+}
+
+/* Python is told (its hook's data word) whether the guest kernel runs: 2 yes, 1 no (CS is read here),
+ * 3 when the table knows no kernel ring (a bare runtime: Python asks itself). */
+#define NO_RING 0xFFFFFFFFu
+#define TO_PYTHON(kernel) \
+    t->python(uc, address, size, (void *)(uintptr_t)(t->kernel_ring == NO_RING ? 3 : (kernel) ? 2 : 1))
+
+void callout_hook(void *uc, uint64_t address, uint32_t size, void *user_data) {
+    callouts_t *t = (callouts_t *)user_data;
+    uint64_t i = address - t->base;
+    uint64_t cs = 0;
+    t->reg_read(uc, t->cs_reg, &cs);
+    int kernel = (cs & 3) == t->kernel_ring && t->enabled;
+    if (i < SLOTS && t->kind[i] != PYTHON) {
+        if (kernel) {
+            uint8_t k = t->kind[i];
+            uint64_t eip = t->dest[i];
+            if (k == MOV_CR0 || k == MOV_CR4) {
+                if (!mov_cr(t, uc, t->arg[i])) {
+                    TO_PYTHON(1);
+                    return;
+                }
+            } else {
+                t->answer[k](uc, t->answer_data[k]);
+            }
+            t->reg_write(uc, t->eip_reg, &eip);
+            if (*t->watch_if && !*t->check_if) *t->check_if = 1; /* as clock.if_may_have_changed */
+            t->served[k]++;
+            return;
+        }
+    }
+    TO_PYTHON(kernel);
+}
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_callout", NULL, -1, NULL};
+
+PyMODINIT_FUNC PyInit__callout(void) { return PyModule_Create(&module); }

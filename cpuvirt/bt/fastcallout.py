@@ -1,0 +1,211 @@
+"""Callouts answered in C (_callout.c): `cpuid` and `rdtsc` in translated guest-kernel code.
+
+Each needs only the CPU model or the virtual clock, which the engine's own C hooks already answer for
+code that runs in place (engine/cpuid.py, engine/clock.py). A callout served in Python costs a hook
+call, register traffic and the runtime's bookkeeping (about 15x a bare hook call); kvm-unit-tests'
+`vmexit` runs its cpuid loop some 90 million times. The slot stays where it is: translated code still
+jumps to it, the engine still runs it as a block of its own, so virtual time and every block boundary
+are those of the Python path. What changes is who answers: once Python has served a site and looked up
+the translation that follows it, `link` records both in the C table; from then on the C hook answers.
+
+A linked slot is unlinked when its destination block goes (bt/coherence.invalidate calls `unlink`)
+and every slot when the cache is flushed (`clear`), so the C hook never jumps to a dead translation:
+the next execution goes through Python again, which looks the translation up (or makes it) and links
+again. What the C hook served is added to the vCPU's counters by `take` (the run's events, the cost
+model's tally and the translation cache's `callouts`/`lookups` count exactly what the Python path
+counted).
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+from unicorn import UC_HOOK_CODE
+from unicorn.unicorn_py3 import unicorn as _ucmod
+from unicorn.x86_const import UC_X86_REG_CS, UC_X86_REG_EIP
+
+from cpuvirt.bt.tcache import CALLOUT_SLOTS, Block
+from cpuvirt.engine import regs as R
+from cpuvirt.engine.cext import load
+
+PYTHON, CPUID, RDTSC, MOV_CR0, MOV_CR4 = 0, 1, 2, 3, 4
+KINDS = 5
+KIND_NAMES = {CPUID: "cpuid", RDTSC: "rdtsc", MOV_CR0: "mov cr0", MOV_CR4: "mov cr4"}
+MAX_MAP_FRAMES = 16
+NO_MAPS = NO_RING = 0xFFFFFFFF
+
+
+class _Table(ctypes.Structure):
+    """Mirror of callouts_t in _callout.c (checked against callouts_sizeof at load)."""
+
+    _fields_ = [
+        ("reg_read", ctypes.c_void_p),
+        ("reg_write", ctypes.c_void_p),
+        ("python", ctypes.c_void_p),
+        ("answer", ctypes.c_void_p * KINDS),
+        ("answer_data", ctypes.c_void_p * KINDS),
+        ("watch_if", ctypes.c_void_p),
+        ("check_if", ctypes.c_void_p),
+        ("base", ctypes.c_uint64),
+        ("eip_reg", ctypes.c_int32),
+        ("cs_reg", ctypes.c_int32),
+        ("kernel_ring", ctypes.c_uint32),
+        ("enabled", ctypes.c_uint32),
+        ("served", ctypes.c_uint64 * KINDS),
+        ("gpr_reg", ctypes.c_int32 * 8),
+        ("cr", ctypes.c_uint32 * 2),
+        ("snap", ctypes.c_uint32 * 2),
+        ("deps", ctypes.c_uint32 * 2),
+        ("shadow_ok", ctypes.c_uint32),
+        ("wp_granted", ctypes.c_uint32),
+        ("rtlb_gen", ctypes.c_uint32),
+        ("maps_n", ctypes.c_uint32),
+        ("maps_cr0", ctypes.c_uint32),
+        ("maps_cr4", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+        ("maps_live", ctypes.c_void_p * MAX_MAP_FRAMES),
+        ("maps_copy", ctypes.c_void_p * MAX_MAP_FRAMES),
+        ("kind", ctypes.c_uint8 * CALLOUT_SLOTS),
+        ("arg", ctypes.c_uint8 * CALLOUT_SLOTS),
+        ("dest", ctypes.c_uint32 * CALLOUT_SLOTS),
+    ]
+
+
+def _lib():
+    return load("cpuvirt.bt._callout", {"callouts_sizeof": _Table})
+
+
+class FastCallouts:
+    """The C callout hook of one translation cache, and its slot table. `install` gives None when the
+    extension is not built (the Python hook then serves every slot, as before)."""
+
+    @classmethod
+    def install(cls, uc, base: int, python_hook, kernel_ring: int | None) -> "FastCallouts | None":
+        """`python_hook`: the guarded ctypes code hook that serves every slot the C hook does not;
+        `kernel_ring`: the real ring of translated code (None: unknown, C serves no slot itself)."""
+        lib = _lib()
+        return None if lib is None else cls(uc, lib, base, python_hook, kernel_ring)
+
+    def __init__(self, uc, lib, base: int, python_hook, kernel_ring: int | None):
+        t = self._table = _Table()
+        t.reg_read = ctypes.cast(_ucmod.uclib.uc_reg_read, ctypes.c_void_p).value
+        t.reg_write = ctypes.cast(_ucmod.uclib.uc_reg_write, ctypes.c_void_p).value
+        t.python = ctypes.cast(python_hook, ctypes.c_void_p).value
+        t.base = base
+        t.eip_reg, t.cs_reg = UC_X86_REG_EIP, UC_X86_REG_CS
+        t.kernel_ring = NO_RING if kernel_ring is None else kernel_ring
+        t.enabled = 1
+        for i, reg in enumerate(R.GPR_ORDER):
+            t.gpr_reg[i] = reg
+        t.maps_n = NO_MAPS
+        self._maps_copies: list = []  # kept alive: C compares with them
+        self._python_hook = python_hook  # kept alive: C calls it
+        self._taken = [0] * KINDS
+        self._kinds: set[int] = set()  # kinds the C hook can answer (answer())
+        self.linked: dict[int, Block] = {}  # slot -> the block its dest is the translation of
+        self._hook = ctypes.c_size_t()
+        err = _ucmod.uclib.uc_hook_add(
+            uc._uch,
+            ctypes.byref(self._hook),
+            UC_HOOK_CODE,
+            ctypes.cast(lib.callout_hook, ctypes.c_void_p),
+            ctypes.cast(ctypes.pointer(t), ctypes.c_void_p),
+            ctypes.c_uint64(base),
+            ctypes.c_uint64(base + CALLOUT_SLOTS - 1),
+        )
+        if err:
+            raise RuntimeError(f"cannot hook the callout slots (uc error {err})")
+        self._handle = self._hook.value
+
+    def answer(self, kind: int, fn, data) -> None:
+        """Let the C hook answer `kind` with fn(uc, data) (a C function and its table)."""
+        self._table.answer[kind] = ctypes.cast(fn, ctypes.c_void_p).value
+        self._table.answer_data[kind] = data
+        self._kinds.add(kind)
+
+    def can(self, kind: int) -> bool:
+        return kind in self._kinds
+
+    def window(self, state, watch_offset: int, check_offset: int) -> None:
+        """The clock's interrupt-window flags (a ctypes structure and the fields' offsets)."""
+        addr = ctypes.addressof(state)
+        self._table.watch_if = addr + watch_offset
+        self._table.check_if = addr + check_offset
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._table.enabled)
+
+    @enabled.setter
+    def enabled(self, on: bool) -> None:
+        self._table.enabled = 1 if on else 0
+
+    # -- linking ----------------------------------------------------------------------------------------
+    @property
+    def table(self) -> _Table:
+        """The C table itself (the mov-to-CR state is kept by modes/full/crfast.py)."""
+        return self._table
+
+    def publish_maps(self, snap, host_address) -> None:
+        """The code-mapping snapshot of modes/full/coherence.py, for the C hook's own check: None, or
+        ((cr0 bits, cr3, cr4 bits), [(hpa, bytes)]); host_address(hpa) is where the frame is."""
+        t = self._table
+        t.maps_n = NO_MAPS
+        self._maps_copies = []
+        if snap is None or len(snap[1]) > MAX_MAP_FRAMES:
+            return
+        (cr0, _, cr4), frames = snap
+        for k, (hpa, data) in enumerate(frames):
+            copy = ctypes.create_string_buffer(data, len(data))
+            self._maps_copies.append(copy)
+            t.maps_copy[k] = ctypes.addressof(copy)
+            t.maps_live[k] = host_address(hpa)
+        t.maps_cr0, t.maps_cr4 = cr0, cr4
+        t.maps_n = len(frames)
+
+    def link(self, slot: int, kind: int, dest: int, block: Block, arg: int = 0) -> None:
+        """From now on the C hook serves `slot` as `kind` and goes on at `dest`, the TC address of
+        `block` (the live translation of the guest instruction after the site); `arg`: the
+        instruction's ModRM byte (mov to CR)."""
+        i = slot - self._table.base
+        self._table.arg[i] = arg
+        old = self.linked.get(i)
+        if old is not None and old is not block and old.linked_slots is not None:
+            old.linked_slots.discard(i)
+        self._table.dest[i] = dest
+        self._table.kind[i] = kind
+        self.linked[i] = block
+        if block.linked_slots is None:
+            block.linked_slots = set()
+        block.linked_slots.add(i)
+
+    def unlink(self, block: Block) -> None:
+        """`block` is no longer the live translation: its linked slots go back to Python."""
+        slots = block.linked_slots
+        if not slots:
+            return
+        t = self._table
+        for i in slots:
+            t.kind[i] = PYTHON
+            self.linked.pop(i, None)
+        block.linked_slots = None
+
+    def clear(self) -> None:
+        """The cache was flushed: every slot goes back to Python (slot numbers are reused)."""
+        t = self._table
+        for i, block in self.linked.items():
+            t.kind[i] = PYTHON
+            block.linked_slots = None
+        self.linked.clear()
+
+    # -- what C served --------------------------------------------------------------------------------
+    def take(self) -> dict[int, int]:
+        """Callouts the C hook served since the last call, by kind."""
+        served = self._table.served
+        out = {}
+        for k in range(1, KINDS):
+            n = served[k] - self._taken[k]
+            if n:
+                out[k] = n
+                self._taken[k] = served[k]
+        return out
