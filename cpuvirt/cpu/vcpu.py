@@ -1010,7 +1010,7 @@ class Vcpu:
             table.load(*self.machine.cpuid_table())
             self.machine.apic.on_base_change = lambda: table.load(*self.machine.cpuid_table())
         else:
-            hooks.cpuid(self.hook_cpuid)
+            self.add_cpuid_hook()
         hooks.system_call(X.UC_X86_INS_SYSCALL, self.hook_syscall)
         hooks.system_call(X.UC_X86_INS_SYSENTER, self.hook_sysenter)
 
@@ -1080,6 +1080,10 @@ class Vcpu:
         """#UD for the instruction at `eip` (modes that run code elsewhere map `eip` first)."""
         self.record("exception", "#UD", 6, eip, {"vector": 6}, "delivered through the guest IDT")
         self.deliver(Vector.UD, eip)
+
+    def add_cpuid_hook(self) -> None:
+        """The Python cpuid hook, when CPUID is not answered in C (hw puts its own C path in front)."""
+        self.hooks.cpuid(self.hook_cpuid)
 
     def hook_cpuid(self, uc, _data) -> bool:
         """CPUID answers with cpuvirt's CPU model (x86/cpuid.py, through the machine), in every mode,
