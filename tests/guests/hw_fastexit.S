@@ -30,6 +30,8 @@ fx_leaf:
     mov cr0, eax
     xor eax, CR0_WP
     mov cr0, eax
+    mov eax, cr3                        # a CR3 load: no exit without CR3-load exiting (EPT)
+    mov cr3, eax
     mov eax, cr4
     xor eax, 0x80
     mov cr4, eax

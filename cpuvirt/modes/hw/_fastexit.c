@@ -11,7 +11,8 @@
  *   shadows, SDM 25.1.3) causes no exit on hardware: the processor writes the guest-owned bits and keeps
  *   the host-owned ones (SDM 25.3). The site's code hook does that in C (nonroot.py
  *   mov_system_register_access, the no-exit branch); a write that exits, a CR4 bit the CPU model lacks
- *   (#GP), CPL > 0, an interrupt shadow, code other than the site's: the Python hook.
+ *   (#GP), CPL > 0, an interrupt shadow, code other than the site's: the Python hook. A MOV to CR3
+ *   without CR3-load exiting is left to the engine, as Python leaves it.
  *
  * Python arms the C path at the end of each VM entry it makes (its APIC-virtualization sync done), and
  * disarms it whenever something the C path copies may change (a vmwrite, the emulated APIC, a trace or
@@ -62,6 +63,7 @@ typedef struct {
     /* VMCS fields, copied when armed */
     uint32_t cr0_mask, cr0_shadow, cr4_mask, cr4_shadow;
     uint32_t cr4_reserved;       /* CR4 bits the CPU model lacks (x86/cpuid.py) */
+    uint32_t cr3_load_exiting;   /* the primary control (a MOV to CR3 then exits unless a target) */
     /* APIC virtualization (vapic NULL: none) */
     uint32_t register_virt, tpr_shadow;
     uint32_t icr_hi;             /* the emulated APIC's ICR high at the last sync */
@@ -85,7 +87,7 @@ typedef struct {
     fastexit_t *s;
     code_python_fn python;
     uint32_t size;           /* 0: always Python */
-    int32_t cr;              /* 0 or 4 */
+    int32_t cr;              /* 0, 3 or 4 */
     int32_t src_reg;         /* Unicorn register id of the source GPR */
     uint32_t pad;
     uint64_t passed;
@@ -181,6 +183,12 @@ void fastexit_cr_hook(void *uc, uint64_t address, uint32_t size, void *user_data
     if ((hflags & (HF_PE | HF_VM | HF_CS32 | HF_CPL_MASK | HF_INHIBIT_IRQ)) != (HF_PE | HF_CS32)) goto python;
     if (s->reg_read(uc, s->eip, &eip) || (uint32_t)eip != (uint32_t)address) goto python;
     if (!s->peek(s->peek_state, uc, (uint32_t)address, size, now) || memcmp(now, site->bytes, size)) goto python;
+    if (site->cr == 3) {
+        /* no CR3-load exiting: nothing to do in non-root operation, the engine loads CR3 (with EPT the
+         * guest owns its page tables) */
+        if (s->cr3_load_exiting) goto python;
+        goto done;
+    }
     creg = site->cr == 0 ? s->cr0 : s->cr4;
     if (s->reg_read(uc, site->src_reg, &value) || s->reg_read(uc, creg, &real)) goto python;
     value &= 0xFFFFFFFFu;
@@ -198,6 +206,7 @@ void fastexit_cr_hook(void *uc, uint64_t address, uint32_t size, void *user_data
     if (s->reg_write(uc, creg, &v)) goto python;
     v = (uint32_t)(address + size);
     s->reg_write(uc, s->eip, &v);
+done:
     if (*s->clock_watch_if && !*s->clock_check_if) *s->clock_check_if = 1;   /* VirtualClock.if_may_have_changed */
     site->passed++;
     s->cr_total++;

@@ -1,4 +1,4 @@
-"""hw's CPUID exits and guest-owned CR0/CR4 writes answered in C (_fastexit.c), Python kept for the rest.
+"""hw's CPUID exits, guest-owned CR0/CR4 writes and CR3 loads that do not exit, answered in C (_fastexit.c).
 
 Under hw every `cpuid` is a VM exit (SDM Vol. 3C 25.1.2) whose root-mode handler only answers from
 the CPU model, and a `mov cr0/cr4` that changes only guest-owned bits (the guest/host masks) exits
@@ -72,6 +72,7 @@ class _State(ctypes.Structure):
         ("cr4_mask", ctypes.c_uint32),
         ("cr4_shadow", ctypes.c_uint32),
         ("cr4_reserved", ctypes.c_uint32),
+        ("cr3_load_exiting", ctypes.c_uint32),
         ("register_virt", ctypes.c_uint32),
         ("tpr_shadow", ctypes.c_uint32),
         ("icr_hi", ctypes.c_uint32),
@@ -200,12 +201,13 @@ class FastExits:
     def disarm(self) -> None:
         self._state.armed = 0
 
-    def arm(self, values: dict, vapic) -> None:
+    def arm(self, values: dict, vapic, cr3_load_exiting: bool) -> None:
         """Copy what the C path decides with (the VMCS's CR masks and shadows, the APIC-virtualization
         state just synced) and let it answer."""
         st = self._state
         st.cr0_mask, st.cr0_shadow = values[F.CR0_GUEST_HOST_MASK], values[F.CR0_READ_SHADOW]
         st.cr4_mask, st.cr4_shadow = values[F.CR4_GUEST_HOST_MASK], values[F.CR4_READ_SHADOW]
+        st.cr3_load_exiting = int(cr3_load_exiting)
         if vapic is not None:
             apic = vapic.apic
             irr = apic.irr
@@ -231,11 +233,11 @@ class FastExits:
         st.peek_state = ctypes.addressof(delivery_fast._state)
 
     def cr_site(self, address: int, size: int, mnem: str, ops: str, code: bytes, python_hook) -> bool:
-        """Put the C hook in front of a `mov cr0/cr4, r32` site; False for anything else."""
-        if mnem != "mov" or not self._state.peek or not ops.startswith(("cr0,", "cr4,")):
+        """Put the C hook in front of a `mov cr0/cr3/cr4, r32` site; False for anything else."""
+        if mnem != "mov" or not self._state.peek or not ops.startswith(("cr0,", "cr3,", "cr4,")):
             return False
         form = mov_system_register(code)
-        if form is None or form.gpr is None or form.debug or not form.to_system or form.number not in (0, 4):
+        if form is None or form.gpr is None or form.debug or not form.to_system or form.number not in (0, 3, 4):
             return False
         site = _CrSite()
         site.s = self._addr

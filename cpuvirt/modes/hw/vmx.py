@@ -214,7 +214,7 @@ class VmxCpu(Vcpu):
             and getattr(self.hypervisor.handlers.get(ExitReason.CPUID), "__func__", None) is self._default_cpuid
             and getattr(self.machine.cpuid, "__func__", None) is Machine.cpuid
         ):
-            fx.arm(self.vmcs._values, self.vapic)
+            fx.arm(self.vmcs._values, self.vapic, self.ctl("cr3_load_exiting"))
         else:
             fx.disarm()
 
