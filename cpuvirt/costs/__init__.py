@@ -124,6 +124,9 @@ def tally_of(vcpu, mmu) -> Counter:
     """The run's events so far as a Counter of tally keys ("kind", "kind:reason", "walk_ref"...).
 
     Cheap enough to call at any point of a run (bench takes one per nanobenchmark phase)."""
+    fold = getattr(vcpu, "fold_fast_exits", None)
+    if fold is not None:
+        fold()  # hw: exits answered in C since the last Python exit (modes/hw/fastexit.py)
     t: Counter = Counter()
     t[INSTRUCTION] = vcpu.clock.instructions
     attributed: Counter = Counter()

@@ -170,6 +170,8 @@ class FastExits:
             raise RuntimeError(f"cannot hook cpuid (uc error {err})")
         uc._callbacks[handle.value] = self
         self._sites: dict[int, tuple] = {}
+        self._vapic: object = None  # the VirtualApic whose page the C path reads
+        self._vapic_page: ctypes.c_char | None = None  # that page, kept exported while C reads it
 
     def load_table(self) -> None:
         """The CPU model's answers (x86/cpuid.py through the machine), as the default handler gives them."""
@@ -211,7 +213,9 @@ class FastExits:
         if vapic is not None:
             apic = vapic.apic
             irr = apic.irr
-            st.vapic = ctypes.addressof(ctypes.c_char.from_buffer(vapic.page))
+            if self._vapic is not vapic:
+                self._vapic, self._vapic_page = vapic, ctypes.c_char.from_buffer(vapic.page)
+                st.vapic = ctypes.addressof(self._vapic_page)
             st.register_virt, st.tpr_shadow = int(vapic.register_virt), int(vapic.tpr_shadow)
             st.icr_hi = apic.icr_hi
             st.max_irr_class = (irr.bit_length() - 1) >> 4 if irr else -1
