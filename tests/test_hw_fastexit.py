@@ -1,5 +1,5 @@
-"""hw answers CPUID exits and guest-owned CR0/CR4 writes in C (modes/hw/fastexit.py, _fastexit.c). The C
-path must leave exactly what the Python path leaves wherever it can be seen: the guest's registers and
+"""hw answers CPUID exits, and the guest-owned CR0/CR4 writes, CR3 loads, rdtsc and pause that make no
+exit, in C (modes/hw/fastexit.py, _fastexit.c). The C path must leave exactly what the Python path leaves wherever it can be seen: the guest's registers and
 console, the exit counters and event counts, virtual time, and the VMCS exit-information fields at every
 exit Python handles (exit by exit), with and without a trace."""
 
@@ -28,7 +28,7 @@ EXIT_FIELDS = (
 GPRS = (R.EAX, R.EBX, R.ECX, R.EDX, R.ESI, R.EDI, R.EBP, R.ESP, R.EIP, R.CR0, R.CR4)
 
 
-def _run(image, monkeypatch, c_path: bool, trace_path=None):
+def _run(image, monkeypatch, c_path: bool, trace_path=None, controls=()):
     """Run the guest; record, at the start of every exit Python handles, what a reader sees then (the
     previous exit's fields, the counters, the registers, virtual time), keyed by the exit's number."""
     seen: dict[int, tuple] = {}
@@ -54,7 +54,15 @@ def _run(image, monkeypatch, c_path: bool, trace_path=None):
     monkeypatch.setattr(vmx.VmxCpu, "vm_exit", vm_exit)
     if not c_path:
         monkeypatch.setattr(FastExits, "install", classmethod(lambda cls, vcpu: None))
-    res = run_guest(str(image), "hw", 32, 20_000_000, trace_path=trace_path, on_start=lambda hv: cpus.append(hv.vcpu))
+    res = run_guest(
+        str(image),
+        "hw",
+        32,
+        20_000_000,
+        trace_path=trace_path,
+        on_start=lambda hv: cpus.append(hv.vcpu),
+        mode_options={"vmx": list(controls)},
+    )
     monkeypatch.undo()
     cpu = cpus[-1]
     assert res.outcome == "exit" and res.status == 0, res.message
@@ -81,6 +89,7 @@ def test_c_exits_leave_what_python_leaves_exit_by_exit(image, monkeypatch):
     # the loop's 3,000 cpuid: all but the first of each block in C; its 12,000 guest-owned CR0/CR4 writes
     # and 3,000 CR3 loads too
     assert cpuid_in_c >= 2900 and cr_in_c >= 14_000, (cpuid_in_c, cr_in_c)
+    assert min(c_cpu.fast_exits.more_counts()) >= 2900  # rdtsc and pause (the checksum holds the TSCs)
     assert len(c_seen) < len(py_seen) - 2900
     assert c_res.console == py_res.console
     assert b"PASS" in c_res.console
@@ -98,7 +107,7 @@ def test_a_trace_keeps_the_python_path_and_the_same_trace(image, monkeypatch, tm
     a, b = tmp_path / "c.jsonl", tmp_path / "py.jsonl"
     c_res, c_seen, c_end, c_cpu = _run(image, monkeypatch, True, trace_path=str(a))
     py_res, py_seen, py_end, _ = _run(image, monkeypatch, False, trace_path=str(b))
-    assert c_cpu.fast_exits.counts() == (0, 0)  # traced: every exit is Python's
+    assert c_cpu.fast_exits.counts() == (0, 0) and c_cpu.fast_exits.more_counts() == (0, 0)  # traced: Python
     assert a.read_bytes() == b.read_bytes()
     assert c_seen == py_seen and c_end == py_end and c_res.console == py_res.console
 
@@ -130,6 +139,22 @@ def test_cr3_load_exiting_keeps_every_cr3_load_an_exit(image, monkeypatch):
     assert res.outcome == "exit" and res.status == 0, res.message
     rows = {r[0]: r[2] for r in res.exit_stats}
     assert rows["CR_ACCESS"] >= 3000 + 2 * 47  # every loop's CR3 load, and the CR0.MP writes
+
+
+@pytest.mark.parametrize(
+    "option, reason", [("rdtsc_exiting=1", "RDTSC"), ("pause_exiting=1", "PAUSE"), ("tsc_offset=0x10000000", None)]
+)
+def test_controls_the_c_path_copies_still_decide(image, monkeypatch, option, reason):
+    """With the control on, every rdtsc / pause exits (Python's); a TSC offset reaches the guest's TSCs."""
+    c_res, *_ = _run(image, monkeypatch, True, controls=[option])
+    py_res, *_ = _run(image, monkeypatch, False, controls=[option])
+    assert c_res.console == py_res.console and c_res.exit_stats[0][:3] == py_res.exit_stats[0][:3]
+    rows = {r[0]: r[2] for r in c_res.exit_stats}
+    if reason is not None:
+        assert rows[reason] >= 3000
+    else:
+        plain, *_ = _run(image, monkeypatch, True)
+        assert plain.console.splitlines()[-2] != c_res.console.splitlines()[-2]  # the final checksum
 
 
 def test_the_vmcs_after_a_c_exit_shows_that_exit(image, monkeypatch):

@@ -1,4 +1,4 @@
-# description: many cpuid and mov to CR0/CR4 (as kvm-unit-tests' vmexit does), interleaved with exits only Python takes (port I/O, rdmsr, a CR0 write that changes a host-owned bit): hw answers the first kind in C, and every result must be the Python path's
+# description: many cpuid, rdtsc, pause and mov to CR0/CR3/CR4 (as kvm-unit-tests' vmexit and eventinj do), interleaved with exits only Python takes (port I/O, rdmsr, a CR0 write that changes a host-owned bit): hw answers the first kind in C, and every result must be the Python path's
 #include "kernel.inc"
 #include "paging.inc"
 .text
@@ -25,6 +25,9 @@ fx_leaf:
     xor ebp, ebx
     xor ebp, ecx
     xor ebp, edx
+    pause                               # no PAUSE exiting: nothing to do
+    rdtsc                               # no RDTSC exiting: the virtual clock
+    xor ebp, eax
     mov eax, cr0                        # CR0.WP and CR4.PGE are guest-owned: no exit
     xor eax, CR0_WP
     mov cr0, eax

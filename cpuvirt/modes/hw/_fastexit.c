@@ -12,7 +12,9 @@
  *   the host-owned ones (SDM 25.3). The site's code hook does that in C (nonroot.py
  *   mov_system_register_access, the no-exit branch); a write that exits, a CR4 bit the CPU model lacks
  *   (#GP), CPL > 0, an interrupt shadow, code other than the site's: the Python hook. A MOV to CR3
- *   without CR3-load exiting is left to the engine, as Python leaves it.
+ *   without CR3-load exiting is left to the engine, as Python leaves it; so is a PAUSE without PAUSE
+ *   exiting (kvm-unit-tests' delay loops).
+ * - RDTSC without RDTSC exiting reads the virtual clock (plus TSC_OFFSET with TSC offsetting).
  *
  * Python arms the C path at the end of each VM entry it makes (its APIC-virtualization sync done), and
  * disarms it whenever something the C path copies may change (a vmwrite, the emulated APIC, a trace or
@@ -32,6 +34,7 @@ typedef int (*context_fn)(void *uc, void *context);
 typedef int (*peek_fn)(void *state, void *uc, uint32_t gva, uint32_t n, uint8_t *out);
 typedef int (*cpuid_python_fn)(void *uc, void *user_data);
 typedef void (*code_python_fn)(void *uc, uint64_t address, uint32_t size, void *user_data);
+typedef int (*rdtsc_python_fn)(void *uc, void *user_data);
 
 #define MAX_LEAVES 16
 #define BLOCK_SITES 256
@@ -55,6 +58,8 @@ typedef struct {
     peek_fn peek;                /* cpu/_delivery.c delivery_peek: guest bytes through the walks */
     void *peek_state;
     cpuid_python_fn cpuid_python;    /* the guarded Python cpuid hook (VmxCpu.hook_cpuid) */
+    rdtsc_python_fn rdtsc_python;    /* the guarded Python rdtsc hook (VmxCpu.rdtsc) */
+    const uint64_t *clock_now;       /* the virtual clock (what rdtsc reads) */
     const uint64_t *clock_last_block;
     uint32_t *clock_watch_if;
     uint32_t *clock_check_if;
@@ -64,6 +69,8 @@ typedef struct {
     uint32_t cr0_mask, cr0_shadow, cr4_mask, cr4_shadow;
     uint32_t cr4_reserved;       /* CR4 bits the CPU model lacks (x86/cpuid.py) */
     uint32_t cr3_load_exiting;   /* the primary control (a MOV to CR3 then exits unless a target) */
+    uint32_t pause_exiting, rdtsc_exiting, tsc_offsetting, pad0;
+    uint64_t tsc_offset;
     /* APIC virtualization (vapic NULL: none) */
     uint32_t register_virt, tpr_shadow;
     uint32_t icr_hi;             /* the emulated APIC's ICR high at the last sync */
@@ -75,7 +82,7 @@ typedef struct {
     uint32_t last_rip;
     uint32_t pad;
     /* totals */
-    uint64_t cpuid_total, cr_total;
+    uint64_t cpuid_total, cr_total, rdtsc_total, pause_total;
     uint32_t count;
     uint32_t pad2;
     leaf_t fallback;
@@ -87,7 +94,7 @@ typedef struct {
     fastexit_t *s;
     code_python_fn python;
     uint32_t size;           /* 0: always Python */
-    int32_t cr;              /* 0, 3 or 4 */
+    int32_t cr;              /* 0, 3 or 4; -1: a pause */
     int32_t src_reg;         /* Unicorn register id of the source GPR */
     uint32_t pad;
     uint64_t passed;
@@ -183,6 +190,12 @@ void fastexit_cr_hook(void *uc, uint64_t address, uint32_t size, void *user_data
     if ((hflags & (HF_PE | HF_VM | HF_CS32 | HF_CPL_MASK | HF_INHIBIT_IRQ)) != (HF_PE | HF_CS32)) goto python;
     if (s->reg_read(uc, s->eip, &eip) || (uint32_t)eip != (uint32_t)address) goto python;
     if (!s->peek(s->peek_state, uc, (uint32_t)address, size, now) || memcmp(now, site->bytes, size)) goto python;
+    if (site->cr < 0) {
+        /* PAUSE exits only with PAUSE exiting (no PAUSE-loop exiting simulated): else nothing to do */
+        if (s->pause_exiting) goto python;
+        s->pause_total++;
+        goto done;
+    }
     if (site->cr == 3) {
         /* no CR3-load exiting: nothing to do in non-root operation, the engine loads CR3 (with EPT the
          * guest owns its page tables) */
@@ -213,6 +226,22 @@ done:
     return;
 python:
     site->python(uc, address, size, NULL);
+}
+
+/* UC_HOOK_INSN (UC_X86_INS_RDTSC): the virtual clock, plus TSC_OFFSET with TSC offsetting, when RDTSC
+ * does not exit (vmx.py VmxCpu.rdtsc; SDM 25.3). */
+int fastexit_rdtsc_hook(void *uc, void *user_data) {
+    fastexit_t *s = (fastexit_t *)user_data;
+    uint64_t tsc, lo, hi;
+    if (!s->armed || s->rdtsc_exiting) return s->rdtsc_python(uc, NULL);
+    tsc = *s->clock_now;
+    if (s->tsc_offsetting) tsc += s->tsc_offset;
+    lo = tsc & 0xFFFFFFFFu;
+    hi = tsc >> 32;
+    s->reg_write(uc, s->eax, &lo);
+    s->reg_write(uc, s->edx, &hi);
+    s->rdtsc_total++;
+    return 1;
 }
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fastexit", NULL, -1, NULL};

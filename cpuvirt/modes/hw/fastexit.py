@@ -36,6 +36,8 @@ from cpuvirt.modes.hw.vmcs import Field as F
 from cpuvirt.x86.cpuid import CR4_RESERVED
 from cpuvirt.x86.sysreg import mov_system_register
 
+_RDTSC_CB = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
+
 MAX_LEAVES = 16
 BLOCK_SITES = 256
 
@@ -56,6 +58,8 @@ class _State(ctypes.Structure):
         ("peek", ctypes.c_void_p),
         ("peek_state", ctypes.c_void_p),
         ("cpuid_python", ctypes.c_void_p),
+        ("rdtsc_python", ctypes.c_void_p),
+        ("clock_now", ctypes.c_void_p),
         ("clock_last_block", ctypes.c_void_p),
         ("clock_watch_if", ctypes.c_void_p),
         ("clock_check_if", ctypes.c_void_p),
@@ -73,6 +77,11 @@ class _State(ctypes.Structure):
         ("cr4_shadow", ctypes.c_uint32),
         ("cr4_reserved", ctypes.c_uint32),
         ("cr3_load_exiting", ctypes.c_uint32),
+        ("pause_exiting", ctypes.c_uint32),
+        ("rdtsc_exiting", ctypes.c_uint32),
+        ("tsc_offsetting", ctypes.c_uint32),
+        ("pad0", ctypes.c_uint32),
+        ("tsc_offset", ctypes.c_uint64),
         ("register_virt", ctypes.c_uint32),
         ("tpr_shadow", ctypes.c_uint32),
         ("icr_hi", ctypes.c_uint32),
@@ -84,6 +93,8 @@ class _State(ctypes.Structure):
         ("pad", ctypes.c_uint32),
         ("cpuid_total", ctypes.c_uint64),
         ("cr_total", ctypes.c_uint64),
+        ("rdtsc_total", ctypes.c_uint64),
+        ("pause_total", ctypes.c_uint64),
         ("count", ctypes.c_uint32),
         ("pad2", ctypes.c_uint32),
         ("fallback", _Leaf),
@@ -147,6 +158,7 @@ class FastExits:
         clock = vcpu.clock._state
         base = ctypes.addressof(clock)
         st.clock_last_block = base + type(clock).last_block.offset
+        st.clock_now = base + type(clock).now.offset
         st.clock_watch_if = base + type(clock).watch_if.offset
         st.clock_check_if = base + type(clock).check_if.offset
         st.eax, st.ebx, st.ecx, st.edx = X.UC_X86_REG_EAX, X.UC_X86_REG_EBX, X.UC_X86_REG_ECX, X.UC_X86_REG_EDX
@@ -168,6 +180,22 @@ class FastExits:
         )
         if err:
             raise RuntimeError(f"cannot hook cpuid (uc error {err})")
+        uc._callbacks[handle.value] = self
+        self._python_rdtsc = _RDTSC_CB(vcpu.rdtsc)
+        st.rdtsc_python = ctypes.cast(self._python_rdtsc, ctypes.c_void_p).value
+        handle = ctypes.c_size_t()
+        err = _ucmod.uclib.uc_hook_add(
+            self._uch,
+            ctypes.byref(handle),
+            UC_HOOK_INSN,
+            ctypes.cast(lib.fastexit_rdtsc_hook, ctypes.c_void_p),
+            ctypes.c_void_p(self._addr),
+            ctypes.c_uint64(1),
+            ctypes.c_uint64(0),
+            ctypes.c_int(X.UC_X86_INS_RDTSC),
+        )
+        if err:
+            raise RuntimeError(f"cannot hook rdtsc (uc error {err})")
         uc._callbacks[handle.value] = self
         self._sites: dict[int, tuple] = {}
         self._vapic: object = None  # the VirtualApic whose page the C path reads
@@ -203,13 +231,17 @@ class FastExits:
     def disarm(self) -> None:
         self._state.armed = 0
 
-    def arm(self, values: dict, vapic, cr3_load_exiting: bool) -> None:
+    def arm(self, values: dict, vapic, ctl) -> None:
         """Copy what the C path decides with (the VMCS's CR masks and shadows, the APIC-virtualization
         state just synced) and let it answer."""
         st = self._state
         st.cr0_mask, st.cr0_shadow = values[F.CR0_GUEST_HOST_MASK], values[F.CR0_READ_SHADOW]
         st.cr4_mask, st.cr4_shadow = values[F.CR4_GUEST_HOST_MASK], values[F.CR4_READ_SHADOW]
-        st.cr3_load_exiting = int(cr3_load_exiting)
+        st.cr3_load_exiting = int(ctl("cr3_load_exiting"))
+        st.pause_exiting = int(ctl("pause_exiting"))
+        st.rdtsc_exiting = int(ctl("rdtsc_exiting"))
+        st.tsc_offsetting = int(ctl("use_tsc_offsetting"))
+        st.tsc_offset = values[F.TSC_OFFSET]
         if vapic is not None:
             apic = vapic.apic
             irr = apic.irr
@@ -237,16 +269,22 @@ class FastExits:
         st.peek_state = ctypes.addressof(delivery_fast._state)
 
     def cr_site(self, address: int, size: int, mnem: str, ops: str, code: bytes, python_hook) -> bool:
-        """Put the C hook in front of a `mov cr0/cr3/cr4, r32` site; False for anything else."""
-        if mnem != "mov" or not self._state.peek or not ops.startswith(("cr0,", "cr3,", "cr4,")):
+        """Put the C hook in front of a `mov cr0/cr3/cr4, r32` or `pause` site; False for anything else."""
+        if not self._state.peek:
             return False
-        form = mov_system_register(code)
-        if form is None or form.gpr is None or form.debug or not form.to_system or form.number not in (0, 3, 4):
+        if mnem == "pause":
+            cr, src = -1, 0
+        elif mnem == "mov" and ops.startswith(("cr0,", "cr3,", "cr4,")):
+            form = mov_system_register(code)
+            if form is None or form.gpr is None or form.debug or not form.to_system or form.number not in (0, 3, 4):
+                return False
+            cr, src = form.number, R.GPR_ORDER[form.gpr]
+        else:
             return False
         site = _CrSite()
         site.s = self._addr
         site.python = ctypes.cast(python_hook, ctypes.c_void_p).value
-        site.size, site.cr, site.src_reg = size, form.number, R.GPR_ORDER[form.gpr]
+        site.size, site.cr, site.src_reg = size, cr, src
         site.bytes[: len(code[:16])] = code[:16]
         if len(code) != size or size > 16:
             site.size = 0  # bytes unknown: always the Python hook
@@ -267,6 +305,11 @@ class FastExits:
         return True
 
     def counts(self) -> tuple[int, int]:
-        """(CPUID exits, guest-owned CR writes) answered in C."""
+        """(CPUID exits, guest-owned CR writes and CR3 loads) answered in C."""
         st = self._state
         return st.cpuid_total, st.cr_total
+
+    def more_counts(self) -> tuple[int, int]:
+        """(rdtsc, pause) answered in C."""
+        st = self._state
+        return st.rdtsc_total, st.pause_total

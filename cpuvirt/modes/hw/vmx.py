@@ -172,9 +172,14 @@ class VmxCpu(Vcpu):
 
             apic.on_change, apic.on_base_change = apic_changed, apic_base_changed
 
-    def add_cpuid_hook(self) -> None:
-        """CPUID exits answered in C when nothing needs Python (fastexit.py), the Python hook behind."""
+    def add_rdtsc_hook(self) -> None:
+        """rdtsc without RDTSC exiting and CPUID exits answered in C when nothing needs Python
+        (fastexit.py, which hooks both), the Python hooks behind."""
         self.fast_exits = FastExits.install(self)
+        if self.fast_exits is None:
+            super().add_rdtsc_hook()
+
+    def add_cpuid_hook(self) -> None:
         if self.fast_exits is None:
             super().add_cpuid_hook()
 
@@ -214,7 +219,7 @@ class VmxCpu(Vcpu):
             and getattr(self.hypervisor.handlers.get(ExitReason.CPUID), "__func__", None) is self._default_cpuid
             and getattr(self.machine.cpuid, "__func__", None) is Machine.cpuid
         ):
-            fx.arm(self.vmcs._values, self.vapic, self.ctl("cr3_load_exiting"))
+            fx.arm(self.vmcs._values, self.vapic, self.ctl)
         else:
             fx.disarm()
 
