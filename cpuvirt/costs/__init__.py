@@ -127,6 +127,9 @@ def tally_of(vcpu, mmu) -> Counter:
     sync = getattr(vcpu, "sync_counts", None)  # full: callouts the C hook answered
     if sync is not None:
         sync()
+    fold = getattr(vcpu, "fold_fast_exits", None)
+    if fold is not None:
+        fold()  # hw: exits answered in C since the last Python exit (modes/hw/fastexit.py)
     t: Counter = Counter()
     t[INSTRUCTION] = vcpu.clock.instructions
     attributed: Counter = Counter()

@@ -1064,27 +1064,14 @@ class Vcpu:
         if self.rdtsc_in_c:
             self.clock.hook_rdtsc()  # the virtual clock, read in C: rdtsc causes no Python
         else:
-            self._rdtsc_cb = _RDTSC_CB(self.rdtsc)
-            self._rdtsc_hook = ctypes.c_size_t()
-            err = _ucmod.uclib.uc_hook_add(
-                uc._uch,
-                ctypes.byref(self._rdtsc_hook),
-                UC_HOOK_INSN,
-                ctypes.cast(self._rdtsc_cb, ctypes.c_void_p),
-                None,
-                ctypes.c_uint64(1),
-                ctypes.c_uint64(0),
-                ctypes.c_int(X.UC_X86_INS_RDTSC),
-            )
-            if err:
-                raise RuntimeError(f"cannot hook rdtsc (uc error {err})")
+            self.add_rdtsc_hook()
         table = CpuidTable.install(uc) if self.cpuid_in_c else None
         if table is not None:
             self.cpuid_table = table
             table.load(*self.machine.cpuid_table())
             self.machine.apic.on_base_change = lambda: table.load(*self.machine.cpuid_table())
         else:
-            hooks.cpuid(self.hook_cpuid)
+            self.add_cpuid_hook()
         hooks.system_call(X.UC_X86_INS_SYSCALL, self.hook_syscall)
         hooks.system_call(X.UC_X86_INS_SYSENTER, self.hook_sysenter)
 
@@ -1154,6 +1141,27 @@ class Vcpu:
         """#UD for the instruction at `eip` (modes that run code elsewhere map `eip` first)."""
         self.record("exception", "#UD", 6, eip, {"vector": 6}, "delivered through the guest IDT")
         self.deliver(Vector.UD, eip)
+
+    def add_rdtsc_hook(self) -> None:
+        """The Python rdtsc hook, when rdtsc is not the plain virtual clock (hw puts a C path in front)."""
+        self._rdtsc_cb = _RDTSC_CB(self.rdtsc)
+        self._rdtsc_hook = ctypes.c_size_t()
+        err = _ucmod.uclib.uc_hook_add(
+            self.uc._uch,
+            ctypes.byref(self._rdtsc_hook),
+            UC_HOOK_INSN,
+            ctypes.cast(self._rdtsc_cb, ctypes.c_void_p),
+            None,
+            ctypes.c_uint64(1),
+            ctypes.c_uint64(0),
+            ctypes.c_int(X.UC_X86_INS_RDTSC),
+        )
+        if err:
+            raise RuntimeError(f"cannot hook rdtsc (uc error {err})")
+
+    def add_cpuid_hook(self) -> None:
+        """The Python cpuid hook, when CPUID is not answered in C (hw puts its own C path in front)."""
+        self.hooks.cpuid(self.hook_cpuid)
 
     def hook_cpuid(self, uc, _data) -> bool:
         """CPUID answers with cpuvirt's CPU model (x86/cpuid.py, through the machine), in every mode,

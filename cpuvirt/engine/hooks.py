@@ -116,6 +116,11 @@ class EngineHooks:
 
     def cpuid(self, callback) -> int:
         """`cpuid`: callback(uc, None) -> true when it wrote the result registers itself."""
+        return self._add(UC_HOOK_INSN, self.cpuid_function(callback), 1, 0, ctypes.c_int(X.UC_X86_INS_CPUID))
+
+    def cpuid_function(self, callback):
+        """The guarded ctypes function of a cpuid hook, not added (hw's C exit path calls it:
+        modes/hw/fastexit.py); the caller keeps it alive."""
         owner, uc = self.owner, self.owner.uc
 
         def hook(_h, _d):
@@ -125,7 +130,7 @@ class EngineHooks:
                 _stop(owner, e)
                 return 1
 
-        return self._add(UC_HOOK_INSN, HOOK_INSN_CPUID_CFUNC(hook), 1, 0, ctypes.c_int(X.UC_X86_INS_CPUID))
+        return HOOK_INSN_CPUID_CFUNC(hook)
 
     def system_call(self, insn: int, callback) -> int:
         """`syscall` or `sysenter` (insn = UC_X86_INS_SYSCALL / _SYSENTER): callback(uc, None)."""

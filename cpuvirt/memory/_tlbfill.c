@@ -113,7 +113,9 @@ int fastfill_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *user
  * in the hypervisor's memory, as memory/nested.py's EptWalk does in Python. It answers only what
  * changes nothing and is certain: a read or write, guest entries present with A (and D for a write)
  * already set, every EPT entry on the way read/write/execute (what the hypervisor maps guest RAM with),
- * every address inside guest RAM. A fault, an A/D update, a fetch, an EPT entry with fewer rights (an
+ * every address inside guest RAM; a fetch only from a (linear page, frame) pair Mmu.fill has granted a
+ * fetch before, as fastfill_hook does (the code refills after each TLB flush: kvm-unit-tests' vmexit
+ * toggles CR0.WP and CR4.PGE in loops). A fault, an A/D update, a first fetch, an EPT entry with fewer rights (an
  * EPT violation, a misconfiguration, the APIC-access page), anything outside RAM: declined, and
  * Mmu.fill does it. References are counted as the Python walk counts them: the guest walk's entries
  * plus 4 per EPT translation, a walk only when paging is on.
@@ -123,7 +125,7 @@ typedef struct {
     uint64_t ram_bytes;
     uint64_t ram_hpa;
     const uint8_t *code;     /* one byte per RAM frame: nonzero once it served a fetch (lazy W^X) */
-    const uint32_t *fetched; /* as in fastfill_t (the layouts match); fetches are not answered here */
+    const uint32_t *fetched; /* as in fastfill_t (the layouts match) */
     reg_read_fn reg_read;
     int32_t cr0, cr3, cr4, ss;
     uint32_t enabled;
@@ -162,7 +164,7 @@ int eptfill_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *user_
     uint32_t pde, leaf, rights, refs = 0, grefs = 0;
     int64_t off;
     int write = type == MEM_WRITE, user, writable, ok;
-    if (!s->enabled || (type != MEM_READ && type != MEM_WRITE)) return 0;
+    if (!s->enabled || (type != MEM_READ && type != MEM_WRITE && type != MEM_FETCH)) return 0;
     if (s->reg_read(uc, s->cr0, &cr0)) return 0;
     if (!(cr0 & CR0_PG)) {
         gpa = vaddr & 0xFFFFF000u;
@@ -197,6 +199,8 @@ int eptfill_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *user_
     }
     off = ept_ram(s, gpa, &refs);
     if (off < 0) return 0;
+    if (type == MEM_FETCH && s->fetched[off >> 12] != (((uint32_t)vaddr & 0xFFFFF000u) | 1u))
+        return 0;                                     /* a new (page, frame) pair: Python scans it */
     e->paddr = s->ram_hpa + (uint64_t)off;
     e->perms = PROT_READ | (ok ? PROT_WRITE : 0) | (s->code[off >> 12] ? PROT_EXEC : 0);
     s->fills++;

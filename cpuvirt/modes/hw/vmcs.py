@@ -13,7 +13,7 @@ the lazy register traffic an exit path needs (UNICORN-NOTES.md, "Costs").
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from enum import IntEnum
 
 
@@ -160,6 +160,7 @@ class Vmcs:
         self._live: dict[int, tuple] = {}  # encoding -> (read(), write(value))
         self.dirty: set[int] = set()  # live guest-state fields written since the last entry
         self._cache: dict[int, int] = {}  # live values already fetched during this exit
+        self.on_write: Callable[[], None] | None = None  # told of every vmwrite (hw's C exit path)
 
     def bind_live(self, field: Field, read, write) -> None:
         self._live[field.value] = (read, write)
@@ -183,6 +184,8 @@ class Vmcs:
         if enc not in self._values:
             raise VmcsError(f"vmwrite of unsupported field {enc:#06x}")
         self._values[enc] = value & ((1 << width(enc)) - 1)
+        if self.on_write is not None:
+            self.on_write()
         if enc in self._live:
             self.dirty.add(enc)
 

@@ -30,6 +30,7 @@ from cpuvirt.engine import regs as R
 from cpuvirt.engine.hooks import hook_guard
 from cpuvirt.engine.hostmem import HostRegion, HvAllocator
 from cpuvirt.machine.apic import APIC_BASE_GPA
+from cpuvirt.machine.machine import Machine
 from cpuvirt.memory.ept import EPT_R, EPT_W, EPT_X, Ept
 from cpuvirt.memory.fastfill import EptFastFill
 from cpuvirt.memory.mmu import NestedFault
@@ -42,6 +43,7 @@ from cpuvirt.modes.hw import apicv
 from cpuvirt.modes.hw import exits as E
 from cpuvirt.modes.hw.controls import CONTROLS, VmxSettings
 from cpuvirt.modes.hw.exits import Exit, ExitReason
+from cpuvirt.modes.hw.fastexit import FastExits
 from cpuvirt.modes.hw.nonroot import INSTRUCTION_HANDLERS, PRIVILEGED, SENSITIVE, Sensitive
 from cpuvirt.modes.hw.vmcs import Field as F
 from cpuvirt.modes.hw.vmcs import Vmcs
@@ -100,6 +102,7 @@ class VmxCpu(Vcpu):
         self.handler_time: dict = defaultdict(float)
         self.dump_on = dump_on  # (exit number or reason name) -> callback(dump text)
         self.hypervisor = RootHypervisor(self)
+        self._default_cpuid = RootHypervisor.handle_cpuid  # the handler the C CPUID path answers as
         self._io_forms: dict = {}
         self.shadow: ShadowPaging | None = None  # without EPT: KVM's shadow MMU (memory/shadow.py)
         self.pf_access = 0  # access kind of the last shadow #PF (the handler walks for it)
@@ -111,6 +114,7 @@ class VmxCpu(Vcpu):
         self._apic_sites: _BlockSites | None = None  # cpu/mmiosite.py, made on the first APIC exit
         self._apic_lengths: dict[int, int] = {}
         self.apic_access = (4, 0)  # (size, value written) of the access an APIC_ACCESS exit is for
+        self.fast_exits: FastExits | None = None  # fastexit.py: CPUID exits, guest-owned CR writes in C
         self._launch()
 
     # -- VMLAUNCH: the hypervisor's set-up, then the first entry ---------------------------------------
@@ -151,6 +155,79 @@ class VmxCpu(Vcpu):
         if s.bits["enable_ept"]:
             self._setup_apic_virtualization()
         self.enable_intercepts(SENSITIVE, self.on_sensitive, lazy_io=True)
+        fx = self.fast_exits
+        if fx is not None and self.intercepts is not None:
+            self.intercepts.fast_site = fx.cr_site
+            self.vmcs.on_write = fx.disarm  # the C path's copies of the VMCS are stale until the next entry
+            apic = self.machine.apic
+            changed, base_changed = apic.on_change, apic.on_base_change
+
+            def apic_changed() -> None:
+                fx.disarm()  # the virtual-APIC page no longer mirrors the APIC: the next entry syncs it
+                changed()
+
+            def apic_base_changed() -> None:
+                fx.load_table()  # CPUID's APIC bit follows IA32_APIC_BASE
+                base_changed()
+
+            apic.on_change, apic.on_base_change = apic_changed, apic_base_changed
+
+    def add_rdtsc_hook(self) -> None:
+        """rdtsc without RDTSC exiting and CPUID exits answered in C when nothing needs Python
+        (fastexit.py, which hooks both), the Python hooks behind."""
+        self.fast_exits = FastExits.install(self)
+        if self.fast_exits is None:
+            super().add_rdtsc_hook()
+
+    def add_cpuid_hook(self) -> None:
+        if self.fast_exits is None:
+            super().add_cpuid_hook()
+
+    def fold_fast_exits(self) -> None:
+        """Make the CPUID exits answered in C since the last call visible, as the Python path leaves
+        them: the counters, the event count, and the VMCS exit-information fields of the last one."""
+        fx = self.fast_exits
+        if fx is None:
+            return
+        n, rip = fx.take_cpuid_exits()
+        if not n:
+            return
+        self.exits += n
+        self.stats[ExitReason.CPUID] += n
+        self.counts["vmexit"] += n
+        v = self.vmcs
+        w = v._values
+        w[F.VM_EXIT_REASON] = int(ExitReason.CPUID)
+        w[F.EXIT_QUALIFICATION] = 0
+        w[F.VM_EXIT_INSTRUCTION_LEN] = 2
+        w[F.VM_EXIT_INTR_INFO] = 0
+        w[F.VM_EXIT_INTR_ERROR_CODE] = 0
+        w[F.VMX_INSTRUCTION_INFO] = 0
+        w[F.GUEST_RIP] = rip
+        v._cache.clear()
+
+    def _arm_fast_exits(self) -> None:
+        """After a VM entry made in Python: let C answer what needs nothing else (fastexit.py)."""
+        fx = self.fast_exits
+        if fx is None:
+            return
+        if (
+            self.outcome is None
+            and not self._blocked
+            and self.trace is None
+            and self.dump_on is None
+            and getattr(self.hypervisor.handlers.get(ExitReason.CPUID), "__func__", None) is self._default_cpuid
+            and getattr(self.machine.cpuid, "__func__", None) is Machine.cpuid
+        ):
+            fx.arm(self.vmcs._values, self.vapic, self.ctl)
+        else:
+            fx.disarm()
+
+    def finish(self, kind: str, status: int, message: str = "") -> None:
+        if self.fast_exits is not None:
+            self.fast_exits.disarm()
+            self.fold_fast_exits()
+        super().finish(kind, status, message)
 
     def _setup_apic_virtualization(self) -> None:
         """As KVM does for a guest with an in-kernel xAPIC: a virtual-APIC page (use TPR shadow) and,
@@ -195,6 +272,8 @@ class VmxCpu(Vcpu):
                 self.fast_fill.enable()
             if self.delivery.fast is None:  # deliveries through the guest IDT in C, walks via EPT
                 FastDelivery.install_ept(self.delivery, self.ept)
+            if self.fast_exits is not None and self.delivery.fast is not None:
+                self.fast_exits.set_peek(self.delivery.fast)  # CR write sites check their bytes in C
         self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
         self.vm_entry(None)
 
@@ -267,6 +346,7 @@ class VmxCpu(Vcpu):
         implicit_rip: bool = False,
         value: int | None = None,
     ) -> Exit:
+        self.fold_fast_exits()
         v = self.vmcs
         v.on_exit()
         w = v._values
@@ -368,6 +448,7 @@ class VmxCpu(Vcpu):
             )
         if self.vapic is not None:
             self._sync_vapic(self.vapic)
+        self._arm_fast_exits()
 
     def _sync_vapic(self, vapic: apicv.VirtualApic) -> None:
         """The hypervisor's side of APIC virtualization before the guest runs again: the virtual-APIC
@@ -527,11 +608,15 @@ class VmxCpu(Vcpu):
                 if mnem in ("cpuid", "rdtsc", "rdtscp"):
                     break
             self._sites[block] = site
+            if self.fast_exits is not None:
+                self.fast_exits.put_site(block, site)  # C answers this block's cpuid exits from now on
         return site
 
     def forget_block(self, address: int) -> None:
         super().forget_block(address)
         self._sites.pop(address, None)
+        if self.fast_exits is not None:
+            self.fast_exits.drop_site(address)
         if self._apic_lengths:
             self._apic_lengths.clear()  # code at an APIC-access site may have changed
         if self._apic_sites is not None:
@@ -744,16 +829,21 @@ class VmxCpu(Vcpu):
     def before_entry(self) -> None:
         """Exits due before the next guest instruction (SDM 25.2): the interrupt window, which is
         open when RFLAGS.IF = 1 and no STI / MOV SS shadow blocks interrupts."""
+        self.fold_fast_exits()
         if self.vapic is not None:
             self._sync_vapic(self.vapic)  # timers and interrupt delivery changed the APIC since the last entry
         if self.ctl("interrupt_window_exiting") and self.regs.read(R.EFLAGS) & EFLAGS_IF:
             if self.faults.interrupt_shadow():
                 self._after_one_block = True
+                self._arm_fast_exits()
                 return
             self.vm_exit(ExitReason.INTERRUPT_WINDOW, self.regs.read(R.EIP))
+        self._arm_fast_exits()
 
     def inject_pending_interrupt(self, eip: int) -> bool:
         m = self.machine
+        if self.fast_exits is not None:
+            self.fast_exits.disarm()  # acknowledging changes the APIC: synced at the next entry
         if getattr(m, "pending_nmi", None) is not None and m.pending_nmi() and not self.nmi_blocked:
             if not self.ctl("nmi_exiting"):
                 return super().inject_pending_interrupt(eip)  # delivered to the guest directly
@@ -832,7 +922,9 @@ class VmxCpu(Vcpu):
         return f"switched to the task of TSS {sel:#x}"
 
     def summary_stats(self) -> list[tuple[str, int, int, float, float]]:
-        """kvm_stat-like rows: (reason, number, count, share, mean handler time in us)."""
+        """kvm_stat-like rows: (reason, number, count, share, mean handler time in us; exits answered
+        in C count with no handler time)."""
+        self.fold_fast_exits()
         total = sum(self.stats.values()) or 1
         rows = []
         for reason, n in self.stats.most_common():

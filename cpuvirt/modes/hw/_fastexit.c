@@ -1,0 +1,249 @@
+/*
+ * hw's commonest VM exits answered in C when nothing in Python needs to see them (modes/hw/fastexit.py).
+ *
+ * - CPUID always exits (SDM Vol. 3C 25.1.2), and KVM answers it from its CPUID table: the root-mode
+ *   handler (handlers.py handle_cpuid) does nothing else. This hook does the whole round trip (the exit's
+ *   information fields, the handler's four registers, the entry) in C, and leaves a record (how many
+ *   exits, the RIP of the last) that Python folds into the VMCS, the exit counters and the cost model's
+ *   event count before anything reads them (VmxCpu.fold_fast_exits): what a reader sees is what the
+ *   Python path would have left.
+ * - A MOV to CR0 or CR4 that changes only guest-owned bits (the CR0/CR4 guest/host masks and read
+ *   shadows, SDM 25.1.3) causes no exit on hardware: the processor writes the guest-owned bits and keeps
+ *   the host-owned ones (SDM 25.3). The site's code hook does that in C (nonroot.py
+ *   mov_system_register_access, the no-exit branch); a write that exits, a CR4 bit the CPU model lacks
+ *   (#GP), CPL > 0, an interrupt shadow, code other than the site's: the Python hook. A MOV to CR3
+ *   without CR3-load exiting is left to the engine, as Python leaves it; so is a PAUSE without PAUSE
+ *   exiting (kvm-unit-tests' delay loops).
+ * - RDTSC without RDTSC exiting reads the virtual clock (plus TSC_OFFSET with TSC offsetting).
+ *
+ * Python arms the C path at the end of each VM entry it makes (its APIC-virtualization sync done), and
+ * disarms it whenever something the C path copies may change (a vmwrite, the emulated APIC, a trace or
+ * a VMCS dump, the run's end). While armed, the entry after a C exit would change nothing: the
+ * virtual-APIC page already mirrors the APIC, and the checks below decline whenever the guest's own
+ * writes to that page (TPR, ICR high) would make the sync do something.
+ *
+ * Built as a Python extension only so that setuptools compiles it; fastexit.py loads it with ctypes.
+ */
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+typedef int (*reg_read_fn)(void *uc, int regid, void *value);
+typedef int (*reg_write_fn)(void *uc, int regid, const void *value);
+typedef int (*context_fn)(void *uc, void *context);
+typedef int (*peek_fn)(void *state, void *uc, uint32_t gva, uint32_t n, uint8_t *out);
+typedef int (*cpuid_python_fn)(void *uc, void *user_data);
+typedef void (*code_python_fn)(void *uc, uint64_t address, uint32_t size, void *user_data);
+typedef int (*rdtsc_python_fn)(void *uc, void *user_data);
+
+#define MAX_LEAVES 16
+#define BLOCK_SITES 256
+
+typedef struct {
+    uint32_t leaf, eax, ebx, ecx, edx;
+} leaf_t;
+
+typedef struct {
+    uint64_t block;          /* a block's address (the clock's last_block) */
+    uint32_t site;           /* the cpuid in it whose hook runs (vmx.py _insn_site) */
+    uint32_t valid;
+} block_site_t;
+
+typedef struct {
+    reg_read_fn reg_read;
+    reg_write_fn reg_write;
+    context_fn context_save;
+    void *context;               /* a (short) uc_context of this engine */
+    const uint8_t *context_hflags;   /* env->hflags inside it */
+    peek_fn peek;                /* cpu/_delivery.c delivery_peek: guest bytes through the walks */
+    void *peek_state;
+    cpuid_python_fn cpuid_python;    /* the guarded Python cpuid hook (VmxCpu.hook_cpuid) */
+    rdtsc_python_fn rdtsc_python;    /* the guarded Python rdtsc hook (VmxCpu.rdtsc) */
+    const uint64_t *clock_now;       /* the virtual clock (what rdtsc reads) */
+    const uint64_t *clock_last_block;
+    uint32_t *clock_watch_if;
+    uint32_t *clock_check_if;
+    int32_t eax, ebx, ecx, edx, eip, cr0, cr4;
+    uint32_t armed;
+    /* VMCS fields, copied when armed */
+    uint32_t cr0_mask, cr0_shadow, cr4_mask, cr4_shadow;
+    uint32_t cr4_reserved;       /* CR4 bits the CPU model lacks (x86/cpuid.py) */
+    uint32_t cr3_load_exiting;   /* the primary control (a MOV to CR3 then exits unless a target) */
+    uint32_t pause_exiting, rdtsc_exiting, tsc_offsetting, pad0;
+    uint64_t tsc_offset;
+    /* APIC virtualization (vapic NULL: none) */
+    uint32_t register_virt, tpr_shadow;
+    uint32_t icr_hi;             /* the emulated APIC's ICR high at the last sync */
+    int32_t max_irr_class;       /* its highest requested vector's class, -1: none */
+    uint32_t tpr_threshold;
+    const uint8_t *vapic;
+    /* what C did, not yet folded into Python's records */
+    uint64_t cpuid_exits;
+    uint32_t last_rip;
+    uint32_t pad;
+    /* totals */
+    uint64_t cpuid_total, cr_total, rdtsc_total, pause_total;
+    uint32_t count;
+    uint32_t pad2;
+    leaf_t fallback;
+    leaf_t leaves[MAX_LEAVES];
+    block_site_t sites[BLOCK_SITES];
+} fastexit_t;
+
+typedef struct {
+    fastexit_t *s;
+    code_python_fn python;
+    uint32_t size;           /* 0: always Python */
+    int32_t cr;              /* 0, 3 or 4; -1: a pause */
+    int32_t src_reg;         /* Unicorn register id of the source GPR */
+    uint32_t pad;
+    uint64_t passed;
+    uint8_t bytes[16];
+} cr_site_t;
+
+size_t fastexit_sizeof(void) { return sizeof(fastexit_t); }
+size_t fastexit_cr_site_sizeof(void) { return sizeof(cr_site_t); }
+
+/* QEMU's env->hflags (target/i386/cpu.h) */
+#define HF_CPL_MASK 3u
+#define HF_INHIBIT_IRQ (1u << 3)
+#define HF_CS32 (1u << 4)
+#define HF_PE (1u << 7)
+#define HF_VM (1u << 17)
+
+#define VAPIC_TPR 0x80
+#define VAPIC_ICR_HI 0x310
+
+static inline uint32_t slot(uint64_t block) { return (uint32_t)((block ^ (block >> 8) ^ (block >> 16)) & (BLOCK_SITES - 1)); }
+
+void fastexit_put_site(fastexit_t *s, uint64_t block, uint32_t site) {
+    block_site_t *e = &s->sites[slot(block)];
+    e->valid = 0;
+    e->block = block;
+    e->site = site;
+    e->valid = 1;
+}
+
+void fastexit_drop_site(fastexit_t *s, uint64_t block) {
+    block_site_t *e = &s->sites[slot(block)];
+    if (e->block == block) e->valid = 0;
+}
+
+/* VmxCpu._sync_vapic at the next entry would change nothing (the page and TPR_THRESHOLD stay). */
+static int vapic_quiet(const fastexit_t *s) {
+    uint32_t icr_hi, tpr, threshold;
+    if (!s->vapic) return 1;
+    if (s->register_virt) {
+        memcpy(&icr_hi, s->vapic + VAPIC_ICR_HI, 4);
+        if ((icr_hi & 0xFF000000u) != s->icr_hi) return 0;   /* VirtualApic.pull would change the APIC */
+    }
+    if (s->tpr_shadow) {
+        tpr = s->vapic[VAPIC_TPR] >> 4;
+        threshold = (s->max_irr_class < 0 || tpr < (uint32_t)s->max_irr_class) ? 0 : (uint32_t)s->max_irr_class;
+        if (threshold != s->tpr_threshold) return 0;
+    }
+    return 1;
+}
+
+/* UC_HOOK_INSN (UC_X86_INS_CPUID): 1 = the registers are the answer. */
+int fastexit_cpuid_hook(void *uc, void *user_data) {
+    fastexit_t *s = (fastexit_t *)user_data;
+    const block_site_t *e;
+    const leaf_t *l;
+    uint64_t eax = 0, v;
+    uint32_t i;
+    if (!s->armed) goto python;
+    e = &s->sites[slot(*s->clock_last_block)];
+    if (!e->valid || e->block != *s->clock_last_block || !vapic_quiet(s)) goto python;
+    if (s->reg_read(uc, s->eax, &eax)) goto python;
+    l = &s->fallback;
+    for (i = 0; i < s->count && i < MAX_LEAVES; i++) {
+        if (s->leaves[i].leaf == (uint32_t)eax) {
+            l = &s->leaves[i];
+            break;
+        }
+    }
+    v = l->eax; s->reg_write(uc, s->eax, &v);
+    v = l->ebx; s->reg_write(uc, s->ebx, &v);
+    v = l->ecx; s->reg_write(uc, s->ecx, &v);
+    v = l->edx; s->reg_write(uc, s->edx, &v);
+    s->cpuid_exits++;
+    s->cpuid_total++;
+    s->last_rip = e->site;
+    return 1;
+python:
+    return s->cpuid_python(uc, NULL);
+}
+
+/* UC_HOOK_CODE on one `mov cr0/cr4, r32` site. */
+void fastexit_cr_hook(void *uc, uint64_t address, uint32_t size, void *user_data) {
+    cr_site_t *site = (cr_site_t *)user_data;
+    fastexit_t *s = site->s;
+    uint8_t now[16];
+    uint64_t eip = 0, value = 0, real = 0, v;
+    uint32_t hflags, mask, shadow;
+    int creg;
+    if (!s->armed || size != site->size || size > 16) goto python;
+    if (s->context_save(uc, s->context)) goto python;
+    memcpy(&hflags, s->context_hflags, 4);
+    /* 32-bit protected mode at CPL 0, no interrupt shadow (Python clears it when it skips) */
+    if ((hflags & (HF_PE | HF_VM | HF_CS32 | HF_CPL_MASK | HF_INHIBIT_IRQ)) != (HF_PE | HF_CS32)) goto python;
+    if (s->reg_read(uc, s->eip, &eip) || (uint32_t)eip != (uint32_t)address) goto python;
+    if (!s->peek(s->peek_state, uc, (uint32_t)address, size, now) || memcmp(now, site->bytes, size)) goto python;
+    if (site->cr < 0) {
+        /* PAUSE exits only with PAUSE exiting (no PAUSE-loop exiting simulated): else nothing to do */
+        if (s->pause_exiting) goto python;
+        s->pause_total++;
+        goto done;
+    }
+    if (site->cr == 3) {
+        /* no CR3-load exiting: nothing to do in non-root operation, the engine loads CR3 (with EPT the
+         * guest owns its page tables) */
+        if (s->cr3_load_exiting) goto python;
+        goto done;
+    }
+    creg = site->cr == 0 ? s->cr0 : s->cr4;
+    if (s->reg_read(uc, site->src_reg, &value) || s->reg_read(uc, creg, &real)) goto python;
+    value &= 0xFFFFFFFFu;
+    real &= 0xFFFFFFFFu;
+    if (site->cr == 0) {
+        mask = s->cr0_mask;
+        shadow = s->cr0_shadow;
+    } else {
+        if (value & ~real & s->cr4_reserved) goto python;   /* #GP(0) (cpu/vcpu.py cr4_gate) */
+        mask = s->cr4_mask;
+        shadow = s->cr4_shadow;
+    }
+    if (mask & ((uint32_t)value ^ shadow)) goto python;      /* a CR_ACCESS exit */
+    v = ((uint32_t)value & ~mask) | ((uint32_t)real & mask);
+    if (s->reg_write(uc, creg, &v)) goto python;
+    v = (uint32_t)(address + size);
+    s->reg_write(uc, s->eip, &v);
+done:
+    if (*s->clock_watch_if && !*s->clock_check_if) *s->clock_check_if = 1;   /* VirtualClock.if_may_have_changed */
+    site->passed++;
+    s->cr_total++;
+    return;
+python:
+    site->python(uc, address, size, NULL);
+}
+
+/* UC_HOOK_INSN (UC_X86_INS_RDTSC): the virtual clock, plus TSC_OFFSET with TSC offsetting, when RDTSC
+ * does not exit (vmx.py VmxCpu.rdtsc; SDM 25.3). */
+int fastexit_rdtsc_hook(void *uc, void *user_data) {
+    fastexit_t *s = (fastexit_t *)user_data;
+    uint64_t tsc, lo, hi;
+    if (!s->armed || s->rdtsc_exiting) return s->rdtsc_python(uc, NULL);
+    tsc = *s->clock_now;
+    if (s->tsc_offsetting) tsc += s->tsc_offset;
+    lo = tsc & 0xFFFFFFFFu;
+    hi = tsc >> 32;
+    s->reg_write(uc, s->eax, &lo);
+    s->reg_write(uc, s->edx, &hi);
+    s->rdtsc_total++;
+    return 1;
+}
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fastexit", NULL, -1, NULL};
+
+PyMODINIT_FUNC PyInit__fastexit(void) { return PyModule_Create(&module); }

@@ -1,0 +1,315 @@
+"""hw's CPUID exits, guest-owned CR0/CR4 writes and CR3 loads that do not exit, answered in C (_fastexit.c).
+
+Under hw every `cpuid` is a VM exit (SDM Vol. 3C 25.1.2) whose root-mode handler only answers from
+the CPU model, and a `mov cr0/cr4` that changes only guest-owned bits (the guest/host masks) exits
+not at all yet must be intercepted to apply the masks. In Python each costs a hook, the exit's
+bookkeeping and an entry (about 30 bare hook calls); kvm-unit-tests' vmexit makes hundreds of millions.
+
+The C path is an exact shortcut of the Python one, used only while nothing else needs Python:
+- VmxCpu arms it at the end of each VM entry it makes, when there is no trace, no VMCS dump, the
+  default CPUID handler and model, and disarms it when the VMCS is written, the emulated APIC changes,
+  an interrupt is acknowledged or the run ends (`armed` is then 0 and every hook calls Python's).
+- A CPUID exit answered in C leaves a record (count, RIP of the last); `VmxCpu.fold_fast_exits` writes
+  it into the VMCS exit fields, the exit counters and the event count before any of them is read
+  (the next Python exit, the summary, the end of the run). The site of a cpuid is the one Python's
+  `_insn_site` found for the running block: C answers only blocks Python has seen.
+- A CR write site's C hook declines (calls the Python hook) unless it is 32-bit protected mode at
+  CPL 0 without an interrupt shadow, EIP is the site, the bytes are still the site's, the write exits
+  nowhere and sets no CR4 bit the model lacks.
+
+Optional: without the built extension, or without the C delivery's guest reader, Python does all.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+from unicorn import UC_HOOK_CODE, UC_HOOK_INSN
+from unicorn import x86_const as X
+from unicorn.unicorn_py3 import unicorn as _ucmod
+
+from cpuvirt.cpu.ssealign import _short_context
+from cpuvirt.engine import regs as R
+from cpuvirt.engine.cext import load
+from cpuvirt.engine.cpuid import _Leaf
+from cpuvirt.modes.hw.vmcs import Field as F
+from cpuvirt.x86.cpuid import CR4_RESERVED
+from cpuvirt.x86.sysreg import mov_system_register
+
+_RDTSC_CB = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
+
+MAX_LEAVES = 16
+BLOCK_SITES = 256
+
+
+class _BlockSite(ctypes.Structure):
+    _fields_ = [("block", ctypes.c_uint64), ("site", ctypes.c_uint32), ("valid", ctypes.c_uint32)]
+
+
+class _State(ctypes.Structure):
+    """Mirror of fastexit_t (checked against fastexit_sizeof at load)."""
+
+    _fields_ = [
+        ("reg_read", ctypes.c_void_p),
+        ("reg_write", ctypes.c_void_p),
+        ("context_save", ctypes.c_void_p),
+        ("context", ctypes.c_void_p),
+        ("context_hflags", ctypes.c_void_p),
+        ("peek", ctypes.c_void_p),
+        ("peek_state", ctypes.c_void_p),
+        ("cpuid_python", ctypes.c_void_p),
+        ("rdtsc_python", ctypes.c_void_p),
+        ("clock_now", ctypes.c_void_p),
+        ("clock_last_block", ctypes.c_void_p),
+        ("clock_watch_if", ctypes.c_void_p),
+        ("clock_check_if", ctypes.c_void_p),
+        ("eax", ctypes.c_int32),
+        ("ebx", ctypes.c_int32),
+        ("ecx", ctypes.c_int32),
+        ("edx", ctypes.c_int32),
+        ("eip", ctypes.c_int32),
+        ("cr0", ctypes.c_int32),
+        ("cr4", ctypes.c_int32),
+        ("armed", ctypes.c_uint32),
+        ("cr0_mask", ctypes.c_uint32),
+        ("cr0_shadow", ctypes.c_uint32),
+        ("cr4_mask", ctypes.c_uint32),
+        ("cr4_shadow", ctypes.c_uint32),
+        ("cr4_reserved", ctypes.c_uint32),
+        ("cr3_load_exiting", ctypes.c_uint32),
+        ("pause_exiting", ctypes.c_uint32),
+        ("rdtsc_exiting", ctypes.c_uint32),
+        ("tsc_offsetting", ctypes.c_uint32),
+        ("pad0", ctypes.c_uint32),
+        ("tsc_offset", ctypes.c_uint64),
+        ("register_virt", ctypes.c_uint32),
+        ("tpr_shadow", ctypes.c_uint32),
+        ("icr_hi", ctypes.c_uint32),
+        ("max_irr_class", ctypes.c_int32),
+        ("tpr_threshold", ctypes.c_uint32),
+        ("vapic", ctypes.c_void_p),
+        ("cpuid_exits", ctypes.c_uint64),
+        ("last_rip", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+        ("cpuid_total", ctypes.c_uint64),
+        ("cr_total", ctypes.c_uint64),
+        ("rdtsc_total", ctypes.c_uint64),
+        ("pause_total", ctypes.c_uint64),
+        ("count", ctypes.c_uint32),
+        ("pad2", ctypes.c_uint32),
+        ("fallback", _Leaf),
+        ("leaves", _Leaf * MAX_LEAVES),
+        ("sites", _BlockSite * BLOCK_SITES),
+    ]
+
+
+class _CrSite(ctypes.Structure):
+    """Mirror of cr_site_t."""
+
+    _fields_ = [
+        ("s", ctypes.c_void_p),
+        ("python", ctypes.c_void_p),
+        ("size", ctypes.c_uint32),
+        ("cr", ctypes.c_int32),
+        ("src_reg", ctypes.c_int32),
+        ("pad", ctypes.c_uint32),
+        ("passed", ctypes.c_uint64),
+        ("bytes", ctypes.c_uint8 * 16),
+    ]
+
+
+def _lib():
+    lib = load("cpuvirt.modes.hw._fastexit", {"fastexit_sizeof": _State, "fastexit_cr_site_sizeof": _CrSite})
+    if lib is not None:
+        lib.fastexit_put_site.argtypes = (ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32)
+        lib.fastexit_drop_site.argtypes = (ctypes.c_void_p, ctypes.c_uint64)
+    return lib
+
+
+class FastExits:
+    """One VmxCpu's C exit paths. `FastExits.install(vcpu)` adds the cpuid hook (C, with the guarded
+    Python hook behind it) and returns None when the extension or the context layout is missing."""
+
+    @classmethod
+    def install(cls, vcpu) -> "FastExits | None":
+        lib = _lib()
+        hflags = vcpu.faults.layout.hflags if vcpu.faults.layout is not None else None
+        if lib is None or hflags is None:
+            return None
+        return cls(lib, vcpu, hflags)
+
+    def __init__(self, lib, vcpu, hflags: int):
+        self._lib = lib
+        self.vcpu = vcpu
+        uc = vcpu.uc
+        self._uch = uc._uch
+        st = self._state = _State()
+        self._pstate = ctypes.pointer(st)
+        self._addr = ctypes.addressof(st)
+        st.reg_read = ctypes.cast(_ucmod.uclib.uc_reg_read, ctypes.c_void_p).value
+        st.reg_write = ctypes.cast(_ucmod.uclib.uc_reg_write, ctypes.c_void_p).value
+        st.context_save = ctypes.cast(_ucmod.uclib.uc_context_save, ctypes.c_void_p).value
+        self._context = uc.context_save()
+        st.context = ctypes.cast(self._context.context, ctypes.c_void_p).value
+        self._short = _short_context(uc, self._context, hflags + 4)
+        if self._short is not None:
+            st.context = ctypes.addressof(self._short)
+        st.context_hflags = st.context + hflags
+        clock = vcpu.clock._state
+        base = ctypes.addressof(clock)
+        st.clock_last_block = base + type(clock).last_block.offset
+        st.clock_now = base + type(clock).now.offset
+        st.clock_watch_if = base + type(clock).watch_if.offset
+        st.clock_check_if = base + type(clock).check_if.offset
+        st.eax, st.ebx, st.ecx, st.edx = X.UC_X86_REG_EAX, X.UC_X86_REG_EBX, X.UC_X86_REG_ECX, X.UC_X86_REG_EDX
+        st.eip, st.cr0, st.cr4 = X.UC_X86_REG_EIP, X.UC_X86_REG_CR0, X.UC_X86_REG_CR4
+        st.cr4_reserved = CR4_RESERVED
+        self.load_table()
+        self._python_cpuid = vcpu.hooks.cpuid_function(vcpu.hook_cpuid)
+        st.cpuid_python = ctypes.cast(self._python_cpuid, ctypes.c_void_p).value
+        handle = ctypes.c_size_t()
+        err = _ucmod.uclib.uc_hook_add(
+            self._uch,
+            ctypes.byref(handle),
+            UC_HOOK_INSN,
+            ctypes.cast(lib.fastexit_cpuid_hook, ctypes.c_void_p),
+            ctypes.c_void_p(self._addr),
+            ctypes.c_uint64(1),
+            ctypes.c_uint64(0),
+            ctypes.c_int(X.UC_X86_INS_CPUID),
+        )
+        if err:
+            raise RuntimeError(f"cannot hook cpuid (uc error {err})")
+        uc._callbacks[handle.value] = self
+        self._python_rdtsc = _RDTSC_CB(vcpu.rdtsc)
+        st.rdtsc_python = ctypes.cast(self._python_rdtsc, ctypes.c_void_p).value
+        handle = ctypes.c_size_t()
+        err = _ucmod.uclib.uc_hook_add(
+            self._uch,
+            ctypes.byref(handle),
+            UC_HOOK_INSN,
+            ctypes.cast(lib.fastexit_rdtsc_hook, ctypes.c_void_p),
+            ctypes.c_void_p(self._addr),
+            ctypes.c_uint64(1),
+            ctypes.c_uint64(0),
+            ctypes.c_int(X.UC_X86_INS_RDTSC),
+        )
+        if err:
+            raise RuntimeError(f"cannot hook rdtsc (uc error {err})")
+        uc._callbacks[handle.value] = self
+        self._sites: dict[int, tuple] = {}
+        self._vapic: object = None  # the VirtualApic whose page the C path reads
+        self._vapic_page: ctypes.c_char | None = None  # that page, kept exported while C reads it
+
+    def load_table(self) -> None:
+        """The CPU model's answers (x86/cpuid.py through the machine), as the default handler gives them."""
+        leaves, fallback = self.vcpu.machine.cpuid_table()
+        if len(leaves) > MAX_LEAVES:
+            raise ValueError(f"a CPUID table holds at most {MAX_LEAVES} leaves")
+        st = self._state
+        armed, st.armed = st.armed, 0
+        st.count = 0
+        st.fallback = _Leaf(0, *fallback)
+        for i, (leaf, regs) in enumerate(sorted(leaves.items())):
+            st.leaves[i] = _Leaf(leaf, *regs)
+        st.count = len(leaves)
+        st.armed = armed
+
+    # -- the record Python folds in ------------------------------------------------------------------
+    def take_cpuid_exits(self) -> tuple[int, int]:
+        """(CPUID exits answered in C since the last call, RIP of the last of them)."""
+        st = self._state
+        n = st.cpuid_exits
+        if n:
+            st.cpuid_exits = 0
+        return n, st.last_rip
+
+    @property
+    def armed(self) -> bool:
+        return bool(self._state.armed)
+
+    def disarm(self) -> None:
+        self._state.armed = 0
+
+    def arm(self, values: dict, vapic, ctl) -> None:
+        """Copy what the C path decides with (the VMCS's CR masks and shadows, the APIC-virtualization
+        state just synced) and let it answer."""
+        st = self._state
+        st.cr0_mask, st.cr0_shadow = values[F.CR0_GUEST_HOST_MASK], values[F.CR0_READ_SHADOW]
+        st.cr4_mask, st.cr4_shadow = values[F.CR4_GUEST_HOST_MASK], values[F.CR4_READ_SHADOW]
+        st.cr3_load_exiting = int(ctl("cr3_load_exiting"))
+        st.pause_exiting = int(ctl("pause_exiting"))
+        st.rdtsc_exiting = int(ctl("rdtsc_exiting"))
+        st.tsc_offsetting = int(ctl("use_tsc_offsetting"))
+        st.tsc_offset = values[F.TSC_OFFSET]
+        if vapic is not None:
+            apic = vapic.apic
+            irr = apic.irr
+            if self._vapic is not vapic:
+                self._vapic, self._vapic_page = vapic, ctypes.c_char.from_buffer(vapic.page)
+                st.vapic = ctypes.addressof(self._vapic_page)
+            st.register_virt, st.tpr_shadow = int(vapic.register_virt), int(vapic.tpr_shadow)
+            st.icr_hi = apic.icr_hi
+            st.max_irr_class = (irr.bit_length() - 1) >> 4 if irr else -1
+            st.tpr_threshold = vapic.tpr_threshold
+        st.armed = 1
+
+    # -- cpuid sites (vmx.py _insn_site's per-block cache) ----------------------------------------------
+    def put_site(self, block: int, site: int) -> None:
+        self._lib.fastexit_put_site(self._addr, block, site)
+
+    def drop_site(self, block: int) -> None:
+        self._lib.fastexit_drop_site(self._addr, block)
+
+    # -- mov to CR0/CR4 sites (Intercepts.fast_site) -------------------------------------------------------
+    def set_peek(self, delivery_fast) -> None:
+        """The guest-byte reader of cpu/_delivery.c (delivery_peek, through the EPT walk)."""
+        st = self._state
+        st.peek = ctypes.cast(delivery_fast._lib.delivery_peek, ctypes.c_void_p).value
+        st.peek_state = ctypes.addressof(delivery_fast._state)
+
+    def cr_site(self, address: int, size: int, mnem: str, ops: str, code: bytes, python_hook) -> bool:
+        """Put the C hook in front of a `mov cr0/cr3/cr4, r32` or `pause` site; False for anything else."""
+        if not self._state.peek:
+            return False
+        if mnem == "pause":
+            cr, src = -1, 0
+        elif mnem == "mov" and ops.startswith(("cr0,", "cr3,", "cr4,")):
+            form = mov_system_register(code)
+            if form is None or form.gpr is None or form.debug or not form.to_system or form.number not in (0, 3, 4):
+                return False
+            cr, src = form.number, R.GPR_ORDER[form.gpr]
+        else:
+            return False
+        site = _CrSite()
+        site.s = self._addr
+        site.python = ctypes.cast(python_hook, ctypes.c_void_p).value
+        site.size, site.cr, site.src_reg = size, cr, src
+        site.bytes[: len(code[:16])] = code[:16]
+        if len(code) != size or size > 16:
+            site.size = 0  # bytes unknown: always the Python hook
+        handle = ctypes.c_size_t()
+        err = _ucmod.uclib.uc_hook_add(
+            self._uch,
+            ctypes.byref(handle),
+            UC_HOOK_CODE,
+            ctypes.cast(self._lib.fastexit_cr_hook, ctypes.c_void_p),
+            ctypes.c_void_p(ctypes.addressof(site)),
+            ctypes.c_uint64(address),
+            ctypes.c_uint64(address),
+        )
+        if err:
+            raise RuntimeError(f"cannot hook the mov to CR at {address:#x} (uc error {err})")
+        self._sites[handle.value] = (site, python_hook)  # alive as long as the engine may call them
+        self.vcpu.uc._callbacks[handle.value] = self
+        return True
+
+    def counts(self) -> tuple[int, int]:
+        """(CPUID exits, guest-owned CR writes and CR3 loads) answered in C."""
+        st = self._state
+        return st.cpuid_total, st.cr_total
+
+    def more_counts(self) -> tuple[int, int]:
+        """(rdtsc, pause) answered in C."""
+        st = self._state
+        return st.rdtsc_total, st.pause_total
