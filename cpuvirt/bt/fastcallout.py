@@ -26,7 +26,7 @@ from unicorn.x86_const import UC_X86_REG_CS, UC_X86_REG_EIP
 
 from cpuvirt.bt.tcache import CALLOUT_SLOTS, Block
 from cpuvirt.engine import regs as R
-from cpuvirt.engine.cext import load
+from cpuvirt.engine.cext import add_c_hook, load
 
 PYTHON, CPUID, RDTSC, MOV_CR0, MOV_CR4 = 0, 1, 2, 3, 4
 KINDS = 5
@@ -103,18 +103,17 @@ class FastCallouts:
         self._taken = [0] * KINDS
         self._kinds: set[int] = set()  # kinds the C hook can answer (answer())
         self.linked: dict[int, Block] = {}  # slot -> the block its dest is the translation of
-        self._hook = ctypes.c_size_t()
-        err = _ucmod.uclib.uc_hook_add(
-            uc._uch,
-            ctypes.byref(self._hook),
-            UC_HOOK_CODE,
-            ctypes.cast(lib.callout_hook, ctypes.c_void_p),
-            ctypes.cast(ctypes.pointer(t), ctypes.c_void_p),
-            ctypes.c_uint64(base),
-            ctypes.c_uint64(base + CALLOUT_SLOTS - 1),
+        self._hook = ctypes.c_size_t(
+            add_c_hook(
+                uc._uch,
+                UC_HOOK_CODE,
+                lib.callout_hook,
+                ctypes.cast(ctypes.pointer(t), ctypes.c_void_p),
+                base,
+                base + CALLOUT_SLOTS - 1,
+                what="hook the callout slots",
+            )
         )
-        if err:
-            raise RuntimeError(f"cannot hook the callout slots (uc error {err})")
         self._handle = self._hook.value
 
     def answer(self, kind: int, fn, data) -> None:

@@ -18,7 +18,7 @@ from unicorn import UC_HOOK_CODE, UC_HOOK_INTR, UC_HOOK_TLB_FILL
 from unicorn.unicorn_py3 import unicorn as _ucmod
 
 from cpuvirt.engine import regs as R
-from cpuvirt.engine.cext import load
+from cpuvirt.engine.cext import add_c_hook, load
 from cpuvirt.engine.hooks import hook_guard
 from cpuvirt.x86.cpuid import CR4_RESERVED
 from cpuvirt.x86.vectors import HAS_ERROR_CODE, MNEMONIC
@@ -474,18 +474,11 @@ class FastDelivery:
             return
         st = self._state
         st.cpu_offset, st.loop_exit = found
-        handle = ctypes.c_size_t()
-        err = _ucmod.uclib.uc_hook_add(
-            self._uch,
-            ctypes.byref(handle),
-            UC_HOOK_TLB_FILL,
-            ctypes.cast(self._lib.delivery_pf_hook, ctypes.c_void_p),
-            self._pstate,
-            ctypes.c_uint64(1),
-            ctypes.c_uint64(0),
+        handle = ctypes.c_size_t(
+            add_c_hook(
+                self._uch, UC_HOOK_TLB_FILL, self._lib.delivery_pf_hook, self._pstate, what="install the C #PF hook"
+            )
         )
-        if err:
-            raise RuntimeError(f"cannot install the C #PF hook (uc error {err})")
         self._pf_hook = handle.value
         self.mmu.uc._callbacks[handle.value] = self  # its state lives as long as the engine may call it
 
@@ -548,18 +541,11 @@ class FastDelivery:
             self.books = EventBooks(self._lib, vcpu)
             st.books = self.books.address
             vcpu.fold_counts = self.books.fold
-        handle = ctypes.c_size_t()
-        err = _ucmod.uclib.uc_hook_add(
-            self._uch,
-            ctypes.byref(handle),
-            UC_HOOK_INTR,
-            ctypes.cast(self._lib.delivery_intr_hook, ctypes.c_void_p),
-            self._pstate,
-            ctypes.c_uint64(1),
-            ctypes.c_uint64(0),
+        handle = ctypes.c_size_t(
+            add_c_hook(
+                self._uch, UC_HOOK_INTR, self._lib.delivery_intr_hook, self._pstate, what="install the C INTR hook"
+            )
         )
-        if err:
-            raise RuntimeError(f"cannot install the C INTR hook (uc error {err})")
         vcpu._intr_hook = handle.value
         self.mmu.uc._callbacks[handle.value] = self
 
@@ -631,18 +617,17 @@ class FastDelivery:
         self._add_site(address, site, self._lib.delivery_iret_hook, python_hook)
 
     def _add_site(self, address: int, site, hook, python_hook) -> None:
-        handle = ctypes.c_size_t()
-        err = _ucmod.uclib.uc_hook_add(
-            self._uch,
-            ctypes.byref(handle),
-            UC_HOOK_CODE,
-            ctypes.cast(hook, ctypes.c_void_p),
-            ctypes.c_void_p(ctypes.addressof(site)),
-            ctypes.c_uint64(address),
-            ctypes.c_uint64(address),
+        handle = ctypes.c_size_t(
+            add_c_hook(
+                self._uch,
+                UC_HOOK_CODE,
+                hook,
+                ctypes.addressof(site),
+                address,
+                address,
+                what=f"hook the intercepted instruction at {address:#x}",
+            )
         )
-        if err:
-            raise RuntimeError(f"cannot hook the intercepted instruction at {address:#x} (uc error {err})")
         self._sites[handle.value] = (site, python_hook)  # alive as long as the engine may call them
         self.mmu.uc._callbacks[handle.value] = self
 

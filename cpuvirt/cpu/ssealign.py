@@ -35,7 +35,7 @@ from unicorn.unicorn_py3 import unicorn as _ucmod
 from cpuvirt import limits
 from cpuvirt.cpu.emulator import Context, Op, memory_operand
 from cpuvirt.engine import regs as R
-from cpuvirt.engine.cext import load
+from cpuvirt.engine.cext import add_c_hook, load
 from cpuvirt.status import Unsupported
 
 # m128 operands that need no alignment (SDM Vol. 2: the instructions' own pages)
@@ -256,18 +256,17 @@ class SseAlign:
         if old is not None:
             self.sites[address] = (site, old[1], python_hook)
             return True
-        handle = ctypes.c_size_t()
-        err = _ucmod.uclib.uc_hook_add(
-            self.uc._uch,
-            ctypes.byref(handle),
-            UC_HOOK_CODE,
-            ctypes.cast(self._lib.align_hook, ctypes.c_void_p),
-            ctypes.c_void_p(ctypes.addressof(site)),
-            ctypes.c_uint64(address),
-            ctypes.c_uint64(address),
+        handle = ctypes.c_size_t(
+            add_c_hook(
+                self.uc._uch,
+                UC_HOOK_CODE,
+                self._lib.align_hook,
+                ctypes.addressof(site),
+                address,
+                address,
+                what=f"hook the SSE instruction at {address:#x}",
+            )
         )
-        if err:
-            raise RuntimeError(f"cannot hook the SSE instruction at {address:#x} (uc error {err})")
         self.sites[address] = (site, handle.value, python_hook)  # alive as long as the engine may call them
         if trusted:
             self.tc_sites += 1

@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Callable
 
 from unicorn import UC_HOOK_INSN, UC_HOOK_TLB_FILL, UcError
 from unicorn import x86_const as X
-from unicorn.unicorn_py3 import unicorn as _ucmod
 
 from cpuvirt import limits
 from cpuvirt.cpu.events import EventDelivery
@@ -22,6 +21,7 @@ from cpuvirt.cpu.faults import DeliveryFault, TripleFault
 from cpuvirt.cpu.quirks import FaultState
 from cpuvirt.cpu.tasks import CpuView
 from cpuvirt.engine import regs as R
+from cpuvirt.engine.cext import add_c_hook
 from cpuvirt.engine.clock import NEVER
 from cpuvirt.engine.cpuid import CpuidTable
 from cpuvirt.engine.hooks import EngineHooks, hook_guard
@@ -1145,19 +1145,11 @@ class Vcpu:
     def add_rdtsc_hook(self) -> None:
         """The Python rdtsc hook, when rdtsc is not the plain virtual clock (hw puts a C path in front)."""
         self._rdtsc_cb = _RDTSC_CB(self.rdtsc)
-        self._rdtsc_hook = ctypes.c_size_t()
-        err = _ucmod.uclib.uc_hook_add(
-            self.uc._uch,
-            ctypes.byref(self._rdtsc_hook),
-            UC_HOOK_INSN,
-            ctypes.cast(self._rdtsc_cb, ctypes.c_void_p),
-            None,
-            ctypes.c_uint64(1),
-            ctypes.c_uint64(0),
-            ctypes.c_int(X.UC_X86_INS_RDTSC),
+        self._rdtsc_hook = ctypes.c_size_t(
+            add_c_hook(
+                self.uc._uch, UC_HOOK_INSN, self._rdtsc_cb, None, 1, 0, insn=X.UC_X86_INS_RDTSC, what="hook rdtsc"
+            )
         )
-        if err:
-            raise RuntimeError(f"cannot hook rdtsc (uc error {err})")
 
     def add_cpuid_hook(self) -> None:
         """The Python cpuid hook, when CPUID is not answered in C (hw puts its own C path in front)."""

@@ -21,3 +21,29 @@ def load(module: str, layouts: dict[str, type]) -> ctypes.CDLL | None:
         if fn() != ctypes.sizeof(mirror):
             return None
     return lib
+
+
+def add_c_hook(uch, htype: int, fn, data, begin: int = 1, end: int = 0, insn: int | None = None, what: str = "") -> int:
+    """Add an engine hook whose callback is a C (or ctypes) function, through libunicorn itself: the
+    binding only adds Python callbacks. `uch` is the engine's handle (`Uc._uch`), `data` the callback's
+    user data (a `c_void_p`, an address, or None), `insn` the instruction of a UC_HOOK_INSN hook. The
+    caller keeps `fn` and `data` alive as long as the engine may call them. Returns the hook's handle."""
+    from unicorn.unicorn_py3 import unicorn as _ucmod
+
+    handle = ctypes.c_size_t()
+    extra = () if insn is None else (ctypes.c_int(insn),)
+    if data is not None and not isinstance(data, ctypes.c_void_p):
+        data = ctypes.c_void_p(data)
+    err = _ucmod.uclib.uc_hook_add(
+        uch,
+        ctypes.byref(handle),
+        htype,
+        ctypes.cast(fn, ctypes.c_void_p),
+        data,
+        ctypes.c_uint64(begin),
+        ctypes.c_uint64(end),
+        *extra,
+    )
+    if err:
+        raise RuntimeError(f"cannot {what or f'add a hook of type {htype:#x}'} (uc error {err})")
+    return handle.value

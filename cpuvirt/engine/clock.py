@@ -22,7 +22,7 @@ from unicorn.x86_const import (
     UC_X86_REG_EFLAGS,
 )
 
-from cpuvirt.engine.cext import load
+from cpuvirt.engine.cext import add_c_hook, load
 
 TSC_HZ = 1_000_000_000
 NEVER = (1 << 64) - 1
@@ -108,18 +108,15 @@ class VirtualClock:
         self._if_hooks: dict[int, int] = {}  # address -> 1 (IF-setting) or 2 (sti) of each window hook
         self._count_cb = _COUNT_CB(count_block)  # kept alive as long as the clock
         self._state.count_cb = ctypes.cast(self._count_cb, ctypes.c_void_p).value
-        self._hook = ctypes.c_size_t()
-        err = _ucmod.uclib.uc_hook_add(
-            uc._uch,
-            ctypes.byref(self._hook),
-            UC_HOOK_BLOCK,
-            ctypes.cast(lib.vclock_block_hook, ctypes.c_void_p),
-            ctypes.cast(ctypes.pointer(self._state), ctypes.c_void_p),
-            ctypes.c_uint64(1),
-            ctypes.c_uint64(0),
+        self._hook = ctypes.c_size_t(
+            add_c_hook(
+                uc._uch,
+                UC_HOOK_BLOCK,
+                lib.vclock_block_hook,
+                ctypes.cast(ctypes.pointer(self._state), ctypes.c_void_p),
+                what="install the clock hook",
+            )
         )
-        if err:
-            raise RuntimeError(f"cannot install the clock hook (uc error {err})")
 
     @property
     def now(self) -> int:
@@ -213,19 +210,18 @@ class VirtualClock:
 
     def hook_rdtsc(self) -> None:
         """Answer every rdtsc with the virtual clock, in C (_vclock.c, vclock_rdtsc_hook)."""
-        self._rdtsc_hook = ctypes.c_size_t()
-        err = _ucmod.uclib.uc_hook_add(
-            self._uc._uch,
-            ctypes.byref(self._rdtsc_hook),
-            UC_HOOK_INSN,
-            ctypes.cast(self._lib.vclock_rdtsc_hook, ctypes.c_void_p),
-            ctypes.cast(ctypes.pointer(self._state), ctypes.c_void_p),
-            ctypes.c_uint64(1),
-            ctypes.c_uint64(0),
-            ctypes.c_int(UC_X86_INS_RDTSC),
+        self._rdtsc_hook = ctypes.c_size_t(
+            add_c_hook(
+                self._uc._uch,
+                UC_HOOK_INSN,
+                self._lib.vclock_rdtsc_hook,
+                ctypes.cast(ctypes.pointer(self._state), ctypes.c_void_p),
+                1,
+                0,
+                insn=UC_X86_INS_RDTSC,
+                what="hook rdtsc",
+            )
         )
-        if err:
-            raise RuntimeError(f"cannot hook rdtsc (uc error {err})")
 
     def hook_port_io(self, port_in, port_out, cycles: int) -> tuple[int, int]:
         """`in`/`out` hooks in C that spend `cycles` of virtual time, then call port_in(port, size) ->
@@ -237,19 +233,9 @@ class VirtualClock:
         io.port_in, io.port_out = (ctypes.cast(cb, ctypes.c_void_p).value for cb in self._port_cbs)
         handles = []
         for fn, insn in ((self._lib.vclock_in_hook, UC_X86_INS_IN), (self._lib.vclock_out_hook, UC_X86_INS_OUT)):
-            h = ctypes.c_size_t()
-            err = _ucmod.uclib.uc_hook_add(
-                self._uc._uch,
-                ctypes.byref(h),
-                UC_HOOK_INSN,
-                ctypes.cast(fn, ctypes.c_void_p),
-                ctypes.c_void_p(ctypes.addressof(io)),
-                ctypes.c_uint64(1),
-                ctypes.c_uint64(0),
-                ctypes.c_int(insn),
+            h = ctypes.c_size_t(
+                add_c_hook(self._uc._uch, UC_HOOK_INSN, fn, ctypes.addressof(io), 1, 0, insn=insn, what="hook port I/O")
             )
-            if err:
-                raise RuntimeError(f"cannot hook port I/O (uc error {err})")
             handles.append(h.value)
             self._uc._callbacks[h.value] = self  # as the binding keeps its own: Uc.hook_del finds it
         return handles[0], handles[1]

@@ -17,7 +17,7 @@ from unicorn.x86_const import (
     UC_X86_REG_EDX,
 )
 
-from cpuvirt.engine.cext import load
+from cpuvirt.engine.cext import add_c_hook, load
 
 MAX_LEAVES = 16
 
@@ -69,19 +69,18 @@ class CpuidTable:
         t.reg_read = ctypes.cast(_ucmod.uclib.uc_reg_read, ctypes.c_void_p).value
         t.reg_write = ctypes.cast(_ucmod.uclib.uc_reg_write, ctypes.c_void_p).value
         t.eax_reg, t.ebx_reg, t.ecx_reg, t.edx_reg = UC_X86_REG_EAX, UC_X86_REG_EBX, UC_X86_REG_ECX, UC_X86_REG_EDX
-        self._hook = ctypes.c_size_t()
-        err = _ucmod.uclib.uc_hook_add(
-            uc._uch,
-            ctypes.byref(self._hook),
-            UC_HOOK_INSN,
-            ctypes.cast(lib.cpuid_hook, ctypes.c_void_p),
-            ctypes.cast(ctypes.pointer(t), ctypes.c_void_p),
-            ctypes.c_uint64(1),
-            ctypes.c_uint64(0),
-            ctypes.c_int(UC_X86_INS_CPUID),
+        self._hook = ctypes.c_size_t(
+            add_c_hook(
+                uc._uch,
+                UC_HOOK_INSN,
+                lib.cpuid_hook,
+                ctypes.cast(ctypes.pointer(t), ctypes.c_void_p),
+                1,
+                0,
+                insn=UC_X86_INS_CPUID,
+                what="hook cpuid",
+            )
         )
-        if err:
-            raise RuntimeError(f"cannot hook cpuid (uc error {err})")
 
     def load(self, leaves: dict[int, tuple[int, int, int, int]], fallback: tuple[int, int, int, int]) -> None:
         """Answer EAX = leaf with leaves[leaf], any other leaf with `fallback` (ECX is not looked at)."""

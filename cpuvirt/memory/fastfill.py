@@ -17,7 +17,7 @@ from unicorn import UC_HOOK_TLB_FILL
 from unicorn.unicorn_py3 import unicorn as _ucmod
 from unicorn.x86_const import UC_X86_REG_CR0, UC_X86_REG_CR3, UC_X86_REG_CR4, UC_X86_REG_SS
 
-from cpuvirt.engine.cext import load
+from cpuvirt.engine.cext import add_c_hook, load
 
 
 class _State(ctypes.Structure):
@@ -68,18 +68,15 @@ class FastFill:
         st.cr0, st.cr3, st.cr4, st.ss = UC_X86_REG_CR0, UC_X86_REG_CR3, UC_X86_REG_CR4, UC_X86_REG_SS
         st.enabled = self.ENABLED
         self.setup(st)
-        self._hook = ctypes.c_size_t()
-        err = _ucmod.uclib.uc_hook_add(
-            mmu.uc._uch,
-            ctypes.byref(self._hook),
-            UC_HOOK_TLB_FILL,
-            ctypes.cast(getattr(lib, self.HOOK), ctypes.c_void_p),
-            ctypes.cast(ctypes.pointer(st), ctypes.c_void_p),
-            ctypes.c_uint64(1),
-            ctypes.c_uint64(0),
+        self._hook = ctypes.c_size_t(
+            add_c_hook(
+                mmu.uc._uch,
+                UC_HOOK_TLB_FILL,
+                getattr(lib, self.HOOK),
+                ctypes.cast(ctypes.pointer(st), ctypes.c_void_p),
+                what=f"install the C TLB fill {self.HOOK}",
+            )
         )
-        if err:
-            raise RuntimeError(f"cannot install the C TLB fill {self.HOOK} (uc error {err})")
 
     def setup(self, state) -> None:
         """What a subclass's state holds beyond the guest walk's."""

@@ -30,7 +30,7 @@ from unicorn.unicorn_py3 import unicorn as _ucmod
 
 from cpuvirt.cpu.ssealign import _short_context
 from cpuvirt.engine import regs as R
-from cpuvirt.engine.cext import load
+from cpuvirt.engine.cext import add_c_hook, load
 from cpuvirt.engine.cpuid import _Leaf
 from cpuvirt.modes.hw.vmcs import Field as F
 from cpuvirt.x86.cpuid import CR4_RESERVED
@@ -167,35 +167,33 @@ class FastExits:
         self.load_table()
         self._python_cpuid = vcpu.hooks.cpuid_function(vcpu.hook_cpuid)
         st.cpuid_python = ctypes.cast(self._python_cpuid, ctypes.c_void_p).value
-        handle = ctypes.c_size_t()
-        err = _ucmod.uclib.uc_hook_add(
-            self._uch,
-            ctypes.byref(handle),
-            UC_HOOK_INSN,
-            ctypes.cast(lib.fastexit_cpuid_hook, ctypes.c_void_p),
-            ctypes.c_void_p(self._addr),
-            ctypes.c_uint64(1),
-            ctypes.c_uint64(0),
-            ctypes.c_int(X.UC_X86_INS_CPUID),
+        handle = ctypes.c_size_t(
+            add_c_hook(
+                self._uch,
+                UC_HOOK_INSN,
+                lib.fastexit_cpuid_hook,
+                self._addr,
+                1,
+                0,
+                insn=X.UC_X86_INS_CPUID,
+                what="hook cpuid",
+            )
         )
-        if err:
-            raise RuntimeError(f"cannot hook cpuid (uc error {err})")
         uc._callbacks[handle.value] = self
         self._python_rdtsc = _RDTSC_CB(vcpu.rdtsc)
         st.rdtsc_python = ctypes.cast(self._python_rdtsc, ctypes.c_void_p).value
-        handle = ctypes.c_size_t()
-        err = _ucmod.uclib.uc_hook_add(
-            self._uch,
-            ctypes.byref(handle),
-            UC_HOOK_INSN,
-            ctypes.cast(lib.fastexit_rdtsc_hook, ctypes.c_void_p),
-            ctypes.c_void_p(self._addr),
-            ctypes.c_uint64(1),
-            ctypes.c_uint64(0),
-            ctypes.c_int(X.UC_X86_INS_RDTSC),
+        handle = ctypes.c_size_t(
+            add_c_hook(
+                self._uch,
+                UC_HOOK_INSN,
+                lib.fastexit_rdtsc_hook,
+                self._addr,
+                1,
+                0,
+                insn=X.UC_X86_INS_RDTSC,
+                what="hook rdtsc",
+            )
         )
-        if err:
-            raise RuntimeError(f"cannot hook rdtsc (uc error {err})")
         uc._callbacks[handle.value] = self
         self._sites: dict[int, tuple] = {}
         self._vapic: object = None  # the VirtualApic whose page the C path reads
@@ -288,18 +286,17 @@ class FastExits:
         site.bytes[: len(code[:16])] = code[:16]
         if len(code) != size or size > 16:
             site.size = 0  # bytes unknown: always the Python hook
-        handle = ctypes.c_size_t()
-        err = _ucmod.uclib.uc_hook_add(
-            self._uch,
-            ctypes.byref(handle),
-            UC_HOOK_CODE,
-            ctypes.cast(self._lib.fastexit_cr_hook, ctypes.c_void_p),
-            ctypes.c_void_p(ctypes.addressof(site)),
-            ctypes.c_uint64(address),
-            ctypes.c_uint64(address),
+        handle = ctypes.c_size_t(
+            add_c_hook(
+                self._uch,
+                UC_HOOK_CODE,
+                self._lib.fastexit_cr_hook,
+                ctypes.addressof(site),
+                address,
+                address,
+                what=f"hook the mov to CR at {address:#x}",
+            )
         )
-        if err:
-            raise RuntimeError(f"cannot hook the mov to CR at {address:#x} (uc error {err})")
         self._sites[handle.value] = (site, python_hook)  # alive as long as the engine may call them
         self.vcpu.uc._callbacks[handle.value] = self
         return True
