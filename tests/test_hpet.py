@@ -99,6 +99,23 @@ def test_a_periodic_timer_fires_every_period_at_exact_deadlines():
     assert g.pulses(0) == 5 and g.r(CMP(0)) == 10_000
 
 
+def test_a_periodic_comparator_catches_up_in_bounded_time():
+    """A hostile guest's 1-tick period left running for 2^40 ticks with its interrupt off: the comparator
+    catches up at once when read (a loop per period would take hours of host time)."""
+    import time
+    g = Rig()
+    g.w(CONF(0), PERIODIC | VAL_SET)
+    g.w64(CMP(0), 1)
+    g.w(CONF(0), PERIODIC | VAL_SET)
+    g.w(CMP(0), 1)                           # comparator 1, period 1
+    g.w(HPET_CFG, ENABLE)
+    g.t = (1 << 40) * 10 + 5
+    start = time.process_time()
+    assert g.r(CMP(0)) | g.r(CMP(0) + 4) << 32 == (1 << 40) + 1      # the next tick after the counter
+    assert time.process_time() - start < 1.0
+    assert g.pulses(0) == 0                  # its interrupt is off
+
+
 def test_a_one_shot_fires_once_and_a_past_comparator_one_tick_later():
     g = Rig()
     g.w(HPET_CFG, ENABLE)

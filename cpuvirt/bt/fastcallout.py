@@ -103,18 +103,15 @@ class FastCallouts:
         self._taken = [0] * KINDS
         self._kinds: set[int] = set()  # kinds the C hook can answer (answer())
         self.linked: dict[int, Block] = {}  # slot -> the block its dest is the translation of
-        self._hook = ctypes.c_size_t(
-            add_c_hook(
-                uc._uch,
-                UC_HOOK_CODE,
-                lib.callout_hook,
-                ctypes.cast(ctypes.pointer(t), ctypes.c_void_p),
-                base,
-                base + CALLOUT_SLOTS - 1,
-                what="hook the callout slots",
-            )
+        self._handle = add_c_hook(
+            uc._uch,
+            UC_HOOK_CODE,
+            lib.callout_hook,
+            ctypes.cast(ctypes.pointer(t), ctypes.c_void_p),
+            base,
+            base + CALLOUT_SLOTS - 1,
+            what="hook the callout slots",
         )
-        self._handle = self._hook.value
 
     def answer(self, kind: int, fn, data) -> None:
         """Let the C hook answer `kind` with fn(uc, data) (a C function and its table)."""

@@ -474,13 +474,11 @@ class FastDelivery:
             return
         st = self._state
         st.cpu_offset, st.loop_exit = found
-        handle = ctypes.c_size_t(
-            add_c_hook(
-                self._uch, UC_HOOK_TLB_FILL, self._lib.delivery_pf_hook, self._pstate, what="install the C #PF hook"
-            )
+        handle = add_c_hook(
+            self._uch, UC_HOOK_TLB_FILL, self._lib.delivery_pf_hook, self._pstate, what="install the C #PF hook"
         )
-        self._pf_hook = handle.value
-        self.mmu.uc._callbacks[handle.value] = self  # its state lives as long as the engine may call it
+        self._pf_hook = handle
+        self.mmu.uc._callbacks[handle] = self  # its state lives as long as the engine may call it
 
     def install_intr(self, vcpu) -> None:
         """Put delivery_intr_hook in front of the vCPU's INTR hook: `int n` and the faults the engine
@@ -541,13 +539,11 @@ class FastDelivery:
             self.books = EventBooks(self._lib, vcpu)
             st.books = self.books.address
             vcpu.fold_counts = self.books.fold
-        handle = ctypes.c_size_t(
-            add_c_hook(
-                self._uch, UC_HOOK_INTR, self._lib.delivery_intr_hook, self._pstate, what="install the C INTR hook"
-            )
+        handle = add_c_hook(
+            self._uch, UC_HOOK_INTR, self._lib.delivery_intr_hook, self._pstate, what="install the C INTR hook"
         )
-        vcpu._intr_hook = handle.value
-        self.mmu.uc._callbacks[handle.value] = self
+        vcpu._intr_hook = handle
+        self.mmu.uc._callbacks[handle] = self
 
     def install_sites(self, vcpu) -> None:
         """Put a C hook in front of every iret and mov-to-CR4 site the vCPU's intercepts hook from now
@@ -617,19 +613,17 @@ class FastDelivery:
         self._add_site(address, site, self._lib.delivery_iret_hook, python_hook)
 
     def _add_site(self, address: int, site, hook, python_hook) -> None:
-        handle = ctypes.c_size_t(
-            add_c_hook(
-                self._uch,
-                UC_HOOK_CODE,
-                hook,
-                ctypes.addressof(site),
-                address,
-                address,
-                what=f"hook the intercepted instruction at {address:#x}",
-            )
+        handle = add_c_hook(
+            self._uch,
+            UC_HOOK_CODE,
+            hook,
+            ctypes.addressof(site),
+            address,
+            address,
+            what=f"hook the intercepted instruction at {address:#x}",
         )
-        self._sites[handle.value] = (site, python_hook)  # alive as long as the engine may call them
-        self.mmu.uc._callbacks[handle.value] = self
+        self._sites[handle] = (site, python_hook)  # alive as long as the engine may call them
+        self.mmu.uc._callbacks[handle] = self
 
     @property
     def irets(self) -> int:

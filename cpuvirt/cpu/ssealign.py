@@ -256,18 +256,16 @@ class SseAlign:
         if old is not None:
             self.sites[address] = (site, old[1], python_hook)
             return True
-        handle = ctypes.c_size_t(
-            add_c_hook(
-                self.uc._uch,
-                UC_HOOK_CODE,
-                self._lib.align_hook,
-                ctypes.addressof(site),
-                address,
-                address,
-                what=f"hook the SSE instruction at {address:#x}",
-            )
+        handle = add_c_hook(
+            self.uc._uch,
+            UC_HOOK_CODE,
+            self._lib.align_hook,
+            ctypes.addressof(site),
+            address,
+            address,
+            what=f"hook the SSE instruction at {address:#x}",
         )
-        self.sites[address] = (site, handle.value, python_hook)  # alive as long as the engine may call them
+        self.sites[address] = (site, handle, python_hook)  # alive as long as the engine may call them
         if trusted:
             self.tc_sites += 1
             self._tc.add(address)

@@ -1145,10 +1145,8 @@ class Vcpu:
     def add_rdtsc_hook(self) -> None:
         """The Python rdtsc hook, when rdtsc is not the plain virtual clock (hw puts a C path in front)."""
         self._rdtsc_cb = _RDTSC_CB(self.rdtsc)
-        self._rdtsc_hook = ctypes.c_size_t(
-            add_c_hook(
-                self.uc._uch, UC_HOOK_INSN, self._rdtsc_cb, None, 1, 0, insn=X.UC_X86_INS_RDTSC, what="hook rdtsc"
-            )
+        self._rdtsc_hook = add_c_hook(
+            self.uc._uch, UC_HOOK_INSN, self._rdtsc_cb, None, 1, 0, insn=X.UC_X86_INS_RDTSC, what="hook rdtsc"
         )
 
     def add_cpuid_hook(self) -> None:

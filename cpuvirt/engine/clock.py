@@ -108,14 +108,12 @@ class VirtualClock:
         self._if_hooks: dict[int, int] = {}  # address -> 1 (IF-setting) or 2 (sti) of each window hook
         self._count_cb = _COUNT_CB(count_block)  # kept alive as long as the clock
         self._state.count_cb = ctypes.cast(self._count_cb, ctypes.c_void_p).value
-        self._hook = ctypes.c_size_t(
-            add_c_hook(
-                uc._uch,
-                UC_HOOK_BLOCK,
-                lib.vclock_block_hook,
-                ctypes.cast(ctypes.pointer(self._state), ctypes.c_void_p),
-                what="install the clock hook",
-            )
+        self._hook = add_c_hook(
+            uc._uch,
+            UC_HOOK_BLOCK,
+            lib.vclock_block_hook,
+            ctypes.cast(ctypes.pointer(self._state), ctypes.c_void_p),
+            what="install the clock hook",
         )
 
     @property
@@ -210,17 +208,13 @@ class VirtualClock:
 
     def hook_rdtsc(self) -> None:
         """Answer every rdtsc with the virtual clock, in C (_vclock.c, vclock_rdtsc_hook)."""
-        self._rdtsc_hook = ctypes.c_size_t(
-            add_c_hook(
-                self._uc._uch,
-                UC_HOOK_INSN,
-                self._lib.vclock_rdtsc_hook,
-                ctypes.cast(ctypes.pointer(self._state), ctypes.c_void_p),
-                1,
-                0,
-                insn=UC_X86_INS_RDTSC,
-                what="hook rdtsc",
-            )
+        self._rdtsc_hook = add_c_hook(
+            self._uc._uch,
+            UC_HOOK_INSN,
+            self._lib.vclock_rdtsc_hook,
+            ctypes.cast(ctypes.pointer(self._state), ctypes.c_void_p),
+            insn=UC_X86_INS_RDTSC,
+            what="hook rdtsc",
         )
 
     def hook_port_io(self, port_in, port_out, cycles: int) -> tuple[int, int]:
@@ -233,11 +227,9 @@ class VirtualClock:
         io.port_in, io.port_out = (ctypes.cast(cb, ctypes.c_void_p).value for cb in self._port_cbs)
         handles = []
         for fn, insn in ((self._lib.vclock_in_hook, UC_X86_INS_IN), (self._lib.vclock_out_hook, UC_X86_INS_OUT)):
-            h = ctypes.c_size_t(
-                add_c_hook(self._uc._uch, UC_HOOK_INSN, fn, ctypes.addressof(io), 1, 0, insn=insn, what="hook port I/O")
-            )
-            handles.append(h.value)
-            self._uc._callbacks[h.value] = self  # as the binding keeps its own: Uc.hook_del finds it
+            h = add_c_hook(self._uc._uch, UC_HOOK_INSN, fn, ctypes.addressof(io), 1, 0, insn=insn, what="hook port I/O")
+            handles.append(h)
+            self._uc._callbacks[h] = self  # as the binding keeps its own: Uc.hook_del finds it
         return handles[0], handles[1]
 
     @property

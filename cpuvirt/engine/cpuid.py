@@ -69,17 +69,13 @@ class CpuidTable:
         t.reg_read = ctypes.cast(_ucmod.uclib.uc_reg_read, ctypes.c_void_p).value
         t.reg_write = ctypes.cast(_ucmod.uclib.uc_reg_write, ctypes.c_void_p).value
         t.eax_reg, t.ebx_reg, t.ecx_reg, t.edx_reg = UC_X86_REG_EAX, UC_X86_REG_EBX, UC_X86_REG_ECX, UC_X86_REG_EDX
-        self._hook = ctypes.c_size_t(
-            add_c_hook(
-                uc._uch,
-                UC_HOOK_INSN,
-                lib.cpuid_hook,
-                ctypes.cast(ctypes.pointer(t), ctypes.c_void_p),
-                1,
-                0,
-                insn=UC_X86_INS_CPUID,
-                what="hook cpuid",
-            )
+        self._hook = add_c_hook(
+            uc._uch,
+            UC_HOOK_INSN,
+            lib.cpuid_hook,
+            ctypes.cast(ctypes.pointer(t), ctypes.c_void_p),
+            insn=UC_X86_INS_CPUID,
+            what="hook cpuid",
         )
 
     def load(self, leaves: dict[int, tuple[int, int, int, int]], fallback: tuple[int, int, int, int]) -> None:

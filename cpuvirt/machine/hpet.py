@@ -162,8 +162,9 @@ class Hpet:
     def _expire(self, t: HpetTimer, now: int) -> None:
         if t.periodic and t.period:
             mask = _M32 if t.is32 else _M64
-            while ((now & mask) - t.cmp) & mask <= mask >> 1:  # the counter at or past the comparator
-                t.cmp = (t.cmp + t.period) & mask
+            behind = ((now & mask) - t.cmp) & mask  # the counter at or past the comparator by this much
+            if behind <= mask >> 1:  # whole periods past it, at once: a guest's 1-tick period costs no loop
+                t.cmp = (t.cmp + (behind // t.period + 1) * t.period) & mask
             self._arm(t, now)
         elif t.wrap:
             t.wrap = False

@@ -68,14 +68,12 @@ class FastFill:
         st.cr0, st.cr3, st.cr4, st.ss = UC_X86_REG_CR0, UC_X86_REG_CR3, UC_X86_REG_CR4, UC_X86_REG_SS
         st.enabled = self.ENABLED
         self.setup(st)
-        self._hook = ctypes.c_size_t(
-            add_c_hook(
-                mmu.uc._uch,
-                UC_HOOK_TLB_FILL,
-                getattr(lib, self.HOOK),
-                ctypes.cast(ctypes.pointer(st), ctypes.c_void_p),
-                what=f"install the C TLB fill {self.HOOK}",
-            )
+        self._hook = add_c_hook(
+            mmu.uc._uch,
+            UC_HOOK_TLB_FILL,
+            getattr(lib, self.HOOK),
+            ctypes.cast(ctypes.pointer(st), ctypes.c_void_p),
+            what=f"install the C TLB fill {self.HOOK}",
         )
 
     def setup(self, state) -> None:

@@ -57,6 +57,19 @@ def read_net_config(mac: bytes, link_up: bool, offset: int, size: int) -> int:
     return int.from_bytes(config[offset : offset + size].ljust(size, b"\0"), "little")
 
 
+NET_COUNTERS = (
+    "tx_frames",
+    "tx_bytes",
+    "rx_frames",
+    "rx_bytes",
+    "tx_dropped",
+    "rx_dropped",
+    "copies",
+    "interrupts_suppressed",
+)
+"""What a virtio-net device counts (the summary's `virtio` line); a vhost device adds its kicks."""
+
+
 class VirtioNetType(VirtioDevice):
     """What every virtio-net looks like to the guest, whichever backend serves its rings (this
     module's device model, vhost.py, vhost_user.py): one PCI identity, queue layout and feature set."""
@@ -81,16 +94,7 @@ class VirtioNet(VirtioNetType):
         self.completions = completions  # completion.TxCompletions (a slow destination), or None
         self.now = now
         self.backlog: list[bytes] = []
-        self.counters = {
-            "tx_frames": 0,
-            "tx_bytes": 0,
-            "rx_frames": 0,
-            "rx_bytes": 0,
-            "tx_dropped": 0,
-            "rx_dropped": 0,
-            "copies": 0,
-            "interrupts_suppressed": 0,
-        }
+        self.counters = dict.fromkeys(NET_COUNTERS, 0)
         if backend is not None:
             backend.attach(self.receive)
 

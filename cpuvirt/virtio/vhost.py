@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
-from cpuvirt.virtio.net import RX, TX, VirtioNet, VirtioNetType, read_net_config
+from cpuvirt.virtio.net import NET_COUNTERS, RX, TX, VirtioNet, VirtioNetType, read_net_config
 from cpuvirt.virtio.transport import F_EVENT_IDX, F_INDIRECT_DESC, QUEUE_NOTIFY, VirtioPciLegacy
 from cpuvirt.virtio.virtqueue import GuestMemoryError, GuestRam, RingError, SplitQueue
 
@@ -166,17 +166,7 @@ class VhostNet(VirtioNetType):
         self.registered: list = []
         self.link_up = True
         self.cachelines: CacheLineModel | None = None  # the worker's accesses are the device side's
-        self._base = {
-            "tx_frames": 0,
-            "tx_bytes": 0,
-            "rx_frames": 0,
-            "rx_bytes": 0,
-            "tx_dropped": 0,
-            "rx_dropped": 0,
-            "copies": 0,
-            "interrupts_suppressed": 0,
-            "notifications": 0,
-        }
+        self._base = {**dict.fromkeys(NET_COUNTERS, 0), "notifications": 0}
 
     @property
     def counters(self) -> dict:

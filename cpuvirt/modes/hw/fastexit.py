@@ -167,34 +167,26 @@ class FastExits:
         self.load_table()
         self._python_cpuid = vcpu.hooks.cpuid_function(vcpu.hook_cpuid)
         st.cpuid_python = ctypes.cast(self._python_cpuid, ctypes.c_void_p).value
-        handle = ctypes.c_size_t(
-            add_c_hook(
-                self._uch,
-                UC_HOOK_INSN,
-                lib.fastexit_cpuid_hook,
-                self._addr,
-                1,
-                0,
-                insn=X.UC_X86_INS_CPUID,
-                what="hook cpuid",
-            )
+        handle = add_c_hook(
+            self._uch,
+            UC_HOOK_INSN,
+            lib.fastexit_cpuid_hook,
+            self._addr,
+            insn=X.UC_X86_INS_CPUID,
+            what="hook cpuid",
         )
-        uc._callbacks[handle.value] = self
+        uc._callbacks[handle] = self
         self._python_rdtsc = _RDTSC_CB(vcpu.rdtsc)
         st.rdtsc_python = ctypes.cast(self._python_rdtsc, ctypes.c_void_p).value
-        handle = ctypes.c_size_t(
-            add_c_hook(
-                self._uch,
-                UC_HOOK_INSN,
-                lib.fastexit_rdtsc_hook,
-                self._addr,
-                1,
-                0,
-                insn=X.UC_X86_INS_RDTSC,
-                what="hook rdtsc",
-            )
+        handle = add_c_hook(
+            self._uch,
+            UC_HOOK_INSN,
+            lib.fastexit_rdtsc_hook,
+            self._addr,
+            insn=X.UC_X86_INS_RDTSC,
+            what="hook rdtsc",
         )
-        uc._callbacks[handle.value] = self
+        uc._callbacks[handle] = self
         self._sites: dict[int, tuple] = {}
         self._vapic: object = None  # the VirtualApic whose page the C path reads
         self._vapic_page: ctypes.c_char | None = None  # that page, kept exported while C reads it
@@ -286,19 +278,17 @@ class FastExits:
         site.bytes[: len(code[:16])] = code[:16]
         if len(code) != size or size > 16:
             site.size = 0  # bytes unknown: always the Python hook
-        handle = ctypes.c_size_t(
-            add_c_hook(
-                self._uch,
-                UC_HOOK_CODE,
-                self._lib.fastexit_cr_hook,
-                ctypes.addressof(site),
-                address,
-                address,
-                what=f"hook the mov to CR at {address:#x}",
-            )
+        handle = add_c_hook(
+            self._uch,
+            UC_HOOK_CODE,
+            self._lib.fastexit_cr_hook,
+            ctypes.addressof(site),
+            address,
+            address,
+            what=f"hook the mov to CR at {address:#x}",
         )
-        self._sites[handle.value] = (site, python_hook)  # alive as long as the engine may call them
-        self.vcpu.uc._callbacks[handle.value] = self
+        self._sites[handle] = (site, python_hook)  # alive as long as the engine may call them
+        self.vcpu.uc._callbacks[handle] = self
         return True
 
     def counts(self) -> tuple[int, int]:
