@@ -154,3 +154,71 @@ def test_c_ept_fill_agrees_with_the_python_ept_walk():
             assert tuple(b - a for a, b in zip(c0, c1)) == (k.fills - py0[0], k.walks - py0[1],
                                                              k.walk_refs - py0[2])
     assert answered > 100, answered
+
+
+def test_c_direct_fill_agrees_with_para_direct_paging():
+    """para's C fill (DirectFastFill: entries hold machine addresses) against Mmu.fill over DirectPaging
+    on random entries: the same frame, permissions and counts whenever C answers, nothing changed; the
+    hypervisor's window (HYPERVISOR_VIRT_START up) and machine frames outside the guest's are declined."""
+    from cpuvirt.memory.fastfill import DirectFastFill
+    from cpuvirt.memory.p2m import RAM_HPA
+    from cpuvirt.xen import HYPERVISOR_VIRT_START
+    m = Machine(MEM >> 20)
+    hv = get_mode("para")(m)
+    mmu = m.mmu
+    fast = mmu.counters.fast
+    assert isinstance(fast, DirectFastFill) and fast._state.hv_start == HYPERVISOR_VIRT_START
+    m.set_flat_protected_mode(0x500)          # loads descriptors: before the strategy changes
+    paging = hv.paging
+    mmu.strategy = paging
+    paging.base = RAM_HPA + PD
+    m.regs.write(R.CR4, 0x10)
+    m.regs.write(R.CR3, paging.base)
+    m.regs.write(R.CR0, 0x80010033)
+    mmu.crs = None
+    hook = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int, ctypes.POINTER(Entry),
+                            ctypes.c_void_p)(ctypes.cast(_lib().fastfill_hook, ctypes.c_void_p).value)
+    state = ctypes.cast(ctypes.pointer(fast._state), ctypes.c_void_p)
+    rng = random.Random(14)
+    answered = declined_window = 0
+    for i in range(3000):
+        pde_bits = rng.choice((0, 1)) | rng.getrandbits(1) << 1 | rng.getrandbits(1) << 2 \
+            | rng.getrandbits(1) << 5 | rng.getrandbits(1) << 6 | rng.getrandbits(1) << 7
+        pte_bits = rng.choice((0, 1, 1)) | rng.getrandbits(1) << 1 | rng.getrandbits(1) << 2 \
+            | rng.getrandbits(1) << 5 | rng.getrandbits(1) << 6
+        # machine frames: the guest's, below its first frame, beyond its last
+        frame = rng.choice((RAM_HPA + DATA, RAM_HPA + DATA + 0x7000, RAM_HPA - 0x1000, RAM_HPA + MEM + 0x1000))
+        table = rng.choice((RAM_HPA + PT, RAM_HPA + PT, PT))        # a table outside the guest's frames too
+        pde = ((RAM_HPA + rng.choice((0, 0x400000))) | pde_bits) if pde_bits & 0x80 else (table | pde_bits)
+        window = rng.random() < 0.1
+        vaddr = HYPERVISOR_VIRT_START if window else 0
+        m.write_gpa(PD + (vaddr >> 22) * 4, pde.to_bytes(4, "little"))
+        m.write_gpa(PT, (frame | pte_bits).to_bytes(4, "little"))
+        access = rng.choice((16, 17))
+        before = (m.read_gpa(PD, 4), m.read_gpa(PT, 4))
+        c0 = fast.counts()
+        e = Entry()
+        if hook(m.uc._uch, vaddr, access, ctypes.byref(e), state):
+            assert not window, "the C fill answered in the hypervisor's window"
+            answered += 1
+            c1 = fast.counts()
+            assert (m.read_gpa(PD, 4), m.read_gpa(PT, 4)) == before, "the C fill changed a paging entry"
+            p = Entry()
+            k = mmu.counters
+            py0 = (k.fills, k.walks, k.walk_refs)
+            assert mmu.fill(m.uc, vaddr, access, p, None)
+            assert (e.paddr, e.perms) == (p.paddr, p.perms), (hex(pde), hex(frame | pte_bits), access)
+            assert tuple(b - a for a, b in zip(c0, c1)) == (k.fills - py0[0], k.walks - py0[1],
+                                                             k.walk_refs - py0[2])
+        elif window:
+            declined_window += 1
+    assert answered > 100 and declined_window > 100, (answered, declined_window)
+    # A write-traced frame (para: the shared-info frame while an event waits behind the mask) must reach
+    # Mmu.fill, which the C walk cannot tell: it steps aside while any frame is traced.
+    m.write_gpa(PD, (RAM_HPA + PT | 0x27).to_bytes(4, "little"))
+    m.write_gpa(PT, (RAM_HPA + DATA | 0x67).to_bytes(4, "little"))
+    assert hook(m.uc._uch, 0, 17, ctypes.byref(Entry()), state)
+    mmu.traces.trace_frame(RAM_HPA + DATA, "upcall_mask", lambda tw: True)
+    assert not hook(m.uc._uch, 0, 17, ctypes.byref(Entry()), state)
+    mmu.traces.untrace_frame(RAM_HPA + DATA, "upcall_mask")
+    assert hook(m.uc._uch, 0, 17, ctypes.byref(Entry()), state)

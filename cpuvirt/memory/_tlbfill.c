@@ -33,7 +33,10 @@ typedef struct {
     reg_read_fn reg_read;
     int32_t cr0, cr3, cr4, ss;   /* Unicorn register ids */
     uint32_t enabled;
-    uint32_t pad;
+    /* para's direct paging (memory/direct.py): 0 in native. Else linear addresses from here up are the
+     * hypervisor's (HYPERVISOR_VIRT_START: Python answers them), and the guest's entries hold machine
+     * addresses (host-physical ram_hpa + offset), not guest-physical ones. */
+    uint32_t hv_start;
     uint64_t fills, walks, walk_refs;   /* what the C path answered (added to Mmu.counters) */
 } fastfill_t;
 
@@ -56,7 +59,7 @@ size_t fastfill_sizeof(void) { return sizeof(fastfill_t); }
 #define CR4_PSE 0x10u
 
 static inline int read_entry(const fastfill_t *s, uint64_t gpa, uint32_t *out) {
-    if (gpa + 4 > s->ram_bytes) return 0;
+    if (gpa >= s->ram_bytes || s->ram_bytes - gpa < 4) return 0;   /* an offset wrapped below RAM too */
     *out = *(const uint32_t *)(s->ram + gpa);
     return 1;
 }
@@ -64,11 +67,14 @@ static inline int read_entry(const fastfill_t *s, uint64_t gpa, uint32_t *out) {
 int fastfill_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *user_data) {
     fastfill_t *s = (fastfill_t *)user_data;
     uint64_t cr0 = 0, cr3 = 0, cr4 = 0, ss = 0, gpa;
+    uint64_t base = s->hv_start ? s->ram_hpa : 0;      /* entries hold base + offset in RAM */
     uint32_t pde, leaf, rights, refs;
     int write = type == MEM_WRITE, user, writable, ok;
     if (!s->enabled || (type != MEM_READ && type != MEM_WRITE && type != MEM_FETCH)) return 0;
+    if (s->hv_start && vaddr >= s->hv_start) return 0;   /* the hypervisor's window (GDT, LDT frames) */
     if (s->reg_read(uc, s->cr0, &cr0)) return 0;
     if (!(cr0 & CR0_PG)) {
+        if (s->hv_start) return 0;                    /* para runs with paging from its first instruction */
         gpa = vaddr & 0xFFFFF000u;
         ok = 1;
         refs = 0;
@@ -76,17 +82,18 @@ int fastfill_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *user
         if (s->reg_read(uc, s->cr3, &cr3) || s->reg_read(uc, s->cr4, &cr4) || s->reg_read(uc, s->ss, &ss))
             return 0;
         user = (ss & 3) == 3;
-        if (!read_entry(s, (cr3 & 0xFFFFF000u) | ((vaddr >> 20) & 0xFFC), &pde) || !(pde & P)) return 0;
+        if (!read_entry(s, ((cr3 & 0xFFFFF000u) | ((vaddr >> 20) & 0xFFC)) - base, &pde) || !(pde & P)) return 0;
         if ((pde & PS) && (cr4 & CR4_PSE)) {
             if (pde & 0x003FE000u) return 0;          /* reserved bit 21, or PSE-36 bits: Python */
             leaf = rights = pde;
-            gpa = (pde & 0xFFC00000u) | (vaddr & 0x003FF000u);
+            gpa = ((pde & 0xFFC00000u) | (vaddr & 0x003FF000u)) - base;
             refs = 1;
         } else {
             if (!(pde & A)) return 0;                 /* the walk would set PDE.A */
-            if (!read_entry(s, (pde & 0xFFFFF000u) | ((vaddr >> 10) & 0xFFC), &leaf) || !(leaf & P)) return 0;
+            if (!read_entry(s, ((pde & 0xFFFFF000u) | ((vaddr >> 10) & 0xFFC)) - base, &leaf) || !(leaf & P))
+                return 0;
             rights = pde & leaf;
-            gpa = leaf & 0xFFFFF000u;
+            gpa = (leaf & 0xFFFFF000u) - base;
             refs = 2;
         }
         if (user && !(rights & US)) return 0;
@@ -129,7 +136,7 @@ typedef struct {
     reg_read_fn reg_read;
     int32_t cr0, cr3, cr4, ss;
     uint32_t enabled;
-    uint32_t pad;
+    uint32_t hv_start;      /* as in fastfill_t: 0 here */
     uint64_t fills, walks, walk_refs;
     const uint8_t *hv;       /* the hypervisor's region (EPT tables), at host-physical hv_hpa */
     uint64_t hv_hpa, hv_size;

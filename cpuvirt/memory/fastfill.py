@@ -35,7 +35,7 @@ class _State(ctypes.Structure):
         ("cr4", ctypes.c_int32),
         ("ss", ctypes.c_int32),
         ("enabled", ctypes.c_uint32),
-        ("pad", ctypes.c_uint32),
+        ("hv_start", ctypes.c_uint32),
         ("fills", ctypes.c_uint64),
         ("walks", ctypes.c_uint64),
         ("walk_refs", ctypes.c_uint64),
@@ -102,6 +102,22 @@ class FastFill:
     def counts(self) -> tuple[int, int, int]:
         st = self._state
         return st.fills, st.walks, st.walk_refs
+
+
+class DirectFastFill(FastFill):
+    """para's common TLB fills in C: the same walk over direct paging's tables (memory/direct.py), whose
+    entries hold machine addresses; the hypervisor's window from HYPERVISOR_VIRT_START up (the GDT and LDT
+    frames) and everything the walk would change or refuse stay DirectPaging's, through Mmu.fill. The C
+    walk knows no write-traced frames (the shared-info frame while an event waits behind the upcall
+    mask), so it steps aside while any frame is traced."""
+
+    def setup(self, state) -> None:
+        from cpuvirt.xen import HYPERVISOR_VIRT_START
+
+        state.hv_start = HYPERVISOR_VIRT_START
+        traces = self.mmu.traces
+        traces.on_change = lambda: setattr(state, "enabled", int(not traces.frames))
+        traces.on_change()
 
 
 class _EptState(ctypes.Structure):

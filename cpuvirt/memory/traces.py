@@ -8,6 +8,8 @@ instead of raising a #PF. See docs/shadow-paging.md for the protocol.
 
 from __future__ import annotations
 
+from typing import Callable
+
 from unicorn import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH
 
 PAGE_MASK = 0xFFFFF000
@@ -43,6 +45,9 @@ class Traces:
         self.frames: dict[int, dict] = {}
         self.order: list[str] = []  # kinds in the order first registered (dispatch order)
         self.writes = 0  # traced writes dispatched (guest stores)
+        # told after a frame is first traced or last untraced (a C TLB fill that cannot see the traced
+        # frames steps aside while there are any: memory/fastfill.py DirectFastFill)
+        self.on_change: Callable[[], None] | None = None
 
     def __contains__(self, gpa_page: int) -> bool:
         return gpa_page in self.frames
@@ -63,6 +68,8 @@ class Traces:
         if owners is None:
             self.frames[gpa_page] = {kind: callback}
             self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
+            if self.on_change is not None:
+                self.on_change()
         else:
             owners[kind] = callback
 
@@ -73,6 +80,8 @@ class Traces:
             owners.pop(kind, None)
             if not owners:
                 del self.frames[gpa_page]
+                if self.on_change is not None:
+                    self.on_change()
 
     def untrace_all(self, kind: str) -> None:
         for page in [p for p, o in self.frames.items() if kind in o]:

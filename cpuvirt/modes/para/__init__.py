@@ -12,6 +12,7 @@ import struct
 
 from cpuvirt.engine import regs as R
 from cpuvirt.memory.direct import HYPERCALL, L2, DirectPaging
+from cpuvirt.memory.fastfill import DirectFastFill
 from cpuvirt.memory.p2m import RAM_HPA
 from cpuvirt.memory.types import PTE_A, PTE_D, PTE_P, PTE_RW, PTE_US
 from cpuvirt.modes.base import Mode
@@ -32,6 +33,7 @@ class ParaMode(Mode):
         self.nr_pages = machine.mem_bytes >> 12
         self.paging = DirectPaging(machine.mmu, self.nr_pages, RAM_HPA)
         self.vcpu = ParaVcpu(machine, self.paging, trace=trace, max_insns=max_insns)
+        DirectFastFill.install(machine.mmu)  # before Mmu.fill's hook: the common fills in C
         self.vcpu.install_hooks()
         self.top = 0x100000
         self.cmdline = b""
