@@ -145,6 +145,14 @@ static int vapic_quiet(const fastexit_t *s) {
     return 1;
 }
 
+/* Would a VM entry now change nothing? Armed (no vmwrite, APIC change, trace or dump since the last
+ * entry) and the virtual-APIC page in step: cpu/_delivery.c delivers a guest #PF without the run loop's
+ * trip through VmxCpu.before_entry only then. */
+int fastexit_quiet(void *state) {
+    const fastexit_t *s = (const fastexit_t *)state;
+    return s->armed && vapic_quiet(s);
+}
+
 /* UC_HOOK_INSN (UC_X86_INS_CPUID): 1 = the registers are the answer. */
 int fastexit_cpuid_hook(void *uc, void *user_data) {
     fastexit_t *s = (fastexit_t *)user_data;

@@ -221,6 +221,10 @@ class FastExits:
     def disarm(self) -> None:
         self._state.armed = 0
 
+    def quiet_function(self) -> tuple[int, int]:
+        """(address of fastexit_quiet, of its state): would a VM entry now change nothing?"""
+        return ctypes.cast(self._lib.fastexit_quiet, ctypes.c_void_p).value or 0, self._addr
+
     def arm(self, values: dict, vapic, ctl) -> None:
         """Copy what the C path decides with (the VMCS's CR masks and shadows, the APIC-virtualization
         state just synced) and let it answer."""
