@@ -56,7 +56,7 @@ def _same(a, b) -> None:
 
 # (--vmx settings, EXCEPTION_NMI exits expected, #PFs delivered in C expected, #DEs delivered in C expected)
 CASES = {
-    "bitmap clear": ((), 0, N, N),
+    "KVM preset (#UD, #AC, #MC only)": ((), 0, N, N),
     "#DE and #PF exit": (("exception_bitmap=0x4001",), 2 * N, 0, 0),
     "every exception exits": (("exception_bitmap=0xffffffff",), 2 * N, 0, 0),
     # bit 14 set: a #PF exits when (ec & mask) == match; ec = 0 here, so none does
