@@ -112,3 +112,14 @@ def test_no_c_hooks_while_tracing(image, monkeypatch, tmp_path):
     assert r.outcome == "exit"
     fast = vcpus[0].delivery.fast
     assert fast.soft_delivered == 0 and fast.faults == 0 and fast.faults_delivered == 0
+
+
+@pytest.mark.parametrize("guest, in_c", [("fault_storm", 400), ("iret_rf", 1000), ("gates", 1), ("ioperm", 1)])
+def test_hostile_guests_run_the_same_with_the_c_events(guest, in_c, test_guest, monkeypatch):
+    """200 #DE and 200 #GP back to back (the engine's fault escalation), irets whose image sets RF, task
+    gates and call gates, I/O-permission faults from ring 3: the same run either way, most events in C."""
+    image = str(test_guest(guest))
+    c = _run(image, monkeypatch, True)
+    _same(c, _run(image, monkeypatch, False))
+    fast = c[1].delivery.fast
+    assert fast.soft_delivered + fast.faults_delivered + fast.faults >= in_c
