@@ -1,5 +1,5 @@
-"""hw answers CPUID exits, and the guest-owned CR0/CR4 writes, CR3 loads, rdtsc and pause that make no
-exit, in C (modes/hw/fastexit.py, _fastexit.c). The C path must leave exactly what the Python path leaves wherever it can be seen: the guest's registers and
+"""hw answers CPUID exits, and the guest-owned CR0/CR4 writes, CR3 loads, rdtsc, pause, invlpg and CR2/CR3
+reads that make no exit, in C (modes/hw/fastexit.py, _fastexit.c). The C path must leave exactly what the Python path leaves wherever it can be seen: the guest's registers and
 console, the exit counters and event counts, virtual time, and the VMCS exit-information fields at every
 exit Python handles (exit by exit), with and without a trace."""
 
@@ -90,6 +90,7 @@ def test_c_exits_leave_what_python_leaves_exit_by_exit(image, monkeypatch):
     # and 3,000 CR3 loads too
     assert cpuid_in_c >= 2900 and cr_in_c >= 14_000, (cpuid_in_c, cr_in_c)
     assert min(c_cpu.fast_exits.more_counts()) >= 2900  # rdtsc and pause (the checksum holds the TSCs)
+    assert c_cpu.fast_exits.reads_passed >= 3 * 2900  # invlpg, mov from CR2 and from CR3
     assert len(c_seen) < len(py_seen) - 2900
     assert c_res.console == py_res.console
     assert b"PASS" in c_res.console
@@ -142,10 +143,18 @@ def test_cr3_load_exiting_keeps_every_cr3_load_an_exit(image, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "option, reason", [("rdtsc_exiting=1", "RDTSC"), ("pause_exiting=1", "PAUSE"), ("tsc_offset=0x10000000", None)]
+    "option, reason",
+    [
+        ("rdtsc_exiting=1", "RDTSC"),
+        ("pause_exiting=1", "PAUSE"),
+        ("invlpg_exiting=1", "INVLPG"),
+        ("cr3_store_exiting=1", "CR_ACCESS"),
+        ("tsc_offset=0x10000000", None),
+    ],
 )
 def test_controls_the_c_path_copies_still_decide(image, monkeypatch, option, reason):
-    """With the control on, every rdtsc / pause exits (Python's); a TSC offset reaches the guest's TSCs."""
+    """With the control on, every rdtsc / pause / invlpg / CR3 read exits (Python's); a TSC offset reaches
+    the guest's TSCs."""
     c_res, *_ = _run(image, monkeypatch, True, controls=[option])
     py_res, *_ = _run(image, monkeypatch, False, controls=[option])
     assert c_res.console == py_res.console and c_res.exit_stats[0][:3] == py_res.exit_stats[0][:3]

@@ -91,6 +91,15 @@ typedef struct {
     const uint32_t *clock_stop_next;
     uint64_t fetch_fault_cycles;
     struct books *books;         /* native's event bookkeeping in C (delivery_books_*), or NULL */
+    /* hw (VMX non-root operation): which events the processor delivers without a VM exit (SDM Vol. 3C
+     * 25.2), from the VMCS as of the last VM entry (modes/hw/vmx.py VmxCpu._arm_delivery) */
+    uint32_t vmx;                /* 1: the hooks apply hw's rules below (and leave IF to VM entry) */
+    uint32_t vmx_armed;          /* the copies below are the VMCS's: 0 after any vmwrite, until the entry */
+    uint32_t exception_bitmap;   /* EXCEPTION_BITMAP */
+    uint32_t pfec_mask, pfec_match;  /* PAGE_FAULT_ERROR_CODE_MASK / _MATCH */
+    uint32_t window_exiting;     /* "interrupt-window exiting": the run loop's next entry may exit */
+    int (*quiet)(void *);        /* modes/hw/_fastexit.c fastexit_quiet: the next entry would do nothing */
+    void *quiet_state;
 } delivery_t;
 
 /* One intercepted iret: its bytes when it was decoded, and the Python hook behind it. */
@@ -617,9 +626,10 @@ static int books_left_block_at(books_t *b, uint32_t boundary) {
     return 1;
 }
 
-/* VirtualClock.if_may_have_changed, and the counters to fold. */
-static void books_done(books_t *b) {
-    if (*b->clock_watch_if && !*b->clock_check_if) *b->clock_check_if = 1;
+/* VirtualClock.if_may_have_changed (native's hook_intr makes it; hw's Python path does not: an event
+ * delivered in non-root operation never sets IF), and the counters to fold. */
+static void books_done(const delivery_t *s, books_t *b) {
+    if (!s->vmx && *b->clock_watch_if && !*b->clock_check_if) *b->clock_check_if = 1;
     b->pending++;
 }
 
@@ -627,7 +637,7 @@ static void books_soft(delivery_t *s, uint32_t vector, uint32_t start, uint32_t 
     books_t *b = s->books;
     if (b && b->soft_seen[vector] && books_left_block_at(b, eip)) {
         b->soft[vector]++;
-        books_done(b);
+        books_done(s, b);
         return;
     }
     s->soft_done(vector, start, eip);
@@ -638,7 +648,7 @@ static void books_fault(delivery_t *s, uint32_t vector, uint32_t eip) {
     books_t *b = s->books;
     if (b && b->fault_seen[vector] && books_left_block_at(b, eip)) {
         b->fault[vector]++;
-        books_done(b);
+        books_done(s, b);
         return;
     }
     s->fault_done(vector, eip);
@@ -653,14 +663,25 @@ static void books_pf(delivery_t *s, uint32_t eip, uint32_t access) {
             *b->clock_extra += s->fetch_fault_cycles;
         }
         b->pf[access]++;
-        books_done(b);
+        books_done(s, b);
         return;
     }
     s->pf_done(eip, access);
     if (b) b->pf_seen = 1;
 }
 
-/* The vCPU's INTR hook in native mode, in front of the Python one (Vcpu.hook_intr), for the hot cases
+/* hw: an event the engine raised that this hook leaves to VmxCpu.hook_intr: one that causes a VM exit
+ * (SDM Vol. 3C 25.2: `int n` never does; int3 and into, software exceptions, and every fault do when
+ * their bit of the exception bitmap is set), an NMI, a #DF, a #PF (its exit also depends on the error
+ * code; the engine raises guest #PFs through the TLB fill anyway), and every event while the copy of
+ * the VMCS is stale (a vmwrite since the last VM entry). */
+static int vmx_to_python(const delivery_t *s, uint32_t intno, int32_t is_int) {
+    if (!s->vmx_armed || intno == 2 || intno == 8 || intno == 14) return 1;
+    if (is_int && intno != 3 && intno != 4) return 0;
+    return intno < 32 && (s->exception_bitmap >> intno & 1);
+}
+
+/* The vCPU's INTR hook in native and hw, in front of the Python one (Vcpu.hook_intr, VmxCpu.hook_intr), for the hot cases
  * of every kernel: a software interrupt (`int n`, int3, into: QEMU's exception_is_int) or a fault the
  * engine raised (#DE, #GP...) delivered through a gate delivery_fast takes. It does what hook_intr does
  * for such an event: the fault is marked delivered (QEMU's old_exception = -1, the escalation
@@ -668,7 +689,8 @@ static void books_pf(delivery_t *s, uint32_t eip, uint32_t access) {
  * fault's error code if its vector has one (SDM 6.13), and Python is told once (soft_done,
  * fault_done: the event counters, the instructions of the block that did not retire, the
  * interrupt-window check; the trace is never on while this hook is). Everything else goes to the
- * Python hook unchanged (delivery_fast changes nothing when it declines). */
+ * Python hook unchanged (delivery_fast changes nothing when it declines). Under hw (`vmx`) only the
+ * events that cause no VM exit, which the processor delivers through the guest IDT itself. */
 void delivery_intr_hook(void *uc, uint32_t intno, void *user_data) {
     delivery_t *s = (delivery_t *)user_data;
     int err = 0, flags;
@@ -677,6 +699,7 @@ void delivery_intr_hook(void *uc, uint32_t intno, void *user_data) {
     uint8_t prev;
     if (intno > 255 || s->context_save(uc, s->context)) goto python;
     memcpy(&is_int, s->context_is_int, 4);
+    if (s->vmx && vmx_to_python(s, intno, is_int)) goto python;
     eip = (uint32_t)rd(s, uc, R_EIP, &err);
     if (err) goto python;
     if (is_int) {
@@ -780,7 +803,7 @@ python:
     site->python(uc, address, size, NULL);
 }
 
-/* ---- the guest #PF under native, from the TLB fill to the handler --------------------------------
+/* ---- the guest #PF under native (and hw), from the TLB fill to the handler ------------------------
  * Mmu.fill (memory/mmu.py) refuses a fill that the guest's walk faults; the engine then stops, and the
  * run loop finds the exact linear address (x86/faultaddr.py), writes CR2 and delivers the #PF. This
  * hook, between the C fill (memory/_tlbfill.c) and Mmu.fill, does all of that for the common case
@@ -790,7 +813,10 @@ python:
  * way QEMU leaves an instruction that raised its own #PF (cpu_loop_exit) and the engine goes on at the
  * handler. Anything else (no fault, paging structures outside RAM, an instruction not decoded here, a
  * delivery delivery_fast declines) returns false having changed nothing, and Mmu.fill does it all.
- * tests/test_fast_delivery.py compares both paths on random page tables and accesses. */
+ * tests/test_fast_delivery.py compares both paths on random page tables and accesses. Under hw with
+ * EPT (`vmx`) the walk's references are translated and counted as EptWalk does, and only a #PF that
+ * causes no VM exit (vmx_pf_exits) is delivered here, when the run loop would do nothing else before
+ * the next entry (vmx_pf_quiet); tests/test_hw_delivery.py compares with the Python path. */
 typedef struct {
     uint64_t paddr;
     uint32_t perms;
@@ -823,7 +849,7 @@ static uint32_t pf_code(uint32_t cause, int access, int user, uint32_t cr4) {
 static int pf_walk(delivery_t *s, const crs_t *c, uint32_t gva, int access, int user, uint32_t *ec,
                    uint32_t *refs, int64_t *pde_a) {
     uint64_t pde_addr, leaf_addr;
-    uint32_t pde, leaf, rights, erefs = 0;   /* native only: no EPT references */
+    uint32_t pde, leaf, rights, erefs = 0;   /* under EPT: its references, counted as EptWalk counts them */
     int writable;
     *pde_a = -1;
     if (!(c->cr0 & CR0_PG)) return 0;
@@ -832,25 +858,26 @@ static int pf_walk(delivery_t *s, const crs_t *c, uint32_t gva, int access, int 
     *refs = 1;
     if (!(pde & PTE_P)) {
         *ec = pf_code(0, access, user, c->cr4);
-        return 1;
+        goto fault;
     }
     if ((pde & PTE_PS) && (c->cr4 & CR4_PSE)) {
         if (pde & (1u << 21)) {
             *ec = pf_code(PFEC_P | PFEC_RSVD, access, user, c->cr4);
-            return 1;
+            goto fault;
         }
         leaf = rights = pde;
     } else {
         *refs = 2;
-        if (!(pde & PTE_A)) {
-            *pde_a = (int64_t)pde_addr;
+        if (!(pde & PTE_A)) {          /* where in `ram` (EptWalk.write32 translates it for writing) */
+            *pde_a = ram_at(s, pde_addr, 4, EPT_W, &erefs);
+            if (*pde_a < 0) return -1;
             *refs = 3;
         }
         leaf_addr = (pde & 0xFFFFF000u) | ((gva >> 10) & 0xFFC);
         if (!entry_at(s, leaf_addr, &leaf, &erefs)) return -1;
         if (!(leaf & PTE_P)) {
             *ec = pf_code(0, access, user, c->cr4);
-            return 1;
+            goto fault;
         }
         rights = pde & leaf;
     }
@@ -866,7 +893,25 @@ static int pf_walk(delivery_t *s, const crs_t *c, uint32_t gva, int access, int 
     return 0;
 protection:
     *ec = pf_code(PFEC_P, access, user, c->cr4);
+fault:
+    *refs += erefs;
     return 1;
+}
+
+/* hw: does a #PF with error code `ec` exit? Bit 14 of the exception bitmap with PFEC_MASK/MATCH (SDM
+ * Vol. 3C 25.2): set, it exits when (ec & mask) == match; clear, when they differ. */
+static int vmx_pf_exits(const delivery_t *s, uint32_t ec) {
+    int match = (ec & s->pfec_mask) == s->pfec_match;
+    return (s->exception_bitmap >> 14 & 1) ? match : !match;
+}
+
+/* hw: a guest #PF delivered here skips the run loop's trip (VmxCpu.before_entry, the clock armed again)
+ * that the Python path makes: only when that trip would change nothing. The C exit path is armed with
+ * the virtual-APIC page in step (fastexit_quiet: nothing for the entry's APIC sync to do), no
+ * interrupt-window exiting, and no stop requested or due at the next block boundary. */
+static int vmx_pf_quiet(const delivery_t *s) {
+    return s->vmx && s->vmx_armed && !s->window_exiting && s->quiet && s->quiet(s->quiet_state)
+        && !*s->clock_stop_next && *s->clock_now < *s->clock_deadline;
 }
 
 /* The explicit memory operand of an instruction as capstone (32-bit mode) reports it for
@@ -1018,7 +1063,8 @@ int delivery_pf_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *u
     int64_t pde_a;
     uint64_t walks, walk_refs;
     (void)e;
-    if (!s->pf_enabled || s->busy || s->ept || type < MEM_READ || type > MEM_FETCH) return 0;
+    if (!s->pf_enabled || s->busy || type < MEM_READ || type > MEM_FETCH) return 0;
+    if (s->vmx && !vmx_pf_quiet(s)) return 0;
     access = type - MEM_READ;
     c.cr0 = (uint32_t)rd(s, uc, R_CR0, &err);
     if (err || !(c.cr0 & CR0_PG)) return 0;
@@ -1027,7 +1073,7 @@ int delivery_pf_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *u
     user = ((uint32_t)rd(s, uc, R_SS, &err) & 3) == 3;   /* CPL from SS, as Mmu.fill */
     if (err) return 0;
     r = pf_walk(s, &c, (uint32_t)vaddr, access, user, &ec, &refs, &pde_a);
-    if (r != 1) return 0;
+    if (r != 1 || (s->vmx && vmx_pf_exits(s, ec))) return 0;    /* an exception-bitmap exit: Python's */
     /* A fetch fault retires nothing but costs time, and a handler whose own code faults would fault
      * again and again without a block ever starting, where the clock looks at its deadline: one that
      * this fault's time would reach (the budget, a timer) is left to the run loop, which sees it. */

@@ -104,6 +104,14 @@ class _State(ctypes.Structure):
         ("clock_stop_next", ctypes.c_void_p),
         ("fetch_fault_cycles", ctypes.c_uint64),
         ("books", ctypes.c_void_p),
+        ("vmx", ctypes.c_uint32),
+        ("vmx_armed", ctypes.c_uint32),
+        ("exception_bitmap", ctypes.c_uint32),
+        ("pfec_mask", ctypes.c_uint32),
+        ("pfec_match", ctypes.c_uint32),
+        ("window_exiting", ctypes.c_uint32),
+        ("quiet", ctypes.c_void_p),
+        ("quiet_state", ctypes.c_void_p),
     ]
 
 
@@ -450,7 +458,18 @@ class FastDelivery:
         """The same C path for hw with EPT, from VMLAUNCH on (when Mmu's strategy becomes EptWalk):
         every guest-physical reference of a delivery goes through `ept`'s tables and is counted as
         EptWalk counts it; anything EPT does not map read/write (an EPT violation, the APIC-access
-        page, a device) is left to EventDelivery. Only the delivery: hw's exits stay Python's."""
+        page, a device) is left to EventDelivery. The deliveries only: hw's INTR hook and guest #PF
+        stay Python's unless install_intr(vcpu, vmx=...) follows (and prepare_ept came first)."""
+        fast = cls.prepare_ept(delivery, ept)
+        if fast is not None:
+            fast.attach_ept(delivery)
+        return fast
+
+    @classmethod
+    def prepare_ept(cls, delivery, ept) -> "FastDelivery | None":
+        """install_ept's C state, made at hw's VMLAUNCH set-up: its #PF hook must be among the TLB-fill
+        hooks before Mmu.fill (the vCPU adds that one next); nothing is delivered in C before
+        attach_ept (at the first VM entry, when guest-physical memory goes behind EPT)."""
         mmu = delivery.mmu
         lib = _lib()
         if lib is None or mmu.ram.hpa != mmu.p2m.ram_hpa or mmu.p2m.ram_bytes > mmu.ram.size:
@@ -462,9 +481,35 @@ class FastDelivery:
         st.hv = ctypes.addressof(fast._hv)
         st.hv_hpa, st.hv_size, st.pml4 = region.hpa, region.size, ept.pml4
         st.ept = 1
-        delivery.fast = fast
-        mmu.counters.walkers.append(fast)
+        st.vmx = 1  # hw's rules in the INTR and #PF hooks (they are off until install_intr)
+        fast._add_pf_hook()
         return fast
+
+    def attach_ept(self, delivery) -> None:
+        """From now on the delivery's common case is C's (install_ept's second half)."""
+        delivery.fast = self
+        self.mmu.counters.walkers.append(self)
+
+    # -- hw: the copy of the VMCS the INTR and #PF hooks decide with (VmxCpu keeps it) --------------------
+    def arm_vmx(self, exception_bitmap: int, pfec_mask: int, pfec_match: int, window_exiting: bool) -> None:
+        """At a VM entry: the controls that decide which events exit (SDM Vol. 3C 25.2)."""
+        st = self._state
+        st.exception_bitmap, st.pfec_mask, st.pfec_match = exception_bitmap, pfec_mask, pfec_match
+        st.window_exiting = int(window_exiting)
+        st.vmx_armed = 1
+
+    def disarm_vmx(self) -> None:
+        """A vmwrite: every event is Python's until the next VM entry copies the controls again."""
+        self._state.vmx_armed = 0
+
+    @property
+    def vmx_armed(self) -> bool:
+        return bool(self._state.vmx_armed)
+
+    def set_quiet(self, fn, state: int) -> None:
+        """modes/hw/_fastexit.c fastexit_quiet and its state: may a guest #PF skip the run loop's trip?"""
+        st = self._state
+        st.quiet, st.quiet_state = fn, state
 
     def _add_pf_hook(self) -> None:
         """delivery_pf_hook among the TLB-fill hooks, before Mmu.fill (the vCPU adds that one later):
@@ -484,11 +529,12 @@ class FastDelivery:
         """Put delivery_intr_hook in front of the vCPU's INTR hook: `int n` and the faults the engine
         raises, through a gate the C path takes, are then delivered without Python but for one call
         that counts them (soft_done, fault_done). Only
-        for the native Vcpu's own event handling, and never while tracing (an event's trace line
-        needs Python)."""
+        for the native Vcpu's own event handling, and hw's (prepare_ept: the events that cause no VM
+        exit), and never while tracing (an event's trace line needs Python)."""
         if vcpu.trace is not None or self._python_intr is not None:
             return
         st = self._state
+        if_check = not st.vmx  # native's hook_intr looks at IF afterwards; hw's Python path does not
         self._python_intr = vcpu.hooks.intr_function(vcpu.hook_intr)
         vcpu.hooks.remove(vcpu._intr_hook)
 
@@ -498,7 +544,8 @@ class FastDelivery:
             owner.left_block_at(eip)
             owner.counts["interrupt"] += 1
             owner.reasons["interrupt", f"int {vector:#x}"] += 1
-            owner.clock.if_may_have_changed()
+            if if_check:
+                owner.clock.if_may_have_changed()
 
         @hook_guard()
         def fault_done(owner, vector: int, eip: int) -> None:
@@ -506,7 +553,8 @@ class FastDelivery:
             owner.left_block_at(eip)
             owner.counts["exception"] += 1
             owner.reasons["exception", MNEMONIC.get(vector, f"vector {vector}")] += 1
-            owner.clock.if_may_have_changed()
+            if if_check:
+                owner.clock.if_may_have_changed()
 
         @hook_guard()
         def pf_done(owner, eip: int, access: int) -> None:
@@ -517,7 +565,8 @@ class FastDelivery:
             owner.charge_fault(access)
             owner.counts["page_fault"] += 1
             owner.reasons["page_fault", "#PF"] += 1
-            owner.clock.if_may_have_changed()
+            if if_check:
+                owner.clock.if_may_have_changed()
 
         self._soft_done = _SOFT_DONE(lambda vector, start, eip: soft_done(vcpu, vector, start, eip))
         self._fault_done = _FAULT_DONE(lambda vector, eip: fault_done(vcpu, vector, eip))
@@ -545,9 +594,11 @@ class FastDelivery:
         vcpu._intr_hook = handle
         self.mmu.uc._callbacks[handle] = self
 
-    def install_sites(self, vcpu) -> None:
-        """Put a C hook in front of every iret and mov-to-CR4 site the vCPU's intercepts hook from now
-        on (delivery_iret_hook, delivery_cr4_hook): their common case needs nothing from cpuvirt."""
+    def install_sites(self, vcpu, iret_only: bool = False) -> None:
+        """Put a C hook in front of every iret, in/out and mov-to-CR4 site the vCPU's intercepts hook
+        from now on (delivery_iret_hook, delivery_io_hook, delivery_cr4_hook): their common case needs
+        nothing from cpuvirt. `iret_only` (hw, whose I/O and CR writes decide exits): the iret sites,
+        after any C site hook the intercepts had."""
         clock = vcpu.clock._state
         st = self._state
         st.clock_watch_if = ctypes.addressof(clock) + type(clock).watch_if.offset
@@ -555,7 +606,17 @@ class FastDelivery:
         st.nmi_blocked = int(vcpu.nmi_blocked)
         vcpu.on_nmi_blocked = self._set_nmi_blocked
         self._sites: dict[int, tuple] = {}
-        vcpu.intercepts.fast_site = self._site
+        if not iret_only:
+            vcpu.intercepts.fast_site = self._site
+            return
+        before = vcpu.intercepts.fast_site
+
+        def site(address: int, size: int, mnem: str, ops: str, code: bytes, python_hook) -> bool:
+            if before is not None and before(address, size, mnem, ops, code, python_hook):
+                return True
+            return mnem in ("iret", "iretd") and self._site(address, size, mnem, ops, code, python_hook)
+
+        vcpu.intercepts.fast_site = site
 
     def _site(self, address: int, size: int, mnem: str, ops: str, code: bytes, python_hook) -> bool:
         """Hook one intercepted instruction in C if it is of a kind answered there; False if not."""

@@ -1,4 +1,4 @@
-# description: many cpuid, rdtsc, pause and mov to CR0/CR3/CR4 (as kvm-unit-tests' vmexit and eventinj do), interleaved with exits only Python takes (port I/O, rdmsr, a CR0 write that changes a host-owned bit): hw answers the first kind in C, and every result must be the Python path's
+# description: many cpuid, rdtsc, pause, invlpg, mov from CR2/CR3 and mov to CR0/CR3/CR4 (as kvm-unit-tests' vmexit and eventinj do), interleaved with exits only Python takes (port I/O, rdmsr, a CR0 write that changes a host-owned bit): hw answers the first kind in C, and every result must be the Python path's
 #include "kernel.inc"
 #include "paging.inc"
 .text
@@ -35,6 +35,8 @@ fx_leaf:
     mov cr0, eax
     mov eax, cr3                        # a CR3 load: no exit without CR3-load exiting (EPT)
     mov cr3, eax
+    invlpg [edi]                        # no INVLPG exiting: nothing to do
+    mov eax, cr2                        # a CR2 read never exits
     mov eax, cr4
     xor eax, 0x80
     mov cr4, eax

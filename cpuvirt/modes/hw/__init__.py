@@ -34,5 +34,9 @@ class HwMode(Mode):
     def boot(self) -> None:
         self.vcpu.guest_entry()
 
+    def run(self, entry: int):
+        self.vcpu.install_fast_events()
+        return super().run(entry)
+
     def summary_stats(self) -> list[tuple[str, int, int, float, float]]:
         return self.vcpu.summary_stats()

@@ -88,13 +88,15 @@ typedef struct {
     leaf_t fallback;
     leaf_t leaves[MAX_LEAVES];
     block_site_t sites[BLOCK_SITES];
+    uint32_t invlpg_exiting, cr3_store_exiting;   /* primary controls, copied when armed */
+    uint64_t read_total;         /* INVLPG and MOV from CR2/CR3 answered here (nothing to do) */
 } fastexit_t;
 
 typedef struct {
     fastexit_t *s;
     code_python_fn python;
     uint32_t size;           /* 0: always Python */
-    int32_t cr;              /* 0, 3 or 4; -1: a pause */
+    int32_t cr;              /* 0, 3 or 4; -1: a pause; -2: an invlpg; 0x102, 0x103: a MOV from CR2, CR3 */
     int32_t src_reg;         /* Unicorn register id of the source GPR */
     uint32_t pad;
     uint64_t passed;
@@ -145,6 +147,14 @@ static int vapic_quiet(const fastexit_t *s) {
     return 1;
 }
 
+/* Would a VM entry now change nothing? Armed (no vmwrite, APIC change, trace or dump since the last
+ * entry) and the virtual-APIC page in step: cpu/_delivery.c delivers a guest #PF without the run loop's
+ * trip through VmxCpu.before_entry only then. */
+int fastexit_quiet(void *state) {
+    const fastexit_t *s = (const fastexit_t *)state;
+    return s->armed && vapic_quiet(s);
+}
+
 /* UC_HOOK_INSN (UC_X86_INS_CPUID): 1 = the registers are the answer. */
 int fastexit_cpuid_hook(void *uc, void *user_data) {
     fastexit_t *s = (fastexit_t *)user_data;
@@ -190,10 +200,18 @@ void fastexit_cr_hook(void *uc, uint64_t address, uint32_t size, void *user_data
     if ((hflags & (HF_PE | HF_VM | HF_CS32 | HF_CPL_MASK | HF_INHIBIT_IRQ)) != (HF_PE | HF_CS32)) goto python;
     if (s->reg_read(uc, s->eip, &eip) || (uint32_t)eip != (uint32_t)address) goto python;
     if (!s->peek(s->peek_state, uc, (uint32_t)address, size, now) || memcmp(now, site->bytes, size)) goto python;
-    if (site->cr < 0) {
+    if (site->cr == -1) {
         /* PAUSE exits only with PAUSE exiting (no PAUSE-loop exiting simulated): else nothing to do */
         if (s->pause_exiting) goto python;
         s->pause_total++;
+        goto done;
+    }
+    if (site->cr == -2 || site->cr >= 0x100) {
+        /* INVLPG exits only with INVLPG exiting, a MOV from CR3 only with CR3-store exiting, a MOV from
+         * CR2 never (nonroot.py invlpg, mov_system_register_access): else the engine does it all, a
+         * kernel's #PF handler reading CR2 included */
+        if ((site->cr == -2 && s->invlpg_exiting) || (site->cr == 0x103 && s->cr3_store_exiting)) goto python;
+        s->read_total++;
         goto done;
     }
     if (site->cr == 3) {

@@ -1,4 +1,4 @@
-"""hw's CPUID exits, guest-owned CR0/CR4 writes and CR3 loads that do not exit, answered in C (_fastexit.c).
+"""hw's CPUID exits, guest-owned CR0/CR4 writes, CR3 loads, invlpg, CR2/CR3 reads that do not exit: C (_fastexit.c).
 
 Under hw every `cpuid` is a VM exit (SDM Vol. 3C 25.1.2) whose root-mode handler only answers from
 the CPU model, and a `mov cr0/cr4` that changes only guest-owned bits (the guest/host masks) exits
@@ -15,7 +15,9 @@ The C path is an exact shortcut of the Python one, used only while nothing else 
   `_insn_site` found for the running block: C answers only blocks Python has seen.
 - A CR write site's C hook declines (calls the Python hook) unless it is 32-bit protected mode at
   CPL 0 without an interrupt shadow, EIP is the site, the bytes are still the site's, the write exits
-  nowhere and sets no CR4 bit the model lacks.
+  nowhere and sets no CR4 bit the model lacks. The same hook answers `invlpg` without INVLPG exiting and
+  `mov r32, cr2/cr3` (a CR3 read without CR3-store exiting), where Python has nothing to do: a kernel's
+  #PF handler reads CR2 and its page-table code runs invlpg.
 
 Optional: without the built extension, or without the C delivery's guest reader, Python does all.
 """
@@ -100,6 +102,9 @@ class _State(ctypes.Structure):
         ("fallback", _Leaf),
         ("leaves", _Leaf * MAX_LEAVES),
         ("sites", _BlockSite * BLOCK_SITES),
+        ("invlpg_exiting", ctypes.c_uint32),
+        ("cr3_store_exiting", ctypes.c_uint32),
+        ("read_total", ctypes.c_uint64),
     ]
 
 
@@ -221,6 +226,10 @@ class FastExits:
     def disarm(self) -> None:
         self._state.armed = 0
 
+    def quiet_function(self) -> tuple[int, int]:
+        """(address of fastexit_quiet, of its state): would a VM entry now change nothing?"""
+        return ctypes.cast(self._lib.fastexit_quiet, ctypes.c_void_p).value or 0, self._addr
+
     def arm(self, values: dict, vapic, ctl) -> None:
         """Copy what the C path decides with (the VMCS's CR masks and shadows, the APIC-virtualization
         state just synced) and let it answer."""
@@ -229,6 +238,8 @@ class FastExits:
         st.cr4_mask, st.cr4_shadow = values[F.CR4_GUEST_HOST_MASK], values[F.CR4_READ_SHADOW]
         st.cr3_load_exiting = int(ctl("cr3_load_exiting"))
         st.pause_exiting = int(ctl("pause_exiting"))
+        st.invlpg_exiting = int(ctl("invlpg_exiting"))
+        st.cr3_store_exiting = int(ctl("cr3_store_exiting"))
         st.rdtsc_exiting = int(ctl("rdtsc_exiting"))
         st.tsc_offsetting = int(ctl("use_tsc_offsetting"))
         st.tsc_offset = values[F.TSC_OFFSET]
@@ -259,16 +270,24 @@ class FastExits:
         st.peek_state = ctypes.addressof(delivery_fast._state)
 
     def cr_site(self, address: int, size: int, mnem: str, ops: str, code: bytes, python_hook) -> bool:
-        """Put the C hook in front of a `mov cr0/cr3/cr4, r32` or `pause` site; False for anything else."""
+        """Put the C hook in front of a `mov cr0/cr3/cr4, r32`, `mov r32, cr2/cr3`, `invlpg` or `pause`
+        site; False for anything else."""
         if not self._state.peek:
             return False
         if mnem == "pause":
             cr, src = -1, 0
+        elif mnem == "invlpg":
+            cr, src = -2, 0
         elif mnem == "mov" and ops.startswith(("cr0,", "cr3,", "cr4,")):
             form = mov_system_register(code)
             if form is None or form.gpr is None or form.debug or not form.to_system or form.number not in (0, 3, 4):
                 return False
             cr, src = form.number, R.GPR_ORDER[form.gpr]
+        elif mnem == "mov" and ops.endswith((", cr2", ", cr3")):
+            form = mov_system_register(code)
+            if form is None or form.gpr is None or form.debug or form.to_system or form.number not in (2, 3):
+                return False
+            cr, src = 0x100 | form.number, 0
         else:
             return False
         site = _CrSite()
@@ -300,3 +319,8 @@ class FastExits:
         """(rdtsc, pause) answered in C."""
         st = self._state
         return st.rdtsc_total, st.pause_total
+
+    @property
+    def reads_passed(self) -> int:
+        """invlpg and mov from CR2/CR3 answered in C (nothing to do: no exit)."""
+        return self._state.read_total

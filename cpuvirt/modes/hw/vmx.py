@@ -115,6 +115,7 @@ class VmxCpu(Vcpu):
         self._apic_lengths: dict[int, int] = {}
         self.apic_access = (4, 0)  # (size, value written) of the access an APIC_ACCESS exit is for
         self.fast_exits: FastExits | None = None  # fastexit.py: CPUID exits, guest-owned CR writes in C
+        self._fast_delivery: FastDelivery | None = None  # EPT: deliveries, and events that do not exit, in C
         self._launch()
 
     # -- VMLAUNCH: the hypervisor's set-up, then the first entry ---------------------------------------
@@ -147,6 +148,8 @@ class VmxCpu(Vcpu):
             self.shadow = None
             # The common fills in C, asked before Mmu.fill (which install_hooks adds); on at VMLAUNCH.
             self.fast_fill = EptFastFill.install(self.mmu, self.ept)
+            # Deliveries through the guest IDT in C (its #PF hook, too, goes before Mmu.fill)
+            self._fast_delivery = FastDelivery.prepare_ept(self.delivery, self.ept)
         else:
             # KVM without EPT: shadow page tables, filled on #PF exits (memory/shadow.py).
             self.shadow = ShadowPaging(self.mmu, exit_on_miss=True)
@@ -156,9 +159,9 @@ class VmxCpu(Vcpu):
             self._setup_apic_virtualization()
         self.enable_intercepts(SENSITIVE, self.on_sensitive, lazy_io=True)
         fx = self.fast_exits
+        self.vmcs.on_write = self._vmcs_written
         if fx is not None and self.intercepts is not None:
             self.intercepts.fast_site = fx.cr_site
-            self.vmcs.on_write = fx.disarm  # the C path's copies of the VMCS are stale until the next entry
             apic = self.machine.apic
             changed, base_changed = apic.on_change, apic.on_base_change
 
@@ -171,6 +174,45 @@ class VmxCpu(Vcpu):
                 base_changed()
 
             apic.on_change, apic.on_base_change = apic_changed, apic_base_changed
+
+    def _vmcs_written(self) -> None:
+        """The C paths' copies of the VMCS are stale until the next entry."""
+        if self.fast_exits is not None:
+            self.fast_exits.disarm()
+        if self._fast_delivery is not None:
+            self._fast_delivery.disarm_vmx()
+
+    events_in_c = True  # hw's INTR hook and guest #PF in C when they cause no exit (False: Python's)
+
+    def install_fast_events(self) -> None:
+        """At the run's start (a trace is attached after the mode is built): the events that cause no VM
+        exit, `int n`, faults whose exception-bitmap bit is clear, a guest #PF that PFEC_MASK/MATCH do
+        not send out, delivered through the guest IDT in C (cpu/_delivery.c) as the processor would;
+        and the common iret, and the reads of guest code, in C too (as native has them)."""
+        fast = self._fast_delivery
+        if fast is None or not self.events_in_c or self.trace is not None or self.mmu.traces.frames:
+            return
+        fx = self.fast_exits
+        if fx is not None:
+            fast.set_quiet(*fx.quiet_function())
+        fast.install_intr(self)
+        self._arm_delivery()
+        if self.intercepts is not None:
+            fast.install_sites(self, iret_only=True)  # an iret with nothing for cpuvirt to do, in C
+        if self.mmu.crs_source is None:
+            self.mmu.peek = fast.peek  # the intercepts' and decoders' reads of guest code, through EPT in C
+
+    def _arm_delivery(self) -> None:
+        """At each VM entry: what decides which events exit, for the C hooks (after a vmwrite)."""
+        fast = self._fast_delivery
+        if fast is not None and not fast.vmx_armed:
+            v = self.vmcs._values
+            fast.arm_vmx(
+                v[F.EXCEPTION_BITMAP],
+                v[F.PAGE_FAULT_ERROR_CODE_MASK],
+                v[F.PAGE_FAULT_ERROR_CODE_MATCH],
+                self.ctl("interrupt_window_exiting"),
+            )
 
     def add_rdtsc_hook(self) -> None:
         """rdtsc without RDTSC exiting and CPUID exits answered in C when nothing needs Python
@@ -194,7 +236,7 @@ class VmxCpu(Vcpu):
             return
         self.exits += n
         self.stats[ExitReason.CPUID] += n
-        self.counts["vmexit"] += n
+        self._counts["vmexit"] += n  # (not .counts: no fold of the C event books per exit)
         v = self.vmcs
         w = v._values
         w[F.VM_EXIT_REASON] = int(ExitReason.CPUID)
@@ -207,7 +249,9 @@ class VmxCpu(Vcpu):
         v._cache.clear()
 
     def _arm_fast_exits(self) -> None:
-        """After a VM entry made in Python: let C answer what needs nothing else (fastexit.py)."""
+        """After a VM entry made in Python: let C answer what needs nothing else (fastexit.py), and
+        decide which events exit from the VMCS as it is now (cpu/_delivery.c)."""
+        self._arm_delivery()
         fx = self.fast_exits
         if fx is None:
             return
@@ -270,8 +314,8 @@ class VmxCpu(Vcpu):
             self.mmu.strategy = EptWalk(self.mmu, self.ept)
             if self.fast_fill is not None:
                 self.fast_fill.enable()
-            if self.delivery.fast is None:  # deliveries through the guest IDT in C, walks via EPT
-                FastDelivery.install_ept(self.delivery, self.ept)
+            if self.delivery.fast is None and self._fast_delivery is not None:
+                self._fast_delivery.attach_ept(self.delivery)  # deliveries through the guest IDT in C, walks via EPT
             if self.fast_exits is not None and self.delivery.fast is not None:
                 self.fast_exits.set_peek(self.delivery.fast)  # CR write sites check their bytes in C
         self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
@@ -366,7 +410,7 @@ class VmxCpu(Vcpu):
         v._cache[F.GUEST_RIP] = rip
         self.exits += 1
         self.stats[reason] += 1
-        self.counts["vmexit"] += 1
+        self._counts["vmexit"] += 1
         if insn is None:
             insn = self.insn_at(rip) if self.trace is not None or self.dump_on is not None else ""
         x = Exit(
