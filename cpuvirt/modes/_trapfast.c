@@ -26,7 +26,7 @@
  * TrapVirtualCpu). The instruction's bytes are read through the guest's own page tables with no side
  * effect, as TrapVcpu._trap_site reads them (Mmu.fetch_bytes); anything else (a 15-byte read that
  * would cross a page, PAE, a non-present entry, memory that is not RAM, a register form this file
- * does not know, the first event of each kind, a block the copy does not hold) goes to Python
+ * does not know, the first event of each kind, a block the copy cannot tell about) goes to Python
  * unchanged. Never while tracing (Python switches `enabled` off).
  *
  * Built as a Python extension only so that setuptools compiles it; Python calls it through ctypes.
@@ -62,7 +62,8 @@ typedef struct {
     uint32_t first;                    /* its first instruction's address */
     uint16_t n;                        /* instructions; 0: the slot is empty */
     uint16_t offset[BLOCK_MAX_INSNS];  /* each instruction's address - first */
-    uint16_t pad[3];
+    uint16_t ambiguous;                /* the table may hold an entry this slot lost (see below) */
+    uint16_t pad[2];
 } block_t;
 
 typedef struct {
@@ -95,7 +96,12 @@ typedef struct {
 
 size_t trapfast_sizeof(void) { return sizeof(trapfast_t); }
 
-/* -- the copy of Machine.block_insns (the BlockMirror of machine/blocks.py) ------------------------ */
+/* -- the copy of Machine.block_insns (the BlockMirror of machine/blocks.py) ------------------------
+ * Direct-mapped, and exact about absence as well: a slot that has lost an entry the table may still
+ * hold (a put over another live entry, or one too long to copy) is marked ambiguous until the table
+ * is cleared, so a look-up answers "this entry", "no entry in the table" (Python's _retired then does
+ * nothing: a block the clock counted without decoding it, such as one whose first instruction
+ * faults), or "ask Python". */
 static block_t *block_slot(trapfast_t *s, uint32_t address) {
     return &s->block[(address ^ (address >> 12)) & (BLOCK_SLOTS - 1)];
 }
@@ -103,11 +109,17 @@ static block_t *block_slot(trapfast_t *s, uint32_t address) {
 int trapfast_blocks_put(trapfast_t *s, uint32_t address, const uint32_t *addrs, uint32_t n, uint64_t end) {
     block_t *e = block_slot(s, address);
     uint32_t k;
-    if (e->address == address) e->n = 0;
-    if (n == 0 || n > BLOCK_MAX_INSNS) return 0;
-    for (k = 0; k < n; k++)
-        if (addrs[k] < addrs[0] || addrs[k] - addrs[0] > 0xFFFFu) return 0;
+    if (e->n && e->address != address) e->ambiguous = 1;
     e->n = 0;
+    if (n == 0 || n > BLOCK_MAX_INSNS) {
+        e->ambiguous = 1;
+        return 0;
+    }
+    for (k = 0; k < n; k++)
+        if (addrs[k] < addrs[0] || addrs[k] - addrs[0] > 0xFFFFu) {
+            e->ambiguous = 1;
+            return 0;
+        }
     e->address = address;
     e->first = addrs[0];
     e->end = end;
@@ -123,12 +135,12 @@ void trapfast_blocks_drop(trapfast_t *s, uint32_t address) {
 
 void trapfast_blocks_clear(trapfast_t *s) {
     uint32_t k;
-    for (k = 0; k < BLOCK_SLOTS; k++) s->block[k].n = 0;
+    for (k = 0; k < BLOCK_SLOTS; k++) s->block[k].n = s->block[k].ambiguous = 0;
 }
 
-/* TrapVcpu._retired(eip): how many instructions to take off the clock (may be -1: the engine cut the
- * block before the faulting instruction, so the clock never counted it). 0: the block is not in the
- * copy (Python's to do). */
+/* TrapVcpu._retired(eip): how many instructions to take off the clock (-1: the engine cut the block
+ * before the faulting instruction, so the clock never counted it; 0 when the table holds no entry for
+ * the block). Returns 0 when the copy cannot tell (Python's to do). */
 static int retired(trapfast_t *s, uint32_t eip, int64_t *out) {
     uint64_t last = *s->clock_last_block;
     const block_t *e = block_slot(s, (uint32_t)last);
@@ -136,8 +148,12 @@ static int retired(trapfast_t *s, uint32_t eip, int64_t *out) {
     int in = 0;
     uint32_t k;
     if (e->n == 0 || e->address != last) {
-        s->misses++;
-        return 0;
+        if (e->ambiguous || last > 0xFFFFFFFFu) {
+            s->misses++;
+            return 0;
+        }
+        *out = 0;                          /* no entry: _retired returns at once */
+        return 1;
     }
     for (k = 0; k < e->n; k++) {
         uint64_t a = e->first + (uint64_t)e->offset[k];

@@ -41,7 +41,8 @@ class _Block(ctypes.Structure):
         ("first", ctypes.c_uint32),
         ("n", ctypes.c_uint16),
         ("offset", ctypes.c_uint16 * BLOCK_MAX_INSNS),
-        ("pad", ctypes.c_uint16 * 3),
+        ("ambiguous", ctypes.c_uint16),
+        ("pad", ctypes.c_uint16 * 2),
     ]
 
 
