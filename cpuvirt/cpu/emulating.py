@@ -45,9 +45,11 @@ class EmulatingVcpu(SegmentLoadingVcpu):
         super().__init__(machine, trace=trace, max_insns=max_insns)
         self._decoded: dict[tuple[int, bytes], tuple[int, str, str]] = {}
 
-    def decode(self, eip: int) -> tuple[int, str, str] | None:
-        """(length, mnemonic, operands) of the guest instruction at eip, decoded once per site."""
-        code = self.fetch_guest(eip, 15)
+    def decode(self, eip: int, code: bytes | None = None) -> tuple[int, str, str] | None:
+        """(length, mnemonic, operands) of the guest instruction at eip, decoded once per site (from
+        `code`, its bytes, when the caller has read them)."""
+        if code is None:
+            code = self.fetch_guest(eip, 15)
         if not code:
             return None
         key = (eip, code)

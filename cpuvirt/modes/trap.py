@@ -14,16 +14,29 @@ from cpuvirt.cpu.deprivilege import DeprivilegedVcpu
 from cpuvirt.cpu.virtualcpu import SREGS
 from cpuvirt.memory.shadow import ShadowPaging
 from cpuvirt.modes.base import Mode
+from cpuvirt.modes.trapfast import TrapFast, enabled_by_environment
 from cpuvirt.x86.privilege import CPL0_ONLY, FAR_TRANSFERS, IOPL_SENSITIVE
 from cpuvirt.x86.vectors import Vector
 
 
 class TrapVcpu(DeprivilegedVcpu):
     event_kind = "trap"
+    fast: TrapFast | None = None  # the common traps in C (trapfast.py), once TrapMode installed it
 
     def __init__(self, machine, trace=None, max_insns: int = 0):
         super().__init__(machine, trace=trace, max_insns=max_insns)
         self._sites: dict[int, tuple] = {}
+
+    @property
+    def trace(self):
+        return self._trace
+
+    @trace.setter
+    def trace(self, trace) -> None:
+        """A trace line needs Python: while one is written, every trap takes the Python path."""
+        self._trace = trace
+        if self.fast is not None:
+            self.fast.enabled = trace is None
 
     def on_engine_event(self, intno, error_code, soft, eip) -> None:
         """A #GP at ring 1 is the guest kernel's privileged instruction: emulate it; every other event
@@ -33,17 +46,22 @@ class TrapVcpu(DeprivilegedVcpu):
             if d is not None:
                 self._retired(eip, d[0])
                 self.emulate_at(eip, d)
+                if self.fast is not None:
+                    self.fast.after_python(self._reasons)
                 return
         self.left_block_at(eip)
         self._deliver_engine_event(intno, error_code, soft, eip)
+        if self.fast is not None:
+            self.fast.after_python(self._reasons)
 
     def _trap_site(self, eip: int):
         """The decoded instruction at eip if a #GP there is a trap to emulate, else None; decided once
-        per (site, code bytes)."""
-        code = self.fetch_guest(eip, 15)
+        per (site, code bytes). The bytes are read as for disassembly (Mmu.fetch_bytes: no side effect,
+        not in the walk counters): the engine has just fetched them; the C path reads them so too."""
+        code = self.mmu.fetch_bytes(eip, 15)
         site = self._sites.get(eip)
         if site is None or site[0] != code:
-            d = self.decode(eip)
+            d = self.decode(eip, code)
             site = (code, d if d is not None and _trapped(d[1], d[2]) else None)
             limits.put(self._sites, eip, site)
         return site[1]
@@ -88,6 +106,8 @@ class TrapMode(Mode):
         self.shadow.attach(self.vcpu)
         self.vcpu.install_hooks()
         self.vcpu.enable_io_gate()
+        if enabled_by_environment():
+            self.vcpu.fast = TrapFast.install(self.vcpu, self.shadow)  # cli/sti, clts, CR0/CR4 in C
 
     def boot(self) -> None:
         """The loader left ring 0: drop the guest kernel to ring 1 under its virtual CPU."""

@@ -7,11 +7,12 @@ happen, is stored by the C callout hook: the virtual CR0 and CR4 therefore live 
 are mirrored there by the Python side (`CrState`): translations that baked the register in, shadow
 paging needing an engine TLB flush, the page-table frames of the last code-mapping check; whenever
 one of them may hold, C leaves the write to Python. The hypervisor's own TLB learns of the flushes
-done in C from a generation count (`HvTlb`).
+done in C from a generation count (`HvTlb`, cpu/hvtlb.py).
 """
 
 from __future__ import annotations
 
+from cpuvirt.cpu.hvtlb import HvTlb  # noqa: F401  (re-exported: modes/full/vcpu.py imports it from here)
 from cpuvirt.cpu.virtualcpu import VirtualCpu
 
 
@@ -40,32 +41,6 @@ class CrVirtualCpu(VirtualCpu):
     @cr4.setter
     def cr4(self, value: int) -> None:
         self._crs[1] = value & 0xFFFFFFFF
-
-
-class HvTlb(dict):
-    """The hypervisor's own TLB (GuestViewVcpu._rtlb): a CR0.WP or CR4.PGE write flushes it, and one
-    served in C says so by bumping the table's generation, which every look-up here checks."""
-
-    __slots__ = ("_table", "_gen")
-
-    def __init__(self, table):
-        super().__init__()
-        self._table = table
-        self._gen = table.rtlb_gen
-
-    def _fresh(self) -> None:
-        gen = self._table.rtlb_gen
-        if gen != self._gen:
-            self._gen = gen
-            dict.clear(self)
-
-    def get(self, key, default=None):
-        self._fresh()
-        return dict.get(self, key, default)
-
-    def pop(self, key, *default):
-        self._fresh()
-        return dict.pop(self, key, *default)
 
 
 class CrState:

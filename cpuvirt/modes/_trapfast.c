@@ -1,0 +1,302 @@
+/*
+ * Mode `trap`: the common traps of the deprivileged guest kernel answered in C (modes/trapfast.py,
+ * docs/deprivileging.md "The common traps in C").
+ *
+ * At ring 1 with IOPL 0, cli, sti, clts and mov from/to CR0 and CR4 raise #GP (SDM Vol. 3A 6.15,
+ * "Interrupt 13"); TrapVcpu.on_engine_event decodes the instruction and privileged.py emulates it
+ * against the VirtualCpu. kvm-unit-tests' `vmexit` runs hundreds of millions of them. This INTR hook
+ * sits in front of the vCPU's Python one and answers, for the guest kernel (real CPL 1, not V86):
+ *
+ *   FA          cli            IF := 0
+ *   FB          sti            IF := 1, the one-instruction interrupt shadow when IF was 0 (SDM 6.8.3);
+ *                              only while no interrupt waits for the window (the clock's watch_if)
+ *   0F 06       clts           CR0.TS := 0
+ *   0F 20 /r    mov r32, crN   N = 0 or 4 (ModRM.mod = 11)
+ *   0F 22 /r    mov crN, r32   N = 0 or 4, when the write changes only CR0.WP or only CR4.PGE (and
+ *                              sets no reserved bit) and the shadow needs no engine TLB flush for it
+ *                              (ShadowPaging.tlb_flush would answer False): the hypervisor's own TLB
+ *                              is flushed by a generation count (cpu/hvtlb.py)
+ *
+ * doing exactly what the Python path does: the same registers written in the same order, QEMU's
+ * old_exception cleared (the escalation workaround of cpu/quirks.py FaultState.take), the block's
+ * instructions that did not retire taken off the clock (TrapVcpu._retired, from a copy of
+ * Machine.block_insns kept as its mirror, machine/blocks.py), the interrupt-window check
+ * (VirtualClock.if_may_have_changed), and the event counters, which Python folds into Vcpu.counts and
+ * Vcpu.reasons when they are read. The virtual CR0, CR3 and CR4 live here (trapfast.py
+ * TrapVirtualCpu). The instruction's bytes are read through the guest's own page tables with no side
+ * effect, as TrapVcpu._trap_site reads them (Mmu.fetch_bytes); anything else (a 15-byte read that
+ * would cross a page, PAE, a non-present entry, memory that is not RAM, a register form this file
+ * does not know, the first event of each kind, a block the copy cannot tell about) goes to Python
+ * unchanged. Never while tracing (Python switches `enabled` off).
+ *
+ * Built as a Python extension only so that setuptools compiles it; Python calls it through ctypes.
+ */
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+typedef int (*reg_read_fn)(void *uc, int regid, void *value);
+typedef int (*reg_write_fn)(void *uc, int regid, const void *value);
+typedef void (*intr_fn)(void *uc, uint32_t intno, void *user_data);
+
+#define EFLAGS_IF 0x200u
+#define EFLAGS_VM 0x20000u
+#define CR0_ET 0x10u
+#define CR0_TS 0x8u
+#define CR0_PG 0x80000000u
+#define CR0_WP 0x10000u
+#define CR4_PSE 0x10u
+#define CR4_PAE 0x20u
+#define CR4_PGE 0x80u
+#define HF_INHIBIT_IRQ (1u << 3)
+
+#define BLOCK_SLOTS 4096u
+#define BLOCK_MAX_INSNS 58
+
+/* The kinds answered here, each with its (kind, reason) key of Vcpu.reasons (trapfast.py REASONS). */
+enum { K_CLI, K_STI, K_CLTS, K_MOV_CR0, K_MOV_CR4, K_COUNT };
+
+typedef struct {
+    uint64_t end;                      /* the address after the block's last instruction */
+    uint32_t address;                  /* the block's key in Machine.block_insns */
+    uint32_t first;                    /* its first instruction's address */
+    uint16_t n;                        /* instructions; 0: the slot is empty */
+    uint16_t offset[BLOCK_MAX_INSNS];  /* each instruction's address - first */
+    uint16_t ambiguous;                /* the table may hold an entry this slot lost (see below) */
+    uint16_t pad[2];
+} block_t;
+
+typedef struct {
+    reg_read_fn reg_read;
+    reg_write_fn reg_write;
+    intr_fn python_intr;       /* the vCPU's own INTR hook (Vcpu.hook_intr, guarded): everything else */
+    uint8_t *env;              /* QEMU's CPUX86State of this engine */
+    uint32_t off_old_exception, off_is_int, off_hflags;   /* fields inside it (quirks.ContextLayout) */
+    int32_t r_eip, r_eflags, r_cs;
+    int32_t r_gpr[8];          /* Unicorn ids of EAX..EDI in encoding order */
+    uint32_t enabled;          /* 0: every event is Python's (tracing, CPUVIRT_TRAP_FAST=0) */
+    uint32_t crs[3];           /* the VirtualCpu's CR0, CR3, CR4 (TrapVirtualCpu) */
+    uint32_t cr4_reserved;     /* x86/cpuid.py CR4_RESERVED: a write setting one is #GP (Python's) */
+    uint32_t shadow_ok;        /* ShadowPaging: no unsynchronised frame, engine TLB not stale */
+    uint32_t wp_granted;       /* ... and a supervisor write was let through while WP was 0 */
+    uint32_t rtlb_gen;         /* bumped for each flush of the hypervisor's own TLB done here */
+    uint32_t pad;
+    const uint8_t *ram;        /* guest RAM, guest-physical 0 */
+    uint64_t ram_bytes;
+    uint64_t *clock_now;       /* the virtual clock (engine/_vclock.c) */
+    const uint64_t *clock_last_block;
+    uint32_t *clock_watch_if, *clock_check_if;
+    uint64_t pending;          /* events counted here since Python last folded them */
+    uint64_t count[K_COUNT];
+    uint8_t seen[K_COUNT];     /* Python has recorded this kind once (its counter keys exist) */
+    uint8_t pad2[3];
+    uint64_t answered, to_python, misses;
+    block_t block[BLOCK_SLOTS];
+} trapfast_t;
+
+size_t trapfast_sizeof(void) { return sizeof(trapfast_t); }
+
+/* -- the copy of Machine.block_insns (the BlockMirror of machine/blocks.py) ------------------------
+ * Direct-mapped, and exact about absence as well: a slot that has lost an entry the table may still
+ * hold (a put over another live entry, or one too long to copy) is marked ambiguous until the table
+ * is cleared, so a look-up answers "this entry", "no entry in the table" (Python's _retired then does
+ * nothing: a block the clock counted without decoding it, such as one whose first instruction
+ * faults), or "ask Python". */
+static block_t *block_slot(trapfast_t *s, uint32_t address) {
+    return &s->block[(address ^ (address >> 12)) & (BLOCK_SLOTS - 1)];
+}
+
+int trapfast_blocks_put(trapfast_t *s, uint32_t address, const uint32_t *addrs, uint32_t n, uint64_t end) {
+    block_t *e = block_slot(s, address);
+    uint32_t k;
+    if (e->n && e->address != address) e->ambiguous = 1;
+    e->n = 0;
+    if (n == 0 || n > BLOCK_MAX_INSNS) {
+        e->ambiguous = 1;
+        return 0;
+    }
+    for (k = 0; k < n; k++)
+        if (addrs[k] < addrs[0] || addrs[k] - addrs[0] > 0xFFFFu) {
+            e->ambiguous = 1;
+            return 0;
+        }
+    e->address = address;
+    e->first = addrs[0];
+    e->end = end;
+    for (k = 0; k < n; k++) e->offset[k] = (uint16_t)(addrs[k] - addrs[0]);
+    e->n = (uint16_t)n;
+    return 1;
+}
+
+void trapfast_blocks_drop(trapfast_t *s, uint32_t address) {
+    block_t *e = block_slot(s, address);
+    if (e->address == address) e->n = 0;
+}
+
+void trapfast_blocks_clear(trapfast_t *s) {
+    uint32_t k;
+    for (k = 0; k < BLOCK_SLOTS; k++) s->block[k].n = s->block[k].ambiguous = 0;
+}
+
+/* TrapVcpu._retired(eip): how many instructions to take off the clock (-1: the engine cut the block
+ * before the faulting instruction, so the clock never counted it; 0 when the table holds no entry for
+ * the block). Returns 0 when the copy cannot tell (Python's to do). */
+static int retired(trapfast_t *s, uint32_t eip, int64_t *out) {
+    uint64_t last = *s->clock_last_block;
+    const block_t *e = block_slot(s, (uint32_t)last);
+    int64_t n = 0;
+    int in = 0;
+    uint32_t k;
+    if (e->n == 0 || e->address != last) {
+        if (e->ambiguous || last > 0xFFFFFFFFu) {
+            s->misses++;
+            return 0;
+        }
+        *out = 0;                          /* no entry: _retired returns at once */
+        return 1;
+    }
+    for (k = 0; k < e->n; k++) {
+        uint64_t a = e->first + (uint64_t)e->offset[k];
+        if (a == eip) in = 1;
+        if (e->first <= eip && eip < e->end && a > eip) n++;
+    }
+    *out = in ? n : n - 1;
+    return 1;
+}
+
+/* -- the instruction's bytes: the guest's tables read with no side effect (Mmu.fetch_bytes) -------- */
+static int ram32(const trapfast_t *s, uint64_t gpa, uint32_t *out) {
+    if (gpa + 4 > s->ram_bytes) return 0;
+    memcpy(out, s->ram + gpa, 4);
+    return 1;
+}
+
+/* 1 and `n` bytes at `eip` when the whole 15-byte window TrapVcpu._trap_site reads is in one present
+ * page of guest RAM (32-bit paging, 4 KiB or 4 MiB pages, or paging off). */
+static int code_at(const trapfast_t *s, uint32_t eip, uint8_t *out, uint32_t n) {
+    uint32_t cr0 = s->crs[0], cr3 = s->crs[1], cr4 = s->crs[2];
+    uint64_t gpa;
+    if ((eip & 0xFFFu) > 0x1000u - 15u) return 0;
+    if (!(cr0 & CR0_PG)) {
+        gpa = eip;
+    } else {
+        uint32_t pde, pte;
+        if (cr4 & CR4_PAE) return 0;
+        if (!ram32(s, (cr3 & 0xFFFFF000u) | ((eip >> 20) & 0xFFCu), &pde) || !(pde & 1)) return 0;
+        if ((pde & 0x80u) && (cr4 & CR4_PSE)) {
+            if (pde & 0x3FE000u) return 0;  /* PSE-36 high bits or the reserved bit: Python's walk decides */
+            gpa = (pde & 0xFFC00000u) | (eip & 0x3FFFFFu);
+        } else {
+            if (!ram32(s, (pde & 0xFFFFF000u) | ((eip >> 10) & 0xFFCu), &pte) || !(pte & 1)) return 0;
+            gpa = (pte & 0xFFFFF000u) | (eip & 0xFFFu);
+        }
+    }
+    if (gpa + 15 > s->ram_bytes) return 0;
+    memcpy(out, s->ram + gpa, n);
+    return 1;
+}
+
+/* -- mov to CR0/CR4: EmulatingVcpu.write_cr when it only stores the value ------------------------------ */
+static int write_cr_plain(trapfast_t *s, int cr4, uint32_t value) {
+    uint32_t *slot = &s->crs[cr4 ? 2 : 0];
+    uint32_t old = *slot, new = cr4 ? value : (value | CR0_ET);
+    uint32_t allowed = cr4 ? CR4_PGE : CR0_WP;
+    if ((old ^ new) & ~allowed) return 0;                       /* PG, PE, PAE, PSE...: Python's */
+    if (cr4 && (value & ~old & s->cr4_reserved)) return 0;      /* #GP: Python's */
+    if (old != new) {
+        /* flush_guest_tlb(rules_changed=False): ShadowPaging.tlb_flush must find nothing to do */
+        if (!s->shadow_ok) return 0;
+        if (!cr4 && (new & CR0_WP) && s->wp_granted) return 0;
+        s->rtlb_gen++;
+    }
+    *slot = new;
+    return 1;
+}
+
+static int rd(trapfast_t *s, void *uc, int reg, uint64_t *v) {
+    *v = 0;
+    return s->reg_read(uc, reg, v) == 0;
+}
+
+void trapfast_intr_hook(void *uc, uint32_t intno, void *user_data) {
+    trapfast_t *s = (trapfast_t *)user_data;
+    uint64_t cs, eflags, eip, value = 0, next;
+    uint8_t code[3];
+    int32_t is_int, minus1 = -1;
+    int64_t unretire = 0;
+    int kind, size, reg = -1, to_cr = 0;
+    if (intno != 13 || !s->enabled) goto python;
+    memcpy(&is_int, s->env + s->off_is_int, 4);
+    if (is_int) goto python;
+    if (!rd(s, uc, s->r_cs, &cs) || (cs & 3) != 1) goto python;
+    if (!rd(s, uc, s->r_eflags, &eflags) || (eflags & EFLAGS_VM)) goto python;
+    if (!rd(s, uc, s->r_eip, &eip)) goto python;
+    if (!code_at(s, (uint32_t)eip, code, 3)) goto python;
+    if (code[0] == 0xFA) {
+        kind = K_CLI, size = 1;
+    } else if (code[0] == 0xFB) {
+        if (*s->clock_watch_if) goto python;   /* an interrupt waits for this window: Python's */
+        kind = K_STI, size = 1;
+    } else if (code[0] == 0x0F && code[1] == 0x06) {
+        kind = K_CLTS, size = 2;
+    } else if (code[0] == 0x0F && (code[1] == 0x20 || code[1] == 0x22) && (code[2] >> 6) == 3) {
+        int n = (code[2] >> 3) & 7;
+        if (n != 0 && n != 4) goto python;
+        kind = n ? K_MOV_CR4 : K_MOV_CR0, size = 3;
+        reg = code[2] & 7;
+        to_cr = code[1] == 0x22;
+    } else {
+        goto python;
+    }
+    if (!s->seen[kind] || !retired(s, (uint32_t)eip, &unretire)) goto python;
+    if (to_cr) {
+        if (!rd(s, uc, s->r_gpr[reg], &value)) goto python;
+        if (!write_cr_plain(s, kind == K_MOV_CR4, (uint32_t)value)) goto python;   /* nothing changed */
+    }
+    /* From here on the trap is ours: FaultState.take's escalation fix, then the emulation. */
+    memcpy(s->env + s->off_old_exception, &minus1, 4);
+    next = (uint32_t)(eip + size);
+    switch (kind) {
+    case K_CLI:
+        eflags &= ~(uint64_t)EFLAGS_IF;
+        s->reg_write(uc, s->r_eflags, &eflags);
+        s->reg_write(uc, s->r_eip, &next);
+        break;
+    case K_STI: {
+        uint64_t set = eflags | EFLAGS_IF;
+        s->reg_write(uc, s->r_eflags, &set);
+        s->reg_write(uc, s->r_eip, &next);
+        if (!(eflags & EFLAGS_IF)) {           /* SegmentLoadingVcpu.set_interrupt_shadow */
+            uint32_t hf;
+            memcpy(&hf, s->env + s->off_hflags, 4);
+            hf |= HF_INHIBIT_IRQ;
+            memcpy(s->env + s->off_hflags, &hf, 4);
+        }
+        break;
+    }
+    case K_CLTS:
+        s->crs[0] &= ~CR0_TS;
+        s->reg_write(uc, s->r_eip, &next);
+        break;
+    default:
+        if (!to_cr) {
+            value = s->crs[kind == K_MOV_CR4 ? 2 : 0];
+            s->reg_write(uc, s->r_gpr[reg], &value);
+        }
+        s->reg_write(uc, s->r_eip, &next);
+        break;
+    }
+    *s->clock_now -= (uint64_t)unretire;       /* VirtualClock.unretire */
+    if (*s->clock_watch_if && !*s->clock_check_if) *s->clock_check_if = 1;   /* if_may_have_changed */
+    s->count[kind]++;
+    s->pending++;
+    s->answered++;
+    return;
+python:
+    s->to_python++;
+    s->python_intr(uc, intno, NULL);
+}
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_trapfast", NULL, -1, NULL};
+
+PyMODINIT_FUNC PyInit__trapfast(void) { return PyModule_Create(&module); }
