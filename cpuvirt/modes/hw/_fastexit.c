@@ -90,13 +90,15 @@ typedef struct {
     block_site_t sites[BLOCK_SITES];
     uint32_t invlpg_exiting, cr3_store_exiting;   /* primary controls, copied when armed */
     uint64_t read_total;         /* INVLPG and MOV from CR2/CR3 answered here (nothing to do) */
+    uint64_t io_gate_total;      /* in/out/ins/outs at CPL 0 passed by the I/O gate here */
 } fastexit_t;
 
 typedef struct {
     fastexit_t *s;
     code_python_fn python;
     uint32_t size;           /* 0: always Python */
-    int32_t cr;              /* 0, 3 or 4; -1: a pause; -2: an invlpg; 0x102, 0x103: a MOV from CR2, CR3 */
+    int32_t cr;              /* 0, 3 or 4; -1: a pause; -2: an invlpg; 0x102, 0x103: a MOV from CR2, CR3;
+                              * -3: an in/out/ins/outs (the I/O permission gate) */
     int32_t src_reg;         /* Unicorn register id of the source GPR */
     uint32_t pad;
     uint64_t passed;
@@ -196,6 +198,17 @@ void fastexit_cr_hook(void *uc, uint64_t address, uint32_t size, void *user_data
     if (!s->armed || size != site->size || size > 16) goto python;
     if (s->context_save(uc, s->context)) goto python;
     memcpy(&hflags, s->context_hflags, 4);
+    if (site->cr == -3) {
+        /* The I/O permission check before an in/out (cpu/vcpu.py io_gate) always passes at CPL 0 in
+         * protected mode outside V86 (CS.RPL = 0): nothing to do; the I/O exit, if any, follows in the
+         * engine's IN/OUT hook. Elsewhere, or other bytes at the site: Python. */
+        if ((hflags & (HF_PE | HF_VM | HF_CPL_MASK)) != HF_PE) goto python;
+        if (!s->peek(s->peek_state, uc, (uint32_t)address, size, now) || memcmp(now, site->bytes, size)) goto python;
+        s->io_gate_total++;
+        if (*s->clock_watch_if && !*s->clock_check_if) *s->clock_check_if = 1;   /* as Python's hit */
+        site->passed++;
+        return;
+    }
     /* 32-bit protected mode at CPL 0, no interrupt shadow (Python clears it when it skips) */
     if ((hflags & (HF_PE | HF_VM | HF_CS32 | HF_CPL_MASK | HF_INHIBIT_IRQ)) != (HF_PE | HF_CS32)) goto python;
     if (s->reg_read(uc, s->eip, &eip) || (uint32_t)eip != (uint32_t)address) goto python;

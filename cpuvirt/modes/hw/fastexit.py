@@ -31,6 +31,7 @@ from unicorn import x86_const as X
 from unicorn.unicorn_py3 import unicorn as _ucmod
 
 from cpuvirt.cpu.ssealign import _short_context
+from cpuvirt.cpu.vcpu import IO_INSTRUCTIONS
 from cpuvirt.engine import regs as R
 from cpuvirt.engine.cext import add_c_hook, load
 from cpuvirt.engine.cpuid import _Leaf
@@ -105,6 +106,7 @@ class _State(ctypes.Structure):
         ("invlpg_exiting", ctypes.c_uint32),
         ("cr3_store_exiting", ctypes.c_uint32),
         ("read_total", ctypes.c_uint64),
+        ("io_gate_total", ctypes.c_uint64),
     ]
 
 
@@ -193,6 +195,8 @@ class FastExits:
         )
         uc._callbacks[handle] = self
         self._sites: dict[int, tuple] = {}
+        self._quiet = lib.fastexit_quiet
+        self._quiet.argtypes = (ctypes.c_void_p,)
         self._vapic: object = None  # the VirtualApic whose page the C path reads
         self._vapic_page: ctypes.c_char | None = None  # that page, kept exported while C reads it
 
@@ -225,6 +229,10 @@ class FastExits:
 
     def disarm(self) -> None:
         self._state.armed = 0
+
+    def quiet(self) -> bool:
+        """Would a VM entry now change nothing? (fastexit_quiet: armed, the virtual-APIC page in step.)"""
+        return bool(self._quiet(self._addr))
 
     def quiet_function(self) -> tuple[int, int]:
         """(address of fastexit_quiet, of its state): would a VM entry now change nothing?"""
@@ -276,6 +284,8 @@ class FastExits:
             return False
         if mnem == "pause":
             cr, src = -1, 0
+        elif mnem in IO_INSTRUCTIONS and self.vcpu.quick_io:  # the I/O gate's CPL-0 pass
+            cr, src = -3, 0
         elif mnem == "invlpg":
             cr, src = -2, 0
         elif mnem == "mov" and ops.startswith(("cr0,", "cr3,", "cr4,")):
@@ -319,6 +329,11 @@ class FastExits:
         """(rdtsc, pause) answered in C."""
         st = self._state
         return st.rdtsc_total, st.pause_total
+
+    @property
+    def io_gate_passed(self) -> int:
+        """in/out/ins/outs at CPL 0 let through the I/O permission gate in C."""
+        return self._state.io_gate_total
 
     @property
     def reads_passed(self) -> int:
