@@ -1,5 +1,6 @@
-"""hw's quick I/O exit (VmxCpu._quick_io_exit) and the I/O gate's CPL-0 pass in C (_fastexit.c) leave what the
-full IO_INSTRUCTION exit leaves (VmxCpu._io_exit through vm_exit and vm_entry).
+"""hw's quick I/O exit (VmxCpu._quick_io_exit, reached from _fastexit.c's in/out hooks, which decide whether an
+access exits) and the I/O gate's CPL-0 pass in C leave what the full IO_INSTRUCTION exit leaves
+(VmxCpu._io_exit through vm_exit and vm_entry).
 
 Each guest runs with the quick path and without it (VmxCpu.quick_io, the CPUVIRT_NO_QUICK_IO switch), and
 everything a reader can see must be the same byte for byte: the console, instructions, virtual time, event
@@ -18,6 +19,7 @@ import sys
 
 import pytest
 
+from cpuvirt.cpu.vcpu import Vcpu
 from cpuvirt.modes.hw import vmx
 from cpuvirt.modes.hw.exits import ExitReason
 from cpuvirt.modes.hw.vmcs import Field as F
@@ -41,10 +43,9 @@ def _run(image, monkeypatch, quick: bool, controls=(), trace_path=None):
     the clock, the value the guest gets."""
     seen = []
     cpus = []
-    original = vmx.VmxCpu.port_io
+    exit_for_io, device_io = vmx.VmxCpu._exit_for_io, Vcpu.port_io
 
-    def port_io(self, port, size, is_in, value=0):
-        result = original(self, port, size, is_in, value)
+    def record(self, port, size, is_in, value, result):
         self.fold_fast_exits()
         v = self.vmcs._values
         seen.append((
@@ -56,7 +57,14 @@ def _run(image, monkeypatch, quick: bool, controls=(), trace_path=None):
         ))
         return result
 
-    monkeypatch.setattr(vmx.VmxCpu, "port_io", port_io)
+    def exit_io(self, port, size, is_in, value):  # an access that exits (from Python's hook or C's)
+        return record(self, port, size, is_in, value, exit_for_io(self, port, size, is_in, value))
+
+    def no_exit_io(self, port, size, is_in, value=0):  # one that does not (VmxCpu.port_io -> super())
+        return record(self, port, size, is_in, value, device_io(self, port, size, is_in, value))
+
+    monkeypatch.setattr(vmx.VmxCpu, "_exit_for_io", exit_io)
+    monkeypatch.setattr(Vcpu, "port_io", no_exit_io)
     monkeypatch.setattr(vmx.VmxCpu, "quick_io", quick)
     res = run_guest(str(image), "hw", trace_path=trace_path, on_start=lambda hv: cpus.append(hv.vcpu),
                     mode_options={"vmx": list(controls)})
@@ -100,6 +108,8 @@ CASES = {
     "bitmap: 0x80, 0x40, 0x3fd": (("unconditional_io_exiting=0", "io_bitmap=0x80,0x40,0x3fd"), 300 * 4, False, True),
     "bitmap: 0x7fff, 0xffff": (("unconditional_io_exiting=0", "io_bitmap=0x7fff,0xffff"), 1200, True, False),
     "bitmaps on, no port set": (("unconditional_io_exiting=0", "use_io_bitmaps=1"), 0, True, False),
+    "no I/O exiting at all": (("unconditional_io_exiting=0",), 0, True, False),
+    "shadow paging (no EPT)": (("enable_ept=0",), 300 * 15, False, True),
 }
 
 
@@ -111,6 +121,7 @@ def test_quick_io_exits_leave_what_the_full_exit_leaves(case, quick_io, monkeypa
     _same(quick, slow)
     assert b"PASS" in quick[0].console
     assert quick[2].quick_io_exits >= least and slow[2].quick_io_exits == 0
+    assert quick[2].fast_exits.io_exits_seen >= least and slow[2].fast_exits.io_exits_seen == 0
     io_exits = quick[2].stats[ExitReason.IO_INSTRUCTION]
     if string_exits:
         assert quick[2].quick_io_exits <= io_exits - 300
@@ -177,3 +188,29 @@ def test_io_from_ring_3_and_v86_is_still_checked(guest, test_guest, monkeypatch)
     slow = _run(image, monkeypatch, False)
     _same(quick, slow)
     assert b"FAIL" not in quick[0].console and b"PASS" in quick[0].console
+
+
+def test_a_control_written_by_the_hypervisor_reaches_the_c_hooks(quick_io, monkeypatch):
+    """The first I/O exit's handler clears "unconditional I/O exiting" and puts the default handler back:
+    no access exits after it, whether C or Python decides."""
+
+    def start(hv):
+        handlers = hv.vcpu.hypervisor.handlers
+        default = handlers[ExitReason.IO_INSTRUCTION]
+
+        def handle_io(x):
+            default(x)
+            hv.vcpu.set_ctl("unconditional_io_exiting", False)
+            handlers[ExitReason.IO_INSTRUCTION] = default
+
+        handlers[ExitReason.IO_INSTRUCTION] = handle_io
+
+    runs = []
+    for quick in (True, False):
+        monkeypatch.setattr(vmx.VmxCpu, "quick_io", quick)
+        cpus = []
+        res = run_guest(str(quick_io), "hw", on_start=lambda hv: (start(hv), cpus.append(hv.vcpu)))
+        assert res.outcome == "exit" and res.status == 0
+        runs.append((res.console, res.icount, res.vtime, res.counts, dict(cpus[0].stats)))
+    assert runs[0] == runs[1]
+    assert runs[0][4][ExitReason.IO_INSTRUCTION] == 1

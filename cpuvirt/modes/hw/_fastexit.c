@@ -15,6 +15,9 @@
  *   without CR3-load exiting is left to the engine, as Python leaves it; so is a PAUSE without PAUSE
  *   exiting (kvm-unit-tests' delay loops).
  * - RDTSC without RDTSC exiting reads the virtual clock (plus TSC_OFFSET with TSC offsetting).
+ * - IN/OUT: whether an access exits (unconditional I/O exiting, or the I/O bitmaps) is decided here from
+ *   the controls copied when armed; an exit goes to Python's quick I/O exit (the device models are
+ *   Python), anything else to the Python hooks. The I/O-permission gate before an in/out passes CPL 0.
  *
  * Python arms the C path at the end of each VM entry it makes (its APIC-virtualization sync done), and
  * disarms it whenever something the C path copies may change (a vmwrite, the emulated APIC, a trace or
@@ -35,6 +38,9 @@ typedef int (*peek_fn)(void *state, void *uc, uint32_t gva, uint32_t n, uint8_t 
 typedef int (*cpuid_python_fn)(void *uc, void *user_data);
 typedef void (*code_python_fn)(void *uc, uint64_t address, uint32_t size, void *user_data);
 typedef int (*rdtsc_python_fn)(void *uc, void *user_data);
+typedef uint32_t (*in_python_fn)(void *uc, uint32_t port, int size, void *user_data);
+typedef void (*out_python_fn)(void *uc, uint32_t port, int size, uint32_t value, void *user_data);
+typedef uint32_t (*io_exit_python_fn)(uint32_t port, uint32_t size, uint32_t is_in, uint32_t value);
 
 #define MAX_LEAVES 16
 #define BLOCK_SITES 256
@@ -91,6 +97,17 @@ typedef struct {
     uint32_t invlpg_exiting, cr3_store_exiting;   /* primary controls, copied when armed */
     uint64_t read_total;         /* INVLPG and MOV from CR2/CR3 answered here (nothing to do) */
     uint64_t io_gate_total;      /* in/out/ins/outs at CPL 0 passed by the I/O gate here */
+    /* I/O exits (fastexit_in_hook, fastexit_out_hook) */
+    in_python_fn in_python;          /* the guarded Python hooks (Vcpu.hook_in, hook_out) */
+    out_python_fn out_python;
+    io_exit_python_fn io_exit_python;    /* VmxCpu.io_exit_hook: an access that exits */
+    uint32_t quick_io;               /* VmxCpu.quick_io */
+    uint32_t io_bitmaps;             /* "use I/O bitmaps", copied when armed */
+    uint32_t unconditional_io;       /* "unconditional I/O exiting", copied when armed */
+    uint32_t pad3;
+    const uint8_t *io_bitmap_a;      /* the bitmap pages in the hypervisor's memory, when armed */
+    const uint8_t *io_bitmap_b;
+    uint64_t io_exit_total;          /* I/O exits decided here (handed to io_exit_python) */
 } fastexit_t;
 
 typedef struct {
@@ -257,6 +274,40 @@ done:
     return;
 python:
     site->python(uc, address, size, NULL);
+}
+
+/* Does an access to `size` ports from `port` exit (SDM 25.1.3)? With I/O bitmaps, a bit set for any port
+ * it touches, the port space wrapping at 0xFFFF; without, unconditional I/O exiting. (vmx.py _io_exits) */
+static int io_exits(const fastexit_t *s, uint32_t port, int size) {
+    int i;
+    uint32_t p;
+    if (!s->io_bitmaps) return s->unconditional_io != 0;
+    for (i = 0; i < size; i++) {
+        p = (port + (uint32_t)i) & 0xFFFFu;
+        if (((p < 0x8000u ? s->io_bitmap_a : s->io_bitmap_b)[(p & 0x7FFFu) >> 3] >> (p & 7u)) & 1u) return 1;
+    }
+    return 0;
+}
+
+/* UC_HOOK_INSN (UC_X86_INS_IN, UC_X86_INS_OUT): an access that exits goes to the exit's Python (which
+ * does the quick exit or the full one); anything else, or while disarmed, to the Python hooks. */
+uint32_t fastexit_in_hook(void *uc, uint32_t port, int size, void *user_data) {
+    fastexit_t *s = (fastexit_t *)user_data;
+    if (s->armed && s->quick_io && io_exits(s, port, size)) {
+        s->io_exit_total++;
+        return s->io_exit_python(port, (uint32_t)size, 1, 0);
+    }
+    return s->in_python(uc, port, size, NULL);
+}
+
+void fastexit_out_hook(void *uc, uint32_t port, int size, uint32_t value, void *user_data) {
+    fastexit_t *s = (fastexit_t *)user_data;
+    if (s->armed && s->quick_io && io_exits(s, port, size)) {
+        s->io_exit_total++;
+        s->io_exit_python(port, (uint32_t)size, 0, value);
+        return;
+    }
+    s->out_python(uc, port, size, value, NULL);
 }
 
 /* UC_HOOK_INSN (UC_X86_INS_RDTSC): the virtual clock, plus TSC_OFFSET with TSC offsetting, when RDTSC

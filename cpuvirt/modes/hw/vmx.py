@@ -198,11 +198,14 @@ class VmxCpu(Vcpu):
         """At the run's start (a trace is attached after the mode is built): the events that cause no VM
         exit, `int n`, faults whose exception-bitmap bit is clear, a guest #PF that PFEC_MASK/MATCH do
         not send out, delivered through the guest IDT in C (cpu/_delivery.c) as the processor would;
-        and the common iret, and the reads of guest code, in C too (as native has them)."""
+        and the common iret, and the reads of guest code, in C too (as native has them). And the in/out
+        hooks in C (fastexit.py hook_port_io), which decide whether an access exits."""
+        fx = self.fast_exits
+        if fx is not None and self.quick_io and self.trace is None:
+            self._port_hooks = fx.hook_port_io(self._port_hooks)
         fast = self._fast_delivery
         if fast is None or not self.events_in_c or self.trace is not None or self.mmu.traces.frames:
             return
-        fx = self.fast_exits
         if fx is not None:
             fast.set_quiet(*fx.quiet_function())
         fast.install_intr(self)
@@ -630,12 +633,30 @@ class VmxCpu(Vcpu):
         """IN/OUT in non-root operation: an IO_INSTRUCTION exit when the controls say so (SDM 25.1.3)."""
         if not self._io_exits(port, size):
             return super().port_io(port, size, is_in, value)  # straight to the device
+        return self._exit_for_io(port, size, is_in, value)
+
+    def _exit_for_io(self, port: int, size: int, is_in: bool, value: int) -> int:
+        """An access the controls make exit: the quick exit when it may be, else the full one."""
         site = self.io_site()
         if self.quick_io and self._quick_io_ready():
             result = self._quick_io_exit(port, size, is_in, value, site)
             if result is not None:
                 return result
         return self._io_exit(port, size, is_in, value, site)
+
+    @hook_guard(returns=0)
+    def io_exit_hook(self, port: int, size: int, is_in: int, value: int) -> int:
+        """Called by _fastexit.c's in/out hooks for an access they found to exit (the controls and bitmaps
+        they copied when armed): hook_in / hook_out without port_io's own test."""
+        if self.outcome is not None:
+            return 0
+        self.mmu.crs = None
+        if is_in:
+            return self._exit_for_io(port, size, True, value)
+        self._exit_for_io(port, size, False, value)
+        if self.outcome is not None:
+            self.uc.emu_stop()
+        return 0
 
     def _io_exit(self, port: int, size: int, is_in: bool, value: int, site: tuple[int, int]) -> int:
         """The IO_INSTRUCTION exit through vm_exit: the handler, then the VM entry."""
