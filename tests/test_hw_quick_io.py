@@ -40,30 +40,38 @@ EXIT_FIELDS = (
 
 def _run(image, monkeypatch, quick: bool, controls=(), trace_path=None):
     """The run, and after every port access (exit or not) what a reader sees: the exit fields, the counters,
-    the clock, the value the guest gets."""
+    the clock, the value the guest gets. After a quick exit handed over by C, the VM entry (if any) is made
+    by C after Python returns (VmxCpu.io_entry): the record is taken again after it."""
     seen = []
     cpus = []
-    exit_for_io, device_io = vmx.VmxCpu._exit_for_io, Vcpu.port_io
+    exit_for_io, device_io, io_entry = vmx.VmxCpu._exit_for_io, Vcpu.port_io, vmx.VmxCpu.io_entry
 
-    def record(self, port, size, is_in, value, result):
+    def snapshot(self):
         self.fold_fast_exits()
         v = self.vmcs._values
-        seen.append((
-            port, size, is_in, value, result,
+        return (
             tuple(v[f] for f in EXIT_FIELDS),
             self.exits, self.counts["vmexit"], self.counts["io"],
             tuple(sorted((int(r), n) for r, n in self.stats.items())),
             self.clock.now, self.clock.instructions,
-        ))
+        )
+
+    def record(self, port, size, is_in, value, result):
+        seen.append((port, size, is_in, value, result) + snapshot(self))
         return result
 
-    def exit_io(self, port, size, is_in, value):  # an access that exits (from Python's hook or C's)
-        return record(self, port, size, is_in, value, exit_for_io(self, port, size, is_in, value))
+    def exit_io(self, port, size, is_in, value, from_c=0):  # an access that exits (from Python's hook or C's)
+        return record(self, port, size, is_in, value, exit_for_io(self, port, size, is_in, value, from_c))
+
+    def entry(self):
+        io_entry(self)
+        seen[-1] = seen[-1][:5] + snapshot(self)
 
     def no_exit_io(self, port, size, is_in, value=0):  # one that does not (VmxCpu.port_io -> super())
         return record(self, port, size, is_in, value, device_io(self, port, size, is_in, value))
 
     monkeypatch.setattr(vmx.VmxCpu, "_exit_for_io", exit_io)
+    monkeypatch.setattr(vmx.VmxCpu, "io_entry", entry)
     monkeypatch.setattr(Vcpu, "port_io", no_exit_io)
     monkeypatch.setattr(vmx.VmxCpu, "quick_io", quick)
     res = run_guest(str(image), "hw", trace_path=trace_path, on_start=lambda hv: cpus.append(hv.vcpu),
@@ -214,3 +222,34 @@ def test_a_control_written_by_the_hypervisor_reaches_the_c_hooks(quick_io, monke
         runs.append((res.console, res.icount, res.vtime, res.counts, dict(cpus[0].stats)))
     assert runs[0] == runs[1]
     assert runs[0][4][ExitReason.IO_INSTRUCTION] == 1
+
+
+def test_an_access_that_disarms_gets_its_vm_entry(quick_io, monkeypatch):
+    """A device access that makes the next VM entry do something (here: the POST port's write disarms the C
+    paths, as an APIC change does) gets the entry after a quick exit (VmxCpu.io_entry, called by C), which
+    arms again: the following exits are quick ones too, and everything is as without the quick exit."""
+    from cpuvirt.machine.post import PostPort
+
+    entries = []
+    io_entry = vmx.VmxCpu.io_entry
+
+    def write(self, port, size, value):
+        for cpu in cpus:
+            cpu.fast_exits.disarm()
+
+    def counted_entry(self):
+        entries.append(1)
+        io_entry(self)
+
+    cpus = []
+    monkeypatch.setattr(PostPort, "write", write)
+    monkeypatch.setattr(vmx.VmxCpu, "io_entry", counted_entry)
+    runs = []
+    for quick in (True, False):
+        monkeypatch.setattr(vmx.VmxCpu, "quick_io", quick)
+        cpus.clear()
+        res = run_guest(str(quick_io), "hw", on_start=lambda hv: cpus.append(hv.vcpu))
+        assert res.outcome == "exit" and res.status == 0
+        runs.append((res.console, res.icount, res.vtime, res.counts, dict(cpus[0].stats), cpus[0].quick_io_exits))
+    assert runs[0][:5] == runs[1][:5]
+    assert len(entries) >= 2 * 300 and runs[0][5] >= 300 * 15  # each out to 0x80 (not rep outsb): an entry

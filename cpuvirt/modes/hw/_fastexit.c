@@ -40,7 +40,8 @@ typedef void (*code_python_fn)(void *uc, uint64_t address, uint32_t size, void *
 typedef int (*rdtsc_python_fn)(void *uc, void *user_data);
 typedef uint32_t (*in_python_fn)(void *uc, uint32_t port, int size, void *user_data);
 typedef void (*out_python_fn)(void *uc, uint32_t port, int size, uint32_t value, void *user_data);
-typedef uint32_t (*io_exit_python_fn)(uint32_t port, uint32_t size, uint32_t is_in, uint32_t value);
+typedef uint32_t (*io_exit_python_fn)(uint32_t port, uint32_t size, uint32_t flags, uint32_t value);
+typedef void (*io_entry_python_fn)(void);
 
 #define MAX_LEAVES 16
 #define BLOCK_SITES 256
@@ -108,6 +109,12 @@ typedef struct {
     const uint8_t *io_bitmap_a;      /* the bitmap pages in the hypervisor's memory, when armed */
     const uint8_t *io_bitmap_b;
     uint64_t io_exit_total;          /* I/O exits decided here (handed to io_exit_python) */
+    uint64_t *clock_now_w;           /* the clock's now and extra (VirtualClock.advance) */
+    uint64_t *clock_extra;
+    uint64_t io_cycles;              /* the virtual time of a port access (cpu/vcpu.py IO_CYCLES) */
+    io_entry_python_fn io_entry_python;  /* VmxCpu.io_entry: the VM entry after a quick exit */
+    uint32_t quick_done;             /* set by Python when it made the quick exit (no entry yet) */
+    uint32_t pad4;
 } fastexit_t;
 
 typedef struct {
@@ -289,22 +296,33 @@ static int io_exits(const fastexit_t *s, uint32_t port, int size) {
     return 0;
 }
 
+/* An access that exits: its virtual time spent here (Python takes it back if the run has ended), then
+ * Python's exit (flags: 1 = in, 2 = CPUID exits to fold first), then the VM entry only if the quick exit
+ * was made and the entry would change something (what VmxCpu._quick_io_exit does in Python). */
+static uint32_t io_exit(fastexit_t *s, uint32_t port, int size, uint32_t is_in, uint32_t value) {
+    uint32_t r;
+    s->io_exit_total++;
+    *s->clock_now_w += s->io_cycles;
+    *s->clock_extra += s->io_cycles;
+    s->quick_done = 0;
+    r = s->io_exit_python(port, (uint32_t)size, is_in | (s->cpuid_exits ? 2u : 0u), value);
+    if (s->quick_done && !(s->armed && vapic_quiet(s))) s->io_entry_python();
+    s->quick_done = 0;
+    return r;
+}
+
 /* UC_HOOK_INSN (UC_X86_INS_IN, UC_X86_INS_OUT): an access that exits goes to the exit's Python (which
  * does the quick exit or the full one); anything else, or while disarmed, to the Python hooks. */
 uint32_t fastexit_in_hook(void *uc, uint32_t port, int size, void *user_data) {
     fastexit_t *s = (fastexit_t *)user_data;
-    if (s->armed && s->quick_io && io_exits(s, port, size)) {
-        s->io_exit_total++;
-        return s->io_exit_python(port, (uint32_t)size, 1, 0);
-    }
+    if (s->armed && s->quick_io && io_exits(s, port, size)) return io_exit(s, port, size, 1, 0);
     return s->in_python(uc, port, size, NULL);
 }
 
 void fastexit_out_hook(void *uc, uint32_t port, int size, uint32_t value, void *user_data) {
     fastexit_t *s = (fastexit_t *)user_data;
     if (s->armed && s->quick_io && io_exits(s, port, size)) {
-        s->io_exit_total++;
-        s->io_exit_python(port, (uint32_t)size, 0, value);
+        io_exit(s, port, size, 0, value);
         return;
     }
     s->out_python(uc, port, size, value, NULL);

@@ -38,7 +38,7 @@ from unicorn import x86_const as X
 from unicorn.unicorn_py3 import unicorn as _ucmod
 
 from cpuvirt.cpu.ssealign import _short_context
-from cpuvirt.cpu.vcpu import IO_INSTRUCTIONS
+from cpuvirt.cpu.vcpu import IO_CYCLES, IO_INSTRUCTIONS
 from cpuvirt.engine import regs as R
 from cpuvirt.engine.cext import add_c_hook, load
 from cpuvirt.engine.cpuid import _Leaf
@@ -49,6 +49,7 @@ from cpuvirt.x86.sysreg import mov_system_register
 
 _RDTSC_CB = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
 _IO_EXIT_CB = ctypes.CFUNCTYPE(ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32)
+_IO_ENTRY_CB = ctypes.CFUNCTYPE(None)
 
 MAX_LEAVES = 16
 BLOCK_SITES = 256
@@ -126,6 +127,12 @@ class _State(ctypes.Structure):
         ("io_bitmap_a", ctypes.c_void_p),
         ("io_bitmap_b", ctypes.c_void_p),
         ("io_exit_total", ctypes.c_uint64),
+        ("clock_now_w", ctypes.c_void_p),
+        ("clock_extra", ctypes.c_void_p),
+        ("io_cycles", ctypes.c_uint64),
+        ("io_entry_python", ctypes.c_void_p),
+        ("quick_done", ctypes.c_uint32),
+        ("pad4", ctypes.c_uint32),
     ]
 
 
@@ -215,6 +222,9 @@ class FastExits:
         base = ctypes.addressof(clock)
         st.clock_last_block = base + type(clock).last_block.offset
         st.clock_now = base + type(clock).now.offset
+        st.clock_now_w = st.clock_now
+        st.clock_extra = base + type(clock).extra.offset
+        st.io_cycles = IO_CYCLES
         st.clock_watch_if = base + type(clock).watch_if.offset
         st.clock_check_if = base + type(clock).check_if.offset
         st.eax, st.ebx, st.ecx, st.edx = X.UC_X86_REG_EAX, X.UC_X86_REG_EBX, X.UC_X86_REG_ECX, X.UC_X86_REG_EDX
@@ -299,9 +309,10 @@ class FastExits:
             HOOK_INSN_IN_CFUNC(_guarded_in(vcpu)),
             HOOK_INSN_OUT_CFUNC(_guarded_out(vcpu)),
             _IO_EXIT_CB(vcpu.io_exit_hook),
+            _IO_ENTRY_CB(vcpu.io_entry),
         )
         addresses = [ctypes.cast(cb, ctypes.c_void_p).value for cb in self._port_cbs]
-        st.in_python, st.out_python, st.io_exit_python = addresses
+        st.in_python, st.out_python, st.io_exit_python, st.io_entry_python = addresses
         handles = []
         lib = self._lib
         for fn, insn in ((lib.fastexit_in_hook, X.UC_X86_INS_IN), (lib.fastexit_out_hook, X.UC_X86_INS_OUT)):
@@ -309,6 +320,10 @@ class FastExits:
             vcpu.uc._callbacks[h] = self
             handles.append(h)
         return handles[0], handles[1]
+
+    def quick_exit_made(self) -> None:
+        """Python made the quick exit of the access C handed it: C makes the entry check (fastexit_quiet)."""
+        self._state.quick_done = 1
 
     @property
     def io_exits_seen(self) -> int:

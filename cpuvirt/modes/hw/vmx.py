@@ -635,32 +635,45 @@ class VmxCpu(Vcpu):
             return super().port_io(port, size, is_in, value)  # straight to the device
         return self._exit_for_io(port, size, is_in, value)
 
-    def _exit_for_io(self, port: int, size: int, is_in: bool, value: int) -> int:
-        """An access the controls make exit: the quick exit when it may be, else the full one."""
+    def _exit_for_io(self, port: int, size: int, is_in: bool, value: int, from_c: int = 0) -> int:
+        """An access the controls make exit: the quick exit when it may be, else the full one. `from_c`:
+        _fastexit.c's hook spent the access's time already (bit 0) and has CPUID exits to fold (bit 1),
+        and makes the entry check after a quick exit."""
         site = self.io_site()
         if self.quick_io and self._quick_io_ready():
-            result = self._quick_io_exit(port, size, is_in, value, site)
+            result = self._quick_io_exit(port, size, is_in, value, site, from_c)
             if result is not None:
                 return result
-        return self._io_exit(port, size, is_in, value, site)
+        return self._io_exit(port, size, is_in, value, site, from_c)
 
     @hook_guard(returns=0)
-    def io_exit_hook(self, port: int, size: int, is_in: int, value: int) -> int:
+    def io_exit_hook(self, port: int, size: int, flags: int, value: int) -> int:
         """Called by _fastexit.c's in/out hooks for an access they found to exit (the controls and bitmaps
-        they copied when armed): hook_in / hook_out without port_io's own test."""
+        they copied when armed), its time spent: hook_in / hook_out without port_io's own test. flags:
+        1 = in, 2 = CPUID exits answered in C since the last fold."""
         if self.outcome is not None:
+            self.clock.advance(-IO_CYCLES)  # as hook_in: nothing once the run has ended
             return 0
         self.mmu.crs = None
-        if is_in:
-            return self._exit_for_io(port, size, True, value)
-        self._exit_for_io(port, size, False, value)
+        from_c = 1 | (flags & 2)
+        if flags & 1:
+            return self._exit_for_io(port, size, True, value, from_c)
+        self._exit_for_io(port, size, False, value, from_c)
         if self.outcome is not None:
             self.uc.emu_stop()
         return 0
 
-    def _io_exit(self, port: int, size: int, is_in: bool, value: int, site: tuple[int, int]) -> int:
+    @hook_guard()
+    def io_entry(self) -> None:
+        """The VM entry after a quick exit C handed Python, when fastexit_quiet says it changes something."""
+        if self.outcome is None:
+            self.vmcs.dirty.discard(F.GUEST_RIP)  # the engine finishes the instruction itself
+            self.vm_entry(None)
+
+    def _io_exit(self, port: int, size: int, is_in: bool, value: int, site: tuple[int, int], from_c: int = 0) -> int:
         """The IO_INSTRUCTION exit through vm_exit: the handler, then the VM entry."""
-        self.clock.advance(IO_CYCLES)
+        if not from_c:
+            self.clock.advance(IO_CYCLES)
         addr, length = site
         string, rep, imm = self._io_form(addr)
         q = E.io_qualification(port, size, is_in, string, rep, imm)
@@ -686,7 +699,9 @@ class VmxCpu(Vcpu):
             and getattr(self.hypervisor.handlers.get(_IO_INSTRUCTION), "__func__", None) is self._default_io
         )
 
-    def _quick_io_exit(self, port: int, size: int, is_in: bool, value: int, site: tuple[int, int]) -> int | None:
+    def _quick_io_exit(
+        self, port: int, size: int, is_in: bool, value: int, site: tuple[int, int], from_c: int = 0
+    ) -> int | None:
         """An IO_INSTRUCTION exit that leaves what _io_exit leaves (the exit-information fields, GUEST_RIP,
         the counters, the clock, the device access), without an Exit, the handler's dispatch and timing,
         and without the VM entry when it would change nothing (fastexit_quiet: armed, the virtual-APIC
@@ -698,8 +713,11 @@ class VmxCpu(Vcpu):
         string, rep, imm = form
         if string:
             return None
-        self.clock.advance(IO_CYCLES)
-        self.fold_fast_exits()
+        if not from_c:
+            self.clock.advance(IO_CYCLES)
+            self.fold_fast_exits()
+        elif from_c & 2:
+            self.fold_fast_exits()
         v = self.vmcs
         w = v._values
         w[_EXIT_REASON] = 30  # ExitReason.IO_INSTRUCTION
@@ -721,7 +739,9 @@ class VmxCpu(Vcpu):
             bus.write(port, size, value)
             value = 0
         fx = self.fast_exits
-        if self.outcome is None and (fx is None or not fx.quiet()):
+        if from_c and fx is not None:
+            fx.quick_exit_made()  # _fastexit.c makes the entry check below (io_entry)
+        elif self.outcome is None and (fx is None or not fx.quiet()):
             v.dirty.discard(F.GUEST_RIP)  # the engine finishes the instruction itself
             self.vm_entry(None)
         return value
