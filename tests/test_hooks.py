@@ -24,7 +24,7 @@ def _boom(*_args, **_kwargs):
 CASES = [("native", PortBus, "write"),          # the C OUT hook's Python call (Vcpu.timed_out)
          ("trap", Vcpu, "port_io"),             # the intercept (code) hook of the I/O gate
          ("para", ParaVcpu, "hypercall"),       # the interrupt hook (int 0x82)
-         ("hw", VmxCpu, "port_io")]             # the OUT hook, then an IO_INSTRUCTION exit
+         ("hw", VmxCpu, "_exit_for_io")]        # the C OUT hook, then an IO_INSTRUCTION exit (io_exit_hook)
 
 
 @pytest.mark.parametrize("mode,cls,method", CASES, ids=[c[0] for c in CASES])

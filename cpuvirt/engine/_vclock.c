@@ -59,6 +59,7 @@ typedef struct {
     reg_write_fn reg_write;  /* uc_reg_write */
     int32_t eax_reg, edx_reg;  /* UC_X86_REG_EAX, UC_X86_REG_EDX */
     uint64_t rdtsc_reads;    /* rdtsc instructions answered */
+    uint64_t retranslated;   /* counts dropped because the engine translated their block again */
     entry_t table[TABLE_SIZE];
 } vclock_t;
 
@@ -135,6 +136,31 @@ void vclock_block_hook(void *uc, uint64_t address, uint32_t size, void *user_dat
     s->blocks++;
     s->last_block = address;
     s->last_count = count;
+}
+
+/*
+ * The engine translated a block (UC_HOOK_EDGE_GENERATED: called before the new block first runs). A
+ * block is translated again after its code was rewritten (the engine drops translations of code pages
+ * the guest stores to), possibly with the same length and another number of instructions: its cached
+ * count is dropped, so the block hook asks Python again (which also decodes the new instruction list
+ * and looks for instructions that need a hook). The engine calls this only for a block reached by a
+ * chained jump from the block before it (not for the first block of a run, the first after an event
+ * delivered by a hook, or one that spans two pages): docs/design.md, "Known limits".
+ */
+typedef struct {
+    uint64_t pc;
+    uint16_t icount;
+    uint16_t size;
+} uc_tb_t;
+
+void vclock_translated_hook(void *uc, uc_tb_t *cur, uc_tb_t *prev, void *user_data) {
+    vclock_t *s = (vclock_t *)user_data;
+    uint32_t a = (uint32_t)cur->pc;
+    entry_t *e = &s->table[(a ^ (a >> TABLE_BITS)) & (TABLE_SIZE - 1)];
+    if (e->address == a && e->size != 0) {
+        e->size = 0;
+        s->retranslated++;
+    }
 }
 
 /*

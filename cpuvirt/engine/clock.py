@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ctypes
 
-from unicorn import UC_HOOK_BLOCK, UC_HOOK_CODE, UC_HOOK_INSN
+from unicorn import UC_HOOK_BLOCK, UC_HOOK_CODE, UC_HOOK_EDGE_GENERATED, UC_HOOK_INSN
 from unicorn.unicorn_py3 import unicorn as _ucmod
 from unicorn.x86_const import (
     UC_X86_INS_IN,
@@ -62,6 +62,7 @@ class _State(ctypes.Structure):
         ("eax_reg", ctypes.c_int32),
         ("edx_reg", ctypes.c_int32),
         ("rdtsc_reads", ctypes.c_uint64),
+        ("retranslated", ctypes.c_uint64),
         ("table", _Entry * (1 << 14)),
     ]
 
@@ -115,6 +116,14 @@ class VirtualClock:
             ctypes.cast(ctypes.pointer(self._state), ctypes.c_void_p),
             what="install the clock hook",
         )
+        # A block translated again (its code was rewritten) is counted again (_vclock.c).
+        self._translated_hook = add_c_hook(
+            uc._uch,
+            UC_HOOK_EDGE_GENERATED,
+            lib.vclock_translated_hook,
+            ctypes.cast(ctypes.pointer(self._state), ctypes.c_void_p),
+            what="install the clock's translation hook",
+        )
 
     @property
     def now(self) -> int:
@@ -137,6 +146,11 @@ class VirtualClock:
     def unretire(self, n: int) -> None:
         """Take back n instructions of the running block that did not retire (it was left early)."""
         self._state.now -= n
+
+    @property
+    def retranslated(self) -> int:
+        """Cached block counts dropped because the engine translated their block again."""
+        return self._state.retranslated
 
     def discard_current_block(self) -> None:
         """Called from count_block when it stops the engine itself: the block will run later."""

@@ -523,6 +523,7 @@ class Machine:
             self.mmu.crs = None  # a fresh hypervisor entry: CRs may have changed
             code = self.mmu.fetch_bytes(GVA(address), size)
             if not code:
+                self.block_insns.pop(address, None)
                 return 1
             if self._insn_counter is None:
                 from capstone import CS_ARCH_X86, CS_MODE_16, CS_MODE_32, Cs
@@ -544,11 +545,16 @@ class Machine:
             if insns:
                 last = insns[-1]
                 limits.put(self.block_insns, address, (tuple(i[0] for i in insns), last[0] + last[1]))
+            else:
+                # Nothing decodes (the engine cut the block at an instruction that faults when it is
+                # translated): no list, rather than the one of code that was there before.
+                self.block_insns.pop(address, None)
             if self.block_observer is not None and self.block_observer(insns):
                 self.clock.discard_current_block()
                 self.uc.emu_stop()
             return max(len(insns), 1)
         except Exception:  # never let an exception cross into C
+            self.block_insns.pop(address, None)
             return 1
 
     # -- boot --------------------------------------------------------------------------------------

@@ -434,14 +434,27 @@ class FullVcpu(RunsCode16, Coherence, Callouts, AdaptiveStores, DeprivilegedVcpu
         try:
             if address < TC_WINDOW + CALLOUT_SLOTS:
                 return 1
-            insns = list(self._cs().disasm_lite(self.tc_bytes(address, size), address))
+            # Translations are 32-bit code whatever the guest runs (16-bit code is never translated,
+            # and _cs() decodes as 16-bit while a 16-bit code segment is loaded).
+            insns = list(self._tc_disasm().disasm_lite(self.tc_bytes(address, size), address))
             self.forget_block(address)
             if insns:
                 last = insns[-1]
                 limits.put(self.machine.block_insns, address, (tuple(i[0] for i in insns), last[0] + last[1]))
+            else:
+                self.machine.block_insns.pop(address, None)
             return max(len(insns), 1)
         except Exception:  # never let an exception cross into C
+            self.machine.block_insns.pop(address, None)
             return 1
+
+    def _tc_disasm(self):
+        cs = getattr(self, "_tc_cs", None)
+        if cs is None:
+            from capstone import CS_ARCH_X86, CS_MODE_32, Cs
+
+            cs = self._tc_cs = Cs(CS_ARCH_X86, CS_MODE_32)
+        return cs
 
     def _remove_cache(self, lo: int, hi: int) -> None:
         """Drop the engine's translations of TC code: the engine finds them through a fetch of the

@@ -15,6 +15,9 @@
  *   without CR3-load exiting is left to the engine, as Python leaves it; so is a PAUSE without PAUSE
  *   exiting (kvm-unit-tests' delay loops).
  * - RDTSC without RDTSC exiting reads the virtual clock (plus TSC_OFFSET with TSC offsetting).
+ * - IN/OUT: whether an access exits (unconditional I/O exiting, or the I/O bitmaps) is decided here from
+ *   the controls copied when armed; an exit goes to Python's quick I/O exit (the device models are
+ *   Python), anything else to the Python hooks. The I/O-permission gate before an in/out passes CPL 0.
  *
  * Python arms the C path at the end of each VM entry it makes (its APIC-virtualization sync done), and
  * disarms it whenever something the C path copies may change (a vmwrite, the emulated APIC, a trace or
@@ -35,6 +38,10 @@ typedef int (*peek_fn)(void *state, void *uc, uint32_t gva, uint32_t n, uint8_t 
 typedef int (*cpuid_python_fn)(void *uc, void *user_data);
 typedef void (*code_python_fn)(void *uc, uint64_t address, uint32_t size, void *user_data);
 typedef int (*rdtsc_python_fn)(void *uc, void *user_data);
+typedef uint32_t (*in_python_fn)(void *uc, uint32_t port, int size, void *user_data);
+typedef void (*out_python_fn)(void *uc, uint32_t port, int size, uint32_t value, void *user_data);
+typedef uint32_t (*io_exit_python_fn)(uint32_t port, uint32_t size, uint32_t flags, uint32_t value);
+typedef void (*io_entry_python_fn)(void);
 
 #define MAX_LEAVES 16
 #define BLOCK_SITES 256
@@ -90,13 +97,32 @@ typedef struct {
     block_site_t sites[BLOCK_SITES];
     uint32_t invlpg_exiting, cr3_store_exiting;   /* primary controls, copied when armed */
     uint64_t read_total;         /* INVLPG and MOV from CR2/CR3 answered here (nothing to do) */
+    uint64_t io_gate_total;      /* in/out/ins/outs at CPL 0 passed by the I/O gate here */
+    /* I/O exits (fastexit_in_hook, fastexit_out_hook) */
+    in_python_fn in_python;          /* the guarded Python hooks (Vcpu.hook_in, hook_out) */
+    out_python_fn out_python;
+    io_exit_python_fn io_exit_python;    /* VmxCpu.io_exit_hook: an access that exits */
+    uint32_t quick_io;               /* VmxCpu.quick_io */
+    uint32_t io_bitmaps;             /* "use I/O bitmaps", copied when armed */
+    uint32_t unconditional_io;       /* "unconditional I/O exiting", copied when armed */
+    uint32_t pad3;
+    const uint8_t *io_bitmap_a;      /* the bitmap pages in the hypervisor's memory, when armed */
+    const uint8_t *io_bitmap_b;
+    uint64_t io_exit_total;          /* I/O exits decided here (handed to io_exit_python) */
+    uint64_t *clock_now_w;           /* the clock's now and extra (VirtualClock.advance) */
+    uint64_t *clock_extra;
+    uint64_t io_cycles;              /* the virtual time of a port access (cpu/vcpu.py IO_CYCLES) */
+    io_entry_python_fn io_entry_python;  /* VmxCpu.io_entry: the VM entry after a quick exit */
+    uint32_t quick_done;             /* set by Python when it made the quick exit (no entry yet) */
+    uint32_t pad4;
 } fastexit_t;
 
 typedef struct {
     fastexit_t *s;
     code_python_fn python;
     uint32_t size;           /* 0: always Python */
-    int32_t cr;              /* 0, 3 or 4; -1: a pause; -2: an invlpg; 0x102, 0x103: a MOV from CR2, CR3 */
+    int32_t cr;              /* 0, 3 or 4; -1: a pause; -2: an invlpg; 0x102, 0x103: a MOV from CR2, CR3;
+                              * -3: an in/out/ins/outs (the I/O permission gate) */
     int32_t src_reg;         /* Unicorn register id of the source GPR */
     uint32_t pad;
     uint64_t passed;
@@ -196,6 +222,17 @@ void fastexit_cr_hook(void *uc, uint64_t address, uint32_t size, void *user_data
     if (!s->armed || size != site->size || size > 16) goto python;
     if (s->context_save(uc, s->context)) goto python;
     memcpy(&hflags, s->context_hflags, 4);
+    if (site->cr == -3) {
+        /* The I/O permission check before an in/out (cpu/vcpu.py io_gate) always passes at CPL 0 in
+         * protected mode outside V86 (CS.RPL = 0): nothing to do; the I/O exit, if any, follows in the
+         * engine's IN/OUT hook. Elsewhere, or other bytes at the site: Python. */
+        if ((hflags & (HF_PE | HF_VM | HF_CPL_MASK)) != HF_PE) goto python;
+        if (!s->peek(s->peek_state, uc, (uint32_t)address, size, now) || memcmp(now, site->bytes, size)) goto python;
+        s->io_gate_total++;
+        if (*s->clock_watch_if && !*s->clock_check_if) *s->clock_check_if = 1;   /* as Python's hit */
+        site->passed++;
+        return;
+    }
     /* 32-bit protected mode at CPL 0, no interrupt shadow (Python clears it when it skips) */
     if ((hflags & (HF_PE | HF_VM | HF_CS32 | HF_CPL_MASK | HF_INHIBIT_IRQ)) != (HF_PE | HF_CS32)) goto python;
     if (s->reg_read(uc, s->eip, &eip) || (uint32_t)eip != (uint32_t)address) goto python;
@@ -244,6 +281,51 @@ done:
     return;
 python:
     site->python(uc, address, size, NULL);
+}
+
+/* Does an access to `size` ports from `port` exit (SDM 25.1.3)? With I/O bitmaps, a bit set for any port
+ * it touches, the port space wrapping at 0xFFFF; without, unconditional I/O exiting. (vmx.py _io_exits) */
+static int io_exits(const fastexit_t *s, uint32_t port, int size) {
+    int i;
+    uint32_t p;
+    if (!s->io_bitmaps) return s->unconditional_io != 0;
+    for (i = 0; i < size; i++) {
+        p = (port + (uint32_t)i) & 0xFFFFu;
+        if (((p < 0x8000u ? s->io_bitmap_a : s->io_bitmap_b)[(p & 0x7FFFu) >> 3] >> (p & 7u)) & 1u) return 1;
+    }
+    return 0;
+}
+
+/* An access that exits: its virtual time spent here (Python takes it back if the run has ended), then
+ * Python's exit (flags: 1 = in, 2 = CPUID exits to fold first), then the VM entry only if the quick exit
+ * was made and the entry would change something (what VmxCpu._quick_io_exit does in Python). */
+static uint32_t io_exit(fastexit_t *s, uint32_t port, int size, uint32_t is_in, uint32_t value) {
+    uint32_t r;
+    s->io_exit_total++;
+    *s->clock_now_w += s->io_cycles;
+    *s->clock_extra += s->io_cycles;
+    s->quick_done = 0;
+    r = s->io_exit_python(port, (uint32_t)size, is_in | (s->cpuid_exits ? 2u : 0u), value);
+    if (s->quick_done && !(s->armed && vapic_quiet(s))) s->io_entry_python();
+    s->quick_done = 0;
+    return r;
+}
+
+/* UC_HOOK_INSN (UC_X86_INS_IN, UC_X86_INS_OUT): an access that exits goes to the exit's Python (which
+ * does the quick exit or the full one); anything else, or while disarmed, to the Python hooks. */
+uint32_t fastexit_in_hook(void *uc, uint32_t port, int size, void *user_data) {
+    fastexit_t *s = (fastexit_t *)user_data;
+    if (s->armed && s->quick_io && io_exits(s, port, size)) return io_exit(s, port, size, 1, 0);
+    return s->in_python(uc, port, size, NULL);
+}
+
+void fastexit_out_hook(void *uc, uint32_t port, int size, uint32_t value, void *user_data) {
+    fastexit_t *s = (fastexit_t *)user_data;
+    if (s->armed && s->quick_io && io_exits(s, port, size)) {
+        io_exit(s, port, size, 0, value);
+        return;
+    }
+    s->out_python(uc, port, size, value, NULL);
 }
 
 /* UC_HOOK_INSN (UC_X86_INS_RDTSC): the virtual clock, plus TSC_OFFSET with TSC offsetting, when RDTSC

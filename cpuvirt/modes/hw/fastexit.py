@@ -19,6 +19,13 @@ The C path is an exact shortcut of the Python one, used only while nothing else 
   `mov r32, cr2/cr3` (a CR3 read without CR3-store exiting), where Python has nothing to do: a kernel's
   #PF handler reads CR2 and its page-table code runs invlpg.
 
+- I/O: the engine's in/out hooks are C ones (`hook_port_io`, at the run's start, without a trace): while
+  armed they decide from the I/O-exiting controls and bitmaps copied at the entry whether an access exits,
+  and hand an exit to `VmxCpu.io_exit_hook` (the quick exit, vmx.py `_quick_io_exit`, or the full one);
+  anything else goes to the Python hooks. The I/O-permission gate's code hook on an in/out (added once
+  ring-3 code ran) passes CPL 0 in protected mode here, as `io_gate` does. CPUVIRT_NO_QUICK_IO=1 turns
+  both off.
+
 Optional: without the built extension, or without the C delivery's guest reader, Python does all.
 """
 
@@ -31,14 +38,18 @@ from unicorn import x86_const as X
 from unicorn.unicorn_py3 import unicorn as _ucmod
 
 from cpuvirt.cpu.ssealign import _short_context
+from cpuvirt.cpu.vcpu import IO_CYCLES, IO_INSTRUCTIONS
 from cpuvirt.engine import regs as R
 from cpuvirt.engine.cext import add_c_hook, load
 from cpuvirt.engine.cpuid import _Leaf
+from cpuvirt.engine.hooks import HOOK_INSN_IN_CFUNC, HOOK_INSN_OUT_CFUNC
 from cpuvirt.modes.hw.vmcs import Field as F
 from cpuvirt.x86.cpuid import CR4_RESERVED
 from cpuvirt.x86.sysreg import mov_system_register
 
 _RDTSC_CB = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
+_IO_EXIT_CB = ctypes.CFUNCTYPE(ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32)
+_IO_ENTRY_CB = ctypes.CFUNCTYPE(None)
 
 MAX_LEAVES = 16
 BLOCK_SITES = 256
@@ -105,6 +116,23 @@ class _State(ctypes.Structure):
         ("invlpg_exiting", ctypes.c_uint32),
         ("cr3_store_exiting", ctypes.c_uint32),
         ("read_total", ctypes.c_uint64),
+        ("io_gate_total", ctypes.c_uint64),
+        ("in_python", ctypes.c_void_p),
+        ("out_python", ctypes.c_void_p),
+        ("io_exit_python", ctypes.c_void_p),
+        ("quick_io", ctypes.c_uint32),
+        ("io_bitmaps", ctypes.c_uint32),
+        ("unconditional_io", ctypes.c_uint32),
+        ("pad3", ctypes.c_uint32),
+        ("io_bitmap_a", ctypes.c_void_p),
+        ("io_bitmap_b", ctypes.c_void_p),
+        ("io_exit_total", ctypes.c_uint64),
+        ("clock_now_w", ctypes.c_void_p),
+        ("clock_extra", ctypes.c_void_p),
+        ("io_cycles", ctypes.c_uint64),
+        ("io_entry_python", ctypes.c_void_p),
+        ("quick_done", ctypes.c_uint32),
+        ("pad4", ctypes.c_uint32),
     ]
 
 
@@ -121,6 +149,36 @@ class _CrSite(ctypes.Structure):
         ("passed", ctypes.c_uint64),
         ("bytes", ctypes.c_uint8 * 16),
     ]
+
+
+def _guarded_in(vcpu):
+    """The vCPU's `in` hook as EngineHooks.port_in wraps it (an exception stops the run, never crosses C)."""
+    from cpuvirt.engine.hooks import _stop
+
+    uc = vcpu.uc
+
+    def hook(_h, port, size, _d):
+        try:
+            return vcpu.hook_in(uc, port, size, None)
+        except BaseException as e:  # noqa: B036
+            _stop(vcpu, e)
+            return 0
+
+    return hook
+
+
+def _guarded_out(vcpu):
+    from cpuvirt.engine.hooks import _stop
+
+    uc = vcpu.uc
+
+    def hook(_h, port, size, value, _d):
+        try:
+            vcpu.hook_out(uc, port, size, value, None)
+        except BaseException as e:  # noqa: B036
+            _stop(vcpu, e)
+
+    return hook
 
 
 def _lib():
@@ -164,11 +222,15 @@ class FastExits:
         base = ctypes.addressof(clock)
         st.clock_last_block = base + type(clock).last_block.offset
         st.clock_now = base + type(clock).now.offset
+        st.clock_now_w = st.clock_now
+        st.clock_extra = base + type(clock).extra.offset
+        st.io_cycles = IO_CYCLES
         st.clock_watch_if = base + type(clock).watch_if.offset
         st.clock_check_if = base + type(clock).check_if.offset
         st.eax, st.ebx, st.ecx, st.edx = X.UC_X86_REG_EAX, X.UC_X86_REG_EBX, X.UC_X86_REG_ECX, X.UC_X86_REG_EDX
         st.eip, st.cr0, st.cr4 = X.UC_X86_REG_EIP, X.UC_X86_REG_CR0, X.UC_X86_REG_CR4
         st.cr4_reserved = CR4_RESERVED
+        st.quick_io = int(bool(vcpu.quick_io))
         self.load_table()
         self._python_cpuid = vcpu.hooks.cpuid_function(vcpu.hook_cpuid)
         st.cpuid_python = ctypes.cast(self._python_cpuid, ctypes.c_void_p).value
@@ -193,6 +255,8 @@ class FastExits:
         )
         uc._callbacks[handle] = self
         self._sites: dict[int, tuple] = {}
+        self._quiet = lib.fastexit_quiet
+        self._quiet.argtypes = (ctypes.c_void_p,)
         self._vapic: object = None  # the VirtualApic whose page the C path reads
         self._vapic_page: ctypes.c_char | None = None  # that page, kept exported while C reads it
 
@@ -226,14 +290,59 @@ class FastExits:
     def disarm(self) -> None:
         self._state.armed = 0
 
+    def quiet(self) -> bool:
+        """Would a VM entry now change nothing? (fastexit_quiet: armed, the virtual-APIC page in step.)"""
+        return bool(self._quiet(self._addr))
+
     def quiet_function(self) -> tuple[int, int]:
         """(address of fastexit_quiet, of its state): would a VM entry now change nothing?"""
         return ctypes.cast(self._lib.fastexit_quiet, ctypes.c_void_p).value or 0, self._addr
 
+    def hook_port_io(self, port_hooks: tuple[int, int]) -> tuple[int, int]:
+        """Put the C in/out hooks in place of the vCPU's Python ones (`port_hooks`, removed): an access
+        that exits goes to VmxCpu.io_exit_hook, anything else to the Python hooks as before. Returns the
+        two new handles."""
+        vcpu, st, hooks = self.vcpu, self._state, self.vcpu.hooks
+        for handle in port_hooks:
+            hooks.remove(handle)
+        self._port_cbs = (
+            HOOK_INSN_IN_CFUNC(_guarded_in(vcpu)),
+            HOOK_INSN_OUT_CFUNC(_guarded_out(vcpu)),
+            _IO_EXIT_CB(vcpu.io_exit_hook),
+            _IO_ENTRY_CB(vcpu.io_entry),
+        )
+        addresses = [ctypes.cast(cb, ctypes.c_void_p).value for cb in self._port_cbs]
+        st.in_python, st.out_python, st.io_exit_python, st.io_entry_python = addresses
+        handles = []
+        lib = self._lib
+        for fn, insn in ((lib.fastexit_in_hook, X.UC_X86_INS_IN), (lib.fastexit_out_hook, X.UC_X86_INS_OUT)):
+            h = add_c_hook(self._uch, UC_HOOK_INSN, fn, self._addr, insn=insn, what="hook port I/O")
+            vcpu.uc._callbacks[h] = self
+            handles.append(h)
+        return handles[0], handles[1]
+
+    def quick_exit_made(self) -> None:
+        """Python made the quick exit of the access C handed it: C makes the entry check (fastexit_quiet)."""
+        self._state.quick_done = 1
+
+    @property
+    def io_exits_seen(self) -> int:
+        """I/O accesses the C in/out hooks found to exit (each handed to VmxCpu.io_exit_hook)."""
+        return self._state.io_exit_total
+
     def arm(self, values: dict, vapic, ctl) -> None:
-        """Copy what the C path decides with (the VMCS's CR masks and shadows, the APIC-virtualization
-        state just synced) and let it answer."""
+        """Copy what the C path decides with (the VMCS's CR masks and shadows, the I/O-exiting controls
+        and bitmaps, the APIC-virtualization state just synced) and let it answer."""
         st = self._state
+        st.io_bitmaps = int(ctl("use_io_bitmaps"))
+        st.unconditional_io = int(ctl("unconditional_io_exiting"))
+        hv = self.vcpu.hv_mem
+        if st.io_bitmaps:
+            a, b = values[F.IO_BITMAP_A] - hv.hpa, values[F.IO_BITMAP_B] - hv.hpa
+            if not (0 <= a <= hv.size - 4096 and 0 <= b <= hv.size - 4096):
+                st.armed = 0
+                return  # bitmaps outside the hypervisor's memory: Python decides (and reads them)
+            st.io_bitmap_a, st.io_bitmap_b = hv.host_address + a, hv.host_address + b
         st.cr0_mask, st.cr0_shadow = values[F.CR0_GUEST_HOST_MASK], values[F.CR0_READ_SHADOW]
         st.cr4_mask, st.cr4_shadow = values[F.CR4_GUEST_HOST_MASK], values[F.CR4_READ_SHADOW]
         st.cr3_load_exiting = int(ctl("cr3_load_exiting"))
@@ -276,6 +385,8 @@ class FastExits:
             return False
         if mnem == "pause":
             cr, src = -1, 0
+        elif mnem in IO_INSTRUCTIONS and self.vcpu.quick_io:  # the I/O gate's CPL-0 pass
+            cr, src = -3, 0
         elif mnem == "invlpg":
             cr, src = -2, 0
         elif mnem == "mov" and ops.startswith(("cr0,", "cr3,", "cr4,")):
@@ -319,6 +430,11 @@ class FastExits:
         """(rdtsc, pause) answered in C."""
         st = self._state
         return st.rdtsc_total, st.pause_total
+
+    @property
+    def io_gate_passed(self) -> int:
+        """in/out/ins/outs at CPL 0 let through the I/O permission gate in C."""
+        return self._state.io_gate_total
 
     @property
     def reads_passed(self) -> int:

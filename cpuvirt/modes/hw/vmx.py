@@ -15,6 +15,7 @@ interrupt window), 28.2 (exit-information fields), 26.3 (entry checks), 26.6 (ev
 
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter, defaultdict
 from typing import Any
@@ -25,7 +26,7 @@ from cpuvirt import limits
 from cpuvirt.cpu.fastdelivery import FastDelivery
 from cpuvirt.cpu.faults import DeliveryFault
 from cpuvirt.cpu.mmiosite import MmioSites
-from cpuvirt.cpu.vcpu import EXIT_HYPERVISOR_STOP, IO_INSTRUCTIONS, Vcpu
+from cpuvirt.cpu.vcpu import EXIT_HYPERVISOR_STOP, IO_CYCLES, IO_INSTRUCTIONS, Vcpu
 from cpuvirt.engine import regs as R
 from cpuvirt.engine.hooks import hook_guard
 from cpuvirt.engine.hostmem import HostRegion, HvAllocator
@@ -59,6 +60,13 @@ APIC_ACCESS_HPA = HV_HPA + HV_SIZE
 # The simulated IA32_VMX_CR0_FIXED0/1 and CR4_FIXED0/1 (SDM appendix A.7, A.8), with "unrestricted
 # guest": CR0.PE and CR0.PG may be 0, CR0.NE must be 1; CR4 has no fixed bits here.
 CR0_FIXED0 = 1 << 5
+# What the I/O exit path reads and writes, as plain ints (an IntEnum member costs a lookup each time).
+_IO_BITMAPS, _UNCOND_IO = CONTROLS["use_io_bitmaps"], CONTROLS["unconditional_io_exiting"]
+_IO_A, _IO_B = int(F.IO_BITMAP_A), int(F.IO_BITMAP_B)
+_EXIT_REASON, _EXIT_QUAL, _EXIT_LEN = int(F.VM_EXIT_REASON), int(F.EXIT_QUALIFICATION), int(F.VM_EXIT_INSTRUCTION_LEN)
+_EXIT_INTR_INFO, _EXIT_INTR_ERROR = int(F.VM_EXIT_INTR_INFO), int(F.VM_EXIT_INTR_ERROR_CODE)
+_EXIT_INSN_INFO, _GUEST_RIP = int(F.VMX_INSTRUCTION_INFO), int(F.GUEST_RIP)
+_IO_INSTRUCTION = ExitReason.IO_INSTRUCTION
 RFLAGS_RESERVED_ZERO = (1 << 3) | (1 << 5) | (1 << 15) | 0xFFC00000
 
 
@@ -98,11 +106,13 @@ class VmxCpu(Vcpu):
         self.hv_mem = HostRegion(self.uc, HV_HPA, HV_SIZE)  # hypervisor-only host memory
         self.alloc = HvAllocator(self.hv_mem)
         self.exits = 0
+        self.quick_io_exits = 0  # IO_INSTRUCTION exits taken by _quick_io_exit (among `exits`)
         self.stats: Counter = Counter()
         self.handler_time: dict = defaultdict(float)
         self.dump_on = dump_on  # (exit number or reason name) -> callback(dump text)
         self.hypervisor = RootHypervisor(self)
         self._default_cpuid = RootHypervisor.handle_cpuid  # the handler the C CPUID path answers as
+        self._default_io = RootHypervisor.handle_io  # the handler the quick I/O exit does as
         self._io_forms: dict = {}
         self.shadow: ShadowPaging | None = None  # without EPT: KVM's shadow MMU (memory/shadow.py)
         self.pf_access = 0  # access kind of the last shadow #PF (the handler walks for it)
@@ -188,11 +198,14 @@ class VmxCpu(Vcpu):
         """At the run's start (a trace is attached after the mode is built): the events that cause no VM
         exit, `int n`, faults whose exception-bitmap bit is clear, a guest #PF that PFEC_MASK/MATCH do
         not send out, delivered through the guest IDT in C (cpu/_delivery.c) as the processor would;
-        and the common iret, and the reads of guest code, in C too (as native has them)."""
+        and the common iret, and the reads of guest code, in C too (as native has them). And the in/out
+        hooks in C (fastexit.py hook_port_io), which decide whether an access exits."""
+        fx = self.fast_exits
+        if fx is not None and self.quick_io and self.trace is None:
+            self._port_hooks = fx.hook_port_io(self._port_hooks)
         fast = self._fast_delivery
         if fast is None or not self.events_in_c or self.trace is not None or self.mmu.traces.frames:
             return
-        fx = self.fast_exits
         if fx is not None:
             fast.set_quiet(*fx.quiet_function())
         fast.install_intr(self)
@@ -582,13 +595,20 @@ class VmxCpu(Vcpu):
 
     # -- I/O, CPUID, RDTSC (engine hooks) ------------------------------------------------------------
     def _io_exits(self, port: int, size: int) -> bool:
-        if self.ctl("use_io_bitmaps"):
+        """SDM 25.1.3: with I/O bitmaps, a bit set for any port the access touches (wrapping at 0xFFFF);
+        without, unconditional I/O exiting."""
+        w = self.vmcs._values
+        field, bit = _IO_BITMAPS
+        if w[field] >> bit & 1:
+            view, base = self.hv_mem.view, HV_HPA
             for p in range(port, port + size):
                 p &= 0xFFFF
-                if self._bitmap_bit(F.IO_BITMAP_A if p < 0x8000 else F.IO_BITMAP_B, p & 0x7FFF):
+                page = w[_IO_A] if p < 0x8000 else w[_IO_B]
+                if view[page - base + ((p & 0x7FFF) >> 3)] >> (p & 7) & 1:
                     return True
             return False
-        return self.ctl("unconditional_io_exiting")
+        field, bit = _UNCOND_IO
+        return bool(w[field] >> bit & 1)
 
     def _io_form(self, addr: int) -> tuple[bool, bool, bool]:
         """(string, rep, immediate) of the I/O instruction at addr."""
@@ -606,12 +626,55 @@ class VmxCpu(Vcpu):
             self._io_forms[addr] = form
         return form
 
+    # The quick I/O exit (below); CPUVIRT_NO_QUICK_IO=1 in the environment, or False here, turns it off.
+    quick_io = not os.environ.get("CPUVIRT_NO_QUICK_IO")
+
     def port_io(self, port: int, size: int, is_in: bool, value: int = 0) -> int:
         """IN/OUT in non-root operation: an IO_INSTRUCTION exit when the controls say so (SDM 25.1.3)."""
         if not self._io_exits(port, size):
             return super().port_io(port, size, is_in, value)  # straight to the device
-        self.clock.advance(1000)
-        addr, length = self.io_site()
+        return self._exit_for_io(port, size, is_in, value)
+
+    def _exit_for_io(self, port: int, size: int, is_in: bool, value: int, from_c: int = 0) -> int:
+        """An access the controls make exit: the quick exit when it may be, else the full one. `from_c`:
+        _fastexit.c's hook spent the access's time already (bit 0) and has CPUID exits to fold (bit 1),
+        and makes the entry check after a quick exit."""
+        site = self.io_site()
+        if self.quick_io and self._quick_io_ready():
+            result = self._quick_io_exit(port, size, is_in, value, site, from_c)
+            if result is not None:
+                return result
+        return self._io_exit(port, size, is_in, value, site, from_c)
+
+    @hook_guard(returns=0)
+    def io_exit_hook(self, port: int, size: int, flags: int, value: int) -> int:
+        """Called by _fastexit.c's in/out hooks for an access they found to exit (the controls and bitmaps
+        they copied when armed), its time spent: hook_in / hook_out without port_io's own test. flags:
+        1 = in, 2 = CPUID exits answered in C since the last fold."""
+        if self.outcome is not None:
+            self.clock.advance(-IO_CYCLES)  # as hook_in: nothing once the run has ended
+            return 0
+        self.mmu.crs = None
+        from_c = 1 | (flags & 2)
+        if flags & 1:
+            return self._exit_for_io(port, size, True, value, from_c)
+        self._exit_for_io(port, size, False, value, from_c)
+        if self.outcome is not None:
+            self.uc.emu_stop()
+        return 0
+
+    @hook_guard()
+    def io_entry(self) -> None:
+        """The VM entry after a quick exit C handed Python, when fastexit_quiet says it changes something."""
+        if self.outcome is None:
+            self.vmcs.dirty.discard(F.GUEST_RIP)  # the engine finishes the instruction itself
+            self.vm_entry(None)
+
+    def _io_exit(self, port: int, size: int, is_in: bool, value: int, site: tuple[int, int], from_c: int = 0) -> int:
+        """The IO_INSTRUCTION exit through vm_exit: the handler, then the VM entry."""
+        if not from_c:
+            self.clock.advance(IO_CYCLES)
+        addr, length = site
         string, rep, imm = self._io_form(addr)
         q = E.io_qualification(port, size, is_in, string, rep, imm)
         d = None
@@ -623,6 +686,65 @@ class VmxCpu(Vcpu):
             ExitReason.IO_INSTRUCTION, addr, qualification=q, length=length, detail=d, implicit_rip=True, value=value
         )
         return x.value if is_in and x.value is not None else 0
+
+    def _quick_io_ready(self) -> bool:
+        """May this I/O exit skip vm_exit's generic machinery? Only while the C exit paths are armed (no
+        trace, no VMCS dump, no vmwrite since the last entry...) and the I/O handler is the default one."""
+        fx = self.fast_exits
+        return (
+            fx is not None
+            and fx.armed
+            and self.trace is None
+            and self.dump_on is None
+            and getattr(self.hypervisor.handlers.get(_IO_INSTRUCTION), "__func__", None) is self._default_io
+        )
+
+    def _quick_io_exit(
+        self, port: int, size: int, is_in: bool, value: int, site: tuple[int, int], from_c: int = 0
+    ) -> int | None:
+        """An IO_INSTRUCTION exit that leaves what _io_exit leaves (the exit-information fields, GUEST_RIP,
+        the counters, the clock, the device access), without an Exit, the handler's dispatch and timing,
+        and without the VM entry when it would change nothing (fastexit_quiet: armed, the virtual-APIC
+        page in step). None: string I/O, left to _io_exit."""
+        addr, length = site
+        form = self._io_forms.get(addr)
+        if form is None:
+            form = self._io_form(addr)
+        string, rep, imm = form
+        if string:
+            return None
+        if not from_c:
+            self.clock.advance(IO_CYCLES)
+            self.fold_fast_exits()
+        elif from_c & 2:
+            self.fold_fast_exits()
+        v = self.vmcs
+        w = v._values
+        w[_EXIT_REASON] = 30  # ExitReason.IO_INSTRUCTION
+        w[_EXIT_QUAL] = (size - 1) | (8 if is_in else 0) | (rep << 5) | (imm << 6) | (port << 16)
+        w[_EXIT_LEN] = length
+        w[_EXIT_INTR_INFO] = 0
+        w[_EXIT_INTR_ERROR] = 0
+        w[_EXIT_INSN_INFO] = 0
+        w[_GUEST_RIP] = addr
+        v._cache.clear()
+        self.exits += 1
+        self.quick_io_exits += 1
+        self.stats[_IO_INSTRUCTION] += 1
+        self._counts["vmexit"] += 1
+        bus = self.machine.bus
+        if is_in:
+            value = bus.read(port, size)
+        else:
+            bus.write(port, size, value)
+            value = 0
+        fx = self.fast_exits
+        if from_c and fx is not None:
+            fx.quick_exit_made()  # _fastexit.c makes the entry check below (io_entry)
+        elif self.outcome is None and (fx is None or not fx.quiet()):
+            v.dirty.discard(F.GUEST_RIP)  # the engine finishes the instruction itself
+            self.vm_entry(None)
+        return value
 
     def hook_cpuid(self, uc, _data) -> bool:
         """CPUID always exits (SDM 25.1.2)."""
