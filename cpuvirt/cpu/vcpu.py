@@ -125,6 +125,7 @@ class Vcpu:
         self._window_ready = False
         self._port_hooks: tuple[int, int] = (0, 0)  # the in/out hooks (install_hooks)
         self._port_io_in_c = False  # time_port_io_in_c made them C's
+        self.io_sites = None  # the intercepted I/O sites' C hooks (install_io_sites)
         machine.on_new_block = self.forget_block
         machine.code32 = self.running_code32  # new blocks decode as the CPU does (CS.D)
 
@@ -791,9 +792,18 @@ class Vcpu:
         if wide and regs.read(R.CS) & 3:
             self.iret_to_v86(address)  # at CPL 0 (native, hw) VM=1 is honoured: nothing to do
 
+    def install_io_sites(self, max_cpl: int) -> None:
+        """Answer in C the intercepted I/O sites' common case, real CPL <= `max_cpl` outside V86 mode,
+        where the I/O gate has nothing to do (cpu/iosites.py); call after enable_intercepts. Off
+        switch: CPUVIRT_IO_GATE_C=0 (every site keeps its Python hook)."""
+        from cpuvirt.cpu.iosites import IoSites
+
+        self.io_sites = IoSites.install(self, IO_INSTRUCTIONS, max_cpl)
+
     def arm_io_gate(self) -> None:
         """The guest runs outside CPL 0 (or in V86 mode): from now on every in/out is checked. Its
-        translations, made without those hooks, are dropped before the engine runs again."""
+        translations, made without those hooks, are dropped before the engine runs again, and the
+        clock's block cache is emptied so that every block is checked for in/out when it next runs."""
         if self.io_gate_armed:
             return
         from cpuvirt.cpu.vcpu import IO_INSTRUCTIONS as io
@@ -803,6 +813,9 @@ class Vcpu:
         assert ic is not None, "the I/O gate arms the intercepts watch_if_setters made"
         ic.wanted = ic.wanted | io
         self._flush_translations = True
+        # The clock counts a block once per (address, size) and asks the observer only then: an in/out
+        # site run at CPL 0 before now would never be looked at again, and run unchecked at CPL 3.
+        self.clock.forget_blocks()
 
     def unblock_nmi(self) -> None:
         """An iret ends NMI blocking, even one that faults (SDM 6.7.1): an NMI that waited is taken

@@ -88,6 +88,8 @@ class TrapMode(Mode):
         self.shadow.attach(self.vcpu)
         self.vcpu.install_hooks()
         self.vcpu.enable_io_gate()
+        # the kernel's own in/out (real ring 1 stands for ring 0: always allowed) answered in C
+        self.vcpu.install_io_sites(2)
 
     def boot(self) -> None:
         """The loader left ring 0: drop the guest kernel to ring 1 under its virtual CPU."""

@@ -51,7 +51,7 @@ class ParaVcpu(Vcpu):
         self.event_callback: tuple[int, int] | None = None
         self.failsafe_callback = None
         self.timer: int | None = None
-        self.iopl = 0
+        self._iopl = 0  # physdev_op(set_iopl)
         self.shared_info_ma = 0  # set at boot, with events
         self._mask_traced = False
         self._in_upcall = False  # from an upcall to the guest's next hypercall (its iret)
@@ -76,6 +76,19 @@ class ParaVcpu(Vcpu):
 
         assert self.intercepts is not None  # enable_intercepts made them
         self.intercepts._pattern = re.compile(_IO_PATTERN.pattern + b"|" + FAR_PATTERN)
+        # in/out within the granted IOPL (nothing for the gate to do) answered in C
+        self.install_io_sites(self._iopl)
+
+    @property
+    def iopl(self) -> int:
+        """The IOPL granted by physdev_op(set_iopl): in/out at CPL <= it are allowed."""
+        return self._iopl
+
+    @iopl.setter
+    def iopl(self, value: int) -> None:
+        self._iopl = value
+        if self.io_sites is not None:
+            self.io_sites.max_cpl = value  # the C sites decide by it at their next execution
 
     def _intr(self, _uc, intno, _data) -> None:
         if intno != HYPERCALL_VECTOR:
