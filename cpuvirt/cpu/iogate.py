@@ -9,7 +9,9 @@ then the device model (`port_io`, `kernel_port_io`).
 from __future__ import annotations
 
 from cpuvirt.cpu.guestview import GuestViewVcpu
+from cpuvirt.cpu.vcpu import Vcpu
 from cpuvirt.engine import regs as R
+from cpuvirt.engine.hooks import hook_guard
 from cpuvirt.x86.vectors import Vector
 
 
@@ -63,6 +65,23 @@ class IoGateVcpu(GuestViewVcpu):
             return super().port_io(port, size, is_in, value)
         finally:
             self._io_site_once = None
+
+    @hook_guard(returns=0)
+    def timed_in(self, port: int, size: int) -> int:
+        """The kernel's `in` (real ring 1: virtual CPL 0) once the C hook spent its time
+        (install_io_sites): kernel_port_io without a trace."""
+        if self.outcome is None:
+            self._counts[self.event_kind] += 1
+            self._reasons[self.event_kind, "in"] += 1
+        return Vcpu.timed_in.__wrapped__(self, port, size)
+
+    @hook_guard()
+    def timed_out(self, port: int, size: int, value: int) -> None:
+        """The kernel's `out`, as timed_in."""
+        if self.outcome is None:
+            self._counts[self.event_kind] += 1
+            self._reasons[self.event_kind, "out"] += 1
+        Vcpu.timed_out.__wrapped__(self, port, size, value)
 
     def io_site(self) -> tuple[int, int]:
         site = self._io_site_once
