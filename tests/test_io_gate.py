@@ -53,6 +53,8 @@ def test_site_first_run_at_ring_0_is_checked_at_ring_3(guest, mode):
 
 @pytest.mark.parametrize("mode", ("native", "hw", "full"))
 def test_iopl_3_allows_ring_3_io(guest, mode):
+    """Not trap: its kernel's iretd to ring 3 runs in place at ring 1, where IOPL cannot change (the
+    image's IOPL 3 is dropped, a popf-like hole: docs/deprivileging.md); full emulates the iret."""
     res = _results(guest, mode)
     assert all(res[name] for name in IOPL3), res
 
