@@ -24,12 +24,13 @@ class IoGateVcpu(GuestViewVcpu):
 
     def port_io(self, port: int, size: int, is_in: bool, value: int = 0) -> int:
         """Port I/O: the engine checks no I/O privilege, so it is done here. At virtual CPL 0 it is a
-        trap (recorded, then done by the device model); at CPL 3 without IOPL 3 the code hook
-        (`_io_gate`) has already raised #GP, so only an I/O that slipped past it is dropped here."""
+        trap (recorded, then done by the device model); above the virtual IOPL the code hook
+        (`io_gate`) has already raised #GP unless the TSS bitmap grants the ports (then the access
+        is done), so only an I/O that slipped past it is dropped here."""
         cpl = self.vcpl()
         if cpl == 0:
             return self.kernel_port_io(port, size, is_in, value)
-        if cpl > self.virtual_cpu.iopl:
+        if cpl > self.virtual_cpu.iopl and not self._bitmap_grants(port, size):
             self.record(
                 "unhandled_io",
                 "IN" if is_in else "OUT",
@@ -43,6 +44,12 @@ class IoGateVcpu(GuestViewVcpu):
             return super().port_io(port, size, is_in, value)
         finally:
             self._io_site_once = None
+
+    def _bitmap_grants(self, port: int, size: int) -> bool:
+        """Does the guest TSS's I/O bitmap grant the ports (cpu/ioperm.py, the gate's own check)?"""
+        from cpuvirt.cpu.ioperm import io_permitted
+
+        return io_permitted(self.view, port, size)
 
     def kernel_port_io(self, port: int, size: int, is_in: bool, value: int = 0) -> int:
         """Port I/O at virtual CPL 0 (the caller knows the CPL: full mode's callouts): a trap event,
