@@ -27,6 +27,7 @@ setup(
                  Extension("cpuvirt.memory._tlbfill", ["cpuvirt/memory/_tlbfill.c"], extra_compile_args=["-O2"]),
                  Extension("cpuvirt.engine._cpuid", ["cpuvirt/engine/_cpuid.c"], extra_compile_args=["-O2"]),
                  Extension("cpuvirt.cpu._delivery", ["cpuvirt/cpu/_delivery.c"], extra_compile_args=["-O2"]),
+                 Extension("cpuvirt.cpu._iogate", ["cpuvirt/cpu/_iogate.c"], extra_compile_args=["-O2"]),
                  Extension("cpuvirt.cpu._ssealign", ["cpuvirt/cpu/_ssealign.c"], extra_compile_args=["-O2"]),
                  Extension("cpuvirt.modes.hw._apicv", ["cpuvirt/modes/hw/_apicv.c"], extra_compile_args=["-O2"]),
                  Extension("cpuvirt.bt._callout", ["cpuvirt/bt/_callout.c"], extra_compile_args=["-O2"]),

@@ -22,7 +22,7 @@ def _boom(*_args, **_kwargs):
 
 # (mode, class, method): what the guest's first port write or hypercall reaches from its hook.
 CASES = [("native", PortBus, "write"),          # the C OUT hook's Python call (Vcpu.timed_out)
-         ("trap", Vcpu, "port_io"),             # the intercept (code) hook of the I/O gate
+         ("trap", PortBus, "write"),            # the C OUT hook's Python call (IoGateVcpu.timed_out)
          ("para", ParaVcpu, "hypercall"),       # the interrupt hook (int 0x82)
          ("hw", VmxCpu, "_exit_for_io")]        # the C OUT hook, then an IO_INSTRUCTION exit (io_exit_hook)
 
@@ -32,3 +32,11 @@ def test_an_exception_in_a_hook_ends_the_run_as_itself(monkeypatch, mode, cls, m
     monkeypatch.setattr(cls, method, _boom)
     with pytest.raises(Boom):
         run_guest("hello", mode=mode)
+
+
+def test_trap_python_io_path_ends_the_run_as_itself(monkeypatch):
+    """trap with CPUVIRT_IO_GATE_C=0: the I/O gate's intercept (code) hook, then the Python OUT hook."""
+    monkeypatch.setenv("CPUVIRT_IO_GATE_C", "0")
+    monkeypatch.setattr(Vcpu, "port_io", _boom)
+    with pytest.raises(Boom):
+        run_guest("hello", mode="trap")

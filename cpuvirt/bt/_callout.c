@@ -1,7 +1,9 @@
 /*
  * The callout hook of mode `full` (bt/runtime.py), in C: one UC_HOOK_CODE over the translation
  * cache's callout slots that answers the callouts needing nothing but the CPU model or the virtual
- * clock (`cpuid`, `rdtsc`) without Python, and hands every other slot to the Python hook.
+ * clock (`cpuid`, `rdtsc`) without Python, and hands every other slot to the Python hook. The guest
+ * kernel's `in`/`out` (always allowed at its virtual CPL 0) are served here too: the access's virtual
+ * time, the operands and EAX here, the device through one Python call (the devices are Python's).
  *
  * Translated code reaches a callout by jumping to its slot (one int3 byte). The hypervisor serves it
  * and writes EIP: the translation of the next guest instruction. Once Python has served a cpuid or
@@ -23,10 +25,17 @@ typedef int (*reg_read_fn)(void *uc, int regid, void *value);
 typedef int (*reg_write_fn)(void *uc, int regid, const void *value);
 typedef void (*code_fn)(void *uc, uint64_t address, uint32_t size, void *user_data);
 typedef int (*insn_fn)(void *uc, void *user_data);
+typedef uint32_t (*port_in_fn)(uint32_t port, uint32_t size);
+typedef uint32_t (*port_out_fn)(uint32_t port, uint32_t size, uint32_t value);
 
 #define SLOTS 0x10000
 
-enum { PYTHON = 0, CPUID = 1, RDTSC = 2, MOV_CR0 = 3, MOV_CR4 = 4, KINDS = 5 };
+enum { PYTHON = 0, CPUID = 1, RDTSC = 2, MOV_CR0 = 3, MOV_CR4 = 4, PORT_IN = 5, PORT_OUT = 6, KINDS = 7 };
+
+/* io[slot] of a PORT_IN/PORT_OUT slot: the access size in bytes (1, 2, 4) and whether the port is DX
+ * (else arg[slot] holds the imm8 port). */
+#define IO_SIZE 7u
+#define IO_DX 8u
 
 #define CR0_ET 0x10u
 #define CR0_WP 0x10000u
@@ -62,9 +71,19 @@ typedef struct {
     uint32_t pad;
     uint8_t *maps_live[MAX_MAP_FRAMES];  /* the frames in guest RAM */
     uint8_t *maps_copy[MAX_MAP_FRAMES];  /* what they held at the last full check */
+    /* the guest kernel's port I/O (PORT_IN, PORT_OUT): the access's virtual time here, the device in
+     * Python (port_in/port_out: the counters as the Python callout counts them, then the bus; port_out
+     * returns 0 when the access ended the run: EIP is then left alone, as Python leaves it) */
+    uint64_t *clock_now;       /* the clock's now and extra (engine/_vclock.c) */
+    uint64_t *clock_extra;
+    uint64_t io_cycles;        /* the virtual time of one port access (Vcpu's IO_CYCLES) */
+    port_in_fn port_in;
+    port_out_fn port_out;
+    int32_t eax_reg, edx_reg;  /* UC_X86_REG_EAX, UC_X86_REG_EDX */
     uint8_t kind[SLOTS];
     uint8_t arg[SLOTS];        /* the ModRM byte of a mov to CR */
     uint32_t dest[SLOTS];      /* EIP to go on at (a TC address) */
+    uint8_t io[SLOTS];         /* a port access's size and port operand (IO_SIZE, IO_DX) */
 } callouts_t;
 
 size_t callouts_sizeof(void) { return sizeof(callouts_t); }
@@ -98,6 +117,30 @@ static int mov_cr(callouts_t *t, void *uc, uint8_t modrm) {
     return 1;
 }
 
+/* in/out of the guest kernel (virtual CPL 0: always allowed): as the Python callout does it (full's
+ * Callouts._special, kernel_port_io, Vcpu.port_io): the time, then the device; `in` merges the value into
+ * EAX. Returns 0 when the run ended (the device asked to stop): EIP stays where it is. */
+static int port_io(callouts_t *t, void *uc, uint64_t i, int in) {
+    uint32_t size = t->io[i] & IO_SIZE, port = t->arg[i];
+    uint32_t mask = size == 4 ? 0xFFFFFFFFu : (1u << (8 * size)) - 1;
+    uint64_t eax = 0, edx = 0;
+    if (t->io[i] & IO_DX) {
+        t->reg_read(uc, t->edx_reg, &edx);
+        port = (uint32_t)edx & 0xFFFF;
+    }
+    *t->clock_now += t->io_cycles;
+    *t->clock_extra += t->io_cycles;
+    if (in) {
+        uint32_t value = t->port_in(port, size) & mask;
+        t->reg_read(uc, t->eax_reg, &eax);
+        eax = ((uint32_t)eax & ~mask) | value;
+        t->reg_write(uc, t->eax_reg, &eax);
+        return 1;
+    }
+    t->reg_read(uc, t->eax_reg, &eax);
+    return (int)t->port_out(port, size, (uint32_t)eax & mask);
+}
+
 /* Python is told (its hook's data word) whether the guest kernel runs: 2 yes, 1 no (CS is read here),
  * 3 when the table knows no kernel ring (a bare runtime: Python asks itself). */
 #define NO_RING 0xFFFFFFFFu
@@ -117,6 +160,12 @@ void callout_hook(void *uc, uint64_t address, uint32_t size, void *user_data) {
             if (k == MOV_CR0 || k == MOV_CR4) {
                 if (!mov_cr(t, uc, t->arg[i])) {
                     TO_PYTHON(1);
+                    return;
+                }
+            } else if (k == PORT_IN || k == PORT_OUT) {
+                if (!port_io(t, uc, i, k == PORT_IN)) {
+                    if (*t->watch_if && !*t->check_if) *t->check_if = 1;
+                    t->served[k]++;
                     return;
                 }
             } else {

@@ -1,4 +1,6 @@
-"""Callouts answered in C (_callout.c): `cpuid` and `rdtsc` in translated guest-kernel code.
+"""Callouts answered in C (_callout.c): `cpuid` and `rdtsc` in translated guest-kernel code, the CR0.WP /
+CR4.PGE toggles (modes/full/crfast.py), and the kernel's `in`/`out` (their time and operands in C, the
+device and the counters through one guarded Python call: `ports`; off with CPUVIRT_IO_GATE_C=0).
 
 Each needs only the CPU model or the virtual clock, which the engine's own C hooks already answer for
 code that runs in place (engine/cpuid.py, engine/clock.py). A callout served in Python costs a hook
@@ -28,9 +30,14 @@ from cpuvirt.bt.tcache import CALLOUT_SLOTS, Block
 from cpuvirt.engine import regs as R
 from cpuvirt.engine.cext import add_c_hook, load
 
-PYTHON, CPUID, RDTSC, MOV_CR0, MOV_CR4 = 0, 1, 2, 3, 4
-KINDS = 5
-KIND_NAMES = {CPUID: "cpuid", RDTSC: "rdtsc", MOV_CR0: "mov cr0", MOV_CR4: "mov cr4"}
+PYTHON, CPUID, RDTSC, MOV_CR0, MOV_CR4, PORT_IN, PORT_OUT = 0, 1, 2, 3, 4, 5, 6
+KINDS = 7
+KIND_NAMES = {CPUID: "cpuid", RDTSC: "rdtsc", MOV_CR0: "mov cr0", MOV_CR4: "mov cr4", PORT_IN: "in", PORT_OUT: "out"}
+PORT_KINDS = (PORT_IN, PORT_OUT)  # counted by their Python device calls, not by take()
+IO_DX = 8  # io[slot]: the access size in bytes (1, 2, 4), | IO_DX when the port is DX
+
+_PORT_IN = ctypes.CFUNCTYPE(ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32)
+_PORT_OUT = ctypes.CFUNCTYPE(ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32)
 MAX_MAP_FRAMES = 16
 NO_MAPS = NO_RING = 0xFFFFFFFF
 
@@ -65,9 +72,17 @@ class _Table(ctypes.Structure):
         ("pad", ctypes.c_uint32),
         ("maps_live", ctypes.c_void_p * MAX_MAP_FRAMES),
         ("maps_copy", ctypes.c_void_p * MAX_MAP_FRAMES),
+        ("clock_now", ctypes.c_void_p),
+        ("clock_extra", ctypes.c_void_p),
+        ("io_cycles", ctypes.c_uint64),
+        ("port_in", ctypes.c_void_p),
+        ("port_out", ctypes.c_void_p),
+        ("eax_reg", ctypes.c_int32),
+        ("edx_reg", ctypes.c_int32),
         ("kind", ctypes.c_uint8 * CALLOUT_SLOTS),
         ("arg", ctypes.c_uint8 * CALLOUT_SLOTS),
         ("dest", ctypes.c_uint32 * CALLOUT_SLOTS),
+        ("io", ctypes.c_uint8 * CALLOUT_SLOTS),
     ]
 
 
@@ -119,6 +134,19 @@ class FastCallouts:
         self._table.answer_data[kind] = data
         self._kinds.add(kind)
 
+    def ports(self, clock, cycles: int, port_in, port_out) -> None:
+        """Let the C hook serve the guest kernel's in/out: `cycles` of virtual time on `clock` (a
+        VirtualClock), then port_in(port, size) -> value / port_out(port, size, value) -> 0 when the
+        run ended, else 1 (guarded Python functions: the counters, then the device)."""
+        t, st = self._table, clock._state
+        t.clock_now = ctypes.addressof(st) + type(st).now.offset
+        t.clock_extra = ctypes.addressof(st) + type(st).extra.offset
+        t.io_cycles = cycles
+        self._port_cbs = (_PORT_IN(port_in), _PORT_OUT(port_out))  # kept alive: C calls them
+        t.port_in, t.port_out = (ctypes.cast(cb, ctypes.c_void_p).value for cb in self._port_cbs)
+        t.eax_reg, t.edx_reg = R.EAX, R.EDX
+        self._kinds |= {PORT_IN, PORT_OUT}
+
     def can(self, kind: int) -> bool:
         return kind in self._kinds
 
@@ -159,12 +187,13 @@ class FastCallouts:
         t.maps_cr0, t.maps_cr4 = cr0, cr4
         t.maps_n = len(frames)
 
-    def link(self, slot: int, kind: int, dest: int, block: Block, arg: int = 0) -> None:
+    def link(self, slot: int, kind: int, dest: int, block: Block, arg: int = 0, io: int = 0) -> None:
         """From now on the C hook serves `slot` as `kind` and goes on at `dest`, the TC address of
         `block` (the live translation of the guest instruction after the site); `arg`: the
-        instruction's ModRM byte (mov to CR)."""
+        instruction's ModRM byte (mov to CR) or imm8 port (in/out); `io`: an in/out's size | IO_DX."""
         i = slot - self._table.base
         self._table.arg[i] = arg
+        self._table.io[i] = io
         old = self.linked.get(i)
         if old is not None and old is not block and old.linked_slots is not None:
             old.linked_slots.discard(i)
@@ -195,11 +224,18 @@ class FastCallouts:
         self.linked.clear()
 
     # -- what C served --------------------------------------------------------------------------------
+    @property
+    def ports_served(self) -> int:
+        """Guest-kernel in/out served by the C hook."""
+        return self._table.served[PORT_IN] + self._table.served[PORT_OUT]
+
     def take(self) -> dict[int, int]:
         """Callouts the C hook served since the last call, by kind."""
         served = self._table.served
         out = {}
         for k in range(1, KINDS):
+            if k in PORT_KINDS:
+                continue  # their Python device call counted them (Callouts._c_port_in)
             n = served[k] - self._taken[k]
             if n:
                 out[k] = n

@@ -58,7 +58,8 @@ class BtRuntime:
         # mode sets link_as to its kind while serving it, and the runtime links once it knows where
         # the guest goes on.
         self.link_as = PYTHON
-        self.link_arg = 0  # the site's ModRM byte (mov to CR)
+        self.link_arg = 0  # the site's ModRM byte (mov to CR) or imm8 port (in/out)
+        self.link_io = 0  # an in/out's size | IO_DX (fastcallout.py)
         self._slot = 0
         python_hook = hooks.code_function_with_data(self._hook_callout_from_c)
         self.fast = FastCallouts.install(self.uc, tc.base, python_hook, kernel_ring)
@@ -174,7 +175,7 @@ class BtRuntime:
         # a sensitive instruction: the hypervisor emulates it (guest registers, guest EIP) and says
         # where the guest kernel goes on, or None when it set EIP itself (an event, iret, a stop)
         c.callouts += 1
-        self.link_as = PYTHON
+        self.link_as, self.link_io = PYTHON, 0
         nxt = self.on_callout(site)
         if nxt is None:
             self.enter()
@@ -189,7 +190,7 @@ class BtRuntime:
         if self.link_as != PYTHON and c.flushes == flushes and self.fast is not None:
             b = tc.blocks.get(nxt)
             if b is not None and b.tc == dest and site.block.alive:
-                self.fast.link(self._slot, self.link_as, dest, b, self.link_arg)
+                self.fast.link(self._slot, self.link_as, dest, b, self.link_arg, self.link_io)
 
     def _fetch_fault(self, f: TranslateFault, geip: int) -> None:
         self.regs.write(R.EIP, geip)

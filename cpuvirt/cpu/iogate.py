@@ -9,7 +9,9 @@ then the device model (`port_io`, `kernel_port_io`).
 from __future__ import annotations
 
 from cpuvirt.cpu.guestview import GuestViewVcpu
+from cpuvirt.cpu.vcpu import Vcpu
 from cpuvirt.engine import regs as R
+from cpuvirt.engine.hooks import hook_guard
 from cpuvirt.x86.vectors import Vector
 
 
@@ -22,12 +24,13 @@ class IoGateVcpu(GuestViewVcpu):
 
     def port_io(self, port: int, size: int, is_in: bool, value: int = 0) -> int:
         """Port I/O: the engine checks no I/O privilege, so it is done here. At virtual CPL 0 it is a
-        trap (recorded, then done by the device model); at CPL 3 without IOPL 3 the code hook
-        (`_io_gate`) has already raised #GP, so only an I/O that slipped past it is dropped here."""
+        trap (recorded, then done by the device model); above the virtual IOPL the code hook
+        (`io_gate`) has already raised #GP unless the TSS bitmap grants the ports (then the access
+        is done), so only an I/O that slipped past it is dropped here."""
         cpl = self.vcpl()
         if cpl == 0:
             return self.kernel_port_io(port, size, is_in, value)
-        if cpl > self.virtual_cpu.iopl:
+        if cpl > self.virtual_cpu.iopl and not self._bitmap_grants(port, size):
             self.record(
                 "unhandled_io",
                 "IN" if is_in else "OUT",
@@ -41,6 +44,12 @@ class IoGateVcpu(GuestViewVcpu):
             return super().port_io(port, size, is_in, value)
         finally:
             self._io_site_once = None
+
+    def _bitmap_grants(self, port: int, size: int) -> bool:
+        """Does the guest TSS's I/O bitmap grant the ports (cpu/ioperm.py, the gate's own check)?"""
+        from cpuvirt.cpu.ioperm import io_permitted
+
+        return io_permitted(self.view, port, size)
 
     def kernel_port_io(self, port: int, size: int, is_in: bool, value: int = 0) -> int:
         """Port I/O at virtual CPL 0 (the caller knows the CPL: full mode's callouts): a trap event,
@@ -63,6 +72,23 @@ class IoGateVcpu(GuestViewVcpu):
             return super().port_io(port, size, is_in, value)
         finally:
             self._io_site_once = None
+
+    @hook_guard(returns=0)
+    def timed_in(self, port: int, size: int) -> int:
+        """The kernel's `in` (real ring 1: virtual CPL 0) once the C hook spent its time
+        (install_io_sites): kernel_port_io without a trace."""
+        if self.outcome is None:
+            self._counts[self.event_kind] += 1
+            self._reasons[self.event_kind, "in"] += 1
+        return Vcpu.timed_in.__wrapped__(self, port, size)
+
+    @hook_guard()
+    def timed_out(self, port: int, size: int, value: int) -> None:
+        """The kernel's `out`, as timed_in."""
+        if self.outcome is None:
+            self._counts[self.event_kind] += 1
+            self._reasons[self.event_kind, "out"] += 1
+        Vcpu.timed_out.__wrapped__(self, port, size, value)
 
     def io_site(self) -> tuple[int, int]:
         site = self._io_site_once

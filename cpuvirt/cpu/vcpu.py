@@ -39,6 +39,7 @@ from cpuvirt.x86.vectors import HAS_ERROR_CODE, MNEMONIC, Vector
 
 if TYPE_CHECKING:
     from cpuvirt.cpu.intercept import Intercepts
+    from cpuvirt.cpu.iosites import IoSites
 
 EXTERNAL_WAIT_S = 60.0  # host seconds a halted CPU waits for a frame from another process
 
@@ -125,6 +126,7 @@ class Vcpu:
         self._window_ready = False
         self._port_hooks: tuple[int, int] = (0, 0)  # the in/out hooks (install_hooks)
         self._port_io_in_c = False  # time_port_io_in_c made them C's
+        self.io_sites: IoSites | None = None  # the I/O gate's C hooks (install_io_sites)
         machine.on_new_block = self.forget_block
         machine.code32 = self.running_code32  # new blocks decode as the CPU does (CS.D)
 
@@ -521,14 +523,35 @@ class Vcpu:
             uc.emu_stop()
 
     def time_port_io_in_c(self) -> None:
-        """Native without a trace: the in/out hooks become C ones that spend the access's time
-        (VirtualClock.hook_port_io) and call timed_in / timed_out for the device."""
-        if self.trace is not None or type(self).port_io is not Vcpu.port_io or self._port_io_in_c:
+        """Without a trace, the in/out hooks become C ones that spend the access's virtual time and
+        call timed_in / timed_out for the device: native's (VirtualClock.hook_port_io) for every
+        access; a deprivileging mode's (its IoSites: install_io_sites) for the accesses its I/O gate
+        lets through at once, every other one going to the mode's own hook_in / hook_out as before.
+        Called when the run starts (a trace is attached after the mode is built); hw's VmxCpu
+        overrides it (its I/O decides VM exits)."""
+        if self.trace is not None or self._port_io_in_c:
+            return
+        if self.io_sites is not None:
+            sites = self.io_sites
+            hooks = sites.hook_port_io(self.timed_in, self.timed_out, self.untimed_in, self.untimed_out, IO_CYCLES)
+        elif type(self).port_io is Vcpu.port_io and type(self).hook_in is Vcpu.hook_in:
+            hooks = self.clock.hook_port_io(self.timed_in, self.timed_out, IO_CYCLES)
+        else:
             return
         self._port_io_in_c = True
         for handle in self._port_hooks:
             self.hooks.remove(handle)
-        self._port_hooks = self.clock.hook_port_io(self.timed_in, self.timed_out, IO_CYCLES)
+        self._port_hooks = hooks
+
+    @hook_guard(returns=0)
+    def untimed_in(self, port: int, size: int) -> int:
+        """The mode's own `in` hook, called from the C hook that did not take the access (IoSites)."""
+        return self.hook_in(self.uc, port, size, None)
+
+    @hook_guard()
+    def untimed_out(self, port: int, size: int, value: int) -> None:
+        """The mode's own `out` hook, called from the C hook that did not take the access (IoSites)."""
+        self.hook_out(self.uc, port, size, value, None)
 
     @hook_guard(returns=0)
     def timed_in(self, port: int, size: int) -> int:
@@ -791,9 +814,20 @@ class Vcpu:
         if wide and regs.read(R.CS) & 3:
             self.iret_to_v86(address)  # at CPL 0 (native, hw) VM=1 is honoured: nothing to do
 
+    def install_io_sites(self, site_cpls: int, port_cpls: int) -> None:
+        """Answer in C what the I/O gate decides at once (cpu/iosites.py, _iogate.c): the intercepted
+        I/O sites at a real CPL in the mask `site_cpls` outside V86 mode (allowed without the TSS
+        bitmap: nothing to do), and, once the run starts without a trace (time_port_io_in_c), the
+        accesses at a real CPL in `port_cpls` (their virtual time in C, the device through
+        timed_in / timed_out). Call after enable_intercepts. Off switch: CPUVIRT_IO_GATE_C=0."""
+        from cpuvirt.cpu.iosites import IoSites
+
+        self.io_sites = IoSites.install(self, IO_INSTRUCTIONS, site_cpls, port_cpls)
+
     def arm_io_gate(self) -> None:
         """The guest runs outside CPL 0 (or in V86 mode): from now on every in/out is checked. Its
-        translations, made without those hooks, are dropped before the engine runs again."""
+        translations, made without those hooks, are dropped before the engine runs again, and the
+        clock's block cache is emptied so that every block is checked for in/out when it next runs."""
         if self.io_gate_armed:
             return
         from cpuvirt.cpu.vcpu import IO_INSTRUCTIONS as io
@@ -803,6 +837,9 @@ class Vcpu:
         assert ic is not None, "the I/O gate arms the intercepts watch_if_setters made"
         ic.wanted = ic.wanted | io
         self._flush_translations = True
+        # The clock counts a block once per (address, size) and asks the observer only then: an in/out
+        # site run at CPL 0 before now would never be looked at again, and run unchecked at CPL 3.
+        self.clock.forget_blocks()
 
     def unblock_nmi(self) -> None:
         """An iret ends NMI blocking, even one that faults (SDM 6.7.1): an NMI that waited is taken

@@ -152,6 +152,13 @@ class VirtualClock:
         """Cached block counts dropped because the engine translated their block again."""
         return self._state.retranslated
 
+    def forget_blocks(self) -> None:
+        """Empty the block cache: every block is counted by Python again the next time it runs, so the
+        block observer (Machine.block_observer) sees it again. For a change in what the observer looks
+        for (the I/O gate armed): blocks it saw before were judged by the old rule."""
+        table = self._state.table
+        ctypes.memset(ctypes.addressof(table), 0, ctypes.sizeof(table))
+
     def discard_current_block(self) -> None:
         """Called from count_block when it stops the engine itself: the block will run later."""
         self._state.discard = 1

@@ -108,6 +108,13 @@ class TrapMode(Mode):
         self.vcpu.enable_io_gate()
         if enabled_by_environment():
             self.vcpu.fast = TrapFast.install(self.vcpu, self.shadow)  # cli/sti, clts, CR0/CR4 in C
+        # In C (cpu/iosites.py): the I/O gate's sites at real rings 0-2 (it checks only ring 3), and
+        # the kernel's accesses (real ring 1, virtual ring 0: a trap event each) timed there.
+        self.vcpu.install_io_sites(0b0111, 0b0010)
+
+    def run(self, entry: int):
+        self.vcpu.time_port_io_in_c()  # the kernel's in/out: their time in C (none with a trace)
+        return super().run(entry)
 
     def boot(self) -> None:
         """The loader left ring 0: drop the guest kernel to ring 1 under its virtual CPU."""

@@ -1,4 +1,4 @@
-# description: the I/O permission check: a TSS I/O bitmap grants ring 3 port 0x80 only; reserved CR4 bits fault
+# description: the I/O permission check: a TSS I/O bitmap grants ring 3 ports 0x80 and 0x3FD only; reserved CR4 bits fault
 #
 # The engine performs every in/out whatever CPL, IOPL and the bitmap say; cpuvirt must check them
 # (cpu/ioperm.py) in every mode, and refuse CR4 bits the CPU model does not have (#GP).
@@ -28,12 +28,16 @@ main:
     mov ecx, 0x400 / 8 + 1
     rep stosb
     and byte ptr [io_tss + MAP_BASE + 0x80 / 8], 0xFE   # ... but 0x80
+    and byte ptr [io_tss + MAP_BASE + 0x7F], 0xDF       # ... and 0x3FD, COM1 LSR (byte 0x7F, bit 5)
     mov ax, IO_TSS_SEL
     ltr ax
 
     mov eax, user_in80
     call run_user_io
     CHECK_EQ("ring 3, IOPL 0: in from a port the TSS bitmap grants works", eax, 5)
+    mov eax, user_in_lsr
+    call run_user_io
+    CHECK_EQ("ring 3, IOPL 0: in from COM1's LSR (granted) reads the UART (THR empty)", eax, 0x60)
     mov eax, user_out_com1
     call run_user_io
     CHECK_EQ("ring 3, IOPL 0: out to a port the bitmap denies raises #GP", eax, USER_KILLED | VEC_GP)
@@ -91,6 +95,12 @@ user_in80:
     in al, 0x80
     mov eax, SYS_EXIT
     mov ebx, 5
+    int 0x80
+user_in_lsr:
+    mov dx, COM1_LSR
+    in al, dx
+    movzx ebx, al
+    mov eax, SYS_EXIT
     int 0x80
 user_out_com1:
     mov dx, COM1

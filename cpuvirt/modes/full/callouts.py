@@ -10,10 +10,11 @@ import ctypes
 import struct
 from typing import TYPE_CHECKING, Callable
 
-from cpuvirt.bt.fastcallout import CPUID, KIND_NAMES, MOV_CR0, MOV_CR4, RDTSC
+from cpuvirt.bt.fastcallout import CPUID, IO_DX, KIND_NAMES, MOV_CR0, MOV_CR4, PORT_IN, PORT_OUT, RDTSC
 from cpuvirt.cpu.vcpu import EXIT_HYPERVISOR_STOP
 from cpuvirt.cpu.virtualcpu import GuestFault
 from cpuvirt.engine import regs as R
+from cpuvirt.engine.hooks import hook_guard
 from cpuvirt.memory.mmu import GuestPageFault
 from cpuvirt.status import Unsupported
 from cpuvirt.x86.cpuid import CR4_RESERVED
@@ -28,7 +29,7 @@ if TYPE_CHECKING:  # a mixin of FullVcpu (vcpu.py): mypy reads it against the de
 else:
     _VcpuBase = object
 
-_CPUID, _RDTSC = 1 << CPUID, 1 << RDTSC  # bits of Callouts._fast_kinds
+_CPUID, _RDTSC, _PORTS = 1 << CPUID, 1 << RDTSC, 1 << PORT_IN  # bits of Callouts._fast_kinds
 
 
 class Callouts(_VcpuBase):
@@ -59,6 +60,12 @@ class Callouts(_VcpuBase):
             fast.answer(RDTSC, clock._lib.vclock_rdtsc_hook, ctypes.cast(ctypes.pointer(clock._state), ctypes.c_void_p))
             self._fast_kinds |= _RDTSC
         fast.window(clock._state, type(clock._state).watch_if.offset, type(clock._state).check_if.offset)
+        from cpuvirt.cpu import iosites
+        from cpuvirt.cpu.vcpu import IO_CYCLES
+
+        if iosites.enabled():  # the kernel's in/out: CPUVIRT_IO_GATE_C=0 keeps them Python's
+            fast.ports(clock, IO_CYCLES, self._c_port_in, self._c_port_out)
+            self._fast_kinds |= _PORTS
 
     def sync_counts(self) -> None:
         """Add what the C callout hook served since the last call to the run's counters, as the
@@ -72,6 +79,30 @@ class Callouts(_VcpuBase):
             c = self.tc.counters
             c.callouts += n
             c.lookups += n
+
+    @hook_guard(returns=0)
+    def _c_port_in(self, port: int, size: int) -> int:
+        """The C callout hook serves a linked `in` of the guest kernel (its time spent there): what the
+        Python callout counts (the TC's callout and lookup, kernel_port_io's event, the access), then the
+        device."""
+        self._count_c_port("in")
+        return self.machine.bus.read(port, size)
+
+    @hook_guard(returns=0)
+    def _c_port_out(self, port: int, size: int, value: int) -> int:
+        """As _c_port_in for `out`; 0 when the access ended the run (the C hook then leaves EIP)."""
+        self._count_c_port("out")
+        self.machine.bus.write(port, size, value)
+        return 0 if self.outcome is not None else 1  # (finish stopped the engine)
+
+    def _count_c_port(self, direction: str) -> None:
+        self.mmu.crs = None
+        c = self.tc.counters
+        c.callouts += 1
+        self._counts[self.event_kind] += 1
+        self._reasons[self.event_kind, direction] += 1
+        self._counts["io"] += 1
+        c.lookups += 1
 
     def _callout_then_window(self, site) -> int | None:
         try:
@@ -183,6 +214,11 @@ class Callouts(_VcpuBase):
                 self.kernel_port_io(port, size, False, regs.read(R.EAX) & mask)
             if self.outcome is not None:
                 return None
+            if self.trace is None and self._fast_kinds & _PORTS:
+                # from now on the C hook serves this site: time in C, the device through _c_port_in/out
+                self.rt.link_as = PORT_IN if is_in else PORT_OUT
+                self.rt.link_arg = 0 if op >= 0xE8 else port
+                self.rt.link_io = size | (IO_DX if op >= 0xE8 else 0)
             return nxt
         if op == 0x0F and (
             raw[p + 1] in (0x05, 0x07)

@@ -124,4 +124,5 @@ class ParaMode(Mode):
         self.entry_frame = esp
 
     def run(self, entry: int):
+        self.vcpu.time_port_io_in_c()  # in/out within the granted IOPL: their time in C (none with a trace)
         return self.vcpu.run(entry)

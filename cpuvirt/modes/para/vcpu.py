@@ -39,6 +39,15 @@ NOT_PV = (
 )
 
 
+def _io_cpls(iopl: int) -> tuple[int, int]:
+    """The real CPLs whose in/out the C I/O gate lets through at once (cpu/iosites.py), as masks for
+    its sites and its port accesses: those at or below the granted IOPL (_io_allowed), none for 0."""
+    from cpuvirt.cpu.iosites import cpls_up_to
+
+    mask = cpls_up_to(iopl) if iopl else 0
+    return mask, mask
+
+
 class ParaVcpu(Vcpu):
     def __init__(self, machine, paging, trace=None, max_insns: int = 0):
         super().__init__(machine, trace=trace, max_insns=max_insns)
@@ -51,7 +60,7 @@ class ParaVcpu(Vcpu):
         self.event_callback: tuple[int, int] | None = None
         self.failsafe_callback = None
         self.timer: int | None = None
-        self.iopl = 0
+        self._iopl = 0  # physdev_op(set_iopl)
         self.shared_info_ma = 0  # set at boot, with events
         self._mask_traced = False
         self._in_upcall = False  # from an upcall to the guest's next hypercall (its iret)
@@ -76,6 +85,19 @@ class ParaVcpu(Vcpu):
 
         assert self.intercepts is not None  # enable_intercepts made them
         self.intercepts._pattern = re.compile(_IO_PATTERN.pattern + b"|" + FAR_PATTERN)
+        # in/out within the granted IOPL (nothing for the gate to do) answered in C
+        self.install_io_sites(*_io_cpls(self._iopl))
+
+    @property
+    def iopl(self) -> int:
+        """The IOPL granted by physdev_op(set_iopl): in/out at CPL <= it are allowed."""
+        return self._iopl
+
+    @iopl.setter
+    def iopl(self, value: int) -> None:
+        self._iopl = value
+        if self.io_sites is not None:
+            self.io_sites.cpls = _io_cpls(value)  # the C hooks decide by it from their next call
 
     def _intr(self, _uc, intno, _data) -> None:
         if intno != HYPERCALL_VECTOR:

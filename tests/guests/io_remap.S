@@ -1,0 +1,74 @@
+# description: one linear code page mapped in turn to two frames: an in/out site in one, an aligned-SSE site at the same address in the other
+#
+# Frame A holds `in ax, 0x80; ret` and frame B `movaps xmm0, [ebx]; ret`, both run at linear page X by
+# rewriting X's PTE. The address has one intercept hook, the first one made: the I/O site's. A C check
+# that compared the site's bytes only in frame A would let B's misaligned movaps run at the kernel's
+# ring without its #GP (cpu/iosites.py: a page that held several frames' code goes to Python).
+#include "kernel.inc"
+#include "paging.inc"
+
+X = 0x300000                            # the linear page
+FRAME_A = 0x310000
+FRAME_B = 0x311000
+
+.text
+main:
+    mov eax, cr0
+    and eax, ~4                         # EM clear, MP set: SSE available
+    or eax, 2
+    mov cr0, eax
+    mov eax, cr4
+    or eax, 0x600                       # OSFXSR, OSXMMEXCPT
+    mov cr4, eax
+    SET_HANDLER(VEC_GP, gp_handler)
+    mov dword ptr [FRAME_A], 0xC380E566 # in ax, 0x80; ret (3 bytes, as the movaps)
+    mov dword ptr [FRAME_B], 0xC303280F # movaps xmm0, [ebx]; ret
+    mov edi, page_dir
+    mov esi, page_table_low
+    mov eax, PTE_P | PTE_W
+    call paging_identity_4m
+    mov eax, page_dir
+    call paging_enable
+    push ebx
+
+    mov ebx, buf + 8                    # [ebx] misaligned throughout
+    mov ecx, 3
+warm:                                   # the I/O site first, several times
+    mov eax, FRAME_A
+    call run_x
+    loop warm
+    CHECK_EQ("frame A at X: in ax from port 0x80, no #GP", dword ptr [gps], 0)
+    mov eax, FRAME_B
+    call run_x
+    CHECK_EQ("frame B at X: movaps [ebx] misaligned, #GP", dword ptr [gps], 1)
+    mov eax, FRAME_A
+    call run_x
+    CHECK_EQ("frame A again: no #GP", dword ptr [gps], 1)
+    mov eax, FRAME_B
+    call run_x
+    CHECK_EQ("frame B again: #GP", dword ptr [gps], 2)
+
+    pop ebx
+    call paging_disable
+    ret
+
+# run_x: map X to the frame in eax, then call X (a #GP returns here through gp_handler)
+run_x:
+    or eax, PTE_P | PTE_W
+    mov dword ptr [page_table_low + 4 * 0x300], eax  # the PTE of X (0x300000 >> 12)
+    invlpg [X]
+    mov eax, X
+    call eax
+    ret
+
+# #GP: count it and resume at X + 3, frame B's own `ret`
+gp_handler:
+    inc dword ptr [gps]
+    mov dword ptr [ebx + FRAME_EIP], X + 3
+    ret
+
+.data
+.align 16
+buf:
+    .fill 8, 4, 0
+gps: .long 0
