@@ -3,14 +3,20 @@
 At ring 0 Unicorn executes `mov cr3`, `hlt`, `invlpg`, `lgdt`, `rdmsr`... without telling anyone, yet a
 VMCS control, or a deprivileging hypervisor, must see them. The way used here:
 
-- When a (linear page, host frame) pair first serves a fetch, the page is scanned: a regular expression
-  finds the opcode bytes of the wanted instructions, capstone decodes from each hit (and from the prefix
-  bytes before it), and a one-address UC_HOOK_CODE is put on every decoded instance. A hook on an offset
-  that is never executed never fires, so decoding at every candidate offset cannot hide an instruction.
-  Hooks are added before the engine translates the page, so they apply from the first execution.
-- Self-modifying code and code copied in at run time: every new block goes through the clock's
-  block-count callback, which decodes it anyway; an instance found there without a hook gets one, and the
-  engine is stopped before the block runs so that it is translated again with the hook (`retranslate`).
+- Every new block goes through the clock's block-count callback, which decodes it anyway: an instance
+  found there without a hook gets one, and the engine is stopped before the block runs so that it is
+  translated again with the hook (`retranslate`). Only instructions that run get hooks: one stop per
+  new block that holds one, against the false positives of scanning bytes (kvm-unit-tests' vmexit:
+  447 hooks, 171 of them `hlt` decoded from data, against 27; the engine walks every hook at each
+  hooked instruction, so its CR-write loops ran 2.2x faster with 27).
+- The clock knows a block by (linear address, length), so a block of another frame's code at the same
+  linear address and length (another process, a page reused) would not be counted, nor seen, again.
+  A linear page that serves fetches from a second frame is therefore scanned as before, when the pair
+  first serves a fetch: a regular expression finds the opcode bytes of the wanted instructions,
+  capstone decodes from each hit (and from the prefix bytes before it), and a one-address UC_HOOK_CODE
+  is put on every decoded instance before the engine translates that frame's code (a hook on an offset
+  that never runs never fires, so decoding at every candidate offset cannot hide an instruction). Once
+  the table of pages' frames was emptied (limits.CACHE_ENTRIES), every new pair is scanned.
 - A hook that fires re-checks the instruction's bytes, because the same linear address may hold other
   code after a CR3 switch or a rewrite: xv6's processes all run at linear 0, and the `f4` inside
   `init`'s `call` at 0x87 (decoded from 0x88: `hlt`) is `sh`'s one-byte `pop edx` at 0x88 (same size).
@@ -90,6 +96,7 @@ class Intercepts:
         self.scanned: dict[tuple[int, int], bool] = {}  # (linear page, host frame) pairs scanned
         self.page_frame: dict[int, int] = {}  # linear code page -> the frame it last fetched from
         self.shared_pages: dict[int, bool] = {}  # linear pages that held code from several frames
+        self.frames_forgotten = False  # page_frame was emptied (then every new pair is scanned)
         self.retranslate: list[tuple[int, int]] = []
         self._cs = Cs(CS_ARCH_X86, CS_MODE_32)
         # (address, size, mnemonic, operands, code, python hook) -> True when it put a C hook in front
@@ -104,8 +111,9 @@ class Intercepts:
 
     # -- scanning ----------------------------------------------------------------------------------
     def scan_frame(self, page: int, hpa: int) -> None:
-        """Called by the MMU when a (linear page, host frame) first serves a fetch."""
-        if self.note_frame(page, hpa):
+        """Called by the MMU when a (linear page, host frame) first serves a fetch: a page that held
+        another frame's code is scanned (the blocks of a page's first frame are seen as they run)."""
+        if self.note_frame(page, hpa) and (page in self.shared_pages or self.frames_forgotten):
             self._scan(page, hpa)
 
     def note_frame(self, page: int, hpa: int) -> bool:
@@ -117,6 +125,8 @@ class Intercepts:
             return False
         limits.put(self.scanned, key, True)
         last = self.page_frame.get(page)
+        if last is None and len(self.page_frame) >= limits.CACHE_ENTRIES:
+            self.frames_forgotten = True  # emptied now: a page's earlier frame is no longer known
         limits.put(self.page_frame, page, hpa)
         if last is not None and last != hpa and page not in self.shared_pages:
             # another frame's code at this linear page (another process, a reused page): the C SSE

@@ -188,16 +188,15 @@ class Vcpu:
                 break
             self.mmu.crs = None
             eip = regs.read(R.EIP)
+            # A new block held an instruction without its intercept or window hook: drop its
+            # translation and rerun it. Both lists are emptied at the stop that filled them: one left
+            # for a later stop would be taken for this stop's cause (a hlt would be skipped).
+            retranslate = self._window_retranslate
             if self.intercepts is not None and self.intercepts.retranslate:
-                # A new block held an instruction without its hook: drop its translation and rerun it.
-                for address, size in self.intercepts.retranslate:
-                    uc.ctl_remove_cache(address, address + size)
+                retranslate = self.intercepts.retranslate + retranslate
                 self.intercepts.retranslate.clear()
-                if not stopped_by_fault and not clock.expired() and not self.halt_requested():
-                    continue
-            if self._window_retranslate:
-                # A new block held an IF-setting instruction without its window hook: the same.
-                for address, size in self._window_retranslate:
+            if retranslate:
+                for address, size in retranslate:
                     uc.ctl_remove_cache(address, address + size)
                 self._window_retranslate.clear()
                 if not stopped_by_fault and not clock.expired() and not self.halt_requested():
@@ -323,15 +322,16 @@ class Vcpu:
         inner = m.block_observer
 
         def observe(insns):
+            # the intercepts' hooks first: Unicorn runs an address's hooks in the order they were
+            # added, and an intercepted iret must run before the window hook that looks at IF after it
+            stop = inner is not None and inner(insns)
             missing = False
             for addr, _size, mnem, _ in insns:
                 if mnem in IF_SETTERS and clock.hook_if_setter(addr, mnem == "sti"):
                     missing = True
             if missing:
                 self._window_retranslate.append((insns[0][0], sum(i[1] for i in insns)))
-            if inner is not None and inner(insns):
-                return True
-            return missing
+            return stop or missing
 
         m.block_observer = observe
 

@@ -112,9 +112,18 @@ class ParaMode(Mode):
         regs.write(R.ESP, esp)
         eax, ebx = regs.read(R.EAX), regs.read(R.EBX)
         now = m.clock.now
+        stub = lay.hypercall + S.IRET_STUB
         observer, m.block_observer = m.block_observer, None  # the hypervisor's own iretd: no intercept
-        m.uc.emu_start(lay.hypercall + S.IRET_STUB, 0, 0, 1)
+        m.uc.emu_start(stub, 0, 0, 1)
         m.block_observer = observer
+        # The guest's HYPERVISOR_iret returns through the same iretd, which must be intercepted like
+        # any other (RF and VM in its image): the clock counted its block unseen, so it is shown to the
+        # intercepts here and translated again with its hook.
+        ic = self.vcpu.intercepts
+        if ic is not None:
+            code = m.mmu.fetch_bytes(stub, 1) or b""
+            if ic.check_block(list(ic._cs.disasm_lite(code, stub))):
+                m.uc.ctl_remove_cache(stub, stub + len(code))
         m.clock.now = now
         if regs.cpl() != 1:
             raise RuntimeError("para: could not enter ring 1")
