@@ -9,10 +9,11 @@ VMCS control, or a deprivileging hypervisor, must see them. The way used here:
   new block that holds one, against the false positives of scanning bytes (kvm-unit-tests' vmexit:
   447 hooks, 171 of them `hlt` decoded from data, against 27; the engine walks every hook at each
   hooked instruction, so its CR-write loops ran 2.2x faster with 27).
-- The clock knows a block by (linear address, length), so a block of another frame's code at the same
-  linear address and length (another process, a page reused) would not be counted, nor seen, again.
-  A linear page that serves fetches from a second frame is therefore scanned as before, when the pair
-  first serves a fetch: a regular expression finds the opcode bytes of the wanted instructions,
+- The clock knows a block by (linear address, length) and counts it again whenever the engine
+  translates it again (engine/_vclock.c), which another frame's code at the same address needs. As a
+  second line, for the blocks the engine does not report (its very first one), a linear page that
+  serves fetches from a second frame (another process, a page reused) is scanned when the pair first
+  serves a fetch: a regular expression finds the opcode bytes of the wanted instructions,
   capstone decodes from each hit (and from the prefix bytes before it), and a one-address UC_HOOK_CODE
   is put on every decoded instance before the engine translates that frame's code (a hook on an offset
   that never runs never fires, so decoding at every candidate offset cannot hide an instruction). Once
