@@ -41,6 +41,9 @@ typedef void (*intr_fn)(void *uc, uint32_t intno, void *user_data);
 
 #define EFLAGS_IF 0x200u
 #define EFLAGS_VM 0x20000u
+#define EFLAGS_NT 0x4000u
+#define EFLAGS_RF 0x10000u
+#define EFLAGS_IOPL 0x3000u
 #define CR0_ET 0x10u
 #define CR0_TS 0x8u
 #define CR0_PG 0x80000000u
@@ -66,7 +69,7 @@ typedef void (*intr_fn)(void *uc, uint32_t intno, void *user_data);
 #define RTLB_SLOTS 256u
 
 /* The kinds answered here, each with its (kind, reason) key of Vcpu.reasons (trapfast.py REASONS). */
-enum { K_CLI, K_STI, K_CLTS, K_MOV_CR0, K_MOV_CR4, K_MOV_SREG, K_POP_SREG, K_COUNT };
+enum { K_CLI, K_STI, K_CLTS, K_MOV_CR0, K_MOV_CR4, K_MOV_SREG, K_POP_SREG, K_MOV_CR2, K_IRETD, K_COUNT };
 
 /* QEMU's SegmentCache, as env->segs[] holds it (cpu/segcache.py _SegmentCache). */
 typedef struct {
@@ -120,15 +123,19 @@ typedef struct {
     uint64_t pending;          /* events counted here since Python last folded them */
     uint64_t count[K_COUNT];
     uint8_t seen[K_COUNT];     /* Python has recorded this kind once (its counter keys exist) */
-    uint8_t pad2[1];
+    uint8_t pad2[7];
     uint64_t answered, to_python, misses;
     /* segment loads (mov sreg / pop sreg of DS ES FS GS) */
     uint32_t segs_ok;          /* 1: env->segs[] found (segments.py `_direct` is not None) */
     uint32_t off_segs;         /* its offset in env */
     uint32_t gdt_base, gdt_limit;   /* the VirtualCpu's GDTR (TrapVirtualCpu) */
     uint32_t loaded_new;       /* bit i: loaded[i] written here since Python last took it */
-    uint32_t pad3;
+    uint32_t loaded_known;     /* bit i: loaded[i] is what _loaded holds for segment i */
     uint32_t loaded[6][3];     /* SegmentLoadingVcpu._loaded by QEMU segment index: (real, lo, hi) */
+    uint32_t cr2;              /* the VirtualCpu's CR2 and IOPL (TrapVirtualCpu) */
+    uint32_t iopl;
+    uint32_t nmi_blocked;      /* Vcpu.nmi_blocked (an iret ends it: Python's) */
+    uint32_t pad4;
     rtlb_t rtlb[RTLB_SLOTS];
     block_t block[BLOCK_SLOTS];
 } trapfast_t;
@@ -252,6 +259,8 @@ static int write_cr_plain(trapfast_t *s, int cr4, uint32_t value) {
     return 1;
 }
 
+static int rd(trapfast_t *s, void *uc, int reg, uint64_t *v);
+
 /* -- the hypervisor's own reads (GuestViewVcpu.read_guest) when its TLB holds the page ---------------
  * read_guest on a hit reads RAM and nothing else; on a miss it walks with side effects (accessed bits,
  * the walk counters) and fills the TLB: that is Python's to do, so a miss here goes to Python. */
@@ -301,6 +310,32 @@ static int load_data_segment(trapfast_t *s, int seg, uint32_t selector) {
     s->loaded[seg][1] = lo;
     s->loaded[seg][2] = hi | DESC_A;
     s->loaded_new |= 1u << seg;
+    s->loaded_known |= 1u << seg;
+    return 1;
+}
+
+/* -- iretd by the guest kernel to its own ring: EmulatingVcpu.iret's RPL-0 return ------------------
+ * Only when nothing but the registers changes: no NT, no NMI blocking to end, a frame in one page the
+ * hypervisor's TLB holds, no VM in the image, a GDT code selector of RPL 0 (1 as the guest may have
+ * read it natively) whose present, accessed, 32-bit descriptor is the one CS already holds
+ * (load_cs_ss then loads nothing: hv_load's skip). Returns 0, nothing changed, for anything else. */
+static int iret_same_ring(trapfast_t *s, void *uc, uint64_t eflags, uint64_t *esp, uint32_t frame[3]) {
+    uint32_t cs, real, desc[2];
+    uint64_t cur_cs;
+    if (eflags & EFLAGS_NT || s->nmi_blocked || !s->segs_ok) return 0;
+    if (!rd(s, uc, s->r_esp, esp) || !read_hv(s, (uint32_t)*esp, frame, 12)) return 0;
+    if (frame[2] & EFLAGS_VM) return 0;
+    cs = frame[1] & 0xFFFFu;
+    if ((cs & 3) == 1) cs &= ~3u;
+    if ((cs & 3) != 0 || !(cs & ~3u) || (cs & 4) || (cs & ~7u) + 7 > s->gdt_limit) return 0;
+    if (!read_hv(s, s->gdt_base + (cs & ~7u), desc, 8)) return 0;
+    if (!(desc[1] & DESC_CODE) || !(desc[1] & DESC_S) || !(desc[1] & DESC_P) || !(desc[1] & DESC_A)) return 0;
+    if (!(desc[1] & (1u << 22))) return 0;                                  /* 16-bit: Python's */
+    real = cs | 1;
+    if (!(s->loaded_known & 2u) || s->loaded[1][0] != real || s->loaded[1][1] != desc[0] ||
+        s->loaded[1][2] != desc[1])
+        return 0;
+    if (!rd(s, uc, s->r_cs, &cur_cs) || cur_cs != real) return 0;
     return 1;
 }
 
@@ -312,6 +347,7 @@ static int rd(trapfast_t *s, void *uc, int reg, uint64_t *v) {
 void trapfast_intr_hook(void *uc, uint32_t intno, void *user_data) {
     trapfast_t *s = (trapfast_t *)user_data;
     uint64_t cs, eflags, eip, value = 0, next, esp = 0;
+    uint32_t frame[3];
     uint8_t code[3];
     int32_t is_int, minus1 = -1;
     int64_t unretire = 0;
@@ -330,6 +366,9 @@ void trapfast_intr_hook(void *uc, uint32_t intno, void *user_data) {
         kind = K_STI, size = 1;
     } else if (code[0] == 0x0F && code[1] == 0x06) {
         kind = K_CLTS, size = 2;
+    } else if (code[0] == 0x0F && code[1] == 0x20 && (code[2] >> 6) == 3 && ((code[2] >> 3) & 7) == 2) {
+        kind = K_MOV_CR2, size = 3;                                     /* mov r32, cr2 */
+        reg = code[2] & 7;
     } else if (code[0] == 0x0F && (code[1] == 0x20 || code[1] == 0x22) && (code[2] >> 6) == 3) {
         int n = (code[2] >> 3) & 7;
         if (n != 0 && n != 4) goto python;
@@ -344,6 +383,8 @@ void trapfast_intr_hook(void *uc, uint32_t intno, void *user_data) {
         kind = K_MOV_SREG, size = 3;
         seg = (code[2] >> 3) & 7;
         reg = code[2] & 7;
+    } else if (code[0] == 0xCF) {                                       /* iretd */
+        kind = K_IRETD, size = 1;
     } else if (code[0] == 0x07 || code[0] == 0x1F) {                    /* pop es / pop ds */
         kind = K_POP_SREG, size = 1;
         seg = code[0] == 0x07 ? 0 : 3;
@@ -360,6 +401,8 @@ void trapfast_intr_hook(void *uc, uint32_t intno, void *user_data) {
     } else if (kind == K_MOV_SREG) {
         if (!rd(s, uc, s->r_gpr[reg], &value)) goto python;
         if (!load_data_segment(s, seg, (uint32_t)value)) goto python;          /* nothing changed */
+    } else if (kind == K_IRETD) {
+        if (!iret_same_ring(s, uc, eflags, &esp, frame)) goto python;
     } else if (kind == K_POP_SREG) {
         uint16_t sel;
         if (!rd(s, uc, s->r_esp, &esp)) goto python;
@@ -394,6 +437,20 @@ void trapfast_intr_hook(void *uc, uint32_t intno, void *user_data) {
     case K_MOV_SREG:
         s->reg_write(uc, s->r_eip, &next);
         break;
+    case K_MOV_CR2:
+        value = s->cr2;
+        s->reg_write(uc, s->r_gpr[reg], &value);
+        s->reg_write(uc, s->r_eip, &next);
+        break;
+    case K_IRETD: {                /* ESP, the virtual IOPL and the real EFLAGS (IOPL 0), EIP */
+        uint64_t up = (uint32_t)(esp + 12), fl, to = frame[0];
+        s->reg_write(uc, s->r_esp, &up);
+        s->iopl = (frame[2] >> 12) & 3;
+        fl = (frame[2] & ~(EFLAGS_RF | EFLAGS_IOPL)) | 2u;
+        s->reg_write(uc, s->r_eflags, &fl);
+        s->reg_write(uc, s->r_eip, &to);
+        break;
+    }
     case K_POP_SREG: {
         uint64_t up = (uint32_t)(esp + 4);
         s->reg_write(uc, s->r_esp, &up);

@@ -22,7 +22,7 @@ from unicorn.unicorn_py3 import unicorn as _ucmod
 from cpuvirt.cpu.fastdelivery import _cpu_field, _read_process
 from cpuvirt.cpu.hvtlb import HvTlb
 from cpuvirt.cpu.quirks import context_layout
-from cpuvirt.cpu.segcache import segs_offset
+from cpuvirt.cpu.segcache import _SEG_INDEX, segs_offset
 from cpuvirt.cpu.virtualcpu import VirtualCpu
 from cpuvirt.engine import regs as R
 from cpuvirt.engine.cext import add_c_hook, load
@@ -38,6 +38,8 @@ REASONS = (
     ("trap", "mov cr4"),
     ("trap", "mov sreg"),
     ("trap", "pop"),
+    ("trap", "mov cr2"),
+    ("trap", "iretd"),
 )
 _SEG_REG = {0: R.ES, 3: R.DS, 4: R.FS, 5: R.GS}  # QEMU's segment index -> Unicorn register (data ones)
 
@@ -100,7 +102,7 @@ class _State(ctypes.Structure):
         ("pending", ctypes.c_uint64),
         ("count", ctypes.c_uint64 * len(REASONS)),
         ("seen", ctypes.c_uint8 * len(REASONS)),
-        ("pad2", ctypes.c_uint8 * 1),
+        ("pad2", ctypes.c_uint8 * 7),
         ("answered", ctypes.c_uint64),
         ("to_python", ctypes.c_uint64),
         ("misses", ctypes.c_uint64),
@@ -109,8 +111,12 @@ class _State(ctypes.Structure):
         ("gdt_base", ctypes.c_uint32),
         ("gdt_limit", ctypes.c_uint32),
         ("loaded_new", ctypes.c_uint32),
-        ("pad3", ctypes.c_uint32),
+        ("loaded_known", ctypes.c_uint32),
         ("loaded", (ctypes.c_uint32 * 3) * 6),
+        ("cr2", ctypes.c_uint32),
+        ("iopl", ctypes.c_uint32),
+        ("nmi_blocked", ctypes.c_uint32),
+        ("pad4", ctypes.c_uint32),
         ("rtlb", _Rtlb * RTLB_SLOTS),
         ("block", _Block * BLOCK_SLOTS),
     ]
@@ -197,6 +203,22 @@ class TrapVirtualCpu(VirtualCpu):
             setattr(self, name, getattr(old, name))
 
     @property  # type: ignore[override]
+    def cr2(self) -> int:
+        return self._st.cr2
+
+    @cr2.setter
+    def cr2(self, value: int) -> None:
+        self._st.cr2 = value & 0xFFFFFFFF
+
+    @property  # type: ignore[override]
+    def iopl(self) -> int:
+        return self._st.iopl
+
+    @iopl.setter
+    def iopl(self, value: int) -> None:
+        self._st.iopl = value & 3
+
+    @property  # type: ignore[override]
     def gdtr(self) -> tuple[int, int]:
         st = self._st
         return st.gdt_base, st.gdt_limit
@@ -268,13 +290,16 @@ class TrapHvTlb(HvTlb):
 
 class TrapLoaded(dict):
     """SegmentLoadingVcpu._loaded (segment register -> (real selector, lo, hi) as hv_load last wrote
-    it) with the loads done in C taken in whenever it is read or changed."""
+    it) with the loads done in C taken in whenever it is read or changed, and copied to C (iretd
+    answered there needs CS's)."""
 
     __slots__ = ("_table",)
 
     def __init__(self, table, old: dict):
-        super().__init__(old)
+        super().__init__()
         self._table = table
+        for reg, value in old.items():
+            self[reg] = value
 
     def _take(self) -> None:
         st = self._table
@@ -297,9 +322,15 @@ class TrapLoaded(dict):
     def __setitem__(self, key, value) -> None:
         self._take()
         dict.__setitem__(self, key, value)
+        seg = _SEG_INDEX.get(key)
+        if seg is not None:
+            st = self._table
+            st.loaded[seg][0], st.loaded[seg][1], st.loaded[seg][2] = (v & 0xFFFFFFFF for v in value)
+            st.loaded_known |= 1 << seg
 
     def clear(self) -> None:
-        self._table.loaded_new = 0
+        st = self._table
+        st.loaded_new = st.loaded_known = 0
         dict.clear(self)
 
 
@@ -363,6 +394,16 @@ class TrapFast:
         p2m = vcpu.mmu.p2m
         vcpu._rtlb = TrapHvTlb(st, p2m.ram_hpa, p2m.ram_bytes)
         vcpu._loaded = TrapLoaded(st, vcpu._loaded)
+        # NMI blocking: an iret that ends it is Python's
+        st.nmi_blocked = 1 if vcpu.nmi_blocked else 0
+        chained = vcpu.on_nmi_blocked
+
+        def on_nmi_blocked(value: bool) -> None:
+            st.nmi_blocked = 1 if value else 0
+            if chained is not None:
+                chained(value)
+
+        vcpu.on_nmi_blocked = on_nmi_blocked
         # The copy of Machine.block_insns (trap takes the mirror slot: it has no other C event path).
         table = vcpu.machine.block_insns
         for address, (addrs, end) in table.items():

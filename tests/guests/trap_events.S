@@ -109,8 +109,56 @@ hot_loop:
     add ebp, eax
     mov ax, KERNEL_DS
     mov gs, ax
+    # iretd to the kernel's own ring: the common case, IF from the image, and CR2 read back.
+    pushfd
+    or dword ptr [esp], EFLAGS_IF
+    push KERNEL_CS
+    push iret_back
+    iretd
+iret_back:
+    pushfd
+    pop eax
+    and eax, EFLAGS_IF
+    add ebp, eax
+    cli
+    mov esi, cr2
+    add ebp, esi
     test edi, 15
     jnz hot_next
+    # iretd that only Python may do: a frame across a page boundary, a CS descriptor whose accessed
+    # bit is clear, a CS other than the one loaded (after a far jump to another code segment).
+    mov dword ptr [saved_esp], esp
+    mov esp, iret_area + 0x1000 + 4
+    pushfd
+    push KERNEL_CS
+    push iret_cross
+    iretd
+iret_cross:
+    mov esp, dword ptr [saved_esp]
+    and byte ptr [gdt2 + KERNEL_CS + 5], ~1
+    pushfd
+    push KERNEL_CS
+    push iret_unaccessed
+    iretd
+iret_unaccessed:                        # (the accessed bit is not in the checksum: the engine's own
+                                        # iretd, native's, leaves it clear, trap's sets it as SDM 3.4.5 says)
+    .byte 0xEA                          # jmp SEL_RCODE:iret_far
+    .long iret_far
+    .word SEL_RCODE
+iret_far:
+    pushfd
+    push KERNEL_CS
+    push iret_home
+    iretd
+iret_home:
+    mov eax, cs                         # the real CS (RPL 1 under trap, a hole): the iretd loaded it
+    and eax, ~3
+    add ebp, eax
+    mov eax, cr2
+    xor eax, 0x5A5A
+    mov cr2, eax                        # a CR2 write: Python's
+    mov ecx, cr2
+    add ebp, ecx
     # Faults: each resumes at fault_resume with the vector and error code recorded.
     mov dword ptr [fault_resume], f1
     mov ax, SEL_BEYOND
@@ -240,6 +288,9 @@ gdt2r_short:
     .word SEL_BASED - 1
     .long gdt2
 probe: .long 0, 0
+.align 4096
+iret_area: .zero 0x2000
+saved_esp: .long 0
 fault_resume: .long 0
 fault_count: .long 0
 fault_sum: .long 0
