@@ -289,6 +289,7 @@ static int load_data_segment(trapfast_t *s, int seg, uint32_t selector) {
     if ((selector & 3) == 1) selector &= ~3u;    /* guest_selector: RPL 1 is the compressed ring 0 */
     if (!(selector & ~3u) || (selector & 4)) return 0;
     if ((selector & ~7u) + 7 > s->gdt_limit) return 0;
+    if ((uint64_t)s->gdt_base + (selector & ~7u) + 8 > 0x100000000ull) return 0;  /* wraps: Python's */
     if (!read_hv(s, s->gdt_base + (selector & ~7u), desc, 8)) return 0;
     lo = desc[0], hi = desc[1];
     dpl = (hi >> 13) & 3, rpl = selector & 3;
@@ -328,6 +329,7 @@ static int iret_same_ring(trapfast_t *s, void *uc, uint64_t eflags, uint64_t *es
     cs = frame[1] & 0xFFFFu;
     if ((cs & 3) == 1) cs &= ~3u;
     if ((cs & 3) != 0 || !(cs & ~3u) || (cs & 4) || (cs & ~7u) + 7 > s->gdt_limit) return 0;
+    if ((uint64_t)s->gdt_base + (cs & ~7u) + 8 > 0x100000000ull) return 0;
     if (!read_hv(s, s->gdt_base + (cs & ~7u), desc, 8)) return 0;
     if (!(desc[1] & DESC_CODE) || !(desc[1] & DESC_S) || !(desc[1] & DESC_P) || !(desc[1] & DESC_A)) return 0;
     if (!(desc[1] & (1u << 22))) return 0;                                  /* 16-bit: Python's */

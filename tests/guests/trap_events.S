@@ -1,4 +1,4 @@
-# description: what trap's C path for segment loads must leave to Python: mov/pop of DS ES FS GS in loops (ring-3 system calls, #DE and #PF in the kernel, handlers that reload the data segments), with selectors beyond the GDT limit, a non-present descriptor, an execute-only code segment, RPL 3 over DPL 0, a clear accessed bit, a null DS and a null SS, a descriptor rewritten in place, another GDT loaded, and a ring-3 load of a kernel selector
+# description: what trap's C path for segment loads must leave to Python: mov/pop of DS ES FS GS in loops (ring-3 system calls, #DE and #PF in the kernel, handlers that reload the data segments), with selectors beyond the GDT limit, a non-present descriptor, an execute-only code segment, RPL 3 over DPL 0, a clear accessed bit, a null DS and a null SS, a descriptor rewritten in place, the GDT's page remapped, another GDT loaded, and a ring-3 load of a kernel selector
 #
 # Under `--mode trap` every load of a DPL-0 data segment faults at ring 1 and is emulated (segments.py);
 # modes/_trapfast.c answers the common ones in C. tests/test_trap_events.py runs this guest with and
@@ -95,6 +95,37 @@ hot_loop:
     # ... and back, after a CR3 write emptied the hypervisor's TLB: Python loads it (it must know
     # what C loaded last, or it would skip the load as one already done).
     mov byte ptr [gdt2 + SEL_MOVING + 3], 0
+    mov eax, cr3
+    mov cr3, eax
+    mov ax, SEL_MOVING
+    mov fs, ax
+    mov eax, dword ptr fs:[probe]
+    xor ebp, eax
+    # The GDT's page mapped to another frame (a copy whose SEL_MOVING has base 0x1000), CR3 reloaded:
+    # the load must read the new frame (a stale copy of the hypervisor's TLB in C would not).
+    push edi
+    mov esi, gdt2
+    mov edi, gdt_alt
+    mov ecx, 1024
+    rep movsd
+    pop edi
+    mov byte ptr [gdt_alt + SEL_MOVING + 3], 0x10
+    mov eax, gdt2
+    shr eax, 12
+    lea edx, [page_table_low + 4 * eax]
+    mov eax, gdt_alt
+    or eax, PTE_P | PTE_W | PTE_U
+    mov dword ptr [edx], eax
+    mov eax, cr3
+    mov cr3, eax
+    mov ax, SEL_MOVING
+    mov fs, ax
+    mov eax, dword ptr fs:[probe - 0x1000]
+    xor ebp, eax
+    rol ebp, 2
+    mov eax, gdt2
+    or eax, PTE_P | PTE_W | PTE_U
+    mov dword ptr [edx], eax
     mov eax, cr3
     mov cr3, eax
     mov ax, SEL_MOVING
@@ -262,7 +293,7 @@ user_kernel_ds:
     ret
 
 .data
-.align 8
+.align 4096                             # the GDT has a page of its own (mapped elsewhere for a while)
 gdt2:
     .long 0, 0                          # 0x00
     .long 0x0000FFFF, 0x00CF9A00        # 0x08: ring-0 code
@@ -278,6 +309,8 @@ gdt2:
     .long 0x0000FFFF, 0x00CF9B00        # 0x58: SEL_RCODE
     .long 0x1000FFFF, 0x00CF9300        # 0x60: SEL_BASED
 gdt2_end:
+.align 4096
+gdt_alt: .zero 4096
 .align 4
     .word 0
 gdt2r:
