@@ -22,14 +22,38 @@ from unicorn.unicorn_py3 import unicorn as _ucmod
 from cpuvirt.cpu.fastdelivery import _cpu_field, _read_process
 from cpuvirt.cpu.hvtlb import HvTlb
 from cpuvirt.cpu.quirks import context_layout
+from cpuvirt.cpu.segcache import _SEG_INDEX, segs_offset
 from cpuvirt.cpu.virtualcpu import VirtualCpu
 from cpuvirt.engine import regs as R
 from cpuvirt.engine.cext import add_c_hook, load
 from cpuvirt.x86.cpuid import CR4_RESERVED
 
-BLOCK_SLOTS, BLOCK_MAX_INSNS = 4096, 58
+BLOCK_SLOTS, BLOCK_MAX_INSNS, RTLB_SLOTS = 4096, 58, 256
 # The (kind, reason) keys of Vcpu.reasons of the kinds _trapfast.c answers, in its enum's order.
-REASONS = (("trap", "cli"), ("trap", "sti"), ("trap", "clts"), ("trap", "mov cr0"), ("trap", "mov cr4"))
+REASONS = (
+    ("trap", "cli"),
+    ("trap", "sti"),
+    ("trap", "clts"),
+    ("trap", "mov cr0"),
+    ("trap", "mov cr4"),
+    ("trap", "mov sreg"),
+    ("trap", "pop"),
+    ("trap", "mov cr2"),
+    ("trap", "iretd"),
+)
+_SEG_REG = {0: R.ES, 3: R.DS, 4: R.FS, 5: R.GS}  # QEMU's segment index -> Unicorn register (data ones)
+
+
+class _Rtlb(ctypes.Structure):
+    """Mirror of rtlb_t."""
+
+    _fields_ = [
+        ("page", ctypes.c_uint32),
+        ("gen", ctypes.c_uint32),
+        ("valid", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+        ("gpa", ctypes.c_uint64),
+    ]
 
 
 class _Block(ctypes.Structure):
@@ -60,6 +84,7 @@ class _State(ctypes.Structure):
         ("r_eip", ctypes.c_int32),
         ("r_eflags", ctypes.c_int32),
         ("r_cs", ctypes.c_int32),
+        ("r_esp", ctypes.c_int32),
         ("r_gpr", ctypes.c_int32 * 8),
         ("enabled", ctypes.c_uint32),
         ("crs", ctypes.c_uint32 * 3),
@@ -77,10 +102,22 @@ class _State(ctypes.Structure):
         ("pending", ctypes.c_uint64),
         ("count", ctypes.c_uint64 * len(REASONS)),
         ("seen", ctypes.c_uint8 * len(REASONS)),
-        ("pad2", ctypes.c_uint8 * 3),
+        ("pad2", ctypes.c_uint8 * 7),
         ("answered", ctypes.c_uint64),
         ("to_python", ctypes.c_uint64),
         ("misses", ctypes.c_uint64),
+        ("segs_ok", ctypes.c_uint32),
+        ("off_segs", ctypes.c_uint32),
+        ("gdt_base", ctypes.c_uint32),
+        ("gdt_limit", ctypes.c_uint32),
+        ("loaded_new", ctypes.c_uint32),
+        ("loaded_known", ctypes.c_uint32),
+        ("loaded", (ctypes.c_uint32 * 3) * 6),
+        ("cr2", ctypes.c_uint32),
+        ("iopl", ctypes.c_uint32),
+        ("nmi_blocked", ctypes.c_uint32),
+        ("pad4", ctypes.c_uint32),
+        ("rtlb", _Rtlb * RTLB_SLOTS),
         ("block", _Block * BLOCK_SLOTS),
     ]
 
@@ -155,14 +192,41 @@ def _context_header(uc, env: int) -> int | None:
 
 
 class TrapVirtualCpu(VirtualCpu):
-    """A VirtualCpu whose CR0, CR3 and CR4 are the C table's (every other field as VirtualCpu's)."""
+    """A VirtualCpu whose CR0, CR3, CR4 and GDTR are the C table's (every other field as VirtualCpu's)."""
 
-    __slots__ = ("_crs",)
+    __slots__ = ("_crs", "_st")
 
-    def __init__(self, crs, old: VirtualCpu):
-        self._crs = crs  # ctypes uint32[3]: CR0, CR3, CR4
+    def __init__(self, st, old: VirtualCpu):
+        self._st = st
+        self._crs = st.crs  # ctypes uint32[3]: CR0, CR3, CR4
         for name in VirtualCpu.__slots__:
             setattr(self, name, getattr(old, name))
+
+    @property  # type: ignore[override]
+    def cr2(self) -> int:
+        return self._st.cr2
+
+    @cr2.setter
+    def cr2(self, value: int) -> None:
+        self._st.cr2 = value & 0xFFFFFFFF
+
+    @property  # type: ignore[override]
+    def iopl(self) -> int:
+        return self._st.iopl
+
+    @iopl.setter
+    def iopl(self, value: int) -> None:
+        self._st.iopl = value & 3
+
+    @property  # type: ignore[override]
+    def gdtr(self) -> tuple[int, int]:
+        st = self._st
+        return st.gdt_base, st.gdt_limit
+
+    @gdtr.setter
+    def gdtr(self, value: tuple[int, int]) -> None:
+        st = self._st
+        st.gdt_base, st.gdt_limit = value[0] & 0xFFFFFFFF, value[1] & 0xFFFFFFFF
 
     @property  # type: ignore[override]
     def cr0(self) -> int:
@@ -189,6 +253,87 @@ class TrapVirtualCpu(VirtualCpu):
         self._crs[2] = value & 0xFFFFFFFF
 
 
+class TrapHvTlb(HvTlb):
+    """The hypervisor's own TLB (GuestViewVcpu._rtlb) with a copy of its RAM entries in the C table
+    (rtlb_t): the C path reads descriptors and the stack through it only where Python would hit."""
+
+    __slots__ = ("_ram_hpa", "_ram_bytes")
+
+    def __init__(self, table, ram_hpa: int, ram_bytes: int):
+        super().__init__(table)
+        self._ram_hpa, self._ram_bytes = ram_hpa, ram_bytes
+
+    def __setitem__(self, page, hpa) -> None:
+        self._fresh()
+        dict.__setitem__(self, page, hpa)
+        st = self._table
+        e = st.rtlb[page % RTLB_SLOTS]
+        gpa = hpa - self._ram_hpa if hpa is not None else -1
+        if 0 <= gpa and gpa + 0x1000 <= self._ram_bytes and not gpa & 0xFFF:
+            e.page, e.gen, e.gpa, e.valid = page, st.rtlb_gen, gpa, 1
+        elif e.page == page:
+            e.valid = 0
+
+    def pop(self, key, *default):
+        e = self._table.rtlb[key % RTLB_SLOTS]
+        if e.page == key:
+            e.valid = 0
+        return super().pop(key, *default)
+
+    def clear(self) -> None:
+        """Every entry goes: C's copies with the generation they were made under."""
+        st = self._table
+        st.rtlb_gen = (st.rtlb_gen + 1) & 0xFFFFFFFF
+        self._gen = st.rtlb_gen
+        dict.clear(self)
+
+
+class TrapLoaded(dict):
+    """SegmentLoadingVcpu._loaded (segment register -> (real selector, lo, hi) as hv_load last wrote
+    it) with the loads done in C taken in whenever it is read or changed, and copied to C (iretd
+    answered there needs CS's)."""
+
+    __slots__ = ("_table",)
+
+    def __init__(self, table, old: dict):
+        super().__init__()
+        self._table = table
+        for reg, value in old.items():
+            self[reg] = value
+
+    def _take(self) -> None:
+        st = self._table
+        new = st.loaded_new
+        if new:
+            st.loaded_new = 0
+            for seg, reg in _SEG_REG.items():
+                if new >> seg & 1:
+                    e = st.loaded[seg]
+                    dict.__setitem__(self, reg, (e[0], e[1], e[2]))
+
+    def get(self, key, default=None):
+        self._take()
+        return dict.get(self, key, default)
+
+    def __getitem__(self, key):
+        self._take()
+        return dict.__getitem__(self, key)
+
+    def __setitem__(self, key, value) -> None:
+        self._take()
+        dict.__setitem__(self, key, value)
+        seg = _SEG_INDEX.get(key)
+        if seg is not None:
+            st = self._table
+            st.loaded[seg][0], st.loaded[seg][1], st.loaded[seg][2] = (v & 0xFFFFFFFF for v in value)
+            st.loaded_known |= 1 << seg
+
+    def clear(self) -> None:
+        st = self._table
+        st.loaded_new = st.loaded_known = 0
+        dict.clear(self)
+
+
 class TrapFast:
     """The C INTR hook of mode trap and the Python side of its table (module docstring)."""
 
@@ -205,7 +350,10 @@ class TrapFast:
         st.off_old_exception = layout.old_exception - header
         st.off_is_int = layout.exception_is_int - header
         st.off_hflags = layout.hflags - header
-        st.r_eip, st.r_eflags, st.r_cs = R.EIP, R.EFLAGS, R.CS
+        st.r_eip, st.r_eflags, st.r_cs, st.r_esp = R.EIP, R.EFLAGS, R.CS, R.ESP
+        segs = segs_offset()
+        if segs is not None and vcpu._direct is not None and segs >= header:
+            st.segs_ok, st.off_segs = 1, segs - header
         st.r_gpr[:] = R.GPR_ORDER
         st.cr4_reserved = CR4_RESERVED
         mmu = vcpu.mmu
@@ -240,10 +388,22 @@ class TrapFast:
     def _attach(self) -> None:
         vcpu, st = self.vcpu, self._state
         # The virtual CR0/CR3/CR4 move into the table; the walks' CR source follows them.
-        vcpu.virtual_cpu = TrapVirtualCpu(st.crs, vcpu.virtual_cpu)
+        vcpu.virtual_cpu = TrapVirtualCpu(st, vcpu.virtual_cpu)
         if vcpu.mmu.crs_source is not None:
             vcpu.mmu.crs_source = vcpu.virtual_cpu.crs
-        vcpu._rtlb = HvTlb(st)
+        p2m = vcpu.mmu.p2m
+        vcpu._rtlb = TrapHvTlb(st, p2m.ram_hpa, p2m.ram_bytes)
+        vcpu._loaded = TrapLoaded(st, vcpu._loaded)
+        # NMI blocking: an iret that ends it is Python's
+        st.nmi_blocked = 1 if vcpu.nmi_blocked else 0
+        chained = vcpu.on_nmi_blocked
+
+        def on_nmi_blocked(value: bool) -> None:
+            st.nmi_blocked = 1 if value else 0
+            if chained is not None:
+                chained(value)
+
+        vcpu.on_nmi_blocked = on_nmi_blocked
         # The copy of Machine.block_insns (trap takes the mirror slot: it has no other C event path).
         table = vcpu.machine.block_insns
         for address, (addrs, end) in table.items():
