@@ -1,0 +1,217 @@
+/*
+ * para's common events in C (modes/para/pvfast.py): the INTR hook in front of ParaVcpu._intr for
+ *
+ *  - an `int n`, int3 or a fault the engine raised, bounced to the guest kernel through its virtual
+ *    trap table (ParaVcpu._deliver_engine_event -> trap -> bounce): a hardware-like frame at ring 1,
+ *    on the stack_switch stack when it comes from ring 3, with Xen's virtual IF (the event mask) in the
+ *    saved EFLAGS and the mask in the saved CS's upper half, CS:EIP from the trap table, the mask set
+ *    when the entry's flag asks for it (docs/pv-abi.md);
+ *  - HYPERVISOR_iret (hypercall 23, hypercalls.py `iret`): the event mask from the frame's EFLAGS.IF,
+ *    EAX popped, EIP at the hypercall page's iretd stub (whose iret site is answered in C as well,
+ *    cpu/_delivery.c delivery_iret_hook).
+ *
+ * It answers only what the Python path would do without a trace line, a crash, a #GP of its own or an
+ * upcall: anything else (no trap-table entry, an `int n` above the entry's DPL, from virtual-8086 mode,
+ * a frame that would fault, a write-traced frame, an event that becomes deliverable, the first event of
+ * each kind so that Python puts the counters' keys in its order) goes to the Python hook having changed
+ * nothing. Guest memory goes through cpu/_delivery.c's walker over direct paging (machine addresses),
+ * with the side effects and counters of Mmu.read_linear / write_linear; the bookkeeping (the event
+ * counters, the block's unretired instructions, the interrupt-window check) through its EventBooks.
+ * tests/test_pv_fast.py compares both paths byte for byte. Python calls it through ctypes.
+ */
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+typedef int (*reg_read_fn)(void *uc, int regid, void *value);
+typedef int (*reg_write_fn)(void *uc, int regid, const void *value);
+typedef int (*context_fn)(void *uc, void *context);
+typedef void (*intr_fn)(void *uc, uint32_t intno, void *user_data);
+typedef int (*peek_fn)(void *d, void *uc, uint32_t gva, uint32_t n, uint8_t *out);
+typedef int (*linear_fn)(void *d, void *uc, uint32_t gva, uint32_t n, int write, uint8_t *buf);
+typedef void (*soft_books_fn)(void *d, uint32_t vector, uint32_t start, uint32_t eip);
+typedef void (*fault_books_fn)(void *d, uint32_t vector, uint32_t eip);
+typedef void (*refused_fn)(uint32_t vector);
+
+enum { R_EAX, R_ESP, R_EIP, R_EFLAGS, R_CS, R_SS, R_COUNT };
+
+/* One entry of the virtual trap table (set_trap_table's trap_info, as ParaVcpu.trap_table holds it). */
+typedef struct {
+    uint8_t present, flags;   /* flags: DPL in bits 0-1, bit 2: mask events on entry */
+    uint16_t cs;              /* (cs & ~3) | 1 */
+    uint32_t address;
+} trap_t;
+
+typedef struct {
+    void *d;                  /* cpu/_delivery.c's delivery_t of the vCPU's FastDelivery */
+    peek_fn peek;             /* delivery_peek: no side effect */
+    linear_fn linear;         /* delivery_linear: Mmu.read_linear / write_linear's side effects */
+    soft_books_fn books_soft; /* delivery_books_soft / _fault: the bookkeeping of a delivered event */
+    fault_books_fn books_fault;
+    reg_read_fn reg_read;
+    reg_write_fn reg_write;
+    context_fn context_save, context_restore;
+    void *context;            /* a uc_context of this engine (the FastDelivery's) */
+    uint8_t *context_hflags, *context_is_int, *context_old_exception, *context_error_code;
+    int32_t reg[R_COUNT];
+    intr_fn python_intr;      /* ParaVcpu._intr, guarded */
+    refused_fn refused;       /* the engine refused a register write after the frame was written */
+    uint32_t enabled;         /* 0: every event is Python's (a trace, the off switch) */
+    uint32_t trap_table_set;  /* ParaVcpu.trap_table_set */
+    uint32_t kstack_set, kstack_ss, kstack_esp;   /* ParaVcpu.kernel_stack (stack_switch) */
+    uint32_t traced;          /* the shared-info frame is write-traced (ParaVcpu._mask_traced) */
+    uint8_t *shared;          /* vcpu_info[0] in RAM: [0] evtchn_upcall_pending, [1] evtchn_upcall_mask */
+    uint32_t *in_upcall;      /* ParaVcpu._in_upcall */
+    uint32_t has_error_code[8];
+    uint32_t iret_seen;       /* Python handled a HYPERVISOR_iret (its counters' keys exist) */
+    uint32_t iret_eip;        /* hypercall_va + IRET_STUB */
+    uint64_t *clock_now, *clock_extra;
+    uint64_t hypercall_cycles;   /* HYPERCALL_CYCLES */
+    uint64_t irets;           /* HYPERVISOR_iret done here, not yet in Vcpu.counts (pvfast.py folds) */
+    uint64_t irets_total, bounced;
+    trap_t trap[256];
+} pv_t;
+
+size_t pv_sizeof(void) { return sizeof(pv_t); }
+
+#define EFLAGS_TF 0x100u
+#define EFLAGS_IF 0x200u
+#define EFLAGS_NT 0x4000u
+#define EFLAGS_RF 0x10000u
+#define EFLAGS_VM 0x20000u
+#define HYPERCALL_VECTOR 0x82u
+#define HYPERCALL_IRET 23u
+
+static uint32_t rd(pv_t *s, void *uc, int r, int *err) {
+    uint64_t v = 0;
+    if (s->reg_read(uc, s->reg[r], &v)) *err = 1;
+    return (uint32_t)v;
+}
+
+static int wr(pv_t *s, void *uc, int r, uint32_t value) {
+    uint64_t v = value;       /* a buffer per write: a segment load re-reads it (regs.py) */
+    return s->reg_write(uc, s->reg[r], &v);
+}
+
+/* HYPERVISOR_iret (hypercalls.py iret, within ParaVcpu.hypercall): 1 when done here. */
+static int pv_iret(pv_t *s, void *uc) {
+    int err = 0;
+    uint32_t eax, cs, eflags, esp, frame[4], mask;
+    eax = rd(s, uc, R_EAX, &err);
+    if (err || eax != HYPERCALL_IRET || !s->iret_seen) return 0;
+    cs = rd(s, uc, R_CS, &err);
+    eflags = rd(s, uc, R_EFLAGS, &err);
+    esp = rd(s, uc, R_ESP, &err);
+    if (err || (cs & 3) != 1 || (eflags & EFLAGS_VM)) return 0;     /* refused: -EPERM, Python's */
+    /* struct iret_context { eax, eip, cs, eflags, ... } at ESP: looked at first (an upcall that the
+     * new mask makes deliverable is Python's), then read for real */
+    if (!s->peek(s->d, uc, esp, 16, (uint8_t *)frame)) return 0;
+    mask = (frame[3] & EFLAGS_IF) ? 0 : 1;
+    if (s->shared[0] && !mask) return 0;
+    if (!s->linear(s->d, uc, esp, 16, 0, (uint8_t *)frame)) return 0;
+    if (((frame[3] & EFLAGS_IF) ? 0 : 1) != mask) return 0;   /* never: the bytes are the ones peeked */
+    *s->in_upcall = 0;
+    *s->clock_now += s->hypercall_cycles;     /* VirtualClock.advance(HYPERCALL_CYCLES) */
+    *s->clock_extra += s->hypercall_cycles;
+    s->shared[1] = (uint8_t)mask;
+    if (wr(s, uc, R_EAX, frame[0]) || wr(s, uc, R_ESP, esp + 4) || wr(s, uc, R_EIP, s->iret_eip)) {
+        s->refused(HYPERCALL_VECTOR);
+        return 1;
+    }
+    s->irets++;
+    s->irets_total++;
+    return 1;
+}
+
+/* Load the ring-1 SS from ring 3 inside a hook, as ParaVcpu._enter_ring1_stack: CPL 1 in the saved
+ * context's hflags first (the engine checks SS.RPL against it), then SS. */
+static int enter_ring1_stack(pv_t *s, void *uc, uint32_t ss) {
+    uint32_t hflags;
+    if (s->context_save(uc, s->context)) return 1;
+    memcpy(&hflags, s->context_hflags, 4);
+    hflags = (hflags & ~3u) | 1u;
+    memcpy(s->context_hflags, &hflags, 4);
+    if (s->context_restore(uc, s->context)) return 1;
+    return wr(s, uc, R_SS, ss);
+}
+
+/* An `int n`/int3 (is_int) or a fault through the trap table (ParaVcpu.trap, bounce): 1 when done. */
+static int pv_bounce(pv_t *s, void *uc, uint32_t intno) {
+    int err = 0;
+    int32_t is_int, old;
+    uint32_t eip, start = 0, eflags, old_cs, cpl, mask, esp, ss = 0, n = 0, i, error_code = 0, has_ec = 0;
+    uint32_t frame[6], out[6];
+    uint8_t prev, mask_byte;
+    const trap_t *t;
+    if (intno > 255 || !s->trap_table_set || s->traced) return 0;
+    t = &s->trap[intno];
+    if (!t->present) return 0;
+    if (s->context_save(uc, s->context)) return 0;
+    memcpy(&is_int, s->context_is_int, 4);
+    eip = rd(s, uc, R_EIP, &err);
+    eflags = rd(s, uc, R_EFLAGS, &err);
+    old_cs = rd(s, uc, R_CS, &err);
+    if (err || (eflags & EFLAGS_VM)) return 0;      /* V86: CPL 3 whatever CS says: Python's */
+    cpl = old_cs & 3;
+    if (is_int) {
+        /* int3 (CC) and into (CE) are 1 byte, int n 2 (ParaVcpu._deliver_engine_event) */
+        if (!s->peek(s->d, uc, eip - 1, 1, &prev)) return 0;
+        start = eip - ((prev == 0xCC || prev == 0xCE) ? 1 : 2);
+        if ((uint32_t)(t->flags & 3) < cpl) return 0;   /* above the entry's DPL: #GP, Python's */
+    } else {
+        if (intno == 3 || intno == 4) return 0;        /* #BP, #OF not from int3/into: Python's */
+        if (s->has_error_code[intno >> 5] & (1u << (intno & 31))) {
+            memcpy(&error_code, s->context_error_code, 4);
+            has_ec = 1;
+        }
+    }
+    if (cpl == 3 && !s->kstack_set) return 0;           /* the crash is Python's */
+    mask_byte = s->shared[1];
+    mask = mask_byte;
+    if (has_ec) frame[n++] = error_code;
+    frame[n++] = eip;
+    frame[n++] = (old_cs & 0xFFFFu) | (mask << 16);
+    frame[n++] = (eflags & ~EFLAGS_IF) | (mask ? 0 : EFLAGS_IF);
+    if (cpl == 3) {
+        ss = s->kstack_ss;
+        esp = s->kstack_esp;
+        frame[n++] = rd(s, uc, R_ESP, &err);
+        frame[n++] = rd(s, uc, R_SS, &err);
+    } else {
+        esp = rd(s, uc, R_ESP, &err);
+    }
+    if (err) return 0;
+    esp -= n * 4;
+    /* FaultState.take: the event is marked delivered (QEMU's old_exception = -1); the Python path
+     * makes the same mark again if the frame below sends the event there after all */
+    memcpy(&old, s->context_old_exception, 4);
+    if (old != -1) {
+        old = -1;
+        memcpy(s->context_old_exception, &old, 4);
+        if (s->context_restore(uc, s->context)) return 0;
+    }
+    for (i = 0; i < n; i++) out[i] = frame[i];
+    if (!s->linear(s->d, uc, esp, n * 4, 1, (uint8_t *)out)) return 0;   /* a fault: Python crashes the domain */
+    if ((ss && enter_ring1_stack(s, uc, ss)) || wr(s, uc, R_ESP, esp)
+        || ((cpl == 3 || old_cs != t->cs) && wr(s, uc, R_CS, t->cs))
+        || wr(s, uc, R_EFLAGS, (eflags & ~(EFLAGS_TF | EFLAGS_NT | EFLAGS_RF | EFLAGS_VM)) | EFLAGS_IF)
+        || wr(s, uc, R_EIP, t->address)) {
+        s->refused(intno);
+        return 1;
+    }
+    if (t->flags & 4) s->shared[1] = 1;
+    s->bounced++;
+    if (is_int) s->books_soft(s->d, intno, start, eip);
+    else s->books_fault(s->d, intno, eip);
+    return 1;
+}
+
+void pv_intr_hook(void *uc, uint32_t intno, void *user_data) {
+    pv_t *s = (pv_t *)user_data;
+    if (s->enabled && (intno == HYPERCALL_VECTOR ? pv_iret(s, uc) : pv_bounce(s, uc, intno))) return;
+    s->python_intr(uc, intno, NULL);
+}
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_pvfast", NULL, -1, NULL};
+
+PyMODINIT_FUNC PyInit__pvfast(void) { return PyModule_Create(&module); }
