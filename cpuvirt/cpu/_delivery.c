@@ -107,6 +107,10 @@ typedef struct {
     uint32_t hv_start;
     uint32_t iret_any_cpl;
     uint32_t pad3;
+    /* para: delivery_pf_hook hands the guest #PF it found to para's bounce (modes/para/_pvfast.c
+     * pv_page_fault: CR2 in vcpu_info, the frame through the trap table) instead of the IDT */
+    int (*pv_pf)(void *pv, void *uc, uint32_t eip, uint32_t error_code, uint32_t cr2);
+    void *pv;
 } delivery_t;
 
 /* One intercepted iret: its bytes when it was decoded, and the Python hook behind it. */
@@ -1128,6 +1132,7 @@ int delivery_pf_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *u
     uint64_t walks, walk_refs;
     (void)e;
     if (!s->pf_enabled || s->busy || type < MEM_READ || type > MEM_FETCH) return 0;
+    if (s->hv_start && vaddr >= s->hv_start) return 0;   /* para: the hypervisor's window, Python's */
     if (s->vmx && !vmx_pf_quiet(s)) return 0;
     access = type - MEM_READ;
     c.cr0 = (uint32_t)rd(s, uc, R_CR0, &err);
@@ -1145,7 +1150,7 @@ int delivery_pf_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *u
         && (*s->clock_stop_next || *s->clock_now + s->fetch_fault_cycles >= *s->clock_deadline)) return 0;
     eip = (uint32_t)rd(s, uc, R_EIP, &err);
     if (err || !delivery_fault_linear(s, uc, eip, (uint32_t)vaddr & 0xFFFFF000u, access, &cr2)) return 0;
-    old_cr2 = (uint32_t)rd(s, uc, R_CR2, &err);
+    old_cr2 = s->pv_pf ? 0 : (uint32_t)rd(s, uc, R_CR2, &err);
     if (err) return 0;
     /* Made in Python's order: the walk's PDE.A, CR2, the delivery. */
     walks = s->walks;
@@ -1158,14 +1163,20 @@ int delivery_pf_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *u
     }
     s->walks++;
     s->walk_refs += refs;
-    r = wr(s, uc, R_CR2, cr2) ? FALLBACK : delivery_fast(s, uc, 14, eip, ec, F_ERROR_CODE);
+    if (s->pv_pf) {                    /* para: its bounce, which changes nothing when it declines */
+        s->busy = 1;
+        r = s->pv_pf(s->pv, uc, eip, ec, cr2);
+        s->busy = 0;
+    } else {
+        r = wr(s, uc, R_CR2, cr2) ? FALLBACK : delivery_fast(s, uc, 14, eip, ec, F_ERROR_CODE);
+    }
     if (r != DELIVERED) {              /* nothing delivered: put back what this hook made, Python does it */
         if (r == ENGINE_REFUSED) {     /* the frame is pushed: a cpuvirt bug, as in FastDelivery.deliver */
             s->pf_enabled = 0;
             s->pf_done(eip, PF_REFUSED);
         }
         if (pde_a >= 0) memcpy(s->ram + pde_a, &old_pde, 4);
-        wr(s, uc, R_CR2, old_cr2);
+        if (!s->pv_pf) wr(s, uc, R_CR2, old_cr2);
         s->walks = walks;
         s->walk_refs = walk_refs;
         return 0;

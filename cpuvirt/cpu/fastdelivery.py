@@ -116,6 +116,8 @@ class _State(ctypes.Structure):
         ("hv_start", ctypes.c_uint32),
         ("iret_any_cpl", ctypes.c_uint32),
         ("pad3", ctypes.c_uint32),
+        ("pv_pf", ctypes.c_void_p),
+        ("pv", ctypes.c_void_p),
     ]
 
 

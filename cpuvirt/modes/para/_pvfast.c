@@ -81,6 +81,7 @@ size_t pv_sizeof(void) { return sizeof(pv_t); }
 #define EFLAGS_VM 0x20000u
 #define HYPERCALL_VECTOR 0x82u
 #define HYPERCALL_IRET 23u
+#define VCPU_CR2 8           /* vcpu_info.arch.cr2 (startinfo.py) */
 
 static uint32_t rd(pv_t *s, void *uc, int r, int *err) {
     uint64_t v = 0;
@@ -135,39 +136,18 @@ static int enter_ring1_stack(pv_t *s, void *uc, uint32_t ss) {
     return wr(s, uc, R_SS, ss);
 }
 
-/* An `int n`/int3 (is_int) or a fault through the trap table (ParaVcpu.trap, bounce): 1 when done. */
-static int pv_bounce(pv_t *s, void *uc, uint32_t intno) {
+#define DELIVERED 1
+#define FALLBACK 0
+#define ENGINE_REFUSED (-1)   /* a register write refused after the frame was written */
+
+/* ParaVcpu.bounce through trap-table entry `t`, the frame's return address `eip` (and `error_code`
+ * when has_ec), from the running CS and EFLAGS: FALLBACK having changed nothing when Python must
+ * (the crash of a missing kernel stack, a frame that would fault). */
+static int bounce_frame(pv_t *s, void *uc, const trap_t *t, uint32_t eip, uint32_t old_cs, uint32_t eflags,
+                        int has_ec, uint32_t error_code) {
     int err = 0;
-    int32_t is_int, old;
-    uint32_t eip, start = 0, eflags, old_cs, cpl, mask, esp, ss = 0, n = 0, i, error_code = 0, has_ec = 0;
-    uint32_t frame[6], out[6];
-    uint8_t prev, mask_byte;
-    const trap_t *t;
-    if (intno > 255 || !s->trap_table_set || s->traced) return 0;
-    t = &s->trap[intno];
-    if (!t->present) return 0;
-    if (s->context_save(uc, s->context)) return 0;
-    memcpy(&is_int, s->context_is_int, 4);
-    eip = rd(s, uc, R_EIP, &err);
-    eflags = rd(s, uc, R_EFLAGS, &err);
-    old_cs = rd(s, uc, R_CS, &err);
-    if (err || (eflags & EFLAGS_VM)) return 0;      /* V86: CPL 3 whatever CS says: Python's */
-    cpl = old_cs & 3;
-    if (is_int) {
-        /* int3 (CC) and into (CE) are 1 byte, int n 2 (ParaVcpu._deliver_engine_event) */
-        if (!s->peek(s->d, uc, eip - 1, 1, &prev)) return 0;
-        start = eip - ((prev == 0xCC || prev == 0xCE) ? 1 : 2);
-        if ((uint32_t)(t->flags & 3) < cpl) return 0;   /* above the entry's DPL: #GP, Python's */
-    } else {
-        if (intno == 3 || intno == 4) return 0;        /* #BP, #OF not from int3/into: Python's */
-        if (s->has_error_code[intno >> 5] & (1u << (intno & 31))) {
-            memcpy(&error_code, s->context_error_code, 4);
-            has_ec = 1;
-        }
-    }
-    if (cpl == 3 && !s->kstack_set) return 0;           /* the crash is Python's */
-    mask_byte = s->shared[1];
-    mask = mask_byte;
+    uint32_t cpl = old_cs & 3, mask = s->shared[1], esp, ss = 0, n = 0, frame[6];
+    if (cpl == 3 && !s->kstack_set) return FALLBACK;
     if (has_ec) frame[n++] = error_code;
     frame[n++] = eip;
     frame[n++] = (old_cs & 0xFFFFu) | (mask << 16);
@@ -180,30 +160,87 @@ static int pv_bounce(pv_t *s, void *uc, uint32_t intno) {
     } else {
         esp = rd(s, uc, R_ESP, &err);
     }
-    if (err) return 0;
+    if (err) return FALLBACK;
     esp -= n * 4;
+    if (!s->linear(s->d, uc, esp, n * 4, 1, (uint8_t *)frame)) return FALLBACK;   /* Python crashes the domain */
+    if ((ss && enter_ring1_stack(s, uc, ss)) || wr(s, uc, R_ESP, esp)
+        || ((cpl == 3 || old_cs != t->cs) && wr(s, uc, R_CS, t->cs))
+        || wr(s, uc, R_EFLAGS, (eflags & ~(EFLAGS_TF | EFLAGS_NT | EFLAGS_RF | EFLAGS_VM)) | EFLAGS_IF)
+        || wr(s, uc, R_EIP, t->address))
+        return ENGINE_REFUSED;
+    if (t->flags & 4) s->shared[1] = 1;
+    s->bounced++;
+    return DELIVERED;
+}
+
+/* An `int n`/int3 (is_int) or a fault the engine raised, through the trap table
+ * (ParaVcpu._deliver_engine_event, trap, bounce): 1 when done. */
+static int pv_bounce(pv_t *s, void *uc, uint32_t intno) {
+    int err = 0, r;
+    int32_t is_int, old;
+    uint32_t eip, start = 0, eflags, old_cs, error_code = 0, has_ec = 0;
+    uint8_t prev;
+    const trap_t *t;
+    if (intno > 255 || !s->trap_table_set || s->traced) return 0;
+    t = &s->trap[intno];
+    if (!t->present) return 0;
+    if (s->context_save(uc, s->context)) return 0;
+    memcpy(&is_int, s->context_is_int, 4);
+    eip = rd(s, uc, R_EIP, &err);
+    eflags = rd(s, uc, R_EFLAGS, &err);
+    old_cs = rd(s, uc, R_CS, &err);
+    if (err || (eflags & EFLAGS_VM)) return 0;      /* V86: CPL 3 whatever CS says: Python's */
+    if (is_int) {
+        /* int3 (CC) and into (CE) are 1 byte, int n 2 (ParaVcpu._deliver_engine_event) */
+        if (!s->peek(s->d, uc, eip - 1, 1, &prev)) return 0;
+        start = eip - ((prev == 0xCC || prev == 0xCE) ? 1 : 2);
+        if ((uint32_t)(t->flags & 3) < (old_cs & 3)) return 0;   /* above the entry's DPL: #GP, Python's */
+    } else {
+        if (intno == 3 || intno == 4) return 0;        /* #BP, #OF not from int3/into: Python's */
+        if (s->has_error_code[intno >> 5] & (1u << (intno & 31))) {
+            memcpy(&error_code, s->context_error_code, 4);
+            has_ec = 1;
+        }
+    }
+    if ((old_cs & 3) == 3 && !s->kstack_set) return 0;
     /* FaultState.take: the event is marked delivered (QEMU's old_exception = -1); the Python path
-     * makes the same mark again if the frame below sends the event there after all */
+     * makes the same mark again if the bounce sends the event there after all */
     memcpy(&old, s->context_old_exception, 4);
     if (old != -1) {
         old = -1;
         memcpy(s->context_old_exception, &old, 4);
         if (s->context_restore(uc, s->context)) return 0;
     }
-    for (i = 0; i < n; i++) out[i] = frame[i];
-    if (!s->linear(s->d, uc, esp, n * 4, 1, (uint8_t *)out)) return 0;   /* a fault: Python crashes the domain */
-    if ((ss && enter_ring1_stack(s, uc, ss)) || wr(s, uc, R_ESP, esp)
-        || ((cpl == 3 || old_cs != t->cs) && wr(s, uc, R_CS, t->cs))
-        || wr(s, uc, R_EFLAGS, (eflags & ~(EFLAGS_TF | EFLAGS_NT | EFLAGS_RF | EFLAGS_VM)) | EFLAGS_IF)
-        || wr(s, uc, R_EIP, t->address)) {
+    r = bounce_frame(s, uc, t, eip, old_cs, eflags, (int)has_ec, error_code);
+    if (r == FALLBACK) return 0;
+    if (r == ENGINE_REFUSED) {
         s->refused(intno);
         return 1;
     }
-    if (t->flags & 4) s->shared[1] = 1;
-    s->bounced++;
     if (is_int) s->books_soft(s->d, intno, start, eip);
     else s->books_fault(s->d, intno, eip);
     return 1;
+}
+
+/* The guest #PF that cpu/_delivery.c's delivery_pf_hook found in the TLB fill (the walk of direct
+ * paging, the error code, CR2 as Vcpu.exact_linear finds it), bounced as ParaVcpu.page_fault does:
+ * CR2 in vcpu_info.arch.cr2, the frame with the error code through entry 14. Only when the run loop's
+ * turn that the Python path makes would do nothing else: no upcall pending (before_entry, the mask's
+ * trace). delivery_pf_hook makes the walk's A bit, the counters and the bookkeeping. */
+int pv_page_fault(void *pv, void *uc, uint32_t eip, uint32_t error_code, uint32_t cr2) {
+    pv_t *s = (pv_t *)pv;
+    int err = 0, r;
+    uint32_t eflags, cs, old_cr2;
+    const trap_t *t = &s->trap[14];
+    if (!s->enabled || !s->trap_table_set || s->traced || !t->present || s->shared[0]) return FALLBACK;
+    eflags = rd(s, uc, R_EFLAGS, &err);
+    cs = rd(s, uc, R_CS, &err);
+    if (err || (eflags & EFLAGS_VM)) return FALLBACK;
+    memcpy(&old_cr2, s->shared + VCPU_CR2, 4);
+    memcpy(s->shared + VCPU_CR2, &cr2, 4);          /* EventChannels.set_cr2, before the frame */
+    r = bounce_frame(s, uc, t, eip, cs, eflags, 1, error_code);
+    if (r == FALLBACK) memcpy(s->shared + VCPU_CR2, &old_cr2, 4);
+    return r;
 }
 
 void pv_intr_hook(void *uc, uint32_t intno, void *user_data) {

@@ -24,7 +24,8 @@ import os
 from unicorn import UC_HOOK_INTR
 from unicorn.unicorn_py3 import unicorn as _ucmod
 
-from cpuvirt.cpu.fastdelivery import EventBooks, FastDelivery
+from cpuvirt.cpu.fastdelivery import _PF_DONE, PF_REFUSED, EventBooks, FastDelivery
+from cpuvirt.cpu.vcpu import FETCH_FAULT_CYCLES
 from cpuvirt.engine import regs as R
 from cpuvirt.engine.cext import add_c_hook, load
 from cpuvirt.engine.hooks import hook_guard
@@ -133,17 +134,22 @@ class PvFast:
         st.clock_extra = ctypes.addressof(clock) + kind.extra.offset
 
     @classmethod
-    def install(cls, vcpu) -> "PvFast | None":
-        """At install_hooks: the C reader and iret sites now, the INTR hook at start(). None when the
-        switch is off or an extension is not built."""
+    def prepare(cls, vcpu) -> "PvFast | None":
+        """At install_hooks, before the vCPU's own hooks: the C reader, and the #PF hook among the
+        TLB-fill hooks before Mmu.fill (off until start). None when the switch is off or an
+        extension is not built."""
         if not enabled():
             return None
         lib = _lib()
         delivery = FastDelivery.install_direct(vcpu, HYPERVISOR_VIRT_START) if lib is not None else None
         if delivery is None:
             return None
-        delivery.install_sites(vcpu, iret_only=True)
+        delivery._add_pf_hook()
         return cls(vcpu, delivery, lib)
+
+    def install_sites(self) -> None:
+        """After the I/O sites: the C hook in front of every iret the intercepts hook."""
+        self.delivery.install_sites(self.vcpu, iret_only=True)
 
     # -- what ParaVcpu tells the C side ---------------------------------------------------------------
     def set_trap_table(self, table: dict[int, tuple[int, int, int]], is_set: bool) -> None:
@@ -183,6 +189,7 @@ class PvFast:
             return
         fast, st = self.delivery, self._state
         d = fast._state
+        clock = vcpu.clock._state
 
         @hook_guard()
         def soft_done(owner, vector: int, start: int, eip: int) -> None:
@@ -203,13 +210,31 @@ class PvFast:
         def refused(owner, vector: int) -> None:
             raise RuntimeError(f"engine refused a register write bouncing vector {vector}")
 
+        @hook_guard()
+        def pf_done(owner, eip: int, access: int) -> None:
+            """What the run loop and ParaVcpu.page_fault do around a #PF besides CR2 and the bounce."""
+            if access == PF_REFUSED:
+                raise RuntimeError("engine refused a register write bouncing vector 14")
+            owner.left_block_at(eip)
+            owner.charge_fault(access)
+            owner.counts["page_fault"] += 1
+            owner.reasons["page_fault", "#PF"] += 1
+
         self._soft_done = _SOFT_DONE(lambda vector, start, eip: soft_done(vcpu, vector, start, eip))
         self._fault_done = _FAULT_DONE(lambda vector, eip: fault_done(vcpu, vector, eip))
         self._refused = _REFUSED(lambda vector: refused(vcpu, vector))
         d.soft_done = ctypes.cast(self._soft_done, ctypes.c_void_p).value
         d.fault_done = ctypes.cast(self._fault_done, ctypes.c_void_p).value
         st.refused = ctypes.cast(self._refused, ctypes.c_void_p).value
-        clock = vcpu.clock._state
+        self._pf_done = _PF_DONE(lambda eip, access: pf_done(vcpu, eip, access))
+        d.pf_done = ctypes.cast(self._pf_done, ctypes.c_void_p).value
+        d.clock_now = ctypes.addressof(clock) + type(clock).now.offset
+        d.clock_deadline = ctypes.addressof(clock) + type(clock).deadline.offset
+        d.clock_stop_next = ctypes.addressof(clock) + type(clock).stop_next.offset
+        d.fetch_fault_cycles = FETCH_FAULT_CYCLES
+        d.pv_pf = ctypes.cast(self._lib.pv_page_fault, ctypes.c_void_p).value
+        d.pv = ctypes.addressof(st)
+        d.pf_enabled = int(bool(d.loop_exit) and hasattr(fast, "_pf_hook"))
         d.clock_watch_if = ctypes.addressof(clock) + type(clock).watch_if.offset
         d.clock_check_if = ctypes.addressof(clock) + type(clock).check_if.offset
         fast.books = EventBooks(fast._lib, vcpu)

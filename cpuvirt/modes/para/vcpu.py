@@ -76,6 +76,10 @@ class ParaVcpu(Vcpu):
 
     # -- hooks ---------------------------------------------------------------------------------
     def install_hooks(self) -> None:
+        # the common events in C (modes/para/pvfast.py): its #PF hook goes before Mmu.fill's
+        from cpuvirt.modes.para.pvfast import PvFast
+
+        self.pv_fast = PvFast.prepare(self)
         super().install_hooks()
         # int 0x82 is a hypercall, anything else an event for the trap table.
         self.hooks.remove(self._intr_hook)
@@ -88,10 +92,8 @@ class ParaVcpu(Vcpu):
         self.intercepts._pattern = re.compile(_IO_PATTERN.pattern + b"|" + FAR_PATTERN)
         # in/out within the granted IOPL (nothing for the gate to do) answered in C
         self.install_io_sites(*_io_cpls(self._iopl))
-        # the common events in C (modes/para/pvfast.py): the iret sites, the bounce, HYPERVISOR_iret
-        from cpuvirt.modes.para.pvfast import PvFast
-
-        self.pv_fast = PvFast.install(self)
+        if self.pv_fast is not None:
+            self.pv_fast.install_sites()  # the iretd sites with nothing for para to do, in C
 
     # -- the state the C paths (pvfast.py) read too ------------------------------------------------------
     @property
@@ -152,8 +154,9 @@ class ParaVcpu(Vcpu):
         b = self._batch
         nr = b[0]
         self.a = (b[2], b[3], b[4], b[5], b[6])
-        self.counts["hypercall"] += 1
-        self.reasons["hypercall", nr] += 1
+        # the raw counters: the properties would fold in what C counted (pvfast.py) at every call
+        self._counts["hypercall"] += 1
+        self._reasons["hypercall", nr] += 1
         tracing = self.trace is not None
         if tracing:
             self.detail = {}
