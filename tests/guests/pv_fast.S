@@ -1,0 +1,231 @@
+# description: para-mode test of the events para answers in C (modes/para/pvfast.py): loops of int 0x80, #DE, #GP and #PF bounced through the trap table and returned with HYPERVISOR_iret, and the hostile cases C must leave to Python (an odd upcall-mask byte, an int above its entry's DPL, int3, an iretd image with RF, an event pending behind the mask, a ring-1 stack that cannot be written)
+#include "pv_rt.inc"
+#define LOOPS 40
+.text
+main:
+    call rt_init_iret
+    mov ebx, trap_table
+    HC(0)
+    EXPECT(0, n_stt)
+
+    # int 0x80 from ring 1, LOOPS times: the handler adds to a sum and returns through HYPERVISOR_iret
+    mov dword ptr [sum], 0
+    mov ecx, LOOPS
+loop_int80:
+    mov eax, ecx
+    int 0x80
+    loop loop_int80
+    mov eax, dword ptr [sum]
+    EXPECT(LOOPS * (LOOPS + 1) / 2, n_int80)
+
+    # #DE (no error code), LOOPS times: the handler skips the 2-byte div
+    mov dword ptr [count], 0
+    mov ecx, LOOPS
+loop_de:
+    xor edx, edx
+    xor ebx, ebx
+    mov eax, 1
+de_site:
+    div ebx
+    loop loop_de
+    mov eax, dword ptr [count]
+    EXPECT(LOOPS, n_de)
+
+    # #GP(0) from cli at ring 1 (an error code), LOOPS times
+    mov dword ptr [count], 0
+    mov ecx, LOOPS
+loop_gp:
+gp_site:
+    cli
+    loop loop_gp
+    mov eax, dword ptr [count]
+    EXPECT(LOOPS, n_gp)
+    mov eax, dword ptr [last_ec]
+    EXPECT(0, n_gp_ec)
+
+    # #PF beyond RAM, LOOPS times: CR2 in vcpu_info.arch.cr2, the entry masks events
+    mov dword ptr [count], 0
+    mov ecx, LOOPS
+loop_pf:
+    mov eax, ecx
+    shl eax, 4
+    add eax, 0x7000000
+    mov dword ptr [pf_addr], eax
+pf_site:
+    mov eax, dword ptr [eax + 3]
+    loop loop_pf
+    mov eax, dword ptr [count]
+    EXPECT(LOOPS, n_pf)
+    mov eax, dword ptr [last_cr2]
+    EXPECT(0x7000013, n_pf_cr2)
+    mov eax, dword ptr [last_ec]
+    EXPECT(0, n_pf_ec)
+    mov eax, dword ptr [last_cs]
+    shr eax, 16
+    EXPECT(1, n_pf_mask)
+
+    # a hostile upcall-mask byte (0x5A): saved CS carries it in bits 16-23, saved EFLAGS.IF = 0
+    mov ebx, dword ptr [shared_info]
+    mov byte ptr [ebx + 1], 0x5A
+    mov eax, 7
+    int 0x80
+    mov ebx, dword ptr [shared_info]
+    movzx eax, byte ptr [ebx + 1]
+    EXPECT(1, n_mask_kept)
+    mov eax, dword ptr [last_cs]
+    EXPECT(0x5A0019, n_mask_cs)
+    mov eax, dword ptr [last_fl]
+    and eax, 0x200
+    EXPECT(0, n_mask_if)
+    mov ebx, dword ptr [shared_info]
+    mov byte ptr [ebx + 1], 0
+    mov eax, 8
+    int 0x80
+    mov eax, dword ptr [last_fl]
+    and eax, 0x200
+    EXPECT(0x200, n_unmask_if)
+
+    # int 0x81 through a DPL-0 entry: #GP(0x81 * 8 + 2) (Python's), then int3 through a DPL-3 entry
+    mov dword ptr [last_ec], 0
+int81_site:
+    int 0x81
+    mov eax, dword ptr [last_ec]
+    EXPECT(0x81 * 8 + 2, n_int81)
+    mov dword ptr [count], 0
+    int3
+    mov eax, dword ptr [count]
+    EXPECT(1, n_int3)
+
+    # an iretd at ring 1 whose image sets RF: cleared before the engine pops it (pushf shows RF = 0)
+    pushfd
+    or dword ptr [esp], 0x10000
+    push 0x19
+    push after_rf
+    iretd
+after_rf:
+    pushfd
+    pop eax
+    and eax, 0x10000
+    EXPECT(0, n_rf)
+
+    # an event pending behind the mask (the shared-info frame write-traced): bounces are Python's then
+    mov ebx, dword ptr [shared_info]
+    mov byte ptr [ebx + 1], 1
+    mov byte ptr [ebx], 1
+    mov dword ptr [sum], 0
+    mov eax, 3
+    int 0x80
+    mov eax, 0x7000100
+    mov eax, dword ptr [eax + 3]
+    mov ebx, dword ptr [shared_info]
+    mov byte ptr [ebx], 0
+    mov eax, dword ptr [sum]
+    EXPECT(3, n_pending_int80)
+    mov eax, dword ptr [last_cr2]
+    EXPECT(0x7000103, n_pending_pf)
+
+    # last: the ring-1 stack is the read-only hypercall page: the bounce cannot push its frame, and
+    # the domain is crashed (docs/pv-abi.md); nothing after this runs
+    mov esi, n_crash
+    call print
+    mov eax, dword ptr [hypercall_page]
+    add eax, 0x800
+    mov esp, eax
+    int 0x80
+    xor eax, eax
+    ret
+
+# Handlers: record the frame, skip the faulting instruction, return through HYPERVISOR_iret.
+int80_handler:
+    add dword ptr [sum], eax
+    push eax
+    mov eax, dword ptr [esp + 8]
+    mov dword ptr [last_cs], eax
+    mov eax, dword ptr [esp + 12]
+    mov dword ptr [last_fl], eax
+    pop eax
+    IRET
+de_handler:
+    inc dword ptr [count]
+    add dword ptr [esp], 2
+    IRET
+int3_handler:
+    inc dword ptr [count]
+    IRET
+gp_handler:
+    inc dword ptr [count]
+    push eax
+    mov eax, dword ptr [esp + 4]
+    mov dword ptr [last_ec], eax
+    mov eax, dword ptr [esp + 8]
+    cmp eax, int81_site
+    jne gp_skip1
+    add dword ptr [esp + 8], 1
+gp_skip1:
+    add dword ptr [esp + 8], 1
+    pop eax
+    add esp, 4
+    IRET
+pf_handler:
+    inc dword ptr [count]
+    push eax
+    mov eax, dword ptr [shared_info]
+    mov eax, dword ptr [eax + 8]
+    mov dword ptr [last_cr2], eax
+    mov eax, dword ptr [esp + 4]
+    mov dword ptr [last_ec], eax
+    mov eax, dword ptr [esp + 12]
+    mov dword ptr [last_cs], eax
+    add dword ptr [esp + 8], 3
+    pop eax
+    add esp, 4
+    IRET
+
+.data
+.align 4
+trap_table:
+    .byte 0, 0
+    .word 0x19
+    .long de_handler
+    .byte 3, 3
+    .word 0x19
+    .long int3_handler
+    .byte 13, 0
+    .word 0x19
+    .long gp_handler
+    .byte 14, 4
+    .word 0x19
+    .long pf_handler
+    .byte 0x80, 3
+    .word 0x19
+    .long int80_handler
+    .byte 0x81, 0
+    .word 0x19
+    .long int80_handler
+    .long 0, 0
+sum: .long 0
+count: .long 0
+pf_addr: .long 0
+last_ec: .long 0
+last_cs: .long 0
+last_fl: .long 0
+last_cr2: .long 0
+n_stt: .asciz "set_trap_table"
+n_int80: .asciz "int 0x80 through the trap table and HYPERVISOR_iret, 40 times"
+n_de: .asciz "#DE bounced 40 times"
+n_gp: .asciz "#GP(0) from cli bounced 40 times"
+n_gp_ec: .asciz "#GP error code 0"
+n_pf: .asciz "#PF beyond RAM bounced 40 times"
+n_pf_cr2: .asciz "CR2 of the last #PF in vcpu_info.arch.cr2"
+n_pf_ec: .asciz "#PF error code 0"
+n_pf_mask: .asciz "saved CS holds the boot mask (1) in bits 16-23"
+n_mask_kept: .asciz "HYPERVISOR_iret sets the mask from the frame's IF (0: masked, 1)"
+n_mask_cs: .asciz "saved CS holds the mask byte 0x5A in bits 16-23"
+n_mask_if: .asciz "saved EFLAGS.IF = 0 under a non-zero mask"
+n_unmask_if: .asciz "saved EFLAGS.IF = 1 under mask 0"
+n_int81: .asciz "int through a DPL-0 entry is #GP(vector*8+2)"
+n_int3: .asciz "int3 through a DPL-3 entry"
+n_rf: .asciz "iretd image RF cleared at ring 1"
+n_pending_int80: .asciz "int 0x80 with an event pending behind the mask"
+n_pending_pf: .asciz "#PF with an event pending behind the mask"
+n_crash: .asciz "now a bounce onto a read-only ring-1 stack\n"
