@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import re
 import struct
+from typing import TYPE_CHECKING
 
 from unicorn.unicorn_py3 import unicorn as _ucmod
 
@@ -27,6 +28,9 @@ from cpuvirt.x86.flags import EFLAGS_IF, EFLAGS_NT, EFLAGS_RF, EFLAGS_TF, EFLAGS
 from cpuvirt.x86.privilege import CPL0_ONLY, IO, IOPL_SENSITIVE
 from cpuvirt.x86.vectors import HAS_ERROR_CODE, MNEMONIC
 from cpuvirt.xen import EFAULT, EPERM
+
+if TYPE_CHECKING:
+    from cpuvirt.modes.para.pvfast import PvFast
 
 HYPERCALL_VECTOR = 0x82
 _IO = ("in", "out", "insb", "insw", "insd", "outsb", "outsw", "outsd")
@@ -56,7 +60,7 @@ class ParaVcpu(Vcpu):
         self.hypercall_va = 0
         self.trap_table: dict[int, tuple[int, int, int]] = {}
         self.trap_table_set = False
-        self.pv_fast = None  # the common events in C (install_hooks)
+        self.pv_fast: PvFast | None = None  # the common events in C (install_hooks)
         self._kernel_stack: tuple[int, int] | None = None
         self.event_callback: tuple[int, int] | None = None
         self.failsafe_callback = None
