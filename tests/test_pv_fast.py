@@ -1,13 +1,14 @@
 """para answers its common events in C (modes/para/pvfast.py, _pvfast.c, cpu/_delivery.c over direct
 paging): the iretd sites at ring 1 and 3, the bounce of `int n`, faults and the fill path's #PF through
-the guest's trap table, and HYPERVISOR_iret. The C path must leave exactly what the Python path
+the guest's trap table, HYPERVISOR_iret, and update_va_mapping's common case. The C path must leave exactly what the Python path
 (CPUVIRT_PARA_FAST=0) leaves wherever it can be seen: console, outcome and message, event counts and
 the cost model's tally in the same order, virtual time, the MMU's counters, the registers at every event
 Python still handles, and the trace. tests/guests/pv_fast.S holds the loops and the hostile cases C must
 leave to Python (an odd upcall-mask byte, an int above its entry's DPL, int3, an iretd image with RF, an
-event pending behind the mask, a ring-1 stack the frame cannot be written to); the other PV test guests
+event pending behind the mask, a ring-1 stack the frame cannot be written to, update_va_mapping onto a
+frame mapped writable twice, of an L1 table, of a frame not the guest's); the other PV test guests
 and nanobench's PV build (system calls from ring 3 onto the stack_switch stack, #PF, #DE) are compared
-too."""
+too, and pv_mmu / pv_hostile hold update_va_mapping's refusals (Python's in both runs)."""
 
 from __future__ import annotations
 
@@ -57,12 +58,16 @@ def _run(image, monkeypatch, c_path: bool, trace_path=None, max_insns=50_000_000
     monkeypatch.setenv("CPUVIRT_PARA_FAST", "1" if c_path else "0")
     res = run_guest(str(image), "para", 32, max_insns, trace_path=trace_path, on_start=lambda hv: cpus.append(hv))
     monkeypatch.undo()
-    vcpu = cpus[-1].vcpu
+    vcpu, paging = cpus[-1].vcpu, cpus[-1].paging
     end = (
         tuple(vcpu.regs.read(r) for r in GPRS),
         tuple(vcpu.counts.items()),
         tuple(vcpu.reasons.items()),
         vcpu.mmu.counters.as_dict(),
+        # direct paging's frame types and reference counts (update_va_mapping changes them in C)
+        bytes(paging.type),
+        paging.count.tobytes(),
+        bytes(paging.pinned),
     )
     return res, seen, end, vcpu
 
@@ -101,13 +106,14 @@ def test_pv_fast_guest_c_and_python_leave_the_same_state(pv_fast, monkeypatch):
     py_res, py_seen, py_end, py_cpu = _run(pv_fast, monkeypatch, False)
     assert py_cpu.pv_fast is None and c_cpu.pv_fast is not None
     # the guest's checks pass, and it ends in the domain crash of its last, hostile bounce
-    assert b"FAIL" not in c_res.console and c_res.console.count(b"PASS") == 18, c_res.console
+    assert b"FAIL" not in c_res.console and c_res.console.count(b"PASS") == 24, c_res.console
     assert c_res.outcome == "error" and "ring-1 stack" in c_res.message and "not writable" in c_res.message
     fast = c_cpu.pv_fast
     # the loops went through C: 40 int 0x80 + 40 #DE + 40 #GP + 40 #PF (less each kind's first)
     assert fast.bounced >= 4 * 40 - 8, fast.bounced
     assert fast.irets >= 4 * 40 - 8 and fast.iret_sites >= fast.irets
     assert fast.delivery.faults >= 40 - 2  # the fill path's #PF
+    assert fast.uvas >= 20  # update_va_mapping on a frame mapped writable twice, read-only and back
     assert len(c_seen) <= len(py_seen) - 2 * (4 * 40 - 8)
     assert _result(c_res) == _result(py_res)  # console, counts, icount, virtual time, MMU counters, tally
     assert c_end == py_end
@@ -134,8 +140,10 @@ def test_nanobench_pv_build_same_both_ways(nanobench_pv, monkeypatch):
     py_res, py_seen, py_end, _ = _run(nanobench_pv, monkeypatch, False, max_insns=0)
     assert c_res.outcome == "exit" and c_res.status == 0, c_res.message
     fast = c_cpu.pv_fast
-    # syscall from ring 3 (onto the stack_switch stack), divzero and pgfault: 3 x 200 bounces
+    # syscall from ring 3 (onto the stack_switch stack), divzero and pgfault: 3 x 200 bounces; pgfault's
+    # and ptemod's update_va_mapping (clear P, flip RW: a writable reference goes, a TLB flush)
     assert fast.bounced >= 3 * 200 - 3 and fast.irets >= 200 and fast.delivery.faults >= 199
+    assert fast.uvas >= 2 * 200
     assert _result(c_res) == _result(py_res)
     assert c_end == py_end
     _same_python_events(c_seen, py_seen)

@@ -14,6 +14,7 @@ they show the current GDT frames read-only (the engine reads descriptors through
 from __future__ import annotations
 
 import struct
+from array import array
 from typing import Callable
 
 from cpuvirt.memory.types import PFEC_P, PFEC_U, PFEC_W, PTE_P, PTE_PS, PTE_RW, Access
@@ -51,7 +52,7 @@ class DirectPaging:
         self.base_mfn = ram_hpa >> 12
         self.end_mfn = self.base_mfn + nr_pages
         self.type = bytearray(nr_pages)
-        self.count = [0] * nr_pages
+        self.count = array("I", bytes(4 * nr_pages))  # 32-bit slots: para's C path updates them too
         self.pinned = bytearray(nr_pages)
         self.base = 0  # machine address of the current L2 (0: none yet)
         self.gdt_frames: list[int] = []  # mfns shown at HYPERVISOR_VIRT_START

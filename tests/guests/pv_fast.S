@@ -1,4 +1,4 @@
-# description: para-mode test of the events para answers in C (modes/para/pvfast.py): loops of int 0x80, #DE, #GP and #PF bounced through the trap table and returned with HYPERVISOR_iret, and the hostile cases C must leave to Python (an odd upcall-mask byte, an int above its entry's DPL, int3, an iretd image with RF, an event pending behind the mask, a ring-1 stack that cannot be written)
+# description: para-mode test of the events para answers in C (modes/para/pvfast.py): loops of int 0x80, #DE, #GP and #PF bounced through the trap table and returned with HYPERVISOR_iret, and the hostile cases C must leave to Python (an odd upcall-mask byte, an int above its entry's DPL, int3, an iretd image with RF, an event pending behind the mask, a ring-1 stack that cannot be written), and update_va_mapping's common case with its refusals
 #include "pv_rt.inc"
 #define LOOPS 40
 .text
@@ -124,6 +124,58 @@ after_rf:
     mov eax, dword ptr [last_cr2]
     EXPECT(0x7000103, n_pending_pf)
 
+    # update_va_mapping: a frame mapped writable twice (its count goes 1 -> 2), one mapping flipped
+    # read-only and back 10 times, then given back its own frame; a write through the second mapping
+    # shows through the first
+    FREE_FRAME(0, va0, mfn0)
+    FREE_FRAME(1, va1, mfn1)
+    mov ebx, dword ptr [va1]
+    mov ecx, dword ptr [mfn0]
+    shl ecx, 12
+    or ecx, P | RW | US
+    call uva
+    EXPECT(0, n_uva_alias)
+    mov ebx, dword ptr [va1]
+    mov dword ptr [ebx + 8], 0x600DF00D
+    mov eax, dword ptr [va0]
+    mov eax, dword ptr [eax + 8]
+    EXPECT(0x600DF00D, n_uva_shared)
+    mov edi, 10
+loop_uva:
+    mov ebx, dword ptr [va1]
+    mov ecx, dword ptr [mfn0]
+    shl ecx, 12
+    or ecx, P | US
+    call uva
+    mov ebx, dword ptr [va1]
+    mov ecx, dword ptr [mfn0]
+    shl ecx, 12
+    or ecx, P | RW | US
+    call uva
+    dec edi
+    jnz loop_uva
+    EXPECT(0, n_uva_flip)
+    mov ebx, dword ptr [va1]
+    mov ecx, dword ptr [mfn1]
+    shl ecx, 12
+    or ecx, P | RW | US
+    call uva
+    EXPECT(0, n_uva_back)
+    # hostile: a writable mapping of an L1 table (the first PDE's) is refused
+    mov eax, dword ptr [start_info]
+    mov eax, dword ptr [eax + SI_PT_BASE]
+    mov ecx, dword ptr [eax]
+    and ecx, 0xFFFFF000
+    or ecx, P | RW | US
+    mov ebx, dword ptr [va1]
+    call uva
+    EXPECT(-EINVAL, n_uva_l1)
+    # and a mapping of a frame that is not the guest's
+    mov ebx, dword ptr [va1]
+    mov ecx, 0xFFFFF000 | P | US
+    call uva
+    EXPECT(-EPERM, n_uva_foreign)
+
     # last: the ring-1 stack is the read-only hypercall page: the bounce cannot push its frame, and
     # the domain is crashed (docs/pv-abi.md); nothing after this runs
     mov esi, n_crash
@@ -204,6 +256,10 @@ trap_table:
     .long int80_handler
     .long 0, 0
 sum: .long 0
+va0: .long 0
+va1: .long 0
+mfn0: .long 0
+mfn1: .long 0
 count: .long 0
 pf_addr: .long 0
 last_ec: .long 0
@@ -228,4 +284,10 @@ n_int3: .asciz "int3 through a DPL-3 entry"
 n_rf: .asciz "iretd image RF cleared at ring 1"
 n_pending_int80: .asciz "int 0x80 with an event pending behind the mask"
 n_pending_pf: .asciz "#PF with an event pending behind the mask"
+n_uva_alias: .asciz "update_va_mapping: a second writable mapping of a frame"
+n_uva_shared: .asciz "a write through it shows through the first"
+n_uva_flip: .asciz "update_va_mapping: read-only and back, 10 times"
+n_uva_back: .asciz "update_va_mapping: the mapping's own frame back"
+n_uva_l1: .asciz "update_va_mapping: a writable mapping of an L1 table is refused"
+n_uva_foreign: .asciz "update_va_mapping: a frame that is not the guest's is refused"
 n_crash: .asciz "now a bounce onto a read-only ring-1 stack\n"

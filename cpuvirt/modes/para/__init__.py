@@ -96,6 +96,7 @@ class ParaMode(Mode):
         vcpu.hypercall_va = lay.hypercall
         if vcpu.pv_fast is not None:
             vcpu.pv_fast.set_shared_info(vcpu.events, lay.hypercall)
+            vcpu.pv_fast.set_paging(paging)
         regs.set_table(R.GDTR, (0, 0xFC000000, len(S.BOOT_GDT) * 8 - 1, 0))
         regs.write(R.CR4, 0x10)
         regs.write(R.CR3, paging.base)

@@ -33,7 +33,7 @@ typedef void (*soft_books_fn)(void *d, uint32_t vector, uint32_t start, uint32_t
 typedef void (*fault_books_fn)(void *d, uint32_t vector, uint32_t eip);
 typedef void (*refused_fn)(uint32_t vector);
 
-enum { R_EAX, R_ESP, R_EIP, R_EFLAGS, R_CS, R_SS, R_COUNT };
+enum { R_EAX, R_ESP, R_EIP, R_EFLAGS, R_CS, R_SS, R_EBX, R_ECX, R_EDX, R_ESI, R_CR3, R_COUNT };
 
 /* One entry of the virtual trap table (set_trap_table's trap_info, as ParaVcpu.trap_table holds it). */
 typedef struct {
@@ -69,6 +69,16 @@ typedef struct {
     uint64_t hypercall_cycles;   /* HYPERCALL_CYCLES */
     uint64_t irets;           /* HYPERVISOR_iret done here, not yet in Vcpu.counts (pvfast.py folds) */
     uint64_t irets_total, bounced;
+    /* update_va_mapping (hypercall 14) over direct paging's frame types (memory/direct.py) */
+    uint8_t *ram;             /* guest RAM, at machine address ram_hpa */
+    uint64_t ram_hpa;
+    uint8_t *frame_type;      /* DirectPaging.type, by pfn */
+    uint32_t *frame_count;    /* DirectPaging.count, by pfn */
+    uint32_t nr_pages;
+    uint32_t hv_start;        /* HYPERVISOR_VIRT_START */
+    uint32_t uva_seen;        /* Python handled one (its counters' keys exist) */
+    uint32_t pad;
+    uint64_t uvas, uvas_total;
     trap_t trap[256];
 } pv_t;
 
@@ -81,6 +91,13 @@ size_t pv_sizeof(void) { return sizeof(pv_t); }
 #define EFLAGS_VM 0x20000u
 #define HYPERCALL_VECTOR 0x82u
 #define HYPERCALL_IRET 23u
+#define HYPERCALL_UVA 14u
+#define PTE_P 1u
+#define PTE_RW 2u
+#define PTE_PS 0x80u
+#define FT_NONE 0
+#define FT_WRITABLE 1
+#define FT_L1 2
 #define VCPU_CR2 8           /* vcpu_info.arch.cr2 (startinfo.py) */
 
 static uint32_t rd(pv_t *s, void *uc, int r, int *err) {
@@ -94,12 +111,88 @@ static int wr(pv_t *s, void *uc, int r, uint32_t value) {
     return s->reg_write(uc, s->reg[r], &v);
 }
 
+/* The frame (pfn) of a machine frame number, or -1 when it is not the guest's (DirectPaging.pfn). */
+static int64_t pfn_of(const pv_t *s, uint32_t mfn) {
+    uint64_t base = s->ram_hpa >> 12;
+    return mfn >= base && mfn - base < s->nr_pages ? (int64_t)(mfn - base) : -1;
+}
+
+/* update_va_mapping (hypercalls.py, DirectPaging.l1_entry_for and update_entry on an L1 table), within
+ * ParaVcpu.hypercall, for the common case: the L1 entry of `va` in the current tables rewritten with a
+ * new entry that needs no table validated (not present, read-only, or writable onto a frame of no type or
+ * of writable type). Anything Python would refuse, a 4 MiB mapping, a table frame, an upcall due after
+ * the hypercall: Python's, with nothing changed. The engine's TLB is flushed as flush_tlb does (a CR3
+ * write) when a writable reference goes or the guest asks (UVMF_TLB_FLUSH / UVMF_INVLPG). 1: done. */
+static int pv_uva(pv_t *s, void *uc) {
+    int err = 0, get_w = 0, put_w = 0, dirty;
+    uint32_t cs, eflags, va, lo, hi, flags, cr3, pde, ptr, old, n;
+    int64_t p, p2 = -1, p3 = -1;
+    if (!s->uva_seen || !s->frame_count) return 0;
+    cs = rd(s, uc, R_CS, &err);
+    eflags = rd(s, uc, R_EFLAGS, &err);
+    va = rd(s, uc, R_EBX, &err);
+    lo = rd(s, uc, R_ECX, &err);
+    hi = rd(s, uc, R_EDX, &err);
+    flags = rd(s, uc, R_ESI, &err);
+    cr3 = rd(s, uc, R_CR3, &err);
+    if (err || (cs & 3) != 1 || (eflags & EFLAGS_VM) || hi || va >= s->hv_start) return 0;
+    if (s->shared[0] && !s->shared[1]) return 0;       /* the upcall after the hypercall is Python's */
+    p = pfn_of(s, cr3 >> 12);                          /* CR3 = DirectPaging.base between hypercalls */
+    if (p < 0) return 0;
+    memcpy(&pde, s->ram + (uint64_t)p * 4096 + ((va >> 22) << 2), 4);
+    if (!(pde & PTE_P) || (pde & PTE_PS)) return 0;
+    ptr = (pde & 0xFFFFF000u) | ((va >> 10) & 0xFFC);
+    p = pfn_of(s, ptr >> 12);
+    if (p < 0 || !s->frame_count[p] || s->frame_type[p] != FT_L1) return 0;
+    memcpy(&old, s->ram + (uint64_t)p * 4096 + (ptr & 0xFFF), 4);
+    if (lo & PTE_P) {                                  /* get_l1e */
+        p2 = pfn_of(s, lo >> 12);
+        if (p2 < 0) return 0;
+        if (lo & PTE_RW) {
+            if (s->frame_count[p2] && s->frame_type[p2] != FT_WRITABLE) return 0;
+            get_w = 1;
+        }
+    }
+    if ((old & PTE_P) && (old & PTE_RW)) {             /* put_l1e */
+        p3 = pfn_of(s, old >> 12);
+        if (p3 < 0 || s->frame_type[p3] != FT_WRITABLE || s->frame_count[p3] + (get_w && p2 == p3) == 0) return 0;
+        put_w = 1;
+    }
+    if (get_w) {
+        if (s->frame_count[p2]) s->frame_count[p2]++;
+        else {
+            s->frame_type[p2] = FT_WRITABLE;
+            s->frame_count[p2] = 1;
+        }
+    }
+    memcpy(s->ram + (uint64_t)p * 4096 + (ptr & 0xFFF), &lo, 4);
+    dirty = (flags & 3) != 0;
+    if (put_w) {
+        n = s->frame_count[p3] - 1;
+        s->frame_count[p3] = n;
+        dirty = 1;                                     /* a writable reference went (put_type) */
+        if (n == 0) s->frame_type[p3] = FT_NONE;
+    }
+    *s->in_upcall = 0;
+    *s->clock_now += s->hypercall_cycles;
+    *s->clock_extra += s->hypercall_cycles;
+    if (wr(s, uc, R_EAX, 0) || (dirty && wr(s, uc, R_CR3, cr3))) {
+        s->refused(HYPERCALL_VECTOR);
+        return 1;
+    }
+    s->uvas++;
+    s->uvas_total++;
+    return 1;
+}
+
 /* HYPERVISOR_iret (hypercalls.py iret, within ParaVcpu.hypercall): 1 when done here. */
 static int pv_iret(pv_t *s, void *uc) {
     int err = 0;
     uint32_t eax, cs, eflags, esp, frame[4], mask;
     eax = rd(s, uc, R_EAX, &err);
-    if (err || eax != HYPERCALL_IRET || !s->iret_seen) return 0;
+    if (err) return 0;
+    if (eax == HYPERCALL_UVA) return pv_uva(s, uc);
+    if (eax != HYPERCALL_IRET || !s->iret_seen) return 0;
     cs = rd(s, uc, R_CS, &err);
     eflags = rd(s, uc, R_EFLAGS, &err);
     esp = rd(s, uc, R_ESP, &err);

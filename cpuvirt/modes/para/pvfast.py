@@ -37,7 +37,7 @@ from cpuvirt.xen import HYPERVISOR_VIRT_START
 _REFUSED = ctypes.CFUNCTYPE(None, ctypes.c_uint32)
 _SOFT_DONE = ctypes.CFUNCTYPE(None, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32)
 _FAULT_DONE = ctypes.CFUNCTYPE(None, ctypes.c_uint32, ctypes.c_uint32)
-_REGS = (R.EAX, R.ESP, R.EIP, R.EFLAGS, R.CS, R.SS)
+_REGS = (R.EAX, R.ESP, R.EIP, R.EFLAGS, R.CS, R.SS, R.EBX, R.ECX, R.EDX, R.ESI, R.CR3)
 
 
 def enabled() -> bool:
@@ -92,6 +92,16 @@ class _State(ctypes.Structure):
         ("irets", ctypes.c_uint64),
         ("irets_total", ctypes.c_uint64),
         ("bounced", ctypes.c_uint64),
+        ("ram", ctypes.c_void_p),
+        ("ram_hpa", ctypes.c_uint64),
+        ("frame_type", ctypes.c_void_p),
+        ("frame_count", ctypes.c_void_p),
+        ("nr_pages", ctypes.c_uint32),
+        ("hv_start", ctypes.c_uint32),
+        ("uva_seen", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+        ("uvas", ctypes.c_uint64),
+        ("uvas_total", ctypes.c_uint64),
         ("trap", _Trap * 256),
     ]
 
@@ -181,6 +191,24 @@ class PvFast:
         """Python handled a HYPERVISOR_iret: its counters' keys are in place (their order is Python's)."""
         self._state.iret_seen = 1
 
+    def uva_seen(self) -> None:
+        """Python handled an update_va_mapping (the same for its keys)."""
+        self._state.uva_seen = 1
+
+    def set_paging(self, paging) -> None:
+        """At boot: direct paging's frame types and counts (memory/direct.py), where C updates them too."""
+        st = self._state
+        self._types = ctypes.c_char.from_buffer(paging.type)
+        self._counts_buf = paging.count
+        address, n = paging.count.buffer_info()
+        if paging.count.itemsize != 4 or n != paging.nr_pages:
+            return  # update_va_mapping stays Python's
+        ram = paging.ram
+        self._ram = ctypes.c_char.from_buffer(ram.buf)
+        st.ram, st.ram_hpa = ctypes.addressof(self._ram), ram.hpa
+        st.frame_type, st.nr_pages, st.hv_start = ctypes.addressof(self._types), n, HYPERVISOR_VIRT_START
+        st.frame_count = address
+
     # -- the run ------------------------------------------------------------------------------------------
     def start(self) -> None:
         """At the run's start: the INTR hook in C unless a trace is written (its lines are Python's)."""
@@ -262,6 +290,12 @@ class PvFast:
             vcpu = self.vcpu
             vcpu._counts["hypercall"] += n
             vcpu._reasons["hypercall", 23] += n
+        n = st.uvas
+        if n:
+            st.uvas = 0
+            vcpu = self.vcpu
+            vcpu._counts["hypercall"] += n
+            vcpu._reasons["hypercall", 14] += n
 
     @property
     def bounced(self) -> int:
@@ -272,6 +306,11 @@ class PvFast:
     def irets(self) -> int:
         """HYPERVISOR_iret hypercalls done in C."""
         return self._state.irets_total
+
+    @property
+    def uvas(self) -> int:
+        """update_va_mapping hypercalls done in C."""
+        return self._state.uvas_total
 
     @property
     def iret_sites(self) -> int:
