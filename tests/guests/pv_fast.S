@@ -1,4 +1,4 @@
-# description: para-mode test of the events para answers in C (modes/para/pvfast.py): loops of int 0x80, #DE, #GP and #PF bounced through the trap table and returned with HYPERVISOR_iret, and the hostile cases C must leave to Python (an odd upcall-mask byte, an int above its entry's DPL, int3, an iretd image with RF, an event pending behind the mask, a ring-1 stack that cannot be written), and update_va_mapping's common case with its refusals
+# description: para-mode test of the events para answers in C (modes/para/pvfast.py): loops of int 0x80, #DE, #GP and #PF bounced through the trap table and returned with HYPERVISOR_iret, and the hostile cases C must leave to Python (an odd upcall-mask byte, an int above its entry's DPL, int3, an iretd image with RF, an event pending behind the mask, a ring-1 stack that cannot be written), update_va_mapping's and mmu_update's common cases with their refusals
 #include "pv_rt.inc"
 #define LOOPS 40
 .text
@@ -161,6 +161,63 @@ loop_uva:
     or ecx, P | RW | US
     call uva
     EXPECT(0, n_uva_back)
+    # mmu_update of one request with no `done` pointer, 10 times: va1's L1 entry (its machine address
+    # from the directory) read-only and back; then a plain write to a frame of no type
+    mov eax, dword ptr [start_info]
+    mov eax, dword ptr [eax + SI_PT_BASE]
+    mov ebx, dword ptr [va1]
+    shr ebx, 22
+    mov eax, dword ptr [eax + 4 * ebx]
+    and eax, 0xFFFFF000
+    mov ebx, dword ptr [va1]
+    shr ebx, 12
+    and ebx, 0x3FF
+    lea eax, [eax + 4 * ebx]
+    mov dword ptr [pte_ma], eax
+    mov edi, 10
+loop_mmu:
+    mov ebx, dword ptr [pte_ma]
+    mov ecx, dword ptr [mfn1]
+    shl ecx, 12
+    or ecx, P | US
+    call mmu0
+    mov ebx, dword ptr [pte_ma]
+    mov ecx, dword ptr [mfn1]
+    shl ecx, 12
+    or ecx, P | RW | US
+    call mmu0
+    dec edi
+    jnz loop_mmu
+    EXPECT(0, n_mmu_flip)
+    mov ebx, dword ptr [va1]
+    mov dword ptr [ebx], 0x1234
+    mov eax, dword ptr [ebx]
+    EXPECT(0x1234, n_mmu_write)
+    FREE_FRAME(2, va2, mfn2)
+    mov ebx, dword ptr [mfn2]
+    shl ebx, 12
+    add ebx, 16
+    mov ecx, 0xCAFE
+    call mmu0
+    mov eax, dword ptr [va2]
+    mov eax, dword ptr [eax + 16]
+    EXPECT(0xCAFE, n_mmu_plain)
+    # hostile: a request with a command other than MMU_NORMAL_PT_UPDATE, and one writing the directory
+    mov ebx, dword ptr [pte_ma]
+    or ebx, 2
+    mov ecx, 0
+    call mmu0
+    EXPECT(-ENOSYS, n_mmu_cmd)
+    mov eax, dword ptr [start_info]
+    mov eax, dword ptr [eax + SI_PT_BASE]
+    call mfn_of
+    shl eax, 12
+    add eax, 4 * 1000
+    mov ebx, eax
+    mov ecx, 0
+    call mmu0
+    EXPECT(0, n_mmu_l2)
+
     # hostile: a writable mapping of an L1 table (the first PDE's) is refused
     mov eax, dword ptr [start_info]
     mov eax, dword ptr [eax + SI_PT_BASE]
@@ -185,6 +242,27 @@ loop_uva:
     mov esp, eax
     int 0x80
     xor eax, eax
+    ret
+
+# mmu0: ebx = machine address of an entry, ecx = value -> eax = mmu_update(one request, no `done`)
+mmu0:
+    push ebx
+    push ecx
+    push edx
+    push esi
+    mov dword ptr [req0], ebx
+    mov dword ptr [req0 + 4], 0
+    mov dword ptr [req0 + 8], ecx
+    mov dword ptr [req0 + 12], 0
+    mov ebx, req0
+    mov ecx, 1
+    xor edx, edx
+    mov esi, DOMID_SELF
+    HC(1)
+    pop esi
+    pop edx
+    pop ecx
+    pop ebx
     ret
 
 # Handlers: record the frame, skip the faulting instruction, return through HYPERVISOR_iret.
@@ -257,6 +335,10 @@ trap_table:
     .long 0, 0
 sum: .long 0
 va0: .long 0
+va2: .long 0
+mfn2: .long 0
+pte_ma: .long 0
+req0: .long 0, 0, 0, 0
 va1: .long 0
 mfn0: .long 0
 mfn1: .long 0
@@ -288,6 +370,11 @@ n_uva_alias: .asciz "update_va_mapping: a second writable mapping of a frame"
 n_uva_shared: .asciz "a write through it shows through the first"
 n_uva_flip: .asciz "update_va_mapping: read-only and back, 10 times"
 n_uva_back: .asciz "update_va_mapping: the mapping's own frame back"
+n_mmu_flip: .asciz "mmu_update of an L1 entry, read-only and back, 10 times"
+n_mmu_write: .asciz "the entry is writable again"
+n_mmu_plain: .asciz "mmu_update of a frame of no type is a plain write"
+n_mmu_cmd: .asciz "mmu_update with another command is refused (ENOSYS)"
+n_mmu_l2: .asciz "mmu_update of an empty directory slot"
 n_uva_l1: .asciz "update_va_mapping: a writable mapping of an L1 table is refused"
 n_uva_foreign: .asciz "update_va_mapping: a frame that is not the guest's is refused"
 n_crash: .asciz "now a bounce onto a read-only ring-1 stack\n"

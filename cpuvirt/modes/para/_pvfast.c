@@ -77,8 +77,11 @@ typedef struct {
     uint32_t nr_pages;
     uint32_t hv_start;        /* HYPERVISOR_VIRT_START */
     uint32_t uva_seen;        /* Python handled one (its counters' keys exist) */
-    uint32_t pad;
+    uint32_t mmu_seen;        /* the same for mmu_update */
     uint64_t uvas, uvas_total;
+    uint64_t mmus, mmus_total;
+    uint64_t request_cycles;  /* REQUEST_CYCLES */
+    uint64_t *walks, *walk_refs;  /* the walk counters of delivery_t (what `linear` adds to) */
     trap_t trap[256];
 } pv_t;
 
@@ -92,6 +95,8 @@ size_t pv_sizeof(void) { return sizeof(pv_t); }
 #define HYPERCALL_VECTOR 0x82u
 #define HYPERCALL_IRET 23u
 #define HYPERCALL_UVA 14u
+#define HYPERCALL_MMU_UPDATE 1u
+#define DOMID_SELF 0x7FF0u
 #define PTE_P 1u
 #define PTE_RW 2u
 #define PTE_PS 0x80u
@@ -117,71 +122,138 @@ static int64_t pfn_of(const pv_t *s, uint32_t mfn) {
     return mfn >= base && mfn - base < s->nr_pages ? (int64_t)(mfn - base) : -1;
 }
 
-/* update_va_mapping (hypercalls.py, DirectPaging.l1_entry_for and update_entry on an L1 table), within
- * ParaVcpu.hypercall, for the common case: the L1 entry of `va` in the current tables rewritten with a
- * new entry that needs no table validated (not present, read-only, or writable onto a frame of no type or
- * of writable type). Anything Python would refuse, a 4 MiB mapping, a table frame, an upcall due after
- * the hypercall: Python's, with nothing changed. The engine's TLB is flushed as flush_tlb does (a CR3
- * write) when a writable reference goes or the guest asks (UVMF_TLB_FLUSH / UVMF_INVLPG). 1: done. */
+/* One page-table write as DirectPaging.update_entry makes it, decided first (nothing changed) and made
+ * later: on an L1 table, an entry that needs no table validated (not present, read-only, or writable onto
+ * a frame of no type or of writable type: get_l1e), the old entry's writable reference put back
+ * (put_l1e); on a frame of no type or writable type, a plain write. Anything else (an L2 table, a
+ * refusal) is Python's. */
+typedef struct {
+    int64_t p, p2, p3;        /* the frame written; the new entry's writable frame; the old entry's */
+    uint32_t off, val;
+    int get_w, put_w;
+} update_t;
+
+static int update_decide(const pv_t *s, uint32_t ptr, uint32_t val, int l1_only, update_t *u) {
+    uint32_t old;
+    u->p = pfn_of(s, ptr >> 12);
+    u->p2 = u->p3 = -1;
+    u->off = ptr & 0xFFC;
+    u->val = val;
+    u->get_w = u->put_w = 0;
+    if (u->p < 0) return 0;
+    if (!s->frame_count[u->p] || s->frame_type[u->p] == FT_WRITABLE) return !l1_only;   /* a plain write */
+    if (s->frame_type[u->p] != FT_L1) return 0;
+    memcpy(&old, s->ram + (uint64_t)u->p * 4096 + u->off, 4);
+    if (val & PTE_P) {                                 /* get_l1e */
+        u->p2 = pfn_of(s, val >> 12);
+        if (u->p2 < 0) return 0;
+        if (val & PTE_RW) {
+            if (s->frame_count[u->p2] && s->frame_type[u->p2] != FT_WRITABLE) return 0;
+            u->get_w = 1;
+        }
+    }
+    if ((old & PTE_P) && (old & PTE_RW)) {             /* put_l1e */
+        u->p3 = pfn_of(s, old >> 12);
+        if (u->p3 < 0 || s->frame_type[u->p3] != FT_WRITABLE
+            || s->frame_count[u->p3] + (u->get_w && u->p2 == u->p3) == 0) return 0;
+        u->put_w = 1;
+    }
+    return 1;
+}
+
+/* Make it; 1 when the engine's TLB must be flushed (put_type: a writable reference went). */
+static int update_make(pv_t *s, const update_t *u) {
+    uint32_t n;
+    if (u->get_w) {
+        if (s->frame_count[u->p2]) s->frame_count[u->p2]++;
+        else {
+            s->frame_type[u->p2] = FT_WRITABLE;
+            s->frame_count[u->p2] = 1;
+        }
+    }
+    memcpy(s->ram + (uint64_t)u->p * 4096 + u->off, &u->val, 4);
+    if (!u->put_w) return 0;
+    n = s->frame_count[u->p3] - 1;
+    s->frame_count[u->p3] = n;
+    if (n == 0) s->frame_type[u->p3] = FT_NONE;
+    return 1;
+}
+
+/* The end of a page-table hypercall made here (ParaVcpu.hypercall): EAX = 0, the TLB flush
+ * (flush_tlb: CR3 = DirectPaging.base, which CR3 holds between hypercalls). */
+static void hypercall_done(pv_t *s, void *uc, int dirty, uint32_t cr3) {
+    *s->in_upcall = 0;
+    if (wr(s, uc, R_EAX, 0) || (dirty && wr(s, uc, R_CR3, cr3))) s->refused(HYPERCALL_VECTOR);
+}
+
+/* The registers of a hypercall from the kernel: 0 when Python must take it (ring 3, V86, an upcall due
+ * after it: evtchn_upcall_pending with the mask clear). */
+static int kernel_hypercall(pv_t *s, void *uc, uint32_t *cr3) {
+    int err = 0;
+    uint32_t cs = rd(s, uc, R_CS, &err), eflags = rd(s, uc, R_EFLAGS, &err);
+    *cr3 = rd(s, uc, R_CR3, &err);
+    if (err || (cs & 3) != 1 || (eflags & EFLAGS_VM) || !s->frame_count) return 0;
+    return !(s->shared[0] && !s->shared[1]);
+}
+
+/* update_va_mapping (hypercalls.py, DirectPaging.l1_entry_for and update_entry), within
+ * ParaVcpu.hypercall, when update_decide takes it; UVMF_TLB_FLUSH / UVMF_INVLPG flush the engine's TLB
+ * (a full flush, as flush_tlb). 1: done. */
 static int pv_uva(pv_t *s, void *uc) {
-    int err = 0, get_w = 0, put_w = 0, dirty;
-    uint32_t cs, eflags, va, lo, hi, flags, cr3, pde, ptr, old, n;
-    int64_t p, p2 = -1, p3 = -1;
-    if (!s->uva_seen || !s->frame_count) return 0;
-    cs = rd(s, uc, R_CS, &err);
-    eflags = rd(s, uc, R_EFLAGS, &err);
+    int err = 0, dirty;
+    uint32_t va, lo, hi, flags, cr3, pde;
+    int64_t p;
+    update_t u;
+    if (!s->uva_seen || !kernel_hypercall(s, uc, &cr3)) return 0;
     va = rd(s, uc, R_EBX, &err);
     lo = rd(s, uc, R_ECX, &err);
     hi = rd(s, uc, R_EDX, &err);
     flags = rd(s, uc, R_ESI, &err);
-    cr3 = rd(s, uc, R_CR3, &err);
-    if (err || (cs & 3) != 1 || (eflags & EFLAGS_VM) || hi || va >= s->hv_start) return 0;
-    if (s->shared[0] && !s->shared[1]) return 0;       /* the upcall after the hypercall is Python's */
-    p = pfn_of(s, cr3 >> 12);                          /* CR3 = DirectPaging.base between hypercalls */
+    if (err || hi || va >= s->hv_start) return 0;
+    p = pfn_of(s, cr3 >> 12);
     if (p < 0) return 0;
     memcpy(&pde, s->ram + (uint64_t)p * 4096 + ((va >> 22) << 2), 4);
     if (!(pde & PTE_P) || (pde & PTE_PS)) return 0;
-    ptr = (pde & 0xFFFFF000u) | ((va >> 10) & 0xFFC);
-    p = pfn_of(s, ptr >> 12);
-    if (p < 0 || !s->frame_count[p] || s->frame_type[p] != FT_L1) return 0;
-    memcpy(&old, s->ram + (uint64_t)p * 4096 + (ptr & 0xFFF), 4);
-    if (lo & PTE_P) {                                  /* get_l1e */
-        p2 = pfn_of(s, lo >> 12);
-        if (p2 < 0) return 0;
-        if (lo & PTE_RW) {
-            if (s->frame_count[p2] && s->frame_type[p2] != FT_WRITABLE) return 0;
-            get_w = 1;
-        }
-    }
-    if ((old & PTE_P) && (old & PTE_RW)) {             /* put_l1e */
-        p3 = pfn_of(s, old >> 12);
-        if (p3 < 0 || s->frame_type[p3] != FT_WRITABLE || s->frame_count[p3] + (get_w && p2 == p3) == 0) return 0;
-        put_w = 1;
-    }
-    if (get_w) {
-        if (s->frame_count[p2]) s->frame_count[p2]++;
-        else {
-            s->frame_type[p2] = FT_WRITABLE;
-            s->frame_count[p2] = 1;
-        }
-    }
-    memcpy(s->ram + (uint64_t)p * 4096 + (ptr & 0xFFF), &lo, 4);
-    dirty = (flags & 3) != 0;
-    if (put_w) {
-        n = s->frame_count[p3] - 1;
-        s->frame_count[p3] = n;
-        dirty = 1;                                     /* a writable reference went (put_type) */
-        if (n == 0) s->frame_type[p3] = FT_NONE;
-    }
-    *s->in_upcall = 0;
+    if (!update_decide(s, (pde & 0xFFFFF000u) | ((va >> 10) & 0xFFC), lo, 1, &u)) return 0;
     *s->clock_now += s->hypercall_cycles;
     *s->clock_extra += s->hypercall_cycles;
-    if (wr(s, uc, R_EAX, 0) || (dirty && wr(s, uc, R_CR3, cr3))) {
-        s->refused(HYPERCALL_VECTOR);
-        return 1;
-    }
+    dirty = update_make(s, &u) | ((flags & 3) != 0);
+    hypercall_done(s, uc, dirty, cr3);
     s->uvas++;
     s->uvas_total++;
+    return 1;
+}
+
+/* mmu_update (hypercalls.py) of one MMU_NORMAL_PT_UPDATE request, DOMID_SELF, no `done` pointer and no
+ * continuation, when update_decide takes it: the request is read as Mmu.read_linear reads it (A bit,
+ * counters), REQUEST_CYCLES charged. 1: done. */
+static int pv_mmu_update(pv_t *s, void *uc) {
+    int err = 0, dirty;
+    uint32_t req, count, done_ptr, dom, cr3, r[4];
+    uint64_t walks, refs;
+    update_t u;
+    if (!s->mmu_seen || !kernel_hypercall(s, uc, &cr3)) return 0;
+    req = rd(s, uc, R_EBX, &err);
+    count = rd(s, uc, R_ECX, &err);
+    done_ptr = rd(s, uc, R_EDX, &err);
+    dom = rd(s, uc, R_ESI, &err);
+    if (err || count != 1 || done_ptr || dom != DOMID_SELF) return 0;
+    walks = *s->walks;
+    refs = *s->walk_refs;
+    if (!s->linear(s->d, uc, req, 16, 0, (uint8_t *)r)) return 0;
+    if ((r[0] & 3) || r[1] || r[3] || !update_decide(s, r[0] & ~3u, r[2], 0, &u)) {
+        /* Python's: it reads the request again, in the same tables (the A bits this read set are
+         * set), so only the walk's counters are put back */
+        *s->walks = walks;
+        *s->walk_refs = refs;
+        return 0;
+    }
+    *s->clock_now += s->hypercall_cycles + s->request_cycles;
+    *s->clock_extra += s->hypercall_cycles + s->request_cycles;
+    dirty = update_make(s, &u);
+    hypercall_done(s, uc, dirty, cr3);
+    s->mmus++;
+    s->mmus_total++;
     return 1;
 }
 
@@ -189,21 +261,28 @@ static int pv_uva(pv_t *s, void *uc) {
 static int pv_iret(pv_t *s, void *uc) {
     int err = 0;
     uint32_t eax, cs, eflags, esp, frame[4], mask;
+    uint64_t walks, refs;
     eax = rd(s, uc, R_EAX, &err);
     if (err) return 0;
     if (eax == HYPERCALL_UVA) return pv_uva(s, uc);
+    if (eax == HYPERCALL_MMU_UPDATE) return pv_mmu_update(s, uc);
     if (eax != HYPERCALL_IRET || !s->iret_seen) return 0;
     cs = rd(s, uc, R_CS, &err);
     eflags = rd(s, uc, R_EFLAGS, &err);
     esp = rd(s, uc, R_ESP, &err);
     if (err || (cs & 3) != 1 || (eflags & EFLAGS_VM)) return 0;     /* refused: -EPERM, Python's */
-    /* struct iret_context { eax, eip, cs, eflags, ... } at ESP: looked at first (an upcall that the
-     * new mask makes deliverable is Python's), then read for real */
-    if (!s->peek(s->d, uc, esp, 16, (uint8_t *)frame)) return 0;
-    mask = (frame[3] & EFLAGS_IF) ? 0 : 1;
-    if (s->shared[0] && !mask) return 0;
+    /* struct iret_context { eax, eip, cs, eflags, ... } at ESP, read as Mmu.read_linear reads it; an
+     * upcall that the new mask makes deliverable is Python's, which reads the frame again in the same
+     * tables (the A bits this read set are set): only the walk's counters are put back then */
+    walks = *s->walks;
+    refs = *s->walk_refs;
     if (!s->linear(s->d, uc, esp, 16, 0, (uint8_t *)frame)) return 0;
-    if (((frame[3] & EFLAGS_IF) ? 0 : 1) != mask) return 0;   /* never: the bytes are the ones peeked */
+    mask = (frame[3] & EFLAGS_IF) ? 0 : 1;
+    if (s->shared[0] && !mask) {
+        *s->walks = walks;
+        *s->walk_refs = refs;
+        return 0;
+    }
     *s->in_upcall = 0;
     *s->clock_now += s->hypercall_cycles;     /* VirtualClock.advance(HYPERCALL_CYCLES) */
     *s->clock_extra += s->hypercall_cycles;

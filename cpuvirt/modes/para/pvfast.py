@@ -29,7 +29,7 @@ from cpuvirt.cpu.vcpu import FETCH_FAULT_CYCLES
 from cpuvirt.engine import regs as R
 from cpuvirt.engine.cext import add_c_hook, load
 from cpuvirt.engine.hooks import hook_guard
-from cpuvirt.modes.para.hypercalls import HYPERCALL_CYCLES
+from cpuvirt.modes.para.hypercalls import HYPERCALL_CYCLES, REQUEST_CYCLES
 from cpuvirt.modes.para.startinfo import IRET_STUB, VCPU_UPCALL_PENDING
 from cpuvirt.x86.vectors import HAS_ERROR_CODE, MNEMONIC
 from cpuvirt.xen import HYPERVISOR_VIRT_START
@@ -99,9 +99,14 @@ class _State(ctypes.Structure):
         ("nr_pages", ctypes.c_uint32),
         ("hv_start", ctypes.c_uint32),
         ("uva_seen", ctypes.c_uint32),
-        ("pad", ctypes.c_uint32),
+        ("mmu_seen", ctypes.c_uint32),
         ("uvas", ctypes.c_uint64),
         ("uvas_total", ctypes.c_uint64),
+        ("mmus", ctypes.c_uint64),
+        ("mmus_total", ctypes.c_uint64),
+        ("request_cycles", ctypes.c_uint64),
+        ("walks", ctypes.c_void_p),
+        ("walk_refs", ctypes.c_void_p),
         ("trap", _Trap * 256),
     ]
 
@@ -137,7 +142,9 @@ class PvFast:
         for v in HAS_ERROR_CODE:
             st.has_error_code[v >> 5] |= 1 << (v & 31)
         st.in_upcall = ctypes.addressof(vcpu._upcall_flag)  # ParaVcpu._in_upcall
-        st.hypercall_cycles = HYPERCALL_CYCLES
+        st.hypercall_cycles, st.request_cycles = HYPERCALL_CYCLES, REQUEST_CYCLES
+        st.walks = ctypes.addressof(d) + type(d).walks.offset
+        st.walk_refs = ctypes.addressof(d) + type(d).walk_refs.offset
         clock = vcpu.clock._state
         kind = type(clock)
         st.clock_now = ctypes.addressof(clock) + kind.now.offset
@@ -187,13 +194,15 @@ class PvFast:
         st.shared = ctypes.addressof(self._shared)
         st.iret_eip = (hypercall_va + IRET_STUB) & 0xFFFFFFFF
 
-    def iret_seen(self) -> None:
-        """Python handled a HYPERVISOR_iret: its counters' keys are in place (their order is Python's)."""
-        self._state.iret_seen = 1
-
-    def uva_seen(self) -> None:
-        """Python handled an update_va_mapping (the same for its keys)."""
-        self._state.uva_seen = 1
+    def seen(self, nr: int) -> None:
+        """Python handled hypercall `nr`: its counters' keys are in place (their order is Python's)."""
+        st = self._state
+        if nr == 23:
+            st.iret_seen = 1
+        elif nr == 14:
+            st.uva_seen = 1
+        elif nr == 1:
+            st.mmu_seen = 1
 
     def set_paging(self, paging) -> None:
         """At boot: direct paging's frame types and counts (memory/direct.py), where C updates them too."""
@@ -296,6 +305,12 @@ class PvFast:
             vcpu = self.vcpu
             vcpu._counts["hypercall"] += n
             vcpu._reasons["hypercall", 14] += n
+        n = st.mmus
+        if n:
+            st.mmus = 0
+            vcpu = self.vcpu
+            vcpu._counts["hypercall"] += n
+            vcpu._reasons["hypercall", 1] += n
 
     @property
     def bounced(self) -> int:
@@ -311,6 +326,11 @@ class PvFast:
     def uvas(self) -> int:
         """update_va_mapping hypercalls done in C."""
         return self._state.uvas_total
+
+    @property
+    def mmu_updates(self) -> int:
+        """mmu_update hypercalls (of one request) done in C."""
+        return self._state.mmus_total
 
     @property
     def iret_sites(self) -> int:

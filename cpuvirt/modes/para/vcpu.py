@@ -193,10 +193,8 @@ class ParaVcpu(Vcpu):
         if self.pv_fast is not None:
             if nr == 0:
                 self.pv_fast.set_trap_table(self.trap_table, self.trap_table_set)
-            elif nr == 23:
-                self.pv_fast.iret_seen()
-            elif nr == 14:
-                self.pv_fast.uva_seen()
+            else:
+                self.pv_fast.seen(nr)
         ev = self.events
         assert ev is not None  # boot made them before the first hypercall
         if ev.buf[ev.off] and not ev.buf[ev.off + 1] and self.outcome is None:  # deliverable()
