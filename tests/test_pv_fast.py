@@ -1,13 +1,14 @@
 """para answers its common events in C (modes/para/pvfast.py, _pvfast.c, cpu/_delivery.c over direct
 paging): the iretd sites at ring 1 and 3, the bounce of `int n`, faults and the fill path's #PF through
-the guest's trap table, HYPERVISOR_iret, and the common case of update_va_mapping and mmu_update. The C path must leave exactly what the Python path
+the guest's trap table, HYPERVISOR_iret, and the common cases of update_va_mapping, mmu_update and
+mmuext_op. The C path must leave exactly what the Python path
 (CPUVIRT_PARA_FAST=0) leaves wherever it can be seen: console, outcome and message, event counts and
 the cost model's tally in the same order, virtual time, the MMU's counters, the registers at every event
 Python still handles, and the trace. tests/guests/pv_fast.S holds the loops and the hostile cases C must
 leave to Python (an odd upcall-mask byte, an int above its entry's DPL, int3, an iretd image with RF, an
 event pending behind the mask, a ring-1 stack the frame cannot be written to, update_va_mapping onto a
 frame mapped writable twice, of an L1 table, of a frame not the guest's, mmu_update with another
-command or of the directory); the other PV test guests
+command or of the directory, NEW_BASEPTR of a frame that is not a directory, an unknown mmuext command); the other PV test guests
 and nanobench's PV build (system calls from ring 3 onto the stack_switch stack, #PF, #DE) are compared
 too, and pv_mmu / pv_hostile hold update_va_mapping's refusals (Python's in both runs)."""
 
@@ -107,7 +108,7 @@ def test_pv_fast_guest_c_and_python_leave_the_same_state(pv_fast, monkeypatch):
     py_res, py_seen, py_end, py_cpu = _run(pv_fast, monkeypatch, False)
     assert py_cpu.pv_fast is None and c_cpu.pv_fast is not None
     # the guest's checks pass, and it ends in the domain crash of its last, hostile bounce
-    assert b"FAIL" not in c_res.console and c_res.console.count(b"PASS") == 29, c_res.console
+    assert b"FAIL" not in c_res.console and c_res.console.count(b"PASS") == 33, c_res.console
     assert c_res.outcome == "error" and "ring-1 stack" in c_res.message and "not writable" in c_res.message
     fast = c_cpu.pv_fast
     # the loops went through C: 40 int 0x80 + 40 #DE + 40 #GP + 40 #PF (less each kind's first)
@@ -116,6 +117,7 @@ def test_pv_fast_guest_c_and_python_leave_the_same_state(pv_fast, monkeypatch):
     assert fast.delivery.faults >= 40 - 2  # the fill path's #PF
     assert fast.uvas >= 20  # update_va_mapping on a frame mapped writable twice, read-only and back
     assert fast.mmu_updates >= 19  # mmu_update of one request: an L1 entry flipped, a plain write
+    assert fast.mmuext_ops >= 19  # mmuext_op TLB_FLUSH_LOCAL and NEW_BASEPTR of the current directory
     assert len(c_seen) <= len(py_seen) - 2 * (4 * 40 - 8)
     assert _result(c_res) == _result(py_res)  # console, counts, icount, virtual time, MMU counters, tally
     assert c_end == py_end
@@ -146,6 +148,7 @@ def test_nanobench_pv_build_same_both_ways(nanobench_pv, monkeypatch):
     # and ptemod's update_va_mapping (clear P, flip RW: a writable reference goes, a TLB flush)
     assert fast.bounced >= 3 * 200 - 3 and fast.irets >= 200 and fast.delivery.faults >= 199
     assert fast.uvas >= 2 * 200 and fast.mmu_updates >= 199  # and pgfault's handler's mmu_update
+    assert fast.mmuext_ops >= 199  # cr3: NEW_BASEPTR of the pinned current directory
     assert _result(c_res) == _result(py_res)
     assert c_end == py_end
     _same_python_events(c_seen, py_seen)

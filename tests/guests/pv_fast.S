@@ -1,4 +1,4 @@
-# description: para-mode test of the events para answers in C (modes/para/pvfast.py): loops of int 0x80, #DE, #GP and #PF bounced through the trap table and returned with HYPERVISOR_iret, and the hostile cases C must leave to Python (an odd upcall-mask byte, an int above its entry's DPL, int3, an iretd image with RF, an event pending behind the mask, a ring-1 stack that cannot be written), update_va_mapping's and mmu_update's common cases with their refusals
+# description: para-mode test of the events para answers in C (modes/para/pvfast.py): loops of int 0x80, #DE, #GP and #PF bounced through the trap table and returned with HYPERVISOR_iret, and the hostile cases C must leave to Python (an odd upcall-mask byte, an int above its entry's DPL, int3, an iretd image with RF, an event pending behind the mask, a ring-1 stack that cannot be written), the common cases of update_va_mapping, mmu_update and mmuext_op with their refusals
 #include "pv_rt.inc"
 #define LOOPS 40
 .text
@@ -218,6 +218,37 @@ loop_mmu:
     call mmu0
     EXPECT(0, n_mmu_l2)
 
+    # mmuext_op of one op with no `done` pointer, 10 times: TLB_FLUSH_LOCAL, then NEW_BASEPTR of the
+    # current directory (a reload); hostile: NEW_BASEPTR of a frame that is not a directory, and an
+    # unknown command (refused)
+    mov eax, dword ptr [start_info]
+    mov eax, dword ptr [eax + SI_PT_BASE]
+    call mfn_of
+    mov dword ptr [l2_mfn], eax
+    mov edi, 10
+loop_ext:
+    mov ebx, 6
+    mov ecx, 0
+    call ext0
+    mov ebx, 5
+    mov ecx, dword ptr [l2_mfn]
+    call ext0
+    dec edi
+    jnz loop_ext
+    EXPECT(0, n_ext_loop)
+    mov ebx, 5
+    mov ecx, dword ptr [mfn1]
+    call ext0
+    EXPECT(-EINVAL, n_ext_bad_base)
+    mov ebx, 99
+    mov ecx, 0
+    call ext0
+    EXPECT(-ENOSYS, n_ext_unknown)
+    mov ebx, dword ptr [va1]
+    mov dword ptr [ebx + 4], 0x5678
+    mov eax, dword ptr [ebx + 4]
+    EXPECT(0x5678, n_ext_after)
+
     # hostile: a writable mapping of an L1 table (the first PDE's) is refused
     mov eax, dword ptr [start_info]
     mov eax, dword ptr [eax + SI_PT_BASE]
@@ -259,6 +290,26 @@ mmu0:
     xor edx, edx
     mov esi, DOMID_SELF
     HC(1)
+    pop esi
+    pop edx
+    pop ecx
+    pop ebx
+    ret
+
+# ext0: ebx = command, ecx = arg1 -> eax = mmuext_op(one op, no `done`)
+ext0:
+    push ebx
+    push ecx
+    push edx
+    push esi
+    mov dword ptr [op0], ebx
+    mov dword ptr [op0 + 4], ecx
+    mov dword ptr [op0 + 8], 0
+    mov ebx, op0
+    mov ecx, 1
+    xor edx, edx
+    mov esi, DOMID_SELF
+    HC(26)
     pop esi
     pop edx
     pop ecx
@@ -339,6 +390,8 @@ va2: .long 0
 mfn2: .long 0
 pte_ma: .long 0
 req0: .long 0, 0, 0, 0
+op0: .long 0, 0, 0
+l2_mfn: .long 0
 va1: .long 0
 mfn0: .long 0
 mfn1: .long 0
@@ -375,6 +428,10 @@ n_mmu_write: .asciz "the entry is writable again"
 n_mmu_plain: .asciz "mmu_update of a frame of no type is a plain write"
 n_mmu_cmd: .asciz "mmu_update with another command is refused (ENOSYS)"
 n_mmu_l2: .asciz "mmu_update of an empty directory slot"
+n_ext_loop: .asciz "mmuext_op TLB_FLUSH_LOCAL and NEW_BASEPTR (a reload), 10 times"
+n_ext_bad_base: .asciz "NEW_BASEPTR of a frame that is not a directory is refused"
+n_ext_unknown: .asciz "an unknown mmuext command is refused"
+n_ext_after: .asciz "memory works after the reloads"
 n_uva_l1: .asciz "update_va_mapping: a writable mapping of an L1 table is refused"
 n_uva_foreign: .asciz "update_va_mapping: a frame that is not the guest's is refused"
 n_crash: .asciz "now a bounce onto a read-only ring-1 stack\n"

@@ -82,6 +82,9 @@ typedef struct {
     uint64_t mmus, mmus_total;
     uint64_t request_cycles;  /* REQUEST_CYCLES */
     uint64_t *walks, *walk_refs;  /* the walk counters of delivery_t (what `linear` adds to) */
+    uint32_t *base;           /* DirectPaging.base: the current L2's machine address */
+    uint32_t mmuext_seen, pad2;
+    uint64_t mmuexts, mmuexts_total;
     trap_t trap[256];
 } pv_t;
 
@@ -96,6 +99,11 @@ size_t pv_sizeof(void) { return sizeof(pv_t); }
 #define HYPERCALL_IRET 23u
 #define HYPERCALL_UVA 14u
 #define HYPERCALL_MMU_UPDATE 1u
+#define HYPERCALL_MMUEXT 26u
+#define MMUEXT_NEW_BASEPTR 5u
+#define MMUEXT_TLB_FLUSH_LOCAL 6u
+#define MMUEXT_INVLPG_LOCAL 7u
+#define FT_L2 3
 #define DOMID_SELF 0x7FF0u
 #define PTE_P 1u
 #define PTE_RW 2u
@@ -257,6 +265,52 @@ static int pv_mmu_update(pv_t *s, void *uc) {
     return 1;
 }
 
+/* mmuext_op (hypercalls.py) of one op, DOMID_SELF, no `done` pointer and no continuation:
+ * MMUEXT_TLB_FLUSH_LOCAL and MMUEXT_INVLPG_LOCAL (a full flush of the engine's TLB, as flush_tlb), and
+ * MMUEXT_NEW_BASEPTR to a directory already of type L2 (pinned, or the current one) when the old
+ * directory keeps a reference (no table is validated or released: DirectPaging.new_baseptr's common
+ * case). The op is read as Mmu.read_linear reads it, REQUEST_CYCLES charged. 1: done. */
+static int pv_mmuext(pv_t *s, void *uc) {
+    int err = 0;
+    uint32_t ops, count, done_ptr, dom, cr3, op[3], base;
+    uint64_t walks, refs;
+    int64_t p = -1, p_old = -1;
+    if (!s->mmuext_seen || !s->base || !kernel_hypercall(s, uc, &cr3)) return 0;
+    ops = rd(s, uc, R_EBX, &err);
+    count = rd(s, uc, R_ECX, &err);
+    done_ptr = rd(s, uc, R_EDX, &err);
+    dom = rd(s, uc, R_ESI, &err);
+    if (err || count != 1 || done_ptr || dom != DOMID_SELF) return 0;
+    walks = *s->walks;
+    refs = *s->walk_refs;
+    if (!s->linear(s->d, uc, ops, 12, 0, (uint8_t *)op)) return 0;
+    base = *s->base;
+    if (op[0] == MMUEXT_NEW_BASEPTR) {
+        p = pfn_of(s, op[1]);
+        if (base) p_old = pfn_of(s, base >> 12);
+        if (p < 0 || !s->frame_count[p] || s->frame_type[p] != FT_L2 || (base && p_old < 0)
+            || (p_old >= 0 && s->frame_count[p_old] + (p == p_old) < 2)) p = -2;
+    } else if (op[0] != MMUEXT_TLB_FLUSH_LOCAL && op[0] != MMUEXT_INVLPG_LOCAL) {
+        p = -2;
+    }
+    if (p == -2) {     /* Python's: it reads the op again in the same tables; the walk's counters go back */
+        *s->walks = walks;
+        *s->walk_refs = refs;
+        return 0;
+    }
+    *s->clock_now += s->hypercall_cycles + s->request_cycles;
+    *s->clock_extra += s->hypercall_cycles + s->request_cycles;
+    if (p >= 0) {      /* get_type(L2) on a typed directory, then put_type of the old one: counts only */
+        s->frame_count[p]++;
+        if (p_old >= 0) s->frame_count[p_old]--;
+        *s->base = op[1] << 12;
+    }
+    hypercall_done(s, uc, 1, *s->base);
+    s->mmuexts++;
+    s->mmuexts_total++;
+    return 1;
+}
+
 /* HYPERVISOR_iret (hypercalls.py iret, within ParaVcpu.hypercall): 1 when done here. */
 static int pv_iret(pv_t *s, void *uc) {
     int err = 0;
@@ -266,6 +320,7 @@ static int pv_iret(pv_t *s, void *uc) {
     if (err) return 0;
     if (eax == HYPERCALL_UVA) return pv_uva(s, uc);
     if (eax == HYPERCALL_MMU_UPDATE) return pv_mmu_update(s, uc);
+    if (eax == HYPERCALL_MMUEXT) return pv_mmuext(s, uc);
     if (eax != HYPERCALL_IRET || !s->iret_seen) return 0;
     cs = rd(s, uc, R_CS, &err);
     eflags = rd(s, uc, R_EFLAGS, &err);

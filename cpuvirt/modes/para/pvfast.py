@@ -107,6 +107,11 @@ class _State(ctypes.Structure):
         ("request_cycles", ctypes.c_uint64),
         ("walks", ctypes.c_void_p),
         ("walk_refs", ctypes.c_void_p),
+        ("base", ctypes.c_void_p),
+        ("mmuext_seen", ctypes.c_uint32),
+        ("pad2", ctypes.c_uint32),
+        ("mmuexts", ctypes.c_uint64),
+        ("mmuexts_total", ctypes.c_uint64),
         ("trap", _Trap * 256),
     ]
 
@@ -203,6 +208,8 @@ class PvFast:
             st.uva_seen = 1
         elif nr == 1:
             st.mmu_seen = 1
+        elif nr == 26:
+            st.mmuext_seen = 1
 
     def set_paging(self, paging) -> None:
         """At boot: direct paging's frame types and counts (memory/direct.py), where C updates them too."""
@@ -217,6 +224,7 @@ class PvFast:
         st.ram, st.ram_hpa = ctypes.addressof(self._ram), ram.hpa
         st.frame_type, st.nr_pages, st.hv_start = ctypes.addressof(self._types), n, HYPERVISOR_VIRT_START
         st.frame_count = address
+        st.base = ctypes.addressof(paging._base)
 
     # -- the run ------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -311,6 +319,12 @@ class PvFast:
             vcpu = self.vcpu
             vcpu._counts["hypercall"] += n
             vcpu._reasons["hypercall", 1] += n
+        n = st.mmuexts
+        if n:
+            st.mmuexts = 0
+            vcpu = self.vcpu
+            vcpu._counts["hypercall"] += n
+            vcpu._reasons["hypercall", 26] += n
 
     @property
     def bounced(self) -> int:
@@ -331,6 +345,11 @@ class PvFast:
     def mmu_updates(self) -> int:
         """mmu_update hypercalls (of one request) done in C."""
         return self._state.mmus_total
+
+    @property
+    def mmuext_ops(self) -> int:
+        """mmuext_op hypercalls (of one op) done in C."""
+        return self._state.mmuexts_total
 
     @property
     def iret_sites(self) -> int:
