@@ -8,7 +8,10 @@
  *    when the entry's flag asks for it (docs/pv-abi.md);
  *  - HYPERVISOR_iret (hypercall 23, hypercalls.py `iret`): the event mask from the frame's EFLAGS.IF,
  *    EAX popped, EIP at the hypercall page's iretd stub (whose iret site is answered in C as well,
- *    cpu/_delivery.c delivery_iret_hook).
+ *    cpu/_delivery.c delivery_iret_hook);
+ *  - update_va_mapping, mmu_update and mmuext_op of one request that needs no page table validated or
+ *    released (memory/direct.py's frame types and counts, shared with Python);
+ *  - the #PF that cpu/_delivery.c's delivery_pf_hook finds in the TLB fill (pv_page_fault).
  *
  * It answers only what the Python path would do without a trace line, a crash, a #GP of its own or an
  * upcall: anything else (no trap-table entry, an `int n` above the entry's DPL, from virtual-8086 mode,

@@ -1,4 +1,5 @@
-"""para's common events in C: the iret sites, the bounce through the trap table, HYPERVISOR_iret.
+"""para's common events in C: the iret sites, the bounce through the trap table, HYPERVISOR_iret, and
+the common case of the page-table hypercalls (update_va_mapping, mmu_update, mmuext_op).
 
 Three pieces, one switch (CPUVIRT_PARA_FAST=0 turns them all off, and the Python path is the reference):
 
@@ -7,12 +8,15 @@ Three pieces, one switch (CPUVIRT_PARA_FAST=0 turns them all off, and the Python
   (Vcpu.iret_image_rf clears it) is left to the engine without Python; Mmu.fetch_bytes is answered in C;
 - _pvfast.c's INTR hook in front of ParaVcpu._intr (only while no trace is written): an `int n`, int3
   or a fault bounced to the guest kernel through its trap table as ParaVcpu.bounce does it, and
-  HYPERVISOR_iret as hypercalls.iret does it, each without Python when nothing else is to be done;
+  HYPERVISOR_iret as hypercalls.iret does it, and update_va_mapping, mmu_update and mmuext_op of one
+  request that needs no table validated or released (on DirectPaging's own type and count arrays),
+  each without Python when nothing else is to be done;
 - the bookkeeping of both through the FastDelivery's EventBooks (the counters, folded into Vcpu.counts
   when read; the block's unretired instructions; the interrupt-window check).
 
 The C side reads the trap table, the kernel stack and the shared-info page's mask; ParaVcpu tells it
-of every change (set_trap_table, stack_switch, the mask trace, the upcall). Console, trace, counters,
+of every change (set_trap_table, stack_switch, the mask trace, the upcall). Each kind of hypercall is
+C's only after Python has made one (the counters' keys are then in Python's order). Console, trace, counters,
 virtual time and the cost model's tally are the same either way (tests/test_pv_fast.py).
 """
 
