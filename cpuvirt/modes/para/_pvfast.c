@@ -191,19 +191,20 @@ static int update_make(pv_t *s, const update_t *u) {
 }
 
 /* The end of a page-table hypercall made here (ParaVcpu.hypercall): EAX = 0, the TLB flush
- * (flush_tlb: CR3 = DirectPaging.base, which CR3 holds between hypercalls). */
+ * (flush_tlb: CR3 = DirectPaging.base). */
 static void hypercall_done(pv_t *s, void *uc, int dirty, uint32_t cr3) {
     *s->in_upcall = 0;
     if (wr(s, uc, R_EAX, 0) || (dirty && wr(s, uc, R_CR3, cr3))) s->refused(HYPERCALL_VECTOR);
 }
 
-/* The registers of a hypercall from the kernel: 0 when Python must take it (ring 3, V86, an upcall due
- * after it: evtchn_upcall_pending with the mask clear). */
-static int kernel_hypercall(pv_t *s, void *uc, uint32_t *cr3) {
+/* A hypercall from the kernel: 0 when Python must take it (ring 3, V86, an upcall due after it:
+ * evtchn_upcall_pending with the mask clear). *base: DirectPaging.base, the directory the tables are
+ * walked from and the CR3 a flush writes (flush_tlb). */
+static int kernel_hypercall(pv_t *s, void *uc, uint32_t *base) {
     int err = 0;
     uint32_t cs = rd(s, uc, R_CS, &err), eflags = rd(s, uc, R_EFLAGS, &err);
-    *cr3 = rd(s, uc, R_CR3, &err);
-    if (err || (cs & 3) != 1 || (eflags & EFLAGS_VM) || !s->frame_count) return 0;
+    if (err || (cs & 3) != 1 || (eflags & EFLAGS_VM) || !s->frame_count || !s->base) return 0;
+    *base = *s->base;
     return !(s->shared[0] && !s->shared[1]);
 }
 
@@ -278,7 +279,7 @@ static int pv_mmuext(pv_t *s, void *uc) {
     uint32_t ops, count, done_ptr, dom, cr3, op[3], base;
     uint64_t walks, refs;
     int64_t p = -1, p_old = -1;
-    if (!s->mmuext_seen || !s->base || !kernel_hypercall(s, uc, &cr3)) return 0;
+    if (!s->mmuext_seen || !kernel_hypercall(s, uc, &cr3)) return 0;
     ops = rd(s, uc, R_EBX, &err);
     count = rd(s, uc, R_ECX, &err);
     done_ptr = rd(s, uc, R_EDX, &err);
