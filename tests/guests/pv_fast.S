@@ -248,6 +248,54 @@ loop_ext:
     mov dword ptr [ebx + 4], 0x5678
     mov eax, dword ptr [ebx + 4]
     EXPECT(0x5678, n_ext_after)
+    # a second directory (a copy of the first, remapped read-only, pinned: Python validates it), then
+    # NEW_BASEPTR back and forth between the two pinned directories 10 times, then unpinned
+    FREE_FRAME(3, va3, mfn3)
+    mov eax, dword ptr [start_info]
+    mov esi, dword ptr [eax + SI_PT_BASE]
+    mov edi, dword ptr [va3]
+    mov ecx, 1024
+    cld
+    rep movsd
+    mov ebx, dword ptr [va3]
+    mov ecx, dword ptr [mfn3]
+    shl ecx, 12
+    or ecx, P | US
+    call uva
+    EXPECT(0, n_dir_ro)
+    mov ebx, 1
+    mov ecx, dword ptr [mfn3]
+    call ext0
+    EXPECT(0, n_dir_pin)
+    mov edi, 10
+loop_switch:
+    mov ebx, 5
+    mov ecx, dword ptr [mfn3]
+    call ext0
+    mov ebx, dword ptr [va1]
+    add dword ptr [ebx + 4], 1
+    mov ebx, 5
+    mov ecx, dword ptr [l2_mfn]
+    call ext0
+    dec edi
+    jnz loop_switch
+    EXPECT(0, n_dir_switch)
+    mov ebx, dword ptr [va1]
+    mov eax, dword ptr [ebx + 4]
+    EXPECT(0x5678 + 10, n_dir_mem)
+    mov ebx, 4
+    mov ecx, dword ptr [mfn3]
+    call ext0
+    EXPECT(0, n_dir_unpin)
+    # unpinned, its only reference gone: NEW_BASEPTR to it validates it again (Python's), and back
+    mov ebx, 5
+    mov ecx, dword ptr [mfn3]
+    call ext0
+    EXPECT(0, n_dir_revalidate)
+    mov ebx, 5
+    mov ecx, dword ptr [l2_mfn]
+    call ext0
+    EXPECT(0, n_dir_back)
 
     # hostile: a writable mapping of an L1 table (the first PDE's) is refused
     mov eax, dword ptr [start_info]
@@ -387,6 +435,8 @@ trap_table:
 sum: .long 0
 va0: .long 0
 va2: .long 0
+va3: .long 0
+mfn3: .long 0
 mfn2: .long 0
 pte_ma: .long 0
 req0: .long 0, 0, 0, 0
@@ -432,6 +482,13 @@ n_ext_loop: .asciz "mmuext_op TLB_FLUSH_LOCAL and NEW_BASEPTR (a reload), 10 tim
 n_ext_bad_base: .asciz "NEW_BASEPTR of a frame that is not a directory is refused"
 n_ext_unknown: .asciz "an unknown mmuext command is refused"
 n_ext_after: .asciz "memory works after the reloads"
+n_dir_ro: .asciz "a copied directory remapped read-only"
+n_dir_pin: .asciz "MMUEXT_PIN_L2_TABLE of the copy"
+n_dir_switch: .asciz "NEW_BASEPTR between two pinned directories, 10 times"
+n_dir_mem: .asciz "memory through both directories"
+n_dir_unpin: .asciz "MMUEXT_UNPIN_TABLE of the copy"
+n_dir_revalidate: .asciz "NEW_BASEPTR to an unpinned directory (validated again)"
+n_dir_back: .asciz "NEW_BASEPTR back to the first (the copy released)"
 n_uva_l1: .asciz "update_va_mapping: a writable mapping of an L1 table is refused"
 n_uva_foreign: .asciz "update_va_mapping: a frame that is not the guest's is refused"
 n_crash: .asciz "now a bounce onto a read-only ring-1 stack\n"
