@@ -1,4 +1,4 @@
-"""The C hooks (virtual clock, native TLB fill and event delivery, CPUID, full's callout slots, hw's EPT fill, APIC-access page and CPUID/CR exits, trap's common traps), and the guest sources shipped inside the package; metadata is in pyproject.toml."""
+"""The C hooks (virtual clock, native TLB fill and event delivery, CPUID, full's callout slots, hw's EPT fill, APIC-access page and CPUID/CR exits, trap's common traps, para's common events), and the guest sources shipped inside the package; metadata is in pyproject.toml."""
 import shutil
 from pathlib import Path
 
@@ -32,6 +32,7 @@ setup(
                  Extension("cpuvirt.modes.hw._apicv", ["cpuvirt/modes/hw/_apicv.c"], extra_compile_args=["-O2"]),
                  Extension("cpuvirt.bt._callout", ["cpuvirt/bt/_callout.c"], extra_compile_args=["-O2"]),
                  Extension("cpuvirt.modes.hw._fastexit", ["cpuvirt/modes/hw/_fastexit.c"], extra_compile_args=["-O2"]),
-                 Extension("cpuvirt.modes._trapfast", ["cpuvirt/modes/_trapfast.c"], extra_compile_args=["-O2"])],
+                 Extension("cpuvirt.modes._trapfast", ["cpuvirt/modes/_trapfast.c"], extra_compile_args=["-O2"]),
+                 Extension("cpuvirt.modes.para._pvfast", ["cpuvirt/modes/para/_pvfast.c"], extra_compile_args=["-O2"])],
     cmdclass={"build_py": build_py_with_guests},
 )

@@ -100,6 +100,17 @@ typedef struct {
     uint32_t window_exiting;     /* "interrupt-window exiting": the run loop's next entry may exit */
     int (*quiet)(void *);        /* modes/hw/_fastexit.c fastexit_quiet: the next entry would do nothing */
     void *quiet_state;
+    /* para (modes/para/pvfast.py): direct paging's tables hold machine addresses (ram_hpa + offset in
+     * `ram`, as _tlbfill.c's hv_start mode), linear addresses from hv_start up are the hypervisor's
+     * window (Python's), and an iretd at CPL > 0 stays in C when its EFLAGS image has neither VM nor RF. */
+    uint32_t machine_addrs;
+    uint32_t hv_start;
+    uint32_t iret_any_cpl;
+    uint32_t pad3;
+    /* para: delivery_pf_hook hands the guest #PF it found to para's bounce (modes/para/_pvfast.c
+     * pv_page_fault: CR2 in vcpu_info, the frame through the trap table) instead of the IDT */
+    int (*pv_pf)(void *pv, void *uc, uint32_t eip, uint32_t error_code, uint32_t cr2);
+    void *pv;
 } delivery_t;
 
 /* One intercepted iret: its bytes when it was decoded, and the Python hook behind it. */
@@ -211,7 +222,13 @@ typedef struct {
 static int64_t ram_at(const delivery_t *s, uint64_t gpa, uint32_t n, uint32_t bit, uint32_t *refs) {
     uint64_t table, entry, slot, hpa;
     int shift;
-    if (!s->ept) return gpa + n <= s->ram_bytes ? (int64_t)gpa : -1;
+    if (!s->ept) {
+        if (s->machine_addrs) {                      /* para: a machine address (direct paging) */
+            if (gpa < s->ram_hpa) return -1;
+            gpa -= s->ram_hpa;
+        }
+        return gpa + n <= s->ram_bytes ? (int64_t)gpa : -1;
+    }
     table = s->pml4;
     for (shift = 39; shift >= 12; shift -= 9) {
         slot = table + ((gpa >> shift) & 0x1FF) * 8;
@@ -250,7 +267,8 @@ static int64_t walk(pass_t *w, uint32_t gva, int write) {
     uint64_t pde_addr, leaf_addr, gpa;
     uint32_t pde, leaf, rights, refs, erefs = 0;
     int large, writable;
-    if (!(c->cr0 & CR0_PG)) return gva;              /* no paging: identity, nothing counted */
+    if (!(c->cr0 & CR0_PG)) return s->machine_addrs ? -1 : (int64_t)gva;   /* no paging: identity, nothing counted */
+    if (s->hv_start && gva >= s->hv_start) return -1;   /* para: the hypervisor's window is Python's */
     if (w->undo.n + 2 > UNDO_MAX) return -1;
     pde_addr = (c->cr3 & 0xFFFFF000u) | ((gva >> 20) & 0xFFC);
     if (!entry_at(s, pde_addr, &pde, &erefs) || !(pde & PTE_P)) return -1;
@@ -670,6 +688,47 @@ static void books_pf(delivery_t *s, uint32_t eip, uint32_t access) {
     if (b) b->pf_seen = 1;
 }
 
+/* For other C hooks built on this state (modes/para/_pvfast.c): the bookkeeping of an `int n` or a
+ * fault they delivered, as delivery_intr_hook makes it (Python's soft_done / fault_done the first
+ * time and on a miss). */
+void delivery_books_soft(delivery_t *s, uint32_t vector, uint32_t start, uint32_t eip) {
+    books_soft(s, vector, start, eip);
+}
+
+void delivery_books_fault(delivery_t *s, uint32_t vector, uint32_t eip) {
+    books_fault(s, vector, eip);
+}
+
+/* A supervisor access of n <= 24 bytes at a guest-linear address with its side effects (A/D bits,
+ * the walk counters), as Mmu.read_linear / write_linear make it (a write translates every page
+ * before it writes). 1: done; 0: nothing changed (a fault, a page outside RAM, the hypervisor's
+ * window): Python makes the access. For para's bounce frame and HYPERVISOR_iret's frame. */
+int delivery_linear(delivery_t *s, void *uc, uint32_t gva, uint32_t n, int write, uint8_t *buf) {
+    int err = 0;
+    pass_t w;
+    uint64_t walks = s->walks, refs = s->walk_refs;
+    if (n > 24) return 0;
+    w.s = s;
+    w.c.cr0 = (uint32_t)rd(s, uc, R_CR0, &err);
+    w.c.cr3 = (uint32_t)rd(s, uc, R_CR3, &err);
+    w.c.cr4 = (uint32_t)rd(s, uc, R_CR4, &err);
+    if (err) return 0;
+    w.side = 0;
+    w.undo.n = 0;
+    if (!linear(&w, gva, n, write, buf)) return 0;
+    w.side = 1;
+    if (!linear(&w, gva, n, write, buf)) {   /* an A/D bit it set changed what it then read */
+        while (w.undo.n) {
+            w.undo.n--;
+            memcpy(s->ram + w.undo.off[w.undo.n], &w.undo.old[w.undo.n], 4);
+        }
+        s->walks = walks;
+        s->walk_refs = refs;
+        return 0;
+    }
+    return 1;
+}
+
 /* hw: an event the engine raised that this hook leaves to VmxCpu.hook_intr: one that causes a VM exit
  * (SDM Vol. 3C 25.2: `int n` never does; int3 and into, software exceptions, and every fault do when
  * their bit of the exception bitmap is set), an NMI, a #DF, a #PF (its exit also depends on the error
@@ -737,9 +796,10 @@ python:
 #define HF_CS32 (1u << 4)     /* QEMU's hflags: CS.D, SS.B */
 #define HF_SS32 (1u << 5)
 
-/* Does the 32-bit EFLAGS image the iretd is about to pop (SS:ESP + 8) set RF? 1 also when it cannot
- * tell here (16-bit code or stack, an image that is not readable RAM): Python looks then. */
-static int iret_image_rf(delivery_t *s, void *uc) {
+/* Does the 32-bit EFLAGS image the iretd is about to pop (SS:ESP + 8) set any bit of `bits` (RF; VM
+ * too at CPL > 0)? 1 also when it cannot tell here (16-bit code or stack, an image that is not
+ * readable RAM): Python looks then. */
+static int iret_image_has(delivery_t *s, void *uc, uint32_t bits) {
     uint32_t hflags, esp, image;
     uint64_t ss_base;
     int err = 0;
@@ -749,7 +809,7 @@ static int iret_image_rf(delivery_t *s, void *uc) {
     memcpy(&ss_base, s->context_ss + 8, 8);    /* SegmentCache: selector, (pad), base */
     esp = (uint32_t)rd(s, uc, R_ESP, &err);
     if (err || !delivery_peek(s, uc, (uint32_t)ss_base + esp + 8, 4, (uint8_t *)&image)) return 1;
-    return (image & EFLAGS_RF) != 0;
+    return (image & bits) != 0;
 }
 
 /* In native mode every iret is intercepted (cpu/intercept.py), for what the engine would get wrong:
@@ -769,9 +829,17 @@ void delivery_iret_hook(void *uc, uint64_t address, uint32_t size, void *user_da
         || !delivery_peek(s, uc, (uint32_t)address, size, now) || memcmp(now, site->bytes, size)) goto python;
     eflags = (uint32_t)rd(s, uc, R_EFLAGS, &err);
     cs = (uint32_t)rd(s, uc, R_CS, &err);
-    if (err || (eflags & (EFLAGS_VM | EFLAGS_NT)) || (site->wide && (cs & 3))) goto python;
+    if (err || (eflags & (EFLAGS_VM | EFLAGS_NT)) || (site->wide && (cs & 3) && !s->iret_any_cpl)) goto python;
     if (!((uint32_t)rd(s, uc, R_CR0, &err) & CR0_PE) || err) goto python;   /* real mode: Vcpu.iret_image_rf */
-    if (site->wide && iret_image_rf(s, uc)) goto python;
+    /* at CPL > 0 (para) Vcpu.iret_to_v86 strips VM from the image: Python's when it is there */
+    if (site->wide && iret_image_has(s, uc, EFLAGS_RF | ((cs & 3) ? EFLAGS_VM : 0))) goto python;
+    if (site->wide && (cs & 3)) {
+        /* Vcpu.strip_vm_image reads the image at ESP + 8 as the processor would (CpuView.read): its
+         * walk's A bits and counters, made here too (nothing changes if it would fault: Python's) */
+        uint8_t image[4];
+        uint32_t esp = (uint32_t)rd(s, uc, R_ESP, &err);
+        if (err || !delivery_linear(s, uc, esp + 8, 4, 0, image)) goto python;
+    }
     if (*s->clock_watch_if && !*s->clock_check_if) *s->clock_check_if = 1;   /* VirtualClock.if_may_have_changed */
     s->irets++;
     return;
@@ -1064,6 +1132,7 @@ int delivery_pf_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *u
     uint64_t walks, walk_refs;
     (void)e;
     if (!s->pf_enabled || s->busy || type < MEM_READ || type > MEM_FETCH) return 0;
+    if (s->hv_start && vaddr >= s->hv_start) return 0;   /* para: the hypervisor's window, Python's */
     if (s->vmx && !vmx_pf_quiet(s)) return 0;
     access = type - MEM_READ;
     c.cr0 = (uint32_t)rd(s, uc, R_CR0, &err);
@@ -1081,7 +1150,7 @@ int delivery_pf_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *u
         && (*s->clock_stop_next || *s->clock_now + s->fetch_fault_cycles >= *s->clock_deadline)) return 0;
     eip = (uint32_t)rd(s, uc, R_EIP, &err);
     if (err || !delivery_fault_linear(s, uc, eip, (uint32_t)vaddr & 0xFFFFF000u, access, &cr2)) return 0;
-    old_cr2 = (uint32_t)rd(s, uc, R_CR2, &err);
+    old_cr2 = s->pv_pf ? 0 : (uint32_t)rd(s, uc, R_CR2, &err);
     if (err) return 0;
     /* Made in Python's order: the walk's PDE.A, CR2, the delivery. */
     walks = s->walks;
@@ -1094,14 +1163,20 @@ int delivery_pf_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *u
     }
     s->walks++;
     s->walk_refs += refs;
-    r = wr(s, uc, R_CR2, cr2) ? FALLBACK : delivery_fast(s, uc, 14, eip, ec, F_ERROR_CODE);
+    if (s->pv_pf) {                    /* para: its bounce, which changes nothing when it declines */
+        s->busy = 1;
+        r = s->pv_pf(s->pv, uc, eip, ec, cr2);
+        s->busy = 0;
+    } else {
+        r = wr(s, uc, R_CR2, cr2) ? FALLBACK : delivery_fast(s, uc, 14, eip, ec, F_ERROR_CODE);
+    }
     if (r != DELIVERED) {              /* nothing delivered: put back what this hook made, Python does it */
         if (r == ENGINE_REFUSED) {     /* the frame is pushed: a cpuvirt bug, as in FastDelivery.deliver */
             s->pf_enabled = 0;
             s->pf_done(eip, PF_REFUSED);
         }
         if (pde_a >= 0) memcpy(s->ram + pde_a, &old_pde, 4);
-        wr(s, uc, R_CR2, old_cr2);
+        if (!s->pv_pf) wr(s, uc, R_CR2, old_cr2);
         s->walks = walks;
         s->walk_refs = walk_refs;
         return 0;

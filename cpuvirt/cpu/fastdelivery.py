@@ -112,6 +112,12 @@ class _State(ctypes.Structure):
         ("window_exiting", ctypes.c_uint32),
         ("quiet", ctypes.c_void_p),
         ("quiet_state", ctypes.c_void_p),
+        ("machine_addrs", ctypes.c_uint32),
+        ("hv_start", ctypes.c_uint32),
+        ("iret_any_cpl", ctypes.c_uint32),
+        ("pad3", ctypes.c_uint32),
+        ("pv_pf", ctypes.c_void_p),
+        ("pv", ctypes.c_void_p),
     ]
 
 
@@ -451,6 +457,25 @@ class FastDelivery:
         mmu.counters.walkers.append(fast)
         mmu.peek = fast.peek
         fast._add_pf_hook()
+        return fast
+
+    @classmethod
+    def install_direct(cls, vcpu, hv_start: int) -> "FastDelivery | None":
+        """para's C reader and iret sites over direct paging (memory/direct.py): page-table entries
+        hold machine addresses, linear addresses from `hv_start` up (the GDT/LDT window) stay
+        Python's. Nothing is delivered through an IDT here (`delivery.fast` stays None, no #PF hook):
+        para's events are bounced by para (modes/para/pvfast.py, on this state). It answers
+        Mmu.fetch_bytes, and install_sites(vcpu, iret_only=True) puts its iret hook in front of
+        every iret, which at CPL > 0 stays in C when the EFLAGS image has neither VM nor RF."""
+        mmu = vcpu.mmu
+        lib = _lib()
+        if lib is None or mmu.ram.hpa != mmu.p2m.ram_hpa or mmu.p2m.ram_bytes > mmu.ram.size:
+            return None
+        fast = cls(lib, mmu, vcpu.faults)
+        st = fast._state
+        st.machine_addrs, st.hv_start, st.iret_any_cpl = 1, hv_start, 1
+        mmu.counters.walkers.append(fast)
+        mmu.peek = fast.peek
         return fast
 
     @classmethod

@@ -13,7 +13,9 @@ they show the current GDT frames read-only (the engine reads descriptors through
 
 from __future__ import annotations
 
+import ctypes
 import struct
+from array import array
 from typing import Callable
 
 from cpuvirt.memory.types import PFEC_P, PFEC_U, PFEC_W, PTE_P, PTE_PS, PTE_RW, Access
@@ -51,15 +53,24 @@ class DirectPaging:
         self.base_mfn = ram_hpa >> 12
         self.end_mfn = self.base_mfn + nr_pages
         self.type = bytearray(nr_pages)
-        self.count = [0] * nr_pages
+        self.count = array("I", bytes(4 * nr_pages))  # 32-bit slots: para's C path updates them too
         self.pinned = bytearray(nr_pages)
-        self.base = 0  # machine address of the current L2 (0: none yet)
+        self._base = ctypes.c_uint32(0)  # machine address of the current L2 (0: none yet); para's C reads it
         self.gdt_frames: list[int] = []  # mfns shown at HYPERVISOR_VIRT_START
         self.ldt_frames: list[int] = []  # mfns shown at LDT_VIRT_START
         self.on_flush: Callable[[], None] | None = None  # drop the engine's TLB
         self.tlb_dirty = False  # flush before the guest runs again
         self.walk_counter = mmu.counters
         self.work = 0  # entries validated or released since the hypercall began
+
+    @property
+    def base(self) -> int:
+        """Machine address of the current L2 (0: none yet): MMUEXT_NEW_BASEPTR's, in C's reach too."""
+        return self._base.value
+
+    @base.setter
+    def base(self, value: int) -> None:
+        self._base.value = value
 
     # -- the strategy (Mmu.fill asks these) ------------------------------------------------------
     def gva_to_gpa(self, gva, access, user, side_effects=True):

@@ -94,6 +94,9 @@ class ParaMode(Mode):
         vcpu.events = EventChannels(m.ram, RAM_HPA + lay.shared_info)
         vcpu.shared_info_ma = RAM_HPA + lay.shared_info  # its machine address (direct paging)
         vcpu.hypercall_va = lay.hypercall
+        if vcpu.pv_fast is not None:
+            vcpu.pv_fast.set_shared_info(vcpu.events, lay.hypercall)
+            vcpu.pv_fast.set_paging(paging)
         regs.set_table(R.GDTR, (0, 0xFC000000, len(S.BOOT_GDT) * 8 - 1, 0))
         regs.write(R.CR4, 0x10)
         regs.write(R.CR3, paging.base)
@@ -134,4 +137,6 @@ class ParaMode(Mode):
 
     def run(self, entry: int):
         self.vcpu.time_port_io_in_c()  # in/out within the granted IOPL: their time in C (none with a trace)
+        if self.vcpu.pv_fast is not None:
+            self.vcpu.pv_fast.start()  # the bounce and HYPERVISOR_iret in C (none with a trace)
         return self.vcpu.run(entry)

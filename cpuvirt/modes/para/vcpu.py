@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import re
 import struct
+from typing import TYPE_CHECKING
 
 from unicorn.unicorn_py3 import unicorn as _ucmod
 
@@ -27,6 +28,9 @@ from cpuvirt.x86.flags import EFLAGS_IF, EFLAGS_NT, EFLAGS_RF, EFLAGS_TF, EFLAGS
 from cpuvirt.x86.privilege import CPL0_ONLY, IO, IOPL_SENSITIVE
 from cpuvirt.x86.vectors import HAS_ERROR_CODE, MNEMONIC
 from cpuvirt.xen import EFAULT, EPERM
+
+if TYPE_CHECKING:
+    from cpuvirt.modes.para.pvfast import PvFast
 
 HYPERCALL_VECTOR = 0x82
 _IO = ("in", "out", "insb", "insw", "insd", "outsb", "outsw", "outsd")
@@ -56,14 +60,15 @@ class ParaVcpu(Vcpu):
         self.hypercall_va = 0
         self.trap_table: dict[int, tuple[int, int, int]] = {}
         self.trap_table_set = False
-        self.kernel_stack: tuple[int, int] | None = None
+        self.pv_fast: PvFast | None = None  # the common events in C (install_hooks)
+        self._kernel_stack: tuple[int, int] | None = None
         self.event_callback: tuple[int, int] | None = None
         self.failsafe_callback = None
         self.timer: int | None = None
         self._iopl = 0  # physdev_op(set_iopl)
         self.shared_info_ma = 0  # set at boot, with events
-        self._mask_traced = False
-        self._in_upcall = False  # from an upcall to the guest's next hypercall (its iret)
+        self._traced = False
+        self._upcall_flag = ctypes.c_uint32(0)  # _in_upcall, where pvfast's C side reads and clears it
         self.detail: dict | None = None
         self.a = (0, 0, 0, 0, 0)  # EBX, ECX, EDX, ESI, EDI of the hypercall being handled
         ids = (R.EAX, R.CS, R.EBX, R.ECX, R.EDX, R.ESI, R.EDI, R.EFLAGS)
@@ -75,6 +80,10 @@ class ParaVcpu(Vcpu):
 
     # -- hooks ---------------------------------------------------------------------------------
     def install_hooks(self) -> None:
+        # the common events in C (modes/para/pvfast.py): its #PF hook goes before Mmu.fill's
+        from cpuvirt.modes.para.pvfast import PvFast
+
+        self.pv_fast = PvFast.prepare(self)
         super().install_hooks()
         # int 0x82 is a hypercall, anything else an event for the trap table.
         self.hooks.remove(self._intr_hook)
@@ -87,6 +96,40 @@ class ParaVcpu(Vcpu):
         self.intercepts._pattern = re.compile(_IO_PATTERN.pattern + b"|" + FAR_PATTERN)
         # in/out within the granted IOPL (nothing for the gate to do) answered in C
         self.install_io_sites(*_io_cpls(self._iopl))
+        if self.pv_fast is not None:
+            self.pv_fast.install_sites()  # the iretd sites with nothing for para to do, in C
+
+    # -- the state the C paths (pvfast.py) read too ------------------------------------------------------
+    @property
+    def kernel_stack(self) -> tuple[int, int] | None:
+        """stack_switch's (ss, esp): the ring-1 stack of events from ring 3."""
+        return self._kernel_stack
+
+    @kernel_stack.setter
+    def kernel_stack(self, value: tuple[int, int] | None) -> None:
+        self._kernel_stack = value
+        if self.pv_fast is not None:
+            self.pv_fast.set_kernel_stack(value)
+
+    @property
+    def _in_upcall(self) -> bool:
+        """From an upcall to the guest's next hypercall (its iret)."""
+        return bool(self._upcall_flag.value)
+
+    @_in_upcall.setter
+    def _in_upcall(self, value: bool) -> None:
+        self._upcall_flag.value = int(value)
+
+    @property
+    def _mask_traced(self) -> bool:
+        """The shared-info frame is write-traced (an event waits behind the mask)."""
+        return self._traced
+
+    @_mask_traced.setter
+    def _mask_traced(self, value: bool) -> None:
+        self._traced = value
+        if self.pv_fast is not None:
+            self.pv_fast.set_traced(value)
 
     @property
     def iopl(self) -> int:
@@ -115,8 +158,9 @@ class ParaVcpu(Vcpu):
         b = self._batch
         nr = b[0]
         self.a = (b[2], b[3], b[4], b[5], b[6])
-        self.counts["hypercall"] += 1
-        self.reasons["hypercall", nr] += 1
+        # the raw counters: the properties would fold in what C counted (pvfast.py) at every call
+        self._counts["hypercall"] += 1
+        self._reasons["hypercall", nr] += 1
         tracing = self.trace is not None
         if tracing:
             self.detail = {}
@@ -146,6 +190,11 @@ class ParaVcpu(Vcpu):
             self.paging.flush_tlb()
         if tracing:
             self._trace_hypercall(nr, entry, result)
+        if self.pv_fast is not None:
+            if nr == 0:
+                self.pv_fast.set_trap_table(self.trap_table, self.trap_table_set)
+            else:
+                self.pv_fast.seen(nr)
         ev = self.events
         assert ev is not None  # boot made them before the first hypercall
         if ev.buf[ev.off] and not ev.buf[ev.off + 1] and self.outcome is None:  # deliverable()
