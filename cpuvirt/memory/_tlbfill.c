@@ -141,6 +141,14 @@ typedef struct {
     const uint8_t *hv;       /* the hypervisor's region (EPT tables), at host-physical hv_hpa */
     uint64_t hv_hpa, hv_size;
     uint64_t pml4;           /* EPT_POINTER's PML4 address */
+    /* The quick EPT-violation exit (modes/hw/vmx.py VmxCpu.ept_quick_hook): when the final guest-physical
+     * page of a fill has no EPT entry (an entry absent at some level, every entry above it read/write/
+     * execute) and lies in guest RAM, C asks Python, which records the exit as vm_exit would and maps
+     * the page (the default handler's lazy allocation) or declines (0: the fill is declined as before,
+     * and the full exit follows). On 1 the refused attempt is counted as Mmu.fill counts it and the
+     * fill is made again, as the engine's retry after the VM entry would make it. NULL: off. */
+    int (*quick_cb)(uint64_t vaddr, int type, uint64_t gpa, uint32_t unused);
+    uint64_t quick_exits;    /* exits the callback took */
 } eptfill_t;
 
 size_t eptfill_sizeof(void) { return sizeof(eptfill_t); }
@@ -148,7 +156,8 @@ size_t eptfill_sizeof(void) { return sizeof(eptfill_t); }
 #define EPT_RWX 7u
 #define EPT_ADDR 0x000FFFFFFFFFF000ull
 
-/* gpa -> offset in guest RAM through EPT, or -1 (declined); *refs += the entries read. */
+/* gpa -> offset in guest RAM through EPT, or -1 (declined), or -2 (declined: an entry not present, every
+ * entry above it read/write/execute: what lazy EPT leaves); *refs += the entries read. */
 static inline int64_t ept_ram(const eptfill_t *s, uint64_t gpa, uint32_t *refs) {
     uint64_t table = s->pml4, entry, slot, hpa;
     int shift;
@@ -157,7 +166,7 @@ static inline int64_t ept_ram(const eptfill_t *s, uint64_t gpa, uint32_t *refs) 
         if (slot < s->hv_hpa || slot + 8 > s->hv_hpa + s->hv_size) return -1;
         entry = *(const uint64_t *)(s->hv + (slot - s->hv_hpa));
         (*refs)++;
-        if ((entry & EPT_RWX) != EPT_RWX) return -1;
+        if ((entry & EPT_RWX) != EPT_RWX) return (entry & EPT_RWX) ? -1 : -2;
         table = entry & EPT_ADDR;
     }
     hpa = table | (gpa & 0xFFF);
@@ -165,10 +174,9 @@ static inline int64_t ept_ram(const eptfill_t *s, uint64_t gpa, uint32_t *refs) 
     return (int64_t)(hpa - s->ram_hpa);
 }
 
-int eptfill_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *user_data) {
-    eptfill_t *s = (eptfill_t *)user_data;
+static int eptfill(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, eptfill_t *s, int retry) {
     uint64_t cr0 = 0, cr3 = 0, cr4 = 0, ss = 0, gpa;
-    uint32_t pde, leaf, rights, refs = 0, grefs = 0;
+    uint32_t pde, leaf, rights, refs = 0, grefs = 0, walk_refs;
     int64_t off;
     int write = type == MEM_WRITE, user, writable, ok;
     if (!s->enabled || (type != MEM_READ && type != MEM_WRITE && type != MEM_FETCH)) return 0;
@@ -204,7 +212,18 @@ int eptfill_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *user_
         if (write ? (!writable || (leaf & (A | D)) != (A | D)) : !(leaf & A)) return 0;
         ok = writable && ((leaf & D) || write);
     }
+    walk_refs = refs;
     off = ept_ram(s, gpa, &refs);
+    if (off == -2 && !retry && s->quick_cb != NULL && gpa < s->ram_bytes) {
+        if (!s->quick_cb(vaddr, type, gpa, 0)) return 0;
+        s->quick_exits++;
+        /* The refused attempt, as Mmu.fill counts it: a fill, a walk with paging and the entries it read
+         * (not those of the final translation, which raised before EptWalk counted them). */
+        s->fills++;
+        if (cr0 & CR0_PG) s->walks++;
+        s->walk_refs += walk_refs + grefs;
+        return eptfill(uc, vaddr, type, e, s, 1);
+    }
     if (off < 0) return 0;
     if (type == MEM_FETCH && s->fetched[off >> 12] != (((uint32_t)vaddr & 0xFFFFF000u) | 1u))
         return 0;                                     /* a new (page, frame) pair: Python scans it */
@@ -214,6 +233,10 @@ int eptfill_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *user_
     if (cr0 & CR0_PG) s->walks++;
     s->walk_refs += refs + grefs;
     return 1;
+}
+
+int eptfill_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *user_data) {
+    return eptfill(uc, vaddr, type, e, (eptfill_t *)user_data, 0);
 }
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_tlbfill", NULL, -1, NULL};

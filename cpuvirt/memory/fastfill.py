@@ -128,7 +128,13 @@ class _EptState(ctypes.Structure):
         ("hv_hpa", ctypes.c_uint64),
         ("hv_size", ctypes.c_uint64),
         ("pml4", ctypes.c_uint64),
+        ("quick_cb", ctypes.c_void_p),
+        ("quick_exits", ctypes.c_uint64),
     ]
+
+
+# int quick_cb(uint64_t vaddr, int type, uint64_t gpa, uint32_t unused): 1 = the exit was taken, page mapped
+EPT_QUICK_CB = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_uint64, ctypes.c_int, ctypes.c_uint64, ctypes.c_uint32)
 
 
 class EptFastFill(FastFill):
@@ -155,3 +161,15 @@ class EptFastFill(FastFill):
 
     def enable(self) -> None:
         self._state.enabled = 1
+
+    def set_quick_exit(self, callback) -> None:
+        """callback(vaddr, access type, gpa, 0) -> 1 when the final page of a fill has no EPT entry and lies in
+        guest RAM: the callback took the EPT violation and mapped the page, C makes the fill; 0: the fill is
+        declined as before. None: off."""
+        self._quick_cb = None if callback is None else EPT_QUICK_CB(callback)  # alive as long as it is set
+        self._state.quick_cb = ctypes.cast(self._quick_cb, ctypes.c_void_p).value if callback is not None else None
+
+    @property
+    def quick_exits(self) -> int:
+        """EPT violations the callback took."""
+        return self._state.quick_exits

@@ -28,6 +28,7 @@ from cpuvirt.cpu.faults import DeliveryFault
 from cpuvirt.cpu.mmiosite import MmioSites
 from cpuvirt.cpu.vcpu import EXIT_HYPERVISOR_STOP, IO_CYCLES, IO_INSTRUCTIONS, Vcpu
 from cpuvirt.engine import regs as R
+from cpuvirt.engine.clock import NEVER
 from cpuvirt.engine.hooks import hook_guard
 from cpuvirt.engine.hostmem import HostRegion, HvAllocator
 from cpuvirt.machine.apic import APIC_BASE_GPA
@@ -48,6 +49,7 @@ from cpuvirt.modes.hw.fastexit import FastExits
 from cpuvirt.modes.hw.nonroot import INSTRUCTION_HANDLERS, PRIVILEGED, SENSITIVE, Sensitive
 from cpuvirt.modes.hw.vmcs import Field as F
 from cpuvirt.modes.hw.vmcs import Vmcs
+from cpuvirt.x86.faultaddr import fault_address
 from cpuvirt.x86.faultaddr import operand_address as operand_linear_address
 from cpuvirt.x86.flags import CR0_ET, CR0_PE, CR0_PG, EFLAGS_IF, EFLAGS_VM
 from cpuvirt.x86.vectors import HAS_ERROR_CODE, MNEMONIC, Vector
@@ -67,6 +69,9 @@ _EXIT_REASON, _EXIT_QUAL, _EXIT_LEN = int(F.VM_EXIT_REASON), int(F.EXIT_QUALIFIC
 _EXIT_INTR_INFO, _EXIT_INTR_ERROR = int(F.VM_EXIT_INTR_INFO), int(F.VM_EXIT_INTR_ERROR_CODE)
 _EXIT_INSN_INFO, _GUEST_RIP = int(F.VMX_INSTRUCTION_INFO), int(F.GUEST_RIP)
 _IO_INSTRUCTION = ExitReason.IO_INSTRUCTION
+_EPT_VIOLATION = ExitReason.EPT_VIOLATION
+_GPA, _GLA = int(F.GUEST_PHYSICAL_ADDRESS), int(F.GUEST_LINEAR_ADDRESS)
+_WINDOW_FIELD, _WINDOW_BIT = CONTROLS["interrupt_window_exiting"]
 RFLAGS_RESERVED_ZERO = (1 << 3) | (1 << 5) | (1 << 15) | 0xFFC00000
 
 
@@ -113,6 +118,8 @@ class VmxCpu(Vcpu):
         self.hypervisor = RootHypervisor(self)
         self._default_cpuid = RootHypervisor.handle_cpuid  # the handler the C CPUID path answers as
         self._default_io = RootHypervisor.handle_io  # the handler the quick I/O exit does as
+        self._default_ept = RootHypervisor.handle_ept_violation  # the handler the quick EPT exit does as
+        self.quick_ept_exits = 0  # EPT_VIOLATION exits taken by ept_quick_hook (among `exits`)
         self._io_forms: dict = {}
         self.shadow: ShadowPaging | None = None  # without EPT: KVM's shadow MMU (memory/shadow.py)
         self.pf_access = 0  # access kind of the last shadow #PF (the handler walks for it)
@@ -203,6 +210,9 @@ class VmxCpu(Vcpu):
         fx = self.fast_exits
         if fx is not None and self.quick_io and self.trace is None:
             self._port_hooks = fx.hook_port_io(self._port_hooks)
+        if fx is not None and self.fast_fill is not None and self.quick_ept and self.settings.lazy_ept:
+            if self.trace is None and self.dump_on is None:
+                self.fast_fill.set_quick_exit(self.ept_quick_hook)
         fast = self._fast_delivery
         if fast is None or not self.events_in_c or self.trace is not None or self.mmu.traces.frames:
             return
@@ -981,6 +991,100 @@ class VmxCpu(Vcpu):
         d = E.decode_ept_qualification(q)
         d.update({"gpa": f"{nf.gpa:#x}", "gla": f"{gla:#x}"})
         self.vm_exit(ExitReason.EPT_VIOLATION, eip, qualification=q, gpa=nf.gpa, gla=gla, detail=d)
+
+    # -- the quick EPT-violation exit (lazy EPT: guest RAM not mapped yet) ------------------------------
+    # CPUVIRT_NO_QUICK_EPT=1 in the environment, or False here, turns it off.
+    quick_ept = not os.environ.get("CPUVIRT_NO_QUICK_EPT")
+
+    @hook_guard(returns=0)
+    def ept_quick_hook(self, vaddr: int, access_type: int, gpa: int, _unused: int) -> int:
+        """Called by _tlbfill.c's EPT fill in the middle of the guest's access, when its final guest-physical
+        page has no EPT entry and lies in guest RAM: take the EPT_VIOLATION exit as the full path
+        (on_refused_fill -> _ept_exit -> vm_exit -> handle_ept_violation's lazy allocation -> vm_entry, then the
+        engine's retry) would leave it, without stopping the engine: the exit-information fields, GUEST_RIP,
+        the guest-physical and linear addresses, the counters; then map the page. 1: done, C makes the fill.
+        0: something else would happen at the stop (a deadline or an interrupt due, the window, a handler
+        replaced, a vmwrite since the last entry...), and the full exit follows."""
+        if self.outcome is not None or not self._quick_ept_ready():
+            return 0
+        page = gpa & ~0xFFF
+        m = self.machine
+        if not self.settings.lazy_ept or page >= m.mem_bytes:
+            return 0
+        eip = self.regs.read(R.EIP)
+        # The stop the full path makes: the instructions of the block from eip on come off the clock, the
+        # run loop arms the next deadline and the engine runs a block from eip. Nothing may differ.
+        clock = self.clock
+        st = clock._state
+        if st.stopped or st.stop_next or st.check_if or st.discard or self._after_one_block:
+            return 0
+        if self._flush_translations or self._window_retranslate:
+            return 0
+        if self.intercepts is not None and self.intercepts.retranslate:
+            return 0
+        entry = m.block_insns.get(st.last_block)
+        if entry is None:
+            return 0
+        addrs, end = entry
+        if not addrs[0] <= eip < end:
+            return 0
+        now = st.now
+        before = now - sum(1 for a in addrs if a >= eip)  # the clock after left_block_at(eip)
+        d = m.next_timer_deadline()
+        d = NEVER if d is None or d <= before else d
+        if m.pending_nmi() and not self.nmi_blocked:
+            return 0
+        pending = m.pending_interrupt() is not None
+        flags = self.regs.read(R.EFLAGS)
+        if pending and flags & EFLAGS_IF:
+            return 0
+        if min(d, self.budget) != st.deadline or bool(st.watch_if) != (pending and not flags & EFLAGS_IF):
+            return 0
+        acc = access_type - 16  # UC_MEM_READ=16, WRITE=17, FETCH=18 -> Access
+        if acc != 2:  # a data access: the exact address from the instruction's operands (exact_linear)
+            gla = fault_address(self.mmu.fetch_bytes(eip, 15), eip, vaddr & 0xFFFFF000, self.regs)
+        elif (eip & 0xFFFFF000) == (vaddr & 0xFFFFF000):
+            gla = eip
+        else:
+            gla = vaddr
+        gpa = page | (gla & 0xFFF)
+        mmio = getattr(m, "mmio", None)
+        if mmio is not None and mmio.find(gpa) is not None:
+            return 0  # a device register: emulated by the handler
+        self.fold_fast_exits()
+        v = self.vmcs
+        w = v._values
+        w[_EXIT_REASON] = 48  # ExitReason.EPT_VIOLATION
+        w[_EXIT_QUAL] = (1, 2, 4)[acc] | 0x180  # no entry: no permissions; linear address valid, final
+        w[_EXIT_LEN] = 0
+        w[_EXIT_INTR_INFO] = 0
+        w[_EXIT_INTR_ERROR] = 0
+        w[_EXIT_INSN_INFO] = 0
+        w[_GPA] = gpa
+        w[_GLA] = gla
+        w[_GUEST_RIP] = eip
+        v._cache.clear()
+        self.exits += 1
+        self.quick_ept_exits += 1
+        self.stats[_EPT_VIOLATION] += 1
+        self._counts["vmexit"] += 1
+        self.ept.map(GPA(page), HPA(RAM_HPA + page))
+        return 1
+
+    def _quick_ept_ready(self) -> bool:
+        """May this EPT violation skip the stop and vm_exit's machinery? Only while the C exit paths are armed
+        (no trace, no VMCS dump, no vmwrite since the last entry, the virtual-APIC page in step), the EPT
+        handler is the default one and no interrupt-window exiting waits."""
+        fx = self.fast_exits
+        return (
+            fx is not None
+            and fx.armed
+            and self.trace is None
+            and self.dump_on is None
+            and getattr(self.hypervisor.handlers.get(_EPT_VIOLATION), "__func__", None) is self._default_ept
+            and not self.vmcs._values[_WINDOW_FIELD] >> _WINDOW_BIT & 1
+            and fx.quiet()
+        )
 
     # -- interrupts, the interrupt window, HLT -------------------------------------------------------------
     _blocked = False
