@@ -130,6 +130,33 @@ class _EptState(ctypes.Structure):
         ("pml4", ctypes.c_uint64),
         ("quick_cb", ctypes.c_void_p),
         ("quick_exits", ctypes.c_uint64),
+        ("c_armed", ctypes.c_uint32),
+        ("eip_reg", ctypes.c_uint32),
+        ("fx_armed", ctypes.c_void_p),
+        ("quiet_fn", ctypes.c_void_p),
+        ("quiet_state", ctypes.c_void_p),
+        ("fx_cpuid", ctypes.c_void_p),
+        ("clk_deadline", ctypes.c_void_p),
+        ("clk_stopped", ctypes.c_void_p),
+        ("clk_discard", ctypes.c_void_p),
+        ("clk_stop_next", ctypes.c_void_p),
+        ("clk_check_if", ctypes.c_void_p),
+        ("armed_deadline", ctypes.c_uint64),
+        ("epoch", ctypes.c_uint64),
+        ("armed_epoch", ctypes.c_uint64),
+        ("c_limit", ctypes.c_uint64),
+        ("peek", ctypes.c_void_p),
+        ("peek_state", ctypes.c_void_p),
+        ("gpr", ctypes.c_int32 * 8),
+        ("c_exits", ctypes.c_uint64),
+        ("c_total", ctypes.c_uint64),
+        ("last_cpuid", ctypes.c_uint64),
+        ("last_eip", ctypes.c_uint32),
+        ("last_vaddr", ctypes.c_uint32),
+        ("last_type", ctypes.c_uint32),
+        ("last_gpa", ctypes.c_uint32),
+        ("last_regs", ctypes.c_uint32 * 8),
+        ("last_code", ctypes.c_uint8 * 16),
     ]
 
 
@@ -173,3 +200,8 @@ class EptFastFill(FastFill):
     def quick_exits(self) -> int:
         """EPT violations the callback took."""
         return self._state.quick_exits
+
+    @property
+    def state(self):
+        """The C state (modes/hw/vmx.py arms the EPT-violation exit taken in C with it and folds its record)."""
+        return self._state
