@@ -1,6 +1,6 @@
 # description: stores, loads and a fetch on fresh guest-physical pages (under hw --vmx lazy_ept=1 each first
 # touch of a page is an EPT violation) while the PIT interrupts, with CPUID exits and port writes between them,
-# with paging off and on (4 KiB pages with A/D set and not, a 4 MiB page); prints what it read and counted
+# IRQ 0 masked for a while after some (the armed timer deadline goes away), with paging off and on (4 KiB pages with A/D set and not, a 4 MiB page); prints what it read and counted
 #
 # Everything the guest reads goes into a checksum it prints, with the number of timer ticks it saw (virtual
 # time decides it), so a difference in which accesses exit or in the virtual time they spend shows.
@@ -88,10 +88,18 @@ qe_cpuid_first:
     out POST_PORT, al
     jmp qe_next
 qe_cmpxchg:
+    mov al, 0xFF
+    out PIC1_DATA, al                   # IRQ 0 masked: the timer deadline the clock has armed goes away
     xor eax, eax
     mov ecx, esi
     lock cmpxchg dword ptr [edi + 0x100], ecx
     add ebp, dword ptr [edi + 0x100]
+    mov ecx, 20000                      # past that deadline (a tick is ~13k instructions)
+qe_masked:
+    dec ecx
+    jnz qe_masked
+    mov al, 0xFE
+    out PIC1_DATA, al
 qe_next:
     mov ecx, 300                        # time for the timer
 qe_delay:
