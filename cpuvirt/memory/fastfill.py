@@ -193,8 +193,11 @@ class EptFastFill(FastFill):
         """callback(vaddr, access type, gpa, 0) -> 1 when the final page of a fill has no EPT entry and lies in
         guest RAM: the callback took the EPT violation and mapped the page, C makes the fill; 0: the fill is
         declined as before. None: off."""
-        self._quick_cb = None if callback is None else EPT_QUICK_CB(callback)  # alive as long as it is set
-        self._state.quick_cb = ctypes.cast(self._quick_cb, ctypes.c_void_p).value if callback is not None else None
+        if callback is None:
+            self._state.quick_cb, self._quick_cb = None, None
+            return
+        self._quick_cb = EPT_QUICK_CB(callback)  # alive as long as it is set
+        self._state.quick_cb = ctypes.cast(self._quick_cb, ctypes.c_void_p).value
 
     @property
     def quick_exits(self) -> int:
