@@ -239,3 +239,17 @@ def test_the_environment_switches_turn_it_off(variable):
     off = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert on.stdout.split() == ["True", "True"]
     assert off.stdout.split() == (["False", "True"] if variable == "CPUVIRT_NO_QUICK_EPT" else ["True", "False"])
+
+
+@pytest.mark.parametrize("case", [1, 4, 5])
+def test_unfetchable_code_under_lazy_ept(case, monkeypatch, tmp_path):
+    """Hostile: a jump outside RAM (unassigned guest-physical memory: the handler stops the guest), a jump into
+    the APIC-access page (mapped read/write, not execute: an EPT violation on a present entry), the #PF gate in
+    a page that is not present (a delivery fault loop): the same outcome either way."""
+    from tests.hostile import build
+
+    image = build("unfetchable", tmp_path, CASE=case)
+    quick = _run(image, monkeypatch, True, ok=False, max_insns=3_000_000)
+    slow = _run(image, monkeypatch, False, ok=False, max_insns=3_000_000)
+    _same(quick, slow)
+    assert quick[0].outcome != "exit" and quick[2].quick_ept_exits > 0
