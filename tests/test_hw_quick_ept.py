@@ -253,3 +253,37 @@ def test_unfetchable_code_under_lazy_ept(case, monkeypatch, tmp_path):
     slow = _run(image, monkeypatch, False, ok=False, max_insns=3_000_000)
     _same(quick, slow)
     assert quick[0].outcome != "exit" and quick[2].quick_ept_exits > 0
+
+
+def test_a_block_the_clock_does_not_know(monkeypatch, tmp_path):
+    """When Machine.block_insns has no entry for the running block (its cache was emptied, or nothing decoded),
+    the full exit cannot take the block's rest off the clock (Vcpu.left_block_at), and the engine's retry counts
+    it again: the quick exit must not be taken then (C asks the event books' copy of the table, Python the
+    table). Here the blocks holding qe_store_disp's store are never kept."""
+    from cpuvirt.machine.machine import Machine
+    from cpuvirt.toolchain.build import include_dir
+    from cpuvirt.toolchain.image import build_image
+    from cpuvirt.toolchain.preprocess import preprocess
+
+    from tests.hostile import TEST_GUESTS
+
+    image, info = build_image(preprocess(TEST_GUESTS / "hw_quick_ept.S", {}, [include_dir()]).lines)
+    path = tmp_path / "qe.bin"
+    path.write_bytes(image)
+    store = info.symbols["qe_store_disp"]
+    count = Machine._count_block
+
+    def forgetful(self, address, size):
+        n = count(self, address, size)
+        if address <= store < address + size:
+            self.block_insns.pop(address, None)
+        return n
+
+    def run(quick):
+        monkeypatch.setattr(Machine, "_count_block", forgetful)
+        return _run(path, monkeypatch, quick)
+
+    quick, slow = run(True), run(False)
+    _same(quick, slow, refills=8)  # (the full exits' retries refill code pages: see the bundled guests' test)
+    q = quick[2]
+    assert 0 < q.quick_ept_exits <= q.stats[ExitReason.EPT_VIOLATION] - 30  # 240 / 8 stores there: full exits

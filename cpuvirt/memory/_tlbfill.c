@@ -176,6 +176,10 @@ typedef struct {
     uint32_t last_eip, last_vaddr, last_type, last_gpa;
     uint32_t last_regs[8];
     uint8_t last_code[16];       /* the 15 code bytes at last_eip (a data access) */
+    /* cpu/_delivery.c delivery_books_covers: is the running block known with the instruction inside it (the
+     * full exit's Vcpu.left_block_at takes the rest of the block off the clock, the retry counts it again) */
+    int (*covers)(void *books, uint32_t boundary);
+    void *books;
 } eptfill_t;
 
 size_t eptfill_sizeof(void) { return sizeof(eptfill_t); }
@@ -293,6 +297,7 @@ static int quick_in_c(eptfill_t *s, void *uc, uint64_t vaddr, int type, uint64_t
     leaf = ept_leaf(s, gpa);
     if (leaf == NULL || (*leaf & EPT_RWX)) return 0;
     if (s->reg_read(uc, s->eip_reg, &eip)) return 0;
+    if (s->covers == NULL || !s->covers(s->books, (uint32_t)eip)) return 0;
     if (type != MEM_FETCH && (s->peek == NULL || !s->peek(s->peek_state, uc, (uint32_t)eip, 15, s->last_code)))
         return 0;                                     /* fetch_bytes would not read it so: Python */
     for (i = 0; i < 8; i++) {

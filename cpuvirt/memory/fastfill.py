@@ -157,6 +157,8 @@ class _EptState(ctypes.Structure):
         ("last_gpa", ctypes.c_uint32),
         ("last_regs", ctypes.c_uint32 * 8),
         ("last_code", ctypes.c_uint8 * 16),
+        ("covers", ctypes.c_void_p),
+        ("books", ctypes.c_void_p),
     ]
 
 
