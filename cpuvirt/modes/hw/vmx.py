@@ -1178,10 +1178,10 @@ class VmxCpu(Vcpu):
             st.c_limit = limit
             if fx is not None:
                 st.peek, st.peek_state = fx._state.peek, fx._state.peek_state
-            books = self._fast_delivery.books if self._fast_delivery is not None else None
-            if books is not None and not st.books:  # (made when the C INTR hook is installed)
-                st.covers = ctypes.cast(self._fast_delivery._lib.delivery_books_covers, ctypes.c_void_p).value
-                st.books = books.address
+            fast = self._fast_delivery
+            if fast is not None and fast.books is not None and not st.books:  # (made with the C INTR hook)
+                st.covers = ctypes.cast(fast._lib.delivery_books_covers, ctypes.c_void_p).value
+                st.books = fast.books.address
         st.c_armed = int(ok)
 
     def _next_deadline(self) -> int:
