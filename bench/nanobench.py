@@ -67,7 +67,9 @@ def phases(path: str, mode: str, loop: int | None = None) -> tuple[dict, object]
         if loop is not None:
             hv.vcpu.uc.hook_add(UC_HOOK_CODE, at_loop, begin=loop, end=loop)
 
-    r = run_guest(path, mode=mode, max_insns=0, console=console, on_start=on_start)
+    from cpuvirt.modespec import parse
+    spec = parse(mode)  # MODE[:NAME=VALUE...]: hw with VMX controls, e.g. hw:ept=0 (shadow paging)
+    r = run_guest(path, mode=spec.mode, max_insns=0, console=console, on_start=on_start, mode_options=spec.options())
     if r.outcome != "exit" or r.status != 0:
         raise RuntimeError(f"nanobench under {mode}: {r.outcome} {r.status} {r.message} {r.console[-300:]!r}")
     out, begin, ended = {"from_loop": start[1]}, start[0], None
@@ -86,7 +88,7 @@ def main(argv=None) -> dict:
     from cpuvirt.modes import MODES
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=5_000, help="iterations per operation")
-    ap.add_argument("--modes", default=",".join(MODES), help="modes to run (default: every registered one)")
+    ap.add_argument("--modes", default=",".join(MODES), help="modes to run, each MODE[:NAME=VALUE...] (hw:ept=0: shadow paging; default: every registered one)")
     ap.add_argument("--repeat", type=int, default=3, help="best of this many runs per mode")
     a = ap.parse_args(argv)
     modes = [m for m in a.modes.split(",") if m]

@@ -627,6 +627,15 @@ void delivery_books_clear(books_t *b) {
     for (k = 0; k < BOOK_SLOTS; k++) b->block[k].n = 0;
 }
 
+/* Does the copy hold the running block (the clock's last_block) with `boundary` inside it, so that
+ * Vcpu.left_block_at(boundary) would take the instructions from there on off the clock? (hw's lazy-EPT
+ * exit in C, memory/_tlbfill.c, asks: the full exit it stands for does that.) */
+int delivery_books_covers(books_t *b, uint32_t boundary) {
+    uint64_t last = *b->clock_last_block;
+    const book_block_t *e = book_slot(b, (uint32_t)last);
+    return e->n != 0 && e->address == last && e->first <= boundary && boundary < e->end;
+}
+
 /* Vcpu.left_block_at(boundary): 1 when done here (the block is in the cache), 0: Python's to do. */
 static int books_left_block_at(books_t *b, uint32_t boundary) {
     uint64_t last = *b->clock_last_block;

@@ -196,6 +196,9 @@ class Machine:
         self.bus.register(CRTC_PORT, 2, self.crtc)
 
         self.mmio = MmioBus(on_access=on_mmio)
+        # callback() whenever a device changes the CPU's interrupt or timer state (hw's quick EPT exit in C
+        # takes no exit after one until the run loop has looked again)
+        self.on_interrupts_changed: Callable[[], None] | None = None
         self.mmu.devices = self.mmio  # the hypervisor's linear accesses reach device registers
         self._next_mmio_hpa = MMIO_HPA
         self._mmio_callbacks: list[tuple] = []  # Unicorn keeps only pointers: keep the closures alive
@@ -362,6 +365,8 @@ class Machine:
         timer armed): make the engine stop in time for the CPU to look again. A deliverable
         interrupt or NMI stops it at the next block boundary, a new timer at its deadline."""
         clock = self.clock
+        if self.on_interrupts_changed is not None:
+            self.on_interrupts_changed()
         self.pit.update()  # an edge due while IRQ 0 could not interrupt: latch it now
         deadline = self.next_timer_deadline()
         if self.apic.nmi_pending or self.pending_interrupt() is not None:

@@ -141,6 +141,45 @@ typedef struct {
     const uint8_t *hv;       /* the hypervisor's region (EPT tables), at host-physical hv_hpa */
     uint64_t hv_hpa, hv_size;
     uint64_t pml4;           /* EPT_POINTER's PML4 address */
+    /* The quick EPT-violation exit (modes/hw/vmx.py VmxCpu.ept_quick_hook): when the final guest-physical
+     * page of a fill has no EPT entry (an entry absent at some level, every entry above it read/write/
+     * execute) and lies in guest RAM, C asks Python, which records the exit as vm_exit would and maps
+     * the page (the default handler's lazy allocation) or declines (0: the fill is declined as before,
+     * and the full exit follows). On 1 the refused attempt is counted as Mmu.fill counts it and the
+     * fill is made again, as the engine's retry after the VM entry would make it. NULL: off. */
+    int (*quick_cb)(uint64_t vaddr, int type, uint64_t gpa, uint32_t unused);
+    uint64_t quick_exits;    /* exits the callback took */
+    /* The same exit with no Python at all, when nothing else would happen at the full path's stop (Python
+     * checks that at each VM entry and run-loop arm, C that nothing changed since): the page's EPT tables
+     * exist (the leaf is written as Ept.map writes it), the fast exits are armed and quiet (no vmwrite since
+     * the entry, the virtual-APIC page in step), no device changed its interrupt or timer state and no MMIO
+     * range moved (epoch), the clock has the deadline the run loop armed and no stop pending. The exit is
+     * recorded (RIP, the access, the registers and code bytes fault_address reads) for VmxCpu to fold in,
+     * as the CPUID exits answered in C are. */
+    uint32_t c_armed;            /* Python's conditions held at the last entry (VmxCpu._arm_quick_ept) */
+    uint32_t eip_reg;
+    const uint32_t *fx_armed;    /* fastexit_t.armed */
+    int (*quiet_fn)(void *);     /* fastexit_quiet */
+    void *quiet_state;
+    const uint64_t *fx_cpuid;    /* fastexit_t.cpuid_exits: CPUID exits answered in C since the last fold */
+    const uint64_t *clk_deadline;
+    const uint32_t *clk_stopped, *clk_discard, *clk_stop_next, *clk_check_if;
+    uint64_t armed_deadline;     /* what the run loop armed the clock with */
+    uint64_t epoch, armed_epoch; /* interrupt/timer state or MMIO ranges changed; the value at that arm */
+    uint64_t c_limit;            /* guest-physical pages below: guest RAM with no MMIO range */
+    int (*peek)(void *state, void *uc, uint32_t gva, uint32_t n, uint8_t *out);   /* delivery_peek */
+    void *peek_state;
+    int32_t gpr[8];              /* Unicorn ids of EAX, ECX, EDX, EBX, ESP, EBP, ESI, EDI */
+    uint64_t c_exits;            /* taken in C since the last fold */
+    uint64_t c_total;
+    uint64_t last_cpuid;         /* *fx_cpuid when the last one was taken */
+    uint32_t last_eip, last_vaddr, last_type, last_gpa;
+    uint32_t last_regs[8];
+    uint8_t last_code[16];       /* the 15 code bytes at last_eip (a data access) */
+    /* cpu/_delivery.c delivery_books_covers: is the running block known with the instruction inside it (the
+     * full exit's Vcpu.left_block_at takes the rest of the block off the clock, the retry counts it again) */
+    int (*covers)(void *books, uint32_t boundary);
+    void *books;
 } eptfill_t;
 
 size_t eptfill_sizeof(void) { return sizeof(eptfill_t); }
@@ -148,7 +187,8 @@ size_t eptfill_sizeof(void) { return sizeof(eptfill_t); }
 #define EPT_RWX 7u
 #define EPT_ADDR 0x000FFFFFFFFFF000ull
 
-/* gpa -> offset in guest RAM through EPT, or -1 (declined); *refs += the entries read. */
+/* gpa -> offset in guest RAM through EPT, or -1 (declined), or -2 (declined: an entry not present, every
+ * entry above it read/write/execute: what lazy EPT leaves); *refs += the entries read. */
 static inline int64_t ept_ram(const eptfill_t *s, uint64_t gpa, uint32_t *refs) {
     uint64_t table = s->pml4, entry, slot, hpa;
     int shift;
@@ -157,7 +197,7 @@ static inline int64_t ept_ram(const eptfill_t *s, uint64_t gpa, uint32_t *refs) 
         if (slot < s->hv_hpa || slot + 8 > s->hv_hpa + s->hv_size) return -1;
         entry = *(const uint64_t *)(s->hv + (slot - s->hv_hpa));
         (*refs)++;
-        if ((entry & EPT_RWX) != EPT_RWX) return -1;
+        if ((entry & EPT_RWX) != EPT_RWX) return (entry & EPT_RWX) ? -1 : -2;
         table = entry & EPT_ADDR;
     }
     hpa = table | (gpa & 0xFFF);
@@ -165,10 +205,11 @@ static inline int64_t ept_ram(const eptfill_t *s, uint64_t gpa, uint32_t *refs) 
     return (int64_t)(hpa - s->ram_hpa);
 }
 
-int eptfill_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *user_data) {
-    eptfill_t *s = (eptfill_t *)user_data;
+static int quick_in_c(eptfill_t *s, void *uc, uint64_t vaddr, int type, uint64_t gpa);
+
+static int eptfill(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, eptfill_t *s, int retry) {
     uint64_t cr0 = 0, cr3 = 0, cr4 = 0, ss = 0, gpa;
-    uint32_t pde, leaf, rights, refs = 0, grefs = 0;
+    uint32_t pde, leaf, rights, refs = 0, grefs = 0, walk_refs;
     int64_t off;
     int write = type == MEM_WRITE, user, writable, ok;
     if (!s->enabled || (type != MEM_READ && type != MEM_WRITE && type != MEM_FETCH)) return 0;
@@ -204,7 +245,20 @@ int eptfill_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *user_
         if (write ? (!writable || (leaf & (A | D)) != (A | D)) : !(leaf & A)) return 0;
         ok = writable && ((leaf & D) || write);
     }
+    walk_refs = refs;
     off = ept_ram(s, gpa, &refs);
+    if (off == -2 && !retry && s->quick_cb != NULL && gpa < s->ram_bytes) {
+        if (!quick_in_c(s, uc, vaddr, type, gpa)) {
+            if (!s->quick_cb(vaddr, type, gpa, 0)) return 0;
+            s->quick_exits++;
+        }
+        /* The refused attempt, as Mmu.fill counts it: a fill, a walk with paging and the entries it read
+         * (not those of the final translation, which raised before EptWalk counted them). */
+        s->fills++;
+        if (cr0 & CR0_PG) s->walks++;
+        s->walk_refs += walk_refs + grefs;
+        return eptfill(uc, vaddr, type, e, s, 1);
+    }
     if (off < 0) return 0;
     if (type == MEM_FETCH && s->fetched[off >> 12] != (((uint32_t)vaddr & 0xFFFFF000u) | 1u))
         return 0;                                     /* a new (page, frame) pair: Python scans it */
@@ -214,6 +268,56 @@ int eptfill_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *user_
     if (cr0 & CR0_PG) s->walks++;
     s->walk_refs += refs + grefs;
     return 1;
+}
+
+/* The EPT leaf entry of gpa, or NULL when a table above it is absent. */
+static inline uint64_t *ept_leaf(const eptfill_t *s, uint64_t gpa) {
+    uint64_t table = s->pml4, entry, slot;
+    int shift;
+    for (shift = 39; shift >= 21; shift -= 9) {
+        slot = table + ((gpa >> shift) & 0x1FF) * 8;
+        if (slot < s->hv_hpa || slot + 8 > s->hv_hpa + s->hv_size) return NULL;
+        entry = *(const uint64_t *)(s->hv + (slot - s->hv_hpa));
+        if (!(entry & EPT_RWX)) return NULL;
+        table = entry & EPT_ADDR;
+    }
+    slot = table + ((gpa >> 12) & 0x1FF) * 8;
+    if (slot < s->hv_hpa || slot + 8 > s->hv_hpa + s->hv_size) return NULL;
+    return (uint64_t *)(s->hv + (slot - s->hv_hpa));
+}
+
+/* The lazy-EPT violation of gpa taken in C (see eptfill_t): 1 = recorded and mapped. */
+static int quick_in_c(eptfill_t *s, void *uc, uint64_t vaddr, int type, uint64_t gpa) {
+    uint64_t *leaf, eip = 0, v;
+    int i;
+    if (!s->c_armed || gpa >= s->c_limit || !*s->fx_armed || s->epoch != s->armed_epoch) return 0;
+    if (*s->clk_deadline != s->armed_deadline || *s->clk_stopped || *s->clk_discard || *s->clk_stop_next ||
+        *s->clk_check_if || !s->quiet_fn(s->quiet_state))
+        return 0;
+    leaf = ept_leaf(s, gpa);
+    if (leaf == NULL || (*leaf & EPT_RWX)) return 0;
+    if (s->reg_read(uc, s->eip_reg, &eip)) return 0;
+    if (s->covers == NULL || !s->covers(s->books, (uint32_t)eip)) return 0;
+    if (type != MEM_FETCH && (s->peek == NULL || !s->peek(s->peek_state, uc, (uint32_t)eip, 15, s->last_code)))
+        return 0;                                     /* fetch_bytes would not read it so: Python */
+    for (i = 0; i < 8; i++) {
+        v = 0;
+        if (s->reg_read(uc, s->gpr[i], &v)) return 0;
+        s->last_regs[i] = (uint32_t)v;
+    }
+    s->last_eip = (uint32_t)eip;
+    s->last_vaddr = (uint32_t)vaddr;
+    s->last_type = (uint32_t)type;
+    s->last_gpa = (uint32_t)gpa;
+    s->last_cpuid = *s->fx_cpuid;
+    *leaf = ((s->ram_hpa + (gpa & ~0xFFFull)) & EPT_ADDR) | 0x30u /* WB */ | EPT_RWX;
+    s->c_exits++;
+    s->c_total++;
+    return 1;
+}
+
+int eptfill_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *user_data) {
+    return eptfill(uc, vaddr, type, e, (eptfill_t *)user_data, 0);
 }
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_tlbfill", NULL, -1, NULL};

@@ -128,7 +128,42 @@ class _EptState(ctypes.Structure):
         ("hv_hpa", ctypes.c_uint64),
         ("hv_size", ctypes.c_uint64),
         ("pml4", ctypes.c_uint64),
+        ("quick_cb", ctypes.c_void_p),
+        ("quick_exits", ctypes.c_uint64),
+        ("c_armed", ctypes.c_uint32),
+        ("eip_reg", ctypes.c_uint32),
+        ("fx_armed", ctypes.c_void_p),
+        ("quiet_fn", ctypes.c_void_p),
+        ("quiet_state", ctypes.c_void_p),
+        ("fx_cpuid", ctypes.c_void_p),
+        ("clk_deadline", ctypes.c_void_p),
+        ("clk_stopped", ctypes.c_void_p),
+        ("clk_discard", ctypes.c_void_p),
+        ("clk_stop_next", ctypes.c_void_p),
+        ("clk_check_if", ctypes.c_void_p),
+        ("armed_deadline", ctypes.c_uint64),
+        ("epoch", ctypes.c_uint64),
+        ("armed_epoch", ctypes.c_uint64),
+        ("c_limit", ctypes.c_uint64),
+        ("peek", ctypes.c_void_p),
+        ("peek_state", ctypes.c_void_p),
+        ("gpr", ctypes.c_int32 * 8),
+        ("c_exits", ctypes.c_uint64),
+        ("c_total", ctypes.c_uint64),
+        ("last_cpuid", ctypes.c_uint64),
+        ("last_eip", ctypes.c_uint32),
+        ("last_vaddr", ctypes.c_uint32),
+        ("last_type", ctypes.c_uint32),
+        ("last_gpa", ctypes.c_uint32),
+        ("last_regs", ctypes.c_uint32 * 8),
+        ("last_code", ctypes.c_uint8 * 16),
+        ("covers", ctypes.c_void_p),
+        ("books", ctypes.c_void_p),
     ]
+
+
+# int quick_cb(uint64_t vaddr, int type, uint64_t gpa, uint32_t unused): 1 = the exit was taken, page mapped
+EPT_QUICK_CB = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_uint64, ctypes.c_int, ctypes.c_uint64, ctypes.c_uint32)
 
 
 class EptFastFill(FastFill):
@@ -155,3 +190,23 @@ class EptFastFill(FastFill):
 
     def enable(self) -> None:
         self._state.enabled = 1
+
+    def set_quick_exit(self, callback) -> None:
+        """callback(vaddr, access type, gpa, 0) -> 1 when the final page of a fill has no EPT entry and lies in
+        guest RAM: the callback took the EPT violation and mapped the page, C makes the fill; 0: the fill is
+        declined as before. None: off."""
+        if callback is None:
+            self._state.quick_cb, self._quick_cb = None, None
+            return
+        self._quick_cb = EPT_QUICK_CB(callback)  # alive as long as it is set
+        self._state.quick_cb = ctypes.cast(self._quick_cb, ctypes.c_void_p).value
+
+    @property
+    def quick_exits(self) -> int:
+        """EPT violations the callback took."""
+        return self._state.quick_exits
+
+    @property
+    def state(self):
+        """The C state (modes/hw/vmx.py arms the EPT-violation exit taken in C with it and folds its record)."""
+        return self._state

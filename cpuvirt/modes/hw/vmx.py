@@ -15,6 +15,7 @@ interrupt window), 28.2 (exit-information fields), 26.3 (entry checks), 26.6 (ev
 
 from __future__ import annotations
 
+import ctypes
 import os
 import time
 from collections import Counter, defaultdict
@@ -28,6 +29,7 @@ from cpuvirt.cpu.faults import DeliveryFault
 from cpuvirt.cpu.mmiosite import MmioSites
 from cpuvirt.cpu.vcpu import EXIT_HYPERVISOR_STOP, IO_CYCLES, IO_INSTRUCTIONS, Vcpu
 from cpuvirt.engine import regs as R
+from cpuvirt.engine.clock import NEVER
 from cpuvirt.engine.hooks import hook_guard
 from cpuvirt.engine.hostmem import HostRegion, HvAllocator
 from cpuvirt.machine.apic import APIC_BASE_GPA
@@ -48,6 +50,7 @@ from cpuvirt.modes.hw.fastexit import FastExits
 from cpuvirt.modes.hw.nonroot import INSTRUCTION_HANDLERS, PRIVILEGED, SENSITIVE, Sensitive
 from cpuvirt.modes.hw.vmcs import Field as F
 from cpuvirt.modes.hw.vmcs import Vmcs
+from cpuvirt.x86.faultaddr import fault_address
 from cpuvirt.x86.faultaddr import operand_address as operand_linear_address
 from cpuvirt.x86.flags import CR0_ET, CR0_PE, CR0_PG, EFLAGS_IF, EFLAGS_VM
 from cpuvirt.x86.vectors import HAS_ERROR_CODE, MNEMONIC, Vector
@@ -67,6 +70,9 @@ _EXIT_REASON, _EXIT_QUAL, _EXIT_LEN = int(F.VM_EXIT_REASON), int(F.EXIT_QUALIFIC
 _EXIT_INTR_INFO, _EXIT_INTR_ERROR = int(F.VM_EXIT_INTR_INFO), int(F.VM_EXIT_INTR_ERROR_CODE)
 _EXIT_INSN_INFO, _GUEST_RIP = int(F.VMX_INSTRUCTION_INFO), int(F.GUEST_RIP)
 _IO_INSTRUCTION = ExitReason.IO_INSTRUCTION
+_EPT_VIOLATION = ExitReason.EPT_VIOLATION
+_GPA, _GLA = int(F.GUEST_PHYSICAL_ADDRESS), int(F.GUEST_LINEAR_ADDRESS)
+_WINDOW_FIELD, _WINDOW_BIT = CONTROLS["interrupt_window_exiting"]
 RFLAGS_RESERVED_ZERO = (1 << 3) | (1 << 5) | (1 << 15) | 0xFFC00000
 
 
@@ -87,6 +93,19 @@ class _BlockSites(MmioSites):
 
     def forget(self, block: int) -> None:
         self._by_block.pop(block, None)
+
+
+class _SavedRegs:
+    """The general registers _tlbfill.c saved at an EPT violation it took, read as engine/regs.py's Regs is
+    (what fault_address reads: base and index registers, ESP, ESI, EDI)."""
+
+    __slots__ = ("values",)
+
+    def __init__(self, saved):
+        self.values = dict(zip((R.EAX, R.ECX, R.EDX, R.EBX, R.ESP, R.EBP, R.ESI, R.EDI), saved))
+
+    def read(self, reg: int) -> int:
+        return self.values[reg]
 
 
 class EntryFailure(Exception):
@@ -113,6 +132,9 @@ class VmxCpu(Vcpu):
         self.hypervisor = RootHypervisor(self)
         self._default_cpuid = RootHypervisor.handle_cpuid  # the handler the C CPUID path answers as
         self._default_io = RootHypervisor.handle_io  # the handler the quick I/O exit does as
+        self._default_ept = RootHypervisor.handle_ept_violation  # the handler the quick EPT exit does as
+        self.quick_ept_exits = 0  # EPT_VIOLATION exits taken by ept_quick_hook or in C (among `exits`)
+        self._ept_c: Any = None  # _tlbfill.c's state when it takes lazy-EPT exits itself (_install_quick_ept_c)
         self._io_forms: dict = {}
         self.shadow: ShadowPaging | None = None  # without EPT: KVM's shadow MMU (memory/shadow.py)
         self.pf_access = 0  # access kind of the last shadow #PF (the handler walks for it)
@@ -203,6 +225,10 @@ class VmxCpu(Vcpu):
         fx = self.fast_exits
         if fx is not None and self.quick_io and self.trace is None:
             self._port_hooks = fx.hook_port_io(self._port_hooks)
+        if fx is not None and self.fast_fill is not None and self.quick_ept and self.settings.lazy_ept:
+            if self.trace is None and self.dump_on is None:
+                self.fast_fill.set_quick_exit(self.ept_quick_hook)
+                self._install_quick_ept_c(fx)
         fast = self._fast_delivery
         if fast is None or not self.events_in_c or self.trace is not None or self.mmu.traces.frames:
             return
@@ -240,16 +266,32 @@ class VmxCpu(Vcpu):
 
     def fold_fast_exits(self) -> None:
         """Make the CPUID exits answered in C since the last call visible, as the Python path leaves
-        them: the counters, the event count, and the VMCS exit-information fields of the last one."""
+        them: the counters, the event count, and the VMCS exit-information fields of the last one; and the
+        lazy-EPT violations _tlbfill.c took (_fold_quick_ept)."""
         fx = self.fast_exits
         if fx is None:
             return
         n, rip = fx.take_cpuid_exits()
-        if not n:
+        st = self._ept_c
+        if st is not None and st.c_exits:
+            # EPT violations taken in C too: the last exit's fields are those of whichever came last (the
+            # CPUID exits' fields, all overwritten by an EPT violation after them, are written only then)
+            self._fold_cpuid(n, rip if n > st.last_cpuid else -1)
             return
-        self.exits += n
-        self.stats[ExitReason.CPUID] += n
-        self._counts["vmexit"] += n  # (not .counts: no fold of the C event books per exit)
+        if n:
+            self._fold_cpuid(n, rip)
+
+    def _fold_cpuid(self, n: int, rip: int) -> None:
+        """n CPUID exits answered in C (their counters), the last at rip (its exit fields, written after
+        those of the EPT violations _tlbfill.c took; -1: none, an EPT violation came last)."""
+        if n:
+            self.exits += n
+            self.stats[ExitReason.CPUID] += n
+            self._counts["vmexit"] += n  # (not .counts: no fold of the C event books per exit)
+        if self._ept_c is not None and self._ept_c.c_exits:
+            self._fold_quick_ept()
+        if rip < 0:
+            return
         v = self.vmcs
         w = v._values
         w[F.VM_EXIT_REASON] = int(ExitReason.CPUID)
@@ -279,6 +321,8 @@ class VmxCpu(Vcpu):
             fx.arm(self.vmcs._values, self.vapic, self.ctl)
         else:
             fx.disarm()
+        if self._ept_c is not None:
+            self._arm_quick_ept()
 
     def finish(self, kind: str, status: int, message: str = "") -> None:
         if self.fast_exits is not None:
@@ -716,7 +760,7 @@ class VmxCpu(Vcpu):
         if not from_c:
             self.clock.advance(IO_CYCLES)
             self.fold_fast_exits()
-        elif from_c & 2:
+        elif from_c & 2 or (self._ept_c is not None and self._ept_c.c_exits):
             self.fold_fast_exits()
         v = self.vmcs
         w = v._values
@@ -981,6 +1025,222 @@ class VmxCpu(Vcpu):
         d = E.decode_ept_qualification(q)
         d.update({"gpa": f"{nf.gpa:#x}", "gla": f"{gla:#x}"})
         self.vm_exit(ExitReason.EPT_VIOLATION, eip, qualification=q, gpa=nf.gpa, gla=gla, detail=d)
+
+    # -- the quick EPT-violation exit (lazy EPT: guest RAM not mapped yet) ------------------------------
+    # CPUVIRT_NO_QUICK_EPT=1 in the environment, or False here, turns it off.
+    quick_ept = not os.environ.get("CPUVIRT_NO_QUICK_EPT")
+
+    @hook_guard(returns=0)
+    def ept_quick_hook(self, vaddr: int, access_type: int, gpa: int, _unused: int) -> int:
+        """Called by _tlbfill.c's EPT fill in the middle of the guest's access, when its final guest-physical
+        page has no EPT entry and lies in guest RAM: take the EPT_VIOLATION exit as the full path
+        (on_refused_fill -> _ept_exit -> vm_exit -> handle_ept_violation's lazy allocation -> vm_entry, then the
+        engine's retry) would leave it, without stopping the engine: the exit-information fields, GUEST_RIP,
+        the guest-physical and linear addresses, the counters; then map the page. 1: done, C makes the fill.
+        0: something else would happen at the stop (a deadline or an interrupt due, the window, a handler
+        replaced, a vmwrite since the last entry...), and the full exit follows."""
+        if self.outcome is not None or not self._quick_ept_ready():
+            return 0
+        page = gpa & ~0xFFF
+        m = self.machine
+        if not self.settings.lazy_ept or page >= m.mem_bytes:
+            return 0
+        eip = self.regs.read(R.EIP)
+        # The stop the full path makes: the instructions of the block from eip on come off the clock, the
+        # run loop arms the next deadline and the engine runs a block from eip. Nothing may differ.
+        clock = self.clock
+        st = clock._state
+        if st.stopped or st.stop_next or st.check_if or st.discard or self._after_one_block:
+            return 0
+        if self._flush_translations or self._window_retranslate:
+            return 0
+        if self.intercepts is not None and self.intercepts.retranslate:
+            return 0
+        entry = m.block_insns.get(st.last_block)
+        if entry is None:
+            return 0
+        addrs, end = entry
+        if not addrs[0] <= eip < end:
+            return 0
+        now = st.now
+        before = now - sum(1 for a in addrs if a >= eip)  # the clock after left_block_at(eip)
+        d = m.next_timer_deadline()
+        d = NEVER if d is None or d <= before else d
+        if m.pending_nmi() and not self.nmi_blocked:
+            return 0
+        pending = m.pending_interrupt() is not None
+        flags = self.regs.read(R.EFLAGS)
+        if pending and flags & EFLAGS_IF:
+            return 0
+        if min(d, self.budget) != st.deadline or bool(st.watch_if) != (pending and not flags & EFLAGS_IF):
+            return 0
+        acc = access_type - 16  # UC_MEM_READ=16, WRITE=17, FETCH=18 -> Access
+        if acc != 2:  # a data access: the exact address from the instruction's operands (exact_linear)
+            gla = fault_address(self.mmu.fetch_bytes(eip, 15), eip, vaddr & 0xFFFFF000, self.regs)
+        elif (eip & 0xFFFFF000) == (vaddr & 0xFFFFF000):
+            gla = eip
+        else:
+            gla = vaddr
+        gpa = page | (gla & 0xFFF)
+        mmio = getattr(m, "mmio", None)
+        if mmio is not None and mmio.find(gpa) is not None:
+            return 0  # a device register: emulated by the handler
+        self.fold_fast_exits()
+        v = self.vmcs
+        w = v._values
+        w[_EXIT_REASON] = 48  # ExitReason.EPT_VIOLATION
+        w[_EXIT_QUAL] = (1, 2, 4)[acc] | 0x180  # no entry: no permissions; linear address valid, final
+        w[_EXIT_LEN] = 0
+        w[_EXIT_INTR_INFO] = 0
+        w[_EXIT_INTR_ERROR] = 0
+        w[_EXIT_INSN_INFO] = 0
+        w[_GPA] = gpa
+        w[_GLA] = gla
+        w[_GUEST_RIP] = eip
+        v._cache.clear()
+        self.exits += 1
+        self.quick_ept_exits += 1
+        self.stats[_EPT_VIOLATION] += 1
+        self._counts["vmexit"] += 1
+        self.ept.map(GPA(page), HPA(RAM_HPA + page))
+        return 1
+
+    # The same exit with no Python per exit (_tlbfill.c quick_in_c), folded in as the CPUID exits answered in C
+    # are; CPUVIRT_QUICK_EPT_C=0 in the environment, or False here, leaves every quick EPT exit to ept_quick_hook.
+    quick_ept_c = os.environ.get("CPUVIRT_QUICK_EPT_C", "1") != "0"
+
+    def _install_quick_ept_c(self, fx: FastExits) -> None:
+        """Point _tlbfill.c at what it decides with: the fast exits' armed flag, fastexit_quiet and CPUID count,
+        the clock's deadline and stop flags; bump its epoch whenever a device changes the CPU's interrupt or
+        timer state, an MMIO range moves or the I/O gate arms (until the run loop arms the clock again)."""
+        if not self.quick_ept_c or self.fast_fill is None:
+            return
+        from unicorn import x86_const as X
+
+        st = self._ept_c = self.fast_fill.state
+        fxs = fx._state
+        base = ctypes.addressof(fxs)
+        st.fx_armed = base + type(fxs).armed.offset
+        st.fx_cpuid = base + type(fxs).cpuid_exits.offset
+        st.quiet_fn, st.quiet_state = fx.quiet_function()
+        cs = self.clock._state
+        cbase = ctypes.addressof(cs)
+        ct = type(cs)
+        st.clk_deadline = cbase + ct.deadline.offset
+        st.clk_stopped, st.clk_discard = cbase + ct.stopped.offset, cbase + ct.discard.offset
+        st.clk_stop_next, st.clk_check_if = cbase + ct.stop_next.offset, cbase + ct.check_if.offset
+        st.eip_reg = X.UC_X86_REG_EIP
+        gprs = (X.UC_X86_REG_EAX, X.UC_X86_REG_ECX, X.UC_X86_REG_EDX, X.UC_X86_REG_EBX,
+                X.UC_X86_REG_ESP, X.UC_X86_REG_EBP, X.UC_X86_REG_ESI, X.UC_X86_REG_EDI)  # fmt: skip
+        for i, reg in enumerate(gprs):
+            st.gpr[i] = reg
+        st.epoch, st.armed_epoch = 1, 0  # nothing taken before the run loop arms the clock
+        m = self.machine
+        inner = m.on_interrupts_changed
+
+        def changed() -> None:
+            st.epoch += 1
+            if inner is not None:
+                inner()
+
+        m.on_interrupts_changed = changed
+        mmio = m.mmio
+        register, unregister = mmio.register, mmio.unregister
+
+        def moved_register(gpa: int, size: int, device) -> None:
+            st.epoch += 1
+            register(gpa, size, device)
+
+        def moved_unregister(gpa: int) -> None:
+            st.epoch += 1
+            unregister(gpa)
+
+        mmio.register, mmio.unregister = moved_register, moved_unregister  # type: ignore[method-assign]
+        self._arm_quick_ept()
+
+    def _arm_quick_ept(self) -> None:
+        """At each VM entry: may _tlbfill.c take the lazy-EPT exit itself until the next one? (With the fast
+        exits armed: no trace, no VMCS dump, no vmwrite since.)"""
+        st = self._ept_c
+        if st is None:
+            return
+        fx = self.fast_exits
+        ok = (
+            fx is not None
+            and fx.armed
+            and getattr(self.hypervisor.handlers.get(_EPT_VIOLATION), "__func__", None) is self._default_ept
+            and not self.vmcs._values[_WINDOW_FIELD] >> _WINDOW_BIT & 1
+        )
+        if ok:
+            limit = self.machine.mem_bytes
+            for lo, _hi, _dev in self.machine.mmio.ranges:
+                limit = min(limit, lo)
+            st.c_limit = limit
+            if fx is not None:
+                st.peek, st.peek_state = fx._state.peek, fx._state.peek_state
+            fast = self._fast_delivery
+            if fast is not None and fast.books is not None and not st.books:  # (made with the C INTR hook)
+                st.covers = ctypes.cast(fast._lib.delivery_books_covers, ctypes.c_void_p).value
+                st.books = fast.books.address
+        st.c_armed = int(ok)
+
+    def _next_deadline(self) -> int:
+        d = super()._next_deadline()
+        st = self._ept_c
+        if st is not None:  # the deadline the clock gets now, and the device state it was computed from
+            st.armed_deadline, st.armed_epoch = d, st.epoch
+        return d
+
+    def arm_io_gate(self) -> None:
+        super().arm_io_gate()
+        if self._ept_c is not None:
+            self._ept_c.epoch += 1  # the run loop drops the engine's translations first
+
+    def _fold_quick_ept(self) -> None:
+        """The EPT violations _tlbfill.c took since the last fold: the counters, and the exit-information
+        fields of the last one as _ept_exit and vm_exit leave them (after the CPUID exits folded with them
+        when one of those came later)."""
+        st = self._ept_c
+        n = st.c_exits
+        st.c_exits = 0
+        self.exits += n
+        self.quick_ept_exits += n
+        self.stats[_EPT_VIOLATION] += n
+        self._counts["vmexit"] += n
+        eip, vaddr, acc = st.last_eip, st.last_vaddr, st.last_type - 16
+        if acc != 2:
+            regs = _SavedRegs(st.last_regs)
+            gla = fault_address(bytes(st.last_code[:15]), eip, vaddr & 0xFFFFF000, regs)  # type: ignore[arg-type]
+        elif (eip & 0xFFFFF000) == (vaddr & 0xFFFFF000):
+            gla = eip
+        else:
+            gla = vaddr
+        w = self.vmcs._values
+        w[_EXIT_REASON] = 48
+        w[_EXIT_QUAL] = (1, 2, 4)[acc] | 0x180
+        w[_EXIT_LEN] = 0
+        w[_EXIT_INTR_INFO] = 0
+        w[_EXIT_INTR_ERROR] = 0
+        w[_EXIT_INSN_INFO] = 0
+        w[_GPA] = (st.last_gpa & ~0xFFF) | (gla & 0xFFF)
+        w[_GLA] = gla
+        w[_GUEST_RIP] = eip
+        self.vmcs._cache.clear()
+
+    def _quick_ept_ready(self) -> bool:
+        """May this EPT violation skip the stop and vm_exit's machinery? Only while the C exit paths are armed
+        (no trace, no VMCS dump, no vmwrite since the last entry, the virtual-APIC page in step), the EPT
+        handler is the default one and no interrupt-window exiting waits."""
+        fx = self.fast_exits
+        return (
+            fx is not None
+            and fx.armed
+            and self.trace is None
+            and self.dump_on is None
+            and getattr(self.hypervisor.handlers.get(_EPT_VIOLATION), "__func__", None) is self._default_ept
+            and not self.vmcs._values[_WINDOW_FIELD] >> _WINDOW_BIT & 1
+            and fx.quiet()
+        )
 
     # -- interrupts, the interrupt window, HLT -------------------------------------------------------------
     _blocked = False
