@@ -33,6 +33,7 @@ setup(
                  Extension("cpuvirt.bt._callout", ["cpuvirt/bt/_callout.c"], extra_compile_args=["-O2"]),
                  Extension("cpuvirt.modes.hw._fastexit", ["cpuvirt/modes/hw/_fastexit.c"], extra_compile_args=["-O2"]),
                  Extension("cpuvirt.modes._trapfast", ["cpuvirt/modes/_trapfast.c"], extra_compile_args=["-O2"]),
-                 Extension("cpuvirt.modes.para._pvfast", ["cpuvirt/modes/para/_pvfast.c"], extra_compile_args=["-O2"])],
+                 Extension("cpuvirt.modes.para._pvfast", ["cpuvirt/modes/para/_pvfast.c"], extra_compile_args=["-O2"]),
+                 Extension("cpuvirt.machine._apicmmio", ["cpuvirt/machine/_apicmmio.c"], extra_compile_args=["-O2"])],
     cmdclass={"build_py": build_py_with_guests},
 )

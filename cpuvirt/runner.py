@@ -371,6 +371,8 @@ def run_guest(
             )
 
         machine.mmio.on_access = on_mmio
+        if machine.apic_mmio is not None:
+            machine.apic_mmio.count_into(vcpu, traced=vcpu.trace is not None)
 
         def device_site() -> int:
             return vcpu.io_site()[0] if vcpu.trace is not None else 0

@@ -109,6 +109,7 @@ class Vcpu:
         self._counts: Counter = Counter()
         self._reasons: Counter = Counter()
         self.fold_counts: Callable[[], None] | None = None  # adds events counted in C (native's EventBooks)
+        self.device_folds: list[Callable[[], None]] = []  # the same for devices' C paths (machine/apicmmio.py)
         self._disasm = None
         self._insn_cache: dict[tuple[int, bytes], str] = {}
         self.error: BaseException | None = None
@@ -135,6 +136,8 @@ class Vcpu:
         """Events by kind (the summary's counts)."""
         if self.fold_counts is not None:
             self.fold_counts()
+        for fold in self.device_folds:
+            fold()
         return self._counts
 
     @property

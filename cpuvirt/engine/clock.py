@@ -134,6 +134,11 @@ class VirtualClock:
         self._state.now = value
 
     @property
+    def now_address(self) -> int:
+        """Where `now` is in memory (a uint64): C readers of the clock (machine/apicmmio.py)."""
+        return ctypes.addressof(self._state) + type(self._state).now.offset
+
+    @property
     def instructions(self) -> int:
         """Instructions retired (per block: a block cut short by a fault counts whole)."""
         return self._state.now - self._state.extra

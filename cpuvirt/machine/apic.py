@@ -141,6 +141,8 @@ class LocalApic:
         self.nmi_pending = False
         self.on_level_eoi: Callable[[int], None] = lambda vector: None
         self.on_base_change: Callable[[], None] = lambda: None  # CPUID's APIC bit follows the enable
+        # told after every change of the ID or of the timer's next zero crossing (machine/apicmmio.py)
+        self.on_registers: Callable[[], None] = lambda: None
         self.reset()
 
     # -- states ------------------------------------------------------------------------------------
@@ -163,6 +165,7 @@ class LocalApic:
         self._base = self.now()  # timer: virtual time of the last (re)load ...
         self._base_count = 0  # ... and the count then
         self._fire_tick: int | None = None  # ticks after _base of the next zero crossing
+        self.on_registers()
 
     def bios_setup(self) -> None:
         """Leave the APIC as SeaBIOS does under QEMU (see BIOS_*)."""
@@ -272,6 +275,13 @@ class LocalApic:
         return pending
 
     # -- timer ---------------------------------------------------------------------------------------
+    def catch_up_due(self) -> int | None:
+        """Virtual time from which a register access first has an effect (the timer's next zero
+        crossing is caught up with), masked or not; None while no count runs."""
+        if self._fire_tick is None:
+            return None
+        return self._base + (self._fire_tick << self._shift)
+
     def next_deadline(self) -> int | None:
         """Virtual time of the next timer interrupt, or None (no count running, or LVT masked)."""
         if self._fire_tick is None or self.lvt[_L_TIMER] & LVT_MASKED or not self.hw_enabled:
@@ -304,6 +314,7 @@ class LocalApic:
             self._fire_tick = tick + ((t - tick) // self.initial_count + 1) * self.initial_count
         else:
             self._fire_tick = None
+        self.on_registers()
         lvt = self.lvt[_L_TIMER]
         if not lvt & LVT_MASKED and self.hw_enabled:
             self._accept(lvt & 0xFF)
@@ -410,6 +421,7 @@ class LocalApic:
             pass  # read-only: the write is ignored
         else:
             self._error(ESR_ILLEGAL_REGISTER)
+        self.on_registers()
         self.on_change()
 
     def _write_lvt(self, index: int, value: int, now: int) -> None:

@@ -202,6 +202,7 @@ class Machine:
         self.mmu.devices = self.mmio  # the hypervisor's linear accesses reach device registers
         self._next_mmio_hpa = MMIO_HPA
         self._mmio_callbacks: list[tuple] = []  # Unicorn keeps only pointers: keep the closures alive
+        self.apic_mmio: Any = None  # the local APIC's region with its ID read in C (machine/apicmmio.py)
         self.apic = LocalApic(now=lambda: self.clock.now, on_change=self._interrupts_changed)
         self.apic.bios_setup()
         self.map_mmio(APIC_BASE_GPA, APIC_SIZE, self.apic)
@@ -425,7 +426,13 @@ class Machine:
             dev_write(offset, width, value)
 
         self._mmio_callbacks.append((read, write))
-        self.uc.mmio_map(hpa, size, read, None, write, None)
+        if device is self.apic and self.apic_mmio is None:
+            # its ID register, read on every spinlock by some kernels, is answered in C
+            from cpuvirt.machine.apicmmio import ApicMmio
+
+            self.apic_mmio = ApicMmio.map(self.uc, self.apic, self.clock.now_address, hpa, size, read, write)
+        if device is not self.apic or self.apic_mmio is None:
+            self.uc.mmio_map(hpa, size, read, None, write, None)
         self.p2m.add_mmio(GPA(gpa), size, HPA(hpa))
         self._next_mmio_hpa = hpa + size
 
