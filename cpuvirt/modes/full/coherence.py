@@ -320,13 +320,6 @@ class Coherence(_VcpuBase):
     def _check_range(self, gpa: int, size: int) -> None:
         """The guest bytes at gpa .. gpa + size - 1 were written: drop translations that changed."""
         ram, p2m = self.mmu.ram, self.mmu.p2m
-        hpa = p2m.gpa_to_hpa(gpa & 0xFFFFF000)
-        if hpa is not None and hpa in self.mmu.code_frames and not self._flush_translations:
-            # The engine has run code from this frame in place (ring 3, 16-bit code) and does not see
-            # the hypervisor's stores: its translations of that code go before the guest runs again,
-            # or it would run the old bytes (tests/test_io_gate.py: a site rewritten into `out`).
-            self._flush_translations = True
-            self.clock.pull_in(self.clock.now)
         end = gpa + size
         blocks = self._frame_blocks.get(gpa & 0xFFFFF000, ())
         first, last = gpa >> 6, (end - 1) >> 6
