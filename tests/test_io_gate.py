@@ -68,8 +68,9 @@ def test_iopl_3_allows_ring_3_io(guest, mode):
             "full",
             marks=pytest.mark.xfail(
                 strict=True,
-                reason="known hole under full: a kernel block rewritten in place into an in/out run later at "
-                "ring 3 is not given an I/O gate check (docs/security.md)",
+                reason="known hole under full: the kernel's store into its translated code frame is the "
+                "hypervisor's, which the engine does not see, so ring 3 runs its old translation of that code "
+                "(docs/security.md)",
             ),
         ),
     ),
