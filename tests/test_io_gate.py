@@ -59,25 +59,13 @@ def test_iopl_3_allows_ring_3_io(guest, mode):
     assert all(res[name] for name in IOPL3), res
 
 
-@pytest.mark.parametrize(
-    "mode",
-    (
-        "native",
-        "hw",
-        pytest.param(
-            "full",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="known hole under full: the kernel's store into its translated code frame is the "
-                "hypervisor's, which the engine does not see, so ring 3 runs its old translation of that code "
-                "(docs/security.md)",
-            ),
-        ),
-    ),
-)
+@pytest.mark.parametrize("mode", ("native", "hw", "full"))
 def test_site_rewritten_in_place_into_io_is_checked(guest, mode):
-    """native and hw since the clock counts a block again whenever the engine translates it again
-    (engine/_vclock.c vclock_translated_hook): the rewritten block is shown to the block observer."""
+    """The clock counts a block again whenever the engine translates it again (engine/_vclock.c
+    vclock_translated_hook), so the rewritten block is shown to the block observer. Under full the
+    kernel's store into its (translated) code frame is the hypervisor's, which the engine does not see:
+    its translations are dropped when the store overwrites bytes a block ran in place
+    (modes/full/inplace.py), or ring 3 ran the old bytes."""
     res = _results(guest, mode)
     assert all(res[name] for name in REWRITTEN), res
 

@@ -44,6 +44,7 @@ class FullMode(Mode):
         self.vcpu.enable_io_gate()
         assert self.vcpu.intercepts is not None  # the I/O gate made them
         self.vcpu.intercepts.wanted |= WANTED  # real mode's way out (bt/direct.py)
+        self.vcpu.watch_in_place_code()  # hypervisor stores into code run in place (inplace.py)
         from cpuvirt.memory.shadow import ShadowPaging
 
         self.shadow = ShadowPaging(machine.mmu)  # installs itself as the memory strategy

@@ -19,6 +19,7 @@ from cpuvirt.cpu.deprivilege import KERNEL_RING
 from cpuvirt.engine import regs as R
 from cpuvirt.memory.mmu import GuestPageFault
 from cpuvirt.memory.types import Access
+from cpuvirt.modes.full.inplace import InPlaceBlocks
 from cpuvirt.x86.emulate import arith_store
 from cpuvirt.x86.flags import CR0_PE, CR0_PG, CR4, CR4_PSE, CR4_SMEP, EFLAGS_DF
 
@@ -56,6 +57,7 @@ class Coherence(_VcpuBase):
     _untraced_run: dict[int, int]
     _native_after: dict[int, int]
     direct16: Direct16
+    in_place: InPlaceBlocks | None  # inplace.py: the blocks run in place, by frame
 
     # -- virtual-CPU state and mappings baked into translations --------------------------------------------
     def _snapshot(self) -> dict:
@@ -320,6 +322,19 @@ class Coherence(_VcpuBase):
     def _check_range(self, gpa: int, size: int) -> None:
         """The guest bytes at gpa .. gpa + size - 1 were written: drop translations that changed."""
         ram, p2m = self.mmu.ram, self.mmu.p2m
+        if self.in_place is not None and not self._flush_translations:
+            page, end = gpa & 0xFFFFF000, gpa + size
+            while page < end:
+                hpa = p2m.gpa_to_hpa(page)
+                lo = max(gpa, page) - page
+                if hpa is not None and self.in_place.overlaps(hpa, lo, min(end, page + 0x1000) - page - lo):
+                    # The engine ran code from these bytes in place (ring 3, 16-bit code) and does not
+                    # see the hypervisor's stores: its translations go before the guest runs again
+                    # (modes/full/inplace.py; tests/test_io_gate.py: a site rewritten into `out`).
+                    self._flush_translations = True
+                    self.clock.pull_in(self.clock.now)
+                    break
+                page += 0x1000
         end = gpa + size
         blocks = self._frame_blocks.get(gpa & 0xFFFFF000, ())
         first, last = gpa >> 6, (end - 1) >> 6

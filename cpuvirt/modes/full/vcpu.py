@@ -27,6 +27,7 @@ from cpuvirt.modes.full.adaptive import ADAPTIVE_THRESHOLD, AdaptiveStores
 from cpuvirt.modes.full.callouts import Callouts
 from cpuvirt.modes.full.coherence import CODE, Coherence
 from cpuvirt.modes.full.crfast import CrState, CrVirtualCpu, HvTlb
+from cpuvirt.modes.full.inplace import InPlaceBlocks
 from cpuvirt.x86.vectors import Vector
 
 TC_WINDOW = 0xFF000000  # linear window of the translation cache (execute-only, CPL 1)
@@ -105,6 +106,7 @@ class FullVcpu(RunsCode16, Coherence, Callouts, AdaptiveStores, DeprivilegedVcpu
         self.rt.is_kernel_at_slot = lambda: self.direct16.state is None and regs.read(R.CS) & 3 == KERNEL_RING
         if verbose:
             self.rt.translator.trace_translate = self._record_translate
+        self.in_place: InPlaceBlocks | None = None  # watch_in_place_code
         self._page_frame: dict[int, int] = {}  # linear code page -> guest frame it came from
         self._dirty: set[int] = set()  # code frames written since they were checked
         self._frame_blocks: dict[int, list] = {}  # guest frame -> blocks translated from it
@@ -455,6 +457,14 @@ class FullVcpu(RunsCode16, Coherence, Callouts, AdaptiveStores, DeprivilegedVcpu
 
             cs = self._tc_cs = Cs(CS_ARCH_X86, CS_MODE_32)
         return cs
+
+    def watch_in_place_code(self) -> None:
+        """Index the blocks the engine runs in place by frame (inplace.py), once the intercepts know
+        each code page's frame (enable_io_gate made them)."""
+        assert self.intercepts is not None
+        table = self.machine.block_insns
+        self.in_place = InPlaceBlocks(self.intercepts.page_frame, TC_WINDOW, TC_WINDOW + TC_SIZE, table.mirror)
+        table.mirror = self.in_place
 
     def _remove_cache(self, lo: int, hi: int) -> None:
         """Drop the engine's translations of TC code: the engine finds them through a fetch of the

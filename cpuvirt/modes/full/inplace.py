@@ -1,0 +1,78 @@
+"""The blocks the engine runs in place under full (ring 3, 16-bit code), by the guest frames they are in.
+
+The guest kernel's stores into its own code frames are write-traced (coherence.py) and done by the
+hypervisor, through host memory: the engine notices only its own stores into code it translated, so a
+block of user code it runs in place from such a frame would keep running the old bytes after the
+kernel rewrote them. This index, a mirror of Machine.block_insns (machine/blocks.py), tells which
+bytes of a frame in-place blocks came from, so that a hypervisor store drops the engine's translations
+only when it overwrites such bytes (a store to data beside user code, common in small kernels, drops
+nothing).
+"""
+
+from __future__ import annotations
+
+from cpuvirt import limits
+from cpuvirt.machine.blocks import BlockMirror
+
+PAGE = 0x1000
+
+
+class InPlaceBlocks:
+    """Host frame -> {block address: (first, end) byte offsets in that frame}, for blocks outside
+    [tc_lo, tc_hi) (the translation cache's window). `page_frame`: the frame each linear code page
+    last fetched from (the intercepts' table, cpu/intercept.py). Passes every change on to `inner`."""
+
+    def __init__(self, page_frame: dict[int, int], tc_lo: int, tc_hi: int, inner: BlockMirror | None):
+        self.page_frame = page_frame
+        self.tc_lo, self.tc_hi = tc_lo, tc_hi
+        self.inner = inner
+        self.by_frame: dict[int, dict[int, tuple[int, int]]] = {}
+        self.frames_of: dict[int, tuple[int, ...]] = {}  # block address -> the frames it is indexed under
+
+    def put(self, address: int, addrs: tuple[int, ...], end: int) -> None:
+        if self.inner is not None:
+            self.inner.put(address, addrs, end)
+        self._forget(address)
+        if self.tc_lo <= address < self.tc_hi:
+            return
+        frames = []
+        page = address & ~(PAGE - 1)
+        while page < end:
+            hpa = self.page_frame.get(page)
+            if hpa is not None:
+                self.by_frame.setdefault(hpa, {})[address] = (max(address, page) - page, min(end, page + PAGE) - page)
+                frames.append(hpa)
+            page += PAGE
+        if len(self.frames_of) >= limits.CACHE_ENTRIES:
+            self.clear_index()
+        self.frames_of[address] = tuple(frames)
+
+    def drop(self, address: int) -> None:
+        if self.inner is not None:
+            self.inner.drop(address)
+        self._forget(address)
+
+    def clear(self) -> None:
+        if self.inner is not None:
+            self.inner.clear()
+        self.clear_index()
+
+    def clear_index(self) -> None:
+        self.by_frame.clear()
+        self.frames_of.clear()
+
+    def _forget(self, address: int) -> None:
+        for hpa in self.frames_of.pop(address, ()):
+            blocks = self.by_frame.get(hpa)
+            if blocks is not None:
+                blocks.pop(address, None)
+                if not blocks:
+                    del self.by_frame[hpa]
+
+    def overlaps(self, hpa: int, offset: int, size: int) -> bool:
+        """Do bytes offset .. offset + size - 1 of the frame at hpa hold code a block ran in place?"""
+        blocks = self.by_frame.get(hpa)
+        if not blocks:
+            return False
+        end = offset + size
+        return any(lo < end and offset < hi for lo, hi in blocks.values())
