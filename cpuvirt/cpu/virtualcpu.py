@@ -55,3 +55,43 @@ class VirtualCpu:
 
     def crs(self) -> tuple[int, int, int]:
         return self.cr0, self.cr3, self.cr4
+
+
+class TableVirtualCpu(VirtualCpu):
+    """A VirtualCpu some of whose fields live in a C path's table, where C reads and writes the guest's
+    value (the subclass says which, with `in_table`); built from the VirtualCpu it replaces."""
+
+    __slots__ = ("_table",)
+
+    def __init__(self, table, old: VirtualCpu):
+        self._table = table  # a ctypes structure or array
+        for name in VirtualCpu.__slots__:
+            setattr(self, name, getattr(old, name))
+
+
+def in_table(field: str | None, index: int | None = None, mask: int = 0xFFFFFFFF) -> property:
+    """A TableVirtualCpu field kept in its table: `field` of the structure (None: the table itself),
+    element `index` of it when that is an array."""
+    if index is None:
+        assert field is not None
+        name = field
+
+        def get(cpu) -> int:
+            return getattr(cpu._table, name)
+
+        def put(cpu, value: int) -> None:
+            setattr(cpu._table, name, value & mask)
+
+        return property(get, put)
+    at = index
+
+    def array(cpu):
+        return cpu._table if field is None else getattr(cpu._table, field)
+
+    def get_at(cpu) -> int:
+        return array(cpu)[at]
+
+    def put_at(cpu, value: int) -> None:
+        array(cpu)[at] = value & mask
+
+    return property(get_at, put_at)

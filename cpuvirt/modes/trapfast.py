@@ -23,7 +23,7 @@ from cpuvirt.cpu.fastdelivery import _cpu_field, _read_process
 from cpuvirt.cpu.hvtlb import HvTlb
 from cpuvirt.cpu.quirks import context_layout
 from cpuvirt.cpu.segcache import _SEG_INDEX, segs_offset
-from cpuvirt.cpu.virtualcpu import VirtualCpu
+from cpuvirt.cpu.virtualcpu import TableVirtualCpu, in_table
 from cpuvirt.engine import regs as R
 from cpuvirt.engine.cext import add_c_hook, load
 from cpuvirt.x86.cpuid import CR4_RESERVED
@@ -191,66 +191,26 @@ def _context_header(uc, env: int) -> int | None:
     return at if at <= 256 else None
 
 
-class TrapVirtualCpu(VirtualCpu):
-    """A VirtualCpu whose CR0, CR3, CR4 and GDTR are the C table's (every other field as VirtualCpu's)."""
+class TrapVirtualCpu(TableVirtualCpu):
+    """A VirtualCpu whose CR0, CR2, CR3, CR4, IOPL and GDTR are the C table's (every other field as
+    VirtualCpu's)."""
 
-    __slots__ = ("_crs", "_st")
-
-    def __init__(self, st, old: VirtualCpu):
-        self._st = st
-        self._crs = st.crs  # ctypes uint32[3]: CR0, CR3, CR4
-        for name in VirtualCpu.__slots__:
-            setattr(self, name, getattr(old, name))
-
-    @property  # type: ignore[override]
-    def cr2(self) -> int:
-        return self._st.cr2
-
-    @cr2.setter
-    def cr2(self, value: int) -> None:
-        self._st.cr2 = value & 0xFFFFFFFF
-
-    @property  # type: ignore[override]
-    def iopl(self) -> int:
-        return self._st.iopl
-
-    @iopl.setter
-    def iopl(self, value: int) -> None:
-        self._st.iopl = value & 3
+    __slots__ = ()
+    cr0 = in_table("crs", 0)  # type: ignore[assignment]
+    cr3 = in_table("crs", 1)  # type: ignore[assignment]
+    cr4 = in_table("crs", 2)  # type: ignore[assignment]
+    cr2 = in_table("cr2")  # type: ignore[assignment]
+    iopl = in_table("iopl", mask=3)  # type: ignore[assignment]
 
     @property  # type: ignore[override]
     def gdtr(self) -> tuple[int, int]:
-        st = self._st
+        st = self._table
         return st.gdt_base, st.gdt_limit
 
     @gdtr.setter
     def gdtr(self, value: tuple[int, int]) -> None:
-        st = self._st
+        st = self._table
         st.gdt_base, st.gdt_limit = value[0] & 0xFFFFFFFF, value[1] & 0xFFFFFFFF
-
-    @property  # type: ignore[override]
-    def cr0(self) -> int:
-        return self._crs[0]
-
-    @cr0.setter
-    def cr0(self, value: int) -> None:
-        self._crs[0] = value & 0xFFFFFFFF
-
-    @property  # type: ignore[override]
-    def cr3(self) -> int:
-        return self._crs[1]
-
-    @cr3.setter
-    def cr3(self, value: int) -> None:
-        self._crs[1] = value & 0xFFFFFFFF
-
-    @property  # type: ignore[override]
-    def cr4(self) -> int:
-        return self._crs[2]
-
-    @cr4.setter
-    def cr4(self, value: int) -> None:
-        self._crs[2] = value & 0xFFFFFFFF
 
 
 class TrapHvTlb(HvTlb):

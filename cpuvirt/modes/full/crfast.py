@@ -13,34 +13,15 @@ done in C from a generation count (`HvTlb`, cpu/hvtlb.py).
 from __future__ import annotations
 
 from cpuvirt.cpu.hvtlb import HvTlb  # noqa: F401  (re-exported: modes/full/vcpu.py imports it from here)
-from cpuvirt.cpu.virtualcpu import VirtualCpu
+from cpuvirt.cpu.virtualcpu import TableVirtualCpu, in_table
 
 
-class CrVirtualCpu(VirtualCpu):
-    """A VirtualCpu whose CR0 and CR4 are the C table's (every other field as VirtualCpu's)."""
+class CrVirtualCpu(TableVirtualCpu):
+    """A VirtualCpu whose CR0 and CR4 are the C table's (uint32[2]; every other field as VirtualCpu's)."""
 
-    __slots__ = ("_crs",)
-
-    def __init__(self, crs, old: VirtualCpu):
-        self._crs = crs  # ctypes uint32[2]: CR0, CR4
-        for name in VirtualCpu.__slots__:
-            setattr(self, name, getattr(old, name))
-
-    @property  # type: ignore[override]
-    def cr0(self) -> int:
-        return self._crs[0]
-
-    @cr0.setter
-    def cr0(self, value: int) -> None:
-        self._crs[0] = value & 0xFFFFFFFF
-
-    @property  # type: ignore[override]
-    def cr4(self) -> int:
-        return self._crs[1]
-
-    @cr4.setter
-    def cr4(self, value: int) -> None:
-        self._crs[1] = value & 0xFFFFFFFF
+    __slots__ = ()
+    cr0 = in_table(None, 0)  # type: ignore[assignment]
+    cr4 = in_table(None, 1)  # type: ignore[assignment]
 
 
 class CrState:
