@@ -34,7 +34,7 @@ from cpuvirt.engine import regs as R
 from cpuvirt.engine.cext import add_c_hook, load
 from cpuvirt.engine.hooks import hook_guard
 from cpuvirt.modes.para.hypercalls import HYPERCALL_CYCLES, REQUEST_CYCLES
-from cpuvirt.modes.para.startinfo import IRET_STUB, VCPU_UPCALL_PENDING
+from cpuvirt.modes.para.startinfo import IRET, IRET_STUB, VCPU_UPCALL_PENDING
 from cpuvirt.x86.vectors import HAS_ERROR_CODE, MNEMONIC
 from cpuvirt.xen import HYPERVISOR_VIRT_START
 
@@ -118,6 +118,18 @@ class _State(ctypes.Structure):
         ("mmuexts_total", ctypes.c_uint64),
         ("trap", _Trap * 256),
     ]
+
+
+# The hypercalls C answers (xen.h numbers): (number, the C counter since the last fold, the flag that
+# Python has handled one, so that the counters' keys keep Python's order).
+HYPERVISOR_mmu_update, HYPERVISOR_update_va_mapping, HYPERVISOR_mmuext_op = 1, 14, 26
+HYPERVISOR_iret = IRET  # startinfo.py: the hypercall page's iret slot
+C_HYPERCALLS = (
+    (HYPERVISOR_iret, "irets", "iret_seen"),
+    (HYPERVISOR_update_va_mapping, "uvas", "uva_seen"),
+    (HYPERVISOR_mmu_update, "mmus", "mmu_seen"),
+    (HYPERVISOR_mmuext_op, "mmuexts", "mmuext_seen"),
+)
 
 
 def _lib():
@@ -205,15 +217,9 @@ class PvFast:
 
     def seen(self, nr: int) -> None:
         """Python handled hypercall `nr`: its counters' keys are in place (their order is Python's)."""
-        st = self._state
-        if nr == 23:
-            st.iret_seen = 1
-        elif nr == 14:
-            st.uva_seen = 1
-        elif nr == 1:
-            st.mmu_seen = 1
-        elif nr == 26:
-            st.mmuext_seen = 1
+        for number, _, flag in C_HYPERCALLS:
+            if nr == number:
+                setattr(self._state, flag, 1)
 
     def set_paging(self, paging) -> None:
         """At boot: direct paging's frame types and counts (memory/direct.py), where C updates them too."""
@@ -304,31 +310,13 @@ class PvFast:
         books = self.delivery.books
         if books is not None:
             books.fold()
-        st = self._state
-        n = st.irets
-        if n:
-            st.irets = 0
-            vcpu = self.vcpu
-            vcpu._counts["hypercall"] += n
-            vcpu._reasons["hypercall", 23] += n
-        n = st.uvas
-        if n:
-            st.uvas = 0
-            vcpu = self.vcpu
-            vcpu._counts["hypercall"] += n
-            vcpu._reasons["hypercall", 14] += n
-        n = st.mmus
-        if n:
-            st.mmus = 0
-            vcpu = self.vcpu
-            vcpu._counts["hypercall"] += n
-            vcpu._reasons["hypercall", 1] += n
-        n = st.mmuexts
-        if n:
-            st.mmuexts = 0
-            vcpu = self.vcpu
-            vcpu._counts["hypercall"] += n
-            vcpu._reasons["hypercall", 26] += n
+        st, vcpu = self._state, self.vcpu
+        for number, count, _ in C_HYPERCALLS:
+            n = getattr(st, count)
+            if n:
+                setattr(st, count, 0)
+                vcpu._counts["hypercall"] += n
+                vcpu._reasons["hypercall", number] += n
 
     @property
     def bounced(self) -> int:
