@@ -176,6 +176,11 @@ class Intercepts:
                     self._rehook(addr, (size, mnem, ops, code))
         return missing
 
+    def check_code(self, address: int, code: bytes) -> bool:
+        """check_block for code the clock counted without showing it to the observer (a hypervisor's
+        own run of it); True if an instance needs its block translated again."""
+        return self.check_block(list(self._cs.disasm_lite(code, address)))
+
     def _ram_pointer(self, hpa: int) -> int:
         ram = self.mmu.ram
         return ram.host_address + (hpa - ram.hpa) if ram.contains(hpa) else 0

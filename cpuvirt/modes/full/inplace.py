@@ -11,7 +11,6 @@ nothing).
 
 from __future__ import annotations
 
-from cpuvirt import limits
 from cpuvirt.machine.blocks import BlockMirror
 
 PAGE = 0x1000
@@ -43,9 +42,7 @@ class InPlaceBlocks:
                 self.by_frame.setdefault(hpa, {})[address] = (max(address, page) - page, min(end, page + PAGE) - page)
                 frames.append(hpa)
             page += PAGE
-        if len(self.frames_of) >= limits.CACHE_ENTRIES:
-            self.clear_index()
-        self.frames_of[address] = tuple(frames)
+        self.frames_of[address] = tuple(frames)  # bounded as block_insns is: its clear() clears this
 
     def drop(self, address: int) -> None:
         if self.inner is not None:

@@ -125,7 +125,7 @@ class ParaMode(Mode):
         ic = self.vcpu.intercepts
         if ic is not None:
             code = m.mmu.fetch_bytes(stub, 1) or b""
-            if ic.check_block(list(ic._cs.disasm_lite(code, stub))):
+            if ic.check_code(stub, code):
                 m.uc.ctl_remove_cache(stub, stub + len(code))
         m.clock.now = now
         if regs.cpl() != 1:
