@@ -341,10 +341,7 @@ class EventBooks:
         b.clock_last_block = base + kind.last_block.offset
         b.clock_watch_if = base + kind.watch_if.offset
         b.clock_check_if = base + kind.check_if.offset
-        table = vcpu.machine.block_insns
-        for address, (addrs, end) in table.items():
-            self.put(address, addrs, end)
-        table.mirror = self
+        vcpu.machine.block_insns.attach(self)
 
     @property
     def address(self) -> int:

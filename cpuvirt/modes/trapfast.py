@@ -364,11 +364,7 @@ class TrapFast:
                 chained(value)
 
         vcpu.on_nmi_blocked = on_nmi_blocked
-        # The copy of Machine.block_insns (trap takes the mirror slot: it has no other C event path).
-        table = vcpu.machine.block_insns
-        for address, (addrs, end) in table.items():
-            self.put(address, addrs, end)
-        table.mirror = self
+        vcpu.machine.block_insns.attach(self)  # the copy of Machine.block_insns
         self.shadow.on_dirty = self._shadow_dirty
         self.arm()
         vcpu.fold_counts = self.fold

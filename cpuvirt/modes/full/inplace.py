@@ -11,26 +11,21 @@ nothing).
 
 from __future__ import annotations
 
-from cpuvirt.machine.blocks import BlockMirror
-
 PAGE = 0x1000
 
 
 class InPlaceBlocks:
     """Host frame -> {block address: (first, end) byte offsets in that frame}, for blocks outside
     [tc_lo, tc_hi) (the translation cache's window). `page_frame`: the frame each linear code page
-    last fetched from (the intercepts' table, cpu/intercept.py). Passes every change on to `inner`."""
+    last fetched from (the intercepts' table, cpu/intercept.py)."""
 
-    def __init__(self, page_frame: dict[int, int], tc_lo: int, tc_hi: int, inner: BlockMirror | None):
+    def __init__(self, page_frame: dict[int, int], tc_lo: int, tc_hi: int):
         self.page_frame = page_frame
         self.tc_lo, self.tc_hi = tc_lo, tc_hi
-        self.inner = inner
         self.by_frame: dict[int, dict[int, tuple[int, int]]] = {}
         self.frames_of: dict[int, tuple[int, ...]] = {}  # block address -> the frames it is indexed under
 
     def put(self, address: int, addrs: tuple[int, ...], end: int) -> None:
-        if self.inner is not None:
-            self.inner.put(address, addrs, end)
         self._forget(address)
         if self.tc_lo <= address < self.tc_hi:
             return
@@ -45,16 +40,9 @@ class InPlaceBlocks:
         self.frames_of[address] = tuple(frames)  # bounded as block_insns is: its clear() clears this
 
     def drop(self, address: int) -> None:
-        if self.inner is not None:
-            self.inner.drop(address)
         self._forget(address)
 
     def clear(self) -> None:
-        if self.inner is not None:
-            self.inner.clear()
-        self.clear_index()
-
-    def clear_index(self) -> None:
         self.by_frame.clear()
         self.frames_of.clear()
 

@@ -462,9 +462,8 @@ class FullVcpu(RunsCode16, Coherence, Callouts, AdaptiveStores, DeprivilegedVcpu
         """Index the blocks the engine runs in place by frame (inplace.py), once the intercepts know
         each code page's frame (enable_io_gate made them)."""
         assert self.intercepts is not None
-        table = self.machine.block_insns
-        self.in_place = InPlaceBlocks(self.intercepts.page_frame, TC_WINDOW, TC_WINDOW + TC_SIZE, table.mirror)
-        table.mirror = self.in_place
+        self.in_place = InPlaceBlocks(self.intercepts.page_frame, TC_WINDOW, TC_WINDOW + TC_SIZE)
+        self.machine.block_insns.attach(self.in_place)
 
     def _remove_cache(self, lo: int, hi: int) -> None:
         """Drop the engine's translations of TC code: the engine finds them through a fetch of the
