@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from typing import TYPE_CHECKING
 
@@ -356,15 +357,24 @@ def _costs_option(p) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The process entry (`cpuvirt`, `python -m cpuvirt`): the command's status, then no Ctrl-C can change it."""
+    try:
+        status = command(argv)
+    except KeyboardInterrupt:  # also while the parser is built and the arguments read
+        print("cpuvirt: interrupted", file=sys.stderr)
+        status = 130
+    if argv is None:  # a Ctrl-C after the outcome is printed would kill the interpreter by SIGINT (status -2)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return status
+
+
+def command(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return _dispatch(args)
     except CpuvirtError as e:
         print(f"cpuvirt: {e}", file=sys.stderr)
         return BAD_INPUT
-    except KeyboardInterrupt:
-        print("cpuvirt: interrupted", file=sys.stderr)
-        return 130
     except BrokenPipeError:
         return INTERNAL_ERROR
     except Exception as e:  # an internal error is still one line unless asked for more

@@ -106,7 +106,7 @@ class SigintStop:
     def _watch(self, r: int) -> None:
         while True:
             data = os.read(r, 64)
-            if not data or data == b"\xff":  # closed, or told to go: the run is over
+            if not data or b"\xff" in data:  # closed, or told to go (perhaps behind a late SIGINT): the run is over
                 return
             if signal.SIGINT in data:
                 if self.vcpu is None:
