@@ -294,19 +294,17 @@ def _cpu_field() -> tuple[int, int] | None:
     return None
 
 
-def _engine_cpu(uc) -> tuple[int, int] | None:
-    """(offset of uc_struct's CPUState pointer, address of QEMU's cpu_loop_exit) for this engine, checked:
-    the pointer leads to the CPU state whose first field is EAX as uc_reg_read reads it. None: the #PF
-    stays Python's (the engine must stop to leave a faulting instruction)."""
+def engine_cpu_state(uc) -> int | None:
+    """The address of this engine's CPUState (QEMU's), checked: it leads to the CPU state whose first
+    field is EAX as uc_reg_read reads it. None when libunicorn is not of the expected shape."""
     found = _cpu_field()
-    loop_exit = getattr(_ucmod.uclib, "cpu_loop_exit_x86_64", None)
-    if found is None or loop_exit is None:
+    if found is None:
         return None
     cpu_off, env_off = found
-    uch = uc._uch.value
-    cpu = _read_process(uch + cpu_off, 8)
+    uc.reg_read(R.EAX)  # the engine makes its vCPU on first use: before that the pointer is not there
+    cpu = _read_process(uc._uch.value + cpu_off, 8)
     env = cpu and _read_process(int.from_bytes(cpu, "little") + env_off, 8)
-    if not env:
+    if not cpu or not env:
         return None
     eax = uc.reg_read(R.EAX)
     try:
@@ -317,8 +315,38 @@ def _engine_cpu(uc) -> tuple[int, int] | None:
                 return None
     finally:
         uc.reg_write(R.EAX, eax)
+    return int.from_bytes(cpu, "little")
+
+
+def _engine_cpu(uc) -> tuple[int, int] | None:
+    """(offset of uc_struct's CPUState pointer, address of QEMU's cpu_loop_exit) for this engine, checked
+    (engine_cpu_state). None: the #PF stays Python's (the engine must stop to leave a faulting instruction)."""
+    found = _cpu_field()
+    loop_exit = getattr(_ucmod.uclib, "cpu_loop_exit_x86_64", None)
+    if found is None or loop_exit is None or engine_cpu_state(uc) is None:
+        return None
     address = ctypes.cast(loop_exit, ctypes.c_void_p).value
-    return None if address is None else (cpu_off, address)
+    return None if address is None else (found[0], address)
+
+
+class PageFlush:
+    """One page out of the engine's TLB (QEMU's tlb_flush_page, exported by libunicorn), where the
+    guest asked for no more: an INVLPG made as a whole flush refills every page the guest then touches.
+    `function, cpu`: the C pointers, for C callers; calling the object flushes from Python."""
+
+    def __init__(self, function: int, cpu: int):
+        self.function, self.cpu = function, cpu
+        self._call = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64)(function)
+
+    def __call__(self, linear: int) -> None:
+        self._call(self.cpu, linear & ~0xFFF)
+
+    @classmethod
+    def of(cls, uc) -> "PageFlush | None":
+        fn = getattr(_ucmod.uclib, "tlb_flush_page_x86_64", None)
+        cpu = engine_cpu_state(uc) if fn is not None else None
+        address = ctypes.cast(fn, ctypes.c_void_p).value if fn is not None else None
+        return None if cpu is None or address is None else cls(address, cpu)
 
 
 class EventBooks:

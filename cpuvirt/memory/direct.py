@@ -59,7 +59,9 @@ class DirectPaging:
         self.gdt_frames: list[int] = []  # mfns shown at HYPERVISOR_VIRT_START
         self.ldt_frames: list[int] = []  # mfns shown at LDT_VIRT_START
         self.on_flush: Callable[[], None] | None = None  # drop the engine's TLB
+        self.on_flush_page: Callable[[int], None] | None = None  # drop one page of it (None: flush it all)
         self.tlb_dirty = False  # flush before the guest runs again
+        self.stale_pages: set[int] = set()  # or only these pages (INVLPG), when nothing else asks for more
         self.walk_counter = mmu.counters
         self.work = 0  # entries validated or released since the hypercall began
 
@@ -341,8 +343,24 @@ class DirectPaging:
         of the hypercall (one flush per batch)."""
         self.tlb_dirty = True
 
+    def flush_page(self, linear: int) -> None:
+        """The guest asked for one page to go (UVMF_INVLPG, MMUEXT_INVLPG_LOCAL): at the end of the
+        hypercall, unless something in it needs the whole TLB flushed."""
+        if self.on_flush_page is None:
+            self.tlb_dirty = True
+        else:
+            self.stale_pages.add(linear & ~0xFFF)
+
+    @property
+    def flush_due(self) -> bool:
+        return self.tlb_dirty or bool(self.stale_pages)
+
     def flush_tlb(self) -> None:
+        pages, self.stale_pages = self.stale_pages, set()
         if self.tlb_dirty:
             self.tlb_dirty = False
             if self.on_flush is not None:
                 self.on_flush()
+        elif pages and self.on_flush_page is not None:
+            for page in sorted(pages):
+                self.on_flush_page(page)

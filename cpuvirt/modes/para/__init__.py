@@ -8,8 +8,10 @@ It is fast because nothing is intercepted but what the guest asks for; it runs o
 
 from __future__ import annotations
 
+import os
 import struct
 
+from cpuvirt.cpu.fastdelivery import PageFlush
 from cpuvirt.engine import regs as R
 from cpuvirt.memory.direct import HYPERCALL, L2, DirectPaging
 from cpuvirt.memory.fastfill import DirectFastFill
@@ -88,6 +90,8 @@ class ParaMode(Mode):
         paging.new_baseptr(self.mfn(lay.l2))
         paging.pin(self.mfn(lay.l2), L2)
         paging.on_flush = vcpu.flush_tlb
+        if os.environ.get("CPUVIRT_INVLPG_FLUSHES_ALL", "0") == "0":  # 1: an INVLPG flushes the whole TLB
+            paging.on_flush_page = PageFlush.of(m.mmu.uc)
         m.mmu.strategy = paging
         m.mmu.dma_guard = paging.dma_refusal  # devices (virtio) never write typed frames
 

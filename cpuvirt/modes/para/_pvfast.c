@@ -35,6 +35,7 @@ typedef int (*linear_fn)(void *d, void *uc, uint32_t gva, uint32_t n, int write,
 typedef void (*soft_books_fn)(void *d, uint32_t vector, uint32_t start, uint32_t eip);
 typedef void (*fault_books_fn)(void *d, uint32_t vector, uint32_t eip);
 typedef void (*refused_fn)(uint32_t vector);
+typedef void (*flush_page_fn)(void *cpu, uint64_t linear);   /* QEMU's tlb_flush_page */
 
 enum { R_EAX, R_ESP, R_EIP, R_EFLAGS, R_CS, R_SS, R_EBX, R_ECX, R_EDX, R_ESI, R_CR3, R_COUNT };
 
@@ -88,6 +89,8 @@ typedef struct {
     uint32_t *base;           /* DirectPaging.base: the current L2's machine address */
     uint32_t mmuext_seen, pad2;
     uint64_t mmuexts, mmuexts_total;
+    flush_page_fn flush_page; /* DirectPaging.on_flush_page's (PageFlush): NULL, INVLPG flushes it all */
+    void *cpu;                /* its CPUState */
     trap_t trap[256];
 } pv_t;
 
@@ -106,6 +109,8 @@ size_t pv_sizeof(void) { return sizeof(pv_t); }
 #define MMUEXT_NEW_BASEPTR 5u
 #define MMUEXT_TLB_FLUSH_LOCAL 6u
 #define MMUEXT_INVLPG_LOCAL 7u
+#define UVMF_INVLPG 2u                    /* update_va_mapping's flags (xen.h) */
+#define UVMF_FLUSHTYPE_MASK 3u
 #define FT_L2 3
 #define DOMID_SELF 0x7FF0u
 #define PTE_P 1u
@@ -197,6 +202,14 @@ static void hypercall_done(pv_t *s, void *uc, int dirty, uint32_t cr3) {
     if (wr(s, uc, R_EAX, 0) || (dirty && wr(s, uc, R_CR3, cr3))) s->refused(HYPERCALL_VECTOR);
 }
 
+/* DirectPaging.flush_page: the guest asked for one page to go and nothing else in the hypercall needs
+ * more. 0: the whole TLB must go (no page flush to call). */
+static int flush_one(pv_t *s, uint32_t linear) {
+    if (!s->flush_page) return 0;
+    s->flush_page(s->cpu, linear & 0xFFFFF000u);
+    return 1;
+}
+
 /* A hypercall from the kernel: 0 when Python must take it (ring 3, V86, an upcall due after it:
  * evtchn_upcall_pending with the mask clear). *base: DirectPaging.base, the directory the tables are
  * walked from and the CR3 a flush writes (flush_tlb). */
@@ -229,7 +242,12 @@ static int pv_uva(pv_t *s, void *uc) {
     if (!update_decide(s, (pde & 0xFFFFF000u) | ((va >> 10) & 0xFFC), lo, 1, &u)) return 0;
     *s->clock_now += s->hypercall_cycles;
     *s->clock_extra += s->hypercall_cycles;
-    dirty = update_make(s, &u) | ((flags & 3) != 0);
+    dirty = update_make(s, &u);
+    if (!dirty && (flags & UVMF_FLUSHTYPE_MASK) == UVMF_INVLPG) {
+        if (!flush_one(s, va)) dirty = 1;
+    } else if (flags & UVMF_FLUSHTYPE_MASK) {
+        dirty = 1;                        /* UVMF_TLB_FLUSH, and 3 (undefined in Xen) */
+    }
     hypercall_done(s, uc, dirty, cr3);
     s->uvas++;
     s->uvas_total++;
@@ -309,7 +327,7 @@ static int pv_mmuext(pv_t *s, void *uc) {
         if (p_old >= 0) s->frame_count[p_old]--;
         *s->base = op[1] << 12;
     }
-    hypercall_done(s, uc, 1, *s->base);
+    hypercall_done(s, uc, !(op[0] == MMUEXT_INVLPG_LOCAL && flush_one(s, op[1])), *s->base);
     s->mmuexts++;
     s->mmuexts_total++;
     return 1;

@@ -33,6 +33,7 @@ SHUTDOWN_poweroff, SHUTDOWN_crash = 0, 3
 MMU_NORMAL_PT_UPDATE = 0
 MMUEXT_PIN_L1_TABLE, MMUEXT_PIN_L2_TABLE, MMUEXT_UNPIN_TABLE, MMUEXT_NEW_BASEPTR = 0, 1, 4, 5
 MMUEXT_TLB_FLUSH_LOCAL, MMUEXT_INVLPG_LOCAL, MMUEXT_SET_LDT = 6, 7, 13
+UVMF_TLB_FLUSH, UVMF_INVLPG, UVMF_FLUSHTYPE_MASK = 1, 2, 3  # update_va_mapping's flags (xen.h)
 EVTCHNOP_bind_virq, EVTCHNOP_close, EVTCHNOP_send, EVTCHNOP_unmask = 1, 3, 4, 9
 PHYSDEVOP_set_iopl = 6
 XENVER_version = 0
@@ -264,7 +265,9 @@ def update_va_mapping(cpu) -> int:
             raise Refused(EINVAL, "high 32 bits set (non-PAE: 32-bit entries)")
         ptr = cpu.paging.l1_entry_for(va)
         kind = cpu.paging.update_entry(ptr, lo)
-        if flags & 3:  # UVMF_TLB_FLUSH / UVMF_INVLPG
+        if flags & UVMF_FLUSHTYPE_MASK == UVMF_INVLPG:
+            cpu.paging.flush_page(va)
+        elif flags & UVMF_FLUSHTYPE_MASK:  # UVMF_TLB_FLUSH (and 3, which Xen leaves undefined)
             cpu.paging.flush()
     except Refused as r:
         return cpu.refuse(r.errno, r.why)
@@ -342,8 +345,10 @@ def mmuext_op(cpu) -> int | None:
                 paging.unpin(arg1)
             elif cmd == MMUEXT_NEW_BASEPTR:
                 paging.new_baseptr(arg1)  # CR3 is written by the flush at the end
-            elif cmd in (MMUEXT_TLB_FLUSH_LOCAL, MMUEXT_INVLPG_LOCAL):
+            elif cmd == MMUEXT_TLB_FLUSH_LOCAL:
                 paging.flush()
+            elif cmd == MMUEXT_INVLPG_LOCAL:
+                paging.flush_page(arg1)  # arg1: linear_addr
             elif cmd == MMUEXT_SET_LDT:
                 _set_ldt(cpu, arg1, arg2)
             else:

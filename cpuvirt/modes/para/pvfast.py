@@ -28,7 +28,7 @@ import os
 from unicorn import UC_HOOK_INTR
 from unicorn.unicorn_py3 import unicorn as _ucmod
 
-from cpuvirt.cpu.fastdelivery import _PF_DONE, PF_REFUSED, EventBooks, FastDelivery
+from cpuvirt.cpu.fastdelivery import _PF_DONE, PF_REFUSED, EventBooks, FastDelivery, PageFlush
 from cpuvirt.cpu.vcpu import FETCH_FAULT_CYCLES
 from cpuvirt.engine import regs as R
 from cpuvirt.engine.cext import add_c_hook, load
@@ -116,6 +116,8 @@ class _State(ctypes.Structure):
         ("pad2", ctypes.c_uint32),
         ("mmuexts", ctypes.c_uint64),
         ("mmuexts_total", ctypes.c_uint64),
+        ("flush_page", ctypes.c_void_p),
+        ("cpu", ctypes.c_void_p),
         ("trap", _Trap * 256),
     ]
 
@@ -235,6 +237,9 @@ class PvFast:
         st.frame_type, st.nr_pages, st.hv_start = ctypes.addressof(self._types), n, HYPERVISOR_VIRT_START
         st.frame_count = address
         st.base = ctypes.addressof(paging._base)
+        flush = paging.on_flush_page
+        if isinstance(flush, PageFlush):
+            st.flush_page, st.cpu = flush.function, flush.cpu
 
     # -- the run ------------------------------------------------------------------------------------------
     def start(self) -> None:

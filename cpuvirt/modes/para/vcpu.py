@@ -186,7 +186,7 @@ class ParaVcpu(Vcpu):
             regs.write(R.EAX, result & 0xFFFFFFFF)
         if self.paging.work:
             self.clock.advance(ENTRY_CYCLES * self.paging.work)  # page-table entries validated/released
-        if self.paging.tlb_dirty:
+        if self.paging.flush_due:
             self.paging.flush_tlb()
         if tracing:
             self._trace_hypercall(nr, entry, result)
