@@ -2,9 +2,10 @@
 
 For random page-directory and page-table entries (present, R/W, U/S, A, D, PS bits), frames in RAM,
 beyond it and in the APIC page, CR0.WP, CR4.PSE and read/write accesses at CPL 0 (the engine refuses
-a ring-3 SS outside a ring change, so CPL 3 is covered by the golden traces instead): whenever the C fill answers, Mmu.fill must answer the same frame
-and permissions, and the C fill must have changed nothing (no A/D bit: those cases are Python's). The
-C fill must also answer a good share of them, or the test would pass with it switched off.
+a ring-3 SS outside a ring change, so CPL 3 is covered by the golden traces instead): whenever the C fill answers, Mmu.fill on the same state must answer the same frame
+and permissions, leave the same entries (the accessed and dirty bits the walk sets: C sets them too) and
+count the same walk references; where C declines it must have changed nothing. The C fill must also
+answer a good share of them, or the test would pass with it switched off.
 """
 import ctypes
 import random
@@ -56,15 +57,32 @@ def test_c_fill_agrees_with_the_python_fill():
         m.regs.write(R.CR0, cr0)
         mmu.crs = None
         access = rng.choice((16, 17))
-        before = (m.read_gpa(PD, 4), m.read_gpa(PT, 4))
-        e = Entry()
-        if hook(m.uc._uch, 0, access, ctypes.byref(e), state):
-            answered += 1
-            assert (m.read_gpa(PD, 4), m.read_gpa(PT, 4)) == before, "the C fill changed a paging entry"
-            p = Entry()
-            assert mmu.fill(m.uc, 0, access, p, None)
-            assert (e.paddr, e.perms) == (p.paddr, p.perms), (hex(pde), hex(pte_bits), hex(cr0), cr4, access)
+        answered += _same_as_python(m, fast, hook, state, 0, access, (PD, PT), (hex(pde), hex(pte_bits), hex(cr0), cr4))
     assert answered > 100, answered
+
+
+def _same_as_python(m, fast, hook, state, vaddr, access, tables, why) -> int:
+    """Run the C fill, then Mmu.fill on the state C started from: 1 if C answered (and agreed), 0 if it
+    declined (and changed nothing)."""
+    mmu = m.mmu
+    before = [m.read_gpa(t, 4) for t in tables]
+    c0 = fast.counts()
+    e = Entry()
+    if not hook(m.uc._uch, vaddr, access, ctypes.byref(e), state):
+        assert [m.read_gpa(t, 4) for t in tables] == before, ("a declined C fill changed an entry", why)
+        return 0
+    c1 = fast.counts()
+    after_c = [m.read_gpa(t, 4) for t in tables]
+    for t, v in zip(tables, before):
+        m.write_gpa(t, v)
+    k = mmu.counters
+    py0 = (k.fills, k.walks, k.walk_refs)
+    p = Entry()
+    assert mmu.fill(m.uc, vaddr, access, p, None)
+    assert (e.paddr, e.perms) == (p.paddr, p.perms), why
+    assert [m.read_gpa(t, 4) for t in tables] == after_c, ("A/D bits differ", why)
+    assert tuple(b - a for a, b in zip(c0, c1)) == (k.fills - py0[0], k.walks - py0[1], k.walk_refs - py0[2]), why
+    return 1
 
 
 def test_c_fill_answers_fetches_only_from_pairs_python_has_seen():
@@ -97,9 +115,16 @@ def test_c_fill_answers_fetches_only_from_pairs_python_has_seen():
         assert (e.paddr, e.perms) == (p.paddr, p.perms)
     assert not hook(m.uc._uch, 0x1000, 18, ctypes.byref(Entry()), state)   # same frame, new page
     assert mmu.fill(m.uc, 0x1000, 18, Entry(), None) and len(scans) == 2
-    m.write_gpa(PT, (DATA | 0x47).to_bytes(4, "little"))             # A clear: the walk must set it
-    assert not hook(m.uc._uch, 0, 18, ctypes.byref(Entry()), state)
-    assert len(scans) == 2 and fast.counts()[0] == answered + 3
+    m.write_gpa(PT + 4, (DATA | 0x47).to_bytes(4, "little"))         # A clear: the walk sets it, in C too
+    assert hook(m.uc._uch, 0x1000, 18, ctypes.byref(Entry()), state)
+    assert m.read_gpa(PT + 4, 4) == (DATA | 0x67).to_bytes(4, "little")
+    assert len(scans) == 2 and fast.counts()[0] == answered + 4
+    # SMEP: a kernel fetch from a user page, even of a pair fetched before, is the walk's #PF, never C's
+    m.regs.write(R.CR4, 0x100000)
+    mmu.crs = None
+    assert not hook(m.uc._uch, 0x1000, 18, ctypes.byref(Entry()), state)
+    assert not mmu.fill(m.uc, 0x1000, 18, Entry(), None)             # the walk: #PF (P | I)
+    assert mmu.take_pending().error_code == 0x11
 
 
 def test_c_ept_fill_agrees_with_the_python_ept_walk():
@@ -195,23 +220,11 @@ def test_c_direct_fill_agrees_with_para_direct_paging():
         m.write_gpa(PD + (vaddr >> 22) * 4, pde.to_bytes(4, "little"))
         m.write_gpa(PT, (frame | pte_bits).to_bytes(4, "little"))
         access = rng.choice((16, 17))
-        before = (m.read_gpa(PD, 4), m.read_gpa(PT, 4))
-        c0 = fast.counts()
-        e = Entry()
-        if hook(m.uc._uch, vaddr, access, ctypes.byref(e), state):
-            assert not window, "the C fill answered in the hypervisor's window"
-            answered += 1
-            c1 = fast.counts()
-            assert (m.read_gpa(PD, 4), m.read_gpa(PT, 4)) == before, "the C fill changed a paging entry"
-            p = Entry()
-            k = mmu.counters
-            py0 = (k.fills, k.walks, k.walk_refs)
-            assert mmu.fill(m.uc, vaddr, access, p, None)
-            assert (e.paddr, e.perms) == (p.paddr, p.perms), (hex(pde), hex(frame | pte_bits), access)
-            assert tuple(b - a for a, b in zip(c0, c1)) == (k.fills - py0[0], k.walks - py0[1],
-                                                             k.walk_refs - py0[2])
-        elif window:
-            declined_window += 1
+        took = _same_as_python(m, fast, hook, state, vaddr, access, (PD + (vaddr >> 22) * 4, PT),
+                               (hex(pde), hex(frame | pte_bits), access))
+        assert not (took and window), "the C fill answered in the hypervisor's window"
+        answered += took
+        declined_window += window and not took
     assert answered > 100 and declined_window > 100, (answered, declined_window)
     # A write-traced frame (para: the shared-info frame while an event waits behind the mask) must reach
     # Mmu.fill, which the C walk cannot tell: it steps aside while any frame is traced.

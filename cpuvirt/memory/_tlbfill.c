@@ -57,6 +57,7 @@ size_t fastfill_sizeof(void) { return sizeof(fastfill_t); }
 #define CR0_PG 0x80000000u
 #define CR0_WP 0x10000u
 #define CR4_PSE 0x10u
+#define CR4_SMEP 0x100000u
 
 static inline int read_entry(const fastfill_t *s, uint64_t gpa, uint32_t *out) {
     if (gpa >= s->ram_bytes || s->ram_bytes - gpa < 4) return 0;   /* an offset wrapped below RAM too */
@@ -64,11 +65,19 @@ static inline int read_entry(const fastfill_t *s, uint64_t gpa, uint32_t *out) {
     return 1;
 }
 
+static inline void write_entry(const fastfill_t *s, uint64_t gpa, uint32_t value) {
+    *(uint32_t *)((uint8_t *)s->ram + gpa) = value;   /* read_entry checked gpa */
+}
+
+/* The guest walk of memory/walk.py for the cases it answers: entries present, rights granted, the frame
+ * in RAM. It sets the accessed and dirty bits that walk would set (PDE.A on the way to a page table,
+ * the leaf's A, and D for a write), counting each such write as a reference as walk does, but only once
+ * it has decided to answer: a declined fill leaves every entry as it was, for Mmu.fill to walk again. */
 int fastfill_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *user_data) {
     fastfill_t *s = (fastfill_t *)user_data;
-    uint64_t cr0 = 0, cr3 = 0, cr4 = 0, ss = 0, gpa;
+    uint64_t cr0 = 0, cr3 = 0, cr4 = 0, ss = 0, gpa, pde_gpa = 0, leaf_gpa = 0;
     uint64_t base = s->hv_start ? s->ram_hpa : 0;      /* entries hold base + offset in RAM */
-    uint32_t pde, leaf, rights, refs;
+    uint32_t pde = 0, leaf = 0, rights, refs, set_pde = 0, set_leaf = 0;
     int write = type == MEM_WRITE, user, writable, ok;
     if (!s->enabled || (type != MEM_READ && type != MEM_WRITE && type != MEM_FETCH)) return 0;
     if (s->hv_start && vaddr >= s->hv_start) return 0;   /* the hypervisor's window (GDT, LDT frames) */
@@ -82,28 +91,41 @@ int fastfill_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *user
         if (s->reg_read(uc, s->cr3, &cr3) || s->reg_read(uc, s->cr4, &cr4) || s->reg_read(uc, s->ss, &ss))
             return 0;
         user = (ss & 3) == 3;
-        if (!read_entry(s, ((cr3 & 0xFFFFF000u) | ((vaddr >> 20) & 0xFFC)) - base, &pde) || !(pde & P)) return 0;
+        pde_gpa = ((cr3 & 0xFFFFF000u) | ((vaddr >> 20) & 0xFFC)) - base;
+        if (!read_entry(s, pde_gpa, &pde) || !(pde & P)) return 0;
         if ((pde & PS) && (cr4 & CR4_PSE)) {
             if (pde & 0x003FE000u) return 0;          /* reserved bit 21, or PSE-36 bits: Python */
             leaf = rights = pde;
+            leaf_gpa = pde_gpa;
             gpa = ((pde & 0xFFC00000u) | (vaddr & 0x003FF000u)) - base;
             refs = 1;
         } else {
-            if (!(pde & A)) return 0;                 /* the walk would set PDE.A */
-            if (!read_entry(s, ((pde & 0xFFFFF000u) | ((vaddr >> 10) & 0xFFC)) - base, &leaf) || !(leaf & P))
-                return 0;
+            if (!(pde & A)) set_pde = A;              /* the walk sets PDE.A (SDM 4.8) */
+            leaf_gpa = ((pde & 0xFFFFF000u) | ((vaddr >> 10) & 0xFFC)) - base;
+            if (!read_entry(s, leaf_gpa, &leaf) || !(leaf & P)) return 0;
             rights = pde & leaf;
             gpa = (leaf & 0xFFFFF000u) - base;
             refs = 2;
         }
         if (user && !(rights & US)) return 0;
+        if (type == MEM_FETCH && !user && (rights & US) && (cr4 & CR4_SMEP)) return 0;   /* #PF: Python's */
         writable = (rights & RW) || (!user && !(cr0 & CR0_WP));
-        if (write ? (!writable || (leaf & (A | D)) != (A | D)) : !(leaf & A)) return 0;
+        if (write && !writable) return 0;
+        set_leaf = write ? (A | D) & ~leaf : A & ~leaf;
         ok = writable && ((leaf & D) || write);
     }
     if (gpa >= s->ram_bytes) return 0;                /* MMIO or unbacked: Python */
     if (type == MEM_FETCH && s->fetched[gpa >> 12] != (((uint32_t)vaddr & 0xFFFFF000u) | 1u))
         return 0;                                     /* a new (page, frame) pair: Python scans it */
+    if (set_pde) {
+        write_entry(s, pde_gpa, pde | A);
+        refs++;
+        if (leaf_gpa == pde_gpa) leaf |= A;           /* a table that maps itself: one entry */
+    }
+    if (set_leaf & ~leaf) {
+        write_entry(s, leaf_gpa, leaf | set_leaf);
+        refs++;
+    }
     e->paddr = s->ram_hpa + gpa;
     e->perms = PROT_READ | (ok ? PROT_WRITE : 0) | (s->code[gpa >> 12] ? PROT_EXEC : 0);
     s->fills++;
@@ -241,6 +263,7 @@ static int eptfill(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, eptfill_t
             grefs = 2;
         }
         if (user && !(rights & US)) return 0;
+        if (type == MEM_FETCH && !user && (rights & US) && (cr4 & CR4_SMEP)) return 0;   /* #PF: Python's */
         writable = (rights & RW) || (!user && !(cr0 & CR0_WP));
         if (write ? (!writable || (leaf & (A | D)) != (A | D)) : !(leaf & A)) return 0;
         ok = writable && ((leaf & D) || write);

@@ -229,20 +229,20 @@ loop_mmu:
 loop_ext:
     mov ebx, 6
     mov ecx, 0
-    call ext0
+    call ext1
     mov ebx, 5
     mov ecx, dword ptr [l2_mfn]
-    call ext0
+    call ext1
     dec edi
     jnz loop_ext
     EXPECT(0, n_ext_loop)
     mov ebx, 5
     mov ecx, dword ptr [mfn1]
-    call ext0
+    call ext1
     EXPECT(-EINVAL, n_ext_bad_base)
     mov ebx, 99
     mov ecx, 0
-    call ext0
+    call ext1
     EXPECT(-ENOSYS, n_ext_unknown)
     mov ebx, dword ptr [va1]
     mov dword ptr [ebx + 4], 0x5678
@@ -265,18 +265,18 @@ loop_ext:
     EXPECT(0, n_dir_ro)
     mov ebx, 1
     mov ecx, dword ptr [mfn3]
-    call ext0
+    call ext1
     EXPECT(0, n_dir_pin)
     mov edi, 10
 loop_switch:
     mov ebx, 5
     mov ecx, dword ptr [mfn3]
-    call ext0
+    call ext1
     mov ebx, dword ptr [va1]
     add dword ptr [ebx + 4], 1
     mov ebx, 5
     mov ecx, dword ptr [l2_mfn]
-    call ext0
+    call ext1
     dec edi
     jnz loop_switch
     EXPECT(0, n_dir_switch)
@@ -285,16 +285,16 @@ loop_switch:
     EXPECT(0x5678 + 10, n_dir_mem)
     mov ebx, 4
     mov ecx, dword ptr [mfn3]
-    call ext0
+    call ext1
     EXPECT(0, n_dir_unpin)
     # unpinned, its only reference gone: NEW_BASEPTR to it validates it again (Python's), and back
     mov ebx, 5
     mov ecx, dword ptr [mfn3]
-    call ext0
+    call ext1
     EXPECT(0, n_dir_revalidate)
     mov ebx, 5
     mov ecx, dword ptr [l2_mfn]
-    call ext0
+    call ext1
     EXPECT(0, n_dir_back)
 
     # hostile: a writable mapping of an L1 table (the first PDE's) is refused
@@ -321,47 +321,6 @@ loop_switch:
     mov esp, eax
     int 0x80
     xor eax, eax
-    ret
-
-# mmu0: ebx = machine address of an entry, ecx = value -> eax = mmu_update(one request, no `done`)
-mmu0:
-    push ebx
-    push ecx
-    push edx
-    push esi
-    mov dword ptr [req0], ebx
-    mov dword ptr [req0 + 4], 0
-    mov dword ptr [req0 + 8], ecx
-    mov dword ptr [req0 + 12], 0
-    mov ebx, req0
-    mov ecx, 1
-    xor edx, edx
-    mov esi, DOMID_SELF
-    HC(1)
-    pop esi
-    pop edx
-    pop ecx
-    pop ebx
-    ret
-
-# ext0: ebx = command, ecx = arg1 -> eax = mmuext_op(one op, no `done`)
-ext0:
-    push ebx
-    push ecx
-    push edx
-    push esi
-    mov dword ptr [op0], ebx
-    mov dword ptr [op0 + 4], ecx
-    mov dword ptr [op0 + 8], 0
-    mov ebx, op0
-    mov ecx, 1
-    xor edx, edx
-    mov esi, DOMID_SELF
-    HC(26)
-    pop esi
-    pop edx
-    pop ecx
-    pop ebx
     ret
 
 # Handlers: record the frame, skip the faulting instruction, return through HYPERVISOR_iret.
@@ -439,8 +398,6 @@ va3: .long 0
 mfn3: .long 0
 mfn2: .long 0
 pte_ma: .long 0
-req0: .long 0, 0, 0, 0
-op0: .long 0, 0, 0
 l2_mfn: .long 0
 va1: .long 0
 mfn0: .long 0

@@ -57,7 +57,7 @@ main:
     EXPECT(0xC2, n_stale_after_uva)
     mov ebx, 7                          # MMUEXT_INVLPG_LOCAL of va0: the same
     mov ecx, dword ptr [va0]
-    call ext0
+    call ext1
     EXPECT(0, n_ext_other)
     mov eax, dword ptr [va2]
     mov eax, dword ptr [eax]
@@ -65,7 +65,7 @@ main:
     # MMUEXT_INVLPG_LOCAL of va2 itself: the new frame shows
     mov ebx, 7
     mov ecx, dword ptr [va2]
-    call ext0
+    call ext1
     EXPECT(0, n_ext_own)
     mov eax, dword ptr [va2]
     mov eax, dword ptr [eax]
@@ -109,51 +109,9 @@ main:
     xor eax, eax
     ret
 
-# mmu0: ebx = machine address of an entry, ecx = value -> eax = mmu_update(one request, no `done`)
-mmu0:
-    push ebx
-    push ecx
-    push edx
-    push esi
-    mov dword ptr [req0], ebx
-    mov dword ptr [req0 + 4], 0
-    mov dword ptr [req0 + 8], ecx
-    mov dword ptr [req0 + 12], 0
-    mov ebx, req0
-    mov ecx, 1
-    xor edx, edx
-    mov esi, DOMID_SELF
-    HC(1)
-    pop esi
-    pop edx
-    pop ecx
-    pop ebx
-    ret
-
-# ext0: ebx = command, ecx = arg1 -> eax = mmuext_op(one op, no `done`)
-ext0:
-    push ebx
-    push ecx
-    push edx
-    push esi
-    mov dword ptr [op0], ebx
-    mov dword ptr [op0 + 4], ecx
-    mov dword ptr [op0 + 8], 0
-    mov ebx, op0
-    mov ecx, 1
-    xor edx, edx
-    mov esi, DOMID_SELF
-    HC(26)
-    pop esi
-    pop edx
-    pop ecx
-    pop ebx
-    ret
 
 .data
 .align 8
-req0: .long 0, 0, 0, 0
-op0: .long 0, 0, 0
 va0: .long 0
 va1: .long 0
 va2: .long 0
