@@ -128,8 +128,8 @@ def test_c_fill_answers_fetches_only_from_pairs_python_has_seen():
 
 
 def test_c_ept_fill_agrees_with_the_python_ept_walk():
-    """hw's C fill under EPT (eptfill_hook) against Mmu.fill over EptWalk: same frame and permissions
-    whenever C answers, nothing changed, the same walk and reference counts; frames include one EPT
+    """hw's C fill under EPT (eptfill_hook) against Mmu.fill over EptWalk: same frame, permissions, A/D
+    bits set and walk and reference counts (an A/D write is an EPT translation too) whenever C answers; frames include one EPT
     maps read-only (C must decline it: an EPT entry without every right) and the APIC-access page."""
     from cpuvirt.memory.ept import EPT_R
     from cpuvirt.memory.fastfill import EptFastFill
@@ -164,20 +164,8 @@ def test_c_ept_fill_agrees_with_the_python_ept_walk():
         mmu.crs = None
         access = rng.choice((16, 17))
         vaddr = 0 if paging else rng.choice((DATA, DATA + 0x3000, MEM + 0x1000))
-        before = (m.read_gpa(PD, 4), m.read_gpa(PT, 4))
-        c0 = fast.counts()
-        e = Entry()
-        if hook(m.uc._uch, vaddr, access, ctypes.byref(e), state):
-            answered += 1
-            c1 = fast.counts()
-            assert (m.read_gpa(PD, 4), m.read_gpa(PT, 4)) == before, "the C fill changed a paging entry"
-            p = Entry()
-            k = mmu.counters
-            py0 = (k.fills, k.walks, k.walk_refs)
-            assert mmu.fill(m.uc, vaddr, access, p, None)
-            assert (e.paddr, e.perms) == (p.paddr, p.perms), (hex(pde), hex(pte_bits), hex(cr0), access)
-            assert tuple(b - a for a, b in zip(c0, c1)) == (k.fills - py0[0], k.walks - py0[1],
-                                                             k.walk_refs - py0[2])
+        answered += _same_as_python(m, fast, hook, state, vaddr, access, (PD, PT),
+                                    (hex(pde), hex(pte_bits), hex(cr0), access))
     assert answered > 100, answered
 
 

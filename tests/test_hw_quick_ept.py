@@ -133,7 +133,9 @@ def test_quick_ept_exits_leave_what_the_full_exit_leaves(quick_ept, monkeypatch)
     q, n = quick[2], quick[2].stats[ExitReason.EPT_VIOLATION]
     assert slow[2].quick_ept_exits == 0 and slow[2].fast_fill.quick_exits == 0
     assert q.quick_ept_exits >= 240 and q.quick_ept_exits < n  # the paging phase's guest PTE updates: full
-    assert q._ept_c.c_total >= 40 and q.fast_fill.quick_exits >= 40  # both the C and the Python quick exit
+    # both the C and the Python quick exit (since the C fill sets A/D bits, the paging phase's first touches
+    # reach the quick exit too, mostly through Python's: 313 quick exits, 33 of them in C, on 2026-12-04)
+    assert q._ept_c.c_total >= 30 and q.fast_fill.quick_exits >= 40
     assert q._ept_c.c_total + q.fast_fill.quick_exits == q.quick_ept_exits
 
 

@@ -229,9 +229,28 @@ static inline int64_t ept_ram(const eptfill_t *s, uint64_t gpa, uint32_t *refs) 
 
 static int quick_in_c(eptfill_t *s, void *uc, uint64_t vaddr, int type, uint64_t gpa);
 
+/* The accessed/dirty bits the guest walk sets (fastfill_hook's rule), through EPT as EptWalk.write32
+ * writes them: each write is a guest reference and an EPT translation for write (refs). The tables'
+ * EPT entries were found read/write/execute on the way down, so the translations succeed. */
+static void ept_set_ad(eptfill_t *s, uint64_t pde_gpa, uint32_t pde, uint32_t set_pde, uint64_t leaf_gpa,
+                       uint32_t leaf, uint32_t set_leaf, uint32_t *refs, uint32_t *grefs) {
+    int64_t off;
+    if (set_pde) {
+        off = ept_ram(s, pde_gpa, refs);
+        if (off >= 0) *(uint32_t *)((uint8_t *)s->ram + off) = pde | A;
+        (*grefs)++;
+        if (leaf_gpa == pde_gpa) leaf |= A;           /* a table that maps itself: one entry */
+    }
+    if (set_leaf & ~leaf) {
+        off = ept_ram(s, leaf_gpa, refs);
+        if (off >= 0) *(uint32_t *)((uint8_t *)s->ram + off) = leaf | set_leaf;
+        (*grefs)++;
+    }
+}
+
 static int eptfill(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, eptfill_t *s, int retry) {
-    uint64_t cr0 = 0, cr3 = 0, cr4 = 0, ss = 0, gpa;
-    uint32_t pde, leaf, rights, refs = 0, grefs = 0, walk_refs;
+    uint64_t cr0 = 0, cr3 = 0, cr4 = 0, ss = 0, gpa, pde_gpa = 0, leaf_gpa = 0;
+    uint32_t pde = 0, leaf = 0, rights, refs = 0, grefs = 0, walk_refs, set_pde = 0, set_leaf = 0;
     int64_t off;
     int write = type == MEM_WRITE, user, writable, ok;
     if (!s->enabled || (type != MEM_READ && type != MEM_WRITE && type != MEM_FETCH)) return 0;
@@ -243,18 +262,21 @@ static int eptfill(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, eptfill_t
         if (s->reg_read(uc, s->cr3, &cr3) || s->reg_read(uc, s->cr4, &cr4) || s->reg_read(uc, s->ss, &ss))
             return 0;
         user = (ss & 3) == 3;
-        off = ept_ram(s, (cr3 & 0xFFFFF000u) | ((vaddr >> 20) & 0xFFC), &refs);
+        pde_gpa = (cr3 & 0xFFFFF000u) | ((vaddr >> 20) & 0xFFC);
+        off = ept_ram(s, pde_gpa, &refs);
         if (off < 0) return 0;
         pde = *(const uint32_t *)(s->ram + off);
         if (!(pde & P)) return 0;
         if ((pde & PS) && (cr4 & CR4_PSE)) {
             if (pde & 0x003FE000u) return 0;
             leaf = rights = pde;
+            leaf_gpa = pde_gpa;
             gpa = (pde & 0xFFC00000u) | (vaddr & 0x003FF000u);
             grefs = 1;
         } else {
-            if (!(pde & A)) return 0;
-            off = ept_ram(s, (pde & 0xFFFFF000u) | ((vaddr >> 10) & 0xFFC), &refs);
+            if (!(pde & A)) set_pde = A;              /* the walk sets PDE.A (SDM 4.8) */
+            leaf_gpa = (pde & 0xFFFFF000u) | ((vaddr >> 10) & 0xFFC);
+            off = ept_ram(s, leaf_gpa, &refs);
             if (off < 0) return 0;
             leaf = *(const uint32_t *)(s->ram + off);
             if (!(leaf & P)) return 0;
@@ -265,7 +287,8 @@ static int eptfill(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, eptfill_t
         if (user && !(rights & US)) return 0;
         if (type == MEM_FETCH && !user && (rights & US) && (cr4 & CR4_SMEP)) return 0;   /* #PF: Python's */
         writable = (rights & RW) || (!user && !(cr0 & CR0_WP));
-        if (write ? (!writable || (leaf & (A | D)) != (A | D)) : !(leaf & A)) return 0;
+        if (write && !writable) return 0;
+        set_leaf = write ? (A | D) & ~leaf : A & ~leaf;
         ok = writable && ((leaf & D) || write);
     }
     walk_refs = refs;
@@ -276,7 +299,8 @@ static int eptfill(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, eptfill_t
             s->quick_exits++;
         }
         /* The refused attempt, as Mmu.fill counts it: a fill, a walk with paging and the entries it read
-         * (not those of the final translation, which raised before EptWalk counted them). */
+         * and wrote (not those of the final translation, which raised before EptWalk counted them). */
+        ept_set_ad(s, pde_gpa, pde, set_pde, leaf_gpa, leaf, set_leaf, &walk_refs, &grefs);
         s->fills++;
         if (cr0 & CR0_PG) s->walks++;
         s->walk_refs += walk_refs + grefs;
@@ -285,6 +309,7 @@ static int eptfill(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, eptfill_t
     if (off < 0) return 0;
     if (type == MEM_FETCH && s->fetched[off >> 12] != (((uint32_t)vaddr & 0xFFFFF000u) | 1u))
         return 0;                                     /* a new (page, frame) pair: Python scans it */
+    ept_set_ad(s, pde_gpa, pde, set_pde, leaf_gpa, leaf, set_leaf, &refs, &grefs);
     e->paddr = s->ram_hpa + (uint64_t)off;
     e->perms = PROT_READ | (ok ? PROT_WRITE : 0) | (s->code[off >> 12] ? PROT_EXEC : 0);
     s->fills++;
