@@ -318,6 +318,36 @@ def engine_cpu_state(uc) -> int | None:
     return int.from_bytes(cpu, "little")
 
 
+def engine_env(uc) -> int | None:
+    """The address of this engine's CPUX86State (what uc_context_save copies), checked as
+    engine_cpu_state checks it; None when libunicorn is not of the expected shape."""
+    cpu = engine_cpu_state(uc)
+    found = _cpu_field()
+    env = _read_process(cpu + found[1], 8) if cpu is not None and found is not None else None
+    return int.from_bytes(env, "little") if env else None
+
+
+def context_header(uc, env: int) -> int | None:
+    """Where the copy of CPUX86State starts in a saved context (offsets found in a context count from
+    the context itself): the offset at which the context's bytes equal the live state's, with EAX and
+    ECX (its first fields) holding probe values so that the match is unique."""
+    eax, ecx = uc.reg_read(R.EAX), uc.reg_read(R.ECX)
+    try:
+        uc.reg_write(R.EAX, 0x5A17C0DE)
+        uc.reg_write(R.ECX, 0x0BADF00D)
+        ctx = uc.context_save()
+        base = ctypes.cast(ctx.context, ctypes.c_void_p).value
+        live = _read_process(env, 64)
+        blob = _read_process(base, 256 + 64) if base else None
+    finally:
+        uc.reg_write(R.EAX, eax)
+        uc.reg_write(R.ECX, ecx)
+    if live is None or blob is None or blob.count(live) != 1:
+        return None
+    at = blob.find(live)
+    return at if at <= 256 else None
+
+
 def _engine_cpu(uc) -> tuple[int, int] | None:
     """(offset of uc_struct's CPUState pointer, address of QEMU's cpu_loop_exit) for this engine, checked
     (engine_cpu_state). None: the #PF stays Python's (the engine must stop to leave a faulting instruction)."""

@@ -98,3 +98,17 @@ class EngineSegments:
     def code32(self) -> bool:
         """CS.D: does the code segment default to 32-bit operands and addresses?"""
         return bool(self._segs[_SEG_INDEX[R.CS]].flags >> 22 & 1)
+
+
+def live_segment(uc, reg: int) -> _SegmentCache | None:
+    """`reg`'s cache as the engine holds it now, in its CPU state rather than a saved copy: a read costs
+    no context save. Checked against the selector the engine reports; None where it cannot be found."""
+    from cpuvirt.cpu.fastdelivery import context_header, engine_env
+
+    off = segs_offset()
+    env = engine_env(uc) if off is not None else None
+    header = context_header(uc, env) if env is not None else None
+    if off is None or env is None or header is None:
+        return None
+    cache = _SegmentCache.from_address(env + off - header + _SEG_INDEX[reg] * ctypes.sizeof(_SegmentCache))
+    return cache if cache.selector == uc.reg_read(reg) else None

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ctypes
 from collections import Counter
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from unicorn import UC_HOOK_INSN, UC_HOOK_TLB_FILL, UcError
 from unicorn import x86_const as X
@@ -947,6 +947,7 @@ class Vcpu:
         self.deliver(Vector.GP, eip, 0)
 
     _engine_segments = None
+    _live_cs: Any = None  # CS's segment cache in the engine's CPU state (False: not found), running_code32
 
     def engine_segments(self):
         """The engine's segment caches (cpu/segcache.py), refreshed; None if they cannot be read."""
@@ -966,6 +967,13 @@ class Vcpu:
         protected mode it costs one read of the engine's segment caches (D = 1 if unreadable)."""
         if not self.regs.read(R.CR0) & 1 or self.regs.read(R.EFLAGS) & EFLAGS_VM:
             return False
+        cs = self._live_cs
+        if cs is None:
+            from cpuvirt.cpu.segcache import live_segment
+
+            cs = self._live_cs = live_segment(self.uc, R.CS) or False
+        if cs is not False:
+            return bool(cs.flags >> 22 & 1)
         segs = self.engine_segments()
         return segs is None or segs.code32()
 

@@ -217,6 +217,7 @@ class Machine:
         self.map_mmio(HPET_BASE_GPA, HPET_SIZE, _Replans(self.hpet, self))
         self._insn_counter: Any = None  # capstone Cs (32-bit), made on first use
         self._insn_counter16: Any = None
+        self._decoded: dict[tuple[int, bool, bytes], tuple[list, tuple | None]] = {}  # _count_block's decodes
         self.block_observer = None  # callback(insns) -> True to stop and retranslate the block
         self.code32: Callable[[], bool] | None = None  # does the code running now decode as 32-bit?
         self.on_new_block = None  # callback(address): caches keyed by block must drop it
@@ -550,13 +551,23 @@ class Machine:
                 code32 = self.code32()
             else:
                 code32 = bool(self.regs.read(CR0_REG) & 1) and not self.regs.read(EFLAGS_REG) & EFLAGS_VM
-            counter = self._insn_counter if code32 else self._insn_counter16
-            insns = list(counter.disasm_lite(code, address))
+            # The engine translates the same code again and again (a fork runs its parent's code from new
+            # frames; a freed frame loses its blocks): a block decoded before, the same bytes at the same
+            # address in the same mode, is not decoded again.
+            key = (address, code32, code)
+            decoded = self._decoded.get(key)
+            if decoded is None:
+                counter = self._insn_counter if code32 else self._insn_counter16
+                insns = list(counter.disasm_lite(code, address))
+                entry = (tuple(i[0] for i in insns), insns[-1][0] + insns[-1][1]) if insns else None
+                decoded = (insns, entry)
+                limits.put(self._decoded, key, decoded)
+            insns, entry = decoded
             if self.on_new_block is not None:
                 self.on_new_block(address)
-            if insns:
-                last = insns[-1]
-                limits.put(self.block_insns, address, (tuple(i[0] for i in insns), last[0] + last[1]))
+            if entry is not None:
+                if self.block_insns.get(address) != entry:  # the mirrors hold what the table holds
+                    limits.put(self.block_insns, address, entry)
             else:
                 # Nothing decodes (the engine cut the block at an instruction that faults when it is
                 # translated): no list, rather than the one of code that was there before.

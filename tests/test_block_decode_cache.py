@@ -1,0 +1,59 @@
+"""Machine._count_block decodes a block once per (address, mode, bytes): the engine translates the same
+code again and again (xv6's forks run their parent's code from new frames: 764,031 counts of 1,426
+distinct blocks in one `usertests`), and each translation asks the clock for the block's count again."""
+from cpuvirt.machine.machine import Machine
+from cpuvirt.memory.types import GVA
+from cpuvirt.modes import get_mode
+
+
+def _machine(code: bytes, at: int = 0x2000):
+    m = Machine(4)
+    get_mode("native")(m)
+    m.set_flat_protected_mode(0x500)
+    m.write_gpa(at, code)
+    return m
+
+
+def _calls(m):
+    m._count_block(0x2000, 1)  # makes the decoders
+    calls = []
+    for attr in ("_insn_counter", "_insn_counter16"):
+        counter = getattr(m, attr)
+        real = counter.disasm_lite
+
+        def counted(code, address, *rest, real=real):
+            calls.append(address)
+            return real(code, address, *rest)
+
+        counter.disasm_lite = counted
+    return calls
+
+
+# 66 B8 34 12 90 90: 32-bit code reads `mov ax, 0x1234; nop; nop` (3 instructions); 16-bit code reads
+# `mov eax, 0x90901234` (1)
+CODE = bytes.fromhex("66b834129090")
+
+
+def test_the_same_bytes_are_decoded_once_and_counted_the_same():
+    m = _machine(CODE)
+    calls = _calls(m)
+    m.code32 = lambda: True
+    counts = [m._count_block(0x2000, len(CODE)) for _ in range(5)]
+    assert counts == [3] * 5 and calls == [0x2000]
+    assert m.block_insns[0x2000] == ((0x2000, 0x2004, 0x2005), 0x2006)
+
+
+def test_the_mode_and_the_bytes_are_part_of_the_key():
+    m = _machine(CODE)
+    calls = _calls(m)
+    m.code32 = lambda: True
+    assert m._count_block(0x2000, len(CODE)) == 3
+    m.code32 = lambda: False  # the same bytes in a 16-bit code segment
+    assert m._count_block(0x2000, len(CODE)) == 1
+    assert m.block_insns[0x2000] == ((0x2000,), 0x2006)
+    m.code32 = lambda: True
+    m.write_gpa(0x2000, bytes.fromhex("909090909090"))  # rewritten in place
+    assert m._count_block(0x2000, 6) == 6
+    assert m.block_insns[0x2000][0] == tuple(range(0x2000, 0x2006))
+    assert len(calls) == 3
+    assert m.mmu.fetch_bytes(GVA(0x2000), 6) == bytes.fromhex("909090909090")
