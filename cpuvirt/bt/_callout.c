@@ -95,6 +95,11 @@ typedef struct {
     int32_t eax_reg, edx_reg;  /* UC_X86_REG_EAX, UC_X86_REG_EDX */
     int32_t esp_reg, eflags_reg;
     int32_t seg_reg[6];        /* UC_X86_REG_ES .. GS by QEMU segment index */
+    int32_t ss_reg;
+    /* the virtual-CPU snapshot translations are checked against (modes/full/coherence.py _vsnap): its
+     * real CS, SS and IOPL. C serves an event only while they hold, so that the Python path's
+     * _virtual_changed would find nothing to drop */
+    uint32_t snap_ok, snap_cs, snap_ss, snap_iopl;
     /* the hypervisor-TLB copy (its generation bumped by mov_cr's flushes), the virtual GDTR, CR2, IOPL,
      * `_loaded`, NMI blocking (cpu/_evseg.h, cpu/evseg.py) */
     evseg_t ev;
@@ -179,7 +184,10 @@ static int load_segment(callouts_t *t, void *uc, int seg, uint32_t selector) {
 static int events(callouts_t *t, void *uc, uint64_t i, uint8_t k, uint64_t cs, uint64_t *eip) {
     uint64_t v = 0, esp = 0, fl = 0;
     uint8_t a = t->arg[i];
-    if (!t->events_on) return 0;
+    if (!t->events_on || !t->snap_ok || t->ev.iopl != t->snap_iopl || (uint32_t)cs != t->snap_cs) return 0;
+    t->reg_read(uc, t->ss_reg, &v);
+    if ((uint32_t)v != t->snap_ss) return 0;
+    v = 0;
     if (k == MOV_SREG) {
         t->reg_read(uc, t->gpr_reg[a & 7], &v);
         return load_segment(t, uc, (a >> 3) & 7, (uint32_t)v) ? k : 0;

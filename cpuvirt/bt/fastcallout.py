@@ -98,6 +98,11 @@ class _Table(ctypes.Structure):
         ("esp_reg", ctypes.c_int32),
         ("eflags_reg", ctypes.c_int32),
         ("seg_reg", ctypes.c_int32 * 6),
+        ("ss_reg", ctypes.c_int32),
+        ("snap_ok", ctypes.c_uint32),
+        ("snap_cs", ctypes.c_uint32),
+        ("snap_ss", ctypes.c_uint32),
+        ("snap_iopl", ctypes.c_uint32),
         ("ev", EvSeg),
         ("geip", ctypes.c_uint32 * CALLOUT_SLOTS),
         ("kind", ctypes.c_uint8 * CALLOUT_SLOTS),
@@ -132,6 +137,7 @@ class FastCallouts:
         t.kernel_ring = NO_RING if kernel_ring is None else kernel_ring
         t.esp_reg, t.eflags_reg = R.ESP, R.EFLAGS
         t.seg_reg[:] = (R.ES, R.CS, R.SS, R.DS, R.FS, R.GS)
+        t.ss_reg = R.SS
         t.enabled = 1
         for i, reg in enumerate(R.GPR_ORDER):
             t.gpr_reg[i] = reg
@@ -210,9 +216,7 @@ class FastCallouts:
         t.maps_cr0, t.maps_cr4 = cr0, cr4
         t.maps_n = len(frames)
 
-    def link(
-        self, slot: int, kind: int, dest: int, block: Block, arg: int = 0, io: int = 0, geip: int = 0
-    ) -> None:
+    def link(self, slot: int, kind: int, dest: int, block: Block, arg: int = 0, io: int = 0, geip: int = 0) -> None:
         """From now on the C hook serves `slot` as `kind` and goes on at `dest`, the TC address of
         `block` (the live translation of the guest instruction after the site); `arg`: the
         instruction's ModRM byte (mov to CR) or imm8 port (in/out), or what _callout.c says for the

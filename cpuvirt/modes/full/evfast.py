@@ -94,3 +94,14 @@ class FullEvents:
         if not ev.segs_ok:
             self.on = False
         t.events_on = 1 if self.on else 0
+
+    def snapshot(self, snap: dict) -> None:
+        """The virtual-CPU snapshot translations are now checked against (coherence.py `_vsnap`): C
+        serves an event only while CS, SS and IOPL are its values (the rest changes only where Python
+        takes a snapshot: CR writes, descriptor-table loads, task switches)."""
+        t = self.table
+        cs, ss, iopl = snap.get("cs"), snap.get("ss"), snap.get("iopl")
+        if isinstance(cs, int) and isinstance(ss, int) and isinstance(iopl, int):
+            t.snap_cs, t.snap_ss, t.snap_iopl, t.snap_ok = cs, ss, iopl, 1
+        else:
+            t.snap_ok = 0
