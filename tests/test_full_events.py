@@ -9,7 +9,8 @@ beyond the GDT limit, not present, execute-only, RPL over DPL, a clear accessed 
 descriptor rewritten in place, the GDT's page remapped, another GDT, iretd frames across a page, a CS
 not accessed or not the loaded one) and tests/guests/full_events.S (iretd to ring 3 with the kernel's
 data segments still loaded, with IOPL 3 in the image, frames across a page; one iretd site sending the
-kernel to alternating targets)."""
+kernel to alternating targets), and tests/guests/full_events_cs.S (a delivery into a second kernel code
+segment: C must leave the next event to Python while CS is not the translations' snapshot's)."""
 
 from __future__ import annotations
 
@@ -182,3 +183,17 @@ def test_the_pv_build_fails_alike(monkeypatch, tmp_path):
         monkeypatch.setenv("CPUVIRT_FULL_EVENTS_C", on)
         runs.append(_result(run_guest(str(path), "full", 32, 20_000_000)))
     assert runs[0] == runs[1] and b"paravirtualized build" in runs[0]["console"]
+
+
+def test_a_delivery_that_changes_cs_leaves_the_next_event_to_python(test_guest, monkeypatch):
+    """Ring 3's int 0x81 enters a handler in a second ring-0 code segment: no callout saw CS change, so
+    the handler's `mov ds, ax` must be Python's (its snapshot check drops the translation of `mov eax, cs`
+    that baked the first CS in), not C's (tests/guests/full_events_cs.S)."""
+    image = test_guest("full_events_cs")
+    c_run = _run(image, monkeypatch, True)
+    py_run = _run(image, monkeypatch, False)
+    assert b"PASS full's events under a second kernel code segment" in c_run[0].console
+    assert _served(c_run[3])[MOV_SREG] > 0
+    _same(c_run, py_run)
+    native = run_guest(str(image), "native", 32, 20_000_000)
+    assert c_run[0].console == native.console
