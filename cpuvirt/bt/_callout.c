@@ -120,7 +120,9 @@ size_t callouts_sizeof(void) { return sizeof(callouts_t); }
  * tables the code mappings were last checked against are unchanged (so that check would find nothing).
  * Returns 0 when Python must serve it.
  */
-static int mov_cr(callouts_t *t, void *uc, uint8_t modrm) {
+static int snapshot_holds(callouts_t *t, void *uc, uint64_t cs);
+
+static int mov_cr(callouts_t *t, void *uc, uint8_t modrm, uint64_t cs) {
     int n = ((modrm >> 3) & 7) == 0 ? 0 : 1;
     uint64_t value = 0;
     t->reg_read(uc, t->gpr_reg[modrm & 7], &value);
@@ -128,6 +130,7 @@ static int mov_cr(callouts_t *t, void *uc, uint8_t modrm) {
     uint32_t old = t->cr[n];
     uint32_t allowed = n == 0 ? CR0_WP : CR4_PGE;
     if (((new ^ old) & ~allowed) || t->deps[n] || !t->shadow_ok) return 0;
+    if (!snapshot_holds(t, uc, cs)) return 0;   /* Python's mov to CR checks the snapshot after it */
     if (n == 0 && (new & ~old & CR0_WP) && t->wp_granted) return 0;
     if (new != t->snap[n]) {
         if (t->maps_n == NO_MAPS || t->maps_n > MAX_MAP_FRAMES) return 0;
@@ -165,6 +168,17 @@ static int port_io(callouts_t *t, void *uc, uint64_t i, int in) {
     return (int)t->port_out(port, size, (uint32_t)eax & mask);
 }
 
+/* Would the Python path's _virtual_changed (after a callout it emulates) find nothing? CR0/CR4 are
+ * mov_cr's own; CR3, the descriptor tables and TR change only where Python takes a snapshot; CS, SS and
+ * IOPL may have changed since (a delivery into another kernel code segment): they must be the
+ * snapshot's. */
+static int snapshot_holds(callouts_t *t, void *uc, uint64_t cs) {
+    uint64_t ss = 0;
+    if (!t->snap_ok || t->ev.iopl != t->snap_iopl || (uint32_t)cs != t->snap_cs) return 0;
+    t->reg_read(uc, t->ss_reg, &ss);
+    return (uint32_t)ss == t->snap_ss;
+}
+
 /* The guest kernel's segment loads, CR2 read and iretd (the kinds MOV_SREG .. IRETD), as the Python
  * callout does them (privileged.py _mov/_pop, EmulatingVcpu.iret through cpu/_evseg.h). Returns 0 with
  * nothing changed when Python must serve it, else the served kind (IRETD_OUTER for a return to ring 3)
@@ -184,10 +198,7 @@ static int load_segment(callouts_t *t, void *uc, int seg, uint32_t selector) {
 static int events(callouts_t *t, void *uc, uint64_t i, uint8_t k, uint64_t cs, uint64_t *eip) {
     uint64_t v = 0, esp = 0, fl = 0;
     uint8_t a = t->arg[i];
-    if (!t->events_on || !t->snap_ok || t->ev.iopl != t->snap_iopl || (uint32_t)cs != t->snap_cs) return 0;
-    t->reg_read(uc, t->ss_reg, &v);
-    if ((uint32_t)v != t->snap_ss) return 0;
-    v = 0;
+    if (!t->events_on || !snapshot_holds(t, uc, cs)) return 0;
     if (k == MOV_SREG) {
         t->reg_read(uc, t->gpr_reg[a & 7], &v);
         return load_segment(t, uc, (a >> 3) & 7, (uint32_t)v) ? k : 0;
@@ -254,7 +265,7 @@ void callout_hook(void *uc, uint64_t address, uint32_t size, void *user_data) {
             uint8_t k = t->kind[i];
             uint64_t eip = t->dest[i];
             if (k == MOV_CR0 || k == MOV_CR4) {
-                if (!mov_cr(t, uc, t->arg[i])) {
+                if (!mov_cr(t, uc, t->arg[i], cs)) {
                     TO_PYTHON(1);
                     return;
                 }

@@ -1,12 +1,14 @@
-# description: full's C callouts and the translations' snapshot: ring 3's int 0x81 enters a handler in a second ring-0 code segment (a delivery changes CS without a callout); its segment load must reach Python, whose check drops the translation that baked the first CS in (`mov eax, cs`)
+# description: full's C callouts and the translations' snapshot: ring 3's int 0x81 enters a handler in a second ring-0 code segment (a delivery changes CS without a callout); its CR4.PGE toggle and its segment load must reach Python, whose check drops the translation that baked the first CS in (`mov eax, cs`)
 #
 # tests/test_full_events.py runs this guest under full with and without the C path (CPUVIRT_FULL_EVENTS_C)
 # and compares everything a reader can see, and its console with native's.
 #include "kernel.inc"
+#include "paging.inc"
 #include "user.inc"
 
 #define LOOPS 60
 #define SEL_CS2 0x38                    // a second ring-0 code segment (flat, like KERNEL_CS)
+#define CR4_PGE_BIT 0x80
 
 .text
 main:
@@ -28,6 +30,12 @@ main:
     mov word ptr [idt + 8 * 0x81 + 6], ax
     mov word ptr [idt + 8 * 0x81 + 2], SEL_CS2
     mov word ptr [idt + 8 * 0x81 + 4], 0xEE00
+    mov edi, page_dir
+    mov esi, page_table_low
+    mov eax, PTE_P | PTE_W | PTE_U
+    call paging_identity_4m
+    mov eax, page_dir
+    call paging_enable
     xor ebp, ebp
     mov esi, LOOPS
 loop:
@@ -56,6 +64,12 @@ get_cs:
 
 # ring 3's int 0x81, at SEL_CS2: a data segment load, then CS as the kernel sees it
 cs2_handler:
+    mov eax, CR4_PGE_BIT                # a CR4.PGE toggle first (C's mov to CR4 once linked)
+    mov cr4, eax
+    call get_cs
+    add dword ptr [cs_sum], eax
+    xor eax, eax
+    mov cr4, eax
     push ds
     mov ax, KERNEL_DS
     mov ds, ax
