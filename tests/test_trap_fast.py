@@ -79,7 +79,7 @@ def test_c_traps_leave_what_python_leaves_event_by_event(image, monkeypatch):
     assert len(c_seen) <= len(py_seen) - (1500 * 11 - 50)
     # each WP/PGE toggle answered in C flushed the hypervisor's own TLB, as write_cr does (a stale entry
     # would map the same frame: no counter shows it, so the flush count is checked itself)
-    assert c_cpu.fast._state.rtlb_gen >= 4 * 1500 - 10
+    assert c_cpu.fast._state.ev.rtlb_gen >= 4 * 1500 - 10
     assert b"FAIL" not in c_res.console and b"PASS trap's common traps" in c_res.console
     assert _result(c_res) == _result(py_res)  # console, counts, icount, virtual time, memory counters, tally
     assert c_end == py_end

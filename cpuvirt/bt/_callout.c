@@ -21,6 +21,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "../cpu/_evseg.h"   /* the guest kernel's segment loads and iretd, shared with trap's C path */
+
 typedef int (*reg_read_fn)(void *uc, int regid, void *value);
 typedef int (*reg_write_fn)(void *uc, int regid, const void *value);
 typedef void (*code_fn)(void *uc, uint64_t address, uint32_t size, void *user_data);
@@ -30,7 +32,18 @@ typedef uint32_t (*port_out_fn)(uint32_t port, uint32_t size, uint32_t value);
 
 #define SLOTS 0x10000
 
-enum { PYTHON = 0, CPUID = 1, RDTSC = 2, MOV_CR0 = 3, MOV_CR4 = 4, PORT_IN = 5, PORT_OUT = 6, KINDS = 7 };
+enum { PYTHON = 0, CPUID = 1, RDTSC = 2, MOV_CR0 = 3, MOV_CR4 = 4, PORT_IN = 5, PORT_OUT = 6,
+       MOV_SREG = 7, POP_SREG = 8, MOV_CR2 = 9, IRETD = 10,
+       IRETD_OUTER = 11,  /* a count only: an IRETD slot's returns to ring 3 (no translation looked up) */
+       KINDS = 12 };
+
+/* The guest kernel's events (modes/full/evfast.py, CPUVIRT_FULL_EVENTS_C=0 keeps them Python's):
+ *   MOV_SREG  mov ds/es/fs/gs, r16/r32   arg: the ModRM byte's sreg and register fields (bits 0-5)
+ *   POP_SREG  pop ds/es/fs/gs            arg: the QEMU segment index
+ *   MOV_CR2   mov r32, cr2               arg: the ModRM byte
+ *   IRETD     iretd                      arg: 1 when dest[] is the translation of geip[] (a return to
+ *                                        the kernel's own ring there goes on at dest); a return to
+ *                                        ring 3 needs no translation */
 
 /* io[slot] of a PORT_IN/PORT_OUT slot: the access size in bytes (1, 2, 4) and whether the port is DX
  * (else arg[slot] holds the imm8 port). */
@@ -65,7 +78,7 @@ typedef struct {
     uint32_t deps[2];          /* a translation baked CR0 / CR4 in: Python serves the write */
     uint32_t shadow_ok;        /* shadow paging needs no engine flush for a TLB flush */
     uint32_t wp_granted;       /* ... except when WP is set: a write was let through by WP = 0 */
-    uint32_t rtlb_gen;         /* bumped for each flush of the hypervisor's own TLB done here */
+    uint32_t events_on;        /* MOV_SREG .. IRETD may be served here (CPUVIRT_FULL_EVENTS_C) */
     uint32_t maps_n;           /* page-table frames of the code-mapping snapshot, or NO_MAPS */
     uint32_t maps_cr0, maps_cr4;  /* the snapshot's paging-mode bits (CR0.PG|PE, CR4.PSE|PAE|SMEP) */
     uint32_t pad;
@@ -80,6 +93,17 @@ typedef struct {
     port_in_fn port_in;
     port_out_fn port_out;
     int32_t eax_reg, edx_reg;  /* UC_X86_REG_EAX, UC_X86_REG_EDX */
+    int32_t esp_reg, eflags_reg;
+    int32_t seg_reg[6];        /* UC_X86_REG_ES .. GS by QEMU segment index */
+    int32_t ss_reg;
+    /* the virtual-CPU snapshot translations are checked against (modes/full/coherence.py _vsnap): its
+     * real CS, SS and IOPL. C serves an event only while they hold, so that the Python path's
+     * _virtual_changed would find nothing to drop */
+    uint32_t snap_ok, snap_cs, snap_ss, snap_iopl;
+    /* the hypervisor-TLB copy (its generation bumped by mov_cr's flushes), the virtual GDTR, CR2, IOPL,
+     * `_loaded`, NMI blocking (cpu/_evseg.h, cpu/evseg.py) */
+    evseg_t ev;
+    uint32_t geip[SLOTS];      /* IRETD: the guest EIP dest[] translates */
     uint8_t kind[SLOTS];
     uint8_t arg[SLOTS];        /* the ModRM byte of a mov to CR */
     uint32_t dest[SLOTS];      /* EIP to go on at (a TC address) */
@@ -96,7 +120,9 @@ size_t callouts_sizeof(void) { return sizeof(callouts_t); }
  * tables the code mappings were last checked against are unchanged (so that check would find nothing).
  * Returns 0 when Python must serve it.
  */
-static int mov_cr(callouts_t *t, void *uc, uint8_t modrm) {
+static int snapshot_holds(callouts_t *t, void *uc, uint64_t cs);
+
+static int mov_cr(callouts_t *t, void *uc, uint8_t modrm, uint64_t cs) {
     int n = ((modrm >> 3) & 7) == 0 ? 0 : 1;
     uint64_t value = 0;
     t->reg_read(uc, t->gpr_reg[modrm & 7], &value);
@@ -104,6 +130,7 @@ static int mov_cr(callouts_t *t, void *uc, uint8_t modrm) {
     uint32_t old = t->cr[n];
     uint32_t allowed = n == 0 ? CR0_WP : CR4_PGE;
     if (((new ^ old) & ~allowed) || t->deps[n] || !t->shadow_ok) return 0;
+    if (!snapshot_holds(t, uc, cs)) return 0;   /* Python's mov to CR checks the snapshot after it */
     if (n == 0 && (new & ~old & CR0_WP) && t->wp_granted) return 0;
     if (new != t->snap[n]) {
         if (t->maps_n == NO_MAPS || t->maps_n > MAX_MAP_FRAMES) return 0;
@@ -112,7 +139,7 @@ static int mov_cr(callouts_t *t, void *uc, uint8_t modrm) {
             if (memcmp(t->maps_live[f], t->maps_copy[f], 4096) != 0) return 0;
         t->snap[n] = new;
     }
-    if (new != old) t->rtlb_gen++; /* flush_guest_tlb: the hypervisor's TLB (crfast.HvTlb) */
+    if (new != old) t->ev.rtlb_gen++; /* flush_guest_tlb: the hypervisor's TLB (cpu/evseg.EvHvTlb) */
     t->cr[n] = new;
     return 1;
 }
@@ -141,6 +168,86 @@ static int port_io(callouts_t *t, void *uc, uint64_t i, int in) {
     return (int)t->port_out(port, size, (uint32_t)eax & mask);
 }
 
+/* Would the Python path's _virtual_changed (after a callout it emulates) find nothing? CR0/CR4 are
+ * mov_cr's own; CR3, the descriptor tables and TR change only where Python takes a snapshot; CS, SS and
+ * IOPL may have changed since (a delivery into another kernel code segment): they must be the
+ * snapshot's. */
+static int snapshot_holds(callouts_t *t, void *uc, uint64_t cs) {
+    uint64_t ss = 0;
+    if (!t->snap_ok || t->ev.iopl != t->snap_iopl || (uint32_t)cs != t->snap_cs) return 0;
+    t->reg_read(uc, t->ss_reg, &ss);
+    return (uint32_t)ss == t->snap_ss;
+}
+
+/* The guest kernel's segment loads, CR2 read and iretd (the kinds MOV_SREG .. IRETD), as the Python
+ * callout does them (privileged.py _mov/_pop, EmulatingVcpu.iret through cpu/_evseg.h). Returns 0 with
+ * nothing changed when Python must serve it, else the served kind (IRETD_OUTER for a return to ring 3)
+ * with *eip where the engine goes on. */
+/* SegmentLoadingVcpu.load_segment of a data segment: a DPL-0 descriptor through _evseg.h, a null
+ * selector or a DPL 1-3 one written to the register as Python writes it (the engine loads it). 0:
+ * Python's, nothing changed. */
+static int load_segment(callouts_t *t, void *uc, int seg, uint32_t selector) {
+    uint32_t plain = 0;
+    uint64_t value;
+    int r = ev_load_data_segment(&t->ev, seg, selector, &plain);
+    if (r != 2) return r;
+    value = plain;
+    return t->reg_write(uc, t->seg_reg[seg], &value) == 0;  /* refused: Python tries it, and fails */
+}
+
+static int events(callouts_t *t, void *uc, uint64_t i, uint8_t k, uint64_t cs, uint64_t *eip) {
+    uint64_t v = 0, esp = 0, fl = 0;
+    uint8_t a = t->arg[i];
+    if (!t->events_on || !snapshot_holds(t, uc, cs)) return 0;
+    if (k == MOV_SREG) {
+        t->reg_read(uc, t->gpr_reg[a & 7], &v);
+        return load_segment(t, uc, (a >> 3) & 7, (uint32_t)v) ? k : 0;
+    }
+    if (k == POP_SREG) {
+        uint16_t sel;
+        t->reg_read(uc, t->esp_reg, &esp);
+        if (!ev_read_hv(&t->ev, (uint32_t)esp, &sel, 2) || !load_segment(t, uc, a, sel)) return 0;
+        esp = (uint32_t)(esp + 4);
+        t->reg_write(uc, t->esp_reg, &esp);
+        return k;
+    }
+    if (k == MOV_CR2) {
+        v = t->ev.cr2;
+        t->reg_write(uc, t->gpr_reg[a & 7], &v);
+        return k;
+    }
+    if (k == IRETD) {
+        uint32_t frame[5], peek[3], cs_in;
+        int r;
+        t->reg_read(uc, t->esp_reg, &esp);
+        t->reg_read(uc, t->eflags_reg, &fl);
+        if (!ev_read_hv(&t->ev, (uint32_t)esp, peek, 12)) return 0;
+        /* the virtual IOPL stays (a translation may have baked it in: Python's) */
+        if (((peek[2] >> 12) & 3) != t->ev.iopl) return 0;
+        cs_in = peek[1] & 3;
+        if (cs_in != 3 && (!a || peek[0] != t->geip[i])) return 0;   /* no translation known here */
+        r = ev_iret(&t->ev, (uint32_t)esp, (uint32_t)cs, (uint32_t)fl, t->kernel_ring, 1, frame);
+        if (r == 1) {               /* the kernel's own ring: real IOPL 1 (FullVcpu.real_iopl) */
+            esp = (uint32_t)(esp + 12);
+            fl = (frame[2] & ~(EV_EFLAGS_RF | EV_EFLAGS_IOPL)) | (1u << 12) | 2u;
+            t->reg_write(uc, t->esp_reg, &esp);
+            t->reg_write(uc, t->eflags_reg, &fl);
+            *eip = t->dest[i];
+            return IRETD;
+        }
+        if (r == 3) {               /* ring 3: real IOPL 0, its code runs in place */
+            esp = frame[3];
+            fl = (frame[2] & ~(EV_EFLAGS_RF | EV_EFLAGS_IOPL)) | 2u;
+            t->reg_write(uc, t->esp_reg, &esp);
+            t->reg_write(uc, t->eflags_reg, &fl);
+            *eip = frame[0];
+            return IRETD_OUTER;
+        }
+        return 0;
+    }
+    return 0;
+}
+
 /* Python is told (its hook's data word) whether the guest kernel runs: 2 yes, 1 no (CS is read here),
  * 3 when the table knows no kernel ring (a bare runtime: Python asks itself). */
 #define NO_RING 0xFFFFFFFFu
@@ -158,10 +265,17 @@ void callout_hook(void *uc, uint64_t address, uint32_t size, void *user_data) {
             uint8_t k = t->kind[i];
             uint64_t eip = t->dest[i];
             if (k == MOV_CR0 || k == MOV_CR4) {
-                if (!mov_cr(t, uc, t->arg[i])) {
+                if (!mov_cr(t, uc, t->arg[i], cs)) {
                     TO_PYTHON(1);
                     return;
                 }
+            } else if (k >= MOV_SREG && k <= IRETD) {
+                int served = events(t, uc, i, k, cs, &eip);
+                if (!served) {
+                    TO_PYTHON(1);
+                    return;
+                }
+                k = (uint8_t)served;
             } else if (k == PORT_IN || k == PORT_OUT) {
                 if (!port_io(t, uc, i, k == PORT_IN)) {
                     if (*t->watch_if && !*t->check_if) *t->check_if = 1;

@@ -27,13 +27,29 @@ from unicorn.unicorn_py3 import unicorn as _ucmod
 from unicorn.x86_const import UC_X86_REG_CS, UC_X86_REG_EIP
 
 from cpuvirt.bt.tcache import CALLOUT_SLOTS, Block
+from cpuvirt.cpu.evseg import EvSeg
 from cpuvirt.engine import regs as R
 from cpuvirt.engine.cext import add_c_hook, load
 
 PYTHON, CPUID, RDTSC, MOV_CR0, MOV_CR4, PORT_IN, PORT_OUT = 0, 1, 2, 3, 4, 5, 6
-KINDS = 7
-KIND_NAMES = {CPUID: "cpuid", RDTSC: "rdtsc", MOV_CR0: "mov cr0", MOV_CR4: "mov cr4", PORT_IN: "in", PORT_OUT: "out"}
+# the guest kernel's events (modes/full/evfast.py); IRETD_OUTER only counts an IRETD slot's returns to ring 3
+MOV_SREG, POP_SREG, MOV_CR2, IRETD, IRETD_OUTER = 7, 8, 9, 10, 11
+KINDS = 12
+KIND_NAMES = {
+    CPUID: "cpuid",
+    RDTSC: "rdtsc",
+    MOV_CR0: "mov cr0",
+    MOV_CR4: "mov cr4",
+    PORT_IN: "in",
+    PORT_OUT: "out",
+    MOV_SREG: "mov sreg",
+    POP_SREG: "pop",
+    MOV_CR2: "mov cr2",
+    IRETD: "iretd",
+    IRETD_OUTER: "iretd",
+}
 PORT_KINDS = (PORT_IN, PORT_OUT)  # counted by their Python device calls, not by take()
+NO_LOOKUP = (IRETD_OUTER,)  # served without looking a translation up (the Python path looks up none)
 IO_DX = 8  # io[slot]: the access size in bytes (1, 2, 4), | IO_DX when the port is DX
 
 _PORT_IN = ctypes.CFUNCTYPE(ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32)
@@ -65,7 +81,7 @@ class _Table(ctypes.Structure):
         ("deps", ctypes.c_uint32 * 2),
         ("shadow_ok", ctypes.c_uint32),
         ("wp_granted", ctypes.c_uint32),
-        ("rtlb_gen", ctypes.c_uint32),
+        ("events_on", ctypes.c_uint32),
         ("maps_n", ctypes.c_uint32),
         ("maps_cr0", ctypes.c_uint32),
         ("maps_cr4", ctypes.c_uint32),
@@ -79,6 +95,16 @@ class _Table(ctypes.Structure):
         ("port_out", ctypes.c_void_p),
         ("eax_reg", ctypes.c_int32),
         ("edx_reg", ctypes.c_int32),
+        ("esp_reg", ctypes.c_int32),
+        ("eflags_reg", ctypes.c_int32),
+        ("seg_reg", ctypes.c_int32 * 6),
+        ("ss_reg", ctypes.c_int32),
+        ("snap_ok", ctypes.c_uint32),
+        ("snap_cs", ctypes.c_uint32),
+        ("snap_ss", ctypes.c_uint32),
+        ("snap_iopl", ctypes.c_uint32),
+        ("ev", EvSeg),
+        ("geip", ctypes.c_uint32 * CALLOUT_SLOTS),
         ("kind", ctypes.c_uint8 * CALLOUT_SLOTS),
         ("arg", ctypes.c_uint8 * CALLOUT_SLOTS),
         ("dest", ctypes.c_uint32 * CALLOUT_SLOTS),
@@ -109,6 +135,9 @@ class FastCallouts:
         t.base = base
         t.eip_reg, t.cs_reg = UC_X86_REG_EIP, UC_X86_REG_CS
         t.kernel_ring = NO_RING if kernel_ring is None else kernel_ring
+        t.esp_reg, t.eflags_reg = R.ESP, R.EFLAGS
+        t.seg_reg[:] = (R.ES, R.CS, R.SS, R.DS, R.FS, R.GS)
+        t.ss_reg = R.SS
         t.enabled = 1
         for i, reg in enumerate(R.GPR_ORDER):
             t.gpr_reg[i] = reg
@@ -187,13 +216,15 @@ class FastCallouts:
         t.maps_cr0, t.maps_cr4 = cr0, cr4
         t.maps_n = len(frames)
 
-    def link(self, slot: int, kind: int, dest: int, block: Block, arg: int = 0, io: int = 0) -> None:
+    def link(self, slot: int, kind: int, dest: int, block: Block, arg: int = 0, io: int = 0, geip: int = 0) -> None:
         """From now on the C hook serves `slot` as `kind` and goes on at `dest`, the TC address of
         `block` (the live translation of the guest instruction after the site); `arg`: the
-        instruction's ModRM byte (mov to CR) or imm8 port (in/out); `io`: an in/out's size | IO_DX."""
+        instruction's ModRM byte (mov to CR) or imm8 port (in/out), or what _callout.c says for the
+        event kinds; `io`: an in/out's size | IO_DX; `geip`: the guest EIP `block` translates (IRETD)."""
         i = slot - self._table.base
         self._table.arg[i] = arg
         self._table.io[i] = io
+        self._table.geip[i] = geip & 0xFFFFFFFF
         old = self.linked.get(i)
         if old is not None and old is not block and old.linked_slots is not None:
             old.linked_slots.discard(i)
@@ -228,6 +259,10 @@ class FastCallouts:
     def ports_served(self) -> int:
         """Guest-kernel in/out served by the C hook."""
         return self._table.served[PORT_IN] + self._table.served[PORT_OUT]
+
+    def linked_as(self, slot: int) -> int:
+        """The kind `slot` is linked as (PYTHON: not linked)."""
+        return self._table.kind[slot - self._table.base]
 
     def take(self) -> dict[int, int]:
         """Callouts the C hook served since the last call, by kind."""

@@ -60,6 +60,9 @@ class BtRuntime:
         self.link_as = PYTHON
         self.link_arg = 0  # the site's ModRM byte (mov to CR) or imm8 port (in/out)
         self.link_io = 0  # an in/out's size | IO_DX (fastcallout.py)
+        # a site that sets EIP itself (the kernel's segment loads, CR2 reads, iretd: modes/full/evfast.py)
+        # is linked to the translation of link_geip, or, when None, to none (an iretd to ring 3)
+        self.link_geip: int | None = None
         self._slot = 0
         python_hook = hooks.code_function_with_data(self._hook_callout_from_c)
         self.fast = FastCallouts.install(self.uc, tc.base, python_hook, kernel_ring)
@@ -176,9 +179,12 @@ class BtRuntime:
         # where the guest kernel goes on, or None when it set EIP itself (an event, iret, a stop)
         c.callouts += 1
         self.link_as, self.link_io = PYTHON, 0
+        flushes = c.flushes
         nxt = self.on_callout(site)
         if nxt is None:
             self.enter()
+            if self.link_as != PYTHON and c.flushes == flushes and self.fast is not None and site.block.alive:
+                self._link_event(site)
             return
         flushes = c.flushes
         try:
@@ -191,6 +197,19 @@ class BtRuntime:
             b = tc.blocks.get(nxt)
             if b is not None and b.tc == dest and site.block.alive:
                 self.fast.link(self._slot, self.link_as, dest, b, self.link_arg, self.link_io)
+
+    def _link_event(self, site) -> None:
+        """Link a site that set EIP itself (no look-up here: the counters stay the Python path's)."""
+        fast = self.fast
+        assert fast is not None
+        g = self.link_geip
+        if g is None:  # no translation to go on at (an iretd to ring 3)
+            if fast.linked_as(self._slot) != self.link_as:
+                fast.link(self._slot, self.link_as, 0, site.block, 0)
+            return
+        b = self.tc.blocks.get(g)
+        if b is not None and b.alive:
+            fast.link(self._slot, self.link_as, b.tc, b, self.link_arg, geip=g)
 
     def _fetch_fault(self, f: TranslateFault, geip: int) -> None:
         self.regs.write(R.EIP, geip)

@@ -35,6 +35,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "../cpu/_evseg.h"   /* the segment loads and iretd, shared with full's callouts */
+
 typedef int (*reg_read_fn)(void *uc, int regid, void *value);
 typedef int (*reg_write_fn)(void *uc, int regid, const void *value);
 typedef void (*intr_fn)(void *uc, uint32_t intno, void *user_data);
@@ -53,42 +55,11 @@ typedef void (*intr_fn)(void *uc, uint32_t intno, void *user_data);
 #define CR4_PGE 0x80u
 #define HF_INHIBIT_IRQ (1u << 3)
 
-#define HF_CS32 (1u << 4)
-#define HF_SS32 (1u << 5)
-#define HF_ADDSEG (1u << 6)
-#define DESC_A (1u << 8)
-#define DESC_R (1u << 9)      /* readable code / writable data */
-#define DESC_C (1u << 10)     /* conforming code */
-#define DESC_CODE (1u << 11)
-#define DESC_S (1u << 12)
-#define DESC_P (1u << 15)
-#define DESC_G (1u << 23)
-
 #define BLOCK_SLOTS 4096u
 #define BLOCK_MAX_INSNS 58
-#define RTLB_SLOTS 256u
 
 /* The kinds answered here, each with its (kind, reason) key of Vcpu.reasons (trapfast.py REASONS). */
 enum { K_CLI, K_STI, K_CLTS, K_MOV_CR0, K_MOV_CR4, K_MOV_SREG, K_POP_SREG, K_MOV_CR2, K_IRETD, K_COUNT };
-
-/* QEMU's SegmentCache, as env->segs[] holds it (cpu/segcache.py _SegmentCache). */
-typedef struct {
-    uint32_t selector;
-    uint32_t pad;
-    uint64_t base;
-    uint32_t limit;
-    uint32_t flags;
-} segcache_t;
-
-/* One entry of the copy of the hypervisor's own TLB (GuestViewVcpu._rtlb, trapfast.py TrapHvTlb):
- * linear page -> guest-physical frame in RAM, valid while `gen` is the table's rtlb_gen. */
-typedef struct {
-    uint32_t page;
-    uint32_t gen;
-    uint32_t valid;
-    uint32_t pad;
-    uint64_t gpa;
-} rtlb_t;
 
 typedef struct {
     uint64_t end;                      /* the address after the block's last instruction */
@@ -104,8 +75,7 @@ typedef struct {
     reg_read_fn reg_read;
     reg_write_fn reg_write;
     intr_fn python_intr;       /* the vCPU's own INTR hook (Vcpu.hook_intr, guarded): everything else */
-    uint8_t *env;              /* QEMU's CPUX86State of this engine */
-    uint32_t off_old_exception, off_is_int, off_hflags;   /* fields inside it (quirks.ContextLayout) */
+    uint32_t off_old_exception, off_is_int;   /* fields inside env (quirks.ContextLayout) */
     int32_t r_eip, r_eflags, r_cs, r_esp;
     int32_t r_gpr[8];          /* Unicorn ids of EAX..EDI in encoding order */
     uint32_t enabled;          /* 0: every event is Python's (tracing, CPUVIRT_TRAP_FAST=0) */
@@ -113,10 +83,6 @@ typedef struct {
     uint32_t cr4_reserved;     /* x86/cpuid.py CR4_RESERVED: a write setting one is #GP (Python's) */
     uint32_t shadow_ok;        /* ShadowPaging: no unsynchronised frame, engine TLB not stale */
     uint32_t wp_granted;       /* ... and a supervisor write was let through while WP was 0 */
-    uint32_t rtlb_gen;         /* bumped for each flush of the hypervisor's own TLB done here */
-    uint32_t pad;
-    const uint8_t *ram;        /* guest RAM, guest-physical 0 */
-    uint64_t ram_bytes;
     uint64_t *clock_now;       /* the virtual clock (engine/_vclock.c) */
     const uint64_t *clock_last_block;
     uint32_t *clock_watch_if, *clock_check_if;
@@ -125,18 +91,8 @@ typedef struct {
     uint8_t seen[K_COUNT];     /* Python has recorded this kind once (its counter keys exist) */
     uint8_t pad2[7];
     uint64_t answered, to_python, misses;
-    /* segment loads (mov sreg / pop sreg of DS ES FS GS) */
-    uint32_t segs_ok;          /* 1: env->segs[] found (segments.py `_direct` is not None) */
-    uint32_t off_segs;         /* its offset in env */
-    uint32_t gdt_base, gdt_limit;   /* the VirtualCpu's GDTR (TrapVirtualCpu) */
-    uint32_t loaded_new;       /* bit i: loaded[i] written here since Python last took it */
-    uint32_t loaded_known;     /* bit i: loaded[i] is what _loaded holds for segment i */
-    uint32_t loaded[6][3];     /* SegmentLoadingVcpu._loaded by QEMU segment index: (real, lo, hi) */
-    uint32_t cr2;              /* the VirtualCpu's CR2 and IOPL (TrapVirtualCpu) */
-    uint32_t iopl;
-    uint32_t nmi_blocked;      /* Vcpu.nmi_blocked (an iret ends it: Python's) */
-    uint32_t pad4;
-    rtlb_t rtlb[RTLB_SLOTS];
+    /* env, RAM, the hypervisor-TLB copy, the virtual GDTR/CR2/IOPL, `_loaded` (cpu/_evseg.h) */
+    evseg_t ev;
     block_t block[BLOCK_SLOTS];
 } trapfast_t;
 
@@ -212,8 +168,8 @@ static int retired(trapfast_t *s, uint32_t eip, int64_t *out) {
 
 /* -- the instruction's bytes: the guest's tables read with no side effect (Mmu.fetch_bytes) -------- */
 static int ram32(const trapfast_t *s, uint64_t gpa, uint32_t *out) {
-    if (gpa + 4 > s->ram_bytes) return 0;
-    memcpy(out, s->ram + gpa, 4);
+    if (gpa + 4 > s->ev.ram_bytes) return 0;
+    memcpy(out, s->ev.ram + gpa, 4);
     return 1;
 }
 
@@ -237,8 +193,8 @@ static int code_at(const trapfast_t *s, uint32_t eip, uint8_t *out, uint32_t n) 
             gpa = (pte & 0xFFFFF000u) | (eip & 0xFFFu);
         }
     }
-    if (gpa + 15 > s->ram_bytes) return 0;
-    memcpy(out, s->ram + gpa, n);
+    if (gpa + 15 > s->ev.ram_bytes) return 0;
+    memcpy(out, s->ev.ram + gpa, n);
     return 1;
 }
 
@@ -253,91 +209,9 @@ static int write_cr_plain(trapfast_t *s, int cr4, uint32_t value) {
         /* flush_guest_tlb(rules_changed=False): ShadowPaging.tlb_flush must find nothing to do */
         if (!s->shadow_ok) return 0;
         if (!cr4 && (new & CR0_WP) && s->wp_granted) return 0;
-        s->rtlb_gen++;
+        s->ev.rtlb_gen++;
     }
     *slot = new;
-    return 1;
-}
-
-static int rd(trapfast_t *s, void *uc, int reg, uint64_t *v);
-
-/* -- the hypervisor's own reads (GuestViewVcpu.read_guest) when its TLB holds the page ---------------
- * read_guest on a hit reads RAM and nothing else; on a miss it walks with side effects (accessed bits,
- * the walk counters) and fills the TLB: that is Python's to do, so a miss here goes to Python. */
-static int read_hv(const trapfast_t *s, uint32_t gva, void *out, uint32_t n) {
-    uint32_t page = gva >> 12;
-    const rtlb_t *e = &s->rtlb[page & (RTLB_SLOTS - 1)];
-    if ((gva & 0xFFFu) + n > 0x1000u) return 0;
-    if (!e->valid || e->page != page || e->gen != s->rtlb_gen) return 0;
-    if (e->gpa + 0x1000 > s->ram_bytes) return 0;
-    memcpy(out, s->ram + e->gpa + (gva & 0xFFFu), n);
-    return 1;
-}
-
-/* -- mov sreg / pop sreg of DS ES FS GS by the guest kernel: SegmentLoadingVcpu.load_segment --------
- * Only its common case: a non-null GDT selector within the limit whose descriptor (read through the
- * hypervisor's TLB) is a present, accessed data or readable code segment of DPL 0 (else the load
- * would not have trapped) that the guest may load at CPL 0; then hv_load's direct write of the
- * ring-compressed descriptor into the engine's segment cache (segments.py `_load_direct`). Returns
- * 0 (nothing changed) for anything else: a fault to raise, the accessed bit to set, a null or LDT
- * selector, a DPL other than 0. */
-static int load_data_segment(trapfast_t *s, int seg, uint32_t selector) {
-    uint32_t desc[2], lo, hi, shi, dpl, rpl, lim, hf;
-    segcache_t *segs;
-    if (!s->segs_ok || seg == 1 || seg == 2 || seg > 5) return 0;
-    selector &= 0xFFFFu;
-    if ((selector & 3) == 1) selector &= ~3u;    /* guest_selector: RPL 1 is the compressed ring 0 */
-    if (!(selector & ~3u) || (selector & 4)) return 0;
-    if ((selector & ~7u) + 7 > s->gdt_limit) return 0;
-    if ((uint64_t)s->gdt_base + (selector & ~7u) + 8 > 0x100000000ull) return 0;  /* wraps: Python's */
-    if (!read_hv(s, s->gdt_base + (selector & ~7u), desc, 8)) return 0;
-    lo = desc[0], hi = desc[1];
-    dpl = (hi >> 13) & 3, rpl = selector & 3;
-    if (!(hi & DESC_S) || !(hi & DESC_P) || !(hi & DESC_A) || dpl != 0) return 0;
-    if ((hi & DESC_CODE) && !(hi & DESC_R)) return 0;                      /* execute-only: #GP */
-    if ((!(hi & DESC_CODE) || !(hi & DESC_C)) && dpl < rpl) return 0;      /* #GP */
-    shi = hi | (1u << 13);                                                  /* ShadowGdt.compress */
-    segs = (segcache_t *)(s->env + s->off_segs);
-    segs[seg].selector = selector;
-    segs[seg].base = (lo >> 16) | ((shi & 0xFFu) << 16) | (shi & 0xFF000000u);
-    lim = (lo & 0xFFFFu) | (shi & 0xF0000u);
-    segs[seg].limit = (shi & DESC_G) ? (lim << 12) | 0xFFFu : lim;
-    segs[seg].flags = shi | DESC_A;
-    memcpy(&hf, s->env + s->off_hflags, 4);
-    hf = (hf & ~(HF_SS32 | HF_ADDSEG)) | (((segs[2].flags >> 22) & 1u) << 5);
-    if (!(hf & HF_CS32) || (segs[0].base | segs[2].base | segs[3].base)) hf |= HF_ADDSEG;
-    memcpy(s->env + s->off_hflags, &hf, 4);
-    s->loaded[seg][0] = selector;
-    s->loaded[seg][1] = lo;
-    s->loaded[seg][2] = hi | DESC_A;
-    s->loaded_new |= 1u << seg;
-    s->loaded_known |= 1u << seg;
-    return 1;
-}
-
-/* -- iretd by the guest kernel to its own ring: EmulatingVcpu.iret's RPL-0 return ------------------
- * Only when nothing but the registers changes: no NT, no NMI blocking to end, a frame in one page the
- * hypervisor's TLB holds, no VM in the image, a GDT code selector of RPL 0 (1 as the guest may have
- * read it natively) whose present, accessed, 32-bit descriptor is the one CS already holds
- * (load_cs_ss then loads nothing: hv_load's skip). Returns 0, nothing changed, for anything else. */
-static int iret_same_ring(trapfast_t *s, void *uc, uint64_t eflags, uint64_t *esp, uint32_t frame[3]) {
-    uint32_t cs, real, desc[2];
-    uint64_t cur_cs;
-    if (eflags & EFLAGS_NT || s->nmi_blocked || !s->segs_ok) return 0;
-    if (!rd(s, uc, s->r_esp, esp) || !read_hv(s, (uint32_t)*esp, frame, 12)) return 0;
-    if (frame[2] & EFLAGS_VM) return 0;
-    cs = frame[1] & 0xFFFFu;
-    if ((cs & 3) == 1) cs &= ~3u;
-    if ((cs & 3) != 0 || !(cs & ~3u) || (cs & 4) || (cs & ~7u) + 7 > s->gdt_limit) return 0;
-    if ((uint64_t)s->gdt_base + (cs & ~7u) + 8 > 0x100000000ull) return 0;
-    if (!read_hv(s, s->gdt_base + (cs & ~7u), desc, 8)) return 0;
-    if (!(desc[1] & DESC_CODE) || !(desc[1] & DESC_S) || !(desc[1] & DESC_P) || !(desc[1] & DESC_A)) return 0;
-    if (!(desc[1] & (1u << 22))) return 0;                                  /* 16-bit: Python's */
-    real = cs | 1;
-    if (!(s->loaded_known & 2u) || s->loaded[1][0] != real || s->loaded[1][1] != desc[0] ||
-        s->loaded[1][2] != desc[1])
-        return 0;
-    if (!rd(s, uc, s->r_cs, &cur_cs) || cur_cs != real) return 0;
     return 1;
 }
 
@@ -349,13 +223,13 @@ static int rd(trapfast_t *s, void *uc, int reg, uint64_t *v) {
 void trapfast_intr_hook(void *uc, uint32_t intno, void *user_data) {
     trapfast_t *s = (trapfast_t *)user_data;
     uint64_t cs, eflags, eip, value = 0, next, esp = 0;
-    uint32_t frame[3];
+    uint32_t frame[5], plain;
     uint8_t code[3];
     int32_t is_int, minus1 = -1;
     int64_t unretire = 0;
     int kind, size, reg = -1, to_cr = 0, seg = -1;
     if (intno != 13 || !s->enabled) goto python;
-    memcpy(&is_int, s->env + s->off_is_int, 4);
+    memcpy(&is_int, s->ev.env + s->off_is_int, 4);
     if (is_int) goto python;
     if (!rd(s, uc, s->r_cs, &cs) || (cs & 3) != 1) goto python;
     if (!rd(s, uc, s->r_eflags, &eflags) || (eflags & EFLAGS_VM)) goto python;
@@ -402,17 +276,19 @@ void trapfast_intr_hook(void *uc, uint32_t intno, void *user_data) {
         if (!write_cr_plain(s, kind == K_MOV_CR4, (uint32_t)value)) goto python;   /* nothing changed */
     } else if (kind == K_MOV_SREG) {
         if (!rd(s, uc, s->r_gpr[reg], &value)) goto python;
-        if (!load_data_segment(s, seg, (uint32_t)value)) goto python;          /* nothing changed */
+        if (ev_load_data_segment(&s->ev, seg, (uint32_t)value, &plain) != 1) goto python;  /* nothing changed */
     } else if (kind == K_IRETD) {
-        if (!iret_same_ring(s, uc, eflags, &esp, frame)) goto python;
+        /* to the kernel's own ring only (an iretd to ring 3 runs natively at ring 1) */
+        if (!rd(s, uc, s->r_esp, &esp) || ev_iret(&s->ev, (uint32_t)esp, (uint32_t)cs, (uint32_t)eflags, 1, 0, frame) != 1)
+            goto python;
     } else if (kind == K_POP_SREG) {
         uint16_t sel;
         if (!rd(s, uc, s->r_esp, &esp)) goto python;
-        if (!read_hv(s, (uint32_t)esp, &sel, 2)) goto python;
-        if (!load_data_segment(s, seg, sel)) goto python;                      /* nothing changed */
+        if (!ev_read_hv(&s->ev, (uint32_t)esp, &sel, 2)) goto python;
+        if (ev_load_data_segment(&s->ev, seg, sel, &plain) != 1) goto python;  /* nothing changed */
     }
     /* From here on the trap is ours: FaultState.take's escalation fix, then the emulation. */
-    memcpy(s->env + s->off_old_exception, &minus1, 4);
+    memcpy(s->ev.env + s->off_old_exception, &minus1, 4);
     next = (uint32_t)(eip + size);
     switch (kind) {
     case K_CLI:
@@ -426,9 +302,9 @@ void trapfast_intr_hook(void *uc, uint32_t intno, void *user_data) {
         s->reg_write(uc, s->r_eip, &next);
         if (!(eflags & EFLAGS_IF)) {           /* SegmentLoadingVcpu.set_interrupt_shadow */
             uint32_t hf;
-            memcpy(&hf, s->env + s->off_hflags, 4);
+            memcpy(&hf, s->ev.env + s->ev.off_hflags, 4);
             hf |= HF_INHIBIT_IRQ;
-            memcpy(s->env + s->off_hflags, &hf, 4);
+            memcpy(s->ev.env + s->ev.off_hflags, &hf, 4);
         }
         break;
     }
@@ -440,14 +316,14 @@ void trapfast_intr_hook(void *uc, uint32_t intno, void *user_data) {
         s->reg_write(uc, s->r_eip, &next);
         break;
     case K_MOV_CR2:
-        value = s->cr2;
+        value = s->ev.cr2;
         s->reg_write(uc, s->r_gpr[reg], &value);
         s->reg_write(uc, s->r_eip, &next);
         break;
     case K_IRETD: {                /* ESP, the virtual IOPL and the real EFLAGS (IOPL 0), EIP */
         uint64_t up = (uint32_t)(esp + 12), fl, to = frame[0];
         s->reg_write(uc, s->r_esp, &up);
-        s->iopl = (frame[2] >> 12) & 3;
+        s->ev.iopl = (frame[2] >> 12) & 3;
         fl = (frame[2] & ~(EFLAGS_RF | EFLAGS_IOPL)) | 2u;
         s->reg_write(uc, s->r_eflags, &fl);
         s->reg_write(uc, s->r_eip, &to);

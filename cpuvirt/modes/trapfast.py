@@ -19,16 +19,16 @@ import os
 from unicorn import UC_HOOK_INTR
 from unicorn.unicorn_py3 import unicorn as _ucmod
 
+from cpuvirt.cpu import evseg
+from cpuvirt.cpu.evseg import EvHvTlb, EvLoaded, EvSeg, EvVirtualCpu
 from cpuvirt.cpu.fastdelivery import _cpu_field, _read_process
-from cpuvirt.cpu.hvtlb import HvTlb
 from cpuvirt.cpu.quirks import context_layout
-from cpuvirt.cpu.segcache import _SEG_INDEX, segs_offset
-from cpuvirt.cpu.virtualcpu import TableVirtualCpu, in_table
+from cpuvirt.cpu.virtualcpu import in_table
 from cpuvirt.engine import regs as R
 from cpuvirt.engine.cext import add_c_hook, load
 from cpuvirt.x86.cpuid import CR4_RESERVED
 
-BLOCK_SLOTS, BLOCK_MAX_INSNS, RTLB_SLOTS = 4096, 58, 256
+BLOCK_SLOTS, BLOCK_MAX_INSNS = 4096, 58
 # The (kind, reason) keys of Vcpu.reasons of the kinds _trapfast.c answers, in its enum's order.
 REASONS = (
     ("trap", "cli"),
@@ -41,19 +41,6 @@ REASONS = (
     ("trap", "mov cr2"),
     ("trap", "iretd"),
 )
-_SEG_REG = {0: R.ES, 3: R.DS, 4: R.FS, 5: R.GS}  # QEMU's segment index -> Unicorn register (data ones)
-
-
-class _Rtlb(ctypes.Structure):
-    """Mirror of rtlb_t."""
-
-    _fields_ = [
-        ("page", ctypes.c_uint32),
-        ("gen", ctypes.c_uint32),
-        ("valid", ctypes.c_uint32),
-        ("pad", ctypes.c_uint32),
-        ("gpa", ctypes.c_uint64),
-    ]
 
 
 class _Block(ctypes.Structure):
@@ -77,10 +64,8 @@ class _State(ctypes.Structure):
         ("reg_read", ctypes.c_void_p),
         ("reg_write", ctypes.c_void_p),
         ("python_intr", ctypes.c_void_p),
-        ("env", ctypes.c_void_p),
         ("off_old_exception", ctypes.c_uint32),
         ("off_is_int", ctypes.c_uint32),
-        ("off_hflags", ctypes.c_uint32),
         ("r_eip", ctypes.c_int32),
         ("r_eflags", ctypes.c_int32),
         ("r_cs", ctypes.c_int32),
@@ -91,10 +76,6 @@ class _State(ctypes.Structure):
         ("cr4_reserved", ctypes.c_uint32),
         ("shadow_ok", ctypes.c_uint32),
         ("wp_granted", ctypes.c_uint32),
-        ("rtlb_gen", ctypes.c_uint32),
-        ("pad", ctypes.c_uint32),
-        ("ram", ctypes.c_void_p),
-        ("ram_bytes", ctypes.c_uint64),
         ("clock_now", ctypes.c_void_p),
         ("clock_last_block", ctypes.c_void_p),
         ("clock_watch_if", ctypes.c_void_p),
@@ -106,18 +87,7 @@ class _State(ctypes.Structure):
         ("answered", ctypes.c_uint64),
         ("to_python", ctypes.c_uint64),
         ("misses", ctypes.c_uint64),
-        ("segs_ok", ctypes.c_uint32),
-        ("off_segs", ctypes.c_uint32),
-        ("gdt_base", ctypes.c_uint32),
-        ("gdt_limit", ctypes.c_uint32),
-        ("loaded_new", ctypes.c_uint32),
-        ("loaded_known", ctypes.c_uint32),
-        ("loaded", (ctypes.c_uint32 * 3) * 6),
-        ("cr2", ctypes.c_uint32),
-        ("iopl", ctypes.c_uint32),
-        ("nmi_blocked", ctypes.c_uint32),
-        ("pad4", ctypes.c_uint32),
-        ("rtlb", _Rtlb * RTLB_SLOTS),
+        ("ev", EvSeg),
         ("block", _Block * BLOCK_SLOTS),
     ]
 
@@ -191,7 +161,7 @@ def _context_header(uc, env: int) -> int | None:
     return at if at <= 256 else None
 
 
-class TrapVirtualCpu(TableVirtualCpu):
+class TrapVirtualCpu(EvVirtualCpu):
     """A VirtualCpu whose CR0, CR2, CR3, CR4, IOPL and GDTR are the C table's (every other field as
     VirtualCpu's)."""
 
@@ -199,99 +169,9 @@ class TrapVirtualCpu(TableVirtualCpu):
     cr0 = in_table("crs", 0)  # type: ignore[assignment]
     cr3 = in_table("crs", 1)  # type: ignore[assignment]
     cr4 = in_table("crs", 2)  # type: ignore[assignment]
-    cr2 = in_table("cr2")  # type: ignore[assignment]
-    iopl = in_table("iopl", mask=3)  # type: ignore[assignment]
-
-    @property  # type: ignore[override]
-    def gdtr(self) -> tuple[int, int]:
-        st = self._table
-        return st.gdt_base, st.gdt_limit
-
-    @gdtr.setter
-    def gdtr(self, value: tuple[int, int]) -> None:
-        st = self._table
-        st.gdt_base, st.gdt_limit = value[0] & 0xFFFFFFFF, value[1] & 0xFFFFFFFF
 
 
-class TrapHvTlb(HvTlb):
-    """The hypervisor's own TLB (GuestViewVcpu._rtlb) with a copy of its RAM entries in the C table
-    (rtlb_t): the C path reads descriptors and the stack through it only where Python would hit."""
-
-    __slots__ = ("_ram_hpa", "_ram_bytes")
-
-    def __init__(self, table, ram_hpa: int, ram_bytes: int):
-        super().__init__(table)
-        self._ram_hpa, self._ram_bytes = ram_hpa, ram_bytes
-
-    def __setitem__(self, page, hpa) -> None:
-        self._fresh()
-        dict.__setitem__(self, page, hpa)
-        st = self._table
-        e = st.rtlb[page % RTLB_SLOTS]
-        gpa = hpa - self._ram_hpa if hpa is not None else -1
-        if 0 <= gpa and gpa + 0x1000 <= self._ram_bytes and not gpa & 0xFFF:
-            e.page, e.gen, e.gpa, e.valid = page, st.rtlb_gen, gpa, 1
-        elif e.page == page:
-            e.valid = 0
-
-    def pop(self, key, *default):
-        e = self._table.rtlb[key % RTLB_SLOTS]
-        if e.page == key:
-            e.valid = 0
-        return super().pop(key, *default)
-
-    def clear(self) -> None:
-        """Every entry goes: C's copies with the generation they were made under."""
-        st = self._table
-        st.rtlb_gen = (st.rtlb_gen + 1) & 0xFFFFFFFF
-        self._gen = st.rtlb_gen
-        dict.clear(self)
-
-
-class TrapLoaded(dict):
-    """SegmentLoadingVcpu._loaded (segment register -> (real selector, lo, hi) as hv_load last wrote
-    it) with the loads done in C taken in whenever it is read or changed, and copied to C (iretd
-    answered there needs CS's)."""
-
-    __slots__ = ("_table",)
-
-    def __init__(self, table, old: dict):
-        super().__init__()
-        self._table = table
-        for reg, value in old.items():
-            self[reg] = value
-
-    def _take(self) -> None:
-        st = self._table
-        new = st.loaded_new
-        if new:
-            st.loaded_new = 0
-            for seg, reg in _SEG_REG.items():
-                if new >> seg & 1:
-                    e = st.loaded[seg]
-                    dict.__setitem__(self, reg, (e[0], e[1], e[2]))
-
-    def get(self, key, default=None):
-        self._take()
-        return dict.get(self, key, default)
-
-    def __getitem__(self, key):
-        self._take()
-        return dict.__getitem__(self, key)
-
-    def __setitem__(self, key, value) -> None:
-        self._take()
-        dict.__setitem__(self, key, value)
-        seg = _SEG_INDEX.get(key)
-        if seg is not None:
-            st = self._table
-            st.loaded[seg][0], st.loaded[seg][1], st.loaded[seg][2] = (v & 0xFFFFFFFF for v in value)
-            st.loaded_known |= 1 << seg
-
-    def clear(self) -> None:
-        st = self._table
-        st.loaded_new = st.loaded_known = 0
-        dict.clear(self)
+TrapHvTlb, TrapLoaded = EvHvTlb, EvLoaded  # the names trap's tests and notes use
 
 
 class TrapFast:
@@ -306,20 +186,13 @@ class TrapFast:
         st.reg_read = ctypes.cast(_ucmod.uclib.uc_reg_read, ctypes.c_void_p).value
         st.reg_write = ctypes.cast(_ucmod.uclib.uc_reg_write, ctypes.c_void_p).value
         layout = context_layout()
-        st.env = env
         st.off_old_exception = layout.old_exception - header
         st.off_is_int = layout.exception_is_int - header
-        st.off_hflags = layout.hflags - header
         st.r_eip, st.r_eflags, st.r_cs, st.r_esp = R.EIP, R.EFLAGS, R.CS, R.ESP
-        segs = segs_offset()
-        if segs is not None and vcpu._direct is not None and segs >= header:
-            st.segs_ok, st.off_segs = 1, segs - header
+        self._keep: list = []  # alive as long as the table
+        evseg.setup(st.ev, vcpu, env, header, layout.hflags, self._keep.append)
         st.r_gpr[:] = R.GPR_ORDER
         st.cr4_reserved = CR4_RESERVED
-        mmu = vcpu.mmu
-        self._ram = ctypes.c_char.from_buffer(mmu.ram.buf)  # alive as long as the table
-        st.ram = ctypes.addressof(self._ram) + (mmu.p2m.ram_hpa - mmu.ram.hpa)
-        st.ram_bytes = mmu.p2m.ram_bytes
         clock = vcpu.clock._state
         kind, base = type(clock), ctypes.addressof(clock)
         st.clock_now = base + kind.now.offset
@@ -352,18 +225,9 @@ class TrapFast:
         if vcpu.mmu.crs_source is not None:
             vcpu.mmu.crs_source = vcpu.virtual_cpu.crs
         p2m = vcpu.mmu.p2m
-        vcpu._rtlb = TrapHvTlb(st, p2m.ram_hpa, p2m.ram_bytes)
-        vcpu._loaded = TrapLoaded(st, vcpu._loaded)
-        # NMI blocking: an iret that ends it is Python's
-        st.nmi_blocked = 1 if vcpu.nmi_blocked else 0
-        chained = vcpu.on_nmi_blocked
-
-        def on_nmi_blocked(value: bool) -> None:
-            st.nmi_blocked = 1 if value else 0
-            if chained is not None:
-                chained(value)
-
-        vcpu.on_nmi_blocked = on_nmi_blocked
+        vcpu._rtlb = EvHvTlb(st.ev, p2m.ram_hpa, p2m.ram_bytes)
+        vcpu._loaded = EvLoaded(st.ev, vcpu._loaded)
+        evseg.mirror_nmi_blocking(st.ev, vcpu)  # an iret that ends NMI blocking is Python's
         vcpu.machine.block_insns.attach(self)  # the copy of Machine.block_insns
         self.shadow.on_dirty = self._shadow_dirty
         self.arm()

@@ -70,3 +70,5 @@ class FullMode(Mode):
             mmio.on_access = on_access
         self.vcpu.deprivilege()
         self.vcpu._vsnap = self.vcpu._snapshot()
+        if self.vcpu.evfast is not None:
+            self.vcpu.evfast.snapshot(self.vcpu._vsnap)

@@ -10,12 +10,25 @@ import ctypes
 import struct
 from typing import TYPE_CHECKING, Callable
 
-from cpuvirt.bt.fastcallout import CPUID, IO_DX, KIND_NAMES, MOV_CR0, MOV_CR4, PORT_IN, PORT_OUT, RDTSC
+from cpuvirt.bt.fastcallout import (
+    CPUID,
+    IO_DX,
+    IRETD,
+    KIND_NAMES,
+    MOV_CR0,
+    MOV_CR4,
+    NO_LOOKUP,
+    PORT_IN,
+    PORT_OUT,
+    PYTHON,
+    RDTSC,
+)
 from cpuvirt.cpu.vcpu import EXIT_HYPERVISOR_STOP
 from cpuvirt.cpu.virtualcpu import GuestFault
 from cpuvirt.engine import regs as R
 from cpuvirt.engine.hooks import hook_guard
 from cpuvirt.memory.mmu import GuestPageFault
+from cpuvirt.modes.full.evfast import site_kind
 from cpuvirt.status import Unsupported
 from cpuvirt.x86.cpuid import CR4_RESERVED
 from cpuvirt.x86.flags import CR0_PE
@@ -26,6 +39,7 @@ if TYPE_CHECKING:  # a mixin of FullVcpu (vcpu.py): mypy reads it against the de
     from cpuvirt.bt.tcache import TCache
     from cpuvirt.cpu.deprivilege import DeprivilegedVcpu as _VcpuBase
     from cpuvirt.modes.full.crfast import CrState
+    from cpuvirt.modes.full.evfast import FullEvents
 else:
     _VcpuBase = object
 
@@ -40,6 +54,8 @@ class Callouts(_VcpuBase):
     rt: BtRuntime
     direct16: Direct16
     crfast: CrState | None  # crfast.py
+    evfast: FullEvents | None  # evfast.py
+    _entered: int | None  # vcpu.py: the guest EIP enter_kernel last went to
     _adaptive_store: Callable[[int], None]  # adaptive.py
     _virtual_changed: Callable[[], None]  # coherence.py
     check_code_mappings: Callable[[], None]  # coherence.py
@@ -78,7 +94,8 @@ class Callouts(_VcpuBase):
             self.reasons[self.event_kind, KIND_NAMES[kind]] += n
             c = self.tc.counters
             c.callouts += n
-            c.lookups += n
+            if kind not in NO_LOOKUP:
+                c.lookups += n
 
     @hook_guard(returns=0)
     def _c_port_in(self, port: int, size: int) -> int:
@@ -131,6 +148,7 @@ class Callouts(_VcpuBase):
             if nxt is not None:
                 return nxt
         self.regs.write(R.EIP, geip)
+        self._entered = None
         if self.emulate_at(geip) is None:
             self.finish(
                 "error",
@@ -141,7 +159,28 @@ class Callouts(_VcpuBase):
         self._virtual_changed()
         if ins.text.startswith("invlpg"):
             self.check_code_mappings()
+        ev = self.evfast
+        if ev is not None and ev.on and self.trace is None and self.outcome is None:
+            self._link_event(ev, geip, ins.size, raw)
         return None
+
+    def _link_event(self, ev, geip: int, size: int, raw: bytes) -> None:
+        """After a segment load, CR2 read or iretd of the guest kernel served here: from now on the C
+        hook serves the site where it can (evfast.py), going on at the next instruction's translation,
+        or for an iretd at the one this return reached (none for a return to ring 3)."""
+        kind, arg = site_kind(raw)
+        if kind == PYTHON or self.direct16.state is not None:
+            return
+        rt = self.rt
+        if kind != IRETD:
+            rt.link_geip = (geip + size) & 0xFFFFFFFF
+        elif self.regs.read(R.CS) & 3 == 3:
+            rt.link_geip = None
+        elif self._entered is not None and self.vcpl() == 0:
+            rt.link_geip, arg = self._entered, 1
+        else:
+            return
+        rt.link_as, rt.link_arg = kind, arg
 
     def _mov_to_cr(self, geip: int, modrm: int) -> int | None:
         """`mov crN, r32` (N = 0, 3, 4) without the instruction emulator: kvm-unit-tests' vmexit

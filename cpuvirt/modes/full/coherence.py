@@ -29,6 +29,7 @@ if TYPE_CHECKING:  # a mixin of FullVcpu (vcpu.py): mypy reads it against the de
     from cpuvirt.bt.tcache import TCache
     from cpuvirt.cpu.deprivilege import DeprivilegedVcpu as _VcpuBase
     from cpuvirt.modes.full.crfast import CrState
+    from cpuvirt.modes.full.evfast import FullEvents
 else:
     _VcpuBase = object
 
@@ -50,6 +51,7 @@ class Coherence(_VcpuBase):
     _dep_blocks: dict[str, list]  # virtual-CPU field -> [(seq, block)] that baked it in
     _maps_snap: tuple | None  # (_maps_key, [(hpa, bytes)] of the paging frames) at the last full check
     crfast: CrState | None  # crfast.py: the C table's mov-to-CR state
+    evfast: FullEvents | None  # evfast.py: the kernel's segment loads, CR2 reads and iretd in C
     _block_seq: int
     _vsnap: dict[str, object]
     _prefix_len: dict
@@ -91,6 +93,8 @@ class Coherence(_VcpuBase):
         if snap == old:
             return
         self._vsnap = snap
+        if self.evfast is not None:
+            self.evfast.snapshot(snap)
         if cr is not None:
             cr.t.snap[0], cr.t.snap[1] = snap["cr0"], snap["cr4"]
         changed = {k for k in snap if old.get(k) != snap[k]}

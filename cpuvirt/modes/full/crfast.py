@@ -3,25 +3,16 @@
 kvm-unit-tests' `vmexit` toggles CR0.WP and CR4.PGE some 67 million times each; a callout served in
 Python costs tens of microseconds. A write that changes only WP or PGE, while nothing else has to
 happen, is stored by the C callout hook: the virtual CR0 and CR4 therefore live in the C table
-(`CrVirtualCpu`), and the conditions under which the Python path would do more than store the value
+(`evfast.FullEvVirtualCpu`), and the conditions under which the Python path would do more than store the value
 are mirrored there by the Python side (`CrState`): translations that baked the register in, shadow
 paging needing an engine TLB flush, the page-table frames of the last code-mapping check; whenever
 one of them may hold, C leaves the write to Python. The hypervisor's own TLB learns of the flushes
-done in C from a generation count (`HvTlb`, cpu/hvtlb.py).
+done in C from a generation count (cpu/evseg.EvHvTlb over cpu/hvtlb.HvTlb).
 """
 
 from __future__ import annotations
 
-from cpuvirt.cpu.hvtlb import HvTlb  # noqa: F401  (re-exported: modes/full/vcpu.py imports it from here)
-from cpuvirt.cpu.virtualcpu import TableVirtualCpu, in_table
-
-
-class CrVirtualCpu(TableVirtualCpu):
-    """A VirtualCpu whose CR0 and CR4 are the C table's (uint32[2]; every other field as VirtualCpu's)."""
-
-    __slots__ = ()
-    cr0 = in_table(None, 0)  # type: ignore[assignment]
-    cr4 = in_table(None, 1)  # type: ignore[assignment]
+# The virtual CR0 and CR4 in the table: evfast.FullEvVirtualCpu (with CR2, IOPL and GDTR in its `ev`).
 
 
 class CrState:

@@ -26,7 +26,8 @@ from cpuvirt.memory.types import Access
 from cpuvirt.modes.full.adaptive import ADAPTIVE_THRESHOLD, AdaptiveStores
 from cpuvirt.modes.full.callouts import Callouts
 from cpuvirt.modes.full.coherence import CODE, Coherence
-from cpuvirt.modes.full.crfast import CrState, CrVirtualCpu, HvTlb
+from cpuvirt.modes.full.crfast import CrState
+from cpuvirt.modes.full.evfast import FullEvents
 from cpuvirt.modes.full.inplace import InPlaceBlocks
 from cpuvirt.x86.vectors import Vector
 
@@ -88,13 +89,16 @@ class FullVcpu(RunsCode16, Coherence, Callouts, AdaptiveStores, DeprivilegedVcpu
         self.rt.on_callout = self._callout_then_window
         # mov to CR0/CR4 served in C (crfast.py): CR0 and CR4 live in the C callout table
         self.crfast: CrState | None = None
+        # ... and the kernel's segment loads, CR2 reads and iretd (evfast.py): the virtual GDTR, CR2,
+        # IOPL, the hypervisor's TLB and `_loaded` in the same table
+        self.evfast: FullEvents | None = None
+        self._entered: int | None = None  # the guest EIP enter_kernel last went to
         if self.rt.fast is not None:
             table = self.rt.fast.table
             self.crfast = CrState(table)
-            self.virtual_cpu = CrVirtualCpu(table.cr, self.virtual_cpu)
+            self.evfast = FullEvents(self, table)
             if getattr(self.mmu, "crs_source", None) is not None:
                 self.mmu.crs_source = self.virtual_cpu.crs
-            self._rtlb = HvTlb(table)
         self.rt.on_fetch_fault = self._fetch_fault
         # 16-bit code (real mode, 16-bit protected mode) runs in place, never translated (bt/direct.py)
         self.direct16 = Direct16(self, KERNEL_RING, HV_CR0, HV_IDTR)
@@ -152,6 +156,8 @@ class FullVcpu(RunsCode16, Coherence, Callouts, AdaptiveStores, DeprivilegedVcpu
     def install_hooks(self) -> None:
         super().install_hooks()
         self._link_fast_callouts()  # callouts.py: cpuid and rdtsc answered in C once linked
+        if self.evfast is not None:
+            self.evfast.attach()
         if self.rt.fast is not None:
             # where the vCPU folds events counted in C into its counters when they are read (the
             # runner and the cost model also call sync_counts themselves)
@@ -173,6 +179,7 @@ class FullVcpu(RunsCode16, Coherence, Callouts, AdaptiveStores, DeprivilegedVcpu
         if self.direct16.state is not None:
             self.regs.write(R.EIP, guest_eip)
             return
+        self._entered = guest_eip
         try:
             self.regs.write(R.EIP, self.rt.lookup(guest_eip))
         except TranslateFault:
