@@ -53,6 +53,7 @@ class TrapVcpu(DeprivilegedVcpu):
         self._deliver_engine_event(intno, error_code, soft, eip)
         if self.fast is not None:
             self.fast.after_python(self._reasons)
+            self.fast.seen_delivery(intno, soft)
 
     def _trap_site(self, eip: int):
         """The decoded instruction at eip if a #GP there is a trap to emulate, else None; decided once

@@ -23,12 +23,13 @@ from cpuvirt.cpu.fastdelivery import _cpu_field, _read_process
 from cpuvirt.cpu.hvtlb import HvTlb
 from cpuvirt.cpu.quirks import context_layout
 from cpuvirt.cpu.segcache import _SEG_INDEX, segs_offset
-from cpuvirt.cpu.virtualcpu import TableVirtualCpu, in_table
+from cpuvirt.cpu.virtualcpu import SegCache, TableVirtualCpu, in_table
 from cpuvirt.engine import regs as R
 from cpuvirt.engine.cext import add_c_hook, load
 from cpuvirt.x86.cpuid import CR4_RESERVED
+from cpuvirt.x86.vectors import MNEMONIC, Vector
 
-BLOCK_SLOTS, BLOCK_MAX_INSNS, RTLB_SLOTS = 4096, 58, 256
+BLOCK_SLOTS, BLOCK_MAX_INSNS, RTLB_SLOTS, SHADOW_SLOTS = 4096, 58, 256, 4096
 # The (kind, reason) keys of Vcpu.reasons of the kinds _trapfast.c answers, in its enum's order.
 REASONS = (
     ("trap", "cli"),
@@ -41,7 +42,10 @@ REASONS = (
     ("trap", "mov cr2"),
     ("trap", "iretd"),
 )
-_SEG_REG = {0: R.ES, 3: R.DS, 4: R.FS, 5: R.GS}  # QEMU's segment index -> Unicorn register (data ones)
+# QEMU's segment index -> Unicorn register: the data ones (mov/pop sreg), CS and SS (event delivery)
+_SEG_REG = {0: R.ES, 1: R.CS, 2: R.SS, 3: R.DS, 4: R.FS, 5: R.GS}
+# The vectors _trapfast.c delivers as faults (#DE; #GP from ring 3) and their Vcpu.reasons keys
+FAULTS = (int(Vector.DE), int(Vector.GP))
 
 
 class _Rtlb(ctypes.Structure):
@@ -53,6 +57,18 @@ class _Rtlb(ctypes.Structure):
         ("valid", ctypes.c_uint32),
         ("pad", ctypes.c_uint32),
         ("gpa", ctypes.c_uint64),
+    ]
+
+
+class _Sentry(ctypes.Structure):
+    """Mirror of sentry_t."""
+
+    _fields_ = [
+        ("page", ctypes.c_uint32),
+        ("serial", ctypes.c_uint32),
+        ("gpa", ctypes.c_uint32),
+        ("rights", ctypes.c_uint16),
+        ("dirty", ctypes.c_uint16),
     ]
 
 
@@ -119,12 +135,37 @@ class _State(ctypes.Structure):
         ("pad4", ctypes.c_uint32),
         ("rtlb", _Rtlb * RTLB_SLOTS),
         ("block", _Block * BLOCK_SLOTS),
+        ("deliver_on", ctypes.c_uint32),
+        ("off_error_code", ctypes.c_uint32),
+        ("idt_base", ctypes.c_uint32),
+        ("idt_limit", ctypes.c_uint32),
+        ("tr_base", ctypes.c_uint32),
+        ("tr_limit", ctypes.c_uint32),
+        ("shadow_key", ctypes.c_uint32),
+        ("shadow_mode", ctypes.c_uint32),
+        ("shadow_serial", ctypes.c_uint32),
+        ("traced_frames", ctypes.c_uint32),
+        ("traced", ctypes.c_void_p),
+        ("delivered", ctypes.c_uint64),
+        ("dpending", ctypes.c_uint64),
+        ("soft_count", ctypes.c_uint64 * 256),
+        ("fault_count", ctypes.c_uint64 * 32),
+        ("soft_seen", ctypes.c_uint8 * 256),
+        ("fault_seen", ctypes.c_uint8 * 32),
+        ("r_ss", ctypes.c_int32),
+        ("pad5", ctypes.c_uint32),
+        ("shadow", _Sentry * SHADOW_SLOTS),
     ]
 
 
 def enabled_by_environment() -> bool:
     """CPUVIRT_TRAP_FAST=0 keeps every trap in Python (the reference path)."""
     return os.environ.get("CPUVIRT_TRAP_FAST", "1") != "0"
+
+
+def delivery_by_environment() -> bool:
+    """CPUVIRT_TRAP_DELIVERY_C=0 keeps every event delivery in Python (the C traps stay)."""
+    return os.environ.get("CPUVIRT_TRAP_DELIVERY_C", "1") != "0"
 
 
 def _lib():
@@ -143,6 +184,12 @@ def _lib():
     lib.trapfast_blocks_drop.argtypes = (ctypes.c_void_p, ctypes.c_uint32)
     lib.trapfast_blocks_clear.restype = None
     lib.trapfast_blocks_clear.argtypes = (ctypes.c_void_p,)
+    lib.trapfast_shadow_put.restype = None
+    lib.trapfast_shadow_put.argtypes = (ctypes.c_void_p,) + (ctypes.c_uint32,) * 5
+    lib.trapfast_shadow_drop.restype = None
+    lib.trapfast_shadow_drop.argtypes = (ctypes.c_void_p, ctypes.c_uint32, ctypes.c_uint32)
+    lib.trapfast_traced.restype = None
+    lib.trapfast_traced.argtypes = (ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32)
     return lib
 
 
@@ -192,10 +239,10 @@ def _context_header(uc, env: int) -> int | None:
 
 
 class TrapVirtualCpu(TableVirtualCpu):
-    """A VirtualCpu whose CR0, CR2, CR3, CR4, IOPL and GDTR are the C table's (every other field as
-    VirtualCpu's)."""
+    """A VirtualCpu whose CR0, CR2, CR3, CR4, IOPL, GDTR and IDTR are the C table's, and TR's base and
+    limit copied there (every other field as VirtualCpu's)."""
 
-    __slots__ = ()
+    __slots__ = ("_tr",)
     cr0 = in_table("crs", 0)  # type: ignore[assignment]
     cr3 = in_table("crs", 1)  # type: ignore[assignment]
     cr4 = in_table("crs", 2)  # type: ignore[assignment]
@@ -211,6 +258,27 @@ class TrapVirtualCpu(TableVirtualCpu):
     def gdtr(self, value: tuple[int, int]) -> None:
         st = self._table
         st.gdt_base, st.gdt_limit = value[0] & 0xFFFFFFFF, value[1] & 0xFFFFFFFF
+
+    @property  # type: ignore[override]
+    def idtr(self) -> tuple[int, int]:
+        st = self._table
+        return st.idt_base, st.idt_limit
+
+    @idtr.setter
+    def idtr(self, value: tuple[int, int]) -> None:
+        st = self._table
+        st.idt_base, st.idt_limit = value[0] & 0xFFFFFFFF, value[1] & 0xFFFFFFFF
+
+    @property  # type: ignore[override]
+    def tr(self) -> SegCache:
+        return self._tr
+
+    @tr.setter
+    def tr(self, value: SegCache) -> None:
+        """TR is loaded whole (ltr, a task switch): never changed in place."""
+        self._tr = value
+        st = self._table
+        st.tr_base, st.tr_limit = value.base & 0xFFFFFFFF, value.limit & 0xFFFFFFFF
 
 
 class TrapHvTlb(HvTlb):
@@ -294,6 +362,106 @@ class TrapLoaded(dict):
         dict.clear(self)
 
 
+class _MirroredEntries(dict):
+    """A shadow root's entries (memory/shadow.py _Root.entries) with every change copied to C."""
+
+    __slots__ = ("_mirror", "_root")
+
+    def __init__(self, mirror: "ShadowMirror", root, old: dict):
+        super().__init__(old)
+        self._mirror, self._root = mirror, root
+        for page, e in old.items():
+            mirror.put(root, page, e)
+
+    def __setitem__(self, page, e) -> None:
+        dict.__setitem__(self, page, e)
+        self._mirror.put(self._root, page, e)
+
+    def __delitem__(self, page) -> None:
+        dict.__delitem__(self, page)
+        self._mirror.drop(self._root, page)
+
+    def pop(self, page, *default):
+        e = dict.pop(self, page, *default)
+        self._mirror.drop(self._root, page)
+        return e
+
+    def clear(self) -> None:
+        dict.clear(self)
+        self._mirror.renumber(self._root)
+
+
+class ShadowMirror:
+    """ShadowPaging.mirror: the current shadow root's entries, its key and the paging mode in the C
+    table (sentry_t), so that C maps the hypervisor's own accesses of a delivery only where Python's
+    ShadowPaging.gva_to_gpa would answer from an entry with no side effect. Each root gets a serial;
+    C takes an entry only of the current root's serial."""
+
+    def __init__(self, lib, pstate, st, shadow):
+        self._lib, self._pstate, self._st, self._shadow = lib, pstate, st, shadow
+        self._serial = 0
+
+    def _next(self) -> int:
+        self._serial = self._serial % 0xFFFFFFFF + 1
+        return self._serial
+
+    def adopt(self, root) -> None:
+        root.serial = self._next()
+        root.entries = _MirroredEntries(self, root, root.entries)
+
+    def renumber(self, root) -> None:
+        """Every entry of `root` went (a trim): a new serial leaves C's copies behind."""
+        root.serial = self._next()
+        if root is self._shadow._cur:
+            self._st.shadow_serial = root.serial
+
+    def current(self, shadow) -> None:
+        st = self._st
+        st.shadow_key = 1 if shadow._cur_key is None else shadow._cur_key & 0xFFFFF000
+        st.shadow_mode = 0xFFFFFFFF if shadow._mode is None else shadow._mode
+        st.shadow_serial = 0 if shadow._cur is None else shadow._cur.serial
+
+    def put(self, root, page: int, e: tuple) -> None:
+        if e[0] >> 32:
+            self.drop(root, page)
+            return
+        self._lib.trapfast_shadow_put(self._pstate, page >> 12, root.serial, e[0], e[1], 1 if e[2] else 0)
+
+    def drop(self, root, page: int) -> None:
+        self._lib.trapfast_shadow_drop(self._pstate, (page >> 12) & 0xFFFFF, root.serial)
+
+
+class _TracedFrames(dict):
+    """Mmu.traces.frames (guest frame -> owners) with a bit per traced RAM frame in the C table."""
+
+    __slots__ = ("_lib", "_pstate")
+
+    def __init__(self, lib, pstate, old: dict):
+        super().__init__()
+        self._lib, self._pstate = lib, pstate
+        for page, owners in old.items():
+            self[page] = owners
+
+    def __setitem__(self, page, owners) -> None:
+        dict.__setitem__(self, page, owners)
+        self._lib.trapfast_traced(self._pstate, page, 1)
+
+    def __delitem__(self, page) -> None:
+        dict.__delitem__(self, page)
+        self._lib.trapfast_traced(self._pstate, page, 0)
+
+    def pop(self, page, *default):
+        had = page in self
+        owners = dict.pop(self, page, *default)
+        if had:
+            self._lib.trapfast_traced(self._pstate, page, 0)
+        return owners
+
+    def clear(self) -> None:
+        for page in list(self):
+            del self[page]
+
+
 class TrapFast:
     """The C INTR hook of mode trap and the Python side of its table (module docstring)."""
 
@@ -327,6 +495,18 @@ class TrapFast:
         st.clock_watch_if = base + kind.watch_if.offset
         st.clock_check_if = base + kind.check_if.offset
         st.enabled = 1 if vcpu.trace is None else 0
+        # event delivery: the error code's place, the copies of the shadow root and of the traced frames
+        st.off_error_code = layout.error_code - header
+        st.r_ss = R.SS
+        p2m = mmu.p2m
+        frames = (p2m.ram_bytes + 0xFFF) >> 12
+        self._traced = (ctypes.c_uint8 * ((frames + 7) // 8 or 1))()
+        st.traced, st.traced_frames = ctypes.addressof(self._traced), frames
+        # a device's registers inside RAM's range would make Mmu._locate's MMIO check matter: Python's
+        in_ram = any(lo < p2m.ram_bytes for lo, _hi, _hpa in getattr(p2m, "mmio", ()))
+        st.deliver_on = 1 if delivery_by_environment() and not in_ram else 0
+        self._soft_seen: list[int] = []
+        self._fault_seen: list[int] = []
 
     @classmethod
     def install(cls, vcpu, shadow) -> "TrapFast | None":
@@ -354,6 +534,13 @@ class TrapFast:
         p2m = vcpu.mmu.p2m
         vcpu._rtlb = TrapHvTlb(st, p2m.ram_hpa, p2m.ram_bytes)
         vcpu._loaded = TrapLoaded(st, vcpu._loaded)
+        shadow = self.shadow
+        mirror = shadow.mirror = ShadowMirror(self._lib, self._pstate, st, shadow)
+        for root in shadow.roots.values():
+            mirror.adopt(root)
+        mirror.current(shadow)
+        traces = vcpu.mmu.traces
+        traces.frames = _TracedFrames(self._lib, self._pstate, traces.frames)
         # NMI blocking: an iret that ends it is Python's
         st.nmi_blocked = 1 if vcpu.nmi_blocked else 0
         chained = vcpu.on_nmi_blocked
@@ -411,19 +598,50 @@ class TrapFast:
             if not seen[k] and key in reasons:
                 seen[k] = 1
 
+    def seen_delivery(self, intno: int, soft: bool) -> None:
+        """Python delivered this event (TrapVcpu.on_engine_event): once its Vcpu.reasons key is in
+        place, C may deliver the same kind and count it there."""
+        st, reasons = self._state, self.vcpu._reasons
+        if soft:
+            if 0 <= intno < 256 and not st.soft_seen[intno] and ("interrupt", f"int {intno:#x}") in reasons:
+                st.soft_seen[intno] = 1
+                self._soft_seen.append(intno)
+        elif intno in FAULTS and not st.fault_seen[intno] and ("exception", MNEMONIC[intno]) in reasons:
+            st.fault_seen[intno] = 1
+            self._fault_seen.append(intno)
+
     def fold(self) -> None:
-        """Add the traps counted in C to Vcpu.counts and Vcpu.reasons, and count from zero."""
+        """Add the traps and deliveries counted in C to Vcpu.counts and Vcpu.reasons, and count from
+        zero."""
         st = self._state
-        if not st.pending:
-            return
-        st.pending = 0
         counts, reasons = self.vcpu._counts, self.vcpu._reasons
-        for k, key in enumerate(REASONS):
-            n = st.count[k]
-            if n:
-                st.count[k] = 0
-                counts[key[0]] += n
-                reasons[key] += n
+        if st.pending:
+            st.pending = 0
+            for k, key in enumerate(REASONS):
+                n = st.count[k]
+                if n:
+                    st.count[k] = 0
+                    counts[key[0]] += n
+                    reasons[key] += n
+        if st.dpending:
+            st.dpending = 0
+            for v in self._soft_seen:
+                n = st.soft_count[v]
+                if n:
+                    st.soft_count[v] = 0
+                    counts["interrupt"] += n
+                    reasons["interrupt", f"int {v:#x}"] += n
+            for v in self._fault_seen:
+                n = st.fault_count[v]
+                if n:
+                    st.fault_count[v] = 0
+                    counts["exception"] += n
+                    reasons["exception", MNEMONIC[v]] += n
+
+    @property
+    def delivered(self) -> int:
+        """Events delivered through the guest's IDT in C so far."""
+        return self._state.delivered
 
     @property
     def answered(self) -> int:
