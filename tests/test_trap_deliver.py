@@ -1,13 +1,15 @@
 """trap delivers the common events through the guest's IDT in C (modes/_trapfast.c deliver_event): `int n`,
-#DE, and #GP from ring 3, from the guest kernel or from ring 3. The C path must leave exactly what the
-Python path (CPUVIRT_TRAP_DELIVERY_C=0, or CPUVIRT_TRAP_FAST=0) leaves wherever it can be seen: the
+#DE, and #GP from ring 3, from the guest kernel or from ring 3; and it passes the common iretd site in C
+(trapfast_iret_hook: Vcpu.far_site has nothing to do). The C paths must leave exactly what the Python
+paths (CPUVIRT_TRAP_DELIVERY_C=0 and CPUVIRT_TRAP_IRET_C=0, or CPUVIRT_TRAP_FAST=0) leave wherever it can be seen: the
 console, the event counts and the cost model's reasons (in the same order), virtual time, the memory
 counters (walks, walk references, fills, faults) and the shadow-paging counters, the registers at every
 event Python handles, and the trace. The guest (tests/guests/trap_deliver.S) holds the hostile cases: an
 IDT entry not present, a gate DPL below the caller's CPL, an IDT limit below the vector, the TSS's and
 the IDT's pages dropped from the shadow, frames across a page, on a page whose PTE has D clear, on one
 the shadow has no entry for, on a read-only page while CR0.WP is clear, over a traced page table's
-PTEs, and the IDT's page remapped between events. The nanobench image is compared the same way."""
+PTEs, and the IDT's page remapped between events, and iretd at ring 3 with VM and with RF in the image.
+The nanobench image is compared the same way."""
 
 from __future__ import annotations
 
@@ -48,9 +50,12 @@ def _compare(c, py) -> None:
 def test_c_deliveries_leave_what_python_leaves_event_by_event(image, monkeypatch):
     c = _run(image, monkeypatch, True)
     monkeypatch.setenv("CPUVIRT_TRAP_DELIVERY_C", "0")
-    py = _run(image, monkeypatch, True)  # the C traps on, the deliveries Python's
+    monkeypatch.setenv("CPUVIRT_TRAP_IRET_C", "0")
+    py = _run(image, monkeypatch, True)  # the C traps on, the deliveries and iret sites Python's
     c_cpu, py_cpu = c[3], py[3]
-    assert c_cpu.fast is not None and py_cpu.fast is not None and py_cpu.fast.delivered == 0
+    assert c_cpu.fast is not None and py_cpu.fast is not None
+    assert py_cpu.fast.delivered == py_cpu.fast.irets == 0
+    assert c_cpu.fast.irets >= LOOPS * 12, c_cpu.fast.irets  # the handlers' iretd, in the kernel and to ring 3
     # per loop at least: 7 system calls, the ring-3 #DE and #GP, the kernel's #DE and int 0x81
     delivered = c_cpu.fast.delivered
     assert delivered >= LOOPS * 11 - 10, delivered
@@ -84,6 +89,7 @@ def test_the_nanobench_image_is_the_same_both_ways(tmp_path, monkeypatch):
     out = {}
     for env in ("1", "0"):
         monkeypatch.setenv("CPUVIRT_TRAP_DELIVERY_C", env)
+        monkeypatch.setenv("CPUVIRT_TRAP_IRET_C", env)
         cpus: list = []
         res = run_guest(str(path), "trap", 32, 0, on_start=cpus.append)
         hv = cpus[-1]

@@ -171,7 +171,8 @@ typedef struct {
     uint8_t soft_seen[256];    /* Python has recorded this key once */
     uint8_t fault_seen[32];
     int32_t r_ss;
-    uint32_t pad5;
+    uint32_t iret_on;          /* 0: every iret site is Python's (CPUVIRT_TRAP_IRET_C=0) */
+    uint64_t irets;            /* iret sites passed here */
     sentry_t shadow[SHADOW_SLOTS];
 } trapfast_t;
 
@@ -765,6 +766,81 @@ void trapfast_intr_hook(void *uc, uint32_t intno, void *user_data) {
 python:
     s->to_python++;
     s->python_intr(uc, intno, NULL);
+}
+
+/* -- iret sites: the intercept's code hook in front of every iret (Vcpu.far_site) -----------------
+ * Before an iretd runs, Python looks at it (cpu/vcpu.py far_site): iret_image_rf clears RF in the
+ * EFLAGS image (read with no side effect, as Mmu.fetch_bytes reads), iret_site ends NMI blocking and
+ * does task returns (NT), and at CPL > 0 iret_to_v86 / strip_vm_image read the image through the
+ * hypervisor's TLB for VM. In the common case none applies and Python does nothing but the interrupt-
+ * window check of the intercept's caller. This hook does that case here: an iretd (CF, 32-bit code and
+ * stack), no NMI blocking, no VM or NT in EFLAGS, real CPL 1 or 3, CR0.WP set (the side-effect-free read
+ * of the image then grants nothing: ShadowPaging.gva_to_gpa), the image at SS:ESP + 8 in one page of
+ * RAM through the guest's tables with RF clear, and at ESP + 8 in a page the hypervisor's TLB holds with
+ * VM clear. Anything else: the Python hook. */
+typedef void (*code_fn)(void *uc, uint64_t address, uint32_t size, void *user_data);
+
+typedef struct {
+    trapfast_t *s;
+    code_fn python;            /* Intercepts._hit, guarded */
+    uint64_t passed;
+} iret_site_t;
+
+size_t trapfast_iret_site_sizeof(void) { return sizeof(iret_site_t); }
+
+/* the guest-physical address of `gva` through the guest's 32-bit tables, with no side effect */
+static int peek_gpa(const trapfast_t *s, uint32_t gva, uint64_t *out) {
+    uint32_t cr0 = s->crs[0], cr3 = s->crs[1], cr4 = s->crs[2], pde, pte;
+    if (!(cr0 & CR0_PG)) {
+        *out = gva;
+        return 1;
+    }
+    if (cr4 & CR4_PAE) return 0;
+    if (!ram32(s, (cr3 & 0xFFFFF000u) | ((gva >> 20) & 0xFFCu), &pde) || !(pde & 1)) return 0;
+    if ((pde & 0x80u) && (cr4 & CR4_PSE)) {
+        if (pde & 0x3FE000u) return 0;
+        *out = (pde & 0xFFC00000u) | (gva & 0x3FFFFFu);
+        return 1;
+    }
+    if (!ram32(s, (pde & 0xFFFFF000u) | ((gva >> 10) & 0xFFCu), &pte) || !(pte & 1)) return 0;
+    *out = (pte & 0xFFFFF000u) | (gva & 0xFFFu);
+    return 1;
+}
+
+static int iret_nothing_to_do(trapfast_t *s, void *uc, uint32_t address, uint32_t size) {
+    uint64_t eflags, cs, esp, gpa;
+    uint32_t hf, image, linear;
+    uint8_t code[1];
+    const segcache_t *segs;
+    if (!s->enabled || !s->iret_on || !s->segs_ok || s->nmi_blocked || size != 1) return 0;
+    if (!peek_gpa(s, address, &gpa) || gpa + 1 > s->ram_bytes) return 0;
+    memcpy(code, s->ram + gpa, 1);
+    if (code[0] != 0xCF) return 0;                                      /* (re)decoded by Python */
+    memcpy(&hf, s->env + s->off_hflags, 4);
+    if (!(hf & HF_CS32) || !(hf & HF_SS32)) return 0;
+    if (!(s->crs[0] & CR0_WP)) return 0;
+    if (!rd(s, uc, s->r_eflags, &eflags) || (eflags & (EFLAGS_VM | EFLAGS_NT))) return 0;
+    if (!rd(s, uc, s->r_cs, &cs) || ((cs & 3) != 1 && (cs & 3) != 3)) return 0;
+    if (!rd(s, uc, s->r_esp, &esp)) return 0;
+    segs = (const segcache_t *)(s->env + s->off_segs);
+    linear = (uint32_t)(segs[2].base + (uint32_t)(esp + 8));            /* iret_image_rf */
+    if ((linear & 0xFFFu) > 0x1000u - 4 || !peek_gpa(s, linear, &gpa) || gpa + 4 > s->ram_bytes) return 0;
+    memcpy(&image, s->ram + gpa, 4);
+    if (image & EFLAGS_RF) return 0;
+    if (!read_hv(s, (uint32_t)(esp + 8), &image, 4) || (image & EFLAGS_VM)) return 0;   /* iret_to_v86 */
+    return 1;
+}
+
+void trapfast_iret_hook(void *uc, uint64_t address, uint32_t size, void *user_data) {
+    iret_site_t *site = (iret_site_t *)user_data;
+    trapfast_t *s = site->s;
+    if (!iret_nothing_to_do(s, uc, (uint32_t)address, size)) {
+        site->python(uc, address, size, NULL);
+        return;
+    }
+    if (*s->clock_watch_if && !*s->clock_check_if) *s->clock_check_if = 1;   /* if_may_have_changed */
+    site->passed++;
+    s->irets++;
 }
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_trapfast", NULL, -1, NULL};

@@ -112,6 +112,8 @@ class TrapMode(Mode):
         # In C (cpu/iosites.py): the I/O gate's sites at real rings 0-2 (it checks only ring 3), and
         # the kernel's accesses (real ring 1, virtual ring 0: a trap event each) timed there.
         self.vcpu.install_io_sites(0b0111, 0b0010)
+        if self.vcpu.fast is not None:
+            self.vcpu.fast.install_iret_sites()  # after the I/O gate's: the common iretd site in C
 
     def run(self, entry: int):
         self.vcpu.time_port_io_in_c()  # the kernel's in/out: their time in C (none with a trace)

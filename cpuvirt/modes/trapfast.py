@@ -16,7 +16,7 @@ from __future__ import annotations
 import ctypes
 import os
 
-from unicorn import UC_HOOK_INTR
+from unicorn import UC_HOOK_CODE, UC_HOOK_INTR
 from unicorn.unicorn_py3 import unicorn as _ucmod
 
 from cpuvirt.cpu.fastdelivery import _cpu_field, _read_process
@@ -153,7 +153,8 @@ class _State(ctypes.Structure):
         ("soft_seen", ctypes.c_uint8 * 256),
         ("fault_seen", ctypes.c_uint8 * 32),
         ("r_ss", ctypes.c_int32),
-        ("pad5", ctypes.c_uint32),
+        ("iret_on", ctypes.c_uint32),
+        ("irets", ctypes.c_uint64),
         ("shadow", _Sentry * SHADOW_SLOTS),
     ]
 
@@ -163,13 +164,28 @@ def enabled_by_environment() -> bool:
     return os.environ.get("CPUVIRT_TRAP_FAST", "1") != "0"
 
 
+class _IretSite(ctypes.Structure):
+    """Mirror of iret_site_t."""
+
+    _fields_ = [
+        ("s", ctypes.c_void_p),
+        ("python", ctypes.c_void_p),
+        ("passed", ctypes.c_uint64),
+    ]
+
+
+def iret_by_environment() -> bool:
+    """CPUVIRT_TRAP_IRET_C=0 keeps every iret site's look in Python."""
+    return os.environ.get("CPUVIRT_TRAP_IRET_C", "1") != "0"
+
+
 def delivery_by_environment() -> bool:
     """CPUVIRT_TRAP_DELIVERY_C=0 keeps every event delivery in Python (the C traps stay)."""
     return os.environ.get("CPUVIRT_TRAP_DELIVERY_C", "1") != "0"
 
 
 def _lib():
-    lib = load("cpuvirt.modes._trapfast", {"trapfast_sizeof": _State})
+    lib = load("cpuvirt.modes._trapfast", {"trapfast_sizeof": _State, "trapfast_iret_site_sizeof": _IretSite})
     if lib is None:
         return None
     lib.trapfast_blocks_put.restype = ctypes.c_int
@@ -506,6 +522,8 @@ class TrapFast:
         in_ram = any(lo < p2m.ram_bytes for lo, _hi, _hpa in getattr(p2m, "mmio", ()))
         st.deliver_on = 1 if delivery_by_environment() and not in_ram else 0
         self._soft_seen: list[int] = []
+        st.iret_on = 1 if iret_by_environment() else 0
+        self._iret_sites: dict[int, _IretSite] = {}
         self._fault_seen: list[int] = []
 
     @classmethod
@@ -574,6 +592,47 @@ class TrapFast:
     @enabled.setter
     def enabled(self, on: bool) -> None:
         self._state.enabled = 1 if on else 0
+
+    # -- iret sites (Vcpu.far_site's common case: nothing to do) -----------------------------------------
+    def install_iret_sites(self) -> None:
+        """Put the C hook in front of every iretd site the vCPU's intercepts hook from now on (after
+        any C site hook they had: the I/O gate's)."""
+        ic = self.vcpu.intercepts
+        if ic is None:
+            return
+        before = ic.fast_site
+
+        def site(address: int, size: int, mnem: str, ops: str, code: bytes, python_hook) -> bool:
+            if before is not None and before(address, size, mnem, ops, code, python_hook):
+                return True
+            if mnem != "iretd" or size != 1:
+                return False
+            self._iret_site(address, python_hook)
+            return True
+
+        ic.fast_site = site
+
+    def _iret_site(self, address: int, python_hook) -> None:
+        site = _IretSite()
+        site.s = ctypes.addressof(self._state)
+        site.python = ctypes.cast(python_hook, ctypes.c_void_p).value
+        uc = self.vcpu.uc
+        handle = add_c_hook(
+            uc._uch,
+            UC_HOOK_CODE,
+            self._lib.trapfast_iret_hook,
+            ctypes.addressof(site),
+            address,
+            address,
+            what=f"hook the iretd at {address:#x}",
+        )
+        self._iret_sites[handle] = site  # alive as long as the engine may call it
+        uc._callbacks[handle] = self
+
+    @property
+    def irets(self) -> int:
+        """iretd sites passed in C (nothing for Python to do there)."""
+        return self._state.irets
 
     # -- after Python handled an event: what the next C answer may assume -------------------------------
     def arm(self) -> None:

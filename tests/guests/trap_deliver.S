@@ -1,4 +1,4 @@
-# description: what trap's C delivery of events through the guest's IDT must leave to Python: system calls, #DE and #GP from ring 3, #DE and int 0x81 in the kernel, with an IDT entry not present, a gate DPL below the caller's CPL, an IDT limit below the vector, the TSS's and the IDT's pages dropped from the shadow, a frame crossing a page, a frame on a page whose PTE has D clear, on a page the shadow has no entry for, on a read-only page while CR0.WP is clear, on a traced page-table page, and the IDT's page remapped between events
+# description: what trap's C delivery of events through the guest's IDT and its C look at iretd sites must leave to Python: iretd at ring 3 with VM and with RF in the image, system calls, #DE and #GP from ring 3, #DE and int 0x81 in the kernel, with an IDT entry not present, a gate DPL below the caller's CPL, an IDT limit below the vector, the TSS's and the IDT's pages dropped from the shadow, a frame crossing a page, a frame on a page whose PTE has D clear, on a page the shadow has no entry for, on a read-only page while CR0.WP is clear, on a traced page-table page, and the IDT's page remapped between events
 #
 # Under `--mode trap` every event the engine raises is delivered by the hypervisor; modes/_trapfast.c
 # delivers the common ones in C. tests/test_trap_deliver.py runs this guest with and without the C
@@ -63,6 +63,10 @@ hot_loop:
     call run_user
     add ebp, eax
     mov eax, user_cli
+    mov edx, user_stack_top
+    call run_user
+    add ebp, eax
+    mov eax, user_iret_vm
     mov edx, user_stack_top
     call run_user
     add ebp, eax
@@ -306,6 +310,32 @@ user_divide:
 
 user_cli:
     cli                                 # #GP(0) from ring 3: killed
+
+# an iretd at ring 3 whose image sets VM: ignored at CPL > 0 (the hypervisor clears it in the image)
+user_iret_vm:
+    pushfd
+    or dword ptr [esp], 0x20000
+    push USER_CS
+    push user_iret_vm_back
+    iretd
+user_iret_vm_back:
+    pushfd
+    pop ebx
+    shr ebx, 17                         # VM: 0
+    add ebx, 0x5A
+    pushfd                              # and one whose image sets RF: pushfd stores it clear (SDM)
+    or dword ptr [esp], 0x10000
+    push USER_CS
+    push user_iret_rf_back
+    iretd
+user_iret_rf_back:
+    pushfd
+    pop ecx
+    shr ecx, 16
+    and ecx, 1
+    add ebx, ecx
+    mov eax, SYS_EXIT
+    int 0x80
 
 user_kernel_int:
     int VEC_K                           # gate DPL 0: #GP(VEC_K * 8 + 2), killed
