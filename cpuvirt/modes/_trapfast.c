@@ -631,6 +631,18 @@ static int event(trapfast_t *s, void *uc, uint32_t intno, int soft) {
     return 1;
 }
 
+/* A #PF Python's run loop found (a refused TLB fill: DeprivilegedVcpu.page_fault, which recorded it and
+ * set the virtual CR2) delivered here when deliver_event can: 1, or 0 with nothing changed (Python
+ * delivers it). Called through ctypes with the engine stopped; the counts and the clock are Python's. */
+int trapfast_deliver_fault(trapfast_t *s, void *uc, uint32_t vector, uint32_t eip, uint32_t error_code) {
+    uint64_t cs, eflags;
+    if (!s->enabled || !s->deliver_on || vector != 14) return 0;
+    if (!rd(s, uc, s->r_cs, &cs) || !rd(s, uc, s->r_eflags, &eflags)) return 0;
+    if (!deliver_event(s, uc, vector, 0, eip, 1, error_code, (uint32_t)cs, eflags)) return 0;
+    s->delivered++;
+    return 1;
+}
+
 void trapfast_intr_hook(void *uc, uint32_t intno, void *user_data) {
     trapfast_t *s = (trapfast_t *)user_data;
     uint64_t cs, eflags, eip, value = 0, next, esp = 0;

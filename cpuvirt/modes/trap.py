@@ -55,6 +55,28 @@ class TrapVcpu(DeprivilegedVcpu):
             self.fast.after_python(self._reasons)
             self.fast.seen_delivery(intno, soft)
 
+    def deliver(
+        self,
+        vector: int,
+        return_eip: int,
+        error_code: int | None = None,
+        soft: bool = False,
+        external: bool = False,
+        fault_eip: int | None = None,
+    ) -> None:
+        """A #PF of a refused fill (page_fault) goes through the C delivery first (trapfast.py)."""
+        fast = self.fast
+        if (
+            fast is not None
+            and vector == Vector.PF
+            and error_code is not None
+            and not soft
+            and not external
+            and fast.deliver_page_fault(return_eip, error_code)
+        ):
+            return
+        super().deliver(vector, return_eip, error_code, soft, external, fault_eip)
+
     def _trap_site(self, eip: int):
         """The decoded instruction at eip if a #GP there is a trap to emulate, else None; decided once
         per (site, code bytes). The bytes are read as for disassembly (Mmu.fetch_bytes: no side effect,

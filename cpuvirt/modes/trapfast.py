@@ -204,6 +204,8 @@ def _lib():
     lib.trapfast_shadow_put.argtypes = (ctypes.c_void_p,) + (ctypes.c_uint32,) * 5
     lib.trapfast_shadow_drop.restype = None
     lib.trapfast_shadow_drop.argtypes = (ctypes.c_void_p, ctypes.c_uint32, ctypes.c_uint32)
+    lib.trapfast_deliver_fault.restype = ctypes.c_int
+    lib.trapfast_deliver_fault.argtypes = (ctypes.c_void_p, ctypes.c_void_p) + (ctypes.c_uint32,) * 3
     lib.trapfast_traced.restype = None
     lib.trapfast_traced.argtypes = (ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32)
     return lib
@@ -696,6 +698,15 @@ class TrapFast:
                     st.fault_count[v] = 0
                     counts["exception"] += n
                     reasons["exception", MNEMONIC[v]] += n
+
+    def deliver_page_fault(self, return_eip: int, error_code: int) -> bool:
+        """A #PF from a refused fill (DeprivilegedVcpu.page_fault, recorded and CR2 set) delivered in C
+        when deliver_event can; False: nothing changed, Python delivers it."""
+        return bool(
+            self._lib.trapfast_deliver_fault(
+                self._pstate, self.vcpu.uc._uch, 14, return_eip & 0xFFFFFFFF, error_code & 0xFFFFFFFF
+            )
+        )
 
     @property
     def delivered(self) -> int:

@@ -1,4 +1,4 @@
-# description: what trap's C delivery of events through the guest's IDT and its C look at iretd sites must leave to Python: iretd at ring 3 with VM and with RF in the image, system calls, #DE and #GP from ring 3, #DE and int 0x81 in the kernel, with an IDT entry not present, a gate DPL below the caller's CPL, an IDT limit below the vector, the TSS's and the IDT's pages dropped from the shadow, a frame crossing a page, a frame on a page whose PTE has D clear, on a page the shadow has no entry for, on a read-only page while CR0.WP is clear, on a traced page-table page, and the IDT's page remapped between events
+# description: what trap's C delivery of events through the guest's IDT and its C look at iretd sites must leave to Python: iretd at ring 3 with VM and with RF in the image, system calls, #DE, #GP and #PF from ring 3, #DE, #PF and int 0x81 in the kernel, with an IDT entry not present, a gate DPL below the caller's CPL, an IDT limit below the vector, the TSS's and the IDT's pages dropped from the shadow, a frame crossing a page, a frame on a page whose PTE has D clear, on a page the shadow has no entry for, on a read-only page while CR0.WP is clear, on a traced page-table page, and the IDT's page remapped between events
 #
 # Under `--mode trap` every event the engine raises is delivered by the hypervisor; modes/_trapfast.c
 # delivers the common ones in C. tests/test_trap_deliver.py runs this guest with and without the C
@@ -13,6 +13,9 @@
 #define SCRATCH_PTE page_table_low + 0xC00   // 4 * (SCRATCH >> 12)
 #define TRACED 0x003F0000               // three pages whose PTEs a frame overwrites
 #define TRACED_PTE page_table_low + 0xFC0    // 4 * (TRACED >> 12)
+#define PF_PAGE 0x00310000              // made not-present for a kernel #PF, present again by the handler
+#define PF_PTE page_table_low + 0xC40   // 4 * (PF_PAGE >> 12)
+#define PF_USER 0x00311000              // never present: a ring-3 #PF
 #define SYS_DROP_TSS 5                  // invlpg the TSS's page (the next delivery from ring 3 walks)
 #define SYS_DROP_IDT 6                  // invlpg the IDT's page
 // A data-segment load C cannot answer after a flush of the hypervisor's TLB (invlpg, CR3, CR0.WP):
@@ -28,6 +31,7 @@ main:
     SET_HANDLER(VEC_GP, gp_handler)
     SET_HANDLER(11, np_handler)         # #NP
     SET_HANDLER(VEC_K, k_handler)
+    SET_HANDLER(VEC_PF, pf_handler)
     # The IDT in a page of its own (remapped for a while), and a copy whose VEC_K gate goes to #DE's stub.
     mov esi, idt
     mov edi, my_idt
@@ -49,6 +53,8 @@ main:
     call paging_identity_4m
     mov eax, page_dir
     call paging_enable
+    and dword ptr [PF_PTE + 4], ~PTE_P  # PF_USER
+    invlpg [PF_USER]
 
     xor ebp, ebp
     mov edi, LOOPS
@@ -69,6 +75,18 @@ hot_loop:
     mov eax, user_iret_vm
     mov edx, user_stack_top
     call run_user
+    add ebp, eax
+    mov eax, user_pf
+    mov edx, user_stack_top
+    call run_user
+    add ebp, eax
+    add ebp, dword ptr [user_fault_error]
+    # #PF in the kernel (a refused fill: delivered from the run loop)
+    and dword ptr [PF_PTE], ~PTE_P
+    invlpg [PF_PAGE]
+    REFILL
+    cmp eax, eax                        # AF defined (after the `and`, emulated by trap as a ptemod, it is not)
+    mov eax, dword ptr [PF_PAGE + 4]
     add ebp, eax
     rol ebp, 3
     mov ecx, 0
@@ -223,6 +241,7 @@ hot_next:
     CHECK_EQ("every ring-3 #DE was taken", dword ptr [user_de_count], LOOPS)
     CHECK_EQ("every kernel int was taken", dword ptr [k_count], LOOPS + 4 * LOOPS / 4)
     CHECK_EQ("every bad gate faulted", dword ptr [bad_count], 2 * LOOPS / 4)
+    CHECK_EQ("every kernel #PF was taken", dword ptr [pf_count], LOOPS)
     PASS("trap's event deliveries")
     ret
 
@@ -243,6 +262,22 @@ de_user:
     inc dword ptr [user_de_count]
     mov eax, dword ptr [ebx + FRAME_USER_ESP]
     add dword ptr [sum], eax
+    ret
+
+# #PF: from ring 3, user_fault_handler's; in the kernel, PF_PAGE made present again (the access retried).
+pf_handler:
+    test dword ptr [ebx + FRAME_CS], 3
+    jnz user_fault_handler
+    READ_CR2
+    cmp eax, PF_PAGE + 4
+    jne isr_unexpected
+    inc dword ptr [pf_count]
+    mov eax, dword ptr [ebx + FRAME_ERROR]
+    add dword ptr [sum], eax
+    mov eax, dword ptr [ebx + FRAME_EFLAGS]
+    add dword ptr [sum], eax
+    rol dword ptr [sum], 2
+    or dword ptr [PF_PTE], PTE_P
     ret
 
 # int VEC_K from the kernel: EAX := the frame's EFLAGS image.
@@ -337,6 +372,9 @@ user_iret_rf_back:
     mov eax, SYS_EXIT
     int 0x80
 
+user_pf:
+    mov eax, dword ptr [PF_USER]        # not present: #PF, killed
+
 user_kernel_int:
     int VEC_K                           # gate DPL 0: #GP(VEC_K * 8 + 2), killed
 
@@ -371,6 +409,7 @@ de_count: .long 0
 user_de_count: .long 0
 k_count: .long 0
 bad_count: .long 0
+pf_count: .long 0
 .align 4096
 my_idt: .zero 4096
 my_idt_alt: .zero 4096
