@@ -29,6 +29,11 @@
  * does not know, the first event of each kind, a block the copy cannot tell about) goes to Python
  * unchanged. Never while tracing (Python switches `enabled` off).
  *
+ * The same hook also delivers the common events through the guest's IDT (deliver_event, below: `int n`,
+ * #DE, #GP from ring 3; trapfast_deliver_fault takes the #PF of a refused fill from Python's run loop),
+ * and trapfast_iret_hook passes the common iretd site (docs/deprivileging.md, "Event delivery and
+ * iretd sites in C").
+ *
  * Built as a Python extension only so that setuptools compiles it; Python calls it through ctypes.
  */
 #include <Python.h>

@@ -1,5 +1,10 @@
 """Mode `trap`'s common traps answered in C (modes/_trapfast.c; docs/deprivileging.md, "The common traps
-in C"): cli, sti, clts, mov from CR0/CR4, and mov to CR0/CR4 that changes only WP or PGE.
+in C" and "Event delivery and iretd sites in C"): cli, sti, clts, mov from CR0/CR4, mov to CR0/CR4 that
+changes only WP or PGE, segment loads, iretd to the kernel's ring, mov from CR2; the common deliveries
+through the guest's IDT (`int n`, #DE, ring-3 #GP, and the #PF of a refused fill offered by the run loop:
+TrapVcpu.deliver), over copies of the current shadow root (`ShadowMirror`) and of the traced frames
+(`_TracedFrames`); and the common iretd site (`install_iret_sites`). CPUVIRT_TRAP_DELIVERY_C=0 and
+CPUVIRT_TRAP_IRET_C=0 turn those two off.
 
 `TrapFast.install(vcpu, shadow)` puts the C INTR hook in front of the vCPU's Python one and moves
 what it needs into its table: the virtual CR0, CR3 and CR4 (`TrapVirtualCpu`), the hypervisor's own
@@ -520,7 +525,8 @@ class TrapFast:
         frames = (p2m.ram_bytes + 0xFFF) >> 12
         self._traced = (ctypes.c_uint8 * ((frames + 7) // 8 or 1))()
         st.traced, st.traced_frames = ctypes.addressof(self._traced), frames
-        # a device's registers inside RAM's range would make Mmu._locate's MMIO check matter: Python's
+        # a device's registers inside RAM's range would make Mmu._locate's MMIO check matter (P2m.add_mmio
+        # refuses one; checked again here): the deliveries would be Python's
         in_ram = any(lo < p2m.ram_bytes for lo, _hi, _hpa in getattr(p2m, "mmio", ()))
         st.deliver_on = 1 if delivery_by_environment() and not in_ram else 0
         self._soft_seen: list[int] = []
