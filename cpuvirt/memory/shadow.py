@@ -92,11 +92,12 @@ class _Root:
     PDE and PTE it derives from (pte_addr -1 for a 4 MiB page).
     """
 
-    __slots__ = ("cr3", "entries")
+    __slots__ = ("cr3", "entries", "serial")
 
     def __init__(self, cr3: int):
         self.cr3 = cr3
         self.entries: dict[int, tuple] = {}
+        self.serial = 0  # its number in a `mirror` (below), which may replace `entries` by a copying dict
 
 
 class ShadowPaging:
@@ -122,6 +123,9 @@ class ShadowPaging:
         self._mode = None
         self._cur_key: int | None = None
         self._cur: _Root | None = None
+        # A C copy of the current root (modes/trapfast.py ShadowMirror): adopt(root) as a root is made,
+        # current(self) whenever _cur, _cur_key or _mode changes.
+        self.mirror = None
         mmu.strategy = self
 
     def attach(self, vcpu) -> None:
@@ -142,6 +146,8 @@ class ShadowPaging:
             if self._mode is not None:
                 self._drop_all()
             self._mode = mode
+            if self.mirror is not None:
+                self.mirror.current(self)
         key = cr3 & PAGE_MASK
         cur = self._cur
         root = cur if key == self._cur_key and cur is not None else self._select(key)
@@ -292,6 +298,8 @@ class ShadowPaging:
         if root is None:
             c.root_misses += 1
             root = self.roots[key] = _Root(key)
+            if self.mirror is not None:
+                self.mirror.adopt(root)
             while len(self.roots) > self.max_roots:
                 # The evicted space's frames stay traced until a write finds nothing derived from them.
                 old_key, old = self.roots.popitem(last=False)
@@ -302,6 +310,8 @@ class ShadowPaging:
             c.root_hits += 1
             self.roots.move_to_end(key)
         self._cur_key, self._cur = key, root
+        if self.mirror is not None:
+            self.mirror.current(self)
         return root
 
     def on_cr3_write(self, cr3: int, flush_engine: bool = True) -> None:
@@ -362,6 +372,8 @@ class ShadowPaging:
         self.counters.traced_frames = 0
         self.unsync.clear()
         self._cur_key = self._cur = None
+        if self.mirror is not None:
+            self.mirror.current(self)
 
     def _resync(self) -> None:
         """Unsynchronised frames (the fallback left them untraced): zap what derives from them; the

@@ -53,6 +53,29 @@ class TrapVcpu(DeprivilegedVcpu):
         self._deliver_engine_event(intno, error_code, soft, eip)
         if self.fast is not None:
             self.fast.after_python(self._reasons)
+            self.fast.seen_delivery(intno, soft)
+
+    def deliver(
+        self,
+        vector: int,
+        return_eip: int,
+        error_code: int | None = None,
+        soft: bool = False,
+        external: bool = False,
+        fault_eip: int | None = None,
+    ) -> None:
+        """A #PF of a refused fill (page_fault) goes through the C delivery first (trapfast.py)."""
+        fast = self.fast
+        if (
+            fast is not None
+            and vector == Vector.PF
+            and error_code is not None
+            and not soft
+            and not external
+            and fast.deliver_page_fault(return_eip, error_code)
+        ):
+            return
+        super().deliver(vector, return_eip, error_code, soft, external, fault_eip)
 
     def _trap_site(self, eip: int):
         """The decoded instruction at eip if a #GP there is a trap to emulate, else None; decided once
@@ -111,6 +134,8 @@ class TrapMode(Mode):
         # In C (cpu/iosites.py): the I/O gate's sites at real rings 0-2 (it checks only ring 3), and
         # the kernel's accesses (real ring 1, virtual ring 0: a trap event each) timed there.
         self.vcpu.install_io_sites(0b0111, 0b0010)
+        if self.vcpu.fast is not None:
+            self.vcpu.fast.install_iret_sites()  # after the I/O gate's: the common iretd site in C
 
     def run(self, entry: int):
         self.vcpu.time_port_io_in_c()  # the kernel's in/out: their time in C (none with a trace)

@@ -1,5 +1,10 @@
 """Mode `trap`'s common traps answered in C (modes/_trapfast.c; docs/deprivileging.md, "The common traps
-in C"): cli, sti, clts, mov from CR0/CR4, and mov to CR0/CR4 that changes only WP or PGE.
+in C" and "Event delivery and iretd sites in C"): cli, sti, clts, mov from CR0/CR4, mov to CR0/CR4 that
+changes only WP or PGE, segment loads, iretd to the kernel's ring, mov from CR2; the common deliveries
+through the guest's IDT (`int n`, #DE, ring-3 #GP, and the #PF of a refused fill offered by the run loop:
+TrapVcpu.deliver), over copies of the current shadow root (`ShadowMirror`) and of the traced frames
+(`_TracedFrames`); and the common iretd site (`install_iret_sites`). CPUVIRT_TRAP_DELIVERY_C=0 and
+CPUVIRT_TRAP_IRET_C=0 turn those two off.
 
 `TrapFast.install(vcpu, shadow)` puts the C INTR hook in front of the vCPU's Python one and moves
 what it needs into its table: the virtual CR0, CR3 and CR4 (`TrapVirtualCpu`), the hypervisor's own
@@ -16,19 +21,20 @@ from __future__ import annotations
 import ctypes
 import os
 
-from unicorn import UC_HOOK_INTR
+from unicorn import UC_HOOK_CODE, UC_HOOK_INTR
 from unicorn.unicorn_py3 import unicorn as _ucmod
 
 from cpuvirt.cpu import evseg
 from cpuvirt.cpu.evseg import EvHvTlb, EvLoaded, EvSeg, EvVirtualCpu
 from cpuvirt.cpu.fastdelivery import _cpu_field, _read_process
 from cpuvirt.cpu.quirks import context_layout
-from cpuvirt.cpu.virtualcpu import in_table
+from cpuvirt.cpu.virtualcpu import SegCache, in_table
 from cpuvirt.engine import regs as R
 from cpuvirt.engine.cext import add_c_hook, load
 from cpuvirt.x86.cpuid import CR4_RESERVED
+from cpuvirt.x86.vectors import MNEMONIC, Vector
 
-BLOCK_SLOTS, BLOCK_MAX_INSNS = 4096, 58
+BLOCK_SLOTS, BLOCK_MAX_INSNS, SHADOW_SLOTS = 4096, 58, 4096
 # The (kind, reason) keys of Vcpu.reasons of the kinds _trapfast.c answers, in its enum's order.
 REASONS = (
     ("trap", "cli"),
@@ -41,6 +47,20 @@ REASONS = (
     ("trap", "mov cr2"),
     ("trap", "iretd"),
 )
+# The vectors _trapfast.c delivers as faults (#DE; #GP from ring 3) and their Vcpu.reasons keys
+FAULTS = (int(Vector.DE), int(Vector.GP))
+
+
+class _Sentry(ctypes.Structure):
+    """Mirror of sentry_t."""
+
+    _fields_ = [
+        ("page", ctypes.c_uint32),
+        ("serial", ctypes.c_uint32),
+        ("gpa", ctypes.c_uint32),
+        ("rights", ctypes.c_uint16),
+        ("dirty", ctypes.c_uint16),
+    ]
 
 
 class _Block(ctypes.Structure):
@@ -89,6 +109,27 @@ class _State(ctypes.Structure):
         ("misses", ctypes.c_uint64),
         ("ev", EvSeg),
         ("block", _Block * BLOCK_SLOTS),
+        ("deliver_on", ctypes.c_uint32),
+        ("off_error_code", ctypes.c_uint32),
+        ("idt_base", ctypes.c_uint32),
+        ("idt_limit", ctypes.c_uint32),
+        ("tr_base", ctypes.c_uint32),
+        ("tr_limit", ctypes.c_uint32),
+        ("shadow_key", ctypes.c_uint32),
+        ("shadow_mode", ctypes.c_uint32),
+        ("shadow_serial", ctypes.c_uint32),
+        ("traced_frames", ctypes.c_uint32),
+        ("traced", ctypes.c_void_p),
+        ("delivered", ctypes.c_uint64),
+        ("dpending", ctypes.c_uint64),
+        ("soft_count", ctypes.c_uint64 * 256),
+        ("fault_count", ctypes.c_uint64 * 32),
+        ("soft_seen", ctypes.c_uint8 * 256),
+        ("fault_seen", ctypes.c_uint8 * 32),
+        ("r_ss", ctypes.c_int32),
+        ("iret_on", ctypes.c_uint32),
+        ("irets", ctypes.c_uint64),
+        ("shadow", _Sentry * SHADOW_SLOTS),
     ]
 
 
@@ -97,8 +138,28 @@ def enabled_by_environment() -> bool:
     return os.environ.get("CPUVIRT_TRAP_FAST", "1") != "0"
 
 
+class _IretSite(ctypes.Structure):
+    """Mirror of iret_site_t."""
+
+    _fields_ = [
+        ("s", ctypes.c_void_p),
+        ("python", ctypes.c_void_p),
+        ("passed", ctypes.c_uint64),
+    ]
+
+
+def iret_by_environment() -> bool:
+    """CPUVIRT_TRAP_IRET_C=0 keeps every iret site's look in Python."""
+    return os.environ.get("CPUVIRT_TRAP_IRET_C", "1") != "0"
+
+
+def delivery_by_environment() -> bool:
+    """CPUVIRT_TRAP_DELIVERY_C=0 keeps every event delivery in Python (the C traps stay)."""
+    return os.environ.get("CPUVIRT_TRAP_DELIVERY_C", "1") != "0"
+
+
 def _lib():
-    lib = load("cpuvirt.modes._trapfast", {"trapfast_sizeof": _State})
+    lib = load("cpuvirt.modes._trapfast", {"trapfast_sizeof": _State, "trapfast_iret_site_sizeof": _IretSite})
     if lib is None:
         return None
     lib.trapfast_blocks_put.restype = ctypes.c_int
@@ -113,6 +174,14 @@ def _lib():
     lib.trapfast_blocks_drop.argtypes = (ctypes.c_void_p, ctypes.c_uint32)
     lib.trapfast_blocks_clear.restype = None
     lib.trapfast_blocks_clear.argtypes = (ctypes.c_void_p,)
+    lib.trapfast_shadow_put.restype = None
+    lib.trapfast_shadow_put.argtypes = (ctypes.c_void_p,) + (ctypes.c_uint32,) * 5
+    lib.trapfast_shadow_drop.restype = None
+    lib.trapfast_shadow_drop.argtypes = (ctypes.c_void_p, ctypes.c_uint32, ctypes.c_uint32)
+    lib.trapfast_deliver_fault.restype = ctypes.c_int
+    lib.trapfast_deliver_fault.argtypes = (ctypes.c_void_p, ctypes.c_void_p) + (ctypes.c_uint32,) * 3
+    lib.trapfast_traced.restype = None
+    lib.trapfast_traced.argtypes = (ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32)
     return lib
 
 
@@ -162,16 +231,136 @@ def _context_header(uc, env: int) -> int | None:
 
 
 class TrapVirtualCpu(EvVirtualCpu):
-    """A VirtualCpu whose CR0, CR2, CR3, CR4, IOPL and GDTR are the C table's (every other field as
-    VirtualCpu's)."""
+    """A VirtualCpu whose CR0, CR2, CR3, CR4, IOPL, GDTR and IDTR are the C table's, and TR's base and
+    limit copied there (every other field as VirtualCpu's)."""
 
-    __slots__ = ()
+    __slots__ = ("_tr",)
     cr0 = in_table("crs", 0)  # type: ignore[assignment]
     cr3 = in_table("crs", 1)  # type: ignore[assignment]
     cr4 = in_table("crs", 2)  # type: ignore[assignment]
+    @property  # type: ignore[override]
+    def idtr(self) -> tuple[int, int]:
+        st = self._table
+        return st.idt_base, st.idt_limit
+
+    @idtr.setter
+    def idtr(self, value: tuple[int, int]) -> None:
+        st = self._table
+        st.idt_base, st.idt_limit = value[0] & 0xFFFFFFFF, value[1] & 0xFFFFFFFF
+
+    @property  # type: ignore[override]
+    def tr(self) -> SegCache:
+        return self._tr
+
+    @tr.setter
+    def tr(self, value: SegCache) -> None:
+        """TR is loaded whole (ltr, a task switch): never changed in place."""
+        self._tr = value
+        st = self._table
+        st.tr_base, st.tr_limit = value.base & 0xFFFFFFFF, value.limit & 0xFFFFFFFF
 
 
 TrapHvTlb, TrapLoaded = EvHvTlb, EvLoaded  # the names trap's tests and notes use
+
+
+class _MirroredEntries(dict):
+    """A shadow root's entries (memory/shadow.py _Root.entries) with every change copied to C."""
+
+    __slots__ = ("_mirror", "_root")
+
+    def __init__(self, mirror: "ShadowMirror", root, old: dict):
+        super().__init__(old)
+        self._mirror, self._root = mirror, root
+        for page, e in old.items():
+            mirror.put(root, page, e)
+
+    def __setitem__(self, page, e) -> None:
+        dict.__setitem__(self, page, e)
+        self._mirror.put(self._root, page, e)
+
+    def __delitem__(self, page) -> None:
+        dict.__delitem__(self, page)
+        self._mirror.drop(self._root, page)
+
+    def pop(self, page, *default):
+        e = dict.pop(self, page, *default)
+        self._mirror.drop(self._root, page)
+        return e
+
+    def clear(self) -> None:
+        dict.clear(self)
+        self._mirror.renumber(self._root)
+
+
+class ShadowMirror:
+    """ShadowPaging.mirror: the current shadow root's entries, its key and the paging mode in the C
+    table (sentry_t), so that C maps the hypervisor's own accesses of a delivery only where Python's
+    ShadowPaging.gva_to_gpa would answer from an entry with no side effect. Each root gets a serial;
+    C takes an entry only of the current root's serial."""
+
+    def __init__(self, lib, pstate, st, shadow):
+        self._lib, self._pstate, self._st, self._shadow = lib, pstate, st, shadow
+        self._serial = 0
+
+    def _next(self) -> int:
+        self._serial = self._serial % 0xFFFFFFFF + 1
+        return self._serial
+
+    def adopt(self, root) -> None:
+        root.serial = self._next()
+        root.entries = _MirroredEntries(self, root, root.entries)
+
+    def renumber(self, root) -> None:
+        """Every entry of `root` went (a trim): a new serial leaves C's copies behind."""
+        root.serial = self._next()
+        if root is self._shadow._cur:
+            self._st.shadow_serial = root.serial
+
+    def current(self, shadow) -> None:
+        st = self._st
+        st.shadow_key = 1 if shadow._cur_key is None else shadow._cur_key & 0xFFFFF000
+        st.shadow_mode = 0xFFFFFFFF if shadow._mode is None else shadow._mode
+        st.shadow_serial = 0 if shadow._cur is None else shadow._cur.serial
+
+    def put(self, root, page: int, e: tuple) -> None:
+        if e[0] >> 32:
+            self.drop(root, page)
+            return
+        self._lib.trapfast_shadow_put(self._pstate, page >> 12, root.serial, e[0], e[1], 1 if e[2] else 0)
+
+    def drop(self, root, page: int) -> None:
+        self._lib.trapfast_shadow_drop(self._pstate, (page >> 12) & 0xFFFFF, root.serial)
+
+
+class _TracedFrames(dict):
+    """Mmu.traces.frames (guest frame -> owners) with a bit per traced RAM frame in the C table."""
+
+    __slots__ = ("_lib", "_pstate")
+
+    def __init__(self, lib, pstate, old: dict):
+        super().__init__()
+        self._lib, self._pstate = lib, pstate
+        for page, owners in old.items():
+            self[page] = owners
+
+    def __setitem__(self, page, owners) -> None:
+        dict.__setitem__(self, page, owners)
+        self._lib.trapfast_traced(self._pstate, page, 1)
+
+    def __delitem__(self, page) -> None:
+        dict.__delitem__(self, page)
+        self._lib.trapfast_traced(self._pstate, page, 0)
+
+    def pop(self, page, *default):
+        had = page in self
+        owners = dict.pop(self, page, *default)
+        if had:
+            self._lib.trapfast_traced(self._pstate, page, 0)
+        return owners
+
+    def clear(self) -> None:
+        for page in list(self):
+            del self[page]
 
 
 class TrapFast:
@@ -193,6 +382,7 @@ class TrapFast:
         evseg.setup(st.ev, vcpu, env, header, layout.hflags, self._keep.append)
         st.r_gpr[:] = R.GPR_ORDER
         st.cr4_reserved = CR4_RESERVED
+        mmu = vcpu.mmu
         clock = vcpu.clock._state
         kind, base = type(clock), ctypes.addressof(clock)
         st.clock_now = base + kind.now.offset
@@ -200,6 +390,21 @@ class TrapFast:
         st.clock_watch_if = base + kind.watch_if.offset
         st.clock_check_if = base + kind.check_if.offset
         st.enabled = 1 if vcpu.trace is None else 0
+        # event delivery: the error code's place, the copies of the shadow root and of the traced frames
+        st.off_error_code = layout.error_code - header
+        st.r_ss = R.SS
+        p2m = mmu.p2m
+        frames = (p2m.ram_bytes + 0xFFF) >> 12
+        self._traced = (ctypes.c_uint8 * ((frames + 7) // 8 or 1))()
+        st.traced, st.traced_frames = ctypes.addressof(self._traced), frames
+        # a device's registers inside RAM's range would make Mmu._locate's MMIO check matter (P2m.add_mmio
+        # refuses one; checked again here): the deliveries would be Python's
+        in_ram = any(lo < p2m.ram_bytes for lo, _hi, _hpa in getattr(p2m, "mmio", ()))
+        st.deliver_on = 1 if delivery_by_environment() and not in_ram else 0
+        self._soft_seen: list[int] = []
+        st.iret_on = 1 if iret_by_environment() else 0
+        self._iret_sites: dict[int, _IretSite] = {}
+        self._fault_seen: list[int] = []
 
     @classmethod
     def install(cls, vcpu, shadow) -> "TrapFast | None":
@@ -227,6 +432,13 @@ class TrapFast:
         p2m = vcpu.mmu.p2m
         vcpu._rtlb = EvHvTlb(st.ev, p2m.ram_hpa, p2m.ram_bytes)
         vcpu._loaded = EvLoaded(st.ev, vcpu._loaded)
+        shadow = self.shadow
+        mirror = shadow.mirror = ShadowMirror(self._lib, self._pstate, st, shadow)
+        for root in shadow.roots.values():
+            mirror.adopt(root)
+        mirror.current(shadow)
+        traces = vcpu.mmu.traces
+        traces.frames = _TracedFrames(self._lib, self._pstate, traces.frames)
         evseg.mirror_nmi_blocking(st.ev, vcpu)  # an iret that ends NMI blocking is Python's
         vcpu.machine.block_insns.attach(self)  # the copy of Machine.block_insns
         self.shadow.on_dirty = self._shadow_dirty
@@ -252,6 +464,47 @@ class TrapFast:
     def enabled(self, on: bool) -> None:
         self._state.enabled = 1 if on else 0
 
+    # -- iret sites (Vcpu.far_site's common case: nothing to do) -----------------------------------------
+    def install_iret_sites(self) -> None:
+        """Put the C hook in front of every iretd site the vCPU's intercepts hook from now on (after
+        any C site hook they had: the I/O gate's)."""
+        ic = self.vcpu.intercepts
+        if ic is None:
+            return
+        before = ic.fast_site
+
+        def site(address: int, size: int, mnem: str, ops: str, code: bytes, python_hook) -> bool:
+            if before is not None and before(address, size, mnem, ops, code, python_hook):
+                return True
+            if mnem != "iretd" or size != 1:
+                return False
+            self._iret_site(address, python_hook)
+            return True
+
+        ic.fast_site = site
+
+    def _iret_site(self, address: int, python_hook) -> None:
+        site = _IretSite()
+        site.s = ctypes.addressof(self._state)
+        site.python = ctypes.cast(python_hook, ctypes.c_void_p).value
+        uc = self.vcpu.uc
+        handle = add_c_hook(
+            uc._uch,
+            UC_HOOK_CODE,
+            self._lib.trapfast_iret_hook,
+            ctypes.addressof(site),
+            address,
+            address,
+            what=f"hook the iretd at {address:#x}",
+        )
+        self._iret_sites[handle] = site  # alive as long as the engine may call it
+        uc._callbacks[handle] = self
+
+    @property
+    def irets(self) -> int:
+        """iretd sites passed in C (nothing for Python to do there)."""
+        return self._state.irets
+
     # -- after Python handled an event: what the next C answer may assume -------------------------------
     def arm(self) -> None:
         """Shadow paging's state as of now: may a WP/PGE toggle leave the engine's TLB alone?"""
@@ -275,19 +528,59 @@ class TrapFast:
             if not seen[k] and key in reasons:
                 seen[k] = 1
 
+    def seen_delivery(self, intno: int, soft: bool) -> None:
+        """Python delivered this event (TrapVcpu.on_engine_event): once its Vcpu.reasons key is in
+        place, C may deliver the same kind and count it there."""
+        st, reasons = self._state, self.vcpu._reasons
+        if soft:
+            if 0 <= intno < 256 and not st.soft_seen[intno] and ("interrupt", f"int {intno:#x}") in reasons:
+                st.soft_seen[intno] = 1
+                self._soft_seen.append(intno)
+        elif intno in FAULTS and not st.fault_seen[intno] and ("exception", MNEMONIC[intno]) in reasons:
+            st.fault_seen[intno] = 1
+            self._fault_seen.append(intno)
+
     def fold(self) -> None:
-        """Add the traps counted in C to Vcpu.counts and Vcpu.reasons, and count from zero."""
+        """Add the traps and deliveries counted in C to Vcpu.counts and Vcpu.reasons, and count from
+        zero."""
         st = self._state
-        if not st.pending:
-            return
-        st.pending = 0
         counts, reasons = self.vcpu._counts, self.vcpu._reasons
-        for k, key in enumerate(REASONS):
-            n = st.count[k]
-            if n:
-                st.count[k] = 0
-                counts[key[0]] += n
-                reasons[key] += n
+        if st.pending:
+            st.pending = 0
+            for k, key in enumerate(REASONS):
+                n = st.count[k]
+                if n:
+                    st.count[k] = 0
+                    counts[key[0]] += n
+                    reasons[key] += n
+        if st.dpending:
+            st.dpending = 0
+            for v in self._soft_seen:
+                n = st.soft_count[v]
+                if n:
+                    st.soft_count[v] = 0
+                    counts["interrupt"] += n
+                    reasons["interrupt", f"int {v:#x}"] += n
+            for v in self._fault_seen:
+                n = st.fault_count[v]
+                if n:
+                    st.fault_count[v] = 0
+                    counts["exception"] += n
+                    reasons["exception", MNEMONIC[v]] += n
+
+    def deliver_page_fault(self, return_eip: int, error_code: int) -> bool:
+        """A #PF from a refused fill (DeprivilegedVcpu.page_fault, recorded and CR2 set) delivered in C
+        when deliver_event can; False: nothing changed, Python delivers it."""
+        return bool(
+            self._lib.trapfast_deliver_fault(
+                self._pstate, self.vcpu.uc._uch, 14, return_eip & 0xFFFFFFFF, error_code & 0xFFFFFFFF
+            )
+        )
+
+    @property
+    def delivered(self) -> int:
+        """Events delivered through the guest's IDT in C so far."""
+        return self._state.delivered
 
     @property
     def answered(self) -> int:
