@@ -238,6 +238,7 @@ class TrapVirtualCpu(EvVirtualCpu):
     cr0 = in_table("crs", 0)  # type: ignore[assignment]
     cr3 = in_table("crs", 1)  # type: ignore[assignment]
     cr4 = in_table("crs", 2)  # type: ignore[assignment]
+
     @property  # type: ignore[override]
     def idtr(self) -> tuple[int, int]:
         st = self._table
