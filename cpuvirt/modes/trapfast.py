@@ -26,7 +26,7 @@ from unicorn.unicorn_py3 import unicorn as _ucmod
 
 from cpuvirt.cpu import evseg
 from cpuvirt.cpu.evseg import EvHvTlb, EvLoaded, EvSeg, EvVirtualCpu
-from cpuvirt.cpu.fastdelivery import _cpu_field, _read_process
+from cpuvirt.cpu.fastdelivery import context_header, engine_env
 from cpuvirt.cpu.quirks import context_layout
 from cpuvirt.cpu.virtualcpu import SegCache, in_table
 from cpuvirt.engine import regs as R
@@ -183,51 +183,6 @@ def _lib():
     lib.trapfast_traced.restype = None
     lib.trapfast_traced.argtypes = (ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32)
     return lib
-
-
-def _engine_env(uc) -> int | None:
-    """The address of QEMU's CPUX86State of this engine (what uc_context_save copies), checked: its
-    first field is EAX as uc_reg_read reads it. None when libunicorn is not of the expected shape."""
-    found = _cpu_field()
-    if found is None:
-        return None
-    cpu_off, env_off = found
-    cpu = _read_process(uc._uch.value + cpu_off, 8)
-    env = cpu and _read_process(int.from_bytes(cpu, "little") + env_off, 8)
-    if not env:
-        return None
-    address = int.from_bytes(env, "little")
-    eax = uc.reg_read(R.EAX)
-    try:
-        for probe in (0x5A17C0DE, 0x0BADF00D):
-            uc.reg_write(R.EAX, probe)
-            seen = _read_process(address, 4)
-            if seen is None or int.from_bytes(seen, "little") != probe:
-                return None
-    finally:
-        uc.reg_write(R.EAX, eax)
-    return address
-
-
-def _context_header(uc, env: int) -> int | None:
-    """Where the copy of CPUX86State starts in a saved context (quirks.ContextLayout's offsets count
-    from the context itself): the offset at which the context's bytes equal the live state's, with
-    EAX and ECX (its first fields) holding probe values so that the match is unique."""
-    eax, ecx = uc.reg_read(R.EAX), uc.reg_read(R.ECX)
-    try:
-        uc.reg_write(R.EAX, 0x5A17C0DE)
-        uc.reg_write(R.ECX, 0x0BADF00D)
-        ctx = uc.context_save()
-        base = ctypes.cast(ctx.context, ctypes.c_void_p).value
-        live = _read_process(env, 64)
-        blob = _read_process(base, 256 + 64) if base else None
-    finally:
-        uc.reg_write(R.EAX, eax)
-        uc.reg_write(R.ECX, ecx)
-    if live is None or blob is None or blob.count(live) != 1:
-        return None
-    at = blob.find(live)
-    return at if at <= 256 else None
 
 
 class TrapVirtualCpu(EvVirtualCpu):
@@ -416,8 +371,8 @@ class TrapFast:
         p2m, ram = mmu.p2m, mmu.ram
         if lib is None or p2m.ram_hpa < ram.hpa or p2m.ram_hpa + p2m.ram_bytes > ram.hpa + ram.size:
             return None
-        env = _engine_env(vcpu.uc)
-        header = None if env is None else _context_header(vcpu.uc, env)
+        env = engine_env(vcpu.uc)
+        header = None if env is None else context_header(vcpu.uc, env)
         if env is None or header is None:
             return None
         fast = cls(lib, vcpu, shadow, env, header)

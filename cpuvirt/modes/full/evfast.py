@@ -75,7 +75,7 @@ class FullEvents:
     def attach(self) -> None:
         """After install_hooks: where the engine's state is; the C side serves the kinds from now on
         (when the engine is of the expected shape and the switch is on)."""
-        from cpuvirt.modes.trapfast import _context_header, _engine_env
+        from cpuvirt.cpu.fastdelivery import context_header, engine_env
 
         vcpu, t = self.vcpu, self.table
         ev = t.ev
@@ -84,8 +84,8 @@ class FullEvents:
         if p2m.ram_hpa < ram.hpa or p2m.ram_hpa + p2m.ram_bytes > ram.hpa + ram.size:
             self.on = False
             return
-        env = _engine_env(vcpu.uc)
-        header = None if env is None else _context_header(vcpu.uc, env)
+        env = engine_env(vcpu.uc)
+        header = None if env is None else context_header(vcpu.uc, env)
         if env is None or header is None:
             self.on = False
             return
