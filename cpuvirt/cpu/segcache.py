@@ -103,7 +103,7 @@ class EngineSegments:
 def live_segment(uc, reg: int) -> _SegmentCache | None:
     """`reg`'s cache as the engine holds it now, in its CPU state rather than a saved copy: a read costs
     no context save. Checked against the selector the engine reports; None where it cannot be found."""
-    from cpuvirt.cpu.fastdelivery import context_header, engine_env
+    from cpuvirt.engine.internals import context_header, engine_env
 
     off = segs_offset()
     env = engine_env(uc) if off is not None else None

@@ -26,11 +26,11 @@ from unicorn.unicorn_py3 import unicorn as _ucmod
 
 from cpuvirt.cpu import evseg
 from cpuvirt.cpu.evseg import EvHvTlb, EvLoaded, EvSeg, EvVirtualCpu
-from cpuvirt.cpu.fastdelivery import context_header, engine_env
 from cpuvirt.cpu.quirks import context_layout
 from cpuvirt.cpu.virtualcpu import SegCache, in_table
 from cpuvirt.engine import regs as R
 from cpuvirt.engine.cext import add_c_hook, load
+from cpuvirt.engine.internals import context_header, engine_env
 from cpuvirt.x86.cpuid import CR4_RESERVED
 from cpuvirt.x86.vectors import MNEMONIC, Vector
 

@@ -75,7 +75,7 @@ class FullEvents:
     def attach(self) -> None:
         """After install_hooks: where the engine's state is; the C side serves the kinds from now on
         (when the engine is of the expected shape and the switch is on)."""
-        from cpuvirt.cpu.fastdelivery import context_header, engine_env
+        from cpuvirt.engine.internals import context_header, engine_env
 
         vcpu, t = self.vcpu, self.table
         ev = t.ev

@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 import struct
 
-from cpuvirt.cpu.fastdelivery import PageFlush
 from cpuvirt.engine import regs as R
+from cpuvirt.engine.internals import PageFlush
 from cpuvirt.memory.direct import HYPERCALL, L2, DirectPaging
 from cpuvirt.memory.fastfill import DirectFastFill
 from cpuvirt.memory.p2m import RAM_HPA

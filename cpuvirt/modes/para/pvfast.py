@@ -28,11 +28,12 @@ import os
 from unicorn import UC_HOOK_INTR
 from unicorn.unicorn_py3 import unicorn as _ucmod
 
-from cpuvirt.cpu.fastdelivery import _PF_DONE, PF_REFUSED, EventBooks, FastDelivery, PageFlush
+from cpuvirt.cpu.fastdelivery import _PF_DONE, PF_REFUSED, EventBooks, FastDelivery
 from cpuvirt.cpu.vcpu import FETCH_FAULT_CYCLES
 from cpuvirt.engine import regs as R
 from cpuvirt.engine.cext import add_c_hook, load
 from cpuvirt.engine.hooks import hook_guard
+from cpuvirt.engine.internals import PageFlush
 from cpuvirt.modes.para.hypercalls import HYPERCALL_CYCLES, REQUEST_CYCLES
 from cpuvirt.modes.para.startinfo import IRET, IRET_STUB, VCPU_UPCALL_PENDING
 from cpuvirt.x86.vectors import HAS_ERROR_CODE, MNEMONIC

@@ -1,0 +1,137 @@
+"""What cpuvirt reads of libunicorn's own structures (never hard-coded: found in its code or by probing
+a live engine, and checked before use): the engine's CPUState and CPUX86State, where that state starts in
+a saved context, and QEMU's functions libunicorn exports that its API does not offer (a one-page TLB
+flush). The C fast paths (cpu/_delivery.c, modes/_trapfast.c, full's callouts, para's) reach the engine's
+state through these.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from functools import lru_cache
+
+from unicorn.unicorn_py3 import unicorn as _ucmod
+
+from cpuvirt.engine import regs as R
+
+
+def read_process(address: int, size: int) -> bytes | None:
+    """`size` bytes of this process at `address`, or None where nothing is mapped (never a crash)."""
+    try:
+        fd = os.open("/proc/self/mem", os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        data = os.pread(fd, size, address)
+    except (OSError, OverflowError):
+        return None
+    finally:
+        os.close(fd)
+    return data if len(data) == size else None
+
+
+@lru_cache(maxsize=1)
+def cpu_field() -> tuple[int, int] | None:
+    """(offset of the CPUState pointer in libunicorn's uc_struct, offset of env_ptr in CPUState), read
+    from libunicorn's own code: uc_context_save ends in memcpy(context->data, uc->cpu->env_ptr, size),
+    i.e. `mov rax, [rbp + cpu]; ...; mov rsi, [rax + env_ptr]; call memcpy`. None when the code is not
+    of that shape. The caller checks the result on its engine (_engine_cpu) before trusting it."""
+    from capstone import CS_ARCH_X86, CS_MODE_64, Cs
+    from capstone.x86 import X86_OP_MEM, X86_OP_REG
+
+    fn = ctypes.cast(_ucmod.uclib.uc_context_save, ctypes.c_void_p).value
+    code = read_process(fn, 0x200) if fn else None
+    if code is None:
+        return None
+    cs = Cs(CS_ARCH_X86, CS_MODE_64)
+    cs.detail = True
+    insns = list(cs.disasm(code, fn))
+    for k, insn in enumerate(insns[1:], 1):
+        prev = insns[k - 1]
+        if insn.mnemonic != "call" or prev.mnemonic != "mov" or prev.op_str.split(",")[0] != "rsi":
+            continue
+        src = prev.operands[1]
+        if src.type != X86_OP_MEM or src.mem.index:
+            continue
+        for earlier in reversed(insns[: k - 1]):
+            if earlier.mnemonic != "mov" or len(earlier.operands) != 2:
+                continue
+            dst, mem = earlier.operands
+            if dst.type == X86_OP_REG and dst.reg == src.mem.base and mem.type == X86_OP_MEM and not mem.mem.index:
+                return mem.mem.disp, src.mem.disp
+    return None
+
+
+def engine_cpu_state(uc) -> int | None:
+    """The address of this engine's CPUState (QEMU's), checked: it leads to the CPU state whose first
+    field is EAX as uc_reg_read reads it. None when libunicorn is not of the expected shape."""
+    found = cpu_field()
+    if found is None:
+        return None
+    cpu_off, env_off = found
+    uc.reg_read(R.EAX)  # the engine makes its vCPU on first use: before that the pointer is not there
+    cpu = read_process(uc._uch.value + cpu_off, 8)
+    env = cpu and read_process(int.from_bytes(cpu, "little") + env_off, 8)
+    if not cpu or not env:
+        return None
+    eax = uc.reg_read(R.EAX)
+    try:
+        for probe in (0x5A17C0DE, 0x0BADF00D):
+            uc.reg_write(R.EAX, probe)
+            seen = read_process(int.from_bytes(env, "little"), 4)
+            if seen is None or int.from_bytes(seen, "little") != probe:
+                return None
+    finally:
+        uc.reg_write(R.EAX, eax)
+    return int.from_bytes(cpu, "little")
+
+
+def engine_env(uc) -> int | None:
+    """The address of this engine's CPUX86State (what uc_context_save copies), checked as
+    engine_cpu_state checks it; None when libunicorn is not of the expected shape."""
+    cpu = engine_cpu_state(uc)
+    found = cpu_field()
+    env = read_process(cpu + found[1], 8) if cpu is not None and found is not None else None
+    return int.from_bytes(env, "little") if env else None
+
+
+def context_header(uc, env: int) -> int | None:
+    """Where the copy of CPUX86State starts in a saved context (offsets found in a context count from
+    the context itself): the offset at which the context's bytes equal the live state's, with EAX and
+    ECX (its first fields) holding probe values so that the match is unique."""
+    eax, ecx = uc.reg_read(R.EAX), uc.reg_read(R.ECX)
+    try:
+        uc.reg_write(R.EAX, 0x5A17C0DE)
+        uc.reg_write(R.ECX, 0x0BADF00D)
+        ctx = uc.context_save()
+        base = ctypes.cast(ctx.context, ctypes.c_void_p).value
+        live = read_process(env, 64)
+        blob = read_process(base, 256 + 64) if base else None
+    finally:
+        uc.reg_write(R.EAX, eax)
+        uc.reg_write(R.ECX, ecx)
+    if live is None or blob is None or blob.count(live) != 1:
+        return None
+    at = blob.find(live)
+    return at if at <= 256 else None
+
+
+class PageFlush:
+    """One page out of the engine's TLB (QEMU's tlb_flush_page, exported by libunicorn), where the
+    guest asked for no more: an INVLPG made as a whole flush refills every page the guest then touches.
+    `function, cpu`: the C pointers, for C callers; calling the object flushes from Python."""
+
+    def __init__(self, function: int, cpu: int):
+        self.function, self.cpu = function, cpu
+        self._call = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64)(function)
+
+    def __call__(self, linear: int) -> None:
+        self._call(self.cpu, linear & ~0xFFF)
+
+    @classmethod
+    def of(cls, uc) -> "PageFlush | None":
+        fn = getattr(_ucmod.uclib, "tlb_flush_page_x86_64", None)
+        cpu = engine_cpu_state(uc) if fn is not None else None
+        address = ctypes.cast(fn, ctypes.c_void_p).value if fn is not None else None
+        return None if cpu is None or address is None else cls(address, cpu)
