@@ -223,3 +223,29 @@ def test_c_direct_fill_agrees_with_para_direct_paging():
     assert not hook(m.uc._uch, 0, 17, ctypes.byref(Entry()), state)
     mmu.traces.untrace_frame(RAM_HPA + DATA, "upcall_mask")
     assert hook(m.uc._uch, 0, 17, ctypes.byref(Entry()), state)
+
+
+def test_a_directory_that_maps_itself_gets_the_walks_bits_once():
+    """A recursive mapping (a PDE pointing at the directory itself: the walk's PDE and leaf are then one
+    entry when the two indexes agree): the C fill must set A (and D) as walk.py does, where the PDE.A
+    write is seen by the leaf read that follows it, and count the same references."""
+    m = Machine(MEM >> 20)
+    get_mode("native")(m)
+    mmu = m.mmu
+    fast = mmu.counters.fast
+    hook = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int, ctypes.POINTER(Entry),
+                            ctypes.c_void_p)(ctypes.cast(_lib().fastfill_hook, ctypes.c_void_p).value)
+    state = ctypes.cast(ctypes.pointer(fast._state), ctypes.c_void_p)
+    m.set_flat_protected_mode(0x500)
+    m.regs.write(R.CR3, PD)
+    m.regs.write(R.CR0, 0x80000011)
+    m.regs.write(R.CR4, 0)
+    slot = 0x300
+    vaddr = (slot << 22) | (slot << 12)  # PDE index == PTE index: leaf entry == the PDE
+    answered = 0
+    for bits in (0x03, 0x23, 0x63, 0x43, 0x07, 0x27):   # P RW [US], A and D in every combination
+        for access in (16, 17):
+            m.write_gpa(PD + slot * 4, (PD | bits).to_bytes(4, "little"))
+            mmu.crs = None
+            answered += _same_as_python(m, fast, hook, state, vaddr, access, (PD + slot * 4,), (hex(bits), access))
+    assert answered == 12
