@@ -249,3 +249,29 @@ def test_a_directory_that_maps_itself_gets_the_walks_bits_once():
             mmu.crs = None
             answered += _same_as_python(m, fast, hook, state, vaddr, access, (PD + slot * 4,), (hex(bits), access))
     assert answered == 12
+
+
+def test_a_directory_that_maps_itself_under_ept():
+    """The same under hw's EPT fill: each A/D write is also an EPT translation for write (EptWalk's)."""
+    from cpuvirt.memory.fastfill import EptFastFill
+    m = Machine(MEM >> 20)
+    hv = get_mode("hw")(m)
+    hv.boot()
+    mmu = m.mmu
+    fast = mmu.counters.fast
+    assert isinstance(fast, EptFastFill)
+    hook = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int, ctypes.POINTER(Entry),
+                            ctypes.c_void_p)(ctypes.cast(_lib().eptfill_hook, ctypes.c_void_p).value)
+    state = ctypes.cast(ctypes.pointer(fast._state), ctypes.c_void_p)
+    m.regs.write(R.CR3, PD)
+    m.regs.write(R.CR4, 0)
+    m.regs.write(R.CR0, 0x80000011)
+    slot = 0x300
+    vaddr = (slot << 22) | (slot << 12)
+    answered = 0
+    for bits in (0x03, 0x23, 0x63, 0x43, 0x07, 0x27):
+        for access in (16, 17):
+            m.write_gpa(PD + slot * 4, (PD | bits).to_bytes(4, "little"))
+            mmu.crs = None
+            answered += _same_as_python(m, fast, hook, state, vaddr, access, (PD + slot * 4,), (hex(bits), access))
+    assert answered == 12
