@@ -184,3 +184,25 @@ def test_the_environment_switch_turns_it_off():
     env["CPUVIRT_HW_SHADOW_PEEK"] = "0"
     off = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert on.stdout.split() == ["True"] and off.stdout.split() == ["False"]
+
+
+@pytest.mark.parametrize("guest", ["nanobench", "hostile"])
+def test_every_c_fault_address_is_the_python_one(guest, nanobench, hostile, monkeypatch):
+    """Each #PF exit's exact linear address (its qualification, the guest's CR2), decoded in C
+    (delivery_fault_linear through the guarded reader), against Vcpu.exact_linear's on the same state."""
+    from cpuvirt.cpu.vcpu import Vcpu
+
+    decoded = [0]
+    exact = vmx.VmxCpu.exact_linear
+
+    def checked(self, pending, eip):
+        gla = exact(self, pending, eip)
+        fast = self._shadow_peek
+        if fast is not None and fast.fault_linear(eip, pending.gva, pending.access) is not None:
+            decoded[0] += 1
+        assert gla == Vcpu.exact_linear(self, pending, eip), (hex(eip), hex(pending.gva))
+        return gla
+
+    monkeypatch.setattr(vmx.VmxCpu, "exact_linear", checked)
+    res, _, _, _ = _run(nanobench if guest == "nanobench" else hostile, monkeypatch, True)
+    assert decoded[0] > 100

@@ -215,6 +215,7 @@ class VmxCpu(Vcpu):
             self.fast_exits.disarm()
         if self._fast_delivery is not None:
             self._fast_delivery.disarm_vmx()
+        self._shadow_policy = None
 
     events_in_c = True  # hw's INTR hook and guest #PF in C when they cause no exit (False: Python's)
 
@@ -310,6 +311,7 @@ class VmxCpu(Vcpu):
     # pause, CR reads and guest-owned CR writes); CPUVIRT_HW_SHADOW_PEEK=0 in the environment, or False here,
     # leaves every read of guest code to Mmu.read_linear through the shadow, and those sites to Python.
     shadow_peek_c = os.environ.get("CPUVIRT_HW_SHADOW_PEEK", "1") != "0"
+    _shadow_policy: bool | None = None  # may the guard read at all, for the controls as they are (_mirror_shadow)
 
     def _install_shadow_peek(self, shadow: ShadowPaging) -> None:
         fast = self._shadow_peek = FastDelivery.install_shadow(self)
@@ -336,18 +338,17 @@ class VmxCpu(Vcpu):
         sh = self.shadow
         if sh is None:
             return
-        v = self.vmcs._values
+        policy = self._shadow_policy
+        if policy is None:  # the controls changed (a vmwrite, _vmcs_written) since the last look
+            v = self.vmcs._values
+            policy = self._shadow_policy = bool(
+                self.ctl("cr3_load_exiting")
+                and not v[F.CR3_TARGET_COUNT]
+                and v[F.CR0_GUEST_HOST_MASK] & _SHADOW_CR0 == _SHADOW_CR0
+                and v[F.CR4_GUEST_HOST_MASK] & CR4_PSE
+            )
         mode, key = sh._mode, sh._cur_key
-        ok = (
-            mode is not None
-            and key is not None
-            and not sh.unsync
-            and self.ctl("cr3_load_exiting")
-            and not v[F.CR3_TARGET_COUNT]
-            and v[F.CR0_GUEST_HOST_MASK] & _SHADOW_CR0 == _SHADOW_CR0
-            and v[F.CR4_GUEST_HOST_MASK] & CR4_PSE
-        )
-        fast.mirror_shadow(ok, mode or 0, key or 0)
+        fast.mirror_shadow(policy and mode is not None and key is not None and not sh.unsync, mode or 0, key or 0)
 
     def _arm_fast_exits(self) -> None:
         """After a VM entry made in Python: let C answer what needs nothing else (fastexit.py), and
@@ -366,7 +367,10 @@ class VmxCpu(Vcpu):
             and getattr(self.hypervisor.handlers.get(ExitReason.CPUID), "__func__", None) is self._default_cpuid
             and getattr(self.machine.cpuid, "__func__", None) is Machine.cpuid
         ):
-            fx.arm(self.vmcs._values, self.vapic, self.ctl)
+            if not fx.armed or self.vapic is not None:
+                # Armed already: no vmwrite since (each disarms, _vmcs_written), nothing to copy again; the
+                # virtual-APIC state is synced at every entry, so with APIC virtualization always.
+                fx.arm(self.vmcs._values, self.vapic, self.ctl)
         else:
             fx.disarm()
         if self._ept_c is not None:
@@ -1037,6 +1041,16 @@ class VmxCpu(Vcpu):
         return True
 
     # -- refused TLB fills: guest #PF or EPT violation -----------------------------------------------
+    def exact_linear(self, pending, eip: int) -> int:
+        """Without EPT every guest #PF is an exit whose qualification (CR2) is the exact address: decoded
+        in C (delivery_fault_linear, x86/faultaddr.py's rules, through the guarded reader) when it can."""
+        fast = self._shadow_peek
+        if fast is not None:
+            gla = fast.fault_linear(eip, pending.gva, pending.access)
+            if gla is not None:
+                return gla
+        return super().exact_linear(pending, eip)
+
     def on_refused_fill(self, pending, eip: int) -> None:
         if isinstance(pending, NestedFault):
             self._ept_exit(pending, eip)
