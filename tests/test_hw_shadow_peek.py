@@ -5,7 +5,8 @@ shadow (Mmu.read_linear) gives, and changes nothing.
 Each guest runs with the C reader and without it (VmxCpu.shadow_peek_c, the CPUVIRT_HW_SHADOW_PEEK switch), and
 everything a reader can see must be the same byte for byte: the console, instructions, virtual time, the event,
 exit, MMU and shadow counters, the VMCS exit-information fields and counters after every VM entry Python makes,
-and the trace. tests/guests/hw_shadow_peek.S runs its exits from code whose mapping changes between them (PTEs
+and the trace; the same for the common iret left to the engine by delivery_iret_hook on that reader's peeks
+(tests/guests/iret_rf.S: the irets whose image sets RF stay Python's). tests/guests/hw_shadow_peek.S runs its exits from code whose mapping changes between them (PTEs
 remapped with and without invlpg, an instruction across a page boundary, code ending where the next page is not
 present or maps a frame outside RAM, CR0.WP clear, a 4 MiB page, a page table outside RAM).
 """
@@ -103,7 +104,7 @@ def hostile(test_guest):
     return test_guest("hw_shadow_peek")
 
 
-@pytest.mark.parametrize("guest", ["nanobench", "hostile", "hw_fastexit"])
+@pytest.mark.parametrize("guest", ["nanobench", "hostile", "hw_fastexit", "iret_rf"])
 def test_the_c_reader_leaves_what_the_python_read_leaves(guest, nanobench, hostile, test_guest, monkeypatch):
     image = {"nanobench": nanobench, "hostile": hostile}.get(guest) or test_guest(guest)
     fast = _run(image, monkeypatch, True)
@@ -118,6 +119,8 @@ def test_the_c_reader_leaves_what_the_python_read_leaves(guest, nanobench, hosti
     assert fx_slow.counts()[1] + fx_slow.reads_passed + fx_slow.io_gate_passed == 0
     if guest == "nanobench":
         assert fx.io_gate_passed > 0  # ring-3 code armed the I/O gate: its kernel in/out passed in C
+        assert fast[2]._shadow_peek.irets > 0  # the common iret (delivery_iret_hook) too
+    assert slow[2]._shadow_peek is None
 
 
 def test_a_trace_is_the_same(nanobench, monkeypatch, tmp_path):

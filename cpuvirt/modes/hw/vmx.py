@@ -232,6 +232,11 @@ class VmxCpu(Vcpu):
             if self.trace is None and self.dump_on is None:
                 self.fast_fill.set_quick_exit(self.ept_quick_hook)
                 self._install_quick_ept_c(fx)
+        shadow_peek = self._shadow_peek
+        if shadow_peek is not None and self.events_in_c and self.trace is None and self.intercepts is not None:
+            # Without EPT: the common iret in C too (delivery_iret_hook: nothing for cpuvirt to do, decided by
+            # the guarded reader's peeks alone, as Vcpu.iret_image_rf and iret_site decide it)
+            shadow_peek.install_sites(self, iret_only=True)
         fast = self._fast_delivery
         if fast is None or not self.events_in_c or self.trace is not None or self.mmu.traces.frames:
             return
