@@ -541,6 +541,10 @@ class VmxCpu(Vcpu):
         )
         if self.dump_on is not None:
             x.vmcs_at_exit = v.dump(CONTROLS)  # the state at the exit, not after the handler emulated it
+        if self._shadow_peek is not None:
+            # The handler may change the shadow (a CR3 load, an invlpg, a fill) before the engine's CRs:
+            # its own reads of guest code are Python's, until the entry mirrors the shadow again.
+            self._shadow_peek.shadow_dirtied()
         t0 = time.perf_counter()
         handler = self.hypervisor.handlers.get(reason, self.hypervisor.unhandled)
         handler(x)
