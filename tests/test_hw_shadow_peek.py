@@ -6,9 +6,11 @@ Each guest runs with the C reader and without it (VmxCpu.shadow_peek_c, the CPUV
 everything a reader can see must be the same byte for byte: the console, instructions, virtual time, the event,
 exit, MMU and shadow counters, the VMCS exit-information fields and counters after every VM entry Python makes,
 and the trace; the same for the common iret left to the engine by delivery_iret_hook on that reader's peeks
-(tests/guests/iret_rf.S: the irets whose image sets RF stay Python's). tests/guests/hw_shadow_peek.S runs its exits from code whose mapping changes between them (PTEs
-remapped with and without invlpg, an instruction across a page boundary, code ending where the next page is not
-present or maps a frame outside RAM, CR0.WP clear, a 4 MiB page, a page table outside RAM).
+(tests/guests/iret_rf.S: the irets whose image sets RF stay Python's). tests/guests/hw_shadow_peek.S runs its
+exits from code whose mapping changes between them (PTEs remapped with and without invlpg, an instruction
+across a page boundary, code ending where the next page is not present or maps a frame outside RAM, CR0.WP
+clear, a 4 MiB page, a page table outside RAM). Each #PF exit's exact address is decoded in C through the
+same reader (delivery_fault_linear) and compared with Vcpu.exact_linear's.
 """
 
 from __future__ import annotations
@@ -123,10 +125,12 @@ def test_the_c_reader_leaves_what_the_python_read_leaves(guest, nanobench, hosti
     assert slow[2]._shadow_peek is None
 
 
-def test_a_trace_is_the_same(nanobench, monkeypatch, tmp_path):
+@pytest.mark.parametrize("guest", ["nanobench", "hostile"])
+def test_a_trace_is_the_same(guest, nanobench, hostile, monkeypatch, tmp_path):
+    image = nanobench if guest == "nanobench" else hostile
     a, b = tmp_path / "c.jsonl", tmp_path / "python.jsonl"
-    fast = _run(nanobench, monkeypatch, True, trace_path=str(a))
-    slow = _run(nanobench, monkeypatch, False, trace_path=str(b))
+    fast = _run(image, monkeypatch, True, trace_path=str(a))
+    slow = _run(image, monkeypatch, False, trace_path=str(b))
     _same(fast, slow)
     assert a.read_bytes() == b.read_bytes() and b"IO_INSTRUCTION" in a.read_bytes()
     assert fast[3] > 0  # the trace's reads of guest code (disassembly, decoding) were C's
