@@ -111,6 +111,16 @@ typedef struct {
      * pv_page_fault: CR2 in vcpu_info, the frame through the trap table) instead of the IDT */
     int (*pv_pf)(void *pv, void *uc, uint32_t eip, uint32_t error_code, uint32_t cr2);
     void *pv;
+    /* hw without EPT (modes/hw/vmx.py _mirror_shadow): delivery_peek reads guest code over the guest's
+     * own tables only while memory/shadow.py's shadow of them is current, so that it gives what the
+     * Python read (a shadow entry when there is one) gives, and Python's read would change nothing: the
+     * shadow's paging mode (CR0.PG | CR4.PSE) and root (CR3's frame) are the running ones, no frame is
+     * untraced (`unsync`), and CR0.WP is set (a read through a read-only dirty entry with WP clear would
+     * set the shadow's WP grant). shadow_ok = 0: every peek is Python's. */
+    uint32_t shadow;             /* 1: the guard below applies */
+    uint32_t shadow_ok;          /* Python's last look found the shadow current, nothing dirtied since */
+    uint32_t shadow_mode;        /* ShadowPaging._mode then */
+    uint32_t shadow_key;         /* ShadowPaging._cur_key then */
 } delivery_t;
 
 /* One intercepted iret: its bytes when it was decoded, and the Python hook behind it. */
@@ -537,6 +547,10 @@ int delivery_peek(delivery_t *s, void *uc, uint32_t gva, uint32_t n, uint8_t *ou
         w.c.cr3 = (uint32_t)rd(s, uc, R_CR3, &err);
         w.c.cr4 = (uint32_t)rd(s, uc, R_CR4, &err);
         if (err) return 0;
+        if (s->shadow && (!s->shadow_ok || !(w.c.cr0 & CR0_WP)
+                          || ((w.c.cr0 & CR0_PG) | (w.c.cr4 & CR4_PSE)) != s->shadow_mode
+                          || (w.c.cr3 & 0xFFFFF000u) != s->shadow_key))
+            return 0;                  /* the shadow is not the running one's: Python reads (and syncs) */
     }
     while (done < n) {                 /* page by page, as the chunks of Mmu.read_linear */
         uint32_t a = gva + done, chunk = 0x1000 - (a & 0xFFF), erefs = 0;

@@ -117,6 +117,10 @@ class _State(ctypes.Structure):
         ("pad3", ctypes.c_uint32),
         ("pv_pf", ctypes.c_void_p),
         ("pv", ctypes.c_void_p),
+        ("shadow", ctypes.c_uint32),
+        ("shadow_ok", ctypes.c_uint32),
+        ("shadow_mode", ctypes.c_uint32),
+        ("shadow_key", ctypes.c_uint32),
     ]
 
 
@@ -410,6 +414,33 @@ class FastDelivery:
         mmu.counters.walkers.append(fast)
         mmu.peek = fast.peek
         return fast
+
+    @classmethod
+    def install_shadow(cls, vcpu) -> "FastDelivery | None":
+        """hw without EPT: the C reader of guest code (delivery_peek) over the guest's own tables, for
+        Mmu.fetch_bytes and fastexit.py's sites, guarded by the shadow's state (delivery_t `shadow`: the
+        VmxCpu mirrors it at each VM entry, mirror_shadow). Nothing else: deliveries, iret and #PF stay
+        Python's (through shadow entries their walks are counted otherwise), and it counts nothing."""
+        mmu = vcpu.mmu
+        lib = _lib()
+        if lib is None or vcpu.faults.layout is None:
+            return None
+        if mmu.ram.hpa != mmu.p2m.ram_hpa or mmu.p2m.ram_bytes > mmu.ram.size:
+            return None
+        fast = cls(lib, mmu, vcpu.faults)
+        fast._state.shadow = 1
+        return fast
+
+    def mirror_shadow(self, ok: bool, mode: int, key: int) -> None:
+        """What delivery_peek's shadow guard compares with: may it read (ok), and the shadow's paging mode
+        (CR0.PG | CR4.PSE) and root (CR3's frame) when Python last looked."""
+        st = self._state
+        st.shadow_mode, st.shadow_key = mode, key
+        st.shadow_ok = int(ok)
+
+    def shadow_dirtied(self) -> None:
+        """ShadowPaging.on_dirty: a frame untraced, a trim, a WP grant: Python reads until the next entry."""
+        self._state.shadow_ok = 0
 
     @classmethod
     def install_ept(cls, delivery, ept) -> "FastDelivery | None":

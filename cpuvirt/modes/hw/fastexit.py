@@ -401,6 +401,12 @@ class FastExits:
             cr, src = 0x100 | form.number, 0
         else:
             return False
+        if self.vcpu.shadow is not None and (
+            (cr == 3 and self.vcpu.ctl("cr3_load_exiting"))
+            or (cr == -2 and self.vcpu.ctl("invlpg_exiting"))
+            or (cr == 0x103 and self.vcpu.ctl("cr3_store_exiting"))
+        ):
+            return False  # shadow paging: it exits (C would only hand it to Python), a plain Python hook
         site = _CrSite()
         site.s = self._addr
         site.python = ctypes.cast(python_hook, ctypes.c_void_p).value

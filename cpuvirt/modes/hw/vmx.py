@@ -52,7 +52,7 @@ from cpuvirt.modes.hw.vmcs import Field as F
 from cpuvirt.modes.hw.vmcs import Vmcs
 from cpuvirt.x86.faultaddr import fault_address
 from cpuvirt.x86.faultaddr import operand_address as operand_linear_address
-from cpuvirt.x86.flags import CR0_ET, CR0_PE, CR0_PG, EFLAGS_IF, EFLAGS_VM
+from cpuvirt.x86.flags import CR0_ET, CR0_PE, CR0_PG, CR0_WP, CR4_PSE, EFLAGS_IF, EFLAGS_VM
 from cpuvirt.x86.vectors import HAS_ERROR_CODE, MNEMONIC, Vector
 
 HV_SIZE = 8 << 20
@@ -71,6 +71,7 @@ _EXIT_INTR_INFO, _EXIT_INTR_ERROR = int(F.VM_EXIT_INTR_INFO), int(F.VM_EXIT_INTR
 _EXIT_INSN_INFO, _GUEST_RIP = int(F.VMX_INSTRUCTION_INFO), int(F.GUEST_RIP)
 _IO_INSTRUCTION = ExitReason.IO_INSTRUCTION
 _EPT_VIOLATION = ExitReason.EPT_VIOLATION
+_SHADOW_CR0 = CR0_PG | CR0_WP  # host-owned under shadow paging for delivery_peek's guard (_mirror_shadow)
 _GPA, _GLA = int(F.GUEST_PHYSICAL_ADDRESS), int(F.GUEST_LINEAR_ADDRESS)
 _WINDOW_FIELD, _WINDOW_BIT = CONTROLS["interrupt_window_exiting"]
 RFLAGS_RESERVED_ZERO = (1 << 3) | (1 << 5) | (1 << 15) | 0xFFC00000
@@ -148,6 +149,7 @@ class VmxCpu(Vcpu):
         self.apic_access = (4, 0)  # (size, value written) of the access an APIC_ACCESS exit is for
         self.fast_exits: FastExits | None = None  # fastexit.py: CPUID exits, guest-owned CR writes in C
         self._fast_delivery: FastDelivery | None = None  # EPT: deliveries, and events that do not exit, in C
+        self._shadow_peek: FastDelivery | None = None  # no EPT: the C reader of guest code (install_shadow)
         self._launch()
 
     # -- VMLAUNCH: the hypervisor's set-up, then the first entry ---------------------------------------
@@ -213,6 +215,7 @@ class VmxCpu(Vcpu):
             self.fast_exits.disarm()
         if self._fast_delivery is not None:
             self._fast_delivery.disarm_vmx()
+        self._shadow_policy = None
 
     events_in_c = True  # hw's INTR hook and guest #PF in C when they cause no exit (False: Python's)
 
@@ -229,6 +232,11 @@ class VmxCpu(Vcpu):
             if self.trace is None and self.dump_on is None:
                 self.fast_fill.set_quick_exit(self.ept_quick_hook)
                 self._install_quick_ept_c(fx)
+        shadow_peek = self._shadow_peek
+        if shadow_peek is not None and self.events_in_c and self.trace is None and self.intercepts is not None:
+            # Without EPT: the common iret in C too (delivery_iret_hook: nothing for cpuvirt to do, decided by
+            # the guarded reader's peeks alone, as Vcpu.iret_image_rf and iret_site decide it)
+            shadow_peek.install_sites(self, iret_only=True)
         fast = self._fast_delivery
         if fast is None or not self.events_in_c or self.trace is not None or self.mmu.traces.frames:
             return
@@ -303,10 +311,56 @@ class VmxCpu(Vcpu):
         w[F.GUEST_RIP] = rip
         v._cache.clear()
 
+    # Without EPT: guest code read in C over the guest's tables while the shadow is current (cpu/_delivery.c
+    # delivery_peek's shadow guard), for Mmu.fetch_bytes and fastexit.py's sites (the I/O gate's CPL-0 pass,
+    # pause, CR reads and guest-owned CR writes); CPUVIRT_HW_SHADOW_PEEK=0 in the environment, or False here,
+    # leaves every read of guest code to Mmu.read_linear through the shadow, and those sites to Python.
+    shadow_peek_c = os.environ.get("CPUVIRT_HW_SHADOW_PEEK", "1") != "0"
+    _shadow_policy: bool | None = None  # may the guard read at all, for the controls as they are (_mirror_shadow)
+
+    def _install_shadow_peek(self, shadow: ShadowPaging) -> None:
+        fast = self._shadow_peek = FastDelivery.install_shadow(self)
+        if fast is None:
+            return
+        self.mmu.peek = fast.peek
+        if self.fast_exits is not None:
+            self.fast_exits.set_peek(fast)
+        dirtied, chained = fast.shadow_dirtied, shadow.on_dirty
+
+        def on_dirty(wp: bool) -> None:
+            dirtied()
+            if chained is not None:
+                chained(wp)
+
+        shadow.on_dirty = on_dirty  # type: ignore[assignment]  # (declared None in shadow.py)
+
+    def _mirror_shadow(self, fast: FastDelivery) -> None:
+        """At each VM entry: may delivery_peek read guest code over the guest's tables until the next one?
+        Only while the shadow's root and mode can change only through Python (CR3 loads exit, no CR3-target
+        values, PG, WP and PSE host-owned: a change of them is an exit, after which this runs again), no
+        frame is untraced (`unsync`: its shadow entries may be stale, and the engine runs what they map), and
+        the shadow has a root and mode (C compares them with the running CR3 and CRs)."""
+        sh = self.shadow
+        if sh is None:
+            return
+        policy = self._shadow_policy
+        if policy is None:  # the controls changed (a vmwrite, _vmcs_written) since the last look
+            v = self.vmcs._values
+            policy = self._shadow_policy = bool(
+                self.ctl("cr3_load_exiting")
+                and not v[F.CR3_TARGET_COUNT]
+                and v[F.CR0_GUEST_HOST_MASK] & _SHADOW_CR0 == _SHADOW_CR0
+                and v[F.CR4_GUEST_HOST_MASK] & CR4_PSE
+            )
+        mode, key = sh._mode, sh._cur_key
+        fast.mirror_shadow(policy and mode is not None and key is not None and not sh.unsync, mode or 0, key or 0)
+
     def _arm_fast_exits(self) -> None:
         """After a VM entry made in Python: let C answer what needs nothing else (fastexit.py), and
         decide which events exit from the VMCS as it is now (cpu/_delivery.c)."""
         self._arm_delivery()
+        if self._shadow_peek is not None:
+            self._mirror_shadow(self._shadow_peek)
         fx = self.fast_exits
         if fx is None:
             return
@@ -318,7 +372,10 @@ class VmxCpu(Vcpu):
             and getattr(self.hypervisor.handlers.get(ExitReason.CPUID), "__func__", None) is self._default_cpuid
             and getattr(self.machine.cpuid, "__func__", None) is Machine.cpuid
         ):
-            fx.arm(self.vmcs._values, self.vapic, self.ctl)
+            if not fx.armed or self.vapic is not None:
+                # Armed already: no vmwrite since (each disarms, _vmcs_written), nothing to copy again; the
+                # virtual-APIC state is synced at every entry, so with APIC virtualization always.
+                fx.arm(self.vmcs._values, self.vapic, self.ctl)
         else:
             fx.disarm()
         if self._ept_c is not None:
@@ -375,6 +432,8 @@ class VmxCpu(Vcpu):
                 self._fast_delivery.attach_ept(self.delivery)  # deliveries through the guest IDT in C, walks via EPT
             if self.fast_exits is not None and self.delivery.fast is not None:
                 self.fast_exits.set_peek(self.delivery.fast)  # CR write sites check their bytes in C
+        elif self.shadow_peek_c and self.shadow is not None and self._shadow_peek is None:
+            self._install_shadow_peek(self.shadow)
         self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
         self.vm_entry(None)
 
@@ -482,6 +541,10 @@ class VmxCpu(Vcpu):
         )
         if self.dump_on is not None:
             x.vmcs_at_exit = v.dump(CONTROLS)  # the state at the exit, not after the handler emulated it
+        if self._shadow_peek is not None:
+            # The handler may change the shadow (a CR3 load, an invlpg, a fill) before the engine's CRs:
+            # its own reads of guest code are Python's, until the entry mirrors the shadow again.
+            self._shadow_peek.shadow_dirtied()
         t0 = time.perf_counter()
         handler = self.hypervisor.handlers.get(reason, self.hypervisor.unhandled)
         handler(x)
@@ -987,6 +1050,16 @@ class VmxCpu(Vcpu):
         return True
 
     # -- refused TLB fills: guest #PF or EPT violation -----------------------------------------------
+    def exact_linear(self, pending, eip: int) -> int:
+        """Without EPT every guest #PF is an exit whose qualification (CR2) is the exact address: decoded
+        in C (delivery_fault_linear, x86/faultaddr.py's rules, through the guarded reader) when it can."""
+        fast = self._shadow_peek
+        if fast is not None:
+            gla = fast.fault_linear(eip, pending.gva, pending.access)
+            if gla is not None:
+                return gla
+        return super().exact_linear(pending, eip)
+
     def on_refused_fill(self, pending, eip: int) -> None:
         if isinstance(pending, NestedFault):
             self._ept_exit(pending, eip)
