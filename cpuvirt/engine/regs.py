@@ -48,6 +48,7 @@ DR7 = X.UC_X86_REG_DR7
 # The eight general registers in ModRM / exit-qualification order (SDM Vol. 3C table 28-3).
 GPR_ORDER = (EAX, ECX, EDX, EBX, ESP, EBP, ESI, EDI)
 GPR_NAMES = ("eax", "ecx", "edx", "ebx", "esp", "ebp", "esi", "edi")
+_LOADS_DESCRIPTOR = frozenset((ES, CS, SS, DS, FS, GS))  # writes that make the engine read the GDT or LDT
 _EFLAGS_VM = 1 << 17  # for cpl(); the flag bits are named in cpuvirt/x86/flags.py, a floor above
 
 
@@ -65,7 +66,7 @@ class _Mmr(ctypes.Structure):
 class Regs:
     """Fast scalar register access for one Uc; table registers (GDTR, TR...) go through the wrapper."""
 
-    __slots__ = ("uc", "_h", "_buf", "_pbuf", "_wbuf", "_pwbuf", "_rr", "_rw", "_mmr", "_pmmr")
+    __slots__ = ("uc", "_h", "_buf", "_pbuf", "_wbuf", "_pwbuf", "_rr", "_rw", "_mmr", "_pmmr", "loading_descriptor")
 
     def __init__(self, uc):
         self.uc = uc
@@ -78,6 +79,7 @@ class Regs:
         self._wbuf = ctypes.c_uint64()
         self._pwbuf = ctypes.byref(self._wbuf)
         self._mmr = _Mmr()
+        self.loading_descriptor = False  # see write
         self._pmmr = ctypes.byref(self._mmr)
         self._rr = bare("uc_reg_read")  # called with (c_void_p, int, byref) only
         self._rw = bare("uc_reg_write")
@@ -89,7 +91,19 @@ class Regs:
 
     def write(self, reg: int, value: int) -> None:
         self._wbuf.value = value & 0xFFFFFFFF
-        if self._rw(self._h, reg, self._pwbuf):
+        if reg in _LOADS_DESCRIPTOR:
+            # The engine reads (and may mark accessed) the descriptor through its TLB, from inside this
+            # call: a TLB fill refused now would make it raise a fault by longjmp, out through the
+            # Python frames that called us (a host crash). A fill strategy that refuses to make the
+            # guest exit (hw's shadow paging) serves the hypervisor's load instead while this is set.
+            self.loading_descriptor = True
+            try:
+                failed = self._rw(self._h, reg, self._pwbuf)
+            finally:
+                self.loading_descriptor = False
+        else:
+            failed = self._rw(self._h, reg, self._pwbuf)
+        if failed:
             # Segment loads can fail (the engine checks the descriptor); surface that as an error.
             raise RuntimeError(f"engine refused register write {reg}={value:#x}")
 
