@@ -138,8 +138,10 @@ def emulate_store(code: bytes, eip: int, regs, read, write) -> tuple[int, int, i
     old = read(gva, size)
     value = (old | operand) if m == "or" else (old & operand) if m == "and" else (old ^ operand)
     write(gva, size, value)
-    # CF = OF = 0; SF, ZF, PF from the result; AF is undefined (left as it was).
-    fl = regs.read(R.EFLAGS) & ~(0x1 | 0x4 | 0x40 | 0x80 | 0x800)
+    # CF = OF = 0; SF, ZF, PF from the result; AF is undefined (SDM), and the engine clears it (QEMU's
+    # CC_OP_LOGIC): cleared here too, so that a store emulated under trap, full or hw shows the guest the
+    # flags it shows under native.
+    fl = regs.read(R.EFLAGS) & ~(0x1 | 0x4 | 0x10 | 0x40 | 0x80 | 0x800)
     if _parity(value):
         fl |= 0x4
     if value == 0:
