@@ -20,7 +20,7 @@ import pytest
 
 from cpuvirt.nanobench import build
 from cpuvirt.runner import run_guest
-from tests.test_trap_fast import _result, _run
+from tests.test_trap_fast import _result, _run, _same_events
 
 LOOPS = 200
 
@@ -37,15 +37,7 @@ def _compare(c, py) -> None:
     py_res, py_seen, py_end, _ = py
     assert _result(c_res) == _result(py_res)  # console, counts, icount, virtual time, memory counters, tally
     assert c_end == py_end  # registers, counts, reasons, CRs, shadow-paging counters
-    py_index: dict = {}
-    for k, record in enumerate(py_seen):
-        py_index.setdefault(record[:2] + record[3:5], []).append(k)
-    last = -1
-    for record in c_seen:
-        candidates = [k for k in py_index.get(record[:2] + record[3:5], []) if k > last]
-        assert candidates, record[:2]
-        last = candidates[0]
-        assert record == py_seen[last], record[:2]
+    _same_events(c_seen, py_seen)
 
 
 def test_c_deliveries_leave_what_python_leaves_event_by_event(image, monkeypatch):

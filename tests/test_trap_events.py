@@ -15,7 +15,7 @@ import json
 import pytest
 
 from cpuvirt.runner import run_guest
-from tests.test_trap_fast import _result, _run
+from tests.test_trap_fast import _result, _run, _same_events
 
 LOOPS = 320
 
@@ -36,15 +36,7 @@ def test_c_segment_loads_leave_what_python_leaves_event_by_event(image, monkeypa
     assert b"FAIL" not in c_res.console and b"PASS trap's segment loads" in c_res.console
     assert _result(c_res) == _result(py_res)  # console, counts, icount, virtual time, memory counters, tally
     assert c_end == py_end
-    py_index = {}
-    for k, record in enumerate(py_seen):
-        py_index.setdefault(record[:2] + record[3:5], []).append(k)
-    last = -1
-    for record in c_seen:
-        candidates = [k for k in py_index.get(record[:2] + record[3:5], []) if k > last]
-        assert candidates, record[:2]
-        last = candidates[0]
-        assert record == py_seen[last], record[:2]
+    _same_events(c_seen, py_seen)
 
 
 def test_the_console_is_native_s(image):

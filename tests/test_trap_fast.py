@@ -65,6 +65,20 @@ def _result(res) -> dict:
     return out
 
 
+def _same_events(c_seen, py_seen) -> None:
+    """Every event Python handled in the C run, as a reader saw the vCPU then, was the same in the Python
+    run, in the same order: the C answers in between changed nothing else."""
+    py_index: dict = {}
+    for k, record in enumerate(py_seen):
+        py_index.setdefault(record[:2] + record[3:5], []).append(k)
+    last = -1
+    for record in c_seen:
+        candidates = [k for k in py_index.get(record[:2] + record[3:5], []) if k > last]
+        assert candidates, record[:2]
+        last = candidates[0]
+        assert record == py_seen[last], record[:2]
+
+
 @pytest.fixture(scope="module")
 def image(test_guest):
     return test_guest("trap_fast")
@@ -83,17 +97,7 @@ def test_c_traps_leave_what_python_leaves_event_by_event(image, monkeypatch):
     assert b"FAIL" not in c_res.console and b"PASS trap's common traps" in c_res.console
     assert _result(c_res) == _result(py_res)  # console, counts, icount, virtual time, memory counters, tally
     assert c_end == py_end
-    # every event Python handled in the C run, as a reader saw the vCPU then, was the same in the Python
-    # run, in the same order: the C answers in between changed nothing else
-    py_index = {}
-    for k, record in enumerate(py_seen):
-        py_index.setdefault(record[:2] + record[3:5], []).append(k)
-    last = -1
-    for record in c_seen:
-        candidates = [k for k in py_index.get(record[:2] + record[3:5], []) if k > last]
-        assert candidates, record[:2]
-        last = candidates[0]
-        assert record == py_seen[last], record[:2]
+    _same_events(c_seen, py_seen)
 
 
 def test_a_trace_keeps_the_python_path_and_the_same_trace(image, monkeypatch, tmp_path):
