@@ -57,3 +57,20 @@ def test_the_mode_and_the_bytes_are_part_of_the_key():
     assert m.block_insns[0x2000][0] == tuple(range(0x2000, 0x2006))
     assert len(calls) == 3
     assert m.mmu.fetch_bytes(GVA(0x2000), 6) == bytes.fromhex("909090909090")
+
+
+def test_the_decodes_kept_are_bounded_in_number_and_size(monkeypatch):
+    """A guest can make any number of distinct blocks: the cache keeps at most DECODED_BLOCKS, and none
+    longer than DECODED_BLOCK_INSNS instructions (those are decoded each time, and counted right)."""
+    from cpuvirt import limits
+
+    monkeypatch.setattr(limits, "DECODED_BLOCKS", 8)
+    m = _machine(bytes.fromhex("90") * 64)
+    m.code32 = lambda: True
+    for address in range(0x2000, 0x2000 + 20):
+        assert m._count_block(address, 4) == 4
+        assert 0 < len(m._decoded) <= 8
+    m._decoded.clear()
+    long_block = limits.DECODED_BLOCK_INSNS + 1
+    assert m._count_block(0x2000, long_block) == long_block
+    assert not m._decoded

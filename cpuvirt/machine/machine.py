@@ -561,7 +561,8 @@ class Machine:
                 insns = list(counter.disasm_lite(code, address))
                 entry = (tuple(i[0] for i in insns), insns[-1][0] + insns[-1][1]) if insns else None
                 decoded = (insns, entry)
-                limits.put(self._decoded, key, decoded)
+                if len(insns) <= limits.DECODED_BLOCK_INSNS:
+                    limits.put(self._decoded, key, decoded, limits.DECODED_BLOCKS)
             insns, entry = decoded
             if self.on_new_block is not None:
                 self.on_new_block(address)
