@@ -182,20 +182,32 @@ void trapfast_blocks_clear(trapfast_t *s) {
     for (k = 0; k < BLOCK_SLOTS; k++) s->block[k].n = s->block[k].ambiguous = 0;
 }
 
-/* TrapVcpu._retired(eip): how many instructions to take off the clock (-1: the engine cut the block
- * before the faulting instruction, so the clock never counted it; 0 when the table holds no entry for
- * the block). Returns 0 when the copy cannot tell (Python's to do). */
-static int retired(trapfast_t *s, uint32_t eip, int64_t *out) {
+/* The running block's entry in the copy (the clock's last block): 1 with *out (NULL when the table
+ * holds none: nothing to take off), 0 when the copy cannot tell (an ambiguous slot: Python's). */
+static int running_block(trapfast_t *s, const block_t **out) {
     uint64_t last = *s->clock_last_block;
     const block_t *e = block_slot(s, (uint32_t)last);
-    int64_t n = 0;
-    int in = 0;
-    uint32_t k;
     if (e->n == 0 || e->address != last) {
         if (e->ambiguous || last > 0xFFFFFFFFu) {
             s->misses++;
             return 0;
         }
+        e = NULL;
+    }
+    *out = e;
+    return 1;
+}
+
+/* TrapVcpu._retired(eip): how many instructions to take off the clock (-1: the engine cut the block
+ * before the faulting instruction, so the clock never counted it; 0 when the table holds no entry for
+ * the block). Returns 0 when the copy cannot tell (Python's to do). */
+static int retired(trapfast_t *s, uint32_t eip, int64_t *out) {
+    const block_t *e;
+    int64_t n = 0;
+    int in = 0;
+    uint32_t k;
+    if (!running_block(s, &e)) return 0;
+    if (!e) {
         *out = 0;                          /* no entry: _retired returns at once */
         return 1;
     }
@@ -342,19 +354,11 @@ static int overlaps(uint64_t a, uint32_t an, uint64_t b, uint32_t bn) { return a
 /* Vcpu.left_block_at(boundary): instructions of the running block from `boundary` on (0: the copy
  * cannot tell, Python's) */
 static int left_block(trapfast_t *s, uint32_t boundary, int64_t *out) {
-    uint64_t last = *s->clock_last_block;
-    const block_t *e = block_slot(s, (uint32_t)last);
+    const block_t *e;
     int64_t n = 0;
     uint32_t k;
-    if (e->n == 0 || e->address != last) {
-        if (e->ambiguous || last > 0xFFFFFFFFu) {
-            s->misses++;
-            return 0;
-        }
-        *out = 0;
-        return 1;
-    }
-    if (e->first <= boundary && boundary < e->end)
+    if (!running_block(s, &e)) return 0;
+    if (e && e->first <= boundary && boundary < e->end)
         for (k = 0; k < e->n; k++)
             if (e->first + (uint64_t)e->offset[k] >= boundary) n++;
     *out = n;

@@ -797,13 +797,18 @@ class VmxCpu(Vcpu):
     def _quick_io_ready(self) -> bool:
         """May this I/O exit skip vm_exit's generic machinery? Only while the C exit paths are armed (no
         trace, no VMCS dump, no vmwrite since the last entry...) and the I/O handler is the default one."""
+        return self._quick_exits_armed(_IO_INSTRUCTION, self._default_io)
+
+    def _quick_exits_armed(self, reason, default) -> bool:
+        """The C exit paths are armed (no trace, no VMCS dump, no vmwrite since the last entry) and
+        `reason`'s handler is `default`: what a quick exit (I/O, EPT violation) does is what it would do."""
         fx = self.fast_exits
         return (
             fx is not None
             and fx.armed
             and self.trace is None
             and self.dump_on is None
-            and getattr(self.hypervisor.handlers.get(_IO_INSTRUCTION), "__func__", None) is self._default_io
+            and getattr(self.hypervisor.handlers.get(reason), "__func__", None) is default
         )
 
     def _quick_io_exit(
@@ -1304,14 +1309,10 @@ class VmxCpu(Vcpu):
         """May this EPT violation skip the stop and vm_exit's machinery? Only while the C exit paths are armed
         (no trace, no VMCS dump, no vmwrite since the last entry, the virtual-APIC page in step), the EPT
         handler is the default one and no interrupt-window exiting waits."""
-        fx = self.fast_exits
         return (
-            fx is not None
-            and fx.armed
-            and self.trace is None
-            and self.dump_on is None
-            and getattr(self.hypervisor.handlers.get(_EPT_VIOLATION), "__func__", None) is self._default_ept
+            self._quick_exits_armed(_EPT_VIOLATION, self._default_ept)
             and not self.vmcs._values[_WINDOW_FIELD] >> _WINDOW_BIT & 1
+            and (fx := self.fast_exits) is not None  # (armed says so; for the type checker)
             and fx.quiet()
         )
 
