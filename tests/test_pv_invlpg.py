@@ -44,3 +44,26 @@ def test_a_whole_flush_shows_the_new_frame_at_once_and_refills_more(image, monke
     text = everything.console.decode()
     assert "FAIL stale_after_uva" in text and "FAIL stale_after_ext" in text, text
     assert everything.mmu["fills"] > one.mmu["fills"]
+
+
+def test_a_batch_of_invlpgs_beyond_the_ceiling_is_one_whole_flush():
+    """A hostile batch of INVLPG requests costs the host at most FLUSH_PAGE_CEILING page flushes: beyond,
+    the hypercall ends with one whole flush (the guest sees no stale entry either way)."""
+    from cpuvirt.memory.direct import FLUSH_PAGE_CEILING, DirectPaging
+
+    class _Mmu:
+        ram, counters = None, None
+
+    paging = DirectPaging(_Mmu(), 16, 0x40000000)
+    pages, whole = [], []
+    paging.on_flush_page, paging.on_flush = pages.append, lambda: whole.append(1)
+    for k in range(3):
+        paging.flush_page(k << 12 | 0x123)
+    paging.flush_tlb()
+    assert pages == [0, 0x1000, 0x2000] and not whole
+    pages.clear()
+    for k in range(FLUSH_PAGE_CEILING + 5):
+        paging.flush_page(k << 12)
+    assert paging.flush_due
+    paging.flush_tlb()
+    assert not pages and whole == [1] and not paging.flush_due

@@ -43,6 +43,11 @@ class Refused(Exception):
         self.errno, self.why = errno, why
 
 
+# Page flushes collected in one hypercall beyond which one whole flush is made instead (as Linux's
+# tlb_single_page_flush_ceiling): a batch of INVLPG requests costs the host at most this many page flushes.
+FLUSH_PAGE_CEILING = 33
+
+
 class DirectPaging:
     """The Mmu strategy of mode para, and the frame-type bookkeeping its hypercalls use."""
 
@@ -346,7 +351,7 @@ class DirectPaging:
     def flush_page(self, linear: int) -> None:
         """The guest asked for one page to go (UVMF_INVLPG, MMUEXT_INVLPG_LOCAL): at the end of the
         hypercall, unless something in it needs the whole TLB flushed."""
-        if self.on_flush_page is None:
+        if self.on_flush_page is None or len(self.stale_pages) >= FLUSH_PAGE_CEILING:
             self.tlb_dirty = True
         else:
             self.stale_pages.add(linear & ~0xFFF)
