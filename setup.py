@@ -24,7 +24,8 @@ class build_py_with_guests(build_py):
 
 setup(
     ext_modules=[Extension("cpuvirt.engine._vclock", ["cpuvirt/engine/_vclock.c"], extra_compile_args=["-O2"]),
-                 Extension("cpuvirt.memory._tlbfill", ["cpuvirt/memory/_tlbfill.c"], extra_compile_args=["-O2"]),
+                 Extension("cpuvirt.memory._tlbfill", ["cpuvirt/memory/_tlbfill.c"], extra_compile_args=["-O2"],
+                           depends=["cpuvirt/memory/_shadowmirror.h"]),
                  Extension("cpuvirt.engine._cpuid", ["cpuvirt/engine/_cpuid.c"], extra_compile_args=["-O2"]),
                  Extension("cpuvirt.cpu._delivery", ["cpuvirt/cpu/_delivery.c"], extra_compile_args=["-O2"]),
                  Extension("cpuvirt.cpu._iogate", ["cpuvirt/cpu/_iogate.c"], extra_compile_args=["-O2"]),
@@ -34,7 +35,7 @@ setup(
                            depends=["cpuvirt/cpu/_evseg.h"]),
                  Extension("cpuvirt.modes.hw._fastexit", ["cpuvirt/modes/hw/_fastexit.c"], extra_compile_args=["-O2"]),
                  Extension("cpuvirt.modes._trapfast", ["cpuvirt/modes/_trapfast.c"], extra_compile_args=["-O2"],
-                           depends=["cpuvirt/cpu/_evseg.h"]),
+                           depends=["cpuvirt/cpu/_evseg.h", "cpuvirt/memory/_shadowmirror.h"]),
                  Extension("cpuvirt.modes.para._pvfast", ["cpuvirt/modes/para/_pvfast.c"], extra_compile_args=["-O2"]),
                  Extension("cpuvirt.machine._apicmmio", ["cpuvirt/machine/_apicmmio.c"], extra_compile_args=["-O2"])],
     cmdclass={"build_py": build_py_with_guests},

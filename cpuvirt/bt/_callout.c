@@ -81,7 +81,7 @@ typedef struct {
     uint32_t events_on;        /* MOV_SREG .. IRETD may be served here (CPUVIRT_FULL_EVENTS_C) */
     uint32_t maps_n;           /* page-table frames of the code-mapping snapshot, or NO_MAPS */
     uint32_t maps_cr0, maps_cr4;  /* the snapshot's paging-mode bits (CR0.PG|PE, CR4.PSE|PAE|SMEP) */
-    uint32_t pad;
+    uint32_t cr3;              /* the virtual CR3 (read by the shadow's C fill, memory/shadowmirror.py) */
     uint8_t *maps_live[MAX_MAP_FRAMES];  /* the frames in guest RAM */
     uint8_t *maps_copy[MAX_MAP_FRAMES];  /* what they held at the last full check */
     /* the guest kernel's port I/O (PORT_IN, PORT_OUT): the access's virtual time here, the device in

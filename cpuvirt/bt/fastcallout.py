@@ -85,7 +85,7 @@ class _Table(ctypes.Structure):
         ("maps_n", ctypes.c_uint32),
         ("maps_cr0", ctypes.c_uint32),
         ("maps_cr4", ctypes.c_uint32),
-        ("pad", ctypes.c_uint32),
+        ("cr3", ctypes.c_uint32),
         ("maps_live", ctypes.c_void_p * MAX_MAP_FRAMES),
         ("maps_copy", ctypes.c_void_p * MAX_MAP_FRAMES),
         ("clock_now", ctypes.c_void_p),

@@ -17,6 +17,8 @@
 #include <Python.h>
 #include <stdint.h>
 
+#include "_shadowmirror.h"
+
 typedef int (*reg_read_fn)(void *uc, int regid, void *value);
 
 typedef struct {
@@ -366,6 +368,105 @@ static int quick_in_c(eptfill_t *s, void *uc, uint64_t vaddr, int type, uint64_t
 
 int eptfill_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *user_data) {
     return eptfill(uc, vaddr, type, e, (eptfill_t *)user_data, 0);
+}
+
+/*
+ * Modes trap and full: a TLB fill answered from the C copy of shadow paging's current address space
+ * (_shadowmirror.h), as ShadowPaging.gva_to_gpa answers a *shadow hit*: the engine's TLB dropped an
+ * entry (a CR3 write, a flush, its own eviction) that the shadow still holds. It answers only where
+ * Python would answer from the entry with no side effect: paging on, the root and mode of the virtual
+ * CR0/CR3/CR4 the copy holds, an entry whose rights allow the access (a write only to a dirty entry),
+ * no write let through by CR0.WP = 0 (ShadowPaging._granted), a frame inside guest RAM, a write to no
+ * traced frame (a traced one is mapped read-only, as Mmu.fill maps it), a fetch only from a (linear
+ * page, frame) pair Mmu.fill has granted a fetch before. Everything else (a miss: the hidden or true
+ * fault's walk, a root switch, the hypervisor's windows from hv_start up) is declined for Mmu.fill.
+ * The state starts as fastfill_t's, so that fastfill.py's bookkeeping of code frames serves it too.
+ */
+typedef struct {
+    const uint8_t *ram;
+    uint64_t ram_bytes;
+    uint64_t ram_hpa;
+    const uint8_t *code;
+    const uint32_t *fetched;
+    reg_read_fn reg_read;
+    int32_t cr0, cr3, cr4, ss;  /* Unicorn register ids (only ss is read: the CPL of the access) */
+    uint32_t enabled;           /* 0 until the virtual CRs and the mirror are known */
+    uint32_t hv_start;          /* the hypervisor's linear windows start here (the shadow GDT, the TC) */
+    uint64_t fills, walks, walk_refs;   /* walks and walk_refs stay 0: a hit walks nothing */
+    const shadowmirror_t *mirror;
+    const uint32_t *vcr0, *vcr3, *vcr4;   /* the virtual CR0, CR3, CR4 (where the mode's C path keeps
+                                              them); NULL: the engine's own (hw --no-ept: the guest's) */
+} shadowfill_t;
+
+size_t shadowfill_sizeof(void) { return sizeof(shadowfill_t); }
+size_t shadowmirror_sizeof(void) { return sizeof(shadowmirror_t); }
+
+int shadowfill_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *user_data) {
+    shadowfill_t *s = (shadowfill_t *)user_data;
+    uint64_t ss = 0, gpa, r0 = 0, r3 = 0, r4 = 0;
+    uint32_t cr0, cr3, cr4, rights;
+    const sentry_t *en;
+    int user, writable, allowed, ok;
+    if (!s->enabled || (type != MEM_READ && type != MEM_WRITE && type != MEM_FETCH)) return 0;
+    if (vaddr >= s->hv_start) return 0;
+    if (s->vcr0) {
+        cr0 = *s->vcr0, cr3 = *s->vcr3, cr4 = *s->vcr4;
+    } else {
+        if (s->reg_read(uc, s->cr0, &r0) || s->reg_read(uc, s->cr3, &r3) || s->reg_read(uc, s->cr4, &r4)) return 0;
+        cr0 = (uint32_t)r0, cr3 = (uint32_t)r3, cr4 = (uint32_t)r4;
+    }
+    if (!(cr0 & CR0_PG)) return 0;                    /* no paging: Python's (boot only) */
+    en = sm_entry(s->mirror, cr0, cr3, cr4, (uint32_t)(vaddr >> 12));
+    if (!en) return 0;
+    if (s->reg_read(uc, s->ss, &ss)) return 0;
+    user = (ss & 3) == 3;
+    rights = en->rights;
+    if (user) {
+        writable = (rights & RW) != 0;
+        allowed = (rights & US) && (type != MEM_WRITE || writable);
+    } else {
+        writable = (rights & RW) || !(cr0 & CR0_WP);
+        allowed = (type != MEM_WRITE || writable) && !(type == MEM_FETCH && (cr4 & CR4_SMEP) && (rights & US));
+        if (writable && en->dirty && !(rights & RW)) return 0;   /* WP = 0 lets ring 1 write: _granted */
+    }
+    if (!allowed || (type == MEM_WRITE && !en->dirty)) return 0;   /* a walk: Python's */
+    gpa = en->gpa;
+    if (gpa >= s->ram_bytes) return 0;                /* MMIO or unbacked: Python */
+    ok = writable && en->dirty;
+    if (sm_traced(s->mirror, gpa)) {
+        if (type == MEM_WRITE) return 0;              /* Mmu.fill's TracedWrite */
+        ok = 0;
+    }
+    if (type == MEM_FETCH && s->fetched[gpa >> 12] != (((uint32_t)vaddr & 0xFFFFF000u) | 1u)) return 0;
+    e->paddr = s->ram_hpa + gpa;
+    e->perms = PROT_READ | (ok ? PROT_WRITE : 0) | (s->code[gpa >> 12] ? PROT_EXEC : 0);
+    s->fills++;
+    return 1;
+}
+
+/* -- Python's changes to the copy (memory/shadowmirror.py) ------------------------------------------- */
+void shadowmirror_put(shadowmirror_t *m, uint32_t page, uint32_t serial, uint32_t gpa, uint32_t rights,
+                      uint32_t dirty) {
+    sentry_t *e = &m->slot[page & (SHADOW_SLOTS - 1)];
+    e->page = page;
+    e->serial = serial;
+    e->gpa = gpa & 0xFFFFF000u;
+    e->rights = (uint16_t)(rights & (SM_RW | SM_US));
+    e->dirty = dirty ? 1 : 0;
+}
+
+void shadowmirror_drop(shadowmirror_t *m, uint32_t page, uint32_t serial) {
+    sentry_t *e = &m->slot[page & (SHADOW_SLOTS - 1)];
+    if (e->page == page && e->serial == serial) e->serial = 0;
+}
+
+void shadowmirror_traced(shadowmirror_t *m, uint64_t frame, uint32_t on) {
+    uint64_t k = frame >> 12;
+    if (k >= m->traced_frames) return;
+    if (on)
+        m->traced[k >> 3] |= (uint8_t)(1u << (k & 7));
+    else
+        m->traced[k >> 3] &= (uint8_t)~(1u << (k & 7));
 }
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_tlbfill", NULL, -1, NULL};

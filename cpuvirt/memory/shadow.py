@@ -25,7 +25,7 @@ kvm_mmu_page_fault does.
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
 
 from unicorn import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH
 
@@ -79,9 +79,14 @@ class ShadowCounters:
     flushes: int = 0
     zapped: int = 0
     traced_frames: int = 0
+    # C's fills from the shadow (memory/shadowmirror.py ShadowFastFill): hits too, counted there
+    fast: object = field(default=None, repr=False, compare=False)
 
     def as_dict(self) -> dict[str, int]:
-        return asdict(self)
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "fast"}
+        if self.fast is not None:
+            d["shadow_hits"] += self.fast.hits()  # type: ignore[attr-defined]
+        return d
 
 
 class _Root:

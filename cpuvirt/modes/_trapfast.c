@@ -41,6 +41,7 @@
 #include <string.h>
 
 #include "../cpu/_evseg.h"   /* the segment loads and iretd, shared with full's callouts */
+#include "../memory/_shadowmirror.h"   /* the copy of the current shadow root and traced frames */
 
 typedef int (*reg_read_fn)(void *uc, int regid, void *value);
 typedef int (*reg_write_fn)(void *uc, int regid, const void *value);
@@ -63,7 +64,6 @@ typedef void (*intr_fn)(void *uc, uint32_t intno, void *user_data);
 
 #define BLOCK_SLOTS 4096u
 #define BLOCK_MAX_INSNS 58
-#define SHADOW_SLOTS 4096u
 #define PTE_RW 2u
 #define PTE_US 4u
 #define EFLAGS_TF 0x100u
@@ -71,17 +71,6 @@ typedef void (*intr_fn)(void *uc, uint32_t intno, void *user_data);
 
 /* The kinds answered here, each with its (kind, reason) key of Vcpu.reasons (trapfast.py REASONS). */
 enum { K_CLI, K_STI, K_CLTS, K_MOV_CR0, K_MOV_CR4, K_MOV_SREG, K_POP_SREG, K_MOV_CR2, K_IRETD, K_COUNT };
-
-/* One entry of the copy of the current shadow root (memory/shadow.py _Root.entries, trapfast.py
- * ShadowMirror): linear page -> (guest frame, U/S and R/W over the path, the leaf's D bit), valid
- * while `serial` is the current root's. Every entry Python drops is dropped here at once. */
-typedef struct {
-    uint32_t page;
-    uint32_t serial;
-    uint32_t gpa;
-    uint16_t rights;
-    uint16_t dirty;
-} sentry_t;
 
 typedef struct {
     uint64_t end;                      /* the address after the block's last instruction */
@@ -121,11 +110,7 @@ typedef struct {
     uint32_t off_error_code;   /* QEMU's env->error_code (quirks.ContextLayout) */
     uint32_t idt_base, idt_limit;   /* the VirtualCpu's IDTR and TR (TrapVirtualCpu) */
     uint32_t tr_base, tr_limit;
-    uint32_t shadow_key;       /* ShadowPaging._cur_key (1: none) */
-    uint32_t shadow_mode;      /* ShadowPaging._mode (0xFFFFFFFF: None) */
-    uint32_t shadow_serial;    /* the serial of ShadowPaging._cur (0: none) */
-    uint32_t traced_frames;    /* frames covered by `traced` */
-    uint8_t *traced;           /* bit per RAM frame: in Mmu.traces.frames */
+    const shadowmirror_t *mirror;   /* the current shadow root, the traced frames (memory/shadowmirror.py) */
     uint64_t delivered;        /* events delivered here */
     uint64_t dpending;         /* ... since Python last folded them */
     uint64_t soft_count[256];  /* Vcpu.reasons[("interrupt", "int 0x..")] to add */
@@ -135,7 +120,6 @@ typedef struct {
     int32_t r_ss;
     uint32_t iret_on;          /* 0: every iret site is Python's (CPUVIRT_TRAP_IRET_C=0) */
     uint64_t irets;            /* iret sites passed here */
-    sentry_t shadow[SHADOW_SLOTS];
 } trapfast_t;
 
 size_t trapfast_sizeof(void) { return sizeof(trapfast_t); }
@@ -274,36 +258,6 @@ static int rd(trapfast_t *s, void *uc, int reg, uint64_t *v) {
     return s->reg_read(uc, reg, v) == 0;
 }
 
-/* -- the copies Python keeps of the current shadow root's entries and of the traced frames ---------- */
-void trapfast_shadow_put(trapfast_t *s, uint32_t page, uint32_t serial, uint32_t gpa, uint32_t rights, uint32_t dirty) {
-    sentry_t *e = &s->shadow[page & (SHADOW_SLOTS - 1)];
-    e->page = page;
-    e->serial = serial;
-    e->gpa = gpa & 0xFFFFF000u;
-    e->rights = (uint16_t)(rights & (PTE_RW | PTE_US));
-    e->dirty = dirty ? 1 : 0;
-}
-
-void trapfast_shadow_drop(trapfast_t *s, uint32_t page, uint32_t serial) {
-    sentry_t *e = &s->shadow[page & (SHADOW_SLOTS - 1)];
-    if (e->page == page && e->serial == serial) e->serial = 0;
-}
-
-void trapfast_traced(trapfast_t *s, uint64_t frame, uint32_t on) {
-    uint64_t k = frame >> 12;
-    if (k >= s->traced_frames) return;
-    if (on)
-        s->traced[k >> 3] |= (uint8_t)(1u << (k & 7));
-    else
-        s->traced[k >> 3] &= (uint8_t)~(1u << (k & 7));
-}
-
-static int is_traced(const trapfast_t *s, uint64_t gpa) {
-    uint64_t k = gpa >> 12;
-    if (k >= s->traced_frames) return 1;
-    return (s->traced[k >> 3] >> (k & 7)) & 1;
-}
-
 /* -- the hypervisor's own linear accesses of event delivery (Mmu.read_linear / write_linear with
  * user=False under ShadowPaging): the guest-physical address of `n` bytes at `gva` in one page when
  * ShadowPaging.gva_to_gpa answers it from an entry of the current root with no side effect at all
@@ -317,17 +271,15 @@ static int shadow_gpa(const trapfast_t *s, uint32_t gva, uint32_t n, int write, 
     if (!(cr0 & CR0_PG)) {
         gpa = gva;
     } else {
-        const sentry_t *e = &s->shadow[page & (SHADOW_SLOTS - 1)];
-        if (((cr0 & CR0_PG) | (cr4 & CR4_PSE)) != s->shadow_mode) return 0;   /* _drop_all first */
-        if (!s->shadow_serial || (cr3 & 0xFFFFF000u) != s->shadow_key) return 0;   /* _select */
-        if (e->serial != s->shadow_serial || e->page != page) return 0;          /* a walk */
+        const sentry_t *e = sm_entry(s->mirror, cr0, cr3, cr4, page);   /* else a mode change, _select, a walk */
+        if (!e) return 0;
         writable = (e->rights & PTE_RW) || !(cr0 & CR0_WP);
         if (writable && e->dirty && !(e->rights & PTE_RW) && !s->wp_granted) return 0;   /* _granted */
         if (write && !(writable && e->dirty)) return 0;
         gpa = (uint64_t)e->gpa | (gva & 0xFFFu);
     }
     if (gpa + n > s->ev.ram_bytes) return 0;
-    if (write && is_traced(s, gpa)) return 0;
+    if (write && sm_traced(s->mirror, gpa)) return 0;
     *out = gpa;
     return 1;
 }

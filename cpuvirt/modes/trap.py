@@ -10,9 +10,10 @@ verr, verw) runs natively and shows the truth of ring 1: Popek & Goldberg's x86 
 from __future__ import annotations
 
 from cpuvirt import limits
-from cpuvirt.cpu.deprivilege import DeprivilegedVcpu
+from cpuvirt.cpu.deprivilege import SHADOW_GDT_WINDOW, DeprivilegedVcpu
 from cpuvirt.cpu.virtualcpu import SREGS
 from cpuvirt.memory.shadow import ShadowPaging
+from cpuvirt.memory.shadowmirror import ShadowFastFill
 from cpuvirt.modes.base import Mode
 from cpuvirt.modes.trapfast import TrapFast, enabled_by_environment
 from cpuvirt.x86.privilege import CPL0_ONLY, FAR_TRANSFERS, IOPL_SENSITIVE
@@ -127,10 +128,13 @@ class TrapMode(Mode):
         self.vcpu = TrapVcpu(machine, trace=trace, max_insns=max_insns)
         self.shadow = ShadowPaging(machine.mmu)  # installs itself as the memory strategy
         self.shadow.attach(self.vcpu)
+        fill = ShadowFastFill.install(machine.mmu)  # before Mmu.fill's hook: the shadow's hits in C
         self.vcpu.install_hooks()
         self.vcpu.enable_io_gate()
         if enabled_by_environment():
             self.vcpu.fast = TrapFast.install(self.vcpu, self.shadow)  # cli/sti, clts, CR0/CR4 in C
+        if fill is not None and self.vcpu.fast is not None:  # the virtual CRs are in its table
+            fill.follow(self.shadow, self.vcpu.fast.crs_addresses(), SHADOW_GDT_WINDOW)
         # In C (cpu/iosites.py): the I/O gate's sites at real rings 0-2 (it checks only ring 3), and
         # the kernel's accesses (real ring 1, virtual ring 0: a trap event each) timed there.
         self.vcpu.install_io_sites(0b0111, 0b0010)

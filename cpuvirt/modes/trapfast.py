@@ -2,8 +2,8 @@
 in C" and "Event delivery and iretd sites in C"): cli, sti, clts, mov from CR0/CR4, mov to CR0/CR4 that
 changes only WP or PGE, segment loads, iretd to the kernel's ring, mov from CR2; the common deliveries
 through the guest's IDT (`int n`, #DE, ring-3 #GP, and the #PF of a refused fill offered by the run loop:
-TrapVcpu.deliver), over copies of the current shadow root (`ShadowMirror`) and of the traced frames
-(`_TracedFrames`); and the common iretd site (`install_iret_sites`). CPUVIRT_TRAP_DELIVERY_C=0 and
+TrapVcpu.deliver), over the C copy of the current shadow root and of the traced frames
+(memory/shadowmirror.py); and the common iretd site (`install_iret_sites`). CPUVIRT_TRAP_DELIVERY_C=0 and
 CPUVIRT_TRAP_IRET_C=0 turn those two off.
 
 `TrapFast.install(vcpu, shadow)` puts the C INTR hook in front of the vCPU's Python one and moves
@@ -31,10 +31,11 @@ from cpuvirt.cpu.virtualcpu import SegCache, in_table
 from cpuvirt.engine import regs as R
 from cpuvirt.engine.cext import add_c_hook, load
 from cpuvirt.engine.internals import context_header, engine_env
+from cpuvirt.memory.shadowmirror import ShadowMirror
 from cpuvirt.x86.cpuid import CR4_RESERVED
 from cpuvirt.x86.vectors import MNEMONIC, Vector
 
-BLOCK_SLOTS, BLOCK_MAX_INSNS, SHADOW_SLOTS = 4096, 58, 4096
+BLOCK_SLOTS, BLOCK_MAX_INSNS = 4096, 58
 # The (kind, reason) keys of Vcpu.reasons of the kinds _trapfast.c answers, in its enum's order.
 REASONS = (
     ("trap", "cli"),
@@ -49,18 +50,6 @@ REASONS = (
 )
 # The vectors _trapfast.c delivers as faults (#DE; #GP from ring 3) and their Vcpu.reasons keys
 FAULTS = (int(Vector.DE), int(Vector.GP))
-
-
-class _Sentry(ctypes.Structure):
-    """Mirror of sentry_t."""
-
-    _fields_ = [
-        ("page", ctypes.c_uint32),
-        ("serial", ctypes.c_uint32),
-        ("gpa", ctypes.c_uint32),
-        ("rights", ctypes.c_uint16),
-        ("dirty", ctypes.c_uint16),
-    ]
 
 
 class _Block(ctypes.Structure):
@@ -115,11 +104,7 @@ class _State(ctypes.Structure):
         ("idt_limit", ctypes.c_uint32),
         ("tr_base", ctypes.c_uint32),
         ("tr_limit", ctypes.c_uint32),
-        ("shadow_key", ctypes.c_uint32),
-        ("shadow_mode", ctypes.c_uint32),
-        ("shadow_serial", ctypes.c_uint32),
-        ("traced_frames", ctypes.c_uint32),
-        ("traced", ctypes.c_void_p),
+        ("mirror", ctypes.c_void_p),
         ("delivered", ctypes.c_uint64),
         ("dpending", ctypes.c_uint64),
         ("soft_count", ctypes.c_uint64 * 256),
@@ -129,7 +114,6 @@ class _State(ctypes.Structure):
         ("r_ss", ctypes.c_int32),
         ("iret_on", ctypes.c_uint32),
         ("irets", ctypes.c_uint64),
-        ("shadow", _Sentry * SHADOW_SLOTS),
     ]
 
 
@@ -174,14 +158,8 @@ def _lib():
     lib.trapfast_blocks_drop.argtypes = (ctypes.c_void_p, ctypes.c_uint32)
     lib.trapfast_blocks_clear.restype = None
     lib.trapfast_blocks_clear.argtypes = (ctypes.c_void_p,)
-    lib.trapfast_shadow_put.restype = None
-    lib.trapfast_shadow_put.argtypes = (ctypes.c_void_p,) + (ctypes.c_uint32,) * 5
-    lib.trapfast_shadow_drop.restype = None
-    lib.trapfast_shadow_drop.argtypes = (ctypes.c_void_p, ctypes.c_uint32, ctypes.c_uint32)
     lib.trapfast_deliver_fault.restype = ctypes.c_int
     lib.trapfast_deliver_fault.argtypes = (ctypes.c_void_p, ctypes.c_void_p) + (ctypes.c_uint32,) * 3
-    lib.trapfast_traced.restype = None
-    lib.trapfast_traced.argtypes = (ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32)
     return lib
 
 
@@ -219,106 +197,6 @@ class TrapVirtualCpu(EvVirtualCpu):
 TrapHvTlb, TrapLoaded = EvHvTlb, EvLoaded  # the names trap's tests and notes use
 
 
-class _MirroredEntries(dict):
-    """A shadow root's entries (memory/shadow.py _Root.entries) with every change copied to C."""
-
-    __slots__ = ("_mirror", "_root")
-
-    def __init__(self, mirror: "ShadowMirror", root, old: dict):
-        super().__init__(old)
-        self._mirror, self._root = mirror, root
-        for page, e in old.items():
-            mirror.put(root, page, e)
-
-    def __setitem__(self, page, e) -> None:
-        dict.__setitem__(self, page, e)
-        self._mirror.put(self._root, page, e)
-
-    def __delitem__(self, page) -> None:
-        dict.__delitem__(self, page)
-        self._mirror.drop(self._root, page)
-
-    def pop(self, page, *default):
-        e = dict.pop(self, page, *default)
-        self._mirror.drop(self._root, page)
-        return e
-
-    def clear(self) -> None:
-        dict.clear(self)
-        self._mirror.renumber(self._root)
-
-
-class ShadowMirror:
-    """ShadowPaging.mirror: the current shadow root's entries, its key and the paging mode in the C
-    table (sentry_t), so that C maps the hypervisor's own accesses of a delivery only where Python's
-    ShadowPaging.gva_to_gpa would answer from an entry with no side effect. Each root gets a serial;
-    C takes an entry only of the current root's serial."""
-
-    def __init__(self, lib, pstate, st, shadow):
-        self._lib, self._pstate, self._st, self._shadow = lib, pstate, st, shadow
-        self._serial = 0
-
-    def _next(self) -> int:
-        self._serial = self._serial % 0xFFFFFFFF + 1
-        return self._serial
-
-    def adopt(self, root) -> None:
-        root.serial = self._next()
-        root.entries = _MirroredEntries(self, root, root.entries)
-
-    def renumber(self, root) -> None:
-        """Every entry of `root` went (a trim): a new serial leaves C's copies behind."""
-        root.serial = self._next()
-        if root is self._shadow._cur:
-            self._st.shadow_serial = root.serial
-
-    def current(self, shadow) -> None:
-        st = self._st
-        st.shadow_key = 1 if shadow._cur_key is None else shadow._cur_key & 0xFFFFF000
-        st.shadow_mode = 0xFFFFFFFF if shadow._mode is None else shadow._mode
-        st.shadow_serial = 0 if shadow._cur is None else shadow._cur.serial
-
-    def put(self, root, page: int, e: tuple) -> None:
-        if e[0] >> 32:
-            self.drop(root, page)
-            return
-        self._lib.trapfast_shadow_put(self._pstate, page >> 12, root.serial, e[0], e[1], 1 if e[2] else 0)
-
-    def drop(self, root, page: int) -> None:
-        self._lib.trapfast_shadow_drop(self._pstate, (page >> 12) & 0xFFFFF, root.serial)
-
-
-class _TracedFrames(dict):
-    """Mmu.traces.frames (guest frame -> owners) with a bit per traced RAM frame in the C table."""
-
-    __slots__ = ("_lib", "_pstate")
-
-    def __init__(self, lib, pstate, old: dict):
-        super().__init__()
-        self._lib, self._pstate = lib, pstate
-        for page, owners in old.items():
-            self[page] = owners
-
-    def __setitem__(self, page, owners) -> None:
-        dict.__setitem__(self, page, owners)
-        self._lib.trapfast_traced(self._pstate, page, 1)
-
-    def __delitem__(self, page) -> None:
-        dict.__delitem__(self, page)
-        self._lib.trapfast_traced(self._pstate, page, 0)
-
-    def pop(self, page, *default):
-        had = page in self
-        owners = dict.pop(self, page, *default)
-        if had:
-            self._lib.trapfast_traced(self._pstate, page, 0)
-        return owners
-
-    def clear(self) -> None:
-        for page in list(self):
-            del self[page]
-
-
 class TrapFast:
     """The C INTR hook of mode trap and the Python side of its table (module docstring)."""
 
@@ -350,13 +228,12 @@ class TrapFast:
         st.off_error_code = layout.error_code - header
         st.r_ss = R.SS
         p2m = mmu.p2m
-        frames = (p2m.ram_bytes + 0xFFF) >> 12
-        self._traced = (ctypes.c_uint8 * ((frames + 7) // 8 or 1))()
-        st.traced, st.traced_frames = ctypes.addressof(self._traced), frames
+        mirror = ShadowMirror.of(shadow)
+        st.mirror = 0 if mirror is None else mirror.address
         # a device's registers inside RAM's range would make Mmu._locate's MMIO check matter (P2m.add_mmio
         # refuses one; checked again here): the deliveries would be Python's
         in_ram = any(lo < p2m.ram_bytes for lo, _hi, _hpa in getattr(p2m, "mmio", ()))
-        st.deliver_on = 1 if delivery_by_environment() and not in_ram else 0
+        st.deliver_on = 1 if delivery_by_environment() and not in_ram and mirror is not None else 0
         self._soft_seen: list[int] = []
         st.iret_on = 1 if iret_by_environment() else 0
         self._iret_sites: dict[int, _IretSite] = {}
@@ -388,13 +265,6 @@ class TrapFast:
         p2m = vcpu.mmu.p2m
         vcpu._rtlb = EvHvTlb(st.ev, p2m.ram_hpa, p2m.ram_bytes)
         vcpu._loaded = EvLoaded(st.ev, vcpu._loaded)
-        shadow = self.shadow
-        mirror = shadow.mirror = ShadowMirror(self._lib, self._pstate, st, shadow)
-        for root in shadow.roots.values():
-            mirror.adopt(root)
-        mirror.current(shadow)
-        traces = vcpu.mmu.traces
-        traces.frames = _TracedFrames(self._lib, self._pstate, traces.frames)
         evseg.mirror_nmi_blocking(st.ev, vcpu)  # an iret that ends NMI blocking is Python's
         vcpu.machine.block_insns.attach(self)  # the copy of Machine.block_insns
         self.shadow.on_dirty = self._shadow_dirty
@@ -410,6 +280,11 @@ class TrapFast:
         )
         vcpu._intr_hook = handle
         uc._callbacks[handle] = self  # its state lives as long as the engine may call it
+
+    def crs_addresses(self) -> tuple[int, int, int]:
+        """Where the virtual CR0, CR3 and CR4 are (uint32 each): for the shadow's C fill."""
+        base, off = ctypes.addressof(self._state), _State.crs.offset
+        return base + off, base + off + 4, base + off + 8
 
     # -- switches ---------------------------------------------------------------------------------------
     @property

@@ -20,9 +20,11 @@ translation cache themselves are in cpuvirt/bt.
 from __future__ import annotations
 
 from cpuvirt.bt.direct import WANTED
+from cpuvirt.memory.shadowmirror import ShadowFastFill
 from cpuvirt.modes.base import Mode
 from cpuvirt.modes.full.adaptive import ADAPTIVE_THRESHOLD
 from cpuvirt.modes.full.coherence import CODE
+from cpuvirt.modes.full.evfast import FullEvVirtualCpu
 from cpuvirt.modes.full.vcpu import TC_WINDOW, FullVcpu
 
 __all__ = ["ADAPTIVE_THRESHOLD", "CODE", "TC_WINDOW", "FullMode", "FullVcpu"]
@@ -40,6 +42,7 @@ class FullMode(Mode):
         self.vcpu = FullVcpu(machine, trace=trace, max_insns=max_insns, verbose=verbose)
         if observer is not None:
             observer(self)
+        fill = ShadowFastFill.install(machine.mmu)  # before Mmu.fill's hook: the shadow's hits in C
         self.vcpu.install_hooks()
         self.vcpu.enable_io_gate()
         assert self.vcpu.intercepts is not None  # the I/O gate made them
@@ -49,6 +52,9 @@ class FullMode(Mode):
 
         self.shadow = ShadowPaging(machine.mmu)  # installs itself as the memory strategy
         self.shadow.attach(self.vcpu)
+        vcpu = self.vcpu.virtual_cpu
+        if fill is not None and isinstance(vcpu, FullEvVirtualCpu):  # the virtual CRs are in its table
+            fill.follow(self.shadow, vcpu.crs_addresses(), TC_WINDOW)
 
     def translation_stats(self) -> dict:
         """The translation cache's counters, for `run --stats` (runner.RunResult.mmu["translation"])."""

@@ -16,6 +16,7 @@ IOPL (`FullEvVirtualCpu`), the hypervisor-TLB copy (cpu/evseg.EvHvTlb) and `_loa
 
 from __future__ import annotations
 
+import ctypes
 import os
 
 from cpuvirt.bt.fastcallout import IRETD, MOV_CR2, MOV_SREG, POP_SREG, PYTHON
@@ -34,11 +35,19 @@ def enabled_by_environment() -> bool:
 
 
 class FullEvVirtualCpu(EvVirtualCpu):
-    """A VirtualCpu whose CR0 and CR4 are the callout table's (crfast.py), CR2, IOPL and GDTR its `ev`'s."""
+    """A VirtualCpu whose CR0, CR3 and CR4 are the callout table's (crfast.py; CR3 for the shadow's C fill,
+    memory/shadowmirror.py), CR2, IOPL and GDTR its `ev`'s."""
 
     __slots__ = ()
     cr0 = in_table("cr", 0)  # type: ignore[assignment]
+    cr3 = in_table("cr3")  # type: ignore[assignment]
     cr4 = in_table("cr", 1)  # type: ignore[assignment]
+
+    def crs_addresses(self) -> tuple[int, int, int]:
+        """Where the virtual CR0, CR3 and CR4 are (uint32 each)."""
+        t = self._table
+        base, kind = ctypes.addressof(t), type(t)
+        return base + kind.cr.offset, base + kind.cr3.offset, base + kind.cr.offset + 4
 
 
 def site_kind(raw: bytes) -> tuple[int, int]:

@@ -40,6 +40,7 @@ from cpuvirt.memory.mmu import NestedFault
 from cpuvirt.memory.nested import EptWalk
 from cpuvirt.memory.p2m import HV_HPA, RAM_HPA
 from cpuvirt.memory.shadow import ShadowMiss, ShadowPaging
+from cpuvirt.memory.shadowmirror import ShadowFastFill
 from cpuvirt.memory.traces import TracedWrite
 from cpuvirt.memory.types import GPA, HPA, PFEC_P, PFEC_U, PFEC_W
 from cpuvirt.modes.hw import apicv
@@ -188,6 +189,9 @@ class VmxCpu(Vcpu):
             # KVM without EPT: shadow page tables, filled on #PF exits (memory/shadow.py).
             self.shadow = ShadowPaging(self.mmu, exit_on_miss=True)
             self.shadow.attach(self)
+            fill = ShadowFastFill.install(self.mmu)  # before Mmu.fill's hook: the shadow's hits in C
+            if fill is not None:
+                fill.follow(self.shadow, None, 0xFFFFFFFF)  # keyed by the guest's own CRs, in the engine
         self.install_hooks()
         if s.bits["enable_ept"]:
             self._setup_apic_virtualization()

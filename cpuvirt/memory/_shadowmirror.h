@@ -1,0 +1,63 @@
+/*
+ * The C copy of shadow paging's current address space (memory/shadowmirror.py ShadowMirror over
+ * memory/shadow.py ShadowPaging), and of the set of write-traced guest frames (Mmu.traces.frames).
+ *
+ * Python keeps it equal to its own tables: every entry the current root gains or loses, every root
+ * switch, mode change and trim, every frame traced or untraced is told here at once. C paths read it to
+ * answer what Python's ShadowPaging.gva_to_gpa would answer from an entry with no side effect: the TLB
+ * fills of mode trap and full (_tlbfill.c shadowfill_hook) and the hypervisor's own accesses of an
+ * event delivery (modes/_trapfast.c). A slot holds one linear page's entry, valid only while its serial
+ * is the current root's; a root's serial changes when it loses every entry, so stale slots need no
+ * clearing. Owned by Python (ctypes), shared by the extensions that include this header.
+ */
+#ifndef CPUVIRT_SHADOWMIRROR_H
+#define CPUVIRT_SHADOWMIRROR_H
+
+#include <stdint.h>
+
+/* 2^16 slots, indexed by the linear page number's low bits: 256 MiB of contiguous linear memory (what
+ * one root may shadow before it is trimmed, memory/shadow.py MAX_ROOT_ENTRIES) without a collision. */
+#define SHADOW_SLOTS 65536u
+
+/* linear page -> (guest frame, U/S and R/W over the walk's path, the leaf's D bit) */
+typedef struct {
+    uint32_t page;     /* linear page number (address >> 12) */
+    uint32_t serial;   /* the root this entry belongs to; 0: empty */
+    uint32_t gpa;      /* guest-physical frame address */
+    uint16_t rights;   /* PTE_US | PTE_RW */
+    uint16_t dirty;
+} sentry_t;
+
+typedef struct {
+    uint32_t key;      /* ShadowPaging._cur_key (1: none) */
+    uint32_t mode;     /* ShadowPaging._mode (0xFFFFFFFF: None) */
+    uint32_t serial;   /* the serial of ShadowPaging._cur (0: none) */
+    uint32_t traced_frames;   /* RAM frames covered by `traced` */
+    uint8_t *traced;   /* a bit per RAM frame: in Mmu.traces.frames (any owner: page tables, code) */
+    sentry_t slot[SHADOW_SLOTS];
+} shadowmirror_t;
+
+#define SM_PG 0x80000000u
+#define SM_PSE 0x10u
+#define SM_RW 2u
+#define SM_US 4u
+
+/* Is this guest frame write-traced? (a frame beyond the bitmap: say yes, so that no C path writes it) */
+static inline int sm_traced(const shadowmirror_t *m, uint64_t gpa) {
+    uint64_t k = gpa >> 12;
+    if (k >= m->traced_frames) return 1;
+    return (m->traced[k >> 3] >> (k & 7)) & 1;
+}
+
+/* The current root's entry for a linear page, when the virtual CR0/CR3/CR4 select the root and the mode
+ * the copy holds (else ShadowPaging would first change mode or select a root: Python's); NULL if none. */
+static inline const sentry_t *sm_entry(const shadowmirror_t *m, uint32_t cr0, uint32_t cr3, uint32_t cr4,
+                                       uint32_t page) {
+    const sentry_t *e = &m->slot[page & (SHADOW_SLOTS - 1)];
+    if (((cr0 & SM_PG) | (cr4 & SM_PSE)) != m->mode) return 0;
+    if (!m->serial || (cr3 & 0xFFFFF000u) != m->key) return 0;
+    if (e->serial != m->serial || e->page != page) return 0;
+    return e;
+}
+
+#endif

@@ -1,0 +1,228 @@
+"""Shadow paging's current address space and the traced frames, copied to C (`_shadowmirror.h`).
+
+C paths answer what ShadowPaging.gva_to_gpa would answer from an entry with no side effect: the TLB
+fills of modes trap and full that hit the shadow (`ShadowFastFill`, `_tlbfill.c` shadowfill_hook), and
+the hypervisor's accesses of an event delivery in mode trap (modes/_trapfast.c). Python stays the owner:
+each root's `entries` dict and Mmu.traces.frames are replaced by dicts that tell C of every change, so
+the copy never holds an entry Python dropped. Each root gets a serial; C takes a slot only of the
+current root's serial, and a root that loses every entry (a trim) gets a new one.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+from cpuvirt.engine.cext import load
+from cpuvirt.memory.fastfill import FastFill, _State
+
+SHADOW_SLOTS = 1 << 16  # as _shadowmirror.h
+
+
+class _Sentry(ctypes.Structure):
+    """Mirror of sentry_t."""
+
+    _fields_ = [
+        ("page", ctypes.c_uint32),
+        ("serial", ctypes.c_uint32),
+        ("gpa", ctypes.c_uint32),
+        ("rights", ctypes.c_uint16),
+        ("dirty", ctypes.c_uint16),
+    ]
+
+
+class _Mirror(ctypes.Structure):
+    """Mirror of shadowmirror_t (checked against shadowmirror_sizeof at load)."""
+
+    _fields_ = [
+        ("key", ctypes.c_uint32),
+        ("mode", ctypes.c_uint32),
+        ("serial", ctypes.c_uint32),
+        ("traced_frames", ctypes.c_uint32),
+        ("traced", ctypes.c_void_p),
+        ("slot", _Sentry * SHADOW_SLOTS),
+    ]
+
+
+class _FillState(ctypes.Structure):
+    """Mirror of shadowfill_t: fastfill_t's fields, then the copy and the virtual CRs."""
+
+    _fields_ = _State._fields_ + [
+        ("mirror", ctypes.c_void_p),
+        ("vcr0", ctypes.c_void_p),
+        ("vcr3", ctypes.c_void_p),
+        ("vcr4", ctypes.c_void_p),
+    ]
+
+
+def _lib():
+    lib = load("cpuvirt.memory._tlbfill", {"shadowmirror_sizeof": _Mirror, "shadowfill_sizeof": _FillState})
+    if lib is None:
+        return None
+    lib.shadowmirror_put.restype = None
+    lib.shadowmirror_put.argtypes = (ctypes.c_void_p,) + (ctypes.c_uint32,) * 5
+    lib.shadowmirror_drop.restype = None
+    lib.shadowmirror_drop.argtypes = (ctypes.c_void_p, ctypes.c_uint32, ctypes.c_uint32)
+    lib.shadowmirror_traced.restype = None
+    lib.shadowmirror_traced.argtypes = (ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32)
+    return lib
+
+
+class _MirroredEntries(dict):
+    """A shadow root's entries (memory/shadow.py _Root.entries) with every change copied to C."""
+
+    __slots__ = ("_mirror", "_root")
+
+    def __init__(self, mirror: "ShadowMirror", root, old: dict):
+        super().__init__(old)
+        self._mirror, self._root = mirror, root
+        for page, e in old.items():
+            mirror.put(root, page, e)
+
+    def __setitem__(self, page, e) -> None:
+        dict.__setitem__(self, page, e)
+        self._mirror.put(self._root, page, e)
+
+    def __delitem__(self, page) -> None:
+        dict.__delitem__(self, page)
+        self._mirror.drop(self._root, page)
+
+    def pop(self, page, *default):
+        e = dict.pop(self, page, *default)
+        self._mirror.drop(self._root, page)
+        return e
+
+    def clear(self) -> None:
+        dict.clear(self)
+        self._mirror.renumber(self._root)
+
+
+class _TracedFrames(dict):
+    """Mmu.traces.frames (guest frame -> owners) with a bit per traced RAM frame in the copy."""
+
+    __slots__ = ("_lib", "_pm")
+
+    def __init__(self, lib, pm, old: dict):
+        super().__init__()
+        self._lib, self._pm = lib, pm
+        for page, owners in old.items():
+            self[page] = owners
+
+    def __setitem__(self, page, owners) -> None:
+        dict.__setitem__(self, page, owners)
+        self._lib.shadowmirror_traced(self._pm, page, 1)
+
+    def __delitem__(self, page) -> None:
+        dict.__delitem__(self, page)
+        self._lib.shadowmirror_traced(self._pm, page, 0)
+
+    def pop(self, page, *default):
+        had = page in self
+        owners = dict.pop(self, page, *default)
+        if had:
+            self._lib.shadowmirror_traced(self._pm, page, 0)
+        return owners
+
+    def clear(self) -> None:
+        for page in list(self):
+            del self[page]
+
+
+class ShadowMirror:
+    """ShadowPaging.mirror: the C copy (module docstring). `of(shadow)` makes it once per ShadowPaging."""
+
+    def __init__(self, lib, shadow):
+        self._lib, self._shadow = lib, shadow
+        m = self.state = _Mirror()
+        self.address = ctypes.addressof(m)
+        self._pm = ctypes.c_void_p(self.address)
+        p2m = shadow.mmu.p2m
+        frames = (p2m.ram_bytes + 0xFFF) >> 12
+        self._traced = (ctypes.c_uint8 * ((frames + 7) // 8 or 1))()
+        m.traced, m.traced_frames = ctypes.addressof(self._traced), frames
+        self._serial = 0
+
+    @classmethod
+    def of(cls, shadow) -> "ShadowMirror | None":
+        """The mirror of `shadow`, made and attached on the first call; None without the extension."""
+        if shadow.mirror is not None:
+            return shadow.mirror
+        lib = _lib()
+        if lib is None:
+            return None
+        mirror = shadow.mirror = cls(lib, shadow)
+        for root in shadow.roots.values():
+            mirror.adopt(root)
+        mirror.current(shadow)
+        traces = shadow.mmu.traces
+        traces.frames = _TracedFrames(lib, mirror._pm, traces.frames)
+        return mirror
+
+    def _next(self) -> int:
+        self._serial = self._serial % 0xFFFFFFFF + 1
+        return self._serial
+
+    def adopt(self, root) -> None:
+        root.serial = self._next()
+        root.entries = _MirroredEntries(self, root, root.entries)
+
+    def renumber(self, root) -> None:
+        """Every entry of `root` went (a trim): a new serial leaves C's copies behind."""
+        root.serial = self._next()
+        if root is self._shadow._cur:
+            self.state.serial = root.serial
+
+    def current(self, shadow) -> None:
+        m = self.state
+        m.key = 1 if shadow._cur_key is None else shadow._cur_key & 0xFFFFF000
+        m.mode = 0xFFFFFFFF if shadow._mode is None else shadow._mode
+        m.serial = 0 if shadow._cur is None else shadow._cur.serial
+
+    def put(self, root, page: int, e: tuple) -> None:
+        if e[0] >> 32:
+            self.drop(root, page)
+            return
+        self._lib.shadowmirror_put(self._pm, page >> 12, root.serial, e[0], e[1], 1 if e[2] else 0)
+
+    def drop(self, root, page: int) -> None:
+        self._lib.shadowmirror_drop(self._pm, (page >> 12) & 0xFFFFF, root.serial)
+
+
+class ShadowFastFill(FastFill):
+    """Modes trap, full and hw --no-ept: the TLB fills that hit the shadow, in C (shadowfill_hook).
+    Installed before Mmu.fill's hook (Unicorn asks the fill hooks in the order they were added) and off
+    until `follow` tells it where the CRs the shadow is keyed by are: trap's and full's virtual CRs are
+    where the mode's C path keeps them (trap's TrapFast table, full's callout table), so a vCPU without
+    that path keeps every fill in Python; hw --no-ept's are the engine's."""
+
+    STATE: type[ctypes.Structure] = _FillState
+    HOOK, ENABLED = "shadowfill_hook", 0
+
+    mirror: ShadowMirror | None = None
+
+    @classmethod
+    def install(cls, mmu, *args) -> "ShadowFastFill | None":
+        """None when switched off (CPUVIRT_SHADOW_FILL_C=0) or not built."""
+        if os.environ.get("CPUVIRT_SHADOW_FILL_C", "1") == "0" or _lib() is None:
+            return None
+        return super().install(mmu, *args)
+
+    def follow(self, shadow, crs: tuple[int, int, int] | None, hv_start: int) -> bool:
+        """Answer from `shadow`'s copy, reading the virtual CR0, CR3, CR4 at the addresses `crs`
+        (uint32 each; None: the engine's own CRs, which are the guest's under hw --no-ept); linear
+        addresses from `hv_start` up stay Python's. False without the copy."""
+        mirror = ShadowMirror.of(shadow)
+        if mirror is None:
+            return False
+        self.mirror = mirror
+        st = self._state
+        st.mirror = mirror.address
+        st.vcr0, st.vcr3, st.vcr4 = crs or (None, None, None)
+        st.hv_start = hv_start
+        shadow.counters.fast = self
+        st.enabled = 1
+        return True
+
+    def hits(self) -> int:
+        """Shadow hits answered in C (ShadowCounters adds them to its own)."""
+        return self._state.fills

@@ -1,0 +1,192 @@
+"""Modes trap, full and hw --no-ept answer the TLB fills that hit the shadow in C (memory/_tlbfill.c shadowfill_hook over
+the copy of memory/shadowmirror.py). It must answer exactly where Python's Mmu.fill over ShadowPaging would
+answer from an entry with no side effect, with the same frame and permissions, and decline everything else
+with nothing changed; whole runs must leave the same console, counters, virtual time and trace with the C
+fill switched off (CPUVIRT_SHADOW_FILL_C=0)."""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import random
+
+import pytest
+
+from cpuvirt.engine import regs as R
+from cpuvirt.machine.machine import Machine
+from cpuvirt.memory.shadowmirror import ShadowFastFill, _lib
+from cpuvirt.modes import get_mode
+from cpuvirt.nanobench import build
+from cpuvirt.runner import run_guest
+
+pytestmark = pytest.mark.skipif(_lib() is None, reason="the C TLB fill is not built (python setup.py build_ext --inplace)")
+
+PD, PD2, PT, DATA, DATA2 = 0x10000, 0x12000, 0x11000, 0x200000, 0x207000
+MEM = 8 << 20
+READ, WRITE, FETCH = 16, 17, 18
+
+
+class Entry(ctypes.Structure):
+    _fields_ = [("paddr", ctypes.c_uint64), ("perms", ctypes.c_uint32)]
+
+
+HOOK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int, ctypes.POINTER(Entry), ctypes.c_void_p)
+REG_READ = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(ctypes.c_uint64))
+
+
+class _Ring:
+    """The CPL both fills see: SS read by Mmu.fill (through `regs`) and by C (through the state's reg_read)."""
+
+    def __init__(self, regs):
+        self.regs, self.ss = regs, 0x10
+
+    def read(self, reg):
+        return self.ss if reg == R.SS else self.regs.read(reg)
+
+    def __getattr__(self, name):
+        return getattr(self.regs, name)
+
+
+def _trap_machine():
+    m = Machine(MEM >> 20)
+    hv = get_mode("trap")(m)
+    fill = m.mmu.counters.fast
+    assert isinstance(fill, ShadowFastFill) and fill._state.enabled, "trap has no C shadow fill"
+    m.set_flat_protected_mode(0x500)
+    ring = _Ring(m.mmu.regs)
+    m.mmu.regs = ring
+
+    def reg_read(_uc, reg, out):
+        out[0] = ring.ss if reg == R.SS else 0
+        return 0
+
+    keep = REG_READ(reg_read)
+    fill._state.reg_read = ctypes.cast(keep, ctypes.c_void_p).value
+    hook = HOOK(ctypes.cast(_lib().shadowfill_hook, ctypes.c_void_p).value)
+    state = ctypes.cast(ctypes.pointer(fill._state), ctypes.c_void_p)
+    return m, hv, fill, ring, hook, state, keep
+
+
+def test_c_shadow_fill_answers_what_the_python_fill_answers():
+    """Random guest tables, CR0.WP, CR4.PSE, CR3 between two directories, traced frames, invlpg and whole
+    flushes, accesses at CPL 0 and 3: whenever C answers, Mmu.fill on the same state answers the same frame
+    and permissions from a shadow entry (a hit: no walk, no hidden fault); C changes no counter when it
+    declines. It must also answer a good share, or the test would pass with it switched off."""
+    m, hv, fill, ring, hook, state, _keep = _trap_machine()
+    mmu, shadow, v = m.mmu, hv.shadow, hv.vcpu.virtual_cpu
+    rng = random.Random(7)
+    answered = declined = 0
+    traced = False
+    v.cr0, v.cr3, v.cr4 = 0x80010011, PD, 0
+    for i in range(4000):
+        page = rng.randrange(4)
+        r = rng.random()
+        if r < 0.15:  # a new entry for one of the four pages (the shadow keeps its old one until zapped)
+            bits = rng.choice((0, 1, 1, 1)) | rng.getrandbits(1) << 1 | rng.getrandbits(1) << 2
+            bits |= rng.getrandbits(1) << 5 | rng.getrandbits(1) << 6
+            frame = rng.choice((DATA, DATA2, MEM + 0x1000, 0xFEE00000))
+            m.write_gpa(PT + 4 * page, (frame | bits).to_bytes(4, "little"))
+            if rng.random() < 0.5:
+                shadow.invlpg(page << 12)
+        elif r < 0.2:
+            pde = PT | rng.choice((0x27, 0x25, 0x23, 0x07)) if rng.random() < 0.8 else (0x400000 | 0xE7)
+            m.write_gpa(rng.choice((PD, PD2)), pde.to_bytes(4, "little"))
+        elif r < 0.25:
+            v.cr0 ^= 0x10000  # WP
+        elif r < 0.28:
+            v.cr4 ^= 0x10  # PSE: a mode change, every shadow entry goes
+        elif r < 0.33:
+            v.cr3 = rng.choice((PD, PD2))
+            shadow.on_cr3_write(v.cr3)
+        elif r < 0.36:
+            if traced:
+                mmu.traces.untrace_frame(DATA, "test")
+            else:
+                mmu.traces.trace_frame(DATA, "test", lambda tw: False)
+            traced = not traced
+        elif r < 0.37:
+            shadow.flush()
+        mmu.crs = None
+        # Python first, as the engine would have: the shadow learns the page (a hidden fault) or not
+        ring.ss = rng.choice((0x10, 0x10, 0x23))
+        mmu.fill(m.uc, (page << 12) | rng.randrange(0x1000), rng.choice((READ, WRITE, FETCH)), Entry(), None)
+        mmu.take_pending()
+        # then the same or another request, C first
+        ring.ss = rng.choice((0x10, 0x10, 0x23))
+        access = rng.choice((READ, WRITE, FETCH))
+        vaddr = (rng.choice((page, rng.randrange(4))) << 12) | rng.randrange(0x1000)
+        before_c = fill._state.fills
+        shadow._wp_granted = False  # as after a flush that set WP: a grant by WP = 0 is news again
+        e = Entry()
+        why = (i, hex(vaddr), access, ring.ss, hex(v.cr0), v.cr4, v.cr3, traced)
+        if not hook(m.uc._uch, vaddr, access, ctypes.byref(e), state):
+            assert fill._state.fills == before_c, why
+            declined += 1
+            continue
+        assert fill._state.fills == before_c + 1, why
+        answered += 1
+        c = shadow.counters
+        hits, hidden, walks = c.shadow_hits, c.hidden_faults, mmu.counters.walks
+        p = Entry()
+        assert mmu.fill(m.uc, vaddr, access, p, None), why
+        assert (e.paddr, e.perms) == (p.paddr, p.perms), why
+        assert (c.shadow_hits, c.hidden_faults, mmu.counters.walks) == (hits + 1, hidden, walks), why
+        assert not shadow._wp_granted, ("Python's answer had a side effect C skipped: _granted", why)
+    assert answered > 400 and declined > 400, (answered, declined)
+
+
+def test_c_shadow_fill_leaves_hypervisor_windows_and_new_fetches_to_python():
+    """Linear addresses from the hypervisor's windows up (the shadow GDT, full's TC) are never C's, nor a
+    fetch from a (page, frame) pair Mmu.fill has not granted one before, nor a write to a traced frame."""
+    m, hv, fill, ring, hook, state, _keep = _trap_machine()
+    mmu, v = m.mmu, hv.vcpu.virtual_cpu
+    m.write_gpa(PD, (PT | 0x27).to_bytes(4, "little"))
+    m.write_gpa(PT, (DATA | 0x67).to_bytes(4, "little"))
+    m.write_gpa(PD + 0xFFC, (PT | 0x27).to_bytes(4, "little"))  # 0xFFC00000.. through the same table
+    m.write_gpa(PT + 0xC00, (DATA2 | 0x67).to_bytes(4, "little"))  # 0xFFF00000 -> DATA2
+    v.cr0, v.cr3, v.cr4 = 0x80010011, PD, 0
+    for vaddr in (0, 0xFFF00000):
+        assert mmu.fill(m.uc, vaddr, READ, Entry(), None)
+    assert hook(m.uc._uch, 0x10, READ, ctypes.byref(Entry()), state)
+    assert not hook(m.uc._uch, 0xFFF00000, READ, ctypes.byref(Entry()), state)
+    assert fill._state.hv_start == 0xFFF00000
+    assert not hook(m.uc._uch, 0, FETCH, ctypes.byref(Entry()), state)
+    assert mmu.fill(m.uc, 0, FETCH, Entry(), None)
+    assert hook(m.uc._uch, 0x20, FETCH, ctypes.byref(Entry()), state)
+    assert hook(m.uc._uch, 0x20, WRITE, ctypes.byref(Entry()), state)
+    mmu.traces.trace_frame(DATA, "test", lambda tw: False)
+    assert not hook(m.uc._uch, 0x20, WRITE, ctypes.byref(Entry()), state)
+    e = Entry()
+    assert hook(m.uc._uch, 0x20, READ, ctypes.byref(e), state) and not e.perms & 2  # read-only, as Mmu.fill maps it
+
+
+def _summary(res) -> dict:
+    """What a run leaves, less host time (its wall time; hw's exit table: host microseconds per exit)."""
+    out = dataclasses.asdict(res)
+    del out["wall_s"]
+    out["exit_stats"] = [tuple(row[:-1]) for row in out["exit_stats"]]
+    return out
+
+
+@pytest.mark.parametrize("mode", ["trap", "full", "hw-noept"])
+def test_whole_runs_are_the_same_with_the_c_fill_off(mode, tmp_path, monkeypatch):
+    """nanobench (its cr3 and ptemod loops refill the engine's TLB from the shadow thousands of times):
+    console, counters (shadow hits included), virtual time and the trace, C fill on and off."""
+    path = tmp_path / "nanobench.bin"
+    path.write_bytes(build(200, False))
+    out = {}
+    options = {"ept": False} if mode == "hw-noept" else None
+    for env in ("1", "0"):
+        monkeypatch.setenv("CPUVIRT_SHADOW_FILL_C", env)
+        cpus: list = []
+        trace = tmp_path / f"{env}.jsonl"
+        res = run_guest(str(path), mode.split("-")[0], 32, 0, trace_path=str(trace), on_start=cpus.append,
+                        mode_options=options)
+        fill = cpus[-1].machine.mmu.counters.fast
+        out[env] = (_summary(res), trace.read_bytes(), fill._state.fills if fill is not None else None)
+    (c_res, c_trace, c_fills), (py_res, py_trace, py_fills) = out["1"], out["0"]
+    assert c_res["status"] == 0 and py_fills is None
+    hits = c_res["mmu"]["shadow"]["shadow_hits"]
+    assert hits > 1000 and c_fills > hits // 2, (c_fills, hits)  # most of the shadow's hits, in C
+    assert c_res == py_res
+    assert c_trace == py_trace
