@@ -1,8 +1,8 @@
-"""Modes trap, full and hw --no-ept answer the TLB fills that hit the shadow in C (memory/_tlbfill.c shadowfill_hook over
-the copy of memory/shadowmirror.py). It must answer exactly where Python's Mmu.fill over ShadowPaging would
-answer from an entry with no side effect, with the same frame and permissions, and decline everything else
-with nothing changed; whole runs must leave the same console, counters, virtual time and trace with the C
-fill switched off (CPUVIRT_SHADOW_FILL_C=0)."""
+"""Modes trap, full and hw --no-ept answer the TLB fills that hit the shadow in C (memory/_tlbfill.c
+shadowfill_hook over the copy of memory/shadowmirror.py). It must answer exactly where Python's Mmu.fill
+over ShadowPaging would answer from an entry with no side effect, with the same frame and permissions, and
+decline everything else with nothing changed; whole runs must leave the same console, counters, virtual
+time and trace with the C fill switched off (CPUVIRT_SHADOW_FILL_C=0)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,9 @@ from cpuvirt.modes import get_mode
 from cpuvirt.nanobench import build
 from cpuvirt.runner import run_guest
 
-pytestmark = pytest.mark.skipif(_lib() is None, reason="the C TLB fill is not built (python setup.py build_ext --inplace)")
+pytestmark = pytest.mark.skipif(
+    _lib() is None, reason="the C TLB fill is not built (python setup.py build_ext --inplace)"
+)
 
 PD, PD2, PT, DATA, DATA2 = 0x10000, 0x12000, 0x11000, 0x200000, 0x207000
 MEM = 8 << 20
@@ -30,7 +32,9 @@ class Entry(ctypes.Structure):
     _fields_ = [("paddr", ctypes.c_uint64), ("perms", ctypes.c_uint32)]
 
 
-HOOK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int, ctypes.POINTER(Entry), ctypes.c_void_p)
+HOOK = ctypes.CFUNCTYPE(
+    ctypes.c_int, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int, ctypes.POINTER(Entry), ctypes.c_void_p
+)
 REG_READ = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(ctypes.c_uint64))
 
 
@@ -180,8 +184,9 @@ def test_whole_runs_are_the_same_with_the_c_fill_off(mode, tmp_path, monkeypatch
         monkeypatch.setenv("CPUVIRT_SHADOW_FILL_C", env)
         cpus: list = []
         trace = tmp_path / f"{env}.jsonl"
-        res = run_guest(str(path), mode.split("-")[0], 32, 0, trace_path=str(trace), on_start=cpus.append,
-                        mode_options=options)
+        res = run_guest(
+            str(path), mode.split("-")[0], 32, 0, trace_path=str(trace), on_start=cpus.append, mode_options=options
+        )
         fill = cpus[-1].machine.mmu.counters.fast
         out[env] = (_summary(res), trace.read_bytes(), fill._state.fills if fill is not None else None)
     (c_res, c_trace, c_fills), (py_res, py_trace, py_fills) = out["1"], out["0"]

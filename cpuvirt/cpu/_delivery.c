@@ -22,6 +22,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "../memory/_shadowmirror.h"   /* hw --no-ept: the shadow root the hypervisor's accesses use */
+
 typedef int (*reg_read_fn)(void *uc, int regid, void *value);
 typedef int (*reg_write_fn)(void *uc, int regid, const void *value);
 typedef int (*context_fn)(void *uc, void *context);
@@ -121,6 +123,12 @@ typedef struct {
     uint32_t shadow_ok;          /* Python's last look found the shadow current, nothing dirtied since */
     uint32_t shadow_mode;        /* ShadowPaging._mode then */
     uint32_t shadow_key;         /* ShadowPaging._cur_key then */
+    /* hw without EPT, deliveries (and delivery_linear): the hypervisor's own accesses go through
+     * shadow paging's current root as ShadowPaging.gva_to_gpa answers them with no side effect, from
+     * its C copy (memory/shadowmirror.py); a page it has no such entry for is Python's (its walk is
+     * counted), and so is a write to a write-traced frame (Mmu.write_linear tells the owners). NULL:
+     * the guest's own tables are walked (native, EPT, para). */
+    const shadowmirror_t *mirror;
 } delivery_t;
 
 /* One intercepted iret: its bytes when it was decoded, and the Python hook behind it. */
@@ -218,6 +226,7 @@ typedef struct {
     delivery_t *s;
     crs_t c;
     int side;          /* make the accesses for real (A/D bits, counters, the frame) */
+    int shadow;        /* through s->mirror (a delivery or delivery_linear under hw --no-ept) */
     undo_t undo;
 } pass_t;
 
@@ -271,6 +280,21 @@ static int set_entry(pass_t *w, uint64_t gpa, uint32_t old, uint32_t value, uint
     return 1;
 }
 
+/* hw --no-ept: a supervisor access of the hypervisor (not the guest's: no shadow fill) answered as
+ * ShadowPaging.gva_to_gpa answers it from an entry of the current root with no side effect at all (no
+ * walk, no root selection, no mode change, no write let through by CR0.WP = 0 to record); -1 for
+ * anything else: Python's. The same rules as mode trap's delivery (modes/_trapfast.c shadow_gpa). */
+static int64_t shadow_walk(const pass_t *w, uint32_t gva, int write) {
+    const crs_t *c = &w->c;
+    const sentry_t *e = sm_entry(w->s->mirror, c->cr0, c->cr3, c->cr4, gva >> 12);
+    int writable;
+    if (!e) return -1;
+    writable = (e->rights & PTE_RW) || !(c->cr0 & CR0_WP);
+    if (writable && e->dirty && !(e->rights & PTE_RW)) return -1;
+    if (write && !(writable && e->dirty)) return -1;
+    return (int64_t)(e->gpa | (gva & 0xFFFu));
+}
+
 static int64_t walk(pass_t *w, uint32_t gva, int write) {
     delivery_t *s = w->s;
     const crs_t *c = &w->c;
@@ -278,6 +302,7 @@ static int64_t walk(pass_t *w, uint32_t gva, int write) {
     uint32_t pde, leaf, rights, refs, erefs = 0;
     int large, writable;
     if (!(c->cr0 & CR0_PG)) return s->machine_addrs ? -1 : (int64_t)gva;   /* no paging: identity, nothing counted */
+    if (w->shadow) return shadow_walk(w, gva, write);
     if (s->hv_start && gva >= s->hv_start) return -1;   /* para: the hypervisor's window is Python's */
     if (w->undo.n + 2 > UNDO_MAX) return -1;
     pde_addr = (c->cr3 & 0xFFFFF000u) | ((gva >> 20) & 0xFFC);
@@ -336,6 +361,7 @@ static int linear(pass_t *w, uint32_t gva, uint32_t n, int write, uint8_t *buf) 
         gpa = walk(w, a, write);
         if (gpa >= 0) gpa = ram_at(w->s, (uint64_t)gpa, chunk, write ? EPT_W : EPT_R, &erefs);
         if (gpa < 0) return 0;                       /* a fault, or not RAM */
+        if (write && w->shadow && sm_traced(w->s->mirror, (uint64_t)gpa)) return 0;   /* hv_wrote: Python's */
         if (w->side) w->s->walk_refs += erefs;
         gpas[pieces] = (uint64_t)gpa;
         sizes[pieces++] = chunk;
@@ -408,6 +434,10 @@ static int deliver_pass(pass_t *w, void *uc, uint32_t vector, uint32_t return_ei
     if (!((dhi >> 11) & 1) || !((dhi >> 12) & 1)) return 0;
     code_dpl = (dhi >> 13) & 3;
     if (code_dpl > p->cpl || !(dhi & 0x8000) || ((dhi >> 10) & 1)) return 0;
+    /* Through the shadow (hw --no-ept) the engine's own segment loads below must not write an accessed
+     * bit: that store's fill may miss the shadow, which refuses a guest access (a #PF exit); Python's
+     * loads are served there (Regs.loading_descriptor). Descriptors already accessed only, then. */
+    if (w->shadow && !(dhi & 0x100)) return 0;
     p->new_cpl = code_dpl;
     p->old_cs = (uint32_t)rd(s, uc, R_CS, &err) & 0xFFFF;
     p->frame[n++] = return_eip;
@@ -426,6 +456,7 @@ static int deliver_pass(pass_t *w, void *uc, uint32_t vector, uint32_t return_ei
         /* A present, writable data segment with RPL = DPL = the new CPL (else #TS, or #SS). */
         if ((p->new_ss & 3) != 0 || ((shi >> 13) & 3) != 0 || !(shi & (1u << 12)) || (shi & (1u << 11))
             || !(shi & (1u << 9)) || !(shi & 0x8000)) return 0;
+        if (w->shadow && !(shi & 0x100)) return 0;                    /* (as the code segment's) */
         p->frame[n++] = (uint32_t)rd(s, uc, R_ESP, &err);
         p->frame[n++] = (uint32_t)rd(s, uc, R_SS, &err) & 0xFFFF;
     } else {
@@ -494,6 +525,7 @@ static int deliver_fast(delivery_t *s, void *uc, uint32_t vector, uint32_t retur
     w.c.cr3 = (uint32_t)rd(s, uc, R_CR3, &err);
     w.c.cr4 = (uint32_t)rd(s, uc, R_CR4, &err);
     if (err || !(w.c.cr0 & CR0_PE)) goto fallback;    /* real-address mode: the IVT (SDM 20.1.4) */
+    w.shadow = s->mirror != NULL;
     /* Pass 1 only looks. Pass 2, run only when pass 1 went through, makes the accesses for real in the
      * Python path's order (gate, code descriptor, TSS slot, stack descriptor, frame); it can still
      * decide otherwise only if an A/D bit it set changed a byte it then read (a page table inside a
@@ -540,6 +572,7 @@ int delivery_peek(delivery_t *s, void *uc, uint32_t gva, uint32_t n, uint8_t *ou
     if (n > 32) return 0;
     w.s = s;
     w.side = 0;
+    w.shadow = 0;      /* the guest's own tables, under the guard below */
     w.undo.n = 0;
     w.c.cr0 = (uint32_t)rd(s, uc, R_CR0, &err);
     if (err) return 0;
@@ -737,6 +770,7 @@ int delivery_linear(delivery_t *s, void *uc, uint32_t gva, uint32_t n, int write
     w.c.cr4 = (uint32_t)rd(s, uc, R_CR4, &err);
     if (err) return 0;
     w.side = 0;
+    w.shadow = s->mirror != NULL;
     w.undo.n = 0;
     if (!linear(&w, gva, n, write, buf)) return 0;
     w.side = 1;

@@ -121,6 +121,7 @@ class _State(ctypes.Structure):
         ("shadow_ok", ctypes.c_uint32),
         ("shadow_mode", ctypes.c_uint32),
         ("shadow_key", ctypes.c_uint32),
+        ("mirror", ctypes.c_void_p),
     ]
 
 
@@ -431,6 +432,17 @@ class FastDelivery:
         fast._state.shadow = 1
         return fast
 
+    def deliver_through_shadow(self, delivery, mirror) -> None:
+        """hw without EPT: deliveries (and delivery_linear) in C too, their accesses through the C copy of
+        shadow paging's current root (memory/shadowmirror.py) as ShadowPaging.gva_to_gpa answers them with
+        no side effect; a page without such an entry, or a write to a traced frame, is Python's. The INTR
+        hook follows with install_intr (hw's rules: only the events that cause no VM exit)."""
+        st = self._state
+        st.mirror = mirror.address
+        st.vmx = 1
+        delivery.fast = self
+        self.mmu.counters.walkers.append(self)
+
     def mirror_shadow(self, ok: bool, mode: int, key: int) -> None:
         """What delivery_peek's shadow guard compares with: may it read (ok), and the shadow's paging mode
         (CR0.PG | CR4.PSE) and root (CR3's frame) when Python last looked."""
@@ -696,7 +708,7 @@ class FastDelivery:
 
     def deliver(self, vector: int, return_eip: int, error_code: int | None, soft: bool, external: bool) -> bool:
         """True when the C path delivered the event; False: nothing changed, deliver it in Python."""
-        if self.mmu.traces.frames:
+        if self.mmu.traces.frames and not self._state.mirror:
             return False  # a write-traced frame may be written: Mmu.write_linear tells its owners
         flags = (F_SOFT if soft else 0) | (F_EXTERNAL if external else 0)
         if error_code is not None:

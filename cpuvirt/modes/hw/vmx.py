@@ -40,7 +40,7 @@ from cpuvirt.memory.mmu import NestedFault
 from cpuvirt.memory.nested import EptWalk
 from cpuvirt.memory.p2m import HV_HPA, RAM_HPA
 from cpuvirt.memory.shadow import ShadowMiss, ShadowPaging
-from cpuvirt.memory.shadowmirror import ShadowFastFill
+from cpuvirt.memory.shadowmirror import ShadowFastFill, ShadowMirror
 from cpuvirt.memory.traces import TracedWrite
 from cpuvirt.memory.types import GPA, HPA, PFEC_P, PFEC_U, PFEC_W
 from cpuvirt.modes.hw import apicv
@@ -242,13 +242,15 @@ class VmxCpu(Vcpu):
             # the guarded reader's peeks alone, as Vcpu.iret_image_rf and iret_site decide it)
             shadow_peek.install_sites(self, iret_only=True)
         fast = self._fast_delivery
-        if fast is None or not self.events_in_c or self.trace is not None or self.mmu.traces.frames:
+        if fast is None or not self.events_in_c or self.trace is not None:
             return
+        if self.mmu.traces.frames and fast is not shadow_peek:
+            return  # (EPT) a traced frame's owners must hear of the delivery's writes: Python's
         if fx is not None:
             fast.set_quiet(*fx.quiet_function())
         fast.install_intr(self)
         self._arm_delivery()
-        if self.intercepts is not None:
+        if self.intercepts is not None and fast is not shadow_peek:
             fast.install_sites(self, iret_only=True)  # an iret with nothing for cpuvirt to do, in C
         if self.mmu.crs_source is None:
             self.mmu.peek = fast.peek  # the intercepts' and decoders' reads of guest code, through EPT in C
@@ -322,10 +324,18 @@ class VmxCpu(Vcpu):
     shadow_peek_c = os.environ.get("CPUVIRT_HW_SHADOW_PEEK", "1") != "0"
     _shadow_policy: bool | None = None  # may the guard read at all, for the controls as they are (_mirror_shadow)
 
+    # ... and deliveries through the guest IDT in C over the shadow's C copy (cpu/_delivery.c shadow_walk);
+    # CPUVIRT_HW_SHADOW_DELIVERY_C=0 keeps them Python's
+    shadow_delivery_c = os.environ.get("CPUVIRT_HW_SHADOW_DELIVERY_C", "1") != "0"
+
     def _install_shadow_peek(self, shadow: ShadowPaging) -> None:
         fast = self._shadow_peek = FastDelivery.install_shadow(self)
         if fast is None:
             return
+        mirror = ShadowMirror.of(shadow) if self.shadow_delivery_c else None
+        if mirror is not None:
+            fast.deliver_through_shadow(self.delivery, mirror)
+            self._fast_delivery = fast  # install_fast_events puts its INTR hook in front of Python's
         self.mmu.peek = fast.peek
         if self.fast_exits is not None:
             self.fast_exits.set_peek(fast)
