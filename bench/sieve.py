@@ -4,7 +4,7 @@ x86/sieve.flat sieves 1 MB statically, 1 MB mapped, then three times 100 MB of f
 memory (128 MiB of RAM): about 7.8 G instructions and, under native, 177 M TLB fills. It measures the
 TLB-miss path: the engine's TLB refills constantly, so each fill must not cost a Python call.
 
-    python bench/sieve.py /work/kut/src [--modes native,trap,full,hw] [--no-qemu]
+    python bench/sieve.py /work/kut/src [--modes native,trap,full,hw,hw-noept] [--no-qemu]
 
 Each run is one process (`python -m cpuvirt run ... --max-insns 0 --summary`); cpuvirt's time is the run
 loop's (RunResult.wall_s, start-up excluded), QEMU's the whole process (its start-up is ~0.1 s here). The
@@ -43,8 +43,8 @@ def run_qemu(flat: Path, timeout: float) -> tuple[float | None, str]:
 def run_mode(flat: Path, mode: str, timeout: float) -> tuple[float | None, str]:
     with tempfile.TemporaryDirectory() as d:
         summary = Path(d) / "s.json"
-        cmd = [sys.executable, "-m", "cpuvirt", "run", str(flat), "--mode", mode, "--mem", "128", "--max-insns", "0",
-               "-q", "--summary", str(summary)]
+        cmd = [sys.executable, "-m", "cpuvirt", "run", str(flat), "--mode", mode.split("-")[0], "--mem", "128",
+               "--max-insns", "0", "-q", "--summary", str(summary)] + (["--no-ept"] if mode == "hw-noept" else [])
         try:
             p = subprocess.run(cmd, cwd=REPO, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout, check=False)
         except subprocess.TimeoutExpired:

@@ -115,3 +115,22 @@ def test_init_resets_through_port_0x92_where_qemu_no_reboot_powers_off(mode):
     r = run_guest(str(flat), mode, mem_mib=128, max_insns=_runner().BUDGET)
     assert (r.outcome, r.status) == ("reset", 125) and "port 0x92" in r.message
     assert r.console.endswith(b"testing port 92 init... ")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ("native", "trap", "full", "hw", "hw-noept"))
+def test_sieve_completes(mode):
+    """`sieve` (7.8 G instructions, 128 MiB, ~170 M TLB fills): the TLB-miss path of every mode, in C where
+    the fill changes nothing (bench/sieve.py times it beside QEMU; about a minute a mode here)."""
+    from cpuvirt.machine.testdev import TestdevSpec
+    from cpuvirt.runner import run_guest
+
+    flat = Path(KUT) / "x86" / "sieve.flat"
+    if not flat.exists():
+        pytest.skip(f"{flat} is not built")
+    options = {"ept": False} if mode == "hw-noept" else None
+    r = run_guest(str(flat), mode.split("-")[0], mem_mib=128, max_insns=12_000_000_000, devices=[TestdevSpec()],
+                  mode_options=options)
+    console = r.console.decode(errors="replace")
+    assert (r.outcome, r.status) == ("exit", 0), (r.message, console[-300:])
+    assert "FAIL" not in console and console.count("virtual:") == 3
