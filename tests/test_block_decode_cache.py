@@ -74,3 +74,41 @@ def test_the_decodes_kept_are_bounded_in_number_and_size(monkeypatch):
     long_block = limits.DECODED_BLOCK_INSNS + 1
     assert m._count_block(0x2000, long_block) == long_block
     assert not m._decoded
+
+
+def test_full_decodes_a_retranslated_tc_block_once_and_counts_it_the_same():
+    """Under full the engine translates TC blocks again after every patch of their TC range (inline-cache
+    misses, chain patches): xv6's usertests recounted two TC blocks 40,000 times each in 600 M
+    instructions. Their decodes are Machine._decoded's too, keyed by the bytes: the same bytes are decoded
+    once and counted the same; other bytes at the same address are decoded again."""
+    import cpuvirt.modes.full.vcpu as fv
+    from cpuvirt.bt.tcache import CALLOUT_SLOTS
+    from cpuvirt.engine import regs as R
+
+    m = Machine(8)
+    hv = get_mode("full")(m)
+    vcpu = hv.vcpu
+    real_read = vcpu.regs.read
+
+    class Ring1:  # the kernel ring's CS: a count of translated kernel code
+        def __getattr__(self, name):
+            return getattr(vcpu.regs, name)
+
+        def read(self, reg):
+            return 0x09 if reg == R.CS else real_read(reg)
+
+    vcpu.regs = Ring1()
+    decodes = []
+    disasm = vcpu._tc_disasm()
+    real = disasm.disasm_lite
+    disasm.disasm_lite = lambda code, a, *rest: decodes.append(a) or real(code, a, *rest)
+    at = fv.TC_WINDOW + CALLOUT_SLOTS + 0x100
+
+    def put(code: bytes) -> None:
+        vcpu.hv_mem.write(vcpu.tc_hpa + (at - fv.TC_WINDOW), code)
+
+    put(CODE)  # 32-bit: 3 instructions
+    assert [vcpu._count_block(at, len(CODE)) for _ in range(5)] == [3] * 5
+    assert decodes == [at] and m.block_insns.get(at) == ((at, at + 4, at + 5), at + 6)
+    put(bytes.fromhex("90909090c3"))  # other bytes, the same length: 5 instructions
+    assert vcpu._count_block(at, 5) == 5 and decodes == [at, at]
