@@ -1096,7 +1096,8 @@ def format_summary(res, modelled=None) -> str:
     sh = m.get("shadow")
     if sh:
         lines.append(
-            f"  shadow paging  {sh['hidden_faults']} hidden faults, {sh['true_faults']} true faults, "
+            f"  shadow paging  {sh['shadow_hits']} hits, {sh['hidden_faults']} hidden faults, "
+            f"{sh['true_faults']} true faults, "
             f"{sh['ptemods']} ptemods ({sh['ptemod_fallbacks']} not emulated), "
             f"{sh['cr3_switches']} CR3 switches "
             f"(roots: {sh['root_hits']} reused, {sh['root_misses']} new, {sh['root_evictions']} evicted), "

@@ -19,7 +19,7 @@ def _mmu(name: str):
         }
         shadow = m.get("shadow")
         if shadow:
-            for key in ("hidden_faults", "true_faults", "ptemods", "traced_frames", "cr3_switches"):
+            for key in ("shadow_hits", "hidden_faults", "true_faults", "ptemods", "traced_frames", "cr3_switches"):
                 obs[f"{name}_{key}"] = shadow[key]
         return obs
 
@@ -78,7 +78,8 @@ their memory **refs**.
             "cpuvirt run paging --mode trap -q --summary shadow.json",
             "Shadow paging under trap-and-emulate.",
             _mmu("shadow"),
-            "{shadow_hidden_faults} hidden faults filled the shadow, {shadow_true_faults} true faults reached "
+            "{shadow_shadow_hits} TLB refills hit the shadow (no walk), {shadow_hidden_faults} hidden faults "
+            "filled it, {shadow_true_faults} true faults reached "
             "the guest, {shadow_ptemods} ptemods were emulated on {shadow_traced_frames} traced page-table "
             "frames, over {shadow_cr3_switches} CR3 switches.",
         ),
