@@ -25,6 +25,8 @@ from unicorn import UC_HOOK_CODE, UC_HOOK_INTR
 from unicorn.unicorn_py3 import unicorn as _ucmod
 
 from cpuvirt.cpu import evseg
+from cpuvirt.cpu.evdeliver import BLOCK_SLOTS
+from cpuvirt.cpu.evdeliver import BlockCopy as _Block
 from cpuvirt.cpu.evseg import EvHvTlb, EvLoaded, EvSeg, EvVirtualCpu
 from cpuvirt.cpu.quirks import context_layout
 from cpuvirt.cpu.virtualcpu import SegCache, in_table
@@ -35,7 +37,6 @@ from cpuvirt.memory.shadowmirror import ShadowMirror
 from cpuvirt.x86.cpuid import CR4_RESERVED
 from cpuvirt.x86.vectors import MNEMONIC, Vector
 
-BLOCK_SLOTS, BLOCK_MAX_INSNS = 4096, 58
 # The (kind, reason) keys of Vcpu.reasons of the kinds _trapfast.c answers, in its enum's order.
 REASONS = (
     ("trap", "cli"),
@@ -50,20 +51,6 @@ REASONS = (
 )
 # The vectors _trapfast.c delivers as faults (#DE; #GP from ring 3) and their Vcpu.reasons keys
 FAULTS = (int(Vector.DE), int(Vector.GP))
-
-
-class _Block(ctypes.Structure):
-    """Mirror of block_t."""
-
-    _fields_ = [
-        ("end", ctypes.c_uint64),
-        ("address", ctypes.c_uint32),
-        ("first", ctypes.c_uint32),
-        ("n", ctypes.c_uint16),
-        ("offset", ctypes.c_uint16 * BLOCK_MAX_INSNS),
-        ("ambiguous", ctypes.c_uint16),
-        ("pad", ctypes.c_uint16 * 2),
-    ]
 
 
 class _State(ctypes.Structure):
