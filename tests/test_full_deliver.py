@@ -204,3 +204,61 @@ def test_the_switches(nanobench, monkeypatch):
     run_guest(str(nanobench), "full", 32, 0, on_start=cpus.append)
     fd = cpus[-1].vcpu.fdeliver
     assert fd is not None and not fd.enabled and fd.delivered == 0
+
+
+def test_the_block_copy_against_a_model():
+    """The copy of Machine.block_insns (cpu/_evdeliver.h, two-way sets, with cpu/evdeliver.BlockCopyKeeper)
+    never answers "no entry" for an entry the table holds, never holds an entry the table dropped, and
+    asks Python only for a set holding more entries than it has slots (or one it cannot copy)."""
+    import ctypes
+    import random
+
+    from cpuvirt.bt.fastcallout import _lib, _Table
+    from cpuvirt.cpu.evdeliver import BLOCK_MAX_INSNS, BlockCopyKeeper, block_set
+    from cpuvirt.machine.blocks import BlockInsns
+    from cpuvirt.modes.full.deliverfast import _signatures
+
+    lib = _lib()
+    assert lib is not None
+    _signatures(lib)
+    t = _Table()
+    pt = ctypes.c_void_p(ctypes.addressof(t))
+    table = BlockInsns()
+    keeper = BlockCopyKeeper(
+        table,
+        lambda a, words, n, end: lib.full_blocks_put(pt, a, words, n, end),
+        lambda a: lib.full_blocks_drop(pt, a),
+        lambda: lib.full_blocks_clear(pt),
+        t.dl.block,
+    )
+    table.attach(keeper)
+    rng = random.Random(7)
+    # addresses crowded into few sets: 3 and more entries per set are common
+    by_set: dict[int, list[int]] = {}
+    a = 0x100000
+    while sum(len(v) for v in by_set.values() if len(v) >= 2) < 400:
+        by_set.setdefault(block_set(a), []).append(a)
+        a += rng.randrange(1, 64)
+    pool = [x for v in by_set.values() if len(v) >= 2 for x in v[:5]]
+    b = t.dl.block
+    for step in range(6000):
+        x = rng.choice(pool)
+        r = rng.random()
+        if r < 0.5:
+            n = rng.choice((1, 2, 3, BLOCK_MAX_INSNS, BLOCK_MAX_INSNS + 1))  # the last one is never copied
+            table[x] = (tuple(x + 2 * k for k in range(n)), x + 2 * n)
+        elif r < 0.9:
+            table.pop(x, None)
+        elif r < 0.901:
+            table.clear()
+        for y in set(pool[step % 50 :: 50]) | {x}:
+            s = block_set(y)
+            held = [b[k] for k in (s, s + 1) if b[k].n and b[k].address == y]
+            live = {z for z in table if block_set(z) == s}
+            if held:
+                addrs, end = table[y]  # held: the table has it, as held
+                assert held[0].first == addrs[0] and held[0].end == end and held[0].n == len(addrs)
+            elif y in table:
+                assert b[s].ambiguous  # the table has it, the copy does not: "ask Python"
+            if b[s].ambiguous:  # only a crowded set, or one holding an entry too long to copy
+                assert len(live) > 2 or any(len(table[z][0]) > BLOCK_MAX_INSNS for z in live), hex(y)

@@ -19,7 +19,7 @@
 #include "_evseg.h"
 #include "../memory/_shadowmirror.h"
 
-#define ED_BLOCK_SLOTS 4096u
+#define ED_BLOCK_SLOTS 4096u   /* 2048 sets of 2: ed_block_set takes the top 11 bits of a 32-bit product */
 #define ED_BLOCK_MAX_INSNS 58
 #define ED_EFLAGS_IF 0x200u
 #define ED_EFLAGS_TF 0x100u
@@ -37,31 +37,46 @@ typedef struct {
     uint32_t first;                       /* its first instruction's address */
     uint16_t n;                           /* instructions; 0: the slot is empty */
     uint16_t offset[ED_BLOCK_MAX_INSNS];  /* each instruction's address - first */
-    uint16_t ambiguous;                   /* the table may hold an entry this slot lost (see below) */
+    uint16_t ambiguous;                   /* (a set's first slot) the table may hold an entry the set lost */
     uint16_t pad[2];
 } block_t;
 
-/* Direct-mapped, and exact about absence as well: a slot that has lost an entry the table may still
- * hold (a put over another live entry, or one too long to copy) is marked ambiguous until the table
- * is cleared, so a look-up answers "this entry", "no entry in the table" (Python's _retired then does
- * nothing: a block the clock counted without decoding it, such as one whose first instruction
- * faults), or "ask Python". `table` has ED_BLOCK_SLOTS entries. */
-static inline block_t *ed_block_slot(block_t *table, uint32_t address) {
-    return &table[(address ^ (address >> 12)) & (ED_BLOCK_SLOTS - 1)];
+/* Two-way set-associative (ED_BLOCK_SLOTS / 2 sets of two slots), and exact about absence as well:
+ * a set that has lost an entry the table may still hold (a put into a full set, or one too long to
+ * copy) is marked ambiguous (its first slot's flag) until the table says otherwise (the Python side,
+ * cpu/evdeliver.BlockCopyKeeper, knows each set's entries and clears the flag or puts one back), so a
+ * look-up answers "this entry", "no entry in the table" (Python's _retired then does nothing: a block
+ * the clock counted without decoding it, such as one whose first instruction faults), or "ask
+ * Python". `table` has ED_BLOCK_SLOTS entries. */
+static inline block_t *ed_block_set(block_t *table, uint32_t address) {
+    return &table[((uint32_t)(address * 2654435761u) >> 21) * 2];   /* Fibonacci hashing: 11 bits */
 }
 
+/* Copy one entry: 1, or 0 when it cannot be (too long, or its addresses too far apart: the set is
+ * then ambiguous). A full set loses its second slot's entry. */
 static inline int ed_blocks_put(block_t *table, uint32_t address, const uint32_t *addrs, uint32_t n, uint64_t end) {
-    block_t *e = ed_block_slot(table, address);
+    block_t *set = ed_block_set(table, address), *e;
     uint32_t k;
-    if (e->n && e->address != address) e->ambiguous = 1;
+    if (set[0].n && set[0].address == address)
+        e = &set[0];
+    else if (set[1].n && set[1].address == address)
+        e = &set[1];
+    else if (!set[0].n)
+        e = &set[0];
+    else if (!set[1].n)
+        e = &set[1];
+    else {
+        e = &set[1];
+        set[0].ambiguous = 1;
+    }
     e->n = 0;
     if (n == 0 || n > ED_BLOCK_MAX_INSNS) {
-        e->ambiguous = 1;
+        set[0].ambiguous = 1;
         return 0;
     }
     for (k = 0; k < n; k++)
         if (addrs[k] < addrs[0] || addrs[k] - addrs[0] > 0xFFFFu) {
-            e->ambiguous = 1;
+            set[0].ambiguous = 1;
             return 0;
         }
     e->address = address;
@@ -73,8 +88,9 @@ static inline int ed_blocks_put(block_t *table, uint32_t address, const uint32_t
 }
 
 static inline void ed_blocks_drop(block_t *table, uint32_t address) {
-    block_t *e = ed_block_slot(table, address);
-    if (e->address == address) e->n = 0;
+    block_t *set = ed_block_set(table, address);
+    if (set[0].address == address) set[0].n = 0;
+    if (set[1].address == address) set[1].n = 0;
 }
 
 static inline void ed_blocks_clear(block_t *table) {
@@ -83,16 +99,19 @@ static inline void ed_blocks_clear(block_t *table) {
 }
 
 /* The running block's entry in the copy (`last`: the clock's last block): 1 with *out (NULL when the
- * table holds none: nothing to take off), 0 when the copy cannot tell (an ambiguous slot: Python's;
+ * table holds none: nothing to take off), 0 when the copy cannot tell (an ambiguous set: Python's;
  * counted in *misses). */
 static inline int ed_running_block(block_t *table, uint64_t last, uint64_t *misses, const block_t **out) {
-    const block_t *e = ed_block_slot(table, (uint32_t)last);
-    if (e->n == 0 || e->address != last) {
-        if (e->ambiguous || last > 0xFFFFFFFFu) {
-            (*misses)++;
-            return 0;
-        }
-        e = NULL;
+    const block_t *set = ed_block_set(table, (uint32_t)last), *e = NULL;
+    if (last <= 0xFFFFFFFFu) {
+        if (set[0].n && set[0].address == last)
+            e = &set[0];
+        else if (set[1].n && set[1].address == last)
+            e = &set[1];
+    }
+    if (!e && (set[0].ambiguous || last > 0xFFFFFFFFu)) {
+        (*misses)++;
+        return 0;
     }
     *out = e;
     return 1;

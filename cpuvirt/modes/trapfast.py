@@ -25,7 +25,7 @@ from unicorn import UC_HOOK_CODE, UC_HOOK_INTR
 from unicorn.unicorn_py3 import unicorn as _ucmod
 
 from cpuvirt.cpu import evseg
-from cpuvirt.cpu.evdeliver import BLOCK_SLOTS
+from cpuvirt.cpu.evdeliver import BLOCK_SLOTS, BlockCopyKeeper
 from cpuvirt.cpu.evdeliver import BlockCopy as _Block
 from cpuvirt.cpu.evseg import EvHvTlb, EvLoaded, EvSeg, EvVirtualCpu
 from cpuvirt.cpu.quirks import context_layout
@@ -253,7 +253,15 @@ class TrapFast:
         vcpu._rtlb = EvHvTlb(st.ev, p2m.ram_hpa, p2m.ram_bytes)
         vcpu._loaded = EvLoaded(st.ev, vcpu._loaded)
         evseg.mirror_nmi_blocking(st.ev, vcpu)  # an iret that ends NMI blocking is Python's
-        vcpu.machine.block_insns.attach(self)  # the copy of Machine.block_insns
+        lib, pst = self._lib, self._pstate
+        self.blocks = BlockCopyKeeper(  # the copy of Machine.block_insns
+            vcpu.machine.block_insns,
+            lambda a, words, n, end: lib.trapfast_blocks_put(pst, a, words, n, end),
+            lambda a: lib.trapfast_blocks_drop(pst, a),
+            lambda: lib.trapfast_blocks_clear(pst),
+            st.block,
+        )
+        vcpu.machine.block_insns.attach(self.blocks)
         self.shadow.on_dirty = self._shadow_dirty
         self.arm()
         vcpu.fold_counts = self.fold
@@ -409,14 +417,3 @@ class TrapFast:
     def to_python(self) -> int:
         """Engine events the C hook handed to Python."""
         return self._state.to_python
-
-    # -- BlockMirror (machine/blocks.py) ------------------------------------------------------------------
-    def put(self, address: int, addrs: tuple[int, ...], end: int) -> None:
-        words = (ctypes.c_uint32 * len(addrs))(*(a & 0xFFFFFFFF for a in addrs))
-        self._lib.trapfast_blocks_put(self._pstate, address & 0xFFFFFFFF, words, len(addrs), end)
-
-    def drop(self, address: int) -> None:
-        self._lib.trapfast_blocks_drop(self._pstate, address & 0xFFFFFFFF)
-
-    def clear(self) -> None:
-        self._lib.trapfast_blocks_clear(self._pstate)

@@ -27,6 +27,7 @@ from unicorn import UC_HOOK_INTR
 
 from cpuvirt.bt.fastcallout import _lib
 from cpuvirt.bt.tcache import Block, TCache
+from cpuvirt.cpu.evdeliver import BlockCopyKeeper
 from cpuvirt.cpu.quirks import context_layout
 from cpuvirt.engine.cext import add_c_hook
 from cpuvirt.engine.internals import context_header, engine_env
@@ -127,7 +128,15 @@ class FullDelivery:
         for b in tc.blocks.values():
             lib.full_tc_entry(self._pt, b.geip & 0xFFFFFFFF, b.tc)
         tc.mirror = self.tc_mirror
-        vcpu.machine.block_insns.attach(self)
+        pt = self._pt
+        self.blocks = BlockCopyKeeper(
+            vcpu.machine.block_insns,
+            lambda a, words, n, end: lib.full_blocks_put(pt, a, words, n, end),
+            lambda a: lib.full_blocks_drop(pt, a),
+            lambda: lib.full_blocks_clear(pt),
+            dl.block,
+        )
+        vcpu.machine.block_insns.attach(self.blocks)
         # the C INTR hook in front of the Python one, which it calls for everything else
         self._python_intr = vcpu.hooks.intr_function(vcpu.hook_intr)
         dl.python_intr = ctypes.cast(self._python_intr, ctypes.c_void_p).value
@@ -204,14 +213,3 @@ class FullDelivery:
     def to_python(self) -> int:
         """Engine events the C hook handed to Python."""
         return self.dl.to_python
-
-    # -- BlockMirror (machine/blocks.py) ------------------------------------------------------------------
-    def put(self, address: int, addrs: tuple[int, ...], end: int) -> None:
-        words = (ctypes.c_uint32 * len(addrs))(*(a & 0xFFFFFFFF for a in addrs))
-        self._lib.full_blocks_put(self._pt, address & 0xFFFFFFFF, words, len(addrs), end)
-
-    def drop(self, address: int) -> None:
-        self._lib.full_blocks_drop(self._pt, address & 0xFFFFFFFF)
-
-    def clear(self) -> None:
-        self._lib.full_blocks_clear(self._pt)
