@@ -390,6 +390,23 @@ static int enter_translation(void *ctx, void *uc, uint32_t offset, uint32_t cs_a
     return 1;
 }
 
+/* cpu/_evdeliver.h's parameters under full */
+static void full_evdeliver(callouts_t *t, evdeliver_t *d) {
+    fulldeliver_t *f = &t->dl;
+    d->ev = &t->ev;
+    d->reg_read = t->reg_read;
+    d->reg_write = t->reg_write;
+    d->r_eip = t->eip_reg, d->r_eflags = t->eflags_reg, d->r_esp = t->esp_reg, d->r_ss = t->ss_reg;
+    d->cr0 = t->cr[0], d->cr3 = t->cr3, d->cr4 = t->cr[1];
+    d->wp_granted = 0;         /* not mirrored under full: an access WP = 0 would grant is Python's */
+    d->idt_base = f->idt_base, d->idt_limit = f->idt_limit;
+    d->tr_base = f->tr_base, d->tr_limit = f->tr_limit;
+    d->mirror = f->mirror;
+    d->kernel_iopl = 1;        /* FullVcpu.real_iopl(0) */
+    d->enter = enter_translation;
+    d->enter_ctx = t;
+}
+
 static int full_event(callouts_t *t, void *uc, uint32_t intno) {
     fulldeliver_t *f = &t->dl;
     evdeliver_t d;
@@ -423,18 +440,7 @@ static int full_event(callouts_t *t, void *uc, uint32_t intno) {
         return 0;
     }
     if (!ed_left_block(f->block, *f->clock_last_block, &f->misses, (uint32_t)eip, &n)) return 0;
-    d.ev = &t->ev;
-    d.reg_read = t->reg_read;
-    d.reg_write = t->reg_write;
-    d.r_eip = t->eip_reg, d.r_eflags = t->eflags_reg, d.r_esp = t->esp_reg, d.r_ss = t->ss_reg;
-    d.cr0 = t->cr[0], d.cr3 = t->cr3, d.cr4 = t->cr[1];
-    d.wp_granted = 0;          /* not mirrored under full: an access WP = 0 would grant is Python's */
-    d.idt_base = f->idt_base, d.idt_limit = f->idt_limit;
-    d.tr_base = f->tr_base, d.tr_limit = f->tr_limit;
-    d.mirror = f->mirror;
-    d.kernel_iopl = 1;         /* FullVcpu.real_iopl(0) */
-    d.enter = enter_translation;
-    d.enter_ctx = t;
+    full_evdeliver(t, &d);
     if (!ed_deliver_event(&d, uc, intno, soft, ret_eip, has_ec, ec, (uint32_t)cs, eflags)) return 0;
     memcpy(t->ev.env + f->off_old_exception, &minus1, 4);                /* FaultState.take */
     *f->clock_now -= (uint64_t)n;                                       /* left_block_at */
@@ -445,6 +451,22 @@ static int full_event(callouts_t *t, void *uc, uint32_t intno) {
         f->fault_count[intno]++;
     f->pending++;
     f->delivered++;
+    return 1;
+}
+
+/* A #PF Python's run loop found (a refused TLB fill: DeprivilegedVcpu.page_fault recorded it, counted
+ * it and set the virtual CR2; FullVcpu.guest_position made `eip` the guest's), delivered here when
+ * ed_deliver_event can, from ring 3 or the kernel: 1, or 0 with nothing changed (Python delivers it).
+ * Called through ctypes with the engine stopped; the clock is Python's (as trap's trapfast_deliver_fault). */
+int full_deliver_fault(callouts_t *t, void *uc, uint32_t vector, uint32_t eip, uint32_t error_code) {
+    uint64_t cs = 0, eflags = 0;
+    evdeliver_t d;
+    if (!t->dl.on || !t->enabled || !t->events_on || vector != 14) return 0;
+    if (t->reg_read(uc, t->cs_reg, &cs) || t->reg_read(uc, t->eflags_reg, &eflags)) return 0;
+    if ((cs & 3) != 3 && (cs & 3) != t->kernel_ring) return 0;
+    full_evdeliver(t, &d);
+    if (!ed_deliver_event(&d, uc, vector, 0, eip, 1, error_code, (uint32_t)cs, eflags)) return 0;
+    t->dl.delivered++;
     return 1;
 }
 

@@ -54,6 +54,8 @@ def _signatures(lib) -> None:
     ):
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = None, args
+    lib.full_deliver_fault.restype = ctypes.c_int
+    lib.full_deliver_fault.argtypes = (p, p, u32, u32, u32)
     lib.full_blocks_put.restype = ctypes.c_int
     lib.full_blocks_put.argtypes = (p, u32, ctypes.POINTER(u32), u32, ctypes.c_uint64)
 
@@ -185,6 +187,8 @@ class FullDelivery:
         """Add the deliveries counted in C to Vcpu.counts, Vcpu.reasons and the TC's look-ups (one each:
         enter_kernel's), and count from zero."""
         dl = self.dl
+        self.vcpu.tc.counters.lookups += dl.delivered - self._folded
+        self._folded = dl.delivered
         if not dl.pending:
             return
         dl.pending = 0
@@ -201,8 +205,15 @@ class FullDelivery:
                 dl.fault_count[v] = 0
                 counts["exception"] += n
                 reasons["exception", MNEMONIC[v]] += n
-        self.vcpu.tc.counters.lookups += dl.delivered - self._folded
-        self._folded = dl.delivered
+
+    def deliver_page_fault(self, return_eip: int, error_code: int) -> bool:
+        """A #PF from a refused fill (DeprivilegedVcpu.page_fault: recorded, counted, CR2 set) delivered in C
+        when it can; False: nothing changed, Python delivers it."""
+        return bool(
+            self._lib.full_deliver_fault(
+                self._pt, self.vcpu.uc._uch, 14, return_eip & 0xFFFFFFFF, error_code & 0xFFFFFFFF
+            )
+        )
 
     @property
     def delivered(self) -> int:

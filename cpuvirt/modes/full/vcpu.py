@@ -203,6 +203,20 @@ class FullVcpu(RunsCode16, Coherence, Callouts, AdaptiveStores, DeprivilegedVcpu
         except TranslateFault:
             self.regs.write(R.EIP, guest_eip)  # settled (the fetch #PF delivered) before entry
 
+    def deliver(self, vector, return_eip, error_code=None, soft=False, external=False, fault_eip=None) -> None:
+        """A #PF of a refused fill (page_fault) goes through the C delivery first (deliverfast.py)."""
+        fd = self.fdeliver
+        if (
+            fd is not None
+            and vector == Vector.PF
+            and error_code is not None
+            and not soft
+            and not external
+            and fd.deliver_page_fault(return_eip, error_code)
+        ):
+            return
+        super().deliver(vector, return_eip, error_code, soft, external, fault_eip)
+
     def after_transfer(self) -> None:
         """A gate or task switch from user code changed virtual-CPU state translations baked in."""
         self._virtual_changed()
