@@ -22,6 +22,7 @@
 #include <string.h>
 
 #include "../cpu/_evseg.h"   /* the guest kernel's segment loads and iretd, shared with trap's C path */
+#include "../cpu/_evdeliver.h"   /* event delivery through the guest's IDT and the block copy, shared too */
 
 typedef int (*reg_read_fn)(void *uc, int regid, void *value);
 typedef int (*reg_write_fn)(void *uc, int regid, const void *value);
@@ -29,6 +30,7 @@ typedef void (*code_fn)(void *uc, uint64_t address, uint32_t size, void *user_da
 typedef int (*insn_fn)(void *uc, void *user_data);
 typedef uint32_t (*port_in_fn)(uint32_t port, uint32_t size);
 typedef uint32_t (*port_out_fn)(uint32_t port, uint32_t size, uint32_t value);
+typedef void (*intr_fn)(void *uc, uint32_t intno, void *user_data);
 
 #define SLOTS 0x10000
 
@@ -57,6 +59,41 @@ enum { PYTHON = 0, CPUID = 1, RDTSC = 2, MOV_CR0 = 3, MOV_CR4 = 4, PORT_IN = 5, 
 #define NO_MAPS 0xFFFFFFFFu
 #define MAPS_CR0 0x80000001u  /* PG | PE: the bits a walk depends on (coherence.py _maps_key) */
 #define MAPS_CR4 0x00100030u  /* SMEP | PAE | PSE */
+
+/* -- event delivery through the guest's IDT (modes/full/deliverfast.py) -------------------------------
+ * The translation cache's block entries as C finds them: guest EIP -> TC address of the live
+ * translation (TCache.blocks), and TC address of each translated instruction's start -> its guest EIP
+ * (what TCache.guest_eip answers there). Both direct-mapped: a slot holds one key, a look-up that
+ * finds another key (or none) answers "not known", and the event is Python's. */
+#define TC_ENTRY_SLOTS 8192u
+#define TC_START_SLOTS 65536u
+
+typedef struct {
+    uint32_t geip;
+    uint32_t tc;               /* 0: empty */
+} tc_map_t;
+
+typedef struct {
+    uint32_t on;               /* 0: every event is Python's (CPUVIRT_FULL_DELIVERY_C=0, a trace, ...) */
+    uint32_t off_old_exception, off_is_int, off_error_code;   /* fields inside env (quirks.ContextLayout) */
+    intr_fn python_intr;       /* the vCPU's own INTR hook (Vcpu.hook_intr, guarded): everything else */
+    uint32_t idt_base, idt_limit;   /* the VirtualCpu's IDTR and TR (evfast.FullEvVirtualCpu) */
+    uint32_t tr_base, tr_limit;
+    const shadowmirror_t *mirror;   /* the current shadow root, the traced frames (memory/shadowmirror.py) */
+    uint64_t *clock_now;       /* the virtual clock (engine/_vclock.c) */
+    const uint64_t *clock_last_block;
+    uint32_t tc_lo, tc_hi;     /* the TC's code: a kernel EIP there is mapped through start[] */
+    uint64_t delivered;        /* events delivered here */
+    uint64_t pending;          /* ... since Python last folded them */
+    uint64_t to_python, misses;
+    uint64_t soft_count[256];  /* Vcpu.reasons[("interrupt", "int 0x..")] to add */
+    uint64_t fault_count[32];  /* Vcpu.reasons[("exception", "#..")] to add */
+    uint8_t soft_seen[256];    /* Python has recorded this key once */
+    uint8_t fault_seen[32];
+    tc_map_t entry[TC_ENTRY_SLOTS];   /* guest EIP -> TC (keyed by geip) */
+    tc_map_t start[TC_START_SLOTS];   /* TC instruction start -> guest EIP (keyed by tc) */
+    block_t block[ED_BLOCK_SLOTS];    /* the copy of Machine.block_insns */
+} fulldeliver_t;
 
 typedef struct {
     reg_read_fn reg_read;      /* uc_reg_read */
@@ -108,6 +145,7 @@ typedef struct {
     uint8_t arg[SLOTS];        /* the ModRM byte of a mov to CR */
     uint32_t dest[SLOTS];      /* EIP to go on at (a TC address) */
     uint8_t io[SLOTS];         /* a port access's size and port operand (IO_SIZE, IO_DX) */
+    fulldeliver_t dl;          /* event delivery through the guest's IDT (full_intr_hook, below) */
 } callouts_t;
 
 size_t callouts_sizeof(void) { return sizeof(callouts_t); }
@@ -292,6 +330,151 @@ void callout_hook(void *uc, uint64_t address, uint32_t size, void *user_data) {
         }
     }
     TO_PYTHON(kernel);
+}
+
+/* -- event delivery through the guest's IDT -------------------------------------------------------------
+ * Under full, the guest's events arrive at the vCPU's INTR hook as under trap; this hook sits in front
+ * of it (modes/full/deliverfast.py) and delivers, with cpu/_evdeliver.h (trap's code), the common ones:
+ * `int n` from ring 3 (not int3/into), #DE from ring 3 or from the kernel's translated code (at a TC
+ * address that starts a translated instruction: its guest EIP is the return address), #GP from ring
+ * 3; each of a kind Python has recorded once. The handler is entered at its translation when one
+ * exists (entry[]) and when the real CS, SS and the virtual IOPL after the transfer are the snapshot's
+ * (coherence.py _vsnap: nothing _virtual_changed would do could apply). It does what Vcpu.hook_intr
+ * and FullVcpu.on_engine_event do around the delivery: FaultState.take's old_exception, left_block_at,
+ * the counts (folded by Python with the TC's look-up), if_may_have_changed. Anything else: Python. */
+static inline uint32_t entry_slot(uint32_t geip) { return (geip ^ (geip >> 13)) & (TC_ENTRY_SLOTS - 1); }
+static inline uint32_t start_slot(uint32_t tc) { return (tc ^ (tc >> 16)) & (TC_START_SLOTS - 1); }
+
+void full_tc_entry(callouts_t *t, uint32_t geip, uint32_t tc) {
+    tc_map_t *e = &t->dl.entry[entry_slot(geip)];
+    e->geip = geip;
+    e->tc = tc;
+}
+
+void full_tc_drop(callouts_t *t, uint32_t geip) {
+    tc_map_t *e = &t->dl.entry[entry_slot(geip)];
+    if (e->geip == geip) e->tc = 0;
+}
+
+void full_tc_start(callouts_t *t, uint32_t tc, uint32_t geip) {
+    tc_map_t *e = &t->dl.start[start_slot(tc)];
+    e->tc = tc;
+    e->geip = geip;
+}
+
+void full_tc_clear(callouts_t *t) {
+    memset(t->dl.entry, 0, sizeof t->dl.entry);
+    memset(t->dl.start, 0, sizeof t->dl.start);
+}
+
+int full_blocks_put(callouts_t *t, uint32_t address, const uint32_t *addrs, uint32_t n, uint64_t end) {
+    return ed_blocks_put(t->dl.block, address, addrs, n, end);
+}
+
+void full_blocks_drop(callouts_t *t, uint32_t address) { ed_blocks_drop(t->dl.block, address); }
+
+void full_blocks_clear(callouts_t *t) { ed_blocks_clear(t->dl.block); }
+
+/* FullVcpu.enter_kernel(offset) when rt.lookup would find a live translation (no translation made),
+ * and the state after the transfer is the snapshot's */
+static int enter_translation(void *ctx, void *uc, uint32_t offset, uint32_t cs_after, uint32_t ss_after, uint32_t *eip) {
+    callouts_t *t = (callouts_t *)ctx;
+    const tc_map_t *e = &t->dl.entry[entry_slot(offset)];
+    (void)uc;
+    if (!e->tc || e->geip != offset) {
+        t->dl.misses++;
+        return 0;
+    }
+    if (!t->snap_ok || t->ev.iopl != t->snap_iopl || cs_after != t->snap_cs || ss_after != t->snap_ss) return 0;
+    *eip = e->tc;
+    return 1;
+}
+
+/* cpu/_evdeliver.h's parameters under full */
+static void full_evdeliver(callouts_t *t, evdeliver_t *d) {
+    fulldeliver_t *f = &t->dl;
+    d->ev = &t->ev;
+    d->reg_read = t->reg_read;
+    d->reg_write = t->reg_write;
+    d->r_eip = t->eip_reg, d->r_eflags = t->eflags_reg, d->r_esp = t->esp_reg, d->r_ss = t->ss_reg;
+    d->cr0 = t->cr[0], d->cr3 = t->cr3, d->cr4 = t->cr[1];
+    d->wp_granted = 0;         /* not mirrored under full: an access WP = 0 would grant is Python's */
+    d->idt_base = f->idt_base, d->idt_limit = f->idt_limit;
+    d->tr_base = f->tr_base, d->tr_limit = f->tr_limit;
+    d->mirror = f->mirror;
+    d->kernel_iopl = 1;        /* FullVcpu.real_iopl(0) */
+    d->enter = enter_translation;
+    d->enter_ctx = t;
+}
+
+static int full_event(callouts_t *t, void *uc, uint32_t intno) {
+    fulldeliver_t *f = &t->dl;
+    evdeliver_t d;
+    uint64_t cs = 0, eflags = 0, eip = 0;
+    uint32_t ec = 0, ret_eip;
+    int32_t is_int, minus1 = -1;
+    int64_t n = 0;
+    int has_ec = 0, soft;
+    if (!f->on || !t->enabled || !t->events_on || intno > 255) return 0;
+    memcpy(&is_int, t->ev.env + f->off_is_int, 4);
+    soft = is_int != 0;
+    if (soft) {
+        if (intno == 3 || intno == 4 || !f->soft_seen[intno]) return 0;   /* int3/into: Python's length */
+    } else {
+        if ((intno != 0 && intno != 13) || !f->fault_seen[intno]) return 0;
+        if (intno == 13) {
+            has_ec = 1;
+            memcpy(&ec, t->ev.env + f->off_error_code, 4);
+        }
+    }
+    if (t->reg_read(uc, t->cs_reg, &cs) || t->reg_read(uc, t->eflags_reg, &eflags) || t->reg_read(uc, t->eip_reg, &eip))
+        return 0;
+    if (eflags & EV_EFLAGS_VM) return 0;
+    if ((cs & 3) == 3) {
+        ret_eip = (uint32_t)eip;                                       /* user code runs in place */
+    } else if ((cs & 3) == t->kernel_ring && intno == 0) {             /* FullVcpu.guest_position */
+        const tc_map_t *e = &f->start[start_slot((uint32_t)eip)];
+        if (eip < f->tc_lo || eip >= f->tc_hi || e->tc != (uint32_t)eip) return 0;
+        ret_eip = e->geip;
+    } else {
+        return 0;
+    }
+    if (!ed_left_block(f->block, *f->clock_last_block, &f->misses, (uint32_t)eip, &n)) return 0;
+    full_evdeliver(t, &d);
+    if (!ed_deliver_event(&d, uc, intno, soft, ret_eip, has_ec, ec, (uint32_t)cs, eflags)) return 0;
+    memcpy(t->ev.env + f->off_old_exception, &minus1, 4);                /* FaultState.take */
+    *f->clock_now -= (uint64_t)n;                                       /* left_block_at */
+    if (*t->watch_if && !*t->check_if) *t->check_if = 1;                /* if_may_have_changed */
+    if (soft)
+        f->soft_count[intno]++;
+    else
+        f->fault_count[intno]++;
+    f->pending++;
+    f->delivered++;
+    return 1;
+}
+
+/* A #PF Python's run loop found (a refused TLB fill: DeprivilegedVcpu.page_fault recorded it, counted
+ * it and set the virtual CR2; FullVcpu.guest_position made `eip` the guest's), delivered here when
+ * ed_deliver_event can, from ring 3 or the kernel: 1, or 0 with nothing changed (Python delivers it).
+ * Called through ctypes with the engine stopped; the clock is Python's (as trap's trapfast_deliver_fault). */
+int full_deliver_fault(callouts_t *t, void *uc, uint32_t vector, uint32_t eip, uint32_t error_code) {
+    uint64_t cs = 0, eflags = 0;
+    evdeliver_t d;
+    if (!t->dl.on || !t->enabled || !t->events_on || vector != 14) return 0;
+    if (t->reg_read(uc, t->cs_reg, &cs) || t->reg_read(uc, t->eflags_reg, &eflags)) return 0;
+    if ((cs & 3) != 3 && (cs & 3) != t->kernel_ring) return 0;
+    full_evdeliver(t, &d);
+    if (!ed_deliver_event(&d, uc, vector, 0, eip, 1, error_code, (uint32_t)cs, eflags)) return 0;
+    t->dl.delivered++;
+    return 1;
+}
+
+void full_intr_hook(void *uc, uint32_t intno, void *user_data) {
+    callouts_t *t = (callouts_t *)user_data;
+    if (full_event(t, uc, intno)) return;
+    t->dl.to_python++;
+    t->dl.python_intr(uc, intno, NULL);
 }
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_callout", NULL, -1, NULL};

@@ -25,6 +25,8 @@ def invalidate(tc: TCache, block: Block) -> None:
         tc.on_invalidate(block)  # callout slots the C hook continued here from go back to Python
     if tc.blocks.get(block.geip) is block:
         del tc.blocks[block.geip]
+        if tc.mirror is not None:
+            tc.mirror.drop(block)
     tc.counters.invalidations += 1
     if block.tc_end - block.tc < 5:
         return

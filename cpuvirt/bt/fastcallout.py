@@ -27,6 +27,7 @@ from unicorn.unicorn_py3 import unicorn as _ucmod
 from unicorn.x86_const import UC_X86_REG_CS, UC_X86_REG_EIP
 
 from cpuvirt.bt.tcache import CALLOUT_SLOTS, Block
+from cpuvirt.cpu.evdeliver import BLOCK_SLOTS, BlockCopy
 from cpuvirt.cpu.evseg import EvSeg
 from cpuvirt.engine import regs as R
 from cpuvirt.engine.cext import add_c_hook, load
@@ -56,6 +57,47 @@ _PORT_IN = ctypes.CFUNCTYPE(ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32)
 _PORT_OUT = ctypes.CFUNCTYPE(ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32)
 MAX_MAP_FRAMES = 16
 NO_MAPS = NO_RING = 0xFFFFFFFF
+
+
+TC_ENTRY_SLOTS, TC_START_SLOTS = 8192, 65536
+
+
+class _TcMap(ctypes.Structure):
+    """Mirror of tc_map_t."""
+
+    _fields_ = [("geip", ctypes.c_uint32), ("tc", ctypes.c_uint32)]
+
+
+class DeliveryTable(ctypes.Structure):
+    """Mirror of fulldeliver_t: the event delivery of mode full in C (modes/full/deliverfast.py)."""
+
+    _fields_ = [
+        ("on", ctypes.c_uint32),
+        ("off_old_exception", ctypes.c_uint32),
+        ("off_is_int", ctypes.c_uint32),
+        ("off_error_code", ctypes.c_uint32),
+        ("python_intr", ctypes.c_void_p),
+        ("idt_base", ctypes.c_uint32),
+        ("idt_limit", ctypes.c_uint32),
+        ("tr_base", ctypes.c_uint32),
+        ("tr_limit", ctypes.c_uint32),
+        ("mirror", ctypes.c_void_p),
+        ("clock_now", ctypes.c_void_p),
+        ("clock_last_block", ctypes.c_void_p),
+        ("tc_lo", ctypes.c_uint32),
+        ("tc_hi", ctypes.c_uint32),
+        ("delivered", ctypes.c_uint64),
+        ("pending", ctypes.c_uint64),
+        ("to_python", ctypes.c_uint64),
+        ("misses", ctypes.c_uint64),
+        ("soft_count", ctypes.c_uint64 * 256),
+        ("fault_count", ctypes.c_uint64 * 32),
+        ("soft_seen", ctypes.c_uint8 * 256),
+        ("fault_seen", ctypes.c_uint8 * 32),
+        ("entry", _TcMap * TC_ENTRY_SLOTS),
+        ("start", _TcMap * TC_START_SLOTS),
+        ("block", BlockCopy * BLOCK_SLOTS),
+    ]
 
 
 class _Table(ctypes.Structure):
@@ -109,6 +151,7 @@ class _Table(ctypes.Structure):
         ("arg", ctypes.c_uint8 * CALLOUT_SLOTS),
         ("dest", ctypes.c_uint32 * CALLOUT_SLOTS),
         ("io", ctypes.c_uint8 * CALLOUT_SLOTS),
+        ("dl", DeliveryTable),
     ]
 
 

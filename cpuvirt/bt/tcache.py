@@ -17,7 +17,7 @@ from __future__ import annotations
 import bisect
 import struct
 from dataclasses import asdict, dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 CALLOUT_SLOTS = 0x10000
 TC_SIZE = 0x200000  # 2 MiB: slots + code
@@ -127,6 +127,16 @@ class Site:
         self.after_sti = False
 
 
+class TcMirrorLike(Protocol):
+    """A copy of TCache.blocks and of its blocks' instruction starts (TCache.mirror)."""
+
+    def put(self, block: Block) -> None: ...
+
+    def drop(self, block: Block) -> None: ...
+
+    def clear(self) -> None: ...
+
+
 class TCache:
     """Code memory plus the maps guest EIP -> block and TC address -> block."""
 
@@ -136,6 +146,9 @@ class TCache:
         self.on_flush: Callable[[], None] | None = None  # drop what the hypervisor keeps per translation
         self.hook_room: Callable[[int], bool] | None = None  # room for n more hooked TC instructions?
         self.on_invalidate: Callable[[Block], None] | None = None  # a block with linked_slots went
+        # a copy of `blocks` and of the blocks' instruction starts kept elsewhere (modes/full/deliverfast.py
+        # TcMirror: put(block) when added, drop(block) when no longer the live entry, clear() on a reset)
+        self.mirror: TcMirrorLike | None = None
         self.base = base
         self.size = size
         self.code_base = base + CALLOUT_SLOTS
@@ -146,6 +159,8 @@ class TCache:
     def reset(self) -> None:
         self.next = self.code_base
         self.blocks: dict[int, Block] = {}  # guest EIP -> live block
+        if self.mirror is not None:
+            self.mirror.clear()
         self.order: list[Block] = []  # by TC address (bump order)
         self.tc_starts: list[int] = []
         self.sites: list[Site | None] = []
@@ -203,6 +218,8 @@ class TCache:
 
     def add(self, block: Block) -> None:
         self.blocks[block.geip] = block
+        if self.mirror is not None:
+            self.mirror.put(block)
         self.order.append(block)
         self.tc_starts.append(block.tc)
         self.counters.translations += 1

@@ -41,7 +41,7 @@
 #include <string.h>
 
 #include "../cpu/_evseg.h"   /* the segment loads and iretd, shared with full's callouts */
-#include "../memory/_shadowmirror.h"   /* the copy of the current shadow root and traced frames */
+#include "../cpu/_evdeliver.h"   /* event delivery and the block copy, shared with full (with _shadowmirror.h) */
 
 typedef int (*reg_read_fn)(void *uc, int regid, void *value);
 typedef int (*reg_write_fn)(void *uc, int regid, const void *value);
@@ -62,8 +62,7 @@ typedef void (*intr_fn)(void *uc, uint32_t intno, void *user_data);
 #define HF_INHIBIT_IRQ (1u << 3)
 
 
-#define BLOCK_SLOTS 4096u
-#define BLOCK_MAX_INSNS 58
+#define BLOCK_SLOTS ED_BLOCK_SLOTS
 #define PTE_RW 2u
 #define PTE_US 4u
 #define EFLAGS_TF 0x100u
@@ -71,16 +70,6 @@ typedef void (*intr_fn)(void *uc, uint32_t intno, void *user_data);
 
 /* The kinds answered here, each with its (kind, reason) key of Vcpu.reasons (trapfast.py REASONS). */
 enum { K_CLI, K_STI, K_CLTS, K_MOV_CR0, K_MOV_CR4, K_MOV_SREG, K_POP_SREG, K_MOV_CR2, K_IRETD, K_COUNT };
-
-typedef struct {
-    uint64_t end;                      /* the address after the block's last instruction */
-    uint32_t address;                  /* the block's key in Machine.block_insns */
-    uint32_t first;                    /* its first instruction's address */
-    uint16_t n;                        /* instructions; 0: the slot is empty */
-    uint16_t offset[BLOCK_MAX_INSNS];  /* each instruction's address - first */
-    uint16_t ambiguous;                /* the table may hold an entry this slot lost (see below) */
-    uint16_t pad[2];
-} block_t;
 
 typedef struct {
     reg_read_fn reg_read;
@@ -124,62 +113,17 @@ typedef struct {
 
 size_t trapfast_sizeof(void) { return sizeof(trapfast_t); }
 
-/* -- the copy of Machine.block_insns (the BlockMirror of machine/blocks.py) ------------------------
- * Direct-mapped, and exact about absence as well: a slot that has lost an entry the table may still
- * hold (a put over another live entry, or one too long to copy) is marked ambiguous until the table
- * is cleared, so a look-up answers "this entry", "no entry in the table" (Python's _retired then does
- * nothing: a block the clock counted without decoding it, such as one whose first instruction
- * faults), or "ask Python". */
-static block_t *block_slot(trapfast_t *s, uint32_t address) {
-    return &s->block[(address ^ (address >> 12)) & (BLOCK_SLOTS - 1)];
-}
-
+/* -- the copy of Machine.block_insns (the BlockMirror of machine/blocks.py; cpu/_evdeliver.h) ------ */
 int trapfast_blocks_put(trapfast_t *s, uint32_t address, const uint32_t *addrs, uint32_t n, uint64_t end) {
-    block_t *e = block_slot(s, address);
-    uint32_t k;
-    if (e->n && e->address != address) e->ambiguous = 1;
-    e->n = 0;
-    if (n == 0 || n > BLOCK_MAX_INSNS) {
-        e->ambiguous = 1;
-        return 0;
-    }
-    for (k = 0; k < n; k++)
-        if (addrs[k] < addrs[0] || addrs[k] - addrs[0] > 0xFFFFu) {
-            e->ambiguous = 1;
-            return 0;
-        }
-    e->address = address;
-    e->first = addrs[0];
-    e->end = end;
-    for (k = 0; k < n; k++) e->offset[k] = (uint16_t)(addrs[k] - addrs[0]);
-    e->n = (uint16_t)n;
-    return 1;
+    return ed_blocks_put(s->block, address, addrs, n, end);
 }
 
-void trapfast_blocks_drop(trapfast_t *s, uint32_t address) {
-    block_t *e = block_slot(s, address);
-    if (e->address == address) e->n = 0;
-}
+void trapfast_blocks_drop(trapfast_t *s, uint32_t address) { ed_blocks_drop(s->block, address); }
 
-void trapfast_blocks_clear(trapfast_t *s) {
-    uint32_t k;
-    for (k = 0; k < BLOCK_SLOTS; k++) s->block[k].n = s->block[k].ambiguous = 0;
-}
+void trapfast_blocks_clear(trapfast_t *s) { ed_blocks_clear(s->block); }
 
-/* The running block's entry in the copy (the clock's last block): 1 with *out (NULL when the table
- * holds none: nothing to take off), 0 when the copy cannot tell (an ambiguous slot: Python's). */
 static int running_block(trapfast_t *s, const block_t **out) {
-    uint64_t last = *s->clock_last_block;
-    const block_t *e = block_slot(s, (uint32_t)last);
-    if (e->n == 0 || e->address != last) {
-        if (e->ambiguous || last > 0xFFFFFFFFu) {
-            s->misses++;
-            return 0;
-        }
-        e = NULL;
-    }
-    *out = e;
-    return 1;
+    return ed_running_block(s->block, *s->clock_last_block, &s->misses, out);
 }
 
 /* TrapVcpu._retired(eip): how many instructions to take off the clock (-1: the engine cut the block
@@ -258,177 +202,34 @@ static int rd(trapfast_t *s, void *uc, int reg, uint64_t *v) {
     return s->reg_read(uc, reg, v) == 0;
 }
 
-/* -- the hypervisor's own linear accesses of event delivery (Mmu.read_linear / write_linear with
- * user=False under ShadowPaging): the guest-physical address of `n` bytes at `gva` in one page when
- * ShadowPaging.gva_to_gpa answers it from an entry of the current root with no side effect at all
- * (no walk, no root selection, no mode change, no WP grant) and it is RAM; for a write, also the
- * entry's D bit set, writable, and a frame no one traces (Mmu.write_linear would call hv_wrote).
- * 0 for anything else: Python's. */
-static int shadow_gpa(const trapfast_t *s, uint32_t gva, uint32_t n, int write, uint64_t *out) {
-    uint32_t cr0 = s->crs[0], cr3 = s->crs[1], cr4 = s->crs[2], page = gva >> 12, writable;
-    uint64_t gpa;
-    if ((gva & 0xFFFu) + n > 0x1000u) return 0;
-    if (!(cr0 & CR0_PG)) {
-        gpa = gva;
-    } else {
-        const sentry_t *e = sm_entry(s->mirror, cr0, cr3, cr4, page);   /* else a mode change, _select, a walk */
-        if (!e) return 0;
-        writable = (e->rights & PTE_RW) || !(cr0 & CR0_WP);
-        if (writable && e->dirty && !(e->rights & PTE_RW) && !s->wp_granted) return 0;   /* _granted */
-        if (write && !(writable && e->dirty)) return 0;
-        gpa = (uint64_t)e->gpa | (gva & 0xFFFu);
-    }
-    if (gpa + n > s->ev.ram_bytes) return 0;
-    if (write && sm_traced(s->mirror, gpa)) return 0;
-    *out = gpa;
-    return 1;
-}
-
-/* read_hv with the guest-physical address of what it read */
-static int read_hv_at(const trapfast_t *s, uint32_t gva, void *out, uint32_t n, uint64_t *gpa) {
-    uint32_t page = gva >> 12;
-    const ev_rtlb_t *e = &s->ev.rtlb[page & (EV_RTLB_SLOTS - 1)];
-    if (!ev_read_hv(&s->ev, gva, out, n)) return 0;
-    *gpa = e->gpa + (gva & 0xFFFu);
-    return 1;
-}
-
-/* SegmentLoadingVcpu.descriptor(selector) for a GDT selector, read through the hypervisor's TLB */
-static int gdt_descriptor(const trapfast_t *s, uint32_t selector, uint32_t desc[2], uint64_t *gpa) {
-    uint32_t index = selector & ~7u;
-    if ((selector & 4) || !index || index + 7 > s->ev.gdt_limit) return 0;
-    if ((uint64_t)s->ev.gdt_base + index + 8 > 0x100000000ull) return 0;
-    return read_hv_at(s, s->ev.gdt_base + index, desc, 8, gpa);
-}
-
-static int overlaps(uint64_t a, uint32_t an, uint64_t b, uint32_t bn) { return a < b + bn && b < a + an; }
-
-/* Vcpu.left_block_at(boundary): instructions of the running block from `boundary` on (0: the copy
- * cannot tell, Python's) */
+/* Vcpu.left_block_at(boundary) (cpu/_evdeliver.h) */
 static int left_block(trapfast_t *s, uint32_t boundary, int64_t *out) {
-    const block_t *e;
-    int64_t n = 0;
-    uint32_t k;
-    if (!running_block(s, &e)) return 0;
-    if (e && e->first <= boundary && boundary < e->end)
-        for (k = 0; k < e->n; k++)
-            if (e->first + (uint64_t)e->offset[k] >= boundary) n++;
-    *out = n;
+    return ed_left_block(s->block, *s->clock_last_block, &s->misses, boundary, out);
+}
+
+/* -- an event through the guest's IDT: cpu/_evdeliver.h ed_deliver_event, the handler run in place ---- */
+static int enter_in_place(void *ctx, void *uc, uint32_t offset, uint32_t cs_after, uint32_t ss_after, uint32_t *eip) {
+    (void)ctx, (void)uc, (void)cs_after, (void)ss_after;
+    *eip = offset;
     return 1;
 }
 
-/* -- an event through the guest's IDT: RingCompressedDelivery (EventDelivery._deliver) -------------
- * Only its common case: a present 32-bit interrupt or trap gate (DPL >= CPL for `int n`) to a
- * present, accessed, non-conforming, 32-bit DPL-0 code segment of the GDT, from the guest kernel
- * (virtual CPL 0, real ring 1, the gate's CS being the one it runs in: no CS load) or from ring 3
- * (the TSS's SS0:ESP0 with a present, accessed, writable DPL-0 data segment of the GDT: SS and CS
- * loaded ring-compressed as _load_direct does); the IDT entry, the TSS slot and the frame each in
- * one page shadow paging maps with no side effect (shadow_gpa), the descriptors in pages the
- * hypervisor's TLB holds (read_hv), the frame in none of the bytes read after it. The registers
- * are written in Python's order: (SS, CS,) ESP, EFLAGS, EIP. Returns 0 with nothing changed for
- * anything else: a fault of the delivery, a task gate, V86, a ring Python must load... */
 static int deliver_event(trapfast_t *s, void *uc, uint32_t vector, int soft, uint32_t ret_eip, int has_ec,
                          uint32_t ec, uint32_t cs_real, uint64_t eflags_real) {
-    uint32_t gate[2], cdesc[2], sdesc[2] = {0, 0}, tss[2], frame[6], selector, offset, gtype, cpl, old_cs;
-    uint32_t new_ss = 0, esp, n = 0, k, guest_eflags, new_flags;
-    uint64_t gpa, cgpa, sgpa = 0, fgpa, v, esp_now, ss_now;
-    uint8_t tssb[6];
-    if (!s->ev.segs_ok || (eflags_real & EFLAGS_VM)) return 0;
-    if ((cs_real & 3) == 3)
-        cpl = 3;
-    else if ((cs_real & 3) == 1)
-        cpl = 0;
-    else
-        return 0;
-    if (vector * 8 + 7 > s->idt_limit) return 0;
-    if ((uint64_t)s->idt_base + vector * 8 + 8 > 0x100000000ull) return 0;
-    if (!shadow_gpa(s, s->idt_base + vector * 8, 8, 0, &gpa)) return 0;
-    memcpy(gate, s->ev.ram + gpa, 8);
-    gtype = (gate[1] >> 8) & 0x1F;
-    if (gtype != 0xE && gtype != 0xF) return 0;
-    if (soft && ((gate[1] >> 13) & 3) < cpl) return 0;
-    if (!(gate[1] & EV_DESC_P)) return 0;
-    selector = gate[0] >> 16;
-    offset = (gate[0] & 0xFFFFu) | (gate[1] & 0xFFFF0000u);
-    if (!gdt_descriptor(s, selector, cdesc, &cgpa)) return 0;
-    if (!(cdesc[1] & EV_DESC_CODE) || !(cdesc[1] & EV_DESC_S) || (cdesc[1] & EV_DESC_C)) return 0;
-    if (((cdesc[1] >> 13) & 3) != 0 || !(cdesc[1] & EV_DESC_P)) return 0;
-    if (!(cdesc[1] & EV_DESC_A) || !(cdesc[1] & (1u << 22))) return 0;   /* _set_accessed, CODE16 */
-    guest_eflags = ((uint32_t)eflags_real & ~EFLAGS_IOPL) | (s->ev.iopl << EFLAGS_IOPL_SHIFT);
-    old_cs = (cs_real & 3) == 1 ? cs_real & ~3u : cs_real;              /* guest_selector */
-    if (has_ec) frame[n++] = ec;
-    frame[n++] = ret_eip;
-    frame[n++] = old_cs;
-    frame[n++] = guest_eflags;
-    if (!rd(s, uc, s->r_esp, &esp_now)) return 0;
-    if (cpl == 3) {                                                     /* _stack_from_tss(0) */
-        if (4 + 5 > s->tr_limit) return 0;
-        if ((uint64_t)s->tr_base + 4 + 6 > 0x100000000ull) return 0;
-        if (!shadow_gpa(s, s->tr_base + 4, 6, 0, &gpa)) return 0;
-        memcpy(tssb, s->ev.ram + gpa, 6);
-        memcpy(&tss[0], tssb, 4);
-        new_ss = (uint32_t)tssb[4] | ((uint32_t)tssb[5] << 8);
-        if (!(new_ss & ~3u) || (new_ss & 3)) return 0;
-        if (!gdt_descriptor(s, new_ss, sdesc, &sgpa)) return 0;
-        if (((sdesc[1] >> 13) & 3) != 0 || !(sdesc[1] & EV_DESC_S) || (sdesc[1] & EV_DESC_CODE) || !(sdesc[1] & EV_DESC_R))
-            return 0;
-        if (!(sdesc[1] & EV_DESC_P) || !(sdesc[1] & EV_DESC_A)) return 0;
-        if (!rd(s, uc, s->r_ss, &ss_now)) return 0;
-        frame[n++] = (uint32_t)esp_now;
-        frame[n++] = (uint32_t)ss_now;                                  /* ring 3: its own view */
-        esp = tss[0];
-    } else {
-        if ((cs_real & ~3u) != (selector & ~3u)) return 0;              /* a CS load: Python's */
-        esp = (uint32_t)esp_now;
-    }
-    esp -= 4 * n;
-    if (!shadow_gpa(s, esp, 4 * n, 1, &fgpa)) return 0;
-    /* Python reads the descriptors again after the frame is written (load_cs_ss, hv_load) */
-    if (cpl == 3 && (overlaps(fgpa, 4 * n, cgpa, 8) || overlaps(fgpa, 4 * n, sgpa, 8))) return 0;
-    /* _load_direct's checks of the shadow descriptors (a RuntimeError there) */
-    if (cpl == 3 && !(cdesc[1] & EV_DESC_R)) return 0;                      /* execute-only CS */
-    /* From here on the delivery is ours. */
-    for (k = 0; k < n; k++) memcpy((uint8_t *)s->ev.ram + fgpa + 4 * k, &frame[k], 4);
-    new_flags = guest_eflags & ~(EFLAGS_TF | EFLAGS_NT | EFLAGS_RF | EFLAGS_VM);
-    if (gtype == 0xE) new_flags &= ~EFLAGS_IF;
-    if (cpl == 3) {                                                     /* load_cs_ss -> _load_direct */
-        ev_segcache_t *segs = (ev_segcache_t *)(s->ev.env + s->ev.off_segs);
-        uint32_t hf, shi, lim, sel;
-        int which;
-        memcpy(&hf, s->ev.env + s->ev.off_hflags, 4);
-        hf = (hf & ~3u) | 1u;
-        for (which = 0; which < 2; which++) {                           /* SS, then CS */
-            const uint32_t *d = which ? cdesc : sdesc;
-            int seg = which ? 1 : 2;
-            sel = ((which ? selector : new_ss) & ~3u) | 1u;
-            shi = d[1] | (1u << 13);                                    /* ShadowGdt.compress: DPL 1 */
-            segs[seg].selector = sel;
-            segs[seg].base = (d[0] >> 16) | ((shi & 0xFFu) << 16) | (shi & 0xFF000000u);
-            lim = (d[0] & 0xFFFFu) | (shi & 0xF0000u);
-            segs[seg].limit = (shi & EV_DESC_G) ? (lim << 12) | 0xFFFu : lim;
-            segs[seg].flags = shi | EV_DESC_A;
-            if (which)
-                hf = (hf & ~EV_HF_CS32) | (((shi >> 22) & 1u) << 4);
-            else
-                hf = (hf & ~3u) | 1u;
-            s->ev.loaded[seg][0] = sel;
-            s->ev.loaded[seg][1] = d[0];
-            s->ev.loaded[seg][2] = d[1] | EV_DESC_A;
-            s->ev.loaded_new |= 1u << seg;
-            s->ev.loaded_known |= 1u << seg;
-        }
-        hf = (hf & ~(EV_HF_SS32 | EV_HF_ADDSEG)) | (((segs[2].flags >> 22) & 1u) << 5);
-        if (!(hf & EV_HF_CS32) || (segs[0].base | segs[2].base | segs[3].base)) hf |= EV_HF_ADDSEG;
-        memcpy(s->ev.env + s->ev.off_hflags, &hf, 4);
-    }
-    v = esp;
-    s->reg_write(uc, s->r_esp, &v);
-    s->ev.iopl = (new_flags >> EFLAGS_IOPL_SHIFT) & 3;                     /* set_guest_eflags: real IOPL 0 */
-    v = (new_flags & ~EFLAGS_IOPL) | 2u;
-    s->reg_write(uc, s->r_eflags, &v);
-    v = offset;
-    s->reg_write(uc, s->r_eip, &v);
-    return 1;
+    evdeliver_t d;
+    d.ev = &s->ev;
+    d.reg_read = s->reg_read;
+    d.reg_write = s->reg_write;
+    d.r_eip = s->r_eip, d.r_eflags = s->r_eflags, d.r_esp = s->r_esp, d.r_ss = s->r_ss;
+    d.cr0 = s->crs[0], d.cr3 = s->crs[1], d.cr4 = s->crs[2];
+    d.wp_granted = s->wp_granted;
+    d.idt_base = s->idt_base, d.idt_limit = s->idt_limit;
+    d.tr_base = s->tr_base, d.tr_limit = s->tr_limit;
+    d.mirror = s->mirror;
+    d.kernel_iopl = 0;                 /* TrapVcpu: the real IOPL is always 0 (cli/sti trap) */
+    d.enter = enter_in_place;
+    d.enter_ctx = NULL;
+    return ed_deliver_event(&d, uc, vector, soft, ret_eip, has_ec, ec, cs_real, eflags_real);
 }
 
 /* An event the engine raised, when deliver_event can deliver it: `int n` (not int3/into, whose

@@ -25,6 +25,8 @@ from unicorn import UC_HOOK_CODE, UC_HOOK_INTR
 from unicorn.unicorn_py3 import unicorn as _ucmod
 
 from cpuvirt.cpu import evseg
+from cpuvirt.cpu.evdeliver import BLOCK_SLOTS, BlockCopyKeeper
+from cpuvirt.cpu.evdeliver import BlockCopy as _Block
 from cpuvirt.cpu.evseg import EvHvTlb, EvLoaded, EvSeg, EvVirtualCpu
 from cpuvirt.cpu.quirks import context_layout
 from cpuvirt.cpu.virtualcpu import SegCache, in_table
@@ -35,7 +37,6 @@ from cpuvirt.memory.shadowmirror import ShadowMirror
 from cpuvirt.x86.cpuid import CR4_RESERVED
 from cpuvirt.x86.vectors import MNEMONIC, Vector
 
-BLOCK_SLOTS, BLOCK_MAX_INSNS = 4096, 58
 # The (kind, reason) keys of Vcpu.reasons of the kinds _trapfast.c answers, in its enum's order.
 REASONS = (
     ("trap", "cli"),
@@ -50,20 +51,6 @@ REASONS = (
 )
 # The vectors _trapfast.c delivers as faults (#DE; #GP from ring 3) and their Vcpu.reasons keys
 FAULTS = (int(Vector.DE), int(Vector.GP))
-
-
-class _Block(ctypes.Structure):
-    """Mirror of block_t."""
-
-    _fields_ = [
-        ("end", ctypes.c_uint64),
-        ("address", ctypes.c_uint32),
-        ("first", ctypes.c_uint32),
-        ("n", ctypes.c_uint16),
-        ("offset", ctypes.c_uint16 * BLOCK_MAX_INSNS),
-        ("ambiguous", ctypes.c_uint16),
-        ("pad", ctypes.c_uint16 * 2),
-    ]
 
 
 class _State(ctypes.Structure):
@@ -266,7 +253,15 @@ class TrapFast:
         vcpu._rtlb = EvHvTlb(st.ev, p2m.ram_hpa, p2m.ram_bytes)
         vcpu._loaded = EvLoaded(st.ev, vcpu._loaded)
         evseg.mirror_nmi_blocking(st.ev, vcpu)  # an iret that ends NMI blocking is Python's
-        vcpu.machine.block_insns.attach(self)  # the copy of Machine.block_insns
+        lib, pst = self._lib, self._pstate
+        self.blocks = BlockCopyKeeper(  # the copy of Machine.block_insns
+            vcpu.machine.block_insns,
+            lambda a, words, n, end: lib.trapfast_blocks_put(pst, a, words, n, end),
+            lambda a: lib.trapfast_blocks_drop(pst, a),
+            lambda: lib.trapfast_blocks_clear(pst),
+            st.block,
+        )
+        vcpu.machine.block_insns.attach(self.blocks)
         self.shadow.on_dirty = self._shadow_dirty
         self.arm()
         vcpu.fold_counts = self.fold
@@ -422,14 +417,3 @@ class TrapFast:
     def to_python(self) -> int:
         """Engine events the C hook handed to Python."""
         return self._state.to_python
-
-    # -- BlockMirror (machine/blocks.py) ------------------------------------------------------------------
-    def put(self, address: int, addrs: tuple[int, ...], end: int) -> None:
-        words = (ctypes.c_uint32 * len(addrs))(*(a & 0xFFFFFFFF for a in addrs))
-        self._lib.trapfast_blocks_put(self._pstate, address & 0xFFFFFFFF, words, len(addrs), end)
-
-    def drop(self, address: int) -> None:
-        self._lib.trapfast_blocks_drop(self._pstate, address & 0xFFFFFFFF)
-
-    def clear(self) -> None:
-        self._lib.trapfast_blocks_clear(self._pstate)

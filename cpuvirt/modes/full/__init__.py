@@ -52,6 +52,7 @@ class FullMode(Mode):
 
         self.shadow = ShadowPaging(machine.mmu)  # installs itself as the memory strategy
         self.shadow.attach(self.vcpu)
+        self.vcpu.install_delivery(self.shadow)  # the common deliveries in C (deliverfast.py)
         vcpu = self.vcpu.virtual_cpu
         if fill is not None and isinstance(vcpu, FullEvVirtualCpu):  # the virtual CRs are in its table
             fill.follow(self.shadow, vcpu.crs_addresses(), TC_WINDOW)

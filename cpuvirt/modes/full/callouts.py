@@ -39,6 +39,7 @@ if TYPE_CHECKING:  # a mixin of FullVcpu (vcpu.py): mypy reads it against the de
     from cpuvirt.bt.tcache import TCache
     from cpuvirt.cpu.deprivilege import DeprivilegedVcpu as _VcpuBase
     from cpuvirt.modes.full.crfast import CrState
+    from cpuvirt.modes.full.deliverfast import FullDelivery
     from cpuvirt.modes.full.evfast import FullEvents
 else:
     _VcpuBase = object
@@ -56,6 +57,7 @@ class Callouts(_VcpuBase):
     crfast: CrState | None  # crfast.py
     evfast: FullEvents | None  # evfast.py
     _entered: int | None  # vcpu.py: the guest EIP enter_kernel last went to
+    fdeliver: FullDelivery | None  # deliverfast.py: the common deliveries in C
     _adaptive_store: Callable[[int], None]  # adaptive.py
     _virtual_changed: Callable[[], None]  # coherence.py
     check_code_mappings: Callable[[], None]  # coherence.py
@@ -89,6 +91,8 @@ class Callouts(_VcpuBase):
         fast = self.rt.fast
         if fast is None:
             return
+        if self.fdeliver is not None:
+            self.fdeliver.fold()
         for kind, n in fast.take().items():
             self.counts[self.event_kind] += n
             self.reasons[self.event_kind, KIND_NAMES[kind]] += n

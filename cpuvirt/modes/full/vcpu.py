@@ -27,6 +27,7 @@ from cpuvirt.modes.full.adaptive import ADAPTIVE_THRESHOLD, AdaptiveStores
 from cpuvirt.modes.full.callouts import Callouts
 from cpuvirt.modes.full.coherence import CODE, Coherence
 from cpuvirt.modes.full.crfast import CrState
+from cpuvirt.modes.full.deliverfast import FullDelivery
 from cpuvirt.modes.full.evfast import FullEvents
 from cpuvirt.modes.full.inplace import InPlaceBlocks
 from cpuvirt.x86.vectors import Vector
@@ -70,6 +71,23 @@ class _Code(GuestCode):
 
 class FullVcpu(RunsCode16, Coherence, Callouts, AdaptiveStores, DeprivilegedVcpu):
     event_kind = "callout"
+    fdeliver: FullDelivery | None = None  # the common deliveries in C (deliverfast.py), once installed
+
+    @property
+    def trace(self):
+        return self._trace
+
+    @trace.setter
+    def trace(self, trace) -> None:
+        """A trace line needs Python: while one is written, every event is delivered by Python."""
+        self._trace = trace
+        if self.fdeliver is not None:
+            self.fdeliver.enabled = trace is None
+
+    def install_delivery(self, shadow) -> None:
+        """The common events delivered in C (deliverfast.py), once shadow paging is the strategy."""
+        if self.evfast is not None:
+            self.fdeliver = FullDelivery.install(self, shadow)
 
     def __init__(self, machine, trace=None, max_insns: int = 0, verbose: bool = False):
         super().__init__(machine, trace=trace, max_insns=max_insns)
@@ -184,6 +202,20 @@ class FullVcpu(RunsCode16, Coherence, Callouts, AdaptiveStores, DeprivilegedVcpu
             self.regs.write(R.EIP, self.rt.lookup(guest_eip))
         except TranslateFault:
             self.regs.write(R.EIP, guest_eip)  # settled (the fetch #PF delivered) before entry
+
+    def deliver(self, vector, return_eip, error_code=None, soft=False, external=False, fault_eip=None) -> None:
+        """A #PF of a refused fill (page_fault) goes through the C delivery first (deliverfast.py)."""
+        fd = self.fdeliver
+        if (
+            fd is not None
+            and vector == Vector.PF
+            and error_code is not None
+            and not soft
+            and not external
+            and fd.deliver_page_fault(return_eip, error_code)
+        ):
+            return
+        super().deliver(vector, return_eip, error_code, soft, external, fault_eip)
 
     def after_transfer(self) -> None:
         """A gate or task switch from user code changed virtual-CPU state translations baked in."""
@@ -314,6 +346,8 @@ class FullVcpu(RunsCode16, Coherence, Callouts, AdaptiveStores, DeprivilegedVcpu
         self.left_block_at(eip)
         self._deliver_engine_event(intno, error_code, soft, self.guest_position(eip))
         self.settle()
+        if self.fdeliver is not None:
+            self.fdeliver.seen(intno, soft)
 
     def hook_invalid(self, uc, _data) -> bool:
         self.mmu.crs = None

@@ -1,0 +1,88 @@
+"""The Python side of cpu/_evdeliver.h: event delivery through the guest's IDT in C, shared by mode `trap`
+(modes/trapfast.py) and mode `full` (modes/full/deliverfast.py), and the copy of Machine.block_insns
+both keep for Vcpu.left_block_at (`BlockCopy`, one entry of it)."""
+
+from __future__ import annotations
+
+import ctypes
+
+BLOCK_SLOTS, BLOCK_MAX_INSNS = 4096, 58
+
+
+class BlockCopy(ctypes.Structure):
+    """Mirror of block_t."""
+
+    _fields_ = [
+        ("end", ctypes.c_uint64),
+        ("address", ctypes.c_uint32),
+        ("first", ctypes.c_uint32),
+        ("n", ctypes.c_uint16),
+        ("offset", ctypes.c_uint16 * BLOCK_MAX_INSNS),
+        ("ambiguous", ctypes.c_uint16),
+        ("pad", ctypes.c_uint16 * 2),
+    ]
+
+
+def block_set(address: int) -> int:
+    """The first slot of the set of Machine.block_insns' entry `address` in the copy (ed_block_set: two
+    slots a set)."""
+    return (((address & 0xFFFFFFFF) * 2654435761) & 0xFFFFFFFF) >> 21 << 1
+
+
+class BlockCopyKeeper:
+    """The Python side of the copy of Machine.block_insns (a BlockMirror, machine/blocks.py): calls the C
+    put/drop/clear of one table and keeps its sets exact about what they lost. C marks a set ambiguous
+    when a put into a full set drops a live entry (the C path must then ask Python); here each set's
+    live table entries are known, so a set is ambiguous only while the table holds an entry mapped to
+    it that neither slot holds, and when an entry a slot held goes, another of the set's entries is put
+    back. (Without this an ambiguous set stayed so until the table was cleared.)"""
+
+    def __init__(self, table: dict, put, drop, clear, blocks):
+        self._table = table  # Machine.block_insns
+        self._put, self._drop, self._clear = put, drop, clear  # the C functions, bound to their table
+        self._blocks = blocks  # the C slots (a ctypes array of BlockCopy)
+        self._keys: dict[int, set[int]] = {}  # set -> the table's entries mapped there
+
+    def _c_put(self, address: int, entry: tuple) -> None:
+        addrs, end = entry
+        words = (ctypes.c_uint32 * len(addrs))(*(a & 0xFFFFFFFF for a in addrs))
+        self._put(address & 0xFFFFFFFF, words, len(addrs), end)
+
+    def _held(self, s: int) -> set[int]:
+        b = self._blocks
+        return {b[k].address for k in (s, s + 1) if b[k].n}
+
+    def _settle(self, s: int, keys: set[int]) -> None:
+        """Fill a free slot of set `s` from the table's entries not held, then flag what is still lost."""
+        held = self._held(s)
+        missing = sorted(keys - held)
+        if missing and len(held) < 2:
+            entry = self._table.get(missing[0])
+            if entry is not None:
+                self._c_put(missing[0], entry)
+                held = self._held(s)
+        self._blocks[s].ambiguous = 1 if keys - held else 0
+
+    def put(self, address: int, addrs: tuple[int, ...], end: int) -> None:
+        s = block_set(address)
+        keys = self._keys.setdefault(s, set())
+        keys.add(address)
+        self._c_put(address, (addrs, end))
+        self._blocks[s].ambiguous = 1 if keys - self._held(s) else 0
+
+    def drop(self, address: int) -> None:
+        s = block_set(address)
+        self._drop(address & 0xFFFFFFFF)
+        keys = self._keys.get(s)
+        if keys is None:
+            return
+        keys.discard(address)
+        if not keys:
+            del self._keys[s]
+            self._blocks[s].ambiguous = 0
+            return
+        self._settle(s, keys)
+
+    def clear(self) -> None:
+        self._keys.clear()
+        self._clear()
