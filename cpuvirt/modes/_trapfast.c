@@ -63,10 +63,6 @@ typedef void (*intr_fn)(void *uc, uint32_t intno, void *user_data);
 
 
 #define BLOCK_SLOTS ED_BLOCK_SLOTS
-#define PTE_RW 2u
-#define PTE_US 4u
-#define EFLAGS_TF 0x100u
-#define EFLAGS_IOPL_SHIFT 12
 
 /* The kinds answered here, each with its (kind, reason) key of Vcpu.reasons (trapfast.py REASONS). */
 enum { K_CLI, K_STI, K_CLTS, K_MOV_CR0, K_MOV_CR4, K_MOV_SREG, K_POP_SREG, K_MOV_CR2, K_IRETD, K_COUNT };

@@ -8,7 +8,7 @@ CPUVIRT_TRAP_IRET_C=0 turn those two off.
 
 `TrapFast.install(vcpu, shadow)` puts the C INTR hook in front of the vCPU's Python one and moves
 what it needs into its table: the virtual CR0, CR3 and CR4 (`TrapVirtualCpu`), the hypervisor's own
-TLB's generation (cpu/hvtlb.py), a copy of Machine.block_insns (this table is its BlockMirror), and
+TLB's generation (cpu/hvtlb.py), a copy of Machine.block_insns (kept by cpu/evdeliver.BlockCopyKeeper), and
 whether shadow paging would need anything on a WP/PGE toggle (`arm`, after each event Python handles,
 and ShadowPaging.on_dirty as it happens). Events counted in C are folded into Vcpu.counts and
 Vcpu.reasons when those are read. The C path is off while a trace is written (TrapVcpu.trace), and
