@@ -174,6 +174,26 @@ def test_undefined_symbol_named_with_line():
     assert "nowhere_defined" in str(e.value)
 
 
+@pytest.mark.parametrize(
+    "fill",
+    [
+        ".fill 0x20 - (. - start), 1, 0x90",  # keystone loops forever on these three
+        ".skip 0x20 - (here - start), 0x90",
+        ".space here - start, 0x90",
+        ".zero 0x20 - (here - start)",  # ... and counts 0 on this one
+    ],
+)
+def test_a_count_that_depends_on_a_label_is_an_input_error_not_a_hang(fill):
+    with pytest.raises(GuestBuildError) as e:
+        _asm_text(f"start:\n  nop\nhere:\n  {fill}\n  ret\n")
+    assert str(e.value).startswith("t.S:4: ") and "constant count" in str(e.value)
+
+
+def test_constant_counts_still_assemble():
+    asm = _asm_text("start:\n  nop\n.set N, 5\n  .fill N, 1, 0x90\n  .skip 2, 0xCC\n  .zero 0x10 - 3\n  ret\n")
+    assert asm.code == bytes([0x90] * 6 + [0xCC] * 2 + [0] * 13 + [0xC3])
+
+
 def test_locating_an_error_leaves_keystone_sane():
     """Keystone 0.9.2 corrupts itself process-wide once a Ks with a sym_resolver is dropped
     (.zero 104 then emits 260 bytes); error location must not use one."""

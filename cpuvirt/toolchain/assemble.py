@@ -71,6 +71,10 @@ _INTRINSIC16 = {
 _DESC_TABLE = {"lgdt", "lidt", "sgdt", "sidt"}
 _ATT_RE = re.compile(r"%[a-z]|\$-?[\w(]|^\s*[a-z]+[bwl]\s+[$%]", re.I)
 _BSS_DIRECTIVES = {".align", ".balign", ".p2align", ".zero", ".skip", ".space"}
+# Keystone loops forever (.fill, .skip/.space with a fill byte) or silently counts 0 (.zero, .skip) when
+# the count of these depends on a label or on `.`; such a count is refused (a constant, or .align).
+_COUNTED_DIRECTIVES = {".fill", ".skip", ".space", ".zero"}
+_SYMBOL_RE = re.compile(r"(?<![\w.$])[A-Za-z_$][\w.$]*|(?<![\w.$])\.(?![\w.$])")
 _SECTIONS = {".text": "text", ".data": "data", ".rodata": "data", ".bss": "bss"}
 _FORBIDDEN_DIRECTIVES = {
     ".code16": "16-bit code is not supported; write 32-bit code",
@@ -148,6 +152,23 @@ class Assembly:
             return None
         s = self._emitted[k]
         return (s.file, s.line) if s.addr <= addr < s.addr + s.size else None
+
+
+def _refuse_label_counts(statements: Sequence[Statement], labels: set[str]) -> None:
+    """A .fill/.skip/.space/.zero whose count names a label or `.` is an input error (_COUNTED_DIRECTIVES)."""
+    for s in statements:
+        if s.kind != "data":
+            continue
+        directive, _, rest = s.asm.strip().partition(" ")
+        if directive.lower() not in _COUNTED_DIRECTIVES:
+            continue
+        count = split_top_level(rest, ",")[0]
+        names = set(_SYMBOL_RE.findall(count))
+        if "." in names or names & labels:
+            raise GuestBuildError(
+                f"{s.where}: the count of {directive} depends on a label or on `.`, which the assembler "
+                f"(keystone) cannot do (it loops or counts 0): use a constant count, or .align"
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -399,6 +420,7 @@ def assemble(lines: Iterable[SourceLine], base: int) -> Assembly:
                 raise GuestBuildError(f"{s.where}: label '{s.label}' already defined at {seen[s.label].where}")
             seen[s.label] = s
     labels = [s.label for s in ordered if s.label]
+    _refuse_label_counts(ordered, set(labels))
 
     n = len(ordered)
     table_syms = [f"__cv_s{i}" for i in range(n)] + ["__cv_end"] + labels
