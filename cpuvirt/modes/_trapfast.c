@@ -65,7 +65,7 @@ typedef void (*intr_fn)(void *uc, uint32_t intno, void *user_data);
 #define BLOCK_SLOTS ED_BLOCK_SLOTS
 
 /* The kinds answered here, each with its (kind, reason) key of Vcpu.reasons (trapfast.py REASONS). */
-enum { K_CLI, K_STI, K_CLTS, K_MOV_CR0, K_MOV_CR4, K_MOV_SREG, K_POP_SREG, K_MOV_CR2, K_IRETD, K_COUNT };
+enum { K_CLI, K_STI, K_CLTS, K_MOV_CR0, K_MOV_CR4, K_MOV_SREG, K_POP_SREG, K_MOV_CR2, K_IRETD, K_MOV_CR3, K_COUNT };
 
 typedef struct {
     reg_read_fn reg_read;
@@ -85,7 +85,7 @@ typedef struct {
     uint64_t pending;          /* events counted here since Python last folded them */
     uint64_t count[K_COUNT];
     uint8_t seen[K_COUNT];     /* Python has recorded this kind once (its counter keys exist) */
-    uint8_t pad2[7];
+    uint8_t pad2[6];
     uint64_t answered, to_python, misses;
     /* env, RAM, the hypervisor-TLB copy, the virtual GDTR/CR2/IOPL, `_loaded` (cpu/_evseg.h) */
     evseg_t ev;
@@ -105,6 +105,11 @@ typedef struct {
     int32_t r_ss;
     uint32_t iret_on;          /* 0: every iret site is Python's (CPUVIRT_TRAP_IRET_C=0) */
     uint64_t irets;            /* iret sites passed here */
+    /* mov to CR3 that selects the current shadow root again (cr3_reload_ok) */
+    int (*uc_ctl)(void *uc, int control, ...);   /* uc_ctl, for the engine's TLB flush */
+    int32_t tlb_flush_ctl;     /* UC_CTL_WRITE(UC_CTL_TLB_FLUSH, 0) */
+    uint32_t pad3;
+    uint64_t cr3_reloads;      /* ShadowCounters.cr3_switches and root_hits to add (Python folds them) */
 } trapfast_t;
 
 size_t trapfast_sizeof(void) { return sizeof(trapfast_t); }
@@ -191,6 +196,15 @@ static int write_cr_plain(trapfast_t *s, int cr4, uint32_t value) {
     }
     *slot = new;
     return 1;
+}
+
+/* -- mov to CR3 that selects the shadow's current root again (a TLB flush: kernels reload CR3 for it) --
+ * EmulatingVcpu.write_cr(3) then does only this: the virtual CR3, the hypervisor's TLB cleared, and
+ * ShadowPaging.on_cr3_write's switch count, root hit (the key is _cur_key) and engine TLB flush, when its
+ * _resync has nothing to do (no unsynchronised frame: shadow_ok). Another root: Python's (_select). */
+static int cr3_reload_ok(const trapfast_t *s, uint32_t value) {
+    const shadowmirror_t *m = s->mirror;
+    return m && s->uc_ctl && s->shadow_ok && m->serial && (value & 0xFFFFF000u) == m->key;
 }
 
 static int rd(trapfast_t *s, void *uc, int reg, uint64_t *v) {
@@ -308,8 +322,8 @@ void trapfast_intr_hook(void *uc, uint32_t intno, void *user_data) {
         reg = code[2] & 7;
     } else if (code[0] == 0x0F && (code[1] == 0x20 || code[1] == 0x22) && (code[2] >> 6) == 3) {
         int n = (code[2] >> 3) & 7;
-        if (n != 0 && n != 4) goto python;
-        kind = n ? K_MOV_CR4 : K_MOV_CR0, size = 3;
+        if (n != 0 && n != 3 && n != 4) goto python;
+        kind = n == 3 ? K_MOV_CR3 : n ? K_MOV_CR4 : K_MOV_CR0, size = 3;
         reg = code[2] & 7;
         to_cr = code[1] == 0x22;
     } else if (code[0] == 0x8E && (code[1] >> 6) == 3) {                /* mov sreg, r32 */
@@ -334,7 +348,9 @@ void trapfast_intr_hook(void *uc, uint32_t intno, void *user_data) {
     if (!s->seen[kind] || !retired(s, (uint32_t)eip, &unretire)) goto python;
     if (to_cr) {
         if (!rd(s, uc, s->r_gpr[reg], &value)) goto python;
-        if (!write_cr_plain(s, kind == K_MOV_CR4, (uint32_t)value)) goto python;   /* nothing changed */
+        if (kind == K_MOV_CR3 ? !cr3_reload_ok(s, (uint32_t)value)
+                              : !write_cr_plain(s, kind == K_MOV_CR4, (uint32_t)value))
+            goto python;                                                /* nothing changed */
     } else if (kind == K_MOV_SREG) {
         if (!rd(s, uc, s->r_gpr[reg], &value)) goto python;
         if (ev_load_data_segment(&s->ev, seg, (uint32_t)value, &plain) != 1) goto python;  /* nothing changed */
@@ -374,6 +390,18 @@ void trapfast_intr_hook(void *uc, uint32_t intno, void *user_data) {
         s->reg_write(uc, s->r_eip, &next);
         break;
     case K_MOV_SREG:
+        s->reg_write(uc, s->r_eip, &next);
+        break;
+    case K_MOV_CR3:
+        if (to_cr) {                           /* EmulatingVcpu.write_cr(3) -> ShadowPaging.on_cr3_write */
+            s->crs[1] = (uint32_t)value;
+            s->ev.rtlb_gen++;                  /* the hypervisor's TLB: _rtlb.clear() */
+            s->cr3_reloads++;                  /* cr3_switches, root_hits */
+            s->uc_ctl(uc, s->tlb_flush_ctl);   /* _flush_engine */
+        } else {
+            value = s->crs[1];
+            s->reg_write(uc, s->r_gpr[reg], &value);
+        }
         s->reg_write(uc, s->r_eip, &next);
         break;
     case K_MOV_CR2:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import ctypes
 import os
 
-from unicorn import UC_HOOK_CODE, UC_HOOK_INTR
+from unicorn import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH, UC_HOOK_CODE, UC_HOOK_INTR
 from unicorn.unicorn_py3 import unicorn as _ucmod
 
 from cpuvirt.cpu import evseg
@@ -48,6 +48,7 @@ REASONS = (
     ("trap", "pop"),
     ("trap", "mov cr2"),
     ("trap", "iretd"),
+    ("trap", "mov cr3"),
 )
 # The vectors _trapfast.c delivers as faults (#DE; #GP from ring 3) and their Vcpu.reasons keys
 FAULTS = (int(Vector.DE), int(Vector.GP))
@@ -79,7 +80,7 @@ class _State(ctypes.Structure):
         ("pending", ctypes.c_uint64),
         ("count", ctypes.c_uint64 * len(REASONS)),
         ("seen", ctypes.c_uint8 * len(REASONS)),
-        ("pad2", ctypes.c_uint8 * 7),
+        ("pad2", ctypes.c_uint8 * 6),
         ("answered", ctypes.c_uint64),
         ("to_python", ctypes.c_uint64),
         ("misses", ctypes.c_uint64),
@@ -101,6 +102,10 @@ class _State(ctypes.Structure):
         ("r_ss", ctypes.c_int32),
         ("iret_on", ctypes.c_uint32),
         ("irets", ctypes.c_uint64),
+        ("uc_ctl", ctypes.c_void_p),
+        ("tlb_flush_ctl", ctypes.c_int32),
+        ("pad3", ctypes.c_uint32),
+        ("cr3_reloads", ctypes.c_uint64),
     ]
 
 
@@ -195,6 +200,9 @@ class TrapFast:
         self._pstate = ctypes.c_void_p(ctypes.addressof(st))
         st.reg_read = ctypes.cast(_ucmod.uclib.uc_reg_read, ctypes.c_void_p).value
         st.reg_write = ctypes.cast(_ucmod.uclib.uc_reg_write, ctypes.c_void_p).value
+        if os.environ.get("CPUVIRT_TRAP_CR3_C", "1") != "0":  # a CR3 reload of the current root in C
+            st.uc_ctl = ctypes.cast(_ucmod.uclib.uc_ctl, ctypes.c_void_p).value
+            st.tlb_flush_ctl = (UC_CTL_IO_WRITE << 30) | UC_CTL_TLB_FLUSH  # no argument
         layout = context_layout()
         st.off_old_exception = layout.old_exception - header
         st.off_is_int = layout.exception_is_int - header
@@ -371,6 +379,11 @@ class TrapFast:
         zero."""
         st = self._state
         counts, reasons = self.vcpu._counts, self.vcpu._reasons
+        if st.cr3_reloads:  # ShadowPaging.on_cr3_write's counts for the reloads C made
+            c = self.shadow.counters
+            c.cr3_switches += st.cr3_reloads
+            c.root_hits += st.cr3_reloads
+            st.cr3_reloads = 0
         if st.pending:
             st.pending = 0
             for k, key in enumerate(REASONS):
