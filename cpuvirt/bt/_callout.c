@@ -37,7 +37,8 @@ typedef void (*intr_fn)(void *uc, uint32_t intno, void *user_data);
 enum { PYTHON = 0, CPUID = 1, RDTSC = 2, MOV_CR0 = 3, MOV_CR4 = 4, PORT_IN = 5, PORT_OUT = 6,
        MOV_SREG = 7, POP_SREG = 8, MOV_CR2 = 9, IRETD = 10,
        IRETD_OUTER = 11,  /* a count only: an IRETD slot's returns to ring 3 (no translation looked up) */
-       KINDS = 12 };
+       MOV_CR3 = 12,      /* mov cr3, r32 reloading the CR3 it holds (cr3_reload) */
+       KINDS = 13 };
 
 /* The guest kernel's events (modes/full/evfast.py, CPUVIRT_FULL_EVENTS_C=0 keeps them Python's):
  *   MOV_SREG  mov ds/es/fs/gs, r16/r32   arg: the ModRM byte's sreg and register fields (bits 0-5)
@@ -146,6 +147,9 @@ typedef struct {
     uint32_t dest[SLOTS];      /* EIP to go on at (a TC address) */
     uint8_t io[SLOTS];         /* a port access's size and port operand (IO_SIZE, IO_DX) */
     fulldeliver_t dl;          /* event delivery through the guest's IDT (full_intr_hook, below) */
+    int (*uc_ctl)(void *uc, int control, ...);   /* uc_ctl, for cr3_reload's flush of the engine's TLB */
+    int32_t tlb_flush_ctl;     /* UC_CTL_WRITE(UC_CTL_TLB_FLUSH, 0) */
+    uint32_t pad_cr3;
 } callouts_t;
 
 size_t callouts_sizeof(void) { return sizeof(callouts_t); }
@@ -179,6 +183,24 @@ static int mov_cr(callouts_t *t, void *uc, uint8_t modrm, uint64_t cs) {
     }
     if (new != old) t->ev.rtlb_gen++; /* flush_guest_tlb: the hypervisor's TLB (cpu/evseg.EvHvTlb) */
     t->cr[n] = new;
+    return 1;
+}
+
+/* mov cr3, r32 reloading the virtual CR3 it holds (a kernel's TLB flush; nanobench's cr3): what
+ * Callouts._mov_to_cr leaves then: EmulatingVcpu.write_cr(3) (the hypervisor's TLB cleared, and
+ * ShadowPaging.on_cr3_write's switch count, root hit and engine TLB flush, with nothing for its _resync to
+ * do: shadow_ok), the callout counted, and _virtual_changed finding nothing (the same CR3; CS, SS and IOPL
+ * the snapshot's). Another value, another root, an unsynchronised frame: Python's. The switch and the root
+ * hit are counted as the served kind (Callouts.sync_counts adds them to ShadowCounters). */
+static int cr3_reload(callouts_t *t, void *uc, uint8_t modrm, uint64_t cs) {
+    uint64_t value = 0;
+    const shadowmirror_t *m = t->dl.mirror;
+    t->reg_read(uc, t->gpr_reg[modrm & 7], &value);
+    if ((uint32_t)value != t->cr3 || !m || !t->uc_ctl || !t->shadow_ok) return 0;
+    if (!m->serial || (t->cr3 & 0xFFFFF000u) != m->key) return 0;
+    if (!snapshot_holds(t, uc, cs)) return 0;
+    t->ev.rtlb_gen++;                          /* the hypervisor's TLB (cpu/evseg.EvHvTlb) */
+    t->uc_ctl(uc, t->tlb_flush_ctl);           /* _flush_engine */
     return 1;
 }
 
@@ -304,6 +326,11 @@ void callout_hook(void *uc, uint64_t address, uint32_t size, void *user_data) {
             uint64_t eip = t->dest[i];
             if (k == MOV_CR0 || k == MOV_CR4) {
                 if (!mov_cr(t, uc, t->arg[i], cs)) {
+                    TO_PYTHON(1);
+                    return;
+                }
+            } else if (k == MOV_CR3) {
+                if (!cr3_reload(t, uc, t->arg[i], cs)) {
                     TO_PYTHON(1);
                     return;
                 }

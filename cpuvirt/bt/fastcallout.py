@@ -21,8 +21,9 @@ counted).
 from __future__ import annotations
 
 import ctypes
+import os
 
-from unicorn import UC_HOOK_CODE
+from unicorn import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH, UC_HOOK_CODE
 from unicorn.unicorn_py3 import unicorn as _ucmod
 from unicorn.x86_const import UC_X86_REG_CS, UC_X86_REG_EIP
 
@@ -35,7 +36,8 @@ from cpuvirt.engine.cext import add_c_hook, load
 PYTHON, CPUID, RDTSC, MOV_CR0, MOV_CR4, PORT_IN, PORT_OUT = 0, 1, 2, 3, 4, 5, 6
 # the guest kernel's events (modes/full/evfast.py); IRETD_OUTER only counts an IRETD slot's returns to ring 3
 MOV_SREG, POP_SREG, MOV_CR2, IRETD, IRETD_OUTER = 7, 8, 9, 10, 11
-KINDS = 12
+MOV_CR3 = 12  # a mov to CR3 reloading the CR3 it holds (a TLB flush)
+KINDS = 13
 KIND_NAMES = {
     CPUID: "cpuid",
     RDTSC: "rdtsc",
@@ -48,6 +50,7 @@ KIND_NAMES = {
     MOV_CR2: "mov cr2",
     IRETD: "iretd",
     IRETD_OUTER: "iretd",
+    MOV_CR3: "mov cr3",
 }
 PORT_KINDS = (PORT_IN, PORT_OUT)  # counted by their Python device calls, not by take()
 NO_LOOKUP = (IRETD_OUTER,)  # served without looking a translation up (the Python path looks up none)
@@ -152,6 +155,9 @@ class _Table(ctypes.Structure):
         ("dest", ctypes.c_uint32 * CALLOUT_SLOTS),
         ("io", ctypes.c_uint8 * CALLOUT_SLOTS),
         ("dl", DeliveryTable),
+        ("uc_ctl", ctypes.c_void_p),
+        ("tlb_flush_ctl", ctypes.c_int32),
+        ("pad_cr3", ctypes.c_uint32),
     ]
 
 
@@ -174,6 +180,9 @@ class FastCallouts:
         t = self._table = _Table()
         t.reg_read = ctypes.cast(_ucmod.uclib.uc_reg_read, ctypes.c_void_p).value
         t.reg_write = ctypes.cast(_ucmod.uclib.uc_reg_write, ctypes.c_void_p).value
+        if os.environ.get("CPUVIRT_FULL_CR3_C", "1") != "0":  # MOV_CR3: a CR3 reload in C
+            t.uc_ctl = ctypes.cast(_ucmod.uclib.uc_ctl, ctypes.c_void_p).value
+            t.tlb_flush_ctl = (UC_CTL_IO_WRITE << 30) | UC_CTL_TLB_FLUSH  # no argument
         t.python = ctypes.cast(python_hook, ctypes.c_void_p).value
         t.base = base
         t.eip_reg, t.cs_reg = UC_X86_REG_EIP, UC_X86_REG_CS

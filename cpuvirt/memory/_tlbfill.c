@@ -396,6 +396,12 @@ typedef struct {
     const shadowmirror_t *mirror;
     const uint32_t *vcr0, *vcr3, *vcr4;   /* the virtual CR0, CR3, CR4 (where the mode's C path keeps
                                               them); NULL: the engine's own (hw --no-ept: the guest's) */
+    /* full: the translation cache's linear window [tc_lo, tc_hi), served to fetches at CPL 1 from the TC's
+     * host frames at tc_hpa while *tc_on (the callout table's `enabled`: no 16-bit code runs in place), as
+     * FullVcpu's fill does it, uncounted like it (modes/full/vcpu.py); tc_on NULL: none */
+    uint32_t tc_lo, tc_hi;
+    uint64_t tc_hpa;
+    const uint32_t *tc_on;
 } shadowfill_t;
 
 size_t shadowfill_sizeof(void) { return sizeof(shadowfill_t); }
@@ -408,6 +414,12 @@ int shadowfill_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *us
     const sentry_t *en;
     int user, writable, allowed, ok;
     if (!s->enabled || (type != MEM_READ && type != MEM_WRITE && type != MEM_FETCH)) return 0;
+    if (s->tc_on && type == MEM_FETCH && vaddr >= s->tc_lo && vaddr < s->tc_hi && *s->tc_on) {
+        if (s->reg_read(uc, s->ss, &ss) || (ss & 3) != 1) return 0;   /* CPL 1: the guest kernel */
+        e->paddr = s->tc_hpa + ((vaddr - s->tc_lo) & ~0xFFFull);
+        e->perms = PROT_EXEC;
+        return 1;
+    }
     if (vaddr >= s->hv_start) return 0;
     if (s->vcr0) {
         cr0 = *s->vcr0, cr3 = *s->vcr3, cr4 = *s->vcr4;

@@ -52,6 +52,10 @@ class _FillState(ctypes.Structure):
         ("vcr0", ctypes.c_void_p),
         ("vcr3", ctypes.c_void_p),
         ("vcr4", ctypes.c_void_p),
+        ("tc_lo", ctypes.c_uint32),
+        ("tc_hi", ctypes.c_uint32),
+        ("tc_hpa", ctypes.c_uint64),
+        ("tc_on", ctypes.c_void_p),
     ]
 
 
@@ -222,6 +226,12 @@ class ShadowFastFill(FastFill):
         shadow.counters.fast = self
         st.enabled = 1
         return True
+
+    def serve_tc(self, lo: int, hi: int, hpa: int, on: int) -> None:
+        """full: fetches at CPL 1 from the TC window [lo, hi) map the TC's frames at host-physical `hpa` while
+        the uint32 at address `on` is nonzero (FullVcpu's fill does the same, and counts nothing)."""
+        st = self._state
+        st.tc_lo, st.tc_hi, st.tc_hpa, st.tc_on = lo, hi, hpa, on
 
     def hits(self) -> int:
         """Shadow hits answered in C (ShadowCounters adds them to its own)."""

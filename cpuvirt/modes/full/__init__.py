@@ -19,7 +19,10 @@ translation cache themselves are in cpuvirt/bt.
 
 from __future__ import annotations
 
+import ctypes
+
 from cpuvirt.bt.direct import WANTED
+from cpuvirt.bt.tcache import TC_SIZE
 from cpuvirt.memory.shadowmirror import ShadowFastFill
 from cpuvirt.modes.base import Mode
 from cpuvirt.modes.full.adaptive import ADAPTIVE_THRESHOLD
@@ -55,7 +58,11 @@ class FullMode(Mode):
         self.vcpu.install_delivery(self.shadow)  # the common deliveries in C (deliverfast.py)
         vcpu = self.vcpu.virtual_cpu
         if fill is not None and isinstance(vcpu, FullEvVirtualCpu):  # the virtual CRs are in its table
-            fill.follow(self.shadow, vcpu.crs_addresses(), TC_WINDOW)
+            fast = self.vcpu.rt.fast  # (FullEvVirtualCpu: the callout table exists)
+            if fill.follow(self.shadow, vcpu.crs_addresses(), TC_WINDOW) and fast is not None:
+                table = fast.table
+                on = ctypes.addressof(table) + type(table).enabled.offset  # 0 while 16-bit code runs in place
+                fill.serve_tc(TC_WINDOW, TC_WINDOW + TC_SIZE, self.vcpu.tc_hpa, on)
 
     def translation_stats(self) -> dict:
         """The translation cache's counters, for `run --stats` (runner.RunResult.mmu["translation"])."""

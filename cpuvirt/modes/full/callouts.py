@@ -16,6 +16,7 @@ from cpuvirt.bt.fastcallout import (
     IRETD,
     KIND_NAMES,
     MOV_CR0,
+    MOV_CR3,
     MOV_CR4,
     NO_LOOKUP,
     PORT_IN,
@@ -96,6 +97,10 @@ class Callouts(_VcpuBase):
         for kind, n in fast.take().items():
             self.counts[self.event_kind] += n
             self.reasons[self.event_kind, KIND_NAMES[kind]] += n
+            if kind == MOV_CR3:  # ShadowPaging.on_cr3_write's counts of the reloads C made
+                sc = self.mmu.strategy.counters
+                sc.cr3_switches += n
+                sc.root_hits += n
             c = self.tc.counters
             c.callouts += n
             if kind not in NO_LOOKUP:
@@ -201,9 +206,9 @@ class Callouts(_VcpuBase):
         self.emulated(geip, "mov", {"cr": n, "value": f"{value:#x}"})
         self._virtual_changed()
         cr = self.crfast
-        if cr is not None and self.trace is None and n != 3:
+        if cr is not None and self.trace is None:
             cr.arm(self.mmu.strategy)
-            self.rt.link_as, self.rt.link_arg = (MOV_CR0 if n == 0 else MOV_CR4), modrm
+            self.rt.link_as, self.rt.link_arg = (MOV_CR0, MOV_CR3, MOV_CR3, MOV_CR3, MOV_CR4)[n], modrm
         return (geip + 3) & 0xFFFFFFFF
 
     def _special(self, geip, ins, site):
