@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import ctypes
 
+from cpuvirt.x86.vectors import MNEMONIC
+
 BLOCK_SLOTS, BLOCK_MAX_INSNS = 4096, 58
 
 
@@ -86,3 +88,21 @@ class BlockCopyKeeper:
     def clear(self) -> None:
         self._keys.clear()
         self._clear()
+
+
+def fold_event_counts(table, soft_seen, fault_seen, counts, reasons) -> None:
+    """Add the `int n` and faults a C delivery counted (`table.soft_count`, `table.fault_count`, for the
+    vectors Python has delivered once: their keys are in place) to Vcpu.counts and Vcpu.reasons, and count
+    from zero. Shared by trap's and full's C deliveries."""
+    for v in soft_seen:
+        n = table.soft_count[v]
+        if n:
+            table.soft_count[v] = 0
+            counts["interrupt"] += n
+            reasons["interrupt", f"int {v:#x}"] += n
+    for v in fault_seen:
+        n = table.fault_count[v]
+        if n:
+            table.fault_count[v] = 0
+            counts["exception"] += n
+            reasons["exception", MNEMONIC[v]] += n

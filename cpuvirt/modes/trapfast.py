@@ -25,7 +25,7 @@ from unicorn import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH, UC_HOOK_CODE, UC_HOOK_INT
 from unicorn.unicorn_py3 import unicorn as _ucmod
 
 from cpuvirt.cpu import evseg
-from cpuvirt.cpu.evdeliver import BLOCK_SLOTS, BlockCopyKeeper
+from cpuvirt.cpu.evdeliver import BLOCK_SLOTS, BlockCopyKeeper, fold_event_counts
 from cpuvirt.cpu.evdeliver import BlockCopy as _Block
 from cpuvirt.cpu.evseg import EvHvTlb, EvLoaded, EvSeg, EvVirtualCpu
 from cpuvirt.cpu.quirks import context_layout
@@ -394,18 +394,7 @@ class TrapFast:
                     reasons[key] += n
         if st.dpending:
             st.dpending = 0
-            for v in self._soft_seen:
-                n = st.soft_count[v]
-                if n:
-                    st.soft_count[v] = 0
-                    counts["interrupt"] += n
-                    reasons["interrupt", f"int {v:#x}"] += n
-            for v in self._fault_seen:
-                n = st.fault_count[v]
-                if n:
-                    st.fault_count[v] = 0
-                    counts["exception"] += n
-                    reasons["exception", MNEMONIC[v]] += n
+            fold_event_counts(st, self._soft_seen, self._fault_seen, counts, reasons)
 
     def deliver_page_fault(self, return_eip: int, error_code: int) -> bool:
         """A #PF from a refused fill (DeprivilegedVcpu.page_fault, recorded and CR2 set) delivered in C

@@ -27,7 +27,7 @@ from unicorn import UC_HOOK_INTR
 
 from cpuvirt.bt.fastcallout import _lib
 from cpuvirt.bt.tcache import Block, TCache
-from cpuvirt.cpu.evdeliver import BlockCopyKeeper
+from cpuvirt.cpu.evdeliver import BlockCopyKeeper, fold_event_counts
 from cpuvirt.cpu.quirks import context_layout
 from cpuvirt.engine.cext import add_c_hook
 from cpuvirt.engine.internals import context_header, engine_env
@@ -192,19 +192,7 @@ class FullDelivery:
         if not dl.pending:
             return
         dl.pending = 0
-        counts, reasons = self.vcpu._counts, self.vcpu._reasons
-        for v in self._soft_seen:
-            n = dl.soft_count[v]
-            if n:
-                dl.soft_count[v] = 0
-                counts["interrupt"] += n
-                reasons["interrupt", f"int {v:#x}"] += n
-        for v in self._fault_seen:
-            n = dl.fault_count[v]
-            if n:
-                dl.fault_count[v] = 0
-                counts["exception"] += n
-                reasons["exception", MNEMONIC[v]] += n
+        fold_event_counts(dl, self._soft_seen, self._fault_seen, self.vcpu._counts, self.vcpu._reasons)
 
     def deliver_page_fault(self, return_eip: int, error_code: int) -> bool:
         """A #PF from a refused fill (DeprivilegedVcpu.page_fault: recorded, counted, CR2 set) delivered in C
