@@ -170,3 +170,19 @@ def test_c_linear_access_through_the_shadow_is_pythons_without_side_effects():
         assert shadow.counters.as_dict() == before[2] and mmu.counters.as_dict() == before[3], why
         assert not shadow._wp_granted, ("Python recorded a WP grant C skipped", why)
     assert answered > 300 and declined > 300, (answered, declined)
+
+
+def test_descriptors_the_engine_would_mark_accessed_end_in_bounded_time(test_guest):
+    """trap_events.S has code and stack descriptors without the accessed bit: were C to deliver through
+    them, the engine's own segment load would store that bit through a fill that misses the shadow, a #PF
+    exit refused again and again with no Python in the loop (the host hung). A subprocess with a timeout,
+    so that such a regression fails instead of hanging the suite."""
+    import subprocess
+    import sys
+
+    p = subprocess.run(
+        [sys.executable, "-m", "cpuvirt", "run", str(test_guest("trap_events")), "--mode", "hw", "--no-ept",
+         "--max-insns", "50000000", "-q"],
+        capture_output=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert p.returncode == 0 and b"FAIL" not in p.stdout, (p.returncode, p.stderr[-300:])

@@ -232,11 +232,15 @@ static int port_io(callouts_t *t, void *uc, uint64_t i, int in) {
  * mov_cr's own; CR3, the descriptor tables and TR change only where Python takes a snapshot; CS, SS and
  * IOPL may have changed since (a delivery into another kernel code segment): they must be the
  * snapshot's. */
+static int snapshot_is(const callouts_t *t, uint32_t cs, uint32_t ss) {
+    return t->snap_ok && t->ev.iopl == t->snap_iopl && cs == t->snap_cs && ss == t->snap_ss;
+}
+
 static int snapshot_holds(callouts_t *t, void *uc, uint64_t cs) {
     uint64_t ss = 0;
-    if (!t->snap_ok || t->ev.iopl != t->snap_iopl || (uint32_t)cs != t->snap_cs) return 0;
+    if (!t->snap_ok || (uint32_t)cs != t->snap_cs) return 0;
     t->reg_read(uc, t->ss_reg, &ss);
-    return (uint32_t)ss == t->snap_ss;
+    return snapshot_is(t, (uint32_t)cs, (uint32_t)ss);
 }
 
 /* The guest kernel's segment loads, CR2 read and iretd (the kinds MOV_SREG .. IRETD), as the Python
@@ -412,7 +416,7 @@ static int enter_translation(void *ctx, void *uc, uint32_t offset, uint32_t cs_a
         t->dl.misses++;
         return 0;
     }
-    if (!t->snap_ok || t->ev.iopl != t->snap_iopl || cs_after != t->snap_cs || ss_after != t->snap_ss) return 0;
+    if (!snapshot_is(t, cs_after, ss_after)) return 0;
     *eip = e->tc;
     return 1;
 }

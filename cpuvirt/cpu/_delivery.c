@@ -280,21 +280,6 @@ static int set_entry(pass_t *w, uint64_t gpa, uint32_t old, uint32_t value, uint
     return 1;
 }
 
-/* hw --no-ept: a supervisor access of the hypervisor (not the guest's: no shadow fill) answered as
- * ShadowPaging.gva_to_gpa answers it from an entry of the current root with no side effect at all (no
- * walk, no root selection, no mode change, no write let through by CR0.WP = 0 to record); -1 for
- * anything else: Python's. The same rules as mode trap's delivery (modes/_trapfast.c shadow_gpa). */
-static int64_t shadow_walk(const pass_t *w, uint32_t gva, int write) {
-    const crs_t *c = &w->c;
-    const sentry_t *e = sm_entry(w->s->mirror, c->cr0, c->cr3, c->cr4, gva >> 12);
-    int writable;
-    if (!e) return -1;
-    writable = (e->rights & PTE_RW) || !(c->cr0 & CR0_WP);
-    if (writable && e->dirty && !(e->rights & PTE_RW)) return -1;
-    if (write && !(writable && e->dirty)) return -1;
-    return (int64_t)(e->gpa | (gva & 0xFFFu));
-}
-
 static int64_t walk(pass_t *w, uint32_t gva, int write) {
     delivery_t *s = w->s;
     const crs_t *c = &w->c;
@@ -302,7 +287,7 @@ static int64_t walk(pass_t *w, uint32_t gva, int write) {
     uint32_t pde, leaf, rights, refs, erefs = 0;
     int large, writable;
     if (!(c->cr0 & CR0_PG)) return s->machine_addrs ? -1 : (int64_t)gva;   /* no paging: identity, nothing counted */
-    if (w->shadow) return shadow_walk(w, gva, write);
+    if (w->shadow) return sm_hv_gpa(s->mirror, c->cr0, c->cr3, c->cr4, gva, write, 0);   /* hw --no-ept */
     if (s->hv_start && gva >= s->hv_start) return -1;   /* para: the hypervisor's window is Python's */
     if (w->undo.n + 2 > UNDO_MAX) return -1;
     pde_addr = (c->cr3 & 0xFFFFF000u) | ((gva >> 20) & 0xFFC);

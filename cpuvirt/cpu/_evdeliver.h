@@ -24,8 +24,6 @@
 #define ED_EFLAGS_IF 0x200u
 #define ED_EFLAGS_TF 0x100u
 #define ED_CR0_PG 0x80000000u
-#define ED_CR0_WP 0x10000u
-#define ED_PTE_RW 2u
 
 typedef int (*ed_reg_read_fn)(void *uc, int regid, void *value);
 typedef int (*ed_reg_write_fn)(void *uc, int regid, const void *value);
@@ -165,18 +163,14 @@ static inline int ed_rd(const evdeliver_t *d, void *uc, int reg, uint64_t *v) {
  * entry's D bit set, writable, and a frame no one traces (Mmu.write_linear would call hv_wrote).
  * 0 for anything else: Python's. */
 static inline int ed_shadow_gpa(const evdeliver_t *d, uint32_t gva, uint32_t n, int write, uint64_t *out) {
-    uint32_t cr0 = d->cr0, writable;
     uint64_t gpa;
     if ((gva & 0xFFFu) + n > 0x1000u) return 0;
-    if (!(cr0 & ED_CR0_PG)) {
+    if (!(d->cr0 & ED_CR0_PG)) {
         gpa = gva;
     } else {
-        const sentry_t *e = sm_entry(d->mirror, cr0, d->cr3, d->cr4, gva >> 12);   /* else a mode change, _select, a walk */
-        if (!e) return 0;
-        writable = (e->rights & ED_PTE_RW) || !(cr0 & ED_CR0_WP);
-        if (writable && e->dirty && !(e->rights & ED_PTE_RW) && !d->wp_granted) return 0;   /* _granted */
-        if (write && !(writable && e->dirty)) return 0;
-        gpa = (uint64_t)e->gpa | (gva & 0xFFFu);
+        int64_t g = sm_hv_gpa(d->mirror, d->cr0, d->cr3, d->cr4, gva, write, (int)d->wp_granted);
+        if (g < 0) return 0;
+        gpa = (uint64_t)g;
     }
     if (gpa + n > d->ev->ram_bytes) return 0;
     if (write && sm_traced(d->mirror, gpa)) return 0;

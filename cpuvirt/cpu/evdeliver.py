@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import ctypes
 
-from cpuvirt.x86.vectors import MNEMONIC
+from cpuvirt.x86.vectors import MNEMONIC, Vector
+
+# the vectors the C deliveries take as faults (#DE; #GP from ring 3 only), in trap and full alike
+FAULTS = (int(Vector.DE), int(Vector.GP))
 
 BLOCK_SLOTS, BLOCK_MAX_INSNS = 4096, 58
 
@@ -106,3 +109,16 @@ def fold_event_counts(table, soft_seen, fault_seen, counts, reasons) -> None:
             table.fault_count[v] = 0
             counts["exception"] += n
             reasons["exception", MNEMONIC[v]] += n
+
+
+def note_delivered(table, soft_seen: list, fault_seen: list, reasons, intno: int, soft: bool) -> None:
+    """Python delivered this event: once its Vcpu.reasons key is in place, the C delivery may deliver
+    the same kind and count it (`table.soft_seen` / `fault_seen`; the lists, for fold_event_counts, in
+    the order the keys appeared: the summary prints them in that order)."""
+    if soft:
+        if 0 <= intno < 256 and not table.soft_seen[intno] and ("interrupt", f"int {intno:#x}") in reasons:
+            table.soft_seen[intno] = 1
+            soft_seen.append(intno)
+    elif intno in FAULTS and not table.fault_seen[intno] and ("exception", MNEMONIC[intno]) in reasons:
+        table.fault_seen[intno] = 1
+        fault_seen.append(intno)

@@ -60,4 +60,23 @@ static inline const sentry_t *sm_entry(const shadowmirror_t *m, uint32_t cr0, ui
     return e;
 }
 
+#define SM_WP 0x10000u
+
+/* ShadowPaging.gva_to_gpa for the hypervisor's own supervisor access (an event delivery's reads and
+ * frame: side effects allowed, not the guest's access, so no shadow fill) when it answers from an entry
+ * of the current root with no side effect at all: no walk, no root selection, no mode change, and no
+ * write let through to a read-only page by CR0.WP = 0 that it would record (`_granted`, unless
+ * `wp_granted` says it is recorded already); a write needs the entry dirty and writable. The guest-
+ * physical address, or -1 (Python's). Paging must be on; RAM and traced frames are the caller's. */
+static inline int64_t sm_hv_gpa(const shadowmirror_t *m, uint32_t cr0, uint32_t cr3, uint32_t cr4, uint32_t gva,
+                                int write, int wp_granted) {
+    const sentry_t *e = sm_entry(m, cr0, cr3, cr4, gva >> 12);
+    int writable;
+    if (!e) return -1;
+    writable = (e->rights & SM_RW) || !(cr0 & SM_WP);
+    if (writable && e->dirty && !(e->rights & SM_RW) && !wp_granted) return -1;
+    if (write && !(writable && e->dirty)) return -1;
+    return (int64_t)(e->gpa | (gva & 0xFFFu));
+}
+
 #endif

@@ -332,6 +332,12 @@ class ShadowPaging:
         if flush_engine:
             self._flush_engine()
 
+    def count_reloads(self, n: int) -> None:
+        """n CR3 writes that selected the current root again, made by a mode's C path (trap's INTR hook,
+        full's callout hook): what on_cr3_write counts for each (a switch, a root hit)."""
+        self.counters.cr3_switches += n
+        self.counters.root_hits += n
+
     def invlpg(self, gva: GVA, flush_engine: bool = True) -> None:
         """The guest invalidated one page: drop its shadow entry in the current address space (and
         the engine's TLB, unless the engine executes the invlpg itself: flush_engine=False)."""

@@ -156,26 +156,30 @@ static int ram32(const trapfast_t *s, uint64_t gpa, uint32_t *out) {
     return 1;
 }
 
+/* the guest-physical address of `gva` through the guest's 32-bit tables, with no side effect */
+static int peek_gpa(const trapfast_t *s, uint32_t gva, uint64_t *out) {
+    uint32_t cr0 = s->crs[0], cr3 = s->crs[1], cr4 = s->crs[2], pde, pte;
+    if (!(cr0 & CR0_PG)) {
+        *out = gva;
+        return 1;
+    }
+    if (cr4 & CR4_PAE) return 0;
+    if (!ram32(s, (cr3 & 0xFFFFF000u) | ((gva >> 20) & 0xFFCu), &pde) || !(pde & 1)) return 0;
+    if ((pde & 0x80u) && (cr4 & CR4_PSE)) {
+        if (pde & 0x3FE000u) return 0;
+        *out = (pde & 0xFFC00000u) | (gva & 0x3FFFFFu);
+        return 1;
+    }
+    if (!ram32(s, (pde & 0xFFFFF000u) | ((gva >> 10) & 0xFFCu), &pte) || !(pte & 1)) return 0;
+    *out = (pte & 0xFFFFF000u) | (gva & 0xFFFu);
+    return 1;
+}
+
 /* 1 and `n` bytes at `eip` when the whole 15-byte window TrapVcpu._trap_site reads is in one present
  * page of guest RAM (32-bit paging, 4 KiB or 4 MiB pages, or paging off). */
 static int code_at(const trapfast_t *s, uint32_t eip, uint8_t *out, uint32_t n) {
-    uint32_t cr0 = s->crs[0], cr3 = s->crs[1], cr4 = s->crs[2];
     uint64_t gpa;
-    if ((eip & 0xFFFu) > 0x1000u - 15u) return 0;
-    if (!(cr0 & CR0_PG)) {
-        gpa = eip;
-    } else {
-        uint32_t pde, pte;
-        if (cr4 & CR4_PAE) return 0;
-        if (!ram32(s, (cr3 & 0xFFFFF000u) | ((eip >> 20) & 0xFFCu), &pde) || !(pde & 1)) return 0;
-        if ((pde & 0x80u) && (cr4 & CR4_PSE)) {
-            if (pde & 0x3FE000u) return 0;  /* PSE-36 high bits or the reserved bit: Python's walk decides */
-            gpa = (pde & 0xFFC00000u) | (eip & 0x3FFFFFu);
-        } else {
-            if (!ram32(s, (pde & 0xFFFFF000u) | ((eip >> 10) & 0xFFCu), &pte) || !(pte & 1)) return 0;
-            gpa = (pte & 0xFFFFF000u) | (eip & 0xFFFu);
-        }
-    }
+    if ((eip & 0xFFFu) > 0x1000u - 15u || !peek_gpa(s, eip, &gpa)) return 0;
     if (gpa + 15 > s->ev.ram_bytes) return 0;
     memcpy(out, s->ev.ram + gpa, n);
     return 1;
@@ -462,25 +466,6 @@ typedef struct {
 } iret_site_t;
 
 size_t trapfast_iret_site_sizeof(void) { return sizeof(iret_site_t); }
-
-/* the guest-physical address of `gva` through the guest's 32-bit tables, with no side effect */
-static int peek_gpa(const trapfast_t *s, uint32_t gva, uint64_t *out) {
-    uint32_t cr0 = s->crs[0], cr3 = s->crs[1], cr4 = s->crs[2], pde, pte;
-    if (!(cr0 & CR0_PG)) {
-        *out = gva;
-        return 1;
-    }
-    if (cr4 & CR4_PAE) return 0;
-    if (!ram32(s, (cr3 & 0xFFFFF000u) | ((gva >> 20) & 0xFFCu), &pde) || !(pde & 1)) return 0;
-    if ((pde & 0x80u) && (cr4 & CR4_PSE)) {
-        if (pde & 0x3FE000u) return 0;
-        *out = (pde & 0xFFC00000u) | (gva & 0x3FFFFFu);
-        return 1;
-    }
-    if (!ram32(s, (pde & 0xFFFFF000u) | ((gva >> 10) & 0xFFCu), &pte) || !(pte & 1)) return 0;
-    *out = (pte & 0xFFFFF000u) | (gva & 0xFFFu);
-    return 1;
-}
 
 static int iret_nothing_to_do(trapfast_t *s, void *uc, uint32_t address, uint32_t size) {
     uint64_t eflags, cs, esp, gpa;

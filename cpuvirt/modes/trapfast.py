@@ -25,7 +25,7 @@ from unicorn import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH, UC_HOOK_CODE, UC_HOOK_INT
 from unicorn.unicorn_py3 import unicorn as _ucmod
 
 from cpuvirt.cpu import evseg
-from cpuvirt.cpu.evdeliver import BLOCK_SLOTS, BlockCopyKeeper, fold_event_counts
+from cpuvirt.cpu.evdeliver import BLOCK_SLOTS, BlockCopyKeeper, fold_event_counts, note_delivered
 from cpuvirt.cpu.evdeliver import BlockCopy as _Block
 from cpuvirt.cpu.evseg import EvHvTlb, EvLoaded, EvSeg, EvVirtualCpu
 from cpuvirt.cpu.quirks import context_layout
@@ -35,7 +35,6 @@ from cpuvirt.engine.cext import add_c_hook, load
 from cpuvirt.engine.internals import context_header, engine_env
 from cpuvirt.memory.shadowmirror import ShadowMirror
 from cpuvirt.x86.cpuid import CR4_RESERVED
-from cpuvirt.x86.vectors import MNEMONIC, Vector
 
 # The (kind, reason) keys of Vcpu.reasons of the kinds _trapfast.c answers, in its enum's order.
 REASONS = (
@@ -50,8 +49,6 @@ REASONS = (
     ("trap", "iretd"),
     ("trap", "mov cr3"),
 )
-# The vectors _trapfast.c delivers as faults (#DE; #GP from ring 3) and their Vcpu.reasons keys
-FAULTS = (int(Vector.DE), int(Vector.GP))
 
 
 class _State(ctypes.Structure):
@@ -365,24 +362,15 @@ class TrapFast:
     def seen_delivery(self, intno: int, soft: bool) -> None:
         """Python delivered this event (TrapVcpu.on_engine_event): once its Vcpu.reasons key is in
         place, C may deliver the same kind and count it there."""
-        st, reasons = self._state, self.vcpu._reasons
-        if soft:
-            if 0 <= intno < 256 and not st.soft_seen[intno] and ("interrupt", f"int {intno:#x}") in reasons:
-                st.soft_seen[intno] = 1
-                self._soft_seen.append(intno)
-        elif intno in FAULTS and not st.fault_seen[intno] and ("exception", MNEMONIC[intno]) in reasons:
-            st.fault_seen[intno] = 1
-            self._fault_seen.append(intno)
+        note_delivered(self._state, self._soft_seen, self._fault_seen, self.vcpu._reasons, intno, soft)
 
     def fold(self) -> None:
         """Add the traps and deliveries counted in C to Vcpu.counts and Vcpu.reasons, and count from
         zero."""
         st = self._state
         counts, reasons = self.vcpu._counts, self.vcpu._reasons
-        if st.cr3_reloads:  # ShadowPaging.on_cr3_write's counts for the reloads C made
-            c = self.shadow.counters
-            c.cr3_switches += st.cr3_reloads
-            c.root_hits += st.cr3_reloads
+        if st.cr3_reloads:
+            self.shadow.count_reloads(st.cr3_reloads)
             st.cr3_reloads = 0
         if st.pending:
             st.pending = 0

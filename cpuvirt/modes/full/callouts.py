@@ -97,10 +97,8 @@ class Callouts(_VcpuBase):
         for kind, n in fast.take().items():
             self.counts[self.event_kind] += n
             self.reasons[self.event_kind, KIND_NAMES[kind]] += n
-            if kind == MOV_CR3:  # ShadowPaging.on_cr3_write's counts of the reloads C made
-                sc = self.mmu.strategy.counters
-                sc.cr3_switches += n
-                sc.root_hits += n
+            if kind == MOV_CR3:
+                self.mmu.strategy.count_reloads(n)
             c = self.tc.counters
             c.callouts += n
             if kind not in NO_LOOKUP:

@@ -27,14 +27,11 @@ from unicorn import UC_HOOK_INTR
 
 from cpuvirt.bt.fastcallout import _lib
 from cpuvirt.bt.tcache import Block, TCache
-from cpuvirt.cpu.evdeliver import BlockCopyKeeper, fold_event_counts
+from cpuvirt.cpu.evdeliver import BlockCopyKeeper, fold_event_counts, note_delivered
 from cpuvirt.cpu.quirks import context_layout
 from cpuvirt.engine.cext import add_c_hook
 from cpuvirt.engine.internals import context_header, engine_env
 from cpuvirt.memory.shadowmirror import ShadowMirror
-from cpuvirt.x86.vectors import MNEMONIC, Vector
-
-FAULTS = (int(Vector.DE), int(Vector.GP))  # the vectors C delivers as faults (#GP from ring 3 only)
 
 
 def delivery_by_environment() -> bool:
@@ -174,14 +171,7 @@ class FullDelivery:
     def seen(self, intno: int, soft: bool) -> None:
         """Python delivered this event (FullVcpu.on_engine_event): once its Vcpu.reasons key is in
         place, C may deliver the same kind and count it there (the summary prints keys in that order)."""
-        dl, reasons = self.dl, self.vcpu._reasons
-        if soft:
-            if 0 <= intno < 256 and not dl.soft_seen[intno] and ("interrupt", f"int {intno:#x}") in reasons:
-                dl.soft_seen[intno] = 1
-                self._soft_seen.append(intno)
-        elif intno in FAULTS and not dl.fault_seen[intno] and ("exception", MNEMONIC[intno]) in reasons:
-            dl.fault_seen[intno] = 1
-            self._fault_seen.append(intno)
+        note_delivered(self.dl, self._soft_seen, self._fault_seen, self.vcpu._reasons, intno, soft)
 
     def fold(self) -> None:
         """Add the deliveries counted in C to Vcpu.counts, Vcpu.reasons and the TC's look-ups (one each:
