@@ -551,28 +551,12 @@ class Machine:
                 code32 = self.code32()
             else:
                 code32 = bool(self.regs.read(CR0_REG) & 1) and not self.regs.read(EFLAGS_REG) & EFLAGS_VM
-            # The engine translates the same code again and again (a fork runs its parent's code from new
-            # frames; a freed frame loses its blocks): a block decoded before, the same bytes at the same
-            # address in the same mode, is not decoded again.
-            key = (address, code32, code)
-            decoded = self._decoded.get(key)
-            if decoded is None:
-                counter = self._insn_counter if code32 else self._insn_counter16
-                insns = list(counter.disasm_lite(code, address))
-                entry = (tuple(i[0] for i in insns), insns[-1][0] + insns[-1][1]) if insns else None
-                decoded = (insns, entry)
-                if len(insns) <= limits.DECODED_BLOCK_INSNS:
-                    limits.put(self._decoded, key, decoded, limits.DECODED_BLOCKS)
-            insns, entry = decoded
+            insns, entry = self.decode_block(
+                address, code, code32, self._insn_counter if code32 else self._insn_counter16
+            )
             if self.on_new_block is not None:
                 self.on_new_block(address)
-            if entry is not None:
-                if self.block_insns.get(address) != entry:  # the mirrors hold what the table holds
-                    limits.put(self.block_insns, address, entry)
-            else:
-                # Nothing decodes (the engine cut the block at an instruction that faults when it is
-                # translated): no list, rather than the one of code that was there before.
-                self.block_insns.pop(address, None)
+            self.note_block(address, entry)
             if self.block_observer is not None and self.block_observer(insns):
                 self.clock.discard_current_block()
                 self.uc.emu_stop()
@@ -580,6 +564,30 @@ class Machine:
         except Exception:  # never let an exception cross into C
             self.block_insns.pop(address, None)
             return 1
+
+    def decode_block(self, address: int, code: bytes, code32: bool, counter) -> tuple[list, tuple | None]:
+        """A block's instructions (capstone's lite tuples, from `counter`) and its Machine.block_insns entry
+        (None when nothing decodes). The engine translates the same code again and again (a fork runs its
+        parent's code from new frames, a freed frame loses its blocks, full patches its TC): the same bytes
+        at the same address in the same mode reuse the decode (`_decoded`, bounded)."""
+        key = (address, code32, code)
+        decoded = self._decoded.get(key)
+        if decoded is None:
+            insns = list(counter.disasm_lite(code, address))
+            entry = (tuple(i[0] for i in insns), insns[-1][0] + insns[-1][1]) if insns else None
+            decoded = (insns, entry)
+            if len(insns) <= limits.DECODED_BLOCK_INSNS:
+                limits.put(self._decoded, key, decoded, limits.DECODED_BLOCKS)
+        return decoded
+
+    def note_block(self, address: int, entry: tuple | None) -> None:
+        """Machine.block_insns[address] = entry; the table's mirrors hear only of a change. None: nothing
+        decodes (the engine cut the block at an instruction that faults when it is translated): no list,
+        rather than the one of code that was there before."""
+        if entry is None:
+            self.block_insns.pop(address, None)
+        elif self.block_insns.get(address) != entry:
+            limits.put(self.block_insns, address, entry)
 
     # -- boot --------------------------------------------------------------------------------------
     def set_flat_protected_mode(self, scratch_gpa: int) -> None:

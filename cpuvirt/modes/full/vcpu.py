@@ -13,7 +13,6 @@ import struct
 
 from unicorn import UC_MEM_FETCH, UC_PROT_EXEC
 
-from cpuvirt import limits
 from cpuvirt.bt.direct import PM16, Direct16, RunsCode16
 from cpuvirt.bt.runtime import BtRuntime
 from cpuvirt.bt.tcache import CALLOUT_SLOTS, TC_SIZE, TCache
@@ -478,27 +477,12 @@ class FullVcpu(RunsCode16, Coherence, Callouts, AdaptiveStores, DeprivilegedVcpu
             if address < TC_WINDOW + CALLOUT_SLOTS:
                 return 1
             # Translations are 32-bit code whatever the guest runs (16-bit code is never translated,
-            # and _cs() decodes as 16-bit while a 16-bit code segment is loaded). The engine translates
-            # TC blocks again and again (each removal of a TC range, each chain patch): a block of the
-            # same bytes at the same address reuses its decode (Machine._decoded, as guest blocks do),
-            # and the table's mirrors hear only of a changed entry.
-            code = self.tc_bytes(address, size)
+            # and _cs() decodes as 16-bit while a 16-bit code segment is loaded). A block holding an inline
+            # cache is translated again at every patch of its TC range: Machine.decode_block's cache.
             machine = self.machine
-            key = (address, True, code)
-            decoded = machine._decoded.get(key)
-            if decoded is None:
-                insns = list(self._tc_disasm().disasm_lite(code, address))
-                entry = (tuple(i[0] for i in insns), insns[-1][0] + insns[-1][1]) if insns else None
-                decoded = (insns, entry)
-                if len(insns) <= limits.DECODED_BLOCK_INSNS:
-                    limits.put(machine._decoded, key, decoded, limits.DECODED_BLOCKS)
-            insns, entry = decoded
+            insns, entry = machine.decode_block(address, self.tc_bytes(address, size), True, self._tc_disasm())
             self.forget_block(address)
-            if entry is not None:
-                if machine.block_insns.get(address) != entry:
-                    limits.put(machine.block_insns, address, entry)
-            else:
-                machine.block_insns.pop(address, None)
+            machine.note_block(address, entry)
             return max(len(insns), 1)
         except Exception:  # never let an exception cross into C
             self.machine.block_insns.pop(address, None)

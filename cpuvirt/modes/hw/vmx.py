@@ -324,7 +324,7 @@ class VmxCpu(Vcpu):
     shadow_peek_c = os.environ.get("CPUVIRT_HW_SHADOW_PEEK", "1") != "0"
     _shadow_policy: bool | None = None  # may the guard read at all, for the controls as they are (_mirror_shadow)
 
-    # ... and deliveries through the guest IDT in C over the shadow's C copy (cpu/_delivery.c shadow_walk);
+    # ... and deliveries through the guest IDT in C over the shadow's C copy (cpu/_delivery.c, sm_hv_gpa);
     # CPUVIRT_HW_SHADOW_DELIVERY_C=0 keeps them Python's
     shadow_delivery_c = os.environ.get("CPUVIRT_HW_SHADOW_DELIVERY_C", "1") != "0"
 
