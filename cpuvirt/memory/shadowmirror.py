@@ -202,7 +202,7 @@ class ShadowFastFill(FastFill):
     STATE: type[ctypes.Structure] = _FillState
     HOOK, ENABLED = "shadowfill_hook", 0
 
-    mirror: ShadowMirror | None = None
+    mirror: ShadowMirror | None = None  # the copy shadowfill_hook reads, kept alive with the hook
 
     @classmethod
     def install(cls, mmu, *args) -> "ShadowFastFill | None":
