@@ -23,6 +23,8 @@ Modes decide when to call it (trap: on #GP; full: from translator callouts) and 
 
 from __future__ import annotations
 
+from typing import Any
+
 from unicorn import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH
 
 from cpuvirt.cpu.emulating import SYSENTER_MSRS, EmulatingVcpu  # noqa: F401  (SYSENTER_MSRS re-exported)
@@ -46,6 +48,33 @@ class DeprivilegedVcpu(IoGateVcpu, EmulatingVcpu):
 
     Subclasses set `event_kind` ("trap" or "callout": the trace kind of each emulation) and may override
     `enter_kernel(guest_eip)` (where guest-kernel code really runs) and `real_iopl(vcpl)`."""
+
+    # the mode's C delivery (trap's TrapFast, full's FullDelivery), offered each #PF first: see deliver
+    c_delivery: Any = None
+
+    def deliver(
+        self,
+        vector: int,
+        return_eip: int,
+        error_code: int | None = None,
+        soft: bool = False,
+        external: bool = False,
+        fault_eip: int | None = None,
+    ) -> None:
+        """A #PF of a refused fill (page_fault: recorded, counted, CR2 set) goes through the mode's C
+        delivery first (`c_delivery.deliver_page_fault`: False when it changed nothing); every other
+        event, and a #PF it declines, through the Python delivery."""
+        fast = self.c_delivery
+        if (
+            fast is not None
+            and vector == Vector.PF
+            and error_code is not None
+            and not soft
+            and not external
+            and fast.deliver_page_fault(return_eip, error_code)
+        ):
+            return
+        super().deliver(vector, return_eip, error_code, soft, external, fault_eip)
 
     def __init__(self, machine, trace=None, max_insns: int = 0):
         super().__init__(machine, trace=trace, max_insns=max_insns)

@@ -56,28 +56,6 @@ class TrapVcpu(DeprivilegedVcpu):
             self.fast.after_python(self._reasons)
             self.fast.seen_delivery(intno, soft)
 
-    def deliver(
-        self,
-        vector: int,
-        return_eip: int,
-        error_code: int | None = None,
-        soft: bool = False,
-        external: bool = False,
-        fault_eip: int | None = None,
-    ) -> None:
-        """A #PF of a refused fill (page_fault) goes through the C delivery first (trapfast.py)."""
-        fast = self.fast
-        if (
-            fast is not None
-            and vector == Vector.PF
-            and error_code is not None
-            and not soft
-            and not external
-            and fast.deliver_page_fault(return_eip, error_code)
-        ):
-            return
-        super().deliver(vector, return_eip, error_code, soft, external, fault_eip)
-
     def _trap_site(self, eip: int):
         """The decoded instruction at eip if a #GP there is a trap to emulate, else None; decided once
         per (site, code bytes). The bytes are read as for disassembly (Mmu.fetch_bytes: no side effect,
@@ -132,7 +110,7 @@ class TrapMode(Mode):
         self.vcpu.install_hooks()
         self.vcpu.enable_io_gate()
         if enabled_by_environment():
-            self.vcpu.fast = TrapFast.install(self.vcpu, self.shadow)  # cli/sti, clts, CR0/CR4 in C
+            self.vcpu.fast = self.vcpu.c_delivery = TrapFast.install(self.vcpu, self.shadow)  # cli/sti... in C
         if fill is not None and self.vcpu.fast is not None:  # the virtual CRs are in its table
             fill.follow(self.shadow, self.vcpu.fast.crs_addresses(), SHADOW_GDT_WINDOW)
         # In C (cpu/iosites.py): the I/O gate's sites at real rings 0-2 (it checks only ring 3), and

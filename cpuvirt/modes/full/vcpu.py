@@ -86,7 +86,7 @@ class FullVcpu(RunsCode16, Coherence, Callouts, AdaptiveStores, DeprivilegedVcpu
     def install_delivery(self, shadow) -> None:
         """The common events delivered in C (deliverfast.py), once shadow paging is the strategy."""
         if self.evfast is not None:
-            self.fdeliver = FullDelivery.install(self, shadow)
+            self.fdeliver = self.c_delivery = FullDelivery.install(self, shadow)
 
     def __init__(self, machine, trace=None, max_insns: int = 0, verbose: bool = False):
         super().__init__(machine, trace=trace, max_insns=max_insns)
@@ -201,20 +201,6 @@ class FullVcpu(RunsCode16, Coherence, Callouts, AdaptiveStores, DeprivilegedVcpu
             self.regs.write(R.EIP, self.rt.lookup(guest_eip))
         except TranslateFault:
             self.regs.write(R.EIP, guest_eip)  # settled (the fetch #PF delivered) before entry
-
-    def deliver(self, vector, return_eip, error_code=None, soft=False, external=False, fault_eip=None) -> None:
-        """A #PF of a refused fill (page_fault) goes through the C delivery first (deliverfast.py)."""
-        fd = self.fdeliver
-        if (
-            fd is not None
-            and vector == Vector.PF
-            and error_code is not None
-            and not soft
-            and not external
-            and fd.deliver_page_fault(return_eip, error_code)
-        ):
-            return
-        super().deliver(vector, return_eip, error_code, soft, external, fault_eip)
 
     def after_transfer(self) -> None:
         """A gate or task switch from user code changed virtual-CPU state translations baked in."""
