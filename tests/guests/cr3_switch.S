@@ -1,4 +1,4 @@
-# description: one `mov cr3` site that reloads the current page directory and switches between two (1,000 rounds), and one that reloads CR3 after a page-table write the shadow left unsynchronised
+# description: one `mov cr3` site that reloads the current page directory and switches between two (1,000 rounds), and one that reloads CR3 after page-table writes the shadow left unsynchronised
 #
 # Under trap and full the kernel's CR3 reload (the same root) is answered in C; a switch to the other
 # root must stay Python's even at a site C has served before. tests/test_cr3_reload.py runs it with and
@@ -66,6 +66,20 @@ round:
     call load_cr3
     mov eax, dword ptr [HIGH_VA]
     CHECK_EQ("after a rep-stos PTE write and a CR3 reload, 0xC0000000 maps frame B", eax, 0xBBBBBBBB)
+
+    # again, with a read through the unsynchronised frame before the reload (the shadow's entry for it is
+    # not write-traced) and a plain store to the PTE after it: only the reload's resynchronisation (a
+    # reload of the same root, Python's while a frame is unsynchronised) makes the new PTE seen
+    mov edi, pt_a
+    mov eax, FRAME_B | PTE_P | PTE_W
+    mov ecx, 1
+    rep stosd
+    mov eax, dword ptr [HIGH_VA]
+    mov dword ptr [pt_a], FRAME_A | PTE_P | PTE_W
+    mov eax, page_dir
+    call load_cr3
+    mov eax, dword ptr [HIGH_VA]
+    CHECK_EQ("after a PTE store through an unsynchronised frame and a CR3 reload, 0xC0000000 maps frame A", eax, 0xAAAAAAAA)
     PASS("cr3 switches and reloads")
     ret
 

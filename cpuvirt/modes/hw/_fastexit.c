@@ -13,7 +13,9 @@
  *   mov_system_register_access, the no-exit branch); a write that exits, a CR4 bit the CPU model lacks
  *   (#GP), CPL > 0, an interrupt shadow, code other than the site's: the Python hook. A MOV to CR3
  *   without CR3-load exiting is left to the engine, as Python leaves it; so is a PAUSE without PAUSE
- *   exiting (kvm-unit-tests' delay loops).
+ *   exiting (kvm-unit-tests' delay loops). With CR3-load exiting (shadow paging, hw --no-ept), a load of
+ *   the root the shadow already runs on (a kernel flushing its TLB) is the whole CR_ACCESS round trip
+ *   here, recorded for Python to fold as the CPUID exits are.
  * - RDTSC without RDTSC exiting reads the virtual clock (plus TSC_OFFSET with TSC offsetting).
  * - IN/OUT: whether an access exits (unconditional I/O exiting, or the I/O bitmaps) is decided here from
  *   the controls copied when armed; an exit goes to Python's quick I/O exit (the device models are
@@ -115,7 +117,22 @@ typedef struct {
     io_entry_python_fn io_entry_python;  /* VmxCpu.io_entry: the VM entry after a quick exit */
     uint32_t quick_done;             /* set by Python when it made the quick exit (no entry yet) */
     uint32_t pad4;
+    /* CR3-load exiting without EPT (shadow paging): a load of the root the shadow runs on, whose exit's
+     * handler (handlers.py handle_cr -> ShadowPaging.on_cr3_write) only counts a root hit. The guard is
+     * cpu/_delivery.c's (VmxCpu._mirror_shadow); NULL: every such load is Python's exit. */
+    const uint32_t *shadow_ok;
+    const uint32_t *shadow_key;
+    uint64_t cr3_exits;              /* CR_ACCESS exits made here, not yet folded */
+    uint32_t last_kind;              /* which record was written last: LAST_CPUID, LAST_CR3 */
+    uint32_t last_cr3_qual;          /* the last one's exit qualification, length, RIP and value */
+    uint32_t last_cr3_len;
+    uint32_t last_cr3_rip;
+    uint32_t last_cr3_value;
+    int32_t cr3;                     /* Unicorn's register id */
+    uint64_t cr3_exit_total;
 } fastexit_t;
+
+enum { LAST_CPUID, LAST_CR3 };
 
 typedef struct {
     fastexit_t *s;
@@ -124,7 +141,7 @@ typedef struct {
     int32_t cr;              /* 0, 3 or 4; -1: a pause; -2: an invlpg; 0x102, 0x103: a MOV from CR2, CR3;
                               * -3: an in/out/ins/outs (the I/O permission gate) */
     int32_t src_reg;         /* Unicorn register id of the source GPR */
-    uint32_t pad;
+    uint32_t qual;           /* a MOV to CR3: its CR_ACCESS exit qualification (CR, access, GPR) */
     uint64_t passed;
     uint8_t bytes[16];
 } cr_site_t;
@@ -206,6 +223,7 @@ int fastexit_cpuid_hook(void *uc, void *user_data) {
     s->cpuid_exits++;
     s->cpuid_total++;
     s->last_rip = e->site;
+    s->last_kind = LAST_CPUID;
     return 1;
 python:
     return s->cpuid_python(uc, NULL);
@@ -254,8 +272,28 @@ void fastexit_cr_hook(void *uc, uint64_t address, uint32_t size, void *user_data
     if (site->cr == 3) {
         /* no CR3-load exiting: nothing to do in non-root operation, the engine loads CR3 (with EPT the
          * guest owns its page tables) */
-        if (s->cr3_load_exiting) goto python;
-        goto done;
+        if (!s->cr3_load_exiting) goto done;
+        /* CR3-load exiting (shadow paging, no CR3-target values: the guard's policy): a CR_ACCESS exit.
+         * For the root the shadow runs on, the handler writes GUEST_CR3 and counts a root hit, and the
+         * entry loads CR3 (the engine flushes its TLB): done here while that entry would change nothing
+         * else; another root (ShadowPaging._select), or the guard down: Python's exit. */
+        if (!s->shadow_ok || !*s->shadow_ok || !vapic_quiet(s)) goto python;
+        if (s->reg_read(uc, site->src_reg, &value)) goto python;
+        value &= 0xFFFFFFFFu;
+        if (((uint32_t)value & 0xFFFFF000u) != *s->shadow_key) goto python;
+        if (s->reg_write(uc, s->cr3, &value)) goto python;
+        v = (uint32_t)(address + size);
+        s->reg_write(uc, s->eip, &v);
+        s->cr3_exits++;
+        s->cr3_exit_total++;
+        s->last_kind = LAST_CR3;
+        s->last_cr3_qual = site->qual;
+        s->last_cr3_len = size;
+        s->last_cr3_rip = (uint32_t)address;
+        s->last_cr3_value = (uint32_t)value;
+        if (*s->clock_watch_if && !*s->clock_check_if) *s->clock_check_if = 1;
+        site->passed++;
+        return;
     }
     creg = site->cr == 0 ? s->cr0 : s->cr4;
     if (s->reg_read(uc, site->src_reg, &value) || s->reg_read(uc, creg, &real)) goto python;
@@ -297,7 +335,7 @@ static int io_exits(const fastexit_t *s, uint32_t port, int size) {
 }
 
 /* An access that exits: its virtual time spent here (Python takes it back if the run has ended), then
- * Python's exit (flags: 1 = in, 2 = CPUID exits to fold first), then the VM entry only if the quick exit
+ * Python's exit (flags: 1 = in, 2 = CPUID or CR3 exits to fold first), then the VM entry only if the quick exit
  * was made and the entry would change something (what VmxCpu._quick_io_exit does in Python). */
 static uint32_t io_exit(fastexit_t *s, uint32_t port, int size, uint32_t is_in, uint32_t value) {
     uint32_t r;
@@ -305,7 +343,7 @@ static uint32_t io_exit(fastexit_t *s, uint32_t port, int size, uint32_t is_in, 
     *s->clock_now_w += s->io_cycles;
     *s->clock_extra += s->io_cycles;
     s->quick_done = 0;
-    r = s->io_exit_python(port, (uint32_t)size, is_in | (s->cpuid_exits ? 2u : 0u), value);
+    r = s->io_exit_python(port, (uint32_t)size, is_in | (s->cpuid_exits || s->cr3_exits ? 2u : 0u), value);
     if (s->quick_done && !(s->armed && vapic_quiet(s))) s->io_entry_python();
     s->quick_done = 0;
     return r;

@@ -18,6 +18,9 @@ The C path is an exact shortcut of the Python one, used only while nothing else 
   nowhere and sets no CR4 bit the model lacks. The same hook answers `invlpg` without INVLPG exiting and
   `mov r32, cr2/cr3` (a CR3 read without CR3-store exiting), where Python has nothing to do: a kernel's
   #PF handler reads CR2 and its page-table code runs invlpg.
+- Without EPT (shadow paging, CR3-load exiting), a `mov cr3, r32` that reloads the root the shadow runs
+  on (a kernel flushing its TLB) is the whole CR_ACCESS exit in C, under cpu/_delivery.c's shadow guard;
+  it leaves a record folded as the CPUID one is (`take_cr3_exits`). CPUVIRT_HW_CR3_C=0 keeps it Python's.
 
 - I/O: the engine's in/out hooks are C ones (`hook_port_io`, at the run's start, without a trace): while
   armed they decide from the I/O-exiting controls and bitmaps copied at the entry whether an access exits,
@@ -43,6 +46,7 @@ from cpuvirt.engine import regs as R
 from cpuvirt.engine.cext import add_c_hook, load
 from cpuvirt.engine.cpuid import _Leaf
 from cpuvirt.engine.hooks import HOOK_INSN_IN_CFUNC, HOOK_INSN_OUT_CFUNC
+from cpuvirt.modes.hw import exits as E
 from cpuvirt.modes.hw.vmcs import Field as F
 from cpuvirt.x86.cpuid import CR4_RESERVED
 from cpuvirt.x86.sysreg import mov_system_register
@@ -133,7 +137,19 @@ class _State(ctypes.Structure):
         ("io_entry_python", ctypes.c_void_p),
         ("quick_done", ctypes.c_uint32),
         ("pad4", ctypes.c_uint32),
+        ("shadow_ok", ctypes.c_void_p),
+        ("shadow_key", ctypes.c_void_p),
+        ("cr3_exits", ctypes.c_uint64),
+        ("last_kind", ctypes.c_uint32),
+        ("last_cr3_qual", ctypes.c_uint32),
+        ("last_cr3_len", ctypes.c_uint32),
+        ("last_cr3_rip", ctypes.c_uint32),
+        ("last_cr3_value", ctypes.c_uint32),
+        ("cr3", ctypes.c_int32),
+        ("cr3_exit_total", ctypes.c_uint64),
     ]
+
+LAST_CR3 = 1  # _fastexit.c last_kind: the CR3 record was written after the CPUID one
 
 
 class _CrSite(ctypes.Structure):
@@ -145,7 +161,7 @@ class _CrSite(ctypes.Structure):
         ("size", ctypes.c_uint32),
         ("cr", ctypes.c_int32),
         ("src_reg", ctypes.c_int32),
-        ("pad", ctypes.c_uint32),
+        ("qual", ctypes.c_uint32),
         ("passed", ctypes.c_uint64),
         ("bytes", ctypes.c_uint8 * 16),
     ]
@@ -229,6 +245,7 @@ class FastExits:
         st.clock_check_if = base + type(clock).check_if.offset
         st.eax, st.ebx, st.ecx, st.edx = X.UC_X86_REG_EAX, X.UC_X86_REG_EBX, X.UC_X86_REG_ECX, X.UC_X86_REG_EDX
         st.eip, st.cr0, st.cr4 = X.UC_X86_REG_EIP, X.UC_X86_REG_CR0, X.UC_X86_REG_CR4
+        st.cr3 = X.UC_X86_REG_CR3
         st.cr4_reserved = CR4_RESERVED
         st.quick_io = int(bool(vcpu.quick_io))
         self.load_table()
@@ -282,6 +299,28 @@ class FastExits:
         if n:
             st.cpuid_exits = 0
         return n, st.last_rip
+
+    def take_cr3_exits(self) -> tuple[int, bool, int, int, int, int]:
+        """(CR3-load exits made in C since the last call, whether the last of them came after the last
+        CPUID exit C made, and that one's exit qualification, instruction length, RIP and CR3 value)."""
+        st = self._state
+        n = st.cr3_exits
+        if n:
+            st.cr3_exits = 0
+        return n, st.last_kind == LAST_CR3, st.last_cr3_qual, st.last_cr3_len, st.last_cr3_rip, st.last_cr3_value
+
+    def guard_cr3_loads(self, delivery_state: ctypes.Structure) -> None:
+        """Let C make the CR3-load exits that reload the shadow's current root, under cpu/_delivery.c's
+        shadow guard (its shadow_ok and shadow_key, which VmxCpu._mirror_shadow sets at each entry)."""
+        st = self._state
+        base, t = ctypes.addressof(delivery_state), type(delivery_state)
+        st.shadow_ok = base + t.shadow_ok.offset
+        st.shadow_key = base + t.shadow_key.offset
+
+    @property
+    def cr3_exits_made(self) -> int:
+        """CR3-load exits made in C in the whole run."""
+        return self._state.cr3_exit_total
 
     @property
     def armed(self) -> bool:
@@ -402,7 +441,7 @@ class FastExits:
         else:
             return False
         if self.vcpu.shadow is not None and (
-            (cr == 3 and self.vcpu.ctl("cr3_load_exiting"))
+            (cr == 3 and self.vcpu.ctl("cr3_load_exiting") and not self._state.shadow_ok)
             or (cr == -2 and self.vcpu.ctl("invlpg_exiting"))
             or (cr == 0x103 and self.vcpu.ctl("cr3_store_exiting"))
         ):
@@ -411,6 +450,8 @@ class FastExits:
         site.s = self._addr
         site.python = ctypes.cast(python_hook, ctypes.c_void_p).value
         site.size, site.cr, site.src_reg = size, cr, src
+        if cr == 3:
+            site.qual = E.cr_qualification(3, E.CR_MOV_TO, form.gpr)
         site.bytes[: len(code[:16])] = code[:16]
         if len(code) != size or size > 16:
             site.size = 0  # bytes unknown: always the Python hook

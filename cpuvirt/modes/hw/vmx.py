@@ -279,13 +279,19 @@ class VmxCpu(Vcpu):
             super().add_cpuid_hook()
 
     def fold_fast_exits(self) -> None:
-        """Make the CPUID exits answered in C since the last call visible, as the Python path leaves
-        them: the counters, the event count, and the VMCS exit-information fields of the last one; and the
+        """Make the CPUID exits (and, without EPT, the CR3 reloads) answered in C since the last call
+        visible, as the Python path leaves them: the counters, the event count, and the VMCS exit-information fields of the last one; and the
         lazy-EPT violations _tlbfill.c took (_fold_quick_ept)."""
         fx = self.fast_exits
         if fx is None:
             return
         n, rip = fx.take_cpuid_exits()
+        loads, after, q, length, cr3_rip, cr3 = fx.take_cr3_exits()
+        if loads:
+            # (only without EPT, where no EPT violation is taken in C)
+            self._fold_cr3_loads(loads, q, length, cr3_rip, cr3)
+            if after:
+                rip = -1  # the CPUID exits' fields were overwritten by the later CR3 exit's
         st = self._ept_c
         if st is not None and st.c_exits:
             # EPT violations taken in C too: the last exit's fields are those of whichever came last (the
@@ -317,6 +323,27 @@ class VmxCpu(Vcpu):
         w[F.GUEST_RIP] = rip
         v._cache.clear()
 
+    def _fold_cr3_loads(self, n: int, q: int, length: int, rip: int, cr3: int) -> None:
+        """n CR_ACCESS exits for CR3 loads of the shadow's current root made in C: what handle_cr and
+        ShadowPaging.on_cr3_write count for them, and the last one's fields as vm_exit, handle_cr and
+        skip_instruction leave them."""
+        self.exits += n
+        self.stats[ExitReason.CR_ACCESS] += n
+        self._counts["vmexit"] += n
+        if self.shadow is not None:
+            self.shadow.count_reloads(n)
+        v = self.vmcs
+        w = v._values
+        w[F.VM_EXIT_REASON] = int(ExitReason.CR_ACCESS)
+        w[F.EXIT_QUALIFICATION] = q
+        w[F.VM_EXIT_INSTRUCTION_LEN] = length
+        w[F.VM_EXIT_INTR_INFO] = 0
+        w[F.VM_EXIT_INTR_ERROR_CODE] = 0
+        w[F.VMX_INSTRUCTION_INFO] = 0
+        w[F.GUEST_RIP] = (rip + length) & 0xFFFFFFFF
+        w[F.GUEST_CR3] = cr3
+        v._cache.clear()
+
     # Without EPT: guest code read in C over the guest's tables while the shadow is current (cpu/_delivery.c
     # delivery_peek's shadow guard), for Mmu.fetch_bytes and fastexit.py's sites (the I/O gate's CPL-0 pass,
     # pause, CR reads and guest-owned CR writes); CPUVIRT_HW_SHADOW_PEEK=0 in the environment, or False here,
@@ -327,6 +354,10 @@ class VmxCpu(Vcpu):
     # ... and deliveries through the guest IDT in C over the shadow's C copy (cpu/_delivery.c, sm_hv_gpa);
     # CPUVIRT_HW_SHADOW_DELIVERY_C=0 keeps them Python's
     shadow_delivery_c = os.environ.get("CPUVIRT_HW_SHADOW_DELIVERY_C", "1") != "0"
+
+    # ... and the CR3-load exits that reload the shadow's current root made in C (_fastexit.c, under the
+    # same guard); CPUVIRT_HW_CR3_C=0 keeps them Python's
+    shadow_cr3_c = os.environ.get("CPUVIRT_HW_CR3_C", "1") != "0"
 
     def _install_shadow_peek(self, shadow: ShadowPaging) -> None:
         fast = self._shadow_peek = FastDelivery.install_shadow(self)
@@ -339,6 +370,8 @@ class VmxCpu(Vcpu):
         self.mmu.peek = fast.peek
         if self.fast_exits is not None:
             self.fast_exits.set_peek(fast)
+            if self.shadow_cr3_c:
+                self.fast_exits.guard_cr3_loads(fast._state)
         dirtied, chained = fast.shadow_dirtied, shadow.on_dirty
 
         def on_dirty(wp: bool) -> None:
@@ -771,7 +804,7 @@ class VmxCpu(Vcpu):
     def io_exit_hook(self, port: int, size: int, flags: int, value: int) -> int:
         """Called by _fastexit.c's in/out hooks for an access they found to exit (the controls and bitmaps
         they copied when armed), its time spent: hook_in / hook_out without port_io's own test. flags:
-        1 = in, 2 = CPUID exits answered in C since the last fold."""
+        1 = in, 2 = CPUID or CR3 exits answered in C since the last fold."""
         if self.outcome is not None:
             self.clock.advance(-IO_CYCLES)  # as hook_in: nothing once the run has ended
             return 0
