@@ -149,6 +149,7 @@ class _State(ctypes.Structure):
         ("cr3_exit_total", ctypes.c_uint64),
     ]
 
+
 LAST_CR3 = 1  # _fastexit.c last_kind: the CR3 record was written after the CPUID one
 
 
@@ -422,6 +423,7 @@ class FastExits:
         site; False for anything else."""
         if not self._state.peek:
             return False
+        qual = 0
         if mnem == "pause":
             cr, src = -1, 0
         elif mnem in IO_INSTRUCTIONS and self.vcpu.quick_io:  # the I/O gate's CPL-0 pass
@@ -433,6 +435,7 @@ class FastExits:
             if form is None or form.gpr is None or form.debug or not form.to_system or form.number not in (0, 3, 4):
                 return False
             cr, src = form.number, R.GPR_ORDER[form.gpr]
+            qual = E.cr_qualification(3, E.CR_MOV_TO, form.gpr) if cr == 3 else 0
         elif mnem == "mov" and ops.endswith((", cr2", ", cr3")):
             form = mov_system_register(code)
             if form is None or form.gpr is None or form.debug or form.to_system or form.number not in (2, 3):
@@ -451,7 +454,7 @@ class FastExits:
         site.python = ctypes.cast(python_hook, ctypes.c_void_p).value
         site.size, site.cr, site.src_reg = size, cr, src
         if cr == 3:
-            site.qual = E.cr_qualification(3, E.CR_MOV_TO, form.gpr)
+            site.qual = qual  # (what its CR_ACCESS exit's qualification says: CR3, MOV to, the register)
         site.bytes[: len(code[:16])] = code[:16]
         if len(code) != size or size > 16:
             site.size = 0  # bytes unknown: always the Python hook

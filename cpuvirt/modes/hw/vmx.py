@@ -280,8 +280,9 @@ class VmxCpu(Vcpu):
 
     def fold_fast_exits(self) -> None:
         """Make the CPUID exits (and, without EPT, the CR3 reloads) answered in C since the last call
-        visible, as the Python path leaves them: the counters, the event count, and the VMCS exit-information fields of the last one; and the
-        lazy-EPT violations _tlbfill.c took (_fold_quick_ept)."""
+        visible, as the Python path leaves them: the counters, the event count, and the VMCS
+        exit-information fields of the last one; and the lazy-EPT violations _tlbfill.c took
+        (_fold_quick_ept)."""
         fx = self.fast_exits
         if fx is None:
             return
