@@ -2,16 +2,23 @@
 then found in C at every execution, even when other hot blocks hash to the same place. Direct-mapped, two
 hot blocks of xv6's kernel shared one slot and were counted by Python 182,000 times in 800 M
 instructions; the table is two-way set-associative now. The counts stay exact when three blocks share a
-set (each miss asks Python again)."""
+set (each miss asks Python again), and when one linear page comes to map another frame's code (the
+table is keyed by linear address: the page's counts are dropped then)."""
 
 from __future__ import annotations
 
+import struct
+
+import pytest
 from capstone import CS_ARCH_X86, CS_MODE_32, Cs
 from unicorn import UC_ARCH_X86, UC_MODE_32, UC_PROT_ALL, Uc
 from unicorn import x86_const as X
 
 from cpuvirt.engine.clock import VirtualClock
+from cpuvirt.runner import run_guest
 from cpuvirt.toolchain.assemble import new_keystone
+from tests.conftest import requires_qemu
+from tests.test_equivalence import qemu_console
 
 LOOP = 0x100
 # Hashed as the table does ((a ^ a >> 14) & 0x3FFE): 0x1000, 0x5001 and 0x9002 share a set, and the first
@@ -57,3 +64,47 @@ def test_three_blocks_in_one_set_are_counted_again_but_exactly():
     now, executed, asked = _run([F1, F2, F3])
     assert now == executed  # misses ask Python again; every execution still counts its instructions
     assert sum(asked[(f, 2)] for f in (F1, F2, F3)) > ROUNDS  # (two ways: the three evict one another)
+
+
+MAILBOX = 0x7F00
+A_INSNS, B_INSNS = 8, 4  # the two functions of tests/guests/remap_count.S
+
+
+def _machine(hv):
+    return hv.machine if hasattr(hv, "machine") else hv.vcpu.machine
+
+
+@pytest.mark.parametrize("mode", ("native", "hw", "hw-noept", "trap"))
+def test_a_linear_page_mapping_other_code_is_counted_again(mode, test_guest):
+    """remap_count.S runs two functions of the same length and different instruction counts at one linear
+    address (a CR3 switch, then a PTE store and invlpg): each call's rdtsc delta is that of the code that
+    ran (Mmu.on_code_remap -> VirtualClock.drop_page). Before, the page kept the count of the code it
+    showed first."""
+    seen: dict = {}
+    opts = {"ept": False} if mode == "hw-noept" else None
+    r = run_guest(
+        str(test_guest("remap_count")),
+        mode.split("-")[0],
+        max_insns=5_000_000,
+        mode_options=opts,
+        on_start=lambda hv: seen.setdefault("hv", hv),
+    )
+    console = r.console.decode()
+    assert (r.outcome, r.status) == ("exit", 0) and "FAIL" not in console, console
+    a, b, space1, space2, back, remapped_b, remapped_a = struct.unpack(
+        "<7I", _machine(seen["hv"]).read_gpa(MAILBOX, 28)
+    )
+    assert a - b == A_INSNS - B_INSNS  # the measuring code is the same for every function
+    assert space1 == a and back == a and remapped_a == a
+    assert space2 == b, "after the CR3 switch the page kept the count of space 1's code"
+    assert remapped_b == b, "after the PTE store and invlpg the page kept the count of the code before"
+    assert _machine(seen["hv"]).clock.remapped > 0
+
+
+@requires_qemu
+def test_remap_count_console_is_qemus(test_guest):
+    path = test_guest("remap_count")
+    ours = run_guest(str(path), "native", 32, 5_000_000)
+    theirs, status = qemu_console(path)
+    assert status == (ours.status << 1) | 1 and ours.status == 0
+    assert ours.console == theirs and b"PASS" in theirs

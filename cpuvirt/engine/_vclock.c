@@ -64,6 +64,7 @@ typedef struct {
     uint64_t rdtsc_reads;    /* rdtsc instructions answered */
     uint64_t retranslated;   /* counts dropped because the engine translated their block again */
     entry_t table[TABLE_SIZE];
+    uint64_t remapped;       /* counts dropped because their linear page came to map another frame */
 } vclock_t;
 
 size_t vclock_sizeof(void) { return sizeof(vclock_t); }
@@ -176,6 +177,25 @@ void vclock_translated_hook(void *uc, uc_tb_t *cur, uc_tb_t *prev, void *user_da
         if (e[i].address == a && e[i].size != 0) {
             e[i].size = 0;
             s->retranslated++;
+        }
+    }
+}
+
+/*
+ * The table is keyed by linear address, and switching page tables translates nothing new: a linear page
+ * that comes to map another frame (another process's code at the same address, a remapped window) would
+ * keep the counts of the code it held before. Mmu.fill sees the first fetch through each new (page, frame)
+ * pairing (the C fills answer only the pairing it saw last, memory/fastfill.py) and drops here the counts
+ * of every block on that page, or running into it from the page before.
+ */
+void vclock_drop_page(vclock_t *s, uint32_t page) {
+    uint64_t lo = page & 0xFFFFF000u, hi = lo + 0x1000u;
+    uint32_t i;
+    for (i = 0; i < TABLE_SIZE; i++) {
+        entry_t *e = &s->table[i];
+        if (e->size && e->address < hi && (uint64_t)e->address + e->size > lo) {
+            e->size = 0;
+            s->remapped++;
         }
     }
 }

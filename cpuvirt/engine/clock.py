@@ -64,6 +64,7 @@ class _State(ctypes.Structure):
         ("rdtsc_reads", ctypes.c_uint64),
         ("retranslated", ctypes.c_uint64),
         ("table", _Entry * (1 << 14)),
+        ("remapped", ctypes.c_uint64),
     ]
 
 
@@ -105,6 +106,9 @@ class VirtualClock:
         self._state.eax_reg, self._state.edx_reg = UC_X86_REG_EAX, UC_X86_REG_EDX
         self._uc = uc
         self._lib = lib
+        self._drop_page = lib.vclock_drop_page
+        self._drop_page.argtypes = (ctypes.c_void_p, ctypes.c_uint32)
+        self._drop_page.restype = None
         self._watching = False
         self._if_hooks: dict[int, int] = {}  # address -> 1 (IF-setting) or 2 (sti) of each window hook
         self._count_cb = _COUNT_CB(count_block)  # kept alive as long as the clock
@@ -156,6 +160,16 @@ class VirtualClock:
     def retranslated(self) -> int:
         """Cached block counts dropped because the engine translated their block again."""
         return self._state.retranslated
+
+    @property
+    def remapped(self) -> int:
+        """Cached block counts dropped because their linear page came to map another frame."""
+        return self._state.remapped
+
+    def drop_page(self, page: int) -> None:
+        """The linear code page `page` maps another frame than before (Mmu.on_code_remap): the counts of
+        the blocks on it, or running into it, are dropped and asked of Python again."""
+        self._drop_page(ctypes.byref(self._state), page & 0xFFFFF000)
 
     def forget_blocks(self) -> None:
         """Empty the block cache: every block is counted by Python again the next time it runs, so the

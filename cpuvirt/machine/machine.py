@@ -152,6 +152,7 @@ class Machine:
         self.p2m = P2m(self.mem_bytes)
         self.mmu = Mmu(uc, self.regs, self.p2m, self.ram)
         self.clock = VirtualClock(uc, self._count_block)
+        self.mmu.on_code_remap = self.clock.drop_page
 
         self.bus = PortBus(on_unhandled=on_unhandled_io)
         self.input: TimedDevice | None = None  # serial_input.ScriptedInput / TerminalInput (attach_input)

@@ -3,8 +3,10 @@
 The C hook is registered before Mmu.fill and answers only side-effect-free hits of the guest walk
 (entries present, A/D already set, rights allow the access, a RAM frame, not a fetch); for anything else
 it declines and Unicorn calls Mmu.fill with the same request. A fetch is answered in C only from a
-(linear page, frame) pair that Mmu.fill has granted a fetch before (`code_frame`), so that the
-intercepts' one scan of each pair (Mmu.on_code_frame) is never skipped. Its fills and walks are added to the
+(linear page, frame) pair that Mmu.fill has granted a fetch before (`code_frame`), and only while it is
+the page's last pairing Mmu.fill saw (`forget_pair`), so that the intercepts' one scan of each pair
+(Mmu.on_code_frame) is never skipped and a page's remapping always reaches Mmu.fill (the clock drops
+its counts of the code there: Mmu.on_code_remap). Its fills and walks are added to the
 MMU's counters. Optional: without the built extension every fill is Python's, with the same results.
 """
 
@@ -98,6 +100,13 @@ class FastFill:
             self.code[frame] = 1
             if page is not None:
                 self.fetched[frame] = (page & 0xFFFFF000) | 1
+
+    def forget_pair(self, hpa: int, page: int) -> None:
+        """Linear `page` maps another frame than `hpa` now (Mmu._code_remapped): fetches through the old
+        pairing are Mmu.fill's again, so that a page's remapping is always seen there."""
+        frame = (hpa - self._state.ram_hpa) >> 12
+        if 0 <= frame < len(self.fetched) and self.fetched[frame] == (page & 0xFFFFF000) | 1:
+            self.fetched[frame] = 0
 
     def counts(self) -> tuple[int, int, int]:
         st = self._state

@@ -188,6 +188,10 @@ class Mmu:
         self.on_unbacked: Callable[[int], None] | None = None  # callback(gpa) once per page
         # callback(linear page, hpa) on fetch fills (intercepts)
         self.on_code_frame: Callable[[int, int], None] | None = None
+        # linear code page -> the host frame it was last fetched from; on_code_remap(page) when that changes
+        # (the clock's block counts are keyed by linear address: VirtualClock.drop_page)
+        self.code_pages: dict[int, int] = {}
+        self.on_code_remap: Callable[[int], None] | None = None
         self.crs: tuple[int, int, int] | None = None  # CR0, CR3, CR4 snapshot, see load_crs
         # callable -> (cr0, cr3, cr4): the guest's virtual CRs
         self.crs_source: Callable[[], tuple[int, int, int]] | None = None
@@ -278,6 +282,8 @@ class Mmu:
         if acc == Access.FETCH:
             self.code_frames.add(hpa)
             perms |= UC_PROT_EXEC
+            if self.code_pages.get(vaddr & PAGE_MASK) != hpa:
+                self._code_remapped(vaddr & PAGE_MASK, hpa)
             if self.on_code_frame is not None:
                 self.on_code_frame(vaddr & PAGE_MASK, hpa)
             if self.counters.fast is not None:  # after the scan: C may answer this pair's fetches now
@@ -287,6 +293,19 @@ class Mmu:
         entry.paddr = hpa
         entry.perms = perms
         return True
+
+    def _code_remapped(self, page: int, hpa: int) -> None:
+        """A fetch from linear `page` through frame `hpa`, where the last one went through another frame (or
+        none): the C fills stop answering fetches through the old pairing, and what was counted for the
+        page's code is dropped (on_code_remap). Bounded: at most one entry per linear page."""
+        old = self.code_pages.get(page)
+        self.code_pages[page] = hpa
+        if old is None:
+            return  # nothing was fetched from this page yet, so nothing was counted for it
+        if self.counters.fast is not None:
+            self.counters.fast.forget_pair(old, page)
+        if self.on_code_remap is not None:
+            self.on_code_remap(page)
 
     def _note_unbacked(self, gpa: int) -> None:
         self.counters.unbacked += 1
