@@ -108,3 +108,23 @@ def test_remap_count_console_is_qemus(test_guest):
     theirs, status = qemu_console(path)
     assert status == (ours.status << 1) | 1 and ours.status == 0
     assert ours.console == theirs and b"PASS" in theirs
+
+
+def test_emptying_the_page_to_frame_cache_sends_every_pairing_back_to_python(test_guest, monkeypatch):
+    """Mmu.code_pages is a cache with a cap (limits.py). A page it forgot could map another frame again
+    through a pairing the C fill still answers (no drop of the clock's counts), so emptying it also makes
+    every pairing Mmu.fill's again (FastFill.forget_pairs)."""
+    from cpuvirt import limits
+
+    seen: dict = {}
+    r = run_guest(
+        str(test_guest("remap_count")), "native", max_insns=5_000_000, on_start=lambda hv: seen.setdefault("hv", hv)
+    )
+    assert (r.outcome, r.status) == ("exit", 0)
+    mmu = seen["hv"].machine.mmu
+    fast = mmu.counters.fast
+    assert fast is not None and any(fast.fetched) and mmu.code_pages
+    monkeypatch.setattr(limits, "CACHE_ENTRIES", len(mmu.code_pages))
+    frame = next(iter(mmu.code_pages.values()))
+    mmu._code_remapped(0x12345000, frame)  # a page not known, with the cache full
+    assert not any(fast.fetched) and mmu.code_pages == {0x12345000: frame}

@@ -108,6 +108,10 @@ class FastFill:
         if 0 <= frame < len(self.fetched) and self.fetched[frame] == (page & 0xFFFFF000) | 1:
             self.fetched[frame] = 0
 
+    def forget_pairs(self) -> None:
+        """Every fetch pairing is Mmu.fill's again (Mmu.code_pages was emptied)."""
+        ctypes.memset(self.fetched, 0, ctypes.sizeof(self.fetched))
+
     def counts(self) -> tuple[int, int, int]:
         st = self._state
         return st.fills, st.walks, st.walk_refs

@@ -18,6 +18,7 @@ from typing import Callable, Protocol
 
 from unicorn import UC_PROT_EXEC, UC_PROT_READ, UC_PROT_WRITE
 
+from cpuvirt import limits
 from cpuvirt.engine import regs as R
 from cpuvirt.memory.p2m import UNBACKED_HPA, P2m
 from cpuvirt.memory.traces import TracedWrite, Traces
@@ -296,14 +297,19 @@ class Mmu:
 
     def _code_remapped(self, page: int, hpa: int) -> None:
         """A fetch from linear `page` through frame `hpa`, where the last one went through another frame (or
-        none): the C fills stop answering fetches through the old pairing, and what was counted for the
-        page's code is dropped (on_code_remap). Bounded: at most one entry per linear page."""
-        old = self.code_pages.get(page)
-        self.code_pages[page] = hpa
-        if old is None:
-            return  # nothing was fetched from this page yet, so nothing was counted for it
-        if self.counters.fast is not None:
-            self.counters.fast.forget_pair(old, page)
+        none known): the C fills stop answering fetches through the old pairing, and what was counted for
+        the page's code is dropped (on_code_remap; also for a page not known, which may have been forgotten).
+        A cache with a cap (limits.py): when it is emptied, every pairing the C fills answer goes back to
+        Python once, so that none is answered in C without being known here."""
+        pages, fast = self.code_pages, self.counters.fast
+        if len(pages) >= limits.CACHE_ENTRIES and page not in pages:
+            pages.clear()
+            if fast is not None:
+                fast.forget_pairs()
+        old = pages.get(page)
+        pages[page] = hpa
+        if old is not None and fast is not None:
+            fast.forget_pair(old, page)
         if self.on_code_remap is not None:
             self.on_code_remap(page)
 
