@@ -133,6 +133,25 @@ static int block_slow(vclock_t *s, void *uc, uint32_t count) {
     return 0;
 }
 
+/* A block counted: what every block that runs does to the clock. */
+static inline void block_ran(vclock_t *s, uint64_t address, uint32_t count) {
+    s->now += count;
+    s->blocks++;
+    s->last_block = address;
+    s->last_count = count;
+}
+
+/* Everything but the common case, out of line so that the common path calls nothing and saves no
+ * registers (measured: the pushes of a hook that may call were a sixth of its samples). */
+static __attribute__((noinline)) void block_uncommon(vclock_t *s, void *uc, uint64_t address, uint32_t size,
+                                                     entry_t *e, uint32_t count) {
+    if (!count) count = count_miss(s, e, address, size);
+    if (UNLIKELY((s->discard | s->check_if | s->stop_next) != 0 || s->now + count > s->deadline)) {
+        if (block_slow(s, uc, count)) return;
+    }
+    block_ran(s, address, count);
+}
+
 /* Every block, so the common path is short: one table hit, one test of the rare conditions (discard,
  * check_if, stop_next OR-ed together), one compare with the deadline. */
 void vclock_block_hook(void *uc, uint64_t address, uint32_t size, void *user_data) {
@@ -144,14 +163,12 @@ void vclock_block_hook(void *uc, uint64_t address, uint32_t size, void *user_dat
     else if (e[1].address == a && e[1].size == size)
         count = e[1].count;
     else
-        count = count_miss(s, e, address, size);
-    if (UNLIKELY((s->discard | s->check_if | s->stop_next) != 0 || s->now + count > s->deadline)) {
-        if (block_slow(s, uc, count)) return;
+        count = 0;   /* a miss: Python counts it (a count is never 0) */
+    if (UNLIKELY(!count || (s->discard | s->check_if | s->stop_next) != 0 || s->now + count > s->deadline)) {
+        block_uncommon(s, uc, address, size, e, count);
+        return;
     }
-    s->now += count;
-    s->blocks++;
-    s->last_block = address;
-    s->last_count = count;
+    block_ran(s, address, count);
 }
 
 /*
