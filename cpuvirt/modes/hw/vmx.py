@@ -278,6 +278,29 @@ class VmxCpu(Vcpu):
         if self.fast_exits is None:
             super().add_cpuid_hook()
 
+    def _exit_info(
+        self, reason: int, qualification: int, length: int, rip: int, intr_info: int = 0, intr_error: int = 0
+    ) -> dict:
+        """Write the exit-information fields and GUEST_RIP a VM exit leaves (SDM 27.2.1-27.2.4); returns the
+        VMCS's values, for the caller's fields beyond these (the exit's own paths, Python's and the folds of
+        C's, all write them here)."""
+        w = self.vmcs._values
+        w[_EXIT_REASON] = int(reason)
+        w[_EXIT_QUAL] = qualification
+        w[_EXIT_LEN] = length
+        w[_EXIT_INTR_INFO] = intr_info
+        w[_EXIT_INTR_ERROR] = intr_error
+        w[_EXIT_INSN_INFO] = 0
+        w[_GUEST_RIP] = rip
+        return w
+
+    def _count_exits(self, reason: ExitReason, n: int = 1) -> None:
+        """n VM exits for `reason`: the exit counters and the cost model's `vmexit` events (not .counts: no
+        fold of the C event books per exit)."""
+        self.exits += n
+        self.stats[reason] += n
+        self._counts["vmexit"] += n
+
     def fold_fast_exits(self) -> None:
         """Make the CPUID exits (and, without EPT, the CR3 reloads) answered in C since the last call
         visible, as the Python path leaves them: the counters, the event count, and the VMCS
@@ -306,44 +329,24 @@ class VmxCpu(Vcpu):
         """n CPUID exits answered in C (their counters), the last at rip (its exit fields, written after
         those of the EPT violations _tlbfill.c took; -1: none, an EPT violation came last)."""
         if n:
-            self.exits += n
-            self.stats[ExitReason.CPUID] += n
-            self._counts["vmexit"] += n  # (not .counts: no fold of the C event books per exit)
+            self._count_exits(ExitReason.CPUID, n)
         if self._ept_c is not None and self._ept_c.c_exits:
             self._fold_quick_ept()
         if rip < 0:
             return
-        v = self.vmcs
-        w = v._values
-        w[F.VM_EXIT_REASON] = int(ExitReason.CPUID)
-        w[F.EXIT_QUALIFICATION] = 0
-        w[F.VM_EXIT_INSTRUCTION_LEN] = 2
-        w[F.VM_EXIT_INTR_INFO] = 0
-        w[F.VM_EXIT_INTR_ERROR_CODE] = 0
-        w[F.VMX_INSTRUCTION_INFO] = 0
-        w[F.GUEST_RIP] = rip
-        v._cache.clear()
+        self._exit_info(ExitReason.CPUID, 0, 2, rip)
+        self.vmcs._cache.clear()
 
     def _fold_cr3_loads(self, n: int, q: int, length: int, rip: int, cr3: int) -> None:
         """n CR_ACCESS exits for CR3 loads of the shadow's current root made in C: what handle_cr and
         ShadowPaging.on_cr3_write count for them, and the last one's fields as vm_exit, handle_cr and
         skip_instruction leave them."""
-        self.exits += n
-        self.stats[ExitReason.CR_ACCESS] += n
-        self._counts["vmexit"] += n
+        self._count_exits(ExitReason.CR_ACCESS, n)
         if self.shadow is not None:
             self.shadow.count_reloads(n)
-        v = self.vmcs
-        w = v._values
-        w[F.VM_EXIT_REASON] = int(ExitReason.CR_ACCESS)
-        w[F.EXIT_QUALIFICATION] = q
-        w[F.VM_EXIT_INSTRUCTION_LEN] = length
-        w[F.VM_EXIT_INTR_INFO] = 0
-        w[F.VM_EXIT_INTR_ERROR_CODE] = 0
-        w[F.VMX_INSTRUCTION_INFO] = 0
-        w[F.GUEST_RIP] = (rip + length) & 0xFFFFFFFF
+        w = self._exit_info(ExitReason.CR_ACCESS, q, length, (rip + length) & 0xFFFFFFFF)  # (skip_instruction)
         w[F.GUEST_CR3] = cr3
-        v._cache.clear()
+        self.vmcs._cache.clear()
 
     # Without EPT: guest code read in C over the guest's tables while the shadow is current (cpu/_delivery.c
     # delivery_peek's shadow guard), for Mmu.fetch_bytes and fastexit.py's sites (the I/O gate's CPL-0 pass,
@@ -557,24 +560,16 @@ class VmxCpu(Vcpu):
         self.fold_fast_exits()
         v = self.vmcs
         v.on_exit()
-        w = v._values
-        w[F.VM_EXIT_REASON] = int(reason)
-        w[F.EXIT_QUALIFICATION] = qualification
-        w[F.VM_EXIT_INSTRUCTION_LEN] = length
-        w[F.VM_EXIT_INTR_INFO] = intr_info
-        w[F.VM_EXIT_INTR_ERROR_CODE] = intr_error or 0
+        # The guest's RIP at the exit: the instruction (or, for I/O, CPUID and RDTSC, whose hooks
+        # run inside the engine before it has moved EIP, the instruction the engine is completing).
+        w = self._exit_info(reason, qualification, length, rip, intr_info, intr_error or 0)
         w[F.VMX_INSTRUCTION_INFO] = instr_info
+        v._cache[F.GUEST_RIP] = rip
         if gpa is not None:
             w[F.GUEST_PHYSICAL_ADDRESS] = gpa
         if gla is not None:
             w[F.GUEST_LINEAR_ADDRESS] = gla
-        # The guest's RIP at the exit: the instruction (or, for I/O, CPUID and RDTSC, whose hooks
-        # run inside the engine before it has moved EIP, the instruction the engine is completing).
-        w[F.GUEST_RIP] = rip
-        v._cache[F.GUEST_RIP] = rip
-        self.exits += 1
-        self.stats[reason] += 1
-        self._counts["vmexit"] += 1
+        self._count_exits(reason)
         if insn is None:
             insn = self.insn_at(rip) if self.trace is not None or self.dump_on is not None else ""
         x = Exit(
@@ -879,19 +874,11 @@ class VmxCpu(Vcpu):
         elif from_c & 2 or (self._ept_c is not None and self._ept_c.c_exits):
             self.fold_fast_exits()
         v = self.vmcs
-        w = v._values
-        w[_EXIT_REASON] = 30  # ExitReason.IO_INSTRUCTION
-        w[_EXIT_QUAL] = (size - 1) | (8 if is_in else 0) | (rep << 5) | (imm << 6) | (port << 16)
-        w[_EXIT_LEN] = length
-        w[_EXIT_INTR_INFO] = 0
-        w[_EXIT_INTR_ERROR] = 0
-        w[_EXIT_INSN_INFO] = 0
-        w[_GUEST_RIP] = addr
+        q = (size - 1) | (8 if is_in else 0) | (rep << 5) | (imm << 6) | (port << 16)
+        self._exit_info(_IO_INSTRUCTION, q, length, addr)
         v._cache.clear()
-        self.exits += 1
+        self._count_exits(_IO_INSTRUCTION)
         self.quick_io_exits += 1
-        self.stats[_IO_INSTRUCTION] += 1
-        self._counts["vmexit"] += 1
         bus = self.machine.bus
         if is_in:
             value = bus.read(port, size)
@@ -1212,22 +1199,13 @@ class VmxCpu(Vcpu):
         if mmio is not None and mmio.find(gpa) is not None:
             return 0  # a device register: emulated by the handler
         self.fold_fast_exits()
-        v = self.vmcs
-        w = v._values
-        w[_EXIT_REASON] = 48  # ExitReason.EPT_VIOLATION
-        w[_EXIT_QUAL] = (1, 2, 4)[acc] | 0x180  # no entry: no permissions; linear address valid, final
-        w[_EXIT_LEN] = 0
-        w[_EXIT_INTR_INFO] = 0
-        w[_EXIT_INTR_ERROR] = 0
-        w[_EXIT_INSN_INFO] = 0
+        # no entry: no permissions; linear address valid, final
+        w = self._exit_info(_EPT_VIOLATION, (1, 2, 4)[acc] | 0x180, 0, eip)
         w[_GPA] = gpa
         w[_GLA] = gla
-        w[_GUEST_RIP] = eip
-        v._cache.clear()
-        self.exits += 1
+        self.vmcs._cache.clear()
+        self._count_exits(_EPT_VIOLATION)
         self.quick_ept_exits += 1
-        self.stats[_EPT_VIOLATION] += 1
-        self._counts["vmexit"] += 1
         self.ept.map(GPA(page), HPA(RAM_HPA + page))
         return 1
 
@@ -1329,10 +1307,8 @@ class VmxCpu(Vcpu):
         st = self._ept_c
         n = st.c_exits
         st.c_exits = 0
-        self.exits += n
+        self._count_exits(_EPT_VIOLATION, n)
         self.quick_ept_exits += n
-        self.stats[_EPT_VIOLATION] += n
-        self._counts["vmexit"] += n
         eip, vaddr, acc = st.last_eip, st.last_vaddr, st.last_type - 16
         if acc != 2:
             regs = _SavedRegs(st.last_regs)
@@ -1341,16 +1317,9 @@ class VmxCpu(Vcpu):
             gla = eip
         else:
             gla = vaddr
-        w = self.vmcs._values
-        w[_EXIT_REASON] = 48
-        w[_EXIT_QUAL] = (1, 2, 4)[acc] | 0x180
-        w[_EXIT_LEN] = 0
-        w[_EXIT_INTR_INFO] = 0
-        w[_EXIT_INTR_ERROR] = 0
-        w[_EXIT_INSN_INFO] = 0
+        w = self._exit_info(_EPT_VIOLATION, (1, 2, 4)[acc] | 0x180, 0, eip)
         w[_GPA] = (st.last_gpa & ~0xFFF) | (gla & 0xFFF)
         w[_GLA] = gla
-        w[_GUEST_RIP] = eip
         self.vmcs._cache.clear()
 
     def _quick_ept_ready(self) -> bool:
