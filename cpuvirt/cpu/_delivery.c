@@ -23,6 +23,7 @@
 #include <string.h>
 
 #include "../memory/_shadowmirror.h"   /* hw --no-ept: the shadow root the hypervisor's accesses use */
+#include "_blockcopy.h"                 /* the copy of Machine.block_insns, shared with trap's and full's */
 
 typedef int (*reg_read_fn)(void *uc, int regid, void *value);
 typedef int (*reg_write_fn)(void *uc, int regid, const void *value);
@@ -591,25 +592,13 @@ int delivery_peek(delivery_t *s, void *uc, uint32_t gva, uint32_t n, uint8_t *ou
  *
  * left_block_at takes the instructions of the running block that did not retire off the clock; their
  * addresses are decoded by Python when the clock first counts the block (Machine.block_insns). That
- * table is mirrored here as Python puts and drops its entries (machine/blocks.py BlockInsns), in a
- * direct-mapped cache: a block it does not hold (evicted by another, or longer than BOOK_MAX_INSNS
- * instructions) leaves the event to the Python callback, as before, so the two can never disagree.
+ * table is mirrored here as Python puts and drops its entries (machine/blocks.py BlockInsns, through
+ * cpu/evdeliver.py BlockCopyKeeper), in _blockcopy.h's copy: where the copy cannot tell (a set that lost an
+ * entry the table may hold) the event goes to the Python callback, as before, so the two never disagree.
  * The counters are per vector; Python adds them to Vcpu.counts and Vcpu.reasons when they are read
  * (Vcpu.counts). The first event of each kind still goes to Python, which puts its counters' keys in
  * the order the Python path puts them (the summary prints them in that order).
  */
-#define BOOK_SLOTS 4096u
-#define BOOK_MAX_INSNS 58
-
-typedef struct {
-    uint64_t end;                     /* the address after the block's last instruction */
-    uint32_t address;                 /* the block's key in Machine.block_insns */
-    uint32_t first;                   /* its first instruction's address */
-    uint16_t n;                       /* instructions; 0: the slot is empty */
-    uint16_t offset[BOOK_MAX_INSNS];  /* each instruction's address - first */
-    uint16_t pad[3];
-} book_block_t;
-
 typedef struct books {
     uint64_t *clock_now, *clock_extra;   /* the virtual clock's (engine/_vclock.c) */
     const uint64_t *clock_last_block;
@@ -620,68 +609,37 @@ typedef struct books {
     uint64_t misses;                     /* events left to Python: their block was not in the cache */
     uint8_t soft_seen[256], fault_seen[256];
     uint32_t pf_seen, pad;
-    book_block_t block[BOOK_SLOTS];
+    block_t block[ED_BLOCK_SLOTS];
 } books_t;
 
 size_t delivery_books_sizeof(void) { return sizeof(books_t); }
 
-static book_block_t *book_slot(books_t *b, uint32_t address) {
-    return &b->block[(address ^ (address >> 12)) & (BOOK_SLOTS - 1)];
-}
-
-/* Machine.block_insns[address] = (addrs, end): the same entry here, or none for that address when it
- * does not fit (Python's then answers). Returns 1 when stored. */
+/* Machine.block_insns[address] = (addrs, end): the same entry here (ed_blocks_put). Returns 1 when stored. */
 int delivery_books_put(books_t *b, uint32_t address, const uint32_t *addrs, uint32_t n, uint64_t end) {
-    book_block_t *e = book_slot(b, address);
-    uint32_t k;
-    if (e->address == address) e->n = 0;
-    if (n == 0 || n > BOOK_MAX_INSNS) return 0;
-    for (k = 0; k < n; k++)
-        if (addrs[k] < addrs[0] || addrs[k] - addrs[0] > 0xFFFFu) return 0;
-    e->n = 0;
-    e->address = address;
-    e->first = addrs[0];
-    e->end = end;
-    for (k = 0; k < n; k++) e->offset[k] = (uint16_t)(addrs[k] - addrs[0]);
-    e->n = (uint16_t)n;
-    return 1;
+    return ed_blocks_put(b->block, address, addrs, n, end);
 }
 
 /* del Machine.block_insns[address] */
-void delivery_books_drop(books_t *b, uint32_t address) {
-    book_block_t *e = book_slot(b, address);
-    if (e->address == address) e->n = 0;
-}
+void delivery_books_drop(books_t *b, uint32_t address) { ed_blocks_drop(b->block, address); }
 
 /* Machine.block_insns.clear() */
-void delivery_books_clear(books_t *b) {
-    uint32_t k;
-    for (k = 0; k < BOOK_SLOTS; k++) b->block[k].n = 0;
-}
+void delivery_books_clear(books_t *b) { ed_blocks_clear(b->block); }
 
 /* Does the copy hold the running block (the clock's last_block) with `boundary` inside it, so that
  * Vcpu.left_block_at(boundary) would take the instructions from there on off the clock? (hw's lazy-EPT
  * exit in C, memory/_tlbfill.c, asks: the full exit it stands for does that.) */
 int delivery_books_covers(books_t *b, uint32_t boundary) {
-    uint64_t last = *b->clock_last_block;
-    const book_block_t *e = book_slot(b, (uint32_t)last);
-    return e->n != 0 && e->address == last && e->first <= boundary && boundary < e->end;
+    const block_t *e = NULL;
+    uint64_t misses = 0;
+    if (!ed_running_block(b->block, *b->clock_last_block, &misses, &e) || !e) return 0;
+    return e->first <= boundary && boundary < e->end;
 }
 
-/* Vcpu.left_block_at(boundary): 1 when done here (the block is in the cache), 0: Python's to do. */
+/* Vcpu.left_block_at(boundary): 1 when done here, 0: Python's to do. */
 static int books_left_block_at(books_t *b, uint32_t boundary) {
-    uint64_t last = *b->clock_last_block;
-    const book_block_t *e = book_slot(b, (uint32_t)last);
-    uint32_t k, n = 0;
-    if (e->n == 0 || e->address != last) {
-        b->misses++;
-        return 0;
-    }
-    if (e->first <= boundary && boundary < e->end) {
-        for (k = 0; k < e->n; k++)
-            if (e->first + (uint64_t)e->offset[k] >= boundary) n++;
-        *b->clock_now -= n;       /* VirtualClock.unretire */
-    }
+    int64_t n = 0;
+    if (!ed_left_block(b->block, *b->clock_last_block, &b->misses, boundary, &n)) return 0;
+    *b->clock_now -= (uint64_t)n;       /* VirtualClock.unretire */
     return 1;
 }
 

@@ -1,6 +1,7 @@
 """The Python side of cpu/_evdeliver.h: event delivery through the guest's IDT in C, shared by mode `trap`
-(modes/trapfast.py) and mode `full` (modes/full/deliverfast.py), and the copy of Machine.block_insns
-both keep for Vcpu.left_block_at (`BlockCopy`, one entry of it)."""
+(modes/trapfast.py) and mode `full` (modes/full/deliverfast.py); and of cpu/_blockcopy.h, the copy of
+Machine.block_insns kept for Vcpu.left_block_at by those and by native's and hw's C delivery
+(cpu/fastdelivery.py EventBooks): `BlockCopy`, one entry of it, and `BlockCopyKeeper`."""
 
 from __future__ import annotations
 
@@ -91,6 +92,14 @@ class BlockCopyKeeper:
     def clear(self) -> None:
         self._keys.clear()
         self._clear()
+
+    def entry(self, address: int) -> tuple[tuple[int, ...], int] | None:
+        """The copy's entry for the block at `address` (Machine.block_insns' form), or None."""
+        s = block_set(address)
+        for b in (self._blocks[s], self._blocks[s + 1]):
+            if b.n and b.address == address & 0xFFFFFFFF:
+                return tuple(b.first + b.offset[k] for k in range(b.n)), b.end
+        return None
 
 
 def fold_event_counts(table, soft_seen, fault_seen, counts, reasons) -> None:

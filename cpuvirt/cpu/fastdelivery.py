@@ -15,6 +15,7 @@ import ctypes
 from unicorn import UC_HOOK_CODE, UC_HOOK_INTR, UC_HOOK_TLB_FILL
 from unicorn.unicorn_py3 import unicorn as _ucmod
 
+from cpuvirt.cpu.evdeliver import BLOCK_SLOTS, BlockCopy, BlockCopyKeeper
 from cpuvirt.engine import regs as R
 from cpuvirt.engine.cext import add_c_hook, load
 from cpuvirt.engine.hooks import hook_guard
@@ -125,22 +126,6 @@ class _State(ctypes.Structure):
     ]
 
 
-BOOK_SLOTS, BOOK_MAX_INSNS = 4096, 58
-
-
-class _BookBlock(ctypes.Structure):
-    """Mirror of book_block_t."""
-
-    _fields_ = [
-        ("end", ctypes.c_uint64),
-        ("address", ctypes.c_uint32),
-        ("first", ctypes.c_uint32),
-        ("n", ctypes.c_uint16),
-        ("offset", ctypes.c_uint16 * BOOK_MAX_INSNS),
-        ("pad", ctypes.c_uint16 * 3),
-    ]
-
-
 class _Books(ctypes.Structure):
     """Mirror of books_t (checked against delivery_books_sizeof at load)."""
 
@@ -159,7 +144,7 @@ class _Books(ctypes.Structure):
         ("fault_seen", ctypes.c_uint8 * 256),
         ("pf_seen", ctypes.c_uint32),
         ("pad", ctypes.c_uint32),
-        ("block", _BookBlock * BOOK_SLOTS),
+        ("block", BlockCopy * BLOCK_SLOTS),
     ]
 
 
@@ -282,22 +267,19 @@ class EventBooks:
         b.clock_last_block = base + kind.last_block.offset
         b.clock_watch_if = base + kind.watch_if.offset
         b.clock_check_if = base + kind.check_if.offset
-        vcpu.machine.block_insns.attach(self)
+        pb, lib = self._pbooks, self._lib
+        self.blocks = BlockCopyKeeper(  # the copy of Machine.block_insns (cpu/_blockcopy.h)
+            vcpu.machine.block_insns,
+            lambda a, words, n, end: lib.delivery_books_put(pb, a, words, n, end),
+            lambda a: lib.delivery_books_drop(pb, a),
+            lambda: lib.delivery_books_clear(pb),
+            b.block,
+        )
+        vcpu.machine.block_insns.attach(self.blocks)
 
     @property
     def address(self) -> int:
         return ctypes.addressof(self._books)
-
-    # BlockMirror
-    def put(self, address: int, addrs: tuple[int, ...], end: int) -> None:
-        words = (ctypes.c_uint32 * len(addrs))(*(a & 0xFFFFFFFF for a in addrs))
-        self._lib.delivery_books_put(self._pbooks, address & 0xFFFFFFFF, words, len(addrs), end)
-
-    def drop(self, address: int) -> None:
-        self._lib.delivery_books_drop(self._pbooks, address & 0xFFFFFFFF)
-
-    def clear(self) -> None:
-        self._lib.delivery_books_clear(self._pbooks)
 
     @property
     def misses(self) -> int:
@@ -335,10 +317,7 @@ class EventBooks:
 
     def entry(self, address: int) -> tuple[tuple[int, ...], int] | None:
         """The copy's entry for the block at `address` (Machine.block_insns' form), or None."""
-        b = self._books.block[(address ^ (address >> 12)) & (BOOK_SLOTS - 1)]
-        if b.n == 0 or b.address != address & 0xFFFFFFFF:
-            return None
-        return tuple(b.first + b.offset[k] for k in range(b.n)), b.end
+        return self.blocks.entry(address)
 
 
 def _io_instructions() -> frozenset[str]:
