@@ -41,7 +41,6 @@ typedef struct {
     uint64_t deadline;     /* stop when now >= deadline */
     uint64_t blocks;       /* blocks executed */
     uint64_t last_block;   /* address of the block that ran last */
-    uint64_t last_count;   /* its instruction count */
     uint64_t misses;       /* blocks counted by Python */
     uint64_t extra;        /* cycles that were not instructions (I/O, idle, deadline rounding) */
     uint32_t stopped;      /* set when the hook stopped the engine */
@@ -138,7 +137,6 @@ static inline void block_ran(vclock_t *s, uint64_t address, uint32_t count) {
     s->now += count;
     s->blocks++;
     s->last_block = address;
-    s->last_count = count;
 }
 
 /* Everything but the common case, out of line so that the common path calls nothing and saves no

@@ -42,7 +42,6 @@ class _State(ctypes.Structure):
         ("deadline", ctypes.c_uint64),
         ("blocks", ctypes.c_uint64),
         ("last_block", ctypes.c_uint64),
-        ("last_count", ctypes.c_uint64),
         ("misses", ctypes.c_uint64),
         ("extra", ctypes.c_uint64),
         ("stopped", ctypes.c_uint32),

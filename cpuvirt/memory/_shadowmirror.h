@@ -5,8 +5,8 @@
  * Python keeps it equal to its own tables: every entry the current root gains or loses, every root
  * switch, mode change and trim, every frame traced or untraced is told here at once. C paths read it to
  * answer what Python's ShadowPaging.gva_to_gpa would answer from an entry with no side effect: the TLB
- * fills of mode trap and full (_tlbfill.c shadowfill_hook) and the hypervisor's own accesses of an
- * event delivery (modes/_trapfast.c). A slot holds one linear page's entry, valid only while its serial
+ * fills of modes trap, full and hw --no-ept (_tlbfill.c shadowfill_hook) and the hypervisor's own
+ * accesses of an event delivery (cpu/_evdeliver.h for trap and full, cpu/_delivery.c for hw --no-ept). A slot holds one linear page's entry, valid only while its serial
  * is the current root's; a root's serial changes when it loses every entry, so stale slots need no
  * clearing. Owned by Python (ctypes), shared by the extensions that include this header.
  */

@@ -1,8 +1,9 @@
 """Shadow paging's current address space and the traced frames, copied to C (`_shadowmirror.h`).
 
 C paths answer what ShadowPaging.gva_to_gpa would answer from an entry with no side effect: the TLB
-fills of modes trap and full that hit the shadow (`ShadowFastFill`, `_tlbfill.c` shadowfill_hook), and
-the hypervisor's accesses of an event delivery in mode trap (modes/_trapfast.c). Python stays the owner:
+fills of modes trap, full and hw --no-ept that hit the shadow (`ShadowFastFill`, `_tlbfill.c`
+shadowfill_hook), and the hypervisor's accesses of an event delivery (cpu/_evdeliver.h for trap and full,
+cpu/_delivery.c for hw --no-ept). Python stays the owner:
 each root's `entries` dict and Mmu.traces.frames are replaced by dicts that tell C of every change, so
 the copy never holds an entry Python dropped. Each root gets a serial; C takes a slot only of the
 current root's serial, and a root that loses every entry (a trim) gets a new one.
