@@ -52,6 +52,18 @@ class DeprivilegedVcpu(IoGateVcpu, EmulatingVcpu):
     # the mode's C delivery (trap's TrapFast, full's FullDelivery), offered each #PF first: see deliver
     c_delivery: Any = None
 
+    @property
+    def trace(self):
+        return self._trace
+
+    @trace.setter
+    def trace(self, trace) -> None:
+        """A trace line needs Python: while one is written, every event (and under trap every trap) takes
+        the mode's Python path (c_delivery off)."""
+        self._trace = trace
+        if self.c_delivery is not None:
+            self.c_delivery.enabled = trace is None
+
     def deliver(
         self,
         vector: int,

@@ -28,17 +28,6 @@ class TrapVcpu(DeprivilegedVcpu):
         super().__init__(machine, trace=trace, max_insns=max_insns)
         self._sites: dict[int, tuple] = {}
 
-    @property
-    def trace(self):
-        return self._trace
-
-    @trace.setter
-    def trace(self, trace) -> None:
-        """A trace line needs Python: while one is written, every trap takes the Python path."""
-        self._trace = trace
-        if self.fast is not None:
-            self.fast.enabled = trace is None
-
     def on_engine_event(self, intno, error_code, soft, eip) -> None:
         """A #GP at ring 1 is the guest kernel's privileged instruction: emulate it; every other event
         (and a #GP that is not one) goes to the guest through its IDT."""

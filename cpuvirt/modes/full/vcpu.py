@@ -72,17 +72,6 @@ class FullVcpu(RunsCode16, Coherence, Callouts, AdaptiveStores, DeprivilegedVcpu
     event_kind = "callout"
     fdeliver: FullDelivery | None = None  # the common deliveries in C (deliverfast.py), once installed
 
-    @property
-    def trace(self):
-        return self._trace
-
-    @trace.setter
-    def trace(self, trace) -> None:
-        """A trace line needs Python: while one is written, every event is delivered by Python."""
-        self._trace = trace
-        if self.fdeliver is not None:
-            self.fdeliver.enabled = trace is None
-
     def install_delivery(self, shadow) -> None:
         """The common events delivered in C (deliverfast.py), once shadow paging is the strategy."""
         if self.evfast is not None:
