@@ -9,10 +9,11 @@ CR2 and IOPL, NMI blocking, and SegmentLoadingVcpu._loaded as C writes it (`EvLo
 from __future__ import annotations
 
 import ctypes
+from typing import Any
 
 from cpuvirt.cpu.hvtlb import HvTlb
 from cpuvirt.cpu.segcache import _SEG_INDEX, segs_offset
-from cpuvirt.cpu.virtualcpu import TableVirtualCpu, VirtualCpu
+from cpuvirt.cpu.virtualcpu import SegCache, TableVirtualCpu, VirtualCpu
 from cpuvirt.engine import regs as R
 
 RTLB_SLOTS = 256
@@ -56,10 +57,11 @@ class EvSeg(ctypes.Structure):
 
 
 class EvVirtualCpu(TableVirtualCpu):
-    """A TableVirtualCpu whose CR2, IOPL and GDTR are in its table's `ev` (an EvSeg); the subclass puts
-    the control registers where its C path keeps them."""
+    """A TableVirtualCpu whose CR2, IOPL and GDTR are in its table's `ev` (an EvSeg), and IDTR and TR's base
+    and limit in the structure its C event delivery reads (`_delivery_fields`); the subclass puts the
+    control registers where its C path keeps them."""
 
-    __slots__ = ("_ev",)
+    __slots__ = ("_ev", "_tr")
 
     def __init__(self, table, old: VirtualCpu):
         self._ev = table.ev  # first: the copy of `old`'s fields writes through it
@@ -90,6 +92,31 @@ class EvVirtualCpu(TableVirtualCpu):
     def gdtr(self, value: tuple[int, int]) -> None:
         ev = self._ev
         ev.gdt_base, ev.gdt_limit = value[0] & 0xFFFFFFFF, value[1] & 0xFFFFFFFF
+
+    def _delivery_fields(self) -> Any:
+        """The C structure with idt_base, idt_limit, tr_base, tr_limit (trap's table; full's `dl`)."""
+        return self._table
+
+    @property  # type: ignore[override]
+    def idtr(self) -> tuple[int, int]:
+        d = self._delivery_fields()
+        return d.idt_base, d.idt_limit
+
+    @idtr.setter
+    def idtr(self, value: tuple[int, int]) -> None:
+        d = self._delivery_fields()
+        d.idt_base, d.idt_limit = value[0] & 0xFFFFFFFF, value[1] & 0xFFFFFFFF
+
+    @property  # type: ignore[override]
+    def tr(self) -> SegCache:
+        return self._tr
+
+    @tr.setter
+    def tr(self, value: SegCache) -> None:
+        """TR is loaded whole (ltr, a task switch): never changed in place."""
+        self._tr = value
+        d = self._delivery_fields()
+        d.tr_base, d.tr_limit = value.base & 0xFFFFFFFF, value.limit & 0xFFFFFFFF
 
 
 def setup(ev: EvSeg, vcpu, env: int, header: int, hflags: int, keep) -> None:

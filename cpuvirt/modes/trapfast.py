@@ -29,7 +29,7 @@ from cpuvirt.cpu.evdeliver import BLOCK_SLOTS, BlockCopyKeeper, fold_event_count
 from cpuvirt.cpu.evdeliver import BlockCopy as _Block
 from cpuvirt.cpu.evseg import EvHvTlb, EvLoaded, EvSeg, EvVirtualCpu
 from cpuvirt.cpu.quirks import context_layout
-from cpuvirt.cpu.virtualcpu import SegCache, in_table
+from cpuvirt.cpu.virtualcpu import in_table
 from cpuvirt.engine import regs as R
 from cpuvirt.engine.cext import add_c_hook, load
 from cpuvirt.engine.internals import context_header, engine_env
@@ -156,31 +156,10 @@ class TrapVirtualCpu(EvVirtualCpu):
     """A VirtualCpu whose CR0, CR2, CR3, CR4, IOPL, GDTR and IDTR are the C table's, and TR's base and
     limit copied there (every other field as VirtualCpu's)."""
 
-    __slots__ = ("_tr",)
+    __slots__ = ()
     cr0 = in_table("crs", 0)  # type: ignore[assignment]
     cr3 = in_table("crs", 1)  # type: ignore[assignment]
     cr4 = in_table("crs", 2)  # type: ignore[assignment]
-
-    @property  # type: ignore[override]
-    def idtr(self) -> tuple[int, int]:
-        st = self._table
-        return st.idt_base, st.idt_limit
-
-    @idtr.setter
-    def idtr(self, value: tuple[int, int]) -> None:
-        st = self._table
-        st.idt_base, st.idt_limit = value[0] & 0xFFFFFFFF, value[1] & 0xFFFFFFFF
-
-    @property  # type: ignore[override]
-    def tr(self) -> SegCache:
-        return self._tr
-
-    @tr.setter
-    def tr(self, value: SegCache) -> None:
-        """TR is loaded whole (ltr, a task switch): never changed in place."""
-        self._tr = value
-        st = self._table
-        st.tr_base, st.tr_limit = value.base & 0xFFFFFFFF, value.limit & 0xFFFFFFFF
 
 
 TrapHvTlb, TrapLoaded = EvHvTlb, EvLoaded  # the names trap's tests and notes use

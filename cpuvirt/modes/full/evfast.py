@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import ctypes
 import os
+from typing import Any
 
 from cpuvirt.bt.fastcallout import IRETD, MOV_CR2, MOV_SREG, POP_SREG, PYTHON
 from cpuvirt.cpu import evseg
 from cpuvirt.cpu.evseg import EvHvTlb, EvLoaded, EvVirtualCpu
 from cpuvirt.cpu.quirks import context_layout
-from cpuvirt.cpu.virtualcpu import SegCache, in_table
+from cpuvirt.cpu.virtualcpu import in_table
 
 _DATA_SEGS = {0: 0, 3: 3, 4: 4, 5: 5}  # ModRM sreg field -> QEMU segment index (ES, DS, FS, GS)
 _POPS = {b"\x07": 0, b"\x1f": 3, b"\x0f\xa1": 4, b"\x0f\xa9": 5}  # pop es/ds/fs/gs
@@ -39,31 +40,13 @@ class FullEvVirtualCpu(EvVirtualCpu):
     memory/shadowmirror.py), CR2, IOPL and GDTR its `ev`'s, IDTR and TR's base and limit its `dl`'s (the
     C delivery, deliverfast.py)."""
 
-    __slots__ = ("_tr",)
+    __slots__ = ()
     cr0 = in_table("cr", 0)  # type: ignore[assignment]
     cr3 = in_table("cr3")  # type: ignore[assignment]
     cr4 = in_table("cr", 1)  # type: ignore[assignment]
 
-    @property  # type: ignore[override]
-    def idtr(self) -> tuple[int, int]:
-        dl = self._table.dl
-        return dl.idt_base, dl.idt_limit
-
-    @idtr.setter
-    def idtr(self, value: tuple[int, int]) -> None:
-        dl = self._table.dl
-        dl.idt_base, dl.idt_limit = value[0] & 0xFFFFFFFF, value[1] & 0xFFFFFFFF
-
-    @property  # type: ignore[override]
-    def tr(self) -> SegCache:
-        return self._tr
-
-    @tr.setter
-    def tr(self, value: SegCache) -> None:
-        """TR is loaded whole (ltr, a task switch): never changed in place."""
-        self._tr = value
-        dl = self._table.dl
-        dl.tr_base, dl.tr_limit = value.base & 0xFFFFFFFF, value.limit & 0xFFFFFFFF
+    def _delivery_fields(self) -> Any:
+        return self._table.dl
 
     def crs_addresses(self) -> tuple[int, int, int]:
         """Where the virtual CR0, CR3 and CR4 are (uint32 each)."""
