@@ -164,10 +164,12 @@ class Vcpu:
         regs.write(R.EIP, entry)
         self.watch_if_setters()
         while self.outcome is None:
-            if self._flush_translations:
-                # New intercepts (the I/O gate): translations made without their hooks go.
+            if self._flush_translations or clock.stubs_full():
+                # New intercepts (the I/O gate): translations made without their hooks go. Or the clock's
+                # stubs fill their region: the blocks that jump to them go, and the region is reused.
                 self._flush_translations = False
                 uc.ctl_flush_tb()
+                clock.translations_dropped()
             if clock.now >= self.budget:
                 # Time spent outside instructions (faults that retire nothing, hypervisor work)
                 # reaches the budget too: every turn of this loop makes progress or spends it.

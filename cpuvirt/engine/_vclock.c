@@ -14,6 +14,9 @@
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
+#include <stddef.h>
+#include <sys/mman.h>
+#include <stdio.h>
 
 typedef int (*emu_stop_fn)(void *uc);
 typedef int (*reg_read_fn)(void *uc, int regid, void *value);
@@ -24,6 +27,7 @@ typedef uint32_t (*count_fn)(uint64_t address, uint32_t size);
 
 #define TABLE_BITS 14
 #define TABLE_SIZE (1u << TABLE_BITS)
+#define TRY 0x8000u   /* in entry_t.count: a block just counted, which its next pass through the hook gives a stub */
 
 /* A two-way set-associative cache of block -> instruction count: 8-byte entries, 128 KiB, so that it
  * stays in cache. A block that finds both ways of its set taken is counted again by Python, which costs
@@ -43,18 +47,20 @@ typedef struct {
     uint64_t last_block;   /* address of the block that ran last */
     uint64_t misses;       /* blocks counted by Python */
     uint64_t extra;        /* cycles that were not instructions (I/O, idle, deadline rounding) */
-    uint32_t stopped;      /* set when the hook stopped the engine */
+    /* Tested together by the stubs (see "Counting without the call"): discard with check_if, and epoch
+     * with stop_next, as two 64-bit words. */
     uint32_t discard;      /* set by Python's count_cb when it stopped the engine itself */
+    uint32_t check_if;     /* look at IF at the start of the check_if-th next block (0: do not) */
+    uint32_t epoch;        /* bumped when counts are dropped: a stub of an older epoch looks again */
     uint32_t stop_next;    /* 2: run one block then stop (armed with a deadline already due); 1: stop now */
-    uint32_t pad2;
     emu_stop_fn emu_stop;
     count_fn count_cb;
     /* The interrupt window (see vclock_if_hook): */
     reg_read_fn reg_read;  /* uc_reg_read */
     int32_t eflags_reg;    /* UC_X86_REG_EFLAGS */
     uint32_t watch_if;     /* 1 while an interrupt waits for EFLAGS.IF = 1 */
-    uint32_t check_if;     /* look at IF at the start of the check_if-th next block (0: do not) */
-    uint32_t pad3;
+    uint32_t stopped;      /* set when the hook stopped the engine */
+    uint32_t patching;     /* 1: give each block counted a stub (see "Counting without the call") */
     uint64_t window_checks;  /* times IF was looked at */
     uint64_t window_stops;   /* times it was found set (the engine stopped for the window) */
     /* rdtsc answered in C (see vclock_rdtsc_hook): */
@@ -64,6 +70,14 @@ typedef struct {
     uint64_t retranslated;   /* counts dropped because the engine translated their block again */
     entry_t table[TABLE_SIZE];
     uint64_t remapped;       /* counts dropped because their linear page came to map another frame */
+    uint64_t patched;        /* blocks given a stub (see "Counting without the call") */
+    uint64_t unpatched;      /* blocks that keep the hook's call */
+    uint64_t stub_slow;      /* stubs' slow paths taken */
+    void *stub_base;         /* the stubs' region (unmapped when the engine goes: vclock_stubs_free) */
+    uint64_t stub_used;
+    uint64_t stub_limit;     /* bytes of the region used at most (VirtualClock.STUB_BYTES) */
+    uint32_t stub_failed;    /* no region within reach could be mapped */
+    uint32_t stubs_full;     /* the region is full: Python drops the engine's translations and vclock_stubs_reset */
 } vclock_t;
 
 size_t vclock_sizeof(void) { return sizeof(vclock_t); }
@@ -80,6 +94,8 @@ static inline entry_t *set_of(vclock_t *s, uint32_t a) {
 static uint32_t count_miss(vclock_t *s, entry_t *set, uint64_t address, uint32_t size) {
     uint32_t count = s->count_cb ? s->count_cb(address, size) : 1;
     if (count == 0) count = 1;
+    count &= TRY - 1u;   /* (an engine block holds at most 512 instructions) */
+    if (s->patching) count |= TRY;
     set[1] = set[0];   /* (after the callback: Python may have emptied the table) */
     set[0].address = (uint32_t)address;
     set[0].size = (uint16_t)size;
@@ -139,32 +155,277 @@ static inline void block_ran(vclock_t *s, uint64_t address, uint32_t count) {
     s->last_block = address;
 }
 
+/*
+ * Counting without the call (`patching`). Unicorn calls a block hook that is the only one of its kind
+ * straight from the translated block (its `add_inline_hook`): each block's host code holds
+ *
+ *     48 BF <uc:8>          mov rdi, uc           the hook's arguments: engine, address, size, user data
+ *     BE <pc:4>             mov esi, address
+ *     BA <size:4>           mov edx, size
+ *     48 B9 <s:8>           mov rcx, s            (or 48 8D 0D <disp:4>, lea rcx, [rip + disp])
+ *     E8 <rel:4>            call vclock_block_hook  (or FF 15 <disp:4>, call [rip + disp], when out of reach)
+ *
+ * A call per block costs more than the guest code of a small block (compute.S: 3.4 instructions a
+ * block). Once the table holds a block's count, the block's first five bytes there become a jump to a
+ * stub written for that block alone, in a region of our own near the engine's code buffer:
+ *
+ *     mov rax, s
+ *     cmp qword [rax + discard], 0;    jne slow     discard or check_if
+ *     cmp qword [rax + epoch], E;      jne slow     stop_next, or counts dropped since the stub was written
+ *     mov rcx, [rax + now]; add rcx, COUNT; cmp rcx, [rax + deadline];  ja slow
+ *     mov [rax + now], rcx; inc qword [rax + blocks]; mov dword [rax + last_block], PC
+ *     jmp back                                     (to the instruction after the original call)
+ *   slow:
+ *     the original call's arguments; call vclock_stub_slow; jmp back
+ *
+ * which is what vclock_block_hook does on a table hit, without the call or the look-up. vclock_stub_slow
+ * is the hook's uncommon path (the table, Python's count, the window check, the deadline), and writes
+ * the stub's epoch and count again. Nothing else of the engine's block changes. The first pass through
+ * the hook after Python counted a block (its entry's TRY bit) gives it the stub; a block whose code is not
+ * exactly of that shape keeps the hook, as does every block translated while the region is full (the run
+ * loop then drops the engine's translations and the region is reused: vclock_stubs_reset) or where a stub
+ * would be out of a jump's reach. A count the engine's block holds must be the table's, and it is: the
+ * engine translates a block again (a new block, with the hook's call) whenever its code changes, and
+ * counts dropped for another reason (a remapped page, forget_blocks) bump the epoch, so that every stub
+ * goes the table's way once more, where Python counts again what the table lost.
+ */
+#define STUB_REGION (16u << 20)
+#define STUB_SIZE 160u
+
+_Static_assert(offsetof(vclock_t, check_if) == offsetof(vclock_t, discard) + 4, "one word: discard, check_if");
+_Static_assert(offsetof(vclock_t, stop_next) == offsetof(vclock_t, epoch) + 4, "one word: epoch, stop_next");
+_Static_assert(offsetof(vclock_t, stop_next) < 128 && offsetof(vclock_t, last_block) < 128, "[rax + disp8]");
+
+void vclock_stub_slow(void *uc, uint64_t address, uint32_t size, void *user_data);
+void vclock_block_hook(void *uc, uint64_t address, uint32_t size, void *user_data);
+
+static inline uint64_t rd64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
+static inline uint32_t rd32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
+static inline int rel32_ok(int64_t d) { return d == (int64_t)(int32_t)d; }
+
+/* The stub's layout (offsets of what vclock_stub_slow rewrites, and of the slow call's return). */
+enum { EPOCH_IMM = 25, COUNT_IMM = 42 };
+static size_t slow_ret;   /* offset of the instruction after the slow call */
+
+typedef struct { uint8_t *p; } emit_t;
+static void b(emit_t *e, uint8_t v) { *e->p++ = v; }
+static void d32(emit_t *e, uint32_t v) { memcpy(e->p, &v, 4); e->p += 4; }
+static void d64(emit_t *e, uint64_t v) { memcpy(e->p, &v, 8); e->p += 8; }
+static void op_rax(emit_t *e, const char *opc, size_t n, uint32_t disp) {   /* opcode bytes, [rax + disp8] */
+    size_t i;
+    for (i = 0; i + 1 < n; i++) b(e, (uint8_t)opc[i]);
+    b(e, (uint8_t)(((uint8_t)opc[n - 1] & 0x3F) | 0x40));   /* the ModRM byte: mod 01, disp8 */
+    b(e, (uint8_t)disp);
+}
+static uint8_t *jcc32(emit_t *e, uint8_t cc) { b(e, 0x0F); b(e, cc); d32(e, 0); return e->p; }
+static void jmp_to(emit_t *e, const uint8_t *to) { b(e, 0xE9); d32(e, (uint32_t)(int32_t)((intptr_t)to - (intptr_t)(e->p + 4))); }
+static void fix(uint8_t *after, const uint8_t *to) {
+    uint32_t v = (uint32_t)(int32_t)((intptr_t)to - (intptr_t)after);
+    memcpy(after - 4, &v, 4);
+}
+
+/* The unmapped range closest to `near` that holds `size` bytes, from /proc/self/maps (0: none). */
+static uintptr_t free_range_near(uintptr_t near, size_t size) {
+    FILE *f = fopen("/proc/self/maps", "r");
+    char line[512];
+    uintptr_t prev_end = 0x10000, best = 0, best_d = UINTPTR_MAX;
+    if (!f) return 0;
+    while (fgets(line, sizeof line, f)) {
+        unsigned long lo, hi;
+        if (sscanf(line, "%lx-%lx", &lo, &hi) != 2) continue;
+        if (lo > prev_end && lo - prev_end >= size + (4u << 20)) {
+            /* the end of the gap nearest `near`, a megabyte from its neighbour */
+            uintptr_t a = near < prev_end ? prev_end + (1u << 20) : (uintptr_t)lo - (1u << 20) - size;
+            uintptr_t d;
+            if (a + size > (uintptr_t)lo - (1u << 20)) a = (uintptr_t)lo - (1u << 20) - size;
+            if (a < prev_end + (1u << 20)) a = prev_end + (1u << 20);
+            a &= ~(uintptr_t)0xFFFFF;
+            d = a > near ? a - near : near - a;
+            if (d < best_d) best_d = d, best = a;
+        }
+        if (hi > prev_end) prev_end = hi;
+    }
+    fclose(f);
+    return best;
+}
+
+/* Our region for stubs, within a jump's reach of `near` (an address in the engine's code buffer): the
+ * free range closest to it. (Each block's jumps are checked for reach as its stub is written.) */
+static int stub_region(vclock_t *s, uint8_t *near) {
+    uintptr_t at;
+    void *p;
+    if (s->stub_base) return 1;
+    if (s->stub_failed) return 0;
+    s->stub_failed = 1;   /* (tried once) */
+    at = free_range_near((uintptr_t)near, STUB_REGION);
+    if (!at) return 0;
+    p = mmap((void *)at, STUB_REGION, PROT_READ | PROT_WRITE | PROT_EXEC,
+             MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED_NOREPLACE, -1, 0);
+    if (p == MAP_FAILED) return 0;
+    if (p != (void *)at || !rel32_ok((intptr_t)p - (intptr_t)near)
+        || !rel32_ok((intptr_t)p + STUB_REGION - (intptr_t)near)) {
+        munmap(p, STUB_REGION);
+        return 0;
+    }
+    s->stub_base = p;
+    s->stub_used = 0;
+    s->stub_failed = 0;
+    return 1;
+}
+
+/* The engine is gone (VirtualClock registers this on its Uc's finalization): no block can jump to a stub. */
+void vclock_stubs_free(vclock_t *s) {
+    if (s->stub_base) munmap(s->stub_base, STUB_REGION);
+    s->stub_base = NULL;
+    s->stub_failed = 1;
+}
+
+/* Write the stub for the block whose hook call returns to `ret`, and jump to it from the block. Returns
+ * 1 when done, 0 when the block keeps its call (not of the expected shape, no room, out of reach). */
+static int patch_block(vclock_t *s, void *uc, uint8_t *ret, uint64_t address, uint32_t size, uint32_t count) {
+    static const char mov_rcx[] = {0x48, (char)0x8B, (char)0x88},
+                      cmp_rcx[] = {0x48, 0x3B, (char)0x88}, st_rcx[] = {0x48, (char)0x89, (char)0x88},
+                      inc_q[] = {0x48, (char)0xFF, (char)0x80}, cmpq[] = {0x48, (char)0x81, (char)0xB8},
+                      cmpq0[] = {0x48, (char)0x83, (char)0xB8}, mov_d[] = {(char)0xC7, (char)0x80};
+    uint8_t *p, *q, *stub, *j1, *j2, *j4, *slow;
+    emit_t e;
+    uint64_t sp = (uint64_t)(uintptr_t)s;
+    /* the call, ending at `ret`: E8 rel32, or FF 15 disp32 (call [rip + disp], the target in the block's
+     * constant pool) where the hook is out of a call's reach from the code buffer */
+    if (ret[-5] == 0xE8 && (intptr_t)ret + (int32_t)rd32(ret - 4) == (intptr_t)&vclock_block_hook)
+        q = ret - 5;
+    else if (ret[-6] == 0xFF && ret[-5] == 0x15
+             && rd64(ret + (int32_t)rd32(ret - 4)) == (uint64_t)(uintptr_t)&vclock_block_hook)
+        q = ret - 6;
+    else
+        return 0;
+    if (q[-10] == 0x48 && q[-9] == 0xB9 && rd64(q - 8) == sp)
+        p = q - 30;                                        /* mov rcx, s */
+    else if (q[-7] == 0x48 && q[-6] == 0x8D && q[-5] == 0x0D && (intptr_t)q + (int32_t)rd32(q - 4) == (intptr_t)sp)
+        p = q - 27;                                        /* lea rcx, [rip + disp] */
+    else
+        return 0;
+    if (p[0] != 0x48 || p[1] != 0xBF || rd64(p + 2) != (uint64_t)(uintptr_t)uc || p[10] != 0xBE
+        || rd32(p + 11) != (uint32_t)address || p[15] != 0xBA || rd32(p + 16) != size)
+        return 0;
+    if (s->epoch > 0x7FFFFFFFu || !stub_region(s, ret)) return 0;
+    if (s->stub_used + STUB_SIZE > s->stub_limit || s->stub_used + STUB_SIZE > STUB_REGION) {
+        s->stubs_full = 1;
+        return 0;
+    }
+    stub = (uint8_t *)s->stub_base + s->stub_used;
+    if (!rel32_ok((intptr_t)stub - (intptr_t)(p + 5)) || !rel32_ok((intptr_t)ret - (intptr_t)(stub + STUB_SIZE)))
+        return 0;
+
+    e.p = stub;
+    b(&e, 0x48); b(&e, 0xB8); d64(&e, sp);                                        /* mov rax, s */
+    op_rax(&e, cmpq0, 3, offsetof(vclock_t, discard)); b(&e, 0);                  /* discard, check_if */
+    j1 = jcc32(&e, 0x85);
+    op_rax(&e, cmpq, 3, offsetof(vclock_t, epoch)); d32(&e, s->epoch);            /* epoch, stop_next */
+    j2 = jcc32(&e, 0x85);
+    op_rax(&e, mov_rcx, 3, offsetof(vclock_t, now));
+    b(&e, 0x48); b(&e, 0x81); b(&e, 0xC1); d32(&e, count);                        /* add rcx, COUNT */
+    op_rax(&e, cmp_rcx, 3, offsetof(vclock_t, deadline));
+    j4 = jcc32(&e, 0x87);                                                         /* ja slow */
+    op_rax(&e, st_rcx, 3, offsetof(vclock_t, now));
+    op_rax(&e, inc_q, 3, offsetof(vclock_t, blocks));
+    op_rax(&e, mov_d, 2, offsetof(vclock_t, last_block)); d32(&e, (uint32_t)address);
+    jmp_to(&e, ret);
+    slow = e.p;
+    b(&e, 0x48); b(&e, 0xBF); d64(&e, (uint64_t)(uintptr_t)uc);                   /* the hook's arguments */
+    b(&e, 0xBE); d32(&e, (uint32_t)address);
+    b(&e, 0xBA); d32(&e, size);
+    b(&e, 0x48); b(&e, 0xB9); d64(&e, sp);
+    b(&e, 0x49); b(&e, 0xBB); d64(&e, (uint64_t)(uintptr_t)&vclock_stub_slow);    /* mov r11, fn; call r11 */
+    b(&e, 0x41); b(&e, 0xFF); b(&e, 0xD3);
+    slow_ret = (size_t)(e.p - stub);
+    jmp_to(&e, ret);
+    fix(j1, slow); fix(j2, slow); fix(j4, slow);
+    if ((size_t)(e.p - stub) > STUB_SIZE || rd32(stub + EPOCH_IMM) != s->epoch || rd32(stub + COUNT_IMM) != count)
+        return 0;   /* (the layout constants above are checked on every stub written) */
+    s->stub_used += STUB_SIZE;
+    /* the engine's block: jmp stub where the arguments were set up */
+    {
+        uint8_t jmp[5];
+        uint32_t rel = (uint32_t)(int32_t)((intptr_t)stub - (intptr_t)(p + 5));
+        jmp[0] = 0xE9;
+        memcpy(jmp + 1, &rel, 4);
+        memcpy(p, jmp, 5);
+    }
+    s->patched++;
+    return 1;
+}
+
+/* The engine dropped every translation (Vcpu.run does when the region is full): no block jumps to a stub
+ * any more, so the region is reused, and every count in the table may give a stub again. */
+void vclock_stubs_reset(vclock_t *s) {
+    uint32_t i;
+    s->stub_used = 0;
+    s->stubs_full = 0;
+    if (!s->patching) return;
+    for (i = 0; i < TABLE_SIZE; i++)
+        if (s->table[i].size) s->table[i].count |= TRY;
+}
+
 /* Everything but the common case, out of line so that the common path calls nothing and saves no
- * registers (measured: the pushes of a hook that may call were a sixth of its samples). */
+ * registers (measured: the pushes of a hook that may call were a sixth of its samples). `ret` is where
+ * the hook's call returns to in the engine's block (for patch_block). */
 static __attribute__((noinline)) void block_uncommon(vclock_t *s, void *uc, uint64_t address, uint32_t size,
-                                                     entry_t *e, uint32_t count) {
+                                                     entry_t *e, uint32_t count, uint8_t *ret) {
     if (!count) count = count_miss(s, e, address, size);
+    if (count & TRY) {
+        /* once: a block that cannot have a stub keeps the hook, whose common path this entry now takes */
+        uint32_t a = (uint32_t)address, i;
+        count &= ~TRY;
+        for (i = 0; i < 2; i++)
+            if (e[i].address == a && e[i].size == size) e[i].count &= ~TRY;
+        if (!patch_block(s, uc, ret, address, size, count)) s->unpatched++;
+    }
     if (UNLIKELY((s->discard | s->check_if | s->stop_next) != 0 || s->now + count > s->deadline)) {
         if (block_slow(s, uc, count)) return;
     }
     block_ran(s, address, count);
 }
 
-/* Every block, so the common path is short: one table hit, one test of the rare conditions (discard,
- * check_if, stop_next OR-ed together), one compare with the deadline. */
+/* The table's answer for (address, size): its count, 0 when it holds none. */
+static inline uint32_t lookup(const entry_t *e, uint32_t a, uint32_t size) {
+    if (LIKELY(e[0].address == a && e[0].size == size)) return e[0].count;
+    if (e[1].address == a && e[1].size == size) return e[1].count;
+    return 0;   /* a miss: Python counts it (a count is never 0) */
+}
+
+/* Every block that has no stub, so the common path is short: one table hit, one test of the rare
+ * conditions (discard, check_if, stop_next OR-ed together), one compare with the deadline. */
 void vclock_block_hook(void *uc, uint64_t address, uint32_t size, void *user_data) {
     vclock_t *s = (vclock_t *)user_data;
-    uint32_t a = (uint32_t)address, count;
-    entry_t *e = set_of(s, a);
-    if (LIKELY(e[0].address == a && e[0].size == size))
-        count = e[0].count;
-    else if (e[1].address == a && e[1].size == size)
-        count = e[1].count;
-    else
-        count = 0;   /* a miss: Python counts it (a count is never 0) */
-    if (UNLIKELY(!count || (s->discard | s->check_if | s->stop_next) != 0 || s->now + count > s->deadline)) {
-        block_uncommon(s, uc, address, size, e, count);
+    entry_t *e = set_of(s, (uint32_t)address);
+    uint32_t count = lookup(e, (uint32_t)address, size);
+    if (UNLIKELY(count - 1u >= TRY - 1u || (s->discard | s->check_if | s->stop_next) != 0
+                 || s->now + count > s->deadline)) {   /* (the first test: no count, or TRY) */
+        block_uncommon(s, uc, address, size, e, count, (uint8_t *)__builtin_return_address(0));
         return;
+    }
+    block_ran(s, address, count);
+}
+
+/* A stub's slow path: the hook's, without a new stub; the stub's epoch and count are written again. */
+void vclock_stub_slow(void *uc, uint64_t address, uint32_t size, void *user_data) {
+    vclock_t *s = (vclock_t *)user_data;
+    uint8_t *stub = (uint8_t *)__builtin_return_address(0) - slow_ret;
+    entry_t *e = set_of(s, (uint32_t)address);
+    uint32_t count = lookup(e, (uint32_t)address, size);
+    if (!count) count = count_miss(s, e, address, size);
+    if (count & TRY) {   /* this block has its stub */
+        uint32_t a = (uint32_t)address, i;
+        count &= ~TRY;
+        for (i = 0; i < 2; i++)
+            if (e[i].address == a && e[i].size == size) e[i].count &= ~TRY;
+    }
+    memcpy(stub + EPOCH_IMM, &s->epoch, 4);
+    memcpy(stub + COUNT_IMM, &count, 4);
+    s->stub_slow++;
+    if (UNLIKELY((s->discard | s->check_if | s->stop_next) != 0 || s->now + count > s->deadline)) {
+        if (block_slow(s, uc, count)) return;
     }
     block_ran(s, address, count);
 }
@@ -206,6 +467,7 @@ void vclock_translated_hook(void *uc, uc_tb_t *cur, uc_tb_t *prev, void *user_da
 void vclock_drop_page(vclock_t *s, uint32_t page) {
     uint64_t lo = page & 0xFFFFF000u, hi = lo + 0x1000u;
     uint32_t i;
+    s->epoch++;   /* the stubs of the page's blocks count no more without the table (above) */
     for (i = 0; i < TABLE_SIZE; i++) {
         entry_t *e = &s->table[i];
         if (e->size && e->address < hi && (uint64_t)e->address + e->size > lo) {

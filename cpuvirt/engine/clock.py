@@ -10,6 +10,8 @@ the same interrupts at the same instructions.
 from __future__ import annotations
 
 import ctypes
+import os
+import weakref
 
 from unicorn import UC_HOOK_BLOCK, UC_HOOK_CODE, UC_HOOK_EDGE_GENERATED, UC_HOOK_INSN
 from unicorn.unicorn_py3 import unicorn as _ucmod
@@ -44,17 +46,17 @@ class _State(ctypes.Structure):
         ("last_block", ctypes.c_uint64),
         ("misses", ctypes.c_uint64),
         ("extra", ctypes.c_uint64),
-        ("stopped", ctypes.c_uint32),
         ("discard", ctypes.c_uint32),
+        ("check_if", ctypes.c_uint32),
+        ("epoch", ctypes.c_uint32),
         ("stop_next", ctypes.c_uint32),
-        ("pad2", ctypes.c_uint32),
         ("emu_stop", ctypes.c_void_p),
         ("count_cb", ctypes.c_void_p),
         ("reg_read", ctypes.c_void_p),
         ("eflags_reg", ctypes.c_int32),
         ("watch_if", ctypes.c_uint32),
-        ("check_if", ctypes.c_uint32),
-        ("pad3", ctypes.c_uint32),
+        ("stopped", ctypes.c_uint32),
+        ("patching", ctypes.c_uint32),
         ("window_checks", ctypes.c_uint64),
         ("window_stops", ctypes.c_uint64),
         ("reg_write", ctypes.c_void_p),
@@ -64,6 +66,14 @@ class _State(ctypes.Structure):
         ("retranslated", ctypes.c_uint64),
         ("table", _Entry * (1 << 14)),
         ("remapped", ctypes.c_uint64),
+        ("patched", ctypes.c_uint64),
+        ("unpatched", ctypes.c_uint64),
+        ("stub_slow", ctypes.c_uint64),
+        ("stub_base", ctypes.c_void_p),
+        ("stub_used", ctypes.c_uint64),
+        ("stub_limit", ctypes.c_uint64),
+        ("stub_failed", ctypes.c_uint32),
+        ("stubs_full", ctypes.c_uint32),
     ]
 
 
@@ -94,6 +104,8 @@ def _lib():
 class VirtualClock:
     """The guest's clock; `count_block(address, size)` tells how many instructions a new block holds."""
 
+    STUB_BYTES = 16 << 20  # the blocks' stubs' region (_vclock.c STUB_REGION: at most that); 160 bytes a stub
+
     def __init__(self, uc, count_block):
         lib = _lib()
         self._state = _State()
@@ -103,6 +115,13 @@ class VirtualClock:
         self._state.eflags_reg = UC_X86_REG_EFLAGS
         self._state.reg_write = ctypes.cast(_ucmod.uclib.uc_reg_write, ctypes.c_void_p).value
         self._state.eax_reg, self._state.edx_reg = UC_X86_REG_EAX, UC_X86_REG_EDX
+        self._state.epoch = 1
+        # Each block counted once gets a stub that counts it without calling the hook (_vclock.c,
+        # "Counting without the call"); CPUVIRT_CLOCK_STUBS=0 keeps the hook's call, to compare.
+        self._state.stub_limit = self.STUB_BYTES
+        self._state.patching = 0 if os.environ.get("CPUVIRT_CLOCK_STUBS", "1") == "0" else 1
+        # the stubs' region goes with the engine, whose blocks are the only code that jumps to it
+        weakref.finalize(uc, lib.vclock_stubs_free, ctypes.byref(self._state))
         self._uc = uc
         self._lib = lib
         self._drop_page = lib.vclock_drop_page
@@ -161,6 +180,21 @@ class VirtualClock:
         return self._state.retranslated
 
     @property
+    def patched(self) -> tuple[int, int, int]:
+        """(blocks given a stub, blocks that keep the hook's call, stubs' slow paths taken)."""
+        return self._state.patched, self._state.unpatched, self._state.stub_slow
+
+    def stubs_full(self) -> bool:
+        """The stubs' region is full: blocks translated from now on keep the hook's call until the engine's
+        translations are dropped (Vcpu.run then does so, and calls translations_dropped)."""
+        return bool(self._state.stubs_full)
+
+    def translations_dropped(self) -> None:
+        """The engine dropped every translation (`ctl_flush_tb`): the stubs' region is reused, and every
+        block counted may get a stub again."""
+        self._lib.vclock_stubs_reset(ctypes.byref(self._state))
+
+    @property
     def remapped(self) -> int:
         """Cached block counts dropped because their linear page came to map another frame."""
         return self._state.remapped
@@ -176,6 +210,7 @@ class VirtualClock:
         for (the I/O gate armed): blocks it saw before were judged by the old rule."""
         table = self._state.table
         ctypes.memset(ctypes.addressof(table), 0, ctypes.sizeof(table))
+        self._state.epoch += 1  # the counts rewritten into blocks' calls go too
 
     def discard_current_block(self) -> None:
         """Called from count_block when it stops the engine itself: the block will run later."""

@@ -588,6 +588,11 @@ class Machine:
         if entry is None:
             self.block_insns.pop(address, None)
         elif self.block_insns.get(address) != entry:
+            if len(self.block_insns) >= limits.CACHE_ENTRIES and address not in self.block_insns:
+                # The table empties at its cap (limits.put): the clock then counts every block through
+                # Python again, or a block it goes on counting by itself (its table, its stubs) would have
+                # no list here for an event that leaves it early.
+                self.clock.forget_blocks()
             limits.put(self.block_insns, address, entry)
 
     # -- boot --------------------------------------------------------------------------------------

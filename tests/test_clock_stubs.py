@@ -1,0 +1,105 @@
+"""The clock's block stubs (engine/_vclock.c, "Counting without the call"): a block counted once jumps to
+a stub of its own that counts it, instead of calling the clock hook, which looks its count up in the table.
+Whole runs must leave the same console, counters, virtual time and trace with the stubs off
+(CPUVIRT_CLOCK_STUBS=0), in every mode, on guests whose timer interrupts fall at exact instructions
+(interrupts, apic), that rewrite their own code (smc: the engine translates blocks again), switch page
+tables (paging, usermode) and remap a code page (remap_count.S: the counts of a page are dropped, and the
+stubs of its blocks must look again)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from cpuvirt.runner import run_guest
+
+MODES = ["native", "trap", "full", "para", "hw", "hw-noept"]
+
+
+def _summary(res) -> dict:
+    """What a run leaves, less host time (its wall time; hw's exit table: host microseconds per exit)."""
+    out = dataclasses.asdict(res)
+    del out["wall_s"]
+    out["exit_stats"] = [tuple(row[:-1]) for row in out["exit_stats"]]
+    return out
+
+
+def _both_ways(guest, mode, tmp_path, monkeypatch, trace: bool):
+    out = {}
+    options = {"ept": False} if mode == "hw-noept" else None
+    for env in ("1", "0"):
+        monkeypatch.setenv("CPUVIRT_CLOCK_STUBS", env)
+        cpus: list = []
+        path = tmp_path / f"{env}.jsonl" if trace else None
+        res = run_guest(
+            guest,
+            mode.split("-")[0],
+            32,
+            0,
+            trace_path=str(path) if path else None,
+            on_start=cpus.append,
+            mode_options=options,
+        )
+        clock = cpus[-1].machine.clock
+        out[env] = (_summary(res), path.read_bytes() if path else b"", clock.patched, clock.now)
+    return out["1"], out["0"]
+
+
+@pytest.mark.parametrize(
+    "guest,mode",
+    [
+        (g, m)
+        for g in ("interrupts", "apic", "smc", "paging", "usermode")
+        for m in MODES
+        if m != "para" or g not in ("apic", "smc")  # (these two have no paravirtual build)
+    ],
+)
+def test_runs_are_the_same_with_the_stubs_off(guest, mode, tmp_path, monkeypatch):
+    (on, on_trace, (stubs, kept, _slow), on_now), (off, off_trace, off_stubs, off_now) = _both_ways(
+        guest, mode, tmp_path, monkeypatch, trace=True
+    )
+    assert on["outcome"] == "exit", on["console"]  # (usermode under trap fails a check: ring compression)
+    assert off_stubs == (0, 0, 0)
+    assert stubs > 10 and stubs > 3 * kept, (stubs, kept)  # the blocks ran through their stubs
+    assert on == off
+    assert on_now == off_now
+    assert on_trace == off_trace
+
+
+@pytest.mark.parametrize("mode", ["native", "trap", "hw", "hw-noept"])
+def test_a_remapped_code_page_is_counted_again_through_the_stubs(mode, tmp_path, monkeypatch, test_guest):
+    """remap_count.S runs two codes of different instruction counts at one linear address; the blocks of
+    the first have stubs by the time the second is mapped there. Each rdtsc delta the guest prints must be
+    its own code's, as with the hook alone, and the stubs' slow paths must have run (the dropped counts)."""
+    (on, _, (stubs, _kept, slow), _), (off, _, _, _) = _both_ways(
+        str(test_guest("remap_count")), mode, tmp_path, monkeypatch, trace=False
+    )
+    assert on["status"] == 0
+    assert stubs > 0 and slow > 0
+    assert on["console"] == off["console"]
+    assert on["icount"] == off["icount"] and on["vtime"] == off["vtime"]
+
+
+@pytest.mark.parametrize("mode", ["native", "full"])
+def test_a_full_stub_region_is_reused(mode, tmp_path, monkeypatch):
+    """With room for 40 stubs, the region fills again and again (smc and full's translation cache make new
+    blocks): the run loop drops the engine's translations and the region is reused, blocks get stubs again,
+    and the run is still the one made without stubs."""
+    from cpuvirt.engine.clock import VirtualClock
+
+    monkeypatch.setattr(VirtualClock, "STUB_BYTES", 40 * 160)
+    resets: list = []
+    real = VirtualClock.translations_dropped
+
+    def dropped(self):
+        resets.append(self._state.stub_used)
+        real(self)
+
+    monkeypatch.setattr(VirtualClock, "translations_dropped", dropped)
+    (on, on_trace, (stubs, _kept, _slow), _), (off, off_trace, _, _) = _both_ways(
+        "smc", mode, tmp_path, monkeypatch, trace=True
+    )
+    assert len(resets) >= 2 and stubs > 2 * 40, (resets, stubs)
+    assert on == off
+    assert on_trace == off_trace
