@@ -225,6 +225,50 @@ def test_c_direct_fill_agrees_with_para_direct_paging():
     assert hook(m.uc._uch, 0, 17, ctypes.byref(Entry()), state)
 
 
+def test_c_direct_fill_reads_the_hypervisors_window_as_direct_paging_shows_it():
+    """The hypervisor's window (HYPERVISOR_VIRT_START up: the GDT frames, then the LDT frames) in C
+    (directfill_hook, the hook para installs): a read of a page showing a frame gets Mmu.fill's frame and
+    permissions, with the same counts; a write, a fetch, a page showing nothing or beyond the window is
+    declined; and the frames follow set_gdt and set_ldt."""
+    from cpuvirt.memory.p2m import RAM_HPA
+    from cpuvirt.xen import GDT_WINDOW_FRAMES, HYPERVISOR_VIRT_START
+
+    m = Machine(MEM >> 20)
+    hv = get_mode("para")(m)
+    mmu = m.mmu
+    fast = mmu.counters.fast
+    m.set_flat_protected_mode(0x500)
+    paging = hv.paging
+    mmu.strategy = paging
+    hook = ctypes.CFUNCTYPE(
+        ctypes.c_int, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int, ctypes.POINTER(Entry), ctypes.c_void_p
+    )(ctypes.cast(_lib().directfill_hook, ctypes.c_void_p).value)
+    state = ctypes.cast(ctypes.pointer(fast._state), ctypes.c_void_p)
+    frames = [(RAM_HPA + DATA + k * 0x1000) >> 12 for k in range(6)]
+    answered = 0
+    for gdt, ldt in ((frames[:2], []), (frames[2:5], frames[5:]), ([frames[0]], frames[1:3])):
+        paging.set_gdt(gdt)
+        paging.set_ldt(ldt)
+        for page in list(range(0, 4)) + list(range(GDT_WINDOW_FRAMES, GDT_WINDOW_FRAMES + 4)) + [32, 40]:
+            vaddr = HYPERVISOR_VIRT_START + page * 0x1000 + 0x18
+            shown = gdt if page < GDT_WINDOW_FRAMES else ldt
+            index = page if page < GDT_WINDOW_FRAMES else page - GDT_WINDOW_FRAMES
+            for access in (16, 17, 18):
+                took = _same_as_python(m, fast, hook, state, vaddr, access, (), (gdt, ldt, page, access))
+                assert took == (access == 16 and page < 2 * GDT_WINDOW_FRAMES and index < len(shown)), (
+                    gdt,
+                    ldt,
+                    page,
+                    access,
+                )
+                if took:
+                    e = Entry()
+                    hook(m.uc._uch, vaddr, access, ctypes.byref(e), state)
+                    assert e.paddr == shown[index] << 12
+                answered += took
+    assert answered == 2 + 3 + 1 + 1 + 2, answered
+
+
 def test_a_directory_that_maps_itself_gets_the_walks_bits_once():
     """A recursive mapping (a PDE pointing at the directory itself: the walk's PDE and leaf are then one
     entry when the two indexes agree): the C fill must set A (and D) as walk.py does, where the PDE.A

@@ -138,6 +138,37 @@ int fastfill_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *user
     return 1;
 }
 
+/* para: the hypervisor's window from hv_start up (memory/direct.py DirectPaging.gva_to_gpa), its GDT frames
+ * then its LDT frames, shown read-only. The engine reads descriptors there at every ring change, and a
+ * PTE update that flushes its TLB (update_va_mapping with a flush) sends the next such read to a fill:
+ * answered here from the frames Python sets (DirectFastFill.window) where Mmu.fill would answer them;
+ * a write or a fetch there, or a page showing no frame, stays Python's. */
+#define WINDOW_PAGES 32
+
+typedef struct {
+    fastfill_t f;                      /* first, so that fastfill_hook takes the same state */
+    uint32_t window[WINDOW_PAGES];     /* RAM frame + 1 shown at hv_start + i pages (0: none) */
+} directfill_t;
+
+size_t directfill_sizeof(void) { return sizeof(directfill_t); }
+
+int directfill_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *user_data) {
+    directfill_t *d = (directfill_t *)user_data;
+    fastfill_t *s = &d->f;
+    uint64_t i;
+    uint32_t frame;
+    if (vaddr < s->hv_start || !s->hv_start) return fastfill_hook(uc, vaddr, type, e, user_data);
+    if (!s->enabled || type != MEM_READ) return 0;
+    i = (vaddr - s->hv_start) >> 12;
+    if (i >= WINDOW_PAGES || !(frame = d->window[i])) return 0;
+    frame--;
+    if ((uint64_t)frame << 12 >= s->ram_bytes) return 0;
+    e->paddr = s->ram_hpa + ((uint64_t)frame << 12);
+    e->perms = PROT_READ | (s->code[frame] ? PROT_EXEC : 0);
+    s->fills++;
+    return 1;
+}
+
 /*
  * hw mode's common TLB fill under EPT (SDM Vol. 3C 29.3): the same guest walk with every
  * guest-physical reference (the PDE, the PTE, the final page) translated through the four EPT levels

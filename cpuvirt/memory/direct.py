@@ -63,6 +63,8 @@ class DirectPaging:
         self._base = ctypes.c_uint32(0)  # machine address of the current L2 (0: none yet); para's C reads it
         self.gdt_frames: list[int] = []  # mfns shown at HYPERVISOR_VIRT_START
         self.ldt_frames: list[int] = []  # mfns shown at LDT_VIRT_START
+        # callback(gdt_frames, ldt_frames): the C fill's copy of the window (DirectFastFill.window)
+        self.on_window: Callable[[list[int], list[int]], None] | None = None
         self.on_flush: Callable[[], None] | None = None  # drop the engine's TLB
         self.on_flush_page: Callable[[int], None] | None = None  # drop one page of it (None: flush it all)
         self.tlb_dirty = False  # flush before the guest runs again
@@ -321,9 +323,13 @@ class DirectPaging:
 
     def set_gdt(self, mfns: list[int]) -> None:
         self.gdt_frames = self._set_desc_frames(mfns, self.gdt_frames)
+        if self.on_window is not None:
+            self.on_window(self.gdt_frames, self.ldt_frames)
 
     def set_ldt(self, mfns: list[int]) -> None:
         self.ldt_frames = self._set_desc_frames(mfns, self.ldt_frames)
+        if self.on_window is not None:
+            self.on_window(self.gdt_frames, self.ldt_frames)
 
     def _set_desc_frames(self, mfns: list[int], old: list[int]) -> list[int]:
         """Type the new descriptor-table frames (Xen's PGT_seg_desc_page), then release the old.

@@ -45,7 +45,10 @@ class _State(ctypes.Structure):
 
 
 def _lib():
-    return load("cpuvirt.memory._tlbfill", {"fastfill_sizeof": _State, "eptfill_sizeof": _EptState})
+    return load(
+        "cpuvirt.memory._tlbfill",
+        {"fastfill_sizeof": _State, "eptfill_sizeof": _EptState, "directfill_sizeof": _DirectState},
+    )
 
 
 class FastFill:
@@ -117,12 +120,35 @@ class FastFill:
         return st.fills, st.walks, st.walk_refs
 
 
+class _DirectState(ctypes.Structure):
+    """Mirror of directfill_t (checked against directfill_sizeof at load)."""
+
+    _fields_ = _State._fields_ + [("window", ctypes.c_uint32 * 32)]
+
+
 class DirectFastFill(FastFill):
     """para's common TLB fills in C: the same walk over direct paging's tables (memory/direct.py), whose
-    entries hold machine addresses; the hypervisor's window from HYPERVISOR_VIRT_START up (the GDT and LDT
-    frames) and everything the walk would change or refuse stay DirectPaging's, through Mmu.fill. The C
-    walk knows no write-traced frames (the shared-info frame while an event waits behind the upcall
-    mask), so it steps aside while any frame is traced."""
+    entries hold machine addresses, and reads of the hypervisor's window from HYPERVISOR_VIRT_START up
+    (the GDT and LDT frames, as DirectPaging shows them: `window`); writes and fetches there and everything
+    the walk would change or refuse stay DirectPaging's, through Mmu.fill. The C walk knows no
+    write-traced frames (the shared-info frame while an event waits behind the upcall mask), so it steps
+    aside while any frame is traced."""
+
+    STATE = _DirectState
+    HOOK = "directfill_hook"
+
+    def window(self, gdt_frames: list[int], ldt_frames: list[int]) -> None:
+        """DirectPaging shows these machine frames in its window now (set_gdt, set_ldt)."""
+        from cpuvirt.xen import GDT_WINDOW_FRAMES
+
+        st = self._state
+        pages = [0] * len(st.window)
+        for first, frames in ((0, gdt_frames), (GDT_WINDOW_FRAMES, ldt_frames)):
+            for i, mfn in enumerate(frames[:GDT_WINDOW_FRAMES]):
+                offset = (mfn << 12) - st.ram_hpa
+                if 0 <= offset < st.ram_bytes:
+                    pages[first + i] = (offset >> 12) + 1
+        st.window[:] = pages
 
     def setup(self, state) -> None:
         from cpuvirt.xen import HYPERVISOR_VIRT_START

@@ -35,7 +35,9 @@ class ParaMode(Mode):
         self.nr_pages = machine.mem_bytes >> 12
         self.paging = DirectPaging(machine.mmu, self.nr_pages, RAM_HPA)
         self.vcpu = ParaVcpu(machine, self.paging, trace=trace, max_insns=max_insns)
-        DirectFastFill.install(machine.mmu)  # before Mmu.fill's hook: the common fills in C
+        fast = DirectFastFill.install(machine.mmu)  # before Mmu.fill's hook: the common fills in C
+        if fast is not None:
+            self.paging.on_window = fast.window  # the GDT and LDT frames it shows, for the C fill
         self.vcpu.install_hooks()
         self.top = 0x100000
         self.cmdline = b""
