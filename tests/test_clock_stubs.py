@@ -103,3 +103,23 @@ def test_a_full_stub_region_is_reused(mode, tmp_path, monkeypatch):
     assert len(resets) >= 2 and stubs > 2 * 40, (resets, stubs)
     assert on == off
     assert on_trace == off_trace
+
+
+def test_the_stub_region_goes_with_its_engine():
+    """The region is unmapped once the engine is gone (its blocks are the only code that jumps to it), so
+    that a process running guest after guest (the test suite, `cpuvirt bench`) does not keep one each."""
+    import gc
+
+    cpus: list = []
+    run_guest("hello", "native", 32, 0, on_start=cpus.append)
+    base = cpus[-1].machine.clock._state.stub_base
+    assert base, "no stub region was made"
+
+    def mapped() -> bool:
+        with open("/proc/self/maps") as maps:
+            return any(int(line.split("-")[0], 16) == base for line in maps)
+
+    assert mapped()
+    cpus.clear()
+    gc.collect()
+    assert not mapped()
