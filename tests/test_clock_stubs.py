@@ -42,7 +42,7 @@ def _both_ways(guest, mode, tmp_path, monkeypatch, trace: bool):
             mode_options=options,
         )
         clock = cpus[-1].machine.clock
-        out[env] = (_summary(res), path.read_bytes() if path else b"", clock.patched, clock.now)
+        out[env] = (_summary(res), path.read_bytes() if path else b"", clock.stubs, clock.now)
     return out["1"], out["0"]
 
 

@@ -180,7 +180,7 @@ class VirtualClock:
         return self._state.retranslated
 
     @property
-    def patched(self) -> tuple[int, int, int]:
+    def stubs(self) -> tuple[int, int, int]:
         """(blocks given a stub, blocks that keep the hook's call, stubs' slow paths taken)."""
         return self._state.patched, self._state.unpatched, self._state.stub_slow
 
@@ -210,7 +210,7 @@ class VirtualClock:
         for (the I/O gate armed): blocks it saw before were judged by the old rule."""
         table = self._state.table
         ctypes.memset(ctypes.addressof(table), 0, ctypes.sizeof(table))
-        self._state.epoch += 1  # the counts rewritten into blocks' calls go too
+        self._state.epoch += 1  # and every block's stub goes the table's way once more
 
     def discard_current_block(self) -> None:
         """Called from count_block when it stops the engine itself: the block will run later."""
