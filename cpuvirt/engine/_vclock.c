@@ -18,6 +18,10 @@
 #include <sys/mman.h>
 #include <stdio.h>
 
+#ifndef MAP_FIXED_NOREPLACE
+#define MAP_FIXED_NOREPLACE 0x100000   /* Linux 4.17; an older kernel takes it as a hint (stub_region checks) */
+#endif
+
 typedef int (*emu_stop_fn)(void *uc);
 typedef int (*reg_read_fn)(void *uc, int regid, void *value);
 typedef int (*reg_write_fn)(void *uc, int regid, const void *value);
