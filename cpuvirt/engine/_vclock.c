@@ -371,6 +371,22 @@ void vclock_stubs_reset(vclock_t *s) {
         if (s->table[i].size) s->table[i].count |= TRY;
 }
 
+/* Drop the TRY mark of (address, size) from its set: the block has its stub, or cannot have one. */
+static inline uint32_t tried(entry_t *e, uint64_t address, uint32_t size, uint32_t count) {
+    uint32_t a = (uint32_t)address, i;
+    for (i = 0; i < 2; i++)
+        if (e[i].address == a && e[i].size == size) e[i].count &= ~TRY;
+    return count & ~TRY;
+}
+
+/* The block about to run, its count known: the rare conditions and the deadline, then the count. */
+static inline void block_enter(vclock_t *s, void *uc, uint64_t address, uint32_t count) {
+    if (UNLIKELY((s->discard | s->check_if | s->stop_next) != 0 || s->now + count > s->deadline)) {
+        if (block_slow(s, uc, count)) return;
+    }
+    block_ran(s, address, count);
+}
+
 /* Everything but the common case, out of line so that the common path calls nothing and saves no
  * registers (measured: the pushes of a hook that may call were a sixth of its samples). `ret` is where
  * the hook's call returns to in the engine's block (for patch_block). */
@@ -379,16 +395,10 @@ static __attribute__((noinline)) void block_uncommon(vclock_t *s, void *uc, uint
     if (!count) count = count_miss(s, e, address, size);
     if (count & TRY) {
         /* once: a block that cannot have a stub keeps the hook, whose common path this entry now takes */
-        uint32_t a = (uint32_t)address, i;
-        count &= ~TRY;
-        for (i = 0; i < 2; i++)
-            if (e[i].address == a && e[i].size == size) e[i].count &= ~TRY;
+        count = tried(e, address, size, count);
         if (!patch_block(s, uc, ret, address, size, count)) s->unpatched++;
     }
-    if (UNLIKELY((s->discard | s->check_if | s->stop_next) != 0 || s->now + count > s->deadline)) {
-        if (block_slow(s, uc, count)) return;
-    }
-    block_ran(s, address, count);
+    block_enter(s, uc, address, count);
 }
 
 /* The table's answer for (address, size): its count, 0 when it holds none. */
@@ -419,19 +429,11 @@ void vclock_stub_slow(void *uc, uint64_t address, uint32_t size, void *user_data
     entry_t *e = set_of(s, (uint32_t)address);
     uint32_t count = lookup(e, (uint32_t)address, size);
     if (!count) count = count_miss(s, e, address, size);
-    if (count & TRY) {   /* this block has its stub */
-        uint32_t a = (uint32_t)address, i;
-        count &= ~TRY;
-        for (i = 0; i < 2; i++)
-            if (e[i].address == a && e[i].size == size) e[i].count &= ~TRY;
-    }
+    if (count & TRY) count = tried(e, address, size, count);   /* this block has its stub */
     memcpy(stub + EPOCH_IMM, &s->epoch, 4);
     memcpy(stub + COUNT_IMM, &count, 4);
     s->stub_slow++;
-    if (UNLIKELY((s->discard | s->check_if | s->stop_next) != 0 || s->now + count > s->deadline)) {
-        if (block_slow(s, uc, count)) return;
-    }
-    block_ran(s, address, count);
+    block_enter(s, uc, address, count);
 }
 
 /*
