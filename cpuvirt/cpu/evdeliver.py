@@ -49,6 +49,21 @@ class BlockCopyKeeper:
         self._blocks = blocks  # the C slots (a ctypes array of BlockCopy)
         self._keys: dict[int, set[int]] = {}  # set -> the table's entries mapped there
 
+    @classmethod
+    def keep(cls, table, lib, prefix: str, state, blocks) -> "BlockCopyKeeper":
+        """The keeper of one C copy, `lib.<prefix>_put/_drop/_clear` on `state` (its slots: `blocks`),
+        attached to `table` (Machine.block_insns) from now on."""
+        put, drop, clear = (getattr(lib, f"{prefix}_{op}") for op in ("put", "drop", "clear"))
+        keeper = cls(
+            table,
+            lambda a, words, n, end: put(state, a, words, n, end),
+            lambda a: drop(state, a),
+            lambda: clear(state),
+            blocks,
+        )
+        table.attach(keeper)
+        return keeper
+
     def _c_put(self, address: int, entry: tuple) -> None:
         addrs, end = entry
         words = (ctypes.c_uint32 * len(addrs))(*(a & 0xFFFFFFFF for a in addrs))

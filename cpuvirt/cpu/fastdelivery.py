@@ -267,15 +267,8 @@ class EventBooks:
         b.clock_last_block = base + kind.last_block.offset
         b.clock_watch_if = base + kind.watch_if.offset
         b.clock_check_if = base + kind.check_if.offset
-        pb, lib = self._pbooks, self._lib
-        self.blocks = BlockCopyKeeper(  # the copy of Machine.block_insns (cpu/_blockcopy.h)
-            vcpu.machine.block_insns,
-            lambda a, words, n, end: lib.delivery_books_put(pb, a, words, n, end),
-            lambda a: lib.delivery_books_drop(pb, a),
-            lambda: lib.delivery_books_clear(pb),
-            b.block,
-        )
-        vcpu.machine.block_insns.attach(self.blocks)
+        # the copy of Machine.block_insns (cpu/_blockcopy.h)
+        self.blocks = BlockCopyKeeper.keep(vcpu.machine.block_insns, self._lib, "delivery_books", self._pbooks, b.block)
 
     @property
     def address(self) -> int:

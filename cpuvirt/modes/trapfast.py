@@ -237,15 +237,10 @@ class TrapFast:
         vcpu._rtlb = EvHvTlb(st.ev, p2m.ram_hpa, p2m.ram_bytes)
         vcpu._loaded = EvLoaded(st.ev, vcpu._loaded)
         evseg.mirror_nmi_blocking(st.ev, vcpu)  # an iret that ends NMI blocking is Python's
-        lib, pst = self._lib, self._pstate
-        self.blocks = BlockCopyKeeper(  # the copy of Machine.block_insns
-            vcpu.machine.block_insns,
-            lambda a, words, n, end: lib.trapfast_blocks_put(pst, a, words, n, end),
-            lambda a: lib.trapfast_blocks_drop(pst, a),
-            lambda: lib.trapfast_blocks_clear(pst),
-            st.block,
+        # the copy of Machine.block_insns
+        self.blocks = BlockCopyKeeper.keep(
+            vcpu.machine.block_insns, self._lib, "trapfast_blocks", self._pstate, st.block
         )
-        vcpu.machine.block_insns.attach(self.blocks)
         self.shadow.on_dirty = self._shadow_dirty
         self.arm()
         vcpu.fold_counts = self.fold

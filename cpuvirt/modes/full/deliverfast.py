@@ -127,15 +127,7 @@ class FullDelivery:
         for b in tc.blocks.values():
             lib.full_tc_entry(self._pt, b.geip & 0xFFFFFFFF, b.tc)
         tc.mirror = self.tc_mirror
-        pt = self._pt
-        self.blocks = BlockCopyKeeper(
-            vcpu.machine.block_insns,
-            lambda a, words, n, end: lib.full_blocks_put(pt, a, words, n, end),
-            lambda a: lib.full_blocks_drop(pt, a),
-            lambda: lib.full_blocks_clear(pt),
-            dl.block,
-        )
-        vcpu.machine.block_insns.attach(self.blocks)
+        self.blocks = BlockCopyKeeper.keep(vcpu.machine.block_insns, lib, "full_blocks", self._pt, dl.block)
         # the C INTR hook in front of the Python one, which it calls for everything else
         self._python_intr = vcpu.hooks.intr_function(vcpu.hook_intr)
         dl.python_intr = ctypes.cast(self._python_intr, ctypes.c_void_p).value
