@@ -97,26 +97,7 @@ main:
     pop ebx
     ret
 
-# measure: call the function at ebx with eax = 0; returns its eax, and in edx the rdtsc delta across
-# the call (the same code for every function, so deltas differ by the functions' counts alone).
-measure:
-    rdtsc
-    mov esi, eax
-    xor eax, eax
-    call ebx
-    mov edi, eax
-    rdtsc
-    sub eax, esi
-    mov edx, eax
-    mov eax, edi
-    ret
-
-.align 64
-fn_a:
-    .byte 0x40, 0x40, 0x40, 0x40, 0x40, 0x40, 0x40, 0xC3
-.align 64
-fn_b:
-    .byte 0x05, 0x07, 0x00, 0x00, 0x00, 0x90, 0x90, 0xC3
+#include "count_fns.inc"
 
 .bss
 .align 4096

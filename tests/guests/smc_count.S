@@ -20,12 +20,12 @@ main:
     push ebx
     push esi
     push edi
-    mov ebx, smc_static_a               # the two references
+    mov ebx, fn_a                       # the two references
     call measure
     call measure
     mov dword ptr [MAILBOX], edx
     CHECK_EQ("A adds 7", eax, 7)
-    mov ebx, smc_static_b
+    mov ebx, fn_b
     call measure
     call measure
     mov dword ptr [MAILBOX + 4], edx
@@ -37,7 +37,7 @@ main:
     mov dword ptr [MAILBOX + 8], edx
     CHECK_EQ("smc_fn as written adds 7", eax, 7)
 
-    mov esi, smc_static_b               # rewrite it in place as B: same address, same length
+    mov esi, fn_b                       # rewrite it in place as B: same address, same length
     call smc_rewrite
     jmp smc_rewritten_b
 smc_rewritten_b:
@@ -47,7 +47,7 @@ smc_rewritten_b:
     call measure
     mov dword ptr [MAILBOX + 16], edx
 
-    mov esi, smc_static_a               # and back to A
+    mov esi, fn_a                       # and back to A
     call smc_rewrite
     jmp smc_rewritten_a
 smc_rewritten_a:
@@ -59,19 +59,7 @@ smc_rewritten_a:
     pop ebx
     ret
 
-# measure: call the function at ebx with eax = 0; returns its eax, and in edx the rdtsc delta across
-# the call (the same code for every function, so deltas differ by the functions' counts alone).
-measure:
-    rdtsc
-    mov esi, eax
-    xor eax, eax
-    call ebx
-    mov edi, eax
-    rdtsc
-    sub eax, esi
-    mov edx, eax
-    mov eax, edi
-    ret
+#include "count_fns.inc"
 
 # smc_rewrite: copy the 8 bytes at esi over smc_fn.
 smc_rewrite:
@@ -83,9 +71,3 @@ smc_rewrite:
 .align 64
 smc_fn:                                 # A at first
     .byte 0x40, 0x40, 0x40, 0x40, 0x40, 0x40, 0x40, 0xC3
-.align 64
-smc_static_a:
-    .byte 0x40, 0x40, 0x40, 0x40, 0x40, 0x40, 0x40, 0xC3
-.align 64
-smc_static_b:
-    .byte 0x05, 0x07, 0x00, 0x00, 0x00, 0x90, 0x90, 0xC3
