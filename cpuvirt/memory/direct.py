@@ -323,11 +323,13 @@ class DirectPaging:
 
     def set_gdt(self, mfns: list[int]) -> None:
         self.gdt_frames = self._set_desc_frames(mfns, self.gdt_frames)
-        if self.on_window is not None:
-            self.on_window(self.gdt_frames, self.ldt_frames)
+        self._window_changed()
 
     def set_ldt(self, mfns: list[int]) -> None:
         self.ldt_frames = self._set_desc_frames(mfns, self.ldt_frames)
+        self._window_changed()
+
+    def _window_changed(self) -> None:
         if self.on_window is not None:
             self.on_window(self.gdt_frames, self.ldt_frames)
 

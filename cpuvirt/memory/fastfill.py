@@ -20,6 +20,7 @@ from unicorn.unicorn_py3 import unicorn as _ucmod
 from unicorn.x86_const import UC_X86_REG_CR0, UC_X86_REG_CR3, UC_X86_REG_CR4, UC_X86_REG_SS
 
 from cpuvirt.engine.cext import add_c_hook, load
+from cpuvirt.xen import GDT_WINDOW_FRAMES, HYPERVISOR_VIRT_START
 
 
 class _State(ctypes.Structure):
@@ -123,7 +124,7 @@ class FastFill:
 class _DirectState(ctypes.Structure):
     """Mirror of directfill_t (checked against directfill_sizeof at load)."""
 
-    _fields_ = _State._fields_ + [("window", ctypes.c_uint32 * 32)]
+    _fields_ = _State._fields_ + [("window", ctypes.c_uint32 * (2 * GDT_WINDOW_FRAMES))]  # GDT, then LDT
 
 
 class DirectFastFill(FastFill):
@@ -139,8 +140,6 @@ class DirectFastFill(FastFill):
 
     def window(self, gdt_frames: list[int], ldt_frames: list[int]) -> None:
         """DirectPaging shows these machine frames in its window now (set_gdt, set_ldt)."""
-        from cpuvirt.xen import GDT_WINDOW_FRAMES
-
         st = self._state
         pages = [0] * len(st.window)
         for first, frames in ((0, gdt_frames), (GDT_WINDOW_FRAMES, ldt_frames)):
@@ -151,8 +150,6 @@ class DirectFastFill(FastFill):
         st.window[:] = pages
 
     def setup(self, state) -> None:
-        from cpuvirt.xen import HYPERVISOR_VIRT_START
-
         state.hv_start = HYPERVISOR_VIRT_START
         traces = self.mmu.traces
         traces.on_change = lambda: setattr(state, "enabled", int(not traces.frames))
