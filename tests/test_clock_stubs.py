@@ -8,21 +8,12 @@ stubs of its blocks must look again)."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 
 from cpuvirt.runner import run_guest
+from tests.runs import run_record
 
 MODES = ["native", "trap", "full", "para", "hw", "hw-noept"]
-
-
-def _summary(res) -> dict:
-    """What a run leaves, less host time (its wall time; hw's exit table: host microseconds per exit)."""
-    out = dataclasses.asdict(res)
-    del out["wall_s"]
-    out["exit_stats"] = [tuple(row[:-1]) for row in out["exit_stats"]]
-    return out
 
 
 def _both_ways(guest, mode, tmp_path, monkeypatch, trace: bool):
@@ -42,7 +33,7 @@ def _both_ways(guest, mode, tmp_path, monkeypatch, trace: bool):
             mode_options=options,
         )
         clock = cpus[-1].machine.clock
-        out[env] = (_summary(res), path.read_bytes() if path else b"", clock.stubs, clock.now)
+        out[env] = (run_record(res), path.read_bytes() if path else b"", clock.stubs, clock.now)
     return out["1"], out["0"]
 
 

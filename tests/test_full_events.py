@@ -23,6 +23,7 @@ from cpuvirt.bt.fastcallout import IRETD, IRETD_OUTER, MOV_CR2, MOV_SREG, POP_SR
 from cpuvirt.engine import regs as R
 from cpuvirt.modes.full.vcpu import FullVcpu
 from cpuvirt.runner import run_guest
+from tests.runs import run_record
 
 GPRS = (R.EAX, R.EBX, R.ECX, R.EDX, R.ESI, R.EDI, R.EBP, R.ESP, R.EIP, R.EFLAGS, R.CS, R.SS, R.DS, R.ES, R.FS, R.GS)
 NB_N = 300
@@ -72,12 +73,6 @@ def _run(image, monkeypatch, c_path: bool, trace_path=None):
     return res, seen, end, vcpu
 
 
-def _result(res) -> dict:
-    out = dataclasses.asdict(res)
-    del out["wall_s"]
-    return out
-
-
 def _served(vcpu) -> dict[int, int]:
     fast = vcpu.rt.fast
     return {k: fast.table.served[k] for k in (MOV_SREG, POP_SREG, MOV_CR2, IRETD, IRETD_OUTER)}
@@ -86,7 +81,7 @@ def _served(vcpu) -> dict[int, int]:
 def _same(c_run, py_run) -> None:
     c_res, c_seen, c_end, _ = c_run
     py_res, py_seen, py_end, _ = py_run
-    assert _result(c_res) == _result(py_res)  # console, counts, icount, virtual time, memory counters, tally
+    assert run_record(c_res) == run_record(py_res)  # console, counts, icount, virtual time, memory counters, tally
     assert c_end == py_end
     # every callout Python served in the C run, as a reader saw the vCPU then, was the same in the Python
     # run, in the same order: the C answers in between changed nothing else
@@ -169,7 +164,7 @@ def test_a_trace_keeps_the_python_path_and_the_same_trace(test_guest, monkeypatc
         return rows
 
     assert lines(a) == lines(b)
-    assert c_run[1] == py_run[1] and c_run[2] == py_run[2] and _result(c_run[0]) == _result(py_run[0])
+    assert c_run[1] == py_run[1] and c_run[2] == py_run[2] and run_record(c_run[0]) == run_record(py_run[0])
 
 
 def test_the_pv_build_fails_alike(monkeypatch, tmp_path):
@@ -181,7 +176,7 @@ def test_the_pv_build_fails_alike(monkeypatch, tmp_path):
     runs = []
     for on in ("1", "0"):
         monkeypatch.setenv("CPUVIRT_FULL_EVENTS_C", on)
-        runs.append(_result(run_guest(str(path), "full", 32, 20_000_000)))
+        runs.append(run_record(run_guest(str(path), "full", 32, 20_000_000)))
     assert runs[0] == runs[1] and b"paravirtualized build" in runs[0]["console"]
 
 

@@ -10,25 +10,17 @@ so C must leave them to Python)."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 
 from cpuvirt.memory.shadowmirror import _lib
 from cpuvirt.modes.hw.vmx import VmxCpu
 from cpuvirt.nanobench import build
 from cpuvirt.runner import run_guest
+from tests.runs import run_record
 
 pytestmark = pytest.mark.skipif(
     _lib() is None, reason="the C extensions are not built (python setup.py build_ext --inplace)"
 )
-
-
-def _summary(res) -> dict:
-    out = dataclasses.asdict(res)
-    del out["wall_s"]
-    out["exit_stats"] = [tuple(row[:-1]) for row in out["exit_stats"]]  # less host microseconds per exit
-    return out
 
 
 def _both(path, monkeypatch, tmp_path, trace: bool):
@@ -48,7 +40,7 @@ def _both(path, monkeypatch, tmp_path, trace: bool):
         )
         fast = cpus[-1].vcpu._fast_delivery
         delivered = None if fast is None else fast._state.soft_delivered + fast._state.faults_delivered
-        out[on] = (_summary(res), trace_path.read_bytes() if trace_path else b"", delivered)
+        out[on] = (run_record(res), trace_path.read_bytes() if trace_path else b"", delivered)
     return out[True], out[False]
 
 

@@ -15,7 +15,6 @@ too, and pv_mmu / pv_hostile hold update_va_mapping's refusals (Python's in both
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import pytest
@@ -24,6 +23,7 @@ from cpuvirt.engine import regs as R
 from cpuvirt.modes.para import vcpu as para_vcpu
 from cpuvirt.nanobench import build
 from cpuvirt.runner import run_guest
+from tests.runs import run_record
 
 GPRS = (R.EAX, R.EBX, R.ECX, R.EDX, R.ESI, R.EDI, R.EBP, R.ESP, R.EIP, R.EFLAGS, R.CS, R.SS)
 PV_GUESTS = ("pv_hello", "pv_events", "pv_traps", "pv_mmu", "pv_hostile", "pv_window", "pv_v86", "pv_stale_gdt")
@@ -75,12 +75,6 @@ def _run(image, monkeypatch, c_path: bool, trace_path=None, max_insns=50_000_000
     return res, seen, end, vcpu
 
 
-def _result(res) -> dict:
-    out = dataclasses.asdict(res)
-    del out["wall_s"]
-    return out
-
-
 def _same_python_events(c_seen, py_seen) -> None:
     """Every event Python handled in the C run was, as a reader saw the vCPU then, the same in the
     Python run, in the same order: the events C answered in between changed nothing else."""
@@ -121,7 +115,7 @@ def test_pv_fast_guest_c_and_python_leave_the_same_state(pv_fast, monkeypatch):
     # mmuext_op TLB_FLUSH_LOCAL, NEW_BASEPTR of the current directory and between two pinned ones
     assert fast.mmuext_ops >= 38
     assert len(c_seen) <= len(py_seen) - 2 * (4 * 40 - 8)
-    assert _result(c_res) == _result(py_res)  # console, counts, icount, virtual time, MMU counters, tally
+    assert run_record(c_res) == run_record(py_res)  # console, counts, icount, virtual time, MMU counters, tally
     assert c_end == py_end
     _same_python_events(c_seen, py_seen)
     # the hostile cases were Python's in the C run: the #GP of int 0x81 through a DPL-0 entry, and the
@@ -136,7 +130,7 @@ def test_pv_test_guests_same_both_ways(name, test_guest, monkeypatch):
     image = test_guest(name)
     c_res, c_seen, c_end, _ = _run(image, monkeypatch, True)
     py_res, py_seen, py_end, _ = _run(image, monkeypatch, False)
-    assert _result(c_res) == _result(py_res)
+    assert run_record(c_res) == run_record(py_res)
     assert c_end == py_end
     _same_python_events(c_seen, py_seen)
 
@@ -151,7 +145,7 @@ def test_nanobench_pv_build_same_both_ways(nanobench_pv, monkeypatch):
     assert fast.bounced >= 3 * 200 - 3 and fast.irets >= 200 and fast.delivery.faults >= 199
     assert fast.uvas >= 2 * 200 and fast.mmu_updates >= 199  # and pgfault's handler's mmu_update
     assert fast.mmuext_ops >= 199  # cr3: NEW_BASEPTR of the pinned current directory
-    assert _result(c_res) == _result(py_res)
+    assert run_record(c_res) == run_record(py_res)
     assert c_end == py_end
     _same_python_events(c_seen, py_seen)
 
@@ -168,7 +162,7 @@ def test_a_trace_is_the_same_and_keeps_the_bounces_in_python(pv_fast, monkeypatc
         return rows
 
     assert lines(a) == lines(b)
-    assert c_seen == py_seen and c_end == py_end and _result(c_res) == _result(py_res)
+    assert c_seen == py_seen and c_end == py_end and run_record(c_res) == run_record(py_res)
 
 
 def test_the_iret_sites_stay_in_c_with_a_trace(pv_fast, monkeypatch, tmp_path):

@@ -7,7 +7,6 @@ time and trace with the C fill switched off (CPUVIRT_SHADOW_FILL_C=0)."""
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import random
 
 import pytest
@@ -18,6 +17,7 @@ from cpuvirt.memory.shadowmirror import ShadowFastFill, _lib
 from cpuvirt.modes import get_mode
 from cpuvirt.nanobench import build
 from cpuvirt.runner import run_guest
+from tests.runs import run_record
 
 pytestmark = pytest.mark.skipif(
     _lib() is None, reason="the C TLB fill is not built (python setup.py build_ext --inplace)"
@@ -164,14 +164,6 @@ def test_c_shadow_fill_leaves_hypervisor_windows_and_new_fetches_to_python():
     assert hook(m.uc._uch, 0x20, READ, ctypes.byref(e), state) and not e.perms & 2  # read-only, as Mmu.fill maps it
 
 
-def _summary(res) -> dict:
-    """What a run leaves, less host time (its wall time; hw's exit table: host microseconds per exit)."""
-    out = dataclasses.asdict(res)
-    del out["wall_s"]
-    out["exit_stats"] = [tuple(row[:-1]) for row in out["exit_stats"]]
-    return out
-
-
 @pytest.mark.parametrize("mode", ["trap", "full", "hw-noept"])
 def test_whole_runs_are_the_same_with_the_c_fill_off(mode, tmp_path, monkeypatch):
     """nanobench (its cr3 and ptemod loops refill the engine's TLB from the shadow thousands of times):
@@ -188,7 +180,7 @@ def test_whole_runs_are_the_same_with_the_c_fill_off(mode, tmp_path, monkeypatch
             str(path), mode.split("-")[0], 32, 0, trace_path=str(trace), on_start=cpus.append, mode_options=options
         )
         fill = cpus[-1].machine.mmu.counters.fast
-        out[env] = (_summary(res), trace.read_bytes(), fill._state.fills if fill is not None else None)
+        out[env] = (run_record(res), trace.read_bytes(), fill._state.fills if fill is not None else None)
     (c_res, c_trace, c_fills), (py_res, py_trace, py_fills) = out["1"], out["0"]
     assert c_res["status"] == 0 and py_fills is None
     hits = c_res["mmu"]["shadow"]["shadow_hits"]

@@ -8,7 +8,6 @@ and trapping instructions rewritten in place after they ran."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import pytest
@@ -16,6 +15,7 @@ import pytest
 from cpuvirt.engine import regs as R
 from cpuvirt.modes import trap
 from cpuvirt.runner import run_guest
+from tests.runs import run_record
 
 GPRS = (R.EAX, R.EBX, R.ECX, R.EDX, R.ESI, R.EDI, R.EBP, R.ESP, R.EIP, R.EFLAGS)
 
@@ -59,12 +59,6 @@ def _run(image, monkeypatch, c_path: bool, trace_path=None):
     return res, seen, end, vcpu
 
 
-def _result(res) -> dict:
-    out = dataclasses.asdict(res)
-    del out["wall_s"]
-    return out
-
-
 def _same_events(c_seen, py_seen) -> None:
     """Every event Python handled in the C run, as a reader saw the vCPU then, was the same in the Python
     run, in the same order: the C answers in between changed nothing else."""
@@ -95,7 +89,7 @@ def test_c_traps_leave_what_python_leaves_event_by_event(image, monkeypatch):
     # would map the same frame: no counter shows it, so the flush count is checked itself)
     assert c_cpu.fast._state.ev.rtlb_gen >= 4 * 1500 - 10
     assert b"FAIL" not in c_res.console and b"PASS trap's common traps" in c_res.console
-    assert _result(c_res) == _result(py_res)  # console, counts, icount, virtual time, memory counters, tally
+    assert run_record(c_res) == run_record(py_res)  # console, counts, icount, virtual time, memory counters, tally
     assert c_end == py_end
     _same_events(c_seen, py_seen)
 
@@ -112,7 +106,7 @@ def test_a_trace_keeps_the_python_path_and_the_same_trace(image, monkeypatch, tm
         return rows
 
     assert lines(a) == lines(b)
-    assert c_seen == py_seen and c_end == py_end and _result(c_res) == _result(py_res)
+    assert c_seen == py_seen and c_end == py_end and run_record(c_res) == run_record(py_res)
 
 
 def test_switching_the_trace_on_and_off_switches_the_c_path(image, monkeypatch):
