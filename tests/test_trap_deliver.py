@@ -20,7 +20,8 @@ import pytest
 
 from cpuvirt.nanobench import build
 from cpuvirt.runner import run_guest
-from tests.test_trap_fast import _result, _run, _same_events
+from tests.runs import run_record
+from tests.test_trap_fast import _run, _same_events
 
 LOOPS = 200
 
@@ -35,7 +36,7 @@ def _compare(c, py) -> None:
     then, was the same in the Python run, in the same order; and the same end."""
     c_res, c_seen, c_end, _ = c
     py_res, py_seen, py_end, _ = py
-    assert _result(c_res) == _result(py_res)  # console, counts, icount, virtual time, memory counters, tally
+    assert run_record(c_res) == run_record(py_res)  # console, counts, icount, virtual time, memory counters, tally
     assert c_end == py_end  # registers, counts, reasons, CRs, shadow-paging counters
     _same_events(c_seen, py_seen)
 
@@ -64,7 +65,7 @@ def test_the_reference_path_is_the_same(image, monkeypatch):
     c_res, _, c_end, c_cpu = _run(image, monkeypatch, True)
     py_res, _, py_end, py_cpu = _run(image, monkeypatch, False)
     assert py_cpu.fast is None and c_cpu.fast.delivered > 0
-    assert _result(c_res) == _result(py_res)
+    assert run_record(c_res) == run_record(py_res)
     assert c_end == py_end
 
 

@@ -15,7 +15,8 @@ import json
 import pytest
 
 from cpuvirt.runner import run_guest
-from tests.test_trap_fast import _result, _run, _same_events
+from tests.runs import run_record
+from tests.test_trap_fast import _run, _same_events
 
 LOOPS = 320
 
@@ -34,7 +35,7 @@ def test_c_segment_loads_leave_what_python_leaves_event_by_event(image, monkeypa
     assert answered >= LOOPS * 60, answered
     assert len(c_seen) <= len(py_seen) - LOOPS * 60
     assert b"FAIL" not in c_res.console and b"PASS trap's segment loads" in c_res.console
-    assert _result(c_res) == _result(py_res)  # console, counts, icount, virtual time, memory counters, tally
+    assert run_record(c_res) == run_record(py_res)  # console, counts, icount, virtual time, memory counters, tally
     assert c_end == py_end
     _same_events(c_seen, py_seen)
 
@@ -60,4 +61,4 @@ def test_a_trace_keeps_the_python_path_and_the_same_trace(image, monkeypatch, tm
         return rows
 
     assert lines(a) == lines(b)
-    assert c_seen == py_seen and c_end == py_end and _result(c_res) == _result(py_res)
+    assert c_seen == py_seen and c_end == py_end and run_record(c_res) == run_record(py_res)
