@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field, fields
+from typing import Callable
 
 from unicorn import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH
 
@@ -131,6 +132,9 @@ class ShadowPaging:
         # A C copy of the current root (modes/trapfast.py ShadowMirror): adopt(root) as a root is made,
         # current(self) whenever _cur, _cur_key or _mode changes.
         self.mirror = None
+        # hw --no-ept: quick_miss(gva, access, user, error code) may take a miss's #PF exit without a stop
+        # (modes/hw/vmx.py VmxCpu.quick_shadow_miss): True when it has filled the shadow, as the exit would.
+        self.quick_miss: Callable[[int, int, bool, int], bool] | None = None
         mmu.strategy = self
 
     def attach(self, vcpu) -> None:
@@ -188,6 +192,8 @@ class ShadowPaging:
                 code |= PFEC_U
             if access == _WRITE:
                 code |= PFEC_W
+            if self.quick_miss is not None and self.quick_miss(gva, access, user, code):
+                return self.gva_to_gpa(gva, access, user, side_effects)  # the engine's retry: a shadow hit
             raise RefusedFill(ShadowMiss(gva, access, code))
         return self._resolve(gva, access, user, cr0, cr3, cr4)
 
@@ -209,6 +215,30 @@ class ShadowPaging:
             self.counters.hidden_faults -= 1  # the walk was part of a ptemod, not a hidden fault
             return "traced", gpa
         return "hidden", gpa
+
+    def quiet_fill(self, gva: GVA, access: Access, user: bool) -> bool:
+        """Would page_fault(gva, access, user) fill the shadow ("hidden") and do nothing else: no true fault,
+        no traced write, and none of _resolve's side effects beyond the entry and the walk's accessed and
+        dirty bits (a newly traced frame, which flushes the engine's TLB; a trimmed address space; a write
+        let through by CR0.WP = 0)? Asked with no side effect: a walk that sets no A or D bit."""
+        m = self.mmu
+        cr0, cr3, cr4 = m.crs or m.load_crs()
+        if not cr0 & CR0_PG:
+            return False
+        t = walk(gva, access, user, cr0, cr3, cr4, m.read_gpa32, None)
+        if type(t) is Fault or (access == _WRITE and (t.gpa & PAGE_MASK) in m.traces.frames):
+            return False
+        key = cr3 & PAGE_MASK
+        root = self._cur if key == self._cur_key else None
+        if root is None or (len(root.entries) >= MAX_ROOT_ENTRIES and (gva & PAGE_MASK) not in root.entries):
+            return False
+        pde = m.read_gpa32(key | ((gva >> 20) & 0xFFC))
+        frames = (key,) if t.large else (key, pde & PAGE_MASK)
+        if any(f not in self.traced and f not in self.unsync for f in frames):
+            return False
+        rights = pde if t.large else pde & m.read_gpa32((pde & PAGE_MASK) | ((gva >> 10) & 0xFFC))
+        granted = not user and t.writable and not rights & PTE_RW and not self._wp_granted
+        return not (granted and (t.dirty or access == _WRITE))
 
     def _resolve(self, gva, access, user, cr0, cr3, cr4):
         m = self.mmu

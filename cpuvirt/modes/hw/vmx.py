@@ -42,7 +42,7 @@ from cpuvirt.memory.p2m import HV_HPA, RAM_HPA
 from cpuvirt.memory.shadow import ShadowMiss, ShadowPaging
 from cpuvirt.memory.shadowmirror import ShadowFastFill, ShadowMirror
 from cpuvirt.memory.traces import TracedWrite
-from cpuvirt.memory.types import GPA, HPA, PFEC_P, PFEC_U, PFEC_W
+from cpuvirt.memory.types import GPA, GVA, HPA, PFEC_P, PFEC_U, PFEC_W, Access
 from cpuvirt.modes.hw import apicv
 from cpuvirt.modes.hw import exits as E
 from cpuvirt.modes.hw.controls import CONTROLS, VmxSettings
@@ -74,6 +74,7 @@ _IO_INSTRUCTION = ExitReason.IO_INSTRUCTION
 _EPT_VIOLATION = ExitReason.EPT_VIOLATION
 _SHADOW_CR0 = CR0_PG | CR0_WP  # host-owned under shadow paging for delivery_peek's guard (_mirror_shadow)
 _GPA, _GLA = int(F.GUEST_PHYSICAL_ADDRESS), int(F.GUEST_LINEAR_ADDRESS)
+_PF_EXIT_INFO = E.intr_info(Vector.PF, E.INTR_TYPE_HW_EXCEPTION, True)  # a #PF's VM_EXIT_INTR_INFO
 _WINDOW_FIELD, _WINDOW_BIT = CONTROLS["interrupt_window_exiting"]
 RFLAGS_RESERVED_ZERO = (1 << 3) | (1 << 5) | (1 << 15) | 0xFFC00000
 
@@ -136,6 +137,8 @@ class VmxCpu(Vcpu):
         self._default_io = RootHypervisor.handle_io  # the handler the quick I/O exit does as
         self._default_ept = RootHypervisor.handle_ept_violation  # the handler the quick EPT exit does as
         self.quick_ept_exits = 0  # EPT_VIOLATION exits taken by ept_quick_hook or in C (among `exits`)
+        self._default_exception = RootHypervisor.handle_exception_nmi  # what the quick shadow #PF exit does as
+        self.quick_shadow_exits = 0  # hidden-#PF exits taken by quick_shadow_miss (among `exits`)
         self._ept_c: Any = None  # _tlbfill.c's state when it takes lazy-EPT exits itself (_install_quick_ept_c)
         self._io_forms: dict = {}
         self.shadow: ShadowPaging | None = None  # without EPT: KVM's shadow MMU (memory/shadow.py)
@@ -189,6 +192,8 @@ class VmxCpu(Vcpu):
             # KVM without EPT: shadow page tables, filled on #PF exits (memory/shadow.py).
             self.shadow = ShadowPaging(self.mmu, exit_on_miss=True)
             self.shadow.attach(self)
+            if self.quick_shadow_pf:
+                self.shadow.quick_miss = self.quick_shadow_miss
             fill = ShadowFastFill.install(self.mmu)  # before Mmu.fill's hook: the shadow's hits in C
             if fill is not None:
                 fill.follow(self.shadow, None, 0xFFFFFFFF)  # keyed by the guest's own CRs, in the engine
@@ -1159,33 +1164,7 @@ class VmxCpu(Vcpu):
         if not self.settings.lazy_ept or page >= m.mem_bytes:
             return 0
         eip = self.regs.read(R.EIP)
-        # The stop the full path makes: the instructions of the block from eip on come off the clock, the
-        # run loop arms the next deadline and the engine runs a block from eip. Nothing may differ.
-        clock = self.clock
-        st = clock._state
-        if st.stopped or st.stop_next or st.check_if or st.discard or self._after_one_block:
-            return 0
-        if self._flush_translations or self._window_retranslate:
-            return 0
-        if self.intercepts is not None and self.intercepts.retranslate:
-            return 0
-        entry = m.block_insns.get(st.last_block)
-        if entry is None:
-            return 0
-        addrs, end = entry
-        if not addrs[0] <= eip < end:
-            return 0
-        now = st.now
-        before = now - sum(1 for a in addrs if a >= eip)  # the clock after left_block_at(eip)
-        d = m.next_timer_deadline()
-        d = NEVER if d is None or d <= before else d
-        if m.pending_nmi() and not self.nmi_blocked:
-            return 0
-        pending = m.pending_interrupt() is not None
-        flags = self.regs.read(R.EFLAGS)
-        if pending and flags & EFLAGS_IF:
-            return 0
-        if min(d, self.budget) != st.deadline or bool(st.watch_if) != (pending and not flags & EFLAGS_IF):
+        if not self._stop_changes_nothing(eip):
             return 0
         acc = access_type - 16  # UC_MEM_READ=16, WRITE=17, FETCH=18 -> Access
         if acc != 2:  # a data access: the exact address from the instruction's operands (exact_linear)
@@ -1208,6 +1187,34 @@ class VmxCpu(Vcpu):
         self.quick_ept_exits += 1
         self.ept.map(GPA(page), HPA(RAM_HPA + page))
         return 1
+
+    def _stop_changes_nothing(self, eip: int) -> bool:
+        """Would the stop of a full exit at eip, in the middle of the running block, change nothing but the
+        exit itself? It takes the block's instructions from eip on off the clock, the run loop arms the next
+        deadline and the engine runs a block from eip: the quick exits (EPT violation, shadow #PF) are taken
+        only when that stop would deliver nothing, arm the same deadline and retranslate nothing."""
+        m = self.machine
+        st = self.clock._state
+        if st.stopped or st.stop_next or st.check_if or st.discard or self._after_one_block:
+            return False
+        if self._flush_translations or self._window_retranslate:
+            return False
+        if self.intercepts is not None and self.intercepts.retranslate:
+            return False
+        entry = m.block_insns.get(st.last_block)
+        if entry is None:
+            return False
+        addrs, end = entry
+        if not addrs[0] <= eip < end:
+            return False
+        before = st.now - sum(1 for a in addrs if a >= eip)  # the clock after left_block_at(eip)
+        d = m.next_timer_deadline()
+        d = NEVER if d is None or d <= before else d
+        if m.pending_nmi() and not self.nmi_blocked:
+            return False
+        if m.pending_interrupt() is not None and self.regs.read(R.EFLAGS) & EFLAGS_IF:
+            return False
+        return min(d, self.budget) == st.deadline and bool(st.watch_if) == self.waits_for_window()
 
     # The same exit with no Python per exit (_tlbfill.c quick_in_c), folded in as the CPUID exits answered in C
     # are; CPUVIRT_QUICK_EPT_C=0 in the environment, or False here, leaves every quick EPT exit to ept_quick_hook.
@@ -1332,6 +1339,46 @@ class VmxCpu(Vcpu):
             and (fx := self.fast_exits) is not None  # (armed says so; for the type checker)
             and fx.quiet()
         )
+
+    # -- the quick shadow #PF exit (no EPT: a hidden fault) -----------------------------------------------
+    # CPUVIRT_NO_QUICK_SHADOW_PF=1 in the environment, or False here, turns it off.
+    quick_shadow_pf = not os.environ.get("CPUVIRT_NO_QUICK_SHADOW_PF")
+
+    def quick_shadow_miss(self, gva: int, access: int, user: bool, code: int) -> bool:
+        """Called by ShadowPaging.gva_to_gpa from the TLB fill, in the middle of the guest's access, when the
+        shadow has no entry that allows it: take the #PF exit a hidden fault makes as the full path
+        (on_refused_fill -> _exception_exit -> vm_exit -> handle_exception_nmi -> shadow_page_fault ->
+        vm_entry, then the engine's retry) would leave it, without stopping the engine: the exit-information
+        fields, GUEST_RIP, the counters, the shadow filled by ShadowPaging.page_fault. True: done (the fill
+        answers from the shadow, as the retry would). False: a true fault, a write to a traced page table,
+        or something else that would happen at the stop (see _stop_changes_nothing and _quick_ept_ready's
+        conditions), and the full exit follows."""
+        if self.outcome is not None or not self._exception_exits(Vector.PF, code):
+            return False
+        if not self._quick_exits_armed(ExitReason.EXCEPTION_NMI, self._default_exception):
+            return False
+        if not self.fast_exits.quiet():  # type: ignore[union-attr]  # (armed says it is there)
+            return False
+        if self.vmcs._values[_WINDOW_FIELD] >> _WINDOW_BIT & 1 and self.regs.read(R.EFLAGS) & EFLAGS_IF:
+            return False  # the stop would take the INTERRUPT_WINDOW exit (before_entry); with IF = 0 it waits
+        shadow = self.shadow
+        assert shadow is not None  # (installed with it)
+        if not shadow.quiet_fill(GVA(gva), Access(access), user):
+            return False
+        eip = self.regs.read(R.EIP)
+        if not self._stop_changes_nothing(eip):
+            return False
+        gla = self.exact_linear(ShadowMiss(gva, access, code), eip)
+        self.fold_fast_exits()
+        self._exit_info(ExitReason.EXCEPTION_NMI, gla, 0, eip, _PF_EXIT_INFO, code)
+        self.vmcs._cache.clear()
+        self._count_exits(ExitReason.EXCEPTION_NMI)
+        self.quick_shadow_exits += 1
+        self.pf_access = access  # what on_refused_fill leaves for shadow_page_fault, which walks for it
+        kind, _ = shadow.page_fault(GVA(gla), access, user)
+        assert kind == "hidden", kind  # (ShadowPaging.quiet_fill said so, and nothing ran in between)
+        self.mmu.counters.fills += 1  # the engine's retry after the entry is a fill of its own
+        return True
 
     # -- interrupts, the interrupt window, HLT -------------------------------------------------------------
     _blocked = False
