@@ -75,8 +75,10 @@ def test_c_shadow_fill_answers_what_the_python_fill_answers():
     """Random guest tables, CR0.WP, CR4.PSE, CR3 between two directories, traced frames, invlpg and whole
     flushes, accesses at CPL 0 and 3: whenever C answers, Mmu.fill on the same state answers the same frame
     and permissions from a shadow entry (a hit: no walk, no hidden fault); C changes no counter when it
-    declines. It must also answer a good share, or the test would pass with it switched off."""
+    declines. It must also answer a good share, or the test would pass with it switched off. (Misses, which
+    C fills too, are test_c_shadow_miss_fills_leave_what_python_leaves'.)"""
     m, hv, fill, ring, hook, state, _keep = _trap_machine()
+    fill._state.fill_misses = 0
     mmu, shadow, v = m.mmu, hv.shadow, hv.vcpu.virtual_cpu
     rng = random.Random(7)
     answered = declined = 0
@@ -137,6 +139,77 @@ def test_c_shadow_fill_answers_what_the_python_fill_answers():
         assert (c.shadow_hits, c.hidden_faults, mmu.counters.walks) == (hits + 1, hidden, walks), why
         assert not shadow._wp_granted, ("Python's answer had a side effect C skipped: _granted", why)
     assert answered > 400 and declined > 400, (answered, declined)
+
+
+def test_c_shadow_miss_fills_leave_what_python_leaves():
+    """Two machines driven alike through random guest tables (entries with and without A and D, 4 MiB pages,
+    CR0.WP, CR4.PSE, two directories, traced frames, invlpg, flushes, CPL 0 and 3, a cap of 6 entries per
+    address space so that trims come): one asks the C fill first, as the engine does, and Mmu.fill when it
+    declines; the other asks Mmu.fill only. After every access both must show the same answer, guest memory
+    (the accessed and dirty bits), shadow tables (ShadowPaging.dump: entries and traced frames) and counters;
+    and C must have filled a good share of the hidden faults itself."""
+    from cpuvirt.memory import shadow as shadow_module
+
+    a, b = _trap_machine(), _trap_machine()
+    b[2]._state.fill_misses = 0
+    rng = random.Random(11)
+    cap = shadow_module.MAX_ROOT_ENTRIES
+    shadow_module.MAX_ROOT_ENTRIES = 6
+    try:
+        for m, hv, fill, *_ in (a, b):
+            v = hv.vcpu.virtual_cpu
+            v.cr0, v.cr3, v.cr4 = 0x80010011, PD, 0x10
+            fill._state.fills = 0
+        for i in range(3000):
+            r, page = rng.random(), rng.randrange(12)
+            choice = rng.getrandbits(32)
+            access, ss, offset = rng.choice((READ, WRITE, READ)), rng.choice((0x10, 0x10, 0x23)), rng.randrange(4096)
+            answers, states = [], []
+            for n, (m, hv, fill, ring, hook, state, _keep) in enumerate((a, b)):
+                mmu, shadow, v = m.mmu, hv.shadow, hv.vcpu.virtual_cpu
+                if r < 0.2:  # a new entry (the shadow keeps its old one until zapped, as a traced write would)
+                    bits = (1, 1, 1, 0)[choice & 3] | (choice >> 2 & 7) << 1 | (choice >> 5 & 3) << 5
+                    frame = (DATA, DATA2, DATA + 0x3000, MEM + 0x1000)[choice >> 7 & 3]
+                    m.write_gpa(PT + 4 * page, (frame | (bits & 0x67)).to_bytes(4, "little"))
+                    if choice >> 9 & 1:
+                        shadow.invlpg(page << 12)
+                elif r < 0.25:
+                    pde = PT | (0x27, 0x07, 0x23, 0x05)[choice & 3] if choice >> 2 & 3 else 0x400000 | 0x87
+                    m.write_gpa(PD if choice >> 4 & 1 else PD2, pde.to_bytes(4, "little"))
+                elif r < 0.28:
+                    v.cr0 ^= 0x10000  # WP
+                elif r < 0.3:
+                    v.cr4 ^= 0x10  # PSE
+                elif r < 0.36:
+                    v.cr3 = PD if choice & 1 else PD2
+                    shadow.on_cr3_write(v.cr3)
+                elif r < 0.4:
+                    if DATA in mmu.traces:
+                        mmu.traces.untrace_frame(DATA, "test")
+                    else:
+                        mmu.traces.trace_frame(DATA, "test", lambda tw: False)
+                elif r < 0.41:
+                    shadow.flush()
+                mmu.crs = None
+                ring.ss = ss
+                vaddr, e = (page << 12) | offset, Entry()
+                ok = n == 0 and hook(m.uc._uch, vaddr, access, ctypes.byref(e), state)
+                if not ok:
+                    ok = mmu.fill(m.uc, vaddr, access, e, None)
+                    mmu.take_pending()
+                answers.append((bool(ok), e.paddr, e.perms) if ok else (False,))
+                states.append((
+                    m.read_gpa(PD, 4096), m.read_gpa(PD2, 4096), m.read_gpa(PT, 4096), shadow.dump(),
+                    shadow.counters.as_dict(), mmu.counters.as_dict(),
+                ))
+            why = (i, hex((page << 12) | offset), access, ss)
+            assert answers[0] == answers[1], why
+            assert states[0] == states[1], why
+        c_hidden = a[2]._state.hidden
+        assert c_hidden > 150 and c_hidden > a[1].shadow.counters.hidden_faults // 3, (c_hidden, a[1].shadow.counters)
+        assert a[1].shadow.counters.root_trims > 10
+    finally:
+        shadow_module.MAX_ROOT_ENTRIES = cap
 
 
 def test_c_shadow_fill_leaves_hypervisor_windows_and_new_fetches_to_python():

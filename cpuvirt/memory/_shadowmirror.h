@@ -28,12 +28,30 @@ typedef struct {
     uint16_t dirty;
 } sentry_t;
 
+/* A shadow entry made in C (_tlbfill.c, a hidden fault's fill) for Python to take into the current root's
+ * tables (ShadowPaging._fold): the fields of memory/shadow.py's entry tuple, and the root's serial. */
+typedef struct {
+    uint32_t page;     /* linear page number */
+    uint32_t gpa;      /* guest-physical frame address */
+    int32_t pde_addr, pte_addr;   /* the guest PDE and PTE it derives from (pte_addr -1: a 4 MiB page) */
+    uint16_t rights, dirty;
+    uint32_t serial;
+} smade_t;
+
+#define SM_MADE 1024u   /* entries C may make between two of Python's folds */
+
 typedef struct {
     uint32_t key;      /* ShadowPaging._cur_key (1: none) */
     uint32_t mode;     /* ShadowPaging._mode (0xFFFFFFFF: None) */
     uint32_t serial;   /* the serial of ShadowPaging._cur (0: none) */
     uint32_t traced_frames;   /* RAM frames covered by `traced` */
     uint8_t *traced;   /* a bit per RAM frame: in Mmu.traces.frames (any owner: page tables, code) */
+    /* A bit per linear page: the current root's Python table holds an entry for it (a slot can lose its
+     * entry to another page's, of this root or another: then Python answers from its table, not a walk) */
+    uint8_t *present;
+    uint32_t room;     /* new entries the current root may still take before ShadowPaging would trim it */
+    uint32_t made;     /* entries in `made`, not yet taken by Python */
+    smade_t made_log[SM_MADE];
     sentry_t slot[SHADOW_SLOTS];
 } shadowmirror_t;
 

@@ -433,10 +433,104 @@ typedef struct {
     uint32_t tc_lo, tc_hi;
     uint64_t tc_hpa;
     const uint32_t *tc_on;
+    /* Modes trap and full: a miss is filled here too when the walk needs nothing but the accessed and dirty
+     * bits (shadow_miss_fill); 0 under hw --no-ept (a miss is a #PF exit) and while hidden faults are traced */
+    uint32_t fill_misses;
+    uint64_t hidden;            /* the hidden faults filled here (among `fills`, and the walks) */
 } shadowfill_t;
 
 size_t shadowfill_sizeof(void) { return sizeof(shadowfill_t); }
 size_t shadowmirror_sizeof(void) { return sizeof(shadowmirror_t); }
+
+static inline int sm_present(const shadowmirror_t *m, uint32_t page) {
+    return (m->present[page >> 3] >> (page & 7)) & 1;
+}
+
+/* A shadow miss (the hidden fault): what ShadowPaging._resolve does, for the common case only. The guest's
+ * walk (memory/walk.py) over entries present whose rights allow the access, setting the accessed and dirty
+ * bits it would set (as fastfill_hook does, counted as references as walk counts them); the page directory's
+ * and the page table's frames already write-traced (so that Python's _link traces no new frame: that flushes
+ * the engine's TLB, which C must not do from a fill); no entry for the page in Python's table that the copy
+ * does not show (`present`: Python would answer from it); room in the root (else Python trims it) and in the
+ * log; no write let through by CR0.WP = 0 (ShadowPaging._granted); a frame in RAM, and for a fetch a pairing
+ * Mmu.fill has granted before. The entry goes into the copy, and into `made_log`, which ShadowPaging takes
+ * into its own tables (links, traces, counters) before it next looks at them. Anything else: Python. */
+static int shadow_miss_fill(shadowfill_t *s, uint64_t vaddr, int type, tlb_entry_t *e, uint32_t cr0, uint32_t cr3,
+                            uint32_t cr4, int user) {
+    shadowmirror_t *m = (shadowmirror_t *)s->mirror;
+    uint32_t page = (uint32_t)(vaddr >> 12), pde = 0, leaf = 0, rights, refs, set_pde = 0, set_leaf = 0;
+    uint64_t pde_gpa, leaf_gpa, gpa;
+    int64_t pte_addr;
+    int write = type == MEM_WRITE, writable, ok, present;
+    sentry_t *slot = &m->slot[page & (SHADOW_SLOTS - 1)];
+    smade_t *made;
+    if (((cr0 & SM_PG) | (cr4 & SM_PSE)) != m->mode || !m->serial || (cr3 & 0xFFFFF000u) != m->key) return 0;
+    present = sm_present(m, page);
+    if (present && !(slot->serial == m->serial && slot->page == page)) return 0;   /* Python's table has it */
+    if ((!present && !m->room) || m->made >= SM_MADE) return 0;
+    pde_gpa = (cr3 & 0xFFFFF000u) | ((vaddr >> 20) & 0xFFC);
+    if (!read_entry((const fastfill_t *)s, pde_gpa, &pde) || !(pde & P)) return 0;
+    if (!sm_traced(m, pde_gpa)) return 0;
+    if ((pde & PS) && (cr4 & CR4_PSE)) {
+        if (pde & 0x003FE000u) return 0;              /* reserved bit 21, or PSE-36 bits: Python */
+        leaf = rights = pde;
+        leaf_gpa = pde_gpa;
+        pte_addr = -1;
+        gpa = (pde & 0xFFC00000u) | (vaddr & 0x003FF000u);
+        refs = 1;
+    } else {
+        if (!(pde & A)) set_pde = A;
+        leaf_gpa = (pde & 0xFFFFF000u) | ((vaddr >> 10) & 0xFFC);
+        if (!read_entry((const fastfill_t *)s, leaf_gpa, &leaf) || !(leaf & P)) return 0;
+        if (!sm_traced(m, leaf_gpa)) return 0;
+        rights = pde & leaf;
+        pte_addr = (int64_t)leaf_gpa;
+        gpa = leaf & 0xFFFFF000u;
+        refs = 2;
+    }
+    if (user && !(rights & US)) return 0;
+    if (type == MEM_FETCH && !user && (rights & US) && (cr4 & CR4_SMEP)) return 0;
+    if (!user && !(rights & RW) && !(cr0 & CR0_WP)) return 0;   /* WP = 0: _granted is Python's */
+    writable = (rights & RW) != 0;
+    if (write && !writable) return 0;
+    if (gpa >= s->ram_bytes) return 0;
+    if (type == MEM_FETCH && s->fetched[gpa >> 12] != (((uint32_t)vaddr & 0xFFFFF000u) | 1u)) return 0;
+    if (sm_traced(m, gpa) && write) return 0;         /* a write to a traced frame: Mmu.fill's TracedWrite */
+    set_leaf = write ? (A | D) & ~leaf : A & ~leaf;
+    if (set_pde) {
+        write_entry((const fastfill_t *)s, pde_gpa, pde | A);
+        refs++;
+        if (leaf_gpa == pde_gpa) leaf |= A;
+    }
+    if (set_leaf) {
+        leaf |= set_leaf;
+        write_entry((const fastfill_t *)s, leaf_gpa, leaf);
+        refs++;
+    }
+    ok = (leaf & D) || write;                          /* the walk's writable (rights) and dirty */
+    slot->page = page;
+    slot->serial = m->serial;
+    slot->gpa = (uint32_t)gpa;
+    slot->rights = (uint16_t)(rights & (SM_RW | SM_US));
+    slot->dirty = (leaf & D) ? 1 : 0;
+    m->present[page >> 3] |= (uint8_t)(1u << (page & 7));
+    if (!present) m->room--;
+    made = &m->made_log[m->made++];
+    made->page = page;
+    made->gpa = (uint32_t)gpa;
+    made->pde_addr = (int32_t)pde_gpa;
+    made->pte_addr = (int32_t)pte_addr;
+    made->rights = slot->rights;
+    made->dirty = slot->dirty;
+    made->serial = m->serial;
+    e->paddr = s->ram_hpa + gpa;
+    e->perms = PROT_READ | (writable && ok && !sm_traced(m, gpa) ? PROT_WRITE : 0) | (s->code[gpa >> 12] ? PROT_EXEC : 0);
+    s->fills++;
+    s->walks++;
+    s->walk_refs += refs;
+    s->hidden++;
+    return 1;
+}
 
 int shadowfill_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *user_data) {
     shadowfill_t *s = (shadowfill_t *)user_data;
@@ -460,9 +554,10 @@ int shadowfill_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *us
     }
     if (!(cr0 & CR0_PG)) return 0;                    /* no paging: Python's (boot only) */
     en = sm_entry(s->mirror, cr0, cr3, cr4, (uint32_t)(vaddr >> 12));
-    if (!en) return 0;
+    if (!en && !s->fill_misses) return 0;
     if (s->reg_read(uc, s->ss, &ss)) return 0;
     user = (ss & 3) == 3;
+    if (!en) return shadow_miss_fill(s, vaddr, type, e, cr0, cr3, cr4, user);
     rights = en->rights;
     if (user) {
         writable = (rights & RW) != 0;
@@ -472,7 +567,8 @@ int shadowfill_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *us
         allowed = (type != MEM_WRITE || writable) && !(type == MEM_FETCH && (cr4 & CR4_SMEP) && (rights & US));
         if (writable && en->dirty && !(rights & RW)) return 0;   /* WP = 0 lets ring 1 write: _granted */
     }
-    if (!allowed || (type == MEM_WRITE && !en->dirty)) return 0;   /* a walk: Python's */
+    if (!allowed || (type == MEM_WRITE && !en->dirty))   /* a walk */
+        return s->fill_misses ? shadow_miss_fill(s, vaddr, type, e, cr0, cr3, cr4, user) : 0;
     gpa = en->gpa;
     if (gpa >= s->ram_bytes) return 0;                /* MMIO or unbacked: Python */
     ok = writable && en->dirty;
@@ -488,9 +584,10 @@ int shadowfill_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *us
 }
 
 /* -- Python's changes to the copy (memory/shadowmirror.py) ------------------------------------------- */
-void shadowmirror_put(shadowmirror_t *m, uint32_t page, uint32_t serial, uint32_t gpa, uint32_t rights,
-                      uint32_t dirty) {
+void shadowmirror_put(shadowmirror_t *m, uint8_t *present, uint32_t page, uint32_t serial, uint32_t gpa,
+                      uint32_t rights, uint32_t dirty) {
     sentry_t *e = &m->slot[page & (SHADOW_SLOTS - 1)];
+    present[page >> 3] |= (uint8_t)(1u << (page & 7));
     e->page = page;
     e->serial = serial;
     e->gpa = gpa & 0xFFFFF000u;
@@ -498,8 +595,9 @@ void shadowmirror_put(shadowmirror_t *m, uint32_t page, uint32_t serial, uint32_
     e->dirty = dirty ? 1 : 0;
 }
 
-void shadowmirror_drop(shadowmirror_t *m, uint32_t page, uint32_t serial) {
+void shadowmirror_drop(shadowmirror_t *m, uint8_t *present, uint32_t page, uint32_t serial) {
     sentry_t *e = &m->slot[page & (SHADOW_SLOTS - 1)];
+    present[page >> 3] &= (uint8_t)~(1u << (page & 7));
     if (e->page == page && e->serial == serial) e->serial = 0;
 }
 

@@ -84,6 +84,8 @@ class ShadowCounters:
     fast: object = field(default=None, repr=False, compare=False)
 
     def as_dict(self) -> dict[str, int]:
+        if self.fast is not None:
+            self.fast.fold()  # type: ignore[attr-defined]  # (the hidden faults C filled)
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "fast"}
         if self.fast is not None:
             d["shadow_hits"] += self.fast.hits()  # type: ignore[attr-defined]
@@ -114,7 +116,7 @@ class ShadowPaging:
         self.uc = mmu.uc
         self.max_roots = max_roots
         self.exit_on_miss = exit_on_miss
-        self.verbose = verbose  # record hidden faults as trace events (off: they would flood)
+        self._verbose = verbose  # record hidden faults as trace events (off: they would flood)
         self.roots: OrderedDict[int, _Root] = OrderedDict()
         self.rmap: dict[int, set] = {}  # guest PDE/PTE address -> {(root cr3, gva page)}
         self.frame_refs: Counter = Counter()  # guest frame -> shadow entries derived from entries in it
@@ -137,6 +139,42 @@ class ShadowPaging:
         self.quick_miss: Callable[[int, int, bool, int], bool] | None = None
         mmu.strategy = self
 
+    @property
+    def verbose(self) -> bool:
+        return self._verbose
+
+    @verbose.setter
+    def verbose(self, on: bool) -> None:
+        self._verbose = on
+        if self.counters.fast is not None:
+            self.counters.fast.update(self)  # type: ignore[attr-defined]  # (C fills no miss it would not record)
+
+    def max_root_entries(self) -> int:
+        return MAX_ROOT_ENTRIES
+
+    def _fold(self) -> None:
+        """Take the entries _tlbfill.c made for hidden faults (shadow_miss_fill) into the current root's tables,
+        as _resolve would have made them: C made them only where nothing else would happen (no new traced frame,
+        no trim, no WP grant), for the root current then, which is current still (every way to another root,
+        and every reader of these tables, folds first)."""
+        mirror = self.mirror
+        if mirror is None or not mirror.state.made:
+            return
+        root, key = self._cur, self._cur_key
+        assert root is not None and key is not None
+        made = mirror.take_made(root.serial)
+        entries = root.entries
+        for page, e in made:
+            old = entries.get(page)
+            if old is not None:
+                self._unlink(key, page, old)
+            dict.__setitem__(entries, page, e)  # (the copy holds it already)
+            self._link(e[3], key, page)
+            if e[4] >= 0:
+                self._link(e[4], key, page)
+        self.counters.hidden_faults += len(made)
+        mirror.make_room(self)
+
     def attach(self, vcpu) -> None:
         """Trace events (page_fault: ptemod, hidden faults when verbose) go through vcpu.record."""
         self.vcpu = vcpu
@@ -146,6 +184,8 @@ class ShadowPaging:
         return self.mmu.p2m.gpa_to_hpa(gpa)
 
     def gva_to_gpa(self, gva: GVA, access, user, side_effects=True):
+        if self.mirror is not None and self.mirror.state.made:
+            self._fold()
         m = self.mmu
         cr0, cr3, cr4 = m.crs or m.load_crs()
         if not cr0 & CR0_PG:
@@ -204,6 +244,7 @@ class ShadowPaging:
         Returns ("hidden", gpa) when the shadow was filled (resume the guest), ("true", error code)
         for a fault to inject, ("traced", gpa) for a write the guest may make to a write-protected
         page-table page (emulate it: mmu.traces.dispatch)."""
+        self._fold()
         cr0, cr3, cr4 = self.mmu.crs or self.mmu.load_crs()
         if not cr0 & CR0_PG:
             return "hidden", gva
@@ -281,6 +322,8 @@ class ShadowPaging:
         self._link(pde_addr, key, page)
         if pte_addr >= 0:
             self._link(pte_addr, key, page)
+        if self.mirror is not None:
+            self.mirror.make_room(self)
         c.hidden_faults += 1
         if self.verbose and self.vcpu is not None:
             self.vcpu.record(
@@ -352,6 +395,7 @@ class ShadowPaging:
     def on_cr3_write(self, cr3: int, flush_engine: bool = True) -> None:
         """The guest loaded CR3: select (or start) that address space's shadow and flush the engine
         TLB (flush_engine=False when the engine loads the real CR3 itself, which flushes it)."""
+        self._fold()
         self.counters.cr3_switches += 1
         self._resync()
         key = cr3 & PAGE_MASK
@@ -371,6 +415,7 @@ class ShadowPaging:
     def invlpg(self, gva: GVA, flush_engine: bool = True) -> None:
         """The guest invalidated one page: drop its shadow entry in the current address space (and
         the engine's TLB, unless the engine executes the invlpg itself: flush_engine=False)."""
+        self._fold()
         self.counters.invlpgs += 1
         if self._cur is not None and self._cur_key is not None:
             page = gva & PAGE_MASK
@@ -392,6 +437,7 @@ class ShadowPaging:
         be flushed too (the caller does it): when it may hold entries the shadow no longer has
         (unsynchronised frames, a trimmed space), or, when WP is being set, entries that let ring-1
         (guest supervisor) code write a read-only page because WP was clear."""
+        self._fold()
         need = bool(self.unsync) or self._engine_stale or (wp_set and self._wp_granted)
         self._resync()
         if need:
@@ -400,6 +446,7 @@ class ShadowPaging:
 
     def flush(self) -> None:
         """Drop every shadow entry of every address space (and the engine's TLB)."""
+        self._fold()
         self.counters.flushes += 1
         self._drop_all()
         self._flush_engine()
@@ -445,6 +492,7 @@ class ShadowPaging:
 
     # -- traced writes (ptemod) -----------------------------------------------------------------------
     def _on_write(self, tw) -> bool:
+        self._fold()
         if tw.done:  # written already (by an emulation, or by the hypervisor)
             if self._zap_range(tw.gpa, tw.size or 4):
                 self._flush_engine()
@@ -530,6 +578,7 @@ class ShadowPaging:
 
     # -- inspection -----------------------------------------------------------------------------------------
     def dump(self) -> str:
+        self._fold()
         lines = []
         for key, root in self.roots.items():
             mark = " (current)" if key == self._cur_key else ""

@@ -32,6 +32,24 @@ class _Sentry(ctypes.Structure):
     ]
 
 
+class _Made(ctypes.Structure):
+    """Mirror of smade_t: an entry _tlbfill.c made (a hidden fault filled in C)."""
+
+    _fields_ = [
+        ("page", ctypes.c_uint32),
+        ("gpa", ctypes.c_uint32),
+        ("pde_addr", ctypes.c_int32),
+        ("pte_addr", ctypes.c_int32),
+        ("rights", ctypes.c_uint16),
+        ("dirty", ctypes.c_uint16),
+        ("serial", ctypes.c_uint32),
+    ]
+
+
+SM_MADE = 1024  # as _shadowmirror.h
+PRESENT_BYTES = 1 << 17  # a bit per linear page
+
+
 class _Mirror(ctypes.Structure):
     """Mirror of shadowmirror_t (checked against shadowmirror_sizeof at load)."""
 
@@ -41,6 +59,10 @@ class _Mirror(ctypes.Structure):
         ("serial", ctypes.c_uint32),
         ("traced_frames", ctypes.c_uint32),
         ("traced", ctypes.c_void_p),
+        ("present", ctypes.c_void_p),
+        ("room", ctypes.c_uint32),
+        ("made", ctypes.c_uint32),
+        ("made_log", _Made * SM_MADE),
         ("slot", _Sentry * SHADOW_SLOTS),
     ]
 
@@ -57,6 +79,8 @@ class _FillState(ctypes.Structure):
         ("tc_hi", ctypes.c_uint32),
         ("tc_hpa", ctypes.c_uint64),
         ("tc_on", ctypes.c_void_p),
+        ("fill_misses", ctypes.c_uint32),
+        ("hidden", ctypes.c_uint64),
     ]
 
 
@@ -65,40 +89,44 @@ def _lib():
     if lib is None:
         return None
     lib.shadowmirror_put.restype = None
-    lib.shadowmirror_put.argtypes = (ctypes.c_void_p,) + (ctypes.c_uint32,) * 5
+    lib.shadowmirror_put.argtypes = (ctypes.c_void_p, ctypes.c_void_p) + (ctypes.c_uint32,) * 5
     lib.shadowmirror_drop.restype = None
-    lib.shadowmirror_drop.argtypes = (ctypes.c_void_p, ctypes.c_uint32, ctypes.c_uint32)
+    lib.shadowmirror_drop.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_uint32)
     lib.shadowmirror_traced.restype = None
     lib.shadowmirror_traced.argtypes = (ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32)
     return lib
 
 
 class _MirroredEntries(dict):
-    """A shadow root's entries (memory/shadow.py _Root.entries) with every change copied to C."""
+    """A shadow root's entries (memory/shadow.py _Root.entries) with every change copied to C, and a bit per
+    linear page it holds (`present`: an entry the copy's slots may have lost to another page's)."""
 
-    __slots__ = ("_mirror", "_root")
+    __slots__ = ("_mirror", "_root", "present", "present_address")
 
     def __init__(self, mirror: "ShadowMirror", root, old: dict):
         super().__init__(old)
         self._mirror, self._root = mirror, root
+        self.present = (ctypes.c_uint8 * PRESENT_BYTES)()
+        self.present_address = ctypes.addressof(self.present)
         for page, e in old.items():
-            mirror.put(root, page, e)
+            mirror.put(self, page, e)
 
     def __setitem__(self, page, e) -> None:
         dict.__setitem__(self, page, e)
-        self._mirror.put(self._root, page, e)
+        self._mirror.put(self, page, e)
 
     def __delitem__(self, page) -> None:
         dict.__delitem__(self, page)
-        self._mirror.drop(self._root, page)
+        self._mirror.drop(self, page)
 
     def pop(self, page, *default):
         e = dict.pop(self, page, *default)
-        self._mirror.drop(self._root, page)
+        self._mirror.drop(self, page)
         return e
 
     def clear(self) -> None:
         dict.clear(self)
+        ctypes.memset(self.present, 0, PRESENT_BYTES)
         self._mirror.renumber(self._root)
 
 
@@ -179,18 +207,39 @@ class ShadowMirror:
 
     def current(self, shadow) -> None:
         m = self.state
+        cur = shadow._cur
         m.key = 1 if shadow._cur_key is None else shadow._cur_key & 0xFFFFF000
         m.mode = 0xFFFFFFFF if shadow._mode is None else shadow._mode
-        m.serial = 0 if shadow._cur is None else shadow._cur.serial
+        m.serial = 0 if cur is None else cur.serial
+        m.present = None if cur is None else cur.entries.present_address
+        self.make_room(shadow)
 
-    def put(self, root, page: int, e: tuple) -> None:
-        if e[0] >> 32:
-            self.drop(root, page)
+    def make_room(self, shadow) -> None:
+        """How many new entries C may make in the current root before ShadowPaging would trim it (one fewer:
+        Python itself may make one before it next takes C's)."""
+        cur = shadow._cur
+        self.state.room = 0 if cur is None else max(0, shadow.max_root_entries() - len(cur.entries) - 1)
+
+    def put(self, entries: _MirroredEntries, page: int, e: tuple) -> None:
+        serial, bitmap = entries._root.serial, entries.present_address
+        if e[0] >> 32:  # (not a frame C can map: the slot goes, the page stays Python's)
+            self._lib.shadowmirror_drop(self._pm, bitmap, (page >> 12) & 0xFFFFF, serial)
+            entries.present[page >> 15] |= 1 << ((page >> 12) & 7)
             return
-        self._lib.shadowmirror_put(self._pm, page >> 12, root.serial, e[0], e[1], 1 if e[2] else 0)
+        self._lib.shadowmirror_put(self._pm, bitmap, page >> 12, serial, e[0], e[1], 1 if e[2] else 0)
 
-    def drop(self, root, page: int) -> None:
-        self._lib.shadowmirror_drop(self._pm, (page >> 12) & 0xFFFFF, root.serial)
+    def drop(self, entries: _MirroredEntries, page: int) -> None:
+        self._lib.shadowmirror_drop(self._pm, entries.present_address, (page >> 12) & 0xFFFFF, entries._root.serial)
+
+    def take_made(self, serial: int) -> list[tuple[int, tuple]]:
+        """The entries _tlbfill.c made since the last call, as (page, shadow.py entry tuple), in order."""
+        m = self.state
+        n, m.made = m.made, 0
+        out = []
+        for r in m.made_log[:n]:
+            assert r.serial == serial, "an entry C made for another root than the current one"
+            out.append((r.page << 12, (r.gpa, r.rights, bool(r.dirty), r.pde_addr, r.pte_addr)))
+        return out
 
 
 class ShadowFastFill(FastFill):
@@ -225,6 +274,7 @@ class ShadowFastFill(FastFill):
         st.vcr0, st.vcr3, st.vcr4 = crs or (None, None, None)
         st.hv_start = hv_start
         shadow.counters.fast = self
+        self.shadow = shadow
         st.enabled = 1
         return True
 
@@ -236,4 +286,24 @@ class ShadowFastFill(FastFill):
 
     def hits(self) -> int:
         """Shadow hits answered in C (ShadowCounters adds them to its own)."""
-        return self._state.fills
+        return self._state.fills - self._state.hidden
+
+    # CPUVIRT_SHADOW_MISS_C=0 leaves every shadow miss to Python (ShadowPaging._resolve)
+    fill_misses = os.environ.get("CPUVIRT_SHADOW_MISS_C", "1") != "0"
+
+    _misses = False
+
+    def take_misses(self, shadow) -> None:
+        """trap and full: fill the shadow's misses in C too, when the walk needs nothing but the accessed and
+        dirty bits (_tlbfill.c shadow_miss_fill); ShadowPaging takes the entries into its tables before it next
+        looks at them (_fold). Not while hidden faults are traced (`verbose`: `update` follows it)."""
+        self._misses = True
+        self.update(shadow)
+
+    def update(self, shadow) -> None:
+        self._state.fill_misses = int(self._misses and self.fill_misses and not shadow.verbose)
+
+    def fold(self) -> None:
+        """The entries C made, into the shadow's tables (before its counters are read)."""
+        if self.mirror is not None and self.mirror.state.made:
+            self.shadow._fold()

@@ -101,7 +101,8 @@ class TrapMode(Mode):
         if enabled_by_environment():
             self.vcpu.fast = self.vcpu.c_delivery = TrapFast.install(self.vcpu, self.shadow)  # cli/sti... in C
         if fill is not None and self.vcpu.fast is not None:  # the virtual CRs are in its table
-            fill.follow(self.shadow, self.vcpu.fast.crs_addresses(), SHADOW_GDT_WINDOW)
+            if fill.follow(self.shadow, self.vcpu.fast.crs_addresses(), SHADOW_GDT_WINDOW):
+                fill.take_misses(self.shadow)  # the common hidden faults too
         # In C (cpu/iosites.py): the I/O gate's sites at real rings 0-2 (it checks only ring 3), and
         # the kernel's accesses (real ring 1, virtual ring 0: a trap event each) timed there.
         self.vcpu.install_io_sites(0b0111, 0b0010)

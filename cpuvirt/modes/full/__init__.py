@@ -60,6 +60,7 @@ class FullMode(Mode):
         if fill is not None and isinstance(vcpu, FullEvVirtualCpu):  # the virtual CRs are in its table
             fast = self.vcpu.rt.fast  # (FullEvVirtualCpu: the callout table exists)
             if fill.follow(self.shadow, vcpu.crs_addresses(), TC_WINDOW) and fast is not None:
+                fill.take_misses(self.shadow)  # the common hidden faults too
                 table = fast.table
                 on = ctypes.addressof(table) + type(table).enabled.offset  # 0 while 16-bit code runs in place
                 fill.serve_tc(TC_WINDOW, TC_WINDOW + TC_SIZE, self.vcpu.tc_hpa, on)
