@@ -17,9 +17,10 @@ import struct
 from dataclasses import dataclass
 from functools import lru_cache
 
-from unicorn import UC_ARCH_X86, UC_HOOK_BLOCK, UC_HOOK_INTR, UC_MODE_32, Uc
+from unicorn import UC_HOOK_BLOCK, UC_HOOK_INTR
 from unicorn import x86_const as X
 
+from cpuvirt.engine.internals import new_engine
 from cpuvirt.engine.regs import bare
 
 # called with (c_void_p handle, uc_context pointer) only: no argtypes conversion (engine/regs.py bare)
@@ -45,7 +46,7 @@ def _blob(ctx) -> bytes:
 
 def _probe_uc(code: bytes):
     """A small engine at CPL 0 on a flat GDT with `code` at 0x2000, for the probes below."""
-    uc = Uc(UC_ARCH_X86, UC_MODE_32)
+    uc = new_engine()
     uc.mem_map(0, 0x10000)
     gdt = b"\0" * 8 + struct.pack("<QQ", 0x00CF9A000000FFFF, 0x00CF92000000FFFF)
     uc.mem_write(0x1000, gdt)

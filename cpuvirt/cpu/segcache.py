@@ -13,6 +13,7 @@ import ctypes
 import struct
 
 from cpuvirt.engine import regs as R
+from cpuvirt.engine.internals import new_engine
 from cpuvirt.engine.regs import _uclib
 
 
@@ -37,12 +38,11 @@ def segs_offset() -> int | None:
     distinctive descriptor on a probe engine (never hard-coded); None if it cannot be found."""
     if _segs_offset_cache:
         return _segs_offset_cache[0]
-    from unicorn import UC_ARCH_X86, UC_MODE_32, Uc
     from unicorn import x86_const as X
 
     off = None
     try:
-        uc = Uc(UC_ARCH_X86, UC_MODE_32)
+        uc = new_engine()
         uc.mem_map(0, 0x10000)
         lo, hi = 0xCDEF1234, 0x12CB92AB  # base 0x12abcdef, limit 0xb1234 pages, DPL 0 data
         gdt = b"\0" * 8 + struct.pack("<QQII", 0x00CF9A000000FFFF, 0x00CF92000000FFFF, lo, hi)

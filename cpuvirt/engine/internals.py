@@ -11,9 +11,35 @@ import ctypes
 import os
 from functools import lru_cache
 
+from unicorn import UC_ARCH_X86, UC_MODE_32, Uc
 from unicorn.unicorn_py3 import unicorn as _ucmod
 
 from cpuvirt.engine import regs as R
+
+
+def new_engine() -> Uc:
+    """A 32-bit x86 engine, made once the engine's TLB clock is pinned (pin_tlb_clock): every engine cpuvirt
+    makes comes from here."""
+    pin_tlb_clock()
+    return Uc(UC_ARCH_X86, UC_MODE_32)
+
+
+@lru_cache(maxsize=1)
+def pin_tlb_clock() -> str:
+    """QEMU resizes the engine's software TLB at a flush from its use over the last 100 ms of host time, so
+    the number of TLB misses (native's guest page walks, the shadow's hits, the walks' modelled cost) would
+    follow the host's speed from run to run. Point libunicorn's gettimeofday, which it uses for nothing else,
+    at a clock that advances a millisecond per call (_vclock.c tlb_clock): a window is then 100 flushes.
+    Once per process, before the first engine is made. "pinned", or "host (...)" where it could not be done
+    (another build of the library), or when CPUVIRT_TLB_CLOCK=host asks for the host's clock."""
+    if os.environ.get("CPUVIRT_TLB_CLOCK") == "host":
+        return "host (CPUVIRT_TLB_CLOCK=host)"
+    from cpuvirt.engine.clock import _lib
+
+    pin = _lib().vclock_pin_tlb_clock
+    pin.argtypes, pin.restype = (ctypes.c_char_p,), ctypes.c_int
+    rc = pin(b"libunicorn")
+    return "pinned" if rc == 0 else f"host (vclock_pin_tlb_clock: {rc})"
 
 
 def read_process(address: int, size: int) -> bytes | None:

@@ -11,11 +11,12 @@ import struct
 import time
 from typing import Any, Callable, Protocol
 
-from unicorn import UC_ARCH_X86, UC_MODE_32, UC_TLB_VIRTUAL, Uc
+from unicorn import UC_TLB_VIRTUAL
 
 from cpuvirt import limits
 from cpuvirt.engine.clock import TSC_HZ, VirtualClock
 from cpuvirt.engine.hostmem import HostRegion
+from cpuvirt.engine.internals import new_engine
 from cpuvirt.engine.regs import CR0 as CR0_REG
 from cpuvirt.engine.regs import EFLAGS as EFLAGS_REG
 from cpuvirt.engine.regs import Regs
@@ -140,7 +141,7 @@ class Machine:
         rtc_base=RTC_DEFAULT_BASE,
     ):
         self.mem_bytes = mem_mib * MIB
-        uc = self.uc = Uc(UC_ARCH_X86, UC_MODE_32)
+        uc = self.uc = new_engine()
         # Stop only when cpuvirt says so: with an empty exit list Unicorn never looks up `until - 1`
         # (which would be a guest fetch through our TLB-fill hook at the end of every run).
         uc.ctl_exits_enabled(True)
