@@ -15,9 +15,14 @@
 
 #include <stdint.h>
 
-/* 2^16 slots, indexed by the linear page number's low bits: 256 MiB of contiguous linear memory (what
- * one root may shadow before it is trimmed, memory/shadow.py MAX_ROOT_ENTRIES) without a collision. */
-#define SHADOW_SLOTS 65536u
+/* 2^16 sets of two slots, a set indexed by the linear page number's low bits: 256 MiB of contiguous linear
+ * memory (what one root may shadow before it is trimmed, memory/shadow.py MAX_ROOT_ENTRIES) without a
+ * collision, and room for a second page with the same low bits. A kernel mapped high over the same low
+ * bits as its processes (xv6: user page 0x1000 and kernel page 0x80001000) needs both: with one slot a set,
+ * the two evicted each other and 6.5 M of xv6's 50 M fills under hw --no-ept (3 G cycles of usertests)
+ * went to Python as hits the copy had lost. */
+#define SHADOW_SETS 65536u
+#define SHADOW_SLOTS (2 * SHADOW_SETS)
 
 /* linear page -> (guest frame, U/S and R/W over the walk's path, the leaf's D bit) */
 typedef struct {
@@ -69,13 +74,34 @@ static inline int sm_traced(const shadowmirror_t *m, uint64_t gpa) {
 
 /* The current root's entry for a linear page, when the virtual CR0/CR3/CR4 select the root and the mode
  * the copy holds (else ShadowPaging would first change mode or select a root: Python's); NULL if none. */
+static inline sentry_t *sm_set(const shadowmirror_t *m, uint32_t page) {
+    return (sentry_t *)&m->slot[2 * (page & (SHADOW_SETS - 1))];
+}
+
+/* The slot holding a linear page's entry of the root with this serial, or NULL. */
+static inline sentry_t *sm_find(const shadowmirror_t *m, uint32_t page, uint32_t serial) {
+    sentry_t *w = sm_set(m, page);
+    if (w[0].page == page && w[0].serial == serial) return &w[0];
+    if (w[1].page == page && w[1].serial == serial) return &w[1];
+    return 0;
+}
+
+/* Where a new entry for (page, serial) goes: its own slot, else one holding no entry of this root, else the
+ * first (its entry moves to the second, whose entry is dropped: the most recent pair stays). */
+static inline sentry_t *sm_slot_for(shadowmirror_t *m, uint32_t page, uint32_t serial) {
+    sentry_t *w = sm_set(m, page), *e = sm_find(m, page, serial);
+    if (e) return e;
+    if (w[0].serial != serial) return &w[0];
+    if (w[1].serial != serial) return &w[1];
+    w[1] = w[0];
+    return &w[0];
+}
+
 static inline const sentry_t *sm_entry(const shadowmirror_t *m, uint32_t cr0, uint32_t cr3, uint32_t cr4,
                                        uint32_t page) {
-    const sentry_t *e = &m->slot[page & (SHADOW_SLOTS - 1)];
     if (((cr0 & SM_PG) | (cr4 & SM_PSE)) != m->mode) return 0;
     if (!m->serial || (cr3 & 0xFFFFF000u) != m->key) return 0;
-    if (e->serial != m->serial || e->page != page) return 0;
-    return e;
+    return sm_find(m, page, m->serial);
 }
 
 #define SM_WP 0x10000u

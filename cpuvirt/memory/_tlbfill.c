@@ -462,11 +462,11 @@ static int shadow_miss_fill(shadowfill_t *s, uint64_t vaddr, int type, tlb_entry
     uint64_t pde_gpa, leaf_gpa, gpa;
     int64_t pte_addr;
     int write = type == MEM_WRITE, writable, ok, present;
-    sentry_t *slot = &m->slot[page & (SHADOW_SLOTS - 1)];
+    sentry_t *slot;
     smade_t *made;
     if (((cr0 & SM_PG) | (cr4 & SM_PSE)) != m->mode || !m->serial || (cr3 & 0xFFFFF000u) != m->key) return 0;
     present = sm_present(m, page);
-    if (present && !(slot->serial == m->serial && slot->page == page)) return 0;   /* Python's table has it */
+    if (present && !sm_find(m, page, m->serial)) return 0;   /* Python's table has it, the copy lost it */
     if ((!present && !m->room) || m->made >= SM_MADE) return 0;
     pde_gpa = (cr3 & 0xFFFFF000u) | ((vaddr >> 20) & 0xFFC);
     if (!read_entry((const fastfill_t *)s, pde_gpa, &pde) || !(pde & P)) return 0;
@@ -508,6 +508,7 @@ static int shadow_miss_fill(shadowfill_t *s, uint64_t vaddr, int type, tlb_entry
         refs++;
     }
     ok = (leaf & D) || write;                          /* the walk's writable (rights) and dirty */
+    slot = sm_slot_for(m, page, m->serial);
     slot->page = page;
     slot->serial = m->serial;
     slot->gpa = (uint32_t)gpa;
@@ -586,7 +587,7 @@ int shadowfill_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *us
 /* -- Python's changes to the copy (memory/shadowmirror.py) ------------------------------------------- */
 void shadowmirror_put(shadowmirror_t *m, uint8_t *present, uint32_t page, uint32_t serial, uint32_t gpa,
                       uint32_t rights, uint32_t dirty) {
-    sentry_t *e = &m->slot[page & (SHADOW_SLOTS - 1)];
+    sentry_t *e = sm_slot_for(m, page, serial);
     present[page >> 3] |= (uint8_t)(1u << (page & 7));
     e->page = page;
     e->serial = serial;
@@ -596,9 +597,9 @@ void shadowmirror_put(shadowmirror_t *m, uint8_t *present, uint32_t page, uint32
 }
 
 void shadowmirror_drop(shadowmirror_t *m, uint8_t *present, uint32_t page, uint32_t serial) {
-    sentry_t *e = &m->slot[page & (SHADOW_SLOTS - 1)];
+    sentry_t *e = sm_find(m, page, serial);
     present[page >> 3] &= (uint8_t)~(1u << (page & 7));
-    if (e->page == page && e->serial == serial) e->serial = 0;
+    if (e) e->serial = 0;
 }
 
 void shadowmirror_traced(shadowmirror_t *m, uint64_t frame, uint32_t on) {

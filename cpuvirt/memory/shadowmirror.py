@@ -17,7 +17,7 @@ import os
 from cpuvirt.engine.cext import load
 from cpuvirt.memory.fastfill import FastFill, _State
 
-SHADOW_SLOTS = 1 << 16  # as _shadowmirror.h
+SHADOW_SLOTS = 2 << 16  # as _shadowmirror.h: 2^16 sets of two
 
 
 class _Sentry(ctypes.Structure):
