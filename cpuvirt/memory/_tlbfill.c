@@ -437,6 +437,12 @@ typedef struct {
      * bits (shadow_miss_fill); 0 under hw --no-ept (a miss is a #PF exit) and while hidden faults are traced */
     uint32_t fill_misses;
     uint64_t hidden;            /* the hidden faults filled here (among `fills`, and the walks) */
+    /* hw --no-ept: such a miss is a #PF exit. quick_cb(vaddr, type, error code) takes it as the full exit
+     * would leave it (VmxCpu.quick_shadow_exit): 1 = done, C fills the shadow and answers as the engine's
+     * retry would (two fills then, the refused one and the retry, which hits); 0 = declined, and the fill
+     * is Python's (its own quick exit, or the full one). NULL: off. */
+    int (*quick_cb)(uint64_t vaddr, int type, uint32_t error_code);
+    uint64_t quick_exits;
 } shadowfill_t;
 
 size_t shadowfill_sizeof(void) { return sizeof(shadowfill_t); }
@@ -456,7 +462,7 @@ static inline int sm_present(const shadowmirror_t *m, uint32_t page) {
  * Mmu.fill has granted before. The entry goes into the copy, and into `made_log`, which ShadowPaging takes
  * into its own tables (links, traces, counters) before it next looks at them. Anything else: Python. */
 static int shadow_miss_fill(shadowfill_t *s, uint64_t vaddr, int type, tlb_entry_t *e, uint32_t cr0, uint32_t cr3,
-                            uint32_t cr4, int user) {
+                            uint32_t cr4, int user, int had_entry) {
     shadowmirror_t *m = (shadowmirror_t *)s->mirror;
     uint32_t page = (uint32_t)(vaddr >> 12), pde = 0, leaf = 0, rights, refs, set_pde = 0, set_leaf = 0;
     uint64_t pde_gpa, leaf_gpa, gpa;
@@ -496,6 +502,12 @@ static int shadow_miss_fill(shadowfill_t *s, uint64_t vaddr, int type, tlb_entry
     if (gpa >= s->ram_bytes) return 0;
     if (type == MEM_FETCH && s->fetched[gpa >> 12] != (((uint32_t)vaddr & 0xFFFFF000u) | 1u)) return 0;
     if (sm_traced(m, gpa) && write) return 0;         /* a write to a traced frame: Mmu.fill's TracedWrite */
+    if (!s->fill_misses) {   /* hw --no-ept: the #PF exit (P if the shadow had an entry, W, U as the access) */
+        if (!s->quick_cb || !s->quick_cb(vaddr, type, (had_entry ? P : 0) | (write ? 2u : 0) | (user ? US : 0)))
+            return 0;
+        s->quick_exits++;
+        s->fills++;          /* the refused fill; the retry is counted below, a hit (fills - hidden) */
+    }
     set_leaf = write ? (A | D) & ~leaf : A & ~leaf;
     if (set_pde) {
         write_entry((const fastfill_t *)s, pde_gpa, pde | A);
@@ -555,10 +567,10 @@ int shadowfill_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *us
     }
     if (!(cr0 & CR0_PG)) return 0;                    /* no paging: Python's (boot only) */
     en = sm_entry(s->mirror, cr0, cr3, cr4, (uint32_t)(vaddr >> 12));
-    if (!en && !s->fill_misses) return 0;
+    if (!en && !s->fill_misses && !s->quick_cb) return 0;
     if (s->reg_read(uc, s->ss, &ss)) return 0;
     user = (ss & 3) == 3;
-    if (!en) return shadow_miss_fill(s, vaddr, type, e, cr0, cr3, cr4, user);
+    if (!en) return shadow_miss_fill(s, vaddr, type, e, cr0, cr3, cr4, user, 0);
     rights = en->rights;
     if (user) {
         writable = (rights & RW) != 0;
@@ -569,7 +581,7 @@ int shadowfill_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *us
         if (writable && en->dirty && !(rights & RW)) return 0;   /* WP = 0 lets ring 1 write: _granted */
     }
     if (!allowed || (type == MEM_WRITE && !en->dirty))   /* a walk */
-        return s->fill_misses ? shadow_miss_fill(s, vaddr, type, e, cr0, cr3, cr4, user) : 0;
+        return s->fill_misses || s->quick_cb ? shadow_miss_fill(s, vaddr, type, e, cr0, cr3, cr4, user, 1) : 0;
     gpa = en->gpa;
     if (gpa >= s->ram_bytes) return 0;                /* MMIO or unbacked: Python */
     ok = writable && en->dirty;

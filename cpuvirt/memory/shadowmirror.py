@@ -81,7 +81,13 @@ class _FillState(ctypes.Structure):
         ("tc_on", ctypes.c_void_p),
         ("fill_misses", ctypes.c_uint32),
         ("hidden", ctypes.c_uint64),
+        ("quick_cb", ctypes.c_void_p),
+        ("quick_exits", ctypes.c_uint64),
     ]
+
+
+# int quick_cb(uint64_t vaddr, int type, uint32_t error_code): 1 = the #PF exit was taken (hw --no-ept)
+SHADOW_QUICK_CB = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_uint64, ctypes.c_int, ctypes.c_uint32)
 
 
 def _lib():
@@ -302,6 +308,20 @@ class ShadowFastFill(FastFill):
 
     def update(self, shadow) -> None:
         self._state.fill_misses = int(self._misses and self.fill_misses and not shadow.verbose)
+
+    def set_quick_exit(self, callback) -> None:
+        """hw --no-ept: callback(vaddr, access type, error code) -> 1 when it took the #PF exit of a miss whose
+        walk C found would only fill the shadow; C then fills it and answers. None: off (every miss Python's)."""
+        if callback is None:
+            self._state.quick_cb, self._quick_cb = None, None
+            return
+        self._quick_cb = SHADOW_QUICK_CB(callback)  # alive as long as it is set
+        self._state.quick_cb = ctypes.cast(self._quick_cb, ctypes.c_void_p).value
+
+    @property
+    def quick_exits(self) -> int:
+        """#PF exits the callback took (hw --no-ept)."""
+        return self._state.quick_exits
 
     def fold(self) -> None:
         """The entries C made, into the shadow's tables (before its counters are read)."""

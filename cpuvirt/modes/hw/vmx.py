@@ -138,7 +138,8 @@ class VmxCpu(Vcpu):
         self._default_ept = RootHypervisor.handle_ept_violation  # the handler the quick EPT exit does as
         self.quick_ept_exits = 0  # EPT_VIOLATION exits taken by ept_quick_hook or in C (among `exits`)
         self._default_exception = RootHypervisor.handle_exception_nmi  # what the quick shadow #PF exit does as
-        self.quick_shadow_exits = 0  # hidden-#PF exits taken by quick_shadow_miss (among `exits`)
+        self.quick_shadow_exits = 0  # hidden-#PF exits taken without a stop (among `exits`)
+        self._quick_gla = 0
         self._ept_c: Any = None  # _tlbfill.c's state when it takes lazy-EPT exits itself (_install_quick_ept_c)
         self._io_forms: dict = {}
         self.shadow: ShadowPaging | None = None  # without EPT: KVM's shadow MMU (memory/shadow.py)
@@ -195,8 +196,9 @@ class VmxCpu(Vcpu):
             if self.quick_shadow_pf:
                 self.shadow.quick_miss = self.quick_shadow_miss
             fill = ShadowFastFill.install(self.mmu)  # before Mmu.fill's hook: the shadow's hits in C
-            if fill is not None:
-                fill.follow(self.shadow, None, 0xFFFFFFFF)  # keyed by the guest's own CRs, in the engine
+            if fill is not None and fill.follow(self.shadow, None, 0xFFFFFFFF):  # keyed by the engine's CRs
+                if self.quick_shadow_pf and self.quick_shadow_pf_c:
+                    fill.set_quick_exit(self.quick_shadow_exit)  # the common hidden faults' walk in C
         self.install_hooks()
         if s.bits["enable_ept"]:
             self._setup_apic_virtualization()
@@ -1343,16 +1345,37 @@ class VmxCpu(Vcpu):
     # -- the quick shadow #PF exit (no EPT: a hidden fault) -----------------------------------------------
     # CPUVIRT_NO_QUICK_SHADOW_PF=1 in the environment, or False here, turns it off.
     quick_shadow_pf = not os.environ.get("CPUVIRT_NO_QUICK_SHADOW_PF")
+    # ... its walk and fill made by _tlbfill.c (quick_shadow_exit); CPUVIRT_QUICK_SHADOW_PF_C=0 keeps them Python's
+    quick_shadow_pf_c = os.environ.get("CPUVIRT_QUICK_SHADOW_PF_C", "1") != "0"
 
     def quick_shadow_miss(self, gva: int, access: int, user: bool, code: int) -> bool:
         """Called by ShadowPaging.gva_to_gpa from the TLB fill, in the middle of the guest's access, when the
         shadow has no entry that allows it: take the #PF exit a hidden fault makes as the full path
         (on_refused_fill -> _exception_exit -> vm_exit -> handle_exception_nmi -> shadow_page_fault ->
         vm_entry, then the engine's retry) would leave it, without stopping the engine: the exit-information
-        fields, GUEST_RIP, the counters, the shadow filled by ShadowPaging.page_fault. True: done (the fill
-        answers from the shadow, as the retry would). False: a true fault, a write to a traced page table,
-        or something else that would happen at the stop (see _stop_changes_nothing and _quick_ept_ready's
-        conditions), and the full exit follows."""
+        fields, GUEST_RIP, the counters (_quick_pf_exit), the shadow filled by ShadowPaging.page_fault. True:
+        done (the fill answers from the shadow, as the retry would). False: a true fault, a write to a traced
+        page table, or something else that would happen at the stop, and the full exit follows."""
+        shadow = self.shadow
+        assert shadow is not None  # (installed with it)
+        if not shadow.quiet_fill(GVA(gva), Access(access), user) or not self._quick_pf_exit(gva, access, code):
+            return False
+        kind, _ = shadow.page_fault(GVA(self._quick_gla), access, user)
+        assert kind == "hidden", kind  # (ShadowPaging.quiet_fill said so, and nothing ran in between)
+        self.mmu.counters.fills += 1  # the engine's retry after the entry is a fill of its own
+        return True
+
+    @hook_guard(returns=0)
+    def quick_shadow_exit(self, vaddr: int, access_type: int, code: int) -> int:
+        """The same exit for _tlbfill.c's shadow fill, which has walked the guest's tables and found the miss
+        would only fill the shadow (its conditions are quiet_fill's): 1 = recorded, C fills the shadow."""
+        if self.mmu.regs.loading_descriptor:  # (a hypervisor's segment load: served without an exit)
+            return 0
+        return int(self._quick_pf_exit(vaddr, access_type - 16, code))
+
+    def _quick_pf_exit(self, gva: int, access: int, code: int) -> bool:
+        """Record the #PF exit of a hidden fault at the running instruction, if a stop there would change
+        nothing else (see quick_shadow_miss); its exact linear address is left in _quick_gla."""
         if self.outcome is not None or not self._exception_exits(Vector.PF, code):
             return False
         if not self._quick_exits_armed(ExitReason.EXCEPTION_NMI, self._default_exception):
@@ -1361,23 +1384,16 @@ class VmxCpu(Vcpu):
             return False
         if self.vmcs._values[_WINDOW_FIELD] >> _WINDOW_BIT & 1 and self.regs.read(R.EFLAGS) & EFLAGS_IF:
             return False  # the stop would take the INTERRUPT_WINDOW exit (before_entry); with IF = 0 it waits
-        shadow = self.shadow
-        assert shadow is not None  # (installed with it)
-        if not shadow.quiet_fill(GVA(gva), Access(access), user):
-            return False
         eip = self.regs.read(R.EIP)
         if not self._stop_changes_nothing(eip):
             return False
-        gla = self.exact_linear(ShadowMiss(gva, access, code), eip)
+        gla = self._quick_gla = self.exact_linear(ShadowMiss(gva, access, code), eip)
         self.fold_fast_exits()
         self._exit_info(ExitReason.EXCEPTION_NMI, gla, 0, eip, _PF_EXIT_INFO, code)
         self.vmcs._cache.clear()
         self._count_exits(ExitReason.EXCEPTION_NMI)
         self.quick_shadow_exits += 1
         self.pf_access = access  # what on_refused_fill leaves for shadow_page_fault, which walks for it
-        kind, _ = shadow.page_fault(GVA(gla), access, user)
-        assert kind == "hidden", kind  # (ShadowPaging.quiet_fill said so, and nothing ran in between)
-        self.mmu.counters.fills += 1  # the engine's retry after the entry is a fill of its own
         return True
 
     # -- interrupts, the interrupt window, HLT -------------------------------------------------------------
