@@ -13,10 +13,6 @@ read-only in EPT, an EPT misconfiguration, fetches from fresh pages, timer inter
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 
 from cpuvirt.cpu.vcpu import Vcpu
@@ -26,6 +22,7 @@ from cpuvirt.modes.hw import vmx
 from cpuvirt.modes.hw.exits import ExitReason
 from cpuvirt.modes.hw.vmcs import Field as F
 from cpuvirt.runner import run_guest
+from tests.runs import switches_with
 
 EXIT_FIELDS = (
     F.VM_EXIT_REASON,
@@ -201,20 +198,26 @@ def test_an_ept_misconfiguration_stops_the_guest_either_way(quick_ept, monkeypat
     assert quick[2].quick_ept_exits > 0
 
 
-def test_a_replaced_ept_handler_sees_every_violation(quick_ept, monkeypatch):
-    calls = []
+def replace_handler(reason: ExitReason, calls: list):
+    """A `start` for _run that puts a handler of its own for `reason`, which notes each exit's RIP in `calls`
+    and then does what the default one does (a quick exit must then never be taken in its place)."""
 
     def start(cpu):
         handlers = cpu.hypervisor.handlers
-        default = handlers[ExitReason.EPT_VIOLATION]
+        default = handlers[reason]
 
         def handle(x):
             calls.append(x.rip)
             default(x)
 
-        handlers[ExitReason.EPT_VIOLATION] = handle
+        handlers[reason] = handle
 
-    res, _, cpu = _run(quick_ept, monkeypatch, True, start=start)
+    return start
+
+
+def test_a_replaced_ept_handler_sees_every_violation(quick_ept, monkeypatch):
+    calls: list = []
+    res, _, cpu = _run(quick_ept, monkeypatch, True, start=replace_handler(ExitReason.EPT_VIOLATION, calls))
     assert len(calls) == cpu.stats[ExitReason.EPT_VIOLATION] > 300 and cpu.quick_ept_exits == 0
 
 
@@ -239,13 +242,10 @@ def test_without_lazy_ept_nothing_changes(quick_ept, monkeypatch):
 @pytest.mark.parametrize("variable", ["CPUVIRT_NO_QUICK_EPT", "CPUVIRT_QUICK_EPT_C"])
 def test_the_environment_switches_turn_it_off(variable):
     code = "from cpuvirt.modes.hw.vmx import VmxCpu; print(VmxCpu.quick_ept, VmxCpu.quick_ept_c)"
-    env = dict(os.environ)
-    env.pop("CPUVIRT_NO_QUICK_EPT", None), env.pop("CPUVIRT_QUICK_EPT_C", None)
-    on = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    env[variable] = "1" if variable == "CPUVIRT_NO_QUICK_EPT" else "0"
-    off = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert on.stdout.split() == ["True", "True"]
-    assert off.stdout.split() == (["False", "True"] if variable == "CPUVIRT_NO_QUICK_EPT" else ["True", "False"])
+    names = ("CPUVIRT_NO_QUICK_EPT", "CPUVIRT_QUICK_EPT_C")
+    assert switches_with(code, names) == ["True", "True"]
+    off = switches_with(code, names, **{variable: "1" if variable == names[0] else "0"})
+    assert off == (["False", "True"] if variable == names[0] else ["True", "False"])
 
 
 @pytest.mark.parametrize("case", [1, 4, 5])

@@ -14,15 +14,12 @@ takes the full exit: the counters of TLB fills would differ otherwise (paging sh
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 
 from cpuvirt.modes.hw import vmx
 from cpuvirt.modes.hw.exits import ExitReason
-from tests.test_hw_quick_ept import _run, _same
+from tests.runs import switches_with
+from tests.test_hw_quick_ept import _run, _same, replace_handler
 
 NO_EPT = ("enable_ept=0",)
 
@@ -76,18 +73,8 @@ def test_the_quick_exit_in_python_only(test_guest, monkeypatch):
 
 
 def test_a_replaced_exception_handler_sees_every_exit(test_guest, monkeypatch):
-    calls = []
-
-    def start(cpu):
-        handlers = cpu.hypervisor.handlers
-        default = handlers[ExitReason.EXCEPTION_NMI]
-
-        def handle(x):
-            calls.append(x.rip)
-            default(x)
-
-        handlers[ExitReason.EXCEPTION_NMI] = handle
-
+    calls: list = []
+    start = replace_handler(ExitReason.EXCEPTION_NMI, calls)
     _, _, cpu = _shadow_run(test_guest("hw_quick_ept"), monkeypatch, True, start=start)
     assert len(calls) == cpu.stats[ExitReason.EXCEPTION_NMI] > 90 and cpu.quick_shadow_exits == 0
 
@@ -106,10 +93,7 @@ def test_a_trace_is_the_same_and_takes_the_full_exit(monkeypatch, tmp_path):
 @pytest.mark.parametrize("variable", ["CPUVIRT_NO_QUICK_SHADOW_PF", "CPUVIRT_QUICK_SHADOW_PF_C"])
 def test_the_environment_switches_turn_it_off(variable):
     code = "from cpuvirt.modes.hw.vmx import VmxCpu; print(VmxCpu.quick_shadow_pf, VmxCpu.quick_shadow_pf_c)"
-    env = dict(os.environ)
-    env.pop("CPUVIRT_NO_QUICK_SHADOW_PF", None), env.pop("CPUVIRT_QUICK_SHADOW_PF_C", None)
-    on = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    env[variable] = "1" if variable == "CPUVIRT_NO_QUICK_SHADOW_PF" else "0"
-    off = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert on.stdout.split() == ["True", "True"]
-    assert off.stdout.split() == (["False", "True"] if variable == "CPUVIRT_NO_QUICK_SHADOW_PF" else ["True", "False"])
+    names = ("CPUVIRT_NO_QUICK_SHADOW_PF", "CPUVIRT_QUICK_SHADOW_PF_C")
+    assert switches_with(code, names) == ["True", "True"]
+    off = switches_with(code, names, **{variable: "1" if variable == names[0] else "0"})
+    assert off == (["False", "True"] if variable == names[0] else ["True", "False"])

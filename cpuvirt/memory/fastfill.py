@@ -96,6 +96,24 @@ class FastFill:
         mmu.counters.fast = fast
         return fast
 
+    QUICK_CB: type | None = None  # the C type of the state's quick_cb, where it has one (the subclasses')
+
+    def set_quick_exit(self, callback) -> None:
+        """Where the fill would refuse an access for an exit the vCPU can take without stopping the engine
+        (EptFastFill: a lazy-EPT violation; ShadowFastFill: hw --no-ept's hidden #PF), C asks `callback` (its
+        arguments: QUICK_CB's); 1: it took the exit and C makes the fill, 0: declined as before. None: off."""
+        assert self.QUICK_CB is not None
+        if callback is None:
+            self._state.quick_cb, self._quick_cb = None, None
+            return
+        self._quick_cb = self.QUICK_CB(callback)  # alive as long as it is set
+        self._state.quick_cb = ctypes.cast(self._quick_cb, ctypes.c_void_p).value
+
+    @property
+    def quick_exits(self) -> int:
+        """The exits the callback took."""
+        return self._state.quick_exits
+
     def code_frame(self, hpa: int, page: int | None = None) -> None:
         """Mmu.fill granted execute to this host frame (for a fetch from linear `page`, after the
         intercepts scanned that pair): the C path grants execute, and answers fetches from `page`."""
@@ -210,6 +228,7 @@ class EptFastFill(FastFill):
 
     STATE = _EptState
     HOOK, ENABLED = "eptfill_hook", 0
+    QUICK_CB = EPT_QUICK_CB  # called when the final page of a fill has no EPT entry and lies in guest RAM
 
     def __init__(self, lib, mmu, ept):
         self.ept = ept
@@ -226,21 +245,6 @@ class EptFastFill(FastFill):
 
     def enable(self) -> None:
         self._state.enabled = 1
-
-    def set_quick_exit(self, callback) -> None:
-        """callback(vaddr, access type, gpa, 0) -> 1 when the final page of a fill has no EPT entry and lies in
-        guest RAM: the callback took the EPT violation and mapped the page, C makes the fill; 0: the fill is
-        declined as before. None: off."""
-        if callback is None:
-            self._state.quick_cb, self._quick_cb = None, None
-            return
-        self._quick_cb = EPT_QUICK_CB(callback)  # alive as long as it is set
-        self._state.quick_cb = ctypes.cast(self._quick_cb, ctypes.c_void_p).value
-
-    @property
-    def quick_exits(self) -> int:
-        """EPT violations the callback took."""
-        return self._state.quick_exits
 
     @property
     def state(self):

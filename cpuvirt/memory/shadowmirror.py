@@ -257,6 +257,7 @@ class ShadowFastFill(FastFill):
 
     STATE: type[ctypes.Structure] = _FillState
     HOOK, ENABLED = "shadowfill_hook", 0
+    QUICK_CB = SHADOW_QUICK_CB  # hw --no-ept: a miss whose walk C found would only fill the shadow (set_quick_exit)
 
     mirror: ShadowMirror | None = None  # the copy shadowfill_hook reads, kept alive with the hook
 
@@ -308,20 +309,6 @@ class ShadowFastFill(FastFill):
 
     def update(self, shadow) -> None:
         self._state.fill_misses = int(self._misses and self.fill_misses and not shadow.verbose)
-
-    def set_quick_exit(self, callback) -> None:
-        """hw --no-ept: callback(vaddr, access type, error code) -> 1 when it took the #PF exit of a miss whose
-        walk C found would only fill the shadow; C then fills it and answers. None: off (every miss Python's)."""
-        if callback is None:
-            self._state.quick_cb, self._quick_cb = None, None
-            return
-        self._quick_cb = SHADOW_QUICK_CB(callback)  # alive as long as it is set
-        self._state.quick_cb = ctypes.cast(self._quick_cb, ctypes.c_void_p).value
-
-    @property
-    def quick_exits(self) -> int:
-        """#PF exits the callback took (hw --no-ept)."""
-        return self._state.quick_exits
 
     def fold(self) -> None:
         """The entries C made, into the shadow's tables (before its counters are read)."""
