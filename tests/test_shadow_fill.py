@@ -212,6 +212,27 @@ def test_c_shadow_miss_fills_leave_what_python_leaves():
         shadow_module.MAX_ROOT_ENTRIES = cap
 
 
+def test_c_fills_a_miss_only_through_tables_the_shadow_traces_itself():
+    """A page table traced by another owner only (full's translated code, here "test") is not one the shadow
+    keeps coherent: that owner may untrace it, and the guest then writes it unseen. C fills a miss through it
+    only once Python's own walk through it has traced it as a page table (ShadowPaging.traced)."""
+    m, hv, fill, ring, hook, state, _keep = _trap_machine()
+    mmu, shadow, v = m.mmu, hv.shadow, hv.vcpu.virtual_cpu
+    m.write_gpa(PD, (PT | 0x27).to_bytes(4, "little"))
+    for i in range(3):
+        m.write_gpa(PT + 4 * i, ((DATA + 0x1000 * i) | 0x67).to_bytes(4, "little"))
+    v.cr0, v.cr3, v.cr4 = 0x80010011, PD, 0
+    shadow.on_cr3_write(PD)  # the root C may fill, and the paging mode (a fill through a PDE not present)
+    assert not mmu.fill(m.uc, 0x400000, READ, Entry(), None) and mmu.take_pending() is not None
+    for frame in (PD, PT):
+        mmu.traces.trace_frame(frame, "test", lambda tw: False)
+    assert shadow.mirror.state.serial and shadow.mirror.state.room and shadow.mirror.state.mode == 0x80000000
+    assert not hook(m.uc._uch, 0x1000, READ, ctypes.byref(Entry()), state)  # traced, but not by the shadow
+    assert mmu.fill(m.uc, 0x1000, READ, Entry(), None)  # Python's walk traces PD and PT as page tables
+    assert PT in shadow.traced and PD in shadow.traced
+    assert hook(m.uc._uch, 0x2000, READ, ctypes.byref(Entry()), state) and fill._state.hidden == 1
+
+
 def test_c_shadow_fill_leaves_hypervisor_windows_and_new_fetches_to_python():
     """Linear addresses from the hypervisor's windows up (the shadow GDT, full's TC) are never C's, nor a
     fetch from a (page, frame) pair Mmu.fill has not granted one before, nor a write to a traced frame."""

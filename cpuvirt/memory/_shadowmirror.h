@@ -51,6 +51,7 @@ typedef struct {
     uint32_t serial;   /* the serial of ShadowPaging._cur (0: none) */
     uint32_t traced_frames;   /* RAM frames covered by `traced` */
     uint8_t *traced;   /* a bit per RAM frame: in Mmu.traces.frames (any owner: page tables, code) */
+    uint8_t *pt_traced;   /* a bit per RAM frame: in ShadowPaging.traced (traced as a page table) */
     /* A bit per linear page: the current root's Python table holds an entry for it (a slot can lose its
      * entry to another page's, of this root or another: then Python answers from its table, not a walk) */
     uint8_t *present;
@@ -70,6 +71,13 @@ static inline int sm_traced(const shadowmirror_t *m, uint64_t gpa) {
     uint64_t k = gpa >> 12;
     if (k >= m->traced_frames) return 1;
     return (m->traced[k >> 3] >> (k & 7)) & 1;
+}
+
+/* Is this guest frame traced by shadow paging itself, as a page table? (beyond the bitmap: no) */
+static inline int sm_pt_traced(const shadowmirror_t *m, uint64_t gpa) {
+    uint64_t k = gpa >> 12;
+    if (k >= m->traced_frames) return 0;
+    return (m->pt_traced[k >> 3] >> (k & 7)) & 1;
 }
 
 /* The current root's entry for a linear page, when the virtual CR0/CR3/CR4 select the root and the mode

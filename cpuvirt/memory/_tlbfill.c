@@ -455,8 +455,9 @@ static inline int sm_present(const shadowmirror_t *m, uint32_t page) {
 /* A shadow miss (the hidden fault): what ShadowPaging._resolve does, for the common case only. The guest's
  * walk (memory/walk.py) over entries present whose rights allow the access, setting the accessed and dirty
  * bits it would set (as fastfill_hook does, counted as references as walk counts them); the page directory's
- * and the page table's frames already write-traced (so that Python's _link traces no new frame: that flushes
- * the engine's TLB, which C must not do from a fill); no entry for the page in Python's table that the copy
+ * and the page table's frames already traced by shadow paging itself (`pt_traced`: so that Python's _link
+ * traces no new frame, which flushes the engine's TLB, a thing C must not do from a fill; and so that no
+ * other owner's untracing can leave the frame the entry derives from writable before Python takes it); no entry for the page in Python's table that the copy
  * does not show (`present`: Python would answer from it); room in the root (else Python trims it) and in the
  * log; no write let through by CR0.WP = 0 (ShadowPaging._granted); a frame in RAM, and for a fetch a pairing
  * Mmu.fill has granted before. The entry goes into the copy, and into `made_log`, which ShadowPaging takes
@@ -476,7 +477,7 @@ static int shadow_miss_fill(shadowfill_t *s, uint64_t vaddr, int type, tlb_entry
     if ((!present && !m->room) || m->made >= SM_MADE) return 0;
     pde_gpa = (cr3 & 0xFFFFF000u) | ((vaddr >> 20) & 0xFFC);
     if (!read_entry((const fastfill_t *)s, pde_gpa, &pde) || !(pde & P)) return 0;
-    if (!sm_traced(m, pde_gpa)) return 0;
+    if (!sm_pt_traced(m, pde_gpa)) return 0;
     if ((pde & PS) && (cr4 & CR4_PSE)) {
         if (pde & 0x003FE000u) return 0;              /* reserved bit 21, or PSE-36 bits: Python */
         leaf = rights = pde;
@@ -488,7 +489,7 @@ static int shadow_miss_fill(shadowfill_t *s, uint64_t vaddr, int type, tlb_entry
         if (!(pde & A)) set_pde = A;
         leaf_gpa = (pde & 0xFFFFF000u) | ((vaddr >> 10) & 0xFFC);
         if (!read_entry((const fastfill_t *)s, leaf_gpa, &leaf) || !(leaf & P)) return 0;
-        if (!sm_traced(m, leaf_gpa)) return 0;
+        if (!sm_pt_traced(m, leaf_gpa)) return 0;
         rights = pde & leaf;
         pte_addr = (int64_t)leaf_gpa;
         gpa = leaf & 0xFFFFF000u;
@@ -614,13 +615,21 @@ void shadowmirror_drop(shadowmirror_t *m, uint8_t *present, uint32_t page, uint3
     if (e) e->serial = 0;
 }
 
-void shadowmirror_traced(shadowmirror_t *m, uint64_t frame, uint32_t on) {
+static void set_bit(uint8_t *bits, uint64_t limit, uint64_t frame, uint32_t on) {
     uint64_t k = frame >> 12;
-    if (k >= m->traced_frames) return;
+    if (k >= limit) return;
     if (on)
-        m->traced[k >> 3] |= (uint8_t)(1u << (k & 7));
+        bits[k >> 3] |= (uint8_t)(1u << (k & 7));
     else
-        m->traced[k >> 3] &= (uint8_t)~(1u << (k & 7));
+        bits[k >> 3] &= (uint8_t)~(1u << (k & 7));
+}
+
+void shadowmirror_traced(shadowmirror_t *m, uint64_t frame, uint32_t on) {
+    set_bit(m->traced, m->traced_frames, frame, on);
+}
+
+void shadowmirror_pt_traced(shadowmirror_t *m, uint64_t frame, uint32_t on) {
+    set_bit(m->pt_traced, m->traced_frames, frame, on);
 }
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_tlbfill", NULL, -1, NULL};

@@ -59,6 +59,7 @@ class _Mirror(ctypes.Structure):
         ("serial", ctypes.c_uint32),
         ("traced_frames", ctypes.c_uint32),
         ("traced", ctypes.c_void_p),
+        ("pt_traced", ctypes.c_void_p),
         ("present", ctypes.c_void_p),
         ("room", ctypes.c_uint32),
         ("made", ctypes.c_uint32),
@@ -98,8 +99,9 @@ def _lib():
     lib.shadowmirror_put.argtypes = (ctypes.c_void_p, ctypes.c_void_p) + (ctypes.c_uint32,) * 5
     lib.shadowmirror_drop.restype = None
     lib.shadowmirror_drop.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_uint32)
-    lib.shadowmirror_traced.restype = None
-    lib.shadowmirror_traced.argtypes = (ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32)
+    for name in ("shadowmirror_traced", "shadowmirror_pt_traced"):
+        getattr(lib, name).restype = None
+        getattr(lib, name).argtypes = (ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32)
     return lib
 
 
@@ -167,6 +169,30 @@ class _TracedFrames(dict):
             del self[page]
 
 
+class _PageTableFrames(set):
+    """ShadowPaging.traced (the frames it traces as page tables) with a bit per RAM frame in the copy."""
+
+    __slots__ = ("_set_bit",)
+
+    def __init__(self, set_bit, old: set):
+        super().__init__()
+        self._set_bit = set_bit
+        for frame in old:
+            self.add(frame)
+
+    def add(self, frame) -> None:
+        set.add(self, frame)
+        self._set_bit(frame, 1)
+
+    def discard(self, frame) -> None:
+        set.discard(self, frame)
+        self._set_bit(frame, 0)
+
+    def clear(self) -> None:
+        for frame in list(self):
+            self.discard(frame)
+
+
 class ShadowMirror:
     """ShadowPaging.mirror: the C copy (module docstring). `of(shadow)` makes it once per ShadowPaging."""
 
@@ -178,7 +204,9 @@ class ShadowMirror:
         p2m = shadow.mmu.p2m
         frames = (p2m.ram_bytes + 0xFFF) >> 12
         self._traced = (ctypes.c_uint8 * ((frames + 7) // 8 or 1))()
+        self._pt_traced = (ctypes.c_uint8 * ((frames + 7) // 8 or 1))()
         m.traced, m.traced_frames = ctypes.addressof(self._traced), frames
+        m.pt_traced = ctypes.addressof(self._pt_traced)
         self._serial = 0
 
     @classmethod
@@ -195,6 +223,8 @@ class ShadowMirror:
         mirror.current(shadow)
         traces = shadow.mmu.traces
         traces.frames = _TracedFrames(lib, mirror._pm, traces.frames)
+        pm = mirror._pm
+        shadow.traced = _PageTableFrames(lambda frame, on: lib.shadowmirror_pt_traced(pm, frame, on), shadow.traced)
         return mirror
 
     def _next(self) -> int:
