@@ -38,7 +38,7 @@ typedef struct {
 typedef struct {
     uint32_t page;     /* linear page number */
     uint32_t gpa;      /* guest-physical frame address */
-    int32_t pde_addr, pte_addr;   /* the guest PDE and PTE it derives from (pte_addr -1: a 4 MiB page) */
+    int64_t pde_addr, pte_addr;   /* the guest PDE and PTE it derives from (pte_addr -1: a 4 MiB page) */
     uint16_t rights, dirty;
     uint32_t serial;
 } smade_t;

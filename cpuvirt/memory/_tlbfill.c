@@ -457,9 +457,9 @@ static inline int sm_present(const shadowmirror_t *m, uint32_t page) {
  * bits it would set (as fastfill_hook does, counted as references as walk counts them); the page directory's
  * and the page table's frames already traced by shadow paging itself (`pt_traced`: so that Python's _link
  * traces no new frame, which flushes the engine's TLB, a thing C must not do from a fill; and so that no
- * other owner's untracing can leave the frame the entry derives from writable before Python takes it); no entry for the page in Python's table that the copy
- * does not show (`present`: Python would answer from it); room in the root (else Python trims it) and in the
- * log; no write let through by CR0.WP = 0 (ShadowPaging._granted); a frame in RAM, and for a fetch a pairing
+ * other owner's untracing can leave the frame the entry derives from writable before Python takes it); no
+ * entry for the page in Python's table that the copy does not show (`present`: Python would answer from it);
+ * room in the root (else Python trims it) and in the log; no write let through by CR0.WP = 0 (ShadowPaging._granted); a frame in RAM, and for a fetch a pairing
  * Mmu.fill has granted before. The entry goes into the copy, and into `made_log`, which ShadowPaging takes
  * into its own tables (links, traces, counters) before it next looks at them. Anything else: Python. */
 static int shadow_miss_fill(shadowfill_t *s, uint64_t vaddr, int type, tlb_entry_t *e, uint32_t cr0, uint32_t cr3,
@@ -532,8 +532,8 @@ static int shadow_miss_fill(shadowfill_t *s, uint64_t vaddr, int type, tlb_entry
     made = &m->made_log[m->made++];
     made->page = page;
     made->gpa = (uint32_t)gpa;
-    made->pde_addr = (int32_t)pde_gpa;
-    made->pte_addr = (int32_t)pte_addr;
+    made->pde_addr = (int64_t)pde_gpa;
+    made->pte_addr = pte_addr;
     made->rights = slot->rights;
     made->dirty = slot->dirty;
     made->serial = m->serial;

@@ -38,8 +38,8 @@ class _Made(ctypes.Structure):
     _fields_ = [
         ("page", ctypes.c_uint32),
         ("gpa", ctypes.c_uint32),
-        ("pde_addr", ctypes.c_int32),
-        ("pte_addr", ctypes.c_int32),
+        ("pde_addr", ctypes.c_int64),
+        ("pte_addr", ctypes.c_int64),
         ("rights", ctypes.c_uint16),
         ("dirty", ctypes.c_uint16),
         ("serial", ctypes.c_uint32),
