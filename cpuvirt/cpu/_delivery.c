@@ -997,14 +997,26 @@ static const int gpr_reg[8] = {R_EAX, R_ECX, R_EDX, R_EBX, R_ESP, R_EBP, R_ESI, 
 static int decode_memop(const uint8_t *code, memop_t *m) {
     uint32_t i = 0, v = 4, size;
     uint8_t op, modrm, mod, reg, rm;
+    int rep = 0;
     m->has = 0;
-    for (;; i++) {                     /* operand-size and segment prefixes (flat segments) */
+    for (;; i++) {                     /* operand-size, rep and segment prefixes (flat segments) */
         if (i >= 4) return 0;
         if (code[i] == 0x66) v = 2;
+        else if (code[i] == 0xF2 || code[i] == 0xF3) rep = 1;
         else if (!(code[i] == 0x26 || code[i] == 0x2E || code[i] == 0x36 || code[i] == 0x3E || code[i] == 0x64
                    || code[i] == 0x65)) break;
     }
     op = code[i++];
+    if (op >= 0xAA && op <= 0xAF) {    /* stos, lods, scas, rep or not: one operand, es:[edi] ([esi] for lods) */
+        m->has = 1;
+        m->size = (op & 1) ? v : 1;
+        m->base = (op == 0xAC || op == 0xAD) ? R_ESI : R_EDI;
+        m->index = -1;
+        m->scale = 1;
+        m->disp = 0;
+        return 1;
+    }
+    if (rep) return 0;                 /* movs and cmps (two operands), pause, SSE forms: Python */
     if ((op >= 0x50 && op <= 0x5F) || op == 0x68 || op == 0x6A || op == 0x9C || op == 0x9D || op == 0xC3
         || op == 0xE8)
         return v == 4;                 /* push/pop r, push imm, pushfd/popfd, ret, call rel32 */
