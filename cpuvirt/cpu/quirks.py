@@ -20,7 +20,7 @@ from functools import lru_cache
 from unicorn import UC_HOOK_BLOCK, UC_HOOK_INTR
 from unicorn import x86_const as X
 
-from cpuvirt.engine.internals import new_engine
+from cpuvirt.engine.internals import new_engine, probing
 from cpuvirt.engine.regs import bare
 
 # called with (c_void_p handle, uc_context pointer) only: no argtypes conversion (engine/regs.py bare)
@@ -119,6 +119,11 @@ def _ss_selector_offset() -> int:
 
 @lru_cache(maxsize=1)
 def context_layout() -> ContextLayout:
+    with probing():  # (the probe engines leave the TLB clock as they found it)
+        return _context_layout()
+
+
+def _context_layout() -> ContextLayout:
     # mov ax, 0x1234; mov ds, ax  -> #GP(0x1234): error_code 0x1234, old_exception 13, is_int 0
     b0, gp = _fault_blob(bytes.fromhex("66b834128ed8"))
     # int 0x30 -> is_int 1, error_code 0, old_exception untouched

@@ -13,7 +13,7 @@ import ctypes
 import struct
 
 from cpuvirt.engine import regs as R
-from cpuvirt.engine.internals import new_engine
+from cpuvirt.engine.internals import new_engine, probing
 from cpuvirt.engine.regs import _uclib
 
 
@@ -38,6 +38,13 @@ def segs_offset() -> int | None:
     distinctive descriptor on a probe engine (never hard-coded); None if it cannot be found."""
     if _segs_offset_cache:
         return _segs_offset_cache[0]
+    with probing():  # (the probe engine leaves the TLB clock as it found it)
+        off = _probe_segs_offset()
+    _segs_offset_cache.append(off)
+    return off
+
+
+def _probe_segs_offset() -> int | None:
     from unicorn import x86_const as X
 
     off = None
@@ -64,7 +71,6 @@ def segs_offset() -> int | None:
                 off = cand
     except Exception:  # noqa: BLE001 - no direct loads then: the shadow-GDT window does them
         off = None
-    _segs_offset_cache.append(off)
     return off
 
 

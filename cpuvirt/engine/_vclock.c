@@ -561,8 +561,13 @@ void vclock_out_hook(void *uc, uint32_t port, int size, uint32_t value, void *us
  * run to the next (xv6, 0.5 G instructions under native: 219,032 and 218,938 walk references in two runs).
  * vclock_pin_tlb_clock points libunicorn's own GOT entry for gettimeofday at tlb_clock, which advances one
  * millisecond per call: a window is then 100 flushes, whatever the host does. Done once per process,
- * before the first engine is made (engine/clock.py pin_tlb_clock). */
+ * before the first engine is made (engine/internals.py pin_tlb_clock). The clock is the process's: engines
+ * made only to probe libunicorn put it back as they found it (vclock_tlb_clock_set), so that a run's
+ * decisions do not depend on whether the probes ran before it in the same process. */
 static uint64_t tlb_clock_ms;
+
+uint64_t vclock_tlb_clock(void) { return tlb_clock_ms; }
+void vclock_tlb_clock_set(uint64_t ms) { tlb_clock_ms = ms; }
 
 static int tlb_clock(struct timeval *tv, void *tz) {
     uint64_t ms = tlb_clock_ms++;

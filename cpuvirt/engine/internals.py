@@ -2,13 +2,15 @@
 a live engine, and checked before use): the engine's CPUState and CPUX86State, where that state starts in
 a saved context, and QEMU's functions libunicorn exports that its API does not offer (a one-page TLB
 flush). The C fast paths (cpu/_delivery.c, modes/_trapfast.c, full's callouts, para's) reach the engine's
-state through these.
+state through these. And the one thing cpuvirt changes in libunicorn: the clock it sizes its TLB by
+(pin_tlb_clock), which is why every engine is made by new_engine.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+from contextlib import contextmanager
 from functools import lru_cache
 
 from unicorn import UC_ARCH_X86, UC_MODE_32, Uc
@@ -24,6 +26,35 @@ def new_engine() -> Uc:
     return Uc(UC_ARCH_X86, UC_MODE_32)
 
 
+@contextmanager
+def probing():
+    """Around the engines made only to probe libunicorn (cpu/quirks.py, cpu/segcache.py): the TLB clock is
+    put back as they found it, so that a guest's run sizes its TLB alike whether or not the probes ran
+    before it in the same process."""
+    lib = _tlb_clock_lib()
+    before = lib.vclock_tlb_clock()
+    try:
+        yield
+    finally:
+        lib.vclock_tlb_clock_set(before)
+
+
+def tlb_clock() -> int:
+    """The engine's TLB clock: the calls libunicorn made to it (once per engine made, once per flush)."""
+    return _tlb_clock_lib().vclock_tlb_clock()
+
+
+@lru_cache(maxsize=1)
+def _tlb_clock_lib():
+    from cpuvirt.engine.clock import _lib
+
+    lib = _lib()
+    lib.vclock_pin_tlb_clock.argtypes, lib.vclock_pin_tlb_clock.restype = (ctypes.c_char_p,), ctypes.c_int
+    lib.vclock_tlb_clock.argtypes, lib.vclock_tlb_clock.restype = (), ctypes.c_uint64
+    lib.vclock_tlb_clock_set.argtypes, lib.vclock_tlb_clock_set.restype = (ctypes.c_uint64,), None
+    return lib
+
+
 @lru_cache(maxsize=1)
 def pin_tlb_clock() -> str:
     """QEMU resizes the engine's software TLB at a flush from its use over the last 100 ms of host time, so
@@ -34,11 +65,7 @@ def pin_tlb_clock() -> str:
     (another build of the library), or when CPUVIRT_TLB_CLOCK=host asks for the host's clock."""
     if os.environ.get("CPUVIRT_TLB_CLOCK") == "host":
         return "host (CPUVIRT_TLB_CLOCK=host)"
-    from cpuvirt.engine.clock import _lib
-
-    pin = _lib().vclock_pin_tlb_clock
-    pin.argtypes, pin.restype = (ctypes.c_char_p,), ctypes.c_int
-    rc = pin(b"libunicorn")
+    rc = _tlb_clock_lib().vclock_pin_tlb_clock(b"libunicorn")
     return "pinned" if rc == 0 else f"host (vclock_pin_tlb_clock: {rc})"
 
 

@@ -1,8 +1,8 @@
-# description: how many TLB misses a run makes must not depend on the host's speed: 400 pages read between flushes (the engine grows its TLB), 300 flushes with 8 pages read between them and one more (it may shrink it), then 150 pages read 50 times with no flush (a small TLB misses, a large one does not)
+# description: how many TLB misses a run makes must not depend on the host's speed: 400 pages read between flushes (the engine grows its TLB), 50 flushes with 8 pages read between them and one more (it shrinks it if a window of its clock has passed), then 150 pages read 50 times with no flush (a small TLB misses, a large one does not)
 #
 # QEMU sizes its software TLB at each flush from the use it saw over a window of time. tests/test_tlb_clock.py
-# runs this twice, once with the host stalled at each `#` the guest prints, and compares the TLB fills and
-# walks (cpuvirt pins the engine's TLB clock to its flushes: engine/internals.py pin_tlb_clock).
+# runs this with the host stalled at each `#` the guest prints, and with the engine's clock moved on there, and
+# compares the TLB fills and walks (cpuvirt pins that clock to the flushes: engine/internals.py pin_tlb_clock).
 #include "kernel.inc"
 #include "paging.inc"
 
@@ -35,7 +35,7 @@ grow_read:
     mov al, '#'
     call putc
 
-    mov ecx, 300                        # B: 8 pages between flushes, 300 times
+    mov ecx, 50                         # B: 8 pages between flushes, 50 times (fewer than a window of 100)
 calm:
     mov esi, FIRST
     mov edx, 8
