@@ -80,8 +80,7 @@ static inline int sm_pt_traced(const shadowmirror_t *m, uint64_t gpa) {
     return (m->pt_traced[k >> 3] >> (k & 7)) & 1;
 }
 
-/* The current root's entry for a linear page, when the virtual CR0/CR3/CR4 select the root and the mode
- * the copy holds (else ShadowPaging would first change mode or select a root: Python's); NULL if none. */
+/* The two slots of a linear page's set. */
 static inline sentry_t *sm_set(const shadowmirror_t *m, uint32_t page) {
     return (sentry_t *)&m->slot[2 * (page & (SHADOW_SETS - 1))];
 }
@@ -105,6 +104,8 @@ static inline sentry_t *sm_slot_for(shadowmirror_t *m, uint32_t page, uint32_t s
     return &w[0];
 }
 
+/* The current root's entry for a linear page, when the virtual CR0/CR3/CR4 select the root and the mode
+ * the copy holds (else ShadowPaging would first change mode or select a root: Python's); NULL if none. */
 static inline const sentry_t *sm_entry(const shadowmirror_t *m, uint32_t cr0, uint32_t cr3, uint32_t cr4,
                                        uint32_t page) {
     if (((cr0 & SM_PG) | (cr4 & SM_PSE)) != m->mode) return 0;

@@ -342,5 +342,4 @@ class ShadowFastFill(FastFill):
 
     def fold(self) -> None:
         """The entries C made, into the shadow's tables (before its counters are read)."""
-        if self.mirror is not None and self.mirror.state.made:
-            self.shadow._fold()
+        self.shadow._fold()

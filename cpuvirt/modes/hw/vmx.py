@@ -139,7 +139,6 @@ class VmxCpu(Vcpu):
         self.quick_ept_exits = 0  # EPT_VIOLATION exits taken by ept_quick_hook or in C (among `exits`)
         self._default_exception = RootHypervisor.handle_exception_nmi  # what the quick shadow #PF exit does as
         self.quick_shadow_exits = 0  # hidden-#PF exits taken without a stop (among `exits`)
-        self._quick_gla = 0
         self._ept_c: Any = None  # _tlbfill.c's state when it takes lazy-EPT exits itself (_install_quick_ept_c)
         self._io_forms: dict = {}
         self.shadow: ShadowPaging | None = None  # without EPT: KVM's shadow MMU (memory/shadow.py)
@@ -1358,9 +1357,12 @@ class VmxCpu(Vcpu):
         page table, or something else that would happen at the stop, and the full exit follows."""
         shadow = self.shadow
         assert shadow is not None  # (installed with it)
-        if not shadow.quiet_fill(GVA(gva), Access(access), user) or not self._quick_pf_exit(gva, access, code):
+        if not shadow.quiet_fill(GVA(gva), Access(access), user):
             return False
-        kind, _ = shadow.page_fault(GVA(self._quick_gla), access, user)
+        gla = self._quick_pf_exit(gva, access, code)
+        if gla is None:
+            return False
+        kind, _ = shadow.page_fault(GVA(gla), access, user)
         assert kind == "hidden", kind  # (ShadowPaging.quiet_fill said so, and nothing ran in between)
         self.mmu.counters.fills += 1  # the engine's retry after the entry is a fill of its own
         return True
@@ -1371,30 +1373,30 @@ class VmxCpu(Vcpu):
         would only fill the shadow (its conditions are quiet_fill's): 1 = recorded, C fills the shadow."""
         if self.mmu.regs.loading_descriptor:  # (a hypervisor's segment load: served without an exit)
             return 0
-        return int(self._quick_pf_exit(vaddr, access_type - 16, code))
+        return int(self._quick_pf_exit(vaddr, access_type - 16, code) is not None)
 
-    def _quick_pf_exit(self, gva: int, access: int, code: int) -> bool:
+    def _quick_pf_exit(self, gva: int, access: int, code: int) -> int | None:
         """Record the #PF exit of a hidden fault at the running instruction, if a stop there would change
-        nothing else (see quick_shadow_miss); its exact linear address is left in _quick_gla."""
+        nothing else (see quick_shadow_miss): its exact linear address (CR2), or None."""
         if self.outcome is not None or not self._exception_exits(Vector.PF, code):
-            return False
+            return None
         if not self._quick_exits_armed(ExitReason.EXCEPTION_NMI, self._default_exception):
-            return False
+            return None
         if not self.fast_exits.quiet():  # type: ignore[union-attr]  # (armed says it is there)
-            return False
+            return None
         if self.vmcs._values[_WINDOW_FIELD] >> _WINDOW_BIT & 1 and self.regs.read(R.EFLAGS) & EFLAGS_IF:
-            return False  # the stop would take the INTERRUPT_WINDOW exit (before_entry); with IF = 0 it waits
+            return None  # the stop would take the INTERRUPT_WINDOW exit (before_entry); with IF = 0 it waits
         eip = self.regs.read(R.EIP)
         if not self._stop_changes_nothing(eip):
-            return False
-        gla = self._quick_gla = self.exact_linear(ShadowMiss(gva, access, code), eip)
+            return None
+        gla = self.exact_linear(ShadowMiss(gva, access, code), eip)
         self.fold_fast_exits()
         self._exit_info(ExitReason.EXCEPTION_NMI, gla, 0, eip, _PF_EXIT_INFO, code)
         self.vmcs._cache.clear()
         self._count_exits(ExitReason.EXCEPTION_NMI)
         self.quick_shadow_exits += 1
         self.pf_access = access  # what on_refused_fill leaves for shadow_page_fault, which walks for it
-        return True
+        return gla
 
     # -- interrupts, the interrupt window, HLT -------------------------------------------------------------
     _blocked = False
