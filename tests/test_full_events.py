@@ -30,9 +30,10 @@ NB_N = 300
 LOOPS = 120  # full_events.S
 
 
-def _run(image, monkeypatch, c_path: bool, trace_path=None):
-    """Run the guest under full; record, at every callout Python serves, the site, the registers,
-    virtual time and the counters a reader sees then, in order."""
+def _run(image, monkeypatch, c_path: bool, trace_path=None, switches=("CPUVIRT_FULL_EVENTS_C",)):
+    """Run the guest under full, the C paths named by `switches` on (c_path) or off; record, at every
+    callout Python serves, the site, the registers, virtual time and the counters a reader sees then, in
+    order."""
     seen: list[tuple] = []
     cpus = []
     original = FullVcpu._callout_then_window
@@ -55,7 +56,8 @@ def _run(image, monkeypatch, c_path: bool, trace_path=None):
         return original(self, site)
 
     monkeypatch.setattr(FullVcpu, "_callout_then_window", callout)
-    monkeypatch.setenv("CPUVIRT_FULL_EVENTS_C", "1" if c_path else "0")
+    for name in switches:
+        monkeypatch.setenv(name, "1" if c_path else "0")
     res = run_guest(str(image), "full", 32, 20_000_000, trace_path=trace_path, on_start=cpus.append)
     monkeypatch.undo()
     vcpu = cpus[-1]

@@ -38,7 +38,23 @@ enum { PYTHON = 0, CPUID = 1, RDTSC = 2, MOV_CR0 = 3, MOV_CR4 = 4, PORT_IN = 5, 
        MOV_SREG = 7, POP_SREG = 8, MOV_CR2 = 9, IRETD = 10,
        IRETD_OUTER = 11,  /* a count only: an IRETD slot's returns to ring 3 (no translation looked up) */
        MOV_CR3 = 12,      /* mov cr3, r32 reloading the CR3 it holds (cr3_reload) */
-       KINDS = 13 };
+       ADAPTIVE = 13,     /* an adaptive store (modes/full/adaptive.py) into a traced page table: store[] */
+       INVLPG = 14,       /* invlpg m: store[] holds its address's form */
+       KINDS = 15 };
+
+/* An adaptive store site as C does it (x86/emulate.py store_site): `op [base + index * scale + disp], src`
+ * with op mov, or, and, xor; src a register's bits (shift 0, or 8 for ah..bh) or an immediate. */
+enum { ST_MOV = 0, ST_OR = 1, ST_AND = 2, ST_XOR = 3 };
+#define ST_NONE 0xFFu
+typedef struct {
+    int32_t disp;
+    uint32_t imm;
+    uint8_t op, size;          /* size 0: not a form C stores (Python serves the slot) */
+    uint8_t src, shift;        /* src: GPR index in ModRM order, ST_NONE for the immediate */
+    uint8_t base, index;       /* GPR indexes, ST_NONE: none */
+    uint8_t scale;
+    uint8_t run;               /* Python's untraced run at the site is not 0: Python serves it (it resets) */
+} store_t;
 
 /* The guest kernel's events (modes/full/evfast.py, CPUVIRT_FULL_EVENTS_C=0 keeps them Python's):
  *   MOV_SREG  mov ds/es/fs/gs, r16/r32   arg: the ModRM byte's sreg and register fields (bits 0-5)
@@ -150,6 +166,8 @@ typedef struct {
     int (*uc_ctl)(void *uc, int control, ...);   /* uc_ctl, for cr3_reload's flush of the engine's TLB */
     int32_t tlb_flush_ctl;     /* UC_CTL_WRITE(UC_CTL_TLB_FLUSH, 0) */
     uint32_t pad_cr3;
+    uint8_t *code_pages;       /* a bit per linear page that holds translated code (FullVcpu._page_frame) */
+    store_t store[SLOTS];      /* ADAPTIVE and INVLPG slots */
 } callouts_t;
 
 size_t callouts_sizeof(void) { return sizeof(callouts_t); }
@@ -312,6 +330,86 @@ static int events(callouts_t *t, void *uc, uint64_t i, uint8_t k, uint64_t cs, u
     return 0;
 }
 
+/* The linear address of a slot's memory operand (store[]: base + index * scale + disp, flat segments). */
+static uint32_t site_address(callouts_t *t, void *uc, const store_t *st) {
+    uint64_t v = 0;
+    uint32_t gva = (uint32_t)st->disp;
+    if (st->base != ST_NONE) {
+        t->reg_read(uc, t->gpr_reg[st->base], &v);
+        gva += (uint32_t)v;
+    }
+    if (st->index != ST_NONE) {
+        t->reg_read(uc, t->gpr_reg[st->index], &v);
+        gva += (uint32_t)v * st->scale;
+    }
+    return gva;
+}
+
+/* invlpg m of the guest kernel (INVLPG) as the Python callout does it (privileged.py _invlpg,
+ * ShadowPaging.invlpg, then FullVcpu's check of the code mappings of that page): the page leaves the
+ * hypervisor's TLB (ev_rtlb_pop) and the current shadow root (sm_invlpg: the copy now, Python's table at
+ * its next fold), the engine's TLB is flushed, the instruction is counted. Only when the virtual CRs
+ * select the copy's root and mode, the page holds no translated code (its check would walk: Python's),
+ * both logs have room, and CS, SS and IOPL are the snapshot's (_virtual_changed finds nothing). */
+static int invlpg(callouts_t *t, void *uc, uint64_t i, uint64_t cs) {
+    shadowmirror_t *m = (shadowmirror_t *)t->dl.mirror;
+    uint32_t page;
+    if (!m || !t->uc_ctl || !t->code_pages || !t->events_on) return 0;
+    if (((t->cr[0] & SM_PG) | (t->cr[1] & SM_PSE)) != m->mode || !m->serial || (t->cr3 & 0xFFFFF000u) != m->key)
+        return 0;
+    if (!snapshot_holds(t, uc, cs)) return 0;
+    page = site_address(t, uc, &t->store[i]) >> 12;
+    if ((t->code_pages[page >> 3] >> (page & 7)) & 1) return 0;
+    if (m->made >= SM_MADE || !ev_rtlb_pop(&t->ev, page)) return 0;
+    sm_invlpg(m, page);
+    t->uc_ctl(uc, t->tlb_flush_ctl);           /* ShadowPaging._flush_engine */
+    return 1;
+}
+
+/* An adaptive store (ADAPTIVE) as modes/full/adaptive.py _adaptive_store does it through
+ * ShadowPaging.guest_store, when that would do nothing but the store, its flags and the counts: the
+ * current shadow root maps the page writable and dirty for the kernel (sm_hv_gpa: no walk, no A/D bit, no
+ * CR0.WP = 0 grant), in RAM, within one page; the frame is traced by shadow paging alone (a code frame's
+ * store is coherence.py's), and no shadow entry of any root derives from the words written (`linked`: a
+ * store there zaps and flushes the engine's TLB, which stays Python's). A store to an untraced frame is
+ * Python's too (the site's untraced run decides when it goes native again), and so is every store of a
+ * site whose run is not 0. 0: Python's, nothing changed. */
+static int adaptive_store(callouts_t *t, void *uc, uint64_t i) {
+    const store_t *st = &t->store[i];
+    const shadowmirror_t *m = t->dl.mirror;
+    uint64_t v = 0, fl = 0;
+    uint32_t gva, src, old = 0, value, mask;
+    int64_t gpa;
+    if (!m || !t->ev.ram || !st->size || st->run) return 0;
+    gva = site_address(t, uc, st);
+    if ((gva & 0xFFFu) + st->size > 0x1000u) return 0;
+    gpa = sm_hv_gpa(m, t->cr[0], t->cr3, t->cr[1], gva, 1, 0);
+    if (gpa < 0 || (uint64_t)gpa + st->size > t->ev.ram_bytes) return 0;
+    if (!sm_traced(m, (uint64_t)gpa) || !sm_pt_traced(m, (uint64_t)gpa) || sm_other_traced(m, (uint64_t)gpa)) return 0;
+    for (uint64_t w = (uint64_t)gpa & ~3ull; w < (uint64_t)gpa + st->size; w += 4)
+        if (sm_linked(m, w)) return 0;
+    mask = st->size == 4 ? 0xFFFFFFFFu : (1u << (8 * st->size)) - 1;
+    if (st->src == ST_NONE) {
+        src = st->imm & mask;
+    } else {
+        t->reg_read(uc, t->gpr_reg[st->src], &v);
+        src = ((uint32_t)v >> st->shift) & mask;
+    }
+    memcpy(&old, t->ev.ram + gpa, st->size);
+    value = st->op == ST_MOV ? src : st->op == ST_OR ? (old | src) : st->op == ST_AND ? (old & src) : (old ^ src);
+    memcpy((uint8_t *)t->ev.ram + gpa, &value, st->size);
+    if (st->op != ST_MOV) {
+        /* x86/emulate.py: CF = OF = AF = 0; SF, ZF, PF from the result */
+        t->reg_read(uc, t->eflags_reg, &fl);
+        fl &= ~(uint64_t)(0x1 | 0x4 | 0x10 | 0x40 | 0x80 | 0x800);
+        if (!(__builtin_popcount(value & 0xFF) & 1)) fl |= 0x4;
+        if (!value) fl |= 0x40;
+        if ((value >> (8 * st->size - 1)) & 1) fl |= 0x80;
+        t->reg_write(uc, t->eflags_reg, &fl);
+    }
+    return 1;
+}
+
 /* Python is told (its hook's data word) whether the guest kernel runs: 2 yes, 1 no (CS is read here),
  * 3 when the table knows no kernel ring (a bare runtime: Python asks itself). */
 #define NO_RING 0xFFFFFFFFu
@@ -345,6 +443,16 @@ void callout_hook(void *uc, uint64_t address, uint32_t size, void *user_data) {
                     return;
                 }
                 k = (uint8_t)served;
+            } else if (k == INVLPG) {
+                if (!invlpg(t, uc, i, cs)) {
+                    TO_PYTHON(1);
+                    return;
+                }
+            } else if (k == ADAPTIVE) {
+                if (!adaptive_store(t, uc, i)) {
+                    TO_PYTHON(1);
+                    return;
+                }
             } else if (k == PORT_IN || k == PORT_OUT) {
                 if (!port_io(t, uc, i, k == PORT_IN)) {
                     if (*t->watch_if && !*t->check_if) *t->check_if = 1;

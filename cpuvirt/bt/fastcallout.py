@@ -37,7 +37,9 @@ PYTHON, CPUID, RDTSC, MOV_CR0, MOV_CR4, PORT_IN, PORT_OUT = 0, 1, 2, 3, 4, 5, 6
 # the guest kernel's events (modes/full/evfast.py); IRETD_OUTER only counts an IRETD slot's returns to ring 3
 MOV_SREG, POP_SREG, MOV_CR2, IRETD, IRETD_OUTER = 7, 8, 9, 10, 11
 MOV_CR3 = 12  # a mov to CR3 reloading the CR3 it holds (a TLB flush)
-KINDS = 13
+ADAPTIVE = 13  # an adaptive store into a traced page table (modes/full/adaptive.py; store_t)
+INVLPG = 14  # invlpg m (its address's form in store_t)
+KINDS = 15
 KIND_NAMES = {
     CPUID: "cpuid",
     RDTSC: "rdtsc",
@@ -51,6 +53,8 @@ KIND_NAMES = {
     IRETD: "iretd",
     IRETD_OUTER: "iretd",
     MOV_CR3: "mov cr3",
+    ADAPTIVE: "store",
+    INVLPG: "invlpg",
 }
 PORT_KINDS = (PORT_IN, PORT_OUT)  # counted by their Python device calls, not by take()
 NO_LOOKUP = (IRETD_OUTER,)  # served without looking a translation up (the Python path looks up none)
@@ -69,6 +73,23 @@ class _TcMap(ctypes.Structure):
     """Mirror of tc_map_t."""
 
     _fields_ = [("geip", ctypes.c_uint32), ("tc", ctypes.c_uint32)]
+
+
+class StoreSite(ctypes.Structure):
+    """Mirror of store_t: an adaptive store site's form (x86/emulate.py store_site)."""
+
+    _fields_ = [
+        ("disp", ctypes.c_int32),
+        ("imm", ctypes.c_uint32),
+        ("op", ctypes.c_uint8),
+        ("size", ctypes.c_uint8),
+        ("src", ctypes.c_uint8),
+        ("shift", ctypes.c_uint8),
+        ("base", ctypes.c_uint8),
+        ("index", ctypes.c_uint8),
+        ("scale", ctypes.c_uint8),
+        ("run", ctypes.c_uint8),
+    ]
 
 
 class DeliveryTable(ctypes.Structure):
@@ -158,11 +179,39 @@ class _Table(ctypes.Structure):
         ("uc_ctl", ctypes.c_void_p),
         ("tlb_flush_ctl", ctypes.c_int32),
         ("pad_cr3", ctypes.c_uint32),
+        ("code_pages", ctypes.c_void_p),
+        ("store", StoreSite * CALLOUT_SLOTS),
     ]
 
 
 def _lib():
     return load("cpuvirt.bt._callout", {"callouts_sizeof": _Table})
+
+
+class CodePages(dict):
+    """FullVcpu._page_frame (linear code page -> the guest frame it was translated from) with a bit per linear
+    page in the callout table (`code_pages`): an invlpg of such a page is Python's (its check walks)."""
+
+    __slots__ = ("_bits",)
+
+    def __init__(self, table):
+        super().__init__()
+        self._bits = (ctypes.c_uint8 * (1 << 17))()
+        table.code_pages = ctypes.addressof(self._bits)
+
+    def __setitem__(self, page, frame) -> None:
+        dict.__setitem__(self, page, frame)
+        p = (page >> 12) & 0xFFFFF
+        self._bits[p >> 3] |= 1 << (p & 7)
+
+    def __delitem__(self, page) -> None:
+        dict.__delitem__(self, page)
+        p = (page >> 12) & 0xFFFFF
+        self._bits[p >> 3] &= ~(1 << (p & 7)) & 0xFF
+
+    def clear(self) -> None:
+        dict.clear(self)
+        ctypes.memset(self._bits, 0, ctypes.sizeof(self._bits))
 
 
 class FastCallouts:
@@ -267,6 +316,19 @@ class FastCallouts:
             t.maps_live[k] = host_address(hpa)
         t.maps_cr0, t.maps_cr4 = cr0, cr4
         t.maps_n = len(frames)
+
+    def link_store(self, slot: int, form: tuple, run: bool) -> None:
+        """`slot` is (about to be) linked as ADAPTIVE: its store's form (x86/emulate.py store_site), and
+        whether the site's untraced run is not 0 (then the C hook leaves its stores to Python)."""
+        st = self._table.store[slot - self._table.base]
+        st.op, st.size, st.src, st.shift, st.imm, st.base, st.index, st.scale, st.disp = form
+        st.run = 1 if run else 0
+
+    def store_run(self, slot: int, run: bool) -> None:
+        """The untraced run of the adaptive site linked at `slot` changed (0 or not)."""
+        i = slot - self._table.base
+        if 0 <= i < CALLOUT_SLOTS:
+            self._table.store[i].run = 1 if run else 0
 
     def link(self, slot: int, kind: int, dest: int, block: Block, arg: int = 0, io: int = 0, geip: int = 0) -> None:
         """From now on the C hook serves `slot` as `kind` and goes on at `dest`, the TC address of

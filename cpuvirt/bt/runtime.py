@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Callable
 
 from cpuvirt.bt.coherence import invalidate
-from cpuvirt.bt.fastcallout import PYTHON, FastCallouts
+from cpuvirt.bt.fastcallout import ADAPTIVE, INVLPG, PYTHON, FastCallouts
 from cpuvirt.bt.tcache import CALLOUT_SLOTS, Block, Site, TCache
 from cpuvirt.bt.translate import GuestCode, TranslateFault, Translator
 from cpuvirt.engine import regs as R
@@ -63,6 +63,9 @@ class BtRuntime:
         # a site that sets EIP itself (the kernel's segment loads, CR2 reads, iretd: modes/full/evfast.py)
         # is linked to the translation of link_geip, or, when None, to none (an iretd to ring 3)
         self.link_geip: int | None = None
+        # an adaptive store (ADAPTIVE) or invlpg (INVLPG): its form (x86/emulate.py store_site, memory_site) and,
+        # for a store, whether its site's untraced run is not 0
+        self.link_store: tuple[tuple, bool] | None = None
         self._slot = 0
         python_hook = hooks.code_function_with_data(self._hook_callout_from_c)
         self.fast = FastCallouts.install(self.uc, tc.base, python_hook, kernel_ring)
@@ -209,6 +212,9 @@ class BtRuntime:
             return
         b = self.tc.blocks.get(g)
         if b is not None and b.alive:
+            if self.link_as in (ADAPTIVE, INVLPG):
+                assert self.link_store is not None
+                fast.link_store(self._slot, *self.link_store)
             fast.link(self._slot, self.link_as, b.tc, b, self.link_arg, geip=g)
 
     def _fetch_fault(self, f: TranslateFault, geip: int) -> None:

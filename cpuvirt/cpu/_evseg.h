@@ -18,6 +18,7 @@
 #include <string.h>
 
 #define EV_RTLB_SLOTS 256u
+#define EV_POPS 16u
 
 #define EV_HF_CPL 3u
 #define EV_HF_CS32 (1u << 4)
@@ -75,8 +76,26 @@ typedef struct {
     uint32_t iopl;
     uint32_t nmi_blocked;      /* Vcpu.nmi_blocked (an iret that ends it is Python's) */
     uint32_t pad;
+    /* pages an invlpg served in C took out of the hypervisor's TLB, for Python's dict (EvHvTlb) to drop when
+     * it is next used: the one page, as privileged.py _invlpg pops it, not the whole TLB */
+    uint32_t popped_n;
+    uint32_t popped[EV_POPS];
     ev_rtlb_t rtlb[EV_RTLB_SLOTS];
 } evseg_t;
+
+/* GuestViewVcpu._rtlb.pop(page): C's copy now, Python's dict when it next looks. 0: the log is full. */
+static inline int ev_rtlb_pop(evseg_t *s, uint32_t page) {
+    ev_rtlb_t *e = &s->rtlb[page & (EV_RTLB_SLOTS - 1)];
+    uint32_t k;
+    for (k = 0; k < s->popped_n && s->popped[k] != page; k++)
+        ;                              /* popped already? (Python drains the log before it adds a page) */
+    if (k == s->popped_n) {
+        if (s->popped_n >= EV_POPS) return 0;
+        s->popped[s->popped_n++] = page;
+    }
+    if (e->page == page) e->valid = 0;
+    return 1;
+}
 
 /* -- the hypervisor's own reads (GuestViewVcpu.read_guest) when its TLB holds the page ---------------
  * read_guest on a hit reads RAM and nothing else; on a miss it walks with side effects (accessed bits,

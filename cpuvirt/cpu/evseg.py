@@ -17,6 +17,7 @@ from cpuvirt.cpu.virtualcpu import SegCache, TableVirtualCpu, VirtualCpu
 from cpuvirt.engine import regs as R
 
 RTLB_SLOTS = 256
+EV_POPS = 16  # as _evseg.h: pages an invlpg served in C may pop before Python looks
 _SEG_REG = {0: R.ES, 1: R.CS, 2: R.SS, 3: R.DS, 4: R.FS, 5: R.GS}  # QEMU's segment index -> register
 
 
@@ -52,6 +53,8 @@ class EvSeg(ctypes.Structure):
         ("iopl", ctypes.c_uint32),
         ("nmi_blocked", ctypes.c_uint32),
         ("pad", ctypes.c_uint32),
+        ("popped_n", ctypes.c_uint32),
+        ("popped", ctypes.c_uint32 * EV_POPS),
         ("rtlb", _Rtlb * RTLB_SLOTS),
     ]
 
@@ -158,6 +161,15 @@ class EvHvTlb(HvTlb):
         super().__init__(table)
         self._ram_hpa, self._ram_bytes = ram_hpa, ram_bytes
 
+    def _fresh(self) -> None:
+        super()._fresh()
+        st = self._table
+        n = st.popped_n
+        if n:  # pages an invlpg served in C dropped (ev_rtlb_pop), in order
+            for page in st.popped[:n]:
+                dict.pop(self, page, None)
+            st.popped_n = 0
+
     def __setitem__(self, page, hpa) -> None:
         self._fresh()
         dict.__setitem__(self, page, hpa)
@@ -180,6 +192,7 @@ class EvHvTlb(HvTlb):
         st = self._table
         st.rtlb_gen = (st.rtlb_gen + 1) & 0xFFFFFFFF
         self._gen = st.rtlb_gen
+        st.popped_n = 0
         dict.clear(self)
 
 

@@ -14,6 +14,7 @@
 #define CPUVIRT_SHADOWMIRROR_H
 
 #include <stdint.h>
+#include <string.h>
 
 /* 2^16 sets of two slots, a set indexed by the linear page number's low bits: 256 MiB of contiguous linear
  * memory (what one root may shadow before it is trimmed, memory/shadow.py MAX_ROOT_ENTRIES) without a
@@ -44,6 +45,8 @@ typedef struct {
 } smade_t;
 
 #define SM_MADE 1024u   /* entries C may make between two of Python's folds */
+/* smade_t.pte_addr of a record that is no entry but an invlpg of `page` (bt/_callout.c), taken in order */
+#define SM_INVLPG (-2)
 
 typedef struct {
     uint32_t key;      /* ShadowPaging._cur_key (1: none) */
@@ -55,6 +58,12 @@ typedef struct {
     /* A bit per linear page: the current root's Python table holds an entry for it (a slot can lose its
      * entry to another page's, of this root or another: then Python answers from its table, not a walk) */
     uint8_t *present;
+    /* A bit per 4-byte word of RAM: ShadowPaging.rmap holds its address (an entry of some root derives from
+     * the guest PDE or PTE there, so a store into it zaps: Python's). Beyond RAM, or NULL (not kept: only
+     * full's callout hook asks, memory/shadowmirror.py track_links): say yes. */
+    uint8_t *linked;
+    /* A bit per RAM frame: traced by an owner other than shadow paging (full's code traces) */
+    uint8_t *other_traced;
     uint32_t room;     /* new entries the current root may still take before ShadowPaging would trim it */
     uint32_t made;     /* entries in `made`, not yet taken by Python */
     smade_t made_log[SM_MADE];
@@ -78,6 +87,25 @@ static inline int sm_pt_traced(const shadowmirror_t *m, uint64_t gpa) {
     uint64_t k = gpa >> 12;
     if (k >= m->traced_frames) return 0;
     return (m->pt_traced[k >> 3] >> (k & 7)) & 1;
+}
+
+/* Does an entry of some root derive from the guest PDE/PTE in this 4-byte word? */
+static inline int sm_linked(const shadowmirror_t *m, uint64_t gpa) {
+    uint64_t k = gpa >> 2;
+    if (!m->linked || (gpa >> 12) >= m->traced_frames) return 1;
+    return (m->linked[k >> 3] >> (k & 7)) & 1;
+}
+
+static inline void sm_link(shadowmirror_t *m, uint64_t gpa) {
+    uint64_t k = gpa >> 2;
+    if (m->linked && (gpa >> 12) < m->traced_frames) m->linked[k >> 3] |= (uint8_t)(1u << (k & 7));
+}
+
+/* Is this guest frame traced by another owner than shadow paging? (beyond the bitmap: yes) */
+static inline int sm_other_traced(const shadowmirror_t *m, uint64_t gpa) {
+    uint64_t k = gpa >> 12;
+    if (k >= m->traced_frames) return 1;
+    return (m->other_traced[k >> 3] >> (k & 7)) & 1;
 }
 
 /* The two slots of a linear page's set. */
@@ -111,6 +139,24 @@ static inline const sentry_t *sm_entry(const shadowmirror_t *m, uint32_t cr0, ui
     if (((cr0 & SM_PG) | (cr4 & SM_PSE)) != m->mode) return 0;
     if (!m->serial || (cr3 & 0xFFFFF000u) != m->key) return 0;
     return sm_find(m, page, m->serial);
+}
+
+/* ShadowPaging.invlpg in the current root (C's copy now, Python's table at its next fold, in the log's
+ * order): the page's entry goes, whether the copy's slots hold it or not. 0: the log is full. */
+static inline int sm_invlpg(shadowmirror_t *m, uint32_t page) {
+    sentry_t *e;
+    smade_t *r;
+    if (m->made >= SM_MADE || !m->serial) return 0;
+    e = sm_find(m, page, m->serial);
+    if (e) e->serial = 0;
+    m->present[page >> 3] &= (uint8_t)~(1u << (page & 7));
+    r = &m->made_log[m->made++];
+    memset(r, 0, sizeof *r);
+    r->page = page;
+    r->pde_addr = -1;
+    r->pte_addr = SM_INVLPG;
+    r->serial = m->serial;
+    return 1;
 }
 
 #define SM_WP 0x10000u

@@ -537,6 +537,8 @@ static int shadow_miss_fill(shadowfill_t *s, uint64_t vaddr, int type, tlb_entry
     made->rights = slot->rights;
     made->dirty = slot->dirty;
     made->serial = m->serial;
+    sm_link(m, pde_gpa);                               /* what _fold's _link will record in rmap */
+    if (pte_addr >= 0) sm_link(m, (uint64_t)pte_addr);
     e->paddr = s->ram_hpa + gpa;
     e->perms = PROT_READ | (writable && ok && !sm_traced(m, gpa) ? PROT_WRITE : 0) | (s->code[gpa >> 12] ? PROT_EXEC : 0);
     s->fills++;
@@ -624,12 +626,24 @@ static void set_bit(uint8_t *bits, uint64_t limit, uint64_t frame, uint32_t on) 
         bits[k >> 3] &= (uint8_t)~(1u << (k & 7));
 }
 
+/* on: 0 untraced, 1 traced by shadow paging alone, 2 (also) by another owner */
 void shadowmirror_traced(shadowmirror_t *m, uint64_t frame, uint32_t on) {
-    set_bit(m->traced, m->traced_frames, frame, on);
+    set_bit(m->traced, m->traced_frames, frame, on != 0);
+    set_bit(m->other_traced, m->traced_frames, frame, on == 2);
 }
 
 void shadowmirror_pt_traced(shadowmirror_t *m, uint64_t frame, uint32_t on) {
     set_bit(m->pt_traced, m->traced_frames, frame, on);
+}
+
+/* ShadowPaging.rmap gained (on = 1) or lost an address; all of them (clear) */
+void shadowmirror_linked(shadowmirror_t *m, uint64_t gpa, uint32_t on) {
+    uint64_t k = gpa >> 2;
+    if (!m->linked || (gpa >> 12) >= m->traced_frames) return;
+    if (on)
+        m->linked[k >> 3] |= (uint8_t)(1u << (k & 7));
+    else
+        m->linked[k >> 3] &= (uint8_t)~(1u << (k & 7));
 }
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_tlbfill", NULL, -1, NULL};

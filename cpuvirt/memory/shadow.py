@@ -46,6 +46,7 @@ MAX_ROOT_ENTRIES = 1 << 16  # shadow entries per address space (256 MiB mapped);
 _MODE0 = CR0_PG
 _MODE4 = CR4_PSE
 _WRITE, _FETCH = int(Access.WRITE), int(Access.FETCH)
+INVLPG_RECORD = -2  # the pte_addr of a C log record that is an invlpg (memory/_shadowmirror.h SM_INVLPG)
 
 
 class GuestStoreFault(GuestPageFault):
@@ -156,7 +157,8 @@ class ShadowPaging:
         """Take the entries _tlbfill.c made for hidden faults (shadow_miss_fill) into the current root's tables,
         as _resolve would have made them: C made them only where nothing else would happen (no new traced frame,
         no trim, no WP grant), for the root current then, which is current still (every way to another root,
-        and every reader of these tables, folds first)."""
+        and every reader of these tables, folds first). The same log holds the invlpgs full's callout hook
+        served (bt/_callout.c), in order with the entries: each is what invlpg does to the tables."""
         mirror = self.mirror
         if mirror is None or not mirror.state.made:
             return
@@ -164,7 +166,14 @@ class ShadowPaging:
         assert root is not None and key is not None
         made = mirror.take_made(root.serial)
         entries = root.entries
+        c = self.counters
         for page, e in made:
+            if e[4] == INVLPG_RECORD:  # an invlpg C served (bt/_callout.c): what invlpg does, the copy done
+                old = dict.pop(entries, page, None)
+                if old is not None:
+                    self._unlink(key, page, old)
+                c.invlpgs += 1
+                continue
             old = entries.get(page)
             if old is not None:
                 self._unlink(key, page, old)
@@ -172,7 +181,7 @@ class ShadowPaging:
             self._link(e[3], key, page)
             if e[4] >= 0:
                 self._link(e[4], key, page)
-        self.counters.hidden_faults += len(made)
+            c.hidden_faults += 1
         mirror.make_room(self)
 
     def attach(self, vcpu) -> None:

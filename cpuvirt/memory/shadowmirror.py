@@ -16,6 +16,7 @@ import os
 
 from cpuvirt.engine.cext import load
 from cpuvirt.memory.fastfill import FastFill, _State
+from cpuvirt.memory.shadow import KIND as PT_KIND
 
 SHADOW_SLOTS = 2 << 16  # as _shadowmirror.h: 2^16 sets of two
 
@@ -61,6 +62,8 @@ class _Mirror(ctypes.Structure):
         ("traced", ctypes.c_void_p),
         ("pt_traced", ctypes.c_void_p),
         ("present", ctypes.c_void_p),
+        ("linked", ctypes.c_void_p),
+        ("other_traced", ctypes.c_void_p),
         ("room", ctypes.c_uint32),
         ("made", ctypes.c_uint32),
         ("made_log", _Made * SM_MADE),
@@ -99,7 +102,7 @@ def _lib():
     lib.shadowmirror_put.argtypes = (ctypes.c_void_p, ctypes.c_void_p) + (ctypes.c_uint32,) * 5
     lib.shadowmirror_drop.restype = None
     lib.shadowmirror_drop.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_uint32)
-    for name in ("shadowmirror_traced", "shadowmirror_pt_traced"):
+    for name in ("shadowmirror_traced", "shadowmirror_pt_traced", "shadowmirror_linked"):
         getattr(lib, name).restype = None
         getattr(lib, name).argtypes = (ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32)
     return lib
@@ -139,7 +142,8 @@ class _MirroredEntries(dict):
 
 
 class _TracedFrames(dict):
-    """Mmu.traces.frames (guest frame -> owners) with a bit per traced RAM frame in the copy."""
+    """Mmu.traces.frames (guest frame -> owners) with a bit per traced RAM frame in the copy, and one per frame
+    traced by an owner other than shadow paging (memory/traces.py sets a frame again when its owners change)."""
 
     __slots__ = ("_lib", "_pm")
 
@@ -151,7 +155,8 @@ class _TracedFrames(dict):
 
     def __setitem__(self, page, owners) -> None:
         dict.__setitem__(self, page, owners)
-        self._lib.shadowmirror_traced(self._pm, page, 1)
+        # 1: traced by shadow paging alone, 2: (also) by another owner (_tlbfill.c shadowmirror_traced)
+        self._lib.shadowmirror_traced(self._pm, page, 1 if len(owners) == 1 and PT_KIND in owners else 2)
 
     def __delitem__(self, page) -> None:
         dict.__delitem__(self, page)
@@ -167,6 +172,39 @@ class _TracedFrames(dict):
     def clear(self) -> None:
         for page in list(self):
             del self[page]
+
+
+class _LinkedAddresses(dict):
+    """ShadowPaging.rmap (guest PDE/PTE address -> the entries derived from it) with a bit per address it
+    holds in the copy (`linked`): a store C makes into a traced page table must derive nothing (full's
+    adaptive stores, bt/_callout.c)."""
+
+    __slots__ = ("_lib", "_pm", "_bits", "_size")
+
+    def __init__(self, lib, pm, bits, old: dict):
+        super().__init__()
+        self._lib, self._pm, self._bits, self._size = lib, pm, bits, ctypes.sizeof(bits)
+        for addr, keys in old.items():
+            self[addr] = keys
+
+    def __setitem__(self, addr, keys) -> None:
+        dict.__setitem__(self, addr, keys)
+        self._lib.shadowmirror_linked(self._pm, addr, 1)
+
+    def __delitem__(self, addr) -> None:
+        dict.__delitem__(self, addr)
+        self._lib.shadowmirror_linked(self._pm, addr, 0)
+
+    def pop(self, addr, *default):
+        had = addr in self
+        keys = dict.pop(self, addr, *default)
+        if had:
+            self._lib.shadowmirror_linked(self._pm, addr, 0)
+        return keys
+
+    def clear(self) -> None:
+        dict.clear(self)
+        ctypes.memset(self._bits, 0, self._size)
 
 
 class _PageTableFrames(set):
@@ -207,6 +245,9 @@ class ShadowMirror:
         self._pt_traced = (ctypes.c_uint8 * ((frames + 7) // 8 or 1))()
         m.traced, m.traced_frames = ctypes.addressof(self._traced), frames
         m.pt_traced = ctypes.addressof(self._pt_traced)
+        self._other_traced = (ctypes.c_uint8 * ((frames + 7) // 8 or 1))()
+        m.other_traced = ctypes.addressof(self._other_traced)
+        self._linked = None  # a bit per 4-byte word of RAM, once a C path asks (track_links)
         self._serial = 0
 
     @classmethod
@@ -226,6 +267,18 @@ class ShadowMirror:
         pm = mirror._pm
         shadow.traced = _PageTableFrames(lambda frame, on: lib.shadowmirror_pt_traced(pm, frame, on), shadow.traced)
         return mirror
+
+    def track_links(self) -> None:
+        """Keep `linked` (which guest PDE/PTE words some shadow entry derives from) for a C path that stores
+        into page tables (full's adaptive stores, bt/_callout.c); until then C's walks set no bits, and
+        ShadowPaging.rmap stays a plain dict (a C call per change costs the other modes' Python paths)."""
+        if self._linked is not None:
+            return
+        shadow = self._shadow
+        frames = self.state.traced_frames
+        self._linked = (ctypes.c_uint8 * (frames * 128 or 1))()
+        shadow.rmap = _LinkedAddresses(self._lib, self._pm, self._linked, shadow.rmap)
+        self.state.linked = ctypes.addressof(self._linked)
 
     def _next(self) -> int:
         self._serial = self._serial % 0xFFFFFFFF + 1

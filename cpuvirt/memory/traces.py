@@ -72,6 +72,7 @@ class Traces:
                 self.on_change()
         else:
             owners[kind] = callback
+            self.frames[gpa_page] = owners  # (a copy that keeps the owners' kinds sees the change)
 
     def untrace_frame(self, gpa_page: int, kind: str) -> None:
         gpa_page &= PAGE_MASK
@@ -82,6 +83,8 @@ class Traces:
                 del self.frames[gpa_page]
                 if self.on_change is not None:
                     self.on_change()
+            else:
+                self.frames[gpa_page] = owners
 
     def untrace_all(self, kind: str) -> None:
         for page in [p for p, o in self.frames.items() if kind in o]:

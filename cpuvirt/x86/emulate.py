@@ -89,6 +89,66 @@ def _store_form(code: bytes, eip: int):
     return form
 
 
+_GPR_INDEX = {"eax": 0, "ecx": 1, "edx": 2, "ebx": 3, "esp": 4, "ebp": 5, "esi": 6, "edi": 7}
+_SITE_OPS = {"mov": 0, "or": 1, "and": 2, "xor": 3}  # as bt/_callout.c's ST_MOV..ST_XOR
+_NONE = 0xFF
+_sites: dict = {}
+
+
+def store_site(code: bytes, eip: int) -> tuple | None:
+    """The store at eip as a C path can make it without a decoder (bt/_callout.c store_t): (op, size,
+    source register or 0xFF, its shift, immediate, base, index, scale, displacement), registers as
+    indexes in ModRM order; None for a form only emulate_store does (xchg, cmpxchg, stos, 16-bit
+    addressing, a 16-bit base or index). The same operand and address as emulate_store's."""
+    key = (eip, code)
+    if key in _sites:
+        return _sites[key]
+    site = None
+    try:
+        m, _length, size, src_kind, src, _text = _store_form(code, eip)
+    except Unsupported:
+        m = ""
+    insn = next(_cs.disasm(code or b"", eip, 1), None) if m in _SITE_OPS and size in (1, 2, 4) else None
+    address = _address_form(insn)
+    if address is not None:
+        if src_kind == "reg":
+            full, shift, _width = _REGS[src]
+            reg, imm = R.GPR_ORDER.index(full), 0
+        else:
+            reg, shift, imm = _NONE, 0, src & 0xFFFFFFFF
+        site = (_SITE_OPS[m], size, reg, shift, imm, *address)
+    if len(_sites) > 4096:
+        _sites.clear()
+    limits.put(_sites, key, site)
+    return site
+
+
+def _address_form(insn) -> tuple[int, int, int, int] | None:
+    """(base, index, scale, displacement) of the first operand, a memory operand with 32-bit registers
+    (indexes in ModRM order, 0xFF: none); None otherwise."""
+    if insn is None or 0x67 in insn.prefix or not insn.operands or insn.operands[0].type != X86_OP_MEM:
+        return None
+    mem = insn.operands[0].mem
+    base = insn.reg_name(mem.base) if mem.base else None
+    index = insn.reg_name(mem.index) if mem.index else None
+    if (base is not None and base not in _GPR_INDEX) or (index is not None and index not in _GPR_INDEX):
+        return None
+    disp = ((mem.disp + (1 << 31)) & 0xFFFFFFFF) - (1 << 31)
+    return (
+        _NONE if base is None else _GPR_INDEX[base],
+        _NONE if index is None else _GPR_INDEX[index],
+        mem.scale if index is not None else 1,
+        disp,
+    )
+
+
+def memory_site(code: bytes, eip: int) -> tuple | None:
+    """An instruction's memory operand (invlpg m) in store_site's shape, for bt/_callout.c's site_address;
+    None where it is not one."""
+    address = _address_form(next(_cs.disasm(code or b"", eip, 1), None))
+    return None if address is None else (0, 1, _NONE, 0, 0, *address)
+
+
 def emulate_store(code: bytes, eip: int, regs, read, write) -> tuple[int, int, int, int, str]:
     """Emulate a store that hit a traced page (KVM's "emulate on write to a shadowed page").
 

@@ -17,10 +17,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from cpuvirt.bt.coherence import invalidate
+from cpuvirt.bt.fastcallout import ADAPTIVE
 from cpuvirt.engine import regs as R
 from cpuvirt.memory.mmu import GuestPageFault
 from cpuvirt.memory.shadow import KIND as PT_KIND
 from cpuvirt.memory.types import Access
+from cpuvirt.x86.emulate import store_site
 from cpuvirt.x86.vectors import Vector
 
 if TYPE_CHECKING:  # a mixin of FullVcpu (vcpu.py): mypy reads it against the deprivileging vCPU
@@ -45,6 +47,7 @@ class AdaptiveStores(_VcpuBase):
     adaptive_stores: int
     _untraced_run: dict[int, int]
     _native_after: dict[int, int]
+    _fast_kinds: int  # callouts.py: the kinds the C callout hook serves (1 << kind)
 
     def _make_adaptive(self, geip: int) -> None:
         """Adaptive BT: a store that keeps faulting on a traced page becomes a callout that does the
@@ -111,6 +114,14 @@ class AdaptiveStores(_VcpuBase):
             self._untraced_run[geip] = run
             if run >= self._native_after.get(geip, NATIVE_AGAIN_AFTER):
                 self._make_native(geip)
+            elif self.rt.fast is not None and self.trace is None and self._fast_kinds & (1 << ADAPTIVE):
+                # from now on the C hook stores where it can (bt/_callout.c adaptive_store), going on at
+                # the next instruction's translation; every other store of the site comes back here
+                form = store_site(mmu.fetch_bytes(geip, 15), geip)
+                if form is not None:
+                    rt = self.rt
+                    rt.link_as, rt.link_geip = ADAPTIVE, (geip + length) & 0xFFFFFFFF
+                    rt.link_store = (form, run != 0)
         self.record(
             self.event_kind,
             "store",

@@ -7,11 +7,14 @@ pointers stored by fnstenv/fxsave), the rest through the deprivileging core's em
 from __future__ import annotations
 
 import ctypes
+import os
 import struct
 from typing import TYPE_CHECKING, Callable
 
 from cpuvirt.bt.fastcallout import (
+    ADAPTIVE,
     CPUID,
+    INVLPG,
     IO_DX,
     IRETD,
     KIND_NAMES,
@@ -32,6 +35,7 @@ from cpuvirt.memory.mmu import GuestPageFault
 from cpuvirt.modes.full.evfast import site_kind
 from cpuvirt.status import Unsupported
 from cpuvirt.x86.cpuid import CR4_RESERVED
+from cpuvirt.x86.emulate import memory_site
 from cpuvirt.x86.flags import CR0_PE
 
 if TYPE_CHECKING:  # a mixin of FullVcpu (vcpu.py): mypy reads it against the deprivileging vCPU
@@ -46,6 +50,7 @@ else:
     _VcpuBase = object
 
 _CPUID, _RDTSC, _PORTS = 1 << CPUID, 1 << RDTSC, 1 << PORT_IN  # bits of Callouts._fast_kinds
+_ADAPTIVE, _INVLPG = 1 << ADAPTIVE, 1 << INVLPG
 
 
 class Callouts(_VcpuBase):
@@ -60,8 +65,9 @@ class Callouts(_VcpuBase):
     _entered: int | None  # vcpu.py: the guest EIP enter_kernel last went to
     fdeliver: FullDelivery | None  # deliverfast.py: the common deliveries in C
     _adaptive_store: Callable[[int], None]  # adaptive.py
+    adaptive_stores: int  # vcpu.py
     _virtual_changed: Callable[[], None]  # coherence.py
-    check_code_mappings: Callable[[], None]  # coherence.py
+    check_code_mappings: Callable[..., None]  # coherence.py
     _fast_kinds = 0  # the callout kinds the C hook answers (_CPUID | _RDTSC)
 
     def _link_fast_callouts(self) -> None:
@@ -79,6 +85,12 @@ class Callouts(_VcpuBase):
             fast.answer(RDTSC, clock._lib.vclock_rdtsc_hook, ctypes.cast(ctypes.pointer(clock._state), ctypes.c_void_p))
             self._fast_kinds |= _RDTSC
         fast.window(clock._state, type(clock._state).watch_if.offset, type(clock._state).check_if.offset)
+        # adaptive stores into traced page tables that derive nothing, and invlpg of a page without
+        # translated code (bt/_callout.c): CPUVIRT_ADAPTIVE_C=0 / CPUVIRT_INVLPG_C=0 keep them Python's
+        if os.environ.get("CPUVIRT_ADAPTIVE_C", "1") != "0":
+            self._fast_kinds |= _ADAPTIVE
+        if os.environ.get("CPUVIRT_INVLPG_C", "1") != "0":
+            self._fast_kinds |= _INVLPG
         from cpuvirt.cpu import iosites
         from cpuvirt.cpu.vcpu import IO_CYCLES
 
@@ -99,6 +111,9 @@ class Callouts(_VcpuBase):
             self.reasons[self.event_kind, KIND_NAMES[kind]] += n
             if kind == MOV_CR3:
                 self.mmu.strategy.count_reloads(n)
+            elif kind == ADAPTIVE:  # what _adaptive_store and ShadowPaging.guest_store count
+                self.adaptive_stores += n
+                self.mmu.strategy.counters.guest_stores += n
             c = self.tc.counters
             c.callouts += n
             if kind not in NO_LOOKUP:
@@ -165,7 +180,8 @@ class Callouts(_VcpuBase):
             return None
         self._virtual_changed()
         if ins.text.startswith("invlpg"):
-            self.check_code_mappings()
+            # the one page's translations (the processor's TLB keeps the others' until they are flushed)
+            self.check_code_mappings(only_page=self.memory_operand(geip) & 0xFFFFF000)
         ev = self.evfast
         if ev is not None and ev.on and self.trace is None and self.outcome is None:
             self._link_event(ev, geip, ins.size, raw)
@@ -179,6 +195,11 @@ class Callouts(_VcpuBase):
         if kind == PYTHON or self.direct16.state is not None:
             return
         rt = self.rt
+        if kind == INVLPG:
+            form = memory_site(raw, geip) if self._fast_kinds & _INVLPG else None
+            if form is None or self.outcome is not None:
+                return
+            rt.link_store = (form, False)
         if kind != IRETD:
             rt.link_geip = (geip + size) & 0xFFFFFFFF
         elif self.regs.read(R.CS) & 3 == 3:

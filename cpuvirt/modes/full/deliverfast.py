@@ -113,6 +113,7 @@ class FullDelivery:
         dl.off_is_int = layout.exception_is_int - header
         dl.off_error_code = layout.error_code - header
         dl.mirror = mirror.address
+        mirror.track_links()  # the callout hook's adaptive stores (bt/_callout.c) look at `linked`
         clock = vcpu.clock._state
         kind, base = type(clock), ctypes.addressof(clock)
         dl.clock_now = base + kind.now.offset

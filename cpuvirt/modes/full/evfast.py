@@ -20,7 +20,7 @@ import ctypes
 import os
 from typing import Any
 
-from cpuvirt.bt.fastcallout import IRETD, MOV_CR2, MOV_SREG, POP_SREG, PYTHON
+from cpuvirt.bt.fastcallout import INVLPG, IRETD, MOV_CR2, MOV_SREG, POP_SREG, PYTHON
 from cpuvirt.cpu import evseg
 from cpuvirt.cpu.evseg import EvHvTlb, EvLoaded, EvVirtualCpu
 from cpuvirt.cpu.quirks import context_layout
@@ -70,6 +70,8 @@ def site_kind(raw: bytes) -> tuple[int, int]:
         return MOV_CR2, raw[2]
     if raw == b"\xcf":
         return IRETD, 0
+    if n >= 3 and raw[0] == 0x0F and raw[1] == 0x01 and raw[2] >> 6 != 3 and (raw[2] >> 3) & 7 == 7:
+        return INVLPG, 0  # invlpg m (its address: the runtime's link_store)
     return PYTHON, 0
 
 

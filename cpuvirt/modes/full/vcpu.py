@@ -14,6 +14,7 @@ import struct
 from unicorn import UC_MEM_FETCH, UC_PROT_EXEC
 
 from cpuvirt.bt.direct import PM16, Direct16, RunsCode16
+from cpuvirt.bt.fastcallout import CodePages
 from cpuvirt.bt.runtime import BtRuntime
 from cpuvirt.bt.tcache import CALLOUT_SLOTS, TC_SIZE, TCache
 from cpuvirt.bt.translate import GuestCode, TranslateFault
@@ -117,7 +118,8 @@ class FullVcpu(RunsCode16, Coherence, Callouts, AdaptiveStores, DeprivilegedVcpu
         if verbose:
             self.rt.translator.trace_translate = self._record_translate
         self.in_place: InPlaceBlocks | None = None  # watch_in_place_code
-        self._page_frame: dict[int, int] = {}  # linear code page -> guest frame it came from
+        # linear code page -> guest frame it came from (with a bit per page for the C callout hook's invlpg)
+        self._page_frame: dict[int, int] = CodePages(self.rt.fast.table) if self.rt.fast is not None else {}
         self._dirty: set[int] = set()  # code frames written since they were checked
         self._frame_blocks: dict[int, list] = {}  # guest frame -> blocks translated from it
         self._frame_index: dict[int, dict] = {}  # guest frame -> gpa >> 6 -> [(seq, block)] there

@@ -1,0 +1,72 @@
+"""full's C callout hook serves adaptive stores into traced page tables that no shadow entry derives from
+(ADAPTIVE) and invlpg of pages without translated code (INVLPG) (bt/_callout.c, docs/binary-translation.md
+"Page-table stores and invlpg in C"). Everything a reader sees must be what the Python path
+(CPUVIRT_ADAPTIVE_C=0, CPUVIRT_INVLPG_C=0) leaves: the console, counts and reasons, virtual time, the
+translation cache's and the shadow's counters, and the vCPU at every callout Python serves. The guests:
+tests/guests/full_ptemod.S (every store form C does, and the cases it must leave to Python: a word an entry
+derives from, a site's untraced run, invlpg of a code page) and the nanobench image (ptemod, pgfault)."""
+
+from __future__ import annotations
+
+import pytest
+
+from cpuvirt.bt.fastcallout import ADAPTIVE, INVLPG
+from cpuvirt.runner import run_guest
+from tests.test_full_events import _run, _same
+
+SWITCHES = ("CPUVIRT_ADAPTIVE_C", "CPUVIRT_INVLPG_C")
+ROUNDS = 64  # full_ptemod.S
+
+
+def _served(vcpu) -> tuple[int, int]:
+    served = vcpu.rt.fast.table.served
+    return served[ADAPTIVE], served[INVLPG]
+
+
+def test_page_table_stores_and_invlpg_in_c_leave_what_python_leaves(test_guest, monkeypatch):
+    image = test_guest("full_ptemod")
+    c_run = _run(image, monkeypatch, True, switches=SWITCHES)
+    py_run = _run(image, monkeypatch, False, switches=SWITCHES)
+    console = c_run[0].console
+    assert b"FAIL" not in console and b"PASS page-table stores and invlpg" in console
+    stores, invlpgs = _served(c_run[3])
+    assert _served(py_run[3]) == (0, 0)
+    # per round, once the sites are adaptive: 8 stores that derive nothing (the PTE(B) store every other
+    # round only), invlpg of pages A, B, C, E, F and of the page nothing maps (not the code page's)
+    assert stores >= (ROUNDS - 8) * 8, stores
+    assert invlpgs >= (ROUNDS - 2) * 6, invlpgs
+    # ... and Python served the rest: the zapping store, the untraced run, the code page's invlpg
+    reasons = c_run[3].reasons
+    assert reasons["callout", "store"] - stores >= ROUNDS // 2 + 3 * (ROUNDS - 8)
+    assert reasons["callout", "invlpg"] - invlpgs >= ROUNDS
+    assert c_run[3].mmu.strategy.counters.zapped == py_run[3].mmu.strategy.counters.zapped > 0
+    _same(c_run, py_run)
+    native = run_guest(str(image), "native", 32, 20_000_000)
+    assert console == native.console  # the flags and entries of each store, summed
+
+
+@pytest.fixture(scope="module")
+def nanobench(tmp_path_factory):
+    from cpuvirt.nanobench import build
+
+    path = tmp_path_factory.mktemp("nb") / "nanobench.bin"
+    path.write_bytes(build(300, False))
+    return path
+
+
+def test_nanobench_ptemod_in_c(nanobench, monkeypatch):
+    c_run = _run(nanobench, monkeypatch, True, switches=SWITCHES)
+    py_run = _run(nanobench, monkeypatch, False, switches=SWITCHES)
+    stores, invlpgs = _served(c_run[3])
+    # ptemod: its xor and invlpg; pgfault: the handler's store setting P (nothing derives from the entry
+    # then) and the loop's invlpg (the store clearing P zaps the entry the retry made: Python's)
+    assert stores >= 2 * (300 - 5) and invlpgs >= 2 * (300 - 5), (stores, invlpgs)
+    _same(c_run, py_run)
+
+
+def test_a_trace_keeps_them_python_s(test_guest, monkeypatch, tmp_path):
+    image = test_guest("full_ptemod")
+    c_run = _run(image, monkeypatch, True, trace_path=str(tmp_path / "t.jsonl"), switches=SWITCHES)
+    assert _served(c_run[3]) == (0, 0)
+    rows = (tmp_path / "t.jsonl").read_text()
+    assert '"reason":"store"' in rows and '"reason":"invlpg"' in rows
