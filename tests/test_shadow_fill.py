@@ -260,7 +260,7 @@ def test_c_shadow_fill_leaves_hypervisor_windows_and_new_fetches_to_python():
 
 @pytest.mark.parametrize("mode", ["trap", "full", "hw-noept"])
 def test_whole_runs_are_the_same_with_the_c_fill_off(mode, tmp_path, monkeypatch):
-    """nanobench (its cr3 and ptemod loops refill the engine's TLB from the shadow thousands of times):
+    """nanobench (its cr3 and ptemod loops refill the engine's TLB from the shadow hundreds of times):
     console, counters (shadow hits included), virtual time and the trace, C fill on and off."""
     path = tmp_path / "nanobench.bin"
     path.write_bytes(build(200, False))
@@ -278,6 +278,7 @@ def test_whole_runs_are_the_same_with_the_c_fill_off(mode, tmp_path, monkeypatch
     (c_res, c_trace, c_fills), (py_res, py_trace, py_fills) = out["1"], out["0"]
     assert c_res["status"] == 0 and py_fills is None
     hits = c_res["mmu"]["shadow"]["shadow_hits"]
-    assert hits > 1000 and c_fills > hits // 2, (c_fills, hits)  # most of the shadow's hits, in C
+    # the cr3 loop alone refills at least the code's and the stack's pages after each of its 200 flushes
+    assert hits > 2 * 200 and c_fills > hits // 2, (c_fills, hits)  # most of the shadow's hits, in C
     assert c_res == py_res
     assert c_trace == py_trace

@@ -43,8 +43,9 @@ enum { PYTHON = 0, CPUID = 1, RDTSC = 2, MOV_CR0 = 3, MOV_CR4 = 4, PORT_IN = 5, 
        KINDS = 15 };
 
 /* An adaptive store site as C does it (x86/emulate.py store_site): `op [base + index * scale + disp], src`
- * with op mov, or, and, xor; src a register's bits (shift 0, or 8 for ah..bh) or an immediate. */
-enum { ST_MOV = 0, ST_OR = 1, ST_AND = 2, ST_XOR = 3 };
+ * with op mov, or, and, xor, add, sub, inc, dec; src a register's bits (shift 0, or 8 for ah..bh) or an
+ * immediate (1 for inc and dec). */
+enum { ST_MOV = 0, ST_OR = 1, ST_AND = 2, ST_XOR = 3, ST_ADD = 4, ST_SUB = 5, ST_INC = 6, ST_DEC = 7 };
 #define ST_NONE 0xFFu
 typedef struct {
     int32_t disp;
@@ -167,6 +168,12 @@ typedef struct {
     int32_t tlb_flush_ctl;     /* UC_CTL_WRITE(UC_CTL_TLB_FLUSH, 0) */
     uint32_t pad_cr3;
     uint8_t *code_pages;       /* a bit per linear page that holds translated code (FullVcpu._page_frame) */
+    /* A bit per 64-byte line of RAM that a translation's source bytes were read from since the last TC
+     * flush (coherence.py _frame_index), and one per line of code the engine ran in place (inplace.py; NULL
+     * while nothing is indexed): a store elsewhere in a code frame changes no translation */
+    uint8_t *tc_lines;
+    uint8_t *inplace_lines;
+    uint64_t lines;            /* lines in RAM */
     store_t store[SLOTS];      /* ADAPTIVE and INVLPG slots */
 } callouts_t;
 
@@ -366,6 +373,19 @@ static int invlpg(callouts_t *t, void *uc, uint64_t i, uint64_t cs) {
     return 1;
 }
 
+/* Do the bytes gpa .. gpa + size - 1 share no 64-byte line with a translation's source or with code run in
+ * place? Then FullVcpu._check_range, after the store, would drop nothing. */
+static int code_untouched(const callouts_t *t, uint64_t gpa, uint32_t size) {
+    uint64_t k;
+    if (!t->tc_lines) return 0;
+    for (k = gpa >> 6; k <= (gpa + size - 1) >> 6; k++) {
+        if (k >= t->lines) return 0;
+        if ((t->tc_lines[k >> 3] >> (k & 7)) & 1) return 0;
+        if (t->inplace_lines && ((t->inplace_lines[k >> 3] >> (k & 7)) & 1)) return 0;
+    }
+    return 1;
+}
+
 /* An adaptive store (ADAPTIVE) as modes/full/adaptive.py _adaptive_store does it through
  * ShadowPaging.guest_store, when that would do nothing but the store, its flags and the counts: the
  * current shadow root maps the page writable and dirty for the kernel (sm_hv_gpa: no walk, no A/D bit, no
@@ -385,9 +405,14 @@ static int adaptive_store(callouts_t *t, void *uc, uint64_t i) {
     if ((gva & 0xFFFu) + st->size > 0x1000u) return 0;
     gpa = sm_hv_gpa(m, t->cr[0], t->cr3, t->cr[1], gva, 1, 0);
     if (gpa < 0 || (uint64_t)gpa + st->size > t->ev.ram_bytes) return 0;
-    if (!sm_traced(m, (uint64_t)gpa) || !sm_pt_traced(m, (uint64_t)gpa) || sm_other_traced(m, (uint64_t)gpa)) return 0;
-    for (uint64_t w = (uint64_t)gpa & ~3ull; w < (uint64_t)gpa + st->size; w += 4)
-        if (sm_linked(m, w)) return 0;
+    if (!sm_traced(m, (uint64_t)gpa)) return 0;
+    if (sm_pt_traced(m, (uint64_t)gpa)) {        /* a page table: no entry derives from the words */
+        if (sm_other_traced(m, (uint64_t)gpa)) return 0;
+        for (uint64_t w = (uint64_t)gpa & ~3ull; w < (uint64_t)gpa + st->size; w += 4)
+            if (sm_linked(m, w)) return 0;
+    } else if (!code_untouched(t, (uint64_t)gpa, st->size)) {   /* a code frame (the other owner) */
+        return 0;
+    }
     mask = st->size == 4 ? 0xFFFFFFFFu : (1u << (8 * st->size)) - 1;
     if (st->src == ST_NONE) {
         src = st->imm & mask;
@@ -396,15 +421,33 @@ static int adaptive_store(callouts_t *t, void *uc, uint64_t i) {
         src = ((uint32_t)v >> st->shift) & mask;
     }
     memcpy(&old, t->ev.ram + gpa, st->size);
-    value = st->op == ST_MOV ? src : st->op == ST_OR ? (old | src) : st->op == ST_AND ? (old & src) : (old ^ src);
+    switch (st->op) {
+    case ST_MOV: value = src; break;
+    case ST_OR: value = old | src; break;
+    case ST_AND: value = old & src; break;
+    case ST_XOR: value = old ^ src; break;
+    case ST_ADD: case ST_INC: value = (old + src) & mask; break;
+    default: value = (old - src) & mask; break;
+    }
     memcpy((uint8_t *)t->ev.ram + gpa, &value, st->size);
     if (st->op != ST_MOV) {
-        /* x86/emulate.py: CF = OF = AF = 0; SF, ZF, PF from the result */
+        uint32_t top = 8 * st->size - 1;
+        int sub = st->op == ST_SUB || st->op == ST_DEC;
         t->reg_read(uc, t->eflags_reg, &fl);
-        fl &= ~(uint64_t)(0x1 | 0x4 | 0x10 | 0x40 | 0x80 | 0x800);
+        if (st->op <= ST_XOR) {
+            /* x86/emulate.py emulate_store: CF = OF = AF = 0; SF, ZF, PF from the result */
+            fl &= ~(uint64_t)(0x1 | 0x4 | 0x10 | 0x40 | 0x80 | 0x800);
+        } else {
+            /* arith_store: CF (kept by inc and dec), AF, OF as the CPU sets them */
+            fl &= ~(uint64_t)(0x4 | 0x10 | 0x40 | 0x80 | 0x800 | (st->op >= ST_INC ? 0 : 0x1));
+            if (st->op < ST_INC && (sub ? old < src : (uint64_t)old + src > mask)) fl |= 0x1;
+            if ((old ^ src ^ value) & 0x10) fl |= 0x10;
+            if (sub ? (((old ^ src) & (old ^ value)) >> top) & 1 : ((~(old ^ src) & (old ^ value)) >> top) & 1)
+                fl |= 0x800;
+        }
         if (!(__builtin_popcount(value & 0xFF) & 1)) fl |= 0x4;
         if (!value) fl |= 0x40;
-        if ((value >> (8 * st->size - 1)) & 1) fl |= 0x80;
+        if ((value >> top) & 1) fl |= 0x80;
         t->reg_write(uc, t->eflags_reg, &fl);
     }
     return 1;

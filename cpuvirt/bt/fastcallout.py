@@ -180,6 +180,9 @@ class _Table(ctypes.Structure):
         ("tlb_flush_ctl", ctypes.c_int32),
         ("pad_cr3", ctypes.c_uint32),
         ("code_pages", ctypes.c_void_p),
+        ("tc_lines", ctypes.c_void_p),
+        ("inplace_lines", ctypes.c_void_p),
+        ("lines", ctypes.c_uint64),
         ("store", StoreSite * CALLOUT_SLOTS),
     ]
 
@@ -212,6 +215,41 @@ class CodePages(dict):
     def clear(self) -> None:
         dict.clear(self)
         ctypes.memset(self._bits, 0, ctypes.sizeof(self._bits))
+
+
+class CodeLines:
+    """The 64-byte lines of RAM that hold code, for the C hook's stores into code frames (bt/_callout.c
+    code_untouched): a bit per line a translation's source bytes came from (`mark_tc`, set as blocks are
+    translated, cleared at a TC flush) and one per line of code the engine ran in place (`mark_in_place`,
+    modes/full/inplace.py). Bits are never cleared one by one: a line whose code went stays "code", and a
+    store there is Python's, which finds nothing to drop."""
+
+    def __init__(self, table, ram_bytes: int):
+        self._table = table
+        self._n = (ram_bytes + 63) >> 6
+        self._tc = (ctypes.c_uint8 * ((self._n + 7) // 8 or 1))()
+        self._in_place: ctypes.Array | None = None
+        table.tc_lines, table.lines = ctypes.addressof(self._tc), self._n
+
+    def _mark(self, bits, gpa: int, size: int) -> None:
+        for k in range(gpa >> 6, min(((gpa + max(size, 1) - 1) >> 6) + 1, self._n)):
+            bits[k >> 3] |= 1 << (k & 7)
+
+    def mark_tc(self, gpa: int, size: int) -> None:
+        self._mark(self._tc, gpa, size)
+
+    def clear_tc(self) -> None:
+        ctypes.memset(self._tc, 0, ctypes.sizeof(self._tc))
+
+    def mark_in_place(self, gpa: int, size: int) -> None:
+        if self._in_place is None:
+            self._in_place = (ctypes.c_uint8 * ((self._n + 7) // 8 or 1))()
+            self._table.inplace_lines = ctypes.addressof(self._in_place)
+        self._mark(self._in_place, gpa, size)
+
+    def clear_in_place(self) -> None:
+        if self._in_place is not None:
+            ctypes.memset(self._in_place, 0, ctypes.sizeof(self._in_place))
 
 
 class FastCallouts:

@@ -90,7 +90,7 @@ def _store_form(code: bytes, eip: int):
 
 
 _GPR_INDEX = {"eax": 0, "ecx": 1, "edx": 2, "ebx": 3, "esp": 4, "ebp": 5, "esi": 6, "edi": 7}
-_SITE_OPS = {"mov": 0, "or": 1, "and": 2, "xor": 3}  # as bt/_callout.c's ST_MOV..ST_XOR
+_SITE_OPS = {"mov": 0, "or": 1, "and": 2, "xor": 3, "add": 4, "sub": 5, "inc": 6, "dec": 7}  # bt/_callout.c ST_*
 _NONE = 0xFF
 _sites: dict = {}
 
@@ -99,7 +99,8 @@ def store_site(code: bytes, eip: int) -> tuple | None:
     """The store at eip as a C path can make it without a decoder (bt/_callout.c store_t): (op, size,
     source register or 0xFF, its shift, immediate, base, index, scale, displacement), registers as
     indexes in ModRM order; None for a form only emulate_store does (xchg, cmpxchg, stos, 16-bit
-    addressing, a 16-bit base or index). The same operand and address as emulate_store's."""
+    addressing, a 16-bit base or index). The same operand and address as emulate_store's and
+    arith_store's (inc and dec: an immediate 1)."""
     key = (eip, code)
     if key in _sites:
         return _sites[key]
@@ -108,6 +109,11 @@ def store_site(code: bytes, eip: int) -> tuple | None:
         m, _length, size, src_kind, src, _text = _store_form(code, eip)
     except Unsupported:
         m = ""
+    if m not in _SITE_OPS:
+        arith = _arith_form(code, eip)
+        if arith:
+            m, _length, size, operand = arith
+            src_kind, src = operand if operand is not None else ("imm", 1)
     insn = next(_cs.disasm(code or b"", eip, 1), None) if m in _SITE_OPS and size in (1, 2, 4) else None
     address = _address_form(insn)
     if address is not None:
@@ -147,6 +153,15 @@ def memory_site(code: bytes, eip: int) -> tuple | None:
     None where it is not one."""
     address = _address_form(next(_cs.disasm(code or b"", eip, 1), None))
     return None if address is None else (0, 1, _NONE, 0, 0, *address)
+
+
+def stores(code: bytes, eip: int) -> bool:
+    """Is the instruction at eip a store emulate_store or arith_store does?"""
+    try:
+        _store_form(code, eip)
+    except Unsupported:
+        return bool(_arith_form(code, eip))
+    return True
 
 
 def emulate_store(code: bytes, eip: int, regs, read, write) -> tuple[int, int, int, int, str]:
@@ -217,10 +232,9 @@ _ARITH = ("add", "sub", "inc", "dec")
 _ARITH_FORMS: dict[tuple[int, bytes], tuple] = {}  # site -> (mnemonic, length, size, source), () if none
 
 
-def arith_store(code: bytes, eip: int, regs, read, write) -> int | None:
-    """`add/sub [m], reg/imm` and `inc/dec [m]` (counters kept beside code), with the flags the CPU
-    sets; None for any other instruction. Complements emulate_store (translated code's coherence,
-    cpuvirt/modes/full/coherence.py)."""
+def _arith_form(code: bytes, eip: int) -> tuple:
+    """(mnemonic, length, size, source) of `add/sub [m], reg/imm` or `inc/dec [m]` at eip, once per site;
+    () for any other instruction."""
     key = (eip, code)
     form = _ARITH_FORMS.get(key)
     if form is None:
@@ -236,7 +250,7 @@ def arith_store(code: bytes, eip: int, regs, read, write) -> int | None:
             ops = insn.operands
             src = None
             if len(ops) == 2:
-                if ops[1].type == X86_OP_REG:
+                if ops[1].type == X86_OP_REG and insn.reg_name(ops[1].reg) in _REGS:
                     src = ("reg", insn.reg_name(ops[1].reg))
                 elif ops[1].type == X86_OP_IMM:
                     src = ("imm", ops[1].imm)
@@ -245,6 +259,14 @@ def arith_store(code: bytes, eip: int, regs, read, write) -> int | None:
         if len(_ARITH_FORMS) > 4096:
             _ARITH_FORMS.clear()
         limits.put(_ARITH_FORMS, key, form)
+    return form
+
+
+def arith_store(code: bytes, eip: int, regs, read, write) -> int | None:
+    """`add/sub [m], reg/imm` and `inc/dec [m]` (counters kept beside code), with the flags the CPU
+    sets; None for any other instruction. Complements emulate_store (translated code's coherence,
+    cpuvirt/modes/full/coherence.py)."""
+    form = _arith_form(code, eip)
     if not form:
         return None
     m, length, size, src = form

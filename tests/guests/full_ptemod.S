@@ -93,6 +93,26 @@ no_read:
     add ebx, 4
     call store_at
     invlpg [PAGE_F]
+    # data beside translated code (its frame is traced for coherence): read-modify-writes and a logic op
+    stc                                 # inc and dec keep CF
+    inc dword ptr [counters]
+    SUM_FLAGS
+    add dword ptr [counters + 4], ebp
+    SUM_FLAGS
+    sub word ptr [counters + 8], 3      # through 0x8000: OF once
+    SUM_FLAGS
+    clc
+    dec byte ptr [counters + 12]        # through 0: CF stays clear
+    SUM_FLAGS
+    xor dword ptr [counters + 16], 0x5A5A5A5A
+    SUM_FLAGS
+    # and a store into translated code itself: the immediate patched_fn returns
+    mov ecx, ebp
+    imul ecx, ecx, 0x01010101
+    call patch
+    call patched_fn
+    cmp eax, ecx
+    jne smc_wrong
     # invlpg of a page nothing maps (PDE 1 is not present), and of a page with translated code
     invlpg [0x00400000]
     invlpg [round]
@@ -218,6 +238,22 @@ gdt_wrong:
     FAIL("a GDT read through a remapped page", "a segment load read the GDT the page mapped before its invlpg")
 gdt_done:
 
+    PASS("stores into translated code")
+    jmp smc_done
+smc_wrong:
+    FAIL("stores into translated code", "patched_fn returned an immediate from before the store")
+smc_done:
+    mov eax, dword ptr [counters]
+    add esi, eax
+    mov eax, dword ptr [counters + 4]
+    add esi, eax
+    mov eax, dword ptr [counters + 8]
+    add esi, eax
+    mov eax, dword ptr [counters + 12]
+    add esi, eax
+    mov eax, dword ptr [counters + 16]
+    add esi, eax
+
     # every page still maps itself, with the rights it started with (after an even number of rounds)
     CHECK_EQ("PTE of page A", dword ptr [PTE(PAGE_A)], PAGE_A | PTE_P | PTE_W)
     CHECK_EQ("PTE of page B", dword ptr [PTE(PAGE_B)], PAGE_B | PTE_P | PTE_W | PTE_A)
@@ -239,6 +275,9 @@ gdt_done:
     PASS("page-table stores and invlpg")
     ret
 
+# The helpers and the counters on a code page of their own (the loop invlpg's main's page, which leaves
+# its shadow entry clean: a store there walks again, and stays Python's)
+.align 4096
 store_at:
     mov dword ptr [ebx], eax
     ret
@@ -246,6 +285,20 @@ store_at:
 store_pte:
     mov dword ptr [ebx], eax
     ret
+
+patch:
+    mov dword ptr [patched_fn + 1], ecx
+    ret
+
+patched_fn:
+    mov eax, 0x11111111
+    ret
+
+# counters in the code's own frame, on lines of their own
+.align 64
+counters:
+    .long 0, 0, 0x00018040, 0x20, 0
+.align 64
 
 # put_gate: the 32-bit interrupt gate at ebx (DPL 0) to the handler at edx
 put_gate:

@@ -20,9 +20,8 @@ from cpuvirt.bt.coherence import invalidate
 from cpuvirt.bt.fastcallout import ADAPTIVE
 from cpuvirt.engine import regs as R
 from cpuvirt.memory.mmu import GuestPageFault
-from cpuvirt.memory.shadow import KIND as PT_KIND
 from cpuvirt.memory.types import Access
-from cpuvirt.x86.emulate import store_site
+from cpuvirt.x86.emulate import store_site, stores
 from cpuvirt.x86.vectors import Vector
 
 if TYPE_CHECKING:  # a mixin of FullVcpu (vcpu.py): mypy reads it against the deprivileging vCPU
@@ -44,23 +43,20 @@ class AdaptiveStores(_VcpuBase):
     rt: BtRuntime
     tc: TCache
     traced_stores: dict[int, int]
+    code_store_faults: dict[int, int]
     adaptive_stores: int
     _untraced_run: dict[int, int]
     _native_after: dict[int, int]
     _fast_kinds: int  # callouts.py: the kinds the C callout hook serves (1 << kind)
 
     def _make_adaptive(self, geip: int) -> None:
-        """Adaptive BT: a store that keeps faulting on a traced page becomes a callout that does the
-        store through the shadow paging (no fault at all)."""
-        from cpuvirt.status import Unsupported
-        from cpuvirt.x86.emulate import _store_form
-
+        """Adaptive BT: a store that keeps faulting on a traced page (a page table, or data beside
+        translated code) becomes a callout that does the store through the shadow paging (no fault at
+        all)."""
         tr = self.rt.translator
         if geip in tr.adaptive or not hasattr(self.mmu.strategy, "guest_store"):
             return
-        try:
-            _store_form(self.mmu.fetch_bytes(geip, 15), geip)
-        except Unsupported:
+        if not stores(self.mmu.fetch_bytes(geip, 15) or b"", geip):
             return  # not a store the callout can do: it keeps faulting
         tr.adaptive.add(geip)
         self.tc.counters.adaptive += 1
@@ -75,6 +71,7 @@ class AdaptiveStores(_VcpuBase):
         del self._untraced_run[geip]
         self._native_after[geip] = min(2 * self._native_after.get(geip, NATIVE_AGAIN_AFTER), NATIVE_AGAIN_MAX)
         self.traced_stores[geip] = 0
+        self.code_store_faults.pop(geip, None)
         self._retranslate(geip)
 
     def _retranslate(self, geip: int) -> None:
@@ -83,11 +80,13 @@ class AdaptiveStores(_VcpuBase):
                 invalidate(self.tc, b)
 
     def _adaptive_store(self, geip: int) -> None:
-        """The store of an adaptive callout, done through shadow paging's guest_store."""
-        from cpuvirt.x86.emulate import emulate_store
+        """The store of an adaptive callout, done through shadow paging's guest_store (whose write tells
+        the frame's owners: shadow paging zaps, coherence.py drops the translations it changed)."""
+        from cpuvirt.x86.emulate import arith_store, emulate_store
 
         mmu = self.mmu
         traced = False
+        done: list = []
 
         def read(gva, size):
             return int.from_bytes(mmu.read_linear(gva, size, False), "little")
@@ -97,12 +96,18 @@ class AdaptiveStores(_VcpuBase):
             frames = mmu.traces.frames
             for a in {gva, (gva + size - 1) & 0xFFFFFFFF}:
                 hpa = mmu.gva_to_hpa(a, Access.WRITE, False)  # a #PF here is the store's own
-                if hpa is not None and PT_KIND in frames.get((hpa - mmu.p2m.ram_hpa) & 0xFFFFF000, ()):
-                    traced = True
+                if hpa is not None and frames.get((hpa - mmu.p2m.ram_hpa) & 0xFFFFF000):
+                    traced = True  # a page table, or a frame with translated code
             mmu.strategy.guest_store(gva, size, value)
+            done.append((gva, size, value))
 
+        code = mmu.fetch_bytes(geip, 15)
         try:
-            length, gva, size, value, what = emulate_store(mmu.fetch_bytes(geip, 15), geip, self.regs, read, write)
+            length = arith_store(code, geip, self.regs, read, write)
+            if length is None:
+                length, gva, size, value, what = emulate_store(code, geip, self.regs, read, write)
+            else:
+                (gva, size, value), what = done[0], "emulated a read-modify-write"
         except GuestPageFault as pf:
             self.virtual_cpu.cr2 = pf.gva
             self.record_page_fault(pf.gva, 1, pf.error_code, geip)  # 1: a write
@@ -117,7 +122,7 @@ class AdaptiveStores(_VcpuBase):
             elif self.rt.fast is not None and self.trace is None and self._fast_kinds & (1 << ADAPTIVE):
                 # from now on the C hook stores where it can (bt/_callout.c adaptive_store), going on at
                 # the next instruction's translation; every other store of the site comes back here
-                form = store_site(mmu.fetch_bytes(geip, 15), geip)
+                form = store_site(code, geip)
                 if form is not None:
                     rt = self.rt
                     rt.link_as, rt.link_geip = ADAPTIVE, (geip + length) & 0xFFFFFFFF

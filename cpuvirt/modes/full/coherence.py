@@ -25,6 +25,7 @@ from cpuvirt.x86.flags import CR0_PE, CR0_PG, CR4, CR4_PSE, CR4_SMEP, EFLAGS_DF
 
 if TYPE_CHECKING:  # a mixin of FullVcpu (vcpu.py): mypy reads it against the deprivileging vCPU
     from cpuvirt.bt.direct import Direct16
+    from cpuvirt.bt.fastcallout import CodeLines
     from cpuvirt.bt.runtime import BtRuntime
     from cpuvirt.bt.tcache import TCache
     from cpuvirt.cpu.deprivilege import DeprivilegedVcpu as _VcpuBase
@@ -44,6 +45,8 @@ class Coherence(_VcpuBase):
     tc: TCache
     rt: BtRuntime
     traced_stores: dict[int, int]
+    code_store_faults: dict[int, int]
+    code_lines: CodeLines | None
     _page_frame: dict[int, int]
     _dirty: set[int]
     _frame_blocks: dict[int, list]
@@ -202,6 +205,8 @@ class Coherence(_VcpuBase):
             blocks.append(blk)
             index = self._frame_index.setdefault(frame, {})
             for sgpa, raw in blk.source:
+                if self.code_lines is not None:
+                    self.code_lines.mark_tc(sgpa, len(raw))
                 for k in range(sgpa >> 6, ((sgpa + len(raw) - 1) >> 6) + 1 if raw else sgpa >> 6):
                     lst = index.setdefault(k, [])
                     if len(lst) >= 64:
@@ -223,6 +228,8 @@ class Coherence(_VcpuBase):
             self.rt.fast.clear()  # slot numbers are reused: every slot goes back to Python
         self._frame_blocks.clear()
         self._frame_index.clear()
+        if self.code_lines is not None:
+            self.code_lines.clear_tc()
         self._dep_blocks.clear()
         self._page_frame.clear()
         self._set_maps(None)
@@ -236,6 +243,8 @@ class Coherence(_VcpuBase):
                 del table[a]
         if len(self.traced_stores) > 65536:
             self.traced_stores.clear()
+        if len(self.code_store_faults) > 65536:
+            self.code_store_faults.clear()
         if len(self.rt.translator.adaptive) > 65536:  # guest EIPs made adaptive: an optimization
             self.rt.translator.adaptive.clear()
             self._untraced_run.clear()

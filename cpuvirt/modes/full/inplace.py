@@ -19,9 +19,12 @@ class InPlaceBlocks:
     [tc_lo, tc_hi) (the translation cache's window). `page_frame`: the frame each linear code page
     last fetched from (the intercepts' table, cpu/intercept.py)."""
 
-    def __init__(self, page_frame: dict[int, int], tc_lo: int, tc_hi: int):
+    def __init__(self, page_frame: dict[int, int], tc_lo: int, tc_hi: int, lines=None, ram_hpa: int = 0):
+        """`lines`: a bt/fastcallout.py CodeLines told the guest-physical bytes of each block indexed here
+        (RAM at host-physical `ram_hpa`)."""
         self.page_frame = page_frame
         self.tc_lo, self.tc_hi = tc_lo, tc_hi
+        self.lines, self.ram_hpa = lines, ram_hpa
         self.by_frame: dict[int, dict[int, tuple[int, int]]] = {}
         self.frames_of: dict[int, tuple[int, ...]] = {}  # block address -> the frames it is indexed under
 
@@ -34,8 +37,11 @@ class InPlaceBlocks:
         while page < end:
             hpa = self.page_frame.get(page)
             if hpa is not None:
-                self.by_frame.setdefault(hpa, {})[address] = (max(address, page) - page, min(end, page + PAGE) - page)
+                lo, hi = max(address, page) - page, min(end, page + PAGE) - page
+                self.by_frame.setdefault(hpa, {})[address] = (lo, hi)
                 frames.append(hpa)
+                if self.lines is not None and hpa >= self.ram_hpa:
+                    self.lines.mark_in_place(hpa - self.ram_hpa + lo, hi - lo)
             page += PAGE
         self.frames_of[address] = tuple(frames)  # bounded as block_insns is: its clear() clears this
 
@@ -45,6 +51,8 @@ class InPlaceBlocks:
     def clear(self) -> None:
         self.by_frame.clear()
         self.frames_of.clear()
+        if self.lines is not None:
+            self.lines.clear_in_place()
 
     def _forget(self, address: int) -> None:
         for hpa in self.frames_of.pop(address, ()):

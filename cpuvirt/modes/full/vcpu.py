@@ -14,7 +14,7 @@ import struct
 from unicorn import UC_MEM_FETCH, UC_PROT_EXEC
 
 from cpuvirt.bt.direct import PM16, Direct16, RunsCode16
-from cpuvirt.bt.fastcallout import CodePages
+from cpuvirt.bt.fastcallout import CodeLines, CodePages
 from cpuvirt.bt.runtime import BtRuntime
 from cpuvirt.bt.tcache import CALLOUT_SLOTS, TC_SIZE, TCache
 from cpuvirt.bt.translate import GuestCode, TranslateFault
@@ -120,6 +120,9 @@ class FullVcpu(RunsCode16, Coherence, Callouts, AdaptiveStores, DeprivilegedVcpu
         self.in_place: InPlaceBlocks | None = None  # watch_in_place_code
         # linear code page -> guest frame it came from (with a bit per page for the C callout hook's invlpg)
         self._page_frame: dict[int, int] = CodePages(self.rt.fast.table) if self.rt.fast is not None else {}
+        # the RAM lines that hold code (for the C hook's adaptive stores into code frames)
+        self.code_lines = CodeLines(self.rt.fast.table, self.mmu.p2m.ram_bytes) if self.rt.fast is not None else None
+        self.code_store_faults: dict[int, int] = {}  # guest EIP -> stores into code frames (adaptive BT)
         self._dirty: set[int] = set()  # code frames written since they were checked
         self._frame_blocks: dict[int, list] = {}  # guest frame -> blocks translated from it
         self._frame_index: dict[int, dict] = {}  # guest frame -> gpa >> 6 -> [(seq, block)] there
@@ -360,8 +363,9 @@ class FullVcpu(RunsCode16, Coherence, Callouts, AdaptiveStores, DeprivilegedVcpu
             n = 0
             if kinds - {CODE}:  # a guest page table (shadow paging's trace)
                 n = self.traced_stores[geip] = self.traced_stores.get(geip, 0) + 1
-            else:
+            else:  # data beside translated code: adaptive too, once it is emulated here
                 self.code_page_faults += 1
+                n = self.code_store_faults[geip] = self.code_store_faults.get(geip, 0) + 1
             from cpuvirt.memory.traces import TraceError
 
             try:
@@ -477,7 +481,9 @@ class FullVcpu(RunsCode16, Coherence, Callouts, AdaptiveStores, DeprivilegedVcpu
         """Index the blocks the engine runs in place by frame (inplace.py), once the intercepts know
         each code page's frame (enable_io_gate made them)."""
         assert self.intercepts is not None
-        self.in_place = InPlaceBlocks(self.intercepts.page_frame, TC_WINDOW, TC_WINDOW + TC_SIZE)
+        self.in_place = InPlaceBlocks(
+            self.intercepts.page_frame, TC_WINDOW, TC_WINDOW + TC_SIZE, self.code_lines, self.mmu.p2m.ram_hpa
+        )
         self.machine.block_insns.attach(self.in_place)
 
     def _remove_cache(self, lo: int, hi: int) -> None:
