@@ -1,8 +1,9 @@
 """full's C callout hook serves adaptive stores into traced page tables that no shadow entry derives from,
 and into frames with translated code away from its bytes (ADAPTIVE), and invlpg of pages without
 translated code (INVLPG) (bt/_callout.c, docs/binary-translation.md "Callouts answered in C").
-Everything a reader sees must be what the Python path (CPUVIRT_ADAPTIVE_C=0, CPUVIRT_INVLPG_C=0) leaves: the console, counts and reasons, virtual time, the
-translation cache's and the shadow's counters, and the vCPU at every callout Python serves. The guests:
+Everything a reader sees must be what the Python path (CPUVIRT_ADAPTIVE_C=0, CPUVIRT_INVLPG_C=0) leaves:
+the console, counts and reasons, virtual time, the translation cache's and the shadow's counters, and the
+vCPU at every callout Python serves. The guests:
 tests/guests/full_ptemod.S (every store form C does, and the cases it must leave to Python: a word an entry
 derives from, a site's untraced run, a store into translated code, invlpg of a code page) and the nanobench
 image (ptemod, pgfault, divzero)."""
