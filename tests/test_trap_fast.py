@@ -20,9 +20,9 @@ from tests.runs import run_record
 GPRS = (R.EAX, R.EBX, R.ECX, R.EDX, R.ESI, R.EDI, R.EBP, R.ESP, R.EIP, R.EFLAGS)
 
 
-def _run(image, monkeypatch, c_path: bool, trace_path=None):
-    """Run the guest; record, at every engine event Python handles, the registers, virtual time and the
-    counters a reader sees then, in order."""
+def _run(image, monkeypatch, c_path: bool, trace_path=None, switches=("CPUVIRT_TRAP_FAST",)):
+    """Run the guest, the C paths named by `switches` on (c_path) or off; record, at every engine event
+    Python handles, the registers, virtual time and the counters a reader sees then, in order."""
     seen: list[tuple] = []
     cpus = []
     original = trap.TrapVcpu.on_engine_event
@@ -43,7 +43,8 @@ def _run(image, monkeypatch, c_path: bool, trace_path=None):
         return original(self, intno, error_code, soft, eip)
 
     monkeypatch.setattr(trap.TrapVcpu, "on_engine_event", on_engine_event)
-    monkeypatch.setenv("CPUVIRT_TRAP_FAST", "1" if c_path else "0")
+    for name in switches:
+        monkeypatch.setenv(name, "1" if c_path else "0")
     res = run_guest(str(image), "trap", 32, 20_000_000, trace_path=trace_path, on_start=lambda hv: cpus.append(hv))
     monkeypatch.undo()
     hv = cpus[-1]

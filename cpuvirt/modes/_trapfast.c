@@ -16,6 +16,7 @@
  *                              sets no reserved bit) and the shadow needs no engine TLB flush for it
  *                              (ShadowPaging.tlb_flush would answer False): the hypervisor's own TLB
  *                              is flushed by a generation count (cpu/hvtlb.py)
+ *   0F 01 /7    invlpg m       the page out of the hypervisor's TLB and the shadow's current root
  *
  * doing exactly what the Python path does: the same registers written in the same order, QEMU's
  * old_exception cleared (the escalation workaround of cpu/quirks.py FaultState.take), the block's
@@ -65,7 +66,8 @@ typedef void (*intr_fn)(void *uc, uint32_t intno, void *user_data);
 #define BLOCK_SLOTS ED_BLOCK_SLOTS
 
 /* The kinds answered here, each with its (kind, reason) key of Vcpu.reasons (trapfast.py REASONS). */
-enum { K_CLI, K_STI, K_CLTS, K_MOV_CR0, K_MOV_CR4, K_MOV_SREG, K_POP_SREG, K_MOV_CR2, K_IRETD, K_MOV_CR3, K_COUNT };
+enum { K_CLI, K_STI, K_CLTS, K_MOV_CR0, K_MOV_CR4, K_MOV_SREG, K_POP_SREG, K_MOV_CR2, K_IRETD, K_MOV_CR3, K_INVLPG,
+       K_COUNT };
 
 typedef struct {
     reg_read_fn reg_read;
@@ -108,7 +110,7 @@ typedef struct {
     /* mov to CR3 that selects the current shadow root again (cr3_reload_ok) */
     int (*uc_ctl)(void *uc, int control, ...);   /* uc_ctl, for the engine's TLB flush */
     int32_t tlb_flush_ctl;     /* UC_CTL_WRITE(UC_CTL_TLB_FLUSH, 0) */
-    uint32_t pad3;
+    uint32_t invlpg_on;        /* 0: invlpg is Python's (CPUVIRT_INVLPG_C=0) */
     uint64_t cr3_reloads;      /* ShadowCounters.cr3_switches and root_hits to add (Python folds them) */
 } trapfast_t;
 
@@ -216,6 +218,62 @@ static int rd(trapfast_t *s, void *uc, int reg, uint64_t *v) {
     return s->reg_read(uc, reg, v) == 0;
 }
 
+/* The linear address of a ModRM memory operand with 32-bit addressing (flat segments, as
+ * EmulatingVcpu.memory_operand takes them): `m` is the ModRM byte and what follows. Returns the bytes
+ * ModRM, SIB and displacement take, 0 for a register operand. */
+static int modrm_address(trapfast_t *s, void *uc, const uint8_t *m, uint32_t *out) {
+    uint32_t mod = m[0] >> 6, rm = m[0] & 7, addr = 0, n = 1;
+    uint64_t v;
+    int32_t d32;
+    if (mod == 3) return 0;
+    if (rm == 4) {                     /* SIB */
+        uint32_t scale = m[1] >> 6, index = (m[1] >> 3) & 7, base = m[1] & 7;
+        n = 2;
+        if (index != 4) {
+            if (!rd(s, uc, s->r_gpr[index], &v)) return 0;
+            addr += (uint32_t)v << scale;
+        }
+        if (base == 5 && mod == 0) {
+            memcpy(&d32, m + 2, 4);
+            *out = addr + (uint32_t)d32;
+            return 6;
+        }
+        if (!rd(s, uc, s->r_gpr[base], &v)) return 0;
+        addr += (uint32_t)v;
+    } else if (rm == 5 && mod == 0) {
+        memcpy(&d32, m + 1, 4);
+        *out = (uint32_t)d32;
+        return 5;
+    } else {
+        if (!rd(s, uc, s->r_gpr[rm], &v)) return 0;
+        addr = (uint32_t)v;
+    }
+    if (mod == 1) {
+        addr += (uint32_t)(int32_t)(int8_t)m[n];
+        n += 1;
+    } else if (mod == 2) {
+        memcpy(&d32, m + n, 4);
+        addr += (uint32_t)d32;
+        n += 4;
+    }
+    *out = addr;
+    return (int)n;
+}
+
+/* invlpg m: privileged.py _invlpg when it does only this (ShadowPaging.invlpg in the shadow's current
+ * root, as bt/_callout.c's INVLPG does it): the page leaves the hypervisor's TLB and the shadow root (the
+ * copies now, Python's dict and table when they are next used), the engine's TLB is flushed. 0: the
+ * virtual CRs do not select the copy's root and mode, or a log is full (Python's, nothing changed). */
+static int invlpg_ok(trapfast_t *s, uint32_t gva) {
+    shadowmirror_t *m = (shadowmirror_t *)s->mirror;
+    uint32_t page = gva >> 12;
+    if (!s->invlpg_on || !m || !s->uc_ctl || !m->serial || m->made >= SM_MADE) return 0;
+    if (((s->crs[0] & CR0_PG) | (s->crs[2] & CR4_PSE)) != m->mode || (s->crs[1] & 0xFFFFF000u) != m->key) return 0;
+    if (!ev_rtlb_pop(&s->ev, page)) return 0;
+    sm_invlpg(m, page);
+    return 1;
+}
+
 /* Vcpu.left_block_at(boundary) (cpu/_evdeliver.h) */
 static int left_block(trapfast_t *s, uint32_t boundary, int64_t *out) {
     return ed_left_block(s->block, *s->clock_last_block, &s->misses, boundary, out);
@@ -297,8 +355,8 @@ int trapfast_deliver_fault(trapfast_t *s, void *uc, uint32_t vector, uint32_t ei
 void trapfast_intr_hook(void *uc, uint32_t intno, void *user_data) {
     trapfast_t *s = (trapfast_t *)user_data;
     uint64_t cs, eflags, eip, value = 0, next, esp = 0;
-    uint32_t frame[5], plain;
-    uint8_t code[3];
+    uint32_t frame[5], plain, linear = 0;
+    uint8_t code[8];
     int32_t is_int, minus1 = -1;
     int64_t unretire = 0;
     int kind, size, reg = -1, to_cr = 0, seg = -1;
@@ -313,7 +371,7 @@ void trapfast_intr_hook(void *uc, uint32_t intno, void *user_data) {
     if ((cs & 3) != 1) goto python;
     if (!rd(s, uc, s->r_eflags, &eflags) || (eflags & EFLAGS_VM)) goto python;
     if (!rd(s, uc, s->r_eip, &eip)) goto python;
-    if (!code_at(s, (uint32_t)eip, code, 3)) goto python;
+    if (!code_at(s, (uint32_t)eip, code, 8)) goto python;
     if (code[0] == 0xFA) {
         kind = K_CLI, size = 1;
     } else if (code[0] == 0xFB) {
@@ -338,6 +396,11 @@ void trapfast_intr_hook(void *uc, uint32_t intno, void *user_data) {
         kind = K_MOV_SREG, size = 3;
         seg = (code[2] >> 3) & 7;
         reg = code[2] & 7;
+    } else if (code[0] == 0x0F && code[1] == 0x01 && (code[2] >> 6) != 3 && ((code[2] >> 3) & 7) == 7) {
+        kind = K_INVLPG;                                                /* invlpg m */
+        size = modrm_address(s, uc, code + 2, &linear);
+        if (!size) goto python;
+        size += 2;
     } else if (code[0] == 0xCF) {                                       /* iretd */
         kind = K_IRETD, size = 1;
     } else if (code[0] == 0x07 || code[0] == 0x1F) {                    /* pop es / pop ds */
@@ -362,6 +425,8 @@ void trapfast_intr_hook(void *uc, uint32_t intno, void *user_data) {
         /* to the kernel's own ring only (an iretd to ring 3 runs natively at ring 1) */
         if (!rd(s, uc, s->r_esp, &esp) || ev_iret(&s->ev, (uint32_t)esp, (uint32_t)cs, (uint32_t)eflags, 1, 0, frame) != 1)
             goto python;
+    } else if (kind == K_INVLPG) {
+        if (!invlpg_ok(s, linear)) goto python;                         /* nothing changed */
     } else if (kind == K_POP_SREG) {
         uint16_t sel;
         if (!rd(s, uc, s->r_esp, &esp)) goto python;
@@ -394,6 +459,10 @@ void trapfast_intr_hook(void *uc, uint32_t intno, void *user_data) {
         s->reg_write(uc, s->r_eip, &next);
         break;
     case K_MOV_SREG:
+        s->reg_write(uc, s->r_eip, &next);
+        break;
+    case K_INVLPG:
+        s->uc_ctl(uc, s->tlb_flush_ctl);       /* ShadowPaging._flush_engine */
         s->reg_write(uc, s->r_eip, &next);
         break;
     case K_MOV_CR3:

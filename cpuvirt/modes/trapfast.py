@@ -48,6 +48,7 @@ REASONS = (
     ("trap", "mov cr2"),
     ("trap", "iretd"),
     ("trap", "mov cr3"),
+    ("trap", "invlpg"),
 )
 
 
@@ -101,7 +102,7 @@ class _State(ctypes.Structure):
         ("irets", ctypes.c_uint64),
         ("uc_ctl", ctypes.c_void_p),
         ("tlb_flush_ctl", ctypes.c_int32),
-        ("pad3", ctypes.c_uint32),
+        ("invlpg_on", ctypes.c_uint32),
         ("cr3_reloads", ctypes.c_uint64),
     ]
 
@@ -207,6 +208,7 @@ class TrapFast:
         st.deliver_on = 1 if delivery_by_environment() and not in_ram and mirror is not None else 0
         self._soft_seen: list[int] = []
         st.iret_on = 1 if iret_by_environment() else 0
+        st.invlpg_on = 0 if os.environ.get("CPUVIRT_INVLPG_C", "1") == "0" else 1  # invlpg of the guest kernel
         self._iret_sites: dict[int, _IretSite] = {}
         self._fault_seen: list[int] = []
 

@@ -4,7 +4,7 @@ translated code (INVLPG) (bt/_callout.c, docs/binary-translation.md "Callouts an
 Everything a reader sees must be what the Python path (CPUVIRT_ADAPTIVE_C=0, CPUVIRT_INVLPG_C=0) leaves:
 the console, counts and reasons, virtual time, the translation cache's and the shadow's counters, and the
 vCPU at every callout Python serves. The guests:
-tests/guests/full_ptemod.S (every store form C does, and the cases it must leave to Python: a word an entry
+tests/guests/ptemod_c.S (every store form C does, and the cases it must leave to Python: a word an entry
 derives from, a site's untraced run, a store into translated code, invlpg of a code page) and the nanobench
 image (ptemod, pgfault, divzero)."""
 
@@ -14,10 +14,13 @@ import pytest
 
 from cpuvirt.bt.fastcallout import ADAPTIVE, INVLPG
 from cpuvirt.runner import run_guest
+from tests.runs import run_record
 from tests.test_full_events import _run, _same
+from tests.test_trap_fast import _run as _trap_run
+from tests.test_trap_fast import _same_events
 
 SWITCHES = ("CPUVIRT_ADAPTIVE_C", "CPUVIRT_INVLPG_C")
-ROUNDS = 64  # full_ptemod.S
+ROUNDS = 64  # ptemod_c.S
 
 
 def _served(vcpu) -> tuple[int, int]:
@@ -26,7 +29,7 @@ def _served(vcpu) -> tuple[int, int]:
 
 
 def test_page_table_stores_and_invlpg_in_c_leave_what_python_leaves(test_guest, monkeypatch):
-    image = test_guest("full_ptemod")
+    image = test_guest("ptemod_c")
     c_run = _run(image, monkeypatch, True, switches=SWITCHES)
     py_run = _run(image, monkeypatch, False, switches=SWITCHES)
     console = c_run[0].console
@@ -70,8 +73,28 @@ def test_nanobench_ptemod_in_c(nanobench, monkeypatch):
 
 
 def test_a_trace_keeps_them_python_s(test_guest, monkeypatch, tmp_path):
-    image = test_guest("full_ptemod")
+    image = test_guest("ptemod_c")
     c_run = _run(image, monkeypatch, True, trace_path=str(tmp_path / "t.jsonl"), switches=SWITCHES)
     assert _served(c_run[3]) == (0, 0)
     rows = (tmp_path / "t.jsonl").read_text()
     assert '"reason":"store"' in rows and '"reason":"invlpg"' in rows
+
+
+def test_trap_answers_invlpg_in_c(test_guest, monkeypatch):
+    """Under trap, invlpg of the deprivileged kernel is a #GP its C INTR hook answers (modes/_trapfast.c):
+    the same shadow and hypervisor-TLB work as the Python path (CPUVIRT_INVLPG_C=0)."""
+    image = test_guest("ptemod_c")
+    c_res, c_seen, c_end, c_cpu = _trap_run(image, monkeypatch, True, switches=("CPUVIRT_INVLPG_C",))
+    py_res, py_seen, py_end, py_cpu = _trap_run(image, monkeypatch, False, switches=("CPUVIRT_INVLPG_C",))
+    assert b"FAIL" not in c_res.console and b"PASS page-table stores and invlpg" in c_res.console
+    served = c_cpu.fast.answered - py_cpu.fast.answered  # the C run's other answers are the Python run's
+    # invlpg of pages A, B, C, E, F, the page nothing maps and the code page each round (less the first),
+    # then the alias pages of the IDT and GDT phases
+    assert served >= (ROUNDS - 1) * 7, served
+    assert c_cpu.reasons["trap", "invlpg"] == py_cpu.reasons["trap", "invlpg"] >= served
+    assert run_record(c_res) == run_record(py_res)
+    assert c_end == py_end
+    _same_events(c_seen, py_seen)
+    native = run_guest(str(image), "native", 32, 20_000_000)
+    assert c_res.console == native.console
+

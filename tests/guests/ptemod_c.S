@@ -8,7 +8,7 @@
 # page was read: Python zaps); one site that stores into a page table and into a plain page (its
 # untraced run: Python's); invlpg of data pages, of a page nothing maps and of a code page. The flags of
 # each store and the final entries are summed into a checksum that must be native's
-# (tests/test_full_ptemod.py).
+# (tests/test_ptemod_c.py).
 #include "kernel.inc"
 #include "paging.inc"
 
@@ -59,6 +59,12 @@ round:
     jz no_read
     mov eax, dword ptr [PAGE_B]         # an entry derives from PTE(PAGE_B) until the next invlpg
 no_read:
+    mov ecx, 0x400
+    mov ebx, PAGE_B - 0x1000
+    invlpg [ebx + ecx * 4]              # base and scaled index: page B
+    mov eax, dword ptr [PAGE_B]         # its entry again
+    mov ebx, PAGE_B + 0x1010
+    invlpg [ebx - 0x80]                 # a negative 8-bit displacement: page B
     # a byte and a word
     xor byte ptr [PTE(PAGE_C)], PTE_U
     SUM_FLAGS
@@ -139,13 +145,13 @@ traced_again:
 
     # The hypervisor's own TLB (its reads of the guest's tables) through a remapped page: the IDT is read at
     # ALIAS, whose frame a page-table store switches between two copies; each invlpg must drop the page
-    sidt [saved_idtr]
+    # (the tables are copied from kernel.inc's, not through sidt/sgdt, which trap cannot virtualize)
     cld
-    mov esi, dword ptr [saved_idtr + 2]
+    mov esi, idt
     mov edi, IDT_ONE
     mov ecx, 512
     rep movsd
-    mov esi, dword ptr [saved_idtr + 2]
+    mov esi, idt
     mov edi, IDT_TWO
     mov ecx, 512
     rep movsd
@@ -177,11 +183,11 @@ idt_check:
     jne idt_wrong
     dec ecx
     jnz idt_round
-    lidt [saved_idtr]
+    lidt [idtr]
     PASS("an IDT read through a remapped page")
     jmp idt_done
 idt_wrong:
-    lidt [saved_idtr]
+    lidt [idtr]
     FAIL("an IDT read through a remapped page", "int 0x81 went through the IDT the page mapped before its invlpg")
 idt_done:
 
@@ -189,12 +195,11 @@ idt_done:
     # loaded with a selector whose base differs in the two copies
     mov dword ptr [PLAIN + 0x100], 0xAAAA
     mov dword ptr [PLAIN + 0x110], 0xBBBB
-    sgdt [saved_gdtr]
-    mov esi, dword ptr [saved_gdtr + 2]
+    mov esi, gdt
     mov edi, GDT_ONE
     mov ecx, 14                         # 7 descriptors
     rep movsd
-    mov esi, dword ptr [saved_gdtr + 2]
+    mov esi, gdt
     mov edi, GDT_TWO
     mov ecx, 14
     rep movsd
@@ -228,13 +233,13 @@ gdt_map:
     jnz gdt_round
     mov ax, KERNEL_DS
     mov fs, ax
-    lgdt [saved_gdtr]
+    lgdt [gdtr]
     PASS("a GDT read through a remapped page")
     jmp gdt_done
 gdt_wrong:
     mov ax, KERNEL_DS
     mov fs, ax
-    lgdt [saved_gdtr]
+    lgdt [gdtr]
     FAIL("a GDT read through a remapped page", "a segment load read the GDT the page mapped before its invlpg")
 gdt_done:
 
@@ -323,12 +328,6 @@ handler_two:
 .data
 .align 4
 which_idt:
-    .long 0
-saved_idtr:
-    .word 0
-    .long 0
-saved_gdtr:
-    .word 0
     .long 0
 alias_gdtr:
     .word 0x3F
