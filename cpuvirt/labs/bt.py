@@ -22,7 +22,16 @@ def _translation(name: str):
         tc = s["mmu"]["translation"]["tc"]
         obs = {
             f"{name}_{k}": tc[k]
-            for k in ("translations", "callouts", "chained", "invalidations", "flushes", "code_stores", "ic_misses")
+            for k in (
+                "translations",
+                "callouts",
+                "chained",
+                "invalidations",
+                "flushes",
+                "code_stores",
+                "ic_misses",
+                "adaptive",
+            )
         }
         obs[f"{name}_pass"] = len(out.lines("PASS "))
         obs[f"{name}_fail"] = len(out.lines("FAIL "))
@@ -91,8 +100,9 @@ and the TC sits in an execute-only window the guest cannot read or write.
             "`smc` rewrites its own code while it runs (immediates, whole instructions, a loop that patches "
             "itself, generated code).",
             _translation("smc"),
-            "{smc_pass} PASS, {smc_fail} FAIL: {smc_code_stores} stores hit translated code pages and "
-            "{smc_invalidations} translations were invalidated and redone.",
+            "{smc_pass} PASS, {smc_fail} FAIL: {smc_code_stores} stores faulted on translated code pages "
+            "(store sites that kept doing so became adaptive callouts, which store without a fault: "
+            "{smc_adaptive}), and {smc_invalidations} translations were invalidated and redone.",
         ),
         Step(
             "cpuvirt compare exceptions --modes native,trap,full --limit 14",
