@@ -368,7 +368,7 @@ static int invlpg(callouts_t *t, void *uc, uint64_t i, uint64_t cs) {
     page = site_address(t, uc, &t->store[i]) >> 12;
     if ((t->code_pages[page >> 3] >> (page & 7)) & 1) return 0;
     if (m->made >= SM_MADE || !ev_rtlb_pop(&t->ev, page)) return 0;
-    sm_invlpg(m, page);
+    sm_invlpg(m, page, t->ev.ram, t->ev.ram_bytes);
     t->uc_ctl(uc, t->tlb_flush_ctl);           /* ShadowPaging._flush_engine */
     return 1;
 }

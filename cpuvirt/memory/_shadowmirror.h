@@ -66,6 +66,12 @@ typedef struct {
     uint8_t *other_traced;
     uint32_t room;     /* new entries the current root may still take before ShadowPaging would trim it */
     uint32_t made;     /* entries in `made`, not yet taken by Python */
+    /* The invlpg records among them unlink their entries' PDE and PTE words when Python takes them: until
+     * then `linked` may show words no entry derives from any more. How many such words each frame may lose,
+     * by frame number mod 256 (sm_unlinks), and the records whose page table C could not tell. */
+    uint32_t invlpgs_unknown;
+    uint32_t pad;
+    uint16_t unlinks[256];
     smade_t made_log[SM_MADE];
     sentry_t slot[SHADOW_SLOTS];
 } shadowmirror_t;
@@ -142,11 +148,24 @@ static inline const sentry_t *sm_entry(const shadowmirror_t *m, uint32_t cr0, ui
 }
 
 /* ShadowPaging.invlpg in the current root (C's copy now, Python's table at its next fold, in the log's
- * order): the page's entry goes, whether the copy's slots hold it or not. 0: the log is full. */
-static inline int sm_invlpg(shadowmirror_t *m, uint32_t page) {
+ * order): the page's entry goes, whether the copy's slots hold it or not. `ram`: guest RAM, where the
+ * root's page directory tells which page table the entry came from (the one it can unlink a word of:
+ * the directory is traced, so a PDE changed since would have zapped the entry). 0: the log is full. */
+static inline int sm_invlpg(shadowmirror_t *m, uint32_t page, const uint8_t *ram, uint64_t ram_bytes) {
     sentry_t *e;
     smade_t *r;
+    uint64_t pde_addr = m->key | ((page >> 8) & 0xFFCu);
+    uint32_t pde;
     if (m->made >= SM_MADE || !m->serial) return 0;
+    if ((m->present[page >> 3] >> (page & 7)) & 1) {   /* an entry to pop: its PDE and PTE words unlink */
+        m->unlinks[(m->key >> 12) & 255]++;
+        if (pde_addr + 4 > ram_bytes) {
+            m->invlpgs_unknown++;
+        } else {
+            memcpy(&pde, ram + pde_addr, 4);
+            if ((pde & 1) && !((pde & 0x80u) && (m->mode & SM_PSE))) m->unlinks[(pde >> 12) & 255]++;
+        }
+    }
     e = sm_find(m, page, m->serial);
     if (e) e->serial = 0;
     m->present[page >> 3] &= (uint8_t)~(1u << (page & 7));
@@ -157,6 +176,11 @@ static inline int sm_invlpg(shadowmirror_t *m, uint32_t page) {
     r->pte_addr = SM_INVLPG;
     r->serial = m->serial;
     return 1;
+}
+
+/* May the invlpgs not yet taken by Python unlink `links` or more words of this frame (see `unlinks`)? */
+static inline int sm_may_unlink_all(const shadowmirror_t *m, uint64_t frame, uint32_t links) {
+    return m->invlpgs_unknown || links <= m->unlinks[(frame >> 12) & 255];
 }
 
 #define SM_WP 0x10000u

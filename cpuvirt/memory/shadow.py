@@ -47,6 +47,7 @@ _MODE0 = CR0_PG
 _MODE4 = CR4_PSE
 _WRITE, _FETCH = int(Access.WRITE), int(Access.FETCH)
 INVLPG_RECORD = -2  # the pte_addr of a C log record that is an invlpg (memory/_shadowmirror.h SM_INVLPG)
+PTEMOD_RECORD = -3  # ... that is a ptemod done in C, its EIP in the gpa field (modes/_trapfast.c SM_PTEMOD)
 
 
 class GuestStoreFault(GuestPageFault):
@@ -173,6 +174,10 @@ class ShadowPaging:
                 if old is not None:
                     self._unlink(key, page, old)
                 c.invlpgs += 1
+                continue
+            if e[4] == PTEMOD_RECORD:  # a store trap's C fill hook emulated (modes/_trapfast.c): its counts
+                self._count_ptemod(e[0])
+                self.mmu.traces.writes += 1
                 continue
             old = entries.get(page)
             if old is not None:
@@ -507,9 +512,7 @@ class ShadowPaging:
                 self._flush_engine()
             return False
         eip = tw.eip
-        if len(self.traced_writes) >= MAX_ROOT_ENTRIES and eip not in self.traced_writes:
-            self.traced_writes.clear()  # statistics only: bounded like the rest
-        self.traced_writes[eip] += 1
+        self._count_ptemod(eip, done=False)
         m = self.mmu
         regs = m.regs
         user = (regs.read(R.SS) & 3) == 3
@@ -552,6 +555,14 @@ class ShadowPaging:
                 f"{what} into a traced page-table page; shadow entries updated",
             )
         return True
+
+    def _count_ptemod(self, eip: int, done: bool = True) -> None:
+        """A traced write at `eip` (the per-site statistics); done: emulated, so a ptemod too."""
+        if len(self.traced_writes) >= MAX_ROOT_ENTRIES and eip not in self.traced_writes:
+            self.traced_writes.clear()  # statistics only: bounded like the rest
+        self.traced_writes[eip] += 1
+        if done:
+            self.counters.ptemods += 1
 
     def _fallback(self, tw, why: str) -> None:
         """Zap-and-untrace: the store re-executes natively; the frame stays unsynchronised until the

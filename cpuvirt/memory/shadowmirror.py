@@ -66,6 +66,9 @@ class _Mirror(ctypes.Structure):
         ("other_traced", ctypes.c_void_p),
         ("room", ctypes.c_uint32),
         ("made", ctypes.c_uint32),
+        ("invlpgs_unknown", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+        ("unlinks", ctypes.c_uint16 * 256),
         ("made_log", _Made * SM_MADE),
         ("slot", _Sentry * SHADOW_SLOTS),
     ]
@@ -323,7 +326,8 @@ class ShadowMirror:
     def take_made(self, serial: int) -> list[tuple[int, tuple]]:
         """The entries _tlbfill.c made since the last call, as (page, shadow.py entry tuple), in order."""
         m = self.state
-        n, m.made = m.made, 0
+        n, m.made, m.invlpgs_unknown = m.made, 0, 0
+        ctypes.memset(ctypes.addressof(m) + _Mirror.unlinks.offset, 0, ctypes.sizeof(m.unlinks))
         out = []
         for r in m.made_log[:n]:
             assert r.serial == serial, "an entry C made for another root than the current one"

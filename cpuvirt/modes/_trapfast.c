@@ -67,7 +67,7 @@ typedef void (*intr_fn)(void *uc, uint32_t intno, void *user_data);
 
 /* The kinds answered here, each with its (kind, reason) key of Vcpu.reasons (trapfast.py REASONS). */
 enum { K_CLI, K_STI, K_CLTS, K_MOV_CR0, K_MOV_CR4, K_MOV_SREG, K_POP_SREG, K_MOV_CR2, K_IRETD, K_MOV_CR3, K_INVLPG,
-       K_COUNT };
+       K_PTEMOD, K_COUNT };
 
 typedef struct {
     reg_read_fn reg_read;
@@ -270,7 +270,7 @@ static int invlpg_ok(trapfast_t *s, uint32_t gva) {
     if (!s->invlpg_on || !m || !s->uc_ctl || !m->serial || m->made >= SM_MADE) return 0;
     if (((s->crs[0] & CR0_PG) | (s->crs[2] & CR4_PSE)) != m->mode || (s->crs[1] & 0xFFFFF000u) != m->key) return 0;
     if (!ev_rtlb_pop(&s->ev, page)) return 0;
-    sm_invlpg(m, page);
+    sm_invlpg(m, page, s->ev.ram, s->ev.ram_bytes);
     return 1;
 }
 
@@ -514,6 +514,157 @@ void trapfast_intr_hook(void *uc, uint32_t intno, void *user_data) {
 python:
     s->to_python++;
     s->python_intr(uc, intno, NULL);
+}
+
+/* -- stores into the shadow's page tables (ptemods), from the TLB fill --------------------------------
+ * A guest-kernel store into a page table shadow paging traces refuses its TLB fill (memory/_tlbfill.c
+ * leaves it to Mmu.fill, which makes it a TracedWrite): the engine stops, and ShadowPaging._on_write
+ * emulates the store (x86/emulate.py emulate_store), zaps what derives from the words written, and
+ * skips the instruction. This fill hook, after the C fill and before Mmu.fill, does the common case
+ * without the stop: `mov`, `or`, `and`, `xor` of a register or an immediate into a dword or a byte (no
+ * prefix, 32-bit addressing), at real ring 1, into the page the fill is for; the current shadow root
+ * maps it writable and dirty for the kernel (no walk, no grant); the frame is traced by shadow paging
+ * alone, some entry still derives from it (else Python untraces it) but none from the words written
+ * (nothing to zap). Unicorn 2.1.3 has restored the CPU state to the store before it asks the fill hooks,
+ * so EIP and the flags are the instruction's: the bytes are written, the flags emulate_store writes, EIP
+ * past the instruction, the block's instructions after it off the clock, the counts (Mmu.fill's fill and
+ * its shadow hit, the ptemod for ShadowPaging._fold, the event), and the instruction is left as QEMU
+ * leaves one it abandons (cpu_loop_exit). Anything else: 0, nothing changed, Mmu.fill's. */
+typedef struct {
+    uint64_t paddr;
+    uint32_t perms;
+} tlb_entry_t;
+
+#define MEM_WRITE 17
+#define SM_PTEMOD (-3)         /* a made_log record that is a ptemod (memory/shadow.py _fold): gpa = EIP */
+
+typedef struct {
+    trapfast_t *s;             /* the trap table, once TrapFast is attached (NULL: every fill is Mmu.fill's) */
+    uint64_t cpu_offset;       /* uc_struct's CPUState pointer (cpu/fastdelivery.py _engine_cpu) */
+    void (*loop_exit)(void *cpu);   /* QEMU's cpu_loop_exit */
+    uint64_t *fills;           /* the shadow fill's count (memory/shadowmirror.py): Mmu.fill's fill and hit */
+    uint32_t on;               /* CPUVIRT_TRAP_PTEMOD_C */
+    uint32_t pad;
+    uint64_t stores;           /* ptemods done here */
+} trapstore_t;
+
+size_t trapstore_sizeof(void) { return sizeof(trapstore_t); }
+
+enum { ST_MOV, ST_OR, ST_AND, ST_XOR };
+
+/* The store forms emulate_store does that are decoded here: length, or 0. */
+static int decode_store(trapfast_t *s, void *uc, const uint8_t *c, int *op, uint32_t *size, uint32_t *src,
+                        uint32_t *addr) {
+    uint8_t b = c[0];
+    uint64_t v = 0;
+    int n, reg;
+    switch (b) {
+    case 0x88: case 0x89: case 0x08: case 0x09: case 0x20: case 0x21: case 0x30: case 0x31:
+        *op = b >= 0x88 ? ST_MOV : (b >> 3) == 1 ? ST_OR : (b >> 3) == 4 ? ST_AND : ST_XOR;
+        *size = (b & 1) ? 4 : 1;
+        n = modrm_address(s, uc, c + 1, addr);
+        if (!n) return 0;
+        reg = (c[1] >> 3) & 7;
+        if (*size == 4) {
+            if (!rd(s, uc, s->r_gpr[reg], &v)) return 0;
+            *src = (uint32_t)v;
+        } else {                       /* al, cl, dl, bl, ah, ch, dh, bh */
+            if (!rd(s, uc, s->r_gpr[reg & 3], &v)) return 0;
+            *src = (uint32_t)(v >> (reg >= 4 ? 8 : 0)) & 0xFF;
+        }
+        return 1 + n;
+    case 0xC6: case 0xC7:
+        if ((c[1] >> 3) & 7) return 0;
+        *op = ST_MOV;
+        *size = b == 0xC7 ? 4 : 1;
+        n = modrm_address(s, uc, c + 1, addr);
+        if (!n) return 0;
+        if (*size == 4)
+            memcpy(src, c + 1 + n, 4);
+        else
+            *src = c[1 + n];
+        return 1 + n + (int)*size;
+    case 0x80: case 0x81: case 0x83: {
+        int r = (c[1] >> 3) & 7;
+        if (r != 1 && r != 4 && r != 6) return 0;   /* or, and, xor (add, adc, sbb, sub, cmp: not emulated) */
+        *op = r == 1 ? ST_OR : r == 4 ? ST_AND : ST_XOR;
+        *size = b == 0x80 ? 1 : 4;
+        n = modrm_address(s, uc, c + 1, addr);
+        if (!n) return 0;
+        if (b == 0x81) {
+            memcpy(src, c + 1 + n, 4);
+            return 1 + n + 4;
+        }
+        *src = b == 0x83 ? (uint32_t)(int32_t)(int8_t)c[1 + n] : c[1 + n];
+        return 1 + n + 1;
+    }
+    default:
+        return 0;
+    }
+}
+
+int trapfast_store_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *user_data) {
+    trapstore_t *t = (trapstore_t *)user_data;
+    trapfast_t *s = t->s;
+    shadowmirror_t *m;
+    uint64_t ss, eflags, eip, next, fl;
+    uint32_t addr = 0, src = 0, size = 0, old = 0, value, mask, frame, k, links;
+    uint8_t code[15];
+    int op = 0, len;
+    int64_t gpa, n = 0;
+    smade_t *r;
+    (void)e;
+    if (!t->on || !s || !s->enabled || type != MEM_WRITE || !s->seen[K_PTEMOD]) return 0;
+    m = (shadowmirror_t *)s->mirror;
+    if (!m || !m->linked || !m->serial || m->made >= SM_MADE) return 0;
+    if (!rd(s, uc, s->r_ss, &ss) || (ss & 3) != 1) return 0;            /* the guest kernel (ring 1) */
+    if (!rd(s, uc, s->r_eflags, &eflags) || (eflags & EFLAGS_VM)) return 0;
+    if (!rd(s, uc, s->r_eip, &eip) || !code_at(s, (uint32_t)eip, code, 15)) return 0;
+    len = decode_store(s, uc, code, &op, &size, &src, &addr);
+    if (!len || (addr & 0xFFFFF000u) != (uint32_t)vaddr || (addr & 0xFFFu) + size > 0x1000u) return 0;
+    gpa = sm_hv_gpa(m, s->crs[0], s->crs[1], s->crs[2], addr, 1, (int)s->wp_granted);
+    if (gpa < 0 || (uint64_t)gpa + size > s->ev.ram_bytes) return 0;
+    if (!sm_pt_traced(m, (uint64_t)gpa) || sm_other_traced(m, (uint64_t)gpa)) return 0;
+    if (sm_linked(m, (uint64_t)gpa & ~3ull) || sm_linked(m, ((uint64_t)gpa + size - 1) & ~3ull))
+        return 0;                                                       /* a store that zaps: Python's */
+    /* Some entry must still derive from the frame (else Python untraces it after the store): more linked
+     * words than the invlpgs not yet taken by Python may unlink there */
+    frame = (uint32_t)gpa & 0xFFFFF000u;
+    for (k = 0, links = 0; k < 1024 / 64; k++) {
+        uint64_t w;
+        memcpy(&w, m->linked + (frame >> 5) + 8 * k, 8);
+        links += (uint32_t)__builtin_popcountll(w);
+    }
+    if (sm_may_unlink_all(m, frame, links)) return 0;
+    if (!left_block(s, (uint32_t)eip, &n)) return 0;
+    /* From here on the store is ours. */
+    mask = size == 4 ? 0xFFFFFFFFu : 0xFFu;
+    src &= mask;
+    memcpy(&old, s->ev.ram + gpa, size);
+    value = op == ST_MOV ? src : op == ST_OR ? (old | src) : op == ST_AND ? (old & src) : (old ^ src);
+    memcpy((uint8_t *)s->ev.ram + gpa, &value, size);
+    if (op != ST_MOV) {                /* CF = OF = AF = 0; SF, ZF, PF from the result */
+        fl = eflags & ~(uint64_t)(0x1 | 0x4 | 0x10 | 0x40 | 0x80 | 0x800);
+        if (!(__builtin_popcount(value & 0xFF) & 1)) fl |= 0x4;
+        if (!value) fl |= 0x40;
+        if ((value >> (8 * size - 1)) & 1) fl |= 0x80;
+        s->reg_write(uc, s->r_eflags, &fl);
+    }
+    next = (uint32_t)(eip + (uint32_t)len);
+    s->reg_write(uc, s->r_eip, &next);
+    *s->clock_now -= (uint64_t)(n - 1);   /* Vcpu.left_block_at(eip), then the store retired */
+    *t->fills += 1;                    /* Mmu.fill's fill, and its shadow hit */
+    r = &m->made_log[m->made++];       /* ShadowPaging's ptemods, traced_writes, the trace's writes */
+    memset(r, 0, sizeof *r);
+    r->gpa = (uint32_t)eip;
+    r->pde_addr = -1;
+    r->pte_addr = SM_PTEMOD;
+    r->serial = m->serial;
+    s->count[K_PTEMOD]++;              /* the page_fault/ptemod event */
+    s->pending++;
+    t->stores++;
+    t->loop_exit(*(void **)((uint8_t *)uc + t->cpu_offset));   /* does not return */
+    return 0;
 }
 
 /* -- iret sites: the intercept's code hook in front of every iret (Vcpu.far_site) -----------------

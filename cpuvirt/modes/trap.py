@@ -15,7 +15,7 @@ from cpuvirt.cpu.virtualcpu import SREGS
 from cpuvirt.memory.shadow import ShadowPaging
 from cpuvirt.memory.shadowmirror import ShadowFastFill
 from cpuvirt.modes.base import Mode
-from cpuvirt.modes.trapfast import TrapFast, enabled_by_environment
+from cpuvirt.modes.trapfast import TrapFast, TrapStores, enabled_by_environment
 from cpuvirt.x86.privilege import CPL0_ONLY, FAR_TRANSFERS, IOPL_SENSITIVE
 from cpuvirt.x86.vectors import Vector
 
@@ -96,6 +96,7 @@ class TrapMode(Mode):
         self.shadow = ShadowPaging(machine.mmu)  # installs itself as the memory strategy
         self.shadow.attach(self.vcpu)
         fill = ShadowFastFill.install(machine.mmu)  # before Mmu.fill's hook: the shadow's hits in C
+        stores = TrapStores.install(machine.uc) if enabled_by_environment() else None  # ptemods: before it too
         self.vcpu.install_hooks()
         self.vcpu.enable_io_gate()
         if enabled_by_environment():
@@ -103,6 +104,8 @@ class TrapMode(Mode):
         if fill is not None and self.vcpu.fast is not None:  # the virtual CRs are in its table
             if fill.follow(self.shadow, self.vcpu.fast.crs_addresses(), SHADOW_GDT_WINDOW):
                 fill.take_misses(self.shadow)  # the common hidden faults too
+                if stores is not None:
+                    stores.attach(self.vcpu.fast, fill, self.shadow)
         # In C (cpu/iosites.py): the I/O gate's sites at real rings 0-2 (it checks only ring 3), and
         # the kernel's accesses (real ring 1, virtual ring 0: a trap event each) timed there.
         self.vcpu.install_io_sites(0b0111, 0b0010)

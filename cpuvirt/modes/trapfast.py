@@ -21,7 +21,7 @@ from __future__ import annotations
 import ctypes
 import os
 
-from unicorn import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH, UC_HOOK_CODE, UC_HOOK_INTR
+from unicorn import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH, UC_HOOK_CODE, UC_HOOK_INTR, UC_HOOK_TLB_FILL
 from unicorn.unicorn_py3 import unicorn as _ucmod
 
 from cpuvirt.cpu import evseg
@@ -49,6 +49,7 @@ REASONS = (
     ("trap", "iretd"),
     ("trap", "mov cr3"),
     ("trap", "invlpg"),
+    ("page_fault", "ptemod"),  # a store into a traced page table, emulated by the C fill hook (TrapStores)
 )
 
 
@@ -122,6 +123,20 @@ class _IretSite(ctypes.Structure):
     ]
 
 
+class _Store(ctypes.Structure):
+    """Mirror of trapstore_t."""
+
+    _fields_ = [
+        ("s", ctypes.c_void_p),
+        ("cpu_offset", ctypes.c_uint64),
+        ("loop_exit", ctypes.c_void_p),
+        ("fills", ctypes.c_void_p),
+        ("on", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+        ("stores", ctypes.c_uint64),
+    ]
+
+
 def iret_by_environment() -> bool:
     """CPUVIRT_TRAP_IRET_C=0 keeps every iret site's look in Python."""
     return os.environ.get("CPUVIRT_TRAP_IRET_C", "1") != "0"
@@ -133,7 +148,10 @@ def delivery_by_environment() -> bool:
 
 
 def _lib():
-    lib = load("cpuvirt.modes._trapfast", {"trapfast_sizeof": _State, "trapfast_iret_site_sizeof": _IretSite})
+    lib = load(
+        "cpuvirt.modes._trapfast",
+        {"trapfast_sizeof": _State, "trapfast_iret_site_sizeof": _IretSite, "trapstore_sizeof": _Store},
+    )
     if lib is None:
         return None
     lib.trapfast_blocks_put.restype = ctypes.c_int
@@ -211,6 +229,8 @@ class TrapFast:
         st.invlpg_on = 0 if os.environ.get("CPUVIRT_INVLPG_C", "1") == "0" else 1  # invlpg of the guest kernel
         self._iret_sites: dict[int, _IretSite] = {}
         self._fault_seen: list[int] = []
+
+    stores: "TrapStores | None" = None  # the ptemods done in the TLB fill (TrapStores.attach)
 
     @classmethod
     def install(cls, vcpu, shadow) -> "TrapFast | None":
@@ -383,3 +403,54 @@ class TrapFast:
     def to_python(self) -> int:
         """Engine events the C hook handed to Python."""
         return self._state.to_python
+
+
+class TrapStores:
+    """The guest kernel's common stores into its page tables (ptemods), emulated in the TLB fill without
+    stopping the engine (_trapfast.c trapfast_store_hook). The fill hook must come before Mmu.fill's, so
+    it is added before the vCPU's hooks (`install`) and does nothing until `attach` gives it the trap
+    table, the shadow fill's counters and the engine's CPUState. CPUVIRT_TRAP_PTEMOD_C=0 leaves every
+    ptemod to Python (ShadowPaging._on_write)."""
+
+    def __init__(self, lib, uc):
+        self._lib = lib
+        self.state = _Store()
+        self._handle = add_c_hook(
+            uc._uch,
+            UC_HOOK_TLB_FILL,
+            lib.trapfast_store_hook,
+            ctypes.cast(ctypes.pointer(self.state), ctypes.c_void_p),
+            what="install trap's C ptemod hook",
+        )
+        uc._callbacks[self._handle] = self  # its state lives as long as the engine may call it
+
+    @classmethod
+    def install(cls, uc) -> "TrapStores | None":
+        lib = _lib()
+        if lib is None or os.environ.get("CPUVIRT_TRAP_PTEMOD_C", "1") == "0":
+            return None
+        return cls(lib, uc)
+
+    def attach(self, fast: "TrapFast", fill, shadow) -> None:
+        """Serve stores from now on: `fast` the trap table, `fill` the shadow's C fill (ShadowFastFill, whose
+        counts are Mmu.fill's and the shadow's hits), when the engine's CPUState is known."""
+        from cpuvirt.cpu.fastdelivery import _engine_cpu
+
+        found = _engine_cpu(fast.vcpu.uc)
+        mirror = ShadowMirror.of(shadow)
+        if found is None or mirror is None or fill is None:
+            return
+        mirror.track_links()  # which words of a page table a shadow entry derives from
+        st = self.state
+        st.cpu_offset, st.loop_exit = found
+        fstate = fill._state
+        st.fills = ctypes.addressof(fstate) + type(fstate).fills.offset
+        st.s = ctypes.addressof(fast._state)
+        self._keep = (fast, fill)  # what C points at, alive as long as the hook
+        fast.stores = self
+        st.on = 1
+
+    @property
+    def stores(self) -> int:
+        """ptemods done in C so far."""
+        return self.state.stores

@@ -143,9 +143,25 @@ traced_again:
     dec ecx
     jnz traced_again
 
+    # A page table no shadow entry derives from any more (its one page was invlpg'ed): a store into it is
+    # emulated and the frame left untraced (Python's), until the next walk through it traces it again
+    mov eax, pt_high
+    or eax, PTE_P | PTE_W
+    mov dword ptr [page_dir + 4], eax   # PDE 1: 4-8 MiB through pt_high
+    mov dword ptr [pt_high], 0x00200000 | PTE_P | PTE_W
+    mov dword ptr [pt_high + 4], 0x00201000 | PTE_P | PTE_W
+    mov ecx, 8
+high_round:
+    mov eax, dword ptr [0x00400000]     # an entry derives from pt_high's first PTE
+    invlpg [0x00400000]                 # ... and no longer
+    xor dword ptr [pt_high + 4], PTE_W
+    dec ecx
+    jnz high_round
+
     # The hypervisor's own TLB (its reads of the guest's tables) through a remapped page: the IDT is read at
     # ALIAS, whose frame a page-table store switches between two copies; each invlpg must drop the page
     # (the tables are copied from kernel.inc's, not through sidt/sgdt, which trap cannot virtualize)
+    push esi                            # the checksum (rep movsd uses esi)
     cld
     mov esi, idt
     mov edi, IDT_ONE
@@ -242,6 +258,7 @@ gdt_wrong:
     lgdt [gdtr]
     FAIL("a GDT read through a remapped page", "a segment load read the GDT the page mapped before its invlpg")
 gdt_done:
+    pop esi
 
     PASS("stores into translated code")
     jmp smc_done
@@ -329,6 +346,11 @@ handler_two:
 .align 4
 which_idt:
     .long 0
+.bss
+.align 4096
+pt_high:
+    .zero 4096
+.data
 alias_gdtr:
     .word 0x3F
     .long GDT_ALIAS
