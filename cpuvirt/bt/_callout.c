@@ -38,7 +38,7 @@ enum { PYTHON = 0, CPUID = 1, RDTSC = 2, MOV_CR0 = 3, MOV_CR4 = 4, PORT_IN = 5, 
        MOV_SREG = 7, POP_SREG = 8, MOV_CR2 = 9, IRETD = 10,
        IRETD_OUTER = 11,  /* a count only: an IRETD slot's returns to ring 3 (no translation looked up) */
        MOV_CR3 = 12,      /* mov cr3, r32 reloading the CR3 it holds (cr3_reload) */
-       ADAPTIVE = 13,     /* an adaptive store (modes/full/adaptive.py) into a traced page table: store[] */
+       ADAPTIVE = 13,     /* an adaptive store (modes/full/adaptive.py) into a traced frame: store[] */
        INVLPG = 14,       /* invlpg m: store[] holds its address's form */
        KINDS = 15 };
 
@@ -389,9 +389,10 @@ static int code_untouched(const callouts_t *t, uint64_t gpa, uint32_t size) {
 /* An adaptive store (ADAPTIVE) as modes/full/adaptive.py _adaptive_store does it through
  * ShadowPaging.guest_store, when that would do nothing but the store, its flags and the counts: the
  * current shadow root maps the page writable and dirty for the kernel (sm_hv_gpa: no walk, no A/D bit, no
- * CR0.WP = 0 grant), in RAM, within one page; the frame is traced by shadow paging alone (a code frame's
- * store is coherence.py's), and no shadow entry of any root derives from the words written (`linked`: a
- * store there zaps and flushes the engine's TLB, which stays Python's). A store to an untraced frame is
+ * CR0.WP = 0 grant), in RAM, within one page; and either the frame is traced by shadow paging alone and
+ * no shadow entry of any root derives from the words written (`linked`: a store there zaps and flushes the
+ * engine's TLB, which stays Python's), or it is traced for translated code alone and the bytes share no
+ * line with code (code_untouched: coherence.py would drop nothing). A store to an untraced frame is
  * Python's too (the site's untraced run decides when it goes native again), and so is every store of a
  * site whose run is not 0. 0: Python's, nothing changed. */
 static int adaptive_store(callouts_t *t, void *uc, uint64_t i) {

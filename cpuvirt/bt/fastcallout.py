@@ -37,7 +37,7 @@ PYTHON, CPUID, RDTSC, MOV_CR0, MOV_CR4, PORT_IN, PORT_OUT = 0, 1, 2, 3, 4, 5, 6
 # the guest kernel's events (modes/full/evfast.py); IRETD_OUTER only counts an IRETD slot's returns to ring 3
 MOV_SREG, POP_SREG, MOV_CR2, IRETD, IRETD_OUTER = 7, 8, 9, 10, 11
 MOV_CR3 = 12  # a mov to CR3 reloading the CR3 it holds (a TLB flush)
-ADAPTIVE = 13  # an adaptive store into a traced page table (modes/full/adaptive.py; store_t)
+ADAPTIVE = 13  # an adaptive store into a traced frame (modes/full/adaptive.py; its form in store_t)
 INVLPG = 14  # invlpg m (its address's form in store_t)
 KINDS = 15
 KIND_NAMES = {
@@ -356,17 +356,12 @@ class FastCallouts:
         t.maps_n = len(frames)
 
     def link_store(self, slot: int, form: tuple, run: bool) -> None:
-        """`slot` is (about to be) linked as ADAPTIVE: its store's form (x86/emulate.py store_site), and
-        whether the site's untraced run is not 0 (then the C hook leaves its stores to Python)."""
+        """`slot` is (about to be) linked as ADAPTIVE or INVLPG: the form of its store or memory operand
+        (x86/emulate.py store_site, memory_site), and whether a store site's untraced run is not 0 (then the C
+        hook leaves its stores to Python)."""
         st = self._table.store[slot - self._table.base]
         st.op, st.size, st.src, st.shift, st.imm, st.base, st.index, st.scale, st.disp = form
         st.run = 1 if run else 0
-
-    def store_run(self, slot: int, run: bool) -> None:
-        """The untraced run of the adaptive site linked at `slot` changed (0 or not)."""
-        i = slot - self._table.base
-        if 0 <= i < CALLOUT_SLOTS:
-            self._table.store[i].run = 1 if run else 0
 
     def link(self, slot: int, kind: int, dest: int, block: Block, arg: int = 0, io: int = 0, geip: int = 0) -> None:
         """From now on the C hook serves `slot` as `kind` and goes on at `dest`, the TC address of

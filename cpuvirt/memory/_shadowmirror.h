@@ -45,7 +45,7 @@ typedef struct {
 } smade_t;
 
 #define SM_MADE 1024u   /* entries C may make between two of Python's folds */
-/* smade_t.pte_addr of a record that is no entry but an invlpg of `page` (bt/_callout.c), taken in order */
+/* smade_t.pte_addr of a record that is no entry but an invlpg of `page` (sm_invlpg), taken in order */
 #define SM_INVLPG (-2)
 
 typedef struct {
@@ -60,7 +60,7 @@ typedef struct {
     uint8_t *present;
     /* A bit per 4-byte word of RAM: ShadowPaging.rmap holds its address (an entry of some root derives from
      * the guest PDE or PTE there, so a store into it zaps: Python's). Beyond RAM, or NULL (not kept: only
-     * full's callout hook asks, memory/shadowmirror.py track_links): say yes. */
+     * full's callout hook and trap's fill hook ask, memory/shadowmirror.py track_links): say yes. */
     uint8_t *linked;
     /* A bit per RAM frame: traced by an owner other than shadow paging (full's code traces) */
     uint8_t *other_traced;
@@ -150,7 +150,8 @@ static inline const sentry_t *sm_entry(const shadowmirror_t *m, uint32_t cr0, ui
 /* ShadowPaging.invlpg in the current root (C's copy now, Python's table at its next fold, in the log's
  * order): the page's entry goes, whether the copy's slots hold it or not. `ram`: guest RAM, where the
  * root's page directory tells which page table the entry came from (the one it can unlink a word of:
- * the directory is traced, so a PDE changed since would have zapped the entry). 0: the log is full. */
+ * the directory is traced, so a PDE changed since would have zapped the entry, unless a frame is left
+ * unsynchronised: users of `unlinks` must not rely on it then). 0: the log is full. */
 static inline int sm_invlpg(shadowmirror_t *m, uint32_t page, const uint8_t *ram, uint64_t ram_bytes) {
     sentry_t *e;
     smade_t *r;

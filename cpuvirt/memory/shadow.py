@@ -158,8 +158,9 @@ class ShadowPaging:
         """Take the entries _tlbfill.c made for hidden faults (shadow_miss_fill) into the current root's tables,
         as _resolve would have made them: C made them only where nothing else would happen (no new traced frame,
         no trim, no WP grant), for the root current then, which is current still (every way to another root,
-        and every reader of these tables, folds first). The same log holds the invlpgs full's callout hook
-        served (bt/_callout.c), in order with the entries: each is what invlpg does to the tables."""
+        and every reader of these tables, folds first). The same log holds, in order with the entries, the
+        invlpgs C served (full's callout hook, trap's INTR hook: each is what invlpg does to the tables) and the
+        ptemods trap's fill hook emulated (their counts: modes/_trapfast.c trapfast_store_hook)."""
         mirror = self.mirror
         if mirror is None or not mirror.state.made:
             return

@@ -180,7 +180,7 @@ class _TracedFrames(dict):
 class _LinkedAddresses(dict):
     """ShadowPaging.rmap (guest PDE/PTE address -> the entries derived from it) with a bit per address it
     holds in the copy (`linked`): a store C makes into a traced page table must derive nothing (full's
-    adaptive stores, bt/_callout.c)."""
+    adaptive stores, bt/_callout.c; trap's ptemods, modes/_trapfast.c)."""
 
     __slots__ = ("_lib", "_pm", "_bits", "_size")
 
@@ -273,8 +273,8 @@ class ShadowMirror:
 
     def track_links(self) -> None:
         """Keep `linked` (which guest PDE/PTE words some shadow entry derives from) for a C path that stores
-        into page tables (full's adaptive stores, bt/_callout.c); until then C's walks set no bits, and
-        ShadowPaging.rmap stays a plain dict (a C call per change costs the other modes' Python paths)."""
+        into page tables (full's adaptive stores, trap's ptemods); until then C's walks set no bits, and
+        ShadowPaging.rmap stays a plain dict (a C call per change costs hw --no-ept's Python paths)."""
         if self._linked is not None:
             return
         shadow = self._shadow
@@ -324,7 +324,9 @@ class ShadowMirror:
         self._lib.shadowmirror_drop(self._pm, entries.present_address, (page >> 12) & 0xFFFFF, entries._root.serial)
 
     def take_made(self, serial: int) -> list[tuple[int, tuple]]:
-        """The entries _tlbfill.c made since the last call, as (page, shadow.py entry tuple), in order."""
+        """The entries _tlbfill.c made since the last call, as (page, shadow.py entry tuple), in order, with the
+        invlpg and ptemod records other C paths logged among them (shadow.py INVLPG_RECORD, PTEMOD_RECORD in the
+        tuple's last field)."""
         m = self.state
         n, m.made, m.invlpgs_unknown = m.made, 0, 0
         ctypes.memset(ctypes.addressof(m) + _Mirror.unlinks.offset, 0, ctypes.sizeof(m.unlinks))

@@ -615,6 +615,7 @@ int trapfast_store_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void
     smade_t *r;
     (void)e;
     if (!t->on || !s || !s->enabled || type != MEM_WRITE || !s->seen[K_PTEMOD]) return 0;
+    if (!s->shadow_ok) return 0;       /* a frame left unsynchronised: the unlink counts below could be wrong */
     m = (shadowmirror_t *)s->mirror;
     if (!m || !m->linked || !m->serial || m->made >= SM_MADE) return 0;
     if (!rd(s, uc, s->r_ss, &ss) || (ss & 3) != 1) return 0;            /* the guest kernel (ring 1) */

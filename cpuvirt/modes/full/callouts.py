@@ -85,8 +85,9 @@ class Callouts(_VcpuBase):
             fast.answer(RDTSC, clock._lib.vclock_rdtsc_hook, ctypes.cast(ctypes.pointer(clock._state), ctypes.c_void_p))
             self._fast_kinds |= _RDTSC
         fast.window(clock._state, type(clock._state).watch_if.offset, type(clock._state).check_if.offset)
-        # adaptive stores into traced page tables that derive nothing, and invlpg of a page without
-        # translated code (bt/_callout.c): CPUVIRT_ADAPTIVE_C=0 / CPUVIRT_INVLPG_C=0 keep them Python's
+        # adaptive stores that change nothing but memory (into page tables that derive nothing from the
+        # words, or beside translated code) and invlpg of a page without translated code (bt/_callout.c):
+        # CPUVIRT_ADAPTIVE_C=0 / CPUVIRT_INVLPG_C=0 keep them Python's
         if os.environ.get("CPUVIRT_ADAPTIVE_C", "1") != "0":
             self._fast_kinds |= _ADAPTIVE
         if os.environ.get("CPUVIRT_INVLPG_C", "1") != "0":
