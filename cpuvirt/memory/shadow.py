@@ -48,6 +48,7 @@ _MODE4 = CR4_PSE
 _WRITE, _FETCH = int(Access.WRITE), int(Access.FETCH)
 INVLPG_RECORD = -2  # the pte_addr of a C log record that is an invlpg (memory/_shadowmirror.h SM_INVLPG)
 PTEMOD_RECORD = -3  # ... that is a ptemod done in C, its EIP in the gpa field (modes/_trapfast.c SM_PTEMOD)
+ZAP_RECORD = -4  # ... that is that store's zap of the word in the gpa field (modes/_trapfast.c SM_ZAP)
 
 
 class GuestStoreFault(GuestPageFault):
@@ -179,6 +180,13 @@ class ShadowPaging:
             if e[4] == PTEMOD_RECORD:  # a store trap's C fill hook emulated (modes/_trapfast.c): its counts
                 self._count_ptemod(e[0])
                 self.mmu.traces.writes += 1
+                continue
+            if e[4] == ZAP_RECORD:  # ... that zapped: what derives from the word goes (C dropped the current
+                mirror.replaying = True  # root's entries from its copy already, and flushed the engine's TLB)
+                try:
+                    self._zap_range(e[0], 4)
+                finally:
+                    mirror.replaying = False
                 continue
             old = entries.get(page)
             if old is not None:

@@ -546,6 +546,7 @@ typedef struct {
     uint32_t on;               /* CPUVIRT_TRAP_PTEMOD_C */
     uint32_t pad;
     uint64_t stores;           /* ptemods done here */
+    uint64_t zaps;             /* ... that zapped shadow entries */
 } trapstore_t;
 
 size_t trapstore_sizeof(void) { return sizeof(trapstore_t); }
@@ -603,12 +604,39 @@ static int decode_store(trapfast_t *s, void *uc, const uint8_t *c, int *op, uint
     }
 }
 
+#define SM_ZAP (-4)            /* a made_log record that is a zap of the word at gpa (memory/shadow.py _fold) */
+#define ZAP_MAX 16u
+static uint32_t zap_pages[ZAP_MAX];
+
+/* The current root's entries that derive from the PTE at `word` (_zap_range would drop them): the pages
+ * whose page-directory entry points at the word's frame (the directory is traced and nothing is left
+ * unsynchronised, so an entry derived through another PDE value was zapped when it changed) and that the
+ * root holds (`present`; the copy's slots may have lost some: Python's table drops those at the fold).
+ * The word must not be in the current page directory itself, and the frame must have no unlinks pending
+ * (then `linked` is exact for it). */
+static int zap_candidates(trapfast_t *s, const shadowmirror_t *m, uint32_t word, uint32_t *count) {
+    uint32_t frame = word & 0xFFFFF000u, pdi, pde, page;
+    *count = 0;
+    if (frame == (m->key & 0xFFFFF000u) || m->invlpgs_unknown || m->unlinks[(frame >> 12) & 255]) return 0;
+    if ((uint64_t)m->key + 4096 > s->ev.ram_bytes) return 0;
+    for (pdi = 0; pdi < 1024; pdi++) {
+        memcpy(&pde, s->ev.ram + m->key + 4 * pdi, 4);
+        if (!(pde & 1) || ((pde & 0x80u) && (m->mode & SM_PSE)) || (pde & 0xFFFFF000u) != frame) continue;
+        page = (pdi << 10) | ((word & 0xFFFu) >> 2);
+        if (!((m->present[page >> 3] >> (page & 7)) & 1)) continue;     /* no entry there */
+        if (*count >= ZAP_MAX) return 0;
+        zap_pages[(*count)++] = page;
+    }
+    return 1;
+}
+
 int trapfast_store_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *user_data) {
     trapstore_t *t = (trapstore_t *)user_data;
     trapfast_t *s = t->s;
     shadowmirror_t *m;
     uint64_t ss, eflags, eip, next, fl;
-    uint32_t addr = 0, src = 0, size = 0, old = 0, value, mask, frame, k, links;
+    uint32_t addr = 0, src = 0, size = 0, old = 0, value, mask, frame, k, links, word, nzap = 0;
+    int zap;
     uint8_t code[15];
     int op = 0, len;
     int64_t gpa, n = 0;
@@ -626,17 +654,21 @@ int trapfast_store_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void
     gpa = sm_hv_gpa(m, s->crs[0], s->crs[1], s->crs[2], addr, 1, (int)s->wp_granted);
     if (gpa < 0 || (uint64_t)gpa + size > s->ev.ram_bytes) return 0;
     if (!sm_pt_traced(m, (uint64_t)gpa) || sm_other_traced(m, (uint64_t)gpa)) return 0;
-    if (sm_linked(m, (uint64_t)gpa & ~3ull) || sm_linked(m, ((uint64_t)gpa + size - 1) & ~3ull))
-        return 0;                                                       /* a store that zaps: Python's */
+    word = (uint32_t)gpa & ~3u;
+    zap = sm_linked(m, word);
+    if (zap && (((uint32_t)gpa & 3u) + size > 4u || !s->uc_ctl)) return 0;   /* one word only */
+    if (!zap && sm_linked(m, ((uint64_t)gpa + size - 1) & ~3ull)) return 0;
     /* Some entry must still derive from the frame (else Python untraces it after the store): more linked
-     * words than the invlpgs not yet taken by Python may unlink there */
+     * words than the invlpgs not yet taken by Python may unlink there (and than the word a zap unlinks) */
     frame = (uint32_t)gpa & 0xFFFFF000u;
     for (k = 0, links = 0; k < 1024 / 64; k++) {
         uint64_t w;
         memcpy(&w, m->linked + (frame >> 5) + 8 * k, 8);
         links += (uint32_t)__builtin_popcountll(w);
     }
-    if (sm_may_unlink_all(m, frame, links)) return 0;
+    if (sm_may_unlink_all(m, frame, links - (zap ? 1 : 0))) return 0;
+    if (zap && !zap_candidates(s, m, word, &nzap)) return 0;
+    if (m->made + (zap ? 2u : 1u) > SM_MADE) return 0;
     if (!left_block(s, (uint32_t)eip, &n)) return 0;
     /* From here on the store is ours. */
     mask = size == 4 ? 0xFFFFFFFFu : 0xFFu;
@@ -655,6 +687,22 @@ int trapfast_store_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void
     s->reg_write(uc, s->r_eip, &next);
     *s->clock_now -= (uint64_t)(n - 1);   /* Vcpu.left_block_at(eip), then the store retired */
     *t->fills += 1;                    /* Mmu.fill's fill, and its shadow hit */
+    if (zap) {                         /* hv_wrote -> _on_write: _zap_range, _flush_engine */
+        for (k = 0; k < nzap; k++) {
+            sentry_t *en = sm_find(m, zap_pages[k], m->serial);
+            if (en) en->serial = 0;
+            m->present[zap_pages[k] >> 3] &= (uint8_t)~(1u << (zap_pages[k] & 7));
+        }
+        m->linked[word >> 5] &= (uint8_t)~(1u << ((word >> 2) & 7));   /* rmap.pop(word) */
+        r = &m->made_log[m->made++];   /* Python's tables, at the fold: _zap_range(word), the copy done */
+        memset(r, 0, sizeof *r);
+        r->gpa = word;
+        r->pde_addr = -1;
+        r->pte_addr = SM_ZAP;
+        r->serial = m->serial;
+        s->uc_ctl(uc, s->tlb_flush_ctl);
+        t->zaps++;
+    }
     r = &m->made_log[m->made++];       /* ShadowPaging's ptemods, traced_writes, the trace's writes */
     memset(r, 0, sizeof *r);
     r->gpa = (uint32_t)eip;

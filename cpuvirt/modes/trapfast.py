@@ -134,6 +134,7 @@ class _Store(ctypes.Structure):
         ("on", ctypes.c_uint32),
         ("pad", ctypes.c_uint32),
         ("stores", ctypes.c_uint64),
+        ("zaps", ctypes.c_uint64),
     ]
 
 

@@ -63,6 +63,8 @@ no_read:
     mov ebx, PAGE_B - 0x1000
     invlpg [ebx + ecx * 4]              # base and scaled index: page B
     mov eax, dword ptr [PAGE_B]         # its entry again
+    or dword ptr [PTE(PAGE_B)], 0       # a store that zaps it (the value unchanged) ...
+    mov eax, dword ptr [PAGE_B]         # ... so, with no invlpg, this read walks again (a hidden fault)
     mov ebx, PAGE_B + 0x1010
     invlpg [ebx - 0x80]                 # a negative 8-bit displacement: page B
     # a byte and a word
