@@ -174,6 +174,7 @@ typedef struct {
     uint8_t *tc_lines;
     uint8_t *inplace_lines;
     uint64_t lines;            /* lines in RAM */
+    uint64_t zaps;             /* ADAPTIVE stores that zapped shadow entries */
     store_t store[SLOTS];      /* ADAPTIVE and INVLPG slots */
 } callouts_t;
 
@@ -389,28 +390,37 @@ static int code_untouched(const callouts_t *t, uint64_t gpa, uint32_t size) {
 /* An adaptive store (ADAPTIVE) as modes/full/adaptive.py _adaptive_store does it through
  * ShadowPaging.guest_store, when that would do nothing but the store, its flags and the counts: the
  * current shadow root maps the page writable and dirty for the kernel (sm_hv_gpa: no walk, no A/D bit, no
- * CR0.WP = 0 grant), in RAM, within one page; and either the frame is traced by shadow paging alone and
- * no shadow entry of any root derives from the words written (`linked`: a store there zaps and flushes the
- * engine's TLB, which stays Python's), or it is traced for translated code alone and the bytes share no
- * line with code (code_untouched: coherence.py would drop nothing). A store to an untraced frame is
+ * CR0.WP = 0 grant), in RAM, within one page; and either the frame is traced by shadow paging alone (if
+ * entries derive from the word written, `linked`, the store zaps them: sm_zap_pages finds the current root's,
+ * when nothing is unsynchronised (shadow_ok) and the store is one word; sm_zap drops them from the copy and
+ * logs the zap for Python's tables, and the engine's TLB is flushed, as _on_write does), or it is traced for
+ * translated code alone and the bytes share no line with code (code_untouched: coherence.py would drop
+ * nothing). A store to an untraced frame is
  * Python's too (the site's untraced run decides when it goes native again), and so is every store of a
  * site whose run is not 0. 0: Python's, nothing changed. */
 static int adaptive_store(callouts_t *t, void *uc, uint64_t i) {
     const store_t *st = &t->store[i];
     const shadowmirror_t *m = t->dl.mirror;
     uint64_t v = 0, fl = 0;
-    uint32_t gva, src, old = 0, value, mask;
+    uint32_t gva, src, old = 0, value, mask, word = 0, nzap = 0, zap_pages[SM_ZAP_MAX];
     int64_t gpa;
+    int zap = 0;
     if (!m || !t->ev.ram || !st->size || st->run) return 0;
     gva = site_address(t, uc, st);
     if ((gva & 0xFFFu) + st->size > 0x1000u) return 0;
     gpa = sm_hv_gpa(m, t->cr[0], t->cr3, t->cr[1], gva, 1, 0);
     if (gpa < 0 || (uint64_t)gpa + st->size > t->ev.ram_bytes) return 0;
     if (!sm_traced(m, (uint64_t)gpa)) return 0;
-    if (sm_pt_traced(m, (uint64_t)gpa)) {        /* a page table: no entry derives from the words */
+    if (sm_pt_traced(m, (uint64_t)gpa)) {        /* a page table */
+        word = (uint32_t)gpa & ~3u;
         if (sm_other_traced(m, (uint64_t)gpa)) return 0;
-        for (uint64_t w = (uint64_t)gpa & ~3ull; w < (uint64_t)gpa + st->size; w += 4)
-            if (sm_linked(m, w)) return 0;
+        if (sm_linked(m, word)) {                /* entries derive from the word: they are zapped */
+            if (((uint32_t)gpa & 3u) + st->size > 4u || !t->uc_ctl || !t->shadow_ok || m->made >= SM_MADE) return 0;
+            if (!sm_zap_pages(m, t->ev.ram, t->ev.ram_bytes, word, zap_pages, &nzap)) return 0;
+            zap = 1;
+        } else if (sm_linked(m, ((uint64_t)gpa + st->size - 1) & ~3ull)) {
+            return 0;
+        }
     } else if (!code_untouched(t, (uint64_t)gpa, st->size)) {   /* a code frame (the other owner) */
         return 0;
     }
@@ -431,6 +441,11 @@ static int adaptive_store(callouts_t *t, void *uc, uint64_t i) {
     default: value = (old - src) & mask; break;
     }
     memcpy((uint8_t *)t->ev.ram + gpa, &value, st->size);
+    if (zap) {                                   /* hv_wrote -> ShadowPaging._on_write: _zap_range, the flush */
+        sm_zap((shadowmirror_t *)m, word, zap_pages, nzap);
+        t->uc_ctl(uc, t->tlb_flush_ctl);
+        t->zaps++;
+    }
     if (st->op != ST_MOV) {
         uint32_t top = 8 * st->size - 1;
         int sub = st->op == ST_SUB || st->op == ST_DEC;

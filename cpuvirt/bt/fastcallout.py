@@ -183,6 +183,7 @@ class _Table(ctypes.Structure):
         ("tc_lines", ctypes.c_void_p),
         ("inplace_lines", ctypes.c_void_p),
         ("lines", ctypes.c_uint64),
+        ("zaps", ctypes.c_uint64),
         ("store", StoreSite * CALLOUT_SLOTS),
     ]
 

@@ -184,6 +184,53 @@ static inline int sm_may_unlink_all(const shadowmirror_t *m, uint64_t frame, uin
     return m->invlpgs_unknown || links <= m->unlinks[(frame >> 12) & 255];
 }
 
+/* smade_t.pte_addr of a record that is a zap of the word at `gpa` (sm_zap; memory/shadow.py _fold replays it) */
+#define SM_ZAP (-4)
+#define SM_ZAP_MAX 16u
+
+/* The current root's entries a store into the PTE at `word` zaps (ShadowPaging._zap_range would drop them),
+ * as linear pages: those whose page-directory entry points at the word's frame (the directory is traced, and
+ * the caller has made sure nothing is unsynchronised, so an entry derived through another PDE value was
+ * zapped when it changed) and that the root holds (`present`: Python's table drops what the copy's slots
+ * lost, at the fold). 0: the word is in the current page directory itself, invlpgs not yet folded may
+ * unlink words of its frame (then `linked`, which says whether anything is zapped at all, may be stale),
+ * or more than SM_ZAP_MAX pages. */
+static inline int sm_zap_pages(const shadowmirror_t *m, const uint8_t *ram, uint64_t ram_bytes, uint32_t word,
+                               uint32_t *pages, uint32_t *count) {
+    uint32_t frame = word & 0xFFFFF000u, pdi, pde, page;
+    *count = 0;
+    if (frame == (m->key & 0xFFFFF000u) || m->invlpgs_unknown || m->unlinks[(frame >> 12) & 255]) return 0;
+    if ((uint64_t)m->key + 4096 > ram_bytes) return 0;
+    for (pdi = 0; pdi < 1024; pdi++) {
+        memcpy(&pde, ram + m->key + 4 * pdi, 4);
+        if (!(pde & 1) || ((pde & 0x80u) && (m->mode & SM_PSE)) || (pde & 0xFFFFF000u) != frame) continue;
+        page = (pdi << 10) | ((word & 0xFFFu) >> 2);
+        if (!((m->present[page >> 3] >> (page & 7)) & 1)) continue;     /* no entry there */
+        if (*count >= SM_ZAP_MAX) return 0;
+        pages[(*count)++] = page;
+    }
+    return 1;
+}
+
+/* The zap in the C copy (the pages sm_zap_pages found leave it, the word leaves `linked`) and its record for
+ * Python's tables; the caller flushes the engine's TLB. The log must have room. */
+static inline void sm_zap(shadowmirror_t *m, uint32_t word, const uint32_t *pages, uint32_t n) {
+    smade_t *r;
+    uint32_t k;
+    for (k = 0; k < n; k++) {
+        sentry_t *e = sm_find(m, pages[k], m->serial);
+        if (e) e->serial = 0;
+        m->present[pages[k] >> 3] &= (uint8_t)~(1u << (pages[k] & 7));
+    }
+    m->linked[word >> 5] &= (uint8_t)~(1u << ((word >> 2) & 7));   /* rmap.pop(word) */
+    r = &m->made_log[m->made++];
+    memset(r, 0, sizeof *r);
+    r->gpa = word;
+    r->pde_addr = -1;
+    r->pte_addr = SM_ZAP;
+    r->serial = m->serial;
+}
+
 #define SM_WP 0x10000u
 
 /* ShadowPaging.gva_to_gpa for the hypervisor's own supervisor access (an event delivery's reads and

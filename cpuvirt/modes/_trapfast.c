@@ -604,38 +604,13 @@ static int decode_store(trapfast_t *s, void *uc, const uint8_t *c, int *op, uint
     }
 }
 
-#define SM_ZAP (-4)            /* a made_log record that is a zap of the word at gpa (memory/shadow.py _fold) */
-#define ZAP_MAX 16u
-static uint32_t zap_pages[ZAP_MAX];
-
-/* The current root's entries that derive from the PTE at `word` (_zap_range would drop them): the pages
- * whose page-directory entry points at the word's frame (the directory is traced and nothing is left
- * unsynchronised, so an entry derived through another PDE value was zapped when it changed) and that the
- * root holds (`present`; the copy's slots may have lost some: Python's table drops those at the fold).
- * The word must not be in the current page directory itself, and the frame must have no unlinks pending
- * (then `linked` is exact for it). */
-static int zap_candidates(trapfast_t *s, const shadowmirror_t *m, uint32_t word, uint32_t *count) {
-    uint32_t frame = word & 0xFFFFF000u, pdi, pde, page;
-    *count = 0;
-    if (frame == (m->key & 0xFFFFF000u) || m->invlpgs_unknown || m->unlinks[(frame >> 12) & 255]) return 0;
-    if ((uint64_t)m->key + 4096 > s->ev.ram_bytes) return 0;
-    for (pdi = 0; pdi < 1024; pdi++) {
-        memcpy(&pde, s->ev.ram + m->key + 4 * pdi, 4);
-        if (!(pde & 1) || ((pde & 0x80u) && (m->mode & SM_PSE)) || (pde & 0xFFFFF000u) != frame) continue;
-        page = (pdi << 10) | ((word & 0xFFFu) >> 2);
-        if (!((m->present[page >> 3] >> (page & 7)) & 1)) continue;     /* no entry there */
-        if (*count >= ZAP_MAX) return 0;
-        zap_pages[(*count)++] = page;
-    }
-    return 1;
-}
-
 int trapfast_store_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *user_data) {
     trapstore_t *t = (trapstore_t *)user_data;
     trapfast_t *s = t->s;
     shadowmirror_t *m;
     uint64_t ss, eflags, eip, next, fl;
     uint32_t addr = 0, src = 0, size = 0, old = 0, value, mask, frame, k, links, word, nzap = 0;
+    uint32_t zap_pages[SM_ZAP_MAX];
     int zap;
     uint8_t code[15];
     int op = 0, len;
@@ -667,7 +642,7 @@ int trapfast_store_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void
         links += (uint32_t)__builtin_popcountll(w);
     }
     if (sm_may_unlink_all(m, frame, links - (zap ? 1 : 0))) return 0;
-    if (zap && !zap_candidates(s, m, word, &nzap)) return 0;
+    if (zap && !sm_zap_pages(m, s->ev.ram, s->ev.ram_bytes, word, zap_pages, &nzap)) return 0;
     if (m->made + (zap ? 2u : 1u) > SM_MADE) return 0;
     if (!left_block(s, (uint32_t)eip, &n)) return 0;
     /* From here on the store is ours. */
@@ -688,18 +663,7 @@ int trapfast_store_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void
     *s->clock_now -= (uint64_t)(n - 1);   /* Vcpu.left_block_at(eip), then the store retired */
     *t->fills += 1;                    /* Mmu.fill's fill, and its shadow hit */
     if (zap) {                         /* hv_wrote -> _on_write: _zap_range, _flush_engine */
-        for (k = 0; k < nzap; k++) {
-            sentry_t *en = sm_find(m, zap_pages[k], m->serial);
-            if (en) en->serial = 0;
-            m->present[zap_pages[k] >> 3] &= (uint8_t)~(1u << (zap_pages[k] & 7));
-        }
-        m->linked[word >> 5] &= (uint8_t)~(1u << ((word >> 2) & 7));   /* rmap.pop(word) */
-        r = &m->made_log[m->made++];   /* Python's tables, at the fold: _zap_range(word), the copy done */
-        memset(r, 0, sizeof *r);
-        r->gpa = word;
-        r->pde_addr = -1;
-        r->pte_addr = SM_ZAP;
-        r->serial = m->serial;
+        sm_zap(m, word, zap_pages, nzap);
         s->uc_ctl(uc, s->tlb_flush_ctl);
         t->zaps++;
     }
