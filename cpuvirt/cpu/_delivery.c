@@ -24,6 +24,7 @@
 
 #include "../memory/_shadowmirror.h"   /* hw --no-ept: the shadow root the hypervisor's accesses use */
 #include "_blockcopy.h"                 /* the copy of Machine.block_insns, shared with trap's and full's */
+#include "_modrm.h"                     /* the ModRM memory operand, shared with trap's */
 
 typedef int (*reg_read_fn)(void *uc, int regid, void *value);
 typedef int (*reg_write_fn)(void *uc, int regid, const void *value);
@@ -996,7 +997,8 @@ static const int gpr_reg[8] = {R_EAX, R_ECX, R_EDX, R_EBX, R_ESP, R_EBP, R_ESI, 
 
 static int decode_memop(const uint8_t *code, memop_t *m) {
     uint32_t i = 0, v = 4, size;
-    uint8_t op, modrm, mod, reg, rm;
+    uint8_t op, modrm, reg;
+    modrm_mem_t mem;
     int rep = 0;
     m->has = 0;
     for (;; i++) {                     /* operand-size, rep and segment prefixes (flat segments) */
@@ -1029,12 +1031,10 @@ static int decode_memop(const uint8_t *code, memop_t *m) {
         return 1;
     }
     modrm = code[i];
-    mod = modrm >> 6;
     reg = (modrm >> 3) & 7;
     if (op == 0x0F) {
         op = code[i++];
         modrm = code[i];
-        mod = modrm >> 6;
         reg = (modrm >> 3) & 7;
         if (op == 0xB6 || op == 0xBE) size = 1;          /* movzx, movsx r, r/m8 */
         else if (op == 0xB7 || op == 0xBF) size = 2;     /* movzx, movsx r, r/m16 */
@@ -1070,31 +1070,13 @@ static int decode_memop(const uint8_t *code, memop_t *m) {
     } else {
         return 0;
     }
-    i++;                               /* past ModRM */
-    rm = modrm & 7;
-    if (mod == 3) return 1;            /* a register operand: no memory operand */
+    if (!modrm_mem(code + i, &mem)) return 1;   /* a register operand: no memory operand */
     m->has = 1;
     m->size = size;
-    m->base = m->index = -1;
-    m->scale = 1;
-    m->disp = 0;
-    if (rm == 4) {                     /* SIB */
-        uint8_t sib = code[i++], b = sib & 7, x = (sib >> 3) & 7;
-        m->scale = 1u << (sib >> 6);
-        if (x != 4) m->index = gpr_reg[x];
-        if (b == 5 && mod == 0) {
-            memcpy(&m->disp, code + i, 4);
-            return 1;
-        }
-        m->base = gpr_reg[b];
-    } else if (rm == 5 && mod == 0) {
-        memcpy(&m->disp, code + i, 4);
-        return 1;
-    } else {
-        m->base = gpr_reg[rm];
-    }
-    if (mod == 1) m->disp = (int8_t)code[i];
-    else if (mod == 2) memcpy(&m->disp, code + i, 4);
+    m->base = mem.base >= 0 ? gpr_reg[mem.base] : -1;
+    m->index = mem.index >= 0 ? gpr_reg[mem.index] : -1;
+    m->scale = mem.scale;
+    m->disp = mem.disp;
     return 1;
 }
 

@@ -43,6 +43,7 @@
 
 #include "../cpu/_evseg.h"   /* the segment loads and iretd, shared with full's callouts */
 #include "../cpu/_evdeliver.h"   /* event delivery and the block copy, shared with full (with _shadowmirror.h) */
+#include "../cpu/_modrm.h"   /* the ModRM memory operand, shared with the native #PF's CR2 (cpu/_delivery.c) */
 
 typedef int (*reg_read_fn)(void *uc, int regid, void *value);
 typedef int (*reg_write_fn)(void *uc, int regid, const void *value);
@@ -218,46 +219,25 @@ static int rd(trapfast_t *s, void *uc, int reg, uint64_t *v) {
     return s->reg_read(uc, reg, v) == 0;
 }
 
-/* The linear address of a ModRM memory operand with 32-bit addressing (flat segments, as
- * EmulatingVcpu.memory_operand takes them): `m` is the ModRM byte and what follows. Returns the bytes
- * ModRM, SIB and displacement take, 0 for a register operand. */
+/* The linear address of a ModRM memory operand (cpu/_modrm.h) from the guest's registers: the bytes
+ * ModRM, SIB and displacement take, 0 for a register operand or a register the engine would not read. */
 static int modrm_address(trapfast_t *s, void *uc, const uint8_t *m, uint32_t *out) {
-    uint32_t mod = m[0] >> 6, rm = m[0] & 7, addr = 0, n = 1;
+    modrm_mem_t mem;
     uint64_t v;
-    int32_t d32;
-    if (mod == 3) return 0;
-    if (rm == 4) {                     /* SIB */
-        uint32_t scale = m[1] >> 6, index = (m[1] >> 3) & 7, base = m[1] & 7;
-        n = 2;
-        if (index != 4) {
-            if (!rd(s, uc, s->r_gpr[index], &v)) return 0;
-            addr += (uint32_t)v << scale;
-        }
-        if (base == 5 && mod == 0) {
-            memcpy(&d32, m + 2, 4);
-            *out = addr + (uint32_t)d32;
-            return 6;
-        }
-        if (!rd(s, uc, s->r_gpr[base], &v)) return 0;
+    uint32_t addr;
+    int n = modrm_mem(m, &mem);
+    if (!n) return 0;
+    addr = (uint32_t)mem.disp;
+    if (mem.base >= 0) {
+        if (!rd(s, uc, s->r_gpr[mem.base], &v)) return 0;
         addr += (uint32_t)v;
-    } else if (rm == 5 && mod == 0) {
-        memcpy(&d32, m + 1, 4);
-        *out = (uint32_t)d32;
-        return 5;
-    } else {
-        if (!rd(s, uc, s->r_gpr[rm], &v)) return 0;
-        addr = (uint32_t)v;
     }
-    if (mod == 1) {
-        addr += (uint32_t)(int32_t)(int8_t)m[n];
-        n += 1;
-    } else if (mod == 2) {
-        memcpy(&d32, m + n, 4);
-        addr += (uint32_t)d32;
-        n += 4;
+    if (mem.index >= 0) {
+        if (!rd(s, uc, s->r_gpr[mem.index], &v)) return 0;
+        addr += (uint32_t)v * mem.scale;
     }
     *out = addr;
-    return (int)n;
+    return n;
 }
 
 /* invlpg m: privileged.py _invlpg when it does only this (ShadowPaging.invlpg in the shadow's current
