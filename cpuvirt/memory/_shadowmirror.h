@@ -45,8 +45,12 @@ typedef struct {
 } smade_t;
 
 #define SM_MADE 1024u   /* entries C may make between two of Python's folds */
-/* smade_t.pte_addr of a record that is no entry but an invlpg of `page` (sm_invlpg), taken in order */
+/* smade_t.pte_addr of a record that is no entry (memory/shadow.py _fold takes them in order with the entries):
+ * an invlpg of `page` (sm_invlpg), a ptemod trap's fill hook emulated at EIP `gpa` (modes/_trapfast.c), the
+ * zap of the word at `gpa` (sm_zap) */
 #define SM_INVLPG (-2)
+#define SM_PTEMOD (-3)
+#define SM_ZAP (-4)
 
 typedef struct {
     uint32_t key;      /* ShadowPaging._cur_key (1: none) */
@@ -147,6 +151,17 @@ static inline const sentry_t *sm_entry(const shadowmirror_t *m, uint32_t cr0, ui
     return sm_find(m, page, m->serial);
 }
 
+/* A record of `kind` (SM_INVLPG, SM_PTEMOD, SM_ZAP) at the end of the log, which must have room. */
+static inline void sm_record(shadowmirror_t *m, int64_t kind, uint32_t page, uint32_t gpa) {
+    smade_t *r = &m->made_log[m->made++];
+    memset(r, 0, sizeof *r);
+    r->page = page;
+    r->gpa = gpa;
+    r->pde_addr = -1;
+    r->pte_addr = kind;
+    r->serial = m->serial;
+}
+
 /* ShadowPaging.invlpg in the current root (C's copy now, Python's table at its next fold, in the log's
  * order): the page's entry goes, whether the copy's slots hold it or not. `ram`: guest RAM, where the
  * root's page directory tells which page table the entry came from (the one it can unlink a word of:
@@ -154,7 +169,6 @@ static inline const sentry_t *sm_entry(const shadowmirror_t *m, uint32_t cr0, ui
  * unsynchronised: users of `unlinks` must not rely on it then). 0: the log is full. */
 static inline int sm_invlpg(shadowmirror_t *m, uint32_t page, const uint8_t *ram, uint64_t ram_bytes) {
     sentry_t *e;
-    smade_t *r;
     uint64_t pde_addr = m->key | ((page >> 8) & 0xFFCu);
     uint32_t pde;
     if (m->made >= SM_MADE || !m->serial) return 0;
@@ -170,12 +184,7 @@ static inline int sm_invlpg(shadowmirror_t *m, uint32_t page, const uint8_t *ram
     e = sm_find(m, page, m->serial);
     if (e) e->serial = 0;
     m->present[page >> 3] &= (uint8_t)~(1u << (page & 7));
-    r = &m->made_log[m->made++];
-    memset(r, 0, sizeof *r);
-    r->page = page;
-    r->pde_addr = -1;
-    r->pte_addr = SM_INVLPG;
-    r->serial = m->serial;
+    sm_record(m, SM_INVLPG, page, 0);
     return 1;
 }
 
@@ -184,8 +193,6 @@ static inline int sm_may_unlink_all(const shadowmirror_t *m, uint64_t frame, uin
     return m->invlpgs_unknown || links <= m->unlinks[(frame >> 12) & 255];
 }
 
-/* smade_t.pte_addr of a record that is a zap of the word at `gpa` (sm_zap; memory/shadow.py _fold replays it) */
-#define SM_ZAP (-4)
 #define SM_ZAP_MAX 16u
 
 /* The current root's entries a store into the PTE at `word` zaps (ShadowPaging._zap_range would drop them),
@@ -215,7 +222,6 @@ static inline int sm_zap_pages(const shadowmirror_t *m, const uint8_t *ram, uint
 /* The zap in the C copy (the pages sm_zap_pages found leave it, the word leaves `linked`) and its record for
  * Python's tables; the caller flushes the engine's TLB. The log must have room. */
 static inline void sm_zap(shadowmirror_t *m, uint32_t word, const uint32_t *pages, uint32_t n) {
-    smade_t *r;
     uint32_t k;
     for (k = 0; k < n; k++) {
         sentry_t *e = sm_find(m, pages[k], m->serial);
@@ -223,12 +229,7 @@ static inline void sm_zap(shadowmirror_t *m, uint32_t word, const uint32_t *page
         m->present[pages[k] >> 3] &= (uint8_t)~(1u << (pages[k] & 7));
     }
     m->linked[word >> 5] &= (uint8_t)~(1u << ((word >> 2) & 7));   /* rmap.pop(word) */
-    r = &m->made_log[m->made++];
-    memset(r, 0, sizeof *r);
-    r->gpa = word;
-    r->pde_addr = -1;
-    r->pte_addr = SM_ZAP;
-    r->serial = m->serial;
+    sm_record(m, SM_ZAP, 0, word);
 }
 
 #define SM_WP 0x10000u

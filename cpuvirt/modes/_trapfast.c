@@ -516,7 +516,6 @@ typedef struct {
 } tlb_entry_t;
 
 #define MEM_WRITE 17
-#define SM_PTEMOD (-3)         /* a made_log record that is a ptemod (memory/shadow.py _fold): gpa = EIP */
 
 typedef struct {
     trapfast_t *s;             /* the trap table, once TrapFast is attached (NULL: every fill is Mmu.fill's) */
@@ -595,7 +594,6 @@ int trapfast_store_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void
     uint8_t code[15];
     int op = 0, len;
     int64_t gpa, n = 0;
-    smade_t *r;
     (void)e;
     if (!t->on || !s || !s->enabled || type != MEM_WRITE || !s->seen[K_PTEMOD]) return 0;
     if (!s->shadow_ok) return 0;       /* a frame left unsynchronised: the unlink counts below could be wrong */
@@ -647,12 +645,7 @@ int trapfast_store_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void
         s->uc_ctl(uc, s->tlb_flush_ctl);
         t->zaps++;
     }
-    r = &m->made_log[m->made++];       /* ShadowPaging's ptemods, traced_writes, the trace's writes */
-    memset(r, 0, sizeof *r);
-    r->gpa = (uint32_t)eip;
-    r->pde_addr = -1;
-    r->pte_addr = SM_PTEMOD;
-    r->serial = m->serial;
+    sm_record(m, SM_PTEMOD, 0, (uint32_t)eip);   /* ShadowPaging's ptemods, traced_writes, the trace's writes */
     s->count[K_PTEMOD]++;              /* the page_fault/ptemod event */
     s->pending++;
     t->stores++;
