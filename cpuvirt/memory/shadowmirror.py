@@ -144,70 +144,70 @@ class _MirroredEntries(dict):
         self._mirror.renumber(self._root)
 
 
-class _TracedFrames(dict):
-    """Mmu.traces.frames (guest frame -> owners) with a bit per traced RAM frame in the copy, and one per frame
-    traced by an owner other than shadow paging (memory/traces.py sets a frame again when its owners change)."""
+class _KeysInC(dict):
+    """A dict whose keys the C copy keeps bits for: each key gained or lost is told to `_tell` (value None:
+    lost), whatever dict operation did it."""
 
     __slots__ = ("_lib", "_pm")
 
     def __init__(self, lib, pm, old: dict):
         super().__init__()
         self._lib, self._pm = lib, pm
-        for page, owners in old.items():
-            self[page] = owners
+        for key, value in old.items():
+            self[key] = value
 
-    def __setitem__(self, page, owners) -> None:
-        dict.__setitem__(self, page, owners)
-        # 1: traced by shadow paging alone, 2: (also) by another owner (_tlbfill.c shadowmirror_traced)
-        self._lib.shadowmirror_traced(self._pm, page, 1 if len(owners) == 1 and PT_KIND in owners else 2)
+    def _tell(self, key, value) -> None:
+        raise NotImplementedError
 
-    def __delitem__(self, page) -> None:
-        dict.__delitem__(self, page)
-        self._lib.shadowmirror_traced(self._pm, page, 0)
+    def __setitem__(self, key, value) -> None:
+        dict.__setitem__(self, key, value)
+        self._tell(key, value)
 
-    def pop(self, page, *default):
-        had = page in self
-        owners = dict.pop(self, page, *default)
+    def __delitem__(self, key) -> None:
+        dict.__delitem__(self, key)
+        self._tell(key, None)
+
+    def pop(self, key, *default):
+        had = key in self
+        value = dict.pop(self, key, *default)
         if had:
-            self._lib.shadowmirror_traced(self._pm, page, 0)
-        return owners
+            self._tell(key, None)
+        return value
 
     def clear(self) -> None:
-        for page in list(self):
-            del self[page]
+        for key in list(self):
+            del self[key]
 
 
-class _LinkedAddresses(dict):
+class _TracedFrames(_KeysInC):
+    """Mmu.traces.frames (guest frame -> owners) with a bit per traced RAM frame in the copy, and one per frame
+    traced by an owner other than shadow paging (memory/traces.py sets a frame again when its owners change)."""
+
+    __slots__ = ()
+
+    def _tell(self, page, owners) -> None:
+        # 0: untraced, 1: traced by shadow paging alone, 2: (also) by another owner (_tlbfill.c shadowmirror_traced)
+        on = 0 if owners is None else 1 if len(owners) == 1 and PT_KIND in owners else 2
+        self._lib.shadowmirror_traced(self._pm, page, on)
+
+
+class _LinkedAddresses(_KeysInC):
     """ShadowPaging.rmap (guest PDE/PTE address -> the entries derived from it) with a bit per address it
-    holds in the copy (`linked`): a store C makes into a traced page table must derive nothing (full's
-    adaptive stores, bt/_callout.c; trap's ptemods, modes/_trapfast.c)."""
+    holds in the copy (`linked`): the words a store zaps entries for (full's adaptive stores, bt/_callout.c;
+    trap's ptemods, modes/_trapfast.c)."""
 
-    __slots__ = ("_lib", "_pm", "_bits", "_size")
+    __slots__ = ("_bits",)
 
     def __init__(self, lib, pm, bits, old: dict):
-        super().__init__()
-        self._lib, self._pm, self._bits, self._size = lib, pm, bits, ctypes.sizeof(bits)
-        for addr, keys in old.items():
-            self[addr] = keys
+        self._bits = bits
+        super().__init__(lib, pm, old)
 
-    def __setitem__(self, addr, keys) -> None:
-        dict.__setitem__(self, addr, keys)
-        self._lib.shadowmirror_linked(self._pm, addr, 1)
-
-    def __delitem__(self, addr) -> None:
-        dict.__delitem__(self, addr)
-        self._lib.shadowmirror_linked(self._pm, addr, 0)
-
-    def pop(self, addr, *default):
-        had = addr in self
-        keys = dict.pop(self, addr, *default)
-        if had:
-            self._lib.shadowmirror_linked(self._pm, addr, 0)
-        return keys
+    def _tell(self, addr, keys) -> None:
+        self._lib.shadowmirror_linked(self._pm, addr, 0 if keys is None else 1)
 
     def clear(self) -> None:
         dict.clear(self)
-        ctypes.memset(self._bits, 0, self._size)
+        ctypes.memset(self._bits, 0, ctypes.sizeof(self._bits))
 
 
 class _PageTableFrames(set):
