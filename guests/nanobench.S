@@ -35,12 +35,7 @@ main:
     call user_init
     SET_HANDLER(VEC_DE, divzero_handler)
     SET_HANDLER(VEC_PF, pgfault_handler)
-    mov edi, page_dir
-    mov esi, page_table_low
-    mov eax, PTE_P | PTE_W | PTE_U
-    call paging_identity_4m
-    mov eax, page_dir
-    call paging_enable
+    PAGING_IDENTITY_4M_ON(PTE_P | PTE_W | PTE_U)
 
     # --- syscall --------------------------------------------------------------------------------
     mov eax, user_syscall_loop

@@ -40,12 +40,7 @@
 main:
 #if EVENT == 2 || EVENT == 3 || EVENT == 10
     SET_HANDLER(VEC_PF, pf_handler)
-    mov edi, page_dir
-    mov esi, page_table_low
-    mov eax, PTE_P | PTE_W
-    call paging_identity_4m
-    mov eax, page_dir
-    call paging_enable
+    PAGING_IDENTITY_4M_ON(PTE_P | PTE_W)
 #endif
 #if EVENT == 5 || EVENT == 6
     mov edi, FRESH_A

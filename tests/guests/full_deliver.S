@@ -46,12 +46,7 @@ main:
     mov word ptr [idt + 8 * 0x85 + 6], ax
     mov word ptr [idt + 8 * 0x85 + 2], KERNEL_CS
     mov word ptr [idt + 8 * 0x85 + 4], 0xEE00
-    mov edi, page_dir
-    mov esi, page_table_low
-    mov eax, PTE_P | PTE_W | PTE_U
-    call paging_identity_4m
-    mov eax, page_dir
-    call paging_enable
+    PAGING_IDENTITY_4M_ON(PTE_P | PTE_W | PTE_U)
     xor ebp, ebp
     mov esi, LOOPS
 loop:

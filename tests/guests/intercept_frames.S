@@ -18,12 +18,7 @@ FRAME_B = 0x311000
 main:
     mov dword ptr [FRAME_A], 0xC39090   # nop; nop; ret
     mov dword ptr [FRAME_B], 0xC3080F   # invd; ret
-    mov edi, page_dir
-    mov esi, page_table_low
-    mov eax, PTE_P | PTE_W
-    call paging_identity_4m
-    mov eax, page_dir
-    call paging_enable
+    PAGING_IDENTITY_4M_ON(PTE_P | PTE_W)
     mov eax, FRAME_A
     call run_x
     mov eax, FRAME_B

@@ -35,12 +35,7 @@
 
 .text
 main:
-    mov edi, page_dir
-    mov esi, page_table_low
-    mov eax, PTE_P | PTE_W
-    call paging_identity_4m
-    mov eax, page_dir
-    call paging_enable
+    PAGING_IDENTITY_4M_ON(PTE_P | PTE_W)
     xor esi, esi                        # the checksum
     mov ebp, ROUNDS
 round:

@@ -23,12 +23,7 @@ main:
     SET_HANDLER(VEC_GP, gp_handler)
     mov dword ptr [FRAME_A], 0xC306280F # movaps xmm0, [esi]; ret
     mov dword ptr [FRAME_B], 0xC303280F # movaps xmm0, [ebx]; ret
-    mov edi, page_dir
-    mov esi, page_table_low
-    mov eax, PTE_P | PTE_W
-    call paging_identity_4m
-    mov eax, page_dir
-    call paging_enable
+    PAGING_IDENTITY_4M_ON(PTE_P | PTE_W)
     push ebx
     push esi
 
