@@ -25,5 +25,24 @@ def test_guest(tmp_path_factory):
     return build
 
 
+@pytest.fixture(scope="session")
+def nanobench_image(tmp_path_factory):
+    """guests/nanobench.S built with N iterations of each operation (its PV build with pv=True), once per
+    (N, pv) in the session; returns its path."""
+    out = tmp_path_factory.mktemp("nanobench")
+    built: dict[tuple[int, bool], Path] = {}
+
+    def image(n: int, pv: bool = False) -> Path:
+        if (n, pv) not in built:
+            from cpuvirt.nanobench import build
+
+            path = out / f"nanobench-{n}{'-pv' if pv else ''}.bin"
+            path.write_bytes(build(n, pv))
+            built[n, pv] = path
+        return built[n, pv]
+
+    return image
+
+
 requires_qemu = pytest.mark.skipif(shutil.which("qemu-system-i386") is None,
                                    reason="qemu-system-i386 is not installed (Debian: qemu-system-x86)")

@@ -108,12 +108,8 @@ def _mirror_is_true(vcpu) -> None:
 
 
 @pytest.fixture(scope="module")
-def nanobench(tmp_path_factory):
-    from cpuvirt.nanobench import build
-
-    path = tmp_path_factory.mktemp("nb") / "nanobench.bin"
-    path.write_bytes(build(NB_N, False))
-    return path
+def nanobench(nanobench_image):
+    return nanobench_image(NB_N)
 
 
 def test_nanobench_deliveries_in_c_leave_what_python_leaves(nanobench, monkeypatch):

@@ -99,12 +99,8 @@ def _same(c_run, py_run) -> None:
 
 
 @pytest.fixture(scope="module")
-def nanobench(tmp_path_factory):
-    from cpuvirt.nanobench import build
-
-    path = tmp_path_factory.mktemp("nb") / "nanobench.bin"
-    path.write_bytes(build(NB_N, False))
-    return path
+def nanobench(nanobench_image):
+    return nanobench_image(NB_N)
 
 
 def test_nanobench_events_in_c_leave_what_python_leaves(nanobench, monkeypatch):

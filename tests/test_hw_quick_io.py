@@ -23,7 +23,6 @@ from cpuvirt.cpu.vcpu import Vcpu
 from cpuvirt.modes.hw import vmx
 from cpuvirt.modes.hw.exits import ExitReason
 from cpuvirt.modes.hw.vmcs import Field as F
-from cpuvirt.nanobench import build
 from cpuvirt.runner import run_guest
 
 EXIT_FIELDS = (
@@ -101,10 +100,8 @@ def quick_io(test_guest):
 
 
 @pytest.fixture(scope="module")
-def nanobench(tmp_path_factory):
-    path = tmp_path_factory.mktemp("quickio") / "nanobench.bin"
-    path.write_bytes(build(300, False))
-    return path
+def nanobench(nanobench_image):
+    return nanobench_image(300)
 
 
 # (--vmx settings, the least number of quick exits expected, whether that number is exact (no other port of

@@ -26,7 +26,6 @@ from cpuvirt.engine import regs as R
 from cpuvirt.memory.mmu import Mmu
 from cpuvirt.modes.hw import vmx
 from cpuvirt.modes.hw.vmcs import Field as F
-from cpuvirt.nanobench import build
 from cpuvirt.runner import run_guest
 from cpuvirt.x86.flags import CR0_PG
 
@@ -98,10 +97,8 @@ def _same(a, b) -> None:
 
 
 @pytest.fixture(scope="module")
-def nanobench(tmp_path_factory):
-    path = tmp_path_factory.mktemp("shadowpeek") / "nanobench.bin"
-    path.write_bytes(build(200, False))
-    return path
+def nanobench(nanobench_image):
+    return nanobench_image(200)
 
 
 @pytest.fixture(scope="module")

@@ -56,12 +56,8 @@ def test_page_table_stores_and_invlpg_in_c_leave_what_python_leaves(test_guest, 
 
 
 @pytest.fixture(scope="module")
-def nanobench(tmp_path_factory):
-    from cpuvirt.nanobench import build
-
-    path = tmp_path_factory.mktemp("nb") / "nanobench.bin"
-    path.write_bytes(build(300, False))
-    return path
+def nanobench(nanobench_image):
+    return nanobench_image(300)
 
 
 def test_nanobench_ptemod_in_c(nanobench, monkeypatch):

@@ -21,7 +21,6 @@ import pytest
 
 from cpuvirt.engine import regs as R
 from cpuvirt.modes.para import vcpu as para_vcpu
-from cpuvirt.nanobench import build
 from cpuvirt.runner import run_guest
 from tests.runs import run_record
 
@@ -92,10 +91,8 @@ def pv_fast(test_guest):
 
 
 @pytest.fixture(scope="module")
-def nanobench_pv(tmp_path_factory):
-    path = tmp_path_factory.mktemp("nb") / "nanobench.pv.bin"
-    path.write_bytes(build(200, True))
-    return path
+def nanobench_pv(nanobench_image):
+    return nanobench_image(200, pv=True)
 
 
 def test_pv_fast_guest_c_and_python_leave_the_same_state(pv_fast, monkeypatch):
