@@ -24,3 +24,11 @@ def switches_with(code: str, unset: tuple[str, ...], **env: str) -> list[str]:
     e.update(env)
     p = subprocess.run([sys.executable, "-c", code], env=e, capture_output=True, text=True, check=True)
     return p.stdout.split()
+
+
+def check_off_switches(code: str, names: tuple[str, str], variable: str) -> None:
+    """A quick path's two switches, (CPUVIRT_NO_..., CPUVIRT_..._C): `code` prints both class attributes; both
+    are on by default, and `variable` turns off its own one only."""
+    assert switches_with(code, names) == ["True", "True"]
+    off = switches_with(code, names, **{variable: "1" if variable == names[0] else "0"})
+    assert off == (["False", "True"] if variable == names[0] else ["True", "False"])

@@ -22,7 +22,7 @@ from cpuvirt.modes.hw import vmx
 from cpuvirt.modes.hw.exits import ExitReason
 from cpuvirt.modes.hw.vmcs import Field as F
 from cpuvirt.runner import run_guest
-from tests.runs import switches_with
+from tests.runs import check_off_switches
 
 EXIT_FIELDS = (
     F.VM_EXIT_REASON,
@@ -242,10 +242,7 @@ def test_without_lazy_ept_nothing_changes(quick_ept, monkeypatch):
 @pytest.mark.parametrize("variable", ["CPUVIRT_NO_QUICK_EPT", "CPUVIRT_QUICK_EPT_C"])
 def test_the_environment_switches_turn_it_off(variable):
     code = "from cpuvirt.modes.hw.vmx import VmxCpu; print(VmxCpu.quick_ept, VmxCpu.quick_ept_c)"
-    names = ("CPUVIRT_NO_QUICK_EPT", "CPUVIRT_QUICK_EPT_C")
-    assert switches_with(code, names) == ["True", "True"]
-    off = switches_with(code, names, **{variable: "1" if variable == names[0] else "0"})
-    assert off == (["False", "True"] if variable == names[0] else ["True", "False"])
+    check_off_switches(code, ("CPUVIRT_NO_QUICK_EPT", "CPUVIRT_QUICK_EPT_C"), variable)
 
 
 @pytest.mark.parametrize("case", [1, 4, 5])

@@ -18,7 +18,7 @@ import pytest
 
 from cpuvirt.modes.hw import vmx
 from cpuvirt.modes.hw.exits import ExitReason
-from tests.runs import switches_with
+from tests.runs import check_off_switches
 from tests.test_hw_quick_ept import _run, _same, replace_handler
 
 NO_EPT = ("enable_ept=0",)
@@ -93,7 +93,4 @@ def test_a_trace_is_the_same_and_takes_the_full_exit(monkeypatch, tmp_path):
 @pytest.mark.parametrize("variable", ["CPUVIRT_NO_QUICK_SHADOW_PF", "CPUVIRT_QUICK_SHADOW_PF_C"])
 def test_the_environment_switches_turn_it_off(variable):
     code = "from cpuvirt.modes.hw.vmx import VmxCpu; print(VmxCpu.quick_shadow_pf, VmxCpu.quick_shadow_pf_c)"
-    names = ("CPUVIRT_NO_QUICK_SHADOW_PF", "CPUVIRT_QUICK_SHADOW_PF_C")
-    assert switches_with(code, names) == ["True", "True"]
-    off = switches_with(code, names, **{variable: "1" if variable == names[0] else "0"})
-    assert off == (["False", "True"] if variable == names[0] else ["True", "False"])
+    check_off_switches(code, ("CPUVIRT_NO_QUICK_SHADOW_PF", "CPUVIRT_QUICK_SHADOW_PF_C"), variable)
