@@ -150,9 +150,14 @@ def _address_form(insn) -> tuple[int, int, int, int] | None:
 
 def memory_site(code: bytes, eip: int) -> tuple | None:
     """An instruction's memory operand (invlpg m) in store_site's shape, for bt/_callout.c's site_address;
-    None where it is not one."""
-    address = _address_form(next(_cs.disasm(code or b"", eip, 1), None))
-    return None if address is None else (0, 1, _NONE, 0, 0, *address)
+    None where it is not one. Decoded once per site (a site C declines is relinked at each Python serve)."""
+    key = ("memory", eip, code)
+    if key not in _sites:
+        address = _address_form(next(_cs.disasm(code or b"", eip, 1), None))
+        if len(_sites) > 4096:
+            _sites.clear()
+        limits.put(_sites, key, None if address is None else (0, 1, _NONE, 0, 0, *address))
+    return _sites[key]
 
 
 def stores(code: bytes, eip: int) -> bool:
