@@ -181,12 +181,8 @@ class ShadowPaging:
                 self._count_ptemod(e[0])
                 self.mmu.traces.writes += 1
                 continue
-            if e[4] == ZAP_RECORD:  # ... that zapped: what derives from the word goes (C dropped the current
-                mirror.replaying = True  # root's entries from its copy already, and flushed the engine's TLB)
-                try:
-                    self._zap_range(e[0], 4)
-                finally:
-                    mirror.replaying = False
+            if e[4] == ZAP_RECORD:  # ... that zapped: what derives from the word goes (the engine's TLB was flushed)
+                self._zap_range(e[0], 4, copy_done=True)
                 continue
             old = entries.get(page)
             if old is not None:
@@ -496,8 +492,9 @@ class ShadowPaging:
     def _flush_engine(self) -> None:
         self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
 
-    def _zap_range(self, gpa: int, size: int) -> int:
-        """Drop the shadow entries derived from guest PDEs/PTEs in gpa .. gpa + size - 1."""
+    def _zap_range(self, gpa: int, size: int, copy_done: bool = False) -> int:
+        """Drop the shadow entries derived from guest PDEs/PTEs in gpa .. gpa + size - 1. copy_done: a zap C
+        made, whose current-root entries have left the C copy already (which may hold entries C made since)."""
         n = 0
         for addr in range(gpa & ~3, gpa + size, 4):
             keys = self.rmap.get(addr)
@@ -505,7 +502,12 @@ class ShadowPaging:
                 continue
             for key, page in list(keys):
                 root = self.roots.get(key)
-                e = root.entries.pop(page, None) if root is not None else None
+                if root is None:
+                    e = None
+                elif copy_done and root is self._cur:
+                    e = dict.pop(root.entries, page, None)
+                else:
+                    e = root.entries.pop(page, None)
                 if e is not None:
                     self._unlink(key, page, e)
                     n += 1

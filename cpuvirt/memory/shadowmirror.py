@@ -320,13 +320,7 @@ class ShadowMirror:
             return
         self._lib.shadowmirror_put(self._pm, bitmap, page >> 12, serial, e[0], e[1], 1 if e[2] else 0)
 
-    # True while ShadowPaging._fold replays a zap C made: the current root's copy holds its outcome already
-    # (and maybe entries C made since, which a drop would lose)
-    replaying = False
-
     def drop(self, entries: _MirroredEntries, page: int) -> None:
-        if self.replaying and entries._root is self._shadow._cur:
-            return
         self._lib.shadowmirror_drop(self._pm, entries.present_address, (page >> 12) & 0xFFFFF, entries._root.serial)
 
     def take_made(self, serial: int) -> list[tuple[int, tuple]]:

@@ -58,8 +58,14 @@ no_read:
     mov ebx, PAGE_B - 0x1000
     invlpg [ebx + ecx * 4]              # base and scaled index: page B
     mov eax, dword ptr [PAGE_B]         # its entry again
-    or dword ptr [PTE(PAGE_B)], 0       # a store that zaps it (the value unchanged) ...
-    mov eax, dword ptr [PAGE_B]         # ... so, with no invlpg, this read walks again (a hidden fault)
+    mov eax, dword ptr [PTE(PAGE_F)]
+    xchg dword ptr [PTE(PAGE_F)], eax   # a store only Python emulates: it takes in what C logged so far
+    or dword ptr [PTE(PAGE_B)], 0       # a store that zaps B's entry (the value unchanged) ...
+    mov eax, dword ptr [PAGE_B]         # ... so, with no invlpg, this read walks again and makes an entry
+    mov eax, dword ptr [PTE(PAGE_F)]
+    xchg dword ptr [PTE(PAGE_F)], eax   # Python takes in the zap, then that entry, which C's copy keeps
+    invlpg [PAGE_A]                     # (page A has no entry: this only flushes the engine's TLB)
+    mov eax, dword ptr [PAGE_B]         # a shadow hit on it
     mov ebx, PAGE_B + 0x1010
     invlpg [ebx - 0x80]                 # a negative 8-bit displacement: page B
     # a byte and a word
