@@ -23,6 +23,7 @@
 
 #include "../cpu/_evseg.h"   /* the guest kernel's segment loads and iretd, shared with trap's C path */
 #include "../cpu/_evdeliver.h"   /* event delivery through the guest's IDT and the block copy, shared too */
+#include "../cpu/_storeop.h"   /* the value and flags of an emulated store, shared with trap's ptemods */
 
 typedef int (*reg_read_fn)(void *uc, int regid, void *value);
 typedef int (*reg_write_fn)(void *uc, int regid, const void *value);
@@ -45,7 +46,6 @@ enum { PYTHON = 0, CPUID = 1, RDTSC = 2, MOV_CR0 = 3, MOV_CR4 = 4, PORT_IN = 5, 
 /* An adaptive store site as C does it (x86/emulate.py store_site): `op [base + index * scale + disp], src`
  * with op mov, or, and, xor, add, sub, inc, dec; src a register's bits (shift 0, or 8 for ah..bh) or an
  * immediate (1 for inc and dec). */
-enum { ST_MOV = 0, ST_OR = 1, ST_AND = 2, ST_XOR = 3, ST_ADD = 4, ST_SUB = 5, ST_INC = 6, ST_DEC = 7 };
 #define ST_NONE 0xFFu
 typedef struct {
     int32_t disp;
@@ -432,14 +432,7 @@ static int adaptive_store(callouts_t *t, void *uc, uint64_t i) {
         src = ((uint32_t)v >> st->shift) & mask;
     }
     memcpy(&old, t->ev.ram + gpa, st->size);
-    switch (st->op) {
-    case ST_MOV: value = src; break;
-    case ST_OR: value = old | src; break;
-    case ST_AND: value = old & src; break;
-    case ST_XOR: value = old ^ src; break;
-    case ST_ADD: case ST_INC: value = (old + src) & mask; break;
-    default: value = (old - src) & mask; break;
-    }
+    value = st_value(st->op, old, src, mask);
     memcpy((uint8_t *)t->ev.ram + gpa, &value, st->size);
     if (zap) {                                   /* hv_wrote -> ShadowPaging._on_write: _zap_range, the flush */
         sm_zap((shadowmirror_t *)m, word, zap_pages, nzap);
@@ -447,23 +440,8 @@ static int adaptive_store(callouts_t *t, void *uc, uint64_t i) {
         t->zaps++;
     }
     if (st->op != ST_MOV) {
-        uint32_t top = 8 * st->size - 1;
-        int sub = st->op == ST_SUB || st->op == ST_DEC;
         t->reg_read(uc, t->eflags_reg, &fl);
-        if (st->op <= ST_XOR) {
-            /* x86/emulate.py emulate_store: CF = OF = AF = 0; SF, ZF, PF from the result */
-            fl &= ~(uint64_t)(0x1 | 0x4 | 0x10 | 0x40 | 0x80 | 0x800);
-        } else {
-            /* arith_store: CF (kept by inc and dec), AF, OF as the CPU sets them */
-            fl &= ~(uint64_t)(0x4 | 0x10 | 0x40 | 0x80 | 0x800 | (st->op >= ST_INC ? 0 : 0x1));
-            if (st->op < ST_INC && (sub ? old < src : (uint64_t)old + src > mask)) fl |= 0x1;
-            if ((old ^ src ^ value) & 0x10) fl |= 0x10;
-            if (sub ? (((old ^ src) & (old ^ value)) >> top) & 1 : ((~(old ^ src) & (old ^ value)) >> top) & 1)
-                fl |= 0x800;
-        }
-        if (!(__builtin_popcount(value & 0xFF) & 1)) fl |= 0x4;
-        if (!value) fl |= 0x40;
-        if ((value >> top) & 1) fl |= 0x80;
+        fl = st_flags(st->op, old, src, value, st->size, fl);
         t->reg_write(uc, t->eflags_reg, &fl);
     }
     return 1;

@@ -44,6 +44,7 @@
 #include "../cpu/_evseg.h"   /* the segment loads and iretd, shared with full's callouts */
 #include "../cpu/_evdeliver.h"   /* event delivery and the block copy, shared with full (with _shadowmirror.h) */
 #include "../cpu/_modrm.h"   /* the ModRM memory operand, shared with the native #PF's CR2 (cpu/_delivery.c) */
+#include "../cpu/_storeop.h"   /* the value and flags of an emulated store, shared with full's adaptive stores */
 
 typedef int (*reg_read_fn)(void *uc, int regid, void *value);
 typedef int (*reg_write_fn)(void *uc, int regid, const void *value);
@@ -530,7 +531,6 @@ typedef struct {
 
 size_t trapstore_sizeof(void) { return sizeof(trapstore_t); }
 
-enum { ST_MOV, ST_OR, ST_AND, ST_XOR };
 
 /* The store forms emulate_store does that are decoded here: length, or 0. */
 static int decode_store(trapfast_t *s, void *uc, const uint8_t *c, int *op, uint32_t *size, uint32_t *src,
@@ -627,13 +627,10 @@ int trapfast_store_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void
     mask = size == 4 ? 0xFFFFFFFFu : 0xFFu;
     src &= mask;
     memcpy(&old, s->ev.ram + gpa, size);
-    value = op == ST_MOV ? src : op == ST_OR ? (old | src) : op == ST_AND ? (old & src) : (old ^ src);
+    value = st_value(op, old, src, mask);
     memcpy((uint8_t *)s->ev.ram + gpa, &value, size);
-    if (op != ST_MOV) {                /* CF = OF = AF = 0; SF, ZF, PF from the result */
-        fl = eflags & ~(uint64_t)(0x1 | 0x4 | 0x10 | 0x40 | 0x80 | 0x800);
-        if (!(__builtin_popcount(value & 0xFF) & 1)) fl |= 0x4;
-        if (!value) fl |= 0x40;
-        if ((value >> (8 * size - 1)) & 1) fl |= 0x80;
+    if (op != ST_MOV) {
+        fl = st_flags(op, old, src, value, size, eflags);
         s->reg_write(uc, s->r_eflags, &fl);
     }
     next = (uint32_t)(eip + (uint32_t)len);
