@@ -24,6 +24,7 @@
 #include "../cpu/_evseg.h"   /* the guest kernel's segment loads and iretd, shared with trap's C path */
 #include "../cpu/_evdeliver.h"   /* event delivery through the guest's IDT and the block copy, shared too */
 #include "../cpu/_storeop.h"   /* the value and flags of an emulated store, shared with trap's ptemods */
+#include "../engine/_vclock.h"   /* the clock's interrupt-window look (its stubs' limit) */
 
 typedef int (*reg_read_fn)(void *uc, int regid, void *value);
 typedef int (*reg_write_fn)(void *uc, int regid, const void *value);
@@ -492,7 +493,7 @@ void callout_hook(void *uc, uint64_t address, uint32_t size, void *user_data) {
                 }
             } else if (k == PORT_IN || k == PORT_OUT) {
                 if (!port_io(t, uc, i, k == PORT_IN)) {
-                    if (*t->watch_if && !*t->check_if) *t->check_if = 1;
+                    vclock_look_at_if(t->watch_if, t->check_if);
                     t->served[k]++;
                     return;
                 }
@@ -500,7 +501,7 @@ void callout_hook(void *uc, uint64_t address, uint32_t size, void *user_data) {
                 t->answer[k](uc, t->answer_data[k]);
             }
             t->reg_write(uc, t->eip_reg, &eip);
-            if (*t->watch_if && !*t->check_if) *t->check_if = 1; /* as clock.if_may_have_changed */
+            vclock_look_at_if(t->watch_if, t->check_if); /* as clock.if_may_have_changed */
             t->served[k]++;
             return;
         }
@@ -620,7 +621,7 @@ static int full_event(callouts_t *t, void *uc, uint32_t intno) {
     if (!ed_deliver_event(&d, uc, intno, soft, ret_eip, has_ec, ec, (uint32_t)cs, eflags)) return 0;
     memcpy(t->ev.env + f->off_old_exception, &minus1, 4);                /* FaultState.take */
     *f->clock_now -= (uint64_t)n;                                       /* left_block_at */
-    if (*t->watch_if && !*t->check_if) *t->check_if = 1;                /* if_may_have_changed */
+    vclock_look_at_if(t->watch_if, t->check_if);                /* if_may_have_changed */
     if (soft)
         f->soft_count[intno]++;
     else

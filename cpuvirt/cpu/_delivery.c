@@ -25,6 +25,7 @@
 #include "../memory/_shadowmirror.h"   /* hw --no-ept: the shadow root the hypervisor's accesses use */
 #include "_blockcopy.h"                 /* the copy of Machine.block_insns, shared with trap's and full's */
 #include "_modrm.h"                     /* the ModRM memory operand, shared with trap's */
+#include "../engine/_vclock.h"   /* the clock's interrupt-window look (its stubs' limit) */
 
 typedef int (*reg_read_fn)(void *uc, int regid, void *value);
 typedef int (*reg_write_fn)(void *uc, int regid, const void *value);
@@ -647,7 +648,7 @@ static int books_left_block_at(books_t *b, uint32_t boundary) {
 /* VirtualClock.if_may_have_changed (native's hook_intr makes it; hw's Python path does not: an event
  * delivered in non-root operation never sets IF), and the counters to fold. */
 static void books_done(const delivery_t *s, books_t *b) {
-    if (!s->vmx && *b->clock_watch_if && !*b->clock_check_if) *b->clock_check_if = 1;
+    if (!s->vmx) vclock_look_at_if(b->clock_watch_if, b->clock_check_if);
     b->pending++;
 }
 
@@ -841,7 +842,7 @@ void delivery_iret_hook(void *uc, uint64_t address, uint32_t size, void *user_da
         uint32_t esp = (uint32_t)rd(s, uc, R_ESP, &err);
         if (err || !delivery_linear(s, uc, esp + 8, 4, 0, image)) goto python;
     }
-    if (*s->clock_watch_if && !*s->clock_check_if) *s->clock_check_if = 1;   /* VirtualClock.if_may_have_changed */
+    vclock_look_at_if(s->clock_watch_if, s->clock_check_if);   /* VirtualClock.if_may_have_changed */
     s->irets++;
     return;
 python:
@@ -865,7 +866,7 @@ void delivery_cr4_hook(void *uc, uint64_t address, uint32_t size, void *user_dat
     if (s->reg_read(uc, site->src_reg, &value)) goto python;
     cr4 = (uint32_t)rd(s, uc, R_CR4, &err);
     if (err || ((uint32_t)value & ~cr4 & site->reserved)) goto python;
-    if (*s->clock_watch_if && !*s->clock_check_if) *s->clock_check_if = 1;   /* VirtualClock.if_may_have_changed */
+    vclock_look_at_if(s->clock_watch_if, s->clock_check_if);   /* VirtualClock.if_may_have_changed */
     site->passed++;
     return;
 python:
@@ -1198,7 +1199,7 @@ void delivery_io_hook(void *uc, uint64_t address, uint32_t size, void *user_data
     cs = (uint32_t)rd(s, uc, R_CS, &err);
     eflags = (uint32_t)rd(s, uc, R_EFLAGS, &err);
     if (err || (cs & 3) || (eflags & EFLAGS_VM)) goto python;
-    if (*s->clock_watch_if && !*s->clock_check_if) *s->clock_check_if = 1;   /* VirtualClock.if_may_have_changed */
+    vclock_look_at_if(s->clock_watch_if, s->clock_check_if);   /* VirtualClock.if_may_have_changed */
     site->passed++;
     return;
 python:

@@ -23,6 +23,7 @@
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
+#include "../engine/_vclock.h"   /* the clock's interrupt-window look (its stubs' limit) */
 
 typedef int (*reg_read_fn)(void *uc, int regid, void *value);
 typedef void (*code_fn)(void *uc, uint64_t address, uint32_t size, void *user_data);
@@ -81,7 +82,7 @@ void iogate_site_hook(void *uc, uint64_t address, uint32_t size, void *user_data
     if (site->code == NULL || size != site->size || size > 16 || memcmp(site->code, site->bytes, size))
         goto python;
     if (!at_cpls(g, uc, g->site_cpls)) goto python;
-    if (*g->clock_watch_if && !*g->clock_check_if) *g->clock_check_if = 1;   /* VirtualClock.if_may_have_changed */
+    vclock_look_at_if(g->clock_watch_if, g->clock_check_if);   /* VirtualClock.if_may_have_changed */
     site->passed++;
     return;
 python:

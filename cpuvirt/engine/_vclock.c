@@ -20,6 +20,7 @@
 #include <sys/time.h>
 #include <link.h>
 #include <elf.h>
+#include "_vclock.h"
 
 #ifndef MAP_FIXED_NOREPLACE
 #define MAP_FIXED_NOREPLACE 0x100000   /* Linux 4.17; an older kernel takes it as a hint (stub_region checks) */
@@ -54,11 +55,13 @@ typedef struct {
     uint64_t last_block;   /* address of the block that ran last */
     uint64_t misses;       /* blocks counted by Python */
     uint64_t extra;        /* cycles that were not instructions (I/O, idle, deadline rounding) */
-    /* Tested together by the stubs (see "Counting without the call"): discard with check_if, and epoch
-     * with stop_next, as two 64-bit words. */
-    uint32_t discard;      /* set by Python's count_cb when it stopped the engine itself */
+    /* What the stubs compare now + count with (see "Counting without the call"): the deadline, or 0 while
+     * check_if, discard or stop_next is set, so that one test sends a stub to the hook's slow path for all
+     * four. Whoever sets a flag or the deadline sets it too (relimit; _vclock.h for C elsewhere). */
+    uint64_t limit;
     uint32_t check_if;     /* look at IF at the start of the check_if-th next block (0: do not) */
-    uint32_t epoch;        /* bumped when counts are dropped: a stub of an older epoch looks again */
+    uint32_t discard;      /* set by Python's count_cb when it stopped the engine itself */
+    uint32_t recounts;     /* times every stub was sent to the table (counts dropped: stubs_recount) */
     uint32_t stop_next;    /* 2: run one block then stop (armed with a deadline already due); 1: stop now */
     emu_stop_fn emu_stop;
     count_fn count_cb;
@@ -155,6 +158,11 @@ static int block_slow(vclock_t *s, void *uc, uint32_t count) {
     return 0;
 }
 
+/* The stubs' one test, after a flag or the deadline changed (see "Counting without the call"). */
+static inline void relimit(vclock_t *s) {
+    s->limit = (s->discard | s->check_if | s->stop_next) ? 0 : s->deadline;
+}
+
 /* A block counted: what every block that runs does to the clock. */
 static inline void block_ran(vclock_t *s, uint64_t address, uint32_t count) {
     s->now += count;
@@ -176,32 +184,33 @@ static inline void block_ran(vclock_t *s, uint64_t address, uint32_t count) {
  * block). Once the table holds a block's count, the block's first five bytes there become a jump to a
  * stub written for that block alone, in a region of our own near the engine's code buffer:
  *
- *     mov rax, s
- *     cmp qword [rax + discard], 0;    jne slow     discard or check_if
- *     cmp qword [rax + epoch], E;      jne slow     stop_next, or counts dropped since the stub was written
- *     mov rcx, [rax + now]; add rcx, COUNT; cmp rcx, [rax + deadline];  ja slow
+ *     mov rax, s                                   (jmp slow instead, while the stub must recount)
+ *     mov rcx, [rax + now]; add rcx, COUNT; cmp rcx, [rax + limit];  ja slow
  *     mov [rax + now], rcx; inc qword [rax + blocks]; mov dword [rax + last_block], PC
  *     jmp back                                     (to the instruction after the original call)
  *   slow:
  *     the original call's arguments; call vclock_stub_slow; jmp back
  *
- * which is what vclock_block_hook does on a table hit, without the call or the look-up. vclock_stub_slow
- * is the hook's uncommon path (the table, Python's count, the window check, the deadline), and writes
- * the stub's epoch and count again. Nothing else of the engine's block changes. The first pass through
+ * which is what vclock_block_hook does on a table hit, without the call or the look-up. `limit` is the
+ * deadline, or 0 while a flag asks the hook to look (discard, check_if, stop_next): one compare for all
+ * of them (they were two more compares, which took compute.S from 0.68 to 0.60 of bare Unicorn).
+ * vclock_stub_slow is the hook's uncommon path (the table, Python's count, the window check, the
+ * deadline), and writes the stub's entry and count again. Nothing else of the engine's block changes. The first pass through
  * the hook after Python counted a block (its entry's TRY bit) gives it the stub; a block whose code is not
  * exactly of that shape keeps the hook, as does every block translated while the region is full (the run
  * loop then drops the engine's translations and the region is reused: vclock_stubs_reset) or where a stub
  * would be out of a jump's reach. A count the engine's block holds must be the table's, and it is: the
  * engine translates a block again (a new block, with the hook's call) whenever its code changes, and
- * counts dropped for another reason (a remapped page, forget_blocks) bump the epoch, so that every stub
- * goes the table's way once more, where Python counts again what the table lost.
+ * when counts are dropped for another reason (a remapped page, forget_blocks) every stub's entry becomes
+ * a jump to its slow path (stubs_recount), so that each goes the table's way once more, where Python
+ * counts again what the table lost.
  */
 #define STUB_REGION (16u << 20)
 #define STUB_SIZE 160u
 
-_Static_assert(offsetof(vclock_t, check_if) == offsetof(vclock_t, discard) + 4, "one word: discard, check_if");
-_Static_assert(offsetof(vclock_t, stop_next) == offsetof(vclock_t, epoch) + 4, "one word: epoch, stop_next");
-_Static_assert(offsetof(vclock_t, stop_next) < 128 && offsetof(vclock_t, last_block) < 128, "[rax + disp8]");
+_Static_assert(offsetof(vclock_t, check_if) == offsetof(vclock_t, limit) + VCLOCK_LIMIT_BEFORE_CHECK_IF,
+               "_vclock.h finds limit beside check_if");
+_Static_assert(offsetof(vclock_t, limit) < 128 && offsetof(vclock_t, last_block) < 128, "[rax + disp8]");
 
 void vclock_stub_slow(void *uc, uint64_t address, uint32_t size, void *user_data);
 void vclock_block_hook(void *uc, uint64_t address, uint32_t size, void *user_data);
@@ -210,9 +219,10 @@ static inline uint64_t rd64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); re
 static inline uint32_t rd32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
 static inline int rel32_ok(int64_t d) { return d == (int64_t)(int32_t)d; }
 
-/* The stub's layout (offsets of what vclock_stub_slow rewrites, and of the slow call's return). */
-enum { EPOCH_IMM = 25, COUNT_IMM = 42 };
-static size_t slow_ret;   /* offset of the instruction after the slow call */
+/* The stub's layout (offsets of what vclock_stub_slow rewrites, and of its slow path and the slow call's
+ * return; the same in every stub, checked on each one written). */
+enum { COUNT_IMM = 17, ENTRY = 5 };
+static size_t slow_ret, slow_at;
 
 typedef struct { uint8_t *p; } emit_t;
 static void b(emit_t *e, uint8_t v) { *e->p++ = v; }
@@ -292,9 +302,8 @@ void vclock_stubs_free(vclock_t *s) {
 static int patch_block(vclock_t *s, void *uc, uint8_t *ret, uint64_t address, uint32_t size, uint32_t count) {
     static const char mov_rcx[] = {0x48, (char)0x8B, (char)0x88},
                       cmp_rcx[] = {0x48, 0x3B, (char)0x88}, st_rcx[] = {0x48, (char)0x89, (char)0x88},
-                      inc_q[] = {0x48, (char)0xFF, (char)0x80}, cmpq[] = {0x48, (char)0x81, (char)0xB8},
-                      cmpq0[] = {0x48, (char)0x83, (char)0xB8}, mov_d[] = {(char)0xC7, (char)0x80};
-    uint8_t *p, *q, *stub, *j1, *j2, *j4, *slow;
+                      inc_q[] = {0x48, (char)0xFF, (char)0x80}, mov_d[] = {(char)0xC7, (char)0x80};
+    uint8_t *p, *q, *stub, *j4, *slow;
     emit_t e;
     uint64_t sp = (uint64_t)(uintptr_t)s;
     /* the call, ending at `ret`: E8 rel32, or FF 15 disp32 (call [rip + disp], the target in the block's
@@ -315,7 +324,7 @@ static int patch_block(vclock_t *s, void *uc, uint8_t *ret, uint64_t address, ui
     if (p[0] != 0x48 || p[1] != 0xBF || rd64(p + 2) != (uint64_t)(uintptr_t)uc || p[10] != 0xBE
         || rd32(p + 11) != (uint32_t)address || p[15] != 0xBA || rd32(p + 16) != size)
         return 0;
-    if (s->epoch > 0x7FFFFFFFu || !stub_region(s, ret)) return 0;
+    if (!stub_region(s, ret)) return 0;
     if (s->stub_used + STUB_SIZE > s->stub_limit || s->stub_used + STUB_SIZE > STUB_REGION) {
         s->stubs_full = 1;
         return 0;
@@ -326,13 +335,9 @@ static int patch_block(vclock_t *s, void *uc, uint8_t *ret, uint64_t address, ui
 
     e.p = stub;
     b(&e, 0x48); b(&e, 0xB8); d64(&e, sp);                                        /* mov rax, s */
-    op_rax(&e, cmpq0, 3, offsetof(vclock_t, discard)); b(&e, 0);                  /* discard, check_if */
-    j1 = jcc32(&e, 0x85);
-    op_rax(&e, cmpq, 3, offsetof(vclock_t, epoch)); d32(&e, s->epoch);            /* epoch, stop_next */
-    j2 = jcc32(&e, 0x85);
     op_rax(&e, mov_rcx, 3, offsetof(vclock_t, now));
     b(&e, 0x48); b(&e, 0x81); b(&e, 0xC1); d32(&e, count);                        /* add rcx, COUNT */
-    op_rax(&e, cmp_rcx, 3, offsetof(vclock_t, deadline));
+    op_rax(&e, cmp_rcx, 3, offsetof(vclock_t, limit));
     j4 = jcc32(&e, 0x87);                                                         /* ja slow */
     op_rax(&e, st_rcx, 3, offsetof(vclock_t, now));
     op_rax(&e, inc_q, 3, offsetof(vclock_t, blocks));
@@ -346,9 +351,10 @@ static int patch_block(vclock_t *s, void *uc, uint8_t *ret, uint64_t address, ui
     b(&e, 0x49); b(&e, 0xBB); d64(&e, (uint64_t)(uintptr_t)&vclock_stub_slow);    /* mov r11, fn; call r11 */
     b(&e, 0x41); b(&e, 0xFF); b(&e, 0xD3);
     slow_ret = (size_t)(e.p - stub);
+    slow_at = (size_t)(slow - stub);
     jmp_to(&e, ret);
-    fix(j1, slow); fix(j2, slow); fix(j4, slow);
-    if ((size_t)(e.p - stub) > STUB_SIZE || rd32(stub + EPOCH_IMM) != s->epoch || rd32(stub + COUNT_IMM) != count)
+    fix(j4, slow);
+    if ((size_t)(e.p - stub) > STUB_SIZE || rd32(stub + COUNT_IMM) != count || slow_at <= ENTRY)
         return 0;   /* (the layout constants above are checked on every stub written) */
     s->stub_used += STUB_SIZE;
     /* the engine's block: jmp stub where the arguments were set up */
@@ -361,6 +367,26 @@ static int patch_block(vclock_t *s, void *uc, uint8_t *ret, uint64_t address, ui
     }
     s->patched++;
     return 1;
+}
+
+/* Counts were dropped: every stub's entry jumps to its slow path, which asks the table (and Python) for
+ * the count again and puts the entry back. */
+static void stubs_recount(vclock_t *s) {
+    uint64_t off;
+    s->recounts++;
+    for (off = 0; off + STUB_SIZE <= s->stub_used; off += STUB_SIZE) {
+        uint8_t *stub = (uint8_t *)s->stub_base + off, jmp[ENTRY];
+        uint32_t rel = (uint32_t)(int32_t)((intptr_t)slow_at - ENTRY);
+        jmp[0] = 0xE9;
+        memcpy(jmp + 1, &rel, 4);
+        memcpy(stub, jmp, ENTRY);
+    }
+}
+
+/* Empty the table (VirtualClock.forget_blocks): every block is counted by Python again. */
+void vclock_forget_blocks(vclock_t *s) {
+    memset(s->table, 0, sizeof s->table);
+    stubs_recount(s);
 }
 
 /* The engine dropped every translation (Vcpu.run does when the region is full): no block jumps to a stub
@@ -385,7 +411,9 @@ static inline uint32_t tried(entry_t *e, uint64_t address, uint32_t size, uint32
 /* The block about to run, its count known: the rare conditions and the deadline, then the count. */
 static inline void block_enter(vclock_t *s, void *uc, uint64_t address, uint32_t count) {
     if (UNLIKELY((s->discard | s->check_if | s->stop_next) != 0 || s->now + count > s->deadline)) {
-        if (block_slow(s, uc, count)) return;
+        int skip = block_slow(s, uc, count);
+        relimit(s);
+        if (skip) return;
     }
     block_ran(s, address, count);
 }
@@ -425,15 +453,17 @@ void vclock_block_hook(void *uc, uint64_t address, uint32_t size, void *user_dat
     block_ran(s, address, count);
 }
 
-/* A stub's slow path: the hook's, without a new stub; the stub's epoch and count are written again. */
+/* A stub's slow path: the hook's, without a new stub; the stub's entry and count are written again. */
 void vclock_stub_slow(void *uc, uint64_t address, uint32_t size, void *user_data) {
     vclock_t *s = (vclock_t *)user_data;
     uint8_t *stub = (uint8_t *)__builtin_return_address(0) - slow_ret;
     entry_t *e = set_of(s, (uint32_t)address);
     uint32_t count = lookup(e, (uint32_t)address, size);
+    uint8_t entry[ENTRY] = {0x48, 0xB8};   /* mov rax, s (its first bytes) */
     if (!count) count = count_miss(s, e, address, size);
     if (count & TRY) count = tried(e, address, size, count);   /* this block has its stub */
-    memcpy(stub + EPOCH_IMM, &s->epoch, 4);
+    memcpy(entry + 2, &s, ENTRY - 2);   /* (little-endian: the low bytes of s) */
+    memcpy(stub, entry, ENTRY);
     memcpy(stub + COUNT_IMM, &count, 4);
     s->stub_slow++;
     block_enter(s, uc, address, count);
@@ -476,7 +506,7 @@ void vclock_translated_hook(void *uc, uc_tb_t *cur, uc_tb_t *prev, void *user_da
 void vclock_drop_page(vclock_t *s, uint32_t page) {
     uint64_t lo = page & 0xFFFFF000u, hi = lo + 0x1000u;
     uint32_t i;
-    s->epoch++;   /* the stubs of the page's blocks count no more without the table (above) */
+    stubs_recount(s);   /* the stubs of the page's blocks count no more without the table (above) */
     for (i = 0; i < TABLE_SIZE; i++) {
         entry_t *e = &s->table[i];
         if (e->size && e->address < hi && (uint64_t)e->address + e->size > lo) {
@@ -496,12 +526,12 @@ void vclock_drop_page(vclock_t *s, uint32_t page) {
  */
 void vclock_if_hook(void *uc, uint64_t address, uint32_t size, void *user_data) {
     vclock_t *s = (vclock_t *)user_data;
-    if (s->watch_if) s->check_if = 1;
+    if (s->watch_if) s->check_if = 1, s->limit = 0;
 }
 
 void vclock_sti_hook(void *uc, uint64_t address, uint32_t size, void *user_data) {
     vclock_t *s = (vclock_t *)user_data;
-    if (s->watch_if) s->check_if = 2;
+    if (s->watch_if) s->check_if = 2, s->limit = 0;
 }
 
 /*

@@ -46,9 +46,10 @@ class _State(ctypes.Structure):
         ("last_block", ctypes.c_uint64),
         ("misses", ctypes.c_uint64),
         ("extra", ctypes.c_uint64),
-        ("discard", ctypes.c_uint32),
+        ("limit", ctypes.c_uint64),
         ("check_if", ctypes.c_uint32),
-        ("epoch", ctypes.c_uint32),
+        ("discard", ctypes.c_uint32),
+        ("recounts", ctypes.c_uint32),
         ("stop_next", ctypes.c_uint32),
         ("emu_stop", ctypes.c_void_p),
         ("count_cb", ctypes.c_void_p),
@@ -109,13 +110,12 @@ class VirtualClock:
     def __init__(self, uc, count_block):
         lib = _lib()
         self._state = _State()
-        self._state.deadline = NEVER
+        self._state.deadline = self._state.limit = NEVER
         self._state.emu_stop = ctypes.cast(_ucmod.uclib.uc_emu_stop, ctypes.c_void_p).value
         self._state.reg_read = ctypes.cast(_ucmod.uclib.uc_reg_read, ctypes.c_void_p).value
         self._state.eflags_reg = UC_X86_REG_EFLAGS
         self._state.reg_write = ctypes.cast(_ucmod.uclib.uc_reg_write, ctypes.c_void_p).value
         self._state.eax_reg, self._state.edx_reg = UC_X86_REG_EAX, UC_X86_REG_EDX
-        self._state.epoch = 1
         # Each block counted once gets a stub that counts it without calling the hook (_vclock.c,
         # "Counting without the call"); CPUVIRT_CLOCK_STUBS=0 keeps the hook's call, to compare.
         self._state.stub_limit = self.STUB_BYTES
@@ -208,13 +208,12 @@ class VirtualClock:
         """Empty the block cache: every block is counted by Python again the next time it runs, so the
         block observer (Machine.block_observer) sees it again. For a change in what the observer looks
         for (the I/O gate armed): blocks it saw before were judged by the old rule."""
-        table = self._state.table
-        ctypes.memset(ctypes.addressof(table), 0, ctypes.sizeof(table))
-        self._state.epoch += 1  # and every block's stub goes the table's way once more
+        self._lib.vclock_forget_blocks(ctypes.byref(self._state))  # and every block's stub goes the table's way
 
     def discard_current_block(self) -> None:
         """Called from count_block when it stops the engine itself: the block will run later."""
         self._state.discard = 1
+        self._state.limit = 0
 
     @property
     def deadline(self) -> int:
@@ -231,6 +230,13 @@ class VirtualClock:
         else:
             st.deadline = deadline
             st.stop_next = 0
+        self._relimit()
+
+    def _relimit(self) -> None:
+        """The blocks' stubs test one word (_vclock.c, "Counting without the call"): the deadline, or 0
+        while a flag asks the hook to look; set it whenever either changes (_vclock.c relimit)."""
+        st = self._state
+        st.limit = 0 if (st.discard or st.check_if or st.stop_next) else st.deadline
 
     def pull_in(self, deadline: int) -> None:
         """Stop no later than `deadline` (a device changed state while the guest runs: an APIC
@@ -238,6 +244,7 @@ class VirtualClock:
         stop, and it leaves a stop already requested in place."""
         if deadline < self._state.deadline:
             self._state.deadline = deadline
+            self._relimit()
 
     # -- the interrupt window (no polling: see _vclock.c, vclock_if_hook) --------------------------
     def watch_if(self, on: bool) -> None:
@@ -250,6 +257,7 @@ class VirtualClock:
         st = self._state
         st.watch_if = 1 if on else 0
         st.check_if = 0
+        self._relimit()
 
     def if_may_have_changed(self) -> None:
         """The hypervisor may have set IF from a hook (an emulated sti/iret, a VM entry): look at it
@@ -257,6 +265,7 @@ class VirtualClock:
         st = self._state
         if st.watch_if and not st.check_if:
             st.check_if = 1
+            st.limit = 0  # (_vclock.h vclock_look_at_if)
 
     def hook_if_setter(self, address: int, sti: bool) -> bool:
         """Put a window hook on the instruction at `address` (sti, or popf/iret); False if it has

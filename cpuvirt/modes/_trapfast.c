@@ -45,6 +45,7 @@
 #include "../cpu/_evdeliver.h"   /* event delivery and the block copy, shared with full (with _shadowmirror.h) */
 #include "../cpu/_modrm.h"   /* the ModRM memory operand, shared with the native #PF's CR2 (cpu/_delivery.c) */
 #include "../cpu/_storeop.h"   /* the value and flags of an emulated store, shared with full's adaptive stores */
+#include "../engine/_vclock.h"   /* the clock's interrupt-window look (its stubs' limit) */
 
 typedef int (*reg_read_fn)(void *uc, int regid, void *value);
 typedef int (*reg_write_fn)(void *uc, int regid, const void *value);
@@ -311,7 +312,7 @@ static int event(trapfast_t *s, void *uc, uint32_t intno, int soft) {
     if (!deliver_event(s, uc, intno, soft, (uint32_t)eip, has_ec, ec, (uint32_t)cs, eflags)) return 0;
     memcpy(s->ev.env + s->off_old_exception, &minus1, 4);
     *s->clock_now -= (uint64_t)n;
-    if (*s->clock_watch_if && !*s->clock_check_if) *s->clock_check_if = 1;
+    vclock_look_at_if(s->clock_watch_if, s->clock_check_if);
     if (soft)
         s->soft_count[intno]++;
     else
@@ -487,7 +488,7 @@ void trapfast_intr_hook(void *uc, uint32_t intno, void *user_data) {
         break;
     }
     *s->clock_now -= (uint64_t)unretire;       /* VirtualClock.unretire */
-    if (*s->clock_watch_if && !*s->clock_check_if) *s->clock_check_if = 1;   /* if_may_have_changed */
+    vclock_look_at_if(s->clock_watch_if, s->clock_check_if);   /* if_may_have_changed */
     s->count[kind]++;
     s->pending++;
     s->answered++;
@@ -701,7 +702,7 @@ void trapfast_iret_hook(void *uc, uint64_t address, uint32_t size, void *user_da
         site->python(uc, address, size, NULL);
         return;
     }
-    if (*s->clock_watch_if && !*s->clock_check_if) *s->clock_check_if = 1;   /* if_may_have_changed */
+    vclock_look_at_if(s->clock_watch_if, s->clock_check_if);   /* if_may_have_changed */
     site->passed++;
     s->irets++;
 }

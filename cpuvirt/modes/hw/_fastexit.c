@@ -32,6 +32,7 @@
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
+#include "../../engine/_vclock.h"   /* the clock's interrupt-window look (its stubs' limit) */
 
 typedef int (*reg_read_fn)(void *uc, int regid, void *value);
 typedef int (*reg_write_fn)(void *uc, int regid, const void *value);
@@ -247,7 +248,7 @@ void fastexit_cr_hook(void *uc, uint64_t address, uint32_t size, void *user_data
         if ((hflags & (HF_PE | HF_VM | HF_CPL_MASK)) != HF_PE) goto python;
         if (!s->peek(s->peek_state, uc, (uint32_t)address, size, now) || memcmp(now, site->bytes, size)) goto python;
         s->io_gate_total++;
-        if (*s->clock_watch_if && !*s->clock_check_if) *s->clock_check_if = 1;   /* as Python's hit */
+        vclock_look_at_if(s->clock_watch_if, s->clock_check_if);   /* as Python's hit */
         site->passed++;
         return;
     }
@@ -291,7 +292,7 @@ void fastexit_cr_hook(void *uc, uint64_t address, uint32_t size, void *user_data
         s->last_cr3_len = size;
         s->last_cr3_rip = (uint32_t)address;
         s->last_cr3_value = (uint32_t)value;
-        if (*s->clock_watch_if && !*s->clock_check_if) *s->clock_check_if = 1;
+        vclock_look_at_if(s->clock_watch_if, s->clock_check_if);
         site->passed++;
         return;
     }
@@ -313,7 +314,7 @@ void fastexit_cr_hook(void *uc, uint64_t address, uint32_t size, void *user_data
     v = (uint32_t)(address + size);
     s->reg_write(uc, s->eip, &v);
 done:
-    if (*s->clock_watch_if && !*s->clock_check_if) *s->clock_check_if = 1;   /* VirtualClock.if_may_have_changed */
+    vclock_look_at_if(s->clock_watch_if, s->clock_check_if);   /* VirtualClock.if_may_have_changed */
     site->passed++;
     s->cr_total++;
     return;
