@@ -10,7 +10,11 @@ The first phase (syscall) starts when the guest enters its ring-3 loop (a one-ad
 `user_syscall_loop`, which runs once), so that neither the machine's construction nor the guest's own
 set-up is counted; where that address never runs as such (full translates it) the phase starts when
 the guest does, and the table marks it with `*`.
-usage: python bench/nanobench.py [--n N] [--modes native,hw,...] [--repeat R]
+With --marginal each mode also runs a build of 2N iterations, and an operation's time is
+(phase(2N) - phase(N)) / N: what one more iteration costs, without what a phase pays once (the first
+translation of its code, Python counting its new blocks, and under full the guest's set-up, which the
+syscall phase holds there: the `*` mark). It takes three times as long.
+usage: python bench/nanobench.py [--n N] [--modes native,hw,...] [--repeat R] [--marginal]
 """
 from __future__ import annotations
 
@@ -90,15 +94,17 @@ def main(argv=None) -> dict:
     ap.add_argument("--n", type=int, default=5_000, help="iterations per operation")
     ap.add_argument("--modes", default=",".join(MODES), help="modes to run, each MODE[:NAME=VALUE...] (hw:ept=0: shadow paging; default: every registered one)")
     ap.add_argument("--repeat", type=int, default=3, help="best of this many runs per mode")
+    ap.add_argument("--marginal", action="store_true", help="per op: (phase(2N) - phase(N)) / N, see above")
     a = ap.parse_args(argv)
     modes = [m for m in a.modes.split(",") if m]
 
     from cpuvirt.toolchain.build import list_guests
     has_pv = any(g.name == "nanobench" and g.has_pv for g in list_guests())
-    paths = {False: C.write_temp(build(a.n, False), f"nanobench{a.n}")}
+    counts = (a.n, 2 * a.n) if a.marginal else (a.n,)
+    paths = {(False, n): C.write_temp(build(n, False), f"nanobench{n}") for n in counts}
     if has_pv:
-        paths[True] = C.write_temp(build(a.n, True), f"nanobench{a.n}.pv")
-    loops = {pv: loop_address(a.n, pv) for pv in paths}
+        paths.update({(True, n): C.write_temp(build(n, True), f"nanobench{n}.pv") for n in counts})
+    loops = {key: loop_address(key[1], key[0]) for key in paths}
 
     # The unit: a bare Unicorn hook call (an OUT hook that returns at once), as in bench/events.py.
     io_imgs = {e: C.build("events", EVENT=e, N=100_000) for e in (0, 1)}
@@ -106,6 +112,7 @@ def main(argv=None) -> dict:
                                      100_000, a.repeat)
 
     best: dict[str, dict] = {}
+    lengths: dict[str, dict[int, dict]] = {}   # mode -> N_ITER -> op -> best seconds
     skipped = {}
     marked: set[str] = set()   # modes whose syscall phase holds the guest's set-up (the loop hook never ran)
     for mode in modes:
@@ -115,17 +122,22 @@ def main(argv=None) -> dict:
             continue
         for _ in range(a.repeat):
             try:
-                ph, _ = phases(paths[pv], mode, loops[pv])
+                runs = [phases(paths[pv, n], mode, loops[pv, n])[0] for n in counts]
             except Exception as e:  # a mode that cannot run the guest yet is reported, not fatal
                 skipped[mode] = str(e).splitlines()[0][:120]
                 break
-            cur = best.setdefault(mode, {})
-            if not ph.pop("from_loop"):
+            if not all(ph.pop("from_loop") for ph in runs) and not a.marginal:
                 marked.add(mode)
-            for op, s in ph.items():
-                cur[op] = min(cur.get(op, s), s)
+            for n, ph in zip(counts, runs):   # the best of each length (a difference of bests: no bias down)
+                cur = lengths.setdefault(mode, {}).setdefault(n, {})
+                for op, s in ph.items():
+                    cur[op] = min(cur.get(op, s), s)
+        if mode in lengths:
+            by_n = lengths[mode]
+            best[mode] = by_n[a.n] if not a.marginal else {op: by_n[2 * a.n][op] - by_n[a.n][op] for op in by_n[a.n]}
 
-    C.header(f"nanobench: {a.n} iterations per operation; us per operation (x native) [x bare hook call "
+    how = f"the cost of iterations {a.n + 1}-{2 * a.n} of each" if a.marginal else f"{a.n} iterations"
+    C.header(f"nanobench: {how} per operation; us per operation (x native) [x bare hook call "
              f"{hook_us:.2f} us]")
     shown = [m for m in modes if m in best]
     print(f"{'op':<11}" + "".join(f"{m:>24}" for m in shown) + "   paper: native / BT / VT-x (cycles)")
