@@ -1,7 +1,7 @@
 /*
  * A read-modify-write store as x86/emulate.py's emulate_store (mov, or, and, xor) and arith_store (add,
  * sub, inc, dec) do it: the value written and the flags left, for the C paths that emulate such stores
- * (bt/_callout.c adaptive_store, modes/_trapfast.c trapfast_store_hook).
+ * (bt/_callout.c adaptive_store, modes/_trapfast.c trapfast_fill_hook).
  */
 #ifndef CPUVIRT_STOREOP_H
 #define CPUVIRT_STOREOP_H

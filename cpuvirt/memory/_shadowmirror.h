@@ -118,6 +118,11 @@ static inline int sm_other_traced(const shadowmirror_t *m, uint64_t gpa) {
     return (m->other_traced[k >> 3] >> (k & 7)) & 1;
 }
 
+/* Does Python's table (the current root) hold an entry for the linear page? (The copy may have lost it.) */
+static inline int sm_present(const shadowmirror_t *m, uint32_t page) {
+    return (m->present[page >> 3] >> (page & 7)) & 1;
+}
+
 /* The two slots of a linear page's set. */
 static inline sentry_t *sm_set(const shadowmirror_t *m, uint32_t page) {
     return (sentry_t *)&m->slot[2 * (page & (SHADOW_SETS - 1))];

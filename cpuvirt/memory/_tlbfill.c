@@ -448,10 +448,6 @@ typedef struct {
 size_t shadowfill_sizeof(void) { return sizeof(shadowfill_t); }
 size_t shadowmirror_sizeof(void) { return sizeof(shadowmirror_t); }
 
-static inline int sm_present(const shadowmirror_t *m, uint32_t page) {
-    return (m->present[page >> 3] >> (page & 7)) & 1;
-}
-
 /* A shadow miss (the hidden fault): what ShadowPaging._resolve does, for the common case only. The guest's
  * walk (memory/walk.py) over entries present whose rights allow the access, setting the accessed and dirty
  * bits it would set (as fastfill_hook does, counted as references as walk counts them); the page directory's

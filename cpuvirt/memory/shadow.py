@@ -85,13 +85,16 @@ class ShadowCounters:
     traced_frames: int = 0
     # C's fills from the shadow (memory/shadowmirror.py ShadowFastFill): hits too, counted there
     fast: object = field(default=None, repr=False, compare=False)
+    # other C paths that find true faults (modes/trapfast.py TrapStores, `faults`): theirs too
+    walkers: list = field(default_factory=list, repr=False, compare=False)
 
     def as_dict(self) -> dict[str, int]:
         if self.fast is not None:
             self.fast.fold()  # type: ignore[attr-defined]  # (the hidden faults C filled)
-        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "fast"}
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("fast", "walkers")}
         if self.fast is not None:
             d["shadow_hits"] += self.fast.hits()  # type: ignore[attr-defined]
+        d["true_faults"] += sum(w.faults for w in self.walkers)
         return d
 
 
@@ -161,7 +164,7 @@ class ShadowPaging:
         no trim, no WP grant), for the root current then, which is current still (every way to another root,
         and every reader of these tables, folds first). The same log holds, in order with the entries, the
         invlpgs C served (full's callout hook, trap's INTR hook: each is what invlpg does to the tables) and the
-        ptemods trap's fill hook emulated (their counts: modes/_trapfast.c trapfast_store_hook)."""
+        ptemods trap's fill hook emulated (their counts: modes/_trapfast.c trapfast_fill_hook)."""
         mirror = self.mirror
         if mirror is None or not mirror.state.made:
             return

@@ -70,7 +70,7 @@ typedef void (*intr_fn)(void *uc, uint32_t intno, void *user_data);
 
 /* The kinds answered here, each with its (kind, reason) key of Vcpu.reasons (trapfast.py REASONS). */
 enum { K_CLI, K_STI, K_CLTS, K_MOV_CR0, K_MOV_CR4, K_MOV_SREG, K_POP_SREG, K_MOV_CR2, K_IRETD, K_MOV_CR3, K_INVLPG,
-       K_PTEMOD, K_COUNT };
+       K_PTEMOD, K_PF, K_COUNT };
 
 typedef struct {
     reg_read_fn reg_read;
@@ -517,6 +517,7 @@ typedef struct {
     uint32_t perms;
 } tlb_entry_t;
 
+#define MEM_READ 16
 #define MEM_WRITE 17
 
 typedef struct {
@@ -525,9 +526,13 @@ typedef struct {
     void (*loop_exit)(void *cpu);   /* QEMU's cpu_loop_exit */
     uint64_t *fills;           /* the shadow fill's count (memory/shadowmirror.py): Mmu.fill's fill and hit */
     uint32_t on;               /* CPUVIRT_TRAP_PTEMOD_C */
-    uint32_t pad;
+    uint32_t pf_on;            /* CPUVIRT_TRAP_PF_C: true #PFs delivered from the fill (true_fault) */
     uint64_t stores;           /* ptemods done here */
     uint64_t zaps;             /* ... that zapped shadow entries */
+    const uint32_t *hv_start;  /* the shadow fill's: the hypervisor's linear windows start there */
+    /* the true faults' counts, as Mmu.fill and ShadowPaging._resolve count them (Python adds them:
+     * MmuCounters.walkers, ShadowCounters.walkers) */
+    uint64_t pf_fills, pf_walks, pf_refs, pf_faults;
 } trapstore_t;
 
 size_t trapstore_sizeof(void) { return sizeof(trapstore_t); }
@@ -584,8 +589,7 @@ static int decode_store(trapfast_t *s, void *uc, const uint8_t *c, int *op, uint
     }
 }
 
-int trapfast_store_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *user_data) {
-    trapstore_t *t = (trapstore_t *)user_data;
+static int ptemod(trapstore_t *t, void *uc, uint64_t vaddr, int type) {
     trapfast_t *s = t->s;
     shadowmirror_t *m;
     uint64_t ss, eflags, eip, next, fl;
@@ -595,7 +599,6 @@ int trapfast_store_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void
     uint8_t code[15];
     int op = 0, len;
     int64_t gpa, n = 0;
-    (void)e;
     if (!t->on || !s || !s->enabled || type != MEM_WRITE || !s->seen[K_PTEMOD]) return 0;
     if (!s->shadow_ok) return 0;       /* a frame left unsynchronised: the unlink counts below could be wrong */
     m = (shadowmirror_t *)s->mirror;
@@ -649,6 +652,150 @@ int trapfast_store_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void
     t->stores++;
     t->loop_exit(*(void **)((uint8_t *)uc + t->cpu_offset));   /* does not return */
     return 0;
+}
+
+/* -- a true #PF, found and delivered in the fill ---------------------------------------------------------
+ * A load or store at ring 1 or 3 whose page the shadow's current root has no entry for (so that Python's
+ * ShadowPaging.gva_to_gpa would go to _resolve) and whose walk of the guest's tables faults: what Mmu.fill,
+ * _resolve, the run loop and DeprivilegedVcpu.page_fault do, made here without the engine's stop, as
+ * cpu/_delivery.c delivery_pf_hook does it for native. The walk (memory/walk.py's rules: the error code,
+ * PDE.A set when the PDE is used although the PTE then faults, the references counted), CR2 exact as
+ * x86/faultaddr.py finds it (the instruction's one memory operand, when it is on the faulting page: the
+ * forms below), the virtual CR2, the instructions of the block from the faulting one on off the clock, the
+ * counts (the fill, the walk, the fault for Mmu and the shadow, the page_fault event), the delivery through
+ * the guest's IDT (deliver_event), and the instruction left as QEMU leaves one that faulted
+ * (cpu_loop_exit). Anything else (a fetch, whose charged time the run loop must see; an unknown
+ * instruction; a table outside RAM; a 4 MiB page with reserved bits; PAE; a delivery deliver_event
+ * declines) is Python's, with nothing changed. */
+#define MEM_FETCH 18
+#define PTE_P 0x1u
+#define PTE_RW 0x2u
+#define PTE_US 0x4u
+#define PTE_A 0x20u
+#define PTE_PS 0x80u
+#define PFEC_P 0x1u
+#define PFEC_W 0x2u
+#define PFEC_U 0x4u
+
+/* memory/walk.py's walk of a load or store: 1 = a fault (*ec, *refs; *pde_a >= 0: the PDE whose A bit the
+ * walk sets), 0 = no fault or not decided here. */
+static int fault_walk(const trapfast_t *s, uint32_t gva, int write, int user, uint32_t *ec, uint32_t *refs,
+                      int64_t *pde_a) {
+    uint32_t cr0 = s->crs[0], cr3 = s->crs[1], cr4 = s->crs[2], pde, leaf, rights;
+    uint64_t pde_addr = (cr3 & 0xFFFFF000u) | ((gva >> 20) & 0xFFCu), leaf_addr;
+    int writable;
+    *pde_a = -1;
+    *ec = 0;
+    if (!ram32(s, pde_addr, &pde)) return 0;          /* outside RAM: Python reads all-ones there */
+    *refs = 1;
+    if (!(pde & PTE_P)) goto fault;
+    if ((pde & PTE_PS) && (cr4 & CR4_PSE)) {
+        if (pde & 0x003FE000u) return 0;              /* reserved bit 21, or PSE-36 bits */
+        rights = pde;
+    } else {
+        *refs = 2;
+        if (!(pde & PTE_A)) {
+            *pde_a = (int64_t)pde_addr;
+            *refs = 3;
+        }
+        leaf_addr = (pde & 0xFFFFF000u) | ((gva >> 10) & 0xFFCu);
+        if (!ram32(s, leaf_addr, &leaf)) return 0;
+        if (!(leaf & PTE_P)) goto fault;
+        rights = pde & leaf;
+    }
+    if (user) {
+        if (!(rights & PTE_US)) goto protection;
+        writable = (rights & PTE_RW) != 0;
+    } else {
+        writable = (rights & PTE_RW) || !(cr0 & CR0_WP);
+    }
+    if (write && !writable) goto protection;
+    *pde_a = -1;
+    return 0;
+protection:
+    *ec = PFEC_P;
+fault:
+    if (user) *ec |= PFEC_U;
+    if (write) *ec |= PFEC_W;
+    return 1;
+}
+
+/* The linear address of the one memory operand of an instruction x86/faultaddr.py decodes to that operand
+ * alone (its first candidate; no implicit stack or string access, no prefix): the ALU forms r/m,r and r,r/m,
+ * test, xchg, mov (moffs too), the immediate groups, inc/dec, not/neg/test, movzx/movsx. 0: not one of them. */
+static int fault_operand(trapfast_t *s, void *uc, const uint8_t *c, uint32_t *ea) {
+    uint8_t b = c[0];
+    int r = (c[1] >> 3) & 7;
+    if (b >= 0xA0 && b <= 0xA3) {      /* mov al/eax, moffs and back: a kernel's global variables */
+        memcpy(ea, c + 1, 4);
+        return 1;
+    }
+    if (b < 0x40 && (b & 7) < 4) return modrm_address(s, uc, c + 1, ea) != 0;   /* add, or, adc, sbb, and, sub, xor, cmp */
+    if (b >= 0x84 && b <= 0x8B) return modrm_address(s, uc, c + 1, ea) != 0;    /* test, xchg, mov */
+    if (b == 0x80 || b == 0x81 || b == 0x83) return modrm_address(s, uc, c + 1, ea) != 0;
+    if ((b == 0xC6 || b == 0xC7) && r == 0) return modrm_address(s, uc, c + 1, ea) != 0;
+    if ((b == 0xFE || b == 0xFF) && r <= 1) return modrm_address(s, uc, c + 1, ea) != 0;      /* inc, dec */
+    if ((b == 0xF6 || b == 0xF7) && (r == 0 || r == 2 || r == 3)) return modrm_address(s, uc, c + 1, ea) != 0;
+    if (b == 0x0F && (c[1] == 0xB6 || c[1] == 0xB7 || c[1] == 0xBE || c[1] == 0xBF))
+        return modrm_address(s, uc, c + 2, ea) != 0;
+    return 0;
+}
+
+static int true_fault(trapstore_t *t, void *uc, uint64_t vaddr, int type) {
+    trapfast_t *s = t->s;
+    const shadowmirror_t *m;
+    uint64_t ss, cs, eflags, eip;
+    uint32_t page = (uint32_t)vaddr >> 12, ec = 0, refs = 0, ea = 0, old_pde = 0, pde, old_cr2;
+    int64_t pde_a, n = 0;
+    int user, write = type == MEM_WRITE;
+    uint8_t code[15];
+    if (!t->pf_on || !s || !s->enabled || !s->deliver_on || !s->seen[K_PF] || !t->hv_start) return 0;
+    if ((type != MEM_READ && type != MEM_WRITE) || (uint32_t)vaddr >= *t->hv_start) return 0;
+    m = s->mirror;
+    if (!m || !m->serial || !s->shadow_ok) return 0;
+    if (!(s->crs[0] & CR0_PG) || (s->crs[2] & CR4_PAE)) return 0;
+    if (((s->crs[0] & CR0_PG) | (s->crs[2] & CR4_PSE)) != m->mode || (s->crs[1] & 0xFFFFF000u) != m->key) return 0;
+    if (sm_present(m, page)) return 0;        /* Python's table holds the page: its entry's rights decide */
+    if (!rd(s, uc, s->r_ss, &ss) || ((ss & 3) != 1 && (ss & 3) != 3)) return 0;   /* the guest's own access */
+    user = (ss & 3) == 3;
+    if (!fault_walk(s, (uint32_t)vaddr, write, user, &ec, &refs, &pde_a)) return 0;
+    if (!rd(s, uc, s->r_eip, &eip) || !code_at(s, (uint32_t)eip, code, 15)) return 0;
+    if (!fault_operand(s, uc, code, &ea) || (ea & 0xFFFFF000u) != ((uint32_t)vaddr & 0xFFFFF000u)) return 0;
+    if (!rd(s, uc, s->r_cs, &cs) || !rd(s, uc, s->r_eflags, &eflags) || (eflags & EFLAGS_VM)) return 0;
+    if (!left_block(s, (uint32_t)eip, &n)) return 0;
+    /* Python's order: the walk's PDE.A, the virtual CR2, the delivery (which puts both back if it declines) */
+    if (pde_a >= 0) {
+        memcpy(&old_pde, s->ev.ram + pde_a, 4);
+        pde = old_pde | PTE_A;
+        memcpy((uint8_t *)s->ev.ram + pde_a, &pde, 4);
+    }
+    old_cr2 = s->ev.cr2;
+    s->ev.cr2 = ea;
+    if (!deliver_event(s, uc, 14, 0, (uint32_t)eip, 1, ec, (uint32_t)cs, eflags)) {
+        if (pde_a >= 0) memcpy((uint8_t *)s->ev.ram + pde_a, &old_pde, 4);
+        s->ev.cr2 = old_cr2;
+        return 0;
+    }
+    *s->clock_now -= (uint64_t)n;      /* Vcpu.left_block_at(eip): the faulting instruction did not retire */
+    t->pf_fills++;                     /* Mmu.fill's fill; _resolve's walk and true fault */
+    t->pf_walks++;
+    t->pf_refs += refs;
+    t->pf_faults++;
+    s->count[K_PF]++;                  /* the page_fault/#PF event */
+    s->pending++;
+    s->delivered++;
+    vclock_look_at_if(s->clock_watch_if, s->clock_check_if);   /* if_may_have_changed */
+    t->loop_exit(*(void **)((uint8_t *)uc + t->cpu_offset));   /* does not return */
+    return 0;
+}
+
+/* trap's first TLB-fill hook: a ptemod emulated, or a true #PF delivered; else the shadow's fill and
+ * Mmu.fill answer (0). */
+int trapfast_fill_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *user_data) {
+    trapstore_t *t = (trapstore_t *)user_data;
+    (void)e;
+    if (ptemod(t, uc, vaddr, type)) return 1;   /* (never: it leaves through cpu_loop_exit) */
+    return true_fault(t, uc, vaddr, type);
 }
 
 /* -- iret sites: the intercept's code hook in front of every iret (Vcpu.far_site) -----------------

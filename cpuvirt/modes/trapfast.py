@@ -50,6 +50,7 @@ REASONS = (
     ("trap", "mov cr3"),
     ("trap", "invlpg"),
     ("page_fault", "ptemod"),  # a store into a traced page table, emulated by the C fill hook (TrapStores)
+    ("page_fault", "#PF"),  # a true guest #PF, delivered by the same hook (TrapStores)
 )
 
 
@@ -132,9 +133,14 @@ class _Store(ctypes.Structure):
         ("loop_exit", ctypes.c_void_p),
         ("fills", ctypes.c_void_p),
         ("on", ctypes.c_uint32),
-        ("pad", ctypes.c_uint32),
+        ("pf_on", ctypes.c_uint32),
         ("stores", ctypes.c_uint64),
         ("zaps", ctypes.c_uint64),
+        ("hv_start", ctypes.c_void_p),
+        ("pf_fills", ctypes.c_uint64),
+        ("pf_walks", ctypes.c_uint64),
+        ("pf_refs", ctypes.c_uint64),
+        ("pf_faults", ctypes.c_uint64),
     ]
 
 
@@ -408,29 +414,33 @@ class TrapFast:
 
 class TrapStores:
     """The guest kernel's common stores into its page tables (ptemods), emulated in the TLB fill without
-    stopping the engine (_trapfast.c trapfast_store_hook). The fill hook must come before Mmu.fill's, so
-    it is added before the vCPU's hooks (`install`) and does nothing until `attach` gives it the trap
-    table, the shadow fill's counters and the engine's CPUState. CPUVIRT_TRAP_PTEMOD_C=0 leaves every
-    ptemod to Python (ShadowPaging._on_write)."""
+    stopping the engine, and the common true #PF, delivered there (_trapfast.c trapfast_fill_hook). The
+    fill hook must come before the shadow's and Mmu.fill's, so it is added before the vCPU's hooks
+    (`install`) and does nothing until `attach` gives it the trap table, the shadow fill's counters and
+    the engine's CPUState. CPUVIRT_TRAP_PTEMOD_C=0 leaves every ptemod to Python
+    (ShadowPaging._on_write), CPUVIRT_TRAP_PF_C=0 every true #PF (Mmu.fill, the run loop)."""
 
-    def __init__(self, lib, uc):
+    def __init__(self, lib, uc, ptemods: bool, faults: bool):
         self._lib = lib
         self.state = _Store()
+        self._switches = (ptemods, faults)
         self._handle = add_c_hook(
             uc._uch,
             UC_HOOK_TLB_FILL,
-            lib.trapfast_store_hook,
+            lib.trapfast_fill_hook,
             ctypes.cast(ctypes.pointer(self.state), ctypes.c_void_p),
-            what="install trap's C ptemod hook",
+            what="install trap's C ptemod and #PF hook",
         )
         uc._callbacks[self._handle] = self  # its state lives as long as the engine may call it
 
     @classmethod
     def install(cls, uc) -> "TrapStores | None":
         lib = _lib()
-        if lib is None or os.environ.get("CPUVIRT_TRAP_PTEMOD_C", "1") == "0":
+        ptemods = os.environ.get("CPUVIRT_TRAP_PTEMOD_C", "1") != "0"
+        faults = os.environ.get("CPUVIRT_TRAP_PF_C", "1") != "0"
+        if lib is None or not (ptemods or faults):
             return None
-        return cls(lib, uc)
+        return cls(lib, uc, ptemods, faults)
 
     def attach(self, fast: "TrapFast", fill, shadow) -> None:
         """Serve stores from now on: `fast` the trap table, `fill` the shadow's C fill (ShadowFastFill, whose
@@ -441,15 +451,30 @@ class TrapStores:
         mirror = ShadowMirror.of(shadow)
         if found is None or mirror is None or fill is None:
             return
-        mirror.track_links()  # which words of a page table a shadow entry derives from
+        ptemods, faults = self._switches
+        if ptemods:
+            mirror.track_links()  # which words of a page table a shadow entry derives from
         st = self.state
         st.cpu_offset, st.loop_exit = found
         fstate = fill._state
         st.fills = ctypes.addressof(fstate) + type(fstate).fills.offset
+        st.hv_start = ctypes.addressof(fstate) + type(fstate).hv_start.offset
         st.s = ctypes.addressof(fast._state)
         self._keep = (fast, fill)  # what C points at, alive as long as the hook
         fast.stores = self
-        st.on = 1
+        fast.vcpu.mmu.counters.walkers.append(self)  # the true faults' fills, walks and faults
+        shadow.counters.walkers.append(self)  # ... and true faults
+        st.on, st.pf_on = int(ptemods), int(faults)
+
+    def counts(self) -> tuple[int, int, int]:
+        """(fills, walks, walk references) of the true faults delivered here (MmuCounters.walkers)."""
+        st = self.state
+        return st.pf_fills, st.pf_walks, st.pf_refs
+
+    @property
+    def faults(self) -> int:
+        """True #PFs delivered here (Mmu's faults, the shadow's true_faults)."""
+        return self.state.pf_faults
 
     @property
     def stores(self) -> int:
