@@ -89,7 +89,7 @@ def test_trap_answers_invlpg_and_ptemods_in_c(test_guest, monkeypatch):
     image = test_guest("ptemod_c")
     c_res, c_seen, c_end, c_cpu = _trap_run(image, monkeypatch, True, switches=TRAP_SWITCHES)
     py_res, py_seen, py_end, py_cpu = _trap_run(image, monkeypatch, False, switches=TRAP_SWITCHES)
-    assert py_cpu.fast.stores.state.stores == 0  # (the hook stays, for the true #PFs: test_trap_pf_c.py)
+    assert py_cpu.fast.stores.state.stores == 0  # (the hook stays, for the true #PFs: test_true_pf_c.py)
     stores = c_cpu.fast.stores.stores
     # the page-table stores that derive nothing (emulate_store's forms: not the add/sub/inc/dec beside code,
     # which trap runs natively), less the first

@@ -25,6 +25,8 @@
 #include "../cpu/_evdeliver.h"   /* event delivery through the guest's IDT and the block copy, shared too */
 #include "../cpu/_storeop.h"   /* the value and flags of an emulated store, shared with trap's ptemods */
 #include "../engine/_vclock.h"   /* the clock's interrupt-window look (its stubs' limit) */
+#include "../cpu/_modrm.h"       /* the ModRM memory operand ... */
+#include "../cpu/_truefault.h"   /* ... and a true #PF's walk and CR2, shared with trap's (modes/_trapfast.c) */
 
 typedef int (*reg_read_fn)(void *uc, int regid, void *value);
 typedef int (*reg_write_fn)(void *uc, int regid, const void *value);
@@ -652,6 +654,136 @@ void full_intr_hook(void *uc, uint32_t intno, void *user_data) {
     if (full_event(t, uc, intno)) return;
     t->dl.to_python++;
     t->dl.python_intr(uc, intno, NULL);
+}
+
+/* -- a true #PF found in the TLB fill, delivered there (modes/full/deliverfast.py FullFaults) ----------------
+ * trap's true_fault (modes/_trapfast.c) for full: a load or store at the kernel's ring or ring 3, below the
+ * hypervisor's windows, the shadow's current root the one the virtual CR3 selects and holding no entry for
+ * the page, nothing unsynchronised, and a walk of the guest's tables that faults; what Mmu.fill, _resolve,
+ * the run loop, FullVcpu.on_refused_fill and DeprivilegedVcpu.page_fault do, made here. Kernel code runs
+ * from its translation: CR2 comes from the TC instruction, as on_refused_fill decodes it, and the fault is
+ * the guest instruction's the TC address starts (start[], as full_event's #DE). User code runs in place:
+ * its bytes are read through the guest's tables. The delivery is full_evdeliver's, into the handler's
+ * translation (its look-up counted with `delivered`). Anything else: 0, nothing changed. */
+typedef struct {
+    uint64_t paddr;
+    uint32_t perms;
+} tlb_entry_t;
+
+typedef struct {
+    callouts_t *t;             /* the callout table, once attached (NULL: every fill is the others') */
+    uint64_t cpu_offset;       /* uc_struct's CPUState pointer (cpu/fastdelivery.py _engine_cpu) */
+    void (*loop_exit)(void *cpu);   /* QEMU's cpu_loop_exit */
+    const uint32_t *hv_start;  /* the shadow fill's: the hypervisor's linear windows start there */
+    const uint8_t *tc_host;    /* the translation cache's bytes, which its linear window tc_window maps */
+    uint32_t tc_window, tc_size;
+    uint32_t on;               /* CPUVIRT_FULL_PF_C */
+    uint32_t seen;             /* Python has recorded a page_fault/#PF event (its counters' keys exist) */
+    /* the counts, as Mmu.fill and ShadowPaging._resolve count them (Python adds them: MmuCounters.walkers,
+     * ShadowCounters.walkers) and the event's (folded into Vcpu.counts and reasons: FullFaults.fold) */
+    uint64_t pf_fills, pf_walks, pf_refs, pf_faults, pending;
+} fullpf_t;
+
+size_t fullpf_sizeof(void) { return sizeof(fullpf_t); }
+
+#define MEM_READ_ 16
+#define MEM_WRITE_ 17
+#define CR0_PG_ 0x80000000u
+#define CR4_PAE_ 0x20u
+
+/* 15 bytes at `gva` read through the guest's 32-bit tables with no side effect (Mmu.fetch_bytes), when they
+ * are in one present page of RAM. */
+static int guest_code(const callouts_t *t, uint32_t gva, uint8_t *out) {
+    uint32_t pde, pte;
+    uint64_t gpa;
+    if ((gva & 0xFFFu) > 0x1000u - 15u) return 0;
+    if (!tf_ram32(t->ev.ram, t->ev.ram_bytes, (t->cr3 & 0xFFFFF000u) | ((gva >> 20) & 0xFFCu), &pde) || !(pde & TF_PTE_P))
+        return 0;
+    if ((pde & TF_PTE_PS) && (t->cr[1] & TF_CR4_PSE)) {
+        if (pde & 0x003FE000u) return 0;
+        gpa = (pde & 0xFFC00000u) | (gva & 0x003FFFFFu);
+    } else {
+        if (!tf_ram32(t->ev.ram, t->ev.ram_bytes, (pde & 0xFFFFF000u) | ((gva >> 10) & 0xFFCu), &pte) || !(pte & TF_PTE_P))
+            return 0;
+        gpa = (pte & 0xFFFFF000u) | (gva & 0xFFFu);
+    }
+    if (gpa + 15 > t->ev.ram_bytes) return 0;
+    memcpy(out, t->ev.ram + gpa, 15);
+    return 1;
+}
+
+int full_pf_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *user_data) {
+    fullpf_t *p = (fullpf_t *)user_data;
+    callouts_t *t = p->t;
+    fulldeliver_t *f;
+    const shadowmirror_t *m;
+    evdeliver_t d;
+    uint64_t ss = 0, cs = 0, eflags = 0, eip = 0, v;
+    uint32_t page = (uint32_t)vaddr >> 12, ec = 0, refs = 0, ea = 0, old_pde = 0, pde, old_cr2, gpr[8], k, ret_eip;
+    uint32_t cr0, cr3, cr4;
+    int64_t pde_a, n = 0;
+    int user, write = type == MEM_WRITE_;
+    uint8_t code[15];
+    (void)e;
+    if (!t || !p->on || !p->seen) return 0;
+    f = &t->dl;
+    if (!f->on || !t->enabled || !t->events_on) return 0;
+    if ((type != MEM_READ_ && type != MEM_WRITE_) || (uint32_t)vaddr >= *p->hv_start) return 0;
+    m = f->mirror;
+    cr0 = t->cr[0], cr3 = t->cr3, cr4 = t->cr[1];
+    if (!m || !m->serial || !t->shadow_ok) return 0;
+    if (!(cr0 & CR0_PG_) || (cr4 & CR4_PAE_)) return 0;
+    if (((cr0 & CR0_PG_) | (cr4 & TF_CR4_PSE)) != m->mode || (cr3 & 0xFFFFF000u) != m->key) return 0;
+    if (sm_present(m, page)) return 0;        /* Python's table holds the page: its entry's rights decide */
+    if (t->reg_read(uc, t->ss_reg, &ss) || ((ss & 3) != t->kernel_ring && (ss & 3) != 3)) return 0;
+    user = (ss & 3) == 3;
+    if (!tf_walk(t->ev.ram, t->ev.ram_bytes, cr0, cr3, cr4, (uint32_t)vaddr, write, user, &ec, &refs, &pde_a))
+        return 0;
+    if (t->reg_read(uc, t->cs_reg, &cs) || t->reg_read(uc, t->eflags_reg, &eflags) || t->reg_read(uc, t->eip_reg, &eip))
+        return 0;
+    if (eflags & EV_EFLAGS_VM) return 0;
+    if ((cs & 3) == 3) {                                                /* user code runs in place */
+        if (!guest_code(t, (uint32_t)eip, code)) return 0;
+        ret_eip = (uint32_t)eip;
+    } else if ((cs & 3) == t->kernel_ring) {                            /* FullVcpu.guest_position */
+        const tc_map_t *st = &f->start[start_slot((uint32_t)eip)];
+        if (eip < f->tc_lo || eip >= f->tc_hi || st->tc != (uint32_t)eip) return 0;
+        if (eip < p->tc_window || eip - p->tc_window + 15 > p->tc_size) return 0;
+        memcpy(code, p->tc_host + (eip - p->tc_window), 15);
+        ret_eip = st->geip;
+    } else {
+        return 0;
+    }
+    for (k = 0; k < 8; k++) {
+        if (t->reg_read(uc, t->gpr_reg[k], &v)) return 0;
+        gpr[k] = (uint32_t)v;
+    }
+    if (!tf_operand(code, gpr, &ea) || (ea & 0xFFFFF000u) != ((uint32_t)vaddr & 0xFFFFF000u)) return 0;
+    if (!ed_left_block(f->block, *f->clock_last_block, &f->misses, (uint32_t)eip, &n)) return 0;
+    /* Python's order: the walk's PDE.A, the virtual CR2, the delivery (which puts both back if it declines) */
+    if (pde_a >= 0) {
+        memcpy(&old_pde, t->ev.ram + pde_a, 4);
+        pde = old_pde | TF_PTE_A;
+        memcpy((uint8_t *)t->ev.ram + pde_a, &pde, 4);
+    }
+    old_cr2 = t->ev.cr2;
+    t->ev.cr2 = ea;
+    full_evdeliver(t, &d);
+    if (!ed_deliver_event(&d, uc, 14, 0, ret_eip, 1, ec, (uint32_t)cs, eflags)) {
+        if (pde_a >= 0) memcpy((uint8_t *)t->ev.ram + pde_a, &old_pde, 4);
+        t->ev.cr2 = old_cr2;
+        return 0;
+    }
+    *f->clock_now -= (uint64_t)n;     /* Vcpu.left_block_at(eip): the faulting instruction did not retire */
+    p->pf_fills++;                    /* Mmu.fill's fill; _resolve's walk and true fault */
+    p->pf_walks++;
+    p->pf_refs += refs;
+    p->pf_faults++;
+    p->pending++;                     /* the page_fault/#PF event */
+    f->delivered++;                   /* (and enter_kernel's look-up of the handler's translation) */
+    vclock_look_at_if(t->watch_if, t->check_if);                /* if_may_have_changed */
+    p->loop_exit(*(void **)((uint8_t *)uc + p->cpu_offset));   /* does not return */
+    return 0;
 }
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_callout", NULL, -1, NULL};

@@ -44,6 +44,7 @@
 #include "../cpu/_evseg.h"   /* the segment loads and iretd, shared with full's callouts */
 #include "../cpu/_evdeliver.h"   /* event delivery and the block copy, shared with full (with _shadowmirror.h) */
 #include "../cpu/_modrm.h"   /* the ModRM memory operand, shared with the native #PF's CR2 (cpu/_delivery.c) */
+#include "../cpu/_truefault.h"   /* a true #PF's walk and CR2, shared with full's (bt/_callout.c) */
 #include "../cpu/_storeop.h"   /* the value and flags of an emulated store, shared with full's adaptive stores */
 #include "../engine/_vclock.h"   /* the clock's interrupt-window look (its stubs' limit) */
 
@@ -667,85 +668,11 @@ static int ptemod(trapstore_t *t, void *uc, uint64_t vaddr, int type) {
  * (cpu_loop_exit). Anything else (a fetch, whose charged time the run loop must see; an unknown
  * instruction; a table outside RAM; a 4 MiB page with reserved bits; PAE; a delivery deliver_event
  * declines) is Python's, with nothing changed. */
-#define MEM_FETCH 18
-#define PTE_P 0x1u
-#define PTE_RW 0x2u
-#define PTE_US 0x4u
-#define PTE_A 0x20u
-#define PTE_PS 0x80u
-#define PFEC_P 0x1u
-#define PFEC_W 0x2u
-#define PFEC_U 0x4u
-
-/* memory/walk.py's walk of a load or store: 1 = a fault (*ec, *refs; *pde_a >= 0: the PDE whose A bit the
- * walk sets), 0 = no fault or not decided here. */
-static int fault_walk(const trapfast_t *s, uint32_t gva, int write, int user, uint32_t *ec, uint32_t *refs,
-                      int64_t *pde_a) {
-    uint32_t cr0 = s->crs[0], cr3 = s->crs[1], cr4 = s->crs[2], pde, leaf, rights;
-    uint64_t pde_addr = (cr3 & 0xFFFFF000u) | ((gva >> 20) & 0xFFCu), leaf_addr;
-    int writable;
-    *pde_a = -1;
-    *ec = 0;
-    if (!ram32(s, pde_addr, &pde)) return 0;          /* outside RAM: Python reads all-ones there */
-    *refs = 1;
-    if (!(pde & PTE_P)) goto fault;
-    if ((pde & PTE_PS) && (cr4 & CR4_PSE)) {
-        if (pde & 0x003FE000u) return 0;              /* reserved bit 21, or PSE-36 bits */
-        rights = pde;
-    } else {
-        *refs = 2;
-        if (!(pde & PTE_A)) {
-            *pde_a = (int64_t)pde_addr;
-            *refs = 3;
-        }
-        leaf_addr = (pde & 0xFFFFF000u) | ((gva >> 10) & 0xFFCu);
-        if (!ram32(s, leaf_addr, &leaf)) return 0;
-        if (!(leaf & PTE_P)) goto fault;
-        rights = pde & leaf;
-    }
-    if (user) {
-        if (!(rights & PTE_US)) goto protection;
-        writable = (rights & PTE_RW) != 0;
-    } else {
-        writable = (rights & PTE_RW) || !(cr0 & CR0_WP);
-    }
-    if (write && !writable) goto protection;
-    *pde_a = -1;
-    return 0;
-protection:
-    *ec = PFEC_P;
-fault:
-    if (user) *ec |= PFEC_U;
-    if (write) *ec |= PFEC_W;
-    return 1;
-}
-
-/* The linear address of the one memory operand of an instruction x86/faultaddr.py decodes to that operand
- * alone (its first candidate; no implicit stack or string access, no prefix): the ALU forms r/m,r and r,r/m,
- * test, xchg, mov (moffs too), the immediate groups, inc/dec, not/neg/test, movzx/movsx. 0: not one of them. */
-static int fault_operand(trapfast_t *s, void *uc, const uint8_t *c, uint32_t *ea) {
-    uint8_t b = c[0];
-    int r = (c[1] >> 3) & 7;
-    if (b >= 0xA0 && b <= 0xA3) {      /* mov al/eax, moffs and back: a kernel's global variables */
-        memcpy(ea, c + 1, 4);
-        return 1;
-    }
-    if (b < 0x40 && (b & 7) < 4) return modrm_address(s, uc, c + 1, ea) != 0;   /* add, or, adc, sbb, and, sub, xor, cmp */
-    if (b >= 0x84 && b <= 0x8B) return modrm_address(s, uc, c + 1, ea) != 0;    /* test, xchg, mov */
-    if (b == 0x80 || b == 0x81 || b == 0x83) return modrm_address(s, uc, c + 1, ea) != 0;
-    if ((b == 0xC6 || b == 0xC7) && r == 0) return modrm_address(s, uc, c + 1, ea) != 0;
-    if ((b == 0xFE || b == 0xFF) && r <= 1) return modrm_address(s, uc, c + 1, ea) != 0;      /* inc, dec */
-    if ((b == 0xF6 || b == 0xF7) && (r == 0 || r == 2 || r == 3)) return modrm_address(s, uc, c + 1, ea) != 0;
-    if (b == 0x0F && (c[1] == 0xB6 || c[1] == 0xB7 || c[1] == 0xBE || c[1] == 0xBF))
-        return modrm_address(s, uc, c + 2, ea) != 0;
-    return 0;
-}
-
 static int true_fault(trapstore_t *t, void *uc, uint64_t vaddr, int type) {
     trapfast_t *s = t->s;
     const shadowmirror_t *m;
     uint64_t ss, cs, eflags, eip;
-    uint32_t page = (uint32_t)vaddr >> 12, ec = 0, refs = 0, ea = 0, old_pde = 0, pde, old_cr2;
+    uint32_t page = (uint32_t)vaddr >> 12, ec = 0, refs = 0, ea = 0, old_pde = 0, pde, old_cr2, gpr[8], k;
     int64_t pde_a, n = 0;
     int user, write = type == MEM_WRITE;
     uint8_t code[15];
@@ -758,15 +685,22 @@ static int true_fault(trapstore_t *t, void *uc, uint64_t vaddr, int type) {
     if (sm_present(m, page)) return 0;        /* Python's table holds the page: its entry's rights decide */
     if (!rd(s, uc, s->r_ss, &ss) || ((ss & 3) != 1 && (ss & 3) != 3)) return 0;   /* the guest's own access */
     user = (ss & 3) == 3;
-    if (!fault_walk(s, (uint32_t)vaddr, write, user, &ec, &refs, &pde_a)) return 0;
+    if (!tf_walk(s->ev.ram, s->ev.ram_bytes, s->crs[0], s->crs[1], s->crs[2], (uint32_t)vaddr, write, user, &ec,
+                 &refs, &pde_a))
+        return 0;
     if (!rd(s, uc, s->r_eip, &eip) || !code_at(s, (uint32_t)eip, code, 15)) return 0;
-    if (!fault_operand(s, uc, code, &ea) || (ea & 0xFFFFF000u) != ((uint32_t)vaddr & 0xFFFFF000u)) return 0;
+    for (k = 0; k < 8; k++) {
+        uint64_t v;
+        if (!rd(s, uc, s->r_gpr[k], &v)) return 0;
+        gpr[k] = (uint32_t)v;
+    }
+    if (!tf_operand(code, gpr, &ea) || (ea & 0xFFFFF000u) != ((uint32_t)vaddr & 0xFFFFF000u)) return 0;
     if (!rd(s, uc, s->r_cs, &cs) || !rd(s, uc, s->r_eflags, &eflags) || (eflags & EFLAGS_VM)) return 0;
     if (!left_block(s, (uint32_t)eip, &n)) return 0;
     /* Python's order: the walk's PDE.A, the virtual CR2, the delivery (which puts both back if it declines) */
     if (pde_a >= 0) {
         memcpy(&old_pde, s->ev.ram + pde_a, 4);
-        pde = old_pde | PTE_A;
+        pde = old_pde | TF_PTE_A;
         memcpy((uint8_t *)s->ev.ram + pde_a, &pde, 4);
     }
     old_cr2 = s->ev.cr2;

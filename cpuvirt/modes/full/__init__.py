@@ -27,6 +27,7 @@ from cpuvirt.memory.shadowmirror import ShadowFastFill
 from cpuvirt.modes.base import Mode
 from cpuvirt.modes.full.adaptive import ADAPTIVE_THRESHOLD
 from cpuvirt.modes.full.coherence import CODE
+from cpuvirt.modes.full.deliverfast import FullFaults
 from cpuvirt.modes.full.evfast import FullEvVirtualCpu
 from cpuvirt.modes.full.vcpu import TC_WINDOW, FullVcpu
 
@@ -46,6 +47,7 @@ class FullMode(Mode):
         if observer is not None:
             observer(self)
         fill = ShadowFastFill.install(machine.mmu)  # before Mmu.fill's hook: the shadow's hits in C
+        faults = FullFaults.install(machine.uc)  # after it, before Mmu.fill's: the common true #PF in C
         self.vcpu.install_hooks()
         self.vcpu.enable_io_gate()
         assert self.vcpu.intercepts is not None  # the I/O gate made them
@@ -64,6 +66,9 @@ class FullMode(Mode):
                 table = fast.table
                 on = ctypes.addressof(table) + type(table).enabled.offset  # 0 while 16-bit code runs in place
                 fill.serve_tc(TC_WINDOW, TC_WINDOW + TC_SIZE, self.vcpu.tc_hpa, on)
+                if faults is not None:
+                    faults.attach(self.vcpu, self.vcpu.fdeliver, fill, self.shadow)
+                    self.vcpu.pf_fast = faults
 
     def translation_stats(self) -> dict:
         """The translation cache's counters, for `run --stats` (runner.RunResult.mmu["translation"])."""

@@ -23,7 +23,7 @@ from __future__ import annotations
 import ctypes
 import os
 
-from unicorn import UC_HOOK_INTR
+from unicorn import UC_HOOK_INTR, UC_HOOK_TLB_FILL
 
 from cpuvirt.bt.fastcallout import _lib
 from cpuvirt.bt.tcache import Block, TCache
@@ -172,10 +172,14 @@ class FullDelivery:
         dl = self.dl
         self.vcpu.tc.counters.lookups += dl.delivered - self._folded
         self._folded = dl.delivered
+        if self.faults is not None:
+            self.faults.fold(self.vcpu._counts, self.vcpu._reasons)
         if not dl.pending:
             return
         dl.pending = 0
         fold_event_counts(dl, self._soft_seen, self._fault_seen, self.vcpu._counts, self.vcpu._reasons)
+
+    faults: "FullFaults | None" = None  # the true #PFs delivered from the TLB fill (FullFaults.attach)
 
     def deliver_page_fault(self, return_eip: int, error_code: int) -> bool:
         """A #PF from a refused fill (DeprivilegedVcpu.page_fault: recorded, counted, CR2 set) delivered in C
@@ -195,3 +199,103 @@ class FullDelivery:
     def to_python(self) -> int:
         """Engine events the C hook handed to Python."""
         return self.dl.to_python
+
+
+def faults_by_environment() -> bool:
+    """CPUVIRT_FULL_PF_C=0 keeps every true #PF of full Python's (so do the switches of its C delivery)."""
+    return os.environ.get("CPUVIRT_FULL_PF_C", "1") != "0" and delivery_by_environment()
+
+
+class _FullPf(ctypes.Structure):
+    """Mirror of fullpf_t (bt/_callout.c; checked against fullpf_sizeof)."""
+
+    _fields_ = [
+        ("t", ctypes.c_void_p),
+        ("cpu_offset", ctypes.c_uint64),
+        ("loop_exit", ctypes.c_void_p),
+        ("hv_start", ctypes.c_void_p),
+        ("tc_host", ctypes.c_void_p),
+        ("tc_window", ctypes.c_uint32),
+        ("tc_size", ctypes.c_uint32),
+        ("on", ctypes.c_uint32),
+        ("seen", ctypes.c_uint32),
+        ("pf_fills", ctypes.c_uint64),
+        ("pf_walks", ctypes.c_uint64),
+        ("pf_refs", ctypes.c_uint64),
+        ("pf_faults", ctypes.c_uint64),
+        ("pending", ctypes.c_uint64),
+    ]
+
+
+class FullFaults:
+    """The common true #PF under full, delivered from the TLB fill without the engine's stop (bt/_callout.c
+    full_pf_hook; docs/binary-translation.md). The fill hook must come after the shadow's C fill and before
+    Mmu.fill's, so it is added when the mode is built (`install`) and does nothing until `attach` gives it the
+    callout table, the shadow fill's window start and the engine's CPUState."""
+
+    def __init__(self, lib, uc):
+        self.state = _FullPf()
+        self._handle = add_c_hook(
+            uc._uch,
+            UC_HOOK_TLB_FILL,
+            lib.full_pf_hook,
+            ctypes.cast(ctypes.pointer(self.state), ctypes.c_void_p),
+            what="install full's C #PF hook",
+        )
+        uc._callbacks[self._handle] = self  # its state lives as long as the engine may call it
+
+    @classmethod
+    def install(cls, uc) -> "FullFaults | None":
+        lib = _lib()
+        if lib is None or not faults_by_environment():
+            return None
+        lib.fullpf_sizeof.restype = ctypes.c_size_t
+        if lib.fullpf_sizeof() != ctypes.sizeof(_FullPf):
+            raise RuntimeError("cpuvirt's C callout hook does not match deliverfast.py: run `pip install -e .` again")
+        return cls(lib, uc)
+
+    def attach(self, vcpu, delivery: "FullDelivery | None", fill, shadow) -> None:
+        """Deliver from now on, when the C delivery can (`delivery`), with the shadow's C fill (`fill`)."""
+        from cpuvirt.bt.tcache import TC_SIZE
+        from cpuvirt.cpu.fastdelivery import _engine_cpu
+        from cpuvirt.modes.full.vcpu import TC_WINDOW
+
+        found = _engine_cpu(vcpu.uc)
+        if found is None or delivery is None or not delivery.possible or fill is None:
+            return
+        st = self.state
+        st.cpu_offset, st.loop_exit = found
+        fstate = fill._state
+        st.hv_start = ctypes.addressof(fstate) + type(fstate).hv_start.offset
+        hv = vcpu.hv_mem
+        st.tc_host = hv.host_address + (vcpu.tc_hpa - hv.hpa)
+        st.tc_window, st.tc_size = TC_WINDOW, TC_SIZE
+        st.t = ctypes.addressof(delivery.table)
+        self._keep = (delivery, fill)  # what C points at, alive as long as the hook
+        vcpu.mmu.counters.walkers.append(self)  # the true faults' fills, walks and faults
+        shadow.counters.walkers.append(self)  # ... and true faults
+        delivery.faults = self
+        st.on = 1
+
+    def note(self, reasons) -> None:
+        """Python delivered a #PF: once its Vcpu.reasons key is in place, C may deliver them and count them."""
+        if not self.state.seen and ("page_fault", "#PF") in reasons:
+            self.state.seen = 1
+
+    def fold(self, counts, reasons) -> None:
+        """Add the #PF events delivered in C to Vcpu.counts and Vcpu.reasons, and count from zero."""
+        st = self.state
+        if st.pending:
+            counts["page_fault"] += st.pending
+            reasons["page_fault", "#PF"] += st.pending
+            st.pending = 0
+
+    def counts(self) -> tuple[int, int, int]:
+        """(fills, walks, walk references) of the true faults delivered here (MmuCounters.walkers)."""
+        st = self.state
+        return st.pf_fills, st.pf_walks, st.pf_refs
+
+    @property
+    def faults(self) -> int:
+        """True #PFs delivered here (Mmu's faults, the shadow's true_faults)."""
+        return self.state.pf_faults

@@ -27,7 +27,7 @@ from cpuvirt.modes.full.adaptive import ADAPTIVE_THRESHOLD, AdaptiveStores
 from cpuvirt.modes.full.callouts import Callouts
 from cpuvirt.modes.full.coherence import CODE, Coherence
 from cpuvirt.modes.full.crfast import CrState
-from cpuvirt.modes.full.deliverfast import FullDelivery
+from cpuvirt.modes.full.deliverfast import FullDelivery, FullFaults
 from cpuvirt.modes.full.evfast import FullEvents
 from cpuvirt.modes.full.inplace import InPlaceBlocks
 from cpuvirt.x86.vectors import Vector
@@ -72,6 +72,7 @@ class _Code(GuestCode):
 class FullVcpu(RunsCode16, Coherence, Callouts, AdaptiveStores, DeprivilegedVcpu):
     event_kind = "callout"
     fdeliver: FullDelivery | None = None  # the common deliveries in C (deliverfast.py), once installed
+    pf_fast: FullFaults | None = None  # the common true #PF in C (deliverfast.py), once attached
 
     def install_delivery(self, shadow) -> None:
         """The common events delivered in C (deliverfast.py), once shadow paging is the strategy."""
@@ -342,6 +343,8 @@ class FullVcpu(RunsCode16, Coherence, Callouts, AdaptiveStores, DeprivilegedVcpu
         if not (self.tc.in_code(eip) and self.rt.is_kernel()):
             super().on_refused_fill(pending, eip)
             self.settle()
+            if self.pf_fast is not None:
+                self.pf_fast.note(self._reasons)
             return
         tc_eip, esp = eip, self.regs.read(R.ESP)
         code = self.tc_bytes(eip, 15)
@@ -386,6 +389,8 @@ class FullVcpu(RunsCode16, Coherence, Callouts, AdaptiveStores, DeprivilegedVcpu
             return
         self.page_fault(gva, pending.access, pending.error_code, geip)
         self.settle()
+        if self.pf_fast is not None:
+            self.pf_fast.note(self._reasons)
 
     def on_deadline(self, eip: int) -> None:
         self.check_dirty()
