@@ -44,7 +44,9 @@ def assemble(src: str, base: int) -> tuple[bytes, int]:
     return code.replace(struct.pack("<I", 0x12345678), struct.pack("<I", target)), target
 
 
-def run(mode: str, opener: str, pad: int):
+def _guest(mode: str, src: str, irq: bool):
+    """Run `src` (at CODE) under `mode`, every vector's gate at a handler that records the EIP it returns
+    to (SEEN) and ends the run; IRQ 1 pending from the start if `irq`."""
     m = Machine(4)
     hv = get_mode(mode)(m, max_insns=2_000_000)
     m.debug_exit.on_exit = lambda value: hv.vcpu.finish("exit", value)
@@ -55,20 +57,24 @@ def run(mode: str, opener: str, pad: int):
     handler, _ = assemble("mov eax, dword ptr [esp]; mov dword ptr [0x5004], eax; mov al, 0; out 0xf4, al; hlt",
                           HANDLER)
     m.write_gpa(HANDLER, handler)
-    prologue = ""
-    if opener == "self_ipi":   # local APIC ICR: fixed, self, vector 0x61 (waits in the IRR while IF = 0)
-        prologue = "mov dword ptr [0xfee00310], 0; mov dword ptr [0xfee00300], 0x40061; "
-    src = prologue + f"mov ecx, {pad}; spin: dec ecx; jnz spin; " + OPENERS[opener] + "; here: jmp here"
     code, target = assemble(src, CODE)
     m.write_gpa(CODE, code)
     m.set_flat_protected_mode(0x500)
     m.uc.reg_write(R.IDTR, (0, IDT, 256 * 8 - 1, 0))
     m.regs.write(R.ESP, STACK)
     hv.boot()
-    if opener != "self_ipi":
+    if irq:
         m.pic.raise_irq(1)                    # IRQ 1 (unmasked by SeaBIOS's IMR): pending from the start
     out = hv.run(CODE)
     return out, struct.unpack("<I", m.read_gpa(SEEN, 4))[0], target, hv.vcpu
+
+
+def run(mode: str, opener: str, pad: int):
+    prologue = ""
+    if opener == "self_ipi":   # local APIC ICR: fixed, self, vector 0x61 (waits in the IRR while IF = 0)
+        prologue = "mov dword ptr [0xfee00310], 0; mov dword ptr [0xfee00300], 0x40061; "
+    src = prologue + f"mov ecx, {pad}; spin: dec ecx; jnz spin; " + OPENERS[opener] + "; here: jmp here"
+    return _guest(mode, src, irq=opener != "self_ipi")
 
 
 @pytest.mark.parametrize("pad", PADS)
@@ -88,30 +94,12 @@ def run_twice(mode: str, opener: str, pad: int):
     """The opener in a function called twice: the first call (nothing waits) makes the blocks after it,
     which then count themselves in the clock's stubs (engine/_vclock.c); a self-IPI made while IF = 0
     waits for the second call, whose window must stop those stubs at the same boundary."""
-    m = Machine(4)
-    hv = get_mode(mode)(m, max_insns=2_000_000)
-    m.debug_exit.on_exit = lambda value: hv.vcpu.finish("exit", value)
-    idt = bytearray(256 * 8)
-    for v in range(256):
-        struct.pack_into("<HHBBH", idt, v * 8, HANDLER & 0xFFFF, 0x08, 0, 0x8E, HANDLER >> 16)
-    m.write_gpa(IDT, bytes(idt))
-    handler, _ = assemble(
-        "mov eax, dword ptr [esp]; mov dword ptr [0x5004], eax; mov al, 0; out 0xf4, al; hlt", HANDLER
-    )
-    m.write_gpa(HANDLER, handler)
     src = (
         "call opener; cli; mov dword ptr [0xfee00310], 0; mov dword ptr [0xfee00300], 0x40061; "
         f"mov ecx, {pad}; spin: dec ecx; jnz spin; call opener; here: jmp here; "
         "opener: " + OPENERS[opener] + "; mov dword ptr [0x500c], 1; ret"
     )
-    code, target = assemble(src, CODE)
-    m.write_gpa(CODE, code)
-    m.set_flat_protected_mode(0x500)
-    m.uc.reg_write(R.IDTR, (0, IDT, 256 * 8 - 1, 0))
-    m.regs.write(R.ESP, STACK)
-    hv.boot()
-    out = hv.run(CODE)
-    return out, struct.unpack("<I", m.read_gpa(SEEN, 4))[0], target, hv.vcpu
+    return _guest(mode, src, irq=False)
 
 
 @pytest.mark.parametrize("opener", ["sti", "popfd", "iretd"])

@@ -21,7 +21,7 @@ from __future__ import annotations
 import ctypes
 import os
 
-from unicorn import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH, UC_HOOK_CODE, UC_HOOK_INTR, UC_HOOK_TLB_FILL
+from unicorn import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH, UC_HOOK_CODE, UC_HOOK_INTR
 from unicorn.unicorn_py3 import unicorn as _ucmod
 
 from cpuvirt.cpu import evseg
@@ -29,6 +29,7 @@ from cpuvirt.cpu.evdeliver import BLOCK_SLOTS, BlockCopyKeeper, fold_event_count
 from cpuvirt.cpu.evdeliver import BlockCopy as _Block
 from cpuvirt.cpu.evseg import EvHvTlb, EvLoaded, EvSeg, EvVirtualCpu
 from cpuvirt.cpu.quirks import context_layout
+from cpuvirt.cpu.truefault import TrueFaultHook
 from cpuvirt.cpu.virtualcpu import in_table
 from cpuvirt.engine import regs as R
 from cpuvirt.engine.cext import add_c_hook, load
@@ -412,7 +413,7 @@ class TrapFast:
         return self._state.to_python
 
 
-class TrapStores:
+class TrapStores(TrueFaultHook):
     """The guest kernel's common stores into its page tables (ptemods), emulated in the TLB fill without
     stopping the engine, and the common true #PF, delivered there (_trapfast.c trapfast_fill_hook). The
     fill hook must come before the shadow's and Mmu.fill's, so it is added before the vCPU's hooks
@@ -420,18 +421,12 @@ class TrapStores:
     the engine's CPUState. CPUVIRT_TRAP_PTEMOD_C=0 leaves every ptemod to Python
     (ShadowPaging._on_write), CPUVIRT_TRAP_PF_C=0 every true #PF (Mmu.fill, the run loop)."""
 
+    STATE = _Store
+
     def __init__(self, lib, uc, ptemods: bool, faults: bool):
+        super().__init__(uc, lib.trapfast_fill_hook, "install trap's C ptemod and #PF hook")
         self._lib = lib
-        self.state = _Store()
         self._switches = (ptemods, faults)
-        self._handle = add_c_hook(
-            uc._uch,
-            UC_HOOK_TLB_FILL,
-            lib.trapfast_fill_hook,
-            ctypes.cast(ctypes.pointer(self.state), ctypes.c_void_p),
-            what="install trap's C ptemod and #PF hook",
-        )
-        uc._callbacks[self._handle] = self  # its state lives as long as the engine may call it
 
     @classmethod
     def install(cls, uc) -> "TrapStores | None":
@@ -462,19 +457,8 @@ class TrapStores:
         st.s = ctypes.addressof(fast._state)
         self._keep = (fast, fill)  # what C points at, alive as long as the hook
         fast.stores = self
-        fast.vcpu.mmu.counters.walkers.append(self)  # the true faults' fills, walks and faults
-        shadow.counters.walkers.append(self)  # ... and true faults
+        self.count_in(fast.vcpu.mmu, shadow)
         st.on, st.pf_on = int(ptemods), int(faults)
-
-    def counts(self) -> tuple[int, int, int]:
-        """(fills, walks, walk references) of the true faults delivered here (MmuCounters.walkers)."""
-        st = self.state
-        return st.pf_fills, st.pf_walks, st.pf_refs
-
-    @property
-    def faults(self) -> int:
-        """True #PFs delivered here (Mmu's faults, the shadow's true_faults)."""
-        return self.state.pf_faults
 
     @property
     def stores(self) -> int:

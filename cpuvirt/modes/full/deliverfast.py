@@ -23,12 +23,13 @@ from __future__ import annotations
 import ctypes
 import os
 
-from unicorn import UC_HOOK_INTR, UC_HOOK_TLB_FILL
+from unicorn import UC_HOOK_INTR
 
 from cpuvirt.bt.fastcallout import _lib
 from cpuvirt.bt.tcache import Block, TCache
 from cpuvirt.cpu.evdeliver import BlockCopyKeeper, fold_event_counts, note_delivered
 from cpuvirt.cpu.quirks import context_layout
+from cpuvirt.cpu.truefault import TrueFaultHook
 from cpuvirt.engine.cext import add_c_hook
 from cpuvirt.engine.internals import context_header, engine_env
 from cpuvirt.memory.shadowmirror import ShadowMirror
@@ -227,22 +228,16 @@ class _FullPf(ctypes.Structure):
     ]
 
 
-class FullFaults:
+class FullFaults(TrueFaultHook):
     """The common true #PF under full, delivered from the TLB fill without the engine's stop (bt/_callout.c
     full_pf_hook; docs/binary-translation.md). The fill hook must come after the shadow's C fill and before
     Mmu.fill's, so it is added when the mode is built (`install`) and does nothing until `attach` gives it the
     callout table, the shadow fill's window start and the engine's CPUState."""
 
+    STATE = _FullPf
+
     def __init__(self, lib, uc):
-        self.state = _FullPf()
-        self._handle = add_c_hook(
-            uc._uch,
-            UC_HOOK_TLB_FILL,
-            lib.full_pf_hook,
-            ctypes.cast(ctypes.pointer(self.state), ctypes.c_void_p),
-            what="install full's C #PF hook",
-        )
-        uc._callbacks[self._handle] = self  # its state lives as long as the engine may call it
+        super().__init__(uc, lib.full_pf_hook, "install full's C #PF hook")
 
     @classmethod
     def install(cls, uc) -> "FullFaults | None":
@@ -256,9 +251,7 @@ class FullFaults:
 
     def attach(self, vcpu, delivery: "FullDelivery | None", fill, shadow) -> None:
         """Deliver from now on, when the C delivery can (`delivery`), with the shadow's C fill (`fill`)."""
-        from cpuvirt.bt.tcache import TC_SIZE
         from cpuvirt.cpu.fastdelivery import _engine_cpu
-        from cpuvirt.modes.full.vcpu import TC_WINDOW
 
         found = _engine_cpu(vcpu.uc)
         if found is None or delivery is None or not delivery.possible or fill is None:
@@ -269,11 +262,11 @@ class FullFaults:
         st.hv_start = ctypes.addressof(fstate) + type(fstate).hv_start.offset
         hv = vcpu.hv_mem
         st.tc_host = hv.host_address + (vcpu.tc_hpa - hv.hpa)
-        st.tc_window, st.tc_size = TC_WINDOW, TC_SIZE
+        tc: TCache = vcpu.tc  # (its linear window, TC_WINDOW, and size)
+        st.tc_window, st.tc_size = tc.base, tc.end - tc.base
         st.t = ctypes.addressof(delivery.table)
         self._keep = (delivery, fill)  # what C points at, alive as long as the hook
-        vcpu.mmu.counters.walkers.append(self)  # the true faults' fills, walks and faults
-        shadow.counters.walkers.append(self)  # ... and true faults
+        self.count_in(vcpu.mmu, shadow)
         delivery.faults = self
         st.on = 1
 
@@ -289,13 +282,3 @@ class FullFaults:
             counts["page_fault"] += st.pending
             reasons["page_fault", "#PF"] += st.pending
             st.pending = 0
-
-    def counts(self) -> tuple[int, int, int]:
-        """(fills, walks, walk references) of the true faults delivered here (MmuCounters.walkers)."""
-        st = self.state
-        return st.pf_fills, st.pf_walks, st.pf_refs
-
-    @property
-    def faults(self) -> int:
-        """True #PFs delivered here (Mmu's faults, the shadow's true_faults)."""
-        return self.state.pf_faults
