@@ -719,7 +719,8 @@ int full_pf_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *user_
     const shadowmirror_t *m;
     evdeliver_t d;
     uint64_t ss = 0, cs = 0, eflags = 0, eip = 0, v;
-    uint32_t page = (uint32_t)vaddr >> 12, ec = 0, refs = 0, ea = 0, old_pde = 0, pde, old_cr2, gpr[8], k, ret_eip;
+    uint32_t page = (uint32_t)vaddr >> 12, ec = 0, refs = 0, ea = 0, gpr[8], k, ret_eip;
+    tf_made_t made;
     uint32_t cr0, cr3, cr4;
     int64_t pde_a, n = 0;
     int user, write = type == MEM_WRITE_;
@@ -760,18 +761,10 @@ int full_pf_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *user_
     }
     if (!tf_operand(code, gpr, &ea) || (ea & 0xFFFFF000u) != ((uint32_t)vaddr & 0xFFFFF000u)) return 0;
     if (!ed_left_block(f->block, *f->clock_last_block, &f->misses, (uint32_t)eip, &n)) return 0;
-    /* Python's order: the walk's PDE.A, the virtual CR2, the delivery (which puts both back if it declines) */
-    if (pde_a >= 0) {
-        memcpy(&old_pde, t->ev.ram + pde_a, 4);
-        pde = old_pde | TF_PTE_A;
-        memcpy((uint8_t *)t->ev.ram + pde_a, &pde, 4);
-    }
-    old_cr2 = t->ev.cr2;
-    t->ev.cr2 = ea;
+    tf_make((uint8_t *)t->ev.ram, pde_a, &t->ev.cr2, ea, &made);   /* PDE.A, CR2; then the delivery */
     full_evdeliver(t, &d);
     if (!ed_deliver_event(&d, uc, 14, 0, ret_eip, 1, ec, (uint32_t)cs, eflags)) {
-        if (pde_a >= 0) memcpy((uint8_t *)t->ev.ram + pde_a, &old_pde, 4);
-        t->ev.cr2 = old_cr2;
+        tf_unmake((uint8_t *)t->ev.ram, &t->ev.cr2, &made);
         return 0;
     }
     *f->clock_now -= (uint64_t)n;     /* Vcpu.left_block_at(eip): the faulting instruction did not retire */

@@ -100,4 +100,28 @@ static inline int tf_operand(const uint8_t *c, const uint32_t *gpr, uint32_t *ea
     return 1;
 }
 
+/* What a true #PF leaves before its delivery, in the Python path's order (the walk's PDE.A, then the virtual
+ * CR2), and how it is put back when the delivery declines. */
+typedef struct {
+    int64_t pde_a;
+    uint32_t old_pde, old_cr2;
+} tf_made_t;
+
+static inline void tf_make(uint8_t *ram, int64_t pde_a, uint32_t *cr2, uint32_t ea, tf_made_t *u) {
+    u->pde_a = pde_a;
+    u->old_cr2 = *cr2;
+    if (pde_a >= 0) {
+        uint32_t pde;
+        memcpy(&u->old_pde, ram + pde_a, 4);
+        pde = u->old_pde | TF_PTE_A;
+        memcpy(ram + pde_a, &pde, 4);
+    }
+    *cr2 = ea;
+}
+
+static inline void tf_unmake(uint8_t *ram, uint32_t *cr2, const tf_made_t *u) {
+    if (u->pde_a >= 0) memcpy(ram + u->pde_a, &u->old_pde, 4);
+    *cr2 = u->old_cr2;
+}
+
 #endif

@@ -672,7 +672,8 @@ static int true_fault(trapstore_t *t, void *uc, uint64_t vaddr, int type) {
     trapfast_t *s = t->s;
     const shadowmirror_t *m;
     uint64_t ss, cs, eflags, eip;
-    uint32_t page = (uint32_t)vaddr >> 12, ec = 0, refs = 0, ea = 0, old_pde = 0, pde, old_cr2, gpr[8], k;
+    uint32_t page = (uint32_t)vaddr >> 12, ec = 0, refs = 0, ea = 0, gpr[8], k;
+    tf_made_t made;
     int64_t pde_a, n = 0;
     int user, write = type == MEM_WRITE;
     uint8_t code[15];
@@ -697,17 +698,9 @@ static int true_fault(trapstore_t *t, void *uc, uint64_t vaddr, int type) {
     if (!tf_operand(code, gpr, &ea) || (ea & 0xFFFFF000u) != ((uint32_t)vaddr & 0xFFFFF000u)) return 0;
     if (!rd(s, uc, s->r_cs, &cs) || !rd(s, uc, s->r_eflags, &eflags) || (eflags & EFLAGS_VM)) return 0;
     if (!left_block(s, (uint32_t)eip, &n)) return 0;
-    /* Python's order: the walk's PDE.A, the virtual CR2, the delivery (which puts both back if it declines) */
-    if (pde_a >= 0) {
-        memcpy(&old_pde, s->ev.ram + pde_a, 4);
-        pde = old_pde | TF_PTE_A;
-        memcpy((uint8_t *)s->ev.ram + pde_a, &pde, 4);
-    }
-    old_cr2 = s->ev.cr2;
-    s->ev.cr2 = ea;
+    tf_make((uint8_t *)s->ev.ram, pde_a, &s->ev.cr2, ea, &made);   /* PDE.A, CR2; then the delivery */
     if (!deliver_event(s, uc, 14, 0, (uint32_t)eip, 1, ec, (uint32_t)cs, eflags)) {
-        if (pde_a >= 0) memcpy((uint8_t *)s->ev.ram + pde_a, &old_pde, 4);
-        s->ev.cr2 = old_cr2;
+        tf_unmake((uint8_t *)s->ev.ram, &s->ev.cr2, &made);
         return 0;
     }
     *s->clock_now -= (uint64_t)n;      /* Vcpu.left_block_at(eip): the faulting instruction did not retire */
