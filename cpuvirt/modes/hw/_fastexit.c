@@ -33,6 +33,8 @@
 #include <stdint.h>
 #include <string.h>
 #include "../../engine/_vclock.h"   /* the clock's interrupt-window look (its stubs' limit) */
+#include "../../memory/_shadowmirror.h"   /* without EPT: the shadow's current root, for an INVLPG exit */
+#include "../../cpu/_modrm.h"             /* ... and its operand */
 
 typedef int (*reg_read_fn)(void *uc, int regid, void *value);
 typedef int (*reg_write_fn)(void *uc, int regid, const void *value);
@@ -124,16 +126,30 @@ typedef struct {
     const uint32_t *shadow_ok;
     const uint32_t *shadow_key;
     uint64_t cr3_exits;              /* CR_ACCESS exits made here, not yet folded */
-    uint32_t last_kind;              /* which record was written last: LAST_CPUID, LAST_CR3 */
+    uint32_t last_kind;              /* which record was written last: LAST_CPUID, LAST_CR3, LAST_INVLPG */
     uint32_t last_cr3_qual;          /* the last one's exit qualification, length, RIP and value */
     uint32_t last_cr3_len;
     uint32_t last_cr3_rip;
     uint32_t last_cr3_value;
     int32_t cr3;                     /* Unicorn's register id */
     uint64_t cr3_exit_total;
+    /* INVLPG exiting without EPT: the exit whose handler (handlers.py handle_invlpg) drops the page's
+     * entry from the shadow's current root (ShadowPaging.invlpg) and lets the engine run the invlpg: made
+     * here under the same guard as the CR3 loads', the entry dropped from the C copy of the root and logged
+     * for Python's table (_shadowmirror.h sm_invlpg). NULL mirror: every such exit is Python's. */
+    shadowmirror_t *mirror;
+    const uint8_t *ram;              /* guest RAM (sm_invlpg reads the root's page directory there) */
+    uint64_t ram_bytes;
+    int32_t gpr_reg[8];              /* ... of EAX..EDI in ModRM order (the operand's registers) */
+    uint64_t invlpg_exits;           /* INVLPG exits made here, not yet folded */
+    uint32_t last_invlpg_qual;       /* the last one's exit qualification (the linear address), length, RIP */
+    uint32_t last_invlpg_len;
+    uint32_t last_invlpg_rip;
+    uint32_t pad5;
+    uint64_t invlpg_exit_total;
 } fastexit_t;
 
-enum { LAST_CPUID, LAST_CR3 };
+enum { LAST_CPUID, LAST_CR3, LAST_INVLPG };
 
 typedef struct {
     fastexit_t *s;
@@ -231,6 +247,42 @@ python:
 }
 
 /* UC_HOOK_CODE on one `mov cr0/cr4, r32` site. */
+/* An INVLPG exit without EPT (nonroot.py invlpg -> vm_exit -> handle_invlpg -> vm_entry), made here while
+ * the entry after it would change nothing else (the guard of the CR3 loads': the shadow's root and mode
+ * change only through Python, nothing unsynchronised; the virtual-APIC page in step) and the engine's CR3
+ * and paging mode select the copy's root: the page leaves the copy of the root and the log tells Python's
+ * table, the exit is recorded for Python to fold (its counters, and its fields if it is the last), and the
+ * engine runs the invlpg itself, as after the Python exit. 0: Python's exit, nothing changed. */
+static int invlpg_exit(fastexit_t *s, void *uc, const cr_site_t *site, uint32_t address) {
+    shadowmirror_t *m = s->mirror;
+    modrm_mem_t mem = {-1, -1, 1, 0};
+    uint64_t cr0 = 0, cr3 = 0, cr4 = 0, v;
+    uint32_t la;
+    if (!m || !s->shadow_ok || !*s->shadow_ok || !vapic_quiet(s) || !m->serial || m->made >= SM_MADE) return 0;
+    if (site->bytes[0] != 0x0F || site->bytes[1] != 0x01 || ((site->bytes[2] >> 3) & 7) != 7) return 0;
+    if (modrm_mem(site->bytes + 2, &mem) + 2 != (int)site->size) return 0;   /* (no prefix; a memory operand) */
+    if (s->reg_read(uc, s->cr0, &cr0) || s->reg_read(uc, s->cr3, &cr3) || s->reg_read(uc, s->cr4, &cr4)) return 0;
+    if (((uint32_t)cr0 & SM_PG) == 0 || (((uint32_t)cr0 & SM_PG) | ((uint32_t)cr4 & SM_PSE)) != m->mode) return 0;
+    if (((uint32_t)cr3 & 0xFFFFF000u) != m->key || m->key != *s->shadow_key) return 0;
+    la = (uint32_t)mem.disp;
+    if (mem.base >= 0) {
+        if (s->reg_read(uc, s->gpr_reg[mem.base], &v)) return 0;
+        la += (uint32_t)v;
+    }
+    if (mem.index >= 0) {
+        if (s->reg_read(uc, s->gpr_reg[mem.index], &v)) return 0;
+        la += (uint32_t)v * mem.scale;
+    }
+    if (!sm_invlpg(m, la >> 12, s->ram, s->ram_bytes)) return 0;
+    s->invlpg_exits++;
+    s->invlpg_exit_total++;
+    s->last_kind = LAST_INVLPG;
+    s->last_invlpg_qual = la;
+    s->last_invlpg_len = site->size;
+    s->last_invlpg_rip = address;
+    return 1;
+}
+
 void fastexit_cr_hook(void *uc, uint64_t address, uint32_t size, void *user_data) {
     cr_site_t *site = (cr_site_t *)user_data;
     fastexit_t *s = site->s;
@@ -262,11 +314,17 @@ void fastexit_cr_hook(void *uc, uint64_t address, uint32_t size, void *user_data
         s->pause_total++;
         goto done;
     }
+    if (site->cr == -2 && s->invlpg_exiting) {
+        if (!invlpg_exit(s, uc, site, (uint32_t)address)) goto python;
+        vclock_look_at_if(s->clock_watch_if, s->clock_check_if);
+        site->passed++;
+        return;
+    }
     if (site->cr == -2 || site->cr >= 0x100) {
         /* INVLPG exits only with INVLPG exiting, a MOV from CR3 only with CR3-store exiting, a MOV from
          * CR2 never (nonroot.py invlpg, mov_system_register_access): else the engine does it all, a
          * kernel's #PF handler reading CR2 included */
-        if ((site->cr == -2 && s->invlpg_exiting) || (site->cr == 0x103 && s->cr3_store_exiting)) goto python;
+        if (site->cr == 0x103 && s->cr3_store_exiting) goto python;
         s->read_total++;
         goto done;
     }
@@ -344,7 +402,7 @@ static uint32_t io_exit(fastexit_t *s, uint32_t port, int size, uint32_t is_in, 
     *s->clock_now_w += s->io_cycles;
     *s->clock_extra += s->io_cycles;
     s->quick_done = 0;
-    r = s->io_exit_python(port, (uint32_t)size, is_in | (s->cpuid_exits || s->cr3_exits ? 2u : 0u), value);
+    r = s->io_exit_python(port, (uint32_t)size, is_in | (s->cpuid_exits || s->cr3_exits || s->invlpg_exits ? 2u : 0u), value);
     if (s->quick_done && !(s->armed && vapic_quiet(s))) s->io_entry_python();
     s->quick_done = 0;
     return r;

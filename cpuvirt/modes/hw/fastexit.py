@@ -147,10 +147,20 @@ class _State(ctypes.Structure):
         ("last_cr3_value", ctypes.c_uint32),
         ("cr3", ctypes.c_int32),
         ("cr3_exit_total", ctypes.c_uint64),
+        ("mirror", ctypes.c_void_p),
+        ("ram", ctypes.c_void_p),
+        ("ram_bytes", ctypes.c_uint64),
+        ("gpr_reg", ctypes.c_int32 * 8),
+        ("invlpg_exits", ctypes.c_uint64),
+        ("last_invlpg_qual", ctypes.c_uint32),
+        ("last_invlpg_len", ctypes.c_uint32),
+        ("last_invlpg_rip", ctypes.c_uint32),
+        ("pad5", ctypes.c_uint32),
+        ("invlpg_exit_total", ctypes.c_uint64),
     ]
 
 
-LAST_CR3 = 1  # _fastexit.c last_kind: the CR3 record was written after the CPUID one
+LAST_CPUID, LAST_CR3, LAST_INVLPG = 0, 1, 2  # _fastexit.c last_kind: which record C wrote last
 
 
 class _CrSite(ctypes.Structure):
@@ -247,6 +257,8 @@ class FastExits:
         st.eax, st.ebx, st.ecx, st.edx = X.UC_X86_REG_EAX, X.UC_X86_REG_EBX, X.UC_X86_REG_ECX, X.UC_X86_REG_EDX
         st.eip, st.cr0, st.cr4 = X.UC_X86_REG_EIP, X.UC_X86_REG_CR0, X.UC_X86_REG_CR4
         st.cr3 = X.UC_X86_REG_CR3
+        for i, reg in enumerate(R.GPR_ORDER):
+            st.gpr_reg[i] = reg
         st.cr4_reserved = CR4_RESERVED
         st.quick_io = int(bool(vcpu.quick_io))
         self.load_table()
@@ -317,6 +329,31 @@ class FastExits:
         base, t = ctypes.addressof(delivery_state), type(delivery_state)
         st.shadow_ok = base + t.shadow_ok.offset
         st.shadow_key = base + t.shadow_key.offset
+
+    def guard_invlpg(self, mirror_address: int, ram_address: int, ram_bytes: int) -> None:
+        """Let C make the INVLPG exits of shadow paging too (under the same guard), dropping the page from the
+        shadow's current root through its C copy (memory/shadowmirror.py ShadowMirror at `mirror_address`)."""
+        st = self._state
+        st.mirror, st.ram, st.ram_bytes = mirror_address, ram_address, ram_bytes
+
+    def take_invlpg_exits(self) -> tuple[int, int, int, int]:
+        """(INVLPG exits made in C since the last call, and the last one's exit qualification, instruction
+        length and RIP)."""
+        st = self._state
+        n = st.invlpg_exits
+        if n:
+            st.invlpg_exits = 0
+        return n, st.last_invlpg_qual, st.last_invlpg_len, st.last_invlpg_rip
+
+    @property
+    def last_kind(self) -> int:
+        """Which of C's exit records was written last (LAST_CPUID, LAST_CR3, LAST_INVLPG)."""
+        return self._state.last_kind
+
+    @property
+    def invlpg_exits_made(self) -> int:
+        """INVLPG exits made in C in the whole run."""
+        return self._state.invlpg_exit_total
 
     @property
     def cr3_exits_made(self) -> int:
@@ -445,7 +482,7 @@ class FastExits:
             return False
         if self.vcpu.shadow is not None and (
             (cr == 3 and self.vcpu.ctl("cr3_load_exiting") and not self._state.shadow_ok)
-            or (cr == -2 and self.vcpu.ctl("invlpg_exiting"))
+            or (cr == -2 and self.vcpu.ctl("invlpg_exiting") and not self._state.mirror)
             or (cr == 0x103 and self.vcpu.ctl("cr3_store_exiting"))
         ):
             return False  # shadow paging: it exits (C would only hand it to Python), a plain Python hook

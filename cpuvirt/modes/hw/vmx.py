@@ -47,7 +47,7 @@ from cpuvirt.modes.hw import apicv
 from cpuvirt.modes.hw import exits as E
 from cpuvirt.modes.hw.controls import CONTROLS, VmxSettings
 from cpuvirt.modes.hw.exits import Exit, ExitReason
-from cpuvirt.modes.hw.fastexit import FastExits
+from cpuvirt.modes.hw.fastexit import LAST_INVLPG, FastExits
 from cpuvirt.modes.hw.nonroot import INSTRUCTION_HANDLERS, PRIVILEGED, SENSITIVE, Sensitive
 from cpuvirt.modes.hw.vmcs import Field as F
 from cpuvirt.modes.hw.vmcs import Vmcs
@@ -317,11 +317,19 @@ class VmxCpu(Vcpu):
             return
         n, rip = fx.take_cpuid_exits()
         loads, after, q, length, cr3_rip, cr3 = fx.take_cr3_exits()
+        invlpgs, la, ilen, irip = fx.take_invlpg_exits()
         if loads:
             # (only without EPT, where no EPT violation is taken in C)
             self._fold_cr3_loads(loads, q, length, cr3_rip, cr3)
             if after:
                 rip = -1  # the CPUID exits' fields were overwritten by the later CR3 exit's
+        if invlpgs:
+            # (only without EPT too) vm_exit's counts; its fields, when it was the last exit C made
+            self._count_exits(ExitReason.INVLPG, invlpgs)
+            if fx.last_kind == LAST_INVLPG:
+                self._exit_info(ExitReason.INVLPG, la, ilen, irip)
+                self.vmcs._cache.clear()
+                rip = -1
         st = self._ept_c
         if st is not None and st.c_exits:
             # EPT violations taken in C too: the last exit's fields are those of whichever came last (the
@@ -368,6 +376,8 @@ class VmxCpu(Vcpu):
     # ... and the CR3-load exits that reload the shadow's current root made in C (_fastexit.c, under the
     # same guard); CPUVIRT_HW_CR3_C=0 keeps them Python's
     shadow_cr3_c = os.environ.get("CPUVIRT_HW_CR3_C", "1") != "0"
+    # ... and its INVLPG exits (the page dropped from the shadow's C copy of the root); CPUVIRT_HW_INVLPG_C=0
+    shadow_invlpg_c = os.environ.get("CPUVIRT_HW_INVLPG_C", "1") != "0"
 
     def _install_shadow_peek(self, shadow: ShadowPaging) -> None:
         fast = self._shadow_peek = FastDelivery.install_shadow(self)
@@ -382,6 +392,12 @@ class VmxCpu(Vcpu):
             self.fast_exits.set_peek(fast)
             if self.shadow_cr3_c:
                 self.fast_exits.guard_cr3_loads(fast._state)
+            smirror = ShadowMirror.of(shadow)
+            if self.shadow_cr3_c and self.shadow_invlpg_c and smirror is not None:
+                ram = self.mmu.ram
+                self.fast_exits.guard_invlpg(
+                    smirror.address, ctypes.addressof(ctypes.c_char.from_buffer(ram.buf)), self.mmu.p2m.ram_bytes
+                )
         dirtied, chained = fast.shadow_dirtied, shadow.on_dirty
 
         def on_dirty(wp: bool) -> None:
@@ -806,7 +822,7 @@ class VmxCpu(Vcpu):
     def io_exit_hook(self, port: int, size: int, flags: int, value: int) -> int:
         """Called by _fastexit.c's in/out hooks for an access they found to exit (the controls and bitmaps
         they copied when armed), its time spent: hook_in / hook_out without port_io's own test. flags:
-        1 = in, 2 = CPUID or CR3 exits answered in C since the last fold."""
+        1 = in, 2 = CPUID, CR3 or INVLPG exits answered in C since the last fold."""
         if self.outcome is not None:
             self.clock.advance(-IO_CYCLES)  # as hook_in: nothing once the run has ended
             return 0
