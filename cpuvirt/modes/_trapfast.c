@@ -716,6 +716,16 @@ static int true_fault(trapstore_t *t, void *uc, uint64_t vaddr, int type) {
     return 0;
 }
 
+/* cpu/_truefault.h's walk and operand decode on given memory and registers, for the property tests that
+ * compare them with memory/walk.py and x86/faultaddr.py (tests/test_truefault_model.py). out: error code,
+ * references, the PDE whose A bit the walk sets (-1: none). */
+int trapfast_tf_walk(const uint8_t *ram, uint64_t ram_bytes, uint32_t cr0, uint32_t cr3, uint32_t cr4, uint32_t gva,
+                     int write, int user, uint32_t *ec, uint32_t *refs, int64_t *pde_a) {
+    return tf_walk(ram, ram_bytes, cr0, cr3, cr4, gva, write, user, ec, refs, pde_a);
+}
+
+int trapfast_tf_operand(const uint8_t *code, const uint32_t *gpr, uint32_t *ea) { return tf_operand(code, gpr, ea); }
+
 /* trap's first TLB-fill hook: a ptemod emulated, or a true #PF delivered; else the shadow's fill and
  * Mmu.fill answer (0). */
 int trapfast_fill_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *user_data) {

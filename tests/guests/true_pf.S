@@ -8,7 +8,7 @@
 # runs again. Forms C takes: mov (load, store, immediate, byte, moffs), add, cmp with base and index, inc, test,
 # movzx, xchg, or with an 8-bit immediate, from ring 0 (ring 1 under trap) and ring 3. Forms it leaves to
 # Python: an operand-size prefix, an access straddling into the page from the one before, push from memory,
-# a segment prefix. The checksum must be native's (tests/test_true_pf_c.py).
+# a segment prefix. The checksum must be native's (tests/test_true_pf_c.py; tests/test_truefault_model.py checks the walk and the decode against memory/walk.py and x86/faultaddr.py on random entries and instructions).
 #include "kernel.inc"
 #include "paging.inc"
 #include "user.inc"
