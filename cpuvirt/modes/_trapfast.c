@@ -662,10 +662,10 @@ static int ptemod(trapstore_t *t, void *uc, uint64_t vaddr, int type) {
  * cpu/_delivery.c delivery_pf_hook does it for native. The walk (memory/walk.py's rules: the error code,
  * PDE.A set when the PDE is used although the PTE then faults, the references counted), CR2 exact as
  * x86/faultaddr.py finds it (the instruction's one memory operand, when it is on the faulting page: the
- * forms below), the virtual CR2, the instructions of the block from the faulting one on off the clock, the
- * counts (the fill, the walk, the fault for Mmu and the shadow, the page_fault event), the delivery through
- * the guest's IDT (deliver_event), and the instruction left as QEMU leaves one that faulted
- * (cpu_loop_exit). Anything else (a fetch, whose charged time the run loop must see; an unknown
+ * forms of cpu/_truefault.h tf_operand), the virtual CR2, the instructions of the block from the faulting
+ * one on off the clock, the counts (the fill, the walk, the fault for Mmu and the shadow, the page_fault
+ * event), the delivery through the guest's IDT (deliver_event), and the instruction left as QEMU leaves
+ * one that faulted (cpu_loop_exit). Anything else (a fetch, whose charged time the run loop must see; an unknown
  * instruction; a table outside RAM; a 4 MiB page with reserved bits; PAE; a delivery deliver_event
  * declines) is Python's, with nothing changed. */
 static int true_fault(trapstore_t *t, void *uc, uint64_t vaddr, int type) {
