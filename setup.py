@@ -45,7 +45,9 @@ setup(
                            depends=["cpuvirt/cpu/_evseg.h", "cpuvirt/cpu/_evdeliver.h", "cpuvirt/cpu/_blockcopy.h",
                                     "cpuvirt/memory/_shadowmirror.h", "cpuvirt/cpu/_modrm.h",
                                     "cpuvirt/cpu/_storeop.h", "cpuvirt/engine/_vclock.h", "cpuvirt/cpu/_truefault.h"]),
-                 Extension("cpuvirt.modes.para._pvfast", ["cpuvirt/modes/para/_pvfast.c"], extra_compile_args=["-O2"]),
-                 Extension("cpuvirt.machine._apicmmio", ["cpuvirt/machine/_apicmmio.c"], extra_compile_args=["-O2"])],
+                 Extension("cpuvirt.modes.para._pvfast", ["cpuvirt/modes/para/_pvfast.c"], extra_compile_args=["-O2"],
+                           depends=["cpuvirt/engine/_vclock.h"]),
+                 Extension("cpuvirt.machine._apicmmio", ["cpuvirt/machine/_apicmmio.c"], extra_compile_args=["-O2"],
+                           depends=["cpuvirt/engine/_vclock.h"])],
     cmdclass={"build_py": build_py_with_guests},
 )

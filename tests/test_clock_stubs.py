@@ -79,7 +79,7 @@ def test_a_full_stub_region_is_reused(mode, tmp_path, monkeypatch):
     and the run is still the one made without stubs."""
     from cpuvirt.engine.clock import VirtualClock
 
-    monkeypatch.setattr(VirtualClock, "STUB_BYTES", 40 * 160)
+    monkeypatch.setattr(VirtualClock, "STUB_BYTES", 40 * VirtualClock.STUB_SIZE)
     resets: list = []
     real = VirtualClock.translations_dropped
 

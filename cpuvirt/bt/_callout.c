@@ -101,7 +101,7 @@ typedef struct {
     uint32_t idt_base, idt_limit;   /* the VirtualCpu's IDTR and TR (evfast.FullEvVirtualCpu) */
     uint32_t tr_base, tr_limit;
     const shadowmirror_t *mirror;   /* the current shadow root, the traced frames (memory/shadowmirror.py) */
-    uint64_t *clock_now;       /* the virtual clock (engine/_vclock.c) */
+    vclock_time_t *clock_now;  /* the virtual clock's time (engine/_vclock.h) */
     const uint64_t *clock_last_block;
     uint32_t tc_lo, tc_hi;     /* the TC's code: a kernel EIP there is mapped through start[] */
     uint64_t delivered;        /* events delivered here */
@@ -145,7 +145,7 @@ typedef struct {
     /* the guest kernel's port I/O (PORT_IN, PORT_OUT): the access's virtual time here, the device in
      * Python (port_in/port_out: the counters as the Python callout counts them, then the bus; port_out
      * returns 0 when the access ended the run: EIP is then left alone, as Python leaves it) */
-    uint64_t *clock_now;       /* the clock's now and extra (engine/_vclock.c) */
+    vclock_time_t *clock_now;  /* the clock's time, and its extra (engine/_vclock.c) */
     uint64_t *clock_extra;
     uint64_t io_cycles;        /* the virtual time of one port access (Vcpu's IO_CYCLES) */
     port_in_fn port_in;
@@ -244,7 +244,7 @@ static int port_io(callouts_t *t, void *uc, uint64_t i, int in) {
         t->reg_read(uc, t->edx_reg, &edx);
         port = (uint32_t)edx & 0xFFFF;
     }
-    *t->clock_now += t->io_cycles;
+    vclock_add(t->clock_now, (int64_t)(t->io_cycles));
     *t->clock_extra += t->io_cycles;
     if (in) {
         uint32_t value = t->port_in(port, size) & mask;
@@ -622,7 +622,7 @@ static int full_event(callouts_t *t, void *uc, uint32_t intno) {
     full_evdeliver(t, &d);
     if (!ed_deliver_event(&d, uc, intno, soft, ret_eip, has_ec, ec, (uint32_t)cs, eflags)) return 0;
     memcpy(t->ev.env + f->off_old_exception, &minus1, 4);                /* FaultState.take */
-    *f->clock_now -= (uint64_t)n;                                       /* left_block_at */
+    vclock_add(f->clock_now, -(int64_t)(n));                                       /* left_block_at */
     vclock_look_at_if(t->watch_if, t->check_if);                /* if_may_have_changed */
     if (soft)
         f->soft_count[intno]++;
@@ -767,7 +767,7 @@ int full_pf_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *user_
         tf_unmake((uint8_t *)t->ev.ram, &t->ev.cr2, &made);
         return 0;
     }
-    *f->clock_now -= (uint64_t)n;     /* Vcpu.left_block_at(eip): the faulting instruction did not retire */
+    vclock_add(f->clock_now, -(int64_t)(n));     /* Vcpu.left_block_at(eip): the faulting instruction did not retire */
     p->pf_fills++;                    /* Mmu.fill's fill; _resolve's walk and true fault */
     p->pf_walks++;
     p->pf_refs += refs;

@@ -308,7 +308,7 @@ class FastCallouts:
         VirtualClock), then port_in(port, size) -> value / port_out(port, size, value) -> 0 when the
         run ended, else 1 (guarded Python functions: the counters, then the device)."""
         t, st = self._table, clock._state
-        t.clock_now = ctypes.addressof(st) + type(st).now.offset
+        t.clock_now = ctypes.addressof(st) + type(st).left.offset
         t.clock_extra = ctypes.addressof(st) + type(st).extra.offset
         t.io_cycles = cycles
         self._port_cbs = (_PORT_IN(port_in), _PORT_OUT(port_out))  # kept alive: C calls them

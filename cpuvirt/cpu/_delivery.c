@@ -92,7 +92,8 @@ typedef struct {
     uint64_t pml4;               /* EPT_POINTER's PML4 address */
     uint64_t ram_hpa;            /* where `ram` is in host-physical memory */
     /* The virtual clock (engine/_vclock.c), for the time a fetch fault costs (Vcpu.charge_fault): */
-    const uint64_t *clock_now, *clock_deadline;
+    const vclock_time_t *clock_now;   /* the clock's time (engine/_vclock.h) */
+    const uint64_t *clock_deadline;
     const uint32_t *clock_stop_next;
     uint64_t fetch_fault_cycles;
     struct books *books;         /* native's event bookkeeping in C (delivery_books_*), or NULL */
@@ -602,7 +603,8 @@ int delivery_peek(delivery_t *s, void *uc, uint32_t gva, uint32_t n, uint8_t *ou
  * the order the Python path puts them (the summary prints them in that order).
  */
 typedef struct books {
-    uint64_t *clock_now, *clock_extra;   /* the virtual clock's (engine/_vclock.c) */
+    vclock_time_t *clock_now;   /* the virtual clock's time (engine/_vclock.h) */
+    uint64_t *clock_extra;
     const uint64_t *clock_last_block;
     uint32_t *clock_watch_if, *clock_check_if;
     uint64_t pending;                    /* events counted here since Python last took the counters */
@@ -641,7 +643,7 @@ int delivery_books_covers(books_t *b, uint32_t boundary) {
 static int books_left_block_at(books_t *b, uint32_t boundary) {
     int64_t n = 0;
     if (!ed_left_block(b->block, *b->clock_last_block, &b->misses, boundary, &n)) return 0;
-    *b->clock_now -= (uint64_t)n;       /* VirtualClock.unretire */
+    vclock_add(b->clock_now, -(int64_t)(n));       /* VirtualClock.unretire */
     return 1;
 }
 
@@ -678,7 +680,7 @@ static void books_pf(delivery_t *s, uint32_t eip, uint32_t access) {
     books_t *b = s->books;
     if (b && b->pf_seen && access < 3 && books_left_block_at(b, eip)) {
         if (access == 2) {        /* Vcpu.charge_fault: a fetch fault retires nothing but costs time */
-            *b->clock_now += s->fetch_fault_cycles;
+            vclock_add(b->clock_now, (int64_t)(s->fetch_fault_cycles));
             *b->clock_extra += s->fetch_fault_cycles;
         }
         b->pf[access]++;
@@ -981,7 +983,7 @@ static int vmx_pf_exits(const delivery_t *s, uint32_t ec) {
  * interrupt-window exiting, and no stop requested or due at the next block boundary. */
 static int vmx_pf_quiet(const delivery_t *s) {
     return s->vmx && s->vmx_armed && !s->window_exiting && s->quiet && s->quiet(s->quiet_state)
-        && !*s->clock_stop_next && *s->clock_now < *s->clock_deadline;
+        && !*s->clock_stop_next && vclock_now(s->clock_now) < *s->clock_deadline;
 }
 
 /* The explicit memory operand of an instruction as capstone (32-bit mode) reports it for
@@ -1142,7 +1144,7 @@ int delivery_pf_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *u
      * again and again without a block ever starting, where the clock looks at its deadline: one that
      * this fault's time would reach (the budget, a timer) is left to the run loop, which sees it. */
     if (access == ACC_FETCH
-        && (*s->clock_stop_next || *s->clock_now + s->fetch_fault_cycles >= *s->clock_deadline)) return 0;
+        && (*s->clock_stop_next || vclock_now(s->clock_now) + s->fetch_fault_cycles >= *s->clock_deadline)) return 0;
     eip = (uint32_t)rd(s, uc, R_EIP, &err);
     if (err || !delivery_fault_linear(s, uc, eip, (uint32_t)vaddr & 0xFFFFF000u, access, &cr2)) return 0;
     old_cr2 = s->pv_pf ? 0 : (uint32_t)rd(s, uc, R_CR2, &err);

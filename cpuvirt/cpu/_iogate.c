@@ -57,7 +57,7 @@ typedef void (*port_out_fn)(uint32_t port, uint32_t size, uint32_t value);
 /* The IN/OUT hooks' state. */
 typedef struct {
     iogate_t *gate;
-    uint64_t *clock_now;        /* the clock's now and extra (engine/_vclock.c) */
+    vclock_time_t *clock_now;   /* the clock's time (engine/_vclock.h), and its extra */
     uint64_t *clock_extra;
     uint64_t cycles;            /* the virtual time of one port access (Vcpu's IO_CYCLES) */
     port_in_fn fast_in, slow_in;
@@ -92,7 +92,7 @@ python:
 uint32_t iogate_in_hook(void *uc, uint32_t port, int size, void *user_data) {
     ioport_t *p = (ioport_t *)user_data;
     if (!at_cpls(p->gate, uc, p->gate->port_cpls)) return p->slow_in(port, (uint32_t)size);
-    *p->clock_now += p->cycles;
+    vclock_add(p->clock_now, (int64_t)(p->cycles));
     *p->clock_extra += p->cycles;
     p->fast++;
     return p->fast_in(port, (uint32_t)size);
@@ -104,7 +104,7 @@ void iogate_out_hook(void *uc, uint32_t port, int size, uint32_t value, void *us
         p->slow_out(port, (uint32_t)size, value);
         return;
     }
-    *p->clock_now += p->cycles;
+    vclock_add(p->clock_now, (int64_t)(p->cycles));
     *p->clock_extra += p->cycles;
     p->fast++;
     p->fast_out(port, (uint32_t)size, value);

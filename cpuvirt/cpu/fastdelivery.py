@@ -262,7 +262,7 @@ class EventBooks:
         self._pbooks = ctypes.c_void_p(ctypes.addressof(b))
         clock = vcpu.clock._state
         kind, base = type(clock), ctypes.addressof(clock)
-        b.clock_now = base + kind.now.offset
+        b.clock_now = base + kind.left.offset
         b.clock_extra = base + kind.extra.offset
         b.clock_last_block = base + kind.last_block.offset
         b.clock_watch_if = base + kind.watch_if.offset
@@ -549,7 +549,7 @@ class FastDelivery:
 
         clock = vcpu.clock._state
         kind = type(clock)
-        st.clock_now = ctypes.addressof(clock) + kind.now.offset
+        st.clock_now = ctypes.addressof(clock) + kind.left.offset
         st.clock_deadline = ctypes.addressof(clock) + kind.deadline.offset
         st.clock_stop_next = ctypes.addressof(clock) + kind.stop_next.offset
         st.fetch_fault_cycles = FETCH_FAULT_CYCLES

@@ -144,7 +144,7 @@ class IoSites:
         port = self._port = _Port()
         st = self._clock._state
         port.gate = ctypes.addressof(self._gate)
-        port.clock_now = ctypes.addressof(st) + type(st).now.offset
+        port.clock_now = ctypes.addressof(st) + type(st).left.offset
         port.clock_extra = ctypes.addressof(st) + type(st).extra.offset
         port.cycles = cycles
         self._port_cbs = (_PORT_IN(fast_in), _PORT_IN(slow_in), _PORT_OUT(fast_out), _PORT_OUT(slow_out))

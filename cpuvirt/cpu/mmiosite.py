@@ -32,7 +32,8 @@ class MmioSites:
         self._cs = Cs(CS_ARCH_X86, CS_MODE_32)
         self._cs.detail = True
         self._blocks: dict[tuple[int, bytes], list] = {}
-        self._run, self._index, self._pos = -1, 0, 0
+        self._run: tuple[int, int] = (-1, -1)
+        self._index, self._pos = 0, 0
 
     def site(self, gpa: int, is_write: bool, advance: bool = True) -> int:
         """Address of the instruction in the running block that accessed guest-physical `gpa`
@@ -40,8 +41,9 @@ class MmioSites:
         device naming the access it is serving, before the access's own `mmio` event."""
         clock = self.clock
         block = clock.last_block
-        if clock.blocks != self._run:
-            self._run, self._index, self._pos = clock.blocks, 0, 0
+        run = clock.run_id
+        if run != self._run:
+            self._run, self._index, self._pos = run, 0, 0
         insns = self._decode(block)
         offset = gpa & 0xFFF
         read = self.regs.read

@@ -115,7 +115,8 @@ class Vcpu:
         self.error: BaseException | None = None
         self.hooks = EngineHooks(self)  # every engine hook is added through it, under the one guard
         self.intercepts: Intercepts | None = None  # for modes that must see non-trapping instructions
-        self._io_block, self._io_index = -1, 0
+        self._io_block: tuple[int, int] = (-1, -1)
+        self._io_index = 0
         self._intr_depth = 0
         self.on_nmi_blocked = None  # callback(bool): told of every change (native's C iret hook)
         self._nmi_blocked = False
@@ -646,7 +647,7 @@ class Vcpu:
         belongs to the k-th in/out/ins/outs of the block; a rep-string I/O instruction keeps its place.
         """
         clock = self.clock
-        blocks = clock.blocks
+        blocks = clock.run_id
         sites = self._block_io_sites(clock.last_block)
         if blocks != self._io_block:
             self._io_block, self._io_index = blocks, 0

@@ -49,20 +49,20 @@ typedef struct {
 } entry_t;
 
 typedef struct {
-    uint64_t now;          /* virtual cycles: instructions retired + time spent outside them */
-    uint64_t deadline;     /* stop when now >= deadline */
-    uint64_t blocks;       /* blocks executed */
+    /* The time, virtual cycles (instructions retired + time spent outside them): limit - left (_vclock.h).
+     * The blocks count down `left` (see "Counting in the block"); `limit` is the deadline, or 0 while
+     * check_if, discard or stop_next is set, so that one sign sends a block to the hook's slow path for all
+     * four. Whoever sets a flag or the deadline sets it too (relimit; _vclock.h for C elsewhere). */
+    vclock_time_t time;
+    uint32_t check_if;     /* look at IF at the start of the check_if-th next block (0: do not) */
+    uint32_t discard;      /* set by Python's count_cb when it stopped the engine itself */
+    uint32_t recounts;     /* times every block's inline count was sent to the table (stubs_recount) */
+    uint32_t stop_next;    /* 2: run one block then stop (armed with a deadline already due); 1: stop now */
+    uint64_t deadline;     /* stop when the time reaches it */
+    uint64_t blocks;       /* blocks counted by the hook (not those counting inline) */
     uint64_t last_block;   /* address of the block that ran last */
     uint64_t misses;       /* blocks counted by Python */
     uint64_t extra;        /* cycles that were not instructions (I/O, idle, deadline rounding) */
-    /* What the stubs compare now + count with (see "Counting without the call"): the deadline, or 0 while
-     * check_if, discard or stop_next is set, so that one test sends a stub to the hook's slow path for all
-     * four. Whoever sets a flag or the deadline sets it too (relimit; _vclock.h for C elsewhere). */
-    uint64_t limit;
-    uint32_t check_if;     /* look at IF at the start of the check_if-th next block (0: do not) */
-    uint32_t discard;      /* set by Python's count_cb when it stopped the engine itself */
-    uint32_t recounts;     /* times every stub was sent to the table (counts dropped: stubs_recount) */
-    uint32_t stop_next;    /* 2: run one block then stop (armed with a deadline already due); 1: stop now */
     emu_stop_fn emu_stop;
     count_fn count_cb;
     /* The interrupt window (see vclock_if_hook): */
@@ -91,6 +91,9 @@ typedef struct {
 } vclock_t;
 
 size_t vclock_sizeof(void) { return sizeof(vclock_t); }
+
+
+#define NOW(s) vclock_now(&(s)->time)
 
 #define LIKELY(x) __builtin_expect(!!(x), 1)
 #define UNLIKELY(x) __builtin_expect(!!(x), 0)
@@ -144,12 +147,13 @@ static int block_slow(vclock_t *s, void *uc, uint32_t count) {
     }
     if (s->stop_next == 2) {
         s->stop_next = 1;                  /* run this block, stop before the next */
-    } else if (s->now + count > s->deadline && !s->stopped) {
+    } else if (NOW(s) + count > s->deadline && !s->stopped) {
         /* The deadline falls inside this block: stop before it. It does not run now, so it is not
          * counted; time moves to the deadline (the rounding is recorded as non-instruction time). */
-        if (s->deadline > s->now) {
-            s->extra += s->deadline - s->now;
-            s->now = s->deadline;
+        if (s->deadline > NOW(s)) {
+            uint64_t d = s->deadline - NOW(s);
+            s->extra += d;
+            vclock_add(&s->time, (int64_t)d);
         }
         s->stopped = 1;
         s->emu_stop(uc);
@@ -160,18 +164,18 @@ static int block_slow(vclock_t *s, void *uc, uint32_t count) {
 
 /* The stubs' one test, after a flag or the deadline changed (see "Counting without the call"). */
 static inline void relimit(vclock_t *s) {
-    s->limit = (s->discard | s->check_if | s->stop_next) ? 0 : s->deadline;
+    vclock_set_limit(&s->time, (s->discard | s->check_if | s->stop_next) ? 0 : s->deadline);
 }
 
 /* A block counted: what every block that runs does to the clock. */
 static inline void block_ran(vclock_t *s, uint64_t address, uint32_t count) {
-    s->now += count;
+    vclock_add(&s->time, count);
     s->blocks++;
     s->last_block = address;
 }
 
 /*
- * Counting without the call (`patching`). Unicorn calls a block hook that is the only one of its kind
+ * Counting in the block (`patching`). Unicorn calls a block hook that is the only one of its kind
  * straight from the translated block (its `add_inline_hook`): each block's host code holds
  *
  *     48 BF <uc:8>          mov rdi, uc           the hook's arguments: engine, address, size, user data
@@ -181,36 +185,43 @@ static inline void block_ran(vclock_t *s, uint64_t address, uint32_t count) {
  *     E8 <rel:4>            call vclock_block_hook  (or FF 15 <disp:4>, call [rip + disp], when out of reach)
  *
  * A call per block costs more than the guest code of a small block (compute.S: 3.4 instructions a
- * block). Once the table holds a block's count, the block's first five bytes there become a jump to a
- * stub written for that block alone, in a region of our own near the engine's code buffer:
+ * block). Once the table holds a block's count, those 32 to 36 bytes become the count itself:
  *
- *     mov rax, s                                   (jmp slow instead, while the stub must recount)
- *     mov rcx, [rax + now]; add rcx, COUNT; cmp rcx, [rax + limit];  ja slow
- *     mov [rax + now], rcx; inc qword [rax + blocks]; mov dword [rax + last_block], PC
- *     jmp back                                     (to the instruction after the original call)
- *   slow:
- *     the original call's arguments; call vclock_stub_slow; jmp back
+ *     mov rax, s                                   (a jump to the stub's slow path, while it must recount)
+ *     sub qword [rax + left], COUNT;  js undo      the time is limit - left (_vclock.h)
+ *     mov dword [rax + last_block], PC
+ *     nop ...                                      (up to the instruction after the original call)
  *
- * which is what vclock_block_hook does on a table hit, without the call or the look-up. `limit` is the
- * deadline, or 0 while a flag asks the hook to look (discard, check_if, stop_next): one compare for all
- * of them (they were two more compares, which took compute.S from 0.68 to 0.60 of bare Unicorn).
- * vclock_stub_slow is the hook's uncommon path (the table, Python's count, the window check, the
- * deadline), and writes the stub's entry and count again. Nothing else of the engine's block changes. The first pass through
- * the hook after Python counted a block (its entry's TRY bit) gives it the stub; a block whose code is not
- * exactly of that shape keeps the hook, as does every block translated while the region is full (the run
- * loop then drops the engine's translations and the region is reused: vclock_stubs_reset) or where a stub
- * would be out of a jump's reach. A count the engine's block holds must be the table's, and it is: the
- * engine translates a block again (a new block, with the hook's call) whenever its code changes, and
- * when counts are dropped for another reason (a remapped page, forget_blocks) every stub's entry becomes
- * a jump to its slow path (stubs_recount), so that each goes the table's way once more, where Python
- * counts again what the table lost.
+ * with a stub of the block's own, in a region of our own within a jump's reach of the engine's code:
+ *
+ *   undo:  add qword [rax + left], COUNT           the block has not run yet
+ *   slow:  the original call's arguments; call vclock_stub_slow; jmp back
+ *
+ * which is what vclock_block_hook does on a table hit, without the call or the look-up: `limit` is the
+ * deadline, or 0 while a flag asks the hook to look (discard, check_if, stop_next), so the sign of `left`
+ * stands for the hook's every check. vclock_stub_slow is the hook's uncommon path (the table, Python's
+ * count, the window check, the deadline), and writes the block's count and entry again. Nothing else of
+ * the engine's block changes. (Each step was measured on compute.S, bare Unicorn + the clock: a call per
+ * block 0.44 of bare Unicorn; a stub of the hook's three tests 0.60, of one 0.68; the count in the block
+ * 0.77: performance.md.) The blocks counted this way do not count `blocks` (VirtualClock.run_id tells one
+ * run of a block from the next without it). The first pass through the hook after Python counted a block
+ * (its entry's TRY bit) gives it this; a block whose code is not exactly of that shape keeps the hook, as
+ * does every block translated while the stubs' region is full (the run loop then drops the engine's
+ * translations and the region is reused: vclock_stubs_reset) or where a jump would be out of reach. A
+ * count the engine's block holds must be the table's, and it is: the engine translates a block again (a
+ * new block, with the hook's call) whenever its code changes, and when counts are dropped for another
+ * reason (a remapped page, forget_blocks) every counting block's entry becomes a jump to its stub's slow
+ * path (stubs_recount), so that each goes the table's way once more, where Python counts again what the
+ * table lost.
  */
 #define STUB_REGION (16u << 20)
-#define STUB_SIZE 160u
+#define STUB_SIZE 80u
 
-_Static_assert(offsetof(vclock_t, check_if) == offsetof(vclock_t, limit) + VCLOCK_LIMIT_BEFORE_CHECK_IF,
-               "_vclock.h finds limit beside check_if");
-_Static_assert(offsetof(vclock_t, limit) < 128 && offsetof(vclock_t, last_block) < 128, "[rax + disp8]");
+size_t vclock_stub_size(void) { return STUB_SIZE; }
+
+_Static_assert(offsetof(vclock_t, check_if) == offsetof(vclock_t, time) + VCLOCK_TIME_BEFORE_CHECK_IF,
+               "_vclock.h finds the time beside check_if");
+_Static_assert(offsetof(vclock_t, time.left) == 0 && offsetof(vclock_t, last_block) < 128, "[rax + disp8]");
 
 void vclock_stub_slow(void *uc, uint64_t address, uint32_t size, void *user_data);
 void vclock_block_hook(void *uc, uint64_t address, uint32_t size, void *user_data);
@@ -219,10 +230,15 @@ static inline uint64_t rd64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); re
 static inline uint32_t rd32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
 static inline int rel32_ok(int64_t d) { return d == (int64_t)(int32_t)d; }
 
-/* The stub's layout (offsets of what vclock_stub_slow rewrites, and of its slow path and the slow call's
- * return; the same in every stub, checked on each one written). */
-enum { COUNT_IMM = 17, ENTRY = 5 };
-static size_t slow_ret, slow_at;
+/* The layout of the count written in the block and of its stub (the offsets of what vclock_stub_slow and
+ * stubs_recount rewrite; the same for every block, checked on each one written). */
+enum { ENTRY = 5,            /* the bytes of the block's first instruction (mov rax, s), or of a jump */
+       INLINE_COUNT = 14,    /* COUNT in the block: mov rax (10), then 48 81 68 00 */
+       INLINE_SIZE = 31,     /* the count written in the block */
+       STUB_COUNT = 4,       /* COUNT in the stub's undo: 48 81 40 00 */
+       STUB_SLOW = 8,        /* the slow path, after the undo */
+       STUB_BLOCK = 72 };    /* where the stub keeps the address of its block's count */
+static size_t slow_ret;      /* offset in the stub of the instruction after the slow call */
 
 typedef struct { uint8_t *p; } emit_t;
 static void b(emit_t *e, uint8_t v) { *e->p++ = v; }
@@ -234,12 +250,7 @@ static void op_rax(emit_t *e, const char *opc, size_t n, uint32_t disp) {   /* o
     b(e, (uint8_t)(((uint8_t)opc[n - 1] & 0x3F) | 0x40));   /* the ModRM byte: mod 01, disp8 */
     b(e, (uint8_t)disp);
 }
-static uint8_t *jcc32(emit_t *e, uint8_t cc) { b(e, 0x0F); b(e, cc); d32(e, 0); return e->p; }
 static void jmp_to(emit_t *e, const uint8_t *to) { b(e, 0xE9); d32(e, (uint32_t)(int32_t)((intptr_t)to - (intptr_t)(e->p + 4))); }
-static void fix(uint8_t *after, const uint8_t *to) {
-    uint32_t v = (uint32_t)(int32_t)((intptr_t)to - (intptr_t)after);
-    memcpy(after - 4, &v, 4);
-}
 
 /* The unmapped range closest to `near` that holds `size` bytes, from /proc/self/maps (0: none). */
 static uintptr_t free_range_near(uintptr_t near, size_t size) {
@@ -300,12 +311,12 @@ void vclock_stubs_free(vclock_t *s) {
 /* Write the stub for the block whose hook call returns to `ret`, and jump to it from the block. Returns
  * 1 when done, 0 when the block keeps its call (not of the expected shape, no room, out of reach). */
 static int patch_block(vclock_t *s, void *uc, uint8_t *ret, uint64_t address, uint32_t size, uint32_t count) {
-    static const char mov_rcx[] = {0x48, (char)0x8B, (char)0x88},
-                      cmp_rcx[] = {0x48, 0x3B, (char)0x88}, st_rcx[] = {0x48, (char)0x89, (char)0x88},
-                      inc_q[] = {0x48, (char)0xFF, (char)0x80}, mov_d[] = {(char)0xC7, (char)0x80};
-    uint8_t *p, *q, *stub, *j4, *slow;
+    static const char sub_q[] = {0x48, (char)0x81, 0x28}, add_q[] = {0x48, (char)0x81, 0x00},
+                      mov_d[] = {(char)0xC7, (char)0x80};
+    uint8_t *p, *q, *stub, inline_code[40];
     emit_t e;
     uint64_t sp = (uint64_t)(uintptr_t)s;
+    int32_t rel;
     /* the call, ending at `ret`: E8 rel32, or FF 15 disp32 (call [rip + disp], the target in the block's
      * constant pool) where the hook is out of a call's reach from the code buffer */
     if (ret[-5] == 0xE8 && (intptr_t)ret + (int32_t)rd32(ret - 4) == (intptr_t)&vclock_block_hook)
@@ -324,47 +335,40 @@ static int patch_block(vclock_t *s, void *uc, uint8_t *ret, uint64_t address, ui
     if (p[0] != 0x48 || p[1] != 0xBF || rd64(p + 2) != (uint64_t)(uintptr_t)uc || p[10] != 0xBE
         || rd32(p + 11) != (uint32_t)address || p[15] != 0xBA || rd32(p + 16) != size)
         return 0;
-    if (!stub_region(s, ret)) return 0;
+    if (ret - p < INLINE_SIZE || !stub_region(s, ret)) return 0;
     if (s->stub_used + STUB_SIZE > s->stub_limit || s->stub_used + STUB_SIZE > STUB_REGION) {
         s->stubs_full = 1;
         return 0;
     }
     stub = (uint8_t *)s->stub_base + s->stub_used;
-    if (!rel32_ok((intptr_t)stub - (intptr_t)(p + 5)) || !rel32_ok((intptr_t)ret - (intptr_t)(stub + STUB_SIZE)))
+    if (!rel32_ok((intptr_t)stub - (intptr_t)(p + INLINE_SIZE)) || !rel32_ok((intptr_t)ret - (intptr_t)(stub + STUB_SIZE)))
         return 0;
 
+    /* the stub: undo, slow, and the block's address */
     e.p = stub;
-    b(&e, 0x48); b(&e, 0xB8); d64(&e, sp);                                        /* mov rax, s */
-    op_rax(&e, mov_rcx, 3, offsetof(vclock_t, now));
-    b(&e, 0x48); b(&e, 0x81); b(&e, 0xC1); d32(&e, count);                        /* add rcx, COUNT */
-    op_rax(&e, cmp_rcx, 3, offsetof(vclock_t, limit));
-    j4 = jcc32(&e, 0x87);                                                         /* ja slow */
-    op_rax(&e, st_rcx, 3, offsetof(vclock_t, now));
-    op_rax(&e, inc_q, 3, offsetof(vclock_t, blocks));
-    op_rax(&e, mov_d, 2, offsetof(vclock_t, last_block)); d32(&e, (uint32_t)address);
-    jmp_to(&e, ret);
-    slow = e.p;
-    b(&e, 0x48); b(&e, 0xBF); d64(&e, (uint64_t)(uintptr_t)uc);                   /* the hook's arguments */
+    op_rax(&e, add_q, 3, offsetof(vclock_t, time.left)); d32(&e, count);           /* add [rax + left], COUNT */
+    b(&e, 0x48); b(&e, 0xBF); d64(&e, (uint64_t)(uintptr_t)uc);                   /* slow: the hook's arguments */
     b(&e, 0xBE); d32(&e, (uint32_t)address);
     b(&e, 0xBA); d32(&e, size);
     b(&e, 0x48); b(&e, 0xB9); d64(&e, sp);
     b(&e, 0x49); b(&e, 0xBB); d64(&e, (uint64_t)(uintptr_t)&vclock_stub_slow);    /* mov r11, fn; call r11 */
     b(&e, 0x41); b(&e, 0xFF); b(&e, 0xD3);
     slow_ret = (size_t)(e.p - stub);
-    slow_at = (size_t)(slow - stub);
     jmp_to(&e, ret);
-    fix(j4, slow);
-    if ((size_t)(e.p - stub) > STUB_SIZE || rd32(stub + COUNT_IMM) != count || slow_at <= ENTRY)
-        return 0;   /* (the layout constants above are checked on every stub written) */
+    if ((size_t)(e.p - stub) > STUB_BLOCK || rd32(stub + STUB_COUNT) != count || stub[STUB_SLOW] != 0x48) return 0;
+    memcpy(stub + STUB_BLOCK, &p, sizeof p);
+
+    /* the block's count, written over the call */
+    e.p = inline_code;
+    b(&e, 0x48); b(&e, 0xB8); d64(&e, sp);                                        /* mov rax, s */
+    op_rax(&e, sub_q, 3, offsetof(vclock_t, time.left)); d32(&e, count);           /* sub [rax + left], COUNT */
+    rel = (int32_t)((intptr_t)stub - (intptr_t)(p + (e.p - inline_code) + 6));
+    b(&e, 0x0F); b(&e, 0x88); d32(&e, (uint32_t)rel);                              /* js undo */
+    op_rax(&e, mov_d, 2, offsetof(vclock_t, last_block)); d32(&e, (uint32_t)address);
+    if (e.p - inline_code != INLINE_SIZE || rd32(inline_code + INLINE_COUNT) != count) return 0;
+    while (e.p < inline_code + (ret - p)) b(&e, 0x90);
     s->stub_used += STUB_SIZE;
-    /* the engine's block: jmp stub where the arguments were set up */
-    {
-        uint8_t jmp[5];
-        uint32_t rel = (uint32_t)(int32_t)((intptr_t)stub - (intptr_t)(p + 5));
-        jmp[0] = 0xE9;
-        memcpy(jmp + 1, &rel, 4);
-        memcpy(p, jmp, 5);
-    }
+    memcpy(p, inline_code, (size_t)(ret - p));
     s->patched++;
     return 1;
 }
@@ -375,11 +379,13 @@ static void stubs_recount(vclock_t *s) {
     uint64_t off;
     s->recounts++;
     for (off = 0; off + STUB_SIZE <= s->stub_used; off += STUB_SIZE) {
-        uint8_t *stub = (uint8_t *)s->stub_base + off, jmp[ENTRY];
-        uint32_t rel = (uint32_t)(int32_t)((intptr_t)slow_at - ENTRY);
+        uint8_t *stub = (uint8_t *)s->stub_base + off, *p, jmp[ENTRY];
+        uint32_t rel;
+        memcpy(&p, stub + STUB_BLOCK, sizeof p);
+        rel = (uint32_t)(int32_t)((intptr_t)(stub + STUB_SLOW) - (intptr_t)(p + ENTRY));
         jmp[0] = 0xE9;
         memcpy(jmp + 1, &rel, 4);
-        memcpy(stub, jmp, ENTRY);
+        memcpy(p, jmp, ENTRY);
     }
 }
 
@@ -410,7 +416,7 @@ static inline uint32_t tried(entry_t *e, uint64_t address, uint32_t size, uint32
 
 /* The block about to run, its count known: the rare conditions and the deadline, then the count. */
 static inline void block_enter(vclock_t *s, void *uc, uint64_t address, uint32_t count) {
-    if (UNLIKELY((s->discard | s->check_if | s->stop_next) != 0 || s->now + count > s->deadline)) {
+    if (UNLIKELY((s->discard | s->check_if | s->stop_next) != 0 || NOW(s) + count > s->deadline)) {
         int skip = block_slow(s, uc, count);
         relimit(s);
         if (skip) return;
@@ -446,25 +452,28 @@ void vclock_block_hook(void *uc, uint64_t address, uint32_t size, void *user_dat
     entry_t *e = set_of(s, (uint32_t)address);
     uint32_t count = lookup(e, (uint32_t)address, size);
     if (UNLIKELY(count - 1u >= TRY - 1u || (s->discard | s->check_if | s->stop_next) != 0
-                 || s->now + count > s->deadline)) {   /* (the first test: no count, or TRY) */
+                 || NOW(s) + count > s->deadline)) {   /* (the first test: no count, or TRY) */
         block_uncommon(s, uc, address, size, e, count, (uint8_t *)__builtin_return_address(0));
         return;
     }
     block_ran(s, address, count);
 }
 
-/* A stub's slow path: the hook's, without a new stub; the stub's entry and count are written again. */
+/* A block's slow path (from its undo, or from the jump stubs_recount wrote): the hook's, the block's count
+ * and entry written again. */
 void vclock_stub_slow(void *uc, uint64_t address, uint32_t size, void *user_data) {
     vclock_t *s = (vclock_t *)user_data;
-    uint8_t *stub = (uint8_t *)__builtin_return_address(0) - slow_ret;
+    uint8_t *stub = (uint8_t *)__builtin_return_address(0) - slow_ret, *p;
     entry_t *e = set_of(s, (uint32_t)address);
     uint32_t count = lookup(e, (uint32_t)address, size);
     uint8_t entry[ENTRY] = {0x48, 0xB8};   /* mov rax, s (its first bytes) */
+    memcpy(&p, stub + STUB_BLOCK, sizeof p);
     if (!count) count = count_miss(s, e, address, size);
-    if (count & TRY) count = tried(e, address, size, count);   /* this block has its stub */
+    if (count & TRY) count = tried(e, address, size, count);   /* this block counts inline already */
     memcpy(entry + 2, &s, ENTRY - 2);   /* (little-endian: the low bytes of s) */
-    memcpy(stub, entry, ENTRY);
-    memcpy(stub + COUNT_IMM, &count, 4);
+    memcpy(p, entry, ENTRY);
+    memcpy(p + INLINE_COUNT, &count, 4);
+    memcpy(stub + STUB_COUNT, &count, 4);
     s->stub_slow++;
     block_enter(s, uc, address, count);
 }
@@ -526,12 +535,12 @@ void vclock_drop_page(vclock_t *s, uint32_t page) {
  */
 void vclock_if_hook(void *uc, uint64_t address, uint32_t size, void *user_data) {
     vclock_t *s = (vclock_t *)user_data;
-    if (s->watch_if) s->check_if = 1, s->limit = 0;
+    if (s->watch_if) s->check_if = 1, vclock_set_limit(&s->time, 0);
 }
 
 void vclock_sti_hook(void *uc, uint64_t address, uint32_t size, void *user_data) {
     vclock_t *s = (vclock_t *)user_data;
-    if (s->watch_if) s->check_if = 2, s->limit = 0;
+    if (s->watch_if) s->check_if = 2, vclock_set_limit(&s->time, 0);
 }
 
 /*
@@ -543,7 +552,7 @@ void vclock_sti_hook(void *uc, uint64_t address, uint32_t size, void *user_data)
  */
 int vclock_rdtsc_hook(void *uc, void *user_data) {
     vclock_t *s = (vclock_t *)user_data;
-    uint64_t lo = s->now & 0xFFFFFFFFu, hi = s->now >> 32;
+    uint64_t now = NOW(s), lo = now & 0xFFFFFFFFu, hi = now >> 32;
     s->reg_write(uc, s->eax_reg, &lo);
     s->reg_write(uc, s->edx_reg, &hi);
     s->rdtsc_reads++;
@@ -571,14 +580,14 @@ size_t vclock_port_io_sizeof(void) { return sizeof(port_io_t); }
 
 uint32_t vclock_in_hook(void *uc, uint32_t port, int size, void *user_data) {
     port_io_t *p = (port_io_t *)user_data;
-    p->clock->now += p->cycles;
+    vclock_add(&p->clock->time, (int64_t)p->cycles);
     p->clock->extra += p->cycles;
     return p->port_in(port, (uint32_t)size);
 }
 
 void vclock_out_hook(void *uc, uint32_t port, int size, uint32_t value, void *user_data) {
     port_io_t *p = (port_io_t *)user_data;
-    p->clock->now += p->cycles;
+    vclock_add(&p->clock->time, (int64_t)p->cycles);
     p->clock->extra += p->cycles;
     p->port_out(port, (uint32_t)size, value);
 }

@@ -3,10 +3,10 @@
  * next block boundary (VirtualClock.if_may_have_changed), after an emulated sti, popf, iret or a
  * delivery that may have set IF while an interrupt waits for the window.
  *
- * The blocks' stubs (_vclock.c, "Counting without the call") test one word, `limit`, instead of the
- * clock's flags: a flag raised must also bring `limit` to 0, or the stubs would run on past the
- * boundary where the window opens. The callers hold pointers to the flags only (each names the clock's
- * fields it uses), so `limit` is found beside check_if: the word before it, which _vclock.c asserts.
+ * The blocks count down to one word, `limit`, instead of testing the clock's flags: a flag raised must
+ * also bring `limit` to 0 (the time kept: vclock_set_limit), or the blocks would run on past the boundary
+ * where the window opens. The callers hold pointers to the flags only (each names the clock's fields it
+ * uses), so the time is found beside check_if: the two words before it, which _vclock.c asserts.
  */
 #ifndef CPUVIRT_VCLOCK_H
 #define CPUVIRT_VCLOCK_H
@@ -14,13 +14,36 @@
 #include <stdint.h>
 #include <string.h>
 
-#define VCLOCK_LIMIT_BEFORE_CHECK_IF 8   /* offsetof(vclock_t, check_if) - offsetof(vclock_t, limit) */
+/* The clock's time as the engine's blocks count it (_vclock.c, "Counting in the block"): each block takes
+ * its count off `left`, the cycles that remain until `limit`, and goes to the hook's slow path when that
+ * goes below 0; so the time is limit - left. `limit` is the deadline, or 0 while a flag asks the hook to
+ * look (check_if, discard, stop_next). C elsewhere reads and moves the time through these (its pointer to
+ * the clock's time: VirtualClock.time_address). */
+typedef struct {
+    int64_t left;
+    uint64_t limit;
+} vclock_time_t;
+
+#define VCLOCK_LIMIT_MAX ((uint64_t)INT64_MAX)   /* a deadline further away counts down from here */
+
+static inline uint64_t vclock_now(const vclock_time_t *t) { return t->limit - (uint64_t)t->left; }
+
+/* Spend `cycles` (negative: take them back, as unretire does). */
+static inline void vclock_add(vclock_time_t *t, int64_t cycles) { t->left -= cycles; }
+
+/* A new limit; the time stays. */
+static inline void vclock_set_limit(vclock_time_t *t, uint64_t limit) {
+    if (limit > VCLOCK_LIMIT_MAX) limit = VCLOCK_LIMIT_MAX;
+    t->left += (int64_t)(limit - t->limit);
+    t->limit = limit;
+}
+
+#define VCLOCK_TIME_BEFORE_CHECK_IF 16   /* offsetof(vclock_t, check_if) - offsetof(vclock_t, time) */
 
 static inline void vclock_look_at_if(const uint32_t *watch_if, uint32_t *check_if) {
     if (*watch_if && !*check_if) {
-        uint64_t zero = 0;
         *check_if = 1;
-        memcpy((char *)check_if - VCLOCK_LIMIT_BEFORE_CHECK_IF, &zero, sizeof zero);
+        vclock_set_limit((vclock_time_t *)(void *)((char *)check_if - VCLOCK_TIME_BEFORE_CHECK_IF), 0);
     }
 }
 

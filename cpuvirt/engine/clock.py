@@ -28,6 +28,7 @@ from cpuvirt.engine.cext import add_c_hook, load
 
 TSC_HZ = 1_000_000_000
 NEVER = (1 << 64) - 1
+LIMIT_MAX = (1 << 63) - 1  # _vclock.h VCLOCK_LIMIT_MAX: a deadline further away counts down from here
 
 _COUNT_CB = ctypes.CFUNCTYPE(ctypes.c_uint32, ctypes.c_uint64, ctypes.c_uint32)
 
@@ -40,17 +41,17 @@ class _State(ctypes.Structure):
     """Mirror of vclock_t in _vclock.c (checked against vclock_sizeof at load)."""
 
     _fields_ = [
-        ("now", ctypes.c_uint64),
-        ("deadline", ctypes.c_uint64),
-        ("blocks", ctypes.c_uint64),
-        ("last_block", ctypes.c_uint64),
-        ("misses", ctypes.c_uint64),
-        ("extra", ctypes.c_uint64),
+        ("left", ctypes.c_int64),  # the time is limit - left (_vclock.h vclock_time_t)
         ("limit", ctypes.c_uint64),
         ("check_if", ctypes.c_uint32),
         ("discard", ctypes.c_uint32),
         ("recounts", ctypes.c_uint32),
         ("stop_next", ctypes.c_uint32),
+        ("deadline", ctypes.c_uint64),
+        ("blocks", ctypes.c_uint64),
+        ("last_block", ctypes.c_uint64),
+        ("misses", ctypes.c_uint64),
+        ("extra", ctypes.c_uint64),
         ("emu_stop", ctypes.c_void_p),
         ("count_cb", ctypes.c_void_p),
         ("reg_read", ctypes.c_void_p),
@@ -105,12 +106,14 @@ def _lib():
 class VirtualClock:
     """The guest's clock; `count_block(address, size)` tells how many instructions a new block holds."""
 
-    STUB_BYTES = 16 << 20  # the blocks' stubs' region (_vclock.c STUB_REGION: at most that); 160 bytes a stub
+    STUB_SIZE = 80  # bytes of one block's stub (_vclock.c STUB_SIZE)
+    STUB_BYTES = 16 << 20  # the stubs' region (_vclock.c STUB_REGION: at most that)
 
     def __init__(self, uc, count_block):
         lib = _lib()
         self._state = _State()
-        self._state.deadline = self._state.limit = NEVER
+        self._state.deadline = NEVER
+        self._state.limit = self._state.left = LIMIT_MAX  # the time 0, counting down from the furthest limit
         self._state.emu_stop = ctypes.cast(_ucmod.uclib.uc_emu_stop, ctypes.c_void_p).value
         self._state.reg_read = ctypes.cast(_ucmod.uclib.uc_reg_read, ctypes.c_void_p).value
         self._state.eflags_reg = UC_X86_REG_EFLAGS
@@ -119,6 +122,8 @@ class VirtualClock:
         # Each block counted once gets a stub that counts it without calling the hook (_vclock.c,
         # "Counting without the call"); CPUVIRT_CLOCK_STUBS=0 keeps the hook's call, to compare.
         self._state.stub_limit = self.STUB_BYTES
+        if lib.vclock_stub_size() != self.STUB_SIZE:
+            raise RuntimeError("cpuvirt's C clock hook does not match clock.py: run `pip install -e .` again")
         self._state.patching = 0 if os.environ.get("CPUVIRT_CLOCK_STUBS", "1") == "0" else 1
         # the stubs' region goes with the engine, whose blocks are the only code that jumps to it
         weakref.finalize(uc, lib.vclock_stubs_free, ctypes.byref(self._state))
@@ -149,30 +154,40 @@ class VirtualClock:
 
     @property
     def now(self) -> int:
-        return self._state.now
+        st = self._state
+        return st.limit - st.left
 
     @now.setter
     def now(self, value: int) -> None:
-        self._state.now = value
+        st = self._state
+        st.left = st.limit - value
 
     @property
-    def now_address(self) -> int:
-        """Where `now` is in memory (a uint64): C readers of the clock (machine/apicmmio.py)."""
-        return ctypes.addressof(self._state) + type(self._state).now.offset
+    def time_address(self) -> int:
+        """Where the time is in memory (_vclock.h vclock_time_t: read with vclock_now, moved with
+        vclock_add): the C paths of the modes and devices (machine/apicmmio.py) that read or spend it."""
+        return ctypes.addressof(self._state) + type(self._state).left.offset
 
     @property
     def instructions(self) -> int:
         """Instructions retired (per block: a block cut short by a fault counts whole)."""
-        return self._state.now - self._state.extra
+        return self.now - self._state.extra
+
+    @property
+    def run_id(self) -> tuple[int, int]:
+        """Tells one run of a block from the next (the block's address and the instructions retired when it
+        began, which nothing changes while it runs: advance() moves `extra` too): what `blocks` counted
+        before the blocks counted themselves (_vclock.c, "Counting in the block")."""
+        return self.instructions, self._state.last_block
 
     def advance(self, cycles: int) -> None:
         """Spend virtual time that is not instructions (an I/O bus cycle, an idle hlt)."""
-        self._state.now += cycles
+        self._state.left -= cycles
         self._state.extra += cycles
 
     def unretire(self, n: int) -> None:
         """Take back n instructions of the running block that did not retire (it was left early)."""
-        self._state.now -= n
+        self._state.left += n
 
     @property
     def retranslated(self) -> int:
@@ -213,7 +228,7 @@ class VirtualClock:
     def discard_current_block(self) -> None:
         """Called from count_block when it stops the engine itself: the block will run later."""
         self._state.discard = 1
-        self._state.limit = 0
+        self._set_limit(0)
 
     @property
     def deadline(self) -> int:
@@ -224,7 +239,7 @@ class VirtualClock:
         already due means: run exactly one block, then stop (every entry makes progress)."""
         st = self._state
         st.stopped = 0
-        if deadline <= st.now:
+        if deadline <= self.now:
             st.deadline = NEVER
             st.stop_next = 2
         else:
@@ -233,10 +248,17 @@ class VirtualClock:
         self._relimit()
 
     def _relimit(self) -> None:
-        """The blocks' stubs test one word (_vclock.c, "Counting without the call"): the deadline, or 0
-        while a flag asks the hook to look; set it whenever either changes (_vclock.c relimit)."""
+        """The blocks count down to one word (_vclock.c, "Counting in the block"): the deadline, or 0 while
+        a flag asks the hook to look; set it, the time kept, whenever either changes (_vclock.c relimit)."""
         st = self._state
-        st.limit = 0 if (st.discard or st.check_if or st.stop_next) else st.deadline
+        self._set_limit(0 if (st.discard or st.check_if or st.stop_next) else st.deadline)
+
+    def _set_limit(self, limit: int) -> None:
+        """_vclock.h vclock_set_limit."""
+        st = self._state
+        limit = min(limit, LIMIT_MAX)
+        st.left += limit - st.limit
+        st.limit = limit
 
     def pull_in(self, deadline: int) -> None:
         """Stop no later than `deadline` (a device changed state while the guest runs: an APIC
@@ -265,7 +287,7 @@ class VirtualClock:
         st = self._state
         if st.watch_if and not st.check_if:
             st.check_if = 1
-            st.limit = 0  # (_vclock.h vclock_look_at_if)
+            self._set_limit(0)  # (_vclock.h vclock_look_at_if)
 
     def hook_if_setter(self, address: int, sti: bool) -> bool:
         """Put a window hook on the instruction at `address` (sti, or popf/iret); False if it has
@@ -325,6 +347,7 @@ class VirtualClock:
 
     @property
     def blocks(self) -> int:
+        """Blocks counted by the hook (not those counting in the block: run_id tells runs apart)."""
         return self._state.blocks
 
     @property

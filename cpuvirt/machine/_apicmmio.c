@@ -14,12 +14,13 @@
  */
 #include <Python.h>
 #include <stdint.h>
+#include "../engine/_vclock.h"   /* the clock's time */
 
 typedef uint64_t (*mmio_read_fn)(void *uc, uint64_t offset, unsigned size, void *user_data);
 typedef void (*mmio_write_fn)(void *uc, uint64_t offset, unsigned size, uint64_t value, void *user_data);
 
 typedef struct {
-    const uint64_t *now;       /* the virtual clock (engine/_vclock.c vclock_t.now) */
+    const vclock_time_t *now;  /* the virtual clock's time (engine/_vclock.h) */
     uint64_t fire_at;          /* virtual time of the timer's next zero crossing (UINT64_MAX: none) */
     uint64_t reads;            /* ID reads answered here (counted as `mmio` events by Python) */
     mmio_read_fn python_read;  /* the model's read, guarded by the binding's callback wrapper */
@@ -34,7 +35,7 @@ size_t apicmmio_sizeof(void) { return sizeof(apicmmio_t); }
 
 uint64_t apicmmio_read(void *uc, uint64_t offset, unsigned size, void *user_data) {
     apicmmio_t *s = (apicmmio_t *)user_data;
-    if (s->enabled && size == 4 && (offset & 0xFF0) == APIC_ID && *s->now < s->fire_at) {
+    if (s->enabled && size == 4 && (offset & 0xFF0) == APIC_ID && vclock_now(s->now) < s->fire_at) {
         s->reads++;
         return s->id_value;
     }

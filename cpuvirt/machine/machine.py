@@ -433,7 +433,7 @@ class Machine:
             # its ID register, read on every spinlock by some kernels, is answered in C
             from cpuvirt.machine.apicmmio import ApicMmio
 
-            self.apic_mmio = ApicMmio.map(self.uc, self.apic, self.clock.now_address, hpa, size, read, write)
+            self.apic_mmio = ApicMmio.map(self.uc, self.apic, self.clock.time_address, hpa, size, read, write)
         if device is not self.apic or self.apic_mmio is None:
             self.uc.mmio_map(hpa, size, read, None, write, None)
         self.p2m.add_mmio(GPA(gpa), size, HPA(hpa))

@@ -85,7 +85,7 @@ typedef struct {
     uint32_t cr4_reserved;     /* x86/cpuid.py CR4_RESERVED: a write setting one is #GP (Python's) */
     uint32_t shadow_ok;        /* ShadowPaging: no unsynchronised frame, engine TLB not stale */
     uint32_t wp_granted;       /* ... and a supervisor write was let through while WP was 0 */
-    uint64_t *clock_now;       /* the virtual clock (engine/_vclock.c) */
+    vclock_time_t *clock_now;  /* the virtual clock's time (engine/_vclock.h) */
     const uint64_t *clock_last_block;
     uint32_t *clock_watch_if, *clock_check_if;
     uint64_t pending;          /* events counted here since Python last folded them */
@@ -312,7 +312,7 @@ static int event(trapfast_t *s, void *uc, uint32_t intno, int soft) {
     if (!left_block(s, (uint32_t)eip, &n)) return 0;
     if (!deliver_event(s, uc, intno, soft, (uint32_t)eip, has_ec, ec, (uint32_t)cs, eflags)) return 0;
     memcpy(s->ev.env + s->off_old_exception, &minus1, 4);
-    *s->clock_now -= (uint64_t)n;
+    vclock_add(s->clock_now, -(int64_t)(n));
     vclock_look_at_if(s->clock_watch_if, s->clock_check_if);
     if (soft)
         s->soft_count[intno]++;
@@ -488,7 +488,7 @@ void trapfast_intr_hook(void *uc, uint32_t intno, void *user_data) {
         s->reg_write(uc, s->r_eip, &next);
         break;
     }
-    *s->clock_now -= (uint64_t)unretire;       /* VirtualClock.unretire */
+    vclock_add(s->clock_now, -(int64_t)(unretire));       /* VirtualClock.unretire */
     vclock_look_at_if(s->clock_watch_if, s->clock_check_if);   /* if_may_have_changed */
     s->count[kind]++;
     s->pending++;
@@ -640,7 +640,7 @@ static int ptemod(trapstore_t *t, void *uc, uint64_t vaddr, int type) {
     }
     next = (uint32_t)(eip + (uint32_t)len);
     s->reg_write(uc, s->r_eip, &next);
-    *s->clock_now -= (uint64_t)(n - 1);   /* Vcpu.left_block_at(eip), then the store retired */
+    vclock_add(s->clock_now, -(int64_t)((n - 1)));   /* Vcpu.left_block_at(eip), then the store retired */
     *t->fills += 1;                    /* Mmu.fill's fill, and its shadow hit */
     if (zap) {                         /* hv_wrote -> _on_write: _zap_range, _flush_engine */
         sm_zap(m, word, zap_pages, nzap);
@@ -703,7 +703,7 @@ static int true_fault(trapstore_t *t, void *uc, uint64_t vaddr, int type) {
         tf_unmake((uint8_t *)s->ev.ram, &s->ev.cr2, &made);
         return 0;
     }
-    *s->clock_now -= (uint64_t)n;      /* Vcpu.left_block_at(eip): the faulting instruction did not retire */
+    vclock_add(s->clock_now, -(int64_t)(n));      /* Vcpu.left_block_at(eip): the faulting instruction did not retire */
     t->pf_fills++;                     /* Mmu.fill's fill; _resolve's walk and true fault */
     t->pf_walks++;
     t->pf_refs += refs;

@@ -217,7 +217,7 @@ class TrapFast:
         mmu = vcpu.mmu
         clock = vcpu.clock._state
         kind, base = type(clock), ctypes.addressof(clock)
-        st.clock_now = base + kind.now.offset
+        st.clock_now = base + kind.left.offset
         st.clock_last_block = base + kind.last_block.offset
         st.clock_watch_if = base + kind.watch_if.offset
         st.clock_check_if = base + kind.check_if.offset

@@ -117,7 +117,7 @@ class FullDelivery:
         mirror.track_links()  # the callout hook's adaptive stores (bt/_callout.c) look at `linked`
         clock = vcpu.clock._state
         kind, base = type(clock), ctypes.addressof(clock)
-        dl.clock_now = base + kind.now.offset
+        dl.clock_now = base + kind.left.offset
         dl.clock_last_block = base + kind.last_block.offset
         tc: TCache = vcpu.tc
         dl.tc_lo, dl.tc_hi = tc.code_base, tc.end

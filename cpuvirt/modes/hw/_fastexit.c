@@ -71,7 +71,7 @@ typedef struct {
     void *peek_state;
     cpuid_python_fn cpuid_python;    /* the guarded Python cpuid hook (VmxCpu.hook_cpuid) */
     rdtsc_python_fn rdtsc_python;    /* the guarded Python rdtsc hook (VmxCpu.rdtsc) */
-    const uint64_t *clock_now;       /* the virtual clock (what rdtsc reads) */
+    const vclock_time_t *clock_now;  /* the virtual clock's time (what rdtsc reads) */
     const uint64_t *clock_last_block;
     uint32_t *clock_watch_if;
     uint32_t *clock_check_if;
@@ -114,7 +114,7 @@ typedef struct {
     const uint8_t *io_bitmap_a;      /* the bitmap pages in the hypervisor's memory, when armed */
     const uint8_t *io_bitmap_b;
     uint64_t io_exit_total;          /* I/O exits decided here (handed to io_exit_python) */
-    uint64_t *clock_now_w;           /* the clock's now and extra (VirtualClock.advance) */
+    vclock_time_t *clock_now_w;      /* the clock's time and extra (VirtualClock.advance) */
     uint64_t *clock_extra;
     uint64_t io_cycles;              /* the virtual time of a port access (cpu/vcpu.py IO_CYCLES) */
     io_entry_python_fn io_entry_python;  /* VmxCpu.io_entry: the VM entry after a quick exit */
@@ -399,7 +399,7 @@ static int io_exits(const fastexit_t *s, uint32_t port, int size) {
 static uint32_t io_exit(fastexit_t *s, uint32_t port, int size, uint32_t is_in, uint32_t value) {
     uint32_t r;
     s->io_exit_total++;
-    *s->clock_now_w += s->io_cycles;
+    vclock_add(s->clock_now_w, (int64_t)(s->io_cycles));
     *s->clock_extra += s->io_cycles;
     s->quick_done = 0;
     r = s->io_exit_python(port, (uint32_t)size, is_in | (s->cpuid_exits || s->cr3_exits || s->invlpg_exits ? 2u : 0u), value);
@@ -431,7 +431,7 @@ int fastexit_rdtsc_hook(void *uc, void *user_data) {
     fastexit_t *s = (fastexit_t *)user_data;
     uint64_t tsc, lo, hi;
     if (!s->armed || s->rdtsc_exiting) return s->rdtsc_python(uc, NULL);
-    tsc = *s->clock_now;
+    tsc = vclock_now(s->clock_now);
     if (s->tsc_offsetting) tsc += s->tsc_offset;
     lo = tsc & 0xFFFFFFFFu;
     hi = tsc >> 32;

@@ -248,7 +248,7 @@ class FastExits:
         clock = vcpu.clock._state
         base = ctypes.addressof(clock)
         st.clock_last_block = base + type(clock).last_block.offset
-        st.clock_now = base + type(clock).now.offset
+        st.clock_now = base + type(clock).left.offset
         st.clock_now_w = st.clock_now
         st.clock_extra = base + type(clock).extra.offset
         st.io_cycles = IO_CYCLES

@@ -1224,7 +1224,7 @@ class VmxCpu(Vcpu):
         addrs, end = entry
         if not addrs[0] <= eip < end:
             return False
-        before = st.now - sum(1 for a in addrs if a >= eip)  # the clock after left_block_at(eip)
+        before = self.clock.now - sum(1 for a in addrs if a >= eip)  # the clock after left_block_at(eip)
         d = m.next_timer_deadline()
         d = NEVER if d is None or d <= before else d
         if m.pending_nmi() and not self.nmi_blocked:

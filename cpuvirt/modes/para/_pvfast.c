@@ -25,6 +25,7 @@
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
+#include "../../engine/_vclock.h"   /* the clock's time */
 
 typedef int (*reg_read_fn)(void *uc, int regid, void *value);
 typedef int (*reg_write_fn)(void *uc, int regid, const void *value);
@@ -69,7 +70,8 @@ typedef struct {
     uint32_t has_error_code[8];
     uint32_t iret_seen;       /* Python handled a HYPERVISOR_iret (its counters' keys exist) */
     uint32_t iret_eip;        /* hypercall_va + IRET_STUB */
-    uint64_t *clock_now, *clock_extra;
+    vclock_time_t *clock_now;   /* the clock's time (engine/_vclock.h), and its extra */
+    uint64_t *clock_extra;
     uint64_t hypercall_cycles;   /* HYPERCALL_CYCLES */
     uint64_t irets;           /* HYPERVISOR_iret done here, not yet in Vcpu.counts (pvfast.py folds) */
     uint64_t irets_total, bounced;
@@ -240,7 +242,7 @@ static int pv_uva(pv_t *s, void *uc) {
     memcpy(&pde, s->ram + (uint64_t)p * 4096 + ((va >> 22) << 2), 4);
     if (!(pde & PTE_P) || (pde & PTE_PS)) return 0;
     if (!update_decide(s, (pde & 0xFFFFF000u) | ((va >> 10) & 0xFFC), lo, 1, &u)) return 0;
-    *s->clock_now += s->hypercall_cycles;
+    vclock_add(s->clock_now, (int64_t)(s->hypercall_cycles));
     *s->clock_extra += s->hypercall_cycles;
     dirty = update_make(s, &u);
     if (!dirty && (flags & UVMF_FLUSHTYPE_MASK) == UVMF_INVLPG) {
@@ -278,7 +280,7 @@ static int pv_mmu_update(pv_t *s, void *uc) {
         *s->walk_refs = refs;
         return 0;
     }
-    *s->clock_now += s->hypercall_cycles + s->request_cycles;
+    vclock_add(s->clock_now, (int64_t)(s->hypercall_cycles + s->request_cycles));
     *s->clock_extra += s->hypercall_cycles + s->request_cycles;
     dirty = update_make(s, &u);
     hypercall_done(s, uc, dirty, cr3);
@@ -320,7 +322,7 @@ static int pv_mmuext(pv_t *s, void *uc) {
         *s->walk_refs = refs;
         return 0;
     }
-    *s->clock_now += s->hypercall_cycles + s->request_cycles;
+    vclock_add(s->clock_now, (int64_t)(s->hypercall_cycles + s->request_cycles));
     *s->clock_extra += s->hypercall_cycles + s->request_cycles;
     if (p >= 0) {      /* get_type(L2) on a typed directory, then put_type of the old one: counts only */
         s->frame_count[p]++;
@@ -361,7 +363,7 @@ static int pv_iret(pv_t *s, void *uc) {
         return 0;
     }
     *s->in_upcall = 0;
-    *s->clock_now += s->hypercall_cycles;     /* VirtualClock.advance(HYPERCALL_CYCLES) */
+    vclock_add(s->clock_now, (int64_t)(s->hypercall_cycles));     /* VirtualClock.advance(HYPERCALL_CYCLES) */
     *s->clock_extra += s->hypercall_cycles;
     s->shared[1] = (uint8_t)mask;
     if (wr(s, uc, R_EAX, frame[0]) || wr(s, uc, R_ESP, esp + 4) || wr(s, uc, R_EIP, s->iret_eip)) {

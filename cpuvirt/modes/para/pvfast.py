@@ -171,7 +171,7 @@ class PvFast:
         st.walk_refs = ctypes.addressof(d) + type(d).walk_refs.offset
         clock = vcpu.clock._state
         kind = type(clock)
-        st.clock_now = ctypes.addressof(clock) + kind.now.offset
+        st.clock_now = ctypes.addressof(clock) + kind.left.offset
         st.clock_extra = ctypes.addressof(clock) + kind.extra.offset
 
     @classmethod
@@ -289,7 +289,7 @@ class PvFast:
         st.refused = ctypes.cast(self._refused, ctypes.c_void_p).value
         self._pf_done = _PF_DONE(lambda eip, access: pf_done(vcpu, eip, access))
         d.pf_done = ctypes.cast(self._pf_done, ctypes.c_void_p).value
-        d.clock_now = ctypes.addressof(clock) + type(clock).now.offset
+        d.clock_now = ctypes.addressof(clock) + type(clock).left.offset
         d.clock_deadline = ctypes.addressof(clock) + type(clock).deadline.offset
         d.clock_stop_next = ctypes.addressof(clock) + type(clock).stop_next.offset
         d.fetch_fault_cycles = FETCH_FAULT_CYCLES
