@@ -119,8 +119,8 @@ class VirtualClock:
         self._state.eflags_reg = UC_X86_REG_EFLAGS
         self._state.reg_write = ctypes.cast(_ucmod.uclib.uc_reg_write, ctypes.c_void_p).value
         self._state.eax_reg, self._state.edx_reg = UC_X86_REG_EAX, UC_X86_REG_EDX
-        # Each block counted once gets a stub that counts it without calling the hook (_vclock.c,
-        # "Counting without the call"); CPUVIRT_CLOCK_STUBS=0 keeps the hook's call, to compare.
+        # Each block counted once counts itself in place of the hook's call, with a stub of its own for the
+        # slow path (_vclock.c, "Counting in the block"); CPUVIRT_CLOCK_STUBS=0 keeps the call, to compare.
         self._state.stub_limit = self.STUB_BYTES
         if lib.vclock_stub_size() != self.STUB_SIZE:
             raise RuntimeError("cpuvirt's C clock hook does not match clock.py: run `pip install -e .` again")
@@ -196,7 +196,7 @@ class VirtualClock:
 
     @property
     def stubs(self) -> tuple[int, int, int]:
-        """(blocks given a stub, blocks that keep the hook's call, stubs' slow paths taken)."""
+        """(blocks that count themselves, blocks that keep the hook's call, slow paths taken from the former)."""
         return self._state.patched, self._state.unpatched, self._state.stub_slow
 
     def stubs_full(self) -> bool:
