@@ -70,7 +70,7 @@ typedef struct {
     int32_t eflags_reg;    /* UC_X86_REG_EFLAGS */
     uint32_t watch_if;     /* 1 while an interrupt waits for EFLAGS.IF = 1 */
     uint32_t stopped;      /* set when the hook stopped the engine */
-    uint32_t patching;     /* 1: give each block counted a stub (see "Counting without the call") */
+    uint32_t patching;     /* 1: each block counted counts itself (see "Counting in the block") */
     uint64_t window_checks;  /* times IF was looked at */
     uint64_t window_stops;   /* times it was found set (the engine stopped for the window) */
     /* rdtsc answered in C (see vclock_rdtsc_hook): */
@@ -80,7 +80,7 @@ typedef struct {
     uint64_t retranslated;   /* counts dropped because the engine translated their block again */
     entry_t table[TABLE_SIZE];
     uint64_t remapped;       /* counts dropped because their linear page came to map another frame */
-    uint64_t patched;        /* blocks given a stub (see "Counting without the call") */
+    uint64_t patched;        /* blocks that count themselves (see "Counting in the block") */
     uint64_t unpatched;      /* blocks that keep the hook's call */
     uint64_t stub_slow;      /* stubs' slow paths taken */
     void *stub_base;         /* the stubs' region (unmapped when the engine goes: vclock_stubs_free) */
@@ -162,7 +162,7 @@ static int block_slow(vclock_t *s, void *uc, uint32_t count) {
     return 0;
 }
 
-/* The stubs' one test, after a flag or the deadline changed (see "Counting without the call"). */
+/* The blocks' one test, after a flag or the deadline changed (see "Counting in the block"). */
 static inline void relimit(vclock_t *s) {
     vclock_set_limit(&s->time, (s->discard | s->check_if | s->stop_next) ? 0 : s->deadline);
 }
