@@ -27,6 +27,7 @@
 #include "../engine/_vclock.h"   /* the clock's interrupt-window look (its stubs' limit) */
 #include "../cpu/_modrm.h"       /* the ModRM memory operand ... */
 #include "../cpu/_truefault.h"   /* ... and a true #PF's walk and CR2, shared with trap's (modes/_trapfast.c) */
+#include "../engine/_tlbhook.h"   /* the TLB-fill hook's entry and access types */
 
 typedef int (*reg_read_fn)(void *uc, int regid, void *value);
 typedef int (*reg_write_fn)(void *uc, int regid, const void *value);
@@ -665,10 +666,6 @@ void full_intr_hook(void *uc, uint32_t intno, void *user_data) {
  * the guest instruction's the TC address starts (start[], as full_event's #DE). User code runs in place:
  * its bytes are read through the guest's tables. The delivery is full_evdeliver's, into the handler's
  * translation (its look-up counted with `delivered`). Anything else: 0, nothing changed. */
-typedef struct {
-    uint64_t paddr;
-    uint32_t perms;
-} tlb_entry_t;
 
 typedef struct {
     callouts_t *t;             /* the callout table, once attached (NULL: every fill is the others') */
@@ -686,8 +683,6 @@ typedef struct {
 
 size_t fullpf_sizeof(void) { return sizeof(fullpf_t); }
 
-#define MEM_READ_ 16
-#define MEM_WRITE_ 17
 #define CR0_PG_ 0x80000000u
 #define CR4_PAE_ 0x20u
 
@@ -723,13 +718,13 @@ int full_pf_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *user_
     tf_made_t made;
     uint32_t cr0, cr3, cr4;
     int64_t pde_a, n = 0;
-    int user, write = type == MEM_WRITE_;
+    int user, write = type == MEM_WRITE;
     uint8_t code[15];
     (void)e;
     if (!t || !p->on || !p->seen) return 0;
     f = &t->dl;
     if (!f->on || !t->enabled || !t->events_on) return 0;
-    if ((type != MEM_READ_ && type != MEM_WRITE_) || (uint32_t)vaddr >= *p->hv_start) return 0;
+    if ((type != MEM_READ && type != MEM_WRITE) || (uint32_t)vaddr >= *p->hv_start) return 0;
     m = f->mirror;
     cr0 = t->cr[0], cr3 = t->cr3, cr4 = t->cr[1];
     if (!m || !m->serial || !t->shadow_ok) return 0;

@@ -26,6 +26,7 @@
 #include "_blockcopy.h"                 /* the copy of Machine.block_insns, shared with trap's and full's */
 #include "_modrm.h"                     /* the ModRM memory operand, shared with trap's */
 #include "../engine/_vclock.h"   /* the clock's interrupt-window look (its stubs' limit) */
+#include "../engine/_tlbhook.h"   /* the TLB-fill hook's entry and access types */
 
 typedef int (*reg_read_fn)(void *uc, int regid, void *value);
 typedef int (*reg_write_fn)(void *uc, int regid, const void *value);
@@ -889,14 +890,7 @@ python:
  * EPT (`vmx`) the walk's references are translated and counted as EptWalk does, and only a #PF that
  * causes no VM exit (vmx_pf_exits) is delivered here, when the run loop would do nothing else before
  * the next entry (vmx_pf_quiet); tests/test_hw_delivery.py compares with the Python path. */
-typedef struct {
-    uint64_t paddr;
-    uint32_t perms;
-} tlb_entry_t;
 
-#define MEM_READ 16
-#define MEM_WRITE 17
-#define MEM_FETCH 18
 #define ACC_WRITE 1
 #define ACC_FETCH 2
 #define PTE_US 0x4u

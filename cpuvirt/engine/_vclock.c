@@ -56,10 +56,9 @@ typedef struct {
     vclock_time_t time;
     uint32_t check_if;     /* look at IF at the start of the check_if-th next block (0: do not) */
     uint32_t discard;      /* set by Python's count_cb when it stopped the engine itself */
-    uint32_t recounts;     /* times every block's inline count was sent to the table (stubs_recount) */
+    uint32_t pad;
     uint32_t stop_next;    /* 2: run one block then stop (armed with a deadline already due); 1: stop now */
     uint64_t deadline;     /* stop when the time reaches it */
-    uint64_t blocks;       /* blocks counted by the hook (not those counting inline) */
     uint64_t last_block;   /* address of the block that ran last */
     uint64_t misses;       /* blocks counted by Python */
     uint64_t extra;        /* cycles that were not instructions (I/O, idle, deadline rounding) */
@@ -170,7 +169,6 @@ static inline void relimit(vclock_t *s) {
 /* A block counted: what every block that runs does to the clock. */
 static inline void block_ran(vclock_t *s, uint64_t address, uint32_t count) {
     vclock_add(&s->time, count);
-    s->blocks++;
     s->last_block = address;
 }
 
@@ -203,8 +201,8 @@ static inline void block_ran(vclock_t *s, uint64_t address, uint32_t count) {
  * count, the window check, the deadline), and writes the block's count and entry again. Nothing else of
  * the engine's block changes. (Each step was measured on compute.S, bare Unicorn + the clock: a call per
  * block 0.44 of bare Unicorn; a stub of the hook's three tests 0.60, of one 0.68; the count in the block
- * 0.77: performance.md.) The blocks counted this way do not count `blocks` (VirtualClock.run_id tells one
- * run of a block from the next without it). The first pass through the hook after Python counted a block
+ * 0.77: performance.md.) Nothing counts blocks themselves (VirtualClock.run_id tells one run of a
+ * block from the next). The first pass through the hook after Python counted a block
  * (its entry's TRY bit) gives it this; a block whose code is not exactly of that shape keeps the hook, as
  * does every block translated while the stubs' region is full (the run loop then drops the engine's
  * translations and the region is reused: vclock_stubs_reset) or where a jump would be out of reach. A
@@ -377,7 +375,6 @@ static int patch_block(vclock_t *s, void *uc, uint8_t *ret, uint64_t address, ui
  * the count again and puts the entry back. */
 static void stubs_recount(vclock_t *s) {
     uint64_t off;
-    s->recounts++;
     for (off = 0; off + STUB_SIZE <= s->stub_used; off += STUB_SIZE) {
         uint8_t *stub = (uint8_t *)s->stub_base + off, *p, jmp[ENTRY];
         uint32_t rel;

@@ -45,10 +45,9 @@ class _State(ctypes.Structure):
         ("limit", ctypes.c_uint64),
         ("check_if", ctypes.c_uint32),
         ("discard", ctypes.c_uint32),
-        ("recounts", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
         ("stop_next", ctypes.c_uint32),
         ("deadline", ctypes.c_uint64),
-        ("blocks", ctypes.c_uint64),
         ("last_block", ctypes.c_uint64),
         ("misses", ctypes.c_uint64),
         ("extra", ctypes.c_uint64),
@@ -176,8 +175,8 @@ class VirtualClock:
     @property
     def run_id(self) -> tuple[int, int]:
         """Tells one run of a block from the next (the block's address and the instructions retired when it
-        began, which nothing changes while it runs: advance() moves `extra` too): what `blocks` counted
-        before the blocks counted themselves (_vclock.c, "Counting in the block")."""
+        began, which nothing changes while it runs: advance() moves `extra` too). Nothing counts blocks
+        themselves: most count in place of the clock hook's call (_vclock.c, "Counting in the block")."""
         return self.instructions, self._state.last_block
 
     def advance(self, cycles: int) -> None:
@@ -344,11 +343,6 @@ class VirtualClock:
 
     def expired(self) -> bool:
         return bool(self._state.stopped)
-
-    @property
-    def blocks(self) -> int:
-        """Blocks counted by the hook (not those counting in the block: run_id tells runs apart)."""
-        return self._state.blocks
 
     @property
     def last_block(self) -> int:

@@ -18,13 +18,10 @@
 #include <stdint.h>
 
 #include "_shadowmirror.h"
+#include "../engine/_tlbhook.h"   /* the TLB-fill hook's entry and access types */
 
 typedef int (*reg_read_fn)(void *uc, int regid, void *value);
 
-typedef struct {
-    uint64_t paddr;
-    uint32_t perms;
-} tlb_entry_t;
 
 typedef struct {
     const uint8_t *ram;      /* guest RAM, guest-physical 0 */
@@ -47,9 +44,6 @@ size_t fastfill_sizeof(void) { return sizeof(fastfill_t); }
 #define PROT_READ 1
 #define PROT_WRITE 2
 #define PROT_EXEC 4
-#define MEM_READ 16
-#define MEM_WRITE 17
-#define MEM_FETCH 18
 #define P 0x1u
 #define RW 0x2u
 #define US 0x4u

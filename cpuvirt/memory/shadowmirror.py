@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+from abc import ABCMeta, abstractmethod
 
 from cpuvirt.engine.cext import load
 from cpuvirt.memory.fastfill import FastFill, _State
@@ -144,7 +145,7 @@ class _MirroredEntries(dict):
         self._mirror.renumber(self._root)
 
 
-class _KeysInC(dict):
+class _KeysInC(dict, metaclass=ABCMeta):
     """A dict whose keys the C copy keeps bits for: each key gained or lost is told to `_tell` (value None:
     lost), whatever dict operation did it."""
 
@@ -156,8 +157,9 @@ class _KeysInC(dict):
         for key, value in old.items():
             self[key] = value
 
+    @abstractmethod
     def _tell(self, key, value) -> None:
-        raise NotImplementedError
+        """Tell the C copy that `key` is held with `value` now (None: no longer held)."""
 
     def __setitem__(self, key, value) -> None:
         dict.__setitem__(self, key, value)

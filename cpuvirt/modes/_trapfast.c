@@ -47,6 +47,7 @@
 #include "../cpu/_truefault.h"   /* a true #PF's walk and CR2, shared with full's (bt/_callout.c) */
 #include "../cpu/_storeop.h"   /* the value and flags of an emulated store, shared with full's adaptive stores */
 #include "../engine/_vclock.h"   /* the clock's interrupt-window look (its stubs' limit) */
+#include "../engine/_tlbhook.h"   /* the TLB-fill hook's entry and access types */
 
 typedef int (*reg_read_fn)(void *uc, int regid, void *value);
 typedef int (*reg_write_fn)(void *uc, int regid, const void *value);
@@ -513,13 +514,7 @@ python:
  * past the instruction, the block's instructions after it off the clock, the counts (Mmu.fill's fill and
  * its shadow hit, the ptemod for ShadowPaging._fold, the event), and the instruction is left as QEMU
  * leaves one it abandons (cpu_loop_exit). Anything else: 0, nothing changed, Mmu.fill's. */
-typedef struct {
-    uint64_t paddr;
-    uint32_t perms;
-} tlb_entry_t;
 
-#define MEM_READ 16
-#define MEM_WRITE 17
 
 typedef struct {
     trapfast_t *s;             /* the trap table, once TrapFast is attached (NULL: every fill is Mmu.fill's) */
