@@ -72,14 +72,19 @@ fault:
     return 1;
 }
 
+/* A register's value, by its number in ModRM order (EAX, ECX, EDX, EBX, ESP, EBP, ESI, EDI): 0 if unread. */
+typedef int (*tf_reg_fn)(void *ctx, int reg, uint32_t *out);
+
 /* The linear address of the one memory operand of an instruction that x86/faultaddr.py decodes to that
- * operand alone (its first candidate; no implicit stack or string access, no prefix), from the registers in
- * ModRM order: mov (ModRM, immediate, byte, and to or from moffs32: a kernel's globals), the ALU forms with
- * a register, test, xchg, the immediate groups, inc/dec, not/neg/test, movzx/movsx. 0: not one of them. */
-static inline int tf_operand(const uint8_t *c, const uint32_t *gpr, uint32_t *ea) {
+ * operand alone (its first candidate; no implicit stack or string access, no prefix), reading only the
+ * base and index registers it names: mov (ModRM, immediate, byte, and to or from moffs32: a kernel's
+ * globals), the ALU forms with a register, test, xchg, the immediate groups, inc/dec, not/neg/test,
+ * movzx/movsx. 0: not one of them (or a register unread). */
+static inline int tf_operand(const uint8_t *c, tf_reg_fn reg_of, void *ctx, uint32_t *ea) {
     uint8_t b = c[0];
     int r = (c[1] >> 3) & 7, at = 1;
     modrm_mem_t mem;
+    uint32_t v;
     if (b >= 0xA0 && b <= 0xA3) {
         memcpy(ea, c + 1, 4);
         return 1;
@@ -95,8 +100,14 @@ static inline int tf_operand(const uint8_t *c, const uint32_t *gpr, uint32_t *ea
     }
     if (!modrm_mem(c + at, &mem)) return 0;   /* a register operand */
     *ea = (uint32_t)mem.disp;
-    if (mem.base >= 0) *ea += gpr[mem.base];
-    if (mem.index >= 0) *ea += gpr[mem.index] * mem.scale;
+    if (mem.base >= 0) {
+        if (!reg_of(ctx, mem.base, &v)) return 0;
+        *ea += v;
+    }
+    if (mem.index >= 0) {
+        if (!reg_of(ctx, mem.index, &v)) return 0;
+        *ea += v * mem.scale;
+    }
     return 1;
 }
 

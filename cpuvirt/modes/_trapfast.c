@@ -663,11 +663,25 @@ static int ptemod(trapstore_t *t, void *uc, uint64_t vaddr, int type) {
  * one that faulted (cpu_loop_exit). Anything else (a fetch, whose charged time the run loop must see; an unknown
  * instruction; a table outside RAM; a 4 MiB page with reserved bits; PAE; a delivery deliver_event
  * declines) is Python's, with nothing changed. */
+typedef struct {
+    trapfast_t *s;
+    void *uc;
+} trap_regs_t;
+
+static int trap_reg(void *ctx, int reg, uint32_t *out) {   /* cpu/_truefault.h tf_reg_fn */
+    trap_regs_t *r = (trap_regs_t *)ctx;
+    uint64_t v;
+    if (!rd(r->s, r->uc, r->s->r_gpr[reg], &v)) return 0;
+    *out = (uint32_t)v;
+    return 1;
+}
+
 static int true_fault(trapstore_t *t, void *uc, uint64_t vaddr, int type) {
     trapfast_t *s = t->s;
     const shadowmirror_t *m;
     uint64_t ss, cs, eflags, eip;
-    uint32_t page = (uint32_t)vaddr >> 12, ec = 0, refs = 0, ea = 0, gpr[8], k;
+    uint32_t page = (uint32_t)vaddr >> 12, ec = 0, refs = 0, ea = 0;
+    trap_regs_t regs = {s, uc};
     tf_made_t made;
     int64_t pde_a, n = 0;
     int user, write = type == MEM_WRITE;
@@ -685,12 +699,7 @@ static int true_fault(trapstore_t *t, void *uc, uint64_t vaddr, int type) {
                  &refs, &pde_a))
         return 0;
     if (!rd(s, uc, s->r_eip, &eip) || !code_at(s, (uint32_t)eip, code, 15)) return 0;
-    for (k = 0; k < 8; k++) {
-        uint64_t v;
-        if (!rd(s, uc, s->r_gpr[k], &v)) return 0;
-        gpr[k] = (uint32_t)v;
-    }
-    if (!tf_operand(code, gpr, &ea) || (ea & 0xFFFFF000u) != ((uint32_t)vaddr & 0xFFFFF000u)) return 0;
+    if (!tf_operand(code, trap_reg, &regs, &ea) || (ea & 0xFFFFF000u) != ((uint32_t)vaddr & 0xFFFFF000u)) return 0;
     if (!rd(s, uc, s->r_cs, &cs) || !rd(s, uc, s->r_eflags, &eflags) || (eflags & EFLAGS_VM)) return 0;
     if (!left_block(s, (uint32_t)eip, &n)) return 0;
     tf_make((uint8_t *)s->ev.ram, pde_a, &s->ev.cr2, ea, &made);   /* PDE.A, CR2; then the delivery */
@@ -719,7 +728,14 @@ int trapfast_tf_walk(const uint8_t *ram, uint64_t ram_bytes, uint32_t cr0, uint3
     return tf_walk(ram, ram_bytes, cr0, cr3, cr4, gva, write, user, ec, refs, pde_a);
 }
 
-int trapfast_tf_operand(const uint8_t *code, const uint32_t *gpr, uint32_t *ea) { return tf_operand(code, gpr, ea); }
+static int array_reg(void *ctx, int reg, uint32_t *out) {
+    *out = ((const uint32_t *)ctx)[reg];
+    return 1;
+}
+
+int trapfast_tf_operand(const uint8_t *code, const uint32_t *gpr, uint32_t *ea) {
+    return tf_operand(code, array_reg, (void *)gpr, ea);
+}
 
 /* trap's first TLB-fill hook: a ptemod emulated, or a true #PF delivered; else the shadow's fill and
  * Mmu.fill answer (0). */
