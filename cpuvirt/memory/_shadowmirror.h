@@ -237,6 +237,48 @@ static inline void sm_zap(shadowmirror_t *m, uint32_t word, const uint32_t *page
     sm_record(m, SM_ZAP, 0, word);
 }
 
+/* A guest store into a page table (a ptemod) that C may emulate as ShadowPaging._on_write takes it
+ * (modes/_trapfast.c for trap, modes/hw/_fastexit.c for hw --no-ept): */
+typedef struct {
+    uint32_t word;     /* the 4-byte word written */
+    uint32_t zap;      /* 1: entries derive from it (they go: sm_ptemod_done), the caller flushes the engine's TLB */
+    uint32_t npages;
+    uint32_t pages[SM_ZAP_MAX];
+} sm_ptemod_t;
+
+/* May a store of `size` bytes at guest-physical `gpa` be emulated in C, with nothing else for _on_write to
+ * do? The frame is traced by shadow paging alone; some entry still derives from it (else Python untraces
+ * it after the store): more linked words than the invlpgs not yet taken by Python may unlink there (and
+ * than the word a zap unlinks); if entries derive from the word written (a zap), it is one word, the caller
+ * can flush the engine's TLB (`can_flush`) and sm_zap_pages finds them; room in the log for the records.
+ * The caller must have made sure nothing is unsynchronised (else the unlink counts could be wrong). */
+static inline int sm_ptemod_plan(const shadowmirror_t *m, const uint8_t *ram, uint64_t ram_bytes, uint64_t gpa,
+                                 uint32_t size, int can_flush, sm_ptemod_t *p) {
+    uint32_t frame = (uint32_t)gpa & 0xFFFFF000u, k, links;
+    if (!m->linked || !m->serial || gpa + size > ram_bytes) return 0;
+    if (!sm_pt_traced(m, gpa) || sm_other_traced(m, gpa)) return 0;
+    p->word = (uint32_t)gpa & ~3u;
+    p->zap = (uint32_t)sm_linked(m, p->word);
+    p->npages = 0;
+    if (p->zap && (((uint32_t)gpa & 3u) + size > 4u || !can_flush)) return 0;   /* one word only */
+    if (!p->zap && sm_linked(m, (gpa + size - 1) & ~3ull)) return 0;
+    for (k = 0, links = 0; k < 1024 / 64; k++) {
+        uint64_t w;
+        memcpy(&w, m->linked + (frame >> 5) + 8 * k, 8);
+        links += (uint32_t)__builtin_popcountll(w);
+    }
+    if (sm_may_unlink_all(m, frame, links - p->zap)) return 0;
+    if (p->zap && !sm_zap_pages(m, ram, ram_bytes, p->word, p->pages, &p->npages)) return 0;
+    return m->made + (p->zap ? 2u : 1u) <= SM_MADE;
+}
+
+/* After the store: the zap in the C copy, if any, and the ptemod's record (ShadowPaging._fold counts it as
+ * _on_write does: ptemods, traced_writes at `eip`, the traces' writes). */
+static inline void sm_ptemod_done(shadowmirror_t *m, const sm_ptemod_t *p, uint32_t eip) {
+    if (p->zap) sm_zap(m, p->word, p->pages, p->npages);
+    sm_record(m, SM_PTEMOD, 0, eip);
+}
+
 #define SM_WP 0x10000u
 
 /* ShadowPaging.gva_to_gpa for the hypervisor's own supervisor access (an event delivery's reads and

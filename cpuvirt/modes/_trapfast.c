@@ -223,25 +223,19 @@ static int rd(trapfast_t *s, void *uc, int reg, uint64_t *v) {
     return s->reg_read(uc, reg, v) == 0;
 }
 
-/* The linear address of a ModRM memory operand (cpu/_modrm.h) from the guest's registers: the bytes
- * ModRM, SIB and displacement take, 0 for a register operand or a register the engine would not read. */
-static int modrm_address(trapfast_t *s, void *uc, const uint8_t *m, uint32_t *out) {
-    modrm_mem_t mem;
+/* The guest's general registers by ModRM number (cpu/_storeop.h st_reg_fn, cpu/_truefault.h tf_reg_fn): the
+ * operands of invlpg, of the ptemods emulated and of a true #PF's CR2. */
+typedef struct {
+    trapfast_t *s;
+    void *uc;
+} trap_regs_t;
+
+static int trap_reg(void *ctx, int reg, uint32_t *out) {
+    trap_regs_t *r = (trap_regs_t *)ctx;
     uint64_t v;
-    uint32_t addr;
-    int n = modrm_mem(m, &mem);
-    if (!n) return 0;
-    addr = (uint32_t)mem.disp;
-    if (mem.base >= 0) {
-        if (!rd(s, uc, s->r_gpr[mem.base], &v)) return 0;
-        addr += (uint32_t)v;
-    }
-    if (mem.index >= 0) {
-        if (!rd(s, uc, s->r_gpr[mem.index], &v)) return 0;
-        addr += (uint32_t)v * mem.scale;
-    }
-    *out = addr;
-    return n;
+    if (!rd(r->s, r->uc, r->s->r_gpr[reg], &v)) return 0;
+    *out = (uint32_t)v;
+    return 1;
 }
 
 /* invlpg m: privileged.py _invlpg when it does only this (ShadowPaging.invlpg in the shadow's current
@@ -344,6 +338,7 @@ void trapfast_intr_hook(void *uc, uint32_t intno, void *user_data) {
     int32_t is_int, minus1 = -1;
     int64_t unretire = 0;
     int kind, size, reg = -1, to_cr = 0, seg = -1;
+    trap_regs_t regs = {s, uc};
     if (!s->enabled) goto python;
     memcpy(&is_int, s->ev.env + s->off_is_int, 4);
     if (is_int || intno != 13) {
@@ -382,7 +377,7 @@ void trapfast_intr_hook(void *uc, uint32_t intno, void *user_data) {
         reg = code[2] & 7;
     } else if (code[0] == 0x0F && code[1] == 0x01 && (code[2] >> 6) != 3 && ((code[2] >> 3) & 7) == 7) {
         kind = K_INVLPG;                                                /* invlpg m */
-        size = modrm_address(s, uc, code + 2, &linear);
+        size = st_modrm_address(code + 2, trap_reg, &regs, &linear);
         if (!size) goto python;
         size += 2;
     } else if (code[0] == 0xCF) {                                       /* iretd */
@@ -534,115 +529,44 @@ typedef struct {
 size_t trapstore_sizeof(void) { return sizeof(trapstore_t); }
 
 
-/* The store forms emulate_store does that are decoded here: length, or 0. */
-static int decode_store(trapfast_t *s, void *uc, const uint8_t *c, int *op, uint32_t *size, uint32_t *src,
-                        uint32_t *addr) {
-    uint8_t b = c[0];
-    uint64_t v = 0;
-    int n, reg;
-    switch (b) {
-    case 0x88: case 0x89: case 0x08: case 0x09: case 0x20: case 0x21: case 0x30: case 0x31:
-        *op = b >= 0x88 ? ST_MOV : (b >> 3) == 1 ? ST_OR : (b >> 3) == 4 ? ST_AND : ST_XOR;
-        *size = (b & 1) ? 4 : 1;
-        n = modrm_address(s, uc, c + 1, addr);
-        if (!n) return 0;
-        reg = (c[1] >> 3) & 7;
-        if (*size == 4) {
-            if (!rd(s, uc, s->r_gpr[reg], &v)) return 0;
-            *src = (uint32_t)v;
-        } else {                       /* al, cl, dl, bl, ah, ch, dh, bh */
-            if (!rd(s, uc, s->r_gpr[reg & 3], &v)) return 0;
-            *src = (uint32_t)(v >> (reg >= 4 ? 8 : 0)) & 0xFF;
-        }
-        return 1 + n;
-    case 0xC6: case 0xC7:
-        if ((c[1] >> 3) & 7) return 0;
-        *op = ST_MOV;
-        *size = b == 0xC7 ? 4 : 1;
-        n = modrm_address(s, uc, c + 1, addr);
-        if (!n) return 0;
-        if (*size == 4)
-            memcpy(src, c + 1 + n, 4);
-        else
-            *src = c[1 + n];
-        return 1 + n + (int)*size;
-    case 0x80: case 0x81: case 0x83: {
-        int r = (c[1] >> 3) & 7;
-        if (r != 1 && r != 4 && r != 6) return 0;   /* or, and, xor (add, adc, sbb, sub, cmp: not emulated) */
-        *op = r == 1 ? ST_OR : r == 4 ? ST_AND : ST_XOR;
-        *size = b == 0x80 ? 1 : 4;
-        n = modrm_address(s, uc, c + 1, addr);
-        if (!n) return 0;
-        if (b == 0x81) {
-            memcpy(src, c + 1 + n, 4);
-            return 1 + n + 4;
-        }
-        *src = b == 0x83 ? (uint32_t)(int32_t)(int8_t)c[1 + n] : c[1 + n];
-        return 1 + n + 1;
-    }
-    default:
-        return 0;
-    }
-}
-
 static int ptemod(trapstore_t *t, void *uc, uint64_t vaddr, int type) {
     trapfast_t *s = t->s;
     shadowmirror_t *m;
     uint64_t ss, eflags, eip, next, fl;
-    uint32_t addr = 0, src = 0, size = 0, old = 0, value, mask, frame, k, links, word, nzap = 0;
-    uint32_t zap_pages[SM_ZAP_MAX];
-    int zap;
+    uint32_t addr = 0, src = 0, size = 0, old = 0, value;
+    sm_ptemod_t plan;
     uint8_t code[15];
     int op = 0, len;
     int64_t gpa, n = 0;
+    trap_regs_t regs = {s, uc};
     if (!t->on || !s || !s->enabled || type != MEM_WRITE || !s->seen[K_PTEMOD]) return 0;
-    if (!s->shadow_ok) return 0;       /* a frame left unsynchronised: the unlink counts below could be wrong */
+    if (!s->shadow_ok) return 0;       /* a frame left unsynchronised: the unlink counts could be wrong */
     m = (shadowmirror_t *)s->mirror;
-    if (!m || !m->linked || !m->serial || m->made >= SM_MADE) return 0;
+    if (!m || m->made >= SM_MADE) return 0;
     if (!rd(s, uc, s->r_ss, &ss) || (ss & 3) != 1) return 0;            /* the guest kernel (ring 1) */
     if (!rd(s, uc, s->r_eflags, &eflags) || (eflags & EFLAGS_VM)) return 0;
     if (!rd(s, uc, s->r_eip, &eip) || !code_at(s, (uint32_t)eip, code, 15)) return 0;
-    len = decode_store(s, uc, code, &op, &size, &src, &addr);
+    len = st_decode(code, trap_reg, &regs, &op, &size, &src, &addr);
     if (!len || (addr & 0xFFFFF000u) != (uint32_t)vaddr || (addr & 0xFFFu) + size > 0x1000u) return 0;
     gpa = sm_hv_gpa(m, s->crs[0], s->crs[1], s->crs[2], addr, 1, (int)s->wp_granted);
-    if (gpa < 0 || (uint64_t)gpa + size > s->ev.ram_bytes) return 0;
-    if (!sm_pt_traced(m, (uint64_t)gpa) || sm_other_traced(m, (uint64_t)gpa)) return 0;
-    word = (uint32_t)gpa & ~3u;
-    zap = sm_linked(m, word);
-    if (zap && (((uint32_t)gpa & 3u) + size > 4u || !s->uc_ctl)) return 0;   /* one word only */
-    if (!zap && sm_linked(m, ((uint64_t)gpa + size - 1) & ~3ull)) return 0;
-    /* Some entry must still derive from the frame (else Python untraces it after the store): more linked
-     * words than the invlpgs not yet taken by Python may unlink there (and than the word a zap unlinks) */
-    frame = (uint32_t)gpa & 0xFFFFF000u;
-    for (k = 0, links = 0; k < 1024 / 64; k++) {
-        uint64_t w;
-        memcpy(&w, m->linked + (frame >> 5) + 8 * k, 8);
-        links += (uint32_t)__builtin_popcountll(w);
-    }
-    if (sm_may_unlink_all(m, frame, links - (zap ? 1 : 0))) return 0;
-    if (zap && !sm_zap_pages(m, s->ev.ram, s->ev.ram_bytes, word, zap_pages, &nzap)) return 0;
-    if (m->made + (zap ? 2u : 1u) > SM_MADE) return 0;
+    if (gpa < 0 || !sm_ptemod_plan(m, s->ev.ram, s->ev.ram_bytes, (uint64_t)gpa, size, s->uc_ctl != NULL, &plan))
+        return 0;
     if (!left_block(s, (uint32_t)eip, &n)) return 0;
     /* From here on the store is ours. */
-    mask = size == 4 ? 0xFFFFFFFFu : 0xFFu;
-    src &= mask;
-    memcpy(&old, s->ev.ram + gpa, size);
-    value = st_value(op, old, src, mask);
-    memcpy((uint8_t *)s->ev.ram + gpa, &value, size);
+    value = st_apply((uint8_t *)s->ev.ram + gpa, op, size, src, &old);
     if (op != ST_MOV) {
-        fl = st_flags(op, old, src, value, size, eflags);
+        fl = st_flags(op, old, src & (size == 4 ? 0xFFFFFFFFu : 0xFFu), value, size, eflags);
         s->reg_write(uc, s->r_eflags, &fl);
     }
     next = (uint32_t)(eip + (uint32_t)len);
     s->reg_write(uc, s->r_eip, &next);
     vclock_add(s->clock_now, -(int64_t)((n - 1)));   /* Vcpu.left_block_at(eip), then the store retired */
     *t->fills += 1;                    /* Mmu.fill's fill, and its shadow hit */
-    if (zap) {                         /* hv_wrote -> _on_write: _zap_range, _flush_engine */
-        sm_zap(m, word, zap_pages, nzap);
+    sm_ptemod_done(m, &plan, (uint32_t)eip);   /* hv_wrote -> _on_write: _zap_range; the counts */
+    if (plan.zap) {                    /* ... _flush_engine */
         s->uc_ctl(uc, s->tlb_flush_ctl);
         t->zaps++;
     }
-    sm_record(m, SM_PTEMOD, 0, (uint32_t)eip);   /* ShadowPaging's ptemods, traced_writes, the trace's writes */
     s->count[K_PTEMOD]++;              /* the page_fault/ptemod event */
     s->pending++;
     t->stores++;
@@ -663,19 +587,6 @@ static int ptemod(trapstore_t *t, void *uc, uint64_t vaddr, int type) {
  * one that faulted (cpu_loop_exit). Anything else (a fetch, whose charged time the run loop must see; an unknown
  * instruction; a table outside RAM; a 4 MiB page with reserved bits; PAE; a delivery deliver_event
  * declines) is Python's, with nothing changed. */
-typedef struct {
-    trapfast_t *s;
-    void *uc;
-} trap_regs_t;
-
-static int trap_reg(void *ctx, int reg, uint32_t *out) {   /* cpu/_truefault.h tf_reg_fn */
-    trap_regs_t *r = (trap_regs_t *)ctx;
-    uint64_t v;
-    if (!rd(r->s, r->uc, r->s->r_gpr[reg], &v)) return 0;
-    *out = (uint32_t)v;
-    return 1;
-}
-
 static int true_fault(trapstore_t *t, void *uc, uint64_t vaddr, int type) {
     trapfast_t *s = t->s;
     const shadowmirror_t *m;
