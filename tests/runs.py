@@ -1,6 +1,7 @@
 """What a run leaves, for tests that compare two runs of one guest (a C path on and off): the RunResult
-less host time (its wall time, and the host microseconds per exit of hw's exit table); and what a class's
-switches read from the environment in a fresh process."""
+less host time (its wall time, and the host microseconds per exit of hw's exit table); hw --no-ept's run
+with the VMCS fields every exit Python makes finds; and what a class's switches read from the environment
+in a fresh process."""
 
 from __future__ import annotations
 
@@ -32,3 +33,54 @@ def check_off_switches(code: str, names: tuple[str, str], variable: str) -> None
     assert switches_with(code, names) == ["True", "True"]
     off = switches_with(code, names, **{variable: "1" if variable == names[0] else "0"})
     assert off == (["False", "True"] if variable == names[0] else ["True", "False"])
+
+
+EXIT_FIELDS = (
+    "VM_EXIT_REASON",
+    "EXIT_QUALIFICATION",
+    "VM_EXIT_INSTRUCTION_LEN",
+    "VM_EXIT_INTR_INFO",
+    "VM_EXIT_INTR_ERROR_CODE",
+    "VMX_INSTRUCTION_INFO",
+    "GUEST_RIP",
+    "GUEST_CR3",
+)
+
+
+def hw_shadow_run(path, switch: str, on: bool, monkeypatch):
+    """hw --no-ept with VmxCpu's class switch `switch` on or off: (the run's record, its reasons, the shadow's
+    counters, the VmxCpu, and at every VM exit Python makes, C's folded first, the exit's reason, RIP and
+    virtual time with the exit-information fields the VMCS holds then)."""
+    from cpuvirt.modes.hw.vmcs import Field
+    from cpuvirt.modes.hw.vmx import VmxCpu
+    from cpuvirt.runner import run_guest
+
+    fields = [Field[name] for name in EXIT_FIELDS]
+    seen: list[tuple] = []
+    original = VmxCpu.vm_exit
+
+    def vm_exit(self, reason, rip, **kw):
+        self.fold_fast_exits()
+        seen.append((int(reason), rip, self.clock.now, tuple(self.vmcs._values.get(f) for f in fields)))
+        return original(self, reason, rip, **kw)
+
+    monkeypatch.setattr(VmxCpu, "vm_exit", vm_exit)
+    monkeypatch.setattr(VmxCpu, switch, on)
+    cpus: list = []
+    res = run_guest(str(path), "hw", 32, 50_000_000, mode_options={"ept": False}, on_start=cpus.append)
+    monkeypatch.undo()
+    vcpu = cpus[-1].vcpu
+    return run_record(res), tuple(vcpu.reasons.items()), cpus[-1].shadow.counters.as_dict(), vcpu, seen
+
+
+def same_exits(c_seen: list, py_seen: list) -> None:
+    """Each exit Python made in the C run was made in the Python run too, in order, finding the same fields."""
+    index: dict = {}
+    for k, record in enumerate(py_seen):
+        index.setdefault(record[:3], []).append(k)
+    last = -1
+    for record in c_seen:
+        candidates = [k for k in index.get(record[:3], []) if k > last]
+        assert candidates, record[:3]
+        last = candidates[0]
+        assert record == py_seen[last], (record, py_seen[last])

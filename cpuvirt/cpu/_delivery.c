@@ -640,6 +640,13 @@ int delivery_books_covers(books_t *b, uint32_t boundary) {
     return e->first <= boundary && boundary < e->end;
 }
 
+/* How many instructions Vcpu.left_block_at(boundary) would take off the clock (*n), without taking them: 1,
+ * or 0 when the copy cannot tell. (hw --no-ept's #PF exits in C, modes/hw/_fastexit.c, ask.) */
+int delivery_books_left_block(books_t *b, uint32_t boundary, int64_t *n) {
+    *n = 0;
+    return ed_left_block(b->block, *b->clock_last_block, &b->misses, boundary, n);
+}
+
 /* Vcpu.left_block_at(boundary): 1 when done here, 0: Python's to do. */
 static int books_left_block_at(books_t *b, uint32_t boundary) {
     int64_t n = 0;

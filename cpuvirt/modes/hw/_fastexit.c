@@ -35,6 +35,8 @@
 #include "../../engine/_vclock.h"   /* the clock's interrupt-window look (its stubs' limit) */
 #include "../../memory/_shadowmirror.h"   /* without EPT: the shadow's current root, for an INVLPG exit */
 #include "../../cpu/_modrm.h"             /* ... and its operand */
+#include "../../cpu/_storeop.h"           /* a ptemod's decode and store, shared with trap's */
+#include "../../engine/_tlbhook.h"        /* the TLB-fill hook's entry and access types */
 
 typedef int (*reg_read_fn)(void *uc, int regid, void *value);
 typedef int (*reg_write_fn)(void *uc, int regid, const void *value);
@@ -126,7 +128,7 @@ typedef struct {
     const uint32_t *shadow_ok;
     const uint32_t *shadow_key;
     uint64_t cr3_exits;              /* CR_ACCESS exits made here, not yet folded */
-    uint32_t last_kind;              /* which record was written last: LAST_CPUID, LAST_CR3, LAST_INVLPG */
+    uint32_t last_kind;              /* which record was written last: LAST_CPUID, LAST_CR3, LAST_INVLPG, LAST_PF */
     uint32_t last_cr3_qual;          /* the last one's exit qualification, length, RIP and value */
     uint32_t last_cr3_len;
     uint32_t last_cr3_rip;
@@ -149,7 +151,7 @@ typedef struct {
     uint64_t invlpg_exit_total;
 } fastexit_t;
 
-enum { LAST_CPUID, LAST_CR3, LAST_INVLPG };
+enum { LAST_CPUID, LAST_CR3, LAST_INVLPG, LAST_PF };
 
 typedef struct {
     fastexit_t *s;
@@ -439,6 +441,180 @@ int fastexit_rdtsc_hook(void *uc, void *user_data) {
     s->reg_write(uc, s->edx, &hi);
     s->rdtsc_total++;
     return 1;
+}
+
+/* -- hw --no-ept: the #PF exit of a ptemod, from the TLB fill -------------------------------------------
+ * Without EPT the shadow maps the guest's page tables read-only, so the guest kernel's store into one is a
+ * #PF exit (VmxCpu.on_refused_fill -> _exception_exit -> vm_exit -> handle_exception_nmi ->
+ * shadow_page_fault: ShadowPaging.page_fault's walk finds the traced frame, _on_write emulates the store,
+ * GUEST_RIP moves past it -> vm_entry), about 80 us of Python. This fill hook, after the shadow's C fill
+ * and before Mmu.fill, makes that whole round trip for the common case, while the stop the full path makes
+ * would change nothing else: the fast exits armed and quiet (no vmwrite, trace or dump since the last
+ * entry, the virtual-APIC page in step), what Python found at that entry (the default #PF handler, no
+ * interrupt-window exiting: `c_armed`), no device change since the run loop armed the clock (`epoch`), the
+ * clock's deadline and no stop pending; the shadow guard of the CR3 loads (its root and mode, nothing
+ * unsynchronised); the #PF exits for its error code (the exception bitmap, PFEC_MASK/MATCH). The store is
+ * a ptemod trap's fill hook takes (cpu/_storeop.h st_decode, memory/_shadowmirror.h sm_ptemod_plan) at
+ * CPL 0, through an entry of the shadow's current root that the walk page_fault makes would make again
+ * unchanged (no accessed or dirty bit to set). Then: the store and its flags, EIP past it, the block's
+ * later instructions off the clock, the refused fill and the walk counted as Mmu.fill and _resolve count
+ * them, the ptemod's record for ShadowPaging._fold, and the exit's record for VmxCpu.fold_fast_exits (its
+ * fields if it is the last exit C made); the instruction is left as QEMU leaves one it abandons
+ * (cpu_loop_exit). Anything else: 0, nothing changed, Mmu.fill's (the full exit). */
+typedef int (*left_block_fn)(void *books, uint32_t boundary, int64_t *n);
+typedef int (*uc_ctl_fn)(void *uc, int ctl, ...);
+
+typedef struct {
+    fastexit_t *s;               /* NULL until attached (fastexit.py PfExits.attach): every fill is Mmu.fill's */
+    uint32_t ptemod_on;          /* CPUVIRT_HW_PTEMOD_C */
+    uint32_t c_armed;            /* at the last VM entry: the default #PF handler, no window exiting */
+    uint32_t exception_bitmap, pfec_mask, pfec_match;   /* copied at that entry */
+    int32_t ss, eflags;          /* Unicorn's register ids */
+    uint64_t epoch, armed_epoch; /* a device changed the interrupt or timer state; the value at the clock's arm */
+    uint64_t armed_deadline;     /* what the run loop armed the clock with */
+    const uint64_t *clk_deadline;
+    const uint32_t *clk_stopped, *clk_discard, *clk_stop_next, *clk_check_if;
+    left_block_fn left_block;    /* cpu/_delivery.c delivery_books_left_block */
+    void *books;
+    uint64_t *fills;             /* the shadow fill's count (Mmu.fill's fills, and the shadow's hits) */
+    uint64_t cpu_offset;         /* uc_struct's CPUState pointer (cpu/fastdelivery.py _engine_cpu) */
+    void (*loop_exit)(void *cpu);   /* QEMU's cpu_loop_exit */
+    uc_ctl_fn uc_ctl;
+    int32_t tlb_flush_ctl;
+    uint32_t pad;
+    /* counts for MmuCounters.walkers: _resolve's walks of the exits made here (cpu/truefault.py) */
+    uint64_t pf_fills, pf_walks, pf_refs, pf_faults;
+    /* the exits made here, not yet folded, and the last one's fields */
+    uint64_t exits;
+    uint32_t last_qual, last_code, last_rip, last_next;
+    uint64_t ptemod_total, zap_total;
+} pfexit_t;
+
+size_t fastexit_pf_sizeof(void) { return sizeof(pfexit_t); }
+
+#define PFEC_P 1u
+#define PFEC_W 2u
+#define PTE_P 1u
+#define PTE_RW 2u
+#define PTE_US 4u
+#define PTE_A 0x20u
+#define PTE_D 0x40u
+#define PTE_PS 0x80u
+#define EFLAGS_VM 0x20000u
+
+/* Would the stop the full exit makes change nothing but the exit? (VmxCpu._stop_changes_nothing, as
+ * memory/_tlbfill.c quick_in_c decides it for the lazy-EPT exit.) */
+static int pf_stop_quiet(const pfexit_t *p) {
+    const fastexit_t *s = p->s;
+    return p->c_armed && s->armed && p->epoch == p->armed_epoch && *p->clk_deadline == p->armed_deadline
+        && !*p->clk_stopped && !*p->clk_discard && !*p->clk_stop_next && !*p->clk_check_if && vapic_quiet(s);
+}
+
+/* Does a #PF with this error code exit? (SDM Vol. 3C 25.2; VmxCpu._exception_exits) */
+static int pf_exits(const pfexit_t *p, uint32_t ec) {
+    int match = (ec & p->pfec_mask) == p->pfec_match;
+    return (p->exception_bitmap >> 14 & 1) ? match : !match;
+}
+
+typedef struct {
+    fastexit_t *s;
+    void *uc;
+} hw_regs_t;
+
+static int hw_reg(void *ctx, int reg, uint32_t *out) {   /* cpu/_storeop.h st_reg_fn */
+    hw_regs_t *r = (hw_regs_t *)ctx;
+    uint64_t v = 0;
+    if (r->s->reg_read(r->uc, r->s->gpr_reg[reg], &v)) return 0;
+    *out = (uint32_t)v;
+    return 1;
+}
+
+/* ShadowPaging.page_fault's walk for a supervisor store at `gva` (memory/walk.py) when it sets no accessed
+ * or dirty bit and finds what the shadow's entry `e` holds: the references it makes, or 0. */
+static uint32_t unchanged_walk(const fastexit_t *s, uint32_t cr0, uint32_t cr3, uint32_t cr4, uint32_t gva,
+                               const sentry_t *e) {
+    uint32_t pde, leaf, rights, frame, refs;
+    uint64_t at = (cr3 & 0xFFFFF000u) | ((gva >> 20) & 0xFFCu);
+    if (at + 4 > s->ram_bytes) return 0;
+    memcpy(&pde, s->ram + at, 4);
+    if ((pde & (PTE_P | PTE_A)) != (PTE_P | PTE_A)) return 0;
+    if ((pde & PTE_PS) && (cr4 & SM_PSE)) {
+        if (pde & 0x003FE000u) return 0;
+        leaf = rights = pde;
+        frame = (pde & 0xFFC00000u) | (gva & 0x003FF000u);
+        refs = 1;
+    } else {
+        at = (pde & 0xFFFFF000u) | ((gva >> 10) & 0xFFCu);
+        if (at + 4 > s->ram_bytes) return 0;
+        memcpy(&leaf, s->ram + at, 4);
+        rights = pde & leaf;
+        frame = leaf & 0xFFFFF000u;
+        refs = 2;
+    }
+    if ((leaf & (PTE_P | PTE_A | PTE_D)) != (PTE_P | PTE_A | PTE_D)) return 0;
+    if (!(rights & PTE_RW) && (cr0 & SM_WP)) return 0;   /* a protection fault (or WP = 0's grant): Python's */
+    if (e->gpa != frame || e->rights != (rights & (PTE_RW | PTE_US)) || !e->dirty) return 0;
+    return refs;
+}
+
+static int ptemod_exit(pfexit_t *p, void *uc, uint64_t vaddr) {
+    fastexit_t *s = p->s;
+    shadowmirror_t *m = s->mirror;
+    uint64_t cr0 = 0, cr3 = 0, cr4 = 0, ss = 0, eflags = 0, eip = 0, v;
+    uint32_t addr = 0, src = 0, size = 0, old = 0, value, refs;
+    const sentry_t *e;
+    sm_ptemod_t plan;
+    hw_regs_t regs = {s, uc};
+    uint8_t code[15];
+    int op = 0, len;
+    int64_t gpa, n = 0;
+    if (!m || !s->shadow_ok || !*s->shadow_ok || !m->serial || m->made >= SM_MADE || !pf_stop_quiet(p)) return 0;
+    if (!pf_exits(p, PFEC_P | PFEC_W)) return 0;   /* (a supervisor write to a present entry) */
+    if (s->reg_read(uc, p->ss, &ss) || (ss & 3) != 0) return 0;
+    if (s->reg_read(uc, p->eflags, &eflags) || (eflags & EFLAGS_VM)) return 0;
+    if (s->reg_read(uc, s->cr0, &cr0) || s->reg_read(uc, s->cr3, &cr3) || s->reg_read(uc, s->cr4, &cr4)) return 0;
+    if (((uint32_t)cr0 & SM_PG) == 0 || ((uint32_t)cr3 & 0xFFFFF000u) != *s->shadow_key) return 0;
+    if (s->reg_read(uc, s->eip, &eip) || !s->peek(s->peek_state, uc, (uint32_t)eip, 15, code)) return 0;
+    len = st_decode(code, hw_reg, &regs, &op, &size, &src, &addr);
+    if (!len || (addr & 0xFFFFF000u) != (uint32_t)vaddr || (addr & 0xFFFu) + size > 0x1000u) return 0;
+    e = sm_entry(m, (uint32_t)cr0, (uint32_t)cr3, (uint32_t)cr4, addr >> 12);
+    gpa = sm_hv_gpa(m, (uint32_t)cr0, (uint32_t)cr3, (uint32_t)cr4, addr, 1, 0);
+    if (!e || gpa < 0 || !(refs = unchanged_walk(s, (uint32_t)cr0, (uint32_t)cr3, (uint32_t)cr4, addr, e))) return 0;
+    if (!sm_ptemod_plan(m, s->ram, s->ram_bytes, (uint64_t)gpa, size, p->uc_ctl != NULL, &plan)) return 0;
+    if (!p->left_block || !p->left_block(p->books, (uint32_t)eip, &n) || n < 1) return 0;
+    /* From here on the exit is ours: the handler's emulation, then the entry's EIP. */
+    value = st_apply((uint8_t *)s->ram + gpa, op, size, src, &old);
+    if (op != ST_MOV) {
+        v = st_flags(op, old, src & (size == 4 ? 0xFFFFFFFFu : 0xFFu), value, size, eflags);
+        s->reg_write(uc, p->eflags, &v);
+    }
+    v = (uint32_t)(eip + (uint32_t)len);
+    s->reg_write(uc, s->eip, &v);
+    vclock_add(s->clock_now_w, -(int64_t)(n - 1));   /* Vcpu.left_block_at(eip), then clock.unretire(-1) */
+    *p->fills += 1;                    /* Mmu.fill's refused fill, and its shadow hit */
+    p->pf_walks++;                     /* page_fault's _resolve: its walk */
+    p->pf_refs += refs;
+    sm_ptemod_done(m, &plan, (uint32_t)eip);
+    if (plan.zap) {
+        p->uc_ctl(uc, p->tlb_flush_ctl);
+        p->zap_total++;
+    }
+    p->exits++;
+    p->last_qual = addr;               /* CR2: the store's operand (VmxCpu.exact_linear) */
+    p->last_code = PFEC_P | PFEC_W;
+    p->last_rip = (uint32_t)eip;
+    p->last_next = (uint32_t)v;
+    s->last_kind = LAST_PF;
+    p->ptemod_total++;
+    p->loop_exit(*(void **)((uint8_t *)uc + p->cpu_offset));   /* does not return */
+    return 0;
+}
+
+int fastexit_pf_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *user_data) {
+    pfexit_t *p = (pfexit_t *)user_data;
+    (void)e;
+    if (!p->s || type != MEM_WRITE || !p->ptemod_on) return 0;
+    return ptemod_exit(p, uc, vaddr);
 }
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fastexit", NULL, -1, NULL};

@@ -36,16 +36,18 @@ from __future__ import annotations
 
 import ctypes
 
-from unicorn import UC_HOOK_CODE, UC_HOOK_INSN
+from unicorn import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH, UC_HOOK_CODE, UC_HOOK_INSN
 from unicorn import x86_const as X
 from unicorn.unicorn_py3 import unicorn as _ucmod
 
 from cpuvirt.cpu.ssealign import _short_context
+from cpuvirt.cpu.truefault import TrueFaultHook
 from cpuvirt.cpu.vcpu import IO_CYCLES, IO_INSTRUCTIONS
 from cpuvirt.engine import regs as R
 from cpuvirt.engine.cext import add_c_hook, load
 from cpuvirt.engine.cpuid import _Leaf
 from cpuvirt.engine.hooks import HOOK_INSN_IN_CFUNC, HOOK_INSN_OUT_CFUNC
+from cpuvirt.memory.shadowmirror import ShadowMirror
 from cpuvirt.modes.hw import exits as E
 from cpuvirt.modes.hw.vmcs import Field as F
 from cpuvirt.x86.cpuid import CR4_RESERVED
@@ -160,7 +162,7 @@ class _State(ctypes.Structure):
     ]
 
 
-LAST_CPUID, LAST_CR3, LAST_INVLPG = 0, 1, 2  # _fastexit.c last_kind: which record C wrote last
+LAST_CPUID, LAST_CR3, LAST_INVLPG, LAST_PF = 0, 1, 2, 3  # _fastexit.c last_kind: which record C wrote last
 
 
 class _CrSite(ctypes.Structure):
@@ -208,8 +210,53 @@ def _guarded_out(vcpu):
     return hook
 
 
+class _PfState(ctypes.Structure):
+    """Mirror of pfexit_t (checked against fastexit_pf_sizeof at load)."""
+
+    _fields_ = [
+        ("s", ctypes.c_void_p),
+        ("ptemod_on", ctypes.c_uint32),
+        ("c_armed", ctypes.c_uint32),
+        ("exception_bitmap", ctypes.c_uint32),
+        ("pfec_mask", ctypes.c_uint32),
+        ("pfec_match", ctypes.c_uint32),
+        ("ss", ctypes.c_int32),
+        ("eflags", ctypes.c_int32),
+        ("epoch", ctypes.c_uint64),
+        ("armed_epoch", ctypes.c_uint64),
+        ("armed_deadline", ctypes.c_uint64),
+        ("clk_deadline", ctypes.c_void_p),
+        ("clk_stopped", ctypes.c_void_p),
+        ("clk_discard", ctypes.c_void_p),
+        ("clk_stop_next", ctypes.c_void_p),
+        ("clk_check_if", ctypes.c_void_p),
+        ("left_block", ctypes.c_void_p),
+        ("books", ctypes.c_void_p),
+        ("fills", ctypes.c_void_p),
+        ("cpu_offset", ctypes.c_uint64),
+        ("loop_exit", ctypes.c_void_p),
+        ("uc_ctl", ctypes.c_void_p),
+        ("tlb_flush_ctl", ctypes.c_int32),
+        ("pad", ctypes.c_uint32),
+        ("pf_fills", ctypes.c_uint64),
+        ("pf_walks", ctypes.c_uint64),
+        ("pf_refs", ctypes.c_uint64),
+        ("pf_faults", ctypes.c_uint64),
+        ("exits", ctypes.c_uint64),
+        ("last_qual", ctypes.c_uint32),
+        ("last_code", ctypes.c_uint32),
+        ("last_rip", ctypes.c_uint32),
+        ("last_next", ctypes.c_uint32),
+        ("ptemod_total", ctypes.c_uint64),
+        ("zap_total", ctypes.c_uint64),
+    ]
+
+
 def _lib():
-    lib = load("cpuvirt.modes.hw._fastexit", {"fastexit_sizeof": _State, "fastexit_cr_site_sizeof": _CrSite})
+    lib = load(
+        "cpuvirt.modes.hw._fastexit",
+        {"fastexit_sizeof": _State, "fastexit_cr_site_sizeof": _CrSite, "fastexit_pf_sizeof": _PfState},
+    )
     if lib is not None:
         lib.fastexit_put_site.argtypes = (ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32)
         lib.fastexit_drop_site.argtypes = (ctypes.c_void_p, ctypes.c_uint64)
@@ -527,3 +574,71 @@ class FastExits:
     def reads_passed(self) -> int:
         """invlpg and mov from CR2/CR3 answered in C (nothing to do: no exit)."""
         return self._state.read_total
+
+
+class PfExits(TrueFaultHook):
+    """hw --no-ept's #PF exit of a ptemod made in the TLB fill (_fastexit.c fastexit_pf_hook): the guest
+    kernel's store into one of its page tables, which the shadow maps read-only, emulated with the whole exit
+    (the handler's emulation, GUEST_RIP, the entry) while the stop of the full exit would change nothing else.
+    The hook must come before Mmu.fill's, so it is added when the mode is built (`install`, after the
+    shadow's C fill) and does nothing until `attach` gives it the C exit state, the shadow fill's counter and
+    the event books; VmxCpu arms it at each VM entry (`arm`) and folds its record (`take`).
+    CPUVIRT_HW_PTEMOD_C=0 leaves every such exit to Python (VmxCpu.shadow_ptemod_c)."""
+
+    STATE = _PfState
+
+    @classmethod
+    def install(cls, uc) -> "PfExits | None":
+        lib = _lib()
+        if lib is None:
+            return None
+        return cls(uc, lib.fastexit_pf_hook, "install hw's C #PF-exit hook")
+
+    def attach(self, fast_exits: "FastExits", fill, shadow, books) -> bool:
+        """Make the exits from now on: `fill` the shadow's C fill (ShadowFastFill, whose count is Mmu.fill's and
+        the shadow's hits), `books` the C event books (cpu/fastdelivery.py EventBooks: the running block's
+        instructions). False when something it needs is missing (the exits stay Python's)."""
+        from cpuvirt.cpu.fastdelivery import _engine_cpu
+
+        vcpu = fast_exits.vcpu
+        found = _engine_cpu(vcpu.uc)
+        mirror = ShadowMirror.of(shadow)
+        fst = fast_exits._state
+        if found is None or mirror is None or fill is None or books is None or not fst.mirror or not fst.peek:
+            return False
+        mirror.track_links()  # which words of a page table a shadow entry derives from
+        st = self.state
+        st.cpu_offset, st.loop_exit = found
+        st.uc_ctl = ctypes.cast(_ucmod.uclib.uc_ctl, ctypes.c_void_p).value
+        st.tlb_flush_ctl = (UC_CTL_IO_WRITE << 30) | UC_CTL_TLB_FLUSH  # no argument
+        st.ss, st.eflags = X.UC_X86_REG_SS, X.UC_X86_REG_EFLAGS
+        fstate = fill._state
+        st.fills = ctypes.addressof(fstate) + type(fstate).fills.offset
+        st.left_block = ctypes.cast(books._lib.delivery_books_left_block, ctypes.c_void_p).value
+        st.books = books.address
+        self._keep = (fast_exits, fill, books)  # what C points at, alive as long as the hook
+        self.count_in(vcpu.mmu, shadow)
+        st.ptemod_on = 1
+        st.s = fast_exits._addr
+        return True
+
+    def arm(self, ok: bool, exception_bitmap: int, pfec_mask: int, pfec_match: int) -> None:
+        """At a VM entry: may C make the exits until the next one, and the controls that say whether a #PF
+        exits (SDM Vol. 3C 25.2)."""
+        st = self.state
+        st.exception_bitmap, st.pfec_mask, st.pfec_match = exception_bitmap, pfec_mask, pfec_match
+        st.c_armed = int(ok)
+
+    def take(self) -> tuple[int, int, int, int, int]:
+        """(exits made in C since the last call, and the last one's exit qualification, error code, RIP and
+        GUEST_RIP after its handler)."""
+        st = self.state
+        n = st.exits
+        if n:
+            st.exits = 0
+        return n, st.last_qual, st.last_code, st.last_rip, st.last_next
+
+    @property
+    def ptemods(self) -> int:
+        """ptemod exits made in C in the whole run."""
+        return self.state.ptemod_total

@@ -47,7 +47,7 @@ from cpuvirt.modes.hw import apicv
 from cpuvirt.modes.hw import exits as E
 from cpuvirt.modes.hw.controls import CONTROLS, VmxSettings
 from cpuvirt.modes.hw.exits import Exit, ExitReason
-from cpuvirt.modes.hw.fastexit import LAST_INVLPG, FastExits
+from cpuvirt.modes.hw.fastexit import LAST_INVLPG, LAST_PF, FastExits, PfExits
 from cpuvirt.modes.hw.nonroot import INSTRUCTION_HANDLERS, PRIVILEGED, SENSITIVE, Sensitive
 from cpuvirt.modes.hw.vmcs import Field as F
 from cpuvirt.modes.hw.vmcs import Vmcs
@@ -140,6 +140,9 @@ class VmxCpu(Vcpu):
         self._default_exception = RootHypervisor.handle_exception_nmi  # what the quick shadow #PF exit does as
         self.quick_shadow_exits = 0  # hidden-#PF exits taken without a stop (among `exits`)
         self._ept_c: Any = None  # _tlbfill.c's state when it takes lazy-EPT exits itself (_install_quick_ept_c)
+        self._pf_exits: PfExits | None = None  # no EPT: the #PF exits of ptemods made in the fill (fastexit.py)
+        self._shadow_fill: ShadowFastFill | None = None  # no EPT: the shadow's C fill
+        self._stop_watchers: list = []  # C states that make exits only while the stop would change nothing
         self._io_forms: dict = {}
         self.shadow: ShadowPaging | None = None  # without EPT: KVM's shadow MMU (memory/shadow.py)
         self.pf_access = 0  # access kind of the last shadow #PF (the handler walks for it)
@@ -196,8 +199,11 @@ class VmxCpu(Vcpu):
                 self.shadow.quick_miss = self.quick_shadow_miss
             fill = ShadowFastFill.install(self.mmu)  # before Mmu.fill's hook: the shadow's hits in C
             if fill is not None and fill.follow(self.shadow, None, 0xFFFFFFFF):  # keyed by the engine's CRs
+                self._shadow_fill = fill
                 if self.quick_shadow_pf and self.quick_shadow_pf_c:
                     fill.set_quick_exit(self.quick_shadow_exit)  # the common hidden faults' walk in C
+                if self.shadow_ptemod_c:
+                    self._pf_exits = PfExits.install(self.uc)  # after the shadow's fill, before Mmu.fill's
         self.install_hooks()
         if s.bits["enable_ept"]:
             self._setup_apic_virtualization()
@@ -256,6 +262,10 @@ class VmxCpu(Vcpu):
             fast.set_quiet(*fx.quiet_function())
         fast.install_intr(self)
         self._arm_delivery()
+        pf = self._pf_exits
+        if pf is not None and fx is not None and fast is shadow_peek and self.shadow is not None:
+            if pf.attach(fx, self._shadow_fill, self.shadow, fast.books):
+                self._watch_stops(pf.state)
         if self.intercepts is not None and fast is not shadow_peek:
             fast.install_sites(self, iret_only=True)  # an iret with nothing for cpuvirt to do, in C
         if self.mmu.crs_source is None:
@@ -330,6 +340,10 @@ class VmxCpu(Vcpu):
                 self._exit_info(ExitReason.INVLPG, la, ilen, irip)
                 self.vmcs._cache.clear()
                 rip = -1
+        if self._pf_exits is not None and self._pf_exits.state.exits:
+            self._fold_pf_exits(fx.last_kind == LAST_PF)
+            if fx.last_kind == LAST_PF:
+                rip = -1
         st = self._ept_c
         if st is not None and st.c_exits:
             # EPT violations taken in C too: the last exit's fields are those of whichever came last (the
@@ -338,6 +352,19 @@ class VmxCpu(Vcpu):
             return
         if n:
             self._fold_cpuid(n, rip)
+
+    def _fold_pf_exits(self, last: bool) -> None:
+        """The ptemods' #PF exits _fastexit.c made (without EPT): vm_exit's counts, and, when one was the last
+        exit C made, its fields as vm_exit, handle_exception_nmi (GUEST_RIP past the emulated store) and
+        on_refused_fill (the access the handler walks for) leave them."""
+        assert self._pf_exits is not None
+        n, qual, code, rip, after = self._pf_exits.take()
+        self._count_exits(ExitReason.EXCEPTION_NMI, n)
+        self.pf_access = Access.WRITE
+        if last:
+            w = self._exit_info(ExitReason.EXCEPTION_NMI, qual, 0, rip, _PF_EXIT_INFO, code)
+            w[_GUEST_RIP] = after
+            self.vmcs._cache.clear()
 
     def _fold_cpuid(self, n: int, rip: int) -> None:
         """n CPUID exits answered in C (their counters), the last at rip (its exit fields, written after
@@ -378,6 +405,9 @@ class VmxCpu(Vcpu):
     shadow_cr3_c = os.environ.get("CPUVIRT_HW_CR3_C", "1") != "0"
     # ... and its INVLPG exits (the page dropped from the shadow's C copy of the root); CPUVIRT_HW_INVLPG_C=0
     shadow_invlpg_c = os.environ.get("CPUVIRT_HW_INVLPG_C", "1") != "0"
+    # ... and the #PF exits of ptemods, the store emulated in the TLB fill (fastexit.py PfExits);
+    # CPUVIRT_HW_PTEMOD_C=0 keeps them Python's
+    shadow_ptemod_c = os.environ.get("CPUVIRT_HW_PTEMOD_C", "1") != "0"
 
     def _install_shadow_peek(self, shadow: ShadowPaging) -> None:
         fast = self._shadow_peek = FastDelivery.install_shadow(self)
@@ -453,6 +483,16 @@ class VmxCpu(Vcpu):
             fx.disarm()
         if self._ept_c is not None:
             self._arm_quick_ept()
+        pf = self._pf_exits
+        if pf is not None and pf.state.s:
+            v = self.vmcs._values
+            pf.arm(
+                self._quick_exits_armed(ExitReason.EXCEPTION_NMI, self._default_exception)
+                and not v[_WINDOW_FIELD] >> _WINDOW_BIT & 1,
+                v[F.EXCEPTION_BITMAP],
+                v[F.PAGE_FAULT_ERROR_CODE_MASK],
+                v[F.PAGE_FAULT_ERROR_CODE_MATCH],
+            )
 
     def finish(self, kind: str, status: int, message: str = "") -> None:
         if self.fast_exits is not None:
@@ -1251,23 +1291,36 @@ class VmxCpu(Vcpu):
         st.fx_armed = base + type(fxs).armed.offset
         st.fx_cpuid = base + type(fxs).cpuid_exits.offset
         st.quiet_fn, st.quiet_state = fx.quiet_function()
+        st.eip_reg = X.UC_X86_REG_EIP
+        gprs = (X.UC_X86_REG_EAX, X.UC_X86_REG_ECX, X.UC_X86_REG_EDX, X.UC_X86_REG_EBX,
+                X.UC_X86_REG_ESP, X.UC_X86_REG_EBP, X.UC_X86_REG_ESI, X.UC_X86_REG_EDI)  # fmt: skip
+        for i, reg in enumerate(gprs):
+            st.gpr[i] = reg
+        self._watch_stops(st)
+        self._arm_quick_ept()
+
+    def _watch_stops(self, st) -> None:
+        """A C state that makes exits only while the full exit's stop would change nothing (_tlbfill.c
+        quick_in_c, _fastexit.c fastexit_pf_hook): point it at the clock's deadline and stop flags, and bump its
+        epoch whenever a device changes the CPU's interrupt or timer state, an MMIO range moves or the I/O gate
+        arms (until the run loop arms the clock again, _next_deadline)."""
         cs = self.clock._state
         cbase = ctypes.addressof(cs)
         ct = type(cs)
         st.clk_deadline = cbase + ct.deadline.offset
         st.clk_stopped, st.clk_discard = cbase + ct.stopped.offset, cbase + ct.discard.offset
         st.clk_stop_next, st.clk_check_if = cbase + ct.stop_next.offset, cbase + ct.check_if.offset
-        st.eip_reg = X.UC_X86_REG_EIP
-        gprs = (X.UC_X86_REG_EAX, X.UC_X86_REG_ECX, X.UC_X86_REG_EDX, X.UC_X86_REG_EBX,
-                X.UC_X86_REG_ESP, X.UC_X86_REG_EBP, X.UC_X86_REG_ESI, X.UC_X86_REG_EDI)  # fmt: skip
-        for i, reg in enumerate(gprs):
-            st.gpr[i] = reg
         st.epoch, st.armed_epoch = 1, 0  # nothing taken before the run loop arms the clock
+        self._stop_watchers.append(st)
+        if len(self._stop_watchers) > 1:
+            return  # (the device hooks below bump every watcher's)
+        watchers = self._stop_watchers
         m = self.machine
         inner = m.on_interrupts_changed
 
         def changed() -> None:
-            st.epoch += 1
+            for w in watchers:
+                w.epoch += 1
             if inner is not None:
                 inner()
 
@@ -1276,15 +1329,16 @@ class VmxCpu(Vcpu):
         register, unregister = mmio.register, mmio.unregister
 
         def moved_register(gpa: int, size: int, device) -> None:
-            st.epoch += 1
+            for w in watchers:
+                w.epoch += 1
             register(gpa, size, device)
 
         def moved_unregister(gpa: int) -> None:
-            st.epoch += 1
+            for w in watchers:
+                w.epoch += 1
             unregister(gpa)
 
         mmio.register, mmio.unregister = moved_register, moved_unregister  # type: ignore[method-assign]
-        self._arm_quick_ept()
 
     def _arm_quick_ept(self) -> None:
         """At each VM entry: may _tlbfill.c take the lazy-EPT exit itself until the next one? (With the fast
@@ -1314,15 +1368,14 @@ class VmxCpu(Vcpu):
 
     def _next_deadline(self) -> int:
         d = super()._next_deadline()
-        st = self._ept_c
-        if st is not None:  # the deadline the clock gets now, and the device state it was computed from
+        for st in self._stop_watchers:  # the deadline the clock gets now, and the device state it was computed from
             st.armed_deadline, st.armed_epoch = d, st.epoch
         return d
 
     def arm_io_gate(self) -> None:
         super().arm_io_gate()
-        if self._ept_c is not None:
-            self._ept_c.epoch += 1  # the run loop drops the engine's translations first
+        for st in self._stop_watchers:
+            st.epoch += 1  # the run loop drops the engine's translations first
 
     def _fold_quick_ept(self) -> None:
         """The EPT violations _tlbfill.c took since the last fold: the counters, and the exit-information
