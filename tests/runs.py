@@ -44,27 +44,37 @@ EXIT_FIELDS = (
     "VMX_INSTRUCTION_INFO",
     "GUEST_RIP",
     "GUEST_CR3",
+    "VM_ENTRY_INTR_INFO_FIELD",
+    "VM_ENTRY_EXCEPTION_ERROR_CODE",
+    "VM_ENTRY_INSTRUCTION_LEN",
 )
 
 
 def hw_shadow_run(path, switch: str, on: bool, monkeypatch):
     """hw --no-ept with VmxCpu's class switch `switch` on or off: (the run's record, its reasons, the shadow's
-    counters, the VmxCpu, and at every VM exit Python makes, C's folded first, the exit's reason, RIP and
-    virtual time with the exit-information fields the VMCS holds then)."""
+    counters, the VmxCpu, and at every VM exit Python makes, C's folded first, and at every stop of the run loop
+    after its folds, the exit's reason (-1 at a stop), RIP and virtual time with the exit-information and
+    entry-injection fields the VMCS holds then)."""
+    from cpuvirt.engine import regs as R
     from cpuvirt.modes.hw.vmcs import Field
     from cpuvirt.modes.hw.vmx import VmxCpu
     from cpuvirt.runner import run_guest
 
     fields = [Field[name] for name in EXIT_FIELDS]
     seen: list[tuple] = []
-    original = VmxCpu.vm_exit
+    original, original_entry = VmxCpu.vm_exit, VmxCpu.before_entry
 
     def vm_exit(self, reason, rip, **kw):
         self.fold_fast_exits()
         seen.append((int(reason), rip, self.clock.now, tuple(self.vmcs._values.get(f) for f in fields)))
         return original(self, reason, rip, **kw)
 
+    def before_entry(self):  # each stop of the run loop (-1: no exit), where the fields are folded too
+        original_entry(self)
+        seen.append((-1, self.regs.read(R.EIP), self.clock.now, tuple(self.vmcs._values.get(f) for f in fields)))
+
     monkeypatch.setattr(VmxCpu, "vm_exit", vm_exit)
+    monkeypatch.setattr(VmxCpu, "before_entry", before_entry)
     monkeypatch.setattr(VmxCpu, switch, on)
     cpus: list = []
     res = run_guest(str(path), "hw", 32, 50_000_000, mode_options={"ept": False}, on_start=cpus.append)

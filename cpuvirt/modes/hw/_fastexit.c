@@ -36,6 +36,7 @@
 #include "../../memory/_shadowmirror.h"   /* without EPT: the shadow's current root, for an INVLPG exit */
 #include "../../cpu/_modrm.h"             /* ... and its operand */
 #include "../../cpu/_storeop.h"           /* a ptemod's decode and store, shared with trap's */
+#include "../../cpu/_truefault.h"         /* a true #PF's walk and CR2, shared with trap's and full's */
 #include "../../engine/_tlbhook.h"        /* the TLB-fill hook's entry and access types */
 
 typedef int (*reg_read_fn)(void *uc, int regid, void *value);
@@ -463,10 +464,13 @@ int fastexit_rdtsc_hook(void *uc, void *user_data) {
  * (cpu_loop_exit). Anything else: 0, nothing changed, Mmu.fill's (the full exit). */
 typedef int (*left_block_fn)(void *books, uint32_t boundary, int64_t *n);
 typedef int (*uc_ctl_fn)(void *uc, int ctl, ...);
+typedef int (*deliver_fn)(void *state, void *uc, uint32_t vector, uint32_t return_eip, uint32_t error_code,
+                          int flags);
 
 typedef struct {
     fastexit_t *s;               /* NULL until attached (fastexit.py PfExits.attach): every fill is Mmu.fill's */
     uint32_t ptemod_on;          /* CPUVIRT_HW_PTEMOD_C */
+    uint32_t pf_on;              /* CPUVIRT_HW_PF_C: true #PFs too */
     uint32_t c_armed;            /* at the last VM entry: the default #PF handler, no window exiting */
     uint32_t exception_bitmap, pfec_mask, pfec_match;   /* copied at that entry */
     int32_t ss, eflags;          /* Unicorn's register ids */
@@ -481,13 +485,18 @@ typedef struct {
     void (*loop_exit)(void *cpu);   /* QEMU's cpu_loop_exit */
     uc_ctl_fn uc_ctl;
     int32_t tlb_flush_ctl;
-    uint32_t pad;
+    int32_t cr2;                 /* Unicorn's register id */
+    deliver_fn deliver;          /* cpu/_delivery.c delivery_fast, on the state of fastexit_t's peek */
     /* counts for MmuCounters.walkers: _resolve's walks of the exits made here (cpu/truefault.py) */
     uint64_t pf_fills, pf_walks, pf_refs, pf_faults;
-    /* the exits made here, not yet folded, and the last one's fields */
+    /* the exits made here, not yet folded, and the last one's fields; of the
+     * true faults among them, how many and the last one's error code for the guest (the injection's) */
     uint64_t exits;
     uint32_t last_qual, last_code, last_rip, last_next;
-    uint64_t ptemod_total, zap_total;
+    uint32_t true_exits;
+    uint32_t last_guest_code;
+    uint32_t refused;            /* the engine refused a register write delivering the #PF (a cpuvirt bug) */
+    uint64_t ptemod_total, zap_total, true_total;
 } pfexit_t;
 
 size_t fastexit_pf_sizeof(void) { return sizeof(pfexit_t); }
@@ -610,11 +619,80 @@ static int ptemod_exit(pfexit_t *p, void *uc, uint64_t vaddr) {
     return 0;
 }
 
+/* -- ... and of a true #PF ---------------------------------------------------------------------------------
+ * A load or store at CPL 0 or 3 whose page the shadow's current root has no entry for, and whose walk of the
+ * guest's tables faults: the full exit's stop (Vcpu.left_block_at), vm_exit, handle_exception_nmi
+ * (ShadowPaging.page_fault: _resolve's walk, which sets PDE.A when it used the PDE, and counts the walk and
+ * the true fault; CR2 := the exit qualification, the exact address: cpu/_truefault.h tf_operand's forms
+ * only; the #PF injected with the guest's error code) and vm_entry (the delivery through the guest's IDT, in
+ * C as the Python entry makes it: cpu/_delivery.c delivery_fast over the shadow's copy), under the
+ * conditions of the ptemod's exit. A delivery delivery_fast declines puts back what was made (PDE.A, CR2):
+ * the fill is Mmu.fill's. Fetches stay Python's (as trap's and full's). */
+static int true_pf_exit(pfexit_t *p, void *uc, uint64_t vaddr, int type) {
+    fastexit_t *s = p->s;
+    shadowmirror_t *m = s->mirror;
+    uint64_t cr0 = 0, cr3 = 0, cr4 = 0, ss = 0, eip = 0, old = 0, v;
+    uint32_t ec = 0, refs = 0, ea = 0, code, cr2;
+    int write = type == MEM_WRITE, user, r;
+    int64_t pde_a, n = 0;
+    hw_regs_t regs = {s, uc};
+    tf_made_t made;
+    uint8_t bytes[15];
+    if (!m || !s->shadow_ok || !*s->shadow_ok || !m->serial || !pf_stop_quiet(p)) return 0;
+    if (s->reg_read(uc, s->cr0, &cr0) || s->reg_read(uc, s->cr3, &cr3) || s->reg_read(uc, s->cr4, &cr4)) return 0;
+    if (!((uint32_t)cr0 & SM_PG) || ((uint32_t)cr4 & 0x20u)) return 0;   /* (no PAE) */
+    if ((((uint32_t)cr0 & SM_PG) | ((uint32_t)cr4 & SM_PSE)) != m->mode || ((uint32_t)cr3 & 0xFFFFF000u) != m->key
+        || m->key != *s->shadow_key)
+        return 0;
+    if (sm_present(m, (uint32_t)vaddr >> 12)) return 0;   /* an entry: the shadow's error code has P; Python's */
+    if (s->reg_read(uc, p->ss, &ss) || ((ss & 3) != 0 && (ss & 3) != 3)) return 0;
+    user = (ss & 3) == 3;
+    code = (write ? PFEC_W : 0) | (user ? TF_PFEC_U : 0);   /* the shadow's #PF: no entry */
+    if (!pf_exits(p, code)) return 0;
+    if (!tf_walk(s->ram, s->ram_bytes, (uint32_t)cr0, (uint32_t)cr3, (uint32_t)cr4, (uint32_t)vaddr, write, user, &ec,
+                 &refs, &pde_a))
+        return 0;
+    if (s->reg_read(uc, s->eip, &eip) || !s->peek(s->peek_state, uc, (uint32_t)eip, 15, bytes)) return 0;
+    if (!tf_operand(bytes, hw_reg, &regs, &ea) || (ea & 0xFFFFF000u) != ((uint32_t)vaddr & 0xFFFFF000u)) return 0;
+    if (!p->left_block || !p->left_block(p->books, (uint32_t)eip, &n) || n < 1) return 0;
+    if (s->reg_read(uc, p->cr2, &old)) return 0;
+    cr2 = (uint32_t)old;
+    tf_make((uint8_t *)s->ram, pde_a, &cr2, ea, &made);   /* the walk's PDE.A; the handler's CR2 */
+    v = cr2;
+    if (s->reg_write(uc, p->cr2, &v)) r = 0;
+    else r = p->deliver(s->peek_state, uc, 14, (uint32_t)eip, ec, 1 /* F_ERROR_CODE */);
+    if (r == 0) {                      /* nothing delivered: put back what was made, Python does it */
+        tf_unmake((uint8_t *)s->ram, &cr2, &made);
+        v = cr2;
+        s->reg_write(uc, p->cr2, &v);
+        return 0;
+    }
+    if (r < 0) p->refused = 1;         /* the frame is pushed: a cpuvirt bug, Python raises at the fold */
+    vclock_add(s->clock_now_w, -(int64_t)n);   /* Vcpu.left_block_at(eip): the instruction did not retire */
+    p->pf_fills++;                     /* Mmu.fill's refused fill; _resolve's walk and true fault */
+    p->pf_walks++;
+    p->pf_refs += refs;
+    p->pf_faults++;
+    p->exits++;
+    p->true_exits++;
+    p->last_qual = ea;
+    p->last_code = code;
+    p->last_rip = (uint32_t)eip;
+    p->last_next = (uint32_t)eip;      /* GUEST_RIP: the faulting instruction (the handler writes none) */
+    p->last_guest_code = ec;
+    s->last_kind = LAST_PF;
+    p->true_total++;
+    p->loop_exit(*(void **)((uint8_t *)uc + p->cpu_offset));   /* does not return */
+    return 0;
+}
+
 int fastexit_pf_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *user_data) {
     pfexit_t *p = (pfexit_t *)user_data;
     (void)e;
-    if (!p->s || type != MEM_WRITE || !p->ptemod_on) return 0;
-    return ptemod_exit(p, uc, vaddr);
+    if (!p->s) return 0;
+    if (type == MEM_WRITE && p->ptemod_on && ptemod_exit(p, uc, vaddr)) return 1;   /* (never: cpu_loop_exit) */
+    if ((type == MEM_WRITE || type == MEM_READ) && p->pf_on) return true_pf_exit(p, uc, vaddr, type);
+    return 0;
 }
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fastexit", NULL, -1, NULL};

@@ -216,6 +216,7 @@ class _PfState(ctypes.Structure):
     _fields_ = [
         ("s", ctypes.c_void_p),
         ("ptemod_on", ctypes.c_uint32),
+        ("pf_on", ctypes.c_uint32),
         ("c_armed", ctypes.c_uint32),
         ("exception_bitmap", ctypes.c_uint32),
         ("pfec_mask", ctypes.c_uint32),
@@ -237,7 +238,8 @@ class _PfState(ctypes.Structure):
         ("loop_exit", ctypes.c_void_p),
         ("uc_ctl", ctypes.c_void_p),
         ("tlb_flush_ctl", ctypes.c_int32),
-        ("pad", ctypes.c_uint32),
+        ("cr2", ctypes.c_int32),
+        ("deliver", ctypes.c_void_p),
         ("pf_fills", ctypes.c_uint64),
         ("pf_walks", ctypes.c_uint64),
         ("pf_refs", ctypes.c_uint64),
@@ -247,8 +249,12 @@ class _PfState(ctypes.Structure):
         ("last_code", ctypes.c_uint32),
         ("last_rip", ctypes.c_uint32),
         ("last_next", ctypes.c_uint32),
+        ("true_exits", ctypes.c_uint32),
+        ("last_guest_code", ctypes.c_uint32),
+        ("refused", ctypes.c_uint32),
         ("ptemod_total", ctypes.c_uint64),
         ("zap_total", ctypes.c_uint64),
+        ("true_total", ctypes.c_uint64),
     ]
 
 
@@ -577,13 +583,15 @@ class FastExits:
 
 
 class PfExits(TrueFaultHook):
-    """hw --no-ept's #PF exit of a ptemod made in the TLB fill (_fastexit.c fastexit_pf_hook): the guest
-    kernel's store into one of its page tables, which the shadow maps read-only, emulated with the whole exit
-    (the handler's emulation, GUEST_RIP, the entry) while the stop of the full exit would change nothing else.
+    """hw --no-ept's #PF exits made in the TLB fill (_fastexit.c fastexit_pf_hook) while the stop of the full
+    exit would change nothing else: a ptemod's (the guest kernel's store into one of its page tables, which
+    the shadow maps read-only, emulated with the whole exit: the handler's emulation, GUEST_RIP, the entry)
+    and a true fault's (the walk, CR2, the injection and the entry's delivery through the guest's IDT).
     The hook must come before Mmu.fill's, so it is added when the mode is built (`install`, after the
     shadow's C fill) and does nothing until `attach` gives it the C exit state, the shadow fill's counter and
     the event books; VmxCpu arms it at each VM entry (`arm`) and folds its record (`take`).
-    CPUVIRT_HW_PTEMOD_C=0 leaves every such exit to Python (VmxCpu.shadow_ptemod_c)."""
+    CPUVIRT_HW_PTEMOD_C=0 leaves every ptemod's exit to Python, CPUVIRT_HW_PF_C=0 every true fault's
+    (VmxCpu.shadow_ptemod_c, shadow_true_pf_c)."""
 
     STATE = _PfState
 
@@ -594,7 +602,7 @@ class PfExits(TrueFaultHook):
             return None
         return cls(uc, lib.fastexit_pf_hook, "install hw's C #PF-exit hook")
 
-    def attach(self, fast_exits: "FastExits", fill, shadow, books) -> bool:
+    def attach(self, fast_exits: "FastExits", fill, shadow, books, ptemods: bool, faults: bool) -> bool:
         """Make the exits from now on: `fill` the shadow's C fill (ShadowFastFill, whose count is Mmu.fill's and
         the shadow's hits), `books` the C event books (cpu/fastdelivery.py EventBooks: the running block's
         instructions). False when something it needs is missing (the exits stay Python's)."""
@@ -611,14 +619,15 @@ class PfExits(TrueFaultHook):
         st.cpu_offset, st.loop_exit = found
         st.uc_ctl = ctypes.cast(_ucmod.uclib.uc_ctl, ctypes.c_void_p).value
         st.tlb_flush_ctl = (UC_CTL_IO_WRITE << 30) | UC_CTL_TLB_FLUSH  # no argument
-        st.ss, st.eflags = X.UC_X86_REG_SS, X.UC_X86_REG_EFLAGS
+        st.ss, st.eflags, st.cr2 = X.UC_X86_REG_SS, X.UC_X86_REG_EFLAGS, X.UC_X86_REG_CR2
+        st.deliver = ctypes.cast(books._lib.delivery_fast, ctypes.c_void_p).value  # (on fst.peek_state)
         fstate = fill._state
         st.fills = ctypes.addressof(fstate) + type(fstate).fills.offset
         st.left_block = ctypes.cast(books._lib.delivery_books_left_block, ctypes.c_void_p).value
         st.books = books.address
         self._keep = (fast_exits, fill, books)  # what C points at, alive as long as the hook
         self.count_in(vcpu.mmu, shadow)
-        st.ptemod_on = 1
+        st.ptemod_on, st.pf_on = int(ptemods), int(faults)
         st.s = fast_exits._addr
         return True
 
@@ -629,16 +638,23 @@ class PfExits(TrueFaultHook):
         st.exception_bitmap, st.pfec_mask, st.pfec_match = exception_bitmap, pfec_mask, pfec_match
         st.c_armed = int(ok)
 
-    def take(self) -> tuple[int, int, int, int, int]:
+    def take(self) -> tuple[int, int, int, int, int, int, int]:
         """(exits made in C since the last call, and the last one's exit qualification, error code, RIP and
-        GUEST_RIP after its handler)."""
+        GUEST_RIP after its handler; the true faults among them, and the last one's error code for the guest)."""
         st = self.state
-        n = st.exits
+        if st.refused:
+            raise RuntimeError("engine refused a register write delivering vector 14")
+        n, trues = st.exits, st.true_exits
         if n:
-            st.exits = 0
-        return n, st.last_qual, st.last_code, st.last_rip, st.last_next
+            st.exits = st.true_exits = 0
+        return n, st.last_qual, st.last_code, st.last_rip, st.last_next, trues, st.last_guest_code
 
     @property
     def ptemods(self) -> int:
         """ptemod exits made in C in the whole run."""
         return self.state.ptemod_total
+
+    @property
+    def true_faults(self) -> int:
+        """True #PF exits made in C in the whole run."""
+        return self.state.true_total

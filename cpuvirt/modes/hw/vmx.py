@@ -202,7 +202,7 @@ class VmxCpu(Vcpu):
                 self._shadow_fill = fill
                 if self.quick_shadow_pf and self.quick_shadow_pf_c:
                     fill.set_quick_exit(self.quick_shadow_exit)  # the common hidden faults' walk in C
-                if self.shadow_ptemod_c:
+                if self.shadow_ptemod_c or self.shadow_true_pf_c:
                     self._pf_exits = PfExits.install(self.uc)  # after the shadow's fill, before Mmu.fill's
         self.install_hooks()
         if s.bits["enable_ept"]:
@@ -264,7 +264,7 @@ class VmxCpu(Vcpu):
         self._arm_delivery()
         pf = self._pf_exits
         if pf is not None and fx is not None and fast is shadow_peek and self.shadow is not None:
-            if pf.attach(fx, self._shadow_fill, self.shadow, fast.books):
+            if pf.attach(fx, self._shadow_fill, self.shadow, fast.books, self.shadow_ptemod_c, self.shadow_true_pf_c):
                 self._watch_stops(pf.state)
         if self.intercepts is not None and fast is not shadow_peek:
             fast.install_sites(self, iret_only=True)  # an iret with nothing for cpuvirt to do, in C
@@ -354,13 +354,18 @@ class VmxCpu(Vcpu):
             self._fold_cpuid(n, rip)
 
     def _fold_pf_exits(self, last: bool) -> None:
-        """The ptemods' #PF exits _fastexit.c made (without EPT): vm_exit's counts, and, when one was the last
-        exit C made, its fields as vm_exit, handle_exception_nmi (GUEST_RIP past the emulated store) and
-        on_refused_fill (the access the handler walks for) leave them."""
+        """The #PF exits _fastexit.c made (without EPT: ptemods, true faults): vm_exit's counts; the last true
+        fault's injection as vm_entry leaves its fields (the valid bit cleared); and, when one was the last exit
+        C made, its fields as vm_exit and handle_exception_nmi (for a ptemod GUEST_RIP past the emulated store)
+        leave them."""
         assert self._pf_exits is not None
-        n, qual, code, rip, after = self._pf_exits.take()
+        n, qual, code, rip, after, trues, guest_code = self._pf_exits.take()
         self._count_exits(ExitReason.EXCEPTION_NMI, n)
-        self.pf_access = Access.WRITE
+        if trues:
+            v = self.vmcs._values
+            v[F.VM_ENTRY_INTR_INFO_FIELD] = _PF_EXIT_INFO & ~E.INTR_INFO_VALID
+            v[F.VM_ENTRY_EXCEPTION_ERROR_CODE] = guest_code
+            v[F.VM_ENTRY_INSTRUCTION_LEN] = 0
         if last:
             w = self._exit_info(ExitReason.EXCEPTION_NMI, qual, 0, rip, _PF_EXIT_INFO, code)
             w[_GUEST_RIP] = after
@@ -408,6 +413,8 @@ class VmxCpu(Vcpu):
     # ... and the #PF exits of ptemods, the store emulated in the TLB fill (fastexit.py PfExits);
     # CPUVIRT_HW_PTEMOD_C=0 keeps them Python's
     shadow_ptemod_c = os.environ.get("CPUVIRT_HW_PTEMOD_C", "1") != "0"
+    # ... and those of true faults, the #PF injected and delivered there too; CPUVIRT_HW_PF_C=0 keeps them Python's
+    shadow_true_pf_c = os.environ.get("CPUVIRT_HW_PF_C", "1") != "0"
 
     def _install_shadow_peek(self, shadow: ShadowPaging) -> None:
         fast = self._shadow_peek = FastDelivery.install_shadow(self)
