@@ -2,9 +2,11 @@
 fastexit_pf_hook): a ptemod's (the guest kernel's store into one of its page tables, which the shadow maps
 read-only: the store, its flags, EIP past it, the zap of the shadow entries derived from the word) and a true
 fault's (the walk's PDE.A, CR2, the #PF injected and delivered through the guest's IDT), each with the exit's
-bookkeeping; VmxCpu.fold_fast_exits later counts the exits and writes the last one's fields when it was the
-last exit C made, and the last injection's. With VmxCpu.shadow_ptemod_c or shadow_true_pf_c off
-(CPUVIRT_HW_PTEMOD_C=0, CPUVIRT_HW_PF_C=0) every run must leave the same console, counts, exit counts by
+bookkeeping; and records the exit of a hidden fault whose fill memory/_tlbfill.c makes (fastexit_hidden_exit,
+where VmxCpu.quick_shadow_exit recorded it in Python). VmxCpu.fold_fast_exits later counts the exits and writes
+the last one's fields when it was the last exit C made, and the last injection's. With VmxCpu.shadow_ptemod_c,
+shadow_true_pf_c or shadow_hidden_pf_c off (CPUVIRT_HW_PTEMOD_C=0, CPUVIRT_HW_PF_C=0,
+CPUVIRT_HW_HIDDEN_PF_C=0) every run must leave the same console, counts, exit counts by
 reason, memory and shadow counters and virtual time, and every VM exit Python makes must find the same
 exit-information and entry-injection fields in the VMCS as the Python run's."""
 
@@ -31,6 +33,7 @@ def _compare(path, switch, monkeypatch):
     py, py_reasons, py_shadow, py_cpu, py_seen = hw_shadow_run(path, switch, False, monkeypatch)
     assert c["outcome"] == "exit", c["message"]
     assert c == py and c_reasons == py_reasons and c_shadow == py_shadow
+    assert c_cpu.quick_shadow_exits == py_cpu.quick_shadow_exits
     same_exits(c_seen, py_seen)
     exits = [sum(1 for record in seen if record[0] >= 0) for seen in (c_seen, py_seen)]
     return c_cpu._pf_exits, py_cpu._pf_exits, exits[1] - exits[0]
@@ -59,9 +62,21 @@ def test_true_pf_exits_in_c_leave_what_python_leaves(guest, test_guest, monkeypa
         assert c.true_faults >= 15 * 40, c.true_faults
 
 
+@pytest.mark.parametrize("guest", GUESTS)
+def test_hidden_pf_exits_recorded_in_c_leave_what_python_leaves(guest, test_guest, monkeypatch, tmp_path):
+    c, py, fewer = _compare(_guest(guest, test_guest, tmp_path), "shadow_hidden_pf_c", monkeypatch)
+    assert py.hidden_faults == 0 and fewer == 0  # (quick exits either way: Python's made no stop either)
+    if guest == "nanobench":  # pgfault: the retried load's, one an iteration
+        assert c.hidden_faults >= 200 - 1, c.hidden_faults
+
+
 def test_the_switches():
-    code = "from cpuvirt.modes.hw.vmx import VmxCpu; print(VmxCpu.shadow_ptemod_c, VmxCpu.shadow_true_pf_c)"
-    names = ("CPUVIRT_HW_PTEMOD_C", "CPUVIRT_HW_PF_C")
-    assert switches_with(code, names) == ["True", "True"]
-    assert switches_with(code, names, CPUVIRT_HW_PTEMOD_C="0") == ["False", "True"]
-    assert switches_with(code, names, CPUVIRT_HW_PF_C="0") == ["True", "False"]
+    code = (
+        "from cpuvirt.modes.hw.vmx import VmxCpu as V; "
+        "print(V.shadow_ptemod_c, V.shadow_true_pf_c, V.shadow_hidden_pf_c)"
+    )
+    names = ("CPUVIRT_HW_PTEMOD_C", "CPUVIRT_HW_PF_C", "CPUVIRT_HW_HIDDEN_PF_C")
+    assert switches_with(code, names) == ["True", "True", "True"]
+    assert switches_with(code, names, CPUVIRT_HW_PTEMOD_C="0") == ["False", "True", "True"]
+    assert switches_with(code, names, CPUVIRT_HW_PF_C="0") == ["True", "False", "True"]
+    assert switches_with(code, names, CPUVIRT_HW_HIDDEN_PF_C="0") == ["True", "True", "False"]

@@ -66,7 +66,20 @@ class _Mmr(ctypes.Structure):
 class Regs:
     """Fast scalar register access for one Uc; table registers (GDTR, TR...) go through the wrapper."""
 
-    __slots__ = ("uc", "_h", "_buf", "_pbuf", "_wbuf", "_pwbuf", "_rr", "_rw", "_mmr", "_pmmr", "loading_descriptor")
+    __slots__ = (
+        "uc",
+        "_h",
+        "_buf",
+        "_pbuf",
+        "_wbuf",
+        "_pwbuf",
+        "_rr",
+        "_rw",
+        "_mmr",
+        "_pmmr",
+        "loading_descriptor",
+        "loading_flag",
+    )
 
     def __init__(self, uc):
         self.uc = uc
@@ -80,6 +93,7 @@ class Regs:
         self._pwbuf = ctypes.byref(self._wbuf)
         self._mmr = _Mmr()
         self.loading_descriptor = False  # see write
+        self.loading_flag = ctypes.c_uint32()  # the same, for C fill hooks (hw's #PF exits in C: modes/hw/_fastexit.c)
         self._pmmr = ctypes.byref(self._mmr)
         self._rr = bare("uc_reg_read")  # called with (c_void_p, int, byref) only
         self._rw = bare("uc_reg_write")
@@ -97,10 +111,12 @@ class Regs:
             # Python frames that called us (a host crash). A fill strategy that refuses to make the
             # guest exit (hw's shadow paging) serves the hypervisor's load instead while this is set.
             self.loading_descriptor = True
+            self.loading_flag.value = 1
             try:
                 failed = self._rw(self._h, reg, self._pwbuf)
             finally:
                 self.loading_descriptor = False
+                self.loading_flag.value = 0
         else:
             failed = self._rw(self._h, reg, self._pwbuf)
         if failed:

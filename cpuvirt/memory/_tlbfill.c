@@ -437,6 +437,10 @@ typedef struct {
      * is Python's (its own quick exit, or the full one). NULL: off. */
     int (*quick_cb)(uint64_t vaddr, int type, uint32_t error_code);
     uint64_t quick_exits;
+    /* ... asked first: the same exit recorded in C with no Python at all (modes/hw/_fastexit.c
+     * fastexit_hidden_exit, on its state): 1 = done; 0 = ask quick_cb. NULL: off. */
+    int (*quick_c)(void *state, void *uc, uint64_t vaddr, int type, uint32_t error_code);
+    void *quick_c_state;
 } shadowfill_t;
 
 size_t shadowfill_sizeof(void) { return sizeof(shadowfill_t); }
@@ -452,8 +456,8 @@ size_t shadowmirror_sizeof(void) { return sizeof(shadowmirror_t); }
  * room in the root (else Python trims it) and in the log; no write let through by CR0.WP = 0 (ShadowPaging._granted); a frame in RAM, and for a fetch a pairing
  * Mmu.fill has granted before. The entry goes into the copy, and into `made_log`, which ShadowPaging takes
  * into its own tables (links, traces, counters) before it next looks at them. Anything else: Python. */
-static int shadow_miss_fill(shadowfill_t *s, uint64_t vaddr, int type, tlb_entry_t *e, uint32_t cr0, uint32_t cr3,
-                            uint32_t cr4, int user, int had_entry) {
+static int shadow_miss_fill(shadowfill_t *s, void *uc, uint64_t vaddr, int type, tlb_entry_t *e, uint32_t cr0,
+                            uint32_t cr3, uint32_t cr4, int user, int had_entry) {
     shadowmirror_t *m = (shadowmirror_t *)s->mirror;
     uint32_t page = (uint32_t)(vaddr >> 12), pde = 0, leaf = 0, rights, refs, set_pde = 0, set_leaf = 0;
     uint64_t pde_gpa, leaf_gpa, gpa;
@@ -494,7 +498,9 @@ static int shadow_miss_fill(shadowfill_t *s, uint64_t vaddr, int type, tlb_entry
     if (type == MEM_FETCH && s->fetched[gpa >> 12] != (((uint32_t)vaddr & 0xFFFFF000u) | 1u)) return 0;
     if (sm_traced(m, gpa) && write) return 0;         /* a write to a traced frame: Mmu.fill's TracedWrite */
     if (!s->fill_misses) {   /* hw --no-ept: the #PF exit (P if the shadow had an entry, W, U as the access) */
-        if (!s->quick_cb || !s->quick_cb(vaddr, type, (had_entry ? P : 0) | (write ? 2u : 0) | (user ? US : 0)))
+        uint32_t code = (had_entry ? P : 0) | (write ? 2u : 0) | (user ? US : 0);
+        if (!(s->quick_c && s->quick_c(s->quick_c_state, uc, vaddr, type, code))
+            && !(s->quick_cb && s->quick_cb(vaddr, type, code)))
             return 0;
         s->quick_exits++;
         s->fills++;          /* the refused fill; the retry is counted below, a hit (fills - hidden) */
@@ -563,7 +569,7 @@ int shadowfill_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *us
     if (!en && !s->fill_misses && !s->quick_cb) return 0;
     if (s->reg_read(uc, s->ss, &ss)) return 0;
     user = (ss & 3) == 3;
-    if (!en) return shadow_miss_fill(s, vaddr, type, e, cr0, cr3, cr4, user, 0);
+    if (!en) return shadow_miss_fill(s, uc, vaddr, type, e, cr0, cr3, cr4, user, 0);
     rights = en->rights;
     if (user) {
         writable = (rights & RW) != 0;
@@ -574,7 +580,7 @@ int shadowfill_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *us
         if (writable && en->dirty && !(rights & RW)) return 0;   /* WP = 0 lets ring 1 write: _granted */
     }
     if (!allowed || (type == MEM_WRITE && !en->dirty))   /* a walk */
-        return s->fill_misses || s->quick_cb ? shadow_miss_fill(s, vaddr, type, e, cr0, cr3, cr4, user, 1) : 0;
+        return s->fill_misses || s->quick_cb ? shadow_miss_fill(s, uc, vaddr, type, e, cr0, cr3, cr4, user, 1) : 0;
     gpa = en->gpa;
     if (gpa >= s->ram_bytes) return 0;                /* MMIO or unbacked: Python */
     ok = writable && en->dirty;

@@ -91,6 +91,8 @@ class _FillState(ctypes.Structure):
         ("hidden", ctypes.c_uint64),
         ("quick_cb", ctypes.c_void_p),
         ("quick_exits", ctypes.c_uint64),
+        ("quick_c", ctypes.c_void_p),
+        ("quick_c_state", ctypes.c_void_p),
     ]
 
 

@@ -150,6 +150,7 @@ typedef struct {
     uint32_t last_invlpg_rip;
     uint32_t pad5;
     uint64_t invlpg_exit_total;
+    const uint64_t *pf_exits;        /* without EPT: the #PF exits fastexit_pf_hook made, not yet folded (NULL: none) */
 } fastexit_t;
 
 enum { LAST_CPUID, LAST_CR3, LAST_INVLPG, LAST_PF };
@@ -396,8 +397,13 @@ static int io_exits(const fastexit_t *s, uint32_t port, int size) {
     return 0;
 }
 
+/* Exits made in C that Python has not folded yet (VmxCpu.fold_fast_exits). */
+static int c_exits_pending(const fastexit_t *s) {
+    return s->cpuid_exits || s->cr3_exits || s->invlpg_exits || (s->pf_exits && *s->pf_exits);
+}
+
 /* An access that exits: its virtual time spent here (Python takes it back if the run has ended), then
- * Python's exit (flags: 1 = in, 2 = CPUID or CR3 exits to fold first), then the VM entry only if the quick exit
+ * Python's exit (flags: 1 = in, 2 = exits made in C to fold first), then the VM entry only if the quick exit
  * was made and the entry would change something (what VmxCpu._quick_io_exit does in Python). */
 static uint32_t io_exit(fastexit_t *s, uint32_t port, int size, uint32_t is_in, uint32_t value) {
     uint32_t r;
@@ -405,7 +411,7 @@ static uint32_t io_exit(fastexit_t *s, uint32_t port, int size, uint32_t is_in, 
     vclock_add(s->clock_now_w, (int64_t)(s->io_cycles));
     *s->clock_extra += s->io_cycles;
     s->quick_done = 0;
-    r = s->io_exit_python(port, (uint32_t)size, is_in | (s->cpuid_exits || s->cr3_exits || s->invlpg_exits ? 2u : 0u), value);
+    r = s->io_exit_python(port, (uint32_t)size, is_in | (c_exits_pending(s) ? 2u : 0u), value);
     if (s->quick_done && !(s->armed && vapic_quiet(s))) s->io_entry_python();
     s->quick_done = 0;
     return r;
@@ -466,11 +472,16 @@ typedef int (*left_block_fn)(void *books, uint32_t boundary, int64_t *n);
 typedef int (*uc_ctl_fn)(void *uc, int ctl, ...);
 typedef int (*deliver_fn)(void *state, void *uc, uint32_t vector, uint32_t return_eip, uint32_t error_code,
                           int flags);
+typedef int (*fault_linear_fn)(void *state, void *uc, uint32_t eip, uint32_t page, int access, uint32_t *out);
 
 typedef struct {
     fastexit_t *s;               /* NULL until attached (fastexit.py PfExits.attach): every fill is Mmu.fill's */
     uint32_t ptemod_on;          /* CPUVIRT_HW_PTEMOD_C */
     uint32_t pf_on;              /* CPUVIRT_HW_PF_C: true #PFs too */
+    uint32_t hidden_on;          /* CPUVIRT_HW_HIDDEN_PF_C: hidden faults' exits (fastexit_hidden_exit) too */
+    uint32_t pad;
+    const uint32_t *loading;     /* engine/regs.py Regs.loading_flag: Python is loading a segment register */
+    fault_linear_fn fault_linear;   /* cpu/_delivery.c delivery_fault_linear, on the state of fastexit_t's peek */
     uint32_t c_armed;            /* at the last VM entry: the default #PF handler, no window exiting */
     uint32_t exception_bitmap, pfec_mask, pfec_match;   /* copied at that entry */
     int32_t ss, eflags;          /* Unicorn's register ids */
@@ -496,7 +507,8 @@ typedef struct {
     uint32_t true_exits;
     uint32_t last_guest_code;
     uint32_t refused;            /* the engine refused a register write delivering the #PF (a cpuvirt bug) */
-    uint64_t ptemod_total, zap_total, true_total;
+    uint32_t hidden_exits;       /* the hidden faults among them (VmxCpu.quick_shadow_exits) */
+    uint64_t ptemod_total, zap_total, true_total, hidden_total;
 } pfexit_t;
 
 size_t fastexit_pf_sizeof(void) { return sizeof(pfexit_t); }
@@ -684,6 +696,36 @@ static int true_pf_exit(pfexit_t *p, void *uc, uint64_t vaddr, int type) {
     p->true_total++;
     p->loop_exit(*(void **)((uint8_t *)uc + p->cpu_offset));   /* does not return */
     return 0;
+}
+
+/* -- ... and of a hidden fault ------------------------------------------------------------------------------
+ * memory/_tlbfill.c's shadow fill has walked the guest's tables for a page the shadow has no entry allowing the
+ * access for, found the walk would only fill the shadow (VmxCpu.quick_shadow_exit's conditions), and asks here
+ * before it asks Python's quick exit: the #PF exit (`code`: the shadow's error code) is recorded as
+ * VmxCpu._quick_pf_exit records it, under the conditions of the ptemod's exit and outside Python's own
+ * segment loads (served without an exit), its CR2 found by delivery_fault_linear (x86/faultaddr.py's rules);
+ * the fill then fills the shadow and answers as the engine's retry after the entry would. 1: recorded. */
+int fastexit_hidden_exit(void *state, void *uc, uint64_t vaddr, int type, uint32_t code) {
+    pfexit_t *p = (pfexit_t *)state;
+    fastexit_t *s = p->s;
+    uint64_t eip = 0;
+    uint32_t gla = 0;
+    int64_t n = 0;
+    if (!s || !p->hidden_on || *p->loading || type < MEM_READ || type > MEM_FETCH) return 0;
+    if (!pf_stop_quiet(p) || !pf_exits(p, code)) return 0;
+    if (s->reg_read(uc, s->eip, &eip)) return 0;
+    if (!p->left_block || !p->left_block(p->books, (uint32_t)eip, &n) || n < 1) return 0;
+    if (!p->fault_linear(s->peek_state, uc, (uint32_t)eip, (uint32_t)vaddr & 0xFFFFF000u, type - MEM_READ, &gla))
+        return 0;
+    p->exits++;
+    p->hidden_exits++;
+    p->last_qual = gla;
+    p->last_code = code;
+    p->last_rip = (uint32_t)eip;
+    p->last_next = (uint32_t)eip;
+    s->last_kind = LAST_PF;
+    p->hidden_total++;
+    return 1;
 }
 
 int fastexit_pf_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *user_data) {

@@ -159,6 +159,7 @@ class _State(ctypes.Structure):
         ("last_invlpg_rip", ctypes.c_uint32),
         ("pad5", ctypes.c_uint32),
         ("invlpg_exit_total", ctypes.c_uint64),
+        ("pf_exits", ctypes.c_void_p),
     ]
 
 
@@ -217,6 +218,10 @@ class _PfState(ctypes.Structure):
         ("s", ctypes.c_void_p),
         ("ptemod_on", ctypes.c_uint32),
         ("pf_on", ctypes.c_uint32),
+        ("hidden_on", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+        ("loading", ctypes.c_void_p),
+        ("fault_linear", ctypes.c_void_p),
         ("c_armed", ctypes.c_uint32),
         ("exception_bitmap", ctypes.c_uint32),
         ("pfec_mask", ctypes.c_uint32),
@@ -252,9 +257,11 @@ class _PfState(ctypes.Structure):
         ("true_exits", ctypes.c_uint32),
         ("last_guest_code", ctypes.c_uint32),
         ("refused", ctypes.c_uint32),
+        ("hidden_exits", ctypes.c_uint32),
         ("ptemod_total", ctypes.c_uint64),
         ("zap_total", ctypes.c_uint64),
         ("true_total", ctypes.c_uint64),
+        ("hidden_total", ctypes.c_uint64),
     ]
 
 
@@ -586,23 +593,31 @@ class PfExits(TrueFaultHook):
     """hw --no-ept's #PF exits made in the TLB fill (_fastexit.c fastexit_pf_hook) while the stop of the full
     exit would change nothing else: a ptemod's (the guest kernel's store into one of its page tables, which
     the shadow maps read-only, emulated with the whole exit: the handler's emulation, GUEST_RIP, the entry)
-    and a true fault's (the walk, CR2, the injection and the entry's delivery through the guest's IDT).
+    and a true fault's (the walk, CR2, the injection and the entry's delivery through the guest's IDT); and
+    the record of a hidden fault's, which the shadow's C fill asks for (fastexit_hidden_exit) before it asks
+    VmxCpu.quick_shadow_exit.
     The hook must come before Mmu.fill's, so it is added when the mode is built (`install`, after the
     shadow's C fill) and does nothing until `attach` gives it the C exit state, the shadow fill's counter and
     the event books; VmxCpu arms it at each VM entry (`arm`) and folds its record (`take`).
-    CPUVIRT_HW_PTEMOD_C=0 leaves every ptemod's exit to Python, CPUVIRT_HW_PF_C=0 every true fault's
-    (VmxCpu.shadow_ptemod_c, shadow_true_pf_c)."""
+    CPUVIRT_HW_PTEMOD_C=0 leaves every ptemod's exit to Python, CPUVIRT_HW_PF_C=0 every true fault's,
+    CPUVIRT_HW_HIDDEN_PF_C=0 every hidden fault's record (VmxCpu.shadow_ptemod_c, shadow_true_pf_c,
+    shadow_hidden_pf_c)."""
 
     STATE = _PfState
+    _lib: ctypes.CDLL
 
     @classmethod
     def install(cls, uc) -> "PfExits | None":
         lib = _lib()
         if lib is None:
             return None
-        return cls(uc, lib.fastexit_pf_hook, "install hw's C #PF-exit hook")
+        hook = cls(uc, lib.fastexit_pf_hook, "install hw's C #PF-exit hook")
+        hook._lib = lib
+        return hook
 
-    def attach(self, fast_exits: "FastExits", fill, shadow, books, ptemods: bool, faults: bool) -> bool:
+    def attach(
+        self, fast_exits: "FastExits", fill, shadow, books, ptemods: bool, faults: bool, hidden: bool
+    ) -> bool:
         """Make the exits from now on: `fill` the shadow's C fill (ShadowFastFill, whose count is Mmu.fill's and
         the shadow's hits), `books` the C event books (cpu/fastdelivery.py EventBooks: the running block's
         instructions). False when something it needs is missing (the exits stay Python's)."""
@@ -621,14 +636,20 @@ class PfExits(TrueFaultHook):
         st.tlb_flush_ctl = (UC_CTL_IO_WRITE << 30) | UC_CTL_TLB_FLUSH  # no argument
         st.ss, st.eflags, st.cr2 = X.UC_X86_REG_SS, X.UC_X86_REG_EFLAGS, X.UC_X86_REG_CR2
         st.deliver = ctypes.cast(books._lib.delivery_fast, ctypes.c_void_p).value  # (on fst.peek_state)
+        st.fault_linear = ctypes.cast(books._lib.delivery_fault_linear, ctypes.c_void_p).value
+        st.loading = ctypes.addressof(vcpu.regs.loading_flag)
         fstate = fill._state
         st.fills = ctypes.addressof(fstate) + type(fstate).fills.offset
         st.left_block = ctypes.cast(books._lib.delivery_books_left_block, ctypes.c_void_p).value
         st.books = books.address
         self._keep = (fast_exits, fill, books)  # what C points at, alive as long as the hook
         self.count_in(vcpu.mmu, shadow)
-        st.ptemod_on, st.pf_on = int(ptemods), int(faults)
+        st.ptemod_on, st.pf_on, st.hidden_on = int(ptemods), int(faults), int(hidden)
+        fst.pf_exits = ctypes.addressof(st) + type(st).exits.offset  # (the quick I/O exit folds them first)
         st.s = fast_exits._addr
+        if hidden:
+            fstate.quick_c = ctypes.cast(self._lib.fastexit_hidden_exit, ctypes.c_void_p).value
+            fstate.quick_c_state = ctypes.addressof(st)
         return True
 
     def arm(self, ok: bool, exception_bitmap: int, pfec_mask: int, pfec_match: int) -> None:
@@ -638,21 +659,27 @@ class PfExits(TrueFaultHook):
         st.exception_bitmap, st.pfec_mask, st.pfec_match = exception_bitmap, pfec_mask, pfec_match
         st.c_armed = int(ok)
 
-    def take(self) -> tuple[int, int, int, int, int, int, int]:
+    def take(self) -> tuple[int, int, int, int, int, int, int, int]:
         """(exits made in C since the last call, and the last one's exit qualification, error code, RIP and
-        GUEST_RIP after its handler; the true faults among them, and the last one's error code for the guest)."""
+        GUEST_RIP after its handler; the true faults among them, and the last one's error code for the guest;
+        the hidden faults among them)."""
         st = self.state
         if st.refused:
             raise RuntimeError("engine refused a register write delivering vector 14")
-        n, trues = st.exits, st.true_exits
+        n, trues, hidden = st.exits, st.true_exits, st.hidden_exits
         if n:
-            st.exits = st.true_exits = 0
-        return n, st.last_qual, st.last_code, st.last_rip, st.last_next, trues, st.last_guest_code
+            st.exits = st.true_exits = st.hidden_exits = 0
+        return n, st.last_qual, st.last_code, st.last_rip, st.last_next, trues, st.last_guest_code, hidden
 
     @property
     def ptemods(self) -> int:
         """ptemod exits made in C in the whole run."""
         return self.state.ptemod_total
+
+    @property
+    def hidden_faults(self) -> int:
+        """Hidden #PF exits recorded in C in the whole run."""
+        return self.state.hidden_total
 
     @property
     def true_faults(self) -> int:

@@ -202,7 +202,7 @@ class VmxCpu(Vcpu):
                 self._shadow_fill = fill
                 if self.quick_shadow_pf and self.quick_shadow_pf_c:
                     fill.set_quick_exit(self.quick_shadow_exit)  # the common hidden faults' walk in C
-                if self.shadow_ptemod_c or self.shadow_true_pf_c:
+                if self.shadow_ptemod_c or self.shadow_true_pf_c or self.shadow_hidden_pf_c:
                     self._pf_exits = PfExits.install(self.uc)  # after the shadow's fill, before Mmu.fill's
         self.install_hooks()
         if s.bits["enable_ept"]:
@@ -264,7 +264,10 @@ class VmxCpu(Vcpu):
         self._arm_delivery()
         pf = self._pf_exits
         if pf is not None and fx is not None and fast is shadow_peek and self.shadow is not None:
-            if pf.attach(fx, self._shadow_fill, self.shadow, fast.books, self.shadow_ptemod_c, self.shadow_true_pf_c):
+            hidden = self.shadow_hidden_pf_c and self.quick_shadow_pf and self.quick_shadow_pf_c
+            if pf.attach(
+                fx, self._shadow_fill, self.shadow, fast.books, self.shadow_ptemod_c, self.shadow_true_pf_c, hidden
+            ):
                 self._watch_stops(pf.state)
         if self.intercepts is not None and fast is not shadow_peek:
             fast.install_sites(self, iret_only=True)  # an iret with nothing for cpuvirt to do, in C
@@ -354,13 +357,15 @@ class VmxCpu(Vcpu):
             self._fold_cpuid(n, rip)
 
     def _fold_pf_exits(self, last: bool) -> None:
-        """The #PF exits _fastexit.c made (without EPT: ptemods, true faults): vm_exit's counts; the last true
+        """The #PF exits _fastexit.c made (without EPT: ptemods, true faults, hidden faults' records): vm_exit's
+        counts (and the quick ones' for the hidden faults, as _quick_pf_exit counts them); the last true
         fault's injection as vm_entry leaves its fields (the valid bit cleared); and, when one was the last exit
         C made, its fields as vm_exit and handle_exception_nmi (for a ptemod GUEST_RIP past the emulated store)
         leave them."""
         assert self._pf_exits is not None
-        n, qual, code, rip, after, trues, guest_code = self._pf_exits.take()
+        n, qual, code, rip, after, trues, guest_code, hidden = self._pf_exits.take()
         self._count_exits(ExitReason.EXCEPTION_NMI, n)
+        self.quick_shadow_exits += hidden
         if trues:
             v = self.vmcs._values
             v[F.VM_ENTRY_INTR_INFO_FIELD] = _PF_EXIT_INFO & ~E.INTR_INFO_VALID
@@ -415,6 +420,9 @@ class VmxCpu(Vcpu):
     shadow_ptemod_c = os.environ.get("CPUVIRT_HW_PTEMOD_C", "1") != "0"
     # ... and those of true faults, the #PF injected and delivered there too; CPUVIRT_HW_PF_C=0 keeps them Python's
     shadow_true_pf_c = os.environ.get("CPUVIRT_HW_PF_C", "1") != "0"
+    # ... and the record of the hidden faults' exits that _tlbfill.c's fill walks (quick_shadow_exit's, with no
+    # Python); CPUVIRT_HW_HIDDEN_PF_C=0 keeps them Python's
+    shadow_hidden_pf_c = os.environ.get("CPUVIRT_HW_HIDDEN_PF_C", "1") != "0"
 
     def _install_shadow_peek(self, shadow: ShadowPaging) -> None:
         fast = self._shadow_peek = FastDelivery.install_shadow(self)
@@ -869,7 +877,7 @@ class VmxCpu(Vcpu):
     def io_exit_hook(self, port: int, size: int, flags: int, value: int) -> int:
         """Called by _fastexit.c's in/out hooks for an access they found to exit (the controls and bitmaps
         they copied when armed), its time spent: hook_in / hook_out without port_io's own test. flags:
-        1 = in, 2 = CPUID, CR3 or INVLPG exits answered in C since the last fold."""
+        1 = in, 2 = exits made in C since the last fold (CPUID, CR3, INVLPG, #PF)."""
         if self.outcome is not None:
             self.clock.advance(-IO_CYCLES)  # as hook_in: nothing once the run has ended
             return 0
