@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import struct
 from abc import ABCMeta, abstractmethod
 
 from cpuvirt.engine.cext import load
@@ -46,6 +47,10 @@ class _Made(ctypes.Structure):
         ("dirty", ctypes.c_uint16),
         ("serial", ctypes.c_uint32),
     ]
+
+
+_MADE = struct.Struct("<IIqqHHI")  # smade_t's bytes, read at once (a ctypes record per field is slower)
+assert _MADE.size == ctypes.sizeof(_Made)
 
 
 SM_MADE = 1024  # as _shadowmirror.h
@@ -333,11 +338,15 @@ class ShadowMirror:
         tuple's last field)."""
         m = self.state
         n, m.made, m.invlpgs_unknown = m.made, 0, 0
-        ctypes.memset(ctypes.addressof(m) + _Mirror.unlinks.offset, 0, ctypes.sizeof(m.unlinks))
-        out = []
-        for r in m.made_log[:n]:
-            assert r.serial == serial, "an entry C made for another root than the current one"
-            out.append((r.page << 12, (r.gpa, r.rights, bool(r.dirty), r.pde_addr, r.pte_addr)))
+        base = ctypes.addressof(m)
+        ctypes.memset(base + _Mirror.unlinks.offset, 0, ctypes.sizeof(m.unlinks))
+        log = ctypes.string_at(base + _Mirror.made_log.offset, n * _MADE.size)
+        out = [
+            (page << 12, (gpa, rights, bool(dirty), pde_addr, pte_addr))
+            for page, gpa, pde_addr, pte_addr, rights, dirty, _ in _MADE.iter_unpack(log)
+        ]
+        if any(r[6] != serial for r in _MADE.iter_unpack(log)):
+            raise AssertionError("an entry C made for another root than the current one")
         return out
 
 
