@@ -615,9 +615,7 @@ class PfExits(TrueFaultHook):
         hook._lib = lib
         return hook
 
-    def attach(
-        self, fast_exits: "FastExits", fill, shadow, books, ptemods: bool, faults: bool, hidden: bool
-    ) -> bool:
+    def attach(self, fast_exits: "FastExits", fill, shadow, books, ptemods: bool, faults: bool, hidden: bool) -> bool:
         """Make the exits from now on: `fill` the shadow's C fill (ShadowFastFill, whose count is Mmu.fill's and
         the shadow's hits), `books` the C event books (cpu/fastdelivery.py EventBooks: the running block's
         instructions). False when something it needs is missing (the exits stay Python's)."""
