@@ -632,16 +632,6 @@ void shadowmirror_pt_traced(shadowmirror_t *m, uint64_t frame, uint32_t on) {
     set_bit(m->pt_traced, m->traced_frames, frame, on);
 }
 
-/* ShadowPaging.rmap gained (on = 1) or lost an address; all of them (clear) */
-void shadowmirror_linked(shadowmirror_t *m, uint64_t gpa, uint32_t on) {
-    uint64_t k = gpa >> 2;
-    if (!m->linked || (gpa >> 12) >= m->traced_frames) return;
-    if (on)
-        m->linked[k >> 3] |= (uint8_t)(1u << (k & 7));
-    else
-        m->linked[k >> 3] &= (uint8_t)~(1u << (k & 7));
-}
-
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_tlbfill", NULL, -1, NULL};
 
 PyMODINIT_FUNC PyInit__tlbfill(void) { return PyModule_Create(&module); }

@@ -113,7 +113,7 @@ def _lib():
     lib.shadowmirror_put.argtypes = (ctypes.c_void_p, ctypes.c_void_p) + (ctypes.c_uint32,) * 5
     lib.shadowmirror_drop.restype = None
     lib.shadowmirror_drop.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_uint32)
-    for name in ("shadowmirror_traced", "shadowmirror_pt_traced", "shadowmirror_linked"):
+    for name in ("shadowmirror_traced", "shadowmirror_pt_traced"):
         getattr(lib, name).restype = None
         getattr(lib, name).argtypes = (ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32)
     return lib
@@ -205,14 +205,22 @@ class _LinkedAddresses(_KeysInC):
     holds in the copy (`linked`): the words a store zaps entries for (full's adaptive stores, bt/_callout.c;
     trap's ptemods, modes/_trapfast.c)."""
 
-    __slots__ = ("_bits",)
+    __slots__ = ("_bits", "_words")
 
     def __init__(self, lib, pm, bits, old: dict):
         self._bits = bits
+        self._words = len(bits) * 8  # the words of RAM the bitmap covers (beyond: nothing kept, C says yes)
         super().__init__(lib, pm, old)
 
     def _tell(self, addr, keys) -> None:
-        self._lib.shadowmirror_linked(self._pm, addr, 0 if keys is None else 1)
+        # the bit _shadowmirror.h sm_linked reads, set here without a C call (the shadow's fold makes two a #PF)
+        k = addr >> 2
+        if k >= self._words:
+            return
+        if keys is None:
+            self._bits[k >> 3] &= ~(1 << (k & 7)) & 0xFF
+        else:
+            self._bits[k >> 3] |= 1 << (k & 7)
 
     def clear(self) -> None:
         dict.clear(self)
@@ -282,8 +290,8 @@ class ShadowMirror:
 
     def track_links(self) -> None:
         """Keep `linked` (which guest PDE/PTE words some shadow entry derives from) for a C path that stores
-        into page tables (full's adaptive stores, trap's ptemods); until then C's walks set no bits, and
-        ShadowPaging.rmap stays a plain dict (a C call per change costs hw --no-ept's Python paths)."""
+        into page tables (full's adaptive stores, trap's and hw --no-ept's ptemods); until then C's walks set no
+        bits, and ShadowPaging.rmap stays a plain dict (each change costs a bit set)."""
         if self._linked is not None:
             return
         shadow = self._shadow
