@@ -114,3 +114,47 @@ def test_the_stub_region_goes_with_its_engine():
     cpus.clear()
     gc.collect()
     assert not mapped()
+
+
+GIB, MIB = 1 << 30, 1 << 20
+
+
+def _free_range(maps: list[tuple[int, int]], near: int) -> tuple[int, int]:
+    """_vclock.c's choice of the stub region's place (vclock_free_range_in) over these mappings."""
+    import ctypes
+
+    from cpuvirt.engine import clock
+
+    lib = clock._lib()
+    fn = lib.vclock_free_range_in
+    fn.restype = ctypes.c_uint64
+    fn.argtypes = (ctypes.c_char_p, ctypes.c_uint64, ctypes.c_uint64, ctypes.POINTER(ctypes.c_uint64))
+    text = "".join(f"{lo:x}-{hi:x} rwxp 00000000 00:00 0\n" for lo, hi in sorted(maps)).encode()
+    got = ctypes.c_uint64()
+    at = fn(text, near, 16 * MIB, ctypes.byref(got))
+    return at, got.value
+
+
+def test_the_stub_region_finds_room_beside_other_engines():
+    """Engines alive at once (a test run, `cpuvirt compare`) each map a gigabyte of code with a few tens of
+    megabytes between two, and each puts its 16 MiB stub region beside its code. An engine whose neighbouring
+    ranges hold the others' regions found no range of 16 MiB + 4 MiB within a jump's reach and ran without
+    stubs (a test that ran after another engine's fell to the clock hook's call: test_interrupt_window's
+    stubs assertion failed in that order). Now the nearest free range of 4 MiB or more within reach is taken,
+    a megabyte from its neighbours."""
+    base, stride = 0x7F0000000000, GIB + 34 * MIB
+    buffers = [(base + k * stride, base + k * stride + GIB) for k in range(5)]
+    regions = [(buffers[k][0] - 17 * MIB, buffers[k][0] - MIB) for k in (0, 1, 3, 4)]  # below their buffers
+    regions.append((buffers[1][1] + MIB, buffers[1][1] + 17 * MIB))  # one above its buffer, below buffer 2
+    maps = buffers + regions
+    near = buffers[2][0] + 0x1000  # the new engine's first block
+    at, size = _free_range(maps, near)
+    assert at and size >= 4 * MIB
+    assert abs(at - near) < 1 << 31 and abs(at + size - near) < 1 << 31
+    for lo, hi in maps:
+        assert at + size + MIB <= lo or hi + MIB <= at, "the region overlaps a mapping or its megabyte"
+    # with a whole range free beside it, the full 16 MiB right below the buffer, a megabyte away
+    at, size = _free_range(buffers[2:3], near)
+    assert size == 16 * MIB and at == buffers[2][0] - MIB - 16 * MIB
+    # nothing free within reach: no region (the blocks keep the hook's call)
+    assert _free_range([(base, base + 8 * GIB)], base + 4 * GIB)[0] == 0

@@ -87,6 +87,7 @@ typedef struct {
     uint64_t stub_limit;     /* bytes of the region used at most (VirtualClock.STUB_BYTES) */
     uint32_t stub_failed;    /* no region within reach could be mapped */
     uint32_t stubs_full;     /* the region is full: Python drops the engine's translations and vclock_stubs_reset */
+    uint64_t stub_size;      /* the region's bytes (STUB_REGION, or less where the free range within reach is smaller) */
 } vclock_t;
 
 size_t vclock_sizeof(void) { return sizeof(vclock_t); }
@@ -188,7 +189,7 @@ static inline void block_ran(vclock_t *s, uint64_t address, uint32_t count) {
  *     mov rax, s                                   (a jump to the stub's slow path, while it must recount)
  *     sub qword [rax + left], COUNT;  js undo      the time is limit - left (_vclock.h)
  *     mov dword [rax + last_block], PC
- *     nop ...                                      (up to the instruction after the original call)
+ *     nop                                          (one, up to the instruction after the original call)
  *
  * with a stub of the block's own, in a region of our own within a jump's reach of the engine's code:
  *
@@ -238,6 +239,11 @@ enum { ENTRY = 5,            /* the bytes of the block's first instruction (mov 
        STUB_BLOCK = 72 };    /* where the stub keeps the address of its block's count */
 static size_t slow_ret;      /* offset in the stub of the instruction after the slow call */
 
+/* The recommended multi-byte NOPs (SDM Vol. 2B, NOP): the call's last bytes after the count become one
+ * instruction, not up to five (compute.S: 0.78 -> 0.80 of bare Unicorn with the clock alone). */
+static const uint8_t NOPS[6][5] = {{0}, {0x90}, {0x66, 0x90}, {0x0F, 0x1F, 0x00}, {0x0F, 0x1F, 0x40, 0x00},
+                                   {0x0F, 0x1F, 0x44, 0x00, 0x00}};
+
 typedef struct { uint8_t *p; } emit_t;
 static void b(emit_t *e, uint8_t v) { *e->p++ = v; }
 static void d32(emit_t *e, uint32_t v) { memcpy(e->p, &v, 4); e->p += 4; }
@@ -250,50 +256,85 @@ static void op_rax(emit_t *e, const char *opc, size_t n, uint32_t disp) {   /* o
 }
 static void jmp_to(emit_t *e, const uint8_t *to) { b(e, 0xE9); d32(e, (uint32_t)(int32_t)((intptr_t)to - (intptr_t)(e->p + 4))); }
 
-/* The unmapped range closest to `near` that holds `size` bytes, from /proc/self/maps (0: none). */
-static uintptr_t free_range_near(uintptr_t near, size_t size) {
-    FILE *f = fopen("/proc/self/maps", "r");
+#define MIB (1u << 20)
+#define REACH ((uintptr_t)1 << 31)   /* a rel32 jump's */
+
+/* Where to map the stubs' region: in a free range of /proc/self/maps, a megabyte from its neighbours, within
+ * a jump's reach of `near` from end to end, up to `want` bytes: the nearest of 4 MiB or more (a block
+ * farther from it than a jump's reach keeps the hook's call), else the largest (0: none of a megabyte).
+ * Each engine's code buffer is a gigabyte with a few tens of megabytes between two: with several engines
+ * alive in one process (a test run, `cpuvirt compare`), the range beside a buffer may hold another
+ * engine's region already, so every free range within reach is a candidate. */
+static uintptr_t free_range_in(FILE *f, uintptr_t near, size_t want, size_t *got) {
     char line[512];
     uintptr_t prev_end = 0x10000, best = 0, best_d = UINTPTR_MAX;
-    if (!f) return 0;
+    size_t best_size = 0;
     while (fgets(line, sizeof line, f)) {
         unsigned long lo, hi;
         if (sscanf(line, "%lx-%lx", &lo, &hi) != 2) continue;
-        if (lo > prev_end && lo - prev_end >= size + (4u << 20)) {
-            /* the end of the gap nearest `near`, a megabyte from its neighbour */
-            uintptr_t a = near < prev_end ? prev_end + (1u << 20) : (uintptr_t)lo - (1u << 20) - size;
-            uintptr_t d;
-            if (a + size > (uintptr_t)lo - (1u << 20)) a = (uintptr_t)lo - (1u << 20) - size;
-            if (a < prev_end + (1u << 20)) a = prev_end + (1u << 20);
-            a &= ~(uintptr_t)0xFFFFF;
-            d = a > near ? a - near : near - a;
-            if (d < best_d) best_d = d, best = a;
+        if (lo > prev_end + 3 * MIB) {
+            uintptr_t first = (prev_end + 2 * MIB - 1) & ~(uintptr_t)(MIB - 1);   /* a megabyte above, aligned */
+            uintptr_t last = ((uintptr_t)lo - MIB) & ~(uintptr_t)(MIB - 1);       /* a megabyte below */
+            size_t size = last > first ? (size_t)(last - first) : 0;
+            uintptr_t a, d;
+            if (size > want) size = want;
+            if (size >= MIB) {
+                a = near < first ? first : last - size;                            /* the end nearest `near` */
+                d = a > near ? a + size - near : near - a;
+                int big = size >= 4 * MIB, best_big = best_size >= 4 * MIB;
+                if (d < REACH && (big > best_big || (big == best_big && (big ? d < best_d : size > best_size))))
+                    best = a, best_d = d, best_size = size;
+            }
         }
         if (hi > prev_end) prev_end = hi;
     }
-    fclose(f);
+    *got = best_size;
     return best;
 }
 
-/* Our region for stubs, within a jump's reach of `near` (an address in the engine's code buffer): the
- * free range closest to it. (Each block's jumps are checked for reach as its stub is written.) */
+static uintptr_t free_range_near(uintptr_t near, size_t want, size_t *got) {
+    FILE *f = fopen("/proc/self/maps", "r");
+    uintptr_t at;
+    *got = 0;
+    if (!f) return 0;
+    at = free_range_in(f, near, want, got);
+    fclose(f);
+    return at;
+}
+
+/* The same choice over a given maps text (tests/test_clock_stubs.py). */
+uint64_t vclock_free_range_in(const char *maps, uint64_t near, uint64_t want, uint64_t *got) {
+    FILE *f = fmemopen((void *)maps, strlen(maps), "r");
+    size_t size = 0;
+    uintptr_t at;
+    *got = 0;
+    if (!f) return 0;
+    at = free_range_in(f, (uintptr_t)near, (size_t)want, &size);
+    fclose(f);
+    *got = size;
+    return at;
+}
+
+/* Our region for stubs, within a jump's reach of `near` (an address in the engine's code buffer). (Each
+ * block's jumps are checked for reach as its stub is written.) */
 static int stub_region(vclock_t *s, uint8_t *near) {
     uintptr_t at;
+    size_t size = 0;
     void *p;
     if (s->stub_base) return 1;
     if (s->stub_failed) return 0;
     s->stub_failed = 1;   /* (tried once) */
-    at = free_range_near((uintptr_t)near, STUB_REGION);
+    at = free_range_near((uintptr_t)near, STUB_REGION, &size);
     if (!at) return 0;
-    p = mmap((void *)at, STUB_REGION, PROT_READ | PROT_WRITE | PROT_EXEC,
+    p = mmap((void *)at, size, PROT_READ | PROT_WRITE | PROT_EXEC,
              MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED_NOREPLACE, -1, 0);
     if (p == MAP_FAILED) return 0;
-    if (p != (void *)at || !rel32_ok((intptr_t)p - (intptr_t)near)
-        || !rel32_ok((intptr_t)p + STUB_REGION - (intptr_t)near)) {
-        munmap(p, STUB_REGION);
+    if (p != (void *)at || !rel32_ok((intptr_t)p - (intptr_t)near) || !rel32_ok((intptr_t)p + size - (intptr_t)near)) {
+        munmap(p, size);
         return 0;
     }
     s->stub_base = p;
+    s->stub_size = size;
     s->stub_used = 0;
     s->stub_failed = 0;
     return 1;
@@ -301,7 +342,7 @@ static int stub_region(vclock_t *s, uint8_t *near) {
 
 /* The engine is gone (VirtualClock registers this on its Uc's finalization): no block can jump to a stub. */
 void vclock_stubs_free(vclock_t *s) {
-    if (s->stub_base) munmap(s->stub_base, STUB_REGION);
+    if (s->stub_base) munmap(s->stub_base, s->stub_size);
     s->stub_base = NULL;
     s->stub_failed = 1;
 }
@@ -312,6 +353,7 @@ static int patch_block(vclock_t *s, void *uc, uint8_t *ret, uint64_t address, ui
     static const char sub_q[] = {0x48, (char)0x81, 0x28}, add_q[] = {0x48, (char)0x81, 0x00},
                       mov_d[] = {(char)0xC7, (char)0x80};
     uint8_t *p, *q, *stub, inline_code[40];
+    size_t rest;
     emit_t e;
     uint64_t sp = (uint64_t)(uintptr_t)s;
     int32_t rel;
@@ -334,7 +376,7 @@ static int patch_block(vclock_t *s, void *uc, uint8_t *ret, uint64_t address, ui
         || rd32(p + 11) != (uint32_t)address || p[15] != 0xBA || rd32(p + 16) != size)
         return 0;
     if (ret - p < INLINE_SIZE || !stub_region(s, ret)) return 0;
-    if (s->stub_used + STUB_SIZE > s->stub_limit || s->stub_used + STUB_SIZE > STUB_REGION) {
+    if (s->stub_used + STUB_SIZE > s->stub_limit || s->stub_used + STUB_SIZE > s->stub_size) {
         s->stubs_full = 1;
         return 0;
     }
@@ -364,7 +406,9 @@ static int patch_block(vclock_t *s, void *uc, uint8_t *ret, uint64_t address, ui
     b(&e, 0x0F); b(&e, 0x88); d32(&e, (uint32_t)rel);                              /* js undo */
     op_rax(&e, mov_d, 2, offsetof(vclock_t, last_block)); d32(&e, (uint32_t)address);
     if (e.p - inline_code != INLINE_SIZE || rd32(inline_code + INLINE_COUNT) != count) return 0;
-    while (e.p < inline_code + (ret - p)) b(&e, 0x90);
+    rest = (size_t)(ret - p) - INLINE_SIZE;   /* up to the call's end: one nop of that length (SDM Vol. 2B NOP) */
+    if (rest >= sizeof NOPS / sizeof NOPS[0]) return 0;
+    memcpy(e.p, NOPS[rest], rest);
     s->stub_used += STUB_SIZE;
     memcpy(p, inline_code, (size_t)(ret - p));
     s->patched++;

@@ -75,6 +75,7 @@ class _State(ctypes.Structure):
         ("stub_limit", ctypes.c_uint64),
         ("stub_failed", ctypes.c_uint32),
         ("stubs_full", ctypes.c_uint32),
+        ("stub_size", ctypes.c_uint64),
     ]
 
 
