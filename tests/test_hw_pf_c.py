@@ -17,7 +17,7 @@ import pytest
 from cpuvirt.nanobench import build
 from tests.runs import hw_shadow_run, same_exits, switches_with
 
-GUESTS = ["nanobench", "ptemod_c", "true_pf", "paging", "usermode", "trap_deliver"]
+GUESTS = ["nanobench", "ptemod_c", "true_pf", "paging", "usermode", "trap_deliver", "ptemod_cross"]
 
 
 def _guest(guest, test_guest, tmp_path):
@@ -32,6 +32,7 @@ def _compare(path, switch, monkeypatch):
     c, c_reasons, c_shadow, c_cpu, c_seen = hw_shadow_run(path, switch, True, monkeypatch)
     py, py_reasons, py_shadow, py_cpu, py_seen = hw_shadow_run(path, switch, False, monkeypatch)
     assert c["outcome"] == "exit", c["message"]
+    assert b"FAIL" not in c["console"]
     assert c == py and c_reasons == py_reasons and c_shadow == py_shadow
     assert c_cpu.quick_shadow_exits == py_cpu.quick_shadow_exits
     same_exits(c_seen, py_seen)

@@ -14,6 +14,8 @@ import pytest
 
 from cpuvirt.bt.fastcallout import ADAPTIVE, INVLPG
 from cpuvirt.runner import run_guest
+from tests.conftest import requires_qemu
+from tests.qemu import assert_same_console_as_qemu
 from tests.runs import run_record
 from tests.test_full_events import _run, _same
 from tests.test_trap_fast import _run as _trap_run
@@ -109,3 +111,21 @@ def test_trap_answers_invlpg_and_ptemods_in_c(test_guest, monkeypatch):
     native = run_guest(str(image), "native", 32, 20_000_000)
     assert c_res.console == native.console
 
+
+
+@pytest.mark.parametrize("mode", ["trap", "full"])
+def test_a_store_crossing_into_another_frame_is_written_through_each_page(mode, test_guest):
+    """tests/guests/ptemod_cross.S: a store that starts in a traced page table and ends in the next linear
+    page, which maps a frame that is not the table's neighbour. The C paths take a store inside one page only
+    (trap's fill hook: the `(addr & 0xFFF) + size > 0x1000` test); one that wrote it at the first part's
+    guest-physical address changed the page table's first entry instead of the data (a checksum not native's)."""
+    path = test_guest("ptemod_cross")
+    native = run_guest(str(path), "native", 32, 50_000_000)
+    ours = run_guest(str(path), mode, 32, 50_000_000)
+    assert b"PASS page-crossing page-table store" in native.console and b"FAIL" not in native.console
+    assert ours.console == native.console
+
+
+@requires_qemu
+def test_ptemod_cross_console_is_qemus(test_guest):
+    assert b"PASS" in assert_same_console_as_qemu(test_guest("ptemod_cross"), [], [])
