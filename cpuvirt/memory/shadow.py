@@ -172,29 +172,33 @@ class ShadowPaging:
         assert root is not None and key is not None
         made = mirror.take_made(root.serial)
         entries = root.entries
-        c = self.counters
+        link, unlink = self._link, self._unlink
+        invlpgs = ptemods = hidden = 0
         for page, e in made:
-            if e[4] == INVLPG_RECORD:  # an invlpg C served (bt/_callout.c): what invlpg does, the copy done
+            kind = e[4]
+            if kind >= -1:  # an entry (pte_addr -1: a 4 MiB page)
+                old = entries.get(page)
+                if old is not None:
+                    unlink(key, page, old)
+                dict.__setitem__(entries, page, e)  # (the copy holds it already)
+                link(e[3], key, page)
+                if kind >= 0:
+                    link(kind, key, page)
+                hidden += 1
+            elif kind == INVLPG_RECORD:  # an invlpg C served (bt/_callout.c): what invlpg does, the copy done
                 old = dict.pop(entries, page, None)
                 if old is not None:
-                    self._unlink(key, page, old)
-                c.invlpgs += 1
-                continue
-            if e[4] == PTEMOD_RECORD:  # a store trap's C fill hook emulated (modes/_trapfast.c): its counts
+                    unlink(key, page, old)
+                invlpgs += 1
+            elif kind == PTEMOD_RECORD:  # a store a C path emulated (modes/_trapfast.c, modes/hw/_fastexit.c)
                 self._count_ptemod(e[0])
-                self.mmu.traces.writes += 1
-                continue
-            if e[4] == ZAP_RECORD:  # ... that zapped: what derives from the word goes (the engine's TLB was flushed)
+                ptemods += 1
+            elif kind == ZAP_RECORD:  # ... that zapped: what derives from the word goes (the engine's TLB was flushed)
                 self._zap_range(e[0], 4, copy_done=True)
-                continue
-            old = entries.get(page)
-            if old is not None:
-                self._unlink(key, page, old)
-            dict.__setitem__(entries, page, e)  # (the copy holds it already)
-            self._link(e[3], key, page)
-            if e[4] >= 0:
-                self._link(e[4], key, page)
-            c.hidden_faults += 1
+        c = self.counters
+        c.invlpgs += invlpgs
+        c.hidden_faults += hidden
+        self.mmu.traces.writes += ptemods
         mirror.make_room(self)
 
     def attach(self, vcpu) -> None:
