@@ -646,9 +646,10 @@ class Vcpu:
         block now running (the clock hook saw it start): the k-th I/O hook call since the block began
         belongs to the k-th in/out/ins/outs of the block; a rep-string I/O instruction keeps its place.
         """
-        clock = self.clock
-        blocks = clock.run_id
-        sites = self._block_io_sites(clock.last_block)
+        blocks = self.clock.run_id
+        sites = self._io_sites.get(blocks[1])
+        if sites is None:
+            sites = self._block_io_sites(blocks[1])
         if blocks != self._io_block:
             self._io_block, self._io_index = blocks, 0
         elif self._io_index < len(sites) - 1 and not sites[self._io_index][2]:

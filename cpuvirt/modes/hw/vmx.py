@@ -939,28 +939,24 @@ class VmxCpu(Vcpu):
         and without the VM entry when it would change nothing (fastexit_quiet: armed, the virtual-APIC
         page in step). None: string I/O, left to _io_exit."""
         addr, length = site
-        form = self._io_forms.get(addr)
-        if form is None:
-            form = self._io_form(addr)
-        string, rep, imm = form
-        if string:
-            return None
+        form = self._io_forms.get(addr) or self._io_form(addr)
+        if form[0]:
+            return None  # string I/O
         if not from_c:
             self.clock.advance(IO_CYCLES)
             self.fold_fast_exits()
         elif from_c & 2 or (self._ept_c is not None and self._ept_c.c_exits):
             self.fold_fast_exits()
         v = self.vmcs
-        q = (size - 1) | (8 if is_in else 0) | (rep << 5) | (imm << 6) | (port << 16)
+        q = (size - 1) | (8 if is_in else 0) | (form[1] << 5) | (form[2] << 6) | (port << 16)
         self._exit_info(_IO_INSTRUCTION, q, length, addr)
         v._cache.clear()
         self._count_exits(_IO_INSTRUCTION)
         self.quick_io_exits += 1
-        bus = self.machine.bus
         if is_in:
-            value = bus.read(port, size)
+            value = self.machine.bus.read(port, size)
         else:
-            bus.write(port, size, value)
+            self.machine.bus.write(port, size, value)
             value = 0
         fx = self.fast_exits
         if from_c and fx is not None:
