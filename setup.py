@@ -41,7 +41,7 @@ setup(
                                     "cpuvirt/cpu/_modrm.h"]),
                  Extension("cpuvirt.modes.hw._fastexit", ["cpuvirt/modes/hw/_fastexit.c"], extra_compile_args=["-O2"],
                            depends=["cpuvirt/engine/_vclock.h", "cpuvirt/memory/_shadowmirror.h", "cpuvirt/cpu/_modrm.h",
-                                    "cpuvirt/engine/_tlbhook.h", "cpuvirt/cpu/_storeop.h"]),
+                                    "cpuvirt/engine/_tlbhook.h", "cpuvirt/cpu/_storeop.h", "cpuvirt/cpu/_truefault.h"]),
                  Extension("cpuvirt.modes._trapfast", ["cpuvirt/modes/_trapfast.c"], extra_compile_args=["-O2"],
                            depends=["cpuvirt/engine/_tlbhook.h", "cpuvirt/cpu/_evseg.h", "cpuvirt/cpu/_evdeliver.h", "cpuvirt/cpu/_blockcopy.h",
                                     "cpuvirt/memory/_shadowmirror.h", "cpuvirt/cpu/_modrm.h",

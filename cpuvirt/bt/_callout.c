@@ -245,8 +245,7 @@ static int port_io(callouts_t *t, void *uc, uint64_t i, int in) {
         t->reg_read(uc, t->edx_reg, &edx);
         port = (uint32_t)edx & 0xFFFF;
     }
-    vclock_add(t->clock_now, (int64_t)(t->io_cycles));
-    *t->clock_extra += t->io_cycles;
+    vclock_advance(t->clock_now, t->clock_extra, t->io_cycles);
     if (in) {
         uint32_t value = t->port_in(port, size) & mask;
         t->reg_read(uc, t->eax_reg, &eax);
@@ -678,7 +677,8 @@ typedef struct {
     uint32_t seen;             /* Python has recorded a page_fault/#PF event (its counters' keys exist) */
     /* the counts, as Mmu.fill and ShadowPaging._resolve count them (Python adds them: MmuCounters.walkers,
      * ShadowCounters.walkers) and the event's (folded into Vcpu.counts and reasons: FullFaults.fold) */
-    uint64_t pf_fills, pf_walks, pf_refs, pf_faults, pending;
+    tf_counts_t pf;            /* (cpu/_truefault.h) */
+    uint64_t pending;
 } fullpf_t;
 
 size_t fullpf_sizeof(void) { return sizeof(fullpf_t); }
@@ -712,7 +712,7 @@ typedef struct {
     void *uc;
 } full_regs_t;
 
-static int full_reg(void *ctx, int reg, uint32_t *out) {   /* cpu/_truefault.h tf_reg_fn */
+static int full_reg(void *ctx, int reg, uint32_t *out) {   /* cpu/_modrm.h modrm_reg_fn */
     full_regs_t *r = (full_regs_t *)ctx;
     uint64_t v = 0;
     if (r->t->reg_read(r->uc, r->t->gpr_reg[reg], &v)) return 0;
@@ -773,10 +773,7 @@ int full_pf_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *user_
         return 0;
     }
     vclock_add(f->clock_now, -(int64_t)(n));     /* Vcpu.left_block_at(eip): the faulting instruction did not retire */
-    p->pf_fills++;                    /* Mmu.fill's fill; _resolve's walk and true fault */
-    p->pf_walks++;
-    p->pf_refs += refs;
-    p->pf_faults++;
+    tf_count(&p->pf, refs);           /* Mmu.fill's fill; _resolve's walk and true fault */
     p->pending++;                     /* the page_fault/#PF event */
     f->delivered++;                   /* (and enter_kernel's look-up of the handler's translation) */
     vclock_look_at_if(t->watch_if, t->check_if);                /* if_may_have_changed */

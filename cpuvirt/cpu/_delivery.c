@@ -688,8 +688,7 @@ static void books_pf(delivery_t *s, uint32_t eip, uint32_t access) {
     books_t *b = s->books;
     if (b && b->pf_seen && access < 3 && books_left_block_at(b, eip)) {
         if (access == 2) {        /* Vcpu.charge_fault: a fetch fault retires nothing but costs time */
-            vclock_add(b->clock_now, (int64_t)(s->fetch_fault_cycles));
-            *b->clock_extra += s->fetch_fault_cycles;
+            vclock_advance(b->clock_now, b->clock_extra, s->fetch_fault_cycles);
         }
         b->pf[access]++;
         books_done(s, b);

@@ -92,8 +92,7 @@ python:
 uint32_t iogate_in_hook(void *uc, uint32_t port, int size, void *user_data) {
     ioport_t *p = (ioport_t *)user_data;
     if (!at_cpls(p->gate, uc, p->gate->port_cpls)) return p->slow_in(port, (uint32_t)size);
-    vclock_add(p->clock_now, (int64_t)(p->cycles));
-    *p->clock_extra += p->cycles;
+    vclock_advance(p->clock_now, p->clock_extra, p->cycles);
     p->fast++;
     return p->fast_in(port, (uint32_t)size);
 }
@@ -104,8 +103,7 @@ void iogate_out_hook(void *uc, uint32_t port, int size, uint32_t value, void *us
         p->slow_out(port, (uint32_t)size, value);
         return;
     }
-    vclock_add(p->clock_now, (int64_t)(p->cycles));
-    *p->clock_extra += p->cycles;
+    vclock_advance(p->clock_now, p->clock_extra, p->cycles);
     p->fast++;
     p->fast_out(port, (uint32_t)size, value);
 }

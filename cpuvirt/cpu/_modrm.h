@@ -50,4 +50,28 @@ static inline int modrm_mem(const uint8_t *m, modrm_mem_t *out) {
     return (int)n;
 }
 
+/* A general register by its ModRM number: 1 and *out, or 0 (the caller's engine would not read it). */
+typedef int (*modrm_reg_fn)(void *ctx, int reg, uint32_t *out);
+
+/* The linear address of the memory operand whose ModRM byte is at `m` (flat segments), reading only the base
+ * and index registers it names: the bytes ModRM, SIB and displacement take, or 0 for a register operand or
+ * a register the reader cannot give. */
+static inline int modrm_address(const uint8_t *m, modrm_reg_fn reg_of, void *ctx, uint32_t *out) {
+    modrm_mem_t mem;
+    uint32_t addr, v;
+    int n = modrm_mem(m, &mem);
+    if (!n) return 0;
+    addr = (uint32_t)mem.disp;
+    if (mem.base >= 0) {
+        if (!reg_of(ctx, mem.base, &v)) return 0;
+        addr += v;
+    }
+    if (mem.index >= 0) {
+        if (!reg_of(ctx, mem.index, &v)) return 0;
+        addr += v * mem.scale;
+    }
+    *out = addr;
+    return n;
+}
+
 #endif

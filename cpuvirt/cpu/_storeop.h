@@ -57,32 +57,9 @@ static inline uint32_t st_apply(uint8_t *at, int op, uint32_t size, uint32_t src
     return value;
 }
 
-/* A general register by its ModRM number (EAX, ECX, EDX, EBX, ESP, EBP, ESI, EDI): 1 and *out, or 0. */
-typedef int (*st_reg_fn)(void *ctx, int reg, uint32_t *out);
-
-/* The linear address of the ModRM memory operand at `m` (flat segments): the bytes ModRM, SIB and
- * displacement take, or 0 for a register operand or a register the reader cannot give. */
-static inline int st_modrm_address(const uint8_t *m, st_reg_fn reg_of, void *ctx, uint32_t *out) {
-    modrm_mem_t mem;
-    uint32_t addr, v;
-    int n = modrm_mem(m, &mem);
-    if (!n) return 0;
-    addr = (uint32_t)mem.disp;
-    if (mem.base >= 0) {
-        if (!reg_of(ctx, mem.base, &v)) return 0;
-        addr += v;
-    }
-    if (mem.index >= 0) {
-        if (!reg_of(ctx, mem.index, &v)) return 0;
-        addr += v * mem.scale;
-    }
-    *out = addr;
-    return n;
-}
-
 /* The store forms emulate_store does that are decoded here (a ptemod's: `mov`, `or`, `and`, `xor` of a
  * register or an immediate into a dword or a byte, no prefix, 32-bit addressing): its length, or 0. */
-static inline int st_decode(const uint8_t *c, st_reg_fn reg_of, void *ctx, int *op, uint32_t *size, uint32_t *src,
+static inline int st_decode(const uint8_t *c, modrm_reg_fn reg_of, void *ctx, int *op, uint32_t *size, uint32_t *src,
                             uint32_t *addr) {
     uint8_t b = c[0];
     uint32_t v = 0;
@@ -91,7 +68,7 @@ static inline int st_decode(const uint8_t *c, st_reg_fn reg_of, void *ctx, int *
     case 0x88: case 0x89: case 0x08: case 0x09: case 0x20: case 0x21: case 0x30: case 0x31:
         *op = b >= 0x88 ? ST_MOV : (b >> 3) == 1 ? ST_OR : (b >> 3) == 4 ? ST_AND : ST_XOR;
         *size = (b & 1) ? 4 : 1;
-        n = st_modrm_address(c + 1, reg_of, ctx, addr);
+        n = modrm_address(c + 1, reg_of, ctx, addr);
         if (!n) return 0;
         reg = (c[1] >> 3) & 7;
         if (*size == 4) {
@@ -106,7 +83,7 @@ static inline int st_decode(const uint8_t *c, st_reg_fn reg_of, void *ctx, int *
         if ((c[1] >> 3) & 7) return 0;
         *op = ST_MOV;
         *size = b == 0xC7 ? 4 : 1;
-        n = st_modrm_address(c + 1, reg_of, ctx, addr);
+        n = modrm_address(c + 1, reg_of, ctx, addr);
         if (!n) return 0;
         if (*size == 4)
             memcpy(src, c + 1 + n, 4);
@@ -118,7 +95,7 @@ static inline int st_decode(const uint8_t *c, st_reg_fn reg_of, void *ctx, int *
         if (r != 1 && r != 4 && r != 6) return 0;   /* or, and, xor (add, adc, sbb, sub, cmp: not emulated) */
         *op = r == 1 ? ST_OR : r == 4 ? ST_AND : ST_XOR;
         *size = b == 0x80 ? 1 : 4;
-        n = st_modrm_address(c + 1, reg_of, ctx, addr);
+        n = modrm_address(c + 1, reg_of, ctx, addr);
         if (!n) return 0;
         if (b == 0x81) {
             memcpy(src, c + 1 + n, 4);

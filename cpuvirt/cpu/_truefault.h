@@ -2,13 +2,14 @@
  * A true guest #PF found in a TLB fill under shadow paging, as the Python path finds it (trap's
  * modes/_trapfast.c true_fault and full's bt/_callout.c full_pf_hook deliver it there): the walk of the
  * guest's 32-bit tables (memory/walk.py) and CR2 (x86/faultaddr.py) for the instructions whose one memory
- * operand is its first candidate. Include after _modrm.h.
+ * operand is its first candidate.
  */
 #ifndef CPUVIRT_TRUEFAULT_H
 #define CPUVIRT_TRUEFAULT_H
 
 #include <stdint.h>
 #include <string.h>
+#include "_modrm.h"
 
 #define TF_PTE_P 0x1u
 #define TF_PTE_RW 0x2u
@@ -72,19 +73,14 @@ fault:
     return 1;
 }
 
-/* A register's value, by its number in ModRM order (EAX, ECX, EDX, EBX, ESP, EBP, ESI, EDI): 0 if unread. */
-typedef int (*tf_reg_fn)(void *ctx, int reg, uint32_t *out);
-
 /* The linear address of the one memory operand of an instruction that x86/faultaddr.py decodes to that
  * operand alone (its first candidate; no implicit stack or string access, no prefix), reading only the
  * base and index registers it names: mov (ModRM, immediate, byte, and to or from moffs32: a kernel's
  * globals), the ALU forms with a register, test, xchg, the immediate groups, inc/dec, not/neg/test,
  * movzx/movsx. 0: not one of them (or a register unread). */
-static inline int tf_operand(const uint8_t *c, tf_reg_fn reg_of, void *ctx, uint32_t *ea) {
+static inline int tf_operand(const uint8_t *c, modrm_reg_fn reg_of, void *ctx, uint32_t *ea) {
     uint8_t b = c[0];
     int r = (c[1] >> 3) & 7, at = 1;
-    modrm_mem_t mem;
-    uint32_t v;
     if (b >= 0xA0 && b <= 0xA3) {
         memcpy(ea, c + 1, 4);
         return 1;
@@ -98,17 +94,21 @@ static inline int tf_operand(const uint8_t *c, tf_reg_fn reg_of, void *ctx, uint
     } else {
         return 0;
     }
-    if (!modrm_mem(c + at, &mem)) return 0;   /* a register operand */
-    *ea = (uint32_t)mem.disp;
-    if (mem.base >= 0) {
-        if (!reg_of(ctx, mem.base, &v)) return 0;
-        *ea += v;
-    }
-    if (mem.index >= 0) {
-        if (!reg_of(ctx, mem.index, &v)) return 0;
-        *ea += v * mem.scale;
-    }
-    return 1;
+    return modrm_address(c + at, reg_of, ctx, ea) != 0;   /* (0 for a register operand) */
+}
+
+/* What a true #PF found and delivered in C counts (Python adds them: cpu/truefault.py TrueFaultHook, as
+MmuCounters.walkers and ShadowCounters.walkers): Mmu.fill's refused fill, the walk of the guest's tables and its
+references (ShadowPaging._resolve's), the fault. The states that hold it mirror it as pf_fills .. pf_faults. */
+typedef struct {
+    uint64_t fills, walks, refs, faults;
+} tf_counts_t;
+
+static inline void tf_count(tf_counts_t *c, uint32_t refs) {
+    c->fills++;
+    c->walks++;
+    c->refs += refs;
+    c->faults++;
 }
 
 /* What a true #PF leaves before its delivery, in the Python path's order (the walk's PDE.A, then the virtual

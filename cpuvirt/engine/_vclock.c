@@ -151,9 +151,7 @@ static int block_slow(vclock_t *s, void *uc, uint32_t count) {
         /* The deadline falls inside this block: stop before it. It does not run now, so it is not
          * counted; time moves to the deadline (the rounding is recorded as non-instruction time). */
         if (s->deadline > NOW(s)) {
-            uint64_t d = s->deadline - NOW(s);
-            s->extra += d;
-            vclock_add(&s->time, (int64_t)d);
+            vclock_advance(&s->time, &s->extra, s->deadline - NOW(s));
         }
         s->stopped = 1;
         s->emu_stop(uc);
@@ -621,15 +619,13 @@ size_t vclock_port_io_sizeof(void) { return sizeof(port_io_t); }
 
 uint32_t vclock_in_hook(void *uc, uint32_t port, int size, void *user_data) {
     port_io_t *p = (port_io_t *)user_data;
-    vclock_add(&p->clock->time, (int64_t)p->cycles);
-    p->clock->extra += p->cycles;
+    vclock_advance(&p->clock->time, &p->clock->extra, p->cycles);
     return p->port_in(port, (uint32_t)size);
 }
 
 void vclock_out_hook(void *uc, uint32_t port, int size, uint32_t value, void *user_data) {
     port_io_t *p = (port_io_t *)user_data;
-    vclock_add(&p->clock->time, (int64_t)p->cycles);
-    p->clock->extra += p->cycles;
+    vclock_advance(&p->clock->time, &p->clock->extra, p->cycles);
     p->port_out(port, (uint32_t)size, value);
 }
 

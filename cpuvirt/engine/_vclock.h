@@ -31,6 +31,13 @@ static inline uint64_t vclock_now(const vclock_time_t *t) { return t->limit - (u
 /* Spend `cycles` (negative: take them back, as unretire does). */
 static inline void vclock_add(vclock_time_t *t, int64_t cycles) { t->left -= cycles; }
 
+/* Spend `cycles` that are not instructions (VirtualClock.advance: an I/O bus cycle, a hypercall, a fetch
+ * fault): the time, and the clock's `extra`, which instructions are told from. */
+static inline void vclock_advance(vclock_time_t *t, uint64_t *extra, uint64_t cycles) {
+    t->left -= (int64_t)cycles;
+    *extra += cycles;
+}
+
 /* A new limit; the time stays. */
 static inline void vclock_set_limit(vclock_time_t *t, uint64_t limit) {
     if (limit > VCLOCK_LIMIT_MAX) limit = VCLOCK_LIMIT_MAX;

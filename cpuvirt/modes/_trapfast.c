@@ -223,7 +223,7 @@ static int rd(trapfast_t *s, void *uc, int reg, uint64_t *v) {
     return s->reg_read(uc, reg, v) == 0;
 }
 
-/* The guest's general registers by ModRM number (cpu/_storeop.h st_reg_fn, cpu/_truefault.h tf_reg_fn): the
+/* The guest's general registers by ModRM number (cpu/_modrm.h modrm_reg_fn): the
  * operands of invlpg, of the ptemods emulated and of a true #PF's CR2. */
 typedef struct {
     trapfast_t *s;
@@ -377,7 +377,7 @@ void trapfast_intr_hook(void *uc, uint32_t intno, void *user_data) {
         reg = code[2] & 7;
     } else if (code[0] == 0x0F && code[1] == 0x01 && (code[2] >> 6) != 3 && ((code[2] >> 3) & 7) == 7) {
         kind = K_INVLPG;                                                /* invlpg m */
-        size = st_modrm_address(code + 2, trap_reg, &regs, &linear);
+        size = modrm_address(code + 2, trap_reg, &regs, &linear);
         if (!size) goto python;
         size += 2;
     } else if (code[0] == 0xCF) {                                       /* iretd */
@@ -523,7 +523,7 @@ typedef struct {
     const uint32_t *hv_start;  /* the shadow fill's: the hypervisor's linear windows start there */
     /* the true faults' counts, as Mmu.fill and ShadowPaging._resolve count them (Python adds them:
      * MmuCounters.walkers, ShadowCounters.walkers) */
-    uint64_t pf_fills, pf_walks, pf_refs, pf_faults;
+    tf_counts_t pf;
 } trapstore_t;
 
 size_t trapstore_sizeof(void) { return sizeof(trapstore_t); }
@@ -619,10 +619,7 @@ static int true_fault(trapstore_t *t, void *uc, uint64_t vaddr, int type) {
         return 0;
     }
     vclock_add(s->clock_now, -(int64_t)(n));      /* Vcpu.left_block_at(eip): the faulting instruction did not retire */
-    t->pf_fills++;                     /* Mmu.fill's fill; _resolve's walk and true fault */
-    t->pf_walks++;
-    t->pf_refs += refs;
-    t->pf_faults++;
+    tf_count(&t->pf, refs);            /* Mmu.fill's fill; _resolve's walk and true fault */
     s->count[K_PF]++;                  /* the page_fault/#PF event */
     s->pending++;
     s->delivered++;

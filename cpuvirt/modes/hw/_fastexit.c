@@ -250,7 +250,20 @@ python:
     return s->cpuid_python(uc, NULL);
 }
 
-/* UC_HOOK_CODE on one `mov cr0/cr4, r32` site. */
+/* The guest's general registers by ModRM number: the operands of invlpg, of a ptemod and of a true #PF. */
+typedef struct {
+    fastexit_t *s;
+    void *uc;
+} hw_regs_t;
+
+static int hw_reg(void *ctx, int reg, uint32_t *out) {   /* cpu/_modrm.h modrm_reg_fn */
+    hw_regs_t *r = (hw_regs_t *)ctx;
+    uint64_t v = 0;
+    if (r->s->reg_read(r->uc, r->s->gpr_reg[reg], &v)) return 0;
+    *out = (uint32_t)v;
+    return 1;
+}
+
 /* An INVLPG exit without EPT (nonroot.py invlpg -> vm_exit -> handle_invlpg -> vm_entry), made here while
  * the entry after it would change nothing else (the guard of the CR3 loads': the shadow's root and mode
  * change only through Python, nothing unsynchronised; the virtual-APIC page in step) and the engine's CR3
@@ -259,24 +272,15 @@ python:
  * engine runs the invlpg itself, as after the Python exit. 0: Python's exit, nothing changed. */
 static int invlpg_exit(fastexit_t *s, void *uc, const cr_site_t *site, uint32_t address) {
     shadowmirror_t *m = s->mirror;
-    modrm_mem_t mem = {-1, -1, 1, 0};
-    uint64_t cr0 = 0, cr3 = 0, cr4 = 0, v;
-    uint32_t la;
+    uint64_t cr0 = 0, cr3 = 0, cr4 = 0;
+    uint32_t la = 0;
+    hw_regs_t regs = {s, uc};
     if (!m || !s->shadow_ok || !*s->shadow_ok || !vapic_quiet(s) || !m->serial || m->made >= SM_MADE) return 0;
     if (site->bytes[0] != 0x0F || site->bytes[1] != 0x01 || ((site->bytes[2] >> 3) & 7) != 7) return 0;
-    if (modrm_mem(site->bytes + 2, &mem) + 2 != (int)site->size) return 0;   /* (no prefix; a memory operand) */
     if (s->reg_read(uc, s->cr0, &cr0) || s->reg_read(uc, s->cr3, &cr3) || s->reg_read(uc, s->cr4, &cr4)) return 0;
     if (((uint32_t)cr0 & SM_PG) == 0 || (((uint32_t)cr0 & SM_PG) | ((uint32_t)cr4 & SM_PSE)) != m->mode) return 0;
     if (((uint32_t)cr3 & 0xFFFFF000u) != m->key || m->key != *s->shadow_key) return 0;
-    la = (uint32_t)mem.disp;
-    if (mem.base >= 0) {
-        if (s->reg_read(uc, s->gpr_reg[mem.base], &v)) return 0;
-        la += (uint32_t)v;
-    }
-    if (mem.index >= 0) {
-        if (s->reg_read(uc, s->gpr_reg[mem.index], &v)) return 0;
-        la += (uint32_t)v * mem.scale;
-    }
+    if (modrm_address(site->bytes + 2, hw_reg, &regs, &la) + 2 != (int)site->size) return 0;   /* (no prefix) */
     if (!sm_invlpg(m, la >> 12, s->ram, s->ram_bytes)) return 0;
     s->invlpg_exits++;
     s->invlpg_exit_total++;
@@ -287,6 +291,7 @@ static int invlpg_exit(fastexit_t *s, void *uc, const cr_site_t *site, uint32_t 
     return 1;
 }
 
+/* UC_HOOK_CODE on one `mov cr0/cr4, r32` site (and the other sites of cr_site_t). */
 void fastexit_cr_hook(void *uc, uint64_t address, uint32_t size, void *user_data) {
     cr_site_t *site = (cr_site_t *)user_data;
     fastexit_t *s = site->s;
@@ -408,8 +413,7 @@ static int c_exits_pending(const fastexit_t *s) {
 static uint32_t io_exit(fastexit_t *s, uint32_t port, int size, uint32_t is_in, uint32_t value) {
     uint32_t r;
     s->io_exit_total++;
-    vclock_add(s->clock_now_w, (int64_t)(s->io_cycles));
-    *s->clock_extra += s->io_cycles;
+    vclock_advance(s->clock_now_w, s->clock_extra, s->io_cycles);
     s->quick_done = 0;
     r = s->io_exit_python(port, (uint32_t)size, is_in | (c_exits_pending(s) ? 2u : 0u), value);
     if (s->quick_done && !(s->armed && vapic_quiet(s))) s->io_entry_python();
@@ -499,7 +503,7 @@ typedef struct {
     int32_t cr2;                 /* Unicorn's register id */
     deliver_fn deliver;          /* cpu/_delivery.c delivery_fast, on the state of fastexit_t's peek */
     /* counts for MmuCounters.walkers: _resolve's walks of the exits made here (cpu/truefault.py) */
-    uint64_t pf_fills, pf_walks, pf_refs, pf_faults;
+    tf_counts_t pf;
     /* the exits made here, not yet folded, and the last one's fields; of the
      * true faults among them, how many and the last one's error code for the guest (the injection's) */
     uint64_t exits;
@@ -508,7 +512,7 @@ typedef struct {
     uint32_t last_guest_code;
     uint32_t refused;            /* the engine refused a register write delivering the #PF (a cpuvirt bug) */
     uint32_t hidden_exits;       /* the hidden faults among them (VmxCpu.quick_shadow_exits) */
-    uint64_t ptemod_total, zap_total, true_total, hidden_total;
+    uint64_t ptemod_total, zap_total, hidden_total;   /* (the true faults: pf.faults) */
 } pfexit_t;
 
 size_t fastexit_pf_sizeof(void) { return sizeof(pfexit_t); }
@@ -535,19 +539,6 @@ static int pf_stop_quiet(const pfexit_t *p) {
 static int pf_exits(const pfexit_t *p, uint32_t ec) {
     int match = (ec & p->pfec_mask) == p->pfec_match;
     return (p->exception_bitmap >> 14 & 1) ? match : !match;
-}
-
-typedef struct {
-    fastexit_t *s;
-    void *uc;
-} hw_regs_t;
-
-static int hw_reg(void *ctx, int reg, uint32_t *out) {   /* cpu/_storeop.h st_reg_fn */
-    hw_regs_t *r = (hw_regs_t *)ctx;
-    uint64_t v = 0;
-    if (r->s->reg_read(r->uc, r->s->gpr_reg[reg], &v)) return 0;
-    *out = (uint32_t)v;
-    return 1;
 }
 
 /* ShadowPaging.page_fault's walk for a supervisor store at `gva` (memory/walk.py) when it sets no accessed
@@ -613,8 +604,8 @@ static int ptemod_exit(pfexit_t *p, void *uc, uint64_t vaddr) {
     s->reg_write(uc, s->eip, &v);
     vclock_add(s->clock_now_w, -(int64_t)(n - 1));   /* Vcpu.left_block_at(eip), then clock.unretire(-1) */
     *p->fills += 1;                    /* Mmu.fill's refused fill, and its shadow hit */
-    p->pf_walks++;                     /* page_fault's _resolve: its walk */
-    p->pf_refs += refs;
+    p->pf.walks++;                     /* page_fault's _resolve: its walk */
+    p->pf.refs += refs;
     sm_ptemod_done(m, &plan, (uint32_t)eip);
     if (plan.zap) {
         p->uc_ctl(uc, p->tlb_flush_ctl);
@@ -681,10 +672,7 @@ static int true_pf_exit(pfexit_t *p, void *uc, uint64_t vaddr, int type) {
     }
     if (r < 0) p->refused = 1;         /* the frame is pushed: a cpuvirt bug, Python raises at the fold */
     vclock_add(s->clock_now_w, -(int64_t)n);   /* Vcpu.left_block_at(eip): the instruction did not retire */
-    p->pf_fills++;                     /* Mmu.fill's refused fill; _resolve's walk and true fault */
-    p->pf_walks++;
-    p->pf_refs += refs;
-    p->pf_faults++;
+    tf_count(&p->pf, refs);            /* Mmu.fill's refused fill; _resolve's walk and true fault */
     p->exits++;
     p->true_exits++;
     p->last_qual = ea;
@@ -693,7 +681,6 @@ static int true_pf_exit(pfexit_t *p, void *uc, uint64_t vaddr, int type) {
     p->last_next = (uint32_t)eip;      /* GUEST_RIP: the faulting instruction (the handler writes none) */
     p->last_guest_code = ec;
     s->last_kind = LAST_PF;
-    p->true_total++;
     p->loop_exit(*(void **)((uint8_t *)uc + p->cpu_offset));   /* does not return */
     return 0;
 }

@@ -260,7 +260,6 @@ class _PfState(ctypes.Structure):
         ("hidden_exits", ctypes.c_uint32),
         ("ptemod_total", ctypes.c_uint64),
         ("zap_total", ctypes.c_uint64),
-        ("true_total", ctypes.c_uint64),
         ("hidden_total", ctypes.c_uint64),
     ]
 
@@ -407,7 +406,7 @@ class FastExits:
 
     @property
     def last_kind(self) -> int:
-        """Which of C's exit records was written last (LAST_CPUID, LAST_CR3, LAST_INVLPG)."""
+        """Which of C's exit records was written last (LAST_CPUID, LAST_CR3, LAST_INVLPG, LAST_PF)."""
         return self._state.last_kind
 
     @property
@@ -681,5 +680,5 @@ class PfExits(TrueFaultHook):
 
     @property
     def true_faults(self) -> int:
-        """True #PF exits made in C in the whole run."""
-        return self.state.true_total
+        """True #PF exits made in C in the whole run (TrueFaultHook.faults: the MMU's and the shadow's)."""
+        return self.faults

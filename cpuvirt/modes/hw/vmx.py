@@ -140,7 +140,7 @@ class VmxCpu(Vcpu):
         self._default_exception = RootHypervisor.handle_exception_nmi  # what the quick shadow #PF exit does as
         self.quick_shadow_exits = 0  # hidden-#PF exits taken without a stop (among `exits`)
         self._ept_c: Any = None  # _tlbfill.c's state when it takes lazy-EPT exits itself (_install_quick_ept_c)
-        self._pf_exits: PfExits | None = None  # no EPT: the #PF exits of ptemods made in the fill (fastexit.py)
+        self._pf_exits: PfExits | None = None  # no EPT: the #PF exits made in the TLB fill (fastexit.py)
         self._shadow_fill: ShadowFastFill | None = None  # no EPT: the shadow's C fill
         self._stop_watchers: list = []  # C states that make exits only while the stop would change nothing
         self._io_forms: dict = {}
@@ -1294,18 +1294,14 @@ class VmxCpu(Vcpu):
         timer state, an MMIO range moves or the I/O gate arms (until the run loop arms the clock again)."""
         if not self.quick_ept_c or self.fast_fill is None:
             return
-        from unicorn import x86_const as X
-
         st = self._ept_c = self.fast_fill.state
         fxs = fx._state
         base = ctypes.addressof(fxs)
         st.fx_armed = base + type(fxs).armed.offset
         st.fx_cpuid = base + type(fxs).cpuid_exits.offset
         st.quiet_fn, st.quiet_state = fx.quiet_function()
-        st.eip_reg = X.UC_X86_REG_EIP
-        gprs = (X.UC_X86_REG_EAX, X.UC_X86_REG_ECX, X.UC_X86_REG_EDX, X.UC_X86_REG_EBX,
-                X.UC_X86_REG_ESP, X.UC_X86_REG_EBP, X.UC_X86_REG_ESI, X.UC_X86_REG_EDI)  # fmt: skip
-        for i, reg in enumerate(gprs):
+        st.eip_reg = R.EIP
+        for i, reg in enumerate(R.GPR_ORDER):
             st.gpr[i] = reg
         self._watch_stops(st)
         self._arm_quick_ept()
@@ -1329,9 +1325,12 @@ class VmxCpu(Vcpu):
         m = self.machine
         inner = m.on_interrupts_changed
 
-        def changed() -> None:
+        def bump() -> None:
             for w in watchers:
                 w.epoch += 1
+
+        def changed() -> None:
+            bump()
             if inner is not None:
                 inner()
 
@@ -1340,13 +1339,11 @@ class VmxCpu(Vcpu):
         register, unregister = mmio.register, mmio.unregister
 
         def moved_register(gpa: int, size: int, device) -> None:
-            for w in watchers:
-                w.epoch += 1
+            bump()
             register(gpa, size, device)
 
         def moved_unregister(gpa: int) -> None:
-            for w in watchers:
-                w.epoch += 1
+            bump()
             unregister(gpa)
 
         mmio.register, mmio.unregister = moved_register, moved_unregister  # type: ignore[method-assign]

@@ -242,8 +242,7 @@ static int pv_uva(pv_t *s, void *uc) {
     memcpy(&pde, s->ram + (uint64_t)p * 4096 + ((va >> 22) << 2), 4);
     if (!(pde & PTE_P) || (pde & PTE_PS)) return 0;
     if (!update_decide(s, (pde & 0xFFFFF000u) | ((va >> 10) & 0xFFC), lo, 1, &u)) return 0;
-    vclock_add(s->clock_now, (int64_t)(s->hypercall_cycles));
-    *s->clock_extra += s->hypercall_cycles;
+    vclock_advance(s->clock_now, s->clock_extra, s->hypercall_cycles);
     dirty = update_make(s, &u);
     if (!dirty && (flags & UVMF_FLUSHTYPE_MASK) == UVMF_INVLPG) {
         if (!flush_one(s, va)) dirty = 1;
@@ -280,8 +279,7 @@ static int pv_mmu_update(pv_t *s, void *uc) {
         *s->walk_refs = refs;
         return 0;
     }
-    vclock_add(s->clock_now, (int64_t)(s->hypercall_cycles + s->request_cycles));
-    *s->clock_extra += s->hypercall_cycles + s->request_cycles;
+    vclock_advance(s->clock_now, s->clock_extra, s->hypercall_cycles + s->request_cycles);
     dirty = update_make(s, &u);
     hypercall_done(s, uc, dirty, cr3);
     s->mmus++;
@@ -322,8 +320,7 @@ static int pv_mmuext(pv_t *s, void *uc) {
         *s->walk_refs = refs;
         return 0;
     }
-    vclock_add(s->clock_now, (int64_t)(s->hypercall_cycles + s->request_cycles));
-    *s->clock_extra += s->hypercall_cycles + s->request_cycles;
+    vclock_advance(s->clock_now, s->clock_extra, s->hypercall_cycles + s->request_cycles);
     if (p >= 0) {      /* get_type(L2) on a typed directory, then put_type of the old one: counts only */
         s->frame_count[p]++;
         if (p_old >= 0) s->frame_count[p_old]--;
@@ -363,8 +360,7 @@ static int pv_iret(pv_t *s, void *uc) {
         return 0;
     }
     *s->in_upcall = 0;
-    vclock_add(s->clock_now, (int64_t)(s->hypercall_cycles));     /* VirtualClock.advance(HYPERCALL_CYCLES) */
-    *s->clock_extra += s->hypercall_cycles;
+    vclock_advance(s->clock_now, s->clock_extra, s->hypercall_cycles);     /* VirtualClock.advance(HYPERCALL_CYCLES) */
     s->shared[1] = (uint8_t)mask;
     if (wr(s, uc, R_EAX, frame[0]) || wr(s, uc, R_ESP, esp + 4) || wr(s, uc, R_EIP, s->iret_eip)) {
         s->refused(HYPERCALL_VECTOR);
