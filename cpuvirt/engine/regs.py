@@ -78,7 +78,6 @@ class Regs:
         "_mmr",
         "_pmmr",
         "loading_descriptor",
-        "loading_flag",
     )
 
     def __init__(self, uc):
@@ -92,8 +91,8 @@ class Regs:
         self._wbuf = ctypes.c_uint64()
         self._pwbuf = ctypes.byref(self._wbuf)
         self._mmr = _Mmr()
-        self.loading_descriptor = False  # see write
-        self.loading_flag = ctypes.c_uint32()  # the same, for C fill hooks (hw's #PF exits in C: modes/hw/_fastexit.c)
+        # see write; a C word, which the C fill hooks read too (hw's #PF exits in C: modes/hw/_fastexit.c)
+        self.loading_descriptor = ctypes.c_uint32()
         self._pmmr = ctypes.byref(self._mmr)
         self._rr = bare("uc_reg_read")  # called with (c_void_p, int, byref) only
         self._rw = bare("uc_reg_write")
@@ -110,13 +109,11 @@ class Regs:
             # call: a TLB fill refused now would make it raise a fault by longjmp, out through the
             # Python frames that called us (a host crash). A fill strategy that refuses to make the
             # guest exit (hw's shadow paging) serves the hypervisor's load instead while this is set.
-            self.loading_descriptor = True
-            self.loading_flag.value = 1
+            self.loading_descriptor.value = 1
             try:
                 failed = self._rw(self._h, reg, self._pwbuf)
             finally:
-                self.loading_descriptor = False
-                self.loading_flag.value = 0
+                self.loading_descriptor.value = 0
         else:
             failed = self._rw(self._h, reg, self._pwbuf)
         if failed:

@@ -253,7 +253,7 @@ class ShadowPaging:
             if type(t) is Fault:
                 return None, t.error_code
             return t.gpa, (t.writable and (t.dirty or access == _WRITE))
-        if self.exit_on_miss and not m.regs.loading_descriptor:  # (a hypervisor's segment load: served)
+        if self.exit_on_miss and not m.regs.loading_descriptor.value:  # (a hypervisor's segment load: served)
             if user:
                 code |= PFEC_U
             if access == _WRITE:

@@ -484,7 +484,7 @@ typedef struct {
     uint32_t pf_on;              /* CPUVIRT_HW_PF_C: true #PFs too */
     uint32_t hidden_on;          /* CPUVIRT_HW_HIDDEN_PF_C: hidden faults' exits (fastexit_hidden_exit) too */
     uint32_t pad;
-    const uint32_t *loading;     /* engine/regs.py Regs.loading_flag: Python is loading a segment register */
+    const uint32_t *loading;     /* engine/regs.py Regs.loading_descriptor: Python is loading a segment register */
     fault_linear_fn fault_linear;   /* cpu/_delivery.c delivery_fault_linear, on the state of fastexit_t's peek */
     uint32_t c_armed;            /* at the last VM entry: the default #PF handler, no window exiting */
     uint32_t exception_bitmap, pfec_mask, pfec_match;   /* copied at that entry */

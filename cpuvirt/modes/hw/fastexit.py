@@ -634,7 +634,7 @@ class PfExits(TrueFaultHook):
         st.ss, st.eflags, st.cr2 = X.UC_X86_REG_SS, X.UC_X86_REG_EFLAGS, X.UC_X86_REG_CR2
         st.deliver = ctypes.cast(books._lib.delivery_fast, ctypes.c_void_p).value  # (on fst.peek_state)
         st.fault_linear = ctypes.cast(books._lib.delivery_fault_linear, ctypes.c_void_p).value
-        st.loading = ctypes.addressof(vcpu.regs.loading_flag)
+        st.loading = ctypes.addressof(vcpu.regs.loading_descriptor)
         fstate = fill._state
         st.fills = ctypes.addressof(fstate) + type(fstate).fills.offset
         st.left_block = ctypes.cast(books._lib.delivery_books_left_block, ctypes.c_void_p).value

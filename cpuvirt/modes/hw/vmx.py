@@ -1448,7 +1448,7 @@ class VmxCpu(Vcpu):
     def quick_shadow_exit(self, vaddr: int, access_type: int, code: int) -> int:
         """The same exit for _tlbfill.c's shadow fill, which has walked the guest's tables and found the miss
         would only fill the shadow (its conditions are quiet_fill's): 1 = recorded, C fills the shadow."""
-        if self.mmu.regs.loading_descriptor:  # (a hypervisor's segment load: served without an exit)
+        if self.mmu.regs.loading_descriptor.value:  # (a hypervisor's segment load: served without an exit)
             return 0
         return int(self._quick_pf_exit(vaddr, access_type - 16, code) is not None)
 
