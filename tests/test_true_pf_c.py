@@ -25,7 +25,7 @@ C_FORMS = 16  # its faults per round that C takes (of 20)
 
 def _faults(vcpu) -> int:
     stores = vcpu.fast.stores
-    return stores.state.pf_faults if stores is not None else 0
+    return stores.faults if stores is not None else 0
 
 
 def test_true_faults_in_c_leave_what_python_leaves(test_guest, monkeypatch):
@@ -71,14 +71,14 @@ def test_each_switch_turns_off_its_own_path(test_guest, monkeypatch, ptemods, fa
     assert res.status == 0
     stores = cpus[-1].vcpu.fast.stores
     assert (stores.state.stores > 0) == (ptemods == "1")
-    assert (stores.state.pf_faults > 0) == (faults == "1")
+    assert (stores.faults > 0) == (faults == "1")
 
 
 FULL_SWITCHES = ("CPUVIRT_FULL_PF_C",)
 
 
 def _full_faults(vcpu) -> int:
-    return vcpu.pf_fast.state.pf_faults if vcpu.pf_fast is not None else 0
+    return vcpu.pf_fast.faults if vcpu.pf_fast is not None else 0
 
 
 def test_full_true_faults_in_c_leave_what_python_leaves(test_guest, monkeypatch):

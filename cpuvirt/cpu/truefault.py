@@ -10,10 +10,21 @@ from unicorn import UC_HOOK_TLB_FILL
 from cpuvirt.engine.cext import add_c_hook
 
 
+class TfCounts(ctypes.Structure):
+    """Mirror of cpu/_truefault.h tf_counts_t: what the true faults delivered in C count."""
+
+    _fields_ = [
+        ("fills", ctypes.c_uint64),
+        ("walks", ctypes.c_uint64),
+        ("refs", ctypes.c_uint64),
+        ("faults", ctypes.c_uint64),
+    ]
+
+
 class TrueFaultHook:
-    """A C fill hook with its state (`STATE`, a ctypes mirror holding pf_fills, pf_walks, pf_refs and
-    pf_faults), added when the mode is built so that it comes before Mmu.fill's hook; the counts of the
-    faults it delivers are the MMU's and the shadow's too (`count_in`)."""
+    """A C fill hook with its state (`STATE`, a ctypes mirror holding a TfCounts `pf`), added when the mode
+    is built so that it comes before Mmu.fill's hook; the counts of the faults it delivers are the MMU's
+    and the shadow's too (`count_in`)."""
 
     STATE: type[ctypes.Structure]
 
@@ -31,10 +42,10 @@ class TrueFaultHook:
 
     def counts(self) -> tuple[int, int, int]:
         """(fills, walks, walk references) of the true faults delivered in C (MmuCounters.walkers)."""
-        st = self.state
-        return st.pf_fills, st.pf_walks, st.pf_refs  # type: ignore[attr-defined]
+        pf = self.state.pf  # type: ignore[attr-defined]
+        return pf.fills, pf.walks, pf.refs
 
     @property
     def faults(self) -> int:
         """True #PFs delivered in C (Mmu's faults, the shadow's true_faults)."""
-        return self.state.pf_faults  # type: ignore[attr-defined]
+        return self.state.pf.faults  # type: ignore[attr-defined]

@@ -29,7 +29,7 @@ from cpuvirt.cpu.evdeliver import BLOCK_SLOTS, BlockCopyKeeper, fold_event_count
 from cpuvirt.cpu.evdeliver import BlockCopy as _Block
 from cpuvirt.cpu.evseg import EvHvTlb, EvLoaded, EvSeg, EvVirtualCpu
 from cpuvirt.cpu.quirks import context_layout
-from cpuvirt.cpu.truefault import TrueFaultHook
+from cpuvirt.cpu.truefault import TfCounts, TrueFaultHook
 from cpuvirt.cpu.virtualcpu import in_table
 from cpuvirt.engine import regs as R
 from cpuvirt.engine.cext import add_c_hook, load
@@ -138,10 +138,7 @@ class _Store(ctypes.Structure):
         ("stores", ctypes.c_uint64),
         ("zaps", ctypes.c_uint64),
         ("hv_start", ctypes.c_void_p),
-        ("pf_fills", ctypes.c_uint64),
-        ("pf_walks", ctypes.c_uint64),
-        ("pf_refs", ctypes.c_uint64),
-        ("pf_faults", ctypes.c_uint64),
+        ("pf", TfCounts),
     ]
 
 

@@ -29,7 +29,7 @@ from cpuvirt.bt.fastcallout import _lib
 from cpuvirt.bt.tcache import Block, TCache
 from cpuvirt.cpu.evdeliver import BlockCopyKeeper, fold_event_counts, note_delivered
 from cpuvirt.cpu.quirks import context_layout
-from cpuvirt.cpu.truefault import TrueFaultHook
+from cpuvirt.cpu.truefault import TfCounts, TrueFaultHook
 from cpuvirt.engine.cext import add_c_hook
 from cpuvirt.engine.internals import context_header, engine_env
 from cpuvirt.memory.shadowmirror import ShadowMirror
@@ -220,10 +220,7 @@ class _FullPf(ctypes.Structure):
         ("tc_size", ctypes.c_uint32),
         ("on", ctypes.c_uint32),
         ("seen", ctypes.c_uint32),
-        ("pf_fills", ctypes.c_uint64),
-        ("pf_walks", ctypes.c_uint64),
-        ("pf_refs", ctypes.c_uint64),
-        ("pf_faults", ctypes.c_uint64),
+        ("pf", TfCounts),
         ("pending", ctypes.c_uint64),
     ]
 

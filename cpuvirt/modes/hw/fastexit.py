@@ -41,7 +41,7 @@ from unicorn import x86_const as X
 from unicorn.unicorn_py3 import unicorn as _ucmod
 
 from cpuvirt.cpu.ssealign import _short_context
-from cpuvirt.cpu.truefault import TrueFaultHook
+from cpuvirt.cpu.truefault import TfCounts, TrueFaultHook
 from cpuvirt.cpu.vcpu import IO_CYCLES, IO_INSTRUCTIONS
 from cpuvirt.engine import regs as R
 from cpuvirt.engine.cext import add_c_hook, load
@@ -245,10 +245,7 @@ class _PfState(ctypes.Structure):
         ("tlb_flush_ctl", ctypes.c_int32),
         ("cr2", ctypes.c_int32),
         ("deliver", ctypes.c_void_p),
-        ("pf_fills", ctypes.c_uint64),
-        ("pf_walks", ctypes.c_uint64),
-        ("pf_refs", ctypes.c_uint64),
-        ("pf_faults", ctypes.c_uint64),
+        ("pf", TfCounts),
         ("exits", ctypes.c_uint64),
         ("last_qual", ctypes.c_uint32),
         ("last_code", ctypes.c_uint32),
