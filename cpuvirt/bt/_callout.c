@@ -707,19 +707,6 @@ static int guest_code(const callouts_t *t, uint32_t gva, uint8_t *out) {
     return 1;
 }
 
-typedef struct {
-    callouts_t *t;
-    void *uc;
-} full_regs_t;
-
-static int full_reg(void *ctx, int reg, uint32_t *out) {   /* cpu/_modrm.h modrm_reg_fn */
-    full_regs_t *r = (full_regs_t *)ctx;
-    uint64_t v = 0;
-    if (r->t->reg_read(r->uc, r->t->gpr_reg[reg], &v)) return 0;
-    *out = (uint32_t)v;
-    return 1;
-}
-
 int full_pf_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *user_data) {
     fullpf_t *p = (fullpf_t *)user_data;
     callouts_t *t = p->t;
@@ -728,7 +715,7 @@ int full_pf_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *user_
     evdeliver_t d;
     uint64_t ss = 0, cs = 0, eflags = 0, eip = 0;
     uint32_t page = (uint32_t)vaddr >> 12, ec = 0, refs = 0, ea = 0, ret_eip;
-    full_regs_t regs = {t, uc};
+    modrm_uc_regs_t regs;
     tf_made_t made;
     uint32_t cr0, cr3, cr4;
     int64_t pde_a, n = 0;
@@ -736,6 +723,7 @@ int full_pf_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *user_
     uint8_t code[15];
     (void)e;
     if (!t || !p->on || !p->seen) return 0;
+    regs = (modrm_uc_regs_t){t->reg_read, t->gpr_reg, uc};
     f = &t->dl;
     if (!f->on || !t->enabled || !t->events_on) return 0;
     if ((type != MEM_READ && type != MEM_WRITE) || (uint32_t)vaddr >= *p->hv_start) return 0;
@@ -764,7 +752,7 @@ int full_pf_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *user_
     } else {
         return 0;
     }
-    if (!tf_operand(code, full_reg, &regs, &ea) || (ea & 0xFFFFF000u) != ((uint32_t)vaddr & 0xFFFFF000u)) return 0;
+    if (!tf_operand(code, modrm_uc_reg, &regs, &ea) || (ea & 0xFFFFF000u) != ((uint32_t)vaddr & 0xFFFFF000u)) return 0;
     if (!ed_left_block(f->block, *f->clock_last_block, &f->misses, (uint32_t)eip, &n)) return 0;
     tf_make((uint8_t *)t->ev.ram, pde_a, &t->ev.cr2, ea, &made);   /* PDE.A, CR2; then the delivery */
     full_evdeliver(t, &d);

@@ -53,6 +53,22 @@ static inline int modrm_mem(const uint8_t *m, modrm_mem_t *out) {
 /* A general register by its ModRM number: 1 and *out, or 0 (the caller's engine would not read it). */
 typedef int (*modrm_reg_fn)(void *ctx, int reg, uint32_t *out);
 
+/* modrm_reg_fn over the engine's registers (the C hooks of trap, full and hw): uc_reg_read with each
+ * register's Unicorn id, in ModRM order. */
+typedef struct {
+    int (*reg_read)(void *uc, int regid, void *value);
+    const int32_t *ids;
+    void *uc;
+} modrm_uc_regs_t;
+
+static inline int modrm_uc_reg(void *ctx, int reg, uint32_t *out) {
+    const modrm_uc_regs_t *r = (const modrm_uc_regs_t *)ctx;
+    uint64_t v = 0;
+    if (r->reg_read(r->uc, r->ids[reg], &v)) return 0;
+    *out = (uint32_t)v;
+    return 1;
+}
+
 /* The linear address of the memory operand whose ModRM byte is at `m` (flat segments), reading only the base
  * and index registers it names: the bytes ModRM, SIB and displacement take, or 0 for a register operand or
  * a register the reader cannot give. */

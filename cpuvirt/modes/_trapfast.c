@@ -223,21 +223,6 @@ static int rd(trapfast_t *s, void *uc, int reg, uint64_t *v) {
     return s->reg_read(uc, reg, v) == 0;
 }
 
-/* The guest's general registers by ModRM number (cpu/_modrm.h modrm_reg_fn): the
- * operands of invlpg, of the ptemods emulated and of a true #PF's CR2. */
-typedef struct {
-    trapfast_t *s;
-    void *uc;
-} trap_regs_t;
-
-static int trap_reg(void *ctx, int reg, uint32_t *out) {
-    trap_regs_t *r = (trap_regs_t *)ctx;
-    uint64_t v;
-    if (!rd(r->s, r->uc, r->s->r_gpr[reg], &v)) return 0;
-    *out = (uint32_t)v;
-    return 1;
-}
-
 /* invlpg m: privileged.py _invlpg when it does only this (ShadowPaging.invlpg in the shadow's current
  * root, as bt/_callout.c's INVLPG does it): the page leaves the hypervisor's TLB and the shadow root (the
  * copies now, Python's dict and table when they are next used), the engine's TLB is flushed. 0: the
@@ -338,7 +323,7 @@ void trapfast_intr_hook(void *uc, uint32_t intno, void *user_data) {
     int32_t is_int, minus1 = -1;
     int64_t unretire = 0;
     int kind, size, reg = -1, to_cr = 0, seg = -1;
-    trap_regs_t regs = {s, uc};
+    modrm_uc_regs_t regs = {s->reg_read, s->r_gpr, uc};
     if (!s->enabled) goto python;
     memcpy(&is_int, s->ev.env + s->off_is_int, 4);
     if (is_int || intno != 13) {
@@ -377,7 +362,7 @@ void trapfast_intr_hook(void *uc, uint32_t intno, void *user_data) {
         reg = code[2] & 7;
     } else if (code[0] == 0x0F && code[1] == 0x01 && (code[2] >> 6) != 3 && ((code[2] >> 3) & 7) == 7) {
         kind = K_INVLPG;                                                /* invlpg m */
-        size = modrm_address(code + 2, trap_reg, &regs, &linear);
+        size = modrm_address(code + 2, modrm_uc_reg, &regs, &linear);
         if (!size) goto python;
         size += 2;
     } else if (code[0] == 0xCF) {                                       /* iretd */
@@ -538,15 +523,16 @@ static int ptemod(trapstore_t *t, void *uc, uint64_t vaddr, int type) {
     uint8_t code[15];
     int op = 0, len;
     int64_t gpa, n = 0;
-    trap_regs_t regs = {s, uc};
+    modrm_uc_regs_t regs;
     if (!t->on || !s || !s->enabled || type != MEM_WRITE || !s->seen[K_PTEMOD]) return 0;
+    regs = (modrm_uc_regs_t){s->reg_read, s->r_gpr, uc};
     if (!s->shadow_ok) return 0;       /* a frame left unsynchronised: the unlink counts could be wrong */
     m = (shadowmirror_t *)s->mirror;
     if (!m || m->made >= SM_MADE) return 0;
     if (!rd(s, uc, s->r_ss, &ss) || (ss & 3) != 1) return 0;            /* the guest kernel (ring 1) */
     if (!rd(s, uc, s->r_eflags, &eflags) || (eflags & EFLAGS_VM)) return 0;
     if (!rd(s, uc, s->r_eip, &eip) || !code_at(s, (uint32_t)eip, code, 15)) return 0;
-    len = st_decode(code, trap_reg, &regs, &op, &size, &src, &addr);
+    len = st_decode(code, modrm_uc_reg, &regs, &op, &size, &src, &addr);
     if (!len || (addr & 0xFFFFF000u) != (uint32_t)vaddr || (addr & 0xFFFu) + size > 0x1000u) return 0;
     gpa = sm_hv_gpa(m, s->crs[0], s->crs[1], s->crs[2], addr, 1, (int)s->wp_granted);
     if (gpa < 0 || !sm_ptemod_plan(m, s->ev.ram, s->ev.ram_bytes, (uint64_t)gpa, size, s->uc_ctl != NULL, &plan))
@@ -592,12 +578,13 @@ static int true_fault(trapstore_t *t, void *uc, uint64_t vaddr, int type) {
     const shadowmirror_t *m;
     uint64_t ss, cs, eflags, eip;
     uint32_t page = (uint32_t)vaddr >> 12, ec = 0, refs = 0, ea = 0;
-    trap_regs_t regs = {s, uc};
+    modrm_uc_regs_t regs;
     tf_made_t made;
     int64_t pde_a, n = 0;
     int user, write = type == MEM_WRITE;
     uint8_t code[15];
     if (!t->pf_on || !s || !s->enabled || !s->deliver_on || !s->seen[K_PF] || !t->hv_start) return 0;
+    regs = (modrm_uc_regs_t){s->reg_read, s->r_gpr, uc};
     if ((type != MEM_READ && type != MEM_WRITE) || (uint32_t)vaddr >= *t->hv_start) return 0;
     m = s->mirror;
     if (!m || !m->serial || !s->shadow_ok) return 0;
@@ -610,7 +597,7 @@ static int true_fault(trapstore_t *t, void *uc, uint64_t vaddr, int type) {
                  &refs, &pde_a))
         return 0;
     if (!rd(s, uc, s->r_eip, &eip) || !code_at(s, (uint32_t)eip, code, 15)) return 0;
-    if (!tf_operand(code, trap_reg, &regs, &ea) || (ea & 0xFFFFF000u) != ((uint32_t)vaddr & 0xFFFFF000u)) return 0;
+    if (!tf_operand(code, modrm_uc_reg, &regs, &ea) || (ea & 0xFFFFF000u) != ((uint32_t)vaddr & 0xFFFFF000u)) return 0;
     if (!rd(s, uc, s->r_cs, &cs) || !rd(s, uc, s->r_eflags, &eflags) || (eflags & EFLAGS_VM)) return 0;
     if (!left_block(s, (uint32_t)eip, &n)) return 0;
     tf_make((uint8_t *)s->ev.ram, pde_a, &s->ev.cr2, ea, &made);   /* PDE.A, CR2; then the delivery */

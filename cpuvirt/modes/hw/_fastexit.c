@@ -250,20 +250,6 @@ python:
     return s->cpuid_python(uc, NULL);
 }
 
-/* The guest's general registers by ModRM number: the operands of invlpg, of a ptemod and of a true #PF. */
-typedef struct {
-    fastexit_t *s;
-    void *uc;
-} hw_regs_t;
-
-static int hw_reg(void *ctx, int reg, uint32_t *out) {   /* cpu/_modrm.h modrm_reg_fn */
-    hw_regs_t *r = (hw_regs_t *)ctx;
-    uint64_t v = 0;
-    if (r->s->reg_read(r->uc, r->s->gpr_reg[reg], &v)) return 0;
-    *out = (uint32_t)v;
-    return 1;
-}
-
 /* An INVLPG exit without EPT (nonroot.py invlpg -> vm_exit -> handle_invlpg -> vm_entry), made here while
  * the entry after it would change nothing else (the guard of the CR3 loads': the shadow's root and mode
  * change only through Python, nothing unsynchronised; the virtual-APIC page in step) and the engine's CR3
@@ -274,13 +260,13 @@ static int invlpg_exit(fastexit_t *s, void *uc, const cr_site_t *site, uint32_t 
     shadowmirror_t *m = s->mirror;
     uint64_t cr0 = 0, cr3 = 0, cr4 = 0;
     uint32_t la = 0;
-    hw_regs_t regs = {s, uc};
+    modrm_uc_regs_t regs = {s->reg_read, s->gpr_reg, uc};
     if (!m || !s->shadow_ok || !*s->shadow_ok || !vapic_quiet(s) || !m->serial || m->made >= SM_MADE) return 0;
     if (site->bytes[0] != 0x0F || site->bytes[1] != 0x01 || ((site->bytes[2] >> 3) & 7) != 7) return 0;
     if (s->reg_read(uc, s->cr0, &cr0) || s->reg_read(uc, s->cr3, &cr3) || s->reg_read(uc, s->cr4, &cr4)) return 0;
     if (((uint32_t)cr0 & SM_PG) == 0 || (((uint32_t)cr0 & SM_PG) | ((uint32_t)cr4 & SM_PSE)) != m->mode) return 0;
     if (((uint32_t)cr3 & 0xFFFFF000u) != m->key || m->key != *s->shadow_key) return 0;
-    if (modrm_address(site->bytes + 2, hw_reg, &regs, &la) + 2 != (int)site->size) return 0;   /* (no prefix) */
+    if (modrm_address(site->bytes + 2, modrm_uc_reg, &regs, &la) + 2 != (int)site->size) return 0;   /* (no prefix) */
     if (!sm_invlpg(m, la >> 12, s->ram, s->ram_bytes)) return 0;
     s->invlpg_exits++;
     s->invlpg_exit_total++;
@@ -576,7 +562,7 @@ static int ptemod_exit(pfexit_t *p, void *uc, uint64_t vaddr) {
     uint32_t addr = 0, src = 0, size = 0, old = 0, value, refs;
     const sentry_t *e;
     sm_ptemod_t plan;
-    hw_regs_t regs = {s, uc};
+    modrm_uc_regs_t regs = {s->reg_read, s->gpr_reg, uc};
     uint8_t code[15];
     int op = 0, len;
     int64_t gpa, n = 0;
@@ -587,7 +573,7 @@ static int ptemod_exit(pfexit_t *p, void *uc, uint64_t vaddr) {
     if (s->reg_read(uc, s->cr0, &cr0) || s->reg_read(uc, s->cr3, &cr3) || s->reg_read(uc, s->cr4, &cr4)) return 0;
     if (((uint32_t)cr0 & SM_PG) == 0 || ((uint32_t)cr3 & 0xFFFFF000u) != *s->shadow_key) return 0;
     if (s->reg_read(uc, s->eip, &eip) || !s->peek(s->peek_state, uc, (uint32_t)eip, 15, code)) return 0;
-    len = st_decode(code, hw_reg, &regs, &op, &size, &src, &addr);
+    len = st_decode(code, modrm_uc_reg, &regs, &op, &size, &src, &addr);
     if (!len || (addr & 0xFFFFF000u) != (uint32_t)vaddr || (addr & 0xFFFu) + size > 0x1000u) return 0;
     e = sm_entry(m, (uint32_t)cr0, (uint32_t)cr3, (uint32_t)cr4, addr >> 12);
     gpa = sm_hv_gpa(m, (uint32_t)cr0, (uint32_t)cr3, (uint32_t)cr4, addr, 1, 0);
@@ -638,7 +624,7 @@ static int true_pf_exit(pfexit_t *p, void *uc, uint64_t vaddr, int type) {
     uint32_t ec = 0, refs = 0, ea = 0, code, cr2;
     int write = type == MEM_WRITE, user, r;
     int64_t pde_a, n = 0;
-    hw_regs_t regs = {s, uc};
+    modrm_uc_regs_t regs = {s->reg_read, s->gpr_reg, uc};
     tf_made_t made;
     uint8_t bytes[15];
     if (!m || !s->shadow_ok || !*s->shadow_ok || !m->serial || !pf_stop_quiet(p)) return 0;
@@ -656,7 +642,7 @@ static int true_pf_exit(pfexit_t *p, void *uc, uint64_t vaddr, int type) {
                  &refs, &pde_a))
         return 0;
     if (s->reg_read(uc, s->eip, &eip) || !s->peek(s->peek_state, uc, (uint32_t)eip, 15, bytes)) return 0;
-    if (!tf_operand(bytes, hw_reg, &regs, &ea) || (ea & 0xFFFFF000u) != ((uint32_t)vaddr & 0xFFFFF000u)) return 0;
+    if (!tf_operand(bytes, modrm_uc_reg, &regs, &ea) || (ea & 0xFFFFF000u) != ((uint32_t)vaddr & 0xFFFFF000u)) return 0;
     if (!p->left_block || !p->left_block(p->books, (uint32_t)eip, &n) || n < 1) return 0;
     if (s->reg_read(uc, p->cr2, &old)) return 0;
     cr2 = (uint32_t)old;
