@@ -15,9 +15,11 @@ from __future__ import annotations
 import pytest
 
 from cpuvirt.nanobench import build
+from tests.conftest import requires_qemu
+from tests.qemu import assert_same_console_as_qemu
 from tests.runs import hw_shadow_run, same_exits, switches_with
 
-GUESTS = ["nanobench", "ptemod_c", "true_pf", "paging", "usermode", "trap_deliver", "ptemod_cross"]
+GUESTS = ["nanobench", "ptemod_c", "true_pf", "paging", "usermode", "trap_deliver", "ptemod_cross", "ring0_pf"]
 
 
 def _guest(guest, test_guest, tmp_path):
@@ -61,6 +63,8 @@ def test_true_pf_exits_in_c_leave_what_python_leaves(guest, test_guest, monkeypa
         # the shadow holds no entry for (a protection fault through an entry has P in the shadow's error code:
         # Python's); 625 when this was written
         assert c.true_faults >= 15 * 40, c.true_faults
+    if guest == "ring0_pf":  # every round's: a code descriptor never marked accessed, and CS is never loaded
+        assert c.true_faults >= 64 - 1, c.true_faults  # (the first is Python's, as in every guest)
 
 
 @pytest.mark.parametrize("guest", GUESTS)
@@ -81,3 +85,8 @@ def test_the_switches():
     assert switches_with(code, names, CPUVIRT_HW_PTEMOD_C="0") == ["False", "True", "True"]
     assert switches_with(code, names, CPUVIRT_HW_PF_C="0") == ["True", "False", "True"]
     assert switches_with(code, names, CPUVIRT_HW_HIDDEN_PF_C="0") == ["True", "True", "False"]
+
+
+@requires_qemu
+def test_ring0_pf_console_is_qemus(test_guest):
+    assert b"PASS ring-0 page faults" in assert_same_console_as_qemu(test_guest("ring0_pf"), [], [])

@@ -424,12 +424,15 @@ static int deliver_pass(pass_t *w, void *uc, uint32_t vector, uint32_t return_ei
     if (!((dhi >> 11) & 1) || !((dhi >> 12) & 1)) return 0;
     code_dpl = (dhi >> 13) & 3;
     if (code_dpl > p->cpl || !(dhi & 0x8000) || ((dhi >> 10) & 1)) return 0;
-    /* Through the shadow (hw --no-ept) the engine's own segment loads below must not write an accessed
-     * bit: that store's fill may miss the shadow, which refuses a guest access (a #PF exit); Python's
-     * loads are served there (Regs.loading_descriptor). Descriptors already accessed only, then. */
-    if (w->shadow && !(dhi & 0x100)) return 0;
     p->new_cpl = code_dpl;
     p->old_cs = (uint32_t)rd(s, uc, R_CS, &err) & 0xFFFF;
+    /* Through the shadow (hw --no-ept) the engine's own segment loads below must not write an accessed
+     * bit: that store's fill may miss the shadow, which refuses a guest access (a #PF exit); Python's
+     * loads are served there (Regs.loading_descriptor). Descriptors already accessed only, then, where
+     * CS is loaded at all (deliver_fast keeps CS when the selector and CPL stay: no load, no A bit, as
+     * the Python path; a kernel that never left ring 0 has a code descriptor the CPU never marked). */
+    if (w->shadow && !(dhi & 0x100) && ((p->old_cs & ~3u) != (p->selector & ~3u) || p->new_cpl != p->cpl))
+        return 0;
     p->frame[n++] = return_eip;
     p->frame[n++] = p->old_cs;
     p->frame[n++] = p->eflags;
