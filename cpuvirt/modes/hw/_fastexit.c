@@ -447,8 +447,8 @@ int fastexit_rdtsc_hook(void *uc, void *user_data) {
  * GUEST_RIP moves past it -> vm_entry), about 80 us of Python. This fill hook, after the shadow's C fill
  * and before Mmu.fill, makes that whole round trip for the common case, while the stop the full path makes
  * would change nothing else: the fast exits armed and quiet (no vmwrite, trace or dump since the last
- * entry, the virtual-APIC page in step), what Python found at that entry (the default #PF handler, no
- * interrupt-window exiting: `c_armed`), no device change since the run loop armed the clock (`epoch`), the
+ * entry, the virtual-APIC page in step), what Python found at that entry (the default #PF handler: `c_armed`;
+ * with interrupt-window exiting, IF = 0: pf_window_waits), no device change since the run loop armed the clock (`epoch`), the
  * clock's deadline and no stop pending; the shadow guard of the CR3 loads (its root and mode, nothing
  * unsynchronised); the #PF exits for its error code (the exception bitmap, PFEC_MASK/MATCH). The store is
  * a ptemod trap's fill hook takes (cpu/_storeop.h st_decode, memory/_shadowmirror.h sm_ptemod_plan) at
@@ -469,10 +469,10 @@ typedef struct {
     uint32_t ptemod_on;          /* CPUVIRT_HW_PTEMOD_C */
     uint32_t pf_on;              /* CPUVIRT_HW_PF_C: true #PFs too */
     uint32_t hidden_on;          /* CPUVIRT_HW_HIDDEN_PF_C: hidden faults' exits (fastexit_hidden_exit) too */
-    uint32_t pad;
+    uint32_t window;             /* at the last VM entry: interrupt-window exiting on (then IF must be 0) */
     const uint32_t *loading;     /* engine/regs.py Regs.loading_descriptor: Python is loading a segment register */
     fault_linear_fn fault_linear;   /* cpu/_delivery.c delivery_fault_linear, on the state of fastexit_t's peek */
-    uint32_t c_armed;            /* at the last VM entry: the default #PF handler, no window exiting */
+    uint32_t c_armed;            /* at the last VM entry: the default #PF handler */
     uint32_t exception_bitmap, pfec_mask, pfec_match;   /* copied at that entry */
     int32_t ss, eflags;          /* Unicorn's register ids */
     uint64_t epoch, armed_epoch; /* a device changed the interrupt or timer state; the value at the clock's arm */
@@ -512,6 +512,7 @@ size_t fastexit_pf_sizeof(void) { return sizeof(pfexit_t); }
 #define PTE_D 0x40u
 #define PTE_PS 0x80u
 #define EFLAGS_VM 0x20000u
+#define EFLAGS_IF 0x200u
 
 /* Would the stop the full exit makes change nothing but the exit? (VmxCpu._stop_changes_nothing, as
  * memory/_tlbfill.c quick_in_c decides it for the lazy-EPT exit.) */
@@ -519,6 +520,13 @@ static int pf_stop_quiet(const pfexit_t *p) {
     const fastexit_t *s = p->s;
     return p->c_armed && s->armed && p->epoch == p->armed_epoch && *p->clk_deadline == p->armed_deadline
         && !*p->clk_stopped && !*p->clk_discard && !*p->clk_stop_next && !*p->clk_check_if && vapic_quiet(s);
+}
+
+/* With interrupt-window exiting on, the stop would take the INTERRUPT_WINDOW exit if IF were 1 (before_entry);
+ * with IF = 0 the window waits, as it does for the exit made here (which leaves IF alone, or clears it through
+ * an interrupt gate): VmxCpu._quick_pf_exit's rule. */
+static int pf_window_waits(const pfexit_t *p, uint32_t eflags) {
+    return !p->window || !(eflags & EFLAGS_IF);
 }
 
 /* Does a #PF with this error code exit? (SDM Vol. 3C 25.2; VmxCpu._exception_exits) */
@@ -569,7 +577,7 @@ static int ptemod_exit(pfexit_t *p, void *uc, uint64_t vaddr) {
     if (!m || !s->shadow_ok || !*s->shadow_ok || !m->serial || m->made >= SM_MADE || !pf_stop_quiet(p)) return 0;
     if (!pf_exits(p, PFEC_P | PFEC_W)) return 0;   /* (a supervisor write to a present entry) */
     if (s->reg_read(uc, p->ss, &ss) || (ss & 3) != 0) return 0;
-    if (s->reg_read(uc, p->eflags, &eflags) || (eflags & EFLAGS_VM)) return 0;
+    if (s->reg_read(uc, p->eflags, &eflags) || (eflags & EFLAGS_VM) || !pf_window_waits(p, (uint32_t)eflags)) return 0;
     if (s->reg_read(uc, s->cr0, &cr0) || s->reg_read(uc, s->cr3, &cr3) || s->reg_read(uc, s->cr4, &cr4)) return 0;
     if (((uint32_t)cr0 & SM_PG) == 0 || ((uint32_t)cr3 & 0xFFFFF000u) != *s->shadow_key) return 0;
     if (s->reg_read(uc, s->eip, &eip) || !s->peek(s->peek_state, uc, (uint32_t)eip, 15, code)) return 0;
@@ -620,7 +628,7 @@ static int ptemod_exit(pfexit_t *p, void *uc, uint64_t vaddr) {
 static int true_pf_exit(pfexit_t *p, void *uc, uint64_t vaddr, int type) {
     fastexit_t *s = p->s;
     shadowmirror_t *m = s->mirror;
-    uint64_t cr0 = 0, cr3 = 0, cr4 = 0, ss = 0, eip = 0, old = 0, v;
+    uint64_t cr0 = 0, cr3 = 0, cr4 = 0, ss = 0, eip = 0, old = 0, eflags = 0, v;
     uint32_t ec = 0, refs = 0, ea = 0, code, cr2;
     int write = type == MEM_WRITE, user, r;
     int64_t pde_a, n = 0;
@@ -635,6 +643,7 @@ static int true_pf_exit(pfexit_t *p, void *uc, uint64_t vaddr, int type) {
         return 0;
     if (sm_present(m, (uint32_t)vaddr >> 12)) return 0;   /* an entry: the shadow's error code has P; Python's */
     if (s->reg_read(uc, p->ss, &ss) || ((ss & 3) != 0 && (ss & 3) != 3)) return 0;
+    if (s->reg_read(uc, p->eflags, &eflags) || !pf_window_waits(p, (uint32_t)eflags)) return 0;
     user = (ss & 3) == 3;
     code = (write ? PFEC_W : 0) | (user ? TF_PFEC_U : 0);   /* the shadow's #PF: no entry */
     if (!pf_exits(p, code)) return 0;
@@ -681,11 +690,12 @@ static int true_pf_exit(pfexit_t *p, void *uc, uint64_t vaddr, int type) {
 int fastexit_hidden_exit(void *state, void *uc, uint64_t vaddr, int type, uint32_t code) {
     pfexit_t *p = (pfexit_t *)state;
     fastexit_t *s = p->s;
-    uint64_t eip = 0;
+    uint64_t eip = 0, eflags = 0;
     uint32_t gla = 0;
     int64_t n = 0;
     if (!s || !p->hidden_on || *p->loading || type < MEM_READ || type > MEM_FETCH) return 0;
     if (!pf_stop_quiet(p) || !pf_exits(p, code)) return 0;
+    if (s->reg_read(uc, p->eflags, &eflags) || !pf_window_waits(p, (uint32_t)eflags)) return 0;
     if (s->reg_read(uc, s->eip, &eip)) return 0;
     if (!p->left_block || !p->left_block(p->books, (uint32_t)eip, &n) || n < 1) return 0;
     if (!p->fault_linear(s->peek_state, uc, (uint32_t)eip, (uint32_t)vaddr & 0xFFFFF000u, type - MEM_READ, &gla))

@@ -219,7 +219,7 @@ class _PfState(ctypes.Structure):
         ("ptemod_on", ctypes.c_uint32),
         ("pf_on", ctypes.c_uint32),
         ("hidden_on", ctypes.c_uint32),
-        ("pad", ctypes.c_uint32),
+        ("window", ctypes.c_uint32),
         ("loading", ctypes.c_void_p),
         ("fault_linear", ctypes.c_void_p),
         ("c_armed", ctypes.c_uint32),
@@ -646,12 +646,12 @@ class PfExits(TrueFaultHook):
             fstate.quick_c_state = ctypes.addressof(st)
         return True
 
-    def arm(self, ok: bool, exception_bitmap: int, pfec_mask: int, pfec_match: int) -> None:
-        """At a VM entry: may C make the exits until the next one, and the controls that say whether a #PF
-        exits (SDM Vol. 3C 25.2)."""
+    def arm(self, ok: bool, window: bool, exception_bitmap: int, pfec_mask: int, pfec_match: int) -> None:
+        """At a VM entry: may C make the exits until the next one (while IF = 0 if `window`, interrupt-window
+        exiting, is on), and the controls that say whether a #PF exits (SDM Vol. 3C 25.2)."""
         st = self.state
         st.exception_bitmap, st.pfec_mask, st.pfec_match = exception_bitmap, pfec_mask, pfec_match
-        st.c_armed = int(ok)
+        st.c_armed, st.window = int(ok), int(window)
 
     def take(self) -> tuple[int, int, int, int, int, int, int, int]:
         """(exits made in C since the last call, and the last one's exit qualification, error code, RIP and

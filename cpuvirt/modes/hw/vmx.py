@@ -502,8 +502,8 @@ class VmxCpu(Vcpu):
         if pf is not None and pf.state.s:
             v = self.vmcs._values
             pf.arm(
-                self._quick_exits_armed(ExitReason.EXCEPTION_NMI, self._default_exception)
-                and not v[_WINDOW_FIELD] >> _WINDOW_BIT & 1,
+                self._quick_exits_armed(ExitReason.EXCEPTION_NMI, self._default_exception),
+                bool(v[_WINDOW_FIELD] >> _WINDOW_BIT & 1),
                 v[F.EXCEPTION_BITMAP],
                 v[F.PAGE_FAULT_ERROR_CODE_MASK],
                 v[F.PAGE_FAULT_ERROR_CODE_MATCH],
