@@ -258,6 +258,42 @@ def test_c_shadow_fill_leaves_hypervisor_windows_and_new_fetches_to_python():
     assert hook(m.uc._uch, 0x20, READ, ctypes.byref(e), state) and not e.perms & 2  # read-only, as Mmu.fill maps it
 
 
+def test_the_copy_keeps_every_root_of_processes_that_map_the_same_kernel_pages():
+    """Eight address spaces (the most ShadowPaging keeps) that map the same kernel pages, and a user page with
+    the kernel's low bits, as xv6's processes do: each root's entries stay in the C copy, so every fill after
+    a CR3 switch back is answered in C. (The copy had a set of two slots per page's low bits, shared by all
+    roots: three processes touching the same kernel page evicted each other, and 77 k of xv6's fills in 1.5 G
+    cycles of usertests under hw --no-ept went to Python as hits the copy had lost.)"""
+    m, hv, fill, ring, hook, state, _keep = _trap_machine()
+    mmu, shadow, v = m.mmu, hv.shadow, hv.vcpu.virtual_cpu
+    dirs = [0x20000 + 0x1000 * k for k in range(8)]
+    kernel_pages = [0x80000000 + 0x1000 * i for i in range(48)]
+    for pd in dirs:  # each: the kernel at 0x80000000 and user page 0x1000 (the kernel's first low bits) via PT
+        m.write_gpa(pd, (PT | 0x27).to_bytes(4, "little"))
+        m.write_gpa(pd + (0x80000000 >> 20), (PT | 0x27).to_bytes(4, "little"))
+    for i in range(48):
+        m.write_gpa(PT + 4 * i, ((DATA + 0x1000 * i) | 0x67).to_bytes(4, "little"))
+    v.cr0, v.cr4 = 0x80010011, 0
+    for pd in dirs:
+        v.cr3 = pd
+        shadow.on_cr3_write(pd)
+        mmu.crs = None
+        for vaddr in kernel_pages + [0x1000]:
+            assert mmu.fill(m.uc, vaddr, READ, Entry(), None)
+    assert len(shadow.roots) == 8
+    answered = 0
+    for pd in dirs:
+        v.cr3 = pd
+        shadow.on_cr3_write(pd)
+        mmu.crs = None
+        for vaddr in kernel_pages + [0x1000]:
+            e = Entry()
+            if hook(m.uc._uch, vaddr | 0x10, READ, ctypes.byref(e), state):
+                assert e.paddr == m.mmu.p2m.gpa_to_hpa(DATA + (vaddr & 0x3FF000))
+                answered += 1
+    assert answered == 8 * 49, answered
+
+
 @pytest.mark.parametrize("mode", ["trap", "full", "hw-noept"])
 def test_whole_runs_are_the_same_with_the_c_fill_off(mode, tmp_path, monkeypatch):
     """nanobench (its cr3 and ptemod loops refill the engine's TLB from the shadow hundreds of times):

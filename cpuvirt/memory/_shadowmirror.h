@@ -16,14 +16,17 @@
 #include <stdint.h>
 #include <string.h>
 
-/* 2^16 sets of two slots, a set indexed by the linear page number's low bits: 256 MiB of contiguous linear
- * memory (what one root may shadow before it is trimmed, memory/shadow.py MAX_ROOT_ENTRIES) without a
- * collision, and room for a second page with the same low bits. A kernel mapped high over the same low
- * bits as its processes (xv6: user page 0x1000 and kernel page 0x80001000) needs both: with one slot a set,
- * the two evicted each other and 6.5 M of xv6's 50 M fills under hw --no-ept (3 G cycles of usertests)
- * went to Python as hits the copy had lost. */
-#define SHADOW_SETS 65536u
-#define SHADOW_SLOTS (2 * SHADOW_SETS)
+/* 2^15 sets of four slots, a set indexed by the linear page number's low bits mixed with the root's serial:
+ * 256 MiB of contiguous linear memory of one root (what it may shadow before it is trimmed, memory/shadow.py
+ * MAX_ROOT_ENTRIES) without eviction, two pages a set, and room for two more with the same low bits. A kernel
+ * mapped high over the same low bits as its processes (xv6: user page 0x1000 and kernel page 0x80001000)
+ * needs that room: with one slot a set, the two evicted each other and 6.5 M of xv6's 50 M fills under hw
+ * --no-ept (3 G cycles of usertests) went to Python as hits the copy had lost. The serial keeps the roots of
+ * processes that map the same kernel pages apart: with sets shared by every root, three processes touching
+ * one kernel page evicted each other's entries (77 k fills to Python in 1.5 G cycles of usertests). */
+#define SHADOW_WAYS 4u
+#define SHADOW_SETS 32768u
+#define SHADOW_SLOTS (SHADOW_WAYS * SHADOW_SETS)
 
 /* linear page -> (guest frame, U/S and R/W over the walk's path, the leaf's D bit) */
 typedef struct {
@@ -123,27 +126,32 @@ static inline int sm_present(const shadowmirror_t *m, uint32_t page) {
     return (m->present[page >> 3] >> (page & 7)) & 1;
 }
 
-/* The two slots of a linear page's set. */
-static inline sentry_t *sm_set(const shadowmirror_t *m, uint32_t page) {
-    return (sentry_t *)&m->slot[2 * (page & (SHADOW_SETS - 1))];
+/* The SHADOW_WAYS slots of a linear page's set: the page's low bits mixed with the root's serial, so that
+ * the roots of several processes, which map their kernel at the same pages, do not share sets. */
+static inline sentry_t *sm_set(const shadowmirror_t *m, uint32_t page, uint32_t serial) {
+    return (sentry_t *)&m->slot[SHADOW_WAYS * ((page ^ ((serial * 0x9E3779B1u) >> 16)) & (SHADOW_SETS - 1))];
 }
 
 /* The slot holding a linear page's entry of the root with this serial, or NULL. */
 static inline sentry_t *sm_find(const shadowmirror_t *m, uint32_t page, uint32_t serial) {
-    sentry_t *w = sm_set(m, page);
-    if (w[0].page == page && w[0].serial == serial) return &w[0];
-    if (w[1].page == page && w[1].serial == serial) return &w[1];
+    sentry_t *w = sm_set(m, page, serial);
+    uint32_t k;
+    for (k = 0; k < SHADOW_WAYS; k++)
+        if (w[k].page == page && w[k].serial == serial) return &w[k];
     return 0;
 }
 
-/* Where a new entry for (page, serial) goes: its own slot, else one holding no entry of this root, else the
- * first (its entry moves to the second, whose entry is dropped: the most recent pair stays). */
+/* Where a new entry for (page, serial) goes: its own slot, else an empty one, else one holding another
+ * root's entry, else the first (the others move down one, the last's entry is dropped: the most recent stay). */
 static inline sentry_t *sm_slot_for(shadowmirror_t *m, uint32_t page, uint32_t serial) {
-    sentry_t *w = sm_set(m, page), *e = sm_find(m, page, serial);
+    sentry_t *w = sm_set(m, page, serial), *e = sm_find(m, page, serial);
+    uint32_t k;
     if (e) return e;
-    if (w[0].serial != serial) return &w[0];
-    if (w[1].serial != serial) return &w[1];
-    w[1] = w[0];
+    for (k = 0; k < SHADOW_WAYS; k++)
+        if (!w[k].serial) return &w[k];
+    for (k = 0; k < SHADOW_WAYS; k++)
+        if (w[k].serial != serial) return &w[k];
+    memmove(&w[1], &w[0], (SHADOW_WAYS - 1) * sizeof *w);
     return &w[0];
 }
 
