@@ -4,7 +4,8 @@ the roots' entries: Python's own fills, zaps, invlpgs and trims, and the fold of
 memory/_tlbfill.c made, invlpgs, ptemods and zaps modes/_trapfast.c, bt/_callout.c and modes/hw/_fastexit.c
 made, ShadowPaging._fold). After whole runs under every shadow-paging mode both must be exactly what the live
 roots' entries say, and the C copy's `linked` bits must hold every linked word (a word linked in Python but not
-in C would let a C store skip a zap)."""
+in C would let a C store skip a zap); the per-site counts of traced writes must add up to the ptemods and
+fallbacks counted."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import pytest
 from cpuvirt.memory.shadow import PAGE_MASK
 from cpuvirt.nanobench import build
 from cpuvirt.runner import run_guest
+from tests.conftest import requires_qemu
+from tests.qemu import assert_same_console_as_qemu
 
 MODES = [("trap", None), ("full", None), ("hw", {"ept": False})]
 
@@ -41,6 +44,8 @@ def _check(path, mode, options):
     rmap, refs = expected_links(shadow)
     assert {a: set(s) for a, s in shadow.rmap.items()} == rmap
     assert dict(shadow.frame_refs) == dict(refs)
+    c = shadow.counters  # each traced write counted at its site: emulated (a ptemod) or not (a fallback)
+    assert sum(shadow.traced_writes.values()) == c.ptemods + c.ptemod_fallbacks
     linked = shadow.mirror._linked if shadow.mirror is not None else None
     if linked is not None:
         for addr in rmap:
@@ -50,7 +55,7 @@ def _check(path, mode, options):
 
 
 @pytest.mark.parametrize("mode,options", MODES, ids=[m if o is None else "hw-noept" for m, o in MODES])
-@pytest.mark.parametrize("guest", ["nanobench", "ptemod_c", "true_pf", "cr3_switch", "usermode"])
+@pytest.mark.parametrize("guest", ["nanobench", "ptemod_c", "true_pf", "cr3_switch", "usermode", "shared_pt"])
 def test_reverse_map_matches_the_entries_after_a_run(guest, mode, options, test_guest, tmp_path):
     if guest == "nanobench":
         path = tmp_path / "nb.bin"
@@ -61,3 +66,19 @@ def test_reverse_map_matches_the_entries_after_a_run(guest, mode, options, test_
         path = test_guest(guest)
     shadow = _check(path, mode, options)
     assert shadow.rmap, "no links at all: the check would pass on anything"
+
+
+@pytest.mark.parametrize("mode,options", MODES, ids=[m if o is None else "hw-noept" for m, o in MODES])
+def test_a_store_into_a_shared_page_table_zaps_the_other_roots_entry(mode, options, test_guest):
+    """tests/guests/shared_pt.S: what space 2 reads after space 1's store into their shared page table is the
+    new frame, as natively (a stale entry in the C copy of space 2's root would read the old one)."""
+    path = test_guest("shared_pt")
+    native = run_guest(str(path), "native", 32, 20_000_000)
+    ours = run_guest(str(path), mode, 32, 20_000_000, mode_options=options)
+    assert b"PASS" in native.console and b"FAIL" not in native.console
+    assert ours.console == native.console
+
+
+@requires_qemu
+def test_shared_pt_console_is_qemus(test_guest):
+    assert b"PASS" in assert_same_console_as_qemu(test_guest("shared_pt"), [], [])

@@ -11,8 +11,9 @@
  * sieve makes tens of millions) then cost a C call instead of a Python walk, and so do the refills
  * of code after every TLB flush (a mov to CR0 or CR3: kvm-unit-tests' vmexit toggles CR0.WP in a loop).
  *
- * Built as a Python extension only so that setuptools compiles it; memory/fastfill.py loads it with
- * ctypes. The state is owned by Python and arrives as the hook's user_data.
+ * Built as a Python extension so that setuptools compiles it; memory/fastfill.py loads it with ctypes (the
+ * state is owned by Python and arrives as the hook's user_data), and memory/shadowmirror.py imports it for
+ * its one Python function, `fold` (shadow paging's log of what C did, taken into the Python tables).
  */
 #include <Python.h>
 #include <stdint.h>
@@ -632,6 +633,274 @@ void shadowmirror_pt_traced(shadowmirror_t *m, uint64_t frame, uint32_t on) {
     set_bit(m->pt_traced, m->traced_frames, frame, on);
 }
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_tlbfill", NULL, -1, NULL};
+/* -- ShadowPaging._fold's common records, in C (memory/shadow.py) -------------------------------------------
+ * The log C paths leave for Python's tables (made_log) holds, in xv6 under the shadow-paging modes, about one
+ * record per 6 k instructions, and each cost Python about a microsecond: the entry's tuple, its two reverse-map
+ * links (a set per guest PDE/PTE word, `linked` bits, frame references), the ptemods' per-site counts. Here
+ * the same changes are made to the same Python objects, in the log's order: made entries, invlpgs, ptemods
+ * and zaps. The first record that needs more (a link into a frame the shadow does not trace yet, a record of
+ * another root) stops the loop, and Python takes that one (ShadowPaging._fold_record) and calls again from
+ * the next. */
+
+#define MAX_PTEMOD_SITES 65536   /* memory/shadow.py MAX_ROOT_ENTRIES: traced_writes is cleared beyond it */
+
+typedef struct {
+    shadowmirror_t *m;
+    PyObject *key, *entries, *rmap, *refs, *traced, *unsync, *roots, *cur;
+} fold_t;
+
+static PyObject *addr_obj(int64_t a) { return PyLong_FromLongLong(a); }
+
+/* linked[addr >> 2] = on: what memory/shadowmirror.py _LinkedAddresses._tell does as rmap gains or loses a key */
+static void fold_linked(const shadowmirror_t *m, int64_t addr, int on) {
+    uint64_t k = (uint64_t)addr >> 2;
+    if (!m->linked || ((uint64_t)addr >> 12) >= m->traced_frames) return;
+    if (on)
+        m->linked[k >> 3] |= (uint8_t)(1u << (k & 7));
+    else
+        m->linked[k >> 3] &= (uint8_t)~(1u << (k & 7));
+}
+
+/* frame_refs[frame] += delta, popped at 0 (ShadowPaging._link / _unlink). -1: error. */
+static int fold_ref(fold_t *f, int64_t addr, long delta) {
+    PyObject *frame = addr_obj(addr & (int64_t)0xFFFFF000), *old, *v;
+    long n;
+    int r;
+    if (!frame) return -1;
+    old = PyDict_GetItemWithError(f->refs, frame);
+    if (!old && PyErr_Occurred()) { Py_DECREF(frame); return -1; }
+    n = (old ? PyLong_AsLong(old) : 0) + delta;
+    if (n > 0) {
+        v = PyLong_FromLong(n);
+        r = v ? PyDict_SetItem(f->refs, frame, v) : -1;
+        Py_XDECREF(v);
+    } else {
+        r = old ? PyDict_DelItem(f->refs, frame) : 0;
+    }
+    Py_DECREF(frame);
+    return r;
+}
+
+/* ShadowPaging._link(addr, key, page): kp is (key, page). */
+static int fold_link(fold_t *f, int64_t addr, PyObject *kp) {
+    PyObject *a = addr_obj(addr), *set;
+    int r = -1;
+    if (!a) return -1;
+    set = PyDict_GetItemWithError(f->rmap, a);
+    if (set) {
+        r = PySet_Add(set, kp);
+    } else if (!PyErr_Occurred()) {
+        set = PySet_New(NULL);
+        if (set && PySet_Add(set, kp) == 0 && PyDict_SetItem(f->rmap, a, set) == 0) {
+            fold_linked(f->m, addr, 1);
+            r = 0;
+        }
+        Py_XDECREF(set);
+    }
+    Py_DECREF(a);
+    return r ? r : fold_ref(f, addr, 1);
+}
+
+/* ShadowPaging._unlink(key, page, e) */
+static int fold_unlink(fold_t *f, PyObject *kp, PyObject *e) {
+    int k;
+    for (k = 3; k <= 4; k++) {
+        PyObject *a = PyTuple_GET_ITEM(e, k), *set;
+        int64_t addr = PyLong_AsLongLong(a);
+        if (addr == -1 && PyErr_Occurred()) return -1;
+        if (addr < 0) continue;
+        set = PyDict_GetItemWithError(f->rmap, a);
+        if (set) {
+            if (PySet_Discard(set, kp) < 0) return -1;
+            if (PySet_GET_SIZE(set) == 0) {
+                if (PyDict_DelItem(f->rmap, a) < 0) return -1;
+                fold_linked(f->m, addr, 0);
+            }
+        } else if (PyErr_Occurred()) {
+            return -1;
+        }
+        if (fold_ref(f, addr, -1) < 0) return -1;
+    }
+    return 0;
+}
+
+/* ShadowPaging._zap_range(word, 4, copy_done=True): the entries derived from the word go, from every root (the
+ * current root's copy is done: C zapped it; another root's entries are popped through its dict, which tells
+ * the copy). The number zapped, or -1. */
+static long fold_zap(fold_t *f, uint32_t word) {
+    PyObject *a = addr_obj(word), *set, *keys = NULL;
+    Py_ssize_t j;
+    long n = 0;
+    if (!a) return -1;
+    set = PyDict_GetItemWithError(f->rmap, a);
+    if (!set) {
+        Py_DECREF(a);
+        return PyErr_Occurred() ? -1 : 0;
+    }
+    keys = PySequence_List(set);
+    if (!keys) goto error;
+    for (j = 0; j < PyList_GET_SIZE(keys); j++) {
+        PyObject *kp = PyList_GET_ITEM(keys, j), *root, *entries, *e = NULL;
+        if (!PyTuple_Check(kp) || PyTuple_GET_SIZE(kp) != 2) goto error;
+        root = PyDict_GetItemWithError(f->roots, PyTuple_GET_ITEM(kp, 0));
+        if (!root) {
+            if (PyErr_Occurred()) goto error;
+            continue;
+        }
+        if (root == f->cur) {
+            e = PyDict_GetItemWithError(f->entries, PyTuple_GET_ITEM(kp, 1));
+            if (e) {
+                Py_INCREF(e);
+                if (PyDict_DelItem(f->entries, PyTuple_GET_ITEM(kp, 1)) < 0) { Py_DECREF(e); goto error; }
+            } else if (PyErr_Occurred()) {
+                goto error;
+            }
+        } else {
+            entries = PyObject_GetAttrString(root, "entries");
+            if (!entries) goto error;
+            e = PyObject_CallMethod(entries, "pop", "OO", PyTuple_GET_ITEM(kp, 1), Py_None);
+            Py_DECREF(entries);
+            if (!e) goto error;
+            if (e == Py_None) Py_CLEAR(e);
+        }
+        if (e) {
+            int r = PyTuple_Check(e) && PyTuple_GET_SIZE(e) == 5 ? fold_unlink(f, kp, e) : -1;
+            Py_DECREF(e);
+            if (r < 0) goto error;
+            n++;
+        }
+    }
+    Py_DECREF(keys);
+    if (PyDict_Contains(f->rmap, a) == 1) {     /* rmap.pop(addr, None) */
+        if (PyDict_DelItem(f->rmap, a) < 0) { Py_DECREF(a); return -1; }
+        fold_linked(f->m, word, 0);
+    }
+    Py_DECREF(a);
+    return n;
+error:
+    if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "fold: unexpected reverse-map entry");
+    Py_XDECREF(keys);
+    Py_DECREF(a);
+    return -1;
+}
+
+/* Is the frame of `addr` one ShadowPaging._link would start tracing? (Then Python links it.) */
+static int fold_untraced(fold_t *f, int64_t addr) {
+    PyObject *frame = addr_obj(addr & (int64_t)0xFFFFF000);
+    int in;
+    if (!frame) return -1;
+    in = PySet_Contains(f->traced, frame);
+    if (in == 0) in = PySet_Contains(f->unsync, frame);
+    Py_DECREF(frame);
+    return in < 0 ? -1 : !in;
+}
+
+/* fold(mirror, start, n, serial, key, entries, rmap, frame_refs, traced, unsync, traced_writes, roots, cur) ->
+ * (next, hidden, invlpgs, ptemods, zapped): records start.. of the log taken into the current root's `entries`
+ * and the shadow's tables (ShadowPaging._fold's loop), up to the first one Python must take (next < n), and
+ * what it counted. */
+static PyObject *fold(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    fold_t f;
+    PyObject *sites, *kp = NULL, *page = NULL, *e = NULL, *old;
+    Py_ssize_t i, n;
+    uint32_t serial;
+    long hidden = 0, invlpgs = 0, ptemods = 0, zapped = 0;
+    (void)mod;
+    if (nargs != 13) {
+        PyErr_SetString(PyExc_TypeError, "fold takes 13 arguments");
+        return NULL;
+    }
+    f.m = (shadowmirror_t *)PyLong_AsVoidPtr(args[0]);
+    i = PyLong_AsSsize_t(args[1]);
+    n = PyLong_AsSsize_t(args[2]);
+    serial = (uint32_t)PyLong_AsUnsignedLong(args[3]);
+    if (PyErr_Occurred()) return NULL;
+    f.key = args[4], f.entries = args[5], f.rmap = args[6], f.refs = args[7], f.traced = args[8];
+    f.unsync = args[9];
+    sites = args[10];
+    f.roots = args[11], f.cur = args[12];
+    if (!PyDict_Check(f.roots) || !PyDict_Check(f.entries) || !PyDict_Check(f.rmap) || !PyDict_Check(f.refs) || !PyAnySet_Check(f.traced)
+        || !PyAnySet_Check(f.unsync) || !PyDict_Check(sites) || n > (Py_ssize_t)SM_MADE || i < 0) {
+        PyErr_SetString(PyExc_TypeError, "fold: unexpected arguments");
+        return NULL;
+    }
+    for (; i < n; i++) {
+        const smade_t *r = &f.m->made_log[i];
+        if (r->serial != serial || r->pte_addr < SM_ZAP) break;
+        if (r->pte_addr == SM_ZAP) {               /* the zap of the word a ptemod C emulated wrote */
+            long z = fold_zap(&f, r->gpa);
+            if (z < 0) goto error;
+            zapped += z;
+            continue;
+        }
+        if (r->pte_addr == SM_PTEMOD) {          /* ShadowPaging._count_ptemod(eip) */
+            PyObject *eip = PyLong_FromUnsignedLong(r->gpa), *cnt, *v;
+            int ok;
+            if (!eip) goto error;
+            cnt = PyDict_GetItemWithError(sites, eip);
+            if (!cnt && PyErr_Occurred()) { Py_DECREF(eip); goto error; }
+            if (!cnt && PyDict_GET_SIZE(sites) >= MAX_PTEMOD_SITES) PyDict_Clear(sites);
+            v = PyLong_FromLong((cnt ? PyLong_AsLong(cnt) : 0) + 1);
+            ok = v && PyDict_SetItem(sites, eip, v) == 0;
+            Py_XDECREF(v);
+            Py_DECREF(eip);
+            if (!ok) goto error;
+            ptemods++;
+            continue;
+        }
+        page = PyLong_FromUnsignedLong((unsigned long)r->page << 12);
+        if (!page) goto error;
+        kp = PyTuple_Pack(2, f.key, page);
+        if (!kp) goto error;
+        if (r->pte_addr == SM_INVLPG) {           /* ShadowPaging.invlpg in the current root */
+            old = PyDict_GetItemWithError(f.entries, page);
+            if (old) {
+                Py_INCREF(old);
+                if (PyDict_DelItem(f.entries, page) < 0 || fold_unlink(&f, kp, old) < 0) { Py_DECREF(old); goto error; }
+                Py_DECREF(old);
+            } else if (PyErr_Occurred()) {
+                goto error;
+            }
+            invlpgs++;
+        } else {                                  /* an entry C made (pte_addr -1: a 4 MiB page) */
+            int u = fold_untraced(&f, r->pde_addr);
+            if (u == 0 && r->pte_addr >= 0) u = fold_untraced(&f, r->pte_addr);
+            if (u < 0) goto error;
+            if (u) break;                         /* _link would trace a frame: Python's */
+            e = Py_BuildValue("(kkOLL)", (unsigned long)r->gpa, (unsigned long)r->rights,
+                              r->dirty ? Py_True : Py_False, (long long)r->pde_addr, (long long)r->pte_addr);
+            if (!e) goto error;
+            old = PyDict_GetItemWithError(f.entries, page);
+            if (old) {
+                Py_INCREF(old);
+                if (fold_unlink(&f, kp, old) < 0) { Py_DECREF(old); goto error; }
+                Py_DECREF(old);
+            } else if (PyErr_Occurred()) {
+                goto error;
+            }
+            if (PyDict_SetItem(f.entries, page, e) < 0 || fold_link(&f, r->pde_addr, kp) < 0) goto error;
+            if (r->pte_addr >= 0 && fold_link(&f, r->pte_addr, kp) < 0) goto error;
+            Py_CLEAR(e);
+            hidden++;
+        }
+        Py_CLEAR(kp);
+        Py_CLEAR(page);
+    }
+    Py_XDECREF(kp);
+    Py_XDECREF(page);
+    return Py_BuildValue("(nllll)", i, hidden, invlpgs, ptemods, zapped);
+error:
+    Py_XDECREF(e);
+    Py_XDECREF(kp);
+    Py_XDECREF(page);
+    return NULL;
+}
+
+static PyMethodDef methods[] = {
+    {"fold", (PyCFunction)(void (*)(void))fold, METH_FASTCALL, "ShadowPaging._fold's common records (above)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_tlbfill", NULL, -1, methods};
 
 PyMODINIT_FUNC PyInit__tlbfill(void) { return PyModule_Create(&module); }

@@ -170,36 +170,45 @@ class ShadowPaging:
             return
         root, key = self._cur, self._cur_key
         assert root is not None and key is not None
-        made = mirror.take_made(root.serial)
-        entries = root.entries
-        link, unlink = self._link, self._unlink
-        invlpgs = ptemods = hidden = 0
-        for page, e in made:
-            kind = e[4]
-            if kind >= -1:  # an entry (pte_addr -1: a 4 MiB page)
-                old = entries.get(page)
-                if old is not None:
-                    unlink(key, page, old)
-                dict.__setitem__(entries, page, e)  # (the copy holds it already)
-                link(e[3], key, page)
-                if kind >= 0:
-                    link(kind, key, page)
-                hidden += 1
-            elif kind == INVLPG_RECORD:  # an invlpg C served (bt/_callout.c): what invlpg does, the copy done
-                old = dict.pop(entries, page, None)
-                if old is not None:
-                    unlink(key, page, old)
-                invlpgs += 1
-            elif kind == PTEMOD_RECORD:  # a store a C path emulated (modes/_trapfast.c, modes/hw/_fastexit.c)
-                self._count_ptemod(e[0])
-                ptemods += 1
-            elif kind == ZAP_RECORD:  # ... that zapped: what derives from the word goes (the engine's TLB was flushed)
-                self._zap_range(e[0], 4, copy_done=True)
-        c = self.counters
-        c.invlpgs += invlpgs
-        c.hidden_faults += hidden
-        self.mmu.traces.writes += ptemods
+        n, i, c = mirror.take(), 0, self.counters
+        while True:
+            # the common records in C (memory/_tlbfill.c fold), up to one that needs Python (_fold_record)
+            i, hidden, invlpgs, ptemods, zapped = mirror.fold(i, n, root.serial, self, root)
+            c.hidden_faults += hidden
+            c.invlpgs += invlpgs
+            c.ptemods += ptemods
+            c.zapped += zapped
+            self.mmu.traces.writes += ptemods
+            if i >= n:
+                break
+            self._fold_record(key, root, *mirror.record(i, root.serial))
+            i += 1
         mirror.make_room(self)
+
+    def _fold_record(self, key: int, root: _Root, page: int, e: tuple) -> None:
+        """One record of C's log, as _fold's C loop takes it (an entry whose link traces a frame: never, while the C
+        paths make entries only through frames the shadow traces; kept exact for the day one does)."""
+        entries = root.entries
+        kind = e[4]
+        if kind >= -1:  # an entry (pte_addr -1: a 4 MiB page)
+            old = entries.get(page)
+            if old is not None:
+                self._unlink(key, page, old)
+            dict.__setitem__(entries, page, e)  # (the copy holds it already)
+            self._link(e[3], key, page)
+            if kind >= 0:
+                self._link(kind, key, page)
+            self.counters.hidden_faults += 1
+        elif kind == INVLPG_RECORD:  # an invlpg C served (bt/_callout.c): what invlpg does, the copy done
+            old = dict.pop(entries, page, None)
+            if old is not None:
+                self._unlink(key, page, old)
+            self.counters.invlpgs += 1
+        elif kind == PTEMOD_RECORD:  # a store a C path emulated (modes/_trapfast.c, modes/hw/_fastexit.c)
+            self._count_ptemod(e[0])
+            self.mmu.traces.writes += 1
+        elif kind == ZAP_RECORD:  # ... that zapped: what derives from the word goes (the engine's TLB was flushed)
+            self._zap_range(e[0], 4, copy_done=True)
 
     def attach(self, vcpu) -> None:
         """Trace events (page_fault: ptemod, hidden faults when verbose) go through vcpu.record."""

@@ -12,6 +12,7 @@ current root's serial, and a root that loses every entry (a trim) gets a new one
 from __future__ import annotations
 
 import ctypes
+import importlib
 import os
 import struct
 from abc import ABCMeta, abstractmethod
@@ -269,6 +270,7 @@ class ShadowMirror:
         m.other_traced = ctypes.addressof(self._other_traced)
         self._linked = None  # a bit per 4-byte word of RAM, once a C path asks (track_links)
         self._serial = 0
+        self._fold_c = importlib.import_module("cpuvirt.memory._tlbfill").fold
 
     @classmethod
     def of(cls, shadow) -> "ShadowMirror | None":
@@ -340,22 +342,42 @@ class ShadowMirror:
     def drop(self, entries: _MirroredEntries, page: int) -> None:
         self._lib.shadowmirror_drop(self._pm, entries.present_address, (page >> 12) & 0xFFFFF, entries._root.serial)
 
-    def take_made(self, serial: int) -> list[tuple[int, tuple]]:
-        """The entries _tlbfill.c made since the last call, as (page, shadow.py entry tuple), in order, with the
-        invlpg and ptemod records other C paths logged among them (shadow.py INVLPG_RECORD, PTEMOD_RECORD in the
-        tuple's last field)."""
+    def take(self) -> int:
+        """How many records _tlbfill.c and the other C paths logged since the last call (ShadowPaging._fold takes
+        them now: `fold` and `record`); C logs none until the next run of the engine."""
         m = self.state
         n, m.made, m.invlpgs_unknown = m.made, 0, 0
-        base = ctypes.addressof(m)
-        ctypes.memset(base + _Mirror.unlinks.offset, 0, ctypes.sizeof(m.unlinks))
-        log = ctypes.string_at(base + _Mirror.made_log.offset, n * _MADE.size)
-        out = [
-            (page << 12, (gpa, rights, bool(dirty), pde_addr, pte_addr))
-            for page, gpa, pde_addr, pte_addr, rights, dirty, _ in _MADE.iter_unpack(log)
-        ]
-        if n and set(memoryview(log).cast("I")[_Made.serial.offset // 4 :: _MADE.size // 4]) != {serial}:
+        ctypes.memset(self.address + _Mirror.unlinks.offset, 0, ctypes.sizeof(m.unlinks))
+        return n
+
+    def fold(self, start: int, n: int, serial: int, shadow, root) -> tuple[int, int, int, int, int]:
+        """_tlbfill.c fold: records start..n-1 into the current root's tables, up to the first one Python must
+        take: (its index, and the hidden faults, invlpgs, ptemods and zapped entries of those taken)."""
+        return self._fold_c(
+            self.address,
+            start,
+            n,
+            serial,
+            shadow._cur_key,
+            root.entries,
+            shadow.rmap,
+            shadow.frame_refs,
+            shadow.traced,
+            shadow.unsync,
+            shadow.traced_writes,
+            shadow.roots,
+            root,
+        )
+
+    def record(self, i: int, serial: int) -> tuple[int, tuple]:
+        """Record i of the log as (page, shadow.py entry tuple), with the invlpg, ptemod and zap records among
+        the entries (shadow.py INVLPG_RECORD, PTEMOD_RECORD, ZAP_RECORD in the tuple's last field)."""
+        page, gpa, pde_addr, pte_addr, rights, dirty, owner = _MADE.unpack_from(
+            ctypes.string_at(self.address + _Mirror.made_log.offset + i * _MADE.size, _MADE.size)
+        )
+        if owner != serial:
             raise AssertionError("an entry C made for another root than the current one")
-        return out
+        return page << 12, (gpa, rights, bool(dirty), pde_addr, pte_addr)
 
 
 class ShadowFastFill(FastFill):
