@@ -260,9 +260,10 @@ class DirectPaging:
         self.put_type(e >> 12)
 
     # -- the updates the hypercalls make -------------------------------------------------------
-    def update_entry(self, ptr: int, val: int) -> str:
+    def update_entry(self, ptr: int, val: int, linear: int | None = None) -> str:
         """mmu_update MMU_NORMAL_PT_UPDATE: write `val` at machine address `ptr` if allowed.
-        Returns what kind of write it was (for the trace); raises Refused."""
+        Returns what kind of write it was (for the trace); raises Refused. `linear`: update_va_mapping's
+        address, the one the entry maps in the current tables."""
         mfn = ptr >> 12
         p = self.pfn(mfn)
         index = (ptr & 0xFFF) >> 2
@@ -272,7 +273,16 @@ class DirectPaging:
         if t == L1:
             self.get_l1e(val)
             self.ram.write32(ma, val)
-            self.put_l1e(old)
+            if linear is not None and self.count[p] == 1 and not self.tlb_dirty:
+                # The old entry's writable mapping is in the engine's TLB at most at `linear`: the table is
+                # linked once (one L2 slot, the current one's), so no other linear page reaches the entry.
+                # That page goes, not the whole TLB (a whole flush costs a refill of every page in use).
+                self.put_l1e(old)
+                if self.tlb_dirty:
+                    self.tlb_dirty = False
+                    self.flush_page(linear)
+            else:
+                self.put_l1e(old)
             kind = "L1 entry"
         elif t == L2:
             if index >= HV_L2_SLOT and val & PTE_P:

@@ -224,8 +224,8 @@ static int kernel_hypercall(pv_t *s, void *uc, uint32_t *base) {
 }
 
 /* update_va_mapping (hypercalls.py, DirectPaging.l1_entry_for and update_entry), within
- * ParaVcpu.hypercall, when update_decide takes it; UVMF_TLB_FLUSH / UVMF_INVLPG flush the engine's TLB
- * (a full flush, as flush_tlb). 1: done. */
+ * ParaVcpu.hypercall, when update_decide takes it; UVMF_TLB_FLUSH flushes the engine's TLB, UVMF_INVLPG
+ * and a writable mapping gone through a table linked once page va (as flush_tlb). 1: done. */
 static int pv_uva(pv_t *s, void *uc) {
     int err = 0, dirty;
     uint32_t va, lo, hi, flags, cr3, pde;
@@ -244,6 +244,9 @@ static int pv_uva(pv_t *s, void *uc) {
     if (!update_decide(s, (pde & 0xFFFFF000u) | ((va >> 10) & 0xFFC), lo, 1, &u)) return 0;
     vclock_advance(s->clock_now, s->clock_extra, s->hypercall_cycles);
     dirty = update_make(s, &u);
+    /* The old writable mapping reaches the engine's TLB only at va when the table is linked once
+     * (DirectPaging.update_entry with `linear`): that page goes, not the whole TLB. */
+    if (dirty && s->frame_count[u.p] == 1 && flush_one(s, va)) dirty = 0;
     if (!dirty && (flags & UVMF_FLUSHTYPE_MASK) == UVMF_INVLPG) {
         if (!flush_one(s, va)) dirty = 1;
     } else if (flags & UVMF_FLUSHTYPE_MASK) {

@@ -264,7 +264,7 @@ def update_va_mapping(cpu) -> int:
         if hi:
             raise Refused(EINVAL, "high 32 bits set (non-PAE: 32-bit entries)")
         ptr = cpu.paging.l1_entry_for(va)
-        kind = cpu.paging.update_entry(ptr, lo)
+        kind = cpu.paging.update_entry(ptr, lo, va)
         if flags & UVMF_FLUSHTYPE_MASK == UVMF_INVLPG:
             cpu.paging.flush_page(va)
         elif flags & UVMF_FLUSHTYPE_MASK:  # UVMF_TLB_FLUSH (and 3, which Xen leaves undefined)
