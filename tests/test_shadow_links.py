@@ -82,3 +82,37 @@ def test_a_store_into_a_shared_page_table_zaps_the_other_roots_entry(mode, optio
 @requires_qemu
 def test_shared_pt_console_is_qemus(test_guest):
     assert b"PASS" in assert_same_console_as_qemu(test_guest("shared_pt"), [], [])
+
+
+# the switches that keep each mode's C ptemods and invlpgs Python's
+C_OFF = {"trap": ("CPUVIRT_TRAP_PTEMOD_C", "CPUVIRT_INVLPG_C"), "full": ("CPUVIRT_ADAPTIVE_C", "CPUVIRT_INVLPG_C")}
+
+
+@pytest.mark.parametrize("mode,options", MODES, ids=[m if o is None else "hw-noept" for m, o in MODES])
+def test_a_zap_of_two_pages_flushes_both_in_c_and_in_python(mode, options, test_guest, monkeypatch):
+    """tests/guests/ptemod_alias.S: a store into a PTE that maps two linear pages of the current space. The zap
+    flushes exactly those pages from the engine's TLB (not the whole TLB), and the C paths (trap's and hw's
+    ptemods, full's adaptive stores) flush the same pages as Python's: the same TLB fills, hits and console."""
+    from cpuvirt.modes.hw.vmx import VmxCpu
+    from tests.runs import run_record
+
+    path = test_guest("ptemod_alias")
+    records = []
+    for c in (True, False):
+        for name in C_OFF.get(mode, ()):
+            monkeypatch.setenv(name, "1" if c else "0")
+        monkeypatch.setattr(VmxCpu, "shadow_ptemod_c", c)
+        hvs: list = []
+        res = run_guest(str(path), mode, 32, 20_000_000, mode_options=options, on_start=hvs.append)
+        shadow = hvs[0].machine.mmu.strategy
+        records.append((run_record(res), shadow.counters.zapped))
+    (c, c_zapped), (py, py_zapped) = records
+    assert c == py
+    assert c_zapped == py_zapped >= 2 * 64  # two pages a round
+    native = run_guest(str(path), "native", 32, 20_000_000)
+    assert b"PASS" in native.console and c["console"] == native.console
+
+
+@requires_qemu
+def test_ptemod_alias_console_is_qemus(test_guest):
+    assert b"PASS" in assert_same_console_as_qemu(test_guest("ptemod_alias"), [], [])

@@ -373,7 +373,7 @@ static int invlpg(callouts_t *t, void *uc, uint64_t i, uint64_t cs) {
     if ((t->code_pages[page >> 3] >> (page & 7)) & 1) return 0;
     if (m->made >= SM_MADE || !ev_rtlb_pop(&t->ev, page)) return 0;
     sm_invlpg(m, page, t->ev.ram, t->ev.ram_bytes);
-    t->uc_ctl(uc, t->tlb_flush_ctl);           /* ShadowPaging._flush_engine */
+    sm_flush_pages(m, uc, t->uc_ctl, t->tlb_flush_ctl, &page, 1);   /* ShadowPaging._flush_pages */
     return 1;
 }
 
@@ -439,7 +439,7 @@ static int adaptive_store(callouts_t *t, void *uc, uint64_t i) {
     memcpy((uint8_t *)t->ev.ram + gpa, &value, st->size);
     if (zap) {                                   /* hv_wrote -> ShadowPaging._on_write: _zap_range, the flush */
         sm_zap((shadowmirror_t *)m, word, zap_pages, nzap);
-        t->uc_ctl(uc, t->tlb_flush_ctl);
+        sm_flush_pages(m, uc, t->uc_ctl, t->tlb_flush_ctl, zap_pages, nzap);
         t->zaps++;
     }
     if (st->op != ST_MOV) {

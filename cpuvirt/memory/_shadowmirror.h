@@ -78,6 +78,9 @@ typedef struct {
      * by frame number mod 256 (sm_unlinks), and the records whose page table C could not tell. */
     uint32_t invlpgs_unknown;
     uint32_t pad;
+    /* QEMU's tlb_flush_page and the engine's CPU (engine/internals.py PageFlush), or NULL: sm_flush_pages */
+    void (*flush_page)(void *cpu, uint64_t linear);
+    void *cpu;
     uint16_t unlinks[256];
     smade_t made_log[SM_MADE];
     sentry_t slot[SHADOW_SLOTS];
@@ -285,6 +288,22 @@ static inline int sm_ptemod_plan(const shadowmirror_t *m, const uint8_t *ram, ui
 static inline void sm_ptemod_done(shadowmirror_t *m, const sm_ptemod_t *p, uint32_t eip) {
     if (p->zap) sm_zap(m, p->word, p->pages, p->npages);
     sm_record(m, SM_PTEMOD, 0, eip);
+}
+
+/* The engine's TLB after a zap or an invlpg in the current root (ShadowPaging._flush_pages, which the Python
+ * paths call with the same pages): each of the linear pages whose entries went (n <= SM_ZAP_MAX), or the whole
+ * TLB without the page flush. A whole flush made the engine refill every page the guest used next, about two
+ * microseconds each time in nanobench's pgfault loop, which made two an iteration. C paths run only while the
+ * engine holds nothing the shadow dropped (shadow_ok: no trim, nothing unsynchronised), so the pages are all. */
+static inline void sm_flush_pages(const shadowmirror_t *m, void *uc, int (*uc_ctl)(void *, int, ...), int ctl,
+                                  const uint32_t *pages, uint32_t n) {
+    uint32_t k;
+    if (!n) return;
+    if (!m->flush_page || n > SM_ZAP_MAX) {
+        uc_ctl(uc, ctl);
+        return;
+    }
+    for (k = 0; k < n; k++) m->flush_page(m->cpu, (uint64_t)pages[k] << 12);
 }
 
 #define SM_WP 0x10000u

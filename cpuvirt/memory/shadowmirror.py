@@ -75,6 +75,8 @@ class _Mirror(ctypes.Structure):
         ("made", ctypes.c_uint32),
         ("invlpgs_unknown", ctypes.c_uint32),
         ("pad", ctypes.c_uint32),
+        ("flush_page", ctypes.c_void_p),
+        ("cpu", ctypes.c_void_p),
         ("unlinks", ctypes.c_uint16 * 256),
         ("made_log", _Made * SM_MADE),
         ("slot", _Sentry * SHADOW_SLOTS),
@@ -268,6 +270,8 @@ class ShadowMirror:
         m.pt_traced = ctypes.addressof(self._pt_traced)
         self._other_traced = (ctypes.c_uint8 * ((frames + 7) // 8 or 1))()
         m.other_traced = ctypes.addressof(self._other_traced)
+        if shadow.page_flush is not None:  # C's zaps and invlpgs flush the pages Python's would (sm_flush_pages)
+            m.flush_page, m.cpu = shadow.page_flush.function, shadow.page_flush.cpu
         self._linked = None  # a bit per 4-byte word of RAM, once a C path asks (track_links)
         self._serial = 0
         self._fold_c = importlib.import_module("cpuvirt.memory._tlbfill").fold

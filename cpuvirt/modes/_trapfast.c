@@ -425,10 +425,12 @@ void trapfast_intr_hook(void *uc, uint32_t intno, void *user_data) {
     case K_MOV_SREG:
         s->reg_write(uc, s->r_eip, &next);
         break;
-    case K_INVLPG:
-        s->uc_ctl(uc, s->tlb_flush_ctl);       /* ShadowPaging._flush_engine */
+    case K_INVLPG: {
+        uint32_t page = (uint32_t)(linear >> 12);
+        sm_flush_pages((shadowmirror_t *)s->mirror, uc, s->uc_ctl, s->tlb_flush_ctl, &page, 1);  /* _flush_pages */
         s->reg_write(uc, s->r_eip, &next);
         break;
+    }
     case K_MOV_CR3:
         if (to_cr) {                           /* EmulatingVcpu.write_cr(3) -> ShadowPaging.on_cr3_write */
             s->crs[1] = (uint32_t)value;
@@ -549,8 +551,8 @@ static int ptemod(trapstore_t *t, void *uc, uint64_t vaddr, int type) {
     vclock_add(s->clock_now, -(int64_t)((n - 1)));   /* Vcpu.left_block_at(eip), then the store retired */
     *t->fills += 1;                    /* Mmu.fill's fill, and its shadow hit */
     sm_ptemod_done(m, &plan, (uint32_t)eip);   /* hv_wrote -> _on_write: _zap_range; the counts */
-    if (plan.zap) {                    /* ... _flush_engine */
-        s->uc_ctl(uc, s->tlb_flush_ctl);
+    if (plan.zap) {                    /* ... _flush_pages */
+        sm_flush_pages(m, uc, s->uc_ctl, s->tlb_flush_ctl, plan.pages, plan.npages);
         t->zaps++;
     }
     s->count[K_PTEMOD]++;              /* the page_fault/ptemod event */

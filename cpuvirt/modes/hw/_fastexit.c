@@ -601,8 +601,8 @@ static int ptemod_exit(pfexit_t *p, void *uc, uint64_t vaddr) {
     p->pf.walks++;                     /* page_fault's _resolve: its walk */
     p->pf.refs += refs;
     sm_ptemod_done(m, &plan, (uint32_t)eip);
-    if (plan.zap) {
-        p->uc_ctl(uc, p->tlb_flush_ctl);
+    if (plan.zap) {                    /* ShadowPaging._flush_pages */
+        sm_flush_pages(m, uc, p->uc_ctl, p->tlb_flush_ctl, plan.pages, plan.npages);
         p->zap_total++;
     }
     p->exits++;
