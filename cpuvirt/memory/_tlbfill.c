@@ -527,6 +527,7 @@ static int shadow_miss_fill(shadowfill_t *s, void *uc, uint64_t vaddr, int type,
     m->present[page >> 3] |= (uint8_t)(1u << (page & 7));
     if (!present) m->room--;
     made = &m->made_log[m->made++];
+    m->pending = 1;
     made->page = page;
     made->gpa = (uint32_t)gpa;
     made->pde_addr = (int64_t)pde_gpa;

@@ -170,11 +170,15 @@ class ShadowPaging:
         invlpgs C served (full's callout hook, trap's INTR hook: each is what invlpg does to the tables) and the
         ptemods trap's fill hook emulated (their counts: modes/_trapfast.c trapfast_fill_hook)."""
         mirror = self.mirror
-        if mirror is None or not mirror.state.made:
+        if mirror is None or not mirror.state.pending:
             return
         root, key = self._cur, self._cur_key
         assert root is not None and key is not None
-        n, i, c = mirror.take(), 0, self.counters
+        (n, quiet, sites), i, c = mirror.take(), 0, self.counters
+        c.invlpgs += quiet  # invlpgs of pages without an entry: counts only
+        for eip, count in sites:  # ptemods counted by site, before the log's (their first uses came first)
+            self._count_ptemod(eip, done=True, n=count)
+            self.mmu.traces.writes += count
         while True:
             # the common records in C (memory/_tlbfill.c fold), up to one that needs Python (_fold_record)
             i, hidden, invlpgs, ptemods, zapped = mirror.fold(i, n, root.serial, self, root)
@@ -188,6 +192,7 @@ class ShadowPaging:
             self._fold_record(key, root, *mirror.record(i, root.serial))
             i += 1
         mirror.make_room(self)
+        mirror.sites_room(self)
 
     def _fold_record(self, key: int, root: _Root, page: int, e: tuple) -> None:
         """One record of C's log, as _fold's C loop takes it (an entry whose link traces a frame: never, while the C
@@ -223,7 +228,7 @@ class ShadowPaging:
         return self.mmu.p2m.gpa_to_hpa(gpa)
 
     def gva_to_gpa(self, gva: GVA, access, user, side_effects=True):
-        if self.mirror is not None and self.mirror.state.made:
+        if self.mirror is not None and self.mirror.state.pending:
             self._fold()
         m = self.mmu
         cr0, cr3, cr4 = m.crs or m.load_crs()
@@ -605,13 +610,17 @@ class ShadowPaging:
             )
         return True
 
-    def _count_ptemod(self, eip: int, done: bool = True) -> None:
-        """A traced write at `eip` (the per-site statistics); done: emulated, so a ptemod too."""
+    def _count_ptemod(self, eip: int, done: bool = True, n: int = 1) -> None:
+        """`n` traced writes at `eip` (the per-site statistics); done: emulated, so ptemods too. A new site
+        changes how many more C may count itself before the statistics would be cleared (sites_room)."""
         if len(self.traced_writes) >= MAX_ROOT_ENTRIES and eip not in self.traced_writes:
             self.traced_writes.clear()  # statistics only: bounded like the rest
-        self.traced_writes[eip] += 1
+        new = eip not in self.traced_writes
+        self.traced_writes[eip] += n
         if done:
-            self.counters.ptemods += 1
+            self.counters.ptemods += n
+        if new and self.mirror is not None:
+            self.mirror.sites_room(self)
 
     def _fallback(self, tw, why: str) -> None:
         """Zap-and-untrace: the store re-executes natively; the frame stays unsynchronised until the

@@ -55,6 +55,13 @@ assert _MADE.size == ctypes.sizeof(_Made)
 
 
 SM_MADE = 1024  # as _shadowmirror.h
+SM_SITES = 16  # as _shadowmirror.h: ptemod sites C counts between two folds
+
+
+class _Site(ctypes.Structure):
+    """Mirror of ssite_t."""
+
+    _fields_ = [("eip", ctypes.c_uint32), ("count", ctypes.c_uint32)]
 PRESENT_BYTES = 1 << 17  # a bit per linear page
 
 
@@ -77,6 +84,11 @@ class _Mirror(ctypes.Structure):
         ("pad", ctypes.c_uint32),
         ("flush_page", ctypes.c_void_p),
         ("cpu", ctypes.c_void_p),
+        ("pending", ctypes.c_uint32),
+        ("invlpgs_quiet", ctypes.c_uint32),
+        ("sites_room", ctypes.c_uint32),
+        ("nsites", ctypes.c_uint32),
+        ("sites", _Site * SM_SITES),
         ("unlinks", ctypes.c_uint16 * 256),
         ("made_log", _Made * SM_MADE),
         ("slot", _Sentry * SHADOW_SLOTS),
@@ -346,13 +358,21 @@ class ShadowMirror:
     def drop(self, entries: _MirroredEntries, page: int) -> None:
         self._lib.shadowmirror_drop(self._pm, entries.present_address, (page >> 12) & 0xFFFFF, entries._root.serial)
 
-    def take(self) -> int:
-        """How many records _tlbfill.c and the other C paths logged since the last call (ShadowPaging._fold takes
-        them now: `fold` and `record`); C logs none until the next run of the engine."""
+    def take(self) -> tuple[int, int, list[tuple[int, int]]]:
+        """What _tlbfill.c and the other C paths left since the last call (ShadowPaging._fold takes it now; C
+        leaves nothing more until the next run of the engine): how many records they logged (`fold`, `record`),
+        the invlpgs they only counted, and the ptemods they counted by site, (eip, count) in first-seen order."""
         m = self.state
-        n, m.made, m.invlpgs_unknown = m.made, 0, 0
+        n, quiet, k = m.made, m.invlpgs_quiet, m.nsites
+        sites = [(s.eip, s.count) for s in m.sites[:k]] if k else []
+        m.made = m.invlpgs_unknown = m.invlpgs_quiet = m.nsites = m.pending = 0
         ctypes.memset(self.address + _Mirror.unlinks.offset, 0, ctypes.sizeof(m.unlinks))
-        return n
+        return n, quiet, sites
+
+    def sites_room(self, shadow) -> None:
+        """How many new sites C may count (sm_ptemod_done) before ShadowPaging._count_ptemod would clear
+        traced_writes (at MAX_ROOT_ENTRIES sites): beyond, each of its ptemods is a record, taken in order."""
+        self.state.sites_room = max(0, shadow.max_root_entries() - len(shadow.traced_writes) - 1)
 
     def fold(self, start: int, n: int, serial: int, shadow, root) -> tuple[int, int, int, int, int]:
         """_tlbfill.c fold: records start..n-1 into the current root's tables, up to the first one Python must
