@@ -62,6 +62,8 @@ class _Site(ctypes.Structure):
     """Mirror of ssite_t."""
 
     _fields_ = [("eip", ctypes.c_uint32), ("count", ctypes.c_uint32)]
+
+
 PRESENT_BYTES = 1 << 17  # a bit per linear page
 
 
