@@ -48,7 +48,12 @@ typedef struct {
     int64_t pde_addr, pte_addr;   /* the guest PDE and PTE it derives from (pte_addr -1: a 4 MiB page) */
     uint16_t rights, dirty;
     uint32_t serial;
+    uint32_t fresh;    /* SM_PTE_FRESH, SM_PDE_FRESH: no entry derived from that word before (sm_cancel_made) */
+    uint32_t pad;      /* a record taken back (SM_DEAD): its PTE word */
 } smade_t;
+
+#define SM_PTE_FRESH 1u
+#define SM_PDE_FRESH 2u
 
 #define SM_MADE 1024u   /* entries C may make between two of Python's folds */
 #define SM_SITES 16u    /* ptemod sites C counts itself between two folds (sm_count_site) */
@@ -63,6 +68,7 @@ typedef struct {
 #define SM_INVLPG (-2)
 #define SM_PTEMOD (-3)
 #define SM_ZAP (-4)
+#define SM_DEAD (-5)    /* an entry a later zap in C took back (sm_cancel_made): nothing to take */
 
 typedef struct {
     uint32_t key;      /* ShadowPaging._cur_key (1: none) */
@@ -96,6 +102,7 @@ typedef struct {
      * `pending`: something (a record or a count) waits for ShadowPaging._fold. */
     uint32_t pending;
     uint32_t invlpgs_quiet;
+    uint32_t hidden_quiet, zapped_quiet;   /* entries made and zapped again before the fold (sm_cancel_made) */
     uint32_t sites_room;
     uint32_t nsites;
     ssite_t sites[SM_SITES];
@@ -246,27 +253,31 @@ static inline int sm_may_unlink_all(const shadowmirror_t *m, uint64_t frame, uin
  * or more than SM_ZAP_MAX pages. */
 static inline int sm_zap_pages(const shadowmirror_t *m, const uint8_t *ram, uint64_t ram_bytes, uint32_t word,
                                uint32_t *pages, uint32_t *count) {
-    uint32_t frame = word & 0xFFFFF000u, want = frame | 1u, chunk, k, pdi, pde, page, hits, pd[64];
+    uint32_t frame = word & 0xFFFFF000u, want = frame | 1u, chunk, k, pdi, pde, page, hits;
+    const uint8_t *pd = ram + m->key;
     *count = 0;
     if (frame == (m->key & 0xFFFFF000u) || m->invlpgs_unknown || m->unlinks[(frame >> 12) & 255]) return 0;
     if ((uint64_t)m->key + 4096 > ram_bytes) return 0;
     /* The directory 64 entries at a time: first whether any present one points at the frame, four at a time
      * where the host has SSE2 (one entry a time made the scan a fifth of a zap's ptemod exit). */
     for (chunk = 0; chunk < 1024; chunk += 64) {
-        memcpy(pd, ram + m->key + 4 * chunk, sizeof pd);
 #if defined(__SSE2__)
         {
             const __m128i mask = _mm_set1_epi32((int)0xFFFFF001u), w = _mm_set1_epi32((int)want);
             __m128i any = _mm_setzero_si128();
             for (k = 0; k < 64; k += 4)
-                any = _mm_or_si128(any, _mm_cmpeq_epi32(_mm_and_si128(_mm_loadu_si128((const __m128i *)&pd[k]), mask), w));
-            hits = _mm_movemask_epi8(any) ? 64u : 0u;
+                any = _mm_or_si128(
+                    any, _mm_cmpeq_epi32(_mm_and_si128(_mm_loadu_si128((const __m128i *)(pd + 4 * (chunk + k))), mask), w));
+            hits = (uint32_t)_mm_movemask_epi8(any);
         }
 #else
-        for (k = 0, hits = 0; k < 64; k++) hits += ((pd[k] & 0xFFFFF001u) == want);
+        for (k = 0, hits = 0; k < 64; k++) {
+            memcpy(&pde, pd + 4 * (chunk + k), 4);
+            hits |= (pde & 0xFFFFF001u) == want;
+        }
 #endif
         for (k = 0; hits && k < 64; k++) {
-            pde = pd[k];
+            memcpy(&pde, pd + 4 * (chunk + k), 4);
             if ((pde & 0xFFFFF001u) != want) continue;
             if ((pde & 0x80u) && (m->mode & SM_PSE)) continue;
             pdi = chunk + k;
@@ -279,8 +290,69 @@ static inline int sm_zap_pages(const shadowmirror_t *m, const uint8_t *ram, uint
     return 1;
 }
 
+/* Does a live record of the log (an entry still to be taken) derive an entry from the word at `addr`? */
+static inline int sm_logged_link(const shadowmirror_t *m, int64_t addr) {
+    uint32_t k;
+    for (k = 0; k < m->made; k++) {
+        const smade_t *r = &m->made_log[k];
+        if (r->pte_addr >= -1 && (r->pde_addr == addr || r->pte_addr == addr)) return 1;
+    }
+    return 0;
+}
+
+/* Was the word at `addr` linked by no entry Python holds? The first record of the log that derives an entry
+ * from it says (taken back or not: a taken-back record keeps its PTE word in `pad`). Records taken back from
+ * the log's end are gone, but a word whose first one went so was unlinked then, and later records say so. */
+static inline int sm_word_was_fresh(const shadowmirror_t *m, int64_t addr) {
+    uint32_t k;
+    for (k = 0; k < m->made; k++) {
+        const smade_t *r = &m->made_log[k];
+        int64_t pte = r->pte_addr == SM_DEAD ? (int64_t)r->pad : r->pte_addr;
+        if (r->pte_addr < -1 && r->pte_addr != SM_DEAD) continue;   /* not an entry */
+        if (r->pde_addr == addr) return (r->fresh & SM_PDE_FRESH) != 0;
+        if (pte == addr) return (r->fresh & SM_PTE_FRESH) != 0;
+    }
+    return 0;
+}
+
+/* A zap of the word whose every page's entry C itself made since the last fold, from a word no entry derived
+ * from before (so the zap takes nothing else, in any root): the made entries' records are taken back instead
+ * of logging the zap (a pair of records is a microsecond of the fold; nanobench's pgfault loop makes one each
+ * iteration). Python's tables end the same: the entries never come in, the links the zap would undo are never
+ * made, and `linked` loses a directory word no entry derives from any more (no live record, none Python holds:
+ * the zap's unlink of the last one). The counts are kept (hidden faults, zapped). 0: log the zap (nothing
+ * changed). */
+static inline int sm_cancel_made(shadowmirror_t *m, uint32_t word, const uint32_t *pages, uint32_t n) {
+    uint32_t k, at[SM_ZAP_MAX];
+    int64_t j;
+    for (k = 0; k < n; k++) {                 /* each page's last record: its entry, made from `word` fresh */
+        for (j = (int64_t)m->made - 1; j >= 0; j--)
+            if (m->made_log[j].pte_addr != SM_DEAD && m->made_log[j].page == pages[k]) break;
+        if (j < 0) return 0;
+        if (m->made_log[j].pte_addr != (int64_t)word || !(m->made_log[j].fresh & SM_PTE_FRESH)) return 0;
+        at[k] = (uint32_t)j;
+    }
+    for (k = 0; k < n; k++) {
+        smade_t *r = &m->made_log[at[k]];
+        r->pad = (uint32_t)r->pte_addr;
+        r->pte_addr = SM_DEAD;
+    }
+    for (k = 0; k < n; k++) {                 /* the directory words: still linked by anything? */
+        const smade_t *r = &m->made_log[at[k]];
+        if (!sm_logged_link(m, r->pde_addr) && sm_word_was_fresh(m, r->pde_addr)) {
+            uint64_t d = (uint64_t)r->pde_addr;
+            m->linked[d >> 5] &= (uint8_t)~(1u << ((d >> 2) & 7));
+        }
+    }
+    while (m->made && m->made_log[m->made - 1].pte_addr == SM_DEAD) m->made--;
+    m->hidden_quiet += n;
+    m->zapped_quiet += n;
+    m->pending = 1;
+    return 1;
+}
+
 /* The zap in the C copy (the pages sm_zap_pages found leave it, the word leaves `linked`) and its record for
- * Python's tables; the caller flushes the engine's TLB. The log must have room. */
+ * Python's tables (or none: sm_cancel_made); the caller flushes the engine's TLB. The log must have room. */
 static inline void sm_zap(shadowmirror_t *m, uint32_t word, const uint32_t *pages, uint32_t n) {
     uint32_t k;
     for (k = 0; k < n; k++) {
@@ -289,6 +361,7 @@ static inline void sm_zap(shadowmirror_t *m, uint32_t word, const uint32_t *page
         m->present[pages[k] >> 3] &= (uint8_t)~(1u << (pages[k] & 7));
     }
     m->linked[word >> 5] &= (uint8_t)~(1u << ((word >> 2) & 7));   /* rmap.pop(word) */
+    if (n && sm_cancel_made(m, word, pages, n)) return;
     sm_record(m, SM_ZAP, 0, word);
 }
 
@@ -317,10 +390,11 @@ static inline int sm_ptemod_plan(const shadowmirror_t *m, const uint8_t *ram, ui
     p->npages = 0;
     if (p->zap && (((uint32_t)gpa & 3u) + size > 4u || !can_flush)) return 0;   /* one word only */
     if (!p->zap && sm_linked(m, (gpa + size - 1) & ~3ull)) return 0;
-    for (k = 0, links = 0; k < 1024 / 64; k++) {
-        uint64_t w;
+    if (m->invlpgs_unknown) return 0;
+    for (k = 0, links = 0; k < 1024 / 64 && links <= m->unlinks[(frame >> 12) & 255] + p->zap; k++) {
+        uint64_t w;                    /* (counted only as far as the test below needs) */
         memcpy(&w, m->linked + (frame >> 5) + 8 * k, 8);
-        links += (uint32_t)__builtin_popcountll(w);
+        if (w) links += (uint32_t)__builtin_popcountll(w);
     }
     if (sm_may_unlink_all(m, frame, links - p->zap)) return 0;
     if (p->zap && !sm_zap_pages(m, ram, ram_bytes, p->word, p->pages, &p->npages)) return 0;

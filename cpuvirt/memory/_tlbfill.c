@@ -535,6 +535,9 @@ static int shadow_miss_fill(shadowfill_t *s, void *uc, uint64_t vaddr, int type,
     made->rights = slot->rights;
     made->dirty = slot->dirty;
     made->serial = m->serial;
+    made->fresh = (!present && pte_addr >= 0 && !sm_linked(m, (uint64_t)pte_addr) ? SM_PTE_FRESH : 0)
+                  | (!sm_linked(m, pde_gpa) ? SM_PDE_FRESH : 0);
+    made->pad = 0;
     sm_link(m, pde_gpa);                               /* what _fold's _link will record in rmap */
     if (pte_addr >= 0) sm_link(m, (uint64_t)pte_addr);
     e->paddr = s->ram_hpa + gpa;
@@ -827,6 +830,7 @@ static PyObject *fold(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
     }
     for (; i < n; i++) {
         const smade_t *r = &f.m->made_log[i];
+        if (r->pte_addr == SM_DEAD) continue;      /* taken back by a zap in C (sm_cancel_made) */
         if (r->serial != serial || r->pte_addr < SM_ZAP) break;
         if (r->pte_addr == SM_ZAP) {               /* the zap of the word a ptemod C emulated wrote */
             long z = fold_zap(&f, r->gpa);

@@ -174,8 +174,10 @@ class ShadowPaging:
             return
         root, key = self._cur, self._cur_key
         assert root is not None and key is not None
-        (n, quiet, sites), i, c = mirror.take(), 0, self.counters
-        c.invlpgs += quiet  # invlpgs of pages without an entry: counts only
+        (n, (invlpgs, hidden, zapped), sites), i, c = mirror.take(), 0, self.counters
+        c.invlpgs += invlpgs  # invlpgs of pages without an entry, entries made and zapped again: counts only
+        c.hidden_faults += hidden
+        c.zapped += zapped
         for eip, count in sites:  # ptemods counted by site, before the log's (their first uses came first)
             self._count_ptemod(eip, done=True, n=count)
             self.mmu.traces.writes += count

@@ -47,10 +47,12 @@ class _Made(ctypes.Structure):
         ("rights", ctypes.c_uint16),
         ("dirty", ctypes.c_uint16),
         ("serial", ctypes.c_uint32),
+        ("fresh", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
     ]
 
 
-_MADE = struct.Struct("<IIqqHHI")  # smade_t's bytes, read at once (a ctypes record per field is slower)
+_MADE = struct.Struct("<IIqqHHIII")  # smade_t's bytes, read at once (a ctypes record per field is slower)
 assert _MADE.size == ctypes.sizeof(_Made)
 
 
@@ -88,6 +90,8 @@ class _Mirror(ctypes.Structure):
         ("cpu", ctypes.c_void_p),
         ("pending", ctypes.c_uint32),
         ("invlpgs_quiet", ctypes.c_uint32),
+        ("hidden_quiet", ctypes.c_uint32),
+        ("zapped_quiet", ctypes.c_uint32),
         ("sites_room", ctypes.c_uint32),
         ("nsites", ctypes.c_uint32),
         ("sites", _Site * SM_SITES),
@@ -360,14 +364,17 @@ class ShadowMirror:
     def drop(self, entries: _MirroredEntries, page: int) -> None:
         self._lib.shadowmirror_drop(self._pm, entries.present_address, (page >> 12) & 0xFFFFF, entries._root.serial)
 
-    def take(self) -> tuple[int, int, list[tuple[int, int]]]:
+    def take(self) -> tuple[int, tuple[int, int, int], list[tuple[int, int]]]:
         """What _tlbfill.c and the other C paths left since the last call (ShadowPaging._fold takes it now; C
         leaves nothing more until the next run of the engine): how many records they logged (`fold`, `record`),
-        the invlpgs they only counted, and the ptemods they counted by site, (eip, count) in first-seen order."""
+        what they only counted (invlpgs of pages without an entry; entries made and zapped again, as hidden
+        faults and zapped entries: _shadowmirror.h sm_cancel_made), and the ptemods they counted by site,
+        (eip, count) in first-seen order."""
         m = self.state
-        n, quiet, k = m.made, m.invlpgs_quiet, m.nsites
+        n, k = m.made, m.nsites
+        quiet = (m.invlpgs_quiet, m.hidden_quiet, m.zapped_quiet)
         sites = [(s.eip, s.count) for s in m.sites[:k]] if k else []
-        m.made = m.invlpgs_unknown = m.invlpgs_quiet = m.nsites = m.pending = 0
+        m.made = m.invlpgs_unknown = m.invlpgs_quiet = m.hidden_quiet = m.zapped_quiet = m.nsites = m.pending = 0
         ctypes.memset(self.address + _Mirror.unlinks.offset, 0, ctypes.sizeof(m.unlinks))
         return n, quiet, sites
 
@@ -398,7 +405,7 @@ class ShadowMirror:
     def record(self, i: int, serial: int) -> tuple[int, tuple]:
         """Record i of the log as (page, shadow.py entry tuple), with the invlpg, ptemod and zap records among
         the entries (shadow.py INVLPG_RECORD, PTEMOD_RECORD, ZAP_RECORD in the tuple's last field)."""
-        page, gpa, pde_addr, pte_addr, rights, dirty, owner = _MADE.unpack_from(
+        page, gpa, pde_addr, pte_addr, rights, dirty, owner, _fresh, _ = _MADE.unpack_from(
             ctypes.string_at(self.address + _Mirror.made_log.offset + i * _MADE.size, _MADE.size)
         )
         if owner != serial:

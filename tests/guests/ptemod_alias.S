@@ -12,6 +12,7 @@
 
 #define ALIAS_A  0x00800000
 #define ALIAS_B  0x00C00000
+#define ALIAS_C  0x01000000
 #define FRAME_X  0x00300000
 #define FRAME_Y  0x00301000
 #define ROUNDS   64
@@ -50,6 +51,28 @@ round:
     rol esi, 3
     dec ecx
     jnz round
+    # Entries made and zapped at once, before the shadow's tables take them (_shadowmirror.h sm_cancel_made):
+    # through a third slot, its directory word new, two pages from PTEs no entry derived from; the first one
+    # zapped (the directory word stays linked: the second page derives from it, and a store into it zaps that
+# entry), then one through slot A (its
+    # directory word linked by the loop's entries: it stays), then the second page (its directory word goes
+    # from `linked`: nothing derives from it any more)
+    mov eax, pt_alias
+    or eax, PTE_P | PTE_W
+    mov dword ptr [page_dir + 4 * (ALIAS_C >> 22)], eax
+    mov edx, FRAME_X | PTE_P | PTE_W
+    mov dword ptr [pt_alias + 8], edx
+    mov dword ptr [pt_alias + 12], edx
+    mov dword ptr [pt_alias + 16], edx
+    add esi, dword ptr [ALIAS_C + 0x2000]
+    add esi, dword ptr [ALIAS_C + 0x4000]
+    mov edx, FRAME_Y | PTE_P | PTE_W
+    mov dword ptr [pt_alias + 8], edx
+    mov dword ptr [page_dir + 4 * (ALIAS_C >> 22)], eax   # the directory word written (the same value): the
+    add esi, dword ptr [ALIAS_C + 0x4000]                 # second page's entry derives from it, and goes
+    add esi, dword ptr [ALIAS_A + 0x3000]
+    mov dword ptr [pt_alias + 12], edx
+    mov dword ptr [pt_alias + 16], edx
     mov eax, esi
     call print_hex32
     call newline
