@@ -11,8 +11,6 @@ from pathlib import Path
 from cpuvirt.bt.fastcallout import CPUID, MOV_CR0, MOV_CR4, RDTSC, FastCallouts
 from cpuvirt.runner import run_guest
 from cpuvirt.x86 import cpuid as C
-from tests.conftest import requires_qemu
-from tests.qemu import assert_same_console_as_qemu
 
 GUEST = str(Path(__file__).parent / "guests" / "fast_callouts.S")
 N = 300  # the guest's loop count
@@ -90,36 +88,3 @@ def test_a_flush_sends_every_slot_back_to_python(monkeypatch):
     slow, _ = _run("full", monkeypatch, python_only=True)
     assert fast.console == slow.console
     assert (fast.icount, fast.vtime, fast.counts) == (slow.icount, slow.vtime, slow.counts)
-
-
-def test_a_megamorphic_return_is_looked_up_in_c(test_guest, monkeypatch):
-    """tests/guests/megamorphic_ret.S: a `ret` and a `ret 4` with 24 live targets each. The translator fills its cache until it
-    is wide and MEGAMORPHIC_AFTER more misses have gone by, then no more (each fill patches translated code);
-    its misses are then the C hook's look-ups (IC_RET), which leave what Python's leave (Python serves every
-    one without C's copy of the translation cache: CPUVIRT_FULL_DELIVERY_C=0)."""
-    from cpuvirt.bt.fastcallout import IC_RET
-    from cpuvirt.bt.translate import IC_WIDE, MEGAMORPHIC_AFTER, WIDEN_AFTER
-    from tests.runs import run_record
-
-    path = str(test_guest("megamorphic_ret"))
-    out = []
-    for env in ("1", "0"):
-        monkeypatch.setenv("CPUVIRT_FULL_DELIVERY_C", env)
-        seen: list = []
-        res = run_guest(path, "full", 32, 50_000_000, on_start=seen.append)
-        vcpu = seen[-1].vcpu
-        out.append((run_record(res), vcpu.tc.counters.as_dict(), vcpu.rt.fast.table.served[IC_RET]))
-    (c, c_counters, c_served), (py, py_counters, py_served) = out
-    assert c == py and c_counters == py_counters
-    # once no more filled, each cache holds IC_WIDE of its 24 targets for good: 8 misses a round of 24 calls
-    misses, most = c_counters["ic_misses"], 2 * (WIDEN_AFTER + MEGAMORPHIC_AFTER + 24)
-    assert 2 * 100 * (24 - IC_WIDE) <= misses < 2 * 100 * (24 - IC_WIDE) + most, misses
-    # ... nearly all of them C's (the first one of each target after it was found megamorphic is Python's)
-    assert py_served == 0 and c_served >= misses - most, (c_served, misses)
-    native = run_guest(path, "native", 32, 50_000_000)
-    assert b"PASS" in native.console and c["console"] == native.console
-
-
-@requires_qemu
-def test_megamorphic_ret_console_is_qemus(test_guest):
-    assert b"PASS" in assert_same_console_as_qemu(test_guest("megamorphic_ret"), [], [])

@@ -45,8 +45,7 @@ enum { PYTHON = 0, CPUID = 1, RDTSC = 2, MOV_CR0 = 3, MOV_CR4 = 4, PORT_IN = 5, 
        MOV_CR3 = 12,      /* mov cr3, r32 reloading the CR3 it holds (cr3_reload) */
        ADAPTIVE = 13,     /* an adaptive store (modes/full/adaptive.py) into a traced frame: store[] */
        INVLPG = 14,       /* invlpg m: store[] holds its address's form */
-       IC_RET = 15,       /* the inline-cache miss of a megamorphic ret or jmp r/m site: arg[] is ret's imm16 */
-       KINDS = 16 };
+       KINDS = 15 };
 
 /* An adaptive store site as C does it (x86/emulate.py store_site): `op [base + index * scale + disp], src`
  * with op mov, or, and, xor, add, sub, inc, dec; src a register's bits (shift 0, or 8 for ah..bh) or an
@@ -454,8 +453,6 @@ static int adaptive_store(callouts_t *t, void *uc, uint64_t i) {
 /* Python is told (its hook's data word) whether the guest kernel runs: 2 yes, 1 no (CS is read here),
  * 3 when the table knows no kernel ring (a bare runtime: Python asks itself). */
 #define NO_RING 0xFFFFFFFFu
-static int ic_ret(callouts_t *t, void *uc, uint64_t i);
-
 #define TO_PYTHON(kernel) \
     t->python(uc, address, size, (void *)(uintptr_t)(t->kernel_ring == NO_RING ? 3 : (kernel) ? 2 : 1))
 
@@ -469,14 +466,6 @@ void callout_hook(void *uc, uint64_t address, uint32_t size, void *user_data) {
         if (kernel) {
             uint8_t k = t->kind[i];
             uint64_t eip = t->dest[i];
-            if (k == IC_RET) {                /* no look at the interrupt window: _serve makes none */
-                if (!ic_ret(t, uc, i)) {
-                    TO_PYTHON(1);
-                    return;
-                }
-                t->served[k]++;
-                return;
-            }
             if (k == MOV_CR0 || k == MOV_CR4) {
                 if (!mov_cr(t, uc, t->arg[i], cs)) {
                     TO_PYTHON(1);
@@ -534,28 +523,6 @@ void callout_hook(void *uc, uint64_t address, uint32_t size, void *user_data) {
  * the counts (folded by Python with the TC's look-up), if_may_have_changed. Anything else: Python. */
 static inline uint32_t entry_slot(uint32_t geip) { return (geip ^ (geip >> 13)) & (TC_ENTRY_SLOTS - 1); }
 static inline uint32_t start_slot(uint32_t tc) { return (tc ^ (tc >> 16)) & (TC_START_SLOTS - 1); }
-
-/* -- the inline-cache misses of megamorphic sites --------------------------------------------------------
- * A translated `ret` (or `jmp r/m`) compares its target with the site's inline cache and, on a miss, jumps to
- * its callout slot with the target at [esp] (bt/translate.py). Python (bt/runtime.py _serve) pops it, looks
- * the translation up and fills a cache entry, a patch of the translated code that makes the engine translate
- * its block again. A site the translator found megamorphic (its wide cache missed MEGAMORPHIC_AFTER times:
- * a kernel's `ret` of release() has ninety targets in xv6) is filled no more; its misses are then only the
- * pop and the look-up, made here: the target read as the hypervisor's read would find it in its TLB
- * (ev_read_hv: no side effect), ESP past it and ret's imm16, EIP at the live translation (entry[]). 0: the
- * read or the look-up is Python's, nothing changed. */
-static int ic_ret(callouts_t *t, void *uc, uint64_t i) {
-    uint64_t esp = 0, eip;
-    uint32_t target;
-    const tc_map_t *e;
-    if (t->reg_read(uc, t->esp_reg, &esp) || !ev_read_hv(&t->ev, (uint32_t)esp, &target, 4)) return 0;
-    e = &t->dl.entry[entry_slot(target)];
-    if (e->geip != target || !e->tc) return 0;
-    esp = (uint32_t)(esp + 4u + t->arg[i]);
-    eip = e->tc;
-    if (t->reg_write(uc, t->esp_reg, &esp) || t->reg_write(uc, t->eip_reg, &eip)) return 0;
-    return 1;
-}
 
 void full_tc_entry(callouts_t *t, uint32_t geip, uint32_t tc) {
     tc_map_t *e = &t->dl.entry[entry_slot(geip)];

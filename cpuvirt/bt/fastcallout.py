@@ -39,8 +39,7 @@ MOV_SREG, POP_SREG, MOV_CR2, IRETD, IRETD_OUTER = 7, 8, 9, 10, 11
 MOV_CR3 = 12  # a mov to CR3 reloading the CR3 it holds (a TLB flush)
 ADAPTIVE = 13  # an adaptive store into a traced frame (modes/full/adaptive.py; its form in store_t)
 INVLPG = 14  # invlpg m (its address's form in store_t)
-IC_RET = 15  # the inline-cache miss of a megamorphic ret / jmp r/m site (arg: ret's imm16); not a callout event
-KINDS = 16
+KINDS = 15
 KIND_NAMES = {
     CPUID: "cpuid",
     RDTSC: "rdtsc",

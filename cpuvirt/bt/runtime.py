@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Callable
 
 from cpuvirt.bt.coherence import invalidate
-from cpuvirt.bt.fastcallout import ADAPTIVE, IC_RET, INVLPG, PYTHON, FastCallouts
+from cpuvirt.bt.fastcallout import ADAPTIVE, INVLPG, PYTHON, FastCallouts
 from cpuvirt.bt.tcache import CALLOUT_SLOTS, Block, Site, TCache
 from cpuvirt.bt.translate import GuestCode, TranslateFault, Translator
 from cpuvirt.engine import regs as R
@@ -172,14 +172,10 @@ class BtRuntime:
                 self._fetch_fault(f, target)
                 return
             if c.flushes == flushes:
-                if self.translator.megamorphic(site):  # no fill: the look-up is all (C's from now on)
-                    if kind != "call_ind" and site.pop < 256 and self.fast is not None and site.block.alive:
-                        self.fast.link(self._slot, IC_RET, 0, site.block, arg=site.pop)
-                else:
-                    self.translator.fill_ic(site, target, dest)
-                    if self.translator.should_widen(site):
-                        c.widened += 1
-                        invalidate(tc, site.block)  # translated again, wide, when next reached
+                self.translator.fill_ic(site, target, dest)
+                if self.translator.should_widen(site):
+                    c.widened += 1
+                    invalidate(tc, site.block)  # translated again, wide, when next reached
             regs.write(R.EIP, dest)
             return
         # a sensitive instruction: the hypervisor emulates it (guest registers, guest EIP) and says

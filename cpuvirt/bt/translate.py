@@ -30,11 +30,6 @@ MAX_INSNS = 12
 IC_ENTRIES = 4
 IC_WIDE = 16  # entries of a site widened after WIDEN_AFTER misses
 WIDEN_AFTER = 4 * IC_ENTRIES
-# A wide site that missed this many times more is megamorphic: its cache is filled no more (each fill patches
-# the translated code, which the engine then translates again), its misses only look the target up (in C
-# for ret and jmp r/m: bt/_callout.c ic_ret). xv6's kernel has five such returns (release(), popcli()...), up
-# to ninety targets each, and they made 98% of its inline-cache fills.
-MEGAMORPHIC_AFTER = 4 * IC_WIDE
 IC_CMP_SIZE = 12  # mov ecx, [esp + 4]; lea ecx, [ecx - G]; jecxz hit
 IC_HIT_SIZE = 13  # pop ecx; lea esp, [esp + k] | mov [esp], RET; jmp T
 PREFIXES = frozenset(b"\x66\x67\xf2\xf3\x2e\x3e\x26\x36\x64\x65\xf0")
@@ -132,7 +127,6 @@ class Translator:
         self.cs = Cs(CS_ARCH_X86, CS_MODE_32)
         self.adaptive: set[int] = set()  # guest EIPs retranslated as callouts (adaptive BT)
         self.wide_ic: set[int] = set()  # guest EIPs whose inline cache has IC_WIDE entries
-        self.mega_ic: set[int] = set()  # ... found megamorphic (bounded as wide_ic)
         self.trace_translate: Callable[[Block], None] | None = None  # when translations are traced
         self.on_block: Callable[[Block], None] | None = None  # for every new translation
         self._after_sti = False
@@ -518,21 +512,6 @@ class Translator:
         assert len(code) == IC_HIT_SIZE
         self.tc.patch(hit, code)
         self.tc.patch(e + 6, _imm32(-target))  # lea ecx, [ecx - target]
-
-    def megamorphic(self, site: Site) -> bool:
-        """Is this site's cache filled no more (MEGAMORPHIC_AFTER)? Remembered by guest EIP, as its width is, for
-        the site's next translation."""
-        if site.insn is None:
-            return False
-        geip = site.insn.geip
-        if geip in self.mega_ic:
-            return True
-        if len(site.ic) < IC_WIDE or site.ic_next < MEGAMORPHIC_AFTER:
-            return False
-        if len(self.mega_ic) > 65536:  # bounded; an optimization only
-            self.mega_ic.clear()
-        self.mega_ic.add(geip)
-        return True
 
     def should_widen(self, site: Site) -> bool:
         """A narrow site that has missed WIDEN_AFTER times: translate it again with IC_WIDE entries."""

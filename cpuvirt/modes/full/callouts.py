@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Callable
 from cpuvirt.bt.fastcallout import (
     ADAPTIVE,
     CPUID,
-    IC_RET,
     INVLPG,
     IO_DX,
     IRETD,
@@ -109,10 +108,6 @@ class Callouts(_VcpuBase):
         if self.fdeliver is not None:
             self.fdeliver.fold()
         for kind, n in fast.take().items():
-            if kind == IC_RET:  # inline-cache misses (bt/runtime.py _serve counts a miss and a look-up)
-                self.tc.counters.ic_misses += n
-                self.tc.counters.lookups += n
-                continue
             self.counts[self.event_kind] += n
             self.reasons[self.event_kind, KIND_NAMES[kind]] += n
             if kind == MOV_CR3:
