@@ -19,16 +19,17 @@
 #include <emmintrin.h>
 #endif
 
-/* 2^15 sets of four slots, a set indexed by the linear page number's low bits mixed with the root's serial:
+/* 2^16 sets of two slots, a set indexed by the linear page number's low bits mixed with the root's serial:
  * 256 MiB of contiguous linear memory of one root (what it may shadow before it is trimmed, memory/shadow.py
- * MAX_ROOT_ENTRIES) without eviction, two pages a set, and room for two more with the same low bits. A kernel
- * mapped high over the same low bits as its processes (xv6: user page 0x1000 and kernel page 0x80001000)
- * needs that room: with one slot a set, the two evicted each other and 6.5 M of xv6's 50 M fills under hw
- * --no-ept (3 G cycles of usertests) went to Python as hits the copy had lost. The serial keeps the roots of
- * processes that map the same kernel pages apart: with sets shared by every root, three processes touching
- * one kernel page evicted each other's entries (77 k fills to Python in 1.5 G cycles of usertests). */
-#define SHADOW_WAYS 4u
-#define SHADOW_SETS 32768u
+ * MAX_ROOT_ENTRIES) without eviction, and room for a second page with the same low bits. A kernel mapped high
+ * over the same low bits as its processes (xv6: user page 0x1000 and kernel page 0x80001000) needs both: with
+ * one slot a set, the two evicted each other and 6.5 M of xv6's 50 M fills under hw --no-ept (3 G cycles of
+ * usertests) went to Python as hits the copy had lost. The serial keeps the roots of processes that map the
+ * same kernel pages apart: with sets shared by every root, three processes touching one kernel page evicted
+ * each other's entries (77 k fills to Python in 1.5 G cycles of usertests). Four slots a set (a set then spans
+ * two cache lines) made every fill slower: kvm-unit-tests' sieve (153 M fills) under full 34 -> 39-41 s. */
+#define SHADOW_WAYS 2u
+#define SHADOW_SETS 65536u
 #define SHADOW_SLOTS (SHADOW_WAYS * SHADOW_SETS)
 
 /* linear page -> (guest frame, U/S and R/W over the walk's path, the leaf's D bit) */
@@ -321,10 +322,14 @@ static inline int sm_word_was_fresh(const shadowmirror_t *m, int64_t addr) {
  * iteration). Python's tables end the same: the entries never come in, the links the zap would undo are never
  * made, and `linked` loses a directory word no entry derives from any more (no live record, none Python holds:
  * the zap's unlink of the last one). The counts are kept (hidden faults, zapped). 0: log the zap (nothing
- * changed). */
+ * changed). Only while the log is short (a zap that found no record to take back scanned the whole log:
+ * kvm-unit-tests' sieve under full took 8% longer). */
+#define SM_CANCEL_LOG 32u   /* only while the log is this short: the look-ups below scan it */
+
 static inline int sm_cancel_made(shadowmirror_t *m, uint32_t word, const uint32_t *pages, uint32_t n) {
     uint32_t k, at[SM_ZAP_MAX];
     int64_t j;
+    if (m->made > SM_CANCEL_LOG) return 0;
     for (k = 0; k < n; k++) {                 /* each page's last record: its entry, made from `word` fresh */
         for (j = (int64_t)m->made - 1; j >= 0; j--)
             if (m->made_log[j].pte_addr != SM_DEAD && m->made_log[j].page == pages[k]) break;

@@ -21,7 +21,7 @@ from cpuvirt.engine.cext import load
 from cpuvirt.memory.fastfill import FastFill, _State
 from cpuvirt.memory.shadow import KIND as PT_KIND
 
-SHADOW_SLOTS = 4 << 15  # as _shadowmirror.h: 2^15 sets of four
+SHADOW_SLOTS = 2 << 16  # as _shadowmirror.h: 2^16 sets of two
 
 
 class _Sentry(ctypes.Structure):
