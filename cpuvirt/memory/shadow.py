@@ -167,8 +167,10 @@ class ShadowPaging:
         as _resolve would have made them: C made them only where nothing else would happen (no new traced frame,
         no trim, no WP grant), for the root current then, which is current still (every way to another root,
         and every reader of these tables, folds first). The same log holds, in order with the entries, the
-        invlpgs C served (full's callout hook, trap's INTR hook: each is what invlpg does to the tables) and the
-        ptemods trap's fill hook emulated (their counts: modes/_trapfast.c trapfast_fill_hook)."""
+        invlpgs C served (full's callout hook, trap's INTR hook: each is what invlpg does to the tables), the
+        ptemods C paths emulated beyond the sites counted apart, and their zaps. The loop is C's
+        (memory/_tlbfill.c fold); what C only counted (invlpgs of pages without an entry, entries made and zapped
+        again before now, ptemods by site) comes with the log (ShadowMirror.take)."""
         mirror = self.mirror
         if mirror is None or not mirror.state.pending:
             return
