@@ -57,7 +57,7 @@ typedef struct {
 #define SM_PDE_FRESH 2u
 
 #define SM_MADE 1024u   /* entries C may make between two of Python's folds */
-#define SM_SITES 16u    /* ptemod sites C counts itself between two folds (sm_count_site) */
+#define SM_SITES 16u    /* ptemod sites C counts itself between two folds (sm_ptemod_done) */
 
 /* A ptemod site's count since the last fold: ShadowPaging.traced_writes[eip] to add */
 typedef struct {
