@@ -395,7 +395,7 @@ static inline int sm_ptemod_plan(const shadowmirror_t *m, const uint8_t *ram, ui
     p->npages = 0;
     if (p->zap && (((uint32_t)gpa & 3u) + size > 4u || !can_flush)) return 0;   /* one word only */
     if (!p->zap && sm_linked(m, (gpa + size - 1) & ~3ull)) return 0;
-    if (m->invlpgs_unknown) return 0;
+    if (m->invlpgs_unknown) return 0;           /* (sm_may_unlink_all would say so below) */
     for (k = 0, links = 0; k < 1024 / 64 && links <= m->unlinks[(frame >> 12) & 255] + p->zap; k++) {
         uint64_t w;                    /* (counted only as far as the test below needs) */
         memcpy(&w, m->linked + (frame >> 5) + 8 * k, 8);
@@ -406,8 +406,8 @@ static inline int sm_ptemod_plan(const shadowmirror_t *m, const uint8_t *ram, ui
     return m->made + (p->zap ? 2u : 1u) <= SM_MADE;
 }
 
-/* After the store: the zap in the C copy, if any, and the ptemod's record (ShadowPaging._fold counts it as
- * _on_write does: ptemods, traced_writes at `eip`, the traces' writes). */
+/* After the store: the zap in the C copy, if any, and the ptemod counted for ShadowPaging._fold as _on_write
+ * counts it (ptemods, traced_writes at `eip`, the traces' writes): by site, or beyond SM_SITES a record. */
 static inline void sm_ptemod_done(shadowmirror_t *m, const sm_ptemod_t *p, uint32_t eip) {
     uint32_t k;
     if (p->zap) sm_zap(m, p->word, p->pages, p->npages);

@@ -273,16 +273,14 @@ class DirectPaging:
         if t == L1:
             self.get_l1e(val)
             self.ram.write32(ma, val)
-            if linear is not None and self.count[p] == 1 and not self.tlb_dirty:
+            dirty = self.tlb_dirty
+            self.put_l1e(old)
+            if linear is not None and self.count[p] == 1 and self.tlb_dirty and not dirty:
                 # The old entry's writable mapping is in the engine's TLB at most at `linear`: the table is
                 # linked once (one L2 slot, the current one's), so no other linear page reaches the entry.
                 # That page goes, not the whole TLB (a whole flush costs a refill of every page in use).
-                self.put_l1e(old)
-                if self.tlb_dirty:
-                    self.tlb_dirty = False
-                    self.flush_page(linear)
-            else:
-                self.put_l1e(old)
+                self.tlb_dirty = False
+                self.flush_page(linear)
             kind = "L1 entry"
         elif t == L2:
             if index >= HV_L2_SLOT and val & PTE_P:

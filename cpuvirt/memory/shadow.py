@@ -47,9 +47,6 @@ MAX_ROOT_ENTRIES = 1 << 16  # shadow entries per address space (256 MiB mapped);
 _MODE0 = CR0_PG
 _MODE4 = CR4_PSE
 _WRITE, _FETCH = int(Access.WRITE), int(Access.FETCH)
-INVLPG_RECORD = -2  # the pte_addr of a C log record that is an invlpg (memory/_shadowmirror.h SM_INVLPG)
-PTEMOD_RECORD = -3  # ... that is a ptemod done in C, its EIP in the gpa field (modes/_trapfast.c SM_PTEMOD)
-ZAP_RECORD = -4  # ... that is that store's zap of the word in the gpa field (modes/_trapfast.c SM_ZAP)
 FLUSH_PAGES = 16  # a zap of more current-root pages flushes the engine's whole TLB (_shadowmirror.h SM_ZAP_MAX)
 
 
@@ -199,29 +196,18 @@ class ShadowPaging:
         mirror.sites_room(self)
 
     def _fold_record(self, key: int, root: _Root, page: int, e: tuple) -> None:
-        """One record of C's log, as _fold's C loop takes it (an entry whose link traces a frame: never, while the C
-        paths make entries only through frames the shadow traces; kept exact for the day one does)."""
-        entries = root.entries
-        kind = e[4]
-        if kind >= -1:  # an entry (pte_addr -1: a 4 MiB page)
-            old = entries.get(page)
-            if old is not None:
-                self._unlink(key, page, old)
-            dict.__setitem__(entries, page, e)  # (the copy holds it already)
-            self._link(e[3], key, page)
-            if kind >= 0:
-                self._link(kind, key, page)
-            self.counters.hidden_faults += 1
-        elif kind == INVLPG_RECORD:  # an invlpg C served (bt/_callout.c): what invlpg does, the copy done
-            old = dict.pop(entries, page, None)
-            if old is not None:
-                self._unlink(key, page, old)
-            self.counters.invlpgs += 1
-        elif kind == PTEMOD_RECORD:  # a store a C path emulated (modes/_trapfast.c, modes/hw/_fastexit.c)
-            self._count_ptemod(e[0])
-            self.mmu.traces.writes += 1
-        elif kind == ZAP_RECORD:  # ... that zapped: what derives from the word goes (the engine's TLB was flushed)
-            self._zap_range(e[0], 4, copy_done=True)
+        """The one record _fold's C loop stops at: an entry C made whose link would trace a frame (never, while the
+        C paths make entries only through frames the shadow traces; taken as _resolve takes one for the day one
+        does). The loop takes every invlpg, ptemod and zap record itself."""
+        assert e[4] >= -1, e  # an entry (pte_addr -1: a 4 MiB page)
+        old = root.entries.get(page)
+        if old is not None:
+            self._unlink(key, page, old)
+        dict.__setitem__(root.entries, page, e)  # (the copy holds it already)
+        self._link(e[3], key, page)
+        if e[4] >= 0:
+            self._link(e[4], key, page)
+        self.counters.hidden_faults += 1
 
     def attach(self, vcpu) -> None:
         """Trace events (page_fault: ptemod, hidden faults when verbose) go through vcpu.record."""

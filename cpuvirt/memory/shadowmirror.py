@@ -403,8 +403,7 @@ class ShadowMirror:
         )
 
     def record(self, i: int, serial: int) -> tuple[int, tuple]:
-        """Record i of the log as (page, shadow.py entry tuple), with the invlpg, ptemod and zap records among
-        the entries (shadow.py INVLPG_RECORD, PTEMOD_RECORD, ZAP_RECORD in the tuple's last field)."""
+        """Record i of the log, an entry, as (page, shadow.py entry tuple); AssertionError if it is another root's."""
         page, gpa, pde_addr, pte_addr, rights, dirty, owner, _fresh, _ = _MADE.unpack_from(
             ctypes.string_at(self.address + _Mirror.made_log.offset + i * _MADE.size, _MADE.size)
         )

@@ -525,8 +525,10 @@ static int pf_stop_quiet(const pfexit_t *p) {
 /* With interrupt-window exiting on, the stop would take the INTERRUPT_WINDOW exit if IF were 1 (before_entry);
  * with IF = 0 the window waits, as it does for the exit made here (which leaves IF alone, or clears it through
  * an interrupt gate): VmxCpu._quick_pf_exit's rule. */
-static int pf_window_waits(const pfexit_t *p, uint32_t eflags) {
-    return !p->window || !(eflags & EFLAGS_IF);
+static int pf_window_waits(const pfexit_t *p, void *uc) {
+    uint64_t eflags = 0;
+    if (!p->window) return 1;                /* (EFLAGS read only when the answer depends on it) */
+    return !p->s->reg_read(uc, p->eflags, &eflags) && !(eflags & EFLAGS_IF);
 }
 
 /* Does a #PF with this error code exit? (SDM Vol. 3C 25.2; VmxCpu._exception_exits) */
@@ -577,7 +579,7 @@ static int ptemod_exit(pfexit_t *p, void *uc, uint64_t vaddr) {
     if (!m || !s->shadow_ok || !*s->shadow_ok || !m->serial || m->made >= SM_MADE || !pf_stop_quiet(p)) return 0;
     if (!pf_exits(p, PFEC_P | PFEC_W)) return 0;   /* (a supervisor write to a present entry) */
     if (s->reg_read(uc, p->ss, &ss) || (ss & 3) != 0) return 0;
-    if (s->reg_read(uc, p->eflags, &eflags) || (eflags & EFLAGS_VM) || !pf_window_waits(p, (uint32_t)eflags)) return 0;
+    if (s->reg_read(uc, p->eflags, &eflags) || (eflags & EFLAGS_VM) || (p->window && (eflags & EFLAGS_IF))) return 0;
     if (s->reg_read(uc, s->cr0, &cr0) || s->reg_read(uc, s->cr3, &cr3) || s->reg_read(uc, s->cr4, &cr4)) return 0;
     if (((uint32_t)cr0 & SM_PG) == 0 || ((uint32_t)cr3 & 0xFFFFF000u) != *s->shadow_key) return 0;
     if (s->reg_read(uc, s->eip, &eip) || !s->peek(s->peek_state, uc, (uint32_t)eip, 15, code)) return 0;
@@ -628,7 +630,7 @@ static int ptemod_exit(pfexit_t *p, void *uc, uint64_t vaddr) {
 static int true_pf_exit(pfexit_t *p, void *uc, uint64_t vaddr, int type) {
     fastexit_t *s = p->s;
     shadowmirror_t *m = s->mirror;
-    uint64_t cr0 = 0, cr3 = 0, cr4 = 0, ss = 0, eip = 0, old = 0, eflags = 0, v;
+    uint64_t cr0 = 0, cr3 = 0, cr4 = 0, ss = 0, eip = 0, old = 0, v;
     uint32_t ec = 0, refs = 0, ea = 0, code, cr2;
     int write = type == MEM_WRITE, user, r;
     int64_t pde_a, n = 0;
@@ -643,7 +645,7 @@ static int true_pf_exit(pfexit_t *p, void *uc, uint64_t vaddr, int type) {
         return 0;
     if (sm_present(m, (uint32_t)vaddr >> 12)) return 0;   /* an entry: the shadow's error code has P; Python's */
     if (s->reg_read(uc, p->ss, &ss) || ((ss & 3) != 0 && (ss & 3) != 3)) return 0;
-    if (s->reg_read(uc, p->eflags, &eflags) || !pf_window_waits(p, (uint32_t)eflags)) return 0;
+    if (!pf_window_waits(p, uc)) return 0;
     user = (ss & 3) == 3;
     code = (write ? PFEC_W : 0) | (user ? TF_PFEC_U : 0);   /* the shadow's #PF: no entry */
     if (!pf_exits(p, code)) return 0;
@@ -690,12 +692,12 @@ static int true_pf_exit(pfexit_t *p, void *uc, uint64_t vaddr, int type) {
 int fastexit_hidden_exit(void *state, void *uc, uint64_t vaddr, int type, uint32_t code) {
     pfexit_t *p = (pfexit_t *)state;
     fastexit_t *s = p->s;
-    uint64_t eip = 0, eflags = 0;
+    uint64_t eip = 0;
     uint32_t gla = 0;
     int64_t n = 0;
     if (!s || !p->hidden_on || *p->loading || type < MEM_READ || type > MEM_FETCH) return 0;
     if (!pf_stop_quiet(p) || !pf_exits(p, code)) return 0;
-    if (s->reg_read(uc, p->eflags, &eflags) || !pf_window_waits(p, (uint32_t)eflags)) return 0;
+    if (!pf_window_waits(p, uc)) return 0;
     if (s->reg_read(uc, s->eip, &eip)) return 0;
     if (!p->left_block || !p->left_block(p->books, (uint32_t)eip, &n) || n < 1) return 0;
     if (!p->fault_linear(s->peek_state, uc, (uint32_t)eip, (uint32_t)vaddr & 0xFFFFF000u, type - MEM_READ, &gla))
