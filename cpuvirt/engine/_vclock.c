@@ -56,7 +56,8 @@ typedef struct {
     vclock_time_t time;
     uint32_t check_if;     /* look at IF at the start of the check_if-th next block (0: do not) */
     uint32_t discard;      /* set by Python's count_cb when it stopped the engine itself */
-    uint32_t pad;
+    uint16_t own_low;      /* the blocks' word (_vclock.h vclock_time_t.low) until the engine's is known */
+    uint16_t own_high;     /* (its high half: always 0, as the engine's is while no exit is requested) */
     uint32_t stop_next;    /* 2: run one block then stop (armed with a deadline already due); 1: stop now */
     uint64_t deadline;     /* stop when the time reaches it */
     uint64_t last_block;   /* address of the block that ran last */
@@ -88,6 +89,7 @@ typedef struct {
     uint32_t stub_failed;    /* no region within reach could be mapped */
     uint32_t stubs_full;     /* the region is full: Python drops the engine's translations and vclock_stubs_reset */
     uint64_t stub_size;      /* the region's bytes (STUB_REGION, or less where the free range within reach is smaller) */
+    int32_t engine_disp;     /* where the engine's exit-request word is from its env (rbp): the blocks' word */
 } vclock_t;
 
 size_t vclock_sizeof(void) { return sizeof(vclock_t); }
@@ -173,43 +175,49 @@ static inline void block_ran(vclock_t *s, uint64_t address, uint32_t count) {
 
 /*
  * Counting in the block (`patching`). Unicorn calls a block hook that is the only one of its kind
- * straight from the translated block (its `add_inline_hook`): each block's host code holds
+ * straight from the translated block (its `add_inline_hook`), and every block then tests the engine's
+ * exit-request word (QEMU's icount_decr, at [rbp - 0x10]: rbp holds the CPU's env in translated code):
  *
  *     48 BF <uc:8>          mov rdi, uc           the hook's arguments: engine, address, size, user data
  *     BE <pc:4>             mov esi, address
  *     BA <size:4>           mov edx, size
  *     48 B9 <s:8>           mov rcx, s            (or 48 8D 0D <disp:4>, lea rcx, [rip + disp])
  *     E8 <rel:4>            call vclock_block_hook  (or FF 15 <disp:4>, call [rip + disp], when out of reach)
+ *   ret:
+ *     8B 5D F0              mov ebx, [rbp - 0x10]   the exit-request test (any register)
+ *     85 DB                 test ebx, ebx
+ *     0F 8C <rel:4>         jl exitreq
  *
  * A call per block costs more than the guest code of a small block (compute.S: 3.4 instructions a
- * block). Once the table holds a block's count, those 32 to 36 bytes become the count itself:
+ * block). Once the table holds a block's count, the call's 32 to 36 bytes become the count itself, which
+ * is the exit-request test too: the blocks count down the word's low half (QEMU's icount budget, which
+ * Unicorn 2.1.3 never uses; _vclock.h vclock_time_t), whose high half Unicorn sets to 0xFFFF to ask for
+ * an exit; so the word goes below 0 when either the count runs out or an exit is asked for:
  *
- *     mov rax, s                                   (a jump to the stub's slow path, while it must recount)
- *     sub qword [rax + left], COUNT;  js undo      the time is limit - left (_vclock.h)
- *     mov dword [rax + last_block], PC
- *     nop                                          (one, up to the instruction after the original call)
+ *     sub dword [rbp - 0x10], COUNT;  jl stub     (a jump to the stub's slow path, while it must recount)
+ *     mov rax, s;  mov dword [rax + last_block], PC
+ *     jmp after                                    (over the engine's own test, which the count replaced)
  *
  * with a stub of the block's own, in a region of our own within a jump's reach of the engine's code:
  *
- *   undo:  add qword [rax + left], COUNT           the block has not run yet
- *   slow:  the original call's arguments; call vclock_stub_slow; jmp back
+ *   stub:  add dword [rbp - 0x10], COUNT           the block has not run yet: the word as it was
+ *   slow:  the original call's arguments; call vclock_stub_slow
+ *          test eax, eax;  jz exitreq;  jmp after  (run the block, or leave it for the exit asked for)
  *
- * which is what vclock_block_hook does on a table hit, without the call or the look-up: `limit` is the
- * deadline, or 0 while a flag asks the hook to look (discard, check_if, stop_next), so the sign of `left`
- * stands for the hook's every check. vclock_stub_slow is the hook's uncommon path (the table, Python's
- * count, the window check, the deadline), and writes the block's count and entry again. Nothing else of
- * the engine's block changes. (Each step was measured on compute.S, bare Unicorn + the clock: a call per
- * block 0.44 of bare Unicorn; a stub of the hook's three tests 0.60, of one 0.68; the count in the block
- * 0.77: performance.md.) Nothing counts blocks themselves (VirtualClock.run_id tells one run of a
- * block from the next). The first pass through the hook after Python counted a block
- * (its entry's TRY bit) gives it this; a block whose code is not exactly of that shape keeps the hook, as
- * does every block translated while the stubs' region is full (the run loop then drops the engine's
- * translations and the region is reused: vclock_stubs_reset) or where a jump would be out of reach. A
- * count the engine's block holds must be the table's, and it is: the engine translates a block again (a
- * new block, with the hook's call) whenever its code changes, and when counts are dropped for another
- * reason (a remapped page, forget_blocks) every counting block's entry becomes a jump to its stub's slow
- * path (stubs_recount), so that each goes the table's way once more, where Python counts again what the
- * table lost.
+ * vclock_stub_slow is the hook's uncommon path (the table, Python's count, the window check, the deadline,
+ * refilling the word from `left`) and writes the block's count again. The engine's test at `ret` stays:
+ * the block's first pass returns there from the hook. (Each step was measured on compute.S, bare Unicorn
+ * + the clock: a call per block 0.44 of bare Unicorn; a stub of the hook's three tests 0.60, of one 0.68;
+ * the count in the block 0.77-0.80; the count as the engine's test: performance.md.) Nothing counts blocks
+ * themselves (VirtualClock.run_id tells one run of a block from the next). The first pass through the hook
+ * after Python counted a block (its entry's TRY bit) gives it this; a block whose code is not exactly of
+ * that shape keeps the hook, as does every block translated while the stubs' region is full (the run loop
+ * then drops the engine's translations and the region is reused: vclock_stubs_reset), where a jump would
+ * be out of reach, or while the engine's word is not known. A count the engine's block holds must be the
+ * table's, and it is: the engine translates a block again (a new block, with the hook's call) whenever its
+ * code changes, and when counts are dropped for another reason (a remapped page, forget_blocks) every
+ * counting block's entry becomes a jump to its stub's slow path (stubs_recount), so that each goes the
+ * table's way once more, where Python counts again what the table lost.
  */
 #define STUB_REGION (16u << 20)
 #define STUB_SIZE 80u
@@ -218,9 +226,9 @@ size_t vclock_stub_size(void) { return STUB_SIZE; }
 
 _Static_assert(offsetof(vclock_t, check_if) == offsetof(vclock_t, time) + VCLOCK_TIME_BEFORE_CHECK_IF,
                "_vclock.h finds the time beside check_if");
-_Static_assert(offsetof(vclock_t, time.left) == 0 && offsetof(vclock_t, last_block) < 128, "[rax + disp8]");
+_Static_assert(offsetof(vclock_t, last_block) < 128, "[rax + disp8]");
 
-void vclock_stub_slow(void *uc, uint64_t address, uint32_t size, void *user_data);
+int vclock_stub_slow(void *uc, uint64_t address, uint32_t size, void *user_data);
 void vclock_block_hook(void *uc, uint64_t address, uint32_t size, void *user_data);
 
 static inline uint64_t rd64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
@@ -229,18 +237,13 @@ static inline int rel32_ok(int64_t d) { return d == (int64_t)(int32_t)d; }
 
 /* The layout of the count written in the block and of its stub (the offsets of what vclock_stub_slow and
  * stubs_recount rewrite; the same for every block, checked on each one written). */
-enum { ENTRY = 5,            /* the bytes of the block's first instruction (mov rax, s), or of a jump */
-       INLINE_COUNT = 14,    /* COUNT in the block: mov rax (10), then 48 81 68 00 */
-       INLINE_SIZE = 31,     /* the count written in the block */
-       STUB_COUNT = 4,       /* COUNT in the stub's undo: 48 81 40 00 */
-       STUB_SLOW = 8,        /* the slow path, after the undo */
-       STUB_BLOCK = 72 };    /* where the stub keeps the address of its block's count */
+enum { ENTRY = 7,            /* the block's first instruction (sub [rbp + disp], COUNT), or a jump over it */
+       INLINE_COUNT = 3,     /* COUNT in it: 81 6D <disp> */
+       INLINE_SIZE = 32,     /* the count written in the block */
+       STUB_COUNT = 3,       /* COUNT in the stub's undo: 81 45 <disp> */
+       STUB_SLOW = 7,        /* the slow path, after the undo */
+       STUB_BLOCK = 64 };    /* where the stub keeps the address of its block's count */
 static size_t slow_ret;      /* offset in the stub of the instruction after the slow call */
-
-/* The recommended multi-byte NOPs (SDM Vol. 2B, NOP): the call's last bytes after the count become one
- * instruction, not up to five (compute.S: 0.78 -> 0.80 of bare Unicorn with the clock alone). */
-static const uint8_t NOPS[6][5] = {{0}, {0x90}, {0x66, 0x90}, {0x0F, 0x1F, 0x00}, {0x0F, 0x1F, 0x40, 0x00},
-                                   {0x0F, 0x1F, 0x44, 0x00, 0x00}};
 
 typedef struct { uint8_t *p; } emit_t;
 static void b(emit_t *e, uint8_t v) { *e->p++ = v; }
@@ -253,10 +256,42 @@ static void op_rax(emit_t *e, const char *opc, size_t n, uint32_t disp) {   /* o
     b(e, (uint8_t)disp);
 }
 static void jmp_to(emit_t *e, const uint8_t *to) { b(e, 0xE9); d32(e, (uint32_t)(int32_t)((intptr_t)to - (intptr_t)(e->p + 4))); }
+static void jcc_to(emit_t *e, uint8_t cc, const uint8_t *to) {
+    b(e, 0x0F); b(e, cc); d32(e, (uint32_t)(int32_t)((intptr_t)to - (intptr_t)(e->p + 4)));
+}
+/* sub/add dword [rbp + disp8], imm32 (81 /5, 81 /0) */
+static void rbp_word(emit_t *e, uint8_t op, int8_t disp, uint32_t imm) {
+    b(e, 0x81); b(e, (uint8_t)(0x45 | (op << 3))); b(e, (uint8_t)disp); d32(e, imm);
+}
+
+/* The engine's exit-request test at `c` (mov r32, [rbp + disp8]; test r32, r32; jl exitreq), for the
+ * engine's word at `disp`: its length, and where it jumps to (0: not of that shape). */
+static size_t exit_test(const uint8_t *c, int32_t disp, const uint8_t **exitreq) {
+    size_t i = 0;
+    unsigned rex = 0, reg, rex2 = 0;
+    if ((c[i] & 0xF0) == 0x40) rex = c[i++];
+    if (rex & ~0x44u & 0x0Fu) return 0;                      /* only REX.R (a register r8-r15) */
+    if (c[i] != 0x8B || (c[i + 1] & 0xC7) != 0x45 || (int8_t)c[i + 2] != disp) return 0;
+    reg = ((c[i + 1] >> 3) & 7) | ((rex & 4) << 1);
+    i += 3;
+    if ((c[i] & 0xF0) == 0x40) rex2 = c[i++];
+    if (rex2 & 0x08) return 0;
+    if (c[i] != 0x85 || (c[i + 1] & 0xC0) != 0xC0) return 0;
+    if ((((c[i + 1] >> 3) & 7) | ((rex2 & 4) << 1)) != reg || ((c[i + 1] & 7) | ((rex2 & 1) << 3)) != reg) return 0;
+    i += 2;
+    if (c[i] == 0x0F && c[i + 1] == 0x8C) {
+        *exitreq = c + i + 6 + (int32_t)rd32(c + i + 2);
+        return i + 6;
+    }
+    if (c[i] == 0x7C) {
+        *exitreq = c + i + 2 + (int8_t)c[i + 1];
+        return i + 2;
+    }
+    return 0;
+}
 
 #define MIB (1u << 20)
 #define REACH ((uintptr_t)1 << 31)   /* a rel32 jump's */
-
 /* Where to map the stubs' region: in a free range of /proc/self/maps, a megabyte from its neighbours, within
  * a jump's reach of `near` from end to end, up to `want` bytes: the nearest of 4 MiB or more (a block
  * farther from it than a jump's reach keeps the hook's call), else the largest (0: none of a megabyte).
@@ -348,13 +383,13 @@ void vclock_stubs_free(vclock_t *s) {
 /* Write the stub for the block whose hook call returns to `ret`, and jump to it from the block. Returns
  * 1 when done, 0 when the block keeps its call (not of the expected shape, no room, out of reach). */
 static int patch_block(vclock_t *s, void *uc, uint8_t *ret, uint64_t address, uint32_t size, uint32_t count) {
-    static const char sub_q[] = {0x48, (char)0x81, 0x28}, add_q[] = {0x48, (char)0x81, 0x00},
-                      mov_d[] = {(char)0xC7, (char)0x80};
-    uint8_t *p, *q, *stub, inline_code[40];
-    size_t rest;
+    static const char mov_d[] = {(char)0xC7, (char)0x80};
+    uint8_t *p, *q, *stub, *after, inline_code[40];
+    const uint8_t *exitreq;
+    size_t test_len;
     emit_t e;
     uint64_t sp = (uint64_t)(uintptr_t)s;
-    int32_t rel;
+    if (!s->engine_disp) return 0;   /* the engine's word is not known: the hook counts */
     /* the call, ending at `ret`: E8 rel32, or FF 15 disp32 (call [rip + disp], the target in the block's
      * constant pool) where the hook is out of a call's reach from the code buffer */
     if (ret[-5] == 0xE8 && (intptr_t)ret + (int32_t)rd32(ret - 4) == (intptr_t)&vclock_block_hook)
@@ -373,18 +408,21 @@ static int patch_block(vclock_t *s, void *uc, uint8_t *ret, uint64_t address, ui
     if (p[0] != 0x48 || p[1] != 0xBF || rd64(p + 2) != (uint64_t)(uintptr_t)uc || p[10] != 0xBE
         || rd32(p + 11) != (uint32_t)address || p[15] != 0xBA || rd32(p + 16) != size)
         return 0;
-    if (ret - p < INLINE_SIZE || !stub_region(s, ret)) return 0;
+    test_len = exit_test(ret, s->engine_disp, &exitreq);
+    if (!test_len || ret - p < INLINE_SIZE || !stub_region(s, ret)) return 0;
+    after = ret + test_len;
     if (s->stub_used + STUB_SIZE > s->stub_limit || s->stub_used + STUB_SIZE > s->stub_size) {
         s->stubs_full = 1;
         return 0;
     }
     stub = (uint8_t *)s->stub_base + s->stub_used;
-    if (!rel32_ok((intptr_t)stub - (intptr_t)(p + INLINE_SIZE)) || !rel32_ok((intptr_t)ret - (intptr_t)(stub + STUB_SIZE)))
+    if (!rel32_ok((intptr_t)stub - (intptr_t)p) || !rel32_ok((intptr_t)exitreq - (intptr_t)stub)
+        || !rel32_ok((intptr_t)after - (intptr_t)stub) || after - (p + INLINE_SIZE) > 127)
         return 0;
 
     /* the stub: undo, slow, and the block's address */
     e.p = stub;
-    op_rax(&e, add_q, 3, offsetof(vclock_t, time.left)); d32(&e, count);           /* add [rax + left], COUNT */
+    rbp_word(&e, 0, (int8_t)s->engine_disp, count);                                /* add [rbp + disp], COUNT */
     b(&e, 0x48); b(&e, 0xBF); d64(&e, (uint64_t)(uintptr_t)uc);                   /* slow: the hook's arguments */
     b(&e, 0xBE); d32(&e, (uint32_t)address);
     b(&e, 0xBA); d32(&e, size);
@@ -392,21 +430,21 @@ static int patch_block(vclock_t *s, void *uc, uint8_t *ret, uint64_t address, ui
     b(&e, 0x49); b(&e, 0xBB); d64(&e, (uint64_t)(uintptr_t)&vclock_stub_slow);    /* mov r11, fn; call r11 */
     b(&e, 0x41); b(&e, 0xFF); b(&e, 0xD3);
     slow_ret = (size_t)(e.p - stub);
-    jmp_to(&e, ret);
+    b(&e, 0x85); b(&e, 0xC0);                                                      /* test eax, eax */
+    jcc_to(&e, 0x84, exitreq);                                                     /* jz exitreq */
+    jmp_to(&e, after);
     if ((size_t)(e.p - stub) > STUB_BLOCK || rd32(stub + STUB_COUNT) != count || stub[STUB_SLOW] != 0x48) return 0;
     memcpy(stub + STUB_BLOCK, &p, sizeof p);
 
     /* the block's count, written over the call */
     e.p = inline_code;
+    rbp_word(&e, 5, (int8_t)s->engine_disp, count);                                /* sub [rbp + disp], COUNT */
+    b(&e, 0x0F); b(&e, 0x8C); d32(&e, (uint32_t)(int32_t)((intptr_t)stub - (intptr_t)(p + (e.p - inline_code) + 4)));
     b(&e, 0x48); b(&e, 0xB8); d64(&e, sp);                                        /* mov rax, s */
-    op_rax(&e, sub_q, 3, offsetof(vclock_t, time.left)); d32(&e, count);           /* sub [rax + left], COUNT */
-    rel = (int32_t)((intptr_t)stub - (intptr_t)(p + (e.p - inline_code) + 6));
-    b(&e, 0x0F); b(&e, 0x88); d32(&e, (uint32_t)rel);                              /* js undo */
     op_rax(&e, mov_d, 2, offsetof(vclock_t, last_block)); d32(&e, (uint32_t)address);
+    b(&e, 0xEB); b(&e, (uint8_t)(after - (p + INLINE_SIZE)));                      /* jmp after */
     if (e.p - inline_code != INLINE_SIZE || rd32(inline_code + INLINE_COUNT) != count) return 0;
-    rest = (size_t)(ret - p) - INLINE_SIZE;   /* up to the call's end: one nop of that length (SDM Vol. 2B NOP) */
-    if (rest >= sizeof NOPS / sizeof NOPS[0]) return 0;
-    memcpy(e.p, NOPS[rest], rest);
+    memset(e.p, 0x90, (size_t)(ret - p) - INLINE_SIZE);   /* (never run: up to the call's end) */
     s->stub_used += STUB_SIZE;
     memcpy(p, inline_code, (size_t)(ret - p));
     s->patched++;
@@ -418,13 +456,13 @@ static int patch_block(vclock_t *s, void *uc, uint8_t *ret, uint64_t address, ui
 static void stubs_recount(vclock_t *s) {
     uint64_t off;
     for (off = 0; off + STUB_SIZE <= s->stub_used; off += STUB_SIZE) {
-        uint8_t *stub = (uint8_t *)s->stub_base + off, *p, jmp[ENTRY];
+        uint8_t *stub = (uint8_t *)s->stub_base + off, *p, jmp[5];
         uint32_t rel;
         memcpy(&p, stub + STUB_BLOCK, sizeof p);
-        rel = (uint32_t)(int32_t)((intptr_t)(stub + STUB_SLOW) - (intptr_t)(p + ENTRY));
+        rel = (uint32_t)(int32_t)((intptr_t)(stub + STUB_SLOW) - (intptr_t)(p + 5));
         jmp[0] = 0xE9;
         memcpy(jmp + 1, &rel, 4);
-        memcpy(p, jmp, ENTRY);
+        memcpy(p, jmp, 5);
     }
 }
 
@@ -453,14 +491,16 @@ static inline uint32_t tried(entry_t *e, uint64_t address, uint32_t size, uint32
     return count & ~TRY;
 }
 
-/* The block about to run, its count known: the rare conditions and the deadline, then the count. */
-static inline void block_enter(vclock_t *s, void *uc, uint64_t address, uint32_t count) {
+/* The block about to run, its count known: the rare conditions and the deadline, then the count. Returns
+ * 1 if the block must not run now (the engine was stopped before it, uncounted). */
+static inline int block_enter(vclock_t *s, void *uc, uint64_t address, uint32_t count) {
     if (UNLIKELY((s->discard | s->check_if | s->stop_next) != 0 || NOW(s) + count > s->deadline)) {
         int skip = block_slow(s, uc, count);
         relimit(s);
-        if (skip) return;
+        if (skip) return 1;
     }
     block_ran(s, address, count);
+    return 0;
 }
 
 /* Everything but the common case, out of line so that the common path calls nothing and saves no
@@ -499,22 +539,30 @@ void vclock_block_hook(void *uc, uint64_t address, uint32_t size, void *user_dat
 }
 
 /* A block's slow path (from its undo, or from the jump stubs_recount wrote): the hook's, the block's count
- * and entry written again. */
-void vclock_stub_slow(void *uc, uint64_t address, uint32_t size, void *user_data) {
+ * and entry written again. Returns 1 to run the block, 0 to leave it for the exit asked for (the engine's
+ * own test, which the count replaced, would have left it then: counted or not, as the hook decided). */
+int vclock_stub_slow(void *uc, uint64_t address, uint32_t size, void *user_data) {
     vclock_t *s = (vclock_t *)user_data;
     uint8_t *stub = (uint8_t *)__builtin_return_address(0) - slow_ret, *p;
     entry_t *e = set_of(s, (uint32_t)address);
     uint32_t count = lookup(e, (uint32_t)address, size);
-    uint8_t entry[ENTRY] = {0x48, 0xB8};   /* mov rax, s (its first bytes) */
+    uint8_t entry[ENTRY] = {0x81, 0x6D, 0};   /* sub dword [rbp + disp], COUNT */
+    int skip;
     memcpy(&p, stub + STUB_BLOCK, sizeof p);
     if (!count) count = count_miss(s, e, address, size);
     if (count & TRY) count = tried(e, address, size, count);   /* this block counts inline already */
-    memcpy(entry + 2, &s, ENTRY - 2);   /* (little-endian: the low bytes of s) */
+    entry[2] = (uint8_t)s->engine_disp;
+    memcpy(entry + INLINE_COUNT, &count, 4);
     memcpy(p, entry, ENTRY);
-    memcpy(p + INLINE_COUNT, &count, 4);
     memcpy(stub + STUB_COUNT, &count, 4);
     s->stub_slow++;
-    block_enter(s, uc, address, count);
+    skip = block_enter(s, uc, address, count);
+    if (s->time.low[1] != 0) return 0;   /* the high half: an exit was asked for */
+    if (skip) {
+        s->emu_stop(uc);   /* (every skip stopped the engine already) */
+        return 0;
+    }
+    return 1;
 }
 
 /*

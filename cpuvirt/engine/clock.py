@@ -25,10 +25,12 @@ from unicorn.x86_const import (
 )
 
 from cpuvirt.engine.cext import add_c_hook, load
+from cpuvirt.engine.internals import engine_env, read_process
 
 TSC_HZ = 1_000_000_000
 NEVER = (1 << 64) - 1
 LIMIT_MAX = (1 << 63) - 1  # _vclock.h VCLOCK_LIMIT_MAX: a deadline further away counts down from here
+ENGINE_DISP = -0x10  # the engine's exit-request word (QEMU's icount_decr) from its CPU state (env)
 
 _COUNT_CB = ctypes.CFUNCTYPE(ctypes.c_uint32, ctypes.c_uint64, ctypes.c_uint32)
 
@@ -41,11 +43,13 @@ class _State(ctypes.Structure):
     """Mirror of vclock_t in _vclock.c (checked against vclock_sizeof at load)."""
 
     _fields_ = [
-        ("left", ctypes.c_int64),  # the time is limit - left (_vclock.h vclock_time_t)
+        ("left", ctypes.c_int64),  # the time is limit - (left + *low) (_vclock.h vclock_time_t)
         ("limit", ctypes.c_uint64),
+        ("low", ctypes.c_void_p),
         ("check_if", ctypes.c_uint32),
         ("discard", ctypes.c_uint32),
-        ("pad", ctypes.c_uint32),
+        ("own_low", ctypes.c_uint16),
+        ("own_high", ctypes.c_uint16),
         ("stop_next", ctypes.c_uint32),
         ("deadline", ctypes.c_uint64),
         ("last_block", ctypes.c_uint64),
@@ -76,6 +80,7 @@ class _State(ctypes.Structure):
         ("stub_failed", ctypes.c_uint32),
         ("stubs_full", ctypes.c_uint32),
         ("stub_size", ctypes.c_uint64),
+        ("engine_disp", ctypes.c_int32),
     ]
 
 
@@ -113,7 +118,9 @@ class VirtualClock:
         lib = _lib()
         self._state = _State()
         self._state.deadline = NEVER
-        self._state.limit = self._state.left = LIMIT_MAX  # the time 0, counting down from the furthest limit
+        self._use_low(ctypes.addressof(self._state) + _State.own_low.offset)
+        self._state.limit = LIMIT_MAX
+        self._set_left(LIMIT_MAX)  # the time 0, counting down from the furthest limit
         self._state.emu_stop = ctypes.cast(_ucmod.uclib.uc_emu_stop, ctypes.c_void_p).value
         self._state.reg_read = ctypes.cast(_ucmod.uclib.uc_reg_read, ctypes.c_void_p).value
         self._state.eflags_reg = UC_X86_REG_EFLAGS
@@ -125,6 +132,8 @@ class VirtualClock:
         if lib.vclock_stub_size() != self.STUB_SIZE:
             raise RuntimeError("cpuvirt's C clock hook does not match clock.py: run `pip install -e .` again")
         self._state.patching = 0 if os.environ.get("CPUVIRT_CLOCK_STUBS", "1") == "0" else 1
+        if self._state.patching:
+            self._count_in_engine(uc)
         # the stubs' region goes with the engine, whose blocks are the only code that jumps to it
         weakref.finalize(uc, lib.vclock_stubs_free, ctypes.byref(self._state))
         self._uc = uc
@@ -152,15 +161,42 @@ class VirtualClock:
             what="install the clock's translation hook",
         )
 
+    def _use_low(self, address: int) -> None:
+        self._state.low = address
+        self._low = ctypes.c_uint16.from_address(address)
+
+    def _count_in_engine(self, uc) -> None:
+        """The blocks count down the low half of the engine's exit-request word (QEMU's icount_decr at
+        env - 0x10, which each translated block tests; _vclock.c, "Counting in the block"), so that the
+        count is that test. Where the engine's state is not of the expected shape the blocks keep the
+        hook's call (patch_block also checks each block's test against ENGINE_DISP)."""
+        env = engine_env(uc)
+        word = read_process(env + ENGINE_DISP, 4) if env is not None else None
+        if word != bytes(4):  # (no exit asked for, no icount: both halves 0)
+            return
+        left = self._left()
+        self._use_low(env + ENGINE_DISP)
+        self._set_left(left)
+        self._state.engine_disp = ENGINE_DISP
+
+    def _left(self) -> int:
+        """The cycles until `limit` (_vclock.h vclock_left)."""
+        return self._state.left + self._low.value
+
+    def _set_left(self, left: int) -> None:
+        """_vclock.h vclock_set_left: the engine's word holds up to 0xFFFF of them, `left` the rest."""
+        low = 0 if left <= 0 else min(left, 0xFFFF)
+        self._low.value = low
+        self._state.left = left - low
+
     @property
     def now(self) -> int:
         st = self._state
-        return st.limit - st.left
+        return st.limit - st.left - self._low.value
 
     @now.setter
     def now(self, value: int) -> None:
-        st = self._state
-        st.left = st.limit - value
+        self._set_left(self._state.limit - value)
 
     @property
     def time_address(self) -> int:
@@ -179,16 +215,16 @@ class VirtualClock:
         began, which nothing changes while it runs: advance() moves `extra` too). Nothing counts blocks
         themselves: most count in place of the clock hook's call (_vclock.c, "Counting in the block")."""
         st = self._state  # (the I/O exits' hot path: instructions without the two properties)
-        return st.limit - st.left - st.extra, st.last_block
+        return st.limit - st.left - self._low.value - st.extra, st.last_block
 
     def advance(self, cycles: int) -> None:
         """Spend virtual time that is not instructions (an I/O bus cycle, an idle hlt)."""
-        self._state.left -= cycles
+        self._set_left(self._left() - cycles)
         self._state.extra += cycles
 
     def unretire(self, n: int) -> None:
         """Take back n instructions of the running block that did not retire (it was left early)."""
-        self._state.left += n
+        self._set_left(self._left() + n)
 
     @property
     def retranslated(self) -> int:
@@ -258,8 +294,9 @@ class VirtualClock:
         """_vclock.h vclock_set_limit."""
         st = self._state
         limit = min(limit, LIMIT_MAX)
-        st.left += limit - st.limit
+        left = self._left() + limit - st.limit
         st.limit = limit
+        self._set_left(left)
 
     def pull_in(self, deadline: int) -> None:
         """Stop no later than `deadline` (a device changed state while the guest runs: an APIC
