@@ -7,6 +7,7 @@ import functools
 import gc
 import hashlib
 import os
+import select
 import signal
 import threading
 import time
@@ -89,7 +90,12 @@ class SigintStop:
     without Python. So the handler does nothing, and a thread woken through the signal wakeup fd
     stops the engine: uc_emu_stop is meant to be called from another thread, and the engine
     releases the GIL while it runs. A Ctrl-C before the vCPU exists stops it as soon as it does.
+    The thread asks again every few milliseconds until the run is over: translated blocks count the
+    virtual clock down in the engine's exit-request word (engine/_vclock.c, "Counting in the block"),
+    and a request that lands inside one block's read-modify-write of it is written over.
     """
+
+    AGAIN_S = 0.005
 
     def __init__(self):
         self.vcpu = None
@@ -104,7 +110,11 @@ class SigintStop:
         self.vcpu.finish("interrupted", status.INTERRUPTED, "interrupted (Ctrl-C)")
 
     def _watch(self, r: int) -> None:
+        stopping = False
         while True:
+            if stopping and not select.select([r], [], [], self.AGAIN_S)[0]:
+                self.vcpu.uc.emu_stop()  # (the run is not over yet: ask again)
+                continue
             data = os.read(r, 64)
             if not data or b"\xff" in data:  # closed, or told to go (perhaps behind a late SIGINT): the run is over
                 return
@@ -113,6 +123,7 @@ class SigintStop:
                     self.pending = True
                 else:
                     self._stop()
+                    stopping = True
 
     @contextlib.contextmanager
     def installed(self):

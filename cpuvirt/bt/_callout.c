@@ -103,7 +103,7 @@ typedef struct {
     uint32_t tr_base, tr_limit;
     const shadowmirror_t *mirror;   /* the current shadow root, the traced frames (memory/shadowmirror.py) */
     vclock_time_t *clock_now;  /* the virtual clock's time (engine/_vclock.h) */
-    const uint64_t *clock_last_block;
+    const volatile uint32_t *clock_last_block;
     uint32_t tc_lo, tc_hi;     /* the TC's code: a kernel EIP there is mapped through start[] */
     uint64_t delivered;        /* events delivered here */
     uint64_t pending;          /* ... since Python last folded them */

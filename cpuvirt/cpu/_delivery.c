@@ -609,7 +609,7 @@ int delivery_peek(delivery_t *s, void *uc, uint32_t gva, uint32_t n, uint8_t *ou
 typedef struct books {
     vclock_time_t *clock_now;   /* the virtual clock's time (engine/_vclock.h) */
     uint64_t *clock_extra;
-    const uint64_t *clock_last_block;
+    const volatile uint32_t *clock_last_block;
     uint32_t *clock_watch_if, *clock_check_if;
     uint64_t pending;                    /* events counted here since Python last took the counters */
     uint64_t soft[256], fault[256];      /* `int n` by vector, faults by vector */

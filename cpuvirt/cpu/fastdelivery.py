@@ -264,7 +264,7 @@ class EventBooks:
         kind, base = type(clock), ctypes.addressof(clock)
         b.clock_now = base + kind.left.offset
         b.clock_extra = base + kind.extra.offset
-        b.clock_last_block = base + kind.last_block.offset
+        b.clock_last_block = vcpu.clock.last_block_address
         b.clock_watch_if = base + kind.watch_if.offset
         b.clock_check_if = base + kind.check_if.offset
         # the copy of Machine.block_insns (cpu/_blockcopy.h)

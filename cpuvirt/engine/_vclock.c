@@ -60,7 +60,9 @@ typedef struct {
     uint16_t own_high;     /* (its high half: always 0, as the engine's is while no exit is requested) */
     uint32_t stop_next;    /* 2: run one block then stop (armed with a deadline already due); 1: stop now */
     uint64_t deadline;     /* stop when the time reaches it */
-    uint64_t last_block;   /* address of the block that ran last */
+    volatile uint32_t *last_block;  /* address of the block that ran last: beside the engine's word once
+                                     * that is known (the blocks store it there), else own_last_block */
+    uint32_t own_last_block;
     uint64_t misses;       /* blocks counted by Python */
     uint64_t extra;        /* cycles that were not instructions (I/O, idle, deadline rounding) */
     emu_stop_fn emu_stop;
@@ -170,7 +172,7 @@ static inline void relimit(vclock_t *s) {
 /* A block counted: what every block that runs does to the clock. */
 static inline void block_ran(vclock_t *s, uint64_t address, uint32_t count) {
     vclock_add(&s->time, count);
-    s->last_block = address;
+    *s->last_block = (uint32_t)address;
 }
 
 /*
@@ -195,7 +197,7 @@ static inline void block_ran(vclock_t *s, uint64_t address, uint32_t count) {
  * an exit; so the word goes below 0 when either the count runs out or an exit is asked for:
  *
  *     sub dword [rbp - 0x10], COUNT;  jl stub     (a jump to the stub's slow path, while it must recount)
- *     mov rax, s;  mov dword [rax + last_block], PC
+ *     mov dword [rbp - 0x0C], PC                   the last block, in the padding after the word
  *     jmp after                                    (over the engine's own test, which the count replaced)
  *
  * with a stub of the block's own, in a region of our own within a jump's reach of the engine's code:
@@ -226,7 +228,6 @@ size_t vclock_stub_size(void) { return STUB_SIZE; }
 
 _Static_assert(offsetof(vclock_t, check_if) == offsetof(vclock_t, time) + VCLOCK_TIME_BEFORE_CHECK_IF,
                "_vclock.h finds the time beside check_if");
-_Static_assert(offsetof(vclock_t, last_block) < 128, "[rax + disp8]");
 
 int vclock_stub_slow(void *uc, uint64_t address, uint32_t size, void *user_data);
 void vclock_block_hook(void *uc, uint64_t address, uint32_t size, void *user_data);
@@ -239,7 +240,7 @@ static inline int rel32_ok(int64_t d) { return d == (int64_t)(int32_t)d; }
  * stubs_recount rewrite; the same for every block, checked on each one written). */
 enum { ENTRY = 7,            /* the block's first instruction (sub [rbp + disp], COUNT), or a jump over it */
        INLINE_COUNT = 3,     /* COUNT in it: 81 6D <disp> */
-       INLINE_SIZE = 32,     /* the count written in the block */
+       INLINE_SIZE = 22,     /* the count written in the block */
        STUB_COUNT = 3,       /* COUNT in the stub's undo: 81 45 <disp> */
        STUB_SLOW = 7,        /* the slow path, after the undo */
        STUB_BLOCK = 64 };    /* where the stub keeps the address of its block's count */
@@ -249,12 +250,6 @@ typedef struct { uint8_t *p; } emit_t;
 static void b(emit_t *e, uint8_t v) { *e->p++ = v; }
 static void d32(emit_t *e, uint32_t v) { memcpy(e->p, &v, 4); e->p += 4; }
 static void d64(emit_t *e, uint64_t v) { memcpy(e->p, &v, 8); e->p += 8; }
-static void op_rax(emit_t *e, const char *opc, size_t n, uint32_t disp) {   /* opcode bytes, [rax + disp8] */
-    size_t i;
-    for (i = 0; i + 1 < n; i++) b(e, (uint8_t)opc[i]);
-    b(e, (uint8_t)(((uint8_t)opc[n - 1] & 0x3F) | 0x40));   /* the ModRM byte: mod 01, disp8 */
-    b(e, (uint8_t)disp);
-}
 static void jmp_to(emit_t *e, const uint8_t *to) { b(e, 0xE9); d32(e, (uint32_t)(int32_t)((intptr_t)to - (intptr_t)(e->p + 4))); }
 static void jcc_to(emit_t *e, uint8_t cc, const uint8_t *to) {
     b(e, 0x0F); b(e, cc); d32(e, (uint32_t)(int32_t)((intptr_t)to - (intptr_t)(e->p + 4)));
@@ -383,7 +378,6 @@ void vclock_stubs_free(vclock_t *s) {
 /* Write the stub for the block whose hook call returns to `ret`, and jump to it from the block. Returns
  * 1 when done, 0 when the block keeps its call (not of the expected shape, no room, out of reach). */
 static int patch_block(vclock_t *s, void *uc, uint8_t *ret, uint64_t address, uint32_t size, uint32_t count) {
-    static const char mov_d[] = {(char)0xC7, (char)0x80};
     uint8_t *p, *q, *stub, *after, inline_code[40];
     const uint8_t *exitreq;
     size_t test_len;
@@ -440,8 +434,7 @@ static int patch_block(vclock_t *s, void *uc, uint8_t *ret, uint64_t address, ui
     e.p = inline_code;
     rbp_word(&e, 5, (int8_t)s->engine_disp, count);                                /* sub [rbp + disp], COUNT */
     b(&e, 0x0F); b(&e, 0x8C); d32(&e, (uint32_t)(int32_t)((intptr_t)stub - (intptr_t)(p + (e.p - inline_code) + 4)));
-    b(&e, 0x48); b(&e, 0xB8); d64(&e, sp);                                        /* mov rax, s */
-    op_rax(&e, mov_d, 2, offsetof(vclock_t, last_block)); d32(&e, (uint32_t)address);
+    b(&e, 0xC7); b(&e, 0x45); b(&e, (uint8_t)(s->engine_disp + 4)); d32(&e, (uint32_t)address); /* mov [rbp + disp + 4], PC */
     b(&e, 0xEB); b(&e, (uint8_t)(after - (p + INLINE_SIZE)));                      /* jmp after */
     if (e.p - inline_code != INLINE_SIZE || rd32(inline_code + INLINE_COUNT) != count) return 0;
     memset(e.p, 0x90, (size_t)(ret - p) - INLINE_SIZE);   /* (never run: up to the call's end) */

@@ -52,7 +52,8 @@ class _State(ctypes.Structure):
         ("own_high", ctypes.c_uint16),
         ("stop_next", ctypes.c_uint32),
         ("deadline", ctypes.c_uint64),
-        ("last_block", ctypes.c_uint64),
+        ("last_block", ctypes.c_void_p),  # -> the address of the block that ran last (a uint32)
+        ("own_last_block", ctypes.c_uint32),
         ("misses", ctypes.c_uint64),
         ("extra", ctypes.c_uint64),
         ("emu_stop", ctypes.c_void_p),
@@ -119,6 +120,7 @@ class VirtualClock:
         self._state = _State()
         self._state.deadline = NEVER
         self._use_low(ctypes.addressof(self._state) + _State.own_low.offset)
+        self._use_last_block(ctypes.addressof(self._state) + _State.own_last_block.offset)
         self._state.limit = LIMIT_MAX
         self._set_left(LIMIT_MAX)  # the time 0, counting down from the furthest limit
         self._state.emu_stop = ctypes.cast(_ucmod.uclib.uc_emu_stop, ctypes.c_void_p).value
@@ -165,18 +167,25 @@ class VirtualClock:
         self._state.low = address
         self._low = ctypes.c_uint16.from_address(address)
 
+    def _use_last_block(self, address: int) -> None:
+        self._state.last_block = address
+        self._last_block = ctypes.c_uint32.from_address(address)
+
     def _count_in_engine(self, uc) -> None:
         """The blocks count down the low half of the engine's exit-request word (QEMU's icount_decr at
         env - 0x10, which each translated block tests; _vclock.c, "Counting in the block"), so that the
         count is that test. Where the engine's state is not of the expected shape the blocks keep the
-        hook's call (patch_block also checks each block's test against ENGINE_DISP)."""
+        hook's call (patch_block also checks each block's test against ENGINE_DISP). The blocks store
+        their address in the struct padding after the word (QEMU's CPUNegativeOffsetState ends with it,
+        and the CPU state after it is 16-byte aligned: twelve bytes nothing uses), without a register."""
         env = engine_env(uc)
-        word = read_process(env + ENGINE_DISP, 4) if env is not None else None
-        if word != bytes(4):  # (no exit asked for, no icount: both halves 0)
+        word = read_process(env + ENGINE_DISP, 8) if env is not None else None
+        if word != bytes(8):  # (no exit asked for, no icount: both halves 0; the padding after it unused)
             return
         left = self._left()
         self._use_low(env + ENGINE_DISP)
         self._set_left(left)
+        self._use_last_block(env + ENGINE_DISP + 4)
         self._state.engine_disp = ENGINE_DISP
 
     def _left(self) -> int:
@@ -215,7 +224,7 @@ class VirtualClock:
         began, which nothing changes while it runs: advance() moves `extra` too). Nothing counts blocks
         themselves: most count in place of the clock hook's call (_vclock.c, "Counting in the block")."""
         st = self._state  # (the I/O exits' hot path: instructions without the two properties)
-        return st.limit - st.left - self._low.value - st.extra, st.last_block
+        return st.limit - st.left - self._low.value - st.extra, self._last_block.value
 
     def advance(self, cycles: int) -> None:
         """Spend virtual time that is not instructions (an I/O bus cycle, an idle hlt)."""
@@ -386,4 +395,9 @@ class VirtualClock:
     @property
     def last_block(self) -> int:
         """Address of the block that is running (hooks called now belong to it)."""
+        return self._last_block.value
+
+    @property
+    def last_block_address(self) -> int:
+        """Where the running block's address is (a uint32): for the C paths that read it."""
         return self._state.last_block

@@ -87,7 +87,7 @@ typedef struct {
     uint32_t shadow_ok;        /* ShadowPaging: no unsynchronised frame, engine TLB not stale */
     uint32_t wp_granted;       /* ... and a supervisor write was let through while WP was 0 */
     vclock_time_t *clock_now;  /* the virtual clock's time (engine/_vclock.h) */
-    const uint64_t *clock_last_block;
+    const volatile uint32_t *clock_last_block;
     uint32_t *clock_watch_if, *clock_check_if;
     uint64_t pending;          /* events counted here since Python last folded them */
     uint64_t count[K_COUNT];

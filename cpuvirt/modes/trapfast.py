@@ -215,7 +215,7 @@ class TrapFast:
         clock = vcpu.clock._state
         kind, base = type(clock), ctypes.addressof(clock)
         st.clock_now = base + kind.left.offset
-        st.clock_last_block = base + kind.last_block.offset
+        st.clock_last_block = vcpu.clock.last_block_address
         st.clock_watch_if = base + kind.watch_if.offset
         st.clock_check_if = base + kind.check_if.offset
         st.enabled = 1 if vcpu.trace is None else 0

@@ -118,7 +118,7 @@ class FullDelivery:
         clock = vcpu.clock._state
         kind, base = type(clock), ctypes.addressof(clock)
         dl.clock_now = base + kind.left.offset
-        dl.clock_last_block = base + kind.last_block.offset
+        dl.clock_last_block = vcpu.clock.last_block_address
         tc: TCache = vcpu.tc
         dl.tc_lo, dl.tc_hi = tc.code_base, tc.end
         # the copies C reads, kept equal to Python's tables from now on

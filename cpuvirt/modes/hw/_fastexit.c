@@ -75,7 +75,7 @@ typedef struct {
     cpuid_python_fn cpuid_python;    /* the guarded Python cpuid hook (VmxCpu.hook_cpuid) */
     rdtsc_python_fn rdtsc_python;    /* the guarded Python rdtsc hook (VmxCpu.rdtsc) */
     const vclock_time_t *clock_now;  /* the virtual clock's time (what rdtsc reads) */
-    const uint64_t *clock_last_block;
+    const volatile uint32_t *clock_last_block;
     uint32_t *clock_watch_if;
     uint32_t *clock_check_if;
     int32_t eax, ebx, ecx, edx, eip, cr0, cr4;

@@ -303,7 +303,7 @@ class FastExits:
         st.context_hflags = st.context + hflags
         clock = vcpu.clock._state
         base = ctypes.addressof(clock)
-        st.clock_last_block = base + type(clock).last_block.offset
+        st.clock_last_block = vcpu.clock.last_block_address
         st.clock_now = base + type(clock).left.offset
         st.clock_now_w = st.clock_now
         st.clock_extra = base + type(clock).extra.offset

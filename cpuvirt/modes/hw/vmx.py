@@ -1269,7 +1269,7 @@ class VmxCpu(Vcpu):
             return False
         if self.intercepts is not None and self.intercepts.retranslate:
             return False
-        entry = m.block_insns.get(st.last_block)
+        entry = m.block_insns.get(self.clock.last_block)
         if entry is None:
             return False
         addrs, end = entry
