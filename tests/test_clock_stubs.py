@@ -158,3 +158,74 @@ def test_the_stub_region_finds_room_beside_other_engines():
     assert size == 16 * MIB and at == buffers[2][0] - MIB - 16 * MIB
     # nothing free within reach: no region (the blocks keep the hook's call)
     assert _free_range([(base, base + 8 * GIB)], base + 4 * GIB)[0] == 0
+
+
+# The count is the engine's exit-request test (_vclock.c, "Counting in the block"): the blocks count down
+# the low half of QEMU's icount_decr, whose high half Unicorn sets to ask for an exit. A bare engine and
+# the clock alone, so that each block's count and each stop is this code's.
+_LOOP = """
+    mov eax, 0
+top:
+    inc eax
+    out 0x80, al
+    jmp second
+second:
+    cmp eax, {n}
+    jne top
+    hlt
+"""
+
+
+def _clock_alone(n: int, stop_at: int, monkeypatch, stubs: str):
+    """Run _LOOP for n rounds on a bare engine with the clock alone; the `out` hook asks for a stop in
+    round `stop_at` (0: never). Returns (eip at the stop, time, clock)."""
+    from capstone import CS_ARCH_X86, CS_MODE_32, Cs
+    from keystone import KS_ARCH_X86, KS_MODE_32, Ks
+    from unicorn import UC_HOOK_INSN, UC_PROT_ALL
+    from unicorn.x86_const import UC_X86_INS_OUT, UC_X86_REG_EAX, UC_X86_REG_EIP
+
+    from cpuvirt.engine.clock import VirtualClock
+    from cpuvirt.engine.internals import new_engine
+
+    monkeypatch.setenv("CPUVIRT_CLOCK_STUBS", stubs)
+    code = bytes(Ks(KS_ARCH_X86, KS_MODE_32).asm(_LOOP.format(n=n), 0x1000)[0])
+    uc = new_engine()
+    uc.mem_map(0x1000, 0x1000, UC_PROT_ALL)
+    uc.mem_write(0x1000, code)
+    cs = Cs(CS_ARCH_X86, CS_MODE_32)
+    clock = VirtualClock(uc, lambda a, size: sum(1 for _ in cs.disasm(bytes(uc.mem_read(a, size)), a)))
+
+    def out(uc_, port, size, value, user):
+        if uc_.reg_read(UC_X86_REG_EAX) == stop_at:
+            uc_.emu_stop()  # (no exit test follows `out` in its block: the next block's start has it)
+
+    uc.hook_add(UC_HOOK_INSN, out, None, 1, 0, UC_X86_INS_OUT)
+    clock.arm(1 << 40)
+    uc.emu_start(0x1000, 0)
+    return uc.reg_read(UC_X86_REG_EIP), clock.now, clock, code.index(b"\x3d" if n > 127 else b"\x83\xf8")
+
+
+def test_a_stop_asked_for_in_one_block_leaves_the_next_unrun(monkeypatch):
+    """An `out` hook stops the engine in round 4: its block runs on to its jump, and the next block, which
+    counts itself by then, must not run (its count meets the exit request in the word), at the same time
+    as with the hook's call and the engine's own test."""
+    eip, now, clock, second = _clock_alone(5, 4, monkeypatch, "1")
+    patched, _kept, slow = clock.stubs
+    assert patched >= 2 and slow >= 1
+    assert eip == 0x1000 + second
+    off_eip, off_now, _, _ = _clock_alone(5, 4, monkeypatch, "0")
+    assert (eip, now) == (off_eip, off_now)
+
+
+def test_the_blocks_count_in_the_engine_word(monkeypatch):
+    """100,000 rounds (500,002 cycles): the engine's word holds at most 0xFFFF of them, so the blocks run out
+    and refill it through their stubs' slow path, and the time is exactly the hook's."""
+    from cpuvirt.engine.clock import ENGINE_DISP
+    from cpuvirt.engine.internals import engine_env
+
+    eip, now, clock, _ = _clock_alone(100_000, 0, monkeypatch, "1")
+    st = clock._state
+    assert st.engine_disp == ENGINE_DISP and st.low == engine_env(clock._uc) + ENGINE_DISP
+    assert now == 2 + 100_000 * 5  # (mov; five instructions a round; hlt)
+    assert clock.stubs[2] >= now // 0xFFFF
+    assert (eip, now) == _clock_alone(100_000, 0, monkeypatch, "0")[:2]
