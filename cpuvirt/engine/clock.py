@@ -179,9 +179,8 @@ class VirtualClock:
         their address in the struct padding after the word (QEMU's CPUNegativeOffsetState ends with it,
         and the CPU state after it is 16-byte aligned: twelve bytes nothing uses), without a register."""
         env = engine_env(uc)
-        word = read_process(env + ENGINE_DISP, 8) if env is not None else None
-        if word != bytes(8):  # (no exit asked for, no icount: both halves 0; the padding after it unused)
-            return
+        if env is None or read_process(env + ENGINE_DISP, 8) != bytes(8):
+            return  # (the word: no exit asked for, no icount, both halves 0; the padding after it: unused)
         left = self._left()
         self._use_low(env + ENGINE_DISP)
         self._set_left(left)

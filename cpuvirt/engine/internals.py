@@ -17,6 +17,7 @@ from unicorn import UC_ARCH_X86, UC_MODE_32, Uc
 from unicorn.unicorn_py3 import unicorn as _ucmod
 
 from cpuvirt.engine import regs as R
+from cpuvirt.engine.cext import load
 
 
 def new_engine() -> Uc:
@@ -46,9 +47,10 @@ def tlb_clock() -> int:
 
 @lru_cache(maxsize=1)
 def _tlb_clock_lib():
-    from cpuvirt.engine.clock import _lib
-
-    lib = _lib()
+    """The clock's extension (engine/_vclock.c holds the TLB clock too), for its three plain functions."""
+    lib = load("cpuvirt.engine._vclock", {})
+    if lib is None:
+        raise RuntimeError("cpuvirt's C clock hook is not built: run `pip install -e .` again")
     lib.vclock_pin_tlb_clock.argtypes, lib.vclock_pin_tlb_clock.restype = (ctypes.c_char_p,), ctypes.c_int
     lib.vclock_tlb_clock.argtypes, lib.vclock_tlb_clock.restype = (), ctypes.c_uint64
     lib.vclock_tlb_clock_set.argtypes, lib.vclock_tlb_clock_set.restype = (ctypes.c_uint64,), None
