@@ -177,9 +177,11 @@ static inline void block_ran(vclock_t *s, uint64_t address, uint32_t count) {
 
 /*
  * Counting in the block (`patching`). Unicorn calls a block hook that is the only one of its kind
- * straight from the translated block (its `add_inline_hook`), and every block then tests the engine's
- * exit-request word (QEMU's icount_decr, at [rbp - 0x10]: rbp holds the CPU's env in translated code):
+ * straight from the translated block (its `add_inline_hook`), after storing the block's address to EIP,
+ * and every block then tests the engine's exit-request word (QEMU's icount_decr, at [rbp - 0x10]: rbp
+ * holds the CPU's env in translated code):
  *
+ *     48 C7 85 <eip:4> <pc:4>   mov qword [rbp + eip], address   (or mov r32, address; mov [rbp + eip], r64)
  *     48 BF <uc:8>          mov rdi, uc           the hook's arguments: engine, address, size, user data
  *     BE <pc:4>             mov esi, address
  *     BA <size:4>           mov edx, size
@@ -191,8 +193,8 @@ static inline void block_ran(vclock_t *s, uint64_t address, uint32_t count) {
  *     0F 8C <rel:4>         jl exitreq
  *
  * A call per block costs more than the guest code of a small block (compute.S: 3.4 instructions a
- * block). Once the table holds a block's count, the call's 32 to 36 bytes become the count itself, which
- * is the exit-request test too: the blocks count down the word's low half (QEMU's icount budget, which
+ * block). Once the table holds a block's count, the EIP store's and the call's 43 to 48 bytes become the
+ * count itself, which is the exit-request test too: the blocks count down the word's low half (QEMU's icount budget, which
  * Unicorn 2.1.3 never uses; _vclock.h vclock_time_t), whose high half Unicorn sets to 0xFFFF to ask for
  * an exit; so the word goes below 0 when either the count runs out or an exit is asked for:
  *
@@ -203,14 +205,21 @@ static inline void block_ran(vclock_t *s, uint64_t address, uint32_t count) {
  * with a stub of the block's own, in a region of our own within a jump's reach of the engine's code:
  *
  *   stub:  add dword [rbp - 0x10], COUNT           the block has not run yet: the word as it was
- *   slow:  the original call's arguments; call vclock_stub_slow
+ *   slow:  mov dword [rbp + eip], address; mov dword [rbp + eip + 4], 0
+ *          the original call's arguments; call vclock_stub_slow
  *          test eax, eax;  jz exitreq;  jmp after  (run the block, or leave it for the exit asked for)
  *
  * vclock_stub_slow is the hook's uncommon path (the table, Python's count, the window check, the deadline,
  * refilling the word from `left`) and writes the block's count again. The engine's test at `ret` stays:
- * the block's first pass returns there from the hook. (Each step was measured on compute.S, bare Unicorn
+ * the block's first pass returns there from the hook. EIP is stored only where the engine may stop at
+ * the block's start: with a code hook anywhere, Unicorn leaves EIP as the translated code last stored it
+ * when it stops there (it puts back the block's address only when there is none). A block that runs
+ * needs no store (the bare engine makes none): the hooks called inside it find their instruction from
+ * the running block, last_block (cpu/mmiosite.py, Vcpu.io_site), not from EIP, which the engine does not
+ * store before them either; the code hooks and faults store or recover their own. (Each step was measured on compute.S, bare Unicorn
  * + the clock: a call per block 0.44 of bare Unicorn; a stub of the hook's three tests 0.60, of one 0.68;
- * the count in the block 0.77-0.80; the count as the engine's test: performance.md.) Nothing counts blocks
+ * the count in the block 0.77-0.80; the count as the engine's test 0.93, without the EIP store 0.96-0.98:
+ * performance.md.) Nothing counts blocks
  * themselves (VirtualClock.run_id tells one run of a block from the next). The first pass through the hook
  * after Python counted a block (its entry's TRY bit) gives it this; a block whose code is not exactly of
  * that shape keeps the hook, as does every block translated while the stubs' region is full (the run loop
@@ -222,7 +231,7 @@ static inline void block_ran(vclock_t *s, uint64_t address, uint32_t count) {
  * table's way once more, where Python counts again what the table lost.
  */
 #define STUB_REGION (16u << 20)
-#define STUB_SIZE 80u
+#define STUB_SIZE 96u
 
 size_t vclock_stub_size(void) { return STUB_SIZE; }
 
@@ -242,8 +251,8 @@ enum { ENTRY = 7,            /* the block's first instruction (sub [rbp + disp],
        INLINE_COUNT = 3,     /* COUNT in it: 81 6D <disp> */
        INLINE_SIZE = 22,     /* the count written in the block */
        STUB_COUNT = 3,       /* COUNT in the stub's undo: 81 45 <disp> */
-       STUB_SLOW = 7,        /* the slow path, after the undo */
-       STUB_BLOCK = 64 };    /* where the stub keeps the address of its block's count */
+       STUB_SLOW = 7,        /* the slow path, after the undo: EIP, then the hook's call */
+       STUB_BLOCK = 88 };    /* where the stub keeps the address of its block's count */
 static size_t slow_ret;      /* offset in the stub of the instruction after the slow call */
 
 typedef struct { uint8_t *p; } emit_t;
@@ -281,6 +290,22 @@ static size_t exit_test(const uint8_t *c, int32_t disp, const uint8_t **exitreq)
     if (c[i] == 0x7C) {
         *exitreq = c + i + 2 + (int8_t)c[i + 1];
         return i + 2;
+    }
+    return 0;
+}
+
+/* The engine's store of the block's address to EIP ahead of the hook's call (Unicorn syncs EIP for a
+ * block hook), ending at `p`: mov qword [rbp + disp32], imm32 (EIP below 2 GiB), or mov r32, imm32; mov
+ * [rbp + disp32], r64. Its length (0: not of that shape), and EIP's offset in the CPU state. */
+static size_t eip_sync(const uint8_t *p, uint32_t address, int32_t *eip_disp) {
+    if (address < 0x80000000u && p[-11] == 0x48 && p[-10] == 0xC7 && p[-9] == 0x85 && rd32(p - 4) == address) {
+        *eip_disp = (int32_t)rd32(p - 8);
+        return 11;
+    }
+    if ((p[-12] & 0xF8) == 0xB8 && rd32(p - 11) == address && p[-7] == 0x48 && p[-6] == 0x89
+        && p[-5] == (uint8_t)(0x85 | ((p[-12] & 7) << 3))) {
+        *eip_disp = (int32_t)rd32(p - 4);
+        return 12;
     }
     return 0;
 }
@@ -380,7 +405,8 @@ void vclock_stubs_free(vclock_t *s) {
 static int patch_block(vclock_t *s, void *uc, uint8_t *ret, uint64_t address, uint32_t size, uint32_t count) {
     uint8_t *p, *q, *stub, *after, inline_code[40];
     const uint8_t *exitreq;
-    size_t test_len;
+    size_t test_len, sync_len;
+    int32_t eip_disp = 0;
     emit_t e;
     uint64_t sp = (uint64_t)(uintptr_t)s;
     if (!s->engine_disp) return 0;   /* the engine's word is not known: the hook counts */
@@ -402,9 +428,11 @@ static int patch_block(vclock_t *s, void *uc, uint8_t *ret, uint64_t address, ui
     if (p[0] != 0x48 || p[1] != 0xBF || rd64(p + 2) != (uint64_t)(uintptr_t)uc || p[10] != 0xBE
         || rd32(p + 11) != (uint32_t)address || p[15] != 0xBA || rd32(p + 16) != size)
         return 0;
+    sync_len = eip_sync(p, (uint32_t)address, &eip_disp);
     test_len = exit_test(ret, s->engine_disp, &exitreq);
-    if (!test_len || ret - p < INLINE_SIZE || !stub_region(s, ret)) return 0;
+    if (!sync_len || !test_len || !stub_region(s, ret)) return 0;
     after = ret + test_len;
+    p -= sync_len;   /* the count goes over the EIP store too: the stub's slow path makes it */
     if (s->stub_used + STUB_SIZE > s->stub_limit || s->stub_used + STUB_SIZE > s->stub_size) {
         s->stubs_full = 1;
         return 0;
@@ -417,7 +445,9 @@ static int patch_block(vclock_t *s, void *uc, uint8_t *ret, uint64_t address, ui
     /* the stub: undo, slow, and the block's address */
     e.p = stub;
     rbp_word(&e, 0, (int8_t)s->engine_disp, count);                                /* add [rbp + disp], COUNT */
-    b(&e, 0x48); b(&e, 0xBF); d64(&e, (uint64_t)(uintptr_t)uc);                   /* slow: the hook's arguments */
+    b(&e, 0xC7); b(&e, 0x85); d32(&e, (uint32_t)eip_disp); d32(&e, (uint32_t)address);   /* slow: EIP (as */
+    b(&e, 0xC7); b(&e, 0x85); d32(&e, (uint32_t)eip_disp + 4); d32(&e, 0);                /* the block did) */
+    b(&e, 0x48); b(&e, 0xBF); d64(&e, (uint64_t)(uintptr_t)uc);                   /* the hook's arguments */
     b(&e, 0xBE); d32(&e, (uint32_t)address);
     b(&e, 0xBA); d32(&e, size);
     b(&e, 0x48); b(&e, 0xB9); d64(&e, sp);
@@ -427,7 +457,7 @@ static int patch_block(vclock_t *s, void *uc, uint8_t *ret, uint64_t address, ui
     b(&e, 0x85); b(&e, 0xC0);                                                      /* test eax, eax */
     jcc_to(&e, 0x84, exitreq);                                                     /* jz exitreq */
     jmp_to(&e, after);
-    if ((size_t)(e.p - stub) > STUB_BLOCK || rd32(stub + STUB_COUNT) != count || stub[STUB_SLOW] != 0x48) return 0;
+    if ((size_t)(e.p - stub) > STUB_BLOCK || rd32(stub + STUB_COUNT) != count || stub[STUB_SLOW] != 0xC7) return 0;
     memcpy(stub + STUB_BLOCK, &p, sizeof p);
 
     /* the block's count, written over the call */

@@ -112,7 +112,7 @@ def _lib():
 class VirtualClock:
     """The guest's clock; `count_block(address, size)` tells how many instructions a new block holds."""
 
-    STUB_SIZE = 80  # bytes of one block's stub (_vclock.c STUB_SIZE)
+    STUB_SIZE = 96  # bytes of one block's stub (_vclock.c STUB_SIZE)
     STUB_BYTES = 16 << 20  # the stubs' region (_vclock.c STUB_REGION: at most that)
 
     def __init__(self, uc, count_block):
