@@ -229,3 +229,22 @@ def test_the_blocks_count_in_the_engine_word(monkeypatch):
     assert now == 2 + 100_000 * 5  # (mov; five instructions a round; hlt)
     assert clock.stubs[2] >= now // 0xFFFF
     assert (eip, now) == _clock_alone(100_000, 0, monkeypatch, "0")[:2]
+
+
+def test_eip_is_found_in_the_engine_state():
+    """internals.eip_offset: the C paths that leave the engine's block themselves write EIP there
+    (cpu/_evseg.h ev_set_eip), so it must be the word the engine reads EIP from, both ways."""
+    from unicorn.x86_const import UC_X86_REG_EIP
+
+    from cpuvirt.engine.internals import eip_offset, engine_env, new_engine, read_process
+
+    uc = new_engine()
+    env = engine_env(uc)
+    off = eip_offset(uc, env)
+    assert off is not None
+    uc.reg_write(UC_X86_REG_EIP, 0x80123456)
+    assert read_process(env + off, 8) == (0x80123456).to_bytes(8, "little")
+    import ctypes
+
+    ctypes.c_uint64.from_address(env + off).value = 0x1234
+    assert uc.reg_read(UC_X86_REG_EIP) == 0x1234

@@ -47,6 +47,7 @@ typedef struct {
     uint32_t kernel_iopl;          /* the real IOPL of the guest kernel (DeprivilegedVcpu.real_iopl(0)) */
     ed_enter_fn enter;
     void *enter_ctx;
+    int leaves_block;              /* the caller leaves the engine's block itself (_evseg.h ev_set_eip) */
 } evdeliver_t;
 
 static inline int ed_rd(const evdeliver_t *d, void *uc, int reg, uint64_t *v) {
@@ -212,7 +213,7 @@ static inline int ed_deliver_event(const evdeliver_t *d, void *uc, uint32_t vect
     v = (new_flags & ~EV_EFLAGS_IOPL) | (d->kernel_iopl << 12) | 2u;
     d->reg_write(uc, d->r_eflags, &v);
     v = eip_after;
-    d->reg_write(uc, d->r_eip, &v);
+    if (!d->leaves_block || !ev_set_eip(ev, eip_after)) d->reg_write(uc, d->r_eip, &v);
     return 1;
 }
 

@@ -75,13 +75,25 @@ typedef struct {
     uint32_t cr2;              /* the VirtualCpu's CR2 and IOPL */
     uint32_t iopl;
     uint32_t nmi_blocked;      /* Vcpu.nmi_blocked (an iret that ends it is Python's) */
-    uint32_t pad;
+    uint32_t off_eip;          /* EIP inside env (internals.eip_offset; 0: not found, uc_reg_write it) */
     /* pages an invlpg served in C took out of the hypervisor's TLB, for Python's dict (EvHvTlb) to drop when
      * it is next used: the one page, as privileged.py _invlpg pops it, not the whole TLB */
     uint32_t popped_n;
     uint32_t popped[EV_POPS];
     ev_rtlb_t rtlb[EV_RTLB_SLOTS];
 } evseg_t;
+
+/* EIP for where the engine goes on, from a hook that leaves the engine's block itself (an interrupt hook,
+ * which runs between blocks, or a path that ends in cpu_loop_exit): written in env, because uc_reg_write's
+ * EIP also makes the engine leave its loop and enter it again (Unicorn's quit_request: as much again as
+ * the rest of a trap's emulation in C). Elsewhere, inside a block (a code hook), the block must be left:
+ * uc_reg_write. 0: not written (no offset found). */
+static inline int ev_set_eip(const evseg_t *s, uint32_t eip) {
+    uint64_t v = eip;
+    if (!s->off_eip) return 0;
+    memcpy(s->env + s->off_eip, &v, 8);
+    return 1;
+}
 
 /* GuestViewVcpu._rtlb.pop(page): C's copy now, Python's dict when it next looks. 0: the log is full. */
 static inline int ev_rtlb_pop(evseg_t *s, uint32_t page) {

@@ -15,6 +15,7 @@ from cpuvirt.cpu.hvtlb import HvTlb
 from cpuvirt.cpu.segcache import _SEG_INDEX, segs_offset
 from cpuvirt.cpu.virtualcpu import SegCache, TableVirtualCpu, VirtualCpu
 from cpuvirt.engine import regs as R
+from cpuvirt.engine.internals import eip_offset
 
 RTLB_SLOTS = 256
 EV_POPS = 16  # as _evseg.h: pages an invlpg served in C may pop before Python looks
@@ -52,7 +53,7 @@ class EvSeg(ctypes.Structure):
         ("cr2", ctypes.c_uint32),
         ("iopl", ctypes.c_uint32),
         ("nmi_blocked", ctypes.c_uint32),
-        ("pad", ctypes.c_uint32),
+        ("off_eip", ctypes.c_uint32),
         ("popped_n", ctypes.c_uint32),
         ("popped", ctypes.c_uint32 * EV_POPS),
         ("rtlb", _Rtlb * RTLB_SLOTS),
@@ -128,6 +129,7 @@ def setup(ev: EvSeg, vcpu, env: int, header: int, hflags: int, keep) -> None:
     points at alive as long as the table."""
     ev.env = env
     ev.off_hflags = hflags - header
+    ev.off_eip = eip_offset(vcpu.uc, env) or 0
     segs = segs_offset()
     if segs is not None and vcpu._direct is not None and segs >= header:
         ev.segs_ok, ev.off_segs = 1, segs - header

@@ -151,6 +151,34 @@ def engine_env(uc) -> int | None:
     return int.from_bytes(env, "little") if env else None
 
 
+_EIP_OFFSET: list[int | None] = []
+
+
+def eip_offset(uc, env: int) -> int | None:
+    """Where EIP is in the engine's CPUX86State (a 64-bit word: this libunicorn is built for x86-64
+    guests): found once, as the only place of the state that follows two values written to EIP. C paths
+    that leave the engine's block themselves write EIP there (cpu/_evseg.h ev_set_eip). None when not
+    found."""
+    if _EIP_OFFSET:
+        return _EIP_OFFSET[0]
+    eip = uc.reg_read(R.EIP)
+    found: set[int] | None = None
+    try:
+        for probe in (0x5A17C0DE, 0x0BADF00D):
+            uc.reg_write(R.EIP, probe)
+            state = read_process(env, 0x400)
+            if state is None:
+                found = set()
+                break
+            want = probe.to_bytes(8, "little")
+            here = {k for k in range(0, 0x400, 8) if state[k : k + 8] == want}
+            found = here if found is None else found & here
+    finally:
+        uc.reg_write(R.EIP, eip)
+    _EIP_OFFSET.append(found.pop() if found and len(found) == 1 else None)
+    return _EIP_OFFSET[0]
+
+
 def context_header(uc, env: int) -> int | None:
     """Where the copy of CPUX86State starts in a saved context (offsets found in a context count from
     the context itself): the offset at which the context's bytes equal the live state's, with EAX and

@@ -227,6 +227,12 @@ static int rd(trapfast_t *s, void *uc, int reg, uint64_t *v) {
  * root, as bt/_callout.c's INVLPG does it): the page leaves the hypervisor's TLB and the shadow root (the
  * copies now, Python's dict and table when they are next used), the engine's TLB is flushed. 0: the
  * virtual CRs do not select the copy's root and mode, or a log is full (Python's, nothing changed). */
+/* EIP where the engine goes on, from the interrupt hook or a path that ends in cpu_loop_exit (_evseg.h
+ * ev_set_eip: not through uc_reg_write, whose EIP makes the engine leave its loop and enter it again). */
+static void set_eip(trapfast_t *s, void *uc, uint64_t *eip) {
+    if (!ev_set_eip(&s->ev, (uint32_t)*eip)) s->reg_write(uc, s->r_eip, eip);
+}
+
 static int invlpg_ok(trapfast_t *s, uint32_t gva) {
     shadowmirror_t *m = (shadowmirror_t *)s->mirror;
     uint32_t page = gva >> 12;
@@ -250,7 +256,7 @@ static int enter_in_place(void *ctx, void *uc, uint32_t offset, uint32_t cs_afte
 }
 
 static int deliver_event(trapfast_t *s, void *uc, uint32_t vector, int soft, uint32_t ret_eip, int has_ec,
-                         uint32_t ec, uint32_t cs_real, uint64_t eflags_real) {
+                         uint32_t ec, uint32_t cs_real, uint64_t eflags_real, int leaves_block) {
     evdeliver_t d;
     d.ev = &s->ev;
     d.reg_read = s->reg_read;
@@ -264,6 +270,7 @@ static int deliver_event(trapfast_t *s, void *uc, uint32_t vector, int soft, uin
     d.kernel_iopl = 0;                 /* TrapVcpu: the real IOPL is always 0 (cli/sti trap) */
     d.enter = enter_in_place;
     d.enter_ctx = NULL;
+    d.leaves_block = leaves_block;
     return ed_deliver_event(&d, uc, vector, soft, ret_eip, has_ec, ec, cs_real, eflags_real);
 }
 
@@ -290,7 +297,7 @@ static int event(trapfast_t *s, void *uc, uint32_t intno, int soft) {
     if (!rd(s, uc, s->r_cs, &cs) || !rd(s, uc, s->r_eflags, &eflags) || !rd(s, uc, s->r_eip, &eip)) return 0;
     if (intno == 13 && ((cs & 3) != 3 || (eflags & EFLAGS_VM))) return 0;
     if (!left_block(s, (uint32_t)eip, &n)) return 0;
-    if (!deliver_event(s, uc, intno, soft, (uint32_t)eip, has_ec, ec, (uint32_t)cs, eflags)) return 0;
+    if (!deliver_event(s, uc, intno, soft, (uint32_t)eip, has_ec, ec, (uint32_t)cs, eflags, 1)) return 0;
     memcpy(s->ev.env + s->off_old_exception, &minus1, 4);
     vclock_add(s->clock_now, -(int64_t)(n));
     vclock_look_at_if(s->clock_watch_if, s->clock_check_if);
@@ -310,7 +317,7 @@ int trapfast_deliver_fault(trapfast_t *s, void *uc, uint32_t vector, uint32_t ei
     uint64_t cs, eflags;
     if (!s->enabled || !s->deliver_on || vector != 14) return 0;
     if (!rd(s, uc, s->r_cs, &cs) || !rd(s, uc, s->r_eflags, &eflags)) return 0;
-    if (!deliver_event(s, uc, vector, 0, eip, 1, error_code, (uint32_t)cs, eflags)) return 0;
+    if (!deliver_event(s, uc, vector, 0, eip, 1, error_code, (uint32_t)cs, eflags, 0)) return 0;
     s->delivered++;
     return 1;
 }
@@ -404,12 +411,12 @@ void trapfast_intr_hook(void *uc, uint32_t intno, void *user_data) {
     case K_CLI:
         eflags &= ~(uint64_t)EFLAGS_IF;
         s->reg_write(uc, s->r_eflags, &eflags);
-        s->reg_write(uc, s->r_eip, &next);
+        set_eip(s, uc, &next);
         break;
     case K_STI: {
         uint64_t set = eflags | EFLAGS_IF;
         s->reg_write(uc, s->r_eflags, &set);
-        s->reg_write(uc, s->r_eip, &next);
+        set_eip(s, uc, &next);
         if (!(eflags & EFLAGS_IF)) {           /* SegmentLoadingVcpu.set_interrupt_shadow */
             uint32_t hf;
             memcpy(&hf, s->ev.env + s->ev.off_hflags, 4);
@@ -420,15 +427,15 @@ void trapfast_intr_hook(void *uc, uint32_t intno, void *user_data) {
     }
     case K_CLTS:
         s->crs[0] &= ~CR0_TS;
-        s->reg_write(uc, s->r_eip, &next);
+        set_eip(s, uc, &next);
         break;
     case K_MOV_SREG:
-        s->reg_write(uc, s->r_eip, &next);
+        set_eip(s, uc, &next);
         break;
     case K_INVLPG: {
         uint32_t page = (uint32_t)(linear >> 12);
         sm_flush_pages((shadowmirror_t *)s->mirror, uc, s->uc_ctl, s->tlb_flush_ctl, &page, 1);  /* _flush_pages */
-        s->reg_write(uc, s->r_eip, &next);
+        set_eip(s, uc, &next);
         break;
     }
     case K_MOV_CR3:
@@ -441,12 +448,12 @@ void trapfast_intr_hook(void *uc, uint32_t intno, void *user_data) {
             value = s->crs[1];
             s->reg_write(uc, s->r_gpr[reg], &value);
         }
-        s->reg_write(uc, s->r_eip, &next);
+        set_eip(s, uc, &next);
         break;
     case K_MOV_CR2:
         value = s->ev.cr2;
         s->reg_write(uc, s->r_gpr[reg], &value);
-        s->reg_write(uc, s->r_eip, &next);
+        set_eip(s, uc, &next);
         break;
     case K_IRETD: {                /* ESP, the virtual IOPL and the real EFLAGS (IOPL 0), EIP */
         uint64_t up = (uint32_t)(esp + 12), fl, to = frame[0];
@@ -454,13 +461,13 @@ void trapfast_intr_hook(void *uc, uint32_t intno, void *user_data) {
         s->ev.iopl = (frame[2] >> 12) & 3;
         fl = (frame[2] & ~(EFLAGS_RF | EFLAGS_IOPL)) | 2u;
         s->reg_write(uc, s->r_eflags, &fl);
-        s->reg_write(uc, s->r_eip, &to);
+        set_eip(s, uc, &to);
         break;
     }
     case K_POP_SREG: {
         uint64_t up = (uint32_t)(esp + 4);
         s->reg_write(uc, s->r_esp, &up);
-        s->reg_write(uc, s->r_eip, &next);
+        set_eip(s, uc, &next);
         break;
     }
     default:
@@ -468,7 +475,7 @@ void trapfast_intr_hook(void *uc, uint32_t intno, void *user_data) {
             value = s->crs[kind == K_MOV_CR4 ? 2 : 0];
             s->reg_write(uc, s->r_gpr[reg], &value);
         }
-        s->reg_write(uc, s->r_eip, &next);
+        set_eip(s, uc, &next);
         break;
     }
     vclock_add(s->clock_now, -(int64_t)(unretire));       /* VirtualClock.unretire */
@@ -547,7 +554,7 @@ static int ptemod(trapstore_t *t, void *uc, uint64_t vaddr, int type) {
         s->reg_write(uc, s->r_eflags, &fl);
     }
     next = (uint32_t)(eip + (uint32_t)len);
-    s->reg_write(uc, s->r_eip, &next);
+    set_eip(s, uc, &next);
     vclock_add(s->clock_now, -(int64_t)((n - 1)));   /* Vcpu.left_block_at(eip), then the store retired */
     *t->fills += 1;                    /* Mmu.fill's fill, and its shadow hit */
     sm_ptemod_done(m, &plan, (uint32_t)eip);   /* hv_wrote -> _on_write: _zap_range; the counts */
@@ -603,7 +610,7 @@ static int true_fault(trapstore_t *t, void *uc, uint64_t vaddr, int type) {
     if (!rd(s, uc, s->r_cs, &cs) || !rd(s, uc, s->r_eflags, &eflags) || (eflags & EFLAGS_VM)) return 0;
     if (!left_block(s, (uint32_t)eip, &n)) return 0;
     tf_make((uint8_t *)s->ev.ram, pde_a, &s->ev.cr2, ea, &made);   /* PDE.A, CR2; then the delivery */
-    if (!deliver_event(s, uc, 14, 0, (uint32_t)eip, 1, ec, (uint32_t)cs, eflags)) {
+    if (!deliver_event(s, uc, 14, 0, (uint32_t)eip, 1, ec, (uint32_t)cs, eflags, 1)) {
         tf_unmake((uint8_t *)s->ev.ram, &s->ev.cr2, &made);
         return 0;
     }
