@@ -584,7 +584,7 @@ static void full_evdeliver(callouts_t *t, evdeliver_t *d) {
     d->kernel_iopl = 1;        /* FullVcpu.real_iopl(0) */
     d->enter = enter_translation;
     d->enter_ctx = t;
-    d->leaves_block = 0;       /* (EIP through uc_reg_write, as before: full's paths not measured yet) */
+    d->leaves_block = 0;       /* (EIP through uc_reg_write: writing it in the CPU state measured no faster here) */
 }
 
 static int full_event(callouts_t *t, void *uc, uint32_t intno) {

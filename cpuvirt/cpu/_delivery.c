@@ -134,6 +134,7 @@ typedef struct {
      * counted), and so is a write to a write-traced frame (Mmu.write_linear tells the owners). NULL:
      * the guest's own tables are walked (native, EPT, para). */
     const shadowmirror_t *mirror;
+    uint8_t *eip_env;            /* EIP inside the engine's CPU state (internals.eip_offset), or NULL */
 } delivery_t;
 
 /* One intercepted iret: its bytes when it was decoded, and the Python hook behind it. */
@@ -182,6 +183,9 @@ size_t delivery_sizeof(void) { return sizeof(delivery_t); }
 #define F_ERROR_CODE 1
 #define F_SOFT 2               /* int n, int3, into: the gate's DPL is checked (SDM 6.12.1.1) */
 #define F_EXTERNAL 4           /* the EXT bit of error codes: only a fault path uses it */
+#define F_LEAVES_BLOCK 8       /* the caller leaves the engine's block itself (the interrupt hook, a path
+                                * that ends in cpu_loop_exit): EIP goes into the CPU state, not through
+                                * uc_reg_write, whose EIP makes the engine leave its loop and enter it again */
 
 #define PTE_P 0x1u
 #define PTE_RW 0x2u
@@ -210,6 +214,16 @@ static uint64_t rd(delivery_t *s, void *uc, int r, int *err) {
 static int wr(delivery_t *s, void *uc, int r, uint64_t value) {
     uint64_t v = value & 0xFFFFFFFFu;   /* a buffer per write: a segment load re-reads it (regs.py) */
     return s->reg_write(uc, s->reg[r], &v);
+}
+
+/* The handler's EIP (F_LEAVES_BLOCK: in the CPU state; cpu/_evseg.h ev_set_eip says why). */
+static int wr_eip(delivery_t *s, void *uc, uint32_t eip, int flags) {
+    if ((flags & F_LEAVES_BLOCK) && s->eip_env) {
+        uint64_t v = eip;
+        memcpy(s->eip_env, &v, 8);
+        return 0;
+    }
+    return wr(s, uc, R_EIP, eip);
 }
 
 /* ---- the guest page walk, 32-bit paging (SDM 4.3, 4.6, 4.8), supervisor accesses only ------------
@@ -545,7 +559,7 @@ static int deliver_fast(delivery_t *s, void *uc, uint32_t vector, uint32_t retur
     /* SDM 6.12.1.2: TF, NT, RF and VM cleared; IF too through an interrupt gate. */
     new_flags = p.eflags & ~(EFLAGS_TF | EFLAGS_NT | EFLAGS_RF | EFLAGS_VM);
     if (p.gate_type == GATE_INT32) new_flags &= ~EFLAGS_IF;
-    if (wr(s, uc, R_EFLAGS, new_flags) || wr(s, uc, R_EIP, p.offset)) return ENGINE_REFUSED;
+    if (wr(s, uc, R_EFLAGS, new_flags) || wr_eip(s, uc, p.offset, flags)) return ENGINE_REFUSED;
     s->delivered++;
     return DELIVERED;
 fallback:
@@ -794,7 +808,7 @@ void delivery_intr_hook(void *uc, uint32_t intno, void *user_data) {
         memcpy(s->context_old_exception, &old, 4);
         if (s->context_restore(uc, s->context)) goto python;
     }
-    if (delivery_fast(s, uc, intno, eip, error_code, flags) != DELIVERED) goto python;   /* nothing changed */
+    if (delivery_fast(s, uc, intno, eip, error_code, flags | F_LEAVES_BLOCK) != DELIVERED) goto python;   /* nothing changed */
     if (is_int) {
         s->soft_delivered++;
         books_soft(s, intno, start, eip);
@@ -1168,7 +1182,7 @@ int delivery_pf_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *u
         r = s->pv_pf(s->pv, uc, eip, ec, cr2);
         s->busy = 0;
     } else {
-        r = wr(s, uc, R_CR2, cr2) ? FALLBACK : delivery_fast(s, uc, 14, eip, ec, F_ERROR_CODE);
+        r = wr(s, uc, R_CR2, cr2) ? FALLBACK : delivery_fast(s, uc, 14, eip, ec, F_ERROR_CODE | F_LEAVES_BLOCK);
     }
     if (r != DELIVERED) {              /* nothing delivered: put back what this hook made, Python does it */
         if (r == ENGINE_REFUSED) {     /* the frame is pushed: a cpuvirt bug, as in FastDelivery.deliver */

@@ -19,7 +19,7 @@ from cpuvirt.cpu.evdeliver import BLOCK_SLOTS, BlockCopy, BlockCopyKeeper
 from cpuvirt.engine import regs as R
 from cpuvirt.engine.cext import add_c_hook, load
 from cpuvirt.engine.hooks import hook_guard
-from cpuvirt.engine.internals import cpu_field, engine_cpu_state
+from cpuvirt.engine.internals import cpu_field, engine_cpu_state, engine_env, eip_offset
 from cpuvirt.x86.cpuid import CR4_RESERVED
 from cpuvirt.x86.vectors import HAS_ERROR_CODE, MNEMONIC
 
@@ -123,6 +123,7 @@ class _State(ctypes.Structure):
         ("shadow_mode", ctypes.c_uint32),
         ("shadow_key", ctypes.c_uint32),
         ("mirror", ctypes.c_void_p),
+        ("eip_env", ctypes.c_void_p),
     ]
 
 
@@ -492,6 +493,10 @@ class FastDelivery:
             return
         st = self._state
         st.cpu_offset, st.loop_exit = found
+        uc = self.mmu.uc
+        env = engine_env(uc)
+        off = eip_offset(uc, env) if env is not None else None
+        st.eip_env = env + off if env is not None and off is not None else None  # (_delivery.c wr_eip)
         handle = add_c_hook(
             self._uch, UC_HOOK_TLB_FILL, self._lib.delivery_pf_hook, self._pstate, what="install the C #PF hook"
         )
