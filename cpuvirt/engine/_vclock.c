@@ -403,7 +403,7 @@ void vclock_stubs_free(vclock_t *s) {
 /* Write the stub for the block whose hook call returns to `ret`, and jump to it from the block. Returns
  * 1 when done, 0 when the block keeps its call (not of the expected shape, no room, out of reach). */
 static int patch_block(vclock_t *s, void *uc, uint8_t *ret, uint64_t address, uint32_t size, uint32_t count) {
-    uint8_t *p, *q, *stub, *after, inline_code[40];
+    uint8_t *p, *q, *stub, *after, inline_code[64];
     const uint8_t *exitreq;
     size_t test_len, sync_len;
     int32_t eip_disp = 0;
@@ -433,6 +433,7 @@ static int patch_block(vclock_t *s, void *uc, uint8_t *ret, uint64_t address, ui
     if (!sync_len || !test_len || !stub_region(s, ret)) return 0;
     after = ret + test_len;
     p -= sync_len;   /* the count goes over the EIP store too: the stub's slow path makes it */
+    if ((size_t)(ret - p) > sizeof inline_code) return 0;
     if (s->stub_used + STUB_SIZE > s->stub_limit || s->stub_used + STUB_SIZE > s->stub_size) {
         s->stubs_full = 1;
         return 0;
@@ -460,7 +461,7 @@ static int patch_block(vclock_t *s, void *uc, uint8_t *ret, uint64_t address, ui
     if ((size_t)(e.p - stub) > STUB_BLOCK || rd32(stub + STUB_COUNT) != count || stub[STUB_SLOW] != 0xC7) return 0;
     memcpy(stub + STUB_BLOCK, &p, sizeof p);
 
-    /* the block's count, written over the call */
+    /* the block's count, written over the EIP store and the call */
     e.p = inline_code;
     rbp_word(&e, 5, (int8_t)s->engine_disp, count);                                /* sub [rbp + disp], COUNT */
     b(&e, 0x0F); b(&e, 0x8C); d32(&e, (uint32_t)(int32_t)((intptr_t)stub - (intptr_t)(p + (e.p - inline_code) + 4)));
