@@ -19,7 +19,7 @@ from cpuvirt.cpu.evdeliver import BLOCK_SLOTS, BlockCopy, BlockCopyKeeper
 from cpuvirt.engine import regs as R
 from cpuvirt.engine.cext import add_c_hook, load
 from cpuvirt.engine.hooks import hook_guard
-from cpuvirt.engine.internals import cpu_field, engine_cpu_state, engine_env, eip_offset
+from cpuvirt.engine.internals import cpu_field, eip_offset, engine_cpu_state, engine_env
 from cpuvirt.x86.cpuid import CR4_RESERVED
 from cpuvirt.x86.vectors import HAS_ERROR_CODE, MNEMONIC
 
