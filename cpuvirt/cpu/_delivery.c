@@ -808,7 +808,8 @@ void delivery_intr_hook(void *uc, uint32_t intno, void *user_data) {
         memcpy(s->context_old_exception, &old, 4);
         if (s->context_restore(uc, s->context)) goto python;
     }
-    if (delivery_fast(s, uc, intno, eip, error_code, flags | F_LEAVES_BLOCK) != DELIVERED) goto python;   /* nothing changed */
+    if (delivery_fast(s, uc, intno, eip, error_code, flags | F_LEAVES_BLOCK) != DELIVERED)
+        goto python;                           /* nothing changed */
     if (is_int) {
         s->soft_delivered++;
         books_soft(s, intno, start, eip);

@@ -194,9 +194,9 @@ static inline void block_ran(vclock_t *s, uint64_t address, uint32_t count) {
  *
  * A call per block costs more than the guest code of a small block (compute.S: 3.4 instructions a
  * block). Once the table holds a block's count, the EIP store's and the call's 43 to 48 bytes become the
- * count itself, which is the exit-request test too: the blocks count down the word's low half (QEMU's icount budget, which
- * Unicorn 2.1.3 never uses; _vclock.h vclock_time_t), whose high half Unicorn sets to 0xFFFF to ask for
- * an exit; so the word goes below 0 when either the count runs out or an exit is asked for:
+ * count itself, which is the exit-request test too: the blocks count down the word's low half (QEMU's
+ * icount budget, which Unicorn 2.1.3 never uses; _vclock.h vclock_time_t), whose high half Unicorn sets
+ * to 0xFFFF to ask for an exit; so the word goes below 0 when the count runs out or an exit is asked for:
  *
  *     sub dword [rbp - 0x10], COUNT;  jl stub     (a jump to the stub's slow path, while it must recount)
  *     mov dword [rbp - 0x0C], PC                   the last block, in the padding after the word
@@ -216,11 +216,11 @@ static inline void block_ran(vclock_t *s, uint64_t address, uint32_t count) {
  * when it stops there (it puts back the block's address only when there is none). A block that runs
  * needs no store (the bare engine makes none): the hooks called inside it find their instruction from
  * the running block, last_block (cpu/mmiosite.py, Vcpu.io_site), not from EIP, which the engine does not
- * store before them either; the code hooks and faults store or recover their own. (Each step was measured on compute.S, bare Unicorn
- * + the clock: a call per block 0.44 of bare Unicorn; a stub of the hook's three tests 0.60, of one 0.68;
- * the count in the block 0.77-0.80; the count as the engine's test 0.93, without the EIP store 0.96-0.98:
- * performance.md.) Nothing counts blocks
- * themselves (VirtualClock.run_id tells one run of a block from the next). The first pass through the hook
+ * store before them either; the code hooks and faults store or recover their own. (Each step was measured
+ * on compute.S, bare Unicorn + the clock: a call per block 0.44 of bare Unicorn; a stub of the hook's three
+ * tests 0.60, of one 0.68; the count in the block 0.77-0.80; the count as the engine's test 0.93, without
+ * the EIP store 0.96-0.98: performance.md.) Nothing counts blocks themselves (VirtualClock.run_id tells
+ * one run of a block from the next). The first pass through the hook
  * after Python counted a block (its entry's TRY bit) gives it this; a block whose code is not exactly of
  * that shape keeps the hook, as does every block translated while the stubs' region is full (the run loop
  * then drops the engine's translations and the region is reused: vclock_stubs_reset), where a jump would
@@ -465,7 +465,8 @@ static int patch_block(vclock_t *s, void *uc, uint8_t *ret, uint64_t address, ui
     e.p = inline_code;
     rbp_word(&e, 5, (int8_t)s->engine_disp, count);                                /* sub [rbp + disp], COUNT */
     b(&e, 0x0F); b(&e, 0x8C); d32(&e, (uint32_t)(int32_t)((intptr_t)stub - (intptr_t)(p + (e.p - inline_code) + 4)));
-    b(&e, 0xC7); b(&e, 0x45); b(&e, (uint8_t)(s->engine_disp + 4)); d32(&e, (uint32_t)address); /* mov [rbp + disp + 4], PC */
+    b(&e, 0xC7); b(&e, 0x45); b(&e, (uint8_t)(s->engine_disp + 4));              /* mov [rbp + disp + 4], PC */
+    d32(&e, (uint32_t)address);
     b(&e, 0xEB); b(&e, (uint8_t)(after - (p + INLINE_SIZE)));                      /* jmp after */
     if (e.p - inline_code != INLINE_SIZE || rd32(inline_code + INLINE_COUNT) != count) return 0;
     memset(e.p, 0x90, (size_t)(ret - p) - INLINE_SIZE);   /* (never run: up to the call's end) */

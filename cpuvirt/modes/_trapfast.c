@@ -223,16 +223,16 @@ static int rd(trapfast_t *s, void *uc, int reg, uint64_t *v) {
     return s->reg_read(uc, reg, v) == 0;
 }
 
-/* invlpg m: privileged.py _invlpg when it does only this (ShadowPaging.invlpg in the shadow's current
- * root, as bt/_callout.c's INVLPG does it): the page leaves the hypervisor's TLB and the shadow root (the
- * copies now, Python's dict and table when they are next used), the engine's TLB is flushed. 0: the
- * virtual CRs do not select the copy's root and mode, or a log is full (Python's, nothing changed). */
 /* EIP where the engine goes on, from the interrupt hook or a path that ends in cpu_loop_exit (_evseg.h
  * ev_set_eip: not through uc_reg_write, whose EIP makes the engine leave its loop and enter it again). */
 static void set_eip(trapfast_t *s, void *uc, uint64_t *eip) {
     if (!ev_set_eip(&s->ev, (uint32_t)*eip)) s->reg_write(uc, s->r_eip, eip);
 }
 
+/* invlpg m: privileged.py _invlpg when it does only this (ShadowPaging.invlpg in the shadow's current
+ * root, as bt/_callout.c's INVLPG does it): the page leaves the hypervisor's TLB and the shadow root (the
+ * copies now, Python's dict and table when they are next used), the engine's TLB is flushed. 0: the
+ * virtual CRs do not select the copy's root and mode, or a log is full (Python's, nothing changed). */
 static int invlpg_ok(trapfast_t *s, uint32_t gva) {
     shadowmirror_t *m = (shadowmirror_t *)s->mirror;
     uint32_t page = gva >> 12;
