@@ -30,6 +30,5 @@ def put(table: dict, key, value, cap: int | None = None) -> None:
 # hook when it translates an instruction and each time a hooked one runs, so their number is a host
 # cost on all translation: it is bounded, not cached (a dropped hook could not be put back before its
 # instruction runs again).
-SCAN_SITES = 8192  # beyond, a shared page's scan hooks nothing: only executed instances get hooks
 INTERCEPT_SITES = 32768  # beyond, the hypervisor stops the guest (status 123)
 SSE_SITES = 4096  # alignment-checked SSE sites (cpu/ssealign.py); beyond, further sites are not checked

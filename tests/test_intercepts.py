@@ -1,10 +1,11 @@
 """Intercepted instructions are found where they run (cpu/intercept.py).
 
-A page's code is seen block by block as the clock first counts it; a linear page that serves fetches
-from a second frame is scanned, because the clock knows a block by (linear address, length) and would
-not count the other frame's block of the same length again. tests/guests/intercept_frames.S runs
+A page's code is seen block by block as the clock first counts it. The clock knows a block by (linear
+address, length), so it drops its counts of a linear page's blocks when the page serves fetches from
+another frame (Mmu.on_code_remap): the other frame's block of the same length is counted, and checked,
+again. tests/guests/intercept_frames.S runs
 `nop; nop; ret` and `invd; ret` in turn at one linear address (INVD always exits under hw), and keeps
-data in a code page that decodes as sensitive instructions but never runs: before, every page was
+data in a code page that decodes as sensitive instructions but never runs: once, every page was
 scanned and every such decode got a code hook (kvm-unit-tests' vmexit: 447 hooks, 171 of them `hlt`
 decoded from data; the engine walks them all at each hooked instruction).
 """
@@ -27,7 +28,8 @@ def guest(tmp_path_factory):
     image, asm = build_image(pre.lines)
     path = tmp_path_factory.mktemp("intercepts") / "intercept_frames.bin"
     path.write_bytes(image)
-    return str(path), range(asm.symbols["not_code"], asm.symbols["not_code_end"])
+    # never run: the data in a code page, and the hlt byte after each frame's ret in X (0x300000)
+    return str(path), [*range(asm.symbols["not_code"], asm.symbols["not_code_end"]), 0x300003]
 
 
 def test_each_frame_at_one_linear_address_is_intercepted(guest, tmp_path):

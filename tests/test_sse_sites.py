@@ -58,7 +58,6 @@ def test_rewritten_sites_and_many_sites(eight_pages, mode):
 
 def test_the_hard_cap_stops_the_guest(tmp_path, monkeypatch):
     """Beyond limits.INTERCEPT_SITES hooks the hypervisor stops the guest: status 123, one line."""
-    monkeypatch.setattr(limits, "SCAN_SITES", 50)
     monkeypatch.setattr(limits, "INTERCEPT_SITES", 100)
     r = run_guest(_build(tmp_path, 1), "native", max_insns=5_000_000)
     assert (r.outcome, r.status) == ("error", 123), (r.outcome, r.message)

@@ -10,25 +10,21 @@ VMCS control, or a deprivileging hypervisor, must see them. The way used here:
   447 hooks, 171 of them `hlt` decoded from data, against 27; the engine walks every hook at each
   hooked instruction, so its CR-write loops ran 2.2x faster with 27).
 - The clock knows a block by (linear address, length) and counts it again whenever the engine
-  translates it again (engine/_vclock.c), which another frame's code at the same address needs. As a
-  second line, for the blocks the engine does not report (its very first one), a linear page that
-  serves fetches from a second frame (another process, a page reused) is scanned when the pair first
-  serves a fetch: a regular expression finds the opcode bytes of the wanted instructions,
-  capstone decodes from each hit (and from the prefix bytes before it), and a one-address UC_HOOK_CODE
-  is put on every decoded instance before the engine translates that frame's code (a hook on an offset
-  that never runs never fires, so decoding at every candidate offset cannot hide an instruction). Once
-  the table of pages' frames was emptied (limits.CACHE_ENTRIES), every new pair is scanned.
+  translates it again (engine/_vclock.c), and drops its counts of a linear page's blocks when that page
+  first serves fetches from another frame (another process's code at the same address, a page reused:
+  Mmu.on_code_remap), so every frame's code is seen by the block check as it runs. Such pages were
+  also scanned for opcode bytes once (the second line from before that drop): decoding at every
+  candidate offset hooked bytes that never run as instructions (xv6's usertests under hw: 217 hooks,
+  95 of them `hlt` decoded from user pages, against 27 without the scan; the engine walked all of
+  them at every hooked instruction, 12% of the host's time) and found nothing the block check missed.
 - A hook that fires re-checks the instruction's bytes, because the same linear address may hold other
-  code after a CR3 switch or a rewrite: xv6's processes all run at linear 0, and the `f4` inside
-  `init`'s `call` at 0x87 (decoded from 0x88: `hlt`) is `sh`'s one-byte `pop edx` at 0x88 (same size).
-- Hooks are bounded (the engine walks all of them at every translated instruction): page scans stop
-  at limits.SCAN_SITES, the guest is stopped at limits.INTERCEPT_SITES, aligned-SSE sites have their
-  own cap (cpu/ssealign.py).
+  code after a CR3 switch or a rewrite: xv6's processes all run at linear 0.
+- Hooks are bounded (the engine walks all of them at every translated instruction): the guest is
+  stopped at limits.INTERCEPT_SITES, aligned-SSE sites have their own cap (cpu/ssealign.py).
 """
 
 from __future__ import annotations
 
-import re
 from typing import Callable
 
 from capstone import CS_ARCH_X86, CS_MODE_16, CS_MODE_32, Cs
@@ -36,25 +32,11 @@ from capstone import CS_ARCH_X86, CS_MODE_16, CS_MODE_32, Cs
 from cpuvirt import limits
 from cpuvirt.cpu import ssealign
 
-# The opcode bytes that start each sensitive instruction, after any prefixes (SDM Vol. 2 opcode map).
-OPCODES = {
-    "hlt": rb"\xf4",
-    "mov_cr": rb"\x0f[\x20\x22]",
-    "mov_dr": rb"\x0f[\x21\x23]",
-    "clts": rb"\x0f\x06",
-    "group7": rb"\x0f\x01",  # sgdt sidt lgdt lidt smsw lmsw invlpg vmcall monitor mwait ...
-    "group6": rb"\x0f\x00",  # sldt str lldt ltr verr verw
-    "msr": rb"\x0f[\x30\x32]",
-    "rdpmc": rb"\x0f\x33",
-    "cache": rb"\x0f[\x08\x09]",
-    "pause": rb"\xf3\x90",
-}
+# Instruction prefixes (SDM Vol. 2, 2.1.1).
 PREFIXES = frozenset(b"\x66\x67\xf2\xf3\x2e\x3e\x26\x36\x64\x65\xf0")
 
-# Far transfers that may change privilege or task (cpu/tasks.py): jmp/call ptr16:32 (EA, 9A),
-# jmp/call m16:32 (FF /5, FF /3: a memory ModRM, reg field 5 or 3) and iret (CF). Every mode sees them.
-_FAR_MODRM = bytes(b for b in range(0xC0) if (b >> 3) & 7 in (3, 5))
-FAR_PATTERN = rb"[\x9a\xea\xcf]|\xff[" + b"".join(b"\\x%02x" % b for b in _FAR_MODRM) + rb"]"
+# Far transfers that may change privilege or task (cpu/tasks.py): jmp/call ptr16:32, jmp/call m16:32 and
+# iret. Every mode sees them.
 FAR_TRANSFERS = frozenset(("ljmp", "lcall", "jmp", "call", "iret", "iretd"))
 
 
@@ -94,10 +76,8 @@ class Intercepts:
         # linear address -> (size, mnemonic, operands, the instruction's bytes): a cache of decodes
         self.sites: dict[int, tuple[int, str, str, bytes]] = {}
         self.hooked: set[int] = set()  # addresses with a hook (at most limits.INTERCEPT_SITES)
-        self.scanned: dict[tuple[int, int], bool] = {}  # (linear page, host frame) pairs scanned
         self.page_frame: dict[int, int] = {}  # linear code page -> the frame it last fetched from
         self.shared_pages: dict[int, bool] = {}  # linear pages that held code from several frames
-        self.frames_forgotten = False  # page_frame was emptied (then every new pair is scanned)
         self.retranslate: list[tuple[int, int]] = []
         self._cs = Cs(CS_ARCH_X86, CS_MODE_32)
         # (address, size, mnemonic, operands, code, python hook) -> True when it put a C hook in front
@@ -108,57 +88,20 @@ class Intercepts:
         self.sse: ssealign.SseAlign | None = None  # the C hook of aligned-SSE sites
         self.on_limit: Callable[[str], None] | None = None  # told once when limits.INTERCEPT_SITES is reached
         self._hit_function = None  # the guarded ctypes function of _hit, made once
-        self._pattern = re.compile(b"|".join(OPCODES.values()) + b"|" + FAR_PATTERN + b"|" + ssealign.OPCODE_PATTERN)
 
-    # -- scanning ----------------------------------------------------------------------------------
-    def scan_frame(self, page: int, hpa: int) -> None:
-        """Called by the MMU when a (linear page, host frame) first serves a fetch: a page that held
-        another frame's code is scanned (the blocks of a page's first frame are seen as they run)."""
-        if self.note_frame(page, hpa) and (page in self.shared_pages or self.frames_forgotten):
-            self._scan(page, hpa)
-
-    def note_frame(self, page: int, hpa: int) -> bool:
-        """A (linear page, host frame) pair serves a fetch: True the first time. A page seen with a
-        second frame has its SSE sites checked in Python from then on (the MMU calls this alone
-        when the page scan is off: modes that find their sites by the block check)."""
-        key = (page, hpa)
-        if key in self.scanned:
-            return False
-        limits.put(self.scanned, key, True)
+    # -- code frames and blocks ------------------------------------------------------------------
+    def note_frame(self, page: int, hpa: int) -> None:
+        """A (linear page, host frame) pair serves a fetch (Mmu.fill; the C fills answer only the pair
+        Python saw last). A page seen with a second frame has its SSE sites checked in Python from then
+        on: the C checks compare bytes in the frame they were decoded from, which proves nothing now."""
         last = self.page_frame.get(page)
-        if last is None and len(self.page_frame) >= limits.CACHE_ENTRIES:
-            self.frames_forgotten = True  # emptied now: a page's earlier frame is no longer known
+        if last == hpa:
+            return
         limits.put(self.page_frame, page, hpa)
-        if last is not None and last != hpa and page not in self.shared_pages:
-            # another frame's code at this linear page (another process, a reused page): the C SSE
-            # checks compare bytes in the frame they were decoded from, which proves nothing now
+        if last is not None and page not in self.shared_pages:
             limits.put(self.shared_pages, page, True)
             if self.sse is not None:
                 self.sse.python_only(page, page + 0x1000)
-        return True
-
-    def _scan(self, page: int, hpa: int) -> None:
-        if len(self.hooked) >= limits.SCAN_SITES:
-            return  # bounded: the blocks that run are still checked (check_block)
-        data = self.mmu.ram.read(hpa, 0x1000) if self.mmu.ram.contains(hpa, 0x1000) else b""
-        if not data:
-            return
-        # Let an instruction that starts near the end of the page be decoded whole.
-        tail = self.mmu.fetch_bytes((page + 0x1000) & 0xFFFFFFFF, 15) or b""
-        code = data + tail
-        starts = set()
-        for m in self._pattern.finditer(data):
-            k = m.start()
-            starts.add(k)
-            j = k - 1
-            while j >= 0 and k - j <= 4 and data[j] in PREFIXES:
-                starts.add(j)
-                j -= 1
-        for start in sorted(starts):
-            for addr, size, mnem, ops in self._cs.disasm_lite(code[start : start + 15], page + start, 1):
-                if _is_wanted(mnem, ops, self.wanted):
-                    ptr = self._ram_pointer(hpa + start) if start + size <= 0x1000 else 0
-                    self._hook(addr, size, mnem, ops, code[start : start + size], ptr)
 
     def check_block(self, insns) -> bool:
         """Called with a newly seen block's instructions; True if one lacked a hook (retranslate it).

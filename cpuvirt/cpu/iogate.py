@@ -142,5 +142,3 @@ class IoGateVcpu(GuestViewVcpu):
         )
         self.enable_intercepts(wanted, self.io_gate)
         assert isinstance(self.intercepts, Intercepts)
-        # the page scan knows no in/out opcodes: the block check finds them; code frames are noted
-        self.mmu.on_code_frame = self.intercepts.note_frame

@@ -114,11 +114,10 @@ class IoSites:
         ic.fast_site = self.site
         note_frame = ic.note_frame
 
-        def noted(page: int, hpa: int) -> bool:
-            first = note_frame(page, hpa)
+        def noted(page: int, hpa: int) -> None:
+            note_frame(page, hpa)
             if page in ic.shared_pages:
                 self.python_only(page, page + 0x1000)
-            return first
 
         ic.note_frame = noted
         if vcpu.mmu.on_code_frame == note_frame:

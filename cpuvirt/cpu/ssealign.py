@@ -5,7 +5,7 @@ Unicorn 2.1.3 checks no SSE alignment, so cpuvirt does (SDM Vol. 2A 2.4; Vol. 1 
 address, except movups, movupd, movdqu, lddqu and the SSE4.2 string compares; the scalar and
 64-bit-operand forms (movss, movsd, movlps, cvtps2pd...) have no m128 operand and no requirement.
 
-The sites are found by cpu/intercept.py's page scan and block check like every other intercepted
+The sites are found by cpu/intercept.py's block check like every other intercepted
 instruction. On each one goes a C hook (_ssealign.c, `SseAlign.site`) that computes the linear address
 from the addressing form decoded here once; only a misaligned operand, or code the C hook does not
 decode (16-bit, real-address or virtual-8086 mode), reaches Python: `misaligned_operand`, which
@@ -40,8 +40,6 @@ from cpuvirt.status import Unsupported
 
 # m128 operands that need no alignment (SDM Vol. 2: the instructions' own pages)
 UNALIGNED_OK = frozenset(("movups", "movupd", "movdqu", "lddqu", "pcmpestri", "pcmpestrm", "pcmpistri", "pcmpistrm"))
-# the opcode bytes a page scan looks for: two-byte 0F opcodes of the SSE/SSE2 rows and the 0F 38 / 0F 3A maps
-OPCODE_PATTERN = rb"\x0f[\x14\x15\x28\x29\x2b\x51-\x7f\xc2\xc6\xd0-\xfe\x38\x3a]"
 MARKER = "sse align"  # in Intercepts.wanted: hook these instructions
 
 

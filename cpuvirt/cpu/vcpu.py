@@ -748,7 +748,7 @@ class Vcpu:
         ic.on_limit = lambda why: self.finish("error", EXIT_HYPERVISOR_STOP, why)
         # real-address and virtual-8086 mode, and code segments with D = 0: 16-bit code
         ic.code16 = lambda: not self.running_code32()
-        self.mmu.on_code_frame = ic.scan_frame
+        self.mmu.on_code_frame = ic.note_frame  # (the block check finds the sites: cpu/intercept.py)
 
         def observe(insns):
             if not self.io_gate_armed and self.regs.cpl() != 0:

@@ -4,9 +4,9 @@ The C hook is registered before Mmu.fill and answers only side-effect-free hits 
 (entries present, A/D already set, rights allow the access, a RAM frame, not a fetch); for anything else
 it declines and Unicorn calls Mmu.fill with the same request. A fetch is answered in C only from a
 (linear page, frame) pair that Mmu.fill has granted a fetch before (`code_frame`), and only while it is
-the page's last pairing Mmu.fill saw (`forget_pair`), so that the intercepts' one scan of each pair
-(Mmu.on_code_frame) is never skipped and a page's remapping always reaches Mmu.fill (the clock drops
-its counts of the code there: Mmu.on_code_remap). Its fills and walks are added to the
+the page's last pairing Mmu.fill saw (`forget_pair`), so that a page's remapping always reaches
+Mmu.fill (the clock drops its counts of the code there, Mmu.on_code_remap, and the intercepts note the
+pair, Mmu.on_code_frame). Its fills and walks are added to the
 MMU's counters. Optional: without the built extension every fill is Python's, with the same results.
 """
 
@@ -116,7 +116,7 @@ class FastFill:
 
     def code_frame(self, hpa: int, page: int | None = None) -> None:
         """Mmu.fill granted execute to this host frame (for a fetch from linear `page`, after the
-        intercepts scanned that pair): the C path grants execute, and answers fetches from `page`."""
+        intercepts noted that pair): the C path grants execute, and answers fetches from `page`."""
         frame = (hpa - self._state.ram_hpa) >> 12
         if 0 <= frame < len(self.code):
             self.code[frame] = 1

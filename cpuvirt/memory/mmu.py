@@ -287,7 +287,7 @@ class Mmu:
                 self._code_remapped(vaddr & PAGE_MASK, hpa)
             if self.on_code_frame is not None:
                 self.on_code_frame(vaddr & PAGE_MASK, hpa)
-            if self.counters.fast is not None:  # after the scan: C may answer this pair's fetches now
+            if self.counters.fast is not None:  # after the intercepts: C may answer this pair's fetches now
                 self.counters.fast.code_frame(hpa, vaddr & PAGE_MASK)
         elif hpa in self.code_frames:
             perms |= UC_PROT_EXEC

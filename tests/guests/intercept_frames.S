@@ -5,7 +5,8 @@
 # The clock knows a block by (linear address, length), so B's block is no new block to it: a hypervisor
 # that found intercepted instructions only in blocks the clock counts for the first time would let B's
 # `invd` run unseen (under hw INVD always exits, SDM 25.1.2). `not_code` below is data in a code page
-# whose bytes decode as hlt, sldt, lgdt, a far jmp and mov to CR0: it never runs, so it needs no hooks
+# whose bytes decode as hlt, sldt, lgdt, a far jmp and mov to CR0: it never runs, so it needs no hooks,
+# nor does the `hlt` byte after each frame's `ret` in X, a page that serves two frames
 # (tests/test_intercepts.py).
 #include "kernel.inc"
 #include "paging.inc"
@@ -16,8 +17,8 @@ FRAME_B = 0x311000
 
 .text
 main:
-    mov dword ptr [FRAME_A], 0xC39090   # nop; nop; ret
-    mov dword ptr [FRAME_B], 0xC3080F   # invd; ret
+    mov dword ptr [FRAME_A], 0xF4C39090 # nop; nop; ret; then a byte that never runs: hlt
+    mov dword ptr [FRAME_B], 0xF4C3080F # invd; ret; the same
     PAGING_IDENTITY_4M_ON(PTE_P | PTE_W)
     mov eax, FRAME_A
     call run_x

@@ -11,7 +11,6 @@ frame is write-traced, so the store that clears the mask is emulated and the upc
 from __future__ import annotations
 
 import ctypes
-import re
 import struct
 from typing import TYPE_CHECKING
 
@@ -35,7 +34,6 @@ if TYPE_CHECKING:
 HYPERCALL_VECTOR = 0x82
 _IO = ("in", "out", "insb", "insw", "insd", "outsb", "outsw", "outsd")
 IO_MNEMONICS = frozenset(_IO + tuple("rep " + m for m in _IO if m[-1] in "bwd" and m not in ("in", "out")))
-_IO_PATTERN = re.compile(rb"[\xe4-\xe7\xec-\xef\x6c-\x6f]")
 PRIVILEGED = CPL0_ONLY | IOPL_SENSITIVE | IO | {"rdpmc", "mov", "iretd", "popfd"}
 NOT_PV = (
     "privileged instruction in a guest that is not paravirtualized "
@@ -90,10 +88,6 @@ class ParaVcpu(Vcpu):
         self._intr_hook = self.hooks.intr(self._intr)
         # in/out never fault in the engine: hook every instance and make it a #GP unless granted.
         self.enable_intercepts(IO_MNEMONICS, self._io_instruction)
-        from cpuvirt.cpu.intercept import FAR_PATTERN
-
-        assert self.intercepts is not None  # enable_intercepts made them
-        self.intercepts._pattern = re.compile(_IO_PATTERN.pattern + b"|" + FAR_PATTERN)
         # in/out within the granted IOPL (nothing for the gate to do) answered in C
         self.install_io_sites(*_io_cpls(self._iopl))
         if self.pv_fast is not None:
