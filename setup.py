@@ -24,9 +24,9 @@ class build_py_with_guests(build_py):
 
 setup(
     ext_modules=[Extension("cpuvirt.engine._vclock", ["cpuvirt/engine/_vclock.c"], extra_compile_args=["-O2"],
-                           depends=["cpuvirt/engine/_vclock.h"]),
+                           depends=["cpuvirt/engine/_vclock.h", "cpuvirt/engine/_got.h"]),
                  Extension("cpuvirt.memory._tlbfill", ["cpuvirt/memory/_tlbfill.c"], extra_compile_args=["-O2"],
-                           depends=["cpuvirt/engine/_tlbhook.h", "cpuvirt/memory/_shadowmirror.h"]),
+                           depends=["cpuvirt/engine/_tlbhook.h", "cpuvirt/memory/_shadowmirror.h", "cpuvirt/engine/_got.h"]),
                  Extension("cpuvirt.engine._cpuid", ["cpuvirt/engine/_cpuid.c"], extra_compile_args=["-O2"]),
                  Extension("cpuvirt.cpu._delivery", ["cpuvirt/cpu/_delivery.c"], extra_compile_args=["-O2"],
                            depends=["cpuvirt/engine/_tlbhook.h", "cpuvirt/memory/_shadowmirror.h", "cpuvirt/cpu/_blockcopy.h", "cpuvirt/cpu/_modrm.h",

@@ -17,7 +17,7 @@ from unicorn.unicorn_py3 import unicorn as _ucmod
 
 from cpuvirt.cpu.evdeliver import BLOCK_SLOTS, BlockCopy, BlockCopyKeeper
 from cpuvirt.engine import regs as R
-from cpuvirt.engine.cext import add_c_hook, load
+from cpuvirt.engine.cext import add_c_hook, first_fill_hook, load
 from cpuvirt.engine.hooks import hook_guard
 from cpuvirt.engine.internals import cpu_field, eip_offset, engine_cpu_state, engine_env
 from cpuvirt.x86.cpuid import CR4_RESERVED
@@ -497,6 +497,7 @@ class FastDelivery:
         env = engine_env(uc)
         off = eip_offset(uc, env) if env is not None else None
         st.eip_env = env + off if env is not None and off is not None else None  # (_delivery.c wr_eip)
+        first_fill_hook(uc)
         handle = add_c_hook(
             self._uch, UC_HOOK_TLB_FILL, self._lib.delivery_pf_hook, self._pstate, what="install the C #PF hook"
         )

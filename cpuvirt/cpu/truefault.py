@@ -7,7 +7,7 @@ import ctypes
 
 from unicorn import UC_HOOK_TLB_FILL
 
-from cpuvirt.engine.cext import add_c_hook
+from cpuvirt.engine.cext import add_c_hook, first_fill_hook
 
 
 class TfCounts(ctypes.Structure):
@@ -30,6 +30,7 @@ class TrueFaultHook:
 
     def __init__(self, uc, fn, what: str):
         self.state = self.STATE()
+        first_fill_hook(uc)
         self._handle = add_c_hook(
             uc._uch, UC_HOOK_TLB_FILL, fn, ctypes.cast(ctypes.pointer(self.state), ctypes.c_void_p), what=what
         )

@@ -21,7 +21,7 @@ from cpuvirt.cpu.faults import DeliveryFault, TripleFault
 from cpuvirt.cpu.quirks import FaultState
 from cpuvirt.cpu.tasks import CpuView
 from cpuvirt.engine import regs as R
-from cpuvirt.engine.cext import add_c_hook
+from cpuvirt.engine.cext import add_c_hook, first_fill_hook
 from cpuvirt.engine.clock import NEVER
 from cpuvirt.engine.cpuid import CpuidTable
 from cpuvirt.engine.hooks import EngineHooks, hook_guard
@@ -1109,6 +1109,7 @@ class Vcpu:
     def install_hooks(self) -> None:
         uc = self.uc
         hooks = self.hooks  # each under the one guard (engine/hooks.py)
+        first_fill_hook(uc)
         uc.hook_add(UC_HOOK_TLB_FILL, self.mmu.fill)
         self._intr_hook = hooks.intr(self.hook_intr)  # para replaces it (modes/para)
         hooks.invalid(self.hook_invalid)

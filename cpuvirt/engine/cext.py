@@ -23,6 +23,15 @@ def load(module: str, layouts: dict[str, type]) -> ctypes.CDLL | None:
     return lib
 
 
+def first_fill_hook(uc) -> bool:
+    """Count a UC_HOOK_TLB_FILL hook about to be added to `uc`: True for the engine's first. Unicorn asks
+    the fill hooks in the order they were added, and the first may run before the engine's state is
+    restored (memory/fastfill.py `lazy`): every cpuvirt fill hook is counted here as it is added."""
+    n = uc.__dict__.get("_cpuvirt_fill_hooks", 0)
+    uc.__dict__["_cpuvirt_fill_hooks"] = n + 1
+    return n == 0
+
+
 def add_c_hook(uch, htype: int, fn, data, begin: int = 1, end: int = 0, insn: int | None = None, what: str = "") -> int:
     """Add an engine hook whose callback is a C (or ctypes) function, through libunicorn itself: the
     binding only adds Python callbacks. `uch` is the engine's handle (`Uc._uch`), `data` the callback's

@@ -2,9 +2,10 @@
  * The common TLB fill of native mode in C: a guest page walk (32-bit paging, SDM 4.3) that needs no
  * side effect, over guest RAM. Mmu.fill (memory/mmu.py) stays the one complete fill: this hook runs
  * first and answers only when the answer is certain and changes nothing: a read or write, or a fetch
- * from a (linear page, frame) pair that has served a fetch before (so the intercepts' scan of it is
- * done: Mmu.fill reports each such pair through fastfill.py), entries present with A (and D for a
- * write) already set, rights that allow the access, a frame inside guest RAM. Anything else (a
+ * from a (linear page, frame) pair that has served a fetch before (so Python has seen it: the clock drops
+ * the page's counts at a new pair, the intercepts note it; Mmu.fill reports each such pair through
+ * fastfill.py), entries present with A (and D for a write) already set, rights that allow the access, a
+ * frame inside guest RAM. Anything else (a
  * fault, an A/D update, a first fetch, paging structures or a frame outside RAM, a 4 MiB page above
  * 4 GiB) returns false, and Unicorn calls the next fill
  * hook, the Python one, with the same request. Walks of long loops over fresh pages (kvm-unit-tests'
@@ -18,7 +19,11 @@
 #include <Python.h>
 #include <stdint.h>
 
+#include <dlfcn.h>
+#include <stdbool.h>
+
 #include "_shadowmirror.h"
+#include "../engine/_got.h"
 #include "../engine/_tlbhook.h"   /* the TLB-fill hook's entry and access types */
 
 typedef int (*reg_read_fn)(void *uc, int regid, void *value);
@@ -42,9 +47,151 @@ typedef struct {
 
 size_t fastfill_sizeof(void) { return sizeof(fastfill_t); }
 
-#define PROT_READ 1
-#define PROT_WRITE 2
-#define PROT_EXEC 4
+/*
+ * The engine's state, restored only when a fill needs it. Unicorn 2.1.3 begins every TLB fill
+ * (softmmu/unicorn_vtlb.c unicorn_fill_tlb) with cpu_restore_state(cpu, retaddr, false): it looks up the
+ * translated block of the host address the access came from (a search of the tree of every block) and
+ * decodes that block's instruction table, to put the instruction's EIP and the lazy flags' cc_op into the
+ * CPU state before any fill hook runs. The fast fills below answer their common case from CR0, CR3, CR4
+ * and SS, which that restore does not touch (the general registers are in the CPU state at every memory
+ * access already). On xv6's usertests, which makes 50.8 M fills under native and hw, the restore was
+ * 8-9% of the host's samples.
+ *
+ * So libunicorn's GOT entry for cpu_restore_state (it calls its own exported functions through its PLT)
+ * points at lazy_restore_state, which passes every call through but the one at the start of
+ * unicorn_fill_tlb, and that one only for an engine registered here (fill_lazy_register, by
+ * memory/fastfill.py when its fast fill is the engine's first fill hook): the call is kept (`pending`).
+ * The fast fill's common answer then needs nothing else; every other path (a decline, after which the
+ * next hook, C or Python, may read EIP or EFLAGS; a quick exit that records EIP) makes the kept call
+ * first (restore_now), so every later reader sees the state exactly as before. A fill that every hook
+ * declines ends in cpu_loop_exit_restore, which restores again by itself.
+ */
+typedef bool (*restore_fn)(void *cpu, uintptr_t host_pc, bool will_exit);
+
+typedef struct {
+    void *uc, *cpu;
+    uintptr_t host_pc;
+    uint32_t pending;
+} lazy_t;
+
+#define LAZY_ENGINES 16
+static lazy_t lazy[LAZY_ENGINES];
+static restore_fn real_restore;      /* cpu_restore_state_x86_64 itself */
+static uintptr_t fill_site;          /* where unicorn_fill_tlb's call to it returns to */
+static uint64_t lazy_kept, lazy_made;
+
+static bool lazy_restore_state(void *cpu, uintptr_t host_pc, bool will_exit) {
+    int i;
+    if ((uintptr_t)__builtin_return_address(0) == fill_site) {
+        for (i = 0; i < LAZY_ENGINES; i++) {
+            if (lazy[i].cpu == cpu) {
+                lazy[i].host_pc = host_pc;
+                lazy[i].pending = 1;
+                lazy_kept++;
+                return true;   /* (unicorn_fill_tlb does not look at it) */
+            }
+        }
+    }
+    return real_restore(cpu, host_pc, will_exit);
+}
+
+/* The restore the fill kept for this engine, made now (before anything may read EIP or EFLAGS). */
+static void restore_now(void *uc) {
+    int i;
+    for (i = 0; i < LAZY_ENGINES; i++) {
+        if (lazy[i].uc == uc) {
+            if (lazy[i].pending) {
+                lazy[i].pending = 0;
+                lazy_made++;
+                real_restore(lazy[i].cpu, lazy[i].host_pc, false);
+            }
+            return;
+        }
+    }
+}
+
+/* The call in libunicorn's unicorn_fill_tlb_x86_64 to cpu_restore_state through the PLT stub that jumps
+ * through `slot` (E8 rel32 to `FF 25 disp32`): the address it returns to, or 0. */
+static uintptr_t find_fill_site(const uint8_t *fill, size_t size, uintptr_t slot) {
+    size_t k;
+    for (k = 0; k + 5 <= size; k++) {
+        const uint8_t *plt;
+        int32_t rel, disp;
+        if (fill[k] != 0xE8) continue;
+        memcpy(&rel, fill + k + 1, 4);
+        plt = fill + k + 5 + rel;
+        if (plt[0] != 0xFF || plt[1] != 0x25) continue;
+        memcpy(&disp, plt + 2, 4);
+        if ((uintptr_t)(plt + 6 + disp) == slot) return (uintptr_t)(fill + k + 5);
+    }
+    return 0;
+}
+
+/* Once per process: 1 = the wrapper is in place; 0 = this libunicorn is not of the expected shape (no
+ * such GOT entry, symbol or call: every fill keeps its restore). */
+static int lazy_install(void) {
+    static int done = -1;
+    got_search_t g = {"libunicorn", "cpu_restore_state_x86_64", 0, 0};
+    void *lib, *fill, *restore;
+    Dl_info info;
+    const ElfW(Sym) *sym = NULL;
+    if (done >= 0) return done;
+    done = 0;
+    dl_iterate_phdr(find_got_entry, &g);
+    if (!g.slot) return 0;
+    lib = dlopen("libunicorn.so.2", RTLD_LAZY | RTLD_NOLOAD);
+    if (!lib) return 0;
+    fill = dlsym(lib, "unicorn_fill_tlb_x86_64");
+    restore = dlsym(lib, "cpu_restore_state_x86_64");
+    dlclose(lib);
+    if (!fill || !restore || !dladdr1(fill, &info, (void **)&sym, RTLD_DL_SYMENT) || !sym || !sym->st_size)
+        return 0;
+    fill_site = find_fill_site((const uint8_t *)fill, sym->st_size < 256 ? sym->st_size : 256, g.slot);
+    if (!fill_site) return 0;
+    real_restore = (restore_fn)restore;
+    if (*(void **)g.slot != (void *)lazy_restore_state && !got_write(g.slot, (void *)lazy_restore_state)) {
+        fill_site = 0;
+        return 0;
+    }
+    done = 1;
+    return 1;
+}
+
+/* Let the fills of engine `uc` (CPUState `cpu`) keep their restore: its first fill hook is one of the fast
+ * fills below. 1 = registered; 0 = not (the wrapper could not be put in place, or no room). */
+int fill_lazy_register(void *uc, void *cpu) {
+    int i;
+    if (!uc || !cpu || !lazy_install()) return 0;
+    for (i = 0; i < LAZY_ENGINES; i++) {
+        if (!lazy[i].uc) {
+            lazy[i].cpu = cpu, lazy[i].host_pc = 0, lazy[i].pending = 0;
+            lazy[i].uc = uc;
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* The engine is gone (its Uc's finalization): its slot is free, and its fills restore as before. */
+void fill_lazy_unregister(void *uc) {
+    int i;
+    for (i = 0; i < LAZY_ENGINES; i++)
+        if (lazy[i].uc == uc) memset(&lazy[i], 0, sizeof lazy[i]);
+}
+
+/* (kept, made): the restores kept by fills, and those made afterwards because a fill needed them. */
+uint64_t fill_lazy_kept(void) { return lazy_kept; }
+uint64_t fill_lazy_made(void) { return lazy_made; }
+
+/* The fast fill's answer; on a decline the kept restore is made, for the hooks after it. */
+static inline int answered(void *uc, int r) {
+    if (!r) restore_now(uc);
+    return r;
+}
+
+#define UC_PROT_READ 1
+#define UC_PROT_WRITE 2
+#define UC_PROT_EXEC 4
 #define P 0x1u
 #define RW 0x2u
 #define US 0x4u
@@ -70,7 +217,7 @@ static inline void write_entry(const fastfill_t *s, uint64_t gpa, uint32_t value
  * in RAM. It sets the accessed and dirty bits that walk would set (PDE.A on the way to a page table,
  * the leaf's A, and D for a write), counting each such write as a reference as walk does, but only once
  * it has decided to answer: a declined fill leaves every entry as it was, for Mmu.fill to walk again. */
-int fastfill_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *user_data) {
+static int fastfill(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *user_data) {
     fastfill_t *s = (fastfill_t *)user_data;
     uint64_t cr0 = 0, cr3 = 0, cr4 = 0, ss = 0, gpa, pde_gpa = 0, leaf_gpa = 0;
     uint64_t base = s->hv_start ? s->ram_hpa : 0;      /* entries hold base + offset in RAM */
@@ -113,7 +260,7 @@ int fastfill_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *user
     }
     if (gpa >= s->ram_bytes) return 0;                /* MMIO or unbacked: Python */
     if (type == MEM_FETCH && s->fetched[gpa >> 12] != (((uint32_t)vaddr & 0xFFFFF000u) | 1u))
-        return 0;                                     /* a new (page, frame) pair: Python scans it */
+        return 0;                                     /* a new (page, frame) pair: Python sees it */
     if (set_pde) {
         write_entry(s, pde_gpa, pde | A);
         refs++;
@@ -124,13 +271,17 @@ int fastfill_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *user
         refs++;
     }
     e->paddr = s->ram_hpa + gpa;
-    e->perms = PROT_READ | (ok ? PROT_WRITE : 0) | (s->code[gpa >> 12] ? PROT_EXEC : 0);
+    e->perms = UC_PROT_READ | (ok ? UC_PROT_WRITE : 0) | (s->code[gpa >> 12] ? UC_PROT_EXEC : 0);
     s->fills++;
     if (refs) {
         s->walks++;
         s->walk_refs += refs;
     }
     return 1;
+}
+
+int fastfill_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *user_data) {
+    return answered(uc, fastfill(uc, vaddr, type, e, user_data));
 }
 
 /* para: the hypervisor's window from hv_start up (memory/direct.py DirectPaging.gva_to_gpa), its GDT frames
@@ -147,21 +298,25 @@ typedef struct {
 
 size_t directfill_sizeof(void) { return sizeof(directfill_t); }
 
-int directfill_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *user_data) {
+static int directfill(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *user_data) {
     directfill_t *d = (directfill_t *)user_data;
     fastfill_t *s = &d->f;
     uint64_t i;
     uint32_t frame;
-    if (vaddr < s->hv_start || !s->hv_start) return fastfill_hook(uc, vaddr, type, e, user_data);
+    if (vaddr < s->hv_start || !s->hv_start) return fastfill(uc, vaddr, type, e, user_data);
     if (!s->enabled || type != MEM_READ) return 0;
     i = (vaddr - s->hv_start) >> 12;
     if (i >= WINDOW_PAGES || !(frame = d->window[i])) return 0;
     frame--;
     if ((uint64_t)frame << 12 >= s->ram_bytes) return 0;
     e->paddr = s->ram_hpa + ((uint64_t)frame << 12);
-    e->perms = PROT_READ | (s->code[frame] ? PROT_EXEC : 0);
+    e->perms = UC_PROT_READ | (s->code[frame] ? UC_PROT_EXEC : 0);
     s->fills++;
     return 1;
+}
+
+int directfill_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *user_data) {
+    return answered(uc, directfill(uc, vaddr, type, e, user_data));
 }
 
 /*
@@ -322,6 +477,7 @@ static int eptfill(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, eptfill_t
     walk_refs = refs;
     off = ept_ram(s, gpa, &refs);
     if (off == -2 && !retry && s->quick_cb != NULL && gpa < s->ram_bytes) {
+        restore_now(uc);                              /* the exit records EIP, Python reads the state */
         if (!quick_in_c(s, uc, vaddr, type, gpa)) {
             if (!s->quick_cb(vaddr, type, gpa, 0)) return 0;
             s->quick_exits++;
@@ -336,10 +492,10 @@ static int eptfill(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, eptfill_t
     }
     if (off < 0) return 0;
     if (type == MEM_FETCH && s->fetched[off >> 12] != (((uint32_t)vaddr & 0xFFFFF000u) | 1u))
-        return 0;                                     /* a new (page, frame) pair: Python scans it */
+        return 0;                                     /* a new (page, frame) pair: Python sees it */
     ept_set_ad(s, pde_gpa, pde, set_pde, leaf_gpa, leaf, set_leaf, &refs, &grefs);
     e->paddr = s->ram_hpa + (uint64_t)off;
-    e->perms = PROT_READ | (ok ? PROT_WRITE : 0) | (s->code[off >> 12] ? PROT_EXEC : 0);
+    e->perms = UC_PROT_READ | (ok ? UC_PROT_WRITE : 0) | (s->code[off >> 12] ? UC_PROT_EXEC : 0);
     s->fills++;
     if (cr0 & CR0_PG) s->walks++;
     s->walk_refs += refs + grefs;
@@ -393,7 +549,7 @@ static int quick_in_c(eptfill_t *s, void *uc, uint64_t vaddr, int type, uint64_t
 }
 
 int eptfill_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *user_data) {
-    return eptfill(uc, vaddr, type, e, (eptfill_t *)user_data, 0);
+    return answered(uc, eptfill(uc, vaddr, type, e, (eptfill_t *)user_data, 0));
 }
 
 /*
@@ -541,7 +697,7 @@ static int shadow_miss_fill(shadowfill_t *s, void *uc, uint64_t vaddr, int type,
     sm_link(m, pde_gpa);                               /* what _fold's _link will record in rmap */
     if (pte_addr >= 0) sm_link(m, (uint64_t)pte_addr);
     e->paddr = s->ram_hpa + gpa;
-    e->perms = PROT_READ | (writable && ok && !sm_traced(m, gpa) ? PROT_WRITE : 0) | (s->code[gpa >> 12] ? PROT_EXEC : 0);
+    e->perms = UC_PROT_READ | (writable && ok && !sm_traced(m, gpa) ? UC_PROT_WRITE : 0) | (s->code[gpa >> 12] ? UC_PROT_EXEC : 0);
     s->fills++;
     s->walks++;
     s->walk_refs += refs;
@@ -549,7 +705,7 @@ static int shadow_miss_fill(shadowfill_t *s, void *uc, uint64_t vaddr, int type,
     return 1;
 }
 
-int shadowfill_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *user_data) {
+static int shadowfill(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *user_data) {
     shadowfill_t *s = (shadowfill_t *)user_data;
     uint64_t ss = 0, gpa, r0 = 0, r3 = 0, r4 = 0;
     uint32_t cr0, cr3, cr4, rights;
@@ -559,7 +715,7 @@ int shadowfill_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *us
     if (s->tc_on && type == MEM_FETCH && vaddr >= s->tc_lo && vaddr < s->tc_hi && *s->tc_on) {
         if (s->reg_read(uc, s->ss, &ss) || (ss & 3) != 1) return 0;   /* CPL 1: the guest kernel */
         e->paddr = s->tc_hpa + ((vaddr - s->tc_lo) & ~0xFFFull);
-        e->perms = PROT_EXEC;
+        e->perms = UC_PROT_EXEC;
         return 1;
     }
     if (vaddr >= s->hv_start) return 0;
@@ -574,7 +730,10 @@ int shadowfill_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *us
     if (!en && !s->fill_misses && !s->quick_cb) return 0;
     if (s->reg_read(uc, s->ss, &ss)) return 0;
     user = (ss & 3) == 3;
-    if (!en) return shadow_miss_fill(s, uc, vaddr, type, e, cr0, cr3, cr4, user, 0);
+    if (!en) {
+        restore_now(uc);                              /* the miss may end in an exit that records EIP */
+        return shadow_miss_fill(s, uc, vaddr, type, e, cr0, cr3, cr4, user, 0);
+    }
     rights = en->rights;
     if (user) {
         writable = (rights & RW) != 0;
@@ -584,8 +743,11 @@ int shadowfill_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *us
         allowed = (type != MEM_WRITE || writable) && !(type == MEM_FETCH && (cr4 & CR4_SMEP) && (rights & US));
         if (writable && en->dirty && !(rights & RW)) return 0;   /* WP = 0 lets ring 1 write: _granted */
     }
-    if (!allowed || (type == MEM_WRITE && !en->dirty))   /* a walk */
-        return s->fill_misses || s->quick_cb ? shadow_miss_fill(s, uc, vaddr, type, e, cr0, cr3, cr4, user, 1) : 0;
+    if (!allowed || (type == MEM_WRITE && !en->dirty)) {   /* a walk */
+        if (!s->fill_misses && !s->quick_cb) return 0;
+        restore_now(uc);
+        return shadow_miss_fill(s, uc, vaddr, type, e, cr0, cr3, cr4, user, 1);
+    }
     gpa = en->gpa;
     if (gpa >= s->ram_bytes) return 0;                /* MMIO or unbacked: Python */
     ok = writable && en->dirty;
@@ -595,9 +757,13 @@ int shadowfill_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *us
     }
     if (type == MEM_FETCH && s->fetched[gpa >> 12] != (((uint32_t)vaddr & 0xFFFFF000u) | 1u)) return 0;
     e->paddr = s->ram_hpa + gpa;
-    e->perms = PROT_READ | (ok ? PROT_WRITE : 0) | (s->code[gpa >> 12] ? PROT_EXEC : 0);
+    e->perms = UC_PROT_READ | (ok ? UC_PROT_WRITE : 0) | (s->code[gpa >> 12] ? UC_PROT_EXEC : 0);
     s->fills++;
     return 1;
+}
+
+int shadowfill_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *user_data) {
+    return answered(uc, shadowfill(uc, vaddr, type, e, user_data));
 }
 
 /* -- Python's changes to the copy (memory/shadowmirror.py) ------------------------------------------- */

@@ -13,13 +13,17 @@ MMU's counters. Optional: without the built extension every fill is Python's, wi
 from __future__ import annotations
 
 import ctypes
+import os
+import weakref
+from functools import lru_cache
 from typing import Self
 
 from unicorn import UC_HOOK_TLB_FILL
 from unicorn.unicorn_py3 import unicorn as _ucmod
 from unicorn.x86_const import UC_X86_REG_CR0, UC_X86_REG_CR3, UC_X86_REG_CR4, UC_X86_REG_SS
 
-from cpuvirt.engine.cext import add_c_hook, load
+from cpuvirt.engine.cext import add_c_hook, first_fill_hook, load
+from cpuvirt.engine.internals import engine_cpu_state
 from cpuvirt.xen import GDT_WINDOW_FRAMES, HYPERVISOR_VIRT_START
 
 
@@ -45,11 +49,37 @@ class _State(ctypes.Structure):
     ]
 
 
+@lru_cache(maxsize=1)
 def _lib():
-    return load(
+    lib = load(
         "cpuvirt.memory._tlbfill",
         {"fastfill_sizeof": _State, "eptfill_sizeof": _EptState, "directfill_sizeof": _DirectState},
     )
+    if lib is not None:
+        lib.fill_lazy_register.argtypes = (ctypes.c_void_p, ctypes.c_void_p)
+        lib.fill_lazy_register.restype = ctypes.c_int
+        lib.fill_lazy_unregister.argtypes, lib.fill_lazy_unregister.restype = (ctypes.c_void_p,), None
+        lib.fill_lazy_kept.restype = lib.fill_lazy_made.restype = ctypes.c_uint64
+    return lib
+
+
+def _lazy_register(uc) -> bool:
+    """Let the engine's fills skip their state restore until a path needs it (_tlbfill.c, "The engine's
+    state, restored only when a fill needs it"), until the engine is gone. Off: CPUVIRT_LAZY_RESTORE=0."""
+    if os.environ.get("CPUVIRT_LAZY_RESTORE", "1") == "0":
+        return False
+    lib, cpu = _lib(), engine_cpu_state(uc)
+    if lib is None or cpu is None or not lib.fill_lazy_register(uc._uch, ctypes.c_void_p(cpu)):
+        return False
+    weakref.finalize(uc, lib.fill_lazy_unregister, uc._uch.value)
+    return True
+
+
+def lazy_restores() -> tuple[int, int]:
+    """(kept, made) over the process: the fills' state restores skipped, and those made afterwards
+    because a path after the fast fill needed them."""
+    lib = _lib()
+    return (lib.fill_lazy_kept(), lib.fill_lazy_made()) if lib is not None else (0, 0)
 
 
 class FastFill:
@@ -74,6 +104,7 @@ class FastFill:
         st.cr0, st.cr3, st.cr4, st.ss = UC_X86_REG_CR0, UC_X86_REG_CR3, UC_X86_REG_CR4, UC_X86_REG_SS
         st.enabled = self.ENABLED
         self.setup(st)
+        first = first_fill_hook(mmu.uc)
         self._hook = add_c_hook(
             mmu.uc._uch,
             UC_HOOK_TLB_FILL,
@@ -81,6 +112,8 @@ class FastFill:
             ctypes.cast(ctypes.pointer(st), ctypes.c_void_p),
             what=f"install the C TLB fill {self.HOOK}",
         )
+        # the first fill hook: its fills may leave the engine's state restore to the paths that need it
+        self.lazy = first and _lazy_register(mmu.uc)
 
     def setup(self, state) -> None:
         """What a subclass's state holds beyond the guest walk's."""
