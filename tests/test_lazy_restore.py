@@ -1,5 +1,6 @@
 """The engine's state restore at a TLB fill, kept by the fast fills until a path needs it (memory/_tlbfill.c,
-"The engine's state, restored only when a fill needs it"; memory/fastfill.py).
+"The engine's state, restored only when a fill needs it"; memory/fastfill.py); and the paging registers
+the fills read in the engine's CPU state (engine/internals.py paging_registers).
 
 Unicorn restores EIP and the lazy flags' cc_op at the start of every fill; the fast fills answer their common
 case without either, and make the restore before anything that reads them (a decline: the #PF hooks and
@@ -74,3 +75,21 @@ def test_a_trace_is_the_same_with_every_restore_made(mode, monkeypatch, tmp_path
 
     faults = [r for r in rows(a) if r.get("kind") == "page_fault" and r.get("reason") == "#PF"]
     assert rows(a) == rows(b) and len(faults) == 800   # each with its instruction's EIP
+
+
+@pytest.mark.parametrize("mode", ["native", "hw", "trap"])
+def test_the_fills_read_the_registers_the_api_reads(mode, monkeypatch, test_guest):
+    """CR0, CR3, CR4 and SS as the fills read them in the CPU state are the engine's own, after a run with
+    paging, CR3 switches and user mode (true_pf.S)."""
+    import ctypes
+
+    from cpuvirt.engine import regs as R
+    from cpuvirt.memory.fastfill import _lib
+
+    res, fast, _, _ = _run(test_guest("true_pf"), mode, monkeypatch, True)
+    assert res.outcome == "exit"
+    uc = fast.mmu.uc
+    out = (ctypes.c_uint64 * 4)()
+    assert _lib().fill_engine_registers(uc._uch, out) == 1
+    assert list(out) == [uc.reg_read(R.CR0), uc.reg_read(R.CR3), uc.reg_read(R.CR4), uc.reg_read(R.SS)]
+    assert out[0] & 0x80000000   # paging on

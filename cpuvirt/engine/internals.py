@@ -179,6 +179,45 @@ def eip_offset(uc, env: int) -> int | None:
     return _EIP_OFFSET[0]
 
 
+@lru_cache(maxsize=1)
+def paging_registers() -> tuple[int, int, int, int] | None:
+    """Where CR0, CR3, CR4 (64-bit words) and SS's selector (32 bits) are in the engine's CPUX86State, so
+    that C reads them there instead of through uc_reg_read (memory/_tlbfill.c reads them at every TLB fill).
+    Found once, on a probe engine put in real-address mode (where loading SS reads no descriptor): each is the
+    one place of the state that follows two values written through the API, and CR0 is where the state
+    holds the value the API reads. None when not found."""
+    with probing():
+        uc = new_engine()
+        env = engine_env(uc)
+        if env is None:
+            return None
+        uc.reg_write(R.CR0, uc.reg_read(R.CR0) & ~1)  # real-address mode (the engine starts in protected mode)
+        found = []
+        for reg, probes, size in (
+            (R.CR3, (0x5A17C000, 0x0BADF000), 8),
+            (R.CR4, (0x10, 0x200), 8),
+            (R.SS, (0x1234, 0x4321), 4),
+        ):
+            places: set[int] | None = None
+            for probe in probes:
+                uc.reg_write(reg, probe)
+                state = read_process(env, 0x400)
+                if state is None:
+                    return None
+                want = probe.to_bytes(size, "little")
+                here = {k for k in range(0, 0x400 - 8, size) if state[k : k + size] == want}
+                places = here if places is None else places & here
+            if not places or len(places) != 1:
+                return None
+            found.append(places.pop())
+        cr3, cr4, ss = found
+        cr0 = cr3 - 24  # cr[0..4]: QEMU's `target_ulong cr[5]`, checked against the API here
+        state = read_process(env, 0x400)
+        if cr4 != cr3 + 8 or state is None or int.from_bytes(state[cr0 : cr0 + 8], "little") != uc.reg_read(R.CR0):
+            return None
+        return cr0, cr3, cr4, ss
+
+
 def context_header(uc, env: int) -> int | None:
     """Where the copy of CPUX86State starts in a saved context (offsets found in a context count from
     the context itself): the offset at which the context's bytes equal the live state's, with EAX and

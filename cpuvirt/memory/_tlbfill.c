@@ -59,7 +59,7 @@ size_t fastfill_sizeof(void) { return sizeof(fastfill_t); }
  *
  * So libunicorn's GOT entry for cpu_restore_state (it calls its own exported functions through its PLT)
  * points at lazy_restore_state, which passes every call through but the one at the start of
- * unicorn_fill_tlb, and that one only for an engine registered here (fill_lazy_register, by
+ * unicorn_fill_tlb, and that one only for an engine registered here (fill_engine_register, by
  * memory/fastfill.py when its fast fill is the engine's first fill hook): the call is kept (`pending`).
  * The fast fill's common answer then needs nothing else; every other path (a decline, after which the
  * next hook, C or Python, may read EIP or EFLAGS; a quick exit that records EIP) makes the kept call
@@ -68,25 +68,39 @@ size_t fastfill_sizeof(void) { return sizeof(fastfill_t); }
  */
 typedef bool (*restore_fn)(void *cpu, uintptr_t host_pc, bool will_exit);
 
+/* What this library knows of each engine whose fills it makes (fill_engine_register): where its paging
+ * registers are, and whether its fills may keep their restore. */
 typedef struct {
     void *uc, *cpu;
-    uintptr_t host_pc;
-    uint32_t pending;
-} lazy_t;
+    const uint8_t *env;              /* its CPUX86State; NULL: registers through uc_reg_read */
+    uint32_t cr0, cr3, cr4, ss;      /* offsets there (engine/internals.py paging_registers) */
+    uint32_t lazy;                   /* its first fill hook is a fast fill: fills may keep the restore */
+    uint32_t pending;                /* the restore kept by the fill under way */
+    uintptr_t host_pc;               /* ... and its argument */
+} engine_t;
 
-#define LAZY_ENGINES 16
-static lazy_t lazy[LAZY_ENGINES];
+#define ENGINES 16
+static engine_t engines[ENGINES];
+static engine_t *last_engine = &engines[0];
 static restore_fn real_restore;      /* cpu_restore_state_x86_64 itself */
 static uintptr_t fill_site;          /* where unicorn_fill_tlb's call to it returns to */
 static uint64_t lazy_kept, lazy_made;
 
+static inline engine_t *engine_of(void *uc) {
+    int i;
+    if (last_engine->uc == uc) return last_engine;
+    for (i = 0; i < ENGINES; i++)
+        if (engines[i].uc == uc) return last_engine = &engines[i];
+    return NULL;
+}
+
 static bool lazy_restore_state(void *cpu, uintptr_t host_pc, bool will_exit) {
     int i;
     if ((uintptr_t)__builtin_return_address(0) == fill_site) {
-        for (i = 0; i < LAZY_ENGINES; i++) {
-            if (lazy[i].cpu == cpu) {
-                lazy[i].host_pc = host_pc;
-                lazy[i].pending = 1;
+        for (i = 0; i < ENGINES; i++) {
+            if (engines[i].cpu == cpu && engines[i].lazy) {
+                engines[i].host_pc = host_pc;
+                engines[i].pending = 1;
                 lazy_kept++;
                 return true;   /* (unicorn_fill_tlb does not look at it) */
             }
@@ -97,17 +111,38 @@ static bool lazy_restore_state(void *cpu, uintptr_t host_pc, bool will_exit) {
 
 /* The restore the fill kept for this engine, made now (before anything may read EIP or EFLAGS). */
 static void restore_now(void *uc) {
-    int i;
-    for (i = 0; i < LAZY_ENGINES; i++) {
-        if (lazy[i].uc == uc) {
-            if (lazy[i].pending) {
-                lazy[i].pending = 0;
-                lazy_made++;
-                real_restore(lazy[i].cpu, lazy[i].host_pc, false);
-            }
-            return;
-        }
+    engine_t *g = engine_of(uc);
+    if (g && g->pending) {
+        g->pending = 0;
+        lazy_made++;
+        real_restore(g->cpu, g->host_pc, false);
     }
+}
+
+/* CR0, CR3, CR4 and SS's selector: read in the engine's CPU state where it is registered (a call through
+ * uc_reg_read for each costs more than the walk itself: kvm-unit-tests' sieve, 2 G instructions under
+ * native, 5.8-6.0 s -> 5.2 s), else through `reg_read` with the ids given. 0: the API refused one. */
+static inline int paging_registers(void *uc, reg_read_fn reg_read, int32_t id0, int32_t id3, int32_t id4,
+                                   int32_t idss, uint64_t *cr0, uint64_t *cr3, uint64_t *cr4, uint64_t *ss) {
+    const engine_t *g = engine_of(uc);
+    if (g && g->env) {
+        *cr0 = *(const uint64_t *)(g->env + g->cr0);
+        *cr3 = *(const uint64_t *)(g->env + g->cr3);
+        *cr4 = *(const uint64_t *)(g->env + g->cr4);
+        *ss = *(const uint32_t *)(g->env + g->ss);
+        return 1;
+    }
+    return !reg_read(uc, id0, cr0) && !reg_read(uc, id3, cr3) && !reg_read(uc, id4, cr4) && !reg_read(uc, idss, ss);
+}
+
+/* SS's selector alone, the same way. */
+static inline int read_ss(void *uc, reg_read_fn reg_read, int32_t idss, uint64_t *ss) {
+    const engine_t *g = engine_of(uc);
+    if (g && g->env) {
+        *ss = *(const uint32_t *)(g->env + g->ss);
+        return 1;
+    }
+    return !reg_read(uc, idss, ss);
 }
 
 /* The call in libunicorn's unicorn_fill_tlb_x86_64 to cpu_restore_state through the PLT stub that jumps
@@ -157,26 +192,42 @@ static int lazy_install(void) {
     return 1;
 }
 
-/* Let the fills of engine `uc` (CPUState `cpu`) keep their restore: its first fill hook is one of the fast
- * fills below. 1 = registered; 0 = not (the wrapper could not be put in place, or no room). */
-int fill_lazy_register(void *uc, void *cpu) {
+/* The engine is gone (its Uc's finalization): its slot is free. */
+void fill_engine_unregister(void *uc) {
     int i;
-    if (!uc || !cpu || !lazy_install()) return 0;
-    for (i = 0; i < LAZY_ENGINES; i++) {
-        if (!lazy[i].uc) {
-            lazy[i].cpu = cpu, lazy[i].host_pc = 0, lazy[i].pending = 0;
-            lazy[i].uc = uc;
-            return 1;
+    for (i = 0; i < ENGINES; i++)
+        if (engines[i].uc == uc) memset(&engines[i], 0, sizeof engines[i]);
+}
+
+/* Register engine `uc` (CPUState `cpu`, CPUX86State `env` with its paging registers at the offsets given;
+ * env NULL: not known) for its fills; `lazy`: its first fill hook is a fast fill, so its fills may keep
+ * their restore. Returns 0 when there is no room (its fills read through the API and restore as before),
+ * else 1, plus 2 when the fills keep their restore (the wrapper is in place). */
+int fill_engine_register(void *uc, void *cpu, void *env, uint32_t cr0, uint32_t cr3, uint32_t cr4, uint32_t ss,
+                         int lazy) {
+    int i;
+    if (!uc) return 0;
+    fill_engine_unregister(uc);
+    for (i = 0; i < ENGINES; i++) {
+        engine_t *g = &engines[i];
+        if (!g->uc) {
+            g->cpu = cpu, g->env = (const uint8_t *)env;
+            g->cr0 = cr0, g->cr3 = cr3, g->cr4 = cr4, g->ss = ss;
+            g->lazy = lazy && cpu && lazy_install();
+            g->pending = 0, g->host_pc = 0;
+            g->uc = uc;
+            return 1 | (g->lazy ? 2 : 0);
         }
     }
     return 0;
 }
 
-/* The engine is gone (its Uc's finalization): its slot is free, and its fills restore as before. */
-void fill_lazy_unregister(void *uc) {
-    int i;
-    for (i = 0; i < LAZY_ENGINES; i++)
-        if (lazy[i].uc == uc) memset(&lazy[i], 0, sizeof lazy[i]);
+/* What the fills read as CR0, CR3, CR4 and SS's selector of engine `uc` (tests compare it with the API):
+ * 1 = read in its CPU state, 0 = not registered with one. */
+int fill_engine_registers(void *uc, uint64_t out[4]) {
+    const engine_t *g = engine_of(uc);
+    if (!g || !g->env) return 0;
+    return paging_registers(uc, NULL, 0, 0, 0, 0, &out[0], &out[1], &out[2], &out[3]);
 }
 
 /* (kept, made): the restores kept by fills, and those made afterwards because a fill needed them. */
@@ -225,15 +276,13 @@ static int fastfill(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *us
     int write = type == MEM_WRITE, user, writable, ok;
     if (!s->enabled || (type != MEM_READ && type != MEM_WRITE && type != MEM_FETCH)) return 0;
     if (s->hv_start && vaddr >= s->hv_start) return 0;   /* the hypervisor's window (GDT, LDT frames) */
-    if (s->reg_read(uc, s->cr0, &cr0)) return 0;
+    if (!paging_registers(uc, s->reg_read, s->cr0, s->cr3, s->cr4, s->ss, &cr0, &cr3, &cr4, &ss)) return 0;
     if (!(cr0 & CR0_PG)) {
         if (s->hv_start) return 0;                    /* para runs with paging from its first instruction */
         gpa = vaddr & 0xFFFFF000u;
         ok = 1;
         refs = 0;
     } else {
-        if (s->reg_read(uc, s->cr3, &cr3) || s->reg_read(uc, s->cr4, &cr4) || s->reg_read(uc, s->ss, &ss))
-            return 0;
         user = (ss & 3) == 3;
         pde_gpa = ((cr3 & 0xFFFFF000u) | ((vaddr >> 20) & 0xFFC)) - base;
         if (!read_entry(s, pde_gpa, &pde) || !(pde & P)) return 0;
@@ -437,13 +486,11 @@ static int eptfill(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, eptfill_t
     int64_t off;
     int write = type == MEM_WRITE, user, writable, ok;
     if (!s->enabled || (type != MEM_READ && type != MEM_WRITE && type != MEM_FETCH)) return 0;
-    if (s->reg_read(uc, s->cr0, &cr0)) return 0;
+    if (!paging_registers(uc, s->reg_read, s->cr0, s->cr3, s->cr4, s->ss, &cr0, &cr3, &cr4, &ss)) return 0;
     if (!(cr0 & CR0_PG)) {
         gpa = vaddr & 0xFFFFF000u;
         ok = 1;
     } else {
-        if (s->reg_read(uc, s->cr3, &cr3) || s->reg_read(uc, s->cr4, &cr4) || s->reg_read(uc, s->ss, &ss))
-            return 0;
         user = (ss & 3) == 3;
         pde_gpa = (cr3 & 0xFFFFF000u) | ((vaddr >> 20) & 0xFFC);
         off = ept_ram(s, pde_gpa, &refs);
@@ -713,7 +760,7 @@ static int shadowfill(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *
     int user, writable, allowed, ok;
     if (!s->enabled || (type != MEM_READ && type != MEM_WRITE && type != MEM_FETCH)) return 0;
     if (s->tc_on && type == MEM_FETCH && vaddr >= s->tc_lo && vaddr < s->tc_hi && *s->tc_on) {
-        if (s->reg_read(uc, s->ss, &ss) || (ss & 3) != 1) return 0;   /* CPL 1: the guest kernel */
+        if (!read_ss(uc, s->reg_read, s->ss, &ss) || (ss & 3) != 1) return 0;   /* CPL 1: the guest kernel */
         e->paddr = s->tc_hpa + ((vaddr - s->tc_lo) & ~0xFFFull);
         e->perms = UC_PROT_EXEC;
         return 1;
@@ -721,14 +768,14 @@ static int shadowfill(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *
     if (vaddr >= s->hv_start) return 0;
     if (s->vcr0) {
         cr0 = *s->vcr0, cr3 = *s->vcr3, cr4 = *s->vcr4;
+        if (!read_ss(uc, s->reg_read, s->ss, &ss)) return 0;
     } else {
-        if (s->reg_read(uc, s->cr0, &r0) || s->reg_read(uc, s->cr3, &r3) || s->reg_read(uc, s->cr4, &r4)) return 0;
+        if (!paging_registers(uc, s->reg_read, s->cr0, s->cr3, s->cr4, s->ss, &r0, &r3, &r4, &ss)) return 0;
         cr0 = (uint32_t)r0, cr3 = (uint32_t)r3, cr4 = (uint32_t)r4;
     }
     if (!(cr0 & CR0_PG)) return 0;                    /* no paging: Python's (boot only) */
     en = sm_entry(s->mirror, cr0, cr3, cr4, (uint32_t)(vaddr >> 12));
     if (!en && !s->fill_misses && !s->quick_cb) return 0;
-    if (s->reg_read(uc, s->ss, &ss)) return 0;
     user = (ss & 3) == 3;
     if (!en) {
         restore_now(uc);                              /* the miss may end in an exit that records EIP */

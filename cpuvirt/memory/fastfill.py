@@ -23,7 +23,7 @@ from unicorn.unicorn_py3 import unicorn as _ucmod
 from unicorn.x86_const import UC_X86_REG_CR0, UC_X86_REG_CR3, UC_X86_REG_CR4, UC_X86_REG_SS
 
 from cpuvirt.engine.cext import add_c_hook, first_fill_hook, load
-from cpuvirt.engine.internals import engine_cpu_state
+from cpuvirt.engine.internals import engine_cpu_state, engine_env, paging_registers
 from cpuvirt.xen import GDT_WINDOW_FRAMES, HYPERVISOR_VIRT_START
 
 
@@ -56,23 +56,31 @@ def _lib():
         {"fastfill_sizeof": _State, "eptfill_sizeof": _EptState, "directfill_sizeof": _DirectState},
     )
     if lib is not None:
-        lib.fill_lazy_register.argtypes = (ctypes.c_void_p, ctypes.c_void_p)
-        lib.fill_lazy_register.restype = ctypes.c_int
-        lib.fill_lazy_unregister.argtypes, lib.fill_lazy_unregister.restype = (ctypes.c_void_p,), None
+        lib.fill_engine_register.argtypes = (ctypes.c_void_p,) * 3 + (ctypes.c_uint32,) * 4 + (ctypes.c_int,)
+        lib.fill_engine_register.restype = ctypes.c_int
+        lib.fill_engine_unregister.argtypes, lib.fill_engine_unregister.restype = (ctypes.c_void_p,), None
         lib.fill_lazy_kept.restype = lib.fill_lazy_made.restype = ctypes.c_uint64
+        lib.fill_engine_registers.argtypes = (ctypes.c_void_p, ctypes.c_void_p)
+        lib.fill_engine_registers.restype = ctypes.c_int
     return lib
 
 
-def _lazy_register(uc) -> bool:
-    """Let the engine's fills skip their state restore until a path needs it (_tlbfill.c, "The engine's
-    state, restored only when a fill needs it"), until the engine is gone. Off: CPUVIRT_LAZY_RESTORE=0."""
-    if os.environ.get("CPUVIRT_LAZY_RESTORE", "1") == "0":
+def _register_engine(uc, first: bool) -> bool:
+    """Tell _tlbfill.c where the engine's paging registers are (its fills read them there, not through
+    uc_reg_read) and, when its first fill hook is this fast fill, let its fills keep their state restore
+    until a path needs it ("The engine's state, restored only when a fill needs it"; off:
+    CPUVIRT_LAZY_RESTORE=0); until the engine is gone. True when the fills keep their restore."""
+    lib, cpu, env, where = _lib(), engine_cpu_state(uc), engine_env(uc), paging_registers()
+    if lib is None:
         return False
-    lib, cpu = _lib(), engine_cpu_state(uc)
-    if lib is None or cpu is None or not lib.fill_lazy_register(uc._uch, ctypes.c_void_p(cpu)):
-        return False
-    weakref.finalize(uc, lib.fill_lazy_unregister, uc._uch.value)
-    return True
+    lazy = first and cpu is not None and os.environ.get("CPUVIRT_LAZY_RESTORE", "1") != "0"
+    cr0, cr3, cr4, ss = where if where is not None and env is not None else (0, 0, 0, 0)
+    done = lib.fill_engine_register(
+        uc._uch, ctypes.c_void_p(cpu), ctypes.c_void_p(env if where is not None else None), cr0, cr3, cr4, ss, lazy
+    )
+    if done:
+        weakref.finalize(uc, lib.fill_engine_unregister, uc._uch.value)
+    return bool(done & 2)
 
 
 def lazy_restores() -> tuple[int, int]:
@@ -112,8 +120,8 @@ class FastFill:
             ctypes.cast(ctypes.pointer(st), ctypes.c_void_p),
             what=f"install the C TLB fill {self.HOOK}",
         )
-        # the first fill hook: its fills may leave the engine's state restore to the paths that need it
-        self.lazy = first and _lazy_register(mmu.uc)
+        # the engine registered with _tlbfill.c: its paging registers, and (the first fill hook) the restore
+        self.lazy = _register_engine(mmu.uc, first)
 
     def setup(self, state) -> None:
         """What a subclass's state holds beyond the guest walk's."""
