@@ -66,6 +66,9 @@ def _trap_machine():
 
     keep = REG_READ(reg_read)
     fill._state.reg_read = ctypes.cast(keep, ctypes.c_void_p).value
+    # the fills read SS in the engine's CPU state where the engine is registered (memory/fastfill.py): this
+    # engine is not, so that they read it through reg_read, which the test drives
+    _lib().fill_engine_unregister(m.uc._uch)
     hook = HOOK(ctypes.cast(_lib().shadowfill_hook, ctypes.c_void_p).value)
     state = ctypes.cast(ctypes.pointer(fill._state), ctypes.c_void_p)
     return m, hv, fill, ring, hook, state, keep
