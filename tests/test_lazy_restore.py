@@ -93,3 +93,22 @@ def test_the_fills_read_the_registers_the_api_reads(mode, monkeypatch, test_gues
     assert _lib().fill_engine_registers(uc._uch, out) == 1
     assert list(out) == [uc.reg_read(R.CR0), uc.reg_read(R.CR3), uc.reg_read(R.CR4), uc.reg_read(R.SS)]
     assert out[0] & 0x80000000   # paging on
+
+
+@pytest.mark.parametrize("mode", ["native", "hw"])
+def test_every_register_offset_holds_what_the_api_reads(mode, monkeypatch, test_guest):
+    """engine/internals.py register_offsets, which cpu/_delivery.c's rd() reads at (the general registers,
+    EIP, CR0, CR2, CR3, CR4, CS and SS): each word holds, in its low 32 bits, what uc_reg_read returns, on a
+    live engine after a run with paging, faults and user mode."""
+    from cpuvirt.engine import regs as R
+    from cpuvirt.engine.internals import engine_env, read_process, register_offsets
+
+    res, fast, _, _ = _run(test_guest("true_pf"), mode, monkeypatch, True)
+    assert res.outcome == "exit"
+    uc, at = fast.mmu.uc, register_offsets()
+    assert set(at) == {R.EAX, R.ECX, R.EDX, R.EBX, R.ESP, R.EBP, R.ESI, R.EDI, R.EIP, R.CR0, R.CR2, R.CR3, R.CR4,
+                       R.CS, R.SS}
+    state = read_process(engine_env(uc), 0x400)
+    seen = {r: int.from_bytes(state[off : off + 4], "little") for r, off in at.items()}
+    assert seen == {r: uc.reg_read(r) & 0xFFFFFFFF for r in at}
+    assert len(set(seen.values())) > 8   # distinct values: not a state of zeros

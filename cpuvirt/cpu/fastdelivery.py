@@ -19,7 +19,7 @@ from cpuvirt.cpu.evdeliver import BLOCK_SLOTS, BlockCopy, BlockCopyKeeper
 from cpuvirt.engine import regs as R
 from cpuvirt.engine.cext import add_c_hook, first_fill_hook, load
 from cpuvirt.engine.hooks import hook_guard
-from cpuvirt.engine.internals import cpu_field, eip_offset, engine_cpu_state, engine_env
+from cpuvirt.engine.internals import cpu_field, eip_offset, engine_cpu_state, engine_env, register_offsets
 from cpuvirt.x86.cpuid import CR4_RESERVED
 from cpuvirt.x86.vectors import HAS_ERROR_CODE, MNEMONIC
 
@@ -124,6 +124,9 @@ class _State(ctypes.Structure):
         ("shadow_key", ctypes.c_uint32),
         ("mirror", ctypes.c_void_p),
         ("eip_env", ctypes.c_void_p),
+        ("env", ctypes.c_void_p),
+        ("at", ctypes.c_uint32 * len(_REGS)),
+        ("pad4", ctypes.c_uint32),
     ]
 
 
@@ -348,6 +351,10 @@ class FastDelivery:
         for v in HAS_ERROR_CODE:
             st.has_error_code[v >> 5] |= 1 << (v & 31)
         st.reg[:] = _REGS
+        env, at = engine_env(mmu.uc), register_offsets()
+        if env is not None and at:  # rd() reads these in the CPU state, the rest through the API
+            st.env = env
+            st.at[:] = [at[r] + 1 if r in at else 0 for r in _REGS]
         st.enabled = 1
         self._pstate = ctypes.cast(ctypes.pointer(st), ctypes.c_void_p)
         self._fn = lib.delivery_fast

@@ -180,42 +180,65 @@ def eip_offset(uc, env: int) -> int | None:
 
 
 @lru_cache(maxsize=1)
-def paging_registers() -> tuple[int, int, int, int] | None:
-    """Where CR0, CR3, CR4 (64-bit words) and SS's selector (32 bits) are in the engine's CPUX86State, so
-    that C reads them there instead of through uc_reg_read (memory/_tlbfill.c reads them at every TLB fill).
-    Found once, on a probe engine put in real-address mode (where loading SS reads no descriptor): each is the
-    one place of the state that follows two values written through the API, and CR0 is where the state
-    holds the value the API reads. None when not found."""
+def register_offsets() -> dict[int, int]:
+    """Where registers are in the engine's CPUX86State, so that C paths read them there instead of through
+    uc_reg_read, which returns that very field for each of them (memory/_tlbfill.c at every TLB fill,
+    cpu/_delivery.c at every delivery): the general registers, EIP, CR0, CR2, CR3, CR4 (64-bit words whose
+    low half the API returns) and the selectors of CS and SS (32 bits). Found once, on a probe engine put in
+    real-address mode (where loading a segment register reads no descriptor): each is the one place of the
+    state that follows two values written through the API, and CR0 is where the state holds the value the
+    API reads. Empty when any is not found (the C paths then keep the API)."""
+    regs = {
+        R.EAX: 8,
+        R.ECX: 8,
+        R.EDX: 8,
+        R.EBX: 8,
+        R.ESP: 8,
+        R.EBP: 8,
+        R.ESI: 8,
+        R.EDI: 8,
+        R.EIP: 8,
+        R.CR2: 8,
+        R.CR3: 8,
+        R.CR4: 8,
+        R.CS: 4,
+        R.SS: 4,
+    }
+    probes = {R.CR3: (0x5A17C000, 0x0BADF000), R.CR4: (0x10, 0x200), R.CS: (0x1234, 0x4321), R.SS: (0x2345, 0x5432)}
     with probing():
         uc = new_engine()
         env = engine_env(uc)
         if env is None:
-            return None
+            return {}
         uc.reg_write(R.CR0, uc.reg_read(R.CR0) & ~1)  # real-address mode (the engine starts in protected mode)
-        found = []
-        for reg, probes, size in (
-            (R.CR3, (0x5A17C000, 0x0BADF000), 8),
-            (R.CR4, (0x10, 0x200), 8),
-            (R.SS, (0x1234, 0x4321), 4),
-        ):
+        found: dict[int, int] = {}
+        for reg, size in regs.items():
             places: set[int] | None = None
-            for probe in probes:
+            for probe in probes.get(reg, (0x5A17C0DE, 0x0BADF00D)):
                 uc.reg_write(reg, probe)
                 state = read_process(env, 0x400)
                 if state is None:
-                    return None
+                    return {}
                 want = probe.to_bytes(size, "little")
                 here = {k for k in range(0, 0x400 - 8, size) if state[k : k + size] == want}
                 places = here if places is None else places & here
             if not places or len(places) != 1:
-                return None
-            found.append(places.pop())
-        cr3, cr4, ss = found
-        cr0 = cr3 - 24  # cr[0..4]: QEMU's `target_ulong cr[5]`, checked against the API here
+                return {}
+            found[reg] = places.pop()
+        cr0 = found[R.CR3] - 24  # cr[0..4]: QEMU's `target_ulong cr[5]`, checked against the API here
         state = read_process(env, 0x400)
-        if cr4 != cr3 + 8 or state is None or int.from_bytes(state[cr0 : cr0 + 8], "little") != uc.reg_read(R.CR0):
-            return None
-        return cr0, cr3, cr4, ss
+        if found[R.CR4] != found[R.CR3] + 8 or found[R.CR2] != found[R.CR3] - 8 or state is None:
+            return {}
+        if int.from_bytes(state[cr0 : cr0 + 8], "little") != uc.reg_read(R.CR0):
+            return {}
+        found[R.CR0] = cr0
+        return found
+
+
+def paging_registers() -> tuple[int, int, int, int] | None:
+    """(CR0, CR3, CR4, SS's selector) of register_offsets, or None."""
+    at = register_offsets()
+    return (at[R.CR0], at[R.CR3], at[R.CR4], at[R.SS]) if at else None
 
 
 def context_header(uc, env: int) -> int | None:
