@@ -703,6 +703,7 @@ static int shadow_miss_fill(shadowfill_t *s, void *uc, uint64_t vaddr, int type,
     if (sm_traced(m, gpa) && write) return 0;         /* a write to a traced frame: Mmu.fill's TracedWrite */
     if (!s->fill_misses) {   /* hw --no-ept: the #PF exit (P if the shadow had an entry, W, U as the access) */
         uint32_t code = (had_entry ? P : 0) | (write ? 2u : 0) | (user ? US : 0);
+        restore_now(uc);                              /* the exit records EIP, Python reads the state */
         if (!(s->quick_c && s->quick_c(s->quick_c_state, uc, vaddr, type, code))
             && !(s->quick_cb && s->quick_cb(vaddr, type, code)))
             return 0;
@@ -777,10 +778,7 @@ static int shadowfill(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *
     en = sm_entry(s->mirror, cr0, cr3, cr4, (uint32_t)(vaddr >> 12));
     if (!en && !s->fill_misses && !s->quick_cb) return 0;
     user = (ss & 3) == 3;
-    if (!en) {
-        restore_now(uc);                              /* the miss may end in an exit that records EIP */
-        return shadow_miss_fill(s, uc, vaddr, type, e, cr0, cr3, cr4, user, 0);
-    }
+    if (!en) return shadow_miss_fill(s, uc, vaddr, type, e, cr0, cr3, cr4, user, 0);
     rights = en->rights;
     if (user) {
         writable = (rights & RW) != 0;
@@ -792,7 +790,6 @@ static int shadowfill(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *
     }
     if (!allowed || (type == MEM_WRITE && !en->dirty)) {   /* a walk */
         if (!s->fill_misses && !s->quick_cb) return 0;
-        restore_now(uc);
         return shadow_miss_fill(s, uc, vaddr, type, e, cr0, cr3, cr4, user, 1);
     }
     gpa = en->gpa;
