@@ -146,15 +146,22 @@ static inline int read_ss(void *uc, reg_read_fn reg_read, int32_t idss, uint64_t
 }
 
 /* The call in libunicorn's unicorn_fill_tlb_x86_64 to cpu_restore_state through the PLT stub that jumps
- * through `slot` (E8 rel32 to `FF 25 disp32`): the address it returns to, or 0. */
+ * through `slot` (E8 rel32 to `FF 25 disp32`): the address it returns to, or 0. An E8 byte inside another
+ * instruction gives any target: only one inside the library's own segments (dladdr, same object as the
+ * function: PT_LOAD ranges, so mapped) is read. */
 static uintptr_t find_fill_site(const uint8_t *fill, size_t size, uintptr_t slot) {
+    Dl_info own, at, end;
     size_t k;
+    if (!dladdr(fill, &own)) return 0;
     for (k = 0; k + 5 <= size; k++) {
         const uint8_t *plt;
         int32_t rel, disp;
         if (fill[k] != 0xE8) continue;
         memcpy(&rel, fill + k + 1, 4);
         plt = fill + k + 5 + rel;
+        if (!dladdr(plt, &at) || !dladdr(plt + 5, &end) || at.dli_fbase != own.dli_fbase
+            || end.dli_fbase != own.dli_fbase)
+            continue;
         if (plt[0] != 0xFF || plt[1] != 0x25) continue;
         memcpy(&disp, plt + 2, 4);
         if ((uintptr_t)(plt + 6 + disp) == slot) return (uintptr_t)(fill + k + 5);
