@@ -130,8 +130,10 @@ def test_c_fill_answers_fetches_only_from_pairs_python_has_seen():
 def test_c_ept_fill_agrees_with_the_python_ept_walk():
     """hw's C fill under EPT (eptfill_hook) against Mmu.fill over EptWalk: same frame, permissions, A/D
     bits set and walk and reference counts (an A/D write is an EPT translation too) whenever C answers; frames include one EPT
-    maps read-only (C must decline it: an EPT entry without every right) and the APIC-access page."""
-    from cpuvirt.memory.ept import EPT_R
+    maps read-only (C must decline it: an EPT entry without every right) and the APIC-access page, and one
+    whose EPT entry is written again and again (another frame, read-only, all rights: the C walk caches
+    translations, and must follow every write Ept makes)."""
+    from cpuvirt.memory.ept import EPT_R, EPT_RWX
     from cpuvirt.memory.fastfill import EptFastFill
     from cpuvirt.memory.p2m import RAM_HPA
     m = Machine(MEM >> 20)
@@ -156,6 +158,9 @@ def test_c_ept_fill_agrees_with_the_python_ept_walk():
         pde = (large_frame | pde_bits) if pde_bits & 0x80 else (PT | pde_bits)
         m.write_gpa(PD, pde.to_bytes(4, "little"))
         m.write_gpa(PT, (frame | pte_bits).to_bytes(4, "little"))
+        if rng.random() < 0.2:
+            hv.vcpu.ept.map(DATA + 0x7000, RAM_HPA + rng.choice((DATA + 0x7000, DATA + 0x8000)),
+                            rng.choice((EPT_RWX, EPT_RWX, EPT_R)))
         paging = rng.random() < 0.9
         cr0 = (0x80000011 if paging else 0x11) | (rng.getrandbits(1) << 16)
         m.regs.write(R.CR3, PD)

@@ -388,6 +388,8 @@ int directfill_hook(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *us
  * Mmu.fill does it. References are counted as the Python walk counts them: the guest walk's entries
  * plus 4 per EPT translation, a walk only when paging is on.
  */
+#define EPT_CACHE 512
+
 typedef struct {
     const uint8_t *ram;      /* guest RAM, at host-physical ram_hpa */
     uint64_t ram_bytes;
@@ -441,6 +443,12 @@ typedef struct {
      * full exit's Vcpu.left_block_at takes the rest of the block off the clock, the retry counts it again) */
     int (*covers)(void *books, uint32_t boundary);
     void *books;
+    /* The translations ept_ram found, by guest-physical page (direct-mapped). The EPT tables change only
+     * through Ept._map, which counts its writes in `ept_writes`, and quick_in_c, which only fills a leaf that
+     * was absent (no translation here came from it); a write counted, or another pml4, empties it. */
+    uint64_t ept_writes, cache_writes, cache_pml4;
+    uint64_t cache_page[EPT_CACHE];   /* guest-physical page + 1; 0: empty */
+    uint64_t cache_off[EPT_CACHE];    /* the page's offset in guest RAM */
 } eptfill_t;
 
 size_t eptfill_sizeof(void) { return sizeof(eptfill_t); }
@@ -449,10 +457,21 @@ size_t eptfill_sizeof(void) { return sizeof(eptfill_t); }
 #define EPT_ADDR 0x000FFFFFFFFFF000ull
 
 /* gpa -> offset in guest RAM through EPT, or -1 (declined), or -2 (declined: an entry not present, every
- * entry above it read/write/execute: what lazy EPT leaves); *refs += the entries read. */
-static inline int64_t ept_ram(const eptfill_t *s, uint64_t gpa, uint32_t *refs) {
-    uint64_t table = s->pml4, entry, slot, hpa;
+ * entry above it read/write/execute: what lazy EPT leaves); *refs += the entries read (a translation the
+ * cache holds counts the four entries its walk read). gpa is 4-byte aligned within its page here (an
+ * entry, or a page). */
+static inline int64_t ept_ram(eptfill_t *s, uint64_t gpa, uint32_t *refs) {
+    uint64_t table = s->pml4, entry, slot, hpa, page = gpa >> 12;
+    uint32_t i = (uint32_t)page & (EPT_CACHE - 1);
     int shift;
+    if (s->cache_writes != s->ept_writes || s->cache_pml4 != s->pml4) {
+        memset(s->cache_page, 0, sizeof s->cache_page);
+        s->cache_writes = s->ept_writes, s->cache_pml4 = s->pml4;
+    }
+    if (s->cache_page[i] == page + 1) {
+        *refs += 4;
+        return (int64_t)(s->cache_off[i] | (gpa & 0xFFF));
+    }
     for (shift = 39; shift >= 12; shift -= 9) {
         slot = table + ((gpa >> shift) & 0x1FF) * 8;
         if (slot < s->hv_hpa || slot + 8 > s->hv_hpa + s->hv_size) return -1;
@@ -463,6 +482,10 @@ static inline int64_t ept_ram(const eptfill_t *s, uint64_t gpa, uint32_t *refs) 
     }
     hpa = table | (gpa & 0xFFF);
     if (hpa < s->ram_hpa || hpa + 4 > s->ram_hpa + s->ram_bytes) return -1;
+    if (table >= s->ram_hpa && table + 0x1000 <= s->ram_hpa + s->ram_bytes) {
+        s->cache_page[i] = page + 1;
+        s->cache_off[i] = table - s->ram_hpa;
+    }
     return (int64_t)(hpa - s->ram_hpa);
 }
 

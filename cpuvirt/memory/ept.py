@@ -9,6 +9,7 @@ every entry it reads: the simulated 2-D walk of a 2-level guest over 4-level EPT
 
 from __future__ import annotations
 
+import ctypes
 import struct
 
 from cpuvirt.engine.hostmem import HvAllocator
@@ -41,6 +42,8 @@ class Ept:
         self.alloc = alloc
         self.pml4 = alloc.page()
         self.refs = 0  # entry reads by the processor's walks
+        # the count of table writes a C walk's cache of translations follows (memory/fastfill.py), or None
+        self.writes: ctypes.c_uint64 | None = None
 
     @property
     def eptp(self) -> int:
@@ -69,6 +72,8 @@ class Ept:
             table = entry & _ADDR
         slot = table + ((gpa >> 12) & 0x1FF) * 8
         _Q.pack_into(r.buf, slot - r.hpa, (hpa & _ADDR) | EPT_MT_WB | perms)
+        if self.writes is not None:
+            self.writes.value += 1
 
     # -- processor side: the walk ---------------------------------------------------------------------
     def write_entry(self, gpa: GPA, value: int) -> None:

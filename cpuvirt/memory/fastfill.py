@@ -254,6 +254,11 @@ class _EptState(ctypes.Structure):
         ("last_code", ctypes.c_uint8 * 16),
         ("covers", ctypes.c_void_p),
         ("books", ctypes.c_void_p),
+        ("ept_writes", ctypes.c_uint64),
+        ("cache_writes", ctypes.c_uint64),
+        ("cache_pml4", ctypes.c_uint64),
+        ("cache_page", ctypes.c_uint64 * 512),
+        ("cache_off", ctypes.c_uint64 * 512),
     ]
 
 
@@ -279,6 +284,8 @@ class EptFastFill(FastFill):
         region = self.ept.region
         state.hv = ctypes.addressof(ctypes.c_char.from_buffer(region.buf))
         state.hv_hpa, state.hv_size, state.pml4 = region.hpa, region.size, self.ept.pml4
+        # Ept._map counts its writes here: the C walk's cache of translations empties at each (_tlbfill.c)
+        self.ept.writes = ctypes.c_uint64.from_address(ctypes.addressof(state) + _EptState.ept_writes.offset)
 
     @classmethod
     def install(cls, mmu, ept=None) -> "Self | None":
