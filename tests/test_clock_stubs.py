@@ -232,15 +232,16 @@ def test_the_blocks_count_in_the_engine_word(monkeypatch):
 
 
 def test_eip_is_found_in_the_engine_state():
-    """internals.eip_offset: the C paths that leave the engine's block themselves write EIP there
-    (cpu/_evseg.h ev_set_eip), so it must be the word the engine reads EIP from, both ways."""
+    """internals.register_offsets' EIP: the C paths that leave the engine's block themselves write EIP there
+    (cpu/_evseg.h ev_set_eip, cpu/_delivery.c wr_eip), so it must be the word the engine reads EIP from,
+    both ways, in an engine other than the probe's."""
     from unicorn.x86_const import UC_X86_REG_EIP
 
-    from cpuvirt.engine.internals import eip_offset, engine_env, new_engine, read_process
+    from cpuvirt.engine.internals import engine_env, new_engine, read_process, register_offsets
 
     uc = new_engine()
     env = engine_env(uc)
-    off = eip_offset(uc, env)
+    off = register_offsets().get(UC_X86_REG_EIP)
     assert off is not None
     uc.reg_write(UC_X86_REG_EIP, 0x80123456)
     assert read_process(env + off, 8) == (0x80123456).to_bytes(8, "little")

@@ -1,6 +1,6 @@
 """The engine's state restore at a TLB fill, kept by the fast fills until a path needs it (memory/_tlbfill.c,
 "The engine's state, restored only when a fill needs it"; memory/fastfill.py); and the paging registers
-the fills read in the engine's CPU state (engine/internals.py paging_registers).
+the fills read in the engine's CPU state (engine/internals.py register_offsets).
 
 Unicorn restores EIP and the lazy flags' cc_op at the start of every fill; the fast fills answer their common
 case without either, and make the restore before anything that reads them (a decline: the #PF hooks and

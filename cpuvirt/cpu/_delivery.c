@@ -134,7 +134,6 @@ typedef struct {
      * counted), and so is a write to a write-traced frame (Mmu.write_linear tells the owners). NULL:
      * the guest's own tables are walked (native, EPT, para). */
     const shadowmirror_t *mirror;
-    uint8_t *eip_env;            /* EIP inside the engine's CPU state (internals.eip_offset), or NULL */
     /* rd() reads a register at env + at[r] - 1 in the engine's CPU state, the field uc_reg_read returns
      * (its low 32 bits), where at[r] is not 0 (engine/internals.py register_offsets): a call through the
      * API costs a tenth of a delivery's own work per register. EFLAGS and the table registers are
@@ -230,9 +229,9 @@ static int wr(delivery_t *s, void *uc, int r, uint64_t value) {
 
 /* The handler's EIP (F_LEAVES_BLOCK: in the CPU state; cpu/_evseg.h ev_set_eip says why). */
 static int wr_eip(delivery_t *s, void *uc, uint32_t eip, int flags) {
-    if ((flags & F_LEAVES_BLOCK) && s->eip_env) {
+    if ((flags & F_LEAVES_BLOCK) && s->env && s->at[R_EIP]) {
         uint64_t v = eip;
-        memcpy(s->eip_env, &v, 8);
+        memcpy((uint8_t *)s->env + s->at[R_EIP] - 1, &v, 8);
         return 0;
     }
     return wr(s, uc, R_EIP, eip);

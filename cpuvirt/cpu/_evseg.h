@@ -75,7 +75,7 @@ typedef struct {
     uint32_t cr2;              /* the VirtualCpu's CR2 and IOPL */
     uint32_t iopl;
     uint32_t nmi_blocked;      /* Vcpu.nmi_blocked (an iret that ends it is Python's) */
-    uint32_t off_eip;          /* EIP inside env (internals.eip_offset; 0: not found, uc_reg_write it) */
+    uint32_t off_eip;          /* EIP inside env (internals.register_offsets; 0: not found, uc_reg_write it) */
     /* pages an invlpg served in C took out of the hypervisor's TLB, for Python's dict (EvHvTlb) to drop when
      * it is next used: the one page, as privileged.py _invlpg pops it, not the whole TLB */
     uint32_t popped_n;

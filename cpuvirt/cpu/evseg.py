@@ -15,7 +15,7 @@ from cpuvirt.cpu.hvtlb import HvTlb
 from cpuvirt.cpu.segcache import _SEG_INDEX, segs_offset
 from cpuvirt.cpu.virtualcpu import SegCache, TableVirtualCpu, VirtualCpu
 from cpuvirt.engine import regs as R
-from cpuvirt.engine.internals import eip_offset
+from cpuvirt.engine.internals import register_offsets
 
 RTLB_SLOTS = 256
 EV_POPS = 16  # as _evseg.h: pages an invlpg served in C may pop before Python looks
@@ -129,7 +129,7 @@ def setup(ev: EvSeg, vcpu, env: int, header: int, hflags: int, keep) -> None:
     points at alive as long as the table."""
     ev.env = env
     ev.off_hflags = hflags - header
-    ev.off_eip = eip_offset(vcpu.uc, env) or 0
+    ev.off_eip = register_offsets().get(R.EIP, 0)
     segs = segs_offset()
     if segs is not None and vcpu._direct is not None and segs >= header:
         ev.segs_ok, ev.off_segs = 1, segs - header

@@ -19,7 +19,7 @@ from cpuvirt.cpu.evdeliver import BLOCK_SLOTS, BlockCopy, BlockCopyKeeper
 from cpuvirt.engine import regs as R
 from cpuvirt.engine.cext import add_c_hook, first_fill_hook, load
 from cpuvirt.engine.hooks import hook_guard
-from cpuvirt.engine.internals import cpu_field, eip_offset, engine_cpu_state, engine_env, register_offsets
+from cpuvirt.engine.internals import cpu_field, engine_cpu_state, engine_env, register_offsets
 from cpuvirt.x86.cpuid import CR4_RESERVED
 from cpuvirt.x86.vectors import HAS_ERROR_CODE, MNEMONIC
 
@@ -123,7 +123,6 @@ class _State(ctypes.Structure):
         ("shadow_mode", ctypes.c_uint32),
         ("shadow_key", ctypes.c_uint32),
         ("mirror", ctypes.c_void_p),
-        ("eip_env", ctypes.c_void_p),
         ("env", ctypes.c_void_p),
         ("at", ctypes.c_uint32 * len(_REGS)),
         ("pad4", ctypes.c_uint32),
@@ -501,9 +500,6 @@ class FastDelivery:
         st = self._state
         st.cpu_offset, st.loop_exit = found
         uc = self.mmu.uc
-        env = engine_env(uc)
-        off = eip_offset(uc, env) if env is not None else None
-        st.eip_env = env + off if env is not None and off is not None else None  # (_delivery.c wr_eip)
         first_fill_hook(uc)
         handle = add_c_hook(
             self._uch, UC_HOOK_TLB_FILL, self._lib.delivery_pf_hook, self._pstate, what="install the C #PF hook"

@@ -151,39 +151,12 @@ def engine_env(uc) -> int | None:
     return int.from_bytes(env, "little") if env else None
 
 
-_EIP_OFFSET: list[int | None] = []
-
-
-def eip_offset(uc, env: int) -> int | None:
-    """Where EIP is in the engine's CPUX86State (a 64-bit word: this libunicorn is built for x86-64
-    guests): found once, as the only place of the state that follows two values written to EIP. C paths
-    that leave the engine's block themselves write EIP there (cpu/_evseg.h ev_set_eip). None when not
-    found."""
-    if _EIP_OFFSET:
-        return _EIP_OFFSET[0]
-    eip = uc.reg_read(R.EIP)
-    found: set[int] | None = None
-    try:
-        for probe in (0x5A17C0DE, 0x0BADF00D):
-            uc.reg_write(R.EIP, probe)
-            state = read_process(env, 0x400)
-            if state is None:
-                found = set()
-                break
-            want = probe.to_bytes(8, "little")
-            here = {k for k in range(0, 0x400, 8) if state[k : k + 8] == want}
-            found = here if found is None else found & here
-    finally:
-        uc.reg_write(R.EIP, eip)
-    _EIP_OFFSET.append(found.pop() if found and len(found) == 1 else None)
-    return _EIP_OFFSET[0]
-
-
 @lru_cache(maxsize=1)
 def register_offsets() -> dict[int, int]:
     """Where registers are in the engine's CPUX86State, so that C paths read them there instead of through
     uc_reg_read, which returns that very field for each of them (memory/_tlbfill.c at every TLB fill,
-    cpu/_delivery.c at every delivery): the general registers, EIP, CR0, CR2, CR3, CR4 (64-bit words whose
+    cpu/_delivery.c at every delivery), and write EIP there where a C path leaves the engine's block itself
+    (cpu/_evseg.h ev_set_eip): the general registers, EIP, CR0, CR2, CR3, CR4 (64-bit words whose
     low half the API returns) and the selectors of CS and SS (32 bits). Found once, on a probe engine put in
     real-address mode (where loading a segment register reads no descriptor): each is the one place of the
     state that follows two values written through the API, and CR0 is where the state holds the value the
@@ -233,12 +206,6 @@ def register_offsets() -> dict[int, int]:
             return {}
         found[R.CR0] = cr0
         return found
-
-
-def paging_registers() -> tuple[int, int, int, int] | None:
-    """(CR0, CR3, CR4, SS's selector) of register_offsets, or None."""
-    at = register_offsets()
-    return (at[R.CR0], at[R.CR3], at[R.CR4], at[R.SS]) if at else None
 
 
 def context_header(uc, env: int) -> int | None:

@@ -73,7 +73,7 @@ typedef bool (*restore_fn)(void *cpu, uintptr_t host_pc, bool will_exit);
 typedef struct {
     void *uc, *cpu;
     const uint8_t *env;              /* its CPUX86State; NULL: registers through uc_reg_read */
-    uint32_t cr0, cr3, cr4, ss;      /* offsets there (engine/internals.py paging_registers) */
+    uint32_t cr0, cr3, cr4, ss;      /* offsets there (engine/internals.py register_offsets) */
     uint32_t lazy;                   /* its first fill hook is a fast fill: fills may keep the restore */
     uint32_t pending;                /* the restore kept by the fill under way */
     uintptr_t host_pc;               /* ... and its argument */

@@ -22,8 +22,9 @@ from unicorn import UC_HOOK_TLB_FILL
 from unicorn.unicorn_py3 import unicorn as _ucmod
 from unicorn.x86_const import UC_X86_REG_CR0, UC_X86_REG_CR3, UC_X86_REG_CR4, UC_X86_REG_SS
 
+from cpuvirt.engine import regs as R
 from cpuvirt.engine.cext import add_c_hook, first_fill_hook, load
-from cpuvirt.engine.internals import engine_cpu_state, engine_env, paging_registers
+from cpuvirt.engine.internals import engine_cpu_state, engine_env, register_offsets
 from cpuvirt.xen import GDT_WINDOW_FRAMES, HYPERVISOR_VIRT_START
 
 
@@ -70,13 +71,14 @@ def _register_engine(uc, first: bool) -> bool:
     uc_reg_read) and, when its first fill hook is this fast fill, let its fills keep their state restore
     until a path needs it ("The engine's state, restored only when a fill needs it"; off:
     CPUVIRT_LAZY_RESTORE=0); until the engine is gone. True when the fills keep their restore."""
-    lib, cpu, env, where = _lib(), engine_cpu_state(uc), engine_env(uc), paging_registers()
+    lib, cpu, env, at = _lib(), engine_cpu_state(uc), engine_env(uc), register_offsets()
     if lib is None:
         return False
     lazy = first and cpu is not None and os.environ.get("CPUVIRT_LAZY_RESTORE", "1") != "0"
-    cr0, cr3, cr4, ss = where if where is not None and env is not None else (0, 0, 0, 0)
+    if env is None or not at:
+        env, at = None, {R.CR0: 0, R.CR3: 0, R.CR4: 0, R.SS: 0}  # (the fills read through the API)
     done = lib.fill_engine_register(
-        uc._uch, ctypes.c_void_p(cpu), ctypes.c_void_p(env if where is not None else None), cr0, cr3, cr4, ss, lazy
+        uc._uch, ctypes.c_void_p(cpu), ctypes.c_void_p(env), at[R.CR0], at[R.CR3], at[R.CR4], at[R.SS], lazy
     )
     if done:
         weakref.finalize(uc, lib.fill_engine_unregister, uc._uch.value)
