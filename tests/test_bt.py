@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cpuvirt.engine import regs as R
-from tests.bt_harness import CODE, SCRATCH, STACK, Translated, asm, run_native, state
+from tests.bt_harness import CODE, FLAGS, SCRATCH, STACK, Translated, asm, run_native, state
 
 REGS = ("eax", "ecx", "edx", "esi", "edi", "ebp")      # ebx stays the scratch pointer, esp the stack
 R8 = ("al", "cl", "dl", "ah", "ch", "dh")
@@ -218,6 +218,92 @@ def test_indirect_call_and_jmp_match_native():
         misses.append(t.tc.counters.ic_misses)
     # each (site, target) misses once; more iterations add no misses
     assert misses[0] == misses[1] <= 12
+
+
+FLAGS_THROUGH = """
+    mov ecx, 3
+again:
+    push {flags}
+    popfd
+    call f
+    pushfd
+    pop dword ptr [ebx + {off_ret}]
+    push {flags}
+    popfd
+    call dword ptr [ebx + {off_fn}]
+    pushfd
+    pop dword ptr [ebx + {off_call}]
+    push {flags}
+    popfd
+    jmp dword ptr [ebx + {off_j}]
+back:
+    pushfd
+    pop dword ptr [ebx + {off_jmp}]
+    lea ecx, [ecx - 1]
+    jecxz done
+    jmp again
+done:
+    hlt
+f:
+    ret
+j:
+    jmp back
+"""
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(0, 0x3F), st.booleans())
+def test_inline_caches_give_every_status_flag_back(bits, df):
+    """ret, call r/m32 and jmp r/m32 compare their target in an inline cache that clobbers EFLAGS and gives
+    them back (lahf / seto, then add al, 0x7f / sahf): CF PF AF ZF SF OF and DF after each, on its miss
+    (the first pass) and its hits (the next two), are what they were before it, as natively."""
+    flags = 0x1002 | (0x400 if df else 0)         # IOPL 1: the real IOPL translated code runs with
+    for i, bit in enumerate((0x1, 0x4, 0x10, 0x40, 0x80, 0x800)):
+        if bits >> i & 1:
+            flags |= bit
+    src = FLAGS_THROUGH.format(flags=flags, off_ret=0x40, off_call=0x44, off_jmp=0x48, off_fn=0x80, off_j=0x84)
+    code = asm(src)
+    f_at = CODE + code.rindex(asm("ret", 0))     # (keystone resolves the labels; read them back from the code)
+    j_at = CODE + len(code) - 2
+    scratch = bytearray(256)
+    struct.pack_into("<II", scratch, 0x80, f_at, j_at)
+    init = {R.EBX: SCRATCH}
+    native = run_native(code, init, bytes(scratch))
+    t = Translated(code, init, bytes(scratch), virt={"iopl": 1}).run()  # (pushfd shows the virtual IOPL)
+    assert state(t.uc) == state(native)
+    saved = struct.unpack_from("<3I", bytes(t.uc.mem_read(SCRATCH + 0x40, 12)))
+    assert [v & FLAGS for v in saved] == [flags & FLAGS] * 3
+    assert t.tc.counters.ic_misses == 4    # one per (site, target), f's ret has two: the other passes hit
+
+
+# Instructions after which the engine (QEMU's x86 translator, Unicorn 2.1.3) ends its block without
+# chaining: its main loop then finds the next one through its look-up tables (translate.c gen_eob).
+ENDS_ENGINE_BLOCK = {"jecxz", "jcxz", "loop", "loope", "loopne", "popfd", "popf", "sti", "iretd", "iret", "retf",
+                     "ljmp", "lcall", "hlt"}
+
+
+def test_inline_caches_keep_the_engine_chaining():
+    """An inline cache is on the path of every ret: no instruction in it may send the engine back to its
+    main loop (jecxz did, at each entry compared: xv6's usertests under full took 1.4x as long)."""
+    from capstone import CS_ARCH_X86, CS_MODE_32, Cs
+
+    from cpuvirt.bt.translate import IC_ENTRIES, IC_WIDE
+    code = asm(MANY_CALLERS)
+    t = Translated(code).run()
+    assert t.tc.counters.widened == 1
+    md = Cs(CS_ARCH_X86, CS_MODE_32)
+    seen = {}
+    for blk in t.tc.blocks.values():
+        for ins in blk.insns:
+            if ins.kind == "inline" and ins.text.startswith("ret"):
+                body = bytes(t.uc.mem_read(ins.tc, ins.tc_end - ins.tc))
+                mnemonics = [m for _, _, m, _ in md.disasm_lite(body, ins.tc)]
+                seen[len(mnemonics)] = set(mnemonics)
+    assert len(seen) == 1                        # f's one ret, IC_WIDE entries
+    (mnemonics,) = seen.values()
+    assert "cmp" in mnemonics and "sahf" in mnemonics
+    assert not mnemonics & ENDS_ENGINE_BLOCK, mnemonics & ENDS_ENGINE_BLOCK
+    assert IC_ENTRIES < IC_WIDE
 
 
 def test_precise_exception_maps_to_guest_eip_and_registers():

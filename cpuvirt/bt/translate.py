@@ -30,8 +30,10 @@ MAX_INSNS = 12
 IC_ENTRIES = 4
 IC_WIDE = 16  # entries of a site widened after WIDEN_AFTER misses
 WIDEN_AFTER = 4 * IC_ENTRIES
-IC_CMP_SIZE = 12  # mov ecx, [esp + 4]; lea ecx, [ecx - G]; jecxz hit
-IC_HIT_SIZE = 13  # pop ecx; lea esp, [esp + k] | mov [esp], RET; jmp T
+IC_SAVE = b"\x51\x50\x8b\x4c\x24\x08\x9f\x0f\x90\xc0"  # push ecx; push eax; mov ecx, [esp + 8]; lahf; seto al
+IC_RESTORE = b"\x04\x7f\x9e\x58\x59"  # add al, 0x7f (OF back); sahf (SF ZF AF PF CF back); pop eax; pop ecx
+IC_CMP_SIZE = 8  # cmp ecx, G; jne <next entry>
+IC_HIT_SIZE = 17  # IC_RESTORE; lea esp, [esp + k] | mov [esp], RET; jmp T
 PREFIXES = frozenset(b"\x66\x67\xf2\xf3\x2e\x3e\x26\x36\x64\x65\xf0")
 IOPL_MASK = 0x3000
 
@@ -454,54 +456,54 @@ class Translator:
         return True
 
     def _inline_cache(self, blk, ins, raw, out, tc_start, kind, pop=0, ret_addr=None, esp_base=0):
-        """An inline cache that leaves EFLAGS alone (no cmp, no popf, which ends the engine's block):
+        """An inline cache that gives EFLAGS back as it found them, and whose every branch the engine chains:
 
-            push ecx                               ; the guest target is now at [esp + 4]
-            IC_ENTRIES x: mov ecx, [esp + 4]; lea ecx, [ecx - G_k]; jecxz hit_k
-            pop ecx; jmp <miss callout>
-            hit_k: pop ecx; <ret: lea esp, [esp + 4 + n] | jmp: lea esp, [esp + 4] | call: mov [esp], RET>;
-                   jmp <translation of G_k>
+            push ecx; push eax; mov ecx, [esp + 8]    ; ECX = the guest target
+            lahf; seto al                             ; EFLAGS saved in AX
+            n x: cmp ecx, G_k; jne <next entry>
+                 hit_k: add al, 0x7f; sahf; pop eax; pop ecx;
+                        <ret: lea esp, [esp + 4 + n] | jmp: lea esp, [esp + 4] | call: mov [esp], RET>;
+                        jmp <translation of G_k>
+            add al, 0x7f; sahf; pop eax; pop ecx; jmp <miss callout>
 
-        A wide site (IC_WIDE entries: its hits would be out of jecxz's reach) puts each hit after its
-        compare instead: `jecxz hit_k; jmp short <next compare>; hit_k: ...`.
-        An empty entry compares with 0 and its hit stub jumps to the miss path, so a match on it is
-        only slower. ESP is `esp_base` below the guest's at the push."""
+        `add al, 0x7f` overflows exactly when AL (OF, from seto) is 1, and sahf then loads the other five
+        status flags from AH. The flag-free compare used before, `lea ecx, [ecx - G]; jecxz`, cost far
+        more than this: the engine ends its block at every jecxz (and loop) and goes back to its main loop
+        to find the next one, without chaining (docs/binary-translation.md, "Inline caches and the
+        engine's main loop"). An empty entry compares with 0 and its hit stub jumps to the miss path, so a
+        match on it is only slower. The guest's stack read is the only access that can fault; ESP is
+        `esp_base` below the guest's at the first push."""
         tc = self.tc
         base = tc_start + len(out)
-        out += b"\x51"  # push ecx
+        out += IC_SAVE
         ins.esp_fix[base] = esp_base
+        ins.esp_fix[base + 1] = esp_base + 4  # push eax: ESP already 4 lower
+        ins.esp_fix[base + 2] = esp_base + 8  # the guest's stack read (ret) can fault
         site = Site(kind, blk, ins)
         site.raw, site.pop, site.ret_addr = raw, pop, ret_addr
-        first = base + 1
-        wide = ins.geip in self.wide_ic
-        n = IC_WIDE if wide else IC_ENTRIES
-        step = IC_CMP_SIZE + 2 + IC_HIT_SIZE if wide else IC_CMP_SIZE
+        first = base + len(IC_SAVE)
+        n = IC_WIDE if ins.geip in self.wide_ic else IC_ENTRIES
+        step = IC_CMP_SIZE + IC_HIT_SIZE
         miss = first + n * step
         for k in range(n):
             e = first + k * step
             site.ic.append(e)
-            site.hits.append(e + IC_CMP_SIZE + 2 if wide else miss + 6 + k * IC_HIT_SIZE)
-        if n:
-            ins.esp_fix[first] = esp_base + 4  # the guest's stack read (ret) can fault
+            site.hits.append(e + IC_CMP_SIZE)
         slot = tc.new_site(site)
         blk.sites.append(slot)
         empty = b"\xcc" * (IC_HIT_SIZE - 5)
         for k in range(n):
-            e, hit = site.ic[k], site.hits[k]
-            out += b"\x8b\x4c\x24\x04" + b"\x8d\x89" + _imm32(0) + b"\xe3" + bytes([hit - (e + IC_CMP_SIZE)])
-            if wide:
-                out += b"\xeb" + bytes([IC_HIT_SIZE]) + b"\xe9" + _rel32(hit + 5, miss) + empty
-        out += b"\x59" + b"\xe9" + _rel32(miss + 6, slot)  # pop ecx; jmp miss callout
-        if not wide:
-            for hit in site.hits:
-                out += b"\xe9" + _rel32(hit + 5, miss) + empty
+            hit = site.hits[k]
+            out += b"\x81\xf9" + _imm32(0) + b"\x75" + bytes([IC_HIT_SIZE])  # cmp ecx, 0; jne next
+            out += b"\xe9" + _rel32(hit + 5, miss) + empty
+        out += IC_RESTORE + b"\xe9" + _rel32(miss + len(IC_RESTORE) + 5, slot)  # jmp miss callout
 
     def fill_ic(self, site: Site, target: int, dest: int) -> None:
         """Put (guest target -> TC dest) into the next inline-cache entry of a site (round robin)."""
         k = site.ic_next % len(site.ic)
         site.ic_next += 1
         e, hit = site.ic[k], site.hits[k]
-        code = b"\x59"  # pop ecx
+        code = IC_RESTORE
         if site.kind == "ret":
             code += b"\x8d\xa4\x24" + _imm32(4 + site.pop)  # lea esp, [esp + 4 + n]
         elif site.kind == "jmp_ind":
@@ -511,7 +513,7 @@ class Translator:
         code += b"\xe9" + _rel32(hit + len(code) + 5, dest)
         assert len(code) == IC_HIT_SIZE
         self.tc.patch(hit, code)
-        self.tc.patch(e + 6, _imm32(-target))  # lea ecx, [ecx - target]
+        self.tc.patch(e + 2, _imm32(target))  # cmp ecx, target
 
     def should_widen(self, site: Site) -> bool:
         """A narrow site that has missed WIDEN_AFTER times: translate it again with IC_WIDE entries."""
