@@ -1109,7 +1109,7 @@ def format_summary(res, modelled=None) -> str:
         lines.append(
             f"  translation    {tc['translations']} blocks ({tc['bytes']:,} bytes), {tc['chained']} chained "
             f"jumps, {tc['callouts']} callouts, {tc['lookups']} lookups ({tc['misses']} misses, "
-            f"{tc['ic_misses']} inline-cache misses, {tc['widened']} caches widened), "
+            f"{tc['ic_misses']} inline-cache misses, {tc['widened']} compare trees built), "
             f"{tc['invalidations']} invalidations, "
             f"{tc['flushes']} flushes; {bt['code_page_faults']} stores into code pages, "
             f"{bt['adaptive_stores']} stores made callouts (adaptive; {tc['adaptive']} sites, "

@@ -42,7 +42,7 @@ class Counters:
     code_stores: int = 0
     adaptive: int = 0
     unadapted: int = 0
-    widened: int = 0
+    widened: int = 0  # compare trees built for inline caches (Translator.should_widen), first or again
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -114,6 +114,9 @@ class Site:
         "pop",
         "raw",
         "after_sti",
+        "tree",
+        "seen",
+        "slot",
     )
 
     def __init__(self, kind, block=None, insn=None, target=None, patch_at=None):
@@ -125,6 +128,9 @@ class Site:
         self.pop = 0
         self.raw = b""
         self.after_sti = False
+        self.tree: dict[int, int] | None = None  # a compare-tree inline cache: guest target -> its hit stub
+        self.seen: set[int] = set()  # targets missed since the site was translated (Translator.should_widen)
+        self.slot = 0  # an inline cache's miss callout slot (where its trees' miss paths go)
 
 
 class TcMirrorLike(Protocol):

@@ -8,8 +8,8 @@ branch, a callout) or the end of the guest page. Each guest instruction becomes 
   points at a callout slot that translates it and patches the jump (chaining).
 - inline: an indirect branch or `ret` becomes an inline cache in code (compare the target with up to
   IC_ENTRIES guest addresses, jump to their translations; a miss is a callout that fills an entry;
-  a site that keeps missing is translated again with IC_WIDE entries: `ret` of a function called
-  from many places, such as xv6's `mycpu`, has more live return targets than IC_ENTRIES);
+  a site that keeps missing becomes a compare tree over every target it has seen: `ret` of a function
+  called from many places, such as xv6's `popcli`, has a hundred live return targets);
   cli/sti/popf run natively (real IOPL 1 carries the virtual IF); pushf is rewritten so the image shows
   the virtual IOPL; reads of virtual-CPU state (mov from CR0/3/4, sgdt, sidt, sldt, str, smsw,
   mov r/m from cs/ss, push cs/ss) become stores of the current virtual value as an immediate, and the
@@ -28,8 +28,10 @@ from cpuvirt.bt.tcache import Block, Insn, Site, TCache
 
 MAX_INSNS = 12
 IC_ENTRIES = 4
-IC_WIDE = 16  # entries of a site widened after WIDEN_AFTER misses
-WIDEN_AFTER = 4 * IC_ENTRIES
+WIDEN_AFTER = 4 * IC_ENTRIES  # misses of a 4-entry site before it becomes a compare tree
+IC_TREE_MAX = 256  # targets a tree holds at most
+IC_TREE_LEAF = 3  # targets compared one by one at a leaf
+IC_REBUILDS = 64  # times one site's tree is built again with the targets it missed, at most
 IC_SAVE = b"\x51\x50\x8b\x4c\x24\x08\x9f\x0f\x90\xc0"  # push ecx; push eax; mov ecx, [esp + 8]; lahf; seto al
 IC_RESTORE = b"\x04\x7f\x9e\x58\x59"  # add al, 0x7f (OF back); sahf (SF ZF AF PF CF back); pop eax; pop ecx
 IC_CMP_SIZE = 8  # cmp ecx, G; jne <next entry>
@@ -128,7 +130,9 @@ class Translator:
         self.code = code
         self.cs = Cs(CS_ARCH_X86, CS_MODE_32)
         self.adaptive: set[int] = set()  # guest EIPs retranslated as callouts (adaptive BT)
-        self.wide_ic: set[int] = set()  # guest EIPs whose inline cache has IC_WIDE entries
+        # guest EIPs whose inline cache is a compare tree -> the guest targets it compares with (sorted)
+        self.wide_ic: dict[int, list[int]] = {}
+        self._rebuilds: dict[int, int] = {}  # guest EIP -> trees built for it
         self.trace_translate: Callable[[Block], None] | None = None  # when translations are traced
         self.on_block: Callable[[Block], None] | None = None  # for every new translation
         self._after_sti = False
@@ -460,19 +464,21 @@ class Translator:
 
             push ecx; push eax; mov ecx, [esp + 8]    ; ECX = the guest target
             lahf; seto al                             ; EFLAGS saved in AX
-            n x: cmp ecx, G_k; jne <next entry>
-                 hit_k: add al, 0x7f; sahf; pop eax; pop ecx;
-                        <ret: lea esp, [esp + 4 + n] | jmp: lea esp, [esp + 4] | call: mov [esp], RET>;
-                        jmp <translation of G_k>
-            add al, 0x7f; sahf; pop eax; pop ecx; jmp <miss callout>
+            the compares (below), each match jumping to its hit stub:
+                hit_G: add al, 0x7f; sahf; pop eax; pop ecx;
+                       <ret: lea esp, [esp + 4 + n] | jmp: lea esp, [esp + 4] | call: mov [esp], RET>;
+                       jmp <translation of G>
+            miss: add al, 0x7f; sahf; pop eax; pop ecx; jmp <miss callout>
 
         `add al, 0x7f` overflows exactly when AL (OF, from seto) is 1, and sahf then loads the other five
         status flags from AH. The flag-free compare used before, `lea ecx, [ecx - G]; jecxz`, cost far
         more than this: the engine ends its block at every jecxz (and loop) and goes back to its main loop
         to find the next one, without chaining (docs/binary-translation.md, "Inline caches and the
-        engine's main loop"). An empty entry compares with 0 and its hit stub jumps to the miss path, so a
-        match on it is only slower. The guest's stack read is the only access that can fault; ESP is
-        `esp_base` below the guest's at the first push."""
+        engine's main loop"). A site starts with IC_ENTRIES entries filled round robin (`cmp ecx, G;
+        jne <next>` each, its hit stub after it; an empty entry compares with 0 and its stub jumps to the
+        miss path). One that keeps missing becomes a compare tree over every target it has seen
+        (`_compare_tree`). The guest's stack read is the only access that can fault; ESP is `esp_base`
+        below the guest's at the first push."""
         tc = self.tc
         base = tc_start + len(out)
         out += IC_SAVE
@@ -481,16 +487,21 @@ class Translator:
         ins.esp_fix[base + 2] = esp_base + 8  # the guest's stack read (ret) can fault
         site = Site(kind, blk, ins)
         site.raw, site.pop, site.ret_addr = raw, pop, ret_addr
+        slot = tc.new_site(site)
+        blk.sites.append(slot)
         first = base + len(IC_SAVE)
-        n = IC_WIDE if ins.geip in self.wide_ic else IC_ENTRIES
+        targets = self.wide_ic.get(ins.geip)
+        if targets is not None:
+            site.slot, site.patch_at = slot, first
+            out += self._tree_code(site, targets, first)
+            return
+        n = IC_ENTRIES
         step = IC_CMP_SIZE + IC_HIT_SIZE
         miss = first + n * step
         for k in range(n):
             e = first + k * step
             site.ic.append(e)
             site.hits.append(e + IC_CMP_SIZE)
-        slot = tc.new_site(site)
-        blk.sites.append(slot)
         empty = b"\xcc" * (IC_HIT_SIZE - 5)
         for k in range(n):
             hit = site.hits[k]
@@ -498,11 +509,58 @@ class Translator:
             out += b"\xe9" + _rel32(hit + 5, miss) + empty
         out += IC_RESTORE + b"\xe9" + _rel32(miss + len(IC_RESTORE) + 5, slot)  # jmp miss callout
 
-    def fill_ic(self, site: Site, target: int, dest: int) -> None:
-        """Put (guest target -> TC dest) into the next inline-cache entry of a site (round robin)."""
-        k = site.ic_next % len(site.ic)
-        site.ic_next += 1
-        e, hit = site.ic[k], site.hits[k]
+    def _tree_code(self, site: Site, targets: list[int], first: int) -> bytes:
+        """The compares of a site with many targets (a `ret` of a function called from many places: xv6's
+        `popcli` returns to 121), placed at `first`: a binary search over the sorted targets, `cmp ecx, G;
+        jae <upper half>` at each node and `cmp ecx, G; je <hit stub>` for the IC_TREE_LEAF or fewer of a
+        leaf, then `jmp <miss>`; the hit stubs; the miss path. A hit costs about 2 log2(n) compares where 16
+        round-robin entries cost 2 per entry passed and missed whenever the site had more live targets than
+        entries (each miss a callout, two patches and the engine's translation of them). The stubs of targets
+        already translated jump to their translation at once; the others start as jumps to the miss path and
+        are filled by fill_ic. Sets site.tree (target -> its hit stub)."""
+        size = len(targets)
+        leaves = [targets[i : i + IC_TREE_LEAF] for i in range(0, size, IC_TREE_LEAF)] or [[]]
+
+        def tree_size(lo: int, hi: int) -> int:  # bytes of the code for leaves[lo:hi]
+            if hi - lo == 1:
+                return 12 * len(leaves[lo]) + 5
+            mid = (lo + hi) // 2
+            return 12 + tree_size(lo, mid) + tree_size(mid, hi)
+
+        stubs = first + tree_size(0, len(leaves))
+        miss = stubs + size * IC_HIT_SIZE
+        tree = site.tree = {t: stubs + k * IC_HIT_SIZE for k, t in enumerate(targets)}
+        out = bytearray()
+
+        def emit(lo: int, hi: int) -> None:
+            at = first + len(out)
+            if hi - lo == 1:
+                for t in leaves[lo]:
+                    out.extend(b"\x81\xf9" + _imm32(t))  # cmp ecx, t; je hit_t
+                    out.extend(b"\x0f\x84" + _rel32(first + len(out) + 6, tree[t]))
+                out.extend(b"\xe9" + _rel32(first + len(out) + 5, miss))
+                return
+            mid = (lo + hi) // 2
+            upper = at + 12 + tree_size(lo, mid)
+            out.extend(b"\x81\xf9" + _imm32(leaves[mid][0]) + b"\x0f\x83" + _rel32(at + 12, upper))  # jae upper
+            emit(lo, mid)
+            emit(mid, hi)
+
+        emit(0, len(leaves))
+        assert first + len(out) == stubs
+        empty = b"\xcc" * (IC_HIT_SIZE - 5)
+        for t in targets:
+            hit = tree[t]
+            b = self.tc.blocks.get(t)
+            if b is not None and b.alive:
+                out += self._hit_stub(site, hit, b.tc)
+            else:
+                out += b"\xe9" + _rel32(hit + 5, miss) + empty
+        out += IC_RESTORE + b"\xe9" + _rel32(miss + len(IC_RESTORE) + 5, site.slot)  # jmp miss callout
+        return bytes(out)
+
+    @staticmethod
+    def _hit_stub(site: Site, hit: int, dest: int) -> bytes:
         code = IC_RESTORE
         if site.kind == "ret":
             code += b"\x8d\xa4\x24" + _imm32(4 + site.pop)  # lea esp, [esp + 4 + n]
@@ -512,14 +570,60 @@ class Translator:
             code += b"\xc7\x04\x24" + _imm32(site.ret_addr)  # mov [esp], guest return address
         code += b"\xe9" + _rel32(hit + len(code) + 5, dest)
         assert len(code) == IC_HIT_SIZE
-        self.tc.patch(hit, code)
+        return code
+
+    def fill_ic(self, site: Site, target: int, dest: int) -> None:
+        """Serve a miss: put (guest target -> TC dest) into the next round-robin entry of a small site, or
+        into a tree's stub for that target; a target a tree does not hold is only recorded (should_widen)."""
+        site.ic_next += 1
+        if site.tree is not None:
+            hit = site.tree.get(target)
+            if hit is not None:
+                self.tc.patch(hit, self._hit_stub(site, hit, dest))
+            else:
+                site.seen.add(target)
+            return
+        site.seen.add(target)
+        k = (site.ic_next - 1) % len(site.ic)
+        e, hit = site.ic[k], site.hits[k]
+        self.tc.patch(hit, self._hit_stub(site, hit, dest))
         self.tc.patch(e + 2, _imm32(target))  # cmp ecx, target
 
     def should_widen(self, site: Site) -> bool:
-        """A narrow site that has missed WIDEN_AFTER times: translate it again with IC_WIDE entries."""
-        if site.ic_next < WIDEN_AFTER or len(site.ic) >= IC_WIDE or site.insn is None:
+        """True when the site's block is to be translated again, its inline cache a compare tree over the
+        targets it has seen: a 4-entry site that has missed WIDEN_AFTER times. A tree that has missed
+        targets it does not hold (1 new target up to its 8th build, then 2, 3, ...; IC_REBUILDS builds and
+        IC_TREE_MAX targets at most) is built again here, after the translation cache's last code, and its
+        first compare becomes a jump to the new one: the block stays (a block translated again would leave
+        its old entry forwarding to the new one, and its window hooks, behind)."""
+        if site.insn is None:
+            return False
+        if site.tree is None and site.ic_next < WIDEN_AFTER:
+            return False
+        geip = site.insn.geip
+        built = self._rebuilds.get(geip, 0)
+        if built >= IC_REBUILDS or site.tree is not None and len(site.seen) < 1 + built // 8:
             return False
         if len(self.wide_ic) > 65536:  # bounded; an optimization only
             self.wide_ic.clear()
-        self.wide_ic.add(site.insn.geip)
-        return True
+            self._rebuilds.clear()
+        targets = sorted(set(site.tree or ()) | site.seen)[:IC_TREE_MAX]
+        if site.tree is None:
+            self.wide_ic[geip] = targets
+            self._rebuilds[geip] = built + 1
+            site.seen = set()
+            return True
+        tc = self.tc
+        probe = Site(site.kind)
+        probe.slot, probe.pop, probe.ret_addr = site.slot, site.pop, site.ret_addr
+        if not tc.room(len(self._tree_code(probe, targets, tc.next)), 0):
+            return False  # (the next flush starts over)
+        at = tc.next
+        code = self._tree_code(site, targets, at)
+        tc.emit(code)
+        tc.patch(site.patch_at, b"\xe9" + _rel32(site.patch_at + 5, at))  # the old first compare
+        self.wide_ic[geip] = targets
+        self._rebuilds[geip] = built + 1
+        site.seen = set()
+        tc.counters.widened += 1
+        return False
