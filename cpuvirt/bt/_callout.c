@@ -58,7 +58,9 @@ typedef struct {
     uint8_t src, shift;        /* src: GPR index in ModRM order, ST_NONE for the immediate */
     uint8_t base, index;       /* GPR indexes, ST_NONE: none */
     uint8_t scale;
-    uint8_t run;               /* Python's untraced run at the site is not 0: Python serves it (it resets) */
+    uint8_t pad;
+    uint32_t run;              /* the site's untraced run (adaptive.py _untraced_run), kept here while linked */
+    uint32_t limit;            /* the run at which Python makes the site native again (_native_after) */
 } store_t;
 
 /* The guest kernel's events (modes/full/evfast.py, CPUVIRT_FULL_EVENTS_C=0 keeps them Python's):
@@ -398,9 +400,9 @@ static int code_untouched(const callouts_t *t, uint64_t gpa, uint32_t size) {
  * when nothing is unsynchronised (shadow_ok) and the store is one word; sm_zap drops them from the copy and
  * logs the zap for Python's tables, and the engine's TLB is flushed, as _on_write does), or it is traced for
  * translated code alone and the bytes share no line with code (code_untouched: coherence.py would drop
- * nothing). A store to an untraced frame is
- * Python's too (the site's untraced run decides when it goes native again), and so is every store of a
- * site whose run is not 0. 0: Python's, nothing changed. */
+ * nothing). A store to a frame nobody traces is a plain store that adds one to the site's untraced run (a
+ * traced one sets it to 0, as Python does), up to the store that would reach `limit`: that one is Python's,
+ * which makes the site native again. 0: Python's, nothing changed. */
 static int adaptive_store(callouts_t *t, void *uc, uint64_t i) {
     const store_t *st = &t->store[i];
     const shadowmirror_t *m = t->dl.mirror;
@@ -408,13 +410,16 @@ static int adaptive_store(callouts_t *t, void *uc, uint64_t i) {
     uint32_t gva, src, old = 0, value, mask, word = 0, nzap = 0, zap_pages[SM_ZAP_MAX];
     int64_t gpa;
     int zap = 0;
-    if (!m || !t->ev.ram || !st->size || st->run) return 0;
+    int untraced;
+    if (!m || !t->ev.ram || !st->size) return 0;
     gva = site_address(t, uc, st);
     if ((gva & 0xFFFu) + st->size > 0x1000u) return 0;
     gpa = sm_hv_gpa(m, t->cr[0], t->cr3, t->cr[1], gva, 1, 0);
     if (gpa < 0 || (uint64_t)gpa + st->size > t->ev.ram_bytes) return 0;
-    if (!sm_traced(m, (uint64_t)gpa)) return 0;
-    if (sm_pt_traced(m, (uint64_t)gpa)) {        /* a page table */
+    untraced = !sm_traced(m, (uint64_t)gpa);
+    if (untraced) {
+        if (st->run + 1 >= st->limit) return 0;  /* Python makes the site native */
+    } else if (sm_pt_traced(m, (uint64_t)gpa)) {  /* a page table */
         word = (uint32_t)gpa & ~3u;
         if (sm_other_traced(m, (uint64_t)gpa)) return 0;
         if (sm_linked(m, word)) {                /* entries derive from the word: they are zapped */
@@ -447,6 +452,7 @@ static int adaptive_store(callouts_t *t, void *uc, uint64_t i) {
         fl = st_flags(st->op, old, src, value, st->size, fl);
         t->reg_write(uc, t->eflags_reg, &fl);
     }
+    ((store_t *)st)->run = untraced ? st->run + 1 : 0;
     return 1;
 }
 

@@ -88,7 +88,9 @@ class StoreSite(ctypes.Structure):
         ("base", ctypes.c_uint8),
         ("index", ctypes.c_uint8),
         ("scale", ctypes.c_uint8),
-        ("run", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8),
+        ("run", ctypes.c_uint32),
+        ("limit", ctypes.c_uint32),
     ]
 
 
@@ -356,13 +358,20 @@ class FastCallouts:
         t.maps_cr0, t.maps_cr4 = cr0, cr4
         t.maps_n = len(frames)
 
-    def link_store(self, slot: int, form: tuple, run: bool) -> None:
+    def link_store(self, slot: int, form: tuple, run: int = 0, limit: int = 0) -> None:
         """`slot` is (about to be) linked as ADAPTIVE or INVLPG: the form of its store or memory operand
-        (x86/emulate.py store_site, memory_site), and whether a store site's untraced run is not 0 (then the C
-        hook leaves its stores to Python)."""
+        (x86/emulate.py store_site, memory_site); for a store site, its untraced run, which the C hook keeps
+        from then on (store_run), and the run at which the site is made native again (limit: C leaves that
+        store to Python)."""
         st = self._table.store[slot - self._table.base]
         st.op, st.size, st.src, st.shift, st.imm, st.base, st.index, st.scale, st.disp = form
-        st.run = 1 if run else 0
+        st.run, st.limit = run, limit
+
+    def store_run(self, slot: int) -> int | None:
+        """The untraced run C keeps for a store site linked as ADAPTIVE (None: not linked so)."""
+        if self.linked_as(slot) != ADAPTIVE:
+            return None
+        return self._table.store[slot - self._table.base].run
 
     def link(self, slot: int, kind: int, dest: int, block: Block, arg: int = 0, io: int = 0, geip: int = 0) -> None:
         """From now on the C hook serves `slot` as `kind` and goes on at `dest`, the TC address of

@@ -64,8 +64,8 @@ class BtRuntime:
         # is linked to the translation of link_geip, or, when None, to none (an iretd to ring 3)
         self.link_geip: int | None = None
         # an adaptive store (ADAPTIVE) or invlpg (INVLPG): its form (x86/emulate.py store_site, memory_site) and,
-        # for a store, whether its site's untraced run is not 0
-        self.link_store: tuple[tuple, bool] | None = None
+        # for a store, its site's untraced run and the run that makes it native (FastCallouts.link_store)
+        self.link_store: tuple[tuple, int, int] | None = None
         self._slot = 0
         python_hook = hooks.code_function_with_data(self._hook_callout_from_c)
         self.fast = FastCallouts.install(self.uc, tc.base, python_hook, kernel_ring)

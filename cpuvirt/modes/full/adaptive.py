@@ -115,6 +115,10 @@ class AdaptiveStores(_VcpuBase):
             return
         self.adaptive_stores += 1
         if geip in self._untraced_run:
+            fast = self.rt.fast
+            kept = fast.store_run(self.rt._slot) if fast is not None else None
+            if kept is not None:  # the C hook served the site's stores since: its run is the site's
+                self._untraced_run[geip] = kept
             run = 0 if traced else self._untraced_run[geip] + 1
             self._untraced_run[geip] = run
             if run >= self._native_after.get(geip, NATIVE_AGAIN_AFTER):
@@ -126,7 +130,7 @@ class AdaptiveStores(_VcpuBase):
                 if form is not None:
                     rt = self.rt
                     rt.link_as, rt.link_geip = ADAPTIVE, (geip + length) & 0xFFFFFFFF
-                    rt.link_store = (form, run != 0)
+                    rt.link_store = (form, run, self._native_after.get(geip, NATIVE_AGAIN_AFTER))
         self.record(
             self.event_kind,
             "store",

@@ -200,7 +200,7 @@ class Callouts(_VcpuBase):
             form = memory_site(raw, geip) if self._fast_kinds & _INVLPG else None
             if form is None or self.outcome is not None:
                 return
-            rt.link_store = (form, False)
+            rt.link_store = (form, 0, 0)
         if kind != IRETD:
             rt.link_geip = (geip + size) & 0xFFFFFFFF
         elif self.regs.read(R.CS) & 3 == 3:
