@@ -143,3 +143,28 @@ def test_a_store_crossing_into_another_frame_is_written_through_each_page(mode, 
 @requires_qemu
 def test_ptemod_cross_console_is_qemus(test_guest):
     assert b"PASS" in assert_same_console_as_qemu(test_guest("ptemod_cross"), [], [])
+
+
+@pytest.mark.parametrize("mode", ["trap", "full"])
+def test_an_engine_tlb_flush_ends_a_trims_staleness(mode, monkeypatch):
+    """A trim leaves entries the shadow dropped in the engine's TLB (`_engine_stale`): a WP or PGE toggle
+    must flush it, and the C paths (full's zapping stores and toggles, trap's hook) leave those to Python
+    (`shadow_ok` 0). Every whole flush of the engine's TLB, a CR3 load's included, ends that: the C paths may
+    be re-armed. (Once it was set, it stayed until the next WP/PGE toggle: xv6's usertests under full left
+    19,536 zapping stores to Python for it.)"""
+    from cpuvirt.memory import shadow
+
+    monkeypatch.setattr(shadow, "MAX_ROOT_ENTRIES", 8)
+    hvs = []
+    res = run_guest("paging", mode, on_start=hvs.append)
+    assert (res.outcome, res.status) == ("exit", 0) and res.mmu["shadow"]["root_trims"] > 0
+    s = hvs[0].vcpu.mmu.strategy
+    for flush_engine in (True, False):
+        s._engine_stale = True  # as a trim leaves it
+        s.on_cr3_write(s._cur_key, flush_engine=flush_engine)
+        assert s._engine_stale is False
+        assert s.tlb_flush() is False  # nothing left for a toggle to flush
+    if mode == "full":
+        cr = hvs[0].vcpu.crfast
+        cr.arm(s)
+        assert cr.t.shadow_ok == 1

@@ -439,6 +439,8 @@ class ShadowPaging:
             self._select(key)
         if flush_engine:
             self._flush_engine()
+        else:
+            self._engine_stale = False  # (the engine's own CR3 load flushes its TLB)
 
     def count_reloads(self, n: int) -> None:
         """n CR3 writes that selected the current root again, made by a mode's C path (trap's INTR hook,
@@ -506,6 +508,9 @@ class ShadowPaging:
 
     def _flush_engine(self) -> None:
         self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
+        # Nothing a trim dropped is left in the engine's TLB: a WP or PGE toggle need not flush it again, and
+        # the C paths (full's callouts, trap's hook) may make zaps and toggles again once re-armed
+        self._engine_stale = False
 
     def _flush_pages(self, pages: list[int]) -> None:
         """The engine's TLB after a zap or an invlpg in the current root: those linear pages (the C paths flush the
