@@ -431,9 +431,10 @@ def test_invalidation_by_entry_patch():
 def test_a_full_translation_cache_is_flushed_and_refilled():
     """A TC with room for a few blocks: flush-all eviction, counted, and the code still right."""
     from cpuvirt.bt.tcache import CALLOUT_SLOTS
+    from cpuvirt.bt.translate import BLOCK_ROOM
     code = asm(INDIRECT)
     native = run_native(code)
-    t = Translated(code, tc_size=CALLOUT_SLOTS + 4096 + 300).run()
+    t = Translated(code, tc_size=CALLOUT_SLOTS + BLOCK_ROOM + 300).run()
     assert state(t.uc) == state(native)
     c = t.tc.counters
     assert c.flushes > 0 and c.evictions > 0

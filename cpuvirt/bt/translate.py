@@ -59,6 +59,29 @@ def _imm32(v: int) -> bytes:
     return struct.pack("<I", v & 0xFFFFFFFF)
 
 
+def _tree_leaves(targets: list[int]) -> list[list[int]]:
+    """A compare tree's leaves: the sorted targets IC_TREE_LEAF at a time (one empty leaf for none)."""
+    return [targets[i : i + IC_TREE_LEAF] for i in range(0, len(targets), IC_TREE_LEAF)] or [[]]
+
+
+def _tree_compares_size(leaves: list[list[int]], lo: int, hi: int) -> int:
+    """Bytes of the compares for leaves[lo:hi]: 12 a node (cmp, jae), 12 a leaf's target (cmp, je), 5 a jmp."""
+    if hi - lo == 1:
+        return 12 * len(leaves[lo]) + 5
+    mid = (lo + hi) // 2
+    return 12 + _tree_compares_size(leaves, lo, mid) + _tree_compares_size(leaves, mid, hi)
+
+
+def tree_size(n: int) -> int:
+    """Bytes of a compare tree over n targets: its compares, n hit stubs and the miss path."""
+    leaves = _tree_leaves(list(range(n)))
+    return _tree_compares_size(leaves, 0, len(leaves)) + n * IC_HIT_SIZE + len(IC_RESTORE) + 5
+
+
+# room a translation may need: 12 instructions and, as its terminator, an inline cache holding a full tree
+BLOCK_ROOM = 4096 + tree_size(IC_TREE_MAX)
+
+
 def _parse_modrm(b: bytes, i: int):
     """(mod, reg, rm, sib_byte_or_None, disp, disp_size, length of modrm+sib+disp)."""
     modrm = b[i]
@@ -140,7 +163,7 @@ class Translator:
     # -- the entry point ---------------------------------------------------------------------------------
     def translate(self, geip: int) -> Block:
         tc = self.tc
-        if not tc.room(4096, 64):
+        if not tc.room(BLOCK_ROOM, 64):
             tc.flush()
         blk = Block(geip)
         data, frames = self.code.fetch(geip, MAX_INSNS * 15)
@@ -477,7 +500,7 @@ class Translator:
         engine's main loop"). A site starts with IC_ENTRIES entries filled round robin (`cmp ecx, G;
         jne <next>` each, its hit stub after it; an empty entry compares with 0 and its stub jumps to the
         miss path). One that keeps missing becomes a compare tree over every target it has seen
-        (`_compare_tree`). The guest's stack read is the only access that can fault; ESP is `esp_base`
+        (`_tree_code`). The guest's stack read is the only access that can fault; ESP is `esp_base`
         below the guest's at the first push."""
         tc = self.tc
         base = tc_start + len(out)
@@ -519,15 +542,8 @@ class Translator:
         already translated jump to their translation at once; the others start as jumps to the miss path and
         are filled by fill_ic. Sets site.tree (target -> its hit stub)."""
         size = len(targets)
-        leaves = [targets[i : i + IC_TREE_LEAF] for i in range(0, size, IC_TREE_LEAF)] or [[]]
-
-        def tree_size(lo: int, hi: int) -> int:  # bytes of the code for leaves[lo:hi]
-            if hi - lo == 1:
-                return 12 * len(leaves[lo]) + 5
-            mid = (lo + hi) // 2
-            return 12 + tree_size(lo, mid) + tree_size(mid, hi)
-
-        stubs = first + tree_size(0, len(leaves))
+        leaves = _tree_leaves(targets)
+        stubs = first + _tree_compares_size(leaves, 0, len(leaves))
         miss = stubs + size * IC_HIT_SIZE
         tree = site.tree = {t: stubs + k * IC_HIT_SIZE for k, t in enumerate(targets)}
         out = bytearray()
@@ -541,7 +557,7 @@ class Translator:
                 out.extend(b"\xe9" + _rel32(first + len(out) + 5, miss))
                 return
             mid = (lo + hi) // 2
-            upper = at + 12 + tree_size(lo, mid)
+            upper = at + 12 + _tree_compares_size(leaves, lo, mid)
             out.extend(b"\x81\xf9" + _imm32(leaves[mid][0]) + b"\x0f\x83" + _rel32(at + 12, upper))  # jae upper
             emit(lo, mid)
             emit(mid, hi)
@@ -557,6 +573,7 @@ class Translator:
             else:
                 out += b"\xe9" + _rel32(hit + 5, miss) + empty
         out += IC_RESTORE + b"\xe9" + _rel32(miss + len(IC_RESTORE) + 5, site.slot)  # jmp miss callout
+        assert len(out) == tree_size(size)
         return bytes(out)
 
     @staticmethod
@@ -614,9 +631,7 @@ class Translator:
             site.seen = set()
             return True
         tc = self.tc
-        probe = Site(site.kind)
-        probe.slot, probe.pop, probe.ret_addr = site.slot, site.pop, site.ret_addr
-        if not tc.room(len(self._tree_code(probe, targets, tc.next)), 0):
+        if not tc.room(tree_size(len(targets)), 0):
             return False  # (the next flush starts over)
         at = tc.next
         code = self._tree_code(site, targets, at)
