@@ -103,6 +103,11 @@ def test_full_decodes_a_retranslated_tc_block_once_and_counts_it_the_same():
     real = disasm.disasm_lite
     disasm.disasm_lite = lambda code, a, *rest: decodes.append(a) or real(code, a, *rest)
     at = fv.TC_WINDOW + CALLOUT_SLOTS + 0x100
+    from cpuvirt.bt.tcache import Block
+
+    blk = Block(0x100000)  # the TC code lies in a translation (only an out-of-line compare tree does not)
+    blk.tc, blk.tc_end = at, at + 0x100
+    vcpu.tc.add(blk)
 
     def put(code: bytes) -> None:
         vcpu.hv_mem.write(vcpu.tc_hpa + (at - fv.TC_WINDOW), code)
