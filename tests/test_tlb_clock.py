@@ -57,3 +57,20 @@ def test_probe_engines_leave_the_clock_as_they_found_it():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     t0, t1, t2 = map(int, out)
     assert t1 == t0 and t2 > t1
+
+
+def test_closing_an_engine_leaves_the_clock_alone():
+    """uc_close flushes the engine's TLB, one tick of the clock, and the binding closes an engine whenever the
+    garbage collector gets to it: possibly in the middle of another engine's run, whose TLB windows would then
+    end a flush early (test_the_host_s_speed_does_not_change_the_tlb_misses shows the clock moves the misses).
+    Every engine cpuvirt's clock is pinned for is closed without a tick. In a fresh process."""
+    code = (
+        "import gc\n"
+        "from cpuvirt.engine.internals import new_engine, tlb_clock\n"
+        "running = new_engine(); running.mem_map(0, 4096)\n"
+        "other = new_engine(); other.mem_map(0, 4096); t0 = tlb_clock()\n"
+        "del other; gc.collect(); print(t0, tlb_clock())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    t0, t1 = map(int, out)
+    assert t0 > 0 and t1 == t0

@@ -68,7 +68,27 @@ def pin_tlb_clock() -> str:
     if os.environ.get("CPUVIRT_TLB_CLOCK") == "host":
         return "host (CPUVIRT_TLB_CLOCK=host)"
     rc = _tlb_clock_lib().vclock_pin_tlb_clock(b"libunicorn")
+    if rc == 0:
+        _closing_keeps_the_clock()
     return "pinned" if rc == 0 else f"host (vclock_pin_tlb_clock: {rc})"
+
+
+def _closing_keeps_the_clock() -> None:
+    """Closing an engine reads the clock too (uc_close flushes its TLB: one tick), and the binding closes an
+    engine when the garbage collector gets to it, which may be in the middle of another engine's run (a
+    cycle collected during a hook): that run's TLB windows would then end one flush earlier than in the
+    same run elsewhere. Every engine made from now on leaves the clock as it found it when it is closed."""
+    lib = _tlb_clock_lib()
+    release = Uc.release_handle
+
+    def release_handle(uch) -> None:
+        before = lib.vclock_tlb_clock()
+        try:
+            release(uch)
+        finally:
+            lib.vclock_tlb_clock_set(before)
+
+    Uc.release_handle = staticmethod(release_handle)  # type: ignore[method-assign]
 
 
 def read_process(address: int, size: int) -> bytes | None:
