@@ -154,7 +154,7 @@ class Translator:
         self.cs = Cs(CS_ARCH_X86, CS_MODE_32)
         self.adaptive: set[int] = set()  # guest EIPs retranslated as callouts (adaptive BT)
         # guest EIPs whose inline cache is a compare tree -> the guest targets it compares with (sorted)
-        self.wide_ic: dict[int, list[int]] = {}
+        self.tree_targets: dict[int, list[int]] = {}
         self._rebuilds: dict[int, int] = {}  # guest EIP -> trees built for it
         self.trace_translate: Callable[[Block], None] | None = None  # when translations are traced
         self.on_block: Callable[[Block], None] | None = None  # for every new translation
@@ -513,7 +513,7 @@ class Translator:
         slot = tc.new_site(site)
         blk.sites.append(slot)
         first = base + len(IC_SAVE)
-        targets = self.wide_ic.get(ins.geip)
+        targets = self.tree_targets.get(ins.geip)
         if targets is not None:
             site.slot, site.patch_at = slot, first
             out += self._tree_code(site, targets, first)
@@ -621,12 +621,12 @@ class Translator:
         built = self._rebuilds.get(geip, 0)
         if built >= IC_REBUILDS or site.tree is not None and len(site.seen) < 1 + built // 8:
             return False
-        if len(self.wide_ic) > 65536:  # bounded; an optimization only
-            self.wide_ic.clear()
+        if len(self.tree_targets) > 65536:  # bounded; an optimization only
+            self.tree_targets.clear()
             self._rebuilds.clear()
         targets = sorted(set(site.tree or ()) | site.seen)[:IC_TREE_MAX]
         if site.tree is None:
-            self.wide_ic[geip] = targets
+            self.tree_targets[geip] = targets
             self._rebuilds[geip] = built + 1
             site.seen = set()
             return True
@@ -637,7 +637,7 @@ class Translator:
         code = self._tree_code(site, targets, at)
         tc.emit(code)
         tc.patch(site.patch_at, b"\xe9" + _rel32(site.patch_at + 5, at))  # the old first compare
-        self.wide_ic[geip] = targets
+        self.tree_targets[geip] = targets
         self._rebuilds[geip] = built + 1
         site.seen = set()
         tc.counters.widened += 1
