@@ -479,3 +479,37 @@ def test_out_of_line_trees_stay_out_of_the_block_table():
     assert tc.counters.widened > 1                       # at least one tree built again, out of line
     in_tc = [a for a in v.machine.block_insns if tc.in_code(a)]
     assert in_tc and all(tc.block_at(a) is not None for a in in_tc)
+
+
+MANY_INDIRECT = """
+    mov esi, 0
+    mov ecx, 80
+loop_top:
+    mov eax, ecx
+    and eax, 7
+    call dword ptr [table + eax*4]
+    mov edx, ecx
+    and edx, 7
+    mov edx, dword ptr [jtable + edx*4]
+    jmp edx
+back:
+    dec ecx
+    jnz loop_top
+    hlt
+""" + "".join(f"j{k}: add esi, {1 << (k + 8)}\n    jmp back\n" for k in range(8)) + "".join(
+    f"h{k}: add esi, {1 << k}\n    ret\n" for k in range(8)) + """
+table: .long h0, h1, h2, h3, h4, h5, h6, h7
+jtable: .long j0, j1, j2, j3, j4, j5, j6, j7
+"""
+
+
+def test_indirect_call_and_jmp_with_many_targets_become_trees():
+    """`call r/m32` and `jmp r/m32` with 8 targets each (more than the 4 round-robin entries) become compare
+    trees too: the same results as the CPU's, the call's return address written by the tree's hit stubs."""
+    code = asm(MANY_INDIRECT)
+    native = run_native(code)
+    t = Translated(code).run()
+    assert state(t.uc) == state(native)
+    c = t.tc.counters
+    assert c.widened >= 2  # the call site's and the jmp site's (and the rets')
+    assert c.ic_misses < 80  # 160 indirect branches and 80 rets: after the first round, hits
