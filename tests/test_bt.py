@@ -214,42 +214,34 @@ def test_a_tree_serves_every_target_of_a_megamorphic_ret(n):
         assert c.ic_misses >= n + 3 * (n - IC_TREE_MAX)  # the targets beyond the tree miss at every pass
 
 
-INDIRECT = """
+def _indirect(rounds: int, calls: int, jumps: int) -> str:
+    """`rounds` passes of a `call [table + k*4]` over `calls` functions (each adding its bit to ESI, then
+    `ret`) and a `jmp reg` over `jumps` places (each adding a higher bit, then `jmp back`)."""
+    return f"""
     mov esi, 0
-    mov ecx, 40
+    mov ecx, {rounds}
 loop_top:
     mov eax, ecx
-    and eax, 3
+    and eax, {calls - 1}
     call dword ptr [table + eax*4]
     mov edx, ecx
-    and edx, 1
+    and edx, {jumps - 1}
     mov edx, dword ptr [jtable + edx*4]
     jmp edx
 back:
     dec ecx
     jnz loop_top
     hlt
-j0: add esi, 0x10000
-    jmp back
-j1: add esi, 0x20000
-    jmp back
-h0: add esi, 1
-    ret
-h1: add esi, 2
-    ret
-h2: add esi, 4
-    ret
-h3: add esi, 8
-    ret
-table: .long h0, h1, h2, h3
-jtable: .long j0, j1
-"""
+""" + "".join(f"j{k}: add esi, {1 << (k + 16)}\n    jmp back\n" for k in range(jumps)) + "".join(
+        f"h{k}: add esi, {1 << k}\n    ret\n" for k in range(calls)) + (
+        f"table: .long {', '.join(f'h{k}' for k in range(calls))}\n"
+        f"jtable: .long {', '.join(f'j{k}' for k in range(jumps))}\n")
 
 
 def test_indirect_call_and_jmp_match_native():
     misses = []
     for n in (40, 80):
-        code = asm(INDIRECT.replace("mov ecx, 40", f"mov ecx, {n}"))
+        code = asm(_indirect(n, 4, 2))
         native = run_native(code)
         t = Translated(code).run()
         assert state(t.uc) == state(native)
@@ -432,7 +424,7 @@ def test_a_full_translation_cache_is_flushed_and_refilled():
     """A TC with room for a few blocks: flush-all eviction, counted, and the code still right."""
     from cpuvirt.bt.tcache import CALLOUT_SLOTS
     from cpuvirt.bt.translate import BLOCK_ROOM
-    code = asm(INDIRECT)
+    code = asm(_indirect(40, 4, 2))
     native = run_native(code)
     t = Translated(code, tc_size=CALLOUT_SLOTS + BLOCK_ROOM + 300).run()
     assert state(t.uc) == state(native)
@@ -481,32 +473,10 @@ def test_out_of_line_trees_stay_out_of_the_block_table():
     assert in_tc and all(tc.block_at(a) is not None for a in in_tc)
 
 
-MANY_INDIRECT = """
-    mov esi, 0
-    mov ecx, 80
-loop_top:
-    mov eax, ecx
-    and eax, 7
-    call dword ptr [table + eax*4]
-    mov edx, ecx
-    and edx, 7
-    mov edx, dword ptr [jtable + edx*4]
-    jmp edx
-back:
-    dec ecx
-    jnz loop_top
-    hlt
-""" + "".join(f"j{k}: add esi, {1 << (k + 8)}\n    jmp back\n" for k in range(8)) + "".join(
-    f"h{k}: add esi, {1 << k}\n    ret\n" for k in range(8)) + """
-table: .long h0, h1, h2, h3, h4, h5, h6, h7
-jtable: .long j0, j1, j2, j3, j4, j5, j6, j7
-"""
-
-
 def test_indirect_call_and_jmp_with_many_targets_become_trees():
     """`call r/m32` and `jmp r/m32` with 8 targets each (more than the 4 round-robin entries) become compare
     trees too: the same results as the CPU's, the call's return address written by the tree's hit stubs."""
-    code = asm(MANY_INDIRECT)
+    code = asm(_indirect(80, 8, 8))
     native = run_native(code)
     t = Translated(code).run()
     assert state(t.uc) == state(native)
