@@ -404,7 +404,7 @@ static int code_untouched(const callouts_t *t, uint64_t gpa, uint32_t size) {
  * traced one sets it to 0, as Python does), up to the store that would reach `limit`: that one is Python's,
  * which makes the site native again. 0: Python's, nothing changed. */
 static int adaptive_store(callouts_t *t, void *uc, uint64_t i) {
-    const store_t *st = &t->store[i];
+    store_t *st = &t->store[i];
     const shadowmirror_t *m = t->dl.mirror;
     uint64_t v = 0, fl = 0;
     uint32_t gva, src, old = 0, value, mask, word = 0, nzap = 0, zap_pages[SM_ZAP_MAX];
@@ -452,7 +452,7 @@ static int adaptive_store(callouts_t *t, void *uc, uint64_t i) {
         fl = st_flags(st->op, old, src, value, st->size, fl);
         t->reg_write(uc, t->eflags_reg, &fl);
     }
-    ((store_t *)st)->run = untraced ? st->run + 1 : 0;
+    st->run = untraced ? st->run + 1 : 0;
     return 1;
 }
 

@@ -66,7 +66,7 @@ class BtRuntime:
         # an adaptive store (ADAPTIVE) or invlpg (INVLPG): its form (x86/emulate.py store_site, memory_site) and,
         # for a store, its site's untraced run and the run that makes it native (FastCallouts.link_store)
         self.link_store: tuple[tuple, int, int] | None = None
-        self._slot = 0
+        self._slot = 0  # the callout slot being served (`slot`)
         python_hook = hooks.code_function_with_data(self._hook_callout_from_c)
         self.fast = FastCallouts.install(self.uc, tc.base, python_hook, kernel_ring)
         if self.fast is None:
@@ -84,6 +84,11 @@ class BtRuntime:
             c.misses += 1
             b = self.translator.translate(geip)
         return b.tc
+
+    @property
+    def slot(self) -> int:
+        """The callout slot being served (set as a callout comes in)."""
+        return self._slot
 
     def enter(self, geip: int | None = None) -> bool:
         """Point EIP at the translation of the guest EIP in EIP (or `geip`), if the guest kernel runs.
@@ -173,9 +178,8 @@ class BtRuntime:
                 return
             if c.flushes == flushes:
                 self.translator.fill_ic(site, target, dest)
-                if self.translator.should_widen(site):
-                    c.widened += 1
-                    invalidate(tc, site.block)  # translated again, wide, when next reached
+                if self.translator.widen(site):
+                    invalidate(tc, site.block)  # translated again, its inline cache a tree, when next reached
             regs.write(R.EIP, dest)
             return
         # a sensitive instruction: the hypervisor emulates it (guest registers, guest EIP) and says

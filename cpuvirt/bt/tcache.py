@@ -42,7 +42,7 @@ class Counters:
     code_stores: int = 0
     adaptive: int = 0
     unadapted: int = 0
-    widened: int = 0  # compare trees built for inline caches (Translator.should_widen), first or again
+    widened: int = 0  # compare trees built for inline caches (Translator.widen), first or again
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -129,7 +129,7 @@ class Site:
         self.raw = b""
         self.after_sti = False
         self.tree: dict[int, int] | None = None  # a compare-tree inline cache: guest target -> its hit stub
-        self.seen: set[int] = set()  # targets missed since the site was translated (Translator.should_widen)
+        self.seen: set[int] = set()  # targets missed since the site was translated (Translator.widen)
         self.slot = 0  # an inline cache's miss callout slot (where its trees' miss paths go)
 
 

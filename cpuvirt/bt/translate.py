@@ -32,6 +32,7 @@ WIDEN_AFTER = 4 * IC_ENTRIES  # misses of a 4-entry site before it becomes a com
 IC_TREE_MAX = 256  # targets a tree holds at most
 IC_TREE_LEAF = 3  # targets compared one by one at a leaf
 IC_REBUILDS = 64  # times one site's tree is built again with the targets it missed, at most
+IC_TREE_SITES = 4096  # sites whose trees' targets are kept (at most IC_TREE_MAX each): beyond, all are forgotten
 IC_SAVE = b"\x51\x50\x8b\x4c\x24\x08\x9f\x0f\x90\xc0"  # push ecx; push eax; mov ecx, [esp + 8]; lahf; seto al
 IC_RESTORE = b"\x04\x7f\x9e\x58\x59"  # add al, 0x7f (OF back); sahf (SF ZF AF PF CF back); pop eax; pop ecx
 IC_CMP_SIZE = 8  # cmp ecx, G; jne <next entry>
@@ -76,6 +77,16 @@ def tree_size(n: int) -> int:
     """Bytes of a compare tree over n targets: its compares, n hit stubs and the miss path."""
     leaves = _tree_leaves(list(range(n)))
     return _tree_compares_size(leaves, 0, len(leaves)) + n * IC_HIT_SIZE + len(IC_RESTORE) + 5
+
+
+def _empty_stub(hit: int, miss: int) -> bytes:
+    """An inline cache's hit stub with no target yet: a jump to the miss path, padded to IC_HIT_SIZE."""
+    return b"\xe9" + _rel32(hit + 5, miss) + b"\xcc" * (IC_HIT_SIZE - 5)
+
+
+def _miss_path(at: int, slot: int) -> bytes:
+    """An inline cache's miss path at `at`: EFLAGS, EAX and ECX back, then its miss callout."""
+    return IC_RESTORE + b"\xe9" + _rel32(at + len(IC_RESTORE) + 5, slot)
 
 
 # room a translation may need: 12 instructions and, as its terminator, an inline cache holding a full tree
@@ -510,27 +521,23 @@ class Translator:
         ins.esp_fix[base + 2] = esp_base + 8  # the guest's stack read (ret) can fault
         site = Site(kind, blk, ins)
         site.raw, site.pop, site.ret_addr = raw, pop, ret_addr
-        slot = tc.new_site(site)
-        blk.sites.append(slot)
+        site.slot = tc.new_site(site)
+        blk.sites.append(site.slot)
         first = base + len(IC_SAVE)
         targets = self.tree_targets.get(ins.geip)
         if targets is not None:
-            site.slot, site.patch_at = slot, first
+            site.patch_at = first
             out += self._tree_code(site, targets, first)
             return
-        n = IC_ENTRIES
         step = IC_CMP_SIZE + IC_HIT_SIZE
-        miss = first + n * step
-        for k in range(n):
+        miss = first + IC_ENTRIES * step
+        for k in range(IC_ENTRIES):
             e = first + k * step
             site.ic.append(e)
             site.hits.append(e + IC_CMP_SIZE)
-        empty = b"\xcc" * (IC_HIT_SIZE - 5)
-        for k in range(n):
-            hit = site.hits[k]
             out += b"\x81\xf9" + _imm32(0) + b"\x75" + bytes([IC_HIT_SIZE])  # cmp ecx, 0; jne next
-            out += b"\xe9" + _rel32(hit + 5, miss) + empty
-        out += IC_RESTORE + b"\xe9" + _rel32(miss + len(IC_RESTORE) + 5, slot)  # jmp miss callout
+            out += _empty_stub(e + IC_CMP_SIZE, miss)
+        out += _miss_path(miss, site.slot)
 
     def _tree_code(self, site: Site, targets: list[int], first: int) -> bytes:
         """The compares of a site with many targets (a `ret` of a function called from many places: xv6's
@@ -564,15 +571,10 @@ class Translator:
 
         emit(0, len(leaves))
         assert first + len(out) == stubs
-        empty = b"\xcc" * (IC_HIT_SIZE - 5)
         for t in targets:
-            hit = tree[t]
             b = self.tc.blocks.get(t)
-            if b is not None and b.alive:
-                out += self._hit_stub(site, hit, b.tc)
-            else:
-                out += b"\xe9" + _rel32(hit + 5, miss) + empty
-        out += IC_RESTORE + b"\xe9" + _rel32(miss + len(IC_RESTORE) + 5, site.slot)  # jmp miss callout
+            out += self._hit_stub(site, tree[t], b.tc) if b is not None and b.alive else _empty_stub(tree[t], miss)
+        out += _miss_path(miss, site.slot)
         assert len(out) == tree_size(size)
         return bytes(out)
 
@@ -591,54 +593,49 @@ class Translator:
 
     def fill_ic(self, site: Site, target: int, dest: int) -> None:
         """Serve a miss: put (guest target -> TC dest) into the next round-robin entry of a small site, or
-        into a tree's stub for that target; a target a tree does not hold is only recorded (should_widen)."""
+        into a tree's stub for that target; a target a tree does not hold is only recorded (widen)."""
         site.ic_next += 1
+        if len(site.seen) < IC_TREE_MAX:  # (bounded: a guest may return to any number of places)
+            site.seen.add(target)
         if site.tree is not None:
             hit = site.tree.get(target)
             if hit is not None:
+                site.seen.discard(target)
                 self.tc.patch(hit, self._hit_stub(site, hit, dest))
-            else:
-                site.seen.add(target)
             return
-        site.seen.add(target)
         k = (site.ic_next - 1) % len(site.ic)
         e, hit = site.ic[k], site.hits[k]
         self.tc.patch(hit, self._hit_stub(site, hit, dest))
         self.tc.patch(e + 2, _imm32(target))  # cmp ecx, target
 
-    def should_widen(self, site: Site) -> bool:
-        """True when the site's block is to be translated again, its inline cache a compare tree over the
-        targets it has seen: a 4-entry site that has missed WIDEN_AFTER times. A tree that has missed
-        targets it does not hold (1 new target up to its 8th build, then 2, 3, ...; IC_REBUILDS builds and
-        IC_TREE_MAX targets at most) is built again here, after the translation cache's last code, and its
-        first compare becomes a jump to the new one: the block stays (a block translated again would leave
-        its old entry forwarding to the new one, and its window hooks, behind)."""
-        if site.insn is None:
-            return False
-        if site.tree is None and site.ic_next < WIDEN_AFTER:
+    def widen(self, site: Site) -> bool:
+        """After a miss: True when the site's block is to be translated again, its inline cache a compare
+        tree over the targets it has seen (a 4-entry site that has missed WIDEN_AFTER times). A tree that
+        has missed targets it does not hold (1 new target up to its 8th build, then 2, 3, ...; IC_REBUILDS
+        builds and IC_TREE_MAX targets at most) is built again here, after the translation cache's last
+        code, and its first compare becomes a jump to the new one: the block stays (a block translated again
+        would leave its old entry forwarding to the new one, and its window hooks, behind). Each tree built
+        is counted (`widened`)."""
+        held = site.tree
+        narrow = held is None
+        if site.insn is None or narrow and site.ic_next < WIDEN_AFTER:
             return False
         geip = site.insn.geip
         built = self._rebuilds.get(geip, 0)
-        if built >= IC_REBUILDS or site.tree is not None and len(site.seen) < 1 + built // 8:
+        if built >= IC_REBUILDS or held is not None and (len(site.seen) < 1 + built // 8 or len(held) >= IC_TREE_MAX):
             return False
-        if len(self.tree_targets) > 65536:  # bounded; an optimization only
+        if len(self.tree_targets) >= IC_TREE_SITES and geip not in self.tree_targets:  # bounded host memory
             self.tree_targets.clear()
             self._rebuilds.clear()
-        targets = sorted(set(site.tree or ()) | site.seen)[:IC_TREE_MAX]
-        if site.tree is None:
-            self.tree_targets[geip] = targets
-            self._rebuilds[geip] = built + 1
-            site.seen = set()
-            return True
-        tc = self.tc
-        if not tc.room(tree_size(len(targets)), 0):
-            return False  # (the next flush starts over)
-        at = tc.next
-        code = self._tree_code(site, targets, at)
-        tc.emit(code)
-        tc.patch(site.patch_at, b"\xe9" + _rel32(site.patch_at + 5, at))  # the old first compare
+        targets = sorted(set(held or ()) | site.seen)[:IC_TREE_MAX]
+        if not narrow:
+            tc = self.tc
+            if not tc.room(tree_size(len(targets)), 0):
+                return False  # (the next flush starts over)
+            at = tc.emit(self._tree_code(site, targets, tc.next))
+            tc.patch(site.patch_at, b"\xe9" + _rel32(site.patch_at + 5, at))  # the old first compare
         self.tree_targets[geip] = targets
         self._rebuilds[geip] = built + 1
         site.seen = set()
-        tc.counters.widened += 1
-        return False
+        self.tc.counters.widened += 1
+        return narrow

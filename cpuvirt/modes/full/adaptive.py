@@ -116,7 +116,7 @@ class AdaptiveStores(_VcpuBase):
         self.adaptive_stores += 1
         if geip in self._untraced_run:
             fast = self.rt.fast
-            kept = fast.store_run(self.rt._slot) if fast is not None else None
+            kept = fast.store_run(self.rt.slot) if fast is not None else None
             if kept is not None:  # the C hook served the site's stores since: its run is the site's
                 self._untraced_run[geip] = kept
             run = 0 if traced else self._untraced_run[geip] + 1

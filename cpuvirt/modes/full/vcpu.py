@@ -470,7 +470,7 @@ class FullVcpu(RunsCode16, Coherence, Callouts, AdaptiveStores, DeprivilegedVcpu
             self.forget_block(address)
             if self.tc.block_at(address) is not None:
                 machine.note_block(address, entry)
-            # else a compare tree built out of line (bt/translate.py should_widen): counted, not noted, since
+            # else a compare tree built out of line (bt/translate.py widen): counted, not noted, since
             # no event can leave it halfway (no access that faults; interrupts wait for a guest instruction's
             # boundary), and its engine blocks, a few hundred a tree and a new tree at each rebuild, would crowd
             # the C copy of Machine.block_insns out of the blocks events do leave (the ring-3 `int` stubs)
