@@ -524,8 +524,7 @@ class FastDelivery:
         def soft_done(owner, vector: int, start: int, eip: int) -> None:
             """What Vcpu.hook_intr does around an `int n` besides the delivery (trace off)."""
             owner.left_block_at(eip)
-            owner.counts["interrupt"] += 1
-            owner.reasons["interrupt", f"int {vector:#x}"] += 1
+            owner.tally("interrupt", f"int {vector:#x}")
             if if_check:
                 owner.clock.if_may_have_changed()
 
@@ -533,8 +532,7 @@ class FastDelivery:
         def fault_done(owner, vector: int, eip: int) -> None:
             """The same for a fault (Vcpu._deliver_engine_event's other branch)."""
             owner.left_block_at(eip)
-            owner.counts["exception"] += 1
-            owner.reasons["exception", MNEMONIC.get(vector, f"vector {vector}")] += 1
+            owner.tally("exception", MNEMONIC.get(vector, f"vector {vector}"))
             if if_check:
                 owner.clock.if_may_have_changed()
 
@@ -545,8 +543,7 @@ class FastDelivery:
                 raise RuntimeError("engine refused a register write delivering vector 14")
             owner.left_block_at(eip)
             owner.charge_fault(access)
-            owner.counts["page_fault"] += 1
-            owner.reasons["page_fault", "#PF"] += 1
+            owner.tally("page_fault", "#PF")
             if if_check:
                 owner.clock.if_may_have_changed()
 

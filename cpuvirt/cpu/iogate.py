@@ -66,8 +66,7 @@ class IoGateVcpu(GuestViewVcpu):
                 "emulated: port I/O through the device model",
             )
         else:
-            self.counts[self.event_kind] += 1
-            self.reasons[self.event_kind, "in" if is_in else "out"] += 1
+            self.tally(self.event_kind, "in" if is_in else "out")
         try:
             return super().port_io(port, size, is_in, value)
         finally:

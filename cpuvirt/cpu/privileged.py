@@ -27,8 +27,7 @@ Emulator = Callable[..., "bool | None"]
 def _cli(vcpu, eip, size, ops):
     vcpu.regs.write(R.EFLAGS, vcpu.regs.read(R.EFLAGS) & ~EFLAGS_IF)
     if vcpu.trace is None:
-        vcpu.counts[vcpu.event_kind] += 1  # what `emulated` records when no trace is written
-        vcpu.reasons[vcpu.event_kind, "cli"] += 1
+        vcpu.tally(vcpu.event_kind, "cli")  # what `emulated` records when no trace is written
     else:
         vcpu.emulated(eip, "cli", {"if": 0})
     vcpu.regs.write(R.EIP, eip + size)
@@ -38,8 +37,7 @@ def _sti(vcpu, eip, size, ops):
     flags = vcpu.regs.read(R.EFLAGS)
     vcpu.regs.write(R.EFLAGS, flags | EFLAGS_IF)
     if vcpu.trace is None:
-        vcpu.counts[vcpu.event_kind] += 1
-        vcpu.reasons[vcpu.event_kind, "sti"] += 1
+        vcpu.tally(vcpu.event_kind, "sti")
     else:
         vcpu.emulated(eip, "sti", {"if": 1})
     vcpu.regs.write(R.EIP, eip + size)
@@ -74,8 +72,7 @@ def _mov(vcpu, eip, size, ops):
         sel = vcpu.read_operand(eip, src, 2) & 0xFFFF
         vcpu.load_segment(dst, sel)
         if vcpu.trace is None:
-            vcpu.counts[vcpu.event_kind] += 1
-            vcpu.reasons[vcpu.event_kind, "mov sreg"] += 1
+            vcpu.tally(vcpu.event_kind, "mov sreg")
         else:
             vcpu.emulated(eip, "mov", {"sreg": dst, "selector": f"{sel:#x}"})
         vcpu.regs.write(R.EIP, eip + size)
@@ -96,8 +93,7 @@ def _pop(vcpu, eip, size, ops):
     vcpu.load_segment(name, sel)
     vcpu.regs.write(R.ESP, (esp + 4) & 0xFFFFFFFF)
     if vcpu.trace is None:
-        vcpu.counts[vcpu.event_kind] += 1
-        vcpu.reasons[vcpu.event_kind, "pop"] += 1
+        vcpu.tally(vcpu.event_kind, "pop")
     else:
         vcpu.emulated(eip, "pop", {"sreg": name, "selector": f"{sel:#x}"})
     vcpu.regs.write(R.EIP, eip + size)

@@ -108,8 +108,7 @@ class Callouts(_VcpuBase):
         if self.fdeliver is not None:
             self.fdeliver.fold()
         for kind, n in fast.take().items():
-            self.counts[self.event_kind] += n
-            self.reasons[self.event_kind, KIND_NAMES[kind]] += n
+            self.tally(self.event_kind, KIND_NAMES[kind], n)
             if kind == MOV_CR3:
                 self.mmu.strategy.count_reloads(n)
             elif kind == ADAPTIVE:  # what _adaptive_store and ShadowPaging.guest_store count
@@ -250,8 +249,7 @@ class Callouts(_VcpuBase):
         if op == 0x0F and raw[p + 1] == 0xA2:
             leaf, subleaf = self._cpuid_in.read()
             if self.trace is None:
-                self.counts[self.event_kind] += 1
-                self.reasons[self.event_kind, "cpuid"] += 1
+                self.tally(self.event_kind, "cpuid")
             else:
                 self.record(self.event_kind, "cpuid", None, geip, {"leaf": f"{leaf:#x}"}, "emulated: the CPU model")
             self._cpuid_out.write(*self.machine.cpuid(leaf, subleaf))
@@ -305,8 +303,7 @@ class Callouts(_VcpuBase):
             return None
         if op == 0x0F and raw[p + 1] == 0x31:
             if self.trace is None:
-                self.counts[self.event_kind] += 1
-                self.reasons[self.event_kind, "rdtsc"] += 1
+                self.tally(self.event_kind, "rdtsc")
             else:
                 self.record(self.event_kind, "rdtsc", None, geip, {}, "emulated: the virtual clock")
             now = self.clock.now
@@ -333,7 +330,7 @@ class Callouts(_VcpuBase):
         except (GuestFault, GuestPageFault, Unsupported):
             return  # the store itself would have faulted first: not reached
         if self.trace is None:
-            self.counts[self.event_kind] += 1
+            self._counts[self.event_kind] += 1
         else:
             self.record(
                 self.event_kind,

@@ -191,8 +191,9 @@ class Coherence(_VcpuBase):
             elif ins.kind == IDENT and "xmmword" in ins.text:
                 self.sse_tc_site(ins)  # the alignment check on the TC copy (vcpu.py)
         self._block_seq += 1
+        reasons = self._reasons
         for ins in blk.insns:  # the cost model's translation counts (per translation, not per run)
-            self.reasons["translate", ins.kind] += ins.size > 0
+            reasons["translate", ins.kind] += ins.size > 0
         entry = (self._block_seq, blk)
         for field in blk.deps:
             self._dep_blocks.setdefault(field, []).append(entry)

@@ -256,15 +256,13 @@ class PvFast:
         def soft_done(owner, vector: int, start: int, eip: int) -> None:
             """What ParaVcpu does around a bounced `int n` besides the bounce (trace off)."""
             owner.left_block_at(eip)
-            owner.counts["interrupt"] += 1
-            owner.reasons["interrupt", f"int {vector:#x}"] += 1
+            owner.tally("interrupt", f"int {vector:#x}")
             owner.clock.if_may_have_changed()
 
         @hook_guard()
         def fault_done(owner, vector: int, eip: int) -> None:
             owner.left_block_at(eip)
-            owner.counts["exception"] += 1
-            owner.reasons["exception", MNEMONIC.get(vector, f"vector {vector}")] += 1
+            owner.tally("exception", MNEMONIC.get(vector, f"vector {vector}"))
             owner.clock.if_may_have_changed()
 
         @hook_guard()
@@ -278,8 +276,7 @@ class PvFast:
                 raise RuntimeError("engine refused a register write bouncing vector 14")
             owner.left_block_at(eip)
             owner.charge_fault(access)
-            owner.counts["page_fault"] += 1
-            owner.reasons["page_fault", "#PF"] += 1
+            owner.tally("page_fault", "#PF")
 
         self._soft_done = _SOFT_DONE(lambda vector, start, eip: soft_done(vcpu, vector, start, eip))
         self._fault_done = _FAULT_DONE(lambda vector, eip: fault_done(vcpu, vector, eip))
