@@ -190,3 +190,17 @@ def test_a_delivery_that_changes_cs_leaves_the_next_event_to_python(test_guest, 
     _same(c_run, py_run)
     native = run_guest(str(image), "native", 32, 20_000_000)
     assert c_run[0].console == native.console
+
+
+def test_pops_after_a_cr3_load_put_their_pages_back_in_c(test_guest, monkeypatch):
+    """A CR3 load empties the hypervisor's own TLB; the next pop's stack and GDT pages are put back in C from
+    the shadow, as Python's walk would put them (bt/_callout.c hv_walk, _evseg.h ev_rtlb_fill), while a page
+    that only Python's TLB still holds (its PTE rewritten without invlpg, its slot in C's copy taken by
+    another page) stays Python's: C filling it from the shadow would pop another selector
+    (tests/guests/full_hvtlb.S)."""
+    image = test_guest("full_hvtlb")
+    c_run = _run(image, monkeypatch, True)
+    py_run = _run(image, monkeypatch, False)
+    assert b"PASS full's hypervisor TLB after CR3 loads" in c_run[0].console
+    assert _served(c_run[3])[POP_SREG] >= 64 - 1  # each loop's first pop, after its CR3 load
+    _same(c_run, py_run)

@@ -78,6 +78,7 @@ typedef struct {
 
 #define CR0_ET 0x10u
 #define CR0_WP 0x10000u
+#define CR0_PG_ 0x80000000u
 #define CR4_PGE 0x80u
 #define MAX_MAP_FRAMES 16
 #define NO_MAPS 0xFFFFFFFFu
@@ -290,18 +291,46 @@ static int load_segment(callouts_t *t, void *uc, int seg, uint32_t selector) {
     return t->reg_write(uc, t->seg_reg[seg], &value) == 0;  /* refused: Python tries it, and fails */
 }
 
+/* GuestViewVcpu.read_guest's walk when its TLB misses, for a read the Python path of this site makes
+ * (`n` bytes at `gva`): the current shadow root's entry where ShadowPaging.gva_to_gpa would answer from it
+ * with no side effect (sm_hv_gpa, as the C deliveries read), put into the TLB as Python would (ev_rtlb_fill).
+ * A CR3 load empties that TLB, and every return to user mode after a switch began with two callouts
+ * Python served, a pop for the stack's page and one for the GDT's (29,000 in xv6's usertests). */
+static void hv_walk(callouts_t *t, uint32_t gva, uint32_t n) {
+    uint32_t page = gva >> 12;
+    const ev_rtlb_t *e = &t->ev.rtlb[page & (EV_RTLB_SLOTS - 1)];
+    int64_t gpa;
+    if ((gva & 0xFFFu) + n > 0x1000u || !t->dl.mirror || !(t->cr[0] & CR0_PG_)) return;
+    if (e->valid && e->page == page && e->gen == t->ev.rtlb_gen) return;
+    gpa = sm_hv_gpa(t->dl.mirror, t->cr[0], t->cr3, t->cr[1], gva, 0, 0);
+    if (gpa >= 0) ev_rtlb_fill(&t->ev, page, (uint64_t)gpa & ~0xFFFull);
+}
+
+/* SegmentLoadingVcpu.descriptor's read of a data selector's GDT entry, which it makes when the selector
+ * is not null, is a GDT one and is within the limit (then hv_walk) */
+static void hv_walk_descriptor(callouts_t *t, uint32_t selector) {
+    uint32_t index = selector & 0xFFF8u;
+    if (!(selector & 0xFFFCu) || (selector & 4) || index + 7 > t->ev.gdt_limit) return;
+    if ((uint64_t)t->ev.gdt_base + index + 8 > 0x100000000ull) return;
+    hv_walk(t, t->ev.gdt_base + index, 8);
+}
+
 static int events(callouts_t *t, void *uc, uint64_t i, uint8_t k, uint64_t cs, uint64_t *eip) {
     uint64_t v = 0, esp = 0, fl = 0;
     uint8_t a = t->arg[i];
     if (!t->events_on || !snapshot_holds(t, uc, cs)) return 0;
     if (k == MOV_SREG) {
         t->reg_read(uc, t->gpr_reg[a & 7], &v);
+        hv_walk_descriptor(t, (uint32_t)v);
         return load_segment(t, uc, (a >> 3) & 7, (uint32_t)v) ? k : 0;
     }
     if (k == POP_SREG) {
         uint16_t sel;
         t->reg_read(uc, t->esp_reg, &esp);
-        if (!ev_read_hv(&t->ev, (uint32_t)esp, &sel, 2) || !load_segment(t, uc, a, sel)) return 0;
+        hv_walk(t, (uint32_t)esp, 2);
+        if (!ev_read_hv(&t->ev, (uint32_t)esp, &sel, 2)) return 0;
+        hv_walk_descriptor(t, sel);
+        if (!load_segment(t, uc, a, sel)) return 0;
         esp = (uint32_t)(esp + 4);
         t->reg_write(uc, t->esp_reg, &esp);
         return k;
@@ -690,7 +719,6 @@ typedef struct {
 
 size_t fullpf_sizeof(void) { return sizeof(fullpf_t); }
 
-#define CR0_PG_ 0x80000000u
 #define CR4_PAE_ 0x20u
 
 /* 15 bytes at `gva` read through the guest's 32-bit tables with no side effect (Mmu.fetch_bytes), when they

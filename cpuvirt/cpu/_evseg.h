@@ -80,6 +80,17 @@ typedef struct {
      * it is next used: the one page, as privileged.py _invlpg pops it, not the whole TLB */
     uint32_t popped_n;
     uint32_t popped[EV_POPS];
+    /* pages C put into the copy (ev_rtlb_fill), for Python's dict to take when it is next used, in order;
+     * and what C knows of that dict: its size (with them), whether the copy holds every page it does (a
+     * miss here is a miss there) and its bound (limits.CACHE_ENTRIES). All of it holds for generation
+     * fill_gen only: a flush in C since (rtlb_gen moved) empties the dict when Python next looks. */
+    uint32_t fill_gen;
+    uint32_t rtlb_n;
+    uint32_t rtlb_whole;
+    uint32_t rtlb_cap;
+    uint32_t filled_n;
+    uint32_t filled[EV_POPS];
+    uint32_t filled_frame[EV_POPS];   /* their guest-physical frames (gpa >> 12) */
     ev_rtlb_t rtlb[EV_RTLB_SLOTS];
 } evseg_t;
 
@@ -102,10 +113,32 @@ static inline int ev_rtlb_pop(evseg_t *s, uint32_t page) {
     for (k = 0; k < s->popped_n && s->popped[k] != page; k++)
         ;                              /* popped already? (Python drains the log before it adds a page) */
     if (k == s->popped_n) {
-        if (s->popped_n >= EV_POPS) return 0;
+        if (s->popped_n >= EV_POPS || (s->filled_n && s->fill_gen == s->rtlb_gen)) return 0;  /* one log at a time */
         s->popped[s->popped_n++] = page;
     }
     if (e->page == page) e->valid = 0;
+    return 1;
+}
+
+/* GuestViewVcpu.read_guest's fill of its TLB (limits.put) made here, for the RAM frame `gpa` of a linear
+ * page that neither the copy nor Python's dict holds: only while the copy holds every page the dict does
+ * (rtlb_whole), the dict is under its bound (no limits.put clear), the page's slot holds no other live
+ * page (which the dict would keep) and no page popped here waits for Python (so that the dict takes the
+ * two logs in the order they were made, only one of them is ever non-empty). The page is in the copy at
+ * once and in the dict when Python next uses it (EvHvTlb._fresh). 0: not put (Python's walk will). */
+static inline int ev_rtlb_fill(evseg_t *s, uint32_t page, uint64_t gpa) {
+    ev_rtlb_t *e = &s->rtlb[page & (EV_RTLB_SLOTS - 1)];
+    if (s->fill_gen != s->rtlb_gen) {          /* flushed here since Python last looked: its dict goes empty, */
+        s->fill_gen = s->rtlb_gen;              /* and the pages popped since were in it, or in none */
+        s->filled_n = 0, s->popped_n = 0, s->rtlb_n = 0, s->rtlb_whole = 1;
+    }
+    if (!s->rtlb_whole || s->popped_n || s->filled_n >= EV_POPS || s->rtlb_n >= s->rtlb_cap) return 0;
+    if ((gpa & 0xFFFu) || gpa + 0x1000 > s->ram_bytes) return 0;
+    if (e->valid && e->gen == s->rtlb_gen) return e->page == page;
+    e->page = page, e->gen = s->rtlb_gen, e->gpa = gpa, e->valid = 1;
+    s->filled[s->filled_n] = page;
+    s->filled_frame[s->filled_n++] = (uint32_t)(gpa >> 12);
+    s->rtlb_n++;
     return 1;
 }
 

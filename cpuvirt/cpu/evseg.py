@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 from typing import Any
 
+from cpuvirt import limits
 from cpuvirt.cpu.hvtlb import HvTlb
 from cpuvirt.cpu.segcache import _SEG_INDEX, segs_offset
 from cpuvirt.cpu.virtualcpu import SegCache, TableVirtualCpu, VirtualCpu
@@ -56,6 +57,13 @@ class EvSeg(ctypes.Structure):
         ("off_eip", ctypes.c_uint32),
         ("popped_n", ctypes.c_uint32),
         ("popped", ctypes.c_uint32 * EV_POPS),
+        ("fill_gen", ctypes.c_uint32),
+        ("rtlb_n", ctypes.c_uint32),
+        ("rtlb_whole", ctypes.c_uint32),
+        ("rtlb_cap", ctypes.c_uint32),
+        ("filled_n", ctypes.c_uint32),
+        ("filled", ctypes.c_uint32 * EV_POPS),
+        ("filled_frame", ctypes.c_uint32 * EV_POPS),
         ("rtlb", _Rtlb * RTLB_SLOTS),
     ]
 
@@ -155,22 +163,35 @@ def mirror_nmi_blocking(ev: EvSeg, vcpu) -> None:
 
 class EvHvTlb(HvTlb):
     """The hypervisor's own TLB (GuestViewVcpu._rtlb) with a copy of its RAM entries in the C table
-    (ev_rtlb_t): the C path reads descriptors and the stack through it only where Python would hit."""
+    (ev_rtlb_t): the C path reads descriptors and the stack through it, and may put a page into both
+    (ev_rtlb_fill) where Python's walk would have put the same one, while it knows the dict holds no page
+    the copy does not (`rtlb_whole`, kept here) and has room (`rtlb_n`, `rtlb_cap`)."""
 
     __slots__ = ("_ram_hpa", "_ram_bytes")
 
     def __init__(self, table: EvSeg, ram_hpa: int, ram_bytes: int):
         super().__init__(table)
         self._ram_hpa, self._ram_bytes = ram_hpa, ram_bytes
+        table.rtlb_cap = limits.CACHE_ENTRIES
+        table.fill_gen, table.rtlb_whole, table.rtlb_n, table.filled_n = table.rtlb_gen, 1, 0, 0
 
     def _fresh(self) -> None:
         super()._fresh()
         st = self._table
+        if st.fill_gen != st.rtlb_gen:  # flushed in C, and nothing put since: the dict is empty (above)
+            st.fill_gen, st.rtlb_whole, st.filled_n = st.rtlb_gen, 1, 0
+        n = st.filled_n
+        if n:  # pages C put into the copy (ev_rtlb_fill), in order
+            base = self._ram_hpa
+            for page, frame in zip(st.filled[:n], st.filled_frame[:n]):
+                dict.__setitem__(self, page, base + (frame << 12))
+            st.filled_n = 0
         n = st.popped_n
         if n:  # pages an invlpg served in C dropped (ev_rtlb_pop), in order
             for page in st.popped[:n]:
                 dict.pop(self, page, None)
             st.popped_n = 0
+        st.rtlb_n = len(self)
 
     def __setitem__(self, page, hpa) -> None:
         self._fresh()
@@ -179,22 +200,31 @@ class EvHvTlb(HvTlb):
         e = st.rtlb[page % RTLB_SLOTS]
         gpa = hpa - self._ram_hpa if hpa is not None else -1
         if 0 <= gpa and gpa + 0x1000 <= self._ram_bytes and not gpa & 0xFFF:
+            if e.valid and e.gen == st.rtlb_gen and e.page != page:
+                st.rtlb_whole = 0  # the copy loses a page the dict keeps
             e.page, e.gen, e.gpa, e.valid = page, st.rtlb_gen, gpa, 1
-        elif e.page == page:
-            e.valid = 0
+        else:
+            st.rtlb_whole = 0  # the dict holds a page the copy cannot
+            if e.page == page:
+                e.valid = 0
+        st.rtlb_n = len(self)
 
     def pop(self, key, *default):
         e = self._table.rtlb[key % RTLB_SLOTS]
         if e.page == key:
             e.valid = 0
-        return super().pop(key, *default)
+        try:
+            return super().pop(key, *default)
+        finally:
+            self._table.rtlb_n = len(self)
 
     def clear(self) -> None:
         """Every entry goes: C's copies with the generation they were made under."""
         st = self._table
         st.rtlb_gen = (st.rtlb_gen + 1) & 0xFFFFFFFF
         self._gen = st.rtlb_gen
-        st.popped_n = 0
+        st.popped_n = st.filled_n = st.rtlb_n = 0
+        st.fill_gen, st.rtlb_whole = st.rtlb_gen, 1
         dict.clear(self)
 
 
