@@ -526,6 +526,7 @@ def _progress(i: int, total: int, what: str) -> None:
 
 def _report(args) -> int:
     from cpuvirt import costs, modespec, nanobench, report
+    from cpuvirt.comparerun import run_columns
     from cpuvirt.runner import DEFAULT_MAX_INSNS
     from cpuvirt.trace import compare as C
 
@@ -538,7 +539,7 @@ def _report(args) -> int:
         raise CpuvirtError(f"-o {args.output}: {e.strerror}") from None
     with out:
         budget = DEFAULT_MAX_INSNS if args.max_insns is None else args.max_insns
-        cols = C.run_columns(args.guest, specs, budget)
+        cols = run_columns(args.guest, specs, budget)
         sites = C.build_sites(cols)
         summary = C.summary_rows(cols, table)
         bench = None
@@ -781,6 +782,7 @@ def _vmcs(args) -> int:
 
 def _compare(args) -> int:
     from cpuvirt import costs, modespec
+    from cpuvirt.comparerun import run_columns
     from cpuvirt.runner import DEFAULT_MAX_INSNS
     from cpuvirt.trace import compare as C
 
@@ -804,7 +806,7 @@ def _compare(args) -> int:
             raise CpuvirtError("--input-prompt needs --input FILE")
         budget = DEFAULT_MAX_INSNS if args.max_insns is None else args.max_insns
         devices = _parse_devices(args.device)
-        cols = C.run_columns(
+        cols = run_columns(
             args.items[0],
             specs,
             budget,

@@ -12,7 +12,6 @@ import signal
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 from cpuvirt import status
 from cpuvirt.cpu.mmiosite import MmioSites
@@ -30,6 +29,7 @@ from cpuvirt.machine.testdev import TestdevSpec, attach_testdev
 from cpuvirt.machine.vga import render_text
 from cpuvirt.modes import get_mode
 from cpuvirt.modes.base import Mode
+from cpuvirt.result import RunResult
 from cpuvirt.trace.format import TraceWriter
 
 BOOT_GDT_GPA = 0x500  # BIOS data area: free at Multiboot entry, below anything a loader places
@@ -45,28 +45,6 @@ _PCI_ACTIONS = {
 CONSOLE_HEAD = 64 << 10
 CONSOLE_TAIL = 1 << 20
 INPUT_CHUNK = 4096  # --input FILE is read this much at a time, as the guest takes it
-
-
-@dataclass
-class RunResult:
-    guest: str
-    mode: str
-    outcome: str
-    status: int
-    message: str
-    console: bytes
-    icount: int
-    vtime: int
-    counts: dict
-    mmu: dict
-    wall_s: float
-    vga: str = ""
-    unhandled_ports: list = field(default_factory=list)
-    exit_stats: list = field(default_factory=list)
-    devices: list = field(default_factory=list)
-    tally: dict = field(default_factory=dict)  # events for the cost model (cpuvirt/costs)
-    console_dropped: int = 0  # bytes written between the kept head and tail (not in `console`)
-    warnings: list = field(default_factory=list)  # the loader's (image.warnings): shown in the summary
 
 
 def _device_summary(transport) -> dict:
