@@ -19,7 +19,7 @@ import json
 
 import pytest
 
-from cpuvirt.bt.fastcallout import IRETD, IRETD_OUTER, MOV_CR2, MOV_SREG, POP_SREG
+from cpuvirt.bt.fastcallout import IRETD, IRETD_OUTER, LTR, MOV_CR2, MOV_SREG, POP_SREG
 from cpuvirt.engine import regs as R
 from cpuvirt.modes.full.vcpu import FullVcpu
 from cpuvirt.runner import run_guest
@@ -204,3 +204,23 @@ def test_pops_after_a_cr3_load_put_their_pages_back_in_c(test_guest, monkeypatch
     assert b"PASS full's hypervisor TLB after CR3 loads" in c_run[0].console
     assert _served(c_run[3])[POP_SREG] >= 64 - 1  # each loop's first pop, after its CR3 load
     _same(c_run, py_run)
+
+
+def test_ltr_of_the_snapshot_s_tss_selector_in_c(test_guest, monkeypatch):
+    """xv6's switchuvm under full: the TSS descriptor rewritten available with another base, then `ltr`,
+    answered by the C callout hook (bt/_callout.c ltr: the busy bit written, TR's base where the C delivery
+    reads it), each load followed by a system call from ring 3 whose kernel stack comes from that TSS;
+    a busy TSS (#GP), the other selector and the first load after it stay Python's
+    (tests/guests/full_ltr.S)."""
+    image = test_guest("full_ltr")
+    c_run = _run(image, monkeypatch, True)
+    py_run = _run(image, monkeypatch, False)
+    assert b"PASS full's kernel ltr" in c_run[0].console
+    c_cpu = c_run[3]
+    served = c_cpu.rt.fast.table.served[LTR]
+    # 95 loads of 0x28 less 11 busy, 5 right after a load of 0x38, and the site's first
+    assert served >= 78, served
+    assert c_cpu.reasons["callout", "ltr"] - served >= 11 + 5 + 5  # those, and the loads of 0x38
+    _same(c_run, py_run)
+    native = run_guest(str(image), "native", 32, 20_000_000)
+    assert c_run[0].console == native.console

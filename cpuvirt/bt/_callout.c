@@ -45,7 +45,8 @@ enum { PYTHON = 0, CPUID = 1, RDTSC = 2, MOV_CR0 = 3, MOV_CR4 = 4, PORT_IN = 5, 
        MOV_CR3 = 12,      /* mov cr3, r32 reloading the CR3 it holds (cr3_reload) */
        ADAPTIVE = 13,     /* an adaptive store (modes/full/adaptive.py) into a traced frame: store[] */
        INVLPG = 14,       /* invlpg m: store[] holds its address's form */
-       KINDS = 15 };
+       LTR = 15,          /* ltr r16 (arg: the register) */
+       KINDS = 16 };
 
 /* An adaptive store site as C does it (x86/emulate.py store_site): `op [base + index * scale + disp], src`
  * with op mov, or, and, xor, add, sub, inc, dec; src a register's bits (shift 0, or 8 for ah..bh) or an
@@ -162,6 +163,8 @@ typedef struct {
      * real CS, SS and IOPL. C serves an event only while they hold, so that the Python path's
      * _virtual_changed would find nothing to drop */
     uint32_t snap_ok, snap_cs, snap_ss, snap_iopl;
+    uint32_t snap_tr;          /* ... and its TR selector (0xFFFFFFFF: none) */
+    uint32_t tr_sel, tr_new;   /* TR's selector as an ltr here loaded it, for FullEvVirtualCpu.tr (tr_new: not yet taken) */
     /* the hypervisor-TLB copy (its generation bumped by mov_cr's flushes), the virtual GDTR, CR2, IOPL,
      * `_loaded`, NMI blocking (cpu/_evseg.h, cpu/evseg.py) */
     evseg_t ev;
@@ -372,6 +375,38 @@ static int events(callouts_t *t, void *uc, uint64_t i, uint8_t k, uint64_t cs, u
     return 0;
 }
 
+/* ltr r16 by the guest kernel (privileged.py _ltr, the switch to a process's TSS): an available TSS descriptor
+ * of the GDT, present, read through the hypervisor's TLB; its busy bit written as Mmu.write_linear would, into
+ * a frame nobody traces through a shadow entry that answers the write with no side effect; TR's base and limit
+ * where the C delivery reads them, the selector for FullEvVirtualCpu.tr. Only for the TR selector of the
+ * translations' snapshot (another is Python's: _virtual_changed) and while CS, SS and IOPL are the snapshot's.
+ * 0: Python's (a fault, a busy TSS, a 4 GiB wrap, anything else), nothing changed. */
+static int ltr(callouts_t *t, void *uc, uint64_t i, uint64_t cs) {
+    const shadowmirror_t *m = t->dl.mirror;
+    uint64_t v = 0;
+    uint32_t sel, index, desc[2], hi, type, base, limit;
+    int64_t gpa;
+    if (!t->events_on || !m || !t->ev.ram || !snapshot_holds(t, uc, cs)) return 0;
+    t->reg_read(uc, t->gpr_reg[t->arg[i] & 7], &v);
+    sel = (uint32_t)v & 0xFFFFu, index = sel & ~7u;
+    if (sel != t->snap_tr || !(sel & ~3u) || (sel & 4)) return 0;
+    if ((uint64_t)t->ev.gdt_base + index + 8 > 0x100000000ull) return 0;
+    hv_walk_descriptor(t, sel);
+    if (!ev_descriptor(&t->ev, sel, desc)) return 0;
+    hi = desc[1], type = (hi >> 8) & 0xFu;
+    if ((hi & EV_DESC_S) || (type != 1 && type != 9) || !(hi & EV_DESC_P)) return 0;
+    gpa = sm_hv_gpa(m, t->cr[0], t->cr3, t->cr[1], t->ev.gdt_base + index + 4, 1, 0);
+    if (gpa < 0 || (uint64_t)gpa + 4 > t->ev.ram_bytes || sm_traced(m, (uint64_t)gpa)) return 0;
+    hi |= 2u << 8;                              /* busy */
+    memcpy((uint8_t *)t->ev.ram + gpa, &hi, 4);
+    base = (desc[0] >> 16) | ((desc[1] & 0xFFu) << 16) | (desc[1] & 0xFF000000u);
+    limit = (desc[0] & 0xFFFFu) | (desc[1] & 0xF0000u);
+    if (desc[1] & (1u << 23)) limit = (limit << 12) | 0xFFFu;
+    t->dl.tr_base = base, t->dl.tr_limit = limit;
+    t->tr_sel = sel, t->tr_new = 1;
+    return 1;
+}
+
 /* The linear address of a slot's memory operand (store[]: base + index * scale + disp, flat segments). */
 static uint32_t site_address(callouts_t *t, void *uc, const store_t *st) {
     uint64_t v = 0;
@@ -518,6 +553,11 @@ void callout_hook(void *uc, uint64_t address, uint32_t size, void *user_data) {
                     return;
                 }
                 k = (uint8_t)served;
+            } else if (k == LTR) {
+                if (!ltr(t, uc, i, cs)) {
+                    TO_PYTHON(1);
+                    return;
+                }
             } else if (k == INVLPG) {
                 if (!invlpg(t, uc, i, cs)) {
                     TO_PYTHON(1);

@@ -39,7 +39,8 @@ MOV_SREG, POP_SREG, MOV_CR2, IRETD, IRETD_OUTER = 7, 8, 9, 10, 11
 MOV_CR3 = 12  # a mov to CR3 reloading the CR3 it holds (a TLB flush)
 ADAPTIVE = 13  # an adaptive store into a traced frame (modes/full/adaptive.py; its form in store_t)
 INVLPG = 14  # invlpg m (its address's form in store_t)
-KINDS = 15
+LTR = 15  # ltr r16, of the TSS selector the translations' snapshot holds
+KINDS = 16
 KIND_NAMES = {
     CPUID: "cpuid",
     RDTSC: "rdtsc",
@@ -55,6 +56,7 @@ KIND_NAMES = {
     MOV_CR3: "mov cr3",
     ADAPTIVE: "store",
     INVLPG: "invlpg",
+    LTR: "ltr",
 }
 PORT_KINDS = (PORT_IN, PORT_OUT)  # counted by their Python device calls, not by take()
 NO_LOOKUP = (IRETD_OUTER,)  # served without looking a translation up (the Python path looks up none)
@@ -171,6 +173,9 @@ class _Table(ctypes.Structure):
         ("snap_cs", ctypes.c_uint32),
         ("snap_ss", ctypes.c_uint32),
         ("snap_iopl", ctypes.c_uint32),
+        ("snap_tr", ctypes.c_uint32),
+        ("tr_sel", ctypes.c_uint32),
+        ("tr_new", ctypes.c_uint32),
         ("ev", EvSeg),
         ("geip", ctypes.c_uint32 * CALLOUT_SLOTS),
         ("kind", ctypes.c_uint8 * CALLOUT_SLOTS),

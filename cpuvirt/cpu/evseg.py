@@ -125,6 +125,9 @@ class EvVirtualCpu(TableVirtualCpu):
 
     @tr.setter
     def tr(self, value: SegCache) -> None:
+        self._set_tr(value)
+
+    def _set_tr(self, value: SegCache) -> None:
         """TR is loaded whole (ltr, a task switch): never changed in place."""
         self._tr = value
         d = self._delivery_fields()

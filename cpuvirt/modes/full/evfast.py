@@ -20,11 +20,11 @@ import ctypes
 import os
 from typing import Any
 
-from cpuvirt.bt.fastcallout import INVLPG, IRETD, MOV_CR2, MOV_SREG, POP_SREG, PYTHON
+from cpuvirt.bt.fastcallout import INVLPG, IRETD, LTR, MOV_CR2, MOV_SREG, POP_SREG, PYTHON
 from cpuvirt.cpu import evseg
 from cpuvirt.cpu.evseg import EvHvTlb, EvLoaded, EvVirtualCpu
 from cpuvirt.cpu.quirks import context_layout
-from cpuvirt.cpu.virtualcpu import in_table
+from cpuvirt.cpu.virtualcpu import SegCache, in_table
 
 _DATA_SEGS = {0: 0, 3: 3, 4: 4, 5: 5}  # ModRM sreg field -> QEMU segment index (ES, DS, FS, GS)
 _POPS = {b"\x07": 0, b"\x1f": 3, b"\x0f\xa1": 4, b"\x0f\xa9": 5}  # pop es/ds/fs/gs
@@ -47,6 +47,20 @@ class FullEvVirtualCpu(EvVirtualCpu):
 
     def _delivery_fields(self) -> Any:
         return self._table.dl
+
+    @property  # type: ignore[override, misc]
+    def tr(self) -> SegCache:
+        t = self._table
+        if t.tr_new:  # loaded by an ltr the C callout hook served (bt/_callout.c ltr): base and limit are dl's
+            t.tr_new = 0
+            d = t.dl
+            self._tr = SegCache(t.tr_sel, d.tr_base, d.tr_limit)
+        return self._tr
+
+    @tr.setter
+    def tr(self, value: SegCache) -> None:
+        self._table.tr_new = 0
+        self._set_tr(value)
 
     def crs_addresses(self) -> tuple[int, int, int]:
         """Where the virtual CR0, CR3 and CR4 are (uint32 each)."""
@@ -72,6 +86,8 @@ def site_kind(raw: bytes) -> tuple[int, int]:
         return IRETD, 0
     if n >= 3 and raw[0] == 0x0F and raw[1] == 0x01 and raw[2] >> 6 != 3 and (raw[2] >> 3) & 7 == 7:
         return INVLPG, 0  # invlpg m (its address: the runtime's link_store)
+    if n == 3 and raw[0] == 0x0F and raw[1] == 0x00 and raw[2] >> 3 == 0b11011:
+        return LTR, raw[2] & 7  # ltr r16 (ModRM mod 3, reg 3)
     return PYTHON, 0
 
 
@@ -121,3 +137,5 @@ class FullEvents:
             t.snap_cs, t.snap_ss, t.snap_iopl, t.snap_ok = cs, ss, iopl, 1
         else:
             t.snap_ok = 0
+        tr = snap.get("tr")
+        t.snap_tr = tr if isinstance(tr, int) else 0xFFFFFFFF
