@@ -17,12 +17,7 @@
 
 .text
 main:
-    mov esi, page_table_low
-    mov edi, page_dir
-    mov eax, PTE_P | PTE_W
-    call paging_identity_4m
-    mov eax, page_dir
-    call paging_enable
+    PAGING_IDENTITY_4M_ON(PTE_P | PTE_W)
     mov eax, dword ptr [gdt + KERNEL_DS]        # the GDT's page: an entry in the shadow (xv6's GDT is in data
                                                 # its kernel reads; a page nobody touched is Python's walk)
     mov dword ptr [PAGE_S + 0xFFC], KERNEL_DS   # F1's slot: the kernel's data segment

@@ -16,12 +16,7 @@
 main:
     call user_init
     SET_HANDLER(VEC_GP, kernel_gp)
-    mov esi, page_table_low
-    mov edi, page_dir
-    mov eax, PTE_P | PTE_W
-    call paging_identity_4m
-    mov eax, page_dir
-    call paging_enable
+    PAGING_IDENTITY_4M_ON(PTE_P | PTE_W)
     # a GDT of its own page (the image's shares one with code, which full traces): the image's 7
     # descriptors, and a second TSS descriptor at 0x38
     mov esi, gdt
