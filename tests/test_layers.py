@@ -19,7 +19,7 @@ PKG = Path(__file__).resolve().parent.parent / "cpuvirt"
 # import none of each other. A dotted name is a part of its own inside a package (the longest name wins):
 # the trace file format is written by the runner and read by the trace views above it.
 FLOORS: list[tuple[str, ...]] = [
-    ("errors", "status", "limits", "__init__"),   # the ground: user errors, exit statuses, cache caps
+    ("errors", "status", "limits", "result", "__init__"),  # the ground: errors, statuses, caps, a run's record
     ("engine",),                                  # libunicorn below the wrapper: registers, the hook guard
     ("x86", "xen"),                               # stateless architecture facts and decoders; the Xen PV ABI
     ("memory",),                                  # the guest walk, the TLB-fill hook and its strategies
@@ -30,6 +30,7 @@ FLOORS: list[tuple[str, ...]] = [
     ("costs", "modespec"),                        # the cost model over a run's tallies; MODE:K=V specs
     ("runner",),                                  # one run of one guest under one mode
     ("trace", "sweep", "nanobench", "netbench", "labs"),   # views over runs
+    ("comparerun",),                              # the runs compare and report line up
     ("report",),                                  # the HTML report over sweeps and nanobench
     ("cli",),
     ("__main__",),
