@@ -324,3 +324,36 @@ def test_a_directory_that_maps_itself_under_ept():
             mmu.crs = None
             answered += _same_as_python(m, fast, hook, state, vaddr, access, (PD + slot * 4,), (hex(bits), access))
     assert answered == 12
+
+
+def test_c_fill_maps_device_pages_as_the_python_fill_and_follows_the_p2m():
+    """A page of the local APIC's registers (a kernel reads it after every CR3 load): the C fill maps it to
+    the p2m's MMIO region, read-write, never execute, as Mmu.fill does; a fetch from it stays Python's
+    (the run ends there); a range the p2m drops or moves is dropped or moved for C at once."""
+    m = Machine(MEM >> 20)
+    get_mode("native")(m)
+    mmu, p2m = m.mmu, m.p2m
+    fast = mmu.counters.fast
+    hook = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int, ctypes.POINTER(Entry),
+                            ctypes.c_void_p)(ctypes.cast(_lib().fastfill_hook, ctypes.c_void_p).value)
+    state = ctypes.cast(ctypes.pointer(fast._state), ctypes.c_void_p)
+    m.set_flat_protected_mode(0x500)
+    m.write_gpa(PD, (PT | 0x27).to_bytes(4, "little"))
+    m.write_gpa(PT, (0xFEE00000 | 0x67).to_bytes(4, "little"))   # P, W, A, D
+    m.regs.write(R.CR3, PD)
+    m.regs.write(R.CR0, 0x80000011)
+    mmu.crs = None
+    apic = p2m.mmio_to_hpa(0xFEE00000)
+    for access in (16, 17):
+        assert _same_as_python(m, fast, hook, state, 0x123, access, (PD, PT), access) == 1
+        e = Entry()
+        assert hook(m.uc._uch, 0, access, ctypes.byref(e), state)
+        assert (e.paddr, e.perms) == (apic, 3)            # UC_PROT_READ | UC_PROT_WRITE
+    assert not hook(m.uc._uch, 0, 18, ctypes.byref(Entry()), state)   # a fetch: Python's
+    lo, hi, hpa = next(r for r in p2m.mmio if r[0] == 0xFEE00000)
+    p2m.remove_mmio(0xFEE00000)
+    assert not hook(m.uc._uch, 0, 16, ctypes.byref(Entry()), state)   # unbacked now: Python's
+    p2m.add_mmio(0xFEE00000, hi - lo, hpa + 0x1000)
+    e = Entry()
+    assert hook(m.uc._uch, 0, 16, ctypes.byref(e), state) and e.paddr == hpa + 0x1000
+    assert _same_as_python(m, fast, hook, state, 0, 16, (PD, PT), "moved") == 1

@@ -144,6 +144,29 @@ def test_c_shadow_fill_answers_what_the_python_fill_answers():
     assert answered > 400 and declined > 400, (answered, declined)
 
 
+def test_c_shadow_fill_maps_device_pages_from_the_shadow_and_follows_the_p2m():
+    """A shadow entry for the local APIC's page (xv6 reads its ID after every CR3 load): C maps it to the p2m's
+    MMIO region as Mmu.fill does, read-write as the entry allows, never execute; a fetch from it stays
+    Python's; a range the p2m drops is Python's again at once."""
+    m, hv, fill, ring, hook, state, _keep = _trap_machine()
+    mmu, shadow, v = m.mmu, hv.shadow, hv.vcpu.virtual_cpu
+    v.cr0, v.cr3, v.cr4 = 0x80010011, PD, 0
+    m.write_gpa(PD, (PT | 0x27).to_bytes(4, "little"))
+    m.write_gpa(PT, (0xFEE00000 | 0x67).to_bytes(4, "little"))
+    mmu.crs = None
+    assert mmu.fill(m.uc, 0x10, WRITE, Entry(), None)  # Python: the shadow learns the page
+    apic = m.p2m.mmio_to_hpa(0xFEE00000)
+    for access in (READ, WRITE):
+        e, p = Entry(), Entry()
+        hits = shadow.counters.shadow_hits
+        assert hook(m.uc._uch, 0x20, access, ctypes.byref(e), state)
+        assert mmu.fill(m.uc, 0x20, access, p, None) and shadow.counters.shadow_hits == hits + 1
+        assert (e.paddr, e.perms) == (p.paddr, p.perms) == (apic, 3)
+    assert not hook(m.uc._uch, 0x20, FETCH, ctypes.byref(Entry()), state)
+    m.p2m.remove_mmio(0xFEE00000)
+    assert not hook(m.uc._uch, 0x20, READ, ctypes.byref(Entry()), state)
+
+
 def test_c_shadow_miss_fills_leave_what_python_leaves():
     """Two machines driven alike through random guest tables (entries with and without A and D, 4 MiB pages,
     CR0.WP, CR4.PSE, two directories, traced frames, invlpg, flushes, CPL 0 and 3, a cap of 6 entries per

@@ -28,6 +28,29 @@
 
 typedef int (*reg_read_fn)(void *uc, int regid, void *value);
 
+/* The p2m's device ranges (memory/p2m.py P2m.mmio, kept equal by memory/fastfill.py MmioRanges): a
+ * guest-physical page there is a device's registers, which Mmu.fill maps to the range's Unicorn MMIO region,
+ * read and write (as the guest's entry allows), never execute. Native and the shadow fills answer such
+ * pages too: a kernel that reads its local APIC after every CR3 load refilled that page in Python each time
+ * (58,951 of xv6 usertests' Python fills under native). */
+#define MMIO_RANGES 16
+typedef struct {
+    uint64_t lo, hi, hpa;    /* [lo, hi) guest-physical, page-aligned -> host-physical hpa */
+} mmio_range_t;
+typedef struct {
+    uint32_t n, pad;         /* n > MMIO_RANGES: more than fit here, every device page is Python's */
+    mmio_range_t r[MMIO_RANGES];
+} mmio_ranges_t;
+
+/* P2m.mmio_to_hpa for a page-aligned gpa: the host-physical page, or 0 (none: unbacked, or Python's) */
+static inline uint64_t mmio_page(const mmio_ranges_t *mm, uint64_t gpa) {
+    uint32_t i;
+    if (!mm || mm->n > MMIO_RANGES) return 0;
+    for (i = 0; i < mm->n; i++)
+        if (mm->r[i].lo <= gpa && gpa < mm->r[i].hi) return mm->r[i].hpa + (gpa - mm->r[i].lo);
+    return 0;
+}
+
 
 typedef struct {
     const uint8_t *ram;      /* guest RAM, guest-physical 0 */
@@ -43,9 +66,11 @@ typedef struct {
      * addresses (host-physical ram_hpa + offset), not guest-physical ones. */
     uint32_t hv_start;
     uint64_t fills, walks, walk_refs;   /* what the C path answered (added to Mmu.counters) */
+    const mmio_ranges_t *mmio;          /* the p2m's device ranges (NULL: none answered here) */
 } fastfill_t;
 
 size_t fastfill_sizeof(void) { return sizeof(fastfill_t); }
+size_t mmio_ranges_sizeof(void) { return sizeof(mmio_ranges_t); }
 
 /*
  * The engine's state, restored only when a fill needs it. Unicorn 2.1.3 begins every TLB fill
@@ -277,7 +302,7 @@ static inline void write_entry(const fastfill_t *s, uint64_t gpa, uint32_t value
  * it has decided to answer: a declined fill leaves every entry as it was, for Mmu.fill to walk again. */
 static int fastfill(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *user_data) {
     fastfill_t *s = (fastfill_t *)user_data;
-    uint64_t cr0 = 0, cr3 = 0, cr4 = 0, ss = 0, gpa, pde_gpa = 0, leaf_gpa = 0;
+    uint64_t cr0 = 0, cr3 = 0, cr4 = 0, ss = 0, gpa, pde_gpa = 0, leaf_gpa = 0, mmio = 0;
     uint64_t base = s->hv_start ? s->ram_hpa : 0;      /* entries hold base + offset in RAM */
     uint32_t pde = 0, leaf = 0, rights, refs, set_pde = 0, set_leaf = 0;
     int write = type == MEM_WRITE, user, writable, ok;
@@ -314,9 +339,12 @@ static int fastfill(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *us
         set_leaf = write ? (A | D) & ~leaf : A & ~leaf;
         ok = writable && ((leaf & D) || write);
     }
-    if (gpa >= s->ram_bytes) return 0;                /* MMIO or unbacked: Python */
-    if (type == MEM_FETCH && s->fetched[gpa >> 12] != (((uint32_t)vaddr & 0xFFFFF000u) | 1u))
+    if (gpa >= s->ram_bytes) {                        /* a device's registers (never fetched), or unbacked */
+        mmio = type == MEM_FETCH || s->hv_start ? 0 : mmio_page(s->mmio, gpa);
+        if (!mmio) return 0;                          /* Python */
+    } else if (type == MEM_FETCH && s->fetched[gpa >> 12] != (((uint32_t)vaddr & 0xFFFFF000u) | 1u)) {
         return 0;                                     /* a new (page, frame) pair: Python sees it */
+    }
     if (set_pde) {
         write_entry(s, pde_gpa, pde | A);
         refs++;
@@ -326,8 +354,13 @@ static int fastfill(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *us
         write_entry(s, leaf_gpa, leaf | set_leaf);
         refs++;
     }
-    e->paddr = s->ram_hpa + gpa;
-    e->perms = UC_PROT_READ | (ok ? UC_PROT_WRITE : 0) | (s->code[gpa >> 12] ? UC_PROT_EXEC : 0);
+    if (mmio) {
+        e->paddr = mmio;
+        e->perms = UC_PROT_READ | (ok ? UC_PROT_WRITE : 0);
+    } else {
+        e->paddr = s->ram_hpa + gpa;
+        e->perms = UC_PROT_READ | (ok ? UC_PROT_WRITE : 0) | (s->code[gpa >> 12] ? UC_PROT_EXEC : 0);
+    }
     s->fills++;
     if (refs) {
         s->walks++;
@@ -401,6 +434,7 @@ typedef struct {
     uint32_t enabled;
     uint32_t hv_start;      /* as in fastfill_t: 0 here */
     uint64_t fills, walks, walk_refs;
+    const mmio_ranges_t *mmio;       /* (the layouts match; NULL here: EPT has its own device pages) */
     const uint8_t *hv;       /* the hypervisor's region (EPT tables), at host-physical hv_hpa */
     uint64_t hv_hpa, hv_size;
     uint64_t pml4;           /* EPT_POINTER's PML4 address */
@@ -652,6 +686,7 @@ typedef struct {
     uint32_t enabled;           /* 0 until the virtual CRs and the mirror are known */
     uint32_t hv_start;          /* the hypervisor's linear windows start here (the shadow GDT, the TC) */
     uint64_t fills, walks, walk_refs;   /* walks and walk_refs stay 0: a hit walks nothing */
+    const mmio_ranges_t *mmio;          /* as in fastfill_t */
     const shadowmirror_t *mirror;
     const uint32_t *vcr0, *vcr3, *vcr4;   /* the virtual CR0, CR3, CR4 (where the mode's C path keeps
                                               them); NULL: the engine's own (hw --no-ept: the guest's) */
@@ -823,8 +858,15 @@ static int shadowfill(void *uc, uint64_t vaddr, int type, tlb_entry_t *e, void *
         return shadow_miss_fill(s, uc, vaddr, type, e, cr0, cr3, cr4, user, 1);
     }
     gpa = en->gpa;
-    if (gpa >= s->ram_bytes) return 0;                /* MMIO or unbacked: Python */
     ok = writable && en->dirty;
+    if (gpa >= s->ram_bytes) {                        /* a device's registers (never fetched), or unbacked */
+        uint64_t mmio = type == MEM_FETCH ? 0 : mmio_page(s->mmio, gpa);
+        if (!mmio) return 0;                          /* Python */
+        e->paddr = mmio;
+        e->perms = UC_PROT_READ | (ok ? UC_PROT_WRITE : 0);
+        s->fills++;
+        return 1;
+    }
     if (sm_traced(s->mirror, gpa)) {
         if (type == MEM_WRITE) return 0;              /* Mmu.fill's TracedWrite */
         ok = 0;

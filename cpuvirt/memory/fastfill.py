@@ -25,6 +25,7 @@ from unicorn.x86_const import UC_X86_REG_CR0, UC_X86_REG_CR3, UC_X86_REG_CR4, UC
 from cpuvirt.engine import regs as R
 from cpuvirt.engine.cext import add_c_hook, first_fill_hook, load
 from cpuvirt.engine.internals import engine_cpu_state, engine_env, register_offsets
+from cpuvirt.memory.p2m import P2m
 from cpuvirt.xen import GDT_WINDOW_FRAMES, HYPERVISOR_VIRT_START
 
 
@@ -47,14 +48,47 @@ class _State(ctypes.Structure):
         ("fills", ctypes.c_uint64),
         ("walks", ctypes.c_uint64),
         ("walk_refs", ctypes.c_uint64),
+        ("mmio", ctypes.c_void_p),
     ]
+
+
+MMIO_RANGES = 16  # as _tlbfill.c
+
+
+class _MmioRange(ctypes.Structure):
+    _fields_ = [("lo", ctypes.c_uint64), ("hi", ctypes.c_uint64), ("hpa", ctypes.c_uint64)]
+
+
+class MmioRanges(ctypes.Structure):
+    """Mirror of mmio_ranges_t: the p2m's device ranges, which the C fills map as Mmu.fill does (a device's
+    registers: read, write as the guest's entry allows, never execute). More ranges than fit: n says so, and
+    every device page stays Mmu.fill's."""
+
+    _fields_ = [("n", ctypes.c_uint32), ("pad", ctypes.c_uint32), ("r", _MmioRange * MMIO_RANGES)]
+
+    def follow(self, p2m) -> None:
+        """Equal to p2m.mmio from now on."""
+
+        def copy() -> None:
+            ranges = p2m.mmio
+            self.n = len(ranges)
+            for i, (lo, hi, hpa) in enumerate(ranges[:MMIO_RANGES]):
+                self.r[i].lo, self.r[i].hi, self.r[i].hpa = lo, hi, hpa
+
+        copy()
+        p2m.on_change.append(copy)
 
 
 @lru_cache(maxsize=1)
 def _lib():
     lib = load(
         "cpuvirt.memory._tlbfill",
-        {"fastfill_sizeof": _State, "eptfill_sizeof": _EptState, "directfill_sizeof": _DirectState},
+        {
+            "fastfill_sizeof": _State,
+            "eptfill_sizeof": _EptState,
+            "directfill_sizeof": _DirectState,
+            "mmio_ranges_sizeof": MmioRanges,
+        },
     )
     if lib is not None:
         lib.fill_engine_register.argtypes = (ctypes.c_void_p,) * 3 + (ctypes.c_uint32,) * 4 + (ctypes.c_int,)
@@ -98,6 +132,7 @@ class FastFill:
 
     STATE: type[ctypes.Structure] = _State
     HOOK, ENABLED = "fastfill_hook", 1
+    MMIO = True  # the p2m's device pages answered in C too (not over EPT's or direct paging's frames)
 
     def __init__(self, lib, mmu):
         self.mmu = mmu
@@ -113,6 +148,11 @@ class FastFill:
         st.reg_read = ctypes.cast(_ucmod.uclib.uc_reg_read, ctypes.c_void_p).value
         st.cr0, st.cr3, st.cr4, st.ss = UC_X86_REG_CR0, UC_X86_REG_CR3, UC_X86_REG_CR4, UC_X86_REG_SS
         st.enabled = self.ENABLED
+        self.mmio = None
+        if self.MMIO and type(mmu.p2m) is P2m:
+            self.mmio = MmioRanges()
+            self.mmio.follow(mmu.p2m)
+            st.mmio = ctypes.addressof(self.mmio)
         self.setup(st)
         first = first_fill_hook(mmu.uc)
         self._hook = add_c_hook(
@@ -198,6 +238,7 @@ class DirectFastFill(FastFill):
 
     STATE = _DirectState
     HOOK = "directfill_hook"
+    MMIO = False
 
     def window(self, gdt_frames: list[int], ldt_frames: list[int]) -> None:
         """DirectPaging shows these machine frames in its window now (set_gdt, set_ldt)."""
@@ -276,6 +317,7 @@ class EptFastFill(FastFill):
 
     STATE = _EptState
     HOOK, ENABLED = "eptfill_hook", 0
+    MMIO = False
     QUICK_CB = EPT_QUICK_CB  # called when the final page of a fill has no EPT entry and lies in guest RAM
 
     def __init__(self, lib, mmu, ept):

@@ -8,6 +8,8 @@ MMIO page that reads all-ones and drops writes, so a guest can never reach host 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from cpuvirt.memory.types import GPA, HPA
 
 RAM_HPA = 0x4000_0000  # guest RAM, up to 512 MiB
@@ -24,12 +26,13 @@ class P2m:
     guest accesses reach, through the TLB-fill hook.
     """
 
-    __slots__ = ("ram_bytes", "ram_hpa", "mmio")
+    __slots__ = ("ram_bytes", "ram_hpa", "mmio", "on_change")
 
     def __init__(self, ram_bytes: int, ram_hpa: int = RAM_HPA):
         self.ram_bytes = ram_bytes
         self.ram_hpa = ram_hpa
         self.mmio: list[tuple[int, int, int]] = []  # (first gpa, end gpa, hpa), page-aligned
+        self.on_change: list[Callable[[], None]] = []  # told whenever `mmio` changes (the C fills' copy)
 
     def add_mmio(self, gpa: GPA, size: int, hpa: HPA) -> None:
         """Map the device range gpa .. gpa + size - 1 (whole pages) to host-physical hpa."""
@@ -38,10 +41,14 @@ class P2m:
         if gpa < self.ram_bytes:
             raise ValueError(f"MMIO range {gpa:#x}+{size:#x} overlaps guest RAM")
         self.mmio.append((gpa, gpa + size, hpa))
+        for tell in self.on_change:
+            tell()
 
     def remove_mmio(self, gpa: GPA) -> None:
         """Unmap the device range that starts at gpa."""
         self.mmio = [m for m in self.mmio if m[0] != gpa]
+        for tell in self.on_change:
+            tell()
 
     def mmio_to_hpa(self, gpa: GPA) -> HPA | None:
         for lo, hi, hpa in self.mmio:
