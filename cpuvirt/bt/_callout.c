@@ -141,7 +141,7 @@ typedef struct {
     uint32_t deps[2];          /* a translation baked CR0 / CR4 in: Python serves the write */
     uint32_t shadow_ok;        /* shadow paging needs no engine flush for a TLB flush */
     uint32_t wp_granted;       /* ... except when WP is set: a write was let through by WP = 0 */
-    uint32_t events_on;        /* MOV_SREG .. IRETD may be served here (CPUVIRT_FULL_EVENTS_C) */
+    uint32_t events_on;        /* MOV_SREG .. IRETD and LTR may be served here (CPUVIRT_FULL_EVENTS_C) */
     uint32_t maps_n;           /* page-table frames of the code-mapping snapshot, or NO_MAPS */
     uint32_t maps_cr0, maps_cr4;  /* the snapshot's paging-mode bits (CR0.PG|PE, CR4.PSE|PAE|SMEP) */
     uint32_t cr3;              /* the virtual CR3 (read by the shadow's C fill, memory/shadowmirror.py) */
