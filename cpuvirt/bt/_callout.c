@@ -164,7 +164,7 @@ typedef struct {
      * _virtual_changed would find nothing to drop */
     uint32_t snap_ok, snap_cs, snap_ss, snap_iopl;
     uint32_t snap_tr;          /* ... and its TR selector (0xFFFFFFFF: none) */
-    uint32_t tr_sel, tr_new;   /* TR's selector as an ltr here loaded it, for FullEvVirtualCpu.tr (tr_new: not yet taken) */
+    uint32_t tr_sel;           /* the virtual TR's selector (its base and limit are dl's): FullEvVirtualCpu.tr */
     /* the hypervisor-TLB copy (its generation bumped by mov_cr's flushes), the virtual GDTR, CR2, IOPL,
      * `_loaded`, NMI blocking (cpu/_evseg.h, cpu/evseg.py) */
     evseg_t ev;
@@ -378,7 +378,7 @@ static int events(callouts_t *t, void *uc, uint64_t i, uint8_t k, uint64_t cs, u
 /* ltr r16 by the guest kernel (privileged.py _ltr, the switch to a process's TSS): an available TSS descriptor
  * of the GDT, present, read through the hypervisor's TLB; its busy bit written as Mmu.write_linear would, into
  * a frame nobody traces through a shadow entry that answers the write with no side effect; TR's base and limit
- * where the C delivery reads them, the selector for FullEvVirtualCpu.tr. Only for the TR selector of the
+ * where the C delivery reads them, the selector beside them (FullEvVirtualCpu.tr reads all three). Only for the TR selector of the
  * translations' snapshot (another is Python's: _virtual_changed) and while CS, SS and IOPL are the snapshot's.
  * 0: Python's (a fault, a busy TSS, a 4 GiB wrap, anything else), nothing changed. */
 static int ltr(callouts_t *t, void *uc, uint64_t i, uint64_t cs) {
@@ -403,7 +403,7 @@ static int ltr(callouts_t *t, void *uc, uint64_t i, uint64_t cs) {
     limit = (desc[0] & 0xFFFFu) | (desc[1] & 0xF0000u);
     if (desc[1] & (1u << 23)) limit = (limit << 12) | 0xFFFu;
     t->dl.tr_base = base, t->dl.tr_limit = limit;
-    t->tr_sel = sel, t->tr_new = 1;
+    t->tr_sel = sel;
     return 1;
 }
 

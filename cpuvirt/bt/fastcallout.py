@@ -175,7 +175,6 @@ class _Table(ctypes.Structure):
         ("snap_iopl", ctypes.c_uint32),
         ("snap_tr", ctypes.c_uint32),
         ("tr_sel", ctypes.c_uint32),
-        ("tr_new", ctypes.c_uint32),
         ("ev", EvSeg),
         ("geip", ctypes.c_uint32 * CALLOUT_SLOTS),
         ("kind", ctypes.c_uint8 * CALLOUT_SLOTS),

@@ -50,16 +50,14 @@ class FullEvVirtualCpu(EvVirtualCpu):
 
     @property  # type: ignore[override, misc]
     def tr(self) -> SegCache:
+        """TR as the table holds it: the C callout hook loads it too (bt/_callout.c ltr)."""
         t = self._table
-        if t.tr_new:  # loaded by an ltr the C callout hook served (bt/_callout.c ltr): base and limit are dl's
-            t.tr_new = 0
-            d = t.dl
-            self._tr = SegCache(t.tr_sel, d.tr_base, d.tr_limit)
-        return self._tr
+        d = t.dl
+        return SegCache(t.tr_sel, d.tr_base, d.tr_limit)
 
     @tr.setter
     def tr(self, value: SegCache) -> None:
-        self._table.tr_new = 0
+        self._table.tr_sel = value.selector & 0xFFFF
         self._set_tr(value)
 
     def crs_addresses(self) -> tuple[int, int, int]:
