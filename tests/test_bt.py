@@ -424,11 +424,11 @@ def test_invalidation_by_entry_patch():
 
 def test_a_full_translation_cache_is_flushed_and_refilled():
     """A TC with room for a few blocks: flush-all eviction, counted, and the code still right."""
-    from cpuvirt.bt.tcache import CALLOUT_SLOTS
+    from cpuvirt.bt.tcache import CALLOUT_SLOTS, CHUNK_SKIP
     from cpuvirt.bt.translate import BLOCK_ROOM
     code = asm(_indirect(40, 4, 2))
     native = run_native(code)
-    t = Translated(code, tc_size=CALLOUT_SLOTS + BLOCK_ROOM + 300).run()
+    t = Translated(code, tc_size=CALLOUT_SLOTS + CHUNK_SKIP + BLOCK_ROOM + 300).run()
     assert state(t.uc) == state(native)
     c = t.tc.counters
     assert c.flushes > 0 and c.evictions > 0
@@ -485,3 +485,77 @@ def test_indirect_call_and_jmp_with_many_targets_become_trees():
     c = t.tc.counters
     assert c.widened >= 2  # the call site's and the jmp site's (and the rets')
     assert c.ic_misses < 80  # 160 indirect branches and 80 rets: after the first round, hits
+
+
+def _far_blocks(n: int) -> str:
+    """n one-instruction blocks in a row (`add esi, k; jmp next`), each translated once: TC bytes between."""
+    return "".join(f"f{k}: add esi, {k + 1}\n    jmp f{k + 1}\n" for k in range(n)) + f"f{n}: ret\n"
+
+
+def test_a_loop_and_its_exit_translated_later_share_a_tc_page():
+    """The engine chains a jump only to its own 4 KiB page; elsewhere it looks the target up. A loop's exit,
+    first run after 900 other blocks were translated, is placed beside the loop's blocks (its stretch's
+    chunk), not after those 300: every block of the loop's stretch is on the loop head's TC page."""
+    from cpuvirt.bt.tcache import CHUNK
+    code = asm("""
+    mov ecx, 3
+top:
+    call far
+    dec ecx
+    jnz top
+    mov eax, 7
+    hlt
+    .skip 0x1200
+far:
+""" + _far_blocks(900))
+    native = run_native(code)
+    t = Translated(code).run()
+    assert state(t.uc) == state(native)
+    near = [b for b in t.tc.order if b.geip < CODE + 0x400]
+    far = [b for b in t.tc.order if b.geip >= CODE + 0x1200]
+    assert len(near) >= 3 and len(far) >= 900
+    assert sum(b.tc_end - b.tc for b in far) > 2 * CHUNK  # bump order would have put the exit pages away
+    assert {b.tc // CHUNK for b in near} == {near[0].tc // CHUNK}, [(hex(b.geip), hex(b.tc)) for b in near]
+    assert all(t.tc.block_at(b.tc) is b and t.tc.block_at(b.tc_end - 1) is b for b in t.tc.order)
+
+
+def test_a_block_that_overflows_its_chunk_is_laid_out_again_with_its_callouts():
+    """Blocks of one stretch fill its chunk; the one that does not fit is laid out again in a new chunk, and
+    the callout slots its first layout took are given back: every callout still names its own instruction."""
+    from cpuvirt.bt.tcache import CHUNK
+    seen = []
+
+    def emulate(t, site):
+        seen.append(site.insn.geip)
+        t.regs.write(R.EIP, site.insn.geip + site.insn.size)
+    # 60 calls of 60 functions `out dx, al; add esi, k; ret` (a callout, then an inline cache each): the
+    # 500-odd guest bytes of the stretch become more TC code than a chunk holds
+    calls = "".join(f"    call f{k}\n" for k in range(60))
+    funcs = "".join(f"f{k}: out dx, al\n    add esi, {k + 1}\n    ret\n" for k in range(60))
+    code = asm(f"mov ecx, 2\ntop:\n{calls}    dec ecx\n    jnz top\n    hlt\n{funcs}")
+    assert len(code) < 0x400
+    t = Translated(code, on_callout=emulate).run()
+    outs = [ins.geip for b in t.tc.order for ins in b.insns if ins.text == "out dx, al"]
+    assert seen == sorted(set(outs)) * 2 and len(set(outs)) == 60
+    assert t.uc.reg_read(R.ESI) == 2 * sum(range(1, 61))
+    pages = {b.tc // CHUNK for b in t.tc.order}
+    assert len(pages) >= 2  # the stretch's translations overflowed a chunk (the path under test ran)
+    for b in t.tc.order:
+        for slot in b.sites:
+            site = t.tc.site_at(slot)
+            assert site.block is b
+    # no slot left behind by a first layout: each belongs to one block
+    assert sorted(s for b in t.tc.order for s in b.sites) == [t.tc.base + i for i in range(len(t.tc.sites))]
+
+
+def test_past_half_full_the_tc_allocates_in_bump_order():
+    """Chunks reserve to a page boundary only while the code area is under half full: a guest whose code is
+    spread thin cannot make the TC flush much more often than plain bump order would."""
+    from cpuvirt.bt.tcache import CALLOUT_SLOTS, CHUNK, TCache
+    tc = TCache(lambda a, d: None, 0x100000, size=CALLOUT_SLOTS + 64 * CHUNK)
+    stretches = [0x10000 + k * 0x400 for k in range(200)]
+    at = [tc.take(g, 100) for g in stretches]
+    early = [a for a in at if a < tc.code_base + 32 * CHUNK]
+    late = [a for a in at if a >= tc.code_base + 33 * CHUNK]
+    assert len(early) < 34 and all(a % CHUNK == 0 for a in early[1:])  # a page each
+    assert len(late) > 100 and all(b - a == 112 for a, b in zip(late, late[1:]))  # then back to back

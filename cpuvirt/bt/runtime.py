@@ -116,7 +116,7 @@ class BtRuntime:
         """A hand-written fragment standing for the translation of `geip` (tests, exits)."""
         b = Block(geip)
         b.tc = self.tc.emit(code)
-        b.tc_end = self.tc.next
+        b.tc_end = b.tc + len(code)
         self.tc.add(b)
         return b.tc
 

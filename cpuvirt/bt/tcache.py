@@ -6,7 +6,14 @@ TLB-fill hook keeps the guest out of it):
 - W .. W + CALLOUT_SLOTS: the callout area, one byte (int3) per callout site. One UC_HOOK_CODE covers
   the whole area: translated code reaches a callout by jumping to its slot, the hook looks up the site
   by slot and moves EIP on, so a callout costs one hook call and never an engine stop.
-- the rest: code fragments, bump-allocated; when full, everything is flushed (as early VMware did).
+- the rest: code fragments, in 4 KiB chunks, one chunk at a time per 1 KiB of guest code (`alloc`); when
+  full, everything is flushed (as early VMware did).
+
+Why chunks: the engine chains a jump straight to its target only when the target is on the jump's 4 KiB
+page (or its block's); any other jump looks the target up in a hash table (QEMU's `lookup_tb_ptr`).
+Bump order put a loop's body and its exit, translated minutes apart, on different pages, and made full
+look targets up twice as often as native on xv6. A chunk holds the translations of one stretch of guest
+code, so a jump that stays near in the guest stays on one TC page (docs/binary-translation.md).
 
 Translated code is never read as data: chaining and inline caches are patched into the code itself
 (`patch`), which needs the engine's translation of the patched range dropped (ctl_remove_cache).
@@ -21,6 +28,9 @@ from typing import Callable, Protocol
 
 CALLOUT_SLOTS = 0x10000
 TC_SIZE = 0x200000  # 2 MiB: slots + code
+CHUNK = 0x1000  # TC bytes a stretch of guest code gets at a time: the engine's page
+CHUNK_SKIP = 1024 + 15  # space a new chunk may leave unused before it (_fresh)
+STRETCH_SHIFT = 10  # guest code shares a chunk per 1 KiB: translations are ~3x the guest bytes
 INT3 = 0xCC
 
 
@@ -163,12 +173,14 @@ class TCache:
         self.reset()
 
     def reset(self) -> None:
-        self.next = self.code_base
+        self.next = self.code_base  # the chunks end here: [code_base, next) is the code area in use
         self.blocks: dict[int, Block] = {}  # guest EIP -> live block
         if self.mirror is not None:
             self.mirror.clear()
-        self.order: list[Block] = []  # by TC address (bump order)
-        self.tc_starts: list[int] = []
+        self.order: list[Block] = []  # in the order translated
+        self._by_tc: list[Block] = []  # by TC address
+        self.tc_starts: list[int] = []  # their TC addresses, sorted
+        self._chunks: dict[int, tuple[int, int]] = {}  # guest stretch -> (free from, chunk end)
         self.sites: list[Site | None] = []
         self._write(self.base, bytes([INT3]) * CALLOUT_SLOTS)
 
@@ -182,7 +194,8 @@ class TCache:
     def room(self, nbytes: int, nslots: int) -> bool:
         if self.hook_room is not None and not self.hook_room(nslots):
             return False  # the code hooks on TC copies are at their cap: a flush frees them
-        return self.next + nbytes <= self.end and len(self.sites) + nslots <= CALLOUT_SLOTS
+        room = self.next + CHUNK_SKIP + max(nbytes, CHUNK) <= self.end  # (_fresh may skip to the next page)
+        return room and len(self.sites) + nslots <= CALLOUT_SLOTS
 
     def flush(self) -> None:
         """Drop every translation (the TC is full, or a test asks)."""
@@ -206,12 +219,63 @@ class TCache:
         i = addr - self.base
         return self.sites[i] if 0 <= i < len(self.sites) else None
 
+    def place(self, geip: int | None) -> int:
+        """Where the next translation of guest code at `geip` goes: the free space of its stretch's chunk,
+        or new space (None: no stretch). `alloc` then takes what the code used."""
+        if geip is not None:
+            at, end = self._chunks.get(geip >> STRETCH_SHIFT, (0, 0))
+            if end - at >= 64:
+                return at
+        return self._fresh(geip is not None)
+
+    def _chunky(self) -> bool:
+        """New chunks while the code area is under half full; past that, plain bump allocation, so that a
+        guest whose code is spread thin flushes at most about twice as often as bump order alone would."""
+        return (self.next - self.code_base) * 2 < self.end - self.code_base
+
+    def _fresh(self, chunk: bool) -> int:
+        """Where new space starts: 16-aligned; a chunk on a page of its own unless 1 KiB of this one is left."""
+        at = (self.next + 15) & ~15
+        if chunk and self._chunky() and CHUNK - (at & (CHUNK - 1)) < CHUNK_SKIP - 15:
+            at = (at + CHUNK - 1) & ~(CHUNK - 1)
+        return at
+
+    def alloc(self, geip: int | None, at: int, nbytes: int) -> bool:
+        """Take [at, at + nbytes) as `place(geip)` offered it; False when it does not fit there (the caller
+        lays the code out again at `place`, now new space, which holds anything)."""
+        key = None if geip is None else geip >> STRETCH_SHIFT
+        chunk = self._chunks.get(key) if key is not None else None
+        if key is not None and chunk is not None and chunk[0] == at:
+            if at + nbytes > chunk[1]:
+                del self._chunks[key]  # full: the stretch's next translation starts a chunk
+                return False
+            self._chunks[key] = (at + nbytes, chunk[1])
+            return True
+        assert at == self._fresh(key is not None), (hex(at), hex(self.next))
+        end = at + nbytes
+        if key is not None and self._chunky():
+            end = max(end, (at + CHUNK) & ~(CHUNK - 1))  # to the engine's page boundary
+            self._chunks[key] = (at + nbytes, end)
+        self.next = end
+        return True
+
+    def take(self, geip: int | None, nbytes: int) -> int:
+        """Room for nbytes of code known in size beforehand, near the translations of `geip`."""
+        at = self.place(geip)
+        if not self.alloc(geip, at, nbytes):
+            at = self.place(geip)
+            self.alloc(geip, at, nbytes)
+        return at
+
     def emit(self, data: bytes) -> int:
-        addr = self.next
-        self._write(addr, data)
-        self.next += len(data)
+        """Write position-independent code in space of its own."""
+        at = self.take(None, len(data))
+        self.write_at(at, data)
+        return at
+
+    def write_at(self, at: int, data: bytes) -> None:
+        self._write(at, data)
         self.counters.bytes += len(data)
-        return addr
 
     def patch(self, addr: int, data: bytes) -> None:
         self._write(addr, data)
@@ -227,7 +291,9 @@ class TCache:
         if self.mirror is not None:
             self.mirror.put(block)
         self.order.append(block)
-        self.tc_starts.append(block.tc)
+        i = bisect.bisect_right(self.tc_starts, block.tc)
+        self.tc_starts.insert(i, block.tc)
+        self._by_tc.insert(i, block)
         self.counters.translations += 1
 
     # -- lookups ---------------------------------------------------------------------------------------
@@ -235,7 +301,7 @@ class TCache:
         i = bisect.bisect_right(self.tc_starts, tc_addr) - 1
         if i < 0:
             return None
-        b = self.order[i]
+        b = self._by_tc[i]
         return b if b.tc <= tc_addr < b.tc_end else None
 
     def guest_eip(self, tc_addr: int) -> tuple[int, int, bool] | None:

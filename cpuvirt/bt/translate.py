@@ -170,21 +170,63 @@ class Translator:
         self.trace_translate: Callable[[Block], None] | None = None  # when translations are traced
         self.on_block: Callable[[Block], None] | None = None  # for every new translation
         self._after_sti = False
+        self._tc_start = 0  # where the block being laid out starts
 
     # -- the entry point ---------------------------------------------------------------------------------
     def translate(self, geip: int) -> Block:
         tc = self.tc
         if not tc.room(BLOCK_ROOM, 64):
             tc.flush()
-        blk = Block(geip)
         data, frames = self.code.fetch(geip, MAX_INSNS * 15)
         if not data:
             raise TranslateFault(geip, 0)
+        # Laid out where the TC puts this stretch of guest code; if it does not fit there, laid out again
+        # in a fresh chunk (the callout slots the first layout took are given back).
+        slots = len(tc.sites)
+        tc_start = tc.place(geip)
+        blk, out, pending, next_eip = self._layout(geip, data, frames, tc_start)
+        if not tc.alloc(geip, tc_start, len(out)):
+            del tc.sites[slots:]
+            tc_start = tc.place(geip)
+            blk, out, pending, next_eip = self._layout(geip, data, frames, tc_start)
+            assert tc.alloc(geip, tc_start, len(out))
+        page_end = (geip | 0xFFF) + 1
+        blk.gend = next_eip
+        # The guest bytes the block came from, by guest-physical span, for coherence checks.
+        total = (next_eip - geip) & 0xFFFFFFFF
+        first = min(total, page_end - geip)
+        blk.source = [(frames[0] | (geip & 0xFFF), data[:first])]
+        if total > first and len(frames) > 1:
+            blk.source.append((frames[1], data[first:total]))
+        # Link exits: to the target's translation if it exists, else to a chain callout.
+        for off, target, _ in pending:
+            at = tc_start + off
+            t = tc.blocks.get(target)
+            if t is not None and t.alive:
+                dest = t.tc
+                tc.counters.chained += 1
+            else:
+                dest = tc.new_site(Site("chain", blk, None, target, at))
+                blk.sites.append(dest)
+            out[off : off + 4] = _rel32(at + 4, dest)
+        tc.write_at(tc_start, bytes(out))
+        blk.tc, blk.tc_end = tc_start, tc_start + len(out)
+        tc.add(blk)
+        if self.on_block is not None:
+            self.on_block(blk)
+        if self.trace_translate is not None:
+            self.trace_translate(blk)
+        return blk
+
+    def _layout(self, geip: int, data: bytes, frames: list[int], tc_start: int):
+        """The block's code as it runs at `tc_start`, its exits still to link: (block, code, exits, guest
+        EIP after it)."""
+        blk = Block(geip)
         blk.frames.update(frames)
+        self._tc_start = tc_start
         # Stop at the end of the first page: the next page may map elsewhere or fault later.
         page_end = (geip | 0xFFF) + 1
         out = bytearray()
-        tc_start = tc.next
         pending: list[tuple[int, int, str]] = []  # (offset in out of a rel32, guest target, kind)
         insns = self.cs.disasm_lite(data, geip)  # lazily: only up to the block's end is decoded
         count = 0
@@ -216,33 +258,7 @@ class Translator:
             pending.append((len(out) - 4, next_eip, "chain"))
             ins.tc_end = tc_start + len(out)
             blk.insns.append(ins)
-        blk.gend = next_eip
-        # The guest bytes the block came from, by guest-physical span, for coherence checks.
-        total = (next_eip - geip) & 0xFFFFFFFF
-        first = min(total, page_end - geip)
-        blk.source = [(frames[0] | (geip & 0xFFF), data[:first])]
-        if total > first and len(frames) > 1:
-            blk.source.append((frames[1], data[first:total]))
-        # Link exits: to the target's translation if it exists, else to a chain callout.
-        for off, target, _ in pending:
-            at = tc_start + off
-            t = tc.blocks.get(target)
-            if t is not None and t.alive:
-                dest = t.tc
-                tc.counters.chained += 1
-            else:
-                dest = tc.new_site(Site("chain", blk, None, target, at))
-                blk.sites.append(dest)
-            out[off : off + 4] = _rel32(at + 4, dest)
-        blk.tc = tc.emit(bytes(out))
-        assert blk.tc == tc_start
-        blk.tc_end = tc.next
-        tc.add(blk)
-        if self.on_block is not None:
-            self.on_block(blk)
-        if self.trace_translate is not None:
-            self.trace_translate(blk)
-        return blk
+        return blk, out, pending, next_eip
 
     # -- one guest instruction -----------------------------------------------------------------------------
     def _one(self, blk, ins, raw: bytes, mnem: str, ops: str, out: bytearray, pending, tc_start) -> bool | str:
@@ -489,7 +505,7 @@ class Translator:
         site.after_sti = self._after_sti  # `sti; hlt`: its slot is still inside the sti shadow
         slot = self.tc.new_site(site)
         blk.sites.append(slot)
-        at = self.tc.next + len(out) + 5
+        at = self._tc_start + len(out) + 5
         out += b"\xe9" + _rel32(at, slot)
         return True
 
@@ -632,7 +648,8 @@ class Translator:
             tc = self.tc
             if not tc.room(tree_size(len(targets)), 0):
                 return False  # (the next flush starts over)
-            at = tc.emit(self._tree_code(site, targets, tc.next))
+            at = tc.take(geip, tree_size(len(targets)))  # beside the site's block
+            tc.write_at(at, self._tree_code(site, targets, at))
             tc.patch(site.patch_at, b"\xe9" + _rel32(site.patch_at + 5, at))  # the old first compare
         self.tree_targets[geip] = targets
         self._rebuilds[geip] = built + 1
