@@ -628,8 +628,8 @@ class Translator:
         """After a miss: True when the site's block is to be translated again, its inline cache a compare
         tree over the targets it has seen (a 4-entry site that has missed WIDEN_AFTER times). A tree that
         has missed targets it does not hold (1 new target up to its 8th build, then 2, 3, ...; IC_REBUILDS
-        builds and IC_TREE_MAX targets at most) is built again here, after the translation cache's last
-        code, and its first compare becomes a jump to the new one: the block stays (a block translated again
+        builds and IC_TREE_MAX targets at most) is built again here, in new TC space beside the
+        site's block, and its first compare becomes a jump to the new one: the block stays (a block translated again
         would leave its old entry forwarding to the new one, and its window hooks, behind). Each tree built
         is counted (`widened`)."""
         held = site.tree
