@@ -9,11 +9,12 @@ fallbacks counted."""
 
 from __future__ import annotations
 
+import gc
 from collections import Counter
 
 import pytest
 
-from cpuvirt.memory.shadow import PAGE_MASK
+from cpuvirt.memory.shadow import PAGE_MASK, link
 from cpuvirt.nanobench import build
 from cpuvirt.runner import run_guest
 from tests.conftest import requires_qemu
@@ -23,14 +24,14 @@ MODES = [("trap", None), ("full", None), ("hw", {"ept": False})]
 
 
 def expected_links(shadow) -> tuple[dict, Counter]:
-    rmap: dict[int, set] = {}
+    rmap: dict[int, set[int]] = {}
     refs: Counter = Counter()
     for key, root in shadow.roots.items():
         for page, e in root.entries.items():
             for addr in (e[3], e[4]):
                 if addr < 0:
                     continue
-                rmap.setdefault(addr, set()).add((key, page))
+                rmap.setdefault(addr, set()).add(link(key, page))
                 refs[addr & PAGE_MASK] += 1
     return rmap, refs
 
@@ -43,6 +44,9 @@ def _check(path, mode, options):
     shadow._fold()
     rmap, refs = expected_links(shadow)
     assert {a: set(s) for a, s in shadow.rmap.items()} == rmap
+    # its members are kept where the garbage collector does not look (C's fold makes them too): dicts of ints
+    assert not any(gc.is_tracked(links) for links in shadow.rmap.values())
+    assert all(type(links) is dict and set(links.values()) == {None} for links in shadow.rmap.values())
     assert dict(shadow.frame_refs) == dict(refs)
     c = shadow.counters  # each traced write counted at its site: emulated (a ptemod) or not (a fallback)
     assert sum(shadow.traced_writes.values()) == c.ptemods + c.ptemod_fallbacks

@@ -967,21 +967,22 @@ static int fold_ref(fold_t *f, int64_t addr, long delta) {
     return r;
 }
 
-/* ShadowPaging._link(addr, key, page): kp is (key, page). */
+/* ShadowPaging._link(addr, key, page): kp is link(key, page) (memory/shadow.py: key << 32 | page), a member of
+ * a dict of ints, which the garbage collector leaves untracked. */
 static int fold_link(fold_t *f, int64_t addr, PyObject *kp) {
-    PyObject *a = addr_obj(addr), *set;
+    PyObject *a = addr_obj(addr), *links;
     int r = -1;
     if (!a) return -1;
-    set = PyDict_GetItemWithError(f->rmap, a);
-    if (set) {
-        r = PySet_Add(set, kp);
+    links = PyDict_GetItemWithError(f->rmap, a);
+    if (links) {
+        r = PyDict_SetItem(links, kp, Py_None);
     } else if (!PyErr_Occurred()) {
-        set = PySet_New(NULL);
-        if (set && PySet_Add(set, kp) == 0 && PyDict_SetItem(f->rmap, a, set) == 0) {
+        links = PyDict_New();
+        if (links && PyDict_SetItem(links, kp, Py_None) == 0 && PyDict_SetItem(f->rmap, a, links) == 0) {
             fold_linked(f->m, addr, 1);
             r = 0;
         }
-        Py_XDECREF(set);
+        Py_XDECREF(links);
     }
     Py_DECREF(a);
     return r ? r : fold_ref(f, addr, 1);
@@ -991,14 +992,15 @@ static int fold_link(fold_t *f, int64_t addr, PyObject *kp) {
 static int fold_unlink(fold_t *f, PyObject *kp, PyObject *e) {
     int k;
     for (k = 3; k <= 4; k++) {
-        PyObject *a = PyTuple_GET_ITEM(e, k), *set;
+        PyObject *a = PyTuple_GET_ITEM(e, k), *links;
         int64_t addr = PyLong_AsLongLong(a);
         if (addr == -1 && PyErr_Occurred()) return -1;
         if (addr < 0) continue;
-        set = PyDict_GetItemWithError(f->rmap, a);
-        if (set) {
-            if (PySet_Discard(set, kp) < 0) return -1;
-            if (PySet_GET_SIZE(set) == 0) {
+        links = PyDict_GetItemWithError(f->rmap, a);
+        if (links) {
+            int has = PyDict_Contains(links, kp);
+            if (has < 0 || (has && PyDict_DelItem(links, kp) < 0)) return -1;
+            if (PyDict_GET_SIZE(links) == 0) {
                 if (PyDict_DelItem(f->rmap, a) < 0) return -1;
                 fold_linked(f->m, addr, 0);
             }
@@ -1014,41 +1016,49 @@ static int fold_unlink(fold_t *f, PyObject *kp, PyObject *e) {
  * current root's copy is done: C zapped it; another root's entries are popped through its dict, which tells
  * the copy). The number zapped, or -1. */
 static long fold_zap(fold_t *f, uint32_t word) {
-    PyObject *a = addr_obj(word), *set, *keys = NULL;
+    PyObject *a = addr_obj(word), *links, *keys = NULL, *key = NULL, *page = NULL;
     Py_ssize_t j;
     long n = 0;
     if (!a) return -1;
-    set = PyDict_GetItemWithError(f->rmap, a);
-    if (!set) {
+    links = PyDict_GetItemWithError(f->rmap, a);
+    if (!links) {
         Py_DECREF(a);
         return PyErr_Occurred() ? -1 : 0;
     }
-    keys = PySequence_List(set);
+    keys = PyDict_Keys(links);
     if (!keys) goto error;
     for (j = 0; j < PyList_GET_SIZE(keys); j++) {
         PyObject *kp = PyList_GET_ITEM(keys, j), *root, *entries, *e = NULL;
-        if (!PyTuple_Check(kp) || PyTuple_GET_SIZE(kp) != 2) goto error;
-        root = PyDict_GetItemWithError(f->roots, PyTuple_GET_ITEM(kp, 0));
+        unsigned long long linked = PyLong_AsUnsignedLongLong(kp);   /* link(key, page) = key << 32 | page */
+        if (linked == (unsigned long long)-1 && PyErr_Occurred()) goto error;
+        key = PyLong_FromUnsignedLongLong(linked >> 32);
+        page = PyLong_FromUnsignedLongLong(linked & 0xFFFFFFFFull);
+        if (!key || !page) goto error;
+        root = PyDict_GetItemWithError(f->roots, key);
         if (!root) {
             if (PyErr_Occurred()) goto error;
+            Py_CLEAR(key);
+            Py_CLEAR(page);
             continue;
         }
         if (root == f->cur) {
-            e = PyDict_GetItemWithError(f->entries, PyTuple_GET_ITEM(kp, 1));
+            e = PyDict_GetItemWithError(f->entries, page);
             if (e) {
                 Py_INCREF(e);
-                if (PyDict_DelItem(f->entries, PyTuple_GET_ITEM(kp, 1)) < 0) { Py_DECREF(e); goto error; }
+                if (PyDict_DelItem(f->entries, page) < 0) { Py_DECREF(e); goto error; }
             } else if (PyErr_Occurred()) {
                 goto error;
             }
         } else {
             entries = PyObject_GetAttrString(root, "entries");
             if (!entries) goto error;
-            e = PyObject_CallMethod(entries, "pop", "OO", PyTuple_GET_ITEM(kp, 1), Py_None);
+            e = PyObject_CallMethod(entries, "pop", "OO", page, Py_None);
             Py_DECREF(entries);
             if (!e) goto error;
             if (e == Py_None) Py_CLEAR(e);
         }
+        Py_CLEAR(key);
+        Py_CLEAR(page);
         if (e) {
             int r = PyTuple_Check(e) && PyTuple_GET_SIZE(e) == 5 ? fold_unlink(f, kp, e) : -1;
             Py_DECREF(e);
@@ -1065,6 +1075,8 @@ static long fold_zap(fold_t *f, uint32_t word) {
     return n;
 error:
     if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "fold: unexpected reverse-map entry");
+    Py_XDECREF(key);
+    Py_XDECREF(page);
     Py_XDECREF(keys);
     Py_DECREF(a);
     return -1;
@@ -1137,7 +1149,11 @@ static PyObject *fold(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
         }
         page = PyLong_FromUnsignedLong((unsigned long)r->page << 12);
         if (!page) goto error;
-        kp = PyTuple_Pack(2, f.key, page);
+        {   /* link(key, page): memory/shadow.py */
+            unsigned long long key = PyLong_AsUnsignedLongLong(f.key);
+            if (key == (unsigned long long)-1 && PyErr_Occurred()) goto error;
+            kp = PyLong_FromUnsignedLongLong(key << 32 | ((unsigned long long)r->page << 12));
+        }
         if (!kp) goto error;
         if (r->pte_addr == SM_INVLPG) {           /* ShadowPaging.invlpg in the current root */
             old = PyDict_GetItemWithError(f.entries, page);
