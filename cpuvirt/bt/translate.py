@@ -170,7 +170,6 @@ class Translator:
         self.trace_translate: Callable[[Block], None] | None = None  # when translations are traced
         self.on_block: Callable[[Block], None] | None = None  # for every new translation
         self._after_sti = False
-        self._tc_start = 0  # where the block being laid out starts
 
     # -- the entry point ---------------------------------------------------------------------------------
     def translate(self, geip: int) -> Block:
@@ -189,7 +188,8 @@ class Translator:
             del tc.sites[slots:]
             tc_start = tc.place(geip)
             blk, out, pending, next_eip = self._layout(geip, data, frames, tc_start)
-            assert tc.alloc(geip, tc_start, len(out))
+            fits = tc.alloc(geip, tc_start, len(out))
+            assert fits, "new TC space holds a block of any size"
         page_end = (geip | 0xFFF) + 1
         blk.gend = next_eip
         # The guest bytes the block came from, by guest-physical span, for coherence checks.
@@ -223,7 +223,6 @@ class Translator:
         EIP after it)."""
         blk = Block(geip)
         blk.frames.update(frames)
-        self._tc_start = tc_start
         # Stop at the end of the first page: the next page may map elsewhere or fault later.
         page_end = (geip | 0xFFF) + 1
         out = bytearray()
@@ -278,7 +277,7 @@ class Translator:
             return tc_start + len(out)
 
         if ins.geip in self.adaptive:
-            return self._callout(blk, ins, raw, out, "adaptive")
+            return self._callout(blk, ins, raw, out, tc_start, "adaptive")
         # -- direct control flow ------------------------------------------------------------------
         if op in (0xE9, 0xEB) and hints_only:
             target = (
@@ -372,7 +371,7 @@ class Translator:
                 blk.deps.add(f"cr{cr}")
                 out += bytes([0xB8 + rm]) + _imm32(self.code.virtual(f"cr{cr}"))
                 return False
-            return self._callout(blk, ins, raw, out, "sensitive")
+            return self._callout(blk, ins, raw, out, tc_start, "sensitive")
         if op == 0x0F and op2 in (0x00, 0x01) and p + 2 < len(raw):
             reg = (raw[p + 2] >> 3) & 7
             mod = raw[p + 2] >> 6
@@ -398,7 +397,7 @@ class Translator:
                 value = self.code.virtual(field)
                 ins.kind = INLINE
                 return self._store_imm(raw, p, prefixes, out, value, word_mem=True)
-            return self._callout(blk, ins, raw, out, "sensitive")
+            return self._callout(blk, ins, raw, out, tc_start, "sensitive")
         if op == 0x8C and p + 1 < len(raw) and (raw[p + 1] >> 3) & 7 in (1, 2):  # mov r/m, cs|ss
             field = "cs" if (raw[p + 1] >> 3) & 7 == 1 else "ss"
             blk.deps.add(field)
@@ -414,9 +413,9 @@ class Translator:
             # fnstenv/fstenv/fnsave/fsave/fxsave store the last x87 instruction's address, which is
             # where it ran: in the TC. The store runs here, then a callout rewrites that field.
             out += raw
-            return self._callout(blk, ins, raw, out, "fpu_env")
+            return self._callout(blk, ins, raw, out, tc_start, "fpu_env")
         if self._is_sensitive(op, op2, raw, p, mnem):
-            return self._callout(blk, ins, raw, out, "sensitive")
+            return self._callout(blk, ins, raw, out, tc_start, "sensitive")
         out += raw
         return mnem in ("ud2",)
 
@@ -498,14 +497,14 @@ class Translator:
             out += segs + b"\x66\xc7" + _encode_mem(0, mod, rm, m[3], m[4], m[5], 0) + struct.pack("<H", value & 0xFFFF)
         return False
 
-    def _callout(self, blk, ins, raw, out, kind) -> bool:
+    def _callout(self, blk, ins, raw, out, tc_start, kind) -> bool:
         ins.kind = CALLOUT
         site = Site(kind, blk, ins)
         site.raw = raw
         site.after_sti = self._after_sti  # `sti; hlt`: its slot is still inside the sti shadow
         slot = self.tc.new_site(site)
         blk.sites.append(slot)
-        at = self._tc_start + len(out) + 5
+        at = tc_start + len(out) + 5
         out += b"\xe9" + _rel32(at, slot)
         return True
 

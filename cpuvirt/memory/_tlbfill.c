@@ -1102,6 +1102,7 @@ static PyObject *fold(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
     PyObject *sites, *kp = NULL, *page = NULL, *e = NULL, *old;
     Py_ssize_t i, n;
     uint32_t serial;
+    unsigned long long link_key;
     long hidden = 0, invlpgs = 0, ptemods = 0, zapped = 0;
     (void)mod;
     if (nargs != 13) {
@@ -1122,6 +1123,8 @@ static PyObject *fold(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
         PyErr_SetString(PyExc_TypeError, "fold: unexpected arguments");
         return NULL;
     }
+    link_key = PyLong_AsUnsignedLongLong(f.key) << 32;   /* the root's half of link(key, page): memory/shadow.py */
+    if (PyErr_Occurred()) return NULL;
     for (; i < n; i++) {
         const smade_t *r = &f.m->made_log[i];
         if (r->pte_addr == SM_DEAD) continue;      /* taken back by a zap in C (sm_cancel_made) */
@@ -1149,11 +1152,7 @@ static PyObject *fold(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
         }
         page = PyLong_FromUnsignedLong((unsigned long)r->page << 12);
         if (!page) goto error;
-        {   /* link(key, page): memory/shadow.py */
-            unsigned long long key = PyLong_AsUnsignedLongLong(f.key);
-            if (key == (unsigned long long)-1 && PyErr_Occurred()) goto error;
-            kp = PyLong_FromUnsignedLongLong(key << 32 | ((unsigned long long)r->page << 12));
-        }
+        kp = PyLong_FromUnsignedLongLong(link_key | ((unsigned long long)r->page << 12));  /* link(key, page) */
         if (!kp) goto error;
         if (r->pte_addr == SM_INVLPG) {           /* ShadowPaging.invlpg in the current root */
             old = PyDict_GetItemWithError(f.entries, page);
